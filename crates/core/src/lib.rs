@@ -1,0 +1,19 @@
+//! kagi's pure core: the names, models and rules of the key vault, with no I/O and no async.
+//!
+//! Everything here is deterministic given its inputs (time and randomness are passed in), so
+//! the rules can be tested exhaustively without a server, a store or a clock.
+
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod api_version;
+pub mod b64;
+pub mod error;
+pub mod ids;
+pub mod key;
+pub mod paging;
+pub mod time;
+pub mod vault;
+
+pub use error::{ErrorCode, KvError};
+pub use ids::{KeyVersion, ObjectName, ResourceGroupName, SubscriptionId, TenantId, VaultName};
