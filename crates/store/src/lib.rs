@@ -1,0 +1,197 @@
+//! kagi's persistence behind a small trait.
+//!
+//! The store keeps what must survive a crash: resource groups, principals, vaults, keys and
+//! their versions (private material only as sealed bytes — the store never sees a plaintext
+//! key). It has no opinion on rules; the service decides, the store records atomically.
+//! [`SqliteStore`] is the embedded default (WAL, `synchronous=FULL`, so an acknowledged write
+//! survives kill -9 and power loss); the trait is what a PostgreSQL store will implement.
+
+#![forbid(unsafe_code)]
+
+mod sqlite;
+
+use async_trait::async_trait;
+use kagi_core::key::{KeyVersionInfo, Tags};
+use kagi_core::vault::VaultProperties;
+use kagi_core::{KeyVersion, ObjectName, VaultName};
+
+pub use sqlite::SqliteStore;
+
+/// A store failure. The service maps every variant to a 5xx (or 409 for [`Self::Conflict`]):
+/// none of them is the client's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// A stored row could not be decoded (corruption or a newer format).
+    #[error("corrupt record in {table}: {detail}")]
+    Corrupt {
+        /// Table name.
+        table: &'static str,
+        /// What failed.
+        detail: String,
+    },
+    /// A uniqueness rule was violated (the row exists).
+    #[error("conflict: {0}")]
+    Conflict(String),
+}
+
+/// Result of store calls.
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A resource group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceGroupRecord {
+    /// Subscription id.
+    pub subscription_id: String,
+    /// Name as created.
+    pub name: String,
+    /// Region.
+    pub location: String,
+    /// Tags.
+    pub tags: Tags,
+}
+
+/// A principal that can obtain tokens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrincipalRecord {
+    /// Object id (`oid`).
+    pub object_id: String,
+    /// Tenant (`tid`).
+    pub tenant_id: String,
+    /// Client (application) id.
+    pub client_id: String,
+    /// Display name.
+    pub display_name: String,
+    /// SHA-256 of the client secret (secrets are 256-bit random, so a fast hash suffices).
+    pub secret_hash: Vec<u8>,
+    /// `ServicePrincipal`, later `ManagedIdentity`, `User`.
+    pub kind: String,
+    /// Creation time.
+    pub created: i64,
+}
+
+/// A vault, live or soft-deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VaultRecord {
+    /// Globally unique name.
+    pub name: VaultName,
+    /// Subscription id.
+    pub subscription_id: String,
+    /// Resource group name as given.
+    pub resource_group: String,
+    /// Region.
+    pub location: String,
+    /// ARM tags.
+    pub tags: Tags,
+    /// Properties.
+    pub properties: VaultProperties,
+    /// Creation time.
+    pub created: i64,
+    /// Last change.
+    pub updated: i64,
+    /// Set while soft-deleted.
+    pub deleted_at: Option<i64>,
+    /// When a soft-deleted vault is purged.
+    pub purge_at: Option<i64>,
+}
+
+/// One version of a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyVersionRecord {
+    /// Version id.
+    pub version: KeyVersion,
+    /// Order of creation within the key (the highest is the current version).
+    pub seq: i64,
+    /// Everything public about the version.
+    pub info: KeyVersionInfo,
+    /// The private key, sealed under the root key (opaque here).
+    pub sealed_private: Vec<u8>,
+}
+
+/// A key with all its versions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// Name as first created.
+    pub name: ObjectName,
+    /// Set while soft-deleted.
+    pub deleted_at: Option<i64>,
+    /// When a soft-deleted key is purged.
+    pub purge_at: Option<i64>,
+    /// Versions in creation order.
+    pub versions: Vec<KeyVersionRecord>,
+}
+
+/// What kagi persists. Every method is one atomic transaction.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Reads a metadata value.
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Writes a metadata value if absent; returns the value now stored (so two racing
+    /// first starts agree on one value).
+    async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<Vec<u8>>;
+
+    /// Records a tenant and subscription pair (idempotent).
+    async fn ensure_subscription(
+        &self,
+        tenant_id: &str,
+        subscription_id: &str,
+        now: i64,
+    ) -> Result<()>;
+    /// The tenant of a subscription.
+    async fn subscription_tenant(&self, subscription_id: &str) -> Result<Option<String>>;
+    /// All subscriptions with their tenants.
+    async fn list_subscriptions(&self) -> Result<Vec<(String, String)>>;
+
+    /// Creates or updates a resource group.
+    async fn put_resource_group(&self, rg: &ResourceGroupRecord, now: i64) -> Result<()>;
+    /// Reads a resource group (name compared case-insensitively).
+    async fn get_resource_group(
+        &self,
+        subscription_id: &str,
+        name: &str,
+    ) -> Result<Option<ResourceGroupRecord>>;
+
+    /// Creates a principal.
+    async fn put_principal(&self, p: &PrincipalRecord) -> Result<()>;
+    /// Finds a principal by client id.
+    async fn principal_by_client_id(&self, client_id: &str) -> Result<Option<PrincipalRecord>>;
+
+    /// Creates or replaces a vault record.
+    async fn put_vault(&self, v: &VaultRecord) -> Result<()>;
+    /// Every vault, live and deleted.
+    async fn list_vaults(&self) -> Result<Vec<VaultRecord>>;
+    /// Removes a vault and everything in it.
+    async fn purge_vault(&self, name: &VaultName) -> Result<()>;
+
+    /// Every key of a vault, with versions.
+    async fn load_keys(&self, vault: &VaultName) -> Result<Vec<KeyRecord>>;
+    /// Adds a version, creating the key row if it is new. Fails with `Conflict` if the
+    /// version exists.
+    async fn add_key_version(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        version: &KeyVersionRecord,
+    ) -> Result<()>;
+    /// Replaces the public part of a version (attributes, ops, tags).
+    async fn update_key_version(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        version: &KeyVersion,
+        info: &KeyVersionInfo,
+    ) -> Result<()>;
+    /// Marks a key deleted (with times) or live again (`None`).
+    async fn set_key_deleted(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        deleted: Option<(i64, i64)>,
+    ) -> Result<()>;
+    /// Removes a key and all its versions.
+    async fn purge_key(&self, vault: &VaultName, name: &ObjectName) -> Result<()>;
+    /// Inserts a whole key (restore). Fails with `Conflict` if the name exists.
+    async fn insert_key(&self, vault: &VaultName, key: &KeyRecord) -> Result<()>;
+}

@@ -1,0 +1,514 @@
+//! The embedded store: one SQLite file in WAL mode.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kagi_core::key::{KeyVersionInfo, Tags};
+use kagi_core::{KeyVersion, ObjectName, VaultName};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use crate::{
+    KeyRecord, KeyVersionRecord, PrincipalRecord, ResourceGroupRecord, Result, Store, StoreError,
+    VaultRecord,
+};
+
+/// Schema, applied in order; `user_version` records how far a file has come.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE subscriptions (
+    id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, created INTEGER NOT NULL);
+CREATE TABLE resource_groups (
+    subscription_id TEXT NOT NULL, name_folded TEXT NOT NULL, name TEXT NOT NULL,
+    location TEXT NOT NULL, tags TEXT NOT NULL, created INTEGER NOT NULL,
+    PRIMARY KEY (subscription_id, name_folded));
+CREATE TABLE principals (
+    object_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, client_id TEXT NOT NULL UNIQUE,
+    display_name TEXT NOT NULL, secret_hash BLOB NOT NULL, kind TEXT NOT NULL,
+    created INTEGER NOT NULL);
+CREATE TABLE vaults (
+    name TEXT PRIMARY KEY, subscription_id TEXT NOT NULL, resource_group TEXT NOT NULL,
+    location TEXT NOT NULL, tags TEXT NOT NULL, properties TEXT NOT NULL,
+    created INTEGER NOT NULL, updated INTEGER NOT NULL,
+    deleted_at INTEGER, purge_at INTEGER);
+CREATE TABLE keys (
+    vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+    name_folded TEXT NOT NULL, name TEXT NOT NULL, deleted_at INTEGER, purge_at INTEGER,
+    PRIMARY KEY (vault, name_folded));
+CREATE TABLE key_versions (
+    vault TEXT NOT NULL, name_folded TEXT NOT NULL, version TEXT NOT NULL, seq INTEGER NOT NULL,
+    info TEXT NOT NULL, sealed_private BLOB NOT NULL,
+    PRIMARY KEY (vault, name_folded, version),
+    FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
+"#];
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn corrupt(table: &'static str, detail: impl ToString) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        detail: detail.to_string(),
+    }
+}
+
+fn tags_json(tags: &Tags) -> String {
+    serde_json::to_string(tags).unwrap_or_else(|_| "{}".into())
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a commit is on disk before it is acknowledged, even across power loss.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let current: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await?;
+        if current as usize > MIGRATIONS.len() {
+            return Err(corrupt(
+                "schema",
+                format!("database schema {current} is newer than this kagi understands"),
+            ));
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+            // The number comes from this list's length, never from input.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "PRAGMA user_version = {}",
+                i + 1
+            )))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn ensure_key_row(
+        tx: &mut Transaction<'_, Sqlite>,
+        vault: &VaultName,
+        name: &ObjectName,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO keys (vault, name_folded, name) VALUES (?, ?, ?) \
+             ON CONFLICT (vault, name_folded) DO NOTHING",
+        )
+        .bind(vault.as_str())
+        .bind(name.folded())
+        .bind(name.as_str())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_version(
+        tx: &mut Transaction<'_, Sqlite>,
+        vault: &VaultName,
+        name: &ObjectName,
+        v: &KeyVersionRecord,
+    ) -> Result<()> {
+        let info = serde_json::to_string(&v.info).map_err(|e| corrupt("key_versions", e))?;
+        sqlx::query(
+            "INSERT INTO key_versions (vault, name_folded, version, seq, info, sealed_private) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(vault.as_str())
+        .bind(name.folded())
+        .bind(v.version.as_str())
+        .bind(v.seq)
+        .bind(info)
+        .bind(&v.sealed_private)
+        .execute(&mut **tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("key version {} exists", v.version))
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query_scalar("SELECT v FROM meta WHERE k = ?")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<Vec<u8>> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT (k) DO NOTHING")
+            .bind(key)
+            .bind(value)
+            .execute(&mut *tx)
+            .await?;
+        let stored: Vec<u8> = sqlx::query_scalar("SELECT v FROM meta WHERE k = ?")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn ensure_subscription(
+        &self,
+        tenant_id: &str,
+        subscription_id: &str,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO subscriptions (id, tenant_id, created) VALUES (?, ?, ?) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(subscription_id)
+        .bind(tenant_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn subscription_tenant(&self, subscription_id: &str) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT tenant_id FROM subscriptions WHERE id = ?")
+                .bind(subscription_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn list_subscriptions(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT id, tenant_id FROM subscriptions ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("tenant_id")?)))
+            .collect()
+    }
+
+    async fn put_resource_group(&self, rg: &ResourceGroupRecord, now: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO resource_groups (subscription_id, name_folded, name, location, tags, created) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (subscription_id, name_folded) DO UPDATE SET tags = excluded.tags",
+        )
+        .bind(&rg.subscription_id)
+        .bind(rg.name.to_ascii_lowercase())
+        .bind(&rg.name)
+        .bind(&rg.location)
+        .bind(tags_json(&rg.tags))
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_resource_group(
+        &self,
+        subscription_id: &str,
+        name: &str,
+    ) -> Result<Option<ResourceGroupRecord>> {
+        let row = sqlx::query(
+            "SELECT name, location, tags FROM resource_groups \
+             WHERE subscription_id = ? AND name_folded = ?",
+        )
+        .bind(subscription_id)
+        .bind(name.to_ascii_lowercase())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let tags: String = r.try_get("tags")?;
+            Ok(ResourceGroupRecord {
+                subscription_id: subscription_id.to_string(),
+                name: r.try_get("name")?,
+                location: r.try_get("location")?,
+                tags: serde_json::from_str(&tags).map_err(|e| corrupt("resource_groups", e))?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn put_principal(&self, p: &PrincipalRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO principals (object_id, tenant_id, client_id, display_name, secret_hash, kind, created) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&p.object_id)
+        .bind(&p.tenant_id)
+        .bind(&p.client_id)
+        .bind(&p.display_name)
+        .bind(&p.secret_hash)
+        .bind(&p.kind)
+        .bind(p.created)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("principal {} exists", p.client_id))
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn principal_by_client_id(&self, client_id: &str) -> Result<Option<PrincipalRecord>> {
+        let row = sqlx::query("SELECT * FROM principals WHERE client_id = ?")
+            .bind(client_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(PrincipalRecord {
+                object_id: r.try_get("object_id")?,
+                tenant_id: r.try_get("tenant_id")?,
+                client_id: r.try_get("client_id")?,
+                display_name: r.try_get("display_name")?,
+                secret_hash: r.try_get("secret_hash")?,
+                kind: r.try_get("kind")?,
+                created: r.try_get("created")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn put_vault(&self, v: &VaultRecord) -> Result<()> {
+        let props = serde_json::to_string(&v.properties).map_err(|e| corrupt("vaults", e))?;
+        sqlx::query(
+            "INSERT INTO vaults (name, subscription_id, resource_group, location, tags, properties, \
+             created, updated, deleted_at, purge_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET subscription_id = excluded.subscription_id, \
+             resource_group = excluded.resource_group, location = excluded.location, \
+             tags = excluded.tags, properties = excluded.properties, updated = excluded.updated, \
+             deleted_at = excluded.deleted_at, purge_at = excluded.purge_at",
+        )
+        .bind(v.name.as_str())
+        .bind(&v.subscription_id)
+        .bind(&v.resource_group)
+        .bind(&v.location)
+        .bind(tags_json(&v.tags))
+        .bind(props)
+        .bind(v.created)
+        .bind(v.updated)
+        .bind(v.deleted_at)
+        .bind(v.purge_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_vaults(&self) -> Result<Vec<VaultRecord>> {
+        let rows = sqlx::query("SELECT * FROM vaults ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let name: String = r.try_get("name")?;
+                let tags: String = r.try_get("tags")?;
+                let props: String = r.try_get("properties")?;
+                Ok(VaultRecord {
+                    name: VaultName::parse(&name).map_err(|e| corrupt("vaults", e))?,
+                    subscription_id: r.try_get("subscription_id")?,
+                    resource_group: r.try_get("resource_group")?,
+                    location: r.try_get("location")?,
+                    tags: serde_json::from_str(&tags).map_err(|e| corrupt("vaults", e))?,
+                    properties: serde_json::from_str(&props).map_err(|e| corrupt("vaults", e))?,
+                    created: r.try_get("created")?,
+                    updated: r.try_get("updated")?,
+                    deleted_at: r.try_get("deleted_at")?,
+                    purge_at: r.try_get("purge_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn purge_vault(&self, name: &VaultName) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM key_versions WHERE vault = ?")
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM keys WHERE vault = ?")
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM vaults WHERE name = ?")
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn load_keys(&self, vault: &VaultName) -> Result<Vec<KeyRecord>> {
+        let keys = sqlx::query(
+            "SELECT name_folded, name, deleted_at, purge_at FROM keys WHERE vault = ? \
+             ORDER BY name_folded",
+        )
+        .bind(vault.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let versions = sqlx::query(
+            "SELECT name_folded, version, seq, info, sealed_private FROM key_versions \
+             WHERE vault = ? ORDER BY name_folded, seq",
+        )
+        .bind(vault.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<(String, KeyRecord)> = Vec::with_capacity(keys.len());
+        for r in &keys {
+            let name: String = r.try_get("name")?;
+            out.push((
+                r.try_get("name_folded")?,
+                KeyRecord {
+                    name: ObjectName::parse(&name).map_err(|e| corrupt("keys", e))?,
+                    deleted_at: r.try_get("deleted_at")?,
+                    purge_at: r.try_get("purge_at")?,
+                    versions: Vec::new(),
+                },
+            ));
+        }
+        for r in &versions {
+            let folded: String = r.try_get("name_folded")?;
+            let version: String = r.try_get("version")?;
+            let info: String = r.try_get("info")?;
+            let record = KeyVersionRecord {
+                version: KeyVersion::parse(&version).map_err(|e| corrupt("key_versions", e))?,
+                seq: r.try_get("seq")?,
+                info: serde_json::from_str::<KeyVersionInfo>(&info)
+                    .map_err(|e| corrupt("key_versions", e))?,
+                sealed_private: r.try_get("sealed_private")?,
+            };
+            let idx = out
+                .binary_search_by(|(f, _)| f.as_str().cmp(folded.as_str()))
+                .map_err(|_| corrupt("key_versions", "version without key"))?;
+            out[idx].1.versions.push(record);
+        }
+        Ok(out.into_iter().map(|(_, k)| k).collect())
+    }
+
+    async fn add_key_version(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        version: &KeyVersionRecord,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        Self::ensure_key_row(&mut tx, vault, name).await?;
+        Self::insert_version(&mut tx, vault, name, version).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn update_key_version(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        version: &KeyVersion,
+        info: &KeyVersionInfo,
+    ) -> Result<()> {
+        let info = serde_json::to_string(info).map_err(|e| corrupt("key_versions", e))?;
+        sqlx::query(
+            "UPDATE key_versions SET info = ? WHERE vault = ? AND name_folded = ? AND version = ?",
+        )
+        .bind(info)
+        .bind(vault.as_str())
+        .bind(name.folded())
+        .bind(version.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_key_deleted(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        deleted: Option<(i64, i64)>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE keys SET deleted_at = ?, purge_at = ? WHERE vault = ? AND name_folded = ?",
+        )
+        .bind(deleted.map(|d| d.0))
+        .bind(deleted.map(|d| d.1))
+        .bind(vault.as_str())
+        .bind(name.folded())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn purge_key(&self, vault: &VaultName, name: &ObjectName) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM key_versions WHERE vault = ? AND name_folded = ?")
+            .bind(vault.as_str())
+            .bind(name.folded())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM keys WHERE vault = ? AND name_folded = ?")
+            .bind(vault.as_str())
+            .bind(name.folded())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_key(&self, vault: &VaultName, key: &KeyRecord) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO keys (vault, name_folded, name, deleted_at, purge_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(vault.as_str())
+        .bind(key.name.folded())
+        .bind(key.name.as_str())
+        .bind(key.deleted_at)
+        .bind(key.purge_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("key {} exists", key.name))
+            } else {
+                e.into()
+            }
+        })?;
+        for v in &key.versions {
+            Self::insert_version(&mut tx, vault, &key.name, v).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
