@@ -128,9 +128,11 @@ fn entry_grants(entry: &AccessPolicyEntry, caller: &Caller, action: DataAction) 
         return false;
     }
     match action {
-        DataAction::Key(wanted) => entry.permissions.keys.iter().flatten().any(|p| {
-            KeyPermission::parse(p).is_ok_and(|p| p == wanted || p == KeyPermission::All)
-        }),
+        DataAction::Key(wanted) => {
+            entry.permissions.keys.iter().flatten().any(|p| {
+                KeyPermission::parse(p).is_ok_and(|p| p == wanted || p == KeyPermission::All)
+            })
+        }
         DataAction::Secret(wanted) => entry.permissions.secrets.iter().flatten().any(|p| {
             SecretPermission::parse(p).is_ok_and(|p| p == wanted || p == SecretPermission::All)
         }),
@@ -186,7 +188,9 @@ impl IpRange {
         };
         match (self.network, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
@@ -280,7 +284,11 @@ mod tests {
         assert!(r.contains("10.1.200.3".parse().unwrap()));
         assert!(!r.contains("10.2.0.1".parse().unwrap()));
         assert!(r.contains("::ffff:10.1.0.9".parse().unwrap()));
-        assert!(IpRange::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!(
+            IpRange::parse("0.0.0.0/0")
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
         assert!(IpRange::parse("10.0.0.0/33").is_err());
         assert!(IpRange::parse("nope").is_err());
         let one = IpRange::parse("::1").unwrap();

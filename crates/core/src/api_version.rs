@@ -6,10 +6,10 @@ use crate::KvError;
 /// versions from `2025-01-01` up to `2026-04-01`, which today's SDKs send.
 pub fn check_data_plane(version: Option<&str>) -> Result<(), KvError> {
     let Some(v) = version else {
-        return Err(KvError::bad_parameter(
-            "The api-version query parameter is required.",
-        )
-        .with_inner("MissingApiVersionParameter"));
+        return Err(
+            KvError::bad_parameter("The api-version query parameter is required.")
+                .with_inner("MissingApiVersionParameter"),
+        );
     };
     let base = v.split("-preview").next().unwrap_or(v);
     let ok = match base {
@@ -41,10 +41,7 @@ pub fn check_arm(version: Option<&str>) -> Result<(), KvError> {
         Some(v) if v.len() >= 10 && v.as_bytes()[4] == b'-' => Ok(()),
         Some(v) => Err(KvError::new(
             crate::ErrorCode::BadRequest,
-            format!(
-                "The api-version '{}' is invalid.",
-                crate::ids::printable(v)
-            ),
+            format!("The api-version '{}' is invalid.", crate::ids::printable(v)),
         )),
         None => Err(KvError::new(
             crate::ErrorCode::BadRequest,

@@ -256,7 +256,15 @@ mod tests {
     #[test]
     fn vault_names() {
         assert_eq!(VaultName::parse("MyVault-1").unwrap().as_str(), "myvault-1");
-        for bad in ["ab", "1abc", "abc-", "a--b", "a_bc", &"a".repeat(25), "é-abc"] {
+        for bad in [
+            "ab",
+            "1abc",
+            "abc-",
+            "a--b",
+            "a_bc",
+            &"a".repeat(25),
+            "é-abc",
+        ] {
             assert!(VaultName::parse(bad).is_err(), "{bad}");
         }
     }

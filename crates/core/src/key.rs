@@ -190,8 +190,10 @@ pub struct KeyAttributes {
 }
 
 impl KeyAttributes {
-    /// Checks that a cryptographic operation may use this version at `now`; Azure refuses
-    /// disabled, not-yet-valid and expired keys with 403.
+    /// Checks that a cryptographic operation may use this version at `now`. A disabled key
+    /// refuses everything (403). Outside its nbf/exp window only the operations that produce
+    /// protected data (encrypt, wrapKey, sign) are refused — decrypt, unwrapKey and verify keep
+    /// working, as Azure documents, so data protected before expiry stays recoverable.
     pub fn check_usable(&self, op: KeyOperation, now: i64) -> Result<(), KvError> {
         if !self.enabled {
             return Err(KvError::forbidden(format!(
@@ -199,6 +201,12 @@ impl KeyAttributes {
                 op.as_str()
             ))
             .with_inner("KeyDisabled"));
+        }
+        if !matches!(
+            op,
+            KeyOperation::Encrypt | KeyOperation::WrapKey | KeyOperation::Sign
+        ) {
+            return Ok(());
         }
         if let Some(nbf) = self.nbf
             && now < nbf
@@ -289,43 +297,91 @@ pub struct JsonWebKey {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_ops: Option<Vec<String>>,
     /// RSA modulus.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub n: Option<Vec<u8>>,
     /// RSA public exponent.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub e: Option<Vec<u8>>,
     /// RSA private exponent or EC private scalar (import only).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub d: Option<Vec<u8>>,
     /// RSA CRT exponent for p (import only).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub dp: Option<Vec<u8>>,
     /// RSA CRT exponent for q (import only).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub dq: Option<Vec<u8>>,
     /// RSA CRT coefficient (import only).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub qi: Option<Vec<u8>>,
     /// RSA prime p (import only).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub p: Option<Vec<u8>>,
     /// RSA prime q (import only).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub q: Option<Vec<u8>>,
     /// Symmetric key (refused: kagi has no oct keys).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub k: Option<Vec<u8>>,
     /// HSM transfer blob (refused: BYOK transfer blobs are not supported).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub key_hsm: Option<Vec<u8>>,
     /// EC curve.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub crv: Option<String>,
     /// EC x.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub x: Option<Vec<u8>>,
     /// EC y.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "b64::opt_bytes")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "b64::opt_bytes"
+    )]
     pub y: Option<Vec<u8>>,
 }
 
@@ -554,7 +610,9 @@ mod tests {
         assert!(a.check_usable(KeyOperation::Decrypt, 100).is_ok());
         assert!(a.check_usable(KeyOperation::Decrypt, 199).is_ok());
         assert_eq!(
-            a.check_usable(KeyOperation::Decrypt, 200).unwrap_err().inner,
+            a.check_usable(KeyOperation::Decrypt, 200)
+                .unwrap_err()
+                .inner,
             Some("KeyExpired")
         );
         let disabled = KeyAttributes {

@@ -1,0 +1,152 @@
+//! `kagi`: the server (`kagi server`) and the command-line client for it.
+
+#![forbid(unsafe_code)]
+
+mod bench;
+mod client;
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// kagi: a self-hosted customer-managed-key platform with an Azure Key Vault-compatible API.
+#[derive(Parser, Debug)]
+#[command(name = "kagi", version, about)]
+struct Cli {
+    /// Data directory of the server (its CA and bootstrap credentials are read from here).
+    #[arg(long, global = true, env = "KAGI_DATA_DIR", default_value = "./kagi-data")]
+    data_dir: PathBuf,
+    /// Server URL for client commands.
+    #[arg(long, global = true, env = "KAGI_SERVER", default_value = "https://localhost:8443")]
+    server: String,
+    /// Output format of client commands.
+    #[arg(long, global = true, value_enum, default_value = "table")]
+    output: commands::Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the kagi server.
+    Server {
+        /// Address to listen on; `localhost:PORT` listens on both 127.0.0.1 and ::1.
+        #[arg(long, env = "KAGI_LISTEN", default_value = "localhost:8443")]
+        listen: String,
+        /// DNS suffix of vault hosts (`{vault}.{suffix}`).
+        #[arg(long, env = "KAGI_DNS_SUFFIX", default_value = "localhost")]
+        dns_suffix: String,
+    },
+    /// Manage key vaults and their keys.
+    Keyvault(commands::KeyvaultArgs),
+    /// Measure wrapKey/unwrapKey throughput of a running server over HTTPS.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Server { listen, dns_suffix } => run_server(cli.data_dir, listen, dns_suffix).await,
+            Command::Keyvault(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                commands::keyvault(&ctx, args).await
+            }
+            Command::Bench(args) => bench::run(&cli.server, &cli.data_dir, args).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves `--listen`: `localhost:PORT` means both loopbacks (with libnss-myhostname,
+/// `*.localhost` resolves to ::1 first, so IPv4 alone would cost every client a failed try).
+fn listen_addrs(listen: &str) -> anyhow::Result<(Vec<std::net::SocketAddr>, u16)> {
+    use std::net::ToSocketAddrs;
+    let (host, port) = listen
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow::anyhow!("--listen must be HOST:PORT, got {listen}"))?;
+    let port: u16 = port.parse().map_err(|_| anyhow::anyhow!("invalid port in --listen {listen}"))?;
+    if host == "localhost" {
+        return Ok((vec![([127, 0, 0, 1], port).into(), (std::net::Ipv6Addr::LOCALHOST, port).into()], port));
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
+    anyhow::ensure!(!addrs.is_empty(), "--listen {listen} resolves to no address");
+    Ok((addrs, port))
+}
+
+async fn run_server(data_dir: PathBuf, listen: String, dns_suffix: String) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KAGI_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let (addrs, port) = listen_addrs(&listen)?;
+    let config = kagi_vault::PlatformConfig {
+        data_dir: data_dir.clone(),
+        dns_suffix: dns_suffix.to_ascii_lowercase(),
+        port,
+    };
+    let (platform, created_admin) =
+        kagi_vault::Platform::open(config, std::sync::Arc::new(kagi_core::time::SystemClock)).await?;
+    let platform = std::sync::Arc::new(platform);
+    let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
+    let ca_path = std::fs::canonicalize(&ca.cert_path).unwrap_or(ca.cert_path.clone());
+    let resolver = kagi_http::tls::SniResolver::new(ca, &dns_suffix);
+
+    println!("kagi {} — data directory {}", env!("CARGO_PKG_VERSION"), data_dir.display());
+    println!("  local CA certificate: {}", ca_path.display());
+    println!("    export REQUESTS_CA_BUNDLE={}", ca_path.display());
+    println!("  management and token endpoint: {}", platform.config().authority());
+    println!("  vaults: https://{{vault}}.{}:{port}/", platform.config().dns_suffix);
+    println!("  tenant {}  subscription {}", platform.default_tenant(), platform.default_subscription());
+    if let Some(admin) = created_admin {
+        println!("  bootstrap administrator created (shown once; kept 0600 in {}):", data_dir.join("bootstrap-admin.json").display());
+        println!("    AZURE_TENANT_ID={}", admin.tenant_id);
+        println!("    AZURE_CLIENT_ID={}", admin.client_id);
+        println!("    AZURE_CLIENT_SECRET={}", admin.client_secret);
+    } else {
+        println!("  bootstrap administrator: {}", data_dir.join("bootstrap-admin.json").display());
+    }
+    for a in &addrs {
+        println!("  listening on {a}");
+    }
+
+    // Soft-deleted vaults and keys are purged when their retention ends.
+    let sweeper = platform.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(e) = sweeper.purge_expired().await {
+                tracing::error!(error = %e, "purging expired objects failed");
+            }
+        }
+    });
+
+    let serve = kagi_http::serve(platform, &addrs, resolver);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = serve => r?,
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+    }
+    // Every acknowledged write is already committed (synchronous=FULL); nothing to flush.
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! kagi's HTTPS front end.
+//!
+//! One listener serves every host: `{vault}.{suffix}` is a vault's data plane, `{suffix}` (and
+//! a bare loopback address) the token endpoint and the ARM-shaped management API. TLS
+//! certificates come from a local CA created on first start and are minted per SNI name, so
+//! every vault host has a certificate that names it exactly (OpenSSL rejects `*.localhost`).
+//! Handlers only translate: parse, call [`kagi_vault::Platform`], render.
+
+#![forbid(unsafe_code)]
+
+mod data_plane;
+mod management;
+mod respond;
+mod server;
+pub mod tls;
+
+pub use server::{RemoteAddr, ServeError, serve};
+
+/// Largest request body accepted (Key Vault's own limit for a request is far smaller).
+pub const MAX_BODY: usize = 1024 * 1024;

@@ -1,0 +1,141 @@
+//! The management host: health, the Entra-shaped token service, and the ARM-shaped API.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Method, Request, Response, header};
+use kagi_core::{ErrorCode, KvError};
+use kagi_vault::{Platform, Principal};
+
+use crate::respond::{self, parse_json, query_get, query_pairs};
+
+/// Serves one request to the management host.
+pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+
+    // Unauthenticated endpoints: health and the token service.
+    match (l.as_slice(), &parts.method) {
+        (["healthz"], &Method::GET) => return respond::json(200, &serde_json::json!({"status": "ok"})),
+        ([_, "v2.0", ".well-known", "openid-configuration"], &Method::GET) => {
+            return respond::json(200, &platform.openid_configuration(segs[0]));
+        }
+        ([_, "discovery", "v2.0", "keys"] | [_, "discovery", "keys"], &Method::GET) => {
+            return respond::json(200, &platform.jwks());
+        }
+        ([_, "oauth2", "v2.0", "token"], &Method::POST) => {
+            let body = match respond::read_body(&parts.headers, body).await {
+                Ok(b) => b,
+                Err(e) => return respond::error(&e),
+            };
+            let form: HashMap<String, String> = form_urlencoded::parse(&body)
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            return match platform.client_credentials(segs[0], &form).await {
+                Ok(grant) => respond::json(200, &grant),
+                Err(e) => respond::json(e.status, &e),
+            };
+        }
+        _ => {}
+    }
+
+    let Some(token) = respond::bearer(&parts.headers) else {
+        return arm_challenge(&platform, KvError::new(
+            ErrorCode::Unauthorized,
+            "Authentication failed. The 'Authorization' header is missing.",
+        ).with_inner("AuthenticationFailed"));
+    };
+    let caller = match platform.authenticate(token) {
+        Ok(c) => c,
+        Err(e) => return arm_challenge(&platform, e.with_inner("InvalidAuthenticationToken")),
+    };
+    let pairs = query_pairs(parts.uri.query());
+    if let Err(e) = kagi_core::api_version::check_arm(query_get(&pairs, "api-version")) {
+        return respond::error(&e);
+    }
+    let body = match respond::read_body(&parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => return respond::error(&e),
+    };
+    match arm(&platform, &caller, &parts.method, &segs, &l, &body).await {
+        Ok(r) => r,
+        Err(e) => respond::error(&e),
+    }
+}
+
+fn arm_challenge(platform: &Platform, e: KvError) -> Response<Body> {
+    let mut r = respond::error(&e);
+    let authority = platform.config().authority();
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "Bearer authorization_uri=\"{authority}/{}\", error=\"invalid_token\"",
+        platform.default_tenant()
+    )) {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    r
+}
+
+async fn arm(
+    p: &Platform,
+    caller: &Principal,
+    method: &Method,
+    segs: &[&str],
+    l: &[&str],
+    body: &[u8],
+) -> Result<Response<Body>, KvError> {
+    let ok = |status: u16, v: serde_json::Value| Ok(respond::json(status, &v));
+    const KV: &str = "microsoft.keyvault";
+    match (l, method) {
+        (["subscriptions"], &Method::GET) => ok(200, p.list_subscriptions(caller).await?),
+        (["subscriptions", _, "resourcegroups", _], &Method::PUT) => {
+            let (status, v) = p.put_resource_group(caller, segs[1], segs[3], parse_json(body)?).await?;
+            ok(status, v)
+        }
+        (["subscriptions", _, "resourcegroups", _], &Method::GET) => {
+            ok(200, p.get_resource_group(caller, segs[1], segs[3]).await?)
+        }
+        (["subscriptions", _, "resourcegroups", _, "providers", kv, "vaults"], &Method::GET) if *kv == KV => {
+            ok(200, p.list_vaults(caller, segs[1], Some(segs[3])).await?)
+        }
+        (["subscriptions", _, "resourcegroups", _, "providers", kv, "vaults", _], m) if *kv == KV => {
+            let (sub, rg, name) = (segs[1], segs[3], segs[7]);
+            match *m {
+                Method::PUT | Method::PATCH => {
+                    let (status, v) = p
+                        .put_vault(caller, sub, rg, name, parse_json(body)?, *m == Method::PATCH)
+                        .await?;
+                    ok(status, v)
+                }
+                Method::GET => ok(200, p.get_vault(caller, sub, rg, name).await?),
+                Method::DELETE => Ok(respond::empty(p.delete_vault(caller, sub, rg, name).await?)),
+                _ => Err(method_not_allowed(m)),
+            }
+        }
+        (["subscriptions", _, "providers", kv, "vaults"], &Method::GET) if *kv == KV => {
+            ok(200, p.list_vaults(caller, segs[1], None).await?)
+        }
+        (["subscriptions", _, "providers", kv, "deletedvaults"], &Method::GET) if *kv == KV => {
+            ok(200, p.list_deleted_vaults(caller, segs[1]).await?)
+        }
+        (["subscriptions", _, "providers", kv, "locations", _, "deletedvaults", _], &Method::GET) if *kv == KV => {
+            ok(200, p.get_deleted_vault(caller, segs[1], segs[5], segs[7]).await?)
+        }
+        (["subscriptions", _, "providers", kv, "locations", _, "deletedvaults", _, "purge"], &Method::POST)
+            if *kv == KV =>
+        {
+            Ok(respond::empty(p.purge_deleted_vault(caller, segs[1], segs[5], segs[7]).await?))
+        }
+        _ => Err(KvError::new(
+            ErrorCode::NotFound,
+            format!("No management API is served at /{}.", kagi_core::ids::printable(&segs.join("/"))),
+        )),
+    }
+}
+
+fn method_not_allowed(m: &Method) -> KvError {
+    KvError::new(ErrorCode::MethodNotAllowed, format!("The method {m} is not allowed on this resource."))
+}

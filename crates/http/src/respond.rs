@@ -1,0 +1,88 @@
+//! Turning results into responses, and requests into their parts.
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Response, StatusCode, header};
+use kagi_core::KvError;
+use serde::Serialize;
+
+/// A JSON response with a status.
+pub(crate) fn json(status: u16, body: &impl Serialize) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Body::from(bytes));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+/// An empty response.
+pub(crate) fn empty(status: u16) -> Response<Body> {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::NO_CONTENT);
+    r
+}
+
+/// An error in Azure's shape.
+pub(crate) fn error(e: &KvError) -> Response<Body> {
+    json(e.status(), &e.body())
+}
+
+/// Parses a query string into pairs.
+pub(crate) fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// The first value of a query parameter (case-insensitive name, as Azure treats them).
+pub(crate) fn query_get<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// Reads a body up to [`crate::MAX_BODY`], refusing larger ones before reading them whole.
+pub(crate) async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: Body,
+) -> Result<axum::body::Bytes, KvError> {
+    let too_large = || {
+        KvError::new(
+            kagi_core::ErrorCode::RequestEntityTooLarge,
+            format!("The request body is larger than {} bytes.", crate::MAX_BODY),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > crate::MAX_BODY as u64
+    {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, crate::MAX_BODY)
+        .await
+        .map_err(|_| too_large())
+}
+
+/// Parses a JSON body into `T`, with Azure's 400 on failure.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, KvError> {
+    if bytes.is_empty() {
+        return Err(KvError::bad_parameter("The request body is empty; a JSON object is required."));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        // serde's message names the field and the expected type; cut it short.
+        let msg: String = e.to_string().chars().take(200).collect();
+        KvError::bad_parameter(format!("The request body is not valid: {msg}"))
+    })
+}
+
+/// The bearer token of a request, if any.
+pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}

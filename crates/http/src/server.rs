@@ -1,0 +1,146 @@
+//! Listeners, TLS handshakes and host routing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, header};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use kagi_vault::Platform;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::tls::SniResolver;
+
+/// A failure to start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Binding a listener failed.
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    /// TLS configuration failed.
+    #[error("tls: {0}")]
+    Tls(String),
+}
+
+/// The peer address of a connection, for audit and firewall decisions.
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteAddr(pub SocketAddr);
+
+/// Serves HTTPS on every address until the future is dropped.
+pub async fn serve(
+    platform: Arc<Platform>,
+    addrs: &[SocketAddr],
+    resolver: SniResolver,
+) -> Result<(), ServeError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ServeError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+
+    let mut listeners = Vec::new();
+    for addr in addrs {
+        listeners.push(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| ServeError::Bind(*addr, e))?,
+        );
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let platform = platform.clone();
+        let acceptor = acceptor.clone();
+        tasks.spawn(async move { accept_loop(listener, acceptor, platform).await });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, platform: Arc<Platform>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let platform = platform.clone();
+        tokio::spawn(async move {
+            // A client that never finishes its handshake does not hold a task forever.
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                let platform = platform.clone();
+                req.extensions_mut().insert(RemoteAddr(peer));
+                async move {
+                    let req = req.map(Body::new);
+                    Ok::<_, std::convert::Infallible>(dispatch(platform, req).await)
+                }
+            });
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The host a request is for: the Host header (HTTP/1.1) or the URI authority (HTTP/2),
+/// without the port, lower-cased.
+fn request_host(req: &Request<Body>) -> String {
+    let raw = req
+        .uri()
+        .host()
+        .map(str::to_string)
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    let host = if raw.starts_with('[') {
+        raw.split(']').next().unwrap_or("").trim_start_matches('[').to_string()
+    } else {
+        raw.split(':').next().unwrap_or("").to_string()
+    };
+    host.to_ascii_lowercase()
+}
+
+async fn dispatch(platform: Arc<Platform>, req: Request<Body>) -> axum::http::Response<Body> {
+    let host = request_host(&req);
+    let suffix = platform.config().dns_suffix.to_ascii_lowercase();
+    if host == suffix || host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {
+        return crate::management::handle(platform, req).await;
+    }
+    match host.strip_suffix(&format!(".{suffix}")) {
+        Some(vault) if !vault.contains('.') => {
+            let vault = vault.to_string();
+            crate::data_plane::handle(platform, vault, req).await
+        }
+        _ => crate::respond::error(&kagi_core::KvError::new(
+            kagi_core::ErrorCode::NotFound,
+            format!("kagi does not serve the host {}.", kagi_core::ids::printable(&host)),
+        )),
+    }
+}

@@ -1,0 +1,229 @@
+//! The local certificate authority and per-name server certificates.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kagi_vault::Platform;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::crypto::aws_lc_rs::sign::any_supported_type;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+/// A TLS setup failure.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// File trouble.
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    /// Certificate generation or parsing failed.
+    #[error("certificate: {0}")]
+    Cert(String),
+}
+
+fn cert_err(e: impl std::fmt::Display) -> TlsError {
+    TlsError::Cert(e.to_string())
+}
+
+/// The CA: its certificate (written to `tls/ca.pem` for clients) and its signing key (sealed
+/// under the root key in `tls/ca-key.sealed`).
+pub struct LocalCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// PEM of the CA certificate.
+    pub cert_pem: String,
+    /// Path of `ca.pem`.
+    pub cert_path: PathBuf,
+}
+
+impl std::fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCa")
+            .field("cert_path", &self.cert_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The CA's parameters. Rebuilt identically on every start from the key, so the issuer
+/// (name, key identifier) of minted certificates matches the `ca.pem` clients trust.
+fn ca_params(key: &KeyPair) -> Result<CertificateParams, TlsError> {
+    let mut p = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+    let id: String = p
+        .key_identifier(key)
+        .iter()
+        .take(4)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "kagi");
+    dn.push(DnType::CommonName, format!("kagi local CA {id}"));
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(3650);
+    Ok(p)
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| TlsError::Io(tmp.clone(), e))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| TlsError::Io(tmp.clone(), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TlsError::Io(path.to_path_buf(), e))
+}
+
+impl LocalCa {
+    /// Loads the CA from `<data>/tls`, or creates it.
+    pub fn load_or_create(platform: &Platform, data_dir: &Path) -> Result<Self, TlsError> {
+        let dir = data_dir.join("tls");
+        std::fs::create_dir_all(&dir).map_err(|e| TlsError::Io(dir.clone(), e))?;
+        let key_path = dir.join("ca-key.sealed");
+        let cert_path = dir.join("ca.pem");
+        let (key, cert_pem) = match (std::fs::read(&key_path), std::fs::read_to_string(&cert_path)) {
+            (Ok(sealed), Ok(pem)) => {
+                let der = platform
+                    .open_platform_secret("tls-ca", &sealed)
+                    .map_err(|e| cert_err(e.message))?;
+                let key = KeyPair::try_from(der.as_slice()).map_err(cert_err)?;
+                (key, pem)
+            }
+            _ => {
+                let key = KeyPair::generate().map_err(cert_err)?;
+                let cert = ca_params(&key)?.self_signed(&key).map_err(cert_err)?;
+                let sealed = platform
+                    .seal_platform_secret("tls-ca", &key.serialize_der())
+                    .map_err(|e| cert_err(e.message))?;
+                write_file(&key_path, &sealed, 0o600)?;
+                write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+                (key, cert.pem())
+            }
+        };
+        let params = ca_params(&key)?;
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            cert_pem,
+            cert_path,
+        })
+    }
+
+    /// Mints a server certificate for `name` (a DNS name or an IP address).
+    pub fn mint(&self, names: &[String]) -> Result<CertifiedKey, TlsError> {
+        let key = KeyPair::generate().map_err(cert_err)?;
+        let mut p = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+        for n in names {
+            p.subject_alt_names.push(match n.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(n.clone().try_into().map_err(cert_err)?),
+            });
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        p.distinguished_name = dn;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::hours(1);
+        p.not_after = now + time::Duration::days(365);
+        let cert = p.signed_by(&key, &self.issuer).map_err(cert_err)?;
+        let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let signing = any_supported_type(&der).map_err(cert_err)?;
+        Ok(CertifiedKey::new(
+            vec![cert.der().clone(), CertificateDer::from(pem_to_der(&self.cert_pem)?)],
+            signing,
+        ))
+    }
+}
+
+fn pem_to_der(pem: &str) -> Result<Vec<u8>, TlsError> {
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    kagi_core::b64::decode(&body.replace('+', "-").replace('/', "_"))
+        .ok_or_else(|| TlsError::Cert("ca.pem is not valid PEM".into()))
+}
+
+/// Picks (minting on first use) the certificate for the SNI name of each connection: the
+/// management host, any `{vault}.{suffix}` host, or loopback addresses when no SNI is sent.
+pub struct SniResolver {
+    ca: LocalCa,
+    suffix: String,
+    cache: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl std::fmt::Debug for SniResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SniResolver").field("suffix", &self.suffix).finish_non_exhaustive()
+    }
+}
+
+impl SniResolver {
+    /// A resolver for hosts under `suffix`.
+    pub fn new(ca: LocalCa, suffix: &str) -> Self {
+        Self {
+            ca,
+            suffix: suffix.to_ascii_lowercase(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn names_for(&self, sni: Option<&str>) -> Option<Vec<String>> {
+        match sni.map(str::to_ascii_lowercase) {
+            None => Some(vec![self.suffix.clone(), "127.0.0.1".into(), "::1".into()]),
+            Some(n) if n == self.suffix => Some(vec![n]),
+            Some(n) => {
+                let label = n.strip_suffix(&format!(".{}", self.suffix))?;
+                // One label only: vault names are DNS labels, and this keeps the cache bounded
+                // by the names a client can make valid certificates for.
+                (!label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+                .then(|| vec![n.clone()])
+            }
+        }
+    }
+}
+
+/// Certificates kept per name; beyond this the cache is cleared (minting is cheap).
+const CACHE_LIMIT: usize = 4096;
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let names = self.names_for(hello.server_name())?;
+        let key = names[0].clone();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&key) {
+            return Some(c.clone());
+        }
+        match self.ca.mint(&names) {
+            Ok(c) => {
+                if cache.len() >= CACHE_LIMIT {
+                    cache.clear();
+                }
+                let c = Arc::new(c);
+                cache.insert(key, c.clone());
+                Some(c)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "minting a server certificate failed");
+                None
+            }
+        }
+    }
+}

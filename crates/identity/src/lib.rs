@@ -1,0 +1,308 @@
+//! Access tokens: kagi's token endpoint issues ES256-signed JWTs with the claims Microsoft
+//! Entra puts in app tokens (`aud`, `iss`, `tid`, `oid`, `appid`, `idtyp`…), and every API
+//! validates them here — signature, issuer, audience, expiry and not-before — before anything
+//! else happens.
+//!
+//! ES256 rather than RS256: signing on every token request is cheap with P-256 and the
+//! Azure SDKs never validate access tokens themselves; the JWKS publishes the key for tools
+//! that do.
+
+#![forbid(unsafe_code)]
+
+use kagi_core::b64;
+use kagi_crypto::{Curve, DigestAlgorithm, KeyPair, PublicKey, SignatureAlgorithm};
+use serde::{Deserialize, Serialize};
+
+/// Why a token was refused. The message goes to the client; it never echoes the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not a JWT of the expected form.
+    #[error("the access token is malformed")]
+    Malformed,
+    /// Signature does not verify under kagi's signing key.
+    #[error("the access token signature is invalid")]
+    BadSignature,
+    /// Issued by another authority.
+    #[error("the access token issuer is not trusted")]
+    WrongIssuer,
+    /// Meant for another resource.
+    #[error("the access token audience is invalid for this resource")]
+    WrongAudience,
+    /// Past `exp`.
+    #[error("the access token has expired")]
+    Expired,
+    /// Before `nbf`.
+    #[error("the access token is not yet valid")]
+    NotYetValid,
+}
+
+/// Who a token is for: enough to authorize and audit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Tenant id.
+    pub tenant_id: String,
+    /// Object id.
+    pub object_id: String,
+    /// Client (application) id.
+    pub client_id: String,
+    /// Kind of identity (`ServicePrincipal`, `ManagedIdentity`, …).
+    pub kind: String,
+}
+
+/// The claims kagi puts in (and reads from) an access token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// Audience (the resource).
+    pub aud: String,
+    /// Issuer: `{authority}/{tid}/v2.0`.
+    pub iss: String,
+    /// Issued at.
+    pub iat: i64,
+    /// Not before.
+    pub nbf: i64,
+    /// Expiry.
+    pub exp: i64,
+    /// Tenant.
+    pub tid: String,
+    /// Object id.
+    pub oid: String,
+    /// Subject (same as oid for apps).
+    pub sub: String,
+    /// Application id.
+    pub appid: String,
+    /// Authorized party (v2 name of appid).
+    pub azp: String,
+    /// Identity type: `app`.
+    pub idtyp: String,
+    /// kagi's kind of principal.
+    #[serde(default)]
+    pub kagi_kind: String,
+    /// Token version.
+    pub ver: String,
+    /// Unique token id.
+    pub uti: String,
+}
+
+impl Claims {
+    /// The principal the token speaks for.
+    pub fn principal(&self) -> Principal {
+        Principal {
+            tenant_id: self.tid.clone(),
+            object_id: self.oid.clone(),
+            client_id: self.appid.clone(),
+            kind: self.kagi_kind.clone(),
+        }
+    }
+}
+
+/// Issues and validates tokens with one P-256 key.
+#[derive(Debug)]
+pub struct TokenIssuer {
+    key: KeyPair,
+    kid: String,
+    authority: String,
+}
+
+/// Allowed clock skew between token issue and use, in seconds.
+const LEEWAY: i64 = 60;
+
+impl TokenIssuer {
+    /// An issuer for `authority` (e.g. `https://localhost:8443`) signing with `key` (P-256).
+    pub fn new(key: KeyPair, authority: &str) -> Result<Self, TokenError> {
+        let PublicKey::Ec { curve: Curve::P256, x, y } = key.public_key() else {
+            return Err(TokenError::Malformed);
+        };
+        // The key id is a digest of the public key, so it changes when the key does.
+        let mut material = x.clone();
+        material.extend_from_slice(y);
+        let kid = b64::encode(&kagi_crypto::digest(DigestAlgorithm::Sha256, &material)[..16]);
+        Ok(Self {
+            key,
+            kid,
+            authority: authority.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The issuer claim for a tenant.
+    pub fn issuer(&self, tenant: &str) -> String {
+        format!("{}/{tenant}/v2.0", self.authority)
+    }
+
+    /// The authority URL.
+    pub fn authority(&self) -> &str {
+        &self.authority
+    }
+
+    /// Issues a token for `principal` and `audience`, valid for `lifetime` seconds from `now`.
+    /// `token_id` is 16 random bytes from the caller.
+    pub fn issue(
+        &self,
+        principal: &Principal,
+        audience: &str,
+        now: i64,
+        lifetime: i64,
+        token_id: [u8; 16],
+    ) -> Result<String, kagi_crypto::CryptoError> {
+        let claims = Claims {
+            aud: audience.to_string(),
+            iss: self.issuer(&principal.tenant_id),
+            iat: now,
+            nbf: now,
+            exp: now + lifetime,
+            tid: principal.tenant_id.clone(),
+            oid: principal.object_id.clone(),
+            sub: principal.object_id.clone(),
+            appid: principal.client_id.clone(),
+            azp: principal.client_id.clone(),
+            idtyp: "app".into(),
+            kagi_kind: principal.kind.clone(),
+            ver: "2.0".into(),
+            uti: b64::encode(&token_id),
+        };
+        let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "kid": self.kid});
+        let signing_input = format!(
+            "{}.{}",
+            b64::encode(header.to_string().as_bytes()),
+            b64::encode(
+                serde_json::to_string(&claims)
+                    .map_err(|_| kagi_crypto::CryptoError::Internal)?
+                    .as_bytes()
+            )
+        );
+        let digest = kagi_crypto::digest(DigestAlgorithm::Sha256, signing_input.as_bytes());
+        let sig = self.key.sign_digest(SignatureAlgorithm::ES256, &digest)?;
+        Ok(format!("{signing_input}.{}", b64::encode(&sig)))
+    }
+
+    /// Validates a token for one of `audiences` at `now`.
+    pub fn validate(&self, token: &str, audiences: &[&str], now: i64) -> Result<Claims, TokenError> {
+        if token.len() > 8192 {
+            return Err(TokenError::Malformed);
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let header: serde_json::Value = b64::decode(h)
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(TokenError::Malformed)?;
+        // Only our algorithm: never let the token choose (alg=none, HS256 confusion).
+        if header.get("alg").and_then(|a| a.as_str()) != Some("ES256") {
+            return Err(TokenError::BadSignature);
+        }
+        let sig = b64::decode(s).ok_or(TokenError::Malformed)?;
+        let digest = kagi_crypto::digest(DigestAlgorithm::Sha256, format!("{h}.{p}").as_bytes());
+        match self
+            .key
+            .public_key()
+            .verify_digest(SignatureAlgorithm::ES256, &digest, &sig)
+        {
+            Ok(true) => {}
+            _ => return Err(TokenError::BadSignature),
+        }
+        let claims: Claims = b64::decode(p)
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or(TokenError::Malformed)?;
+        if claims.iss != self.issuer(&claims.tid) {
+            return Err(TokenError::WrongIssuer);
+        }
+        let aud = claims.aud.trim_end_matches('/');
+        if !audiences.iter().any(|a| a.trim_end_matches('/') == aud) {
+            return Err(TokenError::WrongAudience);
+        }
+        if now >= claims.exp + LEEWAY {
+            return Err(TokenError::Expired);
+        }
+        if now + LEEWAY < claims.nbf {
+            return Err(TokenError::NotYetValid);
+        }
+        Ok(claims)
+    }
+
+    /// The JSON Web Key Set publishing the verification key.
+    pub fn jwks(&self) -> serde_json::Value {
+        let (x, y) = match self.key.public_key() {
+            PublicKey::Ec { x, y, .. } => (b64::encode(x), b64::encode(y)),
+            PublicKey::Rsa { .. } => (String::new(), String::new()),
+        };
+        serde_json::json!({"keys": [{
+            "kty": "EC", "use": "sig", "alg": "ES256", "crv": "P-256",
+            "kid": self.kid, "x": x, "y": y
+        }]})
+    }
+}
+
+/// Hashes a client secret for storage. Secrets are 256-bit random values, so a plain
+/// SHA-256 is as strong as a password hash would be and costs nothing per token request.
+pub fn hash_secret(secret: &str) -> Vec<u8> {
+    kagi_crypto::digest(DigestAlgorithm::Sha256, secret.as_bytes())
+}
+
+/// Compares a presented secret with a stored hash in constant time.
+pub fn secret_matches(secret: &str, stored_hash: &[u8]) -> bool {
+    let h = hash_secret(secret);
+    h.len() == stored_hash.len() && h.iter().zip(stored_hash).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer() -> TokenIssuer {
+        TokenIssuer::new(KeyPair::generate_ec(Curve::P256).unwrap(), "https://localhost:8443/").unwrap()
+    }
+
+    fn principal() -> Principal {
+        Principal {
+            tenant_id: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
+            object_id: "11111111-2222-4333-8444-555555555555".into(),
+            client_id: "66666666-2222-4333-8444-555555555555".into(),
+            kind: "ServicePrincipal".into(),
+        }
+    }
+
+    const AUD: &str = "https://localhost:8443";
+
+    #[test]
+    fn issue_and_validate() {
+        let i = issuer();
+        let t = i.issue(&principal(), AUD, 1000, 3600, [1; 16]).unwrap();
+        let c = i.validate(&t, &[AUD], 1001).unwrap();
+        assert_eq!(c.principal(), principal());
+        assert_eq!(c.iss, "https://localhost:8443/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0");
+        // Trailing slash on either side is the same resource.
+        assert!(i.validate(&t, &["https://localhost:8443/"], 1001).is_ok());
+    }
+
+    #[test]
+    fn refusals() {
+        let i = issuer();
+        let t = i.issue(&principal(), AUD, 1000, 3600, [1; 16]).unwrap();
+        assert_eq!(i.validate(&t, &["https://other"], 1001), Err(TokenError::WrongAudience));
+        assert_eq!(i.validate(&t, &[AUD], 1000 + 3600 + LEEWAY), Err(TokenError::Expired));
+        assert_eq!(i.validate(&t, &[AUD], 1000 - LEEWAY - 1), Err(TokenError::NotYetValid));
+        // Another issuer's key: bad signature.
+        let other = issuer();
+        assert_eq!(other.validate(&t, &[AUD], 1001), Err(TokenError::BadSignature));
+        // Tampered payload.
+        let parts: Vec<&str> = t.split('.').collect();
+        let mut claims: serde_json::Value =
+            serde_json::from_slice(&b64::decode(parts[1]).unwrap()).unwrap();
+        claims["oid"] = "99999999-2222-4333-8444-555555555555".into();
+        let forged = format!("{}.{}.{}", parts[0], b64::encode(claims.to_string().as_bytes()), parts[2]);
+        assert_eq!(i.validate(&forged, &[AUD], 1001), Err(TokenError::BadSignature));
+        // alg=none.
+        let none = format!("{}.{}.", b64::encode(br#"{"alg":"none"}"#), parts[1]);
+        assert_eq!(i.validate(&none, &[AUD], 1001), Err(TokenError::BadSignature));
+        assert_eq!(i.validate("garbage", &[AUD], 1001), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn secrets() {
+        let h = hash_secret("s3cret");
+        assert!(secret_matches("s3cret", &h));
+        assert!(!secret_matches("s3creT", &h));
+        assert!(!secret_matches("", &h));
+    }
+}

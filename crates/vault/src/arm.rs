@@ -1,0 +1,484 @@
+//! Management operations in ARM's shape: subscriptions, resource groups, vaults and deleted
+//! vaults.
+
+use std::sync::Arc;
+
+use kagi_core::key::Tags;
+use kagi_core::time::{DAY, rfc3339};
+use kagi_core::vault::{VaultInput, VaultProperties};
+use kagi_core::{ErrorCode, KvError, ResourceGroupName, SubscriptionId, VaultName};
+use kagi_identity::Principal;
+use kagi_store::{ResourceGroupRecord, VaultRecord};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::state::VaultState;
+use crate::{Platform, internal};
+
+/// Body of a resource group PUT.
+#[derive(Debug, Deserialize)]
+pub struct ResourceGroupInput {
+    /// Region.
+    pub location: String,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Option<Tags>,
+}
+
+fn not_found(code: ErrorCode, message: String) -> KvError {
+    KvError::new(code, message)
+}
+
+fn vault_id(r: &VaultRecord) -> String {
+    format!(
+        "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.KeyVault/vaults/{}",
+        r.subscription_id, r.resource_group, r.name
+    )
+}
+
+fn check_location(location: &str) -> Result<String, KvError> {
+    let l = location.trim().to_ascii_lowercase().replace(' ', "");
+    if l.is_empty() || l.len() > 64 || !l.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(KvError::new(
+            ErrorCode::BadRequest,
+            "The location must be a region name such as westeurope.",
+        ));
+    }
+    Ok(l)
+}
+
+impl Platform {
+    /// Checks that the caller may manage resources in `subscription`. Until role assignments
+    /// exist, only the bootstrap administrator of the subscription's tenant may.
+    async fn authorize_arm(&self, caller: &Principal, subscription: &str) -> Result<SubscriptionId, KvError> {
+        let sub = SubscriptionId::parse(subscription)?;
+        let tenant = self
+            .store
+            .subscription_tenant(sub.as_str())
+            .await
+            .map_err(|e| internal("subscription lookup", e))?
+            .ok_or_else(|| {
+                not_found(
+                    ErrorCode::NotFound,
+                    format!("The subscription '{sub}' could not be found."),
+                )
+                .with_inner("SubscriptionNotFound")
+            })?;
+        if !tenant.eq_ignore_ascii_case(&caller.tenant_id) || caller.object_id != self.admin_object_id {
+            return Err(KvError::forbidden(format!(
+                "The client '{}' with object id '{}' does not have authorization to perform \
+                 this action over scope '/subscriptions/{sub}'.",
+                caller.client_id, caller.object_id
+            ))
+            .with_inner("AuthorizationFailed"));
+        }
+        Ok(sub)
+    }
+
+    /// `GET /subscriptions`.
+    pub async fn list_subscriptions(&self, caller: &Principal) -> Result<Value, KvError> {
+        let subs = self
+            .store
+            .list_subscriptions()
+            .await
+            .map_err(|e| internal("list subscriptions", e))?;
+        let value: Vec<Value> = subs
+            .into_iter()
+            .filter(|(_, t)| t.eq_ignore_ascii_case(&caller.tenant_id))
+            .map(|(id, tenant)| {
+                json!({
+                    "id": format!("/subscriptions/{id}"),
+                    "subscriptionId": id,
+                    "tenantId": tenant,
+                    "displayName": if id == self.default_subscription { "kagi default" } else { "kagi" },
+                    "state": "Enabled",
+                })
+            })
+            .collect();
+        Ok(json!({ "value": value }))
+    }
+
+    /// `PUT /subscriptions/{sub}/resourcegroups/{rg}`: 201 when created, 200 when it existed.
+    pub async fn put_resource_group(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        name: &str,
+        input: ResourceGroupInput,
+    ) -> Result<(u16, Value), KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        let name = ResourceGroupName::parse(name)?;
+        let location = check_location(&input.location)?;
+        let tags = input.tags.unwrap_or_default();
+        kagi_core::key::validate_tags(&tags).map_err(|e| KvError::new(ErrorCode::BadRequest, e.message))?;
+        let existing = self
+            .store
+            .get_resource_group(sub.as_str(), name.as_str())
+            .await
+            .map_err(|e| internal("get resource group", e))?;
+        if let Some(rg) = &existing
+            && rg.location != location
+        {
+            return Err(KvError::conflict(format!(
+                "Invalid resource group location '{location}'. The Resource group already \
+                 exists in location '{}'.",
+                rg.location
+            ))
+            .with_inner("InvalidResourceGroupLocation"));
+        }
+        let record = ResourceGroupRecord {
+            subscription_id: sub.to_string(),
+            name: existing.as_ref().map_or_else(|| name.to_string(), |r| r.name.clone()),
+            location,
+            tags,
+        };
+        self.store
+            .put_resource_group(&record, self.clock.now())
+            .await
+            .map_err(|e| internal("put resource group", e))?;
+        Ok((if existing.is_some() { 200 } else { 201 }, rg_json(&record)))
+    }
+
+    /// `GET /subscriptions/{sub}/resourcegroups/{rg}`.
+    pub async fn get_resource_group(&self, caller: &Principal, subscription: &str, name: &str) -> Result<Value, KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        Ok(rg_json(&self.resource_group(&sub, name).await?))
+    }
+
+    async fn resource_group(&self, sub: &SubscriptionId, name: &str) -> Result<ResourceGroupRecord, KvError> {
+        let name = ResourceGroupName::parse(name)?;
+        self.store
+            .get_resource_group(sub.as_str(), name.as_str())
+            .await
+            .map_err(|e| internal("get resource group", e))?
+            .ok_or_else(|| {
+                not_found(
+                    ErrorCode::ResourceGroupNotFound,
+                    format!("Resource group '{name}' could not be found."),
+                )
+            })
+    }
+
+    /// `PUT` (or `PATCH` when `patch`) of a vault. 201 when created or recovered, 200 when
+    /// updated.
+    pub async fn put_vault(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        resource_group: &str,
+        name: &str,
+        input: VaultInput,
+        patch: bool,
+    ) -> Result<(u16, Value), KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        let rg = self.resource_group(&sub, resource_group).await?;
+        let name = VaultName::parse(name)?;
+        let props_in = input.properties.unwrap_or_default();
+        if let Some(tags) = &input.tags {
+            kagi_core::key::validate_tags(tags).map_err(|e| KvError::new(ErrorCode::BadRequest, e.message))?;
+        }
+        let now = self.clock.now();
+        let existing = self.vault_state(&name);
+        let same_place = |r: &VaultRecord| {
+            r.subscription_id == sub.as_str() && r.resource_group.eq_ignore_ascii_case(&rg.name)
+        };
+        let recover = props_in
+            .create_mode
+            .as_deref()
+            .is_some_and(|m| m.eq_ignore_ascii_case("recover"));
+        if let Some(mode) = props_in.create_mode.as_deref()
+            && !matches!(mode.to_ascii_lowercase().as_str(), "recover" | "default")
+        {
+            return Err(KvError::new(ErrorCode::BadRequest, "createMode must be default or recover."));
+        }
+
+        if let Some(state) = existing {
+            let _w = state.write.lock().await;
+            let current = state.record();
+            if current.deleted_at.is_some() {
+                if !recover {
+                    return Err(KvError::conflict(format!(
+                        "A vault with the same name already exists in deleted state. You need to \
+                         either recover or purge existing key vault '{name}'."
+                    ))
+                    .with_inner("ConflictError"));
+                }
+                if current.subscription_id != sub.as_str() {
+                    return Err(KvError::new(
+                        ErrorCode::VaultAlreadyExists,
+                        format!("The vault name '{name}' is already in use."),
+                    ));
+                }
+                let mut record = current.clone();
+                record.resource_group = rg.name.clone();
+                record.deleted_at = None;
+                record.purge_at = None;
+                record.updated = now;
+                self.store.put_vault(&record).await.map_err(|e| internal("recover vault", e))?;
+                state.set_record(record.clone());
+                tracing::info!(vault = %name, "vault recovered");
+                return Ok((201, self.vault_json(&record)));
+            }
+            if !same_place(&current) {
+                return Err(KvError::new(
+                    ErrorCode::VaultAlreadyExists,
+                    format!("The vault name '{name}' is already in use. Vault names are globally unique."),
+                ));
+            }
+            if recover {
+                return Err(KvError::conflict(format!("Vault '{name}' is not in a deleted state; nothing to recover.")));
+            }
+            if let Some(loc) = &input.location
+                && check_location(loc)? != current.location
+            {
+                return Err(KvError::new(
+                    ErrorCode::BadRequest,
+                    format!("The location of vault '{name}' cannot be changed from '{}'.", current.location),
+                ));
+            }
+            let _ = patch; // PUT and PATCH both merge: ARM clients resend what they read.
+            let mut record = current.clone();
+            record.properties = current.properties.update(props_in)?;
+            if let Some(tags) = input.tags {
+                record.tags = tags;
+            }
+            record.updated = now;
+            self.store.put_vault(&record).await.map_err(|e| internal("update vault", e))?;
+            state.set_record(record.clone());
+            tracing::info!(vault = %name, "vault updated");
+            return Ok((200, self.vault_json(&record)));
+        }
+
+        if recover {
+            return Err(not_found(
+                ErrorCode::ResourceNotFound,
+                format!("There is no deleted vault named '{name}' to recover."),
+            ));
+        }
+        if patch {
+            return Err(not_found(
+                ErrorCode::ResourceNotFound,
+                format!("The Resource 'Microsoft.KeyVault/vaults/{name}' under resource group '{}' was not found.", rg.name),
+            ));
+        }
+        let location = check_location(
+            input
+                .location
+                .as_deref()
+                .ok_or_else(|| KvError::new(ErrorCode::BadRequest, "The property \"location\" is required."))?,
+        )?;
+        let record = VaultRecord {
+            name: name.clone(),
+            subscription_id: sub.to_string(),
+            resource_group: rg.name.clone(),
+            location,
+            tags: input.tags.unwrap_or_default(),
+            properties: VaultProperties::create(props_in)?,
+            created: now,
+            updated: now,
+            deleted_at: None,
+            purge_at: None,
+        };
+        // Insert under the map's write lock so two creates of one name cannot both win.
+        let state = Arc::new(VaultState::new(record.clone(), Vec::new()));
+        {
+            let mut map = self.vaults_write();
+            if map.contains_key(&name) {
+                return Err(KvError::new(ErrorCode::VaultAlreadyExists, format!("The vault name '{name}' is already in use.")));
+            }
+            map.insert(name.clone(), state.clone());
+        }
+        let guard = state.write.lock().await;
+        if let Err(e) = self.store.put_vault(&record).await {
+            self.vaults_write().remove(&name);
+            return Err(internal("create vault", e));
+        }
+        drop(guard);
+        tracing::info!(vault = %name, "vault created");
+        Ok((201, self.vault_json(&record)))
+    }
+
+    /// `GET` of a vault.
+    pub async fn get_vault(&self, caller: &Principal, subscription: &str, resource_group: &str, name: &str) -> Result<Value, KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        let record = self.vault_in(&sub, resource_group, name)?;
+        Ok(self.vault_json(&record))
+    }
+
+    fn vault_in(&self, sub: &SubscriptionId, resource_group: &str, name: &str) -> Result<VaultRecord, KvError> {
+        let missing = || {
+            not_found(
+                ErrorCode::ResourceNotFound,
+                format!(
+                    "The Resource 'Microsoft.KeyVault/vaults/{}' under resource group '{}' was not found.",
+                    kagi_core::ids::printable(name),
+                    kagi_core::ids::printable(resource_group)
+                ),
+            )
+        };
+        let name = VaultName::parse(name).map_err(|_| missing())?;
+        let record = self.vault_state(&name).ok_or_else(missing)?.record();
+        if record.deleted_at.is_some()
+            || record.subscription_id != sub.as_str()
+            || !record.resource_group.eq_ignore_ascii_case(resource_group)
+        {
+            return Err(missing());
+        }
+        Ok(record)
+    }
+
+    /// Lists live vaults of a subscription, or of one resource group.
+    pub async fn list_vaults(&self, caller: &Principal, subscription: &str, resource_group: Option<&str>) -> Result<Value, KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        if let Some(rg) = resource_group {
+            self.resource_group(&sub, rg).await?;
+        }
+        let mut value: Vec<Value> = self
+            .all_vaults()
+            .iter()
+            .map(|v| v.record())
+            .filter(|r| {
+                r.deleted_at.is_none()
+                    && r.subscription_id == sub.as_str()
+                    && resource_group.is_none_or(|rg| r.resource_group.eq_ignore_ascii_case(rg))
+            })
+            .map(|r| self.vault_json(&r))
+            .collect();
+        value.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        Ok(json!({ "value": value }))
+    }
+
+    /// `DELETE` of a vault: soft delete for its retention period. 200 when deleted, 204 when
+    /// there was nothing to delete (ARM's idempotent answer).
+    pub async fn delete_vault(&self, caller: &Principal, subscription: &str, resource_group: &str, name: &str) -> Result<u16, KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        let Ok(record) = self.vault_in(&sub, resource_group, name) else {
+            return Ok(204);
+        };
+        let Some(state) = self.vault_state(&record.name) else {
+            return Ok(204);
+        };
+        let _w = state.write.lock().await;
+        let mut record = state.record();
+        if record.deleted_at.is_some() {
+            return Ok(204);
+        }
+        let now = self.clock.now();
+        record.deleted_at = Some(now);
+        record.purge_at = Some(now + i64::from(record.properties.soft_delete_retention_in_days) * DAY);
+        record.updated = now;
+        self.store.put_vault(&record).await.map_err(|e| internal("delete vault", e))?;
+        state.set_record(record.clone());
+        tracing::info!(vault = %record.name, "vault soft-deleted");
+        Ok(200)
+    }
+
+    /// `GET /subscriptions/{sub}/providers/Microsoft.KeyVault/deletedVaults`.
+    pub async fn list_deleted_vaults(&self, caller: &Principal, subscription: &str) -> Result<Value, KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        let mut value: Vec<Value> = self
+            .all_vaults()
+            .iter()
+            .map(|v| v.record())
+            .filter(|r| r.deleted_at.is_some() && r.subscription_id == sub.as_str())
+            .map(|r| deleted_vault_json(&r))
+            .collect();
+        value.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        Ok(json!({ "value": value }))
+    }
+
+    fn deleted_vault_in(&self, sub: &SubscriptionId, location: &str, name: &str) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
+        let missing = || {
+            not_found(
+                ErrorCode::ResourceNotFound,
+                format!("The deleted vault '{}' was not found.", kagi_core::ids::printable(name)),
+            )
+        };
+        let name = VaultName::parse(name).map_err(|_| missing())?;
+        let state = self.vault_state(&name).ok_or_else(missing)?;
+        let r = state.record();
+        if r.deleted_at.is_none() || r.subscription_id != sub.as_str() || !r.location.eq_ignore_ascii_case(&location.replace(' ', "")) {
+            return Err(missing());
+        }
+        Ok((state, r))
+    }
+
+    /// `GET .../locations/{location}/deletedVaults/{name}`.
+    pub async fn get_deleted_vault(&self, caller: &Principal, subscription: &str, location: &str, name: &str) -> Result<Value, KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        Ok(deleted_vault_json(&self.deleted_vault_in(&sub, location, name)?.1))
+    }
+
+    /// `POST .../locations/{location}/deletedVaults/{name}/purge`; refused under purge
+    /// protection until the retention period has ended.
+    pub async fn purge_deleted_vault(&self, caller: &Principal, subscription: &str, location: &str, name: &str) -> Result<u16, KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        let (state, _) = self.deleted_vault_in(&sub, location, name)?;
+        let _w = state.write.lock().await;
+        let r = state.record();
+        if r.deleted_at.is_none() {
+            return Err(KvError::conflict(format!("Vault '{}' is not deleted.", r.name)));
+        }
+        if r.properties.enable_purge_protection && r.purge_at.is_some_and(|t| self.clock.now() < t) {
+            return Err(KvError::conflict(format!(
+                "Operation 'purge' is not allowed on vault '{}' because purge protection is \
+                 enabled. The vault will be purged automatically on {}.",
+                r.name,
+                rfc3339(r.purge_at.unwrap_or_default())
+            ))
+            .with_inner("PurgeProtectionEnabled"));
+        }
+        self.store.purge_vault(&r.name).await.map_err(|e| internal("purge vault", e))?;
+        self.vaults_write().remove(&r.name);
+        tracing::info!(vault = %r.name, "vault purged");
+        Ok(200)
+    }
+
+    fn vault_json(&self, r: &VaultRecord) -> Value {
+        let mut props = serde_json::to_value(&r.properties).unwrap_or_else(|_| json!({}));
+        props["vaultUri"] = json!(self.config.vault_uri(&r.name));
+        props["provisioningState"] = json!("Succeeded");
+        json!({
+            "id": vault_id(r),
+            "name": r.name.as_str(),
+            "type": "Microsoft.KeyVault/vaults",
+            "location": r.location,
+            "tags": r.tags,
+            "systemData": {
+                "createdAt": rfc3339(r.created),
+                "lastModifiedAt": rfc3339(r.updated),
+            },
+            "properties": props,
+        })
+    }
+}
+
+fn rg_json(r: &ResourceGroupRecord) -> Value {
+    json!({
+        "id": format!("/subscriptions/{}/resourceGroups/{}", r.subscription_id, r.name),
+        "name": r.name,
+        "type": "Microsoft.Resources/resourceGroups",
+        "location": r.location,
+        "tags": r.tags,
+        "properties": {"provisioningState": "Succeeded"},
+    })
+}
+
+fn deleted_vault_json(r: &VaultRecord) -> Value {
+    json!({
+        "id": format!(
+            "/subscriptions/{}/providers/Microsoft.KeyVault/locations/{}/deletedVaults/{}",
+            r.subscription_id, r.location, r.name
+        ),
+        "name": r.name.as_str(),
+        "type": "Microsoft.KeyVault/deletedVaults",
+        "properties": {
+            "vaultId": vault_id(r),
+            "location": r.location,
+            "deletionDate": rfc3339(r.deleted_at.unwrap_or_default()),
+            "scheduledPurgeDate": rfc3339(r.purge_at.unwrap_or_default()),
+            "tags": r.tags,
+            "purgeProtectionEnabled": r.properties.enable_purge_protection,
+        },
+    })
+}

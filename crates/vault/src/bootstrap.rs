@@ -1,0 +1,261 @@
+//! First start and every start: the data directory, the root key, the store, the token
+//! signing key, the default tenant and subscription, and the bootstrap administrator.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use kagi_core::ids::uuid_v4;
+use kagi_core::time::Clock;
+use kagi_crypto::{Curve, KeyPair, RootKey, SealPurpose};
+use kagi_identity::TokenIssuer;
+use kagi_store::{PrincipalRecord, SqliteStore, Store};
+use serde::{Deserialize, Serialize};
+
+use crate::state::VaultState;
+use crate::{Platform, PlatformConfig};
+
+/// Why the platform could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// A file or directory problem.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The root key could not be loaded or does not match the store.
+    #[error("root key: {0}")]
+    RootKey(String),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] kagi_store::StoreError),
+    /// Stored state is inconsistent.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StartupError + '_ {
+    move |source| StartupError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The bootstrap administrator's credentials, as written to `bootstrap-admin.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BootstrapAdmin {
+    /// Tenant.
+    pub tenant_id: String,
+    /// Default subscription.
+    pub subscription_id: String,
+    /// Client id.
+    pub client_id: String,
+    /// Client secret.
+    pub client_secret: String,
+    /// Token authority (`https://localhost:8443`).
+    pub authority: String,
+}
+
+fn random16() -> Result<[u8; 16], StartupError> {
+    let b = kagi_crypto::random_bytes(16).map_err(|e| StartupError::RootKey(e.to_string()))?;
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&b);
+    Ok(out)
+}
+
+/// Writes a file atomically with mode 0600: temp file, fsync, rename, fsync the directory.
+pub(crate) fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), StartupError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(contents).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+impl Platform {
+    /// Opens the platform on its data directory, creating what a first start needs.
+    /// Returns the bootstrap administrator's credentials when they were created just now
+    /// (to be printed once).
+    pub async fn open(
+        config: PlatformConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(Self, Option<BootstrapAdmin>), StartupError> {
+        let dir = &config.data_dir;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io(dir))?;
+        let root: Arc<dyn RootKey> = Arc::new(
+            kagi_crypto::load_or_create_root_key_file(&dir.join("root.key"))
+                .map_err(|e| StartupError::RootKey(e.to_string()))?,
+        );
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("kagi.db")).await?);
+        Self::open_with(config, clock, root, store).await
+    }
+
+    /// Opens the platform over a given root key and store.
+    pub async fn open_with(
+        config: PlatformConfig,
+        clock: Arc<dyn Clock>,
+        root: Arc<dyn RootKey>,
+        store: Arc<dyn Store>,
+    ) -> Result<(Self, Option<BootstrapAdmin>), StartupError> {
+        // A store sealed under another root key would fail on every key: refuse at start.
+        let fp = root.fingerprint();
+        let stored = store.put_meta_if_absent("root_key_fingerprint", fp.as_bytes()).await?;
+        if stored != fp.as_bytes() {
+            return Err(StartupError::RootKey(format!(
+                "this data directory was sealed under root key {} but the loaded root key is {fp}",
+                String::from_utf8_lossy(&stored)
+            )));
+        }
+
+        let signing = {
+            let fresh = KeyPair::generate_ec(Curve::P256)
+                .and_then(|k| k.to_pkcs8())
+                .and_then(|der| root.seal(SealPurpose::Token, b"kagi/v1/token-signing", &der))
+                .map_err(|e| StartupError::RootKey(e.to_string()))?;
+            let sealed = store.put_meta_if_absent("token_signing_key", &fresh).await?;
+            let der = root
+                .open(SealPurpose::Token, b"kagi/v1/token-signing", &sealed)
+                .map_err(|e| StartupError::RootKey(e.to_string()))?;
+            KeyPair::from_pkcs8(&der).map_err(|e| StartupError::Corrupt(e.to_string()))?
+        };
+        let issuer = TokenIssuer::new(signing, &config.authority())
+            .map_err(|e| StartupError::Corrupt(e.to_string()))?;
+
+        let tenant = String::from_utf8_lossy(
+            &store
+                .put_meta_if_absent("default_tenant", uuid_v4(random16()?).as_bytes())
+                .await?,
+        )
+        .into_owned();
+        let subscription = String::from_utf8_lossy(
+            &store
+                .put_meta_if_absent("default_subscription", uuid_v4(random16()?).as_bytes())
+                .await?,
+        )
+        .into_owned();
+        store
+            .ensure_subscription(&tenant, &subscription, clock.now())
+            .await?;
+
+        let (admin, created) =
+            ensure_bootstrap_admin(&config, store.as_ref(), &tenant, &subscription, clock.now())
+                .await?;
+
+        let mut vaults = HashMap::new();
+        for record in store.list_vaults().await? {
+            let keys = store.load_keys(&record.name).await?;
+            vaults.insert(record.name.clone(), Arc::new(VaultState::new(record, keys)));
+        }
+        let platform = Self {
+            config,
+            store,
+            root,
+            clock,
+            issuer,
+            default_tenant: tenant,
+            default_subscription: subscription,
+            admin_object_id: admin.object_id,
+            vaults: RwLock::new(vaults),
+        };
+        Ok((platform, created))
+    }
+}
+
+/// Reads `bootstrap-admin.json`, or creates the administrator and the file. The file is
+/// written before the principal is stored, so a crash in between leaves a file whose principal
+/// the next start inserts — never a principal whose secret nobody has.
+async fn ensure_bootstrap_admin(
+    config: &PlatformConfig,
+    store: &dyn Store,
+    tenant: &str,
+    subscription: &str,
+    now: i64,
+) -> Result<(PrincipalRecord, Option<BootstrapAdmin>), StartupError> {
+    let path = config.data_dir.join("bootstrap-admin.json");
+    let (creds, created) = match std::fs::read(&path) {
+        Ok(bytes) => {
+            let mode = std::fs::metadata(&path).map_err(io(&path))?.permissions().mode();
+            if mode & 0o077 != 0 {
+                return Err(StartupError::Corrupt(format!(
+                    "{} is readable by other users (mode {:o}); run: chmod 600 {}",
+                    path.display(),
+                    mode & 0o777,
+                    path.display()
+                )));
+            }
+            let creds: BootstrapAdmin = serde_json::from_slice(&bytes)
+                .map_err(|e| StartupError::Corrupt(format!("{}: {e}", path.display())))?;
+            (creds, false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = kagi_core::b64::encode(
+                &kagi_crypto::random_bytes(32).map_err(|e| StartupError::RootKey(e.to_string()))?,
+            );
+            let creds = BootstrapAdmin {
+                tenant_id: tenant.to_string(),
+                subscription_id: subscription.to_string(),
+                client_id: uuid_v4(random16()?),
+                client_secret: secret,
+                authority: config.authority(),
+            };
+            let json = serde_json::to_vec_pretty(&creds).map_err(|e| StartupError::Corrupt(e.to_string()))?;
+            write_private_file(&path, &json)?;
+            (creds, true)
+        }
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let principal = match store.principal_by_client_id(&creds.client_id).await? {
+        Some(p) => {
+            if !kagi_identity::secret_matches(&creds.client_secret, &p.secret_hash) {
+                return Err(StartupError::Corrupt(format!(
+                    "{} does not match the administrator stored in this data directory",
+                    path.display()
+                )));
+            }
+            p
+        }
+        None => {
+            let p = PrincipalRecord {
+                object_id: uuid_v4(random16()?),
+                tenant_id: creds.tenant_id.clone(),
+                client_id: creds.client_id.clone(),
+                display_name: "kagi bootstrap administrator".into(),
+                secret_hash: kagi_identity::hash_secret(&creds.client_secret),
+                kind: "BootstrapAdministrator".into(),
+                created: now,
+            };
+            store.put_principal(&p).await?;
+            p
+        }
+    };
+    // The authority in the file follows the port kagi now listens on.
+    let mut creds = creds;
+    if creds.authority != config.authority() {
+        creds.authority = config.authority();
+        let json = serde_json::to_vec_pretty(&creds).map_err(|e| StartupError::Corrupt(e.to_string()))?;
+        write_private_file(&path, &json)?;
+    }
+    Ok((principal, created.then_some(creds)))
+}

@@ -1,0 +1,209 @@
+//! The key vault service: what every request does once the HTTP layer has parsed it and the
+//! caller's token has been validated.
+//!
+//! [`Platform`] holds the store, the root key, the clock and the token issuer, and an
+//! in-memory view of every vault and key (public attributes, sealed private keys and, once
+//! used, the unsealed key objects). Reads and cryptographic operations are served from memory
+//! — no database read on the hot path; every change is committed to the store first and
+//! applied to memory after, under a per-vault write lock, so memory never shows what the store
+//! does not hold.
+
+#![forbid(unsafe_code)]
+
+mod arm;
+mod bootstrap;
+mod keys;
+pub use keys::is_crypto_segment;
+mod render;
+mod state;
+mod tokens;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use kagi_core::time::Clock;
+use kagi_core::{KvError, VaultName};
+use kagi_crypto::RootKey;
+use kagi_identity::TokenIssuer;
+use kagi_store::Store;
+
+pub use arm::ResourceGroupInput;
+pub use bootstrap::{BootstrapAdmin, StartupError};
+pub use kagi_identity::Principal;
+pub use keys::ListQuery;
+pub use tokens::{TokenGrant, TokenRequestError};
+
+use state::VaultState;
+
+/// Where and how the platform runs.
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    /// Data directory (store, root key, TLS, bootstrap credentials).
+    pub data_dir: PathBuf,
+    /// DNS suffix of vault hosts (`localhost` → `{vault}.localhost`).
+    pub dns_suffix: String,
+    /// Public port (part of every URL kagi hands out).
+    pub port: u16,
+}
+
+impl PlatformConfig {
+    /// `https://{suffix}:{port}`: the management, token and resource URL.
+    pub fn authority(&self) -> String {
+        if self.port == 443 {
+            format!("https://{}", self.dns_suffix)
+        } else {
+            format!("https://{}:{}", self.dns_suffix, self.port)
+        }
+    }
+
+    /// `https://{vault}.{suffix}:{port}/`.
+    pub fn vault_uri(&self, vault: &VaultName) -> String {
+        if self.port == 443 {
+            format!("https://{}.{}/", vault, self.dns_suffix)
+        } else {
+            format!("https://{}.{}:{}/", vault, self.dns_suffix, self.port)
+        }
+    }
+}
+
+/// The running service.
+#[derive(Debug)]
+pub struct Platform {
+    config: PlatformConfig,
+    store: Arc<dyn Store>,
+    root: Arc<dyn RootKey>,
+    clock: Arc<dyn Clock>,
+    issuer: TokenIssuer,
+    default_tenant: String,
+    default_subscription: String,
+    admin_object_id: String,
+    vaults: RwLock<HashMap<VaultName, Arc<VaultState>>>,
+}
+
+/// Logs a failure of kagi itself and answers the client with a bare 500.
+pub(crate) fn internal(context: &str, e: impl std::fmt::Display) -> KvError {
+    tracing::error!(context, error = %e, "internal failure");
+    KvError::internal()
+}
+
+impl Platform {
+    /// The configuration.
+    pub fn config(&self) -> &PlatformConfig {
+        &self.config
+    }
+
+    /// The tenant created on first start.
+    pub fn default_tenant(&self) -> &str {
+        &self.default_tenant
+    }
+
+    /// The subscription created on first start.
+    pub fn default_subscription(&self) -> &str {
+        &self.default_subscription
+    }
+
+    /// The tenant a vault's challenge names: the vault's, or the default for unknown hosts.
+    pub fn challenge_tenant(&self, vault: &str) -> String {
+        VaultName::parse(vault)
+            .ok()
+            .and_then(|n| self.live_vault(&n).ok())
+            .map(|v| v.record().properties.tenant_id.to_string())
+            .unwrap_or_else(|| self.default_tenant.clone())
+    }
+
+    /// Validates a bearer token for this platform's resource and returns its principal.
+    pub fn authenticate(&self, bearer: &str) -> Result<Principal, KvError> {
+        let authority = self.config.authority();
+        self.issuer
+            .validate(bearer, &[&authority], self.clock.now())
+            .map(|c| c.principal())
+            .map_err(|e| KvError::unauthorized(format!("AKV10000: {e}.")))
+    }
+
+    /// The JSON Web Key Set of the token service.
+    pub fn jwks(&self) -> serde_json::Value {
+        self.issuer.jwks()
+    }
+
+    /// Removes soft-deleted vaults and keys whose retention has ended.
+    pub async fn purge_expired(&self) -> Result<usize, KvError> {
+        let now = self.clock.now();
+        let mut purged = 0;
+        let vaults: Vec<Arc<VaultState>> = self.all_vaults();
+        for v in vaults {
+            let record = v.record();
+            if record.purge_at.is_some_and(|t| t <= now) {
+                self.store
+                    .purge_vault(&record.name)
+                    .await
+                    .map_err(|e| internal("purge vault", e))?;
+                self.vaults_write().remove(&record.name);
+                purged += 1;
+                continue;
+            }
+            purged += self.purge_expired_keys(&v, now).await?;
+        }
+        Ok(purged)
+    }
+
+    fn all_vaults(&self) -> Vec<Arc<VaultState>> {
+        self.vaults
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn vaults_write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<VaultName, Arc<VaultState>>> {
+        self.vaults.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn vault_state(&self, name: &VaultName) -> Option<Arc<VaultState>> {
+        self.vaults
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// A live (not soft-deleted) vault, or 404.
+    pub(crate) fn live_vault(&self, name: &VaultName) -> Result<Arc<VaultState>, KvError> {
+        match self.vault_state(name) {
+            Some(v) if v.record().deleted_at.is_none() => Ok(v),
+            _ => Err(KvError::new(
+                kagi_core::ErrorCode::VaultNotFound,
+                format!("The vault '{name}' was not found."),
+            )),
+        }
+    }
+}
+
+impl Platform {
+    /// Seals a platform secret (the TLS CA key, …) under the root key, bound to `label`.
+    pub fn seal_platform_secret(&self, label: &str, data: &[u8]) -> Result<Vec<u8>, KvError> {
+        self.root
+            .seal(
+                kagi_crypto::SealPurpose::Token,
+                format!("kagi/v1/platform/{label}").as_bytes(),
+                data,
+            )
+            .map_err(|e| internal("seal platform secret", e))
+    }
+
+    /// Opens a platform secret sealed by [`Self::seal_platform_secret`].
+    pub fn open_platform_secret(
+        &self,
+        label: &str,
+        sealed: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, KvError> {
+        self.root
+            .open(
+                kagi_crypto::SealPurpose::Token,
+                format!("kagi/v1/platform/{label}").as_bytes(),
+                sealed,
+            )
+            .map_err(|e| internal("open platform secret", e))
+    }
+}

@@ -1,0 +1,153 @@
+//! The in-memory view of vaults and keys.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use kagi_core::key::KeyVersionInfo;
+use kagi_core::{KeyVersion, KvError, ObjectName, VaultName};
+use kagi_crypto::{KeyPair, RootKey, SealPurpose};
+use kagi_store::{KeyRecord, KeyVersionRecord, VaultRecord};
+
+/// One vault: its record, its keys, and the lock that serialises its writes.
+#[derive(Debug)]
+pub(crate) struct VaultState {
+    record: RwLock<VaultRecord>,
+    keys: RwLock<BTreeMap<String, KeyEntry>>,
+    /// Held across "commit to store, then apply to memory" so writes to one vault are ordered.
+    pub(crate) write: tokio::sync::Mutex<()>,
+}
+
+/// A key and its versions.
+#[derive(Debug, Clone)]
+pub(crate) struct KeyEntry {
+    pub(crate) name: ObjectName,
+    pub(crate) deleted_at: Option<i64>,
+    pub(crate) purge_at: Option<i64>,
+    /// In creation order; the last is the current version.
+    pub(crate) versions: Vec<Arc<VersionEntry>>,
+}
+
+/// A key version: public info, sealed private key, and the unsealed key once first used.
+#[derive(Debug)]
+pub(crate) struct VersionEntry {
+    pub(crate) version: KeyVersion,
+    pub(crate) seq: i64,
+    pub(crate) info: KeyVersionInfo,
+    pub(crate) sealed_private: Vec<u8>,
+    material: OnceLock<Arc<KeyPair>>,
+}
+
+/// The AAD that binds a sealed private key to its place: a sealed blob copied to another
+/// vault, key or version does not open.
+pub(crate) fn private_key_aad(vault: &VaultName, name: &ObjectName, version: &KeyVersion) -> Vec<u8> {
+    format!("kagi/v1/key/{}/{}/{}", vault, name.folded(), version).into_bytes()
+}
+
+impl VersionEntry {
+    pub(crate) fn new(r: KeyVersionRecord) -> Self {
+        Self {
+            version: r.version,
+            seq: r.seq,
+            info: r.info,
+            sealed_private: r.sealed_private,
+            material: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn with_material(r: KeyVersionRecord, key: Arc<KeyPair>) -> Self {
+        let e = Self::new(r);
+        let _ = e.material.set(key);
+        e
+    }
+
+    /// A copy with new public info; the unsealed key carries over.
+    pub(crate) fn with_info(&self, info: KeyVersionInfo) -> Self {
+        let e = Self {
+            version: self.version.clone(),
+            seq: self.seq,
+            info,
+            sealed_private: self.sealed_private.clone(),
+            material: OnceLock::new(),
+        };
+        if let Some(k) = self.material.get() {
+            let _ = e.material.set(k.clone());
+        }
+        e
+    }
+
+    /// The private key, unsealed on first use and kept for the life of the process.
+    pub(crate) fn key_pair(
+        &self,
+        root: &dyn RootKey,
+        vault: &VaultName,
+        name: &ObjectName,
+    ) -> Result<Arc<KeyPair>, KvError> {
+        if let Some(k) = self.material.get() {
+            return Ok(k.clone());
+        }
+        let der = root
+            .open(
+                SealPurpose::PrivateKey,
+                &private_key_aad(vault, name, &self.version),
+                &self.sealed_private,
+            )
+            .map_err(|e| crate::internal("unseal private key", e))?;
+        let key = Arc::new(KeyPair::from_pkcs8(&der).map_err(|e| crate::internal("parse private key", e))?);
+        Ok(self.material.get_or_init(|| key).clone())
+    }
+}
+
+impl KeyEntry {
+    pub(crate) fn from_record(r: KeyRecord) -> Self {
+        Self {
+            name: r.name,
+            deleted_at: r.deleted_at,
+            purge_at: r.purge_at,
+            versions: r.versions.into_iter().map(|v| Arc::new(VersionEntry::new(v))).collect(),
+        }
+    }
+
+    pub(crate) fn latest(&self) -> Option<&Arc<VersionEntry>> {
+        self.versions.last()
+    }
+
+    pub(crate) fn version(&self, v: &KeyVersion) -> Option<&Arc<VersionEntry>> {
+        self.versions.iter().find(|e| &e.version == v)
+    }
+}
+
+impl VaultState {
+    pub(crate) fn new(record: VaultRecord, keys: Vec<KeyRecord>) -> Self {
+        Self {
+            record: RwLock::new(record),
+            keys: RwLock::new(
+                keys.into_iter()
+                    .map(|k| (k.name.folded(), KeyEntry::from_record(k)))
+                    .collect(),
+            ),
+            write: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// A snapshot of the vault record.
+    pub(crate) fn record(&self) -> VaultRecord {
+        self.record.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set_record(&self, r: VaultRecord) {
+        *self.record.write().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    pub(crate) fn keys(&self) -> RwLockReadGuard<'_, BTreeMap<String, KeyEntry>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn keys_mut(&self) -> RwLockWriteGuard<'_, BTreeMap<String, KeyEntry>> {
+        self.keys.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of one key's entry (versions shared).
+    pub(crate) fn key(&self, name: &ObjectName) -> Option<KeyEntry> {
+        self.keys().get(&name.folded()).cloned()
+    }
+}

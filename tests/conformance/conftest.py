@@ -1,0 +1,523 @@
+"""Fixtures for the kagi Azure SDK conformance suite.
+
+One `kagi server` per session (``kagi`` fixture), a fresh vault per test
+(``vault`` / ``premium_vault`` / ``make_vault``), and a private server on its own
+data dir for restart tests (``private_kagi``).
+
+Every data-plane interaction goes through the unmodified Azure SDK for Python;
+``requests`` is used only for ARM management calls and raw-HTTP checks.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import pytest
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+KAGI_BIN = Path(os.environ.get("KAGI_BIN", str(REPO / "target" / "debug" / "kagi")))
+
+STARTUP_TIMEOUT = 30.0
+LOCATION = "westeurope"
+RG_API = "2021-04-01"
+KV_API = "2023-07-01"
+DATA_API = "7.4"  # oldest data-plane api-version the server must accept; used for raw requests
+DEFAULT_RG = "kagi-conformance"
+
+# Keep SDK failures fast and single-shot: a 5xx must surface as a failure, not be retried for minutes.
+SDK_TIMEOUTS = dict(connection_timeout=10, read_timeout=120, retry_total=0)
+
+
+# --------------------------------------------------------------------------------------------
+# pytest hooks
+# --------------------------------------------------------------------------------------------
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cli: tests of the kagi command-line interface")
+
+
+def pytest_sessionstart(session):
+    # Fail fast, with a clear message, if *.localhost does not resolve (libnss-myhostname missing).
+    # Only relevant when tests actually run, not for --collect-only.
+    if session.config.option.collectonly:
+        return
+    try:
+        socket.getaddrinfo("probe.localhost", 443)
+    except socket.gaierror as exc:
+        pytest.exit(
+            "'probe.localhost' does not resolve ({}). kagi vaults live at https://<vault>.localhost:PORT/; "
+            "install libnss-myhostname (apt-get install libnss-myhostname, which adds 'myhostname' to "
+            "/etc/nsswitch.conf) or add /etc/hosts entries.".format(exc),
+            returncode=3,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that is free on both loopbacks (best effort)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s4:
+            s4.bind(("127.0.0.1", 0))
+            port = s4.getsockname()[1]
+            try:
+                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
+                    s6.bind(("::1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found")
+
+
+def random_name(prefix: str = "v", length: int = 16) -> str:
+    """A name of exactly `length` chars: prefix (must start with a letter) + random lowercase hex."""
+    assert len(prefix) < length
+    return prefix + secrets.token_hex(length)[: length - len(prefix)]
+
+
+def b64url_decode(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def b64url_encode(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+
+def tail(path: Path, lines: int = 80) -> str:
+    try:
+        data = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "<no log file>"
+    return "\n".join(data[-lines:])
+
+
+def assert_error_shape(resp: requests.Response, status: Optional[int] = None, code: Optional[str] = None) -> dict:
+    """Azure error body: {"error": {"code": str, "message": str, ...}}. Returns the error object."""
+    if status is not None:
+        assert resp.status_code == status, f"expected {status}, got {resp.status_code}: {resp.text[:500]}"
+    assert resp.status_code != 500, resp.text[:500]
+    try:
+        body = resp.json()
+    except ValueError:
+        raise AssertionError(f"error body is not JSON: {resp.text[:500]!r}")
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), body
+    err = body["error"]
+    assert isinstance(err.get("code"), str) and err["code"], body
+    assert isinstance(err.get("message"), str) and err["message"], body
+    if code is not None:
+        assert err["code"] == code, body
+    return err
+
+
+def parse_challenge(header: str) -> tuple:
+    """Parse 'Bearer a="x", b="y"' into ("Bearer", {"a": "x", "b": "y"})."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {}
+    for item in rest.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        k, sep, v = item.partition("=")
+        assert sep, f"malformed challenge parameter {item!r} in {header!r}"
+        params[k.strip()] = v.strip().strip('"')
+    return scheme, params
+
+
+# --------------------------------------------------------------------------------------------
+# the server process
+# --------------------------------------------------------------------------------------------
+
+
+class KagiServer:
+    """A `kagi server` child process bound to one data dir and one port."""
+
+    def __init__(self, data_dir: Path, log_path: Path, port: Optional[int] = None):
+        self.data_dir = Path(data_dir)
+        self.log_path = Path(log_path)
+        self.port = port or free_port()
+        self.proc: Optional[subprocess.Popen] = None
+        self._log_fh = None
+        self._credential = None
+        self._admin: Optional[dict] = None
+
+    # -- paths / identity ------------------------------------------------------------------
+    @property
+    def base(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.data_dir / "tls" / "ca.pem"
+
+    @property
+    def admin_path(self) -> Path:
+        return self.data_dir / "bootstrap-admin.json"
+
+    @property
+    def admin(self) -> dict:
+        if self._admin is None:
+            self._admin = json.loads(self.admin_path.read_text())
+        return self._admin
+
+    @property
+    def tenant_id(self) -> str:
+        return self.admin["tenantId"]
+
+    @property
+    def subscription_id(self) -> str:
+        return self.admin["subscriptionId"]
+
+    @property
+    def scope(self) -> str:
+        return f"{self.base}/.default"
+
+    def vault_url(self, name: str) -> str:
+        return f"https://{name}.localhost:{self.port}/"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def command(self) -> List[str]:
+        return [str(KAGI_BIN), "server", "--data-dir", str(self.data_dir), "--listen", f"localhost:{self.port}"]
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> "KagiServer":
+        if not KAGI_BIN.exists():
+            pytest.fail(f"kagi binary not found at {KAGI_BIN} (build it, or set KAGI_BIN)", pytrace=False)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_fh = open(self.log_path, "ab")
+        self._log_fh.write(f"\n===== start {time.strftime('%H:%M:%S')}: {' '.join(self.command())}\n".encode())
+        self._log_fh.flush()
+        env = dict(os.environ)
+        env.setdefault("RUST_BACKTRACE", "1")
+        self.proc = subprocess.Popen(
+            self.command(), stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last_err: Any = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._fail(f"kagi server exited early with code {self.proc.returncode}")
+            if self.ca_path.exists() and self.admin_path.exists():
+                try:
+                    r = requests.get(f"{self.base}/healthz", verify=str(self.ca_path), timeout=2)
+                    if r.status_code == 200:
+                        return
+                    last_err = f"healthz answered {r.status_code}: {r.text[:200]}"
+                except requests.RequestException as exc:
+                    last_err = exc
+            time.sleep(0.1)
+        self._fail(f"kagi server not ready within {timeout}s (last error: {last_err})")
+
+    def _fail(self, msg: str) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        pytest.fail(f"{msg}\n--- tail of {self.log_path} ---\n{tail(self.log_path)}", pytrace=False)
+
+    def stop(self, timeout: float = 15.0) -> Optional[int]:
+        """SIGTERM, then SIGKILL if it does not exit. Returns the exit code."""
+        rc = None
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                rc = self.proc.wait(10)
+        elif self.proc:
+            rc = self.proc.returncode
+        self._close_log()
+        return rc
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._close_log()
+
+    def restart(self, hard: bool = True) -> "KagiServer":
+        """kill -9 (or SIGTERM when hard=False) and start again on the same data dir and port."""
+        if hard:
+            self.kill9()
+        else:
+            self.stop()
+        self._admin = None
+        return self.start()
+
+    def _close_log(self) -> None:
+        if self._log_fh:
+            self._log_fh.close()
+            self._log_fh = None
+
+    def log_tail(self, lines: int = 80) -> str:
+        return tail(self.log_path, lines)
+
+    # -- auth ------------------------------------------------------------------------------
+    def new_credential(self, secret: Optional[str] = None, **kwargs):
+        from azure.identity import ClientSecretCredential
+
+        return ClientSecretCredential(
+            self.admin["tenantId"],
+            self.admin["clientId"],
+            secret if secret is not None else self.admin["clientSecret"],
+            authority=self.admin.get("authority", self.base),
+            disable_instance_discovery=True,
+            connection_verify=str(self.ca_path),
+            **kwargs,
+        )
+
+    @property
+    def credential(self):
+        if self._credential is None:
+            self._credential = self.new_credential()
+        return self._credential
+
+    def token(self) -> str:
+        return self.credential.get_token(self.scope).token
+
+    def auth_headers(self) -> Dict[str, str]:
+        return {"Authorization": f"Bearer {self.token()}"}
+
+    # -- SDK clients -----------------------------------------------------------------------
+    def client_kwargs(self, **overrides) -> dict:
+        kw = dict(SDK_TIMEOUTS)
+        kw["connection_verify"] = str(self.ca_path)
+        kw.update(overrides)
+        return kw
+
+    def key_client(self, vault_url: str, credential=None, **kwargs):
+        from azure.keyvault.keys import KeyClient
+
+        return KeyClient(vault_url, credential or self.credential, **self.client_kwargs(**kwargs))
+
+    def crypto_client(self, key, credential=None, **kwargs):
+        from azure.keyvault.keys.crypto import CryptographyClient
+
+        return CryptographyClient(key, credential or self.credential, **self.client_kwargs(**kwargs))
+
+    # -- raw HTTP --------------------------------------------------------------------------
+    def request(self, method: str, url: str, *, auth: bool = True, headers=None, **kwargs) -> requests.Response:
+        h = dict(headers or {})
+        if auth:
+            h.update(self.auth_headers())
+        kwargs.setdefault("timeout", 60)
+        return requests.request(method, url, headers=h, verify=str(self.ca_path), **kwargs)
+
+    # -- ARM management --------------------------------------------------------------------
+    def arm(self, path: str, api_version: str = KV_API) -> str:
+        sep = "&" if "?" in path else "?"
+        return f"{self.base}{path}{sep}api-version={api_version}"
+
+    def rg_path(self, rg: str) -> str:
+        return f"/subscriptions/{self.subscription_id}/resourcegroups/{rg}"
+
+    def vault_path(self, rg: str, name: str) -> str:
+        return f"/subscriptions/{self.subscription_id}/resourceGroups/{rg}/providers/Microsoft.KeyVault/vaults/{name}"
+
+    def deleted_vaults_path(self) -> str:
+        return f"/subscriptions/{self.subscription_id}/providers/Microsoft.KeyVault/deletedVaults"
+
+    def deleted_vault_path(self, name: str, location: str = LOCATION) -> str:
+        return (
+            f"/subscriptions/{self.subscription_id}/providers/Microsoft.KeyVault/locations/{location}"
+            f"/deletedVaults/{name}"
+        )
+
+    def put_rg(self, rg: str = DEFAULT_RG) -> requests.Response:
+        r = self.request("PUT", self.arm(self.rg_path(rg), RG_API), json={"location": LOCATION})
+        assert r.status_code in (200, 201), f"resource group PUT: {r.status_code} {r.text[:500]}"
+        return r
+
+    @staticmethod
+    def vault_body(
+        tenant_id: str,
+        sku: str = "standard",
+        purge_protection: bool = False,
+        retention: int = 7,
+        create_mode: Optional[str] = None,
+        **extra_props,
+    ) -> dict:
+        props = {
+            "tenantId": tenant_id,
+            "sku": {"family": "A", "name": sku},
+            "enableSoftDelete": True,
+            "softDeleteRetentionInDays": retention,
+            "enablePurgeProtection": purge_protection,
+            "accessPolicies": [],
+        }
+        if create_mode:
+            props["createMode"] = create_mode
+        props.update(extra_props)
+        return {"location": LOCATION, "properties": props}
+
+    def put_vault_raw(self, name: str, rg: str = DEFAULT_RG, body: Optional[dict] = None, **kw) -> requests.Response:
+        if body is None:
+            body = self.vault_body(self.tenant_id, **kw)
+        return self.request("PUT", self.arm(self.vault_path(rg, name)), json=body)
+
+    def create_vault(self, name: Optional[str] = None, rg: str = DEFAULT_RG, **kw) -> "Vault":
+        name = name or random_name("v", 16)
+        r = self.put_vault_raw(name, rg, **kw)
+        assert r.status_code in (200, 201), f"vault PUT {name}: {r.status_code} {r.text[:500]}"
+        body = r.json()
+        url = body["properties"]["vaultUri"]
+        return Vault(server=self, name=name, rg=rg, url=url, body=body)
+
+    def get_vault(self, name: str, rg: str = DEFAULT_RG) -> requests.Response:
+        return self.request("GET", self.arm(self.vault_path(rg, name)))
+
+    def delete_vault(self, name: str, rg: str = DEFAULT_RG) -> requests.Response:
+        return self.request("DELETE", self.arm(self.vault_path(rg, name)))
+
+    def list_deleted_vaults(self) -> requests.Response:
+        return self.request("GET", self.arm(self.deleted_vaults_path()))
+
+    def get_deleted_vault(self, name: str, location: str = LOCATION) -> requests.Response:
+        return self.request("GET", self.arm(self.deleted_vault_path(name, location)))
+
+    def purge_deleted_vault(self, name: str, location: str = LOCATION) -> requests.Response:
+        return self.request("POST", self.arm(self.deleted_vault_path(name, location) + "/purge"))
+
+    def recover_vault(self, name: str, rg: str = DEFAULT_RG, **kw) -> requests.Response:
+        return self.put_vault_raw(name, rg, create_mode="recover", **kw)
+
+
+@dataclass
+class Vault:
+    server: KagiServer
+    name: str
+    rg: str
+    url: str  # vaultUri, with trailing slash
+    body: dict
+    _client: Any = field(default=None, repr=False)
+
+    @property
+    def client(self):
+        """A KeyClient for this vault (shared per test)."""
+        if self._client is None:
+            self._client = self.server.key_client(self.url)
+        return self._client
+
+    @property
+    def host_url(self) -> str:
+        return self.url.rstrip("/")
+
+    def data_url(self, path: str, api_version: Optional[str] = DATA_API) -> str:
+        """Raw data-plane URL. path starts with '/'."""
+        url = self.host_url + path
+        if api_version is not None:
+            url += ("&" if "?" in path else "?") + f"api-version={api_version}"
+        return url
+
+    def raw(self, method: str, path: str, *, api_version: Optional[str] = DATA_API, **kwargs) -> requests.Response:
+        return self.server.request(method, self.data_url(path, api_version), **kwargs)
+
+    def key_names(self) -> List[str]:
+        return sorted(p.name for p in self.client.list_properties_of_keys())
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------
+
+
+def _start_server(tmp_dir: Path, name: str) -> KagiServer:
+    srv = KagiServer(tmp_dir / f"{name}-data", tmp_dir / f"{name}.log")
+    srv.start()
+    return srv
+
+
+@pytest.fixture(scope="session")
+def kagi(tmp_path_factory) -> KagiServer:
+    """The shared server for the whole session."""
+    tmp = tmp_path_factory.mktemp("kagi")
+    srv = _start_server(tmp, "session")
+    ca = str(srv.ca_path)
+    saved = {k: os.environ.get(k) for k in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")}
+    os.environ["REQUESTS_CA_BUNDLE"] = ca
+    os.environ["SSL_CERT_FILE"] = ca
+    try:
+        srv.put_rg(DEFAULT_RG)
+        yield srv
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        rc = srv.stop()
+        if rc not in (0, None, -signal.SIGTERM):
+            print(f"\nkagi server exited with {rc} after SIGTERM; log tail:\n{srv.log_tail()}")
+
+
+@pytest.fixture
+def make_vault(kagi) -> Callable[..., Vault]:
+    """Factory: make_vault(sku="premium", purge_protection=True, retention=7, name=None)."""
+
+    def _make(**kw) -> Vault:
+        return kagi.create_vault(**kw)
+
+    return _make
+
+
+@pytest.fixture
+def vault(make_vault) -> Vault:
+    """A fresh standard vault with soft delete (7 days) and no purge protection."""
+    return make_vault()
+
+
+@pytest.fixture
+def premium_vault(make_vault) -> Vault:
+    return make_vault(sku="premium")
+
+
+@pytest.fixture
+def private_kagi(tmp_path) -> KagiServer:
+    """A server with its own data dir and port, for kill/restart tests."""
+    srv = _start_server(tmp_path, "private")
+    try:
+        srv.put_rg(DEFAULT_RG)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _dump_server_log_on_failure(request):
+    """Print the server log tail when a test fails (helps when the server 500s or panics)."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for fixture_name in ("kagi", "private_kagi"):
+            if fixture_name in request.fixturenames:
+                try:
+                    srv = request.getfixturevalue(fixture_name)
+                except Exception:  # pragma: no cover - fixture itself failed
+                    continue
+                print(f"\n--- {fixture_name} log tail ({srv.log_path}) ---\n{srv.log_tail(60)}")
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)

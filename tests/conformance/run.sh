@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run the Azure SDK conformance suite against a real `kagi server`.
+#   tests/conformance/run.sh [pytest args...]      e.g.  -k crypto   -m "not cli"   -x
+# Env: KAGI_BIN (default <repo>/target/debug/kagi), KAGI_VENV (default <repo>/.venv), PYTHON (default python3).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+venv="${KAGI_VENV:-$repo/.venv}"
+req="$here/requirements.txt"
+stamp="$venv/.kagi-requirements.sha256"
+python="${PYTHON:-python3}"
+
+want="$(sha256sum "$req" | cut -d' ' -f1)"
+have="$(cat "$stamp" 2>/dev/null || true)"
+if [[ ! -x "$venv/bin/python" || "$want" != "$have" ]]; then
+    echo "run.sh: (re)creating venv at $venv" >&2
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
+    echo "$want" > "$stamp"
+fi
+
+export KAGI_BIN="${KAGI_BIN:-$repo/target/debug/kagi}"
+if [[ ! -x "$KAGI_BIN" ]]; then
+    echo "run.sh: kagi binary not found at $KAGI_BIN (cargo build, or set KAGI_BIN)" >&2
+    exit 2
+fi
+
+cd "$repo"
+exec "$venv/bin/python" -m pytest -q tests/conformance "$@"
