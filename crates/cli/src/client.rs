@@ -37,14 +37,18 @@ struct Admin {
 impl Context {
     /// Connects and authenticates.
     pub async fn new(server: &str, data_dir: &Path, output: Output) -> anyhow::Result<Self> {
-        let url = reqwest::Url::parse(server).with_context(|| format!("invalid --server {server}"))?;
+        let url =
+            reqwest::Url::parse(server).with_context(|| format!("invalid --server {server}"))?;
         anyhow::ensure!(url.scheme() == "https", "--server must be an https:// URL");
         let host = url.host_str().context("--server has no host")?.to_string();
         let port = url.port_or_known_default().unwrap_or(443);
         let base = server.trim_end_matches('/').to_string();
         let ca_path = data_dir.join("tls/ca.pem");
         let ca = std::fs::read(&ca_path).with_context(|| {
-            format!("cannot read the kagi CA certificate {} (use --data-dir)", ca_path.display())
+            format!(
+                "cannot read the kagi CA certificate {} (use --data-dir)",
+                ca_path.display()
+            )
         })?;
         let admin_path = data_dir.join("bootstrap-admin.json");
         let (tenant, sub, id, secret) = match (
@@ -73,7 +77,16 @@ impl Context {
         };
         let http = Self::client(&ca, &host, port)?;
         let token = Self::token(&http, &base, &tenant, &id, &secret).await?;
-        Ok(Self { http, ca, base, host, port, token, subscription: sub, output })
+        Ok(Self {
+            http,
+            ca,
+            base,
+            host,
+            port,
+            token,
+            subscription: sub,
+            output,
+        })
     }
 
     /// A client that trusts only the kagi CA and may reach `{vault}.{host}` at the server's
@@ -82,14 +95,23 @@ impl Context {
         Self::client_for(ca_pem, host, port, None)
     }
 
-    fn client_for(ca_pem: &[u8], host: &str, port: u16, vault: Option<&str>) -> anyhow::Result<reqwest::Client> {
-        let cert = reqwest::Certificate::from_pem(ca_pem).context("the kagi CA certificate is not valid PEM")?;
+    fn client_for(
+        ca_pem: &[u8],
+        host: &str,
+        port: u16,
+        vault: Option<&str>,
+    ) -> anyhow::Result<reqwest::Client> {
+        let cert = reqwest::Certificate::from_pem(ca_pem)
+            .context("the kagi CA certificate is not valid PEM")?;
         let mut b = reqwest::Client::builder()
             .tls_certs_only([cert])
             .timeout(std::time::Duration::from_secs(120))
             .user_agent(concat!("kagi-cli/", env!("CARGO_PKG_VERSION")));
         if let Some(vault) = vault {
-            let addrs: Vec<_> = (host, port).to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+            let addrs: Vec<_> = (host, port)
+                .to_socket_addrs()
+                .map(|a| a.collect())
+                .unwrap_or_default();
             b = b.resolve_to_addrs(&format!("{vault}.{host}"), &addrs);
         }
         Ok(b.build()?)
@@ -98,7 +120,12 @@ impl Context {
     /// A copy of this context whose client reaches `vault`.
     pub fn clone_for_vault(&self, vault: &str) -> anyhow::Result<Self> {
         Ok(Self {
-            http: Self::client_for(&self.ca, &self.host, self.port, Some(&vault.to_ascii_lowercase()))?,
+            http: Self::client_for(
+                &self.ca,
+                &self.host,
+                self.port,
+                Some(&vault.to_ascii_lowercase()),
+            )?,
             ca: self.ca.clone(),
             base: self.base.clone(),
             host: self.host.clone(),
@@ -110,7 +137,13 @@ impl Context {
     }
 
     /// Obtains a token by client credentials.
-    pub async fn token(http: &reqwest::Client, base: &str, tenant: &str, id: &str, secret: &str) -> anyhow::Result<String> {
+    pub async fn token(
+        http: &reqwest::Client,
+        base: &str,
+        tenant: &str,
+        id: &str,
+        secret: &str,
+    ) -> anyhow::Result<String> {
         let r = http
             .post(format!("{base}/{tenant}/oauth2/v2.0/token"))
             .form(&[
@@ -125,33 +158,61 @@ impl Context {
         let status = r.status();
         let body: Value = r.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            bail!("token request refused ({status}): {}", body["error_description"].as_str().unwrap_or("no detail"));
+            bail!(
+                "token request refused ({status}): {}",
+                body["error_description"].as_str().unwrap_or("no detail")
+            );
         }
-        body["access_token"].as_str().map(str::to_string).context("token response without access_token")
+        body["access_token"]
+            .as_str()
+            .map(str::to_string)
+            .context("token response without access_token")
     }
 
     /// The URL of a vault.
     pub fn vault_url(&self, vault: &str) -> String {
-        format!("https://{}.{}:{}/", vault.to_ascii_lowercase(), self.host, self.port)
+        format!(
+            "https://{}.{}:{}/",
+            vault.to_ascii_lowercase(),
+            self.host,
+            self.port
+        )
     }
 
     /// Sends a request and returns the JSON body, or fails with the server's error message.
-    pub async fn call(&self, method: reqwest::Method, url: &str, body: Option<&Value>) -> anyhow::Result<Value> {
-        let mut req = self.http.request(method.clone(), url).bearer_auth(&self.token);
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<Value> {
+        let mut req = self
+            .http
+            .request(method.clone(), url)
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(b);
         }
-        let r = req.send().await.with_context(|| format!("{method} {url} failed"))?;
+        let r = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {url} failed"))?;
         let status = r.status();
         let text = r.text().await.unwrap_or_default();
-        let v: Value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let v: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         if !status.is_success() {
             let code = v["error"]["code"].as_str().unwrap_or("");
-            let inner = v["error"]["innererror"]["code"].as_str().map(|c| format!(" ({c})")).unwrap_or_default();
+            let inner = v["error"]["innererror"]["code"]
+                .as_str()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default();
             let msg = v["error"]["message"].as_str().unwrap_or("no detail");
             bail!("{status} {code}{inner}: {msg}");
         }
         Ok(v)
     }
 }
-

@@ -256,33 +256,71 @@ fn vault_line(v: &Value) -> String {
 fn key_line(v: &Value) -> String {
     let kid = v["key"]["kid"].as_str().or(v["kid"].as_str()).unwrap_or("");
     let a = &v["attributes"];
-    format!("{kid}\tenabled={}\t{}", a["enabled"], v["key"]["kty"].as_str().unwrap_or(""))
+    format!(
+        "{kid}\tenabled={}\t{}",
+        a["enabled"],
+        v["key"]["kty"].as_str().unwrap_or("")
+    )
 }
 
 impl Context {
     fn arm(&self, path: &str, api: &str) -> String {
-        format!("{}/subscriptions/{}{path}?api-version={api}", self.base, self.subscription)
+        format!(
+            "{}/subscriptions/{}{path}?api-version={api}",
+            self.base, self.subscription
+        )
     }
 
     async fn find_vault(&self, name: &str, rg: Option<&str>) -> anyhow::Result<Value> {
         if let Some(rg) = rg {
             return self
-                .call(Method::GET, &self.arm(&format!("/resourceGroups/{rg}/providers/Microsoft.KeyVault/vaults/{name}"), ARM_API), None)
+                .call(
+                    Method::GET,
+                    &self.arm(
+                        &format!("/resourceGroups/{rg}/providers/Microsoft.KeyVault/vaults/{name}"),
+                        ARM_API,
+                    ),
+                    None,
+                )
                 .await;
         }
-        let all = self.call(Method::GET, &self.arm("/providers/Microsoft.KeyVault/vaults", ARM_API), None).await?;
+        let all = self
+            .call(
+                Method::GET,
+                &self.arm("/providers/Microsoft.KeyVault/vaults", ARM_API),
+                None,
+            )
+            .await?;
         all["value"]
             .as_array()
-            .and_then(|a| a.iter().find(|v| v["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name))))
+            .and_then(|a| {
+                a.iter().find(|v| {
+                    v["name"]
+                        .as_str()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(name))
+                })
+            })
             .cloned()
             .with_context(|| format!("vault {name} not found"))
     }
 
     async fn find_deleted(&self, name: &str) -> anyhow::Result<Value> {
-        let all = self.call(Method::GET, &self.arm("/providers/Microsoft.KeyVault/deletedVaults", ARM_API), None).await?;
+        let all = self
+            .call(
+                Method::GET,
+                &self.arm("/providers/Microsoft.KeyVault/deletedVaults", ARM_API),
+                None,
+            )
+            .await?;
         all["value"]
             .as_array()
-            .and_then(|a| a.iter().find(|v| v["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name))))
+            .and_then(|a| {
+                a.iter().find(|v| {
+                    v["name"]
+                        .as_str()
+                        .is_some_and(|n| n.eq_ignore_ascii_case(name))
+                })
+            })
             .cloned()
             .with_context(|| format!("no soft-deleted vault named {name}"))
     }
@@ -290,23 +328,53 @@ impl Context {
 
 fn rg_of(vault: &Value) -> String {
     // /subscriptions/{s}/resourceGroups/{rg}/providers/...
-    vault["id"].as_str().or(vault["properties"]["vaultId"].as_str()).and_then(|id| id.split('/').nth(4)).unwrap_or("").to_string()
+    vault["id"]
+        .as_str()
+        .or(vault["properties"]["vaultId"].as_str())
+        .and_then(|id| id.split('/').nth(4))
+        .unwrap_or("")
+        .to_string()
 }
 
 /// Runs a `kagi keyvault` command.
 pub async fn keyvault(ctx: &Context, args: KeyvaultArgs) -> anyhow::Result<()> {
     match args.command {
-        KeyvaultCommand::Create { name, resource_group, location, sku, retention_days, enable_purge_protection, enable_rbac_authorization } => {
+        KeyvaultCommand::Create {
+            name,
+            resource_group,
+            location,
+            sku,
+            retention_days,
+            enable_purge_protection,
+            enable_rbac_authorization,
+        } => {
             let tenant = ctx
-                .call(Method::GET, &format!("{}/subscriptions?api-version={RG_API}", ctx.base), None)
+                .call(
+                    Method::GET,
+                    &format!("{}/subscriptions?api-version={RG_API}", ctx.base),
+                    None,
+                )
                 .await?["value"]
                 .as_array()
-                .and_then(|a| a.iter().find(|s| s["subscriptionId"] == ctx.subscription.as_str()))
+                .and_then(|a| {
+                    a.iter()
+                        .find(|s| s["subscriptionId"] == ctx.subscription.as_str())
+                })
                 .and_then(|s| s["tenantId"].as_str().map(str::to_string))
                 .context("the subscription is not visible to this identity")?;
-            ctx.call(Method::PUT, &ctx.arm(&format!("/resourcegroups/{resource_group}"), RG_API), Some(&json!({"location": location})))
-                .await
-                .or_else(|e| if e.to_string().contains("InvalidResourceGroupLocation") { Ok(Value::Null) } else { Err(e) })?;
+            ctx.call(
+                Method::PUT,
+                &ctx.arm(&format!("/resourcegroups/{resource_group}"), RG_API),
+                Some(&json!({"location": location})),
+            )
+            .await
+            .or_else(|e| {
+                if e.to_string().contains("InvalidResourceGroupLocation") {
+                    Ok(Value::Null)
+                } else {
+                    Err(e)
+                }
+            })?;
             let mut props = json!({
                 "tenantId": tenant,
                 "sku": {"family": "A", "name": sku},
@@ -326,16 +394,31 @@ pub async fn keyvault(ctx: &Context, args: KeyvaultArgs) -> anyhow::Result<()> {
                 .await?;
             print(ctx, &v, vault_line);
         }
-        KeyvaultCommand::Show(r) => print(ctx, &ctx.find_vault(&r.name, r.resource_group.as_deref()).await?, vault_line),
+        KeyvaultCommand::Show(r) => print(
+            ctx,
+            &ctx.find_vault(&r.name, r.resource_group.as_deref()).await?,
+            vault_line,
+        ),
         KeyvaultCommand::List { resource_group } => {
             let path = match &resource_group {
                 Some(rg) => format!("/resourceGroups/{rg}/providers/Microsoft.KeyVault/vaults"),
                 None => "/providers/Microsoft.KeyVault/vaults".into(),
             };
-            print(ctx, &ctx.call(Method::GET, &ctx.arm(&path, ARM_API), None).await?, vault_line);
+            print(
+                ctx,
+                &ctx.call(Method::GET, &ctx.arm(&path, ARM_API), None)
+                    .await?,
+                vault_line,
+            );
         }
-        KeyvaultCommand::Update { vault, enable_purge_protection, enable_rbac_authorization } => {
-            let current = ctx.find_vault(&vault.name, vault.resource_group.as_deref()).await?;
+        KeyvaultCommand::Update {
+            vault,
+            enable_purge_protection,
+            enable_rbac_authorization,
+        } => {
+            let current = ctx
+                .find_vault(&vault.name, vault.resource_group.as_deref())
+                .await?;
             let mut props = json!({});
             if enable_purge_protection {
                 props["enablePurgeProtection"] = json!(true);
@@ -346,7 +429,14 @@ pub async fn keyvault(ctx: &Context, args: KeyvaultArgs) -> anyhow::Result<()> {
             let v = ctx
                 .call(
                     Method::PATCH,
-                    &ctx.arm(&format!("/resourceGroups/{}/providers/Microsoft.KeyVault/vaults/{}", rg_of(&current), vault.name), ARM_API),
+                    &ctx.arm(
+                        &format!(
+                            "/resourceGroups/{}/providers/Microsoft.KeyVault/vaults/{}",
+                            rg_of(&current),
+                            vault.name
+                        ),
+                        ARM_API,
+                    ),
                     Some(&json!({"properties": props})),
                 )
                 .await?;
@@ -356,20 +446,41 @@ pub async fn keyvault(ctx: &Context, args: KeyvaultArgs) -> anyhow::Result<()> {
             let current = ctx.find_vault(&r.name, r.resource_group.as_deref()).await?;
             ctx.call(
                 Method::DELETE,
-                &ctx.arm(&format!("/resourceGroups/{}/providers/Microsoft.KeyVault/vaults/{}", rg_of(&current), r.name), ARM_API),
+                &ctx.arm(
+                    &format!(
+                        "/resourceGroups/{}/providers/Microsoft.KeyVault/vaults/{}",
+                        rg_of(&current),
+                        r.name
+                    ),
+                    ARM_API,
+                ),
                 None,
             )
             .await?;
-            print(ctx, &json!({"name": r.name, "deleted": true}), |_| format!("{} deleted (recoverable)", r.name));
+            print(ctx, &json!({"name": r.name, "deleted": true}), |_| {
+                format!("{} deleted (recoverable)", r.name)
+            });
         }
-        KeyvaultCommand::Recover { name, resource_group, location } => {
+        KeyvaultCommand::Recover {
+            name,
+            resource_group,
+            location,
+        } => {
             let deleted = ctx.find_deleted(&name).await?;
-            let location = location.unwrap_or_else(|| deleted["properties"]["location"].as_str().unwrap_or("").to_string());
+            let location = location.unwrap_or_else(|| {
+                deleted["properties"]["location"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            });
             let rg = resource_group.unwrap_or_else(|| rg_of(&deleted));
             let v = ctx
                 .call(
                     Method::PUT,
-                    &ctx.arm(&format!("/resourceGroups/{rg}/providers/Microsoft.KeyVault/vaults/{name}"), ARM_API),
+                    &ctx.arm(
+                        &format!("/resourceGroups/{rg}/providers/Microsoft.KeyVault/vaults/{name}"),
+                        ARM_API,
+                    ),
                     Some(&json!({"location": location, "properties": {"createMode": "recover"}})),
                 )
                 .await?;
@@ -378,15 +489,33 @@ pub async fn keyvault(ctx: &Context, args: KeyvaultArgs) -> anyhow::Result<()> {
         KeyvaultCommand::Purge { name, location } => {
             let location = match location {
                 Some(l) => l,
-                None => ctx.find_deleted(&name).await?["properties"]["location"].as_str().unwrap_or("").to_string(),
+                None => ctx.find_deleted(&name).await?["properties"]["location"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
             };
             ctx.call(Method::POST, &ctx.arm(&format!("/providers/Microsoft.KeyVault/locations/{location}/deletedVaults/{name}/purge"), ARM_API), None)
                 .await?;
-            print(ctx, &json!({"name": name, "purged": true}), |_| format!("{name} purged"));
+            print(ctx, &json!({"name": name, "purged": true}), |_| {
+                format!("{name} purged")
+            });
         }
         KeyvaultCommand::ListDeleted => {
-            let v = ctx.call(Method::GET, &ctx.arm("/providers/Microsoft.KeyVault/deletedVaults", ARM_API), None).await?;
-            print(ctx, &v, |d| format!("{}\tdeleted {}\tpurge {}", d["name"].as_str().unwrap_or(""), d["properties"]["deletionDate"].as_str().unwrap_or(""), d["properties"]["scheduledPurgeDate"].as_str().unwrap_or("")));
+            let v = ctx
+                .call(
+                    Method::GET,
+                    &ctx.arm("/providers/Microsoft.KeyVault/deletedVaults", ARM_API),
+                    None,
+                )
+                .await?;
+            print(ctx, &v, |d| {
+                format!(
+                    "{}\tdeleted {}\tpurge {}",
+                    d["name"].as_str().unwrap_or(""),
+                    d["properties"]["deletionDate"].as_str().unwrap_or(""),
+                    d["properties"]["scheduledPurgeDate"].as_str().unwrap_or("")
+                )
+            });
         }
         KeyvaultCommand::Key(k) => {
             let vault = k.vault_name.clone().context("--vault-name is required")?;
@@ -401,7 +530,16 @@ async fn keys(ctx: &Context, vault: &str, command: KeyCommand) -> anyhow::Result
     let ctx = &vault_ctx;
     let url = |path: &str| format!("{}{path}?api-version={KV_API}", ctx.vault_url(vault));
     let v = match command {
-        KeyCommand::Create { name, kty, size, curve, ops, expires, not_before, disabled } => {
+        KeyCommand::Create {
+            name,
+            kty,
+            size,
+            curve,
+            ops,
+            expires,
+            not_before,
+            disabled,
+        } => {
             let mut body = json!({"kty": kty, "attributes": {"enabled": !disabled}});
             if let Some(s) = size {
                 body["key_size"] = json!(s);
@@ -418,13 +556,36 @@ async fn keys(ctx: &Context, vault: &str, command: KeyCommand) -> anyhow::Result
             if let Some(n) = not_before {
                 body["attributes"]["nbf"] = json!(n);
             }
-            ctx.call(Method::POST, &url(&format!("keys/{name}/create")), Some(&body)).await?
+            ctx.call(
+                Method::POST,
+                &url(&format!("keys/{name}/create")),
+                Some(&body),
+            )
+            .await?
         }
         KeyCommand::List => collect_pages(ctx, &url("keys")).await?,
-        KeyCommand::Show { name, version } => ctx.call(Method::GET, &url(&format!("keys/{name}/{}", version.unwrap_or_default())), None).await?,
-        KeyCommand::Versions { name } => collect_pages(ctx, &url(&format!("keys/{name}/versions"))).await?,
-        KeyCommand::Rotate { name } => ctx.call(Method::POST, &url(&format!("keys/{name}/rotate")), None).await?,
-        KeyCommand::Update { name, version, enabled, expires, not_before } => {
+        KeyCommand::Show { name, version } => {
+            ctx.call(
+                Method::GET,
+                &url(&format!("keys/{name}/{}", version.unwrap_or_default())),
+                None,
+            )
+            .await?
+        }
+        KeyCommand::Versions { name } => {
+            collect_pages(ctx, &url(&format!("keys/{name}/versions"))).await?
+        }
+        KeyCommand::Rotate { name } => {
+            ctx.call(Method::POST, &url(&format!("keys/{name}/rotate")), None)
+                .await?
+        }
+        KeyCommand::Update {
+            name,
+            version,
+            enabled,
+            expires,
+            not_before,
+        } => {
             let mut attrs = json!({});
             if let Some(e) = enabled {
                 attrs["enabled"] = json!(e);
@@ -435,27 +596,60 @@ async fn keys(ctx: &Context, vault: &str, command: KeyCommand) -> anyhow::Result
             if let Some(n) = not_before {
                 attrs["nbf"] = json!(n);
             }
-            ctx.call(Method::PATCH, &url(&format!("keys/{name}/{}", version.unwrap_or_default())), Some(&json!({"attributes": attrs}))).await?
+            ctx.call(
+                Method::PATCH,
+                &url(&format!("keys/{name}/{}", version.unwrap_or_default())),
+                Some(&json!({"attributes": attrs})),
+            )
+            .await?
         }
-        KeyCommand::Delete { name } => ctx.call(Method::DELETE, &url(&format!("keys/{name}")), None).await?,
+        KeyCommand::Delete { name } => {
+            ctx.call(Method::DELETE, &url(&format!("keys/{name}")), None)
+                .await?
+        }
         KeyCommand::ListDeleted => collect_pages(ctx, &url("deletedkeys")).await?,
-        KeyCommand::Recover { name } => ctx.call(Method::POST, &url(&format!("deletedkeys/{name}/recover")), None).await?,
+        KeyCommand::Recover { name } => {
+            ctx.call(
+                Method::POST,
+                &url(&format!("deletedkeys/{name}/recover")),
+                None,
+            )
+            .await?
+        }
         KeyCommand::Purge { name } => {
-            ctx.call(Method::DELETE, &url(&format!("deletedkeys/{name}")), None).await?;
+            ctx.call(Method::DELETE, &url(&format!("deletedkeys/{name}")), None)
+                .await?;
             json!({"name": name, "purged": true})
         }
         KeyCommand::Backup { name, file } => {
-            let v = ctx.call(Method::POST, &url(&format!("keys/{name}/backup")), None).await?;
-            let blob = v["value"].as_str().context("backup response without value")?;
-            std::fs::write(&file, blob).with_context(|| format!("cannot write {}", file.display()))?;
+            let v = ctx
+                .call(Method::POST, &url(&format!("keys/{name}/backup")), None)
+                .await?;
+            let blob = v["value"]
+                .as_str()
+                .context("backup response without value")?;
+            std::fs::write(&file, blob)
+                .with_context(|| format!("cannot write {}", file.display()))?;
             json!({"name": name, "file": file.display().to_string(), "bytes": blob.len()})
         }
         KeyCommand::Restore { file } => {
-            let blob = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            ctx.call(Method::POST, &url("keys/restore"), Some(&json!({"value": blob.trim()}))).await?
+            let blob = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            ctx.call(
+                Method::POST,
+                &url("keys/restore"),
+                Some(&json!({"value": blob.trim()})),
+            )
+            .await?
         }
     };
-    print(ctx, &v, |i| if i.get("purged").is_some() || i.get("file").is_some() { i.to_string() } else { key_line(i) });
+    print(ctx, &v, |i| {
+        if i.get("purged").is_some() || i.get("file").is_some() {
+            i.to_string()
+        } else {
+            key_line(i)
+        }
+    });
     Ok(())
 }
 
@@ -473,7 +667,10 @@ async fn collect_pages(ctx: &Context, first: &str) -> anyhow::Result<Value> {
         if let Some(a) = v["value"].as_array() {
             items.extend(a.iter().cloned());
         }
-        next = v["nextLink"].as_str().filter(|s| !s.is_empty()).map(str::to_string);
+        next = v["nextLink"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
     }
     Ok(json!({"value": items}))
 }

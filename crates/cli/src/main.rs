@@ -15,10 +15,20 @@ use clap::{Parser, Subcommand};
 #[command(name = "kagi", version, about)]
 struct Cli {
     /// Data directory of the server (its CA and bootstrap credentials are read from here).
-    #[arg(long, global = true, env = "KAGI_DATA_DIR", default_value = "./kagi-data")]
+    #[arg(
+        long,
+        global = true,
+        env = "KAGI_DATA_DIR",
+        default_value = "./kagi-data"
+    )]
     data_dir: PathBuf,
     /// Server URL for client commands.
-    #[arg(long, global = true, env = "KAGI_SERVER", default_value = "https://localhost:8443")]
+    #[arg(
+        long,
+        global = true,
+        env = "KAGI_SERVER",
+        default_value = "https://localhost:8443"
+    )]
     server: String,
     /// Output format of client commands.
     #[arg(long, global = true, value_enum, default_value = "table")]
@@ -46,7 +56,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -55,7 +68,9 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Server { listen, dns_suffix } => run_server(cli.data_dir, listen, dns_suffix).await,
+            Command::Server { listen, dns_suffix } => {
+                run_server(cli.data_dir, listen, dns_suffix).await
+            }
             Command::Keyvault(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 commands::keyvault(&ctx, args).await
@@ -79,13 +94,24 @@ fn listen_addrs(listen: &str) -> anyhow::Result<(Vec<std::net::SocketAddr>, u16)
     let (host, port) = listen
         .rsplit_once(':')
         .ok_or_else(|| anyhow::anyhow!("--listen must be HOST:PORT, got {listen}"))?;
-    let port: u16 = port.parse().map_err(|_| anyhow::anyhow!("invalid port in --listen {listen}"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid port in --listen {listen}"))?;
     if host == "localhost" {
-        return Ok((vec![([127, 0, 0, 1], port).into(), (std::net::Ipv6Addr::LOCALHOST, port).into()], port));
+        return Ok((
+            vec![
+                ([127, 0, 0, 1], port).into(),
+                (std::net::Ipv6Addr::LOCALHOST, port).into(),
+            ],
+            port,
+        ));
     }
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let addrs: Vec<_> = (host, port).to_socket_addrs()?.collect();
-    anyhow::ensure!(!addrs.is_empty(), "--listen {listen} resolves to no address");
+    anyhow::ensure!(
+        !addrs.is_empty(),
+        "--listen {listen} resolves to no address"
+    );
     Ok((addrs, port))
 }
 
@@ -104,25 +130,46 @@ async fn run_server(data_dir: PathBuf, listen: String, dns_suffix: String) -> an
         port,
     };
     let (platform, created_admin) =
-        kagi_vault::Platform::open(config, std::sync::Arc::new(kagi_core::time::SystemClock)).await?;
+        kagi_vault::Platform::open(config, std::sync::Arc::new(kagi_core::time::SystemClock))
+            .await?;
     let platform = std::sync::Arc::new(platform);
     let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
     let ca_path = std::fs::canonicalize(&ca.cert_path).unwrap_or(ca.cert_path.clone());
     let resolver = kagi_http::tls::SniResolver::new(ca, &dns_suffix);
 
-    println!("kagi {} — data directory {}", env!("CARGO_PKG_VERSION"), data_dir.display());
+    println!(
+        "kagi {} — data directory {}",
+        env!("CARGO_PKG_VERSION"),
+        data_dir.display()
+    );
     println!("  local CA certificate: {}", ca_path.display());
     println!("    export REQUESTS_CA_BUNDLE={}", ca_path.display());
-    println!("  management and token endpoint: {}", platform.config().authority());
-    println!("  vaults: https://{{vault}}.{}:{port}/", platform.config().dns_suffix);
-    println!("  tenant {}  subscription {}", platform.default_tenant(), platform.default_subscription());
+    println!(
+        "  management and token endpoint: {}",
+        platform.config().authority()
+    );
+    println!(
+        "  vaults: https://{{vault}}.{}:{port}/",
+        platform.config().dns_suffix
+    );
+    println!(
+        "  tenant {}  subscription {}",
+        platform.default_tenant(),
+        platform.default_subscription()
+    );
     if let Some(admin) = created_admin {
-        println!("  bootstrap administrator created (shown once; kept 0600 in {}):", data_dir.join("bootstrap-admin.json").display());
+        println!(
+            "  bootstrap administrator created (shown once; kept 0600 in {}):",
+            data_dir.join("bootstrap-admin.json").display()
+        );
         println!("    AZURE_TENANT_ID={}", admin.tenant_id);
         println!("    AZURE_CLIENT_ID={}", admin.client_id);
         println!("    AZURE_CLIENT_SECRET={}", admin.client_secret);
     } else {
-        println!("  bootstrap administrator: {}", data_dir.join("bootstrap-admin.json").display());
+        println!(
+            "  bootstrap administrator: {}",
+            data_dir.join("bootstrap-admin.json").display()
+        );
     }
     for a in &addrs {
         println!("  listening on {a}");

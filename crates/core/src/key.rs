@@ -271,7 +271,14 @@ pub struct KeyVersionInfo {
 impl KeyVersionInfo {
     /// Checks that `op` is permitted by this version's `key_ops` and state at `now`.
     pub fn check_operation(&self, op: KeyOperation, now: i64) -> Result<(), KvError> {
-        if !self.key_ops.contains(&op) || !op.fits(self.kty) {
+        if !op.fits(self.kty) {
+            return Err(KvError::bad_parameter(format!(
+                "Operation {} is not supported for {} keys.",
+                op.as_str(),
+                self.kty.as_str()
+            )));
+        }
+        if !self.key_ops.contains(&op) {
             return Err(KvError::forbidden(format!(
                 "Operation {} is not permitted on this key.",
                 op.as_str()
@@ -603,18 +610,15 @@ mod tests {
     #[test]
     fn usability_window() {
         let a = attrs();
-        assert_eq!(
-            a.check_usable(KeyOperation::Decrypt, 99).unwrap_err().inner,
-            Some("KeyNotYetValid")
-        );
-        assert!(a.check_usable(KeyOperation::Decrypt, 100).is_ok());
-        assert!(a.check_usable(KeyOperation::Decrypt, 199).is_ok());
-        assert_eq!(
-            a.check_usable(KeyOperation::Decrypt, 200)
-                .unwrap_err()
-                .inner,
-            Some("KeyExpired")
-        );
+        let inner = |op, t| a.check_usable(op, t).unwrap_err().inner;
+        assert_eq!(inner(KeyOperation::WrapKey, 99), Some("KeyNotYetValid"));
+        assert!(a.check_usable(KeyOperation::WrapKey, 100).is_ok());
+        assert!(a.check_usable(KeyOperation::Sign, 199).is_ok());
+        assert_eq!(inner(KeyOperation::Encrypt, 200), Some("KeyExpired"));
+        // Data protected before expiry stays recoverable.
+        assert!(a.check_usable(KeyOperation::UnwrapKey, 200).is_ok());
+        assert!(a.check_usable(KeyOperation::Decrypt, 99).is_ok());
+        assert!(a.check_usable(KeyOperation::Verify, 500).is_ok());
         let disabled = KeyAttributes {
             enabled: false,
             ..attrs()

@@ -39,7 +39,7 @@ pub fn page<T, K: Ord + AsRef<str>>(
     after: Option<&str>,
     size: usize,
 ) -> (Vec<T>, Option<String>) {
-    items.sort_by(|a, b| key(a).cmp(&key(b)));
+    items.sort_by_key(&key);
     let start = match after {
         Some(after) => items.partition_point(|i| key(i).as_ref() <= after),
         None => 0,

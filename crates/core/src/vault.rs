@@ -230,13 +230,6 @@ impl VaultProperties {
                  for softDeleteRetentionInDays.",
             ));
         }
-        if input.enable_purge_protection == Some(false) {
-            // Azure refuses an explicit false too: the property is either unset or true.
-            return Err(bad(
-                "The property \"enablePurgeProtection\" cannot be set to false. Omit it to \
-                 leave purge protection off.",
-            ));
-        }
         let retention = validate_retention(input.soft_delete_retention_in_days.unwrap_or(90))?;
         validate_acls(&input.network_acls)?;
         let access_policies = input.access_policies.unwrap_or_default();

@@ -22,7 +22,11 @@ fn challenge(platform: &Platform, vault: &str, e: &KvError) -> Response<Body> {
 }
 
 /// Serves one data-plane request for `vault`.
-pub(crate) async fn handle(platform: Arc<Platform>, vault: String, req: Request<Body>) -> Response<Body> {
+pub(crate) async fn handle(
+    platform: Arc<Platform>,
+    vault: String,
+    req: Request<Body>,
+) -> Response<Body> {
     let (parts, body) = req.into_parts();
     // Challenge before looking at the body: the SDK's first request carries none.
     let Some(token) = respond::bearer(&parts.headers) else {
@@ -51,7 +55,17 @@ pub(crate) async fn handle(platform: Arc<Platform>, vault: String, req: Request<
         api_version: api_version.unwrap_or_default().to_string(),
     };
     let path = parts.uri.path().to_string();
-    match route(&platform, &caller, &vault, &parts.method, &path, &body, &list).await {
+    match route(
+        &platform,
+        &caller,
+        &vault,
+        &parts.method,
+        &path,
+        &body,
+        &list,
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => {
             if e.status() >= 500 {
@@ -65,7 +79,10 @@ pub(crate) async fn handle(platform: Arc<Platform>, vault: String, req: Request<
 fn not_found(path: &str) -> KvError {
     KvError::new(
         kagi_core::ErrorCode::NotFound,
-        format!("The request URI {} is not served by this vault.", kagi_core::ids::printable(path)),
+        format!(
+            "The request URI {} is not served by this vault.",
+            kagi_core::ids::printable(path)
+        ),
     )
 }
 
@@ -91,38 +108,57 @@ async fn route(
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
     match (l.as_slice(), method) {
         (["keys"] | ["keys", ""], &Method::GET) => ok(p.list_keys(caller, vault, list)?),
-        (["keys", "restore"], &Method::POST) => ok(p.restore_key(caller, vault, parse_json(body)?).await?),
-        (["keys", _, "create"], &Method::POST) => ok(p.create_key(caller, vault, segs[1], parse_json(body)?).await?),
-        (["keys", _], &Method::PUT) => ok(p.import_key(caller, vault, segs[1], parse_json(body)?).await?),
-        (["keys", _], &Method::DELETE) => ok(p.delete_key(caller, vault, segs[1]).await?),
-        (["keys", _] | ["keys", _, ""], &Method::GET) => ok(p.get_key(caller, vault, segs[1], None)?),
-        (["keys", _] | ["keys", _, ""], &Method::PATCH) => {
-            ok(p.update_key(caller, vault, segs[1], None, parse_json(body)?).await?)
+        (["keys", "restore"], &Method::POST) => {
+            ok(p.restore_key(caller, vault, parse_json(body)?).await?)
         }
-        (["keys", _, "versions"], &Method::GET) => ok(p.list_key_versions(caller, vault, segs[1], list)?),
-        (["keys", _, "backup"], &Method::POST) => Ok(respond::json(200, &p.backup_key(caller, vault, segs[1])?)),
+        (["keys", _, "create"], &Method::POST) => ok(p
+            .create_key(caller, vault, segs[1], parse_json(body)?)
+            .await?),
+        (["keys", _], &Method::PUT) => ok(p
+            .import_key(caller, vault, segs[1], parse_json(body)?)
+            .await?),
+        (["keys", _], &Method::DELETE) => ok(p.delete_key(caller, vault, segs[1]).await?),
+        (["keys", _] | ["keys", _, ""], &Method::GET) => {
+            ok(p.get_key(caller, vault, segs[1], None)?)
+        }
+        (["keys", _] | ["keys", _, ""], &Method::PATCH) => ok(p
+            .update_key(caller, vault, segs[1], None, parse_json(body)?)
+            .await?),
+        (["keys", _, "versions"], &Method::GET) => {
+            ok(p.list_key_versions(caller, vault, segs[1], list)?)
+        }
+        (["keys", _, "backup"], &Method::POST) => {
+            Ok(respond::json(200, &p.backup_key(caller, vault, segs[1])?))
+        }
         (["keys", _, "rotate"], &Method::POST) => ok(p.rotate_key(caller, vault, segs[1]).await?),
         (["keys", _, op], &Method::POST) if kagi_vault::is_crypto_segment(op) => {
             crypto(p, caller, vault, segs[1], None, op, body)
         }
         (["keys", _, _], &Method::GET) => ok(p.get_key(caller, vault, segs[1], Some(segs[2]))?),
-        (["keys", _, _], &Method::PATCH) => {
-            ok(p.update_key(caller, vault, segs[1], Some(segs[2]), parse_json(body)?).await?)
-        }
+        (["keys", _, _], &Method::PATCH) => ok(p
+            .update_key(caller, vault, segs[1], Some(segs[2]), parse_json(body)?)
+            .await?),
         (["keys", _, _, op], &Method::POST) if kagi_vault::is_crypto_segment(op) => {
             crypto(p, caller, vault, segs[1], Some(segs[2]), op, body)
         }
-        (["deletedkeys"] | ["deletedkeys", ""], &Method::GET) => ok(p.list_deleted_keys(caller, vault, list)?),
+        (["deletedkeys"] | ["deletedkeys", ""], &Method::GET) => {
+            ok(p.list_deleted_keys(caller, vault, list)?)
+        }
         (["deletedkeys", _], &Method::GET) => ok(p.get_deleted_key(caller, vault, segs[1])?),
         (["deletedkeys", _], &Method::DELETE) => {
             p.purge_deleted_key(caller, vault, segs[1]).await?;
             Ok(respond::empty(204))
         }
-        (["deletedkeys", _, "recover"], &Method::POST) => ok(p.recover_deleted_key(caller, vault, segs[1]).await?),
+        (["deletedkeys", _, "recover"], &Method::POST) => {
+            ok(p.recover_deleted_key(caller, vault, segs[1]).await?)
+        }
         (["rng"], &Method::POST) => ok(p.random(caller, vault, parse_json(body)?)?),
         (["keys", ..] | ["deletedkeys", ..] | ["rng"], m) => {
             // A known path shape with an unknown method, or an unknown path under /keys.
-            if matches!(l.as_slice(), ["keys", _] | ["keys", _, _] | ["deletedkeys", _] | ["rng"]) {
+            if matches!(
+                l.as_slice(),
+                ["keys", _] | ["keys", _, _] | ["deletedkeys", _] | ["rng"]
+            ) {
                 Err(method_not_allowed(m))
             } else {
                 Err(not_found(path))

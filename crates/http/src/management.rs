@@ -20,7 +20,9 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
 
     // Unauthenticated endpoints: health and the token service.
     match (l.as_slice(), &parts.method) {
-        (["healthz"], &Method::GET) => return respond::json(200, &serde_json::json!({"status": "ok"})),
+        (["healthz"], &Method::GET) => {
+            return respond::json(200, &serde_json::json!({"status": "ok"}));
+        }
         ([_, "v2.0", ".well-known", "openid-configuration"], &Method::GET) => {
             return respond::json(200, &platform.openid_configuration(segs[0]));
         }
@@ -44,10 +46,14 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     }
 
     let Some(token) = respond::bearer(&parts.headers) else {
-        return arm_challenge(&platform, KvError::new(
-            ErrorCode::Unauthorized,
-            "Authentication failed. The 'Authorization' header is missing.",
-        ).with_inner("AuthenticationFailed"));
+        return arm_challenge(
+            &platform,
+            KvError::new(
+                ErrorCode::Unauthorized,
+                "Authentication failed. The 'Authorization' header is missing.",
+            )
+            .with_inner("AuthenticationFailed"),
+        );
     };
     let caller = match platform.authenticate(token) {
         Ok(c) => c,
@@ -92,21 +98,51 @@ async fn arm(
     match (l, method) {
         (["subscriptions"], &Method::GET) => ok(200, p.list_subscriptions(caller).await?),
         (["subscriptions", _, "resourcegroups", _], &Method::PUT) => {
-            let (status, v) = p.put_resource_group(caller, segs[1], segs[3], parse_json(body)?).await?;
+            let (status, v) = p
+                .put_resource_group(caller, segs[1], segs[3], parse_json(body)?)
+                .await?;
             ok(status, v)
         }
         (["subscriptions", _, "resourcegroups", _], &Method::GET) => {
             ok(200, p.get_resource_group(caller, segs[1], segs[3]).await?)
         }
-        (["subscriptions", _, "resourcegroups", _, "providers", kv, "vaults"], &Method::GET) if *kv == KV => {
-            ok(200, p.list_vaults(caller, segs[1], Some(segs[3])).await?)
-        }
-        (["subscriptions", _, "resourcegroups", _, "providers", kv, "vaults", _], m) if *kv == KV => {
+        (
+            [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                _,
+                "providers",
+                kv,
+                "vaults",
+            ],
+            &Method::GET,
+        ) if *kv == KV => ok(200, p.list_vaults(caller, segs[1], Some(segs[3])).await?),
+        (
+            [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                _,
+                "providers",
+                kv,
+                "vaults",
+                _,
+            ],
+            m,
+        ) if *kv == KV => {
             let (sub, rg, name) = (segs[1], segs[3], segs[7]);
             match *m {
                 Method::PUT | Method::PATCH => {
                     let (status, v) = p
-                        .put_vault(caller, sub, rg, name, parse_json(body)?, *m == Method::PATCH)
+                        .put_vault(
+                            caller,
+                            sub,
+                            rg,
+                            name,
+                            parse_json(body)?,
+                            *m == Method::PATCH,
+                        )
                         .await?;
                     ok(status, v)
                 }
@@ -121,21 +157,53 @@ async fn arm(
         (["subscriptions", _, "providers", kv, "deletedvaults"], &Method::GET) if *kv == KV => {
             ok(200, p.list_deleted_vaults(caller, segs[1]).await?)
         }
-        (["subscriptions", _, "providers", kv, "locations", _, "deletedvaults", _], &Method::GET) if *kv == KV => {
-            ok(200, p.get_deleted_vault(caller, segs[1], segs[5], segs[7]).await?)
-        }
-        (["subscriptions", _, "providers", kv, "locations", _, "deletedvaults", _, "purge"], &Method::POST)
-            if *kv == KV =>
-        {
-            Ok(respond::empty(p.purge_deleted_vault(caller, segs[1], segs[5], segs[7]).await?))
-        }
+        (
+            [
+                "subscriptions",
+                _,
+                "providers",
+                kv,
+                "locations",
+                _,
+                "deletedvaults",
+                _,
+            ],
+            &Method::GET,
+        ) if *kv == KV => ok(
+            200,
+            p.get_deleted_vault(caller, segs[1], segs[5], segs[7])
+                .await?,
+        ),
+        (
+            [
+                "subscriptions",
+                _,
+                "providers",
+                kv,
+                "locations",
+                _,
+                "deletedvaults",
+                _,
+                "purge",
+            ],
+            &Method::POST,
+        ) if *kv == KV => Ok(respond::empty(
+            p.purge_deleted_vault(caller, segs[1], segs[5], segs[7])
+                .await?,
+        )),
         _ => Err(KvError::new(
             ErrorCode::NotFound,
-            format!("No management API is served at /{}.", kagi_core::ids::printable(&segs.join("/"))),
+            format!(
+                "No management API is served at /{}.",
+                kagi_core::ids::printable(&segs.join("/"))
+            ),
         )),
     }
 }
 
 fn method_not_allowed(m: &Method) -> KvError {
-    KvError::new(ErrorCode::MethodNotAllowed, format!("The method {m} is not allowed on this resource."))
+    KvError::new(
+        ErrorCode::MethodNotAllowed,
+        format!("The method {m} is not allowed on this resource."),
+    )
 }

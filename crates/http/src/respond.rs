@@ -44,34 +44,60 @@ pub(crate) fn query_get<'a>(pairs: &'a [(String, String)], name: &str) -> Option
         .map(|(_, v)| v.as_str())
 }
 
-/// Reads a body up to [`crate::MAX_BODY`], refusing larger ones before reading them whole.
+/// Bytes of an oversized body kagi reads and throws away so that the client, which sends its
+/// whole body before reading the answer, gets the 413 instead of a reset connection.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Reads a body up to [`crate::MAX_BODY`]; a larger one is refused without being kept.
 pub(crate) async fn read_body(
     headers: &axum::http::HeaderMap,
     body: Body,
 ) -> Result<axum::body::Bytes, KvError> {
+    use http_body_util::BodyExt;
     let too_large = || {
         KvError::new(
             kagi_core::ErrorCode::RequestEntityTooLarge,
             format!("The request body is larger than {} bytes.", crate::MAX_BODY),
         )
     };
-    if let Some(len) = headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > crate::MAX_BODY as u64
-    {
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > DRAIN_LIMIT as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, crate::MAX_BODY)
-        .await
-        .map_err(|_| too_large())
+    let mut body = body;
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(KvError::bad_parameter(
+                "The request body could not be read.",
+            ));
+        };
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen > DRAIN_LIMIT {
+                break;
+            }
+            if seen <= crate::MAX_BODY {
+                buf.extend_from_slice(&data);
+            }
+        }
+    }
+    if seen > crate::MAX_BODY {
+        return Err(too_large());
+    }
+    Ok(buf.into())
 }
 
 /// Parses a JSON body into `T`, with Azure's 400 on failure.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, KvError> {
     if bytes.is_empty() {
-        return Err(KvError::bad_parameter("The request body is empty; a JSON object is required."));
+        return Err(KvError::bad_parameter(
+            "The request body is empty; a JSON object is required.",
+        ));
     }
     serde_json::from_slice(bytes).map_err(|e| {
         // serde's message names the field and the expected type; cut it short.
@@ -84,5 +110,7 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result
 pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
 }

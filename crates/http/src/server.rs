@@ -79,22 +79,24 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, platform: Arc
         let platform = platform.clone();
         tokio::spawn(async move {
             // A client that never finishes its handshake does not hold a task forever.
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                let platform = platform.clone();
-                req.extensions_mut().insert(RemoteAddr(peer));
-                async move {
-                    let req = req.map(Body::new);
-                    Ok::<_, std::convert::Infallible>(dispatch(platform, req).await)
-                }
-            });
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let service =
+                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+                    let platform = platform.clone();
+                    req.extensions_mut().insert(RemoteAddr(peer));
+                    async move {
+                        let req = req.map(Body::new);
+                        Ok::<_, std::convert::Infallible>(dispatch(platform, req).await)
+                    }
+                });
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service)
                 .await
@@ -120,7 +122,11 @@ fn request_host(req: &Request<Body>) -> String {
         })
         .unwrap_or_default();
     let host = if raw.starts_with('[') {
-        raw.split(']').next().unwrap_or("").trim_start_matches('[').to_string()
+        raw.split(']')
+            .next()
+            .unwrap_or("")
+            .trim_start_matches('[')
+            .to_string()
     } else {
         raw.split(':').next().unwrap_or("").to_string()
     };
@@ -140,7 +146,10 @@ async fn dispatch(platform: Arc<Platform>, req: Request<Body>) -> axum::http::Re
         }
         _ => crate::respond::error(&kagi_core::KvError::new(
             kagi_core::ErrorCode::NotFound,
-            format!("kagi does not serve the host {}.", kagi_core::ids::printable(&host)),
+            format!(
+                "kagi does not serve the host {}.",
+                kagi_core::ids::printable(&host)
+            ),
         )),
     }
 }

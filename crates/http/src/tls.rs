@@ -94,7 +94,10 @@ impl LocalCa {
         std::fs::create_dir_all(&dir).map_err(|e| TlsError::Io(dir.clone(), e))?;
         let key_path = dir.join("ca-key.sealed");
         let cert_path = dir.join("ca.pem");
-        let (key, cert_pem) = match (std::fs::read(&key_path), std::fs::read_to_string(&cert_path)) {
+        let (key, cert_pem) = match (
+            std::fs::read(&key_path),
+            std::fs::read_to_string(&cert_path),
+        ) {
             (Ok(sealed), Ok(pem)) => {
                 let der = platform
                     .open_platform_secret("tls-ca", &sealed)
@@ -132,7 +135,10 @@ impl LocalCa {
             });
         }
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        dn.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
         p.distinguished_name = dn;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -144,17 +150,17 @@ impl LocalCa {
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let signing = any_supported_type(&der).map_err(cert_err)?;
         Ok(CertifiedKey::new(
-            vec![cert.der().clone(), CertificateDer::from(pem_to_der(&self.cert_pem)?)],
+            vec![
+                cert.der().clone(),
+                CertificateDer::from(pem_to_der(&self.cert_pem)?),
+            ],
             signing,
         ))
     }
 }
 
 fn pem_to_der(pem: &str) -> Result<Vec<u8>, TlsError> {
-    let body: String = pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect();
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
     kagi_core::b64::decode(&body.replace('+', "-").replace('/', "_"))
         .ok_or_else(|| TlsError::Cert("ca.pem is not valid PEM".into()))
 }
@@ -169,7 +175,9 @@ pub struct SniResolver {
 
 impl std::fmt::Debug for SniResolver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SniResolver").field("suffix", &self.suffix).finish_non_exhaustive()
+        f.debug_struct("SniResolver")
+            .field("suffix", &self.suffix)
+            .finish_non_exhaustive()
     }
 }
 

@@ -109,7 +109,12 @@ const LEEWAY: i64 = 60;
 impl TokenIssuer {
     /// An issuer for `authority` (e.g. `https://localhost:8443`) signing with `key` (P-256).
     pub fn new(key: KeyPair, authority: &str) -> Result<Self, TokenError> {
-        let PublicKey::Ec { curve: Curve::P256, x, y } = key.public_key() else {
+        let PublicKey::Ec {
+            curve: Curve::P256,
+            x,
+            y,
+        } = key.public_key()
+        else {
             return Err(TokenError::Malformed);
         };
         // The key id is a digest of the public key, so it changes when the key does.
@@ -175,12 +180,18 @@ impl TokenIssuer {
     }
 
     /// Validates a token for one of `audiences` at `now`.
-    pub fn validate(&self, token: &str, audiences: &[&str], now: i64) -> Result<Claims, TokenError> {
+    pub fn validate(
+        &self,
+        token: &str,
+        audiences: &[&str],
+        now: i64,
+    ) -> Result<Claims, TokenError> {
         if token.len() > 8192 {
             return Err(TokenError::Malformed);
         }
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(TokenError::Malformed);
         };
@@ -242,7 +253,11 @@ pub fn hash_secret(secret: &str) -> Vec<u8> {
 /// Compares a presented secret with a stored hash in constant time.
 pub fn secret_matches(secret: &str, stored_hash: &[u8]) -> bool {
     let h = hash_secret(secret);
-    h.len() == stored_hash.len() && h.iter().zip(stored_hash).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    h.len() == stored_hash.len()
+        && h.iter()
+            .zip(stored_hash)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 #[cfg(test)]
@@ -250,7 +265,11 @@ mod tests {
     use super::*;
 
     fn issuer() -> TokenIssuer {
-        TokenIssuer::new(KeyPair::generate_ec(Curve::P256).unwrap(), "https://localhost:8443/").unwrap()
+        TokenIssuer::new(
+            KeyPair::generate_ec(Curve::P256).unwrap(),
+            "https://localhost:8443/",
+        )
+        .unwrap()
     }
 
     fn principal() -> Principal {
@@ -270,7 +289,10 @@ mod tests {
         let t = i.issue(&principal(), AUD, 1000, 3600, [1; 16]).unwrap();
         let c = i.validate(&t, &[AUD], 1001).unwrap();
         assert_eq!(c.principal(), principal());
-        assert_eq!(c.iss, "https://localhost:8443/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0");
+        assert_eq!(
+            c.iss,
+            "https://localhost:8443/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"
+        );
         // Trailing slash on either side is the same resource.
         assert!(i.validate(&t, &["https://localhost:8443/"], 1001).is_ok());
     }
@@ -279,23 +301,49 @@ mod tests {
     fn refusals() {
         let i = issuer();
         let t = i.issue(&principal(), AUD, 1000, 3600, [1; 16]).unwrap();
-        assert_eq!(i.validate(&t, &["https://other"], 1001), Err(TokenError::WrongAudience));
-        assert_eq!(i.validate(&t, &[AUD], 1000 + 3600 + LEEWAY), Err(TokenError::Expired));
-        assert_eq!(i.validate(&t, &[AUD], 1000 - LEEWAY - 1), Err(TokenError::NotYetValid));
+        assert_eq!(
+            i.validate(&t, &["https://other"], 1001),
+            Err(TokenError::WrongAudience)
+        );
+        assert_eq!(
+            i.validate(&t, &[AUD], 1000 + 3600 + LEEWAY),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            i.validate(&t, &[AUD], 1000 - LEEWAY - 1),
+            Err(TokenError::NotYetValid)
+        );
         // Another issuer's key: bad signature.
         let other = issuer();
-        assert_eq!(other.validate(&t, &[AUD], 1001), Err(TokenError::BadSignature));
+        assert_eq!(
+            other.validate(&t, &[AUD], 1001),
+            Err(TokenError::BadSignature)
+        );
         // Tampered payload.
         let parts: Vec<&str> = t.split('.').collect();
         let mut claims: serde_json::Value =
             serde_json::from_slice(&b64::decode(parts[1]).unwrap()).unwrap();
         claims["oid"] = "99999999-2222-4333-8444-555555555555".into();
-        let forged = format!("{}.{}.{}", parts[0], b64::encode(claims.to_string().as_bytes()), parts[2]);
-        assert_eq!(i.validate(&forged, &[AUD], 1001), Err(TokenError::BadSignature));
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64::encode(claims.to_string().as_bytes()),
+            parts[2]
+        );
+        assert_eq!(
+            i.validate(&forged, &[AUD], 1001),
+            Err(TokenError::BadSignature)
+        );
         // alg=none.
         let none = format!("{}.{}.", b64::encode(br#"{"alg":"none"}"#), parts[1]);
-        assert_eq!(i.validate(&none, &[AUD], 1001), Err(TokenError::BadSignature));
-        assert_eq!(i.validate("garbage", &[AUD], 1001), Err(TokenError::Malformed));
+        assert_eq!(
+            i.validate(&none, &[AUD], 1001),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            i.validate("garbage", &[AUD], 1001),
+            Err(TokenError::Malformed)
+        );
     }
 
     #[test]

@@ -50,7 +50,11 @@ fn check_location(location: &str) -> Result<String, KvError> {
 impl Platform {
     /// Checks that the caller may manage resources in `subscription`. Until role assignments
     /// exist, only the bootstrap administrator of the subscription's tenant may.
-    async fn authorize_arm(&self, caller: &Principal, subscription: &str) -> Result<SubscriptionId, KvError> {
+    async fn authorize_arm(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+    ) -> Result<SubscriptionId, KvError> {
         let sub = SubscriptionId::parse(subscription)?;
         let tenant = self
             .store
@@ -64,7 +68,9 @@ impl Platform {
                 )
                 .with_inner("SubscriptionNotFound")
             })?;
-        if !tenant.eq_ignore_ascii_case(&caller.tenant_id) || caller.object_id != self.admin_object_id {
+        if !tenant.eq_ignore_ascii_case(&caller.tenant_id)
+            || caller.object_id != self.admin_object_id
+        {
             return Err(KvError::forbidden(format!(
                 "The client '{}' with object id '{}' does not have authorization to perform \
                  this action over scope '/subscriptions/{sub}'.",
@@ -110,7 +116,8 @@ impl Platform {
         let name = ResourceGroupName::parse(name)?;
         let location = check_location(&input.location)?;
         let tags = input.tags.unwrap_or_default();
-        kagi_core::key::validate_tags(&tags).map_err(|e| KvError::new(ErrorCode::BadRequest, e.message))?;
+        kagi_core::key::validate_tags(&tags)
+            .map_err(|e| KvError::new(ErrorCode::BadRequest, e.message))?;
         let existing = self
             .store
             .get_resource_group(sub.as_str(), name.as_str())
@@ -128,7 +135,9 @@ impl Platform {
         }
         let record = ResourceGroupRecord {
             subscription_id: sub.to_string(),
-            name: existing.as_ref().map_or_else(|| name.to_string(), |r| r.name.clone()),
+            name: existing
+                .as_ref()
+                .map_or_else(|| name.to_string(), |r| r.name.clone()),
             location,
             tags,
         };
@@ -140,12 +149,21 @@ impl Platform {
     }
 
     /// `GET /subscriptions/{sub}/resourcegroups/{rg}`.
-    pub async fn get_resource_group(&self, caller: &Principal, subscription: &str, name: &str) -> Result<Value, KvError> {
+    pub async fn get_resource_group(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        name: &str,
+    ) -> Result<Value, KvError> {
         let sub = self.authorize_arm(caller, subscription).await?;
         Ok(rg_json(&self.resource_group(&sub, name).await?))
     }
 
-    async fn resource_group(&self, sub: &SubscriptionId, name: &str) -> Result<ResourceGroupRecord, KvError> {
+    async fn resource_group(
+        &self,
+        sub: &SubscriptionId,
+        name: &str,
+    ) -> Result<ResourceGroupRecord, KvError> {
         let name = ResourceGroupName::parse(name)?;
         self.store
             .get_resource_group(sub.as_str(), name.as_str())
@@ -175,7 +193,8 @@ impl Platform {
         let name = VaultName::parse(name)?;
         let props_in = input.properties.unwrap_or_default();
         if let Some(tags) = &input.tags {
-            kagi_core::key::validate_tags(tags).map_err(|e| KvError::new(ErrorCode::BadRequest, e.message))?;
+            kagi_core::key::validate_tags(tags)
+                .map_err(|e| KvError::new(ErrorCode::BadRequest, e.message))?;
         }
         let now = self.clock.now();
         let existing = self.vault_state(&name);
@@ -189,7 +208,10 @@ impl Platform {
         if let Some(mode) = props_in.create_mode.as_deref()
             && !matches!(mode.to_ascii_lowercase().as_str(), "recover" | "default")
         {
-            return Err(KvError::new(ErrorCode::BadRequest, "createMode must be default or recover."));
+            return Err(KvError::new(
+                ErrorCode::BadRequest,
+                "createMode must be default or recover.",
+            ));
         }
 
         if let Some(state) = existing {
@@ -214,7 +236,10 @@ impl Platform {
                 record.deleted_at = None;
                 record.purge_at = None;
                 record.updated = now;
-                self.store.put_vault(&record).await.map_err(|e| internal("recover vault", e))?;
+                self.store
+                    .put_vault(&record)
+                    .await
+                    .map_err(|e| internal("recover vault", e))?;
                 state.set_record(record.clone());
                 tracing::info!(vault = %name, "vault recovered");
                 return Ok((201, self.vault_json(&record)));
@@ -222,18 +247,25 @@ impl Platform {
             if !same_place(&current) {
                 return Err(KvError::new(
                     ErrorCode::VaultAlreadyExists,
-                    format!("The vault name '{name}' is already in use. Vault names are globally unique."),
+                    format!(
+                        "The vault name '{name}' is already in use. Vault names are globally unique."
+                    ),
                 ));
             }
             if recover {
-                return Err(KvError::conflict(format!("Vault '{name}' is not in a deleted state; nothing to recover.")));
+                return Err(KvError::conflict(format!(
+                    "Vault '{name}' is not in a deleted state; nothing to recover."
+                )));
             }
             if let Some(loc) = &input.location
                 && check_location(loc)? != current.location
             {
                 return Err(KvError::new(
                     ErrorCode::BadRequest,
-                    format!("The location of vault '{name}' cannot be changed from '{}'.", current.location),
+                    format!(
+                        "The location of vault '{name}' cannot be changed from '{}'.",
+                        current.location
+                    ),
                 ));
             }
             let _ = patch; // PUT and PATCH both merge: ARM clients resend what they read.
@@ -243,7 +275,10 @@ impl Platform {
                 record.tags = tags;
             }
             record.updated = now;
-            self.store.put_vault(&record).await.map_err(|e| internal("update vault", e))?;
+            self.store
+                .put_vault(&record)
+                .await
+                .map_err(|e| internal("update vault", e))?;
             state.set_record(record.clone());
             tracing::info!(vault = %name, "vault updated");
             return Ok((200, self.vault_json(&record)));
@@ -258,15 +293,18 @@ impl Platform {
         if patch {
             return Err(not_found(
                 ErrorCode::ResourceNotFound,
-                format!("The Resource 'Microsoft.KeyVault/vaults/{name}' under resource group '{}' was not found.", rg.name),
+                format!(
+                    "The Resource 'Microsoft.KeyVault/vaults/{name}' under resource group '{}' was not found.",
+                    rg.name
+                ),
             ));
         }
-        let location = check_location(
-            input
-                .location
-                .as_deref()
-                .ok_or_else(|| KvError::new(ErrorCode::BadRequest, "The property \"location\" is required."))?,
-        )?;
+        let location = check_location(input.location.as_deref().ok_or_else(|| {
+            KvError::new(
+                ErrorCode::BadRequest,
+                "The property \"location\" is required.",
+            )
+        })?)?;
         let record = VaultRecord {
             name: name.clone(),
             subscription_id: sub.to_string(),
@@ -284,7 +322,10 @@ impl Platform {
         {
             let mut map = self.vaults_write();
             if map.contains_key(&name) {
-                return Err(KvError::new(ErrorCode::VaultAlreadyExists, format!("The vault name '{name}' is already in use.")));
+                return Err(KvError::new(
+                    ErrorCode::VaultAlreadyExists,
+                    format!("The vault name '{name}' is already in use."),
+                ));
             }
             map.insert(name.clone(), state.clone());
         }
@@ -299,13 +340,24 @@ impl Platform {
     }
 
     /// `GET` of a vault.
-    pub async fn get_vault(&self, caller: &Principal, subscription: &str, resource_group: &str, name: &str) -> Result<Value, KvError> {
+    pub async fn get_vault(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        resource_group: &str,
+        name: &str,
+    ) -> Result<Value, KvError> {
         let sub = self.authorize_arm(caller, subscription).await?;
         let record = self.vault_in(&sub, resource_group, name)?;
         Ok(self.vault_json(&record))
     }
 
-    fn vault_in(&self, sub: &SubscriptionId, resource_group: &str, name: &str) -> Result<VaultRecord, KvError> {
+    fn vault_in(
+        &self,
+        sub: &SubscriptionId,
+        resource_group: &str,
+        name: &str,
+    ) -> Result<VaultRecord, KvError> {
         let missing = || {
             not_found(
                 ErrorCode::ResourceNotFound,
@@ -328,7 +380,12 @@ impl Platform {
     }
 
     /// Lists live vaults of a subscription, or of one resource group.
-    pub async fn list_vaults(&self, caller: &Principal, subscription: &str, resource_group: Option<&str>) -> Result<Value, KvError> {
+    pub async fn list_vaults(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        resource_group: Option<&str>,
+    ) -> Result<Value, KvError> {
         let sub = self.authorize_arm(caller, subscription).await?;
         if let Some(rg) = resource_group {
             self.resource_group(&sub, rg).await?;
@@ -350,7 +407,13 @@ impl Platform {
 
     /// `DELETE` of a vault: soft delete for its retention period. 200 when deleted, 204 when
     /// there was nothing to delete (ARM's idempotent answer).
-    pub async fn delete_vault(&self, caller: &Principal, subscription: &str, resource_group: &str, name: &str) -> Result<u16, KvError> {
+    pub async fn delete_vault(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        resource_group: &str,
+        name: &str,
+    ) -> Result<u16, KvError> {
         let sub = self.authorize_arm(caller, subscription).await?;
         let Ok(record) = self.vault_in(&sub, resource_group, name) else {
             return Ok(204);
@@ -365,16 +428,24 @@ impl Platform {
         }
         let now = self.clock.now();
         record.deleted_at = Some(now);
-        record.purge_at = Some(now + i64::from(record.properties.soft_delete_retention_in_days) * DAY);
+        record.purge_at =
+            Some(now + i64::from(record.properties.soft_delete_retention_in_days) * DAY);
         record.updated = now;
-        self.store.put_vault(&record).await.map_err(|e| internal("delete vault", e))?;
+        self.store
+            .put_vault(&record)
+            .await
+            .map_err(|e| internal("delete vault", e))?;
         state.set_record(record.clone());
         tracing::info!(vault = %record.name, "vault soft-deleted");
         Ok(200)
     }
 
     /// `GET /subscriptions/{sub}/providers/Microsoft.KeyVault/deletedVaults`.
-    pub async fn list_deleted_vaults(&self, caller: &Principal, subscription: &str) -> Result<Value, KvError> {
+    pub async fn list_deleted_vaults(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+    ) -> Result<Value, KvError> {
         let sub = self.authorize_arm(caller, subscription).await?;
         let mut value: Vec<Value> = self
             .all_vaults()
@@ -387,39 +458,68 @@ impl Platform {
         Ok(json!({ "value": value }))
     }
 
-    fn deleted_vault_in(&self, sub: &SubscriptionId, location: &str, name: &str) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
+    fn deleted_vault_in(
+        &self,
+        sub: &SubscriptionId,
+        location: &str,
+        name: &str,
+    ) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
         let missing = || {
             not_found(
                 ErrorCode::ResourceNotFound,
-                format!("The deleted vault '{}' was not found.", kagi_core::ids::printable(name)),
+                format!(
+                    "The deleted vault '{}' was not found.",
+                    kagi_core::ids::printable(name)
+                ),
             )
         };
         let name = VaultName::parse(name).map_err(|_| missing())?;
         let state = self.vault_state(&name).ok_or_else(missing)?;
         let r = state.record();
-        if r.deleted_at.is_none() || r.subscription_id != sub.as_str() || !r.location.eq_ignore_ascii_case(&location.replace(' ', "")) {
+        if r.deleted_at.is_none()
+            || r.subscription_id != sub.as_str()
+            || !r.location.eq_ignore_ascii_case(&location.replace(' ', ""))
+        {
             return Err(missing());
         }
         Ok((state, r))
     }
 
     /// `GET .../locations/{location}/deletedVaults/{name}`.
-    pub async fn get_deleted_vault(&self, caller: &Principal, subscription: &str, location: &str, name: &str) -> Result<Value, KvError> {
+    pub async fn get_deleted_vault(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        location: &str,
+        name: &str,
+    ) -> Result<Value, KvError> {
         let sub = self.authorize_arm(caller, subscription).await?;
-        Ok(deleted_vault_json(&self.deleted_vault_in(&sub, location, name)?.1))
+        Ok(deleted_vault_json(
+            &self.deleted_vault_in(&sub, location, name)?.1,
+        ))
     }
 
     /// `POST .../locations/{location}/deletedVaults/{name}/purge`; refused under purge
     /// protection until the retention period has ended.
-    pub async fn purge_deleted_vault(&self, caller: &Principal, subscription: &str, location: &str, name: &str) -> Result<u16, KvError> {
+    pub async fn purge_deleted_vault(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        location: &str,
+        name: &str,
+    ) -> Result<u16, KvError> {
         let sub = self.authorize_arm(caller, subscription).await?;
         let (state, _) = self.deleted_vault_in(&sub, location, name)?;
         let _w = state.write.lock().await;
         let r = state.record();
         if r.deleted_at.is_none() {
-            return Err(KvError::conflict(format!("Vault '{}' is not deleted.", r.name)));
+            return Err(KvError::conflict(format!(
+                "Vault '{}' is not deleted.",
+                r.name
+            )));
         }
-        if r.properties.enable_purge_protection && r.purge_at.is_some_and(|t| self.clock.now() < t) {
+        if r.properties.enable_purge_protection && r.purge_at.is_some_and(|t| self.clock.now() < t)
+        {
             return Err(KvError::conflict(format!(
                 "Operation 'purge' is not allowed on vault '{}' because purge protection is \
                  enabled. The vault will be purged automatically on {}.",
@@ -428,7 +528,10 @@ impl Platform {
             ))
             .with_inner("PurgeProtectionEnabled"));
         }
-        self.store.purge_vault(&r.name).await.map_err(|e| internal("purge vault", e))?;
+        self.store
+            .purge_vault(&r.name)
+            .await
+            .map_err(|e| internal("purge vault", e))?;
         self.vaults_write().remove(&r.name);
         tracing::info!(vault = %r.name, "vault purged");
         Ok(200)

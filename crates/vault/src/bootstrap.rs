@@ -121,7 +121,9 @@ impl Platform {
     ) -> Result<(Self, Option<BootstrapAdmin>), StartupError> {
         // A store sealed under another root key would fail on every key: refuse at start.
         let fp = root.fingerprint();
-        let stored = store.put_meta_if_absent("root_key_fingerprint", fp.as_bytes()).await?;
+        let stored = store
+            .put_meta_if_absent("root_key_fingerprint", fp.as_bytes())
+            .await?;
         if stored != fp.as_bytes() {
             return Err(StartupError::RootKey(format!(
                 "this data directory was sealed under root key {} but the loaded root key is {fp}",
@@ -134,7 +136,9 @@ impl Platform {
                 .and_then(|k| k.to_pkcs8())
                 .and_then(|der| root.seal(SealPurpose::Token, b"kagi/v1/token-signing", &der))
                 .map_err(|e| StartupError::RootKey(e.to_string()))?;
-            let sealed = store.put_meta_if_absent("token_signing_key", &fresh).await?;
+            let sealed = store
+                .put_meta_if_absent("token_signing_key", &fresh)
+                .await?;
             let der = root
                 .open(SealPurpose::Token, b"kagi/v1/token-signing", &sealed)
                 .map_err(|e| StartupError::RootKey(e.to_string()))?;
@@ -196,7 +200,10 @@ async fn ensure_bootstrap_admin(
     let path = config.data_dir.join("bootstrap-admin.json");
     let (creds, created) = match std::fs::read(&path) {
         Ok(bytes) => {
-            let mode = std::fs::metadata(&path).map_err(io(&path))?.permissions().mode();
+            let mode = std::fs::metadata(&path)
+                .map_err(io(&path))?
+                .permissions()
+                .mode();
             if mode & 0o077 != 0 {
                 return Err(StartupError::Corrupt(format!(
                     "{} is readable by other users (mode {:o}); run: chmod 600 {}",
@@ -220,7 +227,8 @@ async fn ensure_bootstrap_admin(
                 client_secret: secret,
                 authority: config.authority(),
             };
-            let json = serde_json::to_vec_pretty(&creds).map_err(|e| StartupError::Corrupt(e.to_string()))?;
+            let json = serde_json::to_vec_pretty(&creds)
+                .map_err(|e| StartupError::Corrupt(e.to_string()))?;
             write_private_file(&path, &json)?;
             (creds, true)
         }
@@ -254,7 +262,8 @@ async fn ensure_bootstrap_admin(
     let mut creds = creds;
     if creds.authority != config.authority() {
         creds.authority = config.authority();
-        let json = serde_json::to_vec_pretty(&creds).map_err(|e| StartupError::Corrupt(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&creds).map_err(|e| StartupError::Corrupt(e.to_string()))?;
         write_private_file(&path, &json)?;
     }
     Ok((principal, created.then_some(creds)))

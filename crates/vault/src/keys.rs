@@ -62,7 +62,10 @@ fn random_version() -> Result<KeyVersion, KvError> {
 
 fn public_jwk(p: &PublicKey) -> PublicJwk {
     match p {
-        PublicKey::Rsa { n, e } => PublicJwk::Rsa { n: n.clone(), e: e.clone() },
+        PublicKey::Rsa { n, e } => PublicJwk::Rsa {
+            n: n.clone(),
+            e: e.clone(),
+        },
         PublicKey::Ec { curve, x, y } => PublicJwk::Ec {
             crv: curve.jwk_name().to_string(),
             x: x.clone(),
@@ -146,6 +149,15 @@ impl Drop for BackupVersion {
     }
 }
 
+/// A key version about to be added.
+struct NewVersion {
+    key: KeyPair,
+    kty: KeyType,
+    key_ops: Vec<KeyOperation>,
+    attributes: KeyAttributes,
+    tags: kagi_core::key::Tags,
+}
+
 /// Magic prefix of key backup blobs, so a wrong blob is told apart from a damaged one.
 const BACKUP_MAGIC: &[u8] = b"KAGI-KEY-BACKUP\x01";
 const BACKUP_AAD: &[u8] = b"kagi/v1/key-backup";
@@ -214,9 +226,8 @@ impl Platform {
         vault: &str,
         action: DataAction,
     ) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
-        let name = VaultName::parse(vault).map_err(|_| {
-            KvError::new(ErrorCode::VaultNotFound, "The vault was not found.")
-        })?;
+        let name = VaultName::parse(vault)
+            .map_err(|_| KvError::new(ErrorCode::VaultNotFound, "The vault was not found."))?;
         let state = self.live_vault(&name)?;
         let record = state.record();
         self.authorize(caller, &record, action)?;
@@ -237,10 +248,7 @@ impl Platform {
         }
     }
 
-    fn pick_version(
-        k: &KeyEntry,
-        version: Option<&str>,
-    ) -> Result<Arc<VersionEntry>, KvError> {
+    fn pick_version(k: &KeyEntry, version: Option<&str>) -> Result<Arc<VersionEntry>, KvError> {
         match version.filter(|v| !v.is_empty()) {
             None => k.latest().cloned(),
             Some(v) => {
@@ -257,12 +265,15 @@ impl Platform {
         state: &VaultState,
         record: &VaultRecord,
         name: &ObjectName,
-        key: KeyPair,
-        kty: KeyType,
-        key_ops: Vec<KeyOperation>,
-        attributes: KeyAttributes,
-        tags: kagi_core::key::Tags,
+        new: NewVersion,
     ) -> Result<Value, KvError> {
+        let NewVersion {
+            key,
+            kty,
+            key_ops,
+            attributes,
+            tags,
+        } = new;
         let version = random_version()?;
         let der = key.to_pkcs8().map_err(crypto_error)?;
         let sealed = self
@@ -303,7 +314,9 @@ impl Platform {
             .await
             .map_err(|e| store_error("add key version", e))?;
         let entry = Arc::new(VersionEntry::with_material(rec, Arc::new(key)));
-        let display_name = existing.as_ref().map_or_else(|| name.clone(), |k| k.name.clone());
+        let display_name = existing
+            .as_ref()
+            .map_or_else(|| name.clone(), |k| k.name.clone());
         {
             let mut keys = state.keys_mut();
             let k = keys.entry(name.folded()).or_insert_with(|| KeyEntry {
@@ -326,7 +339,8 @@ impl Platform {
         name: &str,
         params: KeyCreateParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Create))?;
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Create))?;
         let name = ObjectName::parse(name)?;
         let kty = KeyType::parse(&params.kty)?;
         if kty.is_hsm() && !record.properties.allows_hsm() {
@@ -377,7 +391,9 @@ impl Platform {
                 .map_err(crypto_error)?
         } else {
             if params.key_size.is_some_and(|s| s != 0) && params.crv.is_none() {
-                return Err(KvError::bad_parameter("key_size is not valid for EC keys; use crv."));
+                return Err(KvError::bad_parameter(
+                    "key_size is not valid for EC keys; use crv.",
+                ));
             }
             let crv = params.crv.as_deref().unwrap_or("P-256");
             let curve = Curve::from_jwk_name(crv).ok_or_else(|| {
@@ -389,8 +405,19 @@ impl Platform {
             })?;
             KeyPair::generate_ec(curve).map_err(crypto_error)?
         };
-        self.add_version(&state, &record, &name, key, kty, key_ops, attributes, tags)
-            .await
+        self.add_version(
+            &state,
+            &record,
+            &name,
+            NewVersion {
+                key,
+                kty,
+                key_ops,
+                attributes,
+                tags,
+            },
+        )
+        .await
     }
 
     /// `PUT /keys/{name}`: import a JWK with private material.
@@ -401,17 +428,18 @@ impl Platform {
         name: &str,
         params: KeyImportParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Import))?;
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Import))?;
         let name = ObjectName::parse(name)?;
         check_release_policy(&params.release_policy)?;
         let jwk = &params.key;
         let kty = KeyType::parse(jwk.kty.as_deref().unwrap_or(""))?;
         let kty = kty.with_hsm(kty.is_hsm() || params.hsm == Some(true));
         if kty.is_hsm() && !record.properties.allows_hsm() {
-            return Err(KvError::bad_parameter(
-                "HSM-protected keys need a premium vault.",
-            )
-            .with_inner("KeyTypeNotSupported"));
+            return Err(
+                KvError::bad_parameter("HSM-protected keys need a premium vault.")
+                    .with_inner("KeyTypeNotSupported"),
+            );
         }
         if jwk.key_hsm.is_some() {
             return Err(KvError::bad_parameter(
@@ -452,8 +480,19 @@ impl Platform {
         let tags = params.tags.clone().unwrap_or_default();
         validate_tags(&tags)?;
         let attributes = new_attributes(params.attributes.clone(), self.clock.now())?;
-        self.add_version(&state, &record, &name, key, kty, key_ops, attributes, tags)
-            .await
+        self.add_version(
+            &state,
+            &record,
+            &name,
+            NewVersion {
+                key,
+                kty,
+                key_ops,
+                attributes,
+                tags,
+            },
+        )
+        .await
     }
 
     /// `GET /keys/{name}/{version?}`.
@@ -480,7 +519,8 @@ impl Platform {
         version: Option<&str>,
         params: KeyUpdateParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Update))?;
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Update))?;
         let name = ObjectName::parse(name)?;
         check_release_policy(&params.release_policy)?;
         let _w = state.write.lock().await;
@@ -526,7 +566,14 @@ impl Platform {
         Ok(self.view(&record).bundle(k.name.as_str(), &updated))
     }
 
-    fn next_link(&self, record: &VaultRecord, path: &str, q: &ListQuery, token: Option<String>, size: usize) -> Value {
+    fn next_link(
+        &self,
+        record: &VaultRecord,
+        path: &str,
+        q: &ListQuery,
+        token: Option<String>,
+        size: usize,
+    ) -> Value {
         match token {
             Some(t) => json!(format!(
                 "{}{path}?api-version={}&$skiptoken={t}&maxresults={size}",
@@ -538,11 +585,26 @@ impl Platform {
     }
 
     /// `GET /keys`.
-    pub fn list_keys(&self, caller: &Principal, vault: &str, q: &ListQuery) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::List))?;
+    pub fn list_keys(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        q: &ListQuery,
+    ) -> Result<Value, KvError> {
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::List))?;
         let size = paging::page_size(q.maxresults.as_deref())?;
-        let after = q.skiptoken.as_deref().map(paging::parse_skip_token).transpose()?;
-        let live: Vec<KeyEntry> = state.keys().values().filter(|k| k.deleted_at.is_none()).cloned().collect();
+        let after = q
+            .skiptoken
+            .as_deref()
+            .map(paging::parse_skip_token)
+            .transpose()?;
+        let live: Vec<KeyEntry> = state
+            .keys()
+            .values()
+            .filter(|k| k.deleted_at.is_none())
+            .cloned()
+            .collect();
         let (page, token) = paging::page(live, |k| k.name.folded(), after.as_deref(), size);
         let view = self.view(&record);
         Ok(json!({
@@ -552,13 +614,29 @@ impl Platform {
     }
 
     /// `GET /keys/{name}/versions`.
-    pub fn list_key_versions(&self, caller: &Principal, vault: &str, name: &str, q: &ListQuery) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::List))?;
+    pub fn list_key_versions(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+        q: &ListQuery,
+    ) -> Result<Value, KvError> {
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::List))?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let size = paging::page_size(q.maxresults.as_deref())?;
-        let after = q.skiptoken.as_deref().map(paging::parse_skip_token).transpose()?;
-        let (page, token) = paging::page(k.versions.clone(), |v| v.version.to_string(), after.as_deref(), size);
+        let after = q
+            .skiptoken
+            .as_deref()
+            .map(paging::parse_skip_token)
+            .transpose()?;
+        let (page, token) = paging::page(
+            k.versions.clone(),
+            |v| v.version.to_string(),
+            after.as_deref(),
+            size,
+        );
         let view = self.view(&record);
         Ok(json!({
             "value": page.iter().map(|v| view.version_item(k.name.as_str(), v)).collect::<Vec<_>>(),
@@ -567,8 +645,14 @@ impl Platform {
     }
 
     /// `DELETE /keys/{name}`: soft delete of every version.
-    pub async fn delete_key(&self, caller: &Principal, vault: &str, name: &str) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Delete))?;
+    pub async fn delete_key(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+    ) -> Result<Value, KvError> {
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Delete))?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let k = Self::live_key(&state, &name)?;
@@ -594,7 +678,12 @@ impl Platform {
     }
 
     /// `GET /deletedkeys/{name}`.
-    pub fn get_deleted_key(&self, caller: &Principal, vault: &str, name: &str) -> Result<Value, KvError> {
+    pub fn get_deleted_key(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+    ) -> Result<Value, KvError> {
         let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Get))?;
         let name = ObjectName::parse(name)?;
         let k = Self::deleted_key(&state, &name)?;
@@ -602,11 +691,26 @@ impl Platform {
     }
 
     /// `GET /deletedkeys`.
-    pub fn list_deleted_keys(&self, caller: &Principal, vault: &str, q: &ListQuery) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::List))?;
+    pub fn list_deleted_keys(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        q: &ListQuery,
+    ) -> Result<Value, KvError> {
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::List))?;
         let size = paging::page_size(q.maxresults.as_deref())?;
-        let after = q.skiptoken.as_deref().map(paging::parse_skip_token).transpose()?;
-        let deleted: Vec<KeyEntry> = state.keys().values().filter(|k| k.deleted_at.is_some()).cloned().collect();
+        let after = q
+            .skiptoken
+            .as_deref()
+            .map(paging::parse_skip_token)
+            .transpose()?;
+        let deleted: Vec<KeyEntry> = state
+            .keys()
+            .values()
+            .filter(|k| k.deleted_at.is_some())
+            .cloned()
+            .collect();
         let (page, token) = paging::page(deleted, |k| k.name.folded(), after.as_deref(), size);
         let view = self.view(&record);
         Ok(json!({
@@ -616,8 +720,14 @@ impl Platform {
     }
 
     /// `POST /deletedkeys/{name}/recover`.
-    pub async fn recover_deleted_key(&self, caller: &Principal, vault: &str, name: &str) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Recover))?;
+    pub async fn recover_deleted_key(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+    ) -> Result<Value, KvError> {
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Recover))?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let mut k = Self::deleted_key(&state, &name)?;
@@ -629,13 +739,21 @@ impl Platform {
         k.purge_at = None;
         state.keys_mut().insert(name.folded(), k.clone());
         tracing::info!(vault = %record.name, key = %k.name, "key recovered");
-        let latest = k.latest().ok_or_else(|| internal("recover", "key without versions"))?;
+        let latest = k
+            .latest()
+            .ok_or_else(|| internal("recover", "key without versions"))?;
         Ok(self.view(&record).bundle(k.name.as_str(), latest))
     }
 
     /// `DELETE /deletedkeys/{name}`: refused while purge protection holds.
-    pub async fn purge_deleted_key(&self, caller: &Principal, vault: &str, name: &str) -> Result<(), KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Purge))?;
+    pub async fn purge_deleted_key(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+    ) -> Result<(), KvError> {
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Purge))?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let k = Self::deleted_key(&state, &name)?;
@@ -660,7 +778,11 @@ impl Platform {
     }
 
     /// Purges the vault's deleted keys whose retention has ended.
-    pub(crate) async fn purge_expired_keys(&self, state: &VaultState, now: i64) -> Result<usize, KvError> {
+    pub(crate) async fn purge_expired_keys(
+        &self,
+        state: &VaultState,
+        now: i64,
+    ) -> Result<usize, KvError> {
         let record = state.record();
         let due: Vec<ObjectName> = state
             .keys()
@@ -682,15 +804,25 @@ impl Platform {
 
     /// `POST /keys/{name}/backup`: every version, sealed so that only a kagi holding the same
     /// root key can restore it.
-    pub fn backup_key(&self, caller: &Principal, vault: &str, name: &str) -> Result<BackupBlob, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Backup))?;
+    pub fn backup_key(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+    ) -> Result<BackupBlob, KvError> {
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Backup))?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let mut versions = Vec::with_capacity(k.versions.len());
         for v in &k.versions {
             let der = self
                 .root
-                .open(SealPurpose::PrivateKey, &private_key_aad(&record.name, &name, &v.version), &v.sealed_private)
+                .open(
+                    SealPurpose::PrivateKey,
+                    &private_key_aad(&record.name, &name, &v.version),
+                    &v.sealed_private,
+                )
                 .map_err(|e| internal("unseal for backup", e))?;
             versions.push(BackupVersion {
                 version: v.version.to_string(),
@@ -700,8 +832,12 @@ impl Platform {
             });
         }
         let payload = zeroize::Zeroizing::new(
-            serde_json::to_vec(&BackupPayload { format: 1, name: k.name.to_string(), versions })
-                .map_err(|e| internal("backup encode", e))?,
+            serde_json::to_vec(&BackupPayload {
+                format: 1,
+                name: k.name.to_string(),
+                versions,
+            })
+            .map_err(|e| internal("backup encode", e))?,
         );
         let sealed = self
             .root
@@ -714,9 +850,18 @@ impl Platform {
     }
 
     /// `POST /keys/restore`.
-    pub async fn restore_key(&self, caller: &Principal, vault: &str, blob: BackupBlob) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Restore))?;
-        let invalid = || KvError::bad_parameter("Backup blob contains invalid or corrupt version.").with_inner("InvalidBackupBlob");
+    pub async fn restore_key(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        blob: BackupBlob,
+    ) -> Result<Value, KvError> {
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Restore))?;
+        let invalid = || {
+            KvError::bad_parameter("Backup blob contains invalid or corrupt version.")
+                .with_inner("InvalidBackupBlob")
+        };
         let sealed = blob.value.strip_prefix(BACKUP_MAGIC).ok_or_else(invalid)?;
         let payload = self
             .root
@@ -734,14 +879,25 @@ impl Platform {
             let key = KeyPair::from_pkcs8(&v.pkcs8).map_err(|_| invalid())?;
             let sealed = self
                 .root
-                .seal(SealPurpose::PrivateKey, &private_key_aad(&record.name, &name, &version), &v.pkcs8)
+                .seal(
+                    SealPurpose::PrivateKey,
+                    &private_key_aad(&record.name, &name, &version),
+                    &v.pkcs8,
+                )
                 .map_err(|e| internal("seal restored key", e))?;
-            versions.push(KeyVersionRecord { version, seq: v.seq, info: v.info.clone(), sealed_private: sealed });
+            versions.push(KeyVersionRecord {
+                version,
+                seq: v.seq,
+                info: v.info.clone(),
+                sealed_private: sealed,
+            });
             materials.push(Arc::new(key));
         }
         let _w = state.write.lock().await;
         match state.key(&name) {
-            Some(k) if k.deleted_at.is_some() => return Err(KvError::deleted_but_recoverable("Key", name.as_str())),
+            Some(k) if k.deleted_at.is_some() => {
+                return Err(KvError::deleted_but_recoverable("Key", name.as_str()));
+            }
             Some(_) => {
                 return Err(KvError::conflict(format!(
                     "Key {name} already exists in this vault; restore needs a name that is not in use."
@@ -749,11 +905,19 @@ impl Platform {
             }
             None => {}
         }
-        let rec = KeyRecord { name: name.clone(), deleted_at: None, purge_at: None, versions };
-        self.store.insert_key(&record.name, &rec).await.map_err(|e| match e {
-            StoreError::Conflict(m) => KvError::conflict(m),
-            e => store_error("restore key", e),
-        })?;
+        let rec = KeyRecord {
+            name: name.clone(),
+            deleted_at: None,
+            purge_at: None,
+            versions,
+        };
+        self.store
+            .insert_key(&record.name, &rec)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => KvError::conflict(m),
+                e => store_error("restore key", e),
+            })?;
         let entry = KeyEntry {
             name: name.clone(),
             deleted_at: None,
@@ -772,11 +936,19 @@ impl Platform {
     }
 
     /// `POST /keys/{name}/rotate`: a new version like the current one.
-    pub async fn rotate_key(&self, caller: &Principal, vault: &str, name: &str) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Rotate))?;
+    pub async fn rotate_key(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+    ) -> Result<Value, KvError> {
+        let (state, record) =
+            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Rotate))?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
-        let current = k.latest().ok_or_else(|| KvError::key_not_found(name.as_str(), None))?;
+        let current = k
+            .latest()
+            .ok_or_else(|| KvError::key_not_found(name.as_str(), None))?;
         let kty = current.info.kty;
         let key = match &current.info.public {
             PublicJwk::Rsa { n, .. } => {
@@ -788,7 +960,8 @@ impl Platform {
                     .map_err(crypto_error)?
             }
             PublicJwk::Ec { crv, .. } => {
-                let curve = Curve::from_jwk_name(crv).ok_or_else(|| internal("rotate", "stored curve"))?;
+                let curve =
+                    Curve::from_jwk_name(crv).ok_or_else(|| internal("rotate", "stored curve"))?;
                 KeyPair::generate_ec(curve).map_err(crypto_error)?
             }
         };
@@ -801,8 +974,19 @@ impl Platform {
             updated: now,
             exportable: false,
         };
-        self.add_version(&state, &record, &name, key, kty, current.info.key_ops.clone(), attributes, current.info.tags.clone())
-            .await
+        self.add_version(
+            &state,
+            &record,
+            &name,
+            NewVersion {
+                key,
+                kty,
+                key_ops: current.info.key_ops.clone(),
+                attributes,
+                tags: current.info.tags.clone(),
+            },
+        )
+        .await
     }
 
     /// The key version for a cryptographic operation, checked for permission, key_ops and
@@ -852,17 +1036,23 @@ impl Platform {
             ))
         })?;
         if params.iv.is_some() || params.tag.is_some() || params.aad.is_some() {
-            return Err(KvError::bad_parameter("iv, aad and tag apply only to symmetric keys, which kagi does not have."));
+            return Err(KvError::bad_parameter(
+                "iv, aad and tag apply only to symmetric keys, which kagi does not have.",
+            ));
         }
         let (record, name, v) = self.crypto_target(caller, vault, name, version, op)?;
         let out = match op {
             KeyOperation::Encrypt | KeyOperation::WrapKey => {
                 let key = v.key_pair(self.root.as_ref(), &record.name, &name)?;
-                key.public_key().encrypt(alg, &params.value).map_err(crypto_error)?
+                key.public_key()
+                    .encrypt(alg, &params.value)
+                    .map_err(crypto_error)?
             }
             _ => {
                 let key = v.key_pair(self.root.as_ref(), &record.name, &name)?;
-                key.decrypt(alg, &params.value).map_err(crypto_error)?.to_vec()
+                key.decrypt(alg, &params.value)
+                    .map_err(crypto_error)?
+                    .to_vec()
             }
         };
         tracing::debug!(vault = %record.name, key = %name, version = %v.version, op = op.as_str(), "key operation");
@@ -894,8 +1084,16 @@ impl Platform {
     }
 
     /// `POST /keys/{name}/{version?}/sign`.
-    pub fn sign(&self, caller: &Principal, vault: &str, name: &str, version: Option<&str>, params: KeySignParameters) -> Result<Value, KvError> {
-        let (record, name, v) = self.crypto_target(caller, vault, name, version, KeyOperation::Sign)?;
+    pub fn sign(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+        version: Option<&str>,
+        params: KeySignParameters,
+    ) -> Result<Value, KvError> {
+        let (record, name, v) =
+            self.crypto_target(caller, vault, name, version, KeyOperation::Sign)?;
         let alg = Self::signature_alg(&params.alg, &v)?;
         let key = v.key_pair(self.root.as_ref(), &record.name, &name)?;
         let sig = key.sign_digest(alg, &params.value).map_err(crypto_error)?;
@@ -906,8 +1104,16 @@ impl Platform {
     }
 
     /// `POST /keys/{name}/{version?}/verify`.
-    pub fn verify(&self, caller: &Principal, vault: &str, name: &str, version: Option<&str>, params: KeyVerifyParameters) -> Result<Value, KvError> {
-        let (record, name, v) = self.crypto_target(caller, vault, name, version, KeyOperation::Verify)?;
+    pub fn verify(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+        version: Option<&str>,
+        params: KeyVerifyParameters,
+    ) -> Result<Value, KvError> {
+        let (record, name, v) =
+            self.crypto_target(caller, vault, name, version, KeyOperation::Verify)?;
         let alg = Self::signature_alg(&params.alg, &v)?;
         let key = v.key_pair(self.root.as_ref(), &record.name, &name)?;
         let ok = key
@@ -918,12 +1124,18 @@ impl Platform {
     }
 
     /// `POST /rng`.
-    pub fn random(&self, caller: &Principal, vault: &str, params: RandomParameters) -> Result<Value, KvError> {
+    pub fn random(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        params: RandomParameters,
+    ) -> Result<Value, KvError> {
         let (_, _) = self.vault_for(caller, vault, DataAction::Random)?;
         if !(1..=128).contains(&params.count) {
             return Err(KvError::bad_parameter("count must be between 1 and 128."));
         }
-        let bytes = kagi_crypto::random_bytes(params.count as usize).map_err(|e| internal("rng", e))?;
+        let bytes =
+            kagi_crypto::random_bytes(params.count as usize).map_err(|e| internal("rng", e))?;
         Ok(json!({ "value": b64::encode(&bytes) }))
     }
 }

@@ -63,7 +63,13 @@ impl VaultView<'_> {
         key.insert("kty".into(), json!(e.info.kty.as_str()));
         key.insert(
             "key_ops".into(),
-            json!(e.info.key_ops.iter().map(|o| o.as_str()).collect::<Vec<_>>()),
+            json!(
+                e.info
+                    .key_ops
+                    .iter()
+                    .map(|o| o.as_str())
+                    .collect::<Vec<_>>()
+            ),
         );
         match &e.info.public {
             PublicJwk::Rsa { n, e } => {

@@ -39,7 +39,11 @@ pub(crate) struct VersionEntry {
 
 /// The AAD that binds a sealed private key to its place: a sealed blob copied to another
 /// vault, key or version does not open.
-pub(crate) fn private_key_aad(vault: &VaultName, name: &ObjectName, version: &KeyVersion) -> Vec<u8> {
+pub(crate) fn private_key_aad(
+    vault: &VaultName,
+    name: &ObjectName,
+    version: &KeyVersion,
+) -> Vec<u8> {
     format!("kagi/v1/key/{}/{}/{}", vault, name.folded(), version).into_bytes()
 }
 
@@ -92,7 +96,9 @@ impl VersionEntry {
                 &self.sealed_private,
             )
             .map_err(|e| crate::internal("unseal private key", e))?;
-        let key = Arc::new(KeyPair::from_pkcs8(&der).map_err(|e| crate::internal("parse private key", e))?);
+        let key = Arc::new(
+            KeyPair::from_pkcs8(&der).map_err(|e| crate::internal("parse private key", e))?,
+        );
         Ok(self.material.get_or_init(|| key).clone())
     }
 }
@@ -103,7 +109,11 @@ impl KeyEntry {
             name: r.name,
             deleted_at: r.deleted_at,
             purge_at: r.purge_at,
-            versions: r.versions.into_iter().map(|v| Arc::new(VersionEntry::new(v))).collect(),
+            versions: r
+                .versions
+                .into_iter()
+                .map(|v| Arc::new(VersionEntry::new(v)))
+                .collect(),
         }
     }
 
@@ -131,7 +141,10 @@ impl VaultState {
 
     /// A snapshot of the vault record.
     pub(crate) fn record(&self) -> VaultRecord {
-        self.record.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.record
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub(crate) fn set_record(&self, r: VaultRecord) {

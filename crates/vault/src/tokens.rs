@@ -67,7 +67,12 @@ impl Platform {
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "token request: store failure");
-                refuse(500, "temporarily_unavailable", 90033, "A transient error occurred.")
+                refuse(
+                    500,
+                    "temporarily_unavailable",
+                    90033,
+                    "A transient error occurred.",
+                )
             })?;
         let Some(record) = record else {
             return Err(refuse(
@@ -104,15 +109,33 @@ impl Platform {
         )
     }
 
-    fn issue(&self, principal: &Principal, audience: &str) -> Result<TokenGrant, TokenRequestError> {
+    fn issue(
+        &self,
+        principal: &Principal,
+        audience: &str,
+    ) -> Result<TokenGrant, TokenRequestError> {
         let id = kagi_crypto::random_bytes(16)
             .ok()
             .and_then(|b| <[u8; 16]>::try_from(b).ok())
-            .ok_or_else(|| refuse(500, "temporarily_unavailable", 90033, "A transient error occurred."))?;
+            .ok_or_else(|| {
+                refuse(
+                    500,
+                    "temporarily_unavailable",
+                    90033,
+                    "A transient error occurred.",
+                )
+            })?;
         let token = self
             .issuer
             .issue(principal, audience, self.clock.now(), TOKEN_LIFETIME, id)
-            .map_err(|_| refuse(500, "temporarily_unavailable", 90033, "A transient error occurred."))?;
+            .map_err(|_| {
+                refuse(
+                    500,
+                    "temporarily_unavailable",
+                    90033,
+                    "A transient error occurred.",
+                )
+            })?;
         Ok(TokenGrant {
             token_type: "Bearer",
             expires_in: TOKEN_LIFETIME - 1,
@@ -125,17 +148,19 @@ impl Platform {
     fn audience_for_scope(&self, scope: &str) -> Result<String, TokenRequestError> {
         let authority = self.config.authority();
         for s in scope.split(' ').filter(|s| !s.is_empty()) {
-            if let Some(resource) = s.strip_suffix("/.default") {
-                if resource.trim_end_matches('/') == authority {
-                    return Ok(resource.to_string());
-                }
+            if let Some(resource) = s.strip_suffix("/.default")
+                && resource.trim_end_matches('/') == authority
+            {
+                return Ok(resource.to_string());
             }
         }
         Err(refuse(
             400,
             "invalid_scope",
             500011,
-            &format!("The resource principal was not found. kagi issues tokens for the scope {authority}/.default."),
+            &format!(
+                "The resource principal was not found. kagi issues tokens for the scope {authority}/.default."
+            ),
         ))
     }
 

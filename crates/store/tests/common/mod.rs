@@ -1,5 +1,5 @@
 // Shared fixtures for the store's integration tests.
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, clippy::unwrap_used)]
 
 use kagi_core::key::{KeyAttributes, KeyOperation, KeyType, KeyVersionInfo, PublicJwk};
 use kagi_core::vault::{VaultProperties, VaultPropertiesInput};

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what kagi and its tests need on a Debian machine. Idempotent; quiet when all is there.
+set -euo pipefail
+
+need_apt=()
+# `*.localhost` vault hosts must resolve (to loopback) for the Azure SDK and tools.
+getent hosts probe.localhost >/dev/null 2>&1 || need_apt+=(libnss-myhostname)
+command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+
+if ((${#need_apt[@]})); then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${need_apt[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo is missing: install Rust (https://rustup.rs), then run this again." >&2
+  exit 1
+fi
+getent hosts probe.localhost >/dev/null 2>&1 || {
+  echo "setup: *.localhost still does not resolve; add 'myhostname' to the hosts line of /etc/nsswitch.conf" >&2
+  exit 1
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test: Rust unit and integration tests, then the Azure SDK conformance suite
+# against a real `kagi server` (installs the Python venv with the Azure SDK on first run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo build -q --workspace --all-targets
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test -q --workspace --no-fail-fast
+fi
+KAGI_BIN="$PWD/target/debug/kagi" tests/conformance/run.sh "$@"
