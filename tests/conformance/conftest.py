@@ -146,7 +146,10 @@ def parse_challenge(header: str) -> tuple:
 class KagiServer:
     """A `kagi server` child process bound to one data dir and one port."""
 
-    def __init__(self, data_dir: Path, log_path: Path, port: Optional[int] = None):
+    def __init__(
+        self, data_dir: Path, log_path: Path, port: Optional[int] = None, extra_args: Optional[List[str]] = None
+    ):
+        self.extra_args: List[str] = list(extra_args or [])  # e.g. ["--test-clock"]
         self.data_dir = Path(data_dir)
         self.log_path = Path(log_path)
         self.port = port or free_port()
@@ -191,7 +194,15 @@ class KagiServer:
 
     # -- lifecycle -------------------------------------------------------------------------
     def command(self) -> List[str]:
-        return [str(KAGI_BIN), "server", "--data-dir", str(self.data_dir), "--listen", f"localhost:{self.port}"]
+        return [
+            str(KAGI_BIN),
+            "server",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            f"localhost:{self.port}",
+            *self.extra_args,
+        ]
 
     def start(self, timeout: float = STARTUP_TIMEOUT) -> "KagiServer":
         if not KAGI_BIN.exists():
@@ -308,6 +319,11 @@ class KagiServer:
         from azure.keyvault.keys import KeyClient
 
         return KeyClient(vault_url, credential or self.credential, **self.client_kwargs(**kwargs))
+
+    def secret_client(self, vault_url: str, credential=None, **kwargs):
+        from azure.keyvault.secrets import SecretClient
+
+        return SecretClient(vault_url, credential or self.credential, **self.client_kwargs(**kwargs))
 
     def crypto_client(self, key, credential=None, **kwargs):
         from azure.keyvault.keys.crypto import CryptographyClient
@@ -440,8 +456,8 @@ class Vault:
 # --------------------------------------------------------------------------------------------
 
 
-def _start_server(tmp_dir: Path, name: str) -> KagiServer:
-    srv = KagiServer(tmp_dir / f"{name}-data", tmp_dir / f"{name}.log")
+def _start_server(tmp_dir: Path, name: str, extra_args: Optional[List[str]] = None) -> KagiServer:
+    srv = KagiServer(tmp_dir / f"{name}-data", tmp_dir / f"{name}.log", extra_args=extra_args)
     srv.start()
     return srv
 
@@ -501,13 +517,24 @@ def private_kagi(tmp_path) -> KagiServer:
         srv.stop()
 
 
+@pytest.fixture
+def clock_kagi(tmp_path) -> KagiServer:
+    """A private server started with --test-clock (POST /kagi/test/clock moves its time)."""
+    srv = _start_server(tmp_path, "clock", extra_args=["--test-clock"])
+    try:
+        srv.put_rg(DEFAULT_RG)
+        yield srv
+    finally:
+        srv.stop()
+
+
 @pytest.fixture(autouse=True)
 def _dump_server_log_on_failure(request):
     """Print the server log tail when a test fails (helps when the server 500s or panics)."""
     yield
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
-        for fixture_name in ("kagi", "private_kagi"):
+        for fixture_name in ("kagi", "private_kagi", "clock_kagi"):
             if fixture_name in request.fixturenames:
                 try:
                     srv = request.getfixturevalue(fixture_name)

@@ -5,6 +5,7 @@
 mod bench;
 mod client;
 mod commands;
+mod identity;
 
 use std::path::PathBuf;
 
@@ -47,9 +48,23 @@ enum Command {
         /// DNS suffix of vault hosts (`{vault}.{suffix}`).
         #[arg(long, env = "KAGI_DNS_SUFFIX", default_value = "localhost")]
         dns_suffix: String,
+        /// FOR TESTS ONLY: run on a clock that starts at the system time and that the bootstrap
+        /// administrator can move forward with `POST /kagi/test/clock {"advanceSeconds": N}`.
+        #[arg(
+            long,
+            env = "KAGI_TEST_CLOCK",
+            value_parser = clap::builder::BoolishValueParser::new()
+        )]
+        test_clock: bool,
     },
     /// Manage key vaults and their keys.
     Keyvault(commands::KeyvaultArgs),
+    /// Principals, managed identities and workload bindings.
+    Identity(identity::IdentityArgs),
+    /// Role definitions and assignments (vaults with RBAC).
+    Role(identity::RoleArgs),
+    /// Management locks.
+    Lock(identity::LockArgs),
     /// Measure wrapKey/unwrapKey throughput of a running server over HTTPS.
     Bench(bench::BenchArgs),
 }
@@ -68,12 +83,26 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Server { listen, dns_suffix } => {
-                run_server(cli.data_dir, listen, dns_suffix).await
-            }
+            Command::Server {
+                listen,
+                dns_suffix,
+                test_clock,
+            } => run_server(cli.data_dir, listen, dns_suffix, test_clock).await,
             Command::Keyvault(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 commands::keyvault(&ctx, args).await
+            }
+            Command::Identity(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                identity::identity(&ctx, args).await
+            }
+            Command::Role(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                identity::role(&ctx, args).await
+            }
+            Command::Lock(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                identity::lock(&ctx, args).await
             }
             Command::Bench(args) => bench::run(&cli.server, &cli.data_dir, args).await,
         }
@@ -115,7 +144,12 @@ fn listen_addrs(listen: &str) -> anyhow::Result<(Vec<std::net::SocketAddr>, u16)
     Ok((addrs, port))
 }
 
-async fn run_server(data_dir: PathBuf, listen: String, dns_suffix: String) -> anyhow::Result<()> {
+async fn run_server(
+    data_dir: PathBuf,
+    listen: String,
+    dns_suffix: String,
+    test_clock: bool,
+) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KAGI_LOG")
@@ -129,9 +163,15 @@ async fn run_server(data_dir: PathBuf, listen: String, dns_suffix: String) -> an
         dns_suffix: dns_suffix.to_ascii_lowercase(),
         port,
     };
-    let (platform, created_admin) =
+    let (platform, created_admin) = if test_clock {
+        let clock = std::sync::Arc::new(kagi_core::time::TestClock::new());
+        let (p, admin) = kagi_vault::Platform::open(config, clock.clone()).await?;
+        tracing::warn!("test clock enabled: POST /kagi/test/clock moves time forward");
+        (p.with_test_clock(clock), admin)
+    } else {
         kagi_vault::Platform::open(config, std::sync::Arc::new(kagi_core::time::SystemClock))
-            .await?;
+            .await?
+    };
     let platform = std::sync::Arc::new(platform);
     let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
     let ca_path = std::fs::canonicalize(&ca.cert_path).unwrap_or(ca.cert_path.clone());

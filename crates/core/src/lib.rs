@@ -12,6 +12,8 @@ pub mod error;
 pub mod ids;
 pub mod key;
 pub mod paging;
+pub mod rbac;
+pub mod secret;
 pub mod time;
 pub mod vault;
 

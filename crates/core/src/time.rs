@@ -19,6 +19,48 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock for tests (`kagi server --test-clock`): the system time plus an offset that only
+/// moves forward, so everything time-dependent (nbf, exp, token lifetimes, soft-delete
+/// retention, purge dates) can be fast-forwarded without waiting.
+#[derive(Debug, Default)]
+pub struct TestClock {
+    offset: std::sync::atomic::AtomicI64,
+}
+
+/// The furthest a test clock may be moved in one step: 100 years.
+pub const MAX_TEST_CLOCK_ADVANCE: i64 = 100 * 365 * DAY;
+
+impl TestClock {
+    /// A test clock showing the system time.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Moves the clock forward by `secs` (0 to [`MAX_TEST_CLOCK_ADVANCE`]) and returns the new
+    /// time. `None` when `secs` is out of range or the offset would overflow.
+    pub fn advance(&self, secs: i64) -> Option<i64> {
+        if !(0..=MAX_TEST_CLOCK_ADVANCE).contains(&secs) {
+            return None;
+        }
+        use std::sync::atomic::Ordering;
+        self.offset
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |o| o.checked_add(secs))
+            .ok()?;
+        Some(self.now())
+    }
+
+    /// The seconds added to the system time so far.
+    pub fn offset(&self) -> i64 {
+        self.offset.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> i64 {
+        SystemClock.now().saturating_add(self.offset())
+    }
+}
+
 /// Formats Unix seconds as RFC 3339 UTC (`2026-11-24T09:00:00Z`), as ARM writes dates.
 pub fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
@@ -38,5 +80,19 @@ mod tests {
     #[test]
     fn formats() {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn test_clock_moves_forward_only() {
+        use super::{Clock, MAX_TEST_CLOCK_ADVANCE, SystemClock, TestClock};
+        let c = TestClock::new();
+        let before = SystemClock.now();
+        let now = c.advance(3600).unwrap();
+        assert!(now >= before + 3600 && now <= SystemClock.now() + 3600);
+        assert_eq!(c.offset(), 3600);
+        assert!(c.advance(-1).is_none());
+        assert!(c.advance(MAX_TEST_CLOCK_ADVANCE + 1).is_none());
+        assert!(c.advance(0).is_some());
+        assert_eq!(c.offset(), 3600);
     }
 }

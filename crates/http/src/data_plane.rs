@@ -36,10 +36,15 @@ pub(crate) async fn handle(
             &KvError::unauthorized("AKV10000: Request is missing a Bearer or PoP token."),
         );
     };
-    let caller = match platform.authenticate(token) {
+    let mut caller = match platform.authenticate(token) {
         Ok(p) => p,
         Err(e) => return challenge(&platform, &vault, &e),
     };
+    // The firewall decides on the connection's address, never on a header a client can set.
+    caller.network_address = parts
+        .extensions
+        .get::<crate::RemoteAddr>()
+        .map(|r| r.0.ip().to_canonical());
     let pairs = query_pairs(parts.uri.query());
     let api_version = query_get(&pairs, "api-version");
     if let Err(e) = kagi_core::api_version::check_data_plane(api_version) {
@@ -153,6 +158,55 @@ async fn route(
             ok(p.recover_deleted_key(caller, vault, segs[1]).await?)
         }
         (["rng"], &Method::POST) => ok(p.random(caller, vault, parse_json(body)?)?),
+        // --- secrets ---
+        (["secrets"] | ["secrets", ""], &Method::GET) => ok(p.list_secrets(caller, vault, list)?),
+        (["secrets", "restore"], &Method::POST) => {
+            ok(p.restore_secret(caller, vault, parse_json(body)?).await?)
+        }
+        (["secrets", _], &Method::PUT) => ok(p
+            .set_secret(caller, vault, segs[1], parse_json(body)?)
+            .await?),
+        (["secrets", _], &Method::DELETE) => ok(p.delete_secret(caller, vault, segs[1]).await?),
+        (["secrets", _] | ["secrets", _, ""], &Method::GET) => {
+            ok(p.get_secret(caller, vault, segs[1], None)?)
+        }
+        (["secrets", _] | ["secrets", _, ""], &Method::PATCH) => ok(p
+            .update_secret(caller, vault, segs[1], None, parse_json(body)?)
+            .await?),
+        (["secrets", _, "versions"], &Method::GET) => {
+            ok(p.list_secret_versions(caller, vault, segs[1], list)?)
+        }
+        (["secrets", _, "backup"], &Method::POST) => Ok(respond::json(
+            200,
+            &p.backup_secret(caller, vault, segs[1])?,
+        )),
+        (["secrets", _, _], &Method::GET) => {
+            ok(p.get_secret(caller, vault, segs[1], Some(segs[2]))?)
+        }
+        (["secrets", _, _], &Method::PATCH) => ok(p
+            .update_secret(caller, vault, segs[1], Some(segs[2]), parse_json(body)?)
+            .await?),
+        (["deletedsecrets"] | ["deletedsecrets", ""], &Method::GET) => {
+            ok(p.list_deleted_secrets(caller, vault, list)?)
+        }
+        (["deletedsecrets", _], &Method::GET) => ok(p.get_deleted_secret(caller, vault, segs[1])?),
+        (["deletedsecrets", _], &Method::DELETE) => {
+            p.purge_deleted_secret(caller, vault, segs[1]).await?;
+            Ok(respond::empty(204))
+        }
+        (["deletedsecrets", _, "recover"], &Method::POST) => {
+            ok(p.recover_deleted_secret(caller, vault, segs[1]).await?)
+        }
+        (["secrets", ..] | ["deletedsecrets", ..], m) => {
+            if matches!(
+                l.as_slice(),
+                ["secrets"] | ["secrets", _] | ["secrets", _, _] | ["deletedsecrets", _]
+            ) {
+                Err(method_not_allowed(m))
+            } else {
+                Err(not_found(path))
+            }
+        }
         (["keys", ..] | ["deletedkeys", ..] | ["rng"], m) => {
             // A known path shape with an unknown method, or an unknown path under /keys.
             if matches!(

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod data_plane;
+mod identity_routes;
 mod management;
 mod respond;
 mod server;

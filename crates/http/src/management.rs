@@ -45,6 +45,23 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         _ => {}
     }
 
+    // Managed-identity token endpoints authenticate by the workload's binding secret.
+    {
+        let pairs = query_pairs(parts.uri.query());
+        if let Some(r) = crate::identity_routes::managed_identity(
+            &platform,
+            &parts.method,
+            &segs,
+            &l,
+            &parts.headers,
+            &pairs,
+        )
+        .await
+        {
+            return r;
+        }
+    }
+
     let Some(token) = respond::bearer(&parts.headers) else {
         return arm_challenge(
             &platform,
@@ -59,7 +76,22 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Ok(c) => c,
         Err(e) => return arm_challenge(&platform, e.with_inner("InvalidAuthenticationToken")),
     };
+    // The test clock (`kagi server --test-clock`), before the ARM dispatch: no api-version.
+    if let ["kagi", "test", "clock"] = l.as_slice() {
+        return test_clock(&platform, &caller, &parts.method, parts.headers, body).await;
+    }
     let pairs = query_pairs(parts.uri.query());
+    if l.first() == Some(&"v1.0") {
+        let body = match respond::read_body(&parts.headers, body).await {
+            Ok(b) => b,
+            Err(e) => return respond::error(&e),
+        };
+        return match crate::identity_routes::graph(&platform, &caller, &parts.method, &segs, &l, &body).await {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => respond::error(&e),
+            None => respond::error(&KvError::new(ErrorCode::NotFound, "Not found.")),
+        };
+    }
     if let Err(e) = kagi_core::api_version::check_arm(query_get(&pairs, "api-version")) {
         return respond::error(&e);
     }
@@ -67,6 +99,11 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Ok(b) => b,
         Err(e) => return respond::error(&e),
     };
+    if let Some(r) =
+        crate::identity_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body, &pairs).await
+    {
+        return r.unwrap_or_else(|e| respond::error(&e));
+    }
     match arm(&platform, &caller, &parts.method, &segs, &l, &body).await {
         Ok(r) => r,
         Err(e) => respond::error(&e),
@@ -198,6 +235,56 @@ async fn arm(
                 kagi_core::ids::printable(&segs.join("/"))
             ),
         )),
+    }
+}
+
+/// Body of `POST /kagi/test/clock`.
+#[derive(serde::Deserialize)]
+struct ClockAdvance {
+    #[serde(rename = "advanceSeconds")]
+    advance_seconds: i64,
+}
+
+/// `POST https://{suffix}:{port}/kagi/test/clock` with `{"advanceSeconds": N}` (0 ≤ N ≤ 100
+/// years) moves the platform's test clock forward, runs the purge sweep at the new time, and
+/// answers `{"now": <unix seconds>}`. It exists only under `kagi server --test-clock`
+/// (otherwise 404, like any unknown path) and only the bootstrap administrator may call it
+/// (bearer token required; others 403; a bad body 400).
+///
+/// Access tokens are validated against the same clock ([`Platform::authenticate`] reads the
+/// platform clock), so once the clock has moved past a token's expiry (one hour) the token is
+/// refused with 401 and the client simply obtains a new one, as it would after an hour.
+async fn test_clock(
+    platform: &Platform,
+    caller: &Principal,
+    method: &Method,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> Response<Body> {
+    if !platform.has_test_clock() {
+        return respond::error(&KvError::new(
+            ErrorCode::NotFound,
+            "No management API is served at /kagi/test/clock.",
+        ));
+    }
+    if method != Method::POST {
+        return respond::error(&method_not_allowed(method));
+    }
+    let body = match respond::read_body(&headers, body).await {
+        Ok(b) => b,
+        Err(e) => return respond::error(&e),
+    };
+    let result = async {
+        platform.authorize_test_clock(caller)?;
+        let req: ClockAdvance = parse_json(&body)?;
+        platform
+            .advance_test_clock(caller, req.advance_seconds)
+            .await
+    }
+    .await;
+    match result {
+        Ok(now) => respond::json(200, &serde_json::json!({ "now": now })),
+        Err(e) => respond::error(&e),
     }
 }
 

@@ -214,7 +214,9 @@ const CACHE_LIMIT: usize = 4096;
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let names = self.names_for(hello.server_name())?;
-        let key = names[0].clone();
+        // Keyed by every name the certificate carries: the no-SNI certificate (localhost and
+        // the loopback addresses) must not be confused with the one for SNI `localhost`.
+        let key = names.join(" ");
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = cache.get(&key) {
             return Some(c.clone());

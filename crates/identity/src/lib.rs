@@ -47,6 +47,9 @@ pub struct Principal {
     pub client_id: String,
     /// Kind of identity (`ServicePrincipal`, `ManagedIdentity`, …).
     pub kind: String,
+    /// The network address the request came from, filled in by the HTTP layer (the token
+    /// says who; the connection says from where — the vault firewall needs both).
+    pub network_address: Option<std::net::IpAddr>,
 }
 
 /// The claims kagi puts in (and reads from) an access token.
@@ -91,6 +94,7 @@ impl Claims {
             object_id: self.oid.clone(),
             client_id: self.appid.clone(),
             kind: self.kagi_kind.clone(),
+            network_address: None,
         }
     }
 }
@@ -278,6 +282,7 @@ mod tests {
             object_id: "11111111-2222-4333-8444-555555555555".into(),
             client_id: "66666666-2222-4333-8444-555555555555".into(),
             kind: "ServicePrincipal".into(),
+            network_address: None,
         }
     }
 

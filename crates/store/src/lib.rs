@@ -8,13 +8,20 @@
 
 #![forbid(unsafe_code)]
 
+pub mod directory;
+mod secrets;
 mod sqlite;
+mod sqlite_directory;
 
 use async_trait::async_trait;
 use kagi_core::key::{KeyVersionInfo, Tags};
 use kagi_core::vault::VaultProperties;
 use kagi_core::{KeyVersion, ObjectName, VaultName};
 
+pub use directory::{
+    DirectoryStore, LockRecord, ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord,
+};
+pub use secrets::{SecretRecord, SecretVersionRecord};
 pub use sqlite::SqliteStore;
 
 /// A store failure. The service maps every variant to a 5xx (or 409 for [`Self::Conflict`]):
@@ -70,6 +77,9 @@ pub struct PrincipalRecord {
     pub kind: String,
     /// Creation time.
     pub created: i64,
+    /// For a managed identity: the resource it belongs to (system-assigned: the resource that
+    /// owns it; user-assigned: its own resource id).
+    pub resource_id: Option<String>,
 }
 
 /// A vault, live or soft-deleted.
@@ -125,7 +135,7 @@ pub struct KeyRecord {
 
 /// What kagi persists. Every method is one atomic transaction.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+pub trait Store: DirectoryStore + Send + Sync + std::fmt::Debug + 'static {
     /// Reads a metadata value.
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Writes a metadata value if absent; returns the value now stored (so two racing
@@ -194,4 +204,35 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn purge_key(&self, vault: &VaultName, name: &ObjectName) -> Result<()>;
     /// Inserts a whole key (restore). Fails with `Conflict` if the name exists.
     async fn insert_key(&self, vault: &VaultName, key: &KeyRecord) -> Result<()>;
+
+    // --- secrets ---
+    /// Every secret of a vault, with versions (values sealed).
+    async fn load_secrets(&self, vault: &VaultName) -> Result<Vec<SecretRecord>>;
+    /// Adds a secret version, creating the secret row if it is new. Fails with `Conflict` if
+    /// the version exists.
+    async fn add_secret_version(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        version: &SecretVersionRecord,
+    ) -> Result<()>;
+    /// Replaces everything but the value of a version (content type, attributes, tags).
+    async fn update_secret_version(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        version: &KeyVersion,
+        info: &kagi_core::secret::SecretVersionInfo,
+    ) -> Result<()>;
+    /// Marks a secret deleted (with times) or live again (`None`).
+    async fn set_secret_deleted(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        deleted: Option<(i64, i64)>,
+    ) -> Result<()>;
+    /// Removes a secret and all its versions.
+    async fn purge_secret(&self, vault: &VaultName, name: &ObjectName) -> Result<()>;
+    /// Inserts a whole secret (restore). Fails with `Conflict` if the name exists.
+    async fn insert_secret(&self, vault: &VaultName, secret: &SecretRecord) -> Result<()>;
 }

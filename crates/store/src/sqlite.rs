@@ -17,6 +17,8 @@ use crate::{
     VaultRecord,
 };
 
+mod secrets;
+
 /// Schema, applied in order; `user_version` records how far a file has come.
 const MIGRATIONS: &[&str] = &[r#"
 CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
@@ -44,12 +46,22 @@ CREATE TABLE key_versions (
     info TEXT NOT NULL, sealed_private BLOB NOT NULL,
     PRIMARY KEY (vault, name_folded, version),
     FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
-"#];
+"#, r#"
+CREATE TABLE secrets (
+    vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+    name_folded TEXT NOT NULL, name TEXT NOT NULL, deleted_at INTEGER, purge_at INTEGER,
+    PRIMARY KEY (vault, name_folded));
+CREATE TABLE secret_versions (
+    vault TEXT NOT NULL, name_folded TEXT NOT NULL, version TEXT NOT NULL, seq INTEGER NOT NULL,
+    info TEXT NOT NULL, sealed_value BLOB NOT NULL,
+    PRIMARY KEY (vault, name_folded, version),
+    FOREIGN KEY (vault, name_folded) REFERENCES secrets(vault, name_folded) ON DELETE CASCADE);
+"#, crate::directory::SCHEMA];
 
 /// The SQLite store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 fn corrupt(table: &'static str, detail: impl ToString) -> StoreError {
@@ -262,46 +274,15 @@ impl Store for SqliteStore {
     }
 
     async fn put_principal(&self, p: &PrincipalRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO principals (object_id, tenant_id, client_id, display_name, secret_hash, kind, created) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&p.object_id)
-        .bind(&p.tenant_id)
-        .bind(&p.client_id)
-        .bind(&p.display_name)
-        .bind(&p.secret_hash)
-        .bind(&p.kind)
-        .bind(p.created)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict(format!("principal {} exists", p.client_id))
-            } else {
-                e.into()
-            }
-        })?;
-        Ok(())
+        crate::sqlite_directory::insert_principal(&self.pool, p).await
     }
 
     async fn principal_by_client_id(&self, client_id: &str) -> Result<Option<PrincipalRecord>> {
-        let row = sqlx::query("SELECT * FROM principals WHERE client_id = ?")
+        let row = sqlx::query("SELECT * FROM principals WHERE client_id = ? AND deleted = 0")
             .bind(client_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| {
-            Ok(PrincipalRecord {
-                object_id: r.try_get("object_id")?,
-                tenant_id: r.try_get("tenant_id")?,
-                client_id: r.try_get("client_id")?,
-                display_name: r.try_get("display_name")?,
-                secret_hash: r.try_get("secret_hash")?,
-                kind: r.try_get("kind")?,
-                created: r.try_get("created")?,
-            })
-        })
-        .transpose()
+        row.as_ref().map(crate::sqlite_directory::principal_row).transpose()
     }
 
     async fn put_vault(&self, v: &VaultRecord) -> Result<()> {
@@ -510,5 +491,47 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    // --- secrets ---
+    async fn load_secrets(&self, vault: &VaultName) -> Result<Vec<crate::SecretRecord>> {
+        self.secrets_load(vault).await
+    }
+
+    async fn add_secret_version(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        version: &crate::SecretVersionRecord,
+    ) -> Result<()> {
+        self.secrets_add_version(vault, name, version).await
+    }
+
+    async fn update_secret_version(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        version: &KeyVersion,
+        info: &kagi_core::secret::SecretVersionInfo,
+    ) -> Result<()> {
+        self.secrets_update_version(vault, name, version, info)
+            .await
+    }
+
+    async fn set_secret_deleted(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        deleted: Option<(i64, i64)>,
+    ) -> Result<()> {
+        self.secrets_set_deleted(vault, name, deleted).await
+    }
+
+    async fn purge_secret(&self, vault: &VaultName, name: &ObjectName) -> Result<()> {
+        self.secrets_purge(vault, name).await
+    }
+
+    async fn insert_secret(&self, vault: &VaultName, secret: &crate::SecretRecord) -> Result<()> {
+        self.secrets_insert(vault, secret).await
     }
 }

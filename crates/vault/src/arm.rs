@@ -269,6 +269,7 @@ impl Platform {
                 ));
             }
             let _ = patch; // PUT and PATCH both merge: ARM clients resend what they read.
+            self.check_not_locked(&crate::directory::object_scope(&current, None), "write")?;
             let mut record = current.clone();
             record.properties = current.properties.update(props_in)?;
             if let Some(tags) = input.tags {
@@ -426,6 +427,7 @@ impl Platform {
         if record.deleted_at.is_some() {
             return Ok(204);
         }
+        self.check_not_locked(&crate::directory::object_scope(&record, None), "delete")?;
         let now = self.clock.now();
         record.deleted_at = Some(now);
         record.purge_at =

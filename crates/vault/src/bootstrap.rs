@@ -167,10 +167,16 @@ impl Platform {
             ensure_bootstrap_admin(&config, store.as_ref(), &tenant, &subscription, clock.now())
                 .await?;
 
+        // Loaded after the bootstrap administrator exists, so it is in the directory too.
+        let directory = crate::directory::Directory::load(store.as_ref()).await?;
         let mut vaults = HashMap::new();
         for record in store.list_vaults().await? {
             let keys = store.load_keys(&record.name).await?;
-            vaults.insert(record.name.clone(), Arc::new(VaultState::new(record, keys)));
+            let secrets = store.load_secrets(&record.name).await?;
+            vaults.insert(
+                record.name.clone(),
+                Arc::new(VaultState::new(record, keys).with_secrets(secrets)),
+            );
         }
         let platform = Self {
             config,
@@ -182,6 +188,8 @@ impl Platform {
             default_subscription: subscription,
             admin_object_id: admin.object_id,
             vaults: RwLock::new(vaults),
+            directory: RwLock::new(directory),
+            test_clock: None,
         };
         Ok((platform, created))
     }
@@ -251,8 +259,9 @@ async fn ensure_bootstrap_admin(
                 client_id: creds.client_id.clone(),
                 display_name: "kagi bootstrap administrator".into(),
                 secret_hash: kagi_identity::hash_secret(&creds.client_secret),
-                kind: "BootstrapAdministrator".into(),
+                kind: crate::directory::kind::BOOTSTRAP.into(),
                 created: now,
+                resource_id: None,
             };
             store.put_principal(&p).await?;
             p

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use kagi_core::access::{Caller, DataAction, KeyPermission, access_policies_allow};
+use kagi_core::access::{DataAction, KeyPermission};
 use kagi_core::key::{
     BackupBlob, KeyAttributes, KeyCreateParameters, KeyImportParameters, KeyOperation,
     KeyOperationParameters, KeySignParameters, KeyType, KeyUpdateParameters, KeyVerifyParameters,
@@ -163,61 +163,15 @@ const BACKUP_MAGIC: &[u8] = b"KAGI-KEY-BACKUP\x01";
 const BACKUP_AAD: &[u8] = b"kagi/v1/key-backup";
 
 impl Platform {
-    /// Decides whether `caller` may do `action` on the vault. The seam where RBAC and the
-    /// firewall will plug in; today: same tenant, then the bootstrap administrator or an
-    /// access policy granting the permission.
+    /// Decides whether `caller` may do `action` on the vault as a whole (see
+    /// [`Self::authorize_object`] for decisions about one key or secret).
     pub(crate) fn authorize(
         &self,
         caller: &Principal,
         record: &VaultRecord,
         action: DataAction,
     ) -> Result<(), KvError> {
-        if !caller
-            .tenant_id
-            .eq_ignore_ascii_case(record.properties.tenant_id.as_str())
-        {
-            return Err(KvError::unauthorized(format!(
-                "AKV10032: Invalid issuer. Expected one of {}/{}/v2.0, found {}/{}/v2.0.",
-                self.config.authority(),
-                record.properties.tenant_id,
-                self.config.authority(),
-                caller.tenant_id
-            )));
-        }
-        if caller.object_id == self.admin_object_id {
-            return Ok(());
-        }
-        let who = format!("appid={};oid={}", caller.client_id, caller.object_id);
-        if record.properties.enable_rbac_authorization {
-            return Err(KvError::forbidden(format!(
-                "Caller is not authorized to perform action on resource. Caller: {who}; \
-                 Action: {}; Vault: {}.",
-                action.name(),
-                record.name
-            ))
-            .with_inner("ForbiddenByRbac"));
-        }
-        let c = Caller {
-            tenant_id: caller.tenant_id.clone(),
-            object_id: caller.object_id.clone(),
-            application_id: Some(caller.client_id.clone()),
-        };
-        if access_policies_allow(&record.properties, &c, action) {
-            return Ok(());
-        }
-        Err(KvError::forbidden(format!(
-            "The user, group or application '{who}' does not have {} {} permission on key vault \
-             '{};location={}'.",
-            match action {
-                DataAction::Key(_) => "keys",
-                DataAction::Secret(_) => "secrets",
-                DataAction::Random => "",
-            },
-            action.name(),
-            record.name,
-            record.location
-        ))
-        .with_inner("ForbiddenByPolicy"))
+        self.authorize_object(caller, record, action, None)
     }
 
     fn vault_for(
@@ -226,11 +180,23 @@ impl Platform {
         vault: &str,
         action: DataAction,
     ) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
+        self.vault_for_key(caller, vault, action, None)
+    }
+
+    /// The live vault, with `action` authorized on it or on one key (so that role assignments
+    /// at key scope count).
+    fn vault_for_key(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        action: DataAction,
+        key: Option<&str>,
+    ) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
         let name = VaultName::parse(vault)
             .map_err(|_| KvError::new(ErrorCode::VaultNotFound, "The vault was not found."))?;
         let state = self.live_vault(&name)?;
         let record = state.record();
-        self.authorize(caller, &record, action)?;
+        self.authorize_object(caller, &record, action, key.map(|k| ("keys", k)))?;
         Ok((state, record))
     }
 
@@ -340,7 +306,7 @@ impl Platform {
         params: KeyCreateParameters,
     ) -> Result<Value, KvError> {
         let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Create))?;
+            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Create), Some(name))?;
         let name = ObjectName::parse(name)?;
         let kty = KeyType::parse(&params.kty)?;
         if kty.is_hsm() && !record.properties.allows_hsm() {
@@ -429,7 +395,7 @@ impl Platform {
         params: KeyImportParameters,
     ) -> Result<Value, KvError> {
         let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Import))?;
+            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Import), Some(name))?;
         let name = ObjectName::parse(name)?;
         check_release_policy(&params.release_policy)?;
         let jwk = &params.key;
@@ -503,7 +469,7 @@ impl Platform {
         name: &str,
         version: Option<&str>,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Get))?;
+        let (state, record) = self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Get), Some(name))?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let v = Self::pick_version(&k, version)?;
@@ -520,7 +486,7 @@ impl Platform {
         params: KeyUpdateParameters,
     ) -> Result<Value, KvError> {
         let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Update))?;
+            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Update), Some(name))?;
         let name = ObjectName::parse(name)?;
         check_release_policy(&params.release_policy)?;
         let _w = state.write.lock().await;
@@ -622,7 +588,7 @@ impl Platform {
         q: &ListQuery,
     ) -> Result<Value, KvError> {
         let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::List))?;
+            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::List), Some(name))?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let size = paging::page_size(q.maxresults.as_deref())?;
@@ -652,10 +618,14 @@ impl Platform {
         name: &str,
     ) -> Result<Value, KvError> {
         let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Delete))?;
+            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Delete), Some(name))?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let k = Self::live_key(&state, &name)?;
+        self.check_not_locked(
+            &crate::directory::object_scope(&record, Some(("keys", name.as_str()))),
+            "delete",
+        )?;
         let now = self.clock.now();
         let purge_at = now + i64::from(record.properties.soft_delete_retention_in_days) * DAY;
         self.store
@@ -684,7 +654,7 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(KeyPermission::Get))?;
+        let (state, record) = self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Get), Some(name))?;
         let name = ObjectName::parse(name)?;
         let k = Self::deleted_key(&state, &name)?;
         Ok(self.view(&record).deleted_bundle(&k))
@@ -727,7 +697,7 @@ impl Platform {
         name: &str,
     ) -> Result<Value, KvError> {
         let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Recover))?;
+            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Recover), Some(name))?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let mut k = Self::deleted_key(&state, &name)?;
@@ -753,7 +723,7 @@ impl Platform {
         name: &str,
     ) -> Result<(), KvError> {
         let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Purge))?;
+            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Purge), Some(name))?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let k = Self::deleted_key(&state, &name)?;
@@ -811,7 +781,7 @@ impl Platform {
         name: &str,
     ) -> Result<BackupBlob, KvError> {
         let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Backup))?;
+            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Backup), Some(name))?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let mut versions = Vec::with_capacity(k.versions.len());
@@ -943,7 +913,7 @@ impl Platform {
         name: &str,
     ) -> Result<Value, KvError> {
         let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Rotate))?;
+            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Rotate), Some(name))?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let current = k
@@ -1008,7 +978,8 @@ impl Platform {
             KeyOperation::Verify => KeyPermission::Verify,
             KeyOperation::Import | KeyOperation::Export => KeyPermission::Import,
         };
-        let (state, record) = self.vault_for(caller, vault, DataAction::Key(permission))?;
+        let (state, record) =
+            self.vault_for_key(caller, vault, DataAction::Key(permission), Some(name))?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let v = Self::pick_version(&k, version)?;

@@ -12,10 +12,13 @@
 
 mod arm;
 mod bootstrap;
+mod directory;
 mod keys;
 pub use keys::is_crypto_segment;
 mod render;
+mod secrets;
 mod state;
+mod test_clock;
 mod tokens;
 
 use std::collections::HashMap;
@@ -30,6 +33,7 @@ use kagi_store::Store;
 
 pub use arm::ResourceGroupInput;
 pub use bootstrap::{BootstrapAdmin, StartupError};
+pub use directory::{TRUSTED_SERVICE_TYPES, WORKLOAD_TYPE};
 pub use kagi_identity::Principal;
 pub use keys::ListQuery;
 pub use tokens::{TokenGrant, TokenRequestError};
@@ -79,6 +83,10 @@ pub struct Platform {
     default_subscription: String,
     admin_object_id: String,
     vaults: RwLock<HashMap<VaultName, Arc<VaultState>>>,
+    /// Principals, identity-carrying resources, roles and locks.
+    directory: RwLock<directory::Directory>,
+    /// Set when the platform runs on a movable test clock (`kagi server --test-clock`).
+    test_clock: Option<Arc<kagi_core::time::TestClock>>,
 }
 
 /// Logs a failure of kagi itself and answers the client with a bare 500.
@@ -115,10 +123,13 @@ impl Platform {
     /// Validates a bearer token for this platform's resource and returns its principal.
     pub fn authenticate(&self, bearer: &str) -> Result<Principal, KvError> {
         let authority = self.config.authority();
-        self.issuer
+        let principal = self
+            .issuer
             .validate(bearer, &[&authority], self.clock.now())
             .map(|c| c.principal())
-            .map_err(|e| KvError::unauthorized(format!("AKV10000: {e}.")))
+            .map_err(|e| KvError::unauthorized(format!("AKV10000: {e}.")))?;
+        self.check_principal_exists(&principal)?;
+        Ok(principal)
     }
 
     /// The JSON Web Key Set of the token service.
@@ -143,6 +154,7 @@ impl Platform {
                 continue;
             }
             purged += self.purge_expired_keys(&v, now).await?;
+            purged += self.purge_expired_secrets(&v, now).await?;
         }
         Ok(purged)
     }

@@ -13,6 +13,8 @@ use kagi_store::{KeyRecord, KeyVersionRecord, VaultRecord};
 pub(crate) struct VaultState {
     record: RwLock<VaultRecord>,
     keys: RwLock<BTreeMap<String, KeyEntry>>,
+    /// Secrets by lower-case name (values sealed); see `crate::secrets`.
+    pub(crate) secrets: RwLock<crate::secrets::SecretMap>,
     /// Held across "commit to store, then apply to memory" so writes to one vault are ordered.
     pub(crate) write: tokio::sync::Mutex<()>,
 }
@@ -135,6 +137,7 @@ impl VaultState {
                     .map(|k| (k.name.folded(), KeyEntry::from_record(k)))
                     .collect(),
             ),
+            secrets: RwLock::new(BTreeMap::new()),
             write: tokio::sync::Mutex::new(()),
         }
     }

@@ -104,12 +104,13 @@ impl Platform {
                 object_id: record.object_id,
                 client_id: record.client_id,
                 kind: record.kind,
+                network_address: None,
             },
             &audience,
         )
     }
 
-    fn issue(
+    pub(crate) fn issue(
         &self,
         principal: &Principal,
         audience: &str,

@@ -1,0 +1,262 @@
+//! Routes of the directory: managed-identity token endpoints, service principals
+//! (Graph-shaped), and the ARM resources of identities, role-based access and locks.
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Response};
+use kagi_core::{ErrorCode, KvError};
+use kagi_vault::{Platform, Principal};
+use serde_json::{Value, json};
+
+use crate::respond::{self, parse_json, query_get};
+
+/// The managed-identity endpoints, which authenticate by the workload's binding secret rather
+/// than a bearer token. `None` when the path is not one of them.
+///
+/// - App Service style: `GET /msi/token?api-version=2019-08-01&resource=…` with
+///   `X-IDENTITY-HEADER: <secret>` (`IDENTITY_ENDPOINT` + `IDENTITY_HEADER`).
+/// - IMDS style: `GET /imds/{secret}/metadata/identity/oauth2/token?api-version=2018-02-01&
+///   resource=…` with `Metadata: true` (`AZURE_POD_IDENTITY_AUTHORITY_HOST`).
+pub(crate) async fn managed_identity(
+    p: &Platform,
+    method: &Method,
+    segs: &[&str],
+    l: &[&str],
+    headers: &HeaderMap,
+    pairs: &[(String, String)],
+) -> Option<Response<Body>> {
+    let (secret, imds) = match l {
+        ["msi", "token"] => (
+            headers
+                .get("x-identity-header")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            false,
+        ),
+        ["imds", _, "metadata", "identity", "oauth2", "token"] => (segs[1].to_string(), true),
+        _ => return None,
+    };
+    let refuse = |status: u16, error: &str, description: &str| {
+        respond::json(
+            status,
+            &json!({"error": error, "error_description": description}),
+        )
+    };
+    if method != Method::GET {
+        return Some(refuse(405, "invalid_request", "Use GET."));
+    }
+    if imds
+        && !headers
+            .get("metadata")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    {
+        return Some(refuse(
+            400,
+            "invalid_request",
+            "Required metadata header not specified",
+        ));
+    }
+    let Some(resource) = query_get(pairs, "resource") else {
+        return Some(refuse(
+            400,
+            "invalid_request",
+            "The resource parameter is required.",
+        ));
+    };
+    let selector = ["client_id", "object_id", "principal_id", "mi_res_id", "msi_res_id"]
+        .into_iter()
+        .find_map(|k| query_get(pairs, k).map(|v| (k, v)));
+    match p.managed_identity_token(&secret, resource, selector).await {
+        Ok(grant) => {
+            let expires_on = p.token_expires_on();
+            Some(respond::json(
+                200,
+                &json!({
+                    "access_token": grant.access_token,
+                    "expires_in": grant.expires_in.to_string(),
+                    "expires_on": expires_on.to_string(),
+                    "ext_expires_in": grant.expires_in.to_string(),
+                    "not_before": (expires_on - grant.expires_in).to_string(),
+                    "resource": resource,
+                    "token_type": "Bearer",
+                }),
+            ))
+        }
+        Err(e) if e.status() == 401 => Some(refuse(401, "invalid_client", &e.message)),
+        Err(e) => Some(refuse(e.status(), "invalid_request", &e.message)),
+    }
+}
+
+/// Graph-shaped service principal endpoints under `/v1.0/servicePrincipals` (no api-version).
+pub(crate) async fn graph(
+    p: &Platform,
+    caller: &Principal,
+    method: &Method,
+    segs: &[&str],
+    l: &[&str],
+    body: &[u8],
+) -> Option<Result<Response<Body>, KvError>> {
+    let r = match (l, method) {
+        (["v1.0", "serviceprincipals"], &Method::POST) => {
+            let input: Value = match parse_json(body) {
+                Ok(v) => v,
+                Err(e) => return Some(Err(e)),
+            };
+            let name = input
+                .get("displayName")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            p.create_service_principal(caller, name)
+                .await
+                .map(|v| respond::json(201, &v))
+        }
+        (["v1.0", "serviceprincipals"], &Method::GET) => p
+            .list_principals(caller)
+            .map(|v| respond::json(200, &v)),
+        (["v1.0", "serviceprincipals", _], &Method::DELETE) => p
+            .delete_service_principal(caller, segs[2])
+            .await
+            .map(|()| respond::empty(204)),
+        (["v1.0", "serviceprincipals", _, "addpassword"], &Method::POST) => p
+            .reset_service_principal_secret(caller, segs[2])
+            .await
+            .map(|v| respond::json(200, &v)),
+        (["v1.0", ..], _) => Err(KvError::new(
+            ErrorCode::NotFound,
+            "No directory API is served at this path.",
+        )),
+        _ => return None,
+    };
+    Some(r)
+}
+
+/// ARM routes of the directory, matched anywhere under a scope. `None` when the path is not
+/// one of them.
+pub(crate) async fn arm(
+    p: &Platform,
+    caller: &Principal,
+    method: &Method,
+    segs: &[&str],
+    l: &[&str],
+    body: &[u8],
+    pairs: &[(String, String)],
+) -> Option<Result<Response<Body>, KvError>> {
+    // {scope}/providers/Microsoft.Authorization/{roleAssignments|roleDefinitions|locks}[/{id}]
+    if let Some(i) = l
+        .windows(2)
+        .position(|w| w == ["providers", "microsoft.authorization"])
+    {
+        let scope = format!("/{}", segs[..i].join("/"));
+        let rest = &l[i + 2..];
+        let id = segs.get(i + 3).copied();
+        let json_body = || -> Result<Value, KvError> { parse_json(body) };
+        let r = match (rest, method) {
+            (["roleassignments"], &Method::GET) => p
+                .list_role_assignments(caller, &scope)
+                .map(|v| respond::json(200, &v)),
+            (["roleassignments", _], &Method::PUT) => match json_body() {
+                Ok(b) => p
+                    .put_role_assignment(caller, &scope, id.unwrap_or(""), b)
+                    .await
+                    .map(|(s, v)| respond::json(s, &v)),
+                Err(e) => Err(e),
+            },
+            (["roleassignments", _], &Method::GET) => p
+                .get_role_assignment(caller, id.unwrap_or(""))
+                .map(|v| respond::json(200, &v)),
+            (["roleassignments", _], &Method::DELETE) => p
+                .delete_role_assignment(caller, id.unwrap_or(""))
+                .await
+                .map(|(s, v)| {
+                    if s == 204 {
+                        respond::empty(204)
+                    } else {
+                        respond::json(s, &v)
+                    }
+                }),
+            (["roledefinitions"], &Method::GET) => p
+                .list_role_definitions(caller, &scope)
+                .map(|v| respond::json(200, &v)),
+            (["roledefinitions", _], &Method::PUT) => match json_body() {
+                Ok(b) => p
+                    .put_role_definition(caller, &scope, id.unwrap_or(""), b)
+                    .await
+                    .map(|(s, v)| respond::json(s, &v)),
+                Err(e) => Err(e),
+            },
+            (["roledefinitions", _], &Method::GET) => p
+                .get_role_definition(caller, &scope, id.unwrap_or(""))
+                .map(|v| respond::json(200, &v)),
+            (["roledefinitions", _], &Method::DELETE) => p
+                .delete_role_definition(caller, id.unwrap_or(""))
+                .await
+                .map(respond::empty),
+            (["locks"], &Method::GET) => p
+                .list_locks(caller, &scope)
+                .map(|v| respond::json(200, &v)),
+            (["locks", _], &Method::PUT) => match json_body() {
+                Ok(b) => p
+                    .put_lock(caller, &scope, id.unwrap_or(""), b)
+                    .await
+                    .map(|(s, v)| respond::json(s, &v)),
+                Err(e) => Err(e),
+            },
+            (["locks", _], &Method::GET) => p
+                .get_lock(caller, &scope, id.unwrap_or(""))
+                .map(|v| respond::json(200, &v)),
+            (["locks", _], &Method::DELETE) => p
+                .delete_lock(caller, &scope, id.unwrap_or(""))
+                .await
+                .map(respond::empty),
+            _ => Err(KvError::new(
+                ErrorCode::NotFound,
+                "No authorization API is served at this path.",
+            )),
+        };
+        return Some(r);
+    }
+
+    // /subscriptions/{s}/resourceGroups/{rg}/providers/{ns}/{type}[/{name}[/listIdentityEnvironment]]
+    let (["subscriptions", _, "resourcegroups", _, "providers", ns, ty, rest @ ..], m) = (l, method)
+    else {
+        return None;
+    };
+    let resource_type = format!("{}/{}", segs[5], segs[6]);
+    let served = (*ns == "microsoft.managedidentity" && *ty == "userassignedidentities")
+        || (*ns == "kagi.compute" && *ty == "workloads");
+    if !served {
+        return None;
+    }
+    let (sub, rg) = (segs[1], segs[3]);
+    let r = match (rest, m) {
+        ([], &Method::GET) => p
+            .list_identity_resources(caller, sub, rg, &resource_type)
+            .map(|v| respond::json(200, &v)),
+        ([_], &Method::PUT) => match parse_json::<Value>(body) {
+            Ok(b) => p
+                .put_identity_resource(caller, sub, rg, &resource_type, segs[7], b)
+                .await
+                .map(|(s, v)| respond::json(s, &v)),
+            Err(e) => Err(e),
+        },
+        ([_], &Method::GET) => p
+            .get_identity_resource(caller, sub, rg, &resource_type, segs[7])
+            .map(|v| respond::json(200, &v)),
+        ([_], &Method::DELETE) => p
+            .delete_identity_resource(caller, sub, rg, &resource_type, segs[7])
+            .await
+            .map(respond::empty),
+        ([_, "listidentityenvironment"], &Method::POST) => {
+            let id = format!("/{}", segs[..8].join("/"));
+            p.bind_workload(caller, &id, query_get(pairs, "clientId"))
+                .await
+                .map(|v| respond::json(200, &v))
+        }
+        _ => Err(KvError::new(
+            ErrorCode::MethodNotAllowed,
+            "The method is not allowed on this resource.",
+        )),
+    };
+    Some(r)
+}

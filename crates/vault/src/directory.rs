@@ -1,0 +1,1046 @@
+//! The directory: service principals, managed identities (system- and user-assigned), the
+//! resources that carry them, workload bindings and managed-identity tokens, role definitions
+//! and assignments (RBAC), management locks, and the vault firewall.
+//!
+//! Everything is held in memory (loaded at start, written through to the store first), so an
+//! authorization decision reads no database and a change applies to the very next request.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use kagi_core::access::{Caller, DataAction, access_policies_allow};
+use kagi_core::ids::uuid_v4;
+use kagi_core::rbac::{RoleDefinitionProperties, Scope, builtin_roles, data_action};
+use kagi_core::time::rfc3339;
+use kagi_core::{ErrorCode, KvError, ResourceGroupName, SubscriptionId};
+use kagi_identity::Principal;
+use kagi_store::{
+    LockRecord, PrincipalRecord, ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord,
+    Store, StoreError, VaultRecord,
+};
+use serde_json::{Value, json};
+
+use crate::tokens::{TOKEN_LIFETIME, TokenGrant};
+use crate::{Platform, internal};
+
+/// Resource types whose system-assigned identities count as "trusted Azure services" for a
+/// vault firewall's `bypass: AzureServices` — kagi's own storage services.
+pub const TRUSTED_SERVICE_TYPES: &[&str] = &[
+    "microsoft.recoveryservices/vaults",
+    "microsoft.compute/diskencryptionsets",
+    "microsoft.sql/servers",
+];
+
+/// Kinds of principal.
+pub mod kind {
+    /// The administrator created on first start.
+    pub const BOOTSTRAP: &str = "BootstrapAdministrator";
+    /// An application with a client secret.
+    pub const SERVICE_PRINCIPAL: &str = "ServicePrincipal";
+    /// The identity a resource gets with `identity.type: SystemAssigned`.
+    pub const SYSTEM_ASSIGNED: &str = "SystemAssignedIdentity";
+    /// A `Microsoft.ManagedIdentity/userAssignedIdentities` resource.
+    pub const USER_ASSIGNED: &str = "UserAssignedIdentity";
+}
+
+const UAMI_TYPE: &str = "Microsoft.ManagedIdentity/userAssignedIdentities";
+/// A process that acts as a resource (an app, a VM): it exists to carry managed identities.
+pub const WORKLOAD_TYPE: &str = "Kagi.Compute/workloads";
+
+/// The in-memory directory.
+#[derive(Debug, Default)]
+pub(crate) struct Directory {
+    principals: HashMap<String, PrincipalRecord>,
+    resources: HashMap<String, (ResourceRecord, Value)>,
+    custom_roles: HashMap<String, (String, RoleDefinitionProperties)>,
+    assignments: Vec<RoleAssignmentRecord>,
+    locks: Vec<LockRecord>,
+}
+
+impl Directory {
+    /// Loads the directory from the store.
+    pub(crate) async fn load(store: &dyn Store) -> Result<Self, StoreError> {
+        let mut d = Self::default();
+        for p in store.list_principals().await? {
+            d.principals.insert(p.object_id.clone(), p);
+        }
+        for r in store.list_resources().await? {
+            let body = serde_json::from_str(&r.body).map_err(|e| StoreError::Corrupt {
+                table: "resources",
+                detail: e.to_string(),
+            })?;
+            d.resources.insert(r.id.clone(), (r, body));
+        }
+        for r in store.list_role_definitions().await? {
+            let props = serde_json::from_str(&r.body).map_err(|e| StoreError::Corrupt {
+                table: "role_definitions",
+                detail: e.to_string(),
+            })?;
+            d.custom_roles.insert(r.id.clone(), (r.scope, props));
+        }
+        d.assignments = store.list_role_assignments().await?;
+        d.locks = store.list_locks().await?;
+        Ok(d)
+    }
+}
+
+fn bad(message: impl Into<String>) -> KvError {
+    KvError::new(ErrorCode::BadRequest, message)
+}
+
+fn random16() -> Result<[u8; 16], KvError> {
+    let b = kagi_crypto::random_bytes(16).map_err(|e| internal("rng", e))?;
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b);
+    Ok(a)
+}
+
+fn new_secret() -> Result<String, KvError> {
+    Ok(kagi_core::b64::encode(
+        &kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?,
+    ))
+}
+
+fn guid(text: &str) -> Result<String, KvError> {
+    kagi_core::ids::ObjectId::parse(text)
+        .map(|g| g.to_string())
+        .map_err(|_| bad(format!("'{}' is not a GUID.", kagi_core::ids::printable(text))))
+}
+
+/// The role definition GUID at the end of a `roleDefinitionId`.
+fn role_guid(role_definition_id: &str) -> Result<String, KvError> {
+    guid(role_definition_id.trim_end_matches('/').rsplit('/').next().unwrap_or(""))
+}
+
+/// The scope of a vault object (`{vault id}/keys/{name}`), or the vault itself.
+pub(crate) fn object_scope(vault: &VaultRecord, object: Option<(&str, &str)>) -> String {
+    let base = format!(
+        "/subscriptions/{}/resourcegroups/{}/providers/microsoft.keyvault/vaults/{}",
+        vault.subscription_id, vault.resource_group, vault.name
+    )
+    .to_ascii_lowercase();
+    match object {
+        Some((collection, name)) => format!("{base}/{collection}/{}", name.to_ascii_lowercase()),
+        None => base,
+    }
+}
+
+impl Platform {
+    fn dir(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
+        self.directory.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dir_mut(&self) -> std::sync::RwLockWriteGuard<'_, Directory> {
+        self.directory.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses tokens of principals that no longer exist.
+    pub(crate) fn check_principal_exists(&self, p: &Principal) -> Result<(), KvError> {
+        if self.dir().principals.contains_key(&p.object_id) {
+            Ok(())
+        } else {
+            Err(KvError::unauthorized(
+                "AKV10000: The principal this token was issued to no longer exists.",
+            ))
+        }
+    }
+
+    fn require_admin(&self, caller: &Principal) -> Result<(), KvError> {
+        if caller.object_id == self.admin_object_id {
+            Ok(())
+        } else {
+            Err(KvError::forbidden(format!(
+                "The client '{}' with object id '{}' does not have authorization to manage \
+                 identities, roles or locks.",
+                caller.client_id, caller.object_id
+            ))
+            .with_inner("AuthorizationFailed"))
+        }
+    }
+
+    // ----- service principals -----
+
+    /// Creates a service principal with a client secret (shown once).
+    pub async fn create_service_principal(&self, caller: &Principal, name: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let name = name.trim();
+        if name.is_empty() || name.len() > 120 || name.chars().any(char::is_control) {
+            return Err(bad("displayName is required (at most 120 characters)."));
+        }
+        let secret = new_secret()?;
+        let p = PrincipalRecord {
+            object_id: uuid_v4(random16()?),
+            tenant_id: caller.tenant_id.clone(),
+            client_id: uuid_v4(random16()?),
+            display_name: name.to_string(),
+            secret_hash: kagi_identity::hash_secret(&secret),
+            kind: kind::SERVICE_PRINCIPAL.into(),
+            created: self.clock.now(),
+            resource_id: None,
+        };
+        self.store.put_principal(&p).await.map_err(|e| internal("create principal", e))?;
+        self.dir_mut().principals.insert(p.object_id.clone(), p.clone());
+        tracing::info!(object_id = %p.object_id, "service principal created");
+        let mut v = principal_json(&p);
+        v["clientSecret"] = json!(secret);
+        Ok(v)
+    }
+
+    /// Lists principals (no secrets).
+    pub fn list_principals(&self, caller: &Principal) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let mut list: Vec<Value> = self.dir().principals.values().map(principal_json).collect();
+        list.sort_by(|a, b| a["objectId"].as_str().cmp(&b["objectId"].as_str()));
+        Ok(json!({ "value": list }))
+    }
+
+    /// Deletes a service principal; its tokens stop working on the next request.
+    pub async fn delete_service_principal(&self, caller: &Principal, object_id: &str) -> Result<(), KvError> {
+        self.require_admin(caller)?;
+        let oid = guid(object_id)?;
+        let p = self.dir().principals.get(&oid).cloned().ok_or_else(|| {
+            KvError::new(ErrorCode::NotFound, format!("Principal '{oid}' does not exist."))
+        })?;
+        if p.kind != kind::SERVICE_PRINCIPAL {
+            return Err(bad(format!(
+                "Principal '{oid}' is a {}; delete the resource it belongs to instead.",
+                p.kind
+            )));
+        }
+        self.store.delete_principal(&oid).await.map_err(|e| internal("delete principal", e))?;
+        self.dir_mut().principals.remove(&oid);
+        tracing::info!(object_id = %oid, "service principal deleted");
+        Ok(())
+    }
+
+    /// Issues a new client secret for a service principal (the old one stops working).
+    pub async fn reset_service_principal_secret(&self, caller: &Principal, object_id: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let oid = guid(object_id)?;
+        let mut p = self
+            .dir()
+            .principals
+            .get(&oid)
+            .filter(|p| p.kind == kind::SERVICE_PRINCIPAL)
+            .cloned()
+            .ok_or_else(|| KvError::new(ErrorCode::NotFound, format!("Service principal '{oid}' does not exist.")))?;
+        let secret = new_secret()?;
+        p.secret_hash = kagi_identity::hash_secret(&secret);
+        self.store
+            .set_principal_secret(&oid, &p.secret_hash)
+            .await
+            .map_err(|e| internal("reset secret", e))?;
+        self.dir_mut().principals.insert(oid, p.clone());
+        let mut v = principal_json(&p);
+        v["clientSecret"] = json!(secret);
+        Ok(v)
+    }
+
+    // ----- resources with identities -----
+
+    async fn check_group(&self, caller: &Principal, sub: &str, rg: &str) -> Result<(SubscriptionId, ResourceGroupName), KvError> {
+        self.require_admin(caller)?;
+        let sub = SubscriptionId::parse(sub)?;
+        let rg_name = ResourceGroupName::parse(rg)?;
+        let found = self
+            .store
+            .get_resource_group(sub.as_str(), rg_name.as_str())
+            .await
+            .map_err(|e| internal("get resource group", e))?
+            .ok_or_else(|| KvError::new(ErrorCode::ResourceGroupNotFound, format!("Resource group '{rg_name}' could not be found.")))?;
+        Ok((sub, ResourceGroupName::parse(&found.name)?))
+    }
+
+    /// `PUT` of a user-assigned identity or a workload: creates or updates the resource and
+    /// its identities. Returns (status, body).
+    pub async fn put_identity_resource(
+        &self,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        resource_type: &str,
+        name: &str,
+        input: Value,
+    ) -> Result<(u16, Value), KvError> {
+        let (sub, rg) = self.check_group(caller, sub, rg).await?;
+        let type_canonical = if resource_type.eq_ignore_ascii_case(UAMI_TYPE) {
+            UAMI_TYPE
+        } else if resource_type.eq_ignore_ascii_case(WORKLOAD_TYPE) {
+            WORKLOAD_TYPE
+        } else {
+            return Err(KvError::new(ErrorCode::NotFound, format!("Resource type '{resource_type}' is not served.")));
+        };
+        if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
+            return Err(bad("Resource names are 1-128 letters, digits, '-' and '_'."));
+        }
+        let id = format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{type_canonical}/{name}");
+        let key = id.to_ascii_lowercase();
+        let now = self.clock.now();
+        let existing = self.dir().resources.get(&key).cloned();
+        let location = match (input.get("location").and_then(Value::as_str), &existing) {
+            (Some(l), Some((r, _))) if !l.eq_ignore_ascii_case(&r.location) => {
+                return Err(bad(format!("The location of '{name}' cannot change from '{}'.", r.location)));
+            }
+            (_, Some((r, _))) => r.location.clone(),
+            (Some(l), None) => l.to_ascii_lowercase().replace(' ', ""),
+            (None, None) => return Err(bad("The property \"location\" is required.")),
+        };
+        let tags = input.get("tags").cloned().unwrap_or_else(|| {
+            existing.as_ref().map(|(_, b)| b["tags"].clone()).unwrap_or_else(|| json!({}))
+        });
+        let mut body = json!({
+            "id": id, "name": name, "type": type_canonical, "location": location, "tags": tags,
+        });
+        let mut created = Vec::new();
+        let mut deleted = Vec::new();
+        if type_canonical == UAMI_TYPE {
+            let p = match existing.as_ref().and_then(|(_, b)| b["properties"]["principalId"].as_str()) {
+                Some(oid) => self.dir().principals.get(oid).cloned().ok_or_else(|| internal("uami", "principal missing"))?,
+                None => {
+                    let p = PrincipalRecord {
+                        object_id: uuid_v4(random16()?),
+                        tenant_id: caller.tenant_id.clone(),
+                        client_id: uuid_v4(random16()?),
+                        display_name: name.to_string(),
+                        secret_hash: Vec::new(),
+                        kind: kind::USER_ASSIGNED.into(),
+                        created: now,
+                        resource_id: Some(key.clone()),
+                    };
+                    created.push(p.clone());
+                    p
+                }
+            };
+            body["properties"] = json!({"tenantId": p.tenant_id, "principalId": p.object_id, "clientId": p.client_id});
+        } else {
+            let old_identity = existing.as_ref().map(|(_, b)| b["identity"].clone()).unwrap_or(Value::Null);
+            let (identity, new_p, gone) = self.apply_identity(caller, &key, name, &old_identity, input.get("identity"), now)?;
+            body["identity"] = identity;
+            body["properties"] = json!({"provisioningState": "Succeeded"});
+            created.extend(new_p);
+            deleted.extend(gone);
+        }
+        let record = ResourceRecord {
+            id: key.clone(),
+            resource_type: type_canonical.into(),
+            subscription_id: sub.to_string(),
+            resource_group: rg.to_string(),
+            name: name.to_string(),
+            location,
+            body: body.to_string(),
+            created: existing.as_ref().map_or(now, |(r, _)| r.created),
+            updated: now,
+        };
+        self.store
+            .put_resource(&record, &created, &deleted)
+            .await
+            .map_err(|e| internal("put resource", e))?;
+        {
+            let mut d = self.dir_mut();
+            for p in created {
+                d.principals.insert(p.object_id.clone(), p);
+            }
+            for oid in &deleted {
+                d.principals.remove(oid);
+            }
+            d.resources.insert(key, (record, body.clone()));
+        }
+        tracing::info!(resource = %id, "resource written");
+        Ok((if existing.is_some() { 200 } else { 201 }, body))
+    }
+
+    /// Applies an `identity` block to a resource: creates the system-assigned identity when it
+    /// is turned on, deletes it when turned off (refused while it is in use), and resolves the
+    /// user-assigned identities named. Reusable by every resource type that carries identities.
+    pub(crate) fn apply_identity(
+        &self,
+        caller: &Principal,
+        resource_key: &str,
+        name: &str,
+        old: &Value,
+        input: Option<&Value>,
+        now: i64,
+    ) -> Result<(Value, Vec<PrincipalRecord>, Vec<String>), KvError> {
+        let Some(input) = input else {
+            return Ok((if old.is_null() { json!({"type": "None"}) } else { old.clone() }, vec![], vec![]));
+        };
+        let ty = input.get("type").and_then(Value::as_str).unwrap_or("None").replace(' ', "").to_ascii_lowercase();
+        let (system, user) = match ty.as_str() {
+            "none" => (false, false),
+            "systemassigned" => (true, false),
+            "userassigned" => (false, true),
+            "systemassigned,userassigned" => (true, true),
+            _ => return Err(bad("identity.type must be None, SystemAssigned, UserAssigned or 'SystemAssigned, UserAssigned'.")),
+        };
+        let mut created = Vec::new();
+        let mut deleted = Vec::new();
+        let old_system = old.get("principalId").and_then(Value::as_str).map(str::to_string);
+        let system_oid = match (system, old_system) {
+            (true, Some(oid)) => Some(oid),
+            (true, None) => {
+                let p = PrincipalRecord {
+                    object_id: uuid_v4(random16()?),
+                    tenant_id: caller.tenant_id.clone(),
+                    client_id: uuid_v4(random16()?),
+                    display_name: name.to_string(),
+                    secret_hash: Vec::new(),
+                    kind: kind::SYSTEM_ASSIGNED.into(),
+                    created: now,
+                    resource_id: Some(resource_key.to_string()),
+                };
+                let oid = p.object_id.clone();
+                created.push(p);
+                Some(oid)
+            }
+            (false, Some(oid)) => {
+                if let Some(usage) = self.principal_usage(&oid) {
+                    return Err(KvError::conflict(format!(
+                        "The system-assigned identity {oid} of '{name}' is in use ({usage}). \
+                         Turning it off would break that access; remove the grant first, or keep \
+                         the identity."
+                    ))
+                    .with_inner("SystemAssignedIdentityInUse"));
+                }
+                deleted.push(oid);
+                None
+            }
+            (false, None) => None,
+        };
+        let mut uas = serde_json::Map::new();
+        if user {
+            let named = input
+                .get("userAssignedIdentities")
+                .and_then(Value::as_object)
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| bad("identity.userAssignedIdentities must name at least one identity."))?;
+            let d = self.dir();
+            for id in named.keys() {
+                let (_, body) = d
+                    .resources
+                    .get(&id.to_ascii_lowercase())
+                    .filter(|(r, _)| r.resource_type == UAMI_TYPE)
+                    .ok_or_else(|| bad(format!("User-assigned identity '{}' does not exist.", kagi_core::ids::printable(id))))?;
+                uas.insert(
+                    body["id"].as_str().unwrap_or(id).to_string(),
+                    json!({"principalId": body["properties"]["principalId"], "clientId": body["properties"]["clientId"]}),
+                );
+            }
+        }
+        let type_name = match (system, user) {
+            (true, true) => "SystemAssigned, UserAssigned",
+            (true, false) => "SystemAssigned",
+            (false, true) => "UserAssigned",
+            (false, false) => "None",
+        };
+        let mut identity = json!({"type": type_name});
+        if let Some(oid) = system_oid {
+            identity["principalId"] = json!(oid);
+            identity["tenantId"] = json!(caller.tenant_id);
+        }
+        if user {
+            identity["userAssignedIdentities"] = Value::Object(uas);
+        }
+        Ok((identity, created, deleted))
+    }
+
+    /// Where a principal is granted access, if anywhere (for the "in use" rule of ID-1).
+    fn principal_usage(&self, oid: &str) -> Option<String> {
+        if let Some(a) = self.dir().assignments.iter().find(|a| a.principal_id.eq_ignore_ascii_case(oid)) {
+            return Some(format!("role assignment {} at {}", a.id, a.scope));
+        }
+        for v in self.all_vaults() {
+            let r = v.record();
+            if r.deleted_at.is_none() && r.properties.access_policies.iter().any(|p| p.object_id.eq_ignore_ascii_case(oid)) {
+                return Some(format!("access policy on vault {}", r.name));
+            }
+        }
+        None
+    }
+
+    /// `GET` of a user-assigned identity or workload.
+    pub fn get_identity_resource(&self, caller: &Principal, sub: &str, rg: &str, resource_type: &str, name: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let key = format!("/subscriptions/{sub}/resourcegroups/{rg}/providers/{resource_type}/{name}").to_ascii_lowercase();
+        self.dir()
+            .resources
+            .get(&key)
+            .map(|(_, b)| b.clone())
+            .ok_or_else(|| KvError::new(ErrorCode::ResourceNotFound, format!("The Resource '{resource_type}/{name}' under resource group '{rg}' was not found.")))
+    }
+
+    /// Lists user-assigned identities or workloads of a resource group.
+    pub fn list_identity_resources(&self, caller: &Principal, sub: &str, rg: &str, resource_type: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let prefix = format!("/subscriptions/{sub}/resourcegroups/{rg}/providers/{resource_type}/").to_ascii_lowercase();
+        let mut value: Vec<Value> = self
+            .dir()
+            .resources
+            .iter()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, (_, b))| b.clone())
+            .collect();
+        value.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        Ok(json!({ "value": value }))
+    }
+
+    /// `DELETE` of a user-assigned identity or workload: its system-assigned identity goes
+    /// with it. 200 when deleted, 204 when absent.
+    pub async fn delete_identity_resource(&self, caller: &Principal, sub: &str, rg: &str, resource_type: &str, name: &str) -> Result<u16, KvError> {
+        self.require_admin(caller)?;
+        let key = format!("/subscriptions/{sub}/resourcegroups/{rg}/providers/{resource_type}/{name}").to_ascii_lowercase();
+        let Some((_, body)) = self.dir().resources.get(&key).cloned() else {
+            return Ok(204);
+        };
+        self.check_not_locked(&key, "delete")?;
+        let mut gone = Vec::new();
+        if let Some(oid) = body["identity"]["principalId"].as_str() {
+            gone.push(oid.to_string());
+        }
+        if let Some(oid) = body["properties"]["principalId"].as_str() {
+            gone.push(oid.to_string());
+        }
+        self.store.delete_resource(&key, &gone).await.map_err(|e| internal("delete resource", e))?;
+        let mut d = self.dir_mut();
+        d.resources.remove(&key);
+        for oid in gone {
+            d.principals.remove(&oid);
+        }
+        tracing::info!(resource = %key, "resource deleted");
+        Ok(200)
+    }
+
+    /// Binds a process to a resource: returns the environment (`IDENTITY_ENDPOINT`,
+    /// `IDENTITY_HEADER`, `AZURE_POD_IDENTITY_AUTHORITY_HOST`, and `AZURE_CLIENT_ID` when a
+    /// user-assigned identity is named) with which it gets tokens for that resource's
+    /// identities, and for nothing else.
+    pub async fn bind_workload(&self, caller: &Principal, resource_id: &str, client_id: Option<&str>) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let key = resource_id.trim_end_matches('/').to_ascii_lowercase();
+        let body = self
+            .dir()
+            .resources
+            .get(&key)
+            .map(|(_, b)| b.clone())
+            .ok_or_else(|| KvError::new(ErrorCode::ResourceNotFound, format!("Resource '{}' does not exist.", kagi_core::ids::printable(resource_id))))?;
+        let identities = self.resource_identities(&key, &body);
+        if identities.is_empty() {
+            return Err(bad("The resource has no managed identity; set identity.type first."));
+        }
+        if let Some(cid) = client_id
+            && !identities.iter().any(|p| p.client_id.eq_ignore_ascii_case(cid))
+        {
+            return Err(bad(format!("No identity with client id '{}' is assigned to this resource.", kagi_core::ids::printable(cid))));
+        }
+        let secret = new_secret()?;
+        self.store
+            .put_binding(&kagi_identity::hash_secret(&secret), &key, self.clock.now())
+            .await
+            .map_err(|e| internal("bind workload", e))?;
+        let a = self.config.authority();
+        let mut env = json!({
+            "IDENTITY_ENDPOINT": format!("{a}/msi/token"),
+            "IDENTITY_HEADER": secret,
+            "AZURE_POD_IDENTITY_AUTHORITY_HOST": format!("{a}/imds/{secret}"),
+        });
+        if let Some(cid) = client_id {
+            env["AZURE_CLIENT_ID"] = json!(cid);
+        }
+        Ok(env)
+    }
+
+    /// The identities assigned to a resource: system-assigned first, then user-assigned.
+    fn resource_identities(&self, key: &str, body: &Value) -> Vec<PrincipalRecord> {
+        let d = self.dir();
+        let mut out = Vec::new();
+        if let Some(oid) = body["identity"]["principalId"].as_str()
+            && let Some(p) = d.principals.get(oid)
+        {
+            out.push(p.clone());
+        }
+        if let Some(map) = body["identity"]["userAssignedIdentities"].as_object() {
+            for v in map.values() {
+                if let Some(p) = v["principalId"].as_str().and_then(|oid| d.principals.get(oid)) {
+                    out.push(p.clone());
+                }
+            }
+        }
+        if let Some(oid) = body["properties"]["principalId"].as_str()
+            && body["type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case(UAMI_TYPE))
+            && let Some(p) = d.principals.get(oid)
+        {
+            out.push(p.clone());
+        }
+        let _ = key;
+        out
+    }
+
+    /// Answers a managed-identity token request (App Service or IMDS style): `binding` is the
+    /// workload's secret; `selector` picks a user-assigned identity by client id, object id or
+    /// resource id (none: the system-assigned one, or the only one).
+    pub async fn managed_identity_token(
+        &self,
+        binding: &str,
+        resource: &str,
+        selector: Option<(&str, &str)>,
+    ) -> Result<TokenGrant, KvError> {
+        let unknown = || KvError::unauthorized("The identity header is not valid for any resource.");
+        if binding.is_empty() || binding.len() > 256 {
+            return Err(unknown());
+        }
+        let key = self
+            .store
+            .binding_resource(&kagi_identity::hash_secret(binding))
+            .await
+            .map_err(|e| internal("binding lookup", e))?
+            .ok_or_else(unknown)?;
+        let body = self.dir().resources.get(&key).map(|(_, b)| b.clone()).ok_or_else(unknown)?;
+        let ids = self.resource_identities(&key, &body);
+        let chosen = match selector {
+            Some((field, value)) => ids.iter().find(|p| match field {
+                "client_id" => p.client_id.eq_ignore_ascii_case(value),
+                "object_id" | "principal_id" => p.object_id.eq_ignore_ascii_case(value),
+                "mi_res_id" | "msi_res_id" => p.resource_id.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(value)),
+                _ => false,
+            }),
+            None => ids.iter().find(|p| p.kind == kind::SYSTEM_ASSIGNED).or(if ids.len() == 1 { ids.first() } else { None }),
+        }
+        .cloned()
+        .ok_or_else(|| {
+            bad("No managed identity of this resource matches the request (name one by client_id when several are assigned).")
+                .with_inner("IdentityNotFound")
+        })?;
+        let audience = resource.trim_end_matches("/.default");
+        if audience.trim_end_matches('/') != self.config.authority() {
+            return Err(bad(format!("kagi issues tokens for the resource {} only.", self.config.authority())).with_inner("InvalidResource"));
+        }
+        let grant = self
+            .issue(
+                &Principal {
+                    tenant_id: chosen.tenant_id.clone(),
+                    object_id: chosen.object_id.clone(),
+                    client_id: chosen.client_id.clone(),
+                    kind: chosen.kind.clone(),
+                    network_address: None,
+                },
+                audience,
+            )
+            .map_err(|_| internal("issue", "token"))?;
+        tracing::info!(object_id = %chosen.object_id, resource = %key, "managed identity token issued");
+        Ok(grant)
+    }
+
+    /// The seconds-since-epoch at which a token issued now expires.
+    pub fn token_expires_on(&self) -> i64 {
+        self.clock.now() + TOKEN_LIFETIME - 1
+    }
+
+    // ----- RBAC -----
+
+    fn role_definition(&self, guid: &str) -> Option<RoleDefinitionProperties> {
+        builtin_roles()
+            .into_iter()
+            .find(|(g, _)| g.eq_ignore_ascii_case(guid))
+            .map(|(_, r)| r)
+            .or_else(|| self.dir().custom_roles.get(&guid.to_ascii_lowercase()).map(|(_, r)| r.clone()))
+    }
+
+    /// Whether a role assignment of `oid` at a scope containing `scope` grants `action`.
+    fn rbac_allows(&self, oid: &str, scope: &str, action: &str) -> bool {
+        let target = Scope::parse(scope).ok();
+        let d = self.dir();
+        d.assignments.iter().any(|a| {
+            a.principal_id.eq_ignore_ascii_case(oid)
+                && target.as_ref().is_some_and(|t| Scope::parse(&a.scope).is_ok_and(|s| s.contains(t)))
+                && builtin_roles()
+                    .into_iter()
+                    .find(|(g, _)| g.eq_ignore_ascii_case(&a.role_definition_id))
+                    .map(|(_, r)| r)
+                    .or_else(|| d.custom_roles.get(&a.role_definition_id).map(|(_, r)| r.clone()))
+                    .is_some_and(|r| r.grants_data_action(action))
+        })
+    }
+
+    /// The firewall decision for a caller.
+    fn firewall_allows(&self, caller: &Principal, record: &VaultRecord) -> Result<(), KvError> {
+        let acls = record.properties.network_acls.as_ref();
+        let public_disabled = record.properties.public_network_access.eq_ignore_ascii_case("Disabled");
+        let deny_default = acls.is_some_and(|a| a.default_action.eq_ignore_ascii_case("Deny"));
+        if !public_disabled && !deny_default {
+            return Ok(());
+        }
+        let trusted = acls.is_some_and(|a| a.bypass.eq_ignore_ascii_case("AzureServices")) && self.is_trusted_service(&caller.object_id);
+        if trusted {
+            return Ok(());
+        }
+        let ip: Option<IpAddr> = caller.network_address;
+        if !public_disabled
+            && let (Some(ip), Some(acls)) = (ip, acls)
+            && acls.ip_rules.iter().any(|r| kagi_core::access::IpRange::parse(&r.value).is_ok_and(|range| range.contains(ip)))
+        {
+            return Ok(());
+        }
+        Err(KvError::forbidden(format!(
+            "Client address is not authorized and caller is not a trusted service.\r\nClient address: {}\r\nCaller: appid={};oid={}\r\nVault: {};location={}",
+            ip.map(|i| i.to_string()).unwrap_or_else(|| "unknown".into()),
+            caller.client_id,
+            caller.object_id,
+            record.name,
+            record.location
+        ))
+        .with_inner("ForbiddenByFirewall"))
+    }
+
+    fn is_trusted_service(&self, oid: &str) -> bool {
+        let d = self.dir();
+        d.principals.get(oid).is_some_and(|p| {
+            p.kind == kind::SYSTEM_ASSIGNED
+                && p.resource_id.as_deref().and_then(|r| d.resources.get(r)).is_some_and(|(r, _)| {
+                    TRUSTED_SERVICE_TYPES.contains(&r.resource_type.to_ascii_lowercase().as_str())
+                })
+        })
+    }
+
+    /// Decides whether `caller` may do `action` on the vault (or on one of its objects):
+    /// tenant, firewall, then the vault's access model — access policies, or role assignments
+    /// at any scope from the subscription down to the object.
+    pub(crate) fn authorize_object(
+        &self,
+        caller: &Principal,
+        record: &VaultRecord,
+        action: DataAction,
+        object: Option<(&str, &str)>,
+    ) -> Result<(), KvError> {
+        if !caller.tenant_id.eq_ignore_ascii_case(record.properties.tenant_id.as_str()) {
+            return Err(KvError::unauthorized(format!(
+                "AKV10032: Invalid issuer. Expected one of {}/{}/v2.0, found {}/{}/v2.0.",
+                self.config.authority(),
+                record.properties.tenant_id,
+                self.config.authority(),
+                caller.tenant_id
+            )));
+        }
+        self.firewall_allows(caller, record)?;
+        if caller.object_id == self.admin_object_id {
+            return Ok(());
+        }
+        let who = format!("appid={};oid={}", caller.client_id, caller.object_id);
+        if record.properties.enable_rbac_authorization {
+            let wanted = data_action(action);
+            if self.rbac_allows(&caller.object_id, &object_scope(record, object), wanted) {
+                return Ok(());
+            }
+            return Err(KvError::forbidden(format!(
+                "Caller is not authorized to perform action on resource.\r\nIf role assignments, \
+                 deny assignments or role definitions were changed recently, please observe \
+                 propagation time.\r\nCaller: {who}\r\nAction: '{wanted}'\r\nResource: '{}'",
+                object_scope(record, object)
+            ))
+            .with_inner("ForbiddenByRbac"));
+        }
+        let c = Caller {
+            tenant_id: caller.tenant_id.clone(),
+            object_id: caller.object_id.clone(),
+            application_id: Some(caller.client_id.clone()),
+        };
+        if access_policies_allow(&record.properties, &c, action) {
+            return Ok(());
+        }
+        Err(KvError::forbidden(format!(
+            "The user, group or application '{who}' does not have {} {} permission on key vault \
+             '{};location={}'.",
+            match action {
+                DataAction::Key(_) => "keys",
+                DataAction::Secret(_) => "secrets",
+                DataAction::Random => "",
+            },
+            action.name(),
+            record.name,
+            record.location
+        ))
+        .with_inner("ForbiddenByPolicy"))
+    }
+
+    fn check_scope_exists(&self, scope: &Scope) -> Result<(), KvError> {
+        let segs: Vec<&str> = scope.as_str().split('/').collect();
+        if segs.len() > 8 && segs[5] == "providers" && segs[6] == "microsoft.keyvault" && segs[7] == "vaults" {
+            let name = kagi_core::VaultName::parse(segs[8]).map_err(|_| bad("The vault in the scope does not exist."))?;
+            self.live_vault(&name).map_err(|_| bad("The vault in the scope does not exist.").with_inner("InvalidScope"))?;
+        } else if segs.len() > 8 && segs[5] == "providers" {
+            let id = segs[..9].join("/");
+            if !self.dir().resources.contains_key(&id) {
+                return Err(bad(format!("The resource '{id}' in the scope does not exist.")).with_inner("InvalidScope"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `PUT {scope}/providers/Microsoft.Authorization/roleAssignments/{guid}`.
+    pub async fn put_role_assignment(&self, caller: &Principal, scope: &str, id: &str, input: Value) -> Result<(u16, Value), KvError> {
+        self.require_admin(caller)?;
+        let scope = Scope::parse(scope)?;
+        self.check_scope_exists(&scope)?;
+        let id = guid(id)?;
+        let props = input.get("properties").ok_or_else(|| bad("The property \"properties\" is required."))?;
+        let role = role_guid(props.get("roleDefinitionId").and_then(Value::as_str).ok_or_else(|| bad("properties.roleDefinitionId is required."))?)?;
+        if self.role_definition(&role).is_none() {
+            return Err(bad(format!("The role definition '{role}' does not exist.")).with_inner("RoleDefinitionDoesNotExist"));
+        }
+        let principal = guid(props.get("principalId").and_then(Value::as_str).ok_or_else(|| bad("properties.principalId is required."))?)?;
+        if !self.dir().principals.contains_key(&principal) {
+            return Err(bad(format!("Principal {principal} does not exist in the directory {}.", caller.tenant_id)).with_inner("PrincipalNotFound"));
+        }
+        if let Some(existing) = self.dir().assignments.iter().find(|a| a.id == id) {
+            if existing.principal_id == principal && existing.role_definition_id == role && existing.scope == scope.as_str() {
+                return Ok((200, assignment_json(existing)));
+            }
+            return Err(KvError::conflict("A role assignment with this id already exists with other properties.").with_inner("RoleAssignmentUpdateNotPermitted"));
+        }
+        if self.dir().assignments.iter().any(|a| a.principal_id == principal && a.role_definition_id == role && a.scope == scope.as_str()) {
+            return Err(KvError::conflict("The role assignment already exists.").with_inner("RoleAssignmentExists"));
+        }
+        let rec = RoleAssignmentRecord { id, scope: scope.as_str().to_string(), principal_id: principal, role_definition_id: role, created: self.clock.now() };
+        self.store.put_role_assignment(&rec).await.map_err(|e| internal("put role assignment", e))?;
+        self.dir_mut().assignments.push(rec.clone());
+        tracing::info!(assignment = %rec.id, scope = %rec.scope, "role assignment created");
+        Ok((201, assignment_json(&rec)))
+    }
+
+    /// `GET` of one role assignment.
+    pub fn get_role_assignment(&self, caller: &Principal, id: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let id = guid(id)?;
+        self.dir()
+            .assignments
+            .iter()
+            .find(|a| a.id == id)
+            .map(assignment_json)
+            .ok_or_else(|| KvError::new(ErrorCode::NotFound, "The role assignment does not exist.").with_inner("RoleAssignmentNotFound"))
+    }
+
+    /// Lists role assignments at or below a scope (and above it: those that apply to it).
+    pub fn list_role_assignments(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let scope = Scope::parse(scope)?;
+        let value: Vec<Value> = self
+            .dir()
+            .assignments
+            .iter()
+            .filter(|a| Scope::parse(&a.scope).is_ok_and(|s| s.contains(&scope) || scope.contains(&s)))
+            .map(assignment_json)
+            .collect();
+        Ok(json!({ "value": value }))
+    }
+
+    /// `DELETE` of a role assignment: the next request of that principal is decided without it.
+    pub async fn delete_role_assignment(&self, caller: &Principal, id: &str) -> Result<(u16, Value), KvError> {
+        self.require_admin(caller)?;
+        let id = guid(id)?;
+        let Some(rec) = self.dir().assignments.iter().find(|a| a.id == id).cloned() else {
+            return Ok((204, Value::Null));
+        };
+        self.store.delete_role_assignment(&id).await.map_err(|e| internal("delete role assignment", e))?;
+        self.dir_mut().assignments.retain(|a| a.id != id);
+        tracing::info!(assignment = %id, "role assignment deleted");
+        Ok((200, assignment_json(&rec)))
+    }
+
+    /// `PUT {scope}/providers/Microsoft.Authorization/roleDefinitions/{guid}`: a custom role.
+    pub async fn put_role_definition(&self, caller: &Principal, scope: &str, id: &str, input: Value) -> Result<(u16, Value), KvError> {
+        self.require_admin(caller)?;
+        let scope = Scope::parse(scope)?;
+        let id = guid(id)?;
+        if builtin_roles().iter().any(|(g, _)| *g == id) {
+            return Err(KvError::forbidden("Built-in role definitions cannot be changed.").with_inner("RoleDefinitionNotEditable"));
+        }
+        let mut props: RoleDefinitionProperties = serde_json::from_value(input.get("properties").cloned().unwrap_or(Value::Null))
+            .map_err(|e| bad(format!("The role definition is not valid: {}", e.to_string().chars().take(200).collect::<String>())))?;
+        props.role_type = "CustomRole".into();
+        if props.assignable_scopes.is_empty() {
+            props.assignable_scopes = vec![scope.as_str().to_string()];
+        }
+        props.validate()?;
+        let existed = self.dir().custom_roles.contains_key(&id);
+        let rec = RoleDefinitionRecord { id: id.clone(), scope: scope.as_str().to_string(), body: serde_json::to_string(&props).map_err(|e| internal("role", e))? };
+        self.store.put_role_definition(&rec).await.map_err(|e| internal("put role definition", e))?;
+        self.dir_mut().custom_roles.insert(id.clone(), (rec.scope.clone(), props.clone()));
+        Ok((if existed { 200 } else { 201 }, role_json(&rec.scope, &id, &props)))
+    }
+
+    /// Lists role definitions (built-in and custom) visible at a scope.
+    pub fn list_role_definitions(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let scope = Scope::parse(scope)?;
+        let mut value: Vec<Value> = builtin_roles().iter().map(|(g, r)| role_json(scope.as_str(), g, r)).collect();
+        for (g, (_, r)) in &self.dir().custom_roles {
+            value.push(role_json(scope.as_str(), g, r));
+        }
+        Ok(json!({ "value": value }))
+    }
+
+    /// `GET` of one role definition.
+    pub fn get_role_definition(&self, caller: &Principal, scope: &str, id: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let scope = Scope::parse(scope)?;
+        let id = guid(id)?;
+        self.role_definition(&id)
+            .map(|r| role_json(scope.as_str(), &id, &r))
+            .ok_or_else(|| KvError::new(ErrorCode::NotFound, "The role definition does not exist.").with_inner("RoleDefinitionDoesNotExist"))
+    }
+
+    /// `DELETE` of a custom role definition; refused while assigned.
+    pub async fn delete_role_definition(&self, caller: &Principal, id: &str) -> Result<u16, KvError> {
+        self.require_admin(caller)?;
+        let id = guid(id)?;
+        if builtin_roles().iter().any(|(g, _)| *g == id) {
+            return Err(KvError::forbidden("Built-in role definitions cannot be deleted.").with_inner("RoleDefinitionNotEditable"));
+        }
+        if !self.dir().custom_roles.contains_key(&id) {
+            return Ok(204);
+        }
+        if self.dir().assignments.iter().any(|a| a.role_definition_id == id) {
+            return Err(KvError::conflict("The role definition is assigned; delete its assignments first.").with_inner("RoleDefinitionHasAssignments"));
+        }
+        self.store.delete_role_definition(&id).await.map_err(|e| internal("delete role definition", e))?;
+        self.dir_mut().custom_roles.remove(&id);
+        Ok(200)
+    }
+
+    // ----- locks -----
+
+    /// `PUT {scope}/providers/Microsoft.Authorization/locks/{name}`.
+    pub async fn put_lock(&self, caller: &Principal, scope: &str, name: &str, input: Value) -> Result<(u16, Value), KvError> {
+        self.require_admin(caller)?;
+        let scope = Scope::parse(scope)?;
+        self.check_scope_exists(&scope)?;
+        if name.is_empty() || name.len() > 90 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(bad("Lock names are 1-90 letters, digits, '-', '_' and '.'."));
+        }
+        let props = input.get("properties").cloned().unwrap_or(Value::Null);
+        let level = match props.get("level").and_then(Value::as_str) {
+            Some(l) if l.eq_ignore_ascii_case("CanNotDelete") => "CanNotDelete",
+            Some(l) if l.eq_ignore_ascii_case("ReadOnly") => "ReadOnly",
+            _ => return Err(bad("properties.level must be CanNotDelete or ReadOnly.")),
+        };
+        let notes = props.get("notes").and_then(Value::as_str).unwrap_or("").chars().take(512).collect::<String>();
+        let id = format!("{}/providers/microsoft.authorization/locks/{}", scope.as_str(), name.to_ascii_lowercase());
+        let existed = self.dir().locks.iter().any(|l| l.id == id);
+        let rec = LockRecord { id: id.clone(), scope: scope.as_str().to_string(), name: name.to_string(), level: level.into(), notes };
+        self.store.put_lock(&rec).await.map_err(|e| internal("put lock", e))?;
+        {
+            let mut d = self.dir_mut();
+            d.locks.retain(|l| l.id != id);
+            d.locks.push(rec.clone());
+        }
+        tracing::info!(lock = %id, "lock set");
+        Ok((if existed { 200 } else { 201 }, lock_json(&rec)))
+    }
+
+    /// Lists locks at or above a scope.
+    pub fn list_locks(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let scope = Scope::parse(scope)?;
+        let value: Vec<Value> = self
+            .dir()
+            .locks
+            .iter()
+            .filter(|l| Scope::parse(&l.scope).is_ok_and(|s| s.contains(&scope) || scope.contains(&s)))
+            .map(lock_json)
+            .collect();
+        Ok(json!({ "value": value }))
+    }
+
+    /// `GET` of a lock.
+    pub fn get_lock(&self, caller: &Principal, scope: &str, name: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let scope = Scope::parse(scope)?;
+        let id = format!("{}/providers/microsoft.authorization/locks/{}", scope.as_str(), name.to_ascii_lowercase());
+        self.dir()
+            .locks
+            .iter()
+            .find(|l| l.id == id)
+            .map(lock_json)
+            .ok_or_else(|| KvError::new(ErrorCode::NotFound, "The lock does not exist.").with_inner("LockNotFound"))
+    }
+
+    /// `DELETE` of a lock.
+    pub async fn delete_lock(&self, caller: &Principal, scope: &str, name: &str) -> Result<u16, KvError> {
+        self.require_admin(caller)?;
+        let scope = Scope::parse(scope)?;
+        let id = format!("{}/providers/microsoft.authorization/locks/{}", scope.as_str(), name.to_ascii_lowercase());
+        if !self.dir().locks.iter().any(|l| l.id == id) {
+            return Ok(204);
+        }
+        self.store.delete_lock(&id).await.map_err(|e| internal("delete lock", e))?;
+        self.dir_mut().locks.retain(|l| l.id != id);
+        tracing::info!(lock = %id, "lock removed");
+        Ok(200)
+    }
+
+    /// Refuses `operation` on `scope` when a lock at or above it forbids it: every lock
+    /// forbids deletion; a ReadOnly lock also forbids changes.
+    pub(crate) fn check_not_locked(&self, scope: &str, operation: &str) -> Result<(), KvError> {
+        let Ok(target) = Scope::parse(scope) else {
+            return Ok(());
+        };
+        let d = self.dir();
+        let locked: Vec<&LockRecord> = d
+            .locks
+            .iter()
+            .filter(|l| (operation == "delete" || l.level == "ReadOnly") && Scope::parse(&l.scope).is_ok_and(|s| s.contains(&target)))
+            .collect();
+        if locked.is_empty() {
+            return Ok(());
+        }
+        Err(KvError::conflict(format!(
+            "The scope '{}' cannot perform {operation} operation because following scope(s) are locked: '{}'. Please remove the lock and try again.",
+            target.as_str(),
+            locked.iter().map(|l| l.scope.as_str()).collect::<Vec<_>>().join("', '")
+        ))
+        .with_inner("ScopeLocked"))
+    }
+}
+
+fn principal_json(p: &PrincipalRecord) -> Value {
+    json!({
+        "objectId": p.object_id,
+        "clientId": p.client_id,
+        "tenantId": p.tenant_id,
+        "displayName": p.display_name,
+        "principalType": p.kind,
+        "resourceId": p.resource_id,
+        "createdDateTime": rfc3339(p.created),
+    })
+}
+
+fn assignment_json(a: &RoleAssignmentRecord) -> Value {
+    json!({
+        "id": format!("{}/providers/Microsoft.Authorization/roleAssignments/{}", a.scope, a.id),
+        "name": a.id,
+        "type": "Microsoft.Authorization/roleAssignments",
+        "properties": {
+            "roleDefinitionId": format!("/providers/Microsoft.Authorization/roleDefinitions/{}", a.role_definition_id),
+            "principalId": a.principal_id,
+            "scope": a.scope,
+            "createdOn": rfc3339(a.created),
+        },
+    })
+}
+
+fn role_json(scope: &str, id: &str, r: &RoleDefinitionProperties) -> Value {
+    let prefix = if scope == "/" { String::new() } else { scope.to_string() };
+    json!({
+        "id": format!("{prefix}/providers/Microsoft.Authorization/roleDefinitions/{id}"),
+        "name": id,
+        "type": "Microsoft.Authorization/roleDefinitions",
+        "properties": r,
+    })
+}
+
+fn lock_json(l: &LockRecord) -> Value {
+    json!({
+        "id": format!("{}/providers/Microsoft.Authorization/locks/{}", l.scope, l.name),
+        "name": l.name,
+        "type": "Microsoft.Authorization/locks",
+        "properties": {"level": l.level, "notes": l.notes},
+    })
+}
