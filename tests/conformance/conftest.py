@@ -548,3 +548,99 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+# --------------------------------------------------------------------------------------------
+# identities and authorization helpers (test_identity.py, test_authz_matrix.py)
+# --------------------------------------------------------------------------------------------
+
+IDENTITY_API = "2023-01-31"  # Microsoft.ManagedIdentity and Kagi.Compute resources
+AUTHZ_API = "2022-04-01"  # Microsoft.Authorization (roleAssignments, roleDefinitions)
+LOCKS_API = "2020-05-01"  # Microsoft.Authorization/locks
+
+
+def inner_code(resp: requests.Response) -> Optional[str]:
+    """error.innererror.code of an Azure error body, or None."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    err = body.get("error") if isinstance(body, dict) else None
+    inner = err.get("innererror") if isinstance(err, dict) else None
+    return inner.get("code") if isinstance(inner, dict) else None
+
+
+def create_sp(srv: KagiServer, name: Optional[str] = None) -> dict:
+    """POST /v1.0/servicePrincipals as the admin; returns {objectId, clientId, clientSecret, tenantId, ...}."""
+    r = srv.request("POST", f"{srv.base}/v1.0/servicePrincipals", json={"displayName": name or random_name("sp", 12)})
+    assert r.status_code == 201, f"service principal POST: {r.status_code} {r.text[:500]}"
+    return r.json()
+
+
+def delete_sp(srv: KagiServer, object_id: str) -> requests.Response:
+    return srv.request("DELETE", f"{srv.base}/v1.0/servicePrincipals/{object_id}")
+
+
+def sp_credential(srv: KagiServer, sp: dict, secret: Optional[str] = None):
+    """An unmodified azure-identity ClientSecretCredential for a service principal."""
+    from azure.identity import ClientSecretCredential
+
+    return ClientSecretCredential(
+        sp["tenantId"],
+        sp["clientId"],
+        secret if secret is not None else sp["clientSecret"],
+        authority=srv.base,
+        disable_instance_discovery=True,
+        connection_verify=str(srv.ca_path),
+    )
+
+
+def sp_token(srv: KagiServer, sp: dict) -> str:
+    """A raw client-credentials token for a service principal (no SDK cache)."""
+    r = requests.post(
+        f"{srv.base}/{sp['tenantId']}/oauth2/v2.0/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": sp["clientId"],
+            "client_secret": sp["clientSecret"],
+            "scope": srv.scope,
+        },
+        verify=str(srv.ca_path),
+        timeout=30,
+    )
+    assert r.status_code == 200, f"token for {sp['clientId']}: {r.status_code} {r.text[:300]}"
+    return r.json()["access_token"]
+
+
+def role_definition_id(srv: KagiServer, role_guid: str) -> str:
+    return f"/subscriptions/{srv.subscription_id}/providers/Microsoft.Authorization/roleDefinitions/{role_guid}"
+
+
+def put_role_assignment(
+    srv: KagiServer, scope: str, role_guid: str, principal_id: str, assignment_id: Optional[str] = None
+) -> requests.Response:
+    """PUT {scope}/providers/Microsoft.Authorization/roleAssignments/{guid}; returns the raw response."""
+    import uuid
+
+    aid = assignment_id or str(uuid.uuid4())
+    return srv.request(
+        "PUT",
+        srv.arm(f"{scope}/providers/Microsoft.Authorization/roleAssignments/{aid}", AUTHZ_API),
+        json={"properties": {"roleDefinitionId": role_definition_id(srv, role_guid), "principalId": principal_id}},
+    )
+
+
+def assign_role(srv: KagiServer, scope: str, role_guid: str, principal_id: str) -> str:
+    """Creates a role assignment (asserting 201); returns its ARM id (for DELETE)."""
+    r = put_role_assignment(srv, scope, role_guid, principal_id)
+    assert r.status_code == 201, f"role assignment at {scope}: {r.status_code} {r.text[:500]}"
+    return r.json()["id"]
+
+
+def update_vault_properties(srv: KagiServer, vault: "Vault", **props) -> requests.Response:
+    """PUT the vault again with the given properties (kagi merges properties on PUT)."""
+    body = {
+        "location": LOCATION,
+        "properties": {"tenantId": srv.tenant_id, "sku": {"family": "A", "name": "standard"}, **props},
+    }
+    return srv.request("PUT", srv.arm(srv.vault_path(vault.rg, vault.name)), json=body)

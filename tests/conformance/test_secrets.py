@@ -487,3 +487,57 @@ def test_clock_expires_secrets_and_purges_after_retention(clock_kagi):
         c.get_deleted_secret("doomed")
     # the name is free again
     assert c.set_secret("doomed", "reborn").value == "reborn"
+
+
+# ---------------------------------------------------------------------------------------------
+# durability and vault lifecycle
+# ---------------------------------------------------------------------------------------------
+
+
+def test_secrets_survive_kill9_and_are_sealed_at_rest(private_kagi):
+    srv = private_kagi
+    v = srv.create_vault()
+    c = srv.secret_client(v.url)
+    marker = "plaintext-marker-" + "5e1f0c9a7d3b"
+    first = c.set_secret("durable", marker, content_type="text/plain", tags={"a": "b"})
+    c.set_secret("durable", marker + "-v2")
+    c.set_secret("gone", "x")
+    _delete(c, "gone")
+
+    srv.restart(hard=True)
+    srv._credential = None
+    c = srv.secret_client(v.url)
+    assert c.get_secret("durable").value == marker + "-v2"
+    old = c.get_secret("durable", first.properties.version)
+    assert old.value == marker and old.properties.tags == {"a": "b"}
+    assert c.get_deleted_secret("gone").name == "gone"
+
+    data = b""
+    for f in ("kagi.db", "kagi.db-wal"):
+        p = srv.data_dir / f
+        if p.exists():
+            data += p.read_bytes()
+    assert len(data) > 4096
+    assert marker.encode() not in data, "secret value stored in the clear"
+
+
+def test_secrets_follow_their_vault_through_soft_delete(kagi, make_vault):
+    v = make_vault()
+    c = kagi.secret_client(v.url)
+    c.set_secret("inside", "v")
+    r = kagi.delete_vault(v.name)
+    assert r.status_code == 200, r.text
+    r = kagi.recover_vault(v.name)
+    assert r.status_code in (200, 201), r.text
+    assert kagi.secret_client(v.url).get_secret("inside").value == "v"
+
+
+def test_raw_routes_and_methods(vault, secrets):
+    secrets.set_secret("routed", "v")
+    assert vault.raw("GET", "/secrets/routed").json()["value"] == "v"  # without the trailing slash
+    assert vault.raw("POST", "/secrets/routed").status_code == 405
+    assert vault.raw("GET", "/secrets/routed/versions/extra").status_code == 404
+    assert vault.raw("PUT", "/deletedsecrets/routed", json={}).status_code == 405
+    r = vault.raw("GET", "/secrets/routed/not-a-version")
+    assert r.status_code == 400, r.text
+    assert vault.raw("GET", "/secrets", api_version="2026-04-02").status_code == 400

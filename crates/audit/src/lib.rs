@@ -25,8 +25,8 @@ pub use chain::{GENESIS_HASH, canonical_json, sha256_hex};
 pub use operation::{data_plane_operation, management_operation};
 pub use reader::{AuditEntry, Filter, Query, VerifyError, VerifyReport, query, verify};
 pub use record::{
-    AuditRecord, Claim, Identity, RequestProperties, ResultType, new_correlation_id,
-    reason_phrase, sane_correlation_id,
+    AuditRecord, Claim, Identity, RequestProperties, ResultType, new_correlation_id, reason_phrase,
+    sane_correlation_id,
 };
 pub use timefmt::{format_rfc3339_ms, now_unix_ms, parse_rfc3339_ms};
 pub use writer::{AUDIT_DIR, AUDIT_FILE, AuditConfig, AuditError, AuditLog, FAIL_FILE_ENV};

@@ -72,16 +72,15 @@ fn crypto_operation(segment: &str) -> Option<&'static str> {
 
 /// The operation name of a request to the management host (ARM, token endpoints).
 pub fn management_operation(method: &str, path: &str) -> String {
-    let segs: Vec<&str> = path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
     let m = method.to_ascii_uppercase();
     // Token endpoints: Entra's, IMDS and the App Service style identity endpoint.
-    if matches!(l.as_slice(), [.., "oauth2", "token"] | [.., "oauth2", "v2.0", "token"])
-        || l.first() == Some(&"msi")
+    if matches!(
+        l.as_slice(),
+        [.., "oauth2", "token"] | [.., "oauth2", "v2.0", "token"]
+    ) || l.first() == Some(&"msi")
     {
         return "Authentication".into();
     }
@@ -91,6 +90,20 @@ pub fn management_operation(method: &str, path: &str) -> String {
         }
         [_, "discovery", "v2.0", "keys"] | [_, "discovery", "keys"] => return "JwksGet".into(),
         ["kagi", "test", "clock"] => return "TestClockAdvance".into(),
+        // Graph-shaped directory: `/v1.0/servicePrincipals[/{id}[/addPassword]]`.
+        ["v1.0", ..] if segs.len() >= 2 => {
+            let verb = match (m.as_str(), segs.len()) {
+                ("GET" | "HEAD", _) => "read",
+                ("DELETE", _) => "delete",
+                ("POST", n) if n >= 4 => "action",
+                _ => "write",
+            };
+            return if segs.len() >= 4 {
+                format!("Microsoft.Graph/{}/{}/{verb}", segs[1], segs[3])
+            } else {
+                format!("Microsoft.Graph/{}/{verb}", segs[1])
+            };
+        }
         _ => {}
     }
     // ARM: the resource types after the last `providers` segment (or the subscription and
@@ -101,15 +114,12 @@ pub fn management_operation(method: &str, path: &str) -> String {
         "POST" => "action",
         _ => "write",
     };
-    let (namespace, rest): (String, &[&str]) =
-        match l.iter().rposition(|s| *s == "providers") {
-            Some(i) if i + 1 < l.len() => (segs[i + 1].to_string(), &segs[i + 2..]),
-            Some(_) => ("Microsoft.Resources".into(), &[]),
-            None if l.first() == Some(&"subscriptions") => {
-                ("Microsoft.Resources".into(), &segs[..])
-            }
-            None => return "UnknownOperation".into(),
-        };
+    let (namespace, rest): (String, &[&str]) = match l.iter().rposition(|s| *s == "providers") {
+        Some(i) if i + 1 < l.len() => (segs[i + 1].to_string(), &segs[i + 2..]),
+        Some(_) => ("Microsoft.Resources".into(), &[]),
+        None if l.first() == Some(&"subscriptions") => ("Microsoft.Resources".into(), &segs[..]),
+        None => return "UnknownOperation".into(),
+    };
     // Types sit at even offsets; a trailing odd segment after a name is an action (`purge`).
     let mut types: Vec<&str> = rest.iter().step_by(2).copied().collect();
     let is_action = m == "POST" && rest.len() >= 3 && rest.len() % 2 == 1;
@@ -211,7 +221,11 @@ mod tests {
         let cases = [
             ("POST", "/t/oauth2/v2.0/token", "Authentication"),
             ("GET", "/metadata/identity/oauth2/token", "Authentication"),
-            ("GET", "/t/v2.0/.well-known/openid-configuration", "OpenIdConfigurationGet"),
+            (
+                "GET",
+                "/t/v2.0/.well-known/openid-configuration",
+                "OpenIdConfigurationGet",
+            ),
             ("GET", "/t/discovery/v2.0/keys", "JwksGet"),
             ("PUT", vault, "VaultPut"),
             ("PATCH", vault, "VaultPatch"),
@@ -242,7 +256,11 @@ mod tests {
                 "/subscriptions/s/providers/Microsoft.KeyVault/locations/l/deletedVaults/v/purge",
                 "VaultPurge",
             ),
-            ("GET", "/subscriptions", "Microsoft.Resources/subscriptions/read"),
+            (
+                "GET",
+                "/subscriptions",
+                "Microsoft.Resources/subscriptions/read",
+            ),
             (
                 "PUT",
                 "/subscriptions/s/resourcegroups/rg",
@@ -257,6 +275,32 @@ mod tests {
                 "DELETE",
                 "/subscriptions/s/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v/providers/Microsoft.Authorization/roleAssignments/g",
                 "Microsoft.Authorization/roleAssignments/delete",
+            ),
+            ("GET", "/msi/token", "Authentication"),
+            (
+                "GET",
+                "/imds/x/metadata/identity/oauth2/token",
+                "Authentication",
+            ),
+            (
+                "POST",
+                "/v1.0/servicePrincipals",
+                "Microsoft.Graph/servicePrincipals/write",
+            ),
+            (
+                "GET",
+                "/v1.0/servicePrincipals",
+                "Microsoft.Graph/servicePrincipals/read",
+            ),
+            (
+                "DELETE",
+                "/v1.0/servicePrincipals/i",
+                "Microsoft.Graph/servicePrincipals/delete",
+            ),
+            (
+                "POST",
+                "/v1.0/servicePrincipals/i/addPassword",
+                "Microsoft.Graph/servicePrincipals/addPassword/action",
             ),
             ("GET", "/", "UnknownOperation"),
             ("GET", "/favicon.ico", "UnknownOperation"),

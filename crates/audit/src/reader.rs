@@ -160,10 +160,7 @@ impl Filter {
         if let Some(needle) = &self.resource {
             let needle = needle.to_ascii_lowercase();
             let hay = [s(r.get("resourceId")), s(r.pointer("/properties/id"))];
-            if !hay
-                .iter()
-                .any(|h| h.to_ascii_lowercase().contains(&needle))
-            {
+            if !hay.iter().any(|h| h.to_ascii_lowercase().contains(&needle)) {
                 return false;
             }
         }

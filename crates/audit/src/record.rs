@@ -182,7 +182,9 @@ mod tests {
         assert_eq!(&a[14..15], "4");
         assert_ne!(a, new_correlation_id());
         assert!(sane_correlation_id(&a));
-        assert!(sane_correlation_id("{0b7f3a3e-1111-4222-8333-444455556666}"));
+        assert!(sane_correlation_id(
+            "{0b7f3a3e-1111-4222-8333-444455556666}"
+        ));
         assert!(!sane_correlation_id(""));
         assert!(!sane_correlation_id("a b"));
         assert!(!sane_correlation_id("x\"y"));

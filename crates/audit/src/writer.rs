@@ -215,8 +215,7 @@ impl AuditLog {
         }
         let busy = self.shared.busy_since.load(Ordering::Acquire);
         busy == 0
-            || u128::from(self.shared.now_ms().saturating_sub(busy))
-                <= self.ack_timeout.as_millis()
+            || u128::from(self.shared.now_ms().saturating_sub(busy)) <= self.ack_timeout.as_millis()
     }
 }
 
@@ -341,9 +340,9 @@ impl Writer {
                     acks.push((job.ack, seq));
                 }
                 Err(e) => {
-                    let _ = job
-                        .ack
-                        .send(Err(AuditError::Write(format!("record not serializable: {e}"))));
+                    let _ = job.ack.send(Err(AuditError::Write(format!(
+                        "record not serializable: {e}"
+                    ))));
                 }
             }
         }
@@ -508,7 +507,8 @@ mod tests {
     fn last_line_finds_boundaries() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        let cases: &[(&[u8], Option<&[u8]>, u64)] = &[
+        type Case<'a> = (&'a [u8], Option<&'a [u8]>, u64);
+        let cases: &[Case<'_>] = &[
             (b"", None, 0),
             (b"abc", None, 0),
             (b"abc\n", Some(b"abc"), 4),

@@ -60,7 +60,9 @@ async fn log_with(dir: &Path, n: usize) -> PathBuf {
     let log = AuditLog::open_with(dir, fast_config()).unwrap();
     for i in 0..n {
         let oid = format!("oid-{i}");
-        log.append(record("KeyWrap", 200, Some(&oid))).await.unwrap();
+        log.append(record("KeyWrap", 200, Some(&oid)))
+            .await
+            .unwrap();
     }
     log.path().to_path_buf()
 }
@@ -328,7 +330,10 @@ async fn the_writer_recovers_on_its_own_while_nobody_appends() {
     // The HTTP layer stops appending while unhealthy; the writer must retry by itself.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !log.is_healthy() {
-        assert!(Instant::now() < deadline, "the log did not become healthy again");
+        assert!(
+            Instant::now() < deadline,
+            "the log did not become healthy again"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(log.append(record("KeyGet", 200, None)).await.unwrap(), 1);
@@ -362,9 +367,15 @@ async fn queries_filter_records() {
     let dir = tempfile::tempdir().unwrap();
     let log = AuditLog::open_with(dir.path(), fast_config()).unwrap();
     let before = now_unix_ms() - 1;
-    log.append(record("KeyCreate", 200, Some("alice"))).await.unwrap();
-    log.append(record("KeyWrap", 200, Some("bob"))).await.unwrap();
-    log.append(record("KeyWrap", 403, Some("alice"))).await.unwrap();
+    log.append(record("KeyCreate", 200, Some("alice")))
+        .await
+        .unwrap();
+    log.append(record("KeyWrap", 200, Some("bob")))
+        .await
+        .unwrap();
+    log.append(record("KeyWrap", 403, Some("alice")))
+        .await
+        .unwrap();
     let mut other = record("VaultGet", 401, None);
     other.resource_id = "localhost".into();
     other.properties.id = "https://localhost:8443/subscriptions".into();

@@ -80,6 +80,18 @@ enum SpCommand {
         /// Display name.
         #[arg(long)]
         name: String,
+        /// Also register this X.509 certificate (PEM file) as a credential.
+        #[arg(long)]
+        certificate: Option<std::path::PathBuf>,
+    },
+    /// Register an X.509 certificate (PEM file) as a credential of a service principal.
+    AddCert {
+        /// Object id.
+        #[arg(long)]
+        id: String,
+        /// PEM file.
+        #[arg(long)]
+        certificate: std::path::PathBuf,
     },
     /// List principals.
     List,
@@ -239,7 +251,10 @@ fn show(ctx: &Context, v: &Value) {
     match ctx.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
         Output::Table => {
-            let items = v["value"].as_array().cloned().unwrap_or_else(|| vec![v.clone()]);
+            let items = v["value"]
+                .as_array()
+                .cloned()
+                .unwrap_or_else(|| vec![v.clone()]);
             for i in items {
                 let id = i["id"].as_str().or(i["objectId"].as_str()).unwrap_or("");
                 let extra = i["properties"]["principalId"]
@@ -269,7 +284,11 @@ impl Context {
     }
 
     fn scope_url(&self, scope: &str, rest: &str, api: &str) -> String {
-        format!("{}{}/providers/Microsoft.Authorization/{rest}?api-version={api}", self.base, scope.trim_end_matches('/'))
+        format!(
+            "{}{}/providers/Microsoft.Authorization/{rest}?api-version={api}",
+            self.base,
+            scope.trim_end_matches('/')
+        )
     }
 }
 
@@ -279,33 +298,92 @@ pub async fn identity(ctx: &Context, args: IdentityArgs) -> anyhow::Result<()> {
     const WORKLOAD: &str = "Kagi.Compute/workloads";
     let v = match args.command {
         IdentityCommand::Sp { command } => match command {
-            SpCommand::Create { name } => {
-                ctx.call(Method::POST, &format!("{}/v1.0/servicePrincipals", ctx.base), Some(&json!({"displayName": name})))
-                    .await?
+            SpCommand::Create { name, certificate } => {
+                let mut sp = ctx
+                    .call(
+                        Method::POST,
+                        &format!("{}/v1.0/servicePrincipals", ctx.base),
+                        Some(&json!({"displayName": name})),
+                    )
+                    .await?;
+                if let Some(file) = certificate {
+                    let oid = sp["objectId"].as_str().context("no objectId")?.to_string();
+                    let added = add_cert(ctx, &oid, &file).await?;
+                    sp["keyCredentials"] = added["keyCredentials"].clone();
+                }
+                sp
             }
-            SpCommand::List => ctx.call(Method::GET, &format!("{}/v1.0/servicePrincipals", ctx.base), None).await?,
+            SpCommand::AddCert { id, certificate } => add_cert(ctx, &id, &certificate).await?,
+            SpCommand::List => {
+                ctx.call(
+                    Method::GET,
+                    &format!("{}/v1.0/servicePrincipals", ctx.base),
+                    None,
+                )
+                .await?
+            }
             SpCommand::Delete { id } => {
-                ctx.call(Method::DELETE, &format!("{}/v1.0/servicePrincipals/{id}", ctx.base), None).await?;
+                ctx.call(
+                    Method::DELETE,
+                    &format!("{}/v1.0/servicePrincipals/{id}", ctx.base),
+                    None,
+                )
+                .await?;
                 json!({"objectId": id, "deleted": true})
             }
             SpCommand::ResetSecret { id } => {
-                ctx.call(Method::POST, &format!("{}/v1.0/servicePrincipals/{id}/addPassword", ctx.base), None).await?
+                ctx.call(
+                    Method::POST,
+                    &format!("{}/v1.0/servicePrincipals/{id}/addPassword", ctx.base),
+                    None,
+                )
+                .await?
             }
         },
-        IdentityCommand::Create { name, resource_group, location } => {
+        IdentityCommand::Create {
+            name,
+            resource_group,
+            location,
+        } => {
             ensure_group(ctx, &resource_group, &location).await?;
-            ctx.call(Method::PUT, &ctx.rg_url(&resource_group, UAMI, &name, ARM_API), Some(&json!({"location": location})))
-                .await?
+            ctx.call(
+                Method::PUT,
+                &ctx.rg_url(&resource_group, UAMI, &name, ARM_API),
+                Some(&json!({"location": location})),
+            )
+            .await?
         }
-        IdentityCommand::Show { name, resource_group } => {
-            ctx.call(Method::GET, &ctx.rg_url(&resource_group, UAMI, &name, ARM_API), None).await?
+        IdentityCommand::Show {
+            name,
+            resource_group,
+        } => {
+            ctx.call(
+                Method::GET,
+                &ctx.rg_url(&resource_group, UAMI, &name, ARM_API),
+                None,
+            )
+            .await?
         }
-        IdentityCommand::Delete { name, resource_group } => {
-            ctx.call(Method::DELETE, &ctx.rg_url(&resource_group, UAMI, &name, ARM_API), None).await?;
+        IdentityCommand::Delete {
+            name,
+            resource_group,
+        } => {
+            ctx.call(
+                Method::DELETE,
+                &ctx.rg_url(&resource_group, UAMI, &name, ARM_API),
+                None,
+            )
+            .await?;
             json!({"name": name, "deleted": true})
         }
         IdentityCommand::Workload { command } => match command {
-            WorkloadCommand::Create { name, resource_group, location, system_assigned, user_assigned } => {
+            WorkloadCommand::Create {
+                name,
+                resource_group,
+                location,
+                system_assigned,
+                user_assigned,
+            } => {
                 ensure_group(ctx, &resource_group, &location).await?;
                 let ty = match (system_assigned, !user_assigned.is_empty()) {
                     (true, true) => "SystemAssigned, UserAssigned",
@@ -315,8 +393,12 @@ pub async fn identity(ctx: &Context, args: IdentityArgs) -> anyhow::Result<()> {
                 };
                 let mut identity = json!({"type": ty});
                 if !user_assigned.is_empty() {
-                    identity["userAssignedIdentities"] =
-                        Value::Object(user_assigned.iter().map(|id| (id.clone(), json!({}))).collect());
+                    identity["userAssignedIdentities"] = Value::Object(
+                        user_assigned
+                            .iter()
+                            .map(|id| (id.clone(), json!({})))
+                            .collect(),
+                    );
                 }
                 ctx.call(
                     Method::PUT,
@@ -325,16 +407,39 @@ pub async fn identity(ctx: &Context, args: IdentityArgs) -> anyhow::Result<()> {
                 )
                 .await?
             }
-            WorkloadCommand::Show { name, resource_group } => {
-                ctx.call(Method::GET, &ctx.rg_url(&resource_group, WORKLOAD, &name, ARM_API), None).await?
+            WorkloadCommand::Show {
+                name,
+                resource_group,
+            } => {
+                ctx.call(
+                    Method::GET,
+                    &ctx.rg_url(&resource_group, WORKLOAD, &name, ARM_API),
+                    None,
+                )
+                .await?
             }
-            WorkloadCommand::Delete { name, resource_group } => {
-                ctx.call(Method::DELETE, &ctx.rg_url(&resource_group, WORKLOAD, &name, ARM_API), None).await?;
+            WorkloadCommand::Delete {
+                name,
+                resource_group,
+            } => {
+                ctx.call(
+                    Method::DELETE,
+                    &ctx.rg_url(&resource_group, WORKLOAD, &name, ARM_API),
+                    None,
+                )
+                .await?;
                 json!({"name": name, "deleted": true})
             }
         },
-        IdentityCommand::Env { resource, client_id } => {
-            let mut url = format!("{}{}/listIdentityEnvironment?api-version={ARM_API}", ctx.base, resource.trim_end_matches('/'));
+        IdentityCommand::Env {
+            resource,
+            client_id,
+        } => {
+            let mut url = format!(
+                "{}{}/listIdentityEnvironment?api-version={ARM_API}",
+                ctx.base,
+                resource.trim_end_matches('/')
+            );
             if let Some(c) = &client_id {
                 url.push_str(&format!("&clientId={c}"));
             }
@@ -353,9 +458,26 @@ pub async fn identity(ctx: &Context, args: IdentityArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn add_cert(ctx: &Context, oid: &str, file: &std::path::Path) -> anyhow::Result<Value> {
+    let pem =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    ctx.call(
+        Method::POST,
+        &format!("{}/v1.0/servicePrincipals/{oid}/addKey", ctx.base),
+        Some(&json!({"keyCredential": {"type": "AsymmetricX509Cert", "usage": "Verify", "key": pem}})),
+    )
+    .await
+}
+
 async fn ensure_group(ctx: &Context, rg: &str, location: &str) -> anyhow::Result<()> {
-    let url = format!("{}/subscriptions/{}/resourcegroups/{rg}?api-version=2021-04-01", ctx.base, ctx.subscription);
-    match ctx.call(Method::PUT, &url, Some(&json!({"location": location}))).await {
+    let url = format!(
+        "{}/subscriptions/{}/resourcegroups/{rg}?api-version=2021-04-01",
+        ctx.base, ctx.subscription
+    );
+    match ctx
+        .call(Method::PUT, &url, Some(&json!({"location": location})))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if e.to_string().contains("InvalidResourceGroupLocation") => Ok(()),
         Err(e) => Err(e),
@@ -365,14 +487,30 @@ async fn ensure_group(ctx: &Context, rg: &str, location: &str) -> anyhow::Result
 /// Runs `kagi role`.
 pub async fn role(ctx: &Context, args: RoleArgs) -> anyhow::Result<()> {
     let v = match args.command {
-        RoleCommand::Assign { assignee, role, scope } => {
+        RoleCommand::Assign {
+            assignee,
+            role,
+            scope,
+        } => {
             let role_id = if kagi_core::ids::ObjectId::parse(&role).is_ok() {
                 role
             } else {
-                let defs = ctx.call(Method::GET, &ctx.scope_url(&scope, "roleDefinitions", AUTHZ_API), None).await?;
+                let defs = ctx
+                    .call(
+                        Method::GET,
+                        &ctx.scope_url(&scope, "roleDefinitions", AUTHZ_API),
+                        None,
+                    )
+                    .await?;
                 defs["value"]
                     .as_array()
-                    .and_then(|a| a.iter().find(|d| d["properties"]["roleName"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(&role))))
+                    .and_then(|a| {
+                        a.iter().find(|d| {
+                            d["properties"]["roleName"]
+                                .as_str()
+                                .is_some_and(|n| n.eq_ignore_ascii_case(&role))
+                        })
+                    })
                     .and_then(|d| d["name"].as_str().map(str::to_string))
                     .with_context(|| format!("no role named '{role}'"))?
             };
@@ -380,25 +518,58 @@ pub async fn role(ctx: &Context, args: RoleArgs) -> anyhow::Result<()> {
                 "roleDefinitionId": format!("/subscriptions/{}/providers/Microsoft.Authorization/roleDefinitions/{role_id}", ctx.subscription),
                 "principalId": assignee,
             }});
-            ctx.call(Method::PUT, &ctx.scope_url(&scope, &format!("roleAssignments/{}", new_guid()?), AUTHZ_API), Some(&body))
-                .await?
+            ctx.call(
+                Method::PUT,
+                &ctx.scope_url(
+                    &scope,
+                    &format!("roleAssignments/{}", new_guid()?),
+                    AUTHZ_API,
+                ),
+                Some(&body),
+            )
+            .await?
         }
-        RoleCommand::List { scope } => ctx.call(Method::GET, &ctx.scope_url(&scope, "roleAssignments", AUTHZ_API), None).await?,
+        RoleCommand::List { scope } => {
+            ctx.call(
+                Method::GET,
+                &ctx.scope_url(&scope, "roleAssignments", AUTHZ_API),
+                None,
+            )
+            .await?
+        }
         RoleCommand::Unassign { id, scope } => {
-            ctx.call(Method::DELETE, &ctx.scope_url(&scope, &format!("roleAssignments/{id}"), AUTHZ_API), None).await?;
+            ctx.call(
+                Method::DELETE,
+                &ctx.scope_url(&scope, &format!("roleAssignments/{id}"), AUTHZ_API),
+                None,
+            )
+            .await?;
             json!({"id": id, "deleted": true})
         }
         RoleCommand::Define { file, scope, id } => {
-            let props: Value = serde_json::from_slice(&std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?)
-                .with_context(|| format!("{} is not JSON", file.display()))?;
+            let props: Value = serde_json::from_slice(
+                &std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?,
+            )
+            .with_context(|| format!("{} is not JSON", file.display()))?;
             let id = match id {
                 Some(i) => i,
                 None => new_guid()?,
             };
-            ctx.call(Method::PUT, &ctx.scope_url(&scope, &format!("roleDefinitions/{id}"), AUTHZ_API), Some(&json!({"properties": props})))
-                .await?
+            ctx.call(
+                Method::PUT,
+                &ctx.scope_url(&scope, &format!("roleDefinitions/{id}"), AUTHZ_API),
+                Some(&json!({"properties": props})),
+            )
+            .await?
         }
-        RoleCommand::Definitions { scope } => ctx.call(Method::GET, &ctx.scope_url(&scope, "roleDefinitions", AUTHZ_API), None).await?,
+        RoleCommand::Definitions { scope } => {
+            ctx.call(
+                Method::GET,
+                &ctx.scope_url(&scope, "roleDefinitions", AUTHZ_API),
+                None,
+            )
+            .await?
+        }
     };
     show(ctx, &v);
     Ok(())
@@ -407,7 +578,12 @@ pub async fn role(ctx: &Context, args: RoleArgs) -> anyhow::Result<()> {
 /// Runs `kagi lock`.
 pub async fn lock(ctx: &Context, args: LockArgs) -> anyhow::Result<()> {
     let v = match args.command {
-        LockCommand::Create { name, scope, level, notes } => {
+        LockCommand::Create {
+            name,
+            scope,
+            level,
+            notes,
+        } => {
             ctx.call(
                 Method::PUT,
                 &ctx.scope_url(&scope, &format!("locks/{name}"), "2020-05-01"),
@@ -415,9 +591,21 @@ pub async fn lock(ctx: &Context, args: LockArgs) -> anyhow::Result<()> {
             )
             .await?
         }
-        LockCommand::List { scope } => ctx.call(Method::GET, &ctx.scope_url(&scope, "locks", "2020-05-01"), None).await?,
+        LockCommand::List { scope } => {
+            ctx.call(
+                Method::GET,
+                &ctx.scope_url(&scope, "locks", "2020-05-01"),
+                None,
+            )
+            .await?
+        }
         LockCommand::Delete { name, scope } => {
-            ctx.call(Method::DELETE, &ctx.scope_url(&scope, &format!("locks/{name}"), "2020-05-01"), None).await?;
+            ctx.call(
+                Method::DELETE,
+                &ctx.scope_url(&scope, &format!("locks/{name}"), "2020-05-01"),
+                None,
+            )
+            .await?;
             json!({"name": name, "deleted": true})
         }
     };

@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod bench;
 mod client;
 mod commands;
@@ -67,6 +68,8 @@ enum Command {
     Lock(identity::LockArgs),
     /// Measure wrapKey/unwrapKey throughput of a running server over HTTPS.
     Bench(bench::BenchArgs),
+    /// Verify, query and export the audit log (reads `<data-dir>/audit/audit.jsonl` directly).
+    Audit(audit::AuditArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -105,6 +108,7 @@ fn main() -> std::process::ExitCode {
                 identity::lock(&ctx, args).await
             }
             Command::Bench(args) => bench::run(&cli.server, &cli.data_dir, args).await,
+            Command::Audit(args) => audit::run(&cli.data_dir, cli.output, args),
         }
     });
     match result {
@@ -211,6 +215,9 @@ async fn run_server(
             data_dir.join("bootstrap-admin.json").display()
         );
     }
+    // Every request is audited; without a writable audit log kagi does not start.
+    let audit_log = std::sync::Arc::new(kagi_audit::AuditLog::open(&data_dir)?);
+    println!("  audit log: {}", audit_log.path().display());
     for a in &addrs {
         println!("  listening on {a}");
     }
@@ -227,7 +234,7 @@ async fn run_server(
         }
     });
 
-    let serve = kagi_http::serve(platform, &addrs, resolver);
+    let serve = kagi_http::serve(platform, audit_log, &addrs, resolver);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = serve => r?,

@@ -121,12 +121,28 @@ impl RoleDefinitionProperties {
             return Err(bad("roleName is required (at most 256 characters)."));
         }
         if self.permissions.is_empty() {
-            return Err(bad("A role definition needs at least one permissions entry."));
+            return Err(bad(
+                "A role definition needs at least one permissions entry.",
+            ));
         }
         for p in &self.permissions {
-            for a in p.data_actions.iter().chain(&p.not_data_actions).chain(&p.actions).chain(&p.not_actions) {
-                if a.is_empty() || a.len() > 512 || !a.chars().all(|c| c.is_ascii_alphanumeric() || "./*_-".contains(c)) {
-                    return Err(bad(&format!("'{}' is not a valid action.", crate::ids::printable(a))));
+            for a in p
+                .data_actions
+                .iter()
+                .chain(&p.not_data_actions)
+                .chain(&p.actions)
+                .chain(&p.not_actions)
+            {
+                if a.is_empty()
+                    || a.len() > 512
+                    || !a
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "./*_-".contains(c))
+                {
+                    return Err(bad(&format!(
+                        "'{}' is not a valid action.",
+                        crate::ids::printable(a)
+                    )));
                 }
             }
         }
@@ -155,34 +171,86 @@ fn builtin(name: &str, description: &str, data_actions: &[&str]) -> RoleDefiniti
 /// Azure's built-in Key Vault data roles: (GUID, definition).
 pub fn builtin_roles() -> Vec<(&'static str, RoleDefinitionProperties)> {
     vec![
-        ("00482a5a-887f-4fb3-b363-3b7fe8e74483", builtin("Key Vault Administrator", "Perform all data plane operations on a key vault and all objects in it.", &["Microsoft.KeyVault/vaults/*"])),
-        ("14b46e9e-c2b7-41b4-b07b-48a6ebf60603", builtin("Key Vault Crypto Officer", "Perform any action on the keys of a key vault, except manage permissions.", &["Microsoft.KeyVault/vaults/keys/*", "Microsoft.KeyVault/vaults/keyrotationpolicies/*"])),
-        ("12338af0-0e69-4776-bea7-57ae8d297424", builtin("Key Vault Crypto User", "Perform cryptographic operations using keys.", &[
-            "Microsoft.KeyVault/vaults/keys/read",
-            "Microsoft.KeyVault/vaults/keys/update/action",
-            "Microsoft.KeyVault/vaults/keys/backup/action",
-            "Microsoft.KeyVault/vaults/keys/encrypt/action",
-            "Microsoft.KeyVault/vaults/keys/decrypt/action",
-            "Microsoft.KeyVault/vaults/keys/wrap/action",
-            "Microsoft.KeyVault/vaults/keys/unwrap/action",
-            "Microsoft.KeyVault/vaults/keys/sign/action",
-            "Microsoft.KeyVault/vaults/keys/verify/action",
-        ])),
-        ("e147488a-f6f5-4113-8e2d-b22465e65bf6", builtin("Key Vault Crypto Service Encryption User", "Read metadata of keys and perform wrap/unwrap operations.", &[
-            "Microsoft.KeyVault/vaults/keys/read",
-            "Microsoft.KeyVault/vaults/keys/wrap/action",
-            "Microsoft.KeyVault/vaults/keys/unwrap/action",
-        ])),
-        ("b86a8fe4-44ce-4948-aee5-eccb2c155cd7", builtin("Key Vault Secrets Officer", "Perform any action on the secrets of a key vault, except manage permissions.", &["Microsoft.KeyVault/vaults/secrets/*"])),
-        ("4633458b-17de-408a-b874-0445c86b69e6", builtin("Key Vault Secrets User", "Read secret contents.", &[
-            "Microsoft.KeyVault/vaults/secrets/getSecret/action",
-            "Microsoft.KeyVault/vaults/secrets/readMetadata/action",
-        ])),
-        ("21090545-7ca7-4776-b22c-e363652d74d2", builtin("Key Vault Reader", "Read metadata of key vaults and their keys and secrets; cannot read secret values.", &[
-            "Microsoft.KeyVault/vaults/keys/read",
-            "Microsoft.KeyVault/vaults/secrets/readMetadata/action",
-            "Microsoft.KeyVault/vaults/certificates/read",
-        ])),
+        (
+            "00482a5a-887f-4fb3-b363-3b7fe8e74483",
+            builtin(
+                "Key Vault Administrator",
+                "Perform all data plane operations on a key vault and all objects in it.",
+                &["Microsoft.KeyVault/vaults/*"],
+            ),
+        ),
+        (
+            "14b46e9e-c2b7-41b4-b07b-48a6ebf60603",
+            builtin(
+                "Key Vault Crypto Officer",
+                "Perform any action on the keys of a key vault, except manage permissions.",
+                &[
+                    "Microsoft.KeyVault/vaults/keys/*",
+                    "Microsoft.KeyVault/vaults/keyrotationpolicies/*",
+                ],
+            ),
+        ),
+        (
+            "12338af0-0e69-4776-bea7-57ae8d297424",
+            builtin(
+                "Key Vault Crypto User",
+                "Perform cryptographic operations using keys.",
+                &[
+                    "Microsoft.KeyVault/vaults/keys/read",
+                    "Microsoft.KeyVault/vaults/keys/update/action",
+                    "Microsoft.KeyVault/vaults/keys/backup/action",
+                    "Microsoft.KeyVault/vaults/keys/encrypt/action",
+                    "Microsoft.KeyVault/vaults/keys/decrypt/action",
+                    "Microsoft.KeyVault/vaults/keys/wrap/action",
+                    "Microsoft.KeyVault/vaults/keys/unwrap/action",
+                    "Microsoft.KeyVault/vaults/keys/sign/action",
+                    "Microsoft.KeyVault/vaults/keys/verify/action",
+                ],
+            ),
+        ),
+        (
+            "e147488a-f6f5-4113-8e2d-b22465e65bf6",
+            builtin(
+                "Key Vault Crypto Service Encryption User",
+                "Read metadata of keys and perform wrap/unwrap operations.",
+                &[
+                    "Microsoft.KeyVault/vaults/keys/read",
+                    "Microsoft.KeyVault/vaults/keys/wrap/action",
+                    "Microsoft.KeyVault/vaults/keys/unwrap/action",
+                ],
+            ),
+        ),
+        (
+            "b86a8fe4-44ce-4948-aee5-eccb2c155cd7",
+            builtin(
+                "Key Vault Secrets Officer",
+                "Perform any action on the secrets of a key vault, except manage permissions.",
+                &["Microsoft.KeyVault/vaults/secrets/*"],
+            ),
+        ),
+        (
+            "4633458b-17de-408a-b874-0445c86b69e6",
+            builtin(
+                "Key Vault Secrets User",
+                "Read secret contents.",
+                &[
+                    "Microsoft.KeyVault/vaults/secrets/getSecret/action",
+                    "Microsoft.KeyVault/vaults/secrets/readMetadata/action",
+                ],
+            ),
+        ),
+        (
+            "21090545-7ca7-4776-b22c-e363652d74d2",
+            builtin(
+                "Key Vault Reader",
+                "Read metadata of key vaults and their keys and secrets; cannot read secret values.",
+                &[
+                    "Microsoft.KeyVault/vaults/keys/read",
+                    "Microsoft.KeyVault/vaults/secrets/readMetadata/action",
+                    "Microsoft.KeyVault/vaults/certificates/read",
+                ],
+            ),
+        ),
     ]
 }
 
@@ -196,11 +264,16 @@ impl Scope {
     pub fn parse(text: &str) -> Result<Self, KvError> {
         let t = text.trim().trim_end_matches('/').to_ascii_lowercase();
         let segs: Vec<&str> = t.split('/').collect();
-        let ok = t == "" || (segs.len() >= 3
-            && segs[0].is_empty()
-            && segs[1] == "subscriptions"
-            && crate::SubscriptionId::parse(segs[2]).is_ok()
-            && segs.iter().skip(1).all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))));
+        let ok = t.is_empty()
+            || (segs.len() >= 3
+                && segs[0].is_empty()
+                && segs[1] == "subscriptions"
+                && crate::SubscriptionId::parse(segs[2]).is_ok()
+                && segs.iter().skip(1).all(|s| {
+                    !s.is_empty()
+                        && s.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
+                }));
         if !ok || t.len() > 1024 {
             return Err(KvError::new(
                 ErrorCode::BadRequest,
@@ -228,11 +301,26 @@ mod tests {
 
     #[test]
     fn wildcards() {
-        assert!(action_matches("Microsoft.KeyVault/vaults/*", "Microsoft.KeyVault/vaults/keys/read"));
-        assert!(action_matches("microsoft.keyvault/vaults/keys/*", "Microsoft.KeyVault/vaults/keys/unwrap/action"));
-        assert!(!action_matches("Microsoft.KeyVault/vaults/keys/*", "Microsoft.KeyVault/vaults/secrets/getSecret/action"));
-        assert!(action_matches("*/read", "Microsoft.KeyVault/vaults/keys/read"));
-        assert!(!action_matches("Microsoft.KeyVault/vaults/keys/read", "Microsoft.KeyVault/vaults/keys/read/x"));
+        assert!(action_matches(
+            "Microsoft.KeyVault/vaults/*",
+            "Microsoft.KeyVault/vaults/keys/read"
+        ));
+        assert!(action_matches(
+            "microsoft.keyvault/vaults/keys/*",
+            "Microsoft.KeyVault/vaults/keys/unwrap/action"
+        ));
+        assert!(!action_matches(
+            "Microsoft.KeyVault/vaults/keys/*",
+            "Microsoft.KeyVault/vaults/secrets/getSecret/action"
+        ));
+        assert!(action_matches(
+            "*/read",
+            "Microsoft.KeyVault/vaults/keys/read"
+        ));
+        assert!(!action_matches(
+            "Microsoft.KeyVault/vaults/keys/read",
+            "Microsoft.KeyVault/vaults/keys/read/x"
+        ));
     }
 
     #[test]
@@ -246,8 +334,13 @@ mod tests {
         assert!(!cseu.grants_data_action(data_action(DataAction::Key(KeyPermission::Sign))));
         assert!(!cseu.grants_data_action(data_action(DataAction::Key(KeyPermission::Delete))));
         let secrets_user = role("4633458b-17de-408a-b874-0445c86b69e6");
-        assert!(secrets_user.grants_data_action(data_action(DataAction::Secret(SecretPermission::Get))));
-        assert!(!secrets_user.grants_data_action(data_action(DataAction::Secret(SecretPermission::Set))));
+        assert!(
+            secrets_user.grants_data_action(data_action(DataAction::Secret(SecretPermission::Get)))
+        );
+        assert!(
+            !secrets_user
+                .grants_data_action(data_action(DataAction::Secret(SecretPermission::Set)))
+        );
         let reader = role("21090545-7ca7-4776-b22c-e363652d74d2");
         assert!(!reader.grants_data_action(data_action(DataAction::Secret(SecretPermission::Get))));
         assert!(reader.grants_data_action(data_action(DataAction::Secret(SecretPermission::List))));
@@ -258,7 +351,9 @@ mod tests {
     #[test]
     fn not_data_actions_subtract() {
         let mut r = builtin("x", "", &["Microsoft.KeyVault/vaults/keys/*"]);
-        r.permissions[0].not_data_actions.push("Microsoft.KeyVault/vaults/keys/delete".into());
+        r.permissions[0]
+            .not_data_actions
+            .push("Microsoft.KeyVault/vaults/keys/delete".into());
         assert!(!r.grants_data_action("Microsoft.KeyVault/vaults/keys/delete"));
         assert!(r.grants_data_action("Microsoft.KeyVault/vaults/keys/read"));
     }
@@ -266,8 +361,12 @@ mod tests {
     #[test]
     fn scopes() {
         let sub = Scope::parse("/subscriptions/00000000-1111-4222-8333-444444444444").unwrap();
-        let rg = Scope::parse("/subscriptions/00000000-1111-4222-8333-444444444444/resourceGroups/RG1/").unwrap();
-        let rg2 = Scope::parse("/subscriptions/00000000-1111-4222-8333-444444444444/resourceGroups/rg10").unwrap();
+        let rg =
+            Scope::parse("/subscriptions/00000000-1111-4222-8333-444444444444/resourceGroups/RG1/")
+                .unwrap();
+        let rg2 =
+            Scope::parse("/subscriptions/00000000-1111-4222-8333-444444444444/resourceGroups/rg10")
+                .unwrap();
         assert!(sub.contains(&rg));
         assert!(rg.contains(&rg));
         assert!(!rg.contains(&rg2));

@@ -15,6 +15,7 @@ pub mod error;
 mod keypair;
 mod public;
 pub mod seal;
+pub mod x509;
 
 pub use alg::{Curve, DigestAlgorithm, EncryptionAlgorithm, RsaKeySize, SignatureAlgorithm};
 pub use error::{CryptoError, Result};

@@ -60,6 +60,20 @@ impl PublicKey {
         })
     }
 
+    /// An RSA public key from DER: a SubjectPublicKeyInfo (as in X.509 certificates) or a
+    /// PKCS#1 RSAPublicKey.
+    ///
+    /// # Errors
+    /// [`CryptoError::InvalidKey`] when the DER is not an RSA public key of a supported size.
+    pub fn rsa_from_spki_der(der: &[u8]) -> Result<Self> {
+        let key = aws_lc_rs::rsa::PublicKey::from_der(der)
+            .map_err(|err| rejected("RSA public key", &err))?;
+        Self::rsa_from_components(
+            key.modulus().big_endian_without_leading_zero(),
+            key.exponent().big_endian_without_leading_zero(),
+        )
+    }
+
     /// Builds an EC public key from its JWK coordinates, checking that the point is on `curve`.
     ///
     /// Coordinates shorter than the field size are left-padded; leading zeros beyond it are

@@ -40,6 +40,7 @@ pub(crate) async fn handle(
         Ok(p) => p,
         Err(e) => return challenge(&platform, &vault, &e),
     };
+    crate::audit::note_caller(&parts.extensions, &caller);
     // The firewall decides on the connection's address, never on a header a client can set.
     caller.network_address = parts
         .extensions

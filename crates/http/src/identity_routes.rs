@@ -64,9 +64,15 @@ pub(crate) async fn managed_identity(
             "The resource parameter is required.",
         ));
     };
-    let selector = ["client_id", "object_id", "principal_id", "mi_res_id", "msi_res_id"]
-        .into_iter()
-        .find_map(|k| query_get(pairs, k).map(|v| (k, v)));
+    let selector = [
+        "client_id",
+        "object_id",
+        "principal_id",
+        "mi_res_id",
+        "msi_res_id",
+    ]
+    .into_iter()
+    .find_map(|k| query_get(pairs, k).map(|v| (k, v)));
     match p.managed_identity_token(&secret, resource, selector).await {
         Ok(grant) => {
             let expires_on = p.token_expires_on();
@@ -111,13 +117,23 @@ pub(crate) async fn graph(
                 .await
                 .map(|v| respond::json(201, &v))
         }
-        (["v1.0", "serviceprincipals"], &Method::GET) => p
-            .list_principals(caller)
-            .map(|v| respond::json(200, &v)),
+        (["v1.0", "serviceprincipals"], &Method::GET) => {
+            p.list_principals(caller).map(|v| respond::json(200, &v))
+        }
         (["v1.0", "serviceprincipals", _], &Method::DELETE) => p
             .delete_service_principal(caller, segs[2])
             .await
             .map(|()| respond::empty(204)),
+        (["v1.0", "serviceprincipals", _, "addkey"], &Method::POST) => {
+            let input: Value = match parse_json(body) {
+                Ok(v) => v,
+                Err(e) => return Some(Err(e)),
+            };
+            let cert = input["keyCredential"]["key"].as_str().unwrap_or("");
+            p.add_service_principal_certificate(caller, segs[2], cert)
+                .await
+                .map(|v| respond::json(200, &v))
+        }
         (["v1.0", "serviceprincipals", _, "addpassword"], &Method::POST) => p
             .reset_service_principal_secret(caller, segs[2])
             .await
@@ -192,9 +208,9 @@ pub(crate) async fn arm(
                 .delete_role_definition(caller, id.unwrap_or(""))
                 .await
                 .map(respond::empty),
-            (["locks"], &Method::GET) => p
-                .list_locks(caller, &scope)
-                .map(|v| respond::json(200, &v)),
+            (["locks"], &Method::GET) => {
+                p.list_locks(caller, &scope).map(|v| respond::json(200, &v))
+            }
             (["locks", _], &Method::PUT) => match json_body() {
                 Ok(b) => p
                     .put_lock(caller, &scope, id.unwrap_or(""), b)
@@ -218,7 +234,19 @@ pub(crate) async fn arm(
     }
 
     // /subscriptions/{s}/resourceGroups/{rg}/providers/{ns}/{type}[/{name}[/listIdentityEnvironment]]
-    let (["subscriptions", _, "resourcegroups", _, "providers", ns, ty, rest @ ..], m) = (l, method)
+    let (
+        [
+            "subscriptions",
+            _,
+            "resourcegroups",
+            _,
+            "providers",
+            ns,
+            ty,
+            rest @ ..,
+        ],
+        m,
+    ) = (l, method)
     else {
         return None;
     };

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+mod audit;
 mod data_plane;
 mod identity_routes;
 mod management;

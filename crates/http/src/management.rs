@@ -76,6 +76,7 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Ok(c) => c,
         Err(e) => return arm_challenge(&platform, e.with_inner("InvalidAuthenticationToken")),
     };
+    crate::audit::note_caller(&parts.extensions, &caller);
     // The test clock (`kagi server --test-clock`), before the ARM dispatch: no api-version.
     if let ["kagi", "test", "clock"] = l.as_slice() {
         return test_clock(&platform, &caller, &parts.method, parts.headers, body).await;
@@ -86,7 +87,16 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
             Ok(b) => b,
             Err(e) => return respond::error(&e),
         };
-        return match crate::identity_routes::graph(&platform, &caller, &parts.method, &segs, &l, &body).await {
+        return match crate::identity_routes::graph(
+            &platform,
+            &caller,
+            &parts.method,
+            &segs,
+            &l,
+            &body,
+        )
+        .await
+        {
             Some(Ok(r)) => r,
             Some(Err(e)) => respond::error(&e),
             None => respond::error(&KvError::new(ErrorCode::NotFound, "Not found.")),
@@ -100,7 +110,8 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Err(e) => return respond::error(&e),
     };
     if let Some(r) =
-        crate::identity_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body, &pairs).await
+        crate::identity_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body, &pairs)
+            .await
     {
         return r.unwrap_or_else(|e| respond::error(&e));
     }

@@ -29,9 +29,11 @@ pub enum ServeError {
 #[derive(Clone, Copy, Debug)]
 pub struct RemoteAddr(pub SocketAddr);
 
-/// Serves HTTPS on every address until the future is dropped.
+/// Serves HTTPS on every address until the future is dropped. Every request but `GET
+/// /healthz` is recorded in `audit` before it is answered (see `crate::audit`).
 pub async fn serve(
     platform: Arc<Platform>,
+    audit: Arc<kagi_audit::AuditLog>,
     addrs: &[SocketAddr],
     resolver: SniResolver,
 ) -> Result<(), ServeError> {
@@ -57,13 +59,19 @@ pub async fn serve(
     for listener in listeners {
         let platform = platform.clone();
         let acceptor = acceptor.clone();
-        tasks.spawn(async move { accept_loop(listener, acceptor, platform).await });
+        let audit = audit.clone();
+        tasks.spawn(async move { accept_loop(listener, acceptor, platform, audit).await });
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, platform: Arc<Platform>) {
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    platform: Arc<Platform>,
+    audit: Arc<kagi_audit::AuditLog>,
+) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -77,6 +85,7 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, platform: Arc
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let platform = platform.clone();
+        let audit = audit.clone();
         tokio::spawn(async move {
             // A client that never finishes its handshake does not hold a task forever.
             let tls =
@@ -91,10 +100,13 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, platform: Arc
             let service =
                 hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
                     let platform = platform.clone();
+                    let audit = audit.clone();
                     req.extensions_mut().insert(RemoteAddr(peer));
                     async move {
                         let req = req.map(Body::new);
-                        Ok::<_, std::convert::Infallible>(dispatch(platform, req).await)
+                        Ok::<_, std::convert::Infallible>(
+                            crate::audit::serve_audited(platform, audit, req).await,
+                        )
                     }
                 });
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
@@ -109,7 +121,7 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, platform: Arc
 
 /// The host a request is for: the Host header (HTTP/1.1) or the URI authority (HTTP/2),
 /// without the port, lower-cased.
-fn request_host(req: &Request<Body>) -> String {
+pub(crate) fn request_host(req: &Request<Body>) -> String {
     let raw = req
         .uri()
         .host()
@@ -133,7 +145,10 @@ fn request_host(req: &Request<Body>) -> String {
     host.to_ascii_lowercase()
 }
 
-async fn dispatch(platform: Arc<Platform>, req: Request<Body>) -> axum::http::Response<Body> {
+pub(crate) async fn dispatch(
+    platform: Arc<Platform>,
+    req: Request<Body>,
+) -> axum::http::Response<Body> {
     let host = request_host(&req);
     let suffix = platform.config().dns_suffix.to_ascii_lowercase();
     if host == suffix || host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {

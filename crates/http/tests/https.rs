@@ -63,7 +63,9 @@ async fn start() -> Server {
     let resolver = SniResolver::new(ca, "localhost");
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let platform = Arc::new(platform);
-    let task = tokio::spawn(async move { kagi_http::serve(platform, &[addr], resolver).await });
+    let audit = Arc::new(kagi_audit::AuditLog::open(dir.path()).unwrap());
+    let task =
+        tokio::spawn(async move { kagi_http::serve(platform, audit, &[addr], resolver).await });
     // Readiness, not timing: poll until the listener accepts (or serve gave up).
     let mut ready = false;
     for _ in 0..1000 {
@@ -147,7 +149,9 @@ impl Server {
     async fn create_vault(&self, c: &reqwest::Client, token: &str) {
         let sub = &self.admin.subscription_id;
         let r = c
-            .put(self.mgmt(&format!("/subscriptions/{sub}/resourcegroups/rg1?{ARM_API}")))
+            .put(self.mgmt(&format!(
+                "/subscriptions/{sub}/resourcegroups/rg1?{ARM_API}"
+            )))
             .bearer_auth(token)
             .json(&json!({"location": "westeurope"}))
             .send()
@@ -205,7 +209,11 @@ async fn assert_error(
         Some(i) => assert_eq!(body["error"]["innererror"]["code"], i, "{body}"),
         None => assert!(body["error"].get("innererror").is_none(), "{body}"),
     }
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty())
+    );
     body
 }
 

@@ -22,6 +22,9 @@ CREATE TABLE role_definitions (
 CREATE TABLE role_assignments (
     id TEXT PRIMARY KEY, scope TEXT NOT NULL, principal_id TEXT NOT NULL,
     role_definition_id TEXT NOT NULL, created INTEGER NOT NULL);
+CREATE TABLE principal_certificates (
+    thumbprint TEXT PRIMARY KEY, sha1 TEXT NOT NULL, object_id TEXT NOT NULL, spki BLOB NOT NULL,
+    created INTEGER NOT NULL);
 CREATE TABLE locks (
     id TEXT PRIMARY KEY, scope TEXT NOT NULL, name TEXT NOT NULL, level TEXT NOT NULL,
     notes TEXT NOT NULL);
@@ -48,6 +51,21 @@ pub struct ResourceRecord {
     pub created: i64,
     /// Last change.
     pub updated: i64,
+}
+
+/// A certificate credential of a principal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateRecord {
+    /// SHA-256 thumbprint of the certificate DER, hex (`x5t#S256`).
+    pub sha256: String,
+    /// SHA-1 thumbprint, hex (`x5t`).
+    pub sha1: String,
+    /// Principal object id.
+    pub object_id: String,
+    /// SubjectPublicKeyInfo DER.
+    pub spki: Vec<u8>,
+    /// Registration time.
+    pub created: i64,
 }
 
 /// A role assignment.
@@ -100,6 +118,11 @@ pub trait DirectoryStore: Send + Sync {
     async fn delete_principal(&self, object_id: &str) -> Result<()>;
     /// Replaces a principal's secret hash.
     async fn set_principal_secret(&self, object_id: &str, secret_hash: &[u8]) -> Result<()>;
+
+    /// Registers a certificate credential for a principal.
+    async fn add_principal_certificate(&self, c: &CertificateRecord) -> Result<()>;
+    /// Every certificate credential of a principal that is not deleted.
+    async fn list_principal_certificates(&self) -> Result<Vec<CertificateRecord>>;
 
     /// Creates or replaces a resource, and in the same transaction creates the principals
     /// given and deletes those named (its system-assigned identity's life follows it).

@@ -19,7 +19,8 @@ use kagi_core::vault::VaultProperties;
 use kagi_core::{KeyVersion, ObjectName, VaultName};
 
 pub use directory::{
-    DirectoryStore, LockRecord, ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord,
+    CertificateRecord, DirectoryStore, LockRecord, ResourceRecord, RoleAssignmentRecord,
+    RoleDefinitionRecord,
 };
 pub use secrets::{SecretRecord, SecretVersionRecord};
 pub use sqlite::SqliteStore;

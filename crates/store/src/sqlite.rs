@@ -20,7 +20,8 @@ use crate::{
 mod secrets;
 
 /// Schema, applied in order; `user_version` records how far a file has come.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE subscriptions (
     id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, created INTEGER NOT NULL);
@@ -46,7 +47,8 @@ CREATE TABLE key_versions (
     info TEXT NOT NULL, sealed_private BLOB NOT NULL,
     PRIMARY KEY (vault, name_folded, version),
     FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
-"#, r#"
+"#,
+    r#"
 CREATE TABLE secrets (
     vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
     name_folded TEXT NOT NULL, name TEXT NOT NULL, deleted_at INTEGER, purge_at INTEGER,
@@ -56,7 +58,9 @@ CREATE TABLE secret_versions (
     info TEXT NOT NULL, sealed_value BLOB NOT NULL,
     PRIMARY KEY (vault, name_folded, version),
     FOREIGN KEY (vault, name_folded) REFERENCES secrets(vault, name_folded) ON DELETE CASCADE);
-"#, crate::directory::SCHEMA];
+"#,
+    crate::directory::SCHEMA,
+];
 
 /// The SQLite store.
 #[derive(Debug, Clone)]
@@ -282,7 +286,9 @@ impl Store for SqliteStore {
             .bind(client_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(crate::sqlite_directory::principal_row).transpose()
+        row.as_ref()
+            .map(crate::sqlite_directory::principal_row)
+            .transpose()
     }
 
     async fn put_vault(&self, v: &VaultRecord) -> Result<()> {

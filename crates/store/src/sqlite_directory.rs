@@ -4,7 +4,8 @@ use async_trait::async_trait;
 use sqlx::Row;
 
 use crate::directory::{
-    DirectoryStore, LockRecord, ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord,
+    CertificateRecord, DirectoryStore, LockRecord, ResourceRecord, RoleAssignmentRecord,
+    RoleDefinitionRecord,
 };
 use crate::{PrincipalRecord, Result, SqliteStore, StoreError};
 
@@ -70,9 +71,10 @@ fn resource(r: &sqlx::sqlite::SqliteRow) -> Result<ResourceRecord> {
 #[async_trait]
 impl DirectoryStore for SqliteStore {
     async fn list_principals(&self) -> Result<Vec<PrincipalRecord>> {
-        let rows = sqlx::query("SELECT * FROM principals WHERE deleted = 0 ORDER BY created, object_id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT * FROM principals WHERE deleted = 0 ORDER BY created, object_id")
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(principal).collect()
     }
 
@@ -91,6 +93,48 @@ impl DirectoryStore for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn add_principal_certificate(&self, c: &CertificateRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO principal_certificates (thumbprint, sha1, object_id, spki, created) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&c.sha256)
+        .bind(&c.sha1)
+        .bind(&c.object_id)
+        .bind(&c.spki)
+        .bind(c.created)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if matches!(&e, sqlx::Error::Database(d) if d.is_unique_violation()) {
+                StoreError::Conflict("this certificate is already registered".into())
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(())
+    }
+
+    async fn list_principal_certificates(&self) -> Result<Vec<CertificateRecord>> {
+        let rows = sqlx::query(
+            "SELECT c.* FROM principal_certificates c \
+             JOIN principals p ON p.object_id = c.object_id WHERE p.deleted = 0",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(CertificateRecord {
+                    sha256: r.try_get("thumbprint")?,
+                    sha1: r.try_get("sha1")?,
+                    object_id: r.try_get("object_id")?,
+                    spki: r.try_get("spki")?,
+                    created: r.try_get("created")?,
+                })
+            })
+            .collect()
     }
 
     async fn put_resource(
@@ -157,20 +201,24 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn put_binding(&self, secret_hash: &[u8], resource_id: &str, now: i64) -> Result<()> {
-        sqlx::query("INSERT INTO identity_bindings (secret_hash, resource_id, created) VALUES (?, ?, ?)")
-            .bind(secret_hash)
-            .bind(resource_id)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO identity_bindings (secret_hash, resource_id, created) VALUES (?, ?, ?)",
+        )
+        .bind(secret_hash)
+        .bind(resource_id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     async fn binding_resource(&self, secret_hash: &[u8]) -> Result<Option<String>> {
-        Ok(sqlx::query_scalar("SELECT resource_id FROM identity_bindings WHERE secret_hash = ?")
-            .bind(secret_hash)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT resource_id FROM identity_bindings WHERE secret_hash = ?")
+                .bind(secret_hash)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 
     async fn put_role_definition(&self, d: &RoleDefinitionRecord) -> Result<()> {

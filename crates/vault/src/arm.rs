@@ -539,6 +539,20 @@ impl Platform {
         Ok(200)
     }
 
+    /// The ARM resource id of a vault (live or soft-deleted), for audit records; `None` for
+    /// a name that is not a vault.
+    pub fn vault_resource_id(&self, vault: &str) -> Option<String> {
+        self.vault_audit_info(vault).map(|(id, _)| id)
+    }
+
+    /// The ARM resource id of a vault and whether it authorizes with RBAC
+    /// (`enableRbacAuthorization`), read together for audit records.
+    pub fn vault_audit_info(&self, vault: &str) -> Option<(String, bool)> {
+        let name = VaultName::parse(vault).ok()?;
+        let r = self.vault_state(&name)?.record();
+        Some((vault_id(&r), r.properties.enable_rbac_authorization))
+    }
+
     fn vault_json(&self, r: &VaultRecord) -> Value {
         let mut props = serde_json::to_value(&r.properties).unwrap_or_else(|_| json!({}));
         props["vaultUri"] = json!(self.config.vault_uri(&r.name));

@@ -15,8 +15,8 @@ use kagi_core::time::rfc3339;
 use kagi_core::{ErrorCode, KvError, ResourceGroupName, SubscriptionId};
 use kagi_identity::Principal;
 use kagi_store::{
-    LockRecord, PrincipalRecord, ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord,
-    Store, StoreError, VaultRecord,
+    LockRecord, PrincipalRecord, ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord, Store,
+    StoreError, VaultRecord,
 };
 use serde_json::{Value, json};
 
@@ -55,6 +55,8 @@ pub(crate) struct Directory {
     custom_roles: HashMap<String, (String, RoleDefinitionProperties)>,
     assignments: Vec<RoleAssignmentRecord>,
     locks: Vec<LockRecord>,
+    /// Certificate credentials.
+    certificates: Vec<kagi_store::CertificateRecord>,
 }
 
 impl Directory {
@@ -80,6 +82,7 @@ impl Directory {
         }
         d.assignments = store.list_role_assignments().await?;
         d.locks = store.list_locks().await?;
+        d.certificates = store.list_principal_certificates().await?;
         Ok(d)
     }
 }
@@ -101,15 +104,31 @@ fn new_secret() -> Result<String, KvError> {
     ))
 }
 
+fn base64_any(text: &str) -> Option<Vec<u8>> {
+    let t: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    kagi_core::b64::decode(&t.replace('+', "-").replace('/', "_"))
+}
+
 fn guid(text: &str) -> Result<String, KvError> {
     kagi_core::ids::ObjectId::parse(text)
         .map(|g| g.to_string())
-        .map_err(|_| bad(format!("'{}' is not a GUID.", kagi_core::ids::printable(text))))
+        .map_err(|_| {
+            bad(format!(
+                "'{}' is not a GUID.",
+                kagi_core::ids::printable(text)
+            ))
+        })
 }
 
 /// The role definition GUID at the end of a `roleDefinitionId`.
 fn role_guid(role_definition_id: &str) -> Result<String, KvError> {
-    guid(role_definition_id.trim_end_matches('/').rsplit('/').next().unwrap_or(""))
+    guid(
+        role_definition_id
+            .trim_end_matches('/')
+            .rsplit('/')
+            .next()
+            .unwrap_or(""),
+    )
 }
 
 /// The scope of a vault object (`{vault id}/keys/{name}`), or the vault itself.
@@ -161,7 +180,11 @@ impl Platform {
     // ----- service principals -----
 
     /// Creates a service principal with a client secret (shown once).
-    pub async fn create_service_principal(&self, caller: &Principal, name: &str) -> Result<Value, KvError> {
+    pub async fn create_service_principal(
+        &self,
+        caller: &Principal,
+        name: &str,
+    ) -> Result<Value, KvError> {
         self.require_admin(caller)?;
         let name = name.trim();
         if name.is_empty() || name.len() > 120 || name.chars().any(char::is_control) {
@@ -178,12 +201,93 @@ impl Platform {
             created: self.clock.now(),
             resource_id: None,
         };
-        self.store.put_principal(&p).await.map_err(|e| internal("create principal", e))?;
-        self.dir_mut().principals.insert(p.object_id.clone(), p.clone());
+        self.store
+            .put_principal(&p)
+            .await
+            .map_err(|e| internal("create principal", e))?;
+        self.dir_mut()
+            .principals
+            .insert(p.object_id.clone(), p.clone());
         tracing::info!(object_id = %p.object_id, "service principal created");
         let mut v = principal_json(&p);
         v["clientSecret"] = json!(secret);
         Ok(v)
+    }
+
+    /// Registers an X.509 certificate (PEM, or base64 of DER) as a credential of a service
+    /// principal: `ClientCertificateCredential` then signs its token requests with the key.
+    pub async fn add_service_principal_certificate(
+        &self,
+        caller: &Principal,
+        object_id: &str,
+        certificate: &str,
+    ) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let oid = guid(object_id)?;
+        let p = self
+            .dir()
+            .principals
+            .get(&oid)
+            .filter(|p| p.kind == kind::SERVICE_PRINCIPAL)
+            .cloned()
+            .ok_or_else(|| {
+                KvError::new(
+                    ErrorCode::NotFound,
+                    format!("Service principal '{oid}' does not exist."),
+                )
+            })?;
+        let raw = if certificate.contains("-----BEGIN") {
+            certificate.as_bytes().to_vec()
+        } else {
+            base64_any(certificate).ok_or_else(|| {
+                bad("keyCredential.key must be a PEM certificate or the base64 of its DER.")
+            })?
+        };
+        let der = kagi_crypto::x509::certificate_der(&raw).map_err(|e| bad(e.to_string()))?;
+        let spki = kagi_crypto::x509::certificate_spki(&der)
+            .map_err(|e| bad(e.to_string()))?
+            .to_vec();
+        kagi_crypto::PublicKey::rsa_from_spki_der(&spki).map_err(|e| {
+            bad(format!(
+                "The certificate's key is not usable: {e} (RSA 2048-4096 keys are supported)."
+            ))
+        })?;
+        let thumb = kagi_crypto::x509::thumbprint_sha256(&der);
+        let record = kagi_store::CertificateRecord {
+            sha256: thumb.clone(),
+            sha1: kagi_crypto::x509::thumbprint_sha1(&der),
+            object_id: oid.clone(),
+            spki,
+            created: self.clock.now(),
+        };
+        self.store
+            .add_principal_certificate(&record)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => KvError::conflict(m),
+                e => internal("add certificate", e),
+            })?;
+        self.dir_mut().certificates.push(record);
+        let mut v = principal_json(&p);
+        v["keyCredentials"] = json!([{"customKeyIdentifier": thumb, "type": "AsymmetricX509Cert", "usage": "Verify"}]);
+        Ok(v)
+    }
+
+    /// The principal and public key registered under a certificate thumbprint (hex; SHA-256,
+    /// or SHA-1 when `sha1`).
+    pub(crate) fn certificate_credential(
+        &self,
+        thumbprint: &str,
+        sha1: bool,
+    ) -> Option<(PrincipalRecord, Vec<u8>)> {
+        let d = self.dir();
+        let c = d.certificates.iter().find(|c| {
+            let t = if sha1 { &c.sha1 } else { &c.sha256 };
+            t.eq_ignore_ascii_case(thumbprint)
+        })?;
+        d.principals
+            .get(&c.object_id)
+            .map(|p| (p.clone(), c.spki.clone()))
     }
 
     /// Lists principals (no secrets).
@@ -195,11 +299,18 @@ impl Platform {
     }
 
     /// Deletes a service principal; its tokens stop working on the next request.
-    pub async fn delete_service_principal(&self, caller: &Principal, object_id: &str) -> Result<(), KvError> {
+    pub async fn delete_service_principal(
+        &self,
+        caller: &Principal,
+        object_id: &str,
+    ) -> Result<(), KvError> {
         self.require_admin(caller)?;
         let oid = guid(object_id)?;
         let p = self.dir().principals.get(&oid).cloned().ok_or_else(|| {
-            KvError::new(ErrorCode::NotFound, format!("Principal '{oid}' does not exist."))
+            KvError::new(
+                ErrorCode::NotFound,
+                format!("Principal '{oid}' does not exist."),
+            )
         })?;
         if p.kind != kind::SERVICE_PRINCIPAL {
             return Err(bad(format!(
@@ -207,14 +318,21 @@ impl Platform {
                 p.kind
             )));
         }
-        self.store.delete_principal(&oid).await.map_err(|e| internal("delete principal", e))?;
+        self.store
+            .delete_principal(&oid)
+            .await
+            .map_err(|e| internal("delete principal", e))?;
         self.dir_mut().principals.remove(&oid);
         tracing::info!(object_id = %oid, "service principal deleted");
         Ok(())
     }
 
     /// Issues a new client secret for a service principal (the old one stops working).
-    pub async fn reset_service_principal_secret(&self, caller: &Principal, object_id: &str) -> Result<Value, KvError> {
+    pub async fn reset_service_principal_secret(
+        &self,
+        caller: &Principal,
+        object_id: &str,
+    ) -> Result<Value, KvError> {
         self.require_admin(caller)?;
         let oid = guid(object_id)?;
         let mut p = self
@@ -223,7 +341,12 @@ impl Platform {
             .get(&oid)
             .filter(|p| p.kind == kind::SERVICE_PRINCIPAL)
             .cloned()
-            .ok_or_else(|| KvError::new(ErrorCode::NotFound, format!("Service principal '{oid}' does not exist.")))?;
+            .ok_or_else(|| {
+                KvError::new(
+                    ErrorCode::NotFound,
+                    format!("Service principal '{oid}' does not exist."),
+                )
+            })?;
         let secret = new_secret()?;
         p.secret_hash = kagi_identity::hash_secret(&secret);
         self.store
@@ -238,7 +361,12 @@ impl Platform {
 
     // ----- resources with identities -----
 
-    async fn check_group(&self, caller: &Principal, sub: &str, rg: &str) -> Result<(SubscriptionId, ResourceGroupName), KvError> {
+    async fn check_group(
+        &self,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+    ) -> Result<(SubscriptionId, ResourceGroupName), KvError> {
         self.require_admin(caller)?;
         let sub = SubscriptionId::parse(sub)?;
         let rg_name = ResourceGroupName::parse(rg)?;
@@ -247,7 +375,12 @@ impl Platform {
             .get_resource_group(sub.as_str(), rg_name.as_str())
             .await
             .map_err(|e| internal("get resource group", e))?
-            .ok_or_else(|| KvError::new(ErrorCode::ResourceGroupNotFound, format!("Resource group '{rg_name}' could not be found.")))?;
+            .ok_or_else(|| {
+                KvError::new(
+                    ErrorCode::ResourceGroupNotFound,
+                    format!("Resource group '{rg_name}' could not be found."),
+                )
+            })?;
         Ok((sub, ResourceGroupName::parse(&found.name)?))
     }
 
@@ -268,25 +401,42 @@ impl Platform {
         } else if resource_type.eq_ignore_ascii_case(WORKLOAD_TYPE) {
             WORKLOAD_TYPE
         } else {
-            return Err(KvError::new(ErrorCode::NotFound, format!("Resource type '{resource_type}' is not served.")));
+            return Err(KvError::new(
+                ErrorCode::NotFound,
+                format!("Resource type '{resource_type}' is not served."),
+            ));
         };
-        if name.is_empty() || name.len() > 128 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
-            return Err(bad("Resource names are 1-128 letters, digits, '-' and '_'."));
+        if name.is_empty()
+            || name.len() > 128
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+        {
+            return Err(bad(
+                "Resource names are 1-128 letters, digits, '-' and '_'.",
+            ));
         }
-        let id = format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{type_canonical}/{name}");
+        let id =
+            format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{type_canonical}/{name}");
         let key = id.to_ascii_lowercase();
         let now = self.clock.now();
         let existing = self.dir().resources.get(&key).cloned();
         let location = match (input.get("location").and_then(Value::as_str), &existing) {
             (Some(l), Some((r, _))) if !l.eq_ignore_ascii_case(&r.location) => {
-                return Err(bad(format!("The location of '{name}' cannot change from '{}'.", r.location)));
+                return Err(bad(format!(
+                    "The location of '{name}' cannot change from '{}'.",
+                    r.location
+                )));
             }
             (_, Some((r, _))) => r.location.clone(),
             (Some(l), None) => l.to_ascii_lowercase().replace(' ', ""),
             (None, None) => return Err(bad("The property \"location\" is required.")),
         };
         let tags = input.get("tags").cloned().unwrap_or_else(|| {
-            existing.as_ref().map(|(_, b)| b["tags"].clone()).unwrap_or_else(|| json!({}))
+            existing
+                .as_ref()
+                .map(|(_, b)| b["tags"].clone())
+                .unwrap_or_else(|| json!({}))
         });
         let mut body = json!({
             "id": id, "name": name, "type": type_canonical, "location": location, "tags": tags,
@@ -294,8 +444,16 @@ impl Platform {
         let mut created = Vec::new();
         let mut deleted = Vec::new();
         if type_canonical == UAMI_TYPE {
-            let p = match existing.as_ref().and_then(|(_, b)| b["properties"]["principalId"].as_str()) {
-                Some(oid) => self.dir().principals.get(oid).cloned().ok_or_else(|| internal("uami", "principal missing"))?,
+            let p = match existing
+                .as_ref()
+                .and_then(|(_, b)| b["properties"]["principalId"].as_str())
+            {
+                Some(oid) => self
+                    .dir()
+                    .principals
+                    .get(oid)
+                    .cloned()
+                    .ok_or_else(|| internal("uami", "principal missing"))?,
                 None => {
                     let p = PrincipalRecord {
                         object_id: uuid_v4(random16()?),
@@ -313,8 +471,18 @@ impl Platform {
             };
             body["properties"] = json!({"tenantId": p.tenant_id, "principalId": p.object_id, "clientId": p.client_id});
         } else {
-            let old_identity = existing.as_ref().map(|(_, b)| b["identity"].clone()).unwrap_or(Value::Null);
-            let (identity, new_p, gone) = self.apply_identity(caller, &key, name, &old_identity, input.get("identity"), now)?;
+            let old_identity = existing
+                .as_ref()
+                .map(|(_, b)| b["identity"].clone())
+                .unwrap_or(Value::Null);
+            let (identity, new_p, gone) = self.apply_identity(
+                caller,
+                &key,
+                name,
+                &old_identity,
+                input.get("identity"),
+                now,
+            )?;
             body["identity"] = identity;
             body["properties"] = json!({"provisioningState": "Succeeded"});
             created.extend(new_p);
@@ -362,19 +530,39 @@ impl Platform {
         now: i64,
     ) -> Result<(Value, Vec<PrincipalRecord>, Vec<String>), KvError> {
         let Some(input) = input else {
-            return Ok((if old.is_null() { json!({"type": "None"}) } else { old.clone() }, vec![], vec![]));
+            return Ok((
+                if old.is_null() {
+                    json!({"type": "None"})
+                } else {
+                    old.clone()
+                },
+                vec![],
+                vec![],
+            ));
         };
-        let ty = input.get("type").and_then(Value::as_str).unwrap_or("None").replace(' ', "").to_ascii_lowercase();
+        let ty = input
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("None")
+            .replace(' ', "")
+            .to_ascii_lowercase();
         let (system, user) = match ty.as_str() {
             "none" => (false, false),
             "systemassigned" => (true, false),
             "userassigned" => (false, true),
             "systemassigned,userassigned" => (true, true),
-            _ => return Err(bad("identity.type must be None, SystemAssigned, UserAssigned or 'SystemAssigned, UserAssigned'.")),
+            _ => {
+                return Err(bad(
+                    "identity.type must be None, SystemAssigned, UserAssigned or 'SystemAssigned, UserAssigned'.",
+                ));
+            }
         };
         let mut created = Vec::new();
         let mut deleted = Vec::new();
-        let old_system = old.get("principalId").and_then(Value::as_str).map(str::to_string);
+        let old_system = old
+            .get("principalId")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let system_oid = match (system, old_system) {
             (true, Some(oid)) => Some(oid),
             (true, None) => {
@@ -412,14 +600,21 @@ impl Platform {
                 .get("userAssignedIdentities")
                 .and_then(Value::as_object)
                 .filter(|m| !m.is_empty())
-                .ok_or_else(|| bad("identity.userAssignedIdentities must name at least one identity."))?;
+                .ok_or_else(|| {
+                    bad("identity.userAssignedIdentities must name at least one identity.")
+                })?;
             let d = self.dir();
             for id in named.keys() {
                 let (_, body) = d
                     .resources
                     .get(&id.to_ascii_lowercase())
                     .filter(|(r, _)| r.resource_type == UAMI_TYPE)
-                    .ok_or_else(|| bad(format!("User-assigned identity '{}' does not exist.", kagi_core::ids::printable(id))))?;
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "User-assigned identity '{}' does not exist.",
+                            kagi_core::ids::printable(id)
+                        ))
+                    })?;
                 uas.insert(
                     body["id"].as_str().unwrap_or(id).to_string(),
                     json!({"principalId": body["properties"]["principalId"], "clientId": body["properties"]["clientId"]}),
@@ -445,12 +640,22 @@ impl Platform {
 
     /// Where a principal is granted access, if anywhere (for the "in use" rule of ID-1).
     fn principal_usage(&self, oid: &str) -> Option<String> {
-        if let Some(a) = self.dir().assignments.iter().find(|a| a.principal_id.eq_ignore_ascii_case(oid)) {
+        if let Some(a) = self
+            .dir()
+            .assignments
+            .iter()
+            .find(|a| a.principal_id.eq_ignore_ascii_case(oid))
+        {
             return Some(format!("role assignment {} at {}", a.id, a.scope));
         }
         for v in self.all_vaults() {
             let r = v.record();
-            if r.deleted_at.is_none() && r.properties.access_policies.iter().any(|p| p.object_id.eq_ignore_ascii_case(oid)) {
+            if r.deleted_at.is_none()
+                && r.properties
+                    .access_policies
+                    .iter()
+                    .any(|p| p.object_id.eq_ignore_ascii_case(oid))
+            {
                 return Some(format!("access policy on vault {}", r.name));
             }
         }
@@ -458,9 +663,18 @@ impl Platform {
     }
 
     /// `GET` of a user-assigned identity or workload.
-    pub fn get_identity_resource(&self, caller: &Principal, sub: &str, rg: &str, resource_type: &str, name: &str) -> Result<Value, KvError> {
+    pub fn get_identity_resource(
+        &self,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        resource_type: &str,
+        name: &str,
+    ) -> Result<Value, KvError> {
         self.require_admin(caller)?;
-        let key = format!("/subscriptions/{sub}/resourcegroups/{rg}/providers/{resource_type}/{name}").to_ascii_lowercase();
+        let key =
+            format!("/subscriptions/{sub}/resourcegroups/{rg}/providers/{resource_type}/{name}")
+                .to_ascii_lowercase();
         self.dir()
             .resources
             .get(&key)
@@ -469,9 +683,16 @@ impl Platform {
     }
 
     /// Lists user-assigned identities or workloads of a resource group.
-    pub fn list_identity_resources(&self, caller: &Principal, sub: &str, rg: &str, resource_type: &str) -> Result<Value, KvError> {
+    pub fn list_identity_resources(
+        &self,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        resource_type: &str,
+    ) -> Result<Value, KvError> {
         self.require_admin(caller)?;
-        let prefix = format!("/subscriptions/{sub}/resourcegroups/{rg}/providers/{resource_type}/").to_ascii_lowercase();
+        let prefix = format!("/subscriptions/{sub}/resourcegroups/{rg}/providers/{resource_type}/")
+            .to_ascii_lowercase();
         let mut value: Vec<Value> = self
             .dir()
             .resources
@@ -485,9 +706,18 @@ impl Platform {
 
     /// `DELETE` of a user-assigned identity or workload: its system-assigned identity goes
     /// with it. 200 when deleted, 204 when absent.
-    pub async fn delete_identity_resource(&self, caller: &Principal, sub: &str, rg: &str, resource_type: &str, name: &str) -> Result<u16, KvError> {
+    pub async fn delete_identity_resource(
+        &self,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        resource_type: &str,
+        name: &str,
+    ) -> Result<u16, KvError> {
         self.require_admin(caller)?;
-        let key = format!("/subscriptions/{sub}/resourcegroups/{rg}/providers/{resource_type}/{name}").to_ascii_lowercase();
+        let key =
+            format!("/subscriptions/{sub}/resourcegroups/{rg}/providers/{resource_type}/{name}")
+                .to_ascii_lowercase();
         let Some((_, body)) = self.dir().resources.get(&key).cloned() else {
             return Ok(204);
         };
@@ -499,7 +729,10 @@ impl Platform {
         if let Some(oid) = body["properties"]["principalId"].as_str() {
             gone.push(oid.to_string());
         }
-        self.store.delete_resource(&key, &gone).await.map_err(|e| internal("delete resource", e))?;
+        self.store
+            .delete_resource(&key, &gone)
+            .await
+            .map_err(|e| internal("delete resource", e))?;
         let mut d = self.dir_mut();
         d.resources.remove(&key);
         for oid in gone {
@@ -513,7 +746,12 @@ impl Platform {
     /// `IDENTITY_HEADER`, `AZURE_POD_IDENTITY_AUTHORITY_HOST`, and `AZURE_CLIENT_ID` when a
     /// user-assigned identity is named) with which it gets tokens for that resource's
     /// identities, and for nothing else.
-    pub async fn bind_workload(&self, caller: &Principal, resource_id: &str, client_id: Option<&str>) -> Result<Value, KvError> {
+    pub async fn bind_workload(
+        &self,
+        caller: &Principal,
+        resource_id: &str,
+        client_id: Option<&str>,
+    ) -> Result<Value, KvError> {
         self.require_admin(caller)?;
         let key = resource_id.trim_end_matches('/').to_ascii_lowercase();
         let body = self
@@ -521,15 +759,30 @@ impl Platform {
             .resources
             .get(&key)
             .map(|(_, b)| b.clone())
-            .ok_or_else(|| KvError::new(ErrorCode::ResourceNotFound, format!("Resource '{}' does not exist.", kagi_core::ids::printable(resource_id))))?;
+            .ok_or_else(|| {
+                KvError::new(
+                    ErrorCode::ResourceNotFound,
+                    format!(
+                        "Resource '{}' does not exist.",
+                        kagi_core::ids::printable(resource_id)
+                    ),
+                )
+            })?;
         let identities = self.resource_identities(&key, &body);
         if identities.is_empty() {
-            return Err(bad("The resource has no managed identity; set identity.type first."));
+            return Err(bad(
+                "The resource has no managed identity; set identity.type first.",
+            ));
         }
         if let Some(cid) = client_id
-            && !identities.iter().any(|p| p.client_id.eq_ignore_ascii_case(cid))
+            && !identities
+                .iter()
+                .any(|p| p.client_id.eq_ignore_ascii_case(cid))
         {
-            return Err(bad(format!("No identity with client id '{}' is assigned to this resource.", kagi_core::ids::printable(cid))));
+            return Err(bad(format!(
+                "No identity with client id '{}' is assigned to this resource.",
+                kagi_core::ids::printable(cid)
+            )));
         }
         let secret = new_secret()?;
         self.store
@@ -559,13 +812,18 @@ impl Platform {
         }
         if let Some(map) = body["identity"]["userAssignedIdentities"].as_object() {
             for v in map.values() {
-                if let Some(p) = v["principalId"].as_str().and_then(|oid| d.principals.get(oid)) {
+                if let Some(p) = v["principalId"]
+                    .as_str()
+                    .and_then(|oid| d.principals.get(oid))
+                {
                     out.push(p.clone());
                 }
             }
         }
         if let Some(oid) = body["properties"]["principalId"].as_str()
-            && body["type"].as_str().is_some_and(|t| t.eq_ignore_ascii_case(UAMI_TYPE))
+            && body["type"]
+                .as_str()
+                .is_some_and(|t| t.eq_ignore_ascii_case(UAMI_TYPE))
             && let Some(p) = d.principals.get(oid)
         {
             out.push(p.clone());
@@ -583,7 +841,8 @@ impl Platform {
         resource: &str,
         selector: Option<(&str, &str)>,
     ) -> Result<TokenGrant, KvError> {
-        let unknown = || KvError::unauthorized("The identity header is not valid for any resource.");
+        let unknown =
+            || KvError::unauthorized("The identity header is not valid for any resource.");
         if binding.is_empty() || binding.len() > 256 {
             return Err(unknown());
         }
@@ -593,7 +852,12 @@ impl Platform {
             .await
             .map_err(|e| internal("binding lookup", e))?
             .ok_or_else(unknown)?;
-        let body = self.dir().resources.get(&key).map(|(_, b)| b.clone()).ok_or_else(unknown)?;
+        let body = self
+            .dir()
+            .resources
+            .get(&key)
+            .map(|(_, b)| b.clone())
+            .ok_or_else(unknown)?;
         let ids = self.resource_identities(&key, &body);
         let chosen = match selector {
             Some((field, value)) => ids.iter().find(|p| match field {
@@ -611,7 +875,11 @@ impl Platform {
         })?;
         let audience = resource.trim_end_matches("/.default");
         if audience.trim_end_matches('/') != self.config.authority() {
-            return Err(bad(format!("kagi issues tokens for the resource {} only.", self.config.authority())).with_inner("InvalidResource"));
+            return Err(bad(format!(
+                "kagi issues tokens for the resource {} only.",
+                self.config.authority()
+            ))
+            .with_inner("InvalidResource"));
         }
         let grant = self
             .issue(
@@ -641,7 +909,12 @@ impl Platform {
             .into_iter()
             .find(|(g, _)| g.eq_ignore_ascii_case(guid))
             .map(|(_, r)| r)
-            .or_else(|| self.dir().custom_roles.get(&guid.to_ascii_lowercase()).map(|(_, r)| r.clone()))
+            .or_else(|| {
+                self.dir()
+                    .custom_roles
+                    .get(&guid.to_ascii_lowercase())
+                    .map(|(_, r)| r.clone())
+            })
     }
 
     /// Whether a role assignment of `oid` at a scope containing `scope` grants `action`.
@@ -650,12 +923,18 @@ impl Platform {
         let d = self.dir();
         d.assignments.iter().any(|a| {
             a.principal_id.eq_ignore_ascii_case(oid)
-                && target.as_ref().is_some_and(|t| Scope::parse(&a.scope).is_ok_and(|s| s.contains(t)))
+                && target
+                    .as_ref()
+                    .is_some_and(|t| Scope::parse(&a.scope).is_ok_and(|s| s.contains(t)))
                 && builtin_roles()
                     .into_iter()
                     .find(|(g, _)| g.eq_ignore_ascii_case(&a.role_definition_id))
                     .map(|(_, r)| r)
-                    .or_else(|| d.custom_roles.get(&a.role_definition_id).map(|(_, r)| r.clone()))
+                    .or_else(|| {
+                        d.custom_roles
+                            .get(&a.role_definition_id)
+                            .map(|(_, r)| r.clone())
+                    })
                     .is_some_and(|r| r.grants_data_action(action))
         })
     }
@@ -663,19 +942,25 @@ impl Platform {
     /// The firewall decision for a caller.
     fn firewall_allows(&self, caller: &Principal, record: &VaultRecord) -> Result<(), KvError> {
         let acls = record.properties.network_acls.as_ref();
-        let public_disabled = record.properties.public_network_access.eq_ignore_ascii_case("Disabled");
+        let public_disabled = record
+            .properties
+            .public_network_access
+            .eq_ignore_ascii_case("Disabled");
         let deny_default = acls.is_some_and(|a| a.default_action.eq_ignore_ascii_case("Deny"));
         if !public_disabled && !deny_default {
             return Ok(());
         }
-        let trusted = acls.is_some_and(|a| a.bypass.eq_ignore_ascii_case("AzureServices")) && self.is_trusted_service(&caller.object_id);
+        let trusted = acls.is_some_and(|a| a.bypass.eq_ignore_ascii_case("AzureServices"))
+            && self.is_trusted_service(&caller.object_id);
         if trusted {
             return Ok(());
         }
         let ip: Option<IpAddr> = caller.network_address;
         if !public_disabled
             && let (Some(ip), Some(acls)) = (ip, acls)
-            && acls.ip_rules.iter().any(|r| kagi_core::access::IpRange::parse(&r.value).is_ok_and(|range| range.contains(ip)))
+            && acls.ip_rules.iter().any(|r| {
+                kagi_core::access::IpRange::parse(&r.value).is_ok_and(|range| range.contains(ip))
+            })
         {
             return Ok(());
         }
@@ -694,9 +979,13 @@ impl Platform {
         let d = self.dir();
         d.principals.get(oid).is_some_and(|p| {
             p.kind == kind::SYSTEM_ASSIGNED
-                && p.resource_id.as_deref().and_then(|r| d.resources.get(r)).is_some_and(|(r, _)| {
-                    TRUSTED_SERVICE_TYPES.contains(&r.resource_type.to_ascii_lowercase().as_str())
-                })
+                && p.resource_id
+                    .as_deref()
+                    .and_then(|r| d.resources.get(r))
+                    .is_some_and(|(r, _)| {
+                        TRUSTED_SERVICE_TYPES
+                            .contains(&r.resource_type.to_ascii_lowercase().as_str())
+                    })
         })
     }
 
@@ -710,7 +999,10 @@ impl Platform {
         action: DataAction,
         object: Option<(&str, &str)>,
     ) -> Result<(), KvError> {
-        if !caller.tenant_id.eq_ignore_ascii_case(record.properties.tenant_id.as_str()) {
+        if !caller
+            .tenant_id
+            .eq_ignore_ascii_case(record.properties.tenant_id.as_str())
+        {
             return Err(KvError::unauthorized(format!(
                 "AKV10032: Invalid issuer. Expected one of {}/{}/v2.0, found {}/{}/v2.0.",
                 self.config.authority(),
@@ -762,44 +1054,95 @@ impl Platform {
 
     fn check_scope_exists(&self, scope: &Scope) -> Result<(), KvError> {
         let segs: Vec<&str> = scope.as_str().split('/').collect();
-        if segs.len() > 8 && segs[5] == "providers" && segs[6] == "microsoft.keyvault" && segs[7] == "vaults" {
-            let name = kagi_core::VaultName::parse(segs[8]).map_err(|_| bad("The vault in the scope does not exist."))?;
-            self.live_vault(&name).map_err(|_| bad("The vault in the scope does not exist.").with_inner("InvalidScope"))?;
+        if segs.len() > 8
+            && segs[5] == "providers"
+            && segs[6] == "microsoft.keyvault"
+            && segs[7] == "vaults"
+        {
+            let name = kagi_core::VaultName::parse(segs[8])
+                .map_err(|_| bad("The vault in the scope does not exist."))?;
+            self.live_vault(&name).map_err(|_| {
+                bad("The vault in the scope does not exist.").with_inner("InvalidScope")
+            })?;
         } else if segs.len() > 8 && segs[5] == "providers" {
             let id = segs[..9].join("/");
             if !self.dir().resources.contains_key(&id) {
-                return Err(bad(format!("The resource '{id}' in the scope does not exist.")).with_inner("InvalidScope"));
+                return Err(
+                    bad(format!("The resource '{id}' in the scope does not exist."))
+                        .with_inner("InvalidScope"),
+                );
             }
         }
         Ok(())
     }
 
     /// `PUT {scope}/providers/Microsoft.Authorization/roleAssignments/{guid}`.
-    pub async fn put_role_assignment(&self, caller: &Principal, scope: &str, id: &str, input: Value) -> Result<(u16, Value), KvError> {
+    pub async fn put_role_assignment(
+        &self,
+        caller: &Principal,
+        scope: &str,
+        id: &str,
+        input: Value,
+    ) -> Result<(u16, Value), KvError> {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
         self.check_scope_exists(&scope)?;
         let id = guid(id)?;
-        let props = input.get("properties").ok_or_else(|| bad("The property \"properties\" is required."))?;
-        let role = role_guid(props.get("roleDefinitionId").and_then(Value::as_str).ok_or_else(|| bad("properties.roleDefinitionId is required."))?)?;
+        let props = input
+            .get("properties")
+            .ok_or_else(|| bad("The property \"properties\" is required."))?;
+        let role = role_guid(
+            props
+                .get("roleDefinitionId")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("properties.roleDefinitionId is required."))?,
+        )?;
         if self.role_definition(&role).is_none() {
-            return Err(bad(format!("The role definition '{role}' does not exist.")).with_inner("RoleDefinitionDoesNotExist"));
+            return Err(bad(format!("The role definition '{role}' does not exist."))
+                .with_inner("RoleDefinitionDoesNotExist"));
         }
-        let principal = guid(props.get("principalId").and_then(Value::as_str).ok_or_else(|| bad("properties.principalId is required."))?)?;
+        let principal = guid(
+            props
+                .get("principalId")
+                .and_then(Value::as_str)
+                .ok_or_else(|| bad("properties.principalId is required."))?,
+        )?;
         if !self.dir().principals.contains_key(&principal) {
-            return Err(bad(format!("Principal {principal} does not exist in the directory {}.", caller.tenant_id)).with_inner("PrincipalNotFound"));
+            return Err(bad(format!(
+                "Principal {principal} does not exist in the directory {}.",
+                caller.tenant_id
+            ))
+            .with_inner("PrincipalNotFound"));
         }
         if let Some(existing) = self.dir().assignments.iter().find(|a| a.id == id) {
-            if existing.principal_id == principal && existing.role_definition_id == role && existing.scope == scope.as_str() {
+            if existing.principal_id == principal
+                && existing.role_definition_id == role
+                && existing.scope == scope.as_str()
+            {
                 return Ok((200, assignment_json(existing)));
             }
-            return Err(KvError::conflict("A role assignment with this id already exists with other properties.").with_inner("RoleAssignmentUpdateNotPermitted"));
+            return Err(KvError::conflict(
+                "A role assignment with this id already exists with other properties.",
+            )
+            .with_inner("RoleAssignmentUpdateNotPermitted"));
         }
-        if self.dir().assignments.iter().any(|a| a.principal_id == principal && a.role_definition_id == role && a.scope == scope.as_str()) {
-            return Err(KvError::conflict("The role assignment already exists.").with_inner("RoleAssignmentExists"));
+        if self.dir().assignments.iter().any(|a| {
+            a.principal_id == principal && a.role_definition_id == role && a.scope == scope.as_str()
+        }) {
+            return Err(KvError::conflict("The role assignment already exists.")
+                .with_inner("RoleAssignmentExists"));
         }
-        let rec = RoleAssignmentRecord { id, scope: scope.as_str().to_string(), principal_id: principal, role_definition_id: role, created: self.clock.now() };
-        self.store.put_role_assignment(&rec).await.map_err(|e| internal("put role assignment", e))?;
+        let rec = RoleAssignmentRecord {
+            id,
+            scope: scope.as_str().to_string(),
+            principal_id: principal,
+            role_definition_id: role,
+            created: self.clock.now(),
+        };
+        self.store
+            .put_role_assignment(&rec)
+            .await
+            .map_err(|e| internal("put role assignment", e))?;
         self.dir_mut().assignments.push(rec.clone());
         tracing::info!(assignment = %rec.id, scope = %rec.scope, "role assignment created");
         Ok((201, assignment_json(&rec)))
@@ -814,7 +1157,10 @@ impl Platform {
             .iter()
             .find(|a| a.id == id)
             .map(assignment_json)
-            .ok_or_else(|| KvError::new(ErrorCode::NotFound, "The role assignment does not exist.").with_inner("RoleAssignmentNotFound"))
+            .ok_or_else(|| {
+                KvError::new(ErrorCode::NotFound, "The role assignment does not exist.")
+                    .with_inner("RoleAssignmentNotFound")
+            })
     }
 
     /// Lists role assignments at or below a scope (and above it: those that apply to it).
@@ -825,52 +1171,91 @@ impl Platform {
             .dir()
             .assignments
             .iter()
-            .filter(|a| Scope::parse(&a.scope).is_ok_and(|s| s.contains(&scope) || scope.contains(&s)))
+            .filter(|a| {
+                Scope::parse(&a.scope).is_ok_and(|s| s.contains(&scope) || scope.contains(&s))
+            })
             .map(assignment_json)
             .collect();
         Ok(json!({ "value": value }))
     }
 
     /// `DELETE` of a role assignment: the next request of that principal is decided without it.
-    pub async fn delete_role_assignment(&self, caller: &Principal, id: &str) -> Result<(u16, Value), KvError> {
+    pub async fn delete_role_assignment(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> Result<(u16, Value), KvError> {
         self.require_admin(caller)?;
         let id = guid(id)?;
         let Some(rec) = self.dir().assignments.iter().find(|a| a.id == id).cloned() else {
             return Ok((204, Value::Null));
         };
-        self.store.delete_role_assignment(&id).await.map_err(|e| internal("delete role assignment", e))?;
+        self.store
+            .delete_role_assignment(&id)
+            .await
+            .map_err(|e| internal("delete role assignment", e))?;
         self.dir_mut().assignments.retain(|a| a.id != id);
         tracing::info!(assignment = %id, "role assignment deleted");
         Ok((200, assignment_json(&rec)))
     }
 
     /// `PUT {scope}/providers/Microsoft.Authorization/roleDefinitions/{guid}`: a custom role.
-    pub async fn put_role_definition(&self, caller: &Principal, scope: &str, id: &str, input: Value) -> Result<(u16, Value), KvError> {
+    pub async fn put_role_definition(
+        &self,
+        caller: &Principal,
+        scope: &str,
+        id: &str,
+        input: Value,
+    ) -> Result<(u16, Value), KvError> {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
         let id = guid(id)?;
         if builtin_roles().iter().any(|(g, _)| *g == id) {
-            return Err(KvError::forbidden("Built-in role definitions cannot be changed.").with_inner("RoleDefinitionNotEditable"));
+            return Err(
+                KvError::forbidden("Built-in role definitions cannot be changed.")
+                    .with_inner("RoleDefinitionNotEditable"),
+            );
         }
-        let mut props: RoleDefinitionProperties = serde_json::from_value(input.get("properties").cloned().unwrap_or(Value::Null))
-            .map_err(|e| bad(format!("The role definition is not valid: {}", e.to_string().chars().take(200).collect::<String>())))?;
+        let mut props: RoleDefinitionProperties =
+            serde_json::from_value(input.get("properties").cloned().unwrap_or(Value::Null))
+                .map_err(|e| {
+                    bad(format!(
+                        "The role definition is not valid: {}",
+                        e.to_string().chars().take(200).collect::<String>()
+                    ))
+                })?;
         props.role_type = "CustomRole".into();
         if props.assignable_scopes.is_empty() {
             props.assignable_scopes = vec![scope.as_str().to_string()];
         }
         props.validate()?;
         let existed = self.dir().custom_roles.contains_key(&id);
-        let rec = RoleDefinitionRecord { id: id.clone(), scope: scope.as_str().to_string(), body: serde_json::to_string(&props).map_err(|e| internal("role", e))? };
-        self.store.put_role_definition(&rec).await.map_err(|e| internal("put role definition", e))?;
-        self.dir_mut().custom_roles.insert(id.clone(), (rec.scope.clone(), props.clone()));
-        Ok((if existed { 200 } else { 201 }, role_json(&rec.scope, &id, &props)))
+        let rec = RoleDefinitionRecord {
+            id: id.clone(),
+            scope: scope.as_str().to_string(),
+            body: serde_json::to_string(&props).map_err(|e| internal("role", e))?,
+        };
+        self.store
+            .put_role_definition(&rec)
+            .await
+            .map_err(|e| internal("put role definition", e))?;
+        self.dir_mut()
+            .custom_roles
+            .insert(id.clone(), (rec.scope.clone(), props.clone()));
+        Ok((
+            if existed { 200 } else { 201 },
+            role_json(&rec.scope, &id, &props),
+        ))
     }
 
     /// Lists role definitions (built-in and custom) visible at a scope.
     pub fn list_role_definitions(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
-        let mut value: Vec<Value> = builtin_roles().iter().map(|(g, r)| role_json(scope.as_str(), g, r)).collect();
+        let mut value: Vec<Value> = builtin_roles()
+            .iter()
+            .map(|(g, r)| role_json(scope.as_str(), g, r))
+            .collect();
         for (g, (_, r)) in &self.dir().custom_roles {
             value.push(role_json(scope.as_str(), g, r));
         }
@@ -878,29 +1263,55 @@ impl Platform {
     }
 
     /// `GET` of one role definition.
-    pub fn get_role_definition(&self, caller: &Principal, scope: &str, id: &str) -> Result<Value, KvError> {
+    pub fn get_role_definition(
+        &self,
+        caller: &Principal,
+        scope: &str,
+        id: &str,
+    ) -> Result<Value, KvError> {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
         let id = guid(id)?;
         self.role_definition(&id)
             .map(|r| role_json(scope.as_str(), &id, &r))
-            .ok_or_else(|| KvError::new(ErrorCode::NotFound, "The role definition does not exist.").with_inner("RoleDefinitionDoesNotExist"))
+            .ok_or_else(|| {
+                KvError::new(ErrorCode::NotFound, "The role definition does not exist.")
+                    .with_inner("RoleDefinitionDoesNotExist")
+            })
     }
 
     /// `DELETE` of a custom role definition; refused while assigned.
-    pub async fn delete_role_definition(&self, caller: &Principal, id: &str) -> Result<u16, KvError> {
+    pub async fn delete_role_definition(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> Result<u16, KvError> {
         self.require_admin(caller)?;
         let id = guid(id)?;
         if builtin_roles().iter().any(|(g, _)| *g == id) {
-            return Err(KvError::forbidden("Built-in role definitions cannot be deleted.").with_inner("RoleDefinitionNotEditable"));
+            return Err(
+                KvError::forbidden("Built-in role definitions cannot be deleted.")
+                    .with_inner("RoleDefinitionNotEditable"),
+            );
         }
         if !self.dir().custom_roles.contains_key(&id) {
             return Ok(204);
         }
-        if self.dir().assignments.iter().any(|a| a.role_definition_id == id) {
-            return Err(KvError::conflict("The role definition is assigned; delete its assignments first.").with_inner("RoleDefinitionHasAssignments"));
+        if self
+            .dir()
+            .assignments
+            .iter()
+            .any(|a| a.role_definition_id == id)
+        {
+            return Err(KvError::conflict(
+                "The role definition is assigned; delete its assignments first.",
+            )
+            .with_inner("RoleDefinitionHasAssignments"));
         }
-        self.store.delete_role_definition(&id).await.map_err(|e| internal("delete role definition", e))?;
+        self.store
+            .delete_role_definition(&id)
+            .await
+            .map_err(|e| internal("delete role definition", e))?;
         self.dir_mut().custom_roles.remove(&id);
         Ok(200)
     }
@@ -908,12 +1319,25 @@ impl Platform {
     // ----- locks -----
 
     /// `PUT {scope}/providers/Microsoft.Authorization/locks/{name}`.
-    pub async fn put_lock(&self, caller: &Principal, scope: &str, name: &str, input: Value) -> Result<(u16, Value), KvError> {
+    pub async fn put_lock(
+        &self,
+        caller: &Principal,
+        scope: &str,
+        name: &str,
+        input: Value,
+    ) -> Result<(u16, Value), KvError> {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
         self.check_scope_exists(&scope)?;
-        if name.is_empty() || name.len() > 90 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            return Err(bad("Lock names are 1-90 letters, digits, '-', '_' and '.'."));
+        if name.is_empty()
+            || name.len() > 90
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(bad(
+                "Lock names are 1-90 letters, digits, '-', '_' and '.'.",
+            ));
         }
         let props = input.get("properties").cloned().unwrap_or(Value::Null);
         let level = match props.get("level").and_then(Value::as_str) {
@@ -921,11 +1345,30 @@ impl Platform {
             Some(l) if l.eq_ignore_ascii_case("ReadOnly") => "ReadOnly",
             _ => return Err(bad("properties.level must be CanNotDelete or ReadOnly.")),
         };
-        let notes = props.get("notes").and_then(Value::as_str).unwrap_or("").chars().take(512).collect::<String>();
-        let id = format!("{}/providers/microsoft.authorization/locks/{}", scope.as_str(), name.to_ascii_lowercase());
+        let notes = props
+            .get("notes")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .chars()
+            .take(512)
+            .collect::<String>();
+        let id = format!(
+            "{}/providers/microsoft.authorization/locks/{}",
+            scope.as_str(),
+            name.to_ascii_lowercase()
+        );
         let existed = self.dir().locks.iter().any(|l| l.id == id);
-        let rec = LockRecord { id: id.clone(), scope: scope.as_str().to_string(), name: name.to_string(), level: level.into(), notes };
-        self.store.put_lock(&rec).await.map_err(|e| internal("put lock", e))?;
+        let rec = LockRecord {
+            id: id.clone(),
+            scope: scope.as_str().to_string(),
+            name: name.to_string(),
+            level: level.into(),
+            notes,
+        };
+        self.store
+            .put_lock(&rec)
+            .await
+            .map_err(|e| internal("put lock", e))?;
         {
             let mut d = self.dir_mut();
             d.locks.retain(|l| l.id != id);
@@ -943,7 +1386,9 @@ impl Platform {
             .dir()
             .locks
             .iter()
-            .filter(|l| Scope::parse(&l.scope).is_ok_and(|s| s.contains(&scope) || scope.contains(&s)))
+            .filter(|l| {
+                Scope::parse(&l.scope).is_ok_and(|s| s.contains(&scope) || scope.contains(&s))
+            })
             .map(lock_json)
             .collect();
         Ok(json!({ "value": value }))
@@ -953,24 +1398,43 @@ impl Platform {
     pub fn get_lock(&self, caller: &Principal, scope: &str, name: &str) -> Result<Value, KvError> {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
-        let id = format!("{}/providers/microsoft.authorization/locks/{}", scope.as_str(), name.to_ascii_lowercase());
+        let id = format!(
+            "{}/providers/microsoft.authorization/locks/{}",
+            scope.as_str(),
+            name.to_ascii_lowercase()
+        );
         self.dir()
             .locks
             .iter()
             .find(|l| l.id == id)
             .map(lock_json)
-            .ok_or_else(|| KvError::new(ErrorCode::NotFound, "The lock does not exist.").with_inner("LockNotFound"))
+            .ok_or_else(|| {
+                KvError::new(ErrorCode::NotFound, "The lock does not exist.")
+                    .with_inner("LockNotFound")
+            })
     }
 
     /// `DELETE` of a lock.
-    pub async fn delete_lock(&self, caller: &Principal, scope: &str, name: &str) -> Result<u16, KvError> {
+    pub async fn delete_lock(
+        &self,
+        caller: &Principal,
+        scope: &str,
+        name: &str,
+    ) -> Result<u16, KvError> {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
-        let id = format!("{}/providers/microsoft.authorization/locks/{}", scope.as_str(), name.to_ascii_lowercase());
+        let id = format!(
+            "{}/providers/microsoft.authorization/locks/{}",
+            scope.as_str(),
+            name.to_ascii_lowercase()
+        );
         if !self.dir().locks.iter().any(|l| l.id == id) {
             return Ok(204);
         }
-        self.store.delete_lock(&id).await.map_err(|e| internal("delete lock", e))?;
+        self.store
+            .delete_lock(&id)
+            .await
+            .map_err(|e| internal("delete lock", e))?;
         self.dir_mut().locks.retain(|l| l.id != id);
         tracing::info!(lock = %id, "lock removed");
         Ok(200)
@@ -986,7 +1450,10 @@ impl Platform {
         let locked: Vec<&LockRecord> = d
             .locks
             .iter()
-            .filter(|l| (operation == "delete" || l.level == "ReadOnly") && Scope::parse(&l.scope).is_ok_and(|s| s.contains(&target)))
+            .filter(|l| {
+                (operation == "delete" || l.level == "ReadOnly")
+                    && Scope::parse(&l.scope).is_ok_and(|s| s.contains(&target))
+            })
             .collect();
         if locked.is_empty() {
             return Ok(());
@@ -1027,7 +1494,11 @@ fn assignment_json(a: &RoleAssignmentRecord) -> Value {
 }
 
 fn role_json(scope: &str, id: &str, r: &RoleDefinitionProperties) -> Value {
-    let prefix = if scope == "/" { String::new() } else { scope.to_string() };
+    let prefix = if scope == "/" {
+        String::new()
+    } else {
+        scope.to_string()
+    };
     json!({
         "id": format!("{prefix}/providers/Microsoft.Authorization/roleDefinitions/{id}"),
         "name": id,

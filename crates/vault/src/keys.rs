@@ -163,17 +163,6 @@ const BACKUP_MAGIC: &[u8] = b"KAGI-KEY-BACKUP\x01";
 const BACKUP_AAD: &[u8] = b"kagi/v1/key-backup";
 
 impl Platform {
-    /// Decides whether `caller` may do `action` on the vault as a whole (see
-    /// [`Self::authorize_object`] for decisions about one key or secret).
-    pub(crate) fn authorize(
-        &self,
-        caller: &Principal,
-        record: &VaultRecord,
-        action: DataAction,
-    ) -> Result<(), KvError> {
-        self.authorize_object(caller, record, action, None)
-    }
-
     fn vault_for(
         &self,
         caller: &Principal,
@@ -305,8 +294,12 @@ impl Platform {
         name: &str,
         params: KeyCreateParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Create), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::Create),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         let kty = KeyType::parse(&params.kty)?;
         if kty.is_hsm() && !record.properties.allows_hsm() {
@@ -394,8 +387,12 @@ impl Platform {
         name: &str,
         params: KeyImportParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Import), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::Import),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         check_release_policy(&params.release_policy)?;
         let jwk = &params.key;
@@ -469,7 +466,12 @@ impl Platform {
         name: &str,
         version: Option<&str>,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Get), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::Get),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let v = Self::pick_version(&k, version)?;
@@ -485,8 +487,12 @@ impl Platform {
         version: Option<&str>,
         params: KeyUpdateParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Update), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::Update),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         check_release_policy(&params.release_policy)?;
         let _w = state.write.lock().await;
@@ -587,8 +593,12 @@ impl Platform {
         name: &str,
         q: &ListQuery,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::List), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::List),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let size = paging::page_size(q.maxresults.as_deref())?;
@@ -617,8 +627,12 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Delete), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::Delete),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let k = Self::live_key(&state, &name)?;
@@ -654,7 +668,12 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Get), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::Get),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         let k = Self::deleted_key(&state, &name)?;
         Ok(self.view(&record).deleted_bundle(&k))
@@ -696,8 +715,12 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Recover), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::Recover),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let mut k = Self::deleted_key(&state, &name)?;
@@ -722,8 +745,12 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<(), KvError> {
-        let (state, record) =
-            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Purge), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::Purge),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let k = Self::deleted_key(&state, &name)?;
@@ -760,8 +787,17 @@ impl Platform {
             .filter(|k| k.purge_at.is_some_and(|t| t <= now))
             .map(|k| k.name.clone())
             .collect();
+        let mut purged = 0;
         for name in &due {
             let _w = state.write.lock().await;
+            // Re-check under the lock: a recover may have run since the scan.
+            if !state
+                .key(name)
+                .is_some_and(|k| k.deleted_at.is_some() && k.purge_at.is_some_and(|t| t <= now))
+            {
+                continue;
+            }
+            purged += 1;
             self.store
                 .purge_key(&record.name, name)
                 .await
@@ -769,7 +805,7 @@ impl Platform {
             state.keys_mut().remove(&name.folded());
             tracing::info!(vault = %record.name, key = %name, "deleted key purged after retention");
         }
-        Ok(due.len())
+        Ok(purged)
     }
 
     /// `POST /keys/{name}/backup`: every version, sealed so that only a kagi holding the same
@@ -780,8 +816,12 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<BackupBlob, KvError> {
-        let (state, record) =
-            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Backup), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::Backup),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let mut versions = Vec::with_capacity(k.versions.len());
@@ -912,8 +952,12 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.vault_for_key(caller, vault, DataAction::Key(KeyPermission::Rotate), Some(name))?;
+        let (state, record) = self.vault_for_key(
+            caller,
+            vault,
+            DataAction::Key(KeyPermission::Rotate),
+            Some(name),
+        )?;
         let name = ObjectName::parse(name)?;
         let k = Self::live_key(&state, &name)?;
         let current = k

@@ -145,6 +145,11 @@ impl Platform {
         for v in vaults {
             let record = v.record();
             if record.purge_at.is_some_and(|t| t <= now) {
+                // Re-check under the vault's lock: a recover may have run since the scan.
+                let _w = v.write.lock().await;
+                if !v.record().purge_at.is_some_and(|t| t <= now) {
+                    continue;
+                }
                 self.store
                     .purge_vault(&record.name)
                     .await

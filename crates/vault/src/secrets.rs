@@ -233,12 +233,19 @@ impl Platform {
         caller: &Principal,
         vault: &str,
         permission: SecretPermission,
+        secret: Option<&str>,
     ) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
         let name = VaultName::parse(vault)
             .map_err(|_| KvError::new(ErrorCode::VaultNotFound, "The vault was not found."))?;
         let state = self.live_vault(&name)?;
         let record = state.record();
-        self.authorize(caller, &record, DataAction::Secret(permission))?;
+        // The secret's own scope, so that role assignments on one secret count.
+        self.authorize_object(
+            caller,
+            &record,
+            DataAction::Secret(permission),
+            secret.map(|s| ("secrets", s)),
+        )?;
         Ok((state, record))
     }
 
@@ -325,7 +332,8 @@ impl Platform {
         name: &str,
         params: SecretSetParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::Set)?;
+        let (state, record) =
+            self.secret_vault(caller, vault, SecretPermission::Set, Some(name))?;
         let name = ObjectName::parse(name)?;
         let (value, info) = params.into_version(self.clock.now())?;
         let version = random_version()?;
@@ -382,7 +390,8 @@ impl Platform {
         name: &str,
         version: Option<&str>,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::Get)?;
+        let (state, record) =
+            self.secret_vault(caller, vault, SecretPermission::Get, Some(name))?;
         let name = ObjectName::parse(name)?;
         let s = Self::live_secret(&state, &name)?;
         let v = s.pick(version)?;
@@ -403,7 +412,8 @@ impl Platform {
         version: Option<&str>,
         params: SecretUpdateParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::Set)?;
+        let (state, record) =
+            self.secret_vault(caller, vault, SecretPermission::Set, Some(name))?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let s = Self::live_secret(&state, &name)?;
@@ -440,7 +450,7 @@ impl Platform {
         vault: &str,
         q: &ListQuery,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::List)?;
+        let (state, record) = self.secret_vault(caller, vault, SecretPermission::List, None)?;
         self.page_secrets(&state, &record, q, false)
     }
 
@@ -451,7 +461,7 @@ impl Platform {
         vault: &str,
         q: &ListQuery,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::List)?;
+        let (state, record) = self.secret_vault(caller, vault, SecretPermission::List, None)?;
         self.page_secrets(&state, &record, q, true)
     }
 
@@ -498,7 +508,8 @@ impl Platform {
         name: &str,
         q: &ListQuery,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::List)?;
+        let (state, record) =
+            self.secret_vault(caller, vault, SecretPermission::List, Some(name))?;
         let name = ObjectName::parse(name)?;
         let s = Self::live_secret(&state, &name)?;
         let size = paging::page_size(q.maxresults.as_deref())?;
@@ -527,10 +538,15 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::Delete)?;
+        let (state, record) =
+            self.secret_vault(caller, vault, SecretPermission::Delete, Some(name))?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let s = Self::live_secret(&state, &name)?;
+        self.check_not_locked(
+            &crate::directory::object_scope(&record, Some(("secrets", name.as_str()))),
+            "delete",
+        )?;
         let now = self.clock.now();
         let purge_at = now + i64::from(record.properties.soft_delete_retention_in_days) * DAY;
         self.store
@@ -552,7 +568,8 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::Get)?;
+        let (state, record) =
+            self.secret_vault(caller, vault, SecretPermission::Get, Some(name))?;
         let name = ObjectName::parse(name)?;
         let s = Self::deleted_secret(&state, &name)?;
         Ok(self.secret_view(&record).deleted_bundle(&s))
@@ -566,7 +583,8 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::Recover)?;
+        let (state, record) =
+            self.secret_vault(caller, vault, SecretPermission::Recover, Some(name))?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let mut s = Self::deleted_secret(&state, &name)?;
@@ -594,7 +612,8 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<(), KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::Purge)?;
+        let (state, record) =
+            self.secret_vault(caller, vault, SecretPermission::Purge, Some(name))?;
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let s = Self::deleted_secret(&state, &name)?;
@@ -631,8 +650,18 @@ impl Platform {
             .filter(|s| s.purge_at.is_some_and(|t| t <= now))
             .map(|s| s.name.clone())
             .collect();
+        let mut purged = 0;
         for name in &due {
             let _w = state.write.lock().await;
+            // Re-check under the lock: a recover may have run since the scan.
+            if !state
+                .secrets()
+                .get(&name.folded())
+                .is_some_and(|k| k.deleted_at.is_some() && k.purge_at.is_some_and(|t| t <= now))
+            {
+                continue;
+            }
+            purged += 1;
             self.store
                 .purge_secret(&record.name, name)
                 .await
@@ -640,7 +669,7 @@ impl Platform {
             state.secrets_mut().remove(&name.folded());
             tracing::info!(vault = %record.name, secret = %name, "deleted secret purged after retention");
         }
-        Ok(due.len())
+        Ok(purged)
     }
 
     /// `POST /secrets/{name}/backup`: every version with its value, sealed so that only a kagi
@@ -651,7 +680,8 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<BackupBlob, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::Backup)?;
+        let (state, record) =
+            self.secret_vault(caller, vault, SecretPermission::Backup, Some(name))?;
         let name = ObjectName::parse(name)?;
         let s = Self::live_secret(&state, &name)?;
         let mut versions = Vec::with_capacity(s.versions.len());
@@ -689,7 +719,7 @@ impl Platform {
         vault: &str,
         blob: BackupBlob,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.secret_vault(caller, vault, SecretPermission::Restore)?;
+        let (state, record) = self.secret_vault(caller, vault, SecretPermission::Restore, None)?;
         let invalid = || {
             KvError::bad_parameter("Backup blob contains invalid or corrupt version.")
                 .with_inner("InvalidBackupBlob")

@@ -90,7 +90,11 @@ impl Platform {
                 "Tenant not found, or the application is not in this tenant.",
             ));
         }
-        if !kagi_identity::secret_matches(field("client_secret"), &record.secret_hash) {
+        if !field("client_assertion").is_empty() {
+            self.check_client_assertion(tenant, &record, form)?;
+        } else if record.secret_hash.is_empty()
+            || !kagi_identity::secret_matches(field("client_secret"), &record.secret_hash)
+        {
             return Err(refuse(
                 401,
                 "invalid_client",
@@ -143,6 +147,99 @@ impl Platform {
             ext_expires_in: TOKEN_LIFETIME - 1,
             access_token: token,
         })
+    }
+
+    /// Verifies a certificate credential (RFC 7523 client assertion, as MSAL sends it): a JWT
+    /// signed PS256 or RS256 with the key of a certificate registered for this client, named
+    /// by its `x5t#S256` thumbprint, addressed to this token endpoint, issued by and about the
+    /// client, and not expired.
+    fn check_client_assertion(
+        &self,
+        tenant: &str,
+        record: &kagi_store::PrincipalRecord,
+        form: &std::collections::HashMap<String, String>,
+    ) -> Result<(), TokenRequestError> {
+        use kagi_core::b64;
+        let invalid = |why: &str| {
+            refuse(
+                401,
+                "invalid_client",
+                700027,
+                &format!("Client assertion failed signature or claims validation: {why}."),
+            )
+        };
+        if form.get("client_assertion_type").map(String::as_str)
+            != Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+        {
+            return Err(refuse(
+                400,
+                "invalid_request",
+                50027,
+                "Unsupported client_assertion_type.",
+            ));
+        }
+        let jwt = form
+            .get("client_assertion")
+            .map(String::as_str)
+            .unwrap_or("");
+        let parts: Vec<&str> = jwt.split('.').collect();
+        if parts.len() != 3 || jwt.len() > 16 * 1024 {
+            return Err(invalid("not a JWT"));
+        }
+        let header: serde_json::Value = b64::decode(parts[0])
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| invalid("bad header"))?;
+        let alg = match header["alg"].as_str() {
+            Some("PS256") => kagi_crypto::SignatureAlgorithm::PS256,
+            Some("RS256") => kagi_crypto::SignatureAlgorithm::RS256,
+            _ => return Err(invalid("alg must be PS256 or RS256")),
+        };
+        let hex = |v: &serde_json::Value| {
+            v.as_str()
+                .and_then(b64::decode)
+                .map(|t| t.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        };
+        let (thumb, sha1) = match (hex(&header["x5t#S256"]), hex(&header["x5t"])) {
+            (Some(t), _) => (t, false),
+            (None, Some(t)) => (t, true),
+            _ => return Err(invalid("an x5t#S256 or x5t header is required")),
+        };
+        let (owner, spki) = self
+            .certificate_credential(&thumb, sha1)
+            .filter(|(p, _)| p.object_id == record.object_id)
+            .ok_or_else(|| invalid("no such certificate is registered for this client"))?;
+        let key = kagi_crypto::PublicKey::rsa_from_spki_der(&spki)
+            .map_err(|_| invalid("unusable key"))?;
+        let digest = kagi_crypto::digest(
+            kagi_crypto::DigestAlgorithm::Sha256,
+            format!("{}.{}", parts[0], parts[1]).as_bytes(),
+        );
+        let sig = b64::decode(parts[2]).ok_or_else(|| invalid("bad signature encoding"))?;
+        if !key.verify_digest(alg, &digest, &sig).unwrap_or(false) {
+            return Err(invalid("bad signature"));
+        }
+        let claims: serde_json::Value = b64::decode(parts[1])
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| invalid("bad claims"))?;
+        let endpoint = format!("{}/{tenant}/oauth2/v2.0/token", self.config.authority());
+        let now = self.clock.now();
+        let num = |k: &str| claims[k].as_f64().map(|f| f as i64);
+        if claims["aud"].as_str().map(|a| a.trim_end_matches('/')) != Some(endpoint.as_str())
+            || claims["iss"].as_str() != Some(owner.client_id.as_str())
+            || claims["sub"].as_str() != Some(owner.client_id.as_str())
+        {
+            return Err(invalid(
+                "aud, iss or sub do not name this token endpoint and client",
+            ));
+        }
+        match num("exp") {
+            Some(exp) if exp > now - 60 && exp <= now + 24 * 3600 => {}
+            _ => return Err(invalid("expired or too long-lived")),
+        }
+        if num("nbf").is_some_and(|nbf| nbf > now + 60) {
+            return Err(invalid("not yet valid"));
+        }
+        Ok(())
     }
 
     /// `https://localhost:8443/.default` → `https://localhost:8443`; kagi is the only resource.

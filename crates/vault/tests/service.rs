@@ -228,24 +228,33 @@ async fn sign_in(p: &Platform, tenant: &str, client_id: &str, secret: &str) -> P
     p.authenticate(&t).unwrap()
 }
 
-/// Stores a service principal directly (there is no API for that yet).
-async fn add_principal(env: &Env, tenant: &str, secret: &str) -> PrincipalRecord {
+/// Provisions service principals out of band: written straight into the store, then the
+/// platform is restarted on it (principals are loaded at start, as the bootstrap administrator
+/// is). Returns the records, in the order of `wanted` (tenant, secret).
+async fn add_principals(env: &mut Env, wanted: &[(&str, &str)]) -> Vec<PrincipalRecord> {
     let store = SqliteStore::open(&env.dir.path().join("kagi.db"))
         .await
         .unwrap();
-    let n = env.clock.now().to_string();
-    let r = PrincipalRecord {
-        object_id: uuid(),
-        tenant_id: tenant.to_string(),
-        client_id: uuid(),
-        display_name: format!("app {n}"),
-        secret_hash: kagi_identity::hash_secret(secret),
-        kind: "ServicePrincipal".into(),
-        created: env.clock.now(),
-        resource_id: None,
-    };
-    store.put_principal(&r).await.unwrap();
-    r
+    let mut out = Vec::new();
+    for (i, (tenant, secret)) in wanted.iter().enumerate() {
+        let r = PrincipalRecord {
+            object_id: uuid(),
+            tenant_id: tenant.to_string(),
+            client_id: uuid(),
+            display_name: format!("app {i}"),
+            secret_hash: kagi_identity::hash_secret(secret),
+            kind: "ServicePrincipal".into(),
+            created: env.clock.now(),
+            resource_id: None,
+        };
+        store.put_principal(&r).await.unwrap();
+        out.push(r);
+    }
+    let (p, created) = open(env.dir.path(), &env.clock, &ROOT).await.unwrap();
+    assert!(created.is_none());
+    env.p = p;
+    env.refresh_admin().await;
+    out
 }
 
 fn uuid() -> String {
@@ -455,7 +464,9 @@ async fn vaults_keys_wrap_unwrap_sign_verify() {
     // wrapKey / unwrapKey round trip, with and without the version in the path; the segment
     // is matched case-insensitively as it is in the URL.
     let dek = kagi_crypto::random_bytes(32).unwrap();
-    let wrapped = env.op("vault-one", "rsa-key", None, "wrapkey", &dek).unwrap();
+    let wrapped = env
+        .op("vault-one", "rsa-key", None, "wrapkey", &dek)
+        .unwrap();
     assert_eq!(wrapped.len(), 256);
     assert_ne!(wrapped, dek);
     assert_eq!(
@@ -474,7 +485,8 @@ async fn vaults_keys_wrap_unwrap_sign_verify() {
         .op("vault-one", "rsa-key", None, "encrypt", b"hello")
         .unwrap();
     assert_eq!(
-        env.op("vault-one", "rsa-key", None, "decrypt", &ct).unwrap(),
+        env.op("vault-one", "rsa-key", None, "decrypt", &ct)
+            .unwrap(),
         b"hello"
     );
     // A damaged ciphertext is the caller's mistake: 400, no detail.
@@ -504,7 +516,18 @@ async fn vaults_keys_wrap_unwrap_sign_verify() {
     let digest = sha256(b"message");
     let sig = sign(p, &env.admin, "vault-one", "rsa-key", "PS256", &digest).unwrap();
     assert_eq!(sig.len(), 256);
-    assert!(verify(p, &env.admin, "vault-one", "rsa-key", "PS256", &digest, &sig).unwrap());
+    assert!(
+        verify(
+            p,
+            &env.admin,
+            "vault-one",
+            "rsa-key",
+            "PS256",
+            &digest,
+            &sig
+        )
+        .unwrap()
+    );
     assert!(
         !verify(
             p,
@@ -531,7 +554,18 @@ async fn vaults_keys_wrap_unwrap_sign_verify() {
     assert!(verify(p, &env.admin, "vault-one", "ec-key", "ES256", &digest, &sig).unwrap());
     let mut bad_sig = sig.clone();
     bad_sig[5] ^= 1;
-    assert!(!verify(p, &env.admin, "vault-one", "ec-key", "ES256", &digest, &bad_sig).unwrap());
+    assert!(
+        !verify(
+            p,
+            &env.admin,
+            "vault-one",
+            "ec-key",
+            "ES256",
+            &digest,
+            &bad_sig
+        )
+        .unwrap()
+    );
     // Algorithm and key type must match; EC keys do not wrap.
     assert_err(
         sign(p, &env.admin, "vault-one", "ec-key", "ES384", &digest),
@@ -581,8 +615,12 @@ async fn vaults_keys_wrap_unwrap_sign_verify() {
         Some("CurveNotSupported"),
     );
     assert_err(
-        env.create("vault-one", "k", json!({"kty": "RSA-HSM", "key_size": 2048}))
-            .await,
+        env.create(
+            "vault-one",
+            "k",
+            json!({"kty": "RSA-HSM", "key_size": 2048}),
+        )
+        .await,
         400,
         ErrorCode::BadParameter,
         Some("KeyTypeNotSupported"),
@@ -702,7 +740,16 @@ async fn state_survives_restart_with_the_same_root_key() {
     );
     // Data protected before the restart opens after it, per version.
     assert_eq!(
-        op_as(&p, &admin, "persist", "cmk", Some(&v1), "unwrapkey", &wrapped1).unwrap(),
+        op_as(
+            &p,
+            &admin,
+            "persist",
+            "cmk",
+            Some(&v1),
+            "unwrapkey",
+            &wrapped1
+        )
+        .unwrap(),
         dek1
     );
     assert_eq!(
@@ -753,7 +800,10 @@ async fn soft_delete_recover_and_purge_after_retention() {
     let wrapped = env.op("soft", "cmk", None, "wrapkey", &dek).unwrap();
 
     let deleted = env.p.delete_key(&env.admin, "soft", "cmk").await.unwrap();
-    assert_eq!(deleted["recoveryId"], "https://soft.localhost:8443/deletedkeys/Cmk");
+    assert_eq!(
+        deleted["recoveryId"],
+        "https://soft.localhost:8443/deletedkeys/Cmk"
+    );
     assert_eq!(deleted["deletedDate"], T0);
     assert_eq!(deleted["scheduledPurgeDate"], T0 + 7 * DAY);
     assert_eq!(deleted["key"]["kid"], k["key"]["kid"]);
@@ -934,9 +984,7 @@ async fn purge_protection_holds_until_retention_ends() {
         Some("PurgeProtectionEnabled"),
     );
     assert_eq!(env.p.purge_expired().await.unwrap(), 0);
-    env.p
-        .get_deleted_key(&env.admin, "guarded", "cmk")
-        .unwrap();
+    env.p.get_deleted_key(&env.admin, "guarded", "cmk").unwrap();
 
     env.clock.advance(1);
     assert_eq!(env.p.purge_expired().await.unwrap(), 1);
@@ -1160,14 +1208,20 @@ async fn validity_window_and_disabled_keys() {
 
 #[tokio::test]
 async fn access_policies_and_tenants_decide_who_may_do_what() {
-    let env = Env::new().await;
+    let mut env = Env::new().await;
+    let (tenant, other_tenant) = (env.tenant(), uuid());
+    let recs = add_principals(
+        &mut env,
+        &[(&tenant, "app-secret"), (&other_tenant, "stranger-secret")],
+    )
+    .await;
+    let (app_rec, stranger_rec) = (&recs[0], &recs[1]);
     let p = &env.p;
     env.vault("shared", json!({})).await;
     env.create("shared", "cmk", rsa()).await.unwrap();
     let admin_wrapped = env.op("shared", "cmk", None, "wrapkey", b"dek").unwrap();
 
     // A second principal of the same tenant, with no access policy.
-    let app_rec = add_principal(&env, &env.tenant(), "app-secret").await;
     let app = sign_in(p, &env.tenant(), &app_rec.client_id, "app-secret").await;
     assert_eq!(app.object_id, app_rec.object_id);
     assert_eq!(app.kind, "ServicePrincipal");
@@ -1292,8 +1346,6 @@ async fn access_policies_and_tenants_decide_who_may_do_what() {
 
     // A principal of another tenant gets a token from its own tenant but is a stranger to the
     // vault: 401, even if an access policy names it.
-    let other_tenant = uuid();
-    let stranger_rec = add_principal(&env, &other_tenant, "stranger-secret").await;
     // Its credentials are not valid in the vault's tenant.
     assert_token_err(
         p.client_credentials(
@@ -1333,7 +1385,15 @@ async fn access_policies_and_tenants_decide_who_may_do_what() {
     );
     assert!(e.message.starts_with("AKV10032"), "{}", e.message);
     assert_err(
-        op_as(p, &stranger, "shared", "cmk", None, "unwrapkey", &admin_wrapped),
+        op_as(
+            p,
+            &stranger,
+            "shared",
+            "cmk",
+            None,
+            "unwrapkey",
+            &admin_wrapped,
+        ),
         401,
         ErrorCode::Unauthorized,
         None,
@@ -1383,11 +1443,15 @@ async fn backup_purge_restore_into_another_vault() {
     env.vault("target", json!({})).await;
     let k1 = env.create("source", "cmk", rsa()).await.unwrap();
     let v1 = version_of(&k1);
-    let wrapped1 = env.op("source", "cmk", None, "wrapkey", b"dek one").unwrap();
+    let wrapped1 = env
+        .op("source", "cmk", None, "wrapkey", b"dek one")
+        .unwrap();
     env.clock.advance(1);
     let k2 = p.rotate_key(&env.admin, "source", "cmk").await.unwrap();
     let v2 = version_of(&k2);
-    let wrapped2 = env.op("source", "cmk", None, "wrapkey", b"dek two").unwrap();
+    let wrapped2 = env
+        .op("source", "cmk", None, "wrapkey", b"dek two")
+        .unwrap();
 
     let blob = p.backup_key(&env.admin, "source", "cmk").unwrap();
     assert!(blob.value.starts_with(b"KAGI-KEY-BACKUP\x01"));
@@ -1440,12 +1504,7 @@ async fn backup_purge_restore_into_another_vault() {
         ErrorCode::BadParameter,
         Some("InvalidBackupBlob"),
     );
-    assert_err(
-        env.get("target", "cmk"),
-        404,
-        ErrorCode::KeyNotFound,
-        None,
-    );
+    assert_err(env.get("target", "cmk"), 404, ErrorCode::KeyNotFound, None);
 
     // Restore into another vault: every version, under the target's URIs.
     let restored = p
@@ -1754,8 +1813,7 @@ async fn token_requests_are_refused_as_entra_refuses_them() {
         assert_err(p.authenticate(bad), 401, ErrorCode::Unauthorized, None);
     }
     let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
-    let claims: Value =
-        serde_json::from_slice(&b64::decode(&parts[1]).unwrap()).unwrap();
+    let claims: Value = serde_json::from_slice(&b64::decode(&parts[1]).unwrap()).unwrap();
     assert_eq!(claims["aud"], "https://localhost:8443");
     assert_eq!(
         claims["iss"],

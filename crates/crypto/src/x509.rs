@@ -1,0 +1,134 @@
+//! Just enough X.509 to register a certificate credential: the SubjectPublicKeyInfo inside a
+//! certificate, and its SHA-256 thumbprint (`x5t#S256`). No path validation: a certificate
+//! credential is a public key the administrator registered, as in Entra ID.
+
+use crate::{CryptoError, DigestAlgorithm, Result};
+
+/// One DER element: (tag, header length, content length).
+fn element(der: &[u8]) -> Result<(u8, usize, usize)> {
+    let bad = || CryptoError::InvalidInput("the certificate is not valid DER".into());
+    let tag = *der.first().ok_or_else(bad)?;
+    let first = *der.get(1).ok_or_else(bad)?;
+    let (header, len) = if first < 0x80 {
+        (2, first as usize)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 {
+            return Err(bad());
+        }
+        let bytes = der.get(2..2 + n).ok_or_else(bad)?;
+        (
+            2 + n,
+            bytes.iter().fold(0usize, |acc, b| (acc << 8) | *b as usize),
+        )
+    };
+    if der.len() < header + len {
+        return Err(bad());
+    }
+    Ok((tag, header, len))
+}
+
+/// The DER of the SubjectPublicKeyInfo of a DER certificate.
+pub fn certificate_spki(cert: &[u8]) -> Result<&[u8]> {
+    let bad = || CryptoError::InvalidInput("the certificate is not an X.509 certificate".into());
+    let (tag, h, l) = element(cert)?;
+    if tag != 0x30 {
+        return Err(bad());
+    }
+    let tbs_outer = &cert[h..h + l];
+    let (tag, h, l) = element(tbs_outer)?;
+    if tag != 0x30 {
+        return Err(bad());
+    }
+    let mut rest = &tbs_outer[h..h + l];
+    // tbsCertificate: [0] version (optional), serial, signature, issuer, validity, subject, spki.
+    let mut index = 0;
+    loop {
+        let (tag, h, l) = element(rest)?;
+        if index == 0 && tag == 0xa0 {
+            rest = &rest[h + l..];
+            continue;
+        }
+        if index == 5 {
+            if tag != 0x30 {
+                return Err(bad());
+            }
+            return Ok(&rest[..h + l]);
+        }
+        rest = &rest[h + l..];
+        index += 1;
+    }
+}
+
+/// The certificate's SHA-256 thumbprint, as the hex of the digest of its DER.
+pub fn thumbprint_sha256(cert: &[u8]) -> String {
+    crate::digest(DigestAlgorithm::Sha256, cert)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The certificate's SHA-1 thumbprint (`x5t`), hex. SHA-1 only names the certificate here
+/// (MSAL still sends it when given a SHA-1 thumbprint); it protects nothing.
+pub fn thumbprint_sha1(cert: &[u8]) -> String {
+    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, cert)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The DER of the first certificate in a PEM text, or the input itself if it is DER already.
+pub fn certificate_der(input: &[u8]) -> Result<Vec<u8>> {
+    let text = std::str::from_utf8(input).ok();
+    match text.and_then(|t| t.find("-----BEGIN CERTIFICATE-----").map(|i| &t[i..])) {
+        Some(pem) => {
+            let body: String = pem
+                .lines()
+                .skip(1)
+                .take_while(|l| !l.starts_with("-----END"))
+                .collect::<String>()
+                .replace(['\r', ' '], "");
+            base64_standard(&body).ok_or_else(|| {
+                CryptoError::InvalidInput("the certificate PEM is not valid base64".into())
+            })
+        }
+        None => Ok(input.to_vec()),
+    }
+}
+
+fn base64_standard(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in text.bytes().filter(|c| *c != b'=') {
+        let v = ALPHABET.iter().position(|a| *a == c)? as u32;
+        acc = (acc << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(certificate_spki(b"").is_err());
+        assert!(certificate_spki(&[0x30, 0x82, 0xff, 0xff]).is_err());
+        assert!(certificate_spki(&[0x30, 0x03, 0x02, 0x01, 0x00]).is_err());
+    }
+
+    #[test]
+    fn base64_decodes() {
+        assert_eq!(base64_standard("aGVsbG8=").unwrap(), b"hello");
+        assert!(base64_standard("a$b").is_none());
+    }
+}
