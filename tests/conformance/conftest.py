@@ -147,9 +147,15 @@ class KagiServer:
     """A `kagi server` child process bound to one data dir and one port."""
 
     def __init__(
-        self, data_dir: Path, log_path: Path, port: Optional[int] = None, extra_args: Optional[List[str]] = None
+        self,
+        data_dir: Path,
+        log_path: Path,
+        port: Optional[int] = None,
+        extra_args: Optional[List[str]] = None,
+        env: Optional[Dict[str, str]] = None,
     ):
         self.extra_args: List[str] = list(extra_args or [])  # e.g. ["--test-clock"]
+        self.extra_env: Dict[str, str] = dict(env or {})  # e.g. {"KAGI_EVENT_RETRY_BASE_MS": "100"}
         self.data_dir = Path(data_dir)
         self.log_path = Path(log_path)
         self.port = port or free_port()
@@ -214,6 +220,7 @@ class KagiServer:
         self._log_fh.flush()
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
+        env.update(self.extra_env)
         self.proc = subprocess.Popen(
             self.command(), stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
@@ -456,8 +463,10 @@ class Vault:
 # --------------------------------------------------------------------------------------------
 
 
-def _start_server(tmp_dir: Path, name: str, extra_args: Optional[List[str]] = None) -> KagiServer:
-    srv = KagiServer(tmp_dir / f"{name}-data", tmp_dir / f"{name}.log", extra_args=extra_args)
+def _start_server(
+    tmp_dir: Path, name: str, extra_args: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None
+) -> KagiServer:
+    srv = KagiServer(tmp_dir / f"{name}-data", tmp_dir / f"{name}.log", extra_args=extra_args, env=env)
     srv.start()
     return srv
 

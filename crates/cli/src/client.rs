@@ -169,6 +169,19 @@ impl Context {
             .context("token response without access_token")
     }
 
+    /// A client without the overall request timeout (large uploads and downloads) and the
+    /// bearer token, for commands that stream bodies.
+    pub(crate) fn streaming(&self) -> anyhow::Result<(reqwest::Client, &str)> {
+        let cert = reqwest::Certificate::from_pem(&self.ca)
+            .context("the kagi CA certificate is not valid PEM")?;
+        let http = reqwest::Client::builder()
+            .tls_certs_only([cert])
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .user_agent(concat!("kagi-cli/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok((http, &self.token))
+    }
+
     /// The URL of a vault.
     pub fn vault_url(&self, vault: &str) -> String {
         format!(

@@ -109,6 +109,12 @@ enum KeyvaultCommand {
     ListDeleted,
     /// Keys of a vault.
     Key(KeyArgs),
+    /// Event subscriptions (webhooks) of a vault and their dead letters.
+    Event(crate::events::EventArgs),
+    /// Back up a whole vault (keys, secrets, every version, settings) to one encrypted file.
+    Backup(crate::vault_backup::BackupArgs),
+    /// Restore a whole-vault backup into an empty vault, or a new one with --location.
+    Restore(crate::vault_backup::RestoreArgs),
 }
 
 /// `kagi keyvault key`.
@@ -271,7 +277,7 @@ impl Context {
         )
     }
 
-    async fn find_vault(&self, name: &str, rg: Option<&str>) -> anyhow::Result<Value> {
+    pub(crate) async fn find_vault(&self, name: &str, rg: Option<&str>) -> anyhow::Result<Value> {
         if let Some(rg) = rg {
             return self
                 .call(
@@ -521,6 +527,9 @@ pub async fn keyvault(ctx: &Context, args: KeyvaultArgs) -> anyhow::Result<()> {
             let vault = k.vault_name.clone().context("--vault-name is required")?;
             keys(ctx, &vault, k.command).await?;
         }
+        KeyvaultCommand::Event(a) => crate::events::run(ctx, a).await?,
+        KeyvaultCommand::Backup(a) => crate::vault_backup::backup(ctx, a).await?,
+        KeyvaultCommand::Restore(a) => crate::vault_backup::restore(ctx, a).await?,
     }
     Ok(())
 }

@@ -6,7 +6,9 @@ mod audit;
 mod bench;
 mod client;
 mod commands;
+mod events;
 mod identity;
+mod vault_backup;
 
 use std::path::PathBuf;
 
@@ -221,6 +223,23 @@ async fn run_server(
     for a in &addrs {
         println!("  listening on {a}");
     }
+
+    // Key rotation by policy, and near-expiry/expired events: at start (catching up on what
+    // fell due while kagi was down) and every 30 s. Event deliveries resume at start too.
+    let scheduler = platform.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            if let Err(e) = scheduler.run_scheduler().await {
+                tracing::error!(error = %e, "rotation scheduler sweep failed");
+            }
+        }
+    });
+    tokio::spawn(kagi_vault::run_event_delivery(
+        platform.clone(),
+        kagi_vault::DeliveryConfig::from_env(),
+    ));
 
     // Soft-deleted vaults and keys are purged when their retention ends.
     let sweeper = platform.clone();

@@ -264,17 +264,39 @@ impl Scope {
     pub fn parse(text: &str) -> Result<Self, KvError> {
         let t = text.trim().trim_end_matches('/').to_ascii_lowercase();
         let segs: Vec<&str> = t.split('/').collect();
-        let ok = t.is_empty()
-            || (segs.len() >= 3
-                && segs[0].is_empty()
-                && segs[1] == "subscriptions"
-                && crate::SubscriptionId::parse(segs[2]).is_ok()
-                && segs.iter().skip(1).all(|s| {
-                    !s.is_empty()
-                        && s.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
-                }));
-        if !ok || t.len() > 1024 {
+        let valid_segment = |s: &&str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.()".contains(c))
+        };
+        // "/", a subscription, a resource group, or a resource (and its children): provider
+        // namespace, then type/name pairs.
+        let shape_ok = match segs.as_slice() {
+            [""] => true,
+            ["", "subscriptions", sub] => crate::SubscriptionId::parse(sub).is_ok(),
+            ["", "subscriptions", sub, "resourcegroups", rg] => {
+                crate::SubscriptionId::parse(sub).is_ok() && valid_segment(rg)
+            }
+            [
+                "",
+                "subscriptions",
+                sub,
+                "resourcegroups",
+                rg,
+                "providers",
+                ns,
+                rest @ ..,
+            ] => {
+                crate::SubscriptionId::parse(sub).is_ok()
+                    && valid_segment(rg)
+                    && valid_segment(ns)
+                    && !rest.is_empty()
+                    && rest.len() % 2 == 0
+                    && rest.iter().all(valid_segment)
+            }
+            _ => false,
+        };
+        if !shape_ok || t.len() > 1024 {
             return Err(KvError::new(
                 ErrorCode::BadRequest,
                 format!("The scope '{}' is not valid.", crate::ids::printable(text)),
@@ -372,6 +394,22 @@ mod tests {
         assert!(!rg.contains(&rg2));
         assert!(!rg.contains(&sub));
         assert!(Scope::parse("/subscriptions/nope").is_err());
+        let sub = "/subscriptions/00000000-1111-4222-8333-444444444444";
+        for bad in [
+            "/resourceGroups",
+            "/resourceGroups/rg/providers",
+            "/resourceGroups/rg/providers/Microsoft.KeyVault",
+            "/resourceGroups/rg/whatever/rg",
+            "/resourceGroups//providers/x/y/z",
+        ] {
+            assert!(Scope::parse(&format!("{sub}{bad}")).is_err(), "{bad}");
+        }
+        assert!(
+            Scope::parse(&format!(
+                "{sub}/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/v/keys/k"
+            ))
+            .is_ok()
+        );
         assert!(Scope::parse("/subscriptions/00000000-1111-4222-8333-444444444444//x").is_err());
     }
 }

@@ -11,10 +11,12 @@
 #![forbid(unsafe_code)]
 
 mod alg;
+pub mod data_key;
 pub mod error;
 mod keypair;
 mod public;
 pub mod seal;
+pub mod vault_backup;
 pub mod x509;
 
 pub use alg::{Curve, DigestAlgorithm, EncryptionAlgorithm, RsaKeySize, SignatureAlgorithm};

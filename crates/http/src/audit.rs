@@ -229,10 +229,22 @@ pub(crate) async fn serve_audited(
 
     let status = response.status().as_u16();
     let (parts, body) = response.into_parts();
-    // Every answer kagi builds is already in memory.
-    let bytes = axum::body::to_bytes(body, usize::MAX)
-        .await
-        .unwrap_or_default();
+    // Every answer kagi builds is already in memory, except files (a vault backup download),
+    // which are streamed through untouched: the record needs nothing from their bytes.
+    let streamed = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/octet-stream");
+    let (bytes, passthrough) = if streamed {
+        (axum::body::Bytes::new(), Some(body))
+    } else {
+        (
+            axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap_or_default(),
+            None,
+        )
+    };
 
     let operation = match &target {
         Target::Vault(_) => kagi_audit::data_plane_operation(&method, &path).to_string(),
@@ -340,7 +352,8 @@ pub(crate) async fn serve_audited(
         tracing::error!(error = %e, "audit record not written; answering 503");
         return unavailable(&correlation);
     }
-    let mut response = Response::from_parts(parts, Body::from(bytes));
+    let mut response =
+        Response::from_parts(parts, passthrough.unwrap_or_else(|| Body::from(bytes)));
     set_request_id(&mut response, &correlation);
     response
 }

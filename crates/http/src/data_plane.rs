@@ -137,6 +137,12 @@ async fn route(
             Ok(respond::json(200, &p.backup_key(caller, vault, segs[1])?))
         }
         (["keys", _, "rotate"], &Method::POST) => ok(p.rotate_key(caller, vault, segs[1]).await?),
+        (["keys", _, "rotationpolicy"], &Method::GET) => {
+            ok(p.get_key_rotation_policy(caller, vault, segs[1]).await?)
+        }
+        (["keys", _, "rotationpolicy"], &Method::PUT) => ok(p
+            .set_key_rotation_policy(caller, vault, segs[1], parse_json(body)?)
+            .await?),
         (["keys", _, op], &Method::POST) if kagi_vault::is_crypto_segment(op) => {
             crypto(p, caller, vault, segs[1], None, op, body)
         }

@@ -9,7 +9,9 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod backup_routes;
 mod data_plane;
+mod event_routes;
 mod identity_routes;
 mod management;
 mod respond;

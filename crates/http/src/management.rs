@@ -77,6 +77,19 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Err(e) => return arm_challenge(&platform, e.with_inner("InvalidAuthenticationToken")),
     };
     crate::audit::note_caller(&parts.extensions, &caller);
+    // Whole-vault backup and restore and their jobs: restore bodies exceed the 1 MiB limit.
+    if crate::backup_routes::matches(&l, &parts.method) {
+        return crate::backup_routes::handle(
+            platform.clone(),
+            &caller,
+            &l,
+            &segs,
+            parts.uri.query(),
+            &parts.headers,
+            body,
+        )
+        .await;
+    }
     // The test clock (`kagi server --test-clock`), before the ARM dispatch: no api-version.
     if let ["kagi", "test", "clock"] = l.as_slice() {
         return test_clock(&platform, &caller, &parts.method, parts.headers, body).await;
@@ -109,6 +122,11 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Ok(b) => b,
         Err(e) => return respond::error(&e),
     };
+    if let Some(r) =
+        crate::event_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body).await
+    {
+        return r.unwrap_or_else(|e| respond::error(&e));
+    }
     if let Some(r) =
         crate::identity_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body, &pairs)
             .await

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod directory;
+pub mod events;
 mod secrets;
 mod sqlite;
 mod sqlite_directory;
@@ -236,4 +237,73 @@ pub trait Store: DirectoryStore + Send + Sync + std::fmt::Debug + 'static {
     async fn purge_secret(&self, vault: &VaultName, name: &ObjectName) -> Result<()>;
     /// Inserts a whole secret (restore). Fails with `Conflict` if the name exists.
     async fn insert_secret(&self, vault: &VaultName, secret: &SecretRecord) -> Result<()>;
+
+    // --- rotation policies and events (schema: `events::SCHEMA`) ---
+    /// A key's rotation policy, if one was set.
+    async fn get_rotation_policy(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+    ) -> Result<Option<kagi_core::rotation::RotationPolicy>>;
+    /// Sets a key's rotation policy (the key row must exist).
+    async fn put_rotation_policy(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        policy: &kagi_core::rotation::RotationPolicy,
+    ) -> Result<()>;
+    /// Every rotation policy of a vault, by lower-case key name.
+    async fn list_rotation_policies(
+        &self,
+        vault: &VaultName,
+    ) -> Result<Vec<(String, kagi_core::rotation::RotationPolicy)>>;
+    /// The event marks of a vault, or of one key or secret.
+    async fn load_event_marks(
+        &self,
+        vault: &VaultName,
+        only: Option<(events::MarkTable, &str)>,
+    ) -> Result<Vec<events::EventMark>>;
+    /// In one transaction: removes `unmarks`, then for each emission inserts its mark and, when
+    /// the mark is new, the event and its deliveries. Returns which emissions were new.
+    async fn record_events(
+        &self,
+        vault: &VaultName,
+        emissions: &[events::EventEmission],
+        unmarks: &[events::EventMark],
+        now: i64,
+    ) -> Result<Vec<bool>>;
+    /// Creates or replaces an event subscription; `true` when it was created.
+    async fn put_event_subscription(
+        &self,
+        vault: &VaultName,
+        sub: &events::EventSubscriptionRecord,
+    ) -> Result<bool>;
+    /// Every event subscription of a vault.
+    async fn list_event_subscriptions(
+        &self,
+        vault: &VaultName,
+    ) -> Result<Vec<events::EventSubscriptionRecord>>;
+    /// Deletes an event subscription with its deliveries and dead letters; `true` if it existed.
+    async fn delete_event_subscription(&self, vault: &VaultName, name: &str) -> Result<bool>;
+    /// Pending deliveries whose next attempt is due at `now_ms`, oldest first.
+    async fn due_deliveries(&self, now_ms: i64, limit: u32)
+    -> Result<Vec<events::PendingDelivery>>;
+    /// The earliest next attempt of any pending delivery (Unix milliseconds).
+    async fn next_delivery_ms(&self) -> Result<Option<i64>>;
+    /// A delivery succeeded: it is removed (and its event once no delivery needs it).
+    async fn delivery_succeeded(&self, event_id: &str, vault: &str, sub: &str) -> Result<()>;
+    /// A delivery failed: retried at `next_attempt_ms`, or dead-lettered when `None`.
+    #[allow(clippy::too_many_arguments)]
+    async fn delivery_failed(
+        &self,
+        event_id: &str,
+        vault: &str,
+        sub: &str,
+        attempts: u32,
+        next_attempt_ms: Option<i64>,
+        error: &str,
+        now: i64,
+    ) -> Result<()>;
+    /// Dead-lettered deliveries of a subscription.
+    async fn dead_letters(&self, vault: &VaultName, sub: &str) -> Result<Vec<events::DeadLetter>>;
 }

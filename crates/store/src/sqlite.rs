@@ -17,6 +17,7 @@ use crate::{
     VaultRecord,
 };
 
+mod events;
 mod secrets;
 
 /// Schema, applied in order; `user_version` records how far a file has come.
@@ -60,6 +61,7 @@ CREATE TABLE secret_versions (
     FOREIGN KEY (vault, name_folded) REFERENCES secrets(vault, name_folded) ON DELETE CASCADE);
 "#,
     crate::directory::SCHEMA,
+    crate::events::SCHEMA,
 ];
 
 /// The SQLite store.
@@ -539,5 +541,105 @@ impl Store for SqliteStore {
 
     async fn insert_secret(&self, vault: &VaultName, secret: &crate::SecretRecord) -> Result<()> {
         self.secrets_insert(vault, secret).await
+    }
+
+    // --- rotation policies and events ---
+    async fn get_rotation_policy(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+    ) -> Result<Option<kagi_core::rotation::RotationPolicy>> {
+        self.policy_get(vault, name).await
+    }
+
+    async fn put_rotation_policy(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        policy: &kagi_core::rotation::RotationPolicy,
+    ) -> Result<()> {
+        self.policy_put(vault, name, policy).await
+    }
+
+    async fn list_rotation_policies(
+        &self,
+        vault: &VaultName,
+    ) -> Result<Vec<(String, kagi_core::rotation::RotationPolicy)>> {
+        self.policy_list(vault).await
+    }
+
+    async fn load_event_marks(
+        &self,
+        vault: &VaultName,
+        only: Option<(crate::events::MarkTable, &str)>,
+    ) -> Result<Vec<crate::events::EventMark>> {
+        self.marks_load(vault, only).await
+    }
+
+    async fn record_events(
+        &self,
+        vault: &VaultName,
+        emissions: &[crate::events::EventEmission],
+        unmarks: &[crate::events::EventMark],
+        now: i64,
+    ) -> Result<Vec<bool>> {
+        self.events_record(vault, emissions, unmarks, now).await
+    }
+
+    async fn put_event_subscription(
+        &self,
+        vault: &VaultName,
+        sub: &crate::events::EventSubscriptionRecord,
+    ) -> Result<bool> {
+        self.subscription_put(vault, sub).await
+    }
+
+    async fn list_event_subscriptions(
+        &self,
+        vault: &VaultName,
+    ) -> Result<Vec<crate::events::EventSubscriptionRecord>> {
+        self.subscription_list(vault).await
+    }
+
+    async fn delete_event_subscription(&self, vault: &VaultName, name: &str) -> Result<bool> {
+        self.subscription_delete(vault, name).await
+    }
+
+    async fn due_deliveries(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<crate::events::PendingDelivery>> {
+        self.deliveries_due(now_ms, limit).await
+    }
+
+    async fn next_delivery_ms(&self) -> Result<Option<i64>> {
+        self.deliveries_next_ms().await
+    }
+
+    async fn delivery_succeeded(&self, event_id: &str, vault: &str, sub: &str) -> Result<()> {
+        self.delivery_done(event_id, vault, sub).await
+    }
+
+    async fn delivery_failed(
+        &self,
+        event_id: &str,
+        vault: &str,
+        sub: &str,
+        attempts: u32,
+        next_attempt_ms: Option<i64>,
+        error: &str,
+        now: i64,
+    ) -> Result<()> {
+        self.delivery_fail(event_id, vault, sub, attempts, next_attempt_ms, error, now)
+            .await
+    }
+
+    async fn dead_letters(
+        &self,
+        vault: &VaultName,
+        sub: &str,
+    ) -> Result<Vec<crate::events::DeadLetter>> {
+        self.dead_letters_list(vault, sub).await
     }
 }

@@ -50,7 +50,7 @@ fn check_location(location: &str) -> Result<String, KvError> {
 impl Platform {
     /// Checks that the caller may manage resources in `subscription`. Until role assignments
     /// exist, only the bootstrap administrator of the subscription's tenant may.
-    async fn authorize_arm(
+    pub(crate) async fn authorize_arm(
         &self,
         caller: &Principal,
         subscription: &str,
@@ -353,7 +353,7 @@ impl Platform {
         Ok(self.vault_json(&record))
     }
 
-    fn vault_in(
+    pub(crate) fn vault_in(
         &self,
         sub: &SubscriptionId,
         resource_group: &str,
@@ -514,6 +514,7 @@ impl Platform {
         let (state, _) = self.deleted_vault_in(&sub, location, name)?;
         let _w = state.write.lock().await;
         let r = state.record();
+        self.check_not_locked(&crate::directory::object_scope(&r, None), "delete")?;
         if r.deleted_at.is_none() {
             return Err(KvError::conflict(format!(
                 "Vault '{}' is not deleted.",

@@ -190,6 +190,8 @@ impl Platform {
             vaults: RwLock::new(vaults),
             directory: RwLock::new(directory),
             test_clock: None,
+            jobs: Default::default(),
+            events: Default::default(),
         };
         Ok((platform, created))
     }

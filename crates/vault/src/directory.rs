@@ -1052,25 +1052,42 @@ impl Platform {
         .with_inner("ForbiddenByPolicy"))
     }
 
-    fn check_scope_exists(&self, scope: &Scope) -> Result<(), KvError> {
+    /// Refuses scopes that name a subscription, resource group, vault or resource that does not
+    /// exist (keys and secrets inside an existing vault may be named before they exist).
+    async fn check_scope_exists(&self, scope: &Scope) -> Result<(), KvError> {
+        let missing = |what: String| {
+            bad(format!("{what} in the scope does not exist.")).with_inner("InvalidScope")
+        };
         let segs: Vec<&str> = scope.as_str().split('/').collect();
-        if segs.len() > 8
-            && segs[5] == "providers"
-            && segs[6] == "microsoft.keyvault"
-            && segs[7] == "vaults"
-        {
-            let name = kagi_core::VaultName::parse(segs[8])
-                .map_err(|_| bad("The vault in the scope does not exist."))?;
-            self.live_vault(&name).map_err(|_| {
-                bad("The vault in the scope does not exist.").with_inner("InvalidScope")
-            })?;
-        } else if segs.len() > 8 && segs[5] == "providers" {
+        if segs.len() < 3 {
+            return Err(missing("The subscription".into()));
+        }
+        self.store
+            .subscription_tenant(segs[2])
+            .await
+            .map_err(|e| internal("scope", e))?
+            .ok_or_else(|| missing(format!("Subscription '{}'", segs[2])))?;
+        if segs.len() >= 5 {
+            self.store
+                .get_resource_group(segs[2], segs[4])
+                .await
+                .map_err(|e| internal("scope", e))?
+                .ok_or_else(|| missing(format!("Resource group '{}'", segs[4])))?;
+        }
+        if segs.len() > 8 && segs[6] == "microsoft.keyvault" && segs[7] == "vaults" {
+            let name =
+                kagi_core::VaultName::parse(segs[8]).map_err(|_| missing("The vault".into()))?;
+            let v = self
+                .live_vault(&name)
+                .map_err(|_| missing(format!("Vault '{}'", segs[8])))?;
+            let r = v.record();
+            if r.subscription_id != segs[2] || !r.resource_group.eq_ignore_ascii_case(segs[4]) {
+                return Err(missing(format!("Vault '{}'", segs[8])));
+            }
+        } else if segs.len() > 8 {
             let id = segs[..9].join("/");
             if !self.dir().resources.contains_key(&id) {
-                return Err(
-                    bad(format!("The resource '{id}' in the scope does not exist."))
-                        .with_inner("InvalidScope"),
-                );
+                return Err(missing(format!("The resource '{id}'")));
             }
         }
         Ok(())
@@ -1086,7 +1103,7 @@ impl Platform {
     ) -> Result<(u16, Value), KvError> {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
-        self.check_scope_exists(&scope)?;
+        self.check_scope_exists(&scope).await?;
         let id = guid(id)?;
         let props = input
             .get("properties")
@@ -1328,7 +1345,7 @@ impl Platform {
     ) -> Result<(u16, Value), KvError> {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
-        self.check_scope_exists(&scope)?;
+        self.check_scope_exists(&scope).await?;
         if name.is_empty()
             || name.len() > 90
             || !name
@@ -1464,6 +1481,18 @@ impl Platform {
             locked.iter().map(|l| l.scope.as_str()).collect::<Vec<_>>().join("', '")
         ))
         .with_inner("ScopeLocked"))
+    }
+
+    /// The role assignments whose scope is `scope` or below it (a vault and its objects), for
+    /// whole-vault backups. `scope` is normalised (lower-case, no trailing slash).
+    pub(crate) fn role_assignments_within(&self, scope: &str) -> Vec<RoleAssignmentRecord> {
+        let below = format!("{scope}/");
+        self.dir()
+            .assignments
+            .iter()
+            .filter(|a| a.scope == scope || a.scope.starts_with(&below))
+            .cloned()
+            .collect()
     }
 }
 

@@ -283,6 +283,9 @@ impl Platform {
             k.versions.push(entry.clone());
         }
         tracing::info!(vault = %record.name, key = %display_name, version = %entry.version, "key version created");
+        drop(_w);
+        self.after_change(state, kagi_core::event::ObjectType::Key, name)
+            .await;
         Ok(self.view(record).bundle(display_name.as_str(), &entry))
     }
 
@@ -535,6 +538,9 @@ impl Platform {
                 *slot = updated.clone();
             }
         }
+        drop(_w);
+        self.after_change(&state, kagi_core::event::ObjectType::Key, &name)
+            .await;
         Ok(self.view(&record).bundle(k.name.as_str(), &updated))
     }
 
@@ -651,6 +657,9 @@ impl Platform {
         deleted.purge_at = Some(purge_at);
         state.keys_mut().insert(name.folded(), deleted.clone());
         tracing::info!(vault = %record.name, key = %k.name, "key soft-deleted");
+        drop(_w);
+        self.after_change(&state, kagi_core::event::ObjectType::Key, &name)
+            .await;
         Ok(self.view(&record).deleted_bundle(&deleted))
     }
 
@@ -732,6 +741,9 @@ impl Platform {
         k.purge_at = None;
         state.keys_mut().insert(name.folded(), k.clone());
         tracing::info!(vault = %record.name, key = %k.name, "key recovered");
+        drop(_w);
+        self.after_change(&state, kagi_core::event::ObjectType::Key, &name)
+            .await;
         let latest = k
             .latest()
             .ok_or_else(|| internal("recover", "key without versions"))?;
@@ -754,6 +766,10 @@ impl Platform {
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let k = Self::deleted_key(&state, &name)?;
+        self.check_not_locked(
+            &crate::directory::object_scope(&record, Some(("keys", name.as_str()))),
+            "delete",
+        )?;
         if record.properties.enable_purge_protection
             && k.purge_at.is_some_and(|t| self.clock.now() < t)
         {
@@ -941,6 +957,9 @@ impl Platform {
         };
         state.keys_mut().insert(name.folded(), entry.clone());
         tracing::info!(vault = %record.name, key = %name, "key restored");
+        drop(_w);
+        self.after_change(&state, kagi_core::event::ObjectType::Key, &name)
+            .await;
         let latest = entry.latest().ok_or_else(invalid)?;
         Ok(self.view(&record).bundle(name.as_str(), latest))
     }
@@ -959,7 +978,18 @@ impl Platform {
             Some(name),
         )?;
         let name = ObjectName::parse(name)?;
-        let k = Self::live_key(&state, &name)?;
+        self.rotate_key_version(&state, &record, &name).await
+    }
+
+    /// A new version like the current one (`rotate_key`, and the rotation scheduler), with the
+    /// rotation policy's `expiryTime` applied (`exp = created + expiryTime`).
+    pub(crate) async fn rotate_key_version(
+        &self,
+        state: &VaultState,
+        record: &VaultRecord,
+        name: &ObjectName,
+    ) -> Result<Value, KvError> {
+        let k = Self::live_key(state, name)?;
         let current = k
             .latest()
             .ok_or_else(|| KvError::key_not_found(name.as_str(), None))?;
@@ -983,15 +1013,15 @@ impl Platform {
         let attributes = KeyAttributes {
             enabled: true,
             nbf: None,
-            exp: None,
+            exp: self.policy_expiry(&record.name, name, now).await?,
             created: now,
             updated: now,
             exportable: false,
         };
         self.add_version(
-            &state,
-            &record,
-            &name,
+            state,
+            record,
+            name,
             NewVersion {
                 key,
                 kty,

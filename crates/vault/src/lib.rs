@@ -13,13 +13,20 @@
 mod arm;
 mod bootstrap;
 mod directory;
+mod events;
+pub use events::{DeliveryConfig, run_event_delivery};
 mod keys;
 pub use keys::is_crypto_segment;
 mod render;
+mod rotation;
+pub use rotation::SweepReport;
+mod jobs;
 mod secrets;
 mod state;
 mod test_clock;
 mod tokens;
+mod vault_backup;
+pub use vault_backup::{BackupRequest, KdfRequest, MAX_RESTORE_FILE, RestoreRequest};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -87,6 +94,10 @@ pub struct Platform {
     directory: RwLock<directory::Directory>,
     /// Set when the platform runs on a movable test clock (`kagi server --test-clock`).
     test_clock: Option<Arc<kagi_core::time::TestClock>>,
+    /// Whole-vault backup and restore jobs (`crate::jobs`).
+    jobs: jobs::Jobs,
+    /// Event outbox wake-up and the scheduler's sweep lock.
+    events: events::EventRuntime,
 }
 
 /// Logs a failure of kagi itself and answers the client with a bare 500.

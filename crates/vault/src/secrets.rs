@@ -93,7 +93,7 @@ impl VaultState {
 
 /// The AAD that binds a sealed value to its place: a sealed value copied to another vault,
 /// secret or version does not open.
-fn value_aad(vault: &VaultName, name: &ObjectName, version: &KeyVersion) -> Vec<u8> {
+pub(crate) fn value_aad(vault: &VaultName, name: &ObjectName, version: &KeyVersion) -> Vec<u8> {
     format!("kagi/v1/secret/{}/{}/{}", vault, name.folded(), version).into_bytes()
 }
 
@@ -375,6 +375,9 @@ impl Platform {
             .versions
             .push(rec.clone());
         tracing::info!(vault = %record.name, secret = %shown, version = %rec.version, "secret version created");
+        drop(_w);
+        self.after_change(&state, kagi_core::event::ObjectType::Secret, &name)
+            .await;
         Ok(self
             .secret_view(&record)
             .bundle(shown.as_str(), &rec, Some(&value)))
@@ -438,6 +441,9 @@ impl Platform {
             *slot = updated.clone();
         }
         tracing::info!(vault = %record.name, secret = %s.name, version = %updated.version, "secret version updated");
+        drop(_w);
+        self.after_change(&state, kagi_core::event::ObjectType::Secret, &name)
+            .await;
         Ok(self
             .secret_view(&record)
             .bundle(s.name.as_str(), &updated, None))
@@ -558,6 +564,9 @@ impl Platform {
         deleted.purge_at = Some(purge_at);
         state.secrets_mut().insert(name.folded(), deleted.clone());
         tracing::info!(vault = %record.name, secret = %deleted.name, "secret soft-deleted");
+        drop(_w);
+        self.after_change(&state, kagi_core::event::ObjectType::Secret, &name)
+            .await;
         Ok(self.secret_view(&record).deleted_bundle(&deleted))
     }
 
@@ -596,6 +605,9 @@ impl Platform {
         s.purge_at = None;
         state.secrets_mut().insert(name.folded(), s.clone());
         tracing::info!(vault = %record.name, secret = %s.name, "secret recovered");
+        drop(_w);
+        self.after_change(&state, kagi_core::event::ObjectType::Secret, &name)
+            .await;
         let latest = s
             .latest()
             .ok_or_else(|| internal("recover secret", "secret without versions"))?;
@@ -617,6 +629,10 @@ impl Platform {
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let s = Self::deleted_secret(&state, &name)?;
+        self.check_not_locked(
+            &crate::directory::object_scope(&record, Some(("secrets", name.as_str()))),
+            "delete",
+        )?;
         if record.properties.enable_purge_protection
             && s.purge_at.is_some_and(|t| self.clock.now() < t)
         {
@@ -775,6 +791,9 @@ impl Platform {
         let entry = SecretEntry::from_record(rec);
         state.secrets_mut().insert(name.folded(), entry.clone());
         tracing::info!(vault = %record.name, secret = %name, "secret restored");
+        drop(_w);
+        self.after_change(&state, kagi_core::event::ObjectType::Secret, &name)
+            .await;
         let latest = entry.latest().ok_or_else(invalid)?;
         Ok(self
             .secret_view(&record)

@@ -74,6 +74,8 @@ impl Platform {
             "test clock moved forward"
         );
         self.purge_expired().await?;
+        // Rotations and near-expiry/expired events due by the new time, at once.
+        self.run_scheduler().await?;
         Ok(now)
     }
 }

@@ -1,0 +1,97 @@
+//! Where repository objects live: a small synchronous trait over `object_store` (local files
+//! by default, S3 when scaled out).
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+use crate::{BackupError, Result};
+
+/// The operations the engine needs from storage. Objects are written whole and atomically.
+pub trait BlobBackend: Send + Sync {
+    /// Stores an object (replacing any with that name).
+    fn put(&self, name: &str, data: Vec<u8>) -> Result<()>;
+    /// Reads a whole object.
+    fn get(&self, name: &str) -> Result<Vec<u8>>;
+    /// Reads part of an object.
+    fn get_range(&self, name: &str, start: u64, len: u64) -> Result<Vec<u8>>;
+    /// Names of the objects under a prefix.
+    fn list(&self, prefix: &str) -> Result<Vec<String>>;
+    /// Removes an object.
+    fn delete(&self, name: &str) -> Result<()>;
+}
+
+/// [`BlobBackend`] over any `object_store` implementation. Calls block the current thread on
+/// the given runtime handle, so the engine runs on blocking threads.
+pub struct ObjectStoreBackend {
+    store: Arc<dyn ObjectStore>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ObjectStoreBackend {
+    /// A backend over `store`, driven by `runtime`.
+    pub fn new(store: Arc<dyn ObjectStore>, runtime: tokio::runtime::Handle) -> Self {
+        Self { store, runtime }
+    }
+
+    /// A backend on a local folder (created if needed).
+    pub fn local(dir: &std::path::Path, runtime: tokio::runtime::Handle) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(crate::io_err(dir))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| BackupError::Storage(e.to_string()))?;
+        Ok(Self::new(Arc::new(fs), runtime))
+    }
+}
+
+fn storage(e: object_store::Error) -> BackupError {
+    BackupError::Storage(e.to_string())
+}
+
+impl BlobBackend for ObjectStoreBackend {
+    fn put(&self, name: &str, data: Vec<u8>) -> Result<()> {
+        let path = ObjectPath::from(name);
+        self.runtime
+            .block_on(self.store.put(&path, PutPayload::from(data)))
+            .map(|_| ())
+            .map_err(storage)
+    }
+
+    fn get(&self, name: &str) -> Result<Vec<u8>> {
+        let path = ObjectPath::from(name);
+        self.runtime.block_on(async {
+            let r = self.store.get(&path).await.map_err(storage)?;
+            Ok(r.bytes().await.map_err(storage)?.to_vec())
+        })
+    }
+
+    fn get_range(&self, name: &str, start: u64, len: u64) -> Result<Vec<u8>> {
+        let path = ObjectPath::from(name);
+        self.runtime
+            .block_on(self.store.get_range(&path, start..start + len))
+            .map(|b| b.to_vec())
+            .map_err(storage)
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let p = ObjectPath::from(prefix);
+        self.runtime.block_on(async {
+            let metas: Vec<_> = self
+                .store
+                .list(Some(&p))
+                .try_collect()
+                .await
+                .map_err(storage)?;
+            Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
+        })
+    }
+
+    fn delete(&self, name: &str) -> Result<()> {
+        let path = ObjectPath::from(name);
+        match self.runtime.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(storage(e)),
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! A repository: config, wrapped keys, index, snapshots, and reading blobs back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kagi_crypto::data_key::DataKey;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::BlobBackend;
+use crate::pack::{self, KIND_TREE, PackHeader};
+use crate::tree::Tree;
+use crate::{BackupError, Result};
+
+/// Format version of repositories this engine writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// `config`: public, describes the repository and proves which data key opens it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Config {
+    pub version: u32,
+    pub id: String,
+    pub chunk_min: u32,
+    pub chunk_avg: u32,
+    pub chunk_max: u32,
+    /// `DataKey::seal` of a fixed text: opening it proves the key is this repository's.
+    pub key_check: String,
+}
+
+/// A wrapped data key as stored in `keys/{id}`: the key encryption key that wrapped it (an
+/// opaque description chosen by the caller, e.g. a key vault key id) and the wrapped bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyEntry {
+    /// Entry id.
+    pub id: String,
+    /// Who can unwrap it (e.g. `{"kind":"cmk","keyId":"https://…/keys/k/v"}`).
+    pub kek: serde_json::Value,
+    /// The wrapped data key, base64.
+    pub wrapped: String,
+    /// Creation time (Unix seconds).
+    pub created: i64,
+}
+
+/// A recovery point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// Snapshot id, hex.
+    pub id: String,
+    /// Time taken (Unix seconds).
+    pub time: i64,
+    /// What was backed up (the source folder path).
+    pub source: String,
+    /// Root tree id, hex.
+    pub tree: String,
+    /// The snapshot this one was compared with.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Files in it.
+    pub files: u64,
+    /// Bytes of file content in it.
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Location {
+    pub pack: Arc<str>,
+    pub kind: u8,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// An open repository.
+pub struct Repository {
+    pub(crate) backend: Arc<dyn BlobBackend>,
+    pub(crate) key: Arc<DataKey>,
+    pub(crate) config: Config,
+    pub(crate) index: HashMap<[u8; 32], Location>,
+}
+
+const KEY_CHECK: &[u8] = b"kagi backup repository";
+
+pub(crate) fn parse_id(hex_id: &str) -> Result<[u8; 32]> {
+    let mut id = [0u8; 32];
+    hex::decode_to_slice(hex_id, &mut id)
+        .map_err(|_| BackupError::Corrupt(format!("bad blob id {hex_id}")))?;
+    Ok(id)
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| BackupError::Corrupt(e.to_string()))
+}
+
+impl Repository {
+    /// Creates a repository in an empty location, protected by `key`.
+    pub fn init(backend: Arc<dyn BlobBackend>, key: DataKey) -> Result<Self> {
+        if !backend.list("config")?.is_empty() {
+            return Err(BackupError::Invalid(
+                "a repository already exists here".into(),
+            ));
+        }
+        let config = Config {
+            version: FORMAT_VERSION,
+            id: hex::encode(kagi_crypto::random_bytes(16)?),
+            chunk_min: 512 * 1024,
+            chunk_avg: 1024 * 1024,
+            chunk_max: 8 * 1024 * 1024,
+            key_check: hex::encode(key.seal(b"kagi/key-check/v1", KEY_CHECK)?),
+        };
+        backend.put("config", json(&config)?)?;
+        Ok(Self {
+            backend,
+            key: Arc::new(key),
+            config,
+            index: HashMap::new(),
+        })
+    }
+
+    /// Opens a repository with its data key, loading the index.
+    pub fn open(backend: Arc<dyn BlobBackend>, key: DataKey) -> Result<Self> {
+        let config: Config = serde_json::from_slice(&backend.get("config")?)
+            .map_err(|e| BackupError::Corrupt(format!("config: {e}")))?;
+        if config.version != FORMAT_VERSION {
+            return Err(BackupError::Invalid(format!(
+                "repository format {} is not supported",
+                config.version
+            )));
+        }
+        let check = hex::decode(&config.key_check)
+            .map_err(|_| BackupError::Corrupt("config key check".into()))?;
+        if key.open(b"kagi/key-check/v1", &check).ok().as_deref() != Some(KEY_CHECK) {
+            return Err(BackupError::Invalid(
+                "this data key does not open the repository".into(),
+            ));
+        }
+        let mut repo = Self {
+            backend,
+            key: Arc::new(key),
+            config,
+            index: HashMap::new(),
+        };
+        for name in repo.backend.list("index")? {
+            let sealed = repo.backend.get(&name)?;
+            let packs: Vec<PackHeader> = serde_json::from_slice(
+                &repo
+                    .key
+                    .open(format!("kagi/index/v1/{name}").as_bytes(), &sealed)
+                    .map_err(|_| BackupError::Corrupt(format!("{name} failed authentication")))?,
+            )
+            .map_err(|e| BackupError::Corrupt(format!("{name}: {e}")))?;
+            repo.add_to_index(&packs)?;
+        }
+        Ok(repo)
+    }
+
+    pub(crate) fn add_to_index(&mut self, packs: &[PackHeader]) -> Result<()> {
+        for p in packs {
+            let pack: Arc<str> = Arc::from(p.pack.as_str());
+            for b in &p.blobs {
+                self.index.insert(
+                    parse_id(&b.id)?,
+                    Location {
+                        pack: pack.clone(),
+                        kind: b.kind as u8,
+                        offset: b.offset,
+                        len: b.len,
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes an index file for `packs` (after the packs themselves are stored).
+    pub(crate) fn write_index(&self, packs: &[PackHeader]) -> Result<()> {
+        if packs.is_empty() {
+            return Ok(());
+        }
+        let name = format!("index/{}", hex::encode(kagi_crypto::random_bytes(16)?));
+        let sealed = self
+            .key
+            .seal(format!("kagi/index/v1/{name}").as_bytes(), &json(&packs)?)?;
+        self.backend.put(&name, sealed)
+    }
+
+    /// Stores a snapshot: the last write of a backup, which makes it visible.
+    pub(crate) fn write_snapshot(&self, s: &SnapshotInfo) -> Result<()> {
+        let name = format!("snapshots/{}", s.id);
+        let sealed = self
+            .key
+            .seal(format!("kagi/snapshot/v1/{}", s.id).as_bytes(), &json(s)?)?;
+        self.backend.put(&name, sealed)
+    }
+
+    /// The recovery points, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let mut out = Vec::new();
+        for name in self.backend.list("snapshots")? {
+            let id = name.rsplit('/').next().unwrap_or("").to_string();
+            let sealed = self.backend.get(&name)?;
+            let s: SnapshotInfo = serde_json::from_slice(
+                &self
+                    .key
+                    .open(format!("kagi/snapshot/v1/{id}").as_bytes(), &sealed)
+                    .map_err(|_| BackupError::Corrupt(format!("{name} failed authentication")))?,
+            )
+            .map_err(|e| BackupError::Corrupt(format!("{name}: {e}")))?;
+            if s.id != id {
+                return Err(BackupError::Corrupt(format!(
+                    "{name} names another snapshot"
+                )));
+            }
+            out.push(s);
+        }
+        out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+        Ok(out)
+    }
+
+    /// One recovery point by id (or unique id prefix).
+    pub fn snapshot(&self, id: &str) -> Result<SnapshotInfo> {
+        let mut found: Vec<SnapshotInfo> = self
+            .snapshots()?
+            .into_iter()
+            .filter(|s| s.id.starts_with(id))
+            .collect();
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            0 => Err(BackupError::Invalid(format!("no recovery point {id}"))),
+            _ => Err(BackupError::Invalid(format!(
+                "recovery point id {id} is ambiguous"
+            ))),
+        }
+    }
+
+    /// Whether a blob is stored.
+    pub(crate) fn has(&self, id: &[u8; 32]) -> bool {
+        self.index.contains_key(id)
+    }
+
+    /// Reads, authenticates and decompresses a blob.
+    pub(crate) fn load(&self, id: &[u8; 32]) -> Result<Vec<u8>> {
+        let loc = self.index.get(id).ok_or_else(|| {
+            BackupError::Corrupt(format!(
+                "blob {} is missing from the index",
+                hex::encode(id)
+            ))
+        })?;
+        let sealed = self.backend.get_range(&loc.pack, loc.offset, loc.len)?;
+        pack::open_blob(
+            &self.key,
+            loc.kind,
+            id,
+            &sealed,
+            self.config.chunk_max as usize + 1024,
+        )
+    }
+
+    /// Reads a tree blob.
+    pub(crate) fn load_tree(&self, id_hex: &str) -> Result<Tree> {
+        let id = parse_id(id_hex)?;
+        let loc_kind = self.index.get(&id).map(|l| l.kind);
+        if loc_kind != Some(KIND_TREE) {
+            return Err(BackupError::Corrupt(format!("tree {id_hex} is missing")));
+        }
+        let sealed = {
+            let loc = &self.index[&id];
+            self.backend.get_range(&loc.pack, loc.offset, loc.len)?
+        };
+        let plain = pack::open_blob(&self.key, KIND_TREE, &id, &sealed, 256 * 1024 * 1024)?;
+        serde_json::from_slice(&plain)
+            .map_err(|e| BackupError::Corrupt(format!("tree {id_hex}: {e}")))
+    }
+
+    /// Adds a wrapped data key entry (public: the wrapped key is only usable by its KEK).
+    pub fn put_key_entry(backend: &dyn BlobBackend, entry: &KeyEntry) -> Result<()> {
+        backend.put(&format!("keys/{}", entry.id), json(entry)?)
+    }
+
+    /// The wrapped data key entries.
+    pub fn key_entries(backend: &dyn BlobBackend) -> Result<Vec<KeyEntry>> {
+        let mut out = Vec::new();
+        for name in backend.list("keys")? {
+            out.push(
+                serde_json::from_slice(&backend.get(&name)?)
+                    .map_err(|e| BackupError::Corrupt(format!("{name}: {e}")))?,
+            );
+        }
+        out.sort_by(|a: &KeyEntry, b: &KeyEntry| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        Ok(out)
+    }
+
+    /// Removes a wrapped data key entry (after a newer one exists).
+    pub fn delete_key_entry(backend: &dyn BlobBackend, id: &str) -> Result<()> {
+        backend.delete(&format!("keys/{id}"))
+    }
+
+    /// Verifies the repository: every snapshot's trees and content are indexed, and (with
+    /// `read_data`) every stored blob authenticates. Returns the problems found.
+    pub fn check(&self, read_data: bool) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        let mut seen_trees = std::collections::HashSet::new();
+        for s in self.snapshots()? {
+            let mut stack = vec![s.tree.clone()];
+            while let Some(t) = stack.pop() {
+                if !seen_trees.insert(t.clone()) {
+                    continue;
+                }
+                match self.load_tree(&t) {
+                    Ok(tree) => {
+                        for n in tree.nodes {
+                            if let Some(sub) = n.subtree {
+                                stack.push(sub);
+                            }
+                            for c in n.content {
+                                if parse_id(&c).map(|id| !self.has(&id)).unwrap_or(true) {
+                                    problems
+                                        .push(format!("snapshot {}: chunk {c} is missing", s.id));
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => problems.push(format!("snapshot {}: {e}", s.id)),
+                }
+            }
+        }
+        if read_data {
+            let mut ids: Vec<(&[u8; 32], &Location)> = self.index.iter().collect();
+            ids.sort_by(|a, b| (&a.1.pack, a.1.offset).cmp(&(&b.1.pack, b.1.offset)));
+            for (id, loc) in ids {
+                let r = self
+                    .backend
+                    .get_range(&loc.pack, loc.offset, loc.len)
+                    .and_then(|sealed| {
+                        pack::open_blob(
+                            &self.key,
+                            loc.kind,
+                            id,
+                            &sealed,
+                            self.config.chunk_max as usize + 1024,
+                        )
+                        .map(|_| ())
+                    });
+                if let Err(e) = r {
+                    problems.push(format!("{}: {e}", loc.pack));
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    /// The entries of the index (for tests and statistics).
+    pub fn blob_count(&self) -> usize {
+        self.index.len()
+    }
+}
