@@ -26,6 +26,11 @@ enum IdentityCommand {
         #[command(subcommand)]
         command: SpCommand,
     },
+    /// Users (sign in with a user principal name and password).
+    User {
+        #[command(subcommand)]
+        command: UserCommand,
+    },
     /// Create a user-assigned managed identity.
     Create {
         /// Name.
@@ -103,6 +108,32 @@ enum SpCommand {
     },
     /// Replace the client secret.
     ResetSecret {
+        /// Object id.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Create a user. The password is read from a file or an environment variable, never
+    /// from the command line (where `ps` would show it).
+    Create {
+        /// User principal name (alias@domain).
+        #[arg(long)]
+        upn: String,
+        /// Display name.
+        #[arg(long, default_value = "")]
+        display_name: String,
+        /// File holding the password (first line).
+        #[arg(long, conflicts_with = "password_env")]
+        password_file: Option<std::path::PathBuf>,
+        /// Environment variable holding the password.
+        #[arg(long)]
+        password_env: Option<String>,
+    },
+    /// Delete a user.
+    Delete {
         /// Object id.
         #[arg(long)]
         id: String,
@@ -338,6 +369,30 @@ pub async fn identity(ctx: &Context, args: IdentityArgs) -> anyhow::Result<()> {
                     None,
                 )
                 .await?
+            }
+        },
+        IdentityCommand::User { command } => match command {
+            UserCommand::Create { upn, display_name, password_file, password_env } => {
+                let password = match (password_file, password_env) {
+                    (Some(f), _) => std::fs::read_to_string(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))?
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .to_string(),
+                    (None, Some(var)) => std::env::var(&var).with_context(|| format!("{var} is not set"))?,
+                    (None, None) => anyhow::bail!("give the password with --password-file or --password-env"),
+                };
+                ctx.call(
+                    Method::POST,
+                    &format!("{}/v1.0/users", ctx.base),
+                    Some(&json!({"userPrincipalName": upn, "displayName": display_name, "passwordProfile": {"password": password}})),
+                )
+                .await?
+            }
+            UserCommand::Delete { id } => {
+                ctx.call(Method::DELETE, &format!("{}/v1.0/users/{id}", ctx.base), None).await?;
+                json!({"objectId": id, "deleted": true})
             }
         },
         IdentityCommand::Create {

@@ -15,6 +15,7 @@ pub mod data_key;
 pub mod error;
 mod keypair;
 mod public;
+pub mod password;
 pub mod seal;
 pub mod vault_backup;
 pub mod x509;

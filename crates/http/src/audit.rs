@@ -116,6 +116,8 @@ struct IssuedClaims {
     oid: String,
     appid: String,
     tid: String,
+    #[serde(default)]
+    upn: Option<String>,
 }
 
 fn issued_identity(token: &str) -> Option<Identity> {
@@ -126,7 +128,7 @@ fn issued_identity(token: &str) -> Option<Identity> {
             oid: printable(&c.oid, 64),
             appid: printable(&c.appid, 64),
             tid: printable(&c.tid, 64),
-            upn: None,
+            upn: c.upn.as_deref().map(|u| printable(u, 128)),
         },
     })
 }
@@ -297,7 +299,7 @@ pub(crate) async fn serve_audited(
                 oid: p.object_id,
                 appid: p.client_id,
                 tid: p.tenant_id,
-                upn: None,
+                upn: p.upn,
             },
         }),
         None if status == 200 && operation == "Authentication" => {

@@ -29,9 +29,12 @@ pub(crate) const PASSPHRASE_HEADER: &str = "x-kagi-backup-passphrase";
 
 /// Whether a management path is one of these routes.
 pub(crate) fn matches(l: &[&str], method: &Method) -> bool {
-    match (l, method) {
-        (["kagi", "jobs", _] | ["kagi", "jobs", _, "result"], &Method::GET) => true,
+    matches!(
+        (l, method),
         (
+            ["kagi", "jobs", _] | ["kagi", "jobs", _, "result"],
+            &Method::GET
+        ) | (
             [
                 "subscriptions",
                 _,
@@ -44,9 +47,8 @@ pub(crate) fn matches(l: &[&str], method: &Method) -> bool {
                 "backup" | "restore",
             ],
             &Method::POST,
-        ) => true,
-        _ => false,
-    }
+        )
+    )
 }
 
 /// Serves one of the routes [`matches`] accepts.

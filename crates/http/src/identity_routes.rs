@@ -138,6 +138,27 @@ pub(crate) async fn graph(
             .reset_service_principal_secret(caller, segs[2])
             .await
             .map(|v| respond::json(200, &v)),
+        (["v1.0", "users"], &Method::POST) => {
+            let input: Value = match parse_json(body) {
+                Ok(v) => v,
+                Err(e) => return Some(Err(e)),
+            };
+            p.create_user(
+                caller,
+                input["userPrincipalName"].as_str().unwrap_or(""),
+                input["displayName"].as_str().unwrap_or(""),
+                input["passwordProfile"]["password"].as_str().unwrap_or(""),
+            )
+            .await
+            .map(|v| respond::json(201, &v))
+        }
+        (["v1.0", "users"], &Method::GET) => p
+            .list_principals(caller)
+            .map(|v| respond::json(200, &v)),
+        (["v1.0", "users", _], &Method::DELETE) => p
+            .delete_user(caller, segs[2])
+            .await
+            .map(|()| respond::empty(204)),
         (["v1.0", ..], _) => Err(KvError::new(
             ErrorCode::NotFound,
             "No directory API is served at this path.",

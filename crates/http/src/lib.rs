@@ -14,6 +14,7 @@ mod data_plane;
 mod event_routes;
 mod identity_routes;
 mod management;
+mod recovery_routes;
 mod respond;
 mod server;
 pub mod tls;

@@ -128,6 +128,11 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         return r.unwrap_or_else(|e| respond::error(&e));
     }
     if let Some(r) =
+        crate::recovery_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body).await
+    {
+        return r;
+    }
+    if let Some(r) =
         crate::identity_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body, &pairs)
             .await
     {

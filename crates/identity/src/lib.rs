@@ -50,6 +50,8 @@ pub struct Principal {
     /// The network address the request came from, filled in by the HTTP layer (the token
     /// says who; the connection says from where — the vault firewall needs both).
     pub network_address: Option<std::net::IpAddr>,
+    /// User principal name, for users (`alice@contoso`).
+    pub upn: Option<String>,
 }
 
 /// The claims kagi puts in (and reads from) an access token.
@@ -84,6 +86,9 @@ pub struct Claims {
     pub ver: String,
     /// Unique token id.
     pub uti: String,
+    /// User principal name (user tokens only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upn: Option<String>,
 }
 
 impl Claims {
@@ -95,6 +100,7 @@ impl Claims {
             client_id: self.appid.clone(),
             kind: self.kagi_kind.clone(),
             network_address: None,
+            upn: self.upn.clone(),
         }
     }
 }
@@ -167,6 +173,7 @@ impl TokenIssuer {
             kagi_kind: principal.kind.clone(),
             ver: "2.0".into(),
             uti: b64::encode(&token_id),
+            upn: principal.upn.clone(),
         };
         let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "kid": self.kid});
         let signing_input = format!(
@@ -283,6 +290,7 @@ mod tests {
             client_id: "66666666-2222-4333-8444-555555555555".into(),
             kind: "ServicePrincipal".into(),
             network_address: None,
+            upn: None,
         }
     }
 

@@ -39,6 +39,8 @@ pub mod kind {
     pub const SERVICE_PRINCIPAL: &str = "ServicePrincipal";
     /// The identity a resource gets with `identity.type: SystemAssigned`.
     pub const SYSTEM_ASSIGNED: &str = "SystemAssignedIdentity";
+    /// A person, signing in with a user principal name and a password.
+    pub const USER: &str = "User";
     /// A `Microsoft.ManagedIdentity/userAssignedIdentities` resource.
     pub const USER_ASSIGNED: &str = "UserAssignedIdentity";
 }
@@ -212,6 +214,58 @@ impl Platform {
         let mut v = principal_json(&p);
         v["clientSecret"] = json!(secret);
         Ok(v)
+    }
+
+    /// Creates a user who signs in with `upn` and `password` (the resource-owner password
+    /// grant). The password is kept only as an Argon2id hash.
+    pub async fn create_user(&self, caller: &Principal, upn: &str, display_name: &str, password: &str) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let upn = upn.trim().to_ascii_lowercase();
+        let valid_upn = upn.len() <= 113
+            && upn.split_once('@').is_some_and(|(l, d)| {
+                !l.is_empty()
+                    && !d.is_empty()
+                    && l.chars().chain(d.chars()).all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            });
+        if !valid_upn {
+            return Err(bad("userPrincipalName must look like alias@domain (letters, digits, '.', '_', '-')."));
+        }
+        if password.chars().count() < 12 || password.len() > 256 {
+            return Err(bad("The password must be 12 to 256 characters long.").with_inner("PasswordTooWeak"));
+        }
+        let hash = kagi_crypto::password::hash_password(password).map_err(|e| internal("hash password", e))?;
+        let p = PrincipalRecord {
+            object_id: uuid_v4(random16()?),
+            tenant_id: caller.tenant_id.clone(),
+            client_id: format!("user:{upn}"),
+            display_name: if display_name.trim().is_empty() { upn.clone() } else { display_name.trim().chars().take(120).collect() },
+            secret_hash: hash.into_bytes(),
+            kind: kind::USER.into(),
+            created: self.clock.now(),
+            resource_id: None,
+        };
+        self.store.put_principal(&p).await.map_err(|e| match e {
+            StoreError::Conflict(_) => KvError::conflict(format!("A user named {upn} already exists.")),
+            e => internal("create user", e),
+        })?;
+        self.dir_mut().principals.insert(p.object_id.clone(), p.clone());
+        tracing::info!(object_id = %p.object_id, "user created");
+        let mut v = principal_json(&p);
+        v["userPrincipalName"] = json!(upn);
+        v["id"] = json!(p.object_id);
+        Ok(v)
+    }
+
+    /// Deletes a user; their tokens stop working on the next request.
+    pub async fn delete_user(&self, caller: &Principal, object_id: &str) -> Result<(), KvError> {
+        self.require_admin(caller)?;
+        let oid = guid(object_id)?;
+        if !self.dir().principals.get(&oid).is_some_and(|p| p.kind == kind::USER) {
+            return Err(KvError::new(ErrorCode::NotFound, format!("User '{oid}' does not exist.")));
+        }
+        self.store.delete_principal(&oid).await.map_err(|e| internal("delete user", e))?;
+        self.dir_mut().principals.remove(&oid);
+        Ok(())
     }
 
     /// Registers an X.509 certificate (PEM, or base64 of DER) as a credential of a service
@@ -889,6 +943,7 @@ impl Platform {
                     client_id: chosen.client_id.clone(),
                     kind: chosen.kind.clone(),
                     network_address: None,
+                    upn: None,
                 },
                 audience,
             )
@@ -1544,3 +1599,8 @@ fn lock_json(l: &LockRecord) -> Value {
         "properties": {"level": l.level, "notes": l.notes},
     })
 }
+
+// Storage-service resources (backup vaults, …): a child module, so it shares the directory's
+// private state.
+#[path = "service_resources.rs"]
+pub(crate) mod service_resources;

@@ -385,9 +385,15 @@ impl Platform {
         for (e, fresh) in emissions.iter().zip(&written) {
             if *fresh {
                 count += 1;
-                deliveries |= !e.subscriptions.is_empty();
-                tracing::info!(vault = %record.name, event = %e.event_type, subject = %e.mark.name_folded,
-                    subscribers = e.subscriptions.len(), "event emitted");
+                if e.subscriptions.is_empty() {
+                    tracing::debug!(vault = %record.name, event = %e.event_type,
+                        subject = %e.mark.name_folded, "event emitted (no subscribers)");
+                } else {
+                    deliveries = true;
+                    tracing::info!(vault = %record.name, event = %e.event_type,
+                        subject = %e.mark.name_folded, subscribers = e.subscriptions.len(),
+                        "event emitted");
+                }
             }
         }
         if deliveries {

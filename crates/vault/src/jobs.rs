@@ -22,10 +22,13 @@ use crate::{Platform, internal};
 /// How long an ended job and its result file are kept.
 pub const RETENTION: i64 = 24 * 3600;
 
+/// Jobs by id; `None` until loaded from the data directory.
+type JobTable = Option<HashMap<String, Arc<JobHandle>>>;
+
 /// The jobs of one platform (loaded from the data directory on first use).
 #[derive(Debug, Default)]
 pub(crate) struct Jobs {
-    table: Mutex<Option<HashMap<String, Arc<JobHandle>>>>,
+    table: Mutex<JobTable>,
 }
 
 /// One job: its state, shared by the task that runs it and the readers that poll it.
@@ -147,9 +150,7 @@ impl Platform {
 
     /// The job table, loaded from the data directory on first use: jobs that were running
     /// when the server stopped fail as interrupted; expired jobs are removed with their files.
-    pub(crate) fn job_table(
-        &self,
-    ) -> Result<MutexGuard<'_, Option<HashMap<String, Arc<JobHandle>>>>, KvError> {
+    pub(crate) fn job_table(&self) -> Result<MutexGuard<'_, JobTable>, KvError> {
         let mut t = lock(&self.jobs.table);
         if t.is_none() {
             let dir = self.jobs_dir()?;

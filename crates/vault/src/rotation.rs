@@ -105,7 +105,7 @@ impl Platform {
         let policy = {
             let _w = state.write.lock().await;
             // Re-check under the lock: a delete or purge may have run since.
-            if !state.key(&name).is_some_and(|k| k.deleted_at.is_none()) {
+            if state.key(&name).is_none_or(|k| k.deleted_at.is_some()) {
                 return Err(KvError::key_not_found(name.as_str(), None));
             }
             let existing = self

@@ -52,6 +52,9 @@ impl Platform {
         form: &std::collections::HashMap<String, String>,
     ) -> Result<TokenGrant, TokenRequestError> {
         let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+        if field("grant_type") == "password" {
+            return self.password_grant(tenant, form).await;
+        }
         if field("grant_type") != "client_credentials" {
             return Err(refuse(
                 400,
@@ -90,6 +93,9 @@ impl Platform {
                 "Tenant not found, or the application is not in this tenant.",
             ));
         }
+        if record.kind == crate::directory::kind::USER {
+            return Err(refuse(400, "unauthorized_client", 700016, "Users sign in with the password grant, not client credentials."));
+        }
         if !field("client_assertion").is_empty() {
             self.check_client_assertion(tenant, &record, form)?;
         } else if record.secret_hash.is_empty()
@@ -109,6 +115,7 @@ impl Platform {
                 client_id: record.client_id,
                 kind: record.kind,
                 network_address: None,
+                upn: None,
             },
             &audience,
         )
@@ -147,6 +154,56 @@ impl Platform {
             ext_expires_in: TOKEN_LIFETIME - 1,
             access_token: token,
         })
+    }
+
+    /// The resource-owner password grant (`grant_type=password`), for user principals. MSAL
+    /// asks `/common/userrealm/{user}` first; kagi answers 404 there, which MSAL takes as
+    /// "not federated" and continues with this grant.
+    async fn password_grant(
+        &self,
+        tenant: &str,
+        form: &std::collections::HashMap<String, String>,
+    ) -> Result<TokenGrant, TokenRequestError> {
+        let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+        let audience = self.audience_for_scope(field("scope"))?;
+        let upn = field("username").trim().to_ascii_lowercase();
+        let invalid = || refuse(400, "invalid_grant", 50126, "Error validating credentials due to invalid username or password.");
+        let record = self
+            .store
+            .principal_by_client_id(&format!("user:{upn}"))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "token request: store failure");
+                refuse(500, "temporarily_unavailable", 90033, "A transient error occurred.")
+            })?
+            .filter(|r| r.kind == crate::directory::kind::USER)
+            .ok_or_else(invalid)?;
+        if !tenant.eq_ignore_ascii_case(&record.tenant_id) && !tenant.eq_ignore_ascii_case("organizations") {
+            return Err(refuse(400, "invalid_request", 90002, "Tenant not found, or the user is not in this tenant."));
+        }
+        let stored = String::from_utf8_lossy(&record.secret_hash).into_owned();
+        let password = field("password").to_string();
+        // Argon2 is deliberately slow: keep it off the async workers.
+        let ok = tokio::task::spawn_blocking(move || kagi_crypto::password::verify_password(&password, &stored))
+            .await
+            .unwrap_or(false);
+        if !ok {
+            return Err(invalid());
+        }
+        let app = kagi_core::ids::ObjectId::parse(field("client_id"))
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| record.object_id.clone());
+        self.issue(
+            &Principal {
+                tenant_id: record.tenant_id,
+                object_id: record.object_id,
+                client_id: app,
+                kind: record.kind,
+                network_address: None,
+                upn: Some(upn),
+            },
+            &audience,
+        )
     }
 
     /// Verifies a certificate credential (RFC 7523 client assertion, as MSAL sends it): a JWT

@@ -1213,6 +1213,7 @@ impl Platform {
                 client_id: String::new(),
                 kind: String::new(),
                 network_address: None,
+                upn: None,
             };
             if self.check_principal_exists(&probe).is_ok() {
                 let mut p = p.clone();
@@ -1376,6 +1377,7 @@ impl Platform {
                             "PrincipalNotFound"
                                 | "RoleDefinitionDoesNotExist"
                                 | "RoleAssignmentExists"
+                                | "InvalidScope"
                         )
                     ) =>
                 {

@@ -879,3 +879,52 @@ async fn only_the_administrator_runs_backups_and_reads_jobs() {
         .unwrap_err();
     assert_eq!(e.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_running_when_the_server_stopped_are_failed_as_interrupted() {
+    use kagi_core::jobs::{Job, JobKind, JobProgress, JobStatus};
+    let env = Env::new(0x55).await;
+    // What a server killed during a backup leaves: a job row in progress and a partial file.
+    let jobs = env._dir.path().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let id = "00112233445566778899aabbccddeeff";
+    let row = Job {
+        id: id.into(),
+        kind: JobKind::VaultBackup,
+        resource: "/subscriptions/s/resourceGroups/rg1/providers/Microsoft.KeyVault/vaults/v"
+            .into(),
+        status: JobStatus::InProgress,
+        progress: JobProgress::default(),
+        start_time: 1,
+        end_time: None,
+        error: None,
+        result: None,
+        result_bytes: None,
+    };
+    std::fs::write(
+        jobs.join(format!("{id}.json")),
+        serde_json::to_vec(&row).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(jobs.join(format!("{id}.part")), b"partial").unwrap();
+    std::fs::write(jobs.join("feedface.upload"), b"upload").unwrap();
+    let j = env.p.job(&env.admin, id).unwrap();
+    assert_eq!(j["status"], "Failed");
+    assert_eq!(j["error"]["code"], "JobInterrupted");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("interrupted")
+    );
+    assert!(!jobs.join(format!("{id}.part")).exists());
+    assert!(!jobs.join("feedface.upload").exists());
+    // The row on disk says so too.
+    let stored: Job =
+        serde_json::from_slice(&std::fs::read(jobs.join(format!("{id}.json"))).unwrap()).unwrap();
+    assert_eq!(stored.status, JobStatus::Failed);
+    assert_eq!(
+        env.p.job_result_file(&env.admin, id).unwrap_err().inner,
+        Some("JobFailed")
+    );
+}

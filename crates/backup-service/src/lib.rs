@@ -1,0 +1,254 @@
+//! kagi's backup vaults (`Microsoft.RecoveryServices/vaults`, MISSION BK-1..BK-8, X-1, X-2).
+//!
+//! A backup vault is an ARM resource stored in the directory (with its managed identities);
+//! it protects folders of the kagi host as *items*, each its own deduplicating, encrypted
+//! repository (`kagi-backup`) under `<data>/backup/{sub}/{rg}/{vault}/items/{item}/`. Each
+//! item's data key (DEK) is wrapped by the vault's key encryption key: a platform key held by
+//! kagi (PMK, the default) or the customer's RSA key (CMK), reached only over HTTPS through the
+//! key vault's data plane with a token of the vault's managed identity — so those calls are
+//! authorized, firewalled and audited like anyone's.
+//!
+//! Routes (management host, bootstrap administrator; `{vault id}` is
+//! `/subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.RecoveryServices/vaults/{name}`):
+//!
+//! | route | what |
+//! |---|---|
+//! | `PUT`/`PATCH`/`GET`/`DELETE {vault id}` | the vault |
+//! | `GET …/providers/Microsoft.RecoveryServices/vaults` | list (subscription or group) |
+//! | `PUT {vault id}/backupProtectedItems/{item}` `{"properties":{"sourcePath":"/abs"}}` | protect a folder |
+//! | `GET {vault id}/backupProtectedItems[/{item}]` | items |
+//! | `POST {vault id}/backupProtectedItems/{item}/backup` | 202, a Backup job |
+//! | `POST {vault id}/backupProtectedItems/{item}/restore` `{recoveryPointId, targetPath, subPath?, overwrite?}` | 202, a Restore job |
+//! | `GET {vault id}/backupProtectedItems/{item}/recoveryPoints` | recovery points |
+//! | `GET {vault id}/backupJobs[/{id}]` | jobs |
+//! | `GET {vault id}/activityLog` | the activity log |
+
+#![forbid(unsafe_code)]
+
+mod items;
+pub mod jobs;
+pub mod keyvault;
+pub mod state;
+mod vaults;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use kagi_core::{ErrorCode, KvError};
+use kagi_vault::{Platform, Principal};
+use serde_json::Value;
+
+/// The resource type.
+pub const VAULT_TYPE: &str = "Microsoft.RecoveryServices/vaults";
+
+/// How the service runs.
+#[derive(Clone, Debug)]
+pub struct ServiceConfig {
+    /// How long an unwrapped data key is used before the key vault is asked again (default
+    /// 10 minutes; `KAGI_BACKUP_KEY_CACHE_SECONDS`). Revocation takes effect within it.
+    pub key_cache_lifetime: Duration,
+    /// How often a versionless key URI is resolved to its newest version (default one hour;
+    /// `KAGI_BACKUP_KEY_POLL_SECONDS`).
+    pub key_poll_interval: Duration,
+    /// Where the key vault hosts are reached (default `127.0.0.1:{port}`).
+    pub connect: Option<SocketAddr>,
+}
+
+fn env_secs(name: &str, default: u64) -> Duration {
+    Duration::from_secs(
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            key_cache_lifetime: env_secs("KAGI_BACKUP_KEY_CACHE_SECONDS", 600),
+            key_poll_interval: env_secs("KAGI_BACKUP_KEY_POLL_SECONDS", 3600),
+            connect: None,
+        }
+    }
+}
+
+/// The backup service of one platform.
+#[derive(Debug)]
+pub struct BackupService {
+    config: ServiceConfig,
+    data_dir: PathBuf,
+    vault_client: keyvault::VaultClient,
+    jobs: jobs::Jobs,
+    /// Per-vault serialisation of state changes.
+    vault_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per-item runtime: a lock over the repository and the cached data key.
+    items: Mutex<HashMap<String, Arc<items::ItemRuntime>>>,
+}
+
+type Registry = Mutex<Vec<(Weak<Platform>, Arc<BackupService>)>>;
+static REGISTRY: Registry = Mutex::new(Vec::new());
+
+/// Installs the service of `platform` with `config` (replacing any).
+pub fn install(platform: &Arc<Platform>, config: ServiceConfig) -> Arc<BackupService> {
+    let c = platform.config();
+    let addr = config
+        .connect
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], c.port)));
+    let svc = Arc::new(BackupService {
+        vault_client: keyvault::VaultClient::new(addr, c.data_dir.join("tls/ca.pem")),
+        data_dir: c.data_dir.clone(),
+        config,
+        jobs: jobs::Jobs::default(),
+        vault_locks: Mutex::new(HashMap::new()),
+        items: Mutex::new(HashMap::new()),
+    });
+    let mut r = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    r.retain(|(w, _)| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(platform)));
+    r.push((Arc::downgrade(platform), svc.clone()));
+    svc
+}
+
+/// The service of `platform` (installed with the default configuration on first use).
+pub fn service(platform: &Arc<Platform>) -> Arc<BackupService> {
+    {
+        let r = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, s)) = r
+            .iter()
+            .find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(platform)))
+        {
+            return s.clone();
+        }
+    }
+    install(platform, ServiceConfig::default())
+}
+
+/// Whether a management path (lower-cased segments) belongs to this service.
+pub fn matches(l: &[&str]) -> bool {
+    l.windows(2)
+        .any(|w| w == ["providers", "microsoft.recoveryservices"])
+}
+
+/// Serves one management request for `Microsoft.RecoveryServices`: (status, body).
+pub async fn handle(
+    platform: &Arc<Platform>,
+    caller: &Principal,
+    method: &str,
+    segs: &[&str],
+    l: &[&str],
+    body: &[u8],
+) -> Result<(u16, Value), KvError> {
+    service(platform)
+        .route(platform, caller, method, segs, l, body)
+        .await
+}
+
+fn json_body(body: &[u8]) -> Result<Value, KvError> {
+    if body.is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        KvError::new(
+            ErrorCode::BadRequest,
+            format!("The request body is not valid JSON: {e}."),
+        )
+        .with_inner("InvalidRequestContent")
+    })
+}
+
+impl BackupService {
+    fn vault_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.vault_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone()
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        p: &Arc<Platform>,
+        caller: &Principal,
+        method: &str,
+        segs: &[&str],
+        l: &[&str],
+        body: &[u8],
+    ) -> Result<(u16, Value), KvError> {
+        let not_found = || KvError::new(ErrorCode::NotFound, "No such route.");
+        let i = l
+            .windows(2)
+            .position(|w| w == ["providers", "microsoft.recoveryservices"])
+            .ok_or_else(not_found)?;
+        let (sub, rg) = match &l[..i] {
+            ["subscriptions", _] => (segs[1], None),
+            ["subscriptions", _, "resourcegroups", _] => (segs[1], Some(segs[3])),
+            _ => return Err(not_found()),
+        };
+        let rest_l = &l[i + 2..];
+        let rest = &segs[i + 2..];
+        match (rest_l, method, rg) {
+            (["vaults"], "GET", _) => p
+                .list_service_resources(caller, sub, rg, VAULT_TYPE)
+                .map(|v| (200, v)),
+            (["vaults", _], "PUT" | "PATCH", Some(rg)) => {
+                self.put_vault(p, caller, sub, rg, rest[1], json_body(body)?, method == "PATCH")
+                    .await
+            }
+            (["vaults", _], "GET", Some(rg)) => p
+                .get_service_resource(caller, sub, rg, VAULT_TYPE, rest[1])
+                .map(|v| (200, v)),
+            (["vaults", _], "DELETE", Some(rg)) => {
+                self.delete_vault(p, caller, sub, rg, rest[1]).await
+            }
+            (["vaults", _, "activitylog"], "GET", Some(rg)) => {
+                self.activity(p, caller, sub, rg, rest[1])
+            }
+            (["vaults", _, "backupjobs"], "GET", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                Ok((200, serde_json::json!({"value": self.jobs.list(&v.dir)})))
+            }
+            (["vaults", _, "backupjobs", _], "GET", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.jobs
+                    .get(&v.dir, rest[3])
+                    .map(|j| (200, j))
+                    .ok_or_else(|| {
+                        KvError::new(ErrorCode::NotFound, "The job was not found.")
+                            .with_inner("JobNotFound")
+                    })
+            }
+            (["vaults", _, "backupprotecteditems"], "GET", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.list_items(&v)
+            }
+            (["vaults", _, "backupprotecteditems", _], "PUT", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.protect(p, caller, &v, rest[3], json_body(body)?).await
+            }
+            (["vaults", _, "backupprotecteditems", _], "GET", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.get_item(&v, rest[3])
+            }
+            (["vaults", _, "backupprotecteditems", _, "backup"], "POST", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.start_backup(p, &v, rest[3])
+            }
+            (["vaults", _, "backupprotecteditems", _, "restore"], "POST", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.start_restore(p, &v, rest[3], json_body(body)?)
+            }
+            (["vaults", _, "backupprotecteditems", _, "recoverypoints"], "GET", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.recovery_points(p, &v, rest[3]).await
+            }
+            _ => Err(KvError::new(
+                ErrorCode::NotFound,
+                format!("No route for {method} on this Microsoft.RecoveryServices path."),
+            )),
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! The vault resource and its encryption rules (BK-1 PMK by default, BK-2 CMK only on a vault
+//! where nothing was ever protected, BK-3 never back to PMK, BK-4 the key and the identity's
+//! access checked by really calling the key vault, BK-8 CMK at creation with a user-assigned
+//! identity).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kagi_core::time::rfc3339;
+use kagi_core::{ErrorCode, KvError};
+use kagi_vault::{Platform, Principal};
+use serde_json::{Value, json};
+
+use crate::keyvault::{KeyUri, bad, key_unusable, parse_key_uri};
+use crate::state::{VaultState, log_activity, read_activity, vault_dir};
+use crate::{BackupService, VAULT_TYPE};
+
+/// A vault as a request sees it.
+#[derive(Clone, Debug)]
+pub(crate) struct VaultCtx {
+    /// The resource id as stored.
+    pub id: String,
+    /// The resource body.
+    pub body: Value,
+    /// Its folder.
+    pub dir: PathBuf,
+}
+
+/// The CMK settings of a vault body, when it has any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CmkConfig {
+    pub key_uri: String,
+    /// `None`: the system-assigned identity; `Some(id)`: that user-assigned identity.
+    pub user_assigned: Option<String>,
+}
+
+impl CmkConfig {
+    pub(crate) fn of(body: &Value) -> Option<Self> {
+        let e = &body["properties"]["encryption"];
+        let key_uri = e["keyVaultProperties"]["keyUri"].as_str()?.to_string();
+        Some(Self {
+            key_uri,
+            user_assigned: identity_choice(&e["kekIdentity"]),
+        })
+    }
+
+    pub(crate) fn describe_identity(&self, body: &Value) -> String {
+        match &self.user_assigned {
+            Some(u) => format!("user-assigned identity '{u}'"),
+            None => format!(
+                "system-assigned identity {}",
+                body["identity"]["principalId"].as_str().unwrap_or("(none)")
+            ),
+        }
+    }
+}
+
+fn identity_choice(kek_identity: &Value) -> Option<String> {
+    let ua = kek_identity["userAssignedIdentity"]
+        .as_str()
+        .filter(|s| !s.is_empty());
+    match (kek_identity["useSystemAssignedIdentity"].as_bool(), ua) {
+        (Some(true), _) | (_, None) => None,
+        (_, Some(u)) => Some(u.to_string()),
+    }
+}
+
+pub(crate) fn activity_entry(
+    caller: Option<&Principal>,
+    resource: &str,
+    operation: &str,
+    status: &str,
+    message: &str,
+    now: i64,
+) -> Value {
+    json!({
+        "eventTimestamp": rfc3339(now),
+        "operationName": operation,
+        "status": status,
+        "resourceId": resource,
+        "caller": caller.map(|c| c.object_id.clone()).unwrap_or_else(|| "Microsoft.RecoveryServices".into()),
+        "message": message,
+    })
+}
+
+impl BackupService {
+    pub(crate) fn vault_ctx(
+        &self,
+        p: &Platform,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        name: &str,
+    ) -> Result<VaultCtx, KvError> {
+        let body = p.get_service_resource(caller, sub, rg, VAULT_TYPE, name)?;
+        Ok(VaultCtx {
+            id: body["id"].as_str().unwrap_or_default().to_string(),
+            body,
+            dir: vault_dir(&self.data_dir, sub, rg, name),
+        })
+    }
+
+    /// Writes an activity-log entry (failures to write are logged, never answered).
+    pub(crate) fn log(&self, v: &VaultCtx, entry: Value) {
+        if let Err(e) = log_activity(&v.dir, &entry) {
+            tracing::error!(error = %e, vault = %v.id, "activity log not written");
+        }
+    }
+
+    pub(crate) fn activity(
+        &self,
+        p: &Platform,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        name: &str,
+    ) -> Result<(u16, Value), KvError> {
+        let v = self.vault_ctx(p, caller, sub, rg, name)?;
+        Ok((200, json!({"value": read_activity(&v.dir)?})))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn put_vault(
+        self: &Arc<Self>,
+        p: &Arc<Platform>,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        name: &str,
+        input: Value,
+        patch: bool,
+    ) -> Result<(u16, Value), KvError> {
+        let dir = vault_dir(&self.data_dir, sub, rg, name);
+        let lock = self.vault_lock(&dir.display().to_string());
+        let _g = lock.lock().await;
+        let existing = p.get_service_resource(caller, sub, rg, VAULT_TYPE, name).ok();
+        if patch && existing.is_none() {
+            return Err(KvError::new(
+                ErrorCode::ResourceNotFound,
+                format!("The backup vault '{name}' was not found."),
+            ));
+        }
+        let mut state = match &existing {
+            Some(_) => VaultState::load(&dir)?.unwrap_or_default(),
+            None => VaultState::default(),
+        };
+        let old_cmk = existing.as_ref().and_then(CmkConfig::of);
+        let props = &input["properties"];
+        let enc_given = props.get("encryption");
+        // What the request asks of encryption: unchanged, removed, or a key.
+        let new_cmk = match enc_given {
+            None => old_cmk.clone(),
+            Some(e) => match e["keyVaultProperties"]["keyUri"].as_str() {
+                Some(uri) => Some(CmkConfig {
+                    key_uri: uri.to_string(),
+                    user_assigned: identity_choice(&e["kekIdentity"]),
+                }),
+                None => None,
+            },
+        };
+        let vault_id_hint =
+            format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{VAULT_TYPE}/{name}");
+        let refuse = |e: KvError| -> KvError {
+            if existing.is_some() {
+                let v = VaultCtx {
+                    id: vault_id_hint.clone(),
+                    body: Value::Null,
+                    dir: dir.clone(),
+                };
+                self.log(
+                    &v,
+                    activity_entry(
+                        Some(caller),
+                        &vault_id_hint,
+                        "Microsoft.RecoveryServices/vaults/write",
+                        "Failed",
+                        &e.message,
+                        p.now(),
+                    ),
+                );
+            }
+            e
+        };
+        // BK-3: once CMK, never back to PMK.
+        if old_cmk.is_some() && new_cmk.is_none() {
+            return Err(refuse(bad(
+                "CannotDisableCustomerManagedKey",
+                "Encryption with a customer-managed key cannot be turned off once enabled; the \
+                 key can be changed (set properties.encryption.keyVaultProperties.keyUri).",
+            )));
+        }
+        let cmk_changes = new_cmk.is_some() && new_cmk != old_cmk;
+        // BK-2: CMK only where nothing was ever protected (counting failed attempts).
+        if cmk_changes && old_cmk.is_none() && state.protection_attempted {
+            return Err(refuse(bad(
+                "CmkNotAllowedAfterProtection",
+                format!(
+                    "Customer-managed keys can be enabled only on a backup vault in which no item \
+                     was ever protected or registered (not even a failed attempt); '{name}' already \
+                     had items. Create a new vault for CMK."
+                ),
+            )));
+        }
+        // BK-8: at creation, only a user-assigned identity can have been granted access.
+        if let Some(c) = &new_cmk
+            && existing.is_none()
+            && c.user_assigned.is_none()
+        {
+            return Err(bad(
+                "SystemAssignedIdentityNotAllowedAtCreation",
+                "A customer-managed key set when the vault is created must use a user-assigned \
+                 identity (kekIdentity.userAssignedIdentity): the system-assigned identity does \
+                 not exist yet and cannot have been granted access to the key.",
+            ));
+        }
+        // The identity used for the key must stay on the vault.
+        if let (Some(c), Some(idin)) = (&new_cmk, input.get("identity")) {
+            let ty = idin["type"]
+                .as_str()
+                .unwrap_or("None")
+                .to_ascii_lowercase()
+                .replace(' ', "");
+            let keeps = match &c.user_assigned {
+                None => ty.contains("systemassigned"),
+                Some(u) => {
+                    ty.contains("userassigned")
+                        && idin["userAssignedIdentities"]
+                            .as_object()
+                            .is_some_and(|m| m.keys().any(|k| k.eq_ignore_ascii_case(u)))
+                }
+            };
+            if !keeps {
+                return Err(refuse(bad(
+                    "KekIdentityRemoved",
+                    format!(
+                        "The identity that reaches the customer-managed key ({}) cannot be \
+                         removed from the vault while the key uses it.",
+                        c.describe_identity(existing.as_ref().unwrap_or(&Value::Null))
+                    ),
+                )));
+            }
+        }
+        let location = input["location"]
+            .as_str()
+            .map(str::to_string)
+            .or_else(|| {
+                existing
+                    .as_ref()
+                    .and_then(|e| e["location"].as_str().map(str::to_string))
+            });
+        let mut properties = existing
+            .as_ref()
+            .map(|e| e["properties"].clone())
+            .unwrap_or_else(|| json!({}));
+        properties["provisioningState"] = json!("Succeeded");
+        let mut body = json!({"location": location, "properties": properties});
+        if let Some(t) = input.get("tags") {
+            body["tags"] = t.clone();
+        }
+        // Step 1: the resource with its identities and its current encryption.
+        if existing.is_none() {
+            let raw = kagi_crypto::random_bytes(32).map_err(|e| crate::state::io("rng", e))?;
+            let sealed = p.seal_platform_secret(&pmk_label(&vault_id_hint), &raw)?;
+            state = VaultState {
+                pmk_sealed: kagi_core::b64::encode(&sealed),
+                ..VaultState::default()
+            };
+            // A vault of the same name deleted earlier leaves nothing behind.
+            let _ = std::fs::remove_dir_all(&dir);
+            state.save(&dir)?;
+        }
+        let (status, stored) = p
+            .put_service_resource(caller, sub, rg, VAULT_TYPE, name, body, input.get("identity"))
+            .await?;
+        let v = VaultCtx {
+            id: stored["id"].as_str().unwrap_or_default().to_string(),
+            body: stored.clone(),
+            dir: dir.clone(),
+        };
+        self.log(
+            &v,
+            activity_entry(
+                Some(caller),
+                &v.id,
+                "Microsoft.RecoveryServices/vaults/write",
+                "Succeeded",
+                if existing.is_none() { "Vault created (platform-managed key)." } else { "Vault updated." },
+                p.now(),
+            ),
+        );
+        if !cmk_changes {
+            return Ok((status, stored));
+        }
+        let Some(cmk) = new_cmk else {
+            return Ok((status, stored));
+        };
+        // Step 2: the key, checked by really calling the key vault with the identity (BK-4).
+        let job = self
+            .jobs
+            .start(&v.id, &dir, "ConfigureEncryption", name, p.now())?;
+        let kid = match self.validate_cmk(p, &v, &cmk).await {
+            Ok(kid) => kid,
+            Err(e) => {
+                job.fail(p.now(), &e);
+                self.log(
+                    &v,
+                    activity_entry(
+                        Some(caller),
+                        &v.id,
+                        "Microsoft.RecoveryServices/vaults/encryption/write",
+                        "Failed",
+                        &e.message,
+                        p.now(),
+                    ),
+                );
+                if existing.is_none() {
+                    let _ = p
+                        .delete_service_resource(caller, sub, rg, VAULT_TYPE, name)
+                        .await;
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                return Err(e);
+            }
+        };
+        // Step 3: store the encryption settings, then re-wrap every item's data key.
+        let mut body = stored.clone();
+        body["properties"]["encryption"] = json!({
+            "keyVaultProperties": {"keyUri": cmk.key_uri},
+            "kekIdentity": match &cmk.user_assigned {
+                Some(u) => json!({"useSystemAssignedIdentity": false, "userAssignedIdentity": u}),
+                None => json!({"useSystemAssignedIdentity": true}),
+            },
+            "infrastructureEncryption": "Disabled",
+            "lastUpdateStatus": "Succeeded",
+        });
+        let (_, stored) = p
+            .put_service_resource(caller, sub, rg, VAULT_TYPE, name, body, None)
+            .await?;
+        let mut state = VaultState::load(&dir)?.unwrap_or(state);
+        state.current_kid = Some(kid.clone());
+        state.resolved_at = p.now();
+        state.save(&dir)?;
+        let v = VaultCtx {
+            body: stored.clone(),
+            ..v
+        };
+        self.log(
+            &v,
+            activity_entry(
+                Some(caller),
+                &v.id,
+                "Microsoft.RecoveryServices/vaults/encryption/write",
+                "Succeeded",
+                &format!(
+                    "Customer-managed key assigned: {} (version in use {kid}), through the {}.",
+                    cmk.key_uri,
+                    cmk.describe_identity(&stored)
+                ),
+                p.now(),
+            ),
+        );
+        let svc = self.clone();
+        let p2 = p.clone();
+        let items: Vec<String> = state.items.keys().cloned().collect();
+        tokio::spawn(async move {
+            let total = items.len() as u64;
+            job.progress(0, total, "Items");
+            let mut written = 0u64;
+            for (i, item) in items.iter().enumerate() {
+                match svc.rewrap_item(&p2, &v, item).await {
+                    Ok(n) => written += n,
+                    Err(e) => {
+                        job.fail(p2.now(), &e);
+                        return;
+                    }
+                }
+                job.progress(i as u64 + 1, total, "Items");
+            }
+            job.complete(p2.now(), json!({"itemsRewrapped": total, "keyEntriesWritten": written}));
+        });
+        Ok((status, stored))
+    }
+
+    /// BK-4: the key URI, the key vault's properties, the key, and the identity's get, list,
+    /// wrapKey and unwrapKey — the last four by calling the vault. Returns the versioned kid.
+    pub(crate) async fn validate_cmk(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        cmk: &CmkConfig,
+    ) -> Result<String, KvError> {
+        let c = p.config();
+        let key = parse_key_uri(&cmk.key_uri, &c.dns_suffix, c.port)?;
+        let facts = p.key_vault_facts(&key.vault).ok_or_else(|| {
+            bad(
+                "KeyVaultNotFound",
+                format!("The key vault '{}' of key URI '{}' does not exist.", key.vault, cmk.key_uri),
+            )
+        })?;
+        let location = v.body["location"].as_str().unwrap_or("");
+        if !facts.location.eq_ignore_ascii_case(location) {
+            return Err(bad(
+                "KeyVaultRegionMismatch",
+                format!(
+                    "The key vault '{}' is in region '{}' but the backup vault is in '{location}'; \
+                     the key must be in a vault of the same region.",
+                    facts.name, facts.location
+                ),
+            ));
+        }
+        if !facts.soft_delete || !facts.purge_protection {
+            return Err(bad(
+                "KeyVaultSoftDeleteOrPurgeProtectionDisabled",
+                format!(
+                    "The key vault '{}' must have soft delete and purge protection enabled \
+                     (soft delete: {}, purge protection: {}).",
+                    facts.name, facts.soft_delete, facts.purge_protection
+                ),
+            ));
+        }
+        let who = cmk.describe_identity(&v.body);
+        let token = p.identity_token(&v.id, cmk.user_assigned.as_deref())?;
+        let lacks = |perm: &str, f: &crate::keyvault::VaultFailure| -> KvError {
+            if f.status == 403 && f.inner.as_deref().is_none_or(|i| i.starts_with("ForbiddenBy")) {
+                bad(
+                    "IdentityLacksKeyPermission",
+                    format!(
+                        "The {who} lacks the '{perm}' permission on key '{}' ({}). Grant get, \
+                         list, wrapKey and unwrapKey (an access policy, or the Key Vault Crypto \
+                         Service Encryption User role plus list).",
+                        cmk.key_uri,
+                        f.reason()
+                    ),
+                )
+            } else if f.status == 404 {
+                bad(
+                    if key.version.is_some() { "KeyVersionNotFound" } else { "KeyNotFound" },
+                    format!("The key '{}' was not found ({}).", cmk.key_uri, f.reason()),
+                )
+            } else {
+                bad(
+                    "KeyVaultKeyNotAccessible",
+                    format!("The key '{}' could not be used: {}.", cmk.key_uri, f.reason()),
+                )
+            }
+        };
+        let bundle = self
+            .vault_client
+            .get_key(&key, &token)
+            .await
+            .map_err(|f| lacks("get", &f))?;
+        if let Some((inner, why)) = key_unusable(&bundle, p.now()) {
+            return Err(bad(inner, format!("The key '{}' cannot be used: {why}.", cmk.key_uri)));
+        }
+        self.vault_client
+            .list_keys(&key, &token)
+            .await
+            .map_err(|f| lacks("list", &f))?;
+        let kid_text = bundle["key"]["kid"].as_str().unwrap_or_default().to_string();
+        let kid = parse_key_uri(&kid_text, &c.dns_suffix, c.port)?;
+        let probe = kagi_crypto::random_bytes(32).map_err(|e| crate::state::io("rng", e))?;
+        let (_, wrapped) = self
+            .vault_client
+            .wrap(&kid, &token, &probe)
+            .await
+            .map_err(|f| lacks("wrapKey", &f))?;
+        let back = self
+            .vault_client
+            .unwrap(&kid, &token, &wrapped)
+            .await
+            .map_err(|f| lacks("unwrapKey", &f))?;
+        if back != probe {
+            return Err(bad(
+                "KeyVaultKeyNotAccessible",
+                format!("The key '{}' did not unwrap what it wrapped.", cmk.key_uri),
+            ));
+        }
+        Ok(kid_text)
+    }
+
+    pub(crate) async fn delete_vault(
+        &self,
+        p: &Platform,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        name: &str,
+    ) -> Result<(u16, Value), KvError> {
+        let dir = vault_dir(&self.data_dir, sub, rg, name);
+        let lock = self.vault_lock(&dir.display().to_string());
+        let _g = lock.lock().await;
+        if p.get_service_resource(caller, sub, rg, VAULT_TYPE, name).is_err() {
+            return Ok((204, Value::Null));
+        }
+        if let Some(s) = VaultState::load(&dir)?
+            && !s.items.is_empty()
+        {
+            return Err(KvError::conflict(format!(
+                "The backup vault '{name}' still protects {} item(s); stop protection first.",
+                s.items.len()
+            ))
+            .with_inner("VaultHasProtectedItems"));
+        }
+        let status = p
+            .delete_service_resource(caller, sub, rg, VAULT_TYPE, name)
+            .await?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok((status, Value::Null))
+    }
+}
+
+/// The label under which a vault's platform key is sealed.
+pub(crate) fn pmk_label(vault_id: &str) -> String {
+    format!("backup-pmk/{}", vault_id.to_ascii_lowercase())
+}
+
+/// The current KEK's versioned key, for a CMK vault.
+pub(crate) fn kid_uri(p: &Platform, kid: &str) -> Result<KeyUri, KvError> {
+    let c = p.config();
+    parse_key_uri(kid, &c.dns_suffix, c.port)
+}

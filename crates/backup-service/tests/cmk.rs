@@ -1,0 +1,541 @@
+//! Backup vaults end to end, over the real HTTPS server in-process: the service reaches the
+//! customer's key only through the key vault's data plane with its identity's token.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kagi_core::time::SystemClock;
+use kagi_http::tls::{LocalCa, SniResolver};
+use kagi_vault::{BootstrapAdmin, Platform, PlatformConfig};
+use serde_json::{Value, json};
+
+const API: &str = "api-version=7.5";
+const ARM: &str = "api-version=2023-07-01";
+
+struct Server {
+    port: u16,
+    addr: SocketAddr,
+    admin: BootstrapAdmin,
+    ca_pem: String,
+    task: tokio::task::JoinHandle<Result<(), kagi_http::ServeError>>,
+    dir: tempfile::TempDir,
+    token: String,
+    c: reqwest::Client,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start(cache: Duration, poll: Duration) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = PlatformConfig {
+        data_dir: dir.path().to_path_buf(),
+        dns_suffix: "localhost".into(),
+        port,
+    };
+    let (platform, admin) = Platform::open(config, Arc::new(SystemClock)).await.unwrap();
+    let admin = admin.unwrap();
+    let ca = LocalCa::load_or_create(&platform, dir.path()).unwrap();
+    let ca_pem = ca.cert_pem.clone();
+    let resolver = SniResolver::new(ca, "localhost");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let platform = Arc::new(platform);
+    kagi_backup_service::install(
+        &platform,
+        kagi_backup_service::ServiceConfig {
+            key_cache_lifetime: cache,
+            key_poll_interval: poll,
+            connect: Some(addr),
+        },
+    );
+    let audit = Arc::new(kagi_audit::AuditLog::open(dir.path()).unwrap());
+    let task =
+        tokio::spawn(async move { kagi_http::serve(platform, audit, &[addr], resolver).await });
+    for _ in 0..1000 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut b = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
+        .no_proxy();
+    for host in ["localhost", "kv1.localhost", "kv2.localhost", "kvsoft.localhost"] {
+        b = b.resolve(host, addr);
+    }
+    let c = b.build().unwrap();
+    let mut s = Server {
+        port,
+        addr,
+        admin,
+        ca_pem,
+        task,
+        dir,
+        token: String::new(),
+        c,
+    };
+    let r: Value = s
+        .c
+        .post(format!(
+            "https://localhost:{port}/{}/oauth2/v2.0/token",
+            s.admin.tenant_id
+        ))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", s.admin.client_id.as_str()),
+            ("client_secret", s.admin.client_secret.as_str()),
+            ("scope", &format!("https://localhost:{port}/.default")),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    s.token = r["access_token"].as_str().unwrap().to_string();
+    let _ = (&s.addr, &s.ca_pem);
+    s
+}
+
+impl Server {
+    fn rg(&self) -> String {
+        format!("/subscriptions/{}/resourceGroups/rg1", self.admin.subscription_id)
+    }
+    fn bv(&self, name: &str) -> String {
+        format!("{}/providers/Microsoft.RecoveryServices/vaults/{name}", self.rg())
+    }
+    async fn arm(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("https://localhost:{}{path}{sep}{ARM}", self.port);
+        let mut r = self
+            .c
+            .request(method.parse().unwrap(), url)
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+    async fn dp(&self, method: &str, vault: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("https://{vault}.localhost:{}{path}?{API}", self.port);
+        let mut r = self
+            .c
+            .request(method.parse().unwrap(), url)
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+    /// Resource group, a key vault (purge protection on unless `soft`), an RSA and an EC key.
+    async fn setup(&self) {
+        let (s, _) = self
+            .arm(
+                "PUT",
+                &format!("/subscriptions/{}/resourcegroups/rg1", self.admin.subscription_id),
+                Some(json!({"location": "westeurope"})),
+            )
+            .await;
+        assert_eq!(s, 201);
+        for (name, purge, loc) in [
+            ("kv1", true, "westeurope"),
+            ("kv2", true, "northeurope"),
+            ("kvsoft", false, "westeurope"),
+        ] {
+            let (s, v) = self
+                .arm(
+                    "PUT",
+                    &format!("{}/providers/Microsoft.KeyVault/vaults/{name}", self.rg()),
+                    Some(json!({"location": loc, "properties": {
+                        "tenantId": self.admin.tenant_id, "sku": {"family": "A", "name": "standard"},
+                        "enablePurgeProtection": purge, "softDeleteRetentionInDays": 7}})),
+                )
+                .await;
+            assert_eq!(s, 201, "{v}");
+            let (s, v) = self
+                .dp("POST", name, "/keys/cmk/create", Some(json!({"kty": "RSA", "key_size": 2048})))
+                .await;
+            assert_eq!(s, 200, "{v}");
+        }
+        let (s, _) = self
+            .dp("POST", "kv1", "/keys/eck/create", Some(json!({"kty": "EC", "crv": "P-256"})))
+            .await;
+        assert_eq!(s, 200);
+    }
+    /// Grants `oid` these key permissions on `vault` (access policy).
+    async fn grant(&self, vault: &str, oid: &str, perms: &[&str]) {
+        let (s, v) = self
+            .arm(
+                "PUT",
+                &format!("{}/providers/Microsoft.KeyVault/vaults/{vault}", self.rg()),
+                Some(json!({"location": "westeurope", "properties": {"accessPolicies": [
+                    {"tenantId": self.admin.tenant_id, "objectId": oid, "permissions": {"keys": perms}}]}})),
+            )
+            .await;
+        assert!(s == 200 || s == 201, "{v}");
+    }
+    async fn uami(&self, name: &str) -> (String, String) {
+        let (s, v) = self
+            .arm(
+                "PUT",
+                &format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}", self.rg()),
+                Some(json!({"location": "westeurope"})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["properties"]["principalId"].as_str().unwrap().to_string(),
+        )
+    }
+    fn key_uri(&self, vault: &str, key: &str) -> String {
+        format!("https://{vault}.localhost:{}/keys/{key}", self.port)
+    }
+    async fn wait_job(&self, vault: &str, job: &Value) -> Value {
+        let id = job["name"].as_str().unwrap();
+        for _ in 0..3000 {
+            let (s, j) = self
+                .arm("GET", &format!("{}/backupJobs/{id}", self.bv(vault)), None)
+                .await;
+            assert_eq!(s, 200);
+            if j["status"] != "InProgress" {
+                return j;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("job never ended");
+    }
+    async fn backup(&self, vault: &str, item: &str) -> Value {
+        let (s, j) = self
+            .arm("POST", &format!("{}/backupProtectedItems/{item}/backup", self.bv(vault)), None)
+            .await;
+        assert_eq!(s, 202, "{j}");
+        self.wait_job(vault, &j).await
+    }
+    async fn restore(&self, vault: &str, item: &str, rp: &str, target: &Path) -> Value {
+        let (s, j) = self
+            .arm(
+                "POST",
+                &format!("{}/backupProtectedItems/{item}/restore", self.bv(vault)),
+                Some(json!({"recoveryPointId": rp, "targetPath": target})),
+            )
+            .await;
+        assert_eq!(s, 202, "{j}");
+        self.wait_job(vault, &j).await
+    }
+    fn item_keys(&self, vault: &str, item: &str) -> Vec<String> {
+        let d = self
+            .dir
+            .path()
+            .join("backup")
+            .join(self.admin.subscription_id.to_ascii_lowercase())
+            .join("rg1")
+            .join(vault)
+            .join("items")
+            .join(item)
+            .join("keys");
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn make_source(dir: &Path) {
+    std::fs::create_dir_all(dir.join("sub/empty")).unwrap();
+    std::fs::write(dir.join("a.txt"), b"hello backup\n").unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(dir.join("sub/big.bin"), &big).unwrap();
+    std::fs::set_permissions(dir.join("a.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink("a.txt", dir.join("link")).unwrap();
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    let mut ea: Vec<_> = std::fs::read_dir(a).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut eb: Vec<_> = std::fs::read_dir(b).unwrap().map(|e| e.unwrap().file_name()).collect();
+    ea.sort();
+    eb.sort();
+    assert_eq!(ea, eb, "{} vs {}", a.display(), b.display());
+    for n in ea {
+        let (pa, pb) = (a.join(&n), b.join(&n));
+        let (ma, mb) = (std::fs::symlink_metadata(&pa).unwrap(), std::fs::symlink_metadata(&pb).unwrap());
+        assert_eq!(ma.file_type(), mb.file_type());
+        assert_eq!(ma.permissions().mode(), mb.permissions().mode(), "{}", pa.display());
+        if ma.is_dir() {
+            assert_same(&pa, &pb);
+        } else if ma.file_type().is_symlink() {
+            assert_eq!(std::fs::read_link(&pa).unwrap(), std::fs::read_link(&pb).unwrap());
+        } else {
+            assert_eq!(std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pmk_backup_restore_and_cmk_rules() {
+    let s = start(Duration::from_secs(600), Duration::from_secs(3600)).await;
+    s.setup().await;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_source(&src);
+
+    // BK-1: PMK by default.
+    let (st, v) = s
+        .arm("PUT", &s.bv("bv1"), Some(json!({"location": "westeurope", "identity": {"type": "SystemAssigned"}})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert!(v["properties"].get("encryption").is_none());
+    assert!(v["identity"]["principalId"].is_string());
+
+    // BK-2: a failed protection attempt counts.
+    let (st, e) = s
+        .arm("PUT", &format!("{}/backupProtectedItems/i1", s.bv("bv1")),
+            Some(json!({"properties": {"sourcePath": "/does/not/exist"}})))
+        .await;
+    assert_eq!(st, 400);
+    assert_eq!(e["error"]["innererror"]["code"], "InvalidSourcePath");
+    let oid = v["identity"]["principalId"].as_str().unwrap().to_string();
+    s.grant("kv1", &oid, &["get", "list", "wrapKey", "unwrapKey"]).await;
+    let (st, e) = s
+        .arm("PUT", &s.bv("bv1"), Some(json!({"properties": {"encryption": {
+            "keyVaultProperties": {"keyUri": s.key_uri("kv1", "cmk")},
+            "kekIdentity": {"useSystemAssignedIdentity": true}}}})))
+        .await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["error"]["innererror"]["code"], "CmkNotAllowedAfterProtection");
+
+    // PMK backup and restore, byte for byte.
+    let (st, it) = s
+        .arm("PUT", &format!("{}/backupProtectedItems/i1", s.bv("bv1")),
+            Some(json!({"properties": {"sourcePath": src}})))
+        .await;
+    assert_eq!(st, 201, "{it}");
+    let j = s.backup("bv1", "i1").await;
+    assert_eq!(j["status"], "Completed", "{j}");
+    assert_eq!(j["operation"], "Backup");
+    let rp = j["stats"]["recoveryPointId"].as_str().unwrap().to_string();
+    let (st, rps) = s.arm("GET", &format!("{}/backupProtectedItems/i1/recoveryPoints", s.bv("bv1")), None).await;
+    assert_eq!(st, 200);
+    assert_eq!(rps["value"][0]["name"], rp.as_str());
+    let j2 = s.backup("bv1", "i1").await;
+    assert_eq!(j2["stats"]["chunksNew"], 0, "{j2}");
+    let out = work.path().join("out-pmk");
+    let r = s.restore("bv1", "i1", &rp, &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    assert_same(&src, &out);
+    // Not empty: refused unless overwrite.
+    let r = s.restore("bv1", "i1", &rp, &out).await;
+    assert_eq!(r["status"], "Failed");
+
+    // A vault that was never used: each BK-4 rule.
+    let (st, v2) = s
+        .arm("PUT", &s.bv("bv2"), Some(json!({"location": "westeurope", "identity": {"type": "SystemAssigned"}})))
+        .await;
+    assert_eq!(st, 201);
+    let oid2 = v2["identity"]["principalId"].as_str().unwrap().to_string();
+    let try_key = |uri: String| {
+        let s = &s;
+        async move {
+            let (st, e) = s
+                .arm("PUT", &s.bv("bv2"), Some(json!({"properties": {"encryption": {
+                    "keyVaultProperties": {"keyUri": uri},
+                    "kekIdentity": {"useSystemAssignedIdentity": true}}}})))
+                .await;
+            (st, e["error"]["innererror"]["code"].as_str().unwrap_or("").to_string(), e)
+        }
+    };
+    let p = s.port;
+    for (uri, want) in [
+        ("not-a-uri".to_string(), "InvalidKeyUri"),
+        (format!("https://kv1.vault.azure.net/keys/cmk"), "KeyVaultHostNotServed"),
+        (format!("https://kv1.localhost:{p}/secrets/cmk"), "KeyUriIsSecret"),
+        (format!("https://nokv.localhost:{p}/keys/cmk"), "KeyVaultNotFound"),
+        (format!("https://kv2.localhost:{p}/keys/cmk"), "KeyVaultRegionMismatch"),
+        (format!("https://kvsoft.localhost:{p}/keys/cmk"), "KeyVaultSoftDeleteOrPurgeProtectionDisabled"),
+        (format!("https://kv1.localhost:{p}/keys/cmk"), "IdentityLacksKeyPermission"),
+    ] {
+        let (st, code, e) = try_key(uri.clone()).await;
+        assert_eq!((st, code.as_str()), (400, want), "{uri}: {e}");
+    }
+    // Permissions one by one: each missing one is named.
+    for (perms, missing) in [
+        (vec!["list", "wrapKey", "unwrapKey"], "'get'"),
+        (vec!["get", "wrapKey", "unwrapKey"], "'list'"),
+        (vec!["get", "list", "unwrapKey"], "'wrapKey'"),
+        (vec!["get", "list", "wrapKey"], "'unwrapKey'"),
+    ] {
+        s.grant("kv1", &oid2, &perms).await;
+        let (st, code, e) = try_key(s.key_uri("kv1", "cmk")).await;
+        assert_eq!((st, code.as_str()), (400, "IdentityLacksKeyPermission"), "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains(missing), "{e}");
+        assert!(e["error"]["message"].as_str().unwrap().contains(&oid2), "{e}");
+    }
+    s.grant("kv1", &oid2, &["get", "list", "wrapKey", "unwrapKey"]).await;
+    let (st, code, _) = try_key(s.key_uri("kv1", "eck")).await;
+    assert_eq!((st, code.as_str()), (400, "KeyTypeNotRsa"));
+    let (st, code, _) = try_key(format!("{}/0123456789abcdef0123456789abcdef", s.key_uri("kv1", "cmk"))).await;
+    assert_eq!((st, code.as_str()), (400, "KeyVersionNotFound"));
+    let (st, _) = s.dp("PATCH", "kv1", "/keys/cmk", Some(json!({"attributes": {"enabled": false}}))).await;
+    assert_eq!(st, 200);
+    let (st, code, _) = try_key(s.key_uri("kv1", "cmk")).await;
+    assert_eq!((st, code.as_str()), (400, "KeyDisabled"));
+    s.dp("PATCH", "kv1", "/keys/cmk", Some(json!({"attributes": {"enabled": true}}))).await;
+    // All good: CMK on, as a job, in the activity log.
+    let (st, code, e) = try_key(s.key_uri("kv1", "cmk")).await;
+    assert_eq!((st, code.as_str()), (200, ""), "{e}");
+    assert_eq!(e["properties"]["encryption"]["keyVaultProperties"]["keyUri"], s.key_uri("kv1", "cmk"));
+    let (_, jobs) = s.arm("GET", &format!("{}/backupJobs", s.bv("bv2")), None).await;
+    let cfg = jobs["value"].as_array().unwrap().iter().find(|j| j["operation"] == "ConfigureEncryption" && j["status"] != "Failed").unwrap().clone();
+    assert_eq!(s.wait_job("bv2", &cfg).await["status"], "Completed");
+    let (_, log) = s.arm("GET", &format!("{}/activityLog", s.bv("bv2")), None).await;
+    assert!(log["value"].as_array().unwrap().iter().any(|e| e["operationName"] == "Microsoft.RecoveryServices/vaults/encryption/write" && e["status"] == "Succeeded"), "{log}");
+    // BK-3: never back to PMK.
+    let (st, e) = s.arm("PUT", &s.bv("bv2"), Some(json!({"properties": {"encryption": null}}))).await;
+    assert_eq!((st, e["error"]["innererror"]["code"].as_str()), (400, Some("CannotDisableCustomerManagedKey")));
+    // The identity in use cannot be removed.
+    let (st, _) = s.arm("PUT", &s.bv("bv2"), Some(json!({"identity": {"type": "None"}}))).await;
+    assert_eq!(st, 400);
+
+    // BK-8: CMK at creation needs a user-assigned identity.
+    let (st, e) = s.arm("PUT", &s.bv("bv3"), Some(json!({"location": "westeurope", "identity": {"type": "SystemAssigned"},
+        "properties": {"encryption": {"keyVaultProperties": {"keyUri": s.key_uri("kv1", "cmk")}, "kekIdentity": {"useSystemAssignedIdentity": true}}}}))).await;
+    assert_eq!((st, e["error"]["innererror"]["code"].as_str()), (400, Some("SystemAssignedIdentityNotAllowedAtCreation")));
+    let (uid, uoid) = s.uami("u1").await;
+    let body = json!({"location": "westeurope", "identity": {"type": "UserAssigned", "userAssignedIdentities": {uid.clone(): {}}},
+        "properties": {"encryption": {"keyVaultProperties": {"keyUri": s.key_uri("kv1", "cmk")}, "kekIdentity": {"userAssignedIdentity": uid}}}});
+    let (st, e) = s.arm("PUT", &s.bv("bv3"), Some(body.clone())).await;
+    assert_eq!((st, e["error"]["innererror"]["code"].as_str()), (400, Some("IdentityLacksKeyPermission")), "{e}");
+    let (st, _) = s.arm("GET", &s.bv("bv3"), None).await;
+    assert_eq!(st, 404, "a refused creation leaves no vault");
+    s.grant("kv1", &uoid, &["get", "list", "wrapKey", "unwrapKey"]).await;
+    let (st, e) = s.arm("PUT", &s.bv("bv3"), Some(body)).await;
+    assert_eq!(st, 201, "{e}");
+    assert_eq!(e["properties"]["encryption"]["kekIdentity"]["userAssignedIdentity"], uid.as_str());
+
+    // CMK backup and restore, byte for byte, with the key reached over HTTPS.
+    let (st, it) = s.arm("PUT", &format!("{}/backupProtectedItems/i1", s.bv("bv3")), Some(json!({"properties": {"sourcePath": src}}))).await;
+    assert_eq!(st, 201, "{it}");
+    let j = s.backup("bv3", "i1").await;
+    assert_eq!(j["status"], "Completed", "{j}");
+    let out = work.path().join("out-cmk");
+    let r = s.restore("bv3", "i1", j["stats"]["recoveryPointId"].as_str().unwrap(), &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    assert_same(&src, &out);
+    let keys = s.item_keys("bv3", "i1");
+    assert_eq!(keys.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotation_rewraps_only_and_revocation_stops_jobs() {
+    // Key cache 1 s, versionless URIs resolved on every job.
+    let s = start(Duration::from_secs(1), Duration::from_secs(0)).await;
+    s.setup().await;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_source(&src);
+    let (uid, uoid) = s.uami("u1").await;
+    s.grant("kv1", &uoid, &["get", "list", "wrapKey", "unwrapKey"]).await;
+    let (st, v) = s.arm("PUT", &s.bv("bv"), Some(json!({"location": "westeurope",
+        "identity": {"type": "UserAssigned", "userAssignedIdentities": {uid.clone(): {}}},
+        "properties": {"encryption": {"keyVaultProperties": {"keyUri": s.key_uri("kv1", "cmk")}, "kekIdentity": {"userAssignedIdentity": uid}}}}))).await;
+    assert_eq!(st, 201, "{v}");
+    s.arm("PUT", &format!("{}/backupProtectedItems/i1", s.bv("bv")), Some(json!({"properties": {"sourcePath": src}}))).await;
+    let j1 = s.backup("bv", "i1").await;
+    assert_eq!(j1["status"], "Completed", "{j1}");
+    let rp1 = j1["stats"]["recoveryPointId"].as_str().unwrap().to_string();
+    let before = s.item_keys("bv", "i1");
+    assert_eq!(before.len(), 1);
+
+    // BK-5: rotate; the next job adopts the new version by writing exactly one keys/ entry,
+    // and the old entry stays until a backup job has completed.
+    let (st, _) = s.dp("POST", "kv1", "/keys/cmk/rotate", Some(json!({}))).await;
+    assert_eq!(st, 200);
+    let (st, rps) = s.arm("GET", &format!("{}/backupProtectedItems/i1/recoveryPoints", s.bv("bv")), None).await;
+    assert_eq!(st, 200, "{rps}");
+    let during = s.item_keys("bv", "i1");
+    assert_eq!(during.len(), 2, "one new wrapped data key, the old one kept");
+    let data_files = |s: &Server| {
+        let d = s.dir.path().join("backup").join(s.admin.subscription_id.to_ascii_lowercase()).join("rg1/bv/items/i1/data");
+        walk(&d)
+    };
+    let data_before = data_files(&s);
+    let j2 = s.backup("bv", "i1").await;
+    assert_eq!(j2["status"], "Completed", "{j2}");
+    let after = s.item_keys("bv", "i1");
+    assert_eq!(after.len(), 1, "the old version's entry is removed after one more backup");
+    assert!(!before.contains(&after[0]));
+    assert_eq!(j2["stats"]["chunksNew"], 0, "rotation re-encrypted no data: {j2}");
+    let data_after = data_files(&s);
+    assert!(data_before.iter().all(|f| data_after.contains(f)), "no pack rewritten");
+
+    // Revocation: disable the key; after one cache lifetime the job fails naming the key.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.dp("PATCH", "kv1", "/keys/cmk", Some(json!({"attributes": {"enabled": false}}))).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let j3 = s.backup("bv", "i1").await;
+    assert_eq!(j3["status"], "Failed", "{j3}");
+    let msg = j3["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("/keys/cmk"), "{msg}");
+    assert!(msg.contains("disabled") || msg.contains("KeyDisabled"), "{msg}");
+    let out = work.path().join("denied");
+    let r = s.restore("bv", "i1", &rp1, &out).await;
+    assert_eq!(r["status"], "Failed", "{r}");
+    let (_, log) = s.arm("GET", &format!("{}/activityLog", s.bv("bv")), None).await;
+    assert!(log["value"].as_array().unwrap().iter().any(|e| e["operationName"] == "Microsoft.RecoveryServices/vaults/keyAccess" && e["status"] == "Failed"), "{log}");
+    // Enabled again: jobs succeed with no repair, old recovery points still restore.
+    s.dp("PATCH", "kv1", "/keys/cmk", Some(json!({"attributes": {"enabled": true}}))).await;
+    let j4 = s.backup("bv", "i1").await;
+    assert_eq!(j4["status"], "Completed", "{j4}");
+    let out = work.path().join("back");
+    let r = s.restore("bv", "i1", &rp1, &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    assert_same(&src, &out);
+
+    // Permission removed: same story, reason from the vault (ForbiddenByPolicy).
+    s.grant("kv1", &uoid, &["list"]).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let j5 = s.backup("bv", "i1").await;
+    assert_eq!(j5["status"], "Failed", "{j5}");
+    assert!(j5["error"]["message"].as_str().unwrap().contains("403"), "{j5}");
+    s.grant("kv1", &uoid, &["get", "list", "wrapKey", "unwrapKey"]).await;
+    let j6 = s.backup("bv", "i1").await;
+    assert_eq!(j6["status"], "Completed", "{j6}");
+}
+
+fn walk(d: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(d) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}

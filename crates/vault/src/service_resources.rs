@@ -1,0 +1,299 @@
+//! Resources of kagi's own storage services (backup vaults, and later disk encryption sets and
+//! SQL servers): a small public API over the directory's resources table so that service
+//! crates store their ARM resources, give them managed identities (system- and user-assigned,
+//! through the same rules as every other identity-carrying resource) and obtain tokens for
+//! those identities in-process — how a service "proves it is the resource" when it calls a key
+//! vault over HTTPS.
+//!
+//! A child module of `directory` (it shares the directory's private state).
+
+use kagi_core::{ErrorCode, KvError, VaultName};
+use kagi_identity::Principal;
+use kagi_store::ResourceRecord;
+use serde_json::{Value, json};
+
+use super::{bad, kind};
+use crate::{Platform, internal};
+
+/// What a storage service may read about a key vault (for its own acceptance rules: same
+/// region, soft delete, purge protection). Reading keys still goes through the data plane.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyVaultFacts {
+    /// Vault name.
+    pub name: String,
+    /// Region.
+    pub location: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Subscription.
+    pub subscription_id: String,
+    /// Soft delete on.
+    pub soft_delete: bool,
+    /// Purge protection on.
+    pub purge_protection: bool,
+}
+
+fn resource_key(sub: &str, rg: &str, resource_type: &str, name: &str) -> String {
+    format!("/subscriptions/{sub}/resourcegroups/{rg}/providers/{resource_type}/{name}")
+        .to_ascii_lowercase()
+}
+
+fn not_found(resource_type: &str, name: &str, rg: &str) -> KvError {
+    KvError::new(
+        ErrorCode::ResourceNotFound,
+        format!(
+            "The Resource '{resource_type}/{}' under resource group '{}' was not found.",
+            kagi_core::ids::printable(name),
+            kagi_core::ids::printable(rg)
+        ),
+    )
+}
+
+impl Platform {
+    /// `PUT` of a storage-service resource: `body` carries `location`, `tags` and
+    /// `properties` as the service computed them; `identity` is the request's `identity`
+    /// block (absent: unchanged). Creates or deletes the system-assigned identity and
+    /// resolves user-assigned ones like every resource that carries identities. The
+    /// bootstrap administrator only. Returns (201 or 200, the stored body).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn put_service_resource(
+        &self,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        resource_type: &str,
+        name: &str,
+        body: Value,
+        identity: Option<&Value>,
+    ) -> Result<(u16, Value), KvError> {
+        let (sub, rg) = self.check_group(caller, sub, rg).await?;
+        if name.is_empty()
+            || name.len() > 50
+            || !name.starts_with(|c: char| c.is_ascii_alphabetic())
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(bad(
+                "Resource names are 2-50 letters, digits and '-', starting with a letter.",
+            )
+            .with_inner("InvalidResourceName"));
+        }
+        let id = format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{resource_type}/{name}");
+        let key = id.to_ascii_lowercase();
+        let now = self.clock.now();
+        let existing = self.dir().resources.get(&key).cloned();
+        let location = match (body.get("location").and_then(Value::as_str), &existing) {
+            (Some(l), Some((r, _)))
+                if !l.replace(' ', "").eq_ignore_ascii_case(&r.location) =>
+            {
+                return Err(bad(format!(
+                    "The location of '{name}' cannot change from '{}'.",
+                    r.location
+                )));
+            }
+            (_, Some((r, _))) => r.location.clone(),
+            (Some(l), None) => l.to_ascii_lowercase().replace(' ', ""),
+            (None, None) => return Err(bad("The property \"location\" is required.")),
+        };
+        let old_identity = existing
+            .as_ref()
+            .map(|(_, b)| b["identity"].clone())
+            .unwrap_or(Value::Null);
+        let (identity, created, deleted) =
+            self.apply_identity(caller, &key, name, &old_identity, identity, now)?;
+        let tags = body.get("tags").cloned().unwrap_or_else(|| {
+            existing
+                .as_ref()
+                .map(|(_, b)| b["tags"].clone())
+                .unwrap_or_else(|| json!({}))
+        });
+        let out = json!({
+            "id": id, "name": name, "type": resource_type, "location": location,
+            "tags": tags, "identity": identity,
+            "properties": body.get("properties").cloned().unwrap_or_else(|| json!({})),
+        });
+        let record = ResourceRecord {
+            id: key.clone(),
+            resource_type: resource_type.into(),
+            subscription_id: sub.to_string(),
+            resource_group: rg.to_string(),
+            name: name.to_string(),
+            location,
+            body: out.to_string(),
+            created: existing.as_ref().map_or(now, |(r, _)| r.created),
+            updated: now,
+        };
+        self.store
+            .put_resource(&record, &created, &deleted)
+            .await
+            .map_err(|e| internal("put resource", e))?;
+        {
+            let mut d = self.dir_mut();
+            for p in created {
+                d.principals.insert(p.object_id.clone(), p);
+            }
+            for oid in &deleted {
+                d.principals.remove(oid);
+            }
+            d.resources.insert(key, (record, out.clone()));
+        }
+        tracing::info!(resource = %id, "service resource written");
+        Ok((if existing.is_some() { 200 } else { 201 }, out))
+    }
+
+    /// `GET` of a storage-service resource (the bootstrap administrator only).
+    pub fn get_service_resource(
+        &self,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        resource_type: &str,
+        name: &str,
+    ) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        self.service_resource(&resource_key(sub, rg, resource_type, name))
+            .ok_or_else(|| not_found(resource_type, name, rg))
+    }
+
+    /// A stored resource by id (case-insensitive), for the service itself (no caller).
+    pub fn service_resource(&self, resource_id: &str) -> Option<Value> {
+        self.dir()
+            .resources
+            .get(&resource_id.trim_end_matches('/').to_ascii_lowercase())
+            .map(|(_, b)| b.clone())
+    }
+
+    /// Lists the resources of a type in a subscription (`rg: None`) or a resource group.
+    pub fn list_service_resources(
+        &self,
+        caller: &Principal,
+        sub: &str,
+        rg: Option<&str>,
+        resource_type: &str,
+    ) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let sub = sub.to_ascii_lowercase();
+        let mut value: Vec<Value> = self
+            .dir()
+            .resources
+            .values()
+            .filter(|(r, _)| {
+                r.resource_type.eq_ignore_ascii_case(resource_type)
+                    && r.subscription_id.eq_ignore_ascii_case(&sub)
+                    && rg.is_none_or(|g| r.resource_group.eq_ignore_ascii_case(g))
+            })
+            .map(|(_, b)| b.clone())
+            .collect();
+        value.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        Ok(json!({ "value": value }))
+    }
+
+    /// `DELETE` of a storage-service resource: its system-assigned identity goes with it.
+    /// 200 when deleted, 204 when absent. Locks at or above it refuse.
+    pub async fn delete_service_resource(
+        &self,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        resource_type: &str,
+        name: &str,
+    ) -> Result<u16, KvError> {
+        self.require_admin(caller)?;
+        let key = resource_key(sub, rg, resource_type, name);
+        let Some((_, body)) = self.dir().resources.get(&key).cloned() else {
+            return Ok(204);
+        };
+        self.check_not_locked(&key, "delete")?;
+        let gone: Vec<String> = body["identity"]["principalId"]
+            .as_str()
+            .map(str::to_string)
+            .into_iter()
+            .collect();
+        self.store
+            .delete_resource(&key, &gone)
+            .await
+            .map_err(|e| internal("delete resource", e))?;
+        let mut d = self.dir_mut();
+        d.resources.remove(&key);
+        for oid in gone {
+            d.principals.remove(&oid);
+        }
+        tracing::info!(resource = %key, "service resource deleted");
+        Ok(200)
+    }
+
+    /// An access token (audience: this platform) for one of a resource's managed identities:
+    /// the system-assigned one (`user_assigned: None`) or the user-assigned identity with
+    /// that resource id. The resource must carry that identity now.
+    pub fn identity_token(
+        &self,
+        resource_id: &str,
+        user_assigned: Option<&str>,
+    ) -> Result<String, KvError> {
+        let key = resource_id.trim_end_matches('/').to_ascii_lowercase();
+        let body = self.service_resource(&key).ok_or_else(|| {
+            KvError::new(
+                ErrorCode::ResourceNotFound,
+                format!(
+                    "Resource '{}' does not exist.",
+                    kagi_core::ids::printable(resource_id)
+                ),
+            )
+        })?;
+        let oid = match user_assigned {
+            None => body["identity"]["principalId"]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    bad("The resource has no system-assigned identity.")
+                        .with_inner("SystemAssignedIdentityNotEnabled")
+                })?,
+            Some(uami) => body["identity"]["userAssignedIdentities"]
+                .as_object()
+                .and_then(|m| {
+                    m.iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(uami))
+                        .and_then(|(_, v)| v["principalId"].as_str().map(str::to_string))
+                })
+                .ok_or_else(|| {
+                    bad(format!(
+                        "The user-assigned identity '{}' is not assigned to the resource.",
+                        kagi_core::ids::printable(uami)
+                    ))
+                    .with_inner("UserAssignedIdentityNotAssigned")
+                })?,
+        };
+        let p = self.dir().principals.get(&oid).cloned().ok_or_else(|| {
+            bad(format!("The identity {oid} no longer exists.")).with_inner("IdentityNotFound")
+        })?;
+        debug_assert!(p.kind == kind::SYSTEM_ASSIGNED || p.kind == kind::USER_ASSIGNED);
+        let grant = self
+            .issue(
+                &Principal {
+                    tenant_id: p.tenant_id.clone(),
+                    object_id: p.object_id.clone(),
+                    client_id: p.client_id.clone(),
+                    kind: p.kind.clone(),
+                    network_address: None,
+                    upn: None,
+                },
+                &self.config.authority(),
+            )
+            .map_err(|_| internal("issue", "identity token"))?;
+        Ok(grant.access_token)
+    }
+
+    /// Region, tenant, soft delete and purge protection of a live key vault, if it exists.
+    pub fn key_vault_facts(&self, vault: &str) -> Option<KeyVaultFacts> {
+        let name = VaultName::parse(vault).ok()?;
+        let v = self.live_vault(&name).ok()?;
+        let r = v.record();
+        Some(KeyVaultFacts {
+            name: r.name.to_string(),
+            location: r.location.clone(),
+            tenant_id: r.properties.tenant_id.to_string(),
+            subscription_id: r.subscription_id.clone(),
+            soft_delete: r.properties.enable_soft_delete,
+            purge_protection: r.properties.enable_purge_protection,
+        })
+    }
+}
