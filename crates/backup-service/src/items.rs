@@ -21,11 +21,11 @@ use kagi_vault::{Platform, Principal};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+use crate::BackupService;
 use crate::jobs::JobHandle;
 use crate::keyvault::bad;
 use crate::state::{Item, VaultState, io};
 use crate::vaults::{CmkConfig, VaultCtx, activity_entry, kid_uri, pmk_label};
-use crate::BackupService;
 
 type Dek = Zeroizing<[u8; 32]>;
 
@@ -52,7 +52,11 @@ impl std::fmt::Debug for ItemRuntime {
 /// The key encryption key in force.
 enum Kek {
     Pmk(Dek),
-    Cmk { kid: String, token: String, who: String },
+    Cmk {
+        kid: String,
+        token: String,
+        who: String,
+    },
 }
 
 impl Kek {
@@ -85,11 +89,10 @@ fn engine(e: kagi_backup::BackupError) -> KvError {
         kagi_backup::BackupError::Invalid(m) => {
             KvError::new(ErrorCode::BadRequest, m).with_inner("UserErrorInvalidRequest")
         }
-        kagi_backup::BackupError::Io { path, source } => KvError::new(
-            ErrorCode::BadRequest,
-            format!("{path}: {source}"),
-        )
-        .with_inner("UserErrorFileAccess"),
+        kagi_backup::BackupError::Io { path, source } => {
+            KvError::new(ErrorCode::BadRequest, format!("{path}: {source}"))
+                .with_inner("UserErrorFileAccess")
+        }
         kagi_backup::BackupError::Corrupt(m) => KvError::new(
             ErrorCode::Conflict,
             format!("The backup data is damaged: {m}"),
@@ -151,7 +154,10 @@ impl BackupService {
             .ok_or_else(|| {
                 KvError::new(
                     ErrorCode::NotFound,
-                    format!("The backup vault has no protected item '{}'.", kagi_core::ids::printable(item)),
+                    format!(
+                        "The backup vault has no protected item '{}'.",
+                        kagi_core::ids::printable(item)
+                    ),
                 )
                 .with_inner("ProtectedItemNotFound")
             })
@@ -172,7 +178,14 @@ impl BackupService {
     fn key_failure(&self, p: &Platform, v: &VaultCtx, message: String) -> KvError {
         self.log(
             v,
-            activity_entry(None, &v.id, "Microsoft.RecoveryServices/vaults/keyAccess", "Failed", &message, p.now()),
+            activity_entry(
+                None,
+                &v.id,
+                "Microsoft.RecoveryServices/vaults/keyAccess",
+                "Failed",
+                &message,
+                p.now(),
+            ),
         );
         bad("UserErrorKeyVaultKeyNotAccessible", message)
     }
@@ -182,8 +195,8 @@ impl BackupService {
         let body = p.service_resource(&v.id).unwrap_or_else(|| v.body.clone());
         let mut state = VaultState::load(&v.dir)?.unwrap_or_default();
         let Some(cmk) = CmkConfig::of(&body) else {
-            let sealed = kagi_core::b64::decode(&state.pmk_sealed)
-                .ok_or_else(|| io("pmk", "not base64"))?;
+            let sealed =
+                kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
             let raw = p.open_platform_secret(&pmk_label(&v.id), &sealed)?;
             let mut k = Zeroizing::new([0u8; 32]);
             if raw.len() != 32 {
@@ -199,7 +212,10 @@ impl BackupService {
                 self.key_failure(
                     p,
                     v,
-                    format!("The key '{}' cannot be reached: the {who} is unusable: {}", cmk.key_uri, e.message),
+                    format!(
+                        "The key '{}' cannot be reached: the {who} is unusable: {}",
+                        cmk.key_uri, e.message
+                    ),
                 )
             })?;
         let uri = kid_uri(p, &cmk.key_uri)?;
@@ -209,16 +225,27 @@ impl BackupService {
         }
         let due = p.now() - state.resolved_at >= self.config.key_poll_interval.as_secs() as i64;
         if let (Some(kid), false) = (&state.current_kid, due) {
-            return Ok(Kek::Cmk { kid: kid.clone(), token, who });
+            return Ok(Kek::Cmk {
+                kid: kid.clone(),
+                token,
+                who,
+            });
         }
         let bundle = self.vault_client.get_key(&uri, &token).await.map_err(|f| {
             self.key_failure(
                 p,
                 v,
-                format!("The key '{}' could not be read by the {who}: {}", cmk.key_uri, f.reason()),
+                format!(
+                    "The key '{}' could not be read by the {who}: {}",
+                    cmk.key_uri,
+                    f.reason()
+                ),
             )
         })?;
-        let kid = bundle["key"]["kid"].as_str().unwrap_or_default().to_string();
+        let kid = bundle["key"]["kid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         if state.current_kid.as_deref() != Some(kid.as_str()) {
             self.log(
                 v,
@@ -238,18 +265,38 @@ impl BackupService {
         Ok(Kek::Cmk { kid, token, who })
     }
 
-    async fn wrap(&self, p: &Platform, v: &VaultCtx, item: &str, kek: &Kek, dek: &Dek) -> Result<KeyEntry, KvError> {
+    async fn wrap(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        item: &str,
+        kek: &Kek,
+        dek: &Dek,
+    ) -> Result<KeyEntry, KvError> {
         let (kek_json, wrapped) = match kek {
             Kek::Pmk(k) => {
                 let pmk = DataKey::from_bytes(k).map_err(|e| io("pmk", e))?;
-                let sealed = pmk.seal(&pmk_aad(&v.id, item), dek.as_ref()).map_err(|e| io("pmk wrap", e))?;
+                let sealed = pmk
+                    .seal(&pmk_aad(&v.id, item), dek.as_ref())
+                    .map_err(|e| io("pmk wrap", e))?;
                 (json!({"kind": "pmk", "vault": v.id}), sealed)
             }
             Kek::Cmk { kid, token, who } => {
                 let uri = kid_uri(p, kid)?;
-                let (_, w) = self.vault_client.wrap(&uri, token, dek.as_ref()).await.map_err(|f| {
-                    self.key_failure(p, v, format!("The key '{kid}' could not wrap a data key for the {who}: {}", f.reason()))
-                })?;
+                let (_, w) = self
+                    .vault_client
+                    .wrap(&uri, token, dek.as_ref())
+                    .await
+                    .map_err(|f| {
+                        self.key_failure(
+                            p,
+                            v,
+                            format!(
+                                "The key '{kid}' could not wrap a data key for the {who}: {}",
+                                f.reason()
+                            ),
+                        )
+                    })?;
                 (json!({"kind": "cmk", "keyId": kid}), w)
             }
         };
@@ -262,7 +309,14 @@ impl BackupService {
         })
     }
 
-    async fn unwrap(&self, p: &Platform, v: &VaultCtx, item: &str, kek: &Kek, e: &KeyEntry) -> Result<Dek, String> {
+    async fn unwrap(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        item: &str,
+        kek: &Kek,
+        e: &KeyEntry,
+    ) -> Result<Dek, String> {
         let wrapped = kagi_core::b64::decode(&e.wrapped).ok_or("the key entry is damaged")?;
         let plain = match (e.kek["kind"].as_str(), kek) {
             (Some("pmk"), _) => {
@@ -277,14 +331,23 @@ impl BackupService {
                 let kid = entry_kek_id(e);
                 let uri = kid_uri(p, &kid).map_err(|e| e.message)?;
                 let bundle = self.vault_client.get_key(&uri, token).await.map_err(|f| {
-                    format!("The key '{kid}' could not be read by the {who}: {}", f.reason())
+                    format!(
+                        "The key '{kid}' could not be read by the {who}: {}",
+                        f.reason()
+                    )
                 })?;
                 if let Some((inner, why)) = crate::keyvault::key_unusable(&bundle, p.now()) {
                     return Err(format!("The key '{kid}' cannot be used: {why} ({inner})"));
                 }
-                self.vault_client.unwrap(&uri, token, &wrapped).await.map_err(|f| {
-                    format!("The key '{kid}' could not unwrap the data key for the {who}: {}", f.reason())
-                })?
+                self.vault_client
+                    .unwrap(&uri, token, &wrapped)
+                    .await
+                    .map_err(|f| {
+                        format!(
+                            "The key '{kid}' could not unwrap the data key for the {who}: {}",
+                            f.reason()
+                        )
+                    })?
             }
             _ => return Err("the entry's key is unknown".into()),
         };
@@ -298,7 +361,8 @@ impl BackupService {
 
     fn pmk_of(&self, p: &Platform, v: &VaultCtx) -> Result<Kek, KvError> {
         let state = VaultState::load(&v.dir)?.unwrap_or_default();
-        let sealed = kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
+        let sealed =
+            kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
         let raw = p.open_platform_secret(&pmk_label(&v.id), &sealed)?;
         let mut k = Zeroizing::new([0u8; 32]);
         if raw.len() != 32 {
@@ -310,7 +374,13 @@ impl BackupService {
 
     /// The item's DEK (cached, or unwrapped by the key vault), and the number of `keys/`
     /// entries written to adopt the KEK in force (0 or 1). Caller holds the item's lock.
-    async fn dek(&self, p: &Platform, v: &VaultCtx, item: &str, rt: &ItemRuntime) -> Result<(Dek, String, u64), KvError> {
+    async fn dek(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        item: &str,
+        rt: &ItemRuntime,
+    ) -> Result<(Dek, String, u64), KvError> {
         let kek = self.current_kek(p, v).await?;
         let kek_id = kek.id();
         let dir = Self::item_dir(v, item);
@@ -349,7 +419,8 @@ impl BackupService {
                 match found {
                     Some(d) => (d, has_current),
                     None => {
-                        let m = first_err.unwrap_or_else(|| "the item has no wrapped data key".into());
+                        let m =
+                            first_err.unwrap_or_else(|| "the item has no wrapped data key".into());
                         return Err(self.key_failure(p, v, format!("{m}. Backups and restores of this vault fail until access returns; nothing stored is changed.")));
                     }
                 }
@@ -359,14 +430,22 @@ impl BackupService {
         if !has_current {
             let entry = self.wrap(p, v, item, &kek, &dek).await?;
             let d2 = dir.clone();
-            tokio::task::spawn_blocking(move || Repository::put_key_entry(Self::backend(&d2)?.as_ref(), &entry).map_err(engine))
-                .await
-                .map_err(join)??;
+            tokio::task::spawn_blocking(move || {
+                Repository::put_key_entry(Self::backend(&d2)?.as_ref(), &entry).map_err(engine)
+            })
+            .await
+            .map_err(join)??;
             written = 1;
             self.log(
                 v,
-                activity_entry(None, &v.id, "Microsoft.RecoveryServices/vaults/backupProtectedItems/rewrapDataKey", "Succeeded",
-                    &format!("The data key of item '{item}' was wrapped under {kek_id}."), p.now()),
+                activity_entry(
+                    None,
+                    &v.id,
+                    "Microsoft.RecoveryServices/vaults/backupProtectedItems/rewrapDataKey",
+                    "Succeeded",
+                    &format!("The data key of item '{item}' was wrapped under {kek_id}."),
+                    p.now(),
+                ),
             );
         }
         // The lifetime counts from the last time the key vault was asked.
@@ -384,7 +463,12 @@ impl BackupService {
 
     /// Re-wraps an item's DEK under the KEK in force (the key-assignment job). Returns the
     /// number of `keys/` entries written.
-    pub(crate) async fn rewrap_item(&self, p: &Platform, v: &VaultCtx, item: &str) -> Result<u64, KvError> {
+    pub(crate) async fn rewrap_item(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        item: &str,
+    ) -> Result<u64, KvError> {
         let rt = self.item_rt(v, item);
         let _g = rt.lock.lock().await;
         let (_, _, n) = self.dek(p, v, item, &rt).await?;
@@ -403,12 +487,18 @@ impl BackupService {
         let _g = lock.lock().await;
         let mut state = VaultState::load(&v.dir)?.unwrap_or_default();
         let name = name.to_ascii_lowercase();
-        let source = input["properties"]["sourcePath"].as_str().unwrap_or("").to_string();
+        let source = input["properties"]["sourcePath"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         if let Some(i) = state.items.get(&name) {
             if i.source_path == source {
                 return Ok((200, item_json(v, &name, i)));
             }
-            return Err(KvError::conflict("The item already protects another folder.").with_inner("ProtectedItemExists"));
+            return Err(
+                KvError::conflict("The item already protects another folder.")
+                    .with_inner("ProtectedItemExists"),
+            );
         }
         // BK-2: the attempt counts, whatever happens next.
         if !state.protection_attempted {
@@ -416,22 +506,44 @@ impl BackupService {
             state.save(&v.dir)?;
         }
         let fail = |e: KvError| -> KvError {
-            self.log(v, activity_entry(Some(caller), &v.id, "Microsoft.RecoveryServices/vaults/backupProtectedItems/write", "Failed", &e.message, p.now()));
+            self.log(
+                v,
+                activity_entry(
+                    Some(caller),
+                    &v.id,
+                    "Microsoft.RecoveryServices/vaults/backupProtectedItems/write",
+                    "Failed",
+                    &e.message,
+                    p.now(),
+                ),
+            );
             e
         };
         if !item_name_ok(&name) {
-            return Err(fail(bad("InvalidItemName", "Item names are 1-64 letters, digits, '-', '_' and '.'.")));
+            return Err(fail(bad(
+                "InvalidItemName",
+                "Item names are 1-64 letters, digits, '-', '_' and '.'.",
+            )));
         }
         let path = Path::new(&source);
         if !path.is_absolute() {
-            return Err(fail(bad("InvalidSourcePath", format!("properties.sourcePath must be an absolute path (got '{}').", kagi_core::ids::printable(&source)))));
+            return Err(fail(bad(
+                "InvalidSourcePath",
+                format!(
+                    "properties.sourcePath must be an absolute path (got '{}').",
+                    kagi_core::ids::printable(&source)
+                ),
+            )));
         }
         match std::fs::read_dir(path) {
             Ok(_) => {}
             Err(e) => {
                 return Err(fail(bad(
                     "InvalidSourcePath",
-                    format!("The folder '{}' cannot be protected: {e}.", kagi_core::ids::printable(&source)),
+                    format!(
+                        "The folder '{}' cannot be protected: {e}.",
+                        kagi_core::ids::printable(&source)
+                    ),
                 )));
             }
         }
@@ -449,15 +561,41 @@ impl BackupService {
         .await
         .map_err(join)?
         .map_err(fail)?;
-        let item = Item { source_path: source, created: p.now() };
+        let item = Item {
+            source_path: source,
+            created: p.now(),
+        };
         state.items.insert(name.clone(), item.clone());
         state.save(&v.dir)?;
-        *self.item_rt(v, &name).dek.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedDek { dek, at: Instant::now(), kek_id: kek.id() });
-        self.log(v, activity_entry(Some(caller), &v.id, "Microsoft.RecoveryServices/vaults/backupProtectedItems/write", "Succeeded", &format!("Folder '{}' protected as item '{name}'.", item.source_path), p.now()));
+        *self
+            .item_rt(v, &name)
+            .dek
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(CachedDek {
+            dek,
+            at: Instant::now(),
+            kek_id: kek.id(),
+        });
+        self.log(
+            v,
+            activity_entry(
+                Some(caller),
+                &v.id,
+                "Microsoft.RecoveryServices/vaults/backupProtectedItems/write",
+                "Succeeded",
+                &format!("Folder '{}' protected as item '{name}'.", item.source_path),
+                p.now(),
+            ),
+        );
         Ok((201, item_json(v, &name, &item)))
     }
 
-    pub(crate) fn start_backup(self: &Arc<Self>, p: &Arc<Platform>, v: &VaultCtx, item: &str) -> Result<(u16, Value), KvError> {
+    pub(crate) fn start_backup(
+        self: &Arc<Self>,
+        p: &Arc<Platform>,
+        v: &VaultCtx,
+        item: &str,
+    ) -> Result<(u16, Value), KvError> {
         let it = Self::load_item(v, item)?;
         let item = item.to_ascii_lowercase();
         let job = self.jobs.start(&v.id, &v.dir, "Backup", &item, p.now())?;
@@ -466,7 +604,17 @@ impl BackupService {
             match svc.run_backup(&p2, &v2, &item, &it, &j2).await {
                 Ok(stats) => j2.complete(p2.now(), stats),
                 Err(e) => {
-                    svc.log(&v2, activity_entry(None, &v2.id, "Microsoft.RecoveryServices/vaults/backupJobs/backup", "Failed", &e.message, p2.now()));
+                    svc.log(
+                        &v2,
+                        activity_entry(
+                            None,
+                            &v2.id,
+                            "Microsoft.RecoveryServices/vaults/backupJobs/backup",
+                            "Failed",
+                            &e.message,
+                            p2.now(),
+                        ),
+                    );
                     j2.fail(p2.now(), &e)
                 }
             }
@@ -474,7 +622,14 @@ impl BackupService {
         Ok((202, job.get()))
     }
 
-    async fn run_backup(&self, p: &Platform, v: &VaultCtx, item: &str, it: &Item, job: &Arc<JobHandle>) -> Result<Value, KvError> {
+    async fn run_backup(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        item: &str,
+        it: &Item,
+        job: &Arc<JobHandle>,
+    ) -> Result<Value, KvError> {
         let rt = self.item_rt(v, item);
         let _g = rt.lock.lock().await;
         let (dek, kek_id, _) = self.dek(p, v, item, &rt).await?;
@@ -482,24 +637,27 @@ impl BackupService {
         let source = PathBuf::from(&it.source_path);
         let now = p.now();
         let j = job.clone();
-        let stats = tokio::task::spawn_blocking(move || -> Result<kagi_backup::BackupStats, KvError> {
-            let b = Self::backend(&dir)?;
-            let key = DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?;
-            let mut repo = Repository::open(b.clone(), key).map_err(engine)?;
-            let stats = repo
-                .backup(&source, &BackupOptions::default(), now, &|pr| j.progress(pr.bytes_done, pr.bytes_total, "Bytes"))
-                .map_err(engine)?;
-            // BK-5: entries under earlier keys served until this backup completed.
-            let entries = Repository::key_entries(b.as_ref()).map_err(engine)?;
-            if entries.iter().any(|e| entry_kek_id(e) == kek_id) {
-                for e in entries.iter().filter(|e| entry_kek_id(e) != kek_id) {
-                    Repository::delete_key_entry(b.as_ref(), &e.id).map_err(engine)?;
+        let stats =
+            tokio::task::spawn_blocking(move || -> Result<kagi_backup::BackupStats, KvError> {
+                let b = Self::backend(&dir)?;
+                let key = DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?;
+                let mut repo = Repository::open(b.clone(), key).map_err(engine)?;
+                let stats = repo
+                    .backup(&source, &BackupOptions::default(), now, &|pr| {
+                        j.progress(pr.bytes_done, pr.bytes_total, "Bytes")
+                    })
+                    .map_err(engine)?;
+                // BK-5: entries under earlier keys served until this backup completed.
+                let entries = Repository::key_entries(b.as_ref()).map_err(engine)?;
+                if entries.iter().any(|e| entry_kek_id(e) == kek_id) {
+                    for e in entries.iter().filter(|e| entry_kek_id(e) != kek_id) {
+                        Repository::delete_key_entry(b.as_ref(), &e.id).map_err(engine)?;
+                    }
                 }
-            }
-            Ok(stats)
-        })
-        .await
-        .map_err(join)??;
+                Ok(stats)
+            })
+            .await
+            .map_err(join)??;
         let secs = (stats.duration_ms as f64 / 1000.0).max(0.001);
         Ok(json!({
             "recoveryPointId": stats.snapshot.id,
@@ -518,15 +676,27 @@ impl BackupService {
         }))
     }
 
-    pub(crate) fn start_restore(self: &Arc<Self>, p: &Arc<Platform>, v: &VaultCtx, item: &str, input: Value) -> Result<(u16, Value), KvError> {
+    pub(crate) fn start_restore(
+        self: &Arc<Self>,
+        p: &Arc<Platform>,
+        v: &VaultCtx,
+        item: &str,
+        input: Value,
+    ) -> Result<(u16, Value), KvError> {
         Self::load_item(v, item)?;
         let rp = input["recoveryPointId"].as_str().unwrap_or("").to_string();
         if rp.is_empty() || !rp.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(bad("InvalidRecoveryPoint", "recoveryPointId must name a recovery point (hex id)."));
+            return Err(bad(
+                "InvalidRecoveryPoint",
+                "recoveryPointId must name a recovery point (hex id).",
+            ));
         }
         let target = input["targetPath"].as_str().unwrap_or("").to_string();
         if !Path::new(&target).is_absolute() {
-            return Err(bad("InvalidTargetPath", "targetPath must be an absolute path."));
+            return Err(bad(
+                "InvalidTargetPath",
+                "targetPath must be an absolute path.",
+            ));
         }
         let sub = input["subPath"].as_str().map(str::to_string);
         let overwrite = input["overwrite"].as_bool().unwrap_or(false);
@@ -557,7 +727,17 @@ impl BackupService {
             match r {
                 Ok(s) => j2.complete(p2.now(), s),
                 Err(e) => {
-                    svc.log(&v2, activity_entry(None, &v2.id, "Microsoft.RecoveryServices/vaults/backupJobs/restore", "Failed", &e.message, p2.now()));
+                    svc.log(
+                        &v2,
+                        activity_entry(
+                            None,
+                            &v2.id,
+                            "Microsoft.RecoveryServices/vaults/backupJobs/restore",
+                            "Failed",
+                            &e.message,
+                            p2.now(),
+                        ),
+                    );
                     j2.fail(p2.now(), &e)
                 }
             }
@@ -565,7 +745,12 @@ impl BackupService {
         Ok((202, job.get()))
     }
 
-    pub(crate) async fn recovery_points(&self, p: &Platform, v: &VaultCtx, item: &str) -> Result<(u16, Value), KvError> {
+    pub(crate) async fn recovery_points(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        item: &str,
+    ) -> Result<(u16, Value), KvError> {
         Self::load_item(v, item)?;
         let item = item.to_ascii_lowercase();
         let rt = self.item_rt(v, &item);
@@ -573,7 +758,11 @@ impl BackupService {
         let (dek, _, _) = self.dek(p, v, &item, &rt).await?;
         let dir = Self::item_dir(v, &item);
         let snaps = tokio::task::spawn_blocking(move || -> Result<_, KvError> {
-            let repo = Repository::open(Self::backend(&dir)?, DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?).map_err(engine)?;
+            let repo = Repository::open(
+                Self::backend(&dir)?,
+                DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?,
+            )
+            .map_err(engine)?;
             repo.snapshots().map_err(engine)
         })
         .await

@@ -116,25 +116,24 @@ impl Jobs {
 
     /// A job of a vault, by id.
     pub fn get(&self, vault_dir: &Path, id: &str) -> Option<Value> {
-        if !id
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() || c == '-')
-        {
+        if !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
             return None;
         }
         if let Some(h) = lock(&self.live).get(&id.to_ascii_lowercase()) {
             let v = h.get();
             // Only the vault that ran it answers for it.
-            if v["id"].as_str().is_some_and(|_| {
-                vault_dir.join("jobs").join(format!("{id}.json")).exists()
-            }) {
+            if v["id"]
+                .as_str()
+                .is_some_and(|_| vault_dir.join("jobs").join(format!("{id}.json")).exists())
+            {
                 return Some(v);
             }
             return None;
         }
-        let mut v: Value =
-            serde_json::from_slice(&std::fs::read(vault_dir.join("jobs").join(format!("{id}.json"))).ok()?)
-                .ok()?;
+        let mut v: Value = serde_json::from_slice(
+            &std::fs::read(vault_dir.join("jobs").join(format!("{id}.json"))).ok()?,
+        )
+        .ok()?;
         if v["status"] == json!("InProgress") {
             v["status"] = json!("Failed");
             v["error"] = json!({"code": "JobInterrupted", "message": "The server stopped while the job ran; nothing it wrote is visible. Run it again."});

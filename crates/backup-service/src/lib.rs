@@ -195,8 +195,16 @@ impl BackupService {
                 .list_service_resources(caller, sub, rg, VAULT_TYPE)
                 .map(|v| (200, v)),
             (["vaults", _], "PUT" | "PATCH", Some(rg)) => {
-                self.put_vault(p, caller, sub, rg, rest[1], json_body(body)?, method == "PATCH")
-                    .await
+                self.put_vault(
+                    p,
+                    caller,
+                    sub,
+                    rg,
+                    rest[1],
+                    json_body(body)?,
+                    method == "PATCH",
+                )
+                .await
             }
             (["vaults", _], "GET", Some(rg)) => p
                 .get_service_resource(caller, sub, rg, VAULT_TYPE, rest[1])

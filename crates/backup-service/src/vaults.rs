@@ -133,7 +133,9 @@ impl BackupService {
         let dir = vault_dir(&self.data_dir, sub, rg, name);
         let lock = self.vault_lock(&dir.display().to_string());
         let _g = lock.lock().await;
-        let existing = p.get_service_resource(caller, sub, rg, VAULT_TYPE, name).ok();
+        let existing = p
+            .get_service_resource(caller, sub, rg, VAULT_TYPE, name)
+            .ok();
         if patch && existing.is_none() {
             return Err(KvError::new(
                 ErrorCode::ResourceNotFound,
@@ -150,13 +152,12 @@ impl BackupService {
         // What the request asks of encryption: unchanged, removed, or a key.
         let new_cmk = match enc_given {
             None => old_cmk.clone(),
-            Some(e) => match e["keyVaultProperties"]["keyUri"].as_str() {
-                Some(uri) => Some(CmkConfig {
+            Some(e) => e["keyVaultProperties"]["keyUri"]
+                .as_str()
+                .map(|uri| CmkConfig {
                     key_uri: uri.to_string(),
                     user_assigned: identity_choice(&e["kekIdentity"]),
                 }),
-                None => None,
-            },
         };
         let vault_id_hint =
             format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{VAULT_TYPE}/{name}");
@@ -240,14 +241,11 @@ impl BackupService {
                 )));
             }
         }
-        let location = input["location"]
-            .as_str()
-            .map(str::to_string)
-            .or_else(|| {
-                existing
-                    .as_ref()
-                    .and_then(|e| e["location"].as_str().map(str::to_string))
-            });
+        let location = input["location"].as_str().map(str::to_string).or_else(|| {
+            existing
+                .as_ref()
+                .and_then(|e| e["location"].as_str().map(str::to_string))
+        });
         let mut properties = existing
             .as_ref()
             .map(|e| e["properties"].clone())
@@ -270,7 +268,15 @@ impl BackupService {
             state.save(&dir)?;
         }
         let (status, stored) = p
-            .put_service_resource(caller, sub, rg, VAULT_TYPE, name, body, input.get("identity"))
+            .put_service_resource(
+                caller,
+                sub,
+                rg,
+                VAULT_TYPE,
+                name,
+                body,
+                input.get("identity"),
+            )
             .await?;
         let v = VaultCtx {
             id: stored["id"].as_str().unwrap_or_default().to_string(),
@@ -284,7 +290,11 @@ impl BackupService {
                 &v.id,
                 "Microsoft.RecoveryServices/vaults/write",
                 "Succeeded",
-                if existing.is_none() { "Vault created (platform-managed key)." } else { "Vault updated." },
+                if existing.is_none() {
+                    "Vault created (platform-managed key)."
+                } else {
+                    "Vault updated."
+                },
                 p.now(),
             ),
         );
@@ -376,7 +386,10 @@ impl BackupService {
                 }
                 job.progress(i as u64 + 1, total, "Items");
             }
-            job.complete(p2.now(), json!({"itemsRewrapped": total, "keyEntriesWritten": written}));
+            job.complete(
+                p2.now(),
+                json!({"itemsRewrapped": total, "keyEntriesWritten": written}),
+            );
         });
         Ok((status, stored))
     }
@@ -394,7 +407,10 @@ impl BackupService {
         let facts = p.key_vault_facts(&key.vault).ok_or_else(|| {
             bad(
                 "KeyVaultNotFound",
-                format!("The key vault '{}' of key URI '{}' does not exist.", key.vault, cmk.key_uri),
+                format!(
+                    "The key vault '{}' of key URI '{}' does not exist.",
+                    key.vault, cmk.key_uri
+                ),
             )
         })?;
         let location = v.body["location"].as_str().unwrap_or("");
@@ -421,7 +437,11 @@ impl BackupService {
         let who = cmk.describe_identity(&v.body);
         let token = p.identity_token(&v.id, cmk.user_assigned.as_deref())?;
         let lacks = |perm: &str, f: &crate::keyvault::VaultFailure| -> KvError {
-            if f.status == 403 && f.inner.as_deref().is_none_or(|i| i.starts_with("ForbiddenBy")) {
+            if f.status == 403
+                && f.inner
+                    .as_deref()
+                    .is_none_or(|i| i.starts_with("ForbiddenBy"))
+            {
                 bad(
                     "IdentityLacksKeyPermission",
                     format!(
@@ -434,13 +454,21 @@ impl BackupService {
                 )
             } else if f.status == 404 {
                 bad(
-                    if key.version.is_some() { "KeyVersionNotFound" } else { "KeyNotFound" },
+                    if key.version.is_some() {
+                        "KeyVersionNotFound"
+                    } else {
+                        "KeyNotFound"
+                    },
                     format!("The key '{}' was not found ({}).", cmk.key_uri, f.reason()),
                 )
             } else {
                 bad(
                     "KeyVaultKeyNotAccessible",
-                    format!("The key '{}' could not be used: {}.", cmk.key_uri, f.reason()),
+                    format!(
+                        "The key '{}' could not be used: {}.",
+                        cmk.key_uri,
+                        f.reason()
+                    ),
                 )
             }
         };
@@ -450,13 +478,19 @@ impl BackupService {
             .await
             .map_err(|f| lacks("get", &f))?;
         if let Some((inner, why)) = key_unusable(&bundle, p.now()) {
-            return Err(bad(inner, format!("The key '{}' cannot be used: {why}.", cmk.key_uri)));
+            return Err(bad(
+                inner,
+                format!("The key '{}' cannot be used: {why}.", cmk.key_uri),
+            ));
         }
         self.vault_client
             .list_keys(&key, &token)
             .await
             .map_err(|f| lacks("list", &f))?;
-        let kid_text = bundle["key"]["kid"].as_str().unwrap_or_default().to_string();
+        let kid_text = bundle["key"]["kid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let kid = parse_key_uri(&kid_text, &c.dns_suffix, c.port)?;
         let probe = kagi_crypto::random_bytes(32).map_err(|e| crate::state::io("rng", e))?;
         let (_, wrapped) = self
@@ -489,7 +523,9 @@ impl BackupService {
         let dir = vault_dir(&self.data_dir, sub, rg, name);
         let lock = self.vault_lock(&dir.display().to_string());
         let _g = lock.lock().await;
-        if p.get_service_resource(caller, sub, rg, VAULT_TYPE, name).is_err() {
+        if p.get_service_resource(caller, sub, rg, VAULT_TYPE, name)
+            .is_err()
+        {
             return Ok((204, Value::Null));
         }
         if let Some(s) = VaultState::load(&dir)?

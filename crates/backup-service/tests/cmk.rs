@@ -77,7 +77,12 @@ async fn start(cache: Duration, poll: Duration) -> Server {
     let mut b = reqwest::Client::builder()
         .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
         .no_proxy();
-    for host in ["localhost", "kv1.localhost", "kv2.localhost", "kvsoft.localhost"] {
+    for host in [
+        "localhost",
+        "kv1.localhost",
+        "kv2.localhost",
+        "kvsoft.localhost",
+    ] {
         b = b.resolve(host, addr);
     }
     let c = b.build().unwrap();
@@ -91,9 +96,8 @@ async fn start(cache: Duration, poll: Duration) -> Server {
         token: String::new(),
         c,
     };
-    let r: Value = s
-        .c
-        .post(format!(
+    let r: Value =
+        s.c.post(format!(
             "https://localhost:{port}/{}/oauth2/v2.0/token",
             s.admin.tenant_id
         ))
@@ -116,10 +120,16 @@ async fn start(cache: Duration, poll: Duration) -> Server {
 
 impl Server {
     fn rg(&self) -> String {
-        format!("/subscriptions/{}/resourceGroups/rg1", self.admin.subscription_id)
+        format!(
+            "/subscriptions/{}/resourceGroups/rg1",
+            self.admin.subscription_id
+        )
     }
     fn bv(&self, name: &str) -> String {
-        format!("{}/providers/Microsoft.RecoveryServices/vaults/{name}", self.rg())
+        format!(
+            "{}/providers/Microsoft.RecoveryServices/vaults/{name}",
+            self.rg()
+        )
     }
     async fn arm(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let sep = if path.contains('?') { '&' } else { '?' };
@@ -153,7 +163,10 @@ impl Server {
         let (s, _) = self
             .arm(
                 "PUT",
-                &format!("/subscriptions/{}/resourcegroups/rg1", self.admin.subscription_id),
+                &format!(
+                    "/subscriptions/{}/resourcegroups/rg1",
+                    self.admin.subscription_id
+                ),
                 Some(json!({"location": "westeurope"})),
             )
             .await;
@@ -174,12 +187,22 @@ impl Server {
                 .await;
             assert_eq!(s, 201, "{v}");
             let (s, v) = self
-                .dp("POST", name, "/keys/cmk/create", Some(json!({"kty": "RSA", "key_size": 2048})))
+                .dp(
+                    "POST",
+                    name,
+                    "/keys/cmk/create",
+                    Some(json!({"kty": "RSA", "key_size": 2048})),
+                )
                 .await;
             assert_eq!(s, 200, "{v}");
         }
         let (s, _) = self
-            .dp("POST", "kv1", "/keys/eck/create", Some(json!({"kty": "EC", "crv": "P-256"})))
+            .dp(
+                "POST",
+                "kv1",
+                "/keys/eck/create",
+                Some(json!({"kty": "EC", "crv": "P-256"})),
+            )
             .await;
         assert_eq!(s, 200);
     }
@@ -199,7 +222,10 @@ impl Server {
         let (s, v) = self
             .arm(
                 "PUT",
-                &format!("{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}", self.rg()),
+                &format!(
+                    "{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}",
+                    self.rg()
+                ),
                 Some(json!({"location": "westeurope"})),
             )
             .await;
@@ -228,7 +254,11 @@ impl Server {
     }
     async fn backup(&self, vault: &str, item: &str) -> Value {
         let (s, j) = self
-            .arm("POST", &format!("{}/backupProtectedItems/{item}/backup", self.bv(vault)), None)
+            .arm(
+                "POST",
+                &format!("{}/backupProtectedItems/{item}/backup", self.bv(vault)),
+                None,
+            )
             .await;
         assert_eq!(s, 202, "{j}");
         self.wait_job(vault, &j).await
@@ -267,27 +297,46 @@ impl Server {
 fn make_source(dir: &Path) {
     std::fs::create_dir_all(dir.join("sub/empty")).unwrap();
     std::fs::write(dir.join("a.txt"), b"hello backup\n").unwrap();
-    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(dir.join("sub/big.bin"), &big).unwrap();
     std::fs::set_permissions(dir.join("a.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
     std::os::unix::fs::symlink("a.txt", dir.join("link")).unwrap();
 }
 
 fn assert_same(a: &Path, b: &Path) {
-    let mut ea: Vec<_> = std::fs::read_dir(a).unwrap().map(|e| e.unwrap().file_name()).collect();
-    let mut eb: Vec<_> = std::fs::read_dir(b).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut ea: Vec<_> = std::fs::read_dir(a)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let mut eb: Vec<_> = std::fs::read_dir(b)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     ea.sort();
     eb.sort();
     assert_eq!(ea, eb, "{} vs {}", a.display(), b.display());
     for n in ea {
         let (pa, pb) = (a.join(&n), b.join(&n));
-        let (ma, mb) = (std::fs::symlink_metadata(&pa).unwrap(), std::fs::symlink_metadata(&pb).unwrap());
+        let (ma, mb) = (
+            std::fs::symlink_metadata(&pa).unwrap(),
+            std::fs::symlink_metadata(&pb).unwrap(),
+        );
         assert_eq!(ma.file_type(), mb.file_type());
-        assert_eq!(ma.permissions().mode(), mb.permissions().mode(), "{}", pa.display());
+        assert_eq!(
+            ma.permissions().mode(),
+            mb.permissions().mode(),
+            "{}",
+            pa.display()
+        );
         if ma.is_dir() {
             assert_same(&pa, &pb);
         } else if ma.file_type().is_symlink() {
-            assert_eq!(std::fs::read_link(&pa).unwrap(), std::fs::read_link(&pb).unwrap());
+            assert_eq!(
+                std::fs::read_link(&pa).unwrap(),
+                std::fs::read_link(&pb).unwrap()
+            );
         } else {
             assert_eq!(std::fs::read(&pa).unwrap(), std::fs::read(&pb).unwrap());
         }
@@ -304,7 +353,11 @@ async fn pmk_backup_restore_and_cmk_rules() {
 
     // BK-1: PMK by default.
     let (st, v) = s
-        .arm("PUT", &s.bv("bv1"), Some(json!({"location": "westeurope", "identity": {"type": "SystemAssigned"}})))
+        .arm(
+            "PUT",
+            &s.bv("bv1"),
+            Some(json!({"location": "westeurope", "identity": {"type": "SystemAssigned"}})),
+        )
         .await;
     assert_eq!(st, 201, "{v}");
     assert!(v["properties"].get("encryption").is_none());
@@ -312,32 +365,52 @@ async fn pmk_backup_restore_and_cmk_rules() {
 
     // BK-2: a failed protection attempt counts.
     let (st, e) = s
-        .arm("PUT", &format!("{}/backupProtectedItems/i1", s.bv("bv1")),
-            Some(json!({"properties": {"sourcePath": "/does/not/exist"}})))
+        .arm(
+            "PUT",
+            &format!("{}/backupProtectedItems/i1", s.bv("bv1")),
+            Some(json!({"properties": {"sourcePath": "/does/not/exist"}})),
+        )
         .await;
     assert_eq!(st, 400);
     assert_eq!(e["error"]["innererror"]["code"], "InvalidSourcePath");
     let oid = v["identity"]["principalId"].as_str().unwrap().to_string();
-    s.grant("kv1", &oid, &["get", "list", "wrapKey", "unwrapKey"]).await;
+    s.grant("kv1", &oid, &["get", "list", "wrapKey", "unwrapKey"])
+        .await;
     let (st, e) = s
-        .arm("PUT", &s.bv("bv1"), Some(json!({"properties": {"encryption": {
+        .arm(
+            "PUT",
+            &s.bv("bv1"),
+            Some(json!({"properties": {"encryption": {
             "keyVaultProperties": {"keyUri": s.key_uri("kv1", "cmk")},
-            "kekIdentity": {"useSystemAssignedIdentity": true}}}})))
+            "kekIdentity": {"useSystemAssignedIdentity": true}}}})),
+        )
         .await;
     assert_eq!(st, 400, "{e}");
-    assert_eq!(e["error"]["innererror"]["code"], "CmkNotAllowedAfterProtection");
+    assert_eq!(
+        e["error"]["innererror"]["code"],
+        "CmkNotAllowedAfterProtection"
+    );
 
     // PMK backup and restore, byte for byte.
     let (st, it) = s
-        .arm("PUT", &format!("{}/backupProtectedItems/i1", s.bv("bv1")),
-            Some(json!({"properties": {"sourcePath": src}})))
+        .arm(
+            "PUT",
+            &format!("{}/backupProtectedItems/i1", s.bv("bv1")),
+            Some(json!({"properties": {"sourcePath": src}})),
+        )
         .await;
     assert_eq!(st, 201, "{it}");
     let j = s.backup("bv1", "i1").await;
     assert_eq!(j["status"], "Completed", "{j}");
     assert_eq!(j["operation"], "Backup");
     let rp = j["stats"]["recoveryPointId"].as_str().unwrap().to_string();
-    let (st, rps) = s.arm("GET", &format!("{}/backupProtectedItems/i1/recoveryPoints", s.bv("bv1")), None).await;
+    let (st, rps) = s
+        .arm(
+            "GET",
+            &format!("{}/backupProtectedItems/i1/recoveryPoints", s.bv("bv1")),
+            None,
+        )
+        .await;
     assert_eq!(st, 200);
     assert_eq!(rps["value"][0]["name"], rp.as_str());
     let j2 = s.backup("bv1", "i1").await;
@@ -352,7 +425,11 @@ async fn pmk_backup_restore_and_cmk_rules() {
 
     // A vault that was never used: each BK-4 rule.
     let (st, v2) = s
-        .arm("PUT", &s.bv("bv2"), Some(json!({"location": "westeurope", "identity": {"type": "SystemAssigned"}})))
+        .arm(
+            "PUT",
+            &s.bv("bv2"),
+            Some(json!({"location": "westeurope", "identity": {"type": "SystemAssigned"}})),
+        )
         .await;
     assert_eq!(st, 201);
     let oid2 = v2["identity"]["principalId"].as_str().unwrap().to_string();
@@ -360,22 +437,51 @@ async fn pmk_backup_restore_and_cmk_rules() {
         let s = &s;
         async move {
             let (st, e) = s
-                .arm("PUT", &s.bv("bv2"), Some(json!({"properties": {"encryption": {
+                .arm(
+                    "PUT",
+                    &s.bv("bv2"),
+                    Some(json!({"properties": {"encryption": {
                     "keyVaultProperties": {"keyUri": uri},
-                    "kekIdentity": {"useSystemAssignedIdentity": true}}}})))
+                    "kekIdentity": {"useSystemAssignedIdentity": true}}}})),
+                )
                 .await;
-            (st, e["error"]["innererror"]["code"].as_str().unwrap_or("").to_string(), e)
+            (
+                st,
+                e["error"]["innererror"]["code"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                e,
+            )
         }
     };
     let p = s.port;
     for (uri, want) in [
         ("not-a-uri".to_string(), "InvalidKeyUri"),
-        (format!("https://kv1.vault.azure.net/keys/cmk"), "KeyVaultHostNotServed"),
-        (format!("https://kv1.localhost:{p}/secrets/cmk"), "KeyUriIsSecret"),
-        (format!("https://nokv.localhost:{p}/keys/cmk"), "KeyVaultNotFound"),
-        (format!("https://kv2.localhost:{p}/keys/cmk"), "KeyVaultRegionMismatch"),
-        (format!("https://kvsoft.localhost:{p}/keys/cmk"), "KeyVaultSoftDeleteOrPurgeProtectionDisabled"),
-        (format!("https://kv1.localhost:{p}/keys/cmk"), "IdentityLacksKeyPermission"),
+        (
+            "https://kv1.vault.azure.net/keys/cmk".to_string(),
+            "KeyVaultHostNotServed",
+        ),
+        (
+            format!("https://kv1.localhost:{p}/secrets/cmk"),
+            "KeyUriIsSecret",
+        ),
+        (
+            format!("https://nokv.localhost:{p}/keys/cmk"),
+            "KeyVaultNotFound",
+        ),
+        (
+            format!("https://kv2.localhost:{p}/keys/cmk"),
+            "KeyVaultRegionMismatch",
+        ),
+        (
+            format!("https://kvsoft.localhost:{p}/keys/cmk"),
+            "KeyVaultSoftDeleteOrPurgeProtectionDisabled",
+        ),
+        (
+            format!("https://kv1.localhost:{p}/keys/cmk"),
+            "IdentityLacksKeyPermission",
+        ),
     ] {
         let (st, code, e) = try_key(uri.clone()).await;
         assert_eq!((st, code.as_str()), (400, want), "{uri}: {e}");
@@ -389,59 +495,149 @@ async fn pmk_backup_restore_and_cmk_rules() {
     ] {
         s.grant("kv1", &oid2, &perms).await;
         let (st, code, e) = try_key(s.key_uri("kv1", "cmk")).await;
-        assert_eq!((st, code.as_str()), (400, "IdentityLacksKeyPermission"), "{e}");
-        assert!(e["error"]["message"].as_str().unwrap().contains(missing), "{e}");
-        assert!(e["error"]["message"].as_str().unwrap().contains(&oid2), "{e}");
+        assert_eq!(
+            (st, code.as_str()),
+            (400, "IdentityLacksKeyPermission"),
+            "{e}"
+        );
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(missing),
+            "{e}"
+        );
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(&oid2),
+            "{e}"
+        );
     }
-    s.grant("kv1", &oid2, &["get", "list", "wrapKey", "unwrapKey"]).await;
+    s.grant("kv1", &oid2, &["get", "list", "wrapKey", "unwrapKey"])
+        .await;
     let (st, code, _) = try_key(s.key_uri("kv1", "eck")).await;
     assert_eq!((st, code.as_str()), (400, "KeyTypeNotRsa"));
-    let (st, code, _) = try_key(format!("{}/0123456789abcdef0123456789abcdef", s.key_uri("kv1", "cmk"))).await;
+    let (st, code, _) = try_key(format!(
+        "{}/0123456789abcdef0123456789abcdef",
+        s.key_uri("kv1", "cmk")
+    ))
+    .await;
     assert_eq!((st, code.as_str()), (400, "KeyVersionNotFound"));
-    let (st, _) = s.dp("PATCH", "kv1", "/keys/cmk", Some(json!({"attributes": {"enabled": false}}))).await;
+    let (st, _) = s
+        .dp(
+            "PATCH",
+            "kv1",
+            "/keys/cmk",
+            Some(json!({"attributes": {"enabled": false}})),
+        )
+        .await;
     assert_eq!(st, 200);
     let (st, code, _) = try_key(s.key_uri("kv1", "cmk")).await;
     assert_eq!((st, code.as_str()), (400, "KeyDisabled"));
-    s.dp("PATCH", "kv1", "/keys/cmk", Some(json!({"attributes": {"enabled": true}}))).await;
+    s.dp(
+        "PATCH",
+        "kv1",
+        "/keys/cmk",
+        Some(json!({"attributes": {"enabled": true}})),
+    )
+    .await;
     // All good: CMK on, as a job, in the activity log.
     let (st, code, e) = try_key(s.key_uri("kv1", "cmk")).await;
     assert_eq!((st, code.as_str()), (200, ""), "{e}");
-    assert_eq!(e["properties"]["encryption"]["keyVaultProperties"]["keyUri"], s.key_uri("kv1", "cmk"));
-    let (_, jobs) = s.arm("GET", &format!("{}/backupJobs", s.bv("bv2")), None).await;
-    let cfg = jobs["value"].as_array().unwrap().iter().find(|j| j["operation"] == "ConfigureEncryption" && j["status"] != "Failed").unwrap().clone();
+    assert_eq!(
+        e["properties"]["encryption"]["keyVaultProperties"]["keyUri"],
+        s.key_uri("kv1", "cmk")
+    );
+    let (_, jobs) = s
+        .arm("GET", &format!("{}/backupJobs", s.bv("bv2")), None)
+        .await;
+    let cfg = jobs["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["operation"] == "ConfigureEncryption" && j["status"] != "Failed")
+        .unwrap()
+        .clone();
     assert_eq!(s.wait_job("bv2", &cfg).await["status"], "Completed");
-    let (_, log) = s.arm("GET", &format!("{}/activityLog", s.bv("bv2")), None).await;
-    assert!(log["value"].as_array().unwrap().iter().any(|e| e["operationName"] == "Microsoft.RecoveryServices/vaults/encryption/write" && e["status"] == "Succeeded"), "{log}");
+    let (_, log) = s
+        .arm("GET", &format!("{}/activityLog", s.bv("bv2")), None)
+        .await;
+    assert!(
+        log["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(
+                |e| e["operationName"] == "Microsoft.RecoveryServices/vaults/encryption/write"
+                    && e["status"] == "Succeeded"
+            ),
+        "{log}"
+    );
     // BK-3: never back to PMK.
-    let (st, e) = s.arm("PUT", &s.bv("bv2"), Some(json!({"properties": {"encryption": null}}))).await;
-    assert_eq!((st, e["error"]["innererror"]["code"].as_str()), (400, Some("CannotDisableCustomerManagedKey")));
+    let (st, e) = s
+        .arm(
+            "PUT",
+            &s.bv("bv2"),
+            Some(json!({"properties": {"encryption": null}})),
+        )
+        .await;
+    assert_eq!(
+        (st, e["error"]["innererror"]["code"].as_str()),
+        (400, Some("CannotDisableCustomerManagedKey"))
+    );
     // The identity in use cannot be removed.
-    let (st, _) = s.arm("PUT", &s.bv("bv2"), Some(json!({"identity": {"type": "None"}}))).await;
+    let (st, _) = s
+        .arm(
+            "PUT",
+            &s.bv("bv2"),
+            Some(json!({"identity": {"type": "None"}})),
+        )
+        .await;
     assert_eq!(st, 400);
 
     // BK-8: CMK at creation needs a user-assigned identity.
     let (st, e) = s.arm("PUT", &s.bv("bv3"), Some(json!({"location": "westeurope", "identity": {"type": "SystemAssigned"},
         "properties": {"encryption": {"keyVaultProperties": {"keyUri": s.key_uri("kv1", "cmk")}, "kekIdentity": {"useSystemAssignedIdentity": true}}}}))).await;
-    assert_eq!((st, e["error"]["innererror"]["code"].as_str()), (400, Some("SystemAssignedIdentityNotAllowedAtCreation")));
+    assert_eq!(
+        (st, e["error"]["innererror"]["code"].as_str()),
+        (400, Some("SystemAssignedIdentityNotAllowedAtCreation"))
+    );
     let (uid, uoid) = s.uami("u1").await;
     let body = json!({"location": "westeurope", "identity": {"type": "UserAssigned", "userAssignedIdentities": {uid.clone(): {}}},
         "properties": {"encryption": {"keyVaultProperties": {"keyUri": s.key_uri("kv1", "cmk")}, "kekIdentity": {"userAssignedIdentity": uid}}}});
     let (st, e) = s.arm("PUT", &s.bv("bv3"), Some(body.clone())).await;
-    assert_eq!((st, e["error"]["innererror"]["code"].as_str()), (400, Some("IdentityLacksKeyPermission")), "{e}");
+    assert_eq!(
+        (st, e["error"]["innererror"]["code"].as_str()),
+        (400, Some("IdentityLacksKeyPermission")),
+        "{e}"
+    );
     let (st, _) = s.arm("GET", &s.bv("bv3"), None).await;
     assert_eq!(st, 404, "a refused creation leaves no vault");
-    s.grant("kv1", &uoid, &["get", "list", "wrapKey", "unwrapKey"]).await;
+    s.grant("kv1", &uoid, &["get", "list", "wrapKey", "unwrapKey"])
+        .await;
     let (st, e) = s.arm("PUT", &s.bv("bv3"), Some(body)).await;
     assert_eq!(st, 201, "{e}");
-    assert_eq!(e["properties"]["encryption"]["kekIdentity"]["userAssignedIdentity"], uid.as_str());
+    assert_eq!(
+        e["properties"]["encryption"]["kekIdentity"]["userAssignedIdentity"],
+        uid.as_str()
+    );
 
     // CMK backup and restore, byte for byte, with the key reached over HTTPS.
-    let (st, it) = s.arm("PUT", &format!("{}/backupProtectedItems/i1", s.bv("bv3")), Some(json!({"properties": {"sourcePath": src}}))).await;
+    let (st, it) = s
+        .arm(
+            "PUT",
+            &format!("{}/backupProtectedItems/i1", s.bv("bv3")),
+            Some(json!({"properties": {"sourcePath": src}})),
+        )
+        .await;
     assert_eq!(st, 201, "{it}");
     let j = s.backup("bv3", "i1").await;
     assert_eq!(j["status"], "Completed", "{j}");
     let out = work.path().join("out-cmk");
-    let r = s.restore("bv3", "i1", j["stats"]["recoveryPointId"].as_str().unwrap(), &out).await;
+    let r = s
+        .restore(
+            "bv3",
+            "i1",
+            j["stats"]["recoveryPointId"].as_str().unwrap(),
+            &out,
+        )
+        .await;
     assert_eq!(r["status"], "Completed", "{r}");
     assert_same(&src, &out);
     let keys = s.item_keys("bv3", "i1");
@@ -457,12 +653,18 @@ async fn rotation_rewraps_only_and_revocation_stops_jobs() {
     let src = work.path().join("src");
     make_source(&src);
     let (uid, uoid) = s.uami("u1").await;
-    s.grant("kv1", &uoid, &["get", "list", "wrapKey", "unwrapKey"]).await;
+    s.grant("kv1", &uoid, &["get", "list", "wrapKey", "unwrapKey"])
+        .await;
     let (st, v) = s.arm("PUT", &s.bv("bv"), Some(json!({"location": "westeurope",
         "identity": {"type": "UserAssigned", "userAssignedIdentities": {uid.clone(): {}}},
         "properties": {"encryption": {"keyVaultProperties": {"keyUri": s.key_uri("kv1", "cmk")}, "kekIdentity": {"userAssignedIdentity": uid}}}}))).await;
     assert_eq!(st, 201, "{v}");
-    s.arm("PUT", &format!("{}/backupProtectedItems/i1", s.bv("bv")), Some(json!({"properties": {"sourcePath": src}}))).await;
+    s.arm(
+        "PUT",
+        &format!("{}/backupProtectedItems/i1", s.bv("bv")),
+        Some(json!({"properties": {"sourcePath": src}})),
+    )
+    .await;
     let j1 = s.backup("bv", "i1").await;
     assert_eq!(j1["status"], "Completed", "{j1}");
     let rp1 = j1["stats"]["recoveryPointId"].as_str().unwrap().to_string();
@@ -471,42 +673,96 @@ async fn rotation_rewraps_only_and_revocation_stops_jobs() {
 
     // BK-5: rotate; the next job adopts the new version by writing exactly one keys/ entry,
     // and the old entry stays until a backup job has completed.
-    let (st, _) = s.dp("POST", "kv1", "/keys/cmk/rotate", Some(json!({}))).await;
+    let (st, _) = s
+        .dp("POST", "kv1", "/keys/cmk/rotate", Some(json!({})))
+        .await;
     assert_eq!(st, 200);
-    let (st, rps) = s.arm("GET", &format!("{}/backupProtectedItems/i1/recoveryPoints", s.bv("bv")), None).await;
+    let (st, rps) = s
+        .arm(
+            "GET",
+            &format!("{}/backupProtectedItems/i1/recoveryPoints", s.bv("bv")),
+            None,
+        )
+        .await;
     assert_eq!(st, 200, "{rps}");
     let during = s.item_keys("bv", "i1");
-    assert_eq!(during.len(), 2, "one new wrapped data key, the old one kept");
+    assert_eq!(
+        during.len(),
+        2,
+        "one new wrapped data key, the old one kept"
+    );
     let data_files = |s: &Server| {
-        let d = s.dir.path().join("backup").join(s.admin.subscription_id.to_ascii_lowercase()).join("rg1/bv/items/i1/data");
+        let d = s
+            .dir
+            .path()
+            .join("backup")
+            .join(s.admin.subscription_id.to_ascii_lowercase())
+            .join("rg1/bv/items/i1/data");
         walk(&d)
     };
     let data_before = data_files(&s);
     let j2 = s.backup("bv", "i1").await;
     assert_eq!(j2["status"], "Completed", "{j2}");
     let after = s.item_keys("bv", "i1");
-    assert_eq!(after.len(), 1, "the old version's entry is removed after one more backup");
+    assert_eq!(
+        after.len(),
+        1,
+        "the old version's entry is removed after one more backup"
+    );
     assert!(!before.contains(&after[0]));
-    assert_eq!(j2["stats"]["chunksNew"], 0, "rotation re-encrypted no data: {j2}");
+    assert_eq!(
+        j2["stats"]["chunksNew"], 0,
+        "rotation re-encrypted no data: {j2}"
+    );
     let data_after = data_files(&s);
-    assert!(data_before.iter().all(|f| data_after.contains(f)), "no pack rewritten");
+    assert!(
+        data_before.iter().all(|f| data_after.contains(f)),
+        "no pack rewritten"
+    );
 
     // Revocation: disable the key; after one cache lifetime the job fails naming the key.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    s.dp("PATCH", "kv1", "/keys/cmk", Some(json!({"attributes": {"enabled": false}}))).await;
+    s.dp(
+        "PATCH",
+        "kv1",
+        "/keys/cmk",
+        Some(json!({"attributes": {"enabled": false}})),
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let j3 = s.backup("bv", "i1").await;
     assert_eq!(j3["status"], "Failed", "{j3}");
     let msg = j3["error"]["message"].as_str().unwrap();
     assert!(msg.contains("/keys/cmk"), "{msg}");
-    assert!(msg.contains("disabled") || msg.contains("KeyDisabled"), "{msg}");
+    assert!(
+        msg.contains("disabled") || msg.contains("KeyDisabled"),
+        "{msg}"
+    );
     let out = work.path().join("denied");
     let r = s.restore("bv", "i1", &rp1, &out).await;
     assert_eq!(r["status"], "Failed", "{r}");
-    let (_, log) = s.arm("GET", &format!("{}/activityLog", s.bv("bv")), None).await;
-    assert!(log["value"].as_array().unwrap().iter().any(|e| e["operationName"] == "Microsoft.RecoveryServices/vaults/keyAccess" && e["status"] == "Failed"), "{log}");
+    let (_, log) = s
+        .arm("GET", &format!("{}/activityLog", s.bv("bv")), None)
+        .await;
+    assert!(
+        log["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(
+                |e| e["operationName"] == "Microsoft.RecoveryServices/vaults/keyAccess"
+                    && e["status"] == "Failed"
+            ),
+        "{log}"
+    );
     // Enabled again: jobs succeed with no repair, old recovery points still restore.
-    s.dp("PATCH", "kv1", "/keys/cmk", Some(json!({"attributes": {"enabled": true}}))).await;
+    s.dp(
+        "PATCH",
+        "kv1",
+        "/keys/cmk",
+        Some(json!({"attributes": {"enabled": true}})),
+    )
+    .await;
     let j4 = s.backup("bv", "i1").await;
     assert_eq!(j4["status"], "Completed", "{j4}");
     let out = work.path().join("back");
@@ -519,8 +775,12 @@ async fn rotation_rewraps_only_and_revocation_stops_jobs() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let j5 = s.backup("bv", "i1").await;
     assert_eq!(j5["status"], "Failed", "{j5}");
-    assert!(j5["error"]["message"].as_str().unwrap().contains("403"), "{j5}");
-    s.grant("kv1", &uoid, &["get", "list", "wrapKey", "unwrapKey"]).await;
+    assert!(
+        j5["error"]["message"].as_str().unwrap().contains("403"),
+        "{j5}"
+    );
+    s.grant("kv1", &uoid, &["get", "list", "wrapKey", "unwrapKey"])
+        .await;
     let j6 = s.backup("bv", "i1").await;
     assert_eq!(j6["status"], "Completed", "{j6}");
 }

@@ -372,7 +372,12 @@ pub async fn identity(ctx: &Context, args: IdentityArgs) -> anyhow::Result<()> {
             }
         },
         IdentityCommand::User { command } => match command {
-            UserCommand::Create { upn, display_name, password_file, password_env } => {
+            UserCommand::Create {
+                upn,
+                display_name,
+                password_file,
+                password_env,
+            } => {
                 let password = match (password_file, password_env) {
                     (Some(f), _) => std::fs::read_to_string(&f)
                         .with_context(|| format!("cannot read {}", f.display()))?
@@ -380,8 +385,12 @@ pub async fn identity(ctx: &Context, args: IdentityArgs) -> anyhow::Result<()> {
                         .next()
                         .unwrap_or("")
                         .to_string(),
-                    (None, Some(var)) => std::env::var(&var).with_context(|| format!("{var} is not set"))?,
-                    (None, None) => anyhow::bail!("give the password with --password-file or --password-env"),
+                    (None, Some(var)) => {
+                        std::env::var(&var).with_context(|| format!("{var} is not set"))?
+                    }
+                    (None, None) => {
+                        anyhow::bail!("give the password with --password-file or --password-env")
+                    }
                 };
                 ctx.call(
                     Method::POST,
@@ -391,7 +400,12 @@ pub async fn identity(ctx: &Context, args: IdentityArgs) -> anyhow::Result<()> {
                 .await?
             }
             UserCommand::Delete { id } => {
-                ctx.call(Method::DELETE, &format!("{}/v1.0/users/{id}", ctx.base), None).await?;
+                ctx.call(
+                    Method::DELETE,
+                    &format!("{}/v1.0/users/{id}", ctx.base),
+                    None,
+                )
+                .await?;
                 json!({"objectId": id, "deleted": true})
             }
         },

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod audit;
+mod backup;
 mod bench;
 mod client;
 mod commands;
@@ -72,6 +73,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Verify, query and export the audit log (reads `<data-dir>/audit/audit.jsonl` directly).
     Audit(audit::AuditArgs),
+    /// Backup vaults: encryption (PMK/CMK), protected folders, backups, restores, jobs.
+    Backup(backup::BackupArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -111,6 +114,10 @@ fn main() -> std::process::ExitCode {
             }
             Command::Bench(args) => bench::run(&cli.server, &cli.data_dir, args).await,
             Command::Audit(args) => audit::run(&cli.data_dir, cli.output, args),
+            Command::Backup(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                backup::run(&ctx, args).await
+            }
         }
     });
     match result {

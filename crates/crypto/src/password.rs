@@ -12,7 +12,10 @@ fn b64(b: &[u8]) -> String {
     const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in b.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, x)| acc | (u32::from(*x) << (16 - 8 * i)));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, x)| acc | (u32::from(*x) << (16 - 8 * i)));
         for i in 0..=chunk.len() {
             out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
         }
@@ -52,7 +55,11 @@ fn derive(password: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; 32
 pub fn hash_password(password: &str) -> Result<String> {
     let salt = crate::random_bytes(16)?;
     let hash = derive(password, &salt, M_COST, T_COST, P_COST)?;
-    Ok(format!("argon2id$v=19$m={M_COST},t={T_COST},p={P_COST}${}${}", b64(&salt), b64(&hash)))
+    Ok(format!(
+        "argon2id$v=19$m={M_COST},t={T_COST},p={P_COST}${}${}",
+        b64(&salt),
+        b64(&hash)
+    ))
 }
 
 /// Checks a password against a stored hash, in constant time over the hash.
@@ -79,7 +86,10 @@ pub fn verify_password(password: &str, stored: &str) -> bool {
         return false;
     };
     match derive(password, &salt, mtp[0], mtp[1], mtp[2]) {
-        Ok(h) => h.len() == expected.len() && h.iter().zip(&expected).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0,
+        Ok(h) => {
+            h.len() == expected.len()
+                && h.iter().zip(&expected).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+        }
         Err(_) => false,
     }
 }
@@ -95,7 +105,14 @@ mod tests {
         assert!(verify_password("correct horse battery", &h));
         assert!(!verify_password("correct horse batterY", &h));
         assert!(!verify_password("correct horse battery", "garbage"));
-        assert_ne!(h, hash_password("correct horse battery").unwrap(), "salts differ");
-        assert_eq!(unb64(&b64(b"\x00\x01\xfe\xff\x10")).unwrap(), b"\x00\x01\xfe\xff\x10");
+        assert_ne!(
+            h,
+            hash_password("correct horse battery").unwrap(),
+            "salts differ"
+        );
+        assert_eq!(
+            unb64(&b64(b"\x00\x01\xfe\xff\x10")).unwrap(),
+            b"\x00\x01\xfe\xff\x10"
+        );
     }
 }

@@ -152,9 +152,9 @@ pub(crate) async fn graph(
             .await
             .map(|v| respond::json(201, &v))
         }
-        (["v1.0", "users"], &Method::GET) => p
-            .list_principals(caller)
-            .map(|v| respond::json(200, &v)),
+        (["v1.0", "users"], &Method::GET) => {
+            p.list_principals(caller).map(|v| respond::json(200, &v))
+        }
         (["v1.0", "users", _], &Method::DELETE) => p
             .delete_user(caller, segs[2])
             .await

@@ -218,37 +218,57 @@ impl Platform {
 
     /// Creates a user who signs in with `upn` and `password` (the resource-owner password
     /// grant). The password is kept only as an Argon2id hash.
-    pub async fn create_user(&self, caller: &Principal, upn: &str, display_name: &str, password: &str) -> Result<Value, KvError> {
+    pub async fn create_user(
+        &self,
+        caller: &Principal,
+        upn: &str,
+        display_name: &str,
+        password: &str,
+    ) -> Result<Value, KvError> {
         self.require_admin(caller)?;
         let upn = upn.trim().to_ascii_lowercase();
         let valid_upn = upn.len() <= 113
             && upn.split_once('@').is_some_and(|(l, d)| {
                 !l.is_empty()
                     && !d.is_empty()
-                    && l.chars().chain(d.chars()).all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                    && l.chars()
+                        .chain(d.chars())
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
             });
         if !valid_upn {
-            return Err(bad("userPrincipalName must look like alias@domain (letters, digits, '.', '_', '-')."));
+            return Err(bad(
+                "userPrincipalName must look like alias@domain (letters, digits, '.', '_', '-').",
+            ));
         }
         if password.chars().count() < 12 || password.len() > 256 {
-            return Err(bad("The password must be 12 to 256 characters long.").with_inner("PasswordTooWeak"));
+            return Err(bad("The password must be 12 to 256 characters long.")
+                .with_inner("PasswordTooWeak"));
         }
-        let hash = kagi_crypto::password::hash_password(password).map_err(|e| internal("hash password", e))?;
+        let hash = kagi_crypto::password::hash_password(password)
+            .map_err(|e| internal("hash password", e))?;
         let p = PrincipalRecord {
             object_id: uuid_v4(random16()?),
             tenant_id: caller.tenant_id.clone(),
             client_id: format!("user:{upn}"),
-            display_name: if display_name.trim().is_empty() { upn.clone() } else { display_name.trim().chars().take(120).collect() },
+            display_name: if display_name.trim().is_empty() {
+                upn.clone()
+            } else {
+                display_name.trim().chars().take(120).collect()
+            },
             secret_hash: hash.into_bytes(),
             kind: kind::USER.into(),
             created: self.clock.now(),
             resource_id: None,
         };
         self.store.put_principal(&p).await.map_err(|e| match e {
-            StoreError::Conflict(_) => KvError::conflict(format!("A user named {upn} already exists.")),
+            StoreError::Conflict(_) => {
+                KvError::conflict(format!("A user named {upn} already exists."))
+            }
             e => internal("create user", e),
         })?;
-        self.dir_mut().principals.insert(p.object_id.clone(), p.clone());
+        self.dir_mut()
+            .principals
+            .insert(p.object_id.clone(), p.clone());
         tracing::info!(object_id = %p.object_id, "user created");
         let mut v = principal_json(&p);
         v["userPrincipalName"] = json!(upn);
@@ -260,10 +280,21 @@ impl Platform {
     pub async fn delete_user(&self, caller: &Principal, object_id: &str) -> Result<(), KvError> {
         self.require_admin(caller)?;
         let oid = guid(object_id)?;
-        if !self.dir().principals.get(&oid).is_some_and(|p| p.kind == kind::USER) {
-            return Err(KvError::new(ErrorCode::NotFound, format!("User '{oid}' does not exist.")));
+        if self
+            .dir()
+            .principals
+            .get(&oid)
+            .is_none_or(|p| p.kind != kind::USER)
+        {
+            return Err(KvError::new(
+                ErrorCode::NotFound,
+                format!("User '{oid}' does not exist."),
+            ));
         }
-        self.store.delete_principal(&oid).await.map_err(|e| internal("delete user", e))?;
+        self.store
+            .delete_principal(&oid)
+            .await
+            .map_err(|e| internal("delete user", e))?;
         self.dir_mut().principals.remove(&oid);
         Ok(())
     }

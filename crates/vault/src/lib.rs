@@ -40,8 +40,8 @@ use kagi_store::Store;
 
 pub use arm::ResourceGroupInput;
 pub use bootstrap::{BootstrapAdmin, StartupError};
-pub use directory::{TRUSTED_SERVICE_TYPES, WORKLOAD_TYPE};
 pub use directory::service_resources::KeyVaultFacts;
+pub use directory::{TRUSTED_SERVICE_TYPES, WORKLOAD_TYPE};
 pub use kagi_identity::Principal;
 pub use keys::ListQuery;
 pub use tokens::{TokenGrant, TokenRequestError};
@@ -159,7 +159,7 @@ impl Platform {
             if record.purge_at.is_some_and(|t| t <= now) {
                 // Re-check under the vault's lock: a recover may have run since the scan.
                 let _w = v.write.lock().await;
-                if !v.record().purge_at.is_some_and(|t| t <= now) {
+                if v.record().purge_at.is_none_or(|t| t > now) {
                     continue;
                 }
                 self.store

@@ -77,14 +77,13 @@ impl Platform {
             )
             .with_inner("InvalidResourceName"));
         }
-        let id = format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{resource_type}/{name}");
+        let id =
+            format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{resource_type}/{name}");
         let key = id.to_ascii_lowercase();
         let now = self.clock.now();
         let existing = self.dir().resources.get(&key).cloned();
         let location = match (body.get("location").and_then(Value::as_str), &existing) {
-            (Some(l), Some((r, _)))
-                if !l.replace(' ', "").eq_ignore_ascii_case(&r.location) =>
-            {
+            (Some(l), Some((r, _))) if !l.replace(' ', "").eq_ignore_ascii_case(&r.location) => {
                 return Err(bad(format!(
                     "The location of '{name}' cannot change from '{}'.",
                     r.location

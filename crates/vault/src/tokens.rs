@@ -94,7 +94,12 @@ impl Platform {
             ));
         }
         if record.kind == crate::directory::kind::USER {
-            return Err(refuse(400, "unauthorized_client", 700016, "Users sign in with the password grant, not client credentials."));
+            return Err(refuse(
+                400,
+                "unauthorized_client",
+                700016,
+                "Users sign in with the password grant, not client credentials.",
+            ));
         }
         if !field("client_assertion").is_empty() {
             self.check_client_assertion(tenant, &record, form)?;
@@ -167,26 +172,47 @@ impl Platform {
         let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
         let audience = self.audience_for_scope(field("scope"))?;
         let upn = field("username").trim().to_ascii_lowercase();
-        let invalid = || refuse(400, "invalid_grant", 50126, "Error validating credentials due to invalid username or password.");
+        let invalid = || {
+            refuse(
+                400,
+                "invalid_grant",
+                50126,
+                "Error validating credentials due to invalid username or password.",
+            )
+        };
         let record = self
             .store
             .principal_by_client_id(&format!("user:{upn}"))
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "token request: store failure");
-                refuse(500, "temporarily_unavailable", 90033, "A transient error occurred.")
+                refuse(
+                    500,
+                    "temporarily_unavailable",
+                    90033,
+                    "A transient error occurred.",
+                )
             })?
             .filter(|r| r.kind == crate::directory::kind::USER)
             .ok_or_else(invalid)?;
-        if !tenant.eq_ignore_ascii_case(&record.tenant_id) && !tenant.eq_ignore_ascii_case("organizations") {
-            return Err(refuse(400, "invalid_request", 90002, "Tenant not found, or the user is not in this tenant."));
+        if !tenant.eq_ignore_ascii_case(&record.tenant_id)
+            && !tenant.eq_ignore_ascii_case("organizations")
+        {
+            return Err(refuse(
+                400,
+                "invalid_request",
+                90002,
+                "Tenant not found, or the user is not in this tenant.",
+            ));
         }
         let stored = String::from_utf8_lossy(&record.secret_hash).into_owned();
         let password = field("password").to_string();
         // Argon2 is deliberately slow: keep it off the async workers.
-        let ok = tokio::task::spawn_blocking(move || kagi_crypto::password::verify_password(&password, &stored))
-            .await
-            .unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || {
+            kagi_crypto::password::verify_password(&password, &stored)
+        })
+        .await
+        .unwrap_or(false);
         if !ok {
             return Err(invalid());
         }

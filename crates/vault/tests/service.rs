@@ -1794,8 +1794,17 @@ async fn token_requests_are_refused_as_entra_refuses_them() {
         "invalid_request",
         90002,
     );
+    // The password grant is for users: a service principal's id and secret are refused.
     let mut form = token_form(&id, &secret, scope);
     form.insert("grant_type".into(), "password".into());
+    assert_token_err(
+        p.client_credentials(&tenant, &form).await,
+        400,
+        "invalid_grant",
+        50126,
+    );
+    let mut form = token_form(&id, &secret, scope);
+    form.insert("grant_type".into(), "authorization_code".into());
     assert_token_err(
         p.client_credentials(&tenant, &form).await,
         400,

@@ -1,0 +1,617 @@
+//! `kagi backup …`: backup vaults (`Microsoft.RecoveryServices/vaults`), their encryption
+//! (platform key or customer-managed key), protected folders, backup and restore jobs with a
+//! progress bar, recovery points and the activity log.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::client::Context;
+use crate::commands::Output;
+
+const API: &str = "api-version=2024-04-01";
+
+/// `kagi backup`.
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    command: BackupCommand,
+}
+
+#[derive(Args, Debug)]
+struct VaultRef {
+    /// Backup vault name.
+    #[arg(long)]
+    vault: String,
+    /// Resource group.
+    #[arg(long, short = 'g')]
+    resource_group: String,
+}
+
+#[derive(Subcommand, Debug)]
+enum BackupCommand {
+    /// Backup vaults.
+    #[command(subcommand)]
+    Vault(VaultCommand),
+    /// Protected folders.
+    #[command(subcommand)]
+    Item(ItemCommand),
+    /// Take a recovery point now and wait for it.
+    Now {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Item name.
+        #[arg(long)]
+        item: String,
+    },
+    /// Restore a recovery point (or a sub-path of it) into a folder and wait.
+    Restore {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Item name.
+        #[arg(long)]
+        item: String,
+        /// Recovery point id (see `kagi backup recovery-points`).
+        #[arg(long)]
+        recovery_point: String,
+        /// Absolute target folder (must be empty unless --overwrite).
+        #[arg(long)]
+        target: String,
+        /// Restore only this path inside the backed-up folder.
+        #[arg(long)]
+        sub_path: Option<String>,
+        /// Write into a folder that is not empty.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Recovery points of an item, newest first.
+    RecoveryPoints {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Item name.
+        #[arg(long)]
+        item: String,
+    },
+    /// Jobs of a vault.
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// The vault's activity log.
+    Activity {
+        #[command(flatten)]
+        v: VaultRef,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VaultCommand {
+    /// Create a vault (platform-managed key unless --key-uri with --user-assigned-identity).
+    Create {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Region.
+        #[arg(long)]
+        location: String,
+        /// Give the vault a system-assigned identity.
+        #[arg(long)]
+        system_assigned: bool,
+        /// Resource id of a user-assigned identity to assign (and to reach the key with).
+        #[arg(long)]
+        user_assigned_identity: Option<String>,
+        /// Customer-managed key at creation (BK-8: needs --user-assigned-identity).
+        #[arg(long)]
+        key_uri: Option<String>,
+    },
+    /// Show a vault.
+    Show {
+        #[command(flatten)]
+        v: VaultRef,
+    },
+    /// List vaults (of a resource group, or of the subscription).
+    List {
+        /// Resource group.
+        #[arg(long, short = 'g')]
+        resource_group: Option<String>,
+    },
+    /// Delete a vault (refused while it protects items).
+    Delete {
+        #[command(flatten)]
+        v: VaultRef,
+    },
+    /// Set the vault's identities.
+    Identity {
+        #[command(flatten)]
+        v: VaultRef,
+        /// None, SystemAssigned, UserAssigned or 'SystemAssigned, UserAssigned'.
+        #[arg(long = "type")]
+        identity_type: String,
+        /// User-assigned identity resource ids.
+        #[arg(long)]
+        user_assigned: Vec<String>,
+    },
+    /// Set the customer-managed key (runs as a ConfigureEncryption job).
+    Encryption {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Key URI (versionless follows new versions; versioned pins).
+        #[arg(long)]
+        key_uri: String,
+        /// Reach the key with this user-assigned identity (default: the system-assigned one).
+        #[arg(long)]
+        user_assigned_identity: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ItemCommand {
+    /// Protect a folder of the kagi host.
+    Protect {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Item name.
+        #[arg(long)]
+        name: String,
+        /// Absolute path of the folder.
+        #[arg(long)]
+        source: String,
+    },
+    /// List protected items.
+    List {
+        #[command(flatten)]
+        v: VaultRef,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum JobCommand {
+    /// List jobs, newest first.
+    List {
+        #[command(flatten)]
+        v: VaultRef,
+    },
+    /// Show a job.
+    Show {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Job id.
+        #[arg(long)]
+        id: String,
+    },
+    /// Wait for a job to end, with a progress bar.
+    Wait {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Job id.
+        #[arg(long)]
+        id: String,
+    },
+}
+
+fn vault_path(ctx: &Context, v: &VaultRef) -> String {
+    format!(
+        "{}/subscriptions/{}/resourceGroups/{}/providers/Microsoft.RecoveryServices/vaults/{}",
+        ctx.base, ctx.subscription, v.resource_group, v.vault
+    )
+}
+
+fn url(base: &str, tail: &str) -> String {
+    format!("{base}{tail}?{API}")
+}
+
+fn show(ctx: &Context, v: &Value, summary: impl Fn(&Value) -> String) {
+    match ctx.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        _ => println!("{}", summary(v)),
+    }
+}
+
+fn vault_line(v: &Value) -> String {
+    let enc = match v["properties"]["encryption"]["keyVaultProperties"]["keyUri"].as_str() {
+        Some(k) => format!("CMK {k}"),
+        None => "PMK".into(),
+    };
+    format!(
+        "{}\t{}\t{}\tidentity {}",
+        v["name"].as_str().unwrap_or(""),
+        v["location"].as_str().unwrap_or(""),
+        enc,
+        v["identity"]["type"].as_str().unwrap_or("None")
+    )
+}
+
+fn job_line(j: &Value) -> String {
+    let mut s = format!(
+        "{}\t{}\t{}\t{}\t{}",
+        j["name"].as_str().unwrap_or(""),
+        j["operation"].as_str().unwrap_or(""),
+        j["status"].as_str().unwrap_or(""),
+        j["entityFriendlyName"].as_str().unwrap_or(""),
+        j["startTime"].as_str().unwrap_or("")
+    );
+    if let Some(m) = j["error"]["message"].as_str() {
+        s.push_str(&format!("\terror: {m}"));
+    }
+    s
+}
+
+async fn wait(ctx: &Context, base: &str, id: &str) -> anyhow::Result<Value> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    loop {
+        let j = ctx
+            .call(Method::GET, &url(base, &format!("/backupJobs/{id}")), None)
+            .await?;
+        bar.set_message(format!(
+            "{} {}",
+            j["operation"].as_str().unwrap_or(""),
+            j["entityFriendlyName"].as_str().unwrap_or("")
+        ));
+        bar.set_length(j["progress"]["total"].as_u64().unwrap_or(0));
+        bar.set_position(j["progress"]["done"].as_u64().unwrap_or(0));
+        if j["status"] != "InProgress" {
+            bar.finish_and_clear();
+            return Ok(j);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn mb(n: u64) -> String {
+    format!("{:.1} MB", n as f64 / 1e6)
+}
+
+fn ended(ctx: &Context, j: &Value) -> anyhow::Result<()> {
+    if j["status"] == "Failed" {
+        bail!(
+            "job {} failed: {} ({})",
+            j["name"].as_str().unwrap_or(""),
+            j["error"]["message"].as_str().unwrap_or(""),
+            j["error"]["code"].as_str().unwrap_or("")
+        );
+    }
+    show(ctx, j, |j| {
+        let s = &j["stats"];
+        match j["operation"].as_str() {
+            Some("Backup") => format!(
+                "recovery point {}: {} files, {} read ({} files unchanged); stored {} new ({} chunks new, {} deduplicated), {} added to storage; {} ms, {} MB/s{}",
+                s["recoveryPointId"].as_str().unwrap_or(""),
+                s["files"],
+                mb(s["bytesRead"].as_u64().unwrap_or(0)),
+                s["filesUnchanged"],
+                mb(s["bytesNew"].as_u64().unwrap_or(0)),
+                s["chunksNew"],
+                s["chunksDeduplicated"],
+                mb(s["bytesAdded"].as_u64().unwrap_or(0)),
+                s["durationMs"],
+                s["megabytesPerSecond"],
+                match s["skipped"].as_array() {
+                    Some(a) if !a.is_empty() => format!("; skipped {}: {:?}", a.len(), a),
+                    _ => String::new(),
+                }
+            ),
+            Some("Restore") => format!(
+                "restored {} files, {} dirs, {} symlinks, {} in {} ms",
+                s["files"],
+                s["dirs"],
+                s["symlinks"],
+                mb(s["bytes"].as_u64().unwrap_or(0)),
+                s["durationMs"]
+            ),
+            _ => job_line(j),
+        }
+    });
+    Ok(())
+}
+
+/// Runs `kagi backup …`.
+pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<()> {
+    match args.command {
+        BackupCommand::Vault(cmd) => vault(ctx, cmd).await,
+        BackupCommand::Item(ItemCommand::Protect { v, name, source }) => {
+            let base = vault_path(ctx, &v);
+            let source = std::path::absolute(&source)?.display().to_string();
+            let r = ctx
+                .call(
+                    Method::PUT,
+                    &url(&base, &format!("/backupProtectedItems/{name}")),
+                    Some(&json!({"properties": {"sourcePath": source}})),
+                )
+                .await?;
+            show(ctx, &r, |r| {
+                format!(
+                    "{}\t{}",
+                    r["name"].as_str().unwrap_or(""),
+                    r["properties"]["sourcePath"].as_str().unwrap_or("")
+                )
+            });
+            Ok(())
+        }
+        BackupCommand::Item(ItemCommand::List { v }) => {
+            let r = ctx
+                .call(
+                    Method::GET,
+                    &url(&vault_path(ctx, &v), "/backupProtectedItems"),
+                    None,
+                )
+                .await?;
+            show(ctx, &r, |r| {
+                r["value"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|i| {
+                        format!(
+                            "{}\t{}",
+                            i["name"].as_str().unwrap_or(""),
+                            i["properties"]["sourcePath"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            Ok(())
+        }
+        BackupCommand::Now { v, item } => {
+            let base = vault_path(ctx, &v);
+            let j = ctx
+                .call(
+                    Method::POST,
+                    &url(&base, &format!("/backupProtectedItems/{item}/backup")),
+                    None,
+                )
+                .await?;
+            let j = wait(ctx, &base, j["name"].as_str().unwrap_or("")).await?;
+            ended(ctx, &j)
+        }
+        BackupCommand::Restore {
+            v,
+            item,
+            recovery_point,
+            target,
+            sub_path,
+            overwrite,
+        } => {
+            let base = vault_path(ctx, &v);
+            let target = std::path::absolute(&target)?.display().to_string();
+            let mut body = json!({"recoveryPointId": recovery_point, "targetPath": target, "overwrite": overwrite});
+            if let Some(s) = sub_path {
+                body["subPath"] = json!(s);
+            }
+            let j = ctx
+                .call(
+                    Method::POST,
+                    &url(&base, &format!("/backupProtectedItems/{item}/restore")),
+                    Some(&body),
+                )
+                .await?;
+            let j = wait(ctx, &base, j["name"].as_str().unwrap_or("")).await?;
+            ended(ctx, &j)
+        }
+        BackupCommand::RecoveryPoints { v, item } => {
+            let r = ctx
+                .call(
+                    Method::GET,
+                    &url(
+                        &vault_path(ctx, &v),
+                        &format!("/backupProtectedItems/{item}/recoveryPoints"),
+                    ),
+                    None,
+                )
+                .await?;
+            show(ctx, &r, |r| {
+                r["value"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        format!(
+                            "{}\t{}\t{} files\t{}",
+                            p["name"].as_str().unwrap_or(""),
+                            p["properties"]["recoveryPointTime"].as_str().unwrap_or(""),
+                            p["properties"]["files"],
+                            mb(p["properties"]["bytes"].as_u64().unwrap_or(0))
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            Ok(())
+        }
+        BackupCommand::Job(cmd) => match cmd {
+            JobCommand::List { v } => {
+                let r = ctx
+                    .call(Method::GET, &url(&vault_path(ctx, &v), "/backupJobs"), None)
+                    .await?;
+                show(ctx, &r, |r| {
+                    r["value"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(job_line)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                });
+                Ok(())
+            }
+            JobCommand::Show { v, id } => {
+                let r = ctx
+                    .call(
+                        Method::GET,
+                        &url(&vault_path(ctx, &v), &format!("/backupJobs/{id}")),
+                        None,
+                    )
+                    .await?;
+                show(ctx, &r, job_line);
+                Ok(())
+            }
+            JobCommand::Wait { v, id } => {
+                let j = wait(ctx, &vault_path(ctx, &v), &id).await?;
+                ended(ctx, &j)
+            }
+        },
+        BackupCommand::Activity { v } => {
+            let r = ctx
+                .call(
+                    Method::GET,
+                    &url(&vault_path(ctx, &v), "/activityLog"),
+                    None,
+                )
+                .await?;
+            show(ctx, &r, |r| {
+                r["value"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        format!(
+                            "{}\t{}\t{}\t{}",
+                            e["eventTimestamp"].as_str().unwrap_or(""),
+                            e["operationName"].as_str().unwrap_or(""),
+                            e["status"].as_str().unwrap_or(""),
+                            e["message"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+            Ok(())
+        }
+    }
+}
+
+fn kek_identity(ua: &Option<String>) -> Value {
+    match ua {
+        Some(u) => json!({"useSystemAssignedIdentity": false, "userAssignedIdentity": u}),
+        None => json!({"useSystemAssignedIdentity": true}),
+    }
+}
+
+async fn vault(ctx: &Context, cmd: VaultCommand) -> anyhow::Result<()> {
+    match cmd {
+        VaultCommand::Create {
+            v,
+            location,
+            system_assigned,
+            user_assigned_identity,
+            key_uri,
+        } => {
+            let ty = match (system_assigned, &user_assigned_identity) {
+                (true, Some(_)) => "SystemAssigned, UserAssigned",
+                (true, None) => "SystemAssigned",
+                (false, Some(_)) => "UserAssigned",
+                (false, None) => "None",
+            };
+            let mut identity = json!({"type": ty});
+            if let Some(u) = &user_assigned_identity {
+                identity["userAssignedIdentities"] = json!({u.clone(): {}});
+            }
+            let mut body = json!({"location": location, "identity": identity, "properties": {}});
+            if let Some(k) = key_uri {
+                body["properties"]["encryption"] = json!({
+                    "keyVaultProperties": {"keyUri": k},
+                    "kekIdentity": kek_identity(&user_assigned_identity),
+                });
+            }
+            let r = ctx
+                .call(Method::PUT, &url(&vault_path(ctx, &v), ""), Some(&body))
+                .await?;
+            show(ctx, &r, vault_line);
+        }
+        VaultCommand::Show { v } => {
+            let r = ctx
+                .call(Method::GET, &url(&vault_path(ctx, &v), ""), None)
+                .await?;
+            show(ctx, &r, vault_line);
+        }
+        VaultCommand::List { resource_group } => {
+            let base = match resource_group {
+                Some(g) => format!(
+                    "{}/subscriptions/{}/resourceGroups/{g}/providers/Microsoft.RecoveryServices/vaults",
+                    ctx.base, ctx.subscription
+                ),
+                None => format!(
+                    "{}/subscriptions/{}/providers/Microsoft.RecoveryServices/vaults",
+                    ctx.base, ctx.subscription
+                ),
+            };
+            let r = ctx.call(Method::GET, &url(&base, ""), None).await?;
+            show(ctx, &r, |r| {
+                r["value"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(vault_line)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        VaultCommand::Delete { v } => {
+            ctx.call(Method::DELETE, &url(&vault_path(ctx, &v), ""), None)
+                .await?;
+        }
+        VaultCommand::Identity {
+            v,
+            identity_type,
+            user_assigned,
+        } => {
+            let mut identity = json!({"type": identity_type});
+            if !user_assigned.is_empty() {
+                identity["userAssignedIdentities"] = Value::Object(
+                    user_assigned
+                        .iter()
+                        .map(|u| (u.clone(), json!({})))
+                        .collect(),
+                );
+            }
+            let r = ctx
+                .call(
+                    Method::PATCH,
+                    &url(&vault_path(ctx, &v), ""),
+                    Some(&json!({"identity": identity})),
+                )
+                .await?;
+            show(ctx, &r, vault_line);
+        }
+        VaultCommand::Encryption {
+            v,
+            key_uri,
+            user_assigned_identity,
+        } => {
+            let base = vault_path(ctx, &v);
+            let r = ctx
+                .call(
+                    Method::PATCH,
+                    &url(&base, ""),
+                    Some(&json!({"properties": {"encryption": {
+                        "keyVaultProperties": {"keyUri": key_uri},
+                        "kekIdentity": kek_identity(&user_assigned_identity),
+                    }}})),
+                )
+                .await?;
+            // The key assignment job: wait for it (it re-wraps every item's data key).
+            let jobs = ctx
+                .call(Method::GET, &url(&base, "/backupJobs"), None)
+                .await?;
+            if let Some(id) = jobs["value"]
+                .as_array()
+                .and_then(|a| a.iter().find(|j| j["operation"] == "ConfigureEncryption"))
+                .and_then(|j| j["name"].as_str())
+            {
+                let j = wait(ctx, &base, id).await?;
+                if j["status"] == "Failed" {
+                    return ended(ctx, &j);
+                }
+            }
+            show(ctx, &r, vault_line);
+        }
+    }
+    Ok(())
+}
