@@ -161,6 +161,9 @@ fn new_event_id() -> Result<String, KvError> {
     Ok(kagi_core::ids::uuid_v4(a))
 }
 
+/// Serialises event reconciliation (see `reconcile_events`).
+static RECONCILE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Platform {
     /// Emits the events a committed change of one key or secret made due. Failures are logged:
     /// the next scheduler sweep emits whatever this missed.
@@ -243,6 +246,10 @@ impl Platform {
         state: &VaultState,
         only: Option<(ObjectType, &ObjectName)>,
     ) -> Result<usize, KvError> {
+        // One reconciliation at a time: each reads the objects' state and then records marks;
+        // interleaved, a sweep that read a key before its deletion could remove the mark the
+        // deletion just recorded, and the event would be emitted twice.
+        let _gate = RECONCILE.lock().await;
         let record = state.record();
         let store_err = |e| internal("events", e);
         let folded = only.map(|(o, n)| (mark_table(o), n.folded()));
