@@ -47,7 +47,7 @@ export RESTIC_PASSWORD=bench BORG_PASSPHRASE=bench BORG_UNKNOWN_UNENCRYPTED_REPO
 restic init -q -r "$work/rrepo"
 measure restic full restic -q -r "$work/rrepo" backup "$work/data"
 rfull=$(size_of "$work/rrepo")
-borg init -q -e repokey "$work/brepo"
+borg init -e repokey "$work/brepo" >/dev/null 2>&1
 measure borg full borg create "$work/brepo::a" "$work/data"
 bfull=$(size_of "$work/brepo")
 python3 scripts/gen-backup-dataset.py "$work/data" --mutate

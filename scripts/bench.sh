@@ -16,7 +16,9 @@ trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 100); do [ -f "$dir/bootstrap-admin.json" ] && curl -sf --cacert "$dir/tls/ca.pem" "https://localhost:$port/healthz" >/dev/null && break; sleep 0.1; done
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) CPUs: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "## kagi over HTTPS (8 requests in flight), ${secs}s per measurement"
-target/release/kagi bench --server "https://localhost:$port" --data-dir "$dir" --seconds "$secs"
+for c in 8 32; do
+  echo "## kagi over HTTPS ($c requests in flight), ${secs}s per measurement"
+  target/release/kagi bench --server "https://localhost:$port" --data-dir "$dir" --seconds "$secs" --concurrency "$c"
+done
 echo "## $(openssl version)"
 openssl speed -seconds "$secs" rsa2048 rsa3072 rsa4096 2>/dev/null | grep -E '^(rsa|  *sign)'
