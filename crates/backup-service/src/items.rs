@@ -745,6 +745,87 @@ impl BackupService {
         Ok((202, job.get()))
     }
 
+    /// A Check job: `Repository::check(read_data)` on the item's repository. Completed when
+    /// nothing is wrong; Failed (`RepositoryDamaged`) with `stats.problems` otherwise.
+    pub(crate) fn start_check(
+        self: &Arc<Self>,
+        p: &Arc<Platform>,
+        v: &VaultCtx,
+        item: &str,
+        input: &Value,
+    ) -> Result<(u16, Value), KvError> {
+        Self::load_item(v, item)?;
+        let read_data = input["readData"].as_bool().unwrap_or(false);
+        let item = item.to_ascii_lowercase();
+        let job = self.jobs.start(&v.id, &v.dir, "Check", &item, p.now())?;
+        let (svc, p2, v2, j2) = (self.clone(), p.clone(), v.clone(), job.clone());
+        tokio::spawn(async move {
+            let r = async {
+                let rt = svc.item_rt(&v2, &item);
+                let _g = rt.lock.lock().await;
+                let (dek, _, _) = svc.dek(&p2, &v2, &item, &rt).await?;
+                let dir = Self::item_dir(&v2, &item);
+                let started = Instant::now();
+                let problems =
+                    tokio::task::spawn_blocking(move || -> Result<Vec<String>, KvError> {
+                        let repo = Repository::open(
+                            Self::backend(&dir)?,
+                            DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?,
+                        )
+                        .map_err(engine)?;
+                        repo.check(read_data).map_err(engine)
+                    })
+                    .await
+                    .map_err(join)??;
+                Ok::<_, KvError>((problems, started.elapsed().as_millis() as u64))
+            }
+            .await;
+            let failed = |e: &KvError| {
+                svc.log(
+                    &v2,
+                    activity_entry(
+                        None,
+                        &v2.id,
+                        "Microsoft.RecoveryServices/vaults/backupJobs/check",
+                        "Failed",
+                        &e.message,
+                        p2.now(),
+                    ),
+                );
+            };
+            match r {
+                Ok((problems, ms)) => {
+                    let stats = json!({"readData": read_data, "healthy": problems.is_empty(), "problems": problems, "durationMs": ms});
+                    if problems.is_empty() {
+                        j2.complete(p2.now(), stats);
+                    } else {
+                        let e = KvError::new(
+                            ErrorCode::Conflict,
+                            format!(
+                                "The check of item '{item}' found {} problem(s): {}",
+                                problems.len(),
+                                problems
+                                    .iter()
+                                    .take(5)
+                                    .cloned()
+                                    .collect::<Vec<_>>()
+                                    .join("; ")
+                            ),
+                        )
+                        .with_inner("RepositoryDamaged");
+                        failed(&e);
+                        j2.fail_with(p2.now(), &e, stats);
+                    }
+                }
+                Err(e) => {
+                    failed(&e);
+                    j2.fail(p2.now(), &e)
+                }
+            }
+        });
+        Ok((202, job.get()))
+    }
+
     pub(crate) async fn recovery_points(
         &self,
         p: &Platform,

@@ -1,4 +1,4 @@
-//! Jobs: key assignment, backup and restore run in the background; their state is
+//! Jobs: key assignment, backup, restore and check run in the background; their state is
 //! followed at `GET {vault id}/backupJobs/{id}`. A job lives in memory while it runs and is
 //! written to `{vault dir}/jobs/{id}.json` when it starts and ends; a job found on disk still
 //! `InProgress` with no runner (the server stopped) is answered as failed ("interrupted").
@@ -48,6 +48,12 @@ impl JobHandle {
             b.clone()
         };
         self.persist(&snapshot);
+    }
+
+    /// Ends the job as Failed, keeping `stats` (e.g. the problems a check found).
+    pub fn fail_with(&self, now: i64, e: &KvError, stats: Value) {
+        lock(&self.body)["stats"] = stats;
+        self.fail(now, e);
     }
 
     /// Ends the job as Failed.

@@ -20,6 +20,7 @@
 //! | `POST {vault id}/backupProtectedItems/{item}/backup` | 202, a Backup job |
 //! | `POST {vault id}/backupProtectedItems/{item}/restore` `{recoveryPointId, targetPath, subPath?, overwrite?}` | 202, a Restore job |
 //! | `GET {vault id}/backupProtectedItems/{item}/recoveryPoints` | recovery points |
+//! | `POST {vault id}/backupProtectedItems/{item}/check` `{readData?}` | 202, a Check job (`Repository::check`; Failed `RepositoryDamaged` with `stats.problems` when damaged) |
 //! | `GET {vault id}/backupJobs[/{id}]` | jobs |
 //! | `GET {vault id}/activityLog` | the activity log |
 
@@ -248,6 +249,10 @@ impl BackupService {
             (["vaults", _, "backupprotecteditems", _, "restore"], "POST", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
                 self.start_restore(p, &v, rest[3], json_body(body)?)
+            }
+            (["vaults", _, "backupprotecteditems", _, "check"], "POST", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.start_check(p, &v, rest[3], &json_body(body)?)
             }
             (["vaults", _, "backupprotecteditems", _, "recoverypoints"], "GET", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;

@@ -799,3 +799,83 @@ fn walk(d: &Path) -> Vec<String> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn check_detects_a_corrupted_pack() {
+    let s = start(Duration::from_secs(600), Duration::from_secs(3600)).await;
+    s.setup().await;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_source(&src);
+    let (st, v) = s
+        .arm("PUT", &s.bv("bvc"), Some(json!({"location": "westeurope"})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, it) = s
+        .arm(
+            "PUT",
+            &format!("{}/backupProtectedItems/i1", s.bv("bvc")),
+            Some(json!({"properties": {"sourcePath": src}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{it}");
+    let j = s.backup("bvc", "i1").await;
+    assert_eq!(j["status"], "Completed", "{j}");
+    let rp = j["stats"]["recoveryPointId"].as_str().unwrap().to_string();
+    let check = |read: bool| {
+        let s = &s;
+        async move {
+            let (st, j) = s
+                .arm(
+                    "POST",
+                    &format!("{}/backupProtectedItems/i1/check", s.bv("bvc")),
+                    Some(json!({"readData": read})),
+                )
+                .await;
+            assert_eq!(st, 202, "{j}");
+            assert_eq!(j["operation"], "Check");
+            s.wait_job("bvc", &j).await
+        }
+    };
+    // A clean repository checks clean, with and without reading the data.
+    for read in [false, true] {
+        let c = check(read).await;
+        assert_eq!(c["status"], "Completed", "{c}");
+        assert_eq!(c["stats"]["healthy"], true, "{c}");
+    }
+    // Flip one byte in the middle of the largest pack (content of sub/big.bin).
+    let data = s
+        .dir
+        .path()
+        .join("backup")
+        .join(s.admin.subscription_id.to_ascii_lowercase())
+        .join("rg1/bvc/items/i1/data");
+    let mut packs = walk(&data)
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .filter(|p| p.is_file())
+        .collect::<Vec<_>>();
+    packs.sort_by_key(|p| std::fs::metadata(p).unwrap().len());
+    let victim = packs.last().unwrap();
+    let mut bytes = std::fs::read(victim).unwrap();
+    let mid = bytes.len() / 3;
+    bytes[mid] ^= 0x40;
+    std::fs::write(victim, &bytes).unwrap();
+    // Reading the data finds it; the job fails and names the damage.
+    let c = check(true).await;
+    assert_eq!(c["status"], "Failed", "{c}");
+    assert_eq!(c["error"]["code"], "RepositoryDamaged", "{c}");
+    assert_eq!(c["stats"]["healthy"], false, "{c}");
+    assert!(
+        !c["stats"]["problems"].as_array().unwrap().is_empty(),
+        "{c}"
+    );
+    let (_, log) = s
+        .arm("GET", &format!("{}/activityLog", s.bv("bvc")), None)
+        .await;
+    assert!(log.to_string().contains("backupJobs/check"), "{log}");
+    // And a restore of the damaged recovery point fails rather than writing bad data.
+    let out = work.path().join("out");
+    let r = s.restore("bvc", "i1", &rp, &out).await;
+    assert_eq!(r["status"], "Failed", "{r}");
+}

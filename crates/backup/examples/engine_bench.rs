@@ -17,14 +17,23 @@ use kagi_crypto::data_key::DataKey;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     match args.get(1).map(String::as_str) {
         Some("backup") => {
             let (src, repo_dir) = (Path::new(&args[2]), Path::new(&args[3]));
             let key_file = format!("{}.key", repo_dir.display());
-            let backend = Arc::new(ObjectStoreBackend::local(repo_dir, rt.handle().clone()).unwrap());
+            let backend =
+                Arc::new(ObjectStoreBackend::local(repo_dir, rt.handle().clone()).unwrap());
             let mut repo = match std::fs::read(&key_file) {
-                Ok(raw) => Repository::open(backend, DataKey::from_bytes(&raw.try_into().unwrap()).unwrap()).unwrap(),
+                Ok(raw) => Repository::open(
+                    backend,
+                    DataKey::from_bytes(&raw.try_into().unwrap()).unwrap(),
+                )
+                .unwrap(),
                 Err(_) => {
                     let key = DataKey::generate().unwrap();
                     std::fs::write(&key_file, key.expose_for_wrapping()).unwrap();
@@ -32,7 +41,9 @@ fn main() {
                 }
             };
             let t = Instant::now();
-            let s = repo.backup(src, &BackupOptions::default(), 0, &|_| {}).unwrap();
+            let s = repo
+                .backup(src, &BackupOptions::default(), 0, &|_| {})
+                .unwrap();
             let secs = t.elapsed().as_secs_f64();
             println!(
                 "backup {:.2}s {:.0} MB/s: read {} B, {} new chunks ({} B), {} deduplicated, {} B added, {} files read, {} unchanged",
@@ -50,14 +61,26 @@ fn main() {
         Some("restore") => {
             let (repo_dir, out) = (Path::new(&args[2]), Path::new(&args[3]));
             let raw = std::fs::read(format!("{}.key", repo_dir.display())).unwrap();
-            let backend = Arc::new(ObjectStoreBackend::local(repo_dir, rt.handle().clone()).unwrap());
-            let repo = Repository::open(backend, DataKey::from_bytes(&raw.try_into().unwrap()).unwrap()).unwrap();
+            let backend =
+                Arc::new(ObjectStoreBackend::local(repo_dir, rt.handle().clone()).unwrap());
+            let repo = Repository::open(
+                backend,
+                DataKey::from_bytes(&raw.try_into().unwrap()).unwrap(),
+            )
+            .unwrap();
             let snap = repo.snapshots().unwrap().pop().unwrap();
             let t = Instant::now();
             let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-            let r = repo.restore(&snap.id, None, out, false, workers, &|_| {}).unwrap();
+            let r = repo
+                .restore(&snap.id, None, out, false, workers, &|_| {})
+                .unwrap();
             let secs = t.elapsed().as_secs_f64();
-            println!("restore {:.2}s {:.0} MB/s: {} B", secs, r.bytes as f64 / 1e6 / secs, r.bytes);
+            println!(
+                "restore {:.2}s {:.0} MB/s: {} B",
+                secs,
+                r.bytes as f64 / 1e6 / secs,
+                r.bytes
+            );
         }
         _ => eprintln!("usage: engine_bench backup SRC REPO | restore REPO OUT"),
     }

@@ -67,6 +67,18 @@ enum BackupCommand {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Verify an item's repository (every recovery point's trees and chunks; with
+    /// --read-data every stored blob authenticates) and wait; fails when damage is found.
+    Check {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Item name.
+        #[arg(long)]
+        item: String,
+        /// Also read and authenticate every stored blob.
+        #[arg(long)]
+        read_data: bool,
+    },
     /// Recovery points of an item, newest first.
     RecoveryPoints {
         #[command(flatten)]
@@ -305,6 +317,15 @@ fn ended(ctx: &Context, j: &Value) -> anyhow::Result<()> {
                 mb(s["bytes"].as_u64().unwrap_or(0)),
                 s["durationMs"]
             ),
+            Some("Check") => format!(
+                "no problems found{} in {} ms",
+                if s["readData"] == true {
+                    " (all data read)"
+                } else {
+                    ""
+                },
+                s["durationMs"]
+            ),
             _ => job_line(j),
         }
     });
@@ -393,6 +414,23 @@ pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<()> {
                 )
                 .await?;
             let j = wait(ctx, &base, j["name"].as_str().unwrap_or("")).await?;
+            ended(ctx, &j)
+        }
+        BackupCommand::Check { v, item, read_data } => {
+            let base = vault_path(ctx, &v);
+            let j = ctx
+                .call(
+                    Method::POST,
+                    &url(&base, &format!("/backupProtectedItems/{item}/check")),
+                    Some(&json!({"readData": read_data})),
+                )
+                .await?;
+            let j = wait(ctx, &base, j["name"].as_str().unwrap_or("")).await?;
+            if let Some(p) = j["stats"]["problems"].as_array() {
+                for m in p {
+                    eprintln!("problem: {}", m.as_str().unwrap_or(""));
+                }
+            }
             ended(ctx, &j)
         }
         BackupCommand::RecoveryPoints { v, item } => {

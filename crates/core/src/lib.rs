@@ -14,6 +14,7 @@ pub mod ids;
 pub mod jobs;
 pub mod key;
 pub mod paging;
+pub mod policy;
 pub mod rbac;
 pub mod rotation;
 pub mod secret;

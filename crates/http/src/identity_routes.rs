@@ -179,7 +179,24 @@ pub(crate) async fn arm(
     body: &[u8],
     pairs: &[(String, String)],
 ) -> Option<Result<Response<Body>, KvError>> {
-    // {scope}/providers/Microsoft.Authorization/{roleAssignments|roleDefinitions|locks}[/{id}]
+    // {scope}/providers/Microsoft.PolicyInsights/policyStates/latest/queryResults (GET or POST)
+    if let Some(i) = l
+        .windows(2)
+        .position(|w| w == ["providers", "microsoft.policyinsights"])
+    {
+        let scope = format!("/{}", segs[..i].join("/"));
+        return Some(match (&l[i + 2..], method) {
+            (["policystates", "latest", "queryresults"], &Method::GET | &Method::POST) => p
+                .policy_states(caller, &scope)
+                .map(|v| respond::json(200, &v)),
+            _ => Err(KvError::new(
+                ErrorCode::NotFound,
+                "No policy insights API is served at this path.",
+            )),
+        });
+    }
+    // {scope}/providers/Microsoft.Authorization/{roleAssignments|roleDefinitions|locks|
+    // policyAssignments}[/{id}]
     if let Some(i) = l
         .windows(2)
         .position(|w| w == ["providers", "microsoft.authorization"])
@@ -229,6 +246,27 @@ pub(crate) async fn arm(
                 .delete_role_definition(caller, id.unwrap_or(""))
                 .await
                 .map(respond::empty),
+            (["policyassignments"], &Method::GET) => p
+                .list_policy_assignments(caller, &scope)
+                .map(|v| respond::json(200, &v)),
+            (["policyassignments", _], &Method::PUT) => match json_body() {
+                Ok(b) => p
+                    .put_policy_assignment(caller, &scope, id.unwrap_or(""), b)
+                    .map(|(s, v)| respond::json(s, &v)),
+                Err(e) => Err(e),
+            },
+            (["policyassignments", _], &Method::GET) => p
+                .get_policy_assignment(caller, &scope, id.unwrap_or(""))
+                .map(|v| respond::json(200, &v)),
+            (["policyassignments", _], &Method::DELETE) => p
+                .delete_policy_assignment(caller, &scope, id.unwrap_or(""))
+                .map(|(s, v)| {
+                    if s == 204 {
+                        respond::empty(204)
+                    } else {
+                        respond::json(s, &v)
+                    }
+                }),
             (["locks"], &Method::GET) => {
                 p.list_locks(caller, &scope).map(|v| respond::json(200, &v))
             }

@@ -1635,3 +1635,8 @@ fn lock_json(l: &LockRecord) -> Value {
 // private state.
 #[path = "service_resources.rs"]
 pub(crate) mod service_resources;
+
+// Policy assignments and compliance: a child module, so it shares the directory's
+// private state.
+#[path = "policy_assignments.rs"]
+pub(crate) mod policy_assignments;
