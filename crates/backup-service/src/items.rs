@@ -115,6 +115,37 @@ fn item_name_ok(name: &str) -> bool {
         && !name.starts_with('.')
 }
 
+/// The item's `schedule` and `retention` properties: (interval hours, keep last), each
+/// `None` when absent or null.
+fn schedule_of(props: &Value) -> Result<(Option<u64>, Option<u64>), KvError> {
+    let num = |v: &Value, what: &str, max: u64| -> Result<Option<u64>, KvError> {
+        if v.is_null() {
+            return Ok(None);
+        }
+        v.as_u64()
+            .filter(|n| (1..=max).contains(n))
+            .map(Some)
+            .ok_or_else(|| {
+                bad(
+                    "InvalidSchedule",
+                    format!("{what} must be an integer from 1 to {max}."),
+                )
+            })
+    };
+    Ok((
+        num(
+            &props["schedule"]["intervalHours"],
+            "schedule.intervalHours",
+            8760,
+        )?,
+        num(
+            &props["retention"]["keepLast"],
+            "retention.keepLast",
+            100_000,
+        )?,
+    ))
+}
+
 fn item_json(v: &VaultCtx, name: &str, item: &Item) -> Value {
     json!({
         "id": format!("{}/backupProtectedItems/{name}", v.id),
@@ -124,6 +155,9 @@ fn item_json(v: &VaultCtx, name: &str, item: &Item) -> Value {
             "sourcePath": item.source_path,
             "protectionState": "Protected",
             "createdOn": rfc3339(item.created),
+            "schedule": item.schedule_hours.map(|h| json!({"intervalHours": h})),
+            "retention": item.keep_last.map(|k| json!({"keepLast": k})),
+            "nextScheduledBackup": item.next_scheduled().map(rfc3339),
         },
     })
 }
@@ -491,8 +525,31 @@ impl BackupService {
             .as_str()
             .unwrap_or("")
             .to_string();
-        if let Some(i) = state.items.get(&name) {
+        let sched = schedule_of(&input["properties"]);
+        if let Some(i) = state.items.get_mut(&name) {
             if i.source_path == source {
+                let (schedule_hours, keep_last) = sched?;
+                // Schedule and retention are the item's only changeable properties.
+                if (i.schedule_hours, i.keep_last) != (schedule_hours, keep_last) {
+                    i.schedule_hours = schedule_hours;
+                    i.keep_last = keep_last;
+                    let out = item_json(v, &name, i);
+                    state.save(&v.dir)?;
+                    self.log(
+                        v,
+                        activity_entry(
+                            Some(caller),
+                            &v.id,
+                            "Microsoft.RecoveryServices/vaults/backupProtectedItems/write",
+                            "Succeeded",
+                            &format!(
+                                "Item '{name}': schedule every {schedule_hours:?} h, keep last {keep_last:?}."
+                            ),
+                            p.now(),
+                        ),
+                    );
+                    return Ok((200, out));
+                }
                 return Ok((200, item_json(v, &name, i)));
             }
             return Err(
@@ -519,6 +576,7 @@ impl BackupService {
             );
             e
         };
+        let (schedule_hours, keep_last) = sched.map_err(fail)?;
         if !item_name_ok(&name) {
             return Err(fail(bad(
                 "InvalidItemName",
@@ -564,6 +622,9 @@ impl BackupService {
         let item = Item {
             source_path: source,
             created: p.now(),
+            schedule_hours,
+            keep_last,
+            last_scheduled: 0,
         };
         state.items.insert(name.clone(), item.clone());
         state.save(&v.dir)?;
@@ -622,7 +683,7 @@ impl BackupService {
         Ok((202, job.get()))
     }
 
-    async fn run_backup(
+    pub(crate) async fn run_backup(
         &self,
         p: &Platform,
         v: &VaultCtx,
@@ -743,6 +804,38 @@ impl BackupService {
             }
         });
         Ok((202, job.get()))
+    }
+
+    /// Retention: forgets the oldest recovery points beyond `keep` (their snapshot objects
+    /// only; pruning the packs no recovery point references any more is not done yet).
+    pub(crate) async fn apply_retention(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        item: &str,
+        keep: u64,
+    ) -> Result<Vec<String>, KvError> {
+        let rt = self.item_rt(v, item);
+        let _g = rt.lock.lock().await;
+        let (dek, _, _) = self.dek(p, v, item, &rt).await?;
+        let dir = Self::item_dir(v, item);
+        tokio::task::spawn_blocking(move || -> Result<Vec<String>, KvError> {
+            let repo = Repository::open(
+                Self::backend(&dir)?,
+                DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?,
+            )
+            .map_err(engine)?;
+            let snaps = repo.snapshots().map_err(engine)?;
+            let excess = snaps.len().saturating_sub(keep as usize);
+            let mut gone = Vec::new();
+            for s in snaps.into_iter().take(excess) {
+                repo.forget(&s.id).map_err(engine)?;
+                gone.push(s.id);
+            }
+            Ok(gone)
+        })
+        .await
+        .map_err(join)?
     }
 
     /// A Check job: `Repository::check(read_data)` on the item's repository. Completed when

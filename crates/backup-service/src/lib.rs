@@ -1,4 +1,4 @@
-//! kagi's backup vaults (`Microsoft.RecoveryServices/vaults`, MISSION BK-1..BK-8, X-1, X-2).
+//! kagi's backup vaults (`Microsoft.RecoveryServices/vaults`, MISSION BK-1..BK-10, X-1, X-2).
 //!
 //! A backup vault is an ARM resource stored in the directory (with its managed identities);
 //! it protects folders of the kagi host as *items*, each its own deduplicating, encrypted
@@ -15,7 +15,7 @@
 //! |---|---|
 //! | `PUT`/`PATCH`/`GET`/`DELETE {vault id}` | the vault |
 //! | `GET …/providers/Microsoft.RecoveryServices/vaults` | list (subscription or group) |
-//! | `PUT {vault id}/backupProtectedItems/{item}` `{"properties":{"sourcePath":"/abs"}}` | protect a folder |
+//! | `PUT {vault id}/backupProtectedItems/{item}` `{"properties":{"sourcePath":"/abs", "schedule"?:{"intervalHours":N}, "retention"?:{"keepLast":K}}}` | protect a folder (again with the same path: change schedule/retention) |
 //! | `GET {vault id}/backupProtectedItems[/{item}]` | items |
 //! | `POST {vault id}/backupProtectedItems/{item}/backup` | 202, a Backup job |
 //! | `POST {vault id}/backupProtectedItems/{item}/restore` `{recoveryPointId, targetPath, subPath?, overwrite?}` | 202, a Restore job |
@@ -23,12 +23,24 @@
 //! | `POST {vault id}/backupProtectedItems/{item}/check` `{readData?}` | 202, a Check job (`Repository::check`; Failed `RepositoryDamaged` with `stats.problems` when damaged) |
 //! | `GET {vault id}/backupJobs[/{id}]` | jobs |
 //! | `GET {vault id}/activityLog` | the activity log |
+//!
+//! Scheduled backups ([`spawn_scheduler`], started by `kagi server`): an item with a schedule
+//! gets a Backup job (`stats.trigger` = `Schedule`) every `intervalHours` of the platform clock,
+//! then retention forgets recovery points beyond the newest `keepLast` (snapshot objects only;
+//! unreferenced packs are not pruned yet).
+//!
+//! Policy (X-3, BK-10; served by kagi-vault/kagi-http, evaluated by `kagi_core::policy`): a Deny
+//! assignment of `…/policyDefinitions/kagi-backup-vaults-cmk` at the vault's subscription or
+//! group makes `PUT`/`PATCH {vault id}` of a vault without a customer-managed key answer 403
+//! `RequestDisallowedByPolicy` naming the assignment (logged in the activity log of an existing
+//! vault).
 
 #![forbid(unsafe_code)]
 
 mod items;
 pub mod jobs;
 pub mod keyvault;
+mod schedule;
 pub mod state;
 mod vaults;
 
@@ -41,6 +53,8 @@ use std::time::Duration;
 use kagi_core::{ErrorCode, KvError};
 use kagi_vault::{Platform, Principal};
 use serde_json::Value;
+
+pub use schedule::spawn_scheduler;
 
 /// The resource type.
 pub const VAULT_TYPE: &str = "Microsoft.RecoveryServices/vaults";

@@ -26,6 +26,23 @@ pub struct Item {
     pub source_path: String,
     /// Created (Unix seconds).
     pub created: i64,
+    /// Scheduled backups every this many hours (`None`: on demand only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_hours: Option<u64>,
+    /// Retention: keep the newest this many recovery points (`None`: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u64>,
+    /// When the last scheduled backup started (Unix seconds; 0: never).
+    #[serde(default)]
+    pub last_scheduled: i64,
+}
+
+impl Item {
+    /// When the next scheduled backup is due (Unix seconds), if scheduled.
+    pub fn next_scheduled(&self) -> Option<i64> {
+        let h = self.schedule_hours?;
+        Some(self.created.max(self.last_scheduled) + (h as i64) * 3600)
+    }
 }
 
 /// The persistent state of one backup vault.

@@ -241,6 +241,20 @@ impl BackupService {
                 )));
             }
         }
+        // X-3, BK-10: a Deny policy assignment at the subscription or group refuses the vault
+        // as it would be stored (logged in the activity log of an existing vault).
+        let mut candidate = existing
+            .clone()
+            .unwrap_or_else(|| json!({"properties": {}}));
+        candidate["type"] = json!(VAULT_TYPE);
+        if let Some(c) = &new_cmk {
+            candidate["properties"]["encryption"] =
+                json!({"keyVaultProperties": {"keyUri": c.key_uri}});
+        }
+        if let Some(e) = p.policy_deny(&vault_id_hint, &candidate)? {
+            tracing::warn!(vault = %vault_id_hint, "{}", e.message);
+            return Err(refuse(e));
+        }
         let location = input["location"].as_str().map(str::to_string).or_else(|| {
             existing
                 .as_ref()

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kagi_core::time::SystemClock;
+use kagi_core::time::TestClock;
 use kagi_http::tls::{LocalCa, SniResolver};
 use kagi_vault::{BootstrapAdmin, Platform, PlatformConfig};
 use serde_json::{Value, json};
@@ -26,6 +26,8 @@ struct Server {
     dir: tempfile::TempDir,
     token: String,
     c: reqwest::Client,
+    platform: Arc<Platform>,
+    clock: Arc<TestClock>,
 }
 
 impl Drop for Server {
@@ -50,7 +52,8 @@ async fn start(cache: Duration, poll: Duration) -> Server {
         dns_suffix: "localhost".into(),
         port,
     };
-    let (platform, admin) = Platform::open(config, Arc::new(SystemClock)).await.unwrap();
+    let clock = Arc::new(TestClock::new());
+    let (platform, admin) = Platform::open(config, clock.clone()).await.unwrap();
     let admin = admin.unwrap();
     let ca = LocalCa::load_or_create(&platform, dir.path()).unwrap();
     let ca_pem = ca.cert_pem.clone();
@@ -66,8 +69,9 @@ async fn start(cache: Duration, poll: Duration) -> Server {
         },
     );
     let audit = Arc::new(kagi_audit::AuditLog::open(dir.path()).unwrap());
+    let served = platform.clone();
     let task =
-        tokio::spawn(async move { kagi_http::serve(platform, audit, &[addr], resolver).await });
+        tokio::spawn(async move { kagi_http::serve(served, audit, &[addr], resolver).await });
     for _ in 0..1000 {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             break;
@@ -95,30 +99,50 @@ async fn start(cache: Duration, poll: Duration) -> Server {
         dir,
         token: String::new(),
         c,
+        platform,
+        clock,
     };
-    let r: Value =
-        s.c.post(format!(
-            "https://localhost:{port}/{}/oauth2/v2.0/token",
-            s.admin.tenant_id
-        ))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", s.admin.client_id.as_str()),
-            ("client_secret", s.admin.client_secret.as_str()),
-            ("scope", &format!("https://localhost:{port}/.default")),
-        ])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    s.token = r["access_token"].as_str().unwrap().to_string();
+    s.login().await;
     let _ = (&s.addr, &s.ca_pem);
     s
 }
 
 impl Server {
+    /// Gets a fresh token (after the test clock moved past the last one's lifetime).
+    async fn login(&mut self) {
+        let s = self;
+        let port = s.port;
+        let r: Value =
+            s.c.post(format!(
+                "https://localhost:{port}/{}/oauth2/v2.0/token",
+                s.admin.tenant_id
+            ))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", s.admin.client_id.as_str()),
+                ("client_secret", s.admin.client_secret.as_str()),
+                ("scope", &format!("https://localhost:{port}/.default")),
+            ])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        s.token = r["access_token"].as_str().unwrap().to_string();
+    }
+    async fn rp_names(&self, item: &str) -> Vec<String> {
+        let (st, r) = self
+            .arm("GET", &format!("{item}/recoveryPoints"), None)
+            .await;
+        assert_eq!(st, 200, "{r}");
+        r["value"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["name"].as_str().unwrap().to_string())
+            .collect()
+    }
     fn rg(&self) -> String {
         format!(
             "/subscriptions/{}/resourceGroups/rg1",
@@ -878,4 +902,265 @@ async fn check_detects_a_corrupted_pack() {
     let out = work.path().join("out");
     let r = s.restore("bvc", "i1", &rp, &out).await;
     assert_eq!(r["status"], "Failed", "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_cmk_deny_audit_disabled() {
+    let s = start(Duration::from_secs(600), Duration::from_secs(3600)).await;
+    s.setup().await;
+    let sub = format!("/subscriptions/{}", s.admin.subscription_id);
+    let def = "/providers/Microsoft.Authorization/policyDefinitions/kagi-backup-vaults-cmk";
+    let assign = |scope: String, effect: Option<&'static str>| {
+        let s = &s;
+        async move {
+            let mut props = json!({"policyDefinitionId": def});
+            if let Some(e) = effect {
+                props["parameters"] = json!({"effect": {"value": e}});
+            }
+            let (st, v) = s
+                .arm(
+                    "PUT",
+                    &format!("{scope}/providers/Microsoft.Authorization/policyAssignments/cmk"),
+                    Some(json!({"properties": props})),
+                )
+                .await;
+            assert!(st == 200 || st == 201, "{v}");
+            v
+        }
+    };
+    let unassign = |scope: String| {
+        let s = &s;
+        async move {
+            let (st, _) = s
+                .arm(
+                    "DELETE",
+                    &format!("{scope}/providers/Microsoft.Authorization/policyAssignments/cmk"),
+                    None,
+                )
+                .await;
+            assert_eq!(st, 200);
+        }
+    };
+    let pmk = json!({"location": "westeurope"});
+    let (uid, uoid) = s.uami("u1").await;
+    s.grant("kv1", &uoid, &["get", "list", "wrapKey", "unwrapKey"])
+        .await;
+    let cmk = json!({"location": "westeurope",
+        "identity": {"type": "UserAssigned", "userAssignedIdentities": {uid.clone(): {}}},
+        "properties": {"encryption": {"keyVaultProperties": {"keyUri": s.key_uri("kv1", "cmk")}, "kekIdentity": {"userAssignedIdentity": uid}}}});
+
+    // Bad assignments are refused.
+    let (st, e) = s
+        .arm(
+            "PUT",
+            &format!("{sub}/providers/Microsoft.Authorization/policyAssignments/x"),
+            Some(json!({"properties": {"policyDefinitionId": def, "parameters": {"effect": {"value": "Modify"}}}})),
+        )
+        .await;
+    assert_eq!(st, 400, "{e}");
+    let (st, e) = s
+        .arm(
+            "PUT",
+            &format!("{sub}/providers/Microsoft.Authorization/policyAssignments/x"),
+            Some(json!({"properties": {"policyDefinitionId": "/providers/Microsoft.Authorization/policyDefinitions/none"}})),
+        )
+        .await;
+    assert_eq!(st, 404, "{e}");
+
+    for scope in [sub.clone(), s.rg()] {
+        // Deny: a PMK vault is refused (creation and update), a CMK vault is allowed.
+        let a = assign(scope.clone(), Some("Deny")).await;
+        assert_eq!(a["properties"]["effect"], "Deny", "{a}");
+        let (st, got) = s
+            .arm(
+                "GET",
+                &format!("{scope}/providers/Microsoft.Authorization/policyAssignments/cmk"),
+                None,
+            )
+            .await;
+        assert_eq!(st, 200);
+        assert_eq!(got["id"], a["id"]);
+        let (st, e) = s.arm("PUT", &s.bv("pmk1"), Some(pmk.clone())).await;
+        assert_eq!(st, 403, "{e}");
+        assert_eq!(
+            e["error"]["innererror"]["code"],
+            "RequestDisallowedByPolicy"
+        );
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("policyAssignments/cmk"),
+            "{e}"
+        );
+        let (st, v) = s.arm("PUT", &s.bv("cmk1"), Some(cmk.clone())).await;
+        assert!(st == 200 || st == 201, "{v}");
+        // Audit (the default): allowed, reported non-compliant.
+        assign(scope.clone(), None).await;
+        let (st, v) = s.arm("PUT", &s.bv("pmk1"), Some(pmk.clone())).await;
+        assert!(st == 200 || st == 201, "{v}");
+        let (st, states) = s
+            .arm(
+                "POST",
+                &format!(
+                    "{sub}/providers/Microsoft.PolicyInsights/policyStates/latest/queryResults"
+                ),
+                None,
+            )
+            .await;
+        assert_eq!(st, 200, "{states}");
+        let state_of = |name: &str| {
+            states["value"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| {
+                    r["resourceId"]
+                        .as_str()
+                        .unwrap()
+                        .ends_with(&format!("/{name}"))
+                })
+                .map(|r| r["complianceState"].as_str().unwrap().to_string())
+        };
+        assert_eq!(
+            state_of("pmk1").as_deref(),
+            Some("NonCompliant"),
+            "{states}"
+        );
+        assert_eq!(state_of("cmk1").as_deref(), Some("Compliant"), "{states}");
+        // Deny again: updating the existing PMK vault is refused and logged in its activity log.
+        assign(scope.clone(), Some("Deny")).await;
+        let (st, e) = s
+            .arm("PATCH", &s.bv("pmk1"), Some(json!({"tags": {"a": "b"}})))
+            .await;
+        assert_eq!(st, 403, "{e}");
+        let (_, log) = s
+            .arm("GET", &format!("{}/activityLog", s.bv("pmk1")), None)
+            .await;
+        assert!(log.to_string().contains("disallowed by policy"), "{log}");
+        // Disabled: nothing evaluated, nothing reported.
+        assign(scope.clone(), Some("Disabled")).await;
+        let (st, v) = s.arm("PUT", &s.bv("pmk2"), Some(pmk.clone())).await;
+        assert_eq!(st, 201, "{v}");
+        let (_, states) = s
+            .arm(
+                "GET",
+                &format!(
+                    "{sub}/providers/Microsoft.PolicyInsights/policyStates/latest/queryResults"
+                ),
+                None,
+            )
+            .await;
+        assert_eq!(states["value"].as_array().unwrap().len(), 0, "{states}");
+        let (_, list) = s
+            .arm(
+                "GET",
+                &format!("{sub}/providers/Microsoft.Authorization/policyAssignments"),
+                None,
+            )
+            .await;
+        assert_eq!(list["value"].as_array().unwrap().len(), 1, "{list}");
+        unassign(scope.clone()).await;
+        for v in ["pmk1", "pmk2", "cmk1"] {
+            s.arm("DELETE", &s.bv(v), None).await;
+        }
+    }
+    // A resource group elsewhere is not governed by a group-scoped Deny.
+    assign(
+        format!(
+            "/subscriptions/{}/resourceGroups/other",
+            s.admin.subscription_id
+        ),
+        Some("Deny"),
+    )
+    .await;
+    let (st, v) = s.arm("PUT", &s.bv("pmk3"), Some(pmk.clone())).await;
+    assert_eq!(st, 201, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scheduled_backups_with_retention() {
+    let mut s = start(Duration::from_secs(600), Duration::from_secs(3600)).await;
+    s.setup().await;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_source(&src);
+    let (st, v) = s
+        .arm("PUT", &s.bv("bvs"), Some(json!({"location": "westeurope"})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let item = format!("{}/backupProtectedItems/i1", s.bv("bvs"));
+    let (st, e) = s
+        .arm(
+            "PUT",
+            &item,
+            Some(json!({"properties": {"sourcePath": src, "schedule": {"intervalHours": 0}}})),
+        )
+        .await;
+    assert_eq!(st, 400, "{e}");
+    assert_eq!(e["error"]["innererror"]["code"], "InvalidSchedule");
+    let (st, it) = s
+        .arm(
+            "PUT",
+            &item,
+            Some(json!({"properties": {"sourcePath": src, "schedule": {"intervalHours": 6}, "retention": {"keepLast": 2}}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{it}");
+    assert_eq!(it["properties"]["schedule"]["intervalHours"], 6);
+    assert_eq!(it["properties"]["retention"]["keepLast"], 2);
+    assert!(it["properties"]["nextScheduledBackup"].is_string(), "{it}");
+    let svc = kagi_backup_service::service(&s.platform);
+    // Nothing is due before the interval has passed.
+    assert_eq!(svc.run_schedules(&s.platform).await, 0);
+    s.clock.advance(5 * 3600).unwrap();
+    s.login().await;
+    assert_eq!(svc.run_schedules(&s.platform).await, 0);
+    // Each interval brings one Backup job; a sweep runs only what is due.
+    let mut seen = Vec::new();
+    for round in 1..=4 {
+        s.clock.advance(3600 + 5).unwrap();
+        s.login().await;
+        assert_eq!(svc.run_schedules(&s.platform).await, 1, "round {round}");
+        assert_eq!(svc.run_schedules(&s.platform).await, 0, "round {round}");
+        std::fs::write(src.join(format!("r{round}")), format!("{round}")).unwrap();
+        let (_, jobs) = s
+            .arm("GET", &format!("{}/backupJobs", s.bv("bvs")), None)
+            .await;
+        let j = &jobs["value"][0];
+        assert_eq!(j["status"], "Completed", "{j}");
+        assert_eq!(j["operation"], "Backup");
+        assert_eq!(j["stats"]["trigger"], "Schedule");
+        seen.push(j["stats"]["recoveryPointId"].as_str().unwrap().to_string());
+        // Retention: the newest two recovery points stay.
+        let now = s.rp_names(&item).await;
+        assert_eq!(now.len(), round.min(2), "{now:?}");
+        assert_eq!(now[0], *seen.last().unwrap());
+        if round > 2 {
+            assert_eq!(
+                j["stats"]["recoveryPointsForgotten"],
+                json!([seen[round - 3].clone()]),
+                "{j}"
+            );
+        }
+        s.clock.advance(5 * 3600).unwrap();
+        s.login().await;
+    }
+    // What is kept still restores.
+    let last = s.rp_names(&item).await;
+    let out = work.path().join("out");
+    let r = s.restore("bvs", "i1", &last[1], &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    // The schedule can be removed; then nothing more runs.
+    let (st, it) = s
+        .arm(
+            "PUT",
+            &item,
+            Some(json!({"properties": {"sourcePath": src}})),
+        )
+        .await;
+    assert_eq!(st, 200, "{it}");
+    assert!(it["properties"]["schedule"].is_null(), "{it}");
+    s.clock.advance(48 * 3600).unwrap();
+    assert_eq!(svc.run_schedules(&s.platform).await, 0);
 }

@@ -100,9 +100,9 @@ impl Repository {
         let config = Config {
             version: FORMAT_VERSION,
             id: hex::encode(kagi_crypto::random_bytes(16)?),
-            chunk_min: 512 * 1024,
-            chunk_avg: 1024 * 1024,
-            chunk_max: 8 * 1024 * 1024,
+            chunk_min: 16 * 1024,
+            chunk_avg: 64 * 1024,
+            chunk_max: 1024 * 1024,
             key_check: hex::encode(key.seal(b"kagi/key-check/v1", KEY_CHECK)?),
         };
         backend.put("config", json(&config)?)?;
@@ -139,13 +139,13 @@ impl Repository {
         };
         for name in repo.backend.list("index")? {
             let sealed = repo.backend.get(&name)?;
-            let packs: Vec<PackHeader> = serde_json::from_slice(
+            let packs: Vec<PackHeader> = pack::unpack_metadata(
                 &repo
                     .key
                     .open(format!("kagi/index/v1/{name}").as_bytes(), &sealed)
                     .map_err(|_| BackupError::Corrupt(format!("{name} failed authentication")))?,
-            )
-            .map_err(|e| BackupError::Corrupt(format!("{name}: {e}")))?;
+                &name,
+            )?;
             repo.add_to_index(&packs)?;
         }
         Ok(repo)
@@ -175,9 +175,10 @@ impl Repository {
             return Ok(());
         }
         let name = format!("index/{}", hex::encode(kagi_crypto::random_bytes(16)?));
-        let sealed = self
-            .key
-            .seal(format!("kagi/index/v1/{name}").as_bytes(), &json(&packs)?)?;
+        let sealed = self.key.seal(
+            format!("kagi/index/v1/{name}").as_bytes(),
+            &pack::pack_metadata(&packs)?,
+        )?;
         self.backend.put(&name, sealed)
     }
 
@@ -228,6 +229,13 @@ impl Repository {
                 "recovery point id {id} is ambiguous"
             ))),
         }
+    }
+
+    /// Forgets a recovery point: removes its snapshot object only. The packs only it
+    /// referenced stay (pruning unreferenced packs is not done yet).
+    pub fn forget(&self, id: &str) -> Result<()> {
+        let s = self.snapshot(id)?;
+        self.backend.delete(&format!("snapshots/{}", s.id))
     }
 
     /// Whether a blob is stored.

@@ -158,7 +158,8 @@ enum VaultCommand {
 
 #[derive(Subcommand, Debug)]
 enum ItemCommand {
-    /// Protect a folder of the kagi host.
+    /// Protect a folder of the kagi host (again with the same folder: change its schedule
+    /// and retention; omitted ones are removed).
     Protect {
         #[command(flatten)]
         v: VaultRef,
@@ -168,6 +169,12 @@ enum ItemCommand {
         /// Absolute path of the folder.
         #[arg(long)]
         source: String,
+        /// Take a recovery point every this many hours.
+        #[arg(long)]
+        schedule_hours: Option<u64>,
+        /// Keep only the newest this many recovery points (after each scheduled backup).
+        #[arg(long)]
+        keep_last: Option<u64>,
     },
     /// List protected items.
     List {
@@ -336,14 +343,27 @@ fn ended(ctx: &Context, j: &Value) -> anyhow::Result<()> {
 pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<()> {
     match args.command {
         BackupCommand::Vault(cmd) => vault(ctx, cmd).await,
-        BackupCommand::Item(ItemCommand::Protect { v, name, source }) => {
+        BackupCommand::Item(ItemCommand::Protect {
+            v,
+            name,
+            source,
+            schedule_hours,
+            keep_last,
+        }) => {
             let base = vault_path(ctx, &v);
             let source = std::path::absolute(&source)?.display().to_string();
+            let mut props = json!({"sourcePath": source});
+            if let Some(h) = schedule_hours {
+                props["schedule"] = json!({"intervalHours": h});
+            }
+            if let Some(k) = keep_last {
+                props["retention"] = json!({"keepLast": k});
+            }
             let r = ctx
                 .call(
                     Method::PUT,
                     &url(&base, &format!("/backupProtectedItems/{name}")),
-                    Some(&json!({"properties": {"sourcePath": source}})),
+                    Some(&json!({"properties": props})),
                 )
                 .await?;
             show(ctx, &r, |r| {

@@ -9,6 +9,7 @@ mod client;
 mod commands;
 mod events;
 mod identity;
+mod policy;
 mod vault_backup;
 
 use std::path::PathBuf;
@@ -75,6 +76,8 @@ enum Command {
     Audit(audit::AuditArgs),
     /// Backup vaults: encryption (PMK/CMK), protected folders, backups, restores, jobs.
     Backup(backup::BackupArgs),
+    /// Policy assignments (e.g. backup vaults must use customer-managed keys) and compliance.
+    Policy(policy::PolicyArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -117,6 +120,10 @@ fn main() -> std::process::ExitCode {
             Command::Backup(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 backup::run(&ctx, args).await
+            }
+            Command::Policy(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                policy::run(&ctx, args).await
             }
         }
     });
@@ -259,6 +266,10 @@ async fn run_server(
             }
         }
     });
+
+    // Scheduled backups of backup vault items, then their retention: at start and every
+    // minute, on the platform clock (so `--test-clock` moves it).
+    kagi_backup_service::spawn_scheduler(platform.clone(), std::time::Duration::from_secs(60));
 
     let serve = kagi_http::serve(platform, audit_log, &addrs, resolver);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,0 +1,139 @@
+//! Scheduled backups with retention (issue 5 item 5): an item with
+//! `{"schedule": {"intervalHours": N}, "retention": {"keepLast": K}}` gets a Backup job every N
+//! hours of the platform clock (so `kagi server --test-clock` moves it), counted from its
+//! creation or its last scheduled backup; after a completed backup, recovery points beyond the
+//! newest K are forgotten (their snapshot objects deleted; the packs they alone referenced
+//! stay — pruning is not done yet). A sweep runs at start (catching up on what fell due while
+//! kagi was down, once per item, not once per missed interval) and then every minute.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kagi_vault::Platform;
+use serde_json::json;
+
+use crate::state::VaultState;
+use crate::vaults::{VaultCtx, activity_entry};
+use crate::{BackupService, VAULT_TYPE};
+
+fn subdirs(d: &Path) -> Vec<String> {
+    std::fs::read_dir(d)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs [`BackupService::run_schedules`] at start and then every `every`.
+pub fn spawn_scheduler(platform: Arc<Platform>, every: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let n = crate::service(&platform).run_schedules(&platform).await;
+            if n > 0 {
+                tracing::info!(backups = n, "scheduled backups run");
+            }
+        }
+    })
+}
+
+impl BackupService {
+    /// Runs every scheduled backup that is due (one after the other, each a Backup job),
+    /// then its retention. Returns the number of backup jobs run.
+    pub async fn run_schedules(self: &Arc<Self>, p: &Arc<Platform>) -> usize {
+        let root = self.data_dir.join("backup");
+        let mut ran = 0;
+        for sub in subdirs(&root) {
+            for rg in subdirs(&root.join(&sub)) {
+                for name in subdirs(&root.join(&sub).join(&rg)) {
+                    let dir = root.join(&sub).join(&rg).join(&name);
+                    let id = format!(
+                        "/subscriptions/{sub}/resourceGroups/{rg}/providers/{VAULT_TYPE}/{name}"
+                    );
+                    let Some(body) = p.service_resource(&id) else {
+                        continue;
+                    };
+                    let v = VaultCtx {
+                        id: body["id"].as_str().unwrap_or(&id).to_string(),
+                        body,
+                        dir,
+                    };
+                    ran += self.run_vault_schedules(p, &v).await;
+                }
+            }
+        }
+        ran
+    }
+
+    async fn run_vault_schedules(self: &Arc<Self>, p: &Arc<Platform>, v: &VaultCtx) -> usize {
+        let due: Vec<String> = match VaultState::load(&v.dir) {
+            Ok(Some(s)) => s
+                .items
+                .iter()
+                .filter(|(_, i)| i.next_scheduled().is_some_and(|t| p.now() >= t))
+                .map(|(n, _)| n.clone())
+                .collect(),
+            _ => return 0,
+        };
+        let mut ran = 0;
+        for name in due {
+            // Claim the run (durably, under the vault's lock) before starting it.
+            let item = {
+                let lock = self.vault_lock(&v.dir.display().to_string());
+                let _g = lock.lock().await;
+                let Ok(Some(mut s)) = VaultState::load(&v.dir) else {
+                    continue;
+                };
+                let Some(i) = s.items.get_mut(&name) else {
+                    continue;
+                };
+                if i.next_scheduled().is_none_or(|t| p.now() < t) {
+                    continue;
+                }
+                i.last_scheduled = p.now();
+                let item = i.clone();
+                if s.save(&v.dir).is_err() {
+                    continue;
+                }
+                item
+            };
+            let Ok(job) = self.jobs.start(&v.id, &v.dir, "Backup", &name, p.now()) else {
+                continue;
+            };
+            ran += 1;
+            let r = async {
+                let mut stats = self.run_backup(p, v, &name, &item, &job).await?;
+                stats["trigger"] = json!("Schedule");
+                if let Some(keep) = item.keep_last {
+                    let gone = self.apply_retention(p, v, &name, keep).await?;
+                    stats["recoveryPointsForgotten"] = json!(gone);
+                }
+                Ok::<_, kagi_core::KvError>(stats)
+            }
+            .await;
+            match r {
+                Ok(stats) => job.complete(p.now(), stats),
+                Err(e) => {
+                    self.log(
+                        v,
+                        activity_entry(
+                            None,
+                            &v.id,
+                            "Microsoft.RecoveryServices/vaults/backupJobs/backup",
+                            "Failed",
+                            &format!("Scheduled backup of '{name}': {}", e.message),
+                            p.now(),
+                        ),
+                    );
+                    job.fail(p.now(), &e);
+                }
+            }
+        }
+        ran
+    }
+}
