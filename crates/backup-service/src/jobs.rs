@@ -94,10 +94,7 @@ impl Jobs {
         entity: &str,
         now: i64,
     ) -> Result<Arc<JobHandle>, KvError> {
-        let raw = kagi_crypto::random_bytes(16).map_err(|e| io("rng", e))?;
-        let mut b = [0u8; 16];
-        b.copy_from_slice(&raw);
-        let id = kagi_core::ids::uuid_v4(b);
+        let id = kagi_core::ids::uuid_v4(kagi_crypto::random_array().map_err(|e| io("rng", e))?);
         let body = json!({
             "id": format!("{vault_id}/backupJobs/{id}"),
             "name": id,

@@ -76,24 +76,7 @@ pub fn vault_dir(data: &Path, sub: &str, rg: &str, name: &str) -> PathBuf {
 
 /// Writes `bytes` to `path` atomically and durably.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KvError> {
-    let dir = path.parent().ok_or_else(|| io("state", "no parent"))?;
-    fs::create_dir_all(dir).map_err(|e| io("mkdir", e))?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io("write state", e))?;
-        f.write_all(bytes).map_err(|e| io("write state", e))?;
-        f.sync_all().map_err(|e| io("sync state", e))?;
-    }
-    fs::rename(&tmp, path).map_err(|e| io("rename state", e))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("sync dir", e))
+    kagi_store::file::write_atomically(path, bytes, 0o600).map_err(|e| io("write state", e))
 }
 
 impl VaultState {

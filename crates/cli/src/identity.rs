@@ -300,10 +300,7 @@ fn show(ctx: &Context, v: &Value) {
 }
 
 fn new_guid() -> anyhow::Result<String> {
-    let b = kagi_crypto::random_bytes(16)?;
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b);
-    Ok(kagi_core::ids::uuid_v4(a))
+    Ok(kagi_core::ids::uuid_v4(kagi_crypto::random_array()?))
 }
 
 impl Context {

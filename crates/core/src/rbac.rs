@@ -169,8 +169,11 @@ fn builtin(name: &str, description: &str, data_actions: &[&str]) -> RoleDefiniti
 }
 
 /// Azure's built-in Key Vault data roles: (GUID, definition).
-pub fn builtin_roles() -> Vec<(&'static str, RoleDefinitionProperties)> {
-    vec![
+pub fn builtin_roles() -> &'static [(&'static str, RoleDefinitionProperties)] {
+    // Built once: authorization looks roles up on every request of an RBAC vault.
+    static ROLES: std::sync::OnceLock<Vec<(&'static str, RoleDefinitionProperties)>> =
+        std::sync::OnceLock::new();
+    ROLES.get_or_init(|| vec![
         (
             "00482a5a-887f-4fb3-b363-3b7fe8e74483",
             builtin(
@@ -251,7 +254,15 @@ pub fn builtin_roles() -> Vec<(&'static str, RoleDefinitionProperties)> {
                 ],
             ),
         ),
-    ]
+    ])
+}
+
+/// A built-in role by GUID.
+pub fn builtin_role(guid: &str) -> Option<&'static RoleDefinitionProperties> {
+    builtin_roles()
+        .iter()
+        .find(|(g, _)| g.eq_ignore_ascii_case(guid))
+        .map(|(_, r)| r)
 }
 
 /// A scope of a role assignment or lock: subscription, resource group, resource, or an object

@@ -36,6 +36,18 @@ pub fn digest(alg: DigestAlgorithm, data: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
+/// Returns `N` random bytes as an array (ids, versions, nonces).
+///
+/// # Errors
+/// [`CryptoError::Internal`] if the random source fails.
+pub fn random_array<const N: usize>() -> Result<[u8; N]> {
+    let mut out = [0u8; N];
+    aws_lc_rs::rand::SystemRandom::new()
+        .fill(&mut out)
+        .map_err(|_| CryptoError::Internal)?;
+    Ok(out)
+}
+
 /// Returns `n` bytes from the operating system's CSPRNG (via aws-lc).
 ///
 /// # Errors

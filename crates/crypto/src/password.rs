@@ -2,6 +2,9 @@
 //! `argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>` (base64url). Passwords are low-entropy, so,
 //! unlike 256-bit client secrets, they get a memory-hard hash.
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
 use crate::{CryptoError, Result};
 
 const M_COST: u32 = 19 * 1024;
@@ -9,34 +12,11 @@ const T_COST: u32 = 2;
 const P_COST: u32 = 1;
 
 fn b64(b: &[u8]) -> String {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in b.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, x)| acc | (u32::from(*x) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
+    URL_SAFE_NO_PAD.encode(b)
 }
 
 fn unb64(s: &str) -> Option<Vec<u8>> {
-    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = Vec::new();
-    let (mut acc, mut bits) = (0u32, 0);
-    for c in s.bytes() {
-        acc = (acc << 6) | A.iter().position(|a| *a == c)? as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
+    URL_SAFE_NO_PAD.decode(s).ok()
 }
 
 fn derive(password: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<[u8; 32]> {

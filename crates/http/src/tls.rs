@@ -71,20 +71,8 @@ fn ca_params(key: &KeyPair) -> Result<CertificateParams, TlsError> {
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| TlsError::Io(tmp.clone(), e))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| TlsError::Io(tmp.clone(), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TlsError::Io(path.to_path_buf(), e))
+    kagi_store::file::write_atomically(path, data, mode)
+        .map_err(|e| TlsError::Io(path.to_path_buf(), e))
 }
 
 impl LocalCa {
@@ -160,9 +148,7 @@ impl LocalCa {
 }
 
 fn pem_to_der(pem: &str) -> Result<Vec<u8>, TlsError> {
-    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    kagi_core::b64::decode(&body.replace('+', "-").replace('/', "_"))
-        .ok_or_else(|| TlsError::Cert("ca.pem is not valid PEM".into()))
+    kagi_crypto::x509::certificate_der(pem.as_bytes()).map_err(cert_err)
 }
 
 /// Picks (minting on first use) the certificate for the SNI name of each connection: the

@@ -10,6 +10,7 @@
 
 pub mod directory;
 pub mod events;
+pub mod file;
 mod secrets;
 mod sqlite;
 mod sqlite_directory;

@@ -2,8 +2,7 @@
 //! signing key, the default tenant and subscription, and the bootstrap administrator.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -63,31 +62,12 @@ pub struct BootstrapAdmin {
 }
 
 fn random16() -> Result<[u8; 16], StartupError> {
-    let b = kagi_crypto::random_bytes(16).map_err(|e| StartupError::RootKey(e.to_string()))?;
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&b);
-    Ok(out)
+    kagi_crypto::random_array().map_err(|e| StartupError::RootKey(e.to_string()))
 }
 
-/// Writes a file atomically with mode 0600: temp file, fsync, rename, fsync the directory.
+/// Writes a credentials file atomically with mode 0600.
 pub(crate) fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), StartupError> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(contents).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
-    }
-    Ok(())
+    kagi_store::file::write_atomically(path, contents, 0o600).map_err(io(path))
 }
 
 impl Platform {

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use kagi_core::access::{Caller, DataAction, access_policies_allow};
 use kagi_core::ids::uuid_v4;
-use kagi_core::rbac::{RoleDefinitionProperties, Scope, builtin_roles, data_action};
+use kagi_core::rbac::{RoleDefinitionProperties, Scope, builtin_role, builtin_roles, data_action};
 use kagi_core::time::rfc3339;
 use kagi_core::{ErrorCode, KvError, ResourceGroupName, SubscriptionId};
 use kagi_identity::Principal;
@@ -94,10 +94,7 @@ fn bad(message: impl Into<String>) -> KvError {
 }
 
 fn random16() -> Result<[u8; 16], KvError> {
-    let b = kagi_crypto::random_bytes(16).map_err(|e| internal("rng", e))?;
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b);
-    Ok(a)
+    kagi_crypto::random_array().map_err(|e| internal("rng", e))
 }
 
 fn new_secret() -> Result<String, KvError> {
@@ -106,9 +103,15 @@ fn new_secret() -> Result<String, KvError> {
     ))
 }
 
+/// Certificates arrive as standard base64 (Graph's `keyCredential.key`) or base64url.
 fn base64_any(text: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
     let t: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    kagi_core::b64::decode(&t.replace('+', "-").replace('/', "_"))
+    STANDARD
+        .decode(&t)
+        .ok()
+        .or_else(|| kagi_core::b64::decode(&t))
 }
 
 fn guid(text: &str) -> Result<String, KvError> {
@@ -584,22 +587,34 @@ impl Platform {
             created: existing.as_ref().map_or(now, |(r, _)| r.created),
             updated: now,
         };
-        self.store
-            .put_resource(&record, &created, &deleted)
-            .await
-            .map_err(|e| internal("put resource", e))?;
-        {
-            let mut d = self.dir_mut();
-            for p in created {
-                d.principals.insert(p.object_id.clone(), p);
-            }
-            for oid in &deleted {
-                d.principals.remove(oid);
-            }
-            d.resources.insert(key, (record, body.clone()));
-        }
+        self.commit_resource(record, body.clone(), created, &deleted)
+            .await?;
         tracing::info!(resource = %id, "resource written");
         Ok((if existing.is_some() { 200 } else { 201 }, body))
+    }
+
+    /// Stores a resource together with the identities it gained and lost (one transaction),
+    /// then applies the same to the in-memory directory.
+    pub(crate) async fn commit_resource(
+        &self,
+        record: ResourceRecord,
+        body: Value,
+        created: Vec<PrincipalRecord>,
+        deleted: &[String],
+    ) -> Result<(), KvError> {
+        self.store
+            .put_resource(&record, &created, deleted)
+            .await
+            .map_err(|e| internal("put resource", e))?;
+        let mut d = self.dir_mut();
+        for p in created {
+            d.principals.insert(p.object_id.clone(), p);
+        }
+        for oid in deleted {
+            d.principals.remove(oid);
+        }
+        d.resources.insert(record.id.clone(), (record, body));
+        Ok(())
     }
 
     /// Applies an `identity` block to a resource: creates the system-assigned identity when it
@@ -991,16 +1006,12 @@ impl Platform {
     // ----- RBAC -----
 
     fn role_definition(&self, guid: &str) -> Option<RoleDefinitionProperties> {
-        builtin_roles()
-            .into_iter()
-            .find(|(g, _)| g.eq_ignore_ascii_case(guid))
-            .map(|(_, r)| r)
-            .or_else(|| {
-                self.dir()
-                    .custom_roles
-                    .get(&guid.to_ascii_lowercase())
-                    .map(|(_, r)| r.clone())
-            })
+        builtin_role(guid).cloned().or_else(|| {
+            self.dir()
+                .custom_roles
+                .get(&guid.to_ascii_lowercase())
+                .map(|(_, r)| r.clone())
+        })
     }
 
     /// Whether a role assignment of `oid` at a scope containing `scope` grants `action`.
@@ -1012,15 +1023,8 @@ impl Platform {
                 && target
                     .as_ref()
                     .is_some_and(|t| Scope::parse(&a.scope).is_ok_and(|s| s.contains(t)))
-                && builtin_roles()
-                    .into_iter()
-                    .find(|(g, _)| g.eq_ignore_ascii_case(&a.role_definition_id))
-                    .map(|(_, r)| r)
-                    .or_else(|| {
-                        d.custom_roles
-                            .get(&a.role_definition_id)
-                            .map(|(_, r)| r.clone())
-                    })
+                && builtin_role(&a.role_definition_id)
+                    .or_else(|| d.custom_roles.get(&a.role_definition_id).map(|(_, r)| r))
                     .is_some_and(|r| r.grants_data_action(action))
         })
     }

@@ -155,10 +155,9 @@ impl ObjectView {
 }
 
 fn new_event_id() -> Result<String, KvError> {
-    let b = kagi_crypto::random_bytes(16).map_err(|e| internal("rng", e))?;
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b);
-    Ok(kagi_core::ids::uuid_v4(a))
+    kagi_crypto::random_array()
+        .map(kagi_core::ids::uuid_v4)
+        .map_err(|e| internal("rng", e))
 }
 
 /// Serialises event reconciliation (see `reconcile_events`).

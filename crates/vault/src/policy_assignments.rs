@@ -50,16 +50,9 @@ impl Platform {
 
     fn save_policy_bodies(&self, m: &BTreeMap<String, Value>) -> Result<(), KvError> {
         let path = self.policy_file();
-        if let Some(d) = path.parent() {
-            std::fs::create_dir_all(d).map_err(|e| internal("policy dir", e))?;
-        }
-        let tmp = path.with_extension("json.tmp");
         let data = serde_json::to_vec_pretty(m).map_err(|e| internal("policy json", e))?;
-        std::fs::write(&tmp, data).map_err(|e| internal("policy write", e))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| internal("policy sync", e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| internal("policy rename", e))
+        kagi_store::file::write_atomically(&path, &data, 0o600)
+            .map_err(|e| internal("policy write", e))
     }
 
     /// The parsed assignments (for evaluation).

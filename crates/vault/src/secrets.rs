@@ -118,10 +118,9 @@ struct BackupVersion {
 }
 
 fn random_version() -> Result<KeyVersion, KvError> {
-    let b = kagi_crypto::random_bytes(16).map_err(|e| internal("rng", e))?;
-    let mut a = [0u8; 16];
-    a.copy_from_slice(&b);
-    Ok(KeyVersion::from_random(a))
+    kagi_crypto::random_array()
+        .map(KeyVersion::from_random)
+        .map_err(|e| internal("rng", e))
 }
 
 fn store_error(context: &str, e: StoreError) -> KvError {

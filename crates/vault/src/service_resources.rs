@@ -121,20 +121,8 @@ impl Platform {
             created: existing.as_ref().map_or(now, |(r, _)| r.created),
             updated: now,
         };
-        self.store
-            .put_resource(&record, &created, &deleted)
-            .await
-            .map_err(|e| internal("put resource", e))?;
-        {
-            let mut d = self.dir_mut();
-            for p in created {
-                d.principals.insert(p.object_id.clone(), p);
-            }
-            for oid in &deleted {
-                d.principals.remove(oid);
-            }
-            d.resources.insert(key, (record, out.clone()));
-        }
+        self.commit_resource(record, out.clone(), created, &deleted)
+            .await?;
         tracing::info!(resource = %id, "service resource written");
         Ok((if existing.is_some() { 200 } else { 201 }, out))
     }

@@ -131,17 +131,14 @@ impl Platform {
         principal: &Principal,
         audience: &str,
     ) -> Result<TokenGrant, TokenRequestError> {
-        let id = kagi_crypto::random_bytes(16)
-            .ok()
-            .and_then(|b| <[u8; 16]>::try_from(b).ok())
-            .ok_or_else(|| {
-                refuse(
-                    500,
-                    "temporarily_unavailable",
-                    90033,
-                    "A transient error occurred.",
-                )
-            })?;
+        let id = kagi_crypto::random_array::<16>().ok().ok_or_else(|| {
+            refuse(
+                500,
+                "temporarily_unavailable",
+                90033,
+                "A transient error occurred.",
+            )
+        })?;
         let token = self
             .issuer
             .issue(principal, audience, self.clock.now(), TOKEN_LIFETIME, id)

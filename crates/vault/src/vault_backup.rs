@@ -1355,12 +1355,7 @@ impl Platform {
         let mut skipped_assignments = Vec::new();
         for a in &p.assignments {
             let scope = format!("{base}{}", a.scope);
-            let id = uuid_v4(
-                kagi_crypto::random_bytes(16)
-                    .map_err(|e| internal("rng", e))?
-                    .try_into()
-                    .map_err(|_| internal("rng", "length"))?,
-            );
+            let id = uuid_v4(kagi_crypto::random_array().map_err(|e| internal("rng", e))?);
             let body = json!({"properties": {
                 "roleDefinitionId": format!("/providers/Microsoft.Authorization/roleDefinitions/{}", a.role_definition_id),
                 "principalId": a.principal_id,
