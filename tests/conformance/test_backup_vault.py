@@ -310,13 +310,19 @@ def test_backup_vault_crash_safety(private_kagi, tmp_path):
     try:
         deadline = time.monotonic() + 60
         running = None
+        persisted = None
         while time.monotonic() < deadline:
             running = [j for j in jobs(srv, bv) if j["operation"] == "Backup" and j["status"] == "InProgress"]
             if running and (running[0].get("progress") or {}).get("done", 0) > 0:
-                break
+                # Progress is persisted while the job runs: wait until its file shows some.
+                files = list((srv.data_dir / "backup").rglob(f"jobs/{running[0]['name']}.json"))
+                persisted = json.loads(files[0].read_text()) if files else None
+                if persisted and persisted["status"] == "InProgress" and persisted["progress"]["done"] > 0:
+                    break
             assert bg.poll() is None, f"backup ended before the kill: {bg.communicate()}"
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert running, "the backup job never showed InProgress"
+        assert persisted and persisted["progress"]["done"] > 0, f"no progress persisted: {persisted}"
         srv.kill9()
         bg_out, bg_err = bg.communicate(timeout=30)
     finally:
@@ -332,6 +338,15 @@ def test_backup_vault_crash_safety(private_kagi, tmp_path):
     killed = [j for j in jobs(srv, bv) if j["name"] == running[0]["name"]]
     assert len(killed) == 1 and killed[0]["status"] == "Failed", killed
     assert killed[0]["error"]["code"] == "JobInterrupted", killed
+    # It ended at its last persisted update, and keeps the last persisted progress (a later
+    # write may have landed between our read and the kill).
+    k = killed[0]
+    assert k["endTime"] and k["endTime"] >= k["startTime"], k
+    assert k["endTime"] == k["lastUpdateTime"], k
+    assert k["endTime"] >= persisted["lastUpdateTime"], (k, persisted)
+    assert k["progress"]["total"] == persisted["progress"]["total"], (k, persisted)
+    assert persisted["progress"]["done"] <= k["progress"]["done"] <= k["progress"]["total"], (k, persisted)
+    assert [j for j in jobs(srv, bv) if j["name"] == k["name"]] == [k], "answered the same again"
 
     # The next backup completes; every recovery point restores.
     second = backup_now(srv, bv, "bulk")

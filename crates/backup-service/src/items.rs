@@ -231,7 +231,7 @@ impl BackupService {
         let Some(cmk) = CmkConfig::of(&body) else {
             let sealed =
                 kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
-            let raw = p.open_platform_secret(&pmk_label(&v.id), &sealed)?;
+            let raw = p.open_platform_secret(&pmk_label(&v.key_binding()), &sealed)?;
             let mut k = Zeroizing::new([0u8; 32]);
             if raw.len() != 32 {
                 return Err(io("pmk", "bad length"));
@@ -239,6 +239,8 @@ impl BackupService {
             k.copy_from_slice(&raw);
             return Ok(Kek::Pmk(k));
         };
+        // BK-9: a key configured in another tenant than the subscription's now is not used.
+        self.check_cmk_tenant(p, v, &state)?;
         let who = cmk.describe_identity(&body);
         let token = p
             .identity_token(&v.id, cmk.user_assigned.as_deref())
@@ -311,7 +313,7 @@ impl BackupService {
             Kek::Pmk(k) => {
                 let pmk = DataKey::from_bytes(k).map_err(|e| io("pmk", e))?;
                 let sealed = pmk
-                    .seal(&pmk_aad(&v.id, item), dek.as_ref())
+                    .seal(&pmk_aad(&v.key_binding(), item), dek.as_ref())
                     .map_err(|e| io("pmk wrap", e))?;
                 (json!({"kind": "pmk", "vault": v.id}), sealed)
             }
@@ -358,7 +360,7 @@ impl BackupService {
                     return Err("no platform key".into());
                 };
                 let pmk = DataKey::from_bytes(&k).map_err(|e| e.to_string())?;
-                pmk.open(&pmk_aad(&v.id, item), &wrapped)
+                pmk.open(&pmk_aad(&v.key_binding(), item), &wrapped)
                     .map_err(|_| "the platform key does not open this entry".to_string())?
             }
             (Some("cmk"), Kek::Cmk { token, who, .. }) => {
@@ -397,7 +399,7 @@ impl BackupService {
         let state = VaultState::load(&v.dir)?.unwrap_or_default();
         let sealed =
             kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
-        let raw = p.open_platform_secret(&pmk_label(&v.id), &sealed)?;
+        let raw = p.open_platform_secret(&pmk_label(&v.key_binding()), &sealed)?;
         let mut k = Zeroizing::new([0u8; 32]);
         if raw.len() != 32 {
             return Err(io("pmk", "bad length"));
@@ -732,6 +734,7 @@ impl BackupService {
             "bytesNew": stats.bytes_new,
             "bytesAdded": stats.bytes_added,
             "skipped": stats.skipped,
+            "skippedCount": stats.skipped_count,
             "durationMs": stats.duration_ms,
             "megabytesPerSecond": (stats.bytes_read as f64 / 1e6 / secs * 10.0).round() / 10.0,
         }))
@@ -806,21 +809,24 @@ impl BackupService {
         Ok((202, job.get()))
     }
 
-    /// Retention: forgets the oldest recovery points beyond `keep` (their snapshot objects
-    /// only; pruning the packs no recovery point references any more is not done yet).
+    /// Retention: forgets the oldest recovery points beyond `keep`, then (if any were
+    /// forgotten) prunes what no remaining one references. Returns the forgotten ids and the
+    /// prune's statistics (`null` when nothing was forgotten). A failed prune does not fail
+    /// the job (the backup and the forgetting are done; the next retention prunes again): its
+    /// error is reported in the statistics.
     pub(crate) async fn apply_retention(
         &self,
         p: &Platform,
         v: &VaultCtx,
         item: &str,
         keep: u64,
-    ) -> Result<Vec<String>, KvError> {
+    ) -> Result<(Vec<String>, Value), KvError> {
         let rt = self.item_rt(v, item);
         let _g = rt.lock.lock().await;
         let (dek, _, _) = self.dek(p, v, item, &rt).await?;
         let dir = Self::item_dir(v, item);
-        tokio::task::spawn_blocking(move || -> Result<Vec<String>, KvError> {
-            let repo = Repository::open(
+        tokio::task::spawn_blocking(move || -> Result<(Vec<String>, Value), KvError> {
+            let mut repo = Repository::open(
                 Self::backend(&dir)?,
                 DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?,
             )
@@ -832,7 +838,15 @@ impl BackupService {
                 repo.forget(&s.id).map_err(engine)?;
                 gone.push(s.id);
             }
-            Ok(gone)
+            if gone.is_empty() {
+                return Ok((gone, Value::Null));
+            }
+            // The item's lock (held above) keeps other jobs of this item out, as prune needs.
+            let pruned = match repo.prune(&kagi_backup::PruneOptions::default(), &|_| {}) {
+                Ok(st) => json!(st),
+                Err(e) => json!({"error": e.to_string()}),
+            };
+            Ok((gone, pruned))
         })
         .await
         .map_err(join)?
@@ -859,18 +873,19 @@ impl BackupService {
                 let (dek, _, _) = svc.dek(&p2, &v2, &item, &rt).await?;
                 let dir = Self::item_dir(&v2, &item);
                 let started = Instant::now();
-                let problems =
-                    tokio::task::spawn_blocking(move || -> Result<Vec<String>, KvError> {
+                let report = tokio::task::spawn_blocking(
+                    move || -> Result<kagi_backup::CheckReport, KvError> {
                         let repo = Repository::open(
                             Self::backend(&dir)?,
                             DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?,
                         )
                         .map_err(engine)?;
-                        repo.check(read_data).map_err(engine)
-                    })
-                    .await
-                    .map_err(join)??;
-                Ok::<_, KvError>((problems, started.elapsed().as_millis() as u64))
+                        repo.check_report(read_data).map_err(engine)
+                    },
+                )
+                .await
+                .map_err(join)??;
+                Ok::<_, KvError>((report, started.elapsed().as_millis() as u64))
             }
             .await;
             let failed = |e: &KvError| {
@@ -887,8 +902,10 @@ impl BackupService {
                 );
             };
             match r {
-                Ok((problems, ms)) => {
-                    let stats = json!({"readData": read_data, "healthy": problems.is_empty(), "problems": problems, "durationMs": ms});
+                Ok((report, ms)) => {
+                    // Warnings (unreferenced packs) cost space, not data: they do not fail it.
+                    let problems = report.problems;
+                    let stats = json!({"readData": read_data, "healthy": problems.is_empty(), "problems": problems, "warnings": report.warnings, "durationMs": ms});
                     if problems.is_empty() {
                         j2.complete(p2.now(), stats);
                     } else {

@@ -253,6 +253,27 @@ impl VaultClient {
         .await
     }
 
+    /// `PUT {vault}/secrets/{name}`: adds a version; returns the versioned secret id.
+    pub async fn set_secret(
+        &self,
+        base: &str,
+        name: &str,
+        value: &str,
+        tags: &Value,
+        token: &str,
+    ) -> Result<String, VaultFailure> {
+        let r = self
+            .call(
+                base,
+                reqwest::Method::PUT,
+                &format!("/secrets/{name}?{API}"),
+                token,
+                Some(json!({"value": value, "contentType": "text/plain", "tags": tags})),
+            )
+            .await?;
+        Ok(r["id"].as_str().unwrap_or_default().to_string())
+    }
+
     /// `POST {kid}/wrapkey` (RSA-OAEP-256): returns (versioned kid, wrapped bytes).
     pub async fn wrap(
         &self,

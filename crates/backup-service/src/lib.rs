@@ -23,11 +23,18 @@
 //! | `POST {vault id}/backupProtectedItems/{item}/check` `{readData?}` | 202, a Check job (`Repository::check`; Failed `RepositoryDamaged` with `stats.problems` when damaged) |
 //! | `GET {vault id}/backupJobs[/{id}]` | jobs |
 //! | `GET {vault id}/activityLog` | the activity log |
+//! | `POST {vault id}/vaultCredentials` `{"validHours"?: N}` | vault credentials for registering backup agents ([`agents`]) |
 //!
 //! Scheduled backups ([`spawn_scheduler`], started by `kagi server`): an item with a schedule
 //! gets a Backup job (`stats.trigger` = `Schedule`) every `intervalHours` of the platform clock,
 //! then retention forgets recovery points beyond the newest `keepLast` (snapshot objects only;
 //! unreferenced packs are not pruned yet).
+//!
+//! Moves (BK-9; `POST /subscriptions/{s}/resourceGroups/{g}/moveResources`, served by kagi-http,
+//! see [`move_vault`]): a vault with the platform key moves with its identities and its folder,
+//! crash-safely; a vault with a customer-managed key is refused. After its subscription moves to
+//! another tenant, a CMK vault's jobs fail with `UserErrorCMKTenantMismatch` until its identity
+//! and key are configured again in the new tenant.
 //!
 //! Policy (X-3, BK-10; served by kagi-vault/kagi-http, evaluated by `kagi_core::policy`): a Deny
 //! assignment of `…/policyDefinitions/kagi-backup-vaults-cmk` at the vault's subscription or
@@ -37,9 +44,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agents;
 mod items;
 pub mod jobs;
 pub mod keyvault;
+mod moves;
 mod schedule;
 pub mod state;
 mod vaults;
@@ -121,10 +130,36 @@ pub fn install(platform: &Arc<Platform>, config: ServiceConfig) -> Arc<BackupSer
         vault_locks: Mutex::new(HashMap::new()),
         items: Mutex::new(HashMap::new()),
     });
+    // Before any request reaches the vaults: finish the moves a crash interrupted (BK-9).
+    svc.recover_moves(platform);
     let mut r = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
     r.retain(|(w, _)| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(platform)));
     r.push((Arc::downgrade(platform), svc.clone()));
     svc
+}
+
+/// Checks (`dry_run`: `validateMoveResources`) or performs (`moveResources`) the move of a
+/// backup vault to another resource group or subscription of the same tenant (BK-9; see the
+/// `moves` module): refused for a vault encrypted with a customer-managed key. Returns the
+/// vault as it is (or would be) stored after the move.
+pub async fn move_vault(
+    platform: &Arc<Platform>,
+    caller: &Principal,
+    vault_id: &str,
+    target_subscription: &str,
+    target_resource_group: &str,
+    dry_run: bool,
+) -> Result<Value, KvError> {
+    service(platform)
+        .move_vault(
+            platform,
+            caller,
+            vault_id,
+            target_subscription,
+            target_resource_group,
+            dry_run,
+        )
+        .await
 }
 
 /// The service of `platform` (installed with the default configuration on first use).
@@ -159,6 +194,15 @@ pub async fn handle(
     service(platform)
         .route(platform, caller, method, segs, l, body)
         .await
+}
+
+/// Serves one backup-agent request (`/kagi/agent/{vault id}/…`, see [`agents`]): who called
+/// (for the audit log) and the answer.
+pub async fn agent(
+    platform: &Arc<Platform>,
+    call: agents::AgentCall<'_>,
+) -> (Option<String>, Result<agents::AgentReply, KvError>) {
+    service(platform).agent_request(platform, call).await
 }
 
 fn json_body(body: &[u8]) -> Result<Value, KvError> {
@@ -226,6 +270,11 @@ impl BackupService {
                 .map(|v| (200, v)),
             (["vaults", _], "DELETE", Some(rg)) => {
                 self.delete_vault(p, caller, sub, rg, rest[1]).await
+            }
+            (["vaults", _, "vaultcredentials"], "POST", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.vault_credentials(p, caller, &v, &json_body(body)?)
+                    .await
             }
             (["vaults", _, "activitylog"], "GET", Some(rg)) => {
                 self.activity(p, caller, sub, rg, rest[1])

@@ -110,8 +110,11 @@ impl BackupService {
                 let mut stats = self.run_backup(p, v, &name, &item, &job).await?;
                 stats["trigger"] = json!("Schedule");
                 if let Some(keep) = item.keep_last {
-                    let gone = self.apply_retention(p, v, &name, keep).await?;
+                    let (gone, pruned) = self.apply_retention(p, v, &name, keep).await?;
                     stats["recoveryPointsForgotten"] = json!(gone);
+                    if !pruned.is_null() {
+                        stats["prune"] = pruned;
+                    }
                 }
                 Ok::<_, kagi_core::KvError>(stats)
             }

@@ -7,6 +7,9 @@
 //! - `activity.jsonl`: the activity log, one JSON object a line, fsynced per entry;
 //! - `jobs/{id}.json`: every job's last state;
 //! - `items/{item}/`: one backup repository per protected item (docs/BACKUP_FORMAT.md).
+//!
+//! A resource move renames the folder to the vault's new place (`moves`); the platform key stays
+//! bound to the id the vault was created with (`pmkBinding`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -59,6 +62,15 @@ pub struct VaultState {
     pub resolved_at: i64,
     /// Protected items by name.
     pub items: BTreeMap<String, Item>,
+    /// The vault id (lower-case) the platform key and its key entries are bound to: the id
+    /// the vault had when it was created, recorded by its first move (`None`: its current id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pmk_binding: Option<String>,
+    /// The tenant the customer-managed key and its identity were configured in (BK-9): when
+    /// the vault's subscription is moved to another tenant, jobs fail until both are
+    /// configured again there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmk_tenant_id: Option<String>,
 }
 
 pub(crate) fn io(context: &str, e: impl std::fmt::Display) -> KvError {

@@ -1,7 +1,17 @@
 //! The vault resource and its encryption rules (BK-1 PMK by default, BK-2 CMK only on a vault
 //! where nothing was ever protected, BK-3 never back to PMK, BK-4 the key and the identity's
 //! access checked by really calling the key vault, BK-8 CMK at creation with a user-assigned
-//! identity).
+//! identity, BK-9 the key and its identity bound to the tenant they were configured in).
+//!
+//! BK-9 after a tenant move (`kagi_vault` `change_subscription_directory`): the tenant the key
+//! was configured in is kept in the vault's state (`cmkTenantId`); while it differs from the
+//! tenant of the vault's subscription, every job that needs the key fails with
+//! `UserErrorCMKTenantMismatch` (written to the activity log and the job), naming the cause and
+//! the fix. The fix is Azure's: turn the system-assigned identity off and on again (a
+//! stale identity may be turned off even while the key uses it or a grant names it), grant the
+//! new identity on a key vault of the new tenant, and set the encryption key again — which is
+//! then validated and re-wraps every item's data key like a key change, even when the key URI
+//! is the same.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +34,27 @@ pub(crate) struct VaultCtx {
     pub body: Value,
     /// Its folder.
     pub dir: PathBuf,
+}
+
+impl VaultCtx {
+    /// The id the vault's platform key and its key entries are bound to: the id it was
+    /// created with (recorded in its state by its first move), which a move does not change.
+    pub(crate) fn key_binding(&self) -> String {
+        VaultState::load(&self.dir)
+            .ok()
+            .flatten()
+            .and_then(|s| s.pmk_binding)
+            .unwrap_or_else(|| self.id.clone())
+    }
+}
+
+/// The subscription of a vault id (`/subscriptions/{s}/…`).
+pub(crate) fn subscription_of(id: &str) -> Option<&str> {
+    let mut segs = id.trim_start_matches('/').split('/');
+    match (segs.next(), segs.next()) {
+        (Some(s), Some(sub)) if s.eq_ignore_ascii_case("subscriptions") => Some(sub),
+        _ => None,
+    }
 }
 
 /// The CMK settings of a vault body, when it has any.
@@ -93,11 +124,61 @@ impl BackupService {
         name: &str,
     ) -> Result<VaultCtx, KvError> {
         let body = p.get_service_resource(caller, sub, rg, VAULT_TYPE, name)?;
+        let dir = vault_dir(&self.data_dir, sub, rg, name);
+        // Nothing starts on a vault whose folder is being moved (`moves`).
+        if crate::moves::is_moving(&dir) {
+            return Err(KvError::conflict(format!(
+                "The backup vault '{}' is being moved to another resource group or                  subscription; retry when the move has completed.",
+                kagi_core::ids::printable(name)
+            ))
+            .with_inner("UserErrorBackupVaultResourceMoveInProgress"));
+        }
         Ok(VaultCtx {
             id: body["id"].as_str().unwrap_or_default().to_string(),
             body,
-            dir: vault_dir(&self.data_dir, sub, rg, name),
+            dir,
         })
+    }
+
+    /// BK-9: refuses to use a customer-managed key configured in another tenant than the one
+    /// the vault's subscription is in now (its subscription was moved to another directory);
+    /// the refusal names the cause and the fix and is written to the activity log.
+    pub(crate) fn check_cmk_tenant(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        state: &VaultState,
+    ) -> Result<(), KvError> {
+        let Some(configured) = &state.cmk_tenant_id else {
+            return Ok(());
+        };
+        let Some(sub) = subscription_of(&v.id) else {
+            return Ok(());
+        };
+        let Some(now) = p.subscription_tenant_now(sub) else {
+            return Ok(());
+        };
+        if configured.eq_ignore_ascii_case(&now) {
+            return Ok(());
+        }
+        let e = bad(
+            "UserErrorCMKTenantMismatch",
+            format!(
+                "The customer-managed key of this backup vault and the identity that reaches it                  were configured in tenant {configured}, but the vault's subscription {sub} is now                  in tenant {now} (the subscription was moved to another directory). Backups and                  restores fail until both are configured again in tenant {now}: turn the vault's                  system-assigned identity off and on again (or assign a user-assigned identity                  created in tenant {now}), grant it get, list, wrapKey and unwrapKey on a key in a                  key vault of tenant {now} (a key vault of the moved subscription keeps tenant                  {configured} until its tenantId is updated), then set the encryption key again                  (kagi backup vault encryption). Recovery points are kept: their data keys are                  re-wrapped under the key set then, which needs the previous key to be reachable                  by the new identity."
+            ),
+        );
+        self.log(
+            v,
+            activity_entry(
+                None,
+                &v.id,
+                "Microsoft.RecoveryServices/vaults/keyAccess",
+                "Failed",
+                &e.message,
+                p.now(),
+            ),
+        );
+        Err(e)
     }
 
     /// Writes an activity-log entry (failures to write are logged, never answered).
@@ -190,7 +271,16 @@ impl BackupService {
                  key can be changed (set properties.encryption.keyVaultProperties.keyUri).",
             )));
         }
-        let cmk_changes = new_cmk.is_some() && new_cmk != old_cmk;
+        // BK-9: after a tenant move, setting the key again (even the same URI) re-validates it
+        // with the identity of the new tenant and records that tenant.
+        let current_tenant = p.subscription_tenant_now(sub);
+        let tenant_moved = state.cmk_tenant_id.as_ref().is_some_and(|t| {
+            current_tenant
+                .as_ref()
+                .is_some_and(|c| !c.eq_ignore_ascii_case(t))
+        });
+        let cmk_changes =
+            new_cmk.is_some() && (new_cmk != old_cmk || (enc_given.is_some() && tenant_moved));
         // BK-2: CMK only where nothing was ever protected (counting failed attempts).
         if cmk_changes && old_cmk.is_none() && state.protection_attempted {
             return Err(refuse(bad(
@@ -230,7 +320,12 @@ impl BackupService {
                             .is_some_and(|m| m.keys().any(|k| k.eq_ignore_ascii_case(u)))
                 }
             };
-            if !keeps {
+            // An identity left in the previous tenant by a tenant move no longer reaches the
+            // key anyway: replacing it is the fix (BK-9).
+            let stale = p
+                .managed_identity_tenant_problem(&vault_id_hint, c.user_assigned.as_deref())
+                .is_some();
+            if !keeps && !stale {
                 return Err(refuse(bad(
                     "KekIdentityRemoved",
                     format!(
@@ -363,6 +458,7 @@ impl BackupService {
         let mut state = VaultState::load(&dir)?.unwrap_or(state);
         state.current_kid = Some(kid.clone());
         state.resolved_at = p.now();
+        state.cmk_tenant_id = current_tenant.clone();
         state.save(&dir)?;
         let v = VaultCtx {
             body: stored.clone(),
@@ -435,6 +531,21 @@ impl BackupService {
                     "The key vault '{}' is in region '{}' but the backup vault is in '{location}'; \
                      the key must be in a vault of the same region.",
                     facts.name, facts.location
+                ),
+            ));
+        }
+        // BK-9: the key vault must be of the tenant the backup vault's subscription is in (a key
+        // vault keeps its tenantId after a tenant move until it is updated).
+        if let Some(tenant) = subscription_of(&v.id).and_then(|s| p.subscription_tenant_now(s))
+            && !facts.tenant_id.eq_ignore_ascii_case(&tenant)
+        {
+            return Err(bad(
+                "KeyVaultTenantMismatch",
+                format!(
+                    "The key vault '{}' belongs to tenant {} but the backup vault's subscription \
+                     is in tenant {tenant}; use a key vault of tenant {tenant} (after a tenant \
+                     move, update the key vault's tenantId and its access policies).",
+                    facts.name, facts.tenant_id
                 ),
             ));
         }

@@ -2,6 +2,7 @@
 //! by default, S3 when scaled out).
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use futures::TryStreamExt;
 use object_store::path::Path as ObjectPath;
@@ -21,6 +22,33 @@ pub trait BlobBackend: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Removes an object.
     fn delete(&self, name: &str) -> Result<()>;
+    /// Names of the objects under a prefix with their size and modification time, when the
+    /// store knows them. Prune uses the times to leave alone packs that a backup may still be
+    /// writing, and the sizes to account for the space it frees. The default knows neither
+    /// (prune then treats unindexed packs as too recent to delete), so implementations over
+    /// real stores should override it.
+    fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        Ok(self
+            .list(prefix)?
+            .into_iter()
+            .map(|name| ObjectInfo {
+                name,
+                size: None,
+                modified: None,
+            })
+            .collect())
+    }
+}
+
+/// An object as [`BlobBackend::list_meta`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Object name.
+    pub name: String,
+    /// Size in bytes, when known.
+    pub size: Option<u64>,
+    /// Last modification time (the store's clock), when known.
+    pub modified: Option<SystemTime>,
 }
 
 /// [`BlobBackend`] over any `object_store` implementation. Calls block the current thread on
@@ -84,6 +112,26 @@ impl BlobBackend for ObjectStoreBackend {
                 .await
                 .map_err(storage)?;
             Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
+        })
+    }
+
+    fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {
+        let p = ObjectPath::from(prefix);
+        self.runtime.block_on(async {
+            let metas: Vec<_> = self
+                .store
+                .list(Some(&p))
+                .try_collect()
+                .await
+                .map_err(storage)?;
+            Ok(metas
+                .into_iter()
+                .map(|m| ObjectInfo {
+                    name: m.location.to_string(),
+                    size: Some(m.size),
+                    modified: Some(SystemTime::from(m.last_modified)),
+                })
+                .collect())
         })
     }
 

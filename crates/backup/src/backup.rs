@@ -46,6 +46,19 @@ pub struct Progress {
     pub bytes_total: u64,
 }
 
+/// How many skipped entries [`BackupStats`] lists: a tree with a million unreadable files must
+/// not make a million-line job report. [`BackupStats::skipped_count`] counts them all.
+pub const MAX_SKIPPED_LISTED: usize = 1000;
+
+/// An entry a backup could not read and left out of the recovery point.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SkippedEntry {
+    /// The path (as displayed; not exact for names that are not UTF-8).
+    pub path: String,
+    /// Why it was skipped (the operating system's error, or what kind of entry it is).
+    pub reason: String,
+}
+
 /// What a backup did.
 #[derive(Clone, Debug)]
 pub struct BackupStats {
@@ -67,8 +80,15 @@ pub struct BackupStats {
     pub bytes_new: u64,
     /// Bytes added to storage (packs and index, compressed and encrypted).
     pub bytes_added: u64,
-    /// Entries skipped, with the reason (unreadable files, special files).
+    /// Entries skipped, as `"path: reason"` (unreadable files and directories, special
+    /// files); the same entries as [`BackupStats::skipped_entries`], at most
+    /// [`MAX_SKIPPED_LISTED`].
     pub skipped: Vec<String>,
+    /// Entries skipped, with path and reason apart; at most [`MAX_SKIPPED_LISTED`].
+    pub skipped_entries: Vec<SkippedEntry>,
+    /// All entries skipped, including those beyond the listed ones. Non-zero means the
+    /// recovery point is incomplete (like restic's exit code 3): the backup itself succeeded.
+    pub skipped_count: u64,
     /// Wall-clock milliseconds.
     pub duration_ms: u64,
 }
@@ -112,6 +132,23 @@ fn total_size(dir: &Path) -> u64 {
 }
 
 impl Walker<'_> {
+    /// Records an entry left out of the recovery point. Unreadable entries are skipped with a
+    /// warning rather than failing the backup (as restic does): one unreadable file must not
+    /// cost the recovery point of everything else.
+    fn skip(&mut self, path: &Path, reason: impl std::fmt::Display) {
+        self.stats.skipped_count += 1;
+        if self.stats.skipped_entries.len() < MAX_SKIPPED_LISTED {
+            let entry = SkippedEntry {
+                path: path.display().to_string(),
+                reason: reason.to_string(),
+            };
+            self.stats
+                .skipped
+                .push(format!("{}: {}", entry.path, entry.reason));
+            self.stats.skipped_entries.push(entry);
+        }
+    }
+
     fn send(&mut self, kind: u8, id: [u8; 32], plain: Vec<u8>) -> Result<bool> {
         if self.repo.has(&id) || !self.pending.insert(id) {
             return Ok(false);
@@ -158,16 +195,27 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Backs up a directory; returns its tree id.
-    fn dir(&mut self, dir: &Path, parent: Option<Tree>) -> Result<[u8; 32]> {
-        self.stats.dirs += 1;
-        let mut entries: Vec<fs::DirEntry> = match fs::read_dir(dir) {
-            Ok(rd) => rd.filter_map(|e| e.ok()).collect(),
+    /// Backs up a directory; returns its tree id, or `None` when it cannot be listed (then it
+    /// is skipped and reported, unless it is the source folder itself, which is an error: a
+    /// recovery point of nothing is not a backup).
+    fn dir(&mut self, dir: &Path, parent: Option<Tree>, root: bool) -> Result<Option<[u8; 32]>> {
+        let listing = match fs::read_dir(dir) {
+            Ok(rd) => rd,
+            Err(e) if root => return Err(io_err(dir)(e)),
             Err(e) => {
-                self.stats.skipped.push(format!("{}: {e}", dir.display()));
-                Vec::new()
+                self.skip(dir, format_args!("cannot list directory: {e}"));
+                return Ok(None);
             }
         };
+        self.stats.dirs += 1;
+        let mut entries: Vec<fs::DirEntry> = Vec::new();
+        for e in listing {
+            match e {
+                Ok(e) => entries.push(e),
+                // The entry's name is unknown here: report the directory.
+                Err(e) => self.skip(dir, format_args!("an entry cannot be read: {e}")),
+            }
+        }
         entries.sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
         let mut tree = Tree::default();
         for e in entries {
@@ -176,9 +224,7 @@ impl Walker<'_> {
             let meta = match path.symlink_metadata() {
                 Ok(m) => m,
                 Err(err) => {
-                    self.stats
-                        .skipped
-                        .push(format!("{}: {err}", path.display()));
+                    self.skip(&path, err);
                     continue;
                 }
             };
@@ -210,7 +256,10 @@ impl Walker<'_> {
                     Some(id) => self.repo.load_tree(&id).ok(),
                     None => None,
                 };
-                node.subtree = Some(hex::encode(self.dir(&path, old_tree)?));
+                match self.dir(&path, old_tree, false)? {
+                    Some(id) => node.subtree = Some(hex::encode(id)),
+                    None => continue,
+                }
             } else if ft.is_symlink() {
                 node.kind = NodeKind::Symlink;
                 match fs::read_link(&path) {
@@ -220,9 +269,7 @@ impl Walker<'_> {
                         node.target_b64 = b64;
                     }
                     Err(err) => {
-                        self.stats
-                            .skipped
-                            .push(format!("{}: {err}", path.display()));
+                        self.skip(&path, err);
                         continue;
                     }
                 }
@@ -243,9 +290,11 @@ impl Walker<'_> {
                 } else {
                     match self.file(&path, &mut node) {
                         Ok(()) => self.stats.files_read += 1,
-                        Err(BackupError::Io { path, source }) => {
-                            // Unreadable files are skipped and reported, as restic does.
-                            self.stats.skipped.push(format!("{path}: {source}"));
+                        Err(BackupError::Io { source, .. }) => {
+                            // Chunks read before a failure stay stored but unreferenced
+                            // (prune removes them); the file is left out whole, never
+                            // recorded with part of its content.
+                            self.skip(&path, source);
                             continue;
                         }
                         Err(e) => return Err(e),
@@ -253,10 +302,7 @@ impl Walker<'_> {
                 }
                 self.progress.files_done += 1;
             } else {
-                self.stats.skipped.push(format!(
-                    "{}: not a regular file, directory or symlink",
-                    path.display()
-                ));
+                self.skip(&path, "not a regular file, directory or symlink");
                 continue;
             }
             tree.nodes.push(node);
@@ -264,7 +310,7 @@ impl Walker<'_> {
         let json = serde_json::to_vec(&tree).map_err(|e| BackupError::Corrupt(e.to_string()))?;
         let id = self.repo.key.blob_id(&json);
         self.send(KIND_TREE, id, json)?;
-        Ok(id)
+        Ok(Some(id))
     }
 }
 
@@ -358,6 +404,8 @@ impl Repository {
                     bytes_new: 0,
                     bytes_added: 0,
                     skipped: Vec::new(),
+                    skipped_entries: Vec::new(),
+                    skipped_count: 0,
                     duration_ms: 0,
                 },
                 progress: Progress {
@@ -368,7 +416,12 @@ impl Repository {
                 report,
                 last_report: Instant::now(),
             };
-            let root = walker.dir(source, parent_tree);
+            // `dir` returns `None` only for a directory that is not the root.
+            let root = walker.dir(source, parent_tree, true).and_then(|r| {
+                r.ok_or_else(|| {
+                    BackupError::Invalid(format!("{} cannot be listed", source.display()))
+                })
+            });
             let Walker {
                 work,
                 stats,
@@ -384,7 +437,7 @@ impl Repository {
         let packer = packed??;
         let (root, mut stats, progress) = walk?;
         report(&progress);
-        self.write_index(&packer.written)?;
+        let index_bytes = self.write_index(&packer.written)?;
         self.add_to_index(&packer.written)?;
         let snapshot = SnapshotInfo {
             id: hex::encode(kagi_crypto::random_bytes(16)?),
@@ -398,7 +451,7 @@ impl Repository {
         // Written last: until this object exists, the recovery point does not.
         self.write_snapshot(&snapshot)?;
         stats.snapshot = snapshot;
-        stats.bytes_added = packer.bytes_written;
+        stats.bytes_added = packer.bytes_written + index_bytes;
         stats.duration_ms = started.elapsed().as_millis() as u64;
         Ok(stats)
     }

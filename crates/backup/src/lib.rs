@@ -10,7 +10,15 @@
 //!   and packed into pack files of about 16 MiB;
 //! - directory trees (names, sizes, modes, times, symlinks) are blobs too, encrypted alike;
 //! - a recovery point (snapshot) is written last, after its packs and index: a crash leaves at
-//!   most unreferenced packs, never a half-visible recovery point.
+//!   most unreferenced packs, never a half-visible recovery point;
+//! - unreadable files and folders are skipped and reported ([`BackupStats::skipped_entries`],
+//!   [`BackupStats::skipped_count`]) rather than failing the backup; an unreadable source
+//!   folder is an error;
+//! - [`Repository::forget`] removes a recovery point's snapshot object, and
+//!   [`Repository::prune`] then deletes packs nothing uses, repacks partly used ones beyond a
+//!   tolerated share of unused space, and deletes packs left by killed backups after a grace
+//!   period, in an order that keeps the repository consistent if it is killed at any point;
+//! - [`Repository::check_report`] finds damage (problems) and unreferenced packs (warnings).
 //!
 //! The data key is never stored in the clear: the caller wraps it with a key encryption key
 //! (the vault's platform key, or the customer's key through the key vault) and keeps the
@@ -22,13 +30,15 @@
 mod backend;
 mod backup;
 mod pack;
+mod prune;
 mod repo;
 mod restore;
 mod tree;
 
-pub use backend::{BlobBackend, ObjectStoreBackend};
-pub use backup::{BackupOptions, BackupStats, Progress};
-pub use repo::{KeyEntry, Repository, SnapshotInfo};
+pub use backend::{BlobBackend, ObjectInfo, ObjectStoreBackend};
+pub use backup::{BackupOptions, BackupStats, MAX_SKIPPED_LISTED, Progress, SkippedEntry};
+pub use prune::{PruneOptions, PruneStats};
+pub use repo::{CheckReport, KeyEntry, Repository, SnapshotInfo};
 pub use restore::RestoreStats;
 
 /// Engine failures. Messages name files and objects, never data or keys.

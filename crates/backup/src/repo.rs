@@ -1,6 +1,6 @@
 //! A repository: config, wrapped keys, index, snapshots, and reading blobs back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use kagi_crypto::data_key::DataKey;
@@ -68,12 +68,45 @@ pub(crate) struct Location {
     pub len: u64,
 }
 
+/// One `index/{id}` object as read from storage.
+pub(crate) struct IndexFile {
+    /// Object name.
+    pub name: String,
+    /// Stored (sealed) size.
+    pub size: u64,
+    /// The packs it lists.
+    pub packs: Vec<PackHeader>,
+}
+
+/// What [`Repository::check_report`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CheckReport {
+    /// Damage: a recovery point that cannot be restored in full, a blob that fails
+    /// authentication, an index that names a pack that is not stored. Any entry here means the
+    /// check failed.
+    pub problems: Vec<String>,
+    /// Harmless findings that cost space but no data, such as packs no index references (left
+    /// by an interrupted backup or prune; `prune` removes them). They do not fail the check.
+    pub warnings: Vec<String>,
+}
+
+impl CheckReport {
+    /// Whether the repository is undamaged (warnings do not count).
+    pub fn is_healthy(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
 /// An open repository.
 pub struct Repository {
     pub(crate) backend: Arc<dyn BlobBackend>,
     pub(crate) key: Arc<DataKey>,
     pub(crate) config: Config,
     pub(crate) index: HashMap<[u8; 32], Location>,
+    /// Every pack the loaded index files name, including those whose blobs all have another
+    /// copy (which `index` does not show): check tells unreferenced packs apart with it.
+    pub(crate) indexed_packs: HashSet<Arc<str>>,
 }
 
 const KEY_CHECK: &[u8] = b"kagi backup repository";
@@ -111,6 +144,7 @@ impl Repository {
             key: Arc::new(key),
             config,
             index: HashMap::new(),
+            indexed_packs: HashSet::new(),
         })
     }
 
@@ -136,24 +170,39 @@ impl Repository {
             key: Arc::new(key),
             config,
             index: HashMap::new(),
+            indexed_packs: HashSet::new(),
         };
-        for name in repo.backend.list("index")? {
-            let sealed = repo.backend.get(&name)?;
+        for file in repo.read_index_files()? {
+            repo.add_to_index(&file.packs)?;
+        }
+        Ok(repo)
+    }
+
+    /// Reads and opens every index file in storage.
+    pub(crate) fn read_index_files(&self) -> Result<Vec<IndexFile>> {
+        let mut out = Vec::new();
+        for name in self.backend.list("index")? {
+            let sealed = self.backend.get(&name)?;
             let packs: Vec<PackHeader> = pack::unpack_metadata(
-                &repo
+                &self
                     .key
                     .open(format!("kagi/index/v1/{name}").as_bytes(), &sealed)
                     .map_err(|_| BackupError::Corrupt(format!("{name} failed authentication")))?,
                 &name,
             )?;
-            repo.add_to_index(&packs)?;
+            out.push(IndexFile {
+                name,
+                size: sealed.len() as u64,
+                packs,
+            });
         }
-        Ok(repo)
+        Ok(out)
     }
 
     pub(crate) fn add_to_index(&mut self, packs: &[PackHeader]) -> Result<()> {
         for p in packs {
             let pack: Arc<str> = Arc::from(p.pack.as_str());
+            self.indexed_packs.insert(pack.clone());
             for b in &p.blobs {
                 self.index.insert(
                     parse_id(&b.id)?,
@@ -169,17 +218,20 @@ impl Repository {
         Ok(())
     }
 
-    /// Writes an index file for `packs` (after the packs themselves are stored).
-    pub(crate) fn write_index(&self, packs: &[PackHeader]) -> Result<()> {
+    /// Writes an index file for `packs` (after the packs themselves are stored); returns its
+    /// stored size (0 when there is nothing to index and no file is written).
+    pub(crate) fn write_index(&self, packs: &[PackHeader]) -> Result<u64> {
         if packs.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let name = format!("index/{}", hex::encode(kagi_crypto::random_bytes(16)?));
         let sealed = self.key.seal(
             format!("kagi/index/v1/{name}").as_bytes(),
             &pack::pack_metadata(&packs)?,
         )?;
-        self.backend.put(&name, sealed)
+        let size = sealed.len() as u64;
+        self.backend.put(&name, sealed)?;
+        Ok(size)
     }
 
     /// Stores a snapshot: the last write of a backup, which makes it visible.
@@ -232,7 +284,7 @@ impl Repository {
     }
 
     /// Forgets a recovery point: removes its snapshot object only. The packs only it
-    /// referenced stay (pruning unreferenced packs is not done yet).
+    /// referenced stay until [`Repository::prune`] removes or repacks them.
     pub fn forget(&self, id: &str) -> Result<()> {
         let s = self.snapshot(id)?;
         self.backend.delete(&format!("snapshots/{}", s.id))
@@ -301,9 +353,43 @@ impl Repository {
     }
 
     /// Verifies the repository: every snapshot's trees and content are indexed, and (with
-    /// `read_data`) every stored blob authenticates. Returns the problems found.
+    /// `read_data`) every stored blob authenticates. Returns the problems found (damage only;
+    /// [`Repository::check_report`] also returns warnings).
     pub fn check(&self, read_data: bool) -> Result<Vec<String>> {
+        Ok(self.check_report(read_data)?.problems)
+    }
+
+    /// Verifies the repository as [`Repository::check`] does, and also compares the index with
+    /// the packs in storage: an indexed pack that is missing is a problem (its blobs are gone,
+    /// and a later backup would deduplicate against them); a stored pack that no index
+    /// references is a warning (an interrupted backup or prune left it; it costs space, not
+    /// data, and `prune` removes it).
+    pub fn check_report(&self, read_data: bool) -> Result<CheckReport> {
         let mut problems = Vec::new();
+        let mut warnings = Vec::new();
+        let stored: HashSet<String> = self.backend.list("data")?.into_iter().collect();
+        let mut missing: Vec<&Arc<str>> = self
+            .indexed_packs
+            .iter()
+            .filter(|p| !stored.contains(p.as_ref()))
+            .collect();
+        missing.sort();
+        for p in missing {
+            problems.push(format!(
+                "pack {p} is listed in the index but missing from storage"
+            ));
+        }
+        let mut unreferenced: Vec<&String> = stored
+            .iter()
+            .filter(|p| !self.indexed_packs.contains(p.as_str()))
+            .collect();
+        unreferenced.sort();
+        for p in unreferenced {
+            warnings.push(format!(
+                "pack {p} is not referenced by any index (left by an interrupted backup or \
+                 prune; prune removes it)"
+            ));
+        }
         let mut seen_trees = std::collections::HashSet::new();
         for s in self.snapshots()? {
             let mut stack = vec![s.tree.clone()];
@@ -351,7 +437,7 @@ impl Repository {
                 }
             }
         }
-        Ok(problems)
+        Ok(CheckReport { problems, warnings })
     }
 
     /// The entries of the index (for tests and statistics).

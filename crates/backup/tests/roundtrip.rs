@@ -2,35 +2,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::sync::Arc;
 
-use kagi_backup::{BackupOptions, BlobBackend, ObjectStoreBackend, Repository};
+use common::{assert_same, local as open, pseudo_random, runtime, walk_files};
+use kagi_backup::{BackupOptions, Repository};
 use kagi_crypto::data_key::DataKey;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 fn make_source(dir: &Path) {
     fs::create_dir_all(dir.join("sub/deeper")).unwrap();
@@ -60,59 +42,6 @@ fn make_source(dir: &Path) {
     )
     .unwrap();
     fs::set_permissions(dir.join("a.bin"), fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-/// Compares two trees: names, kinds, content, modes, symlink targets, file mtimes.
-fn assert_same(a: &Path, b: &Path) {
-    let mut names_a: Vec<_> = fs::read_dir(a)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    let mut names_b: Vec<_> = fs::read_dir(b)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    names_a.sort();
-    names_b.sort();
-    assert_eq!(names_a, names_b, "entries of {}", a.display());
-    for n in names_a {
-        let (pa, pb) = (a.join(&n), b.join(&n));
-        let (ma, mb) = (
-            pa.symlink_metadata().unwrap(),
-            pb.symlink_metadata().unwrap(),
-        );
-        assert_eq!(ma.file_type(), mb.file_type(), "{}", pa.display());
-        if ma.file_type().is_symlink() {
-            assert_eq!(fs::read_link(&pa).unwrap(), fs::read_link(&pb).unwrap());
-            continue;
-        }
-        assert_eq!(
-            ma.mode() & 0o7777,
-            mb.mode() & 0o7777,
-            "mode of {}",
-            pa.display()
-        );
-        if ma.is_dir() {
-            assert_same(&pa, &pb);
-        } else {
-            assert_eq!(
-                fs::read(&pa).unwrap(),
-                fs::read(&pb).unwrap(),
-                "content of {}",
-                pa.display()
-            );
-            assert_eq!(
-                (ma.mtime(), ma.mtime_nsec()),
-                (mb.mtime(), mb.mtime_nsec()),
-                "mtime of {}",
-                pa.display()
-            );
-        }
-    }
-}
-
-fn open(dir: &Path, rt: &tokio::runtime::Runtime) -> Arc<dyn BlobBackend> {
-    Arc::new(ObjectStoreBackend::local(dir, rt.handle().clone()).unwrap())
 }
 
 #[test]
@@ -169,6 +98,8 @@ fn full_incremental_restore_and_checks() {
         .unwrap();
     assert_same(&src, &out2);
     assert!(repo.check(true).unwrap().is_empty());
+    // Nothing unreferenced either: every pack written is indexed.
+    assert_eq!(repo.check_report(true).unwrap(), Default::default());
 
     // Sub-path restore, and a non-empty target is refused.
     let out3 = tmp.path().join("restored3");
@@ -223,17 +154,4 @@ fn corruption_is_detected_by_restore_and_check() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("failed authentication"), "{err}");
-}
-
-fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk_files(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

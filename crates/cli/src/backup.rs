@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -142,6 +142,34 @@ enum VaultCommand {
         /// User-assigned identity resource ids.
         #[arg(long)]
         user_assigned: Vec<String>,
+    },
+    /// Download vault credentials for registering backup agents (`kagi agent register`).
+    Credentials {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Write the credentials file here (mode 0600).
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Validity in hours (default 48, at most 240).
+        #[arg(long)]
+        valid_hours: Option<u64>,
+    },
+    /// Move the vault to another resource group (and subscription, of the same tenant) with
+    /// its protected items and recovery points; refused for a vault encrypted with a
+    /// customer-managed key.
+    Move {
+        #[command(flatten)]
+        v: VaultRef,
+        /// Target resource group.
+        #[arg(long)]
+        target_resource_group: String,
+        /// Target subscription (default: the vault's, from AZURE_SUBSCRIPTION_ID or the
+        /// bootstrap subscription).
+        #[arg(long)]
+        target_subscription: Option<String>,
+        /// Only check that the move would succeed.
+        #[arg(long)]
+        validate_only: bool,
     },
     /// Set the customer-managed key (runs as a ConfigureEncryption job).
     Encryption {
@@ -615,6 +643,66 @@ async fn vault(ctx: &Context, cmd: VaultCommand) -> anyhow::Result<()> {
             ctx.call(Method::DELETE, &url(&vault_path(ctx, &v), ""), None)
                 .await?;
         }
+        VaultCommand::Credentials {
+            v,
+            out,
+            valid_hours,
+        } => {
+            let body = match valid_hours {
+                Some(h) => json!({"validHours": h}),
+                None => json!({}),
+            };
+            let r = ctx
+                .call(
+                    Method::POST,
+                    &url(&vault_path(ctx, &v), "/vaultCredentials"),
+                    Some(&body),
+                )
+                .await?;
+            let bytes = zeroize::Zeroizing::new(serde_json::to_vec_pretty(&r)?);
+            write_private(&out, &bytes)?;
+            println!(
+                "vault credentials for {} written to {} (valid until {})",
+                r["vaultName"].as_str().unwrap_or(""),
+                out.display(),
+                r["expiresOn"].as_str().unwrap_or("")
+            );
+        }
+        VaultCommand::Move {
+            v,
+            target_resource_group,
+            target_subscription,
+            validate_only,
+        } => {
+            let id = vault_path(ctx, &v)
+                .strip_prefix(&ctx.base)
+                .unwrap_or_default()
+                .to_string();
+            let target_sub = target_subscription.unwrap_or_else(|| ctx.subscription.clone());
+            crate::subscription::move_resources(
+                ctx,
+                &ctx.subscription,
+                &v.resource_group,
+                std::slice::from_ref(&id),
+                &target_sub,
+                &target_resource_group,
+                validate_only,
+            )
+            .await?;
+            if validate_only {
+                let out = json!({"status": "Succeeded", "operation": "validateMoveResources", "resources": [id]});
+                show(ctx, &out, |_| format!("backup vault {} can move", v.vault));
+            } else {
+                let moved = format!(
+                    "{}/subscriptions/{target_sub}/resourceGroups/{target_resource_group}/providers/Microsoft.RecoveryServices/vaults/{}",
+                    ctx.base, v.vault
+                );
+                let r = ctx.call(Method::GET, &url(&moved, ""), None).await?;
+                show(ctx, &r, |r| {
+                    format!("moved to {}", r["id"].as_str().unwrap_or(""))
+                });
+            }
+        }
         VaultCommand::Identity {
             v,
             identity_type,
@@ -671,5 +759,21 @@ async fn vault(ctx: &Context, cmd: VaultCommand) -> anyhow::Result<()> {
             show(ctx, &r, vault_line);
         }
     }
+    Ok(())
+}
+
+/// Writes a credentials file readable by its owner only.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
     Ok(())
 }

@@ -72,7 +72,9 @@ impl Context {
                         .with_context(|| format!("cannot read {} (or set AZURE_TENANT_ID, AZURE_CLIENT_ID, AZURE_CLIENT_SECRET)", admin_path.display()))?,
                 )
                 .with_context(|| format!("{} is not valid", admin_path.display()))?;
-                (a.tenant_id, a.subscription_id, a.client_id, a.client_secret)
+                // AZURE_SUBSCRIPTION_ID picks another subscription (`az account set`).
+                let sub = std::env::var("AZURE_SUBSCRIPTION_ID").unwrap_or(a.subscription_id);
+                (a.tenant_id, sub, a.client_id, a.client_secret)
             }
         };
         let http = Self::client(&ca, &host, port)?;

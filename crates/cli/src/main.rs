@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod audit;
 mod backup;
 mod bench;
@@ -10,6 +11,7 @@ mod commands;
 mod events;
 mod identity;
 mod policy;
+mod subscription;
 mod vault_backup;
 
 use std::path::PathBuf;
@@ -78,6 +80,12 @@ enum Command {
     Backup(backup::BackupArgs),
     /// Policy assignments (e.g. backup vaults must use customer-managed keys) and compliance.
     Policy(policy::PolicyArgs),
+    /// Subscriptions: create, list, transfer to another tenant (the administrator only).
+    Subscription(subscription::SubscriptionArgs),
+    /// Resources: move to another resource group or subscription.
+    Resource(subscription::ResourceArgs),
+    /// The backup agent of a machine: register with a backup vault, back up, restore.
+    Agent(agent::AgentArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -121,9 +129,18 @@ fn main() -> std::process::ExitCode {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 backup::run(&ctx, args).await
             }
+            Command::Agent(args) => agent::run(cli.output, args).await,
             Command::Policy(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 policy::run(&ctx, args).await
+            }
+            Command::Subscription(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                subscription::subscription(&ctx, args).await
+            }
+            Command::Resource(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                subscription::resource(&ctx, args).await
             }
         }
     });

@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod agent;
 pub mod api_version;
 pub mod b64;
 pub mod error;

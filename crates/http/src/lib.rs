@@ -8,12 +8,14 @@
 
 #![forbid(unsafe_code)]
 
+mod agent_routes;
 mod audit;
 mod backup_routes;
 mod data_plane;
 mod event_routes;
 mod identity_routes;
 mod management;
+mod move_routes;
 mod recovery_routes;
 mod respond;
 mod server;

@@ -45,6 +45,20 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         _ => {}
     }
 
+    // Backup agents authenticate by vault credentials or a machine credential.
+    if crate::agent_routes::matches(&l) {
+        return crate::agent_routes::handle(
+            &platform,
+            &parts.method,
+            &segs,
+            parts.uri.query(),
+            &parts.headers,
+            &parts.extensions,
+            body,
+        )
+        .await;
+    }
+
     // Managed-identity token endpoints authenticate by the workload's binding secret.
     {
         let pairs = query_pairs(parts.uri.query());
@@ -94,6 +108,19 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     if let ["kagi", "test", "clock"] = l.as_slice() {
         return test_clock(&platform, &caller, &parts.method, parts.headers, body).await;
     }
+    // Subscription administration (kagi's own, no api-version): see `move_routes`.
+    if let ["kagi", "admin", ..] = l.as_slice() {
+        let body = match respond::read_body(&parts.headers, body).await {
+            Ok(b) => b,
+            Err(e) => return respond::error(&e),
+        };
+        if let Some(r) =
+            crate::move_routes::admin(&platform, &caller, &parts.method, &segs, &l, &body).await
+        {
+            return r;
+        }
+        return respond::error(&KvError::new(ErrorCode::NotFound, "Not found."));
+    }
     let pairs = query_pairs(parts.uri.query());
     if l.first() == Some(&"v1.0") {
         let body = match respond::read_body(&parts.headers, body).await {
@@ -122,6 +149,19 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Ok(b) => b,
         Err(e) => return respond::error(&e),
     };
+    if let Some(r) = crate::move_routes::arm(
+        &platform,
+        &caller,
+        &parts.method,
+        &segs,
+        &l,
+        &body,
+        query_get(&pairs, "api-version").unwrap_or_default(),
+    )
+    .await
+    {
+        return r;
+    }
     if let Some(r) =
         crate::event_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body).await
     {

@@ -11,6 +11,7 @@
 pub mod directory;
 pub mod events;
 pub mod file;
+pub mod moves;
 mod secrets;
 mod sqlite;
 mod sqlite_directory;
@@ -24,6 +25,7 @@ pub use directory::{
     CertificateRecord, DirectoryStore, LockRecord, ResourceRecord, RoleAssignmentRecord,
     RoleDefinitionRecord,
 };
+pub use moves::MoveStore;
 pub use secrets::{SecretRecord, SecretVersionRecord};
 pub use sqlite::SqliteStore;
 
@@ -138,7 +140,7 @@ pub struct KeyRecord {
 
 /// What kagi persists. Every method is one atomic transaction.
 #[async_trait]
-pub trait Store: DirectoryStore + Send + Sync + std::fmt::Debug + 'static {
+pub trait Store: DirectoryStore + MoveStore + Send + Sync + std::fmt::Debug + 'static {
     /// Reads a metadata value.
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Writes a metadata value if absent; returns the value now stored (so two racing

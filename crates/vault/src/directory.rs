@@ -59,6 +59,8 @@ pub(crate) struct Directory {
     locks: Vec<LockRecord>,
     /// Certificate credentials.
     certificates: Vec<kagi_store::CertificateRecord>,
+    /// Subscriptions (lower-case) and the tenant each is in now (see `moves`).
+    subscriptions: HashMap<String, String>,
 }
 
 impl Directory {
@@ -85,6 +87,10 @@ impl Directory {
         d.assignments = store.list_role_assignments().await?;
         d.locks = store.list_locks().await?;
         d.certificates = store.list_principal_certificates().await?;
+        for (sub, tenant) in store.list_subscriptions().await? {
+            d.subscriptions
+                .insert(sub.to_ascii_lowercase(), tenant.to_ascii_lowercase());
+        }
         Ok(d)
     }
 }
@@ -545,7 +551,9 @@ impl Platform {
                 None => {
                     let p = PrincipalRecord {
                         object_id: uuid_v4(random16()?),
-                        tenant_id: caller.tenant_id.clone(),
+                        // An identity belongs to its subscription's tenant, whichever tenant
+                        // the administrator's token names.
+                        tenant_id: self.tenant_for_resource(&key, caller),
                         client_id: uuid_v4(random16()?),
                         display_name: name.to_string(),
                         secret_hash: Vec::new(),
@@ -668,7 +676,7 @@ impl Platform {
             (true, None) => {
                 let p = PrincipalRecord {
                     object_id: uuid_v4(random16()?),
-                    tenant_id: caller.tenant_id.clone(),
+                    tenant_id: self.tenant_for_resource(resource_key, caller),
                     client_id: uuid_v4(random16()?),
                     display_name: name.to_string(),
                     secret_hash: Vec::new(),
@@ -681,7 +689,12 @@ impl Platform {
                 Some(oid)
             }
             (false, Some(oid)) => {
-                if let Some(usage) = self.principal_usage(&oid) {
+                // An identity left behind by a tenant move is already broken (ID-3): turning it
+                // off is how it is replaced, whatever still names it.
+                let principal = self.dir().principals.get(&oid).cloned();
+                let stale = principal
+                    .is_some_and(|p| self.identity_tenant_problem(&p, resource_key).is_some());
+                if let Some(usage) = self.principal_usage(&oid).filter(|_| !stale) {
                     return Err(KvError::conflict(format!(
                         "The system-assigned identity {oid} of '{name}' is in use ({usage}). \
                          Turning it off would break that access; remove the grant first, or keep \
@@ -729,8 +742,15 @@ impl Platform {
         };
         let mut identity = json!({"type": type_name});
         if let Some(oid) = system_oid {
+            // The identity's own tenant: after a tenant move it differs from the subscription's.
+            let tenant = created
+                .iter()
+                .chain(self.dir().principals.get(&oid))
+                .find(|p| p.object_id == oid)
+                .map(|p| p.tenant_id.clone())
+                .unwrap_or_else(|| caller.tenant_id.clone());
             identity["principalId"] = json!(oid);
-            identity["tenantId"] = json!(caller.tenant_id);
+            identity["tenantId"] = json!(tenant);
         }
         if user {
             identity["userAssignedIdentities"] = Value::Object(uas);
@@ -973,6 +993,9 @@ impl Platform {
             bad("No managed identity of this resource matches the request (name one by client_id when several are assigned).")
                 .with_inner("IdentityNotFound")
         })?;
+        if let Some(e) = self.identity_tenant_problem(&chosen, &key) {
+            return Err(e);
+        }
         let audience = resource.trim_end_matches("/.default");
         if audience.trim_end_matches('/') != self.config.authority() {
             return Err(bad(format!(
@@ -1639,6 +1662,11 @@ fn lock_json(l: &LockRecord) -> Value {
 // private state.
 #[path = "service_resources.rs"]
 pub(crate) mod service_resources;
+
+// Subscriptions, tenant moves and resource moves (BK-9, ID-3): a child module, so it shares
+// the directory's private state.
+#[path = "moves.rs"]
+pub(crate) mod moves;
 
 // Policy assignments and compliance (X-3): a child module, so it shares the directory's
 // private state.

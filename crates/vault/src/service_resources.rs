@@ -253,6 +253,10 @@ impl Platform {
             bad(format!("The identity {oid} no longer exists.")).with_inner("IdentityNotFound")
         })?;
         debug_assert!(p.kind == kind::SYSTEM_ASSIGNED || p.kind == kind::USER_ASSIGNED);
+        // ID-3: an identity left in another tenant by a tenant move gets no token.
+        if let Some(e) = self.identity_tenant_problem(&p, &key) {
+            return Err(e);
+        }
         let grant = self
             .issue(
                 &Principal {
@@ -267,6 +271,15 @@ impl Platform {
             )
             .map_err(|_| internal("issue", "identity token"))?;
         Ok(grant.access_token)
+    }
+
+    /// Whether a key vault of that name exists in the soft-deleted state (storage services
+    /// name that state in their errors rather than "not found").
+    pub fn key_vault_soft_deleted(&self, vault: &str) -> bool {
+        VaultName::parse(vault)
+            .ok()
+            .and_then(|n| self.vault_state(&n))
+            .is_some_and(|v| v.record().deleted_at.is_some())
     }
 
     /// Region, tenant, soft delete and purge protection of a live key vault, if it exists.

@@ -85,7 +85,13 @@ impl Platform {
                 "Application was not found in the directory.",
             ));
         };
-        if !tenant.eq_ignore_ascii_case(&record.tenant_id) {
+        // The bootstrap administrator administers every tenant kagi knows (after a
+        // subscription moved to another tenant it still manages it): it gets a token in any of
+        // them, with that tenant as `tid`. Everyone else only in their own.
+        let admin_elsewhere = record.kind == crate::directory::kind::BOOTSTRAP
+            && kagi_core::TenantId::parse(tenant).is_ok()
+            && self.tenant_known(tenant);
+        if !tenant.eq_ignore_ascii_case(&record.tenant_id) && !admin_elsewhere {
             return Err(refuse(
                 400,
                 "invalid_request",
@@ -93,6 +99,11 @@ impl Platform {
                 "Tenant not found, or the application is not in this tenant.",
             ));
         }
+        let token_tenant = if admin_elsewhere {
+            tenant.to_ascii_lowercase()
+        } else {
+            record.tenant_id.clone()
+        };
         if record.kind == crate::directory::kind::USER {
             return Err(refuse(
                 400,
@@ -115,7 +126,7 @@ impl Platform {
         }
         self.issue(
             &Principal {
-                tenant_id: record.tenant_id,
+                tenant_id: token_tenant,
                 object_id: record.object_id,
                 client_id: record.client_id,
                 kind: record.kind,

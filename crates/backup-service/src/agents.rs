@@ -1,0 +1,929 @@
+//! Backup agents (MISSION MP-1..MP-7, BK-11): machines that back up their own folders into a
+//! backup vault. Encryption happens on the machine, under a passphrase only the machine's owner
+//! knows; the vault stores ciphertext objects and never sees a key. The wire protocol is in
+//! `docs/AGENT.md`.
+//!
+//! - The administrator downloads *vault credentials* (`POST {vault id}/vaultCredentials`): a
+//!   256-bit secret bound to one vault, valid 48 hours by default, whose SHA-256 alone is kept.
+//! - With them a machine *registers* (`/kagi/agent{vault id}/register`) and receives its own
+//!   256-bit machine secret (again only its hash is kept): registering counts as "an item was
+//!   registered" for BK-2, and is refused on a vault that uses a customer-managed key (BK-11).
+//! - Before registering, or later when its passphrase changes, the machine may ask the vault to
+//!   keep its passphrase in a key vault (`…/passphrase`): the vault's *system-assigned* identity
+//!   writes the secret `AzBackup-<FQDN>-<vault>` over the key vault's data plane, so that write
+//!   is authorized and audited like anyone's; each change adds a version.
+//! - A registered machine stores and reads repository objects under its own prefix and may read
+//!   (never write) other machines' objects of the same vault: restoring a lost machine's data
+//!   on another machine.
+//!
+//! State: `{vault dir}/agents/registry.json` (credential hashes, machines), objects under
+//! `{vault dir}/agents/machines/{machine}/`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use kagi_core::agent as rules;
+use kagi_core::time::rfc3339;
+use kagi_core::{ErrorCode, KvError, VaultName};
+use kagi_crypto::DigestAlgorithm;
+use kagi_vault::{Platform, Principal};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::BackupService;
+use crate::state::{io, write_atomic};
+use crate::vaults::{CmkConfig, VaultCtx, activity_entry};
+
+/// Vault credentials are valid this long unless asked otherwise.
+const DEFAULT_CREDENTIAL_HOURS: u64 = 48;
+/// The longest validity an administrator may ask for (10 days, like Azure's).
+const MAX_CREDENTIAL_HOURS: u64 = 240;
+/// The largest object an agent may store (packs are about 16 MiB).
+pub const MAX_OBJECT_BYTES: usize = 64 * 1024 * 1024;
+
+/// Authorization scheme of vault credentials.
+pub const VAULT_CREDENTIAL_SCHEME: &str = "KagiVaultCredential";
+/// Authorization scheme of a registered machine: `KagiAgent <machine>:<secret>`.
+pub const MACHINE_SCHEME: &str = "KagiAgent";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Credential {
+    sha256: String,
+    created: i64,
+    expires: i64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Machine {
+    name: String,
+    secret_sha256: String,
+    registered: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_vault_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    secret_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Registry {
+    credentials: Vec<Credential>,
+    /// By lower-cased machine name.
+    machines: BTreeMap<String, Machine>,
+}
+
+impl Registry {
+    fn load(dir: &Path) -> Result<Self, KvError> {
+        match std::fs::read(dir.join("agents/registry.json")) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| io("parse agent registry", e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(io("read agent registry", e)),
+        }
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), KvError> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| io("agent registry json", e))?;
+        write_atomic(&dir.join("agents/registry.json"), &bytes)
+    }
+}
+
+/// An answer to an agent.
+#[derive(Debug)]
+pub enum AgentReply {
+    /// A JSON body with its status.
+    Json(u16, Value),
+    /// Object bytes (200).
+    Bytes(Vec<u8>),
+    /// No body.
+    Empty(u16),
+}
+
+/// One agent request, as the HTTP layer parsed it.
+#[derive(Debug)]
+pub struct AgentCall<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path segments after `kagi/agent`, starting with the vault id's eight.
+    pub segs: &'a [&'a str],
+    /// The `Authorization` header.
+    pub authorization: Option<&'a str>,
+    /// `?prefix=` of a list request.
+    pub prefix: &'a str,
+    /// A `Range` as a half-open byte range.
+    pub range: Option<(u64, u64)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// Who called, once authenticated.
+enum Caller {
+    /// Holder of valid vault credentials.
+    Credential,
+    /// A registered machine (lower-cased name).
+    Machine(String),
+}
+
+fn sha256_hex(secret: &[u8]) -> String {
+    hex_lower(&kagi_crypto::digest(DigestAlgorithm::Sha256, secret))
+}
+
+fn hex_lower(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unauthorized(message: &str) -> KvError {
+    rules::INVALID_VAULT_CREDENTIALS.error(message)
+}
+
+fn bad(inner: &'static str, message: impl Into<String>) -> KvError {
+    KvError::new(ErrorCode::BadRequest, message).with_inner(inner)
+}
+
+fn json_of(body: &[u8]) -> Result<Value, KvError> {
+    serde_json::from_slice(body).map_err(|e| {
+        bad(
+            "InvalidRequestContent",
+            format!("The request body is not valid JSON: {e}."),
+        )
+    })
+}
+
+fn str_field<'a>(v: &'a Value, name: &str) -> Result<&'a str, KvError> {
+    v[name].as_str().ok_or_else(|| {
+        bad(
+            "InvalidRequestContent",
+            format!("The property \"{name}\" is required."),
+        )
+    })
+}
+
+/// Checks an object name: `/`-separated segments of ASCII letters, digits, `-`, `_` and `.`,
+/// none of them `.` or `..`, at most 8 deep.
+fn object_name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 512
+        && name.split('/').count() <= 8
+        && name.split('/').all(|s| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        })
+}
+
+/// A parsed key vault URI (MP-7: 100272 when it does not parse).
+fn parse_key_vault_uri(p: &Platform, uri: &str) -> Result<(VaultName, String), KvError> {
+    let cfg = p.config();
+    let invalid = |why: &str| {
+        rules::INVALID_KEY_VAULT_URI.error(format!(
+            "The key vault URI '{}' is not valid ({why}). Copy the vault URI from the key \
+             vault's properties, e.g. https://myvault.{}:{}/.",
+            kagi_core::ids::printable(uri),
+            cfg.dns_suffix,
+            cfg.port
+        ))
+    };
+    let rest = uri
+        .strip_prefix("https://")
+        .ok_or_else(|| invalid("it must start with https://"))?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    if !path.is_empty() {
+        return Err(invalid("it must name the vault only, with no path"));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, port)) => (
+            h,
+            port.parse::<u16>()
+                .map_err(|_| invalid("the port is not a number"))?,
+        ),
+        None => (authority, 443),
+    };
+    let suffix = format!(".{}", cfg.dns_suffix);
+    let host = host.to_ascii_lowercase();
+    let vault = host
+        .strip_suffix(&suffix)
+        .ok_or_else(|| invalid("the host is not a key vault host of this platform"))?;
+    if port != cfg.port {
+        return Err(invalid("the port is not this platform's"));
+    }
+    let name = VaultName::parse(vault).map_err(|_| invalid("the vault name is not valid"))?;
+    let base = cfg.vault_uri(&name).trim_end_matches('/').to_string();
+    Ok((name, base))
+}
+
+impl BackupService {
+    fn vault_of(&self, p: &Platform, vault_id_segs: &[&str]) -> Result<VaultCtx, KvError> {
+        let id = format!("/{}", vault_id_segs.join("/"));
+        let not_found = || {
+            KvError::new(
+                ErrorCode::ResourceNotFound,
+                format!(
+                    "The backup vault '{}' does not exist.",
+                    kagi_core::ids::printable(&id)
+                ),
+            )
+        };
+        let body = p.service_resource(&id).ok_or_else(not_found)?;
+        Ok(VaultCtx {
+            id: body["id"].as_str().unwrap_or_default().to_string(),
+            dir: crate::state::vault_dir(
+                &self.data_dir,
+                vault_id_segs[1],
+                vault_id_segs[3],
+                vault_id_segs[7],
+            ),
+            body,
+        })
+    }
+
+    fn authenticate_agent(
+        &self,
+        v: &VaultCtx,
+        authorization: Option<&str>,
+        now: i64,
+    ) -> Result<Caller, KvError> {
+        let header = authorization.ok_or_else(|| {
+            unauthorized("The request has no Authorization header; use the vault credentials file or register the machine.")
+        })?;
+        let (scheme, value) = header.split_once(' ').unwrap_or((header, ""));
+        let registry = Registry::load(&v.dir)?;
+        if scheme.eq_ignore_ascii_case(VAULT_CREDENTIAL_SCHEME) {
+            let secret = kagi_core::b64::decode(value.trim())
+                .ok_or_else(|| unauthorized("The vault credentials are not valid."))?;
+            let hash = sha256_hex(&secret);
+            return match registry.credentials.iter().find(|c| c.sha256 == hash) {
+                Some(c) if c.expires > now => Ok(Caller::Credential),
+                Some(c) => Err(unauthorized(&format!(
+                    "The vault credentials expired at {}. Download new ones from the backup \
+                     vault (kagi backup vault credentials).",
+                    rfc3339(c.expires)
+                ))),
+                None => Err(unauthorized(
+                    "The vault credentials are not valid for this backup vault. Check that the \
+                     file was downloaded from this vault.",
+                )),
+            };
+        }
+        if scheme.eq_ignore_ascii_case(MACHINE_SCHEME) {
+            let (machine, secret) = value.trim().split_once(':').ok_or_else(|| {
+                unauthorized("The machine credential is not valid; register the machine again.")
+            })?;
+            let secret = kagi_core::b64::decode(secret).ok_or_else(|| {
+                unauthorized("The machine credential is not valid; register the machine again.")
+            })?;
+            let key = machine.to_ascii_lowercase();
+            return match registry.machines.get(&key) {
+                Some(m) if m.secret_sha256 == sha256_hex(&secret) => Ok(Caller::Machine(key)),
+                _ => Err(unauthorized(
+                    "The machine is not registered with this backup vault (or was registered \
+                     again elsewhere); register it again with fresh vault credentials.",
+                )),
+            };
+        }
+        Err(unauthorized(
+            "Unknown authorization scheme; use the vault credentials file or register the machine.",
+        ))
+    }
+
+    /// `POST {vault id}/vaultCredentials` (bootstrap administrator): new vault credentials.
+    pub(crate) async fn vault_credentials(
+        &self,
+        p: &Platform,
+        caller: &Principal,
+        v: &VaultCtx,
+        body: &Value,
+    ) -> Result<(u16, Value), KvError> {
+        let hours = match body.get("validHours") {
+            None | Some(Value::Null) => DEFAULT_CREDENTIAL_HOURS,
+            Some(h) => h
+                .as_u64()
+                .filter(|h| (1..=MAX_CREDENTIAL_HOURS).contains(h))
+                .ok_or_else(|| {
+                    bad(
+                        "InvalidValidity",
+                        format!("validHours must be 1-{MAX_CREDENTIAL_HOURS}."),
+                    )
+                })?,
+        };
+        let secret = kagi_crypto::random_array::<32>().map_err(|e| io("random", e))?;
+        let now = p.now();
+        let expires = now + (hours as i64) * 3600;
+        let lock = self.vault_lock(&v.id.to_ascii_lowercase());
+        let _g = lock.lock().await;
+        let mut registry = Registry::load(&v.dir)?;
+        registry.credentials.retain(|c| c.expires > now);
+        registry.credentials.push(Credential {
+            sha256: sha256_hex(&secret),
+            created: now,
+            expires,
+        });
+        registry.save(&v.dir)?;
+        self.log(
+            v,
+            activity_entry(
+                Some(caller),
+                &v.id,
+                "Microsoft.RecoveryServices/vaults/vaultCredentials/action",
+                "Succeeded",
+                &format!(
+                    "Vault credentials issued, valid until {}.",
+                    rfc3339(expires)
+                ),
+                now,
+            ),
+        );
+        let ca = std::fs::read_to_string(self.data_dir.join("tls/ca.pem"))
+            .map_err(|e| io("read CA", e))?;
+        Ok((
+            200,
+            json!({
+                "vaultId": v.id,
+                "vaultName": v.body["name"],
+                "location": v.body["location"],
+                "serverUrl": p.config().authority(),
+                "caCertificate": ca,
+                "secret": kagi_core::b64::encode(&secret),
+                "expiresOn": rfc3339(expires),
+            }),
+        ))
+    }
+
+    /// Serves one agent request: `segs` are the path segments after `kagi/agent`, starting
+    /// with the vault id's eight. Returns who called (for the audit log) and the answer.
+    pub async fn agent_request(
+        self: &Arc<Self>,
+        p: &Arc<Platform>,
+        call: AgentCall<'_>,
+    ) -> (Option<String>, Result<AgentReply, KvError>) {
+        let AgentCall {
+            method,
+            segs,
+            authorization,
+            prefix,
+            range,
+            body,
+        } = call;
+        let l: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+        let l: Vec<&str> = l.iter().map(String::as_str).collect();
+        let not_found = || KvError::new(ErrorCode::NotFound, "No such agent route.");
+        if segs.len() < 9
+            || !matches!(
+                l[..8],
+                [
+                    "subscriptions",
+                    _,
+                    "resourcegroups",
+                    _,
+                    "providers",
+                    "microsoft.recoveryservices",
+                    "vaults",
+                    _
+                ]
+            )
+        {
+            return (None, Err(not_found()));
+        }
+        let v = match self.vault_of(p, &segs[..8]) {
+            Ok(v) => v,
+            Err(e) => return (None, Err(e)),
+        };
+        let now = p.now();
+        let who = match self.authenticate_agent(&v, authorization, now) {
+            Ok(c) => c,
+            Err(e) => return (None, Err(e)),
+        };
+        let shown = match &who {
+            Caller::Credential => format!("vault-credentials:{}", v.id),
+            Caller::Machine(m) => format!("agent:{}/{m}", v.id),
+        };
+        let r = self
+            .agent_route(
+                p,
+                &v,
+                &who,
+                method,
+                &segs[8..],
+                &l[8..],
+                prefix,
+                range,
+                body,
+            )
+            .await;
+        (Some(shown), r)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn agent_route(
+        self: &Arc<Self>,
+        p: &Arc<Platform>,
+        v: &VaultCtx,
+        who: &Caller,
+        method: &str,
+        rest: &[&str],
+        l: &[&str],
+        prefix: &str,
+        range: Option<(u64, u64)>,
+        body: Vec<u8>,
+    ) -> Result<AgentReply, KvError> {
+        let machine_only = || -> Result<&str, KvError> {
+            match who {
+                Caller::Machine(m) => Ok(m),
+                Caller::Credential => Err(KvError::forbidden(
+                    "This operation needs a registered machine's credential.",
+                )
+                .with_inner("MachineNotRegistered")),
+            }
+        };
+        match (l, method) {
+            (["probe"], "POST") => {
+                let req = json_of(&body)?;
+                self.probe(v, req["machineName"].as_str())
+                    .await
+                    .map(|j| AgentReply::Json(200, j))
+            }
+            (["passphrase"], "POST") => {
+                let req = json_of(&body)?;
+                let machine = str_field(&req, "machineName")?;
+                if let Caller::Machine(m) = who
+                    && !m.eq_ignore_ascii_case(machine)
+                {
+                    return Err(KvError::forbidden(
+                        "A machine may set only its own passphrase.",
+                    ));
+                }
+                self.store_passphrase(p, v, machine, &req)
+                    .await
+                    .map(|j| AgentReply::Json(200, j))
+            }
+            (["register"], "POST") => {
+                let req = json_of(&body)?;
+                self.register(p, v, &req)
+                    .await
+                    .map(|j| AgentReply::Json(200, j))
+            }
+            (["machines"], "GET") => {
+                machine_only()?;
+                let reg = Registry::load(&v.dir)?;
+                Ok(AgentReply::Json(
+                    200,
+                    json!({"value": reg.machines.values().map(|m| json!({
+                        "name": m.name,
+                        "registered": rfc3339(m.registered),
+                        "keyVaultUri": m.key_vault_uri,
+                        "secretId": m.secret_id,
+                    })).collect::<Vec<_>>()}),
+                ))
+            }
+            (["machines", _, "activity"], "POST") => {
+                let me = machine_only()?;
+                if !me.eq_ignore_ascii_case(rest[1]) {
+                    return Err(KvError::forbidden("A machine reports only its own jobs."));
+                }
+                let req = json_of(&body)?;
+                let status = match req["status"].as_str() {
+                    Some(s @ ("Succeeded" | "Failed" | "CompletedWithWarnings")) => s,
+                    _ => {
+                        return Err(bad(
+                            "InvalidRequestContent",
+                            "status must be Succeeded, Failed or CompletedWithWarnings.",
+                        ));
+                    }
+                };
+                let operation = match req["operation"].as_str() {
+                    Some(o @ ("Backup" | "Restore" | "SetPassphrase" | "Prune")) => o,
+                    _ => {
+                        return Err(bad(
+                            "InvalidRequestContent",
+                            "operation must be Backup, Restore, SetPassphrase or Prune.",
+                        ));
+                    }
+                };
+                let message: String = req["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .chars()
+                    .take(2000)
+                    .collect();
+                let mut entry = activity_entry(
+                    None,
+                    &v.id,
+                    &format!("Microsoft.RecoveryServices/vaults/agents/{operation}"),
+                    status,
+                    &message,
+                    p.now(),
+                );
+                entry["caller"] = json!(format!("agent:{me}"));
+                entry["machine"] = json!(me);
+                entry["stats"] = req["stats"].clone();
+                crate::state::log_activity(&v.dir, &entry)?;
+                Ok(AgentReply::Empty(204))
+            }
+            (["machines", _, "objects"], "GET") => {
+                machine_only()?;
+                let target = self.machine_dir(v, rest[1])?;
+                if !prefix.is_empty() && !object_name_ok(prefix) {
+                    return Err(bad("InvalidObjectName", "The prefix is not valid."));
+                }
+                // Sizes and times let the agent's prune spare packs a backup may still write.
+                list_meta(&target, prefix).await.map(|metas| {
+                    AgentReply::Json(
+                        200,
+                        json!({
+                            "value": metas.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
+                            "objects": metas.iter().map(|(n, size, modified)| {
+                                json!({"name": n, "size": size, "modified": modified})
+                            }).collect::<Vec<_>>(),
+                        }),
+                    )
+                })
+            }
+            (["machines", _, "objects", ..], _) => {
+                let me = machine_only()?;
+                let name = rest[3..].join("/");
+                if !object_name_ok(&name) {
+                    return Err(bad("InvalidObjectName", "The object name is not valid."));
+                }
+                let target = self.machine_dir(v, rest[1])?;
+                let own = me.eq_ignore_ascii_case(rest[1]);
+                match method {
+                    "GET" => get_object(&target, &name, range)
+                        .await
+                        .map(AgentReply::Bytes),
+                    "PUT" | "DELETE" if !own => Err(KvError::forbidden(
+                        "A machine may read other machines' backups of this vault, never change them.",
+                    )),
+                    "PUT" => {
+                        if body.len() > MAX_OBJECT_BYTES {
+                            return Err(KvError::new(
+                                ErrorCode::RequestEntityTooLarge,
+                                "The object is too large.",
+                            ));
+                        }
+                        put_object(&target, &name, body)
+                            .await
+                            .map(|()| AgentReply::Empty(201))
+                    }
+                    "DELETE" => delete_object(&target, &name)
+                        .await
+                        .map(|()| AgentReply::Empty(204)),
+                    _ => Err(KvError::new(
+                        ErrorCode::MethodNotAllowed,
+                        "Objects are read with GET, written with PUT, removed with DELETE.",
+                    )),
+                }
+            }
+            _ => Err(KvError::new(ErrorCode::NotFound, "No such agent route.")),
+        }
+    }
+
+    /// The folder of a registered machine's objects (404 if the machine is not registered).
+    fn machine_dir(&self, v: &VaultCtx, machine: &str) -> Result<PathBuf, KvError> {
+        let key = machine.to_ascii_lowercase();
+        if !Registry::load(&v.dir)?.machines.contains_key(&key) {
+            return Err(KvError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "No machine named '{}' is registered with this backup vault.",
+                    kagi_core::ids::printable(machine)
+                ),
+            )
+            .with_inner("MachineNotFound"));
+        }
+        Ok(v.dir.join("agents/machines").join(key))
+    }
+
+    /// Checks the vault accepts agents; for a machine registered before, answers its wrapped
+    /// key entries, so the agent can check a passphrase against the machine's existing backups
+    /// before it stores that passphrase anywhere. (Whoever holds the vault credentials can
+    /// register as that machine anyway; the entries are passphrase-wrapped.)
+    async fn probe(&self, v: &VaultCtx, machine: Option<&str>) -> Result<Value, KvError> {
+        refuse_cmk(v)?;
+        let mut keys = Vec::new();
+        if let Some(m) = machine {
+            rules::validate_machine_name(m)?;
+            let dir = v.dir.join("agents/machines").join(m.to_ascii_lowercase());
+            if dir.is_dir() {
+                for name in list_objects(&dir, "keys").await? {
+                    let raw = get_object(&dir, &name, None).await?;
+                    keys.push(
+                        serde_json::from_slice::<Value>(&raw)
+                            .map_err(|e| io("parse agent key entry", e))?,
+                    );
+                }
+            }
+        }
+        Ok(json!({
+            "vaultId": v.id,
+            "vaultName": v.body["name"],
+            "encryption": "PlatformManagedKeyForVaultAndPassphraseForAgentData",
+            "systemAssignedIdentity": v.body["identity"]["principalId"].is_string(),
+            "existingKeyEntries": keys,
+        }))
+    }
+
+    async fn register(&self, p: &Platform, v: &VaultCtx, req: &Value) -> Result<Value, KvError> {
+        refuse_cmk(v)?;
+        let machine = str_field(req, "machineName")?;
+        rules::validate_machine_name(machine)?;
+        let lock = self.vault_lock(&v.id.to_ascii_lowercase());
+        let _g = lock.lock().await;
+        // BK-2: a registration attempt counts like a protection attempt.
+        let mut state = crate::state::VaultState::load(&v.dir)?.ok_or_else(|| {
+            KvError::new(
+                ErrorCode::ResourceNotFound,
+                "The backup vault has no state.",
+            )
+        })?;
+        if !state.protection_attempted {
+            state.protection_attempted = true;
+            state.save(&v.dir)?;
+        }
+        let secret = kagi_crypto::random_array::<32>().map_err(|e| io("random", e))?;
+        let now = p.now();
+        let mut registry = Registry::load(&v.dir)?;
+        let key = machine.to_ascii_lowercase();
+        let again = registry.machines.contains_key(&key);
+        let opt = |name: &str| req[name].as_str().map(str::to_string);
+        registry.machines.insert(
+            key.clone(),
+            Machine {
+                name: machine.to_string(),
+                secret_sha256: sha256_hex(&secret),
+                registered: now,
+                key_vault_uri: opt("keyVaultUri"),
+                secret_id: opt("secretId"),
+            },
+        );
+        registry.save(&v.dir)?;
+        std::fs::create_dir_all(v.dir.join("agents/machines").join(&key))
+            .map_err(|e| io("mkdir agent", e))?;
+        self.log(
+            v,
+            activity_entry(
+                None,
+                &v.id,
+                "Microsoft.RecoveryServices/vaults/agents/register",
+                "Succeeded",
+                &format!(
+                    "Machine '{machine}' {}.",
+                    if again {
+                        "registered again"
+                    } else {
+                        "registered"
+                    }
+                ),
+                now,
+            ),
+        );
+        Ok(json!({
+            "machineName": machine,
+            "machineSecret": kagi_core::b64::encode(&secret),
+            "registeredAgain": again,
+        }))
+    }
+
+    /// MP-2/MP-7: writes the passphrase as the secret `AzBackup-<FQDN>-<vault>` with the vault's
+    /// system-assigned identity.
+    async fn store_passphrase(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        machine: &str,
+        req: &Value,
+    ) -> Result<Value, KvError> {
+        refuse_cmk(v)?;
+        let passphrase = zeroize::Zeroizing::new(str_field(req, "passphrase")?.to_string());
+        rules::validate_passphrase(&passphrase)?;
+        let uri = str_field(req, "keyVaultUri")?;
+        let vault_name = v.body["name"].as_str().unwrap_or_default();
+        let secret_name = rules::passphrase_secret_name(machine, vault_name)?;
+        let now = p.now();
+        let result = self
+            .write_passphrase(p, v, uri, &secret_name, &passphrase)
+            .await;
+        let (status, message) = match &result {
+            Ok((id, _)) => (
+                "Succeeded",
+                format!("Passphrase of machine '{machine}' stored as {id}."),
+            ),
+            Err(e) => ("Failed", e.message.clone()),
+        };
+        self.log(
+            v,
+            activity_entry(
+                None,
+                &v.id,
+                "Microsoft.RecoveryServices/vaults/agents/passphrase/write",
+                status,
+                &message,
+                now,
+            ),
+        );
+        let (secret_id, warnings) = result?;
+        Ok(json!({"secretId": secret_id, "secretName": secret_name, "warnings": warnings}))
+    }
+
+    async fn write_passphrase(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        uri: &str,
+        secret_name: &str,
+        passphrase: &str,
+    ) -> Result<(String, Vec<String>), KvError> {
+        let (kv, base) = parse_key_vault_uri(p, uri)?;
+        let Some(principal) = v.body["identity"]["principalId"].as_str() else {
+            return Err(rules::SYSTEM_IDENTITY_NOT_CONFIGURED.error(format!(
+                "The backup vault '{}' has no system-assigned managed identity (a user-assigned \
+                 one cannot store passphrases). Turn it on (kagi backup vault identity \
+                 --system-assigned) and grant it secrets/set on the key vault.",
+                v.body["name"].as_str().unwrap_or_default()
+            )));
+        };
+        let facts = match p.key_vault_facts(kv.as_str()) {
+            Some(f) => f,
+            None if p.key_vault_soft_deleted(kv.as_str()) => {
+                return Err(rules::KEY_VAULT_SOFT_DELETED.error(format!(
+                    "The key vault '{kv}' is soft-deleted. Recover it (kagi keyvault recover) \
+                     or give another key vault."
+                )));
+            }
+            None => {
+                return Err(KvError::new(
+                    ErrorCode::NotFound,
+                    format!("There is no key vault '{kv}'; check the key vault URI."),
+                )
+                .with_inner("UserErrorKeyVaultNotFound"));
+            }
+        };
+        let mut warnings = Vec::new();
+        if !facts.soft_delete || !facts.purge_protection {
+            warnings.push(format!(
+                "The key vault '{kv}' does not have {} turned on: a deleted or purged secret \
+                 would lose the passphrase. Turn on soft delete and purge protection.",
+                match (facts.soft_delete, facts.purge_protection) {
+                    (false, false) => "soft delete and purge protection",
+                    (false, true) => "soft delete",
+                    _ => "purge protection",
+                }
+            ));
+        }
+        let token = p
+            .identity_token(&v.id, None)
+            .map_err(|e| rules::SYSTEM_IDENTITY_NOT_CONFIGURED.error(e.message))?;
+        let tags = json!({"backupVault": v.id, "purpose": "kagi backup agent passphrase"});
+        match self
+            .vault_client
+            .set_secret(&base, secret_name, passphrase, &tags, &token)
+            .await
+        {
+            Ok(id) => Ok((id, warnings)),
+            Err(f) if f.status == 403 => {
+                Err(rules::KEY_VAULT_PERMISSION_NOT_CONFIGURED.error(format!(
+                    "The backup vault's system-assigned identity {principal} may not set secrets \
+                     in key vault '{kv}' ({}). Grant it secrets/set: an access policy with the \
+                     secret permission Set, or a role such as Key Vault Secrets Officer (or a \
+                     custom role with Microsoft.KeyVault/vaults/secrets/setSecret/action). Check \
+                     also that the vault credentials and key vault URI are the intended ones.",
+                    f.message
+                )))
+            }
+            Err(f) if f.inner.as_deref() == Some("ObjectIsDeletedButRecoverable") => {
+                Err(rules::SECRET_EXISTS_SOFT_DELETED.error(format!(
+                    "The secret '{secret_name}' exists in key vault '{kv}' but is \
+                     soft-deleted. Recover it (kagi keyvault secret recover, or az keyvault \
+                     secret recover) and try again."
+                )))
+            }
+            Err(f) => Err(KvError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "The key vault '{kv}' refused to store the passphrase: {} ({}).",
+                    f.message, f.code
+                ),
+            )
+            .with_inner("UserErrorKeyVaultOperationFailed")),
+        }
+    }
+}
+
+/// BK-11: agents use passphrases; a vault with a customer-managed key refuses them.
+fn refuse_cmk(v: &VaultCtx) -> Result<(), KvError> {
+    if CmkConfig::of(&v.body).is_some() {
+        return Err(rules::CMK_VAULT_NOT_SUPPORTED.error(format!(
+            "The backup vault '{}' encrypts with a customer-managed key; backup agents encrypt \
+             with a passphrase and cannot use such a vault. Register the machine with a vault \
+             that uses platform-managed keys.",
+            v.body["name"].as_str().unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+fn store_of(dir: &Path) -> Result<LocalFileSystem, KvError> {
+    std::fs::create_dir_all(dir).map_err(|e| io("mkdir agent objects", e))?;
+    LocalFileSystem::new_with_prefix(dir).map_err(|e| io("agent objects", e))
+}
+
+fn object_missing(name: &str) -> KvError {
+    KvError::new(
+        ErrorCode::NotFound,
+        format!("No object '{}'.", kagi_core::ids::printable(name)),
+    )
+    .with_inner("ObjectNotFound")
+}
+
+/// Objects under a prefix with their size and modification time (Unix seconds), by name.
+async fn list_meta(dir: &Path, prefix: &str) -> Result<Vec<(String, u64, i64)>, KvError> {
+    let store = store_of(dir)?;
+    let p = (!prefix.is_empty()).then(|| ObjectPath::from(prefix));
+    let metas: Vec<_> = store
+        .list(p.as_ref())
+        .try_collect()
+        .await
+        .map_err(|e| io("list agent objects", e))?;
+    let mut out: Vec<_> = metas
+        .into_iter()
+        .map(|m| (m.location.to_string(), m.size, m.last_modified.timestamp()))
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+async fn list_objects(dir: &Path, prefix: &str) -> Result<Vec<String>, KvError> {
+    Ok(list_meta(dir, prefix)
+        .await?
+        .into_iter()
+        .map(|(n, _, _)| n)
+        .collect())
+}
+
+async fn get_object(dir: &Path, name: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, KvError> {
+    let store = store_of(dir)?;
+    let path = ObjectPath::from(name);
+    let r = match range {
+        Some((start, end)) => store.get_range(&path, start..end).await.map(|b| b.to_vec()),
+        None => match store.get(&path).await {
+            Ok(g) => g.bytes().await.map(|b| b.to_vec()),
+            Err(e) => Err(e),
+        },
+    };
+    match r {
+        Ok(b) => Ok(b),
+        Err(object_store::Error::NotFound { .. }) => Err(object_missing(name)),
+        Err(e) => Err(io("read agent object", e)),
+    }
+}
+
+async fn put_object(dir: &Path, name: &str, body: Vec<u8>) -> Result<(), KvError> {
+    let store = store_of(dir)?;
+    // LocalFileSystem writes to a temporary file and renames it into place: a reader never
+    // sees half an object. Acknowledged means durable: fsync the file before answering.
+    store
+        .put(&ObjectPath::from(name), PutPayload::from(body))
+        .await
+        .map_err(|e| io("write agent object", e))?;
+    let file = dir.join(name);
+    std::fs::File::open(&file)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io("sync agent object", e))?;
+    if let Some(parent) = file.parent() {
+        std::fs::File::open(parent)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| io("sync agent folder", e))?;
+    }
+    Ok(())
+}
+
+async fn delete_object(dir: &Path, name: &str) -> Result<(), KvError> {
+    let store = store_of(dir)?;
+    match store.delete(&ObjectPath::from(name)).await {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(io("delete agent object", e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names() {
+        for ok in ["config", "keys/abc", "data/0a/0a1b", "snapshots/x.y"] {
+            assert!(object_name_ok(ok), "{ok}");
+        }
+        for bad in [
+            "", "../x", "a/../b", "a//b", "/a", "a/", ".", "a b", "a/./b",
+        ] {
+            assert!(!object_name_ok(bad), "{bad}");
+        }
+    }
+}

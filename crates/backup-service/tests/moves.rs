@@ -1,0 +1,831 @@
+//! BK-9 end to end, over the real HTTPS server in-process: backup vaults moving between
+//! resource groups and subscriptions (ARM `moveResources`), a CMK vault refused, a crash in the
+//! middle of a move finished at the next start, and a tenant move that stops a CMK vault until
+//! its identity and key are configured again.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kagi_core::time::TestClock;
+use kagi_http::tls::{LocalCa, SniResolver};
+use kagi_vault::{BootstrapAdmin, Platform, PlatformConfig};
+use serde_json::{Value, json};
+
+const API: &str = "api-version=7.5";
+const ARM: &str = "api-version=2023-07-01";
+const SUB2: &str = "5e1f0000-0000-4000-8000-00000000b0b2";
+const TENANT2: &str = "7e2a0000-0000-4000-8000-0000000077e2";
+
+struct Server {
+    port: u16,
+    admin: BootstrapAdmin,
+    task: tokio::task::JoinHandle<Result<(), kagi_http::ServeError>>,
+    dir: tempfile::TempDir,
+    token: String,
+    c: reqwest::Client,
+    platform: Arc<Platform>,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = PlatformConfig {
+        data_dir: dir.path().to_path_buf(),
+        dns_suffix: "localhost".into(),
+        port,
+    };
+    let clock = Arc::new(TestClock::new());
+    let (platform, admin) = Platform::open(config, clock).await.unwrap();
+    let admin = admin.unwrap();
+    let ca = LocalCa::load_or_create(&platform, dir.path()).unwrap();
+    let ca_pem = ca.cert_pem.clone();
+    let resolver = SniResolver::new(ca, "localhost");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let platform = Arc::new(platform);
+    install(&platform, addr);
+    let audit = Arc::new(kagi_audit::AuditLog::open(dir.path()).unwrap());
+    let served = platform.clone();
+    let task =
+        tokio::spawn(async move { kagi_http::serve(served, audit, &[addr], resolver).await });
+    for _ in 0..1000 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut b = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none());
+    for host in ["localhost", "kv1.localhost", "kvt.localhost"] {
+        b = b.resolve(host, addr);
+    }
+    let mut s = Server {
+        port,
+        admin,
+        task,
+        dir,
+        token: String::new(),
+        c: b.build().unwrap(),
+        platform,
+        addr,
+    };
+    s.token = s.token_in(&s.admin.tenant_id.clone()).await;
+    s
+}
+
+fn install(platform: &Arc<Platform>, addr: SocketAddr) {
+    kagi_backup_service::install(
+        platform,
+        kagi_backup_service::ServiceConfig {
+            // No cache: every job asks the key vault, so re-wrapping after a tenant move really
+            // unwraps the old entries with the new identity.
+            key_cache_lifetime: Duration::ZERO,
+            key_poll_interval: Duration::from_secs(3600),
+            connect: Some(addr),
+        },
+    );
+}
+
+impl Server {
+    /// The administrator's token in a tenant.
+    async fn token_in(&self, tenant: &str) -> String {
+        let r = self
+            .c
+            .post(format!(
+                "https://localhost:{}/{tenant}/oauth2/v2.0/token",
+                self.port
+            ))
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", self.admin.client_id.as_str()),
+                ("client_secret", self.admin.client_secret.as_str()),
+                (
+                    "scope",
+                    &format!("https://localhost:{}/.default", self.port),
+                ),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().await.unwrap();
+        v["access_token"].as_str().unwrap().to_string()
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        url: String,
+        token: &str,
+        body: Option<Value>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut r = self
+            .c
+            .request(method.parse().unwrap(), url)
+            .bearer_auth(token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let r = r.send().await.unwrap();
+        let s = r.status().as_u16();
+        let h = r.headers().clone();
+        (s, h, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn arm(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let url = format!("https://localhost:{}{path}{sep}{ARM}", self.port);
+        let (s, _, v) = self.call(method, url, &self.token, body).await;
+        (s, v)
+    }
+
+    async fn dp(
+        &self,
+        token: &str,
+        method: &str,
+        vault: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let url = format!("https://{vault}.localhost:{}{path}?{API}", self.port);
+        let (s, _, v) = self.call(method, url, token, body).await;
+        (s, v)
+    }
+
+    fn sub1(&self) -> String {
+        self.admin.subscription_id.clone()
+    }
+
+    fn rg(sub: &str, rg: &str) -> String {
+        format!("/subscriptions/{sub}/resourceGroups/{rg}")
+    }
+
+    fn bv(sub: &str, rg: &str, name: &str) -> String {
+        format!(
+            "{}/providers/Microsoft.RecoveryServices/vaults/{name}",
+            Self::rg(sub, rg)
+        )
+    }
+
+    async fn put_rg(&self, sub: &str, rg: &str) {
+        let (s, v) = self
+            .arm(
+                "PUT",
+                &Self::rg(sub, rg),
+                Some(json!({"location": "westeurope"})),
+            )
+            .await;
+        assert!(s == 200 || s == 201, "{v}");
+    }
+
+    /// `moveResources` / `validateMoveResources` as Azure's pollers do them: the POST, then
+    /// the `Location` until it answers 204. Returns the POST's status and body when refused.
+    async fn move_res(
+        &self,
+        source: &str,
+        ids: &[&str],
+        target: &str,
+        validate: bool,
+    ) -> Result<(), (u16, Value)> {
+        let action = if validate {
+            "validateMoveResources"
+        } else {
+            "moveResources"
+        };
+        let url = format!(
+            "https://localhost:{}{source}/{action}?api-version=2021-04-01",
+            self.port
+        );
+        let (st, h, v) = self
+            .call(
+                "POST",
+                url,
+                &self.token,
+                Some(json!({"resources": ids, "targetResourceGroup": target})),
+            )
+            .await;
+        if st != 202 {
+            return Err((st, v));
+        }
+        assert_eq!(h["retry-after"], "1");
+        let loc = h["location"].to_str().unwrap().to_string();
+        assert!(loc.contains("/operationresults/"), "{loc}");
+        let (st, _, v) = self.call("GET", loc, &self.token, None).await;
+        assert_eq!(st, 204, "{v}");
+        Ok(())
+    }
+
+    async fn wait_job(&self, vault: &str, job: &Value) -> Value {
+        let id = job["name"].as_str().unwrap();
+        for _ in 0..3000 {
+            let (s, j) = self
+                .arm("GET", &format!("{vault}/backupJobs/{id}"), None)
+                .await;
+            assert_eq!(s, 200, "{j}");
+            if j["status"] != "InProgress" {
+                return j;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("job never ended");
+    }
+
+    async fn backup(&self, vault: &str, item: &str) -> Value {
+        let (s, j) = self
+            .arm(
+                "POST",
+                &format!("{vault}/backupProtectedItems/{item}/backup"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 202, "{j}");
+        self.wait_job(vault, &j).await
+    }
+
+    async fn restore(&self, vault: &str, item: &str, rp: &str, target: &Path) -> Value {
+        let (s, j) = self
+            .arm(
+                "POST",
+                &format!("{vault}/backupProtectedItems/{item}/restore"),
+                Some(json!({"recoveryPointId": rp, "targetPath": target})),
+            )
+            .await;
+        assert_eq!(s, 202, "{j}");
+        self.wait_job(vault, &j).await
+    }
+
+    async fn protect(&self, vault: &str, item: &str, src: &Path) {
+        let (s, v) = self
+            .arm(
+                "PUT",
+                &format!("{vault}/backupProtectedItems/{item}"),
+                Some(json!({"properties": {"sourcePath": src}})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+    }
+
+    fn folder(&self, sub: &str, rg: &str, name: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("backup")
+            .join(sub.to_ascii_lowercase())
+            .join(rg.to_ascii_lowercase())
+            .join(name)
+    }
+
+    fn key_uri(&self, vault: &str, key: &str) -> String {
+        format!("https://{vault}.localhost:{}/keys/{key}", self.port)
+    }
+
+    /// A key vault with purge protection and an RSA key `k1`, in tenant `tenant`.
+    async fn key_vault(&self, sub: &str, rg: &str, name: &str, tenant: &str) {
+        let (s, v) = self
+            .arm(
+                "PUT",
+                &format!(
+                    "{}/providers/Microsoft.KeyVault/vaults/{name}",
+                    Self::rg(sub, rg)
+                ),
+                Some(json!({"location": "westeurope", "properties": {
+                    "tenantId": tenant, "sku": {"family": "A", "name": "standard"},
+                    "enablePurgeProtection": true, "softDeleteRetentionInDays": 7}})),
+            )
+            .await;
+        assert_eq!(s, 201, "{v}");
+        let (s, v) = self
+            .dp(
+                &self.token,
+                "POST",
+                name,
+                "/keys/k1/create",
+                Some(json!({"kty": "RSA", "key_size": 2048})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+
+    /// Replaces the key vault's access policies by one for `oid` in `tenant` (and sets the
+    /// vault's tenantId).
+    async fn only_grant(&self, sub: &str, rg: &str, kv: &str, tenant: &str, oid: &str) {
+        let (s, v) = self
+            .arm(
+                "PUT",
+                &format!(
+                    "{}/providers/Microsoft.KeyVault/vaults/{kv}",
+                    Self::rg(sub, rg)
+                ),
+                Some(
+                    json!({"location": "westeurope", "properties": {"tenantId": tenant,
+                    "accessPolicies": [{"tenantId": tenant, "objectId": oid,
+                    "permissions": {"keys": ["get", "list", "wrapKey", "unwrapKey"]}}]}}),
+                ),
+            )
+            .await;
+        assert!(s == 200 || s == 201, "{v}");
+    }
+}
+
+fn make_source(dir: &Path) {
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("a.txt"), b"hello moves\n").unwrap();
+    let big: Vec<u8> = (0..700_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    std::fs::write(dir.join("sub/big.bin"), &big).unwrap();
+}
+
+fn assert_same(a: &Path, b: &Path) {
+    for rel in ["a.txt", "sub/big.bin"] {
+        assert_eq!(
+            std::fs::read(a.join(rel)).unwrap(),
+            std::fs::read(b.join(rel)).unwrap(),
+            "{rel}"
+        );
+    }
+}
+
+fn inner(v: &Value) -> &str {
+    v["error"]["innererror"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pmk_vault_moves_and_cmk_vault_stays() {
+    let s = start().await;
+    let sub1 = s.sub1();
+    s.put_rg(&sub1, "rg1").await;
+    s.put_rg(&sub1, "rg2").await;
+    // A second subscription, in the same tenant.
+    let (st, v) = s
+        .call(
+            "PUT",
+            format!(
+                "https://localhost:{}/kagi/admin/subscriptions/{SUB2}",
+                s.port
+            ),
+            &s.token,
+            Some(json!({})),
+        )
+        .await
+        .into_second();
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["tenantId"], s.admin.tenant_id.as_str());
+    s.put_rg(SUB2, "rg3").await;
+
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_source(&src);
+    let bv1 = Server::bv(&sub1, "rg1", "bv1");
+    let (st, v) = s
+        .arm(
+            "PUT",
+            &bv1,
+            Some(json!({"location": "westeurope", "identity": {"type": "SystemAssigned"}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let principal = v["identity"]["principalId"].as_str().unwrap().to_string();
+    s.protect(&bv1, "docs", &src).await;
+    let j = s.backup(&bv1, "docs").await;
+    assert_eq!(j["status"], "Completed", "{j}");
+    let rp1 = j["stats"]["recoveryPointId"].as_str().unwrap().to_string();
+    let admin = s.platform.authenticate(&s.token).unwrap();
+    let binding = s.platform.bind_workload(&admin, &bv1, None).await;
+    // Backup vaults are not workloads; the binding route exists for identity resources only.
+    let binding = binding.ok();
+
+    // Validate, then move within the subscription.
+    let source1 = Server::rg(&sub1, "rg1");
+    let target2 = Server::rg(&sub1, "rg2");
+    s.move_res(&source1, &[&bv1], &target2, true).await.unwrap();
+    assert!(s.folder(&sub1, "rg1", "bv1").join("state.json").exists());
+    s.move_res(&source1, &[&bv1], &target2, false)
+        .await
+        .unwrap();
+    let (st, _) = s.arm("GET", &bv1, None).await;
+    assert_eq!(st, 404);
+    let bv2 = Server::bv(&sub1, "rg2", "bv1");
+    let (st, v) = s.arm("GET", &bv2, None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["id"], bv2.as_str());
+    assert_eq!(v["identity"]["principalId"], principal.as_str());
+    assert!(!s.folder(&sub1, "rg1", "bv1").exists());
+    assert!(s.folder(&sub1, "rg2", "bv1").join("state.json").exists());
+    // Its identity moved with it: tokens are issued for the new id, none for the old.
+    assert!(s.platform.identity_token(&bv2, None).is_ok());
+    assert!(s.platform.identity_token(&bv1, None).is_err());
+    if let Some(env) = binding {
+        let secret = env["IDENTITY_HEADER"].as_str().unwrap();
+        let grant = s
+            .platform
+            .managed_identity_token(secret, &format!("https://localhost:{}", s.port), None)
+            .await
+            .unwrap();
+        assert!(!grant.access_token.is_empty());
+    }
+    let (st, log) = s.arm("GET", &format!("{bv2}/activityLog"), None).await;
+    assert_eq!(st, 200);
+    assert!(log.to_string().contains("Vault moved from"), "{log}");
+
+    // Backups continue, and the earlier recovery point restores byte for byte.
+    let j = s.backup(&bv2, "docs").await;
+    assert_eq!(j["status"], "Completed", "{j}");
+    let out = work.path().join("r1");
+    let r = s.restore(&bv2, "docs", &rp1, &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    assert_same(&src, &out);
+
+    // Across subscriptions.
+    let bv3 = Server::bv(SUB2, "rg3", "bv1");
+    s.move_res(&target2, &[&bv2], &Server::rg(SUB2, "rg3"), false)
+        .await
+        .unwrap();
+    let (st, v) = s.arm("GET", &bv3, None).await;
+    assert_eq!(st, 200, "{v}");
+    let out = work.path().join("r2");
+    let r = s.restore(&bv3, "docs", &rp1, &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    assert_same(&src, &out);
+    let (st, rps) = s
+        .arm(
+            "GET",
+            &format!("{bv3}/backupProtectedItems/docs/recoveryPoints"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    assert_eq!(rps["value"].as_array().unwrap().len(), 2);
+
+    // Refusals: the same group, a resource elsewhere, a type kagi does not move.
+    let (st, e) = s
+        .move_res(
+            &Server::rg(SUB2, "rg3"),
+            &[&bv3],
+            &Server::rg(SUB2, "rg3"),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!((st, inner(&e)), (400, "InvalidTargetResourceGroup"), "{e}");
+    let (st, e) = s
+        .move_res(&source1, &[&bv3], &target2, true)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (st, inner(&e)),
+        (400, "ResourceNotInSourceResourceGroup"),
+        "{e}"
+    );
+    let (st, v) = s
+        .arm(
+            "PUT",
+            &format!(
+                "{}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u1",
+                Server::rg(&sub1, "rg1")
+            ),
+            Some(json!({"location": "westeurope"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let uami = v["id"].as_str().unwrap().to_string();
+    let (st, e) = s
+        .move_res(&source1, &[&uami], &target2, true)
+        .await
+        .unwrap_err();
+    assert_eq!((st, inner(&e)), (400, "ResourceMoveNotSupported"), "{e}");
+
+    // A CMK vault (BK-8: key at creation, user-assigned identity) never moves.
+    s.key_vault(&sub1, "rg1", "kv1", &s.admin.tenant_id).await;
+    let uami_oid = v["properties"]["principalId"].as_str().unwrap().to_string();
+    s.only_grant(&sub1, "rg1", "kv1", &s.admin.tenant_id, &uami_oid)
+        .await;
+    let bvc = Server::bv(&sub1, "rg1", "bvc");
+    let (st, v) = s
+        .arm(
+            "PUT",
+            &bvc,
+            Some(json!({"location": "westeurope",
+                "identity": {"type": "UserAssigned", "userAssignedIdentities": {uami.clone(): {}}},
+                "properties": {"encryption": {"keyVaultProperties": {"keyUri": s.key_uri("kv1", "k1")},
+                    "kekIdentity": {"userAssignedIdentity": uami}}}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    for validate in [true, false] {
+        let (st, e) = s
+            .move_res(&source1, &[&bvc], &target2, validate)
+            .await
+            .unwrap_err();
+        assert_eq!(st, 409, "{e}");
+        assert_eq!(e["error"]["code"], "ResourceMoveProviderValidationFailed");
+        assert_eq!(inner(&e), "UserErrorCMKEncryptedVaultMoveNotSupported");
+        assert_eq!(e["error"]["details"][0]["target"], bvc.as_str());
+        assert_eq!(
+            e["error"]["details"][0]["code"],
+            "UserErrorCMKEncryptedVaultMoveNotSupported"
+        );
+    }
+    // Nothing moved: not even the PMK vault named with it.
+    let bvp = Server::bv(&sub1, "rg1", "bvp");
+    let (st, _) = s
+        .arm("PUT", &bvp, Some(json!({"location": "westeurope"})))
+        .await;
+    assert_eq!(st, 201);
+    let (st, e) = s
+        .move_res(&source1, &[&bvp, &bvc], &target2, false)
+        .await
+        .unwrap_err();
+    assert_eq!(st, 409, "{e}");
+    assert_eq!(s.arm("GET", &bvp, None).await.0, 200);
+    assert_eq!(s.arm("GET", &bvc, None).await.0, 200);
+
+    // A key vault moves (same tenant) and its keys keep working under the same URI.
+    let kv1 = format!(
+        "{}/providers/Microsoft.KeyVault/vaults/kv1",
+        Server::rg(&sub1, "rg1")
+    );
+    s.move_res(&source1, &[&kv1], &target2, false)
+        .await
+        .unwrap();
+    let (st, v) = s
+        .arm(
+            "GET",
+            &format!(
+                "{}/providers/Microsoft.KeyVault/vaults/kv1",
+                Server::rg(&sub1, "rg2")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s.dp(&s.token, "GET", "kv1", "/keys/k1", None).await;
+    assert_eq!(st, 200, "{v}");
+}
+
+/// A crash after the store committed a move and before the folder was renamed: the journal
+/// finishes the rename at the next start. A journal whose move never committed is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_interrupted_by_a_crash_is_finished_at_start() {
+    let s = start().await;
+    let sub1 = s.sub1();
+    s.put_rg(&sub1, "rg1").await;
+    s.put_rg(&sub1, "rg2").await;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_source(&src);
+    let bv1 = Server::bv(&sub1, "rg1", "bv1");
+    let (st, _) = s
+        .arm("PUT", &bv1, Some(json!({"location": "westeurope"})))
+        .await;
+    assert_eq!(st, 201);
+    s.protect(&bv1, "docs", &src).await;
+    let rp1 = s.backup(&bv1, "docs").await["stats"]["recoveryPointId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.move_res(
+        &Server::rg(&sub1, "rg1"),
+        &[&bv1],
+        &Server::rg(&sub1, "rg2"),
+        false,
+    )
+    .await
+    .unwrap();
+    let bv2 = Server::bv(&sub1, "rg2", "bv1");
+    // As if the process had died between the commit and the rename.
+    let (old, new) = (s.folder(&sub1, "rg1", "bv1"), s.folder(&sub1, "rg2", "bv1"));
+    std::fs::rename(&new, &old).unwrap();
+    let journals = s.dir.path().join("backup-moves");
+    std::fs::create_dir_all(&journals).unwrap();
+    std::fs::write(
+        journals.join("a.json"),
+        json!({"fromId": bv1, "toId": bv2, "fromDir": old, "toDir": new}).to_string(),
+    )
+    .unwrap();
+    // And one whose move never committed (the store has no vault at its target).
+    let ghost = Server::bv(&sub1, "rg2", "ghost");
+    std::fs::write(
+        journals.join("b.json"),
+        json!({"fromId": bv2, "toId": ghost, "fromDir": new, "toDir": s.folder(&sub1, "rg2", "ghost")})
+            .to_string(),
+    )
+    .unwrap();
+    install(&s.platform, s.addr);
+    assert!(new.join("state.json").exists());
+    assert!(!old.exists());
+    assert!(!s.folder(&sub1, "rg2", "ghost").exists());
+    assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
+    let out = work.path().join("r1");
+    let r = s.restore(&bv2, "docs", &rp1, &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    assert_same(&src, &out);
+}
+
+/// ID-3, BK-9: after its subscription moves to another tenant, a CMK vault's backups and
+/// restores fail, naming the cause and the fix, until its identity and key are configured
+/// again in the new tenant; then the earlier recovery points restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenant_move_stops_cmk_until_identity_and_key_are_configured_again() {
+    let s = start().await;
+    let t1 = s.admin.tenant_id.clone();
+    let (st, _, v) = s
+        .call(
+            "PUT",
+            format!(
+                "https://localhost:{}/kagi/admin/subscriptions/{SUB2}",
+                s.port
+            ),
+            &s.token,
+            None,
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    s.put_rg(SUB2, "rg").await;
+    s.key_vault(SUB2, "rg", "kvt", &t1).await;
+    let bv = Server::bv(SUB2, "rg", "bvt");
+    let (st, v) = s
+        .arm(
+            "PUT",
+            &bv,
+            Some(json!({"location": "westeurope", "identity": {"type": "SystemAssigned"}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let old_principal = v["identity"]["principalId"].as_str().unwrap().to_string();
+    assert_eq!(v["identity"]["tenantId"], t1.as_str());
+    s.only_grant(SUB2, "rg", "kvt", &t1, &old_principal).await;
+    let (st, v) = s
+        .arm(
+            "PATCH",
+            &bv,
+            Some(json!({"properties": {"encryption": {
+                "keyVaultProperties": {"keyUri": s.key_uri("kvt", "k1")},
+                "kekIdentity": {"useSystemAssignedIdentity": true}}}})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_source(&src);
+    s.protect(&bv, "docs", &src).await;
+    let j = s.backup(&bv, "docs").await;
+    assert_eq!(j["status"], "Completed", "{j}");
+    let rp1 = j["stats"]["recoveryPointId"].as_str().unwrap().to_string();
+    // A role assignment in the subscription: a tenant move deletes it.
+    let (st, v) = s
+        .arm(
+            "PUT",
+            &format!(
+                "/subscriptions/{SUB2}/providers/Microsoft.Authorization/roleAssignments/0f0e0000-0000-4000-8000-000000000001"
+            ),
+            Some(json!({"properties": {
+                "roleDefinitionId": "/providers/Microsoft.Authorization/roleDefinitions/21090545-7ca7-4776-b22c-e363652d74d2",
+                "principalId": old_principal}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+
+    // The subscription moves to a new tenant.
+    let (st, _, moved) = s
+        .call(
+            "POST",
+            format!(
+                "https://localhost:{}/kagi/admin/subscriptions/{SUB2}/changeDirectory",
+                s.port
+            ),
+            &s.token,
+            Some(json!({"tenantId": TENANT2})),
+        )
+        .await;
+    assert_eq!(st, 200, "{moved}");
+    assert_eq!(moved["previousTenantId"], t1.as_str());
+    assert_eq!(moved["tenantCreated"], true);
+    assert_eq!(moved["roleAssignmentsRemoved"], 1);
+    assert_eq!(moved["keyVaultsWithPreviousTenantId"], json!(["kvt"]));
+    assert!(
+        moved["resourcesWithIdentitiesInPreviousTenant"]
+            .to_string()
+            .contains("bvt")
+    );
+    // The administrator still manages it, and gets tokens in the new tenant.
+    let t2_token = s.token_in(TENANT2).await;
+    assert_eq!(s.arm("GET", &bv, None).await.0, 200);
+    // The identity left in the old tenant gets no token.
+    let e = s.platform.identity_token(&bv, None).unwrap_err();
+    assert_eq!(e.inner, Some("ManagedIdentityTenantMismatch"));
+
+    // Backups and restores fail, naming the cause and the fix, in the job and the activity log.
+    let j = s.backup(&bv, "docs").await;
+    assert_eq!(j["status"], "Failed", "{j}");
+    assert_eq!(j["error"]["code"], "UserErrorCMKTenantMismatch", "{j}");
+    let m = j["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains(TENANT2) && m.contains("kagi backup vault encryption"),
+        "{m}"
+    );
+    let out = work.path().join("r-fail");
+    let r = s.restore(&bv, "docs", &rp1, &out).await;
+    assert_eq!(r["status"], "Failed", "{r}");
+    assert_eq!(r["error"]["code"], "UserErrorCMKTenantMismatch", "{r}");
+    let (_, log) = s.arm("GET", &format!("{bv}/activityLog"), None).await;
+    assert!(
+        log.to_string().contains("UserErrorCMKTenantMismatch") || log.to_string().contains(TENANT2),
+        "{log}"
+    );
+
+    // Reconfigure: the identity off and on (a new one, in the new tenant)…
+    let (st, v) = s
+        .arm("PATCH", &bv, Some(json!({"identity": {"type": "None"}})))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s
+        .arm(
+            "PATCH",
+            &bv,
+            Some(json!({"identity": {"type": "SystemAssigned"}})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let new_principal = v["identity"]["principalId"].as_str().unwrap().to_string();
+    assert_ne!(new_principal, old_principal);
+    assert_eq!(v["identity"]["tenantId"], TENANT2);
+    // …the key vault into the new tenant, granting the new identity, with a new key…
+    s.only_grant(SUB2, "rg", "kvt", TENANT2, &new_principal)
+        .await;
+    let (st, _) = s.dp(&s.token, "GET", "kvt", "/keys/k1", None).await;
+    assert_eq!(
+        st, 401,
+        "a token of the old tenant no longer opens the vault"
+    );
+    let (st, v) = s
+        .dp(
+            &t2_token,
+            "POST",
+            "kvt",
+            "/keys/k2/create",
+            Some(json!({"kty": "RSA", "key_size": 2048})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // Still refused until the key is set again.
+    let j = s.backup(&bv, "docs").await;
+    assert_eq!(j["error"]["code"], "UserErrorCMKTenantMismatch", "{j}");
+    // …and the encryption key set again: the data keys are re-wrapped.
+    let (st, v) = s
+        .arm(
+            "PATCH",
+            &bv,
+            Some(json!({"properties": {"encryption": {
+                "keyVaultProperties": {"keyUri": s.key_uri("kvt", "k2")},
+                "kekIdentity": {"useSystemAssignedIdentity": true}}}})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, jobs) = s.arm("GET", &format!("{bv}/backupJobs"), None).await;
+    let cfg = jobs["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["operation"] == "ConfigureEncryption")
+        .unwrap()
+        .clone();
+    let cfg = s.wait_job(&bv, &cfg).await;
+    assert_eq!(cfg["status"], "Completed", "{cfg}");
+    assert_eq!(cfg["stats"]["keyEntriesWritten"], 1, "{cfg}");
+    let j = s.backup(&bv, "docs").await;
+    assert_eq!(j["status"], "Completed", "{j}");
+    let out = work.path().join("r-ok");
+    let r = s.restore(&bv, "docs", &rp1, &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    assert_same(&src, &out);
+}
+
+trait IntoSecond {
+    fn into_second(self) -> (u16, Value);
+}
+
+impl IntoSecond for (u16, reqwest::header::HeaderMap, Value) {
+    fn into_second(self) -> (u16, Value) {
+        (self.0, self.2)
+    }
+}

@@ -1,0 +1,132 @@
+//! Backup agents' routes (`/kagi/agent/{backup vault id}/…`, management host): authenticated
+//! by vault credentials or a machine credential rather than a bearer token, and carrying
+//! repository objects up to 64 MiB. Served by `kagi-backup-service` (`agents`); this only
+//! translates. The protocol is in `docs/AGENT.md`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use kagi_backup_service::agents::{AgentCall, AgentReply, MAX_OBJECT_BYTES};
+use kagi_core::{ErrorCode, KvError};
+use kagi_vault::{Platform, Principal};
+
+use crate::respond::{self, query_get, query_pairs};
+
+/// Whether a management path is an agent route.
+pub(crate) fn matches(l: &[&str]) -> bool {
+    matches!(l, ["kagi", "agent", ..])
+}
+
+/// `Range: bytes=a-b` (inclusive) as a half-open range.
+fn range_of(headers: &HeaderMap) -> Result<Option<(u64, u64)>, KvError> {
+    let Some(v) = headers.get(header::RANGE) else {
+        return Ok(None);
+    };
+    let bad = || KvError::bad_parameter("Only 'Range: bytes=FIRST-LAST' is supported.");
+    let s = v.to_str().map_err(|_| bad())?;
+    let (a, b) = s
+        .strip_prefix("bytes=")
+        .and_then(|r| r.split_once('-'))
+        .ok_or_else(bad)?;
+    let (a, b): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if b < a {
+        return Err(bad());
+    }
+    Ok(Some((a, b + 1)))
+}
+
+async fn read_object_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, KvError> {
+    let too_large = || {
+        KvError::new(
+            ErrorCode::RequestEntityTooLarge,
+            format!("An object is at most {MAX_OBJECT_BYTES} bytes."),
+        )
+    };
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_OBJECT_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = body;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|_| KvError::bad_parameter("The request body could not be read."))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > MAX_OBJECT_BYTES {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf)
+}
+
+/// Serves an agent request.
+pub(crate) async fn handle(
+    platform: &Arc<Platform>,
+    method: &Method,
+    segs: &[&str],
+    query: Option<&str>,
+    headers: &HeaderMap,
+    extensions: &axum::http::Extensions,
+    body: Body,
+) -> Response<Body> {
+    let range = match range_of(headers) {
+        Ok(r) => r,
+        Err(e) => return respond::error(&e),
+    };
+    let body = match read_object_body(headers, body).await {
+        Ok(b) => b,
+        Err(e) => return respond::error(&e),
+    };
+    let pairs = query_pairs(query);
+    let prefix = query_get(&pairs, "prefix").unwrap_or("");
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let (who, r) = kagi_backup_service::agent(
+        platform,
+        AgentCall {
+            method: method.as_str(),
+            segs: &segs[2..],
+            authorization,
+            prefix,
+            range,
+            body,
+        },
+    )
+    .await;
+    if let Some(who) = who {
+        crate::audit::note_caller(
+            extensions,
+            &Principal {
+                tenant_id: String::new(),
+                object_id: who,
+                client_id: String::new(),
+                kind: "BackupAgent".into(),
+                network_address: None,
+                upn: None,
+            },
+        );
+    }
+    match r {
+        Ok(AgentReply::Json(s, v)) => respond::json(s, &v),
+        Ok(AgentReply::Empty(s)) => respond::empty(s),
+        Ok(AgentReply::Bytes(b)) => {
+            let mut r = Response::new(Body::from(b));
+            *r.status_mut() = StatusCode::OK;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            r
+        }
+        Err(e) => respond::error(&e),
+    }
+}

@@ -1,0 +1,501 @@
+//! Resource moves (ARM's `moveResources` / `validateMoveResources`) and kagi's subscription
+//! administration (MISSION BK-9, X-4).
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /subscriptions/{s}/resourceGroups/{g}/moveResources?api-version=…` `{"resources": [ids], "targetResourceGroup": "/subscriptions/{s2}/resourceGroups/{g2}"}` | moves; 202 with `Location` |
+//! | `POST /subscriptions/{s}/resourceGroups/{g}/validateMoveResources?api-version=…` (same body) | the same checks, nothing moves; 202 with `Location` |
+//! | `GET /subscriptions/{s}/operationresults/{id}?api-version=…` | the outcome: 204 |
+//! | `PUT /kagi/admin/subscriptions/{id}` `{"tenantId"?}` | creates a subscription (201; 200 when it exists) |
+//! | `GET /kagi/admin/subscriptions[/{id}]` | every subscription with its tenant |
+//! | `POST /kagi/admin/subscriptions/{id}/changeDirectory` `{"tenantId"}` | moves a subscription to another tenant |
+//!
+//! All of them are for the bootstrap administrator only.
+//!
+//! **The long-running shape.** Azure answers both POSTs with 202 and a `Location` to poll
+//! until it answers 204 (success) or an error. kagi does the work before answering — a move is
+//! one store transaction and one `rename` — and answers 202 only once it has succeeded, with a
+//! `Location` that answers 204 at once (`Retry-After: 1`), so Azure's pollers
+//! (`az resource move`, `begin_move_resources(…).result()`) work unchanged, and a refusal is
+//! the immediate error of the POST itself, with nothing changed. Operation results are kept in
+//! memory (the last 1024): after a restart a `Location` answers 404, and the move it names had
+//! completed before it was handed out.
+//!
+//! **What moves.** Every resource must be in the source group of the URL; the target must be
+//! another group, in a subscription of the same tenant. Backup vaults
+//! (`Microsoft.RecoveryServices/vaults`) with the platform key move with their identities and
+//! state (`kagi_backup_service::move_vault`); one encrypted with a customer-managed key is
+//! refused (`UserErrorCMKEncryptedVaultMoveNotSupported`). Key vaults
+//! (`Microsoft.KeyVault/vaults`) move with their keys, secrets and access policies (their URIs
+//! name the vault, not its group). Any other type is refused with `ResourceMoveNotSupported`.
+//! A refusal by a resource's own rules answers 409 `ResourceMoveProviderValidationFailed` with
+//! the resource's error in `details` (and its code in `innererror`), as ARM does. Every
+//! resource is validated before any moves; if one of several then fails to move, those already
+//! moved are moved back.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::http::{HeaderValue, Method, Response, header};
+use kagi_core::{ErrorCode, KvError};
+use kagi_vault::{Platform, Principal};
+use serde_json::{Value, json};
+
+use crate::respond::{self, parse_json};
+
+/// ARM's limit on resources in one move request.
+const MAX_RESOURCES: usize = 800;
+/// Operation results kept in memory.
+const KEPT_RESULTS: usize = 1024;
+
+/// Finished moves by operation id (lower-case), with their subscription, oldest first.
+static RESULTS: Mutex<VecDeque<(String, String)>> = Mutex::new(VecDeque::new());
+
+fn remember(op: &str, sub: &str) {
+    let mut r = RESULTS.lock().unwrap_or_else(|p| p.into_inner());
+    if r.len() >= KEPT_RESULTS {
+        r.pop_front();
+    }
+    r.push_back((op.to_string(), sub.to_ascii_lowercase()));
+}
+
+fn known(op: &str, sub: &str) -> bool {
+    RESULTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|(o, s)| o.eq_ignore_ascii_case(op) && s.eq_ignore_ascii_case(sub))
+}
+
+fn bad(inner: &'static str, message: impl Into<String>) -> KvError {
+    KvError::new(ErrorCode::BadRequest, message).with_inner(inner)
+}
+
+/// The kinds of resource kagi can move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    BackupVault,
+    KeyVault,
+}
+
+/// One resource of a move request.
+#[derive(Clone, Debug)]
+struct Item {
+    id: String,
+    kind: Kind,
+    name: String,
+}
+
+/// The parsed request.
+#[derive(Debug)]
+struct Request {
+    items: Vec<Item>,
+    target_sub: String,
+    target_rg: String,
+}
+
+/// `{"resources": [...], "targetResourceGroup": "..."}` against the source in the URL.
+fn parse_request(source_sub: &str, source_rg: &str, body: &[u8]) -> Result<Request, KvError> {
+    let v: Value = parse_json(body)?;
+    let ids = v["resources"]
+        .as_array()
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| {
+            bad(
+                "InvalidResourceMoveRequest",
+                "The property 'resources' must be a non-empty array of resource ids.",
+            )
+        })?;
+    if ids.len() > MAX_RESOURCES {
+        return Err(bad(
+            "InvalidResourceMoveRequest",
+            format!("At most {MAX_RESOURCES} resources can move in one request."),
+        ));
+    }
+    let target = v["targetResourceGroup"].as_str().unwrap_or("");
+    let t: Vec<&str> = target.trim_matches('/').split('/').collect();
+    let (target_sub, target_rg) = match t.as_slice() {
+        [s, sub, r, rg]
+            if s.eq_ignore_ascii_case("subscriptions")
+                && r.eq_ignore_ascii_case("resourceGroups") =>
+        {
+            (sub.to_string(), rg.to_string())
+        }
+        _ => {
+            return Err(bad(
+                "InvalidTargetResourceGroup",
+                format!(
+                    "The property 'targetResourceGroup' must be a resource group id \
+                     (/subscriptions/{{id}}/resourceGroups/{{name}}), not '{}'.",
+                    kagi_core::ids::printable(target)
+                ),
+            ));
+        }
+    };
+    if target_sub.eq_ignore_ascii_case(source_sub) && target_rg.eq_ignore_ascii_case(source_rg) {
+        return Err(bad(
+            "InvalidTargetResourceGroup",
+            "The source and target resource groups are the same; nothing would move.",
+        ));
+    }
+    let mut items = Vec::new();
+    for id in ids {
+        let id = id.as_str().ok_or_else(|| {
+            bad(
+                "InvalidResourceMoveRequest",
+                "Every entry of 'resources' must be a resource id.",
+            )
+        })?;
+        let s: Vec<&str> = id.trim_matches('/').split('/').collect();
+        let in_source = s.len() >= 4
+            && s[0].eq_ignore_ascii_case("subscriptions")
+            && s[1].eq_ignore_ascii_case(source_sub)
+            && s[2].eq_ignore_ascii_case("resourceGroups")
+            && s[3].eq_ignore_ascii_case(source_rg);
+        if !in_source {
+            return Err(bad(
+                "ResourceNotInSourceResourceGroup",
+                format!(
+                    "The resource '{}' is not in the source resource group '{source_rg}': the \
+                     resources to move must all be in the group named by the request URL.",
+                    kagi_core::ids::printable(id)
+                ),
+            ));
+        }
+        let kind = match s.as_slice() {
+            [_, _, _, _, pr, ns, ty, name]
+                if pr.eq_ignore_ascii_case("providers")
+                    && ns.eq_ignore_ascii_case("Microsoft.RecoveryServices")
+                    && ty.eq_ignore_ascii_case("vaults") =>
+            {
+                Some((Kind::BackupVault, *name))
+            }
+            [_, _, _, _, pr, ns, ty, name]
+                if pr.eq_ignore_ascii_case("providers")
+                    && ns.eq_ignore_ascii_case("Microsoft.KeyVault")
+                    && ty.eq_ignore_ascii_case("vaults") =>
+            {
+                Some((Kind::KeyVault, *name))
+            }
+            _ => None,
+        };
+        let Some((kind, name)) = kind else {
+            let ty = match s.as_slice() {
+                [_, _, _, _, _, ns, ty, ..] => format!("{ns}/{ty}"),
+                _ => "(not a resource id)".into(),
+            };
+            return Err(bad(
+                "ResourceMoveNotSupported",
+                format!(
+                    "Resource move is not supported for resource types '{}'. kagi moves backup \
+                     vaults (Microsoft.RecoveryServices/vaults) and key vaults \
+                     (Microsoft.KeyVault/vaults).",
+                    kagi_core::ids::printable(&ty)
+                ),
+            ));
+        };
+        if items
+            .iter()
+            .any(|i: &Item| i.id.eq_ignore_ascii_case(id.trim_end_matches('/')))
+        {
+            continue;
+        }
+        items.push(Item {
+            id: id.trim_end_matches('/').to_string(),
+            kind,
+            name: name.to_string(),
+        });
+    }
+    Ok(Request {
+        items,
+        target_sub,
+        target_rg,
+    })
+}
+
+/// ARM's answer when a resource's own rules refuse its move: 409
+/// `ResourceMoveProviderValidationFailed`, the resource's error in `details`.
+fn provider_refusal(id: &str, e: &KvError) -> Response<Body> {
+    let code = e.inner.unwrap_or(e.code.as_str());
+    respond::json(
+        409,
+        &json!({"error": {
+            "code": "ResourceMoveProviderValidationFailed",
+            "message": format!("Resource move validation failed: {}", e.message),
+            "details": [{"code": code, "target": id, "message": e.message}],
+            "innererror": {"code": code},
+        }}),
+    )
+}
+
+/// Refusals that belong to the resource (its state, its rules) rather than the request.
+fn is_provider_refusal(e: &KvError) -> bool {
+    matches!(e.status(), 400 | 409)
+}
+
+async fn move_one(
+    p: &Arc<Platform>,
+    caller: &Principal,
+    item: &Item,
+    sub: &str,
+    rg: &str,
+    dry_run: bool,
+) -> Result<Value, KvError> {
+    match item.kind {
+        Kind::BackupVault => {
+            kagi_backup_service::move_vault(p, caller, &item.id, sub, rg, dry_run).await
+        }
+        Kind::KeyVault => p.move_key_vault(caller, &item.name, sub, rg, dry_run).await,
+    }
+}
+
+/// The long-running answer: 202 with `Location` (and `Retry-After`) naming a result that
+/// answers 204.
+fn accepted(p: &Platform, sub: &str, api_version: &str) -> Result<Response<Body>, KvError> {
+    let op = kagi_core::ids::uuid_v4(kagi_crypto::random_array().map_err(|_| KvError::internal())?);
+    remember(&op, sub);
+    let location = format!(
+        "{}/subscriptions/{sub}/operationresults/{op}?api-version={}",
+        p.config().authority(),
+        form_urlencoded::byte_serialize(api_version.as_bytes()).collect::<String>()
+    );
+    let mut r = respond::empty(202);
+    let h = r.headers_mut();
+    h.insert(
+        header::LOCATION,
+        HeaderValue::from_str(&location).map_err(|_| KvError::internal())?,
+    );
+    h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    Ok(r)
+}
+
+/// `moveResources`, `validateMoveResources` and `operationresults` (after the api-version
+/// check). `None` when the path is none of them.
+pub(crate) async fn arm(
+    p: &Arc<Platform>,
+    caller: &Principal,
+    method: &Method,
+    segs: &[&str],
+    l: &[&str],
+    body: &[u8],
+    api_version: &str,
+) -> Option<Response<Body>> {
+    let validate = match l {
+        ["subscriptions", _, "resourcegroups", _, "moveresources"] => false,
+        [
+            "subscriptions",
+            _,
+            "resourcegroups",
+            _,
+            "validatemoveresources",
+        ] => true,
+        ["subscriptions", _, "operationresults", _] => {
+            return Some(if *method != Method::GET {
+                respond::error(&KvError::new(
+                    ErrorCode::MethodNotAllowed,
+                    format!("The method {method} is not allowed on this resource."),
+                ))
+            } else if known(segs[3], segs[1]) {
+                respond::empty(204)
+            } else {
+                respond::error(
+                    &KvError::new(
+                        ErrorCode::NotFound,
+                        "No such operation (kagi keeps the results of moves in memory; a move \
+                         whose Location was handed out had already completed).",
+                    )
+                    .with_inner("OperationNotFound"),
+                )
+            });
+        }
+        _ => return None,
+    };
+    if *method != Method::POST {
+        return Some(respond::error(&KvError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("The method {method} is not allowed on this resource."),
+        )));
+    }
+    Some(
+        match moves(p, caller, segs[1], segs[3], body, validate, api_version).await {
+            Ok(r) => r,
+            Err(e) => respond::error(&e),
+        },
+    )
+}
+
+async fn moves(
+    p: &Arc<Platform>,
+    caller: &Principal,
+    source_sub: &str,
+    source_rg: &str,
+    body: &[u8],
+    validate: bool,
+    api_version: &str,
+) -> Result<Response<Body>, KvError> {
+    // The caller may manage the source; the source group exists.
+    p.get_resource_group(caller, source_sub, source_rg).await?;
+    let req = parse_request(source_sub, source_rg, body)?;
+    // Every resource passes before any moves.
+    for item in &req.items {
+        if let Err(e) = move_one(p, caller, item, &req.target_sub, &req.target_rg, true).await {
+            if is_provider_refusal(&e) {
+                return Ok(provider_refusal(&item.id, &e));
+            }
+            return Err(e);
+        }
+    }
+    if validate {
+        return accepted(p, source_sub, api_version);
+    }
+    let mut done: Vec<(Item, String)> = Vec::new();
+    for item in &req.items {
+        match move_one(p, caller, item, &req.target_sub, &req.target_rg, false).await {
+            Ok(moved) => {
+                let new_id = moved["id"].as_str().unwrap_or_default().to_string();
+                done.push((item.clone(), new_id));
+            }
+            Err(e) => {
+                // Put back what already moved, so that the failed request changes nothing.
+                for (prev, new_id) in done.iter().rev() {
+                    let back = Item {
+                        id: new_id.clone(),
+                        ..prev.clone()
+                    };
+                    if let Err(err) = move_one(p, caller, &back, source_sub, source_rg, false).await
+                    {
+                        tracing::error!(resource = %new_id, error = %err, "moving back after a failed move failed");
+                    }
+                }
+                if is_provider_refusal(&e) {
+                    return Ok(provider_refusal(&item.id, &e));
+                }
+                return Err(e);
+            }
+        }
+    }
+    accepted(p, source_sub, api_version)
+}
+
+/// `/kagi/admin/subscriptions…` (no api-version). `None` when the path is not one of them.
+pub(crate) async fn admin(
+    p: &Platform,
+    caller: &Principal,
+    method: &Method,
+    segs: &[&str],
+    l: &[&str],
+    body: &[u8],
+) -> Option<Response<Body>> {
+    let r = match (l, method) {
+        (["kagi", "admin", "subscriptions"], &Method::GET) => p
+            .list_all_subscriptions(caller)
+            .map(|v| respond::json(200, &v)),
+        (["kagi", "admin", "subscriptions", _], &Method::GET) => p
+            .get_subscription_admin(caller, segs[3])
+            .map(|v| respond::json(200, &v)),
+        (["kagi", "admin", "subscriptions", _], &Method::PUT) => {
+            let input: Result<HashMap<String, Value>, KvError> = if body.is_empty() {
+                Ok(HashMap::new())
+            } else {
+                parse_json(body)
+            };
+            match input {
+                Ok(input) => p
+                    .create_subscription(
+                        caller,
+                        segs[3],
+                        input.get("tenantId").and_then(Value::as_str),
+                    )
+                    .await
+                    .map(|(s, v)| respond::json(s, &v)),
+                Err(e) => Err(e),
+            }
+        }
+        (["kagi", "admin", "subscriptions", _, "changedirectory"], &Method::POST) => {
+            match parse_json::<HashMap<String, Value>>(body) {
+                Ok(input) => match input.get("tenantId").and_then(Value::as_str) {
+                    Some(t) => p
+                        .change_subscription_directory(caller, segs[3], t)
+                        .await
+                        .map(|v| respond::json(200, &v)),
+                    None => Err(KvError::bad_parameter(
+                        "The property \"tenantId\" is required.",
+                    )),
+                },
+                Err(e) => Err(e),
+            }
+        }
+        (["kagi", "admin", "subscriptions", ..], m) => Err(KvError::new(
+            ErrorCode::MethodNotAllowed,
+            format!("The method {m} is not allowed on this resource."),
+        )),
+        _ => return None,
+    };
+    Some(r.unwrap_or_else(|e| respond::error(&e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUB: &str = "00000000-0000-4000-8000-000000000001";
+
+    fn req(body: Value) -> Result<Request, KvError> {
+        parse_request(SUB, "rg1", body.to_string().as_bytes())
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        let bv = format!(
+            "/subscriptions/{SUB}/resourceGroups/RG1/providers/Microsoft.RecoveryServices/vaults/bv"
+        );
+        let kv = format!(
+            "/subscriptions/{SUB}/resourceGroups/rg1/providers/Microsoft.KeyVault/vaults/kv"
+        );
+        let target = format!("/subscriptions/{SUB}/resourceGroups/rg2");
+        let r = req(json!({"resources": [bv, kv, bv], "targetResourceGroup": target}));
+        let r = r
+            .ok()
+            .map(|r| (r.items.len(), r.target_rg, r.items[1].kind));
+        assert_eq!(r, Some((2, "rg2".to_string(), Kind::KeyVault)));
+
+        let inner = |b: Value| req(b).err().and_then(|e| e.inner);
+        assert_eq!(
+            inner(json!({"resources": [], "targetResourceGroup": target})),
+            Some("InvalidResourceMoveRequest")
+        );
+        assert_eq!(
+            inner(json!({"resources": [bv], "targetResourceGroup": "rg2"})),
+            Some("InvalidTargetResourceGroup")
+        );
+        assert_eq!(
+            inner(
+                json!({"resources": [bv], "targetResourceGroup": format!("/subscriptions/{SUB}/resourceGroups/RG1")})
+            ),
+            Some("InvalidTargetResourceGroup")
+        );
+        let elsewhere = format!(
+            "/subscriptions/{SUB}/resourceGroups/other/providers/Microsoft.KeyVault/vaults/kv"
+        );
+        assert_eq!(
+            inner(json!({"resources": [elsewhere], "targetResourceGroup": target})),
+            Some("ResourceNotInSourceResourceGroup")
+        );
+        let uami = format!(
+            "/subscriptions/{SUB}/resourceGroups/rg1/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u"
+        );
+        assert_eq!(
+            inner(json!({"resources": [uami], "targetResourceGroup": target})),
+            Some("ResourceMoveNotSupported")
+        );
+    }
+
+    #[test]
+    fn operation_results_are_remembered_per_subscription() {
+        remember("op-1", SUB);
+        assert!(known("OP-1", SUB));
+        assert!(!known("op-1", "00000000-0000-4000-8000-000000000002"));
+        assert!(!known("op-2", SUB));
+    }
+}
