@@ -435,7 +435,7 @@ pub async fn register(dir: &Path, req: RegisterRequest<'_>) -> Result<(Agent, Re
     let passphrase = Zeroizing::new(req.passphrase.to_string());
     let (dek, created, again) = tokio::task::spawn_blocking(move || -> Result<_> {
         let entries = Repository::key_entries(backend.as_ref())?;
-        let has_config = !backend.list("config")?.is_empty();
+        let has_config = backend.exists("config")?;
         let again = has_config || !entries.is_empty();
         // A key entry is written before the config, so a crash between them is finished by
         // the next registration with the same passphrase.
@@ -638,7 +638,7 @@ impl Agent {
         let conn = self.conn()?;
         let (status, message, stats) = match &r {
             Ok(s) => (
-                if s.skipped.is_empty() {
+                if s.skipped_count == 0 {
                     "Succeeded"
                 } else {
                     "CompletedWithWarnings"
@@ -648,7 +648,8 @@ impl Agent {
                     s.snapshot.id, s.snapshot.files, s.bytes_added
                 ),
                 json!({"recoveryPoint": s.snapshot.id, "bytesRead": s.bytes_read,
-                       "bytesAdded": s.bytes_added, "skipped": s.skipped}),
+                       "bytesAdded": s.bytes_added, "skipped": s.skipped,
+                       "skippedCount": s.skipped_count}),
             ),
             Err(e) => (
                 "Failed",

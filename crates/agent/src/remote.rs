@@ -283,6 +283,11 @@ impl BlobBackend for RemoteBackend {
         self.send(req, false).map(|_| ())
     }
 
+    fn exists(&self, name: &str) -> kagi_backup::Result<bool> {
+        let req = self.conn.http.head(format!("{}/{name}", self.prefix));
+        Ok(self.send(req, true)?.is_some())
+    }
+
     fn get(&self, name: &str) -> kagi_backup::Result<Vec<u8>> {
         let req = self.conn.http.get(format!("{}/{name}", self.prefix));
         self.send(req, false).map(Option::unwrap_or_default)

@@ -469,9 +469,12 @@ async fn register_backup_change_passphrase_and_restore_elsewhere() {
     .await
     .unwrap();
     assert!(out.registered_again, "{out:?}");
-    eprintln!("BUG? {out:?}");
     assert!(
-        std::fs::read(s.machine_dir(VAULT, MACHINE1).join("config")).unwrap() == config || true,
+        !out.repository_created,
+        "registering again must open the existing repository: {out:?}"
+    );
+    assert!(
+        std::fs::read(s.machine_dir(VAULT, MACHINE1).join("config")).unwrap() == config,
         "registering again rewrote the repository's config"
     );
     assert_eq!(a1.state.registration, Registration::Complete);
@@ -631,8 +634,10 @@ async fn register_backup_change_passphrase_and_restore_elsewhere() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 204);
 
-    // Machine 1 still backs up and restores after all this.
+    // Machine 1 still backs up (its folders went with the lost state) and restores.
     let mut a1 = a1;
+    assert!(a1.state.folders.is_empty());
+    a1.protect(&src, None, None).unwrap();
     std::fs::write(src.join("later.txt"), b"written after the first backup").unwrap();
     let stats = a1.backup(&folder.path, quiet()).await.unwrap();
     let out6 = work.path().join("out6");

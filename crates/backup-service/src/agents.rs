@@ -557,6 +557,9 @@ impl BackupService {
                     "GET" => get_object(&target, &name, range)
                         .await
                         .map(AgentReply::Bytes),
+                    "HEAD" => head_object(&target, &name)
+                        .await
+                        .map(|()| AgentReply::Empty(200)),
                     "PUT" | "DELETE" if !own => Err(KvError::forbidden(
                         "A machine may read other machines' backups of this vault, never change them.",
                     )),
@@ -576,7 +579,7 @@ impl BackupService {
                         .map(|()| AgentReply::Empty(204)),
                     _ => Err(KvError::new(
                         ErrorCode::MethodNotAllowed,
-                        "Objects are read with GET, written with PUT, removed with DELETE.",
+                        "Objects are read with GET or HEAD, written with PUT, removed with DELETE.",
                     )),
                 }
             }
@@ -880,6 +883,14 @@ async fn get_object(dir: &Path, name: &str, range: Option<(u64, u64)>) -> Result
         Ok(b) => Ok(b),
         Err(object_store::Error::NotFound { .. }) => Err(object_missing(name)),
         Err(e) => Err(io("read agent object", e)),
+    }
+}
+
+async fn head_object(dir: &Path, name: &str) -> Result<(), KvError> {
+    match store_of(dir)?.head(&ObjectPath::from(name)).await {
+        Ok(_) => Ok(()),
+        Err(object_store::Error::NotFound { .. }) => Err(object_missing(name)),
+        Err(e) => Err(io("stat agent object", e)),
     }
 }
 

@@ -128,7 +128,8 @@ impl BackupService {
         // Nothing starts on a vault whose folder is being moved (`moves`).
         if crate::moves::is_moving(&dir) {
             return Err(KvError::conflict(format!(
-                "The backup vault '{}' is being moved to another resource group or                  subscription; retry when the move has completed.",
+                "The backup vault '{}' is being moved to another resource group or \
+                 subscription; retry when the move has completed.",
                 kagi_core::ids::printable(name)
             ))
             .with_inner("UserErrorBackupVaultResourceMoveInProgress"));
@@ -164,7 +165,17 @@ impl BackupService {
         let e = bad(
             "UserErrorCMKTenantMismatch",
             format!(
-                "The customer-managed key of this backup vault and the identity that reaches it                  were configured in tenant {configured}, but the vault's subscription {sub} is now                  in tenant {now} (the subscription was moved to another directory). Backups and                  restores fail until both are configured again in tenant {now}: turn the vault's                  system-assigned identity off and on again (or assign a user-assigned identity                  created in tenant {now}), grant it get, list, wrapKey and unwrapKey on a key in a                  key vault of tenant {now} (a key vault of the moved subscription keeps tenant                  {configured} until its tenantId is updated), then set the encryption key again                  (kagi backup vault encryption). Recovery points are kept: their data keys are                  re-wrapped under the key set then, which needs the previous key to be reachable                  by the new identity."
+                "The customer-managed key of this backup vault and the identity that reaches it \
+                 were configured in tenant {configured}, but the vault's subscription {sub} is now \
+                 in tenant {now} (the subscription was moved to another directory). Backups and \
+                 restores fail until both are configured again in tenant {now}: turn the vault's \
+                 system-assigned identity off and on again (or assign a user-assigned identity \
+                 created in tenant {now}), grant it get, list, wrapKey and unwrapKey on a key in a \
+                 key vault of tenant {now} (a key vault of the moved subscription keeps tenant \
+                 {configured} until its tenantId is updated), then set the encryption key again \
+                 (kagi backup vault encryption). Recovery points are kept: their data keys are \
+                 re-wrapped under the key set then, which needs the previous key to be reachable \
+                 by the new identity."
             ),
         );
         self.log(

@@ -22,6 +22,13 @@ pub trait BlobBackend: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Removes an object.
     fn delete(&self, name: &str) -> Result<()>;
+    /// Whether an object of exactly this name exists. (Listing a prefix does not answer that:
+    /// object stores list the objects *under* a prefix, never one named like it.) The default
+    /// lists the object's folder.
+    fn exists(&self, name: &str) -> Result<bool> {
+        let folder = name.rsplit_once('/').map_or("", |(f, _)| f);
+        Ok(self.list(folder)?.iter().any(|n| n == name))
+    }
     /// Names of the objects under a prefix with their size and modification time, when the
     /// store knows them. Prune uses the times to leave alone packs that a backup may still be
     /// writing, and the sizes to account for the space it frees. The default knows neither
@@ -113,6 +120,15 @@ impl BlobBackend for ObjectStoreBackend {
                 .map_err(storage)?;
             Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
         })
+    }
+
+    fn exists(&self, name: &str) -> Result<bool> {
+        let path = ObjectPath::from(name);
+        match self.runtime.block_on(self.store.head(&path)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(storage(e)),
+        }
     }
 
     fn list_meta(&self, prefix: &str) -> Result<Vec<ObjectInfo>> {

@@ -394,6 +394,7 @@ impl Repository {
                         parent: None,
                         files: 0,
                         bytes: 0,
+                        written_nanos: 0,
                     },
                     dirs: 0,
                     files_read: 0,
@@ -447,6 +448,9 @@ impl Repository {
             parent: parent.map(|p| p.id),
             files: stats.files_read + stats.files_unchanged,
             bytes: progress.bytes_done,
+            written_nanos: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
         };
         // Written last: until this object exists, the recovery point does not.
         self.write_snapshot(&snapshot)?;

@@ -58,6 +58,11 @@ pub struct SnapshotInfo {
     pub files: u64,
     /// Bytes of file content in it.
     pub bytes: u64,
+    /// When it was written (Unix nanoseconds of the writer's clock): orders recovery points
+    /// taken within the same second, so retention never mistakes the newest for an older one.
+    /// 0 in recovery points written before the field existed.
+    #[serde(default)]
+    pub written_nanos: u128,
 }
 
 #[derive(Clone, Debug)]
@@ -125,7 +130,7 @@ fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 impl Repository {
     /// Creates a repository in an empty location, protected by `key`.
     pub fn init(backend: Arc<dyn BlobBackend>, key: DataKey) -> Result<Self> {
-        if !backend.list("config")?.is_empty() {
+        if backend.exists("config")? {
             return Err(BackupError::Invalid(
                 "a repository already exists here".into(),
             ));
@@ -263,7 +268,9 @@ impl Repository {
             }
             out.push(s);
         }
-        out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+        out.sort_by(|a, b| {
+            (a.time, a.written_nanos, &a.id).cmp(&(b.time, b.written_nanos, &b.id))
+        });
         Ok(out)
     }
 

@@ -155,3 +155,19 @@ fn corruption_is_detected_by_restore_and_check() {
         .unwrap_err();
     assert!(err.to_string().contains("failed authentication"), "{err}");
 }
+
+#[test]
+fn a_repository_is_never_initialised_twice() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let backend = common::local(dir.path(), &rt);
+    assert!(!backend.exists("config").unwrap());
+    Repository::init(backend.clone(), DataKey::generate().unwrap()).unwrap();
+    // `exists` names the object itself; listing the prefix "config" would not find it.
+    assert!(backend.exists("config").unwrap());
+    assert!(backend.list("config").unwrap().is_empty());
+    let config = std::fs::read(dir.path().join("config")).unwrap();
+    let again = Repository::init(backend.clone(), DataKey::generate().unwrap());
+    assert!(matches!(again, Err(kagi_backup::BackupError::Invalid(_))));
+    assert_eq!(std::fs::read(dir.path().join("config")).unwrap(), config);
+}

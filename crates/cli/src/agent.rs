@@ -383,8 +383,14 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
                 let r = a.backup(&f, report).await;
                 pb.finish_and_clear();
                 let s = r?;
-                for skipped in &s.skipped {
-                    eprintln!("warning: skipped {skipped}");
+                for e in &s.skipped_entries {
+                    eprintln!("warning: skipped {}: {}", e.path, e.reason);
+                }
+                if s.skipped_count > s.skipped_entries.len() as u64 {
+                    eprintln!(
+                        "warning: {} more entries skipped",
+                        s.skipped_count - s.skipped_entries.len() as u64
+                    );
                 }
                 let secs = (s.duration_ms as f64 / 1000.0).max(0.001);
                 print(
@@ -392,7 +398,8 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
                     &json!({"folder": f, "recoveryPoint": s.snapshot.id, "files": s.snapshot.files,
                             "bytesRead": s.bytes_read, "bytesAdded": s.bytes_added,
                             "chunksNew": s.chunks_new, "chunksDeduplicated": s.chunks_dedup,
-                            "skipped": s.skipped, "seconds": secs}),
+                            "skipped": s.skipped, "skippedCount": s.skipped_count,
+                            "seconds": secs}),
                     || {
                         format!(
                             "{f}: recovery point {}\n  {} files, read {}, stored {} new ({} chunks new, {} deduplicated), {:.1} MB/s",

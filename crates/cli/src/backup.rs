@@ -340,7 +340,11 @@ fn ended(ctx: &Context, j: &Value) -> anyhow::Result<()> {
                 s["durationMs"],
                 s["megabytesPerSecond"],
                 match s["skipped"].as_array() {
-                    Some(a) if !a.is_empty() => format!("; skipped {}: {:?}", a.len(), a),
+                    Some(a) if !a.is_empty() => format!(
+                        "; skipped {}: {:?}",
+                        s["skippedCount"].as_u64().unwrap_or(a.len() as u64),
+                        a
+                    ),
                     _ => String::new(),
                 }
             ),

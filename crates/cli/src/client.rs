@@ -19,6 +19,10 @@ pub struct Context {
     host: String,
     port: u16,
     token: String,
+    /// The tenant of `token`, and the credentials that obtain tokens in other tenants (a vault
+    /// whose tenant is another answers 401 with its tenant in the challenge).
+    tenant: String,
+    credentials: (String, zeroize::Zeroizing<String>),
     /// Subscription used for ARM calls.
     pub subscription: String,
     /// Output format.
@@ -86,6 +90,8 @@ impl Context {
             host,
             port,
             token,
+            tenant,
+            credentials: (id, zeroize::Zeroizing::new(secret)),
             subscription: sub,
             output,
         })
@@ -133,6 +139,8 @@ impl Context {
             host: self.host.clone(),
             port: self.port,
             token: self.token.clone(),
+            tenant: self.tenant.clone(),
+            credentials: self.credentials.clone(),
             subscription: self.subscription.clone(),
             output: self.output,
         })
@@ -194,24 +202,51 @@ impl Context {
         )
     }
 
+    /// The tenant a 401 challenge names (`Bearer authorization="{base}/{tenant}", …`), when it
+    /// is not the tenant of the token sent.
+    fn challenged_tenant(&self, r: &reqwest::Response) -> Option<String> {
+        if r.status() != reqwest::StatusCode::UNAUTHORIZED {
+            return None;
+        }
+        let h = r
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)?
+            .to_str()
+            .ok()?;
+        let (_, rest) = h.split_once("authorization=\"")?;
+        let uri = rest.split('"').next()?;
+        let tenant = uri.strip_prefix(&self.base)?.trim_matches('/');
+        (!tenant.is_empty() && !tenant.contains('/') && !tenant.eq_ignore_ascii_case(&self.tenant))
+            .then(|| tenant.to_string())
+    }
+
     /// Sends a request and returns the JSON body, or fails with the server's error message.
+    /// A key vault of another tenant (after its subscription moved there) answers 401 naming
+    /// its tenant; the request is then sent once more with a token of that tenant, as the
+    /// Azure SDK's challenge policy does.
     pub async fn call(
         &self,
         method: reqwest::Method,
         url: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
-        let mut req = self
-            .http
-            .request(method.clone(), url)
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let r = req
-            .send()
+        let send = |token: &str| {
+            let mut req = self.http.request(method.clone(), url).bearer_auth(token);
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            req.send()
+        };
+        let mut r = send(&self.token)
             .await
             .with_context(|| format!("{method} {url} failed"))?;
+        if let Some(tenant) = self.challenged_tenant(&r) {
+            let (id, secret) = &self.credentials;
+            let token = Self::token(&self.http, &self.base, &tenant, id, secret).await?;
+            r = send(&token)
+                .await
+                .with_context(|| format!("{method} {url} failed"))?;
+        }
         let status = r.status();
         let text = r.text().await.unwrap_or_default();
         let v: Value = if text.is_empty() {

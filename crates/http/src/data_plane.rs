@@ -77,6 +77,11 @@ pub(crate) async fn handle(
             if e.status() >= 500 {
                 tracing::error!(vault, method = %parts.method, path, "request failed");
             }
+            // A token of another tenant (AKV10032) is answered with the vault's challenge, as
+            // Key Vault does, so that clients obtain a token in the vault's tenant and retry.
+            if e.status() == 401 {
+                return challenge(&platform, &vault, &e);
+            }
             respond::error(&e)
         }
     }
