@@ -268,9 +268,7 @@ impl Repository {
             }
             out.push(s);
         }
-        out.sort_by(|a, b| {
-            (a.time, a.written_nanos, &a.id).cmp(&(b.time, b.written_nanos, &b.id))
-        });
+        out.sort_by(|a, b| (a.time, a.written_nanos, &a.id).cmp(&(b.time, b.written_nanos, &b.id)));
         Ok(out)
     }
 

@@ -40,8 +40,8 @@ use kagi_store::Store;
 
 pub use arm::ResourceGroupInput;
 pub use bootstrap::{BootstrapAdmin, StartupError};
-pub use directory::service_resources::KeyVaultFacts;
 pub use directory::moves::MoveTarget;
+pub use directory::service_resources::KeyVaultFacts;
 pub use directory::{TRUSTED_SERVICE_TYPES, WORKLOAD_TYPE};
 pub use kagi_identity::Principal;
 pub use keys::ListQuery;
