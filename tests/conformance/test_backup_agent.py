@@ -398,3 +398,34 @@ def test_agent_expired_credentials(clock_kagi, tmp_path):
     r = srv.request("POST", f"{srv.base}/kagi/test/clock", json={"advanceSeconds": 3700})
     assert r.status_code == 200, r.text
     fails(register(tmp_path / "x1", creds, "x1.example", passfile(tmp_path, "z" * 20)), "100110", "expired")
+
+
+def test_agent_scheduled_backups(kagi, tmp_path):
+    """`kagi agent run` takes a folder's scheduled backup when it is due (never run: at once)."""
+    import time
+
+    bv, _ = backup_vault(kagi)
+    creds = credentials(kagi, bv, tmp_path)
+    st = tmp_path / "s1"
+    ok(register(st, creds, "sched.example", passfile(tmp_path, "s" * 20)))
+    src = tmp_path / "ssrc"
+    make_tree(src)
+    ok(agent(st, "protect", str(src), "--schedule-hours", "24"))
+    run = subprocess.Popen([str(KAGI_BIN), "agent", "--state-dir", str(st), "run", "--interval-seconds", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            folders = json.loads((st / "agent.json").read_text())["folders"]
+            if folders[0].get("lastRun", 0) > 0:
+                break
+            time.sleep(0.2)
+        time.sleep(3)  # more intervals pass: the next run is a day away, so nothing more happens
+    finally:
+        run.terminate()
+        out, err = run.communicate(timeout=30)
+    assert "scheduled backup of" in err, err
+    points = ok(agent(st, "recovery-points"))
+    assert len(points) == 1, (points, err)
+    ok(agent(st, "restore", "--target", str(tmp_path / "sr")))
+    assert_same_tree(manifest(src), tmp_path / "sr")
