@@ -429,3 +429,85 @@ def test_agent_scheduled_backups(kagi, tmp_path):
     assert len(points) == 1, (points, err)
     ok(agent(st, "restore", "--target", str(tmp_path / "sr")))
     assert_same_tree(manifest(src), tmp_path / "sr")
+
+
+def agent_url(srv, bv, tail):
+    return (f"{srv.base}/kagi/agent/subscriptions/{srv.subscription_id}/resourceGroups/{DEFAULT_RG}"
+            f"/providers/Microsoft.RecoveryServices/vaults/{bv}/{tail}")
+
+
+def test_agent_routes_authorization_and_limits(kagi, tmp_path):
+    bv, body = backup_vault(kagi)
+    principal = body["identity"]["principalId"]
+    kv = key_vault(kagi)
+    allow_secrets(kagi, kv, principal)
+    creds = credentials(kagi, bv, tmp_path)
+    st_a, st_b = tmp_path / "a", tmp_path / "b"
+    ok(register(st_a, creds, "web.corp.example", passfile(tmp_path, "a" * 20), kv.url))
+    ok(register(st_b, creds, "db.corp.example", passfile(tmp_path, "b" * 20)))
+    src = tmp_path / "src"
+    make_tree(src)
+    ok(agent(st_a, "protect", str(src)))
+    ok(agent(st_a, "backup"))
+    b = json.loads((st_b / "agent.json").read_text())
+    as_b = {"Authorization": f"KagiAgent db.corp.example:{b['machineSecret']}"}
+
+    # A machine's credential cannot register (and so cannot take over another machine).
+    for route in ("register", "probe"):
+        r = kagi.request("POST", agent_url(kagi, bv, route), auth=False, headers=as_b,
+                         json={"machineName": "web.corp.example"})
+        assert r.status_code == 401, (route, r.status_code, r.text)
+    assert ok(agent(st_a, "recovery-points")), "machine A must still work"
+
+    # Nothing is read before authentication (a large body is cut off after the 401); JSON
+    # bodies are small.
+    import requests
+
+    r = kagi.request("POST", agent_url(kagi, bv, "probe"), auth=False, data=b"{}")
+    assert r.status_code == 401, r.status_code
+    try:
+        r = kagi.request("POST", agent_url(kagi, bv, "probe"), auth=False, data=b"x" * (8 << 20))
+        assert r.status_code == 401, r.status_code
+    except requests.exceptions.ConnectionError:
+        pass  # the server answered 401 and closed without reading 8 MiB
+    assert kagi.request("GET", f"{kagi.base}/healthz", auth=False).status_code == 200
+    cred = json.loads(creds.read_text())["secret"]
+    r = kagi.request("POST", agent_url(kagi, bv, "probe"), auth=False,
+                     headers={"Authorization": f"KagiVaultCredential {cred}"}, data=b"{" + b" " * (1 << 20) + b"}")
+    assert r.status_code == 413, (r.status_code, r.text)
+
+    # Ranges: an overflowing end is a 400, a start past the end a 416 (never a 500 or a panic).
+    obj = agent_url(kagi, bv, "machines/web.corp.example/objects/config")
+    r = kagi.request("GET", obj, auth=False, headers={**as_b, "Range": "bytes=0-18446744073709551615"})
+    assert r.status_code == 400, (r.status_code, r.text)
+    r = kagi.request("GET", obj, auth=False, headers={**as_b, "Range": "bytes=999999-1000000"})
+    assert r.status_code == 416, (r.status_code, r.text)
+    r = kagi.request("GET", obj, auth=False, headers={**as_b, "Range": "bytes=0-3"})
+    assert r.status_code == 200 and len(r.content) == 4, (r.status_code, r.content)
+
+    # Two FQDNs that map to one secret name: the second is refused, the first's secret intact.
+    name = secret_name("web.corp.example", bv)
+    before = kagi.secret_client(kv.url).get_secret(name).properties.version
+    fails(register(tmp_path / "c", creds, "web-corp.example", passfile(tmp_path, "c" * 20), kv.url),
+          "UserErrorSecretNameInUse")
+    assert kagi.secret_client(kv.url).get_secret(name).properties.version == before
+
+    # Registering again without a key vault keeps the remembered one (MP-5).
+    ok(register(st_a, creds, "web.corp.example", passfile(tmp_path, "a" * 20)))
+    assert json.loads((st_a / "agent.json").read_text())["keyVaultUri"] == kv.url
+    r = agent(st_a, "set-passphrase", "--passphrase-file", str(passfile(tmp_path, "d" * 20)))
+    assert r.returncode == 0, r.stderr
+    assert kagi.secret_client(kv.url).get_secret(name).value == "d" * 20
+
+    # A vault with registered machines is not deleted (their backups would go with it).
+    p = kagi_cli(kagi, "backup", "vault", "delete", *vref(bv))
+    assert p.returncode != 0 and "VaultHasRegisteredAgents" in p.stderr, p.stderr
+    assert ok(agent(st_a, "recovery-points"))
+    machines = ok(kagi_cli(kagi, "backup", "vault", "machines", *vref(bv)))["value"]
+    assert {m["name"] for m in machines} == {"web.corp.example", "db.corp.example"}, machines
+    for m in ("web.corp.example", "db.corp.example"):
+        assert kagi_cli(kagi, "backup", "vault", "delete-machine", *vref(bv), "--machine", m).returncode != 0
+        ok(kagi_cli(kagi, "backup", "vault", "delete-machine", *vref(bv), "--machine", m, "--yes"))
+    fails(agent(st_a, "recovery-points"), "100110")
+    assert not list((kagi.data_dir / "backup").rglob("agents/machines/web.corp.example/*"))
+    ok(kagi_cli(kagi, "backup", "vault", "delete", *vref(bv)))

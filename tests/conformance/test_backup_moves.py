@@ -223,7 +223,8 @@ def test_pmk_vault_moves_across_groups_and_subscriptions(kagi, tmp_path):
     assert moved["id"] == bv_id(sub1, rg_b, name), moved
     assert moved["identity"]["principalId"] == principal, moved
     refused(kagi_cli(kagi, "backup", "vault", "show", *vref(name, rg_a)), "404")
-    state_dirs = [p for p in (kagi.data_dir / "backup").rglob(name) if (p / "state.json").exists()]
+    # The vault's records are in the store; its folder keeps its blobs (items/).
+    state_dirs = [p for p in (kagi.data_dir / "backup").rglob(name) if (p / "items").exists()]
     assert [p.parent.name for p in state_dirs] == [rg_b.lower()], state_dirs
     # Still backs up; the earlier recovery point restores.
     (src / "a.txt").write_text("after the first move\n")

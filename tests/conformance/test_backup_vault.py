@@ -305,6 +305,26 @@ def test_backup_vault_crash_safety(private_kagi, tmp_path):
         (big / f"blob{i:03}.bin").write_bytes(os.urandom(chunk))
     full = manifest(src)
 
+    def persisted_job(name):
+        """The job as the server last persisted it: its file, or its row in the store."""
+        files = list((srv.data_dir / "backup").rglob(f"jobs/{name}.json"))
+        if files:
+            try:
+                return json.loads(files[0].read_text())
+            except (OSError, ValueError):
+                return None
+        import sqlite3
+
+        db = sqlite3.connect(str(srv.data_dir / "kagi.db"), timeout=5)
+        try:
+            row = db.execute("SELECT body FROM service_documents WHERE kind = 'job' AND name = ?",
+                             (name,)).fetchone()
+        except sqlite3.Error:
+            row = None
+        finally:
+            db.close()
+        return json.loads(row[0]) if row else None
+
     bg = subprocess.Popen(cli_cmd(srv, "backup", "now", *vref(bv), "--item", "bulk"),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -314,9 +334,8 @@ def test_backup_vault_crash_safety(private_kagi, tmp_path):
         while time.monotonic() < deadline:
             running = [j for j in jobs(srv, bv) if j["operation"] == "Backup" and j["status"] == "InProgress"]
             if running and (running[0].get("progress") or {}).get("done", 0) > 0:
-                # Progress is persisted while the job runs: wait until its file shows some.
-                files = list((srv.data_dir / "backup").rglob(f"jobs/{running[0]['name']}.json"))
-                persisted = json.loads(files[0].read_text()) if files else None
+                # Progress is persisted while the job runs: wait until the stored job shows some.
+                persisted = persisted_job(running[0]["name"])
                 if persisted and persisted["status"] == "InProgress" and persisted["progress"]["done"] > 0:
                     break
             assert bg.poll() is None, f"backup ended before the kill: {bg.communicate()}"

@@ -16,6 +16,7 @@
 pub mod passphrase;
 pub mod remote;
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -328,6 +329,33 @@ fn dek_of(state: &AgentState) -> Result<DataKey> {
     DataKey::from_bytes(&raw).map_err(|e| AgentError::Crypto(e.to_string()))
 }
 
+/// Holds the agent's job lock: one registration, backup, restore or passphrase change at a
+/// time per state directory (prune and key changes need the repository to themselves, and the
+/// state file is read and written around each job). Released when the returned file is
+/// dropped, or when the process dies.
+fn job_lock(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("job.lock");
+    let state_err = |e: std::io::Error| AgentError::State {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(state_err)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(state_err)?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Invalid(
+            "another kagi agent job of this machine is running; try again when it ends".into(),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(state_err(e)),
+    }
+}
+
 /// A registered (or partly registered) agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -364,6 +392,7 @@ pub async fn register(dir: &Path, req: RegisterRequest<'_>) -> Result<(Agent, Re
             .await
             .map_err(join)??;
     }
+    let _lock = job_lock(dir)?;
     let previous = AgentState::load(dir)?;
     if let Some(p) = &previous
         && (!p.vault_id.eq_ignore_ascii_case(&c.vault_id)
@@ -389,8 +418,20 @@ pub async fn register(dir: &Path, req: RegisterRequest<'_>) -> Result<(Agent, Re
             reason: "registration started".into(),
         },
         data_key: None,
-        folders: previous.map(|p| p.folders).unwrap_or_default(),
+        folders: Vec::new(),
     };
+    // Registering again (same vault and machine) keeps the folders and, unless another is
+    // given, the key vault that keeps the passphrase (MP-5).
+    if let Some(p) = previous.filter(|p| {
+        p.vault_id.eq_ignore_ascii_case(&c.vault_id)
+            && p.machine_name.eq_ignore_ascii_case(req.machine)
+    }) {
+        state.folders = p.folders;
+        if state.key_vault_uri.is_none() {
+            state.key_vault_uri = p.key_vault_uri;
+            state.secret_id = p.secret_id;
+        }
+    }
     let mut outcome = RegisterOutcome::default();
     if let Some(uri) = req.key_vault_uri {
         let v = conn
@@ -420,6 +461,11 @@ pub async fn register(dir: &Path, req: RegisterRequest<'_>) -> Result<(Agent, Re
                 "connection lost after the passphrase was stored (test hook)".into(),
             ));
         }
+    }
+    if req.key_vault_uri.is_none() {
+        // The server replaces the machine secret: until the answer is saved, the old state
+        // must not claim to be complete.
+        state.save(dir)?;
     }
     let secret = conn
         .register(req.machine, req.key_vault_uri, outcome.secret_id.as_deref())
@@ -506,30 +552,15 @@ impl Agent {
         })
     }
 
-    /// Holds the agent's job lock: one backup or passphrase change at a time per state
-    /// directory (prune and key changes need the repository to themselves). Released when the
-    /// returned file is dropped, or when the process dies.
-    fn job_lock(&self) -> Result<std::fs::File> {
-        let path = self.dir.join("job.lock");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| AgentError::State {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
-        match f.try_lock() {
-            Ok(()) => Ok(f),
-            Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Invalid(
-                "another kagi agent job of this machine is running; try again when it ends".into(),
-            )),
-            Err(std::fs::TryLockError::Error(e)) => Err(AgentError::State {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            }),
+    /// Takes the job lock and re-reads the state under it: another process (`kagi agent
+    /// protect`, `register`, `set-passphrase`) may have changed it since this one was opened.
+    fn lock_and_reload(&mut self) -> Result<std::fs::File> {
+        let lock = job_lock(&self.dir)?;
+        self.state = AgentState::load(&self.dir)?.ok_or(AgentError::NotRegistered)?;
+        if let Registration::Incomplete { reason } = &self.state.registration {
+            return Err(AgentError::RegistrationIncomplete(reason.clone()));
         }
+        Ok(lock)
     }
 
     fn conn(&self) -> Result<VaultConnection> {
@@ -559,6 +590,7 @@ impl Agent {
         schedule_hours: Option<u64>,
         keep_last: Option<u64>,
     ) -> Result<Folder> {
+        let _lock = self.lock_and_reload()?;
         let abs = std::fs::canonicalize(path)
             .map_err(|e| AgentError::Invalid(format!("{}: {e}", path.display())))?;
         if !abs.is_dir() {
@@ -592,6 +624,7 @@ impl Agent {
 
     /// Backs up one protected folder into a new recovery point, then applies its retention.
     pub async fn backup(&mut self, folder: &str, report: ProgressFn) -> Result<BackupStats> {
+        let _lock = self.lock_and_reload()?;
         let f = self
             .state
             .folders
@@ -603,7 +636,6 @@ impl Agent {
                     "{folder} is not protected (kagi agent protect {folder})"
                 ))
             })?;
-        let _lock = self.job_lock()?;
         let started = now();
         let dek = dek_of(&self.state)?;
         let backend = self.own_backend()?;
@@ -631,10 +663,16 @@ impl Agent {
         })
         .await
         .map_err(join)?;
-        if let Some(x) = self.state.folders.iter_mut().find(|x| x.path == folder) {
-            x.last_run = started;
+        if r.is_ok() {
+            // Re-read: `protect` may have run meanwhile; change only this folder's last run.
+            if let Some(mut fresh) = AgentState::load(&self.dir)? {
+                if let Some(x) = fresh.folders.iter_mut().find(|x| x.path == folder) {
+                    x.last_run = started;
+                }
+                fresh.save(&self.dir)?;
+                self.state = fresh;
+            }
         }
-        self.state.save(&self.dir)?;
         let conn = self.conn()?;
         let (status, message, stats) = match &r {
             Ok(s) => (
@@ -744,6 +782,7 @@ impl Agent {
         overwrite: bool,
         report: ProgressFn,
     ) -> Result<RestoreStats> {
+        let _lock = job_lock(&self.dir)?;
         let machine = machine.unwrap_or(&self.state.machine_name).to_string();
         let dek = self.dek_for(&machine, source).await?;
         let backend = self
@@ -796,7 +835,7 @@ impl Agent {
         key_vault_uri: Option<&str>,
     ) -> Result<Option<String>> {
         kagi_core::agent::validate_passphrase(new)?;
-        let _lock = self.job_lock()?;
+        let _lock = self.lock_and_reload()?;
         let dek = dek_of(&self.state)?;
         let entry = passphrase::wrap(&dek, new, now())?;
         let backend = self.own_backend()?;
@@ -822,6 +861,15 @@ impl Agent {
                 .await
             {
                 Ok(v) => secret_id = v["secretId"].as_str().map(str::to_string),
+                // No definite answer: the key vault may hold the new passphrase already. Keep
+                // both entries, so that whichever passphrase it holds opens the backups.
+                Err(err) if !matches!(&err, AgentError::Server { status, .. } if (400..500).contains(status)) =>
+                {
+                    return Err(AgentError::Invalid(format!(
+                        "the passphrase change is unfinished ({err}); both the old and the new \
+                         passphrase open the backups for now: run set-passphrase again"
+                    )));
+                }
                 Err(err) => {
                     let (b, id) = (backend.clone(), entry.id.clone());
                     tokio::task::spawn_blocking(move || {
@@ -863,6 +911,12 @@ impl Agent {
             )
             .await;
         Ok(secret_id)
+    }
+
+    /// Re-reads the state (another command may have protected a folder meanwhile).
+    pub fn refresh(&mut self) -> Result<()> {
+        self.state = AgentState::load(&self.dir)?.ok_or(AgentError::NotRegistered)?;
+        Ok(())
     }
 
     /// The folders whose scheduled backup is due at `at`.

@@ -355,6 +355,24 @@ pub async fn read_secret_as_user(
     key_vault_uri: &str,
     name: &str,
 ) -> Result<zeroize::Zeroizing<String>, AgentError> {
+    // Checked before any token is asked for: the user's token goes only to a key vault URI.
+    let parsed = reqwest::Url::parse(key_vault_uri).ok().filter(|u| {
+        u.scheme() == "https"
+            && u.host_str().is_some_and(|h| h.contains('.'))
+            && matches!(u.path(), "" | "/")
+            && u.query().is_none()
+    });
+    if parsed.is_none() {
+        return Err(AgentError::Invalid(
+            kagi_core::agent::INVALID_KEY_VAULT_URI
+                .error(format!(
+                    "The key vault URI '{}' is not valid: copy the vault URI from the key \
+                     vault's properties, e.g. https://myvault.localhost:8443/.",
+                    kagi_core::ids::printable(key_vault_uri)
+                ))
+                .message,
+        ));
+    }
     let base = key_vault_uri.trim_end_matches('/');
     let secret_url = format!("{base}/secrets/{name}?api-version=7.5");
     // Like the Azure SDK: ask without a token, take the audience from the 401 challenge.

@@ -1,140 +1,51 @@
-//! The backup agent end to end, against the real HTTPS server in-process (the harness of
-//! `crates/backup-service/tests/cmk.rs`): registration, backup and restore of a folder, a
-//! passphrase change followed by a lost state directory, and a restore of a lost machine's
-//! data on another machine registered with the same vault. The passphrase is checked never to
-//! reach the agent's state directory.
+//! The backup agent end to end, against the real HTTPS server in-process (`kagi-testkit`):
+//! registration, backup and restore of a folder, a passphrase change followed by a lost state
+//! directory, and a restore of a lost machine's data on another machine registered with the
+//! same vault. The passphrase is checked never to reach the agent's state directory.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use kagi_agent::{
     Agent, AgentError, PassphraseSource, ProgressFn, RegisterRequest, Registration,
     VaultCredentials,
 };
-use kagi_core::time::TestClock;
-use kagi_http::tls::{LocalCa, SniResolver};
-use kagi_vault::{BootstrapAdmin, Platform, PlatformConfig};
+use kagi_testkit::{Options, TestServer};
 use serde_json::{Value, json};
 
-const ARM: &str = "api-version=2023-04-01";
 const MACHINE1: &str = "host1.corp.example";
 const MACHINE2: &str = "host2.corp.example";
 const VAULT: &str = "bv1";
 
-struct Server {
-    port: u16,
-    admin: BootstrapAdmin,
-    task: tokio::task::JoinHandle<Result<(), kagi_http::ServeError>>,
-    dir: tempfile::TempDir,
-    token: String,
-    c: reqwest::Client,
-}
+/// The shared harness, with this file's resources (resource group `rg1` and its vaults).
+struct Server(TestServer);
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
+impl Deref for Server {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.0
     }
 }
 
-/// A port free on 127.0.0.1 and, when this host has IPv6 loopback, on ::1 too: the agent
-/// connects to `https://localhost:PORT` through the system resolver, which may answer either.
-fn free_port() -> (u16, bool) {
-    let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
-    for _ in 0..100 {
-        let l4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l4.local_addr().unwrap().port();
-        if !v6 || std::net::TcpListener::bind(("::1", port)).is_ok() {
-            return (port, v6);
-        }
-    }
-    panic!("no port free on both loopback addresses");
-}
-
+/// The agent connects to `https://localhost:PORT` through the system resolver, which may
+/// answer 127.0.0.1 or ::1: the server listens on both.
 async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let (port, v6) = free_port();
-    let config = PlatformConfig {
-        data_dir: dir.path().to_path_buf(),
-        dns_suffix: "localhost".into(),
-        port,
-    };
-    let clock = Arc::new(TestClock::new());
-    let (platform, admin) = Platform::open(config, clock).await.unwrap();
-    let admin = admin.unwrap();
-    let ca = LocalCa::load_or_create(&platform, dir.path()).unwrap();
-    let ca_pem = ca.cert_pem.clone();
-    let resolver = SniResolver::new(ca, "localhost");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let mut addrs = vec![addr];
-    if v6 {
-        addrs.push(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
-    }
-    let platform = Arc::new(platform);
-    kagi_backup_service::install(
-        &platform,
-        kagi_backup_service::ServiceConfig {
-            key_cache_lifetime: Duration::from_secs(600),
-            key_poll_interval: Duration::from_secs(3600),
-            connect: Some(addr),
-        },
-    );
-    let audit = Arc::new(kagi_audit::AuditLog::open(dir.path()).unwrap());
-    let task =
-        tokio::spawn(async move { kagi_http::serve(platform, audit, &addrs, resolver).await });
-    for _ in 0..1000 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let c = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
-        .no_proxy()
-        .resolve("localhost", addr)
-        .build()
-        .unwrap();
-    let mut s = Server {
-        port,
-        admin,
-        task,
-        dir,
-        token: String::new(),
-        c,
-    };
-    s.login().await;
-    s
+    Server(
+        TestServer::start(Options {
+            dual_stack: true,
+            arm_api_version: "2023-04-01",
+            ..Options::default()
+        })
+        .await,
+    )
 }
 
 impl Server {
-    async fn login(&mut self) {
-        let port = self.port;
-        let r: Value = self
-            .c
-            .post(format!(
-                "https://localhost:{port}/{}/oauth2/v2.0/token",
-                self.admin.tenant_id
-            ))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", self.admin.client_id.as_str()),
-                ("client_secret", self.admin.client_secret.as_str()),
-                ("scope", &format!("https://localhost:{port}/.default")),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        self.token = r["access_token"].as_str().unwrap().to_string();
-    }
-
     fn rg(&self) -> String {
         format!(
             "/subscriptions/{}/resourceGroups/rg1",
@@ -147,21 +58,6 @@ impl Server {
             "{}/providers/Microsoft.RecoveryServices/vaults/{name}",
             self.rg()
         )
-    }
-
-    async fn arm(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let url = format!("https://localhost:{}{path}{sep}{ARM}", self.port);
-        let mut r = self
-            .c
-            .request(method.parse().unwrap(), url)
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let r = r.send().await.unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
     }
 
     /// The resource group and a backup vault with a system-assigned identity; its credentials.
@@ -198,12 +94,7 @@ impl Server {
 
     /// The backup vault's folder on the server.
     fn vault_dir(&self, name: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join("backup")
-            .join(self.admin.subscription_id.to_ascii_lowercase())
-            .join("rg1")
-            .join(name)
+        self.backup_vault_dir(&self.admin.subscription_id, "rg1", name)
     }
 
     /// A machine's repository objects on the server.

@@ -16,7 +16,8 @@
 //!   (never write) other machines' objects of the same vault: restoring a lost machine's data
 //!   on another machine.
 //!
-//! State: `{vault dir}/agents/registry.json` (credential hashes, machines), objects under
+//! State: the vault's service document `agent-registry` in the store (credential hashes,
+//! machines; through `Platform::put_service_document`), objects under
 //! `{vault dir}/agents/machines/{machine}/`.
 
 use std::collections::BTreeMap;
@@ -36,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::BackupService;
-use crate::state::{io, write_atomic};
+use crate::state::{AGENT_REGISTRY, io};
 use crate::vaults::{CmkConfig, VaultCtx, activity_entry};
 
 /// Vault credentials are valid this long unless asked otherwise.
@@ -80,18 +81,31 @@ struct Registry {
 }
 
 impl Registry {
-    fn load(dir: &Path) -> Result<Self, KvError> {
-        match std::fs::read(dir.join("agents/registry.json")) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| io("parse agent registry", e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(io("read agent registry", e)),
+    async fn load(p: &Platform, vault_id: &str) -> Result<Self, KvError> {
+        match p.service_document(vault_id, AGENT_REGISTRY, "").await? {
+            Some(v) => serde_json::from_value(v).map_err(|e| io("parse agent registry", e)),
+            None => Ok(Self::default()),
         }
     }
 
-    fn save(&self, dir: &Path) -> Result<(), KvError> {
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| io("agent registry json", e))?;
-        write_atomic(&dir.join("agents/registry.json"), &bytes)
+    async fn save(&self, p: &Platform, vault_id: &str) -> Result<(), KvError> {
+        let v = serde_json::to_value(self).map_err(|e| io("agent registry json", e))?;
+        p.put_service_document(vault_id, AGENT_REGISTRY, "", &v)
+            .await
     }
+}
+
+/// The names of the machines registered with the vault `vault_id`.
+pub(crate) async fn registered_machines(
+    p: &Platform,
+    vault_id: &str,
+) -> Result<Vec<String>, KvError> {
+    Ok(Registry::load(p, vault_id)
+        .await?
+        .machines
+        .values()
+        .map(|m| m.name.clone())
+        .collect())
 }
 
 /// An answer to an agent.
@@ -105,6 +119,39 @@ pub enum AgentReply {
     Empty(u16),
 }
 
+/// The largest JSON body of an agent route.
+pub const MAX_JSON_BYTES: usize = 64 * 1024;
+
+/// An authenticated agent request (before its body is read).
+pub struct AgentSession {
+    v: VaultCtx,
+    who: Caller,
+    shown: String,
+    object_put: bool,
+}
+
+impl std::fmt::Debug for AgentSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.shown)
+    }
+}
+
+impl AgentSession {
+    /// Who called, for the audit log (`vault-credentials:{vault}` or `agent:{vault}/{machine}`).
+    pub fn caller(&self) -> &str {
+        &self.shown
+    }
+
+    /// The largest body this request may carry: an object for a PUT of one, else JSON.
+    pub fn body_limit(&self) -> usize {
+        if self.object_put {
+            MAX_OBJECT_BYTES
+        } else {
+            MAX_JSON_BYTES
+        }
+    }
+}
+
 /// One agent request, as the HTTP layer parsed it.
 #[derive(Debug)]
 pub struct AgentCall<'a> {
@@ -112,8 +159,6 @@ pub struct AgentCall<'a> {
     pub method: &'a str,
     /// Path segments after `kagi/agent`, starting with the vault id's eight.
     pub segs: &'a [&'a str],
-    /// The `Authorization` header.
-    pub authorization: Option<&'a str>,
     /// `?prefix=` of a list request.
     pub prefix: &'a str,
     /// A `Range` as a half-open byte range.
@@ -244,8 +289,9 @@ impl BackupService {
         })
     }
 
-    fn authenticate_agent(
+    async fn authenticate_agent(
         &self,
+        p: &Platform,
         v: &VaultCtx,
         authorization: Option<&str>,
         now: i64,
@@ -254,7 +300,7 @@ impl BackupService {
             unauthorized("The request has no Authorization header; use the vault credentials file or register the machine.")
         })?;
         let (scheme, value) = header.split_once(' ').unwrap_or((header, ""));
-        let registry = Registry::load(&v.dir)?;
+        let registry = Registry::load(p, &v.id).await?;
         if scheme.eq_ignore_ascii_case(VAULT_CREDENTIAL_SCHEME) {
             let secret = kagi_core::b64::decode(value.trim())
                 .ok_or_else(|| unauthorized("The vault credentials are not valid."))?;
@@ -316,17 +362,18 @@ impl BackupService {
         let secret = kagi_crypto::random_array::<32>().map_err(|e| io("random", e))?;
         let now = p.now();
         let expires = now + (hours as i64) * 3600;
-        let lock = self.vault_lock(&v.id.to_ascii_lowercase());
+        let lock = self.vault_lock(&v.dir.display().to_string());
         let _g = lock.lock().await;
-        let mut registry = Registry::load(&v.dir)?;
+        let mut registry = Registry::load(p, &v.id).await?;
         registry.credentials.retain(|c| c.expires > now);
         registry.credentials.push(Credential {
             sha256: sha256_hex(&secret),
             created: now,
             expires,
         });
-        registry.save(&v.dir)?;
+        registry.save(p, &v.id).await?;
         self.log(
+            p,
             v,
             activity_entry(
                 Some(caller),
@@ -339,7 +386,8 @@ impl BackupService {
                 ),
                 now,
             ),
-        );
+        )
+        .await;
         let ca = std::fs::read_to_string(self.data_dir.join("tls/ca.pem"))
             .map_err(|e| io("read CA", e))?;
         Ok((
@@ -356,24 +404,76 @@ impl BackupService {
         ))
     }
 
-    /// Serves one agent request: `segs` are the path segments after `kagi/agent`, starting
-    /// with the vault id's eight. Returns who called (for the audit log) and the answer.
-    pub async fn agent_request(
-        self: &Arc<Self>,
-        p: &Arc<Platform>,
-        call: AgentCall<'_>,
-    ) -> (Option<String>, Result<AgentReply, KvError>) {
-        let AgentCall {
-            method,
-            segs,
-            authorization,
-            prefix,
-            range,
-            body,
-        } = call;
+    /// `GET {vault id}/registeredMachines` (administrator): the registered backup agents.
+    pub(crate) async fn list_machines(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+    ) -> Result<(u16, Value), KvError> {
+        let reg = Registry::load(p, &v.id).await?;
+        Ok((
+            200,
+            json!({"value": reg.machines.values().map(|m| json!({
+                "name": m.name,
+                "registered": rfc3339(m.registered),
+                "keyVaultUri": m.key_vault_uri,
+                "secretId": m.secret_id,
+            })).collect::<Vec<_>>()}),
+        ))
+    }
+
+    /// `DELETE {vault id}/registeredMachines/{machine}` (administrator): unregisters a machine
+    /// and deletes its backups (as deleting a protected server does in Azure Backup). Its key
+    /// vault secret stays: it belongs to the key vault's owner.
+    pub(crate) async fn delete_machine(
+        &self,
+        p: &Platform,
+        caller: &Principal,
+        v: &VaultCtx,
+        machine: &str,
+    ) -> Result<(u16, Value), KvError> {
+        let lock = self.vault_lock(&v.dir.display().to_string());
+        let _g = lock.lock().await;
+        let mut registry = Registry::load(p, &v.id).await?;
+        let key = machine.to_ascii_lowercase();
+        if registry.machines.remove(&key).is_none() {
+            return Ok((204, Value::Null));
+        }
+        // Unregister first: from then on no agent can write; a crash before the folder is gone
+        // leaves only unreachable ciphertext, removed by the next delete of that name.
+        registry.save(p, &v.id).await?;
+        let folder = v.dir.join("agents/machines").join(&key);
+        if folder.exists() {
+            std::fs::remove_dir_all(&folder).map_err(|e| io("delete agent objects", e))?;
+        }
+        self.log(
+            p,
+            v,
+            activity_entry(
+                Some(caller),
+                &v.id,
+                "Microsoft.RecoveryServices/vaults/registeredMachines/delete",
+                "Succeeded",
+                &format!("Machine '{machine}' unregistered; its backups were deleted."),
+                p.now(),
+            ),
+        )
+        .await;
+        Ok((200, Value::Null))
+    }
+
+    /// Authenticates an agent request before its body is read: `segs` are the path segments
+    /// after `kagi/agent`, starting with the vault id's eight.
+    pub async fn agent_authenticate(
+        &self,
+        p: &Platform,
+        segs: &[&str],
+        authorization: Option<&str>,
+    ) -> Result<AgentSession, KvError> {
+        // The registry it reads may still be in an earlier kagi's files.
+        self.ready(p).await?;
         let l: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
         let l: Vec<&str> = l.iter().map(String::as_str).collect();
-        let not_found = || KvError::new(ErrorCode::NotFound, "No such agent route.");
         if segs.len() < 9
             || !matches!(
                 l[..8],
@@ -389,35 +489,56 @@ impl BackupService {
                 ]
             )
         {
-            return (None, Err(not_found()));
+            return Err(KvError::new(ErrorCode::NotFound, "No such agent route."));
         }
-        let v = match self.vault_of(p, &segs[..8]) {
-            Ok(v) => v,
-            Err(e) => return (None, Err(e)),
-        };
-        let now = p.now();
-        let who = match self.authenticate_agent(&v, authorization, now) {
-            Ok(c) => c,
-            Err(e) => return (None, Err(e)),
-        };
+        let v = self.vault_of(p, &segs[..8])?;
+        let who = self
+            .authenticate_agent(p, &v, authorization, p.now())
+            .await?;
         let shown = match &who {
             Caller::Credential => format!("vault-credentials:{}", v.id),
             Caller::Machine(m) => format!("agent:{}/{m}", v.id),
         };
-        let r = self
-            .agent_route(
-                p,
-                &v,
-                &who,
-                method,
-                &segs[8..],
-                &l[8..],
-                prefix,
-                range,
-                body,
-            )
-            .await;
-        (Some(shown), r)
+        let object_put = l.len() > 11 && l[8] == "machines" && l[10] == "objects";
+        Ok(AgentSession {
+            v,
+            who,
+            shown,
+            object_put,
+        })
+    }
+
+    /// Serves an authenticated agent request.
+    pub async fn agent_serve(
+        self: &Arc<Self>,
+        p: &Arc<Platform>,
+        session: &AgentSession,
+        call: AgentCall<'_>,
+    ) -> Result<AgentReply, KvError> {
+        let AgentCall {
+            method,
+            segs,
+            prefix,
+            range,
+            body,
+        } = call;
+        let l: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+        let l: Vec<&str> = l.iter().map(String::as_str).collect();
+        if segs.len() < 9 {
+            return Err(KvError::new(ErrorCode::NotFound, "No such agent route."));
+        }
+        self.agent_route(
+            p,
+            &session.v,
+            &session.who,
+            method,
+            &segs[8..],
+            &l[8..],
+            prefix,
+            range,
+            body,
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -443,6 +564,11 @@ impl BackupService {
             }
         };
         match (l, method) {
+            (["probe"] | ["register"], _) if !matches!(who, Caller::Credential) => {
+                Err(unauthorized(
+                    "Registering needs the vault credentials file, not a machine's credential.",
+                ))
+            }
             (["probe"], "POST") => {
                 let req = json_of(&body)?;
                 self.probe(v, req["machineName"].as_str())
@@ -459,6 +585,10 @@ impl BackupService {
                         "A machine may set only its own passphrase.",
                     ));
                 }
+                if matches!(who, Caller::Credential) {
+                    // BK-2: the registration attempt counts from its first step.
+                    self.mark_registration_attempt(p, v).await?;
+                }
                 self.store_passphrase(p, v, machine, &req)
                     .await
                     .map(|j| AgentReply::Json(200, j))
@@ -471,16 +601,8 @@ impl BackupService {
             }
             (["machines"], "GET") => {
                 machine_only()?;
-                let reg = Registry::load(&v.dir)?;
-                Ok(AgentReply::Json(
-                    200,
-                    json!({"value": reg.machines.values().map(|m| json!({
-                        "name": m.name,
-                        "registered": rfc3339(m.registered),
-                        "keyVaultUri": m.key_vault_uri,
-                        "secretId": m.secret_id,
-                    })).collect::<Vec<_>>()}),
-                ))
+                let (status, list) = self.list_machines(p, v).await?;
+                Ok(AgentReply::Json(status, list))
             }
             (["machines", _, "activity"], "POST") => {
                 let me = machine_only()?;
@@ -522,13 +644,18 @@ impl BackupService {
                 );
                 entry["caller"] = json!(format!("agent:{me}"));
                 entry["machine"] = json!(me);
-                entry["stats"] = req["stats"].clone();
-                crate::state::log_activity(&v.dir, &entry)?;
+                // A machine's report must not grow the activity log without bound.
+                entry["stats"] = if req["stats"].to_string().len() <= 16 * 1024 {
+                    req["stats"].clone()
+                } else {
+                    json!({"omitted": "larger than 16 KiB"})
+                };
+                crate::state::log_activity(p, &v.id, &entry).await?;
                 Ok(AgentReply::Empty(204))
             }
             (["machines", _, "objects"], "GET") => {
                 machine_only()?;
-                let target = self.machine_dir(v, rest[1])?;
+                let target = self.machine_dir(p, v, rest[1]).await?;
                 if !prefix.is_empty() && !object_name_ok(prefix) {
                     return Err(bad("InvalidObjectName", "The prefix is not valid."));
                 }
@@ -551,7 +678,7 @@ impl BackupService {
                 if !object_name_ok(&name) {
                     return Err(bad("InvalidObjectName", "The object name is not valid."));
                 }
-                let target = self.machine_dir(v, rest[1])?;
+                let target = self.machine_dir(p, v, rest[1]).await?;
                 let own = me.eq_ignore_ascii_case(rest[1]);
                 match method {
                     "GET" => get_object(&target, &name, range)
@@ -588,9 +715,14 @@ impl BackupService {
     }
 
     /// The folder of a registered machine's objects (404 if the machine is not registered).
-    fn machine_dir(&self, v: &VaultCtx, machine: &str) -> Result<PathBuf, KvError> {
+    async fn machine_dir(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        machine: &str,
+    ) -> Result<PathBuf, KvError> {
         let key = machine.to_ascii_lowercase();
-        if !Registry::load(&v.dir)?.machines.contains_key(&key) {
+        if !Registry::load(p, &v.id).await?.machines.contains_key(&key) {
             return Err(KvError::new(
                 ErrorCode::NotFound,
                 format!(
@@ -632,43 +764,67 @@ impl BackupService {
         }))
     }
 
+    /// Sets the vault's "protection was attempted" flag (BK-2) under the vault's lock.
+    async fn mark_registration_attempt(&self, p: &Platform, v: &VaultCtx) -> Result<(), KvError> {
+        let lock = self.vault_lock(&v.dir.display().to_string());
+        let _g = lock.lock().await;
+        mark_attempt(p, v).await
+    }
+
     async fn register(&self, p: &Platform, v: &VaultCtx, req: &Value) -> Result<Value, KvError> {
-        refuse_cmk(v)?;
         let machine = str_field(req, "machineName")?;
         rules::validate_machine_name(machine)?;
-        let lock = self.vault_lock(&v.id.to_ascii_lowercase());
-        let _g = lock.lock().await;
-        // BK-2: a registration attempt counts like a protection attempt.
-        let mut state = crate::state::VaultState::load(&v.dir)?.ok_or_else(|| {
-            KvError::new(
-                ErrorCode::ResourceNotFound,
-                "The backup vault has no state.",
-            )
-        })?;
-        if !state.protection_attempted {
-            state.protection_attempted = true;
-            state.save(&v.dir)?;
+        let opt = |name: &str| req[name].as_str().map(str::to_string);
+        let key_vault_uri = opt("keyVaultUri");
+        if let Some(u) = &key_vault_uri {
+            parse_key_vault_uri(p, u)?;
         }
+        let secret_id = opt("secretId");
+        if secret_id
+            .as_deref()
+            .is_some_and(|s| s.len() > 512 || !s.starts_with("https://"))
+        {
+            return Err(bad("InvalidRequestContent", "secretId is not a secret id."));
+        }
+        // The same lock as every other change of the vault (configuration, items, moves).
+        let lock = self.vault_lock(&v.dir.display().to_string());
+        let _g = lock.lock().await;
+        // Checked again under the lock: a customer-managed key set meanwhile wins (BK-11).
+        let current = p.service_resource(&v.id).ok_or_else(|| {
+            KvError::new(ErrorCode::ResourceNotFound, "The backup vault is gone.")
+        })?;
+        refuse_cmk(&VaultCtx {
+            id: v.id.clone(),
+            body: current,
+            dir: v.dir.clone(),
+        })?;
+        // BK-2: a registration attempt counts like a protection attempt.
+        mark_attempt(p, v).await?;
         let secret = kagi_crypto::random_array::<32>().map_err(|e| io("random", e))?;
         let now = p.now();
-        let mut registry = Registry::load(&v.dir)?;
+        let mut registry = Registry::load(p, &v.id).await?;
         let key = machine.to_ascii_lowercase();
-        let again = registry.machines.contains_key(&key);
-        let opt = |name: &str| req[name].as_str().map(str::to_string);
+        let previous = registry.machines.get(&key).cloned();
+        let again = previous.is_some();
+        // Registering again without a key vault keeps the one the machine used (MP-5).
+        let (kv_prev, id_prev) = previous
+            .map(|m| (m.key_vault_uri, m.secret_id))
+            .unwrap_or_default();
         registry.machines.insert(
             key.clone(),
             Machine {
                 name: machine.to_string(),
                 secret_sha256: sha256_hex(&secret),
                 registered: now,
-                key_vault_uri: opt("keyVaultUri"),
-                secret_id: opt("secretId"),
+                key_vault_uri: key_vault_uri.or(kv_prev),
+                secret_id: secret_id.or(id_prev),
             },
         );
-        registry.save(&v.dir)?;
+        registry.save(p, &v.id).await?;
         std::fs::create_dir_all(v.dir.join("agents/machines").join(&key))
             .map_err(|e| io("mkdir agent", e))?;
         self.log(
+            p,
             v,
             activity_entry(
                 None,
@@ -685,7 +841,8 @@ impl BackupService {
                 ),
                 now,
             ),
-        );
+        )
+        .await;
         Ok(json!({
             "machineName": machine,
             "machineSecret": kagi_core::b64::encode(&secret),
@@ -708,6 +865,23 @@ impl BackupService {
         let uri = str_field(req, "keyVaultUri")?;
         let vault_name = v.body["name"].as_str().unwrap_or_default();
         let secret_name = rules::passphrase_secret_name(machine, vault_name)?;
+        // Two FQDNs that differ only by '.' versus '-' map to one secret name: the second
+        // would overwrite the first machine's passphrase.
+        if let Some(other) = Registry::load(p, &v.id).await?.machines.values().find(|m| {
+            !m.name.eq_ignore_ascii_case(machine)
+                && rules::passphrase_secret_name(&m.name, vault_name)
+                    .ok()
+                    .as_deref()
+                    == Some(secret_name.as_str())
+        }) {
+            return Err(KvError::conflict(format!(
+                "Machine '{}' of this vault already keeps its passphrase as '{secret_name}'; \
+                 '{}' maps to the same secret name. Register this machine under another name.",
+                other.name,
+                kagi_core::ids::printable(machine)
+            ))
+            .with_inner("UserErrorSecretNameInUse"));
+        }
         let now = p.now();
         let result = self
             .write_passphrase(p, v, uri, &secret_name, &passphrase)
@@ -720,6 +894,7 @@ impl BackupService {
             Err(e) => ("Failed", e.message.clone()),
         };
         self.log(
+            p,
             v,
             activity_entry(
                 None,
@@ -729,7 +904,8 @@ impl BackupService {
                 &message,
                 now,
             ),
-        );
+        )
+        .await;
         let (secret_id, warnings) = result?;
         Ok(json!({"secretId": secret_id, "secretName": secret_name, "warnings": warnings}))
     }
@@ -818,6 +994,23 @@ impl BackupService {
     }
 }
 
+/// Sets the vault's "protection was attempted" flag (BK-2); the caller holds the vault's lock.
+async fn mark_attempt(p: &Platform, v: &VaultCtx) -> Result<(), KvError> {
+    let mut state = crate::state::VaultState::load(p, &v.id)
+        .await?
+        .ok_or_else(|| {
+            KvError::new(
+                ErrorCode::ResourceNotFound,
+                "The backup vault has no state.",
+            )
+        })?;
+    if !state.protection_attempted {
+        state.protection_attempted = true;
+        state.save(p, &v.id).await?;
+    }
+    Ok(())
+}
+
 /// BK-11: agents use passphrases; a vault with a customer-managed key refuses them.
 fn refuse_cmk(v: &VaultCtx) -> Result<(), KvError> {
     if CmkConfig::of(&v.body).is_some() {
@@ -873,7 +1066,23 @@ async fn get_object(dir: &Path, name: &str, range: Option<(u64, u64)>) -> Result
     let store = store_of(dir)?;
     let path = ObjectPath::from(name);
     let r = match range {
-        Some((start, end)) => store.get_range(&path, start..end).await.map(|b| b.to_vec()),
+        Some((start, end)) => {
+            let size = match store.head(&path).await {
+                Ok(m) => m.size,
+                Err(object_store::Error::NotFound { .. }) => return Err(object_missing(name)),
+                Err(e) => return Err(io("stat agent object", e)),
+            };
+            if start >= size {
+                return Err(KvError::new(
+                    ErrorCode::RangeNotSatisfiable,
+                    format!("The object is {size} bytes; the range starts at {start}."),
+                ));
+            }
+            store
+                .get_range(&path, start..end.min(size))
+                .await
+                .map(|b| b.to_vec())
+        }
         None => match store.get(&path).await {
             Ok(g) => g.bytes().await.map(|b| b.to_vec()),
             Err(e) => Err(e),

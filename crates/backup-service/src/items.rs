@@ -182,8 +182,9 @@ impl BackupService {
         ))
     }
 
-    fn load_item(v: &VaultCtx, item: &str) -> Result<Item, KvError> {
-        VaultState::load(&v.dir)?
+    async fn load_item(p: &Platform, v: &VaultCtx, item: &str) -> Result<Item, KvError> {
+        VaultState::load(p, &v.id)
+            .await?
             .and_then(|s| s.items.get(&item.to_ascii_lowercase()).cloned())
             .ok_or_else(|| {
                 KvError::new(
@@ -197,20 +198,30 @@ impl BackupService {
             })
     }
 
-    pub(crate) fn list_items(&self, v: &VaultCtx) -> Result<(u16, Value), KvError> {
-        let s = VaultState::load(&v.dir)?.unwrap_or_default();
+    pub(crate) async fn list_items(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+    ) -> Result<(u16, Value), KvError> {
+        let s = VaultState::load(p, &v.id).await?.unwrap_or_default();
         let value: Vec<Value> = s.items.iter().map(|(n, i)| item_json(v, n, i)).collect();
         Ok((200, json!({"value": value})))
     }
 
-    pub(crate) fn get_item(&self, v: &VaultCtx, item: &str) -> Result<(u16, Value), KvError> {
-        let i = Self::load_item(v, item)?;
+    pub(crate) async fn get_item(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        item: &str,
+    ) -> Result<(u16, Value), KvError> {
+        let i = Self::load_item(p, v, item).await?;
         Ok((200, item_json(v, &item.to_ascii_lowercase(), &i)))
     }
 
     /// A key access failure: logged in the activity log, answered with the key and reason.
-    fn key_failure(&self, p: &Platform, v: &VaultCtx, message: String) -> KvError {
+    async fn key_failure(&self, p: &Platform, v: &VaultCtx, message: String) -> KvError {
         self.log(
+            p,
             v,
             activity_entry(
                 None,
@@ -220,18 +231,20 @@ impl BackupService {
                 &message,
                 p.now(),
             ),
-        );
+        )
+        .await;
         bad("UserErrorKeyVaultKeyNotAccessible", message)
     }
 
     /// The KEK in force (resolving a versionless key URI at most once per poll interval).
     async fn current_kek(&self, p: &Platform, v: &VaultCtx) -> Result<Kek, KvError> {
         let body = p.service_resource(&v.id).unwrap_or_else(|| v.body.clone());
-        let mut state = VaultState::load(&v.dir)?.unwrap_or_default();
+        let mut state = VaultState::load(p, &v.id).await?.unwrap_or_default();
         let Some(cmk) = CmkConfig::of(&body) else {
             let sealed =
                 kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
-            let raw = p.open_platform_secret(&pmk_label(&v.key_binding()), &sealed)?;
+            let binding = state.pmk_binding.clone().unwrap_or_else(|| v.id.clone());
+            let raw = p.open_platform_secret(&pmk_label(&binding), &sealed)?;
             let mut k = Zeroizing::new([0u8; 32]);
             if raw.len() != 32 {
                 return Err(io("pmk", "bad length"));
@@ -240,20 +253,18 @@ impl BackupService {
             return Ok(Kek::Pmk(k));
         };
         // BK-9: a key configured in another tenant than the subscription's now is not used.
-        self.check_cmk_tenant(p, v, &state)?;
+        self.check_cmk_tenant(p, v, &state).await?;
         let who = cmk.describe_identity(&body);
-        let token = p
-            .identity_token(&v.id, cmk.user_assigned.as_deref())
-            .map_err(|e| {
-                self.key_failure(
-                    p,
-                    v,
-                    format!(
-                        "The key '{}' cannot be reached: the {who} is unusable: {}",
-                        cmk.key_uri, e.message
-                    ),
-                )
-            })?;
+        let token = match p.identity_token(&v.id, cmk.user_assigned.as_deref()) {
+            Ok(t) => t,
+            Err(e) => {
+                let message = format!(
+                    "The key '{}' cannot be reached: the {who} is unusable: {}",
+                    cmk.key_uri, e.message
+                );
+                return Err(self.key_failure(p, v, message).await);
+            }
+        };
         let uri = kid_uri(p, &cmk.key_uri)?;
         if let Some(ver) = &uri.version {
             let kid = format!("{}/keys/{}/{ver}", uri.base, uri.name);
@@ -267,23 +278,24 @@ impl BackupService {
                 who,
             });
         }
-        let bundle = self.vault_client.get_key(&uri, &token).await.map_err(|f| {
-            self.key_failure(
-                p,
-                v,
-                format!(
+        let bundle = match self.vault_client.get_key(&uri, &token).await {
+            Ok(b) => b,
+            Err(f) => {
+                let message = format!(
                     "The key '{}' could not be read by the {who}: {}",
                     cmk.key_uri,
                     f.reason()
-                ),
-            )
-        })?;
+                );
+                return Err(self.key_failure(p, v, message).await);
+            }
+        };
         let kid = bundle["key"]["kid"]
             .as_str()
             .unwrap_or_default()
             .to_string();
         if state.current_kid.as_deref() != Some(kid.as_str()) {
             self.log(
+                p,
                 v,
                 activity_entry(
                     None,
@@ -293,11 +305,12 @@ impl BackupService {
                     &format!("New version of '{}' in use: {kid}.", cmk.key_uri),
                     p.now(),
                 ),
-            );
+            )
+            .await;
         }
         state.current_kid = Some(kid.clone());
         state.resolved_at = p.now();
-        state.save(&v.dir)?;
+        state.save(p, &v.id).await?;
         Ok(Kek::Cmk { kid, token, who })
     }
 
@@ -313,26 +326,22 @@ impl BackupService {
             Kek::Pmk(k) => {
                 let pmk = DataKey::from_bytes(k).map_err(|e| io("pmk", e))?;
                 let sealed = pmk
-                    .seal(&pmk_aad(&v.key_binding(), item), dek.as_ref())
+                    .seal(&pmk_aad(&v.key_binding(p).await?, item), dek.as_ref())
                     .map_err(|e| io("pmk wrap", e))?;
                 (json!({"kind": "pmk", "vault": v.id}), sealed)
             }
             Kek::Cmk { kid, token, who } => {
                 let uri = kid_uri(p, kid)?;
-                let (_, w) = self
-                    .vault_client
-                    .wrap(&uri, token, dek.as_ref())
-                    .await
-                    .map_err(|f| {
-                        self.key_failure(
-                            p,
-                            v,
-                            format!(
-                                "The key '{kid}' could not wrap a data key for the {who}: {}",
-                                f.reason()
-                            ),
-                        )
-                    })?;
+                let (_, w) = match self.vault_client.wrap(&uri, token, dek.as_ref()).await {
+                    Ok(w) => w,
+                    Err(f) => {
+                        let message = format!(
+                            "The key '{kid}' could not wrap a data key for the {who}: {}",
+                            f.reason()
+                        );
+                        return Err(self.key_failure(p, v, message).await);
+                    }
+                };
                 (json!({"kind": "cmk", "keyId": kid}), w)
             }
         };
@@ -356,11 +365,12 @@ impl BackupService {
         let wrapped = kagi_core::b64::decode(&e.wrapped).ok_or("the key entry is damaged")?;
         let plain = match (e.kek["kind"].as_str(), kek) {
             (Some("pmk"), _) => {
-                let Kek::Pmk(k) = self.pmk_of(p, v).map_err(|e| e.message)? else {
+                let Kek::Pmk(k) = self.pmk_of(p, v).await.map_err(|e| e.message)? else {
                     return Err("no platform key".into());
                 };
                 let pmk = DataKey::from_bytes(&k).map_err(|e| e.to_string())?;
-                pmk.open(&pmk_aad(&v.key_binding(), item), &wrapped)
+                let binding = v.key_binding(p).await.map_err(|e| e.message)?;
+                pmk.open(&pmk_aad(&binding, item), &wrapped)
                     .map_err(|_| "the platform key does not open this entry".to_string())?
             }
             (Some("cmk"), Kek::Cmk { token, who, .. }) => {
@@ -395,11 +405,12 @@ impl BackupService {
         Ok(d)
     }
 
-    fn pmk_of(&self, p: &Platform, v: &VaultCtx) -> Result<Kek, KvError> {
-        let state = VaultState::load(&v.dir)?.unwrap_or_default();
+    async fn pmk_of(&self, p: &Platform, v: &VaultCtx) -> Result<Kek, KvError> {
+        let state = VaultState::load(p, &v.id).await?.unwrap_or_default();
         let sealed =
             kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
-        let raw = p.open_platform_secret(&pmk_label(&v.key_binding()), &sealed)?;
+        let binding = state.pmk_binding.clone().unwrap_or_else(|| v.id.clone());
+        let raw = p.open_platform_secret(&pmk_label(&binding), &sealed)?;
         let mut k = Zeroizing::new([0u8; 32]);
         if raw.len() != 32 {
             return Err(io("pmk", "bad length"));
@@ -457,7 +468,7 @@ impl BackupService {
                     None => {
                         let m =
                             first_err.unwrap_or_else(|| "the item has no wrapped data key".into());
-                        return Err(self.key_failure(p, v, format!("{m}. Backups and restores of this vault fail until access returns; nothing stored is changed.")));
+                        return Err(self.key_failure(p, v, format!("{m}. Backups and restores of this vault fail until access returns; nothing stored is changed.")).await);
                     }
                 }
             }
@@ -473,6 +484,7 @@ impl BackupService {
             .map_err(join)??;
             written = 1;
             self.log(
+                p,
                 v,
                 activity_entry(
                     None,
@@ -482,7 +494,8 @@ impl BackupService {
                     &format!("The data key of item '{item}' was wrapped under {kek_id}."),
                     p.now(),
                 ),
-            );
+            )
+            .await;
         }
         // The lifetime counts from the last time the key vault was asked.
         let at = match (cached_at, written) {
@@ -521,7 +534,7 @@ impl BackupService {
     ) -> Result<(u16, Value), KvError> {
         let lock = self.vault_lock(&v.dir.display().to_string());
         let _g = lock.lock().await;
-        let mut state = VaultState::load(&v.dir)?.unwrap_or_default();
+        let mut state = VaultState::load(p, &v.id).await?.unwrap_or_default();
         let name = name.to_ascii_lowercase();
         let source = input["properties"]["sourcePath"]
             .as_str()
@@ -536,8 +549,9 @@ impl BackupService {
                     i.schedule_hours = schedule_hours;
                     i.keep_last = keep_last;
                     let out = item_json(v, &name, i);
-                    state.save(&v.dir)?;
+                    state.save(p, &v.id).await?;
                     self.log(
+                        p,
                         v,
                         activity_entry(
                             Some(caller),
@@ -549,7 +563,8 @@ impl BackupService {
                             ),
                             p.now(),
                         ),
-                    );
+                    )
+                    .await;
                     return Ok((200, out));
                 }
                 return Ok((200, item_json(v, &name, i)));
@@ -562,10 +577,11 @@ impl BackupService {
         // BK-2: the attempt counts, whatever happens next.
         if !state.protection_attempted {
             state.protection_attempted = true;
-            state.save(&v.dir)?;
+            state.save(p, &v.id).await?;
         }
-        let fail = |e: KvError| -> KvError {
+        let fail = async |e: KvError| -> KvError {
             self.log(
+                p,
                 v,
                 activity_entry(
                     Some(caller),
@@ -575,15 +591,20 @@ impl BackupService {
                     &e.message,
                     p.now(),
                 ),
-            );
+            )
+            .await;
             e
         };
-        let (schedule_hours, keep_last) = sched.map_err(fail)?;
+        let (schedule_hours, keep_last) = match sched {
+            Ok(s) => s,
+            Err(e) => return Err(fail(e).await),
+        };
         if !item_name_ok(&name) {
             return Err(fail(bad(
                 "InvalidItemName",
                 "Item names are 1-64 letters, digits, '-', '_' and '.'.",
-            )));
+            ))
+            .await);
         }
         let path = Path::new(&source);
         if !path.is_absolute() {
@@ -593,7 +614,8 @@ impl BackupService {
                     "properties.sourcePath must be an absolute path (got '{}').",
                     kagi_core::ids::printable(&source)
                 ),
-            )));
+            ))
+            .await);
         }
         match std::fs::read_dir(path) {
             Ok(_) => {}
@@ -604,23 +626,32 @@ impl BackupService {
                         "The folder '{}' cannot be protected: {e}.",
                         kagi_core::ids::printable(&source)
                     ),
-                )));
+                ))
+                .await);
             }
         }
-        let kek = self.current_kek(p, v).await.map_err(fail)?;
+        let kek = match self.current_kek(p, v).await {
+            Ok(k) => k,
+            Err(e) => return Err(fail(e).await),
+        };
         let key = DataKey::generate().map_err(|e| io("dek", e))?;
         let dek: Dek = Zeroizing::new(*key.expose_for_wrapping());
-        let entry = self.wrap(p, v, &name, &kek, &dek).await.map_err(fail)?;
+        let entry = match self.wrap(p, v, &name, &kek, &dek).await {
+            Ok(e) => e,
+            Err(e) => return Err(fail(e).await),
+        };
         let dir = Self::item_dir(v, &name);
         let _ = std::fs::remove_dir_all(&dir);
-        tokio::task::spawn_blocking(move || -> Result<(), KvError> {
+        let created = tokio::task::spawn_blocking(move || -> Result<(), KvError> {
             let b = Self::backend(&dir)?;
             Repository::init(b.clone(), key).map_err(engine)?;
             Repository::put_key_entry(b.as_ref(), &entry).map_err(engine)
         })
         .await
-        .map_err(join)?
-        .map_err(fail)?;
+        .map_err(join)?;
+        if let Err(e) = created {
+            return Err(fail(e).await);
+        }
         let item = Item {
             source_path: source,
             created: p.now(),
@@ -629,7 +660,7 @@ impl BackupService {
             last_scheduled: 0,
         };
         state.items.insert(name.clone(), item.clone());
-        state.save(&v.dir)?;
+        state.save(p, &v.id).await?;
         *self
             .item_rt(v, &name)
             .dek
@@ -640,6 +671,7 @@ impl BackupService {
             kek_id: kek.id(),
         });
         self.log(
+            p,
             v,
             activity_entry(
                 Some(caller),
@@ -649,25 +681,27 @@ impl BackupService {
                 &format!("Folder '{}' protected as item '{name}'.", item.source_path),
                 p.now(),
             ),
-        );
+        )
+        .await;
         Ok((201, item_json(v, &name, &item)))
     }
 
-    pub(crate) fn start_backup(
+    pub(crate) async fn start_backup(
         self: &Arc<Self>,
         p: &Arc<Platform>,
         v: &VaultCtx,
         item: &str,
     ) -> Result<(u16, Value), KvError> {
-        let it = Self::load_item(v, item)?;
+        let it = Self::load_item(p, v, item).await?;
         let item = item.to_ascii_lowercase();
-        let job = self.jobs.start(&v.id, &v.dir, "Backup", &item, p.now())?;
+        let job = self.jobs.start(p, &v.id, "Backup", &item, p.now()).await?;
         let (svc, p2, v2, j2) = (self.clone(), p.clone(), v.clone(), job.clone());
         tokio::spawn(async move {
             match svc.run_backup(&p2, &v2, &item, &it, &j2).await {
-                Ok(stats) => j2.complete(p2.now(), stats),
+                Ok(stats) => j2.complete(p2.now(), stats).await,
                 Err(e) => {
                     svc.log(
+                        &p2,
                         &v2,
                         activity_entry(
                             None,
@@ -677,8 +711,9 @@ impl BackupService {
                             &e.message,
                             p2.now(),
                         ),
-                    );
-                    j2.fail(p2.now(), &e)
+                    )
+                    .await;
+                    j2.fail(p2.now(), &e).await
                 }
             }
         });
@@ -740,14 +775,14 @@ impl BackupService {
         }))
     }
 
-    pub(crate) fn start_restore(
+    pub(crate) async fn start_restore(
         self: &Arc<Self>,
         p: &Arc<Platform>,
         v: &VaultCtx,
         item: &str,
         input: Value,
     ) -> Result<(u16, Value), KvError> {
-        Self::load_item(v, item)?;
+        Self::load_item(p, v, item).await?;
         let rp = input["recoveryPointId"].as_str().unwrap_or("").to_string();
         if rp.is_empty() || !rp.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(bad(
@@ -765,7 +800,7 @@ impl BackupService {
         let sub = input["subPath"].as_str().map(str::to_string);
         let overwrite = input["overwrite"].as_bool().unwrap_or(false);
         let item = item.to_ascii_lowercase();
-        let job = self.jobs.start(&v.id, &v.dir, "Restore", &item, p.now())?;
+        let job = self.jobs.start(p, &v.id, "Restore", &item, p.now()).await?;
         let (svc, p2, v2, j2) = (self.clone(), p.clone(), v.clone(), job.clone());
         tokio::spawn(async move {
             let r = async {
@@ -789,9 +824,10 @@ impl BackupService {
             }
             .await;
             match r {
-                Ok(s) => j2.complete(p2.now(), s),
+                Ok(s) => j2.complete(p2.now(), s).await,
                 Err(e) => {
                     svc.log(
+                        &p2,
                         &v2,
                         activity_entry(
                             None,
@@ -801,8 +837,9 @@ impl BackupService {
                             &e.message,
                             p2.now(),
                         ),
-                    );
-                    j2.fail(p2.now(), &e)
+                    )
+                    .await;
+                    j2.fail(p2.now(), &e).await
                 }
             }
         });
@@ -854,17 +891,17 @@ impl BackupService {
 
     /// A Check job: `Repository::check(read_data)` on the item's repository. Completed when
     /// nothing is wrong; Failed (`RepositoryDamaged`) with `stats.problems` otherwise.
-    pub(crate) fn start_check(
+    pub(crate) async fn start_check(
         self: &Arc<Self>,
         p: &Arc<Platform>,
         v: &VaultCtx,
         item: &str,
         input: &Value,
     ) -> Result<(u16, Value), KvError> {
-        Self::load_item(v, item)?;
+        Self::load_item(p, v, item).await?;
         let read_data = input["readData"].as_bool().unwrap_or(false);
         let item = item.to_ascii_lowercase();
-        let job = self.jobs.start(&v.id, &v.dir, "Check", &item, p.now())?;
+        let job = self.jobs.start(p, &v.id, "Check", &item, p.now()).await?;
         let (svc, p2, v2, j2) = (self.clone(), p.clone(), v.clone(), job.clone());
         tokio::spawn(async move {
             let r = async {
@@ -888,8 +925,9 @@ impl BackupService {
                 Ok::<_, KvError>((report, started.elapsed().as_millis() as u64))
             }
             .await;
-            let failed = |e: &KvError| {
+            let failed = async |e: &KvError| {
                 svc.log(
+                    &p2,
                     &v2,
                     activity_entry(
                         None,
@@ -899,7 +937,8 @@ impl BackupService {
                         &e.message,
                         p2.now(),
                     ),
-                );
+                )
+                .await;
             };
             match r {
                 Ok((report, ms)) => {
@@ -907,7 +946,7 @@ impl BackupService {
                     let problems = report.problems;
                     let stats = json!({"readData": read_data, "healthy": problems.is_empty(), "problems": problems, "warnings": report.warnings, "durationMs": ms});
                     if problems.is_empty() {
-                        j2.complete(p2.now(), stats);
+                        j2.complete(p2.now(), stats).await;
                     } else {
                         let e = KvError::new(
                             ErrorCode::Conflict,
@@ -923,13 +962,13 @@ impl BackupService {
                             ),
                         )
                         .with_inner("RepositoryDamaged");
-                        failed(&e);
-                        j2.fail_with(p2.now(), &e, stats);
+                        failed(&e).await;
+                        j2.fail_with(p2.now(), &e, stats).await;
                     }
                 }
                 Err(e) => {
-                    failed(&e);
-                    j2.fail(p2.now(), &e)
+                    failed(&e).await;
+                    j2.fail(p2.now(), &e).await
                 }
             }
         });
@@ -942,7 +981,7 @@ impl BackupService {
         v: &VaultCtx,
         item: &str,
     ) -> Result<(u16, Value), KvError> {
-        Self::load_item(v, item)?;
+        Self::load_item(p, v, item).await?;
         let item = item.to_ascii_lowercase();
         let rt = self.item_rt(v, &item);
         let _g = rt.lock.lock().await;

@@ -1,30 +1,33 @@
 //! Jobs: key assignment, backup, restore and check run in the background; their state is
 //! followed at `GET {vault id}/backupJobs/{id}`.
 //!
-//! A job lives in memory while it runs and is written to `{vault dir}/jobs/{id}.json` (an
-//! atomic file replace) when it starts, while it makes progress, and when it ends. Progress is
-//! written at most at each new 5% step of `progress.total` and otherwise at most once every
-//! [`PERSIST_EVERY`], from a short-lived writer thread, so the engine threads reporting progress
-//! never wait for an fsync. `lastUpdateTime` is the platform time of the state last written.
+//! A job lives in memory while it runs and is stored as the vault's service document `job`
+//! named by its id (in the store, through `Platform::put_service_document`) when it starts,
+//! while it makes progress, and when it ends. Progress is written at most at each new 5% step
+//! of `progress.total` and otherwise at most once every [`PERSIST_EVERY`], by a task spawned on
+//! the runtime the job started on, so the engine threads reporting progress (blocking threads,
+//! outside the runtime) never wait for a commit. `lastUpdateTime` is the platform time of the
+//! state last written.
 //!
-//! A job found on disk still `InProgress` with no runner in this process (the server stopped or
-//! was killed while it ran) is answered as `Failed` with the error code `JobInterrupted`,
-//! keeping the last progress written, and its file is rewritten so once. Its `endTime` is its
-//! `lastUpdateTime`: the last moment the job is known to have been alive, rather than the time
-//! the server noticed, which would depend on how long the server was down and on who asked
-//! first. The job ended somewhere between that time and the next start of the server.
+//! A job found in the store still `InProgress` with no runner in this process (the server
+//! stopped or was killed while it ran) is answered as `Failed` with the error code
+//! `JobInterrupted`, keeping the last progress written, and its document is rewritten so once.
+//! Its `endTime` is its `lastUpdateTime`: the last moment the job is known to have been alive,
+//! rather than the time the server noticed, which would depend on how long the server was down
+//! and on who asked first. The job ended somewhere between that time and the next start of the
+//! server.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use kagi_core::KvError;
 use kagi_core::time::{Clock, SystemClock, rfc3339};
+use kagi_vault::Platform;
 use serde_json::{Value, json};
 
-use crate::state::{io, write_atomic};
+use crate::state::{JOB, io};
 
 /// The longest a running job's progress goes unwritten while it changes (within a 5% step).
 pub const PERSIST_EVERY: Duration = Duration::from_secs(2);
@@ -36,20 +39,20 @@ const PERSIST_STEPS: u64 = 20;
 const INTERRUPTED: &str =
     "The server stopped while the job ran; nothing it wrote is visible. Run it again.";
 
-/// Job files with a runner in this process. Process-wide rather than per [`Jobs`], so that a
-/// job file is never taken for an interrupted one while any service instance still runs it.
-static RUNNING: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+/// Jobs (vault key, job id) with a runner in this process. Process-wide rather than per
+/// [`Jobs`], so that a stored job is never taken for an interrupted one while any service
+/// instance still runs it.
+static RUNNING: Mutex<BTreeSet<(String, String)>> = Mutex::new(BTreeSet::new());
 
-/// Serialises the rewrites of interrupted jobs: two readers may find the same one, and the
-/// atomic replace uses one temporary file name per target.
-static REWRITE: Mutex<()> = Mutex::new(());
+/// Serialises the rewrites of interrupted jobs: two readers may find the same one.
+static REWRITE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn running(file: &Path) -> bool {
-    lock(&RUNNING).contains(file)
+fn running(vault_key: &str, id: &str) -> bool {
+    lock(&RUNNING).contains(&(vault_key.to_string(), id.to_string()))
 }
 
 /// What is behind a job's mutex: its JSON and when its progress was last queued for writing.
@@ -66,14 +69,20 @@ struct State {
 #[derive(Debug)]
 pub struct JobHandle {
     state: Mutex<State>,
-    file: PathBuf,
+    /// The vault's id, lower-case: the resource the job's document belongs to.
+    vault_key: String,
+    /// The job id (the document's name).
+    id: String,
+    /// Where the job is stored. Weak: the platform owns the services, not the reverse.
+    platform: Weak<Platform>,
+    /// The runtime progress writes are spawned on (reports come from blocking threads).
+    runtime: tokio::runtime::Handle,
     /// Platform time minus system time when the job started: progress reports carry no time,
     /// and the job's times are on the platform clock (which `--test-clock` moves).
     clock_offset: i64,
-    /// Held while the file is written: orders a late progress write before the final one (so
-    /// a job never goes back to `InProgress` on disk) and keeps writers off each other's
-    /// temporary file.
-    writing: Mutex<()>,
+    /// Held while the job is written: orders a late progress write before the final one (so
+    /// a job never goes back to `InProgress` in the store).
+    writing: tokio::sync::Mutex<()>,
     /// A progress write is queued and has not yet taken its snapshot.
     queued: AtomicBool,
     /// [`PERSIST_EVERY`], except in tests.
@@ -86,8 +95,8 @@ impl JobHandle {
         lock(&self.state).body.clone()
     }
 
-    /// Sets the progress, and writes it to the job's file in the background when it reached a
-    /// new 5% step or [`PERSIST_EVERY`] passed since it was last written.
+    /// Sets the progress, and writes it to the store in the background when it reached a new
+    /// 5% step or [`PERSIST_EVERY`] passed since it was last written. Callable from any thread.
     pub fn progress(self: &Arc<Self>, done: u64, total: u64, unit: &str) {
         let due = {
             let mut s = lock(&self.state);
@@ -111,17 +120,12 @@ impl JobHandle {
         // One queued write covers every update made before it takes its snapshot.
         if due && !self.queued.swap(true, Ordering::SeqCst) {
             let me = self.clone();
-            let spawned = std::thread::Builder::new()
-                .name("kagi-job-progress".into())
-                .spawn(move || me.write_progress());
-            if spawned.is_err() {
-                self.write_progress();
-            }
+            self.runtime.spawn(async move { me.write_progress().await });
         }
     }
 
-    fn write_progress(&self) {
-        let _w = lock(&self.writing);
+    async fn write_progress(&self) {
+        let _w = self.writing.lock().await;
         self.queued.store(false, Ordering::SeqCst);
         let snapshot = {
             let mut s = lock(&self.state);
@@ -131,7 +135,9 @@ impl JobHandle {
             s.body["lastUpdateTime"] = json!(rfc3339(self.now()));
             s.body.clone()
         };
-        self.persist(&snapshot);
+        if let Err(e) = self.persist(&snapshot).await {
+            tracing::error!(error = %e.message, job = %self.id, "job progress not persisted");
+        }
     }
 
     fn now(&self) -> i64 {
@@ -139,31 +145,33 @@ impl JobHandle {
     }
 
     /// Ends the job as Completed with its stats.
-    pub fn complete(&self, now: i64, stats: Value) {
+    pub async fn complete(&self, now: i64, stats: Value) {
         self.end(now, |b| {
             b["status"] = json!("Completed");
             b["stats"] = stats;
             if let Some(total) = b["progress"]["total"].as_u64() {
                 b["progress"]["done"] = json!(total);
             }
-        });
+        })
+        .await;
     }
 
     /// Ends the job as Failed, keeping `stats` (e.g. the problems a check found).
-    pub fn fail_with(&self, now: i64, e: &KvError, stats: Value) {
+    pub async fn fail_with(&self, now: i64, e: &KvError, stats: Value) {
         self.end(now, |b| {
             b["stats"] = stats;
             fail_body(b, e);
-        });
+        })
+        .await;
     }
 
     /// Ends the job as Failed.
-    pub fn fail(&self, now: i64, e: &KvError) {
-        self.end(now, |b| fail_body(b, e));
+    pub async fn fail(&self, now: i64, e: &KvError) {
+        self.end(now, |b| fail_body(b, e)).await;
     }
 
-    fn end(&self, now: i64, change: impl FnOnce(&mut Value)) {
-        let _w = lock(&self.writing);
+    async fn end(&self, now: i64, change: impl FnOnce(&mut Value)) {
+        let _w = self.writing.lock().await;
         let snapshot = {
             let mut s = lock(&self.state);
             change(&mut s.body);
@@ -171,29 +179,36 @@ impl JobHandle {
             s.body["lastUpdateTime"] = json!(rfc3339(now));
             s.body.clone()
         };
-        self.persist(&snapshot);
-        lock(&RUNNING).remove(&self.file);
+        if let Err(e) = self.persist(&snapshot).await {
+            // Answered from memory while this process runs; after a restart the job reads as
+            // interrupted, which is what the store can vouch for.
+            tracing::error!(error = %e.message, job = %self.id, "job end not persisted");
+        }
+        lock(&RUNNING).remove(&(self.vault_key.clone(), self.id.clone()));
     }
 
-    fn persist(&self, body: &Value) {
-        if let Err(e) = write_atomic(&self.file, body.to_string().as_bytes()) {
-            tracing::error!(error = %e, job = %self.file.display(), "job not persisted");
-        }
+    async fn persist(&self, body: &Value) -> Result<(), KvError> {
+        let p = self
+            .platform
+            .upgrade()
+            .ok_or_else(|| io("job", "the platform is gone"))?;
+        p.put_service_document(&self.vault_key, JOB, &self.id, body)
+            .await
     }
 
     /// Test only: forget that this process runs the job, as after a restart.
     #[cfg(test)]
     fn abandon(&self) {
-        lock(&RUNNING).remove(&self.file);
+        lock(&RUNNING).remove(&(self.vault_key.clone(), self.id.clone()));
     }
 
     /// Test only: waits until no progress write is queued or being written.
     #[cfg(test)]
-    fn flush(&self) {
+    async fn flush(&self) {
         while self.queued.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(1));
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        drop(lock(&self.writing));
+        drop(self.writing.lock().await);
     }
 }
 
@@ -222,11 +237,12 @@ impl Default for Jobs {
 }
 
 impl Jobs {
-    /// Starts a job of `operation` on `entity` (an item name, or the vault) in a vault.
-    pub fn start(
+    /// Starts a job of `operation` on `entity` (an item name, or the vault) in the vault
+    /// `vault_id`. The job is stored before this returns; if it cannot be, nothing starts.
+    pub async fn start(
         &self,
+        p: &Arc<Platform>,
         vault_id: &str,
-        vault_dir: &Path,
         operation: &str,
         entity: &str,
         now: i64,
@@ -246,72 +262,91 @@ impl Jobs {
             "error": null,
             "stats": null,
         });
-        let file = vault_dir.join("jobs").join(format!("{id}.json"));
+        let vault_key = vault_id.to_ascii_lowercase();
         let handle = Arc::new(JobHandle {
             state: Mutex::new(State {
                 body: body.clone(),
                 step: 0,
                 at: Instant::now(),
             }),
-            file: file.clone(),
+            vault_key: vault_key.clone(),
+            id: id.clone(),
+            platform: Arc::downgrade(p),
+            runtime: tokio::runtime::Handle::current(),
             clock_offset: now.saturating_sub(SystemClock.now()),
-            writing: Mutex::new(()),
+            writing: tokio::sync::Mutex::new(()),
             queued: AtomicBool::new(false),
             every: self.every,
         });
-        // Registered as running before its file exists, so no reader ever finds the file
-        // without its runner and takes it for an interrupted job.
-        lock(&RUNNING).insert(file);
-        lock(&self.live).insert(id, handle.clone());
-        {
-            let _w = lock(&handle.writing);
-            handle.persist(&body);
+        // Registered as running before it is stored, so no reader ever finds it stored without
+        // its runner and takes it for an interrupted job.
+        let key = (vault_key, id.clone());
+        lock(&RUNNING).insert(key.clone());
+        let stored = {
+            let _w = handle.writing.lock().await;
+            handle.persist(&body).await
+        };
+        if let Err(e) = stored {
+            lock(&RUNNING).remove(&key);
+            return Err(e);
         }
+        lock(&self.live).insert(id, handle.clone());
         Ok(handle)
     }
 
-    /// A job of a vault, by id.
-    pub fn get(&self, vault_dir: &Path, id: &str) -> Option<Value> {
+    /// A job of the vault `vault_id`, by id (`None`: the vault has no such job).
+    pub async fn get(
+        &self,
+        p: &Platform,
+        vault_id: &str,
+        id: &str,
+    ) -> Result<Option<Value>, KvError> {
         if !id.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-            return None;
+            return Ok(None);
         }
-        let file = vault_dir.join("jobs").join(format!("{id}.json"));
-        if let Some(h) = lock(&self.live).get(&id.to_ascii_lowercase()) {
-            // Only the vault that ran it answers for it.
-            return file.exists().then(|| h.get());
-        }
-        let v = read_job(&file)?;
-        if v["status"] != "InProgress" || running(&file) {
-            return Some(v);
-        }
-        Some(interrupted(&file).unwrap_or_else(|| mark_interrupted(v)))
+        let (vault_key, id) = (vault_id.to_ascii_lowercase(), id.to_ascii_lowercase());
+        // Only the vault that ran it (whose documents hold it) answers for it.
+        let Some(stored) = p.service_document(&vault_key, JOB, &id).await? else {
+            return Ok(None);
+        };
+        self.settle(p, &vault_key, &id, stored).await.map(Some)
     }
 
-    /// Every job of a vault, newest first.
-    pub fn list(&self, vault_dir: &Path) -> Vec<Value> {
-        let mut out: Vec<Value> = std::fs::read_dir(vault_dir.join("jobs"))
-            .map(|rd| {
-                rd.filter_map(Result::ok)
-                    .filter_map(|e| {
-                        let name = e.file_name().to_string_lossy().to_string();
-                        let id = name.strip_suffix(".json")?;
-                        self.get(vault_dir, id)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+    /// Every job of the vault `vault_id`, newest first.
+    pub async fn list(&self, p: &Platform, vault_id: &str) -> Result<Vec<Value>, KvError> {
+        let vault_key = vault_id.to_ascii_lowercase();
+        let mut out = Vec::new();
+        for (id, stored) in p.service_documents(&vault_key, JOB).await? {
+            out.push(self.settle(p, &vault_key, &id, stored).await?);
+        }
         out.sort_by(|a, b| {
             b["startTime"]
                 .as_str()
                 .cmp(&a["startTime"].as_str())
                 .then(b["name"].as_str().cmp(&a["name"].as_str()))
         });
-        out
+        Ok(out)
     }
-}
 
-fn read_job(file: &Path) -> Option<Value> {
-    serde_json::from_slice(&std::fs::read(file).ok()?).ok()
+    /// What a stored job is now: its runner's state while this process has it, else the
+    /// stored one, with an interrupted job failed (and rewritten) once.
+    async fn settle(
+        &self,
+        p: &Platform,
+        vault_key: &str,
+        id: &str,
+        stored: Value,
+    ) -> Result<Value, KvError> {
+        if let Some(h) = lock(&self.live).get(id) {
+            return Ok(h.get());
+        }
+        if stored["status"] != "InProgress" || running(vault_key, id) {
+            return Ok(stored);
+        }
+        Ok(interrupted(p, vault_key, id)
+            .await
+            .unwrap_or_else(|| mark_interrupted(stored)))
+    }
 }
 
 /// A job left `InProgress` by a runner that is gone, as Failed: `JobInterrupted`, ended at its
@@ -329,20 +364,20 @@ fn mark_interrupted(mut v: Value) -> Value {
     v
 }
 
-/// Rewrites an interrupted job's file as Failed, once, and returns what it now holds (`None`
-/// when it could not be read back; the caller then answers from what it read).
-fn interrupted(file: &Path) -> Option<Value> {
-    let _g = lock(&REWRITE);
+/// Rewrites an interrupted job as Failed, once, and returns what it now holds (`None` when it
+/// could not be read back; the caller then answers from what it read).
+async fn interrupted(p: &Platform, vault_key: &str, id: &str) -> Option<Value> {
+    let _g = REWRITE.lock().await;
     // Read again under the lock: another reader may have rewritten it meanwhile.
-    let v = read_job(file)?;
-    if v["status"] != "InProgress" || running(file) {
+    let v = p.service_document(vault_key, JOB, id).await.ok()??;
+    if v["status"] != "InProgress" || running(vault_key, id) {
         return Some(v);
     }
     let v = mark_interrupted(v);
-    match write_atomic(file, v.to_string().as_bytes()) {
-        Ok(()) => tracing::warn!(job = %file.display(), "interrupted job marked failed"),
+    match p.put_service_document(vault_key, JOB, id, &v).await {
+        Ok(()) => tracing::warn!(job = %id, vault = %vault_key, "interrupted job marked failed"),
         Err(e) => {
-            tracing::error!(error = %e, job = %file.display(), "interrupted job not rewritten")
+            tracing::error!(error = %e.message, job = %id, "interrupted job not rewritten")
         }
     }
     Some(v)
@@ -352,11 +387,26 @@ fn interrupted(file: &Path) -> Option<Value> {
 mod tests {
     use super::*;
     use kagi_core::ErrorCode;
+    use kagi_vault::PlatformConfig;
 
     const VAULT: &str =
         "/subscriptions/s/resourceGroups/rg/providers/Microsoft.RecoveryServices/vaults/v";
+    const OTHER: &str =
+        "/subscriptions/s/resourceGroups/rg/providers/Microsoft.RecoveryServices/vaults/w";
     /// 2030-01-01: ahead of the system clock, as under `--test-clock`.
     const T0: i64 = 1_893_456_000;
+
+    /// A platform on a fresh data directory (the store the jobs are written to).
+    async fn platform() -> (tempfile::TempDir, Arc<Platform>) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = PlatformConfig {
+            data_dir: dir.path().to_path_buf(),
+            dns_suffix: "localhost".into(),
+            port: 8443,
+        };
+        let (p, _) = Platform::open(config, Arc::new(SystemClock)).await.unwrap();
+        (dir, Arc::new(p))
+    }
 
     /// Jobs that write progress only at 5% steps (no time-based writes during a test).
     fn steps_only() -> Jobs {
@@ -366,26 +416,30 @@ mod tests {
         }
     }
 
-    fn on_disk(h: &JobHandle) -> Value {
-        h.flush();
-        read_job(&h.file).expect("job file")
+    async fn stored(p: &Platform, h: &JobHandle) -> Value {
+        h.flush().await;
+        p.service_document(VAULT, JOB, &h.id)
+            .await
+            .unwrap()
+            .expect("job document")
     }
 
     fn name(h: &JobHandle) -> String {
         h.get()["name"].as_str().unwrap().to_string()
     }
 
-    #[test]
-    fn progress_is_written_at_each_five_percent_step() {
-        let dir = tempfile::tempdir().unwrap();
+    #[tokio::test]
+    async fn progress_is_written_at_each_five_percent_step() {
+        let (_d, p) = platform().await;
         let h = steps_only()
-            .start(VAULT, dir.path(), "Backup", "item", T0)
+            .start(&p, VAULT, "Backup", "item", T0)
+            .await
             .unwrap();
-        let first = on_disk(&h);
+        let first = stored(&p, &h).await;
         assert_eq!(first["status"], "InProgress");
         assert_eq!(first["lastUpdateTime"], rfc3339(T0));
         h.progress(10, 100, "Bytes");
-        let d = on_disk(&h);
+        let d = stored(&p, &h).await;
         assert_eq!(
             d["progress"],
             json!({"done": 10, "total": 100, "unit": "Bytes"})
@@ -398,56 +452,77 @@ mod tests {
         // Same 5% step: in memory only.
         h.progress(14, 100, "Bytes");
         assert_eq!(h.get()["progress"]["done"], 14);
-        assert_eq!(on_disk(&h)["progress"]["done"], 10);
+        assert_eq!(stored(&p, &h).await["progress"]["done"], 10);
         h.progress(15, 100, "Bytes");
-        assert_eq!(on_disk(&h)["progress"]["done"], 15);
+        assert_eq!(stored(&p, &h).await["progress"]["done"], 15);
         // A jump over several steps is one write of the newest value.
         h.progress(90, 100, "Bytes");
-        assert_eq!(on_disk(&h)["progress"]["done"], 90);
+        assert_eq!(stored(&p, &h).await["progress"]["done"], 90);
     }
 
-    #[test]
-    fn progress_is_written_when_the_interval_passed() {
-        let dir = tempfile::tempdir().unwrap();
+    #[tokio::test]
+    async fn progress_is_written_when_the_interval_passed() {
+        let (_d, p) = platform().await;
         let jobs = Jobs {
             every: Duration::ZERO,
             ..Jobs::default()
         };
-        let h = jobs.start(VAULT, dir.path(), "Backup", "item", T0).unwrap();
+        let h = jobs.start(&p, VAULT, "Backup", "item", T0).await.unwrap();
         h.progress(1, 1000, "Bytes");
-        assert_eq!(on_disk(&h)["progress"]["done"], 1);
+        assert_eq!(stored(&p, &h).await["progress"]["done"], 1);
         h.progress(2, 1000, "Bytes");
-        assert_eq!(on_disk(&h)["progress"]["done"], 2);
+        assert_eq!(stored(&p, &h).await["progress"]["done"], 2);
         // Unknown total: only the interval writes.
         h.progress(7, 0, "Bytes");
-        assert_eq!(on_disk(&h)["progress"]["done"], 7);
+        assert_eq!(stored(&p, &h).await["progress"]["done"], 7);
     }
 
-    #[test]
-    fn the_end_is_never_undone_by_progress() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Reports come from the engine's blocking threads, outside the runtime: they are written
+    /// all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn progress_from_blocking_threads_is_written() {
+        let (_d, p) = platform().await;
+        let h = steps_only()
+            .start(&p, VAULT, "Backup", "item", T0)
+            .await
+            .unwrap();
+        let h2 = h.clone();
+        tokio::task::spawn_blocking(move || h2.progress(50, 100, "Bytes"))
+            .await
+            .unwrap();
+        let h3 = h.clone();
+        std::thread::spawn(move || h3.progress(75, 100, "Bytes"))
+            .join()
+            .unwrap();
+        assert_eq!(stored(&p, &h).await["progress"]["done"], 75);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_end_is_never_undone_by_progress() {
+        let (_d, p) = platform().await;
         let jobs = Jobs {
             every: Duration::ZERO,
             ..Jobs::default()
         };
         for _ in 0..20 {
-            let h = jobs
-                .start(VAULT, dir.path(), "Restore", "item", T0)
-                .unwrap();
+            let h = jobs.start(&p, VAULT, "Restore", "item", T0).await.unwrap();
             // Reporters racing the end, as the engine's restore workers do.
-            std::thread::scope(|s| {
-                for t in 0..4u64 {
+            let reporters: Vec<_> = (0..4u64)
+                .map(|t| {
                     let h = h.clone();
-                    s.spawn(move || {
+                    std::thread::spawn(move || {
                         for i in 0..50 {
                             h.progress(t * 50 + i, 200, "Bytes");
                         }
-                    });
-                }
-                h.complete(T0 + 5, json!({"files": 3}));
-            });
+                    })
+                })
+                .collect();
+            h.complete(T0 + 5, json!({"files": 3})).await;
+            for r in reporters {
+                r.join().unwrap();
+            }
             h.progress(1, 200, "Bytes");
-            let d = on_disk(&h);
+            let d = stored(&p, &h).await;
             assert_eq!(d["status"], "Completed", "{d}");
             assert_eq!(d["endTime"], rfc3339(T0 + 5));
             assert_eq!(d["progress"]["done"], d["progress"]["total"], "{d}");
@@ -456,16 +531,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn failure_keeps_stats_and_progress() {
-        let dir = tempfile::tempdir().unwrap();
+    #[tokio::test]
+    async fn failure_keeps_stats_and_progress() {
+        let (_d, p) = platform().await;
         let h = steps_only()
-            .start(VAULT, dir.path(), "Check", "item", T0)
+            .start(&p, VAULT, "Check", "item", T0)
+            .await
             .unwrap();
         h.progress(30, 100, "Bytes");
         let e = KvError::new(ErrorCode::BadParameter, "damaged").with_inner("RepositoryDamaged");
-        h.fail_with(T0 + 9, &e, json!({"problems": ["p"]}));
-        let d = on_disk(&h);
+        h.fail_with(T0 + 9, &e, json!({"problems": ["p"]})).await;
+        let d = stored(&p, &h).await;
         assert_eq!(d["status"], "Failed");
         assert_eq!(d["endTime"], rfc3339(T0 + 9));
         assert_eq!(d["error"]["code"], "RepositoryDamaged");
@@ -473,54 +549,69 @@ mod tests {
         assert_eq!(d["progress"]["done"], 30);
     }
 
-    #[test]
-    fn a_running_job_is_not_taken_for_an_interrupted_one() {
-        let dir = tempfile::tempdir().unwrap();
+    #[tokio::test]
+    async fn a_running_job_is_not_taken_for_an_interrupted_one() {
+        let (_d, p) = platform().await;
         let h = steps_only()
-            .start(VAULT, dir.path(), "Backup", "item", T0)
+            .start(&p, VAULT, "Backup", "item", T0)
+            .await
             .unwrap();
         h.progress(50, 100, "Bytes");
-        let before = on_disk(&h);
-        // Another service instance of the same process reads the file: the job still runs.
+        let before = stored(&p, &h).await;
+        // Another service instance of the same process reads it: the job still runs.
         let other = steps_only();
-        assert_eq!(other.get(dir.path(), &name(&h)).unwrap(), before);
-        assert_eq!(on_disk(&h), before);
-        h.complete(T0 + 1, json!({}));
         assert_eq!(
-            other.get(dir.path(), &name(&h)).unwrap()["status"],
+            other.get(&p, VAULT, &name(&h)).await.unwrap().unwrap(),
+            before
+        );
+        assert_eq!(stored(&p, &h).await, before);
+        h.complete(T0 + 1, json!({})).await;
+        assert_eq!(
+            other.get(&p, VAULT, &name(&h)).await.unwrap().unwrap()["status"],
             "Completed"
         );
     }
 
-    #[test]
-    fn an_interrupted_job_fails_once_at_its_last_update_with_its_progress() {
-        let dir = tempfile::tempdir().unwrap();
+    #[tokio::test]
+    async fn an_interrupted_job_fails_once_at_its_last_update_with_its_progress() {
+        let (_d, p) = platform().await;
         let h = steps_only()
-            .start(VAULT, dir.path(), "Backup", "item", T0)
+            .start(&p, VAULT, "Backup", "item", T0)
+            .await
             .unwrap();
         h.progress(40, 100, "Bytes");
-        let written = on_disk(&h);
+        let written = stored(&p, &h).await;
         h.progress(42, 100, "Bytes"); // not written: lost with the process
         h.abandon(); // the process dies
 
         let restarted = steps_only();
-        let v = restarted.get(dir.path(), &name(&h)).unwrap();
+        let v = restarted.get(&p, VAULT, &name(&h)).await.unwrap().unwrap();
         assert_eq!(v["status"], "Failed");
         assert_eq!(v["error"]["code"], "JobInterrupted");
         assert_eq!(v["endTime"], written["lastUpdateTime"]);
         assert!(v["endTime"].as_str() >= v["startTime"].as_str(), "{v}");
         assert_eq!(v["progress"], written["progress"]);
         assert_eq!(v["progress"]["done"], 40);
-        // Rewritten on disk, and answered the same from then on.
-        assert_eq!(read_job(&h.file).unwrap(), v);
-        assert_eq!(restarted.get(dir.path(), &name(&h)).unwrap(), v);
-        assert_eq!(restarted.list(dir.path()), vec![v.clone()]);
-        assert_eq!(steps_only().get(dir.path(), &name(&h)).unwrap(), v);
+        // Rewritten in the store, and answered the same from then on.
+        assert_eq!(stored(&p, &h).await, v);
+        assert_eq!(
+            restarted.get(&p, VAULT, &name(&h)).await.unwrap().unwrap(),
+            v
+        );
+        assert_eq!(restarted.list(&p, VAULT).await.unwrap(), vec![v.clone()]);
+        assert_eq!(
+            steps_only()
+                .get(&p, VAULT, &name(&h))
+                .await
+                .unwrap()
+                .unwrap(),
+            v
+        );
     }
 
-    #[test]
-    fn an_interrupted_job_of_an_older_server_ends_at_its_start() {
-        let dir = tempfile::tempdir().unwrap();
+    #[tokio::test]
+    async fn an_interrupted_job_of_an_older_server_ends_at_its_start() {
+        let (_d, p) = platform().await;
         let id = "0b8c1f9e-6a58-4c3e-9d6f-2f1e3b7a5c4d";
         let old = json!({
             "id": format!("{VAULT}/backupJobs/{id}"), "name": id,
@@ -529,21 +620,24 @@ mod tests {
             "endTime": null, "progress": {"done": 0, "total": 0, "unit": "Bytes"},
             "error": null, "stats": null,
         });
-        let file = dir.path().join("jobs").join(format!("{id}.json"));
-        write_atomic(&file, old.to_string().as_bytes()).unwrap();
-        let v = Jobs::default().get(dir.path(), id).unwrap();
+        p.put_service_document(VAULT, JOB, id, &old).await.unwrap();
+        let v = Jobs::default().get(&p, VAULT, id).await.unwrap().unwrap();
         assert_eq!(v["status"], "Failed");
         assert_eq!(v["endTime"], rfc3339(T0));
-        assert_eq!(read_job(&file).unwrap(), v);
+        assert_eq!(
+            p.service_document(VAULT, JOB, id).await.unwrap().unwrap(),
+            v
+        );
     }
 
-    #[test]
-    fn only_the_vault_that_ran_a_job_answers_for_it() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    #[tokio::test]
+    async fn only_the_vault_that_ran_a_job_answers_for_it() {
+        let (_d, p) = platform().await;
         let jobs = steps_only();
-        let h = jobs.start(VAULT, a.path(), "Backup", "item", T0).unwrap();
-        assert!(jobs.get(a.path(), &name(&h)).is_some());
-        assert!(jobs.get(b.path(), &name(&h)).is_none());
-        assert!(jobs.get(a.path(), "../x").is_none());
+        let h = jobs.start(&p, VAULT, "Backup", "item", T0).await.unwrap();
+        assert!(jobs.get(&p, VAULT, &name(&h)).await.unwrap().is_some());
+        assert!(jobs.get(&p, OTHER, &name(&h)).await.unwrap().is_none());
+        assert!(jobs.get(&p, VAULT, "../x").await.unwrap().is_none());
+        assert_eq!(jobs.list(&p, OTHER).await.unwrap(), Vec::<Value>::new());
     }
 }

@@ -2,7 +2,10 @@
 //!
 //! A backup vault is an ARM resource stored in the directory (with its managed identities);
 //! it protects folders of the kagi host as *items*, each its own deduplicating, encrypted
-//! repository (`kagi-backup`) under `<data>/backup/{sub}/{rg}/{vault}/items/{item}/`. Each
+//! repository (`kagi-backup`) under `<data>/backup/{sub}/{rg}/{vault}/items/{item}/`. Its other
+//! records — its state, activity log, jobs and agent registry — are in the store, reached only
+//! through kagi-vault's `Platform` (service documents and activity, see [`state`]); they go
+//! with the vault's resource when it is deleted or moved, in the same store transaction. Each
 //! item's data key (DEK) is wrapped by the vault's key encryption key: a platform key held by
 //! kagi (PMK, the default) or the customer's RSA key (CMK), reached only over HTTPS through the
 //! key vault's data plane with a token of the vault's managed identity — so those calls are
@@ -24,6 +27,7 @@
 //! | `GET {vault id}/backupJobs[/{id}]` | jobs |
 //! | `GET {vault id}/activityLog` | the activity log |
 //! | `POST {vault id}/vaultCredentials` `{"validHours"?: N}` | vault credentials for registering backup agents ([`agents`]) |
+//! | `GET {vault id}/registeredMachines`, `DELETE …/registeredMachines/{machine}` | backup agents; unregistering deletes that machine's backups |
 //!
 //! Scheduled backups ([`spawn_scheduler`], started by `kagi server`): an item with a schedule
 //! gets a Backup job (`stats.trigger` = `Schedule`) every `intervalHours` of the platform clock,
@@ -31,8 +35,8 @@
 //! unreferenced packs are not pruned yet).
 //!
 //! Moves (BK-9; `POST /subscriptions/{s}/resourceGroups/{g}/moveResources`, served by kagi-http,
-//! see [`move_vault`]): a vault with the platform key moves with its identities and its folder,
-//! crash-safely; a vault with a customer-managed key is refused. After its subscription moves to
+//! see [`move_vault`]): a vault with the platform key moves with its identities, its records
+//! and its folder, crash-safely; a vault with a customer-managed key is refused. After its subscription moves to
 //! another tenant, a CMK vault's jobs fail with `UserErrorCMKTenantMismatch` until its identity
 //! and key are configured again in the new tenant.
 //!
@@ -111,6 +115,8 @@ pub struct BackupService {
     vault_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Per-item runtime: a lock over the repository and the cached data key.
     items: Mutex<HashMap<String, Arc<items::ItemRuntime>>>,
+    /// Set once the records an earlier kagi kept in files are in the store ([`state`]).
+    imported: tokio::sync::OnceCell<()>,
 }
 
 type Registry = Mutex<Vec<(Weak<Platform>, Arc<BackupService>)>>;
@@ -129,6 +135,7 @@ pub fn install(platform: &Arc<Platform>, config: ServiceConfig) -> Arc<BackupSer
         jobs: jobs::Jobs::default(),
         vault_locks: Mutex::new(HashMap::new()),
         items: Mutex::new(HashMap::new()),
+        imported: tokio::sync::OnceCell::new(),
     });
     // Before any request reaches the vaults: finish the moves a crash interrupted (BK-9).
     svc.recover_moves(platform);
@@ -196,13 +203,25 @@ pub async fn handle(
         .await
 }
 
-/// Serves one backup-agent request (`/kagi/agent/{vault id}/…`, see [`agents`]): who called
-/// (for the audit log) and the answer.
-pub async fn agent(
+/// Authenticates a backup-agent request (`/kagi/agent/{vault id}/…`, see [`agents`]) before
+/// its body is read.
+pub async fn agent_authenticate(
     platform: &Arc<Platform>,
+    segs: &[&str],
+    authorization: Option<&str>,
+) -> Result<agents::AgentSession, KvError> {
+    service(platform)
+        .agent_authenticate(platform, segs, authorization)
+        .await
+}
+
+/// Serves a backup-agent request that [`agent_authenticate`] admitted.
+pub async fn agent_serve(
+    platform: &Arc<Platform>,
+    session: &agents::AgentSession,
     call: agents::AgentCall<'_>,
-) -> (Option<String>, Result<agents::AgentReply, KvError>) {
-    service(platform).agent_request(platform, call).await
+) -> Result<agents::AgentReply, KvError> {
+    service(platform).agent_serve(platform, session, call).await
 }
 
 fn json_body(body: &[u8]) -> Result<Value, KvError> {
@@ -219,6 +238,16 @@ fn json_body(body: &[u8]) -> Result<Value, KvError> {
 }
 
 impl BackupService {
+    /// Before the service touches any vault: the records an earlier kagi kept as files under
+    /// `<data>/backup/**` are imported into the store, once per service (a failed import is
+    /// tried again by the next request, which it refuses meanwhile).
+    async fn ready(&self, p: &Platform) -> Result<(), KvError> {
+        self.imported
+            .get_or_try_init(|| async { state::import_legacy(p, &self.data_dir).await.map(|_| ()) })
+            .await
+            .map(|_| ())
+    }
+
     fn vault_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.vault_locks
             .lock()
@@ -237,6 +266,7 @@ impl BackupService {
         l: &[&str],
         body: &[u8],
     ) -> Result<(u16, Value), KvError> {
+        self.ready(p).await?;
         let not_found = || KvError::new(ErrorCode::NotFound, "No such route.");
         let i = l
             .windows(2)
@@ -271,22 +301,32 @@ impl BackupService {
             (["vaults", _], "DELETE", Some(rg)) => {
                 self.delete_vault(p, caller, sub, rg, rest[1]).await
             }
+            (["vaults", _, "registeredmachines"], "GET", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.list_machines(p, &v).await
+            }
+            (["vaults", _, "registeredmachines", _], "DELETE", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.delete_machine(p, caller, &v, rest[3]).await
+            }
             (["vaults", _, "vaultcredentials"], "POST", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
                 self.vault_credentials(p, caller, &v, &json_body(body)?)
                     .await
             }
             (["vaults", _, "activitylog"], "GET", Some(rg)) => {
-                self.activity(p, caller, sub, rg, rest[1])
+                self.activity(p, caller, sub, rg, rest[1]).await
             }
             (["vaults", _, "backupjobs"], "GET", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
-                Ok((200, serde_json::json!({"value": self.jobs.list(&v.dir)})))
+                let jobs = self.jobs.list(p, &v.id).await?;
+                Ok((200, serde_json::json!({ "value": jobs })))
             }
             (["vaults", _, "backupjobs", _], "GET", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
                 self.jobs
-                    .get(&v.dir, rest[3])
+                    .get(p, &v.id, rest[3])
+                    .await?
                     .map(|j| (200, j))
                     .ok_or_else(|| {
                         KvError::new(ErrorCode::NotFound, "The job was not found.")
@@ -295,7 +335,7 @@ impl BackupService {
             }
             (["vaults", _, "backupprotecteditems"], "GET", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
-                self.list_items(&v)
+                self.list_items(p, &v).await
             }
             (["vaults", _, "backupprotecteditems", _], "PUT", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
@@ -303,19 +343,19 @@ impl BackupService {
             }
             (["vaults", _, "backupprotecteditems", _], "GET", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
-                self.get_item(&v, rest[3])
+                self.get_item(p, &v, rest[3]).await
             }
             (["vaults", _, "backupprotecteditems", _, "backup"], "POST", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
-                self.start_backup(p, &v, rest[3])
+                self.start_backup(p, &v, rest[3]).await
             }
             (["vaults", _, "backupprotecteditems", _, "restore"], "POST", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
-                self.start_restore(p, &v, rest[3], json_body(body)?)
+                self.start_restore(p, &v, rest[3], json_body(body)?).await
             }
             (["vaults", _, "backupprotecteditems", _, "check"], "POST", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
-                self.start_check(p, &v, rest[3], &json_body(body)?)
+                self.start_check(p, &v, rest[3], &json_body(body)?).await
             }
             (["vaults", _, "backupprotecteditems", _, "recoverypoints"], "GET", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;

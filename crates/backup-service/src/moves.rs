@@ -7,9 +7,11 @@
 //! by its id), and a vault with jobs in progress.
 //!
 //! A vault with the platform key moves whole: its ARM resource, its managed identities and
-//! workload bindings (one store transaction, `kagi_vault` `move_service_resource`), and its
-//! folder `<data>/backup/{sub}/{rg}/{name}` (one `rename`). The two cannot be one atomic step,
-//! so a journal makes the pair crash-safe:
+//! workload bindings, its records (state, activity log, jobs, agent registry: service documents
+//! re-keyed to the new id) — one store transaction, `kagi_vault` `move_service_resource` — and
+//! the folder of its blobs `<data>/backup/{sub}/{rg}/{name}` (one `rename`; there may be none,
+//! for a vault that never stored a blob). The two cannot be one atomic step, so a journal makes
+//! the pair crash-safe:
 //!
 //! 1. under the vault's lock, with new jobs refused and none running, the platform key's
 //!    binding is fixed in the state (`pmkBinding`: the key and its entries stay bound to the id
@@ -19,9 +21,9 @@
 //! 4. the folder is renamed (and both parents fsynced), then the journal is removed.
 //!
 //! At start ([`crate::install`]), each journal left behind is finished: when the store has the
-//! vault at its new id, the folder is renamed if it was not yet; otherwise the move never
-//! happened and the journal is dropped. A crash therefore leaves the vault in one place, with
-//! its folder.
+//! vault at its new id, the folder is renamed if it was not yet (the old folder exists and the
+//! new one does not); otherwise the move never happened and the journal is dropped. A crash
+//! therefore leaves the vault in one place, with its records and its folder.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -33,7 +35,7 @@ use kagi_vault::{Platform, Principal};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::state::{VaultState, io, vault_dir, write_atomic};
+use crate::state::{AGENT_REGISTRY, JOB, VaultState, io, vault_dir, write_atomic};
 use crate::vaults::{CmkConfig, activity_entry};
 use crate::{BackupService, VAULT_TYPE};
 
@@ -91,7 +93,7 @@ fn bad(inner: &'static str, message: String) -> KvError {
 
 /// `/subscriptions/{s}/resourceGroups/{g}/providers/Microsoft.RecoveryServices/vaults/{n}`
 /// → (s, g, n).
-fn parse_vault_id(id: &str) -> Result<(String, String, String), KvError> {
+pub(crate) fn parse_vault_id(id: &str) -> Result<(String, String, String), KvError> {
     let segs: Vec<&str> = id.trim_matches('/').split('/').collect();
     match segs.as_slice() {
         [
@@ -117,8 +119,12 @@ fn parse_vault_id(id: &str) -> Result<(String, String, String), KvError> {
 }
 
 /// Renames `from` to `to` durably: the new parent is created, and both parents are fsynced so
-/// the rename survives power loss.
+/// the rename survives power loss. Nothing to do when `from` does not exist (a vault that
+/// never stored a blob has no folder).
 fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+    if !from.exists() {
+        return Ok(());
+    }
     let to_parent = to
         .parent()
         .ok_or_else(|| std::io::Error::other("no parent"))?;
@@ -131,12 +137,11 @@ fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether backup agents are registered to the vault (`agents/registry.json` has machines).
-fn has_agents(dir: &Path) -> bool {
-    std::fs::read(dir.join("agents").join("registry.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .is_some_and(|r| r["machines"].as_object().is_some_and(|m| !m.is_empty()))
+/// Whether backup agents are registered to the vault (its agent registry has machines).
+async fn has_agents(p: &Platform, vault_id: &str) -> Result<bool, KvError> {
+    Ok(p.service_document(vault_id, AGENT_REGISTRY, "")
+        .await?
+        .is_some_and(|r| r["machines"].as_object().is_some_and(|m| !m.is_empty())))
 }
 
 impl BackupService {
@@ -151,9 +156,10 @@ impl BackupService {
         target_rg: &str,
         dry_run: bool,
     ) -> Result<Value, KvError> {
+        self.ready(p).await?;
         let (sub, rg, name) = parse_vault_id(vault_id)?;
         let dir = vault_dir(&self.data_dir, &sub, &rg, &name);
-        let refusals = |body: &Value| -> Result<(), KvError> {
+        let refusals = async |body: &Value| -> Result<(), KvError> {
             if let Some(c) = CmkConfig::of(body) {
                 return Err(bad(
                     "UserErrorCMKEncryptedVaultMoveNotSupported",
@@ -166,7 +172,7 @@ impl BackupService {
                     ),
                 ));
             }
-            if has_agents(&dir) {
+            if has_agents(p, body["id"].as_str().unwrap_or(vault_id)).await? {
                 return Err(bad(
                     "UserErrorVaultHasRegisteredAgents",
                     format!(
@@ -178,7 +184,7 @@ impl BackupService {
             Ok(())
         };
         let body = p.get_service_resource(caller, &sub, &rg, VAULT_TYPE, &name)?;
-        refusals(&body)?;
+        refusals(&body).await?;
         let planned = p
             .move_service_resource(caller, vault_id, target_sub, target_rg, true)
             .await?;
@@ -194,14 +200,15 @@ impl BackupService {
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Under the lock, the vault is as the move will take it.
         let body = p.get_service_resource(caller, &sub, &rg, VAULT_TYPE, &name)?;
-        refusals(&body)?;
-        self.wait_jobs_quiet(&dir, &name).await?;
+        refusals(&body).await?;
         let old_id = body["id"].as_str().unwrap_or(vault_id).to_string();
-        let mut state = VaultState::load(&dir)?
-            .ok_or_else(|| io("move", format!("{} has no state", dir.display())))?;
+        self.wait_jobs_quiet(p, &old_id, &name).await?;
+        let mut state = VaultState::load(p, &old_id)
+            .await?
+            .ok_or_else(|| io("move", format!("{old_id} has no state")))?;
         if state.pmk_binding.is_none() {
             state.pmk_binding = Some(old_id.to_ascii_lowercase());
-            state.save(&dir)?;
+            state.save(p, &old_id).await?;
         }
         let new_id = planned["id"].as_str().unwrap_or_default().to_string();
         let (_, new_rg, _) = parse_vault_id(&new_id)?;
@@ -224,7 +231,7 @@ impl BackupService {
             &jfile,
             &serde_json::to_vec(&journal).map_err(|e| io("journal", e))?,
         )?;
-        // The commit point.
+        // The commit point: the resource, its identities and its records move together.
         let moved = match p
             .move_service_resource(caller, &old_id, target_sub, target_rg, false)
             .await
@@ -245,6 +252,7 @@ impl BackupService {
             dir: new_dir,
         };
         self.log(
+            p,
             &v,
             activity_entry(
                 Some(caller),
@@ -254,14 +262,20 @@ impl BackupService {
                 &format!("Vault moved from {old_id} to {new_id}."),
                 p.now(),
             ),
-        );
+        )
+        .await;
         tracing::info!(from = %old_id, to = %new_id, "backup vault moved");
         Ok(moved)
     }
 
     /// Refuses while a job of the vault runs, and waits (briefly) for jobs that just ended to
-    /// finish writing their last state into the folder.
-    async fn wait_jobs_quiet(&self, dir: &Path, name: &str) -> Result<(), KvError> {
+    /// finish writing their last state (which they write at the vault's old id).
+    async fn wait_jobs_quiet(
+        &self,
+        p: &Platform,
+        vault_id: &str,
+        name: &str,
+    ) -> Result<(), KvError> {
         let busy = || {
             KvError::conflict(format!(
                 "The backup vault '{name}' has jobs in progress; move it when they have ended."
@@ -271,23 +285,20 @@ impl BackupService {
         for _ in 0..60 {
             if self
                 .jobs
-                .list(dir)
+                .list(p, vault_id)
+                .await?
                 .iter()
                 .any(|j| j["status"] == "InProgress")
             {
                 return Err(busy());
             }
-            // The listing rewrote interrupted jobs; what is still InProgress on disk is a job
-            // of this process writing its final state.
-            let writing = std::fs::read_dir(dir.join("jobs"))
-                .map(|rd| {
-                    rd.filter_map(Result::ok)
-                        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-                        .filter_map(|e| std::fs::read(e.path()).ok())
-                        .filter_map(|b| serde_json::from_slice::<Value>(&b).ok())
-                        .any(|j| j["status"] == "InProgress")
-                })
-                .unwrap_or(false);
+            // The listing rewrote interrupted jobs; what is still InProgress in the store is a
+            // job of this process writing its final state.
+            let writing = p
+                .service_documents(vault_id, JOB)
+                .await?
+                .iter()
+                .any(|(_, j)| j["status"] == "InProgress");
             if !writing {
                 return Ok(());
             }
@@ -327,7 +338,8 @@ impl BackupService {
                 continue;
             };
             if p.service_resource(&j.to_id).is_some() {
-                let done = j.to_dir.join("state.json").exists();
+                // The records moved with the resource; only the folder may be left to rename.
+                let done = j.to_dir.exists();
                 if !done && j.from_dir.exists() {
                     if let Err(err) = rename_durably(&j.from_dir, &j.to_dir) {
                         tracing::error!(error = %err, from = %j.from_id, to = %j.to_id, "backup vault move not finished");

@@ -6,27 +6,15 @@
 //! stay — pruning is not done yet). A sweep runs at start (catching up on what fell due while
 //! kagi was down, once per item, not once per missed interval) and then every minute.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use kagi_vault::Platform;
 use serde_json::json;
 
-use crate::state::VaultState;
+use crate::state::{VaultState, vault_dir};
 use crate::vaults::{VaultCtx, activity_entry};
 use crate::{BackupService, VAULT_TYPE};
-
-fn subdirs(d: &Path) -> Vec<String> {
-    std::fs::read_dir(d)
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// Runs [`BackupService::run_schedules`] at start and then every `every`.
 pub fn spawn_scheduler(platform: Arc<Platform>, every: Duration) -> tokio::task::JoinHandle<()> {
@@ -46,32 +34,29 @@ impl BackupService {
     /// Runs every scheduled backup that is due (one after the other, each a Backup job),
     /// then its retention. Returns the number of backup jobs run.
     pub async fn run_schedules(self: &Arc<Self>, p: &Arc<Platform>) -> usize {
-        let root = self.data_dir.join("backup");
+        if let Err(e) = self.ready(p).await {
+            tracing::error!(error = %e.message, "scheduled backups skipped: records not imported");
+            return 0;
+        }
         let mut ran = 0;
-        for sub in subdirs(&root) {
-            for rg in subdirs(&root.join(&sub)) {
-                for name in subdirs(&root.join(&sub).join(&rg)) {
-                    let dir = root.join(&sub).join(&rg).join(&name);
-                    let id = format!(
-                        "/subscriptions/{sub}/resourceGroups/{rg}/providers/{VAULT_TYPE}/{name}"
-                    );
-                    let Some(body) = p.service_resource(&id) else {
-                        continue;
-                    };
-                    let v = VaultCtx {
-                        id: body["id"].as_str().unwrap_or(&id).to_string(),
-                        body,
-                        dir,
-                    };
-                    ran += self.run_vault_schedules(p, &v).await;
-                }
+        for body in p.service_resources_of_type(VAULT_TYPE) {
+            let id = body["id"].as_str().unwrap_or_default().to_string();
+            let Ok((sub, rg, name)) = crate::moves::parse_vault_id(&id) else {
+                continue;
+            };
+            let dir = vault_dir(&self.data_dir, &sub, &rg, &name);
+            // A vault being moved starts nothing; its schedule resumes at its new place.
+            if crate::moves::is_moving(&dir) {
+                continue;
             }
+            let v = VaultCtx { id, body, dir };
+            ran += self.run_vault_schedules(p, &v).await;
         }
         ran
     }
 
     async fn run_vault_schedules(self: &Arc<Self>, p: &Arc<Platform>, v: &VaultCtx) -> usize {
-        let due: Vec<String> = match VaultState::load(&v.dir) {
+        let due: Vec<String> = match VaultState::load(p, &v.id).await {
             Ok(Some(s)) => s
                 .items
                 .iter()
@@ -86,7 +71,7 @@ impl BackupService {
             let item = {
                 let lock = self.vault_lock(&v.dir.display().to_string());
                 let _g = lock.lock().await;
-                let Ok(Some(mut s)) = VaultState::load(&v.dir) else {
+                let Ok(Some(mut s)) = VaultState::load(p, &v.id).await else {
                     continue;
                 };
                 let Some(i) = s.items.get_mut(&name) else {
@@ -97,12 +82,12 @@ impl BackupService {
                 }
                 i.last_scheduled = p.now();
                 let item = i.clone();
-                if s.save(&v.dir).is_err() {
+                if s.save(p, &v.id).await.is_err() {
                     continue;
                 }
                 item
             };
-            let Ok(job) = self.jobs.start(&v.id, &v.dir, "Backup", &name, p.now()) else {
+            let Ok(job) = self.jobs.start(p, &v.id, "Backup", &name, p.now()).await else {
                 continue;
             };
             ran += 1;
@@ -120,9 +105,10 @@ impl BackupService {
             }
             .await;
             match r {
-                Ok(stats) => job.complete(p.now(), stats),
+                Ok(stats) => job.complete(p.now(), stats).await,
                 Err(e) => {
                     self.log(
+                        p,
                         v,
                         activity_entry(
                             None,
@@ -132,8 +118,9 @@ impl BackupService {
                             &format!("Scheduled backup of '{name}': {}", e.message),
                             p.now(),
                         ),
-                    );
-                    job.fail(p.now(), &e);
+                    )
+                    .await;
+                    job.fail(p.now(), &e).await;
                 }
             }
         }

@@ -1,25 +1,45 @@
-//! What a backup vault keeps besides its ARM resource, under
-//! `<data>/backup/{subscription}/{resource group}/{vault}/` (lower-case):
+//! What a backup vault keeps besides its ARM resource.
 //!
-//! - `state.json` (0600, replaced atomically: write, fsync, rename, fsync the folder): the
-//!   platform key sealed under the root key, the "protection was attempted" flag of BK-2, the
-//!   key version in use, the protected items;
-//! - `activity.jsonl`: the activity log (X-1), one JSON object a line, fsynced per entry;
-//! - `jobs/{id}.json`: every job's last state (X-2);
-//! - `items/{item}/`: one backup repository per protected item (docs/BACKUP_FORMAT.md).
+//! Records (in the store, through kagi-vault's `Platform` service documents and activity log,
+//! keyed by the vault's lower-case id; SQLite by default — docs/FORMATS.md, "Service
+//! documents"):
 //!
-//! A resource move renames the folder to the vault's new place (`moves`); the platform key stays
-//! bound to the id the vault was created with (`pmkBinding`).
+//! - document `state` ([`STATE`], name empty): [`VaultState`] as JSON — the platform key
+//!   sealed under the root key, the "protection was attempted" flag of BK-2, the key version in
+//!   use, the protected items;
+//! - the activity log (X-1): one JSON entry per row, numbered in commit order;
+//! - documents `job` ([`JOB`], name: the job id): every job's last state (X-2, `jobs`);
+//! - document `agent-registry` ([`AGENT_REGISTRY`], name empty): vault-credential hashes and
+//!   registered machines (`agents`).
+//!
+//! Each write is one store transaction, durable before it returns. They go with the vault when
+//! it is deleted and follow it when it moves, in the store transaction that deletes or moves
+//! its resource.
+//!
+//! Blobs stay in the vault's folder `<data>/backup/{subscription}/{resource group}/{vault}/`
+//! (lower-case), as object-store prefixes: `items/{item}/`, one backup repository per
+//! protected item (docs/BACKUP_FORMAT.md), and `agents/machines/{machine}/`, the objects of
+//! backup agents. A resource move renames the folder to the vault's new place (`moves`); the
+//! platform key stays bound to the id the vault was created with (`pmkBinding`).
+//!
+//! An earlier kagi kept the records as files in the folder (`state.json`, `activity.jsonl`,
+//! `jobs/{id}.json`, `agents/registry.json`): [`import_legacy`] moves them into the store once,
+//! before the service serves anything, and renames each file `*.imported`.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use kagi_core::KvError;
+use kagi_vault::Platform;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// Document kind of a vault's [`VaultState`] (name empty).
+pub const STATE: &str = "state";
+/// Document kind of a job (name: the job id).
+pub const JOB: &str = "job";
+/// Document kind of a vault's agent registry (name empty).
+pub const AGENT_REGISTRY: &str = "agent-registry";
 
 /// A protected folder.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -78,7 +98,7 @@ pub(crate) fn io(context: &str, e: impl std::fmt::Display) -> KvError {
     KvError::internal()
 }
 
-/// The folder of a vault.
+/// The folder of a vault's blobs.
 pub fn vault_dir(data: &Path, sub: &str, rg: &str, name: &str) -> PathBuf {
     data.join("backup")
         .join(sub.to_ascii_lowercase())
@@ -86,54 +106,393 @@ pub fn vault_dir(data: &Path, sub: &str, rg: &str, name: &str) -> PathBuf {
         .join(name.to_ascii_lowercase())
 }
 
-/// Writes `bytes` to `path` atomically and durably.
+/// Writes `bytes` to `path` atomically and durably (move journals).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KvError> {
-    kagi_store::file::write_atomically(path, bytes, 0o600).map_err(|e| io("write state", e))
+    kagi_store::file::write_atomically(path, bytes, 0o600).map_err(|e| io("write file", e))
 }
 
 impl VaultState {
-    /// Loads the state of a vault (`None` when it has none).
-    pub fn load(dir: &Path) -> Result<Option<Self>, KvError> {
-        match fs::read(dir.join("state.json")) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| io("parse state", e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io("read state", e)),
-        }
+    /// Loads the state of the vault `vault_id` (`None` when it has none).
+    pub async fn load(p: &Platform, vault_id: &str) -> Result<Option<Self>, KvError> {
+        p.service_document(vault_id, STATE, "")
+            .await?
+            .map(|v| serde_json::from_value(v).map_err(|e| io("parse state", e)))
+            .transpose()
     }
 
-    /// Stores the state durably.
-    pub fn save(&self, dir: &Path) -> Result<(), KvError> {
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| io("state json", e))?;
-        write_atomic(&dir.join("state.json"), &bytes)
+    /// Stores the state of the vault `vault_id` (durable when this returns).
+    pub async fn save(&self, p: &Platform, vault_id: &str) -> Result<(), KvError> {
+        let v = serde_json::to_value(self).map_err(|e| io("state json", e))?;
+        p.put_service_document(vault_id, STATE, "", &v).await
     }
 }
 
-/// Appends one entry to a vault's activity log (fsynced).
-pub fn log_activity(dir: &Path, entry: &Value) -> Result<(), KvError> {
-    fs::create_dir_all(dir).map_err(|e| io("mkdir", e))?;
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(dir.join("activity.jsonl"))
-        .map_err(|e| io("activity log", e))?;
-    let mut line = entry.to_string();
-    line.push('\n');
-    f.write_all(line.as_bytes())
-        .map_err(|e| io("activity log", e))?;
-    f.sync_data().map_err(|e| io("activity log", e))
+/// Appends one entry to a vault's activity log (durable when this returns).
+pub async fn log_activity(p: &Platform, vault_id: &str, entry: &Value) -> Result<(), KvError> {
+    p.append_service_activity(vault_id, entry).await
 }
 
 /// The activity log of a vault, oldest first.
-pub fn read_activity(dir: &Path) -> Result<Vec<Value>, KvError> {
-    match fs::read_to_string(dir.join("activity.jsonl")) {
-        Ok(s) => Ok(s
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(io("read activity", e)),
+pub async fn read_activity(p: &Platform, vault_id: &str) -> Result<Vec<Value>, KvError> {
+    p.service_activity(vault_id).await
+}
+
+/// The names of the sub-folders of `d` (none when it cannot be read).
+pub(crate) fn subdirs(d: &Path) -> Vec<String> {
+    std::fs::read_dir(d)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Unix seconds of an RFC 3339 UTC time as kagi writes them (`2026-11-24T09:00:00Z`, or with
+/// fractional seconds); `None` for anything else.
+fn unix_of_rfc3339(t: &str) -> Option<i64> {
+    let b = t.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || !t.ends_with('Z') {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| t.get(r)?.parse::<i64>().ok();
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    // Days from the civil date (proleptic Gregorian), H. Hinnant's algorithm.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hh * 3600 + mm * 60 + ss)
+}
+
+/// Sets an imported file aside as `{name}.imported`.
+fn set_aside(file: &Path) {
+    let mut to = file.as_os_str().to_os_string();
+    to.push(".imported");
+    if let Err(e) = std::fs::rename(file, &to) {
+        // Importing it again at the next start changes nothing; only the rename is retried.
+        tracing::error!(error = %e, file = %file.display(), "imported file not set aside");
+    }
+}
+
+fn read_json(file: &Path) -> Option<Value> {
+    let bytes = match std::fs::read(file) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::error!(error = %e, file = %file.display(), "legacy file unreadable; left in place");
+            return None;
+        }
+    };
+    match serde_json::from_slice(&bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, file = %file.display(), "legacy file unparsable; left in place");
+            None
+        }
+    }
+}
+
+/// Imports the records an earlier kagi kept as files under `<data>/backup/**` into the store
+/// (one transaction per vault), then renames each imported file `*.imported`. Only folders of
+/// vaults that exist are imported (others belong to nothing and are left alone); a file that
+/// cannot be read or parsed is left in place and logged. Documents already in the store win
+/// over the files, so a crash between the import and the renames only repeats a no-op.
+/// Returns the number of vaults imported.
+pub(crate) async fn import_legacy(p: &Platform, data: &Path) -> Result<usize, KvError> {
+    let root = data.join("backup");
+    let mut imported = 0;
+    for sub in subdirs(&root) {
+        for rg in subdirs(&root.join(&sub)) {
+            for name in subdirs(&root.join(&sub).join(&rg)) {
+                let dir = root.join(&sub).join(&rg).join(&name);
+                let id = format!(
+                    "/subscriptions/{sub}/resourceGroups/{rg}/providers/{}/{name}",
+                    crate::VAULT_TYPE
+                );
+                if import_vault(p, &id, &dir).await? {
+                    imported += 1;
+                }
+            }
+        }
+    }
+    if imported > 0 {
+        tracing::info!(
+            vaults = imported,
+            "backup vault records imported into the store"
+        );
+    }
+    Ok(imported)
+}
+
+async fn import_vault(p: &Platform, id: &str, dir: &Path) -> Result<bool, KvError> {
+    let mut documents = Vec::new();
+    let mut done = Vec::new();
+    for (file, kind) in [
+        (dir.join("state.json"), STATE),
+        (dir.join("agents").join("registry.json"), AGENT_REGISTRY),
+    ] {
+        if let Some(v) = read_json(&file) {
+            documents.push((kind.to_string(), String::new(), v));
+            done.push(file);
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(dir.join("jobs")) {
+        for e in rd.filter_map(Result::ok) {
+            let file_name = e.file_name().to_string_lossy().to_string();
+            let Some(job) = file_name.strip_suffix(".json") else {
+                continue;
+            };
+            if let Some(v) = read_json(&e.path()) {
+                documents.push((JOB.to_string(), job.to_ascii_lowercase(), v));
+                done.push(e.path());
+            }
+        }
+    }
+    let log = dir.join("activity.jsonl");
+    let mut activity = Vec::new();
+    match std::fs::read_to_string(&log) {
+        Ok(text) => {
+            // As the file was read: lines that do not parse (a torn last line) are skipped.
+            activity = text
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .map(|v| {
+                    let at = v["eventTimestamp"]
+                        .as_str()
+                        .and_then(unix_of_rfc3339)
+                        .unwrap_or(0);
+                    (at, v)
+                })
+                .collect();
+            done.push(log);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::error!(error = %e, file = %log.display(), "legacy file unreadable; left in place")
+        }
+    }
+    if done.is_empty() {
+        return Ok(false);
+    }
+    if p.service_resource(id).is_none() {
+        tracing::warn!(folder = %dir.display(), "legacy backup vault files of no existing vault left in place");
+        return Ok(false);
+    }
+    p.import_service_data(id, &documents, &activity).await?;
+    for f in &done {
+        set_aside(f);
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use kagi_core::time::SystemClock;
+    use kagi_vault::{Platform, PlatformConfig, Principal, ResourceGroupInput};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    #[test]
+    fn rfc3339_times_read_back() {
+        for t in [0, 1, 951_782_400, 1_893_456_000, 1_767_225_600 + 86_399] {
+            assert_eq!(
+                unix_of_rfc3339(&kagi_core::time::rfc3339(t)),
+                Some(t),
+                "{t}"
+            );
+        }
+        assert_eq!(
+            unix_of_rfc3339("2026-01-31T09:00:00.123Z"),
+            Some(1_769_850_000)
+        );
+        assert_eq!(unix_of_rfc3339("yesterday"), None);
+        assert_eq!(unix_of_rfc3339("2026-13-01T00:00:00Z"), None);
+    }
+
+    struct Env {
+        dir: tempfile::TempDir,
+        p: Arc<Platform>,
+        admin: Principal,
+        sub: String,
+    }
+
+    async fn env() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let config = PlatformConfig {
+            data_dir: dir.path().to_path_buf(),
+            dns_suffix: "localhost".into(),
+            port: 8443,
+        };
+        let (p, creds) = Platform::open(config, Arc::new(SystemClock)).await.unwrap();
+        let creds = creds.unwrap();
+        let form: HashMap<String, String> = [
+            ("grant_type", "client_credentials".to_string()),
+            ("client_id", creds.client_id.clone()),
+            ("client_secret", creds.client_secret.clone()),
+            ("scope", format!("{}/.default", p.config().authority())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let grant = p.client_credentials(&creds.tenant_id, &form).await.unwrap();
+        let admin = p.authenticate(&grant.access_token).unwrap();
+        let sub = creds.subscription_id.clone();
+        p.put_resource_group(
+            &admin,
+            &sub,
+            "rg1",
+            ResourceGroupInput {
+                location: "westeurope".into(),
+                tags: None,
+            },
+        )
+        .await
+        .unwrap();
+        Env {
+            dir,
+            p: Arc::new(p),
+            admin,
+            sub,
+        }
+    }
+
+    impl Env {
+        fn vault_id(&self, name: &str) -> String {
+            format!(
+                "/subscriptions/{}/resourceGroups/rg1/providers/{}/{name}",
+                self.sub,
+                crate::VAULT_TYPE
+            )
+        }
+
+        async fn call(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
+            let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+            let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+            let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+            let body = if body.is_null() {
+                Vec::new()
+            } else {
+                body.to_string().into_bytes()
+            };
+            match crate::handle(&self.p, &self.admin, method, &segs, &l, &body).await {
+                Ok(r) => r,
+                Err(e) => (
+                    e.code.status(),
+                    json!({"code": e.inner, "message": e.message}),
+                ),
+            }
+        }
+    }
+
+    /// A data directory of an earlier kagi: its records are imported once, at the first
+    /// request, the files set aside as `*.imported`; a second start changes nothing; deleting
+    /// the vault deletes its records.
+    #[tokio::test]
+    async fn legacy_files_are_imported_once_and_go_with_the_vault() {
+        let e = env().await;
+        let id = e.vault_id("bv1");
+        let (st, v) = e.call("PUT", &id, json!({"location": "westeurope"})).await;
+        assert_eq!(st, 201, "{v}");
+        let pmk = VaultState::load(&e.p, &id)
+            .await
+            .unwrap()
+            .unwrap()
+            .pmk_sealed;
+        // As an earlier kagi left it: nothing in the store, everything in files.
+        e.p.clear_service_data(&id).await.unwrap();
+        let dir = vault_dir(e.dir.path(), &e.sub, "rg1", "bv1");
+        let src = e.dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let state = json!({"pmkSealed": pmk, "protectionAttempted": true, "currentKid": null,
+            "resolvedAt": 0, "items": {"docs": {"sourcePath": src, "created": 5}}});
+        std::fs::create_dir_all(dir.join("jobs")).unwrap();
+        std::fs::create_dir_all(dir.join("agents")).unwrap();
+        std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+        let first = json!({"eventTimestamp": "2026-01-31T09:00:00Z", "message": "one"});
+        let second = json!({"eventTimestamp": "2026-01-31T09:00:01Z", "message": "two"});
+        std::fs::write(
+            dir.join("activity.jsonl"),
+            format!("{first}\n{second}\n{{\"torn"),
+        )
+        .unwrap();
+        let job_id = "0b8c1f9e-6a58-4c3e-9d6f-2f1e3b7a5c4d";
+        let job = json!({"id": format!("{id}/backupJobs/{job_id}"), "name": job_id,
+            "operation": "Backup", "status": "Completed", "startTime": "2026-01-31T09:00:00Z"});
+        std::fs::write(
+            dir.join("jobs").join(format!("{job_id}.json")),
+            job.to_string(),
+        )
+        .unwrap();
+        let registry = json!({"credentials": [], "machines": {"m1": {"name": "M1",
+            "secretSha256": "00", "registered": 1}}});
+        std::fs::write(dir.join("agents/registry.json"), registry.to_string()).unwrap();
+        // A folder of no vault: left alone.
+        let orphan = vault_dir(e.dir.path(), &e.sub, "rg1", "gone");
+        std::fs::create_dir_all(&orphan).unwrap();
+        std::fs::write(orphan.join("state.json"), "{}").unwrap();
+
+        for round in 0..2 {
+            // A new start: a fresh service over the same platform.
+            crate::install(&e.p, crate::ServiceConfig::default());
+            let (st, items) = e
+                .call("GET", &format!("{id}/backupProtectedItems"), Value::Null)
+                .await;
+            assert_eq!(st, 200, "{items}");
+            assert_eq!(items["value"][0]["name"], "docs", "round {round}: {items}");
+            let (_, log) = e
+                .call("GET", &format!("{id}/activityLog"), Value::Null)
+                .await;
+            assert_eq!(log["value"], json!([first, second]), "round {round}");
+            let (_, jobs) = e
+                .call("GET", &format!("{id}/backupJobs"), Value::Null)
+                .await;
+            assert_eq!(jobs["value"], json!([job]), "round {round}");
+            let reg = e.p.service_document(&id, AGENT_REGISTRY, "").await.unwrap();
+            assert_eq!(reg, Some(registry.clone()));
+        }
+        for f in ["state.json", "activity.jsonl", "agents/registry.json"] {
+            assert!(!dir.join(f).exists(), "{f}");
+            assert!(dir.join(format!("{f}.imported")).exists(), "{f}");
+        }
+        assert!(dir.join(format!("jobs/{job_id}.json.imported")).exists());
+        assert!(orphan.join("state.json").exists());
+
+        // Deleting the vault deletes its records with its resource (after its agents and
+        // items are gone, which the service requires).
+        e.p.put_service_document(
+            &id,
+            AGENT_REGISTRY,
+            "",
+            &json!({"credentials": [], "machines": {}}),
+        )
+        .await
+        .unwrap();
+        let mut s = VaultState::load(&e.p, &id).await.unwrap().unwrap();
+        s.items.clear();
+        s.save(&e.p, &id).await.unwrap();
+        let (st, v) = e.call("DELETE", &id, Value::Null).await;
+        assert_eq!(st, 200, "{v}");
+        assert!(VaultState::load(&e.p, &id).await.unwrap().is_none());
+        assert!(read_activity(&e.p, &id).await.unwrap().is_empty());
+        assert!(e.p.service_documents(&id, JOB).await.unwrap().is_empty());
+        assert!(
+            e.p.service_document(&id, AGENT_REGISTRY, "")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }

@@ -23,6 +23,11 @@ use serde_json::{Value, json};
 
 use crate::keyvault::{KeyUri, bad, key_unusable, parse_key_uri};
 use crate::state::{VaultState, log_activity, read_activity, vault_dir};
+
+/// A backup vault's id from its subscription, group and name (the store lower-cases it).
+pub(crate) fn vault_id(sub: &str, rg: &str, name: &str) -> String {
+    format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{VAULT_TYPE}/{name}")
+}
 use crate::{BackupService, VAULT_TYPE};
 
 /// A vault as a request sees it.
@@ -32,19 +37,18 @@ pub(crate) struct VaultCtx {
     pub id: String,
     /// The resource body.
     pub body: Value,
-    /// Its folder.
+    /// The folder of its blobs.
     pub dir: PathBuf,
 }
 
 impl VaultCtx {
     /// The id the vault's platform key and its key entries are bound to: the id it was
     /// created with (recorded in its state by its first move), which a move does not change.
-    pub(crate) fn key_binding(&self) -> String {
-        VaultState::load(&self.dir)
-            .ok()
-            .flatten()
+    pub(crate) async fn key_binding(&self, p: &Platform) -> Result<String, KvError> {
+        Ok(VaultState::load(p, &self.id)
+            .await?
             .and_then(|s| s.pmk_binding)
-            .unwrap_or_else(|| self.id.clone())
+            .unwrap_or_else(|| self.id.clone()))
     }
 }
 
@@ -144,7 +148,7 @@ impl BackupService {
     /// BK-9: refuses to use a customer-managed key configured in another tenant than the one
     /// the vault's subscription is in now (its subscription was moved to another directory);
     /// the refusal names the cause and the fix and is written to the activity log.
-    pub(crate) fn check_cmk_tenant(
+    pub(crate) async fn check_cmk_tenant(
         &self,
         p: &Platform,
         v: &VaultCtx,
@@ -179,6 +183,7 @@ impl BackupService {
             ),
         );
         self.log(
+            p,
             v,
             activity_entry(
                 None,
@@ -188,18 +193,19 @@ impl BackupService {
                 &e.message,
                 p.now(),
             ),
-        );
+        )
+        .await;
         Err(e)
     }
 
     /// Writes an activity-log entry (failures to write are logged, never answered).
-    pub(crate) fn log(&self, v: &VaultCtx, entry: Value) {
-        if let Err(e) = log_activity(&v.dir, &entry) {
+    pub(crate) async fn log(&self, p: &Platform, v: &VaultCtx, entry: Value) {
+        if let Err(e) = log_activity(p, &v.id, &entry).await {
             tracing::error!(error = %e, vault = %v.id, "activity log not written");
         }
     }
 
-    pub(crate) fn activity(
+    pub(crate) async fn activity(
         &self,
         p: &Platform,
         caller: &Principal,
@@ -208,7 +214,7 @@ impl BackupService {
         name: &str,
     ) -> Result<(u16, Value), KvError> {
         let v = self.vault_ctx(p, caller, sub, rg, name)?;
-        Ok((200, json!({"value": read_activity(&v.dir)?})))
+        Ok((200, json!({"value": read_activity(p, &v.id).await?})))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -234,8 +240,11 @@ impl BackupService {
                 format!("The backup vault '{name}' was not found."),
             ));
         }
+        let vault_id_hint = vault_id(sub, rg, name);
         let mut state = match &existing {
-            Some(_) => VaultState::load(&dir)?.unwrap_or_default(),
+            Some(_) => VaultState::load(p, &vault_id_hint)
+                .await?
+                .unwrap_or_default(),
             None => VaultState::default(),
         };
         let old_cmk = existing.as_ref().and_then(CmkConfig::of);
@@ -251,9 +260,7 @@ impl BackupService {
                     user_assigned: identity_choice(&e["kekIdentity"]),
                 }),
         };
-        let vault_id_hint =
-            format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{VAULT_TYPE}/{name}");
-        let refuse = |e: KvError| -> KvError {
+        let refuse = async |e: KvError| -> KvError {
             if existing.is_some() {
                 let v = VaultCtx {
                     id: vault_id_hint.clone(),
@@ -261,6 +268,7 @@ impl BackupService {
                     dir: dir.clone(),
                 };
                 self.log(
+                    p,
                     &v,
                     activity_entry(
                         Some(caller),
@@ -270,7 +278,8 @@ impl BackupService {
                         &e.message,
                         p.now(),
                     ),
-                );
+                )
+                .await;
             }
             e
         };
@@ -280,7 +289,8 @@ impl BackupService {
                 "CannotDisableCustomerManagedKey",
                 "Encryption with a customer-managed key cannot be turned off once enabled; the \
                  key can be changed (set properties.encryption.keyVaultProperties.keyUri).",
-            )));
+            ))
+            .await);
         }
         // BK-9: after a tenant move, setting the key again (even the same URI) re-validates it
         // with the identity of the new tenant and records that tenant.
@@ -301,7 +311,8 @@ impl BackupService {
                      was ever protected or registered (not even a failed attempt); '{name}' already \
                      had items. Create a new vault for CMK."
                 ),
-            )));
+            ))
+            .await);
         }
         // BK-8: at creation, only a user-assigned identity can have been granted access.
         if let Some(c) = &new_cmk
@@ -344,7 +355,8 @@ impl BackupService {
                          removed from the vault while the key uses it.",
                         c.describe_identity(existing.as_ref().unwrap_or(&Value::Null))
                     ),
-                )));
+                ))
+                .await);
             }
         }
         // X-3, BK-10: a Deny policy assignment at the subscription or group refuses the vault
@@ -357,9 +369,9 @@ impl BackupService {
             candidate["properties"]["encryption"] =
                 json!({"keyVaultProperties": {"keyUri": c.key_uri}});
         }
-        if let Some(e) = p.policy_deny(&vault_id_hint, &candidate)? {
+        if let Some(e) = p.policy_deny(&vault_id_hint, &candidate).await? {
             tracing::warn!(vault = %vault_id_hint, "{}", e.message);
-            return Err(refuse(e));
+            return Err(refuse(e).await);
         }
         let location = input["location"].as_str().map(str::to_string).or_else(|| {
             existing
@@ -383,9 +395,11 @@ impl BackupService {
                 pmk_sealed: kagi_core::b64::encode(&sealed),
                 ..VaultState::default()
             };
-            // A vault of the same name deleted earlier leaves nothing behind.
+            // A vault of the same name deleted earlier leaves nothing behind (nor does a
+            // creation of it that failed half-way).
             let _ = std::fs::remove_dir_all(&dir);
-            state.save(&dir)?;
+            p.clear_service_data(&vault_id_hint).await?;
+            state.save(p, &vault_id_hint).await?;
         }
         let (status, stored) = p
             .put_service_resource(
@@ -404,6 +418,7 @@ impl BackupService {
             dir: dir.clone(),
         };
         self.log(
+            p,
             &v,
             activity_entry(
                 Some(caller),
@@ -417,7 +432,8 @@ impl BackupService {
                 },
                 p.now(),
             ),
-        );
+        )
+        .await;
         if !cmk_changes {
             return Ok((status, stored));
         }
@@ -427,12 +443,14 @@ impl BackupService {
         // Step 2: the key, checked by really calling the key vault with the identity (BK-4).
         let job = self
             .jobs
-            .start(&v.id, &dir, "ConfigureEncryption", name, p.now())?;
+            .start(p, &v.id, "ConfigureEncryption", name, p.now())
+            .await?;
         let kid = match self.validate_cmk(p, &v, &cmk).await {
             Ok(kid) => kid,
             Err(e) => {
-                job.fail(p.now(), &e);
+                job.fail(p.now(), &e).await;
                 self.log(
+                    p,
                     &v,
                     activity_entry(
                         Some(caller),
@@ -442,7 +460,8 @@ impl BackupService {
                         &e.message,
                         p.now(),
                     ),
-                );
+                )
+                .await;
                 if existing.is_none() {
                     let _ = p
                         .delete_service_resource(caller, sub, rg, VAULT_TYPE, name)
@@ -466,16 +485,17 @@ impl BackupService {
         let (_, stored) = p
             .put_service_resource(caller, sub, rg, VAULT_TYPE, name, body, None)
             .await?;
-        let mut state = VaultState::load(&dir)?.unwrap_or(state);
+        let mut state = VaultState::load(p, &v.id).await?.unwrap_or(state);
         state.current_kid = Some(kid.clone());
         state.resolved_at = p.now();
         state.cmk_tenant_id = current_tenant.clone();
-        state.save(&dir)?;
+        state.save(p, &v.id).await?;
         let v = VaultCtx {
             body: stored.clone(),
             ..v
         };
         self.log(
+            p,
             &v,
             activity_entry(
                 Some(caller),
@@ -489,7 +509,8 @@ impl BackupService {
                 ),
                 p.now(),
             ),
-        );
+        )
+        .await;
         let svc = self.clone();
         let p2 = p.clone();
         let items: Vec<String> = state.items.keys().cloned().collect();
@@ -501,7 +522,7 @@ impl BackupService {
                 match svc.rewrap_item(&p2, &v, item).await {
                     Ok(n) => written += n,
                     Err(e) => {
-                        job.fail(p2.now(), &e);
+                        job.fail(p2.now(), &e).await;
                         return;
                     }
                 }
@@ -510,7 +531,8 @@ impl BackupService {
             job.complete(
                 p2.now(),
                 json!({"itemsRewrapped": total, "keyEntriesWritten": written}),
-            );
+            )
+            .await;
         });
         Ok((status, stored))
     }
@@ -664,7 +686,7 @@ impl BackupService {
         {
             return Ok((204, Value::Null));
         }
-        if let Some(s) = VaultState::load(&dir)?
+        if let Some(s) = VaultState::load(p, &vault_id(sub, rg, name)).await?
             && !s.items.is_empty()
         {
             return Err(KvError::conflict(format!(
@@ -673,6 +695,19 @@ impl BackupService {
             ))
             .with_inner("VaultHasProtectedItems"));
         }
+        // Registered machines keep their backups here: deleting would destroy them silently.
+        let machines = crate::agents::registered_machines(p, &vault_id(sub, rg, name)).await?;
+        if !machines.is_empty() {
+            return Err(KvError::conflict(format!(
+                "The backup vault '{name}' has {} registered backup agent(s) ({}); their backups \
+                 would be lost. Unregister them first.",
+                machines.len(),
+                machines.join(", ")
+            ))
+            .with_inner("VaultHasRegisteredAgents"));
+        }
+        // Its documents and activity log go in the store transaction that deletes it; its
+        // blobs after.
         let status = p
             .delete_service_resource(caller, sub, rg, VAULT_TYPE, name)
             .await?;

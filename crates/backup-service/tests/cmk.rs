@@ -3,134 +3,46 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use kagi_core::time::TestClock;
-use kagi_http::tls::{LocalCa, SniResolver};
-use kagi_vault::{BootstrapAdmin, Platform, PlatformConfig};
+use kagi_testkit::{BackupKeys, Options, TestServer};
 use serde_json::{Value, json};
 
-const API: &str = "api-version=7.5";
-const ARM: &str = "api-version=2023-07-01";
+/// The shared harness, with this file's resources (resource group `rg1` and what is in it).
+struct Server(TestServer);
 
-struct Server {
-    port: u16,
-    addr: SocketAddr,
-    admin: BootstrapAdmin,
-    ca_pem: String,
-    task: tokio::task::JoinHandle<Result<(), kagi_http::ServeError>>,
-    dir: tempfile::TempDir,
-    token: String,
-    c: reqwest::Client,
-    platform: Arc<Platform>,
-    clock: Arc<TestClock>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
+impl Deref for Server {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.0
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+impl DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut TestServer {
+        &mut self.0
+    }
 }
 
+/// A server whose backup service keeps data keys `cache` long and polls key versions every
+/// `poll`; the administrator logged in.
 async fn start(cache: Duration, poll: Duration) -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = PlatformConfig {
-        data_dir: dir.path().to_path_buf(),
-        dns_suffix: "localhost".into(),
-        port,
-    };
-    let clock = Arc::new(TestClock::new());
-    let (platform, admin) = Platform::open(config, clock.clone()).await.unwrap();
-    let admin = admin.unwrap();
-    let ca = LocalCa::load_or_create(&platform, dir.path()).unwrap();
-    let ca_pem = ca.cert_pem.clone();
-    let resolver = SniResolver::new(ca, "localhost");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let platform = Arc::new(platform);
-    kagi_backup_service::install(
-        &platform,
-        kagi_backup_service::ServiceConfig {
-            key_cache_lifetime: cache,
-            key_poll_interval: poll,
-            connect: Some(addr),
-        },
-    );
-    let audit = Arc::new(kagi_audit::AuditLog::open(dir.path()).unwrap());
-    let served = platform.clone();
-    let task =
-        tokio::spawn(async move { kagi_http::serve(served, audit, &[addr], resolver).await });
-    for _ in 0..1000 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut b = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
-        .no_proxy();
-    for host in [
-        "localhost",
-        "kv1.localhost",
-        "kv2.localhost",
-        "kvsoft.localhost",
-    ] {
-        b = b.resolve(host, addr);
-    }
-    let c = b.build().unwrap();
-    let mut s = Server {
-        port,
-        addr,
-        admin,
-        ca_pem,
-        task,
-        dir,
-        token: String::new(),
-        c,
-        platform,
-        clock,
-    };
-    s.login().await;
-    let _ = (&s.addr, &s.ca_pem);
-    s
+    Server(
+        TestServer::start(Options {
+            backup_service: Some(BackupKeys {
+                key_cache_lifetime: cache,
+                key_poll_interval: poll,
+            }),
+            ..Options::default()
+        })
+        .await,
+    )
 }
 
 impl Server {
-    /// Gets a fresh token (after the test clock moved past the last one's lifetime).
-    async fn login(&mut self) {
-        let s = self;
-        let port = s.port;
-        let r: Value =
-            s.c.post(format!(
-                "https://localhost:{port}/{}/oauth2/v2.0/token",
-                s.admin.tenant_id
-            ))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", s.admin.client_id.as_str()),
-                ("client_secret", s.admin.client_secret.as_str()),
-                ("scope", &format!("https://localhost:{port}/.default")),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        s.token = r["access_token"].as_str().unwrap().to_string();
-    }
     async fn rp_names(&self, item: &str) -> Vec<String> {
         let (st, r) = self
             .arm("GET", &format!("{item}/recoveryPoints"), None)
@@ -154,33 +66,6 @@ impl Server {
             "{}/providers/Microsoft.RecoveryServices/vaults/{name}",
             self.rg()
         )
-    }
-    async fn arm(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let url = format!("https://localhost:{}{path}{sep}{ARM}", self.port);
-        let mut r = self
-            .c
-            .request(method.parse().unwrap(), url)
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let r = r.send().await.unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
-    }
-    async fn dp(&self, method: &str, vault: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("https://{vault}.localhost:{}{path}?{API}", self.port);
-        let mut r = self
-            .c
-            .request(method.parse().unwrap(), url)
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let r = r.send().await.unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
     }
     /// Resource group, a key vault (purge protection on unless `soft`), an RSA and an EC key.
     async fn setup(&self) {
@@ -211,7 +96,7 @@ impl Server {
                 .await;
             assert_eq!(s, 201, "{v}");
             let (s, v) = self
-                .dp(
+                .data(
                     "POST",
                     name,
                     "/keys/cmk/create",
@@ -221,7 +106,7 @@ impl Server {
             assert_eq!(s, 200, "{v}");
         }
         let (s, _) = self
-            .dp(
+            .data(
                 "POST",
                 "kv1",
                 "/keys/eck/create",
@@ -260,52 +145,21 @@ impl Server {
         )
     }
     fn key_uri(&self, vault: &str, key: &str) -> String {
-        format!("https://{vault}.localhost:{}/keys/{key}", self.port)
+        self.vault_url(vault, &format!("/keys/{key}"))
     }
+    /// Waits for a job of backup vault `vault` (in `rg1`) to end.
     async fn wait_job(&self, vault: &str, job: &Value) -> Value {
-        let id = job["name"].as_str().unwrap();
-        for _ in 0..3000 {
-            let (s, j) = self
-                .arm("GET", &format!("{}/backupJobs/{id}", self.bv(vault)), None)
-                .await;
-            assert_eq!(s, 200);
-            if j["status"] != "InProgress" {
-                return j;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("job never ended");
+        self.0.wait_job(&self.bv(vault), job).await
     }
     async fn backup(&self, vault: &str, item: &str) -> Value {
-        let (s, j) = self
-            .arm(
-                "POST",
-                &format!("{}/backupProtectedItems/{item}/backup", self.bv(vault)),
-                None,
-            )
-            .await;
-        assert_eq!(s, 202, "{j}");
-        self.wait_job(vault, &j).await
+        self.0.backup(&self.bv(vault), item).await
     }
     async fn restore(&self, vault: &str, item: &str, rp: &str, target: &Path) -> Value {
-        let (s, j) = self
-            .arm(
-                "POST",
-                &format!("{}/backupProtectedItems/{item}/restore", self.bv(vault)),
-                Some(json!({"recoveryPointId": rp, "targetPath": target})),
-            )
-            .await;
-        assert_eq!(s, 202, "{j}");
-        self.wait_job(vault, &j).await
+        self.0.restore(&self.bv(vault), item, rp, target).await
     }
     fn item_keys(&self, vault: &str, item: &str) -> Vec<String> {
         let d = self
-            .dir
-            .path()
-            .join("backup")
-            .join(self.admin.subscription_id.to_ascii_lowercase())
-            .join("rg1")
-            .join(vault)
+            .backup_vault_dir(&self.admin.subscription_id, "rg1", vault)
             .join("items")
             .join(item)
             .join("keys");
@@ -544,7 +398,7 @@ async fn pmk_backup_restore_and_cmk_rules() {
     .await;
     assert_eq!((st, code.as_str()), (400, "KeyVersionNotFound"));
     let (st, _) = s
-        .dp(
+        .data(
             "PATCH",
             "kv1",
             "/keys/cmk",
@@ -554,7 +408,7 @@ async fn pmk_backup_restore_and_cmk_rules() {
     assert_eq!(st, 200);
     let (st, code, _) = try_key(s.key_uri("kv1", "cmk")).await;
     assert_eq!((st, code.as_str()), (400, "KeyDisabled"));
-    s.dp(
+    s.data(
         "PATCH",
         "kv1",
         "/keys/cmk",
@@ -698,7 +552,7 @@ async fn rotation_rewraps_only_and_revocation_stops_jobs() {
     // BK-5: rotate; the next job adopts the new version by writing exactly one keys/ entry,
     // and the old entry stays until a backup job has completed.
     let (st, _) = s
-        .dp("POST", "kv1", "/keys/cmk/rotate", Some(json!({})))
+        .data("POST", "kv1", "/keys/cmk/rotate", Some(json!({})))
         .await;
     assert_eq!(st, 200);
     let (st, rps) = s
@@ -717,11 +571,8 @@ async fn rotation_rewraps_only_and_revocation_stops_jobs() {
     );
     let data_files = |s: &Server| {
         let d = s
-            .dir
-            .path()
-            .join("backup")
-            .join(s.admin.subscription_id.to_ascii_lowercase())
-            .join("rg1/bv/items/i1/data");
+            .backup_vault_dir(&s.admin.subscription_id, "rg1", "bv")
+            .join("items/i1/data");
         walk(&d)
     };
     let data_before = data_files(&s);
@@ -746,7 +597,7 @@ async fn rotation_rewraps_only_and_revocation_stops_jobs() {
 
     // Revocation: disable the key; after one cache lifetime the job fails naming the key.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    s.dp(
+    s.data(
         "PATCH",
         "kv1",
         "/keys/cmk",
@@ -780,7 +631,7 @@ async fn rotation_rewraps_only_and_revocation_stops_jobs() {
         "{log}"
     );
     // Enabled again: jobs succeed with no repair, old recovery points still restore.
-    s.dp(
+    s.data(
         "PATCH",
         "kv1",
         "/keys/cmk",
@@ -869,11 +720,8 @@ async fn check_detects_a_corrupted_pack() {
     }
     // Flip one byte in the middle of the largest pack (content of sub/big.bin).
     let data = s
-        .dir
-        .path()
-        .join("backup")
-        .join(s.admin.subscription_id.to_ascii_lowercase())
-        .join("rg1/bvc/items/i1/data");
+        .backup_vault_dir(&s.admin.subscription_id, "rg1", "bvc")
+        .join("items/i1/data");
     let mut packs = walk(&data)
         .into_iter()
         .map(std::path::PathBuf::from)

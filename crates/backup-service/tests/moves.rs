@@ -5,173 +5,42 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use kagi_core::time::TestClock;
-use kagi_http::tls::{LocalCa, SniResolver};
-use kagi_vault::{BootstrapAdmin, Platform, PlatformConfig};
+use kagi_testkit::{BackupKeys, Options, TestServer};
 use serde_json::{Value, json};
 
-const API: &str = "api-version=7.5";
-const ARM: &str = "api-version=2023-07-01";
 const SUB2: &str = "5e1f0000-0000-4000-8000-00000000b0b2";
 const TENANT2: &str = "7e2a0000-0000-4000-8000-0000000077e2";
 
-struct Server {
-    port: u16,
-    admin: BootstrapAdmin,
-    task: tokio::task::JoinHandle<Result<(), kagi_http::ServeError>>,
-    dir: tempfile::TempDir,
-    token: String,
-    c: reqwest::Client,
-    platform: Arc<Platform>,
-    addr: SocketAddr,
-}
+/// The shared harness, with this file's resources.
+struct Server(TestServer);
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
+impl Deref for Server {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.0
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = PlatformConfig {
-        data_dir: dir.path().to_path_buf(),
-        dns_suffix: "localhost".into(),
-        port,
-    };
-    let clock = Arc::new(TestClock::new());
-    let (platform, admin) = Platform::open(config, clock).await.unwrap();
-    let admin = admin.unwrap();
-    let ca = LocalCa::load_or_create(&platform, dir.path()).unwrap();
-    let ca_pem = ca.cert_pem.clone();
-    let resolver = SniResolver::new(ca, "localhost");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let platform = Arc::new(platform);
-    install(&platform, addr);
-    let audit = Arc::new(kagi_audit::AuditLog::open(dir.path()).unwrap());
-    let served = platform.clone();
-    let task =
-        tokio::spawn(async move { kagi_http::serve(served, audit, &[addr], resolver).await });
-    for _ in 0..1000 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let mut b = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none());
-    for host in ["localhost", "kv1.localhost", "kvt.localhost"] {
-        b = b.resolve(host, addr);
-    }
-    let mut s = Server {
-        port,
-        admin,
-        task,
-        dir,
-        token: String::new(),
-        c: b.build().unwrap(),
-        platform,
-        addr,
-    };
-    s.token = s.token_in(&s.admin.tenant_id.clone()).await;
-    s
-}
-
-fn install(platform: &Arc<Platform>, addr: SocketAddr) {
-    kagi_backup_service::install(
-        platform,
-        kagi_backup_service::ServiceConfig {
-            // No cache: every job asks the key vault, so re-wrapping after a tenant move really
-            // unwraps the old entries with the new identity.
-            key_cache_lifetime: Duration::ZERO,
-            key_poll_interval: Duration::from_secs(3600),
-            connect: Some(addr),
-        },
-    );
+    Server(
+        TestServer::start(Options {
+            backup_service: Some(BackupKeys {
+                // No cache: every job asks the key vault, so re-wrapping after a tenant move
+                // really unwraps the old entries with the new identity.
+                key_cache_lifetime: Duration::ZERO,
+                key_poll_interval: Duration::from_secs(3600),
+            }),
+            ..Options::default()
+        })
+        .await,
+    )
 }
 
 impl Server {
-    /// The administrator's token in a tenant.
-    async fn token_in(&self, tenant: &str) -> String {
-        let r = self
-            .c
-            .post(format!(
-                "https://localhost:{}/{tenant}/oauth2/v2.0/token",
-                self.port
-            ))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", self.admin.client_id.as_str()),
-                ("client_secret", self.admin.client_secret.as_str()),
-                (
-                    "scope",
-                    &format!("https://localhost:{}/.default", self.port),
-                ),
-            ])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let v: Value = r.json().await.unwrap();
-        v["access_token"].as_str().unwrap().to_string()
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        url: String,
-        token: &str,
-        body: Option<Value>,
-    ) -> (u16, reqwest::header::HeaderMap, Value) {
-        let mut r = self
-            .c
-            .request(method.parse().unwrap(), url)
-            .bearer_auth(token);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let r = r.send().await.unwrap();
-        let s = r.status().as_u16();
-        let h = r.headers().clone();
-        (s, h, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn arm(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let sep = if path.contains('?') { '&' } else { '?' };
-        let url = format!("https://localhost:{}{path}{sep}{ARM}", self.port);
-        let (s, _, v) = self.call(method, url, &self.token, body).await;
-        (s, v)
-    }
-
-    async fn dp(
-        &self,
-        token: &str,
-        method: &str,
-        vault: &str,
-        path: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
-        let url = format!("https://{vault}.localhost:{}{path}?{API}", self.port);
-        let (s, _, v) = self.call(method, url, token, body).await;
-        (s, v)
-    }
-
     fn sub1(&self) -> String {
         self.admin.subscription_id.clone()
     }
@@ -235,45 +104,6 @@ impl Server {
         Ok(())
     }
 
-    async fn wait_job(&self, vault: &str, job: &Value) -> Value {
-        let id = job["name"].as_str().unwrap();
-        for _ in 0..3000 {
-            let (s, j) = self
-                .arm("GET", &format!("{vault}/backupJobs/{id}"), None)
-                .await;
-            assert_eq!(s, 200, "{j}");
-            if j["status"] != "InProgress" {
-                return j;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("job never ended");
-    }
-
-    async fn backup(&self, vault: &str, item: &str) -> Value {
-        let (s, j) = self
-            .arm(
-                "POST",
-                &format!("{vault}/backupProtectedItems/{item}/backup"),
-                None,
-            )
-            .await;
-        assert_eq!(s, 202, "{j}");
-        self.wait_job(vault, &j).await
-    }
-
-    async fn restore(&self, vault: &str, item: &str, rp: &str, target: &Path) -> Value {
-        let (s, j) = self
-            .arm(
-                "POST",
-                &format!("{vault}/backupProtectedItems/{item}/restore"),
-                Some(json!({"recoveryPointId": rp, "targetPath": target})),
-            )
-            .await;
-        assert_eq!(s, 202, "{j}");
-        self.wait_job(vault, &j).await
-    }
-
     async fn protect(&self, vault: &str, item: &str, src: &Path) {
         let (s, v) = self
             .arm(
@@ -286,16 +116,11 @@ impl Server {
     }
 
     fn folder(&self, sub: &str, rg: &str, name: &str) -> PathBuf {
-        self.dir
-            .path()
-            .join("backup")
-            .join(sub.to_ascii_lowercase())
-            .join(rg.to_ascii_lowercase())
-            .join(name)
+        self.backup_vault_dir(sub, rg, name)
     }
 
     fn key_uri(&self, vault: &str, key: &str) -> String {
-        format!("https://{vault}.localhost:{}/keys/{key}", self.port)
+        self.vault_url(vault, &format!("/keys/{key}"))
     }
 
     /// A key vault with purge protection and an RSA key `k1`, in tenant `tenant`.
@@ -314,8 +139,7 @@ impl Server {
             .await;
         assert_eq!(s, 201, "{v}");
         let (s, v) = self
-            .dp(
-                &self.token,
+            .data(
                 "POST",
                 name,
                 "/keys/k1/create",
@@ -418,7 +242,7 @@ async fn pmk_vault_moves_and_cmk_vault_stays() {
     let source1 = Server::rg(&sub1, "rg1");
     let target2 = Server::rg(&sub1, "rg2");
     s.move_res(&source1, &[&bv1], &target2, true).await.unwrap();
-    assert!(s.folder(&sub1, "rg1", "bv1").join("state.json").exists());
+    assert!(s.folder(&sub1, "rg1", "bv1").join("items").exists());
     s.move_res(&source1, &[&bv1], &target2, false)
         .await
         .unwrap();
@@ -430,7 +254,7 @@ async fn pmk_vault_moves_and_cmk_vault_stays() {
     assert_eq!(v["id"], bv2.as_str());
     assert_eq!(v["identity"]["principalId"], principal.as_str());
     assert!(!s.folder(&sub1, "rg1", "bv1").exists());
-    assert!(s.folder(&sub1, "rg2", "bv1").join("state.json").exists());
+    assert!(s.folder(&sub1, "rg2", "bv1").join("items").exists());
     // Its identity moved with it: tokens are issued for the new id, none for the old.
     assert!(s.platform.identity_token(&bv2, None).is_ok());
     assert!(s.platform.identity_token(&bv1, None).is_err());
@@ -578,7 +402,7 @@ async fn pmk_vault_moves_and_cmk_vault_stays() {
         )
         .await;
     assert_eq!(st, 200, "{v}");
-    let (st, v) = s.dp(&s.token, "GET", "kv1", "/keys/k1", None).await;
+    let (st, v) = s.data("GET", "kv1", "/keys/k1", None).await;
     assert_eq!(st, 200, "{v}");
 }
 
@@ -615,7 +439,7 @@ async fn a_move_interrupted_by_a_crash_is_finished_at_start() {
     // As if the process had died between the commit and the rename.
     let (old, new) = (s.folder(&sub1, "rg1", "bv1"), s.folder(&sub1, "rg2", "bv1"));
     std::fs::rename(&new, &old).unwrap();
-    let journals = s.dir.path().join("backup-moves");
+    let journals = s.dir().join("backup-moves");
     std::fs::create_dir_all(&journals).unwrap();
     std::fs::write(
         journals.join("a.json"),
@@ -630,8 +454,8 @@ async fn a_move_interrupted_by_a_crash_is_finished_at_start() {
             .to_string(),
     )
     .unwrap();
-    install(&s.platform, s.addr);
-    assert!(new.join("state.json").exists());
+    s.install_backup_service();
+    assert!(new.join("items").exists());
     assert!(!old.exists());
     assert!(!s.folder(&sub1, "rg2", "ghost").exists());
     assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
@@ -772,13 +596,13 @@ async fn tenant_move_stops_cmk_until_identity_and_key_are_configured_again() {
     // …the key vault into the new tenant, granting the new identity, with a new key…
     s.only_grant(SUB2, "rg", "kvt", TENANT2, &new_principal)
         .await;
-    let (st, _) = s.dp(&s.token, "GET", "kvt", "/keys/k1", None).await;
+    let (st, _) = s.data("GET", "kvt", "/keys/k1", None).await;
     assert_eq!(
         st, 401,
         "a token of the old tenant no longer opens the vault"
     );
     let (st, v) = s
-        .dp(
+        .data_as(
             &t2_token,
             "POST",
             "kvt",

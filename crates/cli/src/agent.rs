@@ -271,6 +271,16 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
             let creds = VaultCredentials::read(&vault_credentials)?;
             let (pass, generated) = passphrase_of(&passphrase)?;
             let machine = machine_name.unwrap_or_else(host_name);
+            // No key vault will keep a generated passphrase: show it before it is used, so
+            // that a failure half-way cannot lose it.
+            let shown = generated && key_vault_uri.is_none();
+            if shown {
+                eprintln!(
+                    "generated passphrase (store it safely; without it these backups cannot be \
+                     restored elsewhere): {}",
+                    &*pass
+                );
+            }
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
             let (agent, outcome) = kagi_agent::register(
@@ -285,14 +295,6 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
             .await?;
             for w in &outcome.warnings {
                 eprintln!("warning: {w}");
-            }
-            // No key vault keeps a generated passphrase: this is the only time it is shown.
-            let shown = generated && outcome.secret_id.is_none();
-            if shown {
-                eprintln!(
-                    "generated passphrase (store it safely; without it these backups cannot be \
-                     restored elsewhere)"
-                );
             }
             let v = json!({
                 "generatedPassphrase": shown.then(|| pass.to_string()),
@@ -515,11 +517,16 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
         } => {
             let mut a = Agent::open(&dir)?;
             let (pass, generated) = passphrase_of(&passphrase)?;
-            let id = a.set_passphrase(&pass, key_vault_uri.as_deref()).await?;
-            let shown = generated && id.is_none();
+            let keeps = key_vault_uri.is_some() || a.state.key_vault_uri.is_some();
+            let shown = generated && !keeps;
             if shown {
-                eprintln!("generated passphrase (store it safely; no key vault keeps it):");
+                // Shown before it is used: a failure half-way cannot lose it.
+                eprintln!(
+                    "generated passphrase (store it safely; no key vault keeps it): {}",
+                    &*pass
+                );
             }
+            let id = a.set_passphrase(&pass, key_vault_uri.as_deref()).await?;
             print(
                 output,
                 &json!({"secretId": id, "generatedPassphrase": shown.then(|| pass.to_string())}),
@@ -552,20 +559,7 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
             let a = Agent::open(&dir)?;
             let v = a.machines().await?;
             print(output, &v, || {
-                v["value"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|m| {
-                        format!(
-                            "{}\t{}\t{}",
-                            m["name"].as_str().unwrap_or(""),
-                            m["registered"].as_str().unwrap_or(""),
-                            m["secretId"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                crate::commands::value_lines(&v, &["name", "registered", "secretId"])
             });
         }
         AgentCommand::Run { interval_seconds } => {
@@ -578,6 +572,9 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
                 let now = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs() as i64);
+                if let Err(e) = a.refresh() {
+                    eprintln!("cannot read the agent state: {e}");
+                }
                 for f in a.due(now) {
                     match a.backup(&f, Arc::new(|_: &Progress| {})).await {
                         Ok(s) => eprintln!(

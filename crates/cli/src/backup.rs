@@ -143,6 +143,22 @@ enum VaultCommand {
         #[arg(long)]
         user_assigned: Vec<String>,
     },
+    /// List the backup agents (machines) registered with the vault.
+    Machines {
+        #[command(flatten)]
+        v: VaultRef,
+    },
+    /// Unregister a machine and delete its backups (its key vault secret stays).
+    DeleteMachine {
+        #[command(flatten)]
+        v: VaultRef,
+        /// The machine's name.
+        #[arg(long)]
+        machine: String,
+        /// Confirm that the machine's backups are deleted.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Download vault credentials for registering backup agents (`kagi agent register`).
     Credentials {
         #[command(flatten)]
@@ -292,6 +308,9 @@ async fn wait(ctx: &Context, base: &str, id: &str) -> anyhow::Result<Value> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
+    // Short jobs end within a poll: start polling fast and back off, so that waiting for the
+    // answer adds milliseconds, not up to a whole interval.
+    let mut pause = Duration::from_millis(20);
     loop {
         let j = ctx
             .call(Method::GET, &url(base, &format!("/backupJobs/{id}")), None)
@@ -307,7 +326,8 @@ async fn wait(ctx: &Context, base: &str, id: &str) -> anyhow::Result<Value> {
             bar.finish_and_clear();
             return Ok(j);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
     }
 }
 
@@ -646,6 +666,32 @@ async fn vault(ctx: &Context, cmd: VaultCommand) -> anyhow::Result<()> {
         VaultCommand::Delete { v } => {
             ctx.call(Method::DELETE, &url(&vault_path(ctx, &v), ""), None)
                 .await?;
+        }
+        VaultCommand::Machines { v } => {
+            let r = ctx
+                .call(
+                    Method::GET,
+                    &url(&vault_path(ctx, &v), "/registeredMachines"),
+                    None,
+                )
+                .await?;
+            show(ctx, &r, |r| {
+                crate::commands::value_lines(r, &["name", "registered", "secretId"])
+            });
+        }
+        VaultCommand::DeleteMachine { v, machine, yes } => {
+            if !yes {
+                bail!("this deletes every backup of {machine}; add --yes to confirm");
+            }
+            ctx.call(
+                Method::DELETE,
+                &url(
+                    &vault_path(ctx, &v),
+                    &format!("/registeredMachines/{machine}"),
+                ),
+                None,
+            )
+            .await?;
         }
         VaultCommand::Credentials {
             v,

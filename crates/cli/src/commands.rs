@@ -234,6 +234,23 @@ enum KeyCommand {
     },
 }
 
+/// One tab-separated line per element of `v["value"]`, with the named string fields.
+pub(crate) fn value_lines(v: &Value, fields: &[&str]) -> String {
+    v["value"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            fields
+                .iter()
+                .map(|f| x[*f].as_str().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("\t")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn print(ctx: &Context, v: &Value, summary: impl Fn(&Value) -> String) {
     match ctx.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),

@@ -148,21 +148,15 @@ pub async fn run(ctx: &Context, args: PolicyArgs) -> anyhow::Result<()> {
                 )
                 .await?;
             show(ctx, &r, |r| {
-                r["value"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|x| {
-                        format!(
-                            "{}\t{}\t{}\t{}",
-                            x["complianceState"].as_str().unwrap_or(""),
-                            x["effect"].as_str().unwrap_or(""),
-                            x["resourceId"].as_str().unwrap_or(""),
-                            x["policyAssignmentId"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                crate::commands::value_lines(
+                    r,
+                    &[
+                        "complianceState",
+                        "effect",
+                        "resourceId",
+                        "policyAssignmentId",
+                    ],
+                )
             });
         }
     }

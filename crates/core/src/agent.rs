@@ -7,7 +7,8 @@
 //! `.` and `_` of the FQDN becomes `-` (`host1.corp.example` → `AzBackup-host1-corp-example-
 //! vault1`); a machine name with any other character is refused (it cannot be an FQDN), and so
 //! is a name whose secret name would exceed 127 characters. Two FQDNs that differ only in `.`
-//! versus `-` map to the same secret: registration of the second one warns (see the agent).
+//! versus `-` map to the same secret: the vault refuses to store the second one's passphrase
+//! (409 `UserErrorSecretNameInUse`).
 
 use crate::{ErrorCode, KvError};
 

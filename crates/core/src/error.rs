@@ -38,6 +38,8 @@ pub enum ErrorCode {
     VaultAlreadyExists,
     /// 413: the request body is too large.
     RequestEntityTooLarge,
+    /// 416: a byte range outside the object.
+    RangeNotSatisfiable,
     /// 500: kagi failed.
     InternalError,
     /// 503: kagi cannot serve the request now.
@@ -62,6 +64,7 @@ impl ErrorCode {
             Self::Conflict => "Conflict",
             Self::VaultAlreadyExists => "VaultAlreadyExists",
             Self::RequestEntityTooLarge => "RequestEntityTooLarge",
+            Self::RangeNotSatisfiable => "RangeNotSatisfiable",
             Self::InternalError => "InternalError",
             Self::ServiceUnavailable => "ServiceUnavailable",
         }
@@ -82,6 +85,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => 405,
             Self::Conflict | Self::VaultAlreadyExists => 409,
             Self::RequestEntityTooLarge => 413,
+            Self::RangeNotSatisfiable => 416,
             Self::InternalError => 500,
             Self::ServiceUnavailable => 503,
         }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use kagi_backup_service::agents::{AgentCall, AgentReply, MAX_OBJECT_BYTES};
+use kagi_backup_service::agents::{AgentCall, AgentReply};
 use kagi_core::{ErrorCode, KvError};
 use kagi_vault::{Platform, Principal};
 
@@ -34,21 +34,22 @@ fn range_of(headers: &HeaderMap) -> Result<Option<(u64, u64)>, KvError> {
     if b < a {
         return Err(bad());
     }
-    Ok(Some((a, b + 1)))
+    Ok(Some((a, b.checked_add(1).ok_or_else(bad)?)))
 }
 
-async fn read_object_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, KvError> {
+/// Reads a body of at most `limit` bytes (the caller is authenticated by then).
+async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, KvError> {
     let too_large = || {
         KvError::new(
             ErrorCode::RequestEntityTooLarge,
-            format!("An object is at most {MAX_OBJECT_BYTES} bytes."),
+            format!("The request body is larger than {limit} bytes."),
         )
     };
     if headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > MAX_OBJECT_BYTES as u64)
+        .is_some_and(|n| n > limit as u64)
     {
         return Err(too_large());
     }
@@ -58,7 +59,7 @@ async fn read_object_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, Kv
         let frame =
             frame.map_err(|_| KvError::bad_parameter("The request body could not be read."))?;
         if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > MAX_OBJECT_BYTES {
+            if buf.len() + data.len() > limit {
                 return Err(too_large());
             }
             buf.extend_from_slice(&data);
@@ -81,40 +82,44 @@ pub(crate) async fn handle(
         Ok(r) => r,
         Err(e) => return respond::error(&e),
     };
-    let body = match read_object_body(headers, body).await {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    // Authenticate before reading the body: strangers never get to send 64 MiB.
+    let session =
+        match kagi_backup_service::agent_authenticate(platform, &segs[2..], authorization).await {
+            Ok(s) => s,
+            Err(e) => return respond::error(&e),
+        };
+    crate::audit::note_caller(
+        extensions,
+        &Principal {
+            tenant_id: String::new(),
+            object_id: session.caller().to_string(),
+            client_id: String::new(),
+            kind: "BackupAgent".into(),
+            network_address: None,
+            upn: None,
+        },
+    );
+    let body = match read_limited(headers, body, session.body_limit()).await {
         Ok(b) => b,
         Err(e) => return respond::error(&e),
     };
     let pairs = query_pairs(query);
     let prefix = query_get(&pairs, "prefix").unwrap_or("");
-    let authorization = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    let (who, r) = kagi_backup_service::agent(
+    let r = kagi_backup_service::agent_serve(
         platform,
+        &session,
         AgentCall {
             method: method.as_str(),
             segs: &segs[2..],
-            authorization,
             prefix,
             range,
             body,
         },
     )
     .await;
-    if let Some(who) = who {
-        crate::audit::note_caller(
-            extensions,
-            &Principal {
-                tenant_id: String::new(),
-                object_id: who,
-                client_id: String::new(),
-                kind: "BackupAgent".into(),
-                network_address: None,
-                upn: None,
-            },
-        );
-    }
     match r {
         Ok(AgentReply::Json(s, v)) => respond::json(s, &v),
         Ok(AgentReply::Empty(s)) => respond::empty(s),

@@ -188,6 +188,7 @@ pub(crate) async fn arm(
         return Some(match (&l[i + 2..], method) {
             (["policystates", "latest", "queryresults"], &Method::GET | &Method::POST) => p
                 .policy_states(caller, &scope)
+                .await
                 .map(|v| respond::json(200, &v)),
             _ => Err(KvError::new(
                 ErrorCode::NotFound,
@@ -248,18 +249,22 @@ pub(crate) async fn arm(
                 .map(respond::empty),
             (["policyassignments"], &Method::GET) => p
                 .list_policy_assignments(caller, &scope)
+                .await
                 .map(|v| respond::json(200, &v)),
             (["policyassignments", _], &Method::PUT) => match json_body() {
                 Ok(b) => p
                     .put_policy_assignment(caller, &scope, id.unwrap_or(""), b)
+                    .await
                     .map(|(s, v)| respond::json(s, &v)),
                 Err(e) => Err(e),
             },
             (["policyassignments", _], &Method::GET) => p
                 .get_policy_assignment(caller, &scope, id.unwrap_or(""))
+                .await
                 .map(|v| respond::json(200, &v)),
             (["policyassignments", _], &Method::DELETE) => p
                 .delete_policy_assignment(caller, &scope, id.unwrap_or(""))
+                .await
                 .map(|(s, v)| {
                     if s == 204 {
                         respond::empty(204)

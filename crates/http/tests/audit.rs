@@ -4,130 +4,67 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::net::SocketAddr;
+use std::ops::Deref;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kagi_audit::{AuditConfig, AuditLog, Filter};
-use kagi_core::time::SystemClock;
-use kagi_http::tls::{LocalCa, SniResolver};
-use kagi_vault::{BootstrapAdmin, Platform, PlatformConfig};
+use kagi_audit::{AuditConfig, Filter};
+use kagi_testkit::{Options, TestServer};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 const API: &str = "api-version=7.5";
 const ARM_API: &str = "api-version=2023-07-01";
 
-struct Server {
-    port: u16,
-    addr: SocketAddr,
-    admin: BootstrapAdmin,
-    ca_pem: String,
-    audit_file: PathBuf,
-    trigger: PathBuf,
-    task: tokio::task::JoinHandle<Result<(), kagi_http::ServeError>>,
-    _dir: tempfile::TempDir,
-}
+/// The shared harness, with this file's audit log.
+struct Server(TestServer);
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
+impl Deref for Server {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.0
     }
 }
 
+/// While this file exists in the data directory, audit writes fail.
+const FAIL_FILE: &str = "audit-fail";
+
+/// A server without the backup service, whose audit log retries after 100 ms and fails while
+/// [`Server::trigger`] exists; nobody logged in (so the log starts empty).
 async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let config = PlatformConfig {
-        data_dir: dir.path().to_path_buf(),
-        dns_suffix: "localhost".into(),
-        port,
-    };
-    let (platform, admin) = Platform::open(config, Arc::new(SystemClock)).await.unwrap();
-    let admin = admin.unwrap();
-    let ca = LocalCa::load_or_create(&platform, dir.path()).unwrap();
-    let ca_pem = ca.cert_pem.clone();
-    let resolver = SniResolver::new(ca, "localhost");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let trigger = dir.path().join("audit-fail");
-    let audit = Arc::new(
-        AuditLog::open_with(
-            dir.path(),
-            AuditConfig {
+    Server(
+        TestServer::start(Options {
+            backup_service: None,
+            audit: Some(|dir| AuditConfig {
                 retry_delay: Duration::from_millis(100),
-                fail_file: Some(trigger.clone()),
+                fail_file: Some(dir.join(FAIL_FILE)),
                 ..AuditConfig::default()
-            },
-        )
-        .unwrap(),
-    );
-    let audit_file = audit.path().to_path_buf();
-    let platform = Arc::new(platform);
-    let task =
-        tokio::spawn(async move { kagi_http::serve(platform, audit, &[addr], resolver).await });
-    for _ in 0..1000 {
-        assert!(!task.is_finished(), "serve stopped");
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Server {
-        port,
-        addr,
-        admin,
-        ca_pem,
-        audit_file,
-        trigger,
-        task,
-        _dir: dir,
-    }
+            }),
+            login: false,
+            ..Options::default()
+        })
+        .await,
+    )
 }
 
 impl Server {
     fn client(&self) -> reqwest::Client {
-        let mut b = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap()])
-            .no_proxy()
-            .user_agent("audit-test/1.0");
-        for host in ["localhost", "myvault.localhost"] {
-            b = b.resolve(host, self.addr);
-        }
-        b.build().unwrap()
-    }
-
-    fn mgmt(&self, path: &str) -> String {
-        format!("https://localhost:{}{path}", self.port)
+        self.client_builder()
+            .user_agent("audit-test/1.0")
+            .build()
+            .unwrap()
     }
 
     fn vault(&self, path: &str) -> String {
-        format!("https://myvault.localhost:{}{path}", self.port)
+        self.vault_url("myvault", path)
     }
 
     async fn token(&self, c: &reqwest::Client) -> String {
-        let r = c
-            .post(self.mgmt(&format!("/{}/oauth2/v2.0/token", self.admin.tenant_id)))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", self.admin.client_id.as_str()),
-                ("client_secret", self.admin.client_secret.as_str()),
-                (
-                    "scope",
-                    &format!("https://localhost:{}/.default", self.port),
-                ),
-            ])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        r.json::<Value>().await.unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        self.token_with(c, &self.admin.tenant_id).await
+    }
+
+    fn trigger(&self) -> PathBuf {
+        self.dir().join(FAIL_FILE)
     }
 
     fn records(&self) -> Vec<Value> {
@@ -144,7 +81,7 @@ async fn every_request_is_recorded_once_with_its_caller_and_outcome() {
     let c = s.client();
 
     // Not audited: health.
-    let r = c.get(s.mgmt("/healthz")).send().await.unwrap();
+    let r = c.get(s.mgmt_url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(s.records().is_empty());
 
@@ -161,7 +98,7 @@ async fn every_request_is_recorded_once_with_its_caller_and_outcome() {
     let token = s.token(&c).await;
     let sub = &s.admin.subscription_id;
     let r = c
-        .put(s.mgmt(&format!(
+        .put(s.mgmt_url(&format!(
             "/subscriptions/{sub}/resourcegroups/rg1?{ARM_API}"
         )))
         .bearer_auth(&token)
@@ -174,7 +111,7 @@ async fn every_request_is_recorded_once_with_its_caller_and_outcome() {
         "/subscriptions/{sub}/resourceGroups/rg1/providers/Microsoft.KeyVault/vaults/myvault"
     );
     let r = c
-        .put(s.mgmt(&format!("{vault_id}?{ARM_API}")))
+        .put(s.mgmt_url(&format!("{vault_id}?{ARM_API}")))
         .bearer_auth(&token)
         .json(&json!({"location": "westeurope", "properties": {
             "tenantId": s.admin.tenant_id, "sku": {"family": "A", "name": "standard"}}}))
@@ -289,13 +226,13 @@ async fn a_failing_audit_log_refuses_requests_until_it_recovers() {
     let c = s.client();
     let token = s.token(&c).await;
     let get = || {
-        c.get(s.mgmt(&format!("/subscriptions?{ARM_API}")))
+        c.get(s.mgmt_url(&format!("/subscriptions?{ARM_API}")))
             .bearer_auth(&token)
             .send()
     };
     assert_eq!(get().await.unwrap().status(), StatusCode::OK);
 
-    std::fs::write(&s.trigger, b"").unwrap();
+    std::fs::write(s.trigger(), b"").unwrap();
     let started = Instant::now();
     let r = get().await.unwrap();
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -314,11 +251,11 @@ async fn a_failing_audit_log_refuses_requests_until_it_recovers() {
     assert!(started.elapsed() < Duration::from_secs(10));
     // Health stays up (it is not audited): the process is alive, the log is not.
     assert_eq!(
-        c.get(s.mgmt("/healthz")).send().await.unwrap().status(),
+        c.get(s.mgmt_url("/healthz")).send().await.unwrap().status(),
         StatusCode::OK
     );
 
-    std::fs::remove_file(&s.trigger).unwrap();
+    std::fs::remove_file(s.trigger()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let status = get().await.unwrap().status();

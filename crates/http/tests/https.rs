@@ -4,14 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+use std::ops::Deref;
 use std::sync::Arc;
-use std::time::Duration;
 
 use kagi_core::b64;
-use kagi_core::time::SystemClock;
-use kagi_http::tls::{LocalCa, SniResolver};
-use kagi_vault::{BootstrapAdmin, Platform, PlatformConfig};
+use kagi_testkit::{Options, TestServer};
 use reqwest::StatusCode;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
@@ -21,103 +18,33 @@ use serde_json::{Value, json};
 const API: &str = "api-version=7.5";
 const ARM_API: &str = "api-version=2023-07-01";
 
-/// A running server and what a client needs to talk to it.
-struct Server {
-    port: u16,
-    addr: SocketAddr,
-    admin: BootstrapAdmin,
-    ca_pem: String,
-    task: tokio::task::JoinHandle<Result<(), kagi_http::ServeError>>,
-    _dir: tempfile::TempDir,
-}
+/// The shared harness, with this file's requests.
+struct Server(TestServer);
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
+impl Deref for Server {
+    type Target = TestServer;
+    fn deref(&self) -> &TestServer {
+        &self.0
     }
 }
 
-/// A port nobody listens on right now: bind port 0, read the port, let it go.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
+/// A server without the backup service; nobody logged in.
 async fn start() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = PlatformConfig {
-        data_dir: dir.path().to_path_buf(),
-        dns_suffix: "localhost".into(),
-        port,
-    };
-    let (platform, admin) = Platform::open(config, Arc::new(SystemClock)).await.unwrap();
-    let admin = admin.expect("first start creates the bootstrap administrator");
-    assert_eq!(admin.authority, format!("https://localhost:{port}"));
-    let ca = LocalCa::load_or_create(&platform, dir.path()).unwrap();
-    let ca_pem = ca.cert_pem.clone();
+    let s = TestServer::start(Options {
+        backup_service: None,
+        login: false,
+        ..Options::default()
+    })
+    .await;
+    assert_eq!(s.admin.authority, format!("https://localhost:{}", s.port));
     assert_eq!(
-        std::fs::read_to_string(dir.path().join("tls/ca.pem")).unwrap(),
-        ca_pem
+        std::fs::read_to_string(s.dir().join("tls/ca.pem")).unwrap(),
+        s.ca_pem
     );
-    let resolver = SniResolver::new(ca, "localhost");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let platform = Arc::new(platform);
-    let audit = Arc::new(kagi_audit::AuditLog::open(dir.path()).unwrap());
-    let task =
-        tokio::spawn(async move { kagi_http::serve(platform, audit, &[addr], resolver).await });
-    // Readiness, not timing: poll until the listener accepts (or serve gave up).
-    let mut ready = false;
-    for _ in 0..1000 {
-        if task.is_finished() {
-            panic!("serve stopped: {:?}", task.await);
-        }
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(ready, "the server never started listening on {addr}");
-    Server {
-        port,
-        addr,
-        admin,
-        ca_pem,
-        task,
-        _dir: dir,
-    }
+    Server(s)
 }
 
 impl Server {
-    /// A client that trusts only kagi's CA and resolves the test host names to the server.
-    fn client(&self) -> reqwest::Client {
-        let mut b = reqwest::Client::builder()
-            .tls_certs_only([reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).unwrap()])
-            .no_proxy();
-        for host in [
-            "localhost",
-            "myvault.localhost",
-            "other.localhost",
-            "a.b.localhost",
-        ] {
-            b = b.resolve(host, self.addr);
-        }
-        b.build().unwrap()
-    }
-
-    fn authority(&self) -> String {
-        format!("https://localhost:{}", self.port)
-    }
-
-    fn mgmt(&self, path: &str) -> String {
-        format!("{}{path}", self.authority())
-    }
-
-    fn vault(&self, host: &str, path: &str) -> String {
-        format!("https://{host}.localhost:{}{path}", self.port)
-    }
-
     fn challenge(&self) -> String {
         format!(
             "Bearer authorization=\"{a}/{t}\", resource=\"{a}\"",
@@ -127,19 +54,7 @@ impl Server {
     }
 
     async fn token(&self, c: &reqwest::Client) -> String {
-        let r = c
-            .post(self.mgmt(&format!("/{}/oauth2/v2.0/token", self.admin.tenant_id)))
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("client_id", self.admin.client_id.as_str()),
-                ("client_secret", self.admin.client_secret.as_str()),
-                ("scope", &format!("{}/.default", self.authority())),
-            ])
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        let body: Value = r.json().await.unwrap();
+        let body = self.token_response(c, &self.admin.tenant_id).await;
         assert_eq!(body["token_type"], "Bearer");
         assert_eq!(body["expires_in"], 3599);
         body["access_token"].as_str().unwrap().to_string()
@@ -149,7 +64,7 @@ impl Server {
     async fn create_vault(&self, c: &reqwest::Client, token: &str) {
         let sub = &self.admin.subscription_id;
         let r = c
-            .put(self.mgmt(&format!(
+            .put(self.mgmt_url(&format!(
                 "/subscriptions/{sub}/resourcegroups/rg1?{ARM_API}"
             )))
             .bearer_auth(token)
@@ -159,7 +74,7 @@ impl Server {
             .unwrap();
         assert_eq!(r.status(), StatusCode::CREATED);
         let r = c
-            .put(self.mgmt(&format!(
+            .put(self.mgmt_url(&format!(
                 "/subscriptions/{sub}/resourceGroups/rg1/providers/Microsoft.KeyVault/vaults/myvault?{ARM_API}"
             )))
             .bearer_auth(token)
@@ -222,14 +137,14 @@ async fn health_challenge_and_token_endpoint() {
     let s = start().await;
     let c = s.client();
 
-    let r = c.get(s.mgmt("/healthz")).send().await.unwrap();
+    let r = c.get(s.mgmt_url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"status": "ok"}));
 
     // The SDK's first request carries no token (and maybe a body kagi must not look at).
     for body in ["this is not json {", ""] {
         let r = c
-            .post(s.vault("myvault", &format!("/keys/cmk/create?{API}")))
+            .post(s.vault_url("myvault", &format!("/keys/cmk/create?{API}")))
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -244,7 +159,7 @@ async fn health_challenge_and_token_endpoint() {
         assert_error(r, StatusCode::UNAUTHORIZED, "Unauthorized", None).await;
     }
     // No api-version either: the challenge still comes first.
-    let r = c.get(s.vault("myvault", "/keys")).send().await.unwrap();
+    let r = c.get(s.vault_url("myvault", "/keys")).send().await.unwrap();
     assert_eq!(
         r.headers()[reqwest::header::WWW_AUTHENTICATE]
             .to_str()
@@ -254,7 +169,7 @@ async fn health_challenge_and_token_endpoint() {
     assert_error(r, StatusCode::UNAUTHORIZED, "Unauthorized", None).await;
     // A bad token gets the same challenge.
     let r = c
-        .get(s.vault("myvault", &format!("/keys?{API}")))
+        .get(s.vault_url("myvault", &format!("/keys?{API}")))
         .bearer_auth("not.a.token")
         .send()
         .await
@@ -268,10 +183,10 @@ async fn health_challenge_and_token_endpoint() {
     assert_error(r, StatusCode::UNAUTHORIZED, "Unauthorized", None).await;
 
     // The token endpoint: a form POST, answered as Entra answers.
-    let token = s.token(&c).await;
+    let token = s.token(c).await;
     assert_eq!(token.split('.').count(), 3);
     let r = c
-        .post(s.mgmt(&format!("/{}/oauth2/v2.0/token", s.admin.tenant_id)))
+        .post(s.mgmt_url(&format!("/{}/oauth2/v2.0/token", s.admin.tenant_id)))
         .form(&[
             ("grant_type", "client_credentials"),
             ("client_id", s.admin.client_id.as_str()),
@@ -286,7 +201,7 @@ async fn health_challenge_and_token_endpoint() {
     assert_eq!(e["error"], "invalid_client");
     assert_eq!(e["error_codes"], json!([7000215]));
     let r = c
-        .post(s.mgmt(&format!("/{}/oauth2/v2.0/token", s.admin.tenant_id)))
+        .post(s.mgmt_url(&format!("/{}/oauth2/v2.0/token", s.admin.tenant_id)))
         .form(&[
             ("grant_type", "client_credentials"),
             ("client_id", s.admin.client_id.as_str()),
@@ -301,7 +216,7 @@ async fn health_challenge_and_token_endpoint() {
 
     // The management API without a token: 401 with ARM's challenge.
     let r = c
-        .get(s.mgmt(&format!(
+        .get(s.mgmt_url(&format!(
             "/subscriptions/{}/resourcegroups/rg1?{ARM_API}",
             s.admin.subscription_id
         )))
@@ -331,11 +246,11 @@ async fn health_challenge_and_token_endpoint() {
 async fn vault_key_and_wrap_unwrap_over_https() {
     let s = start().await;
     let c = s.client();
-    let token = s.token(&c).await;
-    s.create_vault(&c, &token).await;
+    let token = s.token(c).await;
+    s.create_vault(c, &token).await;
 
     let r = c
-        .post(s.vault("myvault", &format!("/keys/cmk/create?{API}")))
+        .post(s.vault_url("myvault", &format!("/keys/cmk/create?{API}")))
         .bearer_auth(&token)
         .json(&json!({"kty": "RSA", "key_size": 2048}))
         .send()
@@ -351,7 +266,7 @@ async fn vault_key_and_wrap_unwrap_over_https() {
 
     let dek = b"a 32-byte data encryption key!!!";
     let r = c
-        .post(s.vault("myvault", &format!("/keys/cmk/wrapkey?{API}")))
+        .post(s.vault_url("myvault", &format!("/keys/cmk/wrapkey?{API}")))
         .bearer_auth(&token)
         .json(&json!({"alg": "RSA-OAEP-256", "value": b64::encode(dek)}))
         .send()
@@ -366,7 +281,7 @@ async fn vault_key_and_wrap_unwrap_over_https() {
     // Unwrap through the versioned URL (the kid is what SDKs call).
     let version = kid.rsplit('/').next().unwrap();
     let r = c
-        .post(s.vault("myvault", &format!("/keys/cmk/{version}/unwrapkey?{API}")))
+        .post(s.vault_url("myvault", &format!("/keys/cmk/{version}/unwrapkey?{API}")))
         .bearer_auth(&token)
         .json(&json!({"alg": "RSA-OAEP-256", "value": wrapped}))
         .send()
@@ -377,7 +292,7 @@ async fn vault_key_and_wrap_unwrap_over_https() {
     assert_eq!(b64::decode(plain["value"].as_str().unwrap()).unwrap(), dek);
 
     let r = c
-        .get(s.vault("myvault", &format!("/keys/cmk?{API}")))
+        .get(s.vault_url("myvault", &format!("/keys/cmk?{API}")))
         .bearer_auth(&token)
         .send()
         .await
@@ -387,7 +302,7 @@ async fn vault_key_and_wrap_unwrap_over_https() {
 
     // Once the vault exists the challenge names its tenant (the same one here).
     let r = c
-        .get(s.vault("myvault", &format!("/keys?{API}")))
+        .get(s.vault_url("myvault", &format!("/keys?{API}")))
         .send()
         .await
         .unwrap();
@@ -404,17 +319,17 @@ async fn vault_key_and_wrap_unwrap_over_https() {
 async fn oversized_malformed_and_misdirected_requests() {
     let s = start().await;
     let c = s.client();
-    let token = s.token(&c).await;
-    s.create_vault(&c, &token).await;
+    let token = s.token(c).await;
+    s.create_vault(c, &token).await;
     let r = c
-        .post(s.vault("myvault", &format!("/keys/cmk/create?{API}")))
+        .post(s.vault_url("myvault", &format!("/keys/cmk/create?{API}")))
         .bearer_auth(&token)
         .json(&json!({"kty": "EC", "crv": "P-256"}))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let sign_url = s.vault("myvault", &format!("/keys/cmk/sign?{API}"));
+    let sign_url = s.vault_url("myvault", &format!("/keys/cmk/sign?{API}"));
 
     // 2 MiB: refused with 413 in Azure's shape (the client sees it, not a reset).
     let big = vec![b'a'; 2 * 1024 * 1024];
@@ -439,7 +354,7 @@ async fn oversized_malformed_and_misdirected_requests() {
     );
     // The same on the token endpoint and the management API.
     let r = c
-        .post(s.mgmt(&format!("/{}/oauth2/v2.0/token", s.admin.tenant_id)))
+        .post(s.mgmt_url(&format!("/{}/oauth2/v2.0/token", s.admin.tenant_id)))
         .header("content-type", "application/x-www-form-urlencoded")
         .body(big.clone())
         .send()
@@ -453,7 +368,7 @@ async fn oversized_malformed_and_misdirected_requests() {
     )
     .await;
     let r = c
-        .put(s.mgmt(&format!(
+        .put(s.mgmt_url(&format!(
             "/subscriptions/{}/resourcegroups/rg2?{ARM_API}",
             s.admin.subscription_id
         )))
@@ -503,7 +418,7 @@ async fn oversized_malformed_and_misdirected_requests() {
         assert_error(r, StatusCode::BAD_REQUEST, "BadParameter", None).await;
     }
     let r = c
-        .put(s.mgmt(&format!(
+        .put(s.mgmt_url(&format!(
             "/subscriptions/{}/resourcegroups/rg2?{ARM_API}",
             s.admin.subscription_id
         )))
@@ -517,7 +432,7 @@ async fn oversized_malformed_and_misdirected_requests() {
 
     // api-version is required on the data plane.
     let r = c
-        .get(s.vault("myvault", "/keys"))
+        .get(s.vault_url("myvault", "/keys"))
         .bearer_auth(&token)
         .send()
         .await
@@ -532,14 +447,14 @@ async fn oversized_malformed_and_misdirected_requests() {
 
     // Another vault host gets its own certificate; the vault does not exist.
     let r = c
-        .get(s.vault("other", &format!("/keys?{API}")))
+        .get(s.vault_url("other", &format!("/keys?{API}")))
         .bearer_auth(&token)
         .send()
         .await
         .unwrap();
     assert_error(r, StatusCode::NOT_FOUND, "VaultNotFound", None).await;
     let r = c
-        .get(s.vault("other", &format!("/keys?{API}")))
+        .get(s.vault_url("other", &format!("/keys?{API}")))
         .send()
         .await
         .unwrap();
@@ -555,7 +470,7 @@ async fn oversized_malformed_and_misdirected_requests() {
     // A host kagi does not serve: two labels under the suffix. Over a connection to the
     // management host (so TLS succeeds) the Host header routes it: 404 NotFound.
     let r = c
-        .get(s.mgmt(&format!("/keys?{API}")))
+        .get(s.mgmt_url(&format!("/keys?{API}")))
         .header(reqwest::header::HOST, format!("a.b.localhost:{}", s.port))
         .bearer_auth(&token)
         .send()
@@ -564,7 +479,7 @@ async fn oversized_malformed_and_misdirected_requests() {
     assert_error(r, StatusCode::NOT_FOUND, "NotFound", None).await;
     // With that name as SNI, kagi mints no certificate at all: the handshake fails.
     let r = c
-        .get(s.vault("a.b", &format!("/keys?{API}")))
+        .get(s.vault_url("a.b", &format!("/keys?{API}")))
         .bearer_auth(&token)
         .send()
         .await;
@@ -573,14 +488,14 @@ async fn oversized_malformed_and_misdirected_requests() {
 
     // Unknown paths and methods on the data plane.
     let r = c
-        .get(s.vault("myvault", &format!("/secrets-nope?{API}")))
+        .get(s.vault_url("myvault", &format!("/secrets-nope?{API}")))
         .bearer_auth(&token)
         .send()
         .await
         .unwrap();
     assert_error(r, StatusCode::NOT_FOUND, "NotFound", None).await;
     let r = c
-        .post(s.vault("myvault", &format!("/keys/cmk?{API}")))
+        .post(s.vault_url("myvault", &format!("/keys/cmk?{API}")))
         .bearer_auth(&token)
         .send()
         .await
@@ -672,10 +587,10 @@ async fn every_host_gets_a_certificate_for_exactly_its_name() {
     // verified by the client), each with its own certificate.
     let c = s.client();
     for host in ["myvault", "other"] {
-        let r = c.get(s.vault(host, "/healthz")).send().await.unwrap();
+        let r = c.get(s.vault_url(host, "/healthz")).send().await.unwrap();
         // No token: the vault host challenges (the TLS part is what matters here).
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{host}");
     }
-    let r = c.get(s.mgmt("/healthz")).send().await.unwrap();
+    let r = c.get(s.mgmt_url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }

@@ -134,7 +134,8 @@ pub trait DirectoryStore: Send + Sync {
     ) -> Result<()>;
     /// Every resource.
     async fn list_resources(&self) -> Result<Vec<ResourceRecord>>;
-    /// Deletes a resource, its bindings, and the principals named, in one transaction.
+    /// Deletes a resource, its bindings, its service documents and activity log
+    /// ([`crate::services`]), and the principals named, in one transaction.
     async fn delete_resource(&self, id: &str, deleted_principals: &[String]) -> Result<()>;
 
     /// Records a binding secret (hash) for a resource.

@@ -1,6 +1,7 @@
-//! Small files kagi keeps beside the database (credentials, certificates, job and service
-//! state): written whole and atomically, so a crash leaves the old content or the new, never a
-//! torn file.
+//! Small files kagi keeps beside the database (credentials, certificates, whole-vault backup
+//! jobs, backup vault move journals): written whole and atomically, so a crash leaves the old
+//! content or the new, never a torn file. Records that belong with the store's own (a storage
+//! service's state, jobs and activity; policy assignments) are in the store, not here.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;

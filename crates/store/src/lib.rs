@@ -2,7 +2,8 @@
 //!
 //! The store keeps what must survive a crash: resource groups, principals, vaults, keys and
 //! their versions (private material only as sealed bytes — the store never sees a plaintext
-//! key). It has no opinion on rules; the service decides, the store records atomically.
+//! key), the directory, events, and the non-blob records of kagi's storage services (their
+//! documents and activity logs, [`services`]) and policy assignments. It has no opinion on rules; the service decides, the store records atomically.
 //! [`SqliteStore`] is the embedded default (WAL, `synchronous=FULL`, so an acknowledged write
 //! survives kill -9 and power loss); the trait is what a PostgreSQL store will implement.
 
@@ -13,6 +14,7 @@ pub mod events;
 pub mod file;
 pub mod moves;
 mod secrets;
+pub mod services;
 mod sqlite;
 mod sqlite_directory;
 
@@ -27,6 +29,7 @@ pub use directory::{
 };
 pub use moves::MoveStore;
 pub use secrets::{SecretRecord, SecretVersionRecord};
+pub use services::{ActivityRecord, ServiceDocument, ServiceImport};
 pub use sqlite::SqliteStore;
 
 /// A store failure. The service maps every variant to a 5xx (or 409 for [`Self::Conflict`]):
@@ -309,4 +312,54 @@ pub trait Store: DirectoryStore + MoveStore + Send + Sync + std::fmt::Debug + 's
     ) -> Result<()>;
     /// Dead-lettered deliveries of a subscription.
     async fn dead_letters(&self, vault: &VaultName, sub: &str) -> Result<Vec<events::DeadLetter>>;
+
+    // --- storage services and policy assignments (schema: `services::SCHEMA`) ---
+    /// A document of a resource (`resource_key`: its lower-case ARM id), if it exists.
+    async fn get_service_document(
+        &self,
+        resource_key: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<ServiceDocument>>;
+    /// Creates or replaces a document of a resource.
+    async fn put_service_document(&self, resource_key: &str, doc: &ServiceDocument) -> Result<()>;
+    /// Deletes a document; `true` if it existed.
+    async fn delete_service_document(
+        &self,
+        resource_key: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<bool>;
+    /// Every document of one kind of a resource, by name.
+    async fn list_service_documents(
+        &self,
+        resource_key: &str,
+        kind: &str,
+    ) -> Result<Vec<ServiceDocument>>;
+    /// Appends an entry to a resource's activity log; returns its position (1, 2, …).
+    async fn append_service_activity(&self, resource_key: &str, at: i64, body: &str)
+    -> Result<i64>;
+    /// A resource's activity log, oldest first.
+    async fn list_service_activity(&self, resource_key: &str) -> Result<Vec<ActivityRecord>>;
+    /// Deletes every document and activity entry of a resource: what a resource that is gone
+    /// left behind, before another one with its id is created.
+    async fn delete_service_data(&self, resource_key: &str) -> Result<()>;
+    /// Imports what an earlier kagi kept in files, in one transaction: the documents that do
+    /// not exist yet, and the activity entries if the resource has none yet. Importing the
+    /// same data again changes nothing, so a crash before the files were set aside is harmless.
+    async fn import_service_data(&self, resource_key: &str, import: &ServiceImport) -> Result<()>;
+
+    /// Every policy assignment: (lower-case id, body as JSON text), by id.
+    async fn list_policy_assignments(&self) -> Result<Vec<(String, String)>>;
+    /// Creates or replaces a policy assignment (`id` lower-case); `true` when it was created.
+    async fn put_policy_assignment(&self, id: &str, body: &str, now: i64) -> Result<bool>;
+    /// Deletes a policy assignment; returns the body it had.
+    async fn delete_policy_assignment(&self, id: &str) -> Result<Option<String>>;
+    /// Inserts the assignments that do not exist yet (an import of the earlier file), in one
+    /// transaction.
+    async fn import_policy_assignments(
+        &self,
+        assignments: &[(String, String)],
+        now: i64,
+    ) -> Result<()>;
 }

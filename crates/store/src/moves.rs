@@ -2,8 +2,9 @@
 //! re-home records, each one transaction so that a crash leaves a record in exactly one place.
 //!
 //! - [`MoveStore::move_resource`]: a generic ARM resource (backup vault, workload) gets a new id
-//!   — its row, the workload bindings and the managed identities that name it follow, and the
-//!   role assignments at or below its old id (orphaned by the move, as in Azure) go.
+//!   — its row, the workload bindings and the managed identities that name it follow, its
+//!   service documents and activity log ([`crate::services`]) are re-keyed to the new id, and
+//!   the role assignments at or below its old id (orphaned by the move, as in Azure) go.
 //! - [`MoveStore::move_vault`]: a key vault changes subscription or resource group.
 //! - [`MoveStore::change_subscription_tenant`]: a subscription moves to another tenant
 //!   (directory); the role assignments in it go.
@@ -17,8 +18,9 @@ use crate::{Result, SqliteStore, StoreError, VaultRecord};
 #[async_trait]
 pub trait MoveStore: Send + Sync {
     /// Replaces resource `old_id` by `new` (a new id), re-points the bindings and principals
-    /// that named `old_id`, and deletes the role assignments `removed_assignments`. Fails with
-    /// `Conflict` when `new.id` exists; nothing changes then.
+    /// that named `old_id`, re-keys its service documents and activity to `new.id` (dropping
+    /// rows that no resource owned there), and deletes the role assignments
+    /// `removed_assignments`. Fails with `Conflict` when `new.id` exists; nothing changes then.
     async fn move_resource(
         &self,
         old_id: &str,
@@ -103,6 +105,7 @@ impl MoveStore for SqliteStore {
             .bind(old_id)
             .execute(&mut *tx)
             .await?;
+        crate::sqlite::services::rekey_resource_rows(&mut tx, old_id, &new.id).await?;
         delete_assignments(&mut tx, removed_assignments).await?;
         tx.commit().await?;
         Ok(())

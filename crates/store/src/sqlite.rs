@@ -19,6 +19,7 @@ use crate::{
 
 mod events;
 mod secrets;
+pub(crate) mod services;
 
 /// Schema, applied in order; `user_version` records how far a file has come.
 const MIGRATIONS: &[&str] = &[
@@ -62,6 +63,7 @@ CREATE TABLE secret_versions (
 "#,
     crate::directory::SCHEMA,
     crate::events::SCHEMA,
+    crate::services::SCHEMA,
 ];
 
 /// The SQLite store.
@@ -641,5 +643,88 @@ impl Store for SqliteStore {
         sub: &str,
     ) -> Result<Vec<crate::events::DeadLetter>> {
         self.dead_letters_list(vault, sub).await
+    }
+
+    // --- storage services and policy assignments ---
+    async fn get_service_document(
+        &self,
+        resource_key: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<crate::ServiceDocument>> {
+        self.documents_get(resource_key, kind, name).await
+    }
+
+    async fn put_service_document(
+        &self,
+        resource_key: &str,
+        doc: &crate::ServiceDocument,
+    ) -> Result<()> {
+        self.documents_put(resource_key, doc).await
+    }
+
+    async fn delete_service_document(
+        &self,
+        resource_key: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<bool> {
+        self.documents_delete(resource_key, kind, name).await
+    }
+
+    async fn list_service_documents(
+        &self,
+        resource_key: &str,
+        kind: &str,
+    ) -> Result<Vec<crate::ServiceDocument>> {
+        self.documents_list(resource_key, kind).await
+    }
+
+    async fn append_service_activity(
+        &self,
+        resource_key: &str,
+        at: i64,
+        body: &str,
+    ) -> Result<i64> {
+        self.activity_append(resource_key, at, body).await
+    }
+
+    async fn list_service_activity(
+        &self,
+        resource_key: &str,
+    ) -> Result<Vec<crate::ActivityRecord>> {
+        self.activity_list(resource_key).await
+    }
+
+    async fn delete_service_data(&self, resource_key: &str) -> Result<()> {
+        self.service_data_delete(resource_key).await
+    }
+
+    async fn import_service_data(
+        &self,
+        resource_key: &str,
+        import: &crate::ServiceImport,
+    ) -> Result<()> {
+        self.service_data_import(resource_key, import).await
+    }
+
+    async fn list_policy_assignments(&self) -> Result<Vec<(String, String)>> {
+        self.policies_list().await
+    }
+
+    async fn put_policy_assignment(&self, id: &str, body: &str, now: i64) -> Result<bool> {
+        self.policies_put(id, body, now).await
+    }
+
+    async fn delete_policy_assignment(&self, id: &str) -> Result<Option<String>> {
+        self.policies_delete(id).await
+    }
+
+    async fn import_policy_assignments(
+        &self,
+        assignments: &[(String, String)],
+        now: i64,
+    ) -> Result<()> {
+        self.policies_import(assignments, now).await
     }
 }

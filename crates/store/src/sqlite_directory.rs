@@ -190,6 +190,8 @@ impl DirectoryStore for SqliteStore {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        // The service documents and activity of the resource go with it.
+        crate::sqlite::services::delete_resource_rows(&mut tx, id).await?;
         for oid in deleted_principals {
             sqlx::query("UPDATE principals SET deleted = 1, secret_hash = x'' WHERE object_id = ?")
                 .bind(oid)

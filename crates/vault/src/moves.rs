@@ -15,8 +15,9 @@
 //!
 //! **Resource moves** ([`Platform::move_service_resource`], [`Platform::move_key_vault`]) give
 //! a resource a new resource group and/or subscription in the same tenant. The record, the
-//! managed identities bound to it and its workload bindings follow in one store transaction
-//! (a crash leaves it in exactly one place); role assignments at or below its old id are
+//! managed identities bound to it, its workload bindings and the documents and activity log its
+//! service keeps about it (`service_resources`) follow in one store transaction (a crash leaves
+//! it in exactly one place); role assignments at or below its old id are
 //! orphaned by the move, as in Azure, and are deleted with it. Each has a `dry_run` form for
 //! `validateMoveResources` that runs the very same checks.
 //!
@@ -429,8 +430,9 @@ impl Platform {
     }
 
     /// Moves a resource of the resources table (a storage-service resource such as a backup
-    /// vault, or a workload) to `target_sub`/`target_rg` (the bootstrap administrator only).
-    /// With `dry_run`, only checks. Returns the resource as it is (or would be) stored after
+    /// vault, or a workload) to `target_sub`/`target_rg` (the bootstrap administrator only),
+    /// with its identities, bindings, service documents and activity log in one store
+    /// transaction. With `dry_run`, only checks. Returns the resource as it is (or would be) stored after
     /// the move. Refused: the source is locked (any lock: a move deletes it there), a ReadOnly
     /// lock on the target, the same group, another tenant, a name taken at the target.
     pub async fn move_service_resource(

@@ -1,12 +1,16 @@
 //! Policy assignments: `{scope}/providers/Microsoft.Authorization/policyAssignments/{n}`
-//! at a subscription or resource-group scope, stored durably as one JSON file
-//! `<data>/policy/assignments.json` (written whole, atomically), and the compliance of every
-//! governed resource. Evaluation is `kagi_core::policy`; services enforce Deny in their own
-//! create/update paths with [`Platform::policy_deny`]. The bootstrap administrator only.
+//! at a subscription or resource-group scope, stored durably in the store's
+//! `policy_assignments` table (one row per assignment, by lower-cased id), and the compliance of
+//! every governed resource. Evaluation is `kagi_core::policy`; services enforce Deny in their
+//! own create/update paths with [`Platform::policy_deny`]. The bootstrap administrator only.
+//!
+//! An earlier kagi kept them in `<data>/policy/assignments.json`; the first policy call of a
+//! process imports that file (assignments the store already has are kept) and renames it
+//! `assignments.json.imported`.
 //!
 //! A child module of `directory` (it shares the directory's private state).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -18,8 +22,12 @@ use serde_json::{Value, json};
 use super::bad;
 use crate::{Platform, internal};
 
-/// Serialises read-modify-write of the assignments file.
-static WRITE: Mutex<()> = Mutex::new(());
+/// Data directories whose legacy assignments file has been looked for in this process (one
+/// look per directory, not one per call).
+static LEGACY_CHECKED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// Serialises the legacy imports, so two first calls do not import and rename at once.
+static LEGACY_IMPORT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const TYPE: &str = "Microsoft.Authorization/policyAssignments";
 
@@ -32,33 +40,79 @@ fn not_found(id: &str) -> KvError {
 }
 
 impl Platform {
-    fn policy_file(&self) -> PathBuf {
+    fn legacy_policy_file(&self) -> PathBuf {
         self.config()
             .data_dir
             .join("policy")
             .join("assignments.json")
     }
 
-    /// Every stored assignment body, by lower-cased id.
-    fn policy_bodies(&self) -> Result<BTreeMap<String, Value>, KvError> {
-        match std::fs::read(self.policy_file()) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| internal("policy assignments", e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
-            Err(e) => Err(internal("policy assignments", e)),
+    /// Imports `<data>/policy/assignments.json` of an earlier kagi once: into the store in one
+    /// transaction, then the file is renamed `*.imported`. A crash in between imports it again
+    /// at the next start, which changes nothing (stored assignments win).
+    async fn import_legacy_policy(&self) -> Result<(), KvError> {
+        let dir = self.config().data_dir.clone();
+        if LEGACY_CHECKED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&dir)
+        {
+            return Ok(());
         }
+        let _g = LEGACY_IMPORT.lock().await;
+        let file = self.legacy_policy_file();
+        match std::fs::read(&file) {
+            Ok(b) => {
+                let m: BTreeMap<String, Value> = serde_json::from_slice(&b)
+                    .map_err(|e| internal("legacy policy assignments", e))?;
+                let rows: Vec<(String, String)> = m
+                    .into_iter()
+                    .map(|(id, body)| (id.to_ascii_lowercase(), body.to_string()))
+                    .collect();
+                self.store
+                    .import_policy_assignments(&rows, self.clock.now())
+                    .await
+                    .map_err(|e| internal("import policy assignments", e))?;
+                let mut done = file.clone().into_os_string();
+                done.push(".imported");
+                std::fs::rename(&file, &done)
+                    .map_err(|e| internal("legacy policy assignments", e))?;
+                tracing::info!(
+                    assignments = rows.len(),
+                    "policy assignments imported into the store"
+                );
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(internal("legacy policy assignments", e)),
+        }
+        LEGACY_CHECKED
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dir);
+        Ok(())
     }
 
-    fn save_policy_bodies(&self, m: &BTreeMap<String, Value>) -> Result<(), KvError> {
-        let path = self.policy_file();
-        let data = serde_json::to_vec_pretty(m).map_err(|e| internal("policy json", e))?;
-        kagi_store::file::write_atomically(&path, &data, 0o600)
-            .map_err(|e| internal("policy write", e))
+    /// Every stored assignment body, by lower-cased id.
+    async fn policy_bodies(&self) -> Result<BTreeMap<String, Value>, KvError> {
+        self.import_legacy_policy().await?;
+        self.store
+            .list_policy_assignments()
+            .await
+            .map_err(|e| internal("policy assignments", e))?
+            .into_iter()
+            .map(|(id, body)| {
+                serde_json::from_str(&body)
+                    .map(|v| (id, v))
+                    .map_err(|e| internal("policy assignments", e))
+            })
+            .collect()
     }
 
     /// The parsed assignments (for evaluation).
-    pub fn policy_assignments(&self) -> Result<Vec<Assignment>, KvError> {
+    pub async fn policy_assignments(&self) -> Result<Vec<Assignment>, KvError> {
         Ok(self
-            .policy_bodies()?
+            .policy_bodies()
+            .await?
             .values()
             .filter_map(|v| Assignment::from_json(v).ok())
             .collect())
@@ -66,16 +120,20 @@ impl Platform {
 
     /// The error a Deny assignment answers for creating or updating `resource_id` into
     /// `body` (which carries `type`), if any.
-    pub fn policy_deny(&self, resource_id: &str, body: &Value) -> Result<Option<KvError>, KvError> {
+    pub async fn policy_deny(
+        &self,
+        resource_id: &str,
+        body: &Value,
+    ) -> Result<Option<KvError>, KvError> {
         Ok(policy::deny_error(
-            &self.policy_assignments()?,
+            &self.policy_assignments().await?,
             resource_id,
             body,
         ))
     }
 
     /// `PUT {scope}/providers/Microsoft.Authorization/policyAssignments/{name}`.
-    pub fn put_policy_assignment(
+    pub async fn put_policy_assignment(
         &self,
         caller: &Principal,
         scope: &str,
@@ -116,16 +174,22 @@ impl Platform {
         let parsed = Assignment::from_json(&body)?;
         body["properties"]["policyDefinitionId"] = json!(parsed.definition_id);
         body["properties"]["effect"] = json!(parsed.effect.as_str());
-        let _g = WRITE.lock().unwrap_or_else(|p| p.into_inner());
-        let mut m = self.policy_bodies()?;
-        let existed = m.insert(id.to_ascii_lowercase(), body.clone()).is_some();
-        self.save_policy_bodies(&m)?;
+        self.import_legacy_policy().await?;
+        let created = self
+            .store
+            .put_policy_assignment(
+                &id.to_ascii_lowercase(),
+                &body.to_string(),
+                self.clock.now(),
+            )
+            .await
+            .map_err(|e| internal("policy write", e))?;
         tracing::info!(assignment = %id, effect = parsed.effect.as_str(), "policy assigned");
-        Ok((if existed { 200 } else { 201 }, body))
+        Ok((if created { 201 } else { 200 }, body))
     }
 
     /// `GET` of one assignment.
-    pub fn get_policy_assignment(
+    pub async fn get_policy_assignment(
         &self,
         caller: &Principal,
         scope: &str,
@@ -133,14 +197,15 @@ impl Platform {
     ) -> Result<Value, KvError> {
         self.require_admin(caller)?;
         let id = format!("{}/providers/{TYPE}/{name}", scope.trim_end_matches('/'));
-        self.policy_bodies()?
+        self.policy_bodies()
+            .await?
             .remove(&id.to_ascii_lowercase())
             .ok_or_else(|| not_found(&id))
     }
 
     /// `GET {scope}/providers/Microsoft.Authorization/policyAssignments`: the assignments
     /// that apply at the scope (at it or above it) and those below it.
-    pub fn list_policy_assignments(
+    pub async fn list_policy_assignments(
         &self,
         caller: &Principal,
         scope: &str,
@@ -148,7 +213,8 @@ impl Platform {
         self.require_admin(caller)?;
         let scope = scope.trim_end_matches('/');
         let value: Vec<Value> = self
-            .policy_bodies()?
+            .policy_bodies()
+            .await?
             .into_values()
             .filter(|v| {
                 let s = v["properties"]["scope"].as_str().unwrap_or_default();
@@ -159,7 +225,7 @@ impl Platform {
     }
 
     /// `DELETE` of one assignment: 200 when deleted, 204 when absent.
-    pub fn delete_policy_assignment(
+    pub async fn delete_policy_assignment(
         &self,
         caller: &Principal,
         scope: &str,
@@ -167,12 +233,16 @@ impl Platform {
     ) -> Result<(u16, Value), KvError> {
         self.require_admin(caller)?;
         let id = format!("{}/providers/{TYPE}/{name}", scope.trim_end_matches('/'));
-        let _g = WRITE.lock().unwrap_or_else(|p| p.into_inner());
-        let mut m = self.policy_bodies()?;
-        match m.remove(&id.to_ascii_lowercase()) {
-            Some(v) => {
-                self.save_policy_bodies(&m)?;
+        self.import_legacy_policy().await?;
+        let gone = self
+            .store
+            .delete_policy_assignment(&id.to_ascii_lowercase())
+            .await
+            .map_err(|e| internal("policy delete", e))?;
+        match gone {
+            Some(body) => {
                 tracing::info!(assignment = %id, "policy assignment deleted");
+                let v = serde_json::from_str(&body).map_err(|e| internal("policy json", e))?;
                 Ok((200, v))
             }
             None => Ok((204, Value::Null)),
@@ -182,10 +252,10 @@ impl Platform {
     /// Compliance of every resource governed by an enabled assignment at or under `scope`
     /// (`.../providers/Microsoft.PolicyInsights/policyStates/latest/queryResults`): one row
     /// per (resource, assignment).
-    pub fn policy_states(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
+    pub async fn policy_states(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
         self.require_admin(caller)?;
         let scope = scope.trim_end_matches('/');
-        let assignments = self.policy_assignments()?;
+        let assignments = self.policy_assignments().await?;
         let mut rows = Vec::new();
         let dir = self.dir();
         let mut resources: Vec<&Value> = dir

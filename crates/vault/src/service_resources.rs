@@ -5,11 +5,19 @@
 //! those identities in-process — how a service "proves it is the resource" when it calls a key
 //! vault over HTTPS.
 //!
+//! The non-blob records a service keeps about its resources live in the store too, behind the
+//! methods below, so that they are as durable as the resource and go with it: *documents*
+//! (small JSON values addressed by kind and name, e.g. a backup vault's `state`, its `job`s,
+//! its `agent-registry`) and an append-only *activity log*. They are keyed by the resource's
+//! lower-case id; the store deletes them in the transaction that deletes the resource
+//! ([`Platform::delete_service_resource`]) and re-keys them in the transaction that moves it
+//! ([`Platform::move_service_resource`]). Service crates reach them only through these methods.
+//!
 //! A child module of `directory` (it shares the directory's private state).
 
 use kagi_core::{ErrorCode, KvError, VaultName};
 use kagi_identity::Principal;
-use kagi_store::ResourceRecord;
+use kagi_store::{ResourceRecord, ServiceDocument, ServiceImport};
 use serde_json::{Value, json};
 
 use super::{bad, kind};
@@ -31,6 +39,15 @@ pub struct KeyVaultFacts {
     pub soft_delete: bool,
     /// Purge protection on.
     pub purge_protection: bool,
+}
+
+/// The store key of a resource id: lower-case, no trailing slash (as `resources.id`).
+fn store_key(resource_id: &str) -> String {
+    resource_id.trim_end_matches('/').to_ascii_lowercase()
+}
+
+fn parse_document(kind: &str, body: &str) -> Result<Value, KvError> {
+    serde_json::from_str(body).map_err(|e| internal(&format!("service document {kind}"), e))
 }
 
 fn resource_key(sub: &str, rg: &str, resource_type: &str, name: &str) -> String {
@@ -174,8 +191,22 @@ impl Platform {
         Ok(json!({ "value": value }))
     }
 
-    /// `DELETE` of a storage-service resource: its system-assigned identity goes with it.
-    /// 200 when deleted, 204 when absent. Locks at or above it refuse.
+    /// Every stored resource of a type, for the service itself (no caller): its scheduler.
+    pub fn service_resources_of_type(&self, resource_type: &str) -> Vec<Value> {
+        let mut value: Vec<Value> = self
+            .dir()
+            .resources
+            .values()
+            .filter(|(r, _)| r.resource_type.eq_ignore_ascii_case(resource_type))
+            .map(|(_, b)| b.clone())
+            .collect();
+        value.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        value
+    }
+
+    /// `DELETE` of a storage-service resource: its system-assigned identity, its documents
+    /// and its activity log go with it (one store transaction). 200 when deleted, 204 when
+    /// absent. Locks at or above it refuse.
     pub async fn delete_service_resource(
         &self,
         caller: &Principal,
@@ -206,6 +237,144 @@ impl Platform {
         }
         tracing::info!(resource = %key, "service resource deleted");
         Ok(200)
+    }
+
+    // ----- documents and activity of a service's resources -----
+
+    /// A document of a resource (`kind` and `name` as the service chose them), if stored.
+    pub async fn service_document(
+        &self,
+        resource_id: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<Value>, KvError> {
+        self.store
+            .get_service_document(&store_key(resource_id), kind, name)
+            .await
+            .map_err(|e| internal("read service document", e))?
+            .map(|d| parse_document(kind, &d.body))
+            .transpose()
+    }
+
+    /// Stores a document of a resource (replacing the one of that kind and name); durable when
+    /// this returns. The resource need not exist yet: a service may record what it needs to
+    /// create it first.
+    pub async fn put_service_document(
+        &self,
+        resource_id: &str,
+        kind: &str,
+        name: &str,
+        body: &Value,
+    ) -> Result<(), KvError> {
+        let doc = ServiceDocument {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            body: body.to_string(),
+            updated: self.clock.now(),
+        };
+        self.store
+            .put_service_document(&store_key(resource_id), &doc)
+            .await
+            .map_err(|e| internal("write service document", e))
+    }
+
+    /// Deletes a document of a resource; `true` if it existed.
+    pub async fn delete_service_document(
+        &self,
+        resource_id: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<bool, KvError> {
+        self.store
+            .delete_service_document(&store_key(resource_id), kind, name)
+            .await
+            .map_err(|e| internal("delete service document", e))
+    }
+
+    /// Every document of one kind of a resource: (name, document), by name.
+    pub async fn service_documents(
+        &self,
+        resource_id: &str,
+        kind: &str,
+    ) -> Result<Vec<(String, Value)>, KvError> {
+        self.store
+            .list_service_documents(&store_key(resource_id), kind)
+            .await
+            .map_err(|e| internal("list service documents", e))?
+            .into_iter()
+            .map(|d| Ok((d.name, parse_document(kind, &d.body)?)))
+            .collect()
+    }
+
+    /// Appends an entry to a resource's activity log (at the platform time); durable when
+    /// this returns.
+    pub async fn append_service_activity(
+        &self,
+        resource_id: &str,
+        entry: &Value,
+    ) -> Result<(), KvError> {
+        self.store
+            .append_service_activity(
+                &store_key(resource_id),
+                self.clock.now(),
+                &entry.to_string(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| internal("append service activity", e))
+    }
+
+    /// A resource's activity log, oldest first.
+    pub async fn service_activity(&self, resource_id: &str) -> Result<Vec<Value>, KvError> {
+        self.store
+            .list_service_activity(&store_key(resource_id))
+            .await
+            .map_err(|e| internal("read service activity", e))?
+            .into_iter()
+            .map(|r| parse_document("activity", &r.body))
+            .collect()
+    }
+
+    /// Deletes every document and activity entry kept for a resource id: what a resource of
+    /// that id deleted earlier may have left (a creation that failed half-way), before a new
+    /// one is created.
+    pub async fn clear_service_data(&self, resource_id: &str) -> Result<(), KvError> {
+        self.store
+            .delete_service_data(&store_key(resource_id))
+            .await
+            .map_err(|e| internal("clear service data", e))
+    }
+
+    /// Imports a resource's documents (kind, name, document) and activity entries (time,
+    /// entry; oldest first) that an earlier kagi kept in files, in one transaction: documents
+    /// already stored and an activity log that already has entries are left as they are, so
+    /// running the same import again changes nothing.
+    pub async fn import_service_data(
+        &self,
+        resource_id: &str,
+        documents: &[(String, String, Value)],
+        activity: &[(i64, Value)],
+    ) -> Result<(), KvError> {
+        let now = self.clock.now();
+        let import = ServiceImport {
+            documents: documents
+                .iter()
+                .map(|(kind, name, body)| ServiceDocument {
+                    kind: kind.clone(),
+                    name: name.clone(),
+                    body: body.to_string(),
+                    updated: now,
+                })
+                .collect(),
+            activity: activity
+                .iter()
+                .map(|(at, entry)| (*at, entry.to_string()))
+                .collect(),
+        };
+        self.store
+            .import_service_data(&store_key(resource_id), &import)
+            .await
+            .map_err(|e| internal("import service data", e))
     }
 
     /// An access token (audience: this platform) for one of a resource's managed identities:
