@@ -87,6 +87,10 @@ pub struct JobHandle {
     queued: AtomicBool,
     /// [`PERSIST_EVERY`], except in tests.
     every: Duration,
+    /// Becomes true when the job has ended (long polls wait on it).
+    ended: tokio::sync::watch::Sender<bool>,
+    /// The job's end is in the store: its handle may be dropped.
+    end_stored: AtomicBool,
 }
 
 impl JobHandle {
@@ -179,12 +183,15 @@ impl JobHandle {
             s.body["lastUpdateTime"] = json!(rfc3339(now));
             s.body.clone()
         };
-        if let Err(e) = self.persist(&snapshot).await {
+        let stored = self.persist(&snapshot).await;
+        self.end_stored.store(stored.is_ok(), Ordering::SeqCst);
+        if let Err(e) = stored {
             // Answered from memory while this process runs; after a restart the job reads as
             // interrupted, which is what the store can vouch for.
             tracing::error!(error = %e.message, job = %self.id, "job end not persisted");
         }
         lock(&RUNNING).remove(&(self.vault_key.clone(), self.id.clone()));
+        self.ended.send_replace(true);
     }
 
     async fn persist(&self, body: &Value) -> Result<(), KvError> {
@@ -277,6 +284,8 @@ impl Jobs {
             writing: tokio::sync::Mutex::new(()),
             queued: AtomicBool::new(false),
             every: self.every,
+            ended: tokio::sync::watch::Sender::new(false),
+            end_stored: AtomicBool::new(false),
         });
         // Registered as running before it is stored, so no reader ever finds it stored without
         // its runner and takes it for an interrupted job.
@@ -290,8 +299,22 @@ impl Jobs {
             lock(&RUNNING).remove(&key);
             return Err(e);
         }
-        lock(&self.live).insert(id, handle.clone());
+        let mut live = lock(&self.live);
+        // Ended jobs are answered from the store: drop their handles.
+        live.retain(|_, h| !h.end_stored.load(Ordering::SeqCst));
+        live.insert(id, handle.clone());
+        drop(live);
         Ok(handle)
+    }
+
+    /// Waits until the job `id`, if this process runs it, has ended, or `max` has passed (a
+    /// long poll: a client sees the end at once instead of at its next poll).
+    pub async fn wait_end(&self, id: &str, max: Duration) {
+        let handle = lock(&self.live).get(&id.to_ascii_lowercase()).cloned();
+        if let Some(h) = handle {
+            let mut rx = h.ended.subscribe();
+            let _ = tokio::time::timeout(max, rx.wait_for(|ended| *ended)).await;
+        }
     }
 
     /// A job of the vault `vault_id`, by id (`None`: the vault has no such job).
@@ -547,6 +570,33 @@ mod tests {
         assert_eq!(d["error"]["code"], "RepositoryDamaged");
         assert_eq!(d["stats"]["problems"], json!(["p"]));
         assert_eq!(d["progress"]["done"], 30);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_poll_returns_when_the_job_ends_and_ended_handles_are_dropped() {
+        let (_d, p) = platform().await;
+        let jobs = steps_only();
+        let h = jobs.start(&p, VAULT, "Restore", "item", T0).await.unwrap();
+        let id = name(&h);
+        let ender = h.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            ender.complete(T0 + 1, json!({})).await;
+        });
+        // Without the wait the read would find the job still running.
+        jobs.wait_end(&id, Duration::from_secs(30)).await;
+        let got = jobs.get(&p, VAULT, &id).await.unwrap().unwrap();
+        assert_eq!(got["status"], "Completed");
+        // The next start drops the ended handle; the stored job answers the same.
+        let next = jobs
+            .start(&p, VAULT, "Backup", "item", T0 + 2)
+            .await
+            .unwrap();
+        assert!(!lock(&jobs.live).contains_key(&id));
+        assert!(lock(&jobs.live).contains_key(&name(&next)));
+        assert_eq!(jobs.get(&p, VAULT, &id).await.unwrap().unwrap(), got);
+        // Waiting on an ended (or unknown) job returns at once.
+        jobs.wait_end(&id, Duration::from_secs(30)).await;
     }
 
     #[tokio::test]

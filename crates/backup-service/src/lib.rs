@@ -193,14 +193,24 @@ pub fn matches(l: &[&str]) -> bool {
 pub async fn handle(
     platform: &Arc<Platform>,
     caller: &Principal,
-    method: &str,
-    segs: &[&str],
-    l: &[&str],
-    body: &[u8],
+    req: ArmRequest<'_>,
 ) -> Result<(u16, Value), KvError> {
-    service(platform)
-        .route(platform, caller, method, segs, l, body)
-        .await
+    service(platform).route(platform, caller, req).await
+}
+
+/// One management request for `Microsoft.RecoveryServices`, as the HTTP layer parsed it.
+#[derive(Debug)]
+pub struct ArmRequest<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path segments.
+    pub segs: &'a [&'a str],
+    /// The same, lower-cased.
+    pub l: &'a [&'a str],
+    /// The body.
+    pub body: &'a [u8],
+    /// `Prefer: wait=N`: a job read waits up to this long for the job to end.
+    pub wait: Option<Duration>,
 }
 
 /// Authenticates a backup-agent request (`/kagi/agent/{vault id}/…`, see [`agents`]) before
@@ -261,11 +271,15 @@ impl BackupService {
         self: &Arc<Self>,
         p: &Arc<Platform>,
         caller: &Principal,
-        method: &str,
-        segs: &[&str],
-        l: &[&str],
-        body: &[u8],
+        req: ArmRequest<'_>,
     ) -> Result<(u16, Value), KvError> {
+        let ArmRequest {
+            method,
+            segs,
+            l,
+            body,
+            wait,
+        } = req;
         self.ready(p).await?;
         let not_found = || KvError::new(ErrorCode::NotFound, "No such route.");
         let i = l
@@ -324,6 +338,9 @@ impl BackupService {
             }
             (["vaults", _, "backupjobs", _], "GET", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                if let Some(w) = wait {
+                    self.jobs.wait_end(rest[3], w).await;
+                }
                 self.jobs
                     .get(p, &v.id, rest[3])
                     .await?

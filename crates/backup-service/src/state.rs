@@ -387,7 +387,19 @@ mod tests {
             } else {
                 body.to_string().into_bytes()
             };
-            match crate::handle(&self.p, &self.admin, method, &segs, &l, &body).await {
+            match crate::handle(
+                &self.p,
+                &self.admin,
+                crate::ArmRequest {
+                    method,
+                    segs: &segs,
+                    l: &l,
+                    body: &body,
+                    wait: None,
+                },
+            )
+            .await
+            {
                 Ok(r) => r,
                 Err(e) => (
                     e.code.status(),

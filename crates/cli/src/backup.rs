@@ -308,12 +308,16 @@ async fn wait(ctx: &Context, base: &str, id: &str) -> anyhow::Result<Value> {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
     );
-    // Short jobs end within a poll: start polling fast and back off, so that waiting for the
-    // answer adds milliseconds, not up to a whole interval.
-    let mut pause = Duration::from_millis(20);
+    // Long polling (RFC 7240 `Prefer: wait`): the server answers as soon as the job ends, or
+    // after a second with its progress, so the end is seen within milliseconds.
     loop {
         let j = ctx
-            .call(Method::GET, &url(base, &format!("/backupJobs/{id}")), None)
+            .call_with(
+                Method::GET,
+                &url(base, &format!("/backupJobs/{id}")),
+                None,
+                &[("prefer", "wait=1")],
+            )
             .await?;
         bar.set_message(format!(
             "{} {}",
@@ -326,8 +330,8 @@ async fn wait(ctx: &Context, base: &str, id: &str) -> anyhow::Result<Value> {
             bar.finish_and_clear();
             return Ok(j);
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
+        // An older server answers at once: do not spin.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

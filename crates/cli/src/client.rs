@@ -230,8 +230,22 @@ impl Context {
         url: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<Value> {
+        self.call_with(method, url, body, &[]).await
+    }
+
+    /// [`Self::call`] with extra request headers (e.g. `Prefer: wait=1`).
+    pub async fn call_with(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Value> {
         let send = |token: &str| {
             let mut req = self.http.request(method.clone(), url).bearer_auth(token);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
             if let Some(b) = body {
                 req = req.json(b);
             }

@@ -167,8 +167,16 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     {
         return r.unwrap_or_else(|e| respond::error(&e));
     }
-    if let Some(r) =
-        crate::recovery_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body).await
+    if let Some(r) = crate::recovery_routes::arm(
+        &platform,
+        &caller,
+        &parts.method,
+        &segs,
+        &l,
+        &body,
+        crate::recovery_routes::prefer_wait(&parts.headers),
+    )
+    .await
     {
         return r;
     }
