@@ -10,7 +10,7 @@
 # always on) holding an RSA key, a backup vault with a system-assigned identity granted
 # "Key Vault Crypto Service Encryption User" on the key vault (get/list, wrapKey, unwrapKey),
 # the key assigned as the vault's customer-managed key, the data set folder protected as an
-# item. Its wall time is the CLI's (start, token, POST, polling every 200 ms until the job
+# item. Its wall time is the CLI's (start, token, POST, a long poll until the job
 # ends); its CPU is the server's (from /proc/PID/stat, before and after) plus the CLI's; engine_s
 # is the job's own `stats.durationMs` (the engine's part of the job).
 #   scripts/bench-backup.sh [SIZE_MB]   (default 1024)
