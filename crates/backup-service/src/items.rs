@@ -24,7 +24,7 @@ use zeroize::Zeroizing;
 use crate::BackupService;
 use crate::jobs::JobHandle;
 use crate::keyvault::bad;
-use crate::state::{Item, VaultState, io};
+use crate::state::{Item, KeyVersionInUse, VaultState, io};
 use crate::vaults::{CmkConfig, VaultCtx, activity_entry, kid_uri, pmk_label};
 
 type Dek = Zeroizing<[u8; 32]>;
@@ -239,7 +239,7 @@ impl BackupService {
     /// The KEK in force (resolving a versionless key URI at most once per poll interval).
     async fn current_kek(&self, p: &Platform, v: &VaultCtx) -> Result<Kek, KvError> {
         let body = p.service_resource(&v.id).unwrap_or_else(|| v.body.clone());
-        let mut state = VaultState::load(p, &v.id).await?.unwrap_or_default();
+        let state = VaultState::load(p, &v.id).await?.unwrap_or_default();
         let Some(cmk) = CmkConfig::of(&body) else {
             let sealed =
                 kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
@@ -270,8 +270,9 @@ impl BackupService {
             let kid = format!("{}/keys/{}/{ver}", uri.base, uri.name);
             return Ok(Kek::Cmk { kid, token, who });
         }
-        let due = p.now() - state.resolved_at >= self.config.key_poll_interval.as_secs() as i64;
-        if let (Some(kid), false) = (&state.current_kid, due) {
+        let in_use = KeyVersionInUse::load(p, &v.id, &state).await?;
+        let due = p.now() - in_use.resolved_at >= self.config.key_poll_interval.as_secs() as i64;
+        if let (Some(kid), false) = (&in_use.kid, due) {
             return Ok(Kek::Cmk {
                 kid: kid.clone(),
                 token,
@@ -293,7 +294,7 @@ impl BackupService {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        if state.current_kid.as_deref() != Some(kid.as_str()) {
+        if in_use.kid.as_deref() != Some(kid.as_str()) {
             self.log(
                 p,
                 v,
@@ -308,9 +309,12 @@ impl BackupService {
             )
             .await;
         }
-        state.current_kid = Some(kid.clone());
-        state.resolved_at = p.now();
-        state.save(p, &v.id).await?;
+        KeyVersionInUse {
+            kid: Some(kid.clone()),
+            resolved_at: p.now(),
+        }
+        .save(p, &v.id)
+        .await?;
         Ok(Kek::Cmk { kid, token, who })
     }
 

@@ -40,6 +40,8 @@ pub const STATE: &str = "state";
 pub const JOB: &str = "job";
 /// Document kind of a vault's agent registry (name empty).
 pub const AGENT_REGISTRY: &str = "agent-registry";
+/// Document kind: the key version in use ([`KeyVersionInUse`]).
+pub const KEY_VERSION: &str = "key-version";
 
 /// A protected folder.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -76,9 +78,10 @@ pub struct VaultState {
     pub pmk_sealed: String,
     /// Set (and persisted) before the first protection attempt, successful or not (BK-2).
     pub protection_attempted: bool,
-    /// The versioned key id in use (CMK), and when it was last resolved.
+    /// The versioned key id in use when the key was last set. Jobs keep the version they
+    /// resolve in the [`KEY_VERSION`] document; this is its fallback for older vaults.
     pub current_kid: Option<String>,
-    /// When `current_kid` was last resolved from a versionless URI (Unix seconds).
+    /// When `current_kid` was resolved (Unix seconds).
     pub resolved_at: i64,
     /// Protected items by name.
     pub items: BTreeMap<String, Item>,
@@ -124,6 +127,38 @@ impl VaultState {
     pub async fn save(&self, p: &Platform, vault_id: &str) -> Result<(), KvError> {
         let v = serde_json::to_value(self).map_err(|e| io("state json", e))?;
         p.put_service_document(vault_id, STATE, "", &v).await
+    }
+}
+
+/// The key version a vault with a versionless key URI uses, and when it was resolved: its own
+/// document (kind [`KEY_VERSION`]), because jobs update it while other requests change the
+/// vault's state, and a job resolving the version must not write back a stale copy of that
+/// state (a job may resolve it while the caller holds the vault's lock, or not).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyVersionInUse {
+    /// The versioned key id.
+    pub kid: Option<String>,
+    /// When it was resolved (Unix seconds).
+    pub resolved_at: i64,
+}
+
+impl KeyVersionInUse {
+    /// The vault's key version (older vaults kept it in their state).
+    pub async fn load(p: &Platform, vault_id: &str, state: &VaultState) -> Result<Self, KvError> {
+        match p.service_document(vault_id, KEY_VERSION, "").await? {
+            Some(v) => serde_json::from_value(v).map_err(|e| io("parse key version", e)),
+            None => Ok(Self {
+                kid: state.current_kid.clone(),
+                resolved_at: state.resolved_at,
+            }),
+        }
+    }
+
+    /// Stores it (durable when this returns).
+    pub async fn save(&self, p: &Platform, vault_id: &str) -> Result<(), KvError> {
+        let v = serde_json::to_value(self).map_err(|e| io("key version json", e))?;
+        p.put_service_document(vault_id, KEY_VERSION, "", &v).await
     }
 }
 

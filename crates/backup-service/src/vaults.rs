@@ -22,7 +22,7 @@ use kagi_vault::{Platform, Principal};
 use serde_json::{Value, json};
 
 use crate::keyvault::{KeyUri, bad, key_unusable, parse_key_uri};
-use crate::state::{VaultState, log_activity, read_activity, vault_dir};
+use crate::state::{KeyVersionInUse, VaultState, log_activity, read_activity, vault_dir};
 
 /// A backup vault's id from its subscription, group and name (the store lower-cases it).
 pub(crate) fn vault_id(sub: &str, rg: &str, name: &str) -> String {
@@ -490,6 +490,12 @@ impl BackupService {
         state.resolved_at = p.now();
         state.cmk_tenant_id = current_tenant.clone();
         state.save(p, &v.id).await?;
+        KeyVersionInUse {
+            kid: Some(kid.clone()),
+            resolved_at: p.now(),
+        }
+        .save(p, &v.id)
+        .await?;
         let v = VaultCtx {
             body: stored.clone(),
             ..v
