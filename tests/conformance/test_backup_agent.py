@@ -142,7 +142,7 @@ def test_agent_passphrase_in_key_vault_and_restore_on_new_machine(kagi, tmp_path
     make_tree(src)
     first_tree = manifest(src)
     ok(agent(state, "protect", str(src)))
-    b1 = ok(agent(state, "backup"))
+    b1 = ok(agent(state, "backup"))[0]
     rp1 = b1["recoveryPoint"]
     assert b1["files"] >= 7, b1
 
@@ -170,7 +170,7 @@ def test_agent_passphrase_in_key_vault_and_restore_on_new_machine(kagi, tmp_path
 
     (src / "small.txt").write_text("changed after the passphrase changes\n")
     second_tree = manifest(src)
-    rp2 = ok(agent(state, "backup"))["recoveryPoint"]
+    rp2 = ok(agent(state, "backup"))[0]["recoveryPoint"]
 
     # The machine is lost.
     shutil.rmtree(state)
@@ -360,7 +360,7 @@ def test_agent_bad_input(kagi, tmp_path):
     src = tmp_path / "bsrc"
     make_tree(src)
     ok(agent(tmp_path / "b4", "protect", str(src)))
-    rp = ok(agent(tmp_path / "b4", "backup"))["recoveryPoint"]
+    rp = ok(agent(tmp_path / "b4", "backup"))[0]["recoveryPoint"]
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
@@ -371,7 +371,7 @@ def test_agent_bad_input(kagi, tmp_path):
     ok(agent(tmp_path / "b4", "protect", str(src), "--keep-last", "1"))
     (src / "sub" / "big.bin").write_bytes(os.urandom(2 * 1024 * 1024))
     latest = manifest(src)
-    rp2 = ok(agent(tmp_path / "b4", "backup"))["recoveryPoint"]
+    rp2 = ok(agent(tmp_path / "b4", "backup"))[0]["recoveryPoint"]
     points = ok(agent(tmp_path / "b4", "recovery-points"))
     assert [x["id"] for x in points] == [rp2], points
     ok(agent(tmp_path / "b4", "restore", "--target", str(tmp_path / "latest")))
@@ -511,3 +511,35 @@ def test_agent_routes_authorization_and_limits(kagi, tmp_path):
     fails(agent(st_a, "recovery-points"), "100110")
     assert not list((kagi.data_dir / "backup").rglob("agents/machines/web.corp.example/*"))
     ok(kagi_cli(kagi, "backup", "vault", "delete", *vref(bv)))
+
+
+def test_agent_protect_during_a_backup_is_kept(kagi, tmp_path):
+    """`protect` while a backup runs neither waits for it nor is undone by its end."""
+    bv, _ = backup_vault(kagi)
+    creds = credentials(kagi, bv, tmp_path)
+    st = tmp_path / "p1"
+    ok(register(st, creds, "busy.example", passfile(tmp_path, "p" * 20)))
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(12):
+        (big / f"b{i}.bin").write_bytes(os.urandom(8 << 20))
+    other = tmp_path / "other"
+    make_tree(other)
+    ok(agent(st, "protect", str(big)))
+    bg = subprocess.Popen([str(KAGI_BIN), "agent", "--state-dir", str(st), "backup", "--output", "json"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ok(agent(st, "protect", str(other)))
+        during = bg.poll() is None
+        out, err = bg.communicate(timeout=300)
+    finally:
+        if bg.poll() is None:
+            bg.kill()
+    assert bg.returncode == 0, err
+    state = json.loads((st / "agent.json").read_text())
+    paths = {f["path"]: f for f in state["folders"]}
+    assert set(paths) == {str(big.resolve()), str(other.resolve())}, (paths, during)
+    assert paths[str(big.resolve())]["lastRun"] > 0
+    # A second backup while none runs covers both folders, one recovery point each.
+    points = ok(agent(st, "backup"))
+    assert {p["folder"] for p in points} == set(paths), points

@@ -356,6 +356,26 @@ fn job_lock(dir: &Path) -> Result<std::fs::File> {
     }
 }
 
+/// Holds the agent's state lock while `agent.json` is read, changed and written back (short:
+/// never across a backup), so `protect` and the end of a backup cannot undo each other.
+fn state_lock(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("state.lock");
+    let state_err = |e: std::io::Error| AgentError::State {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    };
+    std::fs::create_dir_all(dir).map_err(state_err)?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(state_err)?;
+    f.lock().map_err(state_err)?;
+    Ok(f)
+}
+
 /// A registered (or partly registered) agent.
 #[derive(Debug)]
 pub struct Agent {
@@ -393,6 +413,8 @@ pub async fn register(dir: &Path, req: RegisterRequest<'_>) -> Result<(Agent, Re
             .map_err(join)??;
     }
     let _lock = job_lock(dir)?;
+    // Registration writes the whole state: hold the state lock throughout.
+    let _state = state_lock(dir)?;
     let previous = AgentState::load(dir)?;
     if let Some(p) = &previous
         && (!p.vault_id.eq_ignore_ascii_case(&c.vault_id)
@@ -590,7 +612,12 @@ impl Agent {
         schedule_hours: Option<u64>,
         keep_last: Option<u64>,
     ) -> Result<Folder> {
-        let _lock = self.lock_and_reload()?;
+        // Not the job lock: protecting a folder must not wait for a long backup.
+        let _lock = state_lock(&self.dir)?;
+        self.refresh()?;
+        if let Registration::Incomplete { reason } = &self.state.registration {
+            return Err(AgentError::RegistrationIncomplete(reason.clone()));
+        }
         let abs = std::fs::canonicalize(path)
             .map_err(|e| AgentError::Invalid(format!("{}: {e}", path.display())))?;
         if !abs.is_dir() {
@@ -665,6 +692,7 @@ impl Agent {
         .map_err(join)?;
         if r.is_ok() {
             // Re-read: `protect` may have run meanwhile; change only this folder's last run.
+            let _state = state_lock(&self.dir)?;
             if let Some(mut fresh) = AgentState::load(&self.dir)? {
                 if let Some(x) = fresh.folders.iter_mut().find(|x| x.path == folder) {
                     x.last_run = started;
@@ -889,11 +917,15 @@ impl Agent {
         })
         .await
         .map_err(join)??;
-        self.state.key_vault_uri = uri;
-        if secret_id.is_some() {
-            self.state.secret_id = secret_id.clone();
+        {
+            let _state = state_lock(&self.dir)?;
+            self.refresh()?;
+            self.state.key_vault_uri = uri;
+            if secret_id.is_some() {
+                self.state.secret_id = secret_id.clone();
+            }
+            self.state.save(&self.dir)?;
         }
-        self.state.save(&self.dir)?;
         let _ = self
             .conn()?
             .report(

@@ -394,6 +394,25 @@ pub async fn read_secret_as_user(
         .ok_or_else(|| {
             AgentError::Unreachable(format!("{base} did not answer with a bearer challenge"))
         })?;
+    // As the Azure SDK does: the token's audience must be the key vault's own domain, so a
+    // look-alike host cannot obtain a token meant for kagi.
+    let vault_host = parsed
+        .as_ref()
+        .and_then(|u| u.host_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let resource_host = reqwest::Url::parse(resource)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_ascii_lowercase))
+        .unwrap_or_default();
+    if resource_host.is_empty()
+        || !(vault_host == resource_host || vault_host.ends_with(&format!(".{resource_host}")))
+    {
+        return Err(AgentError::Unreachable(format!(
+            "{base} asked for a token for '{resource}', which is not its domain; refusing to send \
+             your credentials' token there"
+        )));
+    }
     let scope = format!("{}/.default", resource.trim_end_matches('/'));
     let resp = http
         .post(format!(

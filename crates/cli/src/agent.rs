@@ -380,6 +380,8 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
             if folders.is_empty() {
                 bail!("no folder is protected: kagi agent protect PATH");
             }
+            // JSON: one array of every folder's result, printed at the end.
+            let mut results = Vec::new();
             for f in folders {
                 let (pb, report) = bar(&format!("backup {f}"));
                 let r = a.backup(&f, report).await;
@@ -395,25 +397,28 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
                     );
                 }
                 let secs = (s.duration_ms as f64 / 1000.0).max(0.001);
-                print(
-                    output,
-                    &json!({"folder": f, "recoveryPoint": s.snapshot.id, "files": s.snapshot.files,
-                            "bytesRead": s.bytes_read, "bytesAdded": s.bytes_added,
-                            "chunksNew": s.chunks_new, "chunksDeduplicated": s.chunks_dedup,
-                            "skipped": s.skipped, "skippedCount": s.skipped_count,
-                            "seconds": secs}),
-                    || {
-                        format!(
-                            "{f}: recovery point {}\n  {} files, read {}, stored {} new ({} chunks new, {} deduplicated), {:.1} MB/s",
-                            s.snapshot.id,
-                            s.snapshot.files,
-                            mb(s.bytes_read),
-                            mb(s.bytes_added),
-                            s.chunks_new,
-                            s.chunks_dedup,
-                            s.bytes_read as f64 / 1e6 / secs
-                        )
-                    },
+                results.push(json!({"folder": f, "recoveryPoint": s.snapshot.id,
+                    "files": s.snapshot.files, "bytesRead": s.bytes_read,
+                    "bytesAdded": s.bytes_added, "chunksNew": s.chunks_new,
+                    "chunksDeduplicated": s.chunks_dedup, "skipped": s.skipped,
+                    "skippedCount": s.skipped_count, "seconds": secs}));
+                if let Output::Table = output {
+                    println!(
+                        "{f}: recovery point {}\n  {} files, read {}, stored {} new ({} chunks new, {} deduplicated), {:.1} MB/s",
+                        s.snapshot.id,
+                        s.snapshot.files,
+                        mb(s.bytes_read),
+                        mb(s.bytes_added),
+                        s.chunks_new,
+                        s.chunks_dedup,
+                        s.bytes_read as f64 / 1e6 / secs
+                    );
+                }
+            }
+            if let Output::Json = output {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&results).unwrap_or_default()
                 );
             }
         }
