@@ -329,50 +329,47 @@ fn dek_of(state: &AgentState) -> Result<DataKey> {
     DataKey::from_bytes(&raw).map_err(|e| AgentError::Crypto(e.to_string()))
 }
 
-/// Holds the agent's job lock: one registration, backup, restore or passphrase change at a
-/// time per state directory (prune and key changes need the repository to themselves, and the
-/// state file is read and written around each job). Released when the returned file is
-/// dropped, or when the process dies.
-fn job_lock(dir: &Path) -> Result<std::fs::File> {
-    let path = dir.join("job.lock");
-    let state_err = |e: std::io::Error| AgentError::State {
+fn state_error(path: &Path, e: std::io::Error) -> AgentError {
+    AgentError::State {
         path: path.display().to_string(),
         reason: e.to_string(),
-    };
-    std::fs::create_dir_all(dir).map_err(state_err)?;
+    }
+}
+
+/// Opens (creating it, 0600) a lock file of the state directory.
+fn lock_file(dir: &Path, name: &str) -> Result<(std::fs::File, PathBuf)> {
+    let path = dir.join(name);
+    std::fs::create_dir_all(dir).map_err(|e| state_error(dir, e))?;
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .mode(0o600)
         .open(&path)
-        .map_err(state_err)?;
+        .map_err(|e| state_error(&path, e))?;
+    Ok((f, path))
+}
+
+/// Holds the agent's job lock: one registration, backup, restore or passphrase change at a
+/// time per state directory (prune and key changes need the repository to themselves, and the
+/// state file is read and written around each job). Released when the returned file is
+/// dropped, or when the process dies.
+fn job_lock(dir: &Path) -> Result<std::fs::File> {
+    let (f, path) = lock_file(dir, "job.lock")?;
     match f.try_lock() {
         Ok(()) => Ok(f),
         Err(std::fs::TryLockError::WouldBlock) => Err(AgentError::Invalid(
             "another kagi agent job of this machine is running; try again when it ends".into(),
         )),
-        Err(std::fs::TryLockError::Error(e)) => Err(state_err(e)),
+        Err(std::fs::TryLockError::Error(e)) => Err(state_error(&path, e)),
     }
 }
 
 /// Holds the agent's state lock while `agent.json` is read, changed and written back (short:
 /// never across a backup), so `protect` and the end of a backup cannot undo each other.
 fn state_lock(dir: &Path) -> Result<std::fs::File> {
-    let path = dir.join("state.lock");
-    let state_err = |e: std::io::Error| AgentError::State {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    };
-    std::fs::create_dir_all(dir).map_err(state_err)?;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(state_err)?;
-    f.lock().map_err(state_err)?;
+    let (f, path) = lock_file(dir, "state.lock")?;
+    f.lock().map_err(|e| state_error(&path, e))?;
     Ok(f)
 }
 
