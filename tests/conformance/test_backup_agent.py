@@ -224,6 +224,18 @@ def test_agent_passphrase_in_key_vault_and_restore_on_new_machine(kagi, tmp_path
     for p in (p1, p2, p3):
         assert p not in log
 
+    # Agent requests are in the audit log, under the backup vault, with the machine as caller;
+    # no passphrase or machine secret is.
+    audit = (kagi.data_dir / "audit" / "audit.jsonl").read_text()
+    vault_id = f"/subscriptions/{kagi.subscription_id}/resourceGroups/{DEFAULT_RG}/providers/Microsoft.RecoveryServices/vaults/{bv}".lower()
+    agent_records = [json.loads(line) for line in audit.splitlines() if "/kagi/agent/" in line]
+    assert agent_records, "no agent request was audited"
+    assert all(r["resourceId"].lower() == vault_id for r in agent_records), agent_records[0]
+    assert any(f"agent:" in json.dumps(r.get("identity")) and machine in json.dumps(r.get("identity"))
+               for r in agent_records), agent_records[-1]
+    for secret in (p1, p2, p3, m2["machineSecret"]):
+        assert secret not in audit
+
 
 # --------------------------------------------------------------------------------------------
 # RBAC: Secrets Officer, and a custom role with only secrets/set

@@ -316,6 +316,19 @@ pub(crate) async fn serve_audited(
         Target::Management if path.to_ascii_lowercase().starts_with("/subscriptions/") => {
             (printable(path.trim_end_matches('/'), MAX_URL), None)
         }
+        // Backup agents: the backup vault (the path's first eight segments after the prefix).
+        Target::Management
+            if path
+                .to_ascii_lowercase()
+                .starts_with("/kagi/agent/subscriptions/") =>
+        {
+            let vault: Vec<&str> = path["/kagi/agent".len()..]
+                .trim_start_matches('/')
+                .split('/')
+                .take(8)
+                .collect();
+            (printable(&format!("/{}", vault.join("/")), MAX_URL), None)
+        }
         _ => (printable(&host, 255), None),
     };
     let object_id = if matches!(target, Target::Vault(_)) {
