@@ -2,7 +2,8 @@
 # Backup benchmark, side by side in one run on the same ~1 GB mixed data set
 # (scripts/gen-backup-dataset.py): kagi's engine alone, kagi's backup vault service end to end,
 # restic and borg (Debian packages). Each does a full backup, an incremental backup after a
-# scattered 1% change, and a full restore of the newest point. Reports wall seconds, MB/s, CPU
+# scattered 1% change, and a full restore of the newest point. Also the backup agent
+# (kagi-agt): a machine's own agent, encrypting locally and storing over HTTPS. Reports wall seconds, MB/s, CPU
 # seconds, repository size and bytes added by the incremental.
 #
 # The service column ("kagi-svc") goes through a real `kagi server` on a temporary data dir and
@@ -109,6 +110,39 @@ mkdir -p "$work/sout"
 measure_service restore "$work/s3.json" backup restore --vault bench --resource-group bench \
   --item data --recovery-point "$(field "$work/s2.json" stats.recoveryPointId)" --target "$work/sout"
 rm -rf "$work/sout"
+
+# kagi-agt: the backup agent of a machine (docs/AGENT.md) against the same server: it encrypts
+# on the "machine" and stores objects over HTTPS through the agent routes (each one fsynced by
+# the server before it answers). Fresh data, same seed. CPU is the agent's plus the server's.
+rm -rf "$work/data"
+python3 scripts/gen-backup-dataset.py "$work/data" --size-mb "$size"
+kc backup vault create --vault benchagent --resource-group bench --location westeurope >/dev/null
+kc backup vault credentials --vault benchagent --resource-group bench --out "$work/agent.cred" >/dev/null
+printf 'bench passphrase of the agent\n' > "$work/agent.pass"
+ka() { target/release/kagi agent --state-dir "$work/agent-state" "$@" --output json; }
+ka register --vault-credentials "$work/agent.cred" --machine-name bench.example \
+  --passphrase-file "$work/agent.pass" >/dev/null 2>&1
+ka protect "$work/data" >/dev/null
+measure_agent() { # step kagi-agent-args...
+  local step=$1; shift
+  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  local t0; t0=$(server_ticks)
+  /usr/bin/time -f "%e %U %S" -o "$work/time" target/release/kagi agent \
+    --state-dir "$work/agent-state" "$@" >/dev/null 2>"$work/agent.err" \
+    || { cat "$work/agent.err" >&2; exit 1; }
+  local t1; t1=$(server_ticks)
+  read -r wall user sys < "$work/time"
+  awk -v s="$step" -v w="$wall" -v u="$user" -v y="$sys" -v b="$bytes" -v d=$((t1 - t0)) -v h="$tck" \
+    'BEGIN { printf "%-8s %-12s %8.2f %8.0f %9.2f\n", "kagi-agt", s, w, b / 1e6 / w, d / h + u + y }'
+}
+agent_dir() { find "$sdir/backup" -type d -path '*/agents/machines/bench.example' | head -1; }
+measure_agent full backup
+afull=$(size_of "$(agent_dir)")
+python3 scripts/gen-backup-dataset.py "$work/data" --mutate
+measure_agent incremental backup
+ainc=$(( $(size_of "$(agent_dir)") - afull ))
+measure_agent restore restore --target "$work/aout"
+rm -rf "$work/aout"
 kill "$server"; wait "$server" 2>/dev/null || true; server=""
 
 # Fresh data for the peers (same seed), so each tool sees the same full/incremental pair.
@@ -134,5 +168,6 @@ echo
 printf '%-8s %14s %22s\n' tool repository_MB incremental_added_MB
 printf '%-8s %14.0f %22.1f\n' kagi "$(echo "$kfull/1000000" | bc -l)" "$(echo "$kinc/1000000" | bc -l)"
 printf '%-8s %14.0f %22.1f\n' kagi-svc "$(echo "$sfull/1000000" | bc -l)" "$(echo "$sinc/1000000" | bc -l)"
+printf '%-8s %14.0f %22.1f\n' kagi-agt "$(echo "$afull/1000000" | bc -l)" "$(echo "$ainc/1000000" | bc -l)"
 printf '%-8s %14.0f %22.1f\n' restic "$(echo "$rfull/1000000" | bc -l)" "$(echo "$rinc/1000000" | bc -l)"
 printf '%-8s %14.0f %22.1f\n' borg "$(echo "$bfull/1000000" | bc -l)" "$(echo "$binc/1000000" | bc -l)"

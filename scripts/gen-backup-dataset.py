@@ -66,7 +66,7 @@ def mutate(root, rng):
     budget = total // 100
     while budget > 0:
         p, s = rng.choice(files)
-        if s < 4096:
+        if s <= 4096:
             continue
         off = rng.randrange(0, s - 4096)
         with open(p, "r+b") as f:

@@ -218,6 +218,8 @@ impl VaultConnection {
                 machine.to_ascii_lowercase()
             )),
             runtime,
+            windows: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            ends: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 }
@@ -228,7 +230,22 @@ pub struct RemoteBackend {
     conn: VaultConnection,
     prefix: String,
     runtime: tokio::runtime::Handle,
+    /// Windows of packs read most recently: a restore reads a file's chunks one by one, and
+    /// they lie next to each other in a pack, so one request per window replaces one per chunk
+    /// (packs are written once and never change).
+    windows: std::sync::Mutex<std::collections::VecDeque<Window>>,
+    /// Where the last read of each pack ended: a read that starts there is sequential, and
+    /// only sequential reads fetch a window (a tree read here and there fetches just itself).
+    ends: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
+
+/// A cached part of a pack: (name, offset, bytes).
+type Window = (String, u64, Arc<Vec<u8>>);
+
+/// How much of a pack one read fetches at least.
+const WINDOW_BYTES: u64 = 2 * 1024 * 1024;
+/// Windows kept in memory by [`RemoteBackend`].
+const CACHED_WINDOWS: usize = 16;
 
 fn storage(e: AgentError) -> BackupError {
     BackupError::Storage(e.to_string())
@@ -259,9 +276,7 @@ impl RemoteBackend {
             Ok(Some(b.to_vec()))
         })
     }
-}
 
-impl RemoteBackend {
     fn list_json(&self, prefix: &str) -> kagi_backup::Result<Value> {
         let url = reqwest::Url::parse_with_params(&self.prefix, &[("prefix", prefix)])
             .map_err(|e| BackupError::Storage(format!("bad object URL: {e}")))?;
@@ -270,6 +285,53 @@ impl RemoteBackend {
             .unwrap_or_default();
         serde_json::from_slice(&body)
             .map_err(|e| BackupError::Storage(format!("bad list answer: {e}")))
+    }
+
+    /// `len` bytes of pack `name` at `start`, from a cached window, or fetched: exactly, or,
+    /// when the read continues the previous one of that pack, a window of at least
+    /// [`WINDOW_BYTES`] (the server stops at the pack's end).
+    fn windowed(&self, name: &str, start: u64, len: u64) -> kagi_backup::Result<Vec<u8>> {
+        let cache = || self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let slice = |from: u64, data: &[u8]| {
+            let s = (start - from) as usize;
+            data.get(s..s + len as usize).map(<[u8]>::to_vec)
+        };
+        let sequential = {
+            let mut ends = self.ends.lock().unwrap_or_else(|p| p.into_inner());
+            if ends.len() > 4096 {
+                ends.clear();
+            }
+            ends.insert(name.to_string(), start + len) == Some(start)
+        };
+        let hit = cache()
+            .iter()
+            .find(|(n, from, d)| {
+                n == name && *from <= start && start + len <= from + d.len() as u64
+            })
+            .and_then(|(_, from, d)| slice(*from, d));
+        if let Some(b) = hit {
+            return Ok(b);
+        }
+        let want = if sequential {
+            len.max(WINDOW_BYTES)
+        } else {
+            len
+        };
+        let req = self
+            .conn
+            .http
+            .get(format!("{}/{name}", self.prefix))
+            .header("range", format!("bytes={start}-{}", start + want - 1));
+        let data = Arc::new(self.send(req, false)?.unwrap_or_default());
+        let out = slice(start, &data).ok_or_else(|| {
+            BackupError::Corrupt(format!("{name} is shorter than the index says"))
+        })?;
+        let mut c = cache();
+        if c.len() >= CACHED_WINDOWS {
+            c.pop_front();
+        }
+        c.push_back((name.to_string(), start, data));
+        Ok(out)
     }
 }
 
@@ -296,6 +358,9 @@ impl BlobBackend for RemoteBackend {
     fn get_range(&self, name: &str, start: u64, len: u64) -> kagi_backup::Result<Vec<u8>> {
         if len == 0 {
             return Ok(Vec::new());
+        }
+        if name.starts_with("data/") {
+            return self.windowed(name, start, len);
         }
         let req = self
             .conn
