@@ -62,9 +62,20 @@ impl Platform {
         let _g = LEGACY_IMPORT.lock().await;
         let file = self.legacy_policy_file();
         match std::fs::read(&file) {
-            Ok(b) => {
-                let m: BTreeMap<String, Value> = serde_json::from_slice(&b)
-                    .map_err(|e| internal("legacy policy assignments", e))?;
+            Ok(b) => 'import: {
+                // A file that does not parse is left in place and reported, not retried on
+                // every request: policy (and every backup vault write) must keep working.
+                let m: BTreeMap<String, Value> = match serde_json::from_slice(&b) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!(
+                            file = %file.display(),
+                            error = %e,
+                            "legacy policy assignments do not parse: left in place, not imported"
+                        );
+                        break 'import;
+                    }
+                };
                 let rows: Vec<(String, String)> = m
                     .into_iter()
                     .map(|(id, body)| (id.to_ascii_lowercase(), body.to_string()))

@@ -1848,3 +1848,23 @@ async fn token_requests_are_refused_as_entra_refuses_them() {
     let e = assert_err(p.authenticate(&good), 401, ErrorCode::Unauthorized, None);
     assert!(e.message.contains("expired"), "{}", e.message);
 }
+
+/// A legacy `policy/assignments.json` that does not parse is reported and left in place; policy
+/// keeps working (and so does every backup vault write, which evaluates Deny assignments).
+#[tokio::test]
+async fn an_unreadable_legacy_policy_file_does_not_stop_policy() {
+    let env = Env::new().await;
+    let legacy = env.dir.path().join("policy").join("assignments.json");
+    std::fs::create_dir_all(legacy.parent().unwrap()).unwrap();
+    std::fs::write(&legacy, b"{not json").unwrap();
+    let scope = format!("/subscriptions/{}", env.sub());
+    for _ in 0..2 {
+        let listed = env
+            .p
+            .list_policy_assignments(&env.admin, &scope)
+            .await
+            .expect("listing works despite the unreadable legacy file");
+        assert_eq!(listed["value"], serde_json::json!([]));
+    }
+    assert_eq!(std::fs::read(&legacy).unwrap(), b"{not json");
+}
