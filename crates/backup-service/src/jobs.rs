@@ -227,6 +227,9 @@ fn fail_body(b: &mut Value, e: &KvError) {
     });
 }
 
+/// How long ended jobs are kept (the scheduler's sweep deletes older ones).
+pub const JOB_RETENTION_DAYS: i64 = 180;
+
 /// The jobs of the service, by id.
 #[derive(Debug)]
 pub struct Jobs {
@@ -315,6 +318,30 @@ impl Jobs {
             let mut rx = h.ended.subscribe();
             let _ = tokio::time::timeout(max, rx.wait_for(|ended| *ended)).await;
         }
+    }
+
+    /// Deletes the ended jobs of the vault `vault_id` that ended before `before` (Unix
+    /// seconds): job history is kept for [`JOB_RETENTION_DAYS`], as Azure Backup keeps it for
+    /// months, not for ever. Returns how many were deleted.
+    pub async fn forget_ended(
+        &self,
+        p: &Platform,
+        vault_id: &str,
+        before: i64,
+    ) -> Result<usize, KvError> {
+        let vault_key = vault_id.to_ascii_lowercase();
+        let mut gone = 0;
+        for (id, job) in p.service_documents(&vault_key, JOB).await? {
+            let ended = job["status"] != "InProgress"
+                && job["endTime"]
+                    .as_str()
+                    .and_then(kagi_core::time::parse_rfc3339)
+                    .is_some_and(|t| t < before);
+            if ended && p.delete_service_document(&vault_key, JOB, &id).await? {
+                gone += 1;
+            }
+        }
+        Ok(gone)
     }
 
     /// A job of the vault `vault_id`, by id (`None`: the vault has no such job).
@@ -597,6 +624,36 @@ mod tests {
         assert_eq!(jobs.get(&p, VAULT, &id).await.unwrap().unwrap(), got);
         // Waiting on an ended (or unknown) job returns at once.
         jobs.wait_end(&id, Duration::from_secs(30)).await;
+    }
+
+    #[tokio::test]
+    async fn ended_jobs_are_forgotten_after_retention_running_ones_never() {
+        let (_d, p) = platform().await;
+        let jobs = steps_only();
+        let old = jobs.start(&p, VAULT, "Backup", "item", T0).await.unwrap();
+        old.complete(T0 + 10, json!({})).await;
+        let recent = jobs.start(&p, VAULT, "Backup", "item", T0).await.unwrap();
+        recent.complete(T0 + 100, json!({})).await;
+        let running = jobs.start(&p, VAULT, "Backup", "item", T0).await.unwrap();
+        assert_eq!(jobs.forget_ended(&p, VAULT, T0 + 50).await.unwrap(), 1);
+        assert!(jobs.get(&p, VAULT, &name(&old)).await.unwrap().is_none());
+        assert!(jobs.get(&p, VAULT, &name(&recent)).await.unwrap().is_some());
+        assert!(
+            jobs.get(&p, VAULT, &name(&running))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            jobs.forget_ended(&p, VAULT, T0 + 1_000_000).await.unwrap(),
+            1
+        );
+        assert!(
+            jobs.get(&p, VAULT, &name(&running))
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[tokio::test]

@@ -51,6 +51,14 @@ impl BackupService {
             }
             let v = VaultCtx { id, body, dir };
             ran += self.run_vault_schedules(p, &v).await;
+            let horizon = p.now() - crate::jobs::JOB_RETENTION_DAYS * kagi_core::time::DAY;
+            match self.jobs.forget_ended(p, &v.id, horizon).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(vault = %v.id, jobs = n, "old jobs forgotten"),
+                Err(e) => {
+                    tracing::error!(vault = %v.id, error = %e.message, "old jobs not forgotten")
+                }
+            }
         }
         ran
     }

@@ -72,6 +72,13 @@ pub fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Parses an RFC 3339 date (as [`rfc3339`] writes them) into Unix seconds.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
+}
+
 /// Seconds in a day.
 pub const DAY: i64 = 86_400;
 
@@ -80,6 +87,15 @@ mod tests {
     #[test]
     fn formats() {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            super::parse_rfc3339("2026-11-24T09:00:00Z"),
+            Some(1_795_510_800)
+        );
+        assert_eq!(
+            super::parse_rfc3339(&super::rfc3339(1_234_567)),
+            Some(1_234_567)
+        );
+        assert_eq!(super::parse_rfc3339("yesterday"), None);
     }
 
     #[test]
