@@ -389,6 +389,15 @@ impl BackupService {
         }
         // Step 1: the resource with its identities and its current encryption.
         if existing.is_none() {
+            // A folder an unfinished move names belongs to the moved vault (its rename is
+            // retried): never wiped.
+            if crate::moves::journal_names(&self.data_dir, &dir) {
+                return Err(KvError::conflict(format!(
+                    "A backup vault moved from or to '{name}' has not finished moving its data; \
+                     retry when the move has completed."
+                ))
+                .with_inner("UserErrorBackupVaultResourceMoveInProgress"));
+            }
             let raw = kagi_crypto::random_bytes(32).map_err(|e| crate::state::io("rng", e))?;
             let sealed = p.seal_platform_secret(&pmk_label(&vault_id_hint), &raw)?;
             state = VaultState {

@@ -56,6 +56,21 @@ impl Server {
         )
     }
 
+    /// Creates the platform-key vault `bv`, protects `src` (made by [`make_source`]) as item
+    /// `docs` and backs it up: the recovery point's id.
+    async fn backed_up_vault(&self, bv: &str, src: &Path) -> String {
+        make_source(src);
+        let (st, _) = self
+            .arm("PUT", bv, Some(json!({"location": "westeurope"})))
+            .await;
+        assert_eq!(st, 201);
+        self.protect(bv, "docs", src).await;
+        self.backup(bv, "docs").await["stats"]["recoveryPointId"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
     async fn put_rg(&self, sub: &str, rg: &str) {
         let (s, v) = self
             .arm(
@@ -416,17 +431,8 @@ async fn a_move_interrupted_by_a_crash_is_finished_at_start() {
     s.put_rg(&sub1, "rg2").await;
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src");
-    make_source(&src);
     let bv1 = Server::bv(&sub1, "rg1", "bv1");
-    let (st, _) = s
-        .arm("PUT", &bv1, Some(json!({"location": "westeurope"})))
-        .await;
-    assert_eq!(st, 201);
-    s.protect(&bv1, "docs", &src).await;
-    let rp1 = s.backup(&bv1, "docs").await["stats"]["recoveryPointId"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let rp1 = s.backed_up_vault(&bv1, &src).await;
     s.move_res(
         &Server::rg(&sub1, "rg1"),
         &[&bv1],
@@ -657,4 +663,250 @@ impl IntoSecond for (u16, reqwest::header::HeaderMap, Value) {
     fn into_second(self) -> (u16, Value) {
         (self.0, self.2)
     }
+}
+
+/// Two moves to the same target id at once: the one that waits for the other is refused and
+/// deletes nothing (the vault that arrived first keeps its backups).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_moves_to_one_target_lose_nothing() {
+    let s = start().await;
+    let sub1 = s.sub1();
+    for g in ["ra", "rb", "rc"] {
+        s.put_rg(&sub1, g).await;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    make_source(&src);
+    let mut rps = Vec::new();
+    for g in ["ra", "rc"] {
+        let bv = Server::bv(&sub1, g, "bv");
+        let (st, _) = s
+            .arm("PUT", &bv, Some(json!({"location": "westeurope"})))
+            .await;
+        assert_eq!(st, 201);
+        s.protect(&bv, "docs", &src).await;
+        let j = s.backup(&bv, "docs").await;
+        assert_eq!(j["status"], "Completed", "{j}");
+        rps.push(j["stats"]["recoveryPointId"].as_str().unwrap().to_string());
+    }
+    let target = Server::rg(&sub1, "rb");
+    let (ra, rc) = (Server::rg(&sub1, "ra"), Server::rg(&sub1, "rc"));
+    let (bva, bvc) = (Server::bv(&sub1, "ra", "bv"), Server::bv(&sub1, "rc", "bv"));
+    let (ids_a, ids_c) = ([bva.as_str()], [bvc.as_str()]);
+    let first = s.move_res(&ra, &ids_a, &target, false);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.move_res(&rc, &ids_c, &target, false).await
+    };
+    let (a, c) = tokio::join!(first, second);
+    assert!(a.is_ok(), "{a:?}");
+    let (st, e) = c.unwrap_err();
+    assert_eq!(st, 409, "{e}");
+    // The vault from ra is at rb with its backups; the one from rc stayed with its own.
+    let bvb = Server::bv(&sub1, "rb", "bv");
+    let out = work.path().join("rb");
+    let r = s.restore(&bvb, "docs", &rps[0], &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    assert_same(&src, &out);
+    let out = work.path().join("rc");
+    let r = s.restore(&bvc, "docs", &rps[1], &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    assert_same(&src, &out);
+}
+
+/// A rename that fails after the commit: the move has happened (answered as such), the
+/// rename is retried from the journal, and a vault created at the old id meanwhile cannot wipe
+/// the moved vault's folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rename_failing_after_the_commit_is_retried_and_nothing_is_wiped() {
+    let s = start().await;
+    let sub1 = s.sub1();
+    s.put_rg(&sub1, "ra").await;
+    s.put_rg(&sub1, "rz").await;
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    let bva = Server::bv(&sub1, "ra", "bv");
+    let rp = s.backed_up_vault(&bva, &src).await;
+    // An obstacle the rename cannot get past (as ENOSPC or EACCES would be).
+    let new = s.folder(&sub1, "rz", "bv");
+    let obstacle = new.parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(obstacle.parent().unwrap()).unwrap();
+    std::fs::write(&obstacle, b"x").unwrap();
+    s.move_res(
+        &Server::rg(&sub1, "ra"),
+        &[&bva],
+        &Server::rg(&sub1, "rz"),
+        false,
+    )
+    .await
+    .unwrap();
+    let bvz = Server::bv(&sub1, "rz", "bv");
+    assert_eq!(s.arm("GET", &bvz, None).await.0, 200);
+    // The folder is still at the old place: a vault created there must not wipe it.
+    let (st, e) = s
+        .arm("PUT", &bva, Some(json!({"location": "westeurope"})))
+        .await;
+    assert_eq!(st, 409, "{e}");
+    assert!(s.folder(&sub1, "ra", "bv").join("items").exists());
+    // Once the obstacle is gone, the retry finishes the move.
+    std::fs::remove_file(&obstacle).unwrap();
+    let journals = s.dir().join("backup-moves");
+    for _ in 0..100 {
+        if new.join("items").exists() && std::fs::read_dir(&journals).unwrap().count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(new.join("items").exists());
+    assert_eq!(std::fs::read_dir(&journals).unwrap().count(), 0);
+    let out = work.path().join("r");
+    let r = s.restore(&bvz, "docs", &rp, &out).await;
+    assert_eq!(r["status"], "Completed", "{r}");
+    assert_same(&src, &out);
+}
+
+/// Refusals that change nothing: a lock on a key inside a key vault, a Deny policy at the
+/// target, a key vault named in a group it is not in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn moves_refused_by_locks_below_policies_and_wrong_groups() {
+    let s = start().await;
+    let sub1 = s.sub1();
+    for g in ["ra", "rb", "rc"] {
+        s.put_rg(&sub1, g).await;
+    }
+    let (ra, rb, rc) = (
+        Server::rg(&sub1, "ra"),
+        Server::rg(&sub1, "rb"),
+        Server::rg(&sub1, "rc"),
+    );
+    let kv = |g: &str, n: &str| {
+        format!(
+            "{}/providers/Microsoft.KeyVault/vaults/{n}",
+            Server::rg(&sub1, g)
+        )
+    };
+
+    // A CanNotDelete lock on a key of the vault.
+    s.key_vault(&sub1, "ra", "kvlock", &s.admin.tenant_id).await;
+    let (st, v) = s
+        .arm(
+            "PUT",
+            &format!(
+                "{}/keys/k1/providers/Microsoft.Authorization/locks/nodel",
+                kv("ra", "kvlock")
+            ),
+            Some(json!({"properties": {"level": "CanNotDelete"}})),
+        )
+        .await;
+    assert!(st == 200 || st == 201, "{v}");
+    for validate in [true, false] {
+        let (st, e) = s
+            .move_res(&ra, &[&kv("ra", "kvlock")], &rb, validate)
+            .await
+            .unwrap_err();
+        assert_eq!((st, inner(&e)), (409, "ScopeLocked"), "{e}");
+    }
+    assert_eq!(s.arm("GET", &kv("ra", "kvlock"), None).await.0, 200);
+
+    // A key vault named in a group it is not in.
+    s.key_vault(&sub1, "rc", "kvelse", &s.admin.tenant_id).await;
+    for validate in [true, false] {
+        let (st, e) = s
+            .move_res(&ra, &[&kv("ra", "kvelse")], &rb, validate)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (st, inner(&e)),
+            (400, "ResourceNotInSourceResourceGroup"),
+            "{e}"
+        );
+    }
+    assert_eq!(s.arm("GET", &kv("rc", "kvelse"), None).await.0, 200);
+    assert_eq!(s.arm("GET", &kv("rb", "kvelse"), None).await.0, 404);
+
+    // A Deny policy at the target refuses a platform-key vault there.
+    let (st, v) = s
+        .arm(
+            "PUT",
+            &format!("{rc}/providers/Microsoft.Authorization/policyAssignments/cmk"),
+            Some(json!({"properties": {
+                "policyDefinitionId": "/providers/Microsoft.Authorization/policyDefinitions/kagi-backup-vaults-cmk",
+                "parameters": {"effect": {"value": "Deny"}}}})),
+        )
+        .await;
+    assert!(st == 200 || st == 201, "{v}");
+    let bva = Server::bv(&sub1, "ra", "bvdeny");
+    let (st, _) = s
+        .arm("PUT", &bva, Some(json!({"location": "westeurope"})))
+        .await;
+    assert_eq!(st, 201);
+    for validate in [true, false] {
+        let (st, e) = s.move_res(&ra, &[&bva], &rc, validate).await.unwrap_err();
+        assert_eq!((st, inner(&e)), (403, "RequestDisallowedByPolicy"), "{e}");
+    }
+    assert_eq!(s.arm("GET", &bva, None).await.0, 200);
+    assert_eq!(
+        s.arm("GET", &Server::bv(&sub1, "rc", "bvdeny"), None)
+            .await
+            .0,
+        404
+    );
+}
+
+/// Validation, and the pass before a move of several resources, refuse a vault with a job
+/// running: nothing moves (not even the key vault named first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn running_jobs_refuse_validation_and_multi_resource_moves() {
+    let s = start().await;
+    let sub1 = s.sub1();
+    s.put_rg(&sub1, "ra").await;
+    s.put_rg(&sub1, "rb").await;
+    let (ra, rb) = (Server::rg(&sub1, "ra"), Server::rg(&sub1, "rb"));
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    // Enough incompressible data for the backup to run a while.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for i in 0..6 {
+        let data: Vec<u8> = (0..16_000_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(src.join(format!("f{i}.bin")), data).unwrap();
+    }
+    s.key_vault(&sub1, "ra", "kvbusy", &s.admin.tenant_id).await;
+    let kv = format!("{ra}/providers/Microsoft.KeyVault/vaults/kvbusy");
+    let bv = Server::bv(&sub1, "ra", "bvbusy");
+    let (st, _) = s
+        .arm("PUT", &bv, Some(json!({"location": "westeurope"})))
+        .await;
+    assert_eq!(st, 201);
+    s.protect(&bv, "docs", &src).await;
+    let (st, job) = s
+        .arm(
+            "POST",
+            &format!("{bv}/backupProtectedItems/docs/backup"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 202, "{job}");
+    for validate in [true, false] {
+        let (st, e) = s
+            .move_res(&ra, &[&kv, &bv], &rb, validate)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (st, inner(&e)),
+            (409, "UserErrorBackupJobsInProgress"),
+            "{e}"
+        );
+    }
+    let j = s.wait_job(&bv, &job).await;
+    assert_eq!(j["status"], "Completed", "{j}");
+    assert_eq!(s.arm("GET", &kv, None).await.0, 200);
+    assert_eq!(s.arm("GET", &bv, None).await.0, 200);
 }

@@ -84,7 +84,6 @@ enum Kind {
 struct Item {
     id: String,
     kind: Kind,
-    name: String,
 }
 
 /// The parsed request.
@@ -164,23 +163,23 @@ fn parse_request(source_sub: &str, source_rg: &str, body: &[u8]) -> Result<Reque
             ));
         }
         let kind = match s.as_slice() {
-            [_, _, _, _, pr, ns, ty, name]
+            [_, _, _, _, pr, ns, ty, _]
                 if pr.eq_ignore_ascii_case("providers")
                     && ns.eq_ignore_ascii_case("Microsoft.RecoveryServices")
                     && ty.eq_ignore_ascii_case("vaults") =>
             {
-                Some((Kind::BackupVault, *name))
+                Some(Kind::BackupVault)
             }
-            [_, _, _, _, pr, ns, ty, name]
+            [_, _, _, _, pr, ns, ty, _]
                 if pr.eq_ignore_ascii_case("providers")
                     && ns.eq_ignore_ascii_case("Microsoft.KeyVault")
                     && ty.eq_ignore_ascii_case("vaults") =>
             {
-                Some((Kind::KeyVault, *name))
+                Some(Kind::KeyVault)
             }
             _ => None,
         };
-        let Some((kind, name)) = kind else {
+        let Some(kind) = kind else {
             let ty = match s.as_slice() {
                 [_, _, _, _, _, ns, ty, ..] => format!("{ns}/{ty}"),
                 _ => "(not a resource id)".into(),
@@ -204,7 +203,6 @@ fn parse_request(source_sub: &str, source_rg: &str, body: &[u8]) -> Result<Reque
         items.push(Item {
             id: id.trim_end_matches('/').to_string(),
             kind,
-            name: name.to_string(),
         });
     }
     Ok(Request {
@@ -231,7 +229,7 @@ fn provider_refusal(id: &str, e: &KvError) -> Response<Body> {
 
 /// Refusals that belong to the resource (its state, its rules) rather than the request.
 fn is_provider_refusal(e: &KvError) -> bool {
-    matches!(e.status(), 400 | 409)
+    matches!(e.status(), 400 | 409) && e.inner != Some("ResourceNotInSourceResourceGroup")
 }
 
 async fn move_one(
@@ -246,7 +244,7 @@ async fn move_one(
         Kind::BackupVault => {
             kagi_backup_service::move_vault(p, caller, &item.id, sub, rg, dry_run).await
         }
-        Kind::KeyVault => p.move_key_vault(caller, &item.name, sub, rg, dry_run).await,
+        Kind::KeyVault => p.move_key_vault(caller, &item.id, sub, rg, dry_run).await,
     }
 }
 

@@ -1596,6 +1596,33 @@ impl Platform {
         .with_inner("ScopeLocked"))
     }
 
+    /// Refuses (409 `ScopeLocked`) when any lock is at, above or below `scope`: a resource
+    /// that moves is deleted at its old id, and a lock on one of its children (a key, a secret)
+    /// would be orphaned by the move.
+    pub(crate) fn check_not_locked_within(&self, scope: &str) -> Result<(), KvError> {
+        self.check_not_locked(scope, "delete")?;
+        let Ok(target) = Scope::parse(scope) else {
+            return Ok(());
+        };
+        let d = self.dir();
+        let below: Vec<&str> = d
+            .locks
+            .iter()
+            .filter(|l| Scope::parse(&l.scope).is_ok_and(|s| target.contains(&s)))
+            .map(|l| l.scope.as_str())
+            .collect();
+        if below.is_empty() {
+            return Ok(());
+        }
+        Err(KvError::conflict(format!(
+            "The scope '{}' cannot be moved because following scope(s) below it are locked: '{}'. \
+             Please remove the lock and try again.",
+            target.as_str(),
+            below.join("', '")
+        ))
+        .with_inner("ScopeLocked"))
+    }
+
     /// The role assignments whose scope is `scope` or below it (a vault and its objects), for
     /// whole-vault backups. `scope` is normalised (lower-case, no trailing slash).
     pub(crate) fn role_assignments_within(&self, scope: &str) -> Vec<RoleAssignmentRecord> {

@@ -483,7 +483,7 @@ impl Platform {
                 format!("A resource '{new_id}' already exists; it cannot be the target of a move."),
             ));
         }
-        self.check_not_locked(&key, "delete")?;
+        self.check_not_locked_within(&key)?;
         self.check_not_locked(&target.id(), "write")?;
         let mut new_body = body.clone();
         new_body["id"] = json!(new_id);
@@ -523,20 +523,54 @@ impl Platform {
     /// administrator only; with `dry_run`, only checks). Its keys, secrets, access policies
     /// and key URIs are unchanged (URIs name the vault, not its group); role assignments at or
     /// below it are deleted. Returns the vault's new id.
+    ///
+    /// `vault_id` is the vault's full id
+    /// (`/subscriptions/{s}/resourceGroups/{g}/providers/Microsoft.KeyVault/vaults/{n}`): a
+    /// vault whose subscription or group is not the one named there is refused (400
+    /// `ResourceNotInSourceResourceGroup`), as key vault names are unique across groups.
     pub async fn move_key_vault(
         &self,
         caller: &Principal,
-        name: &str,
+        vault_id: &str,
         target_sub: &str,
         target_rg: &str,
         dry_run: bool,
     ) -> Result<Value, KvError> {
         self.require_admin(caller)?;
+        let segs: Vec<&str> = vault_id.trim_matches('/').split('/').collect();
+        let (id_sub, id_rg, name) = match segs.as_slice() {
+            [sw, s, gw, g, pw, ns, vw, n]
+                if sw.eq_ignore_ascii_case("subscriptions")
+                    && gw.eq_ignore_ascii_case("resourceGroups")
+                    && pw.eq_ignore_ascii_case("providers")
+                    && ns.eq_ignore_ascii_case("Microsoft.KeyVault")
+                    && vw.eq_ignore_ascii_case("vaults") =>
+            {
+                (*s, *g, *n)
+            }
+            _ => {
+                return Err(bad(format!(
+                    "'{}' is not a key vault id.",
+                    kagi_core::ids::printable(vault_id)
+                )));
+            }
+        };
         let _serial = MOVES.lock().await;
         let name = VaultName::parse(name)?;
         let state = self.live_vault(&name)?;
         let _w = state.write.lock().await;
         let current = state.record();
+        if !current.subscription_id.eq_ignore_ascii_case(id_sub)
+            || !current.resource_group.eq_ignore_ascii_case(id_rg)
+        {
+            return Err(bad(format!(
+                "The key vault '{name}' is not in resource group '{}' of subscription '{}': the \
+                 resources to move must all be in the group named by the request URL.",
+                kagi_core::ids::printable(id_rg),
+                kagi_core::ids::printable(id_sub)
+            ))
+            .with_inner("ResourceNotInSourceResourceGroup"));
+        }
         let target = self
             .move_target(&current.subscription_id, target_sub, target_rg)
             .await?;
@@ -553,7 +587,8 @@ impl Platform {
             .with_inner("InvalidTargetResourceGroup"));
         }
         let scope = super::object_scope(&current, None);
-        self.check_not_locked(&scope, "delete")?;
+        // A lock on the vault, above it or on one of its keys or secrets refuses the move.
+        self.check_not_locked_within(&scope)?;
         self.check_not_locked(&target.id(), "write")?;
         let new_id = format!("{}/providers/Microsoft.KeyVault/vaults/{name}", target.id());
         if dry_run {
