@@ -270,7 +270,15 @@ impl BackupService {
             let kid = format!("{}/keys/{}/{ver}", uri.base, uri.name);
             return Ok(Kek::Cmk { kid, token, who });
         }
-        let in_use = KeyVersionInUse::load(p, &v.id, &state).await?;
+        let mut in_use = KeyVersionInUse::load(p, &v.id, &state).await?;
+        // A version of another key (the key changed and a crash came before its version was
+        // recorded) is never used for this one.
+        if in_use.kid.as_deref().is_some_and(|k| {
+            !k.to_ascii_lowercase()
+                .starts_with(&format!("{}/", uri.versionless().to_ascii_lowercase()))
+        }) {
+            in_use = KeyVersionInUse::default();
+        }
         let due = p.now() - in_use.resolved_at >= self.config.key_poll_interval.as_secs() as i64;
         if let (Some(kid), false) = (&in_use.kid, due) {
             return Ok(Kek::Cmk {

@@ -491,13 +491,18 @@ impl BackupService {
             "infrastructureEncryption": "Disabled",
             "lastUpdateStatus": "Succeeded",
         });
+        // The tenant first: a crash after the vault body says "CMK" must never leave a vault
+        // whose key tenant is unknown (BK-9's check would be skipped). Recorded early, it is
+        // harmless: it only matters once the body names a key.
+        let mut state = VaultState::load(p, &v.id).await?.unwrap_or(state);
+        state.cmk_tenant_id = current_tenant.clone();
+        state.save(p, &v.id).await?;
         let (_, stored) = p
             .put_service_resource(caller, sub, rg, VAULT_TYPE, name, body, None)
             .await?;
         let mut state = VaultState::load(p, &v.id).await?.unwrap_or(state);
         state.current_kid = Some(kid.clone());
         state.resolved_at = p.now();
-        state.cmk_tenant_id = current_tenant.clone();
         state.save(p, &v.id).await?;
         KeyVersionInUse {
             kid: Some(kid.clone()),

@@ -630,6 +630,16 @@ async fn rotation_rewraps_only_and_revocation_stops_jobs() {
             ),
         "{log}"
     );
+    // One "new version in use" per version adopted (the rotation), not one per job.
+    let changes = log["value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["operationName"] == "Microsoft.RecoveryServices/vaults/encryption/keyVersionChanged"
+        })
+        .count();
+    assert_eq!(changes, 1, "{log}");
     // Enabled again: jobs succeed with no repair, old recovery points still restore.
     s.data(
         "PATCH",
