@@ -355,6 +355,12 @@ def test_agent_bad_input(kagi, tmp_path):
     # Machine names outside the secret-name rules.
     for bad in ("bad name", "a..b", "hôte.example", "x/y"):
         fails(register(tmp_path / "b2", creds, bad, passfile(tmp_path, "x" * 20)), "machine name")
+    # A key vault that does not exist, and one that cannot be reached, give clear errors and
+    # leave nothing registered.
+    st = tmp_path / "b5"
+    gone = f"https://{random_name('nokv', 12)}.{kagi.base.split('//')[1].split(':')[0]}:{kagi.base.rsplit(':', 1)[1]}/"
+    fails(register(st, creds, "b5.example", passfile(tmp_path, "x" * 20), gone), "UserErrorKeyVaultNotFound")
+    assert not (st / "agent.json").exists()
     # Foreign credentials: the file names another vault.
     other, _ = backup_vault(kagi)
     forged = json.loads(creds.read_text())
@@ -377,6 +383,12 @@ def test_agent_bad_input(kagi, tmp_path):
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     fails(agent(tmp_path / "b4", "restore", "--recovery-point", rp, "--target", str(full)), "not empty")
+    # A key vault that cannot be reached: a clear error, nothing written.
+    p = agent(tmp_path / "b4", "restore", "--source-machine", "b4.example", "--recovery-point", rp,
+              "--target", str(tmp_path / "b6t"), "--key-vault-uri", "https://unreachable.localhost:1/",
+              env={"AZURE_TENANT_ID": "t", "AZURE_CLIENT_ID": "c", "AZURE_CLIENT_SECRET": "s"})
+    assert p.returncode != 0 and "cannot reach" in p.stderr, p.stderr
+    assert not (tmp_path / "b6t").exists()
     assert [x.name for x in full.iterdir()] == ["keep.txt"]
 
     # Retention: keep the newest recovery point only; what it no longer uses is pruned.
