@@ -711,22 +711,7 @@ impl BackupService {
         tokio::spawn(async move {
             match svc.run_backup(&p2, &v2, &item, &it, &j2).await {
                 Ok(stats) => j2.complete(p2.now(), stats).await,
-                Err(e) => {
-                    svc.log(
-                        &p2,
-                        &v2,
-                        activity_entry(
-                            None,
-                            &v2.id,
-                            "Microsoft.RecoveryServices/vaults/backupJobs/backup",
-                            "Failed",
-                            &e.message,
-                            p2.now(),
-                        ),
-                    )
-                    .await;
-                    j2.fail(p2.now(), &e).await
-                }
+                Err(e) => svc.job_failed(&p2, &v2, &j2, "backup", &e, None).await,
             }
         });
         Ok((202, job.get()))
@@ -837,22 +822,7 @@ impl BackupService {
             .await;
             match r {
                 Ok(s) => j2.complete(p2.now(), s).await,
-                Err(e) => {
-                    svc.log(
-                        &p2,
-                        &v2,
-                        activity_entry(
-                            None,
-                            &v2.id,
-                            "Microsoft.RecoveryServices/vaults/backupJobs/restore",
-                            "Failed",
-                            &e.message,
-                            p2.now(),
-                        ),
-                    )
-                    .await;
-                    j2.fail(p2.now(), &e).await
-                }
+                Err(e) => svc.job_failed(&p2, &v2, &j2, "restore", &e, None).await,
             }
         });
         Ok((202, job.get()))
@@ -937,21 +907,6 @@ impl BackupService {
                 Ok::<_, KvError>((report, started.elapsed().as_millis() as u64))
             }
             .await;
-            let failed = async |e: &KvError| {
-                svc.log(
-                    &p2,
-                    &v2,
-                    activity_entry(
-                        None,
-                        &v2.id,
-                        "Microsoft.RecoveryServices/vaults/backupJobs/check",
-                        "Failed",
-                        &e.message,
-                        p2.now(),
-                    ),
-                )
-                .await;
-            };
             match r {
                 Ok((report, ms)) => {
                     // Warnings (unreferenced packs) cost space, not data: they do not fail it.
@@ -974,17 +929,44 @@ impl BackupService {
                             ),
                         )
                         .with_inner("RepositoryDamaged");
-                        failed(&e).await;
-                        j2.fail_with(p2.now(), &e, stats).await;
+                        svc.job_failed(&p2, &v2, &j2, "check", &e, Some(stats))
+                            .await;
                     }
                 }
-                Err(e) => {
-                    failed(&e).await;
-                    j2.fail(p2.now(), &e).await
-                }
+                Err(e) => svc.job_failed(&p2, &v2, &j2, "check", &e, None).await,
             }
         });
         Ok((202, job.get()))
+    }
+
+    /// Ends a job of `operation` as Failed (keeping `stats` when given) and writes the failure
+    /// to the vault's activity log.
+    async fn job_failed(
+        &self,
+        p: &Platform,
+        v: &VaultCtx,
+        job: &JobHandle,
+        operation: &str,
+        e: &KvError,
+        stats: Option<Value>,
+    ) {
+        self.log(
+            p,
+            v,
+            activity_entry(
+                None,
+                &v.id,
+                &format!("Microsoft.RecoveryServices/vaults/backupJobs/{operation}"),
+                "Failed",
+                &e.message,
+                p.now(),
+            ),
+        )
+        .await;
+        match stats {
+            Some(s) => job.fail_with(p.now(), e, s).await,
+            None => job.fail(p.now(), e).await,
+        }
     }
 
     pub(crate) async fn recovery_points(

@@ -440,19 +440,13 @@ pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<()> {
                 )
                 .await?;
             show(ctx, &r, |r| {
-                r["value"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|i| {
-                        format!(
-                            "{}\t{}",
-                            i["name"].as_str().unwrap_or(""),
-                            i["properties"]["sourcePath"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                crate::commands::lines_of(r, |i| {
+                    format!(
+                        "{}\t{}",
+                        i["name"].as_str().unwrap_or(""),
+                        i["properties"]["sourcePath"].as_str().unwrap_or("")
+                    )
+                })
             });
             Ok(())
         }
@@ -521,21 +515,15 @@ pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<()> {
                 )
                 .await?;
             show(ctx, &r, |r| {
-                r["value"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|p| {
-                        format!(
-                            "{}\t{}\t{} files\t{}",
-                            p["name"].as_str().unwrap_or(""),
-                            p["properties"]["recoveryPointTime"].as_str().unwrap_or(""),
-                            p["properties"]["files"],
-                            mb(p["properties"]["bytes"].as_u64().unwrap_or(0))
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                crate::commands::lines_of(r, |p| {
+                    format!(
+                        "{}\t{}\t{} files\t{}",
+                        p["name"].as_str().unwrap_or(""),
+                        p["properties"]["recoveryPointTime"].as_str().unwrap_or(""),
+                        p["properties"]["files"],
+                        mb(p["properties"]["bytes"].as_u64().unwrap_or(0))
+                    )
+                })
             });
             Ok(())
         }
@@ -544,15 +532,7 @@ pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<()> {
                 let r = ctx
                     .call(Method::GET, &url(&vault_path(ctx, &v), "/backupJobs"), None)
                     .await?;
-                show(ctx, &r, |r| {
-                    r["value"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(job_line)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                });
+                show(ctx, &r, |r| crate::commands::lines_of(r, job_line));
                 Ok(())
             }
             JobCommand::Show { v, id } => {
@@ -580,21 +560,15 @@ pub async fn run(ctx: &Context, args: BackupArgs) -> anyhow::Result<()> {
                 )
                 .await?;
             show(ctx, &r, |r| {
-                r["value"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|e| {
-                        format!(
-                            "{}\t{}\t{}\t{}",
-                            e["eventTimestamp"].as_str().unwrap_or(""),
-                            e["operationName"].as_str().unwrap_or(""),
-                            e["status"].as_str().unwrap_or(""),
-                            e["message"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                crate::commands::lines_of(r, |e| {
+                    format!(
+                        "{}\t{}\t{}\t{}",
+                        e["eventTimestamp"].as_str().unwrap_or(""),
+                        e["operationName"].as_str().unwrap_or(""),
+                        e["status"].as_str().unwrap_or(""),
+                        e["message"].as_str().unwrap_or("")
+                    )
+                })
             });
             Ok(())
         }
@@ -657,15 +631,7 @@ async fn vault(ctx: &Context, cmd: VaultCommand) -> anyhow::Result<()> {
                 ),
             };
             let r = ctx.call(Method::GET, &url(&base, ""), None).await?;
-            show(ctx, &r, |r| {
-                r["value"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(vault_line)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
+            show(ctx, &r, |r| crate::commands::lines_of(r, vault_line));
         }
         VaultCommand::Delete { v } => {
             ctx.call(Method::DELETE, &url(&vault_path(ctx, &v), ""), None)

@@ -234,21 +234,26 @@ enum KeyCommand {
     },
 }
 
-/// One tab-separated line per element of `v["value"]`, with the named string fields.
-pub(crate) fn value_lines(v: &Value, fields: &[&str]) -> String {
+/// One line per element of a list answer's `value`, made by `line`.
+pub(crate) fn lines_of(v: &Value, line: impl Fn(&Value) -> String) -> String {
     v["value"]
         .as_array()
         .into_iter()
         .flatten()
-        .map(|x| {
-            fields
-                .iter()
-                .map(|f| x[*f].as_str().unwrap_or(""))
-                .collect::<Vec<_>>()
-                .join("\t")
-        })
+        .map(line)
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// One tab-separated line per element of `v["value"]`, with the named string fields.
+pub(crate) fn value_lines(v: &Value, fields: &[&str]) -> String {
+    lines_of(v, |x| {
+        fields
+            .iter()
+            .map(|f| x[*f].as_str().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\t")
+    })
 }
 
 fn print(ctx: &Context, v: &Value, summary: impl Fn(&Value) -> String) {

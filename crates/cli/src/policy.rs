@@ -117,15 +117,7 @@ pub async fn run(ctx: &Context, args: PolicyArgs) -> anyhow::Result<()> {
             let r = ctx
                 .call(Method::GET, &format!("{}?{API}", assignments(&scope)), None)
                 .await?;
-            show(ctx, &r, |r| {
-                r["value"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(assignment_line)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
+            show(ctx, &r, |r| crate::commands::lines_of(r, assignment_line));
         }
         PolicyCommand::Delete { name, scope } => {
             ctx.call(

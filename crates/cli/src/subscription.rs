@@ -124,15 +124,7 @@ pub async fn subscription(ctx: &Context, args: SubscriptionArgs) -> anyhow::Resu
         }
         SubscriptionCommand::List => {
             let r = ctx.call(Method::GET, &base, None).await?;
-            show(ctx, &r, |r| {
-                r["value"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(subscription_line)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            });
+            show(ctx, &r, |r| crate::commands::lines_of(r, subscription_line));
         }
         SubscriptionCommand::Show { id } => {
             let r = ctx.call(Method::GET, &format!("{base}/{id}"), None).await?;

@@ -849,17 +849,24 @@ impl Platform {
         if let Some(oid) = body["properties"]["principalId"].as_str() {
             gone.push(oid.to_string());
         }
+        self.forget_resource(&key, gone).await?;
+        tracing::info!(resource = %key, "resource deleted");
+        Ok(200)
+    }
+
+    /// Deletes a resource and the identities `gone` that only it carried: the store first (one
+    /// transaction, with the resource's service records), then the directory in memory.
+    async fn forget_resource(&self, key: &str, gone: Vec<String>) -> Result<(), KvError> {
         self.store
-            .delete_resource(&key, &gone)
+            .delete_resource(key, &gone)
             .await
             .map_err(|e| internal("delete resource", e))?;
         let mut d = self.dir_mut();
-        d.resources.remove(&key);
+        d.resources.remove(key);
         for oid in gone {
             d.principals.remove(&oid);
         }
-        tracing::info!(resource = %key, "resource deleted");
-        Ok(200)
+        Ok(())
     }
 
     /// Binds a process to a resource: returns the environment (`IDENTITY_ENDPOINT`,

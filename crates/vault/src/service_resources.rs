@@ -226,15 +226,7 @@ impl Platform {
             .map(str::to_string)
             .into_iter()
             .collect();
-        self.store
-            .delete_resource(&key, &gone)
-            .await
-            .map_err(|e| internal("delete resource", e))?;
-        let mut d = self.dir_mut();
-        d.resources.remove(&key);
-        for oid in gone {
-            d.principals.remove(&oid);
-        }
+        self.forget_resource(&key, gone).await?;
         tracing::info!(resource = %key, "service resource deleted");
         Ok(200)
     }
