@@ -5,9 +5,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
+use crate::local::{Fsync, LocalWrites, Syncer};
 use crate::{BackupError, Result};
 
 /// The operations the engine needs from storage. Objects are written whole and atomically.
@@ -63,20 +65,39 @@ pub struct ObjectInfo {
 pub struct ObjectStoreBackend {
     store: Arc<dyn ObjectStore>,
     runtime: tokio::runtime::Handle,
+    /// Set on a local folder: writes and deletes go through it, durably (see `local.rs`).
+    local: Option<(LocalWrites, LocalFileSystem)>,
 }
 
 impl ObjectStoreBackend {
     /// A backend over `store`, driven by `runtime`.
     pub fn new(store: Arc<dyn ObjectStore>, runtime: tokio::runtime::Handle) -> Self {
-        Self { store, runtime }
+        Self {
+            store,
+            runtime,
+            local: None,
+        }
     }
 
-    /// A backend on a local folder (created if needed).
+    /// A backend on a local folder (created if needed). Every `put` and `delete` is durable
+    /// (flushed to stable storage, directory entries included) when it returns.
     pub fn local(dir: &std::path::Path, runtime: tokio::runtime::Handle) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(crate::io_err(dir))?;
-        let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
-            .map_err(|e| BackupError::Storage(e.to_string()))?;
-        Ok(Self::new(Arc::new(fs), runtime))
+        Self::local_with(dir, runtime, Arc::new(Fsync))
+    }
+
+    /// [`ObjectStoreBackend::local`] with the given way to flush (tests observe it).
+    pub(crate) fn local_with(
+        dir: &std::path::Path,
+        runtime: tokio::runtime::Handle,
+        syncer: Arc<dyn Syncer>,
+    ) -> Result<Self> {
+        let writes = LocalWrites::new(dir, syncer)?;
+        let fs = LocalFileSystem::new_with_prefix(writes.root()).map_err(storage)?;
+        Ok(Self {
+            store: Arc::new(fs.clone()),
+            runtime,
+            local: Some((writes, fs)),
+        })
     }
 }
 
@@ -87,6 +108,9 @@ fn storage(e: object_store::Error) -> BackupError {
 impl BlobBackend for ObjectStoreBackend {
     fn put(&self, name: &str, data: Vec<u8>) -> Result<()> {
         let path = ObjectPath::from(name);
+        if let Some((writes, fs)) = &self.local {
+            return writes.put(&fs.path_to_filesystem(&path).map_err(storage)?, &data);
+        }
         self.runtime
             .block_on(self.store.put(&path, PutPayload::from(data)))
             .map(|_| ())
@@ -153,6 +177,9 @@ impl BlobBackend for ObjectStoreBackend {
 
     fn delete(&self, name: &str) -> Result<()> {
         let path = ObjectPath::from(name);
+        if let Some((writes, fs)) = &self.local {
+            return writes.delete(&fs.path_to_filesystem(&path).map_err(storage)?);
+        }
         match self.runtime.block_on(self.store.delete(&path)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(storage(e)),

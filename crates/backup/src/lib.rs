@@ -29,6 +29,7 @@
 
 mod backend;
 mod backup;
+mod local;
 mod pack;
 mod prune;
 mod repo;
