@@ -140,7 +140,7 @@ enum KeyCommand {
         /// RSA size: 2048, 3072 or 4096.
         #[arg(long)]
         size: Option<u32>,
-        /// EC curve: P-256, P-384 or P-521.
+        /// EC curve: P-256, P-384, P-521 or P-256K.
         #[arg(long)]
         curve: Option<String>,
         /// Permitted operations, comma-separated (wrapKey,unwrapKey,…).

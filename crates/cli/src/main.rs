@@ -14,8 +14,9 @@ mod policy;
 mod subscription;
 mod vault_backup;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 /// kagi: a self-hosted customer-managed-key platform with an Azure Key Vault-compatible API.
@@ -181,6 +182,19 @@ fn listen_addrs(listen: &str) -> anyhow::Result<(Vec<std::net::SocketAddr>, u16)
     Ok((addrs, port))
 }
 
+/// Creates the data directory owner-only (0700), or makes an existing one so: it holds the
+/// root key, the store and the audit log, and an operator's `mkdir` leaves it 0755.
+fn private_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making the data directory {} owner-only", dir.display()))
+}
+
 async fn run_server(
     data_dir: PathBuf,
     listen: String,
@@ -195,6 +209,7 @@ async fn run_server(
         .with_writer(std::io::stderr)
         .init();
     let (addrs, port) = listen_addrs(&listen)?;
+    private_data_dir(&data_dir)?;
     let config = kagi_vault::PlatformConfig {
         data_dir: data_dir.clone(),
         dns_suffix: dns_suffix.to_ascii_lowercase(),

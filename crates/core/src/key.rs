@@ -160,7 +160,7 @@ pub enum PublicJwk {
     },
     /// EC point.
     Ec {
-        /// Curve name (`P-256`, `P-384`, `P-521`).
+        /// Curve name (`P-256`, `P-384`, `P-521`, `P-256K`).
         crv: String,
         /// X coordinate.
         #[serde(with = "b64::bytes")]
@@ -291,6 +291,45 @@ impl KeyVersionInfo {
 
 // ----- wire shapes -----
 
+/// Serde adapter for a base64url field that carries private material (a private key, a
+/// plaintext): the base64url text it travels as is wiped once encoded or decoded, so only the
+/// field itself (which its owner wipes) holds the material.
+pub mod private_bytes {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use zeroize::Zeroizing;
+
+    /// Serializes as unpadded base64url.
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&Zeroizing::new(crate::b64::encode(v)))
+    }
+
+    /// Deserializes base64url, refusing anything else.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = Zeroizing::new(String::deserialize(d)?);
+        crate::b64::decode(&text).ok_or_else(|| D::Error::custom("value is not valid base64url"))
+    }
+
+    /// The same for an optional field.
+    pub mod opt {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Serializes as unpadded base64url.
+        pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => super::serialize(v, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Deserializes base64url, refusing anything else.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+            #[derive(Deserialize)]
+            struct Wrapped(#[serde(deserialize_with = "super::deserialize")] Vec<u8>);
+            Ok(Option::<Wrapped>::deserialize(d)?.map(|w| w.0))
+        }
+    }
+}
+
 /// A JSON Web Key as the keys API sends and receives it.
 #[derive(Clone, Default, Serialize, Deserialize)]
 pub struct JsonWebKey {
@@ -321,49 +360,49 @@ pub struct JsonWebKey {
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "b64::opt_bytes"
+        with = "private_bytes::opt"
     )]
     pub d: Option<Vec<u8>>,
     /// RSA CRT exponent for p (import only).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "b64::opt_bytes"
+        with = "private_bytes::opt"
     )]
     pub dp: Option<Vec<u8>>,
     /// RSA CRT exponent for q (import only).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "b64::opt_bytes"
+        with = "private_bytes::opt"
     )]
     pub dq: Option<Vec<u8>>,
     /// RSA CRT coefficient (import only).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "b64::opt_bytes"
+        with = "private_bytes::opt"
     )]
     pub qi: Option<Vec<u8>>,
     /// RSA prime p (import only).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "b64::opt_bytes"
+        with = "private_bytes::opt"
     )]
     pub p: Option<Vec<u8>>,
     /// RSA prime q (import only).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "b64::opt_bytes"
+        with = "private_bytes::opt"
     )]
     pub q: Option<Vec<u8>>,
     /// Symmetric key (refused: kagi has no oct keys).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        with = "b64::opt_bytes"
+        with = "private_bytes::opt"
     )]
     pub k: Option<Vec<u8>>,
     /// HSM transfer blob (refused: BYOK transfer blobs are not supported).
@@ -404,8 +443,9 @@ impl std::fmt::Debug for JsonWebKey {
     }
 }
 
-impl Drop for JsonWebKey {
-    fn drop(&mut self) {
+impl zeroize::Zeroize for JsonWebKey {
+    /// Wipes the private fields; the public ones stay.
+    fn zeroize(&mut self) {
         for field in [
             &mut self.d,
             &mut self.dp,
@@ -414,16 +454,19 @@ impl Drop for JsonWebKey {
             &mut self.p,
             &mut self.q,
             &mut self.k,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            field.iter_mut().for_each(|b| *b = 0);
-            // Keep the compiler from eliding the wipe of memory about to be freed.
-            std::hint::black_box(&field);
+        ] {
+            field.zeroize();
         }
     }
 }
+
+impl Drop for JsonWebKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(self);
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for JsonWebKey {}
 
 /// Attributes as the wire carries them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -491,6 +534,9 @@ pub struct KeyImportParameters {
     pub release_policy: Option<serde_json::Value>,
 }
 
+// Its `key` wipes its private fields when dropped.
+impl zeroize::ZeroizeOnDrop for KeyImportParameters {}
+
 /// Body of `PATCH /keys/{name}/{version}`.
 #[derive(Debug, Deserialize)]
 pub struct KeyUpdateParameters {
@@ -504,13 +550,14 @@ pub struct KeyUpdateParameters {
     pub release_policy: Option<serde_json::Value>,
 }
 
-/// Body of encrypt/decrypt/wrapkey/unwrapkey.
+/// Body of encrypt/decrypt/wrapkey/unwrapkey. The input of encrypt and wrapKey is the caller's
+/// plaintext (often a data key): it is wiped when the parameters drop.
 #[derive(Deserialize)]
 pub struct KeyOperationParameters {
     /// Algorithm (`RSA-OAEP`, `RSA-OAEP-256`, `RSA1_5`).
     pub alg: String,
     /// Input.
-    #[serde(with = "b64::bytes")]
+    #[serde(with = "private_bytes")]
     pub value: Vec<u8>,
     /// AES-GCM IV (refused: no symmetric keys).
     #[serde(default, with = "b64::opt_bytes")]
@@ -522,6 +569,20 @@ pub struct KeyOperationParameters {
     #[serde(default, with = "b64::opt_bytes")]
     pub tag: Option<Vec<u8>>,
 }
+
+impl zeroize::Zeroize for KeyOperationParameters {
+    fn zeroize(&mut self) {
+        self.value.zeroize();
+    }
+}
+
+impl Drop for KeyOperationParameters {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(self);
+    }
+}
+
+impl zeroize::ZeroizeOnDrop for KeyOperationParameters {}
 
 /// Body of `/sign`.
 #[derive(Deserialize)]
@@ -637,6 +698,29 @@ mod tests {
         assert!(parse_key_ops(&["wrapkey".into()], KeyType::Rsa).is_err());
         assert!(parse_key_ops(&["encrypt".into()], KeyType::Ec).is_err());
         assert_eq!(KeyType::parse("oct").unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn request_bodies_with_private_material_wipe_themselves() {
+        fn wiped_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        wiped_on_drop::<JsonWebKey>();
+        wiped_on_drop::<KeyImportParameters>();
+        // wrapKey and encrypt carry the caller's plaintext key material.
+        wiped_on_drop::<KeyOperationParameters>();
+        let body = br#"{"key": {"kty": "EC", "crv": "P-256", "x": "AQ", "y": "Ag", "d": "Aw"},
+                        "attributes": {}}"#;
+        let mut p: KeyImportParameters = serde_json::from_slice(body).unwrap();
+        assert_eq!(p.key.d.as_deref(), Some(&[3u8][..]));
+        zeroize::Zeroize::zeroize(&mut p.key);
+        assert_eq!(
+            (p.key.d.as_deref(), p.key.x.as_deref()),
+            (None, Some(&[1u8][..]))
+        );
+        let mut op: KeyOperationParameters =
+            serde_json::from_slice(br#"{"alg": "RSA-OAEP", "value": "BAU"}"#).unwrap();
+        assert_eq!(op.value, [4, 5]);
+        zeroize::Zeroize::zeroize(&mut op);
+        assert!(op.value.is_empty());
     }
 
     #[test]

@@ -59,7 +59,7 @@ impl RsaKeySize {
     }
 }
 
-/// Supported elliptic curves (NIST prime curves).
+/// Supported elliptic curves: the NIST prime curves and SECG secp256k1, as Key Vault offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Curve {
     /// NIST P-256 (secp256r1).
@@ -68,16 +68,19 @@ pub enum Curve {
     P384,
     /// NIST P-521 (secp521r1).
     P521,
+    /// SECG secp256k1 (JWK `P-256K`).
+    P256K,
 }
 
 impl Curve {
-    /// The JWK `crv` name ("P-256", "P-384", "P-521").
+    /// The JWK `crv` name ("P-256", "P-384", "P-521", "P-256K").
     #[must_use]
     pub fn jwk_name(self) -> &'static str {
         match self {
             Self::P256 => "P-256",
             Self::P384 => "P-384",
             Self::P521 => "P-521",
+            Self::P256K => "P-256K",
         }
     }
 
@@ -88,6 +91,7 @@ impl Curve {
             "P-256" => Some(Self::P256),
             "P-384" => Some(Self::P384),
             "P-521" => Some(Self::P521),
+            "P-256K" => Some(Self::P256K),
             _ => None,
         }
     }
@@ -97,7 +101,7 @@ impl Curve {
     #[must_use]
     pub fn coordinate_len(self) -> usize {
         match self {
-            Self::P256 => 32,
+            Self::P256 | Self::P256K => 32,
             Self::P384 => 48,
             Self::P521 => 66,
         }
@@ -109,6 +113,7 @@ impl Curve {
             Self::P256 => &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
             Self::P384 => &signature::ECDSA_P384_SHA384_FIXED_SIGNING,
             Self::P521 => &signature::ECDSA_P521_SHA512_FIXED_SIGNING,
+            Self::P256K => &signature::ECDSA_P256K1_SHA256_FIXED_SIGNING,
         }
     }
 
@@ -118,11 +123,12 @@ impl Curve {
             Self::P256 => &signature::ECDSA_P256_SHA256_FIXED,
             Self::P384 => &signature::ECDSA_P384_SHA384_FIXED,
             Self::P521 => &signature::ECDSA_P521_SHA512_FIXED,
+            Self::P256K => &signature::ECDSA_P256K1_SHA256_FIXED,
         }
     }
 
     /// All supported curves.
-    pub const ALL: [Self; 3] = [Self::P256, Self::P384, Self::P521];
+    pub const ALL: [Self; 4] = [Self::P256, Self::P384, Self::P521, Self::P256K];
 }
 
 /// RSA encryption schemes (JWA key-management algorithms).
@@ -233,6 +239,8 @@ pub enum SignatureAlgorithm {
     ES384,
     /// ECDSA on P-521 with SHA-512.
     ES512,
+    /// ECDSA on secp256k1 (P-256K) with SHA-256.
+    ES256K,
 }
 
 impl SignatureAlgorithm {
@@ -249,6 +257,7 @@ impl SignatureAlgorithm {
             "ES256" => Some(Self::ES256),
             "ES384" => Some(Self::ES384),
             "ES512" => Some(Self::ES512),
+            "ES256K" => Some(Self::ES256K),
             _ => None,
         }
     }
@@ -266,6 +275,7 @@ impl SignatureAlgorithm {
             Self::ES256 => "ES256",
             Self::ES384 => "ES384",
             Self::ES512 => "ES512",
+            Self::ES256K => "ES256K",
         }
     }
 
@@ -273,7 +283,7 @@ impl SignatureAlgorithm {
     #[must_use]
     pub fn digest_algorithm(self) -> DigestAlgorithm {
         match self {
-            Self::RS256 | Self::PS256 | Self::ES256 => DigestAlgorithm::Sha256,
+            Self::RS256 | Self::PS256 | Self::ES256 | Self::ES256K => DigestAlgorithm::Sha256,
             Self::RS384 | Self::PS384 | Self::ES384 => DigestAlgorithm::Sha384,
             Self::RS512 | Self::PS512 | Self::ES512 => DigestAlgorithm::Sha512,
         }
@@ -298,12 +308,13 @@ impl SignatureAlgorithm {
             Self::ES256 => Some(Curve::P256),
             Self::ES384 => Some(Curve::P384),
             Self::ES512 => Some(Curve::P521),
+            Self::ES256K => Some(Curve::P256K),
             _ => None,
         }
     }
 
     /// All algorithms, e.g. for capability listings.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::RS256,
         Self::RS384,
         Self::RS512,
@@ -313,6 +324,7 @@ impl SignatureAlgorithm {
         Self::ES256,
         Self::ES384,
         Self::ES512,
+        Self::ES256K,
     ];
 
     /// RSA signing padding; salt length defaults to the digest length for PSS.
@@ -373,7 +385,10 @@ mod tests {
         }
         assert_eq!(SignatureAlgorithm::from_jwa("rs256"), None);
         assert_eq!(EncryptionAlgorithm::from_jwa("RSA-OAEP-384"), None);
-        assert_eq!(Curve::from_jwk_name("P-256K"), None);
+        assert_eq!(Curve::from_jwk_name("P-256K"), Some(Curve::P256K));
+        assert_eq!(Curve::from_jwk_name("secp256k1"), None);
+        assert_eq!(SignatureAlgorithm::ES256K.curve(), Some(Curve::P256K));
+        assert_eq!(SignatureAlgorithm::ES256K.digest_len(), 32);
     }
 
     #[test]

@@ -106,7 +106,7 @@ impl KeyPair {
     ///
     /// # Errors
     /// [`CryptoError::Unsupported`] for RSA sizes other than 2048/3072/4096,
-    /// [`CryptoError::InvalidKey`] if the document is not an RSA or P-256/P-384/P-521 key.
+    /// [`CryptoError::InvalidKey`] if the document is not an RSA or P-256/P-384/P-521/P-256K key.
     pub fn from_pkcs8(der: &[u8]) -> Result<Self> {
         let rsa_err = match RsaKeyPair::from_pkcs8(der) {
             Ok(signing) => return Self::from_rsa(signing),
@@ -123,7 +123,7 @@ impl KeyPair {
                 "RSA key size (supported: 2048, 3072, 4096 bits)".into(),
             )),
             _ => Err(CryptoError::InvalidKey(
-                "not a PKCS#8 RSA or EC (P-256, P-384, P-521) private key".into(),
+                "not a PKCS#8 RSA or EC (P-256, P-384, P-521, P-256K) private key".into(),
             )),
         }
     }
@@ -501,6 +501,7 @@ mod tests {
             (Curve::P256, SignatureAlgorithm::ES256),
             (Curve::P384, SignatureAlgorithm::ES384),
             (Curve::P521, SignatureAlgorithm::ES512),
+            (Curve::P256K, SignatureAlgorithm::ES256K),
         ] {
             let key = KeyPair::generate_ec(curve).unwrap();
             let PublicKey::Ec { x, y, .. } = key.public_key() else {
@@ -569,6 +570,7 @@ mod tests {
             KeyPair::generate_ec(Curve::P256).unwrap(),
             KeyPair::generate_ec(Curve::P384).unwrap(),
             KeyPair::generate_ec(Curve::P521).unwrap(),
+            KeyPair::generate_ec(Curve::P256K).unwrap(),
         ];
         for key in &keys {
             let der = key.to_pkcs8().unwrap();
@@ -662,8 +664,29 @@ mod tests {
         };
         let err = KeyPair::ec_from_components(Curve::P256, ox, oy, &d).unwrap_err();
         assert!(matches!(err, CryptoError::InvalidKey(_)), "{err}");
-        // Wrong curve for the coordinates.
+        // Wrong curve for the coordinates, also one with the same coordinate length.
         assert!(KeyPair::ec_from_components(Curve::P384, x, y, &d).is_err());
+        assert!(KeyPair::ec_from_components(Curve::P256K, x, y, &d).is_err());
+    }
+
+    #[test]
+    fn p256k_components_import_and_es256_is_refused() {
+        let key = KeyPair::generate_ec(Curve::P256K).unwrap();
+        let der = key.to_pkcs8().unwrap();
+        let PublicKey::Ec { x, y, .. } = key.public_key() else {
+            panic!("not EC")
+        };
+        assert_eq!(
+            KeyPair::from_pkcs8(&der).unwrap().public_key(),
+            key.public_key()
+        );
+        assert!(PublicKey::ec_from_components(Curve::P256K, x, y).is_ok());
+        assert!(PublicKey::ec_from_components(Curve::P256, x, y).is_err());
+        let d = digest(DigestAlgorithm::Sha256, b"message");
+        assert!(matches!(
+            key.sign_digest(SignatureAlgorithm::ES256, &d),
+            Err(CryptoError::Unsupported(_))
+        ));
     }
 
     #[test]

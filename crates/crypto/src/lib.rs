@@ -1,6 +1,6 @@
 //! Cryptographic primitives for kagi, built on aws-lc-rs.
 //!
-//! - [`KeyPair`] / [`PublicKey`]: RSA (2048/3072/4096) and EC (P-256/P-384/P-521) keys with the
+//! - [`KeyPair`] / [`PublicKey`]: RSA (2048/3072/4096) and EC (P-256/P-384/P-521/P-256K) keys with the
 //!   operations Azure Key Vault exposes: sign/verify over a caller-supplied digest and RSA
 //!   encrypt/decrypt.
 //! - [`seal`]: the root key and AES-256-GCM sealing of data at rest.

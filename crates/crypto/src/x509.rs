@@ -60,6 +60,82 @@ pub fn certificate_spki(cert: &[u8]) -> Result<&[u8]> {
     }
 }
 
+/// The elements of a DER sequence's contents, each as (tag, contents).
+fn elements(mut der: &[u8]) -> Result<Vec<(u8, &[u8])>> {
+    let mut out = Vec::new();
+    while !der.is_empty() {
+        let (tag, h, l) = element(der)?;
+        out.push((tag, &der[h..h + l]));
+        der = &der[h + l..];
+    }
+    Ok(out)
+}
+
+/// The contents of the one element `der` holds, checking its tag.
+fn contents(der: &[u8], want: u8) -> Result<&[u8]> {
+    let (tag, h, l) = element(der)?;
+    if tag != want || der.len() != h + l {
+        return Err(CryptoError::InvalidInput(
+            "the certificate is not valid DER".into(),
+        ));
+    }
+    Ok(&der[h..h + l])
+}
+
+/// The permitted subtrees of a certificate's name constraints (RFC 5280 4.2.1.10).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PermittedNames {
+    /// `dNSName` subtrees.
+    pub dns: Vec<String>,
+    /// `iPAddress` subtrees: the address followed by its mask (8 or 32 bytes).
+    pub ip: Vec<Vec<u8>>,
+}
+
+/// DER of the OID 2.5.29.30 (id-ce-nameConstraints).
+const NAME_CONSTRAINTS_OID: [u8; 3] = [0x55, 0x1d, 0x1e];
+
+/// The permitted subtrees of a DER certificate's name constraints; `None` when it has no name
+/// constraints extension.
+///
+/// # Errors
+/// [`CryptoError::InvalidInput`] when the certificate is not DER.
+pub fn permitted_names(cert: &[u8]) -> Result<Option<PermittedNames>> {
+    // The certificate holds tbsCertificate, signatureAlgorithm and signature.
+    let tbs = match elements(contents(cert, 0x30)?)?.first() {
+        Some((0x30, tbs)) => *tbs,
+        _ => {
+            return Err(CryptoError::InvalidInput(
+                "the certificate is not valid DER".into(),
+            ));
+        }
+    };
+    let Some((_, extensions)) = elements(tbs)?.into_iter().find(|(tag, _)| *tag == 0xa3) else {
+        return Ok(None);
+    };
+    for (_, extension) in elements(contents(extensions, 0x30)?)? {
+        let fields = elements(extension)?;
+        let (Some((0x06, oid)), Some((0x04, value))) = (fields.first(), fields.last()) else {
+            continue;
+        };
+        if *oid != NAME_CONSTRAINTS_OID {
+            continue;
+        }
+        let mut names = PermittedNames::default();
+        let subtrees = elements(contents(value, 0x30)?)?;
+        for (_, subtree) in subtrees.iter().filter(|(tag, _)| *tag == 0xa0) {
+            for (_, general_subtree) in elements(subtree)? {
+                match elements(general_subtree)?.first() {
+                    Some((0x82, dns)) => names.dns.push(String::from_utf8_lossy(dns).into_owned()),
+                    Some((0x87, ip)) => names.ip.push(ip.to_vec()),
+                    _ => {}
+                }
+            }
+        }
+        return Ok(Some(names));
+    }
+    Ok(None)
+}
+
 /// The certificate's SHA-256 thumbprint, as the hex of the digest of its DER.
 pub fn thumbprint_sha256(cert: &[u8]) -> String {
     crate::digest(DigestAlgorithm::Sha256, cert)

@@ -51,8 +51,10 @@ pub(crate) async fn handle(
     if let Err(e) = kagi_core::api_version::check_data_plane(api_version) {
         return respond::error(&e);
     }
+    // Wiped when the request is done: key imports, wrapKey/encrypt plaintexts and secret
+    // values arrive in this buffer (the conversion takes read_body's buffer, no copy).
     let body = match respond::read_body(&parts.headers, body).await {
-        Ok(b) => b,
+        Ok(b) => zeroize::Zeroizing::new(Vec::from(b)),
         Err(e) => return respond::error(&e),
     };
     let list = ListQuery {

@@ -68,7 +68,11 @@ pub(crate) async fn read_body(
         return Err(too_large());
     }
     let mut body = body;
-    let mut buf = Vec::new();
+    // Bodies can carry key material (imports, wrapKey plaintexts, secret values): sized from
+    // Content-Length up front, and grown without leaving unwiped copies behind.
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(
+        declared.map_or(0, |len| len.min(crate::MAX_BODY as u64) as usize),
+    ));
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
         let Ok(frame) = frame else {
@@ -82,14 +86,27 @@ pub(crate) async fn read_body(
                 break;
             }
             if seen <= crate::MAX_BODY {
-                buf.extend_from_slice(&data);
+                append_wiping(&mut buf, &data);
             }
         }
     }
     if seen > crate::MAX_BODY {
         return Err(too_large());
     }
-    Ok(buf.into())
+    Ok(std::mem::take(&mut *buf).into())
+}
+
+/// Appends `data`; when `buf` is full its contents move to a larger buffer and the old one is
+/// wiped, where `Vec`'s own growth would free it as it is.
+fn append_wiping(buf: &mut zeroize::Zeroizing<Vec<u8>>, data: &[u8]) {
+    if buf.capacity() - buf.len() < data.len() {
+        let mut larger = zeroize::Zeroizing::new(Vec::with_capacity(
+            (buf.len() + data.len()).max(2 * buf.capacity()),
+        ));
+        larger.extend_from_slice(buf);
+        std::mem::swap(buf, &mut larger);
+    }
+    buf.extend_from_slice(data);
 }
 
 /// Parses a JSON body into `T`, with Azure's 400 on failure.

@@ -1,14 +1,16 @@
 //! The local certificate authority and per-name server certificates.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use kagi_crypto::x509::PermittedNames;
 use kagi_vault::Platform;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints, SanType,
 };
 use rustls::crypto::aws_lc_rs::sign::any_supported_type;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -48,9 +50,39 @@ impl std::fmt::Debug for LocalCa {
     }
 }
 
+/// What the CA may vouch for: names under the served DNS suffix (the suffix and its
+/// subdomains) and the loopback addresses of the certificate for clients that send no SNI.
+/// Clients are told to trust this CA, so the constraints keep its key, should it leak, from
+/// vouching for any other host.
+fn name_constraints(suffix: &str) -> NameConstraints {
+    NameConstraints {
+        permitted_subtrees: vec![
+            GeneralSubtree::DnsName(suffix.to_string()),
+            GeneralSubtree::IpAddress(CidrSubnet::from_v4_prefix(Ipv4Addr::LOCALHOST.octets(), 32)),
+            GeneralSubtree::IpAddress(CidrSubnet::from_v6_prefix(
+                Ipv6Addr::LOCALHOST.octets(),
+                128,
+            )),
+        ],
+        excluded_subtrees: Vec::new(),
+    }
+}
+
+/// [`name_constraints`] as [`kagi_crypto::x509::permitted_names`] reads them from a certificate.
+fn expected_names(suffix: &str) -> PermittedNames {
+    let host = |addr: &[u8]| [addr, &vec![0xff; addr.len()]].concat();
+    PermittedNames {
+        dns: vec![suffix.to_string()],
+        ip: vec![
+            host(&Ipv4Addr::LOCALHOST.octets()),
+            host(&Ipv6Addr::LOCALHOST.octets()),
+        ],
+    }
+}
+
 /// The CA's parameters. Rebuilt identically on every start from the key, so the issuer
 /// (name, key identifier) of minted certificates matches the `ca.pem` clients trust.
-fn ca_params(key: &KeyPair) -> Result<CertificateParams, TlsError> {
+fn ca_params(key: &KeyPair, suffix: &str) -> Result<CertificateParams, TlsError> {
     let mut p = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
     let id: String = p
         .key_identifier(key)
@@ -64,10 +96,23 @@ fn ca_params(key: &KeyPair) -> Result<CertificateParams, TlsError> {
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p.name_constraints = Some(name_constraints(suffix));
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::days(1);
     p.not_after = now + time::Duration::days(3650);
     Ok(p)
+}
+
+/// A new `ca.pem` for `key` when `pem` is not constrained to `suffix`: a CA made before name
+/// constraints, or for another `--dns-suffix`. The key and the name stay, so certificates that
+/// chain to the old `ca.pem` keep verifying for clients that still trust it.
+fn constrained_again(key: &KeyPair, pem: &str, suffix: &str) -> Result<Option<String>, TlsError> {
+    let current = kagi_crypto::x509::permitted_names(&pem_to_der(pem)?).map_err(cert_err)?;
+    if current.as_ref() == Some(&expected_names(suffix)) {
+        return Ok(None);
+    }
+    let cert = ca_params(key, suffix)?.self_signed(key).map_err(cert_err)?;
+    Ok(Some(cert.pem()))
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
@@ -76,8 +121,10 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
 }
 
 impl LocalCa {
-    /// Loads the CA from `<data>/tls`, or creates it.
+    /// Loads the CA from `<data>/tls`, or creates it, constrained to the platform's DNS suffix
+    /// (a `ca.pem` that is not is issued again from the same key).
     pub fn load_or_create(platform: &Platform, data_dir: &Path) -> Result<Self, TlsError> {
+        let suffix = platform.config().dns_suffix.clone();
         let dir = data_dir.join("tls");
         std::fs::create_dir_all(&dir).map_err(|e| TlsError::Io(dir.clone(), e))?;
         let key_path = dir.join("ca-key.sealed");
@@ -91,11 +138,23 @@ impl LocalCa {
                     .open_platform_secret("tls-ca", &sealed)
                     .map_err(|e| cert_err(e.message))?;
                 let key = KeyPair::try_from(der.as_slice()).map_err(cert_err)?;
-                (key, pem)
+                match constrained_again(&key, &pem, &suffix)? {
+                    Some(pem) => {
+                        write_file(&cert_path, pem.as_bytes(), 0o644)?;
+                        tracing::info!(
+                            suffix,
+                            "local CA certificate issued again, constrained to the DNS suffix (same key)"
+                        );
+                        (key, pem)
+                    }
+                    None => (key, pem),
+                }
             }
             _ => {
                 let key = KeyPair::generate().map_err(cert_err)?;
-                let cert = ca_params(&key)?.self_signed(&key).map_err(cert_err)?;
+                let cert = ca_params(&key, &suffix)?
+                    .self_signed(&key)
+                    .map_err(cert_err)?;
                 let sealed = platform
                     .seal_platform_secret("tls-ca", &key.serialize_der())
                     .map_err(|e| cert_err(e.message))?;
@@ -104,7 +163,7 @@ impl LocalCa {
                 (key, cert.pem())
             }
         };
-        let params = ca_params(&key)?;
+        let params = ca_params(&key, &suffix)?;
         Ok(Self {
             issuer: Issuer::new(params, key),
             cert_pem,
@@ -221,5 +280,104 @@ impl ResolvesServerCert for SniResolver {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+
+    use super::*;
+
+    /// A CA for `suffix` without the data directory, and its certificate as clients trust it.
+    fn ca(suffix: &str) -> LocalCa {
+        let key = KeyPair::generate().unwrap();
+        let cert_pem = ca_params(&key, suffix)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem();
+        LocalCa {
+            issuer: Issuer::new(ca_params(&key, suffix).unwrap(), key),
+            cert_pem,
+            cert_path: PathBuf::new(),
+        }
+    }
+
+    /// Whether a client trusting `ca.pem` (rustls-webpki) accepts `ca`'s certificate for `name`.
+    fn accepted(ca: &LocalCa, name: &str) -> bool {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(pem_to_der(&ca.cert_pem).unwrap()))
+            .unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .build()
+        .unwrap();
+        let minted = ca.mint(&[name.to_string()]).unwrap();
+        verifier
+            .verify_server_cert(
+                &minted.cert[0],
+                &minted.cert[1..],
+                &ServerName::try_from(name.to_string()).unwrap(),
+                &[],
+                UnixTime::now(),
+            )
+            .is_ok()
+    }
+
+    #[test]
+    fn the_ca_vouches_only_for_the_served_names() {
+        let ca = ca("localhost");
+        for name in ["localhost", "v1.localhost", "127.0.0.1", "::1"] {
+            assert!(accepted(&ca, name), "{name}");
+        }
+        for name in [
+            "example.com",
+            "localhost.example.com",
+            "notlocalhost",
+            "10.0.0.1",
+        ] {
+            assert!(!accepted(&ca, name), "{name}");
+        }
+        let names = kagi_crypto::x509::permitted_names(&pem_to_der(&ca.cert_pem).unwrap())
+            .unwrap()
+            .unwrap();
+        assert_eq!(names, expected_names("localhost"));
+    }
+
+    #[test]
+    fn an_unconstrained_ca_certificate_is_issued_again_from_its_key() {
+        let key = KeyPair::generate().unwrap();
+        let mut old = ca_params(&key, "localhost").unwrap();
+        old.name_constraints = None;
+        let old_pem = old.self_signed(&key).unwrap().pem();
+        assert_eq!(
+            kagi_crypto::x509::permitted_names(&pem_to_der(&old_pem).unwrap()).unwrap(),
+            None
+        );
+        let new_pem = constrained_again(&key, &old_pem, "localhost")
+            .unwrap()
+            .expect("issued again");
+        let der = pem_to_der(&new_pem).unwrap();
+        assert_eq!(
+            kagi_crypto::x509::permitted_names(&der).unwrap(),
+            Some(expected_names("localhost"))
+        );
+        // Same key: a CA certificate for the same suffix is kept; another suffix is not.
+        assert_eq!(
+            constrained_again(&key, &new_pem, "localhost").unwrap(),
+            None
+        );
+        assert!(
+            constrained_again(&key, &new_pem, "kagi.test")
+                .unwrap()
+                .is_some()
+        );
     }
 }

@@ -22,6 +22,7 @@ use kagi_store::{KeyRecord, KeyVersionRecord, StoreError, VaultRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::object_backup;
 use crate::render::VaultView;
 use crate::state::{KeyEntry, VaultState, VersionEntry, private_key_aad};
 use crate::{Platform, internal};
@@ -125,20 +126,13 @@ pub fn is_crypto_segment(segment: &str) -> bool {
     crypto_op(&segment.to_ascii_lowercase()).is_some()
 }
 
-/// What a key backup blob holds (sealed, never seen by clients in the clear).
-#[derive(Serialize, Deserialize)]
-struct BackupPayload {
-    format: u32,
-    name: String,
-    versions: Vec<BackupVersion>,
-}
-
+/// One version in a key backup blob (sealed, never seen by clients in the clear).
 #[derive(Serialize, Deserialize)]
 struct BackupVersion {
     version: String,
     seq: i64,
     info: KeyVersionInfo,
-    #[serde(with = "kagi_core::b64::bytes")]
+    #[serde(with = "kagi_core::key::private_bytes")]
     pkcs8: Vec<u8>,
 }
 
@@ -156,10 +150,6 @@ struct NewVersion {
     attributes: KeyAttributes,
     tags: kagi_core::key::Tags,
 }
-
-/// Magic prefix of key backup blobs, so a wrong blob is told apart from a damaged one.
-const BACKUP_MAGIC: &[u8] = b"KAGI-KEY-BACKUP\x01";
-const BACKUP_AAD: &[u8] = b"kagi/v1/key-backup";
 
 impl Platform {
     fn vault_for(
@@ -359,7 +349,7 @@ impl Platform {
             let crv = params.crv.as_deref().unwrap_or("P-256");
             let curve = Curve::from_jwk_name(crv).ok_or_else(|| {
                 KvError::bad_parameter(format!(
-                    "Curve {} is not supported: EC keys use P-256, P-384 or P-521.",
+                    "Curve {} is not supported: EC keys use P-256, P-384, P-521 or P-256K.",
                     kagi_core::ids::printable(crv)
                 ))
                 .with_inner("CurveNotSupported")
@@ -429,7 +419,7 @@ impl Platform {
         } else {
             let crv = jwk.crv.as_deref().ok_or_else(missing_private)?;
             let curve = Curve::from_jwk_name(crv).ok_or_else(|| {
-                KvError::bad_parameter("Unsupported curve: P-256, P-384 or P-521.")
+                KvError::bad_parameter("Unsupported curve: P-256, P-384, P-521 or P-256K.")
                     .with_inner("CurveNotSupported")
             })?;
             fn f(v: &Option<Vec<u8>>) -> Result<&[u8], KvError> {
@@ -605,8 +595,11 @@ impl Platform {
             Some(name),
         )?;
         let name = ObjectName::parse(name)?;
-        let k = Self::live_key(&state, &name)?;
         let size = paging::page_size(q.maxresults.as_deref())?;
+        // Azure answers a name with no live key with an empty list, not 404.
+        let Ok(k) = Self::live_key(&state, &name) else {
+            return Ok(json!({"value": [], "nextLink": null}));
+        };
         let after = q
             .skiptoken
             .as_deref()
@@ -824,7 +817,8 @@ impl Platform {
     }
 
     /// `POST /keys/{name}/backup`: every version, sealed so that only a kagi holding the same
-    /// root key can restore it.
+    /// root key can restore it, and only into a vault of this one's subscription, tenant and
+    /// location.
     pub fn backup_key(
         &self,
         caller: &Principal,
@@ -856,25 +850,13 @@ impl Platform {
                 pkcs8: der.to_vec(),
             });
         }
-        let payload = zeroize::Zeroizing::new(
-            serde_json::to_vec(&BackupPayload {
-                format: 1,
-                name: k.name.to_string(),
-                versions,
-            })
-            .map_err(|e| internal("backup encode", e))?,
-        );
-        let sealed = self
-            .root
-            .seal(SealPurpose::KeyBackup, BACKUP_AAD, &payload)
-            .map_err(|e| internal("seal backup", e))?;
-        let mut value = BACKUP_MAGIC.to_vec();
-        value.extend_from_slice(&sealed);
+        let blob = self.seal_object_backup(&object_backup::KEYS, &record, k.name.as_str(), versions)?;
         tracing::info!(vault = %record.name, key = %k.name, "key backed up");
-        Ok(BackupBlob { value })
+        Ok(blob)
     }
 
-    /// `POST /keys/restore`.
+    /// `POST /keys/restore`: a backup taken in this vault's subscription, tenant and location,
+    /// into a vault where the name is free.
     pub async fn restore_key(
         &self,
         caller: &Principal,
@@ -883,25 +865,13 @@ impl Platform {
     ) -> Result<Value, KvError> {
         let (state, record) =
             self.vault_for(caller, vault, DataAction::Key(KeyPermission::Restore))?;
-        let invalid = || {
-            KvError::bad_parameter("Backup blob contains invalid or corrupt version.")
-                .with_inner("InvalidBackupBlob")
-        };
-        let sealed = blob.value.strip_prefix(BACKUP_MAGIC).ok_or_else(invalid)?;
-        let payload = self
-            .root
-            .open(SealPurpose::KeyBackup, BACKUP_AAD, sealed)
-            .map_err(|_| invalid())?;
-        let payload: BackupPayload = serde_json::from_slice(&payload).map_err(|_| invalid())?;
-        if payload.format != 1 || payload.versions.is_empty() {
-            return Err(invalid());
-        }
-        let name = ObjectName::parse(&payload.name).map_err(|_| invalid())?;
-        let mut versions = Vec::with_capacity(payload.versions.len());
-        let mut materials = Vec::with_capacity(payload.versions.len());
-        for v in &payload.versions {
-            let version = KeyVersion::parse(&v.version).map_err(|_| invalid())?;
-            let key = KeyPair::from_pkcs8(&v.pkcs8).map_err(|_| invalid())?;
+        let (name, payload): (_, Vec<BackupVersion>) =
+            self.open_object_backup(&object_backup::KEYS, caller, &record, &blob)?;
+        let mut versions = Vec::with_capacity(payload.len());
+        let mut materials = Vec::with_capacity(payload.len());
+        for v in &payload {
+            let version = KeyVersion::parse(&v.version).map_err(|_| object_backup::invalid())?;
+            let key = KeyPair::from_pkcs8(&v.pkcs8).map_err(|_| object_backup::invalid())?;
             let sealed = self
                 .root
                 .seal(
@@ -959,7 +929,7 @@ impl Platform {
         drop(_w);
         self.after_change(&state, kagi_core::event::ObjectType::Key, &name)
             .await;
-        let latest = entry.latest().ok_or_else(invalid)?;
+        let latest = entry.latest().ok_or_else(object_backup::invalid)?;
         Ok(self.view(&record).bundle(name.as_str(), latest))
     }
 

@@ -17,6 +17,7 @@ mod events;
 pub use events::{DeliveryConfig, run_event_delivery};
 mod keys;
 pub use keys::is_crypto_segment;
+mod object_backup;
 mod render;
 mod rotation;
 pub use rotation::SweepReport;

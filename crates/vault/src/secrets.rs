@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::keys::ListQuery;
+use crate::object_backup;
 use crate::state::VaultState;
 use crate::{Platform, internal};
 
@@ -97,18 +98,7 @@ pub(crate) fn value_aad(vault: &VaultName, name: &ObjectName, version: &KeyVersi
     format!("kagi/v1/secret/{}/{}/{}", vault, name.folded(), version).into_bytes()
 }
 
-/// Magic prefix of secret backup blobs.
-const BACKUP_MAGIC: &[u8] = b"KAGI-SECRET-BACKUP\x01";
-const BACKUP_AAD: &[u8] = b"kagi/v1/secret-backup";
-
-/// What a secret backup blob holds (sealed; never seen by clients in the clear).
-#[derive(Serialize, Deserialize)]
-struct BackupPayload {
-    format: u32,
-    name: String,
-    versions: Vec<BackupVersion>,
-}
-
+/// One version in a secret backup blob (sealed; never seen by clients in the clear).
 #[derive(Serialize, Deserialize)]
 struct BackupVersion {
     version: String,
@@ -516,8 +506,11 @@ impl Platform {
         let (state, record) =
             self.secret_vault(caller, vault, SecretPermission::List, Some(name))?;
         let name = ObjectName::parse(name)?;
-        let s = Self::live_secret(&state, &name)?;
         let size = paging::page_size(q.maxresults.as_deref())?;
+        // Azure answers a name with no live secret with an empty list, not 404.
+        let Ok(s) = Self::live_secret(&state, &name) else {
+            return Ok(json!({"value": [], "nextLink": null}));
+        };
         let after = q
             .skiptoken
             .as_deref()
@@ -688,7 +681,8 @@ impl Platform {
     }
 
     /// `POST /secrets/{name}/backup`: every version with its value, sealed so that only a kagi
-    /// holding the same root key can restore it.
+    /// holding the same root key can restore it, and only into a vault of this one's
+    /// subscription, tenant and location.
     pub fn backup_secret(
         &self,
         caller: &Principal,
@@ -708,26 +702,14 @@ impl Platform {
                 value: self.open_value(&record.name, &name, v)?,
             });
         }
-        let payload = zeroize::Zeroizing::new(
-            serde_json::to_vec(&BackupPayload {
-                format: 1,
-                name: s.name.to_string(),
-                versions,
-            })
-            .map_err(|e| internal("secret backup encode", e))?,
-        );
-        let sealed = self
-            .root
-            .seal(SealPurpose::KeyBackup, BACKUP_AAD, &payload)
-            .map_err(|e| internal("seal secret backup", e))?;
-        let mut value = BACKUP_MAGIC.to_vec();
-        value.extend_from_slice(&sealed);
+        let blob = self.seal_object_backup(&object_backup::SECRETS, &record, s.name.as_str(), versions)?;
         tracing::info!(vault = %record.name, secret = %s.name, "secret backed up");
-        Ok(BackupBlob { value })
+        Ok(blob)
     }
 
-    /// `POST /secrets/restore`: a backup into a vault where the name is free (every version,
-    /// re-sealed for this vault). Answers the current version's bundle without the value.
+    /// `POST /secrets/restore`: a backup taken in this vault's subscription, tenant and
+    /// location, into a vault where the name is free (every version, re-sealed for this vault).
+    /// Answers the current version's bundle without the value.
     pub async fn restore_secret(
         &self,
         caller: &Principal,
@@ -735,23 +717,11 @@ impl Platform {
         blob: BackupBlob,
     ) -> Result<Value, KvError> {
         let (state, record) = self.secret_vault(caller, vault, SecretPermission::Restore, None)?;
-        let invalid = || {
-            KvError::bad_parameter("Backup blob contains invalid or corrupt version.")
-                .with_inner("InvalidBackupBlob")
-        };
-        let sealed = blob.value.strip_prefix(BACKUP_MAGIC).ok_or_else(invalid)?;
-        let payload = self
-            .root
-            .open(SealPurpose::KeyBackup, BACKUP_AAD, sealed)
-            .map_err(|_| invalid())?;
-        let payload: BackupPayload = serde_json::from_slice(&payload).map_err(|_| invalid())?;
-        if payload.format != 1 || payload.versions.is_empty() {
-            return Err(invalid());
-        }
-        let name = ObjectName::parse(&payload.name).map_err(|_| invalid())?;
-        let mut versions = Vec::with_capacity(payload.versions.len());
-        for v in &payload.versions {
-            let version = KeyVersion::parse(&v.version).map_err(|_| invalid())?;
+        let (name, payload): (_, Vec<BackupVersion>) =
+            self.open_object_backup(&object_backup::SECRETS, caller, &record, &blob)?;
+        let mut versions = Vec::with_capacity(payload.len());
+        for v in &payload {
+            let version = KeyVersion::parse(&v.version).map_err(|_| object_backup::invalid())?;
             let sealed_value = self.seal_value(&record.name, &name, &version, &v.value)?;
             versions.push(SecretVersionRecord {
                 version,
@@ -793,7 +763,7 @@ impl Platform {
         drop(_w);
         self.after_change(&state, kagi_core::event::ObjectType::Secret, &name)
             .await;
-        let latest = entry.latest().ok_or_else(invalid)?;
+        let latest = entry.latest().ok_or_else(object_backup::invalid)?;
         Ok(self
             .secret_view(&record)
             .bundle(name.as_str(), latest, None))
