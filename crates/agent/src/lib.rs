@@ -403,12 +403,17 @@ pub async fn register(dir: &Path, req: RegisterRequest<'_>) -> Result<(Agent, Re
     // than none).
     let existing: Vec<kagi_backup::KeyEntry> =
         serde_json::from_value(probe["existingKeyEntries"].clone()).unwrap_or_default();
-    if !existing.is_empty() {
+    // The data key it opens also proves to the vault that this is that machine.
+    let known_dek = if existing.is_empty() {
+        None
+    } else {
         let pass = Zeroizing::new(req.passphrase.to_string());
-        tokio::task::spawn_blocking(move || passphrase::unwrap(&existing, &pass).map(|_| ()))
-            .await
-            .map_err(join)??;
-    }
+        Some(
+            tokio::task::spawn_blocking(move || passphrase::unwrap(&existing, &pass))
+                .await
+                .map_err(join)??,
+        )
+    };
     let _lock = job_lock(dir)?;
     // Registration writes the whole state: hold the state lock throughout.
     let _state = state_lock(dir)?;
@@ -439,22 +444,34 @@ pub async fn register(dir: &Path, req: RegisterRequest<'_>) -> Result<(Agent, Re
         data_key: None,
         folders: Vec::new(),
     };
+    let mut proof = remote::MachineProof {
+        key_proof: known_dek.as_ref().map(remote::key_proof),
+        machine_secret: None,
+    };
     // Registering again (same vault and machine) keeps the folders and, unless another is
-    // given, the key vault that keeps the passphrase (MP-5).
+    // given, the key vault that keeps the passphrase (MP-5); the machine secret is proof too
+    // (a registration interrupted before the repository had a key entry).
     if let Some(p) = previous.filter(|p| {
         p.vault_id.eq_ignore_ascii_case(&c.vault_id)
             && p.machine_name.eq_ignore_ascii_case(req.machine)
     }) {
+        proof.machine_secret = p.machine_secret;
         state.folders = p.folders;
         if state.key_vault_uri.is_none() {
             state.key_vault_uri = p.key_vault_uri;
             state.secret_id = p.secret_id;
         }
     }
+    // A new repository's data key is drawn now, so that the registration records its check.
+    let dek = match known_dek {
+        Some(dek) => dek,
+        None => DataKey::generate().map_err(|e| AgentError::Crypto(e.to_string()))?,
+    };
+    let key_check = remote::key_check(&dek);
     let mut outcome = RegisterOutcome::default();
     if let Some(uri) = req.key_vault_uri {
         let v = conn
-            .store_passphrase(req.machine, uri, req.passphrase)
+            .store_passphrase(req.machine, uri, req.passphrase, &proof)
             .await?;
         outcome.secret_id = v["secretId"].as_str().map(str::to_string);
         outcome.warnings = v["warnings"]
@@ -487,7 +504,13 @@ pub async fn register(dir: &Path, req: RegisterRequest<'_>) -> Result<(Agent, Re
         state.save(dir)?;
     }
     let secret = conn
-        .register(req.machine, req.key_vault_uri, outcome.secret_id.as_deref())
+        .register(
+            req.machine,
+            req.key_vault_uri,
+            outcome.secret_id.as_deref(),
+            &proof,
+            &key_check,
+        )
         .await?;
     state.machine_secret = Some(secret.clone());
     state.registration = Registration::Incomplete {
@@ -505,7 +528,6 @@ pub async fn register(dir: &Path, req: RegisterRequest<'_>) -> Result<(Agent, Re
         // A key entry is written before the config, so a crash between them is finished by
         // the next registration with the same passphrase.
         let dek = if entries.is_empty() {
-            let dek = DataKey::generate().map_err(|e| AgentError::Crypto(e.to_string()))?;
             Repository::put_key_entry(
                 backend.as_ref(),
                 &passphrase::wrap(&dek, &passphrase, now())?,
@@ -882,7 +904,12 @@ impl Agent {
         if let Some(uri) = &uri {
             let conn = self.conn()?;
             match conn
-                .store_passphrase(&self.state.machine_name, uri, new)
+                .store_passphrase(
+                    &self.state.machine_name,
+                    uri,
+                    new,
+                    &remote::MachineProof::default(),
+                )
                 .await
             {
                 Ok(v) => secret_id = v["secretId"].as_str().map(str::to_string),

@@ -36,6 +36,60 @@ impl AgentAuth {
     }
 }
 
+/// What proves, to a vault where this machine's name is registered already, that the caller is
+/// that machine (docs/AGENT.md, "Registering again"): either is enough.
+#[derive(Default)]
+pub struct MachineProof {
+    /// The key proof (base64url) derived from the repository's data key, which the machine's
+    /// passphrase unwraps.
+    pub key_proof: Option<String>,
+    /// The machine's current secret (base64url), from its state.
+    pub machine_secret: Option<String>,
+}
+
+impl std::fmt::Debug for MachineProof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MachineProof(..)")
+    }
+}
+
+impl MachineProof {
+    /// Adds the proof's fields to a request body.
+    fn add_to(&self, body: &mut Value) {
+        if let Some(k) = &self.key_proof {
+            body["keyProof"] = json!(k);
+        }
+        if let Some(s) = &self.machine_secret {
+            body["machineSecret"] = json!(s);
+        }
+    }
+}
+
+/// Binds the key proof to its purpose: it is derived from the data key but opens nothing.
+const KEY_PROOF_LABEL: &[u8] = b"kagi/agent/machine-key-proof/v1";
+
+/// HMAC-SHA256 of a fixed label under the raw data key: one-way, so the server (which keeps
+/// only its SHA-256) learns nothing of the key from it.
+fn proof_bytes(dek: &kagi_crypto::data_key::DataKey) -> zeroize::Zeroizing<[u8; 32]> {
+    zeroize::Zeroizing::new(kagi_crypto::data_key::hmac_sha256(
+        dek.expose_for_wrapping(),
+        KEY_PROOF_LABEL,
+    ))
+}
+
+/// The key proof of a repository's data key (base64url).
+pub fn key_proof(dek: &kagi_crypto::data_key::DataKey) -> String {
+    kagi_core::b64::encode(&*proof_bytes(dek))
+}
+
+/// What the server keeps to check a key proof: the SHA-256 (hex) of its bytes.
+pub fn key_check(dek: &kagi_crypto::data_key::DataKey) -> String {
+    kagi_crypto::digest(kagi_crypto::DigestAlgorithm::Sha256, &*proof_bytes(dek))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A client of one backup vault's agent routes.
 #[derive(Clone, Debug)]
 pub struct VaultConnection {
@@ -141,33 +195,34 @@ impl VaultConnection {
         self.post("probe", &json!({"machineName": machine})).await
     }
 
-    /// Asks the vault to keep `passphrase` in the key vault at `key_vault_uri` (MP-2).
+    /// Asks the vault to keep `passphrase` in the key vault at `key_vault_uri` (MP-2); with
+    /// vault credentials, a machine registered already needs `proof`.
     pub async fn store_passphrase(
         &self,
         machine: &str,
         key_vault_uri: &str,
         passphrase: &str,
+        proof: &MachineProof,
     ) -> Result<Value, AgentError> {
-        self.post(
-            "passphrase",
-            &json!({"machineName": machine, "keyVaultUri": key_vault_uri, "passphrase": passphrase}),
-        )
-        .await
+        let mut body = json!({"machineName": machine, "keyVaultUri": key_vault_uri, "passphrase": passphrase});
+        proof.add_to(&mut body);
+        self.post("passphrase", &body).await
     }
 
-    /// Registers the machine; returns the machine secret.
+    /// Registers the machine (again, with `proof`); `key_check` lets the vault check the key
+    /// proof of a later registration. Returns the machine secret.
     pub async fn register(
         &self,
         machine: &str,
         key_vault_uri: Option<&str>,
         secret_id: Option<&str>,
+        proof: &MachineProof,
+        key_check: &str,
     ) -> Result<String, AgentError> {
-        let v = self
-            .post(
-                "register",
-                &json!({"machineName": machine, "keyVaultUri": key_vault_uri, "secretId": secret_id}),
-            )
-            .await?;
+        let mut body = json!({"machineName": machine, "keyVaultUri": key_vault_uri,
+            "secretId": secret_id, "keyCheck": key_check});
+        proof.add_to(&mut body);
+        let v = self.post("register", &body).await?;
         v["machineSecret"]
             .as_str()
             .map(str::to_string)

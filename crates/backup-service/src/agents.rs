@@ -15,28 +15,31 @@
 //! - A registered machine stores and reads repository objects under its own prefix and may read
 //!   (never write) other machines' objects of the same vault: restoring a lost machine's data
 //!   on another machine.
+//! - A name already registered is registered again (or its passphrase stored) only with proof:
+//!   the machine's key proof (derived from its data key, which its passphrase unwraps), its
+//!   current machine secret, or the administrator's one-time allowance. Nothing of this deletes
+//!   a recovery point.
+//! - Every request is authorized before its body is read; objects count against the vault's
+//!   quota and are refused before the disk runs out (`agent_objects`).
 //!
 //! State: the vault's service document `agent-registry` in the store (credential hashes,
 //! machines; through `Platform::put_service_document`), objects under
 //! `{vault dir}/agents/machines/{machine}/`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use futures::TryStreamExt;
 use kagi_core::agent as rules;
 use kagi_core::time::rfc3339;
 use kagi_core::{ErrorCode, KvError, VaultName};
 use kagi_crypto::DigestAlgorithm;
 use kagi_vault::{Platform, Principal};
-use object_store::local::LocalFileSystem;
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::BackupService;
+use crate::agent_objects::{ensure_dir, get_object, head_object, list_meta};
 use crate::state::{AGENT_REGISTRY, io};
 use crate::vaults::{CmkConfig, VaultCtx, activity_entry};
 
@@ -70,6 +73,66 @@ struct Machine {
     key_vault_uri: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     secret_id: Option<String>,
+    /// SHA-256 (hex) of the machine's key proof: whoever can unwrap its data key can register
+    /// it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key_check: Option<String>,
+    /// Until when (Unix seconds) the administrator lets one registration of this name in
+    /// without proof.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reregistration_allowed_until: Option<i64>,
+}
+
+/// How a registration of an existing machine name proved it is that machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Proof {
+    /// The key proof (the passphrase, through the data key it unwraps).
+    Key,
+    /// The current machine secret.
+    MachineSecret,
+    /// The administrator's allowance.
+    Allowed,
+}
+
+impl Proof {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Key => "with its passphrase",
+            Self::MachineSecret => "with its machine credential",
+            Self::Allowed => "as the administrator allowed",
+        }
+    }
+}
+
+/// Checks a request for proof that it comes from the registered machine `m` (item 7 of the
+/// hardening review: vault credentials alone must not take a machine over).
+fn proof_for(m: &Machine, req: &Value, now: i64) -> Result<Proof, KvError> {
+    let hash_of = |field: &str| {
+        req[field]
+            .as_str()
+            .and_then(kagi_core::b64::decode)
+            .map(|raw| sha256_hex(&raw))
+    };
+    if let (Some(given), Some(check)) = (hash_of("keyProof"), &m.key_check)
+        && given == *check
+    {
+        return Ok(Proof::Key);
+    }
+    if hash_of("machineSecret").is_some_and(|h| h == m.secret_sha256) {
+        return Ok(Proof::MachineSecret);
+    }
+    if m.reregistration_allowed_until.is_some_and(|t| t > now) {
+        return Ok(Proof::Allowed);
+    }
+    Err(KvError::forbidden(format!(
+        "Machine '{}' is already registered with this backup vault. To register it again, or \
+         to store its passphrase, prove it is that machine: run kagi agent register with the \
+         machine's current passphrase (it opens the machine's backups), or on the machine \
+         itself; or ask the vault's administrator to allow one registration (kagi backup \
+         vault allow-reregistration). Its backups are kept either way.",
+        m.name
+    ))
+    .with_inner("UserErrorMachineAlreadyRegistered"))
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -122,12 +185,25 @@ pub enum AgentReply {
 /// The largest JSON body of an agent route.
 pub const MAX_JSON_BYTES: usize = 64 * 1024;
 
-/// An authenticated agent request (before its body is read).
+/// An agent request before its body is read.
+#[derive(Debug)]
+pub struct AgentHead<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path segments after `kagi/agent`, starting with the vault id's eight.
+    pub segs: &'a [&'a str],
+    /// The `Authorization` header.
+    pub authorization: Option<&'a str>,
+    /// The `Content-Length` the client announced.
+    pub content_length: Option<u64>,
+}
+
+/// An authenticated and authorized agent request (before its body is read).
 pub struct AgentSession {
     v: VaultCtx,
     who: Caller,
     shown: String,
-    object_put: bool,
+    body_limit: usize,
 }
 
 impl std::fmt::Debug for AgentSession {
@@ -142,13 +218,10 @@ impl AgentSession {
         &self.shown
     }
 
-    /// The largest body this request may carry: an object for a PUT of one, else JSON.
+    /// The largest body this request may carry: an object for a machine's PUT of its own, a
+    /// small JSON document for the routes that take one, nothing for the others.
     pub fn body_limit(&self) -> usize {
-        if self.object_put {
-            MAX_OBJECT_BYTES
-        } else {
-            MAX_JSON_BYTES
-        }
+        self.body_limit
     }
 }
 
@@ -173,6 +246,73 @@ enum Caller {
     Credential,
     /// A registered machine (lower-cased name).
     Machine(String),
+}
+
+/// The machine a request comes from (403 for the holder of vault credentials).
+fn machine_of(who: &Caller) -> Result<&str, KvError> {
+    match who {
+        Caller::Machine(m) => Ok(m),
+        Caller::Credential => Err(KvError::forbidden(
+            "This operation needs a registered machine's credential.",
+        )
+        .with_inner("MachineNotRegistered")),
+    }
+}
+
+/// Decides, from the caller, the method and the (lower-cased) route after the vault id alone,
+/// whether the request may be made at all (401/403 otherwise) and how large a body it may
+/// carry: checked before the body is read, so only a machine writing its own objects gets to
+/// send 64 MiB.
+fn authorize(who: &Caller, method: &str, route: &[&str]) -> Result<usize, KvError> {
+    match (route, method) {
+        (["probe"] | ["register"], _) if !matches!(who, Caller::Credential) => Err(unauthorized(
+            "Registering needs the vault credentials file, not a machine's credential.",
+        )),
+        (["probe"] | ["register"] | ["passphrase"], "POST") => Ok(MAX_JSON_BYTES),
+        (["machines", rest @ ..], _) => {
+            let me = machine_of(who)?;
+            match (rest, method) {
+                ([m, "activity"], "POST") if *m != me => {
+                    Err(KvError::forbidden("A machine reports only its own jobs."))
+                }
+                ([_, "activity"], "POST") => Ok(MAX_JSON_BYTES),
+                ([m, "objects", _, ..], "PUT" | "DELETE") if *m != me => Err(KvError::forbidden(
+                    "A machine may read other machines' backups of this vault, never change \
+                         them.",
+                )),
+                ([_, "objects", _, ..], "PUT") => Ok(MAX_OBJECT_BYTES),
+                _ => Ok(0),
+            }
+        }
+        _ => Ok(0),
+    }
+}
+
+/// `validHours` of a request (vault credentials, allowances): 1-240, default 48.
+fn valid_hours(body: &Value) -> Result<u64, KvError> {
+    match body.get("validHours") {
+        None | Some(Value::Null) => Ok(DEFAULT_CREDENTIAL_HOURS),
+        Some(h) => h
+            .as_u64()
+            .filter(|h| (1..=MAX_CREDENTIAL_HOURS).contains(h))
+            .ok_or_else(|| {
+                bad(
+                    "InvalidValidity",
+                    format!("validHours must be 1-{MAX_CREDENTIAL_HOURS}."),
+                )
+            }),
+    }
+}
+
+fn machine_not_found(machine: &str) -> KvError {
+    KvError::new(
+        ErrorCode::NotFound,
+        format!(
+            "No machine named '{}' is registered with this backup vault.",
+            kagi_core::ids::printable(machine)
+        ),
+    )
+    .with_inner("MachineNotFound")
 }
 
 fn sha256_hex(secret: &[u8]) -> String {
@@ -347,18 +487,7 @@ impl BackupService {
         v: &VaultCtx,
         body: &Value,
     ) -> Result<(u16, Value), KvError> {
-        let hours = match body.get("validHours") {
-            None | Some(Value::Null) => DEFAULT_CREDENTIAL_HOURS,
-            Some(h) => h
-                .as_u64()
-                .filter(|h| (1..=MAX_CREDENTIAL_HOURS).contains(h))
-                .ok_or_else(|| {
-                    bad(
-                        "InvalidValidity",
-                        format!("validHours must be 1-{MAX_CREDENTIAL_HOURS}."),
-                    )
-                })?,
-        };
+        let hours = valid_hours(body)?;
         let secret = kagi_crypto::random_array::<32>().map_err(|e| io("random", e))?;
         let now = p.now();
         let expires = now + (hours as i64) * 3600;
@@ -418,6 +547,7 @@ impl BackupService {
                 "registered": rfc3339(m.registered),
                 "keyVaultUri": m.key_vault_uri,
                 "secretId": m.secret_id,
+                "reregistrationAllowedUntil": m.reregistration_allowed_until.map(rfc3339),
             })).collect::<Vec<_>>()}),
         ))
     }
@@ -442,10 +572,15 @@ impl BackupService {
         // Unregister first: from then on no agent can write; a crash before the folder is gone
         // leaves only unreachable ciphertext, removed by the next delete of that name.
         registry.save(p, &v.id).await?;
-        let folder = v.dir.join("agents/machines").join(&key);
+        let machines = v.dir.join("agents/machines");
+        let folder = machines.join(&key);
         if folder.exists() {
             std::fs::remove_dir_all(&folder).map_err(|e| io("delete agent objects", e))?;
+            std::fs::File::open(&machines)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io("sync agent folder", e))?;
         }
+        self.agent_storage.forget(&v.dir);
         self.log(
             p,
             v,
@@ -462,14 +597,67 @@ impl BackupService {
         Ok((200, Value::Null))
     }
 
-    /// Authenticates an agent request before its body is read: `segs` are the path segments
-    /// after `kagi/agent`, starting with the vault id's eight.
+    /// `POST {vault id}/registeredMachines/{machine}/allowReregistration` (administrator): the
+    /// next registration of that machine name through vault credentials needs no proof (once,
+    /// within `validHours`, default 48). For a machine whose passphrase and state are both
+    /// lost; its backups are kept.
+    pub(crate) async fn allow_reregistration(
+        &self,
+        p: &Platform,
+        caller: &Principal,
+        v: &VaultCtx,
+        machine: &str,
+        body: &Value,
+    ) -> Result<(u16, Value), KvError> {
+        let hours = valid_hours(body)?;
+        let lock = self.vault_lock(&v.dir.display().to_string());
+        let _g = lock.lock().await;
+        let mut registry = Registry::load(p, &v.id).await?;
+        let now = p.now();
+        let until = now + (hours as i64) * 3600;
+        let m = registry
+            .machines
+            .get_mut(&machine.to_ascii_lowercase())
+            .ok_or_else(|| machine_not_found(machine))?;
+        m.reregistration_allowed_until = Some(until);
+        let name = m.name.clone();
+        registry.save(p, &v.id).await?;
+        self.log(
+            p,
+            v,
+            activity_entry(
+                Some(caller),
+                &v.id,
+                "Microsoft.RecoveryServices/vaults/registeredMachines/allowReregistration/action",
+                "Succeeded",
+                &format!(
+                    "Machine '{name}' may be registered again with vault credentials alone until \
+                     {} (once).",
+                    rfc3339(until)
+                ),
+                now,
+            ),
+        )
+        .await;
+        Ok((
+            200,
+            json!({"name": name, "reregistrationAllowedUntil": rfc3339(until)}),
+        ))
+    }
+
+    /// Authenticates and authorizes an agent request before its body is read; an object's
+    /// announced size is checked against the vault's quota and the disk's reserve too.
     pub async fn agent_authenticate(
         &self,
         p: &Platform,
-        segs: &[&str],
-        authorization: Option<&str>,
+        head: AgentHead<'_>,
     ) -> Result<AgentSession, KvError> {
+        let AgentHead {
+            method,
+            segs,
+            authorization,
+            content_length,
+        } = head;
         // The registry it reads may still be in an earlier kagi's files.
         self.ready(p).await?;
         let l: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
@@ -499,16 +687,25 @@ impl BackupService {
             Caller::Credential => format!("vault-credentials:{}", v.id),
             Caller::Machine(m) => format!("agent:{}/{m}", v.id),
         };
-        let object_put = l.len() > 11 && l[8] == "machines" && l[10] == "objects";
+        let body_limit = authorize(&who, method, &l[8..])?;
+        if body_limit == MAX_OBJECT_BYTES
+            && let Some(len) = content_length
+        {
+            let name = segs[11..].join("/");
+            if object_name_ok(&name) {
+                let dir = v.dir.join("agents/machines").join(l[9]);
+                self.agent_storage.admit(&v.dir, &dir, &name, len)?;
+            }
+        }
         Ok(AgentSession {
             v,
             who,
             shown,
-            object_put,
+            body_limit,
         })
     }
 
-    /// Serves an authenticated agent request.
+    /// Serves an agent request that [`Self::agent_authenticate`] admitted.
     pub async fn agent_serve(
         self: &Arc<Self>,
         p: &Arc<Platform>,
@@ -527,6 +724,13 @@ impl BackupService {
         if segs.len() < 9 {
             return Err(KvError::new(ErrorCode::NotFound, "No such agent route."));
         }
+        // The same decision as before the body, for the route actually served.
+        if body.len() > authorize(&session.who, method, &l[8..])? {
+            return Err(KvError::new(
+                ErrorCode::RequestEntityTooLarge,
+                "The request body is too large for this route.",
+            ));
+        }
         self.agent_route(
             p,
             &session.v,
@@ -541,6 +745,7 @@ impl BackupService {
         .await
     }
 
+    /// Serves a request [`authorize`] allowed.
     #[allow(clippy::too_many_arguments)]
     async fn agent_route(
         self: &Arc<Self>,
@@ -554,21 +759,7 @@ impl BackupService {
         range: Option<(u64, u64)>,
         body: Vec<u8>,
     ) -> Result<AgentReply, KvError> {
-        let machine_only = || -> Result<&str, KvError> {
-            match who {
-                Caller::Machine(m) => Ok(m),
-                Caller::Credential => Err(KvError::forbidden(
-                    "This operation needs a registered machine's credential.",
-                )
-                .with_inner("MachineNotRegistered")),
-            }
-        };
         match (l, method) {
-            (["probe"] | ["register"], _) if !matches!(who, Caller::Credential) => {
-                Err(unauthorized(
-                    "Registering needs the vault credentials file, not a machine's credential.",
-                ))
-            }
             (["probe"], "POST") => {
                 let req = json_of(&body)?;
                 self.probe(v, req["machineName"].as_str())
@@ -589,7 +780,7 @@ impl BackupService {
                     // BK-2: the registration attempt counts from its first step.
                     self.mark_registration_attempt(p, v).await?;
                 }
-                self.store_passphrase(p, v, machine, &req)
+                self.store_passphrase(p, v, who, machine, &req)
                     .await
                     .map(|j| AgentReply::Json(200, j))
             }
@@ -600,15 +791,10 @@ impl BackupService {
                     .map(|j| AgentReply::Json(200, j))
             }
             (["machines"], "GET") => {
-                machine_only()?;
                 let (status, list) = self.list_machines(p, v).await?;
                 Ok(AgentReply::Json(status, list))
             }
-            (["machines", _, "activity"], "POST") => {
-                let me = machine_only()?;
-                if !me.eq_ignore_ascii_case(rest[1]) {
-                    return Err(KvError::forbidden("A machine reports only its own jobs."));
-                }
+            (["machines", me, "activity"], "POST") => {
                 let req = json_of(&body)?;
                 let status = match req["status"].as_str() {
                     Some(s @ ("Succeeded" | "Failed" | "CompletedWithWarnings")) => s,
@@ -654,54 +840,47 @@ impl BackupService {
                 Ok(AgentReply::Empty(204))
             }
             (["machines", _, "objects"], "GET") => {
-                machine_only()?;
                 let target = self.machine_dir(p, v, rest[1]).await?;
                 if !prefix.is_empty() && !object_name_ok(prefix) {
                     return Err(bad("InvalidObjectName", "The prefix is not valid."));
                 }
                 // Sizes and times let the agent's prune spare packs a backup may still write.
-                list_meta(&target, prefix).await.map(|metas| {
-                    AgentReply::Json(
-                        200,
-                        json!({
-                            "value": metas.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
-                            "objects": metas.iter().map(|(n, size, modified)| {
-                                json!({"name": n, "size": size, "modified": modified})
-                            }).collect::<Vec<_>>(),
-                        }),
-                    )
-                })
+                list_meta(&self.data_dir, &target, prefix)
+                    .await
+                    .map(|metas| {
+                        AgentReply::Json(
+                            200,
+                            json!({
+                                "value": metas.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
+                                "objects": metas.iter().map(|(n, size, modified)| {
+                                    json!({"name": n, "size": size, "modified": modified})
+                                }).collect::<Vec<_>>(),
+                            }),
+                        )
+                    })
             }
             (["machines", _, "objects", ..], _) => {
-                let me = machine_only()?;
                 let name = rest[3..].join("/");
                 if !object_name_ok(&name) {
                     return Err(bad("InvalidObjectName", "The object name is not valid."));
                 }
                 let target = self.machine_dir(p, v, rest[1]).await?;
-                let own = me.eq_ignore_ascii_case(rest[1]);
+                let root = &self.data_dir;
                 match method {
-                    "GET" => get_object(&target, &name, range)
+                    "GET" => get_object(root, &target, &name, range)
                         .await
                         .map(AgentReply::Bytes),
-                    "HEAD" => head_object(&target, &name)
+                    "HEAD" => head_object(root, &target, &name)
                         .await
                         .map(|()| AgentReply::Empty(200)),
-                    "PUT" | "DELETE" if !own => Err(KvError::forbidden(
-                        "A machine may read other machines' backups of this vault, never change them.",
-                    )),
-                    "PUT" => {
-                        if body.len() > MAX_OBJECT_BYTES {
-                            return Err(KvError::new(
-                                ErrorCode::RequestEntityTooLarge,
-                                "The object is too large.",
-                            ));
-                        }
-                        put_object(&target, &name, body)
-                            .await
-                            .map(|()| AgentReply::Empty(201))
-                    }
-                    "DELETE" => delete_object(&target, &name)
+                    "PUT" => self
+                        .agent_storage
+                        .put(root, &v.dir, &target, &name, body)
+                        .await
+                        .map(|()| AgentReply::Empty(201)),
+                    "DELETE" => self
+                        .agent_storage
+                        .delete(root, &v.dir, &target, &name)
                         .await
                         .map(|()| AgentReply::Empty(204)),
                     _ => Err(KvError::new(
@@ -723,22 +902,16 @@ impl BackupService {
     ) -> Result<PathBuf, KvError> {
         let key = machine.to_ascii_lowercase();
         if !Registry::load(p, &v.id).await?.machines.contains_key(&key) {
-            return Err(KvError::new(
-                ErrorCode::NotFound,
-                format!(
-                    "No machine named '{}' is registered with this backup vault.",
-                    kagi_core::ids::printable(machine)
-                ),
-            )
-            .with_inner("MachineNotFound"));
+            return Err(machine_not_found(machine));
         }
         Ok(v.dir.join("agents/machines").join(key))
     }
 
     /// Checks the vault accepts agents; for a machine registered before, answers its wrapped
     /// key entries, so the agent can check a passphrase against the machine's existing backups
-    /// before it stores that passphrase anywhere. (Whoever holds the vault credentials can
-    /// register as that machine anyway; the entries are passphrase-wrapped.)
+    /// before it stores that passphrase anywhere, and derive the key proof that registering
+    /// that machine again needs. (The entries are passphrase-wrapped: they help only whoever
+    /// knows the passphrase.)
     async fn probe(&self, v: &VaultCtx, machine: Option<&str>) -> Result<Value, KvError> {
         refuse_cmk(v)?;
         let mut keys = Vec::new();
@@ -746,8 +919,8 @@ impl BackupService {
             rules::validate_machine_name(m)?;
             let dir = v.dir.join("agents/machines").join(m.to_ascii_lowercase());
             if dir.is_dir() {
-                for name in list_objects(&dir, "keys").await? {
-                    let raw = get_object(&dir, &name, None).await?;
+                for (name, _, _) in list_meta(&self.data_dir, &dir, "keys").await? {
+                    let raw = get_object(&self.data_dir, &dir, &name, None).await?;
                     keys.push(
                         serde_json::from_slice::<Value>(&raw)
                             .map_err(|e| io("parse agent key entry", e))?,
@@ -786,6 +959,17 @@ impl BackupService {
         {
             return Err(bad("InvalidRequestContent", "secretId is not a secret id."));
         }
+        let key_check = opt("keyCheck");
+        if key_check
+            .as_deref()
+            .is_some_and(|c| c.len() != 64 || !c.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(bad(
+                "InvalidRequestContent",
+                "keyCheck is not a SHA-256 in hexadecimal.",
+            ));
+        }
+        let key_check = key_check.map(|c| c.to_ascii_lowercase());
         // The same lock as every other change of the vault (configuration, items, moves).
         let lock = self.vault_lock(&v.dir.display().to_string());
         let _g = lock.lock().await;
@@ -805,11 +989,23 @@ impl BackupService {
         let mut registry = Registry::load(p, &v.id).await?;
         let key = machine.to_ascii_lowercase();
         let previous = registry.machines.get(&key).cloned();
+        let proof = previous
+            .as_ref()
+            .map(|m| proof_for(m, req, now))
+            .transpose()?;
         let again = previous.is_some();
         // Registering again without a key vault keeps the one the machine used (MP-5).
-        let (kv_prev, id_prev) = previous
-            .map(|m| (m.key_vault_uri, m.secret_id))
+        let (kv_prev, id_prev, check_prev) = previous
+            .map(|m| (m.key_vault_uri, m.secret_id, m.key_check))
             .unwrap_or_default();
+        // The key check is set by a new machine and replaced only by the machine itself (whose
+        // repository may be new after an interrupted registration); one let in by the
+        // administrator's allowance may set it only where there is none, so it cannot lock the
+        // passphrase's owner out.
+        let key_check = match proof {
+            None | Some(Proof::MachineSecret) => key_check.or(check_prev),
+            Some(Proof::Key | Proof::Allowed) => check_prev.or(key_check),
+        };
         registry.machines.insert(
             key.clone(),
             Machine {
@@ -818,10 +1014,13 @@ impl BackupService {
                 registered: now,
                 key_vault_uri: key_vault_uri.or(kv_prev),
                 secret_id: secret_id.or(id_prev),
+                key_check,
+                // An allowance is used up by the registration it let in (and ends with any).
+                reregistration_allowed_until: None,
             },
         );
         registry.save(p, &v.id).await?;
-        std::fs::create_dir_all(v.dir.join("agents/machines").join(&key))
+        ensure_dir(&self.data_dir, &v.dir.join("agents/machines").join(&key))
             .map_err(|e| io("mkdir agent", e))?;
         self.log(
             p,
@@ -831,14 +1030,12 @@ impl BackupService {
                 &v.id,
                 "Microsoft.RecoveryServices/vaults/agents/register",
                 "Succeeded",
-                &format!(
-                    "Machine '{machine}' {}.",
-                    if again {
-                        "registered again"
-                    } else {
-                        "registered"
+                &match proof {
+                    Some(how) => {
+                        format!("Machine '{machine}' registered again {}.", how.describe())
                     }
-                ),
+                    None => format!("Machine '{machine}' registered."),
+                },
                 now,
             ),
         )
@@ -856,6 +1053,7 @@ impl BackupService {
         &self,
         p: &Platform,
         v: &VaultCtx,
+        who: &Caller,
         machine: &str,
         req: &Value,
     ) -> Result<Value, KvError> {
@@ -865,9 +1063,17 @@ impl BackupService {
         let uri = str_field(req, "keyVaultUri")?;
         let vault_name = v.body["name"].as_str().unwrap_or_default();
         let secret_name = rules::passphrase_secret_name(machine, vault_name)?;
+        let registry = Registry::load(p, &v.id).await?;
+        // The holder of vault credentials replaces a registered machine's passphrase only with
+        // the same proof as registering it again (the allowance is not used up here).
+        if matches!(who, Caller::Credential)
+            && let Some(m) = registry.machines.get(&machine.to_ascii_lowercase())
+        {
+            proof_for(m, req, p.now())?;
+        }
         // Two FQDNs that differ only by '.' versus '-' map to one secret name: the second
         // would overwrite the first machine's passphrase.
-        if let Some(other) = Registry::load(p, &v.id).await?.machines.values().find(|m| {
+        if let Some(other) = registry.machines.values().find(|m| {
             !m.name.eq_ignore_ascii_case(machine)
                 && rules::passphrase_secret_name(&m.name, vault_name)
                     .ok()
@@ -1022,113 +1228,6 @@ fn refuse_cmk(v: &VaultCtx) -> Result<(), KvError> {
         )));
     }
     Ok(())
-}
-
-fn store_of(dir: &Path) -> Result<LocalFileSystem, KvError> {
-    std::fs::create_dir_all(dir).map_err(|e| io("mkdir agent objects", e))?;
-    LocalFileSystem::new_with_prefix(dir).map_err(|e| io("agent objects", e))
-}
-
-fn object_missing(name: &str) -> KvError {
-    KvError::new(
-        ErrorCode::NotFound,
-        format!("No object '{}'.", kagi_core::ids::printable(name)),
-    )
-    .with_inner("ObjectNotFound")
-}
-
-/// Objects under a prefix with their size and modification time (Unix seconds), by name.
-async fn list_meta(dir: &Path, prefix: &str) -> Result<Vec<(String, u64, i64)>, KvError> {
-    let store = store_of(dir)?;
-    let p = (!prefix.is_empty()).then(|| ObjectPath::from(prefix));
-    let metas: Vec<_> = store
-        .list(p.as_ref())
-        .try_collect()
-        .await
-        .map_err(|e| io("list agent objects", e))?;
-    let mut out: Vec<_> = metas
-        .into_iter()
-        .map(|m| (m.location.to_string(), m.size, m.last_modified.timestamp()))
-        .collect();
-    out.sort();
-    Ok(out)
-}
-
-async fn list_objects(dir: &Path, prefix: &str) -> Result<Vec<String>, KvError> {
-    Ok(list_meta(dir, prefix)
-        .await?
-        .into_iter()
-        .map(|(n, _, _)| n)
-        .collect())
-}
-
-async fn get_object(dir: &Path, name: &str, range: Option<(u64, u64)>) -> Result<Vec<u8>, KvError> {
-    let store = store_of(dir)?;
-    let path = ObjectPath::from(name);
-    let r = match range {
-        Some((start, end)) => {
-            let size = match store.head(&path).await {
-                Ok(m) => m.size,
-                Err(object_store::Error::NotFound { .. }) => return Err(object_missing(name)),
-                Err(e) => return Err(io("stat agent object", e)),
-            };
-            if start >= size {
-                return Err(KvError::new(
-                    ErrorCode::RangeNotSatisfiable,
-                    format!("The object is {size} bytes; the range starts at {start}."),
-                ));
-            }
-            store
-                .get_range(&path, start..end.min(size))
-                .await
-                .map(|b| b.to_vec())
-        }
-        None => match store.get(&path).await {
-            Ok(g) => g.bytes().await.map(|b| b.to_vec()),
-            Err(e) => Err(e),
-        },
-    };
-    match r {
-        Ok(b) => Ok(b),
-        Err(object_store::Error::NotFound { .. }) => Err(object_missing(name)),
-        Err(e) => Err(io("read agent object", e)),
-    }
-}
-
-async fn head_object(dir: &Path, name: &str) -> Result<(), KvError> {
-    match store_of(dir)?.head(&ObjectPath::from(name)).await {
-        Ok(_) => Ok(()),
-        Err(object_store::Error::NotFound { .. }) => Err(object_missing(name)),
-        Err(e) => Err(io("stat agent object", e)),
-    }
-}
-
-async fn put_object(dir: &Path, name: &str, body: Vec<u8>) -> Result<(), KvError> {
-    let store = store_of(dir)?;
-    // LocalFileSystem writes to a temporary file and renames it into place: a reader never
-    // sees half an object. Acknowledged means durable: fsync the file before answering.
-    store
-        .put(&ObjectPath::from(name), PutPayload::from(body))
-        .await
-        .map_err(|e| io("write agent object", e))?;
-    let file = dir.join(name);
-    std::fs::File::open(&file)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io("sync agent object", e))?;
-    if let Some(parent) = file.parent() {
-        std::fs::File::open(parent)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| io("sync agent folder", e))?;
-    }
-    Ok(())
-}
-
-async fn delete_object(dir: &Path, name: &str) -> Result<(), KvError> {
-    let store = store_of(dir)?;
-    match store.delete(&ObjectPath::from(name)).await {
-        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-        Err(e) => Err(io("delete agent object", e)),
-    }
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@
 //! | `GET {vault id}/activityLog` | the activity log |
 //! | `POST {vault id}/vaultCredentials` `{"validHours"?: N}` | vault credentials for registering backup agents ([`agents`]) |
 //! | `GET {vault id}/registeredMachines`, `DELETE …/registeredMachines/{machine}` | backup agents; unregistering deletes that machine's backups |
+//! | `POST {vault id}/registeredMachines/{machine}/allowReregistration` `{"validHours"?: N}` | lets the next registration of that machine name in through vault credentials alone (once; its backups are kept) |
 //!
 //! Scheduled backups ([`spawn_scheduler`], started by `kagi server`): an item with a schedule
 //! gets a Backup job (`stats.trigger` = `Schedule`) every `intervalHours` of the platform clock,
@@ -48,6 +49,7 @@
 
 #![forbid(unsafe_code)]
 
+mod agent_objects;
 pub mod agents;
 mod items;
 pub mod jobs;
@@ -117,6 +119,8 @@ pub struct BackupService {
     items: Mutex<HashMap<String, Arc<items::ItemRuntime>>>,
     /// Set once the records an earlier kagi kept in files are in the store ([`state`]).
     imported: tokio::sync::OnceCell<()>,
+    /// Backup agents' objects: quota and free-space reserve ([`agents`]).
+    agent_storage: agent_objects::AgentStorage,
 }
 
 type Registry = Mutex<Vec<(Weak<Platform>, Arc<BackupService>)>>;
@@ -136,6 +140,7 @@ pub fn install(platform: &Arc<Platform>, config: ServiceConfig) -> Arc<BackupSer
         vault_locks: Mutex::new(HashMap::new()),
         items: Mutex::new(HashMap::new()),
         imported: tokio::sync::OnceCell::new(),
+        agent_storage: agent_objects::AgentStorage::from_env(),
     });
     // Before any request reaches the vaults: finish the moves a crash interrupted (BK-9).
     svc.recover_moves(platform);
@@ -213,16 +218,13 @@ pub struct ArmRequest<'a> {
     pub wait: Option<Duration>,
 }
 
-/// Authenticates a backup-agent request (`/kagi/agent/{vault id}/…`, see [`agents`]) before
-/// its body is read.
+/// Authenticates and authorizes a backup-agent request (`/kagi/agent/{vault id}/…`, see
+/// [`agents`]) before its body is read.
 pub async fn agent_authenticate(
     platform: &Arc<Platform>,
-    segs: &[&str],
-    authorization: Option<&str>,
+    head: agents::AgentHead<'_>,
 ) -> Result<agents::AgentSession, KvError> {
-    service(platform)
-        .agent_authenticate(platform, segs, authorization)
-        .await
+    service(platform).agent_authenticate(platform, head).await
 }
 
 /// Serves a backup-agent request that [`agent_authenticate`] admitted.
@@ -322,6 +324,11 @@ impl BackupService {
             (["vaults", _, "registeredmachines", _], "DELETE", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
                 self.delete_machine(p, caller, &v, rest[3]).await
+            }
+            (["vaults", _, "registeredmachines", _, "allowreregistration"], "POST", Some(rg)) => {
+                let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
+                self.allow_reregistration(p, caller, &v, rest[3], &json_body(body)?)
+                    .await
             }
             (["vaults", _, "vaultcredentials"], "POST", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;

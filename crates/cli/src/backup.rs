@@ -159,6 +159,18 @@ enum VaultCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Let the next registration of a machine name in with vault credentials alone (once; its
+    /// backups are kept): for a machine whose passphrase and state are both lost.
+    AllowReregistration {
+        #[command(flatten)]
+        v: VaultRef,
+        /// The machine's name.
+        #[arg(long)]
+        machine: String,
+        /// Validity in hours (default 48, at most 240).
+        #[arg(long)]
+        valid_hours: Option<u64>,
+    },
     /// Download vault credentials for registering backup agents (`kagi agent register`).
     Credentials {
         #[command(flatten)]
@@ -261,6 +273,14 @@ fn vault_path(ctx: &Context, v: &VaultRef) -> String {
 
 fn url(base: &str, tail: &str) -> String {
     format!("{base}{tail}?{API}")
+}
+
+/// The body of a request with an optional `validHours`.
+fn validity(valid_hours: Option<u64>) -> Value {
+    match valid_hours {
+        Some(h) => json!({"validHours": h}),
+        None => json!({}),
+    }
 }
 
 fn show(ctx: &Context, v: &Value, summary: impl Fn(&Value) -> String) {
@@ -663,15 +683,35 @@ async fn vault(ctx: &Context, cmd: VaultCommand) -> anyhow::Result<()> {
             )
             .await?;
         }
+        VaultCommand::AllowReregistration {
+            v,
+            machine,
+            valid_hours,
+        } => {
+            let r = ctx
+                .call(
+                    Method::POST,
+                    &url(
+                        &vault_path(ctx, &v),
+                        &format!("/registeredMachines/{machine}/allowReregistration"),
+                    ),
+                    Some(&validity(valid_hours)),
+                )
+                .await?;
+            show(ctx, &r, |r| {
+                format!(
+                    "{} may be registered again with vault credentials alone until {} (once)",
+                    r["name"].as_str().unwrap_or(""),
+                    r["reregistrationAllowedUntil"].as_str().unwrap_or("")
+                )
+            });
+        }
         VaultCommand::Credentials {
             v,
             out,
             valid_hours,
         } => {
-            let body = match valid_hours {
-                Some(h) => json!({"validHours": h}),
-                None => json!({}),
-            };
+            let body = validity(valid_hours);
             let r = ctx
                 .call(
                     Method::POST,

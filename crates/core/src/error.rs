@@ -44,6 +44,8 @@ pub enum ErrorCode {
     InternalError,
     /// 503: kagi cannot serve the request now.
     ServiceUnavailable,
+    /// 507: the server keeps its remaining disk space for itself (audit log, store).
+    InsufficientStorage,
 }
 
 impl ErrorCode {
@@ -67,6 +69,7 @@ impl ErrorCode {
             Self::RangeNotSatisfiable => "RangeNotSatisfiable",
             Self::InternalError => "InternalError",
             Self::ServiceUnavailable => "ServiceUnavailable",
+            Self::InsufficientStorage => "InsufficientStorage",
         }
     }
 
@@ -88,6 +91,7 @@ impl ErrorCode {
             Self::RangeNotSatisfiable => 416,
             Self::InternalError => 500,
             Self::ServiceUnavailable => 503,
+            Self::InsufficientStorage => 507,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use kagi_backup_service::agents::{AgentCall, AgentReply};
+use kagi_backup_service::agents::{AgentCall, AgentHead, AgentReply};
 use kagi_core::{ErrorCode, KvError};
 use kagi_vault::{Platform, Principal};
 
@@ -37,20 +37,19 @@ fn range_of(headers: &HeaderMap) -> Result<Option<(u64, u64)>, KvError> {
     Ok(Some((a, b.checked_add(1).ok_or_else(bad)?)))
 }
 
-/// Reads a body of at most `limit` bytes (the caller is authenticated by then).
-async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, KvError> {
+/// Reads a body of at most `limit` bytes (the caller is authorized by then).
+async fn read_limited(
+    content_length: Option<u64>,
+    body: Body,
+    limit: usize,
+) -> Result<Vec<u8>, KvError> {
     let too_large = || {
         KvError::new(
             ErrorCode::RequestEntityTooLarge,
             format!("The request body is larger than {limit} bytes."),
         )
     };
-    if headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n > limit as u64)
-    {
+    if content_length.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
     let mut body = body;
@@ -85,12 +84,22 @@ pub(crate) async fn handle(
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    // Authenticate before reading the body: strangers never get to send 64 MiB.
-    let session =
-        match kagi_backup_service::agent_authenticate(platform, &segs[2..], authorization).await {
-            Ok(s) => s,
-            Err(e) => return respond::error(&e),
-        };
+    let content_length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // Authenticate and authorize before reading the body: only a machine writing its own
+    // objects gets to send 64 MiB, and only within its vault's quota and the disk's reserve.
+    let head = AgentHead {
+        method: method.as_str(),
+        segs: &segs[2..],
+        authorization,
+        content_length,
+    };
+    let session = match kagi_backup_service::agent_authenticate(platform, head).await {
+        Ok(s) => s,
+        Err(e) => return respond::error(&e),
+    };
     crate::audit::note_caller(
         extensions,
         &Principal {
@@ -102,7 +111,7 @@ pub(crate) async fn handle(
             upn: None,
         },
     );
-    let body = match read_limited(headers, body, session.body_limit()).await {
+    let body = match read_limited(content_length, body, session.body_limit()).await {
         Ok(b) => b,
         Err(e) => return respond::error(&e),
     };
