@@ -23,6 +23,10 @@ pub const AUDIT_FILE: &str = "audit.jsonl";
 pub const FAIL_FILE_ENV: &str = "KAGI_AUDIT_FAIL_FILE";
 /// Environment variable overriding [`AuditConfig::ack_timeout`], in milliseconds.
 pub const ACK_TIMEOUT_ENV: &str = "KAGI_AUDIT_TIMEOUT_MS";
+/// Environment variable overriding [`AuditConfig::reserve`], in bytes (tests use a small one).
+pub const RESERVE_ENV: &str = "KAGI_AUDIT_RESERVE_BYTES";
+/// Default [`AuditConfig::reserve`]: room for a few thousand records.
+pub const DEFAULT_RESERVE: u64 = 4 * 1024 * 1024;
 
 /// How the writer behaves.
 #[derive(Clone, Debug)]
@@ -36,6 +40,11 @@ pub struct AuditConfig {
     pub max_batch: usize,
     /// Fault injection: while this path exists, writes fail (see [`FAIL_FILE_ENV`]).
     pub fail_file: Option<PathBuf>,
+    /// Bytes of disk space kept allocated past the end of the file (`fallocate`, size
+    /// unchanged), so that the records of requests already let in still fit when the disk
+    /// fills up. The log is healthy only while it holds at least half of this: a full disk
+    /// stops new requests before the records of admitted ones run out of room.
+    pub reserve: u64,
 }
 
 impl Default for AuditConfig {
@@ -45,12 +54,14 @@ impl Default for AuditConfig {
             retry_delay: Duration::from_millis(500),
             max_batch: 1024,
             fail_file: None,
+            reserve: DEFAULT_RESERVE,
         }
     }
 }
 
 impl AuditConfig {
-    /// The defaults, with [`FAIL_FILE_ENV`] and [`ACK_TIMEOUT_ENV`] applied when set.
+    /// The defaults, with [`FAIL_FILE_ENV`], [`ACK_TIMEOUT_ENV`] and [`RESERVE_ENV`] applied
+    /// when set.
     pub fn from_env() -> Self {
         let mut c = Self::default();
         if let Some(p) = std::env::var_os(FAIL_FILE_ENV).filter(|p| !p.is_empty()) {
@@ -62,6 +73,13 @@ impl AuditConfig {
             .filter(|ms| (1..=600_000).contains(ms))
         {
             c.ack_timeout = Duration::from_millis(ms);
+        }
+        if let Some(bytes) = std::env::var(RESERVE_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|b| (4096..=1 << 30).contains(b))
+        {
+            c.reserve = bytes;
         }
         c
     }
@@ -228,6 +246,42 @@ struct OpenFile {
     prev: String,
     /// Length of the file after the last complete batch.
     len: u64,
+    /// The file offset up to which disk space is allocated (at least `len`).
+    reserved_to: u64,
+    /// The reserve could not be renewed: new requests are refused, records still written.
+    low: bool,
+}
+
+impl OpenFile {
+    /// Tops the space allocated past the end of the file up to `reserve` bytes once less than
+    /// half of it is left. A filesystem without `fallocate` gets a probe instead: a block
+    /// written and synced to a scratch file, which fails as the log's next write would.
+    fn keep_reserve(&mut self, dir: &Path, reserve: u64) -> std::io::Result<()> {
+        if reserve == 0 || self.reserved_to.saturating_sub(self.len) >= reserve / 2 {
+            return Ok(());
+        }
+        match rustix::fs::fallocate(
+            &self.file,
+            rustix::fs::FallocateFlags::KEEP_SIZE,
+            self.len,
+            reserve,
+        ) {
+            Ok(()) => {
+                self.reserved_to = self.len + reserve;
+                Ok(())
+            }
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+                let probe = dir.join(".space-probe");
+                let written = File::create(&probe).and_then(|mut f| {
+                    f.write_all(&vec![0u8; 64 * 1024])?;
+                    f.sync_data()
+                });
+                let _ = std::fs::remove_file(&probe);
+                written
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 enum State {
@@ -246,7 +300,15 @@ impl Writer {
     fn run(self, file: OpenFile) {
         let mut state = State::Open(file);
         loop {
-            let first = match &state {
+            let first = match &mut state {
+                State::Open(f) if f.low => match self.rx.recv_timeout(self.config.retry_delay) {
+                    Ok(j) => j,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.renew_reserve(f);
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                },
                 State::Open(_) => match self.rx.recv() {
                     Ok(j) => j,
                     Err(_) => return,
@@ -297,6 +359,30 @@ impl Writer {
                     }
                 }
             }
+        }
+    }
+
+    /// Renews the reserve of free space; while it cannot, the log is unhealthy (new requests
+    /// are refused) but stays open, writing the records of requests already admitted.
+    fn renew_reserve(&self, f: &mut OpenFile) {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        match f.keep_reserve(dir, self.config.reserve) {
+            Ok(()) if f.low => {
+                f.low = false;
+                self.shared.healthy.store(true, Ordering::Release);
+                tracing::info!(path = %self.path.display(), "audit log has room again");
+            }
+            Ok(()) => {}
+            Err(e) if !f.low => {
+                f.low = true;
+                self.shared.healthy.store(false, Ordering::Release);
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %e,
+                    "no room to keep the audit log's reserve; refusing requests until there is"
+                );
+            }
+            Err(_) => {}
         }
     }
 
@@ -369,6 +455,11 @@ impl Writer {
                 f.seq = seq;
                 f.prev = prev;
                 f.len += buf.len() as u64;
+                f.reserved_to = f.reserved_to.max(f.len);
+                // Before anyone hears of these records: if the reserve cannot be renewed (a
+                // full disk), new requests are refused from now on, while the records of those
+                // already let in still fit in what is left of it.
+                self.renew_reserve(f);
                 for (ack, s) in acks {
                     let _ = ack.send(Ok(s));
                 }
@@ -450,12 +541,24 @@ fn open_file(path: &Path, config: &AuditConfig) -> Result<OpenFile, AuditError> 
             (link.seq, sha256_hex(&line))
         }
     };
-    Ok(OpenFile {
+    let mut open = OpenFile {
         file,
         seq,
         prev,
         len: complete,
-    })
+        reserved_to: complete,
+        low: false,
+    };
+    // Healthy means the next records fit: opening a file on a full disk succeeds, writing
+    // to it does not.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    open.keep_reserve(dir, config.reserve).map_err(|e| {
+        open_err(format!(
+            "cannot reserve {} bytes of free space for it: {e}",
+            config.reserve
+        ))
+    })?;
+    Ok(open)
 }
 
 /// The last complete line of the first `len` bytes of `file` (without its newline), and the

@@ -97,18 +97,20 @@ async fn accept_loop(
                     }
                     Err(_) => return,
                 };
-            let service =
-                hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
-                    let platform = platform.clone();
-                    let audit = audit.clone();
-                    req.extensions_mut().insert(RemoteAddr(peer));
-                    async move {
-                        let req = req.map(Body::new);
-                        Ok::<_, std::convert::Infallible>(
-                            crate::audit::serve_audited(platform, audit, req).await,
-                        )
-                    }
-                });
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let platform = platform.clone();
+                let audit = audit.clone();
+                // The handler runs in a task of its own: a client that resets its stream or
+                // drops the connection must not cancel a change half-way (committed but not
+                // audited, or the store ahead of memory). Only the answer is abandoned.
+                let handler = tokio::spawn(serve_one(platform, audit, req, peer));
+                async move {
+                    Ok::<_, std::convert::Infallible>(handler.await.unwrap_or_else(|e| {
+                        tracing::error!(%peer, error = %e, "request handler panicked");
+                        crate::respond::error(&kagi_core::KvError::internal())
+                    }))
+                }
+            });
             if let Err(e) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), service)
                 .await
@@ -116,6 +118,110 @@ async fn accept_loop(
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// Serves one request: the path is normalised once, for routing and audit alike; the body
+/// is shared so that what the handler left unread can be drained after it answers.
+async fn serve_one(
+    platform: Arc<Platform>,
+    audit: Arc<kagi_audit::AuditLog>,
+    req: Request<hyper::body::Incoming>,
+    peer: SocketAddr,
+) -> axum::http::Response<Body> {
+    let (mut parts, incoming) = req.into_parts();
+    parts.extensions.insert(RemoteAddr(peer));
+    if let Some(uri) = normalized_uri(&parts.uri) {
+        parts.uri = uri;
+    }
+    let body = SharedBody::new(incoming);
+    let response =
+        crate::audit::serve_audited(platform, audit, Request::from_parts(parts, body.handle()))
+            .await;
+    body.drain().await;
+    response
+}
+
+/// `uri` with every run of slashes in its path collapsed into one, or `None` when it is
+/// already so. Empty path segments mean nothing in any API kagi serves, and leaving them
+/// would let routing (which skips them) and audit redaction (which counts them) disagree.
+fn normalized_uri(uri: &axum::http::Uri) -> Option<axum::http::Uri> {
+    let path = uri.path();
+    if !path.contains("//") {
+        return None;
+    }
+    let mut clean = String::with_capacity(path.len());
+    for c in path.chars() {
+        if !(c == '/' && clean.ends_with('/')) {
+            clean.push(c);
+        }
+    }
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{clean}?{q}"),
+        None => clean,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    axum::http::Uri::from_parts(parts).ok()
+}
+
+/// Most of an unread body drained after the answer, and for how long: a client sends its whole
+/// body before reading the answer, so an early answer (a refused token, an unsupported
+/// api-version) must not reset the connection under it; a larger or slower body is cut off.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// A request body that the handler reads through a handle while the server keeps its own, to
+/// drain what the handler did not read.
+#[derive(Clone)]
+struct SharedBody(Arc<std::sync::Mutex<hyper::body::Incoming>>);
+
+impl SharedBody {
+    fn new(incoming: hyper::body::Incoming) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(incoming)))
+    }
+
+    fn handle(&self) -> Body {
+        Body::new(self.clone())
+    }
+
+    async fn drain(self) {
+        use http_body_util::BodyExt;
+        let mut body = self;
+        let mut seen = 0usize;
+        let _ = tokio::time::timeout(DRAIN_TIME, async {
+            while seen <= DRAIN_LIMIT {
+                match body.frame().await {
+                    Some(Ok(frame)) => seen += frame.data_ref().map_or(0, |d| d.len()),
+                    _ => break,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+impl hyper::body::Body for SharedBody {
+    type Data = axum::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        std::pin::Pin::new(&mut *inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).size_hint()
     }
 }
 

@@ -274,3 +274,122 @@ async fn a_failing_audit_log_refuses_requests_until_it_recovers() {
         records.len()
     );
 }
+
+impl Server {
+    /// A resource group `rg1` and a standard vault `myvault` in it.
+    async fn vault_ready(&self, c: &reqwest::Client, token: &str) {
+        let sub = &self.admin.subscription_id;
+        let rg = format!("/subscriptions/{sub}/resourcegroups/rg1");
+        let r = c
+            .put(self.mgmt_url(&format!("{rg}?{ARM_API}")))
+            .bearer_auth(token)
+            .json(&json!({"location": "westeurope"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+        let r = c
+            .put(self.mgmt_url(&format!(
+                "{rg}/providers/Microsoft.KeyVault/vaults/myvault?{ARM_API}"
+            )))
+            .bearer_auth(token)
+            .json(&json!({"location": "westeurope", "properties": {
+                "tenantId": self.admin.tenant_id, "sku": {"family": "A", "name": "standard"}}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    }
+
+    fn records_of(&self, correlation: &str) -> Vec<Value> {
+        self.records()
+            .into_iter()
+            .filter(|r| r["correlationId"] == correlation)
+            .collect()
+    }
+}
+
+/// Issue 11, item 3: a client that gives up on a request (here: an HTTP/2 stream reset by a
+/// client-side timeout, while the server generates an RSA-4096 key) must not cancel it half
+/// way. The change either happens with its audit record or not at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_its_client_abandons_still_finishes_with_its_record() {
+    let s = start().await;
+    let c = s.client();
+    let token = s.token(&c).await;
+    s.vault_ready(&c, &token).await;
+    let h2 = s
+        .client_builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_millis(40))
+        .build()
+        .unwrap();
+    let mut abandoned = Vec::new();
+    for i in 0..4 {
+        let correlation = format!("abandoned-{i}");
+        let r = h2
+            .post(s.vault(&format!("/keys/big{i}/create?{API}")))
+            .bearer_auth(&token)
+            .header("x-ms-client-request-id", &correlation)
+            .json(&json!({"kty": "RSA", "key_size": 4096}))
+            .send()
+            .await;
+        if r.is_err() {
+            abandoned.push((i, correlation));
+        }
+    }
+    assert!(!abandoned.is_empty(), "no request was abandoned mid-flight");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (i, correlation) in &abandoned {
+        let records = loop {
+            let r = s.records_of(correlation);
+            if !r.is_empty() || Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(records.len(), 1, "request {correlation}: {records:?}");
+        let status = records[0]["properties"]["httpStatusCode"]
+            .as_u64()
+            .or_else(|| records[0]["httpStatusCode"].as_u64())
+            .unwrap();
+        let r = c
+            .get(s.vault(&format!("/keys/big{i}?{API}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status() == StatusCode::OK,
+            status == 200,
+            "key big{i} exists: {}, its record says {status}",
+            r.status()
+        );
+    }
+}
+
+/// Issue 11, item 13: `//imds/{secret}/…` is routed like `/imds/{secret}/…`, so it must be
+/// redacted like it too: the path is normalised once, before routing and audit.
+#[tokio::test]
+async fn a_binding_secret_behind_extra_slashes_is_not_recorded() {
+    let s = start().await;
+    let c = s.client();
+    for path in [
+        "//imds/S3CR3T-BINDING-1/metadata/identity/oauth2/token",
+        "///imds//S3CR3T-BINDING-2/metadata/identity/oauth2/token",
+    ] {
+        let r = c
+            .get(s.mgmt_url(&format!(
+                "{path}?api-version=2018-02-01&resource=https://vault.azure.net"
+            )))
+            .header("Metadata", "true")
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+    let log = std::fs::read_to_string(&s.audit_file).unwrap();
+    assert_eq!(s.records().len(), 2);
+    assert!(!log.contains("S3CR3T-BINDING"), "{log}");
+    assert!(log.contains("/imds/REDACTED/metadata"), "{log}");
+}

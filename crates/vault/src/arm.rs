@@ -318,26 +318,37 @@ impl Platform {
             deleted_at: None,
             purge_at: None,
         };
-        // Insert under the map's write lock so two creates of one name cannot both win.
-        let state = Arc::new(VaultState::new(record.clone(), Vec::new()));
-        {
-            let mut map = self.vaults_write();
-            if map.contains_key(&name) {
-                return Err(KvError::new(
-                    ErrorCode::VaultAlreadyExists,
-                    format!("The vault name '{name}' is already in use."),
-                ));
-            }
-            map.insert(name.clone(), state.clone());
-        }
-        let guard = state.write.lock().await;
-        if let Err(e) = self.store.put_vault(&record).await {
-            self.vaults_write().remove(&name);
-            return Err(internal("create vault", e));
-        }
-        drop(guard);
+        // The name is reserved first (two creates of one name cannot both commit) but the vault
+        // is shown only once the store holds it: nobody reads, or writes into, a vault that a
+        // failed commit then takes away.
+        let _reserved = self.reserve_vault_name(&name)?;
+        self.store
+            .put_vault(&record)
+            .await
+            .map_err(|e| internal("create vault", e))?;
+        self.vaults_write().insert(
+            name.clone(),
+            Arc::new(VaultState::new(record.clone(), Vec::new())),
+        );
         tracing::info!(vault = %name, "vault created");
         Ok((201, self.vault_json(&record)))
+    }
+
+    /// Reserves `name` for a vault being created, or answers that it is taken. The
+    /// reservation ends when the guard is dropped (after the vault is in the map, or on
+    /// failure, or if the request is dropped).
+    fn reserve_vault_name(&self, name: &VaultName) -> Result<VaultNameReservation<'_>, KvError> {
+        let mut creating = self.vault_creates.lock().unwrap_or_else(|p| p.into_inner());
+        if self.vault_state(name).is_some() || !creating.insert(name.clone()) {
+            return Err(KvError::new(
+                ErrorCode::VaultAlreadyExists,
+                format!("The vault name '{name}' is already in use."),
+            ));
+        }
+        Ok(VaultNameReservation {
+            platform: self,
+            name: name.clone(),
+        })
     }
 
     /// `GET` of a vault.
@@ -601,4 +612,20 @@ fn deleted_vault_json(r: &VaultRecord) -> Value {
             "purgeProtectionEnabled": r.properties.enable_purge_protection,
         },
     })
+}
+
+/// A vault name held for a create in progress (see `Platform::reserve_vault_name`).
+struct VaultNameReservation<'a> {
+    platform: &'a Platform,
+    name: VaultName,
+}
+
+impl Drop for VaultNameReservation<'_> {
+    fn drop(&mut self) {
+        self.platform
+            .vault_creates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
 }

@@ -13,13 +13,15 @@
 //! key and the target vault's AAD, with its version, attributes and times unchanged, so data
 //! wrapped before the backup unwraps after it under the same versioned key id (modulo host).
 //! The whole file is decrypted and checked before anything is written; a failure while
-//! writing removes what was written.
+//! writing removes what was written. A journal naming everything the restore is about to
+//! write is made durable before its first write and removed after its last, so a restore cut
+//! short by a crash is rolled back at the next start: a restore is all or nothing.
 //!
 //! Both run as jobs (`crate::jobs`); only the bootstrap administrator may start them.
 
 use std::collections::HashSet;
 use std::io::{BufReader, BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -400,6 +402,186 @@ struct Target {
     resource_group: String,
     name: VaultName,
     location: Option<String>,
+}
+
+/// `<data>/restore-journal`: one file per restore in progress.
+const JOURNAL_DIR: &str = "restore-journal";
+
+/// Everything a restore is about to write, kept on disk while it writes (see the module
+/// documentation). Roll-back removes what it names; what was never written is not there.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RestoreJournal {
+    vault: String,
+    /// The restore creates the vault: roll-back purges it whole.
+    created_vault: bool,
+    keys: Vec<String>,
+    secrets: Vec<String>,
+    /// The ids the restored role assignments get.
+    assignment_ids: Vec<String>,
+    /// An existing vault's settings before the restore changes them.
+    previous: Option<PreviousVault>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PreviousVault {
+    properties: VaultProperties,
+    tags: Tags,
+}
+
+impl RestoreJournal {
+    fn plan(
+        target: &Target,
+        p: &Prepared,
+        existing: Option<&VaultRecord>,
+    ) -> Result<Self, KvError> {
+        let assignment_ids = p
+            .assignments
+            .iter()
+            .map(|_| {
+                kagi_crypto::random_array()
+                    .map(uuid_v4)
+                    .map_err(|e| internal("rng", e))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            vault: target.name.to_string(),
+            created_vault: target.location.is_some(),
+            keys: p.keys.iter().map(|(k, _)| k.name.to_string()).collect(),
+            secrets: p.secrets.iter().map(|s| s.name.to_string()).collect(),
+            assignment_ids,
+            previous: existing.map(|r| PreviousVault {
+                properties: r.properties.clone(),
+                tags: r.tags.clone(),
+            }),
+        })
+    }
+
+    /// Writes the journal durably (file and directory entry) before the restore's first write.
+    fn write(&self, data_dir: &Path, job: &str) -> Result<PathBuf, KvError> {
+        let dir = data_dir.join(JOURNAL_DIR);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .and_then(|()| std::fs::File::open(data_dir)?.sync_all())
+            .map_err(|e| internal("create restore journal directory", e))?;
+        let path = dir.join(format!("{job}.json"));
+        let bytes = serde_json::to_vec(self).map_err(|e| internal("restore journal", e))?;
+        kagi_store::file::write_atomically(&path, &bytes, 0o600)
+            .map_err(|e| internal("write restore journal", e))?;
+        Ok(path)
+    }
+
+    /// Removes every object the journal names from the store (the vault's memory is loaded
+    /// afterwards, or updated by the caller). Removing what is not there is a no-op, so this
+    /// may run again after a crash of its own.
+    async fn roll_back(&self, store: &dyn kagi_store::Store) -> Result<(), String> {
+        let vault = VaultName::parse(&self.vault).map_err(|e| e.message)?;
+        for id in &self.assignment_ids {
+            store
+                .delete_role_assignment(id)
+                .await
+                .map_err(|e| format!("role assignment {id}: {e}"))?;
+        }
+        if self.created_vault {
+            return store
+                .purge_vault(&vault)
+                .await
+                .map_err(|e| format!("vault {vault}: {e}"));
+        }
+        for key in &self.keys {
+            let name = ObjectName::parse(key).map_err(|e| e.message)?;
+            store
+                .purge_key(&vault, &name)
+                .await
+                .map_err(|e| format!("key {key}: {e}"))?;
+        }
+        for secret in &self.secrets {
+            let name = ObjectName::parse(secret).map_err(|e| e.message)?;
+            store
+                .purge_secret(&vault, &name)
+                .await
+                .map_err(|e| format!("secret {secret}: {e}"))?;
+        }
+        if let Some(previous) = &self.previous {
+            let current = store
+                .list_vaults()
+                .await
+                .map_err(|e| format!("vaults: {e}"))?
+                .into_iter()
+                .find(|r| r.name == vault);
+            if let Some(mut record) = current {
+                record.properties = previous.properties.clone();
+                record.tags = previous.tags.clone();
+                store
+                    .put_vault(&record)
+                    .await
+                    .map_err(|e| format!("vault {vault}: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes a journal once its restore has ended, durably: a journal that came back after a
+/// power loss would roll back a restore that succeeded.
+fn remove_journal(path: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(path)?;
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Rolls back the restores that a crash interrupted (called at start, before the store is
+/// loaded into memory). Returns how many there were.
+pub(crate) async fn roll_back_interrupted_restores(
+    data_dir: &Path,
+    store: &dyn kagi_store::Store,
+) -> Result<usize, crate::StartupError> {
+    let dir = data_dir.join(JOURNAL_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => {
+            return Err(crate::StartupError::Io {
+                path: dir.display().to_string(),
+                source,
+            });
+        }
+    };
+    let mut done = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            // A temporary file of a journal never completed: its restore wrote nothing.
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
+        let journal: RestoreJournal = std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            .map_err(|e| {
+                crate::StartupError::Corrupt(format!(
+                    "restore journal {}: {e} (the restore it belongs to was interrupted;                      inspect the vault it names before removing the file)",
+                    path.display()
+                ))
+            })?;
+        journal.roll_back(store).await.map_err(|e| {
+            crate::StartupError::Corrupt(format!(
+                "rolling back the interrupted restore of vault {} failed: {e}",
+                journal.vault
+            ))
+        })?;
+        remove_journal(&path).map_err(|source| crate::StartupError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        tracing::warn!(vault = %journal.vault, "an interrupted vault restore was rolled back");
+        done += 1;
+    }
+    Ok(done)
 }
 
 /// What a restore wrote, to be removed again if a later step fails.
@@ -982,17 +1164,32 @@ impl Platform {
         })
         .await
         .map_err(|e| internal("restore task", e))??;
+        let existing = match &target.location {
+            Some(_) => None,
+            None => Some(self.live_vault(&target.name)?.record()),
+        };
+        let journal = RestoreJournal::plan(target, &prepared, existing.as_ref())?;
+        let journal_path = journal.write(&self.config.data_dir, &job.id())?;
         let mut written = Written::default();
-        match self
-            .apply(job, caller, target, &prepared, &mut written)
-            .await
-        {
-            Ok(report) => Ok(report),
-            Err(e) => {
-                self.roll_back(caller, target, &written).await;
-                Err(e)
-            }
+        let result = self
+            .apply(
+                job,
+                caller,
+                target,
+                &prepared,
+                &journal.assignment_ids,
+                &mut written,
+            )
+            .await;
+        let keep_journal = match &result {
+            Ok(_) => false,
+            // Left in place if anything stayed behind: the next start finishes the roll-back.
+            Err(_) => !self.roll_back(caller, target, &written).await,
+        };
+        if !keep_journal && let Err(e) = remove_journal(&journal_path) {
+            tracing::error!(error = %e, "restore journal not removed");
         }
+        result
     }
 
     /// Parses the payload and seals everything for `vault` (blocking).
@@ -1236,6 +1433,7 @@ impl Platform {
         caller: &Principal,
         target: &Target,
         p: &Prepared,
+        assignment_ids: &[String],
         written: &mut Written,
     ) -> Result<Value, KvError> {
         let counts = &p.manifest.counts;
@@ -1264,6 +1462,14 @@ impl Platform {
             ..Default::default()
         };
         if let Some(location) = &target.location {
+            // Created here, or not at all: a vault someone made meanwhile is not taken over
+            // (a roll-back would purge it).
+            if self.vault_state(&target.name).is_some() {
+                return Err(KvError::new(
+                    ErrorCode::VaultAlreadyExists,
+                    format!("The vault name '{}' is already in use.", target.name),
+                ));
+            }
             props.tenant_id = Some(caller.tenant_id.clone());
             props.soft_delete_retention_in_days =
                 Some(i64::from(src.soft_delete_retention_in_days));
@@ -1353,16 +1559,15 @@ impl Platform {
         let base = crate::directory::object_scope(&record, None);
         let mut restored_assignments = 0u64;
         let mut skipped_assignments = Vec::new();
-        for a in &p.assignments {
+        for (a, id) in p.assignments.iter().zip(assignment_ids) {
             let scope = format!("{base}{}", a.scope);
-            let id = uuid_v4(kagi_crypto::random_array().map_err(|e| internal("rng", e))?);
             let body = json!({"properties": {
                 "roleDefinitionId": format!("/providers/Microsoft.Authorization/roleDefinitions/{}", a.role_definition_id),
                 "principalId": a.principal_id,
             }});
-            match self.put_role_assignment(caller, &scope, &id, body).await {
+            match self.put_role_assignment(caller, &scope, id, body).await {
                 Ok(_) => {
-                    written.assignments.push(id);
+                    written.assignments.push(id.clone());
                     restored_assignments += 1;
                 }
                 Err(e)
@@ -1457,24 +1662,26 @@ impl Platform {
         }))
     }
 
-    /// Removes what a failed restore wrote (best effort; failures are logged).
-    async fn roll_back(&self, caller: &Principal, target: &Target, written: &Written) {
+    /// Removes what a failed restore wrote; whether all of it went (failures are logged).
+    async fn roll_back(&self, caller: &Principal, target: &Target, written: &Written) -> bool {
+        let mut clean = true;
         for id in &written.assignments {
             if let Err(e) = self.delete_role_assignment(caller, id).await {
                 tracing::error!(assignment = %id, error = %e, "restore roll-back: assignment left");
+                clean = false;
             }
         }
         let Some(state) = self.vault_state(&target.name) else {
-            return;
+            return clean;
         };
         if written.created_vault {
             let _w = state.write.lock().await;
             if let Err(e) = self.store.purge_vault(&target.name).await {
                 tracing::error!(vault = %target.name, error = %e, "restore roll-back: vault left");
-                return;
+                return false;
             }
             self.vaults_write().remove(&target.name);
-            return;
+            return clean;
         }
         let _w = state.write.lock().await;
         for name in &written.keys {
@@ -1482,7 +1689,10 @@ impl Platform {
                 Ok(()) => {
                     state.keys_mut().remove(&name.folded());
                 }
-                Err(e) => tracing::error!(key = %name, error = %e, "restore roll-back: key left"),
+                Err(e) => {
+                    tracing::error!(key = %name, error = %e, "restore roll-back: key left");
+                    clean = false;
+                }
             }
         }
         for name in &written.secrets {
@@ -1496,9 +1706,11 @@ impl Platform {
                 }
                 Err(e) => {
                     tracing::error!(secret = %name, error = %e, "restore roll-back: secret left");
+                    clean = false;
                 }
             }
         }
+        clean
     }
 }
 
