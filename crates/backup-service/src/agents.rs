@@ -1235,6 +1235,84 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_a_machine_writing_its_own_objects_may_send_an_object() {
+        let own = Caller::Machine("a.example".into());
+        let other = Caller::Machine("b.example".into());
+        let put = ["machines", "a.example", "objects", "data", "00", "x"];
+        assert_eq!(authorize(&own, "PUT", &put).unwrap(), MAX_OBJECT_BYTES);
+        assert_eq!(
+            authorize(&Caller::Credential, "PUT", &put)
+                .unwrap_err()
+                .status(),
+            403
+        );
+        assert_eq!(authorize(&other, "PUT", &put).unwrap_err().status(), 403);
+        assert_eq!(authorize(&other, "DELETE", &put).unwrap_err().status(), 403);
+        // Reading another machine's objects is allowed, with no body.
+        assert_eq!(authorize(&other, "GET", &put).unwrap(), 0);
+        assert_eq!(authorize(&own, "POST", &put).unwrap(), 0);
+        assert_eq!(
+            authorize(&own, "POST", &["probe"]).unwrap_err().status(),
+            401
+        );
+        assert_eq!(
+            authorize(&own, "POST", &["register"]).unwrap_err().status(),
+            401
+        );
+        assert_eq!(
+            authorize(&own, "POST", &["passphrase"]).unwrap(),
+            MAX_JSON_BYTES
+        );
+        assert_eq!(
+            authorize(&Caller::Credential, "POST", &["register"]).unwrap(),
+            MAX_JSON_BYTES
+        );
+        let report = ["machines", "a.example", "activity"];
+        assert_eq!(authorize(&own, "POST", &report).unwrap(), MAX_JSON_BYTES);
+        assert_eq!(
+            authorize(&other, "POST", &report).unwrap_err().status(),
+            403
+        );
+        assert_eq!(
+            authorize(&Caller::Credential, "GET", &["machines"])
+                .unwrap_err()
+                .status(),
+            403
+        );
+    }
+
+    #[test]
+    fn registering_an_existing_machine_needs_proof() {
+        let proof = [7u8; 32];
+        let secret = [9u8; 32];
+        let mut m = Machine {
+            name: "m.example".into(),
+            secret_sha256: sha256_hex(&secret),
+            key_check: Some(sha256_hex(&proof)),
+            ..Machine::default()
+        };
+        let b64 = |raw: &[u8]| json!(kagi_core::b64::encode(raw));
+        let e = proof_for(&m, &json!({}), 100).unwrap_err();
+        assert_eq!(e.inner, Some("UserErrorMachineAlreadyRegistered"));
+        assert_eq!(e.status(), 403);
+        let wrong = json!({"keyProof": b64(&[1; 32]), "machineSecret": b64(&[2; 32])});
+        assert!(proof_for(&m, &wrong, 100).is_err());
+        let by_key = json!({"keyProof": b64(&proof)});
+        assert_eq!(proof_for(&m, &by_key, 100).unwrap(), Proof::Key);
+        let by_secret = json!({"machineSecret": b64(&secret)});
+        assert_eq!(
+            proof_for(&m, &by_secret, 100).unwrap(),
+            Proof::MachineSecret
+        );
+        // The allowance holds until it ends; no key check recorded means no key proof.
+        m.reregistration_allowed_until = Some(200);
+        assert_eq!(proof_for(&m, &json!({}), 199).unwrap(), Proof::Allowed);
+        assert!(proof_for(&m, &json!({}), 200).is_err());
+        m.key_check = None;
+        assert!(proof_for(&m, &by_key, 300).is_err());
+    }
+
+    #[test]
     fn object_names() {
         for ok in ["config", "keys/abc", "data/0a/0a1b", "snapshots/x.y"] {
             assert!(object_name_ok(ok), "{ok}");
