@@ -850,7 +850,8 @@ impl Platform {
                 pkcs8: der.to_vec(),
             });
         }
-        let blob = self.seal_object_backup(&object_backup::KEYS, &record, k.name.as_str(), versions)?;
+        let blob =
+            self.seal_object_backup(&object_backup::KEYS, &record, k.name.as_str(), versions)?;
         tracing::info!(vault = %record.name, key = %k.name, "key backed up");
         Ok(blob)
     }

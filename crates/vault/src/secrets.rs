@@ -702,7 +702,8 @@ impl Platform {
                 value: self.open_value(&record.name, &name, v)?,
             });
         }
-        let blob = self.seal_object_backup(&object_backup::SECRETS, &record, s.name.as_str(), versions)?;
+        let blob =
+            self.seal_object_backup(&object_backup::SECRETS, &record, s.name.as_str(), versions)?;
         tracing::info!(vault = %record.name, secret = %s.name, "secret backed up");
         Ok(blob)
     }
