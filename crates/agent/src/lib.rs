@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+pub use kagi_backup::RestoreOptions;
 pub use remote::{AgentAuth, VaultConnection};
 
 /// Agent failures. Messages name files, vaults and machines, never passphrases or keys.
@@ -817,7 +818,9 @@ impl Agent {
     }
 
     /// Restores a recovery point of `machine` (default: this one) into `target`. The data key
-    /// is unwrapped before anything is written, so a wrong passphrase writes nothing.
+    /// is unwrapped before anything is written, so a wrong passphrase writes nothing. Owners
+    /// come back only with [`RestoreOptions::owners`] (as root); without them, setuid and
+    /// setgid bits are dropped (the agent usually runs as root).
     #[allow(clippy::too_many_arguments)]
     pub async fn restore(
         &self,
@@ -826,7 +829,7 @@ impl Agent {
         recovery_point: &str,
         sub_path: Option<&Path>,
         target: &Path,
-        overwrite: bool,
+        options: RestoreOptions,
         report: ProgressFn,
     ) -> Result<RestoreStats> {
         let _lock = job_lock(&self.dir)?;
@@ -842,8 +845,7 @@ impl Agent {
         );
         let r = tokio::task::spawn_blocking(move || -> Result<RestoreStats> {
             let repo = Repository::open(backend, dek)?;
-            let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-            Ok(repo.restore(&rp, sub.as_deref(), &tgt, overwrite, workers, &*report)?)
+            Ok(repo.restore_with(&rp, sub.as_deref(), &tgt, &options, &*report)?)
         })
         .await
         .map_err(join)?;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kagi_agent::{
-    Agent, AgentError, PassphraseSource, ProgressFn, RegisterRequest, Registration,
+    Agent, AgentError, PassphraseSource, ProgressFn, RegisterRequest, Registration, RestoreOptions,
     VaultCredentials,
 };
 use kagi_testkit::{Options, TestServer};
@@ -301,7 +301,7 @@ async fn register_backup_change_passphrase_and_restore_elsewhere() {
             &rp,
             None,
             &out1,
-            false,
+            RestoreOptions::default(),
             quiet(),
         )
         .await
@@ -378,7 +378,7 @@ async fn register_backup_change_passphrase_and_restore_elsewhere() {
         &rp,
         None,
         &out2,
-        false,
+        RestoreOptions::default(),
         quiet(),
     )
     .await
@@ -425,7 +425,7 @@ async fn register_backup_change_passphrase_and_restore_elsewhere() {
         &rp,
         None,
         &out3,
-        false,
+        RestoreOptions::default(),
         quiet(),
     )
     .await
@@ -444,7 +444,7 @@ async fn register_backup_change_passphrase_and_restore_elsewhere() {
                 &rp,
                 None,
                 target,
-                false,
+                RestoreOptions::default(),
                 quiet(),
             )
             .await
@@ -461,7 +461,7 @@ async fn register_backup_change_passphrase_and_restore_elsewhere() {
             &rp,
             None,
             &out4,
-            false,
+            RestoreOptions::default(),
             quiet(),
         )
         .await
@@ -538,7 +538,7 @@ async fn register_backup_change_passphrase_and_restore_elsewhere() {
         &stats.snapshot.id,
         None,
         &out6,
-        false,
+        RestoreOptions::default(),
         quiet(),
     )
     .await

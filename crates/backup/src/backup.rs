@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::pack::{self, KIND_DATA, KIND_TREE, Packer};
 use crate::repo::{Repository, SnapshotInfo};
-use crate::tree::{Node, NodeKind, Tree, encode_bytes};
+use crate::tree::{Node, NodeKind, Tree, encode_bytes, valid_name};
 use crate::{BackupError, Result, io_err};
 
 /// How to back up.
@@ -218,9 +218,17 @@ impl Walker<'_> {
         }
         entries.sort_by(|a, b| a.file_name().as_bytes().cmp(b.file_name().as_bytes()));
         let mut tree = Tree::default();
+        let mut previous: Option<std::ffi::OsString> = None;
         for e in entries {
             let path = e.path();
             let name = e.file_name();
+            // A tree never holds a name restore would refuse. A file system does not list such
+            // names (nor one twice), but a faulty one must not make an unrestorable point.
+            if !valid_name(name.as_bytes()) || previous.as_ref() == Some(&name) {
+                self.skip(&path, "invalid or repeated name in the directory listing");
+                continue;
+            }
+            previous = Some(name.clone());
             let meta = match path.symlink_metadata() {
                 Ok(m) => m,
                 Err(err) => {
@@ -237,6 +245,8 @@ impl Walker<'_> {
                 name_b64: None,
                 kind: NodeKind::File,
                 mode: meta.mode() & 0o7777,
+                uid: Some(meta.uid()),
+                gid: Some(meta.gid()),
                 mtime_ns: mtime_ns(&meta),
                 size: 0,
                 content: Vec::new(),

@@ -8,7 +8,8 @@
 //!   whoever holds the storage cannot test a guess of the content;
 //! - chunks are zstd-compressed when that helps, sealed with AES-256-GCM under the data key,
 //!   and packed into pack files of about 16 MiB;
-//! - directory trees (names, sizes, modes, times, symlinks) are blobs too, encrypted alike;
+//! - directory trees (names, sizes, modes, owners, times, symlinks) are blobs too, encrypted
+//!   alike; a restore never writes outside its target (see [`RestoreOptions`]);
 //! - a recovery point (snapshot) is written last, after its packs and index: a crash leaves at
 //!   most unreferenced packs, never a half-visible recovery point;
 //! - unreadable files and folders are skipped and reported ([`BackupStats::skipped_entries`],
@@ -40,7 +41,7 @@ pub use backend::{BlobBackend, ObjectInfo, ObjectStoreBackend};
 pub use backup::{BackupOptions, BackupStats, MAX_SKIPPED_LISTED, Progress, SkippedEntry};
 pub use prune::{PruneOptions, PruneStats};
 pub use repo::{CheckReport, KeyEntry, Repository, SnapshotInfo};
-pub use restore::RestoreStats;
+pub use restore::{RestoreOptions, RestoreStats};
 
 /// Engine failures. Messages name files and objects, never data or keys.
 #[derive(Debug, thiserror::Error)]

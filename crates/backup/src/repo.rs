@@ -330,8 +330,13 @@ impl Repository {
             self.backend.get_range(&loc.pack, loc.offset, loc.len)?
         };
         let plain = pack::open_blob(&self.key, KIND_TREE, &id, &sealed, 256 * 1024 * 1024)?;
-        serde_json::from_slice(&plain)
-            .map_err(|e| BackupError::Corrupt(format!("tree {id_hex}: {e}")))
+        let tree: Tree = serde_json::from_slice(&plain)
+            .map_err(|e| BackupError::Corrupt(format!("tree {id_hex}: {e}")))?;
+        // Backups never write such a tree: one that breaks the entry rules is damaged or
+        // crafted, and restore must not act on it.
+        tree.check_names()
+            .map_err(|e| BackupError::Corrupt(format!("tree {id_hex}: {e}")))?;
+        Ok(tree)
     }
 
     /// Adds a wrapped data key entry (public: the wrapped key is only usable by its KEK).

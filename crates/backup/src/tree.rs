@@ -33,6 +33,12 @@ pub struct Node {
     pub kind: NodeKind,
     /// Permission bits (and setuid/setgid/sticky).
     pub mode: u32,
+    /// Owner (user id), when recorded: a restore sets it only when asked to (as root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Group (group id), when recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
     /// Modification time, nanoseconds since the epoch.
     pub mtime_ns: i64,
     /// Size in bytes (files).
@@ -87,6 +93,12 @@ impl Node {
     }
 }
 
+/// Whether `name` can name a tree entry: one path component, never one that climbs or stays
+/// (`.`, `..`), so that no entry of a tree, however crafted, resolves outside its directory.
+pub(crate) fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty() && name != b"." && name != b".." && !name.contains(&b'/') && !name.contains(&0)
+}
+
 /// A directory listing, entries sorted by name bytes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tree {
@@ -95,6 +107,31 @@ pub struct Tree {
 }
 
 impl Tree {
+    /// Checks the entry rules: every name is valid ([`valid_name`]) and none repeats (a second
+    /// entry of the same name would be created over the first, for instance a directory
+    /// through a symbolic link). Returns what is wrong, for the caller's error.
+    pub(crate) fn check_names(&self) -> Result<(), String> {
+        let mut names = Vec::with_capacity(self.nodes.len());
+        for n in &self.nodes {
+            let name = n.name_bytes().ok_or("an entry has no name")?;
+            if !valid_name(&name) {
+                return Err(format!(
+                    "entry name \"{}\" is not a single path component",
+                    name.escape_ascii()
+                ));
+            }
+            names.push(name);
+        }
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!(
+                "entry name \"{}\" appears more than once",
+                w[0].escape_ascii()
+            ));
+        }
+        Ok(())
+    }
+
     /// The entry with this name.
     pub fn find(&self, name: &[u8]) -> Option<&Node> {
         self.nodes

@@ -95,6 +95,10 @@ enum AgentCommand {
         /// Write into a non-empty target.
         #[arg(long)]
         overwrite: bool,
+        /// Give files their recorded owner and group, and with them setuid/setgid bits (root
+        /// only). Without it, files belong to the restoring user and lose those bits.
+        #[arg(long)]
+        restore_owners: bool,
         /// The machine whose backup to restore (default: this one).
         #[arg(long)]
         source_machine: Option<String>,
@@ -466,6 +470,7 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
             sub_path,
             target,
             overwrite,
+            restore_owners,
             source_machine,
             source,
         } => {
@@ -494,7 +499,11 @@ pub async fn run(output: Output, args: AgentArgs) -> anyhow::Result<()> {
                     &rp,
                     sub_path.as_deref(),
                     &target,
-                    overwrite,
+                    kagi_agent::RestoreOptions {
+                        overwrite,
+                        owners: restore_owners,
+                        ..Default::default()
+                    },
                     report,
                 )
                 .await;
