@@ -149,3 +149,33 @@ def test_an_early_answer_reaches_a_client_still_sending_a_large_body(kagi, vault
     # The same body with everything right is refused as too large, in Azure's shape.
     r = requests.put(vault.data_url("/secrets/big"), data=body, headers={**headers, **kagi.auth_headers()}, verify=str(kagi.ca_path))
     assert_error_shape(r, 413)
+
+
+def test_an_early_answer_to_expect_continue_does_not_invite_the_body(kagi, vault):
+    """`Expect: 100-continue` and no token: the 401 comes at once, without a 100 Continue, and the
+    body is never asked for (the answer does not wait for it either)."""
+    import socket
+    import ssl
+    from urllib.parse import urlsplit
+
+    url = urlsplit(vault.data_url("/secrets/big"))
+    ctx = ssl.create_default_context(cafile=str(kagi.ca_path))
+    ctx.set_alpn_protocols(["http/1.1"])
+    with socket.create_connection((url.hostname, url.port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=url.hostname) as tls:
+            tls.sendall(
+                (
+                    f"PUT {url.path}?{url.query} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                    "Content-Type: application/json\r\nContent-Length: 2097152\r\n"
+                    "Expect: 100-continue\r\n\r\n"
+                ).encode()
+            )
+            started = time.monotonic()
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = tls.recv(4096)
+                assert chunk, "connection closed without an answer"
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 401"), head[:200]
+            # Generous: a server that waited for the body would take its 10 s drain bound.
+            assert time.monotonic() - started < 5

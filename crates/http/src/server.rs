@@ -134,11 +134,20 @@ async fn serve_one(
     if let Some(uri) = normalized_uri(&parts.uri) {
         parts.uri = uri;
     }
+    // A client that asked `Expect: 100-continue` sends its body only once the server reads it
+    // (hyper then sends the 100): if the handler never did, there is nothing to drain, and
+    // reading now would only invite the body the answer refuses.
+    let expects_continue = parts
+        .headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let body = SharedBody::new(incoming);
     let response =
         crate::audit::serve_audited(platform, audit, Request::from_parts(parts, body.handle()))
             .await;
-    body.drain().await;
+    if !(expects_continue && !body.was_read()) {
+        body.drain().await;
+    }
     response
 }
 
@@ -174,11 +183,16 @@ const DRAIN_TIME: Duration = Duration::from_secs(10);
 /// A request body that the handler reads through a handle while the server keeps its own, to
 /// drain what the handler did not read.
 #[derive(Clone)]
-struct SharedBody(Arc<std::sync::Mutex<hyper::body::Incoming>>);
+struct SharedBody(Arc<std::sync::Mutex<(hyper::body::Incoming, bool)>>);
 
 impl SharedBody {
     fn new(incoming: hyper::body::Incoming) -> Self {
-        Self(Arc::new(std::sync::Mutex::new(incoming)))
+        Self(Arc::new(std::sync::Mutex::new((incoming, false))))
+    }
+
+    /// Whether the handler asked for any of the body.
+    fn was_read(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 
     fn handle(&self) -> Body {
@@ -210,18 +224,24 @@ impl hyper::body::Body for SharedBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let mut inner = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        std::pin::Pin::new(&mut *inner).poll_frame(cx)
+        inner.1 = true;
+        std::pin::Pin::new(&mut inner.0).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .0
             .is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).size_hint()
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .size_hint()
     }
 }
 
