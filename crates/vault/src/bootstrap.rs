@@ -147,6 +147,9 @@ impl Platform {
             ensure_bootstrap_admin(&config, store.as_ref(), &tenant, &subscription, clock.now())
                 .await?;
 
+        // Before anything is loaded into memory: a restore cut short by a crash is undone.
+        crate::vault_backup::roll_back_interrupted_restores(&config.data_dir, store.as_ref())
+            .await?;
         // Loaded after the bootstrap administrator exists, so it is in the directory too.
         let directory = crate::directory::Directory::load(store.as_ref()).await?;
         let mut vaults = HashMap::new();
@@ -168,6 +171,7 @@ impl Platform {
             default_subscription: subscription,
             admin_object_id: admin.object_id,
             vaults: RwLock::new(vaults),
+            vault_creates: Default::default(),
             directory: RwLock::new(directory),
             test_clock: None,
             jobs: Default::default(),

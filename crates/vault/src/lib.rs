@@ -93,6 +93,9 @@ pub struct Platform {
     default_subscription: String,
     admin_object_id: String,
     vaults: RwLock<HashMap<VaultName, Arc<VaultState>>>,
+    /// Names of vaults being created: taken before the store commit, so that two creates of
+    /// one name cannot both commit, and the vault enters `vaults` only once committed.
+    vault_creates: std::sync::Mutex<std::collections::HashSet<VaultName>>,
     /// Principals, identity-carrying resources, roles and locks.
     directory: RwLock<directory::Directory>,
     /// Set when the platform runs on a movable test clock (`kagi server --test-clock`).
