@@ -416,7 +416,9 @@ def mi(kagi):
 WHO = {
     # name: (credential, use AZURE_CLIENT_ID env (from --client-id), pass client_id=uami1, expected principal)
     "ManagedIdentityCredential-system": ("managed", False, False, "system"),
-    "ManagedIdentityCredential-client_id": ("managed", False, True, "uami1"),
+    # A binding serves the one identity it was minted for (issue 11, item 12): the user-assigned
+    # identity's own binding.
+    "ManagedIdentityCredential-client_id": ("managed", True, True, "uami1"),
     "DefaultAzureCredential-system": ("default", False, False, "system"),
     "DefaultAzureCredential-AZURE_CLIENT_ID": ("default", True, False, "uami1"),
 }
@@ -480,8 +482,12 @@ def test_managed_identity_endpoints_raw(kagi, mi):
     assert r.status_code == 400, r.text[:300]
     r = requests.get(imds, params=params, headers={"Metadata": "true"}, verify=str(kagi.ca_path), timeout=30)
     assert r.status_code == 200 and claims_of(r.json()["access_token"])["oid"] == mi.system_oid, r.text[:300]
-    r = requests.get(imds, params={**params, "client_id": mi.uami1["properties"]["clientId"]}, headers={"Metadata": "true"},
-                     verify=str(kagi.ca_path), timeout=30)  # fmt: skip
+    # The system-assigned identity's binding does not serve the user-assigned one; its own does.
+    uami = {**params, "client_id": mi.uami1["properties"]["clientId"]}
+    r = requests.get(imds, params=uami, headers={"Metadata": "true"}, verify=str(kagi.ca_path), timeout=30)
+    assert r.status_code == 400 and "access_token" not in r.text, r.text[:300]
+    imds_uami = mi.env_uami["AZURE_POD_IDENTITY_AUTHORITY_HOST"] + "/metadata/identity/oauth2/token"
+    r = requests.get(imds_uami, params=uami, headers={"Metadata": "true"}, verify=str(kagi.ca_path), timeout=30)
     assert r.status_code == 200, r.text[:300]
     assert claims_of(r.json()["access_token"])["oid"] == mi.uami1["properties"]["principalId"]
 

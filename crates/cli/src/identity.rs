@@ -73,8 +73,54 @@ enum IdentityCommand {
         #[arg(long)]
         resource: String,
         /// Client id of a user-assigned identity of that resource (default: system-assigned).
+        /// The binding serves this one identity only.
         #[arg(long)]
         client_id: Option<String>,
+        /// Hours until the binding stops working (1-8760; default 2160, 90 days).
+        #[arg(long)]
+        expires_in_hours: Option<u32>,
+    },
+    /// Workload bindings (the secrets `kagi identity env` prints): list and revoke by id.
+    Binding {
+        #[command(subcommand)]
+        command: BindingCommand,
+    },
+    /// The key that signs access tokens.
+    SigningKey {
+        #[command(subcommand)]
+        command: SigningKeyCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BindingCommand {
+    /// List the bindings of a resource: id, client id served, expiry (never the secrets).
+    List {
+        /// Resource id.
+        #[arg(long)]
+        resource: String,
+    },
+    /// Revoke one binding: its secret stops working on the next request.
+    Revoke {
+        /// Resource id.
+        #[arg(long)]
+        resource: String,
+        /// Binding id (from `kagi identity binding list` or `kagi identity env`).
+        #[arg(long)]
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SigningKeyCommand {
+    /// Show the signing key and the retired keys that still validate.
+    List,
+    /// Rotate: a new key signs from now on; the previous one validates the tokens it signed
+    /// until they expire (about an hour).
+    Rotate {
+        /// Stop the previous keys at once (a leaked key): every token issued before fails.
+        #[arg(long)]
+        revoke_previous: bool,
     },
 }
 
@@ -287,13 +333,21 @@ fn show(ctx: &Context, v: &Value) {
                 .cloned()
                 .unwrap_or_else(|| vec![v.clone()]);
             for i in items {
-                let id = i["id"].as_str().or(i["objectId"].as_str()).unwrap_or("");
+                let id = i["id"]
+                    .as_str()
+                    .or(i["objectId"].as_str())
+                    .or(i["kid"].as_str())
+                    .unwrap_or("");
                 let extra = i["properties"]["principalId"]
                     .as_str()
                     .or(i["identity"]["principalId"].as_str())
                     .or(i["clientId"].as_str())
+                    .or(i["status"].as_str())
                     .unwrap_or("");
-                println!("{id}\t{extra}");
+                match i["expiresOn"].as_str().or(i["validUntil"].as_str()) {
+                    Some(until) => println!("{id}\t{extra}\t{until}"),
+                    None => println!("{id}\t{extra}"),
+                }
             }
         }
     }
@@ -500,28 +554,79 @@ pub async fn identity(ctx: &Context, args: IdentityArgs) -> anyhow::Result<()> {
         IdentityCommand::Env {
             resource,
             client_id,
+            expires_in_hours,
         } => {
-            let mut url = format!(
-                "{}{}/listIdentityEnvironment?api-version={ARM_API}",
-                ctx.base,
-                resource.trim_end_matches('/')
-            );
+            let mut url = resource_url(ctx, &resource, "listIdentityEnvironment");
             if let Some(c) = &client_id {
                 url.push_str(&format!("&clientId={c}"));
+            }
+            if let Some(h) = expires_in_hours {
+                url.push_str(&format!("&expiresInHours={h}"));
             }
             let env = ctx.call(Method::POST, &url, None).await?;
             if matches!(ctx.output, Output::Json) {
                 println!("{}", serde_json::to_string_pretty(&env)?);
             } else {
+                // Only the variables go to stdout (it is meant for `env` files and `eval`).
                 for (k, v) in env.as_object().context("bad response")? {
-                    println!("{k}={}", v.as_str().unwrap_or(""));
+                    if let Some(v) = v.as_str() {
+                        println!("{k}={v}");
+                    }
                 }
+                let b = &env["binding"];
+                eprintln!(
+                    "binding {} for client id {}, expires {}",
+                    b["id"].as_str().unwrap_or("?"),
+                    b["clientId"].as_str().unwrap_or("?"),
+                    b["expiresOn"].as_str().unwrap_or("?")
+                );
             }
             return Ok(());
+        }
+        IdentityCommand::Binding { command } => match command {
+            BindingCommand::List { resource } => {
+                ctx.call(
+                    Method::GET,
+                    &resource_url(ctx, &resource, "identityBindings"),
+                    None,
+                )
+                .await?
+            }
+            BindingCommand::Revoke { resource, id } => {
+                ctx.call(
+                    Method::DELETE,
+                    &resource_url(ctx, &resource, &format!("identityBindings/{id}")),
+                    None,
+                )
+                .await?
+            }
+        },
+        IdentityCommand::SigningKey { command } => {
+            let url = format!("{}/kagi/admin/signingKeys", ctx.base);
+            match command {
+                SigningKeyCommand::List => ctx.call(Method::GET, &url, None).await?,
+                SigningKeyCommand::Rotate { revoke_previous } => {
+                    ctx.call(
+                        Method::POST,
+                        &format!("{url}/rotate"),
+                        Some(&json!({"revokePrevious": revoke_previous})),
+                    )
+                    .await?
+                }
+            }
         }
     };
     show(ctx, &v);
     Ok(())
+}
+
+/// `{resource}/{rest}?api-version=…` on the management endpoint.
+fn resource_url(ctx: &Context, resource: &str, rest: &str) -> String {
+    format!(
+        "{}{}/{rest}?api-version={ARM_API}",
+        ctx.base,
+        resource.trim_end_matches('/')
+    )
 }
 
 async fn add_cert(ctx: &Context, oid: &str, file: &std::path::Path) -> anyhow::Result<Value> {

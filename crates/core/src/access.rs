@@ -111,6 +111,12 @@ pub struct Caller {
     pub application_id: Option<String>,
 }
 
+/// The application id of a user's token when no application authenticated with the password
+/// grant (kagi's public client). Anyone can claim a client id, so a token of this client acts for
+/// the user alone: a compound access-policy entry ("user via application X") never admits it,
+/// not even one that names this id.
+pub const PUBLIC_CLIENT_APP_ID: &str = "2f0e6a3c-6b55-4c8e-9a4f-1d7b3e5c9a01";
+
 /// Whether one entry grants the action to the caller.
 fn entry_grants(entry: &AccessPolicyEntry, caller: &Caller, action: DataAction) -> bool {
     if !entry.tenant_id.eq_ignore_ascii_case(&caller.tenant_id)
@@ -118,12 +124,12 @@ fn entry_grants(entry: &AccessPolicyEntry, caller: &Caller, action: DataAction) 
     {
         return false;
     }
-    // A compound entry (object + application) applies only when the caller acts through it.
+    // A compound entry (object + application) applies only when the caller acts through it, and
+    // only through an application that proved it is that application.
     if let Some(app) = &entry.application_id
-        && caller
-            .application_id
-            .as_deref()
-            .is_none_or(|a| !a.eq_ignore_ascii_case(app))
+        && caller.application_id.as_deref().is_none_or(|a| {
+            !a.eq_ignore_ascii_case(app) || a.eq_ignore_ascii_case(PUBLIC_CLIENT_APP_ID)
+        })
     {
         return false;
     }
@@ -275,6 +281,31 @@ mod tests {
             &all,
             &c,
             DataAction::Key(KeyPermission::Purge)
+        ));
+    }
+
+    #[test]
+    fn compound_entries_need_their_application_and_never_the_public_client() {
+        const APP: &str = "66666666-2222-4333-8444-555555555555";
+        let mut v = vault(&["get"]);
+        v.access_policies[0].application_id = Some(APP.into());
+        let get = DataAction::Key(KeyPermission::Get);
+        let via = |app: Option<&str>| Caller {
+            application_id: app.map(str::to_string),
+            ..caller(O)
+        };
+        assert!(access_policies_allow(&v, &via(Some(APP)), get));
+        assert!(!access_policies_allow(&v, &via(None), get));
+        assert!(!access_policies_allow(
+            &v,
+            &via(Some(PUBLIC_CLIENT_APP_ID)),
+            get
+        ));
+        v.access_policies[0].application_id = Some(PUBLIC_CLIENT_APP_ID.to_ascii_uppercase());
+        assert!(!access_policies_allow(
+            &v,
+            &via(Some(PUBLIC_CLIENT_APP_ID)),
+            get
         ));
     }
 

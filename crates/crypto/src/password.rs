@@ -42,6 +42,18 @@ pub fn hash_password(password: &str) -> Result<String> {
     ))
 }
 
+/// A well-formed hash with the same parameters as [`hash_password`]'s that no password
+/// matches (its salt and hash are zeros: finding a match means inverting Argon2id).
+/// Verifying a password for a user name that does not exist against it costs what verifying a
+/// real user's password costs, so the time of an answer does not tell which names exist.
+pub fn dummy_hash() -> String {
+    format!(
+        "argon2id$v=19$m={M_COST},t={T_COST},p={P_COST}${}${}",
+        b64(&[0u8; 16]),
+        b64(&[0u8; 32])
+    )
+}
+
 /// Checks a password against a stored hash, in constant time over the hash.
 pub fn verify_password(password: &str, stored: &str) -> bool {
     let parts: Vec<&str> = stored.split('$').collect();
@@ -90,6 +102,16 @@ mod tests {
             hash_password("correct horse battery").unwrap(),
             "salts differ"
         );
+        // The dummy hash parses with the real parameters (so it costs a full derivation) and
+        // matches nothing.
+        let dummy = dummy_hash();
+        assert_eq!(
+            dummy.rsplitn(3, '$').nth(2),
+            h.rsplitn(3, '$').nth(2),
+            "same algorithm and parameters"
+        );
+        assert!(!verify_password("", &dummy));
+        assert!(!verify_password("correct horse battery", &dummy));
         assert_eq!(
             unb64(&b64(b"\x00\x01\xfe\xff\x10")).unwrap(),
             b"\x00\x01\xfe\xff\x10"

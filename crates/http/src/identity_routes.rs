@@ -1,8 +1,11 @@
 //! Routes of the directory: managed-identity token endpoints, service principals
 //! (Graph-shaped), and the ARM resources of identities, role-based access and locks.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+
 use axum::body::Body;
-use axum::http::{HeaderMap, Method, Response};
+use axum::http::{HeaderMap, HeaderValue, Method, Response, header};
 use kagi_core::{ErrorCode, KvError};
 use kagi_vault::{Platform, Principal};
 use serde_json::{Value, json};
@@ -92,6 +95,78 @@ pub(crate) async fn managed_identity(
         Err(e) if e.status() == 401 => Some(refuse(401, "invalid_client", &e.message)),
         Err(e) => Some(refuse(e.status(), "invalid_request", &e.message)),
     }
+}
+
+/// `POST /{tenant}/oauth2/v2.0/token`: the form body, from the connection's address (the
+/// password grant is throttled per source). A 429 carries `Retry-After`.
+pub(crate) async fn token_endpoint(
+    p: &Platform,
+    tenant: &str,
+    source: Option<IpAddr>,
+    body: &[u8],
+) -> Response<Body> {
+    let form: HashMap<String, String> = form_urlencoded::parse(body)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    match p.token_request(tenant, &form, source).await {
+        Ok(grant) => respond::json(200, &grant),
+        Err(e) => {
+            let mut r = respond::json(e.status, &e);
+            if let Some(v) = e
+                .retry_after
+                .and_then(|s| HeaderValue::from_str(&s.to_string()).ok())
+            {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+    }
+}
+
+/// kagi's own administration of the token service under `/kagi/admin` (the bootstrap
+/// administrator only; no api-version). `None` when the path is not one of them.
+///
+/// | Route | Does |
+/// |---|---|
+/// | `GET /kagi/admin/signingKeys` | the signing key and the retired keys that still validate |
+/// | `POST /kagi/admin/signingKeys/rotate` `{"revokePrevious"?: bool}` | rotates the signing key |
+pub(crate) async fn admin(
+    p: &Platform,
+    caller: &Principal,
+    method: &Method,
+    l: &[&str],
+    body: &[u8],
+) -> Option<Response<Body>> {
+    let r = match (l, method) {
+        (["kagi", "admin", "signingkeys"], &Method::GET) => p.signing_keys(caller),
+        (["kagi", "admin", "signingkeys", "rotate"], &Method::POST) => {
+            let input: Value = if body.iter().all(u8::is_ascii_whitespace) {
+                json!({})
+            } else {
+                match parse_json(body) {
+                    Ok(v) => v,
+                    Err(e) => return Some(respond::error(&e)),
+                }
+            };
+            match input.get("revokePrevious") {
+                None | Some(Value::Null) => p.rotate_signing_key(caller, false).await,
+                Some(Value::Bool(b)) => p.rotate_signing_key(caller, *b).await,
+                Some(_) => Err(KvError::new(
+                    ErrorCode::BadRequest,
+                    "revokePrevious must be true or false.",
+                )),
+            }
+        }
+        (["kagi", "admin", "signingkeys", ..], _) => Err(KvError::new(
+            ErrorCode::MethodNotAllowed,
+            "Use GET /kagi/admin/signingKeys or POST /kagi/admin/signingKeys/rotate.",
+        )),
+        _ => return None,
+    };
+    Some(match r {
+        Ok(v) => respond::json(200, &v),
+        Err(e) => respond::error(&e),
+    })
 }
 
 /// Graph-shaped service principal endpoints under `/v1.0/servicePrincipals` (no api-version).
@@ -341,10 +416,29 @@ pub(crate) async fn arm(
             .map(respond::empty),
         ([_, "listidentityenvironment"], &Method::POST) => {
             let id = format!("/{}", segs[..8].join("/"));
-            p.bind_workload(caller, &id, query_get(pairs, "clientId"))
-                .await
-                .map(|v| respond::json(200, &v))
+            match query_get(pairs, "expiresInHours")
+                .map(|h| h.parse::<i64>())
+                .transpose()
+            {
+                Ok(hours) => p
+                    .bind_workload_for(caller, &id, query_get(pairs, "clientId"), hours)
+                    .await
+                    .map(|v| respond::json(200, &v)),
+                Err(_) => Err(KvError::new(
+                    ErrorCode::BadRequest,
+                    "expiresInHours must be a whole number of hours.",
+                )),
+            }
         }
+        // Workload bindings: listed (never their secrets) and revoked one at a time.
+        ([_, "identitybindings"], &Method::GET) => p
+            .list_bindings(caller, &format!("/{}", segs[..8].join("/")))
+            .await
+            .map(|v| respond::json(200, &v)),
+        ([_, "identitybindings", _], &Method::DELETE) => p
+            .revoke_binding(caller, &format!("/{}", segs[..8].join("/")), segs[9])
+            .await
+            .map(|v| respond::json(200, &v)),
         _ => Err(KvError::new(
             ErrorCode::MethodNotAllowed,
             "The method is not allowed on this resource.",

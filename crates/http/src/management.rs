@@ -1,6 +1,5 @@
 //! The management host: health, the Entra-shaped token service, and the ARM-shaped API.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -34,13 +33,11 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
                 Ok(b) => b,
                 Err(e) => return respond::error(&e),
             };
-            let form: HashMap<String, String> = form_urlencoded::parse(&body)
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect();
-            return match platform.client_credentials(segs[0], &form).await {
-                Ok(grant) => respond::json(200, &grant),
-                Err(e) => respond::json(e.status, &e),
-            };
+            let source = parts
+                .extensions
+                .get::<crate::RemoteAddr>()
+                .map(|r| r.0.ip().to_canonical());
+            return crate::identity_routes::token_endpoint(&platform, segs[0], source, &body).await;
         }
         _ => {}
     }
@@ -116,6 +113,11 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         };
         if let Some(r) =
             crate::move_routes::admin(&platform, &caller, &parts.method, &segs, &l, &body).await
+        {
+            return r;
+        }
+        if let Some(r) =
+            crate::identity_routes::admin(&platform, &caller, &parts.method, &l, &body).await
         {
             return r;
         }

@@ -4,8 +4,9 @@
 //! else happens.
 //!
 //! ES256 rather than RS256: signing on every token request is cheap with P-256 and the
-//! Azure SDKs never validate access tokens themselves; the JWKS publishes the key for tools
-//! that do.
+//! Azure SDKs never validate access tokens themselves; the JWKS publishes the keys for tools
+//! that do. The signing key rotates (the vault service decides when); a retired key keeps
+//! validating the tokens it signed until they have expired.
 
 #![forbid(unsafe_code)]
 
@@ -105,37 +106,135 @@ impl Claims {
     }
 }
 
-/// Issues and validates tokens with one P-256 key.
+/// A signing key that signs no more but still validates the tokens it signed until `until`
+/// (seconds since the epoch): what a rotation leaves behind. Only the public half is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredKey {
+    /// Key id (the `kid` of the tokens it signed).
+    pub kid: String,
+    /// P-256 public point, base64url.
+    pub x: String,
+    /// P-256 public point, base64url.
+    pub y: String,
+    /// Validates tokens until this time; published in the JWKS until then.
+    pub until: i64,
+}
+
+impl RetiredKey {
+    fn public_key(&self) -> Option<PublicKey> {
+        let (x, y) = (b64::decode(&self.x)?, b64::decode(&self.y)?);
+        PublicKey::ec_from_components(Curve::P256, &x, &y).ok()
+    }
+}
+
+/// The key that signs, and those that only validate.
 #[derive(Debug)]
-pub struct TokenIssuer {
+struct KeyRing {
     key: KeyPair,
     kid: String,
+    retired: Vec<(RetiredKey, PublicKey)>,
+}
+
+/// Issues and validates tokens: one P-256 key signs, and keys retired by a rotation keep
+/// validating the tokens they signed until those have expired.
+#[derive(Debug)]
+pub struct TokenIssuer {
+    keys: std::sync::RwLock<KeyRing>,
     authority: String,
 }
 
 /// Allowed clock skew between token issue and use, in seconds.
-const LEEWAY: i64 = 60;
+pub const LEEWAY: i64 = 60;
+
+/// The public point and key id of a P-256 key pair.
+fn p256_point(key: &KeyPair) -> Result<(&[u8], &[u8], String), TokenError> {
+    let PublicKey::Ec {
+        curve: Curve::P256,
+        x,
+        y,
+    } = key.public_key()
+    else {
+        return Err(TokenError::Malformed);
+    };
+    // The key id is a digest of the public key, so it changes when the key does.
+    let mut material = x.clone();
+    material.extend_from_slice(y);
+    let kid = b64::encode(&kagi_crypto::digest(DigestAlgorithm::Sha256, &material)[..16]);
+    Ok((x, y, kid))
+}
+
+fn with_public_keys(retired: Vec<RetiredKey>) -> Result<Vec<(RetiredKey, PublicKey)>, TokenError> {
+    retired
+        .into_iter()
+        .map(|r| r.public_key().map(|k| (r, k)).ok_or(TokenError::Malformed))
+        .collect()
+}
+
+fn jwk(kid: &str, x: &str, y: &str) -> serde_json::Value {
+    serde_json::json!({
+        "kty": "EC", "use": "sig", "alg": "ES256", "crv": "P-256", "kid": kid, "x": x, "y": y
+    })
+}
 
 impl TokenIssuer {
     /// An issuer for `authority` (e.g. `https://localhost:8443`) signing with `key` (P-256).
     pub fn new(key: KeyPair, authority: &str) -> Result<Self, TokenError> {
-        let PublicKey::Ec {
-            curve: Curve::P256,
-            x,
-            y,
-        } = key.public_key()
-        else {
-            return Err(TokenError::Malformed);
-        };
-        // The key id is a digest of the public key, so it changes when the key does.
-        let mut material = x.clone();
-        material.extend_from_slice(y);
-        let kid = b64::encode(&kagi_crypto::digest(DigestAlgorithm::Sha256, &material)[..16]);
+        let kid = p256_point(&key)?.2;
         Ok(Self {
-            key,
-            kid,
+            keys: std::sync::RwLock::new(KeyRing {
+                key,
+                kid,
+                retired: Vec::new(),
+            }),
             authority: authority.trim_end_matches('/').to_string(),
         })
+    }
+
+    fn ring(&self) -> std::sync::RwLockReadGuard<'_, KeyRing> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The id of the key that signs now.
+    pub fn kid(&self) -> String {
+        self.ring().kid.clone()
+    }
+
+    /// The keys that validate without signing (those whose time has passed included).
+    pub fn retired(&self) -> Vec<RetiredKey> {
+        self.ring().retired.iter().map(|(r, _)| r.clone()).collect()
+    }
+
+    /// What `key` becomes when it is retired: its public half, validating until `until`.
+    pub fn retire(key: &KeyPair, until: i64) -> Result<RetiredKey, TokenError> {
+        let (x, y, kid) = p256_point(key)?;
+        Ok(RetiredKey {
+            kid,
+            x: b64::encode(x),
+            y: b64::encode(y),
+            until,
+        })
+    }
+
+    /// What the key that signs now becomes when it is retired (see [`Self::retire`]).
+    pub fn retire_current(&self, until: i64) -> Result<RetiredKey, TokenError> {
+        Self::retire(&self.ring().key, until)
+    }
+
+    /// Installs `key` as the signing key and `retired` as the keys that only validate (the
+    /// previous signing key among them, unless it is being revoked). A retired key whose
+    /// public point is not a P-256 point is refused, and nothing changes.
+    pub fn install(&self, key: KeyPair, retired: Vec<RetiredKey>) -> Result<(), TokenError> {
+        let kid = p256_point(&key)?.2;
+        let retired = with_public_keys(retired)?;
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = KeyRing { key, kid, retired };
+        Ok(())
+    }
+
+    /// Sets the keys that only validate, keeping the signing key (at start, from the store).
+    pub fn set_retired(&self, retired: Vec<RetiredKey>) -> Result<(), TokenError> {
+        let retired = with_public_keys(retired)?;
+        self.keys.write().unwrap_or_else(|p| p.into_inner()).retired = retired;
+        Ok(())
     }
 
     /// The issuer claim for a tenant.
@@ -175,7 +274,8 @@ impl TokenIssuer {
             uti: b64::encode(&token_id),
             upn: principal.upn.clone(),
         };
-        let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "kid": self.kid});
+        let ring = self.ring();
+        let header = serde_json::json!({"typ": "JWT", "alg": "ES256", "kid": ring.kid});
         let signing_input = format!(
             "{}.{}",
             b64::encode(header.to_string().as_bytes()),
@@ -186,7 +286,7 @@ impl TokenIssuer {
             )
         );
         let digest = kagi_crypto::digest(DigestAlgorithm::Sha256, signing_input.as_bytes());
-        let sig = self.key.sign_digest(SignatureAlgorithm::ES256, &digest)?;
+        let sig = ring.key.sign_digest(SignatureAlgorithm::ES256, &digest)?;
         Ok(format!("{signing_input}.{}", b64::encode(&sig)))
     }
 
@@ -215,13 +315,25 @@ impl TokenIssuer {
         }
         let sig = b64::decode(s).ok_or(TokenError::Malformed)?;
         let digest = kagi_crypto::digest(DigestAlgorithm::Sha256, format!("{h}.{p}").as_bytes());
-        match self
-            .key
-            .public_key()
-            .verify_digest(SignatureAlgorithm::ES256, &digest, &sig)
-        {
-            Ok(true) => {}
-            _ => return Err(TokenError::BadSignature),
+        // The key named by `kid`: the signing key, or a retired one while it still validates.
+        let kid = header.get("kid").and_then(|k| k.as_str());
+        let verified = {
+            let ring = self.ring();
+            let key = if kid.is_none_or(|k| k == ring.kid) {
+                Some(ring.key.public_key())
+            } else {
+                ring.retired
+                    .iter()
+                    .find(|(r, _)| Some(r.kid.as_str()) == kid && now < r.until)
+                    .map(|(_, k)| k)
+            };
+            key.is_some_and(|k| {
+                k.verify_digest(SignatureAlgorithm::ES256, &digest, &sig)
+                    .unwrap_or(false)
+            })
+        };
+        if !verified {
+            return Err(TokenError::BadSignature);
         }
         let claims: Claims = b64::decode(p)
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -242,16 +354,18 @@ impl TokenIssuer {
         Ok(claims)
     }
 
-    /// The JSON Web Key Set publishing the verification key.
-    pub fn jwks(&self) -> serde_json::Value {
-        let (x, y) = match self.key.public_key() {
-            PublicKey::Ec { x, y, .. } => (b64::encode(x), b64::encode(y)),
-            PublicKey::Rsa { .. } => (String::new(), String::new()),
-        };
-        serde_json::json!({"keys": [{
-            "kty": "EC", "use": "sig", "alg": "ES256", "crv": "P-256",
-            "kid": self.kid, "x": x, "y": y
-        }]})
+    /// The JSON Web Key Set at `now`: the signing key, then the retired keys that still
+    /// validate.
+    pub fn jwks(&self, now: i64) -> serde_json::Value {
+        let ring = self.ring();
+        let mut keys = Vec::new();
+        if let Ok((x, y, kid)) = p256_point(&ring.key) {
+            keys.push(jwk(&kid, &b64::encode(x), &b64::encode(y)));
+        }
+        for (r, _) in ring.retired.iter().filter(|(r, _)| now < r.until) {
+            keys.push(jwk(&r.kid, &r.x, &r.y));
+        }
+        serde_json::json!({ "keys": keys })
     }
 }
 
@@ -356,6 +470,56 @@ mod tests {
         assert_eq!(
             i.validate("garbage", &[AUD], 1001),
             Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn rotation_keeps_the_old_key_validating_until_its_time() {
+        let i = issuer();
+        let old = i.issue(&principal(), AUD, 1000, 3600, [1; 16]).unwrap();
+        let old_kid = i.kid();
+        let until = 1000 + 3600 + LEEWAY;
+        let retired = i.retire_current(until).unwrap();
+        assert_eq!(retired.kid, old_kid);
+        i.install(KeyPair::generate_ec(Curve::P256).unwrap(), vec![retired])
+            .unwrap();
+        assert_ne!(i.kid(), old_kid);
+        let new = i.issue(&principal(), AUD, 1001, 3600, [2; 16]).unwrap();
+        assert!(i.validate(&old, &[AUD], 1002).is_ok());
+        assert!(i.validate(&new, &[AUD], 1002).is_ok());
+        let kids = |now| -> Vec<String> {
+            i.jwks(now)["keys"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["kid"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(kids(1002), vec![i.kid(), old_kid.clone()]);
+        // Past its time the retired key neither validates nor is published.
+        assert_eq!(
+            i.validate(&old, &[AUD], until),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(kids(until), vec![i.kid()]);
+        // Revoked at once: installed without it.
+        i.install(KeyPair::generate_ec(Curve::P256).unwrap(), vec![])
+            .unwrap();
+        assert_eq!(
+            i.validate(&new, &[AUD], 1002),
+            Err(TokenError::BadSignature)
+        );
+        assert!(
+            i.install(
+                KeyPair::generate_ec(Curve::P256).unwrap(),
+                vec![RetiredKey {
+                    kid: "k".into(),
+                    x: "AA".into(),
+                    y: "AA".into(),
+                    until: 1
+                }]
+            )
+            .is_err()
         );
     }
 

@@ -30,6 +30,48 @@ CREATE TABLE locks (
     notes TEXT NOT NULL);
 "#;
 
+/// Bindings get an id, the one identity they serve and an expiry (issue 11, item 12). Bindings
+/// made before this migration served every identity of their resource and never expired: they
+/// keep working (no identity named: any of the resource's, as before) for 30 days after the
+/// upgrade, listed and revocable like new ones, so that an upgrade breaks no running workload
+/// and the old weakness ends by itself. Their ids are `legacy-{n}`.
+pub(crate) const BINDINGS_SCHEMA: &str = r#"
+CREATE TABLE identity_bindings_v2 (
+    id TEXT PRIMARY KEY, secret_hash BLOB NOT NULL UNIQUE, resource_id TEXT NOT NULL,
+    client_id TEXT, created INTEGER NOT NULL, expires INTEGER NOT NULL);
+INSERT INTO identity_bindings_v2 (id, secret_hash, resource_id, client_id, created, expires)
+    SELECT 'legacy-' || rowid, secret_hash, resource_id, NULL, created,
+           CAST(strftime('%s', 'now') AS INTEGER) + 30 * 86400
+    FROM identity_bindings;
+DROP TABLE identity_bindings;
+ALTER TABLE identity_bindings_v2 RENAME TO identity_bindings;
+CREATE INDEX identity_bindings_resource ON identity_bindings(resource_id);
+"#;
+
+/// The meta row holding the sealed token signing key.
+pub const SIGNING_KEY: &str = "token_signing_key";
+/// The meta row holding the retired signing keys (JSON), which only validate until their time.
+pub const RETIRED_SIGNING_KEYS: &str = "token_signing_keys_retired";
+
+/// The secret that lets a process act as a resource's managed identity: only its SHA-256 is
+/// kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindingRecord {
+    /// Binding id (a GUID; `legacy-{n}` for bindings made before bindings had ids).
+    pub id: String,
+    /// SHA-256 of the secret.
+    pub secret_hash: Vec<u8>,
+    /// The resource, lower-case.
+    pub resource_id: String,
+    /// The client id of the one identity the binding serves; `None` only for legacy bindings,
+    /// which serve any identity of the resource until they expire.
+    pub client_id: Option<String>,
+    /// Creation time.
+    pub created: i64,
+    /// The binding stops working at this time.
+    pub expires: i64,
+}
+
 /// An ARM resource kept generically: its id (lower-case), type, place, and body (JSON).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResourceRecord {
@@ -138,10 +180,25 @@ pub trait DirectoryStore: Send + Sync {
     /// ([`crate::services`]), and the principals named, in one transaction.
     async fn delete_resource(&self, id: &str, deleted_principals: &[String]) -> Result<()>;
 
-    /// Records a binding secret (hash) for a resource.
-    async fn put_binding(&self, secret_hash: &[u8], resource_id: &str, now: i64) -> Result<()>;
-    /// The resource a binding secret belongs to.
-    async fn binding_resource(&self, secret_hash: &[u8]) -> Result<Option<String>>;
+    /// Records a binding, and forgets the bindings that expired before `now` (of any resource).
+    async fn put_binding(&self, b: &BindingRecord, now: i64) -> Result<()>;
+    /// The binding of a secret (by its hash), expired or not.
+    async fn binding_by_secret(&self, secret_hash: &[u8]) -> Result<Option<BindingRecord>>;
+    /// The bindings of a resource, oldest first.
+    async fn list_bindings(&self, resource_id: &str) -> Result<Vec<BindingRecord>>;
+    /// Deletes one binding of a resource; `false` when it has no binding with that id.
+    async fn delete_binding(&self, resource_id: &str, id: &str) -> Result<bool>;
+
+    /// Replaces the token signing key: `current` (sealed) becomes the signing key and
+    /// `retired` the list of keys that only validate, in one transaction, provided the stored
+    /// signing key is still `expected` (`false`, and nothing written, when it is not: someone
+    /// rotated in between).
+    async fn replace_signing_key(
+        &self,
+        expected: &[u8],
+        current: &[u8],
+        retired: &[u8],
+    ) -> Result<bool>;
 
     /// Creates or replaces a custom role definition.
     async fn put_role_definition(&self, d: &RoleDefinitionRecord) -> Result<()>;

@@ -205,7 +205,19 @@ mod tests {
         )
         .await
         .unwrap();
-        s.put_binding(b"h", old, 1).await.unwrap();
+        s.put_binding(
+            &crate::directory::BindingRecord {
+                id: "b1".into(),
+                secret_hash: b"h".to_vec(),
+                resource_id: old.into(),
+                client_id: Some("cid-1".into()),
+                created: 1,
+                expires: 100,
+            },
+            1,
+        )
+        .await
+        .unwrap();
         for (id, scope) in [
             ("ra1", old.to_string()),
             ("ra2", "/subscriptions/s1".into()),
@@ -245,7 +257,11 @@ mod tests {
             .collect();
         assert_eq!(ids, vec![new.to_string()]);
         assert_eq!(
-            s.binding_resource(b"h").await.unwrap().as_deref(),
+            s.binding_by_secret(b"h")
+                .await
+                .unwrap()
+                .map(|b| b.resource_id)
+                .as_deref(),
             Some(new)
         );
         let p = s.list_principals().await.unwrap();

@@ -64,6 +64,7 @@ CREATE TABLE secret_versions (
     crate::directory::SCHEMA,
     crate::events::SCHEMA,
     crate::services::SCHEMA,
+    crate::directory::BINDINGS_SCHEMA,
 ];
 
 /// The SQLite store.

@@ -4,8 +4,8 @@ use async_trait::async_trait;
 use sqlx::Row;
 
 use crate::directory::{
-    CertificateRecord, DirectoryStore, LockRecord, ResourceRecord, RoleAssignmentRecord,
-    RoleDefinitionRecord,
+    BindingRecord, CertificateRecord, DirectoryStore, LockRecord, RETIRED_SIGNING_KEYS,
+    ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord, SIGNING_KEY,
 };
 use crate::{PrincipalRecord, Result, SqliteStore, StoreError};
 
@@ -65,6 +65,17 @@ fn resource(r: &sqlx::sqlite::SqliteRow) -> Result<ResourceRecord> {
         body: r.try_get("body")?,
         created: r.try_get("created")?,
         updated: r.try_get("updated")?,
+    })
+}
+
+fn binding(r: &sqlx::sqlite::SqliteRow) -> Result<BindingRecord> {
+    Ok(BindingRecord {
+        id: r.try_get("id")?,
+        secret_hash: r.try_get("secret_hash")?,
+        resource_id: r.try_get("resource_id")?,
+        client_id: r.try_get("client_id")?,
+        created: r.try_get("created")?,
+        expires: r.try_get("expires")?,
     })
 }
 
@@ -202,25 +213,82 @@ impl DirectoryStore for SqliteStore {
         Ok(())
     }
 
-    async fn put_binding(&self, secret_hash: &[u8], resource_id: &str, now: i64) -> Result<()> {
+    async fn put_binding(&self, b: &BindingRecord, now: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM identity_bindings WHERE expires <= ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
-            "INSERT INTO identity_bindings (secret_hash, resource_id, created) VALUES (?, ?, ?)",
+            "INSERT INTO identity_bindings (id, secret_hash, resource_id, client_id, created, \
+             expires) VALUES (?, ?, ?, ?, ?, ?)",
         )
-        .bind(secret_hash)
-        .bind(resource_id)
-        .bind(now)
-        .execute(&self.pool)
+        .bind(&b.id)
+        .bind(&b.secret_hash)
+        .bind(&b.resource_id)
+        .bind(&b.client_id)
+        .bind(b.created)
+        .bind(b.expires)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
-    async fn binding_resource(&self, secret_hash: &[u8]) -> Result<Option<String>> {
-        Ok(
-            sqlx::query_scalar("SELECT resource_id FROM identity_bindings WHERE secret_hash = ?")
-                .bind(secret_hash)
-                .fetch_optional(&self.pool)
-                .await?,
+    async fn binding_by_secret(&self, secret_hash: &[u8]) -> Result<Option<BindingRecord>> {
+        sqlx::query("SELECT * FROM identity_bindings WHERE secret_hash = ?")
+            .bind(secret_hash)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(binding)
+            .transpose()
+    }
+
+    async fn list_bindings(&self, resource_id: &str) -> Result<Vec<BindingRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM identity_bindings WHERE resource_id = ? ORDER BY created, id",
         )
+        .bind(resource_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(binding).collect()
+    }
+
+    async fn delete_binding(&self, resource_id: &str, id: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM identity_bindings WHERE resource_id = ? AND id = ?")
+            .bind(resource_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn replace_signing_key(
+        &self,
+        expected: &[u8],
+        current: &[u8],
+        retired: &[u8],
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        let swapped = sqlx::query("UPDATE meta SET v = ? WHERE k = ? AND v = ?")
+            .bind(current)
+            .bind(SIGNING_KEY)
+            .bind(expected)
+            .execute(&mut *tx)
+            .await?;
+        if swapped.rows_affected() != 1 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+        )
+        .bind(RETIRED_SIGNING_KEYS)
+        .bind(retired)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     async fn put_role_definition(&self, d: &RoleDefinitionRecord) -> Result<()> {
@@ -344,5 +412,114 @@ impl DirectoryStore for SqliteStore {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::Store;
+
+    fn record(id: &str, hash: &[u8], resource: &str, expires: i64) -> BindingRecord {
+        BindingRecord {
+            id: id.into(),
+            secret_hash: hash.to_vec(),
+            resource_id: resource.into(),
+            client_id: Some(format!("cid-{id}")),
+            created: 10,
+            expires,
+        }
+    }
+
+    #[tokio::test]
+    async fn bindings_are_listed_revoked_one_by_one_and_forgotten_once_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("kagi.db"))
+            .await
+            .unwrap();
+        s.put_binding(&record("a", b"ha", "/r1", 100), 10)
+            .await
+            .unwrap();
+        s.put_binding(&record("b", b"hb", "/r1", 1000), 10)
+            .await
+            .unwrap();
+        s.put_binding(&record("c", b"hc", "/r2", 1000), 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.binding_by_secret(b"hb").await.unwrap(),
+            Some(record("b", b"hb", "/r1", 1000))
+        );
+        let ids = |v: Vec<BindingRecord>| v.into_iter().map(|b| b.id).collect::<Vec<_>>();
+        assert_eq!(ids(s.list_bindings("/r1").await.unwrap()), ["a", "b"]);
+        // Only the binding named, and only under its own resource.
+        assert!(!s.delete_binding("/r2", "b").await.unwrap());
+        assert!(s.delete_binding("/r1", "b").await.unwrap());
+        assert!(!s.delete_binding("/r1", "b").await.unwrap());
+        assert_eq!(s.binding_by_secret(b"hb").await.unwrap(), None);
+        assert_eq!(ids(s.list_bindings("/r2").await.unwrap()), ["c"]);
+        // A new binding sweeps out those already expired.
+        s.put_binding(&record("d", b"hd", "/r2", 2000), 100)
+            .await
+            .unwrap();
+        assert_eq!(s.binding_by_secret(b"ha").await.unwrap(), None);
+        assert_eq!(ids(s.list_bindings("/r2").await.unwrap()), ["c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn legacy_bindings_keep_working_for_thirty_days_then_expire() {
+        let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE identity_bindings (secret_hash BLOB PRIMARY KEY, \
+             resource_id TEXT NOT NULL, created INTEGER NOT NULL); \
+             INSERT INTO identity_bindings VALUES (x'01', '/r1', 5), (x'02', '/r2', 6);",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::raw_sql(crate::directory::BINDINGS_SCHEMA)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let rows = sqlx::query("SELECT * FROM identity_bindings ORDER BY created")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let got: Vec<BindingRecord> = rows.iter().map(|r| binding(r).unwrap()).collect();
+        assert_eq!(got.len(), 2);
+        for (b, (hash, resource, created)) in got.iter().zip([(1u8, "/r1", 5), (2, "/r2", 6)]) {
+            assert!(b.id.starts_with("legacy-"), "{b:?}");
+            assert_eq!(b.secret_hash, vec![hash]);
+            assert_eq!(b.resource_id, resource);
+            assert_eq!(b.created, created);
+            assert_eq!(b.client_id, None, "a legacy binding names no identity");
+            assert!((b.expires - (now + 30 * 86400)).abs() < 300, "{b:?}");
+        }
+        assert_ne!(got[0].id, got[1].id);
+    }
+
+    #[tokio::test]
+    async fn the_signing_key_is_replaced_only_from_the_expected_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("kagi.db"))
+            .await
+            .unwrap();
+        s.put_meta_if_absent(SIGNING_KEY, b"k0").await.unwrap();
+        assert!(!s.replace_signing_key(b"k9", b"k1", b"[1]").await.unwrap());
+        assert_eq!(s.get_meta(SIGNING_KEY).await.unwrap().unwrap(), b"k0");
+        assert_eq!(s.get_meta(RETIRED_SIGNING_KEYS).await.unwrap(), None);
+        assert!(s.replace_signing_key(b"k0", b"k1", b"[1]").await.unwrap());
+        assert!(s.replace_signing_key(b"k1", b"k2", b"[2]").await.unwrap());
+        assert_eq!(s.get_meta(SIGNING_KEY).await.unwrap().unwrap(), b"k2");
+        assert_eq!(
+            s.get_meta(RETIRED_SIGNING_KEYS).await.unwrap().unwrap(),
+            b"[2]"
+        );
     }
 }

@@ -8,8 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use kagi_core::ids::uuid_v4;
 use kagi_core::time::Clock;
-use kagi_crypto::{Curve, KeyPair, RootKey, SealPurpose};
-use kagi_identity::TokenIssuer;
+use kagi_crypto::RootKey;
 use kagi_store::{PrincipalRecord, SqliteStore, Store};
 use serde::{Deserialize, Serialize};
 
@@ -111,21 +110,13 @@ impl Platform {
             )));
         }
 
-        let signing = {
-            let fresh = KeyPair::generate_ec(Curve::P256)
-                .and_then(|k| k.to_pkcs8())
-                .and_then(|der| root.seal(SealPurpose::Token, b"kagi/v1/token-signing", &der))
-                .map_err(|e| StartupError::RootKey(e.to_string()))?;
-            let sealed = store
-                .put_meta_if_absent("token_signing_key", &fresh)
-                .await?;
-            let der = root
-                .open(SealPurpose::Token, b"kagi/v1/token-signing", &sealed)
-                .map_err(|e| StartupError::RootKey(e.to_string()))?;
-            KeyPair::from_pkcs8(&der).map_err(|e| StartupError::Corrupt(e.to_string()))?
-        };
-        let issuer = TokenIssuer::new(signing, &config.authority())
-            .map_err(|e| StartupError::Corrupt(e.to_string()))?;
+        let issuer = Self::load_token_issuer(
+            store.as_ref(),
+            root.as_ref(),
+            &config.authority(),
+            clock.now(),
+        )
+        .await?;
 
         let tenant = String::from_utf8_lossy(
             &store
@@ -176,6 +167,7 @@ impl Platform {
             test_clock: None,
             jobs: Default::default(),
             events: Default::default(),
+            guards: Default::default(),
         };
         Ok((platform, created))
     }

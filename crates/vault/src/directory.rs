@@ -14,6 +14,7 @@ use kagi_core::rbac::{RoleDefinitionProperties, Scope, builtin_role, builtin_rol
 use kagi_core::time::rfc3339;
 use kagi_core::{ErrorCode, KvError, ResourceGroupName, SubscriptionId};
 use kagi_identity::Principal;
+use kagi_store::directory::BindingRecord;
 use kagi_store::{
     LockRecord, PrincipalRecord, ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord, Store,
     StoreError, VaultRecord,
@@ -175,7 +176,7 @@ impl Platform {
         }
     }
 
-    fn require_admin(&self, caller: &Principal) -> Result<(), KvError> {
+    pub(crate) fn require_admin(&self, caller: &Principal) -> Result<(), KvError> {
         if caller.object_id == self.admin_object_id {
             Ok(())
         } else {
@@ -869,63 +870,170 @@ impl Platform {
         Ok(())
     }
 
-    /// Binds a process to a resource: returns the environment (`IDENTITY_ENDPOINT`,
-    /// `IDENTITY_HEADER`, `AZURE_POD_IDENTITY_AUTHORITY_HOST`, and `AZURE_CLIENT_ID` when a
-    /// user-assigned identity is named) with which it gets tokens for that resource's
-    /// identities, and for nothing else.
+    /// Binds a process to a resource for the default lifetime; see
+    /// [`Self::bind_workload_for`].
     pub async fn bind_workload(
         &self,
         caller: &Principal,
         resource_id: &str,
         client_id: Option<&str>,
     ) -> Result<Value, KvError> {
+        self.bind_workload_for(caller, resource_id, client_id, None)
+            .await
+    }
+
+    /// Binds a process to one managed identity of a resource: returns the environment
+    /// (`IDENTITY_ENDPOINT`, `IDENTITY_HEADER`, `AZURE_POD_IDENTITY_AUTHORITY_HOST`, and
+    /// `AZURE_CLIENT_ID` when a user-assigned identity is named) with which it gets tokens for
+    /// that identity and nothing else, and the binding's `id`, `clientId` and `expiresOn`.
+    /// The identity is the user-assigned one named by `client_id`, else the system-assigned
+    /// one, else the resource's only identity. The binding works for `expires_in_hours`
+    /// (1–8760, default 2160: 90 days) unless revoked.
+    pub async fn bind_workload_for(
+        &self,
+        caller: &Principal,
+        resource_id: &str,
+        client_id: Option<&str>,
+        expires_in_hours: Option<i64>,
+    ) -> Result<Value, KvError> {
         self.require_admin(caller)?;
+        let hours = expires_in_hours.unwrap_or(BINDING_DEFAULT_HOURS);
+        if !(1..=BINDING_MAX_HOURS).contains(&hours) {
+            return Err(bad(format!(
+                "expiresInHours must be 1 to {BINDING_MAX_HOURS} (default {BINDING_DEFAULT_HOURS})."
+            )));
+        }
         let key = resource_id.trim_end_matches('/').to_ascii_lowercase();
-        let body = self
-            .dir()
-            .resources
-            .get(&key)
-            .map(|(_, b)| b.clone())
-            .ok_or_else(|| {
-                KvError::new(
-                    ErrorCode::ResourceNotFound,
-                    format!(
-                        "Resource '{}' does not exist.",
-                        kagi_core::ids::printable(resource_id)
-                    ),
-                )
-            })?;
+        let body = self.identity_resource_body(&key, resource_id)?;
         let identities = self.resource_identities(&key, &body);
         if identities.is_empty() {
             return Err(bad(
                 "The resource has no managed identity; set identity.type first.",
             ));
         }
-        if let Some(cid) = client_id
-            && !identities
+        let bound = match client_id {
+            Some(cid) => identities
                 .iter()
-                .any(|p| p.client_id.eq_ignore_ascii_case(cid))
-        {
-            return Err(bad(format!(
-                "No identity with client id '{}' is assigned to this resource.",
-                kagi_core::ids::printable(cid)
-            )));
-        }
+                .find(|p| p.client_id.eq_ignore_ascii_case(cid))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "No identity with client id '{}' is assigned to this resource.",
+                        kagi_core::ids::printable(cid)
+                    ))
+                })?,
+            None => default_identity(&identities).ok_or_else(|| {
+                bad(
+                    "The resource has several user-assigned identities and no system-assigned \
+                     one; name the one to bind with clientId.",
+                )
+            })?,
+        };
         let secret = new_secret()?;
+        let now = self.clock.now();
+        let record = BindingRecord {
+            id: uuid_v4(random16()?),
+            secret_hash: kagi_identity::hash_secret(&secret),
+            resource_id: key.clone(),
+            client_id: Some(bound.client_id.clone()),
+            created: now,
+            expires: now + hours * 3600,
+        };
         self.store
-            .put_binding(&kagi_identity::hash_secret(&secret), &key, self.clock.now())
+            .put_binding(&record, now)
             .await
             .map_err(|e| internal("bind workload", e))?;
+        tracing::info!(resource = %key, binding = %record.id, client_id = %bound.client_id, "workload binding created");
         let a = self.config.authority();
         let mut env = json!({
             "IDENTITY_ENDPOINT": format!("{a}/msi/token"),
             "IDENTITY_HEADER": secret,
             "AZURE_POD_IDENTITY_AUTHORITY_HOST": format!("{a}/imds/{secret}"),
+            "binding": binding_json(&record, now),
         });
         if let Some(cid) = client_id {
             env["AZURE_CLIENT_ID"] = json!(cid);
         }
         Ok(env)
+    }
+
+    /// The body of an identity-carrying resource, or 404 naming `shown`.
+    fn identity_resource_body(&self, key: &str, shown: &str) -> Result<Value, KvError> {
+        self.dir()
+            .resources
+            .get(key)
+            .map(|(_, b)| b.clone())
+            .ok_or_else(|| {
+                KvError::new(
+                    ErrorCode::ResourceNotFound,
+                    format!(
+                        "Resource '{}' does not exist.",
+                        kagi_core::ids::printable(shown)
+                    ),
+                )
+            })
+    }
+
+    /// The lower-case id and the bindings of an identity-carrying resource (the administrator
+    /// only; 404 when the resource does not exist).
+    async fn resource_bindings(
+        &self,
+        caller: &Principal,
+        resource_id: &str,
+    ) -> Result<(String, Vec<BindingRecord>), KvError> {
+        self.require_admin(caller)?;
+        let key = resource_id.trim_end_matches('/').to_ascii_lowercase();
+        self.identity_resource_body(&key, resource_id)?;
+        let bindings = self
+            .store
+            .list_bindings(&key)
+            .await
+            .map_err(|e| internal("list bindings", e))?;
+        Ok((key, bindings))
+    }
+
+    /// Lists the bindings of a resource (never their secrets): id, the client id served,
+    /// creation, expiry and whether it still works.
+    pub async fn list_bindings(
+        &self,
+        caller: &Principal,
+        resource_id: &str,
+    ) -> Result<Value, KvError> {
+        let (_, bindings) = self.resource_bindings(caller, resource_id).await?;
+        let now = self.clock.now();
+        let value: Vec<Value> = bindings.iter().map(|b| binding_json(b, now)).collect();
+        Ok(json!({ "value": value }))
+    }
+
+    /// Revokes one binding of a resource: its secret stops working on the next request.
+    pub async fn revoke_binding(
+        &self,
+        caller: &Principal,
+        resource_id: &str,
+        id: &str,
+    ) -> Result<Value, KvError> {
+        let (key, bindings) = self.resource_bindings(caller, resource_id).await?;
+        let found = bindings.into_iter().find(|b| b.id.eq_ignore_ascii_case(id));
+        let deleted = match &found {
+            Some(b) => self
+                .store
+                .delete_binding(&key, &b.id)
+                .await
+                .map_err(|e| internal("revoke binding", e))?,
+            None => false,
+        };
+        match found.filter(|_| deleted) {
+            Some(b) => {
+                tracing::info!(resource = %key, binding = %b.id, "workload binding revoked");
+                Ok(binding_json(&b, self.clock.now()))
+            }
+            None => Err(KvError::new(
+                ErrorCode::NotFound,
+                format!(
+                    "The resource has no binding '{}'.",
+                    kagi_core::ids::printable(id)
+                ),
+            )),
+        }
     }
 
     /// The identities assigned to a resource: system-assigned first, then user-assigned.
@@ -973,12 +1081,15 @@ impl Platform {
         if binding.is_empty() || binding.len() > 256 {
             return Err(unknown());
         }
-        let key = self
+        let now = self.clock.now();
+        let binding = self
             .store
-            .binding_resource(&kagi_identity::hash_secret(binding))
+            .binding_by_secret(&kagi_identity::hash_secret(binding))
             .await
             .map_err(|e| internal("binding lookup", e))?
+            .filter(|b| now < b.expires)
             .ok_or_else(unknown)?;
+        let key = binding.resource_id;
         let body = self
             .dir()
             .resources
@@ -986,18 +1097,32 @@ impl Platform {
             .map(|(_, b)| b.clone())
             .ok_or_else(unknown)?;
         let ids = self.resource_identities(&key, &body);
-        let chosen = match selector {
-            Some((field, value)) => ids.iter().find(|p| match field {
-                "client_id" => p.client_id.eq_ignore_ascii_case(value),
-                "object_id" | "principal_id" => p.object_id.eq_ignore_ascii_case(value),
-                "mi_res_id" | "msi_res_id" => p.resource_id.as_deref().is_some_and(|r| r.eq_ignore_ascii_case(value)),
-                _ => false,
-            }),
-            None => ids.iter().find(|p| p.kind == kind::SYSTEM_ASSIGNED).or(if ids.len() == 1 { ids.first() } else { None }),
+        let matches = |p: &PrincipalRecord, (field, value): (&str, &str)| match field {
+            "client_id" => p.client_id.eq_ignore_ascii_case(value),
+            "object_id" | "principal_id" => p.object_id.eq_ignore_ascii_case(value),
+            "mi_res_id" | "msi_res_id" => p
+                .resource_id
+                .as_deref()
+                .is_some_and(|r| r.eq_ignore_ascii_case(value)),
+            _ => false,
+        };
+        let chosen = match &binding.client_id {
+            // The one identity the binding was minted for, while it is still assigned, and
+            // only if the request asks for it (or for nothing in particular).
+            Some(cid) => ids
+                .iter()
+                .find(|p| p.client_id.eq_ignore_ascii_case(cid))
+                .filter(|p| selector.is_none_or(|s| matches(p, s))),
+            // Legacy bindings (made before bindings named an identity) serve any identity of
+            // their resource until they expire.
+            None => match selector {
+                Some(s) => ids.iter().find(|p| matches(p, s)),
+                None => default_identity(&ids),
+            },
         }
         .cloned()
         .ok_or_else(|| {
-            bad("No managed identity of this resource matches the request (name one by client_id when several are assigned).")
+            bad("No managed identity this binding serves matches the request (a binding serves the one identity it was created for).")
                 .with_inner("IdentityNotFound")
         })?;
         if let Some(e) = self.identity_tenant_problem(&chosen, &key) {
@@ -1641,6 +1766,28 @@ impl Platform {
             .cloned()
             .collect()
     }
+}
+
+/// Default lifetime of a workload binding, in hours (90 days).
+const BINDING_DEFAULT_HOURS: i64 = 90 * 24;
+/// Longest lifetime of a workload binding, in hours (a year).
+const BINDING_MAX_HOURS: i64 = 365 * 24;
+
+/// The identity a request that names none gets: the system-assigned one, or the only one.
+fn default_identity(ids: &[PrincipalRecord]) -> Option<&PrincipalRecord> {
+    ids.iter()
+        .find(|p| p.kind == kind::SYSTEM_ASSIGNED)
+        .or(if ids.len() == 1 { ids.first() } else { None })
+}
+
+fn binding_json(b: &BindingRecord, now: i64) -> Value {
+    json!({
+        "id": b.id,
+        "clientId": b.client_id,
+        "createdOn": rfc3339(b.created),
+        "expiresOn": rfc3339(b.expires),
+        "status": if now < b.expires { "Active" } else { "Expired" },
+    })
 }
 
 fn principal_json(p: &PrincipalRecord) -> Value {

@@ -25,6 +25,7 @@ mod jobs;
 mod secrets;
 mod state;
 mod test_clock;
+mod token_guards;
 mod tokens;
 mod vault_backup;
 pub use vault_backup::{BackupRequest, KdfRequest, MAX_RESTORE_FILE, RestoreRequest};
@@ -104,6 +105,8 @@ pub struct Platform {
     jobs: jobs::Jobs,
     /// Event outbox wake-up and the scheduler's sweep lock.
     events: events::EventRuntime,
+    /// The token endpoint's throttles and replay cache, and the signing-key rotation lock.
+    guards: token_guards::TokenGuards,
 }
 
 /// Logs a failure of kagi itself and answers the client with a bare 500.
@@ -151,7 +154,7 @@ impl Platform {
 
     /// The JSON Web Key Set of the token service.
     pub fn jwks(&self) -> serde_json::Value {
-        self.issuer.jwks()
+        self.issuer.jwks(self.clock.now())
     }
 
     /// Removes soft-deleted vaults and keys whose retention has ended.

@@ -1,9 +1,29 @@
-//! The OAuth 2.0 client-credentials grant, answered as Microsoft Entra answers it.
+//! The token endpoint, answered as Microsoft Entra answers it: the client-credentials grant
+//! (client secret or RFC 7523 client assertion, each assertion accepted once) and the
+//! resource-owner password grant (throttled; see [`crate::token_guards`]); and the rotation of
+//! the key that signs the tokens.
 
-use kagi_identity::Principal;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+
+use kagi_core::KvError;
+use kagi_core::access::PUBLIC_CLIENT_APP_ID;
+use kagi_core::time::rfc3339;
+use kagi_crypto::{Curve, KeyPair, SealPurpose};
+use kagi_identity::{LEEWAY, Principal, RetiredKey, TokenIssuer};
+use kagi_store::PrincipalRecord;
+use kagi_store::directory::{RETIRED_SIGNING_KEYS, SIGNING_KEY};
 use serde::Serialize;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
 
-use crate::Platform;
+use crate::directory::kind;
+use crate::token_guards::{ReplayRefusal, lock, source_key};
+use crate::{Platform, internal};
+
+/// The label under which the token signing key is sealed by the root key.
+pub(crate) const SIGNING_KEY_LABEL: &[u8] = b"kagi/v1/token-signing";
 
 /// Lifetime of an access token, in seconds (Entra's default is about an hour).
 pub const TOKEN_LIFETIME: i64 = 3600;
@@ -33,6 +53,9 @@ pub struct TokenRequestError {
     pub error_description: String,
     /// Numeric codes.
     pub error_codes: Vec<u32>,
+    /// Seconds after which to try again (the `Retry-After` header of a 429).
+    #[serde(skip)]
+    pub retry_after: Option<i64>,
 }
 
 fn refuse(status: u16, error: &'static str, code: u32, text: &str) -> TokenRequestError {
@@ -41,43 +64,77 @@ fn refuse(status: u16, error: &'static str, code: u32, text: &str) -> TokenReque
         error,
         error_description: format!("AADSTS{code}: {text}"),
         error_codes: vec![code],
+        retry_after: None,
     }
 }
 
+fn unavailable() -> TokenRequestError {
+    refuse(
+        500,
+        "temporarily_unavailable",
+        90033,
+        "A transient error occurred.",
+    )
+}
+
+/// 429: too many requests from here, or too many at once.
+fn too_many(seconds: i64) -> TokenRequestError {
+    TokenRequestError {
+        retry_after: Some(seconds.max(1)),
+        ..refuse(
+            429,
+            "temporarily_unavailable",
+            90055,
+            &format!(
+                "There are too many incoming requests. Try again in {} seconds.",
+                seconds.max(1)
+            ),
+        )
+    }
+}
+
+fn form_field<'a>(form: &'a HashMap<String, String>, k: &str) -> &'a str {
+    form.get(k).map(String::as_str).unwrap_or("")
+}
+
 impl Platform {
-    /// Answers `POST /{tenant}/oauth2/v2.0/token` with form fields already parsed.
+    /// Answers `POST /{tenant}/oauth2/v2.0/token` with form fields already parsed, for a
+    /// caller whose address is not known (the password grant then has no per-source throttle).
     pub async fn client_credentials(
         &self,
         tenant: &str,
-        form: &std::collections::HashMap<String, String>,
+        form: &HashMap<String, String>,
     ) -> Result<TokenGrant, TokenRequestError> {
-        let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
-        if field("grant_type") == "password" {
-            return self.password_grant(tenant, form).await;
-        }
-        if field("grant_type") != "client_credentials" {
-            return Err(refuse(
+        self.token_request(tenant, form, None).await
+    }
+
+    /// Answers `POST /{tenant}/oauth2/v2.0/token` from the connection address `source`.
+    pub async fn token_request(
+        &self,
+        tenant: &str,
+        form: &HashMap<String, String>,
+        source: Option<IpAddr>,
+    ) -> Result<TokenGrant, TokenRequestError> {
+        match form_field(form, "grant_type") {
+            "password" => self.password_grant(tenant, form, source).await,
+            "client_credentials" => self.client_credentials_grant(tenant, form).await,
+            _ => Err(refuse(
                 400,
                 "unsupported_grant_type",
                 70003,
-                "The app requested an unsupported grant type; kagi supports client_credentials.",
-            ));
+                "The app requested an unsupported grant type; kagi supports client_credentials \
+                 and password.",
+            )),
         }
-        let audience = self.audience_for_scope(field("scope"))?;
-        let record = self
-            .store
-            .principal_by_client_id(field("client_id"))
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "token request: store failure");
-                refuse(
-                    500,
-                    "temporarily_unavailable",
-                    90033,
-                    "A transient error occurred.",
-                )
-            })?;
-        let Some(record) = record else {
+    }
+
+    async fn client_credentials_grant(
+        &self,
+        tenant: &str,
+        form: &HashMap<String, String>,
+    ) -> Result<TokenGrant, TokenRequestError> {
+        let audience = self.audience_for_scope(form_field(form, "scope"))?;
+        let Some(record) = self.find_client(form_field(form, "client_id")).await? else {
             return Err(refuse(
                 400,
                 "unauthorized_client",
@@ -88,7 +145,7 @@ impl Platform {
         // The bootstrap administrator administers every tenant kagi knows (after a
         // subscription moved to another tenant it still manages it): it gets a token in any of
         // them, with that tenant as `tid`. Everyone else only in their own.
-        let admin_elsewhere = record.kind == crate::directory::kind::BOOTSTRAP
+        let admin_elsewhere = record.kind == kind::BOOTSTRAP
             && kagi_core::TenantId::parse(tenant).is_ok()
             && self.tenant_known(tenant);
         if !tenant.eq_ignore_ascii_case(&record.tenant_id) && !admin_elsewhere {
@@ -104,7 +161,7 @@ impl Platform {
         } else {
             record.tenant_id.clone()
         };
-        if record.kind == crate::directory::kind::USER {
+        if record.kind == kind::USER {
             return Err(refuse(
                 400,
                 "unauthorized_client",
@@ -112,18 +169,7 @@ impl Platform {
                 "Users sign in with the password grant, not client credentials.",
             ));
         }
-        if !field("client_assertion").is_empty() {
-            self.check_client_assertion(tenant, &record, form)?;
-        } else if record.secret_hash.is_empty()
-            || !kagi_identity::secret_matches(field("client_secret"), &record.secret_hash)
-        {
-            return Err(refuse(
-                401,
-                "invalid_client",
-                7000215,
-                "Invalid client secret provided.",
-            ));
-        }
+        self.authenticate_client(tenant, &record, form)?;
         self.issue(
             &Principal {
                 tenant_id: token_tenant,
@@ -137,30 +183,59 @@ impl Platform {
         )
     }
 
+    /// The principal registered under a client id, if any.
+    async fn find_client(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<PrincipalRecord>, TokenRequestError> {
+        self.store
+            .principal_by_client_id(client_id)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "token request: store failure");
+                unavailable()
+            })
+    }
+
+    /// Checks the credential a client presents: a client assertion when there is one, else
+    /// its client secret.
+    fn authenticate_client(
+        &self,
+        tenant: &str,
+        record: &PrincipalRecord,
+        form: &HashMap<String, String>,
+    ) -> Result<(), TokenRequestError> {
+        if !form_field(form, "client_assertion").is_empty() {
+            return self.check_client_assertion(tenant, record, form);
+        }
+        if record.secret_hash.is_empty()
+            || !kagi_identity::secret_matches(
+                form_field(form, "client_secret"),
+                &record.secret_hash,
+            )
+        {
+            return Err(refuse(
+                401,
+                "invalid_client",
+                7000215,
+                "Invalid client secret provided.",
+            ));
+        }
+        Ok(())
+    }
+
     pub(crate) fn issue(
         &self,
         principal: &Principal,
         audience: &str,
     ) -> Result<TokenGrant, TokenRequestError> {
-        let id = kagi_crypto::random_array::<16>().ok().ok_or_else(|| {
-            refuse(
-                500,
-                "temporarily_unavailable",
-                90033,
-                "A transient error occurred.",
-            )
-        })?;
+        let id = kagi_crypto::random_array::<16>()
+            .ok()
+            .ok_or_else(unavailable)?;
         let token = self
             .issuer
             .issue(principal, audience, self.clock.now(), TOKEN_LIFETIME, id)
-            .map_err(|_| {
-                refuse(
-                    500,
-                    "temporarily_unavailable",
-                    90033,
-                    "A transient error occurred.",
-                )
-            })?;
+            .map_err(|_| unavailable())?;
         Ok(TokenGrant {
             token_type: "Bearer",
             expires_in: TOKEN_LIFETIME - 1,
@@ -172,72 +247,168 @@ impl Platform {
     /// The resource-owner password grant (`grant_type=password`), for user principals. MSAL
     /// asks `/common/userrealm/{user}` first; kagi answers 404 there, which MSAL takes as
     /// "not federated" and continues with this grant.
+    ///
+    /// The token names an application only when that application authenticated (its client
+    /// secret or assertion): then a "user via application" access policy applies. Without a
+    /// client credential the token's `appid` is [`PUBLIC_CLIENT_APP_ID`], which no compound
+    /// policy admits; naming a registered application without its credential is refused, as
+    /// Entra refuses a confidential client that does not authenticate.
+    ///
+    /// Every attempt that reaches the password check costs one Argon2id verification, for a
+    /// user name that does not exist too (against a dummy hash), so neither the answer nor its
+    /// time tells which names exist; names and sources that fail too often are locked out
+    /// before any hashing (429), and verifications at once are bounded.
     async fn password_grant(
         &self,
         tenant: &str,
-        form: &std::collections::HashMap<String, String>,
+        form: &HashMap<String, String>,
+        source: Option<IpAddr>,
     ) -> Result<TokenGrant, TokenRequestError> {
-        let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+        let field = |k: &str| form_field(form, k);
         let audience = self.audience_for_scope(field("scope"))?;
+        let app = self.password_grant_client(tenant, form).await?;
+
         let upn = field("username").trim().to_ascii_lowercase();
-        let invalid = || {
-            refuse(
-                400,
-                "invalid_grant",
-                50126,
-                "Error validating credentials due to invalid username or password.",
-            )
-        };
-        let record = self
-            .store
-            .principal_by_client_id(&format!("user:{upn}"))
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "token request: store failure");
-                refuse(
-                    500,
-                    "temporarily_unavailable",
-                    90033,
-                    "A transient error occurred.",
-                )
-            })?
-            .filter(|r| r.kind == crate::directory::kind::USER)
-            .ok_or_else(invalid)?;
-        if !tenant.eq_ignore_ascii_case(&record.tenant_id)
-            && !tenant.eq_ignore_ascii_case("organizations")
-        {
-            return Err(refuse(
-                400,
-                "invalid_request",
-                90002,
-                "Tenant not found, or the user is not in this tenant.",
-            ));
+        // Names longer than any user's are still counted, by a bounded key.
+        let user_key: String = upn.chars().take(128).collect();
+        let source = source.map(source_key);
+        let g = &self.guards;
+        let now = self.clock.now();
+        if let Some(wait) = source.and_then(|s| lock(&g.sources).locked(&s, now)) {
+            return Err(too_many(wait));
         }
-        let stored = String::from_utf8_lossy(&record.secret_hash).into_owned();
-        let password = field("password").to_string();
-        // Argon2 is deliberately slow: keep it off the async workers.
+        if let Some(wait) = lock(&g.users).locked(&user_key, now) {
+            return Err(TokenRequestError {
+                retry_after: Some(wait),
+                ..refuse(
+                    429,
+                    "invalid_grant",
+                    50053,
+                    &format!(
+                        "The account is locked because of too many sign-in attempts with a wrong \
+                         user name or password. Try again in {wait} seconds."
+                    ),
+                )
+            });
+        }
+        let Some(permit) = g.hashing.enter().await else {
+            return Err(too_many(1));
+        };
+
+        let record = self
+            .find_client(&format!("user:{upn}"))
+            .await?
+            .filter(|r| r.kind == kind::USER)
+            // A user of another tenant is answered like a name that does not exist.
+            .filter(|r| {
+                tenant.eq_ignore_ascii_case(&r.tenant_id)
+                    || tenant.eq_ignore_ascii_case("organizations")
+            });
+        let stored = match &record {
+            Some(r) => String::from_utf8_lossy(&r.secret_hash).into_owned(),
+            None => kagi_crypto::password::dummy_hash(),
+        };
+        let password = Zeroizing::new(field("password").to_string());
+        // Argon2 is deliberately slow: keep it off the async workers. The permit goes with the
+        // work, so it is held until the hash is done even if this request is abandoned.
         let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             kagi_crypto::password::verify_password(&password, &stored)
         })
         .await
         .unwrap_or(false);
-        if !ok {
-            return Err(invalid());
-        }
-        let app = kagi_core::ids::ObjectId::parse(field("client_id"))
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| record.object_id.clone());
+        g.hashes_run.fetch_add(1, Ordering::SeqCst);
+        let now = self.clock.now();
+        let Some(record) = record.filter(|_| ok) else {
+            lock(&g.users).fail(&user_key, now);
+            if let Some(s) = source {
+                lock(&g.sources).fail(&s, now);
+            }
+            return Err(refuse(
+                400,
+                "invalid_grant",
+                50126,
+                "Error validating credentials due to invalid username or password.",
+            ));
+        };
+        lock(&g.users).clear(&user_key);
+        let client_id = match app {
+            Some(app) if !app.tenant_id.eq_ignore_ascii_case(&record.tenant_id) => {
+                return Err(refuse(
+                    400,
+                    "unauthorized_client",
+                    700016,
+                    "Application was not found in the directory of the user.",
+                ));
+            }
+            Some(app) => app.client_id,
+            None => PUBLIC_CLIENT_APP_ID.to_string(),
+        };
         self.issue(
             &Principal {
                 tenant_id: record.tenant_id,
                 object_id: record.object_id,
-                client_id: app,
+                client_id,
                 kind: record.kind,
                 network_address: None,
                 upn: Some(upn),
             },
             &audience,
         )
+    }
+
+    /// The application a password grant goes through: a service principal that authenticated
+    /// with this request, or `None` (kagi's public client) when no registered application is
+    /// named and no client credential is given.
+    async fn password_grant_client(
+        &self,
+        tenant: &str,
+        form: &HashMap<String, String>,
+    ) -> Result<Option<PrincipalRecord>, TokenRequestError> {
+        let client_id = form_field(form, "client_id");
+        let credential = !form_field(form, "client_secret").is_empty()
+            || !form_field(form, "client_assertion").is_empty();
+        let record = if client_id.is_empty() {
+            None
+        } else {
+            self.find_client(client_id).await?
+        };
+        match record {
+            None if credential => Err(refuse(
+                400,
+                "unauthorized_client",
+                700016,
+                "Application was not found in the directory.",
+            )),
+            None => Ok(None),
+            // Applications with a credential of their own: service principals (and the
+            // bootstrap administrator, which is one).
+            Some(r) if r.kind != kind::SERVICE_PRINCIPAL && r.kind != kind::BOOTSTRAP => {
+                Err(refuse(
+                    400,
+                    "unauthorized_client",
+                    700016,
+                    "The client is not an application that users sign in through.",
+                ))
+            }
+            Some(_) if !credential => Err(refuse(
+                401,
+                "invalid_client",
+                7000218,
+                "The request body must contain the following parameter: 'client_assertion' or \
+                 'client_secret'.",
+            )),
+            Some(r) => {
+                self.authenticate_client(tenant, &r, form)?;
+                Ok(Some(r))
+            }
+        }
+    }
+
+    /// How many password hashes the password grant has computed since start: one per attempt
+    /// that reached the password check, whether the user exists or not.
+    pub fn password_hashes_computed(&self) -> u64 {
+        self.guards.hashes_run.load(Ordering::SeqCst)
     }
 
     /// Verifies a certificate credential (RFC 7523 client assertion, as MSAL sends it): a JWT
@@ -247,8 +418,8 @@ impl Platform {
     fn check_client_assertion(
         &self,
         tenant: &str,
-        record: &kagi_store::PrincipalRecord,
-        form: &std::collections::HashMap<String, String>,
+        record: &PrincipalRecord,
+        form: &HashMap<String, String>,
     ) -> Result<(), TokenRequestError> {
         use kagi_core::b64;
         let invalid = |why: &str| {
@@ -323,14 +494,29 @@ impl Platform {
                 "aud, iss or sub do not name this token endpoint and client",
             ));
         }
-        match num("exp") {
-            Some(exp) if exp > now - 60 && exp <= now + 24 * 3600 => {}
+        let exp = match num("exp") {
+            Some(exp) if exp > now - LEEWAY && exp <= now + 24 * 3600 => exp,
             _ => return Err(invalid("expired or too long-lived")),
-        }
-        if num("nbf").is_some_and(|nbf| nbf > now + 60) {
+        };
+        if num("nbf").is_some_and(|nbf| nbf > now + LEEWAY) {
             return Err(invalid("not yet valid"));
         }
-        Ok(())
+        // Accepted once (RFC 7523 §3): its jti is remembered, per client, until it expires.
+        let jti = claims["jti"]
+            .as_str()
+            .filter(|j| !j.is_empty() && j.len() <= 256)
+            .ok_or_else(|| invalid("a jti claim (at most 256 characters) is required"))?;
+        let key = kagi_crypto::digest(
+            kagi_crypto::DigestAlgorithm::Sha256,
+            format!("{}\n{jti}", owner.object_id).as_bytes(),
+        );
+        match lock(&self.guards.assertions).remember(key, exp + LEEWAY, now) {
+            Ok(()) => Ok(()),
+            Err(ReplayRefusal::Replayed) => Err(invalid(
+                "its jti was used before; a client assertion is accepted once",
+            )),
+            Err(ReplayRefusal::Full) => Err(too_many(60)),
+        }
     }
 
     /// `https://localhost:8443/.default` → `https://localhost:8443`; kagi is the only resource.
@@ -367,7 +553,7 @@ impl Platform {
             "subject_types_supported": ["pairwise"],
             "id_token_signing_alg_values_supported": ["ES256"],
             "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
-            "grant_types_supported": ["client_credentials"],
+            "grant_types_supported": ["client_credentials", "password"],
             "scopes_supported": ["openid"],
             "claims_supported": ["aud", "iss", "iat", "nbf", "exp", "tid", "oid", "sub", "appid", "azp"],
             "tenant_region_scope": "kagi",
@@ -375,5 +561,167 @@ impl Platform {
             "cloud_graph_host_name": "localhost",
             "msgraph_host": "localhost",
         })
+    }
+
+    /// The token signing keys: the one that signs, then those that still validate the tokens
+    /// they signed (the bootstrap administrator only).
+    pub fn signing_keys(&self, caller: &Principal) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        Ok(self.signing_keys_json())
+    }
+
+    fn signing_keys_json(&self) -> Value {
+        let now = self.clock.now();
+        let mut keys = vec![json!({"kid": self.issuer.kid(), "status": "Current"})];
+        for r in self.issuer.retired().into_iter().filter(|r| now < r.until) {
+            keys.push(json!({"kid": r.kid, "status": "Retired", "validUntil": rfc3339(r.until)}));
+        }
+        json!({ "value": keys })
+    }
+
+    /// Rotates the token signing key (the bootstrap administrator only). A new P-256 key signs
+    /// from now on; the previous one keeps validating, and stays in the JWKS, until every token
+    /// it signed has expired, unless `revoke_previous` (a leaked key): then every token signed
+    /// before stops working at once. The store holds the new key and the retired ones before
+    /// memory does.
+    pub async fn rotate_signing_key(
+        &self,
+        caller: &Principal,
+        revoke_previous: bool,
+    ) -> Result<Value, KvError> {
+        self.require_admin(caller)?;
+        let _one_at_a_time = self.guards.rotation.lock().await;
+        let now = self.clock.now();
+        let expected = self
+            .store
+            .get_meta(SIGNING_KEY)
+            .await
+            .map_err(|e| internal("signing key", e))?
+            .ok_or_else(|| internal("signing key", "missing"))?;
+        let key = KeyPair::generate_ec(Curve::P256).map_err(|e| internal("signing key", e))?;
+        let sealed = key
+            .to_pkcs8()
+            .and_then(|der| self.root.seal(SealPurpose::Token, SIGNING_KEY_LABEL, &der))
+            .map_err(|e| internal("signing key", e))?;
+        let retired: Vec<RetiredKey> = if revoke_previous {
+            Vec::new()
+        } else {
+            let mut kept: Vec<RetiredKey> = self
+                .issuer
+                .retired()
+                .into_iter()
+                .filter(|r| now < r.until)
+                .collect();
+            kept.push(
+                self.issuer
+                    .retire_current(now + TOKEN_LIFETIME + LEEWAY)
+                    .map_err(|e| internal("signing key", e))?,
+            );
+            kept
+        };
+        let list = serde_json::to_vec(&retired).map_err(|e| internal("signing key", e))?;
+        if !self
+            .store
+            .replace_signing_key(&expected, &sealed, &list)
+            .await
+            .map_err(|e| internal("signing key", e))?
+        {
+            return Err(KvError::conflict(
+                "The signing key changed while this rotation ran; list the keys and retry.",
+            ));
+        }
+        self.issuer
+            .install(key, retired)
+            .map_err(|e| internal("signing key", e))?;
+        tracing::info!(kid = %self.issuer.kid(), revoke_previous, "token signing key rotated");
+        Ok(self.signing_keys_json())
+    }
+
+    /// The signing key of a store: created (sealed under the root key) on first start, with
+    /// the retired keys that still validate at `now`.
+    pub(crate) async fn load_token_issuer(
+        store: &dyn kagi_store::Store,
+        root: &dyn kagi_crypto::RootKey,
+        authority: &str,
+        now: i64,
+    ) -> Result<TokenIssuer, crate::StartupError> {
+        use crate::StartupError;
+        let fresh = KeyPair::generate_ec(Curve::P256)
+            .and_then(|k| k.to_pkcs8())
+            .and_then(|der| root.seal(SealPurpose::Token, SIGNING_KEY_LABEL, &der))
+            .map_err(|e| StartupError::RootKey(e.to_string()))?;
+        let sealed = store.put_meta_if_absent(SIGNING_KEY, &fresh).await?;
+        let der = root
+            .open(SealPurpose::Token, SIGNING_KEY_LABEL, &sealed)
+            .map_err(|e| StartupError::RootKey(e.to_string()))?;
+        let signing =
+            KeyPair::from_pkcs8(&der).map_err(|e| StartupError::Corrupt(e.to_string()))?;
+        let retired: Vec<RetiredKey> = match store.get_meta(RETIRED_SIGNING_KEYS).await? {
+            Some(json) => serde_json::from_slice(&json)
+                .map_err(|e| StartupError::Corrupt(format!("retired signing keys: {e}")))?,
+            None => Vec::new(),
+        };
+        let issuer = TokenIssuer::new(signing, authority)
+            .map_err(|e| StartupError::Corrupt(e.to_string()))?;
+        issuer
+            .set_retired(retired.into_iter().filter(|r| now < r.until).collect())
+            .map_err(|e| StartupError::Corrupt(format!("retired signing keys: {e}")))?;
+        Ok(issuer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::PlatformConfig;
+    use crate::token_guards::HashGate;
+
+    #[tokio::test]
+    async fn password_checks_beyond_the_bound_are_told_to_come_back_without_hashing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            kagi_store::SqliteStore::open(&dir.path().join("kagi.db"))
+                .await
+                .unwrap(),
+        );
+        let (mut p, _) = Platform::open_with(
+            PlatformConfig {
+                data_dir: dir.path().to_path_buf(),
+                dns_suffix: "localhost".into(),
+                port: 8443,
+            },
+            Arc::new(kagi_core::time::SystemClock),
+            Arc::new(kagi_crypto::AesRootKey::from_bytes(&[7; 32])),
+            store,
+        )
+        .await
+        .unwrap();
+        p.guards.hashing = HashGate::new(1, 0, Duration::from_secs(3600));
+        let busy = p.guards.hashing.enter().await.unwrap();
+        let form: HashMap<String, String> = [
+            ("grant_type", "password"),
+            ("username", "alice@contoso.example"),
+            ("password", "whatever it is"),
+            ("scope", "https://localhost:8443/.default"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let tenant = p.default_tenant().to_string();
+        let e = p.token_request(&tenant, &form, None).await.unwrap_err();
+        assert_eq!(
+            (e.status, e.error, e.retry_after),
+            (429, "temporarily_unavailable", Some(1))
+        );
+        assert_eq!(p.password_hashes_computed(), 0);
+        drop(busy);
+        let e = p.token_request(&tenant, &form, None).await.unwrap_err();
+        assert_eq!((e.status, e.error_codes[0]), (400, 50126));
+        assert_eq!(p.password_hashes_computed(), 1);
     }
 }
