@@ -105,10 +105,13 @@ pub(crate) async fn token_endpoint(
     source: Option<IpAddr>,
     body: &[u8],
 ) -> Response<Body> {
-    let form: HashMap<String, String> = form_urlencoded::parse(body)
+    let mut form: HashMap<String, String> = form_urlencoded::parse(body)
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
-    match p.token_request(tenant, &form, source).await {
+    let answer = p.token_request(tenant, &form, source).await;
+    // The decoded fields hold the password or the client secret.
+    form.values_mut().for_each(zeroize::Zeroize::zeroize);
+    match answer {
         Ok(grant) => respond::json(200, &grant),
         Err(e) => {
             let mut r = respond::json(e.status, &e);
