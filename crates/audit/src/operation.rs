@@ -7,67 +7,10 @@
 //! (`Microsoft.Resources/subscriptions/resourceGroups/write`,
 //! `Microsoft.Authorization/roleAssignments/delete`, …).
 
-/// The `AuditEvent` operation name of a data-plane request (`UnknownOperation` for a path no
-/// operation serves).
+/// The operation name of a request to a vault host: its route's in the data plane's route
+/// table (`kagi_core::routes`, which the HTTP layer dispatches on too), or `UnknownOperation`.
 pub fn data_plane_operation(method: &str, path: &str) -> &'static str {
-    let lower = path.to_ascii_lowercase();
-    let mut segs: Vec<&str> = lower.trim_start_matches('/').split('/').collect();
-    if segs.len() > 1 && segs.last() == Some(&"") {
-        segs.pop();
-    }
-    let m = method.to_ascii_uppercase();
-    match (segs.as_slice(), m.as_str()) {
-        (["keys"], "GET") => "KeyList",
-        (["keys", "restore"], "POST") => "KeyRestore",
-        (["keys", _, "create"], "POST") => "KeyCreate",
-        (["keys", _], "PUT") => "KeyImport",
-        (["keys", _], "DELETE") => "KeyDelete",
-        (["keys", _], "GET") => "KeyGet",
-        (["keys", _], "PATCH") => "KeyUpdate",
-        (["keys", _, "versions"], "GET") => "KeyListVersions",
-        (["keys", _, "backup"], "POST") => "KeyBackup",
-        (["keys", _, "rotate"], "POST") => "KeyRotate",
-        (["keys", _, "rotationpolicy"], "GET") => "KeyGetRotationPolicy",
-        (["keys", _, "rotationpolicy"], "PUT") => "KeySetRotationPolicy",
-        (["keys", _, "release"] | ["keys", _, _, "release"], "POST") => "KeyRelease",
-        (["keys", _, op] | ["keys", _, _, op], "POST") if crypto_operation(op).is_some() => {
-            crypto_operation(op).unwrap_or("UnknownOperation")
-        }
-        (["keys", _, _], "GET") => "KeyGet",
-        (["keys", _, _], "PATCH") => "KeyUpdate",
-        (["deletedkeys"], "GET") => "KeyListDeleted",
-        (["deletedkeys", _], "GET") => "KeyGetDeleted",
-        (["deletedkeys", _], "DELETE") => "KeyPurge",
-        (["deletedkeys", _, "recover"], "POST") => "KeyRecover",
-        (["rng"], "POST") => "RandomGet",
-        (["secrets"], "GET") => "SecretList",
-        (["secrets", "restore"], "POST") => "SecretRestore",
-        (["secrets", _], "PUT") => "SecretSet",
-        (["secrets", _], "DELETE") => "SecretDelete",
-        (["secrets", _], "GET") => "SecretGet",
-        (["secrets", _], "PATCH") => "SecretUpdate",
-        (["secrets", _, "versions"], "GET") => "SecretListVersions",
-        (["secrets", _, "backup"], "POST") => "SecretBackup",
-        (["secrets", _, _], "GET") => "SecretGet",
-        (["secrets", _, _], "PATCH") => "SecretUpdate",
-        (["deletedsecrets"], "GET") => "SecretListDeleted",
-        (["deletedsecrets", _], "GET") => "SecretGetDeleted",
-        (["deletedsecrets", _], "DELETE") => "SecretPurge",
-        (["deletedsecrets", _, "recover"], "POST") => "SecretRecover",
-        _ => "UnknownOperation",
-    }
-}
-
-fn crypto_operation(segment: &str) -> Option<&'static str> {
-    Some(match segment {
-        "encrypt" => "KeyEncrypt",
-        "decrypt" => "KeyDecrypt",
-        "wrapkey" => "KeyWrap",
-        "unwrapkey" => "KeyUnwrap",
-        "sign" => "KeySign",
-        "verify" => "KeyVerify",
-        _ => return None,
-    })
+    kagi_core::routes::data_plane_operation(method, path)
 }
 
 /// The operation name of a request to the management host (ARM, token endpoints).

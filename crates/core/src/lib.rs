@@ -18,6 +18,7 @@ pub mod paging;
 pub mod policy;
 pub mod rbac;
 pub mod rotation;
+pub mod routes;
 pub mod secret;
 pub mod time;
 pub mod vault;

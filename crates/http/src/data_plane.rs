@@ -115,124 +115,55 @@ async fn route(
     body: &[u8],
     list: &ListQuery,
 ) -> Result<Response<Body>, KvError> {
+    use kagi_core::routes::{DataPlaneRoute as R, RouteMiss};
     let ok = |v: serde_json::Value| Ok(respond::json(200, &v));
-    let segs: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
-    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
-    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
-    match (l.as_slice(), method) {
-        (["keys"] | ["keys", ""], &Method::GET) => ok(p.list_keys(caller, vault, list)?),
-        (["keys", "restore"], &Method::POST) => {
-            ok(p.restore_key(caller, vault, parse_json(body)?).await?)
-        }
-        (["keys", _, "create"], &Method::POST) => ok(p
-            .create_key(caller, vault, segs[1], parse_json(body)?)
+    let route = R::parse(method.as_str(), path).map_err(|miss| match miss {
+        RouteMiss::NotFound => not_found(path),
+        RouteMiss::MethodNotAllowed => method_not_allowed(method),
+    })?;
+    match route {
+        R::KeyList => ok(p.list_keys(caller, vault, list)?),
+        R::KeyRestore => ok(p.restore_key(caller, vault, parse_json(body)?).await?),
+        R::KeyCreate(name) => ok(p.create_key(caller, vault, name, parse_json(body)?).await?),
+        R::KeyImport(name) => ok(p.import_key(caller, vault, name, parse_json(body)?).await?),
+        R::KeyDelete(name) => ok(p.delete_key(caller, vault, name).await?),
+        R::KeyGet(name, version) => ok(p.get_key(caller, vault, name, version)?),
+        R::KeyUpdate(name, version) => ok(p
+            .update_key(caller, vault, name, version, parse_json(body)?)
             .await?),
-        (["keys", _], &Method::PUT) => ok(p
-            .import_key(caller, vault, segs[1], parse_json(body)?)
+        R::KeyListVersions(name) => ok(p.list_key_versions(caller, vault, name, list)?),
+        R::KeyBackup(name) => Ok(respond::json(200, &p.backup_key(caller, vault, name)?)),
+        R::KeyRotate(name) => ok(p.rotate_key(caller, vault, name).await?),
+        R::KeyGetRotationPolicy(name) => ok(p.get_key_rotation_policy(caller, vault, name).await?),
+        R::KeySetRotationPolicy(name) => ok(p
+            .set_key_rotation_policy(caller, vault, name, parse_json(body)?)
             .await?),
-        (["keys", _], &Method::DELETE) => ok(p.delete_key(caller, vault, segs[1]).await?),
-        (["keys", _] | ["keys", _, ""], &Method::GET) => {
-            ok(p.get_key(caller, vault, segs[1], None)?)
-        }
-        (["keys", _] | ["keys", _, ""], &Method::PATCH) => ok(p
-            .update_key(caller, vault, segs[1], None, parse_json(body)?)
-            .await?),
-        (["keys", _, "versions"], &Method::GET) => {
-            ok(p.list_key_versions(caller, vault, segs[1], list)?)
-        }
-        (["keys", _, "backup"], &Method::POST) => {
-            Ok(respond::json(200, &p.backup_key(caller, vault, segs[1])?))
-        }
-        (["keys", _, "rotate"], &Method::POST) => ok(p.rotate_key(caller, vault, segs[1]).await?),
-        (["keys", _, "rotationpolicy"], &Method::GET) => {
-            ok(p.get_key_rotation_policy(caller, vault, segs[1]).await?)
-        }
-        (["keys", _, "rotationpolicy"], &Method::PUT) => ok(p
-            .set_key_rotation_policy(caller, vault, segs[1], parse_json(body)?)
-            .await?),
-        (["keys", _, op], &Method::POST) if kagi_vault::is_crypto_segment(op) => {
-            crypto(p, caller, vault, segs[1], None, op, body)
-        }
-        (["keys", _, _], &Method::GET) => ok(p.get_key(caller, vault, segs[1], Some(segs[2]))?),
-        (["keys", _, _], &Method::PATCH) => ok(p
-            .update_key(caller, vault, segs[1], Some(segs[2]), parse_json(body)?)
-            .await?),
-        (["keys", _, _, op], &Method::POST) if kagi_vault::is_crypto_segment(op) => {
-            crypto(p, caller, vault, segs[1], Some(segs[2]), op, body)
-        }
-        (["deletedkeys"] | ["deletedkeys", ""], &Method::GET) => {
-            ok(p.list_deleted_keys(caller, vault, list)?)
-        }
-        (["deletedkeys", _], &Method::GET) => ok(p.get_deleted_key(caller, vault, segs[1])?),
-        (["deletedkeys", _], &Method::DELETE) => {
-            p.purge_deleted_key(caller, vault, segs[1]).await?;
+        R::KeyCrypto(name, version, op) => crypto(p, caller, vault, name, version, op, body),
+        R::KeyListDeleted => ok(p.list_deleted_keys(caller, vault, list)?),
+        R::KeyGetDeleted(name) => ok(p.get_deleted_key(caller, vault, name)?),
+        R::KeyPurge(name) => {
+            p.purge_deleted_key(caller, vault, name).await?;
             Ok(respond::empty(204))
         }
-        (["deletedkeys", _, "recover"], &Method::POST) => {
-            ok(p.recover_deleted_key(caller, vault, segs[1]).await?)
-        }
-        (["rng"], &Method::POST) => ok(p.random(caller, vault, parse_json(body)?)?),
-        // --- secrets ---
-        (["secrets"] | ["secrets", ""], &Method::GET) => ok(p.list_secrets(caller, vault, list)?),
-        (["secrets", "restore"], &Method::POST) => {
-            ok(p.restore_secret(caller, vault, parse_json(body)?).await?)
-        }
-        (["secrets", _], &Method::PUT) => ok(p
-            .set_secret(caller, vault, segs[1], parse_json(body)?)
+        R::KeyRecover(name) => ok(p.recover_deleted_key(caller, vault, name).await?),
+        R::RandomGet => ok(p.random(caller, vault, parse_json(body)?)?),
+        R::SecretList => ok(p.list_secrets(caller, vault, list)?),
+        R::SecretRestore => ok(p.restore_secret(caller, vault, parse_json(body)?).await?),
+        R::SecretSet(name) => ok(p.set_secret(caller, vault, name, parse_json(body)?).await?),
+        R::SecretDelete(name) => ok(p.delete_secret(caller, vault, name).await?),
+        R::SecretGet(name, version) => ok(p.get_secret(caller, vault, name, version)?),
+        R::SecretUpdate(name, version) => ok(p
+            .update_secret(caller, vault, name, version, parse_json(body)?)
             .await?),
-        (["secrets", _], &Method::DELETE) => ok(p.delete_secret(caller, vault, segs[1]).await?),
-        (["secrets", _] | ["secrets", _, ""], &Method::GET) => {
-            ok(p.get_secret(caller, vault, segs[1], None)?)
-        }
-        (["secrets", _] | ["secrets", _, ""], &Method::PATCH) => ok(p
-            .update_secret(caller, vault, segs[1], None, parse_json(body)?)
-            .await?),
-        (["secrets", _, "versions"], &Method::GET) => {
-            ok(p.list_secret_versions(caller, vault, segs[1], list)?)
-        }
-        (["secrets", _, "backup"], &Method::POST) => Ok(respond::json(
-            200,
-            &p.backup_secret(caller, vault, segs[1])?,
-        )),
-        (["secrets", _, _], &Method::GET) => {
-            ok(p.get_secret(caller, vault, segs[1], Some(segs[2]))?)
-        }
-        (["secrets", _, _], &Method::PATCH) => ok(p
-            .update_secret(caller, vault, segs[1], Some(segs[2]), parse_json(body)?)
-            .await?),
-        (["deletedsecrets"] | ["deletedsecrets", ""], &Method::GET) => {
-            ok(p.list_deleted_secrets(caller, vault, list)?)
-        }
-        (["deletedsecrets", _], &Method::GET) => ok(p.get_deleted_secret(caller, vault, segs[1])?),
-        (["deletedsecrets", _], &Method::DELETE) => {
-            p.purge_deleted_secret(caller, vault, segs[1]).await?;
+        R::SecretListVersions(name) => ok(p.list_secret_versions(caller, vault, name, list)?),
+        R::SecretBackup(name) => Ok(respond::json(200, &p.backup_secret(caller, vault, name)?)),
+        R::SecretListDeleted => ok(p.list_deleted_secrets(caller, vault, list)?),
+        R::SecretGetDeleted(name) => ok(p.get_deleted_secret(caller, vault, name)?),
+        R::SecretPurge(name) => {
+            p.purge_deleted_secret(caller, vault, name).await?;
             Ok(respond::empty(204))
         }
-        (["deletedsecrets", _, "recover"], &Method::POST) => {
-            ok(p.recover_deleted_secret(caller, vault, segs[1]).await?)
-        }
-        (["secrets", ..] | ["deletedsecrets", ..], m) => {
-            if matches!(
-                l.as_slice(),
-                ["secrets"] | ["secrets", _] | ["secrets", _, _] | ["deletedsecrets", _]
-            ) {
-                Err(method_not_allowed(m))
-            } else {
-                Err(not_found(path))
-            }
-        }
-        (["keys", ..] | ["deletedkeys", ..] | ["rng"], m) => {
-            // A known path shape with an unknown method, or an unknown path under /keys.
-            if matches!(
-                l.as_slice(),
-                ["keys", _] | ["keys", _, _] | ["deletedkeys", _] | ["rng"]
-            ) {
-                Err(method_not_allowed(m))
-            } else {
-                Err(not_found(path))
-            }
-        }
-        _ => Err(not_found(path)),
+        R::SecretRecover(name) => ok(p.recover_deleted_secret(caller, vault, name).await?),
     }
 }
 
@@ -242,13 +173,21 @@ fn crypto(
     vault: &str,
     name: &str,
     version: Option<&str>,
-    op: &str,
+    op: kagi_core::routes::CryptoOp,
     body: &[u8],
 ) -> Result<Response<Body>, KvError> {
+    use kagi_core::routes::CryptoOp;
     let v = match op {
-        "sign" => p.sign(caller, vault, name, version, parse_json(body)?)?,
-        "verify" => p.verify(caller, vault, name, version, parse_json(body)?)?,
-        _ => p.key_operation(caller, vault, name, version, op, parse_json(body)?)?,
+        CryptoOp::Sign => p.sign(caller, vault, name, version, parse_json(body)?)?,
+        CryptoOp::Verify => p.verify(caller, vault, name, version, parse_json(body)?)?,
+        _ => p.key_operation(
+            caller,
+            vault,
+            name,
+            version,
+            op.segment(),
+            parse_json(body)?,
+        )?,
     };
     Ok(respond::json(200, &v))
 }

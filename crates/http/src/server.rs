@@ -145,7 +145,7 @@ async fn serve_one(
     let response =
         crate::audit::serve_audited(platform, audit, Request::from_parts(parts, body.handle()))
             .await;
-    if !(expects_continue && !body.was_read()) {
+    if !expects_continue || body.was_read() {
         body.drain().await;
     }
     response

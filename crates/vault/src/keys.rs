@@ -121,10 +121,6 @@ fn crypto_op(segment: &str) -> Option<KeyOperation> {
     })
 }
 
-/// Whether a path segment names a cryptographic operation.
-pub fn is_crypto_segment(segment: &str) -> bool {
-    crypto_op(&segment.to_ascii_lowercase()).is_some()
-}
 
 /// One version in a key backup blob (sealed, never seen by clients in the clear).
 #[derive(Serialize, Deserialize)]

@@ -16,7 +16,6 @@ mod directory;
 mod events;
 pub use events::{DeliveryConfig, run_event_delivery};
 mod keys;
-pub use keys::is_crypto_segment;
 mod object_backup;
 mod render;
 mod rotation;

@@ -1,0 +1,371 @@
+//! The data plane's route table: the one place that says which requests a vault host serves
+//! and the operation name each is audited under. The HTTP layer dispatches on
+//! [`DataPlaneRoute`] and the audit log names requests with [`DataPlaneRoute::operation_name`],
+//! so the two cannot disagree.
+
+/// A cryptographic operation served at `POST /keys/{name}[/{version}]/{op}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CryptoOp {
+    /// `encrypt`.
+    Encrypt,
+    /// `decrypt`.
+    Decrypt,
+    /// `wrapkey`.
+    WrapKey,
+    /// `unwrapkey`.
+    UnwrapKey,
+    /// `sign`.
+    Sign,
+    /// `verify`.
+    Verify,
+}
+
+impl CryptoOp {
+    /// The operation a path segment names (any case), if any.
+    pub fn from_segment(segment: &str) -> Option<Self> {
+        Some(match segment.to_ascii_lowercase().as_str() {
+            "encrypt" => Self::Encrypt,
+            "decrypt" => Self::Decrypt,
+            "wrapkey" => Self::WrapKey,
+            "unwrapkey" => Self::UnwrapKey,
+            "sign" => Self::Sign,
+            "verify" => Self::Verify,
+            _ => return None,
+        })
+    }
+
+    /// The path segment, lower-cased.
+    pub fn segment(self) -> &'static str {
+        match self {
+            Self::Encrypt => "encrypt",
+            Self::Decrypt => "decrypt",
+            Self::WrapKey => "wrapkey",
+            Self::UnwrapKey => "unwrapkey",
+            Self::Sign => "sign",
+            Self::Verify => "verify",
+        }
+    }
+}
+
+/// One served data-plane request, with the names from its path (as sent, case kept).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DataPlaneRoute<'a> {
+    /// `GET /keys`.
+    KeyList,
+    /// `POST /keys/restore`.
+    KeyRestore,
+    /// `POST /keys/{name}/create`.
+    KeyCreate(&'a str),
+    /// `PUT /keys/{name}`.
+    KeyImport(&'a str),
+    /// `DELETE /keys/{name}`.
+    KeyDelete(&'a str),
+    /// `GET /keys/{name}[/{version}]`.
+    KeyGet(&'a str, Option<&'a str>),
+    /// `PATCH /keys/{name}[/{version}]`.
+    KeyUpdate(&'a str, Option<&'a str>),
+    /// `GET /keys/{name}/versions`.
+    KeyListVersions(&'a str),
+    /// `POST /keys/{name}/backup`.
+    KeyBackup(&'a str),
+    /// `POST /keys/{name}/rotate`.
+    KeyRotate(&'a str),
+    /// `GET /keys/{name}/rotationpolicy`.
+    KeyGetRotationPolicy(&'a str),
+    /// `PUT /keys/{name}/rotationpolicy`.
+    KeySetRotationPolicy(&'a str),
+    /// `POST /keys/{name}[/{version}]/{op}`.
+    KeyCrypto(&'a str, Option<&'a str>, CryptoOp),
+    /// `GET /deletedkeys`.
+    KeyListDeleted,
+    /// `GET /deletedkeys/{name}`.
+    KeyGetDeleted(&'a str),
+    /// `DELETE /deletedkeys/{name}`.
+    KeyPurge(&'a str),
+    /// `POST /deletedkeys/{name}/recover`.
+    KeyRecover(&'a str),
+    /// `POST /rng`.
+    RandomGet,
+    /// `GET /secrets`.
+    SecretList,
+    /// `POST /secrets/restore`.
+    SecretRestore,
+    /// `PUT /secrets/{name}`.
+    SecretSet(&'a str),
+    /// `DELETE /secrets/{name}`.
+    SecretDelete(&'a str),
+    /// `GET /secrets/{name}[/{version}]`.
+    SecretGet(&'a str, Option<&'a str>),
+    /// `PATCH /secrets/{name}[/{version}]`.
+    SecretUpdate(&'a str, Option<&'a str>),
+    /// `GET /secrets/{name}/versions`.
+    SecretListVersions(&'a str),
+    /// `POST /secrets/{name}/backup`.
+    SecretBackup(&'a str),
+    /// `GET /deletedsecrets`.
+    SecretListDeleted,
+    /// `GET /deletedsecrets/{name}`.
+    SecretGetDeleted(&'a str),
+    /// `DELETE /deletedsecrets/{name}`.
+    SecretPurge(&'a str),
+    /// `POST /deletedsecrets/{name}/recover`.
+    SecretRecover(&'a str),
+}
+
+/// Why a request matches no route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteMiss {
+    /// No such path (404).
+    NotFound,
+    /// A served path, another method (405).
+    MethodNotAllowed,
+}
+
+impl<'a> DataPlaneRoute<'a> {
+    /// The route of `method path` (`path` as received, with its leading slash; one trailing
+    /// slash is ignored).
+    ///
+    /// # Errors
+    /// [`RouteMiss`] when nothing is served there.
+    pub fn parse(method: &str, path: &'a str) -> Result<Self, RouteMiss> {
+        use DataPlaneRoute as R;
+        let mut segs: Vec<&'a str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
+        if segs.len() > 1 && segs.last() == Some(&"") {
+            segs.pop();
+        }
+        let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+        let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+        let m = method.to_ascii_uppercase();
+        let name = || segs[1];
+        let version = || segs[2];
+        let route = match (l.as_slice(), m.as_str()) {
+            (["keys"], "GET") => R::KeyList,
+            (["keys", "restore"], "POST") => R::KeyRestore,
+            (["keys", _, "create"], "POST") => R::KeyCreate(name()),
+            (["keys", _], "PUT") => R::KeyImport(name()),
+            (["keys", _], "DELETE") => R::KeyDelete(name()),
+            (["keys", _], "GET") => R::KeyGet(name(), None),
+            (["keys", _], "PATCH") => R::KeyUpdate(name(), None),
+            (["keys", _, "versions"], "GET") => R::KeyListVersions(name()),
+            (["keys", _, "backup"], "POST") => R::KeyBackup(name()),
+            (["keys", _, "rotate"], "POST") => R::KeyRotate(name()),
+            (["keys", _, "rotationpolicy"], "GET") => R::KeyGetRotationPolicy(name()),
+            (["keys", _, "rotationpolicy"], "PUT") => R::KeySetRotationPolicy(name()),
+            (["keys", _, op], "POST") if CryptoOp::from_segment(op).is_some() => R::KeyCrypto(
+                name(),
+                None,
+                CryptoOp::from_segment(op).ok_or(RouteMiss::NotFound)?,
+            ),
+            (["keys", _, _], "GET") => R::KeyGet(name(), Some(version())),
+            (["keys", _, _], "PATCH") => R::KeyUpdate(name(), Some(version())),
+            (["keys", _, _, op], "POST") if CryptoOp::from_segment(op).is_some() => R::KeyCrypto(
+                name(),
+                Some(version()),
+                CryptoOp::from_segment(op).ok_or(RouteMiss::NotFound)?,
+            ),
+            (["deletedkeys"], "GET") => R::KeyListDeleted,
+            (["deletedkeys", _], "GET") => R::KeyGetDeleted(name()),
+            (["deletedkeys", _], "DELETE") => R::KeyPurge(name()),
+            (["deletedkeys", _, "recover"], "POST") => R::KeyRecover(name()),
+            (["rng"], "POST") => R::RandomGet,
+            (["secrets"], "GET") => R::SecretList,
+            (["secrets", "restore"], "POST") => R::SecretRestore,
+            (["secrets", _], "PUT") => R::SecretSet(name()),
+            (["secrets", _], "DELETE") => R::SecretDelete(name()),
+            (["secrets", _], "GET") => R::SecretGet(name(), None),
+            (["secrets", _], "PATCH") => R::SecretUpdate(name(), None),
+            (["secrets", _, "versions"], "GET") => R::SecretListVersions(name()),
+            (["secrets", _, "backup"], "POST") => R::SecretBackup(name()),
+            (["secrets", _, _], "GET") => R::SecretGet(name(), Some(version())),
+            (["secrets", _, _], "PATCH") => R::SecretUpdate(name(), Some(version())),
+            (["deletedsecrets"], "GET") => R::SecretListDeleted,
+            (["deletedsecrets", _], "GET") => R::SecretGetDeleted(name()),
+            (["deletedsecrets", _], "DELETE") => R::SecretPurge(name()),
+            (["deletedsecrets", _, "recover"], "POST") => R::SecretRecover(name()),
+            // A served path shape with another method.
+            (
+                ["keys", _]
+                | ["keys", _, _]
+                | ["deletedkeys", _]
+                | ["rng"]
+                | ["secrets"]
+                | ["secrets", _]
+                | ["secrets", _, _]
+                | ["deletedsecrets", _],
+                _,
+            ) => return Err(RouteMiss::MethodNotAllowed),
+            _ => return Err(RouteMiss::NotFound),
+        };
+        Ok(route)
+    }
+
+    /// The operation name of this route in the audit log (Azure's `operationName`).
+    pub fn operation_name(&self) -> &'static str {
+        use DataPlaneRoute as R;
+        match self {
+            R::KeyList => "KeyList",
+            R::KeyRestore => "KeyRestore",
+            R::KeyCreate(_) => "KeyCreate",
+            R::KeyImport(_) => "KeyImport",
+            R::KeyDelete(_) => "KeyDelete",
+            R::KeyGet(..) => "KeyGet",
+            R::KeyUpdate(..) => "KeyUpdate",
+            R::KeyListVersions(_) => "KeyListVersions",
+            R::KeyBackup(_) => "KeyBackup",
+            R::KeyRotate(_) => "KeyRotate",
+            R::KeyGetRotationPolicy(_) => "KeyGetRotationPolicy",
+            R::KeySetRotationPolicy(_) => "KeySetRotationPolicy",
+            R::KeyCrypto(_, _, op) => match op {
+                CryptoOp::Encrypt => "KeyEncrypt",
+                CryptoOp::Decrypt => "KeyDecrypt",
+                CryptoOp::WrapKey => "KeyWrap",
+                CryptoOp::UnwrapKey => "KeyUnwrap",
+                CryptoOp::Sign => "KeySign",
+                CryptoOp::Verify => "KeyVerify",
+            },
+            R::KeyListDeleted => "KeyListDeleted",
+            R::KeyGetDeleted(_) => "KeyGetDeleted",
+            R::KeyPurge(_) => "KeyPurge",
+            R::KeyRecover(_) => "KeyRecover",
+            R::RandomGet => "RandomGet",
+            R::SecretList => "SecretList",
+            R::SecretRestore => "SecretRestore",
+            R::SecretSet(_) => "SecretSet",
+            R::SecretDelete(_) => "SecretDelete",
+            R::SecretGet(..) => "SecretGet",
+            R::SecretUpdate(..) => "SecretUpdate",
+            R::SecretListVersions(_) => "SecretListVersions",
+            R::SecretBackup(_) => "SecretBackup",
+            R::SecretListDeleted => "SecretListDeleted",
+            R::SecretGetDeleted(_) => "SecretGetDeleted",
+            R::SecretPurge(_) => "SecretPurge",
+            R::SecretRecover(_) => "SecretRecover",
+        }
+    }
+}
+
+/// The audit name of any data-plane request: its route's, or `UnknownOperation`.
+pub fn data_plane_operation(method: &str, path: &str) -> &'static str {
+    DataPlaneRoute::parse(method, path).map_or("UnknownOperation", |r| r.operation_name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_names() {
+        use DataPlaneRoute as R;
+        let cases: &[(&str, &str, Result<R<'_>, RouteMiss>, &str)] = &[
+            ("GET", "/keys", Ok(R::KeyList), "KeyList"),
+            ("GET", "/keys/", Ok(R::KeyList), "KeyList"),
+            (
+                "POST",
+                "/keys/K1/create",
+                Ok(R::KeyCreate("K1")),
+                "KeyCreate",
+            ),
+            ("GET", "/keys/k/", Ok(R::KeyGet("k", None)), "KeyGet"),
+            (
+                "GET",
+                "/keys/k/v1",
+                Ok(R::KeyGet("k", Some("v1"))),
+                "KeyGet",
+            ),
+            (
+                "POST",
+                "/keys/k/WrapKey",
+                Ok(R::KeyCrypto("k", None, CryptoOp::WrapKey)),
+                "KeyWrap",
+            ),
+            (
+                "post",
+                "/keys/k/v/unwrapkey",
+                Ok(R::KeyCrypto("k", Some("v"), CryptoOp::UnwrapKey)),
+                "KeyUnwrap",
+            ),
+            (
+                "DELETE",
+                "/deletedsecrets/s",
+                Ok(R::SecretPurge("s")),
+                "SecretPurge",
+            ),
+            (
+                "PATCH",
+                "/secrets/s/v",
+                Ok(R::SecretUpdate("s", Some("v"))),
+                "SecretUpdate",
+            ),
+            // Not served: release (no attestation), unknown operations, other hosts' paths.
+            (
+                "POST",
+                "/keys/k/release",
+                Err(RouteMiss::MethodNotAllowed),
+                "UnknownOperation",
+            ),
+            (
+                "POST",
+                "/keys/k/v/release",
+                Err(RouteMiss::NotFound),
+                "UnknownOperation",
+            ),
+            (
+                "POST",
+                "/keys",
+                Err(RouteMiss::NotFound),
+                "UnknownOperation",
+            ),
+            (
+                "POST",
+                "/keys/k",
+                Err(RouteMiss::MethodNotAllowed),
+                "UnknownOperation",
+            ),
+            (
+                "PUT",
+                "/rng",
+                Err(RouteMiss::MethodNotAllowed),
+                "UnknownOperation",
+            ),
+            (
+                "PUT",
+                "/secrets",
+                Err(RouteMiss::MethodNotAllowed),
+                "UnknownOperation",
+            ),
+            (
+                "GET",
+                "/certificates",
+                Err(RouteMiss::NotFound),
+                "UnknownOperation",
+            ),
+        ];
+        for (method, path, route, name) in cases {
+            assert_eq!(
+                &DataPlaneRoute::parse(method, path),
+                route,
+                "{method} {path}"
+            );
+            assert_eq!(data_plane_operation(method, path), *name, "{method} {path}");
+        }
+    }
+
+    #[test]
+    fn crypto_segments_round_trip() {
+        for op in [
+            CryptoOp::Encrypt,
+            CryptoOp::Decrypt,
+            CryptoOp::WrapKey,
+            CryptoOp::UnwrapKey,
+            CryptoOp::Sign,
+            CryptoOp::Verify,
+        ] {
+            assert_eq!(CryptoOp::from_segment(op.segment()), Some(op));
+            assert_eq!(
+                CryptoOp::from_segment(&op.segment().to_ascii_uppercase()),
+                Some(op)
+            );
+        }
+        assert_eq!(CryptoOp::from_segment("release"), None);
+    }
+}
