@@ -17,20 +17,9 @@ pub const GENESIS_HASH: &str = "000000000000000000000000000000000000000000000000
 /// The `category` of every record.
 pub(crate) const CATEGORY: &str = "AuditEvent";
 
-/// Lower-case hex of bytes.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
-}
-
 /// SHA-256 of `data`, lower-case hex.
 pub fn sha256_hex(data: &[u8]) -> String {
-    hex(&kagi_crypto::digest(
+    hex::encode(kagi_crypto::digest(
         kagi_crypto::DigestAlgorithm::Sha256,
         data,
     ))

@@ -1,9 +1,9 @@
-//! Access decisions: the permissions a data-plane operation needs, and the evaluation of a
-//! vault's access policies. Pure functions; the server supplies the caller and the vault.
+//! Access decisions: the permissions a data-plane operation needs, who asks, and firewall
+//! address ranges. A vault's access policies are evaluated by
+//! [`crate::vault::VaultProperties::access_policies_allow`]. Pure functions.
 
 use std::net::IpAddr;
 
-use crate::vault::{AccessPolicyEntry, VaultProperties};
 use crate::{ErrorCode, KvError};
 
 macro_rules! permissions {
@@ -117,43 +117,6 @@ pub struct Caller {
 /// not even one that names this id.
 pub const PUBLIC_CLIENT_APP_ID: &str = "2f0e6a3c-6b55-4c8e-9a4f-1d7b3e5c9a01";
 
-/// Whether one entry grants the action to the caller.
-fn entry_grants(entry: &AccessPolicyEntry, caller: &Caller, action: DataAction) -> bool {
-    if !entry.tenant_id.eq_ignore_ascii_case(&caller.tenant_id)
-        || !entry.object_id.eq_ignore_ascii_case(&caller.object_id)
-    {
-        return false;
-    }
-    // A compound entry (object + application) applies only when the caller acts through it, and
-    // only through an application that proved it is that application.
-    if let Some(app) = &entry.application_id
-        && caller.application_id.as_deref().is_none_or(|a| {
-            !a.eq_ignore_ascii_case(app) || a.eq_ignore_ascii_case(PUBLIC_CLIENT_APP_ID)
-        })
-    {
-        return false;
-    }
-    match action {
-        DataAction::Key(wanted) => {
-            entry.permissions.keys.iter().flatten().any(|p| {
-                KeyPermission::parse(p).is_ok_and(|p| p == wanted || p == KeyPermission::All)
-            })
-        }
-        DataAction::Secret(wanted) => entry.permissions.secrets.iter().flatten().any(|p| {
-            SecretPermission::parse(p).is_ok_and(|p| p == wanted || p == SecretPermission::All)
-        }),
-        DataAction::Random => true,
-    }
-}
-
-/// Evaluates the vault's access policies for a caller. RBAC vaults are decided elsewhere.
-pub fn access_policies_allow(vault: &VaultProperties, caller: &Caller, action: DataAction) -> bool {
-    vault
-        .access_policies
-        .iter()
-        .any(|e| entry_grants(e, caller, action))
-}
-
 /// An address range of a firewall rule: one address or a CIDR block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpRange {
@@ -213,101 +176,6 @@ impl IpRange {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vault::Permissions;
-
-    const T: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
-    const O: &str = "11111111-2222-4333-8444-555555555555";
-
-    fn vault(keys: &[&str]) -> VaultProperties {
-        let mut p = VaultProperties::create(
-            serde_json::from_value(serde_json::json!({
-                "tenantId": T, "sku": {"family": "A", "name": "standard"}
-            }))
-            .unwrap(),
-        )
-        .unwrap();
-        p.access_policies.push(AccessPolicyEntry {
-            tenant_id: T.into(),
-            object_id: O.into(),
-            application_id: None,
-            permissions: Permissions {
-                keys: Some(keys.iter().map(|s| s.to_string()).collect()),
-                ..Default::default()
-            },
-        });
-        p
-    }
-
-    fn caller(oid: &str) -> Caller {
-        Caller {
-            tenant_id: T.into(),
-            object_id: oid.into(),
-            application_id: None,
-        }
-    }
-
-    #[test]
-    fn policies_grant_exactly_what_they_list() {
-        let v = vault(&["Get", "wrapKey", "UnwrapKey"]);
-        let c = caller(O);
-        assert!(access_policies_allow(
-            &v,
-            &c,
-            DataAction::Key(KeyPermission::Get)
-        ));
-        assert!(access_policies_allow(
-            &v,
-            &c,
-            DataAction::Key(KeyPermission::UnwrapKey)
-        ));
-        assert!(!access_policies_allow(
-            &v,
-            &c,
-            DataAction::Key(KeyPermission::Delete)
-        ));
-        assert!(!access_policies_allow(
-            &v,
-            &c,
-            DataAction::Secret(SecretPermission::Get)
-        ));
-        let other = caller("99999999-2222-4333-8444-555555555555");
-        assert!(!access_policies_allow(
-            &v,
-            &other,
-            DataAction::Key(KeyPermission::Get)
-        ));
-        let all = vault(&["all"]);
-        assert!(access_policies_allow(
-            &all,
-            &c,
-            DataAction::Key(KeyPermission::Purge)
-        ));
-    }
-
-    #[test]
-    fn compound_entries_need_their_application_and_never_the_public_client() {
-        const APP: &str = "66666666-2222-4333-8444-555555555555";
-        let mut v = vault(&["get"]);
-        v.access_policies[0].application_id = Some(APP.into());
-        let get = DataAction::Key(KeyPermission::Get);
-        let via = |app: Option<&str>| Caller {
-            application_id: app.map(str::to_string),
-            ..caller(O)
-        };
-        assert!(access_policies_allow(&v, &via(Some(APP)), get));
-        assert!(!access_policies_allow(&v, &via(None), get));
-        assert!(!access_policies_allow(
-            &v,
-            &via(Some(PUBLIC_CLIENT_APP_ID)),
-            get
-        ));
-        v.access_policies[0].application_id = Some(PUBLIC_CLIENT_APP_ID.to_ascii_uppercase());
-        assert!(!access_policies_allow(
-            &v,
-            &via(Some(PUBLIC_CLIENT_APP_ID)),
-            get
-        ));
-    }
 
     #[test]
     fn ip_ranges() {

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::access::{Caller, DataAction, KeyPermission, PUBLIC_CLIENT_APP_ID, SecretPermission};
 use crate::{ErrorCode, KvError, TenantId};
 
 /// The vault's pricing tier; HSM-protected keys need `premium`.
@@ -340,9 +341,116 @@ fn validate_public_access(v: &str) -> Result<(), KvError> {
     }
 }
 
+impl AccessPolicyEntry {
+    /// Whether this entry grants the action to the caller.
+    fn grants(&self, caller: &Caller, action: DataAction) -> bool {
+        let entry = self;
+
+        if !entry.tenant_id.eq_ignore_ascii_case(&caller.tenant_id)
+            || !entry.object_id.eq_ignore_ascii_case(&caller.object_id)
+        {
+            return false;
+        }
+        // A compound entry (object + application) applies only when the caller acts through it, and
+        // only through an application that proved it is that application.
+        if let Some(app) = &entry.application_id
+            && caller.application_id.as_deref().is_none_or(|a| {
+                !a.eq_ignore_ascii_case(app) || a.eq_ignore_ascii_case(PUBLIC_CLIENT_APP_ID)
+            })
+        {
+            return false;
+        }
+        match action {
+            DataAction::Key(wanted) => entry.permissions.keys.iter().flatten().any(|p| {
+                KeyPermission::parse(p).is_ok_and(|p| p == wanted || p == KeyPermission::All)
+            }),
+            DataAction::Secret(wanted) => entry.permissions.secrets.iter().flatten().any(|p| {
+                SecretPermission::parse(p).is_ok_and(|p| p == wanted || p == SecretPermission::All)
+            }),
+            DataAction::Random => true,
+        }
+    }
+}
+
+impl VaultProperties {
+    /// Evaluates the vault's access policies for a caller. RBAC vaults are decided elsewhere.
+    pub fn access_policies_allow(&self, caller: &Caller, action: DataAction) -> bool {
+        self.access_policies
+            .iter()
+            .any(|e| e.grants(caller, action))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::access::{KeyPermission, SecretPermission};
+
+    mod access_policies {
+        use super::*;
+
+        const T: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+        const O: &str = "11111111-2222-4333-8444-555555555555";
+
+        fn vault(keys: &[&str]) -> VaultProperties {
+            let mut p = VaultProperties::create(
+                serde_json::from_value(serde_json::json!({
+                    "tenantId": T, "sku": {"family": "A", "name": "standard"}
+                }))
+                .unwrap(),
+            )
+            .unwrap();
+            p.access_policies.push(AccessPolicyEntry {
+                tenant_id: T.into(),
+                object_id: O.into(),
+                application_id: None,
+                permissions: Permissions {
+                    keys: Some(keys.iter().map(|s| s.to_string()).collect()),
+                    ..Default::default()
+                },
+            });
+            p
+        }
+
+        fn caller(oid: &str) -> Caller {
+            Caller {
+                tenant_id: T.into(),
+                object_id: oid.into(),
+                application_id: None,
+            }
+        }
+
+        #[test]
+        fn policies_grant_exactly_what_they_list() {
+            let v = vault(&["Get", "wrapKey", "UnwrapKey"]);
+            let c = caller(O);
+            assert!(v.access_policies_allow(&c, DataAction::Key(KeyPermission::Get)));
+            assert!(v.access_policies_allow(&c, DataAction::Key(KeyPermission::UnwrapKey)));
+            assert!(!v.access_policies_allow(&c, DataAction::Key(KeyPermission::Delete)));
+            assert!(!v.access_policies_allow(&c, DataAction::Secret(SecretPermission::Get)));
+            let other = caller("99999999-2222-4333-8444-555555555555");
+            assert!(!v.access_policies_allow(&other, DataAction::Key(KeyPermission::Get)));
+            let all = vault(&["all"]);
+            assert!(all.access_policies_allow(&c, DataAction::Key(KeyPermission::Purge)));
+        }
+
+        #[test]
+        fn compound_entries_need_their_application_and_never_the_public_client() {
+            const APP: &str = "66666666-2222-4333-8444-555555555555";
+            let mut v = vault(&["get"]);
+            v.access_policies[0].application_id = Some(APP.into());
+            let get = DataAction::Key(KeyPermission::Get);
+            let via = |app: Option<&str>| Caller {
+                application_id: app.map(str::to_string),
+                ..caller(O)
+            };
+            assert!(v.access_policies_allow(&via(Some(APP)), get));
+            assert!(!v.access_policies_allow(&via(None), get));
+            assert!(!v.access_policies_allow(&via(Some(PUBLIC_CLIENT_APP_ID)), get));
+            v.access_policies[0].application_id = Some(PUBLIC_CLIENT_APP_ID.to_ascii_uppercase());
+            assert!(!v.access_policies_allow(&via(Some(PUBLIC_CLIENT_APP_ID)), get));
+        }
+    }
 
     fn input() -> VaultPropertiesInput {
         serde_json::from_value(serde_json::json!({

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use kagi_core::access::{Caller, DataAction, access_policies_allow};
+use kagi_core::access::{Caller, DataAction};
 use kagi_core::ids::uuid_v4;
 use kagi_core::rbac::{RoleDefinitionProperties, Scope, builtin_role, builtin_roles, data_action};
 use kagi_core::time::rfc3339;
@@ -1279,7 +1279,7 @@ impl Platform {
             object_id: caller.object_id.clone(),
             application_id: Some(caller.client_id.clone()),
         };
-        if access_policies_allow(&record.properties, &c, action) {
+        if record.properties.access_policies_allow(&c, action) {
             return Ok(());
         }
         Err(KvError::forbidden(format!(
