@@ -204,7 +204,8 @@ impl VaultConnection {
         passphrase: &str,
         proof: &MachineProof,
     ) -> Result<Value, AgentError> {
-        let mut body = json!({"machineName": machine, "keyVaultUri": key_vault_uri, "passphrase": passphrase});
+        let mut body =
+            json!({"machineName": machine, "keyVaultUri": key_vault_uri, "passphrase": passphrase});
         proof.add_to(&mut body);
         self.post("passphrase", &body).await
     }

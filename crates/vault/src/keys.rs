@@ -121,7 +121,6 @@ fn crypto_op(segment: &str) -> Option<KeyOperation> {
     })
 }
 
-
 /// One version in a key backup blob (sealed, never seen by clients in the clear).
 #[derive(Serialize, Deserialize)]
 struct BackupVersion {
