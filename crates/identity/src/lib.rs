@@ -37,6 +37,20 @@ pub enum TokenError {
     NotYetValid,
 }
 
+/// Kinds of principal.
+pub mod kind {
+    /// The administrator created on first start.
+    pub const BOOTSTRAP: &str = "BootstrapAdministrator";
+    /// An application with a client secret.
+    pub const SERVICE_PRINCIPAL: &str = "ServicePrincipal";
+    /// The identity a resource gets with `identity.type: SystemAssigned`.
+    pub const SYSTEM_ASSIGNED: &str = "SystemAssignedIdentity";
+    /// A person, signing in with a user principal name and a password.
+    pub const USER: &str = "User";
+    /// A `Microsoft.ManagedIdentity/userAssignedIdentities` resource.
+    pub const USER_ASSIGNED: &str = "UserAssignedIdentity";
+}
+
 /// Who a token is for: enough to authorize and audit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {

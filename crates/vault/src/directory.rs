@@ -32,19 +32,8 @@ pub const TRUSTED_SERVICE_TYPES: &[&str] = &[
     "microsoft.sql/servers",
 ];
 
-/// Kinds of principal.
-pub mod kind {
-    /// The administrator created on first start.
-    pub const BOOTSTRAP: &str = "BootstrapAdministrator";
-    /// An application with a client secret.
-    pub const SERVICE_PRINCIPAL: &str = "ServicePrincipal";
-    /// The identity a resource gets with `identity.type: SystemAssigned`.
-    pub const SYSTEM_ASSIGNED: &str = "SystemAssignedIdentity";
-    /// A person, signing in with a user principal name and a password.
-    pub const USER: &str = "User";
-    /// A `Microsoft.ManagedIdentity/userAssignedIdentities` resource.
-    pub const USER_ASSIGNED: &str = "UserAssignedIdentity";
-}
+/// Kinds of principal (kept in `kagi-identity`, which tokens and the directory both use).
+pub use kagi_identity::kind;
 
 const UAMI_TYPE: &str = "Microsoft.ManagedIdentity/userAssignedIdentities";
 /// A process that acts as a resource (an app, a VM): it exists to carry managed identities.

@@ -7,7 +7,6 @@
 //! plaintext lives in [`SecretValue`]/`Zeroizing` buffers that are wiped when dropped. Values
 //! never appear in logs, errors or `Debug` output.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 
 use kagi_core::access::{DataAction, SecretPermission};
@@ -27,18 +26,8 @@ use serde_json::{Map, Value, json};
 
 use crate::keys::ListQuery;
 use crate::object_backup;
-use crate::state::VaultState;
+use crate::state::{SecretEntry, SecretMap, VaultState};
 use crate::{Platform, internal};
-
-/// A secret and its versions, as memory holds it (values sealed).
-#[derive(Debug, Clone)]
-pub(crate) struct SecretEntry {
-    pub(crate) name: ObjectName,
-    pub(crate) deleted_at: Option<i64>,
-    pub(crate) purge_at: Option<i64>,
-    /// In creation order; the last is the current version.
-    pub(crate) versions: Vec<Arc<SecretVersionRecord>>,
-}
 
 impl SecretEntry {
     fn from_record(r: SecretRecord) -> Self {
@@ -65,9 +54,6 @@ impl SecretEntry {
         .ok_or_else(|| secret_not_found(self.name.as_str(), version))
     }
 }
-
-/// The in-memory secrets of one vault.
-pub(crate) type SecretMap = BTreeMap<String, SecretEntry>;
 
 impl VaultState {
     /// Adds the vault's stored secrets (at start-up).

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use kagi_core::key::KeyVersionInfo;
 use kagi_core::{KeyVersion, KvError, ObjectName, VaultName};
 use kagi_crypto::{KeyPair, RootKey, SealPurpose};
-use kagi_store::{KeyRecord, KeyVersionRecord, VaultRecord};
+use kagi_store::{KeyRecord, KeyVersionRecord, SecretVersionRecord, VaultRecord};
 
 /// One vault: its record, its keys, and the lock that serialises its writes.
 #[derive(Debug)]
@@ -14,10 +14,23 @@ pub(crate) struct VaultState {
     record: RwLock<VaultRecord>,
     keys: RwLock<BTreeMap<String, KeyEntry>>,
     /// Secrets by lower-case name (values sealed); see `crate::secrets`.
-    pub(crate) secrets: RwLock<crate::secrets::SecretMap>,
+    pub(crate) secrets: RwLock<SecretMap>,
     /// Held across "commit to store, then apply to memory" so writes to one vault are ordered.
     pub(crate) write: tokio::sync::Mutex<()>,
 }
+
+/// A secret and its versions, as memory holds it (values sealed).
+#[derive(Debug, Clone)]
+pub(crate) struct SecretEntry {
+    pub(crate) name: ObjectName,
+    pub(crate) deleted_at: Option<i64>,
+    pub(crate) purge_at: Option<i64>,
+    /// In creation order; the last is the current version.
+    pub(crate) versions: Vec<Arc<SecretVersionRecord>>,
+}
+
+/// The in-memory secrets of one vault.
+pub(crate) type SecretMap = BTreeMap<String, SecretEntry>;
 
 /// A key and its versions.
 #[derive(Debug, Clone)]

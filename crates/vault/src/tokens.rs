@@ -18,9 +18,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use crate::directory::kind;
 use crate::token_guards::{ReplayRefusal, lock, source_key};
 use crate::{Platform, internal};
+use kagi_identity::kind;
 
 /// The label under which the token signing key is sealed by the root key.
 pub(crate) const SIGNING_KEY_LABEL: &[u8] = b"kagi/v1/token-signing";

@@ -46,8 +46,8 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use crate::jobs::JobHandle;
-use crate::secrets::{SecretEntry, value_aad};
-use crate::state::{KeyEntry, VaultState, VersionEntry, private_key_aad};
+use crate::secrets::value_aad;
+use crate::state::{KeyEntry, SecretEntry, VaultState, VersionEntry, private_key_aad};
 use crate::{Platform, internal};
 
 /// Version of the payload (the JSON lines inside the encryption).
