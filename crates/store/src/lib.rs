@@ -16,7 +16,6 @@ pub mod moves;
 mod secrets;
 pub mod services;
 mod sqlite;
-mod sqlite_directory;
 
 use async_trait::async_trait;
 use kagi_core::key::{KeyVersionInfo, Tags};

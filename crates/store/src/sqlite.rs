@@ -17,6 +17,7 @@ use crate::{
     VaultRecord,
 };
 
+mod directory;
 mod events;
 mod secrets;
 pub(crate) mod services;
@@ -312,17 +313,11 @@ impl Store for SqliteStore {
     }
 
     async fn put_principal(&self, p: &PrincipalRecord) -> Result<()> {
-        crate::sqlite_directory::insert_principal(&self.pool, p).await
+        self.insert_principal_row(p).await
     }
 
     async fn principal_by_client_id(&self, client_id: &str) -> Result<Option<PrincipalRecord>> {
-        let row = sqlx::query("SELECT * FROM principals WHERE client_id = ? AND deleted = 0")
-            .bind(client_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref()
-            .map(crate::sqlite_directory::principal_row)
-            .transpose()
+        self.principal_row_by_client_id(client_id).await
     }
 
     async fn put_vault(&self, v: &VaultRecord) -> Result<()> {

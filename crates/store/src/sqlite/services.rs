@@ -1,7 +1,7 @@
 //! Service documents, service activity and policy assignments (schema in
 //! `crate::services::SCHEMA`). A resource's rows go with it when it is deleted and follow it
 //! when it moves: [`delete_resource_rows`] and [`rekey_resource_rows`] run inside those
-//! transactions (`sqlite_directory.rs`, `moves.rs`).
+//! transactions (`sqlite/directory.rs`, `moves.rs`).
 
 use sqlx::{Row, Sqlite, Transaction};
 

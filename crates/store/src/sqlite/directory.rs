@@ -7,7 +7,9 @@ use crate::directory::{
     BindingRecord, CertificateRecord, DirectoryStore, LockRecord, RETIRED_SIGNING_KEYS,
     ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord, SIGNING_KEY,
 };
-use crate::{PrincipalRecord, Result, SqliteStore, StoreError};
+use crate::{PrincipalRecord, Result, StoreError};
+
+use super::SqliteStore;
 
 fn principal(r: &sqlx::sqlite::SqliteRow) -> Result<PrincipalRecord> {
     Ok(PrincipalRecord {
@@ -22,11 +24,26 @@ fn principal(r: &sqlx::sqlite::SqliteRow) -> Result<PrincipalRecord> {
     })
 }
 
-pub(crate) fn principal_row(r: &sqlx::sqlite::SqliteRow) -> Result<PrincipalRecord> {
-    principal(r)
+impl SqliteStore {
+    /// `Store::put_principal`: principals are the directory's, kept here with its other rows.
+    pub(super) async fn insert_principal_row(&self, p: &PrincipalRecord) -> Result<()> {
+        insert_principal(&self.pool, p).await
+    }
+
+    /// `Store::principal_by_client_id`.
+    pub(super) async fn principal_row_by_client_id(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<PrincipalRecord>> {
+        let row = sqlx::query("SELECT * FROM principals WHERE client_id = ? AND deleted = 0")
+            .bind(client_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(principal).transpose()
+    }
 }
 
-pub(crate) async fn insert_principal<'e, E>(e: E, p: &PrincipalRecord) -> Result<()>
+async fn insert_principal<'e, E>(e: E, p: &PrincipalRecord) -> Result<()>
 where
     E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
 {
@@ -202,7 +219,7 @@ impl DirectoryStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         // The service documents and activity of the resource go with it.
-        crate::sqlite::services::delete_resource_rows(&mut tx, id).await?;
+        super::services::delete_resource_rows(&mut tx, id).await?;
         for oid in deleted_principals {
             sqlx::query("UPDATE principals SET deleted = 1, secret_hash = x'' WHERE object_id = ?")
                 .bind(oid)
