@@ -37,16 +37,19 @@ pub enum SealPurpose {
     Token,
     /// Whole-vault backups ("vault-backup").
     VaultBackup,
+    /// Storage services' own keys, such as a backup vault's platform key ("service-key").
+    ServiceKey,
 }
 
 impl SealPurpose {
     /// All purposes, in subkey-table order.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::PrivateKey,
         Self::KeyBackup,
         Self::Secret,
         Self::Token,
         Self::VaultBackup,
+        Self::ServiceKey,
     ];
 
     /// The label appended to `kagi/v1/` in the HKDF info. Changing one makes existing data
@@ -59,6 +62,7 @@ impl SealPurpose {
             Self::Secret => "secret",
             Self::Token => "token-signing",
             Self::VaultBackup => "vault-backup",
+            Self::ServiceKey => "service-key",
         }
     }
 
@@ -69,6 +73,7 @@ impl SealPurpose {
             Self::Secret => 2,
             Self::Token => 3,
             Self::VaultBackup => 4,
+            Self::ServiceKey => 5,
         }
     }
 }

@@ -22,6 +22,7 @@ mod rotation;
 pub use rotation::SweepReport;
 mod jobs;
 mod secrets;
+mod service_host;
 mod state;
 mod test_clock;
 mod token_guards;

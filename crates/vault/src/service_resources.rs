@@ -23,23 +23,7 @@ use serde_json::{Value, json};
 use super::{bad, kind};
 use crate::{Platform, internal};
 
-/// What a storage service may read about a key vault (for its own acceptance rules: same
-/// region, soft delete, purge protection). Reading keys still goes through the data plane.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyVaultFacts {
-    /// Vault name.
-    pub name: String,
-    /// Region.
-    pub location: String,
-    /// Tenant.
-    pub tenant_id: String,
-    /// Subscription.
-    pub subscription_id: String,
-    /// Soft delete on.
-    pub soft_delete: bool,
-    /// Purge protection on.
-    pub purge_protection: bool,
-}
+pub use kagi_host::KeyVaultFacts;
 
 /// The store key of a resource id: lower-case, no trailing slash (as `resources.id`).
 fn store_key(resource_id: &str) -> String {
