@@ -14,7 +14,7 @@ use kagi_backup::Progress;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use crate::commands::Output;
+use crate::client::Output;
 
 /// `kagi agent`.
 #[derive(Args, Debug)]

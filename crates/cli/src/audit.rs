@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use kagi_audit::Filter;
 use serde_json::Value;
 
-use crate::commands::Output;
+use crate::client::Output;
 
 /// `kagi audit …`.
 #[derive(Args, Debug)]

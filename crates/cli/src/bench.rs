@@ -13,7 +13,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::Context;
-use crate::commands::Output;
+use crate::client::Output;
 
 /// `kagi bench` arguments.
 #[derive(Args, Debug)]

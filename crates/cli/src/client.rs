@@ -8,7 +8,14 @@ use std::path::Path;
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::commands::Output;
+/// Output format.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Output {
+    /// Short human-readable lines.
+    Table,
+    /// The resource as JSON.
+    Json,
+}
 
 /// Everything a client command needs.
 pub struct Context {

@@ -1,20 +1,11 @@
 //! `kagi keyvault …`: vault management and key commands for people and scripts.
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::Context;
-
-/// Output format.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Output {
-    /// Short human-readable lines.
-    Table,
-    /// The resource as JSON.
-    Json,
-}
+use crate::client::{Context, Output};
 
 const ARM_API: &str = "2023-07-01";
 const RG_API: &str = "2021-04-01";

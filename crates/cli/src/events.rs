@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::Context;
-use crate::commands::Output;
+use crate::client::Output;
 
 const EVENTGRID_API: &str = "2022-06-15";
 

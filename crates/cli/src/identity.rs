@@ -7,7 +7,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::Context;
-use crate::commands::Output;
+use crate::client::Output;
 
 const ARM_API: &str = "2023-01-31";
 const AUTHZ_API: &str = "2022-04-01";

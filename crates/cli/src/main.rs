@@ -41,7 +41,7 @@ struct Cli {
     server: String,
     /// Output format of client commands.
     #[arg(long, global = true, value_enum, default_value = "table")]
-    output: commands::Output,
+    output: client::Output,
     #[command(subcommand)]
     command: Command,
 }

@@ -6,7 +6,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::Context;
-use crate::commands::Output;
+use crate::client::Output;
 
 const API: &str = "api-version=2022-06-01";
 const BACKUP_VAULTS_CMK: &str =

@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::client::Context;
-use crate::commands::Output;
+use crate::client::Output;
 
 /// api-version of `Microsoft.Resources` calls.
 const RESOURCES_API: &str = "2021-04-01";

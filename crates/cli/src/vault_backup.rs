@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use crate::client::Context;
-use crate::commands::Output;
+use crate::client::Output;
 
 const ARM_API: &str = "2023-07-01";
 const RG_API: &str = "2021-04-01";
