@@ -91,3 +91,48 @@ def test_a_restore_killed_half_way_is_rolled_back_at_start(private_kagi, tmp_pat
     assert out["secrets"] == SECRETS
     names = {p.name for p in srv.secret_client(srv.vault_url(target)).list_properties_of_secrets()}
     assert len(names) == SECRETS
+
+
+def test_a_vault_being_restored_into_serves_no_one_else(private_kagi, tmp_path):
+    """While a restore writes into a vault, other callers are refused (409
+    VaultRestoreInProgress) instead of reading half a vault or writing what a roll-back would
+    take away; once the job has ended the vault serves everyone again."""
+    srv = private_kagi
+    source = srv.create_vault(purge_protection=False)
+    client = srv.secret_client(source.url)
+    for i in range(SECRETS):
+        client.set_secret(f"s{i:04d}", f"value-{i}")
+    backup = tmp_path / "v.kvbak"
+    pass_file = tmp_path / "pass.txt"
+    pass_file.write_text(PASSPHRASE + "\n")
+    pass_file.chmod(0o600)
+    ok(kagi_cli(srv, "keyvault", "backup", "--name", source.name, "--resource-group", source.rg,
+                "--file", str(backup), "--passphrase-file", str(pass_file)))
+    raw = backup.read_bytes()
+
+    for attempt in range(3):
+        target = srv.create_vault(purge_protection=True)
+        status_url = start_restore(srv, target.name, raw, None)
+        refused = None
+        while True:
+            job = srv.request("GET", status_url).json()
+            if job["status"] != "InProgress":
+                break
+            if job.get("progress", {}).get("phase") == "restore":
+                r = target.raw("PUT", "/secrets/intruder", json={"value": "x"})
+                refused = r
+                break
+            time.sleep(0.005)
+        if refused is not None:
+            break
+    else:
+        pytest.fail("the restore always ended before a request could be made during it")
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["innererror"]["code"] == "VaultRestoreInProgress"
+    while srv.request("GET", status_url).json()["status"] == "InProgress":
+        time.sleep(0.05)
+    assert srv.request("GET", status_url).json()["status"] == "Completed"
+    r = target.raw("PUT", "/secrets/after", json={"value": "x"})
+    assert r.status_code == 200, r.text
+    r = target.raw("GET", "/secrets/intruder")
+    assert r.status_code == 404, r.text

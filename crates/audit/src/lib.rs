@@ -29,4 +29,7 @@ pub use record::{
     sane_correlation_id,
 };
 pub use timefmt::{format_rfc3339_ms, now_unix_ms, parse_rfc3339_ms};
-pub use writer::{AUDIT_DIR, AUDIT_FILE, AuditConfig, AuditError, AuditLog, FAIL_FILE_ENV};
+pub use writer::{
+    AUDIT_DIR, AUDIT_FILE, Admission, AuditConfig, AuditError, AuditLog, FAIL_FILE_ENV,
+    MAX_RECORD_BYTES,
+};

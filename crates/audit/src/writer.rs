@@ -25,8 +25,11 @@ pub const FAIL_FILE_ENV: &str = "KAGI_AUDIT_FAIL_FILE";
 pub const ACK_TIMEOUT_ENV: &str = "KAGI_AUDIT_TIMEOUT_MS";
 /// Environment variable overriding [`AuditConfig::reserve`], in bytes (tests use a small one).
 pub const RESERVE_ENV: &str = "KAGI_AUDIT_RESERVE_BYTES";
-/// Default [`AuditConfig::reserve`]: room for a few thousand records.
-pub const DEFAULT_RESERVE: u64 = 4 * 1024 * 1024;
+/// Default [`AuditConfig::reserve`]: room for well over a thousand records of the largest size.
+pub const DEFAULT_RESERVE: u64 = 32 * 1024 * 1024;
+/// The most bytes one record takes on disk (its URLs and ids are bounded, and even with every
+/// character escaped a line stays under this): what each admitted request holds of the reserve.
+pub const MAX_RECORD_BYTES: u64 = 24 * 1024;
 
 /// How the writer behaves.
 #[derive(Clone, Debug)]
@@ -123,6 +126,11 @@ struct Job {
 #[derive(Debug)]
 struct Shared {
     healthy: AtomicBool,
+    /// Bytes allocated past the end of the file (`u64::MAX` when not known: no reserve, or a
+    /// filesystem without `fallocate`).
+    headroom: AtomicU64,
+    /// Bytes of it promised to admitted requests whose records are not written yet.
+    promised: AtomicU64,
     /// Milliseconds since `epoch` (plus one) when the batch being written started; 0 if idle.
     busy_since: AtomicU64,
     epoch: Instant,
@@ -174,6 +182,8 @@ impl AuditLog {
         let file = open_file(&path, &config)?;
         let shared = Arc::new(Shared {
             healthy: AtomicBool::new(true),
+            headroom: AtomicU64::new(file.headroom()),
+            promised: AtomicU64::new(0),
             busy_since: AtomicU64::new(0),
             epoch: Instant::now(),
         });
@@ -224,6 +234,27 @@ impl AuditLog {
         }
     }
 
+    /// Admits one request: the log is healthy and the reserve still has room for its record on
+    /// top of those of every request admitted before it and not yet written. `None`: answer 503
+    /// before doing any work. Hold the admission until the request's record is appended.
+    pub fn admit(&self) -> Option<Admission> {
+        if !self.is_healthy() {
+            return None;
+        }
+        let promised = self
+            .shared
+            .promised
+            .fetch_add(MAX_RECORD_BYTES, Ordering::AcqRel)
+            + MAX_RECORD_BYTES;
+        if promised > self.shared.headroom.load(Ordering::Acquire) {
+            self.shared
+                .promised
+                .fetch_sub(MAX_RECORD_BYTES, Ordering::AcqRel);
+            return None;
+        }
+        Some(Admission(self.shared.clone()))
+    }
+
     /// Whether appends are expected to succeed: false while the writer is in its failed state,
     /// or when the batch being written has taken longer than the acknowledgement bound (a
     /// hung disk). Two atomic loads.
@@ -234,6 +265,18 @@ impl AuditLog {
         let busy = self.shared.busy_since.load(Ordering::Acquire);
         busy == 0
             || u128::from(self.shared.now_ms().saturating_sub(busy)) <= self.ack_timeout.as_millis()
+    }
+}
+
+/// A request's claim on the audit log's reserve ([`AuditLog::admit`]); released when dropped.
+#[derive(Debug)]
+pub struct Admission(Arc<Shared>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0
+            .promised
+            .fetch_sub(MAX_RECORD_BYTES, Ordering::AcqRel);
     }
 }
 
@@ -250,9 +293,20 @@ struct OpenFile {
     reserved_to: u64,
     /// The reserve could not be renewed: new requests are refused, records still written.
     low: bool,
+    /// Whether `reserved_to` is real space (`fallocate` worked), so admissions can count on it.
+    fallocated: bool,
 }
 
 impl OpenFile {
+    /// Bytes allocated past the end of the file, as admissions may count on them.
+    fn headroom(&self) -> u64 {
+        if self.fallocated {
+            self.reserved_to.saturating_sub(self.len)
+        } else {
+            u64::MAX
+        }
+    }
+
     /// Tops the space allocated past the end of the file up to `reserve` bytes once less than
     /// half of it is left. A filesystem without `fallocate` gets a probe instead: a block
     /// written and synced to a scratch file, which fails as the log's next write would.
@@ -268,6 +322,7 @@ impl OpenFile {
         ) {
             Ok(()) => {
                 self.reserved_to = self.len + reserve;
+                self.fallocated = true;
                 Ok(())
             }
             Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
@@ -366,7 +421,9 @@ impl Writer {
     /// are refused) but stays open, writing the records of requests already admitted.
     fn renew_reserve(&self, f: &mut OpenFile) {
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        match f.keep_reserve(dir, self.config.reserve) {
+        let renewed = f.keep_reserve(dir, self.config.reserve);
+        self.shared.headroom.store(f.headroom(), Ordering::Release);
+        match renewed {
             Ok(()) if f.low => {
                 f.low = false;
                 self.shared.healthy.store(true, Ordering::Release);
@@ -389,6 +446,7 @@ impl Writer {
     fn reopen(&self) -> State {
         match open_file(&self.path, &self.config) {
             Ok(f) => {
+                self.shared.headroom.store(f.headroom(), Ordering::Release);
                 self.shared.healthy.store(true, Ordering::Release);
                 tracing::info!(path = %self.path.display(), seq = f.seq, "audit log writable again");
                 State::Open(f)
@@ -548,6 +606,7 @@ fn open_file(path: &Path, config: &AuditConfig) -> Result<OpenFile, AuditError> 
         len: complete,
         reserved_to: complete,
         low: false,
+        fallocated: false,
     };
     // Healthy means the next records fit: opening a file on a full disk succeeds, writing
     // to it does not.

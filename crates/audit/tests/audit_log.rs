@@ -519,3 +519,27 @@ async fn queries_filter_records() {
         .is_empty()
     );
 }
+
+/// Admissions (issue 11, item 4): the reserve bounds the records of requests admitted and not
+/// yet written, so a burst on a nearly full disk cannot promise more than fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admissions_are_bounded_by_the_reserve() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = fast_config();
+    config.reserve = 4 * kagi_audit::MAX_RECORD_BYTES;
+    let log = AuditLog::open_with(dir.path(), config).unwrap();
+    let held: Vec<_> = (0..4)
+        .map(|_| log.admit().expect("room for four"))
+        .collect();
+    assert!(
+        log.admit().is_none(),
+        "a fifth record does not fit in the reserve"
+    );
+    drop(held);
+    let one = log
+        .admit()
+        .expect("room again once the records are written");
+    log.append(record("KeyGet", 200, None)).await.unwrap();
+    drop(one);
+    assert!(log.admit().is_some());
+}

@@ -76,12 +76,42 @@ fn printable(text: &str, max: usize) -> String {
 
 /// The path as a record may show it: the IMDS-style managed-identity endpoint carries the
 /// workload's binding secret in its second segment (`/imds/{secret}/metadata/...`).
+/// Every segment that follows an `imds` segment is redacted, wherever it is and however it is
+/// spelt (`/./imds/…`, `/%69mds/…`): the record must not hold a secret even of a path that is
+/// not served.
 fn redacted_path(path: &str) -> String {
-    let mut segs: Vec<&str> = path.split('/').collect();
-    if segs.len() > 2 && segs[1].eq_ignore_ascii_case("imds") {
-        segs[2] = "REDACTED";
+    let segs: Vec<&str> = path.split('/').collect();
+    let mut out: Vec<&str> = Vec::with_capacity(segs.len());
+    for (i, seg) in segs.iter().enumerate() {
+        let after_imds = i > 0 && percent_decoded(segs[i - 1]).eq_ignore_ascii_case(b"imds");
+        out.push(if after_imds { "REDACTED" } else { seg });
     }
-    segs.join("/")
+    out.join("/")
+}
+
+/// A path segment with its `%XX` escapes decoded (others kept as they are).
+fn percent_decoded(seg: &str) -> Vec<u8> {
+    let b = seg.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push(u8::try_from(h * 16 + l).unwrap_or(b'%'));
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// An error code as it may appear in `resultDescription`: a short identifier.
@@ -184,9 +214,10 @@ pub(crate) async fn serve_audited(
         .and_then(|v| v.to_str().ok())
         .filter(|v| kagi_audit::sane_correlation_id(v))
         .map_or_else(kagi_audit::new_correlation_id, str::to_string);
-    if !audit.is_healthy() {
+    // Held until the record is written: the log keeps room for it even if the disk fills.
+    let Some(_admission) = audit.admit() else {
         return unavailable(&correlation);
-    }
+    };
 
     let method = req.method().to_string();
     let origin = {
@@ -403,6 +434,12 @@ mod tests {
             "/imds/REDACTED/metadata/identity/oauth2/token"
         );
         assert_eq!(redacted_path("/keys/k"), "/keys/k");
+        assert_eq!(
+            redacted_path("/./imds/s3cr3t/metadata"),
+            "/./imds/REDACTED/metadata"
+        );
+        assert_eq!(redacted_path("/%69MDS/s3cr3t/x"), "/%69MDS/REDACTED/x");
+        assert_eq!(redacted_path("/a/imds"), "/a/imds");
         assert_eq!(redacted_path("/"), "/");
     }
 

@@ -176,9 +176,11 @@ fn normalized_uri(uri: &axum::http::Uri) -> Option<axum::http::Uri> {
 
 /// Most of an unread body drained after the answer, and for how long: a client sends its whole
 /// body before reading the answer, so an early answer (a refused token, an unsupported
-/// api-version) must not reset the connection under it; a larger or slower body is cut off.
-const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
-const DRAIN_TIME: Duration = Duration::from_secs(10);
+/// api-version, an agent's pack over its quota) must not reset the connection under it; a
+/// larger or slower body is cut off. The bound covers the largest body a route takes short of
+/// a vault restore upload (a backup agent's object: 64 MiB).
+const DRAIN_LIMIT: usize = 65 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(30);
 
 /// A request body that the handler reads through a handle while the server keeps its own, to
 /// drain what the handler did not read.

@@ -70,15 +70,13 @@ async fn a_vault_is_not_shown_before_its_commit() {
         )
         .await;
     assert_eq!(status, 404, "a key went into an uncommitted vault: {v}");
-    // A second create of the name is refused while the first is under way.
-    let (status, v) = s
-        .arm(
-            "PUT",
-            &vault.replace("/rg1/", "/rg2/"),
-            Some(json!({"location": "westeurope"})),
-        )
-        .await;
-    assert!(status >= 400, "{v}");
+    // A second create of the name, in the same place with a valid body, is refused while the
+    // first is under way (it would otherwise become an update of an uncommitted vault).
+    let second = json!({"location": "westeurope", "properties": {
+        "tenantId": s.admin.tenant_id, "sku": {"family": "A", "name": "standard"}}});
+    let (status, v) = s.arm("PUT", &vault, Some(second)).await;
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"]["code"], "VaultAlreadyExists", "{v}");
 
     sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
     let (status, v) = create.await.unwrap();

@@ -188,6 +188,31 @@ impl Platform {
         input: VaultInput,
         patch: bool,
     ) -> Result<(u16, Value), KvError> {
+        self.put_vault_as(
+            caller,
+            subscription,
+            resource_group,
+            name,
+            input,
+            patch,
+            VaultWriter::Client,
+        )
+        .await
+    }
+
+    /// [`Platform::put_vault`], or a whole-vault restore's create or update: a restore's vault
+    /// is created marked as being restored into, and only a restore changes a vault so marked.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn put_vault_as(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        resource_group: &str,
+        name: &str,
+        input: VaultInput,
+        patch: bool,
+        writer: VaultWriter<'_>,
+    ) -> Result<(u16, Value), KvError> {
         let sub = self.authorize_arm(caller, subscription).await?;
         let rg = self.resource_group(&sub, resource_group).await?;
         let name = VaultName::parse(name)?;
@@ -216,6 +241,9 @@ impl Platform {
 
         if let Some(state) = existing {
             let _w = state.write.lock().await;
+            if state.is_restoring() && matches!(writer, VaultWriter::Client) {
+                return Err(crate::restore_in_progress(&name));
+            }
             let current = state.record();
             if current.deleted_at.is_some() {
                 if !recover {
@@ -321,15 +349,17 @@ impl Platform {
         // The name is reserved first (two creates of one name cannot both commit) but the vault
         // is shown only once the store holds it: nobody reads, or writes into, a vault that a
         // failed commit then takes away.
-        let _reserved = self.reserve_vault_name(&name)?;
+        let _reserved = match writer {
+            VaultWriter::Restore(Some(r)) if r.name == name => None,
+            _ => Some(self.reserve_vault_name(&name)?),
+        };
         self.store
             .put_vault(&record)
             .await
             .map_err(|e| internal("create vault", e))?;
-        self.vaults_write().insert(
-            name.clone(),
-            Arc::new(VaultState::new(record.clone(), Vec::new())),
-        );
+        let state = VaultState::new(record.clone(), Vec::new());
+        state.set_restoring(matches!(writer, VaultWriter::Restore(_)));
+        self.vaults_write().insert(name.clone(), Arc::new(state));
         tracing::info!(vault = %name, "vault created");
         Ok((201, self.vault_json(&record)))
     }
@@ -337,7 +367,10 @@ impl Platform {
     /// Reserves `name` for a vault being created, or answers that it is taken. The
     /// reservation ends when the guard is dropped (after the vault is in the map, or on
     /// failure, or if the request is dropped).
-    fn reserve_vault_name(&self, name: &VaultName) -> Result<VaultNameReservation<'_>, KvError> {
+    pub(crate) fn reserve_vault_name(
+        &self,
+        name: &VaultName,
+    ) -> Result<VaultNameReservation<'_>, KvError> {
         let mut creating = self.vault_creates.lock().unwrap_or_else(|p| p.into_inner());
         if self.vault_state(name).is_some() || !creating.insert(name.clone()) {
             return Err(KvError::new(
@@ -434,6 +467,9 @@ impl Platform {
             return Ok(204);
         };
         let _w = state.write.lock().await;
+        if state.is_restoring() {
+            return Err(crate::restore_in_progress(&record.name));
+        }
         let mut record = state.record();
         if record.deleted_at.is_some() {
             return Ok(204);
@@ -614,8 +650,18 @@ fn deleted_vault_json(r: &VaultRecord) -> Value {
     })
 }
 
+/// Who writes a vault: a client, or a whole-vault restore (with the name it reserved when it
+/// creates the vault).
+#[derive(Clone, Copy)]
+pub(crate) enum VaultWriter<'a> {
+    /// Anyone, through the management API.
+    Client,
+    /// A restore (`crate::vault_backup`).
+    Restore(Option<&'a VaultNameReservation<'a>>),
+}
+
 /// A vault name held for a create in progress (see `Platform::reserve_vault_name`).
-struct VaultNameReservation<'a> {
+pub(crate) struct VaultNameReservation<'a> {
     platform: &'a Platform,
     name: VaultName,
 }

@@ -167,7 +167,7 @@ impl Platform {
     ) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
         let name = VaultName::parse(vault)
             .map_err(|_| KvError::new(ErrorCode::VaultNotFound, "The vault was not found."))?;
-        let state = self.live_vault(&name)?;
+        let state = self.usable_vault(&name)?;
         let record = state.record();
         self.authorize_object(caller, &record, action, key.map(|k| ("keys", k)))?;
         Ok((state, record))

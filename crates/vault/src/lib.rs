@@ -109,6 +109,15 @@ pub struct Platform {
     guards: token_guards::TokenGuards,
 }
 
+/// The answer for a vault that a restore is writing into.
+pub(crate) fn restore_in_progress(name: &VaultName) -> KvError {
+    KvError::conflict(format!(
+        "A vault backup is being restored into the vault '{name}'; it serves requests again \
+         once the restore job has ended."
+    ))
+    .with_inner("VaultRestoreInProgress")
+}
+
 /// Logs a failure of kagi itself and answers the client with a bare 500.
 pub(crate) fn internal(context: &str, e: impl std::fmt::Display) -> KvError {
     tracing::error!(context, error = %e, "internal failure");
@@ -203,6 +212,16 @@ impl Platform {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
+    }
+
+    /// A live vault that is not being restored into, for its data plane and its changes: 404
+    /// or 409 `VaultRestoreInProgress`.
+    pub(crate) fn usable_vault(&self, name: &VaultName) -> Result<Arc<VaultState>, KvError> {
+        let state = self.live_vault(name)?;
+        if state.is_restoring() {
+            return Err(restore_in_progress(name));
+        }
+        Ok(state)
     }
 
     /// A live (not soft-deleted) vault, or 404.

@@ -557,7 +557,7 @@ impl Platform {
         };
         let _serial = MOVES.lock().await;
         let name = VaultName::parse(name)?;
-        let state = self.live_vault(&name)?;
+        let state = self.usable_vault(&name)?;
         let _w = state.write.lock().await;
         let current = state.record();
         if !current.subscription_id.eq_ignore_ascii_case(id_sub)

@@ -45,7 +45,7 @@ impl Platform {
     > {
         let vname = VaultName::parse(vault)
             .map_err(|_| KvError::new(ErrorCode::VaultNotFound, "The vault was not found."))?;
-        let state = self.live_vault(&vname)?;
+        let state = self.usable_vault(&vname)?;
         let record = state.record();
         self.authorize_object(
             caller,

@@ -212,7 +212,7 @@ impl Platform {
     ) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
         let name = VaultName::parse(vault)
             .map_err(|_| KvError::new(ErrorCode::VaultNotFound, "The vault was not found."))?;
-        let state = self.live_vault(&name)?;
+        let state = self.usable_vault(&name)?;
         let record = state.record();
         // The secret's own scope, so that role assignments on one secret count.
         self.authorize_object(

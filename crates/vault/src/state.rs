@@ -17,6 +17,9 @@ pub(crate) struct VaultState {
     pub(crate) secrets: RwLock<SecretMap>,
     /// Held across "commit to store, then apply to memory" so writes to one vault are ordered.
     pub(crate) write: tokio::sync::Mutex<()>,
+    /// Set while a whole-vault restore writes into this vault (and kept when its roll-back is
+    /// left to the next start): the vault then serves no one but the restore.
+    restoring: std::sync::atomic::AtomicBool,
 }
 
 /// A secret and its versions, as memory holds it (values sealed).
@@ -152,7 +155,19 @@ impl VaultState {
             ),
             secrets: RwLock::new(BTreeMap::new()),
             write: tokio::sync::Mutex::new(()),
+            restoring: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether a restore is writing into this vault (see `crate::vault_backup`).
+    pub(crate) fn is_restoring(&self) -> bool {
+        self.restoring.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Marks (or clears) this vault as being restored into.
+    pub(crate) fn set_restoring(&self, on: bool) {
+        self.restoring
+            .store(on, std::sync::atomic::Ordering::Release);
     }
 
     /// A snapshot of the vault record.

@@ -45,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
+use crate::arm::VaultWriter;
 use crate::jobs::JobHandle;
 use crate::secrets::value_aad;
 use crate::state::{KeyEntry, SecretEntry, VaultState, VersionEntry, private_key_aad};
@@ -706,7 +707,7 @@ impl Platform {
 
     /// Takes a consistent copy of the vault (under its write lock, so no write is half in).
     async fn snapshot(&self, name: &VaultName) -> Result<Snapshot, KvError> {
-        let state = self.live_vault(name)?;
+        let state = self.usable_vault(name)?;
         let _w = state.write.lock().await;
         let record = state.record();
         let keys: Vec<KeyEntry> = state.keys().values().cloned().collect();
@@ -909,6 +910,10 @@ impl Platform {
             .len();
         let done = part.with_extension("kvbak");
         std::fs::rename(&part, &done).map_err(|e| internal("rename backup file", e))?;
+        // The job is answered as done only once the new name survives a power loss too.
+        done.parent()
+            .map_or(Ok(()), |dir| std::fs::File::open(dir)?.sync_all())
+            .map_err(|e| internal("sync backup directory", e))?;
         tracing::info!(vault = %r.name, bytes, "vault backed up");
         let c = snap.counts();
         Ok((
@@ -1098,7 +1103,7 @@ impl Platform {
             }
             None => {
                 let record = self.vault_in(sub, resource_group, name)?;
-                let state = self.live_vault(&record.name)?;
+                let state = self.usable_vault(&record.name)?;
                 Self::check_empty(&state)?;
                 Ok(Target {
                     sub: sub.clone(),
@@ -1164,12 +1169,41 @@ impl Platform {
         })
         .await
         .map_err(|e| internal("restore task", e))??;
+        // The target is claimed before the journal names it: a new vault's name is reserved
+        // for the whole restore; an existing vault is checked empty and marked as being
+        // restored into under its write lock, so that nobody writes into it (nor reads a half
+        // restored vault) until the restore has ended. A roll-back then removes only what the
+        // restore wrote.
+        let reservation = match &target.location {
+            Some(_) => Some(self.reserve_vault_name(&target.name)?),
+            None => None,
+        };
         let existing = match &target.location {
             Some(_) => None,
-            None => Some(self.live_vault(&target.name)?.record()),
+            None => {
+                let state = self.usable_vault(&target.name)?;
+                {
+                    let _w = state.write.lock().await;
+                    Self::check_empty(&state)?;
+                    state.set_restoring(true);
+                }
+                Some(state)
+            }
         };
-        let journal = RestoreJournal::plan(target, &prepared, existing.as_ref())?;
-        let journal_path = journal.write(&self.config.data_dir, &job.id())?;
+        let before = existing.as_ref().map(|s| s.record());
+        let journal = RestoreJournal::plan(target, &prepared, before.as_ref()).and_then(|j| {
+            let path = j.write(&self.config.data_dir, &job.id())?;
+            Ok((j, path))
+        });
+        let (journal, journal_path) = match journal {
+            Ok(j) => j,
+            Err(e) => {
+                if let Some(state) = &existing {
+                    state.set_restoring(false);
+                }
+                return Err(e);
+            }
+        };
         let mut written = Written::default();
         let result = self
             .apply(
@@ -1178,16 +1212,35 @@ impl Platform {
                 target,
                 &prepared,
                 &journal.assignment_ids,
+                reservation.as_ref(),
                 &mut written,
             )
             .await;
-        let keep_journal = match &result {
-            Ok(_) => false,
-            // Left in place if anything stayed behind: the next start finishes the roll-back.
-            Err(_) => !self.roll_back(caller, target, &written).await,
+        let settled = match &result {
+            Ok(_) => true,
+            Err(_) => self.roll_back(caller, target, &written).await,
         };
-        if !keep_journal && let Err(e) = remove_journal(&journal_path) {
-            tracing::error!(error = %e, "restore journal not removed");
+        // The journal goes only once what it names is settled (all written, or all removed);
+        // while it stays, the vault stays marked, and the next start rolls the restore back.
+        let removed = settled
+            && remove_journal(&journal_path)
+                .map_err(|e| tracing::error!(error = %e, "restore journal not removed"))
+                .is_ok();
+        if !removed {
+            tracing::error!(
+                vault = %target.name,
+                "restore not settled; the vault stays unavailable and the restore is rolled \
+                 back at the next start"
+            );
+            return result.and_then(|_| {
+                Err(internal(
+                    "restore journal",
+                    "the restore wrote everything but its journal could not be removed",
+                ))
+            });
+        }
+        if let Some(state) = self.vault_state(&target.name) {
+            state.set_restoring(false);
         }
         result
     }
@@ -1434,6 +1487,7 @@ impl Platform {
         target: &Target,
         p: &Prepared,
         assignment_ids: &[String],
+        reservation: Option<&crate::arm::VaultNameReservation<'_>>,
         written: &mut Written,
     ) -> Result<Value, KvError> {
         let counts = &p.manifest.counts;
@@ -1462,19 +1516,12 @@ impl Platform {
             ..Default::default()
         };
         if let Some(location) = &target.location {
-            // Created here, or not at all: a vault someone made meanwhile is not taken over
-            // (a roll-back would purge it).
-            if self.vault_state(&target.name).is_some() {
-                return Err(KvError::new(
-                    ErrorCode::VaultAlreadyExists,
-                    format!("The vault name '{}' is already in use.", target.name),
-                ));
-            }
             props.tenant_id = Some(caller.tenant_id.clone());
             props.soft_delete_retention_in_days =
                 Some(i64::from(src.soft_delete_retention_in_days));
             props.access_policies = Some(policies.clone());
-            self.put_vault(
+            // Under the name reserved for this restore: created here, or not at all.
+            self.put_vault_as(
                 caller,
                 target.sub.as_str(),
                 &target.resource_group,
@@ -1485,6 +1532,7 @@ impl Platform {
                     properties: Some(props.clone()),
                 },
                 false,
+                VaultWriter::Restore(reservation),
             )
             .await?;
             written.created_vault = true;
@@ -1618,7 +1666,7 @@ impl Platform {
             for (k, v) in &p.manifest.source.tags {
                 tags.entry(k.clone()).or_insert_with(|| v.clone());
             }
-            self.put_vault(
+            self.put_vault_as(
                 caller,
                 target.sub.as_str(),
                 &target.resource_group,
@@ -1629,6 +1677,7 @@ impl Platform {
                     properties: Some(props),
                 },
                 true,
+                VaultWriter::Restore(None),
             )
             .await?;
         }
