@@ -41,7 +41,7 @@ pub use backend::{BlobBackend, ObjectInfo, ObjectStoreBackend};
 pub use backup::{BackupOptions, BackupStats, MAX_SKIPPED_LISTED, Progress, SkippedEntry};
 pub use prune::{PruneOptions, PruneStats};
 pub use repo::{CheckReport, KeyEntry, Repository, SnapshotInfo};
-pub use restore::{RestoreOptions, RestoreStats};
+pub use restore::{DEFAULT_MAX_RESTORE_ENTRIES, RestoreOptions, RestoreStats};
 
 /// Engine failures. Messages name files and objects, never data or keys.
 #[derive(Debug, thiserror::Error)]

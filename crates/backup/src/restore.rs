@@ -9,6 +9,7 @@
 //! is written through. Setuid and setgid bits come back only with the recorded owner
 //! ([`RestoreOptions::owners`], as root).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom, Write};
@@ -32,6 +33,11 @@ const HOLE_BLOCK: usize = 4096;
 /// Deeper trees are refused rather than recursed into: a backup cannot produce one (paths are
 /// limited to 4096 bytes), and a crafted one must not exhaust the stack.
 const MAX_DEPTH: usize = 2048;
+
+/// The entries a restore plans at most unless asked otherwise ([`RestoreOptions::max_entries`]):
+/// the plan holds each in memory (a few hundred bytes), and a crafted recovery point whose
+/// directories share subtrees level after level names more entries than any disk holds.
+pub const DEFAULT_MAX_RESTORE_ENTRIES: u64 = 10_000_000;
 
 const S_ISUID: u32 = 0o4000;
 const S_ISGID: u32 = 0o2000;
@@ -66,6 +72,9 @@ pub struct RestoreOptions {
     /// restores, and setuid and setgid bits are dropped: a user's setuid file must not come
     /// back as a setuid file of the restoring user (the server's, or root for the agent).
     pub owners: bool,
+    /// The most entries (files, directories, links) one restore creates: a recovery point with
+    /// more is refused before anything is written. Defaults to [`DEFAULT_MAX_RESTORE_ENTRIES`].
+    pub max_entries: u64,
 }
 
 impl Default for RestoreOptions {
@@ -74,6 +83,7 @@ impl Default for RestoreOptions {
             overwrite: false,
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
             owners: false,
+            max_entries: DEFAULT_MAX_RESTORE_ENTRIES,
         }
     }
 }
@@ -135,6 +145,19 @@ struct Plan {
     files: Vec<Planned>,
     stats: RestoreStats,
     bytes_total: u64,
+}
+
+/// Loaded trees by id, each with the number of entries at and below it.
+type Trees = HashMap<String, (Tree, u64)>;
+
+fn too_deep() -> BackupError {
+    BackupError::Corrupt(format!("directories nested more than {MAX_DEPTH} deep"))
+}
+
+fn subtree_of(node: &Node) -> Result<&str> {
+    node.subtree
+        .as_deref()
+        .ok_or_else(|| BackupError::Corrupt("a directory has no subtree".into()))
 }
 
 /// The target folder, open: every entry is reached from it one component at a time.
@@ -252,13 +275,54 @@ fn make_dir(parent: &OwnedFd, name: &OsStr) -> io::Result<()> {
 }
 
 impl Repository {
-    /// Loads every tree under `tree` and lists what to create; writes nothing, so a damaged or
-    /// crafted tree anywhere stops the restore before it starts.
-    fn plan(&self, tree: &Tree, rel: &Path, depth: usize, plan: &mut Plan) -> Result<()> {
+    /// Loads every tree under `tree` (each distinct one once, into `trees`) and counts the
+    /// entries a restore of it creates, failing as soon as they pass `max`. A subtree's count
+    /// is remembered by id: a crafted tree naming one subtree many times, level after level,
+    /// is counted in steps linear in its distinct trees, not expanded (2^64 entries from 65
+    /// trees).
+    fn count_entries(&self, tree: &Tree, depth: usize, max: u64, trees: &mut Trees) -> Result<u64> {
         if depth > MAX_DEPTH {
-            return Err(BackupError::Corrupt(format!(
-                "directories nested more than {MAX_DEPTH} deep"
-            )));
+            return Err(too_deep());
+        }
+        let mut n = 0u64;
+        for node in &tree.nodes {
+            n = n.saturating_add(1);
+            if node.kind == NodeKind::Dir {
+                let sub = subtree_of(node)?;
+                let below = match trees.get(sub) {
+                    Some((_, count)) => *count,
+                    None => {
+                        let subtree = self.load_tree(sub)?;
+                        let count = self.count_entries(&subtree, depth + 1, max, trees)?;
+                        trees.insert(sub.to_string(), (subtree, count));
+                        count
+                    }
+                };
+                n = n.saturating_add(below);
+            }
+            if n > max {
+                return Err(BackupError::Invalid(format!(
+                    "the recovery point has more than {max} entries to restore: restore a part \
+                     of it (a sub-path), or allow more entries"
+                )));
+            }
+        }
+        Ok(n)
+    }
+
+    /// Lists what to create from `tree`, whose trees [`Self::count_entries`] loaded and
+    /// checked; writes nothing, so a damaged or crafted tree anywhere stops the restore before
+    /// it starts.
+    fn plan(
+        &self,
+        tree: &Tree,
+        rel: &Path,
+        depth: usize,
+        trees: &Trees,
+        plan: &mut Plan,
+    ) -> Result<()> {
+        if depth > MAX_DEPTH {
+            return Err(too_deep());
         }
         for node in &tree.nodes {
             // load_tree checked the names: one valid component each, none repeated.
@@ -268,17 +332,15 @@ impl Repository {
             let rel = rel.join(OsStr::from_bytes(&name));
             match node.kind {
                 NodeKind::Dir => {
-                    let sub = node
-                        .subtree
-                        .as_deref()
-                        .ok_or_else(|| BackupError::Corrupt("a directory has no subtree".into()))?;
-                    let subtree = self.load_tree(sub)?;
+                    let (subtree, _) = trees.get(subtree_of(node)?).ok_or_else(|| {
+                        BackupError::Invalid("a subtree was not counted before planning".into())
+                    })?;
                     plan.stats.dirs += 1;
                     plan.creates.push(Planned {
                         rel: rel.clone(),
                         node: node.clone(),
                     });
-                    self.plan(&subtree, &rel, depth + 1, plan)?;
+                    self.plan(subtree, &rel, depth + 1, trees, plan)?;
                 }
                 NodeKind::Symlink => {
                     if node.target_bytes().is_none() {
@@ -386,7 +448,7 @@ impl Repository {
         let opts = RestoreOptions {
             overwrite,
             workers,
-            owners: false,
+            ..RestoreOptions::default()
         };
         self.restore_with(snapshot, sub_path, target, &opts, report)
     }
@@ -460,7 +522,10 @@ impl Repository {
             stats: RestoreStats::default(),
             bytes_total: 0,
         };
-        self.plan(&tree, Path::new(""), 0, &mut plan)?;
+        let mut trees = Trees::new();
+        self.count_entries(&tree, 0, opts.max_entries, &mut trees)?;
+        self.plan(&tree, Path::new(""), 0, &trees, &mut plan)?;
+        drop(trees);
         let Plan {
             creates,
             files,

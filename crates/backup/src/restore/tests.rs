@@ -366,3 +366,51 @@ fn tree_entry_rules() {
         assert!(t(bad).check_names().is_err(), "{bad:?}");
     }
 }
+
+/// A recovery point whose directories `d0`, `d1` of each level share one subtree, `levels`
+/// deep: a handful of distinct trees that a restore would expand into 2^levels entries.
+fn shared_subtrees(e: &mut Env, levels: usize) -> String {
+    let mut nodes = vec![e.file("f", b"x", 0o644)];
+    for _ in 0..levels {
+        let sub = e.tree(nodes);
+        nodes = ["d0", "d1"]
+            .iter()
+            .map(|name| Node {
+                subtree: Some(sub.clone()),
+                ..node(name, NodeKind::Dir, 0o755)
+            })
+            .collect();
+    }
+    e.snapshot(nodes)
+}
+
+#[test]
+fn subtrees_shared_without_end_are_refused_before_anything_is_written() {
+    let (mut e, _outside, target) = env_with_outside();
+    // 2^64 entries from 65 small trees: planning them all would never end.
+    let snap = shared_subtrees(&mut e, 64);
+    let msg = format!(
+        "{}",
+        e.restore(&snap, &target, &RestoreOptions::default())
+            .unwrap_err()
+    );
+    assert!(msg.contains("more than"), "{msg}");
+    assert!(listing(&target).is_empty(), "{:?}", listing(&target));
+}
+
+#[test]
+fn a_restore_creates_at_most_max_entries() {
+    let (mut e, _outside, target) = env_with_outside();
+    // 2 × (1 + 2 × (1 + 2 × (1 + 2 × (1 + 1)))) = 46 entries.
+    let snap = shared_subtrees(&mut e, 4);
+    let limited = |max_entries| RestoreOptions {
+        max_entries,
+        ..RestoreOptions::default()
+    };
+    let msg = format!("{}", e.restore(&snap, &target, &limited(45)).unwrap_err());
+    assert!(msg.contains("more than 45 entries"), "{msg}");
+    assert!(listing(&target).is_empty(), "{:?}", listing(&target));
+    let stats = e.restore(&snap, &target, &limited(46)).unwrap();
+    assert_eq!(listing(&target).len(), 46);
+    assert_eq!((stats.files, stats.dirs), (16, 30));
+}
