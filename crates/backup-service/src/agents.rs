@@ -186,7 +186,6 @@ pub enum AgentReply {
 pub const MAX_JSON_BYTES: usize = 64 * 1024;
 
 /// An agent request before its body is read.
-#[derive(Debug)]
 pub struct AgentHead<'a> {
     /// HTTP method.
     pub method: &'a str,
@@ -196,6 +195,19 @@ pub struct AgentHead<'a> {
     pub authorization: Option<&'a str>,
     /// The `Content-Length` the client announced.
     pub content_length: Option<u64>,
+}
+
+/// Shows the `Authorization` header only as present or absent: it carries vault credentials
+/// or a machine secret.
+impl std::fmt::Debug for AgentHead<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentHead")
+            .field("method", &self.method)
+            .field("segs", &self.segs)
+            .field("authorization", &self.authorization.map(|_| "<redacted>"))
+            .field("content_length", &self.content_length)
+            .finish()
+    }
 }
 
 /// An authenticated and authorized agent request (before its body is read).
