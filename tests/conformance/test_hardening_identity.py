@@ -9,6 +9,8 @@
   identity they were minted for.
 - 14: a client assertion (RFC 7523) is accepted once; the token signing key rotates, the old key
   validating (and published) until the tokens it signed have expired.
+- Follow-up review: password guesses sent together are hashed no more than the lockout allows;
+  a client assertion may live at most an hour, and one client cannot fill the replay cache.
 """
 
 from __future__ import annotations
@@ -381,13 +383,13 @@ def certificate(tmp_path):
     return key, der, pem
 
 
-def assertion(srv: KagiServer, sp: dict, key, der: bytes, jti: Optional[str]) -> str:
+def assertion(srv: KagiServer, sp: dict, key, der: bytes, jti: Optional[str], lifetime: int = 600) -> str:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding
 
     header = {"alg": "RS256", "typ": "JWT", "x5t#S256": b64url_encode(hashlib.sha256(der).digest())}
     now = int(time.time())
-    body = {"aud": token_url(srv), "iss": sp["clientId"], "sub": sp["clientId"], "iat": now, "exp": now + 600}
+    body = {"aud": token_url(srv), "iss": sp["clientId"], "sub": sp["clientId"], "iat": now, "exp": now + lifetime}
     if jti is not None:
         body["jti"] = jti
     signing_input = f"{b64url_encode(json.dumps(header).encode())}.{b64url_encode(json.dumps(body).encode())}"
@@ -395,8 +397,8 @@ def assertion(srv: KagiServer, sp: dict, key, der: bytes, jti: Optional[str]) ->
     return f"{signing_input}.{b64url_encode(sig)}"
 
 
-def assertion_grant(srv: KagiServer, sp: dict, jwt: str) -> requests.Response:
-    return requests.post(
+def assertion_grant(srv: KagiServer, sp: dict, jwt: str, session=requests) -> requests.Response:
+    return session.post(
         token_url(srv),
         data={
             "grant_type": "client_credentials",
@@ -491,3 +493,68 @@ def test_signing_key_rotation(clock_kagi):
     assert [k["status"] for k in out["value"]] == ["Current"], out
     assert arm_with(srv, before).status_code == 401
     assert arm_with(srv, fresh_admin_token(srv)).status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Follow-up review of the token endpoint: throttles that hold under concurrency, and a replay
+# cache that one client cannot fill.
+# ---------------------------------------------------------------------------------------------
+
+# A client assertion may be valid for at most this long (from nbf, else iat, to exp), and one
+# client may have at most this many remembered (crates/vault/src/token_guards.rs).
+MAX_ASSERTION_LIFETIME = 3600
+REPLAY_PER_CLIENT = 1000
+
+
+def test_password_guesses_sent_together_are_hashed_no_more_than_the_lockout_allows(private_kagi):
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = private_kagi
+    name = f"target-{uuid.uuid4().hex[:8]}@contoso.example"
+    guesses = 6 * USER_LOCKOUT_THRESHOLD
+    with ThreadPoolExecutor(max_workers=guesses) as pool:
+        answers = list(pool.map(lambda _: password_grant(srv, name, "a wrong password!"), range(guesses)))
+    statuses = sorted(r.status_code for r in answers)
+    # Each guess takes its place in the name's budget before it is hashed, so guesses arriving
+    # together cannot all pass a check made before the first of them failed.
+    assert statuses.count(400) == USER_LOCKOUT_THRESHOLD, statuses
+    for r in answers:
+        if r.status_code == 400:
+            assert_oauth_error(r, 400, "invalid_grant")
+        else:
+            assert_throttled(r)
+
+
+def test_client_assertion_valid_for_too_long_is_refused(kagi, tmp_path):
+    sp = create_sp(kagi, random_name("cert", 12))
+    key, der, pem = certificate(tmp_path)
+    assert add_cert(kagi, sp["objectId"], pem).status_code == 200
+    jwt = assertion(kagi, sp, key, der, str(uuid.uuid4()), lifetime=2 * MAX_ASSERTION_LIFETIME)
+    body = assert_oauth_error(assertion_grant(kagi, sp, jwt), 401, "invalid_client")
+    assert body["error_codes"] == [700024], body
+    assert str(MAX_ASSERTION_LIFETIME) in body["error_description"], body
+    jwt = assertion(kagi, sp, key, der, str(uuid.uuid4()), lifetime=MAX_ASSERTION_LIFETIME - 120)
+    assert assertion_grant(kagi, sp, jwt).status_code == 200
+
+
+def test_one_client_cannot_fill_the_assertion_replay_cache(private_kagi, tmp_path):
+    srv = private_kagi
+    greedy, other = (create_sp(srv, random_name("cert", 12)) for _ in range(2))
+    creds = {}
+    for sp in (greedy, other):
+        key, der, pem = certificate(tmp_path)
+        assert add_cert(srv, sp["objectId"], pem).status_code == 200
+        creds[sp["clientId"]] = (key, der)
+
+    def fresh(sp: dict) -> str:
+        return assertion(srv, sp, *creds[sp["clientId"]], str(uuid.uuid4()))
+
+    with requests.Session() as session:
+        session.verify = str(srv.ca_path)
+        for i in range(REPLAY_PER_CLIENT):
+            r = assertion_grant(srv, greedy, fresh(greedy), session)
+            assert r.status_code == 200, (i, r.text[:300])
+        # Its share is used up: its own new assertions are refused until its old ones expire.
+        assert_throttled(assertion_grant(srv, greedy, fresh(greedy), session))
+        # Another client's are not.
+        assert assertion_grant(srv, other, fresh(other), session).status_code == 200

@@ -48,11 +48,26 @@ pub(crate) fn query_get<'a>(pairs: &'a [(String, String)], name: &str) -> Option
 /// whole body before reading the answer, gets the 413 instead of a reset connection.
 const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 
+/// The most a body's buffer is sized to before its bytes arrive: a Content-Length alone (sent
+/// by anyone, the token endpoint is unauthenticated) must not pin a whole [`crate::MAX_BODY`]
+/// per request or stream. Larger bodies grow the buffer as they arrive.
+const PREALLOCATE_AT_MOST: usize = 64 * 1024;
+
 /// Reads a body up to [`crate::MAX_BODY`]; a larger one is refused without being kept.
 pub(crate) async fn read_body(
     headers: &axum::http::HeaderMap,
     body: Body,
 ) -> Result<axum::body::Bytes, KvError> {
+    // Taken out of its wrapper and turned into `Bytes` without a copy: nothing is left to wipe.
+    Ok(std::mem::take(&mut *read_secret_body(headers, body).await?).into())
+}
+
+/// Reads a body up to [`crate::MAX_BODY`] into a buffer wiped when dropped, for bodies that
+/// carry secrets (a password, a client secret) and are not handed on as `Bytes`.
+pub(crate) async fn read_secret_body(
+    headers: &axum::http::HeaderMap,
+    body: Body,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, KvError> {
     use http_body_util::BodyExt;
     let too_large = || {
         KvError::new(
@@ -69,9 +84,9 @@ pub(crate) async fn read_body(
     }
     let mut body = body;
     // Bodies can carry key material (imports, wrapKey plaintexts, secret values): sized from
-    // Content-Length up front, and grown without leaving unwiped copies behind.
+    // Content-Length up front (within bounds), and grown without leaving unwiped copies behind.
     let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(
-        declared.map_or(0, |len| len.min(crate::MAX_BODY as u64) as usize),
+        declared.map_or(0, |len| len.min(PREALLOCATE_AT_MOST as u64) as usize),
     ));
     let mut seen = 0usize;
     while let Some(frame) = body.frame().await {
@@ -93,15 +108,16 @@ pub(crate) async fn read_body(
     if seen > crate::MAX_BODY {
         return Err(too_large());
     }
-    Ok(std::mem::take(&mut *buf).into())
+    Ok(buf)
 }
 
 /// Appends `data`; when `buf` is full its contents move to a larger buffer and the old one is
 /// wiped, where `Vec`'s own growth would free it as it is.
 fn append_wiping(buf: &mut zeroize::Zeroizing<Vec<u8>>, data: &[u8]) {
     if buf.capacity() - buf.len() < data.len() {
+        let needed = buf.len() + data.len();
         let mut larger = zeroize::Zeroizing::new(Vec::with_capacity(
-            (buf.len() + data.len()).max(2 * buf.capacity()),
+            (2 * buf.capacity()).min(crate::MAX_BODY).max(needed),
         ));
         larger.extend_from_slice(buf);
         std::mem::swap(buf, &mut larger);
@@ -130,4 +146,48 @@ pub(crate) fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     scheme
         .eq_ignore_ascii_case("bearer")
         .then_some(token.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn declaring(len: usize) -> axum::http::HeaderMap {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        h
+    }
+
+    #[tokio::test]
+    async fn a_declared_length_alone_does_not_size_the_buffer() {
+        // A Content-Length of 1 MiB, and three bytes: the buffer is not sized to the promise.
+        let bytes = read_body(&declaring(crate::MAX_BODY), Body::from("a=b"))
+            .await
+            .unwrap();
+        let buf = Vec::from(bytes);
+        assert_eq!(buf, b"a=b");
+        assert!(
+            buf.capacity() <= PREALLOCATE_AT_MOST,
+            "{} bytes allocated",
+            buf.capacity()
+        );
+    }
+
+    #[tokio::test]
+    async fn bodies_larger_than_the_preallocation_still_arrive_whole() {
+        let data: Vec<u8> = (0..crate::MAX_BODY).map(|i| (i % 251) as u8).collect();
+        let got = read_secret_body(&declaring(data.len()), Body::from(data.clone()))
+            .await
+            .unwrap();
+        assert!(*got == data);
+        let e = read_body(
+            &declaring(data.len() + 1),
+            Body::from(vec![0u8; data.len() + 1]),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.status(), 413);
+    }
 }

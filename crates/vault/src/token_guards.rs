@@ -1,6 +1,12 @@
 //! What protects the token endpoint from abuse, all in memory and bounded: the number of
 //! Argon2id verifications running at once (each takes 19 MiB and a core), lockouts after failed
-//! passwords per user name and per source address, and the client assertions already used.
+//! passwords per user name and per source address, a budget of failed passwords for the whole
+//! server, and the client assertions already used.
+//!
+//! A password attempt takes its place in every budget (name, source, server) before it is
+//! hashed and settles it after ([`Attempt`]): attempts still being hashed count as failures
+//! until they are known not to be, so however many arrive at once, no more are hashed than the
+//! budgets allow.
 //!
 //! None of it survives a restart, by choice: lockouts and the replay cache matter for minutes,
 //! and writing them to the store would add a synchronous write to every failed sign-in (a cost
@@ -14,6 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kagi_core::time::Clock;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How failures of one key (a user name, a source) lock it out.
@@ -53,12 +60,38 @@ pub(crate) const SOURCE_LOCKOUT: Lockout = Lockout {
     capacity: 10_000,
 };
 
+/// The whole server: failed password checks (attempts being hashed included) leak away at
+/// `per_second`, and at most `burst` are outstanding. This bounds guessing that spreads over
+/// names and sources (many /64s of one /48 say, which also push older sources out of a full
+/// table): 5 a second is about 430,000 guesses a day over every name, against several times
+/// that (one Argon2id per core, some 20 a second per core) without it. Successes give their
+/// place back, so only failures use it up; while it is used up, every password grant is
+/// answered 429, the price of bounding guessing that no per-key count can attribute.
+pub(crate) const GLOBAL_FAILURES: Budget = Budget {
+    per_second: 5,
+    burst: 50,
+};
+
 /// Client assertions remembered at most (each until its `exp`).
 const REPLAY_CAPACITY: usize = 100_000;
+
+/// Client assertions remembered at most for one client: one client filling its share refuses
+/// only its own assertions, and a hundred clients would have to fill theirs to refuse others'.
+/// With assertions living at most [`MAX_ASSERTION_LIFETIME`], this is a new assertion every
+/// 3.6 s, sustained, for one client (MSAL makes one per token request, about one an hour per
+/// application instance).
+pub(crate) const REPLAY_PER_CLIENT: usize = 1_000;
+
+/// The longest a client assertion may be valid, in seconds, from its `nbf` (else `iat`, else
+/// now) to its `exp`: what bounds how long the replay cache must remember it. MSAL makes them
+/// valid for 10 minutes.
+pub(crate) const MAX_ASSERTION_LIFETIME: i64 = 3600;
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     failures: u32,
+    /// Attempts being hashed, counted as failures until they are settled.
+    pending: u32,
     last: i64,
     locked_until: i64,
 }
@@ -71,6 +104,20 @@ impl Entry {
             .saturating_sub(u32::try_from(forgotten).unwrap_or(u32::MAX))
     }
 }
+
+/// Why an attempt may not be hashed now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Locked out for this many more seconds.
+    Locked(i64),
+    /// Attempts already being hashed use up what is left of the budget: come back in this
+    /// many seconds, when they are settled.
+    Busy(i64),
+}
+
+/// Seconds after which a [`Refusal::Busy`] attempt is worth trying again: pending attempts
+/// settle within a hash (or the hash gate's wait).
+const BUSY_RETRY: i64 = 1;
 
 /// Failure counts with lockouts, for one kind of key.
 #[derive(Debug)]
@@ -95,17 +142,49 @@ impl<K: Hash + Eq + Clone> FailureTable<K> {
             .filter(|left| *left > 0)
     }
 
+    /// Takes a place for one attempt of `key` at `now`, to be given back by [`Self::release`]:
+    /// refused while `key` is locked, or when the attempts already pending would lock it if
+    /// they failed. Below the threshold, the places left before it; once a lockout has run
+    /// out with the failures not yet leaked away, one at a time (its failure locks again).
+    pub(crate) fn reserve(&mut self, key: &K, now: i64) -> Result<(), Refusal> {
+        if let Some(left) = self.locked(key, now) {
+            return Err(Refusal::Locked(left));
+        }
+        let p = self.policy;
+        let e = self.entry(key, now);
+        let failures = e.decayed(now, p.leak);
+        let places = p.threshold.saturating_sub(failures).max(1);
+        if e.pending >= places {
+            return Err(Refusal::Busy(BUSY_RETRY));
+        }
+        e.pending += 1;
+        Ok(())
+    }
+
+    /// Gives back the place of a settled attempt of `key`.
+    pub(crate) fn release(&mut self, key: &K) {
+        if let Some(e) = self.entries.get_mut(key) {
+            e.pending = e.pending.saturating_sub(1);
+        }
+    }
+
+    /// `key`'s entry, made (with room made for it) if it has none.
+    fn entry(&mut self, key: &K, now: i64) -> &mut Entry {
+        if !self.entries.contains_key(key) && self.entries.len() >= self.policy.capacity {
+            self.make_room(now);
+        }
+        self.entries.entry(key.clone()).or_insert(Entry {
+            failures: 0,
+            pending: 0,
+            last: now,
+            locked_until: 0,
+        })
+    }
+
     /// Counts a failure of `key` at `now`, locking it once it has failed too often.
     pub(crate) fn fail(&mut self, key: &K, now: i64) {
         let p = self.policy;
-        if !self.entries.contains_key(key) && self.entries.len() >= p.capacity {
-            self.make_room(now);
-        }
-        let e = self.entries.entry(key.clone()).or_insert(Entry {
-            failures: 0,
-            last: now,
-            locked_until: 0,
-        });
+        let e = self.entry(key, now);
         e.failures = e.decayed(now, p.leak).saturating_add(1);
         e.last = now;
         if e.failures >= p.threshold {
@@ -114,26 +193,84 @@ impl<K: Hash + Eq + Clone> FailureTable<K> {
         }
     }
 
-    /// Forgets `key`'s failures (its owner proved the password).
+    /// Forgets `key`'s failures (its owner proved the password); attempts still pending keep
+    /// their places.
     pub(crate) fn clear(&mut self, key: &K) {
-        self.entries.remove(key);
+        match self.entries.get_mut(key) {
+            Some(e) if e.pending > 0 => {
+                e.failures = 0;
+                e.locked_until = 0;
+            }
+            _ => {
+                self.entries.remove(key);
+            }
+        }
     }
 
     /// Drops what no longer matters; if the table is still full, the entry that matters least
-    /// (unlocked and oldest, else the lockout that ends first).
+    /// (nothing pending, unlocked and oldest, else the lockout that ends first).
     fn make_room(&mut self, now: i64) {
         let leak = self.policy.leak;
         self.entries
-            .retain(|_, e| e.locked_until > now || e.decayed(now, leak) > 0);
+            .retain(|_, e| e.pending > 0 || e.locked_until > now || e.decayed(now, leak) > 0);
         if self.entries.len() >= self.policy.capacity
             && let Some(k) = self
                 .entries
                 .iter()
-                .min_by_key(|(_, e)| (e.locked_until > now, e.locked_until, e.last))
+                .min_by_key(|(_, e)| (e.pending > 0, e.locked_until > now, e.locked_until, e.last))
                 .map(|(k, _)| k.clone())
         {
             self.entries.remove(&k);
         }
+    }
+}
+
+/// A budget of failures for the whole server: a leaky bucket of whole seconds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Budget {
+    /// Failures forgotten each second.
+    pub per_second: u32,
+    /// Failures outstanding at most.
+    pub burst: u32,
+}
+
+/// The places of a [`Budget`] in use.
+#[derive(Debug)]
+pub(crate) struct BudgetUse {
+    policy: Budget,
+    used: u32,
+    last: i64,
+}
+
+impl BudgetUse {
+    pub(crate) fn new(policy: Budget) -> Self {
+        Self {
+            policy,
+            used: 0,
+            last: i64::MIN,
+        }
+    }
+
+    /// Takes a place at `now`, or tells how many seconds until one leaks free.
+    pub(crate) fn reserve(&mut self, now: i64) -> Result<(), i64> {
+        let p = self.policy;
+        let leaked = now.saturating_sub(self.last).max(0);
+        let leaked =
+            u32::try_from(leaked.saturating_mul(i64::from(p.per_second))).unwrap_or(u32::MAX);
+        self.used = self.used.saturating_sub(leaked);
+        self.last = now;
+        if self.used >= p.burst {
+            let over = i64::from(self.used - p.burst + 1);
+            let rate = i64::from(p.per_second.max(1));
+            return Err((over + rate - 1) / rate);
+        }
+        self.used += 1;
+        Ok(())
+    }
+
+    /// Gives a place back (the attempt did not fail).
+    pub(crate) fn release(&mut self) {
+        self.used = self.used.saturating_sub(1);
     }
 }
 
@@ -142,43 +279,78 @@ impl<K: Hash + Eq + Clone> FailureTable<K> {
 pub(crate) enum ReplayRefusal {
     /// Its `jti` was used before, and the assertion has not expired.
     Replayed,
-    /// The cache is full of assertions that have not expired.
+    /// The cache, or this client's share of it, is full of assertions that have not expired.
     Full,
 }
 
-/// Client assertions already used, by a digest of (client, `jti`), each until it expires.
+/// Client assertions already used, per client by a digest of its `jti`, each until it
+/// expires; a client holds at most its share of the whole.
 #[derive(Debug, Default)]
 pub(crate) struct ReplayCache {
-    seen: HashMap<Vec<u8>, i64>,
+    seen: HashMap<String, HashMap<Vec<u8>, i64>>,
+    total: usize,
     capacity: usize,
+    per_client: usize,
 }
 
 impl ReplayCache {
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
+    pub(crate) fn with_capacity(capacity: usize, per_client: usize) -> Self {
         Self {
             seen: HashMap::new(),
+            total: 0,
             capacity,
+            per_client,
         }
     }
 
-    /// Remembers `key` until `forget_at`, or refuses it when it is already remembered.
+    /// Remembers `client`'s `jti` (a digest) until `forget_at`, or refuses it when it is
+    /// already remembered, or when there is no room for it.
     pub(crate) fn remember(
         &mut self,
-        key: Vec<u8>,
+        client: &str,
+        jti: Vec<u8>,
         forget_at: i64,
         now: i64,
     ) -> Result<(), ReplayRefusal> {
-        if self.seen.get(&key).is_some_and(|t| *t > now) {
+        let mine = self.seen.get(client);
+        if mine.and_then(|m| m.get(&jti)).is_some_and(|t| *t > now) {
             return Err(ReplayRefusal::Replayed);
         }
-        if self.seen.len() >= self.capacity {
-            self.seen.retain(|_, t| *t > now);
-            if self.seen.len() >= self.capacity {
+        if mine.is_some_and(|m| m.len() >= self.per_client) {
+            self.forget_expired(Some(client), now);
+            if self
+                .seen
+                .get(client)
+                .is_some_and(|m| m.len() >= self.per_client)
+            {
                 return Err(ReplayRefusal::Full);
             }
         }
-        self.seen.insert(key, forget_at);
+        if self.total >= self.capacity {
+            self.forget_expired(None, now);
+            if self.total >= self.capacity {
+                return Err(ReplayRefusal::Full);
+            }
+        }
+        let mine = self.seen.entry(client.to_string()).or_default();
+        if mine.insert(jti, forget_at).is_none() {
+            self.total += 1;
+        }
         Ok(())
+    }
+
+    /// Forgets the expired assertions of `client`, or of everyone.
+    fn forget_expired(&mut self, client: Option<&str>, now: i64) {
+        let mut forgotten = 0;
+        self.seen.retain(|c, m| {
+            if client.is_none_or(|only| only == c) {
+                let before = m.len();
+                m.retain(|_, t| *t > now);
+                forgotten += before - m.len();
+            }
+            !m.is_empty()
+        });
+        self.total -= forgotten;
     }
 }
 
@@ -212,6 +384,12 @@ impl HashGate {
         }
     }
 
+    /// Requests waiting for a permit.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
     /// A permit to run one verification (moved into the blocking task, so it is held until the
     /// hash is done), or `None` when the queue is full or the wait ran out.
     pub(crate) async fn enter(&self) -> Option<OwnedSemaphorePermit> {
@@ -239,6 +417,8 @@ pub(crate) struct TokenGuards {
     pub users: Mutex<FailureTable<String>>,
     /// Failed passwords per source.
     pub sources: Mutex<FailureTable<IpAddr>>,
+    /// Failed passwords on the whole server.
+    pub failures: Mutex<BudgetUse>,
     /// Client assertions already used.
     pub assertions: Mutex<ReplayCache>,
     /// Password hashes computed by the password grant (known and unknown users alike).
@@ -255,10 +435,142 @@ impl Default for TokenGuards {
             hashing: HashGate::new(cores, 8 * cores, Duration::from_secs(10)),
             users: Mutex::new(FailureTable::new(USER_LOCKOUT)),
             sources: Mutex::new(FailureTable::new(SOURCE_LOCKOUT)),
-            assertions: Mutex::new(ReplayCache::with_capacity(REPLAY_CAPACITY)),
+            failures: Mutex::new(BudgetUse::new(GLOBAL_FAILURES)),
+            assertions: Mutex::new(ReplayCache::with_capacity(
+                REPLAY_CAPACITY,
+                REPLAY_PER_CLIENT,
+            )),
             hashes_run: AtomicU64::new(0),
             rotation: tokio::sync::Mutex::new(()),
         }
+    }
+}
+
+/// Why a password attempt is not hashed now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Throttled {
+    /// The source's budget.
+    Source(Refusal),
+    /// The user name's budget.
+    User(Refusal),
+    /// The server's budget of failures: seconds until a place is free.
+    Server(i64),
+}
+
+/// How a password attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// It was not hashed: nothing is counted.
+    NotRun,
+    /// The password was wrong, or the name unknown, or the request abandoned.
+    Failed,
+    /// The password was right.
+    Succeeded,
+}
+
+/// A password attempt's places in the source's, the user name's and the server's budgets,
+/// taken before it is hashed ([`TokenGuards::begin`]) and given back when it is settled.
+/// Dropped unsettled (the request abandoned while it waited or was hashed), it counts as a
+/// failure: walking away from a request never buys a guess that is not counted.
+#[derive(Debug)]
+pub(crate) struct Attempt<'a> {
+    guards: &'a TokenGuards,
+    clock: &'a dyn Clock,
+    user: String,
+    source: Option<IpAddr>,
+    user_held: bool,
+    server_held: bool,
+    settled: bool,
+}
+
+impl TokenGuards {
+    /// Admits one password attempt by `user` from `source` (already keyed by [`source_key`])
+    /// to be hashed, or tells why not; the places it takes are given back when it is settled.
+    pub(crate) fn begin<'a>(
+        &'a self,
+        clock: &'a dyn Clock,
+        user: String,
+        source: Option<IpAddr>,
+    ) -> Result<Attempt<'a>, Throttled> {
+        let now = clock.now();
+        let mut a = Attempt {
+            guards: self,
+            clock,
+            user,
+            source: None,
+            user_held: false,
+            server_held: false,
+            settled: false,
+        };
+        if let Some(s) = source {
+            if let Err(r) = lock(&self.sources).reserve(&s, now) {
+                a.cancel();
+                return Err(Throttled::Source(r));
+            }
+            a.source = Some(s);
+        }
+        if let Err(r) = lock(&self.users).reserve(&a.user, now) {
+            a.cancel();
+            return Err(Throttled::User(r));
+        }
+        a.user_held = true;
+        if let Err(wait) = lock(&self.failures).reserve(now) {
+            a.cancel();
+            return Err(Throttled::Server(wait));
+        }
+        a.server_held = true;
+        Ok(a)
+    }
+}
+
+impl Attempt<'_> {
+    /// Gives the places back without counting anything: the password was not hashed.
+    pub(crate) fn cancel(mut self) {
+        self.finish(Outcome::NotRun);
+    }
+
+    /// Settles the attempt by the password check's result: a failure counts against the
+    /// name, the source and the server; a success clears the name's failures.
+    pub(crate) fn settle(mut self, succeeded: bool) {
+        self.finish(if succeeded {
+            Outcome::Succeeded
+        } else {
+            Outcome::Failed
+        });
+    }
+
+    fn finish(&mut self, outcome: Outcome) {
+        if std::mem::replace(&mut self.settled, true) {
+            return;
+        }
+        let g = self.guards;
+        let now = self.clock.now();
+        let failed = outcome == Outcome::Failed;
+        if let Some(s) = &self.source {
+            let mut sources = lock(&g.sources);
+            sources.release(s);
+            if failed {
+                sources.fail(s, now);
+            }
+        }
+        if self.user_held {
+            let mut users = lock(&g.users);
+            users.release(&self.user);
+            match outcome {
+                Outcome::Failed => users.fail(&self.user, now),
+                Outcome::Succeeded => users.clear(&self.user),
+                Outcome::NotRun => {}
+            }
+        }
+        if self.server_held && !failed {
+            lock(&g.failures).release();
+        }
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.finish(Outcome::Failed);
     }
 }
 
@@ -333,17 +645,78 @@ mod tests {
 
     #[test]
     fn replays_are_refused_until_expiry_and_memory_is_bounded() {
-        let mut c = ReplayCache::with_capacity(2);
-        assert_eq!(c.remember(b"a".to_vec(), 100, 0), Ok(()));
+        let mut c = ReplayCache::with_capacity(2, 2);
+        assert_eq!(c.remember("x", b"a".to_vec(), 100, 0), Ok(()));
         assert_eq!(
-            c.remember(b"a".to_vec(), 100, 50),
+            c.remember("x", b"a".to_vec(), 100, 50),
             Err(ReplayRefusal::Replayed)
         );
-        assert_eq!(c.remember(b"b".to_vec(), 100, 50), Ok(()));
-        assert_eq!(c.remember(b"c".to_vec(), 100, 50), Err(ReplayRefusal::Full));
+        assert_eq!(c.remember("x", b"b".to_vec(), 100, 50), Ok(()));
+        assert_eq!(
+            c.remember("y", b"c".to_vec(), 100, 50),
+            Err(ReplayRefusal::Full)
+        );
         // Once expired, entries make room (and the key is no longer a replay).
-        assert_eq!(c.remember(b"c".to_vec(), 300, 100), Ok(()));
-        assert_eq!(c.remember(b"a".to_vec(), 300, 100), Ok(()));
+        assert_eq!(c.remember("y", b"c".to_vec(), 300, 100), Ok(()));
+        assert_eq!(c.remember("x", b"a".to_vec(), 300, 100), Ok(()));
+        assert_eq!(c.total, 2);
+    }
+
+    #[test]
+    fn one_client_cannot_take_another_clients_room_in_the_replay_cache() {
+        let mut c = ReplayCache::with_capacity(4, 2);
+        assert_eq!(c.remember("greedy", b"1".to_vec(), 100, 0), Ok(()));
+        assert_eq!(c.remember("greedy", b"2".to_vec(), 100, 0), Ok(()));
+        assert_eq!(
+            c.remember("greedy", b"3".to_vec(), 100, 0),
+            Err(ReplayRefusal::Full),
+            "its share is used up"
+        );
+        assert_eq!(c.remember("other", b"1".to_vec(), 100, 0), Ok(()));
+        // Its own expired assertions make room for it.
+        assert_eq!(c.remember("greedy", b"3".to_vec(), 300, 100), Ok(()));
+        assert_eq!(c.total, 2);
+    }
+
+    #[test]
+    fn the_server_budget_leaks_and_successes_give_their_place_back() {
+        let mut b = BudgetUse::new(Budget {
+            per_second: 2,
+            burst: 3,
+        });
+        for _ in 0..3 {
+            assert_eq!(b.reserve(10), Ok(()));
+        }
+        assert_eq!(b.reserve(10), Err(1));
+        b.release();
+        assert_eq!(b.reserve(10), Ok(()));
+        assert_eq!(b.reserve(10), Err(1));
+        // Two places leak free each second.
+        assert_eq!(b.reserve(11), Ok(()));
+        assert_eq!(b.reserve(11), Ok(()));
+        assert_eq!(b.reserve(11), Err(1));
+    }
+
+    #[test]
+    fn pending_attempts_count_against_the_threshold() {
+        let mut t = FailureTable::new(P);
+        let k = "alice".to_string();
+        for _ in 0..3 {
+            assert_eq!(t.reserve(&k, 0), Ok(()));
+        }
+        assert_eq!(t.reserve(&k, 0), Err(Refusal::Busy(BUSY_RETRY)));
+        // One settles as a success: its place is free again, the others still pending.
+        t.release(&k);
+        t.clear(&k);
+        assert_eq!(t.reserve(&k, 0), Ok(()));
+        for _ in 0..3 {
+            t.release(&k);
+            t.fail(&k, 0);
+        }
+        assert_eq!(t.reserve(&k, 0), Err(Refusal::Locked(10)));
+        // After the lockout, one attempt at a time while the failures have not leaked away.
+        assert_eq!(t.reserve(&k, 10), Ok(()));
+        assert_eq!(t.reserve(&k, 10), Err(Refusal::Busy(BUSY_RETRY)));
     }
 
     #[tokio::test]

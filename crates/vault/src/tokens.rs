@@ -18,7 +18,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use crate::token_guards::{ReplayRefusal, lock, source_key};
+use crate::token_guards::{
+    MAX_ASSERTION_LIFETIME, Refusal, ReplayRefusal, Throttled, lock, source_key,
+};
 use crate::{Platform, internal};
 use kagi_identity::kind;
 
@@ -90,6 +92,27 @@ fn too_many(seconds: i64) -> TokenRequestError {
                 seconds.max(1)
             ),
         )
+    }
+}
+
+/// The answer to a password attempt that a throttle refused.
+fn throttled(t: Throttled) -> TokenRequestError {
+    match t {
+        Throttled::User(Refusal::Locked(wait)) => TokenRequestError {
+            retry_after: Some(wait),
+            ..refuse(
+                429,
+                "invalid_grant",
+                50053,
+                &format!(
+                    "The account is locked because of too many sign-in attempts with a wrong \
+                     user name or password. Try again in {wait} seconds."
+                ),
+            )
+        },
+        Throttled::User(Refusal::Busy(wait))
+        | Throttled::Source(Refusal::Locked(wait) | Refusal::Busy(wait))
+        | Throttled::Server(wait) => too_many(wait),
     }
 }
 
@@ -271,33 +294,25 @@ impl Platform {
         let upn = field("username").trim().to_ascii_lowercase();
         // Names longer than any user's are still counted, by a bounded key.
         let user_key: String = upn.chars().take(128).collect();
-        let source = source.map(source_key);
         let g = &self.guards;
-        let now = self.clock.now();
-        if let Some(wait) = source.and_then(|s| lock(&g.sources).locked(&s, now)) {
-            return Err(too_many(wait));
-        }
-        if let Some(wait) = lock(&g.users).locked(&user_key, now) {
-            return Err(TokenRequestError {
-                retry_after: Some(wait),
-                ..refuse(
-                    429,
-                    "invalid_grant",
-                    50053,
-                    &format!(
-                        "The account is locked because of too many sign-in attempts with a wrong \
-                         user name or password. Try again in {wait} seconds."
-                    ),
-                )
-            });
-        }
+        // The attempt holds its places in the budgets from here until it is settled, so
+        // attempts arriving together cannot all pass a check made before any of them failed.
+        let attempt = g
+            .begin(&*self.clock, user_key, source.map(source_key))
+            .map_err(throttled)?;
         let Some(permit) = g.hashing.enter().await else {
+            attempt.cancel();
             return Err(too_many(1));
         };
 
-        let record = self
-            .find_client(&format!("user:{upn}"))
-            .await?
+        let record = match self.find_client(&format!("user:{upn}")).await {
+            Ok(r) => r,
+            Err(e) => {
+                attempt.cancel();
+                return Err(e);
+            }
+        };
+        let record = record
             .filter(|r| r.kind == kind::USER)
             // A user of another tenant is answered like a name that does not exist.
             .filter(|r| {
@@ -318,12 +333,9 @@ impl Platform {
         .await
         .unwrap_or(false);
         g.hashes_run.fetch_add(1, Ordering::SeqCst);
-        let now = self.clock.now();
-        let Some(record) = record.filter(|_| ok) else {
-            lock(&g.users).fail(&user_key, now);
-            if let Some(s) = source {
-                lock(&g.sources).fail(&s, now);
-            }
+        let record = record.filter(|_| ok);
+        attempt.settle(record.is_some());
+        let Some(record) = record else {
             return Err(refuse(
                 400,
                 "invalid_grant",
@@ -331,7 +343,6 @@ impl Platform {
                 "Error validating credentials due to invalid username or password.",
             ));
         };
-        lock(&g.users).clear(&user_key);
         let client_id = match app {
             Some(app) if !app.tenant_id.eq_ignore_ascii_case(&record.tenant_id) => {
                 return Err(refuse(
@@ -495,11 +506,29 @@ impl Platform {
             ));
         }
         let exp = match num("exp") {
-            Some(exp) if exp > now - LEEWAY && exp <= now + 24 * 3600 => exp,
-            _ => return Err(invalid("expired or too long-lived")),
+            Some(exp) if exp > now - LEEWAY => exp,
+            _ => return Err(invalid("expired, or no exp claim")),
         };
-        if num("nbf").is_some_and(|nbf| nbf > now + LEEWAY) {
+        let nbf = num("nbf");
+        if nbf.is_some_and(|nbf| nbf > now + LEEWAY) {
             return Err(invalid("not yet valid"));
+        }
+        // The replay cache remembers an assertion until it expires: a long-lived one would
+        // hold its place for that long. Valid from nbf, else iat, else now.
+        let from = nbf.or_else(|| num("iat")).unwrap_or(now);
+        if exp - from > MAX_ASSERTION_LIFETIME || exp > now + LEEWAY + MAX_ASSERTION_LIFETIME {
+            return Err(refuse(
+                401,
+                "invalid_client",
+                700024,
+                &format!(
+                    "Client assertion is not within its valid time range: it is valid for {} \
+                     seconds, and kagi accepts client assertions valid for at most \
+                     {MAX_ASSERTION_LIFETIME} seconds (from nbf, or iat, to exp; MSAL makes them \
+                     valid for 600).",
+                    (exp - from).max(exp - now)
+                ),
+            ));
         }
         // Accepted once (RFC 7523 §3): its jti is remembered, per client, until it expires.
         let jti = claims["jti"]
@@ -510,7 +539,7 @@ impl Platform {
             kagi_crypto::DigestAlgorithm::Sha256,
             format!("{}\n{jti}", owner.object_id).as_bytes(),
         );
-        match lock(&self.guards.assertions).remember(key, exp + LEEWAY, now) {
+        match lock(&self.guards.assertions).remember(&owner.object_id, key, exp + LEEWAY, now) {
             Ok(()) => Ok(()),
             Err(ReplayRefusal::Replayed) => Err(invalid(
                 "its jti was used before; a client assertion is accepted once",
@@ -681,17 +710,15 @@ mod tests {
     use crate::PlatformConfig;
     use crate::token_guards::HashGate;
 
-    #[tokio::test]
-    async fn password_checks_beyond_the_bound_are_told_to_come_back_without_hashing() {
-        let dir = tempfile::tempdir().unwrap();
+    async fn platform(dir: &std::path::Path) -> Platform {
         let store = Arc::new(
-            kagi_store::SqliteStore::open(&dir.path().join("kagi.db"))
+            kagi_store::SqliteStore::open(&dir.join("kagi.db"))
                 .await
                 .unwrap(),
         );
-        let (mut p, _) = Platform::open_with(
+        Platform::open_with(
             PlatformConfig {
-                data_dir: dir.path().to_path_buf(),
+                data_dir: dir.to_path_buf(),
                 dns_suffix: "localhost".into(),
                 port: 8443,
             },
@@ -700,18 +727,29 @@ mod tests {
             store,
         )
         .await
-        .unwrap();
-        p.guards.hashing = HashGate::new(1, 0, Duration::from_secs(3600));
-        let busy = p.guards.hashing.enter().await.unwrap();
-        let form: HashMap<String, String> = [
+        .unwrap()
+        .0
+    }
+
+    fn password_form(user: &str) -> HashMap<String, String> {
+        [
             ("grant_type", "password"),
-            ("username", "alice@contoso.example"),
+            ("username", user),
             ("password", "whatever it is"),
             ("scope", "https://localhost:8443/.default"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+        .collect()
+    }
+
+    #[tokio::test]
+    async fn password_checks_beyond_the_bound_are_told_to_come_back_without_hashing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = platform(dir.path()).await;
+        p.guards.hashing = HashGate::new(1, 0, Duration::from_secs(3600));
+        let busy = p.guards.hashing.enter().await.unwrap();
+        let form = password_form("alice@contoso.example");
         let tenant = p.default_tenant().to_string();
         let e = p.token_request(&tenant, &form, None).await.unwrap_err();
         assert_eq!(
@@ -723,5 +761,73 @@ mod tests {
         let e = p.token_request(&tenant, &form, None).await.unwrap_err();
         assert_eq!((e.status, e.error_codes[0]), (400, 50126));
         assert_eq!(p.password_hashes_computed(), 1);
+    }
+
+    /// Sends `requests` (user name, source) together while the hash gate is held, so that all
+    /// of them are past any check before the first is hashed; then lets them through. The
+    /// number of hashes computed, and the statuses answered.
+    async fn guesses_together(requests: Vec<(String, Option<IpAddr>)>) -> (u64, Vec<u16>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = platform(dir.path()).await;
+        p.guards.hashing = HashGate::new(1, 1000, Duration::from_secs(3600));
+        let busy = p.guards.hashing.enter().await.unwrap();
+        let p = Arc::new(p);
+        let tenant = p.default_tenant().to_string();
+        let n = requests.len();
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks: Vec<_> = requests
+            .into_iter()
+            .map(|(user, source)| {
+                let (p, tenant, answered) = (p.clone(), tenant.clone(), answered.clone());
+                tokio::spawn(async move {
+                    let r = p
+                        .token_request(&tenant, &password_form(&user), source)
+                        .await;
+                    answered.fetch_add(1, Ordering::SeqCst);
+                    r.map_or_else(|e| e.status, |_| 200)
+                })
+            })
+            .collect();
+        while answered.load(Ordering::SeqCst) + p.guards.hashing.waiting() < n {
+            tokio::task::yield_now().await;
+        }
+        drop(busy);
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.push(t.await.unwrap());
+        }
+        (p.password_hashes_computed(), statuses)
+    }
+
+    fn count(statuses: &[u16], status: u16) -> usize {
+        statuses.iter().filter(|s| **s == status).count()
+    }
+
+    #[tokio::test]
+    async fn guesses_at_one_name_all_at_once_are_hashed_no_more_than_its_threshold() {
+        let threshold = crate::token_guards::USER_LOCKOUT.threshold;
+        let guesses = (0..4 * threshold)
+            .map(|_| ("mallory-target@contoso.example".to_string(), None))
+            .collect();
+        let (hashes, statuses) = guesses_together(guesses).await;
+        assert_eq!(hashes, u64::from(threshold), "{statuses:?}");
+        assert_eq!(count(&statuses, 400), threshold as usize, "{statuses:?}");
+        assert_eq!(
+            count(&statuses, 429),
+            3 * threshold as usize,
+            "{statuses:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn guesses_from_one_source_all_at_once_are_hashed_no_more_than_its_threshold() {
+        let threshold = crate::token_guards::SOURCE_LOCKOUT.threshold;
+        let source: IpAddr = "2001:db8:7:7::1".parse().unwrap();
+        let guesses = (0..2 * threshold)
+            .map(|i| (format!("spray{i}@contoso.example"), Some(source)))
+            .collect();
+        let (hashes, statuses) = guesses_together(guesses).await;
+        assert_eq!(hashes, u64::from(threshold), "{statuses:?}");
+        assert_eq!(count(&statuses, 429), threshold as usize, "{statuses:?}");
     }
 }

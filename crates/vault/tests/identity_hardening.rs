@@ -345,3 +345,56 @@ async fn legacy_bindings_serve_any_identity_of_their_resource_until_they_expire(
         .unwrap_err();
     assert_eq!(e.status(), 401);
 }
+
+/// Failed passwords the whole server hashes at once before it throttles (its budget's burst,
+/// `GLOBAL_FAILURES` in crates/vault/src/token_guards.rs), and how many leak free per second.
+const SERVER_FAILURE_BURST: usize = 50;
+const SERVER_FAILURES_PER_SECOND: usize = 5;
+
+#[tokio::test]
+async fn guessing_spread_over_names_and_sources_is_bounded_by_the_servers_budget() {
+    let env = Env::new().await;
+    let tenant = env.creds.tenant_id.clone();
+    // Every guess from a /64 of its own inside one /48, at a name of its own: no name or source
+    // budget ever fills (and older sources would be pushed out of a full table).
+    let mut sources = (0u16..).map(|i| format!("2001:db8:1:{i:x}::1").parse().unwrap());
+    let mut guess = || {
+        let form = form(&[
+            ("grant_type", "password"),
+            ("username", &format!("n{}@contoso.example", uuid_like())),
+            ("password", "a wrong password!"),
+            ("scope", SCOPE),
+        ]);
+        let source = sources.next();
+        let p = &env.p;
+        let tenant = tenant.clone();
+        async move {
+            p.token_request(&tenant, &form, source)
+                .await
+                .map(|_| 200)
+                .unwrap_or_else(|e| e.status)
+        }
+    };
+    for _ in 0..SERVER_FAILURE_BURST {
+        assert_eq!(guess().await, 400);
+    }
+    let hashes = env.p.password_hashes_computed();
+    assert_eq!(guess().await, 429);
+    assert_eq!(
+        env.p.password_hashes_computed(),
+        hashes,
+        "refused before hashing"
+    );
+    // A second later, that second's share leaks free, and no more.
+    env.clock.0.fetch_add(1, Ordering::SeqCst);
+    for _ in 0..SERVER_FAILURES_PER_SECOND {
+        assert_eq!(guess().await, 400);
+    }
+    assert_eq!(guess().await, 429);
+}
+
+/// A name no test has used.
+fn uuid_like() -> String {
+    static NEXT: AtomicI64 = AtomicI64::new(0);
+    format!("{:08x}", NEXT.fetch_add(1, Ordering::SeqCst))
+}
