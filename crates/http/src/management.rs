@@ -29,7 +29,8 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
             return respond::json(200, &platform.jwks());
         }
         ([_, "oauth2", "v2.0", "token"], &Method::POST) => {
-            let body = match respond::read_body(&parts.headers, body).await {
+            // The raw form holds the password or the client secret: wiped when dropped.
+            let body = match respond::read_secret_body(&parts.headers, body).await {
                 Ok(b) => b,
                 Err(e) => return respond::error(&e),
             };
