@@ -516,7 +516,11 @@ impl Platform {
         // The replay cache remembers an assertion until it expires: a long-lived one would
         // hold its place for that long. Valid from nbf, else iat, else now.
         let from = nbf.or_else(|| num("iat")).unwrap_or(now);
-        if exp - from > MAX_ASSERTION_LIFETIME || exp > now + LEEWAY + MAX_ASSERTION_LIFETIME {
+        // Saturating: the claims are the client's numbers, any of them.
+        if exp.saturating_sub(from) > MAX_ASSERTION_LIFETIME
+            || exp - now > MAX_ASSERTION_LIFETIME + LEEWAY
+        {
+            let lifetime = exp.saturating_sub(from.min(now));
             return Err(refuse(
                 401,
                 "invalid_client",
@@ -526,7 +530,7 @@ impl Platform {
                      seconds, and kagi accepts client assertions valid for at most \
                      {MAX_ASSERTION_LIFETIME} seconds (from nbf, or iat, to exp; MSAL makes them \
                      valid for 600).",
-                    (exp - from).max(exp - now)
+                    lifetime
                 ),
             ));
         }
