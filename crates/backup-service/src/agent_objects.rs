@@ -1,24 +1,31 @@
 //! Backup agents' objects on the server's disk, under `{vault dir}/agents/machines/{machine}/`
 //! (docs/AGENT.md).
 //!
-//! - Acknowledged means durable: an object's file, its rename into place and every folder
-//!   created for it are fsynced (each new folder into its parent) before the answer.
+//! - Acknowledged means durable: an object is written under a temporary name, flushed,
+//!   renamed into place and its folder flushed ([`LocalWrites`]), and every folder created
+//!   for it is flushed into its parent, before the answer. A power loss leaves the old object
+//!   or the new one, never a torn one.
+//! - Writes and deletions of one object are serialised: its old size is measured under its
+//!   lock, so the vault's usage stays exact however many requests race on it.
 //! - A vault's objects are bounded by a quota (`KAGI_AGENT_VAULT_QUOTA_BYTES`, default 1 TiB),
 //!   counted once per process by walking the vault's `agents` folder, then kept up to date.
 //! - No object is written while the disk would keep less free space than a reserve
-//!   (`KAGI_AGENT_DISK_RESERVE_BYTES`, default 1 GiB): the audit log and the store share the
-//!   disk, and without room for the audit log every request fails.
+//!   (`KAGI_AGENT_DISK_RESERVE_BYTES`, default 1 GiB), counting the writes still in flight:
+//!   the audit log and the store share the disk, and without room for the audit log every
+//!   request fails.
+//! - Reads create nothing; file-system work runs on tokio's blocking threads.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::TryStreamExt;
+use kagi_backup::{BackupError, Fsync, LocalWrites, Syncer};
 use kagi_core::{ErrorCode, KvError};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::state::io;
 
@@ -35,13 +42,38 @@ struct Usage {
     bytes: Option<u64>,
 }
 
-/// The agents' storage limits and the bytes each vault uses.
+/// The agents' storage limits, the bytes each vault uses and the writes in flight.
 #[derive(Debug)]
 pub(crate) struct AgentStorage {
+    inner: Arc<Inner>,
+}
+
+/// Free bytes on the file system of a path (a seam: tests give a fixed amount).
+type FreeBytes = fn(&Path) -> std::io::Result<u64>;
+
+struct Inner {
     quota: u64,
     reserve: u64,
+    free: FreeBytes,
+    syncer: Arc<dyn Syncer>,
     /// By the vault's `agents` folder.
     usage: Mutex<HashMap<PathBuf, Arc<Mutex<Usage>>>>,
+    /// Bytes of admitted writes not yet finished, on every vault: not yet counted in the
+    /// disk's free space.
+    pending: Mutex<u64>,
+    /// A lock per object file being written or deleted (removed when no one holds it).
+    objects: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// Durable writes under each data folder.
+    writes: Mutex<HashMap<PathBuf, Arc<LocalWrites>>>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentStorage")
+            .field("quota", &self.quota)
+            .field("reserve", &self.reserve)
+            .finish_non_exhaustive()
+    }
 }
 
 fn env_bytes(name: &str, default: u64) -> u64 {
@@ -51,57 +83,8 @@ fn env_bytes(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Folders known to be durable in their parents, with the inode seen when their parent was
-/// fsynced. Every folder of the agents' tree is created here, under this lock, so a folder
-/// found here was fsynced into its parent by whoever created it.
-static DURABLE_DIRS: LazyLock<Mutex<HashMap<PathBuf, u64>>> = LazyLock::new(Default::default);
-
-#[cfg(test)]
-thread_local! {
-    /// The folders fsynced by this thread (tests check which).
-    static SYNCED: std::cell::RefCell<Vec<PathBuf>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()?;
-    #[cfg(test)]
-    SYNCED.with(|s| s.borrow_mut().push(dir.to_path_buf()));
-    Ok(())
-}
-
-/// Creates `dir` and every missing folder between `root` (which exists) and it; each folder is
-/// fsynced into its parent before this returns, so an object acknowledged inside it survives a
-/// power loss with its path.
-pub(crate) fn ensure_dir(root: &Path, dir: &Path) -> std::io::Result<()> {
-    let rel = dir
-        .strip_prefix(root)
-        .map_err(|_| std::io::Error::other("the folder is outside the data folder"))?;
-    let mut known = DURABLE_DIRS.lock().unwrap_or_else(|p| p.into_inner());
-    let mut current = root.to_path_buf();
-    for part in rel.components() {
-        let parent = current.clone();
-        current.push(part);
-        let seen = match std::fs::symlink_metadata(&current) {
-            Ok(m) if m.is_dir() => Some(m.ino()),
-            Ok(_) => return Err(std::io::Error::other("a file is in the place of a folder")),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        };
-        if seen.is_some() && known.get(&current) == seen.as_ref() {
-            continue;
-        }
-        if seen.is_none() {
-            match std::fs::create_dir(&current) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(e),
-            }
-        }
-        // Also for a folder found but not known: whoever made it may not have synced it.
-        sync_dir(&parent)?;
-        known.insert(current.clone(), std::fs::symlink_metadata(&current)?.ino());
-    }
-    Ok(())
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The bytes of the files under `dir` (0 when it does not exist).
@@ -139,8 +122,50 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
     Ok(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
-fn size_of(file: &Path) -> u64 {
-    std::fs::symlink_metadata(file).map_or(0, |m| m.len())
+/// The size of the object file `file`; `None` when there is none (nothing there, a folder
+/// there, or a file in the place of one of its folders).
+fn object_size(file: &Path) -> std::io::Result<Option<u64>> {
+    match std::fs::symlink_metadata(file) {
+        Ok(m) => Ok(m.is_file().then_some(m.len())),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether storing `name` in `dir` would put a file where a folder is, or a folder where a
+/// file is (`a` then `a/b`, or the reverse): object names are paths on this disk.
+fn name_conflicts(dir: &Path, name: &str) -> bool {
+    let mut at = dir.to_path_buf();
+    let parts: Vec<&str> = name.split('/').collect();
+    for (i, part) in parts.iter().enumerate() {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if i + 1 < parts.len() && !m.is_dir() => return true,
+            Ok(m) if i + 1 == parts.len() && m.is_dir() => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+fn name_conflict(name: &str) -> KvError {
+    KvError::new(
+        ErrorCode::Conflict,
+        format!(
+            "The object '{}' cannot be stored: an object's name cannot also be the folder of \
+             other objects ('a' and 'a/b').",
+            kagi_core::ids::printable(name)
+        ),
+    )
+    .with_inner("ObjectNameConflict")
 }
 
 fn object_missing(name: &str) -> KvError {
@@ -151,19 +176,26 @@ fn object_missing(name: &str) -> KvError {
     .with_inner("ObjectNotFound")
 }
 
-/// The object store of a machine's folder (created, durably, if missing).
-fn store_of(root: &Path, dir: &Path) -> Result<LocalFileSystem, KvError> {
-    ensure_dir(root, dir).map_err(|e| io("mkdir agent objects", e))?;
-    LocalFileSystem::new_with_prefix(dir).map_err(|e| io("agent objects", e))
+/// The object store of a machine's folder; `None` when the folder does not exist (a read
+/// never creates it).
+fn store_of(dir: &Path) -> Result<Option<LocalFileSystem>, KvError> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    LocalFileSystem::new_with_prefix(dir)
+        .map(Some)
+        .map_err(|e| io("agent objects", e))
 }
 
 /// Objects under a prefix with their size and modification time (Unix seconds), by name.
 pub(crate) async fn list_meta(
-    root: &Path,
+    _root: &Path,
     dir: &Path,
     prefix: &str,
 ) -> Result<Vec<(String, u64, i64)>, KvError> {
-    let store = store_of(root, dir)?;
+    let Some(store) = store_of(dir)? else {
+        return Ok(Vec::new());
+    };
     let p = (!prefix.is_empty()).then(|| ObjectPath::from(prefix));
     let metas: Vec<_> = store
         .list(p.as_ref())
@@ -180,12 +212,12 @@ pub(crate) async fn list_meta(
 
 /// An object's bytes, or those of a half-open range of it.
 pub(crate) async fn get_object(
-    root: &Path,
+    _root: &Path,
     dir: &Path,
     name: &str,
     range: Option<(u64, u64)>,
 ) -> Result<Vec<u8>, KvError> {
-    let store = store_of(root, dir)?;
+    let store = store_of(dir)?.ok_or_else(|| object_missing(name))?;
     let path = ObjectPath::from(name);
     let r = match range {
         Some((start, end)) => {
@@ -218,49 +250,137 @@ pub(crate) async fn get_object(
 }
 
 /// Whether an object exists (404 if not).
-pub(crate) async fn head_object(root: &Path, dir: &Path, name: &str) -> Result<(), KvError> {
-    match store_of(root, dir)?.head(&ObjectPath::from(name)).await {
+pub(crate) async fn head_object(_root: &Path, dir: &Path, name: &str) -> Result<(), KvError> {
+    let store = store_of(dir)?.ok_or_else(|| object_missing(name))?;
+    match store.head(&ObjectPath::from(name)).await {
         Ok(_) => Ok(()),
         Err(object_store::Error::NotFound { .. }) => Err(object_missing(name)),
         Err(e) => Err(io("stat agent object", e)),
     }
 }
 
-/// Stores an object durably: the file, its rename into place and any new folder on its path
-/// are fsynced before this returns.
-async fn write_object(root: &Path, dir: &Path, name: &str, body: Vec<u8>) -> Result<(), KvError> {
-    let file = dir.join(name);
-    let parent = file.parent().unwrap_or(dir);
-    // The object's folders are made (durably) here, not by the store's own `create_dir_all`.
-    ensure_dir(root, parent).map_err(|e| io("mkdir agent objects", e))?;
-    let store = LocalFileSystem::new_with_prefix(dir).map_err(|e| io("agent objects", e))?;
-    // LocalFileSystem writes to a temporary file and renames it into place: a reader never
-    // sees half an object.
-    store
-        .put(&ObjectPath::from(name), PutPayload::from(body))
+/// Runs blocking file-system work on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, KvError> + Send + 'static,
+) -> Result<T, KvError> {
+    tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| io("write agent object", e))?;
-    std::fs::File::open(&file)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| io("sync agent object", e))?;
-    sync_dir(parent).map_err(|e| io("sync agent folder", e))
+        .map_err(|e| io("agent storage task", e))?
+}
+
+/// Bytes counted as pending until dropped.
+struct Pending<'a>(&'a Mutex<u64>, u64);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut p = lock(self.0);
+        *p = p.saturating_sub(self.1);
+    }
 }
 
 impl AgentStorage {
     /// Limits from the environment (`KAGI_AGENT_VAULT_QUOTA_BYTES`,
     /// `KAGI_AGENT_DISK_RESERVE_BYTES`).
     pub(crate) fn from_env() -> Self {
+        Self::with(
+            env_bytes("KAGI_AGENT_VAULT_QUOTA_BYTES", DEFAULT_QUOTA_BYTES),
+            env_bytes("KAGI_AGENT_DISK_RESERVE_BYTES", DEFAULT_RESERVE_BYTES),
+            free_bytes,
+            Arc::new(Fsync),
+        )
+    }
+
+    fn with(quota: u64, reserve: u64, free: FreeBytes, syncer: Arc<dyn Syncer>) -> Self {
         Self {
-            quota: env_bytes("KAGI_AGENT_VAULT_QUOTA_BYTES", DEFAULT_QUOTA_BYTES),
-            reserve: env_bytes("KAGI_AGENT_DISK_RESERVE_BYTES", DEFAULT_RESERVE_BYTES),
-            usage: Mutex::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                quota,
+                reserve,
+                free,
+                syncer,
+                usage: Mutex::new(HashMap::new()),
+                pending: Mutex::new(0),
+                objects: Mutex::new(HashMap::new()),
+                writes: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
+    /// Creates `dir` and every missing folder between `root` (the data folder) and it, each
+    /// flushed into its parent before this returns.
+    pub(crate) async fn ensure_dir(&self, root: &Path, dir: &Path) -> Result<(), KvError> {
+        let (inner, root, dir) = (self.inner.clone(), root.to_owned(), dir.to_owned());
+        blocking(move || {
+            let (writes, dir) = inner.under(&root, &dir)?;
+            writes
+                .ensure_dir(&dir)
+                .map_err(|e| io("mkdir agent objects", e))
+        })
+        .await
+    }
+
+    /// Checks, before its body is read, that an object of `len` bytes could be stored at
+    /// `name` in the machine folder `dir` of the vault at `vault_dir`.
+    pub(crate) fn admit(
+        &self,
+        vault_dir: &Path,
+        dir: &Path,
+        name: &str,
+        len: u64,
+    ) -> Result<(), KvError> {
+        let i = &self.inner;
+        let slot = i.usage_slot(vault_dir);
+        let mut usage = lock(&slot);
+        let used = Inner::bytes_used(&mut usage, vault_dir)?;
+        let old = object_size(&dir.join(name))
+            .map_err(|e| io("stat agent object", e))?
+            .unwrap_or(0);
+        let pending = *lock(&i.pending);
+        let free = (i.free)(dir).map_err(|e| io("free space", e))?;
+        i.check(used, old, len, free.saturating_sub(pending))
+    }
+
+    /// Stores an object within the vault's quota and the disk's reserve, durably.
+    pub(crate) async fn put(
+        &self,
+        root: &Path,
+        vault_dir: &Path,
+        dir: &Path,
+        name: &str,
+        body: Vec<u8>,
+    ) -> Result<(), KvError> {
+        let inner = self.inner.clone();
+        let (root, vault_dir, dir, name) = (
+            root.to_owned(),
+            vault_dir.to_owned(),
+            dir.to_owned(),
+            name.to_owned(),
+        );
+        blocking(move || inner.put(&root, &vault_dir, &dir, &name, &body)).await
+    }
+
+    /// Removes an object (gone already is fine); the removal is durable before this returns,
+    /// so a passphrase's removed key entry cannot come back after a power loss.
+    pub(crate) async fn delete(
+        &self,
+        root: &Path,
+        vault_dir: &Path,
+        dir: &Path,
+        name: &str,
+    ) -> Result<(), KvError> {
+        let inner = self.inner.clone();
+        let (root, vault_dir, file) = (root.to_owned(), vault_dir.to_owned(), dir.join(name));
+        blocking(move || inner.delete(&root, &vault_dir, &file)).await
+    }
+
+    /// Forgets what a vault uses (a machine's folder was removed): counted again when needed.
+    pub(crate) fn forget(&self, vault_dir: &Path) {
+        lock(&self.inner.usage).remove(&vault_dir.join("agents"));
+    }
+}
+
+impl Inner {
     fn usage_slot(&self, vault_dir: &Path) -> Arc<Mutex<Usage>> {
-        self.usage
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.usage)
             .entry(vault_dir.join("agents"))
             .or_default()
             .clone()
@@ -272,6 +392,11 @@ impl AgentStorage {
         let inode = std::fs::metadata(&agents).map_or(0, |m| m.ino());
         match usage.bytes {
             Some(b) if usage.inode == inode => Ok(b),
+            // Counted while the folder was missing: what is in it now came through here.
+            Some(b) if usage.inode == 0 => {
+                usage.inode = inode;
+                Ok(b)
+            }
             _ => {
                 let b = bytes_under(&agents).map_err(|e| io("count agent objects", e))?;
                 *usage = Usage {
@@ -284,7 +409,8 @@ impl AgentStorage {
     }
 
     /// Refuses an object of `len` bytes replacing one of `old` bytes when the vault would
-    /// exceed its quota (403) or the disk would keep less than the reserve (507).
+    /// exceed its quota (403) or the disk, with `free` bytes not yet promised to other writes,
+    /// would keep less than the reserve (507).
     fn check(&self, used: u64, old: u64, len: u64, free: u64) -> Result<(), KvError> {
         if free < len.saturating_add(self.reserve) {
             return Err(KvError::new(
@@ -312,79 +438,128 @@ impl AgentStorage {
         Ok(())
     }
 
-    /// Checks, before its body is read, that an object of `len` bytes could be stored at
-    /// `name` in the machine folder `dir` of the vault at `vault_dir`.
-    pub(crate) fn admit(
+    /// Checks an object of `len` bytes replacing one of `old` against the quota and the
+    /// reserve, and if it fits, counts it in the vault's usage and in the writes in flight (until
+    /// the answer is dropped), all at once: concurrent writes cannot pass either limit together.
+    fn reserve(
         &self,
+        slot: &Mutex<Usage>,
         vault_dir: &Path,
         dir: &Path,
-        name: &str,
+        old: u64,
         len: u64,
-    ) -> Result<(), KvError> {
-        let slot = self.usage_slot(vault_dir);
-        let mut usage = slot.lock().unwrap_or_else(|p| p.into_inner());
+    ) -> Result<Pending<'_>, KvError> {
+        let mut usage = lock(slot);
         let used = Self::bytes_used(&mut usage, vault_dir)?;
-        let free = free_bytes(dir).map_err(|e| io("free space", e))?;
-        self.check(used, size_of(&dir.join(name)), len, free)
+        let mut pending = lock(&self.pending);
+        let free = (self.free)(dir).map_err(|e| io("free space", e))?;
+        self.check(used, old, len, free.saturating_sub(*pending))?;
+        *pending = pending.saturating_add(len);
+        usage.bytes = Some(used.saturating_add(len));
+        Ok(Pending(&self.pending, len))
     }
 
-    /// Stores an object within the vault's quota and the disk's reserve, durably.
-    pub(crate) async fn put(
-        &self,
-        root: &Path,
-        vault_dir: &Path,
-        dir: &Path,
-        name: &str,
-        body: Vec<u8>,
-    ) -> Result<(), KvError> {
-        let len = body.len() as u64;
-        let old = size_of(&dir.join(name));
-        let slot = self.usage_slot(vault_dir);
-        {
-            // Checked and reserved at once, so concurrent writes cannot pass the quota together.
-            let mut usage = slot.lock().unwrap_or_else(|p| p.into_inner());
-            let used = Self::bytes_used(&mut usage, vault_dir)?;
-            let free = free_bytes(dir).map_err(|e| io("free space", e))?;
-            self.check(used, old, len, free)?;
-            usage.bytes = Some(used.saturating_add(len));
+    /// The durable writer of the data folder `root`, and `path` (under `root`) as under its
+    /// canonical root.
+    fn under(&self, root: &Path, path: &Path) -> Result<(Arc<LocalWrites>, PathBuf), KvError> {
+        let rel = path
+            .strip_prefix(root)
+            .map_err(|_| io("agent objects", "a path outside the data folder"))?;
+        let mut writes = lock(&self.writes);
+        let w = match writes.get(root) {
+            Some(w) => w.clone(),
+            None => {
+                let w = Arc::new(
+                    LocalWrites::new(root, self.syncer.clone())
+                        .map_err(|e| io("agent objects", e))?,
+                );
+                writes.insert(root.to_owned(), w.clone());
+                w
+            }
+        };
+        let at = w.root().join(rel);
+        Ok((w, at))
+    }
+
+    /// Runs `work` holding the lock of the object file `file`: writes and deletions of one
+    /// object never overlap, so each measures the size it replaces exactly.
+    fn with_object<T>(&self, file: &Path, work: impl FnOnce() -> T) -> T {
+        let object = lock(&self.objects)
+            .entry(file.to_owned())
+            .or_default()
+            .clone();
+        let r = {
+            let _held = lock(&object);
+            work()
+        };
+        let mut objects = lock(&self.objects);
+        // Ours and the map's: no one else holds or waits for it.
+        if Arc::strong_count(&object) == 2 {
+            objects.remove(file);
         }
-        let result = write_object(root, dir, name, body).await;
-        let mut usage = slot.lock().unwrap_or_else(|p| p.into_inner());
-        let release = if result.is_ok() { old } else { len };
-        usage.bytes = usage.bytes.map(|b| b.saturating_sub(release));
-        result
+        r
     }
 
-    /// Removes an object (gone already is fine); the removal is durable before this returns,
-    /// so a passphrase's removed key entry cannot come back after a power loss.
-    pub(crate) async fn delete(
+    fn put(
         &self,
         root: &Path,
         vault_dir: &Path,
         dir: &Path,
         name: &str,
+        body: &[u8],
     ) -> Result<(), KvError> {
         let file = dir.join(name);
-        let old = size_of(&file);
-        match store_of(root, dir)?.delete(&ObjectPath::from(name)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => return Err(io("delete agent object", e)),
-        }
-        if let Some(parent) = file.parent().filter(|p| p.exists()) {
-            sync_dir(parent).map_err(|e| io("sync agent folder", e))?;
-        }
-        let slot = self.usage_slot(vault_dir);
-        let mut usage = slot.lock().unwrap_or_else(|p| p.into_inner());
-        usage.bytes = usage.bytes.map(|b| b.saturating_sub(old));
-        Ok(())
+        self.with_object(&file, || {
+            if name_conflicts(dir, name) {
+                return Err(name_conflict(name));
+            }
+            let old = object_size(&file)
+                .map_err(|e| io("stat agent object", e))?
+                .unwrap_or(0);
+            let len = body.len() as u64;
+            let slot = self.usage_slot(vault_dir);
+            let pending = self.reserve(&slot, vault_dir, dir, old, len)?;
+            let written = self
+                .under(root, &file)
+                .and_then(|(w, at)| w.put(&at, body).map_err(|e| write_error(name, e)));
+            let mut usage = lock(&slot);
+            let release = if written.is_ok() { old } else { len };
+            usage.bytes = usage.bytes.map(|b| b.saturating_sub(release));
+            drop(pending);
+            written
+        })
     }
 
-    /// Forgets what a vault uses (a machine's folder was removed): counted again when needed.
-    pub(crate) fn forget(&self, vault_dir: &Path) {
-        self.usage
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&vault_dir.join("agents"));
+    fn delete(&self, root: &Path, vault_dir: &Path, file: &Path) -> Result<(), KvError> {
+        self.with_object(file, || {
+            let Some(old) = object_size(file).map_err(|e| io("stat agent object", e))? else {
+                return Ok(());
+            };
+            let (w, at) = self.under(root, file)?;
+            w.delete(&at).map_err(|e| io("delete agent object", e))?;
+            let slot = self.usage_slot(vault_dir);
+            let mut usage = lock(&slot);
+            usage.bytes = usage.bytes.map(|b| b.saturating_sub(old));
+            Ok(())
+        })
+    }
+}
+
+/// A failed write: a conflict between an object and a folder of the same name (another
+/// request made one meanwhile) is the client's; anything else is the server's.
+fn write_error(name: &str, e: BackupError) -> KvError {
+    match &e {
+        BackupError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::AlreadyExists
+                    | std::io::ErrorKind::NotADirectory
+                    | std::io::ErrorKind::IsADirectory
+            ) =>
+        {
+            name_conflict(name)
+        }
+        _ => io("write agent object", e),
     }
 }
 
@@ -395,50 +570,116 @@ mod tests {
     use super::*;
 
     fn storage(quota: u64, reserve: u64) -> AgentStorage {
-        AgentStorage {
-            quota,
-            reserve,
-            usage: Mutex::new(HashMap::new()),
+        AgentStorage::with(quota, reserve, free_bytes, Arc::new(Fsync))
+    }
+
+    /// Records the flushes made, in order.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Recorder {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *self.0.lock().unwrap())
         }
     }
 
-    /// Stores an object; answers the folders this thread fsynced meanwhile.
-    async fn put_synced(root: &Path, vault: &Path, machine: &Path, name: &str) -> Vec<PathBuf> {
-        SYNCED.with(|s| s.borrow_mut().clear());
-        storage(1 << 30, 0)
-            .put(root, vault, machine, name, b"x".to_vec())
-            .await
-            .unwrap();
-        SYNCED.with(|s| s.borrow().clone())
+    impl Syncer for Recorder {
+        fn sync_file(&self, file: &std::fs::File, path: &Path) -> std::io::Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("file {}", path.display()));
+            file.sync_all()
+        }
+
+        fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("dir {}", dir.display()));
+            Fsync.sync_dir(dir)
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn new_folders_are_synced_into_their_parents() {
-        let root = tempfile::tempdir().unwrap();
-        let vault = root.path().join("backup/s/g/v");
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let vault = root.join("backup/s/g/v");
         let machine = vault.join("agents/machines/m1");
-        let synced = put_synced(root.path(), &vault, &machine, "data/ab/abcd").await;
+        let rec = Arc::new(Recorder::default());
+        let s = AgentStorage::with(1 << 30, 0, free_bytes, rec.clone());
+        s.put(&root, &vault, &machine, "data/ab/abcd", b"x".to_vec())
+            .await
+            .unwrap();
+        let synced = rec.take();
         // Every folder made for the object is durable in its parent, and the object's rename in
         // its folder.
-        let mut made = vec![machine.join("data/ab")];
         let mut d = machine.join("data/ab");
-        while d != root.path() {
+        loop {
+            let shown = format!("dir {}", d.display());
+            assert!(synced.contains(&shown), "{shown} not synced: {synced:?}");
+            if d == root {
+                break;
+            }
             d = d.parent().unwrap().to_path_buf();
-            made.push(d.clone());
-        }
-        for dir in made {
-            assert!(
-                synced.contains(&dir),
-                "{} not synced: {synced:?}",
-                dir.display()
-            );
         }
         assert_eq!(std::fs::read(machine.join("data/ab/abcd")).unwrap(), b"x");
 
         // A folder made by someone else, not yet known durable, is synced into its parent too.
         std::fs::create_dir(machine.join("data/cd")).unwrap();
-        let synced = put_synced(root.path(), &vault, &machine, "data/cd/cdef").await;
-        assert!(synced.contains(&machine.join("data")), "{synced:?}");
+        s.put(&root, &vault, &machine, "data/cd/cdef", b"x".to_vec())
+            .await
+            .unwrap();
+        let shown = format!("dir {}", machine.join("data").display());
+        assert!(rec.take().contains(&shown));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_object_replaced_is_flushed_before_it_takes_the_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let vault = root.join("v");
+        let m = vault.join("agents/machines/m1");
+        let rec = Arc::new(Recorder::default());
+        let s = AgentStorage::with(1 << 30, 0, free_bytes, rec.clone());
+        s.put(&root, &vault, &m, "a", b"one".to_vec())
+            .await
+            .unwrap();
+        rec.take();
+        s.put(&root, &vault, &m, "a", b"two".to_vec())
+            .await
+            .unwrap();
+        // The new content is flushed under a temporary name, then renamed over the old object,
+        // then the rename flushed: a power loss leaves "one" or "two", never a torn file.
+        let events = rec.take();
+        let temporary = format!("file {}#", m.join("a").display());
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(events[0].starts_with(&temporary), "{events:?}");
+        assert_eq!(events[1], format!("dir {}", m.display()));
+        assert_eq!(std::fs::read(m.join("a")).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(&m).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn free_space_counts_writes_in_flight() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vault = tmp.path().join("v");
+        let m = vault.join("agents/machines/m1");
+        // 1000 bytes free, whatever is written; 100 kept.
+        let s = AgentStorage::with(u64::MAX, 100, |_| Ok(1000), Arc::new(Fsync));
+        let i = &s.inner;
+        let slot = i.usage_slot(&vault);
+        let first = i.reserve(&slot, &vault, &m, 0, 500).unwrap();
+        // 500 are promised to the first write: 400 more would leave less than 100.
+        let e = i.reserve(&slot, &vault, &m, 0, 401).err().unwrap();
+        assert_eq!(e.status(), 507);
+        assert_eq!(e.inner, Some("ServerStorageReserveReached"));
+        assert_eq!(s.admit(&vault, &m, "b", 401).unwrap_err().status(), 507);
+        let second = i.reserve(&slot, &vault, &m, 0, 400).unwrap();
+        drop((first, second));
+        assert_eq!(*i.pending.lock().unwrap(), 0);
+        s.admit(&vault, &m, "b", 900).unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -487,5 +728,156 @@ mod tests {
         assert_eq!(e.status(), 507);
         assert_eq!(e.inner, Some("ServerStorageReserveReached"));
         assert!(!m.join("a").exists());
+    }
+
+    /// The bytes the storage counts for a vault, and those really under its `agents` folder.
+    fn counted_and_real(s: &AgentStorage, vault: &Path) -> (Option<u64>, u64) {
+        let counted = s.inner.usage_slot(vault).lock().unwrap().bytes;
+        (counted, bytes_under(&vault.join("agents")).unwrap())
+    }
+
+    #[test]
+    fn concurrent_deletes_and_puts_of_one_object_keep_the_count_exact() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path().to_path_buf();
+        let vault = root.join("v");
+        let m = vault.join("agents/machines/m1");
+        let s = Arc::new(storage(1000, 0));
+        rt.block_on(async {
+            s.put(&root, &vault, &m, "keep", vec![0; 100])
+                .await
+                .unwrap();
+            for _ in 0..10 {
+                s.put(&root, &vault, &m, "a", vec![0; 50]).await.unwrap();
+                let deletes: Vec<_> = (0..8)
+                    .map(|_| {
+                        let (s, root, vault, m) =
+                            (s.clone(), root.clone(), vault.clone(), m.clone());
+                        tokio::spawn(async move { s.delete(&root, &vault, &m, "a").await })
+                    })
+                    .collect();
+                for d in deletes {
+                    d.await.unwrap().unwrap();
+                }
+                let (counted, real) = counted_and_real(&s, &vault);
+                assert_eq!(counted, Some(real), "after concurrent deletes");
+                let puts: Vec<_> = (0..8)
+                    .map(|i| {
+                        let (s, root, vault, m) =
+                            (s.clone(), root.clone(), vault.clone(), m.clone());
+                        tokio::spawn(async move {
+                            s.put(&root, &vault, &m, "b", vec![i; 30 + usize::from(i)])
+                                .await
+                        })
+                    })
+                    .collect();
+                for p in puts {
+                    p.await.unwrap().unwrap();
+                }
+                let (counted, real) = counted_and_real(&s, &vault);
+                assert_eq!(counted, Some(real), "after concurrent puts");
+                s.delete(&root, &vault, &m, "b").await.unwrap();
+            }
+            // 100 bytes are stored: 901 more would pass the quota, whatever was deleted twice.
+            let e = s
+                .put(&root, &vault, &m, "c", vec![0; 901])
+                .await
+                .unwrap_err();
+            assert_eq!(e.inner, Some("UserErrorVaultStorageQuotaExceeded"));
+        });
+    }
+
+    #[test]
+    fn concurrent_uploads_cannot_pass_the_quota() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path().to_path_buf();
+        let vault = root.join("v");
+        let m = vault.join("agents/machines/m1");
+        let s = Arc::new(storage(100, 0));
+        rt.block_on(async {
+            let puts: Vec<_> = (0..10)
+                .map(|i| {
+                    let (s, root, vault, m) = (s.clone(), root.clone(), vault.clone(), m.clone());
+                    tokio::spawn(async move {
+                        s.put(&root, &vault, &m, &format!("o{i}"), vec![0; 30])
+                            .await
+                    })
+                })
+                .collect();
+            let mut stored = 0;
+            for p in puts {
+                stored += u64::from(p.await.unwrap().is_ok());
+            }
+            assert_eq!(stored, 3);
+            let (counted, real) = counted_and_real(&s, &vault);
+            assert_eq!((counted, real), (Some(90), 90));
+        });
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_object_where_a_folder_is_or_the_reverse_is_a_conflict() {
+        let root = tempfile::tempdir().unwrap();
+        let vault = root.path().join("v");
+        let m = vault.join("agents/machines/m1");
+        let s = storage(1 << 20, 0);
+        s.put(root.path(), &vault, &m, "a", b"file".to_vec())
+            .await
+            .unwrap();
+        s.put(root.path(), &vault, &m, "c/d", b"file".to_vec())
+            .await
+            .unwrap();
+        let before = counted_and_real(&s, &vault);
+        for name in ["a/b", "a/b/c", "c"] {
+            let e = s
+                .put(root.path(), &vault, &m, name, b"x".to_vec())
+                .await
+                .unwrap_err();
+            assert_eq!(e.status(), 409, "{name}: {e:?}");
+            assert_eq!(e.inner, Some("ObjectNameConflict"), "{name}");
+            assert_eq!(counted_and_real(&s, &vault), before, "{name}");
+        }
+        assert_eq!(std::fs::read(m.join("a")).unwrap(), b"file");
+        assert_eq!(std::fs::read(m.join("c/d")).unwrap(), b"file");
+        // Nothing else was written, not even a temporary file.
+        let mut names: Vec<_> = std::fs::read_dir(&m)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "c"]);
+        // Deleting a folder's name deletes no object (there is none).
+        s.delete(root.path(), &vault, &m, "c").await.unwrap();
+        assert!(m.join("c/d").exists());
+        assert_eq!(counted_and_real(&s, &vault), before);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn reads_create_no_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let m = root.path().join("v/agents/machines/m1");
+        assert!(list_meta(root.path(), &m, "").await.unwrap().is_empty());
+        assert_eq!(
+            get_object(root.path(), &m, "a", None)
+                .await
+                .unwrap_err()
+                .status(),
+            404
+        );
+        assert_eq!(
+            head_object(root.path(), &m, "a")
+                .await
+                .unwrap_err()
+                .status(),
+            404
+        );
+        assert!(!root.path().join("v").exists());
     }
 }

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::BackupService;
-use crate::agent_objects::{ensure_dir, get_object, head_object, list_meta};
+use crate::agent_objects::{get_object, head_object, list_meta};
 use crate::state::{AGENT_REGISTRY, io};
 use crate::vaults::{CmkConfig, VaultCtx, activity_entry};
 
@@ -1032,8 +1032,9 @@ impl BackupService {
             },
         );
         registry.save(p, &v.id).await?;
-        ensure_dir(&self.data_dir, &v.dir.join("agents/machines").join(&key))
-            .map_err(|e| io("mkdir agent", e))?;
+        self.agent_storage
+            .ensure_dir(&self.data_dir, &v.dir.join("agents/machines").join(&key))
+            .await?;
         self.log(
             p,
             v,

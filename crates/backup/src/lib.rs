@@ -39,6 +39,7 @@ mod tree;
 
 pub use backend::{BlobBackend, ObjectInfo, ObjectStoreBackend};
 pub use backup::{BackupOptions, BackupStats, MAX_SKIPPED_LISTED, Progress, SkippedEntry};
+pub use local::{Fsync, LocalWrites, Syncer};
 pub use prune::{PruneOptions, PruneStats};
 pub use repo::{CheckReport, KeyEntry, Repository, SnapshotInfo};
 pub use restore::{DEFAULT_MAX_RESTORE_ENTRIES, RestoreOptions, RestoreStats};

@@ -5,10 +5,13 @@
 //! deleted after the packs it names. Here every write is flushed before it returns: the content
 //! under a temporary name, then the new name in its directory, and every directory created on
 //! the way in its parent; a deletion is flushed too, so the steps of prune stay in order on disk.
+//!
+//! [`LocalWrites`] is public: the backup service stores its agents' objects with it too.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +19,7 @@ use crate::{BackupError, Result, io_err};
 
 /// Flushes files and directory entries to stable storage. A seam so that tests can see which
 /// syncs a write makes, and in what order; [`Fsync`] is the real one.
-pub(crate) trait Syncer: Send + Sync {
+pub trait Syncer: Send + Sync {
     /// Flushes a file's contents and metadata.
     fn sync_file(&self, file: &File, path: &Path) -> io::Result<()>;
     /// Flushes a directory's entries.
@@ -24,7 +27,8 @@ pub(crate) trait Syncer: Send + Sync {
 }
 
 /// `fsync` on files and directories.
-pub(crate) struct Fsync;
+#[derive(Debug)]
+pub struct Fsync;
 
 impl Syncer for Fsync {
     fn sync_file(&self, file: &File, _path: &Path) -> io::Result<()> {
@@ -36,47 +40,71 @@ impl Syncer for Fsync {
     }
 }
 
-/// Writes and deletes objects under a root folder, durably.
-pub(crate) struct LocalWrites {
+/// Writes and deletes files under a root folder, durably: [`LocalWrites::put`] writes a
+/// temporary file, flushes it, renames it into place and flushes the directory, so a power
+/// loss leaves the old content or the new, never a torn file; every directory it creates is
+/// flushed into its parent first. Safe to share between threads; it blocks (call it off an
+/// async runtime's workers).
+pub struct LocalWrites {
     root: PathBuf,
     syncer: Arc<dyn Syncer>,
-    /// Directories whose own entry is known to be flushed into their parent (by this process).
-    /// A directory found already existing is flushed into its parent once all the same: another
-    /// writer (or a crash before it synced) may have left its entry unflushed.
-    durable: Mutex<HashSet<PathBuf>>,
+    /// Directories whose own entry is known to be flushed into their parent (by this process),
+    /// with their inode then: one removed and created anew is flushed again. A directory found
+    /// already existing is flushed into its parent once all the same: another writer (or a
+    /// crash before it synced) may have left its entry unflushed. The lock is held only to
+    /// look up and record, never across a flush.
+    durable: Mutex<HashMap<PathBuf, u64>>,
+}
+
+impl std::fmt::Debug for LocalWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalWrites")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn inode(dir: &Path) -> Option<u64> {
+    fs::metadata(dir)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| m.ino())
 }
 
 impl LocalWrites {
     /// Creates the folder `root` (and missing parents) durably, and flushes its entry into its
-    /// parent even when it exists (it may have been created without a flush).
-    pub(crate) fn new(root: &Path, syncer: Arc<dyn Syncer>) -> Result<Self> {
+    /// parent even when it exists (it may have been created without a flush). [`Fsync`] is
+    /// the `syncer` outside tests.
+    pub fn new(root: &Path, syncer: Arc<dyn Syncer>) -> Result<Self> {
         let root = std::path::absolute(root).map_err(io_err(root))?;
         let mut w = Self {
             root,
             syncer,
-            durable: Mutex::new(HashSet::new()),
+            durable: Mutex::new(HashMap::new()),
         };
         w.ensure_dir(&w.root)?;
         // Object paths are derived from the canonical root (as `object_store` makes them).
         w.root = fs::canonicalize(&w.root).map_err(io_err(&w.root))?;
-        if let Ok(mut d) = w.durable.lock() {
-            d.insert(w.root.clone());
+        if let (Ok(mut d), Some(ino)) = (w.durable.lock(), inode(&w.root)) {
+            d.insert(w.root.clone(), ino);
         }
         Ok(w)
     }
 
-    /// The canonical root folder.
-    pub(crate) fn root(&self) -> &Path {
+    /// The canonical root folder: paths given to the other methods are under it.
+    pub fn root(&self) -> &Path {
         &self.root
     }
 
     fn is_durable(&self, dir: &Path) -> bool {
-        self.durable.lock().is_ok_and(|d| d.contains(dir))
+        let known = self.durable.lock().ok().and_then(|d| d.get(dir).copied());
+        known.is_some() && known == inode(dir)
     }
 
-    /// Makes sure `dir` exists and that its entry, and those of its ancestors up to the root,
-    /// are flushed into their parents.
-    fn ensure_dir(&self, dir: &Path) -> Result<()> {
+    /// Makes sure the directory `dir` exists and that its entry, and those of its ancestors up
+    /// to the root, are flushed into their parents. A file where a directory goes is an error
+    /// of kind [`io::ErrorKind::AlreadyExists`].
+    pub fn ensure_dir(&self, dir: &Path) -> Result<()> {
         if self.is_durable(dir) {
             return Ok(());
         }
@@ -95,14 +123,15 @@ impl LocalWrites {
             Err(e) => return Err(io_err(dir)(e)),
         }
         self.syncer.sync_dir(parent).map_err(io_err(parent))?;
-        if inside && let Ok(mut d) = self.durable.lock() {
-            d.insert(dir.to_path_buf());
+        if inside && let (Ok(mut d), Some(ino)) = (self.durable.lock(), inode(dir)) {
+            d.insert(dir.to_path_buf(), ino);
         }
         Ok(())
     }
 
     /// Stores `data` at `path` (under the root): returns once content and name are durable.
-    pub(crate) fn put(&self, path: &Path, data: &[u8]) -> Result<()> {
+    /// Nothing is left behind when it fails.
+    pub fn put(&self, path: &Path, data: &[u8]) -> Result<()> {
         let dir = path
             .parent()
             .filter(|d| d.starts_with(&self.root))
@@ -127,8 +156,8 @@ impl LocalWrites {
         self.syncer.sync_dir(dir).map_err(io_err(dir))
     }
 
-    /// Removes the object at `path` (none is fine): returns once the removal is durable.
-    pub(crate) fn delete(&self, path: &Path) -> Result<()> {
+    /// Removes the file at `path` (none is fine): returns once the removal is durable.
+    pub fn delete(&self, path: &Path) -> Result<()> {
         match fs::remove_file(path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -311,5 +340,23 @@ mod tests {
         // No temporary file is left behind either.
         let dir = rec.base.join("repo/nested/keys");
         assert_eq!(std::fs::read_dir(dir).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_directory_removed_and_made_again_is_synced_again() {
+        let Setup { rec, b, _tmp, _rt } = setup(false);
+        b.put("data/ab/p1", b"one".to_vec()).unwrap();
+        std::fs::remove_dir_all(rec.base.join("repo/nested/data")).unwrap();
+        rec.take();
+        b.put("data/ab/p2", b"two".to_vec()).unwrap();
+        assert_eq!(
+            rec.take(),
+            [
+                "dir repo/nested [data]",
+                "dir repo/nested/data [ab]",
+                "file repo/nested/data/ab/p2 (final name visible: false)",
+                "dir repo/nested/data/ab [p2]",
+            ]
+        );
     }
 }
