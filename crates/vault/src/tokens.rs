@@ -280,7 +280,9 @@ impl Platform {
     /// Every attempt that reaches the password check costs one Argon2id verification, for a
     /// user name that does not exist too (against a dummy hash), so neither the answer nor its
     /// time tells which names exist; names and sources that fail too often are locked out
-    /// before any hashing (429), and verifications at once are bounded.
+    /// before any hashing (429), as is everyone while the server's budget of failures is used
+    /// up; an attempt counts against these budgets from before it is hashed until it settles;
+    /// and verifications at once are bounded.
     async fn password_grant(
         &self,
         tenant: &str,

@@ -1,7 +1,9 @@
-//! Identity hardening (issue 11, items 9, 12 and 14) at the service boundary, on a clock the
-//! tests move by hand: the password grant hashes for unknown users too, legacy workload bindings
-//! keep working until their grace ends, and a rotated signing key validates across a restart
-//! until its tokens have expired. (End-to-end tests: tests/conformance/test_hardening_identity.py.)
+//! Identity hardening (issue 11, items 9, 12 and 14, and the follow-up review) at the service
+//! boundary, on a clock the tests move by hand: the password grant hashes for unknown users
+//! too, guessing spread over names and sources is bounded by the server's budget, legacy
+//! workload bindings keep working until their grace ends, and a rotated signing key validates
+//! across a restart until its tokens have expired. (End-to-end tests:
+//! tests/conformance/test_hardening_identity.py.)
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
