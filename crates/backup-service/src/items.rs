@@ -13,34 +13,30 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use async_trait::async_trait;
 use kagi_backup::{BackupOptions, BlobBackend, KeyEntry, ObjectStoreBackend, Repository};
+use kagi_cmk::{
+    Dek, DekSlot, Kek, KekRef, KeyError, KeyOwner, Resolved, VersionInUse, WrappedKey, bad,
+};
 use kagi_core::time::rfc3339;
 use kagi_core::{ErrorCode, KvError};
 use kagi_crypto::data_key::DataKey;
-use kagi_vault::{Platform, Principal};
+use kagi_host::{Principal, ServiceHost};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
 use crate::BackupService;
 use crate::jobs::JobHandle;
-use crate::keyvault::bad;
-use crate::state::{Item, KeyVersionInUse, VaultState, io};
-use crate::vaults::{CmkConfig, VaultCtx, activity_entry, kid_uri, pmk_label};
-
-type Dek = Zeroizing<[u8; 32]>;
-
-struct CachedDek {
-    dek: Dek,
-    at: Instant,
-    kek_id: String,
-}
+use crate::resource::{CmkConfig, VaultCtx, activity_entry};
+use crate::state::{Item, KeyVersionInUse, VaultState, io, pmk_label};
 
 /// What the service keeps in memory for an item.
 #[derive(Default)]
 pub(crate) struct ItemRuntime {
     /// Serialises jobs on the item's repository.
     lock: tokio::sync::Mutex<()>,
-    dek: std::sync::Mutex<Option<CachedDek>>,
+    /// The item's data key, for the key-cache lifetime.
+    dek: DekSlot,
 }
 
 impl std::fmt::Debug for ItemRuntime {
@@ -49,29 +45,35 @@ impl std::fmt::Debug for ItemRuntime {
     }
 }
 
-/// The key encryption key in force.
-enum Kek {
-    Pmk(Dek),
-    Cmk {
-        kid: String,
-        token: String,
-        who: String,
-    },
-}
-
-impl Kek {
-    fn id(&self) -> String {
-        match self {
-            Kek::Pmk(_) => "pmk".into(),
-            Kek::Cmk { kid, .. } => kid.clone(),
-        }
+/// The key that wrapped a `keys/` entry (`kind` `pmk` or `cmk`, anything else unknown).
+fn entry_kek(e: &KeyEntry) -> KekRef {
+    match e.kek["kind"].as_str() {
+        Some("pmk") => KekRef::Platform,
+        Some("cmk") => KekRef::Customer(e.kek["keyId"].as_str().unwrap_or_default().to_string()),
+        _ => KekRef::Unknown,
     }
 }
 
-fn entry_kek_id(e: &KeyEntry) -> String {
-    match e.kek["kind"].as_str() {
-        Some("cmk") => e.kek["keyId"].as_str().unwrap_or_default().to_string(),
-        _ => "pmk".into(),
+/// A `keys/` entry as kagi-cmk sees it (a damaged one wraps nothing).
+fn record_of(e: &KeyEntry) -> WrappedKey {
+    WrappedKey {
+        id: e.id.clone(),
+        kek: entry_kek(e),
+        wrapped: kagi_core::b64::decode(&e.wrapped).unwrap_or_default(),
+        created: e.created,
+    }
+}
+
+/// The `keys/` entry of a record wrapped for the vault `vault_id`.
+fn entry_of(r: &WrappedKey, vault_id: &str) -> KeyEntry {
+    KeyEntry {
+        id: r.id.clone(),
+        kek: match &r.kek {
+            KekRef::Customer(kid) => json!({"kind": "cmk", "keyId": kid}),
+            KekRef::Platform | KekRef::Unknown => json!({"kind": "pmk", "vault": vault_id}),
+        },
+        wrapped: kagi_core::b64::encode(&r.wrapped),
+        created: r.created,
     }
 }
 
@@ -82,6 +84,61 @@ fn pmk_aad(vault_id: &str, item: &str) -> Vec<u8> {
         item.to_ascii_lowercase()
     )
     .into_bytes()
+}
+
+/// The vault's platform key.
+async fn pmk_of(p: &dyn ServiceHost, v: &VaultCtx) -> Result<Dek, KvError> {
+    let state = VaultState::load(p, &v.id).await?.unwrap_or_default();
+    let sealed =
+        kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
+    let binding = state.pmk_binding.clone().unwrap_or_else(|| v.id.clone());
+    let raw = p.open_secret(&pmk_label(&binding), &sealed)?.secret;
+    let mut k = Zeroizing::new([0u8; 32]);
+    if raw.len() != 32 {
+        return Err(io("pmk", "bad length"));
+    }
+    k.copy_from_slice(&raw);
+    Ok(k)
+}
+
+/// An item as the owner of its data key: its repository's `keys/` entries, and the vault's
+/// platform key bound to the vault and the item.
+struct ItemKeys<'a> {
+    p: &'a dyn ServiceHost,
+    v: &'a VaultCtx,
+    item: &'a str,
+}
+
+#[async_trait]
+impl KeyOwner for ItemKeys<'_> {
+    async fn wrapped_keys(&self) -> Result<Vec<WrappedKey>, KvError> {
+        let dir = BackupService::item_dir(self.v, self.item);
+        let entries = tokio::task::spawn_blocking(move || {
+            Repository::key_entries(BackupService::backend(&dir)?.as_ref()).map_err(engine)
+        })
+        .await
+        .map_err(join)??;
+        Ok(entries.iter().map(record_of).collect())
+    }
+
+    async fn add_wrapped_key(&self, key: WrappedKey) -> Result<(), KvError> {
+        let entry = entry_of(&key, &self.v.id);
+        let dir = BackupService::item_dir(self.v, self.item);
+        tokio::task::spawn_blocking(move || {
+            Repository::put_key_entry(BackupService::backend(&dir)?.as_ref(), &entry)
+                .map_err(engine)
+        })
+        .await
+        .map_err(join)?
+    }
+
+    async fn platform_key(&self) -> Result<Dek, KvError> {
+        pmk_of(self.p, self.v).await
+    }
+
+    async fn platform_aad(&self) -> Result<Vec<u8>, KvError> {
+        Ok(pmk_aad(&self.v.key_binding(self.p).await?, self.item))
+    }
 }
 
 fn engine(e: kagi_backup::BackupError) -> KvError {
@@ -182,7 +239,7 @@ impl BackupService {
         ))
     }
 
-    async fn load_item(p: &Platform, v: &VaultCtx, item: &str) -> Result<Item, KvError> {
+    async fn load_item(p: &dyn ServiceHost, v: &VaultCtx, item: &str) -> Result<Item, KvError> {
         VaultState::load(p, &v.id)
             .await?
             .and_then(|s| s.items.get(&item.to_ascii_lowercase()).cloned())
@@ -200,7 +257,7 @@ impl BackupService {
 
     pub(crate) async fn list_items(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
     ) -> Result<(u16, Value), KvError> {
         let s = VaultState::load(p, &v.id).await?.unwrap_or_default();
@@ -210,7 +267,7 @@ impl BackupService {
 
     pub(crate) async fn get_item(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         item: &str,
     ) -> Result<(u16, Value), KvError> {
@@ -219,38 +276,30 @@ impl BackupService {
     }
 
     /// A key access failure: logged in the activity log, answered with the key and reason.
-    async fn key_failure(&self, p: &Platform, v: &VaultCtx, message: String) -> KvError {
-        self.log(
-            p,
-            v,
-            activity_entry(
-                None,
-                &v.id,
-                "Microsoft.RecoveryServices/vaults/keyAccess",
-                "Failed",
-                &message,
-                p.now(),
-            ),
-        )
-        .await;
+    async fn key_failure(&self, p: &dyn ServiceHost, v: &VaultCtx, message: String) -> KvError {
+        let op = "Microsoft.RecoveryServices/vaults/keyAccess";
+        self.note(p, v, op, "Failed", &message).await;
         bad("UserErrorKeyVaultKeyNotAccessible", message)
     }
 
+    /// The answer to a failure of the item's keys (key failures logged as such).
+    async fn key_error(&self, p: &dyn ServiceHost, v: &VaultCtx, e: KeyError) -> KvError {
+        match e {
+            KeyError::Access { message, .. } => self.key_failure(p, v, message).await,
+            KeyError::Unopened(m) => {
+                let m = m.unwrap_or_else(|| "the item has no wrapped data key".into());
+                self.key_failure(p, v, format!("{m}. Backups and restores of this vault fail until access returns; nothing stored is changed.")).await
+            }
+            KeyError::Other(e) => e,
+        }
+    }
+
     /// The KEK in force (resolving a versionless key URI at most once per poll interval).
-    async fn current_kek(&self, p: &Platform, v: &VaultCtx) -> Result<Kek, KvError> {
-        let body = p.service_resource(&v.id).unwrap_or_else(|| v.body.clone());
+    async fn current_kek(&self, p: &dyn ServiceHost, v: &VaultCtx) -> Result<Kek, KvError> {
+        let body = p.resource(&v.id).unwrap_or_else(|| v.body.clone());
         let state = VaultState::load(p, &v.id).await?.unwrap_or_default();
         let Some(cmk) = CmkConfig::of(&body) else {
-            let sealed =
-                kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
-            let binding = state.pmk_binding.clone().unwrap_or_else(|| v.id.clone());
-            let raw = p.open_platform_secret(&pmk_label(&binding), &sealed)?;
-            let mut k = Zeroizing::new([0u8; 32]);
-            if raw.len() != 32 {
-                return Err(io("pmk", "bad length"));
-            }
-            k.copy_from_slice(&raw);
-            return Ok(Kek::Pmk(k));
+            return Ok(Kek::Platform(pmk_of(p, v).await?));
         };
         // BK-9: a key configured in another tenant than the subscription's now is not used.
         self.check_cmk_tenant(p, v, &state).await?;
@@ -265,30 +314,24 @@ impl BackupService {
                 return Err(self.key_failure(p, v, message).await);
             }
         };
-        let uri = kid_uri(p, &cmk.key_uri)?;
-        if let Some(ver) = &uri.version {
-            let kid = format!("{}/keys/{}/{ver}", uri.base, uri.name);
-            return Ok(Kek::Cmk { kid, token, who });
-        }
-        let mut in_use = KeyVersionInUse::load(p, &v.id, &state).await?;
-        // A version of another key (the key changed and a crash came before its version was
-        // recorded) is never used for this one.
-        if in_use.kid.as_deref().is_some_and(|k| {
-            !k.to_ascii_lowercase()
-                .starts_with(&format!("{}/", uri.versionless().to_ascii_lowercase()))
-        }) {
-            in_use = KeyVersionInUse::default();
-        }
-        let due = p.now() - in_use.resolved_at >= self.config.key_poll_interval.as_secs() as i64;
-        if let (Some(kid), false) = (&in_use.kid, due) {
-            return Ok(Kek::Cmk {
-                kid: kid.clone(),
-                token,
-                who,
-            });
-        }
-        let bundle = match self.vault_client.get_key(&uri, &token).await {
-            Ok(b) => b,
+        let uri = self.keys.parse(&cmk.key_uri)?;
+        let in_use = match &uri.version {
+            Some(_) => VersionInUse::default(),
+            None => {
+                let k = KeyVersionInUse::load(p, &v.id, &state).await?;
+                VersionInUse {
+                    kid: k.kid,
+                    resolved_at: k.resolved_at,
+                }
+            }
+        };
+        let poll = self.config.key_poll_interval;
+        let resolved = match self
+            .keys
+            .resolve_version(&uri, &token, &in_use, poll, p.now())
+            .await
+        {
+            Ok(r) => r,
             Err(f) => {
                 let message = format!(
                     "The key '{}' could not be read by the {who}: {}",
@@ -298,235 +341,62 @@ impl BackupService {
                 return Err(self.key_failure(p, v, message).await);
             }
         };
-        let kid = bundle["key"]["kid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if in_use.kid.as_deref() != Some(kid.as_str()) {
-            self.log(
-                p,
-                v,
-                activity_entry(
-                    None,
-                    &v.id,
-                    "Microsoft.RecoveryServices/vaults/encryption/keyVersionChanged",
-                    "Succeeded",
-                    &format!("New version of '{}' in use: {kid}.", cmk.key_uri),
-                    p.now(),
-                ),
-            )
-            .await;
-        }
-        KeyVersionInUse {
-            kid: Some(kid.clone()),
-            resolved_at: p.now(),
-        }
-        .save(p, &v.id)
-        .await?;
-        Ok(Kek::Cmk { kid, token, who })
-    }
-
-    async fn wrap(
-        &self,
-        p: &Platform,
-        v: &VaultCtx,
-        item: &str,
-        kek: &Kek,
-        dek: &Dek,
-    ) -> Result<KeyEntry, KvError> {
-        let (kek_json, wrapped) = match kek {
-            Kek::Pmk(k) => {
-                let pmk = DataKey::from_bytes(k).map_err(|e| io("pmk", e))?;
-                let sealed = pmk
-                    .seal(&pmk_aad(&v.key_binding(p).await?, item), dek.as_ref())
-                    .map_err(|e| io("pmk wrap", e))?;
-                (json!({"kind": "pmk", "vault": v.id}), sealed)
+        if let Resolved::Fresh { kid, changed } = &resolved {
+            if *changed {
+                let op = "Microsoft.RecoveryServices/vaults/encryption/keyVersionChanged";
+                let message = format!("New version of '{}' in use: {kid}.", cmk.key_uri);
+                self.note(p, v, op, "Succeeded", &message).await;
             }
-            Kek::Cmk { kid, token, who } => {
-                let uri = kid_uri(p, kid)?;
-                let (_, w) = match self.vault_client.wrap(&uri, token, dek.as_ref()).await {
-                    Ok(w) => w,
-                    Err(f) => {
-                        let message = format!(
-                            "The key '{kid}' could not wrap a data key for the {who}: {}",
-                            f.reason()
-                        );
-                        return Err(self.key_failure(p, v, message).await);
-                    }
-                };
-                (json!({"kind": "cmk", "keyId": kid}), w)
+            KeyVersionInUse {
+                kid: Some(kid.clone()),
+                resolved_at: p.now(),
             }
-        };
-        let raw = kagi_crypto::random_bytes(16).map_err(|e| io("rng", e))?;
-        Ok(KeyEntry {
-            id: format!("{}-{}", p.now(), hex_of(&raw)),
-            kek: kek_json,
-            wrapped: kagi_core::b64::encode(&wrapped),
-            created: p.now(),
+            .save(p, &v.id)
+            .await?;
+        }
+        Ok(Kek::Customer {
+            kid: resolved.kid().to_string(),
+            token,
+            who,
         })
-    }
-
-    async fn unwrap(
-        &self,
-        p: &Platform,
-        v: &VaultCtx,
-        item: &str,
-        kek: &Kek,
-        e: &KeyEntry,
-    ) -> Result<Dek, String> {
-        let wrapped = kagi_core::b64::decode(&e.wrapped).ok_or("the key entry is damaged")?;
-        let plain = match (e.kek["kind"].as_str(), kek) {
-            (Some("pmk"), _) => {
-                let Kek::Pmk(k) = self.pmk_of(p, v).await.map_err(|e| e.message)? else {
-                    return Err("no platform key".into());
-                };
-                let pmk = DataKey::from_bytes(&k).map_err(|e| e.to_string())?;
-                let binding = v.key_binding(p).await.map_err(|e| e.message)?;
-                pmk.open(&pmk_aad(&binding, item), &wrapped)
-                    .map_err(|_| "the platform key does not open this entry".to_string())?
-            }
-            (Some("cmk"), Kek::Cmk { token, who, .. }) => {
-                let kid = entry_kek_id(e);
-                let uri = kid_uri(p, &kid).map_err(|e| e.message)?;
-                let bundle = self.vault_client.get_key(&uri, token).await.map_err(|f| {
-                    format!(
-                        "The key '{kid}' could not be read by the {who}: {}",
-                        f.reason()
-                    )
-                })?;
-                if let Some((inner, why)) = crate::keyvault::key_unusable(&bundle, p.now()) {
-                    return Err(format!("The key '{kid}' cannot be used: {why} ({inner})"));
-                }
-                self.vault_client
-                    .unwrap(&uri, token, &wrapped)
-                    .await
-                    .map_err(|f| {
-                        format!(
-                            "The key '{kid}' could not unwrap the data key for the {who}: {}",
-                            f.reason()
-                        )
-                    })?
-            }
-            _ => return Err("the entry's key is unknown".into()),
-        };
-        let mut d = Zeroizing::new([0u8; 32]);
-        if plain.len() != 32 {
-            return Err("the unwrapped data key has the wrong length".into());
-        }
-        d.copy_from_slice(&plain);
-        Ok(d)
-    }
-
-    async fn pmk_of(&self, p: &Platform, v: &VaultCtx) -> Result<Kek, KvError> {
-        let state = VaultState::load(p, &v.id).await?.unwrap_or_default();
-        let sealed =
-            kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
-        let binding = state.pmk_binding.clone().unwrap_or_else(|| v.id.clone());
-        let raw = p.open_platform_secret(&pmk_label(&binding), &sealed)?;
-        let mut k = Zeroizing::new([0u8; 32]);
-        if raw.len() != 32 {
-            return Err(io("pmk", "bad length"));
-        }
-        k.copy_from_slice(&raw);
-        Ok(Kek::Pmk(k))
     }
 
     /// The item's DEK (cached, or unwrapped by the key vault), and the number of `keys/`
     /// entries written to adopt the KEK in force (0 or 1). Caller holds the item's lock.
     async fn dek(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         item: &str,
         rt: &ItemRuntime,
     ) -> Result<(Dek, String, u64), KvError> {
         let kek = self.current_kek(p, v).await?;
-        let kek_id = kek.id();
-        let dir = Self::item_dir(v, item);
-        let cached = {
-            let c = rt.dek.lock().unwrap_or_else(|p| p.into_inner());
-            c.as_ref()
-                .filter(|c| c.at.elapsed() < self.config.key_cache_lifetime)
-                .map(|c| (c.dek.clone(), c.kek_id.clone(), c.at))
-        };
-        let cached_at = cached.as_ref().map(|c| c.2);
-        let cached = cached.map(|(d, id, _)| (d, id));
-        let (dek, has_current) = match cached {
-            Some((d, id)) => (d, id == kek_id),
-            None => {
-                let d2 = dir.clone();
-                let mut entries = tokio::task::spawn_blocking(move || {
-                    Repository::key_entries(Self::backend(&d2)?.as_ref()).map_err(engine)
-                })
-                .await
-                .map_err(join)??;
-                let has_current = entries.iter().any(|e| entry_kek_id(e) == kek_id);
-                entries.sort_by_key(|e| (entry_kek_id(e) != kek_id, -e.created));
-                let mut found = None;
-                let mut first_err = None;
-                for e in &entries {
-                    match self.unwrap(p, v, item, &kek, e).await {
-                        Ok(d) => {
-                            found = Some(d);
-                            break;
-                        }
-                        Err(m) => {
-                            first_err.get_or_insert(m);
-                        }
-                    }
-                }
-                match found {
-                    Some(d) => (d, has_current),
-                    None => {
-                        let m =
-                            first_err.unwrap_or_else(|| "the item has no wrapped data key".into());
-                        return Err(self.key_failure(p, v, format!("{m}. Backups and restores of this vault fail until access returns; nothing stored is changed.")).await);
-                    }
-                }
-            }
-        };
-        let mut written = 0;
-        if !has_current {
-            let entry = self.wrap(p, v, item, &kek, &dek).await?;
-            let d2 = dir.clone();
-            tokio::task::spawn_blocking(move || {
-                Repository::put_key_entry(Self::backend(&d2)?.as_ref(), &entry).map_err(engine)
-            })
+        let owner = ItemKeys { p, v, item };
+        let lifetime = self.config.key_cache_lifetime;
+        let opened = match self
+            .keys
+            .data_key(&owner, &kek, &rt.dek, lifetime, p.now())
             .await
-            .map_err(join)??;
-            written = 1;
-            self.log(
-                p,
-                v,
-                activity_entry(
-                    None,
-                    &v.id,
-                    "Microsoft.RecoveryServices/vaults/backupProtectedItems/rewrapDataKey",
-                    "Succeeded",
-                    &format!("The data key of item '{item}' was wrapped under {kek_id}."),
-                    p.now(),
-                ),
-            )
-            .await;
-        }
-        // The lifetime counts from the last time the key vault was asked.
-        let at = match (cached_at, written) {
-            (Some(t), 0) => t,
-            _ => Instant::now(),
+        {
+            Ok(k) => k,
+            Err(e) => return Err(self.key_error(p, v, e).await),
         };
-        *rt.dek.lock().unwrap_or_else(|p| p.into_inner()) = Some(CachedDek {
-            dek: dek.clone(),
-            at,
-            kek_id: kek_id.clone(),
-        });
-        Ok((dek, kek_id, written))
+        if opened.written > 0 {
+            let op = "Microsoft.RecoveryServices/vaults/backupProtectedItems/rewrapDataKey";
+            let message = format!(
+                "The data key of item '{item}' was wrapped under {}.",
+                opened.kek_id
+            );
+            self.note(p, v, op, "Succeeded", &message).await;
+        }
+        Ok((opened.dek, opened.kek_id, opened.written))
     }
 
     /// Re-wraps an item's DEK under the KEK in force (the key-assignment job). Returns the
     /// number of `keys/` entries written.
     pub(crate) async fn rewrap_item(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         item: &str,
     ) -> Result<u64, KvError> {
@@ -538,7 +408,7 @@ impl BackupService {
 
     pub(crate) async fn protect(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         caller: &Principal,
         v: &VaultCtx,
         name: &str,
@@ -648,9 +518,13 @@ impl BackupService {
         };
         let key = DataKey::generate().map_err(|e| io("dek", e))?;
         let dek: Dek = Zeroizing::new(*key.expose_for_wrapping());
-        let entry = match self.wrap(p, v, &name, &kek, &dek).await {
-            Ok(e) => e,
-            Err(e) => return Err(fail(e).await),
+        let owner = ItemKeys { p, v, item: &name };
+        let entry = match self.keys.wrap(&owner, &kek, &dek, p.now()).await {
+            Ok(r) => entry_of(&r, &v.id),
+            Err(e) => {
+                let e = self.key_error(p, v, e).await;
+                return Err(fail(e).await);
+            }
         };
         let dir = Self::item_dir(v, &name);
         let _ = std::fs::remove_dir_all(&dir);
@@ -673,15 +547,9 @@ impl BackupService {
         };
         state.items.insert(name.clone(), item.clone());
         state.save(p, &v.id).await?;
-        *self
-            .item_rt(v, &name)
+        self.item_rt(v, &name)
             .dek
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(CachedDek {
-            dek,
-            at: Instant::now(),
-            kek_id: kek.id(),
-        });
+            .put(dek, kek.id(), Instant::now());
         self.log(
             p,
             v,
@@ -700,18 +568,25 @@ impl BackupService {
 
     pub(crate) async fn start_backup(
         self: &Arc<Self>,
-        p: &Arc<Platform>,
+        host: &Arc<dyn ServiceHost>,
         v: &VaultCtx,
         item: &str,
     ) -> Result<(u16, Value), KvError> {
+        let p = host.as_ref();
         let it = Self::load_item(p, v, item).await?;
         let item = item.to_ascii_lowercase();
-        let job = self.jobs.start(p, &v.id, "Backup", &item, p.now()).await?;
-        let (svc, p2, v2, j2) = (self.clone(), p.clone(), v.clone(), job.clone());
+        let job = self
+            .jobs
+            .start(host, &v.id, "Backup", &item, p.now())
+            .await?;
+        let (svc, p2, v2, j2) = (self.clone(), host.clone(), v.clone(), job.clone());
         tokio::spawn(async move {
-            match svc.run_backup(&p2, &v2, &item, &it, &j2).await {
+            match svc.run_backup(p2.as_ref(), &v2, &item, &it, &j2).await {
                 Ok(stats) => j2.complete(p2.now(), stats).await,
-                Err(e) => svc.job_failed(&p2, &v2, &j2, "backup", &e, None).await,
+                Err(e) => {
+                    svc.job_failed(p2.as_ref(), &v2, &j2, "backup", &e, None)
+                        .await
+                }
             }
         });
         Ok((202, job.get()))
@@ -719,7 +594,7 @@ impl BackupService {
 
     pub(crate) async fn run_backup(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         item: &str,
         it: &Item,
@@ -744,8 +619,8 @@ impl BackupService {
                     .map_err(engine)?;
                 // BK-5: entries under earlier keys served until this backup completed.
                 let entries = Repository::key_entries(b.as_ref()).map_err(engine)?;
-                if entries.iter().any(|e| entry_kek_id(e) == kek_id) {
-                    for e in entries.iter().filter(|e| entry_kek_id(e) != kek_id) {
+                if entries.iter().any(|e| entry_kek(e).id() == kek_id) {
+                    for e in entries.iter().filter(|e| entry_kek(e).id() != kek_id) {
                         Repository::delete_key_entry(b.as_ref(), &e.id).map_err(engine)?;
                     }
                 }
@@ -774,11 +649,12 @@ impl BackupService {
 
     pub(crate) async fn start_restore(
         self: &Arc<Self>,
-        p: &Arc<Platform>,
+        host: &Arc<dyn ServiceHost>,
         v: &VaultCtx,
         item: &str,
         input: Value,
     ) -> Result<(u16, Value), KvError> {
+        let p = host.as_ref();
         Self::load_item(p, v, item).await?;
         let rp = input["recoveryPointId"].as_str().unwrap_or("").to_string();
         if rp.is_empty() || !rp.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -797,13 +673,16 @@ impl BackupService {
         let sub = input["subPath"].as_str().map(str::to_string);
         let overwrite = input["overwrite"].as_bool().unwrap_or(false);
         let item = item.to_ascii_lowercase();
-        let job = self.jobs.start(p, &v.id, "Restore", &item, p.now()).await?;
-        let (svc, p2, v2, j2) = (self.clone(), p.clone(), v.clone(), job.clone());
+        let job = self
+            .jobs
+            .start(host, &v.id, "Restore", &item, p.now())
+            .await?;
+        let (svc, p2, v2, j2) = (self.clone(), host.clone(), v.clone(), job.clone());
         tokio::spawn(async move {
             let r = async {
                 let rt = svc.item_rt(&v2, &item);
                 let _g = rt.lock.lock().await;
-                let (dek, _, _) = svc.dek(&p2, &v2, &item, &rt).await?;
+                let (dek, _, _) = svc.dek(p2.as_ref(), &v2, &item, &rt).await?;
                 let dir = Self::item_dir(&v2, &item);
                 let j = j2.clone();
                 let st = tokio::task::spawn_blocking(move || -> Result<kagi_backup::RestoreStats, KvError> {
@@ -822,7 +701,10 @@ impl BackupService {
             .await;
             match r {
                 Ok(s) => j2.complete(p2.now(), s).await,
-                Err(e) => svc.job_failed(&p2, &v2, &j2, "restore", &e, None).await,
+                Err(e) => {
+                    svc.job_failed(p2.as_ref(), &v2, &j2, "restore", &e, None)
+                        .await
+                }
             }
         });
         Ok((202, job.get()))
@@ -835,7 +717,7 @@ impl BackupService {
     /// error is reported in the statistics.
     pub(crate) async fn apply_retention(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         item: &str,
         keep: u64,
@@ -875,21 +757,25 @@ impl BackupService {
     /// nothing is wrong; Failed (`RepositoryDamaged`) with `stats.problems` otherwise.
     pub(crate) async fn start_check(
         self: &Arc<Self>,
-        p: &Arc<Platform>,
+        host: &Arc<dyn ServiceHost>,
         v: &VaultCtx,
         item: &str,
         input: &Value,
     ) -> Result<(u16, Value), KvError> {
+        let p = host.as_ref();
         Self::load_item(p, v, item).await?;
         let read_data = input["readData"].as_bool().unwrap_or(false);
         let item = item.to_ascii_lowercase();
-        let job = self.jobs.start(p, &v.id, "Check", &item, p.now()).await?;
-        let (svc, p2, v2, j2) = (self.clone(), p.clone(), v.clone(), job.clone());
+        let job = self
+            .jobs
+            .start(host, &v.id, "Check", &item, p.now())
+            .await?;
+        let (svc, p2, v2, j2) = (self.clone(), host.clone(), v.clone(), job.clone());
         tokio::spawn(async move {
             let r = async {
                 let rt = svc.item_rt(&v2, &item);
                 let _g = rt.lock.lock().await;
-                let (dek, _, _) = svc.dek(&p2, &v2, &item, &rt).await?;
+                let (dek, _, _) = svc.dek(p2.as_ref(), &v2, &item, &rt).await?;
                 let dir = Self::item_dir(&v2, &item);
                 let started = Instant::now();
                 let report = tokio::task::spawn_blocking(
@@ -929,11 +815,14 @@ impl BackupService {
                             ),
                         )
                         .with_inner("RepositoryDamaged");
-                        svc.job_failed(&p2, &v2, &j2, "check", &e, Some(stats))
+                        svc.job_failed(p2.as_ref(), &v2, &j2, "check", &e, Some(stats))
                             .await;
                     }
                 }
-                Err(e) => svc.job_failed(&p2, &v2, &j2, "check", &e, None).await,
+                Err(e) => {
+                    svc.job_failed(p2.as_ref(), &v2, &j2, "check", &e, None)
+                        .await
+                }
             }
         });
         Ok((202, job.get()))
@@ -943,7 +832,7 @@ impl BackupService {
     /// to the vault's activity log.
     async fn job_failed(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         job: &JobHandle,
         operation: &str,
@@ -971,7 +860,7 @@ impl BackupService {
 
     pub(crate) async fn recovery_points(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         item: &str,
     ) -> Result<(u16, Value), KvError> {
@@ -1003,8 +892,4 @@ impl BackupService {
             .collect();
         Ok((200, json!({"value": value})))
     }
-}
-
-fn hex_of(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }

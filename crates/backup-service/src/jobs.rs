@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use kagi_core::KvError;
 use kagi_core::time::{Clock, SystemClock, rfc3339};
-use kagi_vault::Platform;
+use kagi_host::ServiceHost;
 use serde_json::{Value, json};
 
 use crate::state::{JOB, io};
@@ -74,7 +74,7 @@ pub struct JobHandle {
     /// The job id (the document's name).
     id: String,
     /// Where the job is stored. Weak: the platform owns the services, not the reverse.
-    platform: Weak<Platform>,
+    platform: Weak<dyn ServiceHost>,
     /// The runtime progress writes are spawned on (reports come from blocking threads).
     runtime: tokio::runtime::Handle,
     /// Platform time minus system time when the job started: progress reports carry no time,
@@ -199,8 +199,7 @@ impl JobHandle {
             .platform
             .upgrade()
             .ok_or_else(|| io("job", "the platform is gone"))?;
-        p.put_service_document(&self.vault_key, JOB, &self.id, body)
-            .await
+        p.put_document(&self.vault_key, JOB, &self.id, body).await
     }
 
     /// Test only: forget that this process runs the job, as after a restart.
@@ -251,7 +250,7 @@ impl Jobs {
     /// `vault_id`. The job is stored before this returns; if it cannot be, nothing starts.
     pub async fn start(
         &self,
-        p: &Arc<Platform>,
+        host: &Arc<dyn ServiceHost>,
         vault_id: &str,
         operation: &str,
         entity: &str,
@@ -281,7 +280,7 @@ impl Jobs {
             }),
             vault_key: vault_key.clone(),
             id: id.clone(),
-            platform: Arc::downgrade(p),
+            platform: Arc::downgrade(host),
             runtime: tokio::runtime::Handle::current(),
             clock_offset: now.saturating_sub(SystemClock.now()),
             writing: tokio::sync::Mutex::new(()),
@@ -325,19 +324,19 @@ impl Jobs {
     /// months, not for ever. Returns how many were deleted.
     pub async fn forget_ended(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         vault_id: &str,
         before: i64,
     ) -> Result<usize, KvError> {
         let vault_key = vault_id.to_ascii_lowercase();
         let mut gone = 0;
-        for (id, job) in p.service_documents(&vault_key, JOB).await? {
+        for (id, job) in p.documents(&vault_key, JOB).await? {
             let ended = job["status"] != "InProgress"
                 && job["endTime"]
                     .as_str()
                     .and_then(kagi_core::time::parse_rfc3339)
                     .is_some_and(|t| t < before);
-            if ended && p.delete_service_document(&vault_key, JOB, &id).await? {
+            if ended && p.delete_document(&vault_key, JOB, &id).await? {
                 gone += 1;
             }
         }
@@ -347,7 +346,7 @@ impl Jobs {
     /// A job of the vault `vault_id`, by id (`None`: the vault has no such job).
     pub async fn get(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         vault_id: &str,
         id: &str,
     ) -> Result<Option<Value>, KvError> {
@@ -356,17 +355,17 @@ impl Jobs {
         }
         let (vault_key, id) = (vault_id.to_ascii_lowercase(), id.to_ascii_lowercase());
         // Only the vault that ran it (whose documents hold it) answers for it.
-        let Some(stored) = p.service_document(&vault_key, JOB, &id).await? else {
+        let Some(stored) = p.document(&vault_key, JOB, &id).await? else {
             return Ok(None);
         };
         self.settle(p, &vault_key, &id, stored).await.map(Some)
     }
 
     /// Every job of the vault `vault_id`, newest first.
-    pub async fn list(&self, p: &Platform, vault_id: &str) -> Result<Vec<Value>, KvError> {
+    pub async fn list(&self, p: &dyn ServiceHost, vault_id: &str) -> Result<Vec<Value>, KvError> {
         let vault_key = vault_id.to_ascii_lowercase();
         let mut out = Vec::new();
-        for (id, stored) in p.service_documents(&vault_key, JOB).await? {
+        for (id, stored) in p.documents(&vault_key, JOB).await? {
             out.push(self.settle(p, &vault_key, &id, stored).await?);
         }
         out.sort_by(|a, b| {
@@ -382,7 +381,7 @@ impl Jobs {
     /// stored one, with an interrupted job failed (and rewritten) once.
     async fn settle(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         vault_key: &str,
         id: &str,
         stored: Value,
@@ -416,15 +415,15 @@ fn mark_interrupted(mut v: Value) -> Value {
 
 /// Rewrites an interrupted job as Failed, once, and returns what it now holds (`None` when it
 /// could not be read back; the caller then answers from what it read).
-async fn interrupted(p: &Platform, vault_key: &str, id: &str) -> Option<Value> {
+async fn interrupted(p: &dyn ServiceHost, vault_key: &str, id: &str) -> Option<Value> {
     let _g = REWRITE.lock().await;
     // Read again under the lock: another reader may have rewritten it meanwhile.
-    let v = p.service_document(vault_key, JOB, id).await.ok()??;
+    let v = p.document(vault_key, JOB, id).await.ok()??;
     if v["status"] != "InProgress" || running(vault_key, id) {
         return Some(v);
     }
     let v = mark_interrupted(v);
-    match p.put_service_document(vault_key, JOB, id, &v).await {
+    match p.put_document(vault_key, JOB, id, &v).await {
         Ok(()) => tracing::warn!(job = %id, vault = %vault_key, "interrupted job marked failed"),
         Err(e) => {
             tracing::error!(error = %e.message, job = %id, "interrupted job not rewritten")
@@ -437,7 +436,7 @@ async fn interrupted(p: &Platform, vault_key: &str, id: &str) -> Option<Value> {
 mod tests {
     use super::*;
     use kagi_core::ErrorCode;
-    use kagi_vault::PlatformConfig;
+    use kagi_vault::{Platform, PlatformConfig};
 
     const VAULT: &str =
         "/subscriptions/s/resourceGroups/rg/providers/Microsoft.RecoveryServices/vaults/v";
@@ -447,7 +446,7 @@ mod tests {
     const T0: i64 = 1_893_456_000;
 
     /// A platform on a fresh data directory (the store the jobs are written to).
-    async fn platform() -> (tempfile::TempDir, Arc<Platform>) {
+    async fn platform() -> (tempfile::TempDir, Arc<dyn ServiceHost>) {
         let dir = tempfile::tempdir().unwrap();
         let config = PlatformConfig {
             data_dir: dir.path().to_path_buf(),
@@ -466,9 +465,9 @@ mod tests {
         }
     }
 
-    async fn stored(p: &Platform, h: &JobHandle) -> Value {
+    async fn stored(p: &dyn ServiceHost, h: &JobHandle) -> Value {
         h.flush().await;
-        p.service_document(VAULT, JOB, &h.id)
+        p.document(VAULT, JOB, &h.id)
             .await
             .unwrap()
             .expect("job document")
@@ -485,11 +484,11 @@ mod tests {
             .start(&p, VAULT, "Backup", "item", T0)
             .await
             .unwrap();
-        let first = stored(&p, &h).await;
+        let first = stored(&*p, &h).await;
         assert_eq!(first["status"], "InProgress");
         assert_eq!(first["lastUpdateTime"], rfc3339(T0));
         h.progress(10, 100, "Bytes");
-        let d = stored(&p, &h).await;
+        let d = stored(&*p, &h).await;
         assert_eq!(
             d["progress"],
             json!({"done": 10, "total": 100, "unit": "Bytes"})
@@ -502,12 +501,12 @@ mod tests {
         // Same 5% step: in memory only.
         h.progress(14, 100, "Bytes");
         assert_eq!(h.get()["progress"]["done"], 14);
-        assert_eq!(stored(&p, &h).await["progress"]["done"], 10);
+        assert_eq!(stored(&*p, &h).await["progress"]["done"], 10);
         h.progress(15, 100, "Bytes");
-        assert_eq!(stored(&p, &h).await["progress"]["done"], 15);
+        assert_eq!(stored(&*p, &h).await["progress"]["done"], 15);
         // A jump over several steps is one write of the newest value.
         h.progress(90, 100, "Bytes");
-        assert_eq!(stored(&p, &h).await["progress"]["done"], 90);
+        assert_eq!(stored(&*p, &h).await["progress"]["done"], 90);
     }
 
     #[tokio::test]
@@ -519,12 +518,12 @@ mod tests {
         };
         let h = jobs.start(&p, VAULT, "Backup", "item", T0).await.unwrap();
         h.progress(1, 1000, "Bytes");
-        assert_eq!(stored(&p, &h).await["progress"]["done"], 1);
+        assert_eq!(stored(&*p, &h).await["progress"]["done"], 1);
         h.progress(2, 1000, "Bytes");
-        assert_eq!(stored(&p, &h).await["progress"]["done"], 2);
+        assert_eq!(stored(&*p, &h).await["progress"]["done"], 2);
         // Unknown total: only the interval writes.
         h.progress(7, 0, "Bytes");
-        assert_eq!(stored(&p, &h).await["progress"]["done"], 7);
+        assert_eq!(stored(&*p, &h).await["progress"]["done"], 7);
     }
 
     /// Reports come from the engine's blocking threads, outside the runtime: they are written
@@ -544,7 +543,7 @@ mod tests {
         std::thread::spawn(move || h3.progress(75, 100, "Bytes"))
             .join()
             .unwrap();
-        assert_eq!(stored(&p, &h).await["progress"]["done"], 75);
+        assert_eq!(stored(&*p, &h).await["progress"]["done"], 75);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -572,7 +571,7 @@ mod tests {
                 r.join().unwrap();
             }
             h.progress(1, 200, "Bytes");
-            let d = stored(&p, &h).await;
+            let d = stored(&*p, &h).await;
             assert_eq!(d["status"], "Completed", "{d}");
             assert_eq!(d["endTime"], rfc3339(T0 + 5));
             assert_eq!(d["progress"]["done"], d["progress"]["total"], "{d}");
@@ -591,7 +590,7 @@ mod tests {
         h.progress(30, 100, "Bytes");
         let e = KvError::new(ErrorCode::BadParameter, "damaged").with_inner("RepositoryDamaged");
         h.fail_with(T0 + 9, &e, json!({"problems": ["p"]})).await;
-        let d = stored(&p, &h).await;
+        let d = stored(&*p, &h).await;
         assert_eq!(d["status"], "Failed");
         assert_eq!(d["endTime"], rfc3339(T0 + 9));
         assert_eq!(d["error"]["code"], "RepositoryDamaged");
@@ -612,7 +611,7 @@ mod tests {
         });
         // Without the wait the read would find the job still running.
         jobs.wait_end(&id, Duration::from_secs(30)).await;
-        let got = jobs.get(&p, VAULT, &id).await.unwrap().unwrap();
+        let got = jobs.get(&*p, VAULT, &id).await.unwrap().unwrap();
         assert_eq!(got["status"], "Completed");
         // The next start drops the ended handle; the stored job answers the same.
         let next = jobs
@@ -621,7 +620,7 @@ mod tests {
             .unwrap();
         assert!(!lock(&jobs.live).contains_key(&id));
         assert!(lock(&jobs.live).contains_key(&name(&next)));
-        assert_eq!(jobs.get(&p, VAULT, &id).await.unwrap().unwrap(), got);
+        assert_eq!(jobs.get(&*p, VAULT, &id).await.unwrap().unwrap(), got);
         // Waiting on an ended (or unknown) job returns at once.
         jobs.wait_end(&id, Duration::from_secs(30)).await;
     }
@@ -635,21 +634,26 @@ mod tests {
         let recent = jobs.start(&p, VAULT, "Backup", "item", T0).await.unwrap();
         recent.complete(T0 + 100, json!({})).await;
         let running = jobs.start(&p, VAULT, "Backup", "item", T0).await.unwrap();
-        assert_eq!(jobs.forget_ended(&p, VAULT, T0 + 50).await.unwrap(), 1);
-        assert!(jobs.get(&p, VAULT, &name(&old)).await.unwrap().is_none());
-        assert!(jobs.get(&p, VAULT, &name(&recent)).await.unwrap().is_some());
+        assert_eq!(jobs.forget_ended(&*p, VAULT, T0 + 50).await.unwrap(), 1);
+        assert!(jobs.get(&*p, VAULT, &name(&old)).await.unwrap().is_none());
         assert!(
-            jobs.get(&p, VAULT, &name(&running))
+            jobs.get(&*p, VAULT, &name(&recent))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            jobs.get(&*p, VAULT, &name(&running))
                 .await
                 .unwrap()
                 .is_some()
         );
         assert_eq!(
-            jobs.forget_ended(&p, VAULT, T0 + 1_000_000).await.unwrap(),
+            jobs.forget_ended(&*p, VAULT, T0 + 1_000_000).await.unwrap(),
             1
         );
         assert!(
-            jobs.get(&p, VAULT, &name(&running))
+            jobs.get(&*p, VAULT, &name(&running))
                 .await
                 .unwrap()
                 .is_some()
@@ -664,17 +668,17 @@ mod tests {
             .await
             .unwrap();
         h.progress(50, 100, "Bytes");
-        let before = stored(&p, &h).await;
+        let before = stored(&*p, &h).await;
         // Another service instance of the same process reads it: the job still runs.
         let other = steps_only();
         assert_eq!(
-            other.get(&p, VAULT, &name(&h)).await.unwrap().unwrap(),
+            other.get(&*p, VAULT, &name(&h)).await.unwrap().unwrap(),
             before
         );
-        assert_eq!(stored(&p, &h).await, before);
+        assert_eq!(stored(&*p, &h).await, before);
         h.complete(T0 + 1, json!({})).await;
         assert_eq!(
-            other.get(&p, VAULT, &name(&h)).await.unwrap().unwrap()["status"],
+            other.get(&*p, VAULT, &name(&h)).await.unwrap().unwrap()["status"],
             "Completed"
         );
     }
@@ -687,12 +691,12 @@ mod tests {
             .await
             .unwrap();
         h.progress(40, 100, "Bytes");
-        let written = stored(&p, &h).await;
+        let written = stored(&*p, &h).await;
         h.progress(42, 100, "Bytes"); // not written: lost with the process
         h.abandon(); // the process dies
 
         let restarted = steps_only();
-        let v = restarted.get(&p, VAULT, &name(&h)).await.unwrap().unwrap();
+        let v = restarted.get(&*p, VAULT, &name(&h)).await.unwrap().unwrap();
         assert_eq!(v["status"], "Failed");
         assert_eq!(v["error"]["code"], "JobInterrupted");
         assert_eq!(v["endTime"], written["lastUpdateTime"]);
@@ -700,15 +704,15 @@ mod tests {
         assert_eq!(v["progress"], written["progress"]);
         assert_eq!(v["progress"]["done"], 40);
         // Rewritten in the store, and answered the same from then on.
-        assert_eq!(stored(&p, &h).await, v);
+        assert_eq!(stored(&*p, &h).await, v);
         assert_eq!(
-            restarted.get(&p, VAULT, &name(&h)).await.unwrap().unwrap(),
+            restarted.get(&*p, VAULT, &name(&h)).await.unwrap().unwrap(),
             v
         );
-        assert_eq!(restarted.list(&p, VAULT).await.unwrap(), vec![v.clone()]);
+        assert_eq!(restarted.list(&*p, VAULT).await.unwrap(), vec![v.clone()]);
         assert_eq!(
             steps_only()
-                .get(&p, VAULT, &name(&h))
+                .get(&*p, VAULT, &name(&h))
                 .await
                 .unwrap()
                 .unwrap(),
@@ -727,14 +731,11 @@ mod tests {
             "endTime": null, "progress": {"done": 0, "total": 0, "unit": "Bytes"},
             "error": null, "stats": null,
         });
-        p.put_service_document(VAULT, JOB, id, &old).await.unwrap();
-        let v = Jobs::default().get(&p, VAULT, id).await.unwrap().unwrap();
+        p.put_document(VAULT, JOB, id, &old).await.unwrap();
+        let v = Jobs::default().get(&*p, VAULT, id).await.unwrap().unwrap();
         assert_eq!(v["status"], "Failed");
         assert_eq!(v["endTime"], rfc3339(T0));
-        assert_eq!(
-            p.service_document(VAULT, JOB, id).await.unwrap().unwrap(),
-            v
-        );
+        assert_eq!(p.document(VAULT, JOB, id).await.unwrap().unwrap(), v);
     }
 
     #[tokio::test]
@@ -742,9 +743,9 @@ mod tests {
         let (_d, p) = platform().await;
         let jobs = steps_only();
         let h = jobs.start(&p, VAULT, "Backup", "item", T0).await.unwrap();
-        assert!(jobs.get(&p, VAULT, &name(&h)).await.unwrap().is_some());
-        assert!(jobs.get(&p, OTHER, &name(&h)).await.unwrap().is_none());
-        assert!(jobs.get(&p, VAULT, "../x").await.unwrap().is_none());
-        assert_eq!(jobs.list(&p, OTHER).await.unwrap(), Vec::<Value>::new());
+        assert!(jobs.get(&*p, VAULT, &name(&h)).await.unwrap().is_some());
+        assert!(jobs.get(&*p, OTHER, &name(&h)).await.unwrap().is_none());
+        assert!(jobs.get(&*p, VAULT, "../x").await.unwrap().is_none());
+        assert_eq!(jobs.list(&*p, OTHER).await.unwrap(), Vec::<Value>::new());
     }
 }

@@ -4,12 +4,15 @@
 //! it protects folders of the kagi host as *items*, each its own deduplicating, encrypted
 //! repository (`kagi-backup`) under `<data>/backup/{sub}/{rg}/{vault}/items/{item}/`. Its other
 //! records — its state, activity log, jobs and agent registry — are in the store, reached only
-//! through kagi-vault's `Platform` (service documents and activity, see [`state`]); they go
+//! through its host ([`kagi_host::ServiceHost`]: documents and activity, see [`state`]); they go
 //! with the vault's resource when it is deleted or moved, in the same store transaction. Each
 //! item's data key (DEK) is wrapped by the vault's key encryption key: a platform key held by
 //! kagi (PMK, the default) or the customer's RSA key (CMK), reached only over HTTPS through the
-//! key vault's data plane with a token of the vault's managed identity — so those calls are
-//! authorized, firewalled and audited like anyone's.
+//! key vault's data plane with a token of the vault's managed identity (`kagi-cmk`) — so those
+//! calls are authorized, firewalled and audited like anyone's.
+//!
+//! The service is built explicitly on a host ([`BackupService::new`]); `kagi server` builds it
+//! on its `Platform` and hands it to the HTTP layer and to the scheduler.
 //!
 //! Routes (management host, bootstrap administrator; `{vault id}` is
 //! `/subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.RecoveryServices/vaults/{name}`):
@@ -36,7 +39,7 @@
 //! unreferenced packs are not pruned yet).
 //!
 //! Moves (BK-9; `POST /subscriptions/{s}/resourceGroups/{g}/moveResources`, served by kagi-http,
-//! see [`move_vault`]): a vault with the platform key moves with its identities, its records
+//! see [`BackupService::move_vault`]): a vault with the platform key moves with its identities, its records
 //! and its folder, crash-safely; a vault with a customer-managed key is refused. After its subscription moves to
 //! another tenant, a CMK vault's jobs fail with `UserErrorCMKTenantMismatch` until its identity
 //! and key are configured again in the new tenant.
@@ -53,8 +56,8 @@ mod agent_objects;
 pub mod agents;
 mod items;
 pub mod jobs;
-pub mod keyvault;
 mod moves;
+mod resource;
 mod schedule;
 pub mod state;
 mod vaults;
@@ -62,11 +65,12 @@ mod vaults;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kagi_cmk::KeyAccess;
 use kagi_core::{ErrorCode, KvError};
-use kagi_vault::{Platform, Principal};
+use kagi_host::{Principal, ResourceScope, ServiceHost};
 use serde_json::Value;
 
 pub use schedule::spawn_scheduler;
@@ -109,9 +113,12 @@ impl Default for ServiceConfig {
 /// The backup service of one platform.
 #[derive(Debug)]
 pub struct BackupService {
+    /// The platform it runs in.
+    host: Arc<dyn ServiceHost>,
     config: ServiceConfig,
     data_dir: PathBuf,
-    vault_client: keyvault::VaultClient,
+    /// The key vaults' data plane, with the vaults' managed identities.
+    keys: KeyAccess,
     jobs: jobs::Jobs,
     /// Per-vault serialisation of state changes.
     vault_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -123,48 +130,65 @@ pub struct BackupService {
     agent_storage: agent_objects::AgentStorage,
 }
 
-type Registry = Mutex<Vec<(Weak<Platform>, Arc<BackupService>)>>;
-static REGISTRY: Registry = Mutex::new(Vec::new());
-
-/// Installs the service of `platform` with `config` (replacing any).
-pub fn install(platform: &Arc<Platform>, config: ServiceConfig) -> Arc<BackupService> {
-    let c = platform.config();
-    let addr = config
-        .connect
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], c.port)));
-    let svc = Arc::new(BackupService {
-        vault_client: keyvault::VaultClient::new(addr, c.data_dir.join("tls/ca.pem")),
-        data_dir: c.data_dir.clone(),
-        config,
-        jobs: jobs::Jobs::default(),
-        vault_locks: Mutex::new(HashMap::new()),
-        items: Mutex::new(HashMap::new()),
-        imported: tokio::sync::OnceCell::new(),
-        agent_storage: agent_objects::AgentStorage::from_env(),
-    });
-    // Before any request reaches the vaults: finish the moves a crash interrupted (BK-9).
-    svc.recover_moves(platform);
-    let mut r = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-    r.retain(|(w, _)| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), Arc::as_ptr(platform)));
-    r.push((Arc::downgrade(platform), svc.clone()));
-    svc
+/// Whether a management path (lower-cased segments) belongs to this service.
+pub fn matches(l: &[&str]) -> bool {
+    l.windows(2)
+        .any(|w| w == ["providers", "microsoft.recoveryservices"])
 }
 
-/// Checks (`dry_run`: `validateMoveResources`) or performs (`moveResources`) the move of a
-/// backup vault to another resource group or subscription of the same tenant (BK-9; see the
-/// `moves` module): refused for a vault encrypted with a customer-managed key. Returns the
-/// vault as it is (or would be) stored after the move.
-pub async fn move_vault(
-    platform: &Arc<Platform>,
-    caller: &Principal,
-    vault_id: &str,
-    target_subscription: &str,
-    target_resource_group: &str,
-    dry_run: bool,
-) -> Result<Value, KvError> {
-    service(platform)
-        .move_vault(
-            platform,
+impl BackupService {
+    /// The service on `host` with `config`. Before it serves anything, it finishes the vault
+    /// moves a crash interrupted (BK-9); build one per host.
+    pub fn new(host: Arc<dyn ServiceHost>, config: ServiceConfig) -> Arc<Self> {
+        let c = host.config();
+        let addr = config
+            .connect
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], c.port)));
+        let user_agent = concat!("kagi-backup-service/", env!("CARGO_PKG_VERSION"));
+        let svc = Arc::new(BackupService {
+            keys: KeyAccess::new(&c, addr, "backup vault", user_agent),
+            data_dir: c.data_dir.clone(),
+            host,
+            config,
+            jobs: jobs::Jobs::default(),
+            vault_locks: Mutex::new(HashMap::new()),
+            items: Mutex::new(HashMap::new()),
+            imported: tokio::sync::OnceCell::new(),
+            agent_storage: agent_objects::AgentStorage::from_env(),
+        });
+        svc.recover_moves(svc.host.as_ref());
+        svc
+    }
+
+    /// The host it runs on.
+    pub fn host(&self) -> &Arc<dyn ServiceHost> {
+        &self.host
+    }
+
+    /// Serves one management request for `Microsoft.RecoveryServices`: (status, body).
+    pub async fn handle(
+        self: &Arc<Self>,
+        caller: &Principal,
+        req: ArmRequest<'_>,
+    ) -> Result<(u16, Value), KvError> {
+        self.route(&self.host.clone(), caller, req).await
+    }
+
+    /// Checks (`dry_run`: `validateMoveResources`) or performs (`moveResources`) the move of a
+    /// backup vault to another resource group or subscription of the same tenant (BK-9; see
+    /// the `moves` module): refused for a vault encrypted with a customer-managed key. Returns
+    /// the vault as it is (or would be) stored after the move.
+    pub async fn move_vault(
+        self: &Arc<Self>,
+        caller: &Principal,
+        vault_id: &str,
+        target_subscription: &str,
+        target_resource_group: &str,
+        dry_run: bool,
+    ) -> Result<Value, KvError> {
+        let p = self.host.clone();
+        self.move_vault_on(
+            &p,
             caller,
             vault_id,
             target_subscription,
@@ -172,35 +196,25 @@ pub async fn move_vault(
             dry_run,
         )
         .await
-}
-
-/// The service of `platform` (installed with the default configuration on first use).
-pub fn service(platform: &Arc<Platform>) -> Arc<BackupService> {
-    {
-        let r = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, s)) = r
-            .iter()
-            .find(|(w, _)| std::ptr::eq(w.as_ptr(), Arc::as_ptr(platform)))
-        {
-            return s.clone();
-        }
     }
-    install(platform, ServiceConfig::default())
-}
 
-/// Whether a management path (lower-cased segments) belongs to this service.
-pub fn matches(l: &[&str]) -> bool {
-    l.windows(2)
-        .any(|w| w == ["providers", "microsoft.recoveryservices"])
-}
+    /// Authenticates and authorizes a backup-agent request (`/kagi/agent/{vault id}/…`, see
+    /// [`agents`]) before its body is read.
+    pub async fn agent_authenticate(
+        &self,
+        head: agents::AgentHead<'_>,
+    ) -> Result<agents::AgentSession, KvError> {
+        self.admit_agent(self.host.as_ref(), head).await
+    }
 
-/// Serves one management request for `Microsoft.RecoveryServices`: (status, body).
-pub async fn handle(
-    platform: &Arc<Platform>,
-    caller: &Principal,
-    req: ArmRequest<'_>,
-) -> Result<(u16, Value), KvError> {
-    service(platform).route(platform, caller, req).await
+    /// Serves a backup-agent request that [`BackupService::agent_authenticate`] admitted.
+    pub async fn agent_serve(
+        self: &Arc<Self>,
+        session: &agents::AgentSession,
+        call: agents::AgentCall<'_>,
+    ) -> Result<agents::AgentReply, KvError> {
+        self.serve_agent(&self.host.clone(), session, call).await
+    }
 }
 
 /// One management request for `Microsoft.RecoveryServices`, as the HTTP layer parsed it.
@@ -216,24 +230,6 @@ pub struct ArmRequest<'a> {
     pub body: &'a [u8],
     /// `Prefer: wait=N`: a job read waits up to this long for the job to end.
     pub wait: Option<Duration>,
-}
-
-/// Authenticates and authorizes a backup-agent request (`/kagi/agent/{vault id}/…`, see
-/// [`agents`]) before its body is read.
-pub async fn agent_authenticate(
-    platform: &Arc<Platform>,
-    head: agents::AgentHead<'_>,
-) -> Result<agents::AgentSession, KvError> {
-    service(platform).agent_authenticate(platform, head).await
-}
-
-/// Serves a backup-agent request that [`agent_authenticate`] admitted.
-pub async fn agent_serve(
-    platform: &Arc<Platform>,
-    session: &agents::AgentSession,
-    call: agents::AgentCall<'_>,
-) -> Result<agents::AgentReply, KvError> {
-    service(platform).agent_serve(platform, session, call).await
 }
 
 fn json_body(body: &[u8]) -> Result<Value, KvError> {
@@ -253,9 +249,13 @@ impl BackupService {
     /// Before the service touches any vault: the records an earlier kagi kept as files under
     /// `<data>/backup/**` are imported into the store, once per service (a failed import is
     /// tried again by the next request, which it refuses meanwhile).
-    async fn ready(&self, p: &Platform) -> Result<(), KvError> {
+    async fn ready(&self, p: &dyn ServiceHost) -> Result<(), KvError> {
         self.imported
-            .get_or_try_init(|| async { state::import_legacy(p, &self.data_dir).await.map(|_| ()) })
+            .get_or_try_init(|| async {
+                state::import_legacy(p, &self.data_dir).await?;
+                state::reseal_platform_keys(p).await;
+                Ok::<_, KvError>(())
+            })
             .await
             .map(|_| ())
     }
@@ -271,10 +271,11 @@ impl BackupService {
 
     async fn route(
         self: &Arc<Self>,
-        p: &Arc<Platform>,
+        host: &Arc<dyn ServiceHost>,
         caller: &Principal,
         req: ArmRequest<'_>,
     ) -> Result<(u16, Value), KvError> {
+        let p = host.as_ref();
         let ArmRequest {
             method,
             segs,
@@ -297,11 +298,18 @@ impl BackupService {
         let rest = &segs[i + 2..];
         match (rest_l, method, rg) {
             (["vaults"], "GET", _) => p
-                .list_service_resources(caller, sub, rg, VAULT_TYPE)
+                .list_resources(
+                    caller,
+                    ResourceScope {
+                        subscription: sub,
+                        resource_group: rg,
+                        resource_type: VAULT_TYPE,
+                    },
+                )
                 .map(|v| (200, v)),
             (["vaults", _], "PUT" | "PATCH", Some(rg)) => {
                 self.put_vault(
-                    p,
+                    host,
                     caller,
                     sub,
                     rg,
@@ -312,7 +320,7 @@ impl BackupService {
                 .await
             }
             (["vaults", _], "GET", Some(rg)) => p
-                .get_service_resource(caller, sub, rg, VAULT_TYPE, rest[1])
+                .get_resource(caller, resource::vault_ref(sub, rg, rest[1]))
                 .map(|v| (200, v)),
             (["vaults", _], "DELETE", Some(rg)) => {
                 self.delete_vault(p, caller, sub, rg, rest[1]).await
@@ -371,15 +379,16 @@ impl BackupService {
             }
             (["vaults", _, "backupprotecteditems", _, "backup"], "POST", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
-                self.start_backup(p, &v, rest[3]).await
+                self.start_backup(host, &v, rest[3]).await
             }
             (["vaults", _, "backupprotecteditems", _, "restore"], "POST", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
-                self.start_restore(p, &v, rest[3], json_body(body)?).await
+                self.start_restore(host, &v, rest[3], json_body(body)?)
+                    .await
             }
             (["vaults", _, "backupprotecteditems", _, "check"], "POST", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;
-                self.start_check(p, &v, rest[3], &json_body(body)?).await
+                self.start_check(host, &v, rest[3], &json_body(body)?).await
             }
             (["vaults", _, "backupprotecteditems", _, "recoverypoints"], "GET", Some(rg)) => {
                 let v = self.vault_ctx(p, caller, sub, rg, rest[1])?;

@@ -8,7 +8,7 @@
 //!
 //! A vault with the platform key moves whole: its ARM resource, its managed identities and
 //! workload bindings, its records (state, activity log, jobs, agent registry: service documents
-//! re-keyed to the new id) — one store transaction, `kagi_vault` `move_service_resource` — and
+//! re-keyed to the new id) — one store transaction, `ServiceHost::move_resource` — and
 //! the folder of its blobs `<data>/backup/{sub}/{rg}/{name}` (one `rename`; there may be none,
 //! for a vault that never stored a blob). The two cannot be one atomic step, so a journal makes
 //! the pair crash-safe:
@@ -25,7 +25,7 @@
 //!    from the journal in the background (the vault refuses work meanwhile), and no vault is
 //!    created at a folder a journal names.
 //!
-//! At start ([`crate::install`]), each journal left behind is finished: when the store has the
+//! At start ([`BackupService::new`]), each journal left behind is finished: when the store has the
 //! vault at its new id, the folder is renamed if it was not yet (the old folder exists and the
 //! new one does not); otherwise the move never happened and the journal is dropped. A journal
 //! whose folders both exist is kept and reported; one whose folders are both missing, or whose
@@ -38,12 +38,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kagi_core::{ErrorCode, KvError};
-use kagi_vault::{Platform, Principal};
+use kagi_host::{MoveRequest, Principal, ServiceHost};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::resource::{CmkConfig, VaultCtx, activity_entry, vault_ref};
 use crate::state::{AGENT_REGISTRY, JOB, VaultState, io, vault_dir, write_atomic};
-use crate::vaults::{CmkConfig, activity_entry};
 use crate::{BackupService, VAULT_TYPE};
 
 /// Folders of vaults being moved now (process-wide: the paths are those of one data directory).
@@ -145,8 +145,8 @@ fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
 }
 
 /// Whether backup agents are registered to the vault (its agent registry has machines).
-async fn has_agents(p: &Platform, vault_id: &str) -> Result<bool, KvError> {
-    Ok(p.service_document(vault_id, AGENT_REGISTRY, "")
+async fn has_agents(p: &dyn ServiceHost, vault_id: &str) -> Result<bool, KvError> {
+    Ok(p.document(vault_id, AGENT_REGISTRY, "")
         .await?
         .is_some_and(|r| r["machines"].as_object().is_some_and(|m| !m.is_empty())))
 }
@@ -160,7 +160,7 @@ fn jobs_busy(name: &str) -> KvError {
 
 /// Refuses (403 `RequestDisallowedByPolicy`) a move a Deny policy assignment at the target
 /// forbids: the vault, as it would be stored at `new_id`, is evaluated as a creation there.
-async fn policy_check(p: &Platform, new_id: &str, planned: &Value) -> Result<(), KvError> {
+async fn policy_check(p: &dyn ServiceHost, new_id: &str, planned: &Value) -> Result<(), KvError> {
     let mut candidate = planned.clone();
     candidate["type"] = Value::from(VAULT_TYPE);
     match p.policy_deny(new_id, &candidate).await? {
@@ -213,15 +213,16 @@ fn finish_rename(jfile: &Path, j: &Journal) -> std::io::Result<()> {
 impl BackupService {
     /// Checks (`dry_run`) or performs the move of a backup vault to `target_sub`/`target_rg`.
     /// Returns the vault as it is (or would be) stored after the move.
-    pub(crate) async fn move_vault(
+    pub(crate) async fn move_vault_on(
         self: &Arc<Self>,
-        p: &Arc<Platform>,
+        host: &Arc<dyn ServiceHost>,
         caller: &Principal,
         vault_id: &str,
         target_sub: &str,
         target_rg: &str,
         dry_run: bool,
     ) -> Result<Value, KvError> {
+        let p = host.as_ref();
         self.ready(p).await?;
         let (sub, rg, name) = parse_vault_id(vault_id)?;
         let dir = vault_dir(&self.data_dir, &sub, &rg, &name);
@@ -249,10 +250,18 @@ impl BackupService {
             }
             Ok(())
         };
-        let body = p.get_service_resource(caller, &sub, &rg, VAULT_TYPE, &name)?;
+        let body = p.get_resource(caller, vault_ref(&sub, &rg, &name))?;
         refusals(&body).await?;
         let planned = p
-            .move_service_resource(caller, vault_id, target_sub, target_rg, true)
+            .move_resource(
+                caller,
+                MoveRequest {
+                    id: vault_id,
+                    subscription: target_sub,
+                    resource_group: target_rg,
+                    dry_run: true,
+                },
+            )
             .await?;
         let new_id = planned["id"].as_str().unwrap_or_default().to_string();
         policy_check(p, &new_id, &planned).await?;
@@ -286,13 +295,17 @@ impl BackupService {
         // awaiting; give them the moment they need to show up in the job list.
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Under the locks, the vault and the target are as the move will take them.
-        let body = p.get_service_resource(caller, &sub, &rg, VAULT_TYPE, &name)?;
+        let body = p.get_resource(caller, vault_ref(&sub, &rg, &name))?;
         refusals(&body).await?;
         let old_id = body["id"].as_str().unwrap_or(vault_id).to_string();
+        let move_to = |dry_run| MoveRequest {
+            id: &old_id,
+            subscription: target_sub,
+            resource_group: target_rg,
+            dry_run,
+        };
         // Nothing owns the new id now (a vault created or moved there meanwhile refuses).
-        let planned = p
-            .move_service_resource(caller, &old_id, target_sub, target_rg, true)
-            .await?;
+        let planned = p.move_resource(caller, move_to(true)).await?;
         if !planned["id"]
             .as_str()
             .is_some_and(|i| i.eq_ignore_ascii_case(&new_id))
@@ -328,10 +341,7 @@ impl BackupService {
             &serde_json::to_vec(&journal).map_err(|e| io("journal", e))?,
         )?;
         // The commit point: the resource, its identities and its records move together.
-        let moved = match p
-            .move_service_resource(caller, &old_id, target_sub, target_rg, false)
-            .await
-        {
+        let moved = match p.move_resource(caller, move_to(false)).await {
             Ok(m) => m,
             Err(e) => {
                 let _ = std::fs::remove_file(&jfile);
@@ -357,7 +367,7 @@ impl BackupService {
             }
         }
         self.forget_runtime(&dir);
-        let v = crate::vaults::VaultCtx {
+        let v = VaultCtx {
             id: new_id.clone(),
             body: moved.clone(),
             dir: new_dir,
@@ -383,7 +393,7 @@ impl BackupService {
     /// when nothing can own it — no resource has the new id and no unfinished move names it.
     fn clear_target_folder(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         new_id: &str,
         new_dir: &Path,
     ) -> Result<(), KvError> {
@@ -401,7 +411,7 @@ impl BackupService {
         let empty = std::fs::read_dir(new_dir)
             .map(|mut d| d.next().is_none())
             .unwrap_or(false);
-        if p.service_resource(new_id).is_some() {
+        if p.resource(new_id).is_some() {
             if empty {
                 return Ok(());
             }
@@ -456,7 +466,7 @@ impl BackupService {
     /// Refuses (409 `UserErrorBackupJobsInProgress`) while a job of the vault runs.
     async fn refuse_running_jobs(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         vault_id: &str,
         name: &str,
     ) -> Result<(), KvError> {
@@ -466,7 +476,7 @@ impl BackupService {
         Ok(())
     }
 
-    async fn any_job_running(&self, p: &Platform, vault_id: &str) -> Result<bool, KvError> {
+    async fn any_job_running(&self, p: &dyn ServiceHost, vault_id: &str) -> Result<bool, KvError> {
         Ok(self
             .jobs
             .list(p, vault_id)
@@ -479,7 +489,7 @@ impl BackupService {
     /// finish writing their last state (which they write at the vault's old id).
     async fn wait_jobs_quiet(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         vault_id: &str,
         name: &str,
     ) -> Result<(), KvError> {
@@ -491,7 +501,7 @@ impl BackupService {
             // The listing rewrote interrupted jobs; what is still InProgress in the store is a
             // job of this process writing its final state.
             let writing = p
-                .service_documents(vault_id, JOB)
+                .documents(vault_id, JOB)
                 .await?
                 .iter()
                 .any(|(_, j)| j["status"] == "InProgress");
@@ -514,14 +524,14 @@ impl BackupService {
 
     /// Finishes the moves a crash (or a failed rename) interrupted (see the module
     /// documentation). A journal that cannot be finished is kept and reported.
-    pub(crate) fn recover_moves(self: &Arc<Self>, p: &Platform) {
+    pub(crate) fn recover_moves(self: &Arc<Self>, p: &dyn ServiceHost) {
         for (path, j) in journals(&self.data_dir) {
             let Some(j) = j else {
                 tracing::error!(journal = %path.display(), "unreadable backup vault move journal left in place");
                 continue;
             };
             let (from, to) = (j.from_dir.exists(), j.to_dir.exists());
-            if p.service_resource(&j.to_id).is_some() {
+            if p.resource(&j.to_id).is_some() {
                 // The records moved with the resource; only the folder may be left to rename.
                 match (from, to) {
                     (true, false) => {
@@ -552,7 +562,7 @@ impl BackupService {
                         );
                     }
                 }
-            } else if p.service_resource(&j.from_id).is_some() {
+            } else if p.resource(&j.from_id).is_some() {
                 tracing::warn!(from = %j.from_id, to = %j.to_id, "backup vault move had not committed; the vault stays where it was");
             } else {
                 tracing::error!(

@@ -9,20 +9,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kagi_vault::Platform;
+use kagi_host::ServiceHost;
 use serde_json::json;
 
+use crate::resource::{VaultCtx, activity_entry};
 use crate::state::{VaultState, vault_dir};
-use crate::vaults::{VaultCtx, activity_entry};
 use crate::{BackupService, VAULT_TYPE};
 
-/// Runs [`BackupService::run_schedules`] at start and then every `every`.
-pub fn spawn_scheduler(platform: Arc<Platform>, every: Duration) -> tokio::task::JoinHandle<()> {
+/// Runs [`BackupService::run_schedules`] of `service` at start and then every `every`.
+pub fn spawn_scheduler(
+    service: Arc<BackupService>,
+    every: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let n = crate::service(&platform).run_schedules(&platform).await;
+            let n = service.run_schedules().await;
             if n > 0 {
                 tracing::info!(backups = n, "scheduled backups run");
             }
@@ -33,13 +36,15 @@ pub fn spawn_scheduler(platform: Arc<Platform>, every: Duration) -> tokio::task:
 impl BackupService {
     /// Runs every scheduled backup that is due (one after the other, each a Backup job),
     /// then its retention. Returns the number of backup jobs run.
-    pub async fn run_schedules(self: &Arc<Self>, p: &Arc<Platform>) -> usize {
+    pub async fn run_schedules(self: &Arc<Self>) -> usize {
+        let host = &self.host.clone();
+        let p = host.as_ref();
         if let Err(e) = self.ready(p).await {
             tracing::error!(error = %e.message, "scheduled backups skipped: records not imported");
             return 0;
         }
         let mut ran = 0;
-        for body in p.service_resources_of_type(VAULT_TYPE) {
+        for body in p.resources_of_type(VAULT_TYPE) {
             let id = body["id"].as_str().unwrap_or_default().to_string();
             let Ok((sub, rg, name)) = crate::moves::parse_vault_id(&id) else {
                 continue;
@@ -50,7 +55,7 @@ impl BackupService {
                 continue;
             }
             let v = VaultCtx { id, body, dir };
-            ran += self.run_vault_schedules(p, &v).await;
+            ran += self.run_vault_schedules(host, &v).await;
             let horizon = p.now() - crate::jobs::JOB_RETENTION_DAYS * kagi_core::time::DAY;
             match self.jobs.forget_ended(p, &v.id, horizon).await {
                 Ok(0) => {}
@@ -63,7 +68,12 @@ impl BackupService {
         ran
     }
 
-    async fn run_vault_schedules(self: &Arc<Self>, p: &Arc<Platform>, v: &VaultCtx) -> usize {
+    async fn run_vault_schedules(
+        self: &Arc<Self>,
+        host: &Arc<dyn ServiceHost>,
+        v: &VaultCtx,
+    ) -> usize {
+        let p = host.as_ref();
         let due: Vec<String> = match VaultState::load(p, &v.id).await {
             Ok(Some(s)) => s
                 .items
@@ -95,7 +105,7 @@ impl BackupService {
                 }
                 item
             };
-            let Ok(job) = self.jobs.start(p, &v.id, "Backup", &name, p.now()).await else {
+            let Ok(job) = self.jobs.start(host, &v.id, "Backup", &name, p.now()).await else {
                 continue;
             };
             ran += 1;

@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kagi_core::KvError;
-use kagi_vault::Platform;
+use kagi_host::ServiceHost;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -101,6 +101,38 @@ pub(crate) fn io(context: &str, e: impl std::fmt::Display) -> KvError {
     KvError::internal()
 }
 
+/// The label under which a vault's platform key is sealed.
+pub(crate) fn pmk_label(vault_id: &str) -> String {
+    format!("backup-pmk/{}", vault_id.to_ascii_lowercase())
+}
+
+/// Seals again, under the services' own seal purpose, every vault's platform key that an
+/// earlier kagi sealed under the token-signing one: once, before the service serves anything
+/// (a key left as it was still opens; failures are logged and tried again at the next start).
+pub(crate) async fn reseal_platform_keys(p: &dyn ServiceHost) {
+    for body in p.resources_of_type(crate::VAULT_TYPE) {
+        let id = body["id"].as_str().unwrap_or_default();
+        if let Err(e) = reseal_platform_key(p, id).await {
+            tracing::error!(vault = %id, error = %e.message, "platform key not sealed anew");
+        }
+    }
+}
+
+async fn reseal_platform_key(p: &dyn ServiceHost, id: &str) -> Result<(), KvError> {
+    let Some(mut state) = VaultState::load(p, id).await? else {
+        return Ok(());
+    };
+    let sealed =
+        kagi_core::b64::decode(&state.pmk_sealed).ok_or_else(|| io("pmk", "not base64"))?;
+    let binding = state.pmk_binding.clone().unwrap_or_else(|| id.to_string());
+    if let Some(resealed) = p.open_secret(&pmk_label(&binding), &sealed)?.resealed {
+        state.pmk_sealed = kagi_core::b64::encode(&resealed);
+        state.save(p, id).await?;
+        tracing::info!(vault = %id, "platform key sealed under the service-key purpose");
+    }
+    Ok(())
+}
+
 /// The folder of a vault's blobs.
 pub fn vault_dir(data: &Path, sub: &str, rg: &str, name: &str) -> PathBuf {
     data.join("backup")
@@ -116,17 +148,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KvError> {
 
 impl VaultState {
     /// Loads the state of the vault `vault_id` (`None` when it has none).
-    pub async fn load(p: &Platform, vault_id: &str) -> Result<Option<Self>, KvError> {
-        p.service_document(vault_id, STATE, "")
+    pub async fn load(p: &dyn ServiceHost, vault_id: &str) -> Result<Option<Self>, KvError> {
+        p.document(vault_id, STATE, "")
             .await?
             .map(|v| serde_json::from_value(v).map_err(|e| io("parse state", e)))
             .transpose()
     }
 
     /// Stores the state of the vault `vault_id` (durable when this returns).
-    pub async fn save(&self, p: &Platform, vault_id: &str) -> Result<(), KvError> {
+    pub async fn save(&self, p: &dyn ServiceHost, vault_id: &str) -> Result<(), KvError> {
         let v = serde_json::to_value(self).map_err(|e| io("state json", e))?;
-        p.put_service_document(vault_id, STATE, "", &v).await
+        p.put_document(vault_id, STATE, "", &v).await
     }
 }
 
@@ -145,8 +177,12 @@ pub struct KeyVersionInUse {
 
 impl KeyVersionInUse {
     /// The vault's key version (older vaults kept it in their state).
-    pub async fn load(p: &Platform, vault_id: &str, state: &VaultState) -> Result<Self, KvError> {
-        match p.service_document(vault_id, KEY_VERSION, "").await? {
+    pub async fn load(
+        p: &dyn ServiceHost,
+        vault_id: &str,
+        state: &VaultState,
+    ) -> Result<Self, KvError> {
+        match p.document(vault_id, KEY_VERSION, "").await? {
             Some(v) => serde_json::from_value(v).map_err(|e| io("parse key version", e)),
             None => Ok(Self {
                 kid: state.current_kid.clone(),
@@ -156,20 +192,24 @@ impl KeyVersionInUse {
     }
 
     /// Stores it (durable when this returns).
-    pub async fn save(&self, p: &Platform, vault_id: &str) -> Result<(), KvError> {
+    pub async fn save(&self, p: &dyn ServiceHost, vault_id: &str) -> Result<(), KvError> {
         let v = serde_json::to_value(self).map_err(|e| io("key version json", e))?;
-        p.put_service_document(vault_id, KEY_VERSION, "", &v).await
+        p.put_document(vault_id, KEY_VERSION, "", &v).await
     }
 }
 
 /// Appends one entry to a vault's activity log (durable when this returns).
-pub async fn log_activity(p: &Platform, vault_id: &str, entry: &Value) -> Result<(), KvError> {
-    p.append_service_activity(vault_id, entry).await
+pub async fn log_activity(
+    p: &dyn ServiceHost,
+    vault_id: &str,
+    entry: &Value,
+) -> Result<(), KvError> {
+    p.append_activity(vault_id, entry).await
 }
 
 /// The activity log of a vault, oldest first.
-pub async fn read_activity(p: &Platform, vault_id: &str) -> Result<Vec<Value>, KvError> {
-    p.service_activity(vault_id).await
+pub async fn read_activity(p: &dyn ServiceHost, vault_id: &str) -> Result<Vec<Value>, KvError> {
+    p.activity(vault_id).await
 }
 
 /// The names of the sub-folders of `d` (none when it cannot be read).
@@ -242,7 +282,7 @@ fn read_json(file: &Path) -> Option<Value> {
 /// cannot be read or parsed is left in place and logged. Documents already in the store win
 /// over the files, so a crash between the import and the renames only repeats a no-op.
 /// Returns the number of vaults imported.
-pub(crate) async fn import_legacy(p: &Platform, data: &Path) -> Result<usize, KvError> {
+pub(crate) async fn import_legacy(p: &dyn ServiceHost, data: &Path) -> Result<usize, KvError> {
     let root = data.join("backup");
     let mut imported = 0;
     for sub in subdirs(&root) {
@@ -268,7 +308,7 @@ pub(crate) async fn import_legacy(p: &Platform, data: &Path) -> Result<usize, Kv
     Ok(imported)
 }
 
-async fn import_vault(p: &Platform, id: &str, dir: &Path) -> Result<bool, KvError> {
+async fn import_vault(p: &dyn ServiceHost, id: &str, dir: &Path) -> Result<bool, KvError> {
     let mut documents = Vec::new();
     let mut done = Vec::new();
     for (file, kind) in [
@@ -318,11 +358,11 @@ async fn import_vault(p: &Platform, id: &str, dir: &Path) -> Result<bool, KvErro
     if done.is_empty() {
         return Ok(false);
     }
-    if p.service_resource(id).is_none() {
+    if p.resource(id).is_none() {
         tracing::warn!(folder = %dir.display(), "legacy backup vault files of no existing vault left in place");
         return Ok(false);
     }
-    p.import_service_data(id, &documents, &activity).await?;
+    p.import_records(id, &documents, &activity).await?;
     for f in &done {
         set_aside(f);
     }
@@ -359,7 +399,9 @@ mod tests {
 
     struct Env {
         dir: tempfile::TempDir,
-        p: Arc<Platform>,
+        platform: Arc<Platform>,
+        p: Arc<dyn ServiceHost>,
+        svc: std::sync::Mutex<Arc<crate::BackupService>>,
         admin: Principal,
         sub: String,
     }
@@ -396,9 +438,14 @@ mod tests {
         )
         .await
         .unwrap();
+        let platform = Arc::new(p);
+        let p: Arc<dyn ServiceHost> = platform.clone();
+        let svc = crate::BackupService::new(p.clone(), crate::ServiceConfig::default());
         Env {
             dir,
-            p: Arc::new(p),
+            platform,
+            p,
+            svc: std::sync::Mutex::new(svc),
             admin,
             sub,
         }
@@ -413,6 +460,12 @@ mod tests {
             )
         }
 
+        /// A new start: a fresh service over the same platform.
+        fn restart(&self) {
+            let svc = crate::BackupService::new(self.p.clone(), crate::ServiceConfig::default());
+            *self.svc.lock().unwrap() = svc;
+        }
+
         async fn call(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
             let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
             let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
@@ -422,18 +475,19 @@ mod tests {
             } else {
                 body.to_string().into_bytes()
             };
-            match crate::handle(
-                &self.p,
-                &self.admin,
-                crate::ArmRequest {
-                    method,
-                    segs: &segs,
-                    l: &l,
-                    body: &body,
-                    wait: None,
-                },
-            )
-            .await
+            let svc = self.svc.lock().unwrap().clone();
+            match svc
+                .handle(
+                    &self.admin,
+                    crate::ArmRequest {
+                        method,
+                        segs: &segs,
+                        l: &l,
+                        body: &body,
+                        wait: None,
+                    },
+                )
+                .await
             {
                 Ok(r) => r,
                 Err(e) => (
@@ -453,13 +507,13 @@ mod tests {
         let id = e.vault_id("bv1");
         let (st, v) = e.call("PUT", &id, json!({"location": "westeurope"})).await;
         assert_eq!(st, 201, "{v}");
-        let pmk = VaultState::load(&e.p, &id)
+        let pmk = VaultState::load(e.p.as_ref(), &id)
             .await
             .unwrap()
             .unwrap()
             .pmk_sealed;
         // As an earlier kagi left it: nothing in the store, everything in files.
-        e.p.clear_service_data(&id).await.unwrap();
+        e.p.clear_records(&id).await.unwrap();
         let dir = vault_dir(e.dir.path(), &e.sub, "rg1", "bv1");
         let src = e.dir.path().join("src");
         std::fs::create_dir_all(&src).unwrap();
@@ -492,8 +546,7 @@ mod tests {
         std::fs::write(orphan.join("state.json"), "{}").unwrap();
 
         for round in 0..2 {
-            // A new start: a fresh service over the same platform.
-            crate::install(&e.p, crate::ServiceConfig::default());
+            e.restart();
             let (st, items) = e
                 .call("GET", &format!("{id}/backupProtectedItems"), Value::Null)
                 .await;
@@ -507,7 +560,7 @@ mod tests {
                 .call("GET", &format!("{id}/backupJobs"), Value::Null)
                 .await;
             assert_eq!(jobs["value"], json!([job]), "round {round}");
-            let reg = e.p.service_document(&id, AGENT_REGISTRY, "").await.unwrap();
+            let reg = e.p.document(&id, AGENT_REGISTRY, "").await.unwrap();
             assert_eq!(reg, Some(registry.clone()));
         }
         for f in ["state.json", "activity.jsonl", "agents/registry.json"] {
@@ -519,7 +572,7 @@ mod tests {
 
         // Deleting the vault deletes its records with its resource (after its agents and
         // items are gone, which the service requires).
-        e.p.put_service_document(
+        e.p.put_document(
             &id,
             AGENT_REGISTRY,
             "",
@@ -527,19 +580,58 @@ mod tests {
         )
         .await
         .unwrap();
-        let mut s = VaultState::load(&e.p, &id).await.unwrap().unwrap();
+        let mut s = VaultState::load(e.p.as_ref(), &id).await.unwrap().unwrap();
         s.items.clear();
-        s.save(&e.p, &id).await.unwrap();
+        s.save(e.p.as_ref(), &id).await.unwrap();
         let (st, v) = e.call("DELETE", &id, Value::Null).await;
         assert_eq!(st, 200, "{v}");
-        assert!(VaultState::load(&e.p, &id).await.unwrap().is_none());
-        assert!(read_activity(&e.p, &id).await.unwrap().is_empty());
-        assert!(e.p.service_documents(&id, JOB).await.unwrap().is_empty());
+        assert!(VaultState::load(e.p.as_ref(), &id).await.unwrap().is_none());
+        assert!(read_activity(e.p.as_ref(), &id).await.unwrap().is_empty());
+        assert!(e.p.documents(&id, JOB).await.unwrap().is_empty());
         assert!(
-            e.p.service_document(&id, AGENT_REGISTRY, "")
+            e.p.document(&id, AGENT_REGISTRY, "")
                 .await
                 .unwrap()
                 .is_none()
         );
+    }
+
+    /// A platform key sealed by an earlier kagi (under the token-signing purpose) still
+    /// opens, and is sealed under the services' own purpose before the first request is
+    /// served; the vault's data stays readable.
+    #[tokio::test]
+    async fn platform_keys_sealed_by_an_earlier_kagi_are_sealed_anew() {
+        let e = env().await;
+        let src = e.dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("a.txt"), "kept").unwrap();
+        let id = e.vault_id("bv1");
+        let (st, v) = e.call("PUT", &id, json!({"location": "westeurope"})).await;
+        assert_eq!(st, 201, "{v}");
+        let item = format!("{id}/backupProtectedItems/docs");
+        let (st, v) = e
+            .call("PUT", &item, json!({"properties": {"sourcePath": src}}))
+            .await;
+        assert_eq!(st, 201, "{v}");
+        let label = pmk_label(&id);
+        let mut state = VaultState::load(e.p.as_ref(), &id).await.unwrap().unwrap();
+        let sealed = kagi_core::b64::decode(&state.pmk_sealed).unwrap();
+        let pmk = e.p.open_secret(&label, &sealed).unwrap().secret;
+        // As an earlier kagi sealed it.
+        let old = e.platform.seal_platform_secret(&label, &pmk).unwrap();
+        state.pmk_sealed = kagi_core::b64::encode(&old);
+        state.save(e.p.as_ref(), &id).await.unwrap();
+        e.restart();
+        let (st, v) = e
+            .call("GET", &format!("{item}/recoveryPoints"), Value::Null)
+            .await;
+        assert_eq!(st, 200, "{v}");
+        let now = VaultState::load(e.p.as_ref(), &id).await.unwrap().unwrap();
+        let sealed = kagi_core::b64::decode(&now.pmk_sealed).unwrap();
+        assert_ne!(sealed, old);
+        let opened = e.p.open_secret(&label, &sealed).unwrap();
+        assert_eq!(opened.secret, pmk);
+        assert!(opened.resealed.is_none());
+        assert!(e.platform.open_platform_secret(&label, &sealed).is_err());
     }
 }

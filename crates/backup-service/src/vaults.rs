@@ -13,121 +13,27 @@
 //! then validated and re-wraps every item's data key like a key change, even when the key URI
 //! is the same.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use kagi_core::time::rfc3339;
+use kagi_cmk::{KeyRequest, bad};
 use kagi_core::{ErrorCode, KvError};
-use kagi_vault::{Platform, Principal};
+use kagi_host::{Principal, PutResource, ServiceHost, subscription_of};
 use serde_json::{Value, json};
 
-use crate::keyvault::{KeyUri, bad, key_unusable, parse_key_uri};
-use crate::state::{KeyVersionInUse, VaultState, log_activity, read_activity, vault_dir};
-
-/// A backup vault's id from its subscription, group and name (the store lower-cases it).
-pub(crate) fn vault_id(sub: &str, rg: &str, name: &str) -> String {
-    format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{VAULT_TYPE}/{name}")
-}
+use crate::resource::{CmkConfig, VaultCtx, activity_entry, identity_choice, vault_id, vault_ref};
+use crate::state::{KeyVersionInUse, VaultState, pmk_label, read_activity, vault_dir};
 use crate::{BackupService, VAULT_TYPE};
-
-/// A vault as a request sees it.
-#[derive(Clone, Debug)]
-pub(crate) struct VaultCtx {
-    /// The resource id as stored.
-    pub id: String,
-    /// The resource body.
-    pub body: Value,
-    /// The folder of its blobs.
-    pub dir: PathBuf,
-}
-
-impl VaultCtx {
-    /// The id the vault's platform key and its key entries are bound to: the id it was
-    /// created with (recorded in its state by its first move), which a move does not change.
-    pub(crate) async fn key_binding(&self, p: &Platform) -> Result<String, KvError> {
-        Ok(VaultState::load(p, &self.id)
-            .await?
-            .and_then(|s| s.pmk_binding)
-            .unwrap_or_else(|| self.id.clone()))
-    }
-}
-
-/// The subscription of a vault id (`/subscriptions/{s}/…`).
-pub(crate) fn subscription_of(id: &str) -> Option<&str> {
-    let mut segs = id.trim_start_matches('/').split('/');
-    match (segs.next(), segs.next()) {
-        (Some(s), Some(sub)) if s.eq_ignore_ascii_case("subscriptions") => Some(sub),
-        _ => None,
-    }
-}
-
-/// The CMK settings of a vault body, when it has any.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct CmkConfig {
-    pub key_uri: String,
-    /// `None`: the system-assigned identity; `Some(id)`: that user-assigned identity.
-    pub user_assigned: Option<String>,
-}
-
-impl CmkConfig {
-    pub(crate) fn of(body: &Value) -> Option<Self> {
-        let e = &body["properties"]["encryption"];
-        let key_uri = e["keyVaultProperties"]["keyUri"].as_str()?.to_string();
-        Some(Self {
-            key_uri,
-            user_assigned: identity_choice(&e["kekIdentity"]),
-        })
-    }
-
-    pub(crate) fn describe_identity(&self, body: &Value) -> String {
-        match &self.user_assigned {
-            Some(u) => format!("user-assigned identity '{u}'"),
-            None => format!(
-                "system-assigned identity {}",
-                body["identity"]["principalId"].as_str().unwrap_or("(none)")
-            ),
-        }
-    }
-}
-
-fn identity_choice(kek_identity: &Value) -> Option<String> {
-    let ua = kek_identity["userAssignedIdentity"]
-        .as_str()
-        .filter(|s| !s.is_empty());
-    match (kek_identity["useSystemAssignedIdentity"].as_bool(), ua) {
-        (Some(true), _) | (_, None) => None,
-        (_, Some(u)) => Some(u.to_string()),
-    }
-}
-
-pub(crate) fn activity_entry(
-    caller: Option<&Principal>,
-    resource: &str,
-    operation: &str,
-    status: &str,
-    message: &str,
-    now: i64,
-) -> Value {
-    json!({
-        "eventTimestamp": rfc3339(now),
-        "operationName": operation,
-        "status": status,
-        "resourceId": resource,
-        "caller": caller.map(|c| c.object_id.clone()).unwrap_or_else(|| "Microsoft.RecoveryServices".into()),
-        "message": message,
-    })
-}
 
 impl BackupService {
     pub(crate) fn vault_ctx(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         caller: &Principal,
         sub: &str,
         rg: &str,
         name: &str,
     ) -> Result<VaultCtx, KvError> {
-        let body = p.get_service_resource(caller, sub, rg, VAULT_TYPE, name)?;
+        let body = p.get_resource(caller, vault_ref(sub, rg, name))?;
         let dir = vault_dir(&self.data_dir, sub, rg, name);
         // Nothing starts on a vault whose folder is being moved (`moves`).
         if crate::moves::is_moving(&dir) {
@@ -150,7 +56,7 @@ impl BackupService {
     /// the refusal names the cause and the fix and is written to the activity log.
     pub(crate) async fn check_cmk_tenant(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         state: &VaultState,
     ) -> Result<(), KvError> {
@@ -160,7 +66,7 @@ impl BackupService {
         let Some(sub) = subscription_of(&v.id) else {
             return Ok(());
         };
-        let Some(now) = p.subscription_tenant_now(sub) else {
+        let Some(now) = p.subscription_tenant(sub) else {
             return Ok(());
         };
         if configured.eq_ignore_ascii_case(&now) {
@@ -198,16 +104,9 @@ impl BackupService {
         Err(e)
     }
 
-    /// Writes an activity-log entry (failures to write are logged, never answered).
-    pub(crate) async fn log(&self, p: &Platform, v: &VaultCtx, entry: Value) {
-        if let Err(e) = log_activity(p, &v.id, &entry).await {
-            tracing::error!(error = %e, vault = %v.id, "activity log not written");
-        }
-    }
-
     pub(crate) async fn activity(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         caller: &Principal,
         sub: &str,
         rg: &str,
@@ -220,7 +119,7 @@ impl BackupService {
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn put_vault(
         self: &Arc<Self>,
-        p: &Arc<Platform>,
+        host: &Arc<dyn ServiceHost>,
         caller: &Principal,
         sub: &str,
         rg: &str,
@@ -228,12 +127,11 @@ impl BackupService {
         input: Value,
         patch: bool,
     ) -> Result<(u16, Value), KvError> {
+        let p = host.as_ref();
         let dir = vault_dir(&self.data_dir, sub, rg, name);
         let lock = self.vault_lock(&dir.display().to_string());
         let _g = lock.lock().await;
-        let existing = p
-            .get_service_resource(caller, sub, rg, VAULT_TYPE, name)
-            .ok();
+        let existing = p.get_resource(caller, vault_ref(sub, rg, name)).ok();
         if patch && existing.is_none() {
             return Err(KvError::new(
                 ErrorCode::ResourceNotFound,
@@ -294,7 +192,7 @@ impl BackupService {
         }
         // BK-9: after a tenant move, setting the key again (even the same URI) re-validates it
         // with the identity of the new tenant and records that tenant.
-        let current_tenant = p.subscription_tenant_now(sub);
+        let current_tenant = p.subscription_tenant(sub);
         let tenant_moved = state.cmk_tenant_id.as_ref().is_some_and(|t| {
             current_tenant
                 .as_ref()
@@ -345,7 +243,7 @@ impl BackupService {
             // An identity left in the previous tenant by a tenant move no longer reaches the
             // key anyway: replacing it is the fix (BK-9).
             let stale = p
-                .managed_identity_tenant_problem(&vault_id_hint, c.user_assigned.as_deref())
+                .identity_tenant_problem(&vault_id_hint, c.user_assigned.as_deref())
                 .is_some();
             if !keeps && !stale {
                 return Err(refuse(bad(
@@ -399,7 +297,7 @@ impl BackupService {
                 .with_inner("UserErrorBackupVaultResourceMoveInProgress"));
             }
             let raw = kagi_crypto::random_bytes(32).map_err(|e| crate::state::io("rng", e))?;
-            let sealed = p.seal_platform_secret(&pmk_label(&vault_id_hint), &raw)?;
+            let sealed = p.seal_secret(&pmk_label(&vault_id_hint), &raw)?;
             state = VaultState {
                 pmk_sealed: kagi_core::b64::encode(&sealed),
                 ..VaultState::default()
@@ -407,18 +305,17 @@ impl BackupService {
             // A vault of the same name deleted earlier leaves nothing behind (nor does a
             // creation of it that failed half-way).
             let _ = std::fs::remove_dir_all(&dir);
-            p.clear_service_data(&vault_id_hint).await?;
+            p.clear_records(&vault_id_hint).await?;
             state.save(p, &vault_id_hint).await?;
         }
         let (status, stored) = p
-            .put_service_resource(
+            .put_resource(
                 caller,
-                sub,
-                rg,
-                VAULT_TYPE,
-                name,
-                body,
-                input.get("identity"),
+                PutResource {
+                    at: vault_ref(sub, rg, name),
+                    body,
+                    identity: input.get("identity"),
+                },
             )
             .await?;
         let v = VaultCtx {
@@ -452,7 +349,7 @@ impl BackupService {
         // Step 2: the key, checked by really calling the key vault with the identity (BK-4).
         let job = self
             .jobs
-            .start(p, &v.id, "ConfigureEncryption", name, p.now())
+            .start(host, &v.id, "ConfigureEncryption", name, p.now())
             .await?;
         let kid = match self.validate_cmk(p, &v, &cmk).await {
             Ok(kid) => kid,
@@ -472,9 +369,7 @@ impl BackupService {
                 )
                 .await;
                 if existing.is_none() {
-                    let _ = p
-                        .delete_service_resource(caller, sub, rg, VAULT_TYPE, name)
-                        .await;
+                    let _ = p.delete_resource(caller, vault_ref(sub, rg, name)).await;
                     let _ = std::fs::remove_dir_all(&dir);
                 }
                 return Err(e);
@@ -498,7 +393,14 @@ impl BackupService {
         state.cmk_tenant_id = current_tenant.clone();
         state.save(p, &v.id).await?;
         let (_, stored) = p
-            .put_service_resource(caller, sub, rg, VAULT_TYPE, name, body, None)
+            .put_resource(
+                caller,
+                PutResource {
+                    at: vault_ref(sub, rg, name),
+                    body,
+                    identity: None,
+                },
+            )
             .await?;
         let mut state = VaultState::load(p, &v.id).await?.unwrap_or(state);
         state.current_kid = Some(kid.clone());
@@ -532,14 +434,14 @@ impl BackupService {
         )
         .await;
         let svc = self.clone();
-        let p2 = p.clone();
+        let p2 = host.clone();
         let items: Vec<String> = state.items.keys().cloned().collect();
         tokio::spawn(async move {
             let total = items.len() as u64;
             job.progress(0, total, "Items");
             let mut written = 0u64;
             for (i, item) in items.iter().enumerate() {
-                match svc.rewrap_item(&p2, &v, item).await {
+                match svc.rewrap_item(p2.as_ref(), &v, item).await {
                     Ok(n) => written += n,
                     Err(e) => {
                         job.fail(p2.now(), &e).await;
@@ -561,138 +463,24 @@ impl BackupService {
     /// wrapKey and unwrapKey — the last four by calling the vault. Returns the versioned kid.
     pub(crate) async fn validate_cmk(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         cmk: &CmkConfig,
     ) -> Result<String, KvError> {
-        let c = p.config();
-        let key = parse_key_uri(&cmk.key_uri, &c.dns_suffix, c.port)?;
-        let facts = p.key_vault_facts(&key.vault).ok_or_else(|| {
-            bad(
-                "KeyVaultNotFound",
-                format!(
-                    "The key vault '{}' of key URI '{}' does not exist.",
-                    key.vault, cmk.key_uri
-                ),
-            )
-        })?;
-        let location = v.body["location"].as_str().unwrap_or("");
-        if !facts.location.eq_ignore_ascii_case(location) {
-            return Err(bad(
-                "KeyVaultRegionMismatch",
-                format!(
-                    "The key vault '{}' is in region '{}' but the backup vault is in '{location}'; \
-                     the key must be in a vault of the same region.",
-                    facts.name, facts.location
-                ),
-            ));
-        }
-        // BK-9: the key vault must be of the tenant the backup vault's subscription is in (a key
-        // vault keeps its tenantId after a tenant move until it is updated).
-        if let Some(tenant) = subscription_of(&v.id).and_then(|s| p.subscription_tenant_now(s))
-            && !facts.tenant_id.eq_ignore_ascii_case(&tenant)
-        {
-            return Err(bad(
-                "KeyVaultTenantMismatch",
-                format!(
-                    "The key vault '{}' belongs to tenant {} but the backup vault's subscription \
-                     is in tenant {tenant}; use a key vault of tenant {tenant} (after a tenant \
-                     move, update the key vault's tenantId and its access policies).",
-                    facts.name, facts.tenant_id
-                ),
-            ));
-        }
-        if !facts.soft_delete || !facts.purge_protection {
-            return Err(bad(
-                "KeyVaultSoftDeleteOrPurgeProtectionDisabled",
-                format!(
-                    "The key vault '{}' must have soft delete and purge protection enabled \
-                     (soft delete: {}, purge protection: {}).",
-                    facts.name, facts.soft_delete, facts.purge_protection
-                ),
-            ));
-        }
         let who = cmk.describe_identity(&v.body);
-        let token = p.identity_token(&v.id, cmk.user_assigned.as_deref())?;
-        let lacks = |perm: &str, f: &crate::keyvault::VaultFailure| -> KvError {
-            if f.status == 403
-                && f.inner
-                    .as_deref()
-                    .is_none_or(|i| i.starts_with("ForbiddenBy"))
-            {
-                bad(
-                    "IdentityLacksKeyPermission",
-                    format!(
-                        "The {who} lacks the '{perm}' permission on key '{}' ({}). Grant get, \
-                         list, wrapKey and unwrapKey (an access policy, or the Key Vault Crypto \
-                         Service Encryption User role plus list).",
-                        cmk.key_uri,
-                        f.reason()
-                    ),
-                )
-            } else if f.status == 404 {
-                bad(
-                    if key.version.is_some() {
-                        "KeyVersionNotFound"
-                    } else {
-                        "KeyNotFound"
-                    },
-                    format!("The key '{}' was not found ({}).", cmk.key_uri, f.reason()),
-                )
-            } else {
-                bad(
-                    "KeyVaultKeyNotAccessible",
-                    format!(
-                        "The key '{}' could not be used: {}.",
-                        cmk.key_uri,
-                        f.reason()
-                    ),
-                )
-            }
+        let req = KeyRequest {
+            key_uri: &cmk.key_uri,
+            resource_id: &v.id,
+            location: v.body["location"].as_str().unwrap_or(""),
+            user_assigned: cmk.user_assigned.as_deref(),
+            who: &who,
         };
-        let bundle = self
-            .vault_client
-            .get_key(&key, &token)
-            .await
-            .map_err(|f| lacks("get", &f))?;
-        if let Some((inner, why)) = key_unusable(&bundle, p.now()) {
-            return Err(bad(
-                inner,
-                format!("The key '{}' cannot be used: {why}.", cmk.key_uri),
-            ));
-        }
-        self.vault_client
-            .list_keys(&key, &token)
-            .await
-            .map_err(|f| lacks("list", &f))?;
-        let kid_text = bundle["key"]["kid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let kid = parse_key_uri(&kid_text, &c.dns_suffix, c.port)?;
-        let probe = kagi_crypto::random_bytes(32).map_err(|e| crate::state::io("rng", e))?;
-        let (_, wrapped) = self
-            .vault_client
-            .wrap(&kid, &token, &probe)
-            .await
-            .map_err(|f| lacks("wrapKey", &f))?;
-        let back = self
-            .vault_client
-            .unwrap(&kid, &token, &wrapped)
-            .await
-            .map_err(|f| lacks("unwrapKey", &f))?;
-        if back != probe {
-            return Err(bad(
-                "KeyVaultKeyNotAccessible",
-                format!("The key '{}' did not unwrap what it wrapped.", cmk.key_uri),
-            ));
-        }
-        Ok(kid_text)
+        self.keys.validate(p, &req).await
     }
 
     pub(crate) async fn delete_vault(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         caller: &Principal,
         sub: &str,
         rg: &str,
@@ -701,9 +489,7 @@ impl BackupService {
         let dir = vault_dir(&self.data_dir, sub, rg, name);
         let lock = self.vault_lock(&dir.display().to_string());
         let _g = lock.lock().await;
-        if p.get_service_resource(caller, sub, rg, VAULT_TYPE, name)
-            .is_err()
-        {
+        if p.get_resource(caller, vault_ref(sub, rg, name)).is_err() {
             return Ok((204, Value::Null));
         }
         if let Some(s) = VaultState::load(p, &vault_id(sub, rg, name)).await?
@@ -728,21 +514,8 @@ impl BackupService {
         }
         // Its documents and activity log go in the store transaction that deletes it; its
         // blobs after.
-        let status = p
-            .delete_service_resource(caller, sub, rg, VAULT_TYPE, name)
-            .await?;
+        let status = p.delete_resource(caller, vault_ref(sub, rg, name)).await?;
         let _ = std::fs::remove_dir_all(&dir);
         Ok((status, Value::Null))
     }
-}
-
-/// The label under which a vault's platform key is sealed.
-pub(crate) fn pmk_label(vault_id: &str) -> String {
-    format!("backup-pmk/{}", vault_id.to_ascii_lowercase())
-}
-
-/// The current KEK's versioned key, for a CMK vault.
-pub(crate) fn kid_uri(p: &Platform, kid: &str) -> Result<KeyUri, KvError> {
-    let c = p.config();
-    parse_key_uri(kid, &c.dns_suffix, c.port)
 }

@@ -968,19 +968,19 @@ async fn scheduled_backups_with_retention() {
     assert_eq!(it["properties"]["schedule"]["intervalHours"], 6);
     assert_eq!(it["properties"]["retention"]["keepLast"], 2);
     assert!(it["properties"]["nextScheduledBackup"].is_string(), "{it}");
-    let svc = kagi_backup_service::service(&s.platform);
+    let svc = s.backup_service();
     // Nothing is due before the interval has passed.
-    assert_eq!(svc.run_schedules(&s.platform).await, 0);
+    assert_eq!(svc.run_schedules().await, 0);
     s.clock.advance(5 * 3600).unwrap();
     s.login().await;
-    assert_eq!(svc.run_schedules(&s.platform).await, 0);
+    assert_eq!(svc.run_schedules().await, 0);
     // Each interval brings one Backup job; a sweep runs only what is due.
     let mut seen = Vec::new();
     for round in 1..=4 {
         s.clock.advance(3600 + 5).unwrap();
         s.login().await;
-        assert_eq!(svc.run_schedules(&s.platform).await, 1, "round {round}");
-        assert_eq!(svc.run_schedules(&s.platform).await, 0, "round {round}");
+        assert_eq!(svc.run_schedules().await, 1, "round {round}");
+        assert_eq!(svc.run_schedules().await, 0, "round {round}");
         std::fs::write(src.join(format!("r{round}")), format!("{round}")).unwrap();
         let (_, jobs) = s
             .arm("GET", &format!("{}/backupJobs", s.bv("bvs")), None)
@@ -1020,5 +1020,5 @@ async fn scheduled_backups_with_retention() {
     assert_eq!(st, 200, "{it}");
     assert!(it["properties"]["schedule"].is_null(), "{it}");
     s.clock.advance(48 * 3600).unwrap();
-    assert_eq!(svc.run_schedules(&s.platform).await, 0);
+    assert_eq!(svc.run_schedules().await, 0);
 }

@@ -299,11 +299,17 @@ async fn run_server(
         }
     });
 
-    // Scheduled backups of backup vault items, then their retention: at start and every
-    // minute, on the platform clock (so `--test-clock` moves it).
-    kagi_backup_service::spawn_scheduler(platform.clone(), std::time::Duration::from_secs(60));
+    // The backup service, on this platform (it finishes interrupted vault moves first).
+    // Scheduled backups of its items, then their retention: at start and every minute, on
+    // the platform clock (so `--test-clock` moves it).
+    let backup = kagi_backup_service::BackupService::new(
+        platform.clone(),
+        kagi_backup_service::ServiceConfig::default(),
+    );
+    kagi_backup_service::spawn_scheduler(backup.clone(), std::time::Duration::from_secs(60));
 
-    let serve = kagi_http::serve(platform, audit_log, &addrs, resolver);
+    let services = kagi_http::Services::new(Some(backup));
+    let serve = kagi_http::serve(platform, services, audit_log, &addrs, resolver);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = serve => r?,

@@ -3,14 +3,12 @@
 //! repository objects up to 64 MiB. Served by `kagi-backup-service` (`agents`); this only
 //! translates. The protocol is in `docs/AGENT.md`.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use kagi_backup_service::agents::{AgentCall, AgentHead, AgentReply};
 use kagi_core::{ErrorCode, KvError};
-use kagi_vault::{Platform, Principal};
+use kagi_vault::Principal;
 
 use crate::respond::{self, query_get, query_pairs};
 
@@ -67,9 +65,8 @@ async fn read_limited(
     Ok(buf)
 }
 
-/// Serves an agent request.
+/// Serves an agent request (by the backup service in the request's `extensions`).
 pub(crate) async fn handle(
-    platform: &Arc<Platform>,
     method: &Method,
     segs: &[&str],
     query: Option<&str>,
@@ -96,7 +93,11 @@ pub(crate) async fn handle(
         authorization,
         content_length,
     };
-    let session = match kagi_backup_service::agent_authenticate(platform, head).await {
+    let backup = match crate::services::backup_of(extensions) {
+        Ok(b) => b,
+        Err(e) => return respond::error(&e),
+    };
+    let session = match backup.agent_authenticate(head).await {
         Ok(s) => s,
         Err(e) => return respond::error(&e),
     };
@@ -117,18 +118,18 @@ pub(crate) async fn handle(
     };
     let pairs = query_pairs(query);
     let prefix = query_get(&pairs, "prefix").unwrap_or("");
-    let r = kagi_backup_service::agent_serve(
-        platform,
-        &session,
-        AgentCall {
-            method: method.as_str(),
-            segs: &segs[2..],
-            prefix,
-            range,
-            body,
-        },
-    )
-    .await;
+    let r = backup
+        .agent_serve(
+            &session,
+            AgentCall {
+                method: method.as_str(),
+                segs: &segs[2..],
+                prefix,
+                range,
+                body,
+            },
+        )
+        .await;
     match r {
         Ok(AgentReply::Json(s, v)) => respond::json(s, &v),
         Ok(AgentReply::Empty(s)) => respond::empty(s),

@@ -19,9 +19,11 @@ mod move_routes;
 mod recovery_routes;
 mod respond;
 mod server;
+mod services;
 pub mod tls;
 
 pub use server::{RemoteAddr, ServeError, serve};
+pub use services::Services;
 
 /// Largest request body accepted (Key Vault's own limit for a request is far smaller).
 pub const MAX_BODY: usize = 1024 * 1024;

@@ -46,7 +46,6 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     // Backup agents authenticate by vault credentials or a machine credential.
     if crate::agent_routes::matches(&l) {
         return crate::agent_routes::handle(
-            &platform,
             &parts.method,
             &segs,
             parts.uri.query(),
@@ -154,6 +153,7 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     };
     if let Some(r) = crate::move_routes::arm(
         &platform,
+        &parts.extensions,
         &caller,
         &parts.method,
         &segs,
@@ -171,7 +171,7 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         return r.unwrap_or_else(|e| respond::error(&e));
     }
     if let Some(r) = crate::recovery_routes::arm(
-        &platform,
+        &parts.extensions,
         &caller,
         &parts.method,
         &segs,

@@ -24,7 +24,7 @@
 //! **What moves.** Every resource must be in the source group of the URL; the target must be
 //! another group, in a subscription of the same tenant. Backup vaults
 //! (`Microsoft.RecoveryServices/vaults`) with the platform key move with their identities and
-//! state (`kagi_backup_service::move_vault`); one encrypted with a customer-managed key is
+//! state (`BackupService::move_vault`); one encrypted with a customer-managed key is
 //! refused (`UserErrorCMKEncryptedVaultMoveNotSupported`). Key vaults
 //! (`Microsoft.KeyVault/vaults`) move with their keys, secrets and access policies (their URIs
 //! name the vault, not its group). Any other type is refused with `ResourceMoveNotSupported`.
@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Response, header};
+use kagi_backup_service::BackupService;
 use kagi_core::{ErrorCode, KvError};
 use kagi_vault::{Platform, Principal};
 use serde_json::{Value, json};
@@ -232,8 +233,14 @@ fn is_provider_refusal(e: &KvError) -> bool {
     matches!(e.status(), 400 | 409) && e.inner != Some("ResourceNotInSourceResourceGroup")
 }
 
+/// Who moves what: the platform (key vaults) and the backup service (backup vaults), if any.
+struct Movers<'a> {
+    p: &'a Arc<Platform>,
+    backup: Option<Arc<BackupService>>,
+}
+
 async fn move_one(
-    p: &Arc<Platform>,
+    m: &Movers<'_>,
     caller: &Principal,
     item: &Item,
     sub: &str,
@@ -241,10 +248,14 @@ async fn move_one(
     dry_run: bool,
 ) -> Result<Value, KvError> {
     match item.kind {
-        Kind::BackupVault => {
-            kagi_backup_service::move_vault(p, caller, &item.id, sub, rg, dry_run).await
-        }
-        Kind::KeyVault => p.move_key_vault(caller, &item.id, sub, rg, dry_run).await,
+        Kind::BackupVault => match &m.backup {
+            Some(b) => b.move_vault(caller, &item.id, sub, rg, dry_run).await,
+            None => Err(KvError::new(
+                ErrorCode::NotFound,
+                "This server runs no backup service.",
+            )),
+        },
+        Kind::KeyVault => m.p.move_key_vault(caller, &item.id, sub, rg, dry_run).await,
     }
 }
 
@@ -269,9 +280,12 @@ fn accepted(p: &Platform, sub: &str, api_version: &str) -> Result<Response<Body>
 }
 
 /// `moveResources`, `validateMoveResources` and `operationresults` (after the api-version
-/// check). `None` when the path is none of them.
+/// check; backup vaults moved by the backup service in the request's `extensions`). `None`
+/// when the path is none of them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn arm(
     p: &Arc<Platform>,
+    extensions: &axum::http::Extensions,
     caller: &Principal,
     method: &Method,
     segs: &[&str],
@@ -315,8 +329,22 @@ pub(crate) async fn arm(
             format!("The method {method} is not allowed on this resource."),
         )));
     }
+    let movers = Movers {
+        p,
+        backup: crate::services::backup_of(extensions).ok(),
+    };
     Some(
-        match moves(p, caller, segs[1], segs[3], body, validate, api_version).await {
+        match moves(
+            &movers,
+            caller,
+            segs[1],
+            segs[3],
+            body,
+            validate,
+            api_version,
+        )
+        .await
+        {
             Ok(r) => r,
             Err(e) => respond::error(&e),
         },
@@ -324,7 +352,7 @@ pub(crate) async fn arm(
 }
 
 async fn moves(
-    p: &Arc<Platform>,
+    m: &Movers<'_>,
     caller: &Principal,
     source_sub: &str,
     source_rg: &str,
@@ -333,11 +361,12 @@ async fn moves(
     api_version: &str,
 ) -> Result<Response<Body>, KvError> {
     // The caller may manage the source; the source group exists.
-    p.get_resource_group(caller, source_sub, source_rg).await?;
+    m.p.get_resource_group(caller, source_sub, source_rg)
+        .await?;
     let req = parse_request(source_sub, source_rg, body)?;
     // Every resource passes before any moves.
     for item in &req.items {
-        if let Err(e) = move_one(p, caller, item, &req.target_sub, &req.target_rg, true).await {
+        if let Err(e) = move_one(m, caller, item, &req.target_sub, &req.target_rg, true).await {
             if is_provider_refusal(&e) {
                 return Ok(provider_refusal(&item.id, &e));
             }
@@ -345,11 +374,11 @@ async fn moves(
         }
     }
     if validate {
-        return accepted(p, source_sub, api_version);
+        return accepted(m.p, source_sub, api_version);
     }
     let mut done: Vec<(Item, String)> = Vec::new();
     for item in &req.items {
-        match move_one(p, caller, item, &req.target_sub, &req.target_rg, false).await {
+        match move_one(m, caller, item, &req.target_sub, &req.target_rg, false).await {
             Ok(moved) => {
                 let new_id = moved["id"].as_str().unwrap_or_default().to_string();
                 done.push((item.clone(), new_id));
@@ -361,7 +390,7 @@ async fn moves(
                         id: new_id.clone(),
                         ..prev.clone()
                     };
-                    if let Err(err) = move_one(p, caller, &back, source_sub, source_rg, false).await
+                    if let Err(err) = move_one(m, caller, &back, source_sub, source_rg, false).await
                     {
                         tracing::error!(resource = %new_id, error = %err, "moving back after a failed move failed");
                     }
@@ -373,7 +402,7 @@ async fn moves(
             }
         }
     }
-    accepted(p, source_sub, api_version)
+    accepted(m.p, source_sub, api_version)
 }
 
 /// `/kagi/admin/subscriptions…` (no api-version). `None` when the path is not one of them.

@@ -1,11 +1,9 @@
 //! `Microsoft.RecoveryServices` (backup vaults, their items, jobs and activity log): served by
 //! `kagi-backup-service`; this only translates.
 
-use std::sync::Arc;
-
 use axum::body::Body;
-use axum::http::{Method, Response};
-use kagi_vault::{Platform, Principal};
+use axum::http::{Extensions, Method, Response};
+use kagi_vault::Principal;
 
 use crate::respond;
 
@@ -20,9 +18,10 @@ pub(crate) fn prefer_wait(headers: &axum::http::HeaderMap) -> Option<std::time::
         .map(|s| std::time::Duration::from_secs(s.min(60)))
 }
 
-/// Serves the request when its path is a backup-vault route.
+/// Serves the request when its path is a backup-vault route (by the backup service in the
+/// request's `extensions`).
 pub(crate) async fn arm(
-    p: &Arc<Platform>,
+    extensions: &Extensions,
     caller: &Principal,
     method: &Method,
     segs: &[&str],
@@ -33,24 +32,21 @@ pub(crate) async fn arm(
     if !kagi_backup_service::matches(l) {
         return None;
     }
-    Some(
-        match kagi_backup_service::handle(
-            p,
-            caller,
-            kagi_backup_service::ArmRequest {
-                method: method.as_str(),
-                segs,
-                l,
-                body,
-                wait,
-            },
-        )
-        .await
-        {
-            Ok((204, _)) => respond::empty(204),
-            Ok((s, v)) if v.is_null() => respond::empty(s),
-            Ok((s, v)) => respond::json(s, &v),
-            Err(e) => respond::error(&e),
-        },
-    )
+    let req = kagi_backup_service::ArmRequest {
+        method: method.as_str(),
+        segs,
+        l,
+        body,
+        wait,
+    };
+    let answer = match crate::services::backup_of(extensions) {
+        Ok(backup) => backup.handle(caller, req).await,
+        Err(e) => Err(e),
+    };
+    Some(match answer {
+        Ok((204, _)) => respond::empty(204),
+        Ok((s, v)) if v.is_null() => respond::empty(s),
+        Ok((s, v)) => respond::json(s, &v),
+        Err(e) => respond::error(&e),
+    })
 }

@@ -12,6 +12,7 @@ use kagi_vault::Platform;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::Services;
 use crate::tls::SniResolver;
 
 /// A failure to start serving.
@@ -29,10 +30,12 @@ pub enum ServeError {
 #[derive(Clone, Copy, Debug)]
 pub struct RemoteAddr(pub SocketAddr);
 
-/// Serves HTTPS on every address until the future is dropped. Every request but `GET
-/// /healthz` is recorded in `audit` before it is answered (see `crate::audit`).
+/// Serves HTTPS on every address until the future is dropped, handing the requests of the
+/// storage services to `services`. Every request but `GET /healthz` is recorded in `audit`
+/// before it is answered (see `crate::audit`).
 pub async fn serve(
     platform: Arc<Platform>,
+    services: Services,
     audit: Arc<kagi_audit::AuditLog>,
     addrs: &[SocketAddr],
     resolver: SniResolver,
@@ -58,9 +61,11 @@ pub async fn serve(
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         let platform = platform.clone();
+        let services = services.clone();
         let acceptor = acceptor.clone();
         let audit = audit.clone();
-        tasks.spawn(async move { accept_loop(listener, acceptor, platform, audit).await });
+        tasks
+            .spawn(async move { accept_loop(listener, acceptor, platform, services, audit).await });
     }
     while tasks.join_next().await.is_some() {}
     Ok(())
@@ -70,6 +75,7 @@ async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     platform: Arc<Platform>,
+    services: Services,
     audit: Arc<kagi_audit::AuditLog>,
 ) {
     loop {
@@ -85,6 +91,7 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let platform = platform.clone();
+        let services = services.clone();
         let audit = audit.clone();
         tokio::spawn(async move {
             // A client that never finishes its handshake does not hold a task forever.
@@ -99,11 +106,12 @@ async fn accept_loop(
                 };
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let platform = platform.clone();
+                let services = services.clone();
                 let audit = audit.clone();
                 // The handler runs in a task of its own: a client that resets its stream or
                 // drops the connection must not cancel a change half-way (committed but not
                 // audited, or the store ahead of memory). Only the answer is abandoned.
-                let handler = tokio::spawn(serve_one(platform, audit, req, peer));
+                let handler = tokio::spawn(serve_one(platform, services, audit, req, peer));
                 async move {
                     Ok::<_, std::convert::Infallible>(handler.await.unwrap_or_else(|e| {
                         tracing::error!(%peer, error = %e, "request handler panicked");
@@ -125,12 +133,14 @@ async fn accept_loop(
 /// is shared so that what the handler left unread can be drained after it answers.
 async fn serve_one(
     platform: Arc<Platform>,
+    services: Services,
     audit: Arc<kagi_audit::AuditLog>,
     req: Request<hyper::body::Incoming>,
     peer: SocketAddr,
 ) -> axum::http::Response<Body> {
     let (mut parts, incoming) = req.into_parts();
     parts.extensions.insert(RemoteAddr(peer));
+    parts.extensions.insert(services);
     if let Some(uri) = normalized_uri(&parts.uri) {
         parts.uri = uri;
     }

@@ -97,6 +97,9 @@ pub struct TestServer {
     pub ca_pem: String,
     /// The platform the server serves.
     pub platform: Arc<Platform>,
+    /// The storage services the server runs (the backup service unless the options left it
+    /// out).
+    pub services: kagi_http::Services,
     /// The platform's clock: the system time until a test moves it forward.
     pub clock: Arc<TestClock>,
     /// The audit log's file.
@@ -158,9 +161,11 @@ impl TestServer {
             addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
         }
         let platform = Arc::new(platform);
-        if let Some(keys) = options.backup_service {
-            install_backup_service(&platform, keys, addr);
-        }
+        let services = kagi_http::Services::new(
+            options
+                .backup_service
+                .map(|keys| backup_service(&platform, keys, addr)),
+        );
         let audit = match options.audit {
             Some(config) => AuditLog::open_with(dir.path(), config(dir.path())),
             None => AuditLog::open(dir.path()),
@@ -168,9 +173,10 @@ impl TestServer {
         .expect("the audit log opens");
         let audit_file = audit.path().to_path_buf();
         let audit = Arc::new(audit);
-        let served = platform.clone();
-        let task =
-            tokio::spawn(async move { kagi_http::serve(served, audit, &addrs, resolver).await });
+        let (served, served_services) = (platform.clone(), services.clone());
+        let task = tokio::spawn(async move {
+            kagi_http::serve(served, served_services, audit, &addrs, resolver).await
+        });
         // Readiness, not timing: poll until the listener accepts (or serve gave up).
         let mut ready = false;
         for _ in 0..1000 {
@@ -193,6 +199,7 @@ impl TestServer {
             admin,
             ca_pem,
             platform,
+            services,
             clock,
             audit_file,
             token: String::new(),
@@ -366,8 +373,9 @@ impl TestServer {
         (status, v)
     }
 
-    /// Installs the backup service again with the start's settings, as a restarted server
-    /// does (it finishes interrupted work, such as vault moves, on installation).
+    /// Builds the backup service again with the start's settings, as a restarted server
+    /// does (it finishes interrupted work, such as vault moves, when it is built), and serves
+    /// it from now on.
     ///
     /// # Panics
     ///
@@ -376,7 +384,19 @@ impl TestServer {
         let keys = self
             .backup_keys
             .expect("the server was started with the backup service");
-        install_backup_service(&self.platform, keys, self.addr);
+        self.services
+            .set_backup(backup_service(&self.platform, keys, self.addr));
+    }
+
+    /// The backup service the server runs.
+    ///
+    /// # Panics
+    ///
+    /// When the server was started without the backup service.
+    pub fn backup_service(&self) -> Arc<kagi_backup_service::BackupService> {
+        self.services
+            .backup()
+            .expect("the server was started with the backup service")
     }
 
     /// The folder of backup vault `name` (in resource group `rg` of subscription `sub`) on
@@ -471,15 +491,20 @@ fn free_dual_stack_port() -> (u16, bool) {
     panic!("no port free on both loopback addresses");
 }
 
-fn install_backup_service(platform: &Arc<Platform>, keys: BackupKeys, addr: SocketAddr) {
-    kagi_backup_service::install(
-        platform,
+/// The backup service on `platform` with `keys`, reaching the key vaults at `addr`.
+fn backup_service(
+    platform: &Arc<Platform>,
+    keys: BackupKeys,
+    addr: SocketAddr,
+) -> Arc<kagi_backup_service::BackupService> {
+    kagi_backup_service::BackupService::new(
+        platform.clone(),
         kagi_backup_service::ServiceConfig {
             key_cache_lifetime: keys.key_cache_lifetime,
             key_poll_interval: keys.key_poll_interval,
             connect: Some(addr),
         },
-    );
+    )
 }
 
 fn client_builder(ca_pem: &str, addr: SocketAddr) -> reqwest::ClientBuilder {

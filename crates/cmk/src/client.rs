@@ -1,116 +1,17 @@
-//! Reaching the customer's key: key URI rules and the key vault's data plane over HTTPS, with
-//! the backup vault's managed identity's token — so every call is authorized, firewalled and
-//! audited by the key vault like any other caller's.
+//! The key vault's data plane over HTTPS, called with a token of the service's managed
+//! identity, so every call is authorized, firewalled and audited by the key vault like any
+//! other caller's; and what a failed call means for the data the key protects.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use kagi_core::{ErrorCode, KvError};
 use serde_json::{Value, json};
 
+use crate::KeyUri;
+
 const API: &str = "api-version=7.5";
-
-/// A parsed key URI: `https://{vault}.{suffix}[:port]/keys/{name}[/{version}]`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyUri {
-    /// Key vault name.
-    pub vault: String,
-    /// Key name.
-    pub name: String,
-    /// Version, when pinned.
-    pub version: Option<String>,
-    /// `https://{vault}.{suffix}[:port]` (no trailing slash).
-    pub base: String,
-}
-
-impl KeyUri {
-    /// The key's URI without a version.
-    pub fn versionless(&self) -> String {
-        format!("{}/keys/{}", self.base, self.name)
-    }
-}
-
-pub(crate) fn bad(inner: &'static str, message: impl Into<String>) -> KvError {
-    KvError::new(ErrorCode::BadRequest, message).with_inner(inner)
-}
-
-fn printable(s: &str) -> String {
-    kagi_core::ids::printable(s).to_string()
-}
-
-/// Parses and checks a key URI against this platform's host names (BK-4).
-pub fn parse_key_uri(uri: &str, dns_suffix: &str, port: u16) -> Result<KeyUri, KvError> {
-    let shown = printable(uri);
-    let rest = uri.strip_prefix("https://").ok_or_else(|| {
-        bad(
-            "InvalidKeyUri",
-            format!("The key URI '{shown}' is not valid: it must start with https://."),
-        )
-    })?;
-    let (authority, path) = rest.split_once('/').ok_or_else(|| {
-        bad(
-            "InvalidKeyUri",
-            format!("The key URI '{shown}' is not valid: it has no path."),
-        )
-    })?;
-    let (host, given_port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>().map_err(|_| {
-                bad(
-                    "InvalidKeyUri",
-                    format!("The key URI '{shown}' is not valid: bad port."),
-                )
-            })?,
-        ),
-        None => (authority, 443),
-    };
-    let host = host.to_ascii_lowercase();
-    let suffix = format!(".{}", dns_suffix.to_ascii_lowercase());
-    let vault = match host.strip_suffix(&suffix) {
-        Some(v) if !v.is_empty() && !v.contains('.') && given_port == port => v.to_string(),
-        _ => {
-            return Err(bad(
-                "KeyVaultHostNotServed",
-                format!(
-                    "The key URI '{shown}' does not point at a key vault of this kagi \
-                     (expected https://{{vault}}{suffix}:{port}/keys/...)."
-                ),
-            ));
-        }
-    };
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
-    match segs.as_slice() {
-        ["keys", name] | ["keys", name, ""] if !name.is_empty() => Ok(KeyUri {
-            vault,
-            name: name.to_string(),
-            version: None,
-            base: format!("https://{authority}"),
-        }),
-        ["keys", name, version] if !name.is_empty() && !version.is_empty() => Ok(KeyUri {
-            vault,
-            name: name.to_string(),
-            version: Some(version.to_string()),
-            base: format!("https://{authority}"),
-        }),
-        ["secrets", ..] => Err(bad(
-            "KeyUriIsSecret",
-            format!(
-                "The URI '{shown}' identifies a secret; a backup vault needs a key \
-                 (https://{{vault}}{suffix}/keys/{{name}}[/{{version}}])."
-            ),
-        )),
-        _ => Err(bad(
-            "InvalidKeyUri",
-            format!(
-                "The key URI '{shown}' is not valid: expected \
-                 https://{{vault}}{suffix}/keys/{{name}}[/{{version}}]."
-            ),
-        )),
-    }
-}
 
 /// What a call to the key vault failed with: the status and Azure's codes.
 #[derive(Clone, Debug)]
@@ -125,7 +26,29 @@ pub struct VaultFailure {
     pub message: String,
 }
 
+/// What a failure means for the data a key protects: a disk or a database reacts to each
+/// differently (stop now, or retry and keep serving from what is unwrapped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The key vault answered that this identity cannot use the key now (4xx: the key
+    /// disabled, deleted or expired, the permission removed, the identity gone): it stays so
+    /// until someone acts.
+    Definite,
+    /// The key vault was not reached or failed itself (5xx, a timeout, throttling, not
+    /// reachable): asking again may succeed.
+    Transient,
+}
+
 impl VaultFailure {
+    /// Whether the failure is [`FailureKind::Definite`] or [`FailureKind::Transient`].
+    pub fn kind(&self) -> FailureKind {
+        match self.status {
+            408 | 429 => FailureKind::Transient,
+            400..=499 => FailureKind::Definite,
+            _ => FailureKind::Transient,
+        }
+    }
+
     /// "403 Forbidden/KeyDisabled: …".
     pub fn reason(&self) -> String {
         match &self.inner {
@@ -140,15 +63,18 @@ impl VaultFailure {
 pub struct VaultClient {
     addr: SocketAddr,
     ca_path: PathBuf,
+    user_agent: String,
     clients: Mutex<HashMap<String, reqwest::Client>>,
 }
 
 impl VaultClient {
-    /// A client that reaches every vault host at `addr`, trusting the CA in `ca_path`.
-    pub fn new(addr: SocketAddr, ca_path: PathBuf) -> Self {
+    /// A client that reaches every vault host at `addr`, trusting the CA in `ca_path`, and
+    /// names itself `user_agent` (the key vault's audit log shows it).
+    pub fn new(addr: SocketAddr, ca_path: PathBuf, user_agent: &str) -> Self {
         Self {
             addr,
             ca_path,
+            user_agent: user_agent.to_string(),
             clients: Mutex::new(HashMap::new()),
         }
     }
@@ -177,7 +103,7 @@ impl VaultClient {
             .tls_certs_only([cert])
             .no_proxy()
             .timeout(std::time::Duration::from_secs(30))
-            .user_agent(concat!("kagi-backup-service/", env!("CARGO_PKG_VERSION")))
+            .user_agent(self.user_agent.clone())
             .resolve(&host, self.addr)
             .build()
             .map_err(|e| unreachable(e.to_string()))?;
@@ -330,69 +256,45 @@ impl VaultClient {
     }
 }
 
-/// Why a key bundle cannot protect data now (disabled, not yet valid, expired, not RSA).
-pub fn key_unusable(bundle: &Value, now: i64) -> Option<(&'static str, String)> {
-    let kty = bundle["key"]["kty"].as_str().unwrap_or("");
-    if kty != "RSA" && kty != "RSA-HSM" {
-        return Some((
-            "KeyTypeNotRsa",
-            format!("the key is of type '{kty}'; a backup vault needs an RSA key"),
-        ));
-    }
-    let a = &bundle["attributes"];
-    if a["enabled"] == json!(false) {
-        return Some(("KeyDisabled", "the key is disabled".into()));
-    }
-    if let Some(nbf) = a["nbf"].as_i64()
-        && now < nbf
-    {
-        return Some(("KeyNotYetValid", "the key is not yet valid (nbf)".into()));
-    }
-    if let Some(exp) = a["exp"].as_i64()
-        && now >= exp
-    {
-        return Some(("KeyExpired", "the key has expired".into()));
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn key_uris() {
-        let k = parse_key_uri("https://kv1.localhost:8443/keys/k1", "localhost", 8443).unwrap();
-        assert_eq!((k.vault.as_str(), k.name.as_str()), ("kv1", "k1"));
-        assert_eq!(k.version, None);
-        let k = parse_key_uri("https://kv1.localhost:8443/keys/k1/abc", "localhost", 8443).unwrap();
-        assert_eq!(k.version.as_deref(), Some("abc"));
-        let inner = |u: &str| parse_key_uri(u, "localhost", 8443).unwrap_err().inner;
-        assert_eq!(inner("not a uri"), Some("InvalidKeyUri"));
-        assert_eq!(inner("https://kv1.localhost:8443/"), Some("InvalidKeyUri"));
-        assert_eq!(
-            inner("https://kv1.vault.azure.net/keys/k1"),
-            Some("KeyVaultHostNotServed")
-        );
-        assert_eq!(
-            inner("https://kv1.localhost:9999/keys/k1"),
-            Some("KeyVaultHostNotServed")
-        );
-        assert_eq!(
-            inner("https://kv1.localhost:8443/secrets/s1"),
-            Some("KeyUriIsSecret")
-        );
+    fn failure(status: u16) -> VaultFailure {
+        VaultFailure {
+            status,
+            code: "Forbidden".into(),
+            inner: Some("KeyDisabled".into()),
+            message: "Operation get is not allowed on a disabled key.".into(),
+        }
     }
 
     #[test]
-    fn usability() {
-        let ok = json!({"key": {"kty": "RSA"}, "attributes": {"enabled": true}});
-        assert!(key_unusable(&ok, 0).is_none());
-        let ec = json!({"key": {"kty": "EC"}, "attributes": {"enabled": true}});
-        assert_eq!(key_unusable(&ec, 0).unwrap().0, "KeyTypeNotRsa");
-        let off = json!({"key": {"kty": "RSA"}, "attributes": {"enabled": false}});
-        assert_eq!(key_unusable(&off, 0).unwrap().0, "KeyDisabled");
-        let exp = json!({"key": {"kty": "RSA"}, "attributes": {"enabled": true, "exp": 10}});
-        assert_eq!(key_unusable(&exp, 10).unwrap().0, "KeyExpired");
+    fn failures_are_definite_or_transient() {
+        for s in [400, 401, 403, 404, 409] {
+            assert_eq!(failure(s).kind(), FailureKind::Definite, "{s}");
+        }
+        for s in [0, 408, 429, 500, 502, 503] {
+            assert_eq!(failure(s).kind(), FailureKind::Transient, "{s}");
+        }
+        assert_eq!(
+            failure(403).reason(),
+            "403 Forbidden/KeyDisabled: Operation get is not allowed on a disabled key."
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_vault_is_a_transient_failure() {
+        // Nothing listens on port 9 of the loopback; the CA file does not exist either.
+        let c = VaultClient::new(
+            SocketAddr::from(([127, 0, 0, 1], 9)),
+            PathBuf::from("/nonexistent/ca.pem"),
+            "kagi-cmk-test",
+        );
+        let key = crate::parse_key_uri("https://kv.localhost:8443/keys/k", "localhost", 8443, "x")
+            .unwrap();
+        let f = c.get_key(&key, "token").await.unwrap_err();
+        assert_eq!((f.status, f.code.as_str()), (0, "KeyVaultUnreachable"));
+        assert_eq!(f.kind(), FailureKind::Transient);
     }
 }
