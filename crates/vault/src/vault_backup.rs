@@ -585,6 +585,13 @@ pub(crate) async fn roll_back_interrupted_restores(
     Ok(done)
 }
 
+/// What a restore holds while it writes: the ids its journal gave the role assignments, and a
+/// new vault's reserved name.
+struct Claim<'a> {
+    assignment_ids: &'a [String],
+    reservation: Option<&'a crate::arm::VaultNameReservation<'a>>,
+}
+
 /// What a restore wrote, to be removed again if a later step fails.
 #[derive(Default)]
 struct Written {
@@ -1211,8 +1218,10 @@ impl Platform {
                 caller,
                 target,
                 &prepared,
-                &journal.assignment_ids,
-                reservation.as_ref(),
+                Claim {
+                    assignment_ids: &journal.assignment_ids,
+                    reservation: reservation.as_ref(),
+                },
                 &mut written,
             )
             .await;
@@ -1486,10 +1495,13 @@ impl Platform {
         caller: &Principal,
         target: &Target,
         p: &Prepared,
-        assignment_ids: &[String],
-        reservation: Option<&crate::arm::VaultNameReservation<'_>>,
+        claim: Claim<'_>,
         written: &mut Written,
     ) -> Result<Value, KvError> {
+        let Claim {
+            assignment_ids,
+            reservation,
+        } = claim;
         let counts = &p.manifest.counts;
         job.phase(
             "restore",
