@@ -23,7 +23,7 @@
 //!   quota and are refused before the disk runs out (`agent_objects`).
 //!
 //! State: the vault's service document `agent-registry` in the store (credential hashes,
-//! machines; through `Platform::put_service_document`), objects under
+//! machines; through the host's documents), objects under
 //! `{vault dir}/agents/machines/{machine}/`.
 
 use std::collections::BTreeMap;
@@ -34,14 +34,14 @@ use kagi_core::agent as rules;
 use kagi_core::time::rfc3339;
 use kagi_core::{ErrorCode, KvError, VaultName};
 use kagi_crypto::DigestAlgorithm;
-use kagi_vault::{Platform, Principal};
+use kagi_host::{Principal, ServiceHost};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::BackupService;
 use crate::agent_objects::{get_object, head_object, list_meta};
+use crate::resource::{CmkConfig, VaultCtx, activity_entry};
 use crate::state::{AGENT_REGISTRY, io};
-use crate::vaults::{CmkConfig, VaultCtx, activity_entry};
 
 /// Vault credentials are valid this long unless asked otherwise.
 const DEFAULT_CREDENTIAL_HOURS: u64 = 48;
@@ -144,23 +144,22 @@ struct Registry {
 }
 
 impl Registry {
-    async fn load(p: &Platform, vault_id: &str) -> Result<Self, KvError> {
-        match p.service_document(vault_id, AGENT_REGISTRY, "").await? {
+    async fn load(p: &dyn ServiceHost, vault_id: &str) -> Result<Self, KvError> {
+        match p.document(vault_id, AGENT_REGISTRY, "").await? {
             Some(v) => serde_json::from_value(v).map_err(|e| io("parse agent registry", e)),
             None => Ok(Self::default()),
         }
     }
 
-    async fn save(&self, p: &Platform, vault_id: &str) -> Result<(), KvError> {
+    async fn save(&self, p: &dyn ServiceHost, vault_id: &str) -> Result<(), KvError> {
         let v = serde_json::to_value(self).map_err(|e| io("agent registry json", e))?;
-        p.put_service_document(vault_id, AGENT_REGISTRY, "", &v)
-            .await
+        p.put_document(vault_id, AGENT_REGISTRY, "", &v).await
     }
 }
 
 /// The names of the machines registered with the vault `vault_id`.
 pub(crate) async fn registered_machines(
-    p: &Platform,
+    p: &dyn ServiceHost,
     vault_id: &str,
 ) -> Result<Vec<String>, KvError> {
     Ok(Registry::load(p, vault_id)
@@ -377,7 +376,7 @@ fn object_name_ok(name: &str) -> bool {
 }
 
 /// A parsed key vault URI (MP-7: 100272 when it does not parse).
-fn parse_key_vault_uri(p: &Platform, uri: &str) -> Result<(VaultName, String), KvError> {
+fn parse_key_vault_uri(p: &dyn ServiceHost, uri: &str) -> Result<(VaultName, String), KvError> {
     let cfg = p.config();
     let invalid = |why: &str| {
         rules::INVALID_KEY_VAULT_URI.error(format!(
@@ -412,12 +411,15 @@ fn parse_key_vault_uri(p: &Platform, uri: &str) -> Result<(VaultName, String), K
         return Err(invalid("the port is not this platform's"));
     }
     let name = VaultName::parse(vault).map_err(|_| invalid("the vault name is not valid"))?;
-    let base = cfg.vault_uri(&name).trim_end_matches('/').to_string();
+    let base = cfg
+        .key_vault_uri(name.as_str())
+        .trim_end_matches('/')
+        .to_string();
     Ok((name, base))
 }
 
 impl BackupService {
-    fn vault_of(&self, p: &Platform, vault_id_segs: &[&str]) -> Result<VaultCtx, KvError> {
+    fn vault_of(&self, p: &dyn ServiceHost, vault_id_segs: &[&str]) -> Result<VaultCtx, KvError> {
         let id = format!("/{}", vault_id_segs.join("/"));
         let not_found = || {
             KvError::new(
@@ -428,7 +430,7 @@ impl BackupService {
                 ),
             )
         };
-        let body = p.service_resource(&id).ok_or_else(not_found)?;
+        let body = p.resource(&id).ok_or_else(not_found)?;
         Ok(VaultCtx {
             id: body["id"].as_str().unwrap_or_default().to_string(),
             dir: crate::state::vault_dir(
@@ -443,7 +445,7 @@ impl BackupService {
 
     async fn authenticate_agent(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         authorization: Option<&str>,
         now: i64,
@@ -494,7 +496,7 @@ impl BackupService {
     /// `POST {vault id}/vaultCredentials` (bootstrap administrator): new vault credentials.
     pub(crate) async fn vault_credentials(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         caller: &Principal,
         v: &VaultCtx,
         body: &Value,
@@ -548,7 +550,7 @@ impl BackupService {
     /// `GET {vault id}/registeredMachines` (administrator): the registered backup agents.
     pub(crate) async fn list_machines(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
     ) -> Result<(u16, Value), KvError> {
         let reg = Registry::load(p, &v.id).await?;
@@ -569,7 +571,7 @@ impl BackupService {
     /// vault secret stays: it belongs to the key vault's owner.
     pub(crate) async fn delete_machine(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         caller: &Principal,
         v: &VaultCtx,
         machine: &str,
@@ -615,7 +617,7 @@ impl BackupService {
     /// lost; its backups are kept.
     pub(crate) async fn allow_reregistration(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         caller: &Principal,
         v: &VaultCtx,
         machine: &str,
@@ -659,9 +661,9 @@ impl BackupService {
 
     /// Authenticates and authorizes an agent request before its body is read; an object's
     /// announced size is checked against the vault's quota and the disk's reserve too.
-    pub async fn agent_authenticate(
+    pub(crate) async fn admit_agent(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         head: AgentHead<'_>,
     ) -> Result<AgentSession, KvError> {
         let AgentHead {
@@ -717,10 +719,10 @@ impl BackupService {
         })
     }
 
-    /// Serves an agent request that [`Self::agent_authenticate`] admitted.
-    pub async fn agent_serve(
+    /// Serves an agent request that [`Self::admit_agent`] admitted.
+    pub(crate) async fn serve_agent(
         self: &Arc<Self>,
-        p: &Arc<Platform>,
+        host: &Arc<dyn ServiceHost>,
         session: &AgentSession,
         call: AgentCall<'_>,
     ) -> Result<AgentReply, KvError> {
@@ -744,7 +746,7 @@ impl BackupService {
             ));
         }
         self.agent_route(
-            p,
+            host,
             &session.v,
             &session.who,
             method,
@@ -761,7 +763,7 @@ impl BackupService {
     #[allow(clippy::too_many_arguments)]
     async fn agent_route(
         self: &Arc<Self>,
-        p: &Arc<Platform>,
+        host: &Arc<dyn ServiceHost>,
         v: &VaultCtx,
         who: &Caller,
         method: &str,
@@ -771,6 +773,7 @@ impl BackupService {
         range: Option<(u64, u64)>,
         body: Vec<u8>,
     ) -> Result<AgentReply, KvError> {
+        let p = host.as_ref();
         match (l, method) {
             (["probe"], "POST") => {
                 let req = json_of(&body)?;
@@ -908,7 +911,7 @@ impl BackupService {
     /// The folder of a registered machine's objects (404 if the machine is not registered).
     async fn machine_dir(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         machine: &str,
     ) -> Result<PathBuf, KvError> {
@@ -950,13 +953,22 @@ impl BackupService {
     }
 
     /// Sets the vault's "protection was attempted" flag (BK-2) under the vault's lock.
-    async fn mark_registration_attempt(&self, p: &Platform, v: &VaultCtx) -> Result<(), KvError> {
+    async fn mark_registration_attempt(
+        &self,
+        p: &dyn ServiceHost,
+        v: &VaultCtx,
+    ) -> Result<(), KvError> {
         let lock = self.vault_lock(&v.dir.display().to_string());
         let _g = lock.lock().await;
         mark_attempt(p, v).await
     }
 
-    async fn register(&self, p: &Platform, v: &VaultCtx, req: &Value) -> Result<Value, KvError> {
+    async fn register(
+        &self,
+        p: &dyn ServiceHost,
+        v: &VaultCtx,
+        req: &Value,
+    ) -> Result<Value, KvError> {
         let machine = str_field(req, "machineName")?;
         rules::validate_machine_name(machine)?;
         let opt = |name: &str| req[name].as_str().map(str::to_string);
@@ -986,7 +998,7 @@ impl BackupService {
         let lock = self.vault_lock(&v.dir.display().to_string());
         let _g = lock.lock().await;
         // Checked again under the lock: a customer-managed key set meanwhile wins (BK-11).
-        let current = p.service_resource(&v.id).ok_or_else(|| {
+        let current = p.resource(&v.id).ok_or_else(|| {
             KvError::new(ErrorCode::ResourceNotFound, "The backup vault is gone.")
         })?;
         refuse_cmk(&VaultCtx {
@@ -1064,7 +1076,7 @@ impl BackupService {
     /// system-assigned identity.
     async fn store_passphrase(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         who: &Caller,
         machine: &str,
@@ -1131,7 +1143,7 @@ impl BackupService {
 
     async fn write_passphrase(
         &self,
-        p: &Platform,
+        p: &dyn ServiceHost,
         v: &VaultCtx,
         uri: &str,
         secret_name: &str,
@@ -1179,7 +1191,8 @@ impl BackupService {
             .map_err(|e| rules::SYSTEM_IDENTITY_NOT_CONFIGURED.error(e.message))?;
         let tags = json!({"backupVault": v.id, "purpose": "kagi backup agent passphrase"});
         match self
-            .vault_client
+            .keys
+            .client()
             .set_secret(&base, secret_name, passphrase, &tags, &token)
             .await
         {
@@ -1214,7 +1227,7 @@ impl BackupService {
 }
 
 /// Sets the vault's "protection was attempted" flag (BK-2); the caller holds the vault's lock.
-async fn mark_attempt(p: &Platform, v: &VaultCtx) -> Result<(), KvError> {
+async fn mark_attempt(p: &dyn ServiceHost, v: &VaultCtx) -> Result<(), KvError> {
     let mut state = crate::state::VaultState::load(p, &v.id)
         .await?
         .ok_or_else(|| {
