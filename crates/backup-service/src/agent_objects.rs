@@ -736,90 +736,109 @@ mod tests {
         (counted, bytes_under(&vault.join("agents")).unwrap())
     }
 
-    #[test]
-    fn concurrent_deletes_and_puts_of_one_object_keep_the_count_exact() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .unwrap();
-        let root = tempfile::tempdir().unwrap();
-        let root = root.path().to_path_buf();
-        let vault = root.join("v");
-        let m = vault.join("agents/machines/m1");
-        let s = Arc::new(storage(1000, 0));
-        rt.block_on(async {
-            s.put(&root, &vault, &m, "keep", vec![0; 100])
-                .await
-                .unwrap();
-            for _ in 0..10 {
-                s.put(&root, &vault, &m, "a", vec![0; 50]).await.unwrap();
-                let deletes: Vec<_> = (0..8)
-                    .map(|_| {
-                        let (s, root, vault, m) =
-                            (s.clone(), root.clone(), vault.clone(), m.clone());
-                        tokio::spawn(async move { s.delete(&root, &vault, &m, "a").await })
-                    })
-                    .collect();
-                for d in deletes {
-                    d.await.unwrap().unwrap();
-                }
-                let (counted, real) = counted_and_real(&s, &vault);
-                assert_eq!(counted, Some(real), "after concurrent deletes");
-                let puts: Vec<_> = (0..8)
-                    .map(|i| {
-                        let (s, root, vault, m) =
-                            (s.clone(), root.clone(), vault.clone(), m.clone());
+    /// A request on machine `m1`'s objects.
+    enum Op {
+        Put(String, Vec<u8>),
+        Delete(&'static str),
+    }
+
+    /// Storage with a quota, and machine `m1` of vault `v` in a data folder, on a runtime with
+    /// two worker threads, so that requests really race.
+    struct Race {
+        rt: tokio::runtime::Runtime,
+        _tmp: tempfile::TempDir,
+        root: PathBuf,
+        vault: PathBuf,
+        m: PathBuf,
+        s: Arc<AgentStorage>,
+    }
+
+    impl Race {
+        fn new(quota: u64) -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path().to_path_buf();
+            let vault = root.join("v");
+            Self {
+                rt: tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .build()
+                    .unwrap(),
+                _tmp: tmp,
+                m: vault.join("agents/machines/m1"),
+                root,
+                vault,
+                s: Arc::new(storage(quota, 0)),
+            }
+        }
+
+        /// Runs `ops` all at once; answers their results in order.
+        fn at_once(&self, ops: Vec<Op>) -> Vec<Result<(), KvError>> {
+            self.rt.block_on(async {
+                let tasks: Vec<_> = ops
+                    .into_iter()
+                    .map(|op| {
+                        let s = self.s.clone();
+                        let (root, vault, m) =
+                            (self.root.clone(), self.vault.clone(), self.m.clone());
                         tokio::spawn(async move {
-                            s.put(&root, &vault, &m, "b", vec![i; 30 + usize::from(i)])
-                                .await
+                            match op {
+                                Op::Put(name, body) => s.put(&root, &vault, &m, &name, body).await,
+                                Op::Delete(name) => s.delete(&root, &vault, &m, name).await,
+                            }
                         })
                     })
                     .collect();
-                for p in puts {
-                    p.await.unwrap().unwrap();
+                let mut results = Vec::new();
+                for t in tasks {
+                    results.push(t.await.unwrap());
                 }
-                let (counted, real) = counted_and_real(&s, &vault);
-                assert_eq!(counted, Some(real), "after concurrent puts");
-                s.delete(&root, &vault, &m, "b").await.unwrap();
+                results
+            })
+        }
+
+        fn counted_and_real(&self) -> (Option<u64>, u64) {
+            counted_and_real(&self.s, &self.vault)
+        }
+    }
+
+    #[test]
+    fn concurrent_deletes_and_puts_of_one_object_keep_the_count_exact() {
+        let r = Race::new(1000);
+        r.at_once(vec![Op::Put("keep".into(), vec![0; 100])]);
+        for _ in 0..10 {
+            r.at_once(vec![Op::Put("a".into(), vec![0; 50])]);
+            for done in r.at_once((0..8).map(|_| Op::Delete("a")).collect()) {
+                done.unwrap();
             }
-            // 100 bytes are stored: 901 more would pass the quota, whatever was deleted twice.
-            let e = s
-                .put(&root, &vault, &m, "c", vec![0; 901])
-                .await
-                .unwrap_err();
-            assert_eq!(e.inner, Some("UserErrorVaultStorageQuotaExceeded"));
-        });
+            let (counted, real) = r.counted_and_real();
+            assert_eq!(counted, Some(real), "after concurrent deletes");
+            let puts = (0..8u8).map(|i| Op::Put("b".into(), vec![i; 30 + usize::from(i)]));
+            for done in r.at_once(puts.collect()) {
+                done.unwrap();
+            }
+            let (counted, real) = r.counted_and_real();
+            assert_eq!(counted, Some(real), "after concurrent puts");
+            r.at_once(vec![Op::Delete("b")]);
+        }
+        // 100 bytes are stored: 901 more would pass the quota, whatever was deleted twice.
+        let e = r.at_once(vec![Op::Put("c".into(), vec![0; 901])]).remove(0);
+        assert_eq!(
+            e.unwrap_err().inner,
+            Some("UserErrorVaultStorageQuotaExceeded")
+        );
     }
 
     #[test]
     fn concurrent_uploads_cannot_pass_the_quota() {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .unwrap();
-        let root = tempfile::tempdir().unwrap();
-        let root = root.path().to_path_buf();
-        let vault = root.join("v");
-        let m = vault.join("agents/machines/m1");
-        let s = Arc::new(storage(100, 0));
-        rt.block_on(async {
-            let puts: Vec<_> = (0..10)
-                .map(|i| {
-                    let (s, root, vault, m) = (s.clone(), root.clone(), vault.clone(), m.clone());
-                    tokio::spawn(async move {
-                        s.put(&root, &vault, &m, &format!("o{i}"), vec![0; 30])
-                            .await
-                    })
-                })
-                .collect();
-            let mut stored = 0;
-            for p in puts {
-                stored += u64::from(p.await.unwrap().is_ok());
-            }
-            assert_eq!(stored, 3);
-            let (counted, real) = counted_and_real(&s, &vault);
-            assert_eq!((counted, real), (Some(90), 90));
-        });
+        let r = Race::new(100);
+        let puts = (0..10).map(|i| Op::Put(format!("o{i}"), vec![0; 30]));
+        let stored = r
+            .at_once(puts.collect())
+            .iter()
+            .filter(|p| p.is_ok())
+            .count();
+        assert_eq!(stored, 3);
+        assert_eq!(r.counted_and_real(), (Some(90), 90));
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -247,8 +247,9 @@ pub struct AgentCall<'a> {
     pub prefix: &'a str,
     /// A `Range` as a half-open byte range.
     pub range: Option<(u64, u64)>,
-    /// The body.
-    pub body: Vec<u8>,
+    /// The body, wiped when dropped: the JSON routes carry passphrases, key proofs and
+    /// machine secrets.
+    pub body: zeroize::Zeroizing<Vec<u8>>,
 }
 
 /// Who called, once authenticated.
@@ -342,8 +343,37 @@ fn bad(inner: &'static str, message: impl Into<String>) -> KvError {
     KvError::new(ErrorCode::BadRequest, message).with_inner(inner)
 }
 
-fn json_of(body: &[u8]) -> Result<Value, KvError> {
-    serde_json::from_slice(body).map_err(|e| {
+/// A JSON request body whose strings (a passphrase, a key proof, a machine secret) are wiped
+/// when it is dropped, whichever way the request ends.
+struct WipedJson(Value);
+
+impl std::ops::Deref for WipedJson {
+    type Target = Value;
+
+    fn deref(&self) -> &Value {
+        &self.0
+    }
+}
+
+impl Drop for WipedJson {
+    fn drop(&mut self) {
+        wipe(&mut self.0);
+    }
+}
+
+/// Overwrites every string in `v` with zeros (and empties it).
+fn wipe(v: &mut Value) {
+    use zeroize::Zeroize;
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(a) => a.iter_mut().for_each(wipe),
+        Value::Object(o) => o.values_mut().for_each(wipe),
+        _ => {}
+    }
+}
+
+fn json_of(body: &[u8]) -> Result<WipedJson, KvError> {
+    serde_json::from_slice(body).map(WipedJson).map_err(|e| {
         bad(
             "InvalidRequestContent",
             format!("The request body is not valid JSON: {e}."),
@@ -771,7 +801,7 @@ impl BackupService {
         l: &[&str],
         prefix: &str,
         range: Option<(u64, u64)>,
-        body: Vec<u8>,
+        mut body: zeroize::Zeroizing<Vec<u8>>,
     ) -> Result<AgentReply, KvError> {
         let p = host.as_ref();
         match (l, method) {
@@ -890,7 +920,7 @@ impl BackupService {
                         .map(|()| AgentReply::Empty(200)),
                     "PUT" => self
                         .agent_storage
-                        .put(root, &v.dir, &target, &name, body)
+                        .put(root, &v.dir, &target, &name, std::mem::take(&mut *body))
                         .await
                         .map(|()| AgentReply::Empty(201)),
                     "DELETE" => self
@@ -1348,5 +1378,14 @@ mod tests {
         ] {
             assert!(!object_name_ok(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn json_bodies_are_wiped() {
+        let mut req =
+            json_of(br#"{"passphrase":"correct horse","nested":{"a":["s", 1]}}"#).unwrap();
+        assert_eq!(str_field(&req, "passphrase").unwrap(), "correct horse");
+        wipe(&mut req.0);
+        assert_eq!(req.0, json!({"passphrase": "", "nested": {"a": ["", 1]}}));
     }
 }

@@ -6,9 +6,10 @@
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use kagi_backup_service::agents::{AgentCall, AgentHead, AgentReply};
+use kagi_backup_service::agents::{AgentCall, AgentHead, AgentReply, MAX_JSON_BYTES};
 use kagi_core::{ErrorCode, KvError};
 use kagi_vault::Principal;
+use zeroize::Zeroizing;
 
 use crate::respond::{self, query_get, query_pairs};
 
@@ -35,12 +36,15 @@ fn range_of(headers: &HeaderMap) -> Result<Option<(u64, u64)>, KvError> {
     Ok(Some((a, b.checked_add(1).ok_or_else(bad)?)))
 }
 
-/// Reads a body of at most `limit` bytes (the caller is authorized by then).
+/// Reads a body of at most `limit` bytes (the caller is authorized by then) into a buffer
+/// wiped when dropped. A JSON route's body (a passphrase, a key proof, a machine secret) gets
+/// its whole limit up front, so the buffer never moves and leaves no unwiped copy behind; an
+/// object (ciphertext) gets its announced length.
 async fn read_limited(
     content_length: Option<u64>,
     body: Body,
     limit: usize,
-) -> Result<Vec<u8>, KvError> {
+) -> Result<Zeroizing<Vec<u8>>, KvError> {
     let too_large = || {
         KvError::new(
             ErrorCode::RequestEntityTooLarge,
@@ -51,7 +55,11 @@ async fn read_limited(
         return Err(too_large());
     }
     let mut body = body;
-    let mut buf = Vec::new();
+    let mut buf = Zeroizing::new(Vec::with_capacity(if limit <= MAX_JSON_BYTES {
+        limit
+    } else {
+        content_length.map_or(0, |n| n as usize)
+    }));
     while let Some(frame) = body.frame().await {
         let frame =
             frame.map_err(|_| KvError::bad_parameter("The request body could not be read."))?;
@@ -143,5 +151,27 @@ pub(crate) async fn handle(
             r
         }
         Err(e) => respond::error(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_json_body_is_read_into_one_buffer_wiped_on_drop() {
+        // A passphrase, with no Content-Length.
+        let body = Body::from(b"secret-passphrase-".repeat(100));
+        let buf: Zeroizing<Vec<u8>> = read_limited(None, body, MAX_JSON_BYTES).await.unwrap();
+        assert_eq!(buf.len(), 1800);
+        // Allocated once, at the limit: never grown, so no copy was freed unwiped.
+        assert_eq!(buf.capacity(), MAX_JSON_BYTES);
+        let too_large = Body::from(vec![b'x'; MAX_JSON_BYTES + 1]);
+        let e = read_limited(None, too_large, MAX_JSON_BYTES)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), 413);
     }
 }
