@@ -109,7 +109,7 @@ pub(crate) async fn handle(
         Ok(s) => s,
         Err(e) => return respond::error(&e),
     };
-    crate::audit::note_caller(
+    crate::context::note_caller(
         extensions,
         &Principal {
             tenant_id: String::new(),

@@ -1,23 +1,25 @@
 //! Auditing every request (KV-10): one record per request, written before the answer leaves.
 //!
 //! [`serve_audited`] wraps the host dispatch. Before any work it refuses with 503 when the
-//! audit log is unhealthy; after the answer is computed it appends the record and waits for
+//! audit log cannot admit the request (unhealthy, or its reserve spoken for); after the answer is computed it appends the record and waits for
 //! the acknowledgement (bounded), answering 503 instead of the computed response if the
 //! record could not be written. `GET /healthz` on the management host is not audited.
 //!
 //! Records hold the request's method, path, peer address, user agent and correlation id, the
 //! answer's status, error code and the object id it names — never a body, a key, a secret
 //! value or a token. Handlers leave the authenticated caller in a [`CallerSlot`] in the
-//! request's extensions ([`note_caller`]).
+//! request's extensions ([`crate::context::note_caller`]).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::http::{Extensions, HeaderValue, Method, Request, Response, header};
+use axum::http::{HeaderValue, Method, Request, Response, header};
 use kagi_audit::{AuditLog, AuditRecord, Claim, Identity, RequestProperties, ResultType};
-use kagi_vault::{Platform, Principal};
+use kagi_vault::Platform;
 use serde::Deserialize;
+
+use crate::context::CallerSlot;
 
 /// Header carrying the correlation id back to the client.
 const REQUEST_ID: &str = "x-ms-request-id";
@@ -27,18 +29,6 @@ const CLIENT_REQUEST_ID: &str = "x-ms-client-request-id";
 const MAX_URL: usize = 2048;
 /// Longest user agent kept in a record.
 const MAX_CLIENT_INFO: usize = 256;
-
-/// Where a handler leaves the authenticated caller of a request for its audit record.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct CallerSlot(Arc<Mutex<Option<Principal>>>);
-
-/// Records `caller` as the authenticated principal of the request whose extensions these
-/// are (a no-op when the request is not audited).
-pub(crate) fn note_caller(extensions: &Extensions, caller: &Principal) {
-    if let Some(slot) = extensions.get::<CallerSlot>() {
-        *slot.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(caller.clone());
-    }
-}
 
 /// Which API a request is for.
 enum Target {
@@ -191,7 +181,7 @@ pub(crate) async fn serve_audited(
 ) -> Response<Body> {
     let started = Instant::now();
     let time = kagi_audit::format_rfc3339_ms(kagi_audit::now_unix_ms());
-    let host = crate::server::request_host(&req);
+    let host = crate::routing::request_host(&req);
     let suffix = platform.config().dns_suffix.to_ascii_lowercase();
     let target = if host == suffix || host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {
         Target::Management
@@ -206,7 +196,7 @@ pub(crate) async fn serve_audited(
         && req.method() == Method::GET
         && path.eq_ignore_ascii_case("/healthz")
     {
-        return crate::server::dispatch(platform, req).await;
+        return crate::routing::dispatch(platform, req).await;
     }
     let correlation = req
         .headers()
@@ -252,12 +242,12 @@ pub(crate) async fn serve_audited(
         .unwrap_or_default();
     let caller_ip = req
         .extensions()
-        .get::<crate::RemoteAddr>()
+        .get::<crate::context::RemoteAddr>()
         .map(|a| a.0.ip().to_canonical().to_string());
     let slot = CallerSlot::default();
     req.extensions_mut().insert(slot.clone());
 
-    let response = crate::server::dispatch(platform.clone(), req).await;
+    let response = crate::routing::dispatch(platform.clone(), req).await;
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
 
     let status = response.status().as_u16();

@@ -40,11 +40,11 @@ pub(crate) async fn handle(
         Ok(p) => p,
         Err(e) => return challenge(&platform, &vault, &e),
     };
-    crate::audit::note_caller(&parts.extensions, &caller);
+    crate::context::note_caller(&parts.extensions, &caller);
     // The firewall decides on the connection's address, never on a header a client can set.
     caller.network_address = parts
         .extensions
-        .get::<crate::RemoteAddr>()
+        .get::<crate::context::RemoteAddr>()
         .map(|r| r.0.ip().to_canonical());
     let pairs = query_pairs(parts.uri.query());
     let api_version = query_get(&pairs, "api-version");

@@ -11,6 +11,7 @@
 mod agent_routes;
 mod audit;
 mod backup_routes;
+mod context;
 mod data_plane;
 mod event_routes;
 mod identity_routes;
@@ -18,11 +19,13 @@ mod management;
 mod move_routes;
 mod recovery_routes;
 mod respond;
+mod routing;
 mod server;
 mod services;
 pub mod tls;
 
-pub use server::{RemoteAddr, ServeError, serve};
+pub use context::RemoteAddr;
+pub use server::{ServeError, serve};
 pub use services::Services;
 
 /// Largest request body accepted (Key Vault's own limit for a request is far smaller).

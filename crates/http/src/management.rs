@@ -36,7 +36,7 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
             };
             let source = parts
                 .extensions
-                .get::<crate::RemoteAddr>()
+                .get::<crate::context::RemoteAddr>()
                 .map(|r| r.0.ip().to_canonical());
             return crate::identity_routes::token_endpoint(&platform, segs[0], source, &body).await;
         }
@@ -87,7 +87,7 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Ok(c) => c,
         Err(e) => return arm_challenge(&platform, e.with_inner("InvalidAuthenticationToken")),
     };
-    crate::audit::note_caller(&parts.extensions, &caller);
+    crate::context::note_caller(&parts.extensions, &caller);
     // Whole-vault backup and restore and their jobs: restore bodies exceed the 1 MiB limit.
     if crate::backup_routes::matches(&l, &parts.method) {
         return crate::backup_routes::handle(

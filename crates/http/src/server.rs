@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::Services;
+use crate::context::RemoteAddr;
 use crate::tls::SniResolver;
 
 /// A failure to start serving.
@@ -25,10 +26,6 @@ pub enum ServeError {
     #[error("tls: {0}")]
     Tls(String),
 }
-
-/// The peer address of a connection, for audit and firewall decisions.
-#[derive(Clone, Copy, Debug)]
-pub struct RemoteAddr(pub SocketAddr);
 
 /// Serves HTTPS on every address until the future is dropped, handing the requests of the
 /// storage services to `services`. Every request but `GET /healthz` is recorded in `audit`
@@ -254,55 +251,5 @@ impl hyper::body::Body for SharedBody {
             .unwrap_or_else(|p| p.into_inner())
             .0
             .size_hint()
-    }
-}
-
-/// The host a request is for: the Host header (HTTP/1.1) or the URI authority (HTTP/2),
-/// without the port, lower-cased.
-pub(crate) fn request_host(req: &Request<Body>) -> String {
-    let raw = req
-        .uri()
-        .host()
-        .map(str::to_string)
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_default();
-    let host = if raw.starts_with('[') {
-        raw.split(']')
-            .next()
-            .unwrap_or("")
-            .trim_start_matches('[')
-            .to_string()
-    } else {
-        raw.split(':').next().unwrap_or("").to_string()
-    };
-    host.to_ascii_lowercase()
-}
-
-pub(crate) async fn dispatch(
-    platform: Arc<Platform>,
-    req: Request<Body>,
-) -> axum::http::Response<Body> {
-    let host = request_host(&req);
-    let suffix = platform.config().dns_suffix.to_ascii_lowercase();
-    if host == suffix || host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {
-        return crate::management::handle(platform, req).await;
-    }
-    match host.strip_suffix(&format!(".{suffix}")) {
-        Some(vault) if !vault.contains('.') => {
-            let vault = vault.to_string();
-            crate::data_plane::handle(platform, vault, req).await
-        }
-        _ => crate::respond::error(&kagi_core::KvError::new(
-            kagi_core::ErrorCode::NotFound,
-            format!(
-                "kagi does not serve the host {}.",
-                kagi_core::ids::printable(&host)
-            ),
-        )),
     }
 }
