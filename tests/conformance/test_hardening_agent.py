@@ -292,3 +292,70 @@ def test_agent_writes_refused_before_the_disk_is_full(tmp_path):
         ok(agent(st, "backup"))
     finally:
         srv.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# follow-up review of items 1 and 11: per-object serialisation, name conflicts
+# --------------------------------------------------------------------------------------------
+
+
+def registered_machine(srv, tmp_path, machine):
+    """A new vault on `srv` with `machine` registered: (vault, its Authorization header)."""
+    bv, _ = backup_vault(srv)
+    st = tmp_path / machine
+    ok(register(st, credentials(srv, bv, tmp_path), machine, passfile(tmp_path, "c" * 20)))
+    return bv, as_machine(st, machine)
+
+
+def test_agent_object_where_a_folder_is_is_a_conflict(kagi, tmp_path):
+    bv, hdr = registered_machine(kagi, tmp_path, "n1.example")
+
+    def url(name):
+        return agent_url(kagi, bv, f"machines/n1.example/objects/{name}")
+
+    assert kagi.request("PUT", url("data/ab/cd"), auth=False, headers=hdr, data=b"one").status_code == 201
+    before = objects_of(kagi, "n1.example")
+    # An object below an object, or an object where a folder of objects is: the client's
+    # mistake, in Azure's error shape, and nothing is written.
+    for name in ["data/ab/cd/ef", "data/ab/cd/ef/gh", "data/ab", "data"]:
+        r = kagi.request("PUT", url(name), auth=False, headers=hdr, data=b"two")
+        assert_error_shape(r, 409, "Conflict")
+        assert inner_code(r) == "ObjectNameConflict", r.text
+        assert objects_of(kagi, "n1.example") == before, name
+    assert kagi.request("GET", url("data/ab/cd"), auth=False, headers=hdr).content == b"one"
+    assert kagi.request("GET", url("data/ab/cd/ef"), auth=False, headers=hdr).status_code == 404
+    # Deleting a folder's name removes no object.
+    assert kagi.request("DELETE", url("data/ab"), auth=False, headers=hdr).status_code == 204
+    assert objects_of(kagi, "n1.example") == before
+
+
+def test_agent_racing_deletes_cannot_lift_the_quota(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    quota = 256 * 1024
+    srv = _start_server(tmp_path, "race", env={"KAGI_AGENT_VAULT_QUOTA_BYTES": str(quota)})
+    try:
+        srv.put_rg(DEFAULT_RG)
+        bv, hdr = registered_machine(srv, tmp_path, "r1.example")
+
+        def url(name):
+            return agent_url(srv, bv, f"machines/r1.example/objects/data/aa/{name}")
+
+        def put(name, size):
+            return srv.request("PUT", url(name), auth=False, headers=hdr, data=b"x" * size).status_code
+
+        assert put("keep", 200 * 1024) == 201
+        with ThreadPoolExecutor(16) as pool:
+            for _ in range(6):
+                assert put("x", 50 * 1024) == 201
+                # The same object deleted by many requests at once is counted as freed once.
+                codes = list(pool.map(lambda _: srv.request("DELETE", url("x"), auth=False,
+                                                           headers=hdr).status_code, range(16)))
+                assert set(codes) == {204}, codes
+        # 200 KiB are stored: 100 KiB more would pass the 256 KiB quota.
+        r = srv.request("PUT", url("y"), auth=False, headers=hdr, data=b"y" * (100 * 1024))
+        assert_error_shape(r, 403, "Forbidden")
+        assert inner_code(r) == "UserErrorVaultStorageQuotaExceeded", r.text
+        assert put("z", 50 * 1024) == 201
+    finally:
+        srv.stop()

@@ -176,6 +176,18 @@ fn object_missing(name: &str) -> KvError {
     .with_inner("ObjectNotFound")
 }
 
+/// The object store of a machine's folder holding the object `name`: 404 when there is no
+/// such object (nothing there, a folder there, or a file in the place of one of its folders;
+/// a read never creates anything).
+fn store_with(dir: &Path, name: &str) -> Result<LocalFileSystem, KvError> {
+    match object_size(&dir.join(name)) {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err(object_missing(name)),
+        Err(e) => return Err(io("stat agent object", e)),
+    }
+    store_of(dir)?.ok_or_else(|| object_missing(name))
+}
+
 /// The object store of a machine's folder; `None` when the folder does not exist (a read
 /// never creates it).
 fn store_of(dir: &Path) -> Result<Option<LocalFileSystem>, KvError> {
@@ -217,7 +229,7 @@ pub(crate) async fn get_object(
     name: &str,
     range: Option<(u64, u64)>,
 ) -> Result<Vec<u8>, KvError> {
-    let store = store_of(dir)?.ok_or_else(|| object_missing(name))?;
+    let store = store_with(dir, name)?;
     let path = ObjectPath::from(name);
     let r = match range {
         Some((start, end)) => {
@@ -251,7 +263,7 @@ pub(crate) async fn get_object(
 
 /// Whether an object exists (404 if not).
 pub(crate) async fn head_object(_root: &Path, dir: &Path, name: &str) -> Result<(), KvError> {
-    let store = store_of(dir)?.ok_or_else(|| object_missing(name))?;
+    let store = store_with(dir, name)?;
     match store.head(&ObjectPath::from(name)).await {
         Ok(_) => Ok(()),
         Err(object_store::Error::NotFound { .. }) => Err(object_missing(name)),
@@ -898,5 +910,17 @@ mod tests {
             404
         );
         assert!(!root.path().join("v").exists());
+        // Through a file, or of a folder: no such object either.
+        let s = storage(1 << 20, 0);
+        let vault = root.path().join("v");
+        s.put(root.path(), &vault, &m, "a/b", b"x".to_vec())
+            .await
+            .unwrap();
+        for name in ["a/b/c", "a"] {
+            let e = get_object(root.path(), &m, name, None).await.unwrap_err();
+            assert_eq!(e.status(), 404, "{name}");
+            let e = head_object(root.path(), &m, name).await.unwrap_err();
+            assert_eq!(e.status(), 404, "{name}");
+        }
     }
 }
