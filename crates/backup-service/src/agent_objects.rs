@@ -201,7 +201,6 @@ fn store_of(dir: &Path) -> Result<Option<LocalFileSystem>, KvError> {
 
 /// Objects under a prefix with their size and modification time (Unix seconds), by name.
 pub(crate) async fn list_meta(
-    _root: &Path,
     dir: &Path,
     prefix: &str,
 ) -> Result<Vec<(String, u64, i64)>, KvError> {
@@ -224,7 +223,6 @@ pub(crate) async fn list_meta(
 
 /// An object's bytes, or those of a half-open range of it.
 pub(crate) async fn get_object(
-    _root: &Path,
     dir: &Path,
     name: &str,
     range: Option<(u64, u64)>,
@@ -262,7 +260,7 @@ pub(crate) async fn get_object(
 }
 
 /// Whether an object exists (404 if not).
-pub(crate) async fn head_object(_root: &Path, dir: &Path, name: &str) -> Result<(), KvError> {
+pub(crate) async fn head_object(dir: &Path, name: &str) -> Result<(), KvError> {
     let store = store_with(dir, name)?;
     match store.head(&ObjectPath::from(name)).await {
         Ok(_) => Ok(()),
@@ -332,23 +330,16 @@ impl AgentStorage {
 
     /// Checks, before its body is read, that an object of `len` bytes could be stored at
     /// `name` in the machine folder `dir` of the vault at `vault_dir`.
-    pub(crate) fn admit(
+    pub(crate) async fn admit(
         &self,
         vault_dir: &Path,
         dir: &Path,
         name: &str,
         len: u64,
     ) -> Result<(), KvError> {
-        let i = &self.inner;
-        let slot = i.usage_slot(vault_dir);
-        let mut usage = lock(&slot);
-        let used = Inner::bytes_used(&mut usage, vault_dir)?;
-        let old = object_size(&dir.join(name))
-            .map_err(|e| io("stat agent object", e))?
-            .unwrap_or(0);
-        let pending = *lock(&i.pending);
-        let free = (i.free)(dir).map_err(|e| io("free space", e))?;
-        i.check(used, old, len, free.saturating_sub(pending))
+        let inner = self.inner.clone();
+        let (vault_dir, file) = (vault_dir.to_owned(), dir.join(name));
+        blocking(move || inner.admit(&vault_dir, &file, len)).await
     }
 
     /// Stores an object within the vault's quota and the disk's reserve, durably.
@@ -469,6 +460,19 @@ impl Inner {
         *pending = pending.saturating_add(len);
         usage.bytes = Some(used.saturating_add(len));
         Ok(Pending(&self.pending, len))
+    }
+
+    /// [`AgentStorage::admit`], blocking: the vault's usage may have to be counted first.
+    fn admit(&self, vault_dir: &Path, file: &Path, len: u64) -> Result<(), KvError> {
+        let slot = self.usage_slot(vault_dir);
+        let mut usage = lock(&slot);
+        let used = Self::bytes_used(&mut usage, vault_dir)?;
+        let old = object_size(file)
+            .map_err(|e| io("stat agent object", e))?
+            .unwrap_or(0);
+        let pending = *lock(&self.pending);
+        let free = (self.free)(file).map_err(|e| io("free space", e))?;
+        self.check(used, old, len, free.saturating_sub(pending))
     }
 
     /// The durable writer of the data folder `root`, and `path` (under `root`) as under its
@@ -687,11 +691,14 @@ mod tests {
         let e = i.reserve(&slot, &vault, &m, 0, 401).err().unwrap();
         assert_eq!(e.status(), 507);
         assert_eq!(e.inner, Some("ServerStorageReserveReached"));
-        assert_eq!(s.admit(&vault, &m, "b", 401).unwrap_err().status(), 507);
+        assert_eq!(
+            i.admit(&vault, &m.join("b"), 401).unwrap_err().status(),
+            507
+        );
         let second = i.reserve(&slot, &vault, &m, 0, 400).unwrap();
         drop((first, second));
         assert_eq!(*i.pending.lock().unwrap(), 0);
-        s.admit(&vault, &m, "b", 900).unwrap();
+        i.admit(&vault, &m.join("b"), 900).unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -714,17 +721,17 @@ mod tests {
         assert_eq!(e.inner, Some("UserErrorVaultStorageQuotaExceeded"));
         assert_eq!(e.status(), 403);
         assert!(!m.join("b").exists());
-        assert!(s.admit(&vault, &m, "b", 20).is_err());
+        assert!(s.admit(&vault, &m, "b", 20).await.is_err());
         s.delete(root.path(), &vault, &m, "a").await.unwrap();
-        s.admit(&vault, &m, "b", 20).unwrap();
+        s.admit(&vault, &m, "b", 20).await.unwrap();
         s.put(root.path(), &vault, &m, "b", vec![0; 20])
             .await
             .unwrap();
         // A new process counts what is on disk.
         let again = storage(100, 0);
-        let e = again.admit(&vault, &m, "c", 81).unwrap_err();
+        let e = again.admit(&vault, &m, "c", 81).await.unwrap_err();
         assert_eq!(e.inner, Some("UserErrorVaultStorageQuotaExceeded"));
-        again.admit(&vault, &m, "c", 80).unwrap();
+        again.admit(&vault, &m, "c", 80).await.unwrap();
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -894,21 +901,9 @@ mod tests {
     async fn reads_create_no_folder() {
         let root = tempfile::tempdir().unwrap();
         let m = root.path().join("v/agents/machines/m1");
-        assert!(list_meta(root.path(), &m, "").await.unwrap().is_empty());
-        assert_eq!(
-            get_object(root.path(), &m, "a", None)
-                .await
-                .unwrap_err()
-                .status(),
-            404
-        );
-        assert_eq!(
-            head_object(root.path(), &m, "a")
-                .await
-                .unwrap_err()
-                .status(),
-            404
-        );
+        assert!(list_meta(&m, "").await.unwrap().is_empty());
+        assert_eq!(get_object(&m, "a", None).await.unwrap_err().status(), 404);
+        assert_eq!(head_object(&m, "a").await.unwrap_err().status(), 404);
         assert!(!root.path().join("v").exists());
         // Through a file, or of a folder: no such object either.
         let s = storage(1 << 20, 0);
@@ -917,9 +912,9 @@ mod tests {
             .await
             .unwrap();
         for name in ["a/b/c", "a"] {
-            let e = get_object(root.path(), &m, name, None).await.unwrap_err();
+            let e = get_object(&m, name, None).await.unwrap_err();
             assert_eq!(e.status(), 404, "{name}");
-            let e = head_object(root.path(), &m, name).await.unwrap_err();
+            let e = head_object(&m, name).await.unwrap_err();
             assert_eq!(e.status(), 404, "{name}");
         }
     }

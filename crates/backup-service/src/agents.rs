@@ -738,7 +738,7 @@ impl BackupService {
             let name = segs[11..].join("/");
             if object_name_ok(&name) {
                 let dir = v.dir.join("agents/machines").join(l[9]);
-                self.agent_storage.admit(&v.dir, &dir, &name, len)?;
+                self.agent_storage.admit(&v.dir, &dir, &name, len).await?;
             }
         }
         Ok(AgentSession {
@@ -890,19 +890,17 @@ impl BackupService {
                     return Err(bad("InvalidObjectName", "The prefix is not valid."));
                 }
                 // Sizes and times let the agent's prune spare packs a backup may still write.
-                list_meta(&self.data_dir, &target, prefix)
-                    .await
-                    .map(|metas| {
-                        AgentReply::Json(
-                            200,
-                            json!({
-                                "value": metas.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
-                                "objects": metas.iter().map(|(n, size, modified)| {
-                                    json!({"name": n, "size": size, "modified": modified})
-                                }).collect::<Vec<_>>(),
-                            }),
-                        )
-                    })
+                list_meta(&target, prefix).await.map(|metas| {
+                    AgentReply::Json(
+                        200,
+                        json!({
+                            "value": metas.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
+                            "objects": metas.iter().map(|(n, size, modified)| {
+                                json!({"name": n, "size": size, "modified": modified})
+                            }).collect::<Vec<_>>(),
+                        }),
+                    )
+                })
             }
             (["machines", _, "objects", ..], _) => {
                 let name = rest[3..].join("/");
@@ -912,10 +910,10 @@ impl BackupService {
                 let target = self.machine_dir(p, v, rest[1]).await?;
                 let root = &self.data_dir;
                 match method {
-                    "GET" => get_object(root, &target, &name, range)
+                    "GET" => get_object(&target, &name, range)
                         .await
                         .map(AgentReply::Bytes),
-                    "HEAD" => head_object(root, &target, &name)
+                    "HEAD" => head_object(&target, &name)
                         .await
                         .map(|()| AgentReply::Empty(200)),
                     "PUT" => self
@@ -964,8 +962,8 @@ impl BackupService {
             rules::validate_machine_name(m)?;
             let dir = v.dir.join("agents/machines").join(m.to_ascii_lowercase());
             if dir.is_dir() {
-                for (name, _, _) in list_meta(&self.data_dir, &dir, "keys").await? {
-                    let raw = get_object(&self.data_dir, &dir, &name, None).await?;
+                for (name, _, _) in list_meta(&dir, "keys").await? {
+                    let raw = get_object(&dir, &name, None).await?;
                     keys.push(
                         serde_json::from_slice::<Value>(&raw)
                             .map_err(|e| io("parse agent key entry", e))?,
