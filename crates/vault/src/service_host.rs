@@ -5,7 +5,7 @@
 
 use async_trait::async_trait;
 use kagi_core::KvError;
-use kagi_crypto::SealPurpose;
+use kagi_crypto::{RootKey, SealPurpose};
 use kagi_host::{
     HostConfig, KeyVaultFacts, MoveRequest, OpenedSecret, Principal, PutResource, ResourceRef,
     ResourceScope, ServiceHost,
@@ -134,63 +134,58 @@ impl ServiceHost for Platform {
     }
 
     fn seal_secret(&self, label: &str, data: &[u8]) -> Result<Vec<u8>> {
-        self.root
-            .seal(SealPurpose::ServiceKey, &secret_aad(label), data)
-            .map_err(|e| internal("seal service secret", e))
+        seal_secret(self.root.as_ref(), label, data)
     }
 
     fn open_secret(&self, label: &str, sealed: &[u8]) -> Result<OpenedSecret> {
-        let aad = secret_aad(label);
-        if let Ok(secret) = self.root.open(SealPurpose::ServiceKey, &aad, sealed) {
-            return Ok(OpenedSecret {
-                secret,
-                resealed: None,
-            });
-        }
-        // Sealed by an earlier kagi, under the token-signing purpose (as the TLS CA key is).
-        let secret = self
-            .root
-            .open(SealPurpose::Token, &aad, sealed)
-            .map_err(|e| internal("open service secret", e))?;
-        let resealed = Some(self.seal_secret(label, &secret)?);
-        Ok(OpenedSecret { secret, resealed })
+        open_secret(self.root.as_ref(), label, sealed)
     }
+}
+
+/// Seals a service's secret under the `service-key` purpose.
+fn seal_secret(root: &dyn RootKey, label: &str, data: &[u8]) -> Result<Vec<u8>> {
+    root.seal(SealPurpose::ServiceKey, &secret_aad(label), data)
+        .map_err(|e| internal("seal service secret", e))
+}
+
+/// Opens a service's secret: under the `service-key` purpose, or — sealed by an earlier kagi —
+/// under the token-signing one (as the TLS CA key still is), then sealed again.
+fn open_secret(root: &dyn RootKey, label: &str, sealed: &[u8]) -> Result<OpenedSecret> {
+    let aad = secret_aad(label);
+    if let Ok(secret) = root.open(SealPurpose::ServiceKey, &aad, sealed) {
+        return Ok(OpenedSecret {
+            secret,
+            resealed: None,
+        });
+    }
+    let secret = root
+        .open(SealPurpose::Token, &aad, sealed)
+        .map_err(|e| internal("open service secret", e))?;
+    let resealed = Some(seal_secret(root, label, &secret)?);
+    Ok(OpenedSecret { secret, resealed })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
-    use kagi_core::time::SystemClock;
+    use kagi_crypto::AesRootKey;
 
     use super::*;
-    use crate::PlatformConfig;
 
-    #[tokio::test]
-    async fn service_secrets_have_their_own_purpose_and_old_ones_still_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = PlatformConfig {
-            data_dir: dir.path().to_path_buf(),
-            dns_suffix: "localhost".into(),
-            port: 8443,
-        };
-        let (p, _) = Platform::open(config, Arc::new(SystemClock)).await.unwrap();
-        let host: &dyn ServiceHost = &p;
-        // A new secret opens as it is and does not open as a platform (token-purpose) one.
-        let sealed = host.seal_secret("backup-pmk/x", b"pmk").unwrap();
-        let opened = host.open_secret("backup-pmk/x", &sealed).unwrap();
-        assert_eq!(&opened.secret[..], b"pmk");
-        assert!(opened.resealed.is_none());
-        assert!(p.open_platform_secret("backup-pmk/x", &sealed).is_err());
-        assert!(host.open_secret("backup-pmk/y", &sealed).is_err());
+    #[test]
+    fn service_secrets_have_their_own_purpose_and_old_ones_still_open() {
+        let (root, _) = AesRootKey::generate().unwrap();
+        // A new secret opens as it is, and neither under another label nor as a token one.
+        let sealed = seal_secret(&root, "backup-pmk/x", b"pmk").unwrap();
+        let opened = open_secret(&root, "backup-pmk/x", &sealed).unwrap();
+        assert_eq!((&opened.secret[..], opened.resealed), (&b"pmk"[..], None));
+        assert!(open_secret(&root, "backup-pmk/y", &sealed).is_err());
+        let aad = secret_aad("backup-pmk/x");
+        assert!(root.open(SealPurpose::Token, &aad, &sealed).is_err());
         // What an earlier kagi sealed (token purpose) opens and comes back sealed anew.
-        let old = p.seal_platform_secret("backup-pmk/x", b"pmk").unwrap();
-        let opened = host.open_secret("backup-pmk/x", &old).unwrap();
+        let old = root.seal(SealPurpose::Token, &aad, b"pmk").unwrap();
+        let opened = open_secret(&root, "backup-pmk/x", &old).unwrap();
         assert_eq!(&opened.secret[..], b"pmk");
-        let resealed = opened.resealed.unwrap();
-        let again = host.open_secret("backup-pmk/x", &resealed).unwrap();
-        assert_eq!(&again.secret[..], b"pmk");
-        assert!(again.resealed.is_none());
-        assert_eq!(host.config().authority(), p.config().authority());
+        let again = open_secret(&root, "backup-pmk/x", &opened.resealed.unwrap()).unwrap();
+        assert_eq!((&again.secret[..], again.resealed), (&b"pmk"[..], None));
     }
 }
