@@ -179,3 +179,45 @@ def test_an_early_answer_to_expect_continue_does_not_invite_the_body(kagi, vault
             assert head.startswith(b"HTTP/1.1 401"), head[:200]
             # Generous: a server that waited for the body would take its 10 s drain bound.
             assert time.monotonic() - started < 5
+
+
+def test_a_request_in_flight_at_sigterm_finishes_with_its_record(tmp_path):
+    """A stop (SIGTERM) while a change is being made: the server stops accepting, lets the request
+    finish — its change, its audit record and its answer — and only then exits."""
+    import threading
+
+    srv = KagiServer(tmp_path / "data", tmp_path / "server.log")
+    srv.start()
+    srv.put_rg(DEFAULT_RG)
+    vault = srv.create_vault()
+    token = srv.token()
+    result = {}
+
+    def create():
+        try:
+            r = vault.raw(
+                "POST",
+                "/keys/atsigterm/create",
+                json={"kty": "RSA", "key_size": 4096},
+                headers={"Authorization": f"Bearer {token}", "x-ms-client-request-id": "at-sigterm"},
+                timeout=60,
+            )
+            result["status"] = r.status_code
+        except requests.RequestException as exc:
+            result["error"] = repr(exc)
+
+    worker = threading.Thread(target=create)
+    worker.start()
+    time.sleep(0.05)  # the RSA-4096 key is being generated
+    rc = srv.stop(timeout=60)
+    worker.join(60)
+    assert rc == 0, srv.log_tail()
+    assert result.get("status") == 200, result
+    srv.start()
+    try:
+        r = vault.raw("GET", "/keys/atsigterm", headers={"Authorization": f"Bearer {srv.token()}"})
+        assert r.status_code == 200, r.text
+        records = [rec for rec in _records(srv.data_dir) if rec["correlationId"] == "at-sigterm"]
+        assert [rec["httpStatusCode"] for rec in records] == [200], records
+    finally:
+        srv.stop()

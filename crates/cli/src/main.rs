@@ -309,13 +309,15 @@ async fn run_server(
     kagi_backup_service::spawn_scheduler(backup.clone(), std::time::Duration::from_secs(60));
 
     let services = kagi_http::Services::new(Some(backup));
-    let serve = kagi_http::serve(platform, services, audit_log, &addrs, resolver);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = serve => r?,
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
-    }
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+        }
+    };
+    // Returns once the requests in flight have finished (their changes and audit records).
+    kagi_http::serve_until(platform, services, audit_log, &addrs, resolver, shutdown).await?;
     // Every acknowledged write is already committed (synchronous=FULL); nothing to flush.
     Ok(())
 }

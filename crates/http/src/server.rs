@@ -37,6 +37,34 @@ pub async fn serve(
     addrs: &[SocketAddr],
     resolver: SniResolver,
 ) -> Result<(), ServeError> {
+    serve_until(
+        platform,
+        services,
+        audit,
+        addrs,
+        resolver,
+        std::future::pending(),
+    )
+    .await
+}
+
+/// How long a shutdown waits for the requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// [`serve`] until `shutdown` resolves; then stops accepting, answers new requests on open
+/// connections 503, and returns once every request in flight has finished — its change, its
+/// in-memory update and its audit record — or after 30 s. A process that exits when this
+/// returns leaves no committed change without its record.
+pub async fn serve_until(
+    platform: Arc<Platform>,
+    services: Services,
+    audit: Arc<kagi_audit::AuditLog>,
+    addrs: &[SocketAddr],
+    resolver: SniResolver,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let in_flight = InFlight::default();
+    let connections = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -61,11 +89,101 @@ pub async fn serve(
         let services = services.clone();
         let acceptor = acceptor.clone();
         let audit = audit.clone();
-        tasks
-            .spawn(async move { accept_loop(listener, acceptor, platform, services, audit).await });
+        let in_flight = in_flight.clone();
+        let connections = connections.clone();
+        tasks.spawn(async move {
+            accept_loop(
+                listener,
+                acceptor,
+                platform,
+                services,
+                audit,
+                in_flight,
+                connections,
+            )
+            .await
+        });
     }
+    tokio::select! {
+        _ = async { while tasks.join_next().await.is_some() {} } => {}
+        () = shutdown => {}
+    }
+    // Stop accepting, then let every connection finish the requests it has (answers written;
+    // HTTP/1.1 closes after them, HTTP/2 sends GOAWAY), then wait for handlers whose clients
+    // left before their answer.
+    tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    in_flight.close();
+    let drained = async {
+        if let Ok(connections) = Arc::try_unwrap(connections) {
+            connections.shutdown().await;
+        }
+        in_flight.idle().await;
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+        tracing::warn!("requests still in flight after {SHUTDOWN_GRACE:?}; stopping anyway");
+    }
     Ok(())
+}
+
+/// The requests being handled, so that a shutdown can wait for them.
+#[derive(Clone, Default)]
+struct InFlight(Arc<InFlightState>);
+
+#[derive(Default)]
+struct InFlightState {
+    count: std::sync::atomic::AtomicUsize,
+    closing: std::sync::atomic::AtomicBool,
+    idle: tokio::sync::Notify,
+}
+
+/// One request in flight; it ends when this is dropped.
+struct InFlightGuard(InFlight);
+
+impl InFlight {
+    /// A new request, or `None` once the server is shutting down.
+    fn enter(&self) -> Option<InFlightGuard> {
+        use std::sync::atomic::Ordering;
+        self.0.count.fetch_add(1, Ordering::AcqRel);
+        if self.0.closing.load(Ordering::Acquire) {
+            drop(InFlightGuard(self.clone()));
+            return None;
+        }
+        Some(InFlightGuard(self.clone()))
+    }
+
+    fn close(&self) {
+        self.0
+            .closing
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Resolves once no request is in flight.
+    async fn idle(&self) {
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.0.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.0.idle.notify_waiters();
+        }
+    }
 }
 
 async fn accept_loop(
@@ -74,6 +192,8 @@ async fn accept_loop(
     platform: Arc<Platform>,
     services: Services,
     audit: Arc<kagi_audit::AuditLog>,
+    in_flight: InFlight,
+    connections: Arc<hyper_util::server::graceful::GracefulShutdown>,
 ) {
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -90,6 +210,8 @@ async fn accept_loop(
         let platform = platform.clone();
         let services = services.clone();
         let audit = audit.clone();
+        let in_flight = in_flight.clone();
+        let watcher = connections.watcher();
         tokio::spawn(async move {
             // A client that never finishes its handshake does not hold a task forever.
             let tls =
@@ -105,21 +227,33 @@ async fn accept_loop(
                 let platform = platform.clone();
                 let services = services.clone();
                 let audit = audit.clone();
+                let guard = in_flight.enter();
                 // The handler runs in a task of its own: a client that resets its stream or
                 // drops the connection must not cancel a change half-way (committed but not
                 // audited, or the store ahead of memory). Only the answer is abandoned.
-                let handler = tokio::spawn(serve_one(platform, services, audit, req, peer));
+                let handler = guard.map(|guard| {
+                    tokio::spawn(async move {
+                        let response = serve_one(platform, services, audit, req, peer).await;
+                        drop(guard);
+                        response
+                    })
+                });
                 async move {
+                    let Some(handler) = handler else {
+                        return Ok(crate::respond::error(&kagi_core::KvError::new(
+                            kagi_core::ErrorCode::ServiceUnavailable,
+                            "kagi is shutting down; try again.",
+                        )));
+                    };
                     Ok::<_, std::convert::Infallible>(handler.await.unwrap_or_else(|e| {
                         tracing::error!(%peer, error = %e, "request handler panicked");
                         crate::respond::error(&kagi_core::KvError::internal())
                     }))
                 }
             });
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(connection).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
