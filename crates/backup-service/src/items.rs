@@ -285,9 +285,10 @@ impl BackupService {
     /// The answer to a failure of the item's keys (key failures logged as such).
     async fn key_error(&self, p: &dyn ServiceHost, v: &VaultCtx, e: KeyError) -> KvError {
         match e {
-            KeyError::Access { message, .. } => self.key_failure(p, v, message).await,
-            KeyError::Unopened(m) => {
-                let m = m.unwrap_or_else(|| "the item has no wrapped data key".into());
+            KeyError::Access(f) => self.key_failure(p, v, f.message).await,
+            KeyError::Unopened(first) => {
+                let m =
+                    first.map_or_else(|| "the item has no wrapped data key".into(), |f| f.message);
                 self.key_failure(p, v, format!("{m}. Backups and restores of this vault fail until access returns; nothing stored is changed.")).await
             }
             KeyError::Other(e) => e,

@@ -113,20 +113,24 @@ pub trait KeyOwner: Send + Sync {
     async fn platform_aad(&self) -> Result<Vec<u8>, KvError>;
 }
 
+/// A key that could not be used: why (naming the key and the identity, for the resource's
+/// activity log and the answer), and whether that lasts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyFailure {
+    /// What failed.
+    pub message: String,
+    /// Definite or transient.
+    pub kind: FailureKind,
+}
+
 /// Why a key could not protect or give back a data key.
 #[derive(Debug)]
 pub enum KeyError {
-    /// The key could not be used: why (for the resource's activity log and the answer), and
-    /// whether that lasts.
-    Access {
-        /// What failed, naming the key and the identity.
-        message: String,
-        /// Definite or transient.
-        kind: FailureKind,
-    },
-    /// No wrapped copy of the data key opened: why the first tried did not (`None`: there
-    /// is none).
-    Unopened(Option<String>),
+    /// The key could not be used.
+    Access(KeyFailure),
+    /// No wrapped copy of the data key opened: how the first tried failed (`None`: there is
+    /// none).
+    Unopened(Option<KeyFailure>),
     /// A failure of kagi itself or of the resource's records.
     Other(KvError),
 }
@@ -138,17 +142,17 @@ impl From<KvError> for KeyError {
 }
 
 fn access(message: String, f: &VaultFailure) -> KeyError {
-    KeyError::Access {
+    KeyError::Access(KeyFailure {
         message,
         kind: f.kind(),
-    }
+    })
 }
 
 fn definite(message: impl Into<String>) -> KeyError {
-    KeyError::Access {
+    KeyError::Access(KeyFailure {
         message: message.into(),
         kind: FailureKind::Definite,
-    }
+    })
 }
 
 /// A resource's data key, opened by [`KeyAccess::data_key`].
@@ -369,8 +373,8 @@ impl KeyAccess {
                             found = Some(d);
                             break;
                         }
-                        Err(KeyError::Access { message, .. }) => {
-                            first_err.get_or_insert(message);
+                        Err(KeyError::Access(failure)) => {
+                            first_err.get_or_insert(failure);
                         }
                         Err(e) => return Err(e),
                     }

@@ -40,7 +40,7 @@ use kagi_host::HostConfig;
 pub use cache::DekSlot;
 pub use client::{FailureKind, VaultClient, VaultFailure};
 pub use kek::{
-    Dek, Kek, KekRef, KeyError, KeyOwner, OpenedKey, Resolved, VersionInUse, WrappedKey,
+    Dek, Kek, KekRef, KeyError, KeyFailure, KeyOwner, OpenedKey, Resolved, VersionInUse, WrappedKey,
 };
 pub use uri::{KeyUri, parse_key_uri};
 pub use usable::key_unusable;

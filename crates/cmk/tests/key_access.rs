@@ -198,9 +198,9 @@ async fn a_disk_wraps_its_data_key_with_its_own_identity_and_follows_key_version
     // The key disabled: a definite failure, named, and no data key.
     disable(&s, "/keys/cmk").await;
     match keys.unwrap(&records, &customer(&kid2), &held[1], now).await {
-        Err(KeyError::Access { message, kind }) => {
-            assert_eq!(kind, FailureKind::Definite);
-            assert!(message.contains("KeyDisabled"), "{message}");
+        Err(KeyError::Access(f)) => {
+            assert_eq!(f.kind, FailureKind::Definite);
+            assert!(f.message.contains("KeyDisabled"), "{}", f.message);
         }
         other => panic!("{other:?}"),
     }
@@ -216,7 +216,10 @@ async fn a_disk_wraps_its_data_key_with_its_own_identity_and_follows_key_version
     let v1 = kid1.rsplit('/').next().unwrap();
     disable(&s, &format!("/keys/cmk/{v1}")).await;
     match uncached().await.unwrap_err() {
-        KeyError::Unopened(Some(m)) => assert!(m.contains("KeyDisabled"), "{m}"),
+        KeyError::Unopened(Some(f)) => {
+            assert_eq!(f.kind, FailureKind::Definite);
+            assert!(f.message.contains("KeyDisabled"), "{}", f.message);
+        }
         other => panic!("{other:?}"),
     }
 }
