@@ -127,18 +127,21 @@ pub struct KeyVersionRecord {
     pub sealed_private: Vec<u8>,
 }
 
-/// A key with all its versions.
+/// A versioned object (a key, a secret) with all its versions.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyRecord {
+pub struct ObjectRecord<V> {
     /// Name as first created.
     pub name: ObjectName,
     /// Set while soft-deleted.
     pub deleted_at: Option<i64>,
-    /// When a soft-deleted key is purged.
+    /// When a soft-deleted object is purged.
     pub purge_at: Option<i64>,
     /// Versions in creation order.
-    pub versions: Vec<KeyVersionRecord>,
+    pub versions: Vec<V>,
 }
+
+/// A key with all its versions.
+pub type KeyRecord = ObjectRecord<KeyVersionRecord>;
 
 /// What kagi persists. Every method is one atomic transaction.
 #[async_trait]

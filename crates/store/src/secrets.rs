@@ -2,8 +2,8 @@
 //! (purpose `secret`, AAD `kagi/v1/secret/{vault}/{name, lower-case}/{version}`): the store
 //! never sees a plaintext secret.
 
+use kagi_core::KeyVersion;
 use kagi_core::secret::SecretVersionInfo;
-use kagi_core::{KeyVersion, ObjectName};
 
 /// One version of a secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,14 +19,4 @@ pub struct SecretVersionRecord {
 }
 
 /// A secret with all its versions.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretRecord {
-    /// Name as first set.
-    pub name: ObjectName,
-    /// Set while soft-deleted.
-    pub deleted_at: Option<i64>,
-    /// When a soft-deleted secret is purged.
-    pub purge_at: Option<i64>,
-    /// Versions in creation order.
-    pub versions: Vec<SecretVersionRecord>,
-}
+pub type SecretRecord = crate::ObjectRecord<SecretVersionRecord>;

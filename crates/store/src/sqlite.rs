@@ -7,20 +7,22 @@ use std::time::Duration;
 use async_trait::async_trait;
 use kagi_core::key::{KeyVersionInfo, Tags};
 use kagi_core::{KeyVersion, ObjectName, VaultName};
+use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, Transaction};
 
 use crate::{
-    KeyRecord, KeyVersionRecord, PrincipalRecord, ResourceGroupRecord, Result, Store, StoreError,
-    VaultRecord,
+    KeyRecord, KeyVersionRecord, PrincipalRecord, ResourceGroupRecord, Result, SecretRecord,
+    SecretVersionRecord, Store, StoreError, VaultRecord,
 };
+use kagi_core::secret::SecretVersionInfo;
+use versioned::{KEYS, SECRETS};
 
 mod directory;
 mod events;
-mod secrets;
 pub(crate) mod services;
+mod versioned;
 
 /// Schema, applied in order; `user_version` records how far a file has come.
 const MIGRATIONS: &[&str] = &[
@@ -160,52 +162,6 @@ impl SqliteStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
-    }
-
-    async fn ensure_key_row(
-        tx: &mut Transaction<'_, Sqlite>,
-        vault: &VaultName,
-        name: &ObjectName,
-    ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO keys (vault, name_folded, name) VALUES (?, ?, ?) \
-             ON CONFLICT (vault, name_folded) DO NOTHING",
-        )
-        .bind(vault.as_str())
-        .bind(name.folded())
-        .bind(name.as_str())
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-
-    async fn insert_version(
-        tx: &mut Transaction<'_, Sqlite>,
-        vault: &VaultName,
-        name: &ObjectName,
-        v: &KeyVersionRecord,
-    ) -> Result<()> {
-        let info = serde_json::to_string(&v.info).map_err(|e| corrupt("key_versions", e))?;
-        sqlx::query(
-            "INSERT INTO key_versions (vault, name_folded, version, seq, info, sealed_private) \
-             VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(vault.as_str())
-        .bind(name.folded())
-        .bind(v.version.as_str())
-        .bind(v.seq)
-        .bind(info)
-        .bind(&v.sealed_private)
-        .execute(&mut **tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict(format!("key version {} exists", v.version))
-            } else {
-                e.into()
-            }
-        })?;
         Ok(())
     }
 }
@@ -389,50 +345,7 @@ impl Store for SqliteStore {
     }
 
     async fn load_keys(&self, vault: &VaultName) -> Result<Vec<KeyRecord>> {
-        let keys = sqlx::query(
-            "SELECT name_folded, name, deleted_at, purge_at FROM keys WHERE vault = ? \
-             ORDER BY name_folded",
-        )
-        .bind(vault.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let versions = sqlx::query(
-            "SELECT name_folded, version, seq, info, sealed_private FROM key_versions \
-             WHERE vault = ? ORDER BY name_folded, seq",
-        )
-        .bind(vault.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        let mut out: Vec<(String, KeyRecord)> = Vec::with_capacity(keys.len());
-        for r in &keys {
-            let name: String = r.try_get("name")?;
-            out.push((
-                r.try_get("name_folded")?,
-                KeyRecord {
-                    name: ObjectName::parse(&name).map_err(|e| corrupt("keys", e))?,
-                    deleted_at: r.try_get("deleted_at")?,
-                    purge_at: r.try_get("purge_at")?,
-                    versions: Vec::new(),
-                },
-            ));
-        }
-        for r in &versions {
-            let folded: String = r.try_get("name_folded")?;
-            let version: String = r.try_get("version")?;
-            let info: String = r.try_get("info")?;
-            let record = KeyVersionRecord {
-                version: KeyVersion::parse(&version).map_err(|e| corrupt("key_versions", e))?,
-                seq: r.try_get("seq")?,
-                info: serde_json::from_str::<KeyVersionInfo>(&info)
-                    .map_err(|e| corrupt("key_versions", e))?,
-                sealed_private: r.try_get("sealed_private")?,
-            };
-            let idx = out
-                .binary_search_by(|(f, _)| f.as_str().cmp(folded.as_str()))
-                .map_err(|_| corrupt("key_versions", "version without key"))?;
-            out[idx].1.versions.push(record);
-        }
-        Ok(out.into_iter().map(|(_, k)| k).collect())
+        versioned::load(&self.pool, &KEYS, vault).await
     }
 
     async fn add_key_version(
@@ -441,11 +354,7 @@ impl Store for SqliteStore {
         name: &ObjectName,
         version: &KeyVersionRecord,
     ) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        Self::ensure_key_row(&mut tx, vault, name).await?;
-        Self::insert_version(&mut tx, vault, name, version).await?;
-        tx.commit().await?;
-        Ok(())
+        versioned::add_version(&self.pool, &KEYS, vault, name, version).await
     }
 
     async fn update_key_version(
@@ -455,17 +364,15 @@ impl Store for SqliteStore {
         version: &KeyVersion,
         info: &KeyVersionInfo,
     ) -> Result<()> {
-        let info = serde_json::to_string(info).map_err(|e| corrupt("key_versions", e))?;
-        sqlx::query(
-            "UPDATE key_versions SET info = ? WHERE vault = ? AND name_folded = ? AND version = ?",
+        versioned::update_version(
+            &self.pool,
+            &KEYS,
+            vault,
+            name,
+            version,
+            serde_json::to_string(info),
         )
-        .bind(info)
-        .bind(vault.as_str())
-        .bind(name.folded())
-        .bind(version.as_str())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn set_key_deleted(
@@ -474,72 +381,29 @@ impl Store for SqliteStore {
         name: &ObjectName,
         deleted: Option<(i64, i64)>,
     ) -> Result<()> {
-        sqlx::query(
-            "UPDATE keys SET deleted_at = ?, purge_at = ? WHERE vault = ? AND name_folded = ?",
-        )
-        .bind(deleted.map(|d| d.0))
-        .bind(deleted.map(|d| d.1))
-        .bind(vault.as_str())
-        .bind(name.folded())
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        versioned::set_deleted(&self.pool, &KEYS, vault, name, deleted).await
     }
 
     async fn purge_key(&self, vault: &VaultName, name: &ObjectName) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM key_versions WHERE vault = ? AND name_folded = ?")
-            .bind(vault.as_str())
-            .bind(name.folded())
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM keys WHERE vault = ? AND name_folded = ?")
-            .bind(vault.as_str())
-            .bind(name.folded())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+        versioned::purge(&self.pool, &KEYS, vault, name).await
     }
 
     async fn insert_key(&self, vault: &VaultName, key: &KeyRecord) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO keys (vault, name_folded, name, deleted_at, purge_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(vault.as_str())
-        .bind(key.name.folded())
-        .bind(key.name.as_str())
-        .bind(key.deleted_at)
-        .bind(key.purge_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict(format!("key {} exists", key.name))
-            } else {
-                e.into()
-            }
-        })?;
-        for v in &key.versions {
-            Self::insert_version(&mut tx, vault, &key.name, v).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        versioned::insert(&self.pool, &KEYS, vault, key).await
     }
 
     // --- secrets ---
-    async fn load_secrets(&self, vault: &VaultName) -> Result<Vec<crate::SecretRecord>> {
-        self.secrets_load(vault).await
+    async fn load_secrets(&self, vault: &VaultName) -> Result<Vec<SecretRecord>> {
+        versioned::load(&self.pool, &SECRETS, vault).await
     }
 
     async fn add_secret_version(
         &self,
         vault: &VaultName,
         name: &ObjectName,
-        version: &crate::SecretVersionRecord,
+        version: &SecretVersionRecord,
     ) -> Result<()> {
-        self.secrets_add_version(vault, name, version).await
+        versioned::add_version(&self.pool, &SECRETS, vault, name, version).await
     }
 
     async fn update_secret_version(
@@ -547,10 +411,17 @@ impl Store for SqliteStore {
         vault: &VaultName,
         name: &ObjectName,
         version: &KeyVersion,
-        info: &kagi_core::secret::SecretVersionInfo,
+        info: &SecretVersionInfo,
     ) -> Result<()> {
-        self.secrets_update_version(vault, name, version, info)
-            .await
+        versioned::update_version(
+            &self.pool,
+            &SECRETS,
+            vault,
+            name,
+            version,
+            serde_json::to_string(info),
+        )
+        .await
     }
 
     async fn set_secret_deleted(
@@ -559,15 +430,15 @@ impl Store for SqliteStore {
         name: &ObjectName,
         deleted: Option<(i64, i64)>,
     ) -> Result<()> {
-        self.secrets_set_deleted(vault, name, deleted).await
+        versioned::set_deleted(&self.pool, &SECRETS, vault, name, deleted).await
     }
 
     async fn purge_secret(&self, vault: &VaultName, name: &ObjectName) -> Result<()> {
-        self.secrets_purge(vault, name).await
+        versioned::purge(&self.pool, &SECRETS, vault, name).await
     }
 
-    async fn insert_secret(&self, vault: &VaultName, secret: &crate::SecretRecord) -> Result<()> {
-        self.secrets_insert(vault, secret).await
+    async fn insert_secret(&self, vault: &VaultName, secret: &SecretRecord) -> Result<()> {
+        versioned::insert(&self.pool, &SECRETS, vault, secret).await
     }
 
     // --- rotation policies and events ---

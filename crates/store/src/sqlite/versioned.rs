@@ -1,0 +1,299 @@
+//! The SQL of versioned objects, written once for every kind: an object table
+//! (`keys`, `secrets`: name, deletion times) and its version table (`key_versions`,
+//! `secret_versions`: version, order, public info as JSON, sealed material). A kind is its
+//! [`Tables`] and its version record ([`VersionRow`]); a third kind (certificates, HSM keys)
+//! adds one of each, not a third copy of the SQL.
+
+use kagi_core::{KeyVersion, ObjectName, VaultName};
+use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool, Transaction};
+
+use super::{corrupt, is_unique_violation};
+use crate::{KeyVersionRecord, ObjectRecord, Result, SecretVersionRecord, StoreError};
+
+/// The tables of one kind of versioned object, and the noun of its messages.
+pub(super) struct Tables {
+    /// The object table.
+    objects: &'static str,
+    /// The version table.
+    versions: &'static str,
+    /// The version table's column of sealed material.
+    sealed: &'static str,
+    /// The object's name in messages ("key", "secret").
+    noun: &'static str,
+}
+
+/// `keys` and `key_versions`.
+pub(super) const KEYS: Tables = Tables {
+    objects: "keys",
+    versions: "key_versions",
+    sealed: "sealed_private",
+    noun: "key",
+};
+
+/// `secrets` and `secret_versions` (schema version 2).
+pub(super) const SECRETS: Tables = Tables {
+    objects: "secrets",
+    versions: "secret_versions",
+    sealed: "sealed_value",
+    noun: "secret",
+};
+
+/// A version record as its row holds it.
+pub(super) trait VersionRow: Sized {
+    /// Version id, order, public info (as JSON) and sealed material.
+    fn parts(&self) -> (&KeyVersion, i64, serde_json::Result<String>, &[u8]);
+    /// The record of a row.
+    fn from_parts(
+        version: KeyVersion,
+        seq: i64,
+        info: &str,
+        sealed: Vec<u8>,
+    ) -> serde_json::Result<Self>;
+}
+
+/// `VersionRow` for a version record whose sealed material is the field `$sealed`.
+macro_rules! version_row {
+    ($record:ty, $sealed:ident) => {
+        impl VersionRow for $record {
+            fn parts(&self) -> (&KeyVersion, i64, serde_json::Result<String>, &[u8]) {
+                let info = serde_json::to_string(&self.info);
+                (&self.version, self.seq, info, &self.$sealed)
+            }
+            fn from_parts(
+                version: KeyVersion,
+                seq: i64,
+                info: &str,
+                sealed: Vec<u8>,
+            ) -> serde_json::Result<Self> {
+                Ok(Self {
+                    version,
+                    seq,
+                    info: serde_json::from_str(info)?,
+                    $sealed: sealed,
+                })
+            }
+        }
+    };
+}
+
+version_row!(KeyVersionRecord, sealed_private);
+version_row!(SecretVersionRecord, sealed_value);
+
+// The table and column names below come from the constants above, never from input.
+
+async fn ensure_row(
+    tx: &mut Transaction<'_, Sqlite>,
+    t: &Tables,
+    vault: &VaultName,
+    name: &ObjectName,
+) -> Result<()> {
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {} (vault, name_folded, name) VALUES (?, ?, ?) \
+         ON CONFLICT (vault, name_folded) DO NOTHING",
+        t.objects
+    )))
+    .bind(vault.as_str())
+    .bind(name.folded())
+    .bind(name.as_str())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn insert_version<V: VersionRow>(
+    tx: &mut Transaction<'_, Sqlite>,
+    t: &Tables,
+    vault: &VaultName,
+    name: &ObjectName,
+    v: &V,
+) -> Result<()> {
+    let (version, seq, info, sealed) = v.parts();
+    let info = info.map_err(|e| corrupt(t.versions, e))?;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {} (vault, name_folded, version, seq, info, {}) VALUES (?, ?, ?, ?, ?, ?)",
+        t.versions, t.sealed
+    )))
+    .bind(vault.as_str())
+    .bind(name.folded())
+    .bind(version.as_str())
+    .bind(seq)
+    .bind(info)
+    .bind(sealed)
+    .execute(&mut **tx)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict(format!("{} version {version} exists", t.noun))
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(())
+}
+
+/// Every object of a vault with its versions, by lower-case name.
+pub(super) async fn load<V: VersionRow>(
+    pool: &SqlitePool,
+    t: &Tables,
+    vault: &VaultName,
+) -> Result<Vec<ObjectRecord<V>>> {
+    let objects = sqlx::query(AssertSqlSafe(format!(
+        "SELECT name_folded, name, deleted_at, purge_at FROM {} WHERE vault = ? \
+         ORDER BY name_folded",
+        t.objects
+    )))
+    .bind(vault.as_str())
+    .fetch_all(pool)
+    .await?;
+    let versions = sqlx::query(AssertSqlSafe(format!(
+        "SELECT name_folded, version, seq, info, {} AS sealed FROM {} \
+         WHERE vault = ? ORDER BY name_folded, seq",
+        t.sealed, t.versions
+    )))
+    .bind(vault.as_str())
+    .fetch_all(pool)
+    .await?;
+    let mut out: Vec<(String, ObjectRecord<V>)> = Vec::with_capacity(objects.len());
+    for r in &objects {
+        let name: String = r.try_get("name")?;
+        out.push((
+            r.try_get("name_folded")?,
+            ObjectRecord {
+                name: ObjectName::parse(&name).map_err(|e| corrupt(t.objects, e))?,
+                deleted_at: r.try_get("deleted_at")?,
+                purge_at: r.try_get("purge_at")?,
+                versions: Vec::new(),
+            },
+        ));
+    }
+    for r in &versions {
+        let folded: String = r.try_get("name_folded")?;
+        let version: String = r.try_get("version")?;
+        let info: String = r.try_get("info")?;
+        let record = V::from_parts(
+            KeyVersion::parse(&version).map_err(|e| corrupt(t.versions, e))?,
+            r.try_get("seq")?,
+            &info,
+            r.try_get("sealed")?,
+        )
+        .map_err(|e| corrupt(t.versions, e))?;
+        let idx = out
+            .binary_search_by(|(f, _)| f.as_str().cmp(folded.as_str()))
+            .map_err(|_| corrupt(t.versions, format!("version without {}", t.noun)))?;
+        out[idx].1.versions.push(record);
+    }
+    Ok(out.into_iter().map(|(_, o)| o).collect())
+}
+
+/// Adds a version, creating the object row if it is new.
+pub(super) async fn add_version<V: VersionRow>(
+    pool: &SqlitePool,
+    t: &Tables,
+    vault: &VaultName,
+    name: &ObjectName,
+    version: &V,
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    ensure_row(&mut tx, t, vault, name).await?;
+    insert_version(&mut tx, t, vault, name, version).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Replaces the public part of a version (`info`: its JSON).
+pub(super) async fn update_version(
+    pool: &SqlitePool,
+    t: &Tables,
+    vault: &VaultName,
+    name: &ObjectName,
+    version: &KeyVersion,
+    info: serde_json::Result<String>,
+) -> Result<()> {
+    let info = info.map_err(|e| corrupt(t.versions, e))?;
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {} SET info = ? WHERE vault = ? AND name_folded = ? AND version = ?",
+        t.versions
+    )))
+    .bind(info)
+    .bind(vault.as_str())
+    .bind(name.folded())
+    .bind(version.as_str())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Marks an object deleted (deletion and purge times) or live again (`None`).
+pub(super) async fn set_deleted(
+    pool: &SqlitePool,
+    t: &Tables,
+    vault: &VaultName,
+    name: &ObjectName,
+    deleted: Option<(i64, i64)>,
+) -> Result<()> {
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {} SET deleted_at = ?, purge_at = ? WHERE vault = ? AND name_folded = ?",
+        t.objects
+    )))
+    .bind(deleted.map(|d| d.0))
+    .bind(deleted.map(|d| d.1))
+    .bind(vault.as_str())
+    .bind(name.folded())
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Removes an object and all its versions.
+pub(super) async fn purge(
+    pool: &SqlitePool,
+    t: &Tables,
+    vault: &VaultName,
+    name: &ObjectName,
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    for table in [t.versions, t.objects] {
+        sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM {table} WHERE vault = ? AND name_folded = ?"
+        )))
+        .bind(vault.as_str())
+        .bind(name.folded())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Inserts a whole object (restore); `Conflict` if the name exists.
+pub(super) async fn insert<V: VersionRow>(
+    pool: &SqlitePool,
+    t: &Tables,
+    vault: &VaultName,
+    object: &ObjectRecord<V>,
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {} (vault, name_folded, name, deleted_at, purge_at) VALUES (?, ?, ?, ?, ?)",
+        t.objects
+    )))
+    .bind(vault.as_str())
+    .bind(object.name.folded())
+    .bind(object.name.as_str())
+    .bind(object.deleted_at)
+    .bind(object.purge_at)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            StoreError::Conflict(format!("{} {} exists", t.noun, object.name))
+        } else {
+            e.into()
+        }
+    })?;
+    for v in &object.versions {
+        insert_version(&mut tx, t, vault, &object.name, v).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
