@@ -221,3 +221,15 @@ def test_a_request_in_flight_at_sigterm_finishes_with_its_record(tmp_path):
         assert [rec["httpStatusCode"] for rec in records] == [200], records
     finally:
         srv.stop()
+
+
+def test_an_early_answer_to_a_large_agent_object_reaches_the_client(kagi):
+    """A backup agent's pack (up to 64 MiB, typically just over 16) refused before its body is read
+    (here: no credentials) still gets its answer, in Azure's shape, not a reset connection."""
+    url = (f"{kagi.base}/kagi/agent/subscriptions/{kagi.subscription_id}/resourceGroups/{DEFAULT_RG}"
+           f"/providers/Microsoft.RecoveryServices/vaults/nosuchvault/objects/data/ab/pack")
+    body = b"\0" * (20 * 1024 * 1024)
+    r = requests.put(url, data=body, headers={"Content-Type": "application/octet-stream"},
+                     verify=str(kagi.ca_path), timeout=120)
+    assert_error_shape(r)
+    assert r.status_code in (401, 403, 404), r.text
