@@ -255,7 +255,7 @@ impl AgentState {
                     reason: e.to_string(),
                 })?,
             );
-        kagi_store::file::write_atomically(&path, &bytes, 0o600).map_err(|e| AgentError::State {
+        kagi_fs::write_atomically(&path, &bytes, 0o600).map_err(|e| AgentError::State {
             path: path.display().to_string(),
             reason: e.to_string(),
         })

@@ -620,9 +620,7 @@ impl BackupService {
         let folder = machines.join(&key);
         if folder.exists() {
             std::fs::remove_dir_all(&folder).map_err(|e| io("delete agent objects", e))?;
-            std::fs::File::open(&machines)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io("sync agent folder", e))?;
+            kagi_fs::sync_dir(&machines).map_err(|e| io("sync agent folder", e))?;
         }
         self.agent_storage.forget(&v.dir);
         self.log(

@@ -137,11 +137,8 @@ fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
         .ok_or_else(|| std::io::Error::other("no parent"))?;
     std::fs::create_dir_all(to_parent)?;
     std::fs::rename(from, to)?;
-    std::fs::File::open(to_parent)?.sync_all()?;
-    if let Some(from_parent) = from.parent() {
-        std::fs::File::open(from_parent)?.sync_all()?;
-    }
-    Ok(())
+    kagi_fs::sync_dir(to_parent)?;
+    kagi_fs::sync_parent(from)
 }
 
 /// Whether backup agents are registered to the vault (its agent registry has machines).

@@ -143,7 +143,7 @@ pub fn vault_dir(data: &Path, sub: &str, rg: &str, name: &str) -> PathBuf {
 
 /// Writes `bytes` to `path` atomically and durably (move journals).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), KvError> {
-    kagi_store::file::write_atomically(path, bytes, 0o600).map_err(|e| io("write file", e))
+    kagi_fs::write_atomically(path, bytes, 0o600).map_err(|e| io("write file", e))
 }
 
 impl VaultState {

@@ -36,7 +36,7 @@ impl Syncer for Fsync {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        File::open(dir)?.sync_all()
+        kagi_fs::sync_dir(dir)
     }
 }
 

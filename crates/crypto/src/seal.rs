@@ -309,12 +309,7 @@ fn create_root_key_file(path: &Path) -> std::result::Result<AesRootKey, CreateEr
         return Err(CreateError::Other(io_error("write", path, &err)));
     }
     // fsync the directory so the new entry itself survives a crash.
-    let dir = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
+    kagi_fs::sync_parent(path)
         .map_err(|err| CreateError::Other(io_error("sync directory of", path, &err)))?;
     Ok(key)
 }

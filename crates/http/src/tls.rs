@@ -116,7 +116,7 @@ fn constrained_again(key: &KeyPair, pem: &str, suffix: &str) -> Result<Option<St
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
-    kagi_store::file::write_atomically(path, data, mode)
+    kagi_fs::write_atomically(path, data, mode)
         .map_err(|e| TlsError::Io(path.to_path_buf(), e))
 }
 

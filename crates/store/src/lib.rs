@@ -11,7 +11,6 @@
 
 pub mod directory;
 pub mod events;
-pub mod file;
 pub mod moves;
 mod secrets;
 pub mod services;

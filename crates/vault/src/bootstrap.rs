@@ -66,7 +66,7 @@ fn random16() -> Result<[u8; 16], StartupError> {
 
 /// Writes a credentials file atomically with mode 0600.
 pub(crate) fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), StartupError> {
-    kagi_store::file::write_atomically(path, contents, 0o600).map_err(io(path))
+    kagi_fs::write_atomically(path, contents, 0o600).map_err(io(path))
 }
 
 impl Platform {

@@ -43,7 +43,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Writes `bytes` to `path` atomically with mode 0600.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    kagi_store::file::write_atomically(path, bytes, 0o600)
+    kagi_fs::write_atomically(path, bytes, 0o600)
 }
 
 impl JobHandle {

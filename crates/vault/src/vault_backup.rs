@@ -465,11 +465,11 @@ impl RestoreJournal {
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .and_then(|()| std::fs::File::open(data_dir)?.sync_all())
+            .and_then(|()| kagi_fs::sync_dir(data_dir))
             .map_err(|e| internal("create restore journal directory", e))?;
         let path = dir.join(format!("{job}.json"));
         let bytes = serde_json::to_vec(self).map_err(|e| internal("restore journal", e))?;
-        kagi_store::file::write_atomically(&path, &bytes, 0o600)
+        kagi_fs::write_atomically(&path, &bytes, 0o600)
             .map_err(|e| internal("write restore journal", e))?;
         Ok(path)
     }
@@ -529,10 +529,7 @@ impl RestoreJournal {
 /// power loss would roll back a restore that succeeded.
 fn remove_journal(path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(path)?;
-    match path.parent() {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
+    kagi_fs::sync_parent(path)
 }
 
 /// Rolls back the restores that a crash interrupted (called at start, before the store is
@@ -918,9 +915,7 @@ impl Platform {
         let done = part.with_extension("kvbak");
         std::fs::rename(&part, &done).map_err(|e| internal("rename backup file", e))?;
         // The job is answered as done only once the new name survives a power loss too.
-        done.parent()
-            .map_or(Ok(()), |dir| std::fs::File::open(dir)?.sync_all())
-            .map_err(|e| internal("sync backup directory", e))?;
+        kagi_fs::sync_parent(&done).map_err(|e| internal("sync backup directory", e))?;
         tracing::info!(vault = %r.name, bytes, "vault backed up");
         let c = snap.counts();
         Ok((

@@ -1,8 +1,15 @@
-//! Small files kagi keeps beside the database (credentials, certificates, whole-vault backup
-//! jobs, backup vault move journals): written whole and atomically, so a crash leaves the old
-//! content or the new, never a torn file. Records that belong with the store's own (a storage
-//! service's state, jobs and activity; policy assignments) are in the store, not here.
+//! Durable writes of the small files kagi keeps beside its database (credentials, certificates,
+//! whole-vault backup jobs and restore journals, storage services' state files, the agent's
+//! state): a file is replaced whole and atomically, so a crash leaves the old content or the
+//! new, never a torn file; and a directory is flushed after a name in it is created, renamed or
+//! removed, so the change itself survives power loss.
+//!
+//! A crate of its own, on std alone, so that crates that only write files do not depend on the
+//! store (and its database driver).
 
+#![forbid(unsafe_code)]
+
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -28,7 +35,22 @@ pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    sync_dir(dir)
+}
+
+/// Flushes a directory's entries to stable storage: a name created, renamed or removed in it
+/// is durable once this returns.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Flushes the directory that holds `path` ([`sync_dir`] of its parent; the current directory
+/// for a bare file name).
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent),
+        _ => sync_dir(Path::new(".")),
+    }
 }
 
 #[cfg(test)]
@@ -47,5 +69,13 @@ mod tests {
             0o600
         );
         assert!(!dir.path().join("sub/f.json.tmp").exists());
+    }
+
+    #[test]
+    fn syncs_a_parent_or_fails_for_a_missing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        super::sync_parent(&dir.path().join("f")).unwrap();
+        super::sync_parent(std::path::Path::new("bare-name")).unwrap();
+        assert!(super::sync_parent(&dir.path().join("missing/f")).is_err());
     }
 }
