@@ -60,6 +60,15 @@ pub struct BootstrapAdmin {
     pub authority: String,
 }
 
+/// The directory's load failures, as start-up failures.
+fn load_error(e: kagi_directory::LoadError) -> StartupError {
+    match e {
+        kagi_directory::LoadError::Store(e) => StartupError::Store(e),
+        kagi_directory::LoadError::RootKey(m) => StartupError::RootKey(m),
+        kagi_directory::LoadError::Corrupt(m) => StartupError::Corrupt(m),
+    }
+}
+
 fn random16() -> Result<[u8; 16], StartupError> {
     kagi_crypto::random_array().map_err(|e| StartupError::RootKey(e.to_string()))
 }
@@ -110,13 +119,14 @@ impl Platform {
             )));
         }
 
-        let issuer = Self::load_token_issuer(
+        let issuer = kagi_directory::load_token_issuer(
             store.as_ref(),
             root.as_ref(),
             &config.authority(),
             clock.now(),
         )
-        .await?;
+        .await
+        .map_err(load_error)?;
 
         let tenant = String::from_utf8_lossy(
             &store
@@ -142,7 +152,7 @@ impl Platform {
         crate::vault_backup::roll_back_interrupted_restores(&config.data_dir, store.as_ref())
             .await?;
         // Loaded after the bootstrap administrator exists, so it is in the directory too.
-        let directory = crate::directory::Directory::load(store.as_ref()).await?;
+        let state = kagi_directory::State::load(store.as_ref()).await?;
         let mut vaults = HashMap::new();
         for record in store.list_vaults().await? {
             let keys = store.load_keys(&record.name).await?;
@@ -152,22 +162,29 @@ impl Platform {
                 Arc::new(VaultState::new(record, keys).with_secrets(secrets)),
             );
         }
+        let directory = kagi_directory::Directory::new(kagi_directory::Parts {
+            store: store.clone(),
+            clock: clock.clone(),
+            root: root.clone(),
+            issuer,
+            authority: config.authority(),
+            admin_object_id: admin.object_id.clone(),
+            state,
+        });
         let platform = Self {
             config,
             store,
             root,
             clock,
-            issuer,
             default_tenant: tenant,
             default_subscription: subscription,
             admin_object_id: admin.object_id,
             vaults: RwLock::new(vaults),
             vault_creates: Default::default(),
-            directory: RwLock::new(directory),
+            directory,
             test_clock: None,
             jobs: Default::default(),
             events: Default::default(),
-            guards: Default::default(),
         };
         Ok((platform, created))
     }

@@ -1,11 +1,12 @@
-//! The directory: service principals, managed identities (system- and user-assigned), the
-//! resources that carry them, workload bindings and managed-identity tokens, role definitions
-//! and assignments (RBAC), management locks, and the vault firewall.
+//! The parts of the directory not yet in `kagi-directory`: managed identities (system- and
+//! user-assigned), the resources that carry them, workload bindings and managed-identity
+//! tokens, role definitions and assignments (RBAC), management locks, and the vault firewall
+//! and access decision.
 //!
-//! Everything is held in memory (loaded at start, written through to the store first), so an
-//! authorization decision reads no database and a change applies to the very next request.
+//! They work on the directory's in-memory state ([`kagi_directory::State`], loaded at start,
+//! written through to the store first), so an authorization decision reads no database and a
+//! change applies to the very next request.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use kagi_core::access::{Caller, DataAction};
@@ -13,15 +14,15 @@ use kagi_core::ids::uuid_v4;
 use kagi_core::rbac::{RoleDefinitionProperties, Scope, builtin_role, builtin_roles, data_action};
 use kagi_core::time::rfc3339;
 use kagi_core::{ErrorCode, KvError, ResourceGroupName, SubscriptionId};
+use kagi_directory::{TokenGrant, bad, guid, new_secret, random16};
 use kagi_identity::Principal;
 use kagi_store::directory::BindingRecord;
 use kagi_store::{
-    LockRecord, PrincipalRecord, ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord, Store,
-    StoreError, VaultRecord,
+    LockRecord, PrincipalRecord, ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord,
+    VaultRecord,
 };
 use serde_json::{Value, json};
 
-use crate::tokens::{TOKEN_LIFETIME, TokenGrant};
 use crate::{Platform, internal};
 
 /// Resource types whose system-assigned identities count as "trusted Azure services" for a
@@ -33,93 +34,11 @@ pub const TRUSTED_SERVICE_TYPES: &[&str] = &[
 ];
 
 /// Kinds of principal (kept in `kagi-identity`, which tokens and the directory both use).
-pub use kagi_identity::kind;
+pub use kagi_directory::kind;
 
 const UAMI_TYPE: &str = "Microsoft.ManagedIdentity/userAssignedIdentities";
 /// A process that acts as a resource (an app, a VM): it exists to carry managed identities.
 pub const WORKLOAD_TYPE: &str = "Kagi.Compute/workloads";
-
-/// The in-memory directory.
-#[derive(Debug, Default)]
-pub(crate) struct Directory {
-    principals: HashMap<String, PrincipalRecord>,
-    resources: HashMap<String, (ResourceRecord, Value)>,
-    custom_roles: HashMap<String, (String, RoleDefinitionProperties)>,
-    assignments: Vec<RoleAssignmentRecord>,
-    locks: Vec<LockRecord>,
-    /// Certificate credentials.
-    certificates: Vec<kagi_store::CertificateRecord>,
-    /// Subscriptions (lower-case) and the tenant each is in now (see `moves`).
-    subscriptions: HashMap<String, String>,
-}
-
-impl Directory {
-    /// Loads the directory from the store.
-    pub(crate) async fn load(store: &dyn Store) -> Result<Self, StoreError> {
-        let mut d = Self::default();
-        for p in store.list_principals().await? {
-            d.principals.insert(p.object_id.clone(), p);
-        }
-        for r in store.list_resources().await? {
-            let body = serde_json::from_str(&r.body).map_err(|e| StoreError::Corrupt {
-                table: "resources",
-                detail: e.to_string(),
-            })?;
-            d.resources.insert(r.id.clone(), (r, body));
-        }
-        for r in store.list_role_definitions().await? {
-            let props = serde_json::from_str(&r.body).map_err(|e| StoreError::Corrupt {
-                table: "role_definitions",
-                detail: e.to_string(),
-            })?;
-            d.custom_roles.insert(r.id.clone(), (r.scope, props));
-        }
-        d.assignments = store.list_role_assignments().await?;
-        d.locks = store.list_locks().await?;
-        d.certificates = store.list_principal_certificates().await?;
-        for (sub, tenant) in store.list_subscriptions().await? {
-            d.subscriptions
-                .insert(sub.to_ascii_lowercase(), tenant.to_ascii_lowercase());
-        }
-        Ok(d)
-    }
-}
-
-fn bad(message: impl Into<String>) -> KvError {
-    KvError::new(ErrorCode::BadRequest, message)
-}
-
-fn random16() -> Result<[u8; 16], KvError> {
-    kagi_crypto::random_array().map_err(|e| internal("rng", e))
-}
-
-fn new_secret() -> Result<String, KvError> {
-    Ok(kagi_core::b64::encode(
-        &kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?,
-    ))
-}
-
-/// Certificates arrive as standard base64 (Graph's `keyCredential.key`) or base64url.
-fn base64_any(text: &str) -> Option<Vec<u8>> {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
-    let t: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    STANDARD
-        .decode(&t)
-        .ok()
-        .or_else(|| kagi_core::b64::decode(&t))
-}
-
-fn guid(text: &str) -> Result<String, KvError> {
-    kagi_core::ids::ObjectId::parse(text)
-        .map(|g| g.to_string())
-        .map_err(|_| {
-            bad(format!(
-                "'{}' is not a GUID.",
-                kagi_core::ids::printable(text)
-            ))
-        })
-}
 
 /// The role definition GUID at the end of a `roleDefinitionId`.
 fn role_guid(role_definition_id: &str) -> Result<String, KvError> {
@@ -146,301 +65,16 @@ pub(crate) fn object_scope(vault: &VaultRecord, object: Option<(&str, &str)>) ->
 }
 
 impl Platform {
-    fn dir(&self) -> std::sync::RwLockReadGuard<'_, Directory> {
-        self.directory.read().unwrap_or_else(|p| p.into_inner())
+    fn dir(&self) -> std::sync::RwLockReadGuard<'_, kagi_directory::State> {
+        self.directory.state()
     }
 
-    fn dir_mut(&self) -> std::sync::RwLockWriteGuard<'_, Directory> {
-        self.directory.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Refuses tokens of principals that no longer exist.
-    pub(crate) fn check_principal_exists(&self, p: &Principal) -> Result<(), KvError> {
-        if self.dir().principals.contains_key(&p.object_id) {
-            Ok(())
-        } else {
-            Err(KvError::unauthorized(
-                "AKV10000: The principal this token was issued to no longer exists.",
-            ))
-        }
+    fn dir_mut(&self) -> std::sync::RwLockWriteGuard<'_, kagi_directory::State> {
+        self.directory.state_mut()
     }
 
     pub(crate) fn require_admin(&self, caller: &Principal) -> Result<(), KvError> {
-        if caller.object_id == self.admin_object_id {
-            Ok(())
-        } else {
-            Err(KvError::forbidden(format!(
-                "The client '{}' with object id '{}' does not have authorization to manage \
-                 identities, roles or locks.",
-                caller.client_id, caller.object_id
-            ))
-            .with_inner("AuthorizationFailed"))
-        }
-    }
-
-    // ----- service principals -----
-
-    /// Creates a service principal with a client secret (shown once).
-    pub async fn create_service_principal(
-        &self,
-        caller: &Principal,
-        name: &str,
-    ) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let name = name.trim();
-        if name.is_empty() || name.len() > 120 || name.chars().any(char::is_control) {
-            return Err(bad("displayName is required (at most 120 characters)."));
-        }
-        let secret = new_secret()?;
-        let p = PrincipalRecord {
-            object_id: uuid_v4(random16()?),
-            tenant_id: caller.tenant_id.clone(),
-            client_id: uuid_v4(random16()?),
-            display_name: name.to_string(),
-            secret_hash: kagi_identity::hash_secret(&secret),
-            kind: kind::SERVICE_PRINCIPAL.into(),
-            created: self.clock.now(),
-            resource_id: None,
-        };
-        self.store
-            .put_principal(&p)
-            .await
-            .map_err(|e| internal("create principal", e))?;
-        self.dir_mut()
-            .principals
-            .insert(p.object_id.clone(), p.clone());
-        tracing::info!(object_id = %p.object_id, "service principal created");
-        let mut v = principal_json(&p);
-        v["clientSecret"] = json!(secret);
-        Ok(v)
-    }
-
-    /// Creates a user who signs in with `upn` and `password` (the resource-owner password
-    /// grant). The password is kept only as an Argon2id hash.
-    pub async fn create_user(
-        &self,
-        caller: &Principal,
-        upn: &str,
-        display_name: &str,
-        password: &str,
-    ) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let upn = upn.trim().to_ascii_lowercase();
-        let valid_upn = upn.len() <= 113
-            && upn.split_once('@').is_some_and(|(l, d)| {
-                !l.is_empty()
-                    && !d.is_empty()
-                    && l.chars()
-                        .chain(d.chars())
-                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-            });
-        if !valid_upn {
-            return Err(bad(
-                "userPrincipalName must look like alias@domain (letters, digits, '.', '_', '-').",
-            ));
-        }
-        if password.chars().count() < 12 || password.len() > 256 {
-            return Err(bad("The password must be 12 to 256 characters long.")
-                .with_inner("PasswordTooWeak"));
-        }
-        let hash = kagi_crypto::password::hash_password(password)
-            .map_err(|e| internal("hash password", e))?;
-        let p = PrincipalRecord {
-            object_id: uuid_v4(random16()?),
-            tenant_id: caller.tenant_id.clone(),
-            client_id: format!("user:{upn}"),
-            display_name: if display_name.trim().is_empty() {
-                upn.clone()
-            } else {
-                display_name.trim().chars().take(120).collect()
-            },
-            secret_hash: hash.into_bytes(),
-            kind: kind::USER.into(),
-            created: self.clock.now(),
-            resource_id: None,
-        };
-        self.store.put_principal(&p).await.map_err(|e| match e {
-            StoreError::Conflict(_) => {
-                KvError::conflict(format!("A user named {upn} already exists."))
-            }
-            e => internal("create user", e),
-        })?;
-        self.dir_mut()
-            .principals
-            .insert(p.object_id.clone(), p.clone());
-        tracing::info!(object_id = %p.object_id, "user created");
-        let mut v = principal_json(&p);
-        v["userPrincipalName"] = json!(upn);
-        v["id"] = json!(p.object_id);
-        Ok(v)
-    }
-
-    /// Deletes a user; their tokens stop working on the next request.
-    pub async fn delete_user(&self, caller: &Principal, object_id: &str) -> Result<(), KvError> {
-        self.require_admin(caller)?;
-        let oid = guid(object_id)?;
-        if self
-            .dir()
-            .principals
-            .get(&oid)
-            .is_none_or(|p| p.kind != kind::USER)
-        {
-            return Err(KvError::new(
-                ErrorCode::NotFound,
-                format!("User '{oid}' does not exist."),
-            ));
-        }
-        self.store
-            .delete_principal(&oid)
-            .await
-            .map_err(|e| internal("delete user", e))?;
-        self.dir_mut().principals.remove(&oid);
-        Ok(())
-    }
-
-    /// Registers an X.509 certificate (PEM, or base64 of DER) as a credential of a service
-    /// principal: `ClientCertificateCredential` then signs its token requests with the key.
-    pub async fn add_service_principal_certificate(
-        &self,
-        caller: &Principal,
-        object_id: &str,
-        certificate: &str,
-    ) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let oid = guid(object_id)?;
-        let p = self
-            .dir()
-            .principals
-            .get(&oid)
-            .filter(|p| p.kind == kind::SERVICE_PRINCIPAL)
-            .cloned()
-            .ok_or_else(|| {
-                KvError::new(
-                    ErrorCode::NotFound,
-                    format!("Service principal '{oid}' does not exist."),
-                )
-            })?;
-        let raw = if certificate.contains("-----BEGIN") {
-            certificate.as_bytes().to_vec()
-        } else {
-            base64_any(certificate).ok_or_else(|| {
-                bad("keyCredential.key must be a PEM certificate or the base64 of its DER.")
-            })?
-        };
-        let der = kagi_crypto::x509::certificate_der(&raw).map_err(|e| bad(e.to_string()))?;
-        let spki = kagi_crypto::x509::certificate_spki(&der)
-            .map_err(|e| bad(e.to_string()))?
-            .to_vec();
-        kagi_crypto::PublicKey::rsa_from_spki_der(&spki).map_err(|e| {
-            bad(format!(
-                "The certificate's key is not usable: {e} (RSA 2048-4096 keys are supported)."
-            ))
-        })?;
-        let thumb = kagi_crypto::x509::thumbprint_sha256(&der);
-        let record = kagi_store::CertificateRecord {
-            sha256: thumb.clone(),
-            sha1: kagi_crypto::x509::thumbprint_sha1(&der),
-            object_id: oid.clone(),
-            spki,
-            created: self.clock.now(),
-        };
-        self.store
-            .add_principal_certificate(&record)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict(m) => KvError::conflict(m),
-                e => internal("add certificate", e),
-            })?;
-        self.dir_mut().certificates.push(record);
-        let mut v = principal_json(&p);
-        v["keyCredentials"] = json!([{"customKeyIdentifier": thumb, "type": "AsymmetricX509Cert", "usage": "Verify"}]);
-        Ok(v)
-    }
-
-    /// The principal and public key registered under a certificate thumbprint (hex; SHA-256,
-    /// or SHA-1 when `sha1`).
-    pub(crate) fn certificate_credential(
-        &self,
-        thumbprint: &str,
-        sha1: bool,
-    ) -> Option<(PrincipalRecord, Vec<u8>)> {
-        let d = self.dir();
-        let c = d.certificates.iter().find(|c| {
-            let t = if sha1 { &c.sha1 } else { &c.sha256 };
-            t.eq_ignore_ascii_case(thumbprint)
-        })?;
-        d.principals
-            .get(&c.object_id)
-            .map(|p| (p.clone(), c.spki.clone()))
-    }
-
-    /// Lists principals (no secrets).
-    pub fn list_principals(&self, caller: &Principal) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let mut list: Vec<Value> = self.dir().principals.values().map(principal_json).collect();
-        list.sort_by(|a, b| a["objectId"].as_str().cmp(&b["objectId"].as_str()));
-        Ok(json!({ "value": list }))
-    }
-
-    /// Deletes a service principal; its tokens stop working on the next request.
-    pub async fn delete_service_principal(
-        &self,
-        caller: &Principal,
-        object_id: &str,
-    ) -> Result<(), KvError> {
-        self.require_admin(caller)?;
-        let oid = guid(object_id)?;
-        let p = self.dir().principals.get(&oid).cloned().ok_or_else(|| {
-            KvError::new(
-                ErrorCode::NotFound,
-                format!("Principal '{oid}' does not exist."),
-            )
-        })?;
-        if p.kind != kind::SERVICE_PRINCIPAL {
-            return Err(bad(format!(
-                "Principal '{oid}' is a {}; delete the resource it belongs to instead.",
-                p.kind
-            )));
-        }
-        self.store
-            .delete_principal(&oid)
-            .await
-            .map_err(|e| internal("delete principal", e))?;
-        self.dir_mut().principals.remove(&oid);
-        tracing::info!(object_id = %oid, "service principal deleted");
-        Ok(())
-    }
-
-    /// Issues a new client secret for a service principal (the old one stops working).
-    pub async fn reset_service_principal_secret(
-        &self,
-        caller: &Principal,
-        object_id: &str,
-    ) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let oid = guid(object_id)?;
-        let mut p = self
-            .dir()
-            .principals
-            .get(&oid)
-            .filter(|p| p.kind == kind::SERVICE_PRINCIPAL)
-            .cloned()
-            .ok_or_else(|| {
-                KvError::new(
-                    ErrorCode::NotFound,
-                    format!("Service principal '{oid}' does not exist."),
-                )
-            })?;
-        let secret = new_secret()?;
-        p.secret_hash = kagi_identity::hash_secret(&secret);
-        self.store
-            .set_principal_secret(&oid, &p.secret_hash)
-            .await
-            .map_err(|e| internal("reset secret", e))?;
-        self.dir_mut().principals.insert(oid, p.clone());
-        let mut v = principal_json(&p);
-        v["clientSecret"] = json!(secret);
-        Ok(v)
+        self.directory.require_admin(caller)
     }
 
     // ----- resources with identities -----
@@ -1126,6 +760,7 @@ impl Platform {
             .with_inner("InvalidResource"));
         }
         let grant = self
+            .directory
             .issue(
                 &Principal {
                     tenant_id: chosen.tenant_id.clone(),
@@ -1144,7 +779,7 @@ impl Platform {
 
     /// The seconds-since-epoch at which a token issued now expires.
     pub fn token_expires_on(&self) -> i64 {
-        self.clock.now() + TOKEN_LIFETIME - 1
+        self.directory.token_expires_on()
     }
 
     // ----- RBAC -----
@@ -1776,18 +1411,6 @@ fn binding_json(b: &BindingRecord, now: i64) -> Value {
         "createdOn": rfc3339(b.created),
         "expiresOn": rfc3339(b.expires),
         "status": if now < b.expires { "Active" } else { "Expired" },
-    })
-}
-
-fn principal_json(p: &PrincipalRecord) -> Value {
-    json!({
-        "objectId": p.object_id,
-        "clientId": p.client_id,
-        "tenantId": p.tenant_id,
-        "displayName": p.display_name,
-        "principalType": p.kind,
-        "resourceId": p.resource_id,
-        "createdDateTime": rfc3339(p.created),
     })
 }
 

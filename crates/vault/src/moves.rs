@@ -98,12 +98,7 @@ impl Platform {
 
     /// Whether kagi knows a tenant: one that holds a subscription or a principal.
     pub(crate) fn tenant_known(&self, tenant: &str) -> bool {
-        let t = tenant.to_ascii_lowercase();
-        let d = self.dir();
-        d.subscriptions.values().any(|s| *s == t)
-            || d.principals
-                .values()
-                .any(|p| p.tenant_id.eq_ignore_ascii_case(&t))
+        self.dir().tenant_known(tenant)
     }
 
     /// The tenant new identities of a resource are created in: its subscription's, or the

@@ -403,6 +403,7 @@ impl Platform {
             return Err(e);
         }
         let grant = self
+            .directory
             .issue(
                 &Principal {
                     tenant_id: p.tenant_id.clone(),

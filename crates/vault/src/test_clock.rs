@@ -16,6 +16,7 @@ impl Platform {
     #[must_use]
     pub fn with_test_clock(mut self, clock: Arc<TestClock>) -> Self {
         self.clock = clock.clone();
+        self.directory.set_clock(clock.clone());
         self.test_clock = Some(clock);
         self
     }

@@ -1469,7 +1469,7 @@ impl Platform {
                 network_address: None,
                 upn: None,
             };
-            if self.check_principal_exists(&probe).is_ok() {
+            if self.directory.check_principal_exists(&probe).is_ok() {
                 let mut p = p.clone();
                 p.tenant_id = tenant.to_string();
                 kept.push(p);

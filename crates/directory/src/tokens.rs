@@ -21,7 +21,7 @@ use zeroize::Zeroizing;
 use crate::token_guards::{
     MAX_ASSERTION_LIFETIME, Refusal, ReplayRefusal, Throttled, lock, source_key,
 };
-use crate::{Platform, internal};
+use crate::{Directory, LoadError, internal};
 use kagi_identity::kind;
 
 /// The label under which the token signing key is sealed by the root key.
@@ -120,7 +120,7 @@ fn form_field<'a>(form: &'a HashMap<String, String>, k: &str) -> &'a str {
     form.get(k).map(String::as_str).unwrap_or("")
 }
 
-impl Platform {
+impl Directory {
     /// Answers `POST /{tenant}/oauth2/v2.0/token` with form fields already parsed, for a
     /// caller whose address is not known (the password grant then has no per-source throttle).
     pub async fn client_credentials(
@@ -170,7 +170,7 @@ impl Platform {
         // them, with that tenant as `tid`. Everyone else only in their own.
         let admin_elsewhere = record.kind == kind::BOOTSTRAP
             && kagi_core::TenantId::parse(tenant).is_ok()
-            && self.tenant_known(tenant);
+            && self.state().tenant_known(tenant);
         if !tenant.eq_ignore_ascii_case(&record.tenant_id) && !admin_elsewhere {
             return Err(refuse(
                 400,
@@ -247,7 +247,8 @@ impl Platform {
         Ok(())
     }
 
-    pub(crate) fn issue(
+    /// A token for `principal` to `audience`, signed now.
+    pub fn issue(
         &self,
         principal: &Principal,
         audience: &str,
@@ -496,7 +497,7 @@ impl Platform {
         let claims: serde_json::Value = b64::decode(parts[1])
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| invalid("bad claims"))?;
-        let endpoint = format!("{}/{tenant}/oauth2/v2.0/token", self.config.authority());
+        let endpoint = format!("{}/{tenant}/oauth2/v2.0/token", self.authority);
         let now = self.clock.now();
         let num = |k: &str| claims[k].as_f64().map(|f| f as i64);
         if claims["aud"].as_str().map(|a| a.trim_end_matches('/')) != Some(endpoint.as_str())
@@ -556,7 +557,7 @@ impl Platform {
 
     /// `https://localhost:8443/.default` → `https://localhost:8443`; kagi is the only resource.
     fn audience_for_scope(&self, scope: &str) -> Result<String, TokenRequestError> {
-        let authority = self.config.authority();
+        let authority = self.authority.as_str();
         for s in scope.split(' ').filter(|s| !s.is_empty()) {
             if let Some(resource) = s.strip_suffix("/.default")
                 && resource.trim_end_matches('/') == authority
@@ -576,7 +577,7 @@ impl Platform {
 
     /// The OpenID configuration document for a tenant.
     pub fn openid_configuration(&self, tenant: &str) -> serde_json::Value {
-        let a = self.config.authority();
+        let a = &self.authority;
         serde_json::json!({
             "issuer": self.issuer.issuer(tenant),
             "token_endpoint": format!("{a}/{tenant}/oauth2/v2.0/token"),
@@ -671,38 +672,36 @@ impl Platform {
         tracing::info!(kid = %self.issuer.kid(), revoke_previous, "token signing key rotated");
         Ok(self.signing_keys_json())
     }
+}
 
-    /// The signing key of a store: created (sealed under the root key) on first start, with
-    /// the retired keys that still validate at `now`.
-    pub(crate) async fn load_token_issuer(
-        store: &dyn kagi_store::Store,
-        root: &dyn kagi_crypto::RootKey,
-        authority: &str,
-        now: i64,
-    ) -> Result<TokenIssuer, crate::StartupError> {
-        use crate::StartupError;
-        let fresh = KeyPair::generate_ec(Curve::P256)
-            .and_then(|k| k.to_pkcs8())
-            .and_then(|der| root.seal(SealPurpose::Token, SIGNING_KEY_LABEL, &der))
-            .map_err(|e| StartupError::RootKey(e.to_string()))?;
-        let sealed = store.put_meta_if_absent(SIGNING_KEY, &fresh).await?;
-        let der = root
-            .open(SealPurpose::Token, SIGNING_KEY_LABEL, &sealed)
-            .map_err(|e| StartupError::RootKey(e.to_string()))?;
-        let signing =
-            KeyPair::from_pkcs8(&der).map_err(|e| StartupError::Corrupt(e.to_string()))?;
-        let retired: Vec<RetiredKey> = match store.get_meta(RETIRED_SIGNING_KEYS).await? {
-            Some(json) => serde_json::from_slice(&json)
-                .map_err(|e| StartupError::Corrupt(format!("retired signing keys: {e}")))?,
-            None => Vec::new(),
-        };
-        let issuer = TokenIssuer::new(signing, authority)
-            .map_err(|e| StartupError::Corrupt(e.to_string()))?;
-        issuer
-            .set_retired(retired.into_iter().filter(|r| now < r.until).collect())
-            .map_err(|e| StartupError::Corrupt(format!("retired signing keys: {e}")))?;
-        Ok(issuer)
-    }
+/// The signing key of a store: created (sealed under the root key) on first start, with
+/// the retired keys that still validate at `now`.
+pub async fn load_token_issuer(
+    store: &dyn kagi_store::Store,
+    root: &dyn kagi_crypto::RootKey,
+    authority: &str,
+    now: i64,
+) -> Result<TokenIssuer, LoadError> {
+    let fresh = KeyPair::generate_ec(Curve::P256)
+        .and_then(|k| k.to_pkcs8())
+        .and_then(|der| root.seal(SealPurpose::Token, SIGNING_KEY_LABEL, &der))
+        .map_err(|e| LoadError::RootKey(e.to_string()))?;
+    let sealed = store.put_meta_if_absent(SIGNING_KEY, &fresh).await?;
+    let der = root
+        .open(SealPurpose::Token, SIGNING_KEY_LABEL, &sealed)
+        .map_err(|e| LoadError::RootKey(e.to_string()))?;
+    let signing = KeyPair::from_pkcs8(&der).map_err(|e| LoadError::Corrupt(e.to_string()))?;
+    let retired: Vec<RetiredKey> = match store.get_meta(RETIRED_SIGNING_KEYS).await? {
+        Some(json) => serde_json::from_slice(&json)
+            .map_err(|e| LoadError::Corrupt(format!("retired signing keys: {e}")))?,
+        None => Vec::new(),
+    };
+    let issuer =
+        TokenIssuer::new(signing, authority).map_err(|e| LoadError::Corrupt(e.to_string()))?;
+    issuer
+        .set_retired(retired.into_iter().filter(|r| now < r.until).collect())
+        .map_err(|e| LoadError::Corrupt(format!("retired signing keys: {e}")))?;
+    Ok(issuer)
 }
 
 #[cfg(test)]
@@ -713,28 +712,35 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::PlatformConfig;
     use crate::token_guards::HashGate;
+    use crate::{Parts, State};
 
-    async fn platform(dir: &std::path::Path) -> Platform {
-        let store = Arc::new(
+    /// The tenant the tests ask tokens in (no user exists in any).
+    const TENANT: &str = "7d0f1c9e-2b7a-4c51-9a43-3c2d5e6f7a80";
+
+    async fn platform(dir: &std::path::Path) -> Directory {
+        let store: Arc<dyn kagi_store::Store> = Arc::new(
             kagi_store::SqliteStore::open(&dir.join("kagi.db"))
                 .await
                 .unwrap(),
         );
-        Platform::open_with(
-            PlatformConfig {
-                data_dir: dir.to_path_buf(),
-                dns_suffix: "localhost".into(),
-                port: 8443,
-            },
-            Arc::new(kagi_core::time::SystemClock),
-            Arc::new(kagi_crypto::AesRootKey::from_bytes(&[7; 32])),
+        let root: Arc<dyn kagi_crypto::RootKey> =
+            Arc::new(kagi_crypto::AesRootKey::from_bytes(&[7; 32]));
+        let clock: Arc<dyn kagi_core::time::Clock> = Arc::new(kagi_core::time::SystemClock);
+        let authority = "https://localhost:8443".to_string();
+        let issuer = load_token_issuer(store.as_ref(), root.as_ref(), &authority, clock.now())
+            .await
+            .unwrap();
+        let state = State::load(store.as_ref()).await.unwrap();
+        Directory::new(Parts {
             store,
-        )
-        .await
-        .unwrap()
-        .0
+            clock,
+            root,
+            issuer,
+            authority,
+            admin_object_id: String::new(),
+            state,
+        })
     }
 
     fn password_form(user: &str) -> HashMap<String, String> {
@@ -756,7 +762,7 @@ mod tests {
         p.guards.hashing = HashGate::new(1, 0, Duration::from_secs(3600));
         let busy = p.guards.hashing.enter().await.unwrap();
         let form = password_form("alice@contoso.example");
-        let tenant = p.default_tenant().to_string();
+        let tenant = TENANT.to_string();
         let e = p.token_request(&tenant, &form, None).await.unwrap_err();
         assert_eq!(
             (e.status, e.error, e.retry_after),
@@ -778,7 +784,7 @@ mod tests {
         p.guards.hashing = HashGate::new(1, 1000, Duration::from_secs(3600));
         let busy = p.guards.hashing.enter().await.unwrap();
         let p = Arc::new(p);
-        let tenant = p.default_tenant().to_string();
+        let tenant = TENANT.to_string();
         let n = requests.len();
         let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let tasks: Vec<_> = requests

@@ -1,0 +1,140 @@
+//! Principals and the token endpoint, as the platform serves them: each call is answered by
+//! the directory (`kagi-directory`), which the platform owns.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use kagi_core::KvError;
+use kagi_identity::Principal;
+use serde_json::Value;
+
+use crate::{Platform, TokenGrant, TokenRequestError};
+
+impl Platform {
+    /// Validates a bearer token for this platform's resource and returns its principal.
+    pub fn authenticate(&self, bearer: &str) -> Result<Principal, KvError> {
+        self.directory.authenticate(bearer)
+    }
+
+    /// The JSON Web Key Set of the token service.
+    pub fn jwks(&self) -> Value {
+        self.directory.jwks()
+    }
+
+    /// Creates a service principal with a client secret (shown once).
+    pub async fn create_service_principal(
+        &self,
+        caller: &Principal,
+        name: &str,
+    ) -> Result<Value, KvError> {
+        self.directory.create_service_principal(caller, name).await
+    }
+
+    /// Creates a user who signs in with `upn` and `password` (the resource-owner password
+    /// grant). The password is kept only as an Argon2id hash.
+    pub async fn create_user(
+        &self,
+        caller: &Principal,
+        upn: &str,
+        display_name: &str,
+        password: &str,
+    ) -> Result<Value, KvError> {
+        self.directory
+            .create_user(caller, upn, display_name, password)
+            .await
+    }
+
+    /// Deletes a user; their tokens stop working on the next request.
+    pub async fn delete_user(&self, caller: &Principal, object_id: &str) -> Result<(), KvError> {
+        self.directory.delete_user(caller, object_id).await
+    }
+
+    /// Registers an X.509 certificate (PEM, or base64 of DER) as a credential of a service
+    /// principal: `ClientCertificateCredential` then signs its token requests with the key.
+    pub async fn add_service_principal_certificate(
+        &self,
+        caller: &Principal,
+        object_id: &str,
+        certificate: &str,
+    ) -> Result<Value, KvError> {
+        self.directory
+            .add_service_principal_certificate(caller, object_id, certificate)
+            .await
+    }
+
+    /// Lists principals (no secrets).
+    pub fn list_principals(&self, caller: &Principal) -> Result<Value, KvError> {
+        self.directory.list_principals(caller)
+    }
+
+    /// Deletes a service principal; its tokens stop working on the next request.
+    pub async fn delete_service_principal(
+        &self,
+        caller: &Principal,
+        object_id: &str,
+    ) -> Result<(), KvError> {
+        self.directory
+            .delete_service_principal(caller, object_id)
+            .await
+    }
+
+    /// Issues a new client secret for a service principal (the old one stops working).
+    pub async fn reset_service_principal_secret(
+        &self,
+        caller: &Principal,
+        object_id: &str,
+    ) -> Result<Value, KvError> {
+        self.directory
+            .reset_service_principal_secret(caller, object_id)
+            .await
+    }
+
+    /// Answers `POST /{tenant}/oauth2/v2.0/token` with form fields already parsed, for a
+    /// caller whose address is not known (the password grant then has no per-source throttle).
+    pub async fn client_credentials(
+        &self,
+        tenant: &str,
+        form: &HashMap<String, String>,
+    ) -> Result<TokenGrant, TokenRequestError> {
+        self.directory.client_credentials(tenant, form).await
+    }
+
+    /// Answers `POST /{tenant}/oauth2/v2.0/token` from the connection address `source`.
+    pub async fn token_request(
+        &self,
+        tenant: &str,
+        form: &HashMap<String, String>,
+        source: Option<IpAddr>,
+    ) -> Result<TokenGrant, TokenRequestError> {
+        self.directory.token_request(tenant, form, source).await
+    }
+
+    /// How many password hashes the password grant has computed since start: one per attempt
+    /// that reached the password check, whether the user exists or not.
+    pub fn password_hashes_computed(&self) -> u64 {
+        self.directory.password_hashes_computed()
+    }
+
+    /// The OpenID configuration document for a tenant.
+    pub fn openid_configuration(&self, tenant: &str) -> Value {
+        self.directory.openid_configuration(tenant)
+    }
+
+    /// The token signing keys: the one that signs, then those that still validate the tokens
+    /// they signed (the bootstrap administrator only).
+    pub fn signing_keys(&self, caller: &Principal) -> Result<Value, KvError> {
+        self.directory.signing_keys(caller)
+    }
+
+    /// Rotates the token signing key (the bootstrap administrator only); see
+    /// [`kagi_directory::Directory::rotate_signing_key`].
+    pub async fn rotate_signing_key(
+        &self,
+        caller: &Principal,
+        revoke_previous: bool,
+    ) -> Result<Value, KvError> {
+        self.directory
+            .rotate_signing_key(caller, revoke_previous)
+            .await
+    }
+}
