@@ -1,42 +1,31 @@
 //! The keys data plane: create, import, get, update, list, delete/recover/purge, backup and
 //! restore, rotate, and the cryptographic operations.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use kagi_core::access::{DataAction, KeyPermission};
+use kagi_core::event::ObjectType;
 use kagi_core::key::{
     BackupBlob, KeyAttributes, KeyCreateParameters, KeyImportParameters, KeyOperation,
     KeyOperationParameters, KeySignParameters, KeyType, KeyUpdateParameters, KeyVerifyParameters,
     KeyVersionInfo, PublicJwk, RandomParameters, WireKeyAttributes, parse_key_ops, validate_tags,
     validate_times,
 };
-use kagi_core::paging;
-use kagi_core::time::DAY;
-use kagi_core::{ErrorCode, KeyVersion, KvError, ObjectName, VaultName, b64};
+use kagi_core::{KeyVersion, KvError, ObjectName, VaultName, b64};
 use kagi_crypto::{
     CryptoError, Curve, EncryptionAlgorithm, KeyPair, PublicKey, RsaKeySize, RsaPrivateComponents,
     SealPurpose, SignatureAlgorithm,
 };
 use kagi_identity::Principal;
-use kagi_store::{KeyRecord, KeyVersionRecord, StoreError, VaultRecord};
+use kagi_store::{KeyVersionRecord, VaultRecord};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::object_backup;
-use crate::render::VaultView;
-use crate::state::{KeyEntry, VaultState, VersionEntry, private_key_aad};
+use crate::state::{ObjectMap, VaultState, VersionEntry, private_key_aad};
+pub use crate::versioned::ListQuery;
+use crate::versioned::{self, Kind, Names, ObjectView, Op, random_version};
 use crate::{Platform, internal};
-
-/// Paging parameters of a list request.
-#[derive(Debug, Default, Clone)]
-pub struct ListQuery {
-    /// `maxresults`.
-    pub maxresults: Option<String>,
-    /// `$skiptoken`.
-    pub skiptoken: Option<String>,
-    /// The api-version to carry into `nextLink`.
-    pub api_version: String,
-}
 
 fn crypto_error(e: CryptoError) -> KvError {
     match e {
@@ -48,16 +37,6 @@ fn crypto_error(e: CryptoError) -> KvError {
         }
         other => internal("crypto", other),
     }
-}
-
-fn store_error(context: &str, e: StoreError) -> KvError {
-    internal(context, e)
-}
-
-fn random_version() -> Result<KeyVersion, KvError> {
-    kagi_crypto::random_array()
-        .map(KeyVersion::from_random)
-        .map_err(|e| internal("rng", e))
 }
 
 fn public_jwk(p: &PublicKey) -> PublicJwk {
@@ -146,56 +125,119 @@ struct NewVersion {
     tags: kagi_core::key::Tags,
 }
 
+/// Keys as a kind of versioned object.
+pub(crate) struct KeyKind;
+
+impl Kind for KeyKind {
+    type Version = VersionEntry;
+    type Record = KeyVersionRecord;
+    const NAMES: Names = Names::new(ObjectType::Key, "keys", "kid", &object_backup::KEYS)
+        .errors(KvError::key_not_found, KvError::deleted_key_not_found);
+
+    fn objects(state: &VaultState) -> &RwLock<ObjectMap<VersionEntry>> {
+        &state.keys
+    }
+
+    fn action(op: Op) -> DataAction {
+        use KeyPermission::{Backup, Delete, Get, List, Purge, Recover, Restore, Update};
+        DataAction::Key([Get, List, Update, Delete, Recover, Purge, Backup, Restore][op as usize])
+    }
+
+    fn log(vault: &VaultName, name: &ObjectName, what: &str) {
+        tracing::info!(vault = %vault, key = %name, "key {what}");
+    }
+
+    versioned::store_calls! {
+        add_key_version, update_key_version, set_key_deleted, purge_key, insert_key
+    }
+
+    fn attributes(v: &VersionEntry) -> Map<String, Value> {
+        let a = &v.info.attributes;
+        let mut m = versioned::attributes(a.enabled, a.nbf, a.exp, a.created, a.updated);
+        m.insert("exportable".into(), json!(a.exportable));
+        m
+    }
+
+    fn summary(v: &VersionEntry, item: &mut Value) {
+        versioned::add_tags(&v.info.tags, item);
+    }
+
+    /// A KeyBundle: `{key: JWK, attributes, tags?}`.
+    fn bundle(view: &ObjectView<'_>, name: &str, e: &VersionEntry) -> Value {
+        let mut key = Map::new();
+        key.insert(
+            "kid".into(),
+            json!(view.id::<Self>(name, Some(e.version.as_str()))),
+        );
+        key.insert("kty".into(), json!(e.info.kty.as_str()));
+        key.insert(
+            "key_ops".into(),
+            json!(
+                e.info
+                    .key_ops
+                    .iter()
+                    .map(|o| o.as_str())
+                    .collect::<Vec<_>>()
+            ),
+        );
+        match &e.info.public {
+            PublicJwk::Rsa { n, e } => {
+                key.insert("n".into(), json!(b64::encode(n)));
+                key.insert("e".into(), json!(b64::encode(e)));
+            }
+            PublicJwk::Ec { crv, x, y } => {
+                key.insert("crv".into(), json!(crv));
+                key.insert("x".into(), json!(b64::encode(x)));
+                key.insert("y".into(), json!(b64::encode(y)));
+            }
+        }
+        let mut out = json!({"key": Value::Object(key), "attributes": view.attributes::<Self>(e)});
+        Self::summary(e, &mut out);
+        out
+    }
+
+    fn empty_bundle(_: &ObjectView<'_>, _: &str) -> Value {
+        json!({})
+    }
+}
+
+versioned::delegations!(
+    KeyKind,
+    /// `DELETE /keys/{name}`: soft delete of every version.
+    delete_key,
+    /// `GET /deletedkeys/{name}`.
+    get_deleted_key,
+    /// `POST /deletedkeys/{name}/recover`.
+    recover_deleted_key,
+    /// `DELETE /deletedkeys/{name}`: refused while purge protection holds.
+    purge_deleted_key,
+    /// `GET /keys`.
+    list_keys,
+    /// `GET /deletedkeys`.
+    list_deleted_keys,
+    /// `GET /keys/{name}/versions`.
+    list_key_versions,
+);
+
 impl Platform {
+    /// The live vault, with `action` authorized on it.
     fn vault_for(
         &self,
         caller: &Principal,
         vault: &str,
         action: DataAction,
     ) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
-        self.vault_for_key(caller, vault, action, None)
+        self.object_vault::<KeyKind>(caller, vault, action, None)
     }
 
-    /// The live vault, with `action` authorized on it or on one key (so that role assignments
-    /// at key scope count).
-    fn vault_for_key(
+    fn key_permission(
         &self,
         caller: &Principal,
         vault: &str,
-        action: DataAction,
-        key: Option<&str>,
+        name: &str,
+        permission: KeyPermission,
     ) -> Result<(Arc<VaultState>, VaultRecord), KvError> {
-        let name = VaultName::parse(vault)
-            .map_err(|_| KvError::new(ErrorCode::VaultNotFound, "The vault was not found."))?;
-        let state = self.usable_vault(&name)?;
-        let record = state.record();
-        self.authorize_object(caller, &record, action, key.map(|k| ("keys", k)))?;
-        Ok((state, record))
-    }
-
-    fn view<'a>(&self, record: &'a VaultRecord) -> VaultView<'a> {
-        VaultView {
-            uri: self.config.vault_uri(&record.name),
-            record,
-        }
-    }
-
-    fn live_key(state: &VaultState, name: &ObjectName) -> Result<KeyEntry, KvError> {
-        match state.key(name) {
-            Some(k) if k.deleted_at.is_none() => Ok(k),
-            _ => Err(KvError::key_not_found(name.as_str(), None)),
-        }
-    }
-
-    fn pick_version(k: &KeyEntry, version: Option<&str>) -> Result<Arc<VersionEntry>, KvError> {
-        match version.filter(|v| !v.is_empty()) {
-            None => k.latest().cloned(),
-            Some(v) => {
-                let v = KeyVersion::parse(v)?;
-                k.version(&v).cloned()
-            }
-        }
-        .ok_or_else(|| KvError::key_not_found(k.name.as_str(), version))
+        self.object_vault::<KeyKind>(caller, vault, DataAction::Key(permission), Some(name))
     }
 
     /// Seals a new key pair and records it as the next version of `name`.
@@ -215,7 +257,7 @@ impl Platform {
         } = new;
         let version = random_version()?;
         let der = key.to_pkcs8().map_err(crypto_error)?;
-        let sealed = self
+        let sealed_private = self
             .root
             .seal(
                 SealPurpose::PrivateKey,
@@ -230,47 +272,22 @@ impl Platform {
             attributes,
             tags,
         };
-        let _w = state.write.lock().await;
-        let existing = state.key(name);
-        if let Some(k) = &existing
-            && k.deleted_at.is_some()
-        {
-            return Err(KvError::deleted_but_recoverable("Key", name.as_str()));
-        }
-        let seq = existing
-            .as_ref()
-            .and_then(|k| k.latest().map(|v| v.seq))
-            .unwrap_or(0)
-            + 1;
-        let rec = KeyVersionRecord {
-            version,
-            seq,
-            info,
-            sealed_private: sealed,
-        };
-        self.store
-            .add_key_version(&record.name, name, &rec)
-            .await
-            .map_err(|e| store_error("add key version", e))?;
-        let entry = Arc::new(VersionEntry::with_material(rec, Arc::new(key)));
-        let display_name = existing
-            .as_ref()
-            .map_or_else(|| name.clone(), |k| k.name.clone());
-        {
-            let mut keys = state.keys_mut();
-            let k = keys.entry(name.folded()).or_insert_with(|| KeyEntry {
-                name: display_name.clone(),
-                deleted_at: None,
-                purge_at: None,
-                versions: Vec::new(),
-            });
-            k.versions.push(entry.clone());
-        }
-        tracing::info!(vault = %record.name, key = %display_name, version = %entry.version, "key version created");
-        drop(_w);
-        self.after_change(state, kagi_core::event::ObjectType::Key, name)
-            .await;
-        Ok(self.view(record).bundle(display_name.as_str(), &entry))
+        let (shown, entry) = self
+            .add_object_version::<KeyKind>(state, record, name, |seq| {
+                let rec = KeyVersionRecord {
+                    version,
+                    seq,
+                    info,
+                    sealed_private,
+                };
+                (rec.clone(), VersionEntry::with_material(rec, Arc::new(key)))
+            })
+            .await?;
+        Ok(KeyKind::bundle(
+            &self.object_view(record),
+            shown.as_str(),
+            &entry,
+        ))
     }
 
     /// `POST /keys/{name}/create`.
@@ -281,12 +298,7 @@ impl Platform {
         name: &str,
         params: KeyCreateParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::Create),
-            Some(name),
-        )?;
+        let (state, record) = self.key_permission(caller, vault, name, KeyPermission::Create)?;
         let name = ObjectName::parse(name)?;
         let kty = KeyType::parse(&params.kty)?;
         if kty.is_hsm() && !record.properties.allows_hsm() {
@@ -374,12 +386,7 @@ impl Platform {
         name: &str,
         params: KeyImportParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::Import),
-            Some(name),
-        )?;
+        let (state, record) = self.key_permission(caller, vault, name, KeyPermission::Import)?;
         let name = ObjectName::parse(name)?;
         check_release_policy(&params.release_policy)?;
         let jwk = &params.key;
@@ -453,16 +460,13 @@ impl Platform {
         name: &str,
         version: Option<&str>,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::Get),
-            Some(name),
-        )?;
-        let name = ObjectName::parse(name)?;
-        let k = Self::live_key(&state, &name)?;
-        let v = Self::pick_version(&k, version)?;
-        Ok(self.view(&record).bundle(k.name.as_str(), &v))
+        let action = KeyKind::action(Op::Get);
+        let (record, k, v) = self.lookup::<KeyKind>(caller, vault, name, version, action)?;
+        Ok(KeyKind::bundle(
+            &self.object_view(&record),
+            k.name.as_str(),
+            &v,
+        ))
     }
 
     /// `PATCH /keys/{name}/{version?}`.
@@ -474,341 +478,36 @@ impl Platform {
         version: Option<&str>,
         params: KeyUpdateParameters,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::Update),
-            Some(name),
-        )?;
-        let name = ObjectName::parse(name)?;
-        check_release_policy(&params.release_policy)?;
-        let _w = state.write.lock().await;
-        let k = Self::live_key(&state, &name)?;
-        let v = Self::pick_version(&k, version)?;
-        let mut info = v.info.clone();
-        if let Some(ops) = &params.key_ops {
-            info.key_ops = parse_key_ops(ops, info.kty)?;
-        }
-        if let Some(a) = params.attributes {
-            if let Some(e) = a.enabled {
-                info.attributes.enabled = e;
-            }
-            if a.nbf.is_some() {
-                info.attributes.nbf = a.nbf;
-            }
-            if a.exp.is_some() {
-                info.attributes.exp = a.exp;
-            }
-            if a.exportable == Some(true) {
-                return Err(KvError::bad_parameter("kagi keys are never exportable."));
-            }
-            validate_times(info.attributes.nbf, info.attributes.exp)?;
-        }
-        if let Some(tags) = params.tags {
-            validate_tags(&tags)?;
-            info.tags = tags;
-        }
-        info.attributes.updated = self.clock.now();
-        self.store
-            .update_key_version(&record.name, &name, &v.version, &info)
-            .await
-            .map_err(|e| store_error("update key", e))?;
-        let updated = Arc::new(v.with_info(info));
-        {
-            let mut keys = state.keys_mut();
-            if let Some(entry) = keys.get_mut(&name.folded())
-                && let Some(slot) = entry.versions.iter_mut().find(|e| e.version == v.version)
-            {
-                *slot = updated.clone();
-            }
-        }
-        drop(_w);
-        self.after_change(&state, kagi_core::event::ObjectType::Key, &name)
-            .await;
-        Ok(self.view(&record).bundle(k.name.as_str(), &updated))
-    }
-
-    fn next_link(
-        &self,
-        record: &VaultRecord,
-        path: &str,
-        q: &ListQuery,
-        token: Option<String>,
-        size: usize,
-    ) -> Value {
-        match token {
-            Some(t) => json!(format!(
-                "{}{path}?api-version={}&$skiptoken={t}&maxresults={size}",
-                self.config.vault_uri(&record.name),
-                q.api_version
-            )),
-            None => Value::Null,
-        }
-    }
-
-    /// `GET /keys`.
-    pub fn list_keys(
-        &self,
-        caller: &Principal,
-        vault: &str,
-        q: &ListQuery,
-    ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::List))?;
-        let size = paging::page_size(q.maxresults.as_deref())?;
-        let after = q
-            .skiptoken
-            .as_deref()
-            .map(paging::parse_skip_token)
-            .transpose()?;
-        let live: Vec<KeyEntry> = state
-            .keys()
-            .values()
-            .filter(|k| k.deleted_at.is_none())
-            .cloned()
-            .collect();
-        let (page, token) = paging::page(live, |k| k.name.folded(), after.as_deref(), size);
-        let view = self.view(&record);
-        Ok(json!({
-            "value": page.iter().map(|k| view.item(k)).collect::<Vec<_>>(),
-            "nextLink": self.next_link(&record, "keys", q, token, size),
-        }))
-    }
-
-    /// `GET /keys/{name}/versions`.
-    pub fn list_key_versions(
-        &self,
-        caller: &Principal,
-        vault: &str,
-        name: &str,
-        q: &ListQuery,
-    ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::List),
-            Some(name),
-        )?;
-        let name = ObjectName::parse(name)?;
-        let size = paging::page_size(q.maxresults.as_deref())?;
-        // Azure answers a name with no live key with an empty list, not 404.
-        let Ok(k) = Self::live_key(&state, &name) else {
-            return Ok(json!({"value": [], "nextLink": null}));
-        };
-        let after = q
-            .skiptoken
-            .as_deref()
-            .map(paging::parse_skip_token)
-            .transpose()?;
-        let (page, token) = paging::page(
-            k.versions.clone(),
-            |v| v.version.to_string(),
-            after.as_deref(),
-            size,
-        );
-        let view = self.view(&record);
-        Ok(json!({
-            "value": page.iter().map(|v| view.version_item(k.name.as_str(), v)).collect::<Vec<_>>(),
-            "nextLink": self.next_link(&record, &format!("keys/{}/versions", k.name), q, token, size),
-        }))
-    }
-
-    /// `DELETE /keys/{name}`: soft delete of every version.
-    pub async fn delete_key(
-        &self,
-        caller: &Principal,
-        vault: &str,
-        name: &str,
-    ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::Delete),
-            Some(name),
-        )?;
-        let name = ObjectName::parse(name)?;
-        let _w = state.write.lock().await;
-        let k = Self::live_key(&state, &name)?;
-        self.check_not_locked(
-            &crate::directory::object_scope(&record, Some(("keys", name.as_str()))),
-            "delete",
-        )?;
         let now = self.clock.now();
-        let purge_at = now + i64::from(record.properties.soft_delete_retention_in_days) * DAY;
-        self.store
-            .set_key_deleted(&record.name, &name, Some((now, purge_at)))
-            .await
-            .map_err(|e| store_error("delete key", e))?;
-        let mut deleted = k.clone();
-        deleted.deleted_at = Some(now);
-        deleted.purge_at = Some(purge_at);
-        state.keys_mut().insert(name.folded(), deleted.clone());
-        tracing::info!(vault = %record.name, key = %k.name, "key soft-deleted");
-        drop(_w);
-        self.after_change(&state, kagi_core::event::ObjectType::Key, &name)
-            .await;
-        Ok(self.view(&record).deleted_bundle(&deleted))
-    }
-
-    fn deleted_key(state: &VaultState, name: &ObjectName) -> Result<KeyEntry, KvError> {
-        match state.key(name) {
-            Some(k) if k.deleted_at.is_some() => Ok(k),
-            _ => Err(KvError::deleted_key_not_found(name.as_str())),
-        }
-    }
-
-    /// `GET /deletedkeys/{name}`.
-    pub fn get_deleted_key(
-        &self,
-        caller: &Principal,
-        vault: &str,
-        name: &str,
-    ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::Get),
-            Some(name),
-        )?;
-        let name = ObjectName::parse(name)?;
-        let k = Self::deleted_key(&state, &name)?;
-        Ok(self.view(&record).deleted_bundle(&k))
-    }
-
-    /// `GET /deletedkeys`.
-    pub fn list_deleted_keys(
-        &self,
-        caller: &Principal,
-        vault: &str,
-        q: &ListQuery,
-    ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::List))?;
-        let size = paging::page_size(q.maxresults.as_deref())?;
-        let after = q
-            .skiptoken
-            .as_deref()
-            .map(paging::parse_skip_token)
-            .transpose()?;
-        let deleted: Vec<KeyEntry> = state
-            .keys()
-            .values()
-            .filter(|k| k.deleted_at.is_some())
-            .cloned()
-            .collect();
-        let (page, token) = paging::page(deleted, |k| k.name.folded(), after.as_deref(), size);
-        let view = self.view(&record);
-        Ok(json!({
-            "value": page.iter().map(|k| view.deleted_item(k)).collect::<Vec<_>>(),
-            "nextLink": self.next_link(&record, "deletedkeys", q, token, size),
-        }))
-    }
-
-    /// `POST /deletedkeys/{name}/recover`.
-    pub async fn recover_deleted_key(
-        &self,
-        caller: &Principal,
-        vault: &str,
-        name: &str,
-    ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::Recover),
-            Some(name),
-        )?;
-        let name = ObjectName::parse(name)?;
-        let _w = state.write.lock().await;
-        let mut k = Self::deleted_key(&state, &name)?;
-        self.store
-            .set_key_deleted(&record.name, &name, None)
-            .await
-            .map_err(|e| store_error("recover key", e))?;
-        k.deleted_at = None;
-        k.purge_at = None;
-        state.keys_mut().insert(name.folded(), k.clone());
-        tracing::info!(vault = %record.name, key = %k.name, "key recovered");
-        drop(_w);
-        self.after_change(&state, kagi_core::event::ObjectType::Key, &name)
-            .await;
-        let latest = k
-            .latest()
-            .ok_or_else(|| internal("recover", "key without versions"))?;
-        Ok(self.view(&record).bundle(k.name.as_str(), latest))
-    }
-
-    /// `DELETE /deletedkeys/{name}`: refused while purge protection holds.
-    pub async fn purge_deleted_key(
-        &self,
-        caller: &Principal,
-        vault: &str,
-        name: &str,
-    ) -> Result<(), KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::Purge),
-            Some(name),
-        )?;
-        let name = ObjectName::parse(name)?;
-        let _w = state.write.lock().await;
-        let k = Self::deleted_key(&state, &name)?;
-        self.check_not_locked(
-            &crate::directory::object_scope(&record, Some(("keys", name.as_str()))),
-            "delete",
-        )?;
-        if record.properties.enable_purge_protection
-            && k.purge_at.is_some_and(|t| self.clock.now() < t)
-        {
-            return Err(KvError::forbidden(format!(
-                "Operation \"purge\" is not allowed because purge protection is enabled for this \
-                 vault. Key Vault service will automatically purge it after the retention \
-                 period has passed ({}).",
-                kagi_core::time::rfc3339(k.purge_at.unwrap_or_default())
-            ))
-            .with_inner("PurgeProtectionEnabled"));
-        }
-        self.store
-            .purge_key(&record.name, &name)
-            .await
-            .map_err(|e| store_error("purge key", e))?;
-        state.keys_mut().remove(&name.folded());
-        tracing::info!(vault = %record.name, key = %k.name, "key purged");
-        Ok(())
-    }
-
-    /// Purges the vault's deleted keys whose retention has ended.
-    pub(crate) async fn purge_expired_keys(
-        &self,
-        state: &VaultState,
-        now: i64,
-    ) -> Result<usize, KvError> {
-        let record = state.record();
-        let due: Vec<ObjectName> = state
-            .keys()
-            .values()
-            .filter(|k| k.purge_at.is_some_and(|t| t <= now))
-            .map(|k| k.name.clone())
-            .collect();
-        let mut purged = 0;
-        for name in &due {
-            let _w = state.write.lock().await;
-            // Re-check under the lock: a recover may have run since the scan.
-            if !state
-                .key(name)
-                .is_some_and(|k| k.deleted_at.is_some() && k.purge_at.is_some_and(|t| t <= now))
-            {
-                continue;
+        self.update_object::<KeyKind>(caller, vault, name, version, |v| {
+            check_release_policy(&params.release_policy)?;
+            let mut info = v.info.clone();
+            if let Some(ops) = &params.key_ops {
+                info.key_ops = parse_key_ops(ops, info.kty)?;
             }
-            purged += 1;
-            self.store
-                .purge_key(&record.name, name)
-                .await
-                .map_err(|e| store_error("purge expired key", e))?;
-            state.keys_mut().remove(&name.folded());
-            tracing::info!(vault = %record.name, key = %name, "deleted key purged after retention");
-        }
-        Ok(purged)
+            if let Some(a) = params.attributes {
+                if let Some(e) = a.enabled {
+                    info.attributes.enabled = e;
+                }
+                if a.nbf.is_some() {
+                    info.attributes.nbf = a.nbf;
+                }
+                if a.exp.is_some() {
+                    info.attributes.exp = a.exp;
+                }
+                if a.exportable == Some(true) {
+                    return Err(KvError::bad_parameter("kagi keys are never exportable."));
+                }
+                validate_times(info.attributes.nbf, info.attributes.exp)?;
+            }
+            if let Some(tags) = params.tags {
+                validate_tags(&tags)?;
+                info.tags = tags;
+            }
+            info.attributes.updated = now;
+            Ok(v.with_info(info))
+        })
+        .await
     }
 
     /// `POST /keys/{name}/backup`: every version, sealed so that only a kagi holding the same
@@ -820,35 +519,22 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<BackupBlob, KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::Backup),
-            Some(name),
-        )?;
-        let name = ObjectName::parse(name)?;
-        let k = Self::live_key(&state, &name)?;
-        let mut versions = Vec::with_capacity(k.versions.len());
-        for v in &k.versions {
+        self.backup_object::<KeyKind, _>(caller, vault, name, |record, name, v| {
             let der = self
                 .root
                 .open(
                     SealPurpose::PrivateKey,
-                    &private_key_aad(&record.name, &name, &v.version),
+                    &private_key_aad(&record.name, name, &v.version),
                     &v.sealed_private,
                 )
                 .map_err(|e| internal("unseal for backup", e))?;
-            versions.push(BackupVersion {
+            Ok(BackupVersion {
                 version: v.version.to_string(),
                 seq: v.seq,
                 info: v.info.clone(),
                 pkcs8: der.to_vec(),
-            });
-        }
-        let blob =
-            self.seal_object_backup(&object_backup::KEYS, &record, k.name.as_str(), versions)?;
-        tracing::info!(vault = %record.name, key = %k.name, "key backed up");
-        Ok(blob)
+            })
+        })
     }
 
     /// `POST /keys/restore`: a backup taken in this vault's subscription, tenant and location,
@@ -859,74 +545,26 @@ impl Platform {
         vault: &str,
         blob: BackupBlob,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.vault_for(caller, vault, DataAction::Key(KeyPermission::Restore))?;
-        let (name, payload): (_, Vec<BackupVersion>) =
-            self.open_object_backup(&object_backup::KEYS, caller, &record, &blob)?;
-        let mut versions = Vec::with_capacity(payload.len());
-        let mut materials = Vec::with_capacity(payload.len());
-        for v in &payload {
+        self.restore_object::<KeyKind, BackupVersion>(caller, vault, blob, |record, name, v| {
             let version = KeyVersion::parse(&v.version).map_err(|_| object_backup::invalid())?;
             let key = KeyPair::from_pkcs8(&v.pkcs8).map_err(|_| object_backup::invalid())?;
-            let sealed = self
+            let sealed_private = self
                 .root
                 .seal(
                     SealPurpose::PrivateKey,
-                    &private_key_aad(&record.name, &name, &version),
+                    &private_key_aad(&record.name, name, &version),
                     &v.pkcs8,
                 )
                 .map_err(|e| internal("seal restored key", e))?;
-            versions.push(KeyVersionRecord {
+            let rec = KeyVersionRecord {
                 version,
                 seq: v.seq,
                 info: v.info.clone(),
-                sealed_private: sealed,
-            });
-            materials.push(Arc::new(key));
-        }
-        let _w = state.write.lock().await;
-        match state.key(&name) {
-            Some(k) if k.deleted_at.is_some() => {
-                return Err(KvError::deleted_but_recoverable("Key", name.as_str()));
-            }
-            Some(_) => {
-                return Err(KvError::conflict(format!(
-                    "Key {name} already exists in this vault; restore needs a name that is not in use."
-                )));
-            }
-            None => {}
-        }
-        let rec = KeyRecord {
-            name: name.clone(),
-            deleted_at: None,
-            purge_at: None,
-            versions,
-        };
-        self.store
-            .insert_key(&record.name, &rec)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict(m) => KvError::conflict(m),
-                e => store_error("restore key", e),
-            })?;
-        let entry = KeyEntry {
-            name: name.clone(),
-            deleted_at: None,
-            purge_at: None,
-            versions: rec
-                .versions
-                .into_iter()
-                .zip(materials)
-                .map(|(r, m)| Arc::new(VersionEntry::with_material(r, m)))
-                .collect(),
-        };
-        state.keys_mut().insert(name.folded(), entry.clone());
-        tracing::info!(vault = %record.name, key = %name, "key restored");
-        drop(_w);
-        self.after_change(&state, kagi_core::event::ObjectType::Key, &name)
-            .await;
-        let latest = entry.latest().ok_or_else(object_backup::invalid)?;
-        Ok(self.view(&record).bundle(name.as_str(), latest))
+                sealed_private,
+            };
+            Ok((rec.clone(), VersionEntry::with_material(rec, Arc::new(key))))
+        })
+        .await
     }
 
     /// `POST /keys/{name}/rotate`: a new version like the current one.
@@ -936,12 +574,7 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) = self.vault_for_key(
-            caller,
-            vault,
-            DataAction::Key(KeyPermission::Rotate),
-            Some(name),
-        )?;
+        let (state, record) = self.key_permission(caller, vault, name, KeyPermission::Rotate)?;
         let name = ObjectName::parse(name)?;
         self.rotate_key_version(&state, &record, &name).await
     }
@@ -954,7 +587,7 @@ impl Platform {
         record: &VaultRecord,
         name: &ObjectName,
     ) -> Result<Value, KvError> {
-        let k = Self::live_key(state, name)?;
+        let k = Self::live_object::<KeyKind>(state, name)?;
         let current = k
             .latest()
             .ok_or_else(|| KvError::key_not_found(name.as_str(), None))?;
@@ -1017,11 +650,8 @@ impl Platform {
             KeyOperation::Verify => KeyPermission::Verify,
             KeyOperation::Import | KeyOperation::Export => KeyPermission::Import,
         };
-        let (state, record) =
-            self.vault_for_key(caller, vault, DataAction::Key(permission), Some(name))?;
-        let name = ObjectName::parse(name)?;
-        let k = Self::live_key(&state, &name)?;
-        let v = Self::pick_version(&k, version)?;
+        let action = DataAction::Key(permission);
+        let (record, k, v) = self.lookup::<KeyKind>(caller, vault, name, version, action)?;
         v.info.check_operation(op, self.clock.now())?;
         Ok((record, k.name.clone(), v))
     }
@@ -1067,7 +697,7 @@ impl Platform {
         };
         tracing::debug!(vault = %record.name, key = %name, version = %v.version, op = op.as_str(), "key operation");
         Ok(json!({
-            "kid": self.view(&record).key_id(name.as_str(), Some(v.version.as_str())),
+            "kid": self.object_view(&record).id::<KeyKind>(name.as_str(), Some(v.version.as_str())),
             "value": b64::encode(&out),
         }))
     }
@@ -1108,7 +738,7 @@ impl Platform {
         let key = v.key_pair(self.root.as_ref(), &record.name, &name)?;
         let sig = key.sign_digest(alg, &params.value).map_err(crypto_error)?;
         Ok(json!({
-            "kid": self.view(&record).key_id(name.as_str(), Some(v.version.as_str())),
+            "kid": self.object_view(&record).id::<KeyKind>(name.as_str(), Some(v.version.as_str())),
             "value": b64::encode(&sig),
         }))
     }

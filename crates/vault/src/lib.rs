@@ -1,8 +1,7 @@
 //! The key vault service: what every request does once the HTTP layer has parsed it and the
 //! caller's token has been validated.
 //!
-//! [`Platform`] holds the store, the root key, the clock, the directory (`kagi-directory`:
-//! principals and the token endpoint, answered there; see `directory_delegates`), and an
+//! [`Platform`] holds the store, the root key, the clock and the token issuer, and an
 //! in-memory view of every vault and key (public attributes, sealed private keys and, once
 //! used, the unsealed key objects). Reads and cryptographic operations are served from memory
 //! — no database read on the hot path; every change is committed to the store first and
@@ -14,12 +13,10 @@
 mod arm;
 mod bootstrap;
 mod directory;
-mod directory_delegates;
 mod events;
 pub use events::{DeliveryConfig, run_event_delivery};
 mod keys;
 mod object_backup;
-mod render;
 mod rotation;
 pub use rotation::SweepReport;
 mod jobs;
@@ -27,8 +24,11 @@ mod secrets;
 mod service_host;
 mod state;
 mod test_clock;
+mod token_guards;
+mod tokens;
 mod vault_backup;
 pub use vault_backup::{BackupRequest, KdfRequest, MAX_RESTORE_FILE, RestoreRequest};
+mod versioned;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -37,6 +37,7 @@ use std::sync::{Arc, RwLock};
 use kagi_core::time::Clock;
 use kagi_core::{KvError, VaultName};
 use kagi_crypto::RootKey;
+use kagi_identity::TokenIssuer;
 use kagi_store::Store;
 
 pub use arm::ResourceGroupInput;
@@ -46,7 +47,7 @@ pub use directory::service_resources::KeyVaultFacts;
 pub use directory::{TRUSTED_SERVICE_TYPES, WORKLOAD_TYPE};
 pub use kagi_identity::Principal;
 pub use keys::ListQuery;
-pub use kagi_directory::{TokenGrant, TokenRequestError};
+pub use tokens::{TokenGrant, TokenRequestError};
 
 use state::VaultState;
 
@@ -88,6 +89,7 @@ pub struct Platform {
     store: Arc<dyn Store>,
     root: Arc<dyn RootKey>,
     clock: Arc<dyn Clock>,
+    issuer: TokenIssuer,
     default_tenant: String,
     default_subscription: String,
     admin_object_id: String,
@@ -95,14 +97,16 @@ pub struct Platform {
     /// Names of vaults being created: taken before the store commit, so that two creates of
     /// one name cannot both commit, and the vault enters `vaults` only once committed.
     vault_creates: std::sync::Mutex<std::collections::HashSet<VaultName>>,
-    /// Principals, identity-carrying resources, roles and locks, and the token endpoint.
-    directory: kagi_directory::Directory,
+    /// Principals, identity-carrying resources, roles and locks.
+    directory: RwLock<directory::Directory>,
     /// Set when the platform runs on a movable test clock (`kagi server --test-clock`).
     test_clock: Option<Arc<kagi_core::time::TestClock>>,
     /// Whole-vault backup and restore jobs (`crate::jobs`).
     jobs: jobs::Jobs,
     /// Event outbox wake-up and the scheduler's sweep lock.
     events: events::EventRuntime,
+    /// The token endpoint's throttles and replay cache, and the signing-key rotation lock.
+    guards: token_guards::TokenGuards,
 }
 
 /// The answer for a vault that a restore is writing into.
@@ -145,6 +149,23 @@ impl Platform {
             .unwrap_or_else(|| self.default_tenant.clone())
     }
 
+    /// Validates a bearer token for this platform's resource and returns its principal.
+    pub fn authenticate(&self, bearer: &str) -> Result<Principal, KvError> {
+        let authority = self.config.authority();
+        let principal = self
+            .issuer
+            .validate(bearer, &[&authority], self.clock.now())
+            .map(|c| c.principal())
+            .map_err(|e| KvError::unauthorized(format!("AKV10000: {e}.")))?;
+        self.check_principal_exists(&principal)?;
+        Ok(principal)
+    }
+
+    /// The JSON Web Key Set of the token service.
+    pub fn jwks(&self) -> serde_json::Value {
+        self.issuer.jwks(self.clock.now())
+    }
+
     /// Removes soft-deleted vaults and keys whose retention has ended.
     pub async fn purge_expired(&self) -> Result<usize, KvError> {
         let now = self.clock.now();
@@ -166,8 +187,8 @@ impl Platform {
                 purged += 1;
                 continue;
             }
-            purged += self.purge_expired_keys(&v, now).await?;
-            purged += self.purge_expired_secrets(&v, now).await?;
+            purged += self.purge_expired_objects::<keys::KeyKind>(&v, now).await?;
+            purged += self.purge_expired_objects::<secrets::SecretKind>(&v, now).await?;
         }
         Ok(purged)
     }

@@ -6,13 +6,14 @@ use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use kagi_core::key::KeyVersionInfo;
 use kagi_core::{KeyVersion, KvError, ObjectName, VaultName};
 use kagi_crypto::{KeyPair, RootKey, SealPurpose};
-use kagi_store::{KeyRecord, KeyVersionRecord, SecretVersionRecord, VaultRecord};
+use kagi_store::{KeyRecord, KeyVersionRecord, ObjectRecord, SecretVersionRecord, VaultRecord};
 
 /// One vault: its record, its keys, and the lock that serialises its writes.
 #[derive(Debug)]
 pub(crate) struct VaultState {
     record: RwLock<VaultRecord>,
-    keys: RwLock<BTreeMap<String, KeyEntry>>,
+    /// Keys by lower-case name; see `crate::keys`.
+    pub(crate) keys: RwLock<ObjectMap<VersionEntry>>,
     /// Secrets by lower-case name (values sealed); see `crate::secrets`.
     pub(crate) secrets: RwLock<SecretMap>,
     /// Held across "commit to store, then apply to memory" so writes to one vault are ordered.
@@ -22,28 +23,84 @@ pub(crate) struct VaultState {
     restoring: std::sync::atomic::AtomicBool,
 }
 
-/// A secret and its versions, as memory holds it (values sealed).
-#[derive(Debug, Clone)]
-pub(crate) struct SecretEntry {
+/// A versioned object (key, secret) and its versions, as memory holds it (material sealed).
+#[derive(Debug)]
+pub(crate) struct Entry<V> {
     pub(crate) name: ObjectName,
     pub(crate) deleted_at: Option<i64>,
     pub(crate) purge_at: Option<i64>,
     /// In creation order; the last is the current version.
-    pub(crate) versions: Vec<Arc<SecretVersionRecord>>,
+    pub(crate) versions: Vec<Arc<V>>,
 }
+
+// Not derived: a copy shares the versions, so `V` need not be `Clone`.
+impl<V> Clone for Entry<V> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            deleted_at: self.deleted_at,
+            purge_at: self.purge_at,
+            versions: self.versions.clone(),
+        }
+    }
+}
+
+/// The id and order of a version.
+pub(crate) trait Versioned {
+    /// The version id.
+    fn version(&self) -> &KeyVersion;
+    /// Order of creation (the highest is the current version).
+    fn seq(&self) -> i64;
+}
+
+macro_rules! versioned {
+    ($t:ty) => {
+        impl Versioned for $t {
+            fn version(&self) -> &KeyVersion {
+                &self.version
+            }
+            fn seq(&self) -> i64 {
+                self.seq
+            }
+        }
+    };
+}
+versioned!(VersionEntry);
+versioned!(SecretVersionRecord);
+
+impl<V> Entry<V> {
+    /// The entry of a stored object.
+    pub(crate) fn from_record<R: Into<V>>(r: ObjectRecord<R>) -> Self {
+        Self {
+            name: r.name,
+            deleted_at: r.deleted_at,
+            purge_at: r.purge_at,
+            versions: r.versions.into_iter().map(|v| Arc::new(v.into())).collect(),
+        }
+    }
+
+    pub(crate) fn latest(&self) -> Option<&Arc<V>> {
+        self.versions.last()
+    }
+}
+
+impl<V: Versioned> Entry<V> {
+    pub(crate) fn version(&self, v: &KeyVersion) -> Option<&Arc<V>> {
+        self.versions.iter().find(|e| e.version() == v)
+    }
+}
+
+/// The objects of one kind in one vault, by lower-case name.
+pub(crate) type ObjectMap<V> = BTreeMap<String, Entry<V>>;
+
+/// A secret and its versions (values sealed).
+pub(crate) type SecretEntry = Entry<SecretVersionRecord>;
 
 /// The in-memory secrets of one vault.
-pub(crate) type SecretMap = BTreeMap<String, SecretEntry>;
+pub(crate) type SecretMap = ObjectMap<SecretVersionRecord>;
 
 /// A key and its versions.
-#[derive(Debug, Clone)]
-pub(crate) struct KeyEntry {
-    pub(crate) name: ObjectName,
-    pub(crate) deleted_at: Option<i64>,
-    pub(crate) purge_at: Option<i64>,
-    /// In creation order; the last is the current version.
-    pub(crate) versions: Vec<Arc<VersionEntry>>,
-}
+pub(crate) type KeyEntry = Entry<VersionEntry>;
 
 /// A key version: public info, sealed private key, and the unsealed key once first used.
 #[derive(Debug)]
@@ -121,26 +178,9 @@ impl VersionEntry {
     }
 }
 
-impl KeyEntry {
-    pub(crate) fn from_record(r: KeyRecord) -> Self {
-        Self {
-            name: r.name,
-            deleted_at: r.deleted_at,
-            purge_at: r.purge_at,
-            versions: r
-                .versions
-                .into_iter()
-                .map(|v| Arc::new(VersionEntry::new(v)))
-                .collect(),
-        }
-    }
-
-    pub(crate) fn latest(&self) -> Option<&Arc<VersionEntry>> {
-        self.versions.last()
-    }
-
-    pub(crate) fn version(&self, v: &KeyVersion) -> Option<&Arc<VersionEntry>> {
-        self.versions.iter().find(|e| &e.version == v)
+impl From<KeyVersionRecord> for VersionEntry {
+    fn from(r: KeyVersionRecord) -> Self {
+        Self::new(r)
     }
 }
 
@@ -182,16 +222,27 @@ impl VaultState {
         *self.record.write().unwrap_or_else(|p| p.into_inner()) = r;
     }
 
-    pub(crate) fn keys(&self) -> RwLockReadGuard<'_, BTreeMap<String, KeyEntry>> {
-        self.keys.read().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn keys(&self) -> RwLockReadGuard<'_, ObjectMap<VersionEntry>> {
+        read(&self.keys)
     }
 
-    pub(crate) fn keys_mut(&self) -> RwLockWriteGuard<'_, BTreeMap<String, KeyEntry>> {
-        self.keys.write().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn keys_mut(&self) -> RwLockWriteGuard<'_, ObjectMap<VersionEntry>> {
+        write(&self.keys)
     }
 
     /// A copy of one key's entry (versions shared).
     pub(crate) fn key(&self, name: &ObjectName) -> Option<KeyEntry> {
         self.keys().get(&name.folded()).cloned()
     }
+}
+
+/// Reads a map of objects (a poisoned lock still holds consistent data: every change is one
+/// insert or remove).
+pub(crate) fn read<V>(map: &RwLock<ObjectMap<V>>) -> RwLockReadGuard<'_, ObjectMap<V>> {
+    map.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes a map of objects.
+pub(crate) fn write<V>(map: &RwLock<ObjectMap<V>>) -> RwLockWriteGuard<'_, ObjectMap<V>> {
+    map.write().unwrap_or_else(|p| p.into_inner())
 }
