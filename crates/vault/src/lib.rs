@@ -1,7 +1,8 @@
 //! The key vault service: what every request does once the HTTP layer has parsed it and the
 //! caller's token has been validated.
 //!
-//! [`Platform`] holds the store, the root key, the clock and the token issuer, and an
+//! [`Platform`] holds the store, the root key, the clock, the directory (`kagi-directory`:
+//! principals and the token endpoint, answered there; see `directory_delegates`), and an
 //! in-memory view of every vault and key (public attributes, sealed private keys and, once
 //! used, the unsealed key objects). Reads and cryptographic operations are served from memory
 //! — no database read on the hot path; every change is committed to the store first and
@@ -13,6 +14,7 @@
 mod arm;
 mod bootstrap;
 mod directory;
+mod directory_delegates;
 mod events;
 pub use events::{DeliveryConfig, run_event_delivery};
 mod keys;
@@ -24,8 +26,6 @@ mod secrets;
 mod service_host;
 mod state;
 mod test_clock;
-mod token_guards;
-mod tokens;
 mod vault_backup;
 pub use vault_backup::{BackupRequest, KdfRequest, MAX_RESTORE_FILE, RestoreRequest};
 mod versioned;
@@ -37,7 +37,6 @@ use std::sync::{Arc, RwLock};
 use kagi_core::time::Clock;
 use kagi_core::{KvError, VaultName};
 use kagi_crypto::RootKey;
-use kagi_identity::TokenIssuer;
 use kagi_store::Store;
 
 pub use arm::ResourceGroupInput;
@@ -47,7 +46,7 @@ pub use directory::service_resources::KeyVaultFacts;
 pub use directory::{TRUSTED_SERVICE_TYPES, WORKLOAD_TYPE};
 pub use kagi_identity::Principal;
 pub use keys::ListQuery;
-pub use tokens::{TokenGrant, TokenRequestError};
+pub use kagi_directory::{TokenGrant, TokenRequestError};
 
 use state::VaultState;
 
@@ -89,7 +88,6 @@ pub struct Platform {
     store: Arc<dyn Store>,
     root: Arc<dyn RootKey>,
     clock: Arc<dyn Clock>,
-    issuer: TokenIssuer,
     default_tenant: String,
     default_subscription: String,
     admin_object_id: String,
@@ -97,16 +95,14 @@ pub struct Platform {
     /// Names of vaults being created: taken before the store commit, so that two creates of
     /// one name cannot both commit, and the vault enters `vaults` only once committed.
     vault_creates: std::sync::Mutex<std::collections::HashSet<VaultName>>,
-    /// Principals, identity-carrying resources, roles and locks.
-    directory: RwLock<directory::Directory>,
+    /// Principals, identity-carrying resources, roles and locks, and the token endpoint.
+    directory: kagi_directory::Directory,
     /// Set when the platform runs on a movable test clock (`kagi server --test-clock`).
     test_clock: Option<Arc<kagi_core::time::TestClock>>,
     /// Whole-vault backup and restore jobs (`crate::jobs`).
     jobs: jobs::Jobs,
     /// Event outbox wake-up and the scheduler's sweep lock.
     events: events::EventRuntime,
-    /// The token endpoint's throttles and replay cache, and the signing-key rotation lock.
-    guards: token_guards::TokenGuards,
 }
 
 /// The answer for a vault that a restore is writing into.
@@ -147,23 +143,6 @@ impl Platform {
             .and_then(|n| self.live_vault(&n).ok())
             .map(|v| v.record().properties.tenant_id.to_string())
             .unwrap_or_else(|| self.default_tenant.clone())
-    }
-
-    /// Validates a bearer token for this platform's resource and returns its principal.
-    pub fn authenticate(&self, bearer: &str) -> Result<Principal, KvError> {
-        let authority = self.config.authority();
-        let principal = self
-            .issuer
-            .validate(bearer, &[&authority], self.clock.now())
-            .map(|c| c.principal())
-            .map_err(|e| KvError::unauthorized(format!("AKV10000: {e}.")))?;
-        self.check_principal_exists(&principal)?;
-        Ok(principal)
-    }
-
-    /// The JSON Web Key Set of the token service.
-    pub fn jwks(&self) -> serde_json::Value {
-        self.issuer.jwks(self.clock.now())
     }
 
     /// Removes soft-deleted vaults and keys whose retention has ended.
