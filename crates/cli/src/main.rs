@@ -308,9 +308,7 @@ async fn run_server(
     );
     kagi_backup_service::spawn_scheduler(backup.clone(), std::time::Duration::from_secs(60));
 
-    // The storage services, each registered by its provider (adding one touches no router).
-    let services = kagi_http::Services::default();
-    services.register(backup);
+    let services = kagi_http::Services::new(Some(backup));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {

@@ -2,17 +2,21 @@
 //!
 //! [`Directory`] holds the in-memory directory ([`State`]: principals, identity-carrying
 //! resources, role definitions and assignments, locks, certificate credentials, subscriptions)
-//! and answers for principals (service principals, users, certificate credentials) and the
-//! token endpoint (grants, their guards, the signing key and its rotation). The platform owns
-//! one and delegates to it. This crate knows nothing of vaults: deciding a data-plane call
-//! against a vault's access model is the vault crate's, which reads the directory for it.
+//! and answers for principals (service principals, users, certificate credentials), the
+//! token endpoint (grants, their guards, the signing key and its rotation), role definitions
+//! and assignments (RBAC) and management locks. The platform owns one and delegates to it.
+//! This crate knows nothing of vaults: deciding a data-plane call against a vault's access
+//! model is the vault crate's, which asks the directory for it.
 //!
-//! Managed identities and their resources, workload bindings, RBAC, locks, subscriptions and
-//! policy assignments still live in the vault crate, over [`Directory::state`].
+//! Managed identities and their resources, workload bindings, subscriptions and moves, and
+//! policy assignments still live in the vault crate, over [`Directory::state`]; so does the
+//! check that a scope exists (it may name a vault) before a role assignment or lock is put.
 
 #![forbid(unsafe_code)]
 
+mod locks;
 mod principals;
+mod roles;
 mod state;
 mod token_guards;
 mod tokens;

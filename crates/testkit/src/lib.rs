@@ -108,8 +108,6 @@ pub struct TestServer {
     pub token: String,
     client: reqwest::Client,
     backup_keys: Option<BackupKeys>,
-    /// The backup service registered in `services` (typed, for tests that call it directly).
-    backup: std::sync::Mutex<Option<Arc<kagi_backup_service::BackupService>>>,
     arm_api_version: &'static str,
     task: tokio::task::JoinHandle<Result<(), kagi_http::ServeError>>,
     dir: tempfile::TempDir,
@@ -163,13 +161,11 @@ impl TestServer {
             addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
         }
         let platform = Arc::new(platform);
-        let backup = options
-            .backup_service
-            .map(|keys| backup_service(&platform, keys, addr));
-        let services = kagi_http::Services::default();
-        if let Some(b) = &backup {
-            services.register(b.clone());
-        }
+        let services = kagi_http::Services::new(
+            options
+                .backup_service
+                .map(|keys| backup_service(&platform, keys, addr)),
+        );
         let audit = match options.audit {
             Some(config) => AuditLog::open_with(dir.path(), config(dir.path())),
             None => AuditLog::open(dir.path()),
@@ -209,7 +205,6 @@ impl TestServer {
             token: String::new(),
             client,
             backup_keys: options.backup_service,
-            backup: std::sync::Mutex::new(backup),
             arm_api_version: options.arm_api_version,
             task,
             dir,
@@ -389,9 +384,8 @@ impl TestServer {
         let keys = self
             .backup_keys
             .expect("the server was started with the backup service");
-        let backup = backup_service(&self.platform, keys, self.addr);
-        self.services.register(backup.clone());
-        *self.backup.lock().unwrap_or_else(|p| p.into_inner()) = Some(backup);
+        self.services
+            .set_backup(backup_service(&self.platform, keys, self.addr));
     }
 
     /// The backup service the server runs.
@@ -400,10 +394,8 @@ impl TestServer {
     ///
     /// When the server was started without the backup service.
     pub fn backup_service(&self) -> Arc<kagi_backup_service::BackupService> {
-        self.backup
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.services
+            .backup()
             .expect("the server was started with the backup service")
     }
 

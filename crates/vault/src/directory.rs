@@ -11,16 +11,13 @@ use std::net::IpAddr;
 
 use kagi_core::access::{Caller, DataAction};
 use kagi_core::ids::uuid_v4;
-use kagi_core::rbac::{RoleDefinitionProperties, Scope, builtin_role, builtin_roles, data_action};
+use kagi_core::rbac::{Scope, data_action};
 use kagi_core::time::rfc3339;
 use kagi_core::{ErrorCode, KvError, ResourceGroupName, SubscriptionId};
-use kagi_directory::{TokenGrant, bad, guid, new_secret, random16};
+use kagi_directory::{TokenGrant, bad, new_secret, random16};
 use kagi_identity::Principal;
 use kagi_store::directory::BindingRecord;
-use kagi_store::{
-    LockRecord, PrincipalRecord, ResourceRecord, RoleAssignmentRecord, RoleDefinitionRecord,
-    VaultRecord,
-};
+use kagi_store::{PrincipalRecord, ResourceRecord, RoleAssignmentRecord, VaultRecord};
 use serde_json::{Value, json};
 
 use crate::{Platform, internal};
@@ -39,17 +36,6 @@ pub use kagi_directory::kind;
 const UAMI_TYPE: &str = "Microsoft.ManagedIdentity/userAssignedIdentities";
 /// A process that acts as a resource (an app, a VM): it exists to carry managed identities.
 pub const WORKLOAD_TYPE: &str = "Kagi.Compute/workloads";
-
-/// The role definition GUID at the end of a `roleDefinitionId`.
-fn role_guid(role_definition_id: &str) -> Result<String, KvError> {
-    guid(
-        role_definition_id
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or(""),
-    )
-}
 
 /// The scope of a vault object (`{vault id}/keys/{name}`), or the vault itself.
 pub(crate) fn object_scope(vault: &VaultRecord, object: Option<(&str, &str)>) -> String {
@@ -782,32 +768,6 @@ impl Platform {
         self.directory.token_expires_on()
     }
 
-    // ----- RBAC -----
-
-    fn role_definition(&self, guid: &str) -> Option<RoleDefinitionProperties> {
-        builtin_role(guid).cloned().or_else(|| {
-            self.dir()
-                .custom_roles
-                .get(&guid.to_ascii_lowercase())
-                .map(|(_, r)| r.clone())
-        })
-    }
-
-    /// Whether a role assignment of `oid` at a scope containing `scope` grants `action`.
-    fn rbac_allows(&self, oid: &str, scope: &str, action: &str) -> bool {
-        let target = Scope::parse(scope).ok();
-        let d = self.dir();
-        d.assignments.iter().any(|a| {
-            a.principal_id.eq_ignore_ascii_case(oid)
-                && target
-                    .as_ref()
-                    .is_some_and(|t| Scope::parse(&a.scope).is_ok_and(|s| s.contains(t)))
-                && builtin_role(&a.role_definition_id)
-                    .or_else(|| d.custom_roles.get(&a.role_definition_id).map(|(_, r)| r))
-                    .is_some_and(|r| r.grants_data_action(action))
-        })
-    }
-
     /// The firewall decision for a caller.
     fn firewall_allows(&self, caller: &Principal, record: &VaultRecord) -> Result<(), KvError> {
         let acls = record.properties.network_acls.as_ref();
@@ -887,7 +847,10 @@ impl Platform {
         let who = format!("appid={};oid={}", caller.client_id, caller.object_id);
         if record.properties.enable_rbac_authorization {
             let wanted = data_action(action);
-            if self.rbac_allows(&caller.object_id, &object_scope(record, object), wanted) {
+            if self
+                .directory
+                .rbac_allows(&caller.object_id, &object_scope(record, object), wanted)
+            {
                 return Ok(());
             }
             return Err(KvError::forbidden(format!(
@@ -962,7 +925,23 @@ impl Platform {
         Ok(())
     }
 
-    /// `PUT {scope}/providers/Microsoft.Authorization/roleAssignments/{guid}`.
+    /// Refuses `operation` on `scope` when a lock at or above it forbids it.
+    pub(crate) fn check_not_locked(&self, scope: &str, operation: &str) -> Result<(), KvError> {
+        self.directory.check_not_locked(scope, operation)
+    }
+
+    /// Refuses (409 `ScopeLocked`) when any lock is at, above or below `scope`.
+    pub(crate) fn check_not_locked_within(&self, scope: &str) -> Result<(), KvError> {
+        self.directory.check_not_locked_within(scope)
+    }
+
+    /// The role assignments whose scope is `scope` or below it, for whole-vault backups.
+    pub(crate) fn role_assignments_within(&self, scope: &str) -> Vec<RoleAssignmentRecord> {
+        self.directory.role_assignments_within(scope)
+    }
+
+    /// `PUT {scope}/providers/Microsoft.Authorization/roleAssignments/{guid}`, once the scope
+    /// is known to exist.
     pub async fn put_role_assignment(
         &self,
         caller: &Principal,
@@ -973,238 +952,13 @@ impl Platform {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
         self.check_scope_exists(&scope).await?;
-        let id = guid(id)?;
-        let props = input
-            .get("properties")
-            .ok_or_else(|| bad("The property \"properties\" is required."))?;
-        let role = role_guid(
-            props
-                .get("roleDefinitionId")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad("properties.roleDefinitionId is required."))?,
-        )?;
-        if self.role_definition(&role).is_none() {
-            return Err(bad(format!("The role definition '{role}' does not exist."))
-                .with_inner("RoleDefinitionDoesNotExist"));
-        }
-        let principal = guid(
-            props
-                .get("principalId")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad("properties.principalId is required."))?,
-        )?;
-        if !self.dir().principals.contains_key(&principal) {
-            return Err(bad(format!(
-                "Principal {principal} does not exist in the directory {}.",
-                caller.tenant_id
-            ))
-            .with_inner("PrincipalNotFound"));
-        }
-        if let Some(existing) = self.dir().assignments.iter().find(|a| a.id == id) {
-            if existing.principal_id == principal
-                && existing.role_definition_id == role
-                && existing.scope == scope.as_str()
-            {
-                return Ok((200, assignment_json(existing)));
-            }
-            return Err(KvError::conflict(
-                "A role assignment with this id already exists with other properties.",
-            )
-            .with_inner("RoleAssignmentUpdateNotPermitted"));
-        }
-        if self.dir().assignments.iter().any(|a| {
-            a.principal_id == principal && a.role_definition_id == role && a.scope == scope.as_str()
-        }) {
-            return Err(KvError::conflict("The role assignment already exists.")
-                .with_inner("RoleAssignmentExists"));
-        }
-        let rec = RoleAssignmentRecord {
-            id,
-            scope: scope.as_str().to_string(),
-            principal_id: principal,
-            role_definition_id: role,
-            created: self.clock.now(),
-        };
-        self.store
-            .put_role_assignment(&rec)
+        self.directory
+            .put_role_assignment(caller, &scope, id, input)
             .await
-            .map_err(|e| internal("put role assignment", e))?;
-        self.dir_mut().assignments.push(rec.clone());
-        tracing::info!(assignment = %rec.id, scope = %rec.scope, "role assignment created");
-        Ok((201, assignment_json(&rec)))
     }
 
-    /// `GET` of one role assignment.
-    pub fn get_role_assignment(&self, caller: &Principal, id: &str) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let id = guid(id)?;
-        self.dir()
-            .assignments
-            .iter()
-            .find(|a| a.id == id)
-            .map(assignment_json)
-            .ok_or_else(|| {
-                KvError::new(ErrorCode::NotFound, "The role assignment does not exist.")
-                    .with_inner("RoleAssignmentNotFound")
-            })
-    }
-
-    /// Lists role assignments at or below a scope (and above it: those that apply to it).
-    pub fn list_role_assignments(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let scope = Scope::parse(scope)?;
-        let value: Vec<Value> = self
-            .dir()
-            .assignments
-            .iter()
-            .filter(|a| {
-                Scope::parse(&a.scope).is_ok_and(|s| s.contains(&scope) || scope.contains(&s))
-            })
-            .map(assignment_json)
-            .collect();
-        Ok(json!({ "value": value }))
-    }
-
-    /// `DELETE` of a role assignment: the next request of that principal is decided without it.
-    pub async fn delete_role_assignment(
-        &self,
-        caller: &Principal,
-        id: &str,
-    ) -> Result<(u16, Value), KvError> {
-        self.require_admin(caller)?;
-        let id = guid(id)?;
-        let Some(rec) = self.dir().assignments.iter().find(|a| a.id == id).cloned() else {
-            return Ok((204, Value::Null));
-        };
-        self.store
-            .delete_role_assignment(&id)
-            .await
-            .map_err(|e| internal("delete role assignment", e))?;
-        self.dir_mut().assignments.retain(|a| a.id != id);
-        tracing::info!(assignment = %id, "role assignment deleted");
-        Ok((200, assignment_json(&rec)))
-    }
-
-    /// `PUT {scope}/providers/Microsoft.Authorization/roleDefinitions/{guid}`: a custom role.
-    pub async fn put_role_definition(
-        &self,
-        caller: &Principal,
-        scope: &str,
-        id: &str,
-        input: Value,
-    ) -> Result<(u16, Value), KvError> {
-        self.require_admin(caller)?;
-        let scope = Scope::parse(scope)?;
-        let id = guid(id)?;
-        if builtin_roles().iter().any(|(g, _)| *g == id) {
-            return Err(
-                KvError::forbidden("Built-in role definitions cannot be changed.")
-                    .with_inner("RoleDefinitionNotEditable"),
-            );
-        }
-        let mut props: RoleDefinitionProperties =
-            serde_json::from_value(input.get("properties").cloned().unwrap_or(Value::Null))
-                .map_err(|e| {
-                    bad(format!(
-                        "The role definition is not valid: {}",
-                        e.to_string().chars().take(200).collect::<String>()
-                    ))
-                })?;
-        props.role_type = "CustomRole".into();
-        if props.assignable_scopes.is_empty() {
-            props.assignable_scopes = vec![scope.as_str().to_string()];
-        }
-        props.validate()?;
-        let existed = self.dir().custom_roles.contains_key(&id);
-        let rec = RoleDefinitionRecord {
-            id: id.clone(),
-            scope: scope.as_str().to_string(),
-            body: serde_json::to_string(&props).map_err(|e| internal("role", e))?,
-        };
-        self.store
-            .put_role_definition(&rec)
-            .await
-            .map_err(|e| internal("put role definition", e))?;
-        self.dir_mut()
-            .custom_roles
-            .insert(id.clone(), (rec.scope.clone(), props.clone()));
-        Ok((
-            if existed { 200 } else { 201 },
-            role_json(&rec.scope, &id, &props),
-        ))
-    }
-
-    /// Lists role definitions (built-in and custom) visible at a scope.
-    pub fn list_role_definitions(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let scope = Scope::parse(scope)?;
-        let mut value: Vec<Value> = builtin_roles()
-            .iter()
-            .map(|(g, r)| role_json(scope.as_str(), g, r))
-            .collect();
-        for (g, (_, r)) in &self.dir().custom_roles {
-            value.push(role_json(scope.as_str(), g, r));
-        }
-        Ok(json!({ "value": value }))
-    }
-
-    /// `GET` of one role definition.
-    pub fn get_role_definition(
-        &self,
-        caller: &Principal,
-        scope: &str,
-        id: &str,
-    ) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let scope = Scope::parse(scope)?;
-        let id = guid(id)?;
-        self.role_definition(&id)
-            .map(|r| role_json(scope.as_str(), &id, &r))
-            .ok_or_else(|| {
-                KvError::new(ErrorCode::NotFound, "The role definition does not exist.")
-                    .with_inner("RoleDefinitionDoesNotExist")
-            })
-    }
-
-    /// `DELETE` of a custom role definition; refused while assigned.
-    pub async fn delete_role_definition(
-        &self,
-        caller: &Principal,
-        id: &str,
-    ) -> Result<u16, KvError> {
-        self.require_admin(caller)?;
-        let id = guid(id)?;
-        if builtin_roles().iter().any(|(g, _)| *g == id) {
-            return Err(
-                KvError::forbidden("Built-in role definitions cannot be deleted.")
-                    .with_inner("RoleDefinitionNotEditable"),
-            );
-        }
-        if !self.dir().custom_roles.contains_key(&id) {
-            return Ok(204);
-        }
-        if self
-            .dir()
-            .assignments
-            .iter()
-            .any(|a| a.role_definition_id == id)
-        {
-            return Err(KvError::conflict(
-                "The role definition is assigned; delete its assignments first.",
-            )
-            .with_inner("RoleDefinitionHasAssignments"));
-        }
-        self.store
-            .delete_role_definition(&id)
-            .await
-            .map_err(|e| internal("delete role definition", e))?;
-        self.dir_mut().custom_roles.remove(&id);
-        Ok(200)
-    }
-
-    // ----- locks -----
-
-    /// `PUT {scope}/providers/Microsoft.Authorization/locks/{name}`.
+    /// `PUT {scope}/providers/Microsoft.Authorization/locks/{name}`, once the scope is known to
+    /// exist.
     pub async fn put_lock(
         &self,
         caller: &Principal,
@@ -1215,180 +969,7 @@ impl Platform {
         self.require_admin(caller)?;
         let scope = Scope::parse(scope)?;
         self.check_scope_exists(&scope).await?;
-        if name.is_empty()
-            || name.len() > 90
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(bad(
-                "Lock names are 1-90 letters, digits, '-', '_' and '.'.",
-            ));
-        }
-        let props = input.get("properties").cloned().unwrap_or(Value::Null);
-        let level = match props.get("level").and_then(Value::as_str) {
-            Some(l) if l.eq_ignore_ascii_case("CanNotDelete") => "CanNotDelete",
-            Some(l) if l.eq_ignore_ascii_case("ReadOnly") => "ReadOnly",
-            _ => return Err(bad("properties.level must be CanNotDelete or ReadOnly.")),
-        };
-        let notes = props
-            .get("notes")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .chars()
-            .take(512)
-            .collect::<String>();
-        let id = format!(
-            "{}/providers/microsoft.authorization/locks/{}",
-            scope.as_str(),
-            name.to_ascii_lowercase()
-        );
-        let existed = self.dir().locks.iter().any(|l| l.id == id);
-        let rec = LockRecord {
-            id: id.clone(),
-            scope: scope.as_str().to_string(),
-            name: name.to_string(),
-            level: level.into(),
-            notes,
-        };
-        self.store
-            .put_lock(&rec)
-            .await
-            .map_err(|e| internal("put lock", e))?;
-        {
-            let mut d = self.dir_mut();
-            d.locks.retain(|l| l.id != id);
-            d.locks.push(rec.clone());
-        }
-        tracing::info!(lock = %id, "lock set");
-        Ok((if existed { 200 } else { 201 }, lock_json(&rec)))
-    }
-
-    /// Lists locks at or above a scope.
-    pub fn list_locks(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let scope = Scope::parse(scope)?;
-        let value: Vec<Value> = self
-            .dir()
-            .locks
-            .iter()
-            .filter(|l| {
-                Scope::parse(&l.scope).is_ok_and(|s| s.contains(&scope) || scope.contains(&s))
-            })
-            .map(lock_json)
-            .collect();
-        Ok(json!({ "value": value }))
-    }
-
-    /// `GET` of a lock.
-    pub fn get_lock(&self, caller: &Principal, scope: &str, name: &str) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let scope = Scope::parse(scope)?;
-        let id = format!(
-            "{}/providers/microsoft.authorization/locks/{}",
-            scope.as_str(),
-            name.to_ascii_lowercase()
-        );
-        self.dir()
-            .locks
-            .iter()
-            .find(|l| l.id == id)
-            .map(lock_json)
-            .ok_or_else(|| {
-                KvError::new(ErrorCode::NotFound, "The lock does not exist.")
-                    .with_inner("LockNotFound")
-            })
-    }
-
-    /// `DELETE` of a lock.
-    pub async fn delete_lock(
-        &self,
-        caller: &Principal,
-        scope: &str,
-        name: &str,
-    ) -> Result<u16, KvError> {
-        self.require_admin(caller)?;
-        let scope = Scope::parse(scope)?;
-        let id = format!(
-            "{}/providers/microsoft.authorization/locks/{}",
-            scope.as_str(),
-            name.to_ascii_lowercase()
-        );
-        if !self.dir().locks.iter().any(|l| l.id == id) {
-            return Ok(204);
-        }
-        self.store
-            .delete_lock(&id)
-            .await
-            .map_err(|e| internal("delete lock", e))?;
-        self.dir_mut().locks.retain(|l| l.id != id);
-        tracing::info!(lock = %id, "lock removed");
-        Ok(200)
-    }
-
-    /// Refuses `operation` on `scope` when a lock at or above it forbids it: every lock
-    /// forbids deletion; a ReadOnly lock also forbids changes.
-    pub(crate) fn check_not_locked(&self, scope: &str, operation: &str) -> Result<(), KvError> {
-        let Ok(target) = Scope::parse(scope) else {
-            return Ok(());
-        };
-        let d = self.dir();
-        let locked: Vec<&LockRecord> = d
-            .locks
-            .iter()
-            .filter(|l| {
-                (operation == "delete" || l.level == "ReadOnly")
-                    && Scope::parse(&l.scope).is_ok_and(|s| s.contains(&target))
-            })
-            .collect();
-        if locked.is_empty() {
-            return Ok(());
-        }
-        Err(KvError::conflict(format!(
-            "The scope '{}' cannot perform {operation} operation because following scope(s) are locked: '{}'. Please remove the lock and try again.",
-            target.as_str(),
-            locked.iter().map(|l| l.scope.as_str()).collect::<Vec<_>>().join("', '")
-        ))
-        .with_inner("ScopeLocked"))
-    }
-
-    /// Refuses (409 `ScopeLocked`) when any lock is at, above or below `scope`: a resource
-    /// that moves is deleted at its old id, and a lock on one of its children (a key, a secret)
-    /// would be orphaned by the move.
-    pub(crate) fn check_not_locked_within(&self, scope: &str) -> Result<(), KvError> {
-        self.check_not_locked(scope, "delete")?;
-        let Ok(target) = Scope::parse(scope) else {
-            return Ok(());
-        };
-        let d = self.dir();
-        let below: Vec<&str> = d
-            .locks
-            .iter()
-            .filter(|l| Scope::parse(&l.scope).is_ok_and(|s| target.contains(&s)))
-            .map(|l| l.scope.as_str())
-            .collect();
-        if below.is_empty() {
-            return Ok(());
-        }
-        Err(KvError::conflict(format!(
-            "The scope '{}' cannot be moved because following scope(s) below it are locked: '{}'. \
-             Please remove the lock and try again.",
-            target.as_str(),
-            below.join("', '")
-        ))
-        .with_inner("ScopeLocked"))
-    }
-
-    /// The role assignments whose scope is `scope` or below it (a vault and its objects), for
-    /// whole-vault backups. `scope` is normalised (lower-case, no trailing slash).
-    pub(crate) fn role_assignments_within(&self, scope: &str) -> Vec<RoleAssignmentRecord> {
-        let below = format!("{scope}/");
-        self.dir()
-            .assignments
-            .iter()
-            .filter(|a| a.scope == scope || a.scope.starts_with(&below))
-            .cloned()
-            .collect()
+        self.directory.put_lock(caller, &scope, name, input).await
     }
 }
 
@@ -1411,43 +992,6 @@ fn binding_json(b: &BindingRecord, now: i64) -> Value {
         "createdOn": rfc3339(b.created),
         "expiresOn": rfc3339(b.expires),
         "status": if now < b.expires { "Active" } else { "Expired" },
-    })
-}
-
-fn assignment_json(a: &RoleAssignmentRecord) -> Value {
-    json!({
-        "id": format!("{}/providers/Microsoft.Authorization/roleAssignments/{}", a.scope, a.id),
-        "name": a.id,
-        "type": "Microsoft.Authorization/roleAssignments",
-        "properties": {
-            "roleDefinitionId": format!("/providers/Microsoft.Authorization/roleDefinitions/{}", a.role_definition_id),
-            "principalId": a.principal_id,
-            "scope": a.scope,
-            "createdOn": rfc3339(a.created),
-        },
-    })
-}
-
-fn role_json(scope: &str, id: &str, r: &RoleDefinitionProperties) -> Value {
-    let prefix = if scope == "/" {
-        String::new()
-    } else {
-        scope.to_string()
-    };
-    json!({
-        "id": format!("{prefix}/providers/Microsoft.Authorization/roleDefinitions/{id}"),
-        "name": id,
-        "type": "Microsoft.Authorization/roleDefinitions",
-        "properties": r,
-    })
-}
-
-fn lock_json(l: &LockRecord) -> Value {
-    json!({
-        "id": format!("{}/providers/Microsoft.Authorization/locks/{}", l.scope, l.name),
-        "name": l.name,
-        "type": "Microsoft.Authorization/locks",
-        "properties": {"level": l.level, "notes": l.notes},
     })
 }
 

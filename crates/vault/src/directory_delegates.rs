@@ -1,4 +1,5 @@
-//! Principals and the token endpoint, as the platform serves them: each call is answered by
+//! Principals, the token endpoint, role definitions and assignments, and locks, as the
+//! platform serves them: each call is answered by
 //! the directory (`kagi-directory`), which the platform owns.
 
 use std::collections::HashMap;
@@ -136,5 +137,81 @@ impl Platform {
         self.directory
             .rotate_signing_key(caller, revoke_previous)
             .await
+    }
+
+    /// `GET` of one role assignment.
+    pub fn get_role_assignment(&self, caller: &Principal, id: &str) -> Result<Value, KvError> {
+        self.directory.get_role_assignment(caller, id)
+    }
+
+    /// Lists role assignments at or below a scope (and above it: those that apply to it).
+    pub fn list_role_assignments(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
+        self.directory.list_role_assignments(caller, scope)
+    }
+
+    /// `DELETE` of a role assignment: the next request of that principal is decided without it.
+    pub async fn delete_role_assignment(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> Result<(u16, Value), KvError> {
+        self.directory.delete_role_assignment(caller, id).await
+    }
+
+    /// `PUT {scope}/providers/Microsoft.Authorization/roleDefinitions/{guid}`: a custom role.
+    pub async fn put_role_definition(
+        &self,
+        caller: &Principal,
+        scope: &str,
+        id: &str,
+        input: Value,
+    ) -> Result<(u16, Value), KvError> {
+        self.directory
+            .put_role_definition(caller, scope, id, input)
+            .await
+    }
+
+    /// Lists role definitions (built-in and custom) visible at a scope.
+    pub fn list_role_definitions(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
+        self.directory.list_role_definitions(caller, scope)
+    }
+
+    /// `GET` of one role definition.
+    pub fn get_role_definition(
+        &self,
+        caller: &Principal,
+        scope: &str,
+        id: &str,
+    ) -> Result<Value, KvError> {
+        self.directory.get_role_definition(caller, scope, id)
+    }
+
+    /// `DELETE` of a custom role definition; refused while assigned.
+    pub async fn delete_role_definition(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> Result<u16, KvError> {
+        self.directory.delete_role_definition(caller, id).await
+    }
+
+    /// Lists locks at or above a scope.
+    pub fn list_locks(&self, caller: &Principal, scope: &str) -> Result<Value, KvError> {
+        self.directory.list_locks(caller, scope)
+    }
+
+    /// `GET` of a lock.
+    pub fn get_lock(&self, caller: &Principal, scope: &str, name: &str) -> Result<Value, KvError> {
+        self.directory.get_lock(caller, scope, name)
+    }
+
+    /// `DELETE` of a lock.
+    pub async fn delete_lock(
+        &self,
+        caller: &Principal,
+        scope: &str,
+        name: &str,
+    ) -> Result<u16, KvError> {
+        self.directory.delete_lock(caller, scope, name).await
     }
 }
