@@ -460,8 +460,7 @@ impl Platform {
         name: &str,
         version: Option<&str>,
     ) -> Result<Value, KvError> {
-        let action = KeyKind::action(Op::Get);
-        let (record, k, v) = self.lookup::<KeyKind>(caller, vault, name, version, action)?;
+        let (record, k, v) = self.get_object::<KeyKind>(caller, vault, name, version)?;
         Ok(KeyKind::bundle(
             &self.object_view(&record),
             k.name.as_str(),

@@ -215,8 +215,7 @@ impl Platform {
         name: &str,
         version: Option<&str>,
     ) -> Result<Value, KvError> {
-        let action = SecretKind::action(Op::Get);
-        let (record, s, v) = self.lookup::<SecretKind>(caller, vault, name, version, action)?;
+        let (record, s, v) = self.get_object::<SecretKind>(caller, vault, name, version)?;
         v.info.attributes.check_readable(self.clock.now())?;
         let value = self.open_value(&record.name, &s.name, &v)?;
         Ok(with_value(

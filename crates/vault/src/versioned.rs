@@ -40,6 +40,20 @@ pub struct ListQuery {
 /// What a store call of a kind answers.
 pub(crate) type StoreFuture<'a> = Pin<Box<dyn Future<Output = kagi_store::Result<()>> + Send + 'a>>;
 
+/// A store change of a kind `K`.
+pub(crate) enum StoreOp<'a, K: Kind + ?Sized> {
+    /// Adds a version, creating the object if it is new.
+    Add(&'a ObjectName, &'a K::Record),
+    /// Replaces the public part of a version.
+    Update(&'a ObjectName, &'a K::Version),
+    /// Marks deleted (deletion and purge times) or live again (`None`).
+    SetDeleted(&'a ObjectName, Option<(i64, i64)>),
+    /// Removes the object and its versions.
+    Purge(&'a ObjectName),
+    /// Inserts a whole object (restore).
+    Insert(&'a ObjectRecord<K::Record>),
+}
+
 /// A step of the lifecycle, for the permission it needs.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Op {
@@ -128,39 +142,8 @@ pub(crate) trait Kind: 'static {
     /// Logs a change (`what`: "soft-deleted", …); never material.
     fn log(vault: &VaultName, name: &ObjectName, what: &str);
 
-    /// Adds a version, creating the object if it is new.
-    fn store_add<'a>(
-        s: &'a dyn Store,
-        vault: &'a VaultName,
-        name: &'a ObjectName,
-        v: &'a Self::Record,
-    ) -> StoreFuture<'a>;
-    /// Replaces the public part of a version.
-    fn store_update<'a>(
-        s: &'a dyn Store,
-        vault: &'a VaultName,
-        name: &'a ObjectName,
-        v: &'a Self::Version,
-    ) -> StoreFuture<'a>;
-    /// Marks deleted (deletion and purge times) or live again.
-    fn store_set_deleted<'a>(
-        s: &'a dyn Store,
-        vault: &'a VaultName,
-        name: &'a ObjectName,
-        deleted: Option<(i64, i64)>,
-    ) -> StoreFuture<'a>;
-    /// Removes the object and its versions.
-    fn store_purge<'a>(
-        s: &'a dyn Store,
-        vault: &'a VaultName,
-        name: &'a ObjectName,
-    ) -> StoreFuture<'a>;
-    /// Inserts a whole object (restore).
-    fn store_insert<'a>(
-        s: &'a dyn Store,
-        vault: &'a VaultName,
-        o: &'a ObjectRecord<Self::Record>,
-    ) -> StoreFuture<'a>;
+    /// Runs one store change of this kind.
+    fn store<'a>(s: &'a dyn Store, vault: &'a VaultName, op: StoreOp<'a, Self>) -> StoreFuture<'a>;
 
     /// The version's own attributes (see [`attributes`]).
     fn attributes(v: &Self::Version) -> Map<String, Value>;
@@ -172,55 +155,50 @@ pub(crate) trait Kind: 'static {
     fn empty_bundle(view: &ObjectView<'_>, name: &str) -> Value;
 }
 
-/// The `store_*` functions of a [`Kind`] impl, as calls of the named `Store` methods.
+/// `Kind::store` as calls of the named `Store` methods: add version, update version, set
+/// deleted, purge, insert.
 macro_rules! store_calls {
     ($add:ident, $update:ident, $set_deleted:ident, $purge:ident, $insert:ident) => {
-        fn store_add<'a>(
+        fn store<'a>(
             s: &'a dyn kagi_store::Store,
             vault: &'a kagi_core::VaultName,
-            name: &'a kagi_core::ObjectName,
-            v: &'a Self::Record,
+            op: $crate::versioned::StoreOp<'a, Self>,
         ) -> $crate::versioned::StoreFuture<'a> {
-            s.$add(vault, name, v)
-        }
-        fn store_update<'a>(
-            s: &'a dyn kagi_store::Store,
-            vault: &'a kagi_core::VaultName,
-            name: &'a kagi_core::ObjectName,
-            v: &'a Self::Version,
-        ) -> $crate::versioned::StoreFuture<'a> {
-            s.$update(vault, name, &v.version, &v.info)
-        }
-        fn store_set_deleted<'a>(
-            s: &'a dyn kagi_store::Store,
-            vault: &'a kagi_core::VaultName,
-            name: &'a kagi_core::ObjectName,
-            deleted: Option<(i64, i64)>,
-        ) -> $crate::versioned::StoreFuture<'a> {
-            s.$set_deleted(vault, name, deleted)
-        }
-        fn store_purge<'a>(
-            s: &'a dyn kagi_store::Store,
-            vault: &'a kagi_core::VaultName,
-            name: &'a kagi_core::ObjectName,
-        ) -> $crate::versioned::StoreFuture<'a> {
-            s.$purge(vault, name)
-        }
-        fn store_insert<'a>(
-            s: &'a dyn kagi_store::Store,
-            vault: &'a kagi_core::VaultName,
-            o: &'a kagi_store::ObjectRecord<Self::Record>,
-        ) -> $crate::versioned::StoreFuture<'a> {
-            s.$insert(vault, o)
+            use $crate::versioned::StoreOp;
+            match op {
+                StoreOp::Add(name, v) => s.$add(vault, name, v),
+                StoreOp::Update(name, v) => s.$update(vault, name, &v.version, &v.info),
+                StoreOp::SetDeleted(name, deleted) => s.$set_deleted(vault, name, deleted),
+                StoreOp::Purge(name) => s.$purge(vault, name),
+                StoreOp::Insert(o) => s.$insert(vault, o),
+            }
         }
     };
 }
 pub(crate) use store_calls;
 
-/// The public `Platform` methods of a kind that only delegate to the lifecycle, in this
-/// order, each with its doc comment: delete, get deleted, recover, purge, list, list deleted,
-/// list versions.
+/// The public `Platform` methods of a kind that only delegate to the lifecycle. A kind names
+/// them, each with its doc comment, in this order: delete, get deleted, recover, purge, list,
+/// list deleted, list versions. (Inside, each is `[async] fn name(arguments after caller and
+/// vault) -> Output = generic(extra);`, calling `self.generic::<Kind>(caller, vault,
+/// arguments, extra)`.)
 macro_rules! delegations {
+    (@one $kind:ty; [$($doc:tt)*] [$($async:tt)*] [$($await:tt)*]
+        $method:ident($($arg:ident: $ty:ty),*) -> $out:ty
+            = $generic:ident $(($($extra:expr),*))?; $($rest:tt)*) => {
+        impl $crate::Platform {
+            $($doc)*
+            pub $($async)* fn $method(
+                &self,
+                caller: &kagi_identity::Principal,
+                vault: &str,
+                $($arg: $ty),*
+            ) -> Result<$out, kagi_core::KvError> {
+                self.$generic::<$kind>(caller, vault, $($arg,)* $($($extra),*)?) $($await)*
+            }
+        }
+        $crate::versioned::delegations!($kind; $($rest)*);
+    };
     ($kind:ty,
      $(#[$d1:meta])* $delete:ident,
      $(#[$d2:meta])* $get_deleted:ident,
@@ -229,78 +207,26 @@ macro_rules! delegations {
      $(#[$d5:meta])* $list:ident,
      $(#[$d6:meta])* $list_deleted:ident,
      $(#[$d7:meta])* $list_versions:ident $(,)?) => {
-        impl $crate::Platform {
-            $(#[$d1])*
-            pub async fn $delete(
-                &self,
-                caller: &kagi_identity::Principal,
-                vault: &str,
-                name: &str,
-            ) -> Result<serde_json::Value, kagi_core::KvError> {
-                self.delete_object::<$kind>(caller, vault, name).await
-            }
-
-            $(#[$d2])*
-            pub fn $get_deleted(
-                &self,
-                caller: &kagi_identity::Principal,
-                vault: &str,
-                name: &str,
-            ) -> Result<serde_json::Value, kagi_core::KvError> {
-                self.get_deleted_object::<$kind>(caller, vault, name)
-            }
-
-            $(#[$d3])*
-            pub async fn $recover(
-                &self,
-                caller: &kagi_identity::Principal,
-                vault: &str,
-                name: &str,
-            ) -> Result<serde_json::Value, kagi_core::KvError> {
-                self.recover_object::<$kind>(caller, vault, name).await
-            }
-
-            $(#[$d4])*
-            pub async fn $purge(
-                &self,
-                caller: &kagi_identity::Principal,
-                vault: &str,
-                name: &str,
-            ) -> Result<(), kagi_core::KvError> {
-                self.purge_object::<$kind>(caller, vault, name).await
-            }
-
-            $(#[$d5])*
-            pub fn $list(
-                &self,
-                caller: &kagi_identity::Principal,
-                vault: &str,
-                q: &$crate::versioned::ListQuery,
-            ) -> Result<serde_json::Value, kagi_core::KvError> {
-                self.list_objects::<$kind>(caller, vault, q, false)
-            }
-
-            $(#[$d6])*
-            pub fn $list_deleted(
-                &self,
-                caller: &kagi_identity::Principal,
-                vault: &str,
-                q: &$crate::versioned::ListQuery,
-            ) -> Result<serde_json::Value, kagi_core::KvError> {
-                self.list_objects::<$kind>(caller, vault, q, true)
-            }
-
-            $(#[$d7])*
-            pub fn $list_versions(
-                &self,
-                caller: &kagi_identity::Principal,
-                vault: &str,
-                name: &str,
-                q: &$crate::versioned::ListQuery,
-            ) -> Result<serde_json::Value, kagi_core::KvError> {
-                self.list_object_versions::<$kind>(caller, vault, name, q)
-            }
+        $crate::versioned::delegations! {
+            $kind;
+            $(#[$d1])* async fn $delete(name: &str) -> serde_json::Value = delete_object;
+            $(#[$d2])* fn $get_deleted(name: &str) -> serde_json::Value = get_deleted_object;
+            $(#[$d3])* async fn $recover(name: &str) -> serde_json::Value = recover_object;
+            $(#[$d4])* async fn $purge(name: &str) -> () = purge_object;
+            $(#[$d5])* fn $list(q: &$crate::versioned::ListQuery) -> serde_json::Value
+                = list_objects(false);
+            $(#[$d6])* fn $list_deleted(q: &$crate::versioned::ListQuery) -> serde_json::Value
+                = list_objects(true);
+            $(#[$d7])* fn $list_versions(name: &str, q: &$crate::versioned::ListQuery)
+                -> serde_json::Value = list_object_versions;
         }
+    };
+    ($kind:ty;) => {};
+    ($kind:ty; $(#[$doc:meta])* async fn $($rest:tt)*) => {
+        $crate::versioned::delegations!(@one $kind; [$(#[$doc])*] [async] [.await] $($rest)*);
+    };
+    ($kind:ty; $(#[$doc:meta])* fn $($rest:tt)*) => {
+        $crate::versioned::delegations!(@one $kind; [$(#[$doc])*] [] [] $($rest)*);
     };
 }
 pub(crate) use delegations;
@@ -512,6 +438,17 @@ impl Platform {
         Ok((record, e, v))
     }
 
+    /// `GET /{collection}/{name}/{version?}`: a version of a live object.
+    pub(crate) fn get_object<K: Kind>(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<Found<K>, KvError> {
+        self.lookup::<K>(caller, vault, name, version, K::action(Op::Get))
+    }
+
     /// Records the next version of `name` (`make` builds it from its order), creating the
     /// object on first use. A soft-deleted name is 409 `ObjectIsDeletedButRecoverable`.
     /// Answers the object's name as first created, and the version.
@@ -538,7 +475,7 @@ impl Platform {
             .unwrap_or(0)
             + 1;
         let (rec, version) = make(seq);
-        K::store_add(self.store.as_ref(), &record.name, name, &rec)
+        K::store(self.store.as_ref(), &record.name, StoreOp::Add(name, &rec))
             .await
             .map_err(|e| store_error("add version of", K::NAMES.noun(), e))?;
         let version = Arc::new(version);
@@ -582,9 +519,13 @@ impl Platform {
         let e = Self::live_object::<K>(&state, &name)?;
         let v = Self::pick::<K>(&e, version)?;
         let updated = change(&v)?;
-        K::store_update(self.store.as_ref(), &record.name, &name, &updated)
-            .await
-            .map_err(|err| store_error("update", K::NAMES.noun(), err))?;
+        K::store(
+            self.store.as_ref(),
+            &record.name,
+            StoreOp::Update(&name, &updated),
+        )
+        .await
+        .map_err(|err| store_error("update", K::NAMES.noun(), err))?;
         let updated = Arc::new(updated);
         if let Some(entry) = write(K::objects(&state)).get_mut(&name.folded())
             && let Some(slot) = entry
@@ -718,11 +659,10 @@ impl Platform {
         )?;
         let now = self.clock.now();
         let purge_at = now + i64::from(record.properties.soft_delete_retention_in_days) * DAY;
-        K::store_set_deleted(
+        K::store(
             self.store.as_ref(),
             &record.name,
-            &name,
-            Some((now, purge_at)),
+            StoreOp::SetDeleted(&name, Some((now, purge_at))),
         )
         .await
         .map_err(|err| store_error("delete", K::NAMES.noun(), err))?;
@@ -762,9 +702,13 @@ impl Platform {
         let name = ObjectName::parse(name)?;
         let _w = state.write.lock().await;
         let mut e = Self::deleted_object::<K>(&state, &name)?;
-        K::store_set_deleted(self.store.as_ref(), &record.name, &name, None)
-            .await
-            .map_err(|err| store_error("recover", K::NAMES.noun(), err))?;
+        K::store(
+            self.store.as_ref(),
+            &record.name,
+            StoreOp::SetDeleted(&name, None),
+        )
+        .await
+        .map_err(|err| store_error("recover", K::NAMES.noun(), err))?;
         e.deleted_at = None;
         e.purge_at = None;
         write(K::objects(&state)).insert(name.folded(), e.clone());
@@ -809,7 +753,7 @@ impl Platform {
             ))
             .with_inner("PurgeProtectionEnabled"));
         }
-        K::store_purge(self.store.as_ref(), &record.name, &name)
+        K::store(self.store.as_ref(), &record.name, StoreOp::Purge(&name))
             .await
             .map_err(|err| store_error("purge", K::NAMES.noun(), err))?;
         write(K::objects(&state)).remove(&name.folded());
@@ -839,7 +783,7 @@ impl Platform {
                 continue;
             }
             purged += 1;
-            K::store_purge(self.store.as_ref(), &record.name, name)
+            K::store(self.store.as_ref(), &record.name, StoreOp::Purge(name))
                 .await
                 .map_err(|err| store_error("purge expired", K::NAMES.noun(), err))?;
             write(K::objects(state)).remove(&name.folded());
@@ -915,7 +859,7 @@ impl Platform {
             purge_at: None,
             versions: records,
         };
-        K::store_insert(self.store.as_ref(), &record.name, &rec)
+        K::store(self.store.as_ref(), &record.name, StoreOp::Insert(&rec))
             .await
             .map_err(|e| match e {
                 StoreError::Conflict(m) => KvError::conflict(m),
