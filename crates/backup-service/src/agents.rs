@@ -170,44 +170,8 @@ pub(crate) async fn registered_machines(
         .collect())
 }
 
-/// An answer to an agent.
-#[derive(Debug)]
-pub enum AgentReply {
-    /// A JSON body with its status.
-    Json(u16, Value),
-    /// Object bytes (200).
-    Bytes(Vec<u8>),
-    /// No body.
-    Empty(u16),
-}
-
-/// The largest JSON body of an agent route.
-pub const MAX_JSON_BYTES: usize = 64 * 1024;
-
-/// An agent request before its body is read.
-pub struct AgentHead<'a> {
-    /// HTTP method.
-    pub method: &'a str,
-    /// Path segments after `kagi/agent`, starting with the vault id's eight.
-    pub segs: &'a [&'a str],
-    /// The `Authorization` header.
-    pub authorization: Option<&'a str>,
-    /// The `Content-Length` the client announced.
-    pub content_length: Option<u64>,
-}
-
-/// Shows the `Authorization` header only as present or absent: it carries vault credentials
-/// or a machine secret.
-impl std::fmt::Debug for AgentHead<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentHead")
-            .field("method", &self.method)
-            .field("segs", &self.segs)
-            .field("authorization", &self.authorization.map(|_| "<redacted>"))
-            .field("content_length", &self.content_length)
-            .finish()
-    }
-}
+/// The agent request types are the platform's (any provider's agents use them).
+pub use kagi_host::{AgentCall, AgentHead, AgentReply, MAX_AGENT_JSON_BYTES as MAX_JSON_BYTES};
 
 /// An authenticated and authorized agent request (before its body is read).
 pub struct AgentSession {
@@ -234,22 +198,6 @@ impl AgentSession {
     pub fn body_limit(&self) -> usize {
         self.body_limit
     }
-}
-
-/// One agent request, as the HTTP layer parsed it.
-#[derive(Debug)]
-pub struct AgentCall<'a> {
-    /// HTTP method.
-    pub method: &'a str,
-    /// Path segments after `kagi/agent`, starting with the vault id's eight.
-    pub segs: &'a [&'a str],
-    /// `?prefix=` of a list request.
-    pub prefix: &'a str,
-    /// A `Range` as a half-open byte range.
-    pub range: Option<(u64, u64)>,
-    /// The body, wiped when dropped: the JSON routes carry passphrases, key proofs and
-    /// machine secrets.
-    pub body: zeroize::Zeroizing<Vec<u8>>,
 }
 
 /// Who called, once authenticated.

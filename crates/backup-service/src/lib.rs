@@ -68,12 +68,19 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use kagi_cmk::KeyAccess;
 use kagi_core::{ErrorCode, KvError};
-use kagi_host::{Principal, ResourceScope, ServiceHost};
+use kagi_host::{
+    AdmittedAgent, AgentCall, AgentHead, AgentReply, MoveRequest, Principal, ResourceProvider,
+    ResourceScope, ServiceHost,
+};
 use serde_json::Value;
 
 pub use schedule::spawn_scheduler;
+
+/// The namespace.
+pub const NAMESPACE: &str = "Microsoft.RecoveryServices";
 
 /// The resource type.
 pub const VAULT_TYPE: &str = "Microsoft.RecoveryServices/vaults";
@@ -218,19 +225,7 @@ impl BackupService {
 }
 
 /// One management request for `Microsoft.RecoveryServices`, as the HTTP layer parsed it.
-#[derive(Debug)]
-pub struct ArmRequest<'a> {
-    /// HTTP method.
-    pub method: &'a str,
-    /// Path segments.
-    pub segs: &'a [&'a str],
-    /// The same, lower-cased.
-    pub l: &'a [&'a str],
-    /// The body.
-    pub body: &'a [u8],
-    /// `Prefer: wait=N`: a job read waits up to this long for the job to end.
-    pub wait: Option<Duration>,
-}
+pub use kagi_host::ArmRequest;
 
 fn json_body(body: &[u8]) -> Result<Value, KvError> {
     if body.is_empty() {
@@ -243,6 +238,82 @@ fn json_body(body: &[u8]) -> Result<Value, KvError> {
         )
         .with_inner("InvalidRequestContent")
     })
+}
+
+/// Backup vaults as the platform's HTTP layer sees them: `Microsoft.RecoveryServices/vaults`,
+/// movable (with the platform key), their identities trusted by vault firewalls, with backup
+/// agents. Audit names are ARM's generic ones.
+#[async_trait]
+impl ResourceProvider for BackupService {
+    fn namespace(&self) -> &'static str {
+        NAMESPACE
+    }
+
+    fn resource_types(&self) -> &'static [&'static str] {
+        &[VAULT_TYPE]
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        caller: &Principal,
+        req: ArmRequest<'_>,
+    ) -> Result<(u16, Value), KvError> {
+        self.route(&self.host.clone(), caller, req).await
+    }
+
+    fn movable(&self, resource_type: &str) -> bool {
+        resource_type.eq_ignore_ascii_case(VAULT_TYPE)
+    }
+
+    async fn move_resource(
+        self: Arc<Self>,
+        caller: &Principal,
+        to: MoveRequest<'_>,
+    ) -> Result<Value, KvError> {
+        self.move_vault(
+            caller,
+            to.id,
+            to.subscription,
+            to.resource_group,
+            to.dry_run,
+        )
+        .await
+    }
+
+    fn trusted_for_vault_firewall(&self) -> bool {
+        true
+    }
+
+    async fn admit_agent(
+        self: Arc<Self>,
+        head: AgentHead<'_>,
+    ) -> Result<Box<dyn AdmittedAgent>, KvError> {
+        let session = self.agent_authenticate(head).await?;
+        Ok(Box::new(AdmittedBackupAgent { svc: self, session }))
+    }
+}
+
+/// A backup-agent request admitted by [`BackupService::agent_authenticate`], with the service
+/// that serves it.
+#[derive(Debug)]
+struct AdmittedBackupAgent {
+    svc: Arc<BackupService>,
+    session: agents::AgentSession,
+}
+
+#[async_trait]
+impl AdmittedAgent for AdmittedBackupAgent {
+    fn caller(&self) -> &str {
+        self.session.caller()
+    }
+
+    fn body_limit(&self) -> usize {
+        self.session.body_limit()
+    }
+
+    async fn serve(self: Box<Self>, call: AgentCall<'_>) -> Result<AgentReply, KvError> {
+        self.svc.agent_serve(&self.session, call).await
+    }
 }
 
 impl BackupService {

@@ -308,7 +308,9 @@ async fn run_server(
     );
     kagi_backup_service::spawn_scheduler(backup.clone(), std::time::Duration::from_secs(60));
 
-    let services = kagi_http::Services::new(Some(backup));
+    // The storage services, each registered by its provider (adding one touches no router).
+    let services = kagi_http::Services::default();
+    services.register(backup);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {

@@ -9,8 +9,14 @@
 //! under the root key. Keys in key vaults are reached only through the key vault's data plane
 //! over HTTPS, with an identity token (`kagi-cmk`), so those calls are authorized, firewalled
 //! and audited like anyone's.
+//!
+//! What a service offers the platform in return is the [`ResourceProvider`] trait: its ARM
+//! namespace and resource types, the requests, moves and agent requests under it, the audit
+//! log's names for them, and whether vault firewalls trust its resources' identities.
 
 #![forbid(unsafe_code)]
+
+mod provider;
 
 use std::path::PathBuf;
 
@@ -20,6 +26,10 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 pub use kagi_identity::Principal;
+pub use provider::{
+    AdmittedAgent, AgentCall, AgentHead, AgentReply, ArmRequest, MAX_AGENT_JSON_BYTES,
+    ResourceProvider, move_not_supported,
+};
 
 /// Results of the host: errors in the API's own format.
 type Result<T, E = KvError> = std::result::Result<T, E>;

@@ -1,13 +1,15 @@
-//! Backup agents' routes (`/kagi/agent/{backup vault id}/…`, management host): authenticated
-//! by vault credentials or a machine credential rather than a bearer token, and carrying
-//! repository objects up to 64 MiB. Served by `kagi-backup-service` (`agents`); this only
-//! translates. The protocol is in `docs/AGENT.md`.
+//! Agents' routes (`/kagi/agent/{resource id}/…`, management host): authenticated by the
+//! provider of the resource's namespace (backup agents: by vault credentials or a machine
+//! credential rather than a bearer token) before their bodies are read, and carrying objects
+//! up to the limit it sets (64 MiB for backup agents). Served by that provider
+//! ([`kagi_host::ResourceProvider::admit_agent`]); this only translates. The backup agents'
+//! protocol is in `docs/AGENT.md`.
 
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use kagi_backup_service::agents::{AgentCall, AgentHead, AgentReply, MAX_JSON_BYTES};
 use kagi_core::{ErrorCode, KvError};
+use kagi_host::{AgentCall, AgentHead, AgentReply, MAX_AGENT_JSON_BYTES as MAX_JSON_BYTES};
 use kagi_vault::Principal;
 use zeroize::Zeroizing;
 
@@ -73,7 +75,7 @@ async fn read_limited(
     Ok(buf)
 }
 
-/// Serves an agent request (by the backup service in the request's `extensions`).
+/// Serves an agent request (by the provider of its namespace in the request's `extensions`).
 pub(crate) async fn handle(
     method: &Method,
     segs: &[&str],
@@ -101,11 +103,15 @@ pub(crate) async fn handle(
         authorization,
         content_length,
     };
-    let backup = match crate::services::backup_of(extensions) {
-        Ok(b) => b,
-        Err(e) => return respond::error(&e),
+    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let Some(provider) = extensions
+        .get::<crate::Services>()
+        .and_then(|s| s.provider_of_path(&l[2..]))
+    else {
+        return respond::error(&KvError::new(ErrorCode::NotFound, "No such agent route."));
     };
-    let session = match backup.agent_authenticate(head).await {
+    let session = match provider.admit_agent(head).await {
         Ok(s) => s,
         Err(e) => return respond::error(&e),
     };
@@ -115,7 +121,7 @@ pub(crate) async fn handle(
             tenant_id: String::new(),
             object_id: session.caller().to_string(),
             client_id: String::new(),
-            kind: "BackupAgent".into(),
+            kind: "Agent".into(),
             network_address: None,
             upn: None,
         },
@@ -126,17 +132,14 @@ pub(crate) async fn handle(
     };
     let pairs = query_pairs(query);
     let prefix = query_get(&pairs, "prefix").unwrap_or("");
-    let r = backup
-        .agent_serve(
-            &session,
-            AgentCall {
-                method: method.as_str(),
-                segs: &segs[2..],
-                prefix,
-                range,
-                body,
-            },
-        )
+    let r = session
+        .serve(AgentCall {
+            method: method.as_str(),
+            segs: &segs[2..],
+            prefix,
+            range,
+            body,
+        })
         .await;
     match r {
         Ok(AgentReply::Json(s, v)) => respond::json(s, &v),

@@ -246,6 +246,7 @@ pub(crate) async fn serve_audited(
         .map(|a| a.0.ip().to_canonical().to_string());
     let slot = CallerSlot::default();
     req.extensions_mut().insert(slot.clone());
+    let services = req.extensions().get::<crate::Services>().cloned();
 
     let response = crate::routing::dispatch(platform.clone(), req).await;
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -271,7 +272,7 @@ pub(crate) async fn serve_audited(
 
     let operation = match &target {
         Target::Vault(_) => kagi_audit::data_plane_operation(&method, &path).to_string(),
-        Target::Management => kagi_audit::management_operation(&method, &path),
+        Target::Management => management_operation(services.as_ref(), &method, &path),
         Target::Unknown => "UnknownOperation".to_string(),
     };
     let wants_probe = status >= 400
@@ -392,6 +393,18 @@ pub(crate) async fn serve_audited(
         Response::from_parts(parts, passthrough.unwrap_or_else(|| Body::from(bytes)));
     set_request_id(&mut response, &correlation);
     response
+}
+
+/// The operation name of a management request: the one the provider of the path's namespace
+/// gives it, if any, else the audit log's own (ARM's generic names, the key vault's `Vault*`).
+fn management_operation(services: Option<&crate::Services>, method: &str, path: &str) -> String {
+    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+    services
+        .and_then(|s| s.provider_of_path(&l))
+        .and_then(|p| p.operation_name(method, &segs))
+        .unwrap_or_else(|| kagi_audit::management_operation(method, path))
 }
 
 #[cfg(test)]

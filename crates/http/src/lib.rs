@@ -17,7 +17,7 @@ mod event_routes;
 mod identity_routes;
 mod management;
 mod move_routes;
-mod recovery_routes;
+mod provider_routes;
 mod respond;
 mod routing;
 mod server;

@@ -170,14 +170,14 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     {
         return r.unwrap_or_else(|e| respond::error(&e));
     }
-    if let Some(r) = crate::recovery_routes::arm(
+    if let Some(r) = crate::provider_routes::arm(
         &parts.extensions,
         &caller,
         &parts.method,
         &segs,
         &l,
         &body,
-        crate::recovery_routes::prefer_wait(&parts.headers),
+        crate::provider_routes::prefer_wait(&parts.headers),
     )
     .await
     {

@@ -22,12 +22,14 @@
 //! completed before it was handed out.
 //!
 //! **What moves.** Every resource must be in the source group of the URL; the target must be
-//! another group, in a subscription of the same tenant. Backup vaults
-//! (`Microsoft.RecoveryServices/vaults`) with the platform key move with their identities and
-//! state (`BackupService::move_vault`); one encrypted with a customer-managed key is
-//! refused (`UserErrorCMKEncryptedVaultMoveNotSupported`). Key vaults
-//! (`Microsoft.KeyVault/vaults`) move with their keys, secrets and access policies (their URIs
-//! name the vault, not its group). Any other type is refused with `ResourceMoveNotSupported`.
+//! another group, in a subscription of the same tenant. Key vaults (`Microsoft.KeyVault/vaults`)
+//! move with their keys, secrets and access policies (their URIs name the vault, not its
+//! group). The resources of a registered storage service move when its provider says the type
+//! is movable ([`kagi_host::ResourceProvider::movable`]), by the provider's own checks and
+//! steps (backup vaults with the platform key move with their identities and state; one
+//! encrypted with a customer-managed key is refused with
+//! `UserErrorCMKEncryptedVaultMoveNotSupported`). Any other type is refused with
+//! `ResourceMoveNotSupported`.
 //! A refusal by a resource's own rules answers 409 `ResourceMoveProviderValidationFailed` with
 //! the resource's error in `details` (and its code in `innererror`), as ARM does. Every
 //! resource is validated before any moves; if one of several then fails to move, those already
@@ -38,11 +40,12 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Response, header};
-use kagi_backup_service::BackupService;
 use kagi_core::{ErrorCode, KvError};
+use kagi_host::MoveRequest;
 use kagi_vault::{Platform, Principal};
 use serde_json::{Value, json};
 
+use crate::Services;
 use crate::respond::{self, parse_json};
 
 /// ARM's limit on resources in one move request.
@@ -76,8 +79,10 @@ fn bad(inner: &'static str, message: impl Into<String>) -> KvError {
 /// The kinds of resource kagi can move.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
-    BackupVault,
+    /// A key vault (the platform moves it).
     KeyVault,
+    /// A resource of a storage service, by its type as the provider names it.
+    Provider(&'static str),
 }
 
 /// One resource of a move request.
@@ -95,8 +100,14 @@ struct Request {
     target_rg: String,
 }
 
-/// `{"resources": [...], "targetResourceGroup": "..."}` against the source in the URL.
-fn parse_request(source_sub: &str, source_rg: &str, body: &[u8]) -> Result<Request, KvError> {
+/// `{"resources": [...], "targetResourceGroup": "..."}` against the source in the URL; `movable`
+/// are the resource types of the storage services that move.
+fn parse_request(
+    source_sub: &str,
+    source_rg: &str,
+    body: &[u8],
+    movable: &[&'static str],
+) -> Result<Request, KvError> {
     let v: Value = parse_json(body)?;
     let ids = v["resources"]
         .as_array()
@@ -166,18 +177,15 @@ fn parse_request(source_sub: &str, source_rg: &str, body: &[u8]) -> Result<Reque
         let kind = match s.as_slice() {
             [_, _, _, _, pr, ns, ty, _]
                 if pr.eq_ignore_ascii_case("providers")
-                    && ns.eq_ignore_ascii_case("Microsoft.RecoveryServices")
-                    && ty.eq_ignore_ascii_case("vaults") =>
-            {
-                Some(Kind::BackupVault)
-            }
-            [_, _, _, _, pr, ns, ty, _]
-                if pr.eq_ignore_ascii_case("providers")
                     && ns.eq_ignore_ascii_case("Microsoft.KeyVault")
                     && ty.eq_ignore_ascii_case("vaults") =>
             {
                 Some(Kind::KeyVault)
             }
+            [_, _, _, _, pr, ns, ty, _] if pr.eq_ignore_ascii_case("providers") => movable
+                .iter()
+                .find(|t| t.eq_ignore_ascii_case(&format!("{ns}/{ty}")))
+                .map(|t| Kind::Provider(t)),
             _ => None,
         };
         let Some(kind) = kind else {
@@ -185,13 +193,15 @@ fn parse_request(source_sub: &str, source_rg: &str, body: &[u8]) -> Result<Reque
                 [_, _, _, _, _, ns, ty, ..] => format!("{ns}/{ty}"),
                 _ => "(not a resource id)".into(),
             };
+            let mut types = vec!["Microsoft.KeyVault/vaults"];
+            types.extend_from_slice(movable);
             return Err(bad(
                 "ResourceMoveNotSupported",
                 format!(
-                    "Resource move is not supported for resource types '{}'. kagi moves backup \
-                     vaults (Microsoft.RecoveryServices/vaults) and key vaults \
-                     (Microsoft.KeyVault/vaults).",
-                    kagi_core::ids::printable(&ty)
+                    "Resource move is not supported for resource types '{}'. kagi moves these \
+                     resource types: {}.",
+                    kagi_core::ids::printable(&ty),
+                    types.join(", ")
                 ),
             ));
         };
@@ -233,10 +243,10 @@ fn is_provider_refusal(e: &KvError) -> bool {
     matches!(e.status(), 400 | 409) && e.inner != Some("ResourceNotInSourceResourceGroup")
 }
 
-/// Who moves what: the platform (key vaults) and the backup service (backup vaults), if any.
+/// Who moves what: the platform (key vaults) and the registered storage services (theirs).
 struct Movers<'a> {
     p: &'a Arc<Platform>,
-    backup: Option<Arc<BackupService>>,
+    services: Services,
 }
 
 async fn move_one(
@@ -248,13 +258,21 @@ async fn move_one(
     dry_run: bool,
 ) -> Result<Value, KvError> {
     match item.kind {
-        Kind::BackupVault => match &m.backup {
-            Some(b) => b.move_vault(caller, &item.id, sub, rg, dry_run).await,
-            None => Err(KvError::new(
-                ErrorCode::NotFound,
-                "This server runs no backup service.",
-            )),
-        },
+        Kind::Provider(ty) => {
+            let Some(provider) = m.services.provider_of_type(ty) else {
+                return Err(KvError::new(
+                    ErrorCode::NotFound,
+                    format!("This server runs no service for {ty}."),
+                ));
+            };
+            let to = MoveRequest {
+                id: &item.id,
+                subscription: sub,
+                resource_group: rg,
+                dry_run,
+            };
+            provider.move_resource(caller, to).await
+        }
         Kind::KeyVault => m.p.move_key_vault(caller, &item.id, sub, rg, dry_run).await,
     }
 }
@@ -280,8 +298,8 @@ fn accepted(p: &Platform, sub: &str, api_version: &str) -> Result<Response<Body>
 }
 
 /// `moveResources`, `validateMoveResources` and `operationresults` (after the api-version
-/// check; backup vaults moved by the backup service in the request's `extensions`). `None`
-/// when the path is none of them.
+/// check; storage services' resources moved by their providers in the request's
+/// `extensions`). `None` when the path is none of them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn arm(
     p: &Arc<Platform>,
@@ -331,7 +349,7 @@ pub(crate) async fn arm(
     }
     let movers = Movers {
         p,
-        backup: crate::services::backup_of(extensions).ok(),
+        services: extensions.get::<Services>().cloned().unwrap_or_default(),
     };
     Some(
         match moves(
@@ -363,7 +381,7 @@ async fn moves(
     // The caller may manage the source; the source group exists.
     m.p.get_resource_group(caller, source_sub, source_rg)
         .await?;
-    let req = parse_request(source_sub, source_rg, body)?;
+    let req = parse_request(source_sub, source_rg, body, &m.services.movable_types())?;
     // Every resource passes before any moves.
     for item in &req.items {
         if let Err(e) = move_one(m, caller, item, &req.target_sub, &req.target_rg, true).await {
@@ -469,7 +487,8 @@ mod tests {
     const SUB: &str = "00000000-0000-4000-8000-000000000001";
 
     fn req(body: Value) -> Result<Request, KvError> {
-        parse_request(SUB, "rg1", body.to_string().as_bytes())
+        let movable = ["Microsoft.RecoveryServices/vaults"];
+        parse_request(SUB, "rg1", body.to_string().as_bytes(), &movable)
     }
 
     #[test]

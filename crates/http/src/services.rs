@@ -1,47 +1,113 @@
 //! The storage services the server hands their requests to, besides the key vault (which the
-//! platform serves): built by whoever starts the server (`kagi server`, the test harness) and
-//! reaching each request through its extensions.
+//! platform serves): a registry of [`ResourceProvider`]s by ARM namespace, built by whoever
+//! starts the server (`kagi server`, the test harness) and reaching each request through its
+//! extensions. The routers ask it for the provider of a path's namespace; none names a
+//! service.
 
 use std::sync::{Arc, RwLock};
 
-use kagi_backup_service::BackupService;
-use kagi_core::{ErrorCode, KvError};
+use kagi_host::ResourceProvider;
 
-/// The storage services of one server. Cloning shares them.
+/// Resource types of the storage services to come (disk encryption sets, SQL servers):
+/// trusted by vault firewalls already, as kagi listed them before their providers existed.
+const PLANNED_TRUSTED_TYPES: &[&str] = &[
+    "Microsoft.Compute/diskEncryptionSets",
+    "Microsoft.Sql/servers",
+];
+
+/// The storage services of one server, by namespace. Cloning shares them.
 #[derive(Clone, Debug, Default)]
 pub struct Services {
-    backup: Arc<RwLock<Option<Arc<BackupService>>>>,
+    providers: Arc<RwLock<Vec<Arc<dyn ResourceProvider>>>>,
 }
 
 impl Services {
-    /// The services: backup vaults when `backup` is given (otherwise their routes answer 404).
-    pub fn new(backup: Option<Arc<BackupService>>) -> Self {
-        Self {
-            backup: Arc::new(RwLock::new(backup)),
+    /// The services of `providers` (one per namespace; a later one of a namespace replaces an
+    /// earlier one). A namespace nobody serves answers 404.
+    pub fn new(providers: Vec<Arc<dyn ResourceProvider>>) -> Self {
+        let s = Self::default();
+        for p in providers {
+            s.register(p);
         }
+        s
     }
 
-    /// The backup service, if the server runs one.
-    pub fn backup(&self) -> Option<Arc<BackupService>> {
-        self.backup
+    /// Registers `provider`, replacing the one of its namespace if any (as a restarted server
+    /// would build it anew); requests already being served finish on the one they started
+    /// with.
+    pub fn register(&self, provider: Arc<dyn ResourceProvider>) {
+        let mut all = self.providers.write().unwrap_or_else(|p| p.into_inner());
+        all.retain(|p| !p.namespace().eq_ignore_ascii_case(provider.namespace()));
+        all.push(provider);
+    }
+
+    /// Every registered provider.
+    pub fn providers(&self) -> Vec<Arc<dyn ResourceProvider>> {
+        self.providers
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Replaces the backup service (as a restarted server would build it anew); requests
-    /// already being served finish on the one they started with.
-    pub fn set_backup(&self, backup: Arc<BackupService>) {
-        *self.backup.write().unwrap_or_else(|p| p.into_inner()) = Some(backup);
+    /// The provider of `namespace` (any case), if registered.
+    pub fn provider(&self, namespace: &str) -> Option<Arc<dyn ResourceProvider>> {
+        self.providers()
+            .into_iter()
+            .find(|p| p.namespace().eq_ignore_ascii_case(namespace))
     }
-}
 
-/// The backup service of the server a request reached (its extensions carry [`Services`]).
-pub(crate) fn backup_of(
-    extensions: &axum::http::Extensions,
-) -> Result<Arc<BackupService>, KvError> {
-    extensions
-        .get::<Services>()
-        .and_then(Services::backup)
-        .ok_or_else(|| KvError::new(ErrorCode::NotFound, "This server runs no backup service."))
+    /// The provider of a path (lower-cased segments) that names a registered namespace after a
+    /// `providers` segment.
+    pub(crate) fn provider_of_path(&self, l: &[&str]) -> Option<Arc<dyn ResourceProvider>> {
+        let all = self.providers();
+        l.windows(2).find_map(|w| match w {
+            ["providers", ns] => all
+                .iter()
+                .find(|p| p.namespace().eq_ignore_ascii_case(ns))
+                .cloned(),
+            _ => None,
+        })
+    }
+
+    /// The provider serving resource type `resource_type` (`Namespace/type`, any case).
+    pub(crate) fn provider_of_type(
+        &self,
+        resource_type: &str,
+    ) -> Option<Arc<dyn ResourceProvider>> {
+        self.providers().into_iter().find(|p| {
+            p.resource_types()
+                .iter()
+                .any(|t| t.eq_ignore_ascii_case(resource_type))
+        })
+    }
+
+    /// The resource types of the registered providers that move (`moveResources`).
+    pub(crate) fn movable_types(&self) -> Vec<&'static str> {
+        self.providers()
+            .iter()
+            .flat_map(|p| {
+                p.resource_types()
+                    .iter()
+                    .copied()
+                    .filter(|t| p.movable(t))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The resource types whose system-assigned identities vault firewalls trust
+    /// (`bypass: AzureServices`): those of the registered providers that say so, and those
+    /// of the storage services to come.
+    pub fn trusted_service_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = PLANNED_TRUSTED_TYPES
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        for p in self.providers() {
+            if p.trusted_for_vault_firewall() {
+                types.extend(p.resource_types().iter().map(|t| t.to_string()));
+            }
+        }
+        types
+    }
 }

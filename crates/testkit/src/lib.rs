@@ -108,6 +108,8 @@ pub struct TestServer {
     pub token: String,
     client: reqwest::Client,
     backup_keys: Option<BackupKeys>,
+    /// The backup service registered in `services` (typed, for tests that call it directly).
+    backup: std::sync::Mutex<Option<Arc<kagi_backup_service::BackupService>>>,
     arm_api_version: &'static str,
     task: tokio::task::JoinHandle<Result<(), kagi_http::ServeError>>,
     dir: tempfile::TempDir,
@@ -161,11 +163,13 @@ impl TestServer {
             addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, port)));
         }
         let platform = Arc::new(platform);
-        let services = kagi_http::Services::new(
-            options
-                .backup_service
-                .map(|keys| backup_service(&platform, keys, addr)),
-        );
+        let backup = options
+            .backup_service
+            .map(|keys| backup_service(&platform, keys, addr));
+        let services = kagi_http::Services::default();
+        if let Some(b) = &backup {
+            services.register(b.clone());
+        }
         let audit = match options.audit {
             Some(config) => AuditLog::open_with(dir.path(), config(dir.path())),
             None => AuditLog::open(dir.path()),
@@ -205,6 +209,7 @@ impl TestServer {
             token: String::new(),
             client,
             backup_keys: options.backup_service,
+            backup: std::sync::Mutex::new(backup),
             arm_api_version: options.arm_api_version,
             task,
             dir,
@@ -384,8 +389,9 @@ impl TestServer {
         let keys = self
             .backup_keys
             .expect("the server was started with the backup service");
-        self.services
-            .set_backup(backup_service(&self.platform, keys, self.addr));
+        let backup = backup_service(&self.platform, keys, self.addr);
+        self.services.register(backup.clone());
+        *self.backup.lock().unwrap_or_else(|p| p.into_inner()) = Some(backup);
     }
 
     /// The backup service the server runs.
@@ -394,8 +400,10 @@ impl TestServer {
     ///
     /// When the server was started without the backup service.
     pub fn backup_service(&self) -> Arc<kagi_backup_service::BackupService> {
-        self.services
-            .backup()
+        self.backup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
             .expect("the server was started with the backup service")
     }
 

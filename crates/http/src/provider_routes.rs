@@ -1,10 +1,13 @@
-//! `Microsoft.RecoveryServices` (backup vaults, their items, jobs and activity log): served by
-//! `kagi-backup-service`; this only translates.
+//! ARM requests of the storage services: a path that names a registered provider's namespace
+//! (`…/providers/{namespace}/…`) is served by that provider (see [`crate::Services`]); this
+//! only translates.
 
 use axum::body::Body;
 use axum::http::{Extensions, Method, Response};
+use kagi_host::ArmRequest;
 use kagi_vault::Principal;
 
+use crate::Services;
 use crate::respond;
 
 /// `Prefer: wait=N` (RFC 7240): how long a job read may wait for the job to end (at most 60 s).
@@ -18,8 +21,8 @@ pub(crate) fn prefer_wait(headers: &axum::http::HeaderMap) -> Option<std::time::
         .map(|s| std::time::Duration::from_secs(s.min(60)))
 }
 
-/// Serves the request when its path is a backup-vault route (by the backup service in the
-/// request's `extensions`).
+/// Serves the request when its path names the namespace of a provider registered in the
+/// request's `extensions`; `None` otherwise.
 pub(crate) async fn arm(
     extensions: &Extensions,
     caller: &Principal,
@@ -29,21 +32,15 @@ pub(crate) async fn arm(
     body: &[u8],
     wait: Option<std::time::Duration>,
 ) -> Option<Response<Body>> {
-    if !kagi_backup_service::matches(l) {
-        return None;
-    }
-    let req = kagi_backup_service::ArmRequest {
+    let provider = extensions.get::<Services>()?.provider_of_path(l)?;
+    let req = ArmRequest {
         method: method.as_str(),
         segs,
         l,
         body,
         wait,
     };
-    let answer = match crate::services::backup_of(extensions) {
-        Ok(backup) => backup.handle(caller, req).await,
-        Err(e) => Err(e),
-    };
-    Some(match answer {
+    Some(match provider.handle(caller, req).await {
         Ok((204, _)) => respond::empty(204),
         Ok((s, v)) if v.is_null() => respond::empty(s),
         Ok((s, v)) => respond::json(s, &v),

@@ -1,0 +1,184 @@
+//! What a storage service offers the platform: the [`ResourceProvider`] trait, through which
+//! the HTTP layer hands it the ARM requests of its namespace, the moves of its resources, the
+//! requests of its agents (if it has any), and asks it how the audit log names a request and
+//! whether its resources' identities are trusted by vault firewalls. The server registers its
+//! providers at start; no router names a service.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kagi_core::{ErrorCode, KvError};
+use serde_json::Value;
+use zeroize::Zeroizing;
+
+use crate::{MoveRequest, Principal};
+
+/// Results of a provider: errors in the API's own format.
+type Result<T, E = KvError> = std::result::Result<T, E>;
+
+/// One ARM request under a provider's namespace, as the HTTP layer parsed it: the caller is
+/// authenticated, the api-version checked and the body read (at most 1 MiB).
+#[derive(Debug)]
+pub struct ArmRequest<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path segments.
+    pub segs: &'a [&'a str],
+    /// The same, lower-cased.
+    pub l: &'a [&'a str],
+    /// The body.
+    pub body: &'a [u8],
+    /// `Prefer: wait=N` (RFC 7240, at most 60 s): a read of a long-running operation may wait
+    /// up to this long for it to end.
+    pub wait: Option<Duration>,
+}
+
+/// An answer to an agent.
+#[derive(Debug)]
+pub enum AgentReply {
+    /// A JSON body with its status.
+    Json(u16, Value),
+    /// Bytes (200, `application/octet-stream`).
+    Bytes(Vec<u8>),
+    /// No body.
+    Empty(u16),
+}
+
+/// The largest JSON body of an agent route: a body allowed at most this much is read into
+/// one buffer of that size allocated up front, so that a secret in it (a passphrase, a key
+/// proof, a machine secret) leaves no unwiped copy behind when the buffer grows.
+pub const MAX_AGENT_JSON_BYTES: usize = 64 * 1024;
+
+/// An agent request (`/kagi/agent/{resource id}/…`) before its body is read.
+pub struct AgentHead<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path segments after `kagi/agent`, starting with the resource id's eight.
+    pub segs: &'a [&'a str],
+    /// The `Authorization` header.
+    pub authorization: Option<&'a str>,
+    /// The `Content-Length` the client announced.
+    pub content_length: Option<u64>,
+}
+
+/// Shows the `Authorization` header only as present or absent: it carries credentials.
+impl std::fmt::Debug for AgentHead<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentHead")
+            .field("method", &self.method)
+            .field("segs", &self.segs)
+            .field("authorization", &self.authorization.map(|_| "<redacted>"))
+            .field("content_length", &self.content_length)
+            .finish()
+    }
+}
+
+/// One agent request, as the HTTP layer parsed it.
+#[derive(Debug)]
+pub struct AgentCall<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path segments after `kagi/agent`, starting with the resource id's eight.
+    pub segs: &'a [&'a str],
+    /// `?prefix=` of a list request.
+    pub prefix: &'a str,
+    /// A `Range` as a half-open byte range.
+    pub range: Option<(u64, u64)>,
+    /// The body, wiped when dropped (it may carry secrets).
+    pub body: Zeroizing<Vec<u8>>,
+}
+
+/// An agent request that its provider authenticated and authorized before its body is read
+/// ([`ResourceProvider::admit_agent`]).
+#[async_trait]
+pub trait AdmittedAgent: Send + Sync + std::fmt::Debug {
+    /// Who called, for the audit log.
+    fn caller(&self) -> &str;
+
+    /// The largest body this request may carry.
+    fn body_limit(&self) -> usize;
+
+    /// Serves the request with its body.
+    async fn serve(self: Box<Self>, call: AgentCall<'_>) -> Result<AgentReply>;
+}
+
+/// The refusal of a move of a resource whose provider does not move it (resource `id`).
+pub fn move_not_supported(id: &str) -> KvError {
+    KvError::new(
+        ErrorCode::BadRequest,
+        format!(
+            "Resource move is not supported for the resource '{}'.",
+            kagi_core::ids::printable(id)
+        ),
+    )
+    .with_inner("ResourceMoveNotSupported")
+}
+
+/// A storage service as the platform's HTTP layer sees it: the ARM resource types of one
+/// namespace. The server registers each provider at start (`kagi_http::Services`); the
+/// management router hands a provider every ARM request whose path names its namespace
+/// (`…/providers/{namespace}/…`), the moves of its resources, and the agent requests
+/// (`/kagi/agent/{resource id}/…`) under its namespace.
+///
+/// Methods that do work take `self: Arc<Self>`, so that a provider can start background jobs
+/// that outlive the request.
+#[async_trait]
+pub trait ResourceProvider: Send + Sync + std::fmt::Debug {
+    /// The ARM namespace, as ARM spells it (`Microsoft.RecoveryServices`); matched
+    /// case-insensitively.
+    fn namespace(&self) -> &'static str;
+
+    /// Its resource types, namespace included (`Microsoft.RecoveryServices/vaults`).
+    fn resource_types(&self) -> &'static [&'static str];
+
+    /// Serves one ARM request under its namespace: (status, body). A `null` body (or status
+    /// 204) is answered without one.
+    async fn handle(
+        self: Arc<Self>,
+        caller: &Principal,
+        req: ArmRequest<'_>,
+    ) -> Result<(u16, Value)>;
+
+    /// Whether resources of `resource_type` (any case) can move to another resource group
+    /// (`moveResources`). Default: none can.
+    fn movable(&self, resource_type: &str) -> bool {
+        let _ = resource_type;
+        false
+    }
+
+    /// Moves resource `to.id` to `to`'s resource group, crash-safely; with `to.dry_run`
+    /// (`validateMoveResources`, and every resource of a `moveResources` before any moves)
+    /// only checks, changing nothing. Returns the resource as it is (or would be) stored after
+    /// the move, with its new `id`. A refusal by the resource's own rules is a 400 or 409
+    /// error with an inner code. Default: [`move_not_supported`].
+    async fn move_resource(
+        self: Arc<Self>,
+        caller: &Principal,
+        to: MoveRequest<'_>,
+    ) -> Result<Value> {
+        let _ = caller;
+        Err(move_not_supported(to.id))
+    }
+
+    /// The audit log's operation name of a request under its namespace (`method`, path
+    /// segments as sent), when the provider names it itself; `None` (the default): ARM's
+    /// generic name (`{namespace}/{types…}[/{action}]/{read|write|delete|action}`).
+    fn operation_name(&self, method: &str, segs: &[&str]) -> Option<String> {
+        let _ = (method, segs);
+        None
+    }
+
+    /// Whether the system-assigned identities of its resources count as trusted services for
+    /// a vault firewall's `bypass: AzureServices`. Default: no.
+    fn trusted_for_vault_firewall(&self) -> bool {
+        false
+    }
+
+    /// Authenticates and authorizes an agent request (`/kagi/agent/{resource id}/…` under its
+    /// namespace) before its body is read. Default: 404, the provider has no agents.
+    async fn admit_agent(self: Arc<Self>, head: AgentHead<'_>) -> Result<Box<dyn AdmittedAgent>> {
+        let _ = head;
+        Err(KvError::new(ErrorCode::NotFound, "No such agent route."))
+    }
+}
