@@ -379,6 +379,31 @@ impl Platform {
         Ok((state, record))
     }
 
+    /// [`Self::object_vault`] for the step `op` on the object `name`, and the name parsed.
+    fn named_object<K: Kind>(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        name: &str,
+        op: Op,
+    ) -> Result<(Arc<VaultState>, VaultRecord, ObjectName), KvError> {
+        let (state, record) = self.object_vault::<K>(caller, vault, K::action(op), Some(name))?;
+        Ok((state, record, ObjectName::parse(name)?))
+    }
+
+    /// Refuses a delete or purge under a lock on the vault or the object.
+    fn check_object_unlocked<K: Kind>(
+        &self,
+        record: &VaultRecord,
+        name: &ObjectName,
+    ) -> Result<(), KvError> {
+        let scope = (K::NAMES.collection, name.as_str());
+        self.check_not_locked(
+            &crate::directory::object_scope(record, Some(scope)),
+            "delete",
+        )
+    }
+
     pub(crate) fn object_view<'a>(&self, record: &'a VaultRecord) -> ObjectView<'a> {
         ObjectView {
             uri: self.config.vault_uri(&record.name),
@@ -512,9 +537,7 @@ impl Platform {
         version: Option<&str>,
         change: impl FnOnce(&K::Version) -> Result<K::Version, KvError>,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.object_vault::<K>(caller, vault, K::action(Op::Update), Some(name))?;
-        let name = ObjectName::parse(name)?;
+        let (state, record, name) = self.named_object::<K>(caller, vault, name, Op::Update)?;
         let _w = state.write.lock().await;
         let e = Self::live_object::<K>(&state, &name)?;
         let v = Self::pick::<K>(&e, version)?;
@@ -614,9 +637,7 @@ impl Platform {
         name: &str,
         q: &ListQuery,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.object_vault::<K>(caller, vault, K::action(Op::List), Some(name))?;
-        let name = ObjectName::parse(name)?;
+        let (state, record, name) = self.named_object::<K>(caller, vault, name, Op::List)?;
         let size = paging::page_size(q.maxresults.as_deref())?;
         // Azure answers a name with no live object with an empty list, not 404.
         let Ok(e) = Self::live_object::<K>(&state, &name) else {
@@ -648,15 +669,10 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.object_vault::<K>(caller, vault, K::action(Op::Delete), Some(name))?;
-        let name = ObjectName::parse(name)?;
+        let (state, record, name) = self.named_object::<K>(caller, vault, name, Op::Delete)?;
         let _w = state.write.lock().await;
         let mut e = Self::live_object::<K>(&state, &name)?;
-        self.check_not_locked(
-            &crate::directory::object_scope(&record, Some((K::NAMES.collection, name.as_str()))),
-            "delete",
-        )?;
+        self.check_object_unlocked::<K>(&record, &name)?;
         let now = self.clock.now();
         let purge_at = now + i64::from(record.properties.soft_delete_retention_in_days) * DAY;
         K::store(
@@ -682,9 +698,7 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.object_vault::<K>(caller, vault, K::action(Op::Get), Some(name))?;
-        let name = ObjectName::parse(name)?;
+        let (state, record, name) = self.named_object::<K>(caller, vault, name, Op::Get)?;
         let e = Self::deleted_object::<K>(&state, &name)?;
         Ok(self.object_view(&record).deleted_bundle::<K>(&e))
     }
@@ -697,9 +711,7 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<Value, KvError> {
-        let (state, record) =
-            self.object_vault::<K>(caller, vault, K::action(Op::Recover), Some(name))?;
-        let name = ObjectName::parse(name)?;
+        let (state, record, name) = self.named_object::<K>(caller, vault, name, Op::Recover)?;
         let _w = state.write.lock().await;
         let mut e = Self::deleted_object::<K>(&state, &name)?;
         K::store(
@@ -733,15 +745,10 @@ impl Platform {
         vault: &str,
         name: &str,
     ) -> Result<(), KvError> {
-        let (state, record) =
-            self.object_vault::<K>(caller, vault, K::action(Op::Purge), Some(name))?;
-        let name = ObjectName::parse(name)?;
+        let (state, record, name) = self.named_object::<K>(caller, vault, name, Op::Purge)?;
         let _w = state.write.lock().await;
         let e = Self::deleted_object::<K>(&state, &name)?;
-        self.check_not_locked(
-            &crate::directory::object_scope(&record, Some((K::NAMES.collection, name.as_str()))),
-            "delete",
-        )?;
+        self.check_object_unlocked::<K>(&record, &name)?;
         if record.properties.enable_purge_protection
             && e.purge_at.is_some_and(|t| self.clock.now() < t)
         {
@@ -802,9 +809,7 @@ impl Platform {
         name: &str,
         export: impl Fn(&VaultRecord, &ObjectName, &K::Version) -> Result<B, KvError>,
     ) -> Result<BackupBlob, KvError> {
-        let (state, record) =
-            self.object_vault::<K>(caller, vault, K::action(Op::Backup), Some(name))?;
-        let name = ObjectName::parse(name)?;
+        let (state, record, name) = self.named_object::<K>(caller, vault, name, Op::Backup)?;
         let e = Self::live_object::<K>(&state, &name)?;
         let versions = e
             .versions
