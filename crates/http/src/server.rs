@@ -28,7 +28,8 @@ pub enum ServeError {
 }
 
 /// Serves HTTPS on every address until the future is dropped, handing the requests of the
-/// storage services to `services`. Every request but `GET /healthz` is recorded in `audit`
+/// storage services to `services` (whose providers, as registered when serving starts, decide
+/// which resource types vault firewalls trust). Every request but `GET /healthz` is recorded in `audit`
 /// before it is answered (see `crate::audit`).
 pub async fn serve(
     platform: Arc<Platform>,
@@ -63,6 +64,8 @@ pub async fn serve_until(
     resolver: SniResolver,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    // Vault firewalls trust the identities of the registered services that say so.
+    platform.set_trusted_service_types(&services.trusted_service_types());
     let in_flight = InFlight::default();
     let connections = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(

@@ -185,6 +185,7 @@ impl Platform {
             test_clock: None,
             jobs: Default::default(),
             events: Default::default(),
+            trusted_service_types: Default::default(),
         };
         Ok((platform, created))
     }

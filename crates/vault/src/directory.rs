@@ -22,14 +22,6 @@ use serde_json::{Value, json};
 
 use crate::{Platform, internal};
 
-/// Resource types whose system-assigned identities count as "trusted Azure services" for a
-/// vault firewall's `bypass: AzureServices` — kagi's own storage services.
-pub const TRUSTED_SERVICE_TYPES: &[&str] = &[
-    "microsoft.recoveryservices/vaults",
-    "microsoft.compute/diskencryptionsets",
-    "microsoft.sql/servers",
-];
-
 /// Kinds of principal (kept in `kagi-identity`, which tokens and the directory both use).
 pub use kagi_directory::kind;
 
@@ -811,10 +803,7 @@ impl Platform {
                 && p.resource_id
                     .as_deref()
                     .and_then(|r| d.resources.get(r))
-                    .is_some_and(|(r, _)| {
-                        TRUSTED_SERVICE_TYPES
-                            .contains(&r.resource_type.to_ascii_lowercase().as_str())
-                    })
+                    .is_some_and(|(r, _)| self.trusts_service_type(&r.resource_type))
         })
     }
 

@@ -43,7 +43,7 @@ pub use arm::ResourceGroupInput;
 pub use bootstrap::{BootstrapAdmin, StartupError};
 pub use directory::moves::MoveTarget;
 pub use directory::service_resources::KeyVaultFacts;
-pub use directory::{TRUSTED_SERVICE_TYPES, WORKLOAD_TYPE};
+pub use directory::WORKLOAD_TYPE;
 pub use kagi_identity::Principal;
 pub use keys::ListQuery;
 pub use kagi_directory::{TokenGrant, TokenRequestError};
@@ -103,6 +103,10 @@ pub struct Platform {
     jobs: jobs::Jobs,
     /// Event outbox wake-up and the scheduler's sweep lock.
     events: events::EventRuntime,
+    /// Resource types (lower-case) whose system-assigned identities count as trusted services
+    /// for a vault firewall's `bypass: AzureServices`
+    /// ([`Platform::set_trusted_service_types`]).
+    trusted_service_types: RwLock<Vec<String>>,
 }
 
 /// The answer for a vault that a restore is writing into.
@@ -121,6 +125,26 @@ pub(crate) fn internal(context: &str, e: impl std::fmt::Display) -> KvError {
 }
 
 impl Platform {
+    /// Sets the resource types whose system-assigned identities count as "trusted Azure
+    /// services" for a vault firewall's `bypass: AzureServices`: those of the storage services
+    /// the server registered (kagi-http sets them when it starts serving). Applies to the next
+    /// request; none until set.
+    pub fn set_trusted_service_types<S: AsRef<str>>(&self, types: &[S]) {
+        let types = types.iter().map(|t| t.as_ref().to_ascii_lowercase()).collect();
+        *self
+            .trusted_service_types
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = types;
+    }
+
+    /// Whether the identities of resources of `resource_type` are trusted services.
+    pub(crate) fn trusts_service_type(&self, resource_type: &str) -> bool {
+        self.trusted_service_types
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&resource_type.to_ascii_lowercase())
+    }
+
     /// The configuration.
     pub fn config(&self) -> &PlatformConfig {
         &self.config
