@@ -653,6 +653,21 @@ pub fn validate_times(nbf: Option<i64>, exp: Option<i64>) -> Result<(), KvError>
     Ok(())
 }
 
+/// A validity window (`enabled`, `nbf`, `exp`) after a PATCH that gives some of them: each
+/// given value replaces the current one, and the result is checked as [`validate_times`] does.
+pub fn patch_window(
+    current: (bool, Option<i64>, Option<i64>),
+    patch: (Option<bool>, Option<i64>, Option<i64>),
+) -> Result<(bool, Option<i64>, Option<i64>), KvError> {
+    let window = (
+        patch.0.unwrap_or(current.0),
+        patch.1.or(current.1),
+        patch.2.or(current.2),
+    );
+    validate_times(window.1, window.2)?;
+    Ok(window)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

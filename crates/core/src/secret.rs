@@ -257,16 +257,9 @@ impl SecretUpdateParameters {
             info.content_type = Some(ct);
         }
         if let Some(a) = self.attributes {
-            if let Some(e) = a.enabled {
-                info.attributes.enabled = e;
-            }
-            if a.nbf.is_some() {
-                info.attributes.nbf = a.nbf;
-            }
-            if a.exp.is_some() {
-                info.attributes.exp = a.exp;
-            }
-            crate::key::validate_times(info.attributes.nbf, info.attributes.exp)?;
+            let t = &mut info.attributes;
+            (t.enabled, t.nbf, t.exp) =
+                crate::key::patch_window((t.enabled, t.nbf, t.exp), (a.enabled, a.nbf, a.exp))?;
         }
         if let Some(tags) = self.tags {
             crate::key::validate_tags(&tags)?;

@@ -8,8 +8,8 @@ use kagi_core::event::ObjectType;
 use kagi_core::key::{
     BackupBlob, KeyAttributes, KeyCreateParameters, KeyImportParameters, KeyOperation,
     KeyOperationParameters, KeySignParameters, KeyType, KeyUpdateParameters, KeyVerifyParameters,
-    KeyVersionInfo, PublicJwk, RandomParameters, WireKeyAttributes, parse_key_ops, validate_tags,
-    validate_times,
+    KeyVersionInfo, PublicJwk, RandomParameters, WireKeyAttributes, parse_key_ops, patch_window,
+    validate_tags, validate_times,
 };
 use kagi_core::{KeyVersion, KvError, ObjectName, VaultName, b64};
 use kagi_crypto::{
@@ -485,19 +485,12 @@ impl Platform {
                 info.key_ops = parse_key_ops(ops, info.kty)?;
             }
             if let Some(a) = params.attributes {
-                if let Some(e) = a.enabled {
-                    info.attributes.enabled = e;
-                }
-                if a.nbf.is_some() {
-                    info.attributes.nbf = a.nbf;
-                }
-                if a.exp.is_some() {
-                    info.attributes.exp = a.exp;
-                }
                 if a.exportable == Some(true) {
                     return Err(KvError::bad_parameter("kagi keys are never exportable."));
                 }
-                validate_times(info.attributes.nbf, info.attributes.exp)?;
+                let t = &mut info.attributes;
+                (t.enabled, t.nbf, t.exp) =
+                    patch_window((t.enabled, t.nbf, t.exp), (a.enabled, a.nbf, a.exp))?;
             }
             if let Some(tags) = params.tags {
                 validate_tags(&tags)?;
