@@ -338,7 +338,7 @@ pub(crate) async fn serve_audited(
         Target::Management if path.to_ascii_lowercase().starts_with("/subscriptions/") => {
             (printable(path.trim_end_matches('/'), MAX_URL), None)
         }
-        // Backup agents: the backup vault (the path's first eight segments after the prefix).
+        // Agents: the resource they act on (the path's first eight segments after the prefix).
         Target::Management
             if path
                 .to_ascii_lowercase()

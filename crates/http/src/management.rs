@@ -43,7 +43,8 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         _ => {}
     }
 
-    // Backup agents authenticate by vault credentials or a machine credential.
+    // Agents (of a provider: backup agents) authenticate by their own credentials, before
+    // their bodies are read.
     if crate::agent_routes::matches(&l) {
         return crate::agent_routes::handle(
             &parts.method,
