@@ -318,12 +318,16 @@ async fn a_request_its_client_abandons_still_finishes_with_its_record() {
     let c = s.client();
     let token = s.token(&c).await;
     s.vault_ready(&c, &token).await;
-    let h2 = s
-        .client_builder()
-        .http2_prior_knowledge()
-        .timeout(Duration::from_millis(40))
-        .build()
+    let h2 = s.client_builder().http2_prior_knowledge().build().unwrap();
+    // The HTTP/2 connection is up before the requests that are given up, so that they reach the
+    // server (a timeout during the handshake would abandon a request the server never saw).
+    let r = h2
+        .get(s.vault(&format!("/keys?{API}")))
+        .bearer_auth(&token)
+        .send()
+        .await
         .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     let mut abandoned = Vec::new();
     for i in 0..4 {
         let correlation = format!("abandoned-{i}");
@@ -332,6 +336,7 @@ async fn a_request_its_client_abandons_still_finishes_with_its_record() {
             .bearer_auth(&token)
             .header("x-ms-client-request-id", &correlation)
             .json(&json!({"kty": "RSA", "key_size": 4096}))
+            .timeout(Duration::from_millis(150))
             .send()
             .await;
         if r.is_err() {
@@ -339,7 +344,11 @@ async fn a_request_its_client_abandons_still_finishes_with_its_record() {
         }
     }
     assert!(!abandoned.is_empty(), "no request was abandoned mid-flight");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Every abandoned request that reached the server finishes: its change with its record, or
+    // neither. On a loaded machine one may not have reached it in time, so not every abandoned
+    // request must have a record, but some must: on the old code none had.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut recorded = 0;
     for (i, correlation) in &abandoned {
         let records = loop {
             let r = s.records_of(correlation);
@@ -348,11 +357,9 @@ async fn a_request_its_client_abandons_still_finishes_with_its_record() {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        assert_eq!(records.len(), 1, "request {correlation}: {records:?}");
-        let status = records[0]["properties"]["httpStatusCode"]
-            .as_u64()
-            .or_else(|| records[0]["httpStatusCode"].as_u64())
-            .unwrap();
+        assert!(records.len() <= 1, "request {correlation}: {records:?}");
+        let status = records.first().and_then(|r| r["httpStatusCode"].as_u64());
+        recorded += usize::from(status.is_some());
         let r = c
             .get(s.vault(&format!("/keys/big{i}?{API}")))
             .bearer_auth(&token)
@@ -361,11 +368,12 @@ async fn a_request_its_client_abandons_still_finishes_with_its_record() {
             .unwrap();
         assert_eq!(
             r.status() == StatusCode::OK,
-            status == 200,
-            "key big{i} exists: {}, its record says {status}",
+            status == Some(200),
+            "key big{i} exists: {}, its record says {status:?}",
             r.status()
         );
     }
+    assert!(recorded > 0, "no abandoned request finished: {abandoned:?}");
 }
 
 /// Issue 11, item 13: `//imds/{secret}/…` is routed like `/imds/{secret}/…`, so it must be
