@@ -116,8 +116,7 @@ fn constrained_again(key: &KeyPair, pem: &str, suffix: &str) -> Result<Option<St
 }
 
 fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
-    kagi_fs::write_atomically(path, data, mode)
-        .map_err(|e| TlsError::Io(path.to_path_buf(), e))
+    kagi_fs::write_atomically(path, data, mode).map_err(|e| TlsError::Io(path.to_path_buf(), e))
 }
 
 impl LocalCa {

@@ -41,12 +41,12 @@ use kagi_store::Store;
 
 pub use arm::ResourceGroupInput;
 pub use bootstrap::{BootstrapAdmin, StartupError};
+pub use directory::WORKLOAD_TYPE;
 pub use directory::moves::MoveTarget;
 pub use directory::service_resources::KeyVaultFacts;
-pub use directory::WORKLOAD_TYPE;
+pub use kagi_directory::{TokenGrant, TokenRequestError};
 pub use kagi_identity::Principal;
 pub use keys::ListQuery;
-pub use kagi_directory::{TokenGrant, TokenRequestError};
 
 use state::VaultState;
 
@@ -130,7 +130,10 @@ impl Platform {
     /// the server registered (kagi-http sets them when it starts serving). Applies to the next
     /// request; none until set.
     pub fn set_trusted_service_types<S: AsRef<str>>(&self, types: &[S]) {
-        let types = types.iter().map(|t| t.as_ref().to_ascii_lowercase()).collect();
+        let types = types
+            .iter()
+            .map(|t| t.as_ref().to_ascii_lowercase())
+            .collect();
         *self
             .trusted_service_types
             .write()
@@ -191,7 +194,9 @@ impl Platform {
                 continue;
             }
             purged += self.purge_expired_objects::<keys::KeyKind>(&v, now).await?;
-            purged += self.purge_expired_objects::<secrets::SecretKind>(&v, now).await?;
+            purged += self
+                .purge_expired_objects::<secrets::SecretKind>(&v, now)
+                .await?;
         }
         Ok(purged)
     }
