@@ -18,6 +18,21 @@ pytestmark = pytest.mark.cli
 SECRETS = 300
 
 
+def backup_of_many_secrets(srv, tmp_path):
+    """A vault of SECRETS secrets backed up with the CLI: (backup file, passphrase file)."""
+    source = srv.create_vault(purge_protection=False)
+    client = srv.secret_client(source.url)
+    for i in range(SECRETS):
+        client.set_secret(f"s{i:04d}", f"value-{i}")
+    backup = tmp_path / "v.kvbak"
+    pass_file = tmp_path / "pass.txt"
+    pass_file.write_text(PASSPHRASE + "\n")
+    pass_file.chmod(0o600)
+    ok(kagi_cli(srv, "keyvault", "backup", "--name", source.name, "--resource-group", source.rg,
+                "--file", str(backup), "--passphrase-file", str(pass_file)))
+    return backup, pass_file
+
+
 def start_restore(srv, target: str, raw: bytes, location):
     path = srv.vault_path(DEFAULT_RG, target) + "/restore"
     url = srv.arm(path) + (f"&location={location}" if location else "")
@@ -45,16 +60,7 @@ def kill_mid_restore(srv, status_url) -> bool:
 @pytest.mark.parametrize("into_existing", [False, True])
 def test_a_restore_killed_half_way_is_rolled_back_at_start(private_kagi, tmp_path, into_existing):
     srv = private_kagi
-    source = srv.create_vault(purge_protection=False)
-    client = srv.secret_client(source.url)
-    for i in range(SECRETS):
-        client.set_secret(f"s{i:04d}", f"value-{i}")
-    backup = tmp_path / "v.kvbak"
-    pass_file = tmp_path / "pass.txt"
-    pass_file.write_text(PASSPHRASE + "\n")
-    pass_file.chmod(0o600)
-    ok(kagi_cli(srv, "keyvault", "backup", "--name", source.name, "--resource-group", source.rg,
-                "--file", str(backup), "--passphrase-file", str(pass_file)))
+    backup, pass_file = backup_of_many_secrets(srv, tmp_path)
     raw = backup.read_bytes()
 
     for attempt in range(3):
@@ -98,16 +104,7 @@ def test_a_vault_being_restored_into_serves_no_one_else(private_kagi, tmp_path):
     VaultRestoreInProgress) instead of reading half a vault or writing what a roll-back would
     take away; once the job has ended the vault serves everyone again."""
     srv = private_kagi
-    source = srv.create_vault(purge_protection=False)
-    client = srv.secret_client(source.url)
-    for i in range(SECRETS):
-        client.set_secret(f"s{i:04d}", f"value-{i}")
-    backup = tmp_path / "v.kvbak"
-    pass_file = tmp_path / "pass.txt"
-    pass_file.write_text(PASSPHRASE + "\n")
-    pass_file.chmod(0o600)
-    ok(kagi_cli(srv, "keyvault", "backup", "--name", source.name, "--resource-group", source.rg,
-                "--file", str(backup), "--passphrase-file", str(pass_file)))
+    backup, pass_file = backup_of_many_secrets(srv, tmp_path)
     raw = backup.read_bytes()
 
     for attempt in range(3):
