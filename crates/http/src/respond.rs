@@ -44,10 +44,6 @@ pub(crate) fn query_get<'a>(pairs: &'a [(String, String)], name: &str) -> Option
         .map(|(_, v)| v.as_str())
 }
 
-/// Bytes of an oversized body kagi reads and throws away so that the client, which sends its
-/// whole body before reading the answer, gets the 413 instead of a reset connection.
-const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
-
 /// The most a body's buffer is sized to before its bytes arrive: a Content-Length alone (sent
 /// by anyone, the token endpoint is unauthenticated) must not pin a whole [`crate::MAX_BODY`]
 /// per request or stream. Larger bodies grow the buffer as they arrive.
@@ -79,7 +75,9 @@ pub(crate) async fn read_secret_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > DRAIN_LIMIT as u64) {
+    // What is not read here is drained by the server after the answer (`crate::server`), so
+    // the client, which sends its whole body first, still gets the 413.
+    if declared.is_some_and(|len| len > crate::MAX_BODY as u64) {
         return Err(too_large());
     }
     let mut body = body;
@@ -97,16 +95,11 @@ pub(crate) async fn read_secret_body(
         };
         if let Ok(data) = frame.into_data() {
             seen += data.len();
-            if seen > DRAIN_LIMIT {
-                break;
+            if seen > crate::MAX_BODY {
+                return Err(too_large());
             }
-            if seen <= crate::MAX_BODY {
-                append_wiping(&mut buf, &data);
-            }
+            append_wiping(&mut buf, &data);
         }
-    }
-    if seen > crate::MAX_BODY {
-        return Err(too_large());
     }
     Ok(buf)
 }
