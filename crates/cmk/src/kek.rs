@@ -166,6 +166,18 @@ pub struct OpenedKey {
     pub written: u64,
 }
 
+/// What [`KeyAccess::rewrap_all`] did to each data key it was given, in order.
+#[derive(Debug, Default)]
+pub struct Rewrapped {
+    /// Data keys that gained a copy wrapped under the key in force.
+    pub added: u64,
+    /// Data keys that already had one (nothing was asked of the key vault for them).
+    pub already: u64,
+    /// Data keys that could not be re-wrapped: their position in the list given, and why.
+    /// Their older copies still open them.
+    pub failed: Vec<(usize, KeyError)>,
+}
+
 /// The version of a versionless key in force, as last resolved.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VersionInUse {
@@ -401,5 +413,44 @@ impl KeyAccess {
             kek_id,
             written,
         })
+    }
+
+    /// Re-wraps every data key in `owners` (say every disk of a disk encryption set) under
+    /// `kek`: one step per data key, whatever the size of the data behind it. Idempotent: a
+    /// data key that already has a copy under `kek` costs one read of its records and nothing
+    /// else, so a re-run after a crash does only what is left. Crash-safe: a copy is added,
+    /// never replaced, so the older copies open the key until the new one is durable (removing
+    /// them later is the resource's decision). A data key that fails is reported and the rest
+    /// go on; the failure is definite or transient as for [`KeyAccess::data_key`].
+    pub async fn rewrap_all(
+        &self,
+        owners: &[&dyn KeyOwner],
+        kek: &Kek,
+        now: i64,
+    ) -> Result<Rewrapped, KeyError> {
+        let kek_id = kek.id();
+        let mut done = Rewrapped::default();
+        for (i, owner) in owners.iter().enumerate() {
+            let has_current = owner
+                .wrapped_keys()
+                .await?
+                .iter()
+                .any(|r| r.kek.id() == kek_id);
+            if has_current {
+                done.already += 1;
+                continue;
+            }
+            // A slot of its own: nothing cached, so the key vault is asked now.
+            let fresh = DekSlot::default();
+            match self
+                .data_key(*owner, kek, &fresh, Duration::ZERO, now)
+                .await
+            {
+                Ok(opened) => done.added += opened.written,
+                Err(KeyError::Other(e)) => return Err(KeyError::Other(e)),
+                Err(e) => done.failed.push((i, e)),
+            }
+        }
+        Ok(done)
     }
 }

@@ -17,7 +17,8 @@
 //!   platform key) and [`KeyAccess::data_key`]: a resource's data key, from a [`DekSlot`]
 //!   (bounded lifetime, zeroized when replaced or dropped) or unwrapped, and re-wrapped under
 //!   the key in force by adding one record — one idempotent, crash-safe step per data key,
-//!   whatever the size of the data;
+//!   whatever the size of the data; [`KeyAccess::rewrap_all`]: the same for every data key of
+//!   a resource that has many (the disks of a disk encryption set), O(number of data keys);
 //! - [`FailureKind`]: whether a failure is definite (4xx: disabled, deleted, expired,
 //!   permission removed, identity gone) or transient (5xx, timeouts, unreachable).
 //!
@@ -40,7 +41,8 @@ use kagi_host::HostConfig;
 pub use cache::DekSlot;
 pub use client::{FailureKind, VaultClient, VaultFailure};
 pub use kek::{
-    Dek, Kek, KekRef, KeyError, KeyFailure, KeyOwner, OpenedKey, Resolved, VersionInUse, WrappedKey,
+    Dek, Kek, KekRef, KeyError, KeyFailure, KeyOwner, OpenedKey, Resolved, Rewrapped, VersionInUse,
+    WrappedKey,
 };
 pub use uri::{KeyUri, parse_key_uri};
 pub use usable::key_unusable;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kagi_cmk::{
-    Dek, DekSlot, FailureKind, Kek, KeyAccess, KeyError, KeyOwner, KeyRequest, Resolved,
+    Dek, DekSlot, FailureKind, Kek, KekRef, KeyAccess, KeyError, KeyOwner, KeyRequest, Resolved,
     VersionInUse, WrappedKey,
 };
 use kagi_core::KvError;
@@ -194,6 +194,47 @@ async fn a_disk_wraps_its_data_key_with_its_own_identity_and_follows_key_version
     let held = records.wrapped_keys().await.unwrap();
     let by: Vec<String> = held.iter().map(|r| r.kek.id()).collect();
     assert_eq!(by, [kid1.clone(), kid2.clone()]);
+
+    // Many data keys (the disks of a set) re-wrapped in one step: one copy each, whatever the
+    // data; a damaged one is reported and the rest go on; a re-run asks nothing of the vault.
+    let disks: Vec<Records> = (0..3).map(|_| Records::default()).collect();
+    for (n, d) in disks.iter().enumerate() {
+        let dek = Dek::new([n as u8; 32]);
+        let r = keys.wrap(d, &customer(&kid1), &dek, now).await.unwrap();
+        d.add_wrapped_key(r).await.unwrap();
+    }
+    let damaged = Records(Mutex::new(vec![WrappedKey {
+        id: "damaged".into(),
+        kek: KekRef::Customer(kid1.clone()),
+        wrapped: Vec::new(),
+        created: now,
+    }]));
+    let mut owners: Vec<&dyn KeyOwner> = disks.iter().map(|d| d as &dyn KeyOwner).collect();
+    owners.push(&damaged);
+    let first = keys
+        .rewrap_all(&owners, &customer(&kid2), now)
+        .await
+        .unwrap();
+    assert_eq!((first.added, first.already), (3, 0));
+    let failed: Vec<usize> = first.failed.iter().map(|f| f.0).collect();
+    assert_eq!(failed, [3]);
+    let again = keys
+        .rewrap_all(&owners[..3], &customer(&kid2), now)
+        .await
+        .unwrap();
+    assert_eq!((again.added, again.already, again.failed.len()), (0, 3, 0));
+    for (n, d) in disks.iter().enumerate() {
+        let held = d.wrapped_keys().await.unwrap();
+        assert_eq!(held.len(), 2);
+        // The new copy alone opens the same data key.
+        let only_new = Records(Mutex::new(vec![held[1].clone()]));
+        let fresh = DekSlot::default();
+        let opened = keys
+            .data_key(&only_new, &customer(&kid2), &fresh, Duration::ZERO, now)
+            .await
+            .unwrap();
+        assert_eq!((*opened.dek, opened.written), ([n as u8; 32], 0));
+    }
 
     // The key disabled: a definite failure, named, and no data key.
     disable(&s, "/keys/cmk").await;
