@@ -1,7 +1,7 @@
 //! The keys data plane: create, import, get, update, list, delete/recover/purge, backup and
 //! restore, rotate, and the cryptographic operations.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use kagi_core::access::{DataAction, KeyPermission};
 use kagi_core::event::ObjectType;
@@ -11,7 +11,7 @@ use kagi_core::key::{
     KeyVersionInfo, PublicJwk, RandomParameters, WireKeyAttributes, parse_key_ops, patch_window,
     validate_tags, validate_times,
 };
-use kagi_core::{KeyVersion, KvError, ObjectName, VaultName, b64};
+use kagi_core::{KeyVersion, KvError, ObjectName, b64};
 use kagi_crypto::{
     CryptoError, Curve, EncryptionAlgorithm, KeyPair, PublicKey, RsaKeySize, RsaPrivateComponents,
     SealPurpose, SignatureAlgorithm,
@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::object_backup;
-use crate::state::{ObjectMap, VaultState, VersionEntry, private_key_aad};
+use crate::state::{VaultState, VersionEntry, private_key_aad};
 pub use crate::versioned::ListQuery;
-use crate::versioned::{self, Kind, Names, ObjectView, Op, random_version};
+use crate::versioned::{self, Kind, Names, ObjectView, random_version};
 use crate::{Platform, internal};
 
 fn crypto_error(e: CryptoError) -> KvError {
@@ -131,24 +131,14 @@ pub(crate) struct KeyKind;
 impl Kind for KeyKind {
     type Version = VersionEntry;
     type Record = KeyVersionRecord;
-    const NAMES: Names = Names::new(ObjectType::Key, "keys", "kid", &object_backup::KEYS)
-        .errors(KvError::key_not_found, KvError::deleted_key_not_found);
-
-    fn objects(state: &VaultState) -> &RwLock<ObjectMap<VersionEntry>> {
-        &state.keys
-    }
-
-    fn action(op: Op) -> DataAction {
+    const NAMES: Names = Names::new(ObjectType::Key, "keys", "kid", &object_backup::KEYS, |op| {
         use KeyPermission::{Backup, Delete, Get, List, Purge, Recover, Restore, Update};
         DataAction::Key([Get, List, Update, Delete, Recover, Purge, Backup, Restore][op as usize])
-    }
-
-    fn log(vault: &VaultName, name: &ObjectName, what: &str) {
-        tracing::info!(vault = %vault, key = %name, "key {what}");
-    }
+    })
+    .errors(KvError::key_not_found, KvError::deleted_key_not_found);
 
     versioned::store_calls! {
-        add_key_version, update_key_version, set_key_deleted, purge_key, insert_key
+        keys: add_key_version, update_key_version, set_key_deleted, purge_key, insert_key
     }
 
     fn attributes(v: &VersionEntry) -> Map<String, Value> {

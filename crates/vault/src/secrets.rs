@@ -7,8 +7,6 @@
 //! plaintext lives in [`SecretValue`]/`Zeroizing` buffers that are wiped when dropped. Values
 //! never appear in logs, errors or `Debug` output.
 
-use std::sync::RwLock;
-
 use kagi_core::access::{DataAction, SecretPermission};
 use kagi_core::event::ObjectType;
 use kagi_core::key::BackupBlob;
@@ -24,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::object_backup;
-use crate::state::{Entry, ObjectMap, VaultState, write};
+use crate::state::{Entry, VaultState, write};
 use crate::versioned::{self, Kind, Names, ObjectView, Op, random_version};
 use crate::{Platform, internal};
 
@@ -34,24 +32,22 @@ pub(crate) struct SecretKind;
 impl Kind for SecretKind {
     type Version = SecretVersionRecord;
     type Record = SecretVersionRecord;
-    const NAMES: Names = Names::new(ObjectType::Secret, "secrets", "id", &object_backup::SECRETS)
-        .errors(secret_not_found, deleted_secret_not_found);
-
-    fn objects(state: &VaultState) -> &RwLock<ObjectMap<SecretVersionRecord>> {
-        &state.secrets
-    }
-
-    fn action(op: Op) -> DataAction {
-        use SecretPermission::{Backup, Delete, Get, List, Purge, Recover, Restore, Set};
-        DataAction::Secret([Get, List, Set, Delete, Recover, Purge, Backup, Restore][op as usize])
-    }
-
-    fn log(vault: &VaultName, name: &ObjectName, what: &str) {
-        tracing::info!(vault = %vault, secret = %name, "secret {what}");
-    }
+    const NAMES: Names = Names::new(
+        ObjectType::Secret,
+        "secrets",
+        "id",
+        &object_backup::SECRETS,
+        |op| {
+            use SecretPermission::{Backup, Delete, Get, List, Purge, Recover, Restore, Set};
+            DataAction::Secret(
+                [Get, List, Set, Delete, Recover, Purge, Backup, Restore][op as usize],
+            )
+        },
+    )
+    .errors(secret_not_found, deleted_secret_not_found);
 
     versioned::store_calls! {
-        add_secret_version, update_secret_version, set_secret_deleted, purge_secret, insert_secret
+        secrets: add_secret_version, update_secret_version, set_secret_deleted, purge_secret, insert_secret
     }
 
     fn attributes(v: &SecretVersionRecord) -> Map<String, Value> {

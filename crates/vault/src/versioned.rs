@@ -81,6 +81,8 @@ pub(crate) struct Names {
     not_found: fn(&str, Option<&str>) -> KvError,
     /// 404 for no deleted object of a name.
     deleted_not_found: fn(&str) -> KvError,
+    /// The permission each step of the lifecycle needs.
+    steps: fn(Op) -> DataAction,
 }
 
 impl Names {
@@ -91,12 +93,14 @@ impl Names {
         collection: &'static str,
         id_field: &'static str,
         backup: &'static BackupKind,
+        steps: fn(Op) -> DataAction,
     ) -> Self {
         Self {
             object_type,
             collection,
             id_field,
             backup,
+            steps,
             not_found: KvError::key_not_found,
             deleted_not_found: KvError::deleted_key_not_found,
         }
@@ -138,9 +142,14 @@ pub(crate) trait Kind: 'static {
     /// The vault's objects of this kind.
     fn objects(state: &VaultState) -> &RwLock<ObjectMap<Self::Version>>;
     /// The permission of a step.
-    fn action(op: Op) -> DataAction;
+    fn action(op: Op) -> DataAction {
+        (Self::NAMES.steps)(op)
+    }
     /// Logs a change (`what`: "soft-deleted", …); never material.
-    fn log(vault: &VaultName, name: &ObjectName, what: &str);
+    fn log(vault: &VaultName, name: &ObjectName, what: &str) {
+        let noun = Self::NAMES.noun().to_ascii_lowercase();
+        tracing::info!(vault = %vault, object = %name, "{noun} {what}");
+    }
 
     /// Runs one store change of this kind.
     fn store<'a>(s: &'a dyn Store, vault: &'a VaultName, op: StoreOp<'a, Self>) -> StoreFuture<'a>;
@@ -155,10 +164,16 @@ pub(crate) trait Kind: 'static {
     fn empty_bundle(view: &ObjectView<'_>, name: &str) -> Value;
 }
 
-/// `Kind::store` as calls of the named `Store` methods: add version, update version, set
-/// deleted, purge, insert.
+/// `Kind::objects` as the named field of the vault's state, and `Kind::store` as calls of the
+/// named `Store` methods: add version, update version, set deleted, purge, insert.
 macro_rules! store_calls {
-    ($add:ident, $update:ident, $set_deleted:ident, $purge:ident, $insert:ident) => {
+    ($field:ident: $add:ident, $update:ident, $set_deleted:ident, $purge:ident, $insert:ident) => {
+        fn objects(
+            state: &$crate::state::VaultState,
+        ) -> &std::sync::RwLock<$crate::state::ObjectMap<Self::Version>> {
+            &state.$field
+        }
+
         fn store<'a>(
             s: &'a dyn kagi_store::Store,
             vault: &'a kagi_core::VaultName,
