@@ -383,12 +383,12 @@ impl Repository {
             }
             drop(sealed_tx);
             let packer = scope.spawn(move || -> Result<Packer> {
-                let mut packer = Packer::new();
+                let mut packer = Packer::pipelined(repo.backend.clone());
                 for item in sealed_rx {
                     let (kind, id, sealed) = item?;
                     packer.add(repo.backend.as_ref(), &repo.key, kind, &id, &sealed)?;
                 }
-                packer.flush(repo.backend.as_ref(), &repo.key)?;
+                packer.finish(repo.backend.as_ref(), &repo.key)?;
                 Ok(packer)
             });
             let mut walker = Walker {

@@ -43,11 +43,11 @@ pub(crate) fn object_scope(vault: &VaultRecord, object: Option<(&str, &str)>) ->
 }
 
 impl Platform {
-    fn dir(&self) -> std::sync::RwLockReadGuard<'_, kagi_directory::State> {
+    pub(crate) fn dir(&self) -> std::sync::RwLockReadGuard<'_, kagi_directory::State> {
         self.directory.state()
     }
 
-    fn dir_mut(&self) -> std::sync::RwLockWriteGuard<'_, kagi_directory::State> {
+    pub(crate) fn dir_mut(&self) -> std::sync::RwLockWriteGuard<'_, kagi_directory::State> {
         self.directory.state_mut()
     }
 
@@ -57,7 +57,7 @@ impl Platform {
 
     // ----- resources with identities -----
 
-    async fn check_group(
+    pub(crate) async fn check_group(
         &self,
         caller: &Principal,
         sub: &str,
@@ -458,7 +458,11 @@ impl Platform {
 
     /// Deletes a resource and the identities `gone` that only it carried: the store first (one
     /// transaction, with the resource's service records), then the directory in memory.
-    async fn forget_resource(&self, key: &str, gone: Vec<String>) -> Result<(), KvError> {
+    pub(crate) async fn forget_resource(
+        &self,
+        key: &str,
+        gone: Vec<String>,
+    ) -> Result<(), KvError> {
         self.store
             .delete_resource(key, &gone)
             .await
@@ -983,18 +987,3 @@ fn binding_json(b: &BindingRecord, now: i64) -> Value {
         "status": if now < b.expires { "Active" } else { "Expired" },
     })
 }
-
-// Storage-service resources (backup vaults, …): a child module, so it shares the directory's
-// private state.
-#[path = "service_resources.rs"]
-pub(crate) mod service_resources;
-
-// Subscriptions, tenant moves and resource moves (BK-9, ID-3): a child module, so it shares
-// the directory's private state.
-#[path = "moves.rs"]
-pub(crate) mod moves;
-
-// Policy assignments and compliance: a child module, so it shares the directory's
-// private state.
-#[path = "policy_assignments.rs"]
-pub(crate) mod policy_assignments;

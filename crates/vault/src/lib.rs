@@ -18,12 +18,18 @@ mod directory_delegates;
 mod events;
 pub use events::{DeliveryConfig, run_event_delivery};
 mod keys;
+// Subscriptions, tenant moves and resource moves (BK-9, ID-3).
+mod moves;
 mod object_backup;
+// Policy assignments and compliance.
+mod policy_assignments;
 mod rotation;
 pub use rotation::SweepReport;
 mod jobs;
 mod secrets;
 mod service_host;
+// Storage-service resources (backup vaults, …) and what they learn of key vaults.
+mod service_resources;
 mod state;
 mod test_clock;
 mod vault_backup;
@@ -42,11 +48,11 @@ use kagi_store::Store;
 pub use arm::ResourceGroupInput;
 pub use bootstrap::{BootstrapAdmin, StartupError};
 pub use directory::WORKLOAD_TYPE;
-pub use directory::moves::MoveTarget;
-pub use directory::service_resources::KeyVaultFacts;
 pub use kagi_directory::{TokenGrant, TokenRequestError};
 pub use kagi_identity::Principal;
 pub use keys::ListQuery;
+pub use moves::MoveTarget;
+pub use service_resources::KeyVaultFacts;
 
 use state::VaultState;
 

@@ -34,8 +34,8 @@ use kagi_identity::Principal;
 use kagi_store::{PrincipalRecord, ResourceRecord};
 use serde_json::{Value, json};
 
-use super::{bad, kind};
 use crate::{Platform, internal};
+use kagi_directory::{bad, kind};
 
 /// Moves and transfers are rare; serialising them keeps the checks and the commit of one from
 /// interleaving with another's.
@@ -581,7 +581,7 @@ impl Platform {
             ))
             .with_inner("InvalidTargetResourceGroup"));
         }
-        let scope = super::object_scope(&current, None);
+        let scope = crate::directory::object_scope(&current, None);
         // A lock on the vault, above it or on one of its keys or secrets refuses the move.
         self.check_not_locked_within(&scope)?;
         self.check_not_locked(&target.id(), "write")?;

@@ -19,8 +19,8 @@ use kagi_core::{ErrorCode, KvError};
 use kagi_identity::Principal;
 use serde_json::{Value, json};
 
-use super::bad;
 use crate::{Platform, internal};
+use kagi_directory::bad;
 
 /// Data directories whose legacy assignments file has been looked for in this process (one
 /// look per directory, not one per call).

@@ -20,8 +20,8 @@ use kagi_identity::Principal;
 use kagi_store::{ResourceRecord, ServiceDocument, ServiceImport};
 use serde_json::{Value, json};
 
-use super::{bad, kind};
 use crate::{Platform, internal};
+use kagi_directory::{bad, kind};
 
 pub use kagi_host::KeyVaultFacts;
 
