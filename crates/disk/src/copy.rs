@@ -1,0 +1,112 @@
+//! Whole-volume copies into another family (re-encrypted under its key) and imports of raw
+//! images. Zero blocks stay holes.
+
+use std::io::Read;
+
+use crate::Family;
+use crate::error::{DiskError, Result};
+use crate::format::BS;
+use crate::volume::{ExtentKind, Volume};
+
+/// Bytes moved per step.
+const STEP: usize = 1 << 20;
+
+/// Writes `buf` at `offset`, skipping its all-zero blocks (they stay holes).
+fn write_sparse(dst: &Volume, offset: u64, buf: &[u8]) -> Result<()> {
+    let mut i = 0;
+    while i < buf.len() {
+        let is_zero = |j: usize| buf[j..(j + BS).min(buf.len())].iter().all(|b| *b == 0);
+        if is_zero(i) {
+            i += BS;
+            continue;
+        }
+        let mut j = i + BS;
+        while j < buf.len() && !is_zero(j) {
+            j += BS;
+        }
+        let j = j.min(buf.len());
+        dst.write(offset + i as u64, &buf[i..j], false)?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Copies `src` into a new volume `new_id` of `dst` (for `createOption: Copy` into another
+/// family): decrypted with the source family's key, encrypted with the destination's. Holes
+/// stay holes. Durable on return; on failure the new volume is removed.
+pub fn copy_volume(src: &Volume, dst: &Family, new_id: &str) -> Result<Volume> {
+    let size = src.size();
+    let out = dst.create_volume(new_id, size)?;
+    let done = (|| {
+        let mut buf = vec![0u8; STEP];
+        for ext in src.extents(0, size)? {
+            if ext.kind != ExtentKind::Data {
+                continue;
+            }
+            let mut at = ext.offset;
+            let end = ext.offset + ext.length;
+            while at < end {
+                let n = ((end - at) as usize).min(STEP);
+                src.read(at, &mut buf[..n])?;
+                write_sparse(&out, at, &buf[..n])?;
+                at += n as u64;
+            }
+        }
+        out.flush()
+    })();
+    match done {
+        Ok(()) => Ok(out),
+        Err(e) => {
+            let _ = dst.delete_volume(new_id);
+            Err(e)
+        }
+    }
+}
+
+/// Imports a raw image of `size` bytes from `reader` into a new volume `new_id` (for
+/// `createOption: Import`). The volume's size is `size` rounded up to 4096; a shorter image
+/// leaves the rest as holes; a longer one is refused. Durable on return; on failure the new
+/// volume is removed.
+pub fn import_volume(
+    dst: &Family,
+    new_id: &str,
+    size: u64,
+    reader: &mut dyn Read,
+) -> Result<Volume> {
+    let rounded = size.div_ceil(crate::BLOCK_SIZE) * crate::BLOCK_SIZE;
+    let out = dst.create_volume(new_id, rounded)?;
+    let done = (|| {
+        let mut buf = vec![0u8; STEP];
+        let mut at = 0u64;
+        loop {
+            let mut filled = 0;
+            while filled < STEP {
+                match reader.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(DiskError::from(e)),
+                }
+            }
+            if filled == 0 {
+                break;
+            }
+            if at + filled as u64 > size {
+                return Err(DiskError::InvalidSize {
+                    size,
+                    reason: "the image is larger than the size given",
+                });
+            }
+            write_sparse(&out, at, &buf[..filled])?;
+            at += filled as u64;
+        }
+        out.flush()
+    })();
+    match done {
+        Ok(()) => Ok(out),
+        Err(e) => {
+            let _ = dst.delete_volume(new_id);
+            Err(e)
+        }
+    }
+}

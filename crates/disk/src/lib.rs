@@ -1,0 +1,299 @@
+//! kagi's encrypted block store for managed disks.
+//!
+//! A **disk family** is a disk, its snapshots and the disks created from those snapshots: they
+//! share blocks and one AES-256 data key (DEK), which the caller (the disk service) unwraps and
+//! hands over as [`FamilyKeys`] when it opens the family. The store never writes a key; a key
+//! check sealed in the family header refuses a wrong key ([`DiskError::WrongKey`]).
+//!
+//! - Every 4 KiB block is sealed with AES-256-GCM (aws-lc) under the DEK, with its family's
+//!   random id and its block address as associated data, and a nonce made of its position in
+//!   the log (segment number, byte offset), which is never reused: a block moved to another
+//!   address, place or family fails to read ([`DiskError::Corrupt`]).
+//! - Double encryption (DK-9, chosen at creation): the block is first sealed with
+//!   ChaCha20-Poly1305 under a second, platform-held key.
+//! - Writes append records to the family's current segment file; an in-memory index maps
+//!   (volume, block) to (segment, offset), is checkpointed (sealed too), and the log after the
+//!   checkpoint is replayed at open, a torn tail cut off. Unwritten, trimmed and zeroed blocks
+//!   are holes: not stored, and reported by [`Volume::extents`].
+//! - Snapshots share the volume's index chunks copy-on-write: they cost only the blocks
+//!   written after them ([`Family::stats`] measures it). [`Family::gc`] compacts segments.
+//! - [`Family::lock`] drops the keys: every I/O then fails with [`DiskError::Locked`] until
+//!   [`Family::unlock`].
+//! - `write(.., fua = true)` and `flush()` return only when durable; a flush covers every
+//!   handle and thread of the family.
+//!
+//! The on-disk format, nonces and crash guarantees are in `docs/DISK_FORMAT.md`.
+
+#![forbid(unsafe_code)]
+
+mod copy;
+mod crypto;
+mod error;
+mod family;
+mod format;
+mod index;
+mod segment;
+mod volume;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+
+pub use copy::{copy_volume, import_volume};
+pub use crypto::FamilyKeys;
+pub use error::{DiskError, Result};
+pub use family::{FamilyStats, GcReport, VolumeStats};
+pub use format::BLOCK_SIZE;
+pub use volume::{Extent, ExtentKind, Volume};
+
+use family::Inner;
+
+// A poisoned lock means a thread panicked while holding it; the data it guards is still
+// consistent at every await-free step, so carry on rather than cascade the panic.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+pub(crate) fn read<T>(m: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|e| e.into_inner())
+}
+pub(crate) fn write<T>(m: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The store: a root directory with one subdirectory per disk family.
+pub struct DiskStore {
+    root: PathBuf,
+    /// Families open in this process: a second open returns the same one (two logs writing
+    /// one family would corrupt it; another process is kept out by a lock file).
+    open: Mutex<HashMap<String, Weak<Inner>>>,
+}
+
+/// A disk, its snapshot or a disk made from one of its snapshots, as listed by
+/// [`Family::volumes`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// The volume's id.
+    pub id: String,
+    /// Whether it is a snapshot.
+    pub read_only: bool,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl DiskStore {
+    /// Opens (creating it if needed) the store at `root`, and removes what an interrupted
+    /// family creation or deletion left.
+    pub fn open(root: impl AsRef<Path>) -> Result<DiskStore> {
+        let root = root.as_ref().to_path_buf();
+        std::fs::create_dir_all(&root)?;
+        for e in std::fs::read_dir(&root)? {
+            let e = e?;
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && (name.ends_with(".creating") || name.ends_with(".deleting"))
+            {
+                std::fs::remove_dir_all(e.path())?;
+            }
+        }
+        Ok(DiskStore {
+            root,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates a family. `inner` enables double encryption, and then `keys.inner_key` is
+    /// required (and otherwise refused).
+    pub fn create_family(&self, id: &str, keys: FamilyKeys, inner: bool) -> Result<Family> {
+        let mut open = lock(&self.open);
+        if open.get(id).and_then(Weak::upgrade).is_some() {
+            return Err(DiskError::AlreadyExists(format!("disk family {id}")));
+        }
+        let fam = Inner::create(&self.root, id, keys, inner)?;
+        open.insert(id.to_string(), Arc::downgrade(&fam));
+        Ok(Family { inner: fam })
+    }
+
+    /// Opens a family with its keys (replaying its log after a crash). If it is open already
+    /// in this process, the keys are checked (and unlock it if it was locked) and the same
+    /// family is returned.
+    pub fn open_family(&self, id: &str, keys: FamilyKeys) -> Result<Family> {
+        let mut open = lock(&self.open);
+        if let Some(fam) = open.get(id).and_then(Weak::upgrade) {
+            fam.unlock_keys(keys)?;
+            return Ok(Family { inner: fam });
+        }
+        let fam = Inner::open(&self.root, id, keys)?;
+        open.insert(id.to_string(), Arc::downgrade(&fam));
+        Ok(Family { inner: fam })
+    }
+
+    /// Ids of the families in the store.
+    pub fn families(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.root)? {
+            let e = e?;
+            if let Some(name) = e.file_name().to_str()
+                && !name.starts_with('.')
+                && e.path().join("family").is_file()
+            {
+                out.push(name.to_string());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes a family and all its volumes. Refused while it is open.
+    pub fn delete_family(&self, id: &str) -> Result<()> {
+        format::check_name(id)?;
+        let open = lock(&self.open);
+        if open.get(id).and_then(Weak::upgrade).is_some() {
+            return Err(DiskError::Busy);
+        }
+        let dir = self.root.join(id);
+        if !dir.join("family").is_file() {
+            return Err(DiskError::NotFound(format!("disk family {id}")));
+        }
+        // Another process holding it keeps its lock file locked.
+        let lockfile = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join("lock"))?;
+        rustix::fs::flock(
+            &lockfile,
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )
+        .map_err(|_| DiskError::Busy)?;
+        // Renamed first, so a crash midway never leaves a half family under its name.
+        let doomed = self.root.join(format!(".{id}.deleting"));
+        std::fs::rename(&dir, &doomed)?;
+        kagi_fs::sync_dir(&self.root)?;
+        std::fs::remove_dir_all(&doomed)?;
+        Ok(())
+    }
+}
+
+/// An open disk family. Cheap to clone; the last clone (with its volumes) closes it with a
+/// checkpoint.
+#[derive(Clone)]
+pub struct Family {
+    inner: Arc<Inner>,
+}
+
+impl Family {
+    /// The family's id.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Whether the family has the inner (double-encryption) layer.
+    pub fn has_inner_layer(&self) -> bool {
+        self.inner.inner_layer()
+    }
+
+    fn handle(&self, vol: Arc<family::Vol>) -> Volume {
+        Volume {
+            fam: self.inner.clone(),
+            vol,
+        }
+    }
+
+    /// Creates an empty (all holes) writable volume of `size` bytes (a positive multiple of
+    /// 4096).
+    pub fn create_volume(&self, id: &str, size: u64) -> Result<Volume> {
+        Ok(self.handle(self.inner.create_volume(id, size)?))
+    }
+
+    /// A handle on an existing volume.
+    pub fn volume(&self, id: &str) -> Result<Volume> {
+        Ok(self.handle(self.inner.volume(id)?))
+    }
+
+    /// Every volume of the family.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        self.inner
+            .volume_ids()
+            .into_iter()
+            .map(|(id, read_only, size)| VolumeInfo {
+                id,
+                read_only,
+                size,
+            })
+            .collect()
+    }
+
+    /// An incremental snapshot of `volume_id`: a read-only volume sharing every block with it,
+    /// taken at once (writes acknowledged before the call are in it). Durable on return.
+    pub fn snapshot(&self, volume_id: &str, snapshot_id: &str) -> Result<Volume> {
+        Ok(self.handle(self.inner.clone_volume(volume_id, snapshot_id, true)?))
+    }
+
+    /// A new writable volume with the content of `source_id` (a snapshot, or any volume),
+    /// sharing its blocks within the family. Durable on return.
+    pub fn create_volume_from_snapshot(&self, source_id: &str, new_id: &str) -> Result<Volume> {
+        Ok(self.handle(self.inner.clone_volume(source_id, new_id, false)?))
+    }
+
+    /// Deletes a volume; its handles then fail with `NotFound`. Its blocks become garbage for
+    /// [`Family::gc`] unless other volumes share them.
+    pub fn delete_volume(&self, id: &str) -> Result<()> {
+        self.inner.delete_volume(id)
+    }
+
+    /// Grows a writable volume to `size` bytes (new space reads as zeros).
+    pub fn resize_volume(&self, id: &str, size: u64) -> Result<()> {
+        self.inner.resize(id, size)
+    }
+
+    /// Revocation: makes acknowledged writes durable (best effort), then drops the keys. Every
+    /// later I/O fails with [`DiskError::Locked`] until [`Family::unlock`]. Writes in flight
+    /// finish with the keys they hold.
+    pub fn lock(&self) {
+        if let Err(e) = self.inner.flush() {
+            tracing::warn!(family = %self.inner.id, error = %e, "flush before locking failed");
+        }
+        self.inner.lock_keys();
+    }
+
+    /// Gives the keys back after [`Family::lock`]; `WrongKey` if they are not the family's.
+    pub fn unlock(&self, keys: FamilyKeys) -> Result<()> {
+        self.inner.unlock_keys(keys)
+    }
+
+    /// Whether the keys are dropped.
+    pub fn is_locked(&self) -> bool {
+        self.inner.is_locked()
+    }
+
+    /// Makes every acknowledged write of every volume durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.cipher()?;
+        self.inner.flush()
+    }
+
+    /// Writes a checkpoint of the index now (otherwise done every few segments, on every
+    /// metadata change and on close), so the next open replays little.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.inner.checkpoint()
+    }
+
+    /// Compaction: segments whose share of garbage is at least `min_garbage` (0.0 to 1.0;
+    /// 0.5 is a good default) have their live blocks rewritten at the log's head; segments
+    /// no volume uses are deleted once a checkpoint that no longer needs them is durable.
+    pub fn gc(&self, min_garbage: f64) -> Result<GcReport> {
+        self.inner.gc(min_garbage)
+    }
+
+    /// Bytes stored: the log, the live blocks, and per volume the mapped and exclusive
+    /// bytes.
+    pub fn stats(&self) -> FamilyStats {
+        self.inner.stats()
+    }
+}
