@@ -489,19 +489,13 @@ pub struct Request {
 }
 
 impl Request {
-    /// Bytes of payload that follow this header on the wire.
+    /// Bytes of payload that follow this header on the wire. A write always carries its
+    /// data: the spec asks for `PAYLOAD_LEN` on extended writes, but qemu (10.0) sends extended
+    /// writes without it, and its data follows all the same.
     pub fn payload_len(&self, extended: bool) -> u64 {
-        if extended {
-            if self.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
-                self.length
-            } else {
-                0
-            }
-        } else if self.command == CMD_WRITE {
-            self.length
-        } else {
-            0
-        }
+        let payload =
+            self.command == CMD_WRITE || (extended && self.flags & CMD_FLAG_PAYLOAD_LEN != 0);
+        if payload { self.length } else { 0 }
     }
 }
 

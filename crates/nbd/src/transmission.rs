@@ -325,12 +325,11 @@ fn validate(conn: &Conn, req: &Request, payload: Option<Vec<u8>>) -> Result<Op, 
         }
         proto::CMD_WRITE => match payload {
             Some(data) => Ok(Op::Write { data, fua }),
-            // Extended headers without PAYLOAD_LEN, or a compact write of length 0.
-            None if len == 0 && !conn.extended => Ok(Op::Write {
+            // A write of length 0.
+            None => Ok(Op::Write {
                 data: Vec::new(),
                 fua,
             }),
-            None => Err(inval("write without payload")),
         },
         proto::CMD_FLUSH => Ok(Op::Flush),
         proto::CMD_TRIM => Ok(Op::Trim { len, fua }),
