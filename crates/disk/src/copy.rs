@@ -36,8 +36,7 @@ fn write_sparse(dst: &Volume, offset: u64, buf: &[u8]) -> Result<()> {
 /// stay holes. Durable on return; on failure the new volume is removed.
 pub fn copy_volume(src: &Volume, dst: &Family, new_id: &str) -> Result<Volume> {
     let size = src.size();
-    let out = dst.create_volume(new_id, size)?;
-    let done = (|| {
+    into_new_volume(dst, new_id, size, |out| {
         let mut buf = vec![0u8; STEP];
         for ext in src.extents(0, size)? {
             if ext.kind != ExtentKind::Data {
@@ -48,13 +47,23 @@ pub fn copy_volume(src: &Volume, dst: &Family, new_id: &str) -> Result<Volume> {
             while at < end {
                 let n = ((end - at) as usize).min(STEP);
                 src.read(at, &mut buf[..n])?;
-                write_sparse(&out, at, &buf[..n])?;
+                write_sparse(out, at, &buf[..n])?;
                 at += n as u64;
             }
         }
-        out.flush()
-    })();
-    match done {
+        Ok(())
+    })
+}
+
+/// Creates volume `new_id` of `size` bytes, fills it, flushes it; removes it on failure.
+fn into_new_volume(
+    dst: &Family,
+    new_id: &str,
+    size: u64,
+    fill: impl FnOnce(&Volume) -> Result<()>,
+) -> Result<Volume> {
+    let out = dst.create_volume(new_id, size)?;
+    match fill(&out).and_then(|()| out.flush()) {
         Ok(()) => Ok(out),
         Err(e) => {
             let _ = dst.delete_volume(new_id);
@@ -74,8 +83,7 @@ pub fn import_volume(
     reader: &mut dyn Read,
 ) -> Result<Volume> {
     let rounded = size.div_ceil(crate::BLOCK_SIZE) * crate::BLOCK_SIZE;
-    let out = dst.create_volume(new_id, rounded)?;
-    let done = (|| {
+    into_new_volume(dst, new_id, rounded, |out| {
         let mut buf = vec![0u8; STEP];
         let mut at = 0u64;
         loop {
@@ -97,16 +105,9 @@ pub fn import_volume(
                     reason: "the image is larger than the size given",
                 });
             }
-            write_sparse(&out, at, &buf[..filled])?;
+            write_sparse(out, at, &buf[..filled])?;
             at += filled as u64;
         }
-        out.flush()
-    })();
-    match done {
-        Ok(()) => Ok(out),
-        Err(e) => {
-            let _ = dst.delete_volume(new_id);
-            Err(e)
-        }
-    }
+        Ok(())
+    })
 }

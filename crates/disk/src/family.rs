@@ -54,6 +54,9 @@ struct Meta {
     next_volume: u64,
 }
 
+/// A reservation: (segment, offset, seq, the segment rotated out to make room).
+type Reserved = (Arc<Segment>, u64, u64, Option<Arc<Segment>>);
+
 /// The state of an open family.
 pub(crate) struct Inner {
     pub id: String,
@@ -224,17 +227,7 @@ impl Inner {
     fn open_with(root: &Path, id: &str, cipher: Cipher) -> Result<Arc<Inner>> {
         let dir = root.join(id);
         let seg_dir = dir.join("segments");
-        let lockfile = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join("lock"))?;
-        rustix::fs::flock(
-            &lockfile,
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        )
-        .map_err(|_| DiskError::Busy)?;
+        let lockfile = lock_family_dir(&dir)?;
         let header = read_header(&dir)?;
         cipher.verify_key_checks(&header)?;
         let ct = cipher.block_ct_len();
@@ -417,7 +410,7 @@ impl Inner {
     }
 
     /// Reserves `len` bytes at the log's head: (segment, offset, seq, segment rotated out).
-    fn reserve(&self, len: u64) -> Result<(Arc<Segment>, u64, u64, Option<Arc<Segment>>)> {
+    fn reserve(&self, len: u64) -> Result<Reserved> {
         let mut log = lock(&self.log);
         let mut rotated = None;
         if log.off + len > SEGMENT_SIZE {
@@ -880,7 +873,7 @@ impl Drop for Inner {
 }
 
 fn check_size(size: u64) -> Result<()> {
-    if size == 0 || size % BLOCK_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
         return Err(DiskError::InvalidSize {
             size,
             reason: "must be a positive multiple of 4096",
@@ -894,6 +887,23 @@ fn check_size(size: u64) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Takes the family directory's lock file (flock, released when the file closes): `Busy` if
+/// another process, or another open in this one, holds it.
+pub(crate) fn lock_family_dir(dir: &Path) -> Result<File> {
+    let lockfile = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("lock"))?;
+    rustix::fs::flock(
+        &lockfile,
+        rustix::fs::FlockOperation::NonBlockingLockExclusive,
+    )
+    .map_err(|_| DiskError::Busy)?;
+    Ok(lockfile)
 }
 
 fn read_header(dir: &Path) -> Result<FamilyHeader> {

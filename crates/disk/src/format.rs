@@ -188,6 +188,11 @@ impl FamilyHeader {
         outer_check.copy_from_slice(&b[40..88]);
         let mut inner_check = [0u8; KEY_CHECK_LEN + TAG_LEN];
         inner_check.copy_from_slice(&b[88..136]);
+        if flags == 0 && inner_check != [0u8; KEY_CHECK_LEN + TAG_LEN] {
+            return Err(bad(
+                "an inner key check in a family without the inner layer",
+            ));
+        }
         Ok(FamilyHeader {
             uid,
             inner_layer: flags == 1,

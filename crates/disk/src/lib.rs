@@ -160,17 +160,7 @@ impl DiskStore {
             return Err(DiskError::NotFound(format!("disk family {id}")));
         }
         // Another process holding it keeps its lock file locked.
-        let lockfile = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(dir.join("lock"))?;
-        rustix::fs::flock(
-            &lockfile,
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        )
-        .map_err(|_| DiskError::Busy)?;
+        let _lock = family::lock_family_dir(&dir)?;
         // Renamed first, so a crash midway never leaves a half family under its name.
         let doomed = self.root.join(format!(".{id}.deleting"));
         std::fs::rename(&dir, &doomed)?;

@@ -1,5 +1,7 @@
 //! Round trips, holes, snapshots, compaction and concurrency.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;
@@ -11,9 +13,6 @@ struct Model(Vec<u8>);
 impl Model {
     fn write(&mut self, off: u64, data: &[u8]) {
         self.0[off as usize..off as usize + data.len()].copy_from_slice(data);
-    }
-    fn zero(&mut self, off: u64, len: u64) {
-        self.0[off as usize..(off + len) as usize].fill(0);
     }
 }
 

@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use kagi_disk::{DiskStore, Family, FamilyKeys};
 use zeroize::Zeroizing;
