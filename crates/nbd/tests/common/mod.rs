@@ -388,3 +388,149 @@ pub fn file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     std::fs::write(&p, data).unwrap();
     p
 }
+
+/// A hand-driven NBD client over any stream, for requests real clients never send.
+pub struct Raw {
+    pub s: Box<dyn RawStream>,
+}
+
+pub trait RawStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RawStream for T {}
+
+use kagi_nbd::proto;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long a raw client waits for an answer before the test fails.
+const RAW_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+impl Raw {
+    pub async fn unix(path: &Path) -> Self {
+        Self {
+            s: Box::new(tokio::net::UnixStream::connect(path).await.unwrap()),
+        }
+    }
+
+    pub async fn tcp(addr: std::net::SocketAddr) -> Self {
+        Self {
+            s: Box::new(tokio::net::TcpStream::connect(addr).await.unwrap()),
+        }
+    }
+
+    pub async fn read_n(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; n];
+        tokio::time::timeout(RAW_WAIT, self.s.read_exact(&mut buf))
+            .await
+            .expect("server did not answer")?;
+        Ok(buf)
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.s.write_all(bytes).await?;
+        self.s.flush().await
+    }
+
+    /// Reads the greeting and answers with fixed newstyle + no zeroes.
+    pub async fn greet(&mut self) {
+        let g = self.read_n(18).await.unwrap();
+        assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
+        self.send(&3u32.to_be_bytes()).await.unwrap();
+    }
+
+    pub async fn option(&mut self, option: u32, data: &[u8]) -> std::io::Result<()> {
+        let mut v = proto::IHAVEOPT.to_be_bytes().to_vec();
+        v.extend(option.to_be_bytes());
+        v.extend((data.len() as u32).to_be_bytes());
+        v.extend(data);
+        self.send(&v).await
+    }
+
+    /// One option reply: (option, reply type, data).
+    pub async fn option_reply(&mut self) -> std::io::Result<(u32, u32, Vec<u8>)> {
+        let h = self.read_n(20).await?;
+        assert_eq!(&h[..8], &proto::OPTION_REPLY_MAGIC.to_be_bytes());
+        let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let data = self.read_n(len as usize).await?;
+        Ok((option, ty, data))
+    }
+
+    /// Sends `option` and returns its final reply type (after any INFO/SERVER replies).
+    pub async fn final_reply(&mut self, option: u32, data: &[u8]) -> u32 {
+        self.option(option, data).await.unwrap();
+        loop {
+            let (_, ty, _) = self.option_reply().await.unwrap();
+            if ty == proto::REP_ACK || ty & proto::REP_FLAG_ERROR != 0 {
+                return ty;
+            }
+        }
+    }
+
+    /// `NBD_OPT_GO` for `name` (no info requests): the final reply type.
+    pub async fn go(&mut self, name: &str) -> u32 {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend(name.as_bytes());
+        d.extend(0u16.to_be_bytes());
+        self.final_reply(proto::OPT_GO, &d).await
+    }
+
+    /// Greeting and GO with simple replies and compact requests.
+    pub async fn connect_simple(path: &Path, name: &str) -> Self {
+        let mut r = Self::unix(path).await;
+        r.greet().await;
+        assert_eq!(r.go(name).await, proto::REP_ACK);
+        r
+    }
+
+    /// A compact request header, with `payload` after it.
+    pub async fn request(
+        &mut self,
+        flags: u16,
+        cmd: u16,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        let mut v = proto::REQUEST_MAGIC.to_be_bytes().to_vec();
+        v.extend(flags.to_be_bytes());
+        v.extend(cmd.to_be_bytes());
+        v.extend(cookie.to_be_bytes());
+        v.extend(offset.to_be_bytes());
+        v.extend(len.to_be_bytes());
+        v.extend(payload);
+        self.send(&v).await
+    }
+
+    /// A simple reply: (error, cookie).
+    pub async fn simple_reply(&mut self) -> std::io::Result<(u32, u64)> {
+        let h = self.read_n(16).await?;
+        assert_eq!(&h[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        Ok((
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..16].try_into().unwrap()),
+        ))
+    }
+
+    /// Reads `len` bytes at `offset` (simple replies); panics on an error.
+    pub async fn read_at(&mut self, offset: u64, len: u32) -> Vec<u8> {
+        self.request(0, proto::CMD_READ, 77, offset, len, &[])
+            .await
+            .unwrap();
+        let (err, cookie) = self.simple_reply().await.unwrap();
+        assert_eq!((err, cookie), (0, 77));
+        self.read_n(len as usize).await.unwrap()
+    }
+
+    /// Whether the server closed the connection (EOF or reset) within the wait.
+    pub async fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tokio::time::timeout(RAW_WAIT, self.s.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+}
