@@ -8,6 +8,10 @@ getent hosts probe.localhost >/dev/null 2>&1 || need_apt+=(libnss-myhostname)
 command -v cc >/dev/null 2>&1 || need_apt+=(gcc)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# NBD clients the kagi-nbd tests drive (qemu-img/qemu-io/qemu-nbd; nbdinfo, nbdcopy, nbdfuse; nbdsh).
+command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
+command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
+/usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_apt+=(python3-libnbd)
 
 if ((${#need_apt[@]})); then
   sudo=""

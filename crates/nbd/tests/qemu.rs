@@ -73,6 +73,15 @@ async fn qemu_img_convert_in_and_out_byte_for_byte() {
     .await;
     assert!(cmp.contains("identical"), "{cmp}");
 
+    // Block status over extended headers (BLOCK_STATUS_EXT): the hole is reported as one.
+    let map = run_ok("qemu-img", &["map", "--output=json", &uri]).await;
+    let hole = format!(
+        "\"start\": {}, \"length\": {}, \"depth\": 0, \"present\": true, \"zero\": true, \"data\": false",
+        2 * MIB,
+        3 * MIB
+    );
+    assert!(map.contains(&hole), "{map}");
+
     let info = run_ok("qemu-img", &["info", "--output=json", &uri]).await;
     assert!(
         info.contains(&format!("\"virtual-size\": {size}")),
