@@ -98,14 +98,7 @@ pub struct ServiceConfig {
     pub connect: Option<SocketAddr>,
 }
 
-fn env_secs(name: &str, default: u64) -> Duration {
-    Duration::from_secs(
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default),
-    )
-}
+use kagi_host::env_seconds as env_secs;
 
 impl Default for ServiceConfig {
     fn default() -> Self {

@@ -8,6 +8,7 @@ mod backup;
 mod bench;
 mod client;
 mod commands;
+mod disk;
 mod events;
 mod identity;
 mod policy;
@@ -87,6 +88,10 @@ enum Command {
     Resource(subscription::ResourceArgs),
     /// The backup agent of a machine: register with a backup vault, back up, restore.
     Agent(agent::AgentArgs),
+    /// Disk encryption sets: a customer's key for disks, its rotation.
+    DiskEncryptionSet(disk::SetArgs),
+    /// Managed disks: create, grow, open for block clients over NBD (grant-access).
+    Disk(disk::DiskArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -131,6 +136,14 @@ fn main() -> std::process::ExitCode {
                 backup::run(&ctx, args).await
             }
             Command::Agent(args) => agent::run(cli.output, args).await,
+            Command::DiskEncryptionSet(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                disk::run_set(&ctx, args).await
+            }
+            Command::Disk(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                disk::run_disk(&ctx, args).await
+            }
             Command::Policy(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 policy::run(&ctx, args).await
@@ -308,9 +321,20 @@ async fn run_server(
     );
     kagi_backup_service::spawn_scheduler(backup.clone(), std::time::Duration::from_secs(60));
 
+    // Managed disks: disk encryption sets and disks, served over NBD on `<data>/nbd.sock`;
+    // their keys (rotation, revocation) checked every minute on the platform clock.
+    let disks = kagi_disk_service::DiskService::new(
+        platform.clone(),
+        kagi_disk_service::DiskConfig::default(),
+    )
+    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let _nbd = disks.start_nbd().await?;
+    kagi_disk_service::spawn_keeper(disks.clone());
+
     // The storage services, each registered by its provider (adding one touches no router).
     let services = kagi_http::Services::default();
     services.register(backup);
+    services.register(disks);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {

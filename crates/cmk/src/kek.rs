@@ -328,7 +328,9 @@ impl KeyAccess {
                         &f,
                     )
                 })?;
-                if let Some((inner, why)) = key_unusable(&bundle, now, self.consumer) {
+                if let Some((inner, why)) = key_unusable(&bundle, now, self.consumer)
+                    && !(inner == "KeyExpired" && self.unwrap_after_expiry)
+                {
                     return Err(definite(format!(
                         "The key '{kid}' cannot be used: {why} ({inner})"
                     )));

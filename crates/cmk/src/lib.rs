@@ -61,6 +61,8 @@ pub struct KeyAccess {
     dns_suffix: String,
     port: u16,
     consumer: &'static str,
+    /// Whether a key past its expiry still unwraps (disks: Azure keeps them running).
+    unwrap_after_expiry: bool,
 }
 
 impl KeyAccess {
@@ -79,6 +81,16 @@ impl KeyAccess {
             dns_suffix: config.dns_suffix.clone(),
             port: config.port,
             consumer,
+            unwrap_after_expiry: false,
+        }
+    }
+
+    /// The same, for a consumer whose data stays readable under an expired key (Azure's
+    /// managed disks): expiry still refuses new wraps and validation, never an unwrap.
+    pub fn unwrapping_after_expiry(self) -> Self {
+        Self {
+            unwrap_after_expiry: true,
+            ..self
         }
     }
 

@@ -83,6 +83,8 @@ pub fn subscription_of(resource_id: &str) -> Option<&str> {
 pub struct KeyVaultFacts {
     /// Vault name.
     pub name: String,
+    /// The vault's resource id (`/subscriptions/…/providers/Microsoft.KeyVault/vaults/{name}`).
+    pub id: String,
     /// Region.
     pub location: String,
     /// Tenant.
@@ -104,6 +106,18 @@ pub struct OpenedSecret {
     /// earlier kagi under another purpose: the service stores it in place of what it had, so
     /// that the fallback is needed once. `None` when what was opened is current.
     pub resealed: Option<Vec<u8>>,
+}
+
+/// A duration in whole seconds from the environment variable `name` (a service's tuning
+/// knob, such as `KAGI_BACKUP_KEY_POLL_SECONDS`); `default` seconds when it is unset or not a
+/// number.
+pub fn env_seconds(name: &str, default: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default),
+    )
 }
 
 /// Where a resource is, or is to be: its subscription, resource group, type and name.

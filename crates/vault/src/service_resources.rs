@@ -435,6 +435,10 @@ impl Platform {
         let r = v.record();
         Some(KeyVaultFacts {
             name: r.name.to_string(),
+            id: format!(
+                "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.KeyVault/vaults/{}",
+                r.subscription_id, r.resource_group, r.name
+            ),
             location: r.location.clone(),
             tenant_id: r.properties.tenant_id.to_string(),
             subscription_id: r.subscription_id.clone(),

@@ -1,0 +1,307 @@
+//! Access to a disk over NBD, Azure's way (`beginGetAccess`/`endGetAccess`): an access is an
+//! unguessable export name bound to one disk, read-only or read-write, until it expires or is
+//! ended. The name is the secret (like the signature of Azure's SAS URL): whoever holds the
+//! URI can connect, on this machine's Unix socket. Ending the access, its expiry, and the
+//! revocation of the disk's key disconnect its clients.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use kagi_core::{ErrorCode, KvError};
+use kagi_host::{Principal, ResourceRef};
+use kagi_nbd::{
+    BlockDevice, BlockSizes, ClientInfo, DeviceError, Errno, Export, ExportResolver, Extent,
+    ReadData, Refusal, ZeroFlags,
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::internal;
+use crate::runtime::DiskRuntime;
+use crate::{DiskService, bad};
+
+/// The longest access Azure grants (`durationInSeconds`), five days... kagi allows one day
+/// less than Azure's SAS maximum of 2^31 seconds would, but more than any copy needs.
+const MAX_ACCESS_SECONDS: i64 = 5 * 24 * 3600;
+
+/// One access granted.
+#[derive(Clone, Debug)]
+pub(crate) struct Access {
+    /// The disk's resource id (lower case).
+    pub(crate) disk: String,
+    /// Read-write or read-only.
+    pub(crate) write: bool,
+    /// When it ends (platform clock).
+    pub(crate) expires: i64,
+    /// Cancelled when the access ends: its clients are disconnected.
+    pub(crate) disconnect: CancellationToken,
+}
+
+impl DiskService {
+    fn accesses_of(&self, disk_id: &str) -> Vec<(String, Access)> {
+        let now = self.host.now();
+        let all = self.accesses.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter()
+            .filter(|(_, a)| a.disk.eq_ignore_ascii_case(disk_id) && a.expires > now)
+            .map(|(k, a)| (k.clone(), a.clone()))
+            .collect()
+    }
+
+    /// Whether disk `id` has an access open now.
+    pub(crate) fn access_open(&self, id: &str) -> bool {
+        !self.accesses_of(id).is_empty()
+    }
+
+    /// Whether disk `id` has a read-write access open now.
+    pub(crate) fn open_for_write(&self, id: &str) -> bool {
+        self.accesses_of(id).iter().any(|(_, a)| a.write)
+    }
+
+    /// Ends every access of disk `id` (their clients are disconnected).
+    pub(crate) fn end_accesses(&self, id: &str) -> usize {
+        let mut all = self.accesses.lock().unwrap_or_else(|p| p.into_inner());
+        let ended: Vec<String> = all
+            .iter()
+            .filter(|(_, a)| a.disk.eq_ignore_ascii_case(id))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &ended {
+            if let Some(a) = all.remove(k) {
+                a.disconnect.cancel();
+            }
+        }
+        ended.len()
+    }
+
+    /// `POST {disk}/beginGetAccess`.
+    pub(crate) async fn begin_access(
+        &self,
+        caller: &Principal,
+        at: ResourceRef<'_>,
+        input: Value,
+    ) -> Result<(u16, Value), KvError> {
+        let name = at.name;
+        let (id, _g) = self.locked(at).await;
+        let disk = self.host.get_resource(caller, at)?;
+        let write = match input["access"].as_str() {
+            Some(a) if a.eq_ignore_ascii_case("Read") => false,
+            Some(a) if a.eq_ignore_ascii_case("Write") => true,
+            _ => {
+                return Err(bad("InvalidParameter", "access must be 'Read' or 'Write'."));
+            }
+        };
+        let seconds = input["durationInSeconds"]
+            .as_i64()
+            .filter(|s| (1..=MAX_ACCESS_SECONDS).contains(s))
+            .ok_or_else(|| {
+                bad(
+                    "InvalidParameter",
+                    format!(
+                        "durationInSeconds must be a whole number from 1 to {MAX_ACCESS_SECONDS}."
+                    ),
+                )
+            })?;
+        let disk_id = disk["id"].as_str().unwrap_or(&id).to_ascii_lowercase();
+        if write && self.access_open(&disk_id) {
+            return Err(KvError::conflict(format!(
+                "The disk '{name}' already has an active access; end it before granting write \
+                 access."
+            ))
+            .with_inner("OperationNotAllowed"));
+        }
+        // The key decides: a revoked key refuses access, naming the key (DK-5).
+        let rt = self.runtime(&disk).await.map_err(|e| {
+            KvError::new(
+                e.code,
+                format!("Access to the disk '{name}' is refused: {}", e.message),
+            )
+            .with_inner(e.inner.unwrap_or("KeyVaultAccessForbidden"))
+        })?;
+        if let Some(reason) = rt.refusal() {
+            return Err(KvError::new(
+                ErrorCode::Forbidden,
+                format!("Access to the disk '{name}' is refused: {reason}"),
+            )
+            .with_inner("KeyVaultAccessForbidden"));
+        }
+        let raw = kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?;
+        let export = format!("sas-{}", hex::encode(raw));
+        let access = Access {
+            disk: disk_id,
+            write,
+            expires: self.host.now() + seconds,
+            disconnect: CancellationToken::new(),
+        };
+        self.accesses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(export.clone(), access);
+        let uri = format!("nbd+unix:///{export}?socket={}", self.nbd_socket.display());
+        tracing::info!(disk = %id, write, seconds, "disk access granted");
+        Ok((200, json!({ "accessSAS": uri })))
+    }
+
+    /// `POST {disk}/endGetAccess`.
+    pub(crate) async fn end_access(
+        &self,
+        caller: &Principal,
+        at: ResourceRef<'_>,
+    ) -> Result<(u16, Value), KvError> {
+        let disk = self.host.get_resource(caller, at)?;
+        let id = disk["id"].as_str().unwrap_or_default().to_string();
+        let n = self.end_accesses(&id);
+        // What was written is flushed before the access is reported closed.
+        if let Some(rt) = self.open_disk(&id) {
+            let vol = rt.volume.clone();
+            tokio::task::spawn_blocking(move || vol.flush())
+                .await
+                .map_err(|e| internal("flush", e))?
+                .map_err(|e| internal("flush", e))?;
+        }
+        tracing::info!(disk = %id, ended = n, "disk access ended");
+        Ok((200, Value::Null))
+    }
+}
+
+/// The disk service's NBD exports: an export name is an access granted by
+/// `beginGetAccess`.
+#[derive(Debug)]
+pub struct NbdExports(pub Arc<DiskService>);
+
+#[async_trait]
+impl ExportResolver for NbdExports {
+    async fn resolve(&self, name: &str, _client: &ClientInfo) -> Result<Export, Refusal> {
+        let svc = &self.0;
+        let now = svc.host.now();
+        let access = {
+            let all = svc.accesses.lock().unwrap_or_else(|p| p.into_inner());
+            all.get(name).cloned()
+        };
+        // One answer for unknown and expired names: the name is the secret.
+        let unknown = || Refusal::Unknown("No such export, or its access has ended.".into());
+        let access = access.filter(|a| a.expires > now).ok_or_else(unknown)?;
+        let rt = svc.open_disk(&access.disk).ok_or_else(unknown)?;
+        if let Some(reason) = rt.refusal() {
+            return Err(Refusal::Policy(format!(
+                "The disk's key cannot be used: {reason}"
+            )));
+        }
+        let device = DiskDevice {
+            rt: rt.clone(),
+            write: access.write,
+        };
+        Ok(Export {
+            device: Arc::new(device),
+            description: Some(format!(
+                "kagi disk {}",
+                rt.id.rsplit('/').next().unwrap_or("")
+            )),
+            disconnect: access.disconnect.child_token(),
+        })
+    }
+}
+
+/// A disk as an NBD block device: every operation runs on a blocking thread, and fails with
+/// EIO naming the reason once the disk's key is revoked.
+struct DiskDevice {
+    rt: Arc<DiskRuntime>,
+    write: bool,
+}
+
+fn io_error(e: kagi_disk::DiskError) -> DeviceError {
+    match e {
+        kagi_disk::DiskError::Locked => DeviceError::with_message(
+            Errno::Io,
+            "the disk's key has been revoked; I/O fails until the key is usable again",
+        ),
+        other => DeviceError::io(other.to_string()),
+    }
+}
+
+impl DiskDevice {
+    fn check(&self) -> Result<(), DeviceError> {
+        match self.rt.refusal() {
+            Some(reason) => Err(DeviceError::with_message(Errno::Io, reason)),
+            None => Ok(()),
+        }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&kagi_disk::Volume) -> Result<T, kagi_disk::DiskError> + Send + 'static,
+    ) -> Result<T, DeviceError> {
+        self.check()?;
+        let vol = self.rt.volume.clone();
+        tokio::task::spawn_blocking(move || f(&vol))
+            .await
+            .map_err(|_| DeviceError::io("the disk operation stopped"))?
+            .map_err(io_error)
+    }
+}
+
+#[async_trait]
+impl BlockDevice for DiskDevice {
+    fn size(&self) -> u64 {
+        self.rt.volume.size()
+    }
+
+    fn read_only(&self) -> bool {
+        !self.write
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        BlockSizes {
+            minimum: 1,
+            preferred: 4096,
+            maximum: 32 * 1024 * 1024,
+        }
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> Result<ReadData, DeviceError> {
+        self.run(move |v| {
+            let mut buf = vec![0u8; len as usize];
+            v.read(offset, &mut buf)?;
+            Ok(ReadData::Data(buf))
+        })
+        .await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {
+        self.run(move |v| v.write(offset, &data, fua)).await
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.run(|v| v.flush()).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), DeviceError> {
+        self.run(move |v| v.trim(offset, len, fua)).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> Result<(), DeviceError> {
+        self.run(move |v| v.write_zeroes(offset, len, flags.fua))
+            .await
+    }
+
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
+        self.run(move |v| {
+            Ok(v.extents(offset, len)?
+                .into_iter()
+                .map(|e| match e.kind {
+                    kagi_disk::ExtentKind::Hole => Extent::hole(e.length),
+                    kagi_disk::ExtentKind::Data => Extent::data(e.length),
+                })
+                .collect())
+        })
+        .await
+    }
+}

@@ -1,0 +1,448 @@
+//! Disk encryption sets: the customer's key (a versioned key URL, as Azure requires), the
+//! identity that reaches it, the encryption type, and automatic rotation.
+
+use std::sync::Arc;
+
+use kagi_cmk::{Kek, KeyRequest};
+use kagi_core::KvError;
+use kagi_core::time::rfc3339;
+use kagi_host::{Principal, PutResource, ResourceRef, ServiceHost};
+use serde_json::{Value, json};
+
+use crate::{DES_TYPE, DISK_TYPE, DiskService, bad};
+
+/// Azure's limit of disk encryption sets per region and subscription.
+const MAX_SETS_PER_REGION: usize = 5000;
+
+/// The encryption types a set may have.
+pub(crate) const CMK: &str = "EncryptionAtRestWithCustomerKey";
+/// Platform and customer keys (double encryption, DK-9).
+pub(crate) const DOUBLE: &str = "EncryptionAtRestWithPlatformAndCustomerKeys";
+
+/// What a set says about its key.
+#[derive(Clone, Debug)]
+pub(crate) struct SetKey {
+    /// The set's resource id.
+    pub(crate) id: String,
+    /// The versioned key id in force.
+    pub(crate) kid: String,
+    /// The user-assigned identity used for the key, if not the system-assigned one.
+    pub(crate) user_assigned: Option<String>,
+    /// `rotationToLatestKeyVersionEnabled`.
+    pub(crate) auto_rotate: bool,
+    /// The set's region.
+    pub(crate) location: String,
+    /// `encryptionType`.
+    pub(crate) encryption_type: String,
+}
+
+impl SetKey {
+    pub(crate) fn of(body: &Value) -> Option<Self> {
+        let props = &body["properties"];
+        Some(Self {
+            id: body["id"].as_str()?.to_string(),
+            kid: props["activeKey"]["keyUrl"].as_str()?.to_string(),
+            user_assigned: user_assigned_choice(body),
+            auto_rotate: props["rotationToLatestKeyVersionEnabled"]
+                .as_bool()
+                .unwrap_or(false),
+            location: body["location"].as_str().unwrap_or_default().to_string(),
+            encryption_type: props["encryptionType"].as_str().unwrap_or(CMK).to_string(),
+        })
+    }
+
+    /// How errors name the identity.
+    pub(crate) fn who(&self, body: &Value) -> String {
+        match &self.user_assigned {
+            Some(u) => format!("user-assigned identity {u}"),
+            None => format!(
+                "system-assigned identity {} of disk encryption set '{}'",
+                body["identity"]["principalId"].as_str().unwrap_or("?"),
+                self.id.rsplit('/').next().unwrap_or_default()
+            ),
+        }
+    }
+
+    /// The key encryption key of this set, with a token of its identity.
+    pub(crate) fn kek(&self, host: &dyn ServiceHost, body: &Value) -> Result<Kek, KvError> {
+        let token = host.identity_token(&self.id, self.user_assigned.as_deref())?;
+        Ok(Kek::Customer {
+            kid: self.kid.clone(),
+            token,
+            who: self.who(body),
+        })
+    }
+}
+
+/// The identity a set uses for its key: its only user-assigned one when it has no
+/// system-assigned identity.
+fn user_assigned_choice(body: &Value) -> Option<String> {
+    let ty = body["identity"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if ty.contains("systemassigned") {
+        return None;
+    }
+    body["identity"]["userAssignedIdentities"]
+        .as_object()
+        .and_then(|m| m.keys().next().cloned())
+}
+
+impl DiskService {
+    /// `PUT`/`PATCH {des}`.
+    pub(crate) async fn put_des(
+        self: &Arc<Self>,
+        caller: &Principal,
+        at: ResourceRef<'_>,
+        input: Value,
+        patch: bool,
+    ) -> Result<(u16, Value), KvError> {
+        let p = self.host.as_ref();
+        let (id, _g, existing) = self
+            .begin_put(caller, at, patch, "disk encryption set")
+            .await?;
+        let props_in = &input["properties"];
+        let mut props = existing
+            .as_ref()
+            .map(|e| e["properties"].clone())
+            .unwrap_or_else(|| json!({}));
+        for field in [
+            "activeKey",
+            "encryptionType",
+            "rotationToLatestKeyVersionEnabled",
+        ] {
+            if let Some(v) = props_in.get(field) {
+                props[field] = v.clone();
+            }
+        }
+        let key_url = props["activeKey"]["keyUrl"].as_str().ok_or_else(|| {
+            bad(
+                "InvalidParameter",
+                "The disk encryption set needs properties.activeKey.keyUrl.",
+            )
+        })?;
+        let key = self.keys.parse(key_url)?;
+        if key.version.is_none() {
+            return Err(bad(
+                "InvalidParameter",
+                format!(
+                    "The key URL '{key_url}' has no version: a disk encryption set needs a \
+                     versioned key URL (with rotationToLatestKeyVersionEnabled, kagi moves it \
+                     to newer versions itself)."
+                ),
+            ));
+        }
+        let etype = props["encryptionType"].as_str().unwrap_or(CMK).to_string();
+        if etype != CMK && etype != DOUBLE {
+            return Err(bad(
+                "InvalidParameter",
+                format!(
+                    "The encryption type '{etype}' is not valid for a disk encryption set: \
+                     '{CMK}' or '{DOUBLE}'."
+                ),
+            ));
+        }
+        props["encryptionType"] = json!(etype);
+        if props["rotationToLatestKeyVersionEnabled"].is_null() {
+            props["rotationToLatestKeyVersionEnabled"] = json!(false);
+        }
+        // `sourceVault.id` is kept as given (Azure needs it only across subscriptions); the
+        // key URL alone decides which vault is used.
+        if props["activeKey"]["sourceVault"]["id"].as_str().is_none()
+            && let Some(f) = p.key_vault_facts(&key.vault)
+        {
+            props["activeKey"]["sourceVault"] = json!({ "id": f.id });
+        }
+        if props["previousKeys"].is_null() {
+            props["previousKeys"] = json!([]);
+        }
+        props["provisioningState"] = json!("Succeeded");
+        let identity_in = input
+            .get("identity")
+            .or_else(|| existing.as_ref().and_then(|e| e.get("identity")));
+        let ty = identity_in
+            .and_then(|i| i["type"].as_str())
+            .unwrap_or("None")
+            .to_ascii_lowercase();
+        if !ty.contains("assigned") {
+            return Err(bad(
+                "InvalidParameter",
+                "A disk encryption set needs a managed identity (identity.type SystemAssigned \
+                 or UserAssigned) to reach its key.",
+            ));
+        }
+        let location = input["location"]
+            .as_str()
+            .or_else(|| existing.as_ref().and_then(|e| e["location"].as_str()))
+            .unwrap_or_default()
+            .to_string();
+        if existing.is_none() {
+            let same_region = p
+                .resources_of_type(DES_TYPE)
+                .iter()
+                .filter(|r| {
+                    r["id"]
+                        .as_str()
+                        .and_then(kagi_host::subscription_of)
+                        .is_some_and(|s| s.eq_ignore_ascii_case(at.subscription))
+                        && r["location"]
+                            .as_str()
+                            .is_some_and(|l| l.eq_ignore_ascii_case(&location))
+                })
+                .count();
+            if same_region >= MAX_SETS_PER_REGION {
+                return Err(KvError::conflict(format!(
+                    "The subscription already has {MAX_SETS_PER_REGION} disk encryption sets in \
+                     region '{location}', Azure's limit."
+                ))
+                .with_inner("QuotaExceeded"));
+            }
+        }
+        let mut body = json!({"location": location, "properties": props});
+        if let Some(t) = input
+            .get("tags")
+            .or_else(|| existing.as_ref().and_then(|e| e.get("tags")))
+        {
+            body["tags"] = t.clone();
+        }
+        // The key is checked with the set's identity: a user-assigned one can hold access
+        // already; a system-assigned one created with the set cannot, so a new set with one is
+        // checked when a disk first uses it (as Azure does).
+        let candidate = json!({"id": id, "location": location, "identity": identity_in.cloned(),
+            "properties": body["properties"].clone()});
+        let new = SetKey::of(&candidate).ok_or_else(|| keys_internal("set"))?;
+        let check_now = existing.is_some() || new.user_assigned.is_some();
+        if check_now {
+            self.validate_set_key(&new, &candidate).await?;
+        }
+        let old = match existing.clone() {
+            Some(e) => SetKey::of(&self.set_view(e).await),
+            None => None,
+        };
+        let put = PutResource {
+            at,
+            body,
+            identity: identity_in,
+        };
+        let (status, stored) = p.put_resource(caller, put).await?;
+        if props_in.get("activeKey").is_some() {
+            let mut doc = p
+                .document(&id, "set", "rotation")
+                .await?
+                .unwrap_or_else(|| json!({}));
+            if let Some(o) = doc.as_object_mut() {
+                o.remove("kid");
+            }
+            p.put_document(&id, "set", "rotation", &doc).await?;
+        }
+
+        // A new key (not a rotation the set follows itself): every disk of the set is wrapped
+        // under it before the set says so; then the records under the old one go.
+        if let Some(old) = old
+            && !old.kid.eq_ignore_ascii_case(&new.kid)
+        {
+            let stored_key = SetKey::of(&stored).ok_or_else(|| keys_internal("set"))?;
+            self.rewrap_set(&stored_key, &stored, &old.kid).await?;
+        }
+        Ok((status, self.set_view(stored).await))
+    }
+
+    /// Every rule for the set's key, probed with its identity: the versioned key id in force.
+    pub(crate) async fn validate_set_key(
+        &self,
+        set: &SetKey,
+        body: &Value,
+    ) -> Result<String, KvError> {
+        let who = set.who(body);
+        let req = KeyRequest {
+            key_uri: &set.kid,
+            resource_id: &set.id,
+            location: &set.location,
+            user_assigned: set.user_assigned.as_deref(),
+            who: &who,
+        };
+        self.keys.validate(self.host.as_ref(), &req).await
+    }
+
+    /// The disks of set `set_id` (resource bodies).
+    pub(crate) fn disks_of(&self, set_id: &str) -> Vec<Value> {
+        self.host
+            .resources_of_type(DISK_TYPE)
+            .into_iter()
+            .filter(|d| {
+                d["properties"]["encryption"]["diskEncryptionSetId"]
+                    .as_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case(set_id))
+            })
+            .collect()
+    }
+
+    /// Wraps every disk of `set` under its key version in force (one record per disk), then,
+    /// once all have one, drops the records under `previous` (DK-6: rotation re-wraps only).
+    pub(crate) async fn rewrap_set(
+        &self,
+        set: &SetKey,
+        body: &Value,
+        previous: &str,
+    ) -> Result<u64, KvError> {
+        let p = self.host.as_ref();
+        let kek = set.kek(p, body)?;
+        let disks = self.disks_of(&set.id);
+        let owners: Vec<crate::keys::DiskKeys<'_>> = disks
+            .iter()
+            .filter_map(|d| crate::disks::disk_keys(p, d))
+            .collect();
+        let refs: Vec<&dyn kagi_cmk::KeyOwner> = owners
+            .iter()
+            .map(|o| o as &dyn kagi_cmk::KeyOwner)
+            .collect();
+        let done = self
+            .keys
+            .rewrap_all(&refs, &kek, p.now())
+            .await
+            .map_err(crate::disks::key_error)?;
+        if let Some((i, e)) = done.failed.into_iter().next() {
+            let disk = disks[i]["name"].as_str().unwrap_or_default().to_string();
+            let e = crate::disks::key_error(e);
+            return Err(KvError::new(
+                e.code,
+                format!(
+                    "The disk '{disk}' could not be wrapped under '{}' (its previous key '{previous}' still protects it): {}",
+                    set.kid, e.message
+                ),
+            )
+            .with_inner("KeyVaultAccessForbidden"));
+        }
+        for o in &owners {
+            o.retire_customer_records(Some(&set.kid)).await?;
+        }
+        tracing::info!(set = %set.id, disks = owners.len(), added = done.added, "disk encryption set re-wrapped");
+        Ok(done.added)
+    }
+
+    /// `DELETE {des}`: refused while disks use it.
+    pub(crate) async fn delete_des(
+        &self,
+        caller: &Principal,
+        at: ResourceRef<'_>,
+    ) -> Result<(u16, Value), KvError> {
+        let name = at.name;
+        let Some((id, _g, _)) = self.begin_delete(caller, at).await else {
+            return Ok((204, Value::Null));
+        };
+        let p = self.host.as_ref();
+        let used: Vec<String> = self
+            .disks_of(&id)
+            .iter()
+            .filter_map(|d| d["id"].as_str().map(str::to_string))
+            .collect();
+        if !used.is_empty() {
+            return Err(KvError::conflict(format!(
+                "The disk encryption set '{name}' is in use by {} resource(s): {}. Delete them \
+                 or change their encryption first.",
+                used.len(),
+                used.join(", ")
+            ))
+            .with_inner("DiskEncryptionSetInUse"));
+        }
+        let st = p.delete_resource(caller, at).await?;
+        Ok((st, Value::Null))
+    }
+
+    /// `GET {des}/associatedResources`.
+    pub(crate) fn associated(
+        &self,
+        caller: &Principal,
+        at: ResourceRef<'_>,
+    ) -> Result<(u16, Value), KvError> {
+        let set = self.host.get_resource(caller, at)?;
+        let id = set["id"].as_str().unwrap_or_default();
+        let ids: Vec<Value> = self
+            .disks_of(id)
+            .iter()
+            .filter_map(|d| d["id"].as_str().map(|s| json!(s)))
+            .collect();
+        Ok((200, json!({ "value": ids })))
+    }
+
+    /// Records a rotation (or its failure): the set's own state, kept beside its resource and
+    /// shown in it ([`Self::set_view`]). `previous` is set while disks are being re-wrapped.
+    pub(crate) async fn note_rotation(
+        &self,
+        set_id: &str,
+        kid: Option<&str>,
+        previous: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<(), KvError> {
+        let p = self.host.as_ref();
+        let mut doc = p
+            .document(set_id, "set", "rotation")
+            .await?
+            .unwrap_or_else(|| json!({}));
+        if let Some(kid) = kid {
+            doc["kid"] = json!(kid);
+            doc["lastKeyRotationTimestamp"] = json!(rfc3339(p.now()));
+        }
+        doc["previous"] = json!(previous);
+        doc["error"] = json!(error);
+        p.put_document(set_id, "set", "rotation", &doc).await
+    }
+
+    /// A set's resource as stored, with its rotation state: the key version in force,
+    /// `previousKeys` (while disks are re-wrapped), `lastKeyRotationTimestamp`,
+    /// `autoKeyRotationError`.
+    pub(crate) async fn set_view(&self, mut body: Value) -> Value {
+        let id = body["id"].as_str().unwrap_or_default().to_string();
+        let Ok(Some(doc)) = self.host.document(&id, "set", "rotation").await else {
+            return body;
+        };
+        let props = &mut body["properties"];
+        let vault = props["activeKey"]["sourceVault"].clone();
+        if let Some(kid) = doc["kid"].as_str() {
+            props["activeKey"]["keyUrl"] = json!(kid);
+        }
+        if let Some(t) = doc["lastKeyRotationTimestamp"].as_str() {
+            props["lastKeyRotationTimestamp"] = json!(t);
+        }
+        props["previousKeys"] = match doc["previous"].as_str() {
+            Some(prev) => json!([{ "keyUrl": prev, "sourceVault": vault }]),
+            None => json!([]),
+        };
+        if let Some(e) = doc["error"].as_str() {
+            props["autoKeyRotationError"] = json!({"code": "AutoKeyRotationFailed", "message": e});
+        }
+        body
+    }
+}
+
+fn keys_internal(what: &str) -> KvError {
+    crate::keys::internal(what, "malformed resource")
+}
+
+/// `/subscriptions/{sub}/resourceGroups/{rg}/providers/{type}/{name}`.
+pub(crate) fn id_of(at: ResourceRef<'_>) -> String {
+    let (sub, rg, ty, name) = at.parts();
+    format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{ty}/{name}")
+}
+
+/// (subscription, group, name) of a resource id.
+pub(crate) fn parts_of(id: &str) -> Option<(String, String, String)> {
+    let s: Vec<&str> = id.split('/').collect();
+    match s.as_slice() {
+        [
+            "",
+            "subscriptions",
+            sub,
+            rg_word,
+            rg,
+            "providers",
+            _,
+            _,
+            name,
+        ] if rg_word.eq_ignore_ascii_case("resourcegroups") => {
+            Some((sub.to_string(), rg.to_string(), name.to_string()))
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,237 @@
+//! The key's life for disks, checked on the platform clock for every disk encryption set:
+//!
+//! - **Rotation (DK-6).** With `rotationToLatestKeyVersionEnabled`, a set whose key has a newer
+//!   version moves to it: every disk of the set gets its data key wrapped under the new version
+//!   (one record per disk, while disks stay open), `previousKeys` names the old version while
+//!   that runs, then `activeKey.keyUrl` and `lastKeyRotationTimestamp` say it is done. A
+//!   failure (the identity lost a permission, say) lands in `autoKeyRotationError`.
+//! - **Revocation (DK-5).** The set's key is used as the disks use it: a disk's data key is
+//!   unwrapped with the set's identity. When that fails definitely (key disabled or deleted,
+//!   permission removed, identity gone), the disk enters a grace period; when it is over, the
+//!   data key is dropped, open accesses fail I/O with EIO and are disconnected, and new access
+//!   is refused naming the key, each logged in the set's and the disk's activity logs. When
+//!   the key is usable again, the disks come back with nothing lost. A key vault that cannot
+//!   be reached (transient) changes nothing. An expired key stops nothing (as Azure).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kagi_cmk::{Resolved, VersionInUse};
+use kagi_core::time::rfc3339;
+use serde_json::{Value, json};
+
+use crate::des::SetKey;
+use crate::runtime::KeyState;
+use crate::{DES_TYPE, DiskService};
+
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct KeeperReport {
+    /// Sets moved to a newer key version.
+    pub rotated: u64,
+    /// Disks whose data key was wrapped under a newer version.
+    pub rewrapped: u64,
+    /// Disks that entered a grace period.
+    pub failing: u64,
+    /// Disks whose key was revoked after the grace period.
+    pub revoked: u64,
+    /// Disks that came back.
+    pub restored: u64,
+}
+
+/// Runs [`DiskService::keep_keys`] every `keeper_tick` of its configuration (wall time; what
+/// is due is decided on the platform clock).
+pub fn spawn_keeper(svc: Arc<DiskService>) {
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(svc.config.keeper_tick);
+        loop {
+            t.tick().await;
+            svc.keep_keys().await;
+        }
+    });
+}
+
+impl DiskService {
+    /// One pass over every set whose check is due (every `key_poll_interval`, or at once
+    /// while a disk is in its grace period).
+    pub async fn keep_keys(&self) -> KeeperReport {
+        let mut report = KeeperReport::default();
+        for body in self.host.resources_of_type(DES_TYPE) {
+            let body = self.set_view(body).await;
+            let Some(set) = SetKey::of(&body) else {
+                continue;
+            };
+            if !self.due(&set.id) {
+                continue;
+            }
+            self.keep_set(&set, &body, &mut report).await;
+        }
+        report
+    }
+
+    /// Whether set `id` is due a check now; if so, marks it checked.
+    fn due(&self, id: &str) -> bool {
+        let now = self.host.now();
+        let poll = self.config.key_poll_interval.as_secs() as i64;
+        let failing = self.disks_of(id).iter().any(|d| {
+            d["id"]
+                .as_str()
+                .and_then(|i| self.open_disk(i))
+                .is_some_and(|rt| matches!(rt.key_state(), KeyState::Failing { .. }))
+        });
+        let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        let last = checked.get(&id.to_ascii_lowercase()).copied();
+        if failing || last.is_none_or(|t| now - t >= poll) {
+            checked.insert(id.to_ascii_lowercase(), now);
+            return true;
+        }
+        false
+    }
+
+    async fn keep_set(&self, set: &SetKey, body: &Value, report: &mut KeeperReport) {
+        if set.auto_rotate {
+            self.rotate(set, body, report).await;
+        }
+        let now = self.host.now();
+        let grace = self.config.revocation_grace.as_secs() as i64;
+        for disk in self.disks_of(&set.id) {
+            let Some(id) = disk["id"].as_str() else {
+                continue;
+            };
+            // Only open disks hold a data key; others are checked when opened.
+            let Some(rt) = self.open_disk(id) else {
+                continue;
+            };
+            match self.open_dek(&disk).await {
+                Ok(dek) => {
+                    if rt.key_state() != KeyState::Usable {
+                        match rt.restore(dek) {
+                            Ok(()) => {
+                                report.restored += 1;
+                                let msg = format!(
+                                    "The key '{}' is usable again; the disk is back.",
+                                    set.kid
+                                );
+                                self.activity(&[id, &set.id], "Succeeded", &msg).await;
+                            }
+                            Err(e) => {
+                                tracing::error!(disk = %id, error = %e, "the disk could not be unlocked")
+                            }
+                        }
+                    }
+                }
+                Err(e) if e.code == kagi_core::ErrorCode::ServiceUnavailable => {
+                    tracing::warn!(disk = %id, "the key vault could not be reached: {}", e.message);
+                }
+                Err(e) => {
+                    let state = rt.key_state();
+                    if state == KeyState::Usable {
+                        rt.failing(now, &e.message);
+                        report.failing += 1;
+                        let msg = format!(
+                            "The disk's key cannot be used: {} The disk stops after the grace period ({} s) unless the key is usable again.",
+                            e.message, grace
+                        );
+                        self.activity(&[id, &set.id], "Failed", &msg).await;
+                    }
+                    if let KeyState::Failing { since, reason } = rt.key_state()
+                        && now - since >= grace
+                    {
+                        rt.revoke(&reason);
+                        let ended = self.end_accesses(id);
+                        report.revoked += 1;
+                        let msg = format!(
+                            "The disk's key has been unusable since {}: I/O fails and access is refused ({ended} access(es) ended). {reason}",
+                            rfc3339(since)
+                        );
+                        self.activity(&[id, &set.id], "Failed", &msg).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves `set` to its key's newest version, when there is one.
+    async fn rotate(&self, set: &SetKey, body: &Value, report: &mut KeeperReport) {
+        let p = self.host.as_ref();
+        let error = async |msg: String| {
+            tracing::warn!(set = %set.id, "automatic key rotation failed: {msg}");
+            if let Err(e) = self.note_rotation(&set.id, None, None, Some(&msg)).await {
+                tracing::error!(set = %set.id, error = %e, "rotation state not recorded");
+            }
+        };
+        let token = match p.identity_token(&set.id, set.user_assigned.as_deref()) {
+            Ok(t) => t,
+            Err(e) => return error(e.message).await,
+        };
+        let Ok(key) = self.keys.parse(&set.kid) else {
+            return;
+        };
+        let Ok(versionless) = self.keys.parse(&key.versionless()) else {
+            return;
+        };
+        let in_use = VersionInUse {
+            kid: Some(set.kid.clone()),
+            resolved_at: 0,
+        };
+        let newest = self
+            .keys
+            .resolve_version(&versionless, &token, &in_use, Duration::ZERO, p.now())
+            .await;
+        let kid = match newest {
+            Ok(Resolved::Fresh { kid, changed: true }) => kid,
+            Ok(_) => return,
+            Err(f) => return error(f.reason()).await,
+        };
+        if let Err(e) = self
+            .note_rotation(&set.id, None, Some(&set.kid), None)
+            .await
+        {
+            return error(e.message).await;
+        }
+        let next = SetKey {
+            kid: kid.clone(),
+            ..set.clone()
+        };
+        match self.rewrap_set(&next, body, &set.kid).await {
+            Ok(added) => {
+                report.rotated += 1;
+                report.rewrapped += added;
+                if let Err(e) = self.note_rotation(&set.id, Some(&kid), None, None).await {
+                    return error(e.message).await;
+                }
+                let msg = format!(
+                    "Rotated from '{}' to '{kid}': {added} disk(s) re-wrapped.",
+                    set.kid
+                );
+                self.activity(&[&set.id], "Succeeded", &msg).await;
+            }
+            Err(e) => {
+                if let Err(e2) = self
+                    .note_rotation(&set.id, None, Some(&set.kid), Some(&e.message))
+                    .await
+                {
+                    tracing::error!(set = %set.id, error = %e2, "rotation state not recorded");
+                }
+            }
+        }
+    }
+
+    /// An entry in the activity logs of `ids`.
+    async fn activity(&self, ids: &[&str], status: &str, message: &str) {
+        let p = self.host.as_ref();
+        for id in ids {
+            let entry = json!({
+                "eventTimestamp": rfc3339(p.now()),
+                "operationName": "Microsoft.Compute/diskEncryptionSets/keyCheck",
+                "status": status,
+                "resourceId": id,
+                "caller": "Microsoft.Compute",
+                "message": message,
+            });
+            if let Err(e) = p.append_activity(id, &entry).await {
+                tracing::error!(resource = %id, error = %e, "activity log not written");
+            }
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! A disk family's data key (DEK) and the records of the keys that wrap it.
+//!
+//! Each disk (with its snapshots: a family) has one AES-256 DEK, generated when the disk is
+//! created and never changed. It is kept only wrapped, in the disk's `keys` document: always
+//! under the disk's own platform key (DK-1; sealed under kagi's root key, bound to the disk's
+//! `uniqueId`), and, when the disk uses a disk encryption set, under the set's key version
+//! through the key vault with the set's identity (DK-2, DK-3). Rotation adds one record under
+//! the new version (`kagi_cmk::KeyAccess::rewrap_all`): 32 bytes wrapped per disk, whatever its
+//! size.
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use kagi_cmk::{Dek, KekRef, KeyOwner, WrappedKey};
+use kagi_core::{ErrorCode, KvError};
+use kagi_host::ServiceHost;
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+/// The document kind of a disk's key records.
+const KEYS_DOC: &str = "keys";
+
+/// A failure of kagi itself (never a client's mistake), logged with what failed.
+pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> KvError {
+    tracing::error!(error = %e, "disk service: {what}");
+    KvError::new(
+        ErrorCode::InternalError,
+        format!("The disk service failed: {what}."),
+    )
+}
+
+/// A fresh random 32-byte key.
+pub(crate) fn random_key() -> Result<Dek, KvError> {
+    let raw = kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?;
+    let mut k = Zeroizing::new([0u8; 32]);
+    k.copy_from_slice(&raw);
+    Ok(k)
+}
+
+/// The seal label of a disk family's platform key.
+fn pmk_label(unique_id: &str) -> String {
+    format!("disk-pmk/{unique_id}")
+}
+
+/// The keys of one disk family, as a [`KeyOwner`] for kagi-cmk: records in the disk's
+/// `keys` document (under the disk's resource id), the platform key sealed beside them.
+pub(crate) struct DiskKeys<'a> {
+    pub(crate) host: &'a dyn ServiceHost,
+    /// The disk's resource id (where its documents are).
+    pub(crate) disk_id: String,
+    /// The disk's `uniqueId` (what the platform key and its wraps are bound to).
+    pub(crate) unique_id: String,
+}
+
+fn record_json(r: &WrappedKey) -> Value {
+    json!({
+        "id": r.id,
+        "kek": match &r.kek { KekRef::Customer(kid) => kid.as_str(), _ => "pmk" },
+        "wrapped": B64.encode(&r.wrapped),
+        "created": r.created,
+    })
+}
+
+fn record_of(v: &Value) -> WrappedKey {
+    let kek = match v["kek"].as_str() {
+        Some("pmk") => KekRef::Platform,
+        Some(kid) if kid.starts_with("https://") => KekRef::Customer(kid.to_string()),
+        _ => KekRef::Unknown,
+    };
+    WrappedKey {
+        id: v["id"].as_str().unwrap_or_default().to_string(),
+        kek,
+        wrapped: v["wrapped"]
+            .as_str()
+            .and_then(|s| B64.decode(s).ok())
+            .unwrap_or_default(),
+        created: v["created"].as_i64().unwrap_or_default(),
+    }
+}
+
+impl DiskKeys<'_> {
+    async fn doc(&self) -> Result<Value, KvError> {
+        Ok(self
+            .host
+            .document(&self.disk_id, KEYS_DOC, "dek")
+            .await?
+            .unwrap_or_else(|| json!({"records": []})))
+    }
+
+    /// Creates the family's keys: a platform key (sealed) and the DEK wrapped under it, and
+    /// with `double` the inner layer's key (DK-9), wrapped under the platform key too.
+    /// Returns the DEK.
+    pub(crate) async fn create(&self, now: i64, double: bool) -> Result<Dek, KvError> {
+        let pmk = random_key()?;
+        let sealed = self
+            .host
+            .seal_secret(&pmk_label(&self.unique_id), pmk.as_ref())?;
+        let dek = random_key()?;
+        let wrapped = kagi_crypto::data_key::DataKey::from_bytes(&pmk)
+            .and_then(|k| k.seal(&self.aad(), dek.as_ref()))
+            .map_err(|e| internal("pmk wrap", e))?;
+        let record = WrappedKey {
+            id: format!("{now}-pmk"),
+            kek: KekRef::Platform,
+            wrapped,
+            created: now,
+        };
+        let mut doc = json!({"pmk": B64.encode(&sealed), "records": [record_json(&record)]});
+        if double {
+            let inner = random_key()?;
+            let wrapped = kagi_crypto::data_key::DataKey::from_bytes(&pmk)
+                .and_then(|k| k.seal(&self.inner_aad(), inner.as_ref()))
+                .map_err(|e| internal("pmk wrap", e))?;
+            doc["inner"] = json!(B64.encode(wrapped));
+        }
+        self.host
+            .put_document(&self.disk_id, KEYS_DOC, "dek", &doc)
+            .await?;
+        Ok(dek)
+    }
+
+    fn inner_aad(&self) -> Vec<u8> {
+        format!("kagi/disk-inner-key/v1/{}", self.unique_id).into_bytes()
+    }
+
+    /// The inner layer's key of a double-encrypted family (`None`: single layer).
+    pub(crate) async fn inner_key(&self) -> Result<Option<Dek>, KvError> {
+        let doc = self.doc().await?;
+        let Some(wrapped) = doc["inner"].as_str().and_then(|s| B64.decode(s).ok()) else {
+            return Ok(None);
+        };
+        let pmk = self.platform_key().await?;
+        let plain = kagi_crypto::data_key::DataKey::from_bytes(&pmk)
+            .and_then(|k| k.open(&self.inner_aad(), &wrapped))
+            .map(Zeroizing::new)
+            .map_err(|e| internal("inner key", e))?;
+        if plain.len() != 32 {
+            return Err(internal("inner key", "wrong length"));
+        }
+        let mut k = Zeroizing::new([0u8; 32]);
+        k.copy_from_slice(&plain);
+        Ok(Some(k))
+    }
+
+    fn aad(&self) -> Vec<u8> {
+        format!("kagi/disk-dek/v1/{}", self.unique_id).into_bytes()
+    }
+
+    /// Drops records wrapped under customer keys other than `keep` (after a rotation or a
+    /// change of set has added one under the key in force; the platform record always stays).
+    pub(crate) async fn retire_customer_records(&self, keep: Option<&str>) -> Result<(), KvError> {
+        let mut doc = self.doc().await?;
+        let records: Vec<Value> = doc["records"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| match record_of(r).kek {
+                KekRef::Customer(kid) => Some(kid.as_str()) == keep,
+                _ => true,
+            })
+            .collect();
+        doc["records"] = json!(records);
+        self.host
+            .put_document(&self.disk_id, KEYS_DOC, "dek", &doc)
+            .await
+    }
+}
+
+#[async_trait]
+impl KeyOwner for DiskKeys<'_> {
+    async fn wrapped_keys(&self) -> Result<Vec<WrappedKey>, KvError> {
+        let doc = self.doc().await?;
+        Ok(doc["records"]
+            .as_array()
+            .map(|a| a.iter().map(record_of).collect())
+            .unwrap_or_default())
+    }
+
+    async fn add_wrapped_key(&self, key: WrappedKey) -> Result<(), KvError> {
+        let mut doc = self.doc().await?;
+        let mut records = doc["records"].as_array().cloned().unwrap_or_default();
+        records.push(record_json(&key));
+        doc["records"] = json!(records);
+        self.host
+            .put_document(&self.disk_id, KEYS_DOC, "dek", &doc)
+            .await
+    }
+
+    async fn platform_key(&self) -> Result<Dek, KvError> {
+        let doc = self.doc().await?;
+        let sealed = doc["pmk"]
+            .as_str()
+            .and_then(|s| B64.decode(s).ok())
+            .ok_or_else(|| internal("disk keys", "no platform key"))?;
+        let opened = self
+            .host
+            .open_secret(&pmk_label(&self.unique_id), &sealed)?;
+        if opened.secret.len() != 32 {
+            return Err(internal("disk keys", "platform key of the wrong length"));
+        }
+        let mut k = Zeroizing::new([0u8; 32]);
+        k.copy_from_slice(&opened.secret);
+        Ok(k)
+    }
+
+    async fn platform_aad(&self) -> Result<Vec<u8>, KvError> {
+        Ok(self.aad())
+    }
+}

@@ -1,0 +1,356 @@
+//! kagi's managed disks (`Microsoft.Compute`, MISSION DK-1..DK-10, seed 001): disk encryption
+//! sets (DES) naming a customer's key, and disks encrypted under their own data key, which is
+//! wrapped by the disk's platform key and, with a set, by the set's key version through the key
+//! vault's data plane with the set's managed identity (`kagi-cmk`). Disks are stored by
+//! `kagi-disk` (authenticated encryption per 4 KiB block, no plaintext on disk) and handed to
+//! block clients over NBD (`kagi-nbd`) by `beginGetAccess`, Azure's way of giving out a disk.
+//!
+//! Routes (management host; `{des}` is
+//! `/subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.Compute/diskEncryptionSets/{name}`,
+//! `{disk}` the same with `disks/{name}`):
+//!
+//! | route | what |
+//! |---|---|
+//! | `PUT`/`PATCH`/`GET`/`DELETE {des}` | a disk encryption set |
+//! | `GET {des}/associatedResources` | the disks that use it |
+//! | `GET …/providers/Microsoft.Compute/diskEncryptionSets` | list (subscription or group) |
+//! | `PUT`/`PATCH`/`GET`/`DELETE {disk}` | a disk (`createOption` `Empty`) |
+//! | `GET …/providers/Microsoft.Compute/disks` | list |
+//! | `POST {disk}/beginGetAccess` `{"access": "Read"\|"Write", "durationInSeconds": N}` | `{"accessSAS": "nbd+unix:///…?socket=…"}` |
+//! | `POST {disk}/endGetAccess` | closes the access and disconnects its clients |
+//! | `GET {des}/activityLog`, `GET {disk}/activityLog` | rotations, revocations, recoveries |
+//!
+//! The key's life (see [`keeper`]): with `rotationToLatestKeyVersionEnabled` every disk of a
+//! set moves to the key's newest version while open; a key disabled or deleted, or a
+//! permission removed, fails I/O after a grace period and refuses new access until the key is
+//! back.
+
+#![forbid(unsafe_code)]
+
+mod access;
+mod des;
+mod disks;
+pub mod keeper;
+mod keys;
+mod runtime;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kagi_cmk::KeyAccess;
+use kagi_core::{ErrorCode, KvError};
+use kagi_host::{ArmRequest, Principal, ResourceProvider, ResourceRef, ResourceScope, ServiceHost};
+use serde_json::Value;
+
+pub use access::NbdExports;
+pub use keeper::{KeeperReport, spawn_keeper};
+
+/// The namespace.
+pub const NAMESPACE: &str = "Microsoft.Compute";
+/// Disk encryption sets.
+pub const DES_TYPE: &str = "Microsoft.Compute/diskEncryptionSets";
+/// Disks.
+pub const DISK_TYPE: &str = "Microsoft.Compute/disks";
+
+/// How the service runs.
+#[derive(Clone, Debug)]
+pub struct DiskConfig {
+    /// How often each set's key is checked: its newest version (rotation) and whether it can
+    /// still be used (revocation). Default one hour (`KAGI_DISK_KEY_POLL_SECONDS`).
+    pub key_poll_interval: Duration,
+    /// How long disks keep working after their key became unusable (DK-5). Default one hour,
+    /// as Azure (`KAGI_DISK_REVOCATION_GRACE_SECONDS`).
+    pub revocation_grace: Duration,
+    /// Where the key vault hosts are reached (default `127.0.0.1:{port}`).
+    pub connect: Option<SocketAddr>,
+    /// The NBD server's Unix socket (default `<data>/nbd.sock`).
+    pub nbd_socket: Option<PathBuf>,
+    /// How often the keeper looks for sets whose check is due (default a minute;
+    /// `KAGI_DISK_KEEPER_TICK_SECONDS`).
+    pub keeper_tick: Duration,
+}
+
+use kagi_host::env_seconds as env_secs;
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        Self {
+            key_poll_interval: env_secs("KAGI_DISK_KEY_POLL_SECONDS", 3600),
+            revocation_grace: env_secs("KAGI_DISK_REVOCATION_GRACE_SECONDS", 3600),
+            connect: None,
+            nbd_socket: None,
+            keeper_tick: env_secs("KAGI_DISK_KEEPER_TICK_SECONDS", 60),
+        }
+    }
+}
+
+/// The disk service of one platform.
+pub struct DiskService {
+    host: Arc<dyn ServiceHost>,
+    config: DiskConfig,
+    keys: KeyAccess,
+    store: kagi_disk::DiskStore,
+    nbd_socket: PathBuf,
+    /// Open disk families, by disk resource id (lower case).
+    open: Mutex<HashMap<String, Arc<runtime::DiskRuntime>>>,
+    /// Accesses granted, by export name.
+    accesses: Mutex<HashMap<String, access::Access>>,
+    /// Serialises changes of one resource.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// When each set's key was last checked (platform clock), by set id (lower case).
+    checked: Mutex<HashMap<String, i64>>,
+}
+
+impl std::fmt::Debug for DiskService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskService")
+            .field("config", &self.config)
+            .field("nbd_socket", &self.nbd_socket)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskService {
+    /// The service on `host`: its disks under `<data>/disks`.
+    pub fn new(host: Arc<dyn ServiceHost>, config: DiskConfig) -> Result<Arc<Self>, KvError> {
+        let c = host.config();
+        let addr = config
+            .connect
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], c.port)));
+        let user_agent = concat!("kagi-disk-service/", env!("CARGO_PKG_VERSION"));
+        let store = kagi_disk::DiskStore::open(c.data_dir.join("disks"))
+            .map_err(|e| keys::internal("opening the disk store", e))?;
+        let nbd_socket = config
+            .nbd_socket
+            .clone()
+            .unwrap_or_else(|| c.data_dir.join("nbd.sock"));
+        Ok(Arc::new(Self {
+            keys: KeyAccess::new(&c, addr, "disk encryption set", user_agent)
+                .unwrapping_after_expiry(),
+            host,
+            config,
+            store,
+            nbd_socket,
+            open: Mutex::new(HashMap::new()),
+            accesses: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            checked: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The host it runs on.
+    pub fn host(&self) -> &Arc<dyn ServiceHost> {
+        &self.host
+    }
+
+    /// The Unix socket its NBD exports are served on.
+    pub fn nbd_socket(&self) -> &std::path::Path {
+        &self.nbd_socket
+    }
+
+    /// For a PUT or PATCH of `at`: its id, its lock held, and the resource as it is now (a
+    /// PATCH of one that does not exist is a 404 calling it `noun`).
+    async fn begin_put(
+        &self,
+        caller: &Principal,
+        at: ResourceRef<'_>,
+        patch: bool,
+        noun: &str,
+    ) -> Result<(String, tokio::sync::OwnedMutexGuard<()>, Option<Value>), KvError> {
+        let (id, guard) = self.locked(at).await;
+        let existing = self.host.get_resource(caller, at).ok();
+        if patch && existing.is_none() {
+            return Err(KvError::new(
+                ErrorCode::ResourceNotFound,
+                format!("The {noun} '{}' was not found.", at.name),
+            ));
+        }
+        Ok((id, guard, existing))
+    }
+
+    /// For a DELETE of `at`: its id, its lock held, and the resource; `None` when it does not
+    /// exist (answered 204, as ARM does).
+    async fn begin_delete(
+        &self,
+        caller: &Principal,
+        at: ResourceRef<'_>,
+    ) -> Option<(String, tokio::sync::OwnedMutexGuard<()>, Value)> {
+        let (id, guard) = self.locked(at).await;
+        let body = self.host.get_resource(caller, at).ok()?;
+        let id = body["id"].as_str().map(str::to_string).unwrap_or(id);
+        Some((id, guard, body))
+    }
+
+    /// The id of the resource `at`, and the lock that serialises its changes, held.
+    async fn locked(&self, at: ResourceRef<'_>) -> (String, tokio::sync::OwnedMutexGuard<()>) {
+        let id = des::id_of(at);
+        let lock = {
+            let mut all = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(id.to_ascii_lowercase()).or_default().clone()
+        };
+        (id, lock.lock_owned().await)
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        caller: &Principal,
+        req: ArmRequest<'_>,
+    ) -> Result<(u16, Value), KvError> {
+        let p = self.host.as_ref();
+        let ArmRequest {
+            method,
+            segs,
+            l,
+            body,
+            ..
+        } = req;
+        let not_found = || KvError::new(ErrorCode::NotFound, "No such route.");
+        let i = l
+            .windows(2)
+            .position(|w| w == ["providers", "microsoft.compute"])
+            .ok_or_else(not_found)?;
+        let (sub, rg) = match &l[..i] {
+            ["subscriptions", _] => (segs[1], None),
+            ["subscriptions", _, "resourcegroups", _] => (segs[1], Some(segs[3])),
+            _ => return Err(not_found()),
+        };
+        let rest_l = &l[i + 2..];
+        let rest = &segs[i + 2..];
+        let list = |ty: &str| {
+            p.list_resources(
+                caller,
+                ResourceScope {
+                    subscription: sub,
+                    resource_group: rg,
+                    resource_type: ty,
+                },
+            )
+            .map(|v| (200, v))
+        };
+        match (rest_l, method, rg) {
+            (["diskencryptionsets"], "GET", _) => list(DES_TYPE),
+            (["disks"], "GET", _) => list(DISK_TYPE),
+            (["diskencryptionsets", _], "PUT" | "PATCH", Some(rg)) => {
+                let input = json_body(body)?;
+                self.put_des(caller, des_ref(sub, rg, rest[1]), input, method == "PATCH")
+                    .await
+            }
+            (["diskencryptionsets", _], "GET", Some(rg)) => {
+                let v = p.get_resource(caller, des_ref(sub, rg, rest[1]))?;
+                Ok((200, self.set_view(v).await))
+            }
+            (["diskencryptionsets" | "disks", _, "activitylog"], "GET", Some(rg)) => {
+                let at = if rest_l[0] == "disks" {
+                    disk_ref(sub, rg, rest[1])
+                } else {
+                    des_ref(sub, rg, rest[1])
+                };
+                let v = p.get_resource(caller, at)?;
+                let entries = p.activity(v["id"].as_str().unwrap_or_default()).await?;
+                Ok((200, serde_json::json!({ "value": entries })))
+            }
+            (["diskencryptionsets", _], "DELETE", Some(rg)) => {
+                self.delete_des(caller, des_ref(sub, rg, rest[1])).await
+            }
+            (["diskencryptionsets", _, "associatedresources"], "GET", Some(rg)) => {
+                self.associated(caller, des_ref(sub, rg, rest[1]))
+            }
+            (["disks", _], "PUT" | "PATCH", Some(rg)) => {
+                let input = json_body(body)?;
+                self.put_disk(caller, disk_ref(sub, rg, rest[1]), input, method == "PATCH")
+                    .await
+            }
+            (["disks", _], "GET", Some(rg)) => {
+                let v = p.get_resource(caller, disk_ref(sub, rg, rest[1]))?;
+                Ok((200, self.with_state(v)))
+            }
+            (["disks", _], "DELETE", Some(rg)) => {
+                self.delete_disk(caller, disk_ref(sub, rg, rest[1])).await
+            }
+            (["disks", _, "begingetaccess"], "POST", Some(rg)) => {
+                let input = json_body(body)?;
+                self.begin_access(caller, disk_ref(sub, rg, rest[1]), input)
+                    .await
+            }
+            (["disks", _, "endgetaccess"], "POST", Some(rg)) => {
+                self.end_access(caller, disk_ref(sub, rg, rest[1])).await
+            }
+            _ => Err(not_found()),
+        }
+    }
+}
+
+pub(crate) fn des_ref<'a>(sub: &'a str, rg: &'a str, name: &'a str) -> ResourceRef<'a> {
+    ResourceRef {
+        subscription: sub,
+        resource_group: rg,
+        resource_type: DES_TYPE,
+        name,
+    }
+}
+
+pub(crate) fn disk_ref<'a>(sub: &'a str, rg: &'a str, name: &'a str) -> ResourceRef<'a> {
+    ResourceRef {
+        subscription: sub,
+        resource_group: rg,
+        resource_type: DISK_TYPE,
+        name,
+    }
+}
+
+/// A 400 with Azure's inner error code.
+pub(crate) fn bad(inner: &'static str, message: impl Into<String>) -> KvError {
+    kagi_cmk::bad(inner, message)
+}
+
+fn json_body(body: &[u8]) -> Result<Value, KvError> {
+    if body.is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        bad(
+            "InvalidRequestContent",
+            format!("The request body is not valid JSON: {e}."),
+        )
+    })
+}
+
+/// Disk encryption sets and disks as the platform's HTTP layer sees them: the identities of
+/// sets are trusted by vault firewalls (as Azure's disk encryption sets are).
+#[async_trait]
+impl ResourceProvider for DiskService {
+    fn namespace(&self) -> &'static str {
+        NAMESPACE
+    }
+
+    fn resource_types(&self) -> &'static [&'static str] {
+        &[DES_TYPE, DISK_TYPE]
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        caller: &Principal,
+        req: ArmRequest<'_>,
+    ) -> Result<(u16, Value), KvError> {
+        self.route(caller, req).await
+    }
+
+    fn trusted_for_vault_firewall(&self) -> bool {
+        true
+    }
+}
+
+impl DiskService {
+    /// Starts the NBD server of the service's accesses on its Unix socket.
+    pub async fn start_nbd(self: &Arc<Self>) -> Result<kagi_nbd::NbdServer, kagi_nbd::ServerError> {
+        let resolver = Arc::new(NbdExports(self.clone()));
+        let server = kagi_nbd::NbdServer::new(resolver, kagi_nbd::Config::default())?;
+        server.listen_unix(&self.nbd_socket).await?;
+        tracing::info!(socket = %self.nbd_socket.display(), "NBD server listening");
+        Ok(server)
+    }
+}

@@ -1,0 +1,89 @@
+//! What the service keeps in memory for an open disk: its family in the store (holding the
+//! data key while the disk's key is usable) and the key's state.
+
+use std::sync::{Arc, Mutex};
+
+use kagi_cmk::Dek;
+
+/// Whether a disk's key can be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum KeyState {
+    /// Usable.
+    Usable,
+    /// Unusable since `since` (platform clock): I/O goes on until the grace period ends.
+    Failing {
+        /// When the failure was first seen.
+        since: i64,
+        /// Why (names the key and the identity).
+        reason: String,
+    },
+    /// The grace period is over: the data key is forgotten, I/O fails, access is refused.
+    Revoked {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// An open disk.
+pub(crate) struct DiskRuntime {
+    /// The disk's resource id.
+    pub(crate) id: String,
+    /// Its family in the store, unlocked with the data key.
+    pub(crate) family: kagi_disk::Family,
+    /// Its volume (the disk itself).
+    pub(crate) volume: Arc<kagi_disk::Volume>,
+    /// The key's state.
+    pub(crate) state: Mutex<KeyState>,
+}
+
+impl std::fmt::Debug for DiskRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskRuntime")
+            .field("id", &self.id)
+            .field("state", &self.key_state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskRuntime {
+    /// The key's state now.
+    pub(crate) fn key_state(&self) -> KeyState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Why I/O must fail now, if it must.
+    pub(crate) fn refusal(&self) -> Option<String> {
+        match self.key_state() {
+            KeyState::Revoked { reason } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// The key became unusable at `now` (kept from the first time it was seen).
+    pub(crate) fn failing(&self, now: i64, reason: &str) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if *s == KeyState::Usable {
+            *s = KeyState::Failing {
+                since: now,
+                reason: reason.to_string(),
+            };
+        }
+    }
+
+    /// The grace period is over: the data key is dropped (zeroized) from the store's family.
+    pub(crate) fn revoke(&self, reason: &str) {
+        self.family.lock();
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = KeyState::Revoked {
+            reason: reason.to_string(),
+        };
+    }
+
+    /// The key is usable again: the family gets its data key back.
+    pub(crate) fn restore(&self, dek: Dek) -> Result<(), kagi_disk::DiskError> {
+        if matches!(self.key_state(), KeyState::Revoked { .. }) {
+            self.family.unlock(kagi_disk::FamilyKeys::new(dek))?;
+        }
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = KeyState::Usable;
+        Ok(())
+    }
+}
