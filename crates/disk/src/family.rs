@@ -879,11 +879,11 @@ fn check_size(size: u64) -> Result<()> {
             reason: "must be a positive multiple of 4096",
         });
     }
-    // Block numbers must fit the index and offsets; 2^50 bytes is far beyond any disk.
-    if size > 1 << 50 {
+    // Azure's largest managed disk; the chunk vector of the index is 8 bytes per 4 MiB.
+    if size > 64 << 40 {
         return Err(DiskError::InvalidSize {
             size,
-            reason: "larger than 1 PiB",
+            reason: "larger than 64 TiB",
         });
     }
     Ok(())
