@@ -3,18 +3,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::device::BlockSizes;
 use crate::export::{ClientInfo, Export, Refusal};
 use crate::proto::{self, ReplyStyle};
 use crate::server::Shared;
-
-/// Any byte stream a connection runs on (plain socket, or TLS over it).
-pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
-
-pub(crate) type BoxStream = Box<dyn Stream>;
+use crate::transport::Transport;
 
 /// Why a handshake ended without transmission (logged at debug level only).
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +24,7 @@ pub(crate) enum HandshakeError {
 
 /// What the handshake agreed on.
 pub(crate) struct Session {
-    pub(crate) stream: BoxStream,
+    pub(crate) stream: Transport,
     pub(crate) export: Export,
     pub(crate) style: ReplyStyle,
     pub(crate) extended: bool,
@@ -43,7 +38,7 @@ pub(crate) struct Session {
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 
 struct State {
-    stream: BoxStream,
+    stream: Transport,
     tls_config: Option<Arc<rustls::ServerConfig>>,
     client: ClientInfo,
     structured: bool,
@@ -56,7 +51,7 @@ struct State {
 /// Runs the handshake; `Ok(None)` when the client aborted or disconnected cleanly.
 pub(crate) async fn negotiate(
     shared: &Shared,
-    stream: BoxStream,
+    stream: Transport,
     peer: Option<SocketAddr>,
     tls_config: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<Option<Session>, HandshakeError> {
@@ -354,7 +349,7 @@ impl State {
         }
         self.ack(option).await?;
         // Swap the plain stream out; a failed TLS handshake ends the connection.
-        let plain = std::mem::replace(&mut self.stream, Box::new(tokio::io::empty()));
+        let plain = std::mem::replace(&mut self.stream, Transport::Closed);
         let tls = tokio_rustls::TlsAcceptor::from(config)
             .accept(plain)
             .await?;
@@ -365,7 +360,7 @@ impl State {
             .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
             .unwrap_or_default();
         self.client.tls = true;
-        self.stream = Box::new(tls);
+        self.stream = Transport::Other(Box::new(tls));
         // Nothing negotiated before STARTTLS survives it.
         self.structured = false;
         self.extended = false;

@@ -27,6 +27,7 @@ mod handshake;
 pub mod proto;
 mod server;
 mod transmission;
+mod transport;
 
 pub use device::{BlockDevice, BlockSizes, DeviceError, Errno, Extent, ReadData, ZeroFlags};
 pub use export::{ClientInfo, Export, ExportListing, ExportResolver, Refusal};

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::export::ExportResolver;
 use crate::handshake;
 use crate::transmission;
+use crate::transport::Transport;
 
 /// Limits and timeouts of a server.
 #[derive(Debug, Clone)]
@@ -153,7 +154,7 @@ impl NbdServer {
                 accepted = listener.accept() => accepted,
             };
             match accepted {
-                Ok((stream, _)) => self.serve(stream, None, None),
+                Ok((stream, _)) => self.spawn(Transport::Unix(stream), None, None),
                 Err(e) => accept_failed(e).await,
             }
         }
@@ -186,7 +187,7 @@ impl NbdServer {
                     Ok((stream, peer)) => {
                         // Replies are written whole; Nagle would only delay them.
                         let _ = stream.set_nodelay(true);
-                        server.serve(stream, Some(peer), tls.clone());
+                        server.spawn(Transport::Tcp(stream), Some(peer), tls.clone());
                     }
                     Err(e) => accept_failed(e).await,
                 }
@@ -205,6 +206,15 @@ impl NbdServer {
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.spawn(Transport::Other(Box::new(stream)), peer, tls);
+    }
+
+    fn spawn(
+        &self,
+        stream: Transport,
+        peer: Option<SocketAddr>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) {
         if self.shared.shutdown.is_cancelled() {
             return;
         }
@@ -217,7 +227,7 @@ impl NbdServer {
                 _ = shared.shutdown.cancelled() => return,
                 r = tokio::time::timeout(
                     shared.config.handshake_timeout,
-                    handshake::negotiate(&shared, Box::new(stream), peer, tls),
+                    handshake::negotiate(&shared, stream, peer, tls),
                 ) => r,
             };
             match negotiated {

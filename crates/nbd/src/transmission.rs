@@ -9,15 +9,16 @@
 use std::io::IoSlice;
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::device::{BlockDevice, BlockSizes, DeviceError, Errno, ReadData, ZeroFlags};
-use crate::handshake::{BASE_ALLOCATION_ID, BoxStream, Session};
+use crate::handshake::{BASE_ALLOCATION_ID, Session};
 use crate::proto::{self, ReplyStyle, Request};
 use crate::server::Shared;
+use crate::transport::WritePart;
 
 /// One reply: its header bytes and, for reads, the data (written without copying it).
 struct Reply {
@@ -85,7 +86,7 @@ pub(crate) async fn run(shared: &Shared, session: Session) {
         meta_context,
         extended,
     });
-    let (rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = stream.into_halves();
     let mut rd = BufReader::with_capacity(64 * 1024, rd);
     let (tx, rx) = mpsc::channel::<Reply>(config.max_in_flight * 2);
     let writer_dead = CancellationToken::new();
@@ -534,11 +535,7 @@ fn error_reply(conn: &Conn, req: &Request, e: &DeviceError) -> Reply {
 }
 
 /// Writes replies as they come, several per system call when they queue up.
-async fn write_replies(
-    mut wr: WriteHalf<BoxStream>,
-    mut rx: mpsc::Receiver<Reply>,
-    dead: CancellationToken,
-) {
+async fn write_replies(mut wr: WritePart, mut rx: mpsc::Receiver<Reply>, dead: CancellationToken) {
     let mut batch = Vec::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
