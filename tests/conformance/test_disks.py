@@ -313,3 +313,124 @@ def test_fua_writes_survive_kill_9(tmp_path):
         run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0xab 0 1M", "-c", "read -P 0xcd 1M 1M", ro)
     finally:
         srv.stop()
+
+
+def create_snapshot(srv, source_id, incremental=True, name=None, encryption=None):
+    name = name or random_name("snap", 12)
+    props = {"creationData": {"createOption": "Copy", "sourceResourceId": source_id}, "incremental": incremental}
+    if encryption:
+        props["encryption"] = encryption
+    snap = ok(arm(srv, "PUT", compute_path(srv, "snapshots", name), {"location": LOCATION, "properties": props}))
+    return name, snap
+
+
+def test_snapshots_and_copies_share_or_copy_data(kagi, tmp_path):
+    srv = kagi
+    srv.put_rg(DEFAULT_RG)
+    name, disk = create_disk(srv)
+    image = tmp_path / "in.raw"
+    data = random_image(image, 4, seed=3)
+    uri = grant_access(srv, name, "Write")
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
+
+    # An incremental and a full snapshot of the same moment; then the disk changes.
+    inc_name, inc = create_snapshot(srv, disk["id"], incremental=True)
+    full_name, full = create_snapshot(srv, disk["id"], incremental=False)
+    assert inc["properties"]["incremental"] is True
+    assert inc["properties"]["incrementalSnapshotFamilyId"]
+    assert "incrementalSnapshotFamilyId" not in full["properties"]
+    assert inc["properties"]["creationData"]["sourceUniqueId"] == disk["properties"]["uniqueId"]
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 1M", uri)
+    end_access(srv, name)
+
+    # Both snapshots still hold the old data, read-only.
+    for snap in (inc_name, full_name):
+        r = arm(srv, "POST", compute_path(srv, "snapshots", snap) + "/beginGetAccess",
+                {"access": "Write", "durationInSeconds": 60})
+        assert r.status_code == 400, r.text
+        r = arm(srv, "POST", compute_path(srv, "snapshots", snap) + "/beginGetAccess",
+                {"access": "Read", "durationInSeconds": 600})
+        snap_uri = ok(r)["accessSAS"]
+        assert read_back(snap_uri, tmp_path / f"{snap}.raw", len(data)) == data
+        ok(arm(srv, "POST", compute_path(srv, "snapshots", snap) + "/endGetAccess"), 200, 204)
+
+    # A disk copied from the incremental snapshot, bigger: the old data, then writable.
+    copy_name = random_name("copy", 10)
+    body = {"location": LOCATION, "properties": {"diskSizeGB": 2,
+            "creationData": {"createOption": "Copy", "sourceResourceId": inc["id"]}}}
+    copy = ok(arm(srv, "PUT", compute_path(srv, "disks", copy_name), body))
+    assert copy["properties"]["diskSizeBytes"] == 2 << 30
+    assert copy["properties"]["creationData"]["sourceResourceId"] == inc["id"]
+    curi = grant_access(srv, copy_name, "Write")
+    assert read_back(curi, tmp_path / "copy.raw", len(data)) == data
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x42 1G 1M", "-c", "read -P 0x42 1G 1M", curi)
+    end_access(srv, copy_name)
+
+    # Deleting the disk keeps its snapshots and copies readable.
+    ok(arm(srv, "DELETE", compute_path(srv, "disks", name)), 200, 202, 204)
+    ro = grant_access(srv, copy_name, "Read")
+    assert read_back(ro, tmp_path / "copy2.raw", len(data)) == data
+    end_access(srv, copy_name)
+    for kind, n in (("snapshots", inc_name), ("snapshots", full_name), ("disks", copy_name)):
+        ok(arm(srv, "DELETE", compute_path(srv, kind, n)), 200, 202, 204)
+        assert arm(srv, "GET", compute_path(srv, kind, n)).status_code == 404
+    assert_no_plaintext(srv.data_dir, b"KAGI-PLAINTEXT-MARKER-3")
+
+
+def test_ext4_through_nbdfuse_snapshot_and_copy(kagi, tmp_path):
+    """mkfs.ext4 on a kagi disk through nbdfuse and a loop device; files survive an
+    incremental snapshot and a new disk made from it."""
+    srv = kagi
+    srv.put_rg(DEFAULT_RG)
+    name, disk = create_disk(srv)
+
+    def attach(uri, where):
+        fuse_dir = tmp_path / f"fuse-{where}"
+        fuse_dir.mkdir()
+        proc = subprocess.Popen(["nbdfuse", str(fuse_dir), uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for("nbdfuse", lambda: (fuse_dir / "nbd").exists(), timeout=20)
+        loop = run("losetup", "--find", "--show", fuse_dir / "nbd").stdout.strip()
+        return proc, fuse_dir, loop
+
+    def detach(proc, fuse_dir, loop):
+        run("losetup", "-d", loop, check=False)
+        run("fusermount3" if shutil.which("fusermount3") else "fusermount", "-u", fuse_dir, check=False)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    import shutil
+
+    files = {f"file{i}.bin": os.urandom(100_000 + i) for i in range(5)}
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    attached = attach(grant_access(srv, name, "Write"), "a")
+    try:
+        run("mkfs.ext4", "-q", "-F", attached[2])
+        run("mount", attached[2], mnt)
+        try:
+            for n, b in files.items():
+                (mnt / n).write_bytes(b)
+        finally:
+            run("umount", mnt)
+    finally:
+        detach(*attached)
+    end_access(srv, name)
+
+    _, snap = create_snapshot(srv, disk["id"], incremental=True)
+    copy_name = random_name("copy", 10)
+    body = {"location": LOCATION, "properties": {
+            "creationData": {"createOption": "Copy", "sourceResourceId": snap["id"]}}}
+    ok(arm(srv, "PUT", compute_path(srv, "disks", copy_name), body))
+    attached = attach(grant_access(srv, copy_name, "Write"), "b")
+    try:
+        run("mount", attached[2], mnt)
+        try:
+            got = {n: (mnt / n).read_bytes() for n in files}
+        finally:
+            run("umount", mnt)
+    finally:
+        detach(*attached)
+    end_access(srv, copy_name)
+    assert got == files

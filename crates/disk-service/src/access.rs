@@ -101,6 +101,12 @@ impl DiskService {
                     ),
                 )
             })?;
+        if write && at.resource_type == crate::SNAPSHOT_TYPE {
+            return Err(bad(
+                "InvalidParameter",
+                "A snapshot is read-only: its access is 'Read'.",
+            ));
+        }
         let disk_id = disk["id"].as_str().unwrap_or(&id).to_ascii_lowercase();
         if write && self.access_open(&disk_id) {
             return Err(KvError::conflict(format!(
@@ -209,12 +215,19 @@ struct DiskDevice {
 }
 
 fn io_error(e: kagi_disk::DiskError) -> DeviceError {
+    use kagi_disk::DiskError as E;
+    let errno = match &e {
+        E::NoSpace => Errno::NoSpc,
+        E::OutOfRange { .. } | E::InvalidSize { .. } => Errno::Inval,
+        E::ReadOnly => Errno::Perm,
+        _ => Errno::Io,
+    };
     match e {
-        kagi_disk::DiskError::Locked => DeviceError::with_message(
+        E::Locked => DeviceError::with_message(
             Errno::Io,
             "the disk's key has been revoked; I/O fails until the key is usable again",
         ),
-        other => DeviceError::io(other.to_string()),
+        other => DeviceError::with_message(errno, other.to_string()),
     }
 }
 
@@ -288,6 +301,26 @@ impl BlockDevice for DiskDevice {
         len: u64,
         flags: ZeroFlags,
     ) -> Result<(), DeviceError> {
+        if flags.no_hole && flags.fast {
+            // Writing zeros as data is not faster than writing them: the client asked to know.
+            return Err(DeviceError::new(Errno::NotSup));
+        }
+        if flags.no_hole {
+            // The range must stay allocated: zeros are written as data, a block at a time.
+            return self
+                .run(move |v| {
+                    let step = 1 << 20;
+                    let zeros = vec![0u8; step];
+                    let mut at = 0;
+                    while at < len {
+                        let n = (len - at).min(step as u64) as usize;
+                        v.write(offset + at, &zeros[..n], false)?;
+                        at += n as u64;
+                    }
+                    if flags.fua { v.flush() } else { Ok(()) }
+                })
+                .await;
+        }
         self.run(move |v| v.write_zeroes(offset, len, flags.fua))
             .await
     }

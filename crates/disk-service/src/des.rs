@@ -265,11 +265,11 @@ impl DiskService {
         self.keys.validate(self.host.as_ref(), &req).await
     }
 
-    /// The disks of set `set_id` (resource bodies).
+    /// The disks and snapshots of set `set_id` (resource bodies).
     pub(crate) fn disks_of(&self, set_id: &str) -> Vec<Value> {
-        self.host
-            .resources_of_type(DISK_TYPE)
-            .into_iter()
+        let mut all = self.host.resources_of_type(DISK_TYPE);
+        all.extend(self.host.resources_of_type(crate::SNAPSHOT_TYPE));
+        all.into_iter()
             .filter(|d| {
                 d["properties"]["encryption"]["diskEncryptionSetId"]
                     .as_str()
@@ -424,25 +424,4 @@ fn keys_internal(what: &str) -> KvError {
 pub(crate) fn id_of(at: ResourceRef<'_>) -> String {
     let (sub, rg, ty, name) = at.parts();
     format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{ty}/{name}")
-}
-
-/// (subscription, group, name) of a resource id.
-pub(crate) fn parts_of(id: &str) -> Option<(String, String, String)> {
-    let s: Vec<&str> = id.split('/').collect();
-    match s.as_slice() {
-        [
-            "",
-            "subscriptions",
-            sub,
-            rg_word,
-            rg,
-            "providers",
-            _,
-            _,
-            name,
-        ] if rg_word.eq_ignore_ascii_case("resourcegroups") => {
-            Some((sub.to_string(), rg.to_string(), name.to_string()))
-        }
-        _ => None,
-    }
 }

@@ -10,8 +10,8 @@ use kagi_core::{ErrorCode, KvError};
 use kagi_host::{Principal, PutResource, ResourceRef, ServiceHost};
 use serde_json::{Value, json};
 
-use crate::des::{CMK, DOUBLE, SetKey, parts_of};
-use crate::keys::{DiskKeys, internal};
+use crate::des::{CMK, DOUBLE, SetKey};
+use crate::keys::{DiskKeys, Place, internal};
 use crate::runtime::{DiskRuntime, KeyState};
 use crate::{DiskService, bad, des_ref};
 
@@ -21,12 +21,11 @@ pub(crate) const PMK: &str = "EncryptionAtRestWithPlatformKey";
 const MAX_SIZE_GB: u64 = 32_767;
 const GIB: u64 = 1 << 30;
 
-/// The key records of the disk `body`.
+/// The key records of the disk or snapshot `body`.
 pub(crate) fn disk_keys<'a>(host: &'a dyn ServiceHost, body: &Value) -> Option<DiskKeys<'a>> {
     Some(DiskKeys {
         host,
         disk_id: body["id"].as_str()?.to_string(),
-        unique_id: body["properties"]["uniqueId"].as_str()?.to_string(),
     })
 }
 
@@ -59,6 +58,14 @@ impl DiskService {
         let p = self.host.as_ref();
         let (id, _g, existing) = self.begin_put(caller, at, patch, "disk").await?;
         let props_in = &input["properties"];
+        // A new disk's source: none (Empty), or a disk or snapshot to copy.
+        let source = match &existing {
+            Some(_) => None,
+            None => {
+                self.creation_source(caller, &props_in["creationData"])
+                    .await?
+            }
+        };
         let location = input["location"]
             .as_str()
             .or_else(|| existing.as_ref().and_then(|e| e["location"].as_str()))
@@ -80,8 +87,8 @@ impl DiskService {
                         format!("diskSizeGB must be a whole number from 1 to {MAX_SIZE_GB}."),
                     )
                 })?,
-            None => match old_size {
-                Some(b) => b / GIB,
+            None => match old_size.or_else(|| source.as_ref().map(|s| s.size)) {
+                Some(b) => b.div_ceil(GIB),
                 None => {
                     return Err(bad(
                         "InvalidParameter",
@@ -91,6 +98,17 @@ impl DiskService {
             },
         };
         let size = size_gb * GIB;
+        if let Some(src) = &source
+            && size < src.size
+        {
+            return Err(bad(
+                "InvalidParameter",
+                format!(
+                    "diskSizeGB {size_gb} is smaller than the source '{}' ({} bytes).",
+                    src.id, src.size
+                ),
+            ));
+        }
         if let Some(old) = old_size {
             if size < old {
                 return Err(bad(
@@ -110,19 +128,11 @@ impl DiskService {
             }
         }
         if existing.is_none() {
-            let option = props_in["creationData"]["createOption"]
-                .as_str()
-                .unwrap_or("Empty");
-            if !option.eq_ignore_ascii_case("Empty") {
-                return Err(bad(
-                    "InvalidParameter",
-                    format!(
-                        "createOption '{option}' is not served by this kagi yet: create the disk \
-                         with 'Empty' and write it over NBD (beginGetAccess)."
-                    ),
-                ));
-            }
-            props["creationData"] = json!({"createOption": "Empty"});
+            props["creationData"] = match &source {
+                None => json!({"createOption": "Empty"}),
+                Some(src) => json!({"createOption": "Copy", "sourceResourceId": src.id,
+                    "sourceUniqueId": src.body["properties"]["uniqueId"]}),
+            };
         }
         // Encryption: the type and the set.
         let enc_in = props_in.get("encryption");
@@ -172,6 +182,16 @@ impl DiskService {
         };
         if existing.is_some() {
             let old_type = props["encryption"]["type"].as_str().unwrap_or(PMK);
+            // DK-7: a disk with incremental snapshots keeps its customer-managed key.
+            if old_type != PMK && etype == PMK && self.has_incremental_snapshots(&id) {
+                return Err(bad(
+                    "InvalidParameter",
+                    format!(
+                        "Customer-managed keys cannot be turned off on the disk '{name}': it has \
+                         incremental snapshots."
+                    ),
+                ));
+            }
             if (old_type == DOUBLE) != (etype == DOUBLE) {
                 return Err(bad(
                     "InvalidParameter",
@@ -193,10 +213,7 @@ impl DiskService {
         let now = p.now();
         let new_disk = existing.is_none();
         if new_disk {
-            let raw = kagi_crypto::random_bytes(16).map_err(|e| internal("rng", e))?;
-            let mut b = [0u8; 16];
-            b.copy_from_slice(&raw);
-            props["uniqueId"] = json!(kagi_core::ids::uuid_v4(b));
+            props["uniqueId"] = json!(new_unique_id()?);
             props["timeCreated"] = json!(rfc3339(now));
             props["diskState"] = json!("Unattached");
         }
@@ -215,21 +232,38 @@ impl DiskService {
         };
         let keys = disk_keys(p, &candidate).ok_or_else(|| internal("disk", "no uniqueId"))?;
         if new_disk {
-            // Keys first, then the family, then the resource: a crash leaves at most keys
-            // and an empty family that no resource names (removed by the next create).
-            let dek = keys.create(now, etype == DOUBLE).await?;
-            if let Some((set, set_body)) = &set {
-                self.wrap_for_set(&keys, set, set_body, &dek).await?;
-            }
-            let inner = keys.inner_key().await?;
-            let double = inner.is_some();
+            // Keys first, then the data, then the resource: a crash leaves at most keys and
+            // data that no resource names.
             let unique = candidate["properties"]["uniqueId"]
                 .as_str()
-                .unwrap_or_default();
-            self.store
-                .create_family(unique, family_keys(dek, inner), double)
-                .and_then(|f| f.create_volume("disk", size))
-                .map_err(|e| internal("creating the disk", e))?;
+                .unwrap_or_default()
+                .to_string();
+            match &source {
+                None => {
+                    let place = Place {
+                        family: unique.clone(),
+                        volume: unique,
+                    };
+                    let fam = self
+                        .new_family(&keys, &place, etype == DOUBLE, set.as_ref(), now)
+                        .await?;
+                    fam.create_volume(&place.volume, size)
+                        .map_err(|e| internal("creating the disk", e))?;
+                }
+                Some(src) => {
+                    // A copy joins its source's family: it shares every block until written.
+                    let (fam, from, place) = self
+                        .join_family(&keys, src, &unique, etype == DOUBLE, set.as_ref())
+                        .await?;
+                    let vol = fam
+                        .create_volume_from_snapshot(&from, &place.volume)
+                        .map_err(|e| internal("copying the disk", e))?;
+                    if size > vol.size() {
+                        fam.resize_volume(&place.volume, size)
+                            .map_err(|e| internal("growing the disk", e))?;
+                    }
+                }
+            }
         } else {
             let new_set = set.as_ref().map(|(s, _)| s.id.clone());
             let set_changed = new_set.as_deref().map(str::to_ascii_lowercase)
@@ -248,7 +282,7 @@ impl DiskService {
             {
                 let rt = self.runtime(&candidate).await?;
                 rt.family
-                    .resize_volume("disk", size)
+                    .resize_volume(rt.volume.id(), size)
                     .map_err(|e| internal("growing the disk", e))?;
             }
         }
@@ -261,9 +295,22 @@ impl DiskService {
         Ok((status, self.with_state(stored)))
     }
 
+    /// Whether disk `id` has incremental snapshots.
+    fn has_incremental_snapshots(&self, id: &str) -> bool {
+        self.host
+            .resources_of_type(crate::SNAPSHOT_TYPE)
+            .iter()
+            .any(|s| {
+                s["properties"]["incremental"] == json!(true)
+                    && s["properties"]["creationData"]["sourceResourceId"]
+                        .as_str()
+                        .is_some_and(|src| src.eq_ignore_ascii_case(id))
+            })
+    }
+
     /// The set `set_id` for a disk of type `etype` in `location`: readable by the caller, of
     /// the same region and type, its key usable by its identity now.
-    async fn usable_set(
+    pub(crate) async fn usable_set(
         &self,
         caller: &Principal,
         set_id: &str,
@@ -277,7 +324,7 @@ impl DiskService {
             )
             .with_inner("NotFound")
         };
-        let (sub, rg, name) = parts_of(set_id).ok_or_else(missing)?;
+        let (sub, rg, _, name) = ref_of(set_id).ok_or_else(missing)?;
         let body = self
             .host
             .get_resource(caller, des_ref(&sub, &rg, &name))
@@ -398,16 +445,15 @@ impl DiskService {
             return Ok(rt);
         }
         let dek = self.open_dek(body).await?;
-        let keys =
-            disk_keys(self.host.as_ref(), body).ok_or_else(|| internal("disk", "no uniqueId"))?;
+        let keys = disk_keys(self.host.as_ref(), body).ok_or_else(|| internal("disk", "no id"))?;
         let inner = keys.inner_key().await?;
-        let unique = body["properties"]["uniqueId"].as_str().unwrap_or_default();
+        let place = keys.place().await?;
         let family = self
             .store
-            .open_family(unique, family_keys(dek, inner))
+            .open_family(&place.family, family_keys(dek, inner))
             .map_err(|e| internal("opening the disk", e))?;
         let volume = family
-            .volume("disk")
+            .volume(&place.volume)
             .map_err(|e| internal("opening the disk", e))?;
         let rt = Arc::new(DiskRuntime {
             id: id.clone(),
@@ -446,38 +492,234 @@ impl DiskService {
         body
     }
 
-    /// `DELETE {disk}`: refused while an access is open.
-    pub(crate) async fn delete_disk(
+    /// `DELETE {disk}` and `DELETE {snapshot}` (`noun`): refused while an access is open.
+    pub(crate) async fn delete_data(
         &self,
         caller: &Principal,
         at: ResourceRef<'_>,
+        noun: &str,
     ) -> Result<(u16, Value), KvError> {
         let name = at.name;
-        let Some((id, _g, disk)) = self.begin_delete(caller, at).await else {
+        let Some((id, _g, body)) = self.begin_delete(caller, at).await else {
             return Ok((204, Value::Null));
         };
-        let p = self.host.as_ref();
         if self.access_open(&id) {
             return Err(KvError::conflict(format!(
-                "The disk '{name}' has an active access: end it (endGetAccess) before deleting \
-                 the disk."
+                "The {noun} '{name}' has an active access: end it (endGetAccess) before deleting \
+                 it."
             ))
             .with_inner("OperationNotAllowed"));
         }
-        let st = p.delete_resource(caller, at).await?;
-        // The resource (and its key records) went first: what is left of the data can no
-        // longer be decrypted by anyone; then it is removed.
+        // Opened before its keys go, to remove its blocks; with a revoked key they stay,
+        // unreadable (the only wrapped copies of their key went with the resource).
+        let rt = self.runtime(&body).await.ok();
+        let st = self.host.delete_resource(caller, at).await?;
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id.to_ascii_lowercase());
-        if let Some(unique) = disk["properties"]["uniqueId"].as_str()
-            && let Err(e) = self.store.delete_family(unique)
-        {
-            tracing::warn!(disk = %id, error = %e, "the deleted disk's blocks were not all removed");
+        if let Some(rt) = rt {
+            let family = rt.family.clone();
+            let volume = rt.volume.id().to_string();
+            drop(rt);
+            self.drop_volume(family, &volume, &id).await;
         }
         Ok((st, Value::Null))
     }
+
+    /// Removes `volume` from `family`; the last volume takes the family with it; otherwise
+    /// the space only it used is reclaimed.
+    async fn drop_volume(&self, family: kagi_disk::Family, volume: &str, id: &str) {
+        let volume = volume.to_string();
+        let fam = family.clone();
+        let left = tokio::task::spawn_blocking(move || {
+            fam.delete_volume(&volume)?;
+            if !fam.volumes().is_empty() {
+                fam.gc(0.5)?;
+            }
+            Ok::<_, kagi_disk::DiskError>(fam.volumes().len())
+        })
+        .await;
+        let fid = family.id().to_string();
+        drop(family);
+        match left {
+            Ok(Ok(0)) => {
+                if let Err(e) = self.store.delete_family(&fid) {
+                    tracing::warn!(resource = %id, error = %e, "the family's files were not removed");
+                }
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(resource = %id, error = %e, "blocks not removed"),
+            Err(e) => tracing::warn!(resource = %id, error = %e, "blocks not removed"),
+        }
+    }
+
+    /// The source of a new disk or snapshot (`creationData`): none for `Empty`, else the disk
+    /// or snapshot `Copy` names, which the caller must be able to read.
+    pub(crate) async fn creation_source(
+        &self,
+        caller: &Principal,
+        creation: &Value,
+    ) -> Result<Option<Source>, KvError> {
+        let option = creation["createOption"].as_str().unwrap_or("Empty");
+        if option.eq_ignore_ascii_case("Empty") {
+            return Ok(None);
+        }
+        if !option.eq_ignore_ascii_case("Copy") {
+            return Err(bad(
+                "InvalidParameter",
+                format!(
+                    "createOption '{option}' is not served by this kagi: 'Empty', or 'Copy' with \
+                     creationData.sourceResourceId naming a disk or snapshot."
+                ),
+            ));
+        }
+        let sid = creation["sourceResourceId"].as_str().ok_or_else(|| {
+            bad(
+                "InvalidParameter",
+                "createOption 'Copy' needs creationData.sourceResourceId.",
+            )
+        })?;
+        let missing = || {
+            KvError::new(
+                ErrorCode::NotFound,
+                format!("The source resource '{sid}' was not found."),
+            )
+            .with_inner("NotFound")
+        };
+        let (sub, rg, ty, name) = ref_of(sid).ok_or_else(missing)?;
+        let snapshot = ty.eq_ignore_ascii_case("snapshots");
+        if !snapshot && !ty.eq_ignore_ascii_case("disks") {
+            return Err(missing());
+        }
+        let at = ResourceRef {
+            subscription: &sub,
+            resource_group: &rg,
+            resource_type: if snapshot {
+                crate::SNAPSHOT_TYPE
+            } else {
+                crate::DISK_TYPE
+            },
+            name: &name,
+        };
+        let body = self.host.get_resource(caller, at).map_err(|_| missing())?;
+        Ok(Some(Source {
+            id: body["id"].as_str().unwrap_or(sid).to_string(),
+            size: body["properties"]["diskSizeBytes"].as_u64().unwrap_or(0),
+            snapshot,
+            body,
+        }))
+    }
+
+    /// A new family for the resource whose keys are `keys`, its data at `place`: a new data
+    /// key, wrapped under the platform key and, with a set, under the set's key.
+    pub(crate) async fn new_family(
+        &self,
+        keys: &DiskKeys<'_>,
+        place: &Place,
+        double: bool,
+        set: Option<&(SetKey, Value)>,
+        now: i64,
+    ) -> Result<kagi_disk::Family, KvError> {
+        let dek = keys.create(now, double, place).await?;
+        if let Some((s, b)) = set {
+            self.wrap_for_set(keys, s, b, &dek).await?;
+        }
+        let inner = keys.inner_key().await?;
+        self.store
+            .create_family(&place.family, family_keys(dek, inner), double)
+            .map_err(|e| internal("creating the family", e))
+    }
+
+    /// A place for a new volume `volume` in the family of `src`, whose data key the resource
+    /// of `keys` now holds: wrapped under its own set's key (or only the platform key).
+    /// Returns the family, the source's volume and the new place.
+    pub(crate) async fn join_family(
+        &self,
+        keys: &DiskKeys<'_>,
+        src: &Source,
+        volume: &str,
+        double: bool,
+        set: Option<&(SetKey, Value)>,
+    ) -> Result<(kagi_disk::Family, String, Place), KvError> {
+        let src_rt = self.runtime(&src.body).await?;
+        if let Some(reason) = src_rt.refusal() {
+            return Err(
+                KvError::new(ErrorCode::Forbidden, reason).with_inner("KeyVaultAccessForbidden")
+            );
+        }
+        if src_rt.family.has_inner_layer() != double {
+            return Err(bad(
+                "InvalidParameter",
+                "A copy keeps its source's layers of encryption: double encryption \
+                 (EncryptionAtRestWithPlatformAndCustomerKeys) exactly when the source has it.",
+            ));
+        }
+        let src_keys =
+            disk_keys(self.host.as_ref(), &src.body).ok_or_else(|| internal("source", "no id"))?;
+        let place = Place {
+            family: src_rt.family.id().to_string(),
+            volume: volume.to_string(),
+        };
+        keys.copy_from(&src_keys, &place).await?;
+        let dek = self.open_dek(&src.body).await?;
+        match set {
+            Some((s, b)) => {
+                self.wrap_for_set(keys, s, b, &dek).await?;
+                keys.retire_customer_records(Some(&s.kid)).await?;
+            }
+            None => keys.retire_customer_records(None).await?,
+        }
+        Ok((src_rt.family.clone(), src_rt.volume.id().to_string(), place))
+    }
+}
+
+/// A disk or snapshot that a new one is made from.
+pub(crate) struct Source {
+    /// Its resource id.
+    pub(crate) id: String,
+    /// The resource.
+    pub(crate) body: Value,
+    /// Its size in bytes.
+    pub(crate) size: u64,
+    /// Whether it is a snapshot.
+    pub(crate) snapshot: bool,
+}
+
+/// (subscription, group, type, name) of a `Microsoft.Compute` resource id.
+pub(crate) fn ref_of(id: &str) -> Option<(String, String, String, String)> {
+    let s: Vec<&str> = id.split('/').collect();
+    match s.as_slice() {
+        [
+            "",
+            "subscriptions",
+            sub,
+            rg_word,
+            rg,
+            "providers",
+            ns,
+            ty,
+            name,
+        ] if rg_word.eq_ignore_ascii_case("resourcegroups")
+            && ns.eq_ignore_ascii_case(crate::NAMESPACE) =>
+        {
+            Some((
+                sub.to_string(),
+                rg.to_string(),
+                ty.to_string(),
+                name.to_string(),
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// A new `uniqueId` (a random UUID).
+pub(crate) fn new_unique_id() -> Result<String, KvError> {
+    let raw = kagi_crypto::random_bytes(16).map_err(|e| internal("rng", e))?;
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&raw);
+    Ok(kagi_core::ids::uuid_v4(b))
 }
 
 /// The store's keys of a family.

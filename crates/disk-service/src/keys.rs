@@ -38,18 +38,38 @@ pub(crate) fn random_key() -> Result<Dek, KvError> {
 }
 
 /// The seal label of a disk family's platform key.
-fn pmk_label(unique_id: &str) -> String {
-    format!("disk-pmk/{unique_id}")
+fn pmk_label(family: &str) -> String {
+    format!("disk-pmk/{family}")
 }
 
-/// The keys of one disk family, as a [`KeyOwner`] for kagi-cmk: records in the disk's
-/// `keys` document (under the disk's resource id), the platform key sealed beside them.
+/// What binds a family's data key, wrapped under its platform key, to the family.
+fn dek_aad(family: &str) -> Vec<u8> {
+    format!("kagi/disk-dek/v1/{family}").into_bytes()
+}
+
+/// What binds a family's inner layer key to the family.
+fn inner_aad(family: &str) -> Vec<u8> {
+    format!("kagi/disk-inner-key/v1/{family}").into_bytes()
+}
+
+/// The keys of one disk or snapshot, as a [`KeyOwner`] for kagi-cmk: records of its family's
+/// data key in its `keys` document (under its resource id), the family's platform key sealed
+/// beside them, and where its data is (family and volume). Every disk and snapshot of a family
+/// holds its own copy of these records, so that each can be re-wrapped, revoked and deleted on
+/// its own.
 pub(crate) struct DiskKeys<'a> {
     pub(crate) host: &'a dyn ServiceHost,
-    /// The disk's resource id (where its documents are).
+    /// The resource id (where its documents are).
     pub(crate) disk_id: String,
-    /// The disk's `uniqueId` (what the platform key and its wraps are bound to).
-    pub(crate) unique_id: String,
+}
+
+/// Where a disk's or snapshot's data is in the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Place {
+    /// The family (what the platform key and its wraps are bound to).
+    pub(crate) family: String,
+    /// The volume in it.
+    pub(crate) volume: String,
 }
 
 fn record_json(r: &WrappedKey) -> Value {
@@ -87,17 +107,22 @@ impl DiskKeys<'_> {
             .unwrap_or_else(|| json!({"records": []})))
     }
 
-    /// Creates the family's keys: a platform key (sealed) and the DEK wrapped under it, and
-    /// with `double` the inner layer's key (DK-9), wrapped under the platform key too.
-    /// Returns the DEK.
-    pub(crate) async fn create(&self, now: i64, double: bool) -> Result<Dek, KvError> {
+    /// Creates a new family's keys for the resource whose data is at `place`: a platform key
+    /// (sealed) and the DEK wrapped under it, and with `double` the inner layer's key (DK-9),
+    /// wrapped under the platform key too. Returns the DEK.
+    pub(crate) async fn create(
+        &self,
+        now: i64,
+        double: bool,
+        place: &Place,
+    ) -> Result<Dek, KvError> {
         let pmk = random_key()?;
         let sealed = self
             .host
-            .seal_secret(&pmk_label(&self.unique_id), pmk.as_ref())?;
+            .seal_secret(&pmk_label(&place.family), pmk.as_ref())?;
         let dek = random_key()?;
         let wrapped = kagi_crypto::data_key::DataKey::from_bytes(&pmk)
-            .and_then(|k| k.seal(&self.aad(), dek.as_ref()))
+            .and_then(|k| k.seal(&dek_aad(&place.family), dek.as_ref()))
             .map_err(|e| internal("pmk wrap", e))?;
         let record = WrappedKey {
             id: format!("{now}-pmk"),
@@ -105,11 +130,12 @@ impl DiskKeys<'_> {
             wrapped,
             created: now,
         };
-        let mut doc = json!({"pmk": B64.encode(&sealed), "records": [record_json(&record)]});
+        let mut doc = json!({"pmk": B64.encode(&sealed), "records": [record_json(&record)],
+            "family": place.family, "volume": place.volume});
         if double {
             let inner = random_key()?;
             let wrapped = kagi_crypto::data_key::DataKey::from_bytes(&pmk)
-                .and_then(|k| k.seal(&self.inner_aad(), inner.as_ref()))
+                .and_then(|k| k.seal(&inner_aad(&place.family), inner.as_ref()))
                 .map_err(|e| internal("pmk wrap", e))?;
             doc["inner"] = json!(B64.encode(wrapped));
         }
@@ -119,8 +145,31 @@ impl DiskKeys<'_> {
         Ok(dek)
     }
 
-    fn inner_aad(&self) -> Vec<u8> {
-        format!("kagi/disk-inner-key/v1/{}", self.unique_id).into_bytes()
+    /// Gives this resource the keys of `from` (of the same family) for its data at `place`:
+    /// an incremental snapshot, or a disk made from one, shares its source's data key.
+    pub(crate) async fn copy_from(
+        &self,
+        from: &DiskKeys<'_>,
+        place: &Place,
+    ) -> Result<(), KvError> {
+        let mut doc = from.doc().await?;
+        doc["family"] = json!(place.family);
+        doc["volume"] = json!(place.volume);
+        self.host
+            .put_document(&self.disk_id, KEYS_DOC, "dek", &doc)
+            .await
+    }
+
+    /// Where the resource's data is.
+    pub(crate) async fn place(&self) -> Result<Place, KvError> {
+        let doc = self.doc().await?;
+        match (doc["family"].as_str(), doc["volume"].as_str()) {
+            (Some(f), Some(v)) => Ok(Place {
+                family: f.to_string(),
+                volume: v.to_string(),
+            }),
+            _ => Err(internal("disk keys", "no family recorded")),
+        }
     }
 
     /// The inner layer's key of a double-encrypted family (`None`: single layer).
@@ -130,8 +179,9 @@ impl DiskKeys<'_> {
             return Ok(None);
         };
         let pmk = self.platform_key().await?;
+        let family = self.place().await?.family;
         let plain = kagi_crypto::data_key::DataKey::from_bytes(&pmk)
-            .and_then(|k| k.open(&self.inner_aad(), &wrapped))
+            .and_then(|k| k.open(&inner_aad(&family), &wrapped))
             .map(Zeroizing::new)
             .map_err(|e| internal("inner key", e))?;
         if plain.len() != 32 {
@@ -140,10 +190,6 @@ impl DiskKeys<'_> {
         let mut k = Zeroizing::new([0u8; 32]);
         k.copy_from_slice(&plain);
         Ok(Some(k))
-    }
-
-    fn aad(&self) -> Vec<u8> {
-        format!("kagi/disk-dek/v1/{}", self.unique_id).into_bytes()
     }
 
     /// Drops records wrapped under customer keys other than `keep` (after a rotation or a
@@ -193,9 +239,8 @@ impl KeyOwner for DiskKeys<'_> {
             .as_str()
             .and_then(|s| B64.decode(s).ok())
             .ok_or_else(|| internal("disk keys", "no platform key"))?;
-        let opened = self
-            .host
-            .open_secret(&pmk_label(&self.unique_id), &sealed)?;
+        let family = self.place().await?.family;
+        let opened = self.host.open_secret(&pmk_label(&family), &sealed)?;
         if opened.secret.len() != 32 {
             return Err(internal("disk keys", "platform key of the wrong length"));
         }
@@ -205,6 +250,6 @@ impl KeyOwner for DiskKeys<'_> {
     }
 
     async fn platform_aad(&self) -> Result<Vec<u8>, KvError> {
-        Ok(self.aad())
+        Ok(dek_aad(&self.place().await?.family))
     }
 }

@@ -33,6 +33,7 @@ mod disks;
 pub mod keeper;
 mod keys;
 mod runtime;
+mod snapshots;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,6 +56,8 @@ pub const NAMESPACE: &str = "Microsoft.Compute";
 pub const DES_TYPE: &str = "Microsoft.Compute/diskEncryptionSets";
 /// Disks.
 pub const DISK_TYPE: &str = "Microsoft.Compute/disks";
+/// Snapshots.
+pub const SNAPSHOT_TYPE: &str = "Microsoft.Compute/snapshots";
 
 /// How the service runs.
 #[derive(Clone, Debug)]
@@ -234,6 +237,7 @@ impl DiskService {
         match (rest_l, method, rg) {
             (["diskencryptionsets"], "GET", _) => list(DES_TYPE),
             (["disks"], "GET", _) => list(DISK_TYPE),
+            (["snapshots"], "GET", _) => list(SNAPSHOT_TYPE),
             (["diskencryptionsets", _], "PUT" | "PATCH", Some(rg)) => {
                 let input = json_body(body)?;
                 self.put_des(caller, des_ref(sub, rg, rest[1]), input, method == "PATCH")
@@ -264,20 +268,32 @@ impl DiskService {
                 self.put_disk(caller, disk_ref(sub, rg, rest[1]), input, method == "PATCH")
                     .await
             }
-            (["disks", _], "GET", Some(rg)) => {
-                let v = p.get_resource(caller, disk_ref(sub, rg, rest[1]))?;
-                Ok((200, self.with_state(v)))
-            }
-            (["disks", _], "DELETE", Some(rg)) => {
-                self.delete_disk(caller, disk_ref(sub, rg, rest[1])).await
-            }
-            (["disks", _, "begingetaccess"], "POST", Some(rg)) => {
+            (["snapshots", _], "PUT" | "PATCH", Some(rg)) => {
                 let input = json_body(body)?;
-                self.begin_access(caller, disk_ref(sub, rg, rest[1]), input)
+                let at = snapshot_ref(sub, rg, rest[1]);
+                self.put_snapshot(caller, at, input, method == "PATCH")
                     .await
             }
-            (["disks", _, "endgetaccess"], "POST", Some(rg)) => {
-                self.end_access(caller, disk_ref(sub, rg, rest[1])).await
+            ([kind @ ("disks" | "snapshots"), _, ..], _, Some(rg)) => {
+                let at = if *kind == "disks" {
+                    disk_ref(sub, rg, rest[1])
+                } else {
+                    snapshot_ref(sub, rg, rest[1])
+                };
+                let noun = if *kind == "disks" { "disk" } else { "snapshot" };
+                match (&rest_l[2..], method) {
+                    ([], "GET") => {
+                        let v = p.get_resource(caller, at)?;
+                        Ok((200, self.with_state(v)))
+                    }
+                    ([], "DELETE") => self.delete_data(caller, at, noun).await,
+                    (["begingetaccess"], "POST") => {
+                        let input = json_body(body)?;
+                        self.begin_access(caller, at, input).await
+                    }
+                    (["endgetaccess"], "POST") => self.end_access(caller, at).await,
+                    _ => Err(not_found()),
+                }
             }
             _ => Err(not_found()),
         }
@@ -289,6 +305,15 @@ pub(crate) fn des_ref<'a>(sub: &'a str, rg: &'a str, name: &'a str) -> ResourceR
         subscription: sub,
         resource_group: rg,
         resource_type: DES_TYPE,
+        name,
+    }
+}
+
+pub(crate) fn snapshot_ref<'a>(sub: &'a str, rg: &'a str, name: &'a str) -> ResourceRef<'a> {
+    ResourceRef {
+        subscription: sub,
+        resource_group: rg,
+        resource_type: SNAPSHOT_TYPE,
         name,
     }
 }
@@ -328,7 +353,7 @@ impl ResourceProvider for DiskService {
     }
 
     fn resource_types(&self) -> &'static [&'static str] {
-        &[DES_TYPE, DISK_TYPE]
+        &[DES_TYPE, DISK_TYPE, SNAPSHOT_TYPE]
     }
 
     async fn handle(

@@ -1,0 +1,157 @@
+//! Snapshots of disks: incremental ones stay in their disk's family and share every block
+//! not written since (they cost only what changes after them), and use their disk's
+//! encryption (DK-7); full ones are copies into a family of their own, under a data key of
+//! their own. Both are read-only, opened for reading like disks (`beginGetAccess`).
+
+use std::sync::Arc;
+
+use kagi_core::KvError;
+use kagi_core::time::rfc3339;
+use kagi_host::{Principal, PutResource, ResourceRef};
+use serde_json::{Value, json};
+
+use crate::des::DOUBLE;
+use crate::disks::{PMK, disk_keys};
+use crate::keys::{Place, internal};
+use crate::{DiskService, bad};
+
+impl DiskService {
+    /// `PUT`/`PATCH {snapshot}`: created from a disk (`creationData.createOption: Copy`,
+    /// `sourceResourceId`), then only its tags change.
+    pub(crate) async fn put_snapshot(
+        self: &Arc<Self>,
+        caller: &Principal,
+        at: ResourceRef<'_>,
+        input: Value,
+        patch: bool,
+    ) -> Result<(u16, Value), KvError> {
+        let p = self.host.as_ref();
+        let (id, _g, existing) = self.begin_put(caller, at, patch, "snapshot").await?;
+        let tags = input
+            .get("tags")
+            .or_else(|| existing.as_ref().and_then(|e| e.get("tags")))
+            .cloned();
+        if let Some(mut body) = existing {
+            // What a snapshot holds never changes; its tags may.
+            body["tags"] = tags.unwrap_or_else(|| json!({}));
+            let put = PutResource {
+                at,
+                body: json!({"location": body["location"], "tags": body["tags"],
+                    "properties": body["properties"], "sku": body["sku"]}),
+                identity: None,
+            };
+            let (st, stored) = p.put_resource(caller, put).await?;
+            return Ok((st, self.with_state(stored)));
+        }
+        let props_in = &input["properties"];
+        let src = self
+            .creation_source(caller, &props_in["creationData"])
+            .await?
+            .ok_or_else(|| {
+                bad(
+                    "InvalidParameter",
+                    "A snapshot is made from a disk: creationData.createOption 'Copy' with \
+                     sourceResourceId.",
+                )
+            })?;
+        let incremental = props_in["incremental"].as_bool().unwrap_or(false);
+        if incremental && src.snapshot {
+            return Err(bad(
+                "InvalidParameter",
+                "An incremental snapshot is taken of a disk, not of another snapshot.",
+            ));
+        }
+        let location = input["location"]
+            .as_str()
+            .or_else(|| src.body["location"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let src_enc = &src.body["properties"]["encryption"];
+        let enc = match props_in.get("encryption") {
+            Some(e) if incremental && !same_encryption(e, src_enc) => {
+                return Err(bad(
+                    "InvalidParameter",
+                    "An incremental snapshot uses its disk's encryption (its type and disk \
+                     encryption set).",
+                ));
+            }
+            Some(e) => e.clone(),
+            None => src_enc.clone(),
+        };
+        let etype = enc["type"].as_str().unwrap_or(PMK).to_string();
+        let set = match enc["diskEncryptionSetId"].as_str() {
+            Some(sid) if etype != PMK => {
+                Some(self.usable_set(caller, sid, &etype, &location).await?)
+            }
+            _ => None,
+        };
+        let now = p.now();
+        let unique = crate::disks::new_unique_id()?;
+        let mut props = json!({
+            "creationData": {"createOption": "Copy", "sourceResourceId": src.id,
+                "sourceUniqueId": src.body["properties"]["uniqueId"]},
+            "diskSizeGB": src.body["properties"]["diskSizeGB"],
+            "diskSizeBytes": src.size,
+            "uniqueId": unique,
+            "timeCreated": rfc3339(now),
+            "incremental": incremental,
+            "encryption": enc,
+            "provisioningState": "Succeeded",
+            "diskState": "Unattached",
+        });
+        let candidate = json!({ "id": id });
+        let keys = disk_keys(p, &candidate).ok_or_else(|| internal("snapshot", "no id"))?;
+        let double = etype == DOUBLE;
+        if incremental {
+            let (fam, from, place) = self
+                .join_family(&keys, &src, &unique, double, set.as_ref())
+                .await?;
+            fam.snapshot(&from, &place.volume)
+                .map_err(|e| internal("taking the snapshot", e))?;
+            props["incrementalSnapshotFamilyId"] = json!(place.family);
+        } else {
+            let src_rt = self.runtime(&src.body).await?;
+            if src_rt.family.has_inner_layer() != double {
+                return Err(bad(
+                    "InvalidParameter",
+                    "A snapshot keeps its disk's layers of encryption: double encryption exactly \
+                     when the disk has it.",
+                ));
+            }
+            let place = Place {
+                family: unique.clone(),
+                volume: unique.clone(),
+            };
+            let fam = self
+                .new_family(&keys, &place, double, set.as_ref(), now)
+                .await?;
+            let from = src_rt.volume.clone();
+            let vol = place.volume.clone();
+            // A full copy, decrypted from the disk's family and encrypted into the new one.
+            tokio::task::spawn_blocking(move || kagi_disk::copy_volume(&from, &fam, &vol))
+                .await
+                .map_err(|e| internal("copying the disk", e))?
+                .map_err(|e| internal("copying the disk", e))?;
+        }
+        let body = json!({"location": location, "properties": props, "tags": tags.unwrap_or_else(|| json!({})),
+            "sku": {"name": "Standard_LRS", "tier": "Standard"}});
+        let put = PutResource {
+            at,
+            body,
+            identity: None,
+        };
+        let (status, stored) = p.put_resource(caller, put).await?;
+        Ok((status, self.with_state(stored)))
+    }
+}
+
+/// Whether encryption settings `a` and `b` name the same type and set.
+fn same_encryption(a: &Value, b: &Value) -> bool {
+    let ty = |v: &Value| v["type"].as_str().unwrap_or(PMK).to_string();
+    let set = |v: &Value| {
+        v["diskEncryptionSetId"]
+            .as_str()
+            .map(str::to_ascii_lowercase)
+    };
+    ty(a) == ty(b) && set(a) == set(b)
+}
