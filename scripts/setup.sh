@@ -12,6 +12,11 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 command -v qemu-img >/dev/null 2>&1 || need_apt+=(qemu-utils)
 command -v nbdinfo >/dev/null 2>&1 || need_apt+=(libnbd-bin)
 /usr/bin/python3 -c 'import nbd' >/dev/null 2>&1 || need_apt+=(python3-libnbd)
+# A kagi disk as a file (nbdfuse, FUSE 3) under a loop device with ext4 on it (the disk tests).
+command -v nbdfuse >/dev/null 2>&1 || need_apt+=(nbdfuse)
+command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
+command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
+command -v losetup >/dev/null 2>&1 || need_apt+=(util-linux)
 
 if ((${#need_apt[@]})); then
   sudo=""
