@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and integration tests, then the Azure SDK conformance suite
-# against a real `kagi server` (installs the Python venv with the Azure SDK on first run).
+# against a real `kagi server` (installs the Python venv with the Azure SDK on first run), then
+# a bounded fuzzing run of the NBD parsers (KAGI_FUZZ_SECONDS per target, default 15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -12,3 +13,5 @@ else
   cargo test -q --workspace --no-fail-fast
 fi
 KAGI_BIN="$PWD/target/debug/kagi" tests/conformance/run.sh "$@"
+# The NBD handshake and request parsers under libFuzzer, for a bounded time per target.
+scripts/fuzz-nbd.sh "${KAGI_FUZZ_SECONDS:-15}"
