@@ -291,7 +291,7 @@ impl DiskService {
         let disks = self.disks_of(&set.id);
         let owners: Vec<crate::keys::DiskKeys<'_>> = disks
             .iter()
-            .filter_map(|d| crate::disks::disk_keys(p, d))
+            .filter_map(|d| crate::keys::disk_keys(p, d))
             .collect();
         let refs: Vec<&dyn kagi_cmk::KeyOwner> = owners
             .iter()
@@ -301,10 +301,10 @@ impl DiskService {
             .keys
             .rewrap_all(&refs, &kek, p.now())
             .await
-            .map_err(crate::disks::key_error)?;
+            .map_err(crate::keys::key_error)?;
         if let Some((i, e)) = done.failed.into_iter().next() {
             let disk = disks[i]["name"].as_str().unwrap_or_default().to_string();
-            let e = crate::disks::key_error(e);
+            let e = crate::keys::key_error(e);
             return Err(KvError::new(
                 e.code,
                 format!(

@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use kagi_cmk::{DekSlot, Kek, KeyError};
+use kagi_cmk::{DekSlot, Kek};
 use kagi_core::time::rfc3339;
 use kagi_core::{ErrorCode, KvError};
-use kagi_host::{Principal, PutResource, ResourceRef, ServiceHost};
+use kagi_host::{Principal, PutResource, ResourceRef};
 use serde_json::{Value, json};
 
 use crate::des::{CMK, DOUBLE, SetKey};
-use crate::keys::{DiskKeys, Place, internal};
+use crate::keys::{DiskKeys, Place, disk_keys, internal, key_error};
 use crate::runtime::{DiskRuntime, KeyState};
 use crate::{DiskService, bad, des_ref};
 
@@ -20,30 +20,6 @@ pub(crate) const PMK: &str = "EncryptionAtRestWithPlatformKey";
 /// Azure's largest managed disk, in GiB.
 const MAX_SIZE_GB: u64 = 32_767;
 const GIB: u64 = 1 << 30;
-
-/// The key records of the disk or snapshot `body`.
-pub(crate) fn disk_keys<'a>(host: &'a dyn ServiceHost, body: &Value) -> Option<DiskKeys<'a>> {
-    Some(DiskKeys {
-        host,
-        disk_id: body["id"].as_str()?.to_string(),
-    })
-}
-
-/// A key failure as an Azure error: the key's own words, 403 when definite (the key or the
-/// permission is gone), 503 when the key vault could not be reached.
-pub(crate) fn key_error(e: KeyError) -> KvError {
-    match e {
-        KeyError::Access(f) | KeyError::Unopened(Some(f)) => {
-            let code = match f.kind {
-                kagi_cmk::FailureKind::Definite => ErrorCode::Forbidden,
-                kagi_cmk::FailureKind::Transient => ErrorCode::ServiceUnavailable,
-            };
-            KvError::new(code, f.message).with_inner("KeyVaultAccessForbidden")
-        }
-        KeyError::Unopened(None) => internal("disk keys", "no wrapped data key"),
-        KeyError::Other(e) => e,
-    }
-}
 
 impl DiskService {
     /// `PUT`/`PATCH {disk}`.

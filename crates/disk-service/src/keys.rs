@@ -11,7 +11,7 @@
 use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use kagi_cmk::{Dek, KekRef, KeyOwner, WrappedKey};
+use kagi_cmk::{Dek, KekRef, KeyError, KeyOwner, WrappedKey};
 use kagi_core::{ErrorCode, KvError};
 use kagi_host::ServiceHost;
 use serde_json::{Value, json};
@@ -251,5 +251,29 @@ impl KeyOwner for DiskKeys<'_> {
 
     async fn platform_aad(&self) -> Result<Vec<u8>, KvError> {
         Ok(dek_aad(&self.place().await?.family))
+    }
+}
+
+/// The key records of the disk or snapshot `body`.
+pub(crate) fn disk_keys<'a>(host: &'a dyn ServiceHost, body: &Value) -> Option<DiskKeys<'a>> {
+    Some(DiskKeys {
+        host,
+        disk_id: body["id"].as_str()?.to_string(),
+    })
+}
+
+/// A key failure as an Azure error: the key's own words, 403 when definite (the key or the
+/// permission is gone), 503 when the key vault could not be reached.
+pub(crate) fn key_error(e: KeyError) -> KvError {
+    match e {
+        KeyError::Access(f) | KeyError::Unopened(Some(f)) => {
+            let code = match f.kind {
+                kagi_cmk::FailureKind::Definite => ErrorCode::Forbidden,
+                kagi_cmk::FailureKind::Transient => ErrorCode::ServiceUnavailable,
+            };
+            KvError::new(code, f.message).with_inner("KeyVaultAccessForbidden")
+        }
+        KeyError::Unopened(None) => internal("disk keys", "no wrapped data key"),
+        KeyError::Other(e) => e,
     }
 }

@@ -11,7 +11,8 @@ use kagi_host::{Principal, PutResource, ResourceRef};
 use serde_json::{Value, json};
 
 use crate::des::DOUBLE;
-use crate::disks::{PMK, disk_keys};
+use crate::disks::PMK;
+use crate::keys::disk_keys;
 use crate::keys::{Place, internal};
 use crate::{DiskService, bad};
 

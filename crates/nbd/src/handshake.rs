@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::device::BlockSizes;
 use crate::export::{ClientInfo, Export, Refusal};
 use crate::proto::{self, ReplyStyle};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::transport::Transport;
 
 /// Why a handshake ended without transmission (logged at debug level only).

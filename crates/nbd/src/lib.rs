@@ -26,6 +26,7 @@ mod export;
 mod handshake;
 pub mod proto;
 mod server;
+mod shared;
 mod transmission;
 mod transport;
 

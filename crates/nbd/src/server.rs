@@ -14,48 +14,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::export::ExportResolver;
 use crate::handshake;
+pub use crate::shared::Config;
+use crate::shared::Shared;
 use crate::transmission;
 use crate::transport::Transport;
-
-/// Limits and timeouts of a server.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Options a client may send in one handshake before it is disconnected.
-    pub max_options: u32,
-    /// Longest option data accepted; a longer option gets `NBD_REP_ERR_TOO_BIG` and a
-    /// disconnect.
-    pub max_option_len: u32,
-    /// Queries accepted in one meta context option (more get `NBD_REP_ERR_TOO_BIG`).
-    pub max_meta_queries: u32,
-    /// Largest payload of one request (advertised as the maximum block size, capped by the
-    /// device's own maximum). Larger writes get `EINVAL`; payloads up to twice this are read
-    /// and dropped so the connection stays in sync, larger ones end the connection.
-    pub max_payload: u32,
-    /// Requests of one connection handled at the same time.
-    pub max_in_flight: usize,
-    /// Bytes of read and write payloads of one connection held at the same time.
-    pub max_in_flight_bytes: usize,
-    /// Time a client has from connecting to entering transmission.
-    pub handshake_timeout: Duration,
-    /// Time in-flight requests get to finish when a connection ends (client disconnect, export
-    /// disconnect, server shutdown) before they are abandoned.
-    pub drain_timeout: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            max_options: 64,
-            max_option_len: 64 * 1024,
-            max_meta_queries: 128,
-            max_payload: 32 << 20,
-            max_in_flight: 64,
-            max_in_flight_bytes: 128 << 20,
-            handshake_timeout: Duration::from_secs(30),
-            drain_timeout: Duration::from_secs(10),
-        }
-    }
-}
 
 /// Errors of starting a listener.
 #[derive(Debug, Error)]
@@ -74,14 +36,6 @@ pub enum ServerError {
     /// The server is shutting down.
     #[error("the NBD server is shut down")]
     Shutdown,
-}
-
-pub(crate) struct Shared {
-    pub(crate) resolver: Arc<dyn ExportResolver>,
-    pub(crate) config: Config,
-    pub(crate) shutdown: CancellationToken,
-    tracker: TaskTracker,
-    connections: AtomicUsize,
 }
 
 /// An NBD server: serves exports found by an [`ExportResolver`] on any number of Unix and TCP

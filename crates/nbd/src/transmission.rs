@@ -17,7 +17,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::device::{BlockDevice, BlockSizes, DeviceError, Errno, ReadData, ZeroFlags};
 use crate::handshake::{BASE_ALLOCATION_ID, Session};
 use crate::proto::{self, ReplyStyle, Request};
-use crate::server::Shared;
+use crate::shared::Shared;
 use crate::transport::WritePart;
 
 /// One reply: its header bytes and, for reads, the data (written without copying it).
