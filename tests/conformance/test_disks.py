@@ -434,3 +434,33 @@ def test_ext4_through_nbdfuse_snapshot_and_copy(kagi, tmp_path):
         detach(*attached)
     end_access(srv, copy_name)
     assert got == files
+
+
+def test_disk_access_over_tcp_with_tls(tmp_path):
+    """With --nbd-listen, access URIs are nbds:// (TLS with the kagi CA): nbdinfo and nbdcopy
+    use them as given; without TLS the server answers nothing but the refusal."""
+    from conftest import free_port
+
+    port = free_port()
+    srv = _start_server(tmp_path, "disktcp", extra_args=["--nbd-listen", f"localhost:{port}"])
+    try:
+        srv.put_rg(DEFAULT_RG)
+        name, _ = create_disk(srv)
+        uri = grant_access(srv, name, "Write")
+        assert uri.startswith(f"nbds://localhost:{port}/sas-"), uri
+        assert "tls-certificates=" in uri
+        image = tmp_path / "in.raw"
+        data = random_image(image, 2, seed=4)
+        run("nbdcopy", image, uri)
+        out = tmp_path / "out.raw"
+        run("nbdcopy", uri, out)
+        assert out.read_bytes()[: len(data)] == data
+        info = json.loads(run("nbdinfo", "--json", uri).stdout)
+        assert info["exports"][0]["export-size"] == 1 << 30
+        # The same export without TLS is refused.
+        plain = uri.replace("nbds://", "nbd://").split("?")[0]
+        assert run("nbdinfo", plain, check=False).returncode != 0
+        end_access(srv, name)
+        assert run("nbdinfo", uri, check=False).returncode != 0
+    finally:
+        srv.stop()

@@ -57,6 +57,11 @@ enum Command {
         /// DNS suffix of vault hosts (`{vault}.{suffix}`).
         #[arg(long, env = "KAGI_DNS_SUFFIX", default_value = "localhost")]
         dns_suffix: String,
+        /// Also serve disk accesses over TCP with TLS at HOST:PORT (NBD's port is 10809);
+        /// access URIs are then `nbds://{dns suffix}:{port}/…`. Without it, disks are served on
+        /// `<data>/nbd.sock` only.
+        #[arg(long, env = "KAGI_NBD_LISTEN")]
+        nbd_listen: Option<String>,
         /// FOR TESTS ONLY: run on a clock that starts at the system time and that the bootstrap
         /// administrator can move forward with `POST /kagi/test/clock {"advanceSeconds": N}`.
         #[arg(
@@ -111,8 +116,9 @@ fn main() -> std::process::ExitCode {
             Command::Server {
                 listen,
                 dns_suffix,
+                nbd_listen,
                 test_clock,
-            } => run_server(cli.data_dir, listen, dns_suffix, test_clock).await,
+            } => run_server(cli.data_dir, listen, dns_suffix, nbd_listen, test_clock).await,
             Command::Keyvault(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 commands::keyvault(&ctx, args).await
@@ -212,6 +218,7 @@ async fn run_server(
     data_dir: PathBuf,
     listen: String,
     dns_suffix: String,
+    nbd_listen: Option<String>,
     test_clock: bool,
 ) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -328,7 +335,23 @@ async fn run_server(
         kagi_disk_service::DiskConfig::default(),
     )
     .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let _nbd = disks.start_nbd().await?;
+    let nbd = disks.start_nbd().await?;
+    if let Some(at) = &nbd_listen {
+        let (addrs, _) = listen_addrs(at)?;
+        let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
+        let resolver = kagi_http::tls::SniResolver::new(ca, &dns_suffix);
+        let tls = std::sync::Arc::new(kagi_http::tls::server_config(resolver, Vec::new())?);
+        for addr in addrs {
+            let bound = disks
+                .listen_tcp(&nbd, addr, &dns_suffix, tls.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            println!(
+                "  disks over NBD with TLS: nbds://{dns_suffix}:{}/",
+                bound.port()
+            );
+        }
+    }
     kagi_disk_service::spawn_keeper(disks.clone());
 
     // The storage services, each registered by its provider (adding one touches no router).

@@ -142,7 +142,10 @@ impl DiskService {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(export.clone(), access);
-        let uri = format!("nbd+unix:///{export}?socket={}", self.nbd_socket.display());
+        let uri = match self.tcp.get() {
+            Some((base, query)) => format!("{base}{export}{query}"),
+            None => format!("nbd+unix:///{export}?socket={}", self.nbd_socket.display()),
+        };
         tracing::info!(disk = %id, write, seconds, "disk access granted");
         Ok((200, json!({ "accessSAS": uri })))
     }

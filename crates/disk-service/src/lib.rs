@@ -106,6 +106,9 @@ pub struct DiskService {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// When each set's key was last checked (platform clock), by set id (lower case).
     checked: Mutex<HashMap<String, i64>>,
+    /// With a TCP listener: the start of access URIs (`nbds://{host}:{port}/`) and their
+    /// query (`?tls-certificates={dir}`).
+    tcp: std::sync::OnceLock<(String, String)>,
 }
 
 impl std::fmt::Debug for DiskService {
@@ -142,6 +145,7 @@ impl DiskService {
             accesses: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             checked: Mutex::new(HashMap::new()),
+            tcp: std::sync::OnceLock::new(),
         }))
     }
 
@@ -377,5 +381,34 @@ impl DiskService {
         server.listen_unix(&self.nbd_socket).await?;
         tracing::info!(socket = %self.nbd_socket.display(), "NBD server listening");
         Ok(server)
+    }
+
+    /// Serves the accesses over TCP too, at `addr`, with TLS (`tls`, certificates of the
+    /// platform's CA) required: access URIs become `nbds://{host}:{port}/{export}` with the
+    /// directory of the CA certificate as libnbd wants it (`ca-cert.pem`). Returns the bound
+    /// address.
+    pub async fn listen_tcp(
+        &self,
+        server: &kagi_nbd::NbdServer,
+        addr: SocketAddr,
+        host: &str,
+        tls: Arc<kagi_nbd::rustls::ServerConfig>,
+    ) -> Result<SocketAddr, KvError> {
+        let dir = self.host.config().data_dir.join("tls").join("nbd");
+        let ca = self.host.config().data_dir.join("tls").join("ca.pem");
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::copy(&ca, dir.join("ca-cert.pem")))
+            .map_err(|e| keys::internal("writing the NBD client CA", e))?;
+        let bound = server
+            .listen_tcp(addr, Some(tls))
+            .await
+            .map_err(|e| keys::internal("listening for NBD", e))?;
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let _ = self.tcp.set((
+            format!("nbds://{host}:{}/", bound.port()),
+            format!("?tls-certificates={}", dir.display()),
+        ));
+        tracing::info!(%bound, "NBD server listening on TCP (TLS)");
+        Ok(bound)
     }
 }

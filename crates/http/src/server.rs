@@ -68,14 +68,8 @@ pub async fn serve_until(
     platform.set_trusted_service_types(&services.trusted_service_types());
     let in_flight = InFlight::default();
     let connections = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| ServeError::Tls(e.to_string()))?
-    .with_no_client_auth()
-    .with_cert_resolver(Arc::new(resolver));
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let config = crate::tls::server_config(resolver, vec![b"h2".to_vec(), b"http/1.1".to_vec()])
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
     let acceptor = TlsAcceptor::from(Arc::new(config));
 
     let mut listeners = Vec::new();

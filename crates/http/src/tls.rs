@@ -252,6 +252,23 @@ impl SniResolver {
     }
 }
 
+/// A TLS server configuration (TLS 1.2 and 1.3, aws-lc) presenting the certificates of
+/// `resolver`, offering `alpn` protocols: the HTTPS listeners', and the NBD listener's.
+pub fn server_config(
+    resolver: SniResolver,
+    alpn: Vec<Vec<u8>>,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(cert_err)?
+    .with_no_client_auth()
+    .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = alpn;
+    Ok(config)
+}
+
 /// Certificates kept per name; beyond this the cache is cleared (minting is cheap).
 const CACHE_LIMIT: usize = 4096;
 

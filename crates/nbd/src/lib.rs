@@ -32,5 +32,7 @@ mod transport;
 
 pub use device::{BlockDevice, BlockSizes, DeviceError, Errno, Extent, ReadData, ZeroFlags};
 pub use export::{ClientInfo, Export, ExportListing, ExportResolver, Refusal};
+/// The TLS library of [`NbdServer::listen_tcp`]'s configuration.
+pub use rustls;
 pub use server::{Config, NbdServer, ServerError};
 pub use tokio_util::sync::CancellationToken;
