@@ -309,8 +309,15 @@ def test_fua_writes_survive_kill_9(tmp_path):
         run("qemu-io", "-f", "raw", "-c", "write -f -P 0xab 0 1M", "-c", "write -P 0xcd 1M 1M", "-c", "flush", uri)
         srv.kill9()
         srv.start()
+        # The access outlives the restart (as a SAS does) and the data is there.
+        run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0xab 0 1M", "-c", "read -P 0xcd 1M 1M", uri)
         ro = grant_access(srv, name, "Read")
         run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0xab 0 1M", "-c", "read -P 0xcd 1M 1M", ro)
+        end_access(srv, name)
+        srv.stop()
+        srv.start()
+        # An ended access stays ended.
+        assert run("nbdinfo", uri, check=False).returncode != 0
     finally:
         srv.stop()
 

@@ -37,7 +37,55 @@ pub(crate) struct Access {
     pub(crate) disconnect: CancellationToken,
 }
 
+/// The document kind of a resource's accesses (by the hash of their export name).
+const ACCESS_DOC: &str = "access";
+
+/// How an access is known: the SHA-256 of its export name (the name itself, a bearer secret,
+/// is never stored).
+fn access_key(export: &str) -> String {
+    hex::encode(kagi_crypto::digest(
+        kagi_crypto::DigestAlgorithm::Sha256,
+        export.as_bytes(),
+    ))
+}
+
 impl DiskService {
+    /// Loads the accesses granted before a restart that have not expired (at start).
+    pub(crate) async fn load_accesses(&self) -> Result<usize, KvError> {
+        let p = self.host.as_ref();
+        let now = p.now();
+        let mut ids: Vec<String> = Vec::new();
+        for ty in [crate::DISK_TYPE, crate::SNAPSHOT_TYPE] {
+            ids.extend(
+                p.resources_of_type(ty)
+                    .iter()
+                    .filter_map(|r| r["id"].as_str().map(str::to_string)),
+            );
+        }
+        let mut loaded = 0;
+        for id in ids {
+            for (key, doc) in p.documents(&id, ACCESS_DOC).await? {
+                let expires = doc["expires"].as_i64().unwrap_or(0);
+                if expires <= now {
+                    p.delete_document(&id, ACCESS_DOC, &key).await?;
+                    continue;
+                }
+                let access = Access {
+                    disk: id.to_ascii_lowercase(),
+                    write: doc["write"].as_bool().unwrap_or(false),
+                    expires,
+                    disconnect: CancellationToken::new(),
+                };
+                self.accesses
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, access);
+                loaded += 1;
+            }
+        }
+        Ok(loaded)
+    }
+
     fn accesses_of(&self, disk_id: &str) -> Vec<(String, Access)> {
         let now = self.host.now();
         let all = self.accesses.lock().unwrap_or_else(|p| p.into_inner());
@@ -57,20 +105,27 @@ impl DiskService {
         self.accesses_of(id).iter().any(|(_, a)| a.write)
     }
 
-    /// Ends every access of disk `id` (their clients are disconnected).
-    pub(crate) fn end_accesses(&self, id: &str) -> usize {
-        let mut all = self.accesses.lock().unwrap_or_else(|p| p.into_inner());
-        let ended: Vec<String> = all
-            .iter()
-            .filter(|(_, a)| a.disk.eq_ignore_ascii_case(id))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &ended {
-            if let Some(a) = all.remove(k) {
-                a.disconnect.cancel();
+    /// Ends every access of disk `id`: their clients are disconnected, and they are gone for
+    /// good (not back after a restart).
+    pub(crate) async fn end_accesses(&self, id: &str) -> Result<usize, KvError> {
+        let ended: Vec<String> = {
+            let mut all = self.accesses.lock().unwrap_or_else(|p| p.into_inner());
+            let ended: Vec<String> = all
+                .iter()
+                .filter(|(_, a)| a.disk.eq_ignore_ascii_case(id))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in &ended {
+                if let Some(a) = all.remove(k) {
+                    a.disconnect.cancel();
+                }
             }
+            ended
+        };
+        for k in &ended {
+            self.host.delete_document(id, ACCESS_DOC, k).await?;
         }
-        ended.len()
+        Ok(ended.len())
     }
 
     /// `POST {disk}/beginGetAccess`.
@@ -138,10 +193,17 @@ impl DiskService {
             expires: self.host.now() + seconds,
             disconnect: CancellationToken::new(),
         };
+        // Durable before it is handed out: an access outlives a restart, as a SAS does.
+        let key = access_key(&export);
+        let doc = json!({"write": write, "expires": access.expires});
+        let doc_id = disk["id"].as_str().unwrap_or(&id);
+        self.host
+            .put_document(doc_id, ACCESS_DOC, &key, &doc)
+            .await?;
         self.accesses
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(export.clone(), access);
+            .insert(key, access);
         let uri = match self.tcp.get() {
             Some((base, query)) => format!("{base}{export}{query}"),
             None => format!("nbd+unix:///{export}?socket={}", self.nbd_socket.display()),
@@ -158,7 +220,7 @@ impl DiskService {
     ) -> Result<(u16, Value), KvError> {
         let disk = self.host.get_resource(caller, at)?;
         let id = disk["id"].as_str().unwrap_or_default().to_string();
-        let n = self.end_accesses(&id);
+        let n = self.end_accesses(&id).await?;
         // What was written is flushed before the access is reported closed.
         if let Some(rt) = self.open_disk(&id) {
             let vol = rt.volume.clone();
@@ -184,12 +246,21 @@ impl ExportResolver for NbdExports {
         let now = svc.host.now();
         let access = {
             let all = svc.accesses.lock().unwrap_or_else(|p| p.into_inner());
-            all.get(name).cloned()
+            all.get(&access_key(name)).cloned()
         };
         // One answer for unknown and expired names: the name is the secret.
         let unknown = || Refusal::Unknown("No such export, or its access has ended.".into());
         let access = access.filter(|a| a.expires > now).ok_or_else(unknown)?;
-        let rt = svc.open_disk(&access.disk).ok_or_else(unknown)?;
+        let rt = match svc.open_disk(&access.disk) {
+            Some(rt) => rt,
+            // After a restart: opened (its key unwrapped) by its first client.
+            None => {
+                let body = svc.host.resource(&access.disk).ok_or_else(unknown)?;
+                svc.runtime(&body).await.map_err(|e| {
+                    Refusal::Policy(format!("The disk cannot be opened: {}", e.message))
+                })?
+            }
+        };
         if let Some(reason) = rt.refusal() {
             return Err(Refusal::Policy(format!(
                 "The disk's key cannot be used: {reason}"

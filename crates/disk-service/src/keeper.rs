@@ -138,7 +138,10 @@ impl DiskService {
                         && now - since >= grace
                     {
                         rt.revoke(&reason);
-                        let ended = self.end_accesses(id);
+                        let ended = self.end_accesses(id).await.unwrap_or_else(|e| {
+                            tracing::error!(disk = %id, error = %e, "accesses not ended durably");
+                            0
+                        });
                         report.revoked += 1;
                         let msg = format!(
                             "The disk's key has been unusable since {}: I/O fails and access is refused ({ended} access(es) ended). {reason}",

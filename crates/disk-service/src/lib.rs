@@ -376,6 +376,10 @@ impl ResourceProvider for DiskService {
 impl DiskService {
     /// Starts the NBD server of the service's accesses on its Unix socket.
     pub async fn start_nbd(self: &Arc<Self>) -> Result<kagi_nbd::NbdServer, kagi_nbd::ServerError> {
+        match self.load_accesses().await {
+            Ok(n) => tracing::info!(accesses = n, "disk accesses loaded"),
+            Err(e) => tracing::error!(error = %e, "disk accesses not loaded"),
+        }
         let resolver = Arc::new(NbdExports(self.clone()));
         let server = kagi_nbd::NbdServer::new(resolver, kagi_nbd::Config::default())?;
         server.listen_unix(&self.nbd_socket).await?;
