@@ -471,3 +471,74 @@ def test_disk_access_over_tcp_with_tls(tmp_path):
         assert run("nbdinfo", uri, check=False).returncode != 0
     finally:
         srv.stop()
+
+
+def test_the_azure_sdk_manages_sets_disks_snapshots_and_access(kagi, tmp_path):
+    """The unmodified azure-mgmt-compute: a disk encryption set on a kagi key, a CMK disk,
+    access, an incremental snapshot, list and delete."""
+    from azure.mgmt.compute import ComputeManagementClient
+    from azure.mgmt.compute.models import (
+        CreationData,
+        Disk,
+        DiskEncryptionSet,
+        Encryption,
+        EncryptionSetIdentity,
+        GrantAccessData,
+        KeyForDiskEncryptionSet,
+        Snapshot,
+    )
+
+    srv = kagi
+    srv.put_rg(DEFAULT_RG)
+    c = ComputeManagementClient(srv.credential, srv.subscription_id, base_url=srv.base,
+                                credential_scopes=[srv.scope], connection_verify=str(srv.ca_path))
+    vault, keys, key = key_vault_with_key(srv)
+    set_name = random_name("sdkdes", 10)
+    des = c.disk_encryption_sets.begin_create_or_update(DEFAULT_RG, set_name, DiskEncryptionSet(
+        location=LOCATION,
+        identity=EncryptionSetIdentity(type="SystemAssigned"),
+        active_key=KeyForDiskEncryptionSet(key_url=key.id),
+        encryption_type="EncryptionAtRestWithCustomerKey",
+    )).result()
+    assert des.active_key.key_url == key.id
+    assert des.identity.principal_id
+    grant(srv, vault, des.identity.principal_id)
+
+    name = random_name("sdkdisk", 10)
+    disk = c.disks.begin_create_or_update(DEFAULT_RG, name, Disk(
+        location=LOCATION,
+        creation_data=CreationData(create_option="Empty"),
+        disk_size_gb=1,
+        encryption=Encryption(type="EncryptionAtRestWithCustomerKey", disk_encryption_set_id=des.id),
+    )).result()
+    assert disk.encryption.disk_encryption_set_id == des.id
+    assert disk.disk_size_bytes == 1 << 30
+    assert disk.unique_id
+
+    uri = c.disks.begin_grant_access(DEFAULT_RG, name, GrantAccessData(access="Write", duration_in_seconds=600)).result().access_sas
+    image = tmp_path / "in.raw"
+    data = random_image(image, 2, seed=5)
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
+    assert c.disks.get(DEFAULT_RG, name).disk_state == "ActiveSAS"
+    c.disks.begin_revoke_access(DEFAULT_RG, name).result()
+    assert c.disks.get(DEFAULT_RG, name).disk_state == "Unattached"
+
+    snap = c.snapshots.begin_create_or_update(DEFAULT_RG, random_name("sdksnap", 10), Snapshot(
+        location=LOCATION,
+        creation_data=CreationData(create_option="Copy", source_resource_id=disk.id),
+        incremental=True,
+    )).result()
+    assert snap.incremental is True
+    assert snap.encryption.disk_encryption_set_id == des.id
+    ro = c.snapshots.begin_grant_access(DEFAULT_RG, snap.name, GrantAccessData(access="Read", duration_in_seconds=600)).result().access_sas
+    assert read_back(ro, tmp_path / "snap.raw", len(data)) == data
+    c.snapshots.begin_revoke_access(DEFAULT_RG, snap.name).result()
+
+    assert [d.name for d in c.disks.list_by_resource_group(DEFAULT_RG) if d.name == name] == [name]
+    assert set_name in [s.name for s in c.disk_encryption_sets.list_by_resource_group(DEFAULT_RG)]
+    assocs = list(c.disk_encryption_sets.list_associated_resources(DEFAULT_RG, set_name))
+    assert {a.lower() for a in assocs} == {disk.id.lower(), snap.id.lower()}
+    c.snapshots.begin_delete(DEFAULT_RG, snap.name).result()
+    c.disks.begin_delete(DEFAULT_RG, name).result()
+    c.disk_encryption_sets.begin_delete(DEFAULT_RG, set_name).result()
+    assert [d for d in c.disks.list_by_resource_group(DEFAULT_RG) if d.name == name] == []

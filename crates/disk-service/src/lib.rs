@@ -365,7 +365,10 @@ impl ResourceProvider for DiskService {
         caller: &Principal,
         req: ArmRequest<'_>,
     ) -> Result<(u16, Value), KvError> {
-        self.route(caller, req).await
+        // Microsoft.Compute answers a create with 200 (or 202 while it runs), never 201: the
+        // SDKs' pollers accept only those. Everything here is done when it answers.
+        let (status, body) = self.route(caller, req).await?;
+        Ok((if status == 201 { 200 } else { status }, body))
     }
 
     fn trusted_for_vault_firewall(&self) -> bool {
