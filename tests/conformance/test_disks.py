@@ -542,3 +542,49 @@ def test_the_azure_sdk_manages_sets_disks_snapshots_and_access(kagi, tmp_path):
     c.disks.begin_delete(DEFAULT_RG, name).result()
     c.disk_encryption_sets.begin_delete(DEFAULT_RG, set_name).result()
     assert [d for d in c.disks.list_by_resource_group(DEFAULT_RG) if d.name == name] == []
+
+
+def test_moves_follow_dk7(disk_kagi, tmp_path):
+    """A disk moves to another resource group with its data; not while an access is open;
+    a CMK disk never to another subscription; a set only while nothing uses it."""
+    from test_backup_moves import new_subscription, post_move, put_rg
+
+    srv = disk_kagi
+    sub = srv.subscription_id
+    put_rg(srv, sub, "rg-moved")
+    name, disk = create_disk(srv)
+    image = tmp_path / "in.raw"
+    data = random_image(image, 2, seed=6)
+    uri = grant_access(srv, name, "Write")
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
+    r = post_move(srv, sub, DEFAULT_RG, [disk["id"]], sub, "rg-moved")
+    assert r.status_code in (400, 409), r.text
+    assert "active access" in r.text
+    end_access(srv, name)
+    r = post_move(srv, sub, DEFAULT_RG, [disk["id"]], sub, "rg-moved")
+    assert r.status_code in (200, 202, 204), r.text
+    wait_for("move", lambda: arm(srv, "GET", compute_path(srv, "disks", name, rg="rg-moved")).status_code == 200)
+    assert arm(srv, "GET", compute_path(srv, "disks", name)).status_code == 404
+    ro = ok(arm(srv, "POST", compute_path(srv, "disks", name, rg="rg-moved") + "/beginGetAccess",
+                {"access": "Read", "durationInSeconds": 600}))["accessSAS"]
+    assert read_back(ro, tmp_path / "moved.raw", len(data)) == data
+    ok(arm(srv, "POST", compute_path(srv, "disks", name, rg="rg-moved") + "/endGetAccess"), 200, 204)
+
+    # A CMK disk stays in its subscription; its set moves only when unused.
+    vault, keys, key = key_vault_with_key(srv)
+    set_name, des = create_set(srv, key.id)
+    grant(srv, vault, des["identity"]["principalId"])
+    cmk_name, cmk = create_disk(srv, encryption={"type": "EncryptionAtRestWithCustomerKey",
+                                                 "diskEncryptionSetId": des["id"]})
+    other = new_subscription(srv)
+    put_rg(srv, other, "rg-other")
+    r = post_move(srv, sub, DEFAULT_RG, [cmk["id"]], other, "rg-other")
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "ResourceMoveProviderValidationFailed", r.text
+    assert "another subscription" in r.text
+    r = post_move(srv, sub, DEFAULT_RG, [des["id"]], sub, "rg-moved")
+    assert r.status_code == 409, r.text
+    assert "used by disks" in r.text
+    r = post_move(srv, sub, DEFAULT_RG, [cmk["id"]], sub, "rg-moved")
+    assert r.status_code in (200, 202, 204), r.text
+    wait_for("move", lambda: arm(srv, "GET", compute_path(srv, "disks", cmk_name, rg="rg-moved")).status_code == 200)

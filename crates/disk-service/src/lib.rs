@@ -374,6 +374,90 @@ impl ResourceProvider for DiskService {
     fn trusted_for_vault_firewall(&self) -> bool {
         true
     }
+
+    fn movable(&self, resource_type: &str) -> bool {
+        [DES_TYPE, DISK_TYPE, SNAPSHOT_TYPE]
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(resource_type))
+    }
+
+    async fn move_resource(
+        self: Arc<Self>,
+        caller: &Principal,
+        to: kagi_host::MoveRequest<'_>,
+    ) -> Result<Value, KvError> {
+        self.move_compute(caller, to).await
+    }
+}
+
+impl DiskService {
+    /// A move of a set, disk or snapshot (DK-7): a disk or snapshot moves only while no access
+    /// is open, and one under a customer-managed key never to another subscription; a set
+    /// moves only while nothing uses it (disks name it by id). Everything else moves with the
+    /// host's resource move (identities, documents and activity log in one transaction).
+    async fn move_compute(
+        &self,
+        caller: &Principal,
+        to: kagi_host::MoveRequest<'_>,
+    ) -> Result<Value, KvError> {
+        let p = self.host.as_ref();
+        let body = p.resource(to.id).ok_or_else(|| {
+            KvError::new(
+                ErrorCode::ResourceNotFound,
+                format!("The resource '{}' was not found.", to.id),
+            )
+        })?;
+        let id = body["id"].as_str().unwrap_or(to.id).to_string();
+        let name = body["name"].as_str().unwrap_or_default().to_string();
+        let lock = {
+            let mut all = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            all.entry(id.to_ascii_lowercase()).or_default().clone()
+        };
+        let _g = lock.lock().await;
+        let same_subscription = kagi_host::subscription_of(&id)
+            .is_some_and(|s| s.eq_ignore_ascii_case(to.subscription));
+        let refuse = |inner: &'static str, message: String| {
+            Err(KvError::new(ErrorCode::BadRequest, message).with_inner(inner))
+        };
+        let ty = body["type"].as_str().unwrap_or_default();
+        if ty.eq_ignore_ascii_case(DES_TYPE) {
+            if !self.disks_of(&id).is_empty() {
+                return refuse(
+                    "ResourceMoveNotSupported",
+                    format!(
+                        "The disk encryption set '{name}' is used by disks or snapshots, which \
+                         name it by id: it moves only when none does."
+                    ),
+                );
+            }
+        } else {
+            if self.access_open(&id) {
+                return refuse(
+                    "OperationNotAllowed",
+                    format!("'{name}' has an active access: end it before moving it."),
+                );
+            }
+            let cmk = body["properties"]["encryption"]["diskEncryptionSetId"].is_string();
+            if cmk && !same_subscription {
+                return refuse(
+                    "ResourceMoveNotSupported",
+                    format!(
+                        "'{name}' is encrypted with a customer-managed key: it moves to another \
+                         resource group, never to another subscription."
+                    ),
+                );
+            }
+        }
+        let moved = p.move_resource(caller, to).await?;
+        if !to.dry_run {
+            // Opened again, under its new id, by its next use.
+            self.open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id.to_ascii_lowercase());
+        }
+        Ok(moved)
+    }
 }
 
 impl DiskService {
