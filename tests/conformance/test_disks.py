@@ -124,6 +124,42 @@ def create_set(srv, key_id, rotate=False, name=None):
     return name, des
 
 
+NBD_CLIENT = r"""
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.strip() == "close":
+        h.shutdown()
+        break
+    try:
+        print("ok " + h.pread(4, int(line)).hex(), flush=True)
+    except nbd.Error as e:
+        print(f"err {e.errno} {e.string}", flush=True)
+"""
+
+
+class NbdClient:
+    """One libnbd connection kept open across requests (Debian's python3-libnbd)."""
+
+    def __init__(self, uri):
+        self.p = subprocess.Popen(["/usr/bin/python3", "-c", NBD_CLIENT, uri], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline().strip()
+        assert line == "ready", line + self.p.stderr.read()
+
+    def read(self, offset):
+        self.p.stdin.write(f"{offset}\n")
+        self.p.stdin.flush()
+        return self.p.stdout.readline().strip()
+
+    def close(self):
+        self.p.stdin.write("close\n")
+        self.p.stdin.flush()
+        self.p.wait(timeout=30)
+
+
 @pytest.fixture
 def disk_kagi(tmp_path):
     """A private server whose disk service checks keys every second, on a test clock."""
@@ -256,7 +292,8 @@ def test_customer_key_disk_rotation_and_revocation(disk_kagi, tmp_path):
 
     image = tmp_path / "in.raw"
     data = random_image(image, 4, seed=2)
-    uri = grant_access(srv, name, "Write")
+    # Long enough to outlast the grace period the test clock skips.
+    uri = grant_access(srv, name, "Write", seconds=4 * 86400)
     run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
 
     # Rotation: a new key version; the set follows it while the disk stays open.
@@ -270,19 +307,29 @@ def test_customer_key_disk_rotation_and_revocation(disk_kagi, tmp_path):
     run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 4M 1M", "-c", "read -P 0x5a 4M 1M", uri)
     assert read_back(uri, tmp_path / "rot.raw", len(data)) == data
 
-    # Revocation: the key disabled; I/O goes on through the grace period...
+    # Revocation: a client stays connected throughout (libnbd, from Debian's python3).
+    client = NbdClient(uri)
+    assert client.read(4 * MIB) == "ok 5a5a5a5a"
+    # The key disabled: I/O goes on through the grace period...
     keys.update_key_properties(key.name, enabled=False)
     for v in keys.list_properties_of_key_versions(key.name):
         keys.update_key_properties(key.name, v.version, enabled=False)
     wait_for("grace period", lambda: ok(arm(srv, "GET", compute_path(srv, "disks", name)))
              ["properties"].get("keyState", {}).get("state") == "GracePeriod")
     run("qemu-io", "-f", "raw", "-c", "read -P 0x5a 4M 1M", uri)
-    # ...and fails after it; new access is refused, naming the key.
+    assert client.read(4 * MIB) == "ok 5a5a5a5a"
+    # ...and fails after it: EIO with the reason on the open connection, new connections and
+    # new access refused, naming the key.
     advance_clock(srv, 3601)
     wait_for("revocation", lambda: ok(arm(srv, "GET", compute_path(srv, "disks", name)))
              ["properties"].get("keyState", {}).get("state") == "Revoked")
-    # The open access was ended: its URI opens nothing now.
-    assert run("qemu-io", "-f", "raw", "-c", "read 0 4k", uri, check=False).returncode != 0
+    failed = client.read(4 * MIB)
+    assert failed.startswith("err EIO "), failed
+    # The refusal carries the reason (libnbd shows a server's message in its debug output).
+    refused = subprocess.run(["nbdinfo", uri], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "LIBNBD_DEBUG": "1"})
+    assert refused.returncode != 0
+    assert "disabled" in refused.stderr.lower(), refused.stderr[-2000:]
     r = arm(srv, "POST", compute_path(srv, "disks", name) + "/beginGetAccess",
             {"access": "Read", "durationInSeconds": 60})
     assert r.status_code == 403, r.text
@@ -294,6 +341,11 @@ def test_customer_key_disk_rotation_and_revocation(disk_kagi, tmp_path):
     for v in keys.list_properties_of_key_versions(key.name):
         keys.update_key_properties(key.name, v.version, enabled=True)
     wait_for("recovery", lambda: "keyState" not in ok(arm(srv, "GET", compute_path(srv, "disks", name)))["properties"])
+    # The connection that saw EIO reads again; so does the access granted before.
+    assert client.read(4 * MIB) == "ok 5a5a5a5a"
+    client.close()
+    run("qemu-io", "-f", "raw", "-c", "read -P 0x5a 4M 1M", uri)
+    end_access(srv, name)
     ro = grant_access(srv, name, "Read")
     assert read_back(ro, tmp_path / "back.raw", len(data)) == data
     run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5a 4M 1M", ro)

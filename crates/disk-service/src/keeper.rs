@@ -7,10 +7,12 @@
 //!   failure (the identity lost a permission, say) lands in `autoKeyRotationError`.
 //! - **Revocation (DK-5).** The set's key is used as the disks use it: a disk's data key is
 //!   unwrapped with the set's identity. When that fails definitely (key disabled or deleted,
-//!   permission removed, identity gone), the disk enters a grace period; when it is over, the
-//!   data key is dropped, open accesses fail I/O with EIO and are disconnected, and new access
-//!   is refused naming the key, each logged in the set's and the disk's activity logs. When
-//!   the key is usable again, the disks come back with nothing lost. A key vault that cannot
+//!   permission removed, identity gone), the disk enters a grace period; when it is over, every
+//!   I/O of its open connections fails with EIO (the reason in NBD's error message), new
+//!   connections and new access are refused naming the key, and once no disk of the family
+//!   can use the data key, the store drops it; each step is logged in the set's and the disk's
+//!   activity logs. When the key is usable again, the same accesses and connections work again
+//!   with nothing lost. A key vault that cannot
 //!   be reached (transient) changes nothing. An expired key stops nothing (as Azure).
 
 use std::sync::Arc;
@@ -105,7 +107,11 @@ impl DiskService {
             match self.open_dek(&disk).await {
                 Ok(dek) => {
                     if rt.key_state() != KeyState::Usable {
-                        match rt.restore(dek) {
+                        let inner = match crate::keys::disk_keys(self.host.as_ref(), &disk) {
+                            Some(k) => k.inner_key().await.ok().flatten(),
+                            None => None,
+                        };
+                        match rt.restore(crate::disks::family_keys(dek, inner)) {
                             Ok(()) => {
                                 report.restored += 1;
                                 let msg = format!(
@@ -138,19 +144,30 @@ impl DiskService {
                         && now - since >= grace
                     {
                         rt.revoke(&reason);
-                        let ended = self.end_accesses(id).await.unwrap_or_else(|e| {
-                            tracing::error!(disk = %id, error = %e, "accesses not ended durably");
-                            0
-                        });
+                        self.forget_key_if_unused(&rt);
                         report.revoked += 1;
                         let msg = format!(
-                            "The disk's key has been unusable since {}: I/O fails and access is refused ({ended} access(es) ended). {reason}",
+                            "The disk's key has been unusable since {}: I/O fails and new access is refused until the key is usable again. {reason}",
                             rfc3339(since)
                         );
                         self.activity(&[id, &set.id], "Failed", &msg).await;
                     }
                 }
             }
+        }
+    }
+
+    /// Drops the data key of `rt`'s family (zeroized in the store) once no open disk of the
+    /// family can use it: a family shared with disks under another, usable key keeps it.
+    fn forget_key_if_unused(&self, rt: &crate::runtime::DiskRuntime) {
+        let family = rt.family.id().to_string();
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let all_revoked = open
+            .values()
+            .filter(|o| o.family.id() == family)
+            .all(|o| o.revoked());
+        if all_revoked {
+            rt.family.lock();
         }
     }
 

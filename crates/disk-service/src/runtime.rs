@@ -3,8 +3,6 @@
 
 use std::sync::{Arc, Mutex};
 
-use kagi_cmk::Dek;
-
 /// Whether a disk's key can be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum KeyState {
@@ -70,18 +68,23 @@ impl DiskRuntime {
         }
     }
 
-    /// The grace period is over: the data key is dropped (zeroized) from the store's family.
+    /// The grace period is over: every I/O of this disk fails from now on. (The family's
+    /// data key is dropped by the keeper once no disk of the family can use it.)
     pub(crate) fn revoke(&self, reason: &str) {
-        self.family.lock();
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = KeyState::Revoked {
             reason: reason.to_string(),
         };
     }
 
-    /// The key is usable again: the family gets its data key back.
-    pub(crate) fn restore(&self, dek: Dek) -> Result<(), kagi_disk::DiskError> {
-        if matches!(self.key_state(), KeyState::Revoked { .. }) {
-            self.family.unlock(kagi_disk::FamilyKeys::new(dek))?;
+    /// Whether the disk's key is revoked.
+    pub(crate) fn revoked(&self) -> bool {
+        matches!(self.key_state(), KeyState::Revoked { .. })
+    }
+
+    /// The key is usable again: the family gets its data key back if it had lost it.
+    pub(crate) fn restore(&self, keys: kagi_disk::FamilyKeys) -> Result<(), kagi_disk::DiskError> {
+        if self.family.is_locked() {
+            self.family.unlock(keys)?;
         }
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = KeyState::Usable;
         Ok(())
