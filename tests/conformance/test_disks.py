@@ -640,3 +640,39 @@ def test_moves_follow_dk7(disk_kagi, tmp_path):
     r = post_move(srv, sub, DEFAULT_RG, [cmk["id"]], sub, "rg-moved")
     assert r.status_code in (200, 202, 204), r.text
     wait_for("move", lambda: arm(srv, "GET", compute_path(srv, "disks", cmk_name, rg="rg-moved")).status_code == 200)
+
+
+def test_double_encryption(kagi, tmp_path):
+    """DK-9: a set of type EncryptionAtRestWithPlatformAndCustomerKeys gives its disks an inner
+    layer under a platform key; the type is fixed at creation."""
+    srv = kagi
+    srv.put_rg(DEFAULT_RG)
+    vault, keys, key = key_vault_with_key(srv)
+    body = {"location": LOCATION, "identity": {"type": "SystemAssigned"}, "properties": {
+        "activeKey": {"keyUrl": key.id}, "encryptionType": "EncryptionAtRestWithPlatformAndCustomerKeys"}}
+    set_name = random_name("dbl", 10)
+    des = ok(arm(srv, "PUT", compute_path(srv, "diskEncryptionSets", set_name), body))
+    grant(srv, vault, des["identity"]["principalId"])
+    # A disk's type must match its set's.
+    r = arm(srv, "PUT", compute_path(srv, "disks", random_name("bad", 10)), {"location": LOCATION, "properties": {
+        "creationData": {"createOption": "Empty"}, "diskSizeGB": 1,
+        "encryption": {"type": "EncryptionAtRestWithCustomerKey", "diskEncryptionSetId": des["id"]}}})
+    assert r.status_code == 400, r.text
+    enc = {"type": "EncryptionAtRestWithPlatformAndCustomerKeys", "diskEncryptionSetId": des["id"]}
+    name, disk = create_disk(srv, encryption=enc)
+    assert disk["properties"]["encryption"]["type"] == enc["type"]
+    image = tmp_path / "in.raw"
+    data = random_image(image, 2, seed=7)
+    uri = grant_access(srv, name, "Write")
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
+    end_access(srv, name)
+    _, snap = create_snapshot(srv, disk["id"], incremental=False)
+    assert snap["properties"]["encryption"]["type"] == enc["type"]
+    ro = ok(arm(srv, "POST", compute_path(srv, "snapshots", snap["name"]) + "/beginGetAccess",
+                {"access": "Read", "durationInSeconds": 600}))["accessSAS"]
+    assert read_back(ro, tmp_path / "snap.raw", len(data)) == data
+    # The layers cannot be changed afterwards.
+    r = arm(srv, "PATCH", compute_path(srv, "disks", name), {"properties": {"encryption": {"type": "EncryptionAtRestWithPlatformKey"}}})
+    assert r.status_code == 400, r.text
+    assert "Double encryption" in r.text, r.text
+    assert_no_plaintext(srv.data_dir, b"KAGI-PLAINTEXT-MARKER-7")
