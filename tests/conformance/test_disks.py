@@ -672,7 +672,8 @@ def test_double_encryption(kagi, tmp_path):
                 {"access": "Read", "durationInSeconds": 600}))["accessSAS"]
     assert read_back(ro, tmp_path / "snap.raw", len(data)) == data
     # The layers cannot be changed afterwards.
-    r = arm(srv, "PATCH", compute_path(srv, "disks", name), {"properties": {"encryption": {"type": "EncryptionAtRestWithPlatformKey"}}})
+    r = arm(srv, "PATCH", compute_path(srv, "disks", name), {"properties": {"encryption": {
+        "type": "EncryptionAtRestWithPlatformKey", "diskEncryptionSetId": None}}})
     assert r.status_code == 400, r.text
     assert "Double encryption" in r.text, r.text
     assert_no_plaintext(srv.data_dir, b"KAGI-PLAINTEXT-MARKER-7")
