@@ -708,3 +708,31 @@ pub(crate) fn family_keys(
         None => kagi_disk::FamilyKeys::new(dek),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compute_ids_are_split_into_their_parts() {
+        let id = "/subscriptions/s1/resourceGroups/rg/providers/Microsoft.Compute/snapshots/n";
+        let parts = ref_of(id).unwrap();
+        assert_eq!(
+            parts,
+            ("s1".into(), "rg".into(), "snapshots".into(), "n".into())
+        );
+        // Another namespace, a nested type or a short id is no Compute resource.
+        let kv = "/subscriptions/s1/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/n";
+        assert!(ref_of(kv).is_none());
+        assert!(ref_of(&format!("{id}/more")).is_none());
+        assert!(ref_of("/subscriptions/s1").is_none());
+    }
+
+    #[test]
+    fn unique_ids_are_random_uuids() {
+        let (a, b) = (new_unique_id().unwrap(), new_unique_id().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+    }
+}

@@ -46,12 +46,20 @@ pub struct KeeperReport {
 pub fn spawn_keeper(svc: Arc<DiskService>) {
     tokio::spawn(async move {
         let mut t = tokio::time::interval(svc.config.keeper_tick);
+        let mut compacted = std::time::Instant::now();
         loop {
             t.tick().await;
             svc.keep_keys().await;
+            if compacted.elapsed() >= COMPACTION_INTERVAL {
+                compacted = std::time::Instant::now();
+                svc.compact().await;
+            }
         }
     });
 }
+
+/// How often the open families' logs are compacted.
+const COMPACTION_INTERVAL: Duration = Duration::from_secs(600);
 
 impl DiskService {
     /// One pass over every set whose check is due (every `key_poll_interval`, or at once
@@ -153,6 +161,28 @@ impl DiskService {
                         self.activity(&[id, &set.id], "Failed", &msg).await;
                     }
                 }
+            }
+        }
+    }
+
+    /// Compacts the log of every open family whose segments are at least half garbage
+    /// (overwritten blocks, deleted disks and snapshots).
+    pub async fn compact(&self) {
+        let mut families: Vec<kagi_disk::Family> = Vec::new();
+        for rt in self.open.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            if !rt.family.is_locked() && !families.iter().any(|f| f.id() == rt.family.id()) {
+                families.push(rt.family.clone());
+            }
+        }
+        for f in families {
+            let id = f.id().to_string();
+            match tokio::task::spawn_blocking(move || f.gc(0.5)).await {
+                Ok(Ok(r)) if r.segments_deleted > 0 => {
+                    tracing::info!(family = %id, freed = r.bytes_freed, "disk log compacted")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(family = %id, error = %e, "compaction failed"),
+                Err(e) => tracing::warn!(family = %id, error = %e, "compaction stopped"),
             }
         }
     }

@@ -277,3 +277,34 @@ pub(crate) fn key_error(e: KeyError) -> KvError {
         KeyError::Other(e) => e,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_records_round_trip_through_their_document_shape() {
+        for kek in [
+            KekRef::Platform,
+            KekRef::Customer("https://kv.localhost:8443/keys/k/v1".into()),
+        ] {
+            let r = WrappedKey {
+                id: "1-abc".into(),
+                kek,
+                wrapped: vec![1, 2, 3],
+                created: 7,
+            };
+            assert_eq!(record_of(&record_json(&r)), r);
+        }
+        // What kagi does not know is never taken for a platform record.
+        let odd = json!({"id": "x", "kek": "hsm:1", "wrapped": "AQ==", "created": 1});
+        assert_eq!(record_of(&odd).kek, KekRef::Unknown);
+    }
+
+    #[test]
+    fn data_keys_are_bound_to_their_family() {
+        assert_ne!(dek_aad("f1"), dek_aad("f2"));
+        assert_ne!(dek_aad("f1"), inner_aad("f1"));
+        assert_ne!(pmk_label("f1"), pmk_label("f2"));
+    }
+}
