@@ -677,3 +677,59 @@ def test_double_encryption(kagi, tmp_path):
     assert r.status_code == 400, r.text
     assert "Double encryption" in r.text, r.text
     assert_no_plaintext(srv.data_dir, b"KAGI-PLAINTEXT-MARKER-7")
+
+
+def test_images_and_disks_made_from_them(disk_kagi, tmp_path):
+    """An image of a disk (a copy of its own, here under a set); disks FromImage share its
+    blocks and read what the disk held; the image follows its set's rotation."""
+    srv = disk_kagi
+    vault, keys, key = key_vault_with_key(srv)
+    set_name, des = create_set(srv, key.id, rotate=True)
+    grant(srv, vault, des["identity"]["principalId"])
+    name, disk = create_disk(srv)
+    image = tmp_path / "in.raw"
+    data = random_image(image, 2, seed=8)
+    uri = grant_access(srv, name, "Write")
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
+    end_access(srv, name)
+    img_name = random_name("img", 10)
+    body = {"location": LOCATION, "properties": {"storageProfile": {"osDisk": {
+        "osType": "Linux", "osState": "Generalized", "managedDisk": {"id": disk["id"]},
+        "diskEncryptionSet": {"id": des["id"]}}}}}
+    img = ok(arm(srv, "PUT", compute_path(srv, "images", img_name), body))
+    assert img["properties"]["storageProfile"]["osDisk"]["diskSizeGB"] == 1
+    assert img["properties"]["storageProfile"]["osDisk"]["diskEncryptionSet"]["id"] == des["id"]
+    # The disk changes; the image does not.
+    uri = grant_access(srv, name, "Write")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x99 0 1M", uri)
+    end_access(srv, name)
+    from_img = random_name("fromimg", 10)
+    body = {"location": LOCATION, "properties": {"creationData": {
+        "createOption": "FromImage", "imageReference": {"id": img["id"]}}}}
+    d2 = ok(arm(srv, "PUT", compute_path(srv, "disks", from_img), body))
+    assert d2["properties"]["creationData"]["createOption"] == "FromImage"
+    assert d2["properties"]["diskSizeGB"] == 1
+    ro = grant_access(srv, from_img, "Read")
+    assert read_back(ro, tmp_path / "fromimg.raw", len(data)) == data
+    end_access(srv, from_img)
+    assoc = ok(arm(srv, "GET", compute_path(srv, "diskEncryptionSets", set_name) + "/associatedResources"))
+    assert img["id"].lower() in [a.lower() for a in assoc["value"]]
+    # No access to an image itself; rotation reaches it.
+    r = arm(srv, "POST", compute_path(srv, "images", img_name) + "/beginGetAccess",
+            {"access": "Read", "durationInSeconds": 60})
+    assert r.status_code == 404, r.text
+    new_key = keys.rotate_key(key.name)
+    wait_for("rotation", lambda: ok(arm(srv, "GET", compute_path(srv, "diskEncryptionSets", set_name)))
+             ["properties"]["activeKey"]["keyUrl"] == new_key.id)
+    d3 = random_name("fromimg", 10)
+    ok(arm(srv, "PUT", compute_path(srv, "disks", d3), body))
+    ro = grant_access(srv, d3, "Read")
+    assert read_back(ro, tmp_path / "d3.raw", len(data)) == data
+    end_access(srv, d3)
+    # Bad references get Azure errors.
+    r = arm(srv, "PUT", compute_path(srv, "images", random_name("img", 10)),
+            {"location": LOCATION, "properties": {"storageProfile": {"osDisk": {}}}})
+    assert r.status_code == 400, r.text
+    r = arm(srv, "PUT", compute_path(srv, "disks", random_name("d", 10)), {"location": LOCATION, "properties": {
+        "creationData": {"createOption": "FromImage", "imageReference": {"id": disk["id"]}}}})
+    assert r.status_code == 404, r.text

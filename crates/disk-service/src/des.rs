@@ -265,10 +265,11 @@ impl DiskService {
         self.keys.validate(self.host.as_ref(), &req).await
     }
 
-    /// The disks and snapshots of set `set_id` (resource bodies).
+    /// The disks, snapshots and images of set `set_id` (resource bodies).
     pub(crate) fn disks_of(&self, set_id: &str) -> Vec<Value> {
         let mut all = self.host.resources_of_type(DISK_TYPE);
         all.extend(self.host.resources_of_type(crate::SNAPSHOT_TYPE));
+        all.extend(self.host.resources_of_type(crate::IMAGE_TYPE));
         all.into_iter()
             .filter(|d| {
                 d["properties"]["encryption"]["diskEncryptionSetId"]

@@ -106,6 +106,9 @@ impl DiskService {
         if existing.is_none() {
             props["creationData"] = match &source {
                 None => json!({"createOption": "Empty"}),
+                Some(src) if src.body["type"] == json!(crate::IMAGE_TYPE) => {
+                    json!({"createOption": "FromImage", "imageReference": {"id": src.id}})
+                }
                 Some(src) => json!({"createOption": "Copy", "sourceResourceId": src.id,
                     "sourceUniqueId": src.body["properties"]["uniqueId"]}),
             };
@@ -541,21 +544,30 @@ impl DiskService {
         if option.eq_ignore_ascii_case("Empty") {
             return Ok(None);
         }
-        if !option.eq_ignore_ascii_case("Copy") {
+        let sid = if option.eq_ignore_ascii_case("Copy") {
+            creation["sourceResourceId"].as_str().ok_or_else(|| {
+                bad(
+                    "InvalidParameter",
+                    "createOption 'Copy' needs creationData.sourceResourceId.",
+                )
+            })?
+        } else if option.eq_ignore_ascii_case("FromImage") {
+            creation["imageReference"]["id"].as_str().ok_or_else(|| {
+                bad(
+                    "InvalidParameter",
+                    "createOption 'FromImage' needs creationData.imageReference.id (an image).",
+                )
+            })?
+        } else {
             return Err(bad(
                 "InvalidParameter",
                 format!(
-                    "createOption '{option}' is not served by this kagi: 'Empty', or 'Copy' with \
-                     creationData.sourceResourceId naming a disk or snapshot."
+                    "createOption '{option}' is not served by this kagi: 'Empty', 'Copy' (with \
+                     creationData.sourceResourceId naming a disk or snapshot) or 'FromImage' \
+                     (with creationData.imageReference.id)."
                 ),
             ));
-        }
-        let sid = creation["sourceResourceId"].as_str().ok_or_else(|| {
-            bad(
-                "InvalidParameter",
-                "createOption 'Copy' needs creationData.sourceResourceId.",
-            )
-        })?;
+        };
         let missing = || {
             KvError::new(
                 ErrorCode::NotFound,
@@ -564,25 +576,32 @@ impl DiskService {
             .with_inner("NotFound")
         };
         let (sub, rg, ty, name) = ref_of(sid).ok_or_else(missing)?;
-        let snapshot = ty.eq_ignore_ascii_case("snapshots");
-        if !snapshot && !ty.eq_ignore_ascii_case("disks") {
-            return Err(missing());
-        }
+        let image = option.eq_ignore_ascii_case("FromImage");
+        let resource_type = match ty.to_ascii_lowercase().as_str() {
+            "images" if image => crate::IMAGE_TYPE,
+            "snapshots" if !image => crate::SNAPSHOT_TYPE,
+            "disks" if !image => crate::DISK_TYPE,
+            _ => return Err(missing()),
+        };
         let at = ResourceRef {
             subscription: &sub,
             resource_group: &rg,
-            resource_type: if snapshot {
-                crate::SNAPSHOT_TYPE
-            } else {
-                crate::DISK_TYPE
-            },
+            resource_type,
             name: &name,
         };
         let body = self.host.get_resource(caller, at).map_err(|_| missing())?;
+        let size = body["properties"]["diskSizeBytes"]
+            .as_u64()
+            .unwrap_or_else(|| {
+                body["properties"]["storageProfile"]["osDisk"]["diskSizeGB"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    * GIB
+            });
         Ok(Some(Source {
             id: body["id"].as_str().unwrap_or(sid).to_string(),
-            size: body["properties"]["diskSizeBytes"].as_u64().unwrap_or(0),
-            snapshot,
+            size,
+            snapshot: resource_type != crate::DISK_TYPE,
             body,
         }))
     }
@@ -658,7 +677,7 @@ pub(crate) struct Source {
     pub(crate) body: Value,
     /// Its size in bytes.
     pub(crate) size: u64,
-    /// Whether it is a snapshot.
+    /// Whether it is a snapshot or an image (read-only).
     pub(crate) snapshot: bool,
 }
 

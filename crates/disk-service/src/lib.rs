@@ -30,6 +30,7 @@
 mod access;
 mod des;
 mod disks;
+mod images;
 pub mod keeper;
 mod keys;
 mod runtime;
@@ -58,6 +59,8 @@ pub const DES_TYPE: &str = "Microsoft.Compute/diskEncryptionSets";
 pub const DISK_TYPE: &str = "Microsoft.Compute/disks";
 /// Snapshots.
 pub const SNAPSHOT_TYPE: &str = "Microsoft.Compute/snapshots";
+/// Images.
+pub const IMAGE_TYPE: &str = "Microsoft.Compute/images";
 
 /// How the service runs.
 #[derive(Clone, Debug)]
@@ -242,6 +245,12 @@ impl DiskService {
             (["diskencryptionsets"], "GET", _) => list(DES_TYPE),
             (["disks"], "GET", _) => list(DISK_TYPE),
             (["snapshots"], "GET", _) => list(SNAPSHOT_TYPE),
+            (["images"], "GET", _) => list(IMAGE_TYPE),
+            (["images", _], "PUT" | "PATCH", Some(rg)) => {
+                let input = json_body(body)?;
+                let at = typed_ref(IMAGE_TYPE, sub, rg, rest[1]);
+                self.put_image(caller, at, input, method == "PATCH").await
+            }
             (["diskencryptionsets", _], "PUT" | "PATCH", Some(rg)) => {
                 let input = json_body(body)?;
                 self.put_des(caller, des_ref(sub, rg, rest[1]), input, method == "PATCH")
@@ -278,24 +287,26 @@ impl DiskService {
                 self.put_snapshot(caller, at, input, method == "PATCH")
                     .await
             }
-            ([kind @ ("disks" | "snapshots"), _, ..], _, Some(rg)) => {
-                let at = if *kind == "disks" {
-                    disk_ref(sub, rg, rest[1])
-                } else {
-                    snapshot_ref(sub, rg, rest[1])
+            ([kind @ ("disks" | "snapshots" | "images"), _, ..], _, Some(rg)) => {
+                let (ty, noun) = match *kind {
+                    "disks" => (DISK_TYPE, "disk"),
+                    "snapshots" => (SNAPSHOT_TYPE, "snapshot"),
+                    _ => (IMAGE_TYPE, "image"),
                 };
-                let noun = if *kind == "disks" { "disk" } else { "snapshot" };
+                let at = typed_ref(ty, sub, rg, rest[1]);
                 match (&rest_l[2..], method) {
                     ([], "GET") => {
                         let v = p.get_resource(caller, at)?;
                         Ok((200, self.with_state(v)))
                     }
                     ([], "DELETE") => self.delete_data(caller, at, noun).await,
-                    (["begingetaccess"], "POST") => {
+                    (["begingetaccess"], "POST") if ty != IMAGE_TYPE => {
                         let input = json_body(body)?;
                         self.begin_access(caller, at, input).await
                     }
-                    (["endgetaccess"], "POST") => self.end_access(caller, at).await,
+                    (["endgetaccess"], "POST") if ty != IMAGE_TYPE => {
+                        self.end_access(caller, at).await
+                    }
                     _ => Err(not_found()),
                 }
             }
@@ -305,30 +316,29 @@ impl DiskService {
 }
 
 pub(crate) fn des_ref<'a>(sub: &'a str, rg: &'a str, name: &'a str) -> ResourceRef<'a> {
+    typed_ref(DES_TYPE, sub, rg, name)
+}
+
+pub(crate) fn typed_ref<'a>(
+    resource_type: &'static str,
+    sub: &'a str,
+    rg: &'a str,
+    name: &'a str,
+) -> ResourceRef<'a> {
     ResourceRef {
         subscription: sub,
         resource_group: rg,
-        resource_type: DES_TYPE,
+        resource_type,
         name,
     }
 }
 
 pub(crate) fn snapshot_ref<'a>(sub: &'a str, rg: &'a str, name: &'a str) -> ResourceRef<'a> {
-    ResourceRef {
-        subscription: sub,
-        resource_group: rg,
-        resource_type: SNAPSHOT_TYPE,
-        name,
-    }
+    typed_ref(SNAPSHOT_TYPE, sub, rg, name)
 }
 
 pub(crate) fn disk_ref<'a>(sub: &'a str, rg: &'a str, name: &'a str) -> ResourceRef<'a> {
-    ResourceRef {
-        subscription: sub,
-        resource_group: rg,
-        resource_type: DISK_TYPE,
-        name,
-    }
+    typed_ref(DISK_TYPE, sub, rg, name)
 }
 
 /// A 400 with Azure's inner error code.
@@ -357,7 +367,7 @@ impl ResourceProvider for DiskService {
     }
 
     fn resource_types(&self) -> &'static [&'static str] {
-        &[DES_TYPE, DISK_TYPE, SNAPSHOT_TYPE]
+        &[DES_TYPE, DISK_TYPE, SNAPSHOT_TYPE, IMAGE_TYPE]
     }
 
     async fn handle(
@@ -376,7 +386,7 @@ impl ResourceProvider for DiskService {
     }
 
     fn movable(&self, resource_type: &str) -> bool {
-        [DES_TYPE, DISK_TYPE, SNAPSHOT_TYPE]
+        [DES_TYPE, DISK_TYPE, SNAPSHOT_TYPE, IMAGE_TYPE]
             .iter()
             .any(|t| t.eq_ignore_ascii_case(resource_type))
     }

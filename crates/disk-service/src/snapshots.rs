@@ -32,17 +32,8 @@ impl DiskService {
             .get("tags")
             .or_else(|| existing.as_ref().and_then(|e| e.get("tags")))
             .cloned();
-        if let Some(mut body) = existing {
-            // What a snapshot holds never changes; its tags may.
-            body["tags"] = tags.unwrap_or_else(|| json!({}));
-            let put = PutResource {
-                at,
-                body: json!({"location": body["location"], "tags": body["tags"],
-                    "properties": body["properties"], "sku": body["sku"]}),
-                identity: None,
-            };
-            let (st, stored) = p.put_resource(caller, put).await?;
-            return Ok((st, self.with_state(stored)));
+        if let Some(body) = existing {
+            return self.retag(caller, at, body, tags).await;
         }
         let props_in = &input["properties"];
         let src = self
@@ -111,28 +102,8 @@ impl DiskService {
                 .map_err(|e| internal("taking the snapshot", e))?;
             props["incrementalSnapshotFamilyId"] = json!(place.family);
         } else {
-            let src_rt = self.runtime(&src.body).await?;
-            if src_rt.family.has_inner_layer() != double {
-                return Err(bad(
-                    "InvalidParameter",
-                    "A snapshot keeps its disk's layers of encryption: double encryption exactly \
-                     when the disk has it.",
-                ));
-            }
-            let place = Place {
-                family: unique.clone(),
-                volume: unique.clone(),
-            };
-            let fam = self
-                .new_family(&keys, &place, double, set.as_ref(), now)
+            self.full_copy(&keys, &src, &unique, double, set.as_ref(), now)
                 .await?;
-            let from = src_rt.volume.clone();
-            let vol = place.volume.clone();
-            // A full copy, decrypted from the disk's family and encrypted into the new one.
-            tokio::task::spawn_blocking(move || kagi_disk::copy_volume(&from, &fam, &vol))
-                .await
-                .map_err(|e| internal("copying the disk", e))?
-                .map_err(|e| internal("copying the disk", e))?;
         }
         let body = json!({"location": location, "properties": props, "tags": tags.unwrap_or_else(|| json!({})),
             "sku": {"name": "Standard_LRS", "tier": "Standard"}});
@@ -143,6 +114,69 @@ impl DiskService {
         };
         let (status, stored) = p.put_resource(caller, put).await?;
         Ok((status, self.with_state(stored)))
+    }
+}
+
+impl DiskService {
+    /// A PUT of a snapshot or image that exists: what it holds never changes; its tags may.
+    pub(crate) async fn retag(
+        &self,
+        caller: &Principal,
+        at: ResourceRef<'_>,
+        mut body: Value,
+        tags: Option<Value>,
+    ) -> Result<(u16, Value), KvError> {
+        body["tags"] = tags.unwrap_or_else(|| json!({}));
+        let mut put_body = json!({"location": body["location"], "tags": body["tags"],
+            "properties": body["properties"]});
+        if !body["sku"].is_null() {
+            put_body["sku"] = body["sku"].clone();
+        }
+        let put = PutResource {
+            at,
+            body: put_body,
+            identity: None,
+        };
+        let (st, stored) = self.host.put_resource(caller, put).await?;
+        Ok((st, self.with_state(stored)))
+    }
+
+    /// A full copy of `src` into a new family of its own (a full snapshot, an image): its data
+    /// decrypted from the source's family and encrypted under a new data key, wrapped for the
+    /// resource of `keys` (under `set`'s key too, if any).
+    pub(crate) async fn full_copy(
+        &self,
+        keys: &crate::keys::DiskKeys<'_>,
+        src: &crate::disks::Source,
+        unique: &str,
+        double: bool,
+        set: Option<&(crate::des::SetKey, Value)>,
+        now: i64,
+    ) -> Result<(), KvError> {
+        let src_rt = self.runtime(&src.body).await?;
+        if let Some(reason) = src_rt.refusal() {
+            return Err(KvError::new(kagi_core::ErrorCode::Forbidden, reason)
+                .with_inner("KeyVaultAccessForbidden"));
+        }
+        if src_rt.family.has_inner_layer() != double {
+            return Err(bad(
+                "InvalidParameter",
+                "A copy keeps its source's layers of encryption: double encryption exactly when \
+                 the source has it.",
+            ));
+        }
+        let place = Place {
+            family: unique.to_string(),
+            volume: unique.to_string(),
+        };
+        let fam = self.new_family(keys, &place, double, set, now).await?;
+        let from = src_rt.volume.clone();
+        let vol = place.volume.clone();
+        tokio::task::spawn_blocking(move || kagi_disk::copy_volume(&from, &fam, &vol))
+            .await
+            .map_err(|e| internal("copying the disk", e))?
+            .map_err(|e| internal("copying the disk", e))?;
+        Ok(())
     }
 }
 
