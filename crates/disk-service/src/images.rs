@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::des::DOUBLE;
 use crate::disks::{PMK, new_unique_id};
 use crate::keys::{disk_keys, internal};
+use crate::snapshots::Copy;
 use crate::{DiskService, bad};
 
 impl DiskService {
@@ -26,14 +27,10 @@ impl DiskService {
         patch: bool,
     ) -> Result<(u16, Value), KvError> {
         let p = self.host.as_ref();
-        let (id, _g, existing) = self.begin_put(caller, at, patch, "image").await?;
-        let tags = input
-            .get("tags")
-            .or_else(|| existing.as_ref().and_then(|e| e.get("tags")))
-            .cloned();
-        if let Some(body) = existing {
-            return self.retag(caller, at, body, tags).await;
-        }
+        let (id, _g, tags) = match self.begin_copy(caller, at, patch, "image", &input).await? {
+            Copy::New { id, guard, tags } => (id, guard, tags),
+            Copy::Retagged(answer) => return Ok(answer),
+        };
         let os = &input["properties"]["storageProfile"]["osDisk"];
         let source_id = os["managedDisk"]["id"]
             .as_str()

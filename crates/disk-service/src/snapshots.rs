@@ -27,14 +27,13 @@ impl DiskService {
         patch: bool,
     ) -> Result<(u16, Value), KvError> {
         let p = self.host.as_ref();
-        let (id, _g, existing) = self.begin_put(caller, at, patch, "snapshot").await?;
-        let tags = input
-            .get("tags")
-            .or_else(|| existing.as_ref().and_then(|e| e.get("tags")))
-            .cloned();
-        if let Some(body) = existing {
-            return self.retag(caller, at, body, tags).await;
-        }
+        let (id, _g, tags) = match self
+            .begin_copy(caller, at, patch, "snapshot", &input)
+            .await?
+        {
+            Copy::New { id, guard, tags } => (id, guard, tags),
+            Copy::Retagged(answer) => return Ok(answer),
+        };
         let props_in = &input["properties"];
         let src = self
             .creation_source(caller, &props_in["creationData"])
@@ -117,9 +116,42 @@ impl DiskService {
     }
 }
 
+/// What a PUT of a snapshot or image is about.
+pub(crate) enum Copy {
+    /// A new one, to make: its id, its lock held, its tags.
+    New {
+        id: String,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+        tags: Option<Value>,
+    },
+    /// One that exists, answered: only its tags changed.
+    Retagged((u16, Value)),
+}
+
 impl DiskService {
+    /// The start of a PUT of a snapshot or image (`noun`), which once made never changes but
+    /// for its tags.
+    pub(crate) async fn begin_copy(
+        &self,
+        caller: &Principal,
+        at: ResourceRef<'_>,
+        patch: bool,
+        noun: &str,
+        input: &Value,
+    ) -> Result<Copy, KvError> {
+        let (id, guard, existing) = self.begin_put(caller, at, patch, noun).await?;
+        let tags = input
+            .get("tags")
+            .or_else(|| existing.as_ref().and_then(|e| e.get("tags")))
+            .cloned();
+        match existing {
+            Some(body) => Ok(Copy::Retagged(self.retag(caller, at, body, tags).await?)),
+            None => Ok(Copy::New { id, guard, tags }),
+        }
+    }
+
     /// A PUT of a snapshot or image that exists: what it holds never changes; its tags may.
-    pub(crate) async fn retag(
+    async fn retag(
         &self,
         caller: &Principal,
         at: ResourceRef<'_>,
