@@ -350,6 +350,7 @@ impl KeyAccess {
             }
             _ => return Err(definite("the entry's key is unknown")),
         };
+        let plain = Zeroizing::new(plain);
         let mut d = Zeroizing::new([0u8; 32]);
         if plain.len() != 32 {
             return Err(definite("the unwrapped data key has the wrong length"));
@@ -378,6 +379,14 @@ impl KeyAccess {
             None => {
                 let mut records = owner.wrapped_keys().await?;
                 let has_current = records.iter().any(|r| r.kek.id() == kek_id);
+                // Under a customer key, a record under the platform key opens the data key
+                // only while no customer record exists (the first adoption of a customer
+                // key): otherwise it would be a way around a revoked one.
+                if matches!(kek, Kek::Customer { .. })
+                    && records.iter().any(|r| matches!(r.kek, KekRef::Customer(_)))
+                {
+                    records.retain(|r| !matches!(r.kek, KekRef::Platform));
+                }
                 records.sort_by_key(|r| (r.kek.id() != kek_id, -r.created));
                 let mut first_err = None;
                 let mut found = None;

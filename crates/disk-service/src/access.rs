@@ -86,6 +86,37 @@ impl DiskService {
         Ok(loaded)
     }
 
+    /// Ends the accesses whose time is over: their connections are cut (an access is checked
+    /// when a client connects; this ends the connections it let in), and they are forgotten.
+    pub(crate) async fn expire_accesses(&self) {
+        let now = self.host.now();
+        let expired: Vec<(String, String)> = {
+            let mut all = self.accesses.lock().unwrap_or_else(|p| p.into_inner());
+            let keys: Vec<String> = all
+                .iter()
+                .filter(|(_, a)| a.expires <= now)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|k| {
+                    let a = all.remove(&k)?;
+                    a.disconnect.cancel();
+                    Some((a.disk, k))
+                })
+                .collect()
+        };
+        for (disk, key) in expired {
+            let id = self
+                .host
+                .resource(&disk)
+                .and_then(|b| b["id"].as_str().map(str::to_string))
+                .unwrap_or(disk);
+            if let Err(e) = self.host.delete_document(&id, ACCESS_DOC, &key).await {
+                tracing::warn!(disk = %id, error = %e, "expired access not forgotten");
+            }
+        }
+    }
+
     fn accesses_of(&self, disk_id: &str) -> Vec<(String, Access)> {
         let now = self.host.now();
         let all = self.accesses.lock().unwrap_or_else(|p| p.into_inner());

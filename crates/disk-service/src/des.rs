@@ -102,11 +102,27 @@ impl DiskService {
         let (id, _g, existing) = self
             .begin_put(caller, at, patch, "disk encryption set")
             .await?;
+        // As clients see it: the key version the set follows now (after automatic rotations),
+        // so that a change of anything else keeps it.
+        let existing = match existing {
+            Some(e) => Some(self.set_view(e).await),
+            None => None,
+        };
         let props_in = &input["properties"];
         let mut props = existing
             .as_ref()
             .map(|e| e["properties"].clone())
             .unwrap_or_else(|| json!({}));
+        // Read-only fields are the set's own state, shown by `set_view`; never stored.
+        if let Some(o) = props.as_object_mut() {
+            for field in [
+                "previousKeys",
+                "lastKeyRotationTimestamp",
+                "autoKeyRotationError",
+            ] {
+                o.remove(field);
+            }
+        }
         for field in [
             "activeKey",
             "encryptionType",
@@ -153,9 +169,6 @@ impl DiskService {
             && let Some(f) = p.key_vault_facts(&key.vault)
         {
             props["activeKey"]["sourceVault"] = json!({ "id": f.id });
-        }
-        if props["previousKeys"].is_null() {
-            props["previousKeys"] = json!([]);
         }
         props["provisioningState"] = json!("Succeeded");
         let identity_in = input
@@ -216,10 +229,7 @@ impl DiskService {
         if check_now {
             self.validate_set_key(&new, &candidate).await?;
         }
-        let old = match existing.clone() {
-            Some(e) => SetKey::of(&self.set_view(e).await),
-            None => None,
-        };
+        let old = existing.as_ref().and_then(SetKey::of);
         let put = PutResource {
             at,
             body,
@@ -289,7 +299,29 @@ impl DiskService {
     ) -> Result<u64, KvError> {
         let p = self.host.as_ref();
         let kek = set.kek(p, body)?;
-        let disks = self.disks_of(&set.id);
+        // Each disk's lock is held while its records change (in id order: no other holder of
+        // several takes them), and each is read again under it: a disk switched to another
+        // set meanwhile is not this set's to re-wrap.
+        let mut ids: Vec<String> = self
+            .disks_of(&set.id)
+            .iter()
+            .filter_map(|d| d["id"].as_str().map(str::to_ascii_lowercase))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        let mut guards = Vec::with_capacity(ids.len());
+        for id in &ids {
+            guards.push(self.lock_id(id).await);
+        }
+        let disks: Vec<Value> = ids
+            .iter()
+            .filter_map(|id| p.resource(id))
+            .filter(|d| {
+                d["properties"]["encryption"]["diskEncryptionSetId"]
+                    .as_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case(&set.id))
+            })
+            .collect();
         let owners: Vec<crate::keys::DiskKeys<'_>> = disks
             .iter()
             .filter_map(|d| crate::keys::disk_keys(p, d))
@@ -316,7 +348,7 @@ impl DiskService {
             .with_inner("KeyVaultAccessForbidden"));
         }
         for o in &owners {
-            o.retire_customer_records(Some(&set.kid)).await?;
+            o.retire_others(Some(&set.kid)).await?;
         }
         tracing::info!(set = %set.id, disks = owners.len(), added = done.added, "disk encryption set re-wrapped");
         Ok(done.added)

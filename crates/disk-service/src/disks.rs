@@ -47,6 +47,9 @@ impl DiskService {
             .or_else(|| existing.as_ref().and_then(|e| e["location"].as_str()))
             .unwrap_or_default()
             .to_string();
+        if location.is_empty() {
+            return Err(bad("LocationRequired", "The disk needs a location."));
+        }
         let mut props = existing
             .as_ref()
             .map(|e| e["properties"].clone())
@@ -127,38 +130,7 @@ impl DiskService {
                 enc["diskEncryptionSetId"] = s.clone();
             }
         }
-        let etype = enc["type"].as_str().unwrap_or(PMK).to_string();
-        if ![PMK, CMK, DOUBLE].contains(&etype.as_str()) {
-            return Err(bad(
-                "InvalidParameter",
-                format!(
-                    "The encryption type '{etype}' is not valid: '{PMK}', '{CMK}' or '{DOUBLE}'."
-                ),
-            ));
-        }
-        let set_id = enc["diskEncryptionSetId"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .map(str::to_string);
-        let set = match (&etype, &set_id) {
-            (t, None) if t != PMK => {
-                return Err(bad(
-                    "InvalidParameter",
-                    format!("Encryption type '{t}' needs encryption.diskEncryptionSetId."),
-                ));
-            }
-            (t, Some(_)) if t == PMK => {
-                return Err(bad(
-                    "InvalidParameter",
-                    format!(
-                        "A disk encrypted with the platform key ('{PMK}') takes no disk \
-                         encryption set."
-                    ),
-                ));
-            }
-            (_, Some(sid)) => Some(self.usable_set(caller, sid, &etype, &location).await?),
-            _ => None,
-        };
+        let (etype, set) = self.encryption_of(caller, &enc, &location).await?;
         if existing.is_some() {
             let old_type = props["encryption"]["type"].as_str().unwrap_or(PMK);
             // DK-7: a disk with incremental snapshots keeps its customer-managed key.
@@ -210,37 +182,33 @@ impl DiskService {
             c
         };
         let keys = disk_keys(p, &candidate).ok_or_else(|| internal("disk", "no uniqueId"))?;
+        // After a switch of key: the key whose records alone stay once the resource is stored.
+        let mut retire: Option<Option<String>> = None;
+        let mut made = None;
         if new_disk {
-            // Keys first, then the data, then the resource: a crash leaves at most keys and
-            // data that no resource names.
+            // Keys first, then the data, then the resource; a failure on the way removes
+            // what was made (a crash leaves at most keys and data that no resource names).
             let unique = candidate["properties"]["uniqueId"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            match &source {
-                None => {
-                    let place = Place {
-                        family: unique.clone(),
-                        volume: unique,
-                    };
-                    let fam = self
-                        .new_family(&keys, &place, etype == DOUBLE, set.as_ref(), now)
-                        .await?;
-                    fam.create_volume(&place.volume, size)
-                        .map_err(|e| internal("creating the disk", e))?;
-                }
-                Some(src) => {
-                    // A copy joins its source's family: it shares every block until written.
-                    let (fam, from, place) = self
-                        .join_family(&keys, src, &unique, etype == DOUBLE, set.as_ref())
-                        .await?;
-                    let vol = fam
-                        .create_volume_from_snapshot(&from, &place.volume)
-                        .map_err(|e| internal("copying the disk", e))?;
-                    if size > vol.size() {
-                        fam.resize_volume(&place.volume, size)
-                            .map_err(|e| internal("growing the disk", e))?;
-                    }
+            let double = etype == DOUBLE;
+            match self
+                .make_disk_data(
+                    &keys,
+                    source.as_ref(),
+                    &unique,
+                    double,
+                    set.as_ref(),
+                    size,
+                    now,
+                )
+                .await
+            {
+                Ok(m) => made = Some(m),
+                Err(e) => {
+                    self.undo_create(&id, None).await;
+                    return Err(e);
                 }
             }
         } else {
@@ -248,13 +216,16 @@ impl DiskService {
             let set_changed = new_set.as_deref().map(str::to_ascii_lowercase)
                 != old_set.as_deref().map(str::to_ascii_lowercase);
             if set_changed {
-                // Switching sets (or to or from one) re-wraps the data key only.
-                let dek = self.open_dek(&candidate).await?;
-                if let Some((set, set_body)) = &set {
-                    self.wrap_for_set(&keys, set, set_body, &dek).await?;
+                // Switching sets (or to or from one) re-wraps the data key only: opened the way
+                // the disk is opened now (its current set's key, with that set's identity),
+                // wrapped under the new key; the old records go once the disk names the new.
+                let current = existing.as_ref().ok_or_else(|| internal("disk", "gone"))?;
+                let dek = self.open_dek(current).await?;
+                match &set {
+                    Some((set, set_body)) => self.wrap_for_set(&keys, set, set_body, &dek).await?,
+                    None => self.wrap_for_platform(&keys, &dek).await?,
                 }
-                keys.retire_customer_records(set.as_ref().map(|(s, _)| s.kid.as_str()))
-                    .await?;
+                retire = Some(set.as_ref().map(|(s, _)| s.kid.clone()));
             }
             if let Some(old) = old_size
                 && size > old
@@ -270,8 +241,110 @@ impl DiskService {
             body,
             identity: None,
         };
-        let (status, stored) = p.put_resource(caller, put).await?;
+        let (status, stored) = match p.put_resource(caller, put).await {
+            Ok(r) => r,
+            Err(e) => {
+                if new_disk {
+                    self.undo_create(&id, made).await;
+                }
+                return Err(e);
+            }
+        };
+        if let Some(keep) = retire {
+            keys.retire_others(keep.as_deref()).await?;
+        }
         Ok((status, self.with_state(stored)))
+    }
+
+    /// The encryption type and the set (checked for the caller, the region and the type) that
+    /// `enc` (a resource's `encryption`) names, with Azure's error for each mistake.
+    pub(crate) async fn encryption_of(
+        &self,
+        caller: &Principal,
+        enc: &Value,
+        location: &str,
+    ) -> Result<(String, Option<(SetKey, Value)>), KvError> {
+        let etype = enc["type"].as_str().unwrap_or(PMK).to_string();
+        if ![PMK, CMK, DOUBLE].contains(&etype.as_str()) {
+            return Err(bad(
+                "InvalidParameter",
+                format!(
+                    "The encryption type '{etype}' is not valid: '{PMK}', '{CMK}' or '{DOUBLE}'."
+                ),
+            ));
+        }
+        let set_id = enc["diskEncryptionSetId"]
+            .as_str()
+            .filter(|s| !s.is_empty());
+        let set = match (etype.as_str(), set_id) {
+            (t, None) if t != PMK => {
+                return Err(bad(
+                    "InvalidParameter",
+                    format!("Encryption type '{t}' needs encryption.diskEncryptionSetId."),
+                ));
+            }
+            (PMK, Some(_)) => {
+                return Err(bad(
+                    "InvalidParameter",
+                    format!(
+                        "A resource encrypted with the platform key ('{PMK}') takes no disk \
+                         encryption set."
+                    ),
+                ));
+            }
+            (_, Some(sid)) => Some(self.usable_set(caller, sid, &etype, location).await?),
+            _ => None,
+        };
+        Ok((etype, set))
+    }
+
+    /// The data of a new disk: an empty volume in a family of its own, or (a copy) a volume
+    /// in its source's family sharing every block until written. Returns where it is.
+    #[allow(clippy::too_many_arguments)]
+    async fn make_disk_data(
+        &self,
+        keys: &DiskKeys<'_>,
+        source: Option<&Source>,
+        unique: &str,
+        double: bool,
+        set: Option<&(SetKey, Value)>,
+        size: u64,
+        now: i64,
+    ) -> Result<(kagi_disk::Family, String), KvError> {
+        match source {
+            None => {
+                let place = Place {
+                    family: unique.to_string(),
+                    volume: unique.to_string(),
+                };
+                let fam = self.new_family(keys, &place, double, set, now).await?;
+                fam.create_volume(&place.volume, size)
+                    .map_err(|e| internal("creating the disk", e))?;
+                Ok((fam, place.volume))
+            }
+            Some(src) => {
+                let (fam, from, place) = self.join_family(keys, src, unique, double, set).await?;
+                let vol = fam
+                    .create_volume_from_snapshot(&from, &place.volume)
+                    .map_err(|e| internal("copying the disk", e))?;
+                if size > vol.size() {
+                    fam.resize_volume(&place.volume, size)
+                        .map_err(|e| internal("growing the disk", e))?;
+                }
+                Ok((fam, place.volume))
+            }
+        }
+    }
+
+    /// Undoes a creation that failed before its resource was stored: its data (when made) and
+    /// the records kept under its id.
+    pub(crate) async fn undo_create(&self, id: &str, made: Option<(kagi_disk::Family, String)>) {
+        if let Some((fam, volume)) = made {
+            self.drop_volume(fam, &volume, id).await;
+        }
+        if let Err(e) = self.host.clear_records(id).await {
+            tracing::warn!(resource = %id, error = %e, "records of a failed creation not removed");
+        }
     }
 
     /// Whether disk `id` has incremental snapshots.
@@ -346,6 +419,21 @@ impl DiskService {
         let record = self
             .keys
             .wrap(keys, &kek, dek, self.host.now())
+            .await
+            .map_err(key_error)?;
+        kagi_cmk::KeyOwner::add_wrapped_key(keys, record).await
+    }
+
+    /// Adds a record of `dek` wrapped under the resource's platform key.
+    async fn wrap_for_platform(
+        &self,
+        keys: &DiskKeys<'_>,
+        dek: &kagi_cmk::Dek,
+    ) -> Result<(), KvError> {
+        let pmk = kagi_cmk::KeyOwner::platform_key(keys).await?;
+        let record = self
+            .keys
+            .wrap(keys, &Kek::Platform(pmk), dek, self.host.now())
             .await
             .map_err(key_error)?;
         kagi_cmk::KeyOwner::add_wrapped_key(keys, record).await
@@ -427,13 +515,16 @@ impl DiskService {
         let keys = disk_keys(self.host.as_ref(), body).ok_or_else(|| internal("disk", "no id"))?;
         let inner = keys.inner_key().await?;
         let place = keys.place().await?;
-        let family = self
-            .store
-            .open_family(&place.family, family_keys(dek, inner))
-            .map_err(|e| internal("opening the disk", e))?;
-        let volume = family
-            .volume(&place.volume)
-            .map_err(|e| internal("opening the disk", e))?;
+        // Opening replays and checks the family's log: a blocking thread's work.
+        let store = self.store.clone();
+        let (family, volume) = tokio::task::spawn_blocking(move || {
+            let family = store.open_family(&place.family, family_keys(dek, inner))?;
+            let volume = family.volume(&place.volume)?;
+            Ok::<_, kagi_disk::DiskError>((family, volume))
+        })
+        .await
+        .map_err(|e| internal("opening the disk", e))?
+        .map_err(|e| internal("opening the disk", e))?;
         let rt = Arc::new(DiskRuntime {
             id: id.clone(),
             family,
@@ -482,6 +573,7 @@ impl DiskService {
         let Some((id, _g, body)) = self.begin_delete(caller, at).await else {
             return Ok((204, Value::Null));
         };
+        self.expire_accesses().await;
         if self.access_open(&id) {
             return Err(KvError::conflict(format!(
                 "The {noun} '{name}' has an active access: end it (endGetAccess) before deleting \
@@ -619,6 +711,7 @@ impl DiskService {
         let dek = keys.create(now, double, place).await?;
         if let Some((s, b)) = set {
             self.wrap_for_set(keys, s, b, &dek).await?;
+            keys.retire_others(Some(&s.kid)).await?;
         }
         let inner = keys.inner_key().await?;
         self.store
@@ -661,9 +754,12 @@ impl DiskService {
         match set {
             Some((s, b)) => {
                 self.wrap_for_set(keys, s, b, &dek).await?;
-                keys.retire_customer_records(Some(&s.kid)).await?;
+                keys.retire_others(Some(&s.kid)).await?;
             }
-            None => keys.retire_customer_records(None).await?,
+            None => {
+                self.wrap_for_platform(keys, &dek).await?;
+                keys.retire_others(None).await?;
+            }
         }
         Ok((src_rt.family.clone(), src_rt.volume.id().to_string(), place))
     }

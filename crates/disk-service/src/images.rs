@@ -71,8 +71,16 @@ impl DiskService {
             .is_some_and(|(s, _)| s.encryption_type == DOUBLE);
         let unique = new_unique_id()?;
         let keys = disk_keys(p, &json!({ "id": id })).ok_or_else(|| internal("image", "no id"))?;
-        self.full_copy(&keys, &src, &unique, double, set.as_ref(), p.now())
-            .await?;
+        let made = match self
+            .full_copy(&keys, &src, &unique, double, set.as_ref(), p.now())
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                self.undo_create(&id, None).await;
+                return Err(e);
+            }
+        };
         let mut os_out = json!({
             "osType": os["osType"].as_str().unwrap_or("Linux"),
             "osState": os["osState"].as_str().unwrap_or("Generalized"),
@@ -107,7 +115,12 @@ impl DiskService {
             body,
             identity: None,
         };
-        let (status, stored) = p.put_resource(caller, put).await?;
-        Ok((status, stored))
+        match p.put_resource(caller, put).await {
+            Ok(answer) => Ok(answer),
+            Err(e) => {
+                self.undo_create(&id, Some(made)).await;
+                Err(e)
+            }
+        }
     }
 }

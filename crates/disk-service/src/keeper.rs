@@ -49,6 +49,7 @@ pub fn spawn_keeper(svc: Arc<DiskService>) {
         let mut compacted = std::time::Instant::now();
         loop {
             t.tick().await;
+            svc.expire_accesses().await;
             svc.keep_keys().await;
             if compacted.elapsed() >= COMPACTION_INTERVAL {
                 compacted = std::time::Instant::now();
@@ -74,7 +75,7 @@ impl DiskService {
             if !self.due(&set.id) {
                 continue;
             }
-            self.keep_set(&set, &body, &mut report).await;
+            self.keep_set(&set.id, &mut report).await;
         }
         report
     }
@@ -98,7 +99,18 @@ impl DiskService {
         false
     }
 
-    async fn keep_set(&self, set: &SetKey, body: &Value, report: &mut KeeperReport) {
+    async fn keep_set(&self, set_id: &str, report: &mut KeeperReport) {
+        // A change of the set (a PUT) and its rotation never interleave.
+        let _g = self.lock_id(set_id).await;
+        // Read again under the lock: a PUT may have changed it since the pass began.
+        let Some(body) = self.host.resource(set_id) else {
+            return;
+        };
+        let body = &self.set_view(body).await;
+        let Some(set) = SetKey::of(body) else {
+            return;
+        };
+        let set = &set;
         if set.auto_rotate {
             self.rotate(set, body, report).await;
         }
@@ -191,12 +203,14 @@ impl DiskService {
     /// family can use it: a family shared with disks under another, usable key keeps it.
     fn forget_key_if_unused(&self, rt: &crate::runtime::DiskRuntime) {
         let family = rt.family.id().to_string();
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let all_revoked = open
-            .values()
-            .filter(|o| o.family.id() == family)
-            .all(|o| o.revoked());
+        let all_revoked = {
+            let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.values()
+                .filter(|o| o.family.id() == family)
+                .all(|o| o.revoked())
+        };
         if all_revoked {
+            // Flushes first: not under the map's lock.
             rt.family.lock();
         }
     }

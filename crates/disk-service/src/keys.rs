@@ -31,7 +31,7 @@ pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> KvError {
 
 /// A fresh random 32-byte key.
 pub(crate) fn random_key() -> Result<Dek, KvError> {
-    let raw = kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?;
+    let raw = Zeroizing::new(kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?);
     let mut k = Zeroizing::new([0u8; 32]);
     k.copy_from_slice(&raw);
     Ok(k)
@@ -192,20 +192,28 @@ impl DiskKeys<'_> {
         Ok(Some(k))
     }
 
-    /// Drops records wrapped under customer keys other than `keep` (after a rotation or a
-    /// change of set has added one under the key in force; the platform record always stays).
-    pub(crate) async fn retire_customer_records(&self, keep: Option<&str>) -> Result<(), KvError> {
+    /// Keeps only the records under the key in force: the customer key version `keep`, or
+    /// with `None` the platform key. Called once a record under that key is durable and the
+    /// resource names it: a resource under a customer key then has no record that opens
+    /// without that key (revoking or purging it leaves nothing readable), and a resource back
+    /// on the platform key needs no customer key.
+    pub(crate) async fn retire_others(&self, keep: Option<&str>) -> Result<(), KvError> {
         let mut doc = self.doc().await?;
         let records: Vec<Value> = doc["records"]
             .as_array()
             .cloned()
             .unwrap_or_default()
             .into_iter()
-            .filter(|r| match record_of(r).kek {
-                KekRef::Customer(kid) => Some(kid.as_str()) == keep,
-                _ => true,
+            .filter(|r| match (record_of(r).kek, keep) {
+                (KekRef::Customer(kid), Some(k)) => kid.eq_ignore_ascii_case(k),
+                (KekRef::Platform, None) => true,
+                _ => false,
             })
             .collect();
+        if records.is_empty() {
+            // Never leave a resource with no way to its data key.
+            return Err(internal("disk keys", "no record under the key in force"));
+        }
         doc["records"] = json!(records);
         self.host
             .put_document(&self.disk_id, KEYS_DOC, "dek", &doc)

@@ -99,7 +99,7 @@ pub struct DiskService {
     host: Arc<dyn ServiceHost>,
     config: DiskConfig,
     keys: KeyAccess,
-    store: kagi_disk::DiskStore,
+    store: Arc<kagi_disk::DiskStore>,
     nbd_socket: PathBuf,
     /// Open disk families, by disk resource id (lower case).
     open: Mutex<HashMap<String, Arc<runtime::DiskRuntime>>>,
@@ -132,6 +132,7 @@ impl DiskService {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], c.port)));
         let user_agent = concat!("kagi-disk-service/", env!("CARGO_PKG_VERSION"));
         let store = kagi_disk::DiskStore::open(c.data_dir.join("disks"))
+            .map(Arc::new)
             .map_err(|e| keys::internal("opening the disk store", e))?;
         let nbd_socket = config
             .nbd_socket
@@ -195,14 +196,20 @@ impl DiskService {
         Some((id, guard, body))
     }
 
-    /// The id of the resource `at`, and the lock that serialises its changes, held.
-    async fn locked(&self, at: ResourceRef<'_>) -> (String, tokio::sync::OwnedMutexGuard<()>) {
-        let id = des::id_of(at);
+    /// The lock that serialises the changes of resource `id`, held.
+    pub(crate) async fn lock_id(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut all = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             all.entry(id.to_ascii_lowercase()).or_default().clone()
         };
-        (id, lock.lock_owned().await)
+        lock.lock_owned().await
+    }
+
+    /// The id of the resource `at`, and the lock that serialises its changes, held.
+    async fn locked(&self, at: ResourceRef<'_>) -> (String, tokio::sync::OwnedMutexGuard<()>) {
+        let id = des::id_of(at);
+        let guard = self.lock_id(&id).await;
+        (id, guard)
     }
 
     async fn route(
@@ -242,9 +249,29 @@ impl DiskService {
             .map(|v| (200, v))
         };
         match (rest_l, method, rg) {
-            (["diskencryptionsets"], "GET", _) => list(DES_TYPE),
-            (["disks"], "GET", _) => list(DISK_TYPE),
-            (["snapshots"], "GET", _) => list(SNAPSHOT_TYPE),
+            (["diskencryptionsets"], "GET", _) => {
+                let (st, mut v) = list(DES_TYPE)?;
+                if let Some(items) = v["value"].as_array_mut() {
+                    for item in items.iter_mut() {
+                        *item = self.set_view(item.take()).await;
+                    }
+                }
+                Ok((st, v))
+            }
+            ([kind @ ("disks" | "snapshots")], "GET", _) => {
+                let ty = if *kind == "disks" {
+                    DISK_TYPE
+                } else {
+                    SNAPSHOT_TYPE
+                };
+                let (st, mut v) = list(ty)?;
+                if let Some(items) = v["value"].as_array_mut() {
+                    for item in items.iter_mut() {
+                        *item = self.with_state(item.take());
+                    }
+                }
+                Ok((st, v))
+            }
             (["images"], "GET", _) => list(IMAGE_TYPE),
             (["images", _], "PUT" | "PATCH", Some(rg)) => {
                 let input = json_body(body)?;
@@ -419,11 +446,8 @@ impl DiskService {
         })?;
         let id = body["id"].as_str().unwrap_or(to.id).to_string();
         let name = body["name"].as_str().unwrap_or_default().to_string();
-        let lock = {
-            let mut all = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            all.entry(id.to_ascii_lowercase()).or_default().clone()
-        };
-        let _g = lock.lock().await;
+        let _g = self.lock_id(&id).await;
+        self.expire_accesses().await;
         let same_subscription = kagi_host::subscription_of(&id)
             .is_some_and(|s| s.eq_ignore_ascii_case(to.subscription));
         let refuse = |inner: &'static str, message: String| {

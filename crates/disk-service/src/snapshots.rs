@@ -69,13 +69,15 @@ impl DiskService {
             Some(e) => e.clone(),
             None => src_enc.clone(),
         };
-        let etype = enc["type"].as_str().unwrap_or(PMK).to_string();
-        let set = match enc["diskEncryptionSetId"].as_str() {
-            Some(sid) if etype != PMK => {
-                Some(self.usable_set(caller, sid, &etype, &location).await?)
-            }
-            _ => None,
-        };
+        if incremental
+            && !location.eq_ignore_ascii_case(src.body["location"].as_str().unwrap_or_default())
+        {
+            return Err(bad(
+                "InvalidParameter",
+                "An incremental snapshot is in its disk's region.",
+            ));
+        }
+        let (etype, set) = self.encryption_of(caller, &enc, &location).await?;
         let now = p.now();
         let unique = crate::disks::new_unique_id()?;
         let mut props = json!({
@@ -93,17 +95,26 @@ impl DiskService {
         let candidate = json!({ "id": id });
         let keys = disk_keys(p, &candidate).ok_or_else(|| internal("snapshot", "no id"))?;
         let double = etype == DOUBLE;
-        if incremental {
-            let (fam, from, place) = self
-                .join_family(&keys, &src, &unique, double, set.as_ref())
-                .await?;
-            fam.snapshot(&from, &place.volume)
-                .map_err(|e| internal("taking the snapshot", e))?;
-            props["incrementalSnapshotFamilyId"] = json!(place.family);
+        let made = if incremental {
+            self.join_family(&keys, &src, &unique, double, set.as_ref())
+                .await
+                .and_then(|(fam, from, place)| {
+                    fam.snapshot(&from, &place.volume)
+                        .map_err(|e| internal("taking the snapshot", e))?;
+                    props["incrementalSnapshotFamilyId"] = json!(place.family);
+                    Ok((fam, place.volume))
+                })
         } else {
             self.full_copy(&keys, &src, &unique, double, set.as_ref(), now)
-                .await?;
-        }
+                .await
+        };
+        let made = match made {
+            Ok(m) => m,
+            Err(e) => {
+                self.undo_create(&id, None).await;
+                return Err(e);
+            }
+        };
         let body = json!({"location": location, "properties": props, "tags": tags.unwrap_or_else(|| json!({})),
             "sku": {"name": "Standard_LRS", "tier": "Standard"}});
         let put = PutResource {
@@ -111,8 +122,13 @@ impl DiskService {
             body,
             identity: None,
         };
-        let (status, stored) = p.put_resource(caller, put).await?;
-        Ok((status, self.with_state(stored)))
+        match p.put_resource(caller, put).await {
+            Ok((status, stored)) => Ok((status, self.with_state(stored))),
+            Err(e) => {
+                self.undo_create(&id, Some(made)).await;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -184,7 +200,10 @@ impl DiskService {
         double: bool,
         set: Option<&(crate::des::SetKey, Value)>,
         now: i64,
-    ) -> Result<(), KvError> {
+    ) -> Result<(kagi_disk::Family, String), KvError> {
+        // The source's key is asked now, as the source is opened: a copy under another key
+        // must not take data out from under a key that can no longer be used.
+        self.open_dek(&src.body).await?;
         let src_rt = self.runtime(&src.body).await?;
         if let Some(reason) = src_rt.refusal() {
             return Err(KvError::new(kagi_core::ErrorCode::Forbidden, reason)
@@ -202,13 +221,24 @@ impl DiskService {
             volume: unique.to_string(),
         };
         let fam = self.new_family(keys, &place, double, set, now).await?;
-        let from = src_rt.volume.clone();
+        // A point in time: an incremental snapshot of the source (taken at once), copied,
+        // then dropped, so that writes going on meanwhile do not tear the copy.
+        let src_fam = src_rt.family.clone();
+        let src_vol = src_rt.volume.id().to_string();
         let vol = place.volume.clone();
-        tokio::task::spawn_blocking(move || kagi_disk::copy_volume(&from, &fam, &vol))
-            .await
-            .map_err(|e| internal("copying the disk", e))?
-            .map_err(|e| internal("copying the disk", e))?;
-        Ok(())
+        let made = (fam.clone(), place.volume.clone());
+        tokio::task::spawn_blocking(move || {
+            let moment = format!("copy-{vol}");
+            let frozen = src_fam.snapshot(&src_vol, &moment)?;
+            let copied = kagi_disk::copy_volume(&frozen, &fam, &vol);
+            drop(frozen);
+            let dropped = src_fam.delete_volume(&moment);
+            copied.and(dropped)
+        })
+        .await
+        .map_err(|e| internal("copying the disk", e))?
+        .map_err(|e| internal("copying the disk", e))?;
+        Ok(made)
     }
 }
 
