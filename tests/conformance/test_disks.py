@@ -733,3 +733,131 @@ def test_images_and_disks_made_from_them(disk_kagi, tmp_path):
     r = arm(srv, "PUT", compute_path(srv, "disks", random_name("d", 10)), {"location": LOCATION, "properties": {
         "creationData": {"createOption": "FromImage", "imageReference": {"id": disk["id"]}}}})
     assert r.status_code == 404, r.text
+
+
+def disable_all_versions(keys, key_name, enabled=False):
+    for v in keys.list_properties_of_key_versions(key_name):
+        keys.update_key_properties(key_name, v.version, enabled=enabled)
+
+
+def test_no_way_around_a_revoked_customer_key(disk_kagi, tmp_path):
+    """With the set's key disabled, a CMK disk cannot be switched to the platform key, copied
+    fully, or re-keyed onto another key: nothing of it is readable without its key."""
+    srv = disk_kagi
+    vault, keys, key = key_vault_with_key(srv)
+    set_name, des = create_set(srv, key.id)
+    grant(srv, vault, des["identity"]["principalId"])
+    name, disk = create_disk(srv, encryption={"type": "EncryptionAtRestWithCustomerKey",
+                                              "diskEncryptionSetId": des["id"]})
+    uri = grant_access(srv, name, "Write")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", uri)
+    end_access(srv, name)
+    disable_all_versions(keys, key.name)
+    srv.stop()
+    srv.start()
+    r = arm(srv, "POST", compute_path(srv, "disks", name) + "/beginGetAccess", {"access": "Read", "durationInSeconds": 60})
+    assert r.status_code == 403, r.text
+    # To the platform key: refused (the data key cannot be opened).
+    r = arm(srv, "PATCH", compute_path(srv, "disks", name), {"properties": {"encryption": {
+        "type": "EncryptionAtRestWithPlatformKey", "diskEncryptionSetId": None}}})
+    assert r.status_code == 403, r.text
+    # A full snapshot under the platform key: refused.
+    r = arm(srv, "PUT", compute_path(srv, "snapshots", random_name("s", 10)), {"location": LOCATION, "properties": {
+        "creationData": {"createOption": "Copy", "sourceResourceId": disk["id"]}, "incremental": False,
+        "encryption": {"type": "EncryptionAtRestWithPlatformKey"}}})
+    assert r.status_code == 403, r.text
+    # The set moved onto another key: refused, and the disk still refuses access.
+    key2 = keys.create_rsa_key(random_name("k2", 8), size=2048)
+    body = {"location": LOCATION, "identity": {"type": "SystemAssigned"},
+            "properties": {"activeKey": {"keyUrl": key2.id}}}
+    r = arm(srv, "PATCH", compute_path(srv, "diskEncryptionSets", set_name), body)
+    assert r.status_code == 403, r.text
+    r = arm(srv, "POST", compute_path(srv, "disks", name) + "/beginGetAccess", {"access": "Read", "durationInSeconds": 60})
+    assert r.status_code == 403, r.text
+    # The key back: the disk reads, nothing lost.
+    disable_all_versions(keys, key.name, enabled=True)
+    ro = grant_access(srv, name, "Read")
+    run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5a 0 1M", ro)
+
+
+def test_a_set_switch_and_a_patch_after_rotation_keep_disks_readable(disk_kagi, tmp_path):
+    srv = disk_kagi
+    vault, keys, key = key_vault_with_key(srv)
+    set_a, des_a = create_set(srv, key.id, rotate=True)
+    grant(srv, vault, des_a["identity"]["principalId"])
+    name, disk = create_disk(srv, encryption={"type": "EncryptionAtRestWithCustomerKey",
+                                              "diskEncryptionSetId": des_a["id"]})
+    uri = grant_access(srv, name, "Write")
+    run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", uri)
+    end_access(srv, name)
+    # Rotation, then a PATCH of the set's tags only: the set stays on the new version...
+    new_key = keys.rotate_key(key.name)
+    wait_for("rotation", lambda: ok(arm(srv, "GET", compute_path(srv, "diskEncryptionSets", set_a)))
+             ["properties"]["activeKey"]["keyUrl"] == new_key.id)
+    got = ok(arm(srv, "PATCH", compute_path(srv, "diskEncryptionSets", set_a), {"tags": {"team": "x"}}))
+    assert got["properties"]["activeKey"]["keyUrl"] == new_key.id
+    listed = ok(arm(srv, "GET", f"/subscriptions/{srv.subscription_id}/resourceGroups/{DEFAULT_RG}/providers/Microsoft.Compute/diskEncryptionSets"))
+    assert [s["properties"]["activeKey"]["keyUrl"] for s in listed["value"] if s["name"] == set_a] == [new_key.id]
+    # ...and the disk reads with the old version disabled.
+    keys.update_key_properties(key.name, key.properties.version, enabled=False)
+    srv.stop()
+    srv.start()
+    ro = grant_access(srv, name, "Read")
+    run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5a 0 1M", ro)
+    end_access(srv, name)
+    # A switch to a set whose identity reaches only its own key vault.
+    vault_b, keys_b, key_b = key_vault_with_key(srv)
+    set_b, des_b = create_set(srv, key_b.id)
+    grant(srv, vault_b, des_b["identity"]["principalId"])
+    got = ok(arm(srv, "PATCH", compute_path(srv, "disks", name), {"properties": {"encryption": {
+        "type": "EncryptionAtRestWithCustomerKey", "diskEncryptionSetId": des_b["id"]}}}))
+    assert got["properties"]["encryption"]["diskEncryptionSetId"] == des_b["id"]
+    # Set A's key no longer matters; set B's does.
+    disable_all_versions(keys, key.name)
+    ro = grant_access(srv, name, "Read")
+    run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5a 0 1M", ro)
+    end_access(srv, name)
+    disable_all_versions(keys_b, key_b.name)
+    srv.stop()
+    srv.start()
+    r = arm(srv, "POST", compute_path(srv, "disks", name) + "/beginGetAccess", {"access": "Read", "durationInSeconds": 60})
+    assert r.status_code == 403, r.text
+
+
+def test_an_expired_access_cuts_its_connections(disk_kagi):
+    srv = disk_kagi
+    name, _ = create_disk(srv)
+    uri = grant_access(srv, name, "Write", seconds=30)
+    client = NbdClient(uri)
+    assert client.read(0).startswith("ok ")
+    advance_clock(srv, 31)
+    wait_for("expiry", lambda: client.read(0).startswith("err"))
+    assert run("nbdinfo", uri, check=False).returncode != 0
+    assert ok(arm(srv, "GET", compute_path(srv, "disks", name)))["properties"]["diskState"] == "Unattached"
+
+
+def test_bad_snapshot_requests_get_azure_errors(kagi):
+    srv = kagi
+    srv.put_rg(DEFAULT_RG)
+    _, disk = create_disk(srv)
+    for props, needle in [
+        ({"encryption": {"type": "Rot13"}}, "Rot13"),
+        ({"encryption": {"type": "EncryptionAtRestWithCustomerKey"}}, "diskEncryptionSetId"),
+        ({"incremental": True, "encryption": {"type": "EncryptionAtRestWithCustomerKey"}}, "disk's encryption"),
+    ]:
+        props["creationData"] = {"createOption": "Copy", "sourceResourceId": disk["id"]}
+        props.setdefault("incremental", False)
+        r = arm(srv, "PUT", compute_path(srv, "snapshots", random_name("bad", 10)),
+                {"location": LOCATION, "properties": props})
+        assert r.status_code == 400, r.text
+        assert needle in r.json()["error"]["message"], r.text
+    r = arm(srv, "PUT", compute_path(srv, "snapshots", random_name("bad", 10)), {"location": "eastus", "properties": {
+        "creationData": {"createOption": "Copy", "sourceResourceId": disk["id"]}, "incremental": True}})
+    assert r.status_code == 400, r.text
+    # A failed creation leaves nothing behind.
+    families = lambda: sorted(p.name for p in (srv.data_dir / "disks").iterdir() if not p.name.startswith("."))
+    before = families()
+    r = arm(srv, "PUT", compute_path(srv, "disks", "disk_2"), {"location": LOCATION, "properties": {
+        "creationData": {"createOption": "Empty"}, "diskSizeGB": 1}})
+    assert r.status_code in (400, 404), r.text
+    assert families() == before
