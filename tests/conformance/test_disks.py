@@ -130,11 +130,16 @@ h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 print("ready", flush=True)
 for line in sys.stdin:
-    if line.strip() == "close":
+    words = line.split()
+    if words == ["close"]:
         h.shutdown()
         break
     try:
-        print("ok " + h.pread(4, int(line)).hex(), flush=True)
+        if words[0] == "write":  # write OFFSET BYTE: 1 MiB of BYTE, with FUA
+            h.pwrite(bytes([int(words[2], 16)]) * (1 << 20), int(words[1]), nbd.CMD_FLAG_FUA)
+            print("ok", flush=True)
+        else:
+            print("ok " + h.pread(4, int(words[0])).hex(), flush=True)
     except nbd.Error as e:
         print(f"err {e.errno} {e.string}", flush=True)
 """
@@ -150,7 +155,13 @@ class NbdClient:
         assert line == "ready", line + self.p.stderr.read()
 
     def read(self, offset):
-        self.p.stdin.write(f"{offset}\n")
+        return self.send(f"{offset}")
+
+    def write_fua(self, offset, byte):
+        return self.send(f"write {offset} {byte:02x}")
+
+    def send(self, line):
+        self.p.stdin.write(line + "\n")
         self.p.stdin.flush()
         return self.p.stdout.readline().strip()
 
@@ -359,10 +370,16 @@ def test_fua_writes_survive_kill_9(tmp_path):
         name, _ = create_disk(srv)
         uri = grant_access(srv, name, "Write")
         run("qemu-io", "-f", "raw", "-c", "write -f -P 0xab 0 1M", "-c", "write -P 0xcd 1M 1M", "-c", "flush", uri)
+        # A write acknowledged with FUA on a connection still open (no flush at close): the
+        # server is killed under it.
+        client = NbdClient(uri)
+        assert client.write_fua(2 * MIB, 0xef) == "ok"
         srv.kill9()
+        client.p.kill()
         srv.start()
         # The access outlives the restart (as a SAS does) and the data is there.
-        run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0xab 0 1M", "-c", "read -P 0xcd 1M 1M", uri)
+        run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0xab 0 1M", "-c", "read -P 0xcd 1M 1M",
+            "-c", "read -P 0xef 2M 1M", uri)
         ro = grant_access(srv, name, "Read")
         run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0xab 0 1M", "-c", "read -P 0xcd 1M 1M", ro)
         end_access(srv, name)

@@ -252,8 +252,10 @@ impl DiskService {
         let disk = self.host.get_resource(caller, at)?;
         let id = disk["id"].as_str().unwrap_or_default().to_string();
         let n = self.end_accesses(&id).await?;
-        // What was written is flushed before the access is reported closed.
+        // What was written is flushed before the access is reported closed: writes its
+        // connections still run finish first.
         if let Some(rt) = self.open_disk(&id) {
+            rt.settle(std::time::Duration::from_secs(30)).await;
             let vol = rt.volume.clone();
             tokio::task::spawn_blocking(move || vol.flush())
                 .await
@@ -349,11 +351,15 @@ impl DiskDevice {
         f: impl FnOnce(&kagi_disk::Volume) -> Result<T, kagi_disk::DiskError> + Send + 'static,
     ) -> Result<T, DeviceError> {
         self.check()?;
+        let running = self.rt.running();
         let vol = self.rt.volume.clone();
-        tokio::task::spawn_blocking(move || f(&vol))
-            .await
-            .map_err(|_| DeviceError::io("the disk operation stopped"))?
-            .map_err(io_error)
+        tokio::task::spawn_blocking(move || {
+            let _running = running;
+            f(&vol)
+        })
+        .await
+        .map_err(|_| DeviceError::io("the disk operation stopped"))?
+        .map_err(io_error)
     }
 }
 

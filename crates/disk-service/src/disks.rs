@@ -530,6 +530,7 @@ impl DiskService {
             family,
             volume: Arc::new(volume),
             state: std::sync::Mutex::new(KeyState::Usable),
+            in_flight: Arc::new(tokio::sync::watch::channel(0).0),
         });
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         Ok(open.entry(id).or_insert(rt).clone())

@@ -32,6 +32,9 @@ pub(crate) struct DiskRuntime {
     pub(crate) volume: Arc<kagi_disk::Volume>,
     /// The key's state.
     pub(crate) state: Mutex<KeyState>,
+    /// Operations of its NBD connections running now (a write may still be running after its
+    /// connection was cut: `endGetAccess` waits for them before it flushes).
+    pub(crate) in_flight: Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl std::fmt::Debug for DiskRuntime {
@@ -43,7 +46,29 @@ impl std::fmt::Debug for DiskRuntime {
     }
 }
 
+/// Counts an operation as running while it exists (moved into the blocking task that does
+/// the work, so that a request given up on still counts until its write is done).
+pub(crate) struct Running(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 impl DiskRuntime {
+    /// Counts an operation of a connection until the guard is dropped.
+    pub(crate) fn running(&self) -> Running {
+        self.in_flight.send_modify(|n| *n += 1);
+        Running(self.in_flight.clone())
+    }
+
+    /// Waits (at most `limit`) until no operation is running.
+    pub(crate) async fn settle(&self, limit: std::time::Duration) {
+        let mut rx = self.in_flight.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
+    }
+
     /// The key's state now.
     pub(crate) fn key_state(&self) -> KeyState {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
