@@ -307,12 +307,37 @@ def test_customer_key_disk_rotation_and_revocation(disk_kagi, tmp_path):
     uri = grant_access(srv, name, "Write", seconds=4 * 86400)
     run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
 
-    # Rotation: a new key version; the set follows it while the disk stays open.
-    new_key = keys.rotate_key(key.name)
-    assert new_key.id != key.id
-    got = wait_for("rotation", lambda: (
-        lambda d: d if d["properties"]["activeKey"]["keyUrl"] == new_key.id else None
-    )(ok(arm(srv, "GET", compute_path(srv, "diskEncryptionSets", set_name)))))
+    # Rotation: a new key version; the set follows it while qemu-io writes in a loop.
+    import threading
+
+    stop = threading.Event()
+    failures = []
+    rounds = []
+
+    def writer():
+        while not stop.is_set():
+            n = len(rounds) % 200 + 1
+            p = run("qemu-io", "-f", "raw", "-c", f"write -P {n} 8M 64k", "-c", f"read -P {n} 8M 64k",
+                    uri, check=False)
+            if p.returncode != 0 or "failed" in p.stdout:
+                failures.append(p.stdout + p.stderr)
+            rounds.append(n)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        wait_for("writes", lambda: len(rounds) >= 2)
+        new_key = keys.rotate_key(key.name)
+        assert new_key.id != key.id
+        got = wait_for("rotation", lambda: (
+            lambda d: d if d["properties"]["activeKey"]["keyUrl"] == new_key.id else None
+        )(ok(arm(srv, "GET", compute_path(srv, "diskEncryptionSets", set_name)))))
+        before = len(rounds)
+        wait_for("writes after the rotation", lambda: len(rounds) >= before + 2)
+    finally:
+        stop.set()
+        t.join(timeout=60)
+    assert failures == [], failures[:2]
     assert got["properties"]["lastKeyRotationTimestamp"]
     assert got["properties"]["previousKeys"] == []
     run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 4M 1M", "-c", "read -P 0x5a 4M 1M", uri)
