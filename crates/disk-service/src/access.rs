@@ -437,6 +437,9 @@ impl BlockDevice for DiskDevice {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DeviceError> {
+        // An answer may cover less than asked (clients ask again from where it ends): at most
+        // 1 GiB of the index is walked per request.
+        let len = len.min(1 << 30);
         self.run(move |v| {
             Ok(v.extents(offset, len)?
                 .into_iter()

@@ -130,7 +130,16 @@ impl DiskService {
                 enc["diskEncryptionSetId"] = s.clone();
             }
         }
-        let (etype, set) = self.encryption_of(caller, &enc, &location).await?;
+        // An unchanged set is not checked again (a PATCH of tags or size must not depend on
+        // the key vault); a new one is.
+        let unchanged = existing.is_some()
+            && enc["diskEncryptionSetId"]
+                .as_str()
+                .map(str::to_ascii_lowercase)
+                == old_set.as_deref().map(str::to_ascii_lowercase);
+        let (etype, set) = self
+            .encryption_of(caller, &enc, &location, !unchanged)
+            .await?;
         if existing.is_some() {
             let old_type = props["encryption"]["type"].as_str().unwrap_or(PMK);
             // DK-7: a disk with incremental snapshots keeps its customer-managed key.
@@ -256,13 +265,15 @@ impl DiskService {
         Ok((status, self.with_state(stored)))
     }
 
-    /// The encryption type and the set (checked for the caller, the region and the type) that
-    /// `enc` (a resource's `encryption`) names, with Azure's error for each mistake.
+    /// The encryption type and the set (checked for the caller, the region and the type, and
+    /// with `check_key` its key probed with its identity) that `enc` (a resource's
+    /// `encryption`) names, with Azure's error for each mistake.
     pub(crate) async fn encryption_of(
         &self,
         caller: &Principal,
         enc: &Value,
         location: &str,
+        check_key: bool,
     ) -> Result<(String, Option<(SetKey, Value)>), KvError> {
         let etype = enc["type"].as_str().unwrap_or(PMK).to_string();
         if ![PMK, CMK, DOUBLE].contains(&etype.as_str()) {
@@ -292,7 +303,10 @@ impl DiskService {
                     ),
                 ));
             }
-            (_, Some(sid)) => Some(self.usable_set(caller, sid, &etype, location).await?),
+            (_, Some(sid)) => Some(
+                self.usable_set(caller, sid, &etype, location, check_key)
+                    .await?,
+            ),
             _ => None,
         };
         Ok((etype, set))
@@ -368,6 +382,7 @@ impl DiskService {
         set_id: &str,
         etype: &str,
         location: &str,
+        check_key: bool,
     ) -> Result<(SetKey, Value), KvError> {
         let missing = || {
             KvError::new(
@@ -403,7 +418,9 @@ impl DiskService {
                 ),
             ));
         }
-        self.validate_set_key(&set, &body).await?;
+        if check_key {
+            self.validate_set_key(&set, &body).await?;
+        }
         Ok((set, body))
     }
 

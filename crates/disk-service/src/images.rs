@@ -62,7 +62,7 @@ impl DiskService {
                 } else {
                     crate::des::CMK
                 };
-                Some(self.usable_set(caller, sid, etype, &location).await?)
+                Some(self.usable_set(caller, sid, etype, &location, true).await?)
             }
             None => None,
         };

@@ -77,7 +77,7 @@ impl DiskService {
                 "An incremental snapshot is in its disk's region.",
             ));
         }
-        let (etype, set) = self.encryption_of(caller, &enc, &location).await?;
+        let (etype, set) = self.encryption_of(caller, &enc, &location, true).await?;
         let now = p.now();
         let unique = crate::disks::new_unique_id()?;
         let mut props = json!({
