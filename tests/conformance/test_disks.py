@@ -903,3 +903,31 @@ def test_bad_snapshot_requests_get_azure_errors(kagi):
         "creationData": {"createOption": "Empty"}, "diskSizeGB": 1}})
     assert r.status_code in (400, 404), r.text
     assert families() == before
+
+
+def test_upload_a_disk(kagi, tmp_path):
+    """createOption Upload: ReadyToUpload, ActiveUpload while the write access is open,
+    Unattached once it ends; the disk holds what was uploaded."""
+    srv = kagi
+    srv.put_rg(DEFAULT_RG)
+    name = random_name("up", 10)
+    size = 32 * MIB + 512
+    body = {"location": LOCATION, "properties": {"creationData": {"createOption": "Upload", "uploadSizeBytes": size}}}
+    disk = ok(arm(srv, "PUT", compute_path(srv, "disks", name), body))
+    assert disk["properties"]["diskState"] == "ReadyToUpload"
+    assert disk["properties"]["diskSizeBytes"] == 32 * MIB + 4096
+    assert disk["properties"]["creationData"] == {"createOption": "Upload", "uploadSizeBytes": size}
+    uri = grant_access(srv, name, "Write")
+    assert ok(arm(srv, "GET", compute_path(srv, "disks", name)))["properties"]["diskState"] == "ActiveUpload"
+    image = tmp_path / "up.raw"
+    data = random_image(image, 32, seed=9)
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
+    end_access(srv, name)
+    assert ok(arm(srv, "GET", compute_path(srv, "disks", name)))["properties"]["diskState"] == "Unattached"
+    ro = grant_access(srv, name, "Read")
+    assert ok(arm(srv, "GET", compute_path(srv, "disks", name)))["properties"]["diskState"] == "ActiveSAS"
+    assert read_back(ro, tmp_path / "back.raw", len(data)) == data
+    r = arm(srv, "PUT", compute_path(srv, "disks", random_name("up", 10)), {"location": LOCATION, "properties": {
+        "creationData": {"createOption": "Upload", "uploadSizeBytes": 1024}}})
+    assert r.status_code == 400, r.text
+    assert "uploadSizeBytes" in r.text

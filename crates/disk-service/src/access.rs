@@ -252,6 +252,21 @@ impl DiskService {
         let disk = self.host.get_resource(caller, at)?;
         let id = disk["id"].as_str().unwrap_or_default().to_string();
         let n = self.end_accesses(&id).await?;
+        // The end of an upload: the disk is an ordinary one from now on.
+        if disk["properties"]["diskState"] == json!("ReadyToUpload") {
+            let mut body = json!({"location": disk["location"], "properties": disk["properties"],
+                "sku": disk["sku"]});
+            if disk["tags"].is_object() {
+                body["tags"] = disk["tags"].clone();
+            }
+            body["properties"]["diskState"] = json!("Unattached");
+            let put = kagi_host::PutResource {
+                at,
+                body,
+                identity: None,
+            };
+            self.host.put_resource(caller, put).await?;
+        }
         // What was written is flushed before the access is reported closed: writes its
         // connections still run finish first.
         if let Some(rt) = self.open_disk(&id) {

@@ -54,8 +54,14 @@ impl DiskService {
             .as_ref()
             .map(|e| e["properties"].clone())
             .unwrap_or_else(|| json!({}));
+        // `Upload`: an empty disk of exactly the size to be uploaded (rounded up to a 4 KiB
+        // block), ready for a write access (`ReadyToUpload`, `ActiveUpload` while open).
+        let upload = match &existing {
+            Some(_) => None,
+            None => upload_size(&props_in["creationData"])?,
+        };
         // Size: given at creation, only grown later.
-        let old_size = props["diskSizeBytes"].as_u64();
+        let old_size = props["diskSizeBytes"].as_u64().or(upload);
         let size_gb = match props_in.get("diskSizeGB") {
             Some(v) => v
                 .as_u64()
@@ -76,7 +82,10 @@ impl DiskService {
                 }
             },
         };
-        let size = size_gb * GIB;
+        let size = match (upload, props_in.get("diskSizeGB")) {
+            (Some(bytes), None) => bytes,
+            _ => size_gb * GIB,
+        };
         if let Some(src) = &source
             && size < src.size
         {
@@ -108,6 +117,8 @@ impl DiskService {
         }
         if existing.is_none() {
             props["creationData"] = match &source {
+                None if upload.is_some() => json!({"createOption": "Upload",
+                    "uploadSizeBytes": props_in["creationData"]["uploadSizeBytes"]}),
                 None => json!({"createOption": "Empty"}),
                 Some(src) if src.body["type"] == json!(crate::IMAGE_TYPE) => {
                     json!({"createOption": "FromImage", "imageReference": {"id": src.id}})
@@ -175,7 +186,11 @@ impl DiskService {
         if new_disk {
             props["uniqueId"] = json!(new_unique_id()?);
             props["timeCreated"] = json!(rfc3339(now));
-            props["diskState"] = json!("Unattached");
+            props["diskState"] = json!(if upload.is_some() {
+                "ReadyToUpload"
+            } else {
+                "Unattached"
+            });
         }
         let mut body = json!({"location": location, "properties": props,
             "sku": input.get("sku").cloned().unwrap_or_else(|| json!({"name": "Standard_LRS", "tier": "Standard"}))});
@@ -563,7 +578,12 @@ impl DiskService {
     pub(crate) fn with_state(&self, mut body: Value) -> Value {
         let id = body["id"].as_str().unwrap_or_default().to_string();
         if self.access_open(&id) {
-            body["properties"]["diskState"] = json!("ActiveSAS");
+            let state = if body["properties"]["diskState"] == json!("ReadyToUpload") {
+                "ActiveUpload"
+            } else {
+                "ActiveSAS"
+            };
+            body["properties"]["diskState"] = json!(state);
         }
         if let Some(rt) = self.open_disk(&id) {
             match rt.key_state() {
@@ -651,7 +671,7 @@ impl DiskService {
         creation: &Value,
     ) -> Result<Option<Source>, KvError> {
         let option = creation["createOption"].as_str().unwrap_or("Empty");
-        if option.eq_ignore_ascii_case("Empty") {
+        if option.eq_ignore_ascii_case("Empty") || option.eq_ignore_ascii_case("Upload") {
             return Ok(None);
         }
         let sid = if option.eq_ignore_ascii_case("Copy") {
@@ -821,6 +841,33 @@ pub(crate) fn ref_of(id: &str) -> Option<(String, String, String, String)> {
         }
         _ => None,
     }
+}
+
+/// The size of an `Upload` disk (`creationData.uploadSizeBytes`, rounded up to a 4 KiB block);
+/// `None` for another `createOption`.
+fn upload_size(creation: &Value) -> Result<Option<u64>, KvError> {
+    let upload = creation["createOption"]
+        .as_str()
+        .is_some_and(|o| o.eq_ignore_ascii_case("Upload"));
+    if !upload {
+        return Ok(None);
+    }
+    // Azure's smallest upload is 20 MiB and one VHD footer.
+    let min = 20 * (1 << 20) + 512;
+    creation["uploadSizeBytes"]
+        .as_u64()
+        .filter(|n| (min..=MAX_SIZE_GB * GIB).contains(n))
+        .map(|n| Some(n.div_ceil(4096) * 4096))
+        .ok_or_else(|| {
+            bad(
+                "InvalidParameter",
+                format!(
+                    "createOption 'Upload' needs creationData.uploadSizeBytes from {min} to {} \
+                     bytes.",
+                    MAX_SIZE_GB * GIB
+                ),
+            )
+        })
 }
 
 /// A new `uniqueId` (a random UUID).
