@@ -931,3 +931,28 @@ def test_upload_a_disk(kagi, tmp_path):
         "creationData": {"createOption": "Upload", "uploadSizeBytes": 1024}}})
     assert r.status_code == 400, r.text
     assert "uploadSizeBytes" in r.text
+
+
+def test_a_rotation_the_set_cannot_do_is_reported(disk_kagi):
+    """autoKeyRotationError: the set's identity lost its permission; the disk's key state says
+    why too. Granted again, the rotation completes and the error goes."""
+    srv = disk_kagi
+    vault, keys, key = key_vault_with_key(srv)
+    set_name, des = create_set(srv, key.id, rotate=True)
+    principal = des["identity"]["principalId"]
+    grant(srv, vault, principal)
+    name, _ = create_disk(srv, encryption={"type": "EncryptionAtRestWithCustomerKey", "diskEncryptionSetId": des["id"]})
+    grant_access(srv, name, "Read")
+    r = update_vault_properties(srv, vault, accessPolicies=[], enablePurgeProtection=True, enableSoftDelete=True)
+    assert r.status_code in (200, 201), r.text
+    new_key = keys.rotate_key(key.name)
+    got = wait_for("the error", lambda: (lambda d: d if "autoKeyRotationError" in d["properties"] else None)(
+        ok(arm(srv, "GET", compute_path(srv, "diskEncryptionSets", set_name)))))
+    assert got["properties"]["activeKey"]["keyUrl"] == key.id
+    assert "autoKeyRotationError" in got["properties"], got
+    assert ok(arm(srv, "GET", compute_path(srv, "disks", name)))["properties"]["keyState"]["state"] == "GracePeriod"
+    grant(srv, vault, principal)
+    got = wait_for("the rotation", lambda: (lambda d: d if d["properties"]["activeKey"]["keyUrl"] == new_key.id else None)(
+        ok(arm(srv, "GET", compute_path(srv, "diskEncryptionSets", set_name)))))
+    assert "autoKeyRotationError" not in got["properties"], got
+    wait_for("recovery", lambda: "keyState" not in ok(arm(srv, "GET", compute_path(srv, "disks", name)))["properties"])
