@@ -956,3 +956,29 @@ def test_a_rotation_the_set_cannot_do_is_reported(disk_kagi):
         ok(arm(srv, "GET", compute_path(srv, "diskEncryptionSets", set_name)))))
     assert "autoKeyRotationError" not in got["properties"], got
     wait_for("recovery", lambda: "keyState" not in ok(arm(srv, "GET", compute_path(srv, "disks", name)))["properties"])
+
+
+def test_cmk_stays_on_a_disk_with_incremental_snapshots(disk_kagi):
+    """DK-7: with an incremental snapshot, the customer-managed key cannot be turned off (even
+    after the disk moved to another resource group); without one it can."""
+    from test_backup_moves import post_move, put_rg
+
+    srv = disk_kagi
+    vault, keys, key = key_vault_with_key(srv)
+    _, des = create_set(srv, key.id)
+    grant(srv, vault, des["identity"]["principalId"])
+    enc = {"type": "EncryptionAtRestWithCustomerKey", "diskEncryptionSetId": des["id"]}
+    to_pmk = {"properties": {"encryption": {"type": "EncryptionAtRestWithPlatformKey", "diskEncryptionSetId": None}}}
+    name, disk = create_disk(srv, encryption=enc)
+    create_snapshot(srv, disk["id"], incremental=True)
+    put_rg(srv, srv.subscription_id, "rg-dk7")
+    r = post_move(srv, srv.subscription_id, DEFAULT_RG, [disk["id"]], srv.subscription_id, "rg-dk7")
+    assert r.status_code in (200, 202, 204), r.text
+    moved = compute_path(srv, "disks", name, rg="rg-dk7")
+    wait_for("move", lambda: arm(srv, "GET", moved).status_code == 200)
+    r = arm(srv, "PATCH", moved, to_pmk)
+    assert r.status_code == 400, r.text
+    assert "incremental snapshots" in r.text
+    other, _ = create_disk(srv, encryption=enc)
+    got = ok(arm(srv, "PATCH", compute_path(srv, "disks", other), to_pmk))
+    assert got["properties"]["encryption"] == {"type": "EncryptionAtRestWithPlatformKey"}

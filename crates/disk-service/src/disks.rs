@@ -154,7 +154,8 @@ impl DiskService {
         if existing.is_some() {
             let old_type = props["encryption"]["type"].as_str().unwrap_or(PMK);
             // DK-7: a disk with incremental snapshots keeps its customer-managed key.
-            if old_type != PMK && etype == PMK && self.has_incremental_snapshots(&id) {
+            let unique = props["uniqueId"].as_str().unwrap_or_default();
+            if old_type != PMK && etype == PMK && self.has_incremental_snapshots(unique) {
                 return Err(bad(
                     "InvalidParameter",
                     format!(
@@ -376,16 +377,17 @@ impl DiskService {
         }
     }
 
-    /// Whether disk `id` has incremental snapshots.
-    fn has_incremental_snapshots(&self, id: &str) -> bool {
+    /// Whether the disk of `unique_id` has incremental snapshots (matched by the disk's
+    /// `uniqueId`, which a move does not change, unlike its resource id).
+    fn has_incremental_snapshots(&self, unique_id: &str) -> bool {
         self.host
             .resources_of_type(crate::SNAPSHOT_TYPE)
             .iter()
             .any(|s| {
                 s["properties"]["incremental"] == json!(true)
-                    && s["properties"]["creationData"]["sourceResourceId"]
+                    && s["properties"]["creationData"]["sourceUniqueId"]
                         .as_str()
-                        .is_some_and(|src| src.eq_ignore_ascii_case(id))
+                        .is_some_and(|src| src.eq_ignore_ascii_case(unique_id))
             })
     }
 
