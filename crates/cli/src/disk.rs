@@ -41,6 +41,83 @@ struct Group {
     resource_group: Option<String>,
 }
 
+/// Access for block clients, of disks and snapshots alike.
+#[derive(Subcommand, Debug)]
+enum AccessCommand {
+    /// Open it for block clients: prints the NBD URI (qemu-img, nbdinfo, nbdcopy, nbdfuse).
+    GrantAccess {
+        #[command(flatten)]
+        at: Named,
+        /// Read or Write.
+        #[arg(long, default_value = "Read")]
+        access_level: String,
+        /// How long the access lasts, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        duration_in_seconds: u64,
+    },
+    /// End its access (its clients are disconnected).
+    RevokeAccess {
+        #[command(flatten)]
+        at: Named,
+    },
+}
+
+/// `kagi snapshot`.
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    command: SnapshotCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// Take a snapshot of a disk (incremental ones share its unchanged blocks).
+    Create {
+        #[command(flatten)]
+        at: Named,
+        /// Region.
+        #[arg(long, short = 'l', default_value = "westeurope")]
+        location: String,
+        /// The disk's resource id.
+        #[arg(long)]
+        source: String,
+        /// Incremental (uses the disk's encryption).
+        #[arg(long)]
+        incremental: bool,
+    },
+    #[command(flatten)]
+    Common(Common),
+    #[command(flatten)]
+    Access(AccessCommand),
+}
+
+/// `kagi image`.
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    #[command(subcommand)]
+    command: ImageCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Make an image of a disk or snapshot (disks are then made from it with FromImage).
+    Create {
+        #[command(flatten)]
+        at: Named,
+        /// Region.
+        #[arg(long, short = 'l', default_value = "westeurope")]
+        location: String,
+        /// The resource id of the disk or snapshot.
+        #[arg(long)]
+        source: String,
+        /// A disk encryption set's resource id (default: the platform key).
+        #[arg(long)]
+        disk_encryption_set: Option<String>,
+    },
+    #[command(flatten)]
+    Common(Common),
+}
+
 /// What both commands do alike.
 #[derive(Subcommand, Debug)]
 enum Common {
@@ -148,22 +225,8 @@ enum DiskCommand {
     },
     #[command(flatten)]
     Common(Common),
-    /// Open a disk for block clients: prints the NBD URI (qemu-img, nbdinfo, nbdcopy, nbdfuse).
-    GrantAccess {
-        #[command(flatten)]
-        at: Named,
-        /// Read or Write.
-        #[arg(long, default_value = "Read")]
-        access_level: String,
-        /// How long the access lasts, in seconds.
-        #[arg(long, default_value_t = 3600)]
-        duration_in_seconds: u64,
-    },
-    /// End a disk's access (its clients are disconnected).
-    RevokeAccess {
-        #[command(flatten)]
-        at: Named,
-    },
+    #[command(flatten)]
+    Access(AccessCommand),
 }
 
 fn url(ctx: &Context, kind: &str, at: &Named) -> String {
@@ -340,20 +403,101 @@ pub async fn run_disk(ctx: &Context, args: DiskArgs) -> anyhow::Result<()> {
             );
         }
         DiskCommand::Common(c) => common(ctx, KIND, c, disk_line).await?,
-        DiskCommand::GrantAccess {
+        DiskCommand::Access(c) => access(ctx, KIND, c).await?,
+    }
+    Ok(())
+}
+
+/// Runs an [`AccessCommand`] on a resource of `kind`.
+async fn access(ctx: &Context, kind: &str, c: AccessCommand) -> anyhow::Result<()> {
+    match c {
+        AccessCommand::GrantAccess {
             at,
             access_level,
             duration_in_seconds,
         } => {
             let body = json!({"access": access_level, "durationInSeconds": duration_in_seconds});
-            let v = send(ctx, Method::POST, KIND, &at, "/beginGetAccess", Some(&body)).await?;
+            let v = send(ctx, Method::POST, kind, &at, "/beginGetAccess", Some(&body)).await?;
             show(ctx, &v, |v| {
                 v["accessSAS"].as_str().unwrap_or("").to_string()
             });
         }
-        DiskCommand::RevokeAccess { at } => {
-            send(ctx, Method::POST, KIND, &at, "/endGetAccess", None).await?;
+        AccessCommand::RevokeAccess { at } => {
+            send(ctx, Method::POST, kind, &at, "/endGetAccess", None).await?;
         }
+    }
+    Ok(())
+}
+
+fn snapshot_line(d: &Value) -> String {
+    let p = &d["properties"];
+    format!(
+        "{}\t{} GiB\tincremental={}\t{}",
+        d["name"].as_str().unwrap_or(""),
+        p["diskSizeGB"],
+        p["incremental"],
+        p["encryption"]["type"].as_str().unwrap_or("")
+    )
+}
+
+fn image_line(d: &Value) -> String {
+    let os = &d["properties"]["storageProfile"]["osDisk"];
+    format!(
+        "{}\t{} GiB\t{}",
+        d["name"].as_str().unwrap_or(""),
+        os["diskSizeGB"],
+        d["properties"]["provisioningState"].as_str().unwrap_or("")
+    )
+}
+
+/// Runs `kagi snapshot …`.
+pub async fn run_snapshot(ctx: &Context, args: SnapshotArgs) -> anyhow::Result<()> {
+    const KIND: &str = "snapshots";
+    match args.command {
+        SnapshotCommand::Create {
+            at,
+            location,
+            source,
+            incremental,
+        } => {
+            let body = json!({"location": location, "properties": {
+                "creationData": {"createOption": "Copy", "sourceResourceId": source},
+                "incremental": incremental}});
+            let v = send(ctx, Method::PUT, KIND, &at, "", Some(&body)).await?;
+            show(ctx, &v, snapshot_line);
+        }
+        SnapshotCommand::Common(c) => common(ctx, KIND, c, snapshot_line).await?,
+        SnapshotCommand::Access(c) => access(ctx, KIND, c).await?,
+    }
+    Ok(())
+}
+
+/// Runs `kagi image …`.
+pub async fn run_image(ctx: &Context, args: ImageArgs) -> anyhow::Result<()> {
+    const KIND: &str = "images";
+    match args.command {
+        ImageCommand::Create {
+            at,
+            location,
+            source,
+            disk_encryption_set,
+        } => {
+            let from = if source.to_ascii_lowercase().contains("/snapshots/") {
+                "snapshot"
+            } else {
+                "managedDisk"
+            };
+            let mut os = json!({"osType": "Linux", "osState": "Generalized"});
+            os[from] = json!({ "id": source });
+            if let Some(set) = disk_encryption_set {
+                os["diskEncryptionSet"] = json!({ "id": set });
+            }
+            let body = json!({"location": location,
+                "properties": {"storageProfile": {"osDisk": os}}});
+            let v = send(ctx, Method::PUT, KIND, &at, "", Some(&body)).await?;
+            show(ctx, &v, image_line);
+        }
+        ImageCommand::Common(c) => common(ctx, KIND, c, image_line).await?,
     }
     Ok(())
 }

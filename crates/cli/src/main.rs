@@ -97,6 +97,10 @@ enum Command {
     DiskEncryptionSet(disk::SetArgs),
     /// Managed disks: create, grow, open for block clients over NBD (grant-access).
     Disk(disk::DiskArgs),
+    /// Snapshots of disks (incremental or full), readable over NBD.
+    Snapshot(disk::SnapshotArgs),
+    /// Images of disks or snapshots, to make disks from.
+    Image(disk::ImageArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -149,6 +153,14 @@ fn main() -> std::process::ExitCode {
             Command::Disk(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 disk::run_disk(&ctx, args).await
+            }
+            Command::Snapshot(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                disk::run_snapshot(&ctx, args).await
+            }
+            Command::Image(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                disk::run_image(&ctx, args).await
             }
             Command::Policy(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
