@@ -814,6 +814,9 @@ def test_no_way_around_a_revoked_customer_key(disk_kagi, tmp_path):
             "properties": {"activeKey": {"keyUrl": key2.id}}}
     r = arm(srv, "PATCH", compute_path(srv, "diskEncryptionSets", set_name), body)
     assert r.status_code == 403, r.text
+    # Refused means unchanged: the set still names its key.
+    got = ok(arm(srv, "GET", compute_path(srv, "diskEncryptionSets", set_name)))
+    assert got["properties"]["activeKey"]["keyUrl"] == key.id
     r = arm(srv, "POST", compute_path(srv, "disks", name) + "/beginGetAccess", {"access": "Read", "durationInSeconds": 60})
     assert r.status_code == 403, r.text
     # The key back: the disk reads, nothing lost.

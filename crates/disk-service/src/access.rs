@@ -249,11 +249,15 @@ impl DiskService {
         caller: &Principal,
         at: ResourceRef<'_>,
     ) -> Result<(u16, Value), KvError> {
+        // Under the disk's lock, read again under it: a change of the disk meanwhile (a switch
+        // of set) is never written over with an older copy.
+        let (_, _g) = self.locked(at).await;
         let disk = self.host.get_resource(caller, at)?;
         let id = disk["id"].as_str().unwrap_or_default().to_string();
+        let wrote = self.accesses_of(&id).iter().any(|(_, a)| a.write);
         let n = self.end_accesses(&id).await?;
-        // The end of an upload: the disk is an ordinary one from now on.
-        if disk["properties"]["diskState"] == json!("ReadyToUpload") {
+        // The end of an upload (a write access ended): an ordinary disk from now on.
+        if wrote && disk["properties"]["diskState"] == json!("ReadyToUpload") {
             let mut body = json!({"location": disk["location"], "properties": disk["properties"],
                 "sku": disk["sku"]});
             if disk["tags"].is_object() {

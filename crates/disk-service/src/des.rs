@@ -230,6 +230,14 @@ impl DiskService {
             self.validate_set_key(&new, &candidate).await?;
         }
         let old = existing.as_ref().and_then(SetKey::of);
+        // A new key (not a rotation the set follows itself): every disk of the set is wrapped
+        // under it before the set names it; the records under the old one go once it does.
+        let key_changes = old
+            .as_ref()
+            .is_some_and(|o| !o.kid.eq_ignore_ascii_case(&new.kid));
+        if key_changes {
+            self.rewrap_set(&new, &candidate, false).await?;
+        }
         let put = PutResource {
             at,
             body,
@@ -247,13 +255,9 @@ impl DiskService {
             p.put_document(&id, "set", "rotation", &doc).await?;
         }
 
-        // A new key (not a rotation the set follows itself): every disk of the set is wrapped
-        // under it before the set says so; then the records under the old one go.
-        if let Some(old) = old
-            && !old.kid.eq_ignore_ascii_case(&new.kid)
-        {
+        if key_changes {
             let stored_key = SetKey::of(&stored).ok_or_else(|| keys_internal("set"))?;
-            self.rewrap_set(&stored_key, &stored, &old.kid).await?;
+            self.rewrap_set(&stored_key, &stored, true).await?;
         }
         Ok((status, self.set_view(stored).await))
     }
@@ -289,69 +293,67 @@ impl DiskService {
             .collect()
     }
 
-    /// Wraps every disk of `set` under its key version in force (one record per disk), then,
-    /// once all have one, drops the records under `previous` (DK-6: rotation re-wraps only).
+    /// Wraps the data key of every disk, snapshot and image of `set` under `set.kid` (one
+    /// record each, where none exists: a re-run adds nothing), and with `retire` then keeps
+    /// only that record (DK-6: rotation re-wraps only). Each resource is locked only while its
+    /// own records change, and read again under its lock: one switched to another set
+    /// meanwhile is left alone. Stops at the first resource that cannot be wrapped (the key
+    /// vault unreachable, a permission gone): what was added stays, nothing was retired for
+    /// that one, and the next pass of the keeper goes on.
     pub(crate) async fn rewrap_set(
         &self,
         set: &SetKey,
         body: &Value,
-        previous: &str,
+        retire: bool,
     ) -> Result<u64, KvError> {
         let p = self.host.as_ref();
         let kek = set.kek(p, body)?;
-        // Each disk's lock is held while its records change (in id order: no other holder of
-        // several takes them), and each is read again under it: a disk switched to another
-        // set meanwhile is not this set's to re-wrap.
         let mut ids: Vec<String> = self
             .disks_of(&set.id)
             .iter()
-            .filter_map(|d| d["id"].as_str().map(str::to_ascii_lowercase))
+            .filter_map(|d| d["id"].as_str().map(str::to_string))
             .collect();
-        ids.sort();
-        ids.dedup();
-        let mut guards = Vec::with_capacity(ids.len());
+        ids.sort_by_key(|id| id.to_ascii_lowercase());
+        ids.dedup_by_key(|id| id.to_ascii_lowercase());
+        let mut added = 0;
         for id in &ids {
-            guards.push(self.lock_id(id).await);
+            let _g = self.lock_id(id).await;
+            let Some(d) = p.resource(id) else {
+                continue;
+            };
+            let in_set = d["properties"]["encryption"]["diskEncryptionSetId"]
+                .as_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case(&set.id));
+            let Some(owner) = crate::keys::disk_keys(p, &d).filter(|_| in_set) else {
+                continue;
+            };
+            let done = self
+                .keys
+                .rewrap_all(&[&owner], &kek, p.now())
+                .await
+                .map_err(crate::keys::key_error)?;
+            if let Some((_, e)) = done.failed.into_iter().next() {
+                let e = crate::keys::key_error(e);
+                let name = d["name"].as_str().unwrap_or_default();
+                return Err(KvError::new(
+                    e.code,
+                    format!(
+                        "'{name}' could not be wrapped under '{}' (its earlier key still \
+                         protects it): {}",
+                        set.kid, e.message
+                    ),
+                )
+                .with_inner("KeyVaultAccessForbidden"));
+            }
+            added += done.added;
+            if retire {
+                owner.retire_others(Some(&set.kid)).await?;
+            }
         }
-        let disks: Vec<Value> = ids
-            .iter()
-            .filter_map(|id| p.resource(id))
-            .filter(|d| {
-                d["properties"]["encryption"]["diskEncryptionSetId"]
-                    .as_str()
-                    .is_some_and(|s| s.eq_ignore_ascii_case(&set.id))
-            })
-            .collect();
-        let owners: Vec<crate::keys::DiskKeys<'_>> = disks
-            .iter()
-            .filter_map(|d| crate::keys::disk_keys(p, d))
-            .collect();
-        let refs: Vec<&dyn kagi_cmk::KeyOwner> = owners
-            .iter()
-            .map(|o| o as &dyn kagi_cmk::KeyOwner)
-            .collect();
-        let done = self
-            .keys
-            .rewrap_all(&refs, &kek, p.now())
-            .await
-            .map_err(crate::keys::key_error)?;
-        if let Some((i, e)) = done.failed.into_iter().next() {
-            let disk = disks[i]["name"].as_str().unwrap_or_default().to_string();
-            let e = crate::keys::key_error(e);
-            return Err(KvError::new(
-                e.code,
-                format!(
-                    "The disk '{disk}' could not be wrapped under '{}' (its previous key '{previous}' still protects it): {}",
-                    set.kid, e.message
-                ),
-            )
-            .with_inner("KeyVaultAccessForbidden"));
+        if added > 0 {
+            tracing::info!(set = %set.id, added, "disk encryption set re-wrapped");
         }
-        for o in &owners {
-            o.retire_others(Some(&set.kid)).await?;
-        }
-        tracing::info!(set = %set.id, disks = owners.len(), added = done.added, "disk encryption set re-wrapped");
-        Ok(done.added)
+        Ok(added)
     }
 
     /// `DELETE {des}`: refused while disks use it.

@@ -505,7 +505,10 @@ impl DiskService {
             let records = kagi_cmk::KeyOwner::wrapped_keys(&keys).await?;
             let mut first_err = None;
             for r in records.iter().rev() {
-                if matches!(r.kek, kagi_cmk::KekRef::Platform) {
+                // Only the key version the set names now: a record left under another key
+                // (or version) is never a way around the one in force.
+                let in_force = matches!(&r.kek, kagi_cmk::KekRef::Customer(k) if k.eq_ignore_ascii_case(&s.kid));
+                if !in_force {
                     continue;
                 }
                 match self.keys.unwrap(&keys, &kek, r, p.now()).await {

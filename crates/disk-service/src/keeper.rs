@@ -114,6 +114,22 @@ impl DiskService {
         if set.auto_rotate {
             self.rotate(set, body, report).await;
         }
+        // Healing: a resource made or switched into the set while it changed key (or left
+        // half-way by a crash) gets its record under the key in force, and only that one.
+        let (set, body) = match self.host.resource(&set.id) {
+            Some(b) => {
+                let b = self.set_view(b).await;
+                match SetKey::of(&b) {
+                    Some(s) => (s, b),
+                    None => return,
+                }
+            }
+            None => return,
+        };
+        let (set, body) = (&set, &body);
+        if let Err(e) = self.rewrap_set(set, body, true).await {
+            tracing::warn!(set = %set.id, error = %e, "disks of the set not all under its key yet");
+        }
         let now = self.host.now();
         let grace = self.config.revocation_grace.as_secs() as i64;
         for disk in self.disks_of(&set.id) {
@@ -257,12 +273,17 @@ impl DiskService {
             kid: kid.clone(),
             ..set.clone()
         };
-        match self.rewrap_set(&next, body, &set.kid).await {
+        // Added under the new version first, then the set names it, then the old records go:
+        // at every moment some record the set's key opens exists.
+        match self.rewrap_set(&next, body, false).await {
             Ok(added) => {
                 report.rotated += 1;
                 report.rewrapped += added;
                 if let Err(e) = self.note_rotation(&set.id, Some(&kid), None, None).await {
                     return error(e.message).await;
+                }
+                if let Err(e) = self.rewrap_set(&next, body, true).await {
+                    tracing::warn!(set = %set.id, error = %e, "older records not retired yet");
                 }
                 let msg = format!(
                     "Rotated from '{}' to '{kid}': {added} disk(s) re-wrapped.",

@@ -1,12 +1,13 @@
 //! A disk family's data key (DEK) and the records of the keys that wrap it.
 //!
-//! Each disk (with its snapshots: a family) has one AES-256 DEK, generated when the disk is
-//! created and never changed. It is kept only wrapped, in the disk's `keys` document: always
-//! under the disk's own platform key (DK-1; sealed under kagi's root key, bound to the disk's
-//! `uniqueId`), and, when the disk uses a disk encryption set, under the set's key version
-//! through the key vault with the set's identity (DK-2, DK-3). Rotation adds one record under
-//! the new version (`kagi_cmk::KeyAccess::rewrap_all`): 32 bytes wrapped per disk, whatever its
-//! size.
+//! Each disk family (a disk, its incremental snapshots and the disks made from them) has one
+//! AES-256 DEK, generated when the family is made and never changed. Each resource keeps it
+//! only wrapped, in its own `keys` document: under the family's platform key (DK-1; sealed
+//! under kagi's root key, bound to the family) for a resource on the platform key, or under its
+//! set's key version through the key vault with the set's identity (DK-2, DK-3) for a resource
+//! under a set, which then keeps no platform record. Rotation adds one record under the new
+//! version (`kagi_cmk::KeyAccess::rewrap_all`): 32 bytes wrapped per resource, whatever its
+//! size; the older records go once the set names the new version.
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -213,6 +214,9 @@ impl DiskKeys<'_> {
         if records.is_empty() {
             // Never leave a resource with no way to its data key.
             return Err(internal("disk keys", "no record under the key in force"));
+        }
+        if doc["records"].as_array().map(Vec::len) == Some(records.len()) {
+            return Ok(());
         }
         doc["records"] = json!(records);
         self.host
