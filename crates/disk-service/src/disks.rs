@@ -348,8 +348,11 @@ impl DiskService {
                     volume: unique.to_string(),
                 };
                 let fam = self.new_family(keys, &place, double, set, now).await?;
-                fam.create_volume(&place.volume, size)
-                    .map_err(|e| internal("creating the disk", e))?;
+                if let Err(e) = fam.create_volume(&place.volume, size) {
+                    drop(fam);
+                    let _ = self.store.delete_family(&place.family);
+                    return Err(internal("creating the disk", e));
+                }
                 Ok((fam, place.volume))
             }
             Some(src) => {

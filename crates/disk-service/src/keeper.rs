@@ -44,12 +44,21 @@ pub struct KeeperReport {
 /// Runs [`DiskService::keep_keys`] every `keeper_tick` of its configuration (wall time; what
 /// is due is decided on the platform clock).
 pub fn spawn_keeper(svc: Arc<DiskService>) {
+    // Expiry on a task of its own: a key vault that hangs the keeper never keeps an expired
+    // access's connections alive.
+    let sweeper = svc.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(sweeper.config.keeper_tick);
+        loop {
+            t.tick().await;
+            sweeper.expire_accesses().await;
+        }
+    });
     tokio::spawn(async move {
         let mut t = tokio::time::interval(svc.config.keeper_tick);
         let mut compacted = std::time::Instant::now();
         loop {
             t.tick().await;
-            svc.expire_accesses().await;
             svc.keep_keys().await;
             if compacted.elapsed() >= COMPACTION_INTERVAL {
                 compacted = std::time::Instant::now();

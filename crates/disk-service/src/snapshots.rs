@@ -227,7 +227,7 @@ impl DiskService {
         let src_vol = src_rt.volume.id().to_string();
         let vol = place.volume.clone();
         let made = (fam.clone(), place.volume.clone());
-        tokio::task::spawn_blocking(move || {
+        let copied = tokio::task::spawn_blocking(move || {
             let moment = format!("copy-{vol}");
             let frozen = src_fam.snapshot(&src_vol, &moment)?;
             let copied = kagi_disk::copy_volume(&frozen, &fam, &vol);
@@ -236,8 +236,14 @@ impl DiskService {
             copied.and(dropped)
         })
         .await
-        .map_err(|e| internal("copying the disk", e))?
-        .map_err(|e| internal("copying the disk", e))?;
+        .map_err(|e| internal("copying the disk", e))
+        .and_then(|r| r.map_err(|e| internal("copying the disk", e)));
+        if let Err(e) = copied {
+            // The new family holds nothing anyone names: removed with the failed copy.
+            drop(made);
+            let _ = self.store.delete_family(&place.family);
+            return Err(e);
+        }
         Ok(made)
     }
 }
