@@ -329,6 +329,8 @@ impl ExportResolver for NbdExports {
                 rt.id.rsplit('/').next().unwrap_or("")
             )),
             disconnect: access.disconnect.child_token(),
+            // endGetAccess waits for every request its connections accepted.
+            requests: Some(rt.in_flight.clone()),
         })
     }
 }

@@ -32,6 +32,10 @@ pub struct Export {
     /// are answered first, for a bounded time) and refuses new ones that got this token. Give
     /// each access grant its own token (or a child token) and keep a clone to revoke it.
     pub disconnect: CancellationToken,
+    /// When given, counts the requests of the connections using this export from the moment
+    /// one is read until its reply is sent (including those queued behind an overlapping
+    /// request): whoever cancels `disconnect` can wait for it to reach zero before it flushes.
+    pub requests: Option<Arc<tokio::sync::watch::Sender<usize>>>,
 }
 
 impl Export {
@@ -41,6 +45,7 @@ impl Export {
             device,
             description: None,
             disconnect: CancellationToken::new(),
+            requests: None,
         }
     }
 }

@@ -201,8 +201,9 @@ pub(crate) async fn run(shared: &Shared, session: Session) {
         let guard = done.drop_guard();
         let conn = conn.clone();
         let tx = tx.clone();
+        let counted = export.requests.clone().map(Counted::new);
         tasks.spawn(async move {
-            let _permits = (slot, payload_permit, read_permit);
+            let _permits = (slot, payload_permit, read_permit, counted);
             for w in waits {
                 w.cancelled().await;
             }
@@ -224,6 +225,22 @@ pub(crate) async fn run(shared: &Shared, session: Session) {
     {
         tasks.abort_all();
         writer.abort();
+    }
+}
+
+/// A request counted in its export's `requests` while it exists (until its reply is sent).
+struct Counted(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Counted {
+    fn new(counter: Arc<tokio::sync::watch::Sender<usize>>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(counter)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -116,3 +116,33 @@ async fn overlapping_requests_in_flight_keep_their_order() {
     assert!(read == expect, "read overtook or reordered the writes");
     assert_eq!(mem.contents(0, 16384), expect);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_counted_from_acceptance_until_answered() {
+    let mem = MemDevice::new(MIB);
+    let mut e = Export::new(Arc::new(SlowFirst(mem.clone())));
+    let counter = Arc::new(tokio::sync::watch::channel(0usize).0);
+    e.requests = Some(counter.clone());
+    let token = e.disconnect.clone();
+    let srv = TestServer::start(vec![("a", e)]).await;
+    let mut c = Raw::connect_simple(&srv.socket, "a").await;
+    // A slow write and one queued behind it (it overlaps): both count while neither has run.
+    c.request(0, proto::CMD_WRITE, 1, 0, 4096, &[0xaa; 4096])
+        .await
+        .unwrap();
+    c.request(0, proto::CMD_WRITE, 2, 0, 4096, &[0xbb; 4096])
+        .await
+        .unwrap();
+    let mut rx = counter.subscribe();
+    tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|n| *n == 2))
+        .await
+        .expect("the two requests were not counted")
+        .unwrap();
+    // Cut as an access's end cuts it: what was accepted still runs; zero means it all ran.
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|n| *n == 0))
+        .await
+        .expect("the count never came back to zero")
+        .unwrap();
+    assert_eq!(mem.contents(0, 4096), vec![0xbb; 4096]);
+}
