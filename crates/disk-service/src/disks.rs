@@ -11,7 +11,7 @@ use kagi_host::{Principal, PutResource, ResourceRef};
 use serde_json::{Value, json};
 
 use crate::des::{CMK, DOUBLE, SetKey};
-use crate::keys::{DiskKeys, Place, disk_keys, internal, key_error};
+use crate::keys::{DiskKeys, Place, blocking, disk_keys, internal, key_error};
 use crate::runtime::{DiskRuntime, KeyState};
 use crate::{DiskService, bad, des_ref};
 
@@ -256,9 +256,8 @@ impl DiskService {
                 && size > old
             {
                 let rt = self.runtime(&candidate).await?;
-                rt.family
-                    .resize_volume(rt.volume.id(), size)
-                    .map_err(|e| internal("growing the disk", e))?;
+                let (fam, vol) = (rt.family.clone(), rt.volume.id().to_string());
+                blocking("growing the disk", move || fam.resize_volume(&vol, size)).await?;
             }
         }
         let put = PutResource {
@@ -348,22 +347,28 @@ impl DiskService {
                     volume: unique.to_string(),
                 };
                 let fam = self.new_family(keys, &place, double, set, now).await?;
-                if let Err(e) = fam.create_volume(&place.volume, size) {
+                let (f, v) = (fam.clone(), place.volume.clone());
+                let made = blocking("creating the disk", move || f.create_volume(&v, size)).await;
+                if let Err(e) = made {
                     drop(fam);
-                    let _ = self.store.delete_family(&place.family);
-                    return Err(internal("creating the disk", e));
+                    let (store, id) = (self.store.clone(), place.family.clone());
+                    let _ =
+                        blocking("removing a failed disk", move || store.delete_family(&id)).await;
+                    return Err(e);
                 }
                 Ok((fam, place.volume))
             }
             Some(src) => {
                 let (fam, from, place) = self.join_family(keys, src, unique, double, set).await?;
-                let vol = fam
-                    .create_volume_from_snapshot(&from, &place.volume)
-                    .map_err(|e| internal("copying the disk", e))?;
-                if size > vol.size() {
-                    fam.resize_volume(&place.volume, size)
-                        .map_err(|e| internal("growing the disk", e))?;
-                }
+                let (f, v) = (fam.clone(), place.volume.clone());
+                blocking("copying the disk", move || {
+                    let vol = f.create_volume_from_snapshot(&from, &v)?;
+                    if size > vol.size() {
+                        f.resize_volume(&v, size)?;
+                    }
+                    Ok(())
+                })
+                .await?;
                 Ok((fam, place.volume))
             }
         }
@@ -661,7 +666,9 @@ impl DiskService {
         drop(family);
         match left {
             Ok(Ok(0)) => {
-                if let Err(e) = self.store.delete_family(&fid) {
+                let store = self.store.clone();
+                let gone = blocking("removing the family", move || store.delete_family(&fid));
+                if let Err(e) = gone.await {
                     tracing::warn!(resource = %id, error = %e, "the family's files were not removed");
                 }
             }
@@ -760,9 +767,11 @@ impl DiskService {
             keys.retire_others(Some(&s.kid)).await?;
         }
         let inner = keys.inner_key().await?;
-        self.store
-            .create_family(&place.family, family_keys(dek, inner), double)
-            .map_err(|e| internal("creating the family", e))
+        let (store, id) = (self.store.clone(), place.family.clone());
+        blocking("creating the family", move || {
+            store.create_family(&id, family_keys(dek, inner), double)
+        })
+        .await
     }
 
     /// A place for a new volume `volume` in the family of `src`, whose data key the resource

@@ -189,7 +189,7 @@ impl DiskService {
                         && now - since >= grace
                     {
                         rt.revoke(&reason);
-                        self.forget_key_if_unused(&rt);
+                        self.forget_key_if_unused(&rt).await;
                         report.revoked += 1;
                         let msg = format!(
                             "The disk's key has been unusable since {}: I/O fails and new access is refused until the key is usable again. {reason}",
@@ -226,7 +226,7 @@ impl DiskService {
 
     /// Drops the data key of `rt`'s family (zeroized in the store) once no open disk of the
     /// family can use it: a family shared with disks under another, usable key keeps it.
-    fn forget_key_if_unused(&self, rt: &crate::runtime::DiskRuntime) {
+    async fn forget_key_if_unused(&self, rt: &crate::runtime::DiskRuntime) {
         let family = rt.family.id().to_string();
         let all_revoked = {
             let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -235,8 +235,9 @@ impl DiskService {
                 .all(|o| o.revoked())
         };
         if all_revoked {
-            // Flushes first: not under the map's lock.
-            rt.family.lock();
+            // Flushes first: on a blocking thread, not under the map's lock.
+            let family = rt.family.clone();
+            let _ = tokio::task::spawn_blocking(move || family.lock()).await;
         }
     }
 

@@ -30,6 +30,18 @@ pub(crate) fn internal(what: &str, e: impl std::fmt::Display) -> KvError {
     )
 }
 
+/// Runs `f` (store work that reads, writes and fsyncs files) on a blocking thread; its
+/// failure is kagi's own, reported as `what`.
+pub(crate) async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T, kagi_disk::DiskError> + Send + 'static,
+) -> Result<T, KvError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(what, e))?
+        .map_err(|e| internal(what, e))
+}
+
 /// A fresh random 32-byte key.
 pub(crate) fn random_key() -> Result<Dek, KvError> {
     let raw = Zeroizing::new(kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?);

@@ -96,14 +96,20 @@ impl DiskService {
         let keys = disk_keys(p, &candidate).ok_or_else(|| internal("snapshot", "no id"))?;
         let double = etype == DOUBLE;
         let made = if incremental {
-            self.join_family(&keys, &src, &unique, double, set.as_ref())
+            match self
+                .join_family(&keys, &src, &unique, double, set.as_ref())
                 .await
-                .and_then(|(fam, from, place)| {
-                    fam.snapshot(&from, &place.volume)
-                        .map_err(|e| internal("taking the snapshot", e))?;
+            {
+                Ok((fam, from, place)) => {
+                    let (f, v) = (fam.clone(), place.volume.clone());
+                    let taken =
+                        crate::keys::blocking("taking the snapshot", move || f.snapshot(&from, &v))
+                            .await;
                     props["incrementalSnapshotFamilyId"] = json!(place.family);
-                    Ok((fam, place.volume))
-                })
+                    taken.map(|_| (fam, place.volume))
+                }
+                Err(e) => Err(e),
+            }
         } else {
             self.full_copy(&keys, &src, &unique, double, set.as_ref(), now)
                 .await
@@ -241,7 +247,10 @@ impl DiskService {
         if let Err(e) = copied {
             // The new family holds nothing anyone names: removed with the failed copy.
             drop(made);
-            let _ = self.store.delete_family(&place.family);
+            let (store, id) = (self.store.clone(), place.family.clone());
+            let _ =
+                crate::keys::blocking("removing a failed copy", move || store.delete_family(&id))
+                    .await;
             return Err(e);
         }
         Ok(made)
