@@ -45,14 +45,40 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// A fresh random 32-byte key.
 pub(crate) fn random_key() -> Result<Dek, KvError> {
     let raw = Zeroizing::new(kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?);
-    let mut k = Zeroizing::new([0u8; 32]);
-    k.copy_from_slice(&raw);
-    Ok(k)
+    key32(&raw, "rng")
 }
 
 /// The seal label of a disk family's platform key.
 fn pmk_label(family: &str) -> String {
     format!("disk-pmk/{family}")
+}
+
+/// Where a `keys` document says the resource's data is.
+fn place_in(doc: &Value) -> Result<Place, KvError> {
+    match (doc["family"].as_str(), doc["volume"].as_str()) {
+        (Some(f), Some(v)) => Ok(Place {
+            family: f.to_string(),
+            volume: v.to_string(),
+        }),
+        _ => Err(internal("disk keys", "no family recorded")),
+    }
+}
+
+/// `plain` sealed under the platform key `pmk`, bound to `aad`.
+fn seal_under(pmk: &Dek, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, KvError> {
+    kagi_crypto::data_key::DataKey::from_bytes(pmk)
+        .and_then(|k| k.seal(aad, plain))
+        .map_err(|e| internal("pmk wrap", e))
+}
+
+/// A 32-byte key from `bytes` (`what` names it in the error).
+fn key32(bytes: &[u8], what: &str) -> Result<Dek, KvError> {
+    if bytes.len() != 32 {
+        return Err(internal(what, "a key of the wrong length"));
+    }
+    let mut k = Zeroizing::new([0u8; 32]);
+    k.copy_from_slice(bytes);
+    Ok(k)
 }
 
 /// What binds a family's data key, wrapped under its platform key, to the family.
@@ -134,9 +160,7 @@ impl DiskKeys<'_> {
             .host
             .seal_secret(&pmk_label(&place.family), pmk.as_ref())?;
         let dek = random_key()?;
-        let wrapped = kagi_crypto::data_key::DataKey::from_bytes(&pmk)
-            .and_then(|k| k.seal(&dek_aad(&place.family), dek.as_ref()))
-            .map_err(|e| internal("pmk wrap", e))?;
+        let wrapped = seal_under(&pmk, &dek_aad(&place.family), dek.as_ref())?;
         let record = WrappedKey {
             id: format!("{now}-pmk"),
             kek: KekRef::Platform,
@@ -147,9 +171,7 @@ impl DiskKeys<'_> {
             "family": place.family, "volume": place.volume});
         if double {
             let inner = random_key()?;
-            let wrapped = kagi_crypto::data_key::DataKey::from_bytes(&pmk)
-                .and_then(|k| k.seal(&inner_aad(&place.family), inner.as_ref()))
-                .map_err(|e| internal("pmk wrap", e))?;
+            let wrapped = seal_under(&pmk, &inner_aad(&place.family), inner.as_ref())?;
             doc["inner"] = json!(B64.encode(wrapped));
         }
         self.host
@@ -175,14 +197,18 @@ impl DiskKeys<'_> {
 
     /// Where the resource's data is.
     pub(crate) async fn place(&self) -> Result<Place, KvError> {
-        let doc = self.doc().await?;
-        match (doc["family"].as_str(), doc["volume"].as_str()) {
-            (Some(f), Some(v)) => Ok(Place {
-                family: f.to_string(),
-                volume: v.to_string(),
-            }),
-            _ => Err(internal("disk keys", "no family recorded")),
-        }
+        place_in(&self.doc().await?)
+    }
+
+    /// The family's platform key, as the document `doc` keeps it sealed.
+    fn pmk_in(&self, doc: &Value) -> Result<Dek, KvError> {
+        let sealed = doc["pmk"]
+            .as_str()
+            .and_then(|s| B64.decode(s).ok())
+            .ok_or_else(|| internal("disk keys", "no platform key"))?;
+        let family = place_in(doc)?.family;
+        let opened = self.host.open_secret(&pmk_label(&family), &sealed)?;
+        key32(&opened.secret, "platform key")
     }
 
     /// The inner layer's key of a double-encrypted family (`None`: single layer).
@@ -191,18 +217,13 @@ impl DiskKeys<'_> {
         let Some(wrapped) = doc["inner"].as_str().and_then(|s| B64.decode(s).ok()) else {
             return Ok(None);
         };
-        let pmk = self.platform_key().await?;
-        let family = self.place().await?.family;
+        let pmk = self.pmk_in(&doc)?;
+        let family = place_in(&doc)?.family;
         let plain = kagi_crypto::data_key::DataKey::from_bytes(&pmk)
             .and_then(|k| k.open(&inner_aad(&family), &wrapped))
             .map(Zeroizing::new)
             .map_err(|e| internal("inner key", e))?;
-        if plain.len() != 32 {
-            return Err(internal("inner key", "wrong length"));
-        }
-        let mut k = Zeroizing::new([0u8; 32]);
-        k.copy_from_slice(&plain);
-        Ok(Some(k))
+        key32(&plain, "inner key").map(Some)
     }
 
     /// Keeps only the records under the key in force: the customer key version `keep`, or
@@ -258,19 +279,7 @@ impl KeyOwner for DiskKeys<'_> {
     }
 
     async fn platform_key(&self) -> Result<Dek, KvError> {
-        let doc = self.doc().await?;
-        let sealed = doc["pmk"]
-            .as_str()
-            .and_then(|s| B64.decode(s).ok())
-            .ok_or_else(|| internal("disk keys", "no platform key"))?;
-        let family = self.place().await?.family;
-        let opened = self.host.open_secret(&pmk_label(&family), &sealed)?;
-        if opened.secret.len() != 32 {
-            return Err(internal("disk keys", "platform key of the wrong length"));
-        }
-        let mut k = Zeroizing::new([0u8; 32]);
-        k.copy_from_slice(&opened.secret);
-        Ok(k)
+        self.pmk_in(&self.doc().await?)
     }
 
     async fn platform_aad(&self) -> Result<Vec<u8>, KvError> {
