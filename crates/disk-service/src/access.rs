@@ -407,12 +407,8 @@ impl BlockDevice for DiskDevice {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<ReadData, DeviceError> {
-        self.run(move |v| {
-            let mut buf = vec![0u8; len as usize];
-            v.read(offset, &mut buf)?;
-            Ok(ReadData::Data(buf))
-        })
-        .await
+        self.run(move |v| Ok(ReadData::Data(v.read_vec(offset, len as usize)?)))
+            .await
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), DeviceError> {

@@ -93,14 +93,23 @@ impl RecordBuf {
             ct,
         }
     }
+    /// An empty record with room for `blocks` slots, filled with [`Self::push_plain`]: no
+    /// slot is zero-filled before its plaintext is copied in.
+    pub(crate) fn with_capacity(blocks: usize, ct: usize) -> RecordBuf {
+        let mut buf = Vec::with_capacity(REC_HEADER_LEN + blocks * ct);
+        buf.resize(REC_HEADER_LEN, 0);
+        RecordBuf { buf, ct }
+    }
+    /// Appends the next block's slot: `plain` (one block) and room for its tags.
+    pub(crate) fn push_plain(&mut self, plain: &[u8]) {
+        debug_assert_eq!(plain.len(), BLOCK_SIZE as usize);
+        self.buf.extend_from_slice(plain);
+        self.buf.resize(self.buf.len() + self.ct - plain.len(), 0);
+    }
     /// The whole ciphertext-sized slot of block `i`.
     pub(crate) fn slot(&mut self, i: usize) -> &mut [u8] {
         let s = REC_HEADER_LEN + i * self.ct;
         &mut self.buf[s..s + self.ct]
-    }
-    /// The plaintext part of block `i`'s slot.
-    pub(crate) fn plain(&mut self, i: usize) -> &mut [u8] {
-        &mut self.slot(i)[..BLOCK_SIZE as usize]
     }
 }
 

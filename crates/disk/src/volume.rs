@@ -93,11 +93,35 @@ impl Volume {
         self.read_unchecked(&cipher, offset, buf)
     }
 
+    /// Reads `len` bytes at `offset` into a new vector. Unlike [`Self::read`] into a zeroed
+    /// buffer, every byte is written once: no buffer is zero-filled first (that memset was a
+    /// tenth of a sequential read's CPU).
+    pub fn read_vec(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let cipher = self.live()?;
+        self.check_range(offset, len as u64)?;
+        let mut out = Vec::with_capacity(len);
+        self.read_into(&cipher, offset, len, &mut out)?;
+        Ok(out)
+    }
+
     fn read_unchecked(&self, cipher: &Cipher, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if buf.is_empty() {
+        let len = buf.len();
+        self.read_into(cipher, offset, len, &mut SliceSink { buf, at: 0 })
+    }
+
+    /// The read itself: the `len` bytes at `offset` go to `out` in order, a block's portion
+    /// at a time.
+    fn read_into(
+        &self,
+        cipher: &Cipher,
+        offset: u64,
+        len: usize,
+        out: &mut dyn ReadSink,
+    ) -> Result<()> {
+        if len == 0 {
             return Ok(());
         }
-        let end = offset + buf.len() as u64;
+        let end = offset + len as u64;
         let first = offset / BLOCK_SIZE;
         let last = (end - 1) / BLOCK_SIZE;
         // Segments are looked up under the index lock: compaction deletes a file only after it
@@ -118,30 +142,28 @@ impl Volume {
             (entries, segs)
         };
         let ct = self.fam.ct_len;
-        let mut scratch = Vec::new();
-        let mut i = 0;
-        while i < entries.len() {
-            let e = entries[i];
-            if !e.has_data() {
-                let (dst, _) = portion(first + i as u64, offset, end);
-                buf[dst].fill(0);
-                i += 1;
-                continue;
-            }
-            // Blocks written by one record lie back to back: one pread for the run.
-            let mut j = i + 1;
-            while j < entries.len()
-                && entries[j].seg == e.seg
-                && entries[j].has_data()
-                && entries[j].off as u64 == entries[j - 1].off as u64 + ct as u64
-            {
-                j += 1;
-            }
-            let seg = &segs[&e.seg];
-            scratch.resize((j - i) * ct, 0);
-            seg.file
-                .read_exact_at(&mut scratch, e.off as u64)
-                .map_err(|err| {
+        with_scratch(entries.len() * ct, |scratch| {
+            let mut i = 0;
+            while i < entries.len() {
+                let e = entries[i];
+                if !e.has_data() {
+                    let (dst, _) = portion(first + i as u64, offset, end);
+                    out.zeros(dst.len());
+                    i += 1;
+                    continue;
+                }
+                // Blocks written by one record lie back to back: one pread for the run.
+                let mut j = i + 1;
+                while j < entries.len()
+                    && entries[j].seg == e.seg
+                    && entries[j].has_data()
+                    && entries[j].off as u64 == entries[j - 1].off as u64 + ct as u64
+                {
+                    j += 1;
+                }
+                let seg = &segs[&e.seg];
+                let run = &mut scratch[..(j - i) * ct];
+                seg.file.read_exact_at(run, e.off as u64).map_err(|err| {
                     if err.kind() == std::io::ErrorKind::UnexpectedEof {
                         DiskError::Corrupt {
                             segment: e.seg as u64,
@@ -151,16 +173,17 @@ impl Volume {
                         err.into()
                     }
                 })?;
-            for (k, slot) in scratch.chunks_exact_mut(ct).enumerate() {
-                let block = first + (i + k) as u64;
-                let at = e.off + (k * ct) as u32;
-                cipher.open_block(e.seg as u64, at, block, slot)?;
-                let (dst, src) = portion(block, offset, end);
-                buf[dst].copy_from_slice(&slot[src]);
+                for (k, slot) in run.chunks_exact_mut(ct).enumerate() {
+                    let block = first + (i + k) as u64;
+                    let at = e.off + (k * ct) as u32;
+                    cipher.open_block(e.seg as u64, at, block, slot)?;
+                    let (_, src) = portion(block, offset, end);
+                    out.bytes(&slot[src]);
+                }
+                i = j;
             }
-            i = j;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Writes `data` at `offset` (any alignment; partial blocks are read, patched and
@@ -194,14 +217,18 @@ impl Volume {
         let mut b = first;
         while b <= last {
             let n = ((last - b + 1) as usize).min(MAX_RECORD_BLOCKS);
-            let mut rec = RecordBuf::new(n, ct);
+            let mut rec = RecordBuf::with_capacity(n, ct);
             for k in 0..n {
                 let block = b + k as u64;
                 let (dst, src) = portion(block, offset, end);
                 if partial(block) {
-                    self.read_unchecked(&cipher, block * BLOCK_SIZE, rec.plain(k))?;
+                    let mut plain = [0u8; BS];
+                    self.read_unchecked(&cipher, block * BLOCK_SIZE, &mut plain)?;
+                    plain[src].copy_from_slice(&data[dst]);
+                    rec.push_plain(&plain);
+                } else {
+                    rec.push_plain(&data[dst]);
                 }
-                rec.plain(k)[src].copy_from_slice(&data[dst]);
             }
             landed.push(self.append_data(&cipher, b, n, &mut rec)?);
             b += n as u64;
@@ -373,6 +400,71 @@ impl Volume {
 
 /// For block `block` and the request `offset..end`: the range in the request's buffer and the
 /// range in the block that overlap.
+/// Where a read's bytes go, in order.
+trait ReadSink {
+    /// `n` zero bytes (a hole).
+    fn zeros(&mut self, n: usize);
+    /// Plaintext.
+    fn bytes(&mut self, b: &[u8]);
+}
+
+/// A caller's buffer, filled from the start.
+struct SliceSink<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+}
+
+impl ReadSink for SliceSink<'_> {
+    fn zeros(&mut self, n: usize) {
+        self.buf[self.at..self.at + n].fill(0);
+        self.at += n;
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.buf[self.at..self.at + b.len()].copy_from_slice(b);
+        self.at += b.len();
+    }
+}
+
+impl ReadSink for Vec<u8> {
+    fn zeros(&mut self, n: usize) {
+        self.resize(self.len() + n, 0);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+}
+
+/// Largest ciphertext buffer a thread keeps between reads (a 1 MiB request needs a little
+/// more than 1 MiB).
+const KEPT_SCRATCH: usize = 4 << 20;
+
+thread_local! {
+    /// Each I/O thread's ciphertext buffer, kept so that a read does not allocate and zero
+    /// one every time. It only ever holds ciphertext.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with a buffer of at least `len` bytes: this thread's kept one when it is free
+/// and large enough to be worth keeping, else a new one.
+fn with_scratch<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    if len <= KEPT_SCRATCH {
+        let kept = SCRATCH.with(|s| s.try_borrow_mut().ok().map(|mut v| std::mem::take(&mut *v)));
+        if let Some(mut v) = kept {
+            if v.len() < len {
+                v.resize(len, 0);
+            }
+            let r = f(&mut v[..len]);
+            SCRATCH.with(|s| {
+                if let Ok(mut slot) = s.try_borrow_mut() {
+                    *slot = v;
+                }
+            });
+            return r;
+        }
+    }
+    f(&mut vec![0u8; len])
+}
+
 fn portion(block: u64, offset: u64, end: u64) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
     let bs = block * BLOCK_SIZE;
     let lo = offset.max(bs);

@@ -20,6 +20,21 @@ fn check(v: &kagi_disk::Volume, m: &Model) {
     let mut got = vec![0xeeu8; m.0.len()];
     v.read(0, &mut got).unwrap();
     assert!(got == m.0, "volume differs from the model");
+    // read_vec fills a new vector without zeroing it first: same bytes, holes included, at
+    // any alignment.
+    let len = m.0.len();
+    for (off, n) in [
+        (0, len),
+        (1, len - 1),
+        (4095, 8193.min(len - 4095)),
+        (len - 1, 1),
+    ] {
+        let got = v.read_vec(off as u64, n).unwrap();
+        assert!(
+            got == m.0[off..off + n],
+            "read_vec({off}, {n}) differs from the model"
+        );
+    }
 }
 
 #[test]

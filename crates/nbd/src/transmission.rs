@@ -154,8 +154,11 @@ pub(crate) async fn run(shared: &Shared, session: Session) {
                 break;
             };
             payload_permit = Some(permit);
-            let mut data = vec![0u8; payload_len as usize];
-            if !matches!(stop.until(rd.read_exact(&mut data)).await, Some(Ok(_))) {
+            // Read into spare capacity: the payload is not zero-filled first.
+            let mut data = Vec::with_capacity(payload_len as usize);
+            let mut body = (&mut rd).take(payload_len);
+            let read = stop.until(body.read_to_end(&mut data)).await;
+            if !matches!(read, Some(Ok(n)) if n as u64 == payload_len) {
                 break;
             }
             payload = Some(data);
