@@ -167,3 +167,19 @@ def test_cli_ec_key(kagi):
     assert out["key"]["crv"] == "P-384"
     bad = cli(kagi, *key_cmd("create", vname, "--name", "r", "--kty", "RSA", "--size", "1024"), check=False)
     assert bad.returncode != 0
+
+
+def test_output_into_a_closed_pipe_ends_quietly(kagi):
+    """`kagi … | head` : when the reader has gone, kagi stops with SIGPIPE's status (141), without
+    a panic message."""
+    srv = kagi
+    srv.put_rg(DEFAULT_RG)
+    name = random_name("pipe", 12)
+    cli(srv, *vault_create(name))
+    cmd = [str(KAGI_BIN), "keyvault", "list", "--server", srv.base, "--data-dir", str(srv.data_dir),
+           "--output", "json"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before kagi writes
+    _, err = p.communicate(timeout=120)
+    assert b"panicked" not in err, err.decode(errors="replace")
+    assert p.returncode == 141, (p.returncode, err.decode(errors="replace"))

@@ -700,6 +700,9 @@ def test_double_encryption(kagi, tmp_path):
         "creationData": {"createOption": "Empty"}, "diskSizeGB": 1,
         "encryption": {"type": "EncryptionAtRestWithCustomerKey", "diskEncryptionSetId": des["id"]}}})
     assert r.status_code == 400, r.text
+    # A disk that names the set without a type takes the set's type (the kagi CLI sends that).
+    _, by_set = create_disk(srv, encryption={"diskEncryptionSetId": des["id"]})
+    assert by_set["properties"]["encryption"]["type"] == "EncryptionAtRestWithPlatformAndCustomerKeys"
     enc = {"type": "EncryptionAtRestWithPlatformAndCustomerKeys", "diskEncryptionSetId": des["id"]}
     name, disk = create_disk(srv, encryption=enc)
     assert disk["properties"]["encryption"]["type"] == enc["type"]

@@ -340,17 +340,16 @@ pub async fn run_set(ctx: &Context, args: SetArgs) -> anyhow::Result<()> {
 }
 
 fn encryption(set: Option<String>, etype: Option<String>) -> Option<Value> {
+    // With a set and no type the server takes the set's type (customer key, or both layers).
     match (set, etype) {
         (None, None) => None,
         (set, etype) => {
-            let etype = etype.unwrap_or_else(|| {
-                if set.is_some() {
-                    "EncryptionAtRestWithCustomerKey".into()
-                } else {
-                    "EncryptionAtRestWithPlatformKey".into()
-                }
-            });
-            let mut e = json!({ "type": etype });
+            let mut e = json!({});
+            if let Some(t) = etype {
+                e["type"] = json!(t);
+            } else if set.is_none() {
+                e["type"] = json!("EncryptionAtRestWithPlatformKey");
+            }
             if let Some(s) = set {
                 e["diskEncryptionSetId"] = json!(s);
             }

@@ -103,7 +103,27 @@ enum Command {
     Image(disk::ImageArgs),
 }
 
+/// `kagi … | head` must end quietly when the reader goes away, as other tools do. Rust ignores
+/// SIGPIPE, so `println!` panics on the broken pipe instead: that panic exits with the status a
+/// shell reports for SIGPIPE (141), printing nothing. Every other panic keeps the default hook.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.contains("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> std::process::ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

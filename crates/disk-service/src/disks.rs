@@ -134,8 +134,15 @@ impl DiskService {
             .map(str::to_string);
         let mut enc = props["encryption"].clone();
         if let Some(e) = enc_in {
-            if let Some(t) = e.get("type") {
-                enc["type"] = t.clone();
+            match e.get("type") {
+                Some(t) => enc["type"] = t.clone(),
+                // A new set named without a type: the type is the new set's.
+                None if e.get("diskEncryptionSetId").is_some() => {
+                    if let Some(o) = enc.as_object_mut() {
+                        o.remove("type");
+                    }
+                }
+                None => {}
             }
             if let Some(s) = e.get("diskEncryptionSetId") {
                 enc["diskEncryptionSetId"] = s.clone();
@@ -290,41 +297,35 @@ impl DiskService {
         location: &str,
         check_key: bool,
     ) -> Result<(String, Option<(SetKey, Value)>), KvError> {
-        let etype = enc["type"].as_str().unwrap_or(PMK).to_string();
-        if ![PMK, CMK, DOUBLE].contains(&etype.as_str()) {
+        let given = enc["type"].as_str();
+        if let Some(t) = given.filter(|t| ![PMK, CMK, DOUBLE].contains(t)) {
             return Err(bad(
                 "InvalidParameter",
-                format!(
-                    "The encryption type '{etype}' is not valid: '{PMK}', '{CMK}' or '{DOUBLE}'."
-                ),
+                format!("The encryption type '{t}' is not valid: '{PMK}', '{CMK}' or '{DOUBLE}'."),
             ));
         }
         let set_id = enc["diskEncryptionSetId"]
             .as_str()
             .filter(|s| !s.is_empty());
-        let set = match (etype.as_str(), set_id) {
-            (t, None) if t != PMK => {
-                return Err(bad(
-                    "InvalidParameter",
-                    format!("Encryption type '{t}' needs encryption.diskEncryptionSetId."),
-                ));
+        match (given, set_id) {
+            (Some(t), None) if t != PMK => Err(bad(
+                "InvalidParameter",
+                format!("Encryption type '{t}' needs encryption.diskEncryptionSetId."),
+            )),
+            (Some(PMK), Some(_)) => Err(bad(
+                "InvalidParameter",
+                format!(
+                    "A resource encrypted with the platform key ('{PMK}') takes no disk \
+                     encryption set."
+                ),
+            )),
+            (_, None) => Ok((PMK.to_string(), None)),
+            // A set without a type: the set's own type (customer key, or both layers).
+            (t, Some(sid)) => {
+                let (set, body) = self.usable_set(caller, sid, t, location, check_key).await?;
+                Ok((set.encryption_type.clone(), Some((set, body))))
             }
-            (PMK, Some(_)) => {
-                return Err(bad(
-                    "InvalidParameter",
-                    format!(
-                        "A resource encrypted with the platform key ('{PMK}') takes no disk \
-                         encryption set."
-                    ),
-                ));
-            }
-            (_, Some(sid)) => Some(
-                self.usable_set(caller, sid, &etype, location, check_key)
-                    .await?,
-            ),
-            _ => None,
-        };
-        Ok((etype, set))
+        }
     }
 
     /// The data of a new disk: an empty volume in a family of its own, or (a copy) a volume
@@ -399,13 +400,14 @@ impl DiskService {
             })
     }
 
-    /// The set `set_id` for a disk of type `etype` in `location`: readable by the caller, of
-    /// the same region and type, its key usable by its identity now.
+    /// The set `set_id` for a disk of type `etype` (any type the set has when `None`) in
+    /// `location`: readable by the caller, of the same region and type, its key usable by its
+    /// identity now.
     pub(crate) async fn usable_set(
         &self,
         caller: &Principal,
         set_id: &str,
-        etype: &str,
+        etype: Option<&str>,
         location: &str,
         check_key: bool,
     ) -> Result<(SetKey, Value), KvError> {
@@ -433,7 +435,7 @@ impl DiskService {
                 ),
             ));
         }
-        if set.encryption_type != etype {
+        if let Some(etype) = etype.filter(|t| *t != set.encryption_type) {
             return Err(bad(
                 "InvalidParameter",
                 format!(

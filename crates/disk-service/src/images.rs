@@ -62,7 +62,10 @@ impl DiskService {
                 } else {
                     crate::des::CMK
                 };
-                Some(self.usable_set(caller, sid, etype, &location, true).await?)
+                Some(
+                    self.usable_set(caller, sid, Some(etype), &location, true)
+                        .await?,
+                )
             }
             None => None,
         };
