@@ -19,6 +19,8 @@
 //!   the key in force by adding one record — one idempotent, crash-safe step per data key,
 //!   whatever the size of the data; [`KeyAccess::rewrap_all`]: the same for every data key of
 //!   a resource that has many (the disks of a disk encryption set), O(number of data keys);
+//! - [`record_to_json`], [`record_from_json`], [`random_dek`], [`key_failure_error`]: the
+//!   record shape services keep in their documents, fresh data keys, failures as Azure errors;
 //! - [`FailureKind`]: whether a failure is definite (4xx: disabled, deleted, expired,
 //!   permission removed, identity gone) or transient (5xx, timeouts, unreachable).
 //!
@@ -29,6 +31,7 @@
 mod cache;
 mod client;
 mod kek;
+mod records;
 mod uri;
 mod usable;
 mod validate;
@@ -43,6 +46,9 @@ pub use client::{FailureKind, VaultClient, VaultFailure};
 pub use kek::{
     Dek, Kek, KekRef, KeyError, KeyFailure, KeyOwner, OpenedKey, Resolved, Rewrapped, VersionInUse,
     WrappedKey,
+};
+pub use records::{
+    dek_from, key_failure_error, random_dek, record_from_json, record_to_json, records_in,
 };
 pub use uri::{KeyUri, parse_key_uri};
 pub use usable::key_unusable;

@@ -12,7 +12,10 @@
 use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use kagi_cmk::{Dek, KekRef, KeyError, KeyOwner, WrappedKey};
+use kagi_cmk::{
+    Dek, KekRef, KeyError, KeyOwner, WrappedKey, dek_from, random_dek, record_from_json,
+    record_to_json, records_in,
+};
 use kagi_core::{ErrorCode, KvError};
 use kagi_host::ServiceHost;
 use serde_json::{Value, json};
@@ -42,12 +45,6 @@ pub(crate) async fn blocking<T: Send + 'static>(
         .map_err(|e| internal(what, e))
 }
 
-/// A fresh random 32-byte key.
-pub(crate) fn random_key() -> Result<Dek, KvError> {
-    let raw = Zeroizing::new(kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?);
-    key32(&raw, "rng")
-}
-
 /// The seal label of a disk family's platform key.
 fn pmk_label(family: &str) -> String {
     format!("disk-pmk/{family}")
@@ -69,16 +66,6 @@ fn seal_under(pmk: &Dek, aad: &[u8], plain: &[u8]) -> Result<Vec<u8>, KvError> {
     kagi_crypto::data_key::DataKey::from_bytes(pmk)
         .and_then(|k| k.seal(aad, plain))
         .map_err(|e| internal("pmk wrap", e))
-}
-
-/// A 32-byte key from `bytes` (`what` names it in the error).
-fn key32(bytes: &[u8], what: &str) -> Result<Dek, KvError> {
-    if bytes.len() != 32 {
-        return Err(internal(what, "a key of the wrong length"));
-    }
-    let mut k = Zeroizing::new([0u8; 32]);
-    k.copy_from_slice(bytes);
-    Ok(k)
 }
 
 /// What binds a family's data key, wrapped under its platform key, to the family.
@@ -111,32 +98,6 @@ pub(crate) struct Place {
     pub(crate) volume: String,
 }
 
-fn record_json(r: &WrappedKey) -> Value {
-    json!({
-        "id": r.id,
-        "kek": match &r.kek { KekRef::Customer(kid) => kid.as_str(), _ => "pmk" },
-        "wrapped": B64.encode(&r.wrapped),
-        "created": r.created,
-    })
-}
-
-fn record_of(v: &Value) -> WrappedKey {
-    let kek = match v["kek"].as_str() {
-        Some("pmk") => KekRef::Platform,
-        Some(kid) if kid.starts_with("https://") => KekRef::Customer(kid.to_string()),
-        _ => KekRef::Unknown,
-    };
-    WrappedKey {
-        id: v["id"].as_str().unwrap_or_default().to_string(),
-        kek,
-        wrapped: v["wrapped"]
-            .as_str()
-            .and_then(|s| B64.decode(s).ok())
-            .unwrap_or_default(),
-        created: v["created"].as_i64().unwrap_or_default(),
-    }
-}
-
 impl DiskKeys<'_> {
     async fn doc(&self) -> Result<Value, KvError> {
         Ok(self
@@ -155,11 +116,11 @@ impl DiskKeys<'_> {
         double: bool,
         place: &Place,
     ) -> Result<Dek, KvError> {
-        let pmk = random_key()?;
+        let pmk = random_dek()?;
         let sealed = self
             .host
             .seal_secret(&pmk_label(&place.family), pmk.as_ref())?;
-        let dek = random_key()?;
+        let dek = random_dek()?;
         let wrapped = seal_under(&pmk, &dek_aad(&place.family), dek.as_ref())?;
         let record = WrappedKey {
             id: format!("{now}-pmk"),
@@ -167,10 +128,10 @@ impl DiskKeys<'_> {
             wrapped,
             created: now,
         };
-        let mut doc = json!({"pmk": B64.encode(&sealed), "records": [record_json(&record)],
+        let mut doc = json!({"pmk": B64.encode(&sealed), "records": [record_to_json(&record)],
             "family": place.family, "volume": place.volume});
         if double {
-            let inner = random_key()?;
+            let inner = random_dek()?;
             let wrapped = seal_under(&pmk, &inner_aad(&place.family), inner.as_ref())?;
             doc["inner"] = json!(B64.encode(wrapped));
         }
@@ -208,7 +169,7 @@ impl DiskKeys<'_> {
             .ok_or_else(|| internal("disk keys", "no platform key"))?;
         let family = place_in(doc)?.family;
         let opened = self.host.open_secret(&pmk_label(&family), &sealed)?;
-        key32(&opened.secret, "platform key")
+        dek_from(&opened.secret, "platform key")
     }
 
     /// The inner layer's key of a double-encrypted family (`None`: single layer).
@@ -223,7 +184,7 @@ impl DiskKeys<'_> {
             .and_then(|k| k.open(&inner_aad(&family), &wrapped))
             .map(Zeroizing::new)
             .map_err(|e| internal("inner key", e))?;
-        key32(&plain, "inner key").map(Some)
+        dek_from(&plain, "inner key").map(Some)
     }
 
     /// Keeps only the records under the key in force: the customer key version `keep`, or
@@ -238,7 +199,7 @@ impl DiskKeys<'_> {
             .cloned()
             .unwrap_or_default()
             .into_iter()
-            .filter(|r| match (record_of(r).kek, keep) {
+            .filter(|r| match (record_from_json(r).kek, keep) {
                 (KekRef::Customer(kid), Some(k)) => kid.eq_ignore_ascii_case(k),
                 (KekRef::Platform, None) => true,
                 _ => false,
@@ -261,17 +222,13 @@ impl DiskKeys<'_> {
 #[async_trait]
 impl KeyOwner for DiskKeys<'_> {
     async fn wrapped_keys(&self) -> Result<Vec<WrappedKey>, KvError> {
-        let doc = self.doc().await?;
-        Ok(doc["records"]
-            .as_array()
-            .map(|a| a.iter().map(record_of).collect())
-            .unwrap_or_default())
+        Ok(records_in(&self.doc().await?))
     }
 
     async fn add_wrapped_key(&self, key: WrappedKey) -> Result<(), KvError> {
         let mut doc = self.doc().await?;
         let mut records = doc["records"].as_array().cloned().unwrap_or_default();
-        records.push(record_json(&key));
+        records.push(record_to_json(&key));
         doc["records"] = json!(records);
         self.host
             .put_document(&self.disk_id, KEYS_DOC, "dek", &doc)
@@ -295,44 +252,14 @@ pub(crate) fn disk_keys<'a>(host: &'a dyn ServiceHost, body: &Value) -> Option<D
     })
 }
 
-/// A key failure as an Azure error: the key's own words, 403 when definite (the key or the
-/// permission is gone), 503 when the key vault could not be reached.
+/// A key failure as an Azure error (inner code `KeyVaultAccessForbidden`).
 pub(crate) fn key_error(e: KeyError) -> KvError {
-    match e {
-        KeyError::Access(f) | KeyError::Unopened(Some(f)) => {
-            let code = match f.kind {
-                kagi_cmk::FailureKind::Definite => ErrorCode::Forbidden,
-                kagi_cmk::FailureKind::Transient => ErrorCode::ServiceUnavailable,
-            };
-            KvError::new(code, f.message).with_inner("KeyVaultAccessForbidden")
-        }
-        KeyError::Unopened(None) => internal("disk keys", "no wrapped data key"),
-        KeyError::Other(e) => e,
-    }
+    kagi_cmk::key_failure_error(e, "KeyVaultAccessForbidden")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn key_records_round_trip_through_their_document_shape() {
-        for kek in [
-            KekRef::Platform,
-            KekRef::Customer("https://kv.localhost:8443/keys/k/v1".into()),
-        ] {
-            let r = WrappedKey {
-                id: "1-abc".into(),
-                kek,
-                wrapped: vec![1, 2, 3],
-                created: 7,
-            };
-            assert_eq!(record_of(&record_json(&r)), r);
-        }
-        // What kagi does not know is never taken for a platform record.
-        let odd = json!({"id": "x", "kek": "hsm:1", "wrapped": "AQ==", "created": 1});
-        assert_eq!(record_of(&odd).kek, KekRef::Unknown);
-    }
 
     #[test]
     fn data_keys_are_bound_to_their_family() {
