@@ -250,8 +250,10 @@ impl ResourceProvider for BackupService {
         self: Arc<Self>,
         caller: &Principal,
         req: ArmRequest<'_>,
-    ) -> Result<(u16, Value), KvError> {
-        self.route(&self.host.clone(), caller, req).await
+    ) -> Result<kagi_host::ArmReply, KvError> {
+        self.route(&self.host.clone(), caller, req)
+            .await
+            .map(Into::into)
     }
 
     fn movable(&self, resource_type: &str) -> bool {

@@ -69,6 +69,8 @@ pub struct KeyAccess {
     consumer: &'static str,
     /// Whether a key past its expiry still unwraps (disks: Azure keeps them running).
     unwrap_after_expiry: bool,
+    /// Whether the key vault may be in another region than the resource (TDE protectors).
+    any_region: bool,
 }
 
 impl KeyAccess {
@@ -88,6 +90,7 @@ impl KeyAccess {
             port: config.port,
             consumer,
             unwrap_after_expiry: false,
+            any_region: false,
         }
     }
 
@@ -96,6 +99,15 @@ impl KeyAccess {
     pub fn unwrapping_after_expiry(self) -> Self {
         Self {
             unwrap_after_expiry: true,
+            ..self
+        }
+    }
+
+    /// The same, for a consumer whose key vault may be in another region (Azure SQL's TDE
+    /// protector): validation skips the same-region rule.
+    pub fn in_any_region(self) -> Self {
+        Self {
+            any_region: true,
             ..self
         }
     }

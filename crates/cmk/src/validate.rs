@@ -41,7 +41,7 @@ impl KeyAccess {
             )
         })?;
         let location = req.location;
-        if !facts.location.eq_ignore_ascii_case(location) {
+        if !self.any_region && !facts.location.eq_ignore_ascii_case(location) {
             return Err(bad(
                 "KeyVaultRegionMismatch",
                 format!(

@@ -112,6 +112,9 @@ pub struct DiskService {
     /// With a TCP listener: the start of access URIs (`nbds://{host}:{port}/`) and their
     /// query (`?tls-certificates={dir}`).
     tcp: std::sync::OnceLock<(String, String)>,
+    /// Long-running operations' statuses (`…/locations/{l}/DiskOperations/{id}`), kept an
+    /// hour; by operation id.
+    operations: Mutex<HashMap<String, (i64, Value)>>,
 }
 
 impl std::fmt::Debug for DiskService {
@@ -150,6 +153,7 @@ impl DiskService {
             locks: Mutex::new(HashMap::new()),
             checked: Mutex::new(HashMap::new()),
             tcp: std::sync::OnceLock::new(),
+            operations: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -249,6 +253,7 @@ impl DiskService {
             .map(|v| (200, v))
         };
         match (rest_l, method, rg) {
+            (["locations", _, "diskoperations", _], "GET", None) => self.operation(rest[3]),
             (["diskencryptionsets"], "GET", _) => {
                 let (st, mut v) = list(DES_TYPE)?;
                 if let Some(items) = v["value"].as_array_mut() {
@@ -401,11 +406,37 @@ impl ResourceProvider for DiskService {
         self: Arc<Self>,
         caller: &Principal,
         req: ArmRequest<'_>,
-    ) -> Result<(u16, Value), KvError> {
-        // Microsoft.Compute answers a create with 200 (or 202 while it runs), never 201: the
-        // SDKs' pollers accept only those. Everything here is done when it answers.
+    ) -> Result<kagi_host::ArmReply, KvError> {
+        // A change of a disk encryption set is a long-running operation in Azure (202 and
+        // its status); everything else answers when done, a create with 200 (never 201: the
+        // SDKs' pollers accept only 200 and 202).
+        let set_change = matches!(req.method, "PUT" | "PATCH" | "DELETE")
+            && matches!(
+                req.l,
+                [
+                    "subscriptions",
+                    _,
+                    "resourcegroups",
+                    _,
+                    "providers",
+                    "microsoft.compute",
+                    "diskencryptionsets",
+                    _
+                ]
+            );
+        let subscription = req.segs.get(1).map(|s| s.to_string()).unwrap_or_default();
+        let started = self.host.now();
         let (status, body) = self.route(caller, req).await?;
-        Ok((if status == 201 { 200 } else { status }, body))
+        if set_change && status != 204 {
+            let location = body["location"].as_str().unwrap_or("global").to_string();
+            let url = self.finished_operation(&subscription, &location, started, &body);
+            return Ok(kagi_host::ArmReply {
+                status: 202,
+                body,
+                async_operation: Some(url),
+            });
+        }
+        Ok((if status == 201 { 200 } else { status }, body).into())
     }
 
     fn trusted_for_vault_firewall(&self) -> bool {
@@ -494,7 +525,55 @@ impl DiskService {
     }
 }
 
+/// How long an operation's status stays readable.
+const OPERATION_KEPT_SECONDS: i64 = 3600;
+
 impl DiskService {
+    /// Records a long-running operation that started at `started` and has finished with the
+    /// resource `output` (the work is done before the 202 is sent, so its status is final
+    /// from the first poll); returns its status URL.
+    fn finished_operation(
+        &self,
+        sub: &str,
+        location: &str,
+        started: i64,
+        output: &Value,
+    ) -> String {
+        let id = kagi_crypto::random_bytes(16)
+            .map(hex::encode)
+            .unwrap_or_else(|_| format!("{started}"));
+        let now = self.host.now();
+        let status = serde_json::json!({
+            "name": id,
+            "status": "Succeeded",
+            "startTime": kagi_core::time::rfc3339(started),
+            "endTime": kagi_core::time::rfc3339(now),
+            "properties": {"output": output},
+        });
+        let mut ops = self.operations.lock().unwrap_or_else(|p| p.into_inner());
+        ops.retain(|_, (at, _)| now - *at < OPERATION_KEPT_SECONDS);
+        ops.insert(id.clone(), (now, status));
+        format!(
+            "{}/subscriptions/{sub}/providers/Microsoft.Compute/locations/{location}/DiskOperations/{id}?api-version=2025-01-02",
+            self.host.config().authority()
+        )
+    }
+
+    /// `GET …/locations/{l}/DiskOperations/{id}`.
+    fn operation(&self, id: &str) -> Result<(u16, Value), KvError> {
+        self.operations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|(_, v)| (200, v.clone()))
+            .ok_or_else(|| {
+                KvError::new(
+                    ErrorCode::NotFound,
+                    format!("The operation '{id}' was not found (statuses are kept an hour)."),
+                )
+            })
+    }
+
     /// Starts the NBD server of the service's accesses on its Unix socket.
     pub async fn start_nbd(self: &Arc<Self>) -> Result<kagi_nbd::NbdServer, kagi_nbd::ServerError> {
         match self.load_accesses().await {

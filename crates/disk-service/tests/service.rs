@@ -36,7 +36,7 @@ async fn call(
         wait: None,
     };
     match svc.clone().handle(&caller, req).await {
-        Ok(r) => r,
+        Ok(r) => (r.status, r.body),
         Err(e) => (e.code.status(), json!({"error": e.message})),
     }
 }

@@ -27,7 +27,7 @@ use zeroize::Zeroizing;
 
 pub use kagi_identity::Principal;
 pub use provider::{
-    AdmittedAgent, AgentCall, AgentHead, AgentReply, ArmRequest, MAX_AGENT_JSON_BYTES,
+    AdmittedAgent, AgentCall, AgentHead, AgentReply, ArmReply, ArmRequest, MAX_AGENT_JSON_BYTES,
     ResourceProvider, move_not_supported,
 };
 

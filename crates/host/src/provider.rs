@@ -34,6 +34,28 @@ pub struct ArmRequest<'a> {
     pub wait: Option<Duration>,
 }
 
+/// A provider's answer to an ARM request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArmReply {
+    /// HTTP status.
+    pub status: u16,
+    /// The body; `null` (or status 204) is answered without one.
+    pub body: Value,
+    /// For a long-running operation (202): the URL of its status, sent as
+    /// `Azure-AsyncOperation` and `Location`, as ARM does.
+    pub async_operation: Option<String>,
+}
+
+impl From<(u16, Value)> for ArmReply {
+    fn from((status, body): (u16, Value)) -> Self {
+        ArmReply {
+            status,
+            body,
+            async_operation: None,
+        }
+    }
+}
+
 /// An answer to an agent.
 #[derive(Debug)]
 pub enum AgentReply {
@@ -132,13 +154,8 @@ pub trait ResourceProvider: Send + Sync + std::fmt::Debug {
     /// Its resource types, namespace included (`Microsoft.RecoveryServices/vaults`).
     fn resource_types(&self) -> &'static [&'static str];
 
-    /// Serves one ARM request under its namespace: (status, body). A `null` body (or status
-    /// 204) is answered without one.
-    async fn handle(
-        self: Arc<Self>,
-        caller: &Principal,
-        req: ArmRequest<'_>,
-    ) -> Result<(u16, Value)>;
+    /// Serves one ARM request under its namespace.
+    async fn handle(self: Arc<Self>, caller: &Principal, req: ArmRequest<'_>) -> Result<ArmReply>;
 
     /// Whether resources of `resource_type` (any case) can move to another resource group
     /// (`moveResources`). Default: none can.

@@ -41,9 +41,24 @@ pub(crate) async fn arm(
         wait,
     };
     Some(match provider.handle(caller, req).await {
-        Ok((204, _)) => respond::empty(204),
-        Ok((s, v)) if v.is_null() => respond::empty(s),
-        Ok((s, v)) => respond::json(s, &v),
+        Ok(reply) => {
+            let mut r = match reply.status {
+                204 => respond::empty(204),
+                s if reply.body.is_null() => respond::empty(s),
+                s => respond::json(s, &reply.body),
+            };
+            if let Some(url) = reply.async_operation
+                && let Ok(v) = axum::http::HeaderValue::from_str(&url)
+            {
+                r.headers_mut().insert("azure-asyncoperation", v.clone());
+                r.headers_mut().insert(axum::http::header::LOCATION, v);
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+            }
+            r
+        }
         Err(e) => respond::error(&e),
     })
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use kagi_core::KvError;
 use kagi_host::{
-    AdmittedAgent, AgentCall, AgentHead, AgentReply, ArmRequest, MoveRequest, Principal,
+    AdmittedAgent, AgentCall, AgentHead, AgentReply, ArmReply, ArmRequest, MoveRequest, Principal,
     ResourceProvider,
 };
 use kagi_testkit::{Options, TestServer};
@@ -40,12 +40,21 @@ impl ResourceProvider for Disks {
         self: Arc<Self>,
         caller: &Principal,
         req: ArmRequest<'_>,
-    ) -> Result<(u16, Value), KvError> {
+    ) -> Result<ArmReply, KvError> {
         self.note("handle", format!("{} {}", req.method, req.segs.join("/")));
+        if req.method == "DELETE" {
+            // A long-running operation: 202 and where its status is.
+            return Ok(ArmReply {
+                status: 202,
+                body: Value::Null,
+                async_operation: Some("https://localhost/operations/op1".into()),
+            });
+        }
         Ok((
             201,
             json!({"caller": caller.object_id, "wait": req.wait.is_some()}),
-        ))
+        )
+            .into())
     }
 
     fn movable(&self, resource_type: &str) -> bool {
@@ -118,6 +127,21 @@ async fn a_registered_provider_serves_its_namespace() {
     assert_eq!(st, 201, "{v}");
     let admin = s.platform.authenticate(&s.token).unwrap();
     assert_eq!(v["caller"], admin.object_id.as_str());
+    // A long-running operation's status URL reaches the client as ARM sends it.
+    let r = s
+        .client()
+        .delete(s.mgmt_url(&format!("{disk}?api-version=2025-01-02")))
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    for h in ["azure-asyncoperation", "location"] {
+        assert_eq!(
+            r.headers()[h].to_str().unwrap(),
+            "https://localhost/operations/op1"
+        );
+    }
 
     // Moves: every resource checked before any moves.
     let body = json!({"resources": [disk],
@@ -139,9 +163,13 @@ async fn a_registered_provider_serves_its_namespace() {
 
     let asked = disks.0.lock().unwrap().clone();
     let what: Vec<&str> = asked.iter().map(|(w, _)| w.as_str()).collect();
-    assert_eq!(what, ["handle", "move", "move", "admit"], "{asked:?}");
+    assert_eq!(
+        what,
+        ["handle", "handle", "move", "move", "admit"],
+        "{asked:?}"
+    );
     assert!(
-        asked[1].1.starts_with("true ") && asked[2].1.starts_with("false "),
+        asked[2].1.starts_with("true ") && asked[3].1.starts_with("false "),
         "{asked:?}"
     );
 
