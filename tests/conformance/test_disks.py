@@ -997,3 +997,46 @@ def test_cmk_stays_on_a_disk_with_incremental_snapshots(disk_kagi):
     other, _ = create_disk(srv, encryption=enc)
     got = ok(arm(srv, "PATCH", compute_path(srv, "disks", other), to_pmk))
     assert got["properties"]["encryption"] == {"type": "EncryptionAtRestWithPlatformKey"}
+
+
+def test_import_a_raw_image_from_a_url(kagi, tmp_path):
+    """createOption Import: a raw image named by URL is streamed into a new encrypted disk; a
+    source that cannot be read leaves no disk."""
+    import functools
+    import http.server
+    import threading
+
+    srv = kagi
+    srv.put_rg(DEFAULT_RG)
+    served = tmp_path / "served"
+    served.mkdir()
+    data = random_image(served / "img.raw", 3, seed=11)
+    # A zero stretch in the middle stays a hole.
+    data = data[:MIB] + bytes(MIB) + data[2 * MIB:]
+    (served / "img.raw").write_bytes(data)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_port}/img.raw"
+        name = random_name("imp", 10)
+        disk = ok(arm(srv, "PUT", compute_path(srv, "disks", name), {"location": LOCATION, "properties": {
+            "creationData": {"createOption": "Import", "sourceUri": url}}}))
+        assert disk["properties"]["diskSizeGB"] == 1, disk
+        assert disk["properties"]["creationData"] == {"createOption": "Import", "sourceUri": url}
+        uri = grant_access(srv, name, "Read")
+        assert read_back(uri, tmp_path / "back.raw", len(data)) == data
+        holes = json.loads(run("nbdinfo", "--map", "--json", uri).stdout)
+        assert any(e["offset"] <= MIB and e["offset"] + e["length"] >= 2 * MIB and e["type"] & 1
+                   for e in holes), holes
+        end_access(srv, name)
+        # A source that cannot be read: 400, and nothing is left behind.
+        for bad_uri in (url + ".missing", "ftp://example.invalid/img.raw"):
+            r = arm(srv, "PUT", compute_path(srv, "disks", "impbad"), {"location": LOCATION, "properties": {
+                "creationData": {"createOption": "Import", "sourceUri": bad_uri}, "diskSizeGB": 1}})
+            assert r.status_code == 400, r.text
+            assert "sourceUri" in r.json()["error"]["message"], r.text
+            assert arm(srv, "GET", compute_path(srv, "disks", "impbad")).status_code == 404
+        assert_no_plaintext(srv.data_dir, b"KAGI-PLAINTEXT-MARKER-11")
+    finally:
+        httpd.shutdown()

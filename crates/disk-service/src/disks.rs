@@ -11,6 +11,7 @@ use kagi_host::{Principal, PutResource, ResourceRef};
 use serde_json::{Value, json};
 
 use crate::des::{CMK, DOUBLE, SetKey};
+use crate::import::ImportSource;
 use crate::keys::{DiskKeys, Place, blocking, disk_keys, internal, key_error};
 use crate::runtime::{DiskRuntime, KeyState};
 use crate::{DiskService, bad, des_ref};
@@ -60,6 +61,15 @@ impl DiskService {
             Some(_) => None,
             None => upload_size(&props_in["creationData"])?,
         };
+        // `Import`: a raw image streamed in from creationData.sourceUri.
+        let import = match &existing {
+            Some(_) => None,
+            None => ImportSource::of(&props_in["creationData"])?,
+        };
+        let import_bytes = match (&import, props_in.get("diskSizeGB")) {
+            (Some(src), None) => Some(self.import_size(src).await?),
+            _ => None,
+        };
         // Size: given at creation, only grown later.
         let old_size = props["diskSizeBytes"].as_u64().or(upload);
         let size_gb = match props_in.get("diskSizeGB") {
@@ -72,7 +82,10 @@ impl DiskService {
                         format!("diskSizeGB must be a whole number from 1 to {MAX_SIZE_GB}."),
                     )
                 })?,
-            None => match old_size.or_else(|| source.as_ref().map(|s| s.size)) {
+            None => match old_size
+                .or(import_bytes)
+                .or_else(|| source.as_ref().map(|s| s.size))
+            {
                 Some(b) => b.div_ceil(GIB),
                 None => {
                     return Err(bad(
@@ -119,7 +132,10 @@ impl DiskService {
             props["creationData"] = match &source {
                 None if upload.is_some() => json!({"createOption": "Upload",
                     "uploadSizeBytes": props_in["creationData"]["uploadSizeBytes"]}),
-                None => json!({"createOption": "Empty"}),
+                None => match &import {
+                    Some(src) => json!({"createOption": "Import", "sourceUri": src.uri()}),
+                    None => json!({"createOption": "Empty"}),
+                },
                 Some(src) if src.body["type"] == json!(crate::IMAGE_TYPE) => {
                     json!({"createOption": "FromImage", "imageReference": {"id": src.id}})
                 }
@@ -229,6 +245,7 @@ impl DiskService {
                 .make_disk_data(
                     &keys,
                     source.as_ref(),
+                    import.as_ref(),
                     &unique,
                     double,
                     set.as_ref(),
@@ -335,6 +352,7 @@ impl DiskService {
         &self,
         keys: &DiskKeys<'_>,
         source: Option<&Source>,
+        import: Option<&ImportSource>,
         unique: &str,
         double: bool,
         set: Option<&(SetKey, Value)>,
@@ -350,6 +368,10 @@ impl DiskService {
                 let fam = self.new_family(keys, &place, double, set, now).await?;
                 let (f, v) = (fam.clone(), place.volume.clone());
                 let made = blocking("creating the disk", move || f.create_volume(&v, size)).await;
+                let made = match (made, import) {
+                    (Ok(vol), Some(src)) => self.import_into(src, vol, size).await.map(drop),
+                    (made, _) => made.map(drop),
+                };
                 if let Err(e) = made {
                     drop(fam);
                     let (store, id) = (self.store.clone(), place.family.clone());
@@ -688,7 +710,10 @@ impl DiskService {
         creation: &Value,
     ) -> Result<Option<Source>, KvError> {
         let option = creation["createOption"].as_str().unwrap_or("Empty");
-        if option.eq_ignore_ascii_case("Empty") || option.eq_ignore_ascii_case("Upload") {
+        if ["Empty", "Upload", "Import"]
+            .iter()
+            .any(|o| option.eq_ignore_ascii_case(o))
+        {
             return Ok(None);
         }
         let sid = if option.eq_ignore_ascii_case("Copy") {
@@ -709,7 +734,8 @@ impl DiskService {
             return Err(bad(
                 "InvalidParameter",
                 format!(
-                    "createOption '{option}' is not served by this kagi: 'Empty', 'Copy' (with \
+                    "createOption '{option}' is not served by this kagi: 'Empty', 'Upload', \
+                     'Import' (with creationData.sourceUri), 'Copy' (with \
                      creationData.sourceResourceId naming a disk or snapshot) or 'FromImage' \
                      (with creationData.imageReference.id)."
                 ),

@@ -31,6 +31,7 @@ mod access;
 mod des;
 mod disks;
 mod images;
+mod import;
 pub mod keeper;
 mod keys;
 mod runtime;

@@ -5,31 +5,10 @@ use std::io::Read;
 
 use crate::Family;
 use crate::error::{DiskError, Result};
-use crate::format::BS;
 use crate::volume::{ExtentKind, Volume};
 
 /// Bytes moved per step.
 const STEP: usize = 1 << 20;
-
-/// Writes `buf` at `offset`, skipping its all-zero blocks (they stay holes).
-fn write_sparse(dst: &Volume, offset: u64, buf: &[u8]) -> Result<()> {
-    let mut i = 0;
-    while i < buf.len() {
-        let is_zero = |j: usize| buf[j..(j + BS).min(buf.len())].iter().all(|b| *b == 0);
-        if is_zero(i) {
-            i += BS;
-            continue;
-        }
-        let mut j = i + BS;
-        while j < buf.len() && !is_zero(j) {
-            j += BS;
-        }
-        let j = j.min(buf.len());
-        dst.write(offset + i as u64, &buf[i..j], false)?;
-        i = j;
-    }
-    Ok(())
-}
 
 /// Copies `src` into a new volume `new_id` of `dst` (for `createOption: Copy` into another
 /// family): decrypted with the source family's key, encrypted with the destination's. Holes
@@ -47,7 +26,7 @@ pub fn copy_volume(src: &Volume, dst: &Family, new_id: &str) -> Result<Volume> {
             while at < end {
                 let n = ((end - at) as usize).min(STEP);
                 src.read(at, &mut buf[..n])?;
-                write_sparse(out, at, &buf[..n])?;
+                out.write_over_holes(at, &buf[..n])?;
                 at += n as u64;
             }
         }
@@ -105,7 +84,7 @@ pub fn import_volume(
                     reason: "the image is larger than the size given",
                 });
             }
-            write_sparse(out, at, &buf[..filled])?;
+            out.write_over_holes(at, &buf[..filled])?;
             at += filled as u64;
         }
         Ok(())

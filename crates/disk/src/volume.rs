@@ -237,6 +237,28 @@ impl Volume {
         self.finish(&cipher, fua, landed)
     }
 
+    /// Writes `data` at `offset`, leaving out its all-zero 4 KiB blocks: for filling a range
+    /// that is still holes (a copy or an import into a new volume), where a zero block needs
+    /// no record. Not durable until a flush.
+    pub fn write_over_holes(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut i = 0;
+        while i < data.len() {
+            let is_zero = |j: usize| data[j..(j + BS).min(data.len())].iter().all(|b| *b == 0);
+            if is_zero(i) {
+                i += BS;
+                continue;
+            }
+            let mut j = i + BS;
+            while j < data.len() && !is_zero(j) {
+                j += BS;
+            }
+            let j = j.min(data.len());
+            self.write(offset + i as u64, &data[i..j], false)?;
+            i = j;
+        }
+        Ok(())
+    }
+
     fn append_data(
         &self,
         cipher: &Cipher,
