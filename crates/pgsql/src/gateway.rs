@@ -1,0 +1,199 @@
+//! The seam to the SQL service: [`Gateway`] resolves servers, logins and databases; the
+//! service hands each session an [`OpenDatabase`] and can cut every session of a database
+//! through its [`Terminator`].
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::error::{PgError, sqlstate};
+use crate::scram::ScramVerifier;
+
+/// How a login proves itself.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// A SQL login: SCRAM-SHA-256 against this stored verifier.
+    Scram(ScramVerifier),
+    /// An Entra principal: the password is an access token, sent in cleartext (TLS only) and
+    /// checked by [`Gateway::check_token`].
+    AccessToken,
+}
+
+/// A database opened for one session.
+pub struct OpenDatabase {
+    /// The SQLite connection the session runs its SQL on (owned by the session's thread,
+    /// dropped when the session ends).
+    pub connection: rusqlite::Connection,
+    /// Fires when the service wants the session gone (see [`Terminator`]).
+    pub termination: Termination,
+}
+
+impl std::fmt::Debug for OpenDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenDatabase").finish_non_exhaustive()
+    }
+}
+
+/// The service's handle to cut every session of one database: keep one per database, give
+/// each [`OpenDatabase`] a [`Terminator::subscribe`]. [`Terminator::terminate`] ends every
+/// session with that error (a FATAL ErrorResponse, the running statement interrupted);
+/// dropping the Terminator ends them with 57P01 "terminating connection because the
+/// database was closed".
+#[derive(Debug)]
+pub struct Terminator {
+    tx: watch::Sender<Option<PgError>>,
+}
+
+impl Default for Terminator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Terminator {
+    /// A terminator that has not fired.
+    pub fn new() -> Self {
+        Self {
+            tx: watch::Sender::new(None),
+        }
+    }
+
+    /// A receiver for one session. Subscribing after [`Terminator::terminate`] gives a
+    /// receiver that has already fired (the session ends at once).
+    pub fn subscribe(&self) -> Termination {
+        Termination {
+            rx: self.tx.subscribe(),
+            _keep: None,
+        }
+    }
+
+    /// Ends every session subscribed, now and later, with `error` (sent as FATAL).
+    pub fn terminate(&self, error: PgError) {
+        self.tx
+            .send_replace(Some(error.with_severity(crate::Severity::Fatal)));
+    }
+
+    /// Whether [`Terminator::terminate`] was called.
+    pub fn is_terminated(&self) -> bool {
+        self.tx.borrow().is_some()
+    }
+
+    /// How many sessions hold a subscription.
+    pub fn sessions(&self) -> usize {
+        self.tx.receiver_count()
+    }
+}
+
+/// A session's side of a [`Terminator`].
+#[derive(Debug, Clone)]
+pub struct Termination {
+    rx: watch::Receiver<Option<PgError>>,
+    // Keeps the channel of [`Termination::never`] open.
+    _keep: Option<std::sync::Arc<watch::Sender<Option<PgError>>>>,
+}
+
+impl Termination {
+    /// A termination that never fires (for a database that is never cut).
+    pub fn never() -> Self {
+        let (tx, rx) = watch::channel(None);
+        Self {
+            rx,
+            _keep: Some(std::sync::Arc::new(tx)),
+        }
+    }
+
+    /// Waits until the session must end and returns the error to send.
+    pub(crate) async fn fired(&mut self) -> PgError {
+        loop {
+            if let Some(e) = self.rx.borrow_and_update().clone() {
+                return e;
+            }
+            if self.rx.changed().await.is_err() {
+                return self.rx.borrow().clone().unwrap_or_else(|| {
+                    PgError::fatal(
+                        sqlstate::ADMIN_SHUTDOWN,
+                        "terminating connection because the database was closed",
+                    )
+                });
+            }
+        }
+    }
+}
+
+/// A change to a login made in SQL (`CREATE USER|ROLE … PASSWORD`, `ALTER USER|ROLE …
+/// PASSWORD`, `DROP USER|ROLE`). The front end intercepts these statements (SQLite has no
+/// such statements) and turns passwords into verifiers; the service stores them.
+#[derive(Debug, Clone)]
+pub enum LoginChange {
+    /// Create `login` with this verifier.
+    Create {
+        /// Login name (case as PostgreSQL folds it: unquoted names lower-cased).
+        login: String,
+        /// Verifier of its password.
+        verifier: ScramVerifier,
+    },
+    /// Set the password of an existing `login`.
+    SetPassword {
+        /// Login name.
+        login: String,
+        /// Verifier of the new password.
+        verifier: ScramVerifier,
+    },
+    /// Drop `login`.
+    Drop {
+        /// Login name.
+        login: String,
+        /// `DROP … IF EXISTS`: a missing login is not an error.
+        if_exists: bool,
+    },
+}
+
+/// The SQL service behind the front end. All methods are called from async tasks (the
+/// service may await its store and key vault); errors go to the client as they are (SQLSTATE,
+/// message, detail, hint), with severity FATAL during connection setup.
+#[async_trait]
+pub trait Gateway: Send + Sync + 'static {
+    /// The logical server a TLS SNI host name addresses (`{server}.{dns-suffix}`), or None
+    /// for a host name that is not one of the service's (the connection then needs a user
+    /// name `login@server`).
+    fn server_for_host(&self, host: &str) -> Option<String>;
+
+    /// How `login` on `server` authenticates. `Ok(None)` for an unknown server or login:
+    /// the front end then runs a mock SCRAM exchange and fails with the same 28P01 as for a
+    /// wrong password.
+    async fn credential(&self, server: &str, login: &str) -> Result<Option<Credential>, PgError>;
+
+    /// Checks an access token sent as the password of an [`Credential::AccessToken`] login.
+    /// Return [`PgError::password_failed`] for a token that is refused.
+    async fn check_token(&self, server: &str, login: &str, token: &str) -> Result<(), PgError>;
+
+    /// Opens `database` on `server` for an authenticated `login`. Refuse with a FATAL error
+    /// (for an Inaccessible database: [`PgError::unavailable`] with Azure's 40613 text; for
+    /// a missing one 3D000 `database "…" does not exist`).
+    async fn open(
+        &self,
+        server: &str,
+        database: &str,
+        login: &str,
+    ) -> Result<OpenDatabase, PgError>;
+
+    /// The databases of `server` (psql's `\l`). Default: none.
+    async fn list_databases(&self, server: &str) -> Result<Vec<String>, PgError> {
+        let _ = server;
+        Ok(Vec::new())
+    }
+
+    /// Applies a login change made in SQL by `actor` (the session's login). Default: refused
+    /// (42501).
+    async fn change_login(
+        &self,
+        server: &str,
+        actor: &str,
+        change: LoginChange,
+    ) -> Result<(), PgError> {
+        let _ = (server, actor, change);
+        Err(PgError::error(
+            sqlstate::INSUFFICIENT_PRIVILEGE,
+            "permission denied to create or change logins",
+        ))
+    }
+}
