@@ -401,9 +401,11 @@ impl WalLayer {
         Err(ffi::SQLITE_IOERR_WRITE)
     }
 
-    /// A frame header written over a frame of the current WAL generation (SQLite recomputing
-    /// checksums at commit): the page is opened and sealed again under a fresh nonce with the new
-    /// header. Returns false when the frame on disk is not of this generation (a new frame).
+    /// A frame header written over a frame this file wrote in the current WAL generation, for the
+    /// same page: SQLite recomputing checksums at commit (frames written after an in-place
+    /// rewrite carry zero salts and checksums until then). The page is opened with the header on
+    /// disk and sealed again under a fresh nonce with the new one. Returns false when the frame on
+    /// disk is for another page or does not open: then this is a new frame, whose page follows.
     fn rewrite_header(
         &mut self,
         raw: &mut dyn RawFile,
@@ -412,7 +414,7 @@ impl WalLayer {
         ps: usize,
     ) -> Result<bool, Rc> {
         let buffer = scratch(&mut self.scratch, ps + WAL_FRAME_HEADER_LEN);
-        if raw.read_at(buffer, frame)? == ReadStatus::Short || buffer[8..16] != header[8..16] {
+        if raw.read_at(buffer, frame)? == ReadStatus::Short || buffer[..4] != header[..4] {
             return Ok(false);
         }
         let nonce = codec::fresh_nonce().map_err(write_error)?;
