@@ -17,6 +17,8 @@ command -v nbdfuse >/dev/null 2>&1 || need_apt+=(nbdfuse)
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 command -v losetup >/dev/null 2>&1 || need_apt+=(util-linux)
+# psql, which the kagi-pgsql tests drive against the SQL service's PostgreSQL front end.
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 # The sqlite3 shell: the TDE tests check that it cannot read an encrypted database.
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 

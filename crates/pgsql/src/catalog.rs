@@ -454,9 +454,22 @@ fn table_info(ctx: &Context<'_>, q: &str) -> Result<ResultSet, PgError> {
         .iter()
         .any(|x| x.kind == 'i' && x.table.eq_ignore_ascii_case(&o.name))
         || rowid_pk(ctx.conn, &o.name)?.is_some();
-    let has_triggers = all
+    // psql shows foreign keys (both ways) only for tables with triggers, which is how
+    // PostgreSQL implements them.
+    let mut has_triggers = all
         .iter()
         .any(|x| x.kind == 'T' && x.table.eq_ignore_ascii_case(&o.name));
+    if o.kind == 'r' && !has_triggers {
+        for t in all.iter().filter(|x| x.kind == 'r') {
+            let fks = foreign_keys_of(ctx.conn, &t.name)?;
+            if fks.iter().any(|f| {
+                t.name.eq_ignore_ascii_case(&o.name) || f.references.eq_ignore_ascii_case(&o.name)
+            }) {
+                has_triggers = true;
+                break;
+            }
+        }
+    }
     let am = match o.kind {
         'r' => Value::Text("heap".into()),
         'i' => Value::Text("btree".into()),

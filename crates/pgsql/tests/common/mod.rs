@@ -1,0 +1,418 @@
+//! A test environment: the front end on a loopback port (TLS from a throwaway CA, and a Unix
+//! socket) with a Gateway over plain SQLite files in a temporary directory, and helpers to
+//! run the real psql.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use kagi_pgsql::{
+    CancellationToken, Credential, Gateway, LoginChange, OpenDatabase, PgConfig, PgError,
+    ScramVerifier, Terminator, rusqlite, sqlstate,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+/// The DNS suffix of server host names in the tests (`srv1.pg.localhost`).
+pub const SUFFIX: &str = "pg.localhost";
+/// The administrator login of every test server and its password.
+pub const ADMIN: &str = "admin";
+pub const ADMIN_PW: &str = "s3cret-admin";
+/// An Entra principal (access-token login) and the token the gateway accepts.
+pub const ENTRA: &str = "alice@contoso.com";
+pub const TOKEN: &str = "eyJ0eXAiOiJKV1QiLCJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.test-token";
+
+/// Azure's text for an inaccessible database.
+pub fn azure_40613(db: &str, server: &str) -> String {
+    format!(
+        "Database '{db}' on server '{server}' is not currently available. Please retry the connection later. If the problem persists, contact customer support, and provide them the session tracing ID of '00000000-0000-0000-0000-000000000000'. (40613)"
+    )
+}
+
+enum Login {
+    Scram(ScramVerifier),
+    Token,
+}
+
+struct TestServer {
+    logins: HashMap<String, Login>,
+    dir: PathBuf,
+}
+
+/// A Gateway over SQLite files: `<dir>/<server>/<db>.sqlite`.
+pub struct TestGateway {
+    servers: Mutex<HashMap<String, TestServer>>,
+    terminators: Mutex<HashMap<(String, String), Terminator>>,
+    unavailable: Mutex<HashSet<(String, String)>>,
+}
+
+impl TestGateway {
+    fn new(root: &Path, servers: &[&str]) -> Arc<Self> {
+        let mut map = HashMap::new();
+        for s in servers {
+            let dir = root.join(s);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut logins = HashMap::new();
+            logins.insert(
+                ADMIN.to_owned(),
+                Login::Scram(ScramVerifier::from_password(ADMIN_PW).unwrap()),
+            );
+            logins.insert(ENTRA.to_owned(), Login::Token);
+            // Every server starts with a database "db1" (and "postgres", as psql expects one).
+            for db in ["db1", "postgres"] {
+                let c = rusqlite::Connection::open(dir.join(format!("{db}.sqlite"))).unwrap();
+                c.execute_batch("PRAGMA journal_mode=WAL").unwrap();
+            }
+            map.insert((*s).to_owned(), TestServer { logins, dir });
+        }
+        Arc::new(Self {
+            servers: Mutex::new(map),
+            terminators: Mutex::new(HashMap::new()),
+            unavailable: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Makes a database Inaccessible: open sessions are cut with 40613, new ones refused.
+    pub fn make_inaccessible(&self, server: &str, db: &str) {
+        self.unavailable
+            .lock()
+            .unwrap()
+            .insert((server.to_owned(), db.to_owned()));
+        if let Some(t) = self
+            .terminators
+            .lock()
+            .unwrap()
+            .get(&(server.to_owned(), db.to_owned()))
+        {
+            t.terminate(PgError::unavailable(azure_40613(db, server)));
+        }
+    }
+
+    pub fn sessions(&self, server: &str, db: &str) -> usize {
+        self.terminators
+            .lock()
+            .unwrap()
+            .get(&(server.to_owned(), db.to_owned()))
+            .map_or(0, Terminator::sessions)
+    }
+
+    pub fn has_login(&self, server: &str, login: &str) -> bool {
+        self.servers
+            .lock()
+            .unwrap()
+            .get(server)
+            .is_some_and(|s| s.logins.contains_key(login))
+    }
+
+    pub fn db_path(&self, server: &str, db: &str) -> PathBuf {
+        self.servers.lock().unwrap()[server]
+            .dir
+            .join(format!("{db}.sqlite"))
+    }
+}
+
+#[async_trait]
+impl Gateway for TestGateway {
+    fn server_for_host(&self, host: &str) -> Option<String> {
+        let server = host.strip_suffix(SUFFIX)?.strip_suffix('.')?;
+        self.servers
+            .lock()
+            .unwrap()
+            .contains_key(server)
+            .then(|| server.to_owned())
+    }
+
+    async fn credential(&self, server: &str, login: &str) -> Result<Option<Credential>, PgError> {
+        let servers = self.servers.lock().unwrap();
+        Ok(servers
+            .get(server)
+            .and_then(|s| s.logins.get(login))
+            .map(|l| match l {
+                Login::Scram(v) => Credential::Scram(v.clone()),
+                Login::Token => Credential::AccessToken,
+            }))
+    }
+
+    async fn check_token(&self, _server: &str, login: &str, token: &str) -> Result<(), PgError> {
+        if token == TOKEN {
+            Ok(())
+        } else {
+            Err(PgError::password_failed(login))
+        }
+    }
+
+    async fn open(
+        &self,
+        server: &str,
+        database: &str,
+        _login: &str,
+    ) -> Result<OpenDatabase, PgError> {
+        let key = (server.to_owned(), database.to_owned());
+        if self.unavailable.lock().unwrap().contains(&key) {
+            return Err(PgError::unavailable(azure_40613(database, server)));
+        }
+        let path = self.db_path(server, database);
+        if !path.exists() {
+            return Err(PgError::fatal(
+                sqlstate::INVALID_CATALOG_NAME,
+                format!("database \"{database}\" does not exist"),
+            ));
+        }
+        let connection = rusqlite::Connection::open(path)
+            .map_err(|e| PgError::fatal(sqlstate::IO_ERROR, e.to_string()))?;
+        connection
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        let termination = self
+            .terminators
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_default()
+            .subscribe();
+        Ok(OpenDatabase {
+            connection,
+            termination,
+        })
+    }
+
+    async fn list_databases(&self, server: &str) -> Result<Vec<String>, PgError> {
+        let dir = self.servers.lock().unwrap()[server].dir.clone();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            if let Some(db) = name.strip_suffix(".sqlite") {
+                out.push(db.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn change_login(
+        &self,
+        server: &str,
+        actor: &str,
+        change: LoginChange,
+    ) -> Result<(), PgError> {
+        if actor != ADMIN {
+            return Err(PgError::error(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                "permission denied to create role",
+            ));
+        }
+        let mut servers = self.servers.lock().unwrap();
+        let logins = &mut servers.get_mut(server).unwrap().logins;
+        match change {
+            LoginChange::Create { login, verifier } => {
+                if logins.contains_key(&login) {
+                    return Err(PgError::error(
+                        sqlstate::DUPLICATE_OBJECT,
+                        format!("role \"{login}\" already exists"),
+                    ));
+                }
+                logins.insert(login, Login::Scram(verifier));
+            }
+            LoginChange::SetPassword { login, verifier } => match logins.get_mut(&login) {
+                Some(l) => *l = Login::Scram(verifier),
+                None => {
+                    return Err(PgError::error(
+                        sqlstate::UNDEFINED_OBJECT,
+                        format!("role \"{login}\" does not exist"),
+                    ));
+                }
+            },
+            LoginChange::Drop { login, if_exists } => {
+                if logins.remove(&login).is_none() && !if_exists {
+                    return Err(PgError::error(
+                        sqlstate::UNDEFINED_OBJECT,
+                        format!("role \"{login}\" does not exist"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running front end.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub socket_dir: PathBuf,
+    pub ca: PathBuf,
+    pub gateway: Arc<TestGateway>,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn tls_config(dir: &Path) -> (Arc<rustls::ServerConfig>, PathBuf) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "kagi-pgsql test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name
+        .push(DnType::CommonName, "pg.localhost");
+    p.subject_alt_names = vec![
+        SanType::DnsName(format!("*.{SUFFIX}").try_into().unwrap()),
+        SanType::DnsName("localhost".try_into().unwrap()),
+        SanType::IpAddress("127.0.0.1".parse().unwrap()),
+    ];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    let ca_path = dir.join("ca.pem");
+    std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(cert.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+    (Arc::new(config), ca_path)
+}
+
+impl Env {
+    /// Servers srv1 and srv2, TLS required on TCP.
+    pub fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    pub fn start_with(tweak: impl FnOnce(&mut PgConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (tls, ca) = tls_config(dir.path());
+        let gateway = TestGateway::new(&dir.path().join("data"), &["srv1", "srv2"]);
+        let socket_dir = dir.path().join("sock");
+        std::fs::create_dir_all(&socket_dir).unwrap();
+        let mut config = PgConfig {
+            tls: Some(tls),
+            ..Default::default()
+        };
+        tweak(&mut config);
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let gw: Arc<dyn Gateway> = gateway.clone();
+        let sd = shutdown.clone();
+        let sock = socket_dir.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let port = tcp.local_addr().unwrap().port();
+                let unix =
+                    tokio::net::UnixListener::bind(sock.join(format!(".s.PGSQL.{port}"))).unwrap();
+                tx.send(port).unwrap();
+                kagi_pgsql::serve(tcp, Some(unix), gw, config, sd)
+                    .await
+                    .unwrap();
+            });
+        });
+        let port = rx.recv().unwrap();
+        Self {
+            dir,
+            port,
+            socket_dir,
+            ca,
+            gateway,
+            shutdown,
+            thread: Some(thread),
+        }
+    }
+
+    /// A libpq connection string to `server` by SNI (`{server}.pg.localhost`).
+    pub fn conninfo(&self, server: &str, user: &str, db: &str) -> String {
+        format!(
+            "host={server}.{SUFFIX} hostaddr=127.0.0.1 port={} user={user} dbname={db} sslmode=verify-full sslrootcert={}",
+            self.port,
+            self.ca.display()
+        )
+    }
+
+    /// A connection string without SNI (an IP address host): the server comes from `user@server`.
+    pub fn conninfo_ip(&self, user: &str, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} dbname={db} sslmode=verify-full sslrootcert={}",
+            self.port,
+            self.ca.display()
+        )
+    }
+
+    /// Runs psql with `args` after the connection string; the password in PGPASSWORD.
+    pub fn psql(&self, conninfo: &str, password: &str, args: &[&str]) -> Output {
+        self.psql_cmd(conninfo, password, args)
+            .output()
+            .expect("psql (apt-get install postgresql-client)")
+    }
+
+    pub fn psql_cmd(&self, conninfo: &str, password: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("psql");
+        c.arg("-X")
+            .arg("-v")
+            .arg("ON_ERROR_STOP=1")
+            .arg(conninfo)
+            .args(args);
+        c.env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .env_remove("PGSERVICE")
+            .env("LC_ALL", "C.UTF-8");
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// psql as the administrator of srv1/db1 with `-c sql` (several statements allowed).
+    pub fn admin(&self, sql: &str) -> Output {
+        self.psql(&self.conninfo("srv1", ADMIN, "db1"), ADMIN_PW, &["-c", sql])
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts psql succeeded and returns its standard output.
+#[track_caller]
+pub fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "psql failed: {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
