@@ -604,7 +604,7 @@ impl State {
             Mode::Describe => {
                 backend::row_description(&mut self.out.buf, &fields);
                 self.hold(
-                    portal, &mut rows, &mut peek, &cols, formats, verb, &mut sent, false,
+                    portal, &mut rows, &mut peek, &cols, formats, verb, &mut sent,
                 )
             }
             Mode::Execute(max) => {
@@ -615,7 +615,7 @@ impl State {
                 } else {
                     backend::empty(&mut self.out.buf, b's');
                     self.hold(
-                        portal, &mut rows, &mut peek, &cols, formats, verb, &mut sent, true,
+                        portal, &mut rows, &mut peek, &cols, formats, verb, &mut sent,
                     )
                 }
             }
@@ -689,9 +689,7 @@ impl State {
         formats: &[i16],
         verb: &Verb,
         sent: &mut u64,
-        executed: bool,
     ) -> Result<Flow, Fail> {
-        let mut executed = executed;
         loop {
             let Some(msg) = self.rx.blocking_recv() else {
                 return Err(Fail::Gone);
@@ -701,11 +699,8 @@ impl State {
                     portal: p,
                     max_rows,
                 } if p == portal => {
-                    if !executed {
-                        // A Describe peeked; the first Execute counts its rows from here.
-                        executed = true;
-                        *sent = 0;
-                    }
+                    // Like PostgreSQL, each Execute's tag counts the rows it sent.
+                    *sent = 0;
                     if self.stream(rows, peek, cols, formats, max_rows, sent)? {
                         backend::command_complete(&mut self.out.buf, &rows_tag(verb, *sent));
                         self.set_done(portal, rows_tag(verb, 0));
@@ -1075,6 +1070,7 @@ impl State {
                     return Ok(Flow::Done);
                 };
                 let formats = p.formats.clone();
+                b.sent = 0;
                 let done = self.send_buffered(&mut b, &formats, max_rows)?;
                 let tag = rows_tag(&b.verb, b.sent);
                 if let Some(p) = self.portals.get_mut(name) {
