@@ -515,8 +515,9 @@ unsafe extern "C" fn x_shm_map(
     out: *mut *mut c_void,
 ) -> c_int {
     guard(|| {
-        // SAFETY: an opened file; SQLite passes a valid out-pointer.
+        // SAFETY: an opened file.
         let (layer, _) = unsafe { parts(file) };
+        // SAFETY: SQLite passes a valid out-pointer.
         unsafe { *out = ptr::null_mut() };
         let (Ok(region), Ok(size)) = (usize::try_from(region), usize::try_from(size)) else {
             return ffi::SQLITE_IOERR_SHMMAP;
@@ -571,6 +572,7 @@ macro_rules! forward_vfs {
     ($vfs:expr, $method:ident, $default:expr $(, $arg:expr)*) => {{
         // SAFETY: our VFS wraps the default VFS, which lives forever.
         let inner = unsafe { inner_vfs($vfs) };
+        // SAFETY: reading a method pointer of that VFS.
         match unsafe { (*inner).$method } {
             // SAFETY: the default VFS's own method, with SQLite's arguments.
             Some(f) => unsafe { f(inner $(, $arg)*) },
