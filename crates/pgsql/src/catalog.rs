@@ -194,7 +194,7 @@ pub(crate) fn answer(ctx: &Context<'_>, sql: &str) -> Result<ResultSet, PgError>
             _ => Value::Null,
         }));
     }
-    if has("pg_catalog.quote_ident(c.relname)") && has("substring(") {
+    if has("from pg_catalog.pg_class c") && has("(c.relname) like '") {
         return complete_relation(ctx, &q);
     }
     // Other psql listings (\df, \dT, \dx, \do, …): nothing of that kind exists here.
@@ -1090,13 +1090,16 @@ fn roles(ctx: &Context<'_>) -> ResultSet {
     }
 }
 
-/// psql's tab completion of relation names: `substring(quote_ident(c.relname),1,N)='prefix'`.
+/// psql's tab completion of relation names: `(c.relname) LIKE 'prefix%'`.
 fn complete_relation(ctx: &Context<'_>, q: &str) -> Result<ResultSet, PgError> {
+    let needle = "(c.relname) like '";
     let prefix = q
-        .find("substring(pg_catalog.quote_ident(c.relname),1,")
-        .and_then(|p| q[p..].find("='").map(|e| p + e + 2))
-        .and_then(|s| q[s..].find('\'').map(|e| q[s..s + e].to_owned()))
-        .unwrap_or_default();
+        .find(needle)
+        .map(|p| &q[p + needle.len()..])
+        .and_then(|rest| rest.find('\'').map(|e| &rest[..e]))
+        .unwrap_or_default()
+        .trim_end_matches('%')
+        .replace('\\', "");
     let mut names: Vec<String> = objects(ctx.conn)?
         .into_iter()
         .filter(|o| {
@@ -1108,8 +1111,11 @@ fn complete_relation(ctx: &Context<'_>, q: &str) -> Result<ResultSet, PgError> {
         .collect();
     names.sort();
     Ok(ResultSet {
-        cols: vec![Col::new("quote_ident", oid::TEXT)],
-        rows: names.into_iter().map(|n| vec![Value::Text(n)]).collect(),
+        cols: vec![Col::new("relname", oid::NAME), Col::new("text", oid::TEXT)],
+        rows: names
+            .into_iter()
+            .map(|n| vec![Value::Text(n), Value::Null])
+            .collect(),
     })
 }
 

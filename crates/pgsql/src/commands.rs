@@ -483,13 +483,43 @@ fn parse_begin(src: &str, toks: &[Tok]) -> Stmt {
     }
     let mut mode = "DEFERRED";
     for t in &toks[1..] {
+        let known = t.is_punct(src, ",")
+            || [
+                "DEFERRED",
+                "IMMEDIATE",
+                "EXCLUSIVE",
+                "WORK",
+                "TRANSACTION",
+                "ISOLATION",
+                "LEVEL",
+                "SERIALIZABLE",
+                "REPEATABLE",
+                "READ",
+                "COMMITTED",
+                "UNCOMMITTED",
+                "WRITE",
+                "ONLY",
+                "NOT",
+                "DEFERRABLE",
+            ]
+            .iter()
+            .any(|w| t.is_word(src, w));
+        if !known {
+            return syntax(&format!("syntax error at or near \"{}\"", t.text(src)));
+        }
         if t.is_word(src, "IMMEDIATE") {
             mode = "IMMEDIATE";
         } else if t.is_word(src, "EXCLUSIVE") {
             mode = "EXCLUSIVE";
         }
     }
-    // ISOLATION LEVEL …, READ WRITE, READ ONLY, [NOT] DEFERRABLE are accepted: SQLite
+    if toks
+        .windows(2)
+        .any(|w| w[0].is_word(src, "READ") && w[1].is_word(src, "ONLY"))
+    {
+        return unsupported("READ ONLY transactions", "");
+    }
+    // ISOLATION LEVEL …, READ WRITE, [NOT] DEFERRABLE are accepted: SQLite
     // transactions are serializable.
     Stmt::Begin(mode)
 }
@@ -756,6 +786,7 @@ mod tests {
         assert_eq!(classify("  "), Stmt::Empty);
         assert_eq!(classify("begin"), Stmt::Begin("DEFERRED"));
         assert_eq!(classify("BEGIN IMMEDIATE"), Stmt::Begin("IMMEDIATE"));
+        assert!(matches!(classify("BEGIN\nSELECT bogus"), Stmt::Refused(_)));
         assert_eq!(
             classify("start transaction isolation level serializable"),
             Stmt::Begin("DEFERRED")

@@ -42,3 +42,15 @@ pub use scram::ScramVerifier;
 pub use server::{PgConfig, serve};
 pub use settings::SERVER_VERSION;
 pub use tokio_util::sync::CancellationToken;
+
+/// Entry points for the fuzz targets (crates/pgsql/fuzz): the parts of the front end that
+/// read client input and are not reachable through [`wire`] and [`types`].
+pub mod fuzzing {
+    /// Splits `input` into statements, classifies each and rewrites it for SQLite.
+    pub fn sql(input: &str) {
+        for stmt in crate::sql::split_statements(input) {
+            let _ = crate::commands::classify(stmt);
+            let _ = crate::sql::rewrite(stmt);
+        }
+    }
+}

@@ -271,6 +271,12 @@ fn psql_describe_commands() {
     assert!(df.contains("(0 rows)"), "{df}");
     let dn = ok(&env.psql(&c, ADMIN_PW, &["-c", "\\dn"]));
     assert!(dn.contains(" public | admin"), "{dn}");
+    // The query interactive psql 15 sends to complete "SELECT * FROM t<Tab>".
+    let complete = "SELECT c.relname, NULL::pg_catalog.text FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 'S', 'v', 'm', 'f', 'p') AND (c.relname) LIKE 't%' AND pg_catalog.pg_table_is_visible(c.oid) AND c.relnamespace <> (SELECT oid FROM pg_catalog.pg_namespace WHERE nspname = 'pg_catalog')\nUNION ALL\nSELECT NULL::pg_catalog.text, n.nspname FROM pg_catalog.pg_namespace n WHERE n.nspname LIKE 't%' AND n.nspname NOT LIKE E'pg\\\\_%'\nLIMIT 1000";
+    assert_eq!(
+        ok(&env.psql(&c, ADMIN_PW, &["-At", "-c", complete])),
+        "t|\n"
+    );
 }
 
 #[test]
