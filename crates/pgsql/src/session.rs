@@ -999,10 +999,12 @@ impl State {
         } = &stmt
         {
             // Declared types (or types a statement Describe announced) need no row.
-            if let Some(cols) = announced.or(self
-                .static_columns(conn, &stmt, &params)?
-                .filter(|c| c.iter().all(|c| c.oid != oid::TEXT) || !has_untyped(conn, sql)))
-            {
+            let known = match announced {
+                Some(cols) => Some(cols),
+                None if !has_untyped(conn, sql) => self.static_columns(conn, &stmt, &params)?,
+                None => None,
+            };
+            if let Some(cols) = known {
                 backend::row_description(&mut self.out.buf, &field_descs(&cols, &formats)?);
                 return Ok(Flow::Done);
             }

@@ -465,4 +465,51 @@ fn cancel_interrupts_running_statements() {
     }
 }
 
+#[test]
+fn statement_timeout_is_enforced() {
+    let env = Env::start();
+    for sql in [
+        "SET statement_timeout = '300ms'; SELECT pg_sleep(30)",
+        "SET statement_timeout TO 300; WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+    ] {
+        let t0 = Instant::now();
+        let o = env.psql(
+            &env.conninfo("srv1", ADMIN, "db1"),
+            ADMIN_PW,
+            &["-v", "VERBOSITY=verbose", "-c", sql],
+        );
+        assert!(t0.elapsed() < Duration::from_secs(20));
+        assert!(
+            stderr(&o).contains("ERROR:  57014: canceling statement due to statement timeout"),
+            "{}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn shutdown_ends_sessions_with_57p01() {
+    let mut env = Env::start();
+    let c = env.conninfo("srv1", ADMIN, "db1");
+    let busy = env
+        .psql_cmd(&c, ADMIN_PW, &["-c", "SELECT pg_sleep(60)"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while env.gateway.sessions("srv1", "db1") < 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    env.shutdown();
+    let o = busy.wait_with_output().unwrap();
+    assert!(
+        stderr(&o).contains("FATAL:  terminating connection due to administrator command"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(env.gateway.sessions("srv1", "db1"), 0);
+}
+
 use std::process::Command;

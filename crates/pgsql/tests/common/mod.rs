@@ -387,6 +387,16 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Cancels the listener's shutdown token and waits for `serve` to return.
+    pub fn shutdown(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         self.shutdown.cancel();
