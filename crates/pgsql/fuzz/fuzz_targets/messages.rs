@@ -14,7 +14,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = wire::parse_sasl_initial(body);
     let _ = wire::parse_password(body);
-    for oid in [16, 17, 20, 21, 23, 25, 26, 700, 701, 1082, 1083, 1114, 1184, 1700, 2950, 3802, 0, 9999] {
+    for oid in [
+        16, 17, 20, 21, 23, 25, 26, 700, 701, 1082, 1083, 1114, 1184, 1700, 2950, 3802, 0, 9999,
+    ] {
         let _ = types::decode_param(oid, 0, body);
         let _ = types::decode_param(oid, 1, body);
     }
