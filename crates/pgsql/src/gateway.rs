@@ -77,7 +77,8 @@ impl Terminator {
         self.tx.borrow().is_some()
     }
 
-    /// How many sessions hold a subscription.
+    /// How many sessions hold a subscription. A session lets go of it only after its
+    /// thread has dropped the connection, so 0 means no session still uses the database.
     pub fn sessions(&self) -> usize {
         self.tx.receiver_count()
     }
