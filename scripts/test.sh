@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and integration tests, then the Azure SDK conformance suite
-# against a real `kagi server` (installs the Python venv with the Azure SDK on first run), then
-# a bounded fuzzing run of the NBD parsers (KAGI_FUZZ_SECONDS per target, default 15).
+# against a real `kagi server` (the Python venv with the Azure SDK and psycopg is made first: the
+# Rust tests of the PostgreSQL front end drive psycopg too), then bounded fuzzing runs of the
+# NBD, PostgreSQL and page-codec parsers (KAGI_FUZZ_SECONDS per target, default 15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 python3 scripts/import-loops.py .
+tests/conformance/venv.sh
 cargo build -q --workspace --all-targets
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
@@ -13,5 +15,5 @@ else
   cargo test -q --workspace --no-fail-fast
 fi
 KAGI_BIN="$PWD/target/debug/kagi" tests/conformance/run.sh "$@"
-# The NBD handshake and request parsers under libFuzzer, for a bounded time per target.
-scripts/fuzz-nbd.sh "${KAGI_FUZZ_SECONDS:-15}"
+# The parsers that face clients or disk bytes, under libFuzzer, for a bounded time per target.
+scripts/fuzz.sh "${KAGI_FUZZ_SECONDS:-15}"

@@ -159,6 +159,8 @@ class KagiServer:
         self.data_dir = Path(data_dir)
         self.log_path = Path(log_path)
         self.port = port or free_port()
+        # The SQL service's PostgreSQL listener (each server its own port).
+        self.sql_port = free_port()
         self.proc: Optional[subprocess.Popen] = None
         self._log_fh = None
         self._credential = None
@@ -207,6 +209,8 @@ class KagiServer:
             str(self.data_dir),
             "--listen",
             f"localhost:{self.port}",
+            "--sql-listen",
+            f"localhost:{self.sql_port}",
             *self.extra_args,
         ]
 
@@ -653,3 +657,20 @@ def update_vault_properties(srv: KagiServer, vault: "Vault", **props) -> request
         "properties": {"tenantId": srv.tenant_id, "sku": {"family": "A", "name": "standard"}, **props},
     }
     return srv.request("PUT", srv.arm(srv.vault_path(vault.rg, vault.name)), json=body)
+
+
+def advance_clock(srv, seconds):
+    """Moves a `--test-clock` server's clock forward."""
+    r = srv.request("POST", f"{srv.base}/kagi/test/clock", json={"advanceSeconds": seconds})
+    assert r.status_code in (200, 204), r.text
+
+
+def wait_for(what, predicate, timeout=30.0):
+    """Polls `predicate` until it is truthy (returned), failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = predicate()
+        if v:
+            return v
+        time.sleep(0.2)
+    pytest.fail(f"timed out waiting for {what}")

@@ -7,20 +7,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 venv="${KAGI_VENV:-$repo/.venv}"
-req="$here/requirements.txt"
-stamp="$venv/.kagi-requirements.sha256"
-python="${PYTHON:-python3}"
-
-want="$(sha256sum "$req" | cut -d' ' -f1)"
-have="$(cat "$stamp" 2>/dev/null || true)"
-if [[ ! -x "$venv/bin/python" || "$want" != "$have" ]]; then
-    echo "run.sh: (re)creating venv at $venv" >&2
-    rm -rf "$venv"
-    "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$req"
-    echo "$want" > "$stamp"
-fi
+"$here/venv.sh"
 
 export KAGI_BIN="${KAGI_BIN:-$repo/target/debug/kagi}"
 if [[ ! -x "$KAGI_BIN" ]]; then

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEFAULT_RG, LOCATION, _start_server, random_name, update_vault_properties
+from conftest import DEFAULT_RG, advance_clock, wait_for, LOCATION, _start_server, random_name, update_vault_properties
 
 COMPUTE_API = "2025-01-02"
 MIB = 1 << 20
@@ -186,21 +186,6 @@ def disk_kagi(tmp_path):
         yield srv
     finally:
         srv.stop()
-
-
-def advance_clock(srv, seconds):
-    r = srv.request("POST", f"{srv.base}/kagi/test/clock", json={"advanceSeconds": seconds})
-    assert r.status_code in (200, 204), r.text
-
-
-def wait_for(what, predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = predicate()
-        if v:
-            return v
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -220,18 +220,7 @@ impl BackupService {
 /// One management request for `Microsoft.RecoveryServices`, as the HTTP layer parsed it.
 pub use kagi_host::ArmRequest;
 
-fn json_body(body: &[u8]) -> Result<Value, KvError> {
-    if body.is_empty() {
-        return Ok(Value::Object(Default::default()));
-    }
-    serde_json::from_slice(body).map_err(|e| {
-        KvError::new(
-            ErrorCode::BadRequest,
-            format!("The request body is not valid JSON: {e}."),
-        )
-        .with_inner("InvalidRequestContent")
-    })
-}
+use kagi_host::json_body;
 
 /// Backup vaults as the platform's HTTP layer sees them: `Microsoft.RecoveryServices/vaults`,
 /// movable (with the platform key), their identities trusted by vault firewalls, with backup

@@ -267,7 +267,7 @@ fn list_url(ctx: &Context, kind: &str, g: &Group) -> String {
     }
 }
 
-fn show(ctx: &Context, v: &Value, line: impl Fn(&Value) -> String) {
+pub(crate) fn show(ctx: &Context, v: &Value, line: impl Fn(&Value) -> String) {
     match ctx.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
         _ => match v["value"].as_array() {

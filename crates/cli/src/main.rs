@@ -12,6 +12,7 @@ mod disk;
 mod events;
 mod identity;
 mod policy;
+mod sql;
 mod subscription;
 mod vault_backup;
 
@@ -62,6 +63,11 @@ enum Command {
         /// `<data>/nbd.sock` only.
         #[arg(long, env = "KAGI_NBD_LISTEN")]
         nbd_listen: Option<String>,
+        /// Serve SQL databases over the PostgreSQL protocol (TLS; the server chosen by SNI
+        /// `{server}.{dns suffix}`) at HOST:PORT; `none` to not serve them. Default
+        /// `localhost:1433` (Azure SQL's port), skipped with a warning when that is taken.
+        #[arg(long, env = "KAGI_SQL_LISTEN")]
+        sql_listen: Option<String>,
         /// FOR TESTS ONLY: run on a clock that starts at the system time and that the bootstrap
         /// administrator can move forward with `POST /kagi/test/clock {"advanceSeconds": N}`.
         #[arg(
@@ -101,6 +107,8 @@ enum Command {
     Snapshot(disk::SnapshotArgs),
     /// Images of disks or snapshots, to make disks from.
     Image(disk::ImageArgs),
+    /// SQL servers and databases with transparent data encryption (TDE protectors).
+    Sql(sql::SqlArgs),
 }
 
 /// `kagi … | head` must end quietly when the reader goes away, as other tools do. Rust ignores
@@ -141,8 +149,15 @@ fn main() -> std::process::ExitCode {
                 listen,
                 dns_suffix,
                 nbd_listen,
+                sql_listen,
                 test_clock,
-            } => run_server(cli.data_dir, listen, dns_suffix, nbd_listen, test_clock).await,
+            } => {
+                let listeners = Listeners {
+                    nbd: nbd_listen,
+                    sql: sql_listen,
+                };
+                run_server(cli.data_dir, listen, dns_suffix, listeners, test_clock).await
+            }
             Command::Keyvault(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 commands::keyvault(&ctx, args).await
@@ -181,6 +196,10 @@ fn main() -> std::process::ExitCode {
             Command::Image(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 disk::run_image(&ctx, args).await
+            }
+            Command::Sql(args) => {
+                let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
+                sql::run(&ctx, args).await
             }
             Command::Policy(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
@@ -246,13 +265,47 @@ fn private_data_dir(dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("making the data directory {} owner-only", dir.display()))
 }
 
+/// The server's listeners besides HTTPS.
+struct Listeners {
+    /// `--nbd-listen`.
+    nbd: Option<String>,
+    /// `--sql-listen`.
+    sql: Option<String>,
+}
+
+/// The PostgreSQL listeners of `--sql-listen` (`None`: the default, skipped with a warning
+/// when its port is taken; `none`: no listener).
+async fn sql_listeners(at: Option<&str>) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
+    let (at, explicit) = match at {
+        Some(a) if a.eq_ignore_ascii_case("none") => return Ok(Vec::new()),
+        Some(a) => (a, true),
+        None => ("localhost:1433", false),
+    };
+    let (addrs, _) = listen_addrs(at)?;
+    let mut out = Vec::new();
+    for addr in addrs {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => out.push(l),
+            Err(e) if !explicit => {
+                tracing::warn!(%addr, error = %e, "SQL databases not served on the default address");
+                println!(
+                    "  SQL (PostgreSQL protocol) not served on {addr}: {e} (use --sql-listen)"
+                );
+            }
+            Err(e) => return Err(anyhow::anyhow!("--sql-listen {at}: {e}")),
+        }
+    }
+    Ok(out)
+}
+
 async fn run_server(
     data_dir: PathBuf,
     listen: String,
     dns_suffix: String,
-    nbd_listen: Option<String>,
+    listeners: Listeners,
     test_clock: bool,
 ) -> anyhow::Result<()> {
+    let nbd_listen = listeners.nbd;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KAGI_LOG")
@@ -386,10 +439,32 @@ async fn run_server(
     }
     kagi_disk_service::spawn_keeper(disks.clone());
 
+    // SQL servers and databases with TDE, served over the PostgreSQL protocol with TLS; their
+    // protectors probed by the keeper on the platform clock.
+    let sql =
+        kagi_sql_service::SqlService::new(platform.clone(), kagi_sql_service::SqlConfig::default())
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    let sql_shutdown = kagi_pgsql::CancellationToken::new();
+    let pg = sql_listeners(listeners.sql.as_deref()).await?;
+    if !pg.is_empty() {
+        let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
+        let resolver = kagi_http::tls::SniResolver::new(ca, &dns_suffix);
+        let tls = std::sync::Arc::new(kagi_http::tls::server_config(resolver, Vec::new())?);
+        for l in &pg {
+            println!(
+                "  SQL over the PostgreSQL protocol (TLS): {}",
+                l.local_addr()?
+            );
+        }
+        sql.serve_postgres(pg, tls, sql_shutdown.clone());
+    }
+    kagi_sql_service::spawn_keeper(sql.clone());
+
     // The storage services, each registered by its provider (adding one touches no router).
     let services = kagi_http::Services::default();
     services.register(backup);
     services.register(disks);
+    services.register(sql);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {
@@ -399,6 +474,7 @@ async fn run_server(
     };
     // Returns once the requests in flight have finished (their changes and audit records).
     kagi_http::serve_until(platform, services, audit_log, &addrs, resolver, shutdown).await?;
+    sql_shutdown.cancel();
     // Every acknowledged write is already committed (synchronous=FULL); nothing to flush.
     Ok(())
 }

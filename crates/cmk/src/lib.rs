@@ -48,7 +48,8 @@ pub use kek::{
     WrappedKey,
 };
 pub use records::{
-    dek_from, key_failure_error, random_dek, record_from_json, record_to_json, records_in,
+    dek_from, key_failure_error, push_record, random_dek, record_from_json, record_to_json,
+    records_in,
 };
 pub use uri::{KeyUri, parse_key_uri};
 pub use usable::key_unusable;

@@ -48,6 +48,13 @@ pub fn records_in(doc: &Value) -> Vec<WrappedKey> {
         .unwrap_or_default()
 }
 
+/// Appends `r` to `doc["records"]` (made if missing).
+pub fn push_record(doc: &mut Value, r: &WrappedKey) {
+    let mut records = doc["records"].as_array().cloned().unwrap_or_default();
+    records.push(record_to_json(r));
+    doc["records"] = json!(records);
+}
+
 /// A fresh random 32-byte key.
 pub fn random_dek() -> Result<Dek, KvError> {
     let raw = Zeroizing::new(kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?);
@@ -101,6 +108,9 @@ mod tests {
         let odd = json!({"id": "x", "kek": "hsm:1", "wrapped": "AQ==", "created": 1});
         assert_eq!(record_from_json(&odd).kek, KekRef::Unknown);
         assert_eq!(records_in(&json!({"records": [odd]})).len(), 1);
+        let mut doc = json!({});
+        push_record(&mut doc, &record_from_json(&odd));
+        assert_eq!(records_in(&doc).len(), 1);
         assert!(dek_from(&[0u8; 31], "test").is_err());
         assert_ne!(*random_dek().unwrap(), *random_dek().unwrap());
     }

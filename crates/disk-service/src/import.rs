@@ -121,6 +121,14 @@ impl DiskService {
                 buf.extend_from_slice(c);
             }
             if buf.len() >= STEP || (done && !buf.is_empty()) {
+                // Whole blocks only (until the end), so that every write starts on a block
+                // and its zero blocks are the disk's: they stay holes.
+                let whole = if done {
+                    buf.len()
+                } else {
+                    buf.len() - buf.len() % kagi_disk::BLOCK_SIZE as usize
+                };
+                let rest = buf.split_off(whole);
                 let n = buf.len() as u64;
                 if at + n > size {
                     return Err(bad(
@@ -132,10 +140,9 @@ impl DiskService {
                         ),
                     ));
                 }
-                let (v, data) = (
-                    volume.clone(),
-                    std::mem::replace(&mut buf, Vec::with_capacity(STEP)),
-                );
+                let mut next = Vec::with_capacity(STEP + rest.len());
+                next.extend_from_slice(&rest);
+                let (v, data) = (volume.clone(), std::mem::replace(&mut buf, next));
                 blocking("importing the image", move || v.write_over_holes(at, &data)).await?;
                 at += n;
             }

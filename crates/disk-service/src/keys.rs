@@ -227,9 +227,7 @@ impl KeyOwner for DiskKeys<'_> {
 
     async fn add_wrapped_key(&self, key: WrappedKey) -> Result<(), KvError> {
         let mut doc = self.doc().await?;
-        let mut records = doc["records"].as_array().cloned().unwrap_or_default();
-        records.push(record_to_json(&key));
-        doc["records"] = json!(records);
+        kagi_cmk::push_record(&mut doc, &key);
         self.host
             .put_document(&self.disk_id, KEYS_DOC, "dek", &doc)
             .await

@@ -223,25 +223,15 @@ impl DiskService {
         req: ArmRequest<'_>,
     ) -> Result<(u16, Value), KvError> {
         let p = self.host.as_ref();
-        let ArmRequest {
-            method,
-            segs,
-            l,
-            body,
-            ..
-        } = req;
+        let (method, body) = (req.method, req.body);
         let not_found = || KvError::new(ErrorCode::NotFound, "No such route.");
-        let i = l
-            .windows(2)
-            .position(|w| w == ["providers", "microsoft.compute"])
-            .ok_or_else(not_found)?;
-        let (sub, rg) = match &l[..i] {
-            ["subscriptions", _] => (segs[1], None),
-            ["subscriptions", _, "resourcegroups", _] => (segs[1], Some(segs[3])),
-            _ => return Err(not_found()),
-        };
-        let rest_l = &l[i + 2..];
-        let rest = &segs[i + 2..];
+        let scope = req.scope("microsoft.compute")?;
+        let (sub, rg, rest, rest_l) = (
+            scope.subscription,
+            scope.resource_group,
+            scope.rest,
+            scope.rest_l,
+        );
         let list = |ty: &str| {
             p.list_resources(
                 caller,
@@ -379,17 +369,7 @@ pub(crate) fn bad(inner: &'static str, message: impl Into<String>) -> KvError {
     kagi_cmk::bad(inner, message)
 }
 
-fn json_body(body: &[u8]) -> Result<Value, KvError> {
-    if body.is_empty() {
-        return Ok(Value::Object(Default::default()));
-    }
-    serde_json::from_slice(body).map_err(|e| {
-        bad(
-            "InvalidRequestContent",
-            format!("The request body is not valid JSON: {e}."),
-        )
-    })
-}
+use kagi_host::json_body;
 
 /// Disk encryption sets and disks as the platform's HTTP layer sees them: the identities of
 /// sets are trusted by vault firewalls (as Azure's disk encryption sets are).

@@ -9,7 +9,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kagi_disk_service::{DiskConfig, DiskService, NbdExports};
-use kagi_host::{ArmRequest, ResourceProvider};
 use kagi_nbd::{ClientInfo, ExportResolver, ReadData};
 use kagi_testkit::{Options, TestServer};
 use serde_json::{Value, json};
@@ -23,22 +22,7 @@ async fn call(
     path: &str,
     body: Value,
 ) -> (u16, Value) {
-    let caller = s.platform.authenticate(&s.token).unwrap();
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let lower: Vec<String> = segs.iter().map(|x| x.to_ascii_lowercase()).collect();
-    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
-    let bytes = serde_json::to_vec(&body).unwrap();
-    let req = ArmRequest {
-        method,
-        segs: &segs,
-        l: &l,
-        body: &bytes,
-        wait: None,
-    };
-    match svc.clone().handle(&caller, req).await {
-        Ok(r) => (r.status, r.body),
-        Err(e) => (e.code.status(), json!({"error": e.message})),
-    }
+    s.provider_call(svc.clone(), method, path, body).await
 }
 
 fn stored_bytes(dir: &Path) -> u64 {

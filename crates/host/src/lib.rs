@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 pub use kagi_identity::Principal;
 pub use provider::{
     AdmittedAgent, AgentCall, AgentHead, AgentReply, ArmReply, ArmRequest, MAX_AGENT_JSON_BYTES,
-    ResourceProvider, move_not_supported,
+    ResourceProvider, json_body, move_not_supported,
 };
 
 /// Results of the host: errors in the API's own format.

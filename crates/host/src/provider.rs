@@ -34,6 +34,60 @@ pub struct ArmRequest<'a> {
     pub wait: Option<Duration>,
 }
 
+/// Where an ARM request under a namespace points: its subscription, its resource group (none
+/// for a subscription-wide request), and the path after `providers/{namespace}`, as sent and
+/// lower-cased.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ArmScope<'a> {
+    /// The subscription.
+    pub subscription: &'a str,
+    /// The resource group.
+    pub resource_group: Option<&'a str>,
+    /// The segments after `providers/{namespace}`.
+    pub rest: &'a [&'a str],
+    /// The same, lower-cased.
+    pub rest_l: &'a [&'a str],
+}
+
+impl<'a> ArmRequest<'a> {
+    /// The scope of the request under `namespace` (lower case, `microsoft.compute`):
+    /// `/subscriptions/{s}[/resourceGroups/{g}]/providers/{namespace}/…`; Azure's 404 for any
+    /// other path.
+    pub fn scope(&self, namespace: &str) -> Result<ArmScope<'a>> {
+        let not_found = || KvError::new(ErrorCode::NotFound, "No such route.");
+        let (segs, l) = (self.segs, self.l);
+        let i = l
+            .windows(2)
+            .position(|w| w[0] == "providers" && w[1] == namespace)
+            .ok_or_else(not_found)?;
+        let resource_group = match &l[..i] {
+            ["subscriptions", _] => None,
+            ["subscriptions", _, "resourcegroups", _] => Some(segs[3]),
+            _ => return Err(not_found()),
+        };
+        Ok(ArmScope {
+            subscription: segs[1],
+            resource_group,
+            rest: &segs[i + 2..],
+            rest_l: &l[i + 2..],
+        })
+    }
+}
+
+/// A request body as JSON (an empty body is `{}`), or Azure's 400 `InvalidRequestContent`.
+pub fn json_body(body: &[u8]) -> Result<Value> {
+    if body.is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        KvError::new(
+            ErrorCode::BadRequest,
+            format!("The request body is not valid JSON: {e}."),
+        )
+        .with_inner("InvalidRequestContent")
+    })
+}
+
 /// A provider's answer to an ARM request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArmReply {

@@ -10,7 +10,7 @@ use rusqlite::Connection;
 use rusqlite::types::Value;
 
 use crate::error::PgError;
-use crate::session::{Col, ResultSet};
+use crate::results::{Col, ResultSet};
 use crate::types::oid;
 
 /// What the catalog needs from the session.

@@ -23,6 +23,7 @@ mod catalog;
 mod commands;
 mod error;
 mod gateway;
+mod results;
 pub mod scram;
 mod server;
 mod session;

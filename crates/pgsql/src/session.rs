@@ -14,6 +14,7 @@ use crate::catalog;
 use crate::commands::{self, Count, LoginStmt, Stmt, Verb};
 use crate::error::{PgError, Severity, sqlstate};
 use crate::gateway::{Gateway, LoginChange};
+use crate::results::{Col, ResultSet};
 use crate::scram::ScramVerifier;
 use crate::settings::Settings;
 use crate::sql;
@@ -55,29 +56,6 @@ impl From<PgError> for Fail {
     fn from(e: PgError) -> Self {
         Fail::Pg(e)
     }
-}
-
-/// A result column.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Col {
-    pub name: String,
-    pub oid: u32,
-}
-
-impl Col {
-    pub(crate) fn new(name: &str, oid: u32) -> Self {
-        Self {
-            name: name.to_owned(),
-            oid,
-        }
-    }
-}
-
-/// Rows computed by the front end (SHOW, catalog queries, cursors).
-#[derive(Debug, Clone, Default)]
-pub(crate) struct ResultSet {
-    pub cols: Vec<Col>,
-    pub rows: Vec<Vec<Value>>,
 }
 
 /// PostgreSQL's transaction state, kept on top of SQLite's autocommit flag.

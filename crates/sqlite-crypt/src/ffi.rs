@@ -12,8 +12,9 @@ use std::sync::OnceLock;
 
 use rusqlite::ffi;
 
+use crate::Rc;
 use crate::key::PageCipher;
-use crate::layers::{Layer, RawFile, Rc, ReadStatus};
+use crate::layers::{Layer, RawFile, ReadStatus};
 use crate::registry;
 
 /// The name the VFS is registered under.

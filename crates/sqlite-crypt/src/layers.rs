@@ -19,8 +19,7 @@ use crate::key::PageCipher;
 use crate::registry::DbEntry;
 use crate::shm::ShmClient;
 
-/// An SQLite result code.
-pub(crate) type Rc = i32;
+use crate::Rc;
 
 /// Whether a read found all the bytes it asked for; a short read zero-fills the rest (SQLite's
 /// `SQLITE_IOERR_SHORT_READ` contract).

@@ -23,6 +23,9 @@ mod layers;
 mod registry;
 mod shm;
 
+/// An SQLite result code.
+pub(crate) type Rc = i32;
+
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 

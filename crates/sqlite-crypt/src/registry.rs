@@ -15,9 +15,9 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard, RwLock, Weak};
 use aws_lc_rs::constant_time::verify_slices_are_equal;
 use rusqlite::ffi;
 
+use crate::Rc;
 use crate::codec::{self, HEADER_LEN, HeaderKind};
 use crate::key::{DATABASE_ID_LEN, DatabaseKey, PageCipher};
-use crate::layers::Rc;
 use crate::shm::Shm;
 use crate::{Error, hex};
 

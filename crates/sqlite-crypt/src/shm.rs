@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicU64;
 
 use rusqlite::ffi;
 
-use crate::layers::Rc;
+use crate::Rc;
 
 /// Number of wal-index lock slots.
 const NLOCK: usize = ffi::SQLITE_SHM_NLOCK as usize;

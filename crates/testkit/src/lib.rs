@@ -331,6 +331,40 @@ impl TestServer {
         (status, headers, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// An ARM request handed straight to `provider`'s handler (no HTTP) as the bootstrap
+    /// administrator: the status and body, or for an error its status and
+    /// `{"error": message, "code": inner code}`.
+    pub async fn provider_call(
+        &self,
+        provider: Arc<dyn kagi_host::ResourceProvider>,
+        method: &str,
+        path: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        let caller = self
+            .platform
+            .authenticate(&self.token)
+            .expect("the admin's token");
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let lower: Vec<String> = segs.iter().map(|x| x.to_ascii_lowercase()).collect();
+        let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let req = kagi_host::ArmRequest {
+            method,
+            segs: &segs,
+            l: &l,
+            body: &bytes,
+            wait: None,
+        };
+        match provider.handle(&caller, req).await {
+            Ok(r) => (r.status, r.body),
+            Err(e) => (
+                e.code.status(),
+                json!({"error": e.message, "code": e.inner}),
+            ),
+        }
+    }
+
     /// The management API as the administrator: `method path` (the api-version added);
     /// the status and the body.
     ///

@@ -1,0 +1,608 @@
+//! Databases: their documents, their DEK in memory while open, and the Online / Inaccessible
+//! states (TD-4).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kagi_cmk::{Dek, DekSlot, KeyOwner};
+use kagi_core::{ErrorCode, KvError};
+use serde_json::{Value, json};
+
+use crate::keys::internal;
+use crate::{SqlService, bad, id_of_body};
+
+/// The document kind of databases (named by the database, lower case).
+pub(crate) const DATABASE_DOC: &str = "database";
+/// A database that works.
+pub(crate) const ONLINE: &str = "Online";
+/// A database whose protector cannot be reached: connections are refused, only drop works.
+pub(crate) const INACCESSIBLE: &str = "Inaccessible";
+
+/// A database as its document keeps it.
+#[derive(Clone, Debug)]
+pub(crate) struct Database {
+    /// Its name as created.
+    pub(crate) name: String,
+    /// Its id (a GUID): names its file and binds its platform-key wrap.
+    pub(crate) database_id: String,
+    /// The whole document.
+    pub(crate) doc: Value,
+}
+
+impl Database {
+    fn of(doc: Value) -> Option<Self> {
+        Some(Self {
+            name: doc["name"].as_str()?.to_string(),
+            database_id: doc["databaseId"].as_str()?.to_string(),
+            doc,
+        })
+    }
+
+    /// Whether it is Inaccessible.
+    pub(crate) fn inaccessible(&self) -> bool {
+        self.doc["state"]["status"].as_str() == Some(INACCESSIBLE)
+    }
+
+    /// When it became Inaccessible (platform clock).
+    pub(crate) fn inaccessible_since(&self) -> Option<i64> {
+        self.doc["state"]["since"].as_i64()
+    }
+}
+
+/// A database whose DEK is in memory: what connections to it use. Dropping the last handle
+/// zeroizes the DEK.
+pub struct OpenDatabase {
+    /// The database id.
+    pub database_id: String,
+    /// The server's resource id.
+    pub server_id: String,
+    /// The database's name.
+    pub name: String,
+    /// Its file.
+    pub file: PathBuf,
+    /// Its data key.
+    pub(crate) dek: Dek,
+    /// Cuts every session of the database (Inaccessible, dropped).
+    pub(crate) terminator: kagi_pgsql::Terminator,
+}
+
+impl std::fmt::Debug for OpenDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenDatabase")
+            .field("database_id", &self.database_id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenDatabase {
+    /// Ends every session of the database with `error` (sent as FATAL).
+    fn close(&self, error: kagi_pgsql::PgError) {
+        self.terminator.terminate(error);
+    }
+
+    /// The page key of the database's files.
+    pub(crate) fn page_key(&self) -> Result<kagi_sqlite_crypt::DatabaseKey, KvError> {
+        kagi_sqlite_crypt::DatabaseKey::from_slices(&self.dek[..], &guid_bytes(&self.database_id))
+            .map_err(|e| internal("the page key", e))
+    }
+}
+
+/// The 16 bytes of a GUID (what the page format binds into every page); zeros for text that
+/// is not a GUID (never the case for ids kagi made).
+fn guid_bytes(guid: &str) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if let Ok(b) = hex::decode(guid.replace('-', ""))
+        && b.len() == 16
+    {
+        out.copy_from_slice(&b);
+    }
+    out
+}
+
+/// Azure's rules for database names: 1 to 128 characters, none of `<>*%&:\/?`, not ending
+/// with `.` or a space, and not a system database's name.
+fn check_db_name(name: &str) -> Result<(), KvError> {
+    let bad_char = name
+        .chars()
+        .any(|c| "<>*%&:\\/?".contains(c) || c.is_control());
+    let reserved = ["master", "tempdb", "model", "msdb"]
+        .iter()
+        .any(|r| r.eq_ignore_ascii_case(name));
+    if name.is_empty()
+        || name.chars().count() > 128
+        || bad_char
+        || name.ends_with('.')
+        || name.ends_with(' ')
+        || reserved
+    {
+        return Err(bad(
+            "InvalidDatabaseName",
+            format!(
+                "The database name '{name}' is not valid: 1 to 128 characters, none of \
+                 <>*%&:\\/?, not ending with '.' or a space, and not master, tempdb, model or msdb."
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A new GUID (version 4).
+fn new_guid() -> Result<String, KvError> {
+    let mut b = kagi_crypto::random_bytes(16).map_err(|e| internal("rng", e))?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    ))
+}
+
+/// Azure's 40613 text, which connections to an inaccessible database get.
+pub fn unavailable_message(db: &str, server: &str) -> String {
+    format!(
+        "Database '{db}' on server '{server}' is not currently available. Please retry the \
+         connection later. If the problem persists, contact customer support, and provide them \
+         the session tracing ID of '{}'. (error 40613)",
+        new_guid().unwrap_or_default()
+    )
+}
+
+impl SqlService {
+    /// The file of database `database_id`.
+    pub(crate) fn db_file(&self, database_id: &str) -> PathBuf {
+        self.host
+            .config()
+            .data_dir
+            .join("sql")
+            .join(format!("{database_id}.db"))
+    }
+
+    /// The databases of `server`.
+    pub(crate) async fn databases_of(&self, server: &Value) -> Result<Vec<Database>, KvError> {
+        Ok(self
+            .host
+            .documents(&id_of_body(server), DATABASE_DOC)
+            .await?
+            .into_iter()
+            .filter_map(|(_, d)| Database::of(d))
+            .collect())
+    }
+
+    /// Database `name` of `server`, or Azure's 404.
+    pub(crate) async fn database(&self, server: &Value, name: &str) -> Result<Database, KvError> {
+        self.host
+            .document(
+                &id_of_body(server),
+                DATABASE_DOC,
+                &name.to_ascii_lowercase(),
+            )
+            .await?
+            .and_then(Database::of)
+            .ok_or_else(|| {
+                KvError::new(
+                    ErrorCode::ResourceNotFound,
+                    format!(
+                        "The database '{}/{name}' was not found.",
+                        server["name"].as_str().unwrap_or_default()
+                    ),
+                )
+                .with_inner("DatabaseDoesNotExist")
+            })
+    }
+
+    async fn put_db_doc(&self, server: &Value, db: &Database) -> Result<(), KvError> {
+        self.host
+            .put_document(
+                &id_of_body(server),
+                DATABASE_DOC,
+                &db.name.to_ascii_lowercase(),
+                &db.doc,
+            )
+            .await
+    }
+
+    fn db_view(&self, server: &Value, db: &Database) -> Value {
+        let d = &db.doc;
+        json!({
+            "id": format!("{}/databases/{}", id_of_body(server), db.name),
+            "name": db.name,
+            "type": "Microsoft.Sql/servers/databases",
+            "location": server["location"],
+            "tags": d["tags"],
+            "kind": "v12.0,user",
+            "sku": d["sku"],
+            "properties": {
+                "collation": d["collation"],
+                "maxSizeBytes": d["maxSizeBytes"],
+                "status": d["state"]["status"],
+                "databaseId": db.database_id,
+                "creationDate": d["creationDate"],
+                "currentServiceObjectiveName": d["sku"]["name"],
+                "requestedServiceObjectiveName": d["sku"]["name"],
+                "defaultSecondaryLocation": server["location"],
+                "zoneRedundant": false,
+                "readScale": "Disabled",
+                "isLedgerOn": false,
+                "inaccessibilityReason": d["state"]["reason"],
+            },
+        })
+    }
+
+    /// `GET {server}/databases/{name}`.
+    pub(crate) async fn get_database(&self, server: &Value, name: &str) -> Result<Value, KvError> {
+        let db = self.database(server, name).await?;
+        Ok(self.db_view(server, &db))
+    }
+
+    /// `GET {server}/databases` (or only the inaccessible ones).
+    pub(crate) async fn list_databases(
+        &self,
+        server: &Value,
+        only_inaccessible: bool,
+    ) -> Result<(u16, Value), KvError> {
+        let dbs = self.databases_of(server).await?;
+        let value: Vec<Value> = dbs
+            .iter()
+            .filter(|d| !only_inaccessible || d.inaccessible())
+            .map(|d| self.db_view(server, d))
+            .collect();
+        Ok((200, json!({ "value": value })))
+    }
+
+    /// `PUT`/`PATCH {server}/databases/{name}`.
+    pub(crate) async fn put_database(
+        self: &Arc<Self>,
+        server: &Value,
+        name: &str,
+        input: Value,
+        patch: bool,
+    ) -> Result<(u16, Value), KvError> {
+        check_db_name(name)?;
+        let server_id = id_of_body(server);
+        let _g = self.lock_id(&format!("{server_id}/databases/{name}")).await;
+        let existing = self.database(server, name).await.ok();
+        if let Some(mut db) = existing {
+            if db.inaccessible() {
+                return Err(inaccessible_error(server, &db));
+            }
+            for field in ["tags", "sku"] {
+                if let Some(v) = input.get(field) {
+                    db.doc[field] = v.clone();
+                }
+            }
+            if let Some(v) = input["properties"].get("maxSizeBytes") {
+                db.doc["maxSizeBytes"] = v.clone();
+            }
+            self.put_db_doc(server, &db).await?;
+            return Ok((200, self.db_view(server, &db)));
+        }
+        if patch {
+            return Err(self.database(server, name).await.err().unwrap_or_else(|| {
+                KvError::new(ErrorCode::ResourceNotFound, "The database was not found.")
+            }));
+        }
+        let database_id = new_guid()?;
+        let now = self.host.now();
+        let sku = input
+            .get("sku")
+            .cloned()
+            .unwrap_or_else(|| json!({"name": "GP_S_Gen5_2", "tier": "GeneralPurpose"}));
+        let doc = json!({
+            "name": name,
+            "databaseId": database_id,
+            "creationDate": kagi_core::time::rfc3339(now),
+            "collation": input["properties"]["collation"].as_str().unwrap_or("SQL_Latin1_General_CP1_CI_AS"),
+            "maxSizeBytes": input["properties"]["maxSizeBytes"].as_u64().unwrap_or(34_359_738_368),
+            "sku": sku,
+            "tags": input.get("tags").cloned().unwrap_or(Value::Null),
+            "state": {"status": ONLINE},
+        });
+        let db = Database {
+            name: name.to_string(),
+            database_id: database_id.clone(),
+            doc,
+        };
+        // The DEK, wrapped under the protector in force before anything refers to it.
+        let dek = kagi_cmk::random_dek()?;
+        let protector = self.protector(server).await?;
+        let kek = self.kek(server, &protector).await?;
+        let owner = self.db_keys(server, &db);
+        let record = self
+            .keys
+            .wrap(&owner, &kek, &dek, now)
+            .await
+            .map_err(|e| kagi_cmk::key_failure_error(e, "AzureKeyVaultKeyAccessFailed"))?;
+        owner.add_wrapped_key(record).await?;
+        let open = self.remember_open(server, &db, dek);
+        crate::engine::create(open.file.clone(), open.page_key()?).await?;
+        self.put_db_doc(server, &db).await?;
+        Ok((201, self.db_view(server, &db)))
+    }
+
+    /// `DELETE {server}/databases/{name}`: allowed in every state (an inaccessible database
+    /// can always be dropped).
+    pub(crate) async fn delete_database(
+        self: &Arc<Self>,
+        server: &Value,
+        name: &str,
+    ) -> Result<(u16, Value), KvError> {
+        let server_id = id_of_body(server);
+        let _g = self.lock_id(&format!("{server_id}/databases/{name}")).await;
+        let Ok(db) = self.database(server, name).await else {
+            return Ok((204, Value::Null));
+        };
+        self.drop_database(server, &db).await?;
+        Ok((200, Value::Null))
+    }
+
+    /// Closes a database, removes its files, its key records and its document.
+    pub(crate) async fn drop_database(&self, server: &Value, db: &Database) -> Result<(), KvError> {
+        if let Some(open) = self.forget_open(&db.database_id) {
+            open.close(kagi_pgsql::PgError::fatal(
+                "57P01",
+                format!(
+                    "terminating connection because database \"{}\" was dropped",
+                    db.name
+                ),
+            ));
+        }
+        // The document goes first: a crash after it leaves only unreachable ciphertext.
+        self.host
+            .delete_document(
+                &id_of_body(server),
+                DATABASE_DOC,
+                &db.name.to_ascii_lowercase(),
+            )
+            .await?;
+        self.db_keys(server, db).delete().await?;
+        crate::engine::remove_files(&self.db_file(&db.database_id)).await
+    }
+
+    /// `GET {server}/databases/{name}/transparentDataEncryption/current`.
+    pub(crate) async fn tde_view(&self, server: &Value, name: &str) -> Result<Value, KvError> {
+        let db = self.database(server, name).await?;
+        Ok(json!({
+            "id": format!("{}/databases/{}/transparentDataEncryption/current", id_of_body(server), db.name),
+            "name": "current",
+            "type": "Microsoft.Sql/servers/databases/transparentDataEncryption",
+            "properties": {"state": "Enabled"},
+        }))
+    }
+
+    /// `PUT …/transparentDataEncryption/current`: `Enabled` is accepted; every kagi database
+    /// is encrypted, so `Disabled` is refused.
+    pub(crate) async fn put_tde(
+        &self,
+        server: &Value,
+        name: &str,
+        input: Value,
+    ) -> Result<(u16, Value), KvError> {
+        let state = input["properties"]["state"].as_str().unwrap_or("Enabled");
+        if !state.eq_ignore_ascii_case("Enabled") {
+            return Err(bad(
+                "TdeCannotBeDisabled",
+                "kagi databases are always encrypted: transparent data encryption cannot be \
+                 disabled (state 'Enabled' only).",
+            ));
+        }
+        Ok((200, self.tde_view(server, name).await?))
+    }
+
+    /// The DEK of an open database.
+    pub(crate) fn open_dek(&self, database_id: &str) -> Option<Dek> {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(database_id)
+            .map(|o| o.dek.clone())
+    }
+
+    fn remember_open(&self, server: &Value, db: &Database, dek: Dek) -> Arc<OpenDatabase> {
+        let open = Arc::new(OpenDatabase {
+            database_id: db.database_id.clone(),
+            server_id: id_of_body(server),
+            name: db.name.clone(),
+            file: self.db_file(&db.database_id),
+            dek,
+            terminator: kagi_pgsql::Terminator::new(),
+        });
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(db.database_id.clone(), open.clone());
+        open
+    }
+
+    fn forget_open(&self, database_id: &str) -> Option<Arc<OpenDatabase>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(database_id)
+    }
+
+    /// The open database `name` of `server`, its DEK unwrapped now if it is not in memory;
+    /// Azure's 40613 text when it is Inaccessible or its key cannot be reached.
+    pub async fn open_database(
+        &self,
+        server: &Value,
+        name: &str,
+    ) -> Result<Arc<OpenDatabase>, KvError> {
+        let db = self.database(server, name).await?;
+        let unavailable = || {
+            KvError::new(
+                ErrorCode::ServiceUnavailable,
+                unavailable_message(&db.name, server["name"].as_str().unwrap_or_default()),
+            )
+            .with_inner("DatabaseNotAvailable")
+        };
+        if db.inaccessible() {
+            return Err(unavailable());
+        }
+        if let Some(open) = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&db.database_id)
+        {
+            return Ok(open.clone());
+        }
+        let protector = self.protector(server).await?;
+        let kek = self.kek(server, &protector).await?;
+        let owner = self.db_keys(server, &db);
+        let slot = DekSlot::default();
+        let opened = self
+            .keys
+            .data_key(
+                &owner,
+                &kek,
+                &slot,
+                std::time::Duration::ZERO,
+                self.host.now(),
+            )
+            .await
+            .map_err(|e| {
+                tracing::warn!(database = %db.name, error = ?e, "database key not opened");
+                unavailable()
+            })?;
+        Ok(self.remember_open(server, &db, opened.dek))
+    }
+
+    /// Makes every online database of `server` Inaccessible (TD-4): DEK dropped from memory,
+    /// sessions cut with 40613, activity `MakeDatabaseInaccessible`. Returns how many.
+    pub(crate) async fn make_inaccessible(
+        &self,
+        server: &Value,
+        reason: &str,
+    ) -> Result<u64, KvError> {
+        let now = self.host.now();
+        let mut n = 0;
+        for mut db in self.databases_of(server).await? {
+            if db.inaccessible() {
+                continue;
+            }
+            db.doc["state"] = json!({"status": INACCESSIBLE, "since": now, "reason": reason});
+            self.put_db_doc(server, &db).await?;
+            if let Some(open) = self.forget_open(&db.database_id) {
+                open.close(kagi_pgsql::PgError::unavailable(unavailable_message(
+                    &db.name,
+                    server["name"].as_str().unwrap_or_default(),
+                )));
+            }
+            // The page key goes from memory now, even before the last session has ended:
+            // their reads and writes then fail.
+            crate::engine::revoke(&self.db_file(&db.database_id)).await;
+            self.host
+                .append_activity(
+                    &id_of_body(server),
+                    &json!({"operationName": "MakeDatabaseInaccessible", "status": "Succeeded",
+                        "eventTimestamp": kagi_core::time::rfc3339(now),
+                        "resourceId": format!("{}/databases/{}", id_of_body(server), db.name),
+                        "message": format!("Database '{}' is inaccessible: {reason}", db.name)}),
+                )
+                .await?;
+            tracing::warn!(database = %db.name, reason, "database made inaccessible");
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Brings back the inaccessible databases of `server` whose key opens again: those that
+    /// went within the heal window, or with `revalidated` all of them. Returns how many.
+    pub(crate) async fn recover_databases(
+        &self,
+        server: &Value,
+        revalidated: bool,
+    ) -> Result<u64, KvError> {
+        let now = self.host.now();
+        let window = self.config.heal_window.as_secs() as i64;
+        let mut n = 0;
+        for mut db in self.databases_of(server).await? {
+            if !db.inaccessible() {
+                continue;
+            }
+            let within = db
+                .inaccessible_since()
+                .is_some_and(|since| now - since <= window);
+            if !within && !revalidated {
+                if db.doc["state"]["needsRevalidation"] != json!(true) {
+                    db.doc["state"]["needsRevalidation"] = json!(true);
+                    self.put_db_doc(server, &db).await?;
+                }
+                continue;
+            }
+            // The key must open the DEK now.
+            let protector = self.protector(server).await?;
+            let kek = self.kek(server, &protector).await?;
+            let owner = self.db_keys(server, &db);
+            let slot = DekSlot::default();
+            let opened = match self
+                .keys
+                .data_key(&owner, &kek, &slot, std::time::Duration::ZERO, now)
+                .await
+            {
+                Ok(o) => o,
+                Err(e) if revalidated => {
+                    return Err(kagi_cmk::key_failure_error(
+                        e,
+                        "AzureKeyVaultKeyAccessFailed",
+                    ));
+                }
+                Err(_) => continue,
+            };
+            db.doc["state"] = json!({"status": ONLINE});
+            self.put_db_doc(server, &db).await?;
+            self.remember_open(server, &db, opened.dek);
+            self.host
+                .append_activity(
+                    &id_of_body(server),
+                    &json!({"operationName": "MakeDatabaseAccessible", "status": "Succeeded",
+                        "eventTimestamp": kagi_core::time::rfc3339(now),
+                        "resourceId": format!("{}/databases/{}", id_of_body(server), db.name),
+                        "message": format!("Database '{}' is accessible again{}.", db.name,
+                            if revalidated { " (revalidated)" } else { "" })}),
+                )
+                .await?;
+            tracing::info!(database = %db.name, "database accessible again");
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+/// The refusal of anything but drop on an inaccessible database.
+fn inaccessible_error(server: &Value, db: &Database) -> KvError {
+    KvError::conflict(format!(
+        "The database '{}' on server '{}' is inaccessible because its TDE protector cannot be \
+         reached ({}); only dropping it is allowed until the key is back.",
+        db.name,
+        server["name"].as_str().unwrap_or_default(),
+        db.doc["state"]["reason"]
+            .as_str()
+            .unwrap_or("unknown reason")
+    ))
+    .with_inner("DatabaseInaccessible")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_ids() {
+        assert!(check_db_name("sales").is_ok());
+        assert!(check_db_name("master").is_err());
+        assert!(check_db_name("a/b").is_err());
+        assert!(check_db_name("x.").is_err());
+        let g = new_guid().unwrap();
+        assert_eq!(g.len(), 36);
+        assert_eq!(&g[14..15], "4");
+        let m = unavailable_message("db1", "srv1");
+        assert!(m.starts_with("Database 'db1' on server 'srv1' is not currently available."));
+    }
+}

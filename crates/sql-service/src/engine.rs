@@ -1,0 +1,72 @@
+//! The databases' files: SQLite through kagi-sqlite-crypt, so that every page of the main
+//! file, WAL, journal and temporary files is ciphertext under the database's DEK.
+
+use std::path::{Path, PathBuf};
+
+use kagi_core::KvError;
+
+use kagi_sqlite_crypt::DatabaseKey;
+
+use crate::keys::internal;
+
+/// Creates the database file `path` under `key` (an empty encrypted database).
+pub(crate) async fn create(path: PathBuf, key: DatabaseKey) -> Result<(), KvError> {
+    tokio::task::spawn_blocking(move || kagi_sqlite_crypt::open(&path, &key).map(drop))
+        .await
+        .map_err(|e| internal("creating a database", e))?
+        .map_err(|e| internal("creating a database", e))
+}
+
+/// A new connection to the database file `path` under `key` (for one session).
+pub(crate) async fn connect(
+    path: PathBuf,
+    key: DatabaseKey,
+) -> Result<rusqlite::Connection, KvError> {
+    tokio::task::spawn_blocking(move || kagi_sqlite_crypt::open(&path, &key))
+        .await
+        .map_err(|e| internal("opening a database", e))?
+        .map_err(|e| internal("opening a database", e))
+}
+
+/// Drops the page key of the database at `main` from memory (it became Inaccessible).
+pub(crate) async fn revoke(main: &Path) {
+    let path = main.to_path_buf();
+    match tokio::task::spawn_blocking(move || kagi_sqlite_crypt::revoke_key(&path)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "page key not revoked"),
+        Err(e) => tracing::warn!(error = %e, "page key not revoked"),
+    }
+}
+
+/// The files of a database: the main file and what SQLite keeps beside it.
+fn files_of(main: &Path) -> Vec<PathBuf> {
+    ["", "-wal", "-shm", "-journal"]
+        .iter()
+        .map(|suffix| {
+            let mut p = main.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        })
+        .collect()
+}
+
+/// Removes a database's files (those that exist), then syncs the directory.
+pub(crate) async fn remove_files(main: &Path) -> Result<(), KvError> {
+    let files = files_of(main);
+    let dir = main.parent().map(Path::to_path_buf);
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        for f in files {
+            match std::fs::remove_file(&f) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        if let Some(d) = dir {
+            std::fs::File::open(d)?.sync_all()?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| internal("removing a database", e))?
+    .map_err(|e| internal("removing a database", e))
+}

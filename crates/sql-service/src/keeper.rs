@@ -1,0 +1,232 @@
+//! The keeper: probes every server's TDE protector and drives the database states (TD-4), and
+//! follows new key versions for servers with `autoRotationEnabled` (TD-3).
+//!
+//! Per server and probe:
+//! - the protector answers (get, and the unwrap of a database's DEK): failures are forgotten;
+//!   inaccessible databases whose key came back within the heal window come back online;
+//!   with `autoRotationEnabled` a newer key version becomes the protector;
+//! - a definite failure (4xx: key disabled or deleted, permission or identity removed): from
+//!   the first one, the server's databases become Inaccessible after
+//!   [`SqlConfig::inaccessible_after`](crate::SqlConfig);
+//! - a transient failure (5xx, unreachable): the databases keep working from the DEK in
+//!   memory, and become Inaccessible only if it lasts
+//!   [`SqlConfig::transient_grace`](crate::SqlConfig).
+//!
+//! A server is probed every key poll interval, and at every tick while something is pending
+//! (a failure seen, a database inaccessible).
+
+use std::sync::Arc;
+
+use kagi_cmk::{DekSlot, FailureKind, KeyError, key_unusable};
+use kagi_core::KvError;
+use serde_json::{Value, json};
+
+use crate::keys::SERVER_DOC;
+use crate::protector::identity_choice;
+use crate::{SERVER_TYPE, SqlService, id_of_body};
+
+/// What one pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Servers whose protector was probed.
+    pub probed: u64,
+    /// Databases made Inaccessible.
+    pub made_inaccessible: u64,
+    /// Databases brought back online.
+    pub recovered: u64,
+    /// Servers whose protector moved to a newer key version.
+    pub rotated: u64,
+}
+
+/// A probe's verdict.
+enum Probe {
+    Usable,
+    Failed(FailureKind, String),
+}
+
+/// Starts the keeper: a pass every keeper tick.
+pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(service.config.keeper_tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match service.sweep().await {
+                Ok(r) if r != SweepReport::default() => tracing::info!(?r, "SQL keeper pass"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e.message, "SQL keeper pass failed"),
+            }
+        }
+    })
+}
+
+impl SqlService {
+    /// One pass over every server.
+    pub async fn sweep(&self) -> Result<SweepReport, KvError> {
+        let mut report = SweepReport::default();
+        for server in self.host.resources_of_type(SERVER_TYPE) {
+            if let Err(e) = self.keep_server(&server, &mut report).await {
+                tracing::warn!(server = %id_of_body(&server), error = %e.message, "SQL keeper");
+            }
+        }
+        Ok(report)
+    }
+
+    async fn keep_server(&self, server: &Value, report: &mut SweepReport) -> Result<(), KvError> {
+        let id = id_of_body(server);
+        let now = self.host.now();
+        let mut health = self
+            .host
+            .document(&id, SERVER_DOC, "health")
+            .await?
+            .unwrap_or_else(|| json!({}));
+        let dbs = self.databases_of(server).await?;
+        let pending = health["failingSince"].is_i64() || dbs.iter().any(|d| d.inaccessible());
+        let last = health["lastProbe"].as_i64().unwrap_or(i64::MIN / 2);
+        if !pending && now - last < self.config.key_poll_interval.as_secs() as i64 {
+            return Ok(());
+        }
+        report.probed += 1;
+        health["lastProbe"] = json!(now);
+        let protector = self.protector(server).await?;
+        let verdict = match &protector.kid {
+            None => Probe::Usable,
+            Some(kid) => self.probe(server, kid).await,
+        };
+        match verdict {
+            Probe::Usable => {
+                if let Some(o) = health.as_object_mut() {
+                    o.remove("failingSince");
+                    o.remove("failure");
+                    o.remove("kind");
+                }
+                self.host
+                    .put_document(&id, SERVER_DOC, "health", &health)
+                    .await?;
+                report.recovered += self.recover_databases(server, false).await?;
+                if protector.auto_rotation && self.follow_newest(server, &protector).await? {
+                    report.rotated += 1;
+                }
+            }
+            Probe::Failed(kind, why) => {
+                let since = health["failingSince"].as_i64().unwrap_or(now);
+                // A transient failure after a definite one keeps the definite clock.
+                let kind = match (health["kind"].as_str(), kind) {
+                    (Some("Definite"), _) | (_, FailureKind::Definite) => FailureKind::Definite,
+                    _ => FailureKind::Transient,
+                };
+                health["failingSince"] = json!(since);
+                health["failure"] = json!(why);
+                health["kind"] = json!(format!("{kind:?}"));
+                self.host
+                    .put_document(&id, SERVER_DOC, "health", &health)
+                    .await?;
+                let bound = match kind {
+                    FailureKind::Definite => self.config.inaccessible_after,
+                    FailureKind::Transient => self.config.transient_grace,
+                };
+                if now - since >= bound.as_secs() as i64 {
+                    report.made_inaccessible += self.make_inaccessible(server, &why).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Probes the protector `kid` with the server's identity: the key (enabled, valid) and
+    /// the unwrap of one database's DEK record under it, as the engine would need.
+    async fn probe(&self, server: &Value, kid: &str) -> Probe {
+        let id = id_of_body(server);
+        let definite = |why: String| Probe::Failed(FailureKind::Definite, why);
+        let ua = match identity_choice(server) {
+            Ok(ua) => ua,
+            Err(e) => return definite(e.message),
+        };
+        let token = match self.host.identity_token(&id, ua.as_deref()) {
+            Ok(t) => t,
+            Err(e) => return definite(format!("the server's identity is gone: {}", e.message)),
+        };
+        let Ok(uri) = self.keys.parse(kid) else {
+            return definite(format!("the key id '{kid}' is not valid"));
+        };
+        let bundle = match self.keys.client().get_key(&uri, &token).await {
+            Ok(b) => b,
+            Err(f) => {
+                return Probe::Failed(
+                    f.kind(),
+                    format!("the key '{kid}' could not be read: {}", f.reason()),
+                );
+            }
+        };
+        if let Some((inner, why)) = key_unusable(&bundle, self.host.now(), "SQL server") {
+            return definite(format!("the key '{kid}' cannot be used: {why} ({inner})"));
+        }
+        // The unwrap permission is what the databases need: probe it on one DEK record.
+        let Ok(dbs) = self.databases_of(server).await else {
+            return Probe::Usable;
+        };
+        let Some(db) = dbs.first() else {
+            return Probe::Usable;
+        };
+        let protector = match self.protector(server).await {
+            Ok(p) => p,
+            Err(e) => return Probe::Failed(FailureKind::Transient, e.message),
+        };
+        let kek = match self.kek(server, &protector).await {
+            Ok(k) => k,
+            Err(e) => return definite(e.message),
+        };
+        let owner = self.db_keys(server, db);
+        let slot = DekSlot::default();
+        match self
+            .keys
+            .data_key(
+                &owner,
+                &kek,
+                &slot,
+                std::time::Duration::ZERO,
+                self.host.now(),
+            )
+            .await
+        {
+            Ok(_) => Probe::Usable,
+            Err(KeyError::Access(f) | KeyError::Unopened(Some(f))) => {
+                Probe::Failed(f.kind, f.message)
+            }
+            Err(KeyError::Unopened(None)) => definite("no wrapped data key".into()),
+            Err(KeyError::Other(e)) => Probe::Failed(FailureKind::Transient, e.message),
+        }
+    }
+
+    /// With `autoRotationEnabled`: when the key has a newer version, it becomes the
+    /// protector (added as a server key, every DEK re-wrapped). Returns whether it moved.
+    async fn follow_newest(
+        &self,
+        server: &Value,
+        protector: &crate::protector::Protector,
+    ) -> Result<bool, KvError> {
+        let Some(kid) = &protector.kid else {
+            return Ok(false);
+        };
+        let uri = self.keys.parse(kid)?;
+        let ua = identity_choice(server)?;
+        let token = self
+            .host
+            .identity_token(&id_of_body(server), ua.as_deref())?;
+        let versionless = self.keys.parse(&uri.versionless())?;
+        let Ok(newest) = self.keys.client().get_key(&versionless, &token).await else {
+            return Ok(false);
+        };
+        let newest = newest["key"]["kid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if newest.is_empty() || newest.eq_ignore_ascii_case(kid) {
+            return Ok(false);
+        }
+        let name = self.add_server_key(server, &newest).await?;
+        self.switch_protector(server, Some(&name), true).await?;
+        tracing::info!(server = %id_of_body(server), key = %newest, "TDE protector rotated");
+        Ok(true)
+    }
+}

@@ -1,0 +1,337 @@
+//! kagi's logical SQL servers and databases with transparent data encryption
+//! (`Microsoft.Sql`, MISSION TD-1..TD-9, seed 003).
+//!
+//! Every database has one AES-256 data key (DEK), generated when it is created and never
+//! changed. The DEK is kept only wrapped, under the server's TDE protector: the server's own
+//! platform key (`ServiceManaged`), or a key version in a key vault reached through its data
+//! plane with the server's managed identity (`AzureKeyVault`, through `kagi-cmk`). Switching
+//! the protector and rotating it re-wrap DEKs only: one key vault call per database, whatever
+//! its size, while its connections go on.
+//!
+//! Routes (management host; `{server}` is
+//! `/subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.Sql/servers/{name}`):
+//!
+//! | route | what |
+//! |---|---|
+//! | `PUT`/`PATCH`/`GET`/`DELETE {server}` | a logical server (identity, administrator login, `keyId`) |
+//! | `GET …/providers/Microsoft.Sql/servers` | list (subscription or group) |
+//! | `PUT`/`GET`/`DELETE {server}/keys/{vault}_{key}_{version}`, `GET {server}/keys` | server keys |
+//! | `GET`/`PUT {server}/encryptionProtector/current`, `GET {server}/encryptionProtector` | the TDE protector |
+//! | `POST {server}/encryptionProtector/current/revalidate` | brings back databases made inaccessible |
+//! | `PUT`/`PATCH`/`GET`/`DELETE {server}/databases/{db}`, `GET {server}/databases` | databases |
+//! | `GET`/`PUT {server}/databases/{db}/transparentDataEncryption/current` | TDE state (always `Enabled`) |
+//! | `GET {server}/inaccessibleDatabases` | databases whose protector cannot be reached |
+//! | `GET {server}/activityLog` | `MakeDatabaseInaccessible`, `MakeDatabaseAccessible`, protector changes |
+//!
+//! The keeper ([`keeper`]) probes each server's protector: after a definite failure (the key
+//! disabled or deleted, the permission or the identity removed) the server's databases become
+//! `Inaccessible` after a bound, their DEKs are dropped from memory and their sessions cut; with
+//! the key back within the heal window they come back by themselves, later only through
+//! `revalidate`. A transient failure (the key vault unreachable) keeps databases working from
+//! their DEK in memory for a day.
+
+#![forbid(unsafe_code)]
+
+mod databases;
+mod engine;
+mod gateway;
+pub mod keeper;
+mod keys;
+mod logins;
+mod protector;
+mod servers;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kagi_cmk::KeyAccess;
+use kagi_core::{ErrorCode, KvError};
+use kagi_host::{ArmRequest, Principal, ResourceProvider, ResourceRef, ResourceScope, ServiceHost};
+use serde_json::{Value, json};
+
+pub use databases::{OpenDatabase, unavailable_message};
+pub use gateway::SqlGateway;
+pub use keeper::{SweepReport, spawn_keeper};
+
+/// The namespace.
+pub const NAMESPACE: &str = "Microsoft.Sql";
+/// Logical servers.
+pub const SERVER_TYPE: &str = "Microsoft.Sql/servers";
+
+/// How the service runs. Every duration has an environment variable, for operators and for
+/// tests on the test clock.
+#[derive(Clone, Debug)]
+pub struct SqlConfig {
+    /// How often each server's protector is probed, and with `autoRotationEnabled` its newest
+    /// version looked up. Default ten minutes (`KAGI_SQL_KEY_POLL_SECONDS`).
+    pub key_poll_interval: Duration,
+    /// How long after the first definite failure the databases become Inaccessible. Default
+    /// ten minutes, Azure's bound (`KAGI_SQL_INACCESSIBLE_AFTER_SECONDS`).
+    pub inaccessible_after: Duration,
+    /// Databases whose key comes back within this long after they became Inaccessible come
+    /// back by themselves; later they need `revalidate`. Default 30 minutes
+    /// (`KAGI_SQL_HEAL_WINDOW_SECONDS`).
+    pub heal_window: Duration,
+    /// How long databases keep working from the DEK in memory while the key vault cannot be
+    /// reached. Default 24 hours (`KAGI_SQL_TRANSIENT_GRACE_SECONDS`).
+    pub transient_grace: Duration,
+    /// How often the keeper looks for servers whose probe is due. Default a minute
+    /// (`KAGI_SQL_KEEPER_TICK_SECONDS`).
+    pub keeper_tick: Duration,
+    /// Where the key vault hosts are reached (default `127.0.0.1:{port}`).
+    pub connect: Option<SocketAddr>,
+}
+
+use kagi_host::env_seconds as env_secs;
+
+impl Default for SqlConfig {
+    fn default() -> Self {
+        Self {
+            key_poll_interval: env_secs("KAGI_SQL_KEY_POLL_SECONDS", 600),
+            inaccessible_after: env_secs("KAGI_SQL_INACCESSIBLE_AFTER_SECONDS", 600),
+            heal_window: env_secs("KAGI_SQL_HEAL_WINDOW_SECONDS", 1800),
+            transient_grace: env_secs("KAGI_SQL_TRANSIENT_GRACE_SECONDS", 86_400),
+            keeper_tick: env_secs("KAGI_SQL_KEEPER_TICK_SECONDS", 60),
+            connect: None,
+        }
+    }
+}
+
+/// The SQL service of one platform.
+pub struct SqlService {
+    host: Arc<dyn ServiceHost>,
+    config: SqlConfig,
+    keys: KeyAccess,
+    /// Databases whose DEK is in memory, by database id (a GUID).
+    open: Mutex<HashMap<String, Arc<OpenDatabase>>>,
+    /// Serialises changes of one resource (servers, and each server's protector).
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::fmt::Debug for SqlService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlService")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqlService {
+    /// The service on `host`: its databases under `<data>/sql`.
+    pub fn new(host: Arc<dyn ServiceHost>, config: SqlConfig) -> Result<Arc<Self>, KvError> {
+        let c = host.config();
+        let addr = config
+            .connect
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], c.port)));
+        let user_agent = concat!("kagi-sql-service/", env!("CARGO_PKG_VERSION"));
+        std::fs::create_dir_all(c.data_dir.join("sql"))
+            .map_err(|e| keys::internal("creating the SQL data directory", e))?;
+        Ok(Arc::new(Self {
+            // TD-1: unlike disks and backup vaults, a server may use a key vault of another
+            // region (Azure lifted that rule for TDE).
+            keys: KeyAccess::new(&c, addr, "SQL server", user_agent).in_any_region(),
+            host,
+            config,
+            open: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The host it runs on.
+    pub fn host(&self) -> &Arc<dyn ServiceHost> {
+        &self.host
+    }
+
+    /// The lock that serialises the changes of `id` (any case), held.
+    pub(crate) async fn lock_id(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.lock_of(id).lock_owned().await
+    }
+
+    fn lock_of(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut all = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        all.entry(id.to_ascii_lowercase()).or_default().clone()
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        caller: &Principal,
+        req: ArmRequest<'_>,
+    ) -> Result<(u16, Value), KvError> {
+        let (method, body) = (req.method, req.body);
+        let not_found = || KvError::new(ErrorCode::NotFound, "No such route.");
+        let scope = req.scope("microsoft.sql")?;
+        let (sub, rg, rest, rest_l) = (
+            scope.subscription,
+            scope.resource_group,
+            scope.rest,
+            scope.rest_l,
+        );
+        if let (["servers"], "GET") = (rest_l, method) {
+            let scope = ResourceScope {
+                subscription: sub,
+                resource_group: rg,
+                resource_type: SERVER_TYPE,
+            };
+            let mut v = self.host.list_resources(caller, scope)?;
+            if let Some(items) = v["value"].as_array_mut() {
+                for item in items.iter_mut() {
+                    *item = servers::view(item.take());
+                }
+            }
+            return Ok((200, v));
+        }
+        let (Some(rg), Some("servers"), Some(name)) = (rg, rest_l.first().copied(), rest.get(1))
+        else {
+            return Err(not_found());
+        };
+        let at = server_ref(sub, rg, name);
+        let under = &rest_l[2..];
+        match (under, method) {
+            ([], "PUT" | "PATCH") => {
+                self.put_server(caller, at, json_body(body)?, method == "PATCH")
+                    .await
+            }
+            ([], "GET") => Ok((200, servers::view(self.host.get_resource(caller, at)?))),
+            ([], "DELETE") => self.delete_server(caller, at).await,
+            _ => {
+                // Everything under a server needs the server, readable by the caller.
+                let server = self.host.get_resource(caller, at)?;
+                self.route_under(caller, &server, under, method, &rest[2..], body)
+                    .await
+            }
+        }
+    }
+
+    async fn route_under(
+        self: &Arc<Self>,
+        caller: &Principal,
+        server: &Value,
+        under: &[&str],
+        method: &str,
+        segs: &[&str],
+        body: &[u8],
+    ) -> Result<(u16, Value), KvError> {
+        let not_found = || KvError::new(ErrorCode::NotFound, "No such route.");
+        match (under, method) {
+            (["keys"], "GET") => self.list_server_keys(server).await,
+            (["keys", _], "PUT") => {
+                self.put_server_key(caller, server, segs[1], json_body(body)?)
+                    .await
+            }
+            (["keys", _], "GET") => self.get_server_key(server, segs[1]).await,
+            (["keys", _], "DELETE") => self.delete_server_key(server, segs[1]).await,
+            (["encryptionprotector"], "GET") => {
+                let current = self.protector_view(server).await?;
+                Ok((200, json!({ "value": [current] })))
+            }
+            (["encryptionprotector", "current"], "GET") => {
+                Ok((200, self.protector_view(server).await?))
+            }
+            (["encryptionprotector", "current"], "PUT" | "PATCH") => {
+                self.put_protector(caller, server, json_body(body)?).await
+            }
+            (["encryptionprotector", "current", "revalidate"], "POST") => {
+                self.revalidate(server).await
+            }
+            (["databases"], "GET") => self.list_databases(server, false).await,
+            (["inaccessibledatabases"], "GET") => self.list_databases(server, true).await,
+            (["databases", _], "PUT" | "PATCH") => {
+                self.put_database(server, segs[1], json_body(body)?, method == "PATCH")
+                    .await
+            }
+            (["databases", _], "GET") => Ok((200, self.get_database(server, segs[1]).await?)),
+            (["databases", _], "DELETE") => self.delete_database(server, segs[1]).await,
+            (["databases", _, "transparentdataencryption"], "GET") => {
+                let tde = self.tde_view(server, segs[1]).await?;
+                Ok((200, json!({ "value": [tde] })))
+            }
+            (["databases", _, "transparentdataencryption", "current"], "GET") => {
+                Ok((200, self.tde_view(server, segs[1]).await?))
+            }
+            (["databases", _, "transparentdataencryption", "current"], "PUT" | "PATCH") => {
+                self.put_tde(server, segs[1], json_body(body)?).await
+            }
+            (["activitylog"], "GET") => {
+                let entries = self.host.activity(&id_of_body(server)).await?;
+                Ok((200, json!({ "value": entries })))
+            }
+            _ => Err(not_found()),
+        }
+    }
+}
+
+impl SqlService {
+    /// Serves every server's databases over the PostgreSQL protocol on `listeners`, with TLS
+    /// (`tls`: certificates of the platform's CA, chosen by SNI), until `shutdown` is
+    /// cancelled.
+    pub fn serve_postgres(
+        self: &Arc<Self>,
+        listeners: Vec<tokio::net::TcpListener>,
+        tls: Arc<kagi_pgsql::rustls::ServerConfig>,
+        shutdown: kagi_pgsql::CancellationToken,
+    ) {
+        let gateway: Arc<dyn kagi_pgsql::Gateway> = Arc::new(SqlGateway(self.clone()));
+        for listener in listeners {
+            let config = kagi_pgsql::PgConfig {
+                tls: Some(tls.clone()),
+                ..kagi_pgsql::PgConfig::default()
+            };
+            let (gateway, shutdown) = (gateway.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                if let Err(e) = kagi_pgsql::serve(listener, None, gateway, config, shutdown).await {
+                    tracing::error!(error = %e, "the PostgreSQL listener stopped");
+                }
+            });
+        }
+    }
+}
+
+/// Where server `name` of group `rg` is.
+pub(crate) fn server_ref<'a>(sub: &'a str, rg: &'a str, name: &'a str) -> ResourceRef<'a> {
+    ResourceRef {
+        subscription: sub,
+        resource_group: rg,
+        resource_type: SERVER_TYPE,
+        name,
+    }
+}
+
+/// The `id` of a resource body.
+pub(crate) fn id_of_body(body: &Value) -> String {
+    body["id"].as_str().unwrap_or_default().to_string()
+}
+
+/// A 400 with Azure's inner error code.
+pub(crate) fn bad(inner: &'static str, message: impl Into<String>) -> KvError {
+    kagi_cmk::bad(inner, message)
+}
+
+use kagi_host::json_body;
+
+/// Logical servers and databases as the platform's HTTP layer sees them: server identities
+/// are trusted by vault firewalls, as Azure SQL is a trusted Microsoft service.
+#[async_trait]
+impl ResourceProvider for SqlService {
+    fn namespace(&self) -> &'static str {
+        NAMESPACE
+    }
+
+    fn resource_types(&self) -> &'static [&'static str] {
+        &[SERVER_TYPE]
+    }
+
+    async fn handle(
+        self: Arc<Self>,
+        caller: &Principal,
+        req: ArmRequest<'_>,
+    ) -> Result<kagi_host::ArmReply, KvError> {
+        self.route(caller, req).await.map(Into::into)
+    }
+
+    fn trusted_for_vault_firewall(&self) -> bool {
+        true
+    }
+}

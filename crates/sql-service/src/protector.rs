@@ -1,0 +1,656 @@
+//! Server keys and the TDE protector (TD-1..TD-3).
+//!
+//! A server key (`servers/{s}/keys/{vault}_{key}_{version}`) is a key version the server may
+//! use, checked when it is added. The protector (`encryptionProtector/current`) is the key
+//! that wraps every database's DEK: `ServiceManaged` (the server's platform key) or one of the
+//! server keys. Setting it re-wraps each DEK under the new key (one key vault call per
+//! database), then names it, then retires the records under the old key: at every instant
+//! each database has a record that the named protector opens.
+
+use std::sync::Arc;
+
+use kagi_cmk::{Kek, KeyRequest, KeyUri};
+use kagi_core::{ErrorCode, KvError};
+use kagi_host::Principal;
+use serde_json::{Value, json};
+
+use crate::databases::Database;
+use crate::keys::{DbKeys, SERVER_DOC, internal, server_pmk};
+use crate::{SqlService, bad, id_of_body};
+
+/// The document kind of server keys (named by the key name, lower case).
+const SERVER_KEY_DOC: &str = "serverkey";
+/// The protector's type for the server's platform key.
+pub(crate) const SERVICE_MANAGED: &str = "ServiceManaged";
+/// The protector's type for a key in a key vault.
+pub(crate) const AZURE_KEY_VAULT: &str = "AzureKeyVault";
+
+/// The protector in force, as the server's `protector` document keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Protector {
+    /// The server key's name (`ServiceManaged`, or `{vault}_{key}_{version}`).
+    pub(crate) server_key_name: String,
+    /// The versioned key id, for `AzureKeyVault`.
+    pub(crate) kid: Option<String>,
+    /// Follow the key's newest version.
+    pub(crate) auto_rotation: bool,
+}
+
+impl Protector {
+    fn of(doc: Option<&Value>) -> Self {
+        let d = doc.cloned().unwrap_or(Value::Null);
+        match d["uri"].as_str() {
+            Some(kid) => Protector {
+                server_key_name: d["serverKeyName"].as_str().unwrap_or_default().to_string(),
+                kid: Some(kid.to_string()),
+                auto_rotation: d["autoRotationEnabled"].as_bool().unwrap_or(false),
+            },
+            None => Protector {
+                server_key_name: SERVICE_MANAGED.into(),
+                kid: None,
+                auto_rotation: false,
+            },
+        }
+    }
+
+    /// What the DEK records of the protector are filed under (`pmk` or the key id).
+    pub(crate) fn record_id(&self) -> String {
+        self.kid.clone().unwrap_or_else(|| "pmk".into())
+    }
+}
+
+/// `{vault}_{key}_{version}`: Azure's name of a server key.
+fn key_name(uri: &KeyUri) -> String {
+    format!(
+        "{}_{}_{}",
+        uri.vault,
+        uri.name,
+        uri.version.as_deref().unwrap_or_default()
+    )
+}
+
+/// The identity a server uses for its key: `primaryUserAssignedIdentityId`, else the
+/// system-assigned one, else its only user-assigned one. `Err` when it has none.
+pub(crate) fn identity_choice(server: &Value) -> Result<Option<String>, KvError> {
+    let props = &server["properties"];
+    if let Some(primary) = props["primaryUserAssignedIdentityId"].as_str() {
+        return Ok(Some(primary.to_string()));
+    }
+    let ty = server["identity"]["type"]
+        .as_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if ty.contains("systemassigned") {
+        return Ok(None);
+    }
+    let users = server["identity"]["userAssignedIdentities"].as_object();
+    match users.map(|m| m.keys().collect::<Vec<_>>()) {
+        Some(keys) if keys.len() == 1 => Ok(Some(keys[0].clone())),
+        Some(keys) if keys.len() > 1 => Err(bad(
+            "AzureKeyVaultNoServerIdentity",
+            "The server has several user-assigned identities: name the one to reach the key \
+             vault with in properties.primaryUserAssignedIdentityId.",
+        )),
+        _ => Err(bad(
+            "AzureKeyVaultNoServerIdentity",
+            format!(
+                "The server '{}' has no managed identity to reach the key vault with: give it a \
+                 system-assigned or user-assigned identity (identity.type) first.",
+                server["name"].as_str().unwrap_or_default()
+            ),
+        )),
+    }
+}
+
+/// How errors name the server's identity.
+fn who(server: &Value, user_assigned: Option<&str>) -> String {
+    match user_assigned {
+        Some(u) => format!("user-assigned identity {u}"),
+        None => format!(
+            "system-assigned identity {} of SQL server '{}'",
+            server["identity"]["principalId"].as_str().unwrap_or("?"),
+            server["name"].as_str().unwrap_or_default()
+        ),
+    }
+}
+
+/// A validation error of kagi-cmk under the code Azure SQL uses for the same rule.
+fn sql_error(e: KvError) -> KvError {
+    let code = match e.inner {
+        Some("IdentityLacksKeyPermission") => "AzureKeyVaultMissingPermissions",
+        Some("KeyDisabled") => "AzureKeyVaultKeyDisabled",
+        Some("KeyTypeNotRsa") => "AzureKeyVaultRsaKeyNotSupported",
+        Some("KeyExpired") => "AzureKeyVaultKeyExpired",
+        Some("KeyNotYetValid") => "AzureKeyVaultKeyNotYetActive",
+        Some("KeyVaultSoftDeleteOrPurgeProtectionDisabled") => {
+            "AzureKeyVaultSoftDeleteAndPurgeProtectionRequired"
+        }
+        Some("KeyNotFound" | "KeyVersionNotFound" | "KeyVaultNotFound") => {
+            "AzureKeyVaultKeyNotFound"
+        }
+        _ => return e,
+    };
+    KvError::new(e.code, e.message).with_inner(code)
+}
+
+impl SqlService {
+    /// The server's protector.
+    pub(crate) async fn protector(&self, server: &Value) -> Result<Protector, KvError> {
+        let doc = self
+            .host
+            .document(&id_of_body(server), SERVER_DOC, "protector")
+            .await?;
+        Ok(Protector::of(doc.as_ref()))
+    }
+
+    /// The key encryption key of `protector`, with a token of the server's identity.
+    pub(crate) async fn kek(&self, server: &Value, protector: &Protector) -> Result<Kek, KvError> {
+        let id = id_of_body(server);
+        match &protector.kid {
+            None => Ok(Kek::Platform(server_pmk(self.host.as_ref(), &id).await?)),
+            Some(kid) => {
+                let ua = identity_choice(server)?;
+                let token = self.host.identity_token(&id, ua.as_deref())?;
+                Ok(Kek::Customer {
+                    kid: kid.clone(),
+                    token,
+                    who: who(server, ua.as_deref()),
+                })
+            }
+        }
+    }
+
+    /// Every rule for a TDE protector (TD-1), probed with the server's identity: returns the
+    /// versioned key id. `server` may be a server about to be created (`keyId`).
+    pub(crate) async fn check_protector_key(
+        &self,
+        server: &Value,
+        key_uri: &str,
+    ) -> Result<String, KvError> {
+        let id = id_of_body(server);
+        let ua = identity_choice(server)?;
+        let who = who(server, ua.as_deref());
+        let location = server["location"].as_str().unwrap_or_default();
+        let req = KeyRequest {
+            key_uri,
+            resource_id: &id,
+            location,
+            user_assigned: ua.as_deref(),
+            who: &who,
+        };
+        let kid = self
+            .keys
+            .validate(self.host.as_ref(), &req)
+            .await
+            .map_err(sql_error)?;
+        let uri = self.keys.parse(&kid)?;
+        let token = self.host.identity_token(&id, ua.as_deref())?;
+        let bundle = self
+            .keys
+            .client()
+            .get_key(&uri, &token)
+            .await
+            .map_err(|f| bad("AzureKeyVaultKeyNotFound", f.reason()))?;
+        // TD-1: RSA of 2048 or 3072 bits only.
+        let bits = bundle["key"]["n"]
+            .as_str()
+            .map(|n| n.trim_end_matches('=').len() * 6 / 8 * 8)
+            .unwrap_or_default();
+        let bits = [2048, 3072]
+            .into_iter()
+            .find(|b| bits.abs_diff(*b) < 16)
+            .unwrap_or(bits);
+        if bits != 2048 && bits != 3072 {
+            return Err(bad(
+                "AzureKeyVaultRsaKeyNotSupported",
+                format!(
+                    "The key '{kid}' is RSA of {bits} bits; a TDE protector is RSA or RSA-HSM of \
+                     2048 or 3072 bits."
+                ),
+            ));
+        }
+        // Only the newest version may become the protector (older ones may be compromised).
+        let newest = self
+            .keys
+            .client()
+            .get_key(&self.keys.parse(&uri.versionless())?, &token)
+            .await
+            .map_err(|f| bad("AzureKeyVaultKeyNotFound", f.reason()))?;
+        let newest = newest["key"]["kid"].as_str().unwrap_or_default();
+        if !newest.eq_ignore_ascii_case(&kid) {
+            return Err(bad(
+                "AzureKeyVaultKeyNotLatestVersion",
+                format!(
+                    "The key version '{kid}' is not the newest version of its key ('{newest}'): \
+                     a TDE protector must be the newest version."
+                ),
+            ));
+        }
+        Ok(kid)
+    }
+
+    /// Adds (or finds) the server key for `key_uri` after checking it; returns its name.
+    pub(crate) async fn add_server_key(
+        &self,
+        server: &Value,
+        key_uri: &str,
+    ) -> Result<String, KvError> {
+        let kid = self.check_protector_key(server, key_uri).await?;
+        let uri = self.keys.parse(&kid)?;
+        let name = key_name(&uri);
+        let id = id_of_body(server);
+        let doc_name = name.to_ascii_lowercase();
+        if self
+            .host
+            .document(&id, SERVER_KEY_DOC, &doc_name)
+            .await?
+            .is_none()
+        {
+            let thumbprint = self.thumbprint(server, &uri).await?;
+            let doc = json!({"name": name, "uri": kid, "thumbprint": thumbprint,
+                "creationDate": kagi_core::time::rfc3339(self.host.now())});
+            self.host
+                .put_document(&id, SERVER_KEY_DOC, &doc_name, &doc)
+                .await?;
+        }
+        Ok(name)
+    }
+
+    /// A key's thumbprint: the hex SHA-256 of its public modulus (base64url, as the key
+    /// vault gives it); Azure shows a hex string too.
+    async fn thumbprint(&self, server: &Value, uri: &KeyUri) -> Result<String, KvError> {
+        let ua = identity_choice(server)?;
+        let token = self
+            .host
+            .identity_token(&id_of_body(server), ua.as_deref())?;
+        let bundle = self
+            .keys
+            .client()
+            .get_key(uri, &token)
+            .await
+            .map_err(|f| bad("AzureKeyVaultKeyNotFound", f.reason()))?;
+        let n = bundle["key"]["n"].as_str().unwrap_or_default();
+        Ok(hex::encode_upper(kagi_crypto::digest(
+            kagi_crypto::DigestAlgorithm::Sha256,
+            n.as_bytes(),
+        )))
+    }
+
+    fn server_key_view(server: &Value, doc: &Value) -> Value {
+        let name = doc["name"].as_str().unwrap_or_default();
+        let service = name == SERVICE_MANAGED;
+        json!({
+            "id": format!("{}/keys/{name}", id_of_body(server)),
+            "name": name,
+            "type": "Microsoft.Sql/servers/keys",
+            "kind": if service { "servicemanaged" } else { "azurekeyvault" },
+            "location": server["location"],
+            "properties": {
+                "serverKeyType": if service { SERVICE_MANAGED } else { AZURE_KEY_VAULT },
+                "uri": doc["uri"],
+                "thumbprint": doc["thumbprint"],
+                "creationDate": doc["creationDate"],
+                "autoRotationEnabled": doc["autoRotationEnabled"],
+            },
+        })
+    }
+
+    /// `GET {server}/keys`: the service-managed key and every added key.
+    pub(crate) async fn list_server_keys(&self, server: &Value) -> Result<(u16, Value), KvError> {
+        let mut out = vec![Self::server_key_view(
+            server,
+            &json!({"name": SERVICE_MANAGED}),
+        )];
+        for (_, doc) in self
+            .host
+            .documents(&id_of_body(server), SERVER_KEY_DOC)
+            .await?
+        {
+            out.push(Self::server_key_view(server, &doc));
+        }
+        Ok((200, json!({ "value": out })))
+    }
+
+    async fn server_key_doc(&self, server: &Value, name: &str) -> Result<Value, KvError> {
+        if name.eq_ignore_ascii_case(SERVICE_MANAGED) {
+            return Ok(json!({"name": SERVICE_MANAGED}));
+        }
+        self.host
+            .document(
+                &id_of_body(server),
+                SERVER_KEY_DOC,
+                &name.to_ascii_lowercase(),
+            )
+            .await?
+            .ok_or_else(|| {
+                KvError::new(
+                    ErrorCode::NotFound,
+                    format!(
+                        "The server key '{name}' was not found on server '{}'.",
+                        server["name"].as_str().unwrap_or_default()
+                    ),
+                )
+                .with_inner("ServerKeyNotFound")
+            })
+    }
+
+    /// `GET {server}/keys/{name}`.
+    pub(crate) async fn get_server_key(
+        &self,
+        server: &Value,
+        name: &str,
+    ) -> Result<(u16, Value), KvError> {
+        let doc = self.server_key_doc(server, name).await?;
+        Ok((200, Self::server_key_view(server, &doc)))
+    }
+
+    /// `PUT {server}/keys/{name}` `{"properties": {"serverKeyType": "AzureKeyVault", "uri"}}`.
+    pub(crate) async fn put_server_key(
+        &self,
+        _caller: &Principal,
+        server: &Value,
+        name: &str,
+        input: Value,
+    ) -> Result<(u16, Value), KvError> {
+        let props = &input["properties"];
+        let ty = props["serverKeyType"].as_str().unwrap_or(AZURE_KEY_VAULT);
+        if !ty.eq_ignore_ascii_case(AZURE_KEY_VAULT) {
+            return Err(bad(
+                "InvalidServerKeyType",
+                format!("Only keys of type '{AZURE_KEY_VAULT}' are added to a server."),
+            ));
+        }
+        let uri = props["uri"].as_str().ok_or_else(|| {
+            bad(
+                "InvalidParameterValue",
+                "A server key needs properties.uri (a versioned key id).",
+            )
+        })?;
+        let parsed = self.keys.parse(uri)?;
+        if parsed.version.is_none() {
+            return Err(bad(
+                "InvalidServerKeyUri",
+                format!("The key URI '{uri}' has no version: a server key is one key version."),
+            ));
+        }
+        let expected = key_name(&parsed);
+        if !expected.eq_ignore_ascii_case(name) {
+            return Err(bad(
+                "InvalidServerKeyName",
+                format!("The server key for '{uri}' must be named '{expected}', not '{name}'."),
+            ));
+        }
+        let _g = self.lock_id(&id_of_body(server)).await;
+        let added = self.add_server_key(server, uri).await?;
+        self.get_server_key(server, &added).await
+    }
+
+    /// `DELETE {server}/keys/{name}`: not the protector in force.
+    pub(crate) async fn delete_server_key(
+        &self,
+        server: &Value,
+        name: &str,
+    ) -> Result<(u16, Value), KvError> {
+        let _g = self.lock_id(&id_of_body(server)).await;
+        if self
+            .protector(server)
+            .await?
+            .server_key_name
+            .eq_ignore_ascii_case(name)
+        {
+            return Err(KvError::conflict(format!(
+                "The server key '{name}' is the server's TDE protector: set another protector \
+                 before removing it."
+            ))
+            .with_inner("ServerKeyInUse"));
+        }
+        let gone = self
+            .host
+            .delete_document(
+                &id_of_body(server),
+                SERVER_KEY_DOC,
+                &name.to_ascii_lowercase(),
+            )
+            .await?;
+        Ok((if gone { 200 } else { 204 }, Value::Null))
+    }
+
+    /// `GET {server}/encryptionProtector/current`.
+    pub(crate) async fn protector_view(&self, server: &Value) -> Result<Value, KvError> {
+        let p = self.protector(server).await?;
+        let key = self.server_key_doc(server, &p.server_key_name).await.ok();
+        let service = p.kid.is_none();
+        Ok(json!({
+            "id": format!("{}/encryptionProtector/current", id_of_body(server)),
+            "name": "current",
+            "type": "Microsoft.Sql/servers/encryptionProtector",
+            "kind": if service { "servicemanaged" } else { "azurekeyvault" },
+            "location": server["location"],
+            "properties": {
+                "serverKeyName": p.server_key_name,
+                "serverKeyType": if service { SERVICE_MANAGED } else { AZURE_KEY_VAULT },
+                "uri": p.kid,
+                "thumbprint": key.as_ref().map(|k| k["thumbprint"].clone()),
+                "autoRotationEnabled": p.auto_rotation,
+                "subregion": "",
+            },
+        }))
+    }
+
+    /// `PUT {server}/encryptionProtector/current`
+    /// `{"properties": {"serverKeyType", "serverKeyName", "autoRotationEnabled"}}`.
+    pub(crate) async fn put_protector(
+        self: &Arc<Self>,
+        _caller: &Principal,
+        server: &Value,
+        input: Value,
+    ) -> Result<(u16, Value), KvError> {
+        let props = &input["properties"];
+        let ty = props["serverKeyType"].as_str().unwrap_or(AZURE_KEY_VAULT);
+        let auto = props["autoRotationEnabled"].as_bool().unwrap_or(false);
+        let name = if ty.eq_ignore_ascii_case(SERVICE_MANAGED) {
+            None
+        } else if ty.eq_ignore_ascii_case(AZURE_KEY_VAULT) {
+            Some(props["serverKeyName"].as_str().ok_or_else(|| {
+                bad(
+                    "InvalidParameterValue",
+                    "An AzureKeyVault protector needs properties.serverKeyName.",
+                )
+            })?)
+        } else {
+            return Err(bad(
+                "InvalidServerKeyType",
+                format!("serverKeyType is '{SERVICE_MANAGED}' or '{AZURE_KEY_VAULT}', not '{ty}'."),
+            ));
+        };
+        self.switch_protector(server, name, auto).await?;
+        Ok((200, self.protector_view(server).await?))
+    }
+
+    /// Makes server key `name` (`None`: the service-managed key) the protector: checks it,
+    /// re-wraps every database's DEK under it, names it, retires the older records.
+    pub(crate) async fn switch_protector(
+        &self,
+        server: &Value,
+        name: Option<&str>,
+        auto_rotation: bool,
+    ) -> Result<(), KvError> {
+        let id = id_of_body(server);
+        // TD-3: one change at a time; a second is refused rather than queued.
+        let lock = self.protector_lock(&id);
+        let Ok(_g) = lock.try_lock_owned() else {
+            return Err(KvError::conflict(
+                "A change of the server's encryption protector is in progress; retry when it \
+                 has finished.",
+            )
+            .with_inner("EncryptionProtectorChangeInProgress"));
+        };
+        let old = self.protector(server).await?;
+        let new = match name {
+            None => Protector {
+                server_key_name: SERVICE_MANAGED.into(),
+                kid: None,
+                auto_rotation: false,
+            },
+            Some(n) => {
+                let doc = self.server_key_doc(server, n).await?;
+                let kid = doc["uri"].as_str().unwrap_or_default().to_string();
+                // The key is checked again now: it may have changed since it was added.
+                let kid = self.check_protector_key(server, &kid).await?;
+                Protector {
+                    server_key_name: doc["name"].as_str().unwrap_or(n).to_string(),
+                    kid: Some(kid),
+                    auto_rotation,
+                }
+            }
+        };
+        let dbs = self.databases_of(server).await?;
+        if old.kid.is_some() && new.kid.is_none() {
+            // Azure: not while a database under the customer key is inaccessible (its data
+            // must stay out of reach while the key's permission is revoked).
+            if let Some(db) = dbs.iter().find(|d| d.inaccessible()) {
+                return Err(bad(
+                    "InaccessibleDatabasesPreventChange",
+                    format!(
+                        "The database '{}' is inaccessible: the protector cannot move to the \
+                         service-managed key until its key is reachable again.",
+                        db.name
+                    ),
+                ));
+            }
+        }
+        self.rewrap_databases(server, &old, &new, &dbs).await?;
+        self.put_protector_doc(&id, &new).await?;
+        for db in &dbs {
+            self.db_keys(server, db)
+                .retire_others(&new.record_id())
+                .await?;
+        }
+        self.host
+            .append_activity(
+                &id,
+                &json!({"operationName": "Microsoft.Sql/servers/encryptionProtector/write",
+                    "status": "Succeeded", "eventTimestamp": kagi_core::time::rfc3339(self.host.now()),
+                    "message": format!("TDE protector set to '{}' ({} databases re-wrapped).",
+                        new.server_key_name, dbs.len())}),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Writes the protector document.
+    pub(crate) async fn put_protector_doc(&self, id: &str, p: &Protector) -> Result<(), KvError> {
+        let doc = match &p.kid {
+            None => json!({"serverKeyName": SERVICE_MANAGED}),
+            Some(kid) => json!({"serverKeyName": p.server_key_name, "uri": kid,
+                "autoRotationEnabled": p.auto_rotation}),
+        };
+        self.host
+            .put_document(id, SERVER_DOC, "protector", &doc)
+            .await
+    }
+
+    /// The lock held while a server's protector changes.
+    pub(crate) fn protector_lock(&self, server_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.lock_of(&format!("{server_id}/encryptionProtector"))
+    }
+
+    /// Adds to every database a record of its DEK under `new` (where it has none). The DEK
+    /// comes from memory when the database is open, else from a record under `old`.
+    pub(crate) async fn rewrap_databases(
+        &self,
+        server: &Value,
+        old: &Protector,
+        new: &Protector,
+        dbs: &[Database],
+    ) -> Result<(), KvError> {
+        let old_kek = self.kek(server, old).await?;
+        let new_kek = self.kek(server, new).await?;
+        let now = self.host.now();
+        for db in dbs {
+            let owner = self.db_keys(server, db);
+            let records = kagi_cmk::KeyOwner::wrapped_keys(&owner).await?;
+            if records
+                .iter()
+                .any(|r| r.kek.id().eq_ignore_ascii_case(&new.record_id()))
+            {
+                continue;
+            }
+            let dek = match self.open_dek(&db.database_id) {
+                Some(d) => d,
+                None => {
+                    let slot = kagi_cmk::DekSlot::default();
+                    self.keys
+                        .data_key(&owner, &old_kek, &slot, std::time::Duration::ZERO, now)
+                        .await
+                        .map_err(|e| {
+                            kagi_cmk::key_failure_error(e, "AzureKeyVaultKeyAccessFailed")
+                        })?
+                        .dek
+                }
+            };
+            let record = self
+                .keys
+                .wrap(&owner, &new_kek, &dek, now)
+                .await
+                .map_err(|e| kagi_cmk::key_failure_error(e, "AzureKeyVaultKeyAccessFailed"))?;
+            kagi_cmk::KeyOwner::add_wrapped_key(&owner, record).await?;
+        }
+        Ok(())
+    }
+
+    /// The key records of database `db` of `server`.
+    pub(crate) fn db_keys<'a>(&'a self, server: &Value, db: &Database) -> DbKeys<'a> {
+        DbKeys {
+            host: self.host.as_ref(),
+            server_id: id_of_body(server),
+            db: db.name.to_ascii_lowercase(),
+            database_id: db.database_id.clone(),
+        }
+    }
+
+    /// `POST {server}/encryptionProtector/current/revalidate`: probes the protector now and,
+    /// when it answers, brings back every inaccessible database, however long ago it went.
+    pub(crate) async fn revalidate(
+        self: &Arc<Self>,
+        server: &Value,
+    ) -> Result<(u16, Value), KvError> {
+        let protector = self.protector(server).await?;
+        if let Some(kid) = &protector.kid {
+            self.check_protector_key_usable(server, kid).await?;
+        }
+        self.recover_databases(server, true).await?;
+        Ok((200, Value::Null))
+    }
+
+    /// Whether the protector `kid` can be used now by the server's identity (get, then a
+    /// wrap and unwrap probe): the error says why not.
+    pub(crate) async fn check_protector_key_usable(
+        &self,
+        server: &Value,
+        kid: &str,
+    ) -> Result<(), KvError> {
+        let id = id_of_body(server);
+        let ua = identity_choice(server)?;
+        let who = who(server, ua.as_deref());
+        let req = KeyRequest {
+            key_uri: kid,
+            resource_id: &id,
+            location: server["location"].as_str().unwrap_or_default(),
+            user_assigned: ua.as_deref(),
+            who: &who,
+        };
+        self.keys
+            .validate(self.host.as_ref(), &req)
+            .await
+            .map(|_| ())
+            .map_err(sql_error)
+            .map_err(|e| {
+                if e.code == ErrorCode::InternalError {
+                    internal("probing the protector", &e.message)
+                } else {
+                    e
+                }
+            })
+    }
+}
