@@ -396,3 +396,93 @@ def test_the_kagi_cli_manages_servers_databases_and_protectors(kagi):
     cli("sql", "db", "delete", "-s", name, "-g", DEFAULT_RG, "-n", "appdb")
     cli("sql", "server", "delete", "-n", name, "-g", DEFAULT_RG)
     assert not (srv.data_dir / "sql" / f"{d['properties']['databaseId']}.db").exists()
+
+
+def test_a_restart_opens_every_database_with_one_unwrap_each(tmp_path):
+    """TD-9: after a restart each database's key is unwrapped once, before clients ask, and
+    clients then cost the key vault nothing. (The keeper's hourly probe is out of the way.)"""
+    srv = _start_server(tmp_path, "sqlopen", env={"KAGI_SQL_KEY_POLL_SECONDS": "3600"})
+    try:
+        restart_opens_each_database_once(srv)
+    finally:
+        srv.stop()
+
+
+def restart_opens_each_database_once(srv):
+    srv.put_rg(DEFAULT_RG)
+    server, body = create_server(srv)
+    principal = body["identity"]["principalId"]
+    vault, keys, key = key_vault_with_key(srv)
+    grant(srv, vault, principal)
+    ok(set_protector(srv, server, key.id))
+    dbs = [create_db(srv, server)[0] for _ in range(6)]
+    audit = srv.data_dir / "audit" / "audit.jsonl"
+
+    def unwraps():
+        n = 0
+        for line in audit.read_text().splitlines():
+            if '"KeyUnwrap"' in line and principal in line:
+                n += 1
+        return n
+
+    srv.stop()
+    before = unwraps()
+    srv.start()
+    # The log holds both starts; the second one's line says the databases are open.
+    wait_for("databases opened", lambda: srv.log_path.read_text(errors="replace").count("SQL databases opened") >= 2)
+    assert unwraps() - before == len(dbs)
+    for db in dbs:
+        with connect(srv, server, db) as c:
+            assert c.execute("SELECT 1").fetchone()[0] == 1
+    assert unwraps() - before == len(dbs)
+
+
+def test_policy_sql_servers_should_use_customer_managed_keys(kagi):
+    """TD-8: the built-in policy with Audit (reported), Deny (refused) and Disabled (ignored),
+    assigned at a resource group of its own."""
+    srv = kagi
+    rg = "rg-sql-policy"
+    srv.put_rg(rg)
+    scope = f"/subscriptions/{srv.subscription_id}/resourceGroups/{rg}"
+    assignment = f"{scope}/providers/Microsoft.Authorization/policyAssignments/sqlcmk"
+    definition = "/providers/Microsoft.Authorization/policyDefinitions/kagi-sql-servers-cmk"
+
+    def assign(effect):
+        body = {"properties": {"policyDefinitionId": definition, "parameters": {"effect": {"value": effect}}}}
+        ok(srv.request("PUT", srv.arm(assignment, "2023-04-01"), json=body))
+
+    def states():
+        r = srv.request("POST", srv.arm(f"{scope}/providers/Microsoft.PolicyInsights/policyStates/latest/queryResults",
+                                        "2019-10-01"))
+        return {row["resourceId"].rsplit("/", 1)[-1]: row["complianceState"] for row in ok(r)["value"]}
+
+    body = {"location": LOCATION, "identity": {"type": "SystemAssigned"},
+            "properties": {"administratorLogin": ADMIN, "administratorLoginPassword": PASSWORD}}
+    try:
+        assign("Audit")
+        audited = random_name("pa", 8).lower()
+        server = ok(arm(srv, "PUT", sql_path(srv, audited, rg=rg), body))
+        assert states()[audited] == "NonCompliant"
+        vault, keys, key = key_vault_with_key(srv)
+        grant(srv, vault, server["identity"]["principalId"])
+        name = server_key_name(key.id)
+        ok(arm(srv, "PUT", sql_path(srv, audited, f"/keys/{name}", rg=rg),
+               {"properties": {"serverKeyType": "AzureKeyVault", "uri": key.id}}))
+        ok(arm(srv, "PUT", sql_path(srv, audited, "/encryptionProtector/current", rg=rg),
+               {"properties": {"serverKeyType": "AzureKeyVault", "serverKeyName": name}}))
+        assert states()[audited] == "Compliant"
+
+        assign("Deny")
+        r = arm(srv, "PUT", sql_path(srv, random_name("pd", 8).lower(), rg=rg), body)
+        assert r.status_code == 403 and "RequestDisallowedByPolicy" in r.text, r.text
+        # Back to the service-managed key is refused too; the protector stays.
+        r = arm(srv, "PUT", sql_path(srv, audited, "/encryptionProtector/current", rg=rg),
+                {"properties": {"serverKeyType": "ServiceManaged", "serverKeyName": "ServiceManaged"}})
+        assert r.status_code == 403 and "RequestDisallowedByPolicy" in r.text, r.text
+        p = ok(arm(srv, "GET", sql_path(srv, audited, "/encryptionProtector/current", rg=rg)))
+        assert p["properties"]["serverKeyType"] == "AzureKeyVault"
+
+        assign("Disabled")
+        ok(arm(srv, "PUT", sql_path(srv, random_name("px", 8).lower(), rg=rg), body))
+    finally:
+        srv.request("DELETE", srv.arm(assignment, "2023-04-01"))

@@ -11,6 +11,12 @@ use crate::{ErrorCode, KvError};
 pub const BACKUP_VAULTS_CMK: &str =
     "/providers/Microsoft.Authorization/policyDefinitions/kagi-backup-vaults-cmk";
 
+/// The built-in definition "SQL servers should use customer-managed keys to encrypt data at
+/// rest" (MISSION TD-8): a server is compliant when its TDE protector is a key in a key vault
+/// (`properties.keyId`).
+pub const SQL_SERVERS_CMK: &str =
+    "/providers/Microsoft.Authorization/policyDefinitions/kagi-sql-servers-cmk";
+
 /// What an assignment does to a resource that matches its definition's condition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Effect {
@@ -110,18 +116,29 @@ pub struct Definition {
 
 /// The built-in definitions.
 pub fn builtin_definitions() -> Vec<Definition> {
-    vec![Definition {
-        id: BACKUP_VAULTS_CMK,
-        display_name: "Backup vaults must use customer-managed keys",
-        resource_type: "Microsoft.RecoveryServices/vaults",
-        condition: Condition::AllOf(vec![
-            Condition::Equals("type".into(), "Microsoft.RecoveryServices/vaults".into()),
-            Condition::Exists(
-                "properties.encryption.keyVaultProperties.keyUri".into(),
-                false,
-            ),
-        ]),
-    }]
+    vec![
+        Definition {
+            id: SQL_SERVERS_CMK,
+            display_name: "SQL servers should use customer-managed keys to encrypt data at rest",
+            resource_type: "Microsoft.Sql/servers",
+            condition: Condition::AllOf(vec![
+                Condition::Equals("type".into(), "Microsoft.Sql/servers".into()),
+                Condition::Exists("properties.keyId".into(), false),
+            ]),
+        },
+        Definition {
+            id: BACKUP_VAULTS_CMK,
+            display_name: "Backup vaults must use customer-managed keys",
+            resource_type: "Microsoft.RecoveryServices/vaults",
+            condition: Condition::AllOf(vec![
+                Condition::Equals("type".into(), "Microsoft.RecoveryServices/vaults".into()),
+                Condition::Exists(
+                    "properties.encryption.keyVaultProperties.keyUri".into(),
+                    false,
+                ),
+            ]),
+        },
+    ]
 }
 
 /// A built-in definition by id (case-insensitive).

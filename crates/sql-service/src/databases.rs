@@ -403,7 +403,14 @@ impl SqlService {
             .map(|o| o.dek.clone())
     }
 
-    fn remember_open(&self, server: &Value, db: &Database, dek: Dek) -> Arc<OpenDatabase> {
+    /// Keeps `dek` in memory as database `db`'s (unless it is open already); returns the open
+    /// database.
+    pub(crate) fn remember_open(
+        &self,
+        server: &Value,
+        db: &Database,
+        dek: Dek,
+    ) -> Arc<OpenDatabase> {
         let open = Arc::new(OpenDatabase {
             database_id: db.database_id.clone(),
             server_id: id_of_body(server),
@@ -412,11 +419,14 @@ impl SqlService {
             dek,
             terminator: kagi_pgsql::Terminator::new(),
         });
+        // One entry per database: when another task opened it meanwhile, its entry (whose
+        // terminator its sessions hold) stays.
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(db.database_id.clone(), open.clone());
-        open
+            .entry(db.database_id.clone())
+            .or_insert(open)
+            .clone()
     }
 
     fn forget_open(&self, database_id: &str) -> Option<Arc<OpenDatabase>> {

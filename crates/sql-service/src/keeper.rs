@@ -44,9 +44,19 @@ enum Probe {
     Failed(FailureKind, String),
 }
 
-/// Starts the keeper: a pass every keeper tick.
+/// Starts the keeper: every database opened ([`SqlService::open_all`]), then a pass every
+/// keeper tick.
 pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // TD-9: every database open again before the first probe.
+        let opened = service.open_all().await;
+        tracing::info!(
+            databases = opened.opened,
+            unwraps = opened.unwraps,
+            failed = opened.failed,
+            millis = opened.millis,
+            "SQL databases opened"
+        );
         let mut tick = tokio::time::interval(service.config.keeper_tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -131,6 +141,23 @@ impl SqlService {
             }
         }
         Ok(())
+    }
+
+    /// Records that server `id`'s protector answered now (a probe's success seen elsewhere):
+    /// the next probe is a poll interval away.
+    pub(crate) async fn mark_probed(&self, id: &str) -> Result<(), KvError> {
+        let mut health = self
+            .host
+            .document(id, SERVER_DOC, "health")
+            .await?
+            .unwrap_or_else(|| json!({}));
+        if health["failingSince"].is_i64() {
+            return Ok(());
+        }
+        health["lastProbe"] = json!(self.host.now());
+        self.host
+            .put_document(id, SERVER_DOC, "health", &health)
+            .await
     }
 
     /// Probes the protector `kid` with the server's identity: the key (enabled, valid) and

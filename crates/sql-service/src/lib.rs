@@ -40,6 +40,7 @@ mod keys;
 mod logins;
 mod protector;
 mod servers;
+mod startup;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -55,6 +56,7 @@ use serde_json::{Value, json};
 pub use databases::{OpenDatabase, unavailable_message};
 pub use gateway::SqlGateway;
 pub use keeper::{SweepReport, spawn_keeper};
+pub use startup::{OPEN_CONCURRENCY, OpenReport};
 
 /// The namespace.
 pub const NAMESPACE: &str = "Microsoft.Sql";

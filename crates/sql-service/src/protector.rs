@@ -441,7 +441,7 @@ impl SqlService {
     /// `{"properties": {"serverKeyType", "serverKeyName", "autoRotationEnabled"}}`.
     pub(crate) async fn put_protector(
         self: &Arc<Self>,
-        _caller: &Principal,
+        caller: &Principal,
         server: &Value,
         input: Value,
     ) -> Result<(u16, Value), KvError> {
@@ -463,8 +463,24 @@ impl SqlService {
                 format!("serverKeyType is '{SERVICE_MANAGED}' or '{AZURE_KEY_VAULT}', not '{ty}'."),
             ));
         };
+        if name.is_none() {
+            // TD-8: a Deny assignment refuses the move to the service-managed key.
+            let mut candidate = server.clone();
+            candidate["type"] = json!(crate::SERVER_TYPE);
+            if let Some(o) = candidate["properties"].as_object_mut() {
+                o.remove("keyId");
+            }
+            if let Some(e) = self
+                .host
+                .policy_deny(&id_of_body(server), &candidate)
+                .await?
+            {
+                return Err(e);
+            }
+        }
         self.switch_protector(server, name, auto).await?;
-        Ok((200, self.protector_view(server).await?))
+        let server = self.note_key_id(caller, server).await?;
+        Ok((200, self.protector_view(&server).await?))
     }
 
     /// Makes server key `name` (`None`: the service-managed key) the protector: checks it,

@@ -210,6 +210,16 @@ impl SqlService {
         // A customer key from the start (`keyId`) needs an identity that already has access:
         // a user-assigned one (a system-assigned identity does not exist before the server).
         let key_id = props_in["keyId"].as_str().map(str::to_string);
+        // TD-8: a Deny assignment of "SQL servers should use customer-managed keys" refuses a
+        // server that would be stored without a key (keyId set now, or kept from before).
+        let mut candidate = body.clone();
+        candidate["type"] = json!(SERVER_TYPE);
+        if let Some(k) = &key_id {
+            candidate["properties"]["keyId"] = json!(k);
+        }
+        if let Some(e) = p.policy_deny(&id, &candidate).await? {
+            return Err(e);
+        }
         if let Some(kid) = &key_id {
             let candidate = json!({"id": id, "location": body["location"], "identity": identity_in.cloned(),
                 "properties": body["properties"]});
@@ -239,6 +249,8 @@ impl SqlService {
             // keyId sets the protector as a PUT of encryptionProtector/current would.
             let name = self.add_server_key(&stored, &kid).await?;
             self.switch_protector(&stored, Some(&name), false).await?;
+            let stored = self.note_key_id(caller, &stored).await?;
+            return Ok((status, view(stored)));
         }
         Ok((status, view(stored)))
     }
@@ -261,6 +273,46 @@ impl SqlService {
         // The server's documents (keys, protector, logins) go with it.
         let status = p.delete_resource(caller, at).await?;
         Ok((status, Value::Null))
+    }
+}
+
+impl SqlService {
+    /// Writes the protector's key into the stored server (`properties.keyId`, Azure's field;
+    /// absent under the service-managed key), so that policy compliance sees it. Returns the
+    /// stored server.
+    pub(crate) async fn note_key_id(
+        &self,
+        caller: &Principal,
+        server: &Value,
+    ) -> Result<Value, KvError> {
+        let protector = self.protector(server).await?;
+        let mut props = server["properties"].clone();
+        match &protector.kid {
+            Some(kid) => props["keyId"] = json!(kid),
+            None => {
+                if let Some(o) = props.as_object_mut() {
+                    o.remove("keyId");
+                }
+            }
+        }
+        if props == server["properties"] {
+            return Ok(server.clone());
+        }
+        let id = id_of_body(server);
+        let segs: Vec<&str> = id.trim_start_matches('/').split('/').collect();
+        let (Some(sub), Some(rg), Some(name)) = (segs.get(1), segs.get(3), segs.get(7)) else {
+            return Ok(server.clone());
+        };
+        let mut body = json!({"location": server["location"], "properties": props});
+        if let Some(t) = server.get("tags") {
+            body["tags"] = t.clone();
+        }
+        let put = PutResource {
+            at: crate::server_ref(sub, rg, name),
+            body,
+            identity: None,
+        };
+        Ok(self.host.put_resource(caller, put).await?.1)
     }
 }
 
