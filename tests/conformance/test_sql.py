@@ -486,3 +486,34 @@ def test_policy_sql_servers_should_use_customer_managed_keys(kagi):
         ok(arm(srv, "PUT", sql_path(srv, random_name("px", 8).lower(), rg=rg), body))
     finally:
         srv.request("DELETE", srv.arm(assignment, "2023-04-01"))
+
+
+def test_the_entra_administrator_signs_in_with_an_access_token(kagi):
+    """A server's Entra administrator (properties.administrators) connects with an access token of
+    this platform as the password; another principal's token, or a token as the password of a SQL
+    login, is refused; with azureADOnlyAuthentication SQL logins are refused."""
+    import base64
+
+    srv = kagi
+    srv.put_rg(DEFAULT_RG)
+    token = srv.credential.get_token(srv.scope).token
+    payload = token.split(".")[1]
+    oid = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["oid"]
+    admins = {"administratorType": "ActiveDirectory", "login": "kagi-admins", "sid": oid,
+              "tenantId": srv.tenant_id}
+    server, body = create_server(srv, identity=False, extra={"administrators": admins})
+    assert body["properties"]["administrators"]["login"] == "kagi-admins"
+    db, _ = create_db(srv, server)
+    with connect(srv, server, db, user="kagi-admins", password=token) as c:
+        assert c.execute("SELECT 40 + 2").fetchone()[0] == 42
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(srv, server, db, user="kagi-admins", password=token[:-4] + "AAAA")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(srv, server, db, user=ADMIN, password=token)
+    # Entra only: the SQL administrator's password no longer works.
+    admins["azureADOnlyAuthentication"] = True
+    ok(arm(srv, "PATCH", sql_path(srv, server), {"properties": {"administrators": admins}}))
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        connect(srv, server, db)
+    with connect(srv, server, db, user="kagi-admins", password=token) as c:
+        assert c.execute("SELECT 1").fetchone()[0] == 1

@@ -201,6 +201,10 @@ impl ServiceHost for FakeHost {
         Err(unsupported("identities"))
     }
 
+    fn authenticate(&self, _: &str) -> Result<Principal, KvError> {
+        Err(unsupported("tokens"))
+    }
+
     fn identity_tenant_problem(&self, _: &str, _: Option<&str>) -> Option<KvError> {
         None
     }

@@ -258,6 +258,11 @@ pub trait ServiceHost: Send + Sync + std::fmt::Debug {
     /// resource must carry now.
     fn identity_token(&self, id: &str, user_assigned: Option<&str>) -> Result<String>;
 
+    /// Who an access token of this platform speaks for (signature, expiry, audience and the
+    /// principal's existence checked), for a service whose own protocol carries tokens (the
+    /// SQL service's logins of Entra principals).
+    fn authenticate(&self, token: &str) -> Result<Principal>;
+
     /// Why a resource's managed identity cannot act for it after a tenant move; `None` when
     /// it can (or when the resource or identity does not exist).
     fn identity_tenant_problem(&self, id: &str, user_assigned: Option<&str>) -> Option<KvError>;

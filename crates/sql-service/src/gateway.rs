@@ -37,6 +37,15 @@ impl SqlService {
     }
 }
 
+/// The server's Entra administrator: (login, object id).
+fn entra_admin(server: &Value) -> Option<(String, String)> {
+    let a = &server["properties"]["administrators"];
+    Some((
+        a["login"].as_str()?.to_string(),
+        a["sid"].as_str()?.to_string(),
+    ))
+}
+
 impl SqlGateway {
     fn server(&self, name: &str) -> Result<Value, PgError> {
         self.0.server_named(name).ok_or_else(|| {
@@ -66,15 +75,30 @@ impl Gateway for SqlGateway {
         let Some(s) = self.0.server_named(server) else {
             return Ok(None);
         };
+        // The server's Entra administrator signs in with an access token as the password.
+        if entra_admin(&s).is_some_and(|(name, _)| name.eq_ignore_ascii_case(login)) {
+            return Ok(Some(Credential::AccessToken));
+        }
+        if s["properties"]["administrators"]["azureADOnlyAuthentication"] == serde_json::json!(true)
+        {
+            return Ok(None);
+        }
         let found = logins::get(self.0.host.as_ref(), &id_of_body(&s), login)
             .await
             .map_err(pg_error)?;
         Ok(found.map(|(v, _)| Credential::Scram(v)))
     }
 
-    async fn check_token(&self, _server: &str, login: &str, _token: &str) -> Result<(), PgError> {
-        // Entra logins are not created yet (credential never answers AccessToken).
-        Err(PgError::password_failed(login))
+    async fn check_token(&self, server: &str, login: &str, token: &str) -> Result<(), PgError> {
+        let refused = || PgError::password_failed(login);
+        let s = self.0.server_named(server).ok_or_else(refused)?;
+        let (name, sid) = entra_admin(&s).ok_or_else(refused)?;
+        let who = self.0.host.authenticate(token).map_err(|_| refused())?;
+        if name.eq_ignore_ascii_case(login) && who.object_id.eq_ignore_ascii_case(&sid) {
+            Ok(())
+        } else {
+            Err(refused())
+        }
     }
 
     async fn open(&self, server: &str, database: &str, _login: &str) -> Result<Session, PgError> {

@@ -11,12 +11,34 @@ use crate::keys::ensure_server_pmk;
 use crate::{SERVER_TYPE, SqlService, bad, id_of_body};
 
 /// Fields a client may set; the rest of `properties` is the server's own.
-const SETTABLE: [&str; 4] = [
+const SETTABLE: [&str; 5] = [
     "administratorLogin",
     "primaryUserAssignedIdentityId",
     "publicNetworkAccess",
     "minimalTlsVersion",
+    "administrators",
 ];
+
+/// Checks `properties.administrators` (the server's Entra administrator: Azure's
+/// `ServerExternalAdministrator`): `administratorType` `ActiveDirectory`, a `login` (the user
+/// name clients give) and the principal's object id `sid`.
+fn check_entra_admin(a: &Value) -> Result<(), KvError> {
+    if a.is_null() {
+        return Ok(());
+    }
+    let ty = a["administratorType"].as_str().unwrap_or("ActiveDirectory");
+    let login = a["login"].as_str().unwrap_or_default();
+    let sid = a["sid"].as_str().unwrap_or_default();
+    let guid = sid.len() == 36 && sid.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+    if !ty.eq_ignore_ascii_case("ActiveDirectory") || login.is_empty() || !guid {
+        return Err(bad(
+            "InvalidServerAdministrator",
+            "properties.administrators needs administratorType 'ActiveDirectory', a login and \
+             the principal's object id as sid.",
+        ));
+    }
+    Ok(())
+}
 
 /// Azure's rule for server names: 1 to 63 lower-case letters, digits and hyphens, neither
 /// first nor last a hyphen (the name is a DNS label).
@@ -168,6 +190,7 @@ impl SqlService {
             ));
         }
         check_login(&login)?;
+        check_entra_admin(&props["administrators"])?;
         let password = props_in["administratorLoginPassword"].as_str();
         match (password, existing.is_some()) {
             (Some(pw), _) => check_password(&login, pw)?,

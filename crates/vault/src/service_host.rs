@@ -113,6 +113,10 @@ impl ServiceHost for Platform {
         Platform::identity_token(self, id, user_assigned)
     }
 
+    fn authenticate(&self, token: &str) -> Result<Principal> {
+        Platform::authenticate(self, token)
+    }
+
     fn identity_tenant_problem(&self, id: &str, user_assigned: Option<&str>) -> Option<KvError> {
         self.managed_identity_tenant_problem(id, user_assigned)
     }
