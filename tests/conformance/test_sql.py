@@ -316,6 +316,9 @@ def test_revocation_makes_databases_inaccessible_and_healing_follows_azure(sql_k
         session.execute("SELECT 1")
     listed = ok(arm(srv, "GET", sql_path(srv, server, "/inaccessibleDatabases")))["value"]
     assert [d["name"] for d in listed] == [db]
+    health_path = sql_path(srv, server, f"/databases/{db}/providers/Microsoft.ResourceHealth/availabilityStatuses/current")
+    health = ok(srv.request("GET", srv.arm(health_path, "2022-10-01")))["properties"]
+    assert health["availabilityState"] == "Unavailable" and "KeyDisabled" in health["summary"], health
     # Only drop is allowed meanwhile.
     r = arm(srv, "PATCH", sql_path(srv, server, f"/databases/{db}"), {"tags": {"a": "b"}})
     assert r.status_code == 409, r.text
@@ -324,6 +327,8 @@ def test_revocation_makes_databases_inaccessible_and_healing_follows_azure(sql_k
     advance_clock(srv, 600)
     keys.update_key_properties(key.name, key.properties.version, enabled=True)
     wait_for("Online again", lambda: db_status(srv, server, db) == "Online")
+    health = ok(srv.request("GET", srv.arm(health_path, "2022-10-01")))["properties"]
+    assert health["availabilityState"] == "Available", health
     with connect(srv, server, db) as c:
         assert c.execute("SELECT v FROM kept").fetchone()[0] == "before revocation"
 

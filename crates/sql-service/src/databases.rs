@@ -364,6 +364,52 @@ impl SqlService {
         crate::engine::remove_files(&self.db_file(&db.database_id)).await
     }
 
+    /// The database's resource health (Azure Resource Health's `availabilityStatuses/current`,
+    /// TD-5): `Available`, or `Unavailable` with the reason while it is Inaccessible.
+    pub(crate) async fn health_view(&self, server: &Value, name: &str) -> Result<Value, KvError> {
+        let db = self.database(server, name).await?;
+        let id = format!("{}/databases/{}", id_of_body(server), db.name);
+        let now = kagi_core::time::rfc3339(self.host.now());
+        let properties = if db.inaccessible() {
+            let since = db
+                .inaccessible_since()
+                .map(kagi_core::time::rfc3339)
+                .unwrap_or_else(|| now.clone());
+            json!({
+                "availabilityState": "Unavailable",
+                "title": "Database inaccessible",
+                "summary": format!(
+                    "The database is inaccessible because the server's TDE protector cannot be \
+                     reached: {}. Restore access to the key{}.",
+                    db.doc["state"]["reason"].as_str().unwrap_or("unknown reason"),
+                    if db.doc["state"]["needsRevalidation"] == json!(true) {
+                        ", then revalidate the encryption protector"
+                    } else {
+                        "; the database comes back by itself"
+                    }
+                ),
+                "reasonType": "Customer Initiated",
+                "reasonChronicity": "Persistent",
+                "occuredTime": since,
+                "reportedTime": now,
+            })
+        } else {
+            json!({
+                "availabilityState": "Available",
+                "title": "Available",
+                "summary": "There aren't any known problems affecting this database.",
+                "reportedTime": now,
+            })
+        };
+        Ok(json!({
+            "id": format!("{id}/providers/Microsoft.ResourceHealth/availabilityStatuses/current"),
+            "name": "current",
+            "type": "Microsoft.ResourceHealth/AvailabilityStatuses",
+            "location": server["location"],
+            "properties": properties,
+        }))
+    }
+
     /// `GET {server}/databases/{name}/transparentDataEncryption/current`.
     pub(crate) async fn tde_view(&self, server: &Value, name: &str) -> Result<Value, KvError> {
         let db = self.database(server, name).await?;

@@ -22,6 +22,7 @@
 //! | `GET`/`PUT {server}/databases/{db}/transparentDataEncryption/current` | TDE state (always `Enabled`) |
 //! | `GET {server}/inaccessibleDatabases` | databases whose protector cannot be reached |
 //! | `GET {server}/activityLog` | `MakeDatabaseInaccessible`, `MakeDatabaseAccessible`, protector changes |
+//! | `GET {server}/databases/{db}/providers/Microsoft.ResourceHealth/availabilityStatuses/current` | the database's health (TD-5) |
 //!
 //! The keeper ([`keeper`]) probes each server's protector: after a definite failure (the key
 //! disabled or deleted, the permission or the identity removed) the server's databases become
@@ -240,6 +241,17 @@ impl SqlService {
             }
             (["databases"], "GET") => self.list_databases(server, false).await,
             (["inaccessibledatabases"], "GET") => self.list_databases(server, true).await,
+            (
+                [
+                    "databases",
+                    _,
+                    "providers",
+                    "microsoft.resourcehealth",
+                    "availabilitystatuses",
+                    "current",
+                ],
+                "GET",
+            ) => Ok((200, self.health_view(server, segs[1]).await?)),
             (["databases", _], "PUT" | "PATCH") => {
                 self.put_database(server, segs[1], json_body(body)?, method == "PATCH")
                     .await
