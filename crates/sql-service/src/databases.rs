@@ -90,7 +90,7 @@ impl OpenDatabase {
 
 /// The 16 bytes of a GUID (what the page format binds into every page); zeros for text that
 /// is not a GUID (never the case for ids kagi made).
-fn guid_bytes(guid: &str) -> [u8; 16] {
+pub(crate) fn guid_bytes(guid: &str) -> [u8; 16] {
     let mut out = [0u8; 16];
     if let Ok(b) = hex::decode(guid.replace('-', ""))
         && b.len() == 16
@@ -267,6 +267,12 @@ impl SqlService {
         let server_id = id_of_body(server);
         let _g = self.lock_id(&format!("{server_id}/databases/{name}")).await;
         let existing = self.database(server, name).await.ok();
+        if existing.is_some() && crate::backups::restore_requested(&input) {
+            return Err(KvError::conflict(format!(
+                "The database '{name}' already exists: a restore creates a new database."
+            ))
+            .with_inner("DatabaseAlreadyExists"));
+        }
         if let Some(mut db) = existing {
             if db.inaccessible() {
                 return Err(inaccessible_error(server, &db));
@@ -282,6 +288,12 @@ impl SqlService {
             self.put_db_doc(server, &db).await?;
             return Ok((200, self.db_view(server, &db)));
         }
+        // A restore replays the source's backups first: when it fails, nothing is created.
+        let restore = if crate::backups::restore_requested(&input) && !patch {
+            Some(self.prepare_restore(server, &input).await?)
+        } else {
+            None
+        };
         if patch {
             return Err(self.database(server, name).await.err().unwrap_or_else(|| {
                 KvError::new(ErrorCode::ResourceNotFound, "The database was not found.")
@@ -320,7 +332,10 @@ impl SqlService {
             .map_err(|e| kagi_cmk::key_failure_error(e, "AzureKeyVaultKeyAccessFailed"))?;
         owner.add_wrapped_key(record).await?;
         let open = self.remember_open(server, &db, dek);
-        crate::engine::create(open.file.clone(), open.page_key()?).await?;
+        match restore {
+            Some(r) => self.finish_restore(server, &db, &open, r).await?,
+            None => crate::engine::create(open.file.clone(), open.page_key()?).await?,
+        }
         self.put_db_doc(server, &db).await?;
         Ok((201, self.db_view(server, &db)))
     }
@@ -360,6 +375,8 @@ impl SqlService {
                 &db.name.to_ascii_lowercase(),
             )
             .await?;
+        // Its backups stay for the retention period.
+        self.note_dropped(server, db).await;
         self.db_keys(server, db).delete().await?;
         crate::engine::remove_files(&self.db_file(&db.database_id)).await
     }
@@ -475,7 +492,7 @@ impl SqlService {
             .clone()
     }
 
-    fn forget_open(&self, database_id: &str) -> Option<Arc<OpenDatabase>> {
+    pub(crate) fn forget_open(&self, database_id: &str) -> Option<Arc<OpenDatabase>> {
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())

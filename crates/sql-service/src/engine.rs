@@ -9,9 +9,27 @@ use kagi_sqlite_crypt::DatabaseKey;
 
 use crate::keys::internal;
 
+/// Opens the database file `path` under `key` with the settings of every connection the service
+/// opens: SQLite never checkpoints on its own, neither after a commit (`wal_autocheckpoint=0`)
+/// nor when the last connection closes (which would also delete the WAL). The backup pass
+/// checkpoints, after it has copied the log's frames (`backups.rs`): a checkpoint it did not make
+/// could let the log restart over frames no log backup holds.
+pub(crate) fn open_blocking(
+    path: &Path,
+    key: &DatabaseKey,
+) -> Result<rusqlite::Connection, kagi_sqlite_crypt::Error> {
+    let conn = kagi_sqlite_crypt::open(path, key)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )?;
+    Ok(conn)
+}
+
 /// Creates the database file `path` under `key` (an empty encrypted database).
 pub(crate) async fn create(path: PathBuf, key: DatabaseKey) -> Result<(), KvError> {
-    tokio::task::spawn_blocking(move || kagi_sqlite_crypt::open(&path, &key).map(drop))
+    tokio::task::spawn_blocking(move || open_blocking(&path, &key).map(drop))
         .await
         .map_err(|e| internal("creating a database", e))?
         .map_err(|e| internal("creating a database", e))
@@ -22,7 +40,7 @@ pub(crate) async fn connect(
     path: PathBuf,
     key: DatabaseKey,
 ) -> Result<rusqlite::Connection, KvError> {
-    tokio::task::spawn_blocking(move || kagi_sqlite_crypt::open(&path, &key))
+    tokio::task::spawn_blocking(move || open_blocking(&path, &key))
         .await
         .map_err(|e| internal("opening a database", e))?
         .map_err(|e| internal("opening a database", e))

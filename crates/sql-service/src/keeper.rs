@@ -45,7 +45,7 @@ enum Probe {
 }
 
 /// Starts the keeper: every database opened ([`SqlService::open_all`]), then a pass every
-/// keeper tick.
+/// keeper tick; and the automatic backups ([`crate::spawn_backups`]).
 pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         // TD-9: every database open again before the first probe.
@@ -57,6 +57,8 @@ pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
             millis = opened.millis,
             "SQL databases opened"
         );
+        // Automatic backups (TD-6) run on their own schedule, once the databases are open.
+        crate::backups::spawn_backups(service.clone());
         let mut tick = tokio::time::interval(service.config.keeper_tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -22,6 +22,9 @@
 //! | `GET`/`PUT {server}/databases/{db}/transparentDataEncryption/current` | TDE state (always `Enabled`) |
 //! | `GET {server}/inaccessibleDatabases` | databases whose protector cannot be reached |
 //! | `GET {server}/activityLog` | `MakeDatabaseInaccessible`, `MakeDatabaseAccessible`, protector changes |
+//! | `PUT {server}/databases/{db}` with `createMode` `PointInTimeRestore` or `Restore` | a restore from backups ([`backups`]) |
+//! | `GET {server}/databases/{db}/backups`, `GET {server}/backupKeys` (kagi's) | backups with their time ranges and keys |
+//! | `GET {server}/restorableDroppedDatabases` | dropped databases whose backups remain |
 //! | `GET {server}/databases/{db}/providers/Microsoft.ResourceHealth/availabilityStatuses/current` | the database's health (TD-5) |
 //!
 //! The keeper ([`keeper`]) probes each server's protector: after a definite failure (the key
@@ -33,6 +36,9 @@
 
 #![forbid(unsafe_code)]
 
+mod backup_chain;
+mod backup_files;
+mod backups;
 mod databases;
 mod engine;
 mod gateway;
@@ -54,6 +60,7 @@ use kagi_core::{ErrorCode, KvError};
 use kagi_host::{ArmRequest, Principal, ResourceProvider, ResourceRef, ResourceScope, ServiceHost};
 use serde_json::{Value, json};
 
+pub use backups::{BackupReport, spawn_backups};
 pub use databases::{OpenDatabase, unavailable_message};
 pub use gateway::SqlGateway;
 pub use keeper::{SweepReport, spawn_keeper};
@@ -86,6 +93,15 @@ pub struct SqlConfig {
     pub keeper_tick: Duration,
     /// Where the key vault hosts are reached (default `127.0.0.1:{port}`).
     pub connect: Option<SocketAddr>,
+    /// How often each database gets a full backup. Default a day
+    /// (`KAGI_SQL_FULL_BACKUP_SECONDS`).
+    pub full_backup_interval: Duration,
+    /// How often each database's log is backed up (the restore granularity). Default five
+    /// minutes, Azure's (`KAGI_SQL_LOG_BACKUP_SECONDS`).
+    pub log_backup_interval: Duration,
+    /// How long backups are kept (the restore window). Default seven days, Azure's
+    /// (`KAGI_SQL_BACKUP_RETENTION_SECONDS`).
+    pub backup_retention: Duration,
 }
 
 use kagi_host::env_seconds as env_secs;
@@ -99,6 +115,9 @@ impl Default for SqlConfig {
             transient_grace: env_secs("KAGI_SQL_TRANSIENT_GRACE_SECONDS", 86_400),
             keeper_tick: env_secs("KAGI_SQL_KEEPER_TICK_SECONDS", 60),
             connect: None,
+            full_backup_interval: env_secs("KAGI_SQL_FULL_BACKUP_SECONDS", 86_400),
+            log_backup_interval: env_secs("KAGI_SQL_LOG_BACKUP_SECONDS", 300),
+            backup_retention: env_secs("KAGI_SQL_BACKUP_RETENTION_SECONDS", 7 * 86_400),
         }
     }
 }
@@ -112,6 +131,8 @@ pub struct SqlService {
     open: Mutex<HashMap<String, Arc<OpenDatabase>>>,
     /// Serialises changes of one resource (servers, and each server's protector).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Where the automatic backups stand.
+    backups: backups::BackupState,
 }
 
 impl std::fmt::Debug for SqlService {
@@ -140,6 +161,7 @@ impl SqlService {
             config,
             open: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            backups: backups::BackupState::default(),
         }))
     }
 
@@ -258,6 +280,9 @@ impl SqlService {
             }
             (["databases", _], "GET") => Ok((200, self.get_database(server, segs[1]).await?)),
             (["databases", _], "DELETE") => self.delete_database(server, segs[1]).await,
+            (["databases", _, "backups"], "GET") => self.list_backups(server, segs[1]).await,
+            (["restorabledroppeddatabases"], "GET") => self.list_restorable_dropped(server).await,
+            (["backupkeys"], "GET") => self.list_backup_keys(server).await,
             (["databases", _, "transparentdataencryption"], "GET") => {
                 let tde = self.tde_view(server, segs[1]).await?;
                 Ok((200, json!({ "value": [tde] })))

@@ -1,0 +1,780 @@
+//! The files of SQL backups (docs/SQL.md, "Backups and point-in-time restore"), below the
+//! service's records: a database's write-ahead log copied as ciphertext, full backups through
+//! SQLite's backup API, and a database put back together from them. Everything here blocks;
+//! the service calls it from `spawn_blocking`.
+//!
+//! Nothing here holds plaintext outside SQLite's page cache: a log backup is the WAL's bytes as
+//! the encrypting VFS wrote them (frames sealed under the database's DEK, bound to its id and to
+//! their offset in the WAL, checksums masked), a full backup is sealed under the same DEK and
+//! id, and a restore replays them in a private directory under that DEK.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use kagi_sqlite_crypt::DatabaseKey;
+use rusqlite::Connection;
+
+use crate::backup_chain::WalGen;
+
+/// Length of the WAL header.
+const WAL_HEADER_LEN: u64 = 32;
+/// Length of a frame's header in the WAL.
+const FRAME_HEADER_LEN: u64 = 24;
+/// The first bytes of a log backup file (its format version last).
+const LOG_MAGIC: [u8; 16] = *b"kagi-sql-log\0\0\0\x01";
+/// Length of a log backup file's header: the magic, the WAL header as found, the first frame
+/// and the number of frames (big-endian), eight zero bytes.
+const LOG_HEADER_LEN: u64 = 64;
+/// How long a pass waits for the database's write lock (sessions' writes come first).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Frames copied per read.
+const CHUNK_FRAMES: u64 = 64;
+
+/// What can go wrong with backup files.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FileError {
+    /// A file system error.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The encrypting engine refused.
+    #[error(transparent)]
+    Engine(#[from] kagi_sqlite_crypt::Error),
+    /// SQLite failed.
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// Sessions held the write lock for longer than a pass waits.
+    #[error("the database stayed busy")]
+    Busy,
+    /// A log or a backup is not what it should be.
+    #[error("{0}")]
+    Damaged(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+    move |source| FileError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The WAL header of a generation, as SQLite wrote it (in the clear: magic, version, page size,
+/// checkpoint sequence, salts and its own checksum carry no data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WalHeader([u8; WAL_HEADER_LEN as usize]);
+
+impl WalHeader {
+    /// The header if it is one SQLite writes.
+    fn parse(raw: [u8; WAL_HEADER_LEN as usize]) -> Option<Self> {
+        let magic = be32(&raw, 0);
+        let page = be32(&raw, 8);
+        let ok = magic & !1 == 0x377f_0682
+            && be32(&raw, 4) == 3_007_000
+            && page.is_power_of_two()
+            && (512..=65_536).contains(&page);
+        ok.then_some(Self(raw))
+    }
+
+    /// Its generation.
+    pub(crate) fn generation(&self) -> WalGen {
+        WalGen {
+            salt1: be32(&self.0, 16),
+            salt2: be32(&self.0, 20),
+            checkpoint_seq: be32(&self.0, 12),
+        }
+    }
+
+    fn frame_len(&self) -> u64 {
+        FRAME_HEADER_LEN + u64::from(be32(&self.0, 8))
+    }
+
+    /// Where frame `n` (from 1) starts in the WAL.
+    fn frame_offset(&self, n: u32) -> u64 {
+        WAL_HEADER_LEN + u64::from(n.saturating_sub(1)) * self.frame_len()
+    }
+
+    /// Whether a frame header belongs to this generation.
+    fn owns(&self, frame_header: &[u8]) -> bool {
+        frame_header[8..16] == self.0[16..24]
+    }
+}
+
+/// Where a database's log stands, read under its write lock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct WalState {
+    /// The header of the current generation (`None` when the log has no frames).
+    pub(crate) header: Option<WalHeader>,
+    /// Committed frames in the log (SQLite's `mxFrame`).
+    pub(crate) frames: u32,
+    /// Frames already checkpointed into the main file (`nBackfill`).
+    pub(crate) backfilled: u32,
+}
+
+impl WalState {
+    /// The generation of its frames.
+    pub(crate) fn generation(&self) -> Option<WalGen> {
+        self.header.map(|h| h.generation())
+    }
+}
+
+/// The WAL of database file `db`.
+pub(crate) fn wal_of(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push("-wal");
+    PathBuf::from(p)
+}
+
+/// `PRAGMA wal_checkpoint(mode)`: (busy, frames in the log, frames checkpointed).
+fn checkpoint(conn: &Connection, mode: &str) -> Result<(bool, u32, u32), FileError> {
+    let (busy, log, done): (i64, i64, i64) =
+        conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    let count = |n: i64| {
+        u32::try_from(n).map_err(|_| FileError::Damaged("the database is not in WAL mode".into()))
+    };
+    Ok((busy != 0, count(log)?, count(done)?))
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+}
+
+/// The connections of one backup pass over a database: `writer` takes the write lock while the
+/// log is looked at, `pin` holds a read snapshot at the log's end so that no checkpoint goes
+/// past the frames copied (and the log cannot restart under them) until they are recorded.
+pub(crate) struct Pass {
+    db: PathBuf,
+    writer: Connection,
+    pin: Connection,
+    locked: bool,
+    pinned: bool,
+}
+
+impl Pass {
+    /// Opens two connections to the database file `db` (which must exist: a dropped
+    /// database's file is never created again).
+    pub(crate) fn open(db: &Path, key: &DatabaseKey) -> Result<Self, FileError> {
+        if !db.exists() {
+            return Err(io(db)(std::io::ErrorKind::NotFound.into()));
+        }
+        let writer = crate::engine::open_blocking(db, key)?;
+        writer.busy_timeout(LOCK_WAIT)?;
+        let pin = crate::engine::open_blocking(db, key)?;
+        Ok(Self {
+            db: db.to_path_buf(),
+            writer,
+            pin,
+            locked: false,
+            pinned: false,
+        })
+    }
+
+    /// Takes the write lock (no commit can happen until [`Pass::unlock`]) and reads where the
+    /// log stands; with `pin`, also pins a read snapshot at its end.
+    pub(crate) fn lock(&mut self, pin: bool) -> Result<WalState, FileError> {
+        match self.writer.execute_batch("BEGIN IMMEDIATE") {
+            Err(e) if is_busy(&e) => return Err(FileError::Busy),
+            r => r?,
+        }
+        self.locked = true;
+        // NOOP reads SQLite's wal-index without checkpointing anything.
+        let (_, frames, backfilled) = checkpoint(&self.pin, "NOOP")?;
+        if pin {
+            self.pin.execute_batch("BEGIN")?;
+            self.pin
+                .query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
+            self.pinned = true;
+        }
+        let header = if frames == 0 {
+            None
+        } else {
+            Some(self.read_header()?)
+        };
+        Ok(WalState {
+            header,
+            frames,
+            backfilled,
+        })
+    }
+
+    fn read_header(&self) -> Result<WalHeader, FileError> {
+        let wal = wal_of(&self.db);
+        let mut raw = [0u8; WAL_HEADER_LEN as usize];
+        File::open(&wal)
+            .and_then(|f| f.read_exact_at(&mut raw, 0))
+            .map_err(io(&wal))?;
+        WalHeader::parse(raw)
+            .ok_or_else(|| FileError::Damaged("the WAL header is not SQLite's".into()))
+    }
+
+    /// Lets writers go on.
+    pub(crate) fn unlock(&mut self) -> Result<(), FileError> {
+        if self.locked {
+            self.writer.execute_batch("ROLLBACK")?;
+            self.locked = false;
+        }
+        Ok(())
+    }
+
+    /// Ends the pinned snapshot.
+    pub(crate) fn unpin(&mut self) -> Result<(), FileError> {
+        if self.pinned {
+            self.pin.execute_batch("ROLLBACK")?;
+            self.pinned = false;
+        }
+        Ok(())
+    }
+
+    /// A passive checkpoint (never waits, never past a pinned snapshot), on whichever connection
+    /// is free: (frames in the log, frames checkpointed).
+    pub(crate) fn checkpoint(&self) -> Result<(u32, u32), FileError> {
+        let conn = if self.locked { &self.pin } else { &self.writer };
+        if self.locked && self.pinned {
+            return Err(FileError::Damaged(
+                "no free connection to checkpoint with".into(),
+            ));
+        }
+        checkpoint(conn, "PASSIVE").map(|(_, log, done)| (log, done))
+    }
+
+    /// Copies frames `first..=last` of the log (generation `header`) into a new log backup file
+    /// `dest`, synced. The frames must be stable: under the write lock, or below the pinned
+    /// snapshot. Returns the file's size.
+    pub(crate) fn write_log(
+        &self,
+        header: &WalHeader,
+        first: u32,
+        last: u32,
+        dest: &Path,
+    ) -> Result<u64, FileError> {
+        if first == 0 || last < first {
+            return Err(FileError::Damaged(format!("no frames {first} to {last}")));
+        }
+        let wal = wal_of(&self.db);
+        let src = File::open(&wal).map_err(io(&wal))?;
+        let count = u64::from(last + 1 - first);
+        let frame = header.frame_len();
+        let mut out = new_file(dest)?;
+        let mut head = Vec::with_capacity(LOG_HEADER_LEN as usize);
+        head.extend_from_slice(&LOG_MAGIC);
+        head.extend_from_slice(&header.0);
+        head.extend_from_slice(&first.to_be_bytes());
+        head.extend_from_slice(&(last + 1 - first).to_be_bytes());
+        head.resize(LOG_HEADER_LEN as usize, 0);
+        out.write_all(&head).map_err(io(dest))?;
+        let mut buf = vec![0u8; (CHUNK_FRAMES * frame) as usize];
+        let mut done = 0u64;
+        let mut last_header = [0u8; FRAME_HEADER_LEN as usize];
+        while done < count {
+            let n = (count - done).min(CHUNK_FRAMES);
+            let bytes = &mut buf[..(n * frame) as usize];
+            let at = header.frame_offset(first) + done * frame;
+            src.read_exact_at(bytes, at).map_err(|e| {
+                FileError::Damaged(format!("the log ends before frame {last}: {e}"))
+            })?;
+            for f in bytes.chunks_exact(frame as usize) {
+                if !header.owns(f) {
+                    return Err(FileError::Damaged(
+                        "a frame of the log belongs to another generation".into(),
+                    ));
+                }
+                last_header.copy_from_slice(&f[..FRAME_HEADER_LEN as usize]);
+            }
+            out.write_all(bytes).map_err(io(dest))?;
+            done += n;
+        }
+        // The copy ends at a commit (a frame with the database size in it).
+        if be32(&last_header, 4) == 0 {
+            return Err(FileError::Damaged(format!(
+                "frame {last} of the log is not a commit"
+            )));
+        }
+        out.sync_all().map_err(io(dest))?;
+        Ok(LOG_HEADER_LEN + count * frame)
+    }
+
+    /// A full backup of the pinned snapshot into `dest` under `key` (the database's own DEK
+    /// and id), synced. Returns its size.
+    pub(crate) fn write_full(&self, dest: &Path, key: &DatabaseKey) -> Result<u64, FileError> {
+        if !self.pinned {
+            return Err(FileError::Damaged(
+                "a full backup needs a pinned snapshot".into(),
+            ));
+        }
+        kagi_sqlite_crypt::backup(&self.pin, dest, key)?;
+        let f = File::open(dest).map_err(io(dest))?;
+        f.sync_all().map_err(io(dest))?;
+        Ok(f.metadata().map_err(io(dest))?.len())
+    }
+}
+
+/// Creates `path` (which must not exist), readable by kagi only.
+fn new_file(path: &Path) -> Result<File, FileError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))
+}
+
+/// Syncs a directory (after files in it were created, renamed or removed).
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), FileError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+/// A log backup file's generation header and frames.
+struct LogFile {
+    path: PathBuf,
+    header: WalHeader,
+    first: u32,
+    count: u32,
+}
+
+impl LogFile {
+    fn read(path: &Path) -> Result<Self, FileError> {
+        let mut f = File::open(path).map_err(io(path))?;
+        let mut head = [0u8; LOG_HEADER_LEN as usize];
+        f.read_exact(&mut head).map_err(io(path))?;
+        let damaged = || FileError::Damaged(format!("{} is not a log backup", path.display()));
+        if head[..16] != LOG_MAGIC {
+            return Err(damaged());
+        }
+        let mut raw = [0u8; WAL_HEADER_LEN as usize];
+        raw.copy_from_slice(&head[16..48]);
+        let header = WalHeader::parse(raw).ok_or_else(damaged)?;
+        let (first, count) = (be32(&head, 48), be32(&head, 52));
+        let len = f.seek(SeekFrom::End(0)).map_err(io(path))?;
+        if first == 0 || len != LOG_HEADER_LEN + u64::from(count) * header.frame_len() {
+            return Err(damaged());
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            header,
+            first,
+            count,
+        })
+    }
+
+    fn last(&self) -> u32 {
+        self.first + self.count - 1
+    }
+}
+
+/// The log backups of one WAL generation, in order.
+struct Generation {
+    header: WalHeader,
+    logs: Vec<LogFile>,
+    frames: u32,
+}
+
+/// Sorts log backups (in the order taken) into generations, checking that each generation
+/// starts at its first frame and has no hole (copies that overlap, as after a crash between
+/// a copy and its record, are fine: a frame is the same bytes in both).
+fn generations(logs: &[PathBuf]) -> Result<Vec<Generation>, FileError> {
+    let mut out: Vec<Generation> = Vec::new();
+    for path in logs {
+        let log = LogFile::read(path)?;
+        if log.count == 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some(g) if g.header.generation() == log.header.generation() => {
+                if log.first > g.frames + 1 {
+                    return Err(FileError::Damaged(format!(
+                        "the log backups miss frames {} to {}",
+                        g.frames + 1,
+                        log.first - 1
+                    )));
+                }
+                g.frames = g.frames.max(log.last());
+                g.logs.push(log);
+            }
+            _ => {
+                if out
+                    .iter()
+                    .any(|g| g.header.generation() == log.header.generation())
+                {
+                    return Err(FileError::Damaged(format!(
+                        "{} goes back to an earlier log generation",
+                        log.path.display()
+                    )));
+                }
+                if log.first != 1 {
+                    return Err(FileError::Damaged(format!(
+                        "{} does not start its log at the first frame",
+                        log.path.display()
+                    )));
+                }
+                out.push(Generation {
+                    header: log.header,
+                    frames: log.last(),
+                    logs: vec![log],
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Writes generation `g` as the WAL `wal`: its header, then frames 1 to the last, each at its
+/// place (frames are bound to their offset).
+fn write_wal(g: &Generation, wal: &Path) -> Result<(), FileError> {
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(wal)
+        .map_err(io(wal))?;
+    out.write_all(&g.header.0).map_err(io(wal))?;
+    let frame = g.header.frame_len();
+    let mut written = 0u32;
+    for log in &g.logs {
+        if log.last() <= written {
+            continue;
+        }
+        let skip = u64::from(written + 1 - log.first);
+        let mut src = File::open(&log.path).map_err(io(&log.path))?;
+        src.seek(SeekFrom::Start(LOG_HEADER_LEN + skip * frame))
+            .map_err(io(&log.path))?;
+        let n = u64::from(log.last() - written) * frame;
+        let copied = std::io::copy(&mut src.take(n), &mut out).map_err(io(wal))?;
+        if copied != n {
+            return Err(FileError::Damaged(format!(
+                "{} is short",
+                log.path.display()
+            )));
+        }
+        written = log.last();
+    }
+    Ok(())
+}
+
+/// Puts a database back together in the private directory `work`: the full backup `full` (a
+/// database file under `key`) and the log backups `logs` in the order taken (the full
+/// backup's copy of its log generation first), replayed one generation at a time by SQLite's
+/// own recovery and checkpointed. Returns a connection to the result, whose integrity SQLite
+/// has checked. Everything in `work` is ciphertext under `key`.
+pub(crate) fn materialize(
+    work: &Path,
+    full: &Path,
+    logs: &[PathBuf],
+    key: &DatabaseKey,
+) -> Result<Connection, FileError> {
+    let db = work.join("restore.db");
+    let wal = wal_of(&db);
+    std::fs::copy(full, &db).map_err(io(&db))?;
+    for g in generations(logs)? {
+        write_wal(&g, &wal)?;
+        let conn = kagi_sqlite_crypt::open(&db, key)?;
+        // Opening ran recovery over the log: every frame must have opened and chained.
+        let (_, found, _) = checkpoint(&conn, "NOOP")?;
+        if found != g.frames {
+            return Err(FileError::Damaged(format!(
+                "only {found} of {} frames of a log generation could be replayed",
+                g.frames
+            )));
+        }
+        let (busy, _, _) = checkpoint(&conn, "TRUNCATE")?;
+        if busy {
+            return Err(FileError::Busy);
+        }
+        drop(conn);
+        match std::fs::remove_file(&wal) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&wal)(e)),
+            _ => {}
+        }
+    }
+    let conn = kagi_sqlite_crypt::open(&db, key)?;
+    let verdict: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+    if verdict != "ok" {
+        return Err(FileError::Damaged(format!(
+            "the restored database fails its integrity check: {verdict}"
+        )));
+    }
+    Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::backup_chain::{Cursor, Step, cursor_after, next_step};
+
+    fn key() -> DatabaseKey {
+        DatabaseKey::new([9; 32], *b"backup-test-db-1")
+    }
+
+    fn rows(conn: &Connection) -> Vec<i64> {
+        let mut st = conn.prepare("SELECT v FROM t ORDER BY v").unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// A backup pass as the service makes one: copy what is new (a full backup when
+    /// `full` or when the chain breaks), then checkpoint within what was copied.
+    struct Backups {
+        dir: PathBuf,
+        cursor: Option<Cursor>,
+        files: Vec<(bool, PathBuf)>,
+    }
+
+    impl Backups {
+        fn pass(&mut self, db: &Path, full: bool, drain_threshold: Option<u32>) -> Step {
+            let mut pass = Pass::open(db, &key()).unwrap();
+            let state = pass.lock(true).unwrap();
+            let step = next_step(self.cursor.as_ref(), state.generation(), state.frames);
+            let full = full || matches!(step, Step::Break(_));
+            let n = self.files.len();
+            if let Step::Copy { first, last } = step
+                && last >= first
+            {
+                let p = self.dir.join(format!("log-{n}.bak"));
+                pass.write_log(&state.header.unwrap(), first, last, &p)
+                    .unwrap();
+                self.files.push((false, p));
+            }
+            if full {
+                let mut prefix = None;
+                if let Some(h) = state.header {
+                    let p = self.dir.join(format!("full-{n}-wal.bak"));
+                    pass.write_log(&h, 1, state.frames, &p).unwrap();
+                    prefix = Some(p);
+                }
+                pass.unlock().unwrap();
+                let p = self.dir.join(format!("full-{n}.bak"));
+                pass.write_full(&p, &key()).unwrap();
+                self.files.push((true, p));
+                if let Some(p) = prefix {
+                    self.files.push((false, p));
+                }
+            }
+            pass.unlock().unwrap();
+            let mut cursor = cursor_after(state.generation(), state.frames);
+            let (log, done) = pass.checkpoint().unwrap();
+            pass.unpin().unwrap();
+            cursor.drained = log == done && done == cursor.frames;
+            if let (false, Some(threshold)) = (cursor.drained, drain_threshold)
+                && state.frames >= threshold
+            {
+                // The second stage: the tail under the write lock, then a checkpoint of all.
+                let s2 = pass.lock(false).unwrap();
+                if let Step::Copy { first, last } =
+                    next_step(Some(&cursor), s2.generation(), s2.frames)
+                    && last >= first
+                {
+                    let p = self.dir.join(format!("log-{n}-tail.bak"));
+                    pass.write_log(&s2.header.unwrap(), first, last, &p)
+                        .unwrap();
+                    self.files.push((false, p));
+                }
+                cursor = cursor_after(s2.generation(), s2.frames);
+                let (log, done) = pass.checkpoint().unwrap();
+                cursor.drained = log == done && done == cursor.frames;
+                pass.unlock().unwrap();
+            }
+            self.cursor = Some(cursor);
+            step
+        }
+
+        /// The database as of the last backup taken so far.
+        fn restore(&self, work: &Path) -> Vec<i64> {
+            let base = self.files.iter().rposition(|(full, _)| *full).unwrap();
+            let logs: Vec<PathBuf> = self.files[base + 1..]
+                .iter()
+                .map(|(_, p)| p.clone())
+                .collect();
+            let _ = std::fs::remove_dir_all(work);
+            std::fs::create_dir_all(work).unwrap();
+            let conn = materialize(work, &self.files[base].1, &logs, &key()).unwrap();
+            rows(&conn)
+        }
+    }
+
+    /// A database with a table, and no backups yet.
+    fn setup() -> (tempfile::TempDir, PathBuf, Connection, Backups) {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("db.db");
+        let dir = tmp.path().join("bak");
+        std::fs::create_dir_all(&dir).unwrap();
+        let conn = crate::engine::open_blocking(&db, &key()).unwrap();
+        conn.execute_batch("CREATE TABLE t (v INTEGER PRIMARY KEY, pad BLOB)")
+            .unwrap();
+        let b = Backups {
+            dir,
+            cursor: None,
+            files: Vec::new(),
+        };
+        (tmp, db, conn, b)
+    }
+
+    fn insert(conn: &Connection, from: i64, to: i64) {
+        conn.execute(
+            "WITH RECURSIVE s(x) AS (SELECT ?1 UNION ALL SELECT x + 1 FROM s WHERE x < ?2) \
+             INSERT INTO t SELECT x, randomblob(600) FROM s",
+            [from, to],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn log_backups_replay_to_each_point_across_restarts_and_full_backups() {
+        let (tmp, db, conn, mut b) = setup();
+        insert(&conn, 1, 10);
+        // The first pass: a full backup (with the log's frames so far).
+        assert!(matches!(b.pass(&db, false, None), Step::Break(_)));
+        let work = tmp.path().join("work");
+        assert_eq!(b.restore(&work), (1..=10).collect::<Vec<_>>());
+        // More rows; a reader keeps an old snapshot, so the checkpoint cannot finish.
+        insert(&conn, 11, 20);
+        let reader = crate::engine::open_blocking(&db, &key()).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        assert_eq!(rows(&reader).len(), 20);
+        insert(&conn, 21, 30);
+        assert!(matches!(b.pass(&db, false, None), Step::Copy { .. }));
+        assert!(!b.cursor.unwrap().drained);
+        assert_eq!(b.restore(&work), (1..=30).collect::<Vec<_>>());
+        reader.execute_batch("ROLLBACK").unwrap();
+        // Nothing new: no file, and now everything is checkpointed.
+        let files = b.files.len();
+        b.pass(&db, false, None);
+        assert_eq!(b.files.len(), files);
+        assert!(b.cursor.unwrap().drained);
+        // The next write restarts the log: a new generation, copied from its first frame.
+        insert(&conn, 31, 40);
+        let before = b.cursor.unwrap().generation.unwrap();
+        assert!(matches!(
+            b.pass(&db, false, None),
+            Step::Copy { first: 1, .. }
+        ));
+        assert_eq!(
+            b.cursor.unwrap().generation.unwrap().salt1,
+            before.salt1.wrapping_add(1)
+        );
+        assert_eq!(b.restore(&work), (1..=40).collect::<Vec<_>>());
+        // A full backup in the middle of a generation, then more of it.
+        insert(&conn, 41, 50);
+        b.pass(&db, true, None);
+        insert(&conn, 51, 60);
+        conn.execute("DELETE FROM t WHERE v % 7 = 0", []).unwrap();
+        b.pass(&db, false, None);
+        let expected: Vec<i64> = (1..=60).filter(|v| v % 7 != 0).collect();
+        assert_eq!(b.restore(&work), expected);
+        // Nothing in the backups is plaintext: the database's rows are not in them.
+        conn.execute("INSERT INTO t VALUES (1000, 'KAGI-BACKUP-PLAINTEXT')", [])
+            .unwrap();
+        b.pass(&db, true, None);
+        for (_, p) in &b.files {
+            let bytes = std::fs::read(p).unwrap();
+            assert!(
+                !bytes.windows(21).any(|w| w == b"KAGI-BACKUP-PLAINTEXT"),
+                "{}",
+                p.display()
+            );
+        }
+        assert_eq!(b.restore(&work).last(), Some(&1000));
+    }
+
+    #[test]
+    fn under_steady_writes_the_second_stage_lets_the_log_restart() {
+        let (tmp, db, conn, mut b) = setup();
+        b.pass(&db, false, Some(0));
+        // A writer commits between the copy and the checkpoint of every pass.
+        let writer = std::thread::spawn({
+            let db = db.clone();
+            move || {
+                let w = crate::engine::open_blocking(&db, &key()).unwrap();
+                for i in 1..=400 {
+                    insert(&w, i, i);
+                }
+            }
+        });
+        let mut gens = std::collections::BTreeSet::new();
+        while !writer.is_finished() {
+            b.pass(&db, false, Some(0));
+            gens.insert(b.cursor.unwrap().generation.map(|g| g.salt1));
+        }
+        writer.join().unwrap();
+        b.pass(&db, false, Some(0));
+        let work = tmp.path().join("work");
+        assert_eq!(b.restore(&work), (1..=400).collect::<Vec<_>>());
+        assert!(gens.len() > 1, "the log never restarted: {gens:?}");
+        drop(conn);
+    }
+
+    #[test]
+    fn damaged_or_incomplete_logs_are_refused() {
+        let (tmp, db, conn, mut b) = setup();
+        b.pass(&db, false, None);
+        // A reader keeps checkpoints back: the log backups that follow share a generation.
+        let reader = crate::engine::open_blocking(&db, &key()).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        assert!(rows(&reader).is_empty());
+        insert(&conn, 1, 5);
+        b.pass(&db, false, None);
+        insert(&conn, 6, 9);
+        b.pass(&db, false, None);
+        reader.execute_batch("ROLLBACK").unwrap();
+        let full = b.files[0].1.clone();
+        let logs: Vec<PathBuf> = b.files[1..].iter().map(|(_, p)| p.clone()).collect();
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        // A hole in the chain.
+        let holed = [logs[0].clone(), logs[2].clone()];
+        assert!(matches!(
+            materialize(&work, &full, &holed, &key()),
+            Err(FileError::Damaged(_))
+        ));
+        // A log copied twice (a crash between a copy and its record) is harmless.
+        std::fs::remove_dir_all(&work).unwrap();
+        std::fs::create_dir_all(&work).unwrap();
+        let twice = [&logs[..2], &logs[1..]].concat();
+        let c = materialize(&work, &full, &twice, &key()).unwrap();
+        assert_eq!(rows(&c), (1..=9).collect::<Vec<_>>());
+        drop(c);
+        // A generation never comes back.
+        let back = [&logs[..], &logs[..1]].concat();
+        assert!(matches!(
+            materialize(&work, &full, &back, &key()),
+            Err(FileError::Damaged(_))
+        ));
+        // A flipped byte in a frame: the frame does not open, the restore says so.
+        let last = logs.last().unwrap();
+        let mut bytes = std::fs::read(last).unwrap();
+        let n = bytes.len();
+        bytes[n - 100] ^= 1;
+        std::fs::write(last, bytes).unwrap();
+        std::fs::remove_dir_all(&work).unwrap();
+        std::fs::create_dir_all(&work).unwrap();
+        assert!(matches!(
+            materialize(&work, &full, &logs, &key()),
+            Err(FileError::Damaged(_))
+        ));
+        // Another key opens nothing.
+        std::fs::remove_dir_all(&work).unwrap();
+        std::fs::create_dir_all(&work).unwrap();
+        let other = DatabaseKey::new([8; 32], *b"backup-test-db-1");
+        assert!(materialize(&work, &full, &logs[..1], &other).is_err());
+        // Not a log backup at all.
+        assert!(matches!(
+            materialize(&work, &full, std::slice::from_ref(&full), &key()),
+            Err(FileError::Damaged(_))
+        ));
+    }
+}

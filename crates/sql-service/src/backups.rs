@@ -1,0 +1,1400 @@
+//! Automatic backups of SQL databases and point-in-time restore (TD-6; docs/SQL.md, "Backups
+//! and point-in-time restore").
+//!
+//! Every Online database gets a full backup every [`SqlConfig::full_backup_interval`] (SQLite's
+//! backup API, under the database's own DEK and id) and a log backup every
+//! [`SqlConfig::log_backup_interval`] (the WAL frames committed since the last one, copied as
+//! ciphertext), then a checkpoint that never goes past what was copied. Each backup is synced,
+//! then recorded under the server with a copy of the database's wrapped DEK and the protector
+//! in force: rotation never touches a backup, and a restore unwraps each backup's DEK with the
+//! key it was taken under. A restore (`createMode: PointInTimeRestore`) replays the full backup
+//! and its log backups up to the point in a private directory, under the old DEK, and copies
+//! the result into a new database under a new DEK.
+//!
+//! [`SqlConfig::full_backup_interval`]: crate::SqlConfig
+//! [`SqlConfig::log_backup_interval`]: crate::SqlConfig
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use kagi_cmk::{KeyError, records_in};
+use kagi_core::{ErrorCode, KvError};
+use kagi_sqlite_crypt::DatabaseKey;
+use serde_json::{Value, json};
+
+use crate::backup_chain::{Cursor, Step, Taken, WalGen, chain_for, cursor_after, next_step};
+use crate::backup_files::{self, FileError, Pass, WalState};
+use crate::databases::{Database, OpenDatabase};
+use crate::keys::{DBKEYS_DOC, DbKeys, internal};
+use crate::protector::{AZURE_KEY_VAULT, Protector, SERVICE_MANAGED};
+use crate::{SERVER_TYPE, SqlService, bad, id_of_body};
+
+/// The document kind (under the server) of the databases that have backups, named by database
+/// id: the database's name, and when it was dropped.
+const INDEX_DOC: &str = "sqlbackupdb";
+/// A log that a pass could not drain (writers kept committing) and that holds at least this many
+/// frames gets a short second stage under the write lock, so that it can restart: under steady
+/// writes it would otherwise grow without end.
+const RESTART_FRAMES: u32 = 1024;
+/// How often retention and the sweep of leftovers run (at most).
+const HOUSEKEEPING_SECS: i64 = 3600;
+
+/// The document kind of one database's backup records (named by sequence number).
+fn record_kind(database_id: &str) -> String {
+    format!("sqlbackup/{}", database_id.to_ascii_lowercase())
+}
+
+/// A blocking step on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, FileError> + Send + 'static,
+) -> Result<T, KvError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| internal(what, e))?
+        .map_err(|e| internal(what, e))
+}
+
+/// What one backup pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackupReport {
+    /// Full backups recorded.
+    pub full: u64,
+    /// Log backups recorded.
+    pub log: u64,
+    /// Backups removed by retention.
+    pub removed: u64,
+    /// Databases whose pass failed (they are tried again at the next pass).
+    pub failed: u64,
+}
+
+/// Where the backups of one database stand, in memory (rebuilt from the records after a start).
+#[derive(Clone, Debug)]
+struct DbState {
+    cursor: Option<Cursor>,
+    next_seq: u64,
+    chain: u64,
+    last_full: Option<i64>,
+    last_taken: Option<i64>,
+    last_attempt: i64,
+}
+
+impl DbState {
+    fn of(records: &[Value]) -> Self {
+        let last = records.last();
+        let generation = last.and_then(|r| wal_generation(&r["wal"]));
+        DbState {
+            cursor: last.map(|r| Cursor {
+                generation,
+                frames: u32::try_from(r["wal"]["last"].as_u64().unwrap_or(0)).unwrap_or(0),
+                drained: false,
+            }),
+            next_seq: last.and_then(|r| r["seq"].as_u64()).unwrap_or(0) + 1,
+            chain: last.and_then(|r| r["chain"].as_u64()).unwrap_or(0),
+            last_full: records
+                .iter()
+                .filter(|r| r["type"] == "Full")
+                .filter_map(|r| r["taken"].as_i64())
+                .max(),
+            last_taken: last.and_then(|r| r["taken"].as_i64()),
+            last_attempt: i64::MIN / 2,
+        }
+    }
+}
+
+fn wal_generation(w: &Value) -> Option<WalGen> {
+    let n = |k: &str| w[k].as_u64().and_then(|v| u32::try_from(v).ok());
+    Some(WalGen {
+        salt1: n("salt1")?,
+        salt2: n("salt2")?,
+        checkpoint_seq: n("checkpointSeq")?,
+    })
+}
+
+/// What the backup pass and restores keep in memory.
+#[derive(Debug, Default)]
+pub(crate) struct BackupState {
+    dbs: Mutex<HashMap<String, DbState>>,
+    /// Databases (by id) whose retention next runs at that time.
+    retention_at: Mutex<HashMap<String, i64>>,
+    /// Work directories of restores in progress.
+    restores: Mutex<HashSet<PathBuf>>,
+    /// When leftovers are next swept.
+    sweep_at: Mutex<i64>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A backup file written by a pass, not recorded yet.
+#[derive(Clone, Debug)]
+struct Written {
+    seq: u64,
+    files: Vec<String>,
+    size: u64,
+    generation: Option<WalGen>,
+    first: u32,
+    last: u32,
+}
+
+/// What the first stage of a pass over a database leaves: the connections (the snapshot still
+/// pinned), where the log stood, and the files written.
+struct StageOne {
+    pass: Pass,
+    state: WalState,
+    log: Option<Written>,
+    full: Option<Written>,
+}
+
+/// Writes `name` in `dir` through `write` under a temporary name, then gives it its name: a pass
+/// killed half-way leaves only a `.partial` file, which the next start removes.
+fn publish(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&Path) -> Result<u64, FileError>,
+) -> Result<u64, FileError> {
+    let partial = dir.join(format!("{name}.partial"));
+    let _ = std::fs::remove_file(&partial);
+    let size = write(&partial).inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
+    })?;
+    let target = dir.join(name);
+    std::fs::rename(&partial, &target).map_err(|source| FileError::Io {
+        path: target,
+        source,
+    })?;
+    Ok(size)
+}
+
+/// The first stage of a pass: under the database's write lock, where the log stands and a read
+/// snapshot pinned at its end; the new frames (and, for a full backup, the log generation so
+/// far) copied — under the lock only when the pinned snapshot does not hold the log — and the
+/// full backup made from the snapshot once writers go on.
+fn stage_one(
+    file: &Path,
+    key: &DatabaseKey,
+    cursor: Option<Cursor>,
+    full_due: bool,
+    dir: &Path,
+    mut seq: u64,
+) -> Result<StageOne, FileError> {
+    let mut pass = Pass::open(file, key)?;
+    let state = pass.lock(true)?;
+    let step = next_step(cursor.as_ref(), state.generation(), state.frames);
+    if let Step::Break(why) = step {
+        tracing::info!(file = %file.display(), why, "SQL backups: a full backup starts a new chain");
+    }
+    let full = full_due || matches!(step, Step::Break(_));
+    // A snapshot taken when every frame is checkpointed reads the main file only and does not
+    // keep the log from restarting: then the copy is made under the write lock.
+    if state.backfilled < state.frames {
+        pass.unlock()?;
+    }
+    let mut log = None;
+    if let (Step::Copy { first, last }, Some(h)) = (step, state.header)
+        && last >= first
+    {
+        log = Some(log_backup(&pass, dir, &h, (first, last), seq)?);
+        seq += 1;
+    }
+    let mut full_backup = None;
+    if full {
+        let (mut files, mut size) = (Vec::new(), 0);
+        if let Some(h) = state.header {
+            // The generation so far goes with the full backup: the log backups after it
+            // continue that generation, and SQLite replays a generation from its first frame.
+            let name = format!("full-{seq:08}-wal.bak");
+            size += publish(dir, &name, |p| pass.write_log(&h, 1, state.frames, p))?;
+            files.push(name);
+        }
+        pass.unlock()?;
+        let name = format!("full-{seq:08}.bak");
+        size += publish(dir, &name, |p| pass.write_full(p, key))?;
+        files.insert(0, name);
+        full_backup = Some(Written {
+            seq,
+            files,
+            size,
+            generation: state.generation(),
+            first: 1,
+            last: state.frames,
+        });
+    }
+    pass.unlock()?;
+    backup_files::sync_dir(dir)?;
+    Ok(StageOne {
+        pass,
+        state,
+        log,
+        full: full_backup,
+    })
+}
+
+/// The second stage, for a log writers kept busy: under the write lock (kept), the frames
+/// committed during the first stage. Returns where the log stood and the file written; `None`
+/// (the lock released) when the log does not continue the cursor: then nothing is
+/// checkpointed, and the next pass makes a full backup.
+fn stage_two(
+    pass: &mut Pass,
+    cursor: &Cursor,
+    dir: &Path,
+    seq: u64,
+) -> Result<Option<(WalState, Option<Written>)>, FileError> {
+    let state = pass.lock(false)?;
+    let Step::Copy { first, last } = next_step(Some(cursor), state.generation(), state.frames)
+    else {
+        pass.unlock()?;
+        return Ok(None);
+    };
+    let (Some(h), true) = (state.header, last >= first) else {
+        return Ok(Some((state, None)));
+    };
+    let written = log_backup(pass, dir, &h, (first, last), seq)?;
+    backup_files::sync_dir(dir)?;
+    Ok(Some((state, Some(written))))
+}
+
+/// Log backup `seq`: frames `first..=last` of generation `h`.
+fn log_backup(
+    pass: &Pass,
+    dir: &Path,
+    h: &backup_files::WalHeader,
+    (first, last): (u32, u32),
+    seq: u64,
+) -> Result<Written, FileError> {
+    let name = format!("log-{seq:08}.bak");
+    let size = publish(dir, &name, |p| pass.write_log(h, first, last, p))?;
+    Ok(Written {
+        seq,
+        files: vec![name],
+        size,
+        generation: Some(h.generation()),
+        first,
+        last,
+    })
+}
+
+impl SqlService {
+    /// Where the backups of database `database_id` are.
+    fn backup_dir(&self, database_id: &str) -> PathBuf {
+        self.host
+            .config()
+            .data_dir
+            .join("sql-backups")
+            .join(database_id.to_ascii_lowercase())
+    }
+
+    /// Where restores work.
+    fn restore_root(&self) -> PathBuf {
+        self.host.config().data_dir.join("sql-restore")
+    }
+
+    /// The backup records of database `database_id` of `server`, by sequence number.
+    async fn records(&self, server_id: &str, database_id: &str) -> Result<Vec<Value>, KvError> {
+        let mut all: Vec<Value> = self
+            .host
+            .documents(server_id, &record_kind(database_id))
+            .await?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        all.sort_by_key(|d| d["seq"].as_u64().unwrap_or(0));
+        Ok(all)
+    }
+
+    /// One pass of automatic backups over every server: each Online database whose full or log
+    /// backup is due, then retention. Failures are logged and tried again at the next pass.
+    pub async fn backup_pass(self: &Arc<Self>) -> BackupReport {
+        let mut report = BackupReport::default();
+        let now = self.host.now();
+        let sweep = {
+            let mut at = locked(&self.backups.sweep_at);
+            let due = now >= *at;
+            if due {
+                *at = now + HOUSEKEEPING_SECS;
+            }
+            due
+        };
+        let servers = self.host.resources_of_type(SERVER_TYPE);
+        let mut known = HashSet::new();
+        for server in &servers {
+            let dbs = match self.databases_of(server).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "SQL backups: databases not listed");
+                    report.failed += 1;
+                    continue;
+                }
+            };
+            for db in dbs.iter().filter(|d| !d.inaccessible()) {
+                let open = locked(&self.open).get(&db.database_id).cloned();
+                let Some(open) = open else { continue };
+                if let Err(e) = self.backup_database(server, db, &open, &mut report).await {
+                    tracing::warn!(database = %db.name, error = %e.message, "SQL backup failed");
+                    report.failed += 1;
+                    // Rebuilt from the records next time (leftover files removed).
+                    locked(&self.backups.dbs).remove(&db.database_id);
+                }
+            }
+            match self.keep_backups_of(server, &dbs, now, &mut report).await {
+                Ok(ids) => known.extend(ids),
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "SQL backups: retention failed");
+                    report.failed += 1;
+                    // A failed listing must not make the sweep take live backups for leftovers.
+                    return report;
+                }
+            }
+        }
+        if sweep {
+            self.sweep_leftovers(&known).await;
+        }
+        report
+    }
+
+    /// The in-memory state of `db`'s backups, rebuilt from its records when missing (files no
+    /// record names, left by a pass that died, are removed then).
+    async fn db_state(&self, server: &Value, db: &Database) -> Result<DbState, KvError> {
+        if let Some(s) = locked(&self.backups.dbs).get(&db.database_id) {
+            return Ok(s.clone());
+        }
+        let server_id = id_of_body(server);
+        let id = db.database_id.to_ascii_lowercase();
+        if self
+            .host
+            .document(&server_id, INDEX_DOC, &id)
+            .await?
+            .is_none()
+        {
+            let entry = json!({"databaseId": db.database_id, "name": db.name, "dropped": null});
+            self.host
+                .put_document(&server_id, INDEX_DOC, &id, &entry)
+                .await?;
+        }
+        let records = self.records(&server_id, &db.database_id).await?;
+        let named: HashSet<String> = records
+            .iter()
+            .flat_map(|r| file_names(r).into_iter())
+            .collect();
+        let dir = self.backup_dir(&db.database_id);
+        blocking("removing leftover backup files", move || {
+            remove_unnamed(&dir, &named)
+        })
+        .await?;
+        let state = DbState::of(&records);
+        locked(&self.backups.dbs).insert(db.database_id.clone(), state.clone());
+        Ok(state)
+    }
+
+    /// The key the backups of `db` are under now: a copy of its DEK records and the protector
+    /// in force (the one a record is under; the newest record's during a change).
+    async fn key_snapshot(&self, server: &Value, db: &Database) -> Result<Value, KvError> {
+        let dek = self
+            .host
+            .document(
+                &id_of_body(server),
+                DBKEYS_DOC,
+                &db.name.to_ascii_lowercase(),
+            )
+            .await?
+            .unwrap_or_else(|| json!({"records": []}));
+        let records = records_in(&dek);
+        let protector = self.protector(server).await?;
+        let in_force = protector.record_id();
+        let key_id = if records
+            .iter()
+            .any(|r| r.kek.id().eq_ignore_ascii_case(&in_force))
+        {
+            in_force
+        } else {
+            records
+                .iter()
+                .max_by_key(|r| r.created)
+                .map(|r| r.kek.id())
+                .ok_or_else(|| internal("backups", "a database without a wrapped data key"))?
+        };
+        let view = match key_id.as_str() {
+            "pmk" => json!({"serverKeyType": SERVICE_MANAGED, "serverKeyName": SERVICE_MANAGED,
+                "uri": null, "thumbprint": null}),
+            kid => {
+                let name = self
+                    .keys
+                    .parse(kid)
+                    .map(|u| format!("{}_{}_{}", u.vault, u.name, u.version.unwrap_or_default()))
+                    .unwrap_or_default();
+                let thumbprint = match self.get_server_key(server, &name).await {
+                    Ok((_, v)) => v["properties"]["thumbprint"].clone(),
+                    Err(_) => Value::Null,
+                };
+                json!({"serverKeyType": AZURE_KEY_VAULT, "serverKeyName": name, "uri": kid,
+                    "thumbprint": thumbprint})
+            }
+        };
+        Ok(json!({"dek": {"records": dek["records"]}, "protector": view}))
+    }
+
+    /// Records a backup written by a pass (after its files are synced).
+    async fn record(
+        &self,
+        server: &Value,
+        db: &Database,
+        w: &Written,
+        chain: u64,
+        range: (i64, i64),
+        keys: &Value,
+    ) -> Result<(), KvError> {
+        let full = w.files[0].starts_with("full-");
+        let doc = json!({
+            "seq": w.seq,
+            "type": if full { "Full" } else { "Log" },
+            "chain": chain,
+            "taken": range.1,
+            "from": range.0,
+            "to": range.1,
+            "databaseId": db.database_id,
+            "databaseName": db.name,
+            "files": w.files,
+            "size": w.size,
+            "wal": w.generation.map(|g| json!({"salt1": g.salt1, "salt2": g.salt2,
+                "checkpointSeq": g.checkpoint_seq, "first": w.first, "last": w.last})),
+            "dek": keys["dek"],
+            "protector": keys["protector"],
+        });
+        self.host
+            .put_document(
+                &id_of_body(server),
+                &record_kind(&db.database_id),
+                &format!("{:010}", w.seq),
+                &doc,
+            )
+            .await
+    }
+
+    /// The backups of one database, when due: both stages, records, and the checkpoint.
+    async fn backup_database(
+        &self,
+        server: &Value,
+        db: &Database,
+        open: &Arc<OpenDatabase>,
+        report: &mut BackupReport,
+    ) -> Result<(), KvError> {
+        let now = self.host.now();
+        let mut st = self.db_state(server, db).await?;
+        let secs = |d: std::time::Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        let full_due = st
+            .last_full
+            .is_none_or(|t| now - t >= secs(self.config.full_backup_interval));
+        if !full_due && now - st.last_attempt < secs(self.config.log_backup_interval) {
+            return Ok(());
+        }
+        st.last_attempt = now;
+        locked(&self.backups.dbs).insert(db.database_id.clone(), st.clone());
+        let keys = self.key_snapshot(server, db).await?;
+        let dir = self.backup_dir(&db.database_id);
+        let key = open.page_key()?;
+        let file = open.file.clone();
+        let (cursor, seq) = (st.cursor, st.next_seq);
+        let stage = blocking("a backup", move || {
+            std::fs::create_dir_all(&dir).map_err(|source| FileError::Io {
+                path: dir.clone(),
+                source,
+            })?;
+            stage_one(&file, &key, cursor, full_due, &dir, seq)
+        })
+        .await?;
+        let StageOne {
+            mut pass,
+            state,
+            log,
+            full,
+        } = stage;
+        if let Some(w) = &log {
+            let from = st.last_taken.unwrap_or(now);
+            self.record(server, db, w, st.chain, (from, now), &keys)
+                .await?;
+            report.log += 1;
+            st.cursor = Some(cursor_after(w.generation, w.last));
+        }
+        if let Some(w) = &full {
+            self.record(server, db, w, w.seq, (now, now), &keys).await?;
+            report.full += 1;
+            st.chain = w.seq;
+            st.last_full = Some(now);
+            st.cursor = Some(cursor_after(w.generation, w.last));
+            // Retention looks at this database again now that a full backup is newer.
+            locked(&self.backups.retention_at).remove(&db.database_id);
+        }
+        if let Some(w) = full.as_ref().or(log.as_ref()) {
+            st.next_seq = w.seq + 1;
+            st.last_taken = Some(now);
+        }
+        locked(&self.backups.dbs).insert(db.database_id.clone(), st.clone());
+        // The checkpoint stops at the pinned snapshot: nothing past the frames copied.
+        let frames = state.frames;
+        let (mut pass, drained) = blocking("a checkpoint", move || {
+            let (log, done) = pass.checkpoint()?;
+            pass.unpin()?;
+            Ok((pass, log == done && log == frames))
+        })
+        .await?;
+        let Some(mut cursor) = st.cursor else {
+            return Ok(());
+        };
+        cursor.drained = drained;
+        if !drained && frames >= RESTART_FRAMES {
+            let (dir, seq) = (self.backup_dir(&db.database_id), st.next_seq);
+            let (p, second) = blocking("a backup", move || {
+                let second = stage_two(&mut pass, &cursor, &dir, seq)?;
+                Ok((pass, second))
+            })
+            .await?;
+            pass = p;
+            let Some((s2, w)) = second else {
+                st.cursor = Some(cursor);
+                locked(&self.backups.dbs).insert(db.database_id.clone(), st);
+                return Ok(());
+            };
+            if let Some(w) = &w {
+                // The write lock is held: writers wait for this record (one small document).
+                let from = st.last_taken.unwrap_or(now);
+                self.record(server, db, w, st.chain, (from, now), &keys)
+                    .await?;
+                report.log += 1;
+                st.next_seq = w.seq + 1;
+                st.last_taken = Some(now);
+                cursor = cursor_after(w.generation, w.last);
+            }
+            let frames = s2.frames;
+            let (log, done) = blocking("a checkpoint", move || {
+                // The write lock is held: the checkpoint cannot pass what is recorded.
+                let r = pass.checkpoint()?;
+                pass.unlock()?;
+                Ok(r)
+            })
+            .await?;
+            cursor.drained = log == done && log == frames;
+        }
+        st.cursor = Some(cursor);
+        locked(&self.backups.dbs).insert(db.database_id.clone(), st);
+        Ok(())
+    }
+
+    /// Retention for every database of `server` that has backups (live or dropped), when due;
+    /// notes databases dropped without a note. Returns the ids of the databases with backups.
+    async fn keep_backups_of(
+        &self,
+        server: &Value,
+        dbs: &[Database],
+        now: i64,
+        report: &mut BackupReport,
+    ) -> Result<Vec<String>, KvError> {
+        let server_id = id_of_body(server);
+        let mut ids = Vec::new();
+        for (id, mut entry) in self.host.documents(&server_id, INDEX_DOC).await? {
+            ids.push(id.clone());
+            let live = dbs.iter().any(|d| d.database_id.eq_ignore_ascii_case(&id));
+            if !live && entry["dropped"].is_null() {
+                // Dropped without the note (a crash in between): dropped now, as far as known.
+                entry["dropped"] = json!(now);
+                self.host
+                    .put_document(&server_id, INDEX_DOC, &id, &entry)
+                    .await?;
+            }
+            let due = locked(&self.backups.retention_at)
+                .get(&id)
+                .is_none_or(|at| now >= *at);
+            if !due {
+                continue;
+            }
+            let retention =
+                i64::try_from(self.config.backup_retention.as_secs()).unwrap_or(i64::MAX);
+            locked(&self.backups.retention_at)
+                .insert(id.clone(), now + retention.clamp(1, HOUSEKEEPING_SECS));
+            report.removed += self
+                .apply_retention(&server_id, &id, entry["dropped"].as_i64(), now, retention)
+                .await?;
+        }
+        Ok(ids)
+    }
+
+    /// Removes the backups of database `id` that retention lets go: records first, then files
+    /// (a crash in between leaves files no record names, removed later).
+    async fn apply_retention(
+        &self,
+        server_id: &str,
+        id: &str,
+        dropped: Option<i64>,
+        now: i64,
+        retention: i64,
+    ) -> Result<u64, KvError> {
+        let _g = self.lock_id(&format!("{id}/backups")).await;
+        let records = self.records(server_id, id).await?;
+        let taken: Vec<Taken> = records.iter().filter_map(taken_of).collect();
+        let gone = crate::backup_chain::expired(&taken, now, retention, dropped);
+        let mut files = Vec::new();
+        for r in records
+            .iter()
+            .filter(|r| r["seq"].as_u64().is_some_and(|s| gone.contains(&s)))
+        {
+            let seq = r["seq"].as_u64().unwrap_or(0);
+            self.host
+                .delete_document(server_id, &record_kind(id), &format!("{seq:010}"))
+                .await?;
+            files.extend(file_names(r));
+        }
+        let all_gone = !records.is_empty() && gone.len() == records.len();
+        let dir = self.backup_dir(id);
+        blocking("removing expired backups", move || {
+            for f in &files {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+            if all_gone {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            Ok(())
+        })
+        .await?;
+        if all_gone && dropped.is_some() {
+            self.host.delete_document(server_id, INDEX_DOC, id).await?;
+            locked(&self.backups.retention_at).remove(id);
+        }
+        Ok(gone.len() as u64)
+    }
+
+    /// Removes what no record names: backup directories of databases no server knows (a
+    /// deleted server's), and work directories of restores that are not running.
+    async fn sweep_leftovers(&self, known: &HashSet<String>) {
+        let roots = (
+            self.host.config().data_dir.join("sql-backups"),
+            self.restore_root(),
+        );
+        let known: HashSet<String> = known.iter().map(|k| k.to_ascii_lowercase()).collect();
+        let running = locked(&self.backups.restores).clone();
+        let r = tokio::task::spawn_blocking(move || {
+            let dirs = |root: &Path| -> Vec<PathBuf> {
+                std::fs::read_dir(root)
+                    .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+                    .unwrap_or_default()
+            };
+            for d in dirs(&roots.0) {
+                let name = d
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_ascii_lowercase());
+                if name.is_some_and(|n| !known.contains(&n)) {
+                    let _ = std::fs::remove_dir_all(&d);
+                }
+            }
+            for d in dirs(&roots.1) {
+                if !running.contains(&d) {
+                    let _ = std::fs::remove_dir_all(&d);
+                }
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "SQL backups: leftovers not swept");
+        }
+    }
+
+    /// Notes that database `db` of `server` was dropped: its backups stay for the retention
+    /// period, restorable under its name.
+    pub(crate) async fn note_dropped(&self, server: &Value, db: &Database) {
+        let server_id = id_of_body(server);
+        let id = db.database_id.to_ascii_lowercase();
+        locked(&self.backups.dbs).remove(&db.database_id);
+        let r = async {
+            if let Some(mut entry) = self.host.document(&server_id, INDEX_DOC, &id).await? {
+                entry["dropped"] = json!(self.host.now());
+                self.host
+                    .put_document(&server_id, INDEX_DOC, &id, &entry)
+                    .await?;
+            }
+            Ok::<(), KvError>(())
+        }
+        .await;
+        if let Err(e) = r {
+            tracing::warn!(database = %db.name, error = %e.message, "SQL backups: drop not noted");
+        }
+    }
+}
+
+/// The files a record names.
+fn file_names(record: &Value) -> Vec<String> {
+    record["files"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes the files of `dir` not in `named` (a missing directory is fine).
+fn remove_unnamed(dir: &Path, named: &HashSet<String>) -> Result<(), FileError> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let mut removed = false;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !named.contains(&name) {
+            let _ = std::fs::remove_file(e.path());
+            removed = true;
+        }
+    }
+    if removed {
+        backup_files::sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// A record as the chain rules see it.
+fn taken_of(r: &Value) -> Option<Taken> {
+    Some(Taken {
+        seq: r["seq"].as_u64()?,
+        full: r["type"] == "Full",
+        chain: r["chain"].as_u64()?,
+        taken: r["taken"].as_i64()?,
+    })
+}
+
+/// Starts the automatic backups: a pass every log backup interval (at least a second, at most a
+/// minute); whether a database's backup is due follows the platform clock.
+pub fn spawn_backups(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let every = service.config.log_backup_interval.clamp(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_secs(60),
+        );
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let r = service.backup_pass().await;
+            if r != BackupReport::default() {
+                tracing::info!(?r, "SQL backup pass");
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restore
+// ---------------------------------------------------------------------------------------------
+
+/// Whether a database `PUT` asks for a restore (`properties.createMode` other than `Default`).
+pub(crate) fn restore_requested(input: &Value) -> bool {
+    input["properties"]["createMode"]
+        .as_str()
+        .is_some_and(|m| !m.eq_ignore_ascii_case("Default"))
+}
+
+/// A restore made ready before the new database exists: the source replayed to the restore
+/// point in a private work directory (ciphertext under the source's DEK), open.
+pub(crate) struct PreparedRestore {
+    work: PathBuf,
+    conn: Option<rusqlite::Connection>,
+    state: Arc<SqlService>,
+}
+
+impl Drop for PreparedRestore {
+    fn drop(&mut self) {
+        self.conn = None;
+        let _ = std::fs::remove_dir_all(&self.work);
+        locked(&self.state.backups.restores).remove(&self.work);
+    }
+}
+
+/// The database a restore starts from.
+struct Source {
+    name: String,
+    database_id: String,
+}
+
+/// .NET ticks (Azure's restorable dropped database ids) of Unix seconds.
+fn ticks(unix: i64) -> i64 {
+    (unix + 62_135_596_800).saturating_mul(10_000_000)
+}
+
+fn invalid_point(message: String) -> KvError {
+    bad("InvalidRestorePointInTime", message)
+}
+
+impl SqlService {
+    /// The database named `name` of `server` for its backups: the live one, else the one
+    /// dropped last (or at `deleted`, to the second).
+    async fn backup_source(
+        &self,
+        server: &Value,
+        name: &str,
+        deleted: Option<i64>,
+    ) -> Result<(Source, Option<i64>), KvError> {
+        if deleted.is_none()
+            && let Ok(db) = self.database(server, name).await
+        {
+            return Ok((
+                Source {
+                    name: db.name,
+                    database_id: db.database_id,
+                },
+                None,
+            ));
+        }
+        let dropped = self
+            .host
+            .documents(&id_of_body(server), INDEX_DOC)
+            .await?
+            .into_iter()
+            .map(|(_, e)| e)
+            .filter(|e| {
+                e["name"]
+                    .as_str()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(name))
+            })
+            .filter_map(|e| e["dropped"].as_i64().map(|d| (d, e)))
+            .filter(|(d, _)| deleted.is_none_or(|want| want == *d))
+            .max_by_key(|(d, _)| *d);
+        let Some((when, e)) = dropped else {
+            return Err(KvError::new(
+                ErrorCode::ResourceNotFound,
+                format!(
+                    "The database '{}/{name}' was not found, and no dropped database of that \
+                     name has backups.",
+                    server["name"].as_str().unwrap_or_default()
+                ),
+            )
+            .with_inner("SourceDatabaseNotFound"));
+        };
+        Ok((
+            Source {
+                name: e["name"].as_str().unwrap_or(name).to_string(),
+                database_id: e["databaseId"].as_str().unwrap_or_default().to_string(),
+            },
+            Some(when),
+        ))
+    }
+
+    /// The source and restore point a restore request names.
+    async fn restore_target(
+        &self,
+        server: &Value,
+        input: &Value,
+    ) -> Result<(Source, i64), KvError> {
+        let props = &input["properties"];
+        let mode = props["createMode"].as_str().unwrap_or_default();
+        let server_id = id_of_body(server);
+        let point = props["restorePointInTime"].as_str();
+        let parse_point = |p: &str| {
+            kagi_core::time::parse_rfc3339(p).ok_or_else(|| {
+                invalid_point(format!("restorePointInTime '{p}' is not an RFC 3339 time."))
+            })
+        };
+        let under = |id: &str, kind: &str| -> Option<String> {
+            let rest = id
+                .get(server_id.len()..)
+                .filter(|_| id[..server_id.len()].eq_ignore_ascii_case(&server_id))?;
+            let rest = rest.strip_prefix('/')?;
+            let (k, name) = rest.split_once('/')?;
+            (k.eq_ignore_ascii_case(kind) && !name.is_empty() && !name.contains('/'))
+                .then(|| name.to_string())
+        };
+        if mode.eq_ignore_ascii_case("PointInTimeRestore") {
+            let id = props["sourceDatabaseId"].as_str().unwrap_or_default();
+            let name = under(id, "databases").ok_or_else(|| {
+                bad(
+                    "InvalidSourceDatabaseId",
+                    format!(
+                        "sourceDatabaseId '{id}' must name a database of server '{}' \
+                         ({server_id}/databases/{{name}}): a point-in-time restore creates the \
+                         new database on the source's server.",
+                        server["name"].as_str().unwrap_or_default()
+                    ),
+                )
+            })?;
+            let deleted = match props["sourceDatabaseDeletionDate"].as_str() {
+                Some(d) => Some(parse_point(d)?),
+                None => None,
+            };
+            let point = point.ok_or_else(|| {
+                invalid_point("A point-in-time restore needs properties.restorePointInTime.".into())
+            })?;
+            let (source, _) = self.backup_source(server, &name, deleted).await?;
+            return Ok((source, parse_point(point)?));
+        }
+        if mode.eq_ignore_ascii_case("Restore") {
+            let id = props["restorableDroppedDatabaseId"]
+                .as_str()
+                .unwrap_or_default();
+            let (name, at) = under(id, "restorableDroppedDatabases")
+                .and_then(|n| {
+                    let (name, t) = n.rsplit_once(',')?;
+                    Some((name.to_string(), t.parse::<i64>().ok()?))
+                })
+                .ok_or_else(|| {
+                    bad(
+                        "InvalidRestorableDroppedDatabaseId",
+                        format!(
+                            "restorableDroppedDatabaseId '{id}' is not one of \
+                             {server_id}/restorableDroppedDatabases."
+                        ),
+                    )
+                })?;
+            let dropped = self
+                .host
+                .documents(&server_id, INDEX_DOC)
+                .await?
+                .into_iter()
+                .filter_map(|(_, e)| e["dropped"].as_i64())
+                .find(|d| ticks(*d) == at);
+            let (source, when) = self
+                .backup_source(server, &name, dropped.or(Some(-1)))
+                .await?;
+            let point = match point {
+                Some(p) => parse_point(p)?,
+                None => when.unwrap_or_default(),
+            };
+            return Ok((source, point));
+        }
+        Err(bad(
+            "InvalidCreateMode",
+            format!(
+                "createMode '{mode}' is not supported: kagi creates databases with 'Default', \
+                 'PointInTimeRestore' (sourceDatabaseId, restorePointInTime) or 'Restore' \
+                 (restorableDroppedDatabaseId)."
+            ),
+        ))
+    }
+
+    /// Makes a restore ready (docs/SQL.md): the chain of backups for the point, each backup's
+    /// DEK unwrapped with the key it was taken under, the database replayed to the point in a
+    /// private directory. Nothing of the new database exists yet; an error leaves nothing.
+    pub(crate) async fn prepare_restore(
+        self: &Arc<Self>,
+        server: &Value,
+        input: &Value,
+    ) -> Result<PreparedRestore, KvError> {
+        let (source, point) = self.restore_target(server, input).await?;
+        let now = self.host.now();
+        let at = kagi_core::time::rfc3339;
+        if point > now {
+            return Err(invalid_point(format!(
+                "The restore point {} is in the future (now {}).",
+                at(point),
+                at(now)
+            )));
+        }
+        let server_id = id_of_body(server);
+        let records = self.records(&server_id, &source.database_id).await?;
+        let taken: Vec<Taken> = records.iter().filter_map(taken_of).collect();
+        let Some(chain) = chain_for(&taken, point) else {
+            return Err(invalid_point(
+                match crate::backup_chain::earliest_restore_point(&taken) {
+                    Some(e) => format!(
+                        "The restore point {} is before the earliest restore point of database \
+                         '{}' ({}).",
+                        at(point),
+                        source.name,
+                        at(e)
+                    ),
+                    None => format!(
+                        "Database '{}' has no backup to restore yet (the first full backup is \
+                         taken within a log backup interval of its creation).",
+                        source.name
+                    ),
+                },
+            ));
+        };
+        let chain: Vec<&Value> = chain
+            .iter()
+            .filter_map(|s| records.iter().find(|r| r["seq"].as_u64() == Some(*s)))
+            .collect();
+        let dek = self.unwrap_chain(server, &source, point, &chain).await?;
+        let old_key =
+            DatabaseKey::from_slices(&dek[..], &crate::databases::guid_bytes(&source.database_id))
+                .map_err(|e| internal("the page key", e))?;
+        // The work directory, private to kagi, known to the sweep as running.
+        let root = self.restore_root();
+        let suffix = hex::encode(kagi_crypto::random_bytes(8).map_err(|e| internal("rng", e))?);
+        let work = root.join(format!(
+            "{}-{suffix}",
+            source.database_id.to_ascii_lowercase()
+        ));
+        locked(&self.backups.restores).insert(work.clone());
+        let mut prepared = PreparedRestore {
+            work: work.clone(),
+            conn: None,
+            state: self.clone(),
+        };
+        // The chain's files, linked in under the lock retention takes to remove files.
+        let full_files = file_names(chain[0]);
+        let mut names: Vec<String> = full_files.clone();
+        for r in &chain[1..] {
+            names.extend(file_names(r));
+        }
+        let dir = self.backup_dir(&source.database_id);
+        {
+            let _g = self
+                .lock_id(&format!("{}/backups", source.database_id))
+                .await;
+            let (work, names) = (work.clone(), names.clone());
+            blocking("linking backups for a restore", move || {
+                link_into(&dir, &work, &names)
+            })
+            .await?;
+        }
+        let conn = blocking("replaying backups", move || {
+            let full = work.join(&full_files[0]);
+            let logs: Vec<PathBuf> = names[1..].iter().map(|n| work.join(n)).collect();
+            let conn = backup_files::materialize(&work, &full, &logs, &old_key)?;
+            for n in &names {
+                let _ = std::fs::remove_file(work.join(n));
+            }
+            Ok(conn)
+        })
+        .await?;
+        prepared.conn = Some(conn);
+        tracing::info!(database = %source.name, point = %at(point), backups = chain.len(),
+            "SQL restore: backups replayed");
+        Ok(prepared)
+    }
+
+    /// The DEK of a chain of backups: each backup's copy unwrapped with the key it was taken
+    /// under (once per key). A key that cannot be used fails the restore, naming the server,
+    /// the time range of the backups under that key, and the key.
+    async fn unwrap_chain(
+        &self,
+        server: &Value,
+        source: &Source,
+        point: i64,
+        chain: &[&Value],
+    ) -> Result<kagi_cmk::Dek, KvError> {
+        let mut by_key: Vec<(String, Vec<&Value>)> = Vec::new();
+        for r in chain {
+            let key = r["protector"]["uri"].as_str().unwrap_or("pmk").to_string();
+            match by_key
+                .iter_mut()
+                .find(|(k, _)| k.eq_ignore_ascii_case(&key))
+            {
+                Some((_, v)) => v.push(r),
+                None => by_key.push((key, vec![r])),
+            }
+        }
+        let owner = DbKeys {
+            host: self.host.as_ref(),
+            server_id: id_of_body(server),
+            db: source.name.to_ascii_lowercase(),
+            database_id: source.database_id.clone(),
+        };
+        let now = self.host.now();
+        let mut dek: Option<kagi_cmk::Dek> = None;
+        for (key, backups) in &by_key {
+            let first = backups[0];
+            let failed =
+                |e: KeyError| restore_key_error(server, source, point, key, first, backups, e);
+            let kid = (key != "pmk").then(|| key.clone());
+            let protector = Protector {
+                server_key_name: first["protector"]["serverKeyName"]
+                    .as_str()
+                    .unwrap_or(SERVICE_MANAGED)
+                    .to_string(),
+                kid,
+                auto_rotation: false,
+            };
+            let kek = self
+                .kek(server, &protector)
+                .await
+                .map_err(|e| failed(KeyError::Other(e)))?;
+            let records = records_in(&first["dek"]);
+            let record = records
+                .iter()
+                .find(|r| r.kek.id().eq_ignore_ascii_case(key))
+                .ok_or_else(|| failed(KeyError::Unopened(None)))?;
+            let opened = self
+                .keys
+                .unwrap(&owner, &kek, record, now)
+                .await
+                .map_err(failed)?;
+            match &dek {
+                Some(d) if d[..] != opened[..] => {
+                    return Err(internal(
+                        "restore",
+                        "backups of one database under two DEKs",
+                    ));
+                }
+                Some(_) => {}
+                None => dek = Some(opened),
+            }
+        }
+        dek.ok_or_else(|| internal("restore", "a chain without backups"))
+    }
+
+    /// Writes the prepared restore into the new database `db` (its file under its own new DEK
+    /// and id, as `open` holds them). On failure the new database's key records, memory and
+    /// files go again.
+    pub(crate) async fn finish_restore(
+        &self,
+        server: &Value,
+        db: &Database,
+        open: &OpenDatabase,
+        mut prepared: PreparedRestore,
+    ) -> Result<(), KvError> {
+        let key = open.page_key()?;
+        let file = open.file.clone();
+        let conn = prepared.conn.take();
+        let r = blocking("writing a restored database", move || {
+            let conn = conn.ok_or_else(|| FileError::Damaged("no restore prepared".into()))?;
+            kagi_sqlite_crypt::backup(&conn, &file, &key)?;
+            Ok(())
+        })
+        .await;
+        drop(prepared);
+        if let Err(e) = r {
+            self.forget_open(&db.database_id);
+            self.db_keys(server, db).delete().await?;
+            crate::engine::remove_files(&open.file).await?;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
+
+/// The error of a restore whose key cannot be used: Azure's `MissingKeyVaultUriForRestore`,
+/// naming the server, the time range of the backups under the key, and the key.
+fn restore_key_error(
+    server: &Value,
+    source: &Source,
+    point: i64,
+    key: &str,
+    first: &Value,
+    backups: &[&Value],
+    e: KeyError,
+) -> KvError {
+    let at = kagi_core::time::rfc3339;
+    let from = backups.iter().filter_map(|b| b["taken"].as_i64()).min();
+    let to = backups.iter().filter_map(|b| b["taken"].as_i64()).max();
+    let (why, transient) = match e {
+        KeyError::Access(f) | KeyError::Unopened(Some(f)) => {
+            (f.message, f.kind == kagi_cmk::FailureKind::Transient)
+        }
+        KeyError::Unopened(None) => ("no copy of the data key under it".to_string(), false),
+        KeyError::Other(e) => (e.message, false),
+    };
+    let thumbprint = first["protector"]["thumbprint"]
+        .as_str()
+        .map(|t| format!(" (thumbprint {t})"))
+        .unwrap_or_default();
+    let key = if key == "pmk" {
+        "the server's service-managed key".to_string()
+    } else {
+        format!("the key '{key}'{thumbprint}")
+    };
+    let message = format!(
+        "The restore of database '{}' on server '{}' to {} needs the backups taken from {} to {}, \
+         which are protected by {key}; the server cannot use it: {why}. Give the server's \
+         identity access to that key again (or restore to a point whose backups are under a key \
+         it can use).",
+        source.name,
+        server["name"].as_str().unwrap_or_default(),
+        at(point),
+        from.map(at).unwrap_or_default(),
+        to.map(at).unwrap_or_default(),
+    );
+    let code = if transient {
+        ErrorCode::ServiceUnavailable
+    } else {
+        ErrorCode::BadRequest
+    };
+    KvError::new(code, message).with_inner("MissingKeyVaultUriForRestore")
+}
+
+/// Hard-links (or copies, across file systems) backup files `names` of `dir` into `work`,
+/// made private to kagi.
+fn link_into(dir: &Path, work: &Path, names: &[String]) -> Result<(), FileError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let ioe = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| FileError::Io { path, source }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(work)
+        .map_err(ioe(work))?;
+    for n in names {
+        let (from, to) = (dir.join(n), work.join(n));
+        if std::fs::hard_link(&from, &to).is_err() {
+            std::fs::copy(&from, &to).map_err(ioe(&from))?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listing
+// ---------------------------------------------------------------------------------------------
+
+impl SqlService {
+    fn backup_view(server: &Value, name: &str, r: &Value) -> Value {
+        let at = |k: &str| r[k].as_i64().map(kagi_core::time::rfc3339);
+        let backup = format!(
+            "{}-{:08}",
+            if r["type"] == "Full" { "full" } else { "log" },
+            r["seq"].as_u64().unwrap_or(0)
+        );
+        let p = &r["protector"];
+        json!({
+            "id": format!("{}/databases/{name}/backups/{backup}", id_of_body(server)),
+            "name": backup,
+            "type": "Microsoft.Sql/servers/databases/backups",
+            "properties": {
+                "backupType": r["type"],
+                "backupTime": at("taken"),
+                "rangeStart": at("from"),
+                "rangeEnd": at("to"),
+                "sizeBytes": r["size"],
+                "databaseId": r["databaseId"],
+                "serverKeyType": p["serverKeyType"],
+                "serverKeyName": p["serverKeyName"],
+                "keyUri": p["uri"],
+                "thumbprint": p["thumbprint"],
+            },
+        })
+    }
+
+    /// `GET {server}/databases/{name}/backups` (kagi's): every backup of the database (or of
+    /// the database of that name dropped last), with its time range and the key it is under.
+    pub(crate) async fn list_backups(
+        &self,
+        server: &Value,
+        name: &str,
+    ) -> Result<(u16, Value), KvError> {
+        let (source, dropped) = self.backup_source(server, name, None).await?;
+        let records = self
+            .records(&id_of_body(server), &source.database_id)
+            .await?;
+        let taken: Vec<Taken> = records.iter().filter_map(taken_of).collect();
+        let at = |t: Option<i64>| t.map(kagi_core::time::rfc3339);
+        Ok((
+            200,
+            json!({
+                "value": records.iter().map(|r| Self::backup_view(server, &source.name, r)).collect::<Vec<_>>(),
+                "databaseId": source.database_id,
+                "deletionDate": at(dropped),
+                "earliestRestoreDate": at(crate::backup_chain::earliest_restore_point(&taken)),
+                "latestRestoreDate": at(crate::backup_chain::latest_restore_point(&taken)),
+            }),
+        ))
+    }
+
+    /// `GET {server}/restorableDroppedDatabases`: dropped databases whose backups remain.
+    pub(crate) async fn list_restorable_dropped(
+        &self,
+        server: &Value,
+    ) -> Result<(u16, Value), KvError> {
+        let server_id = id_of_body(server);
+        let mut out = Vec::new();
+        for (_, e) in self.host.documents(&server_id, INDEX_DOC).await? {
+            let (Some(dropped), Some(name), Some(id)) = (
+                e["dropped"].as_i64(),
+                e["name"].as_str(),
+                e["databaseId"].as_str(),
+            ) else {
+                continue;
+            };
+            let taken: Vec<Taken> = self
+                .records(&server_id, id)
+                .await?
+                .iter()
+                .filter_map(taken_of)
+                .collect();
+            let Some(earliest) = crate::backup_chain::earliest_restore_point(&taken) else {
+                continue;
+            };
+            let rid = format!("{name},{}", ticks(dropped));
+            out.push(json!({
+                "id": format!("{server_id}/restorableDroppedDatabases/{rid}"),
+                "name": rid,
+                "type": "Microsoft.Sql/servers/restorableDroppedDatabases",
+                "location": server["location"],
+                "properties": {
+                    "databaseName": name,
+                    "databaseId": id,
+                    "deletionDate": kagi_core::time::rfc3339(dropped),
+                    "earliestRestoreDate": kagi_core::time::rfc3339(earliest),
+                    "backupStorageRedundancy": "Local",
+                },
+            }));
+        }
+        Ok((200, json!({ "value": out })))
+    }
+
+    /// `GET {server}/backupKeys` (kagi's): every key that backups of the server's databases
+    /// (live or dropped) are under, with the time range and databases of those backups — the
+    /// keys to keep while the backups are retained.
+    pub(crate) async fn list_backup_keys(&self, server: &Value) -> Result<(u16, Value), KvError> {
+        let server_id = id_of_body(server);
+        let mut keys: Vec<(String, Value)> = Vec::new();
+        for (_, e) in self.host.documents(&server_id, INDEX_DOC).await? {
+            let Some(id) = e["databaseId"].as_str() else {
+                continue;
+            };
+            for r in self.records(&server_id, id).await? {
+                let p = &r["protector"];
+                let key = p["uri"].as_str().unwrap_or(SERVICE_MANAGED).to_string();
+                let t = r["taken"].as_i64().unwrap_or_default();
+                let i = match keys.iter().position(|(k, _)| k.eq_ignore_ascii_case(&key)) {
+                    Some(i) => i,
+                    None => {
+                        keys.push((key, json!({"protector": p, "from": t, "to": t, "dbs": {}})));
+                        keys.len() - 1
+                    }
+                };
+                let entry = &mut keys[i].1;
+                entry["from"] = json!(entry["from"].as_i64().unwrap_or(t).min(t));
+                entry["to"] = json!(entry["to"].as_i64().unwrap_or(t).max(t));
+                let d = &mut entry["dbs"][id];
+                d["databaseName"] = e["name"].clone();
+                d["databaseId"] = json!(id);
+                d["dropped"] = json!(e["dropped"].is_i64());
+                d["backups"] = json!(d["backups"].as_u64().unwrap_or(0) + 1);
+                d["from"] = json!(d["from"].as_i64().unwrap_or(t).min(t));
+                d["to"] = json!(d["to"].as_i64().unwrap_or(t).max(t));
+            }
+        }
+        let at = |v: &Value| v.as_i64().map(kagi_core::time::rfc3339);
+        let value: Vec<Value> = keys
+            .into_iter()
+            .map(|(_, v)| {
+                let dbs: Vec<Value> = v["dbs"]
+                    .as_object()
+                    .map(|m| {
+                        m.values()
+                            .map(|d| {
+                                let mut d = d.clone();
+                                d["from"] = json!(at(&d["from"]));
+                                d["to"] = json!(at(&d["to"]));
+                                d
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let p = &v["protector"];
+                json!({
+                    "name": p["serverKeyName"],
+                    "properties": {
+                        "serverKeyType": p["serverKeyType"],
+                        "uri": p["uri"],
+                        "thumbprint": p["thumbprint"],
+                        "rangeStart": at(&v["from"]),
+                        "rangeEnd": at(&v["to"]),
+                        "databases": dbs,
+                    },
+                })
+            })
+            .collect();
+        Ok((200, json!({ "value": value })))
+    }
+}
