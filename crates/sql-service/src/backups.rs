@@ -144,6 +144,8 @@ struct Written {
 struct StageOne {
     pass: Pass,
     state: WalState,
+    /// When the log was looked at (platform clock): the backups' point in time.
+    taken: i64,
     log: Option<Written>,
     full: Option<Written>,
 }
@@ -176,12 +178,13 @@ fn stage_one(
     file: &Path,
     key: &DatabaseKey,
     cursor: Option<Cursor>,
-    full_due: bool,
+    (full_due, clock): (bool, &dyn Fn() -> i64),
     dir: &Path,
     mut seq: u64,
 ) -> Result<StageOne, FileError> {
     let mut pass = Pass::open(file, key)?;
     let state = pass.lock(true)?;
+    let taken = clock();
     let step = next_step(cursor.as_ref(), state.generation(), state.frames);
     if let Step::Break(why) = step {
         tracing::info!(file = %file.display(), why, "SQL backups: a full backup starts a new chain");
@@ -227,6 +230,7 @@ fn stage_one(
     Ok(StageOne {
         pass,
         state,
+        taken,
         log,
         full: full_backup,
     })
@@ -495,40 +499,42 @@ impl SqlService {
         let dir = self.backup_dir(&db.database_id);
         let key = open.page_key()?;
         let file = open.file.clone();
-        let (cursor, seq) = (st.cursor, st.next_seq);
+        let (cursor, seq, host) = (st.cursor, st.next_seq, self.host.clone());
         let stage = blocking("a backup", move || {
             std::fs::create_dir_all(&dir).map_err(|source| FileError::Io {
                 path: dir.clone(),
                 source,
             })?;
-            stage_one(&file, &key, cursor, full_due, &dir, seq)
+            stage_one(&file, &key, cursor, (full_due, &|| host.now()), &dir, seq)
         })
         .await?;
         let StageOne {
             mut pass,
             state,
+            taken,
             log,
             full,
         } = stage;
         if let Some(w) = &log {
-            let from = st.last_taken.unwrap_or(now);
-            self.record(server, db, w, st.chain, (from, now), &keys)
+            let from = st.last_taken.unwrap_or(taken);
+            self.record(server, db, w, st.chain, (from, taken), &keys)
                 .await?;
             report.log += 1;
             st.cursor = Some(cursor_after(w.generation, w.last));
         }
         if let Some(w) = &full {
-            self.record(server, db, w, w.seq, (now, now), &keys).await?;
+            self.record(server, db, w, w.seq, (taken, taken), &keys)
+                .await?;
             report.full += 1;
             st.chain = w.seq;
-            st.last_full = Some(now);
+            st.last_full = Some(taken);
             st.cursor = Some(cursor_after(w.generation, w.last));
             // Retention looks at this database again now that a full backup is newer.
             locked(&self.backups.retention_at).remove(&db.database_id);
         }
         if let Some(w) = full.as_ref().or(log.as_ref()) {
             st.next_seq = w.seq + 1;
-            st.last_taken = Some(now);
+            st.last_taken = Some(taken);
         }
         locked(&self.backups.dbs).insert(db.database_id.clone(), st.clone());
         // The checkpoint stops at the pinned snapshot: nothing past the frames copied.
@@ -557,13 +563,15 @@ impl SqlService {
                 return Ok(());
             };
             if let Some(w) = &w {
-                // The write lock is held: writers wait for this record (one small document).
-                let from = st.last_taken.unwrap_or(now);
-                self.record(server, db, w, st.chain, (from, now), &keys)
+                // The write lock is held: writers wait for this record (one small document),
+                // and the log is as it was at this time.
+                let taken = self.host.now();
+                let from = st.last_taken.unwrap_or(taken);
+                self.record(server, db, w, st.chain, (from, taken), &keys)
                     .await?;
                 report.log += 1;
                 st.next_seq = w.seq + 1;
-                st.last_taken = Some(now);
+                st.last_taken = Some(taken);
                 cursor = cursor_after(w.generation, w.last);
             }
             let frames = s2.frames;
