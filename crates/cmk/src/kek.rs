@@ -156,7 +156,6 @@ fn definite(message: impl Into<String>) -> KeyError {
 }
 
 /// A resource's data key, opened by [`KeyAccess::data_key`].
-#[derive(Debug)]
 pub struct OpenedKey {
     /// The data key.
     pub dek: Dek,
@@ -164,6 +163,16 @@ pub struct OpenedKey {
     pub kek_id: String,
     /// Wrapped copies added to adopt that key (0 or 1).
     pub written: u64,
+}
+
+/// Shows everything but the key.
+impl std::fmt::Debug for OpenedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedKey")
+            .field("kek_id", &self.kek_id)
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What [`KeyAccess::rewrap_all`] did to each data key it was given, in order.

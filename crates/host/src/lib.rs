@@ -98,7 +98,6 @@ pub struct KeyVaultFacts {
 }
 
 /// A secret opened by [`ServiceHost::open_secret`].
-#[derive(Debug)]
 pub struct OpenedSecret {
     /// The secret.
     pub secret: Zeroizing<Vec<u8>>,
@@ -106,6 +105,15 @@ pub struct OpenedSecret {
     /// earlier kagi under another purpose: the service stores it in place of what it had, so
     /// that the fallback is needed once. `None` when what was opened is current.
     pub resealed: Option<Vec<u8>>,
+}
+
+/// Shows whether it was resealed, never the secret.
+impl std::fmt::Debug for OpenedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedSecret")
+            .field("resealed", &self.resealed.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A duration in whole seconds from the environment variable `name` (a service's tuning

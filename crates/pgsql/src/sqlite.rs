@@ -156,7 +156,8 @@ const PRAGMAS: &[(&str, bool)] = &[
     ("defer_foreign_keys", true),
     ("recursive_triggers", true),
     ("case_sensitive_like", true),
-    ("cache_size", true),
+    // Readable only: an unbounded page cache would let one login exhaust the process.
+    ("cache_size", false),
     ("busy_timeout", true),
     ("automatic_index", true),
     ("optimize", true),
@@ -168,7 +169,6 @@ const PRAGMAS: &[(&str, bool)] = &[
     ("stats", false),
     ("secure_delete", false),
     ("temp_store", false),
-    ("wal_checkpoint", true),
     ("incremental_vacuum", true),
     ("shrink_memory", true),
     ("cache_spill", true),
@@ -179,6 +179,9 @@ const PRAGMAS: &[(&str, bool)] = &[
 
 fn authorize(ctx: AuthContext<'_>) -> Authorization {
     match ctx.action {
+        // VACUUM attaches an empty name (a temporary database) internally: that one is
+        // allowed; a named file never is.
+        AuthAction::Attach { filename } if filename.is_empty() => Authorization::Allow,
         AuthAction::Attach { .. } | AuthAction::Detach { .. } => Authorization::Deny,
         AuthAction::Pragma {
             pragma_name,
@@ -487,11 +490,19 @@ mod tests {
             "PRAGMA journal_mode=DELETE",
             "PRAGMA writable_schema=ON",
             "PRAGMA database_list",
+            "PRAGMA wal_checkpoint",
+            "PRAGMA wal_checkpoint(TRUNCATE)",
+            "PRAGMA cache_size=-100000000",
+            "ATTACH 'file:/tmp/x.db?vfs=unix' AS y",
+            "VACUUM INTO '/tmp/kagi-vacuum-into.db'",
         ] {
             assert_eq!(code(&conn, sql), "42501", "{sql}");
         }
         conn.execute_batch("PRAGMA foreign_keys=ON; PRAGMA user_version=3")
             .expect("allowed pragmas");
+        // Plain VACUUM attaches a temporary database of its own: allowed.
+        conn.execute_batch("CREATE TABLE v (x); VACUUM;")
+            .expect("vacuum");
         let v: String = conn
             .query_row("SELECT version()", [], |r| r.get(0))
             .expect("version");
