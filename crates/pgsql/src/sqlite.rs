@@ -181,7 +181,7 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
     match ctx.action {
         // VACUUM attaches an empty name (a temporary database) internally: that one is
         // allowed; a named file never is.
-        AuthAction::Attach { filename } if filename.is_empty() => Authorization::Allow,
+        AuthAction::Attach { filename: "" } => Authorization::Allow,
         AuthAction::Attach { .. } | AuthAction::Detach { .. } => Authorization::Deny,
         AuthAction::Pragma {
             pragma_name,
