@@ -308,6 +308,12 @@ def test_revocation_makes_databases_inaccessible_and_healing_follows_azure(sql_k
     keys.update_key_properties(key.name, key.properties.version, enabled=False)
     time.sleep(2.5)  # the keeper sees the failure; the bound has not passed
     assert db_status(srv, server, db) == "Online"
+    # The revocation cannot be escaped by moving the databases' keys away meanwhile.
+    r = arm(srv, "PUT", sql_path(srv, server, "/encryptionProtector/current"),
+            {"properties": {"serverKeyType": "ServiceManaged", "serverKeyName": "ServiceManaged"}})
+    assert r.status_code == 400 and "AzureKeyVaultKeyInaccessible" in r.text, r.text
+    p = ok(arm(srv, "GET", sql_path(srv, server, "/encryptionProtector/current")))
+    assert p["properties"]["serverKeyType"] == "AzureKeyVault"
     advance_clock(srv, 601)
     wait_for("Inaccessible", lambda: db_status(srv, server, db) == "Inaccessible")
     with pytest.raises(psycopg.OperationalError, match="is not currently available"):

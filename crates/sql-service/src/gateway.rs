@@ -139,6 +139,8 @@ impl Gateway for SqlGateway {
         let s = self.server(server)?;
         let id = id_of_body(&s);
         let host = self.0.host.as_ref();
+        // One change of a server's logins at a time (they share one document).
+        let _logins = self.0.lock_id(&logins::lock_name(&id)).await;
         let err = |e: KvError| PgError::error(sqlstate::INTERNAL_ERROR, e.message);
         let is_admin = logins::get(host, &id, actor)
             .await

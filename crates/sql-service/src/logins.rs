@@ -11,6 +11,11 @@ use serde_json::{Value, json};
 
 use crate::keys::{SERVER_DOC, internal};
 
+/// The name of the lock that serialises changes of server `server_id`'s logins.
+pub(crate) fn lock_name(server_id: &str) -> String {
+    format!("{server_id}/logins")
+}
+
 /// The seal label of a login's verifier (bound to server and login).
 fn label(server_id: &str, login: &str) -> String {
     format!(

@@ -493,14 +493,16 @@ impl SqlService {
     ) -> Result<(), KvError> {
         let id = id_of_body(server);
         // TD-3: one change at a time; a second is refused rather than queued.
-        let lock = self.protector_lock(&id);
-        let Ok(_g) = lock.try_lock_owned() else {
+        let Some(_switching) = self.begin_switch(&id) else {
             return Err(KvError::conflict(
                 "A change of the server's encryption protector is in progress; retry when it \
                  has finished.",
             )
             .with_inner("EncryptionProtectorChangeInProgress"));
         };
+        // Databases are neither created nor dropped while their keys move (a database made
+        // meanwhile would keep only a record under the old key).
+        let _gate = self.server_gate(&id).await;
         let old = self.protector(server).await?;
         let new = match name {
             None => Protector {
@@ -521,6 +523,12 @@ impl SqlService {
             }
         };
         let dbs = self.databases_of(server).await?;
+        if let Some(old_kid) = &old.kid {
+            // Leaving a customer key needs that key now: its owner's revocation (disabled,
+            // deleted, permission removed) must not be escaped by moving the databases'
+            // keys away while the keeper's grace period runs.
+            self.check_leaving_key(server, &old, old_kid, &dbs).await?;
+        }
         if old.kid.is_some() && new.kid.is_none() {
             // Azure: not while a database under the customer key is inaccessible (its data
             // must stay out of reach while the key's permission is revoked).
@@ -566,9 +574,85 @@ impl SqlService {
             .await
     }
 
-    /// The lock held while a server's protector changes.
-    pub(crate) fn protector_lock(&self, server_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.lock_of(&format!("{server_id}/encryptionProtector"))
+    /// The gate of a server's databases' keys, held while the protector changes and while a
+    /// database is created or dropped.
+    pub(crate) async fn server_gate(&self, server_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        self.lock_id(&format!("{server_id}/encryptionProtector"))
+            .await
+    }
+
+    /// Marks a protector change of server `id` as running; `None` when one already is. The
+    /// mark goes when the returned guard drops.
+    fn begin_switch(&self, id: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.lock_of(&format!("{id}/switching"))
+            .try_lock_owned()
+            .ok()
+    }
+
+    /// Refuses to move off the customer key `kid` unless it works now: no failure pending in
+    /// the keeper's health record, the key usable, and one database's key record opening
+    /// under it.
+    async fn check_leaving_key(
+        &self,
+        server: &Value,
+        old: &Protector,
+        kid: &str,
+        dbs: &[Database],
+    ) -> Result<(), KvError> {
+        let refuse = |why: String| {
+            bad(
+                "AzureKeyVaultKeyInaccessible",
+                format!(
+                    "The server's TDE protector '{kid}' cannot be used now ({why}); the protector \
+                     moves to another key only while its current key works. Restore access to \
+                     the key first."
+                ),
+            )
+        };
+        let health = self
+            .host
+            .document(&id_of_body(server), SERVER_DOC, "health")
+            .await?;
+        if let Some(h) = health.filter(|h| h["failingSince"].is_i64()) {
+            return Err(refuse(
+                h["failure"].as_str().unwrap_or("failing").to_string(),
+            ));
+        }
+        self.check_protector_key_usable(server, kid)
+            .await
+            .map_err(|e| refuse(e.message))?;
+        if let Some(db) = dbs.iter().find(|d| !d.inaccessible()) {
+            self.open_dek_under(server, db, old)
+                .await
+                .map_err(|e| refuse(kagi_cmk::key_failure_error(e, "x").message))?;
+        }
+        Ok(())
+    }
+
+    /// Database `db`'s DEK from its records under `protector` alone (never an older key's
+    /// record, which would hide a revocation of the key in force), adding none.
+    pub(crate) async fn open_dek_under(
+        &self,
+        server: &Value,
+        db: &Database,
+        protector: &Protector,
+    ) -> Result<kagi_cmk::Dek, kagi_cmk::KeyError> {
+        let kek = self.kek(server, protector).await?;
+        let owner = self.db_keys(server, db);
+        let mut records = kagi_cmk::KeyOwner::wrapped_keys(&owner).await?;
+        records.retain(|r| r.kek.id().eq_ignore_ascii_case(&protector.record_id()));
+        records.sort_by_key(|r| -r.created);
+        let mut first_err = None;
+        for r in &records {
+            match self.keys.unwrap(&owner, &kek, r, self.host.now()).await {
+                Ok(d) => return Ok(d),
+                Err(kagi_cmk::KeyError::Access(f)) => {
+                    first_err.get_or_insert(f);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(kagi_cmk::KeyError::Unopened(first_err))
     }
 
     /// Adds to every database a record of its DEK under `new` (where it has none). The DEK
@@ -580,7 +664,6 @@ impl SqlService {
         new: &Protector,
         dbs: &[Database],
     ) -> Result<(), KvError> {
-        let old_kek = self.kek(server, old).await?;
         let new_kek = self.kek(server, new).await?;
         let now = self.host.now();
         for db in dbs {
@@ -594,16 +677,10 @@ impl SqlService {
             }
             let dek = match self.open_dek(&db.database_id) {
                 Some(d) => d,
-                None => {
-                    let slot = kagi_cmk::DekSlot::default();
-                    self.keys
-                        .data_key(&owner, &old_kek, &slot, std::time::Duration::ZERO, now)
-                        .await
-                        .map_err(|e| {
-                            kagi_cmk::key_failure_error(e, "AzureKeyVaultKeyAccessFailed")
-                        })?
-                        .dek
-                }
+                None => self
+                    .open_dek_under(server, db, old)
+                    .await
+                    .map_err(|e| kagi_cmk::key_failure_error(e, "AzureKeyVaultKeyAccessFailed"))?,
             };
             let record = self
                 .keys

@@ -257,6 +257,7 @@ impl SqlService {
         let stored_id = id_of_body(&stored);
         ensure_server_pmk(p, &stored_id).await?;
         if let Some(pw) = password {
+            let _logins = self.lock_id(&crate::logins::lock_name(&stored_id)).await;
             crate::logins::set_admin(p, &stored_id, &login, pw).await?;
         }
         if existing.is_none() {

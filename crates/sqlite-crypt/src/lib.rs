@@ -152,7 +152,28 @@ fn uri(path: &Path, handle: &[u8; 16]) -> String {
 /// [`Error::WrongKey`], [`Error::DatabaseIdMismatch`], [`Error::NotKagiDatabase`],
 /// [`Error::KeyMismatch`], [`Error::InUse`], [`Error::Io`], [`Error::Sqlite`].
 pub fn open(path: impl AsRef<Path>, key: &DatabaseKey) -> Result<Connection, Error> {
-    open_with(path.as_ref(), key, false, None)
+    open_with(path.as_ref(), key, Access::Create, None)
+}
+
+/// Opens an encrypted database that exists, read-write, as [`open`] does, but never creates
+/// one: a missing or empty file is an error ([`Error::Io`], [`Error::NotKagiDatabase`]), so a
+/// database whose file was lost does not come back empty.
+///
+/// # Errors
+/// As [`open`].
+pub fn open_existing(path: impl AsRef<Path>, key: &DatabaseKey) -> Result<Connection, Error> {
+    open_with(path.as_ref(), key, Access::Existing, None)
+}
+
+/// How a database file is opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// Read-write, created if missing or empty.
+    Create,
+    /// Read-write, only if it is a database already.
+    Existing,
+    /// Read-only.
+    ReadOnly,
 }
 
 /// Opens an existing encrypted database read-only (SQLite's `SQLITE_OPEN_READONLY`), with
@@ -161,22 +182,23 @@ pub fn open(path: impl AsRef<Path>, key: &DatabaseKey) -> Result<Connection, Err
 /// # Errors
 /// As [`open`]; an empty or missing file is an error.
 pub fn open_read_only(path: impl AsRef<Path>, key: &DatabaseKey) -> Result<Connection, Error> {
-    open_with(path.as_ref(), key, true, None)
+    open_with(path.as_ref(), key, Access::ReadOnly, None)
 }
 
 fn open_with(
     path: &Path,
     key: &DatabaseKey,
-    read_only: bool,
+    how: Access,
     page_size: Option<i64>,
 ) -> Result<Connection, Error> {
     ffi::register().map_err(Error::Register)?;
+    let read_only = how == Access::ReadOnly;
     let canonical = registry::canonical(path)?;
-    let entry = registry::acquire(&canonical, key, !read_only)?;
-    let access = if read_only {
-        OpenFlags::SQLITE_OPEN_READ_ONLY
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE
+    let entry = registry::acquire(&canonical, key, !read_only, how == Access::Create)?;
+    let access = match how {
+        Access::ReadOnly => OpenFlags::SQLITE_OPEN_READ_ONLY,
+        Access::Existing => OpenFlags::SQLITE_OPEN_READ_WRITE,
+        Access::Create => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
     };
     let flags = access | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn =
@@ -254,7 +276,7 @@ pub fn backup(
         });
     }
     let page_size: i64 = source.pragma_query_value(None, "page_size", |row| row.get(0))?;
-    let mut target = open_with(dest, dest_key, false, Some(page_size))?;
+    let mut target = open_with(dest, dest_key, Access::Create, Some(page_size))?;
     {
         let copy = rusqlite::backup::Backup::new(source, &mut target)?;
         match copy.step(-1)? {

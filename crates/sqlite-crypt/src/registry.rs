@@ -108,11 +108,13 @@ pub(crate) fn find_by_handle(handle: &[u8; 16]) -> Option<Arc<DbEntry>> {
 
 /// The entry of `path` (canonical) for `key`: the live one when the database is already open in
 /// this process (the key must be the same; a revoked key is put back), else a new one after
-/// taking the process lock and checking the file's header and page 1 against the key.
+/// taking the process lock and checking the file's header and page 1 against the key. Only with
+/// `create` (and `writable`) may the file be missing or empty (a new database).
 pub(crate) fn acquire(
     path: &Path,
     key: &DatabaseKey,
     writable: bool,
+    create: bool,
 ) -> Result<Arc<DbEntry>, Error> {
     let derived = key.derive()?;
     let mut reg = registry();
@@ -143,7 +145,7 @@ pub(crate) fn acquire(
     let file = OpenOptions::new()
         .read(true)
         .write(writable)
-        .create(writable)
+        .create(writable && create)
         .mode(0o600)
         .open(path)
         .map_err(io)?;
@@ -153,7 +155,7 @@ pub(crate) fn acquire(
         },
         std::fs::TryLockError::Error(source) => io(source),
     })?;
-    check_file(&file, path, &derived.cipher, writable)?;
+    check_file(&file, path, &derived.cipher, writable && create)?;
     let mut handle = [0u8; 16];
     aws_lc_rs::rand::fill(&mut handle).map_err(|_| Error::Random)?;
     let entry = Arc::new(DbEntry {
@@ -172,8 +174,8 @@ pub(crate) fn acquire(
 }
 
 /// Checks an existing file's header and page 1 against the key (an empty file is a new
-/// database, when it may be written).
-fn check_file(file: &File, path: &Path, cipher: &PageCipher, writable: bool) -> Result<(), Error> {
+/// database, when one may be created).
+fn check_file(file: &File, path: &Path, cipher: &PageCipher, create: bool) -> Result<(), Error> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -185,7 +187,7 @@ fn check_file(file: &File, path: &Path, cipher: &PageCipher, writable: bool) -> 
         reason,
     };
     match codec::classify_header(&head[..n]) {
-        HeaderKind::Empty if n == 0 && writable => Ok(()),
+        HeaderKind::Empty if n == 0 && create => Ok(()),
         HeaderKind::Empty => Err(not_kagi("empty file")),
         HeaderKind::PlainSqlite => Err(not_kagi("a plain, unencrypted SQLite database")),
         HeaderKind::Unknown => Err(not_kagi("unknown format")),

@@ -7,11 +7,37 @@ use std::process::Command;
 use common::{NEEDLE, contains, fill, key, key_with_shared_dek, read, sibling, verify};
 use kagi_sqlite_crypt::{
     DatabaseKey, Error, backup, inspect, is_key_revoked, is_page_authentication_failure, open,
-    open_read_only, revoke_key,
+    open_existing, open_read_only, revoke_key,
 };
 use rusqlite::Connection;
 
 const PAGE: usize = 4096;
+
+#[test]
+fn open_existing_never_makes_a_new_database() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("lost.db");
+    assert!(matches!(
+        open_existing(&path, &key(1)),
+        Err(Error::Io { .. })
+    ));
+    assert!(!path.exists(), "nothing was created");
+    std::fs::write(&path, b"").expect("empty file");
+    assert!(matches!(
+        open_existing(&path, &key(1)),
+        Err(Error::NotKagiDatabase { .. })
+    ));
+    std::fs::remove_file(&path).expect("remove");
+    let conn = open(&path, &key(1)).expect("create");
+    conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+        .expect("write");
+    drop(conn);
+    let conn = open_existing(&path, &key(1)).expect("open existing");
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .expect("read");
+    assert_eq!(n, 1);
+}
 
 #[test]
 fn tables_larger_than_the_page_cache_round_trip() {

@@ -89,7 +89,7 @@ fn temporary_files_behave_like_plain_files_at_any_offset() {
 
 fn entry(dir: &tempfile::TempDir) -> Arc<DbEntry> {
     let path = dir.path().join("db");
-    crate::registry::acquire(&path, &DatabaseKey::new([3; 32], [4; 16]), true).expect("entry")
+    crate::registry::acquire(&path, &DatabaseKey::new([3; 32], [4; 16]), true, true).expect("entry")
 }
 
 fn page(seed: u8) -> Vec<u8> {
