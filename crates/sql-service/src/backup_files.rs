@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use kagi_sqlite_crypt::DatabaseKey;
 use rusqlite::Connection;
 
-use crate::backup_chain::WalGen;
+use crate::backup_chain::{Cursor, Step, WalGen, next_step};
 
 /// Length of the WAL header.
 const WAL_HEADER_LEN: u64 = 32;
@@ -151,19 +151,29 @@ fn is_busy(e: &rusqlite::Error) -> bool {
         if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
 }
 
+/// A read snapshot held on a database between backup passes, at the end of what its backups
+/// hold. No checkpoint can then pass a frame no backup holds (a session's `PRAGMA wal_checkpoint`
+/// included): a snapshot in the log bounds every checkpoint at its frame (and keeps the log from
+/// restarting); one taken when every frame was checkpointed reads the main file only, which
+/// keeps any checkpoint from starting while letting the log restart.
+pub(crate) struct Pin {
+    _snapshot: Connection,
+}
+
 /// The connections of one backup pass over a database: `writer` takes the write lock while the
-/// log is looked at, `pin` holds a read snapshot at the log's end so that no checkpoint goes
-/// past the frames copied (and the log cannot restart under them) until they are recorded.
+/// log is looked at, `pin` holds a read snapshot at the end of what is copied (see [`Pin`]),
+/// `probe` reads where the log stands and checkpoints.
 pub(crate) struct Pass {
     db: PathBuf,
     writer: Connection,
     pin: Connection,
+    probe: Connection,
     locked: bool,
     pinned: bool,
 }
 
 impl Pass {
-    /// Opens two connections to the database file `db` (which must exist: a dropped
+    /// Opens the pass's connections to the database file `db` (which must exist: a dropped
     /// database's file is never created again).
     pub(crate) fn open(db: &Path, key: &DatabaseKey) -> Result<Self, FileError> {
         if !db.exists() {
@@ -171,18 +181,18 @@ impl Pass {
         }
         let writer = crate::engine::open_blocking(db, key)?;
         writer.busy_timeout(LOCK_WAIT)?;
-        let pin = crate::engine::open_blocking(db, key)?;
         Ok(Self {
             db: db.to_path_buf(),
             writer,
-            pin,
+            pin: crate::engine::open_blocking(db, key)?,
+            probe: crate::engine::open_blocking(db, key)?,
             locked: false,
             pinned: false,
         })
     }
 
     /// Takes the write lock (no commit can happen until [`Pass::unlock`]) and reads where the
-    /// log stands; with `pin`, also pins a read snapshot at its end.
+    /// log stands; with `pin`, also moves the pinned snapshot to its end.
     pub(crate) fn lock(&mut self, pin: bool) -> Result<WalState, FileError> {
         match self.writer.execute_batch("BEGIN IMMEDIATE") {
             Err(e) if is_busy(&e) => return Err(FileError::Busy),
@@ -190,12 +200,9 @@ impl Pass {
         }
         self.locked = true;
         // NOOP reads SQLite's wal-index without checkpointing anything.
-        let (_, frames, backfilled) = checkpoint(&self.pin, "NOOP")?;
+        let (_, frames, backfilled) = checkpoint(&self.probe, "NOOP")?;
         if pin {
-            self.pin.execute_batch("BEGIN")?;
-            self.pin
-                .query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
-            self.pinned = true;
+            self.pin_now()?;
         }
         let header = if frames == 0 {
             None
@@ -207,6 +214,17 @@ impl Pass {
             frames,
             backfilled,
         })
+    }
+
+    /// Pins a read snapshot at the log's end now (the write lock held: the end is what was
+    /// just looked at).
+    pub(crate) fn pin_now(&mut self) -> Result<(), FileError> {
+        self.unpin()?;
+        self.pin.execute_batch("BEGIN")?;
+        self.pin
+            .query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
+        self.pinned = true;
+        Ok(())
     }
 
     fn read_header(&self) -> Result<WalHeader, FileError> {
@@ -237,16 +255,17 @@ impl Pass {
         Ok(())
     }
 
-    /// A passive checkpoint (never waits, never past a pinned snapshot), on whichever connection
-    /// is free: (frames in the log, frames checkpointed).
+    /// A passive checkpoint (never waits, never past a pinned snapshot): (frames in the log,
+    /// frames checkpointed).
     pub(crate) fn checkpoint(&self) -> Result<(u32, u32), FileError> {
-        let conn = if self.locked { &self.pin } else { &self.writer };
-        if self.locked && self.pinned {
-            return Err(FileError::Damaged(
-                "no free connection to checkpoint with".into(),
-            ));
-        }
-        checkpoint(conn, "PASSIVE").map(|(_, log, done)| (log, done))
+        checkpoint(&self.probe, "PASSIVE").map(|(_, log, done)| (log, done))
+    }
+
+    /// The pinned snapshot, to hold until the next pass.
+    pub(crate) fn keep(self) -> Option<Pin> {
+        self.pinned.then_some(Pin {
+            _snapshot: self.pin,
+        })
     }
 
     /// Copies frames `first..=last` of the log (generation `header`) into a new log backup file
@@ -318,6 +337,213 @@ impl Pass {
         f.sync_all().map_err(io(dest))?;
         Ok(f.metadata().map_err(io(dest))?.len())
     }
+}
+
+/// A backup file written by a pass, not recorded yet.
+#[derive(Clone, Debug)]
+pub(crate) struct Written {
+    /// Its sequence number.
+    pub(crate) seq: u64,
+    /// Its files (a full backup's database file first, then its log generation).
+    pub(crate) files: Vec<String>,
+    /// Their size.
+    pub(crate) size: u64,
+    /// The log generation of its frames.
+    pub(crate) generation: Option<WalGen>,
+    /// The first frame (1 for a full backup's generation).
+    pub(crate) first: u32,
+    /// The last frame: where the backups stand once it is recorded.
+    pub(crate) last: u32,
+}
+
+impl Written {
+    /// Whether it is a full backup.
+    pub(crate) fn full(&self) -> bool {
+        self.files.first().is_some_and(|f| f.starts_with("full-"))
+    }
+}
+
+/// Writes `name` in `dir` through `write` under a temporary name, then gives it its name: a pass
+/// killed half-way leaves only a `.partial` file, which the next start removes.
+fn publish(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&Path) -> Result<u64, FileError>,
+) -> Result<u64, FileError> {
+    let partial = dir.join(format!("{name}.partial"));
+    let _ = std::fs::remove_file(&partial);
+    let size = write(&partial).inspect_err(|_| {
+        let _ = std::fs::remove_file(&partial);
+    })?;
+    let target = dir.join(name);
+    std::fs::rename(&partial, &target).map_err(io(&target))?;
+    Ok(size)
+}
+
+/// Log backup `seq`: frames `first..=last` of generation `h`.
+fn log_backup(
+    pass: &Pass,
+    dir: &Path,
+    h: &WalHeader,
+    (first, last): (u32, u32),
+    seq: u64,
+) -> Result<Written, FileError> {
+    let name = format!("log-{seq:08}.bak");
+    let size = publish(dir, &name, |p| pass.write_log(h, first, last, p))?;
+    Ok(Written {
+        seq,
+        files: vec![name],
+        size,
+        generation: Some(h.generation()),
+        first,
+        last,
+    })
+}
+
+/// What the first stage of a pass leaves: the connections (the snapshot pinned at the end of
+/// what was copied), where the log stood, and the files written.
+pub(crate) struct StageOne {
+    /// The pass's connections.
+    pub(crate) pass: Pass,
+    /// Where the log stood.
+    pub(crate) state: WalState,
+    /// When (platform clock) the log was looked at: the backups' point in time.
+    pub(crate) taken: i64,
+    /// The log backup written (its new frames).
+    pub(crate) log: Option<Written>,
+    /// The full backup written.
+    pub(crate) full: Option<Written>,
+}
+
+/// The first stage of a pass over database `db` (backups in `dir`, numbered from `seq`): under
+/// the write lock, where the log stands (`clock` read then) and a snapshot pinned at its end; the
+/// new frames copied — under the lock only when the snapshot does not hold the log — and, when
+/// `full_due` or the log no longer continues `cursor`, a full backup of the snapshot with the
+/// log generation so far.
+pub(crate) fn stage_one(
+    (db, key): (&Path, &DatabaseKey),
+    cursor: Option<Cursor>,
+    (full_due, clock): (bool, &dyn Fn() -> i64),
+    dir: &Path,
+    mut seq: u64,
+) -> Result<StageOne, FileError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut pass = Pass::open(db, key)?;
+    let state = pass.lock(true)?;
+    let taken = clock();
+    let step = next_step(cursor.as_ref(), state.generation(), state.frames);
+    if let Step::Break(why) = step {
+        tracing::info!(file = %db.display(), why, "SQL backups: a full backup starts a new chain");
+    }
+    let full_now = full_due || matches!(step, Step::Break(_));
+    // A snapshot taken when every frame is checkpointed reads the main file only and does not
+    // keep the log from restarting: then the copy is made under the write lock.
+    if state.backfilled < state.frames {
+        pass.unlock()?;
+    }
+    let mut log = None;
+    if let (Step::Copy { first, last }, Some(h)) = (step, state.header)
+        && last >= first
+    {
+        log = Some(log_backup(&pass, dir, &h, (first, last), seq)?);
+        seq += 1;
+    }
+    let mut full = None;
+    if full_now {
+        let (mut files, mut size) = (Vec::new(), 0);
+        if let Some(h) = state.header {
+            // The generation so far goes with the full backup: the log backups after it
+            // continue that generation, and SQLite replays a generation from its first frame.
+            let name = format!("full-{seq:08}-wal.bak");
+            size += publish(dir, &name, |p| pass.write_log(&h, 1, state.frames, p))?;
+            files.push(name);
+        }
+        pass.unlock()?;
+        let name = format!("full-{seq:08}.bak");
+        size += publish(dir, &name, |p| pass.write_full(p, key))?;
+        files.insert(0, name);
+        full = Some(Written {
+            seq,
+            files,
+            size,
+            generation: state.generation(),
+            first: 1,
+            last: state.frames,
+        });
+    }
+    pass.unlock()?;
+    sync_dir(dir)?;
+    Ok(StageOne {
+        pass,
+        state,
+        taken,
+        log,
+        full,
+    })
+}
+
+/// How a pass ends, once the first stage's backups are recorded.
+pub(crate) enum Ending {
+    /// Done: whether every frame of the log is backed up and checkpointed (the pin then reads
+    /// the main file only, and the log may restart).
+    Done {
+        /// Backed up and checkpointed, all of it.
+        drained: bool,
+    },
+    /// Writers committed much meanwhile: the write lock is held and the frames since are
+    /// copied, to be recorded before [`finish_tail`].
+    Tail {
+        /// The log backup of the frames since the first stage.
+        written: Written,
+    },
+}
+
+/// The end of a pass whose first stage copied the log up to `copied` (its generation and last
+/// frame) and is recorded (`cursor` says so): a checkpoint (never past the pinned snapshot),
+/// then, under the write lock, the pin moved to the same end when nothing was committed since
+/// (when everything is checkpointed, the log may then restart); or, with at least `tail_frames`
+/// frames in the log, a second stage that copies the frames committed since.
+pub(crate) fn finish(
+    pass: &mut Pass,
+    cursor: &Cursor,
+    copied: (Option<WalGen>, u32),
+    (dir, seq, tail_frames): (&Path, u64, u32),
+) -> Result<Ending, FileError> {
+    pass.checkpoint()?;
+    let s = match pass.lock(false) {
+        Err(FileError::Busy) => return Ok(Ending::Done { drained: false }),
+        r => r?,
+    };
+    if s.frames == copied.1 && (s.frames == 0 || s.generation() == copied.0) {
+        pass.pin_now()?;
+        pass.unlock()?;
+        return Ok(Ending::Done {
+            drained: s.backfilled == s.frames,
+        });
+    }
+    if s.frames >= tail_frames
+        && let (Step::Copy { first, last }, Some(h)) =
+            (next_step(Some(cursor), s.generation(), s.frames), s.header)
+        && last >= first
+    {
+        let written = log_backup(pass, dir, &h, (first, last), seq)?;
+        sync_dir(dir)?;
+        return Ok(Ending::Tail { written });
+    }
+    // The pin stays at the end of what is backed up.
+    pass.unlock()?;
+    Ok(Ending::Done { drained: false })
+}
+
+/// The end of a second stage, once its backup is recorded: every frame in the log is backed up
+/// and no commit can happen, so the checkpoint may go all the way; the pin then moves to the
+/// log's end. Returns whether everything was checkpointed.
+pub(crate) fn finish_tail(pass: &mut Pass) -> Result<bool, FileError> {
+    pass.unpin()?;
+    let (log, done) = pass.checkpoint()?;
+    pass.pin_now()?;
+    pass.unlock()?;
+    Ok(log == done)
 }
 
 /// Creates `path` (which must not exist), readable by kagi only.
@@ -513,7 +739,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::backup_chain::{Cursor, Step, cursor_after, next_step};
+    use crate::backup_chain::cursor_after;
 
     fn key() -> DatabaseKey {
         DatabaseKey::new([9; 32], *b"backup-test-db-1")
@@ -527,70 +753,69 @@ mod tests {
             .unwrap()
     }
 
-    /// A backup pass as the service makes one: copy what is new (a full backup when
-    /// `full` or when the chain breaks), then checkpoint within what was copied.
+    /// Backups as the service takes them (the records kept in memory): each pass through
+    /// [`stage_one`] and [`finish`] (and [`finish_tail`]), the pin held between passes.
     struct Backups {
         dir: PathBuf,
         cursor: Option<Cursor>,
         files: Vec<(bool, PathBuf)>,
+        seq: u64,
+        pin: Option<Pin>,
     }
 
     impl Backups {
-        fn pass(&mut self, db: &Path, full: bool, drain_threshold: Option<u32>) -> Step {
-            let mut pass = Pass::open(db, &key()).unwrap();
-            let state = pass.lock(true).unwrap();
-            let step = next_step(self.cursor.as_ref(), state.generation(), state.frames);
-            let full = full || matches!(step, Step::Break(_));
-            let n = self.files.len();
-            if let Step::Copy { first, last } = step
-                && last >= first
-            {
-                let p = self.dir.join(format!("log-{n}.bak"));
-                pass.write_log(&state.header.unwrap(), first, last, &p)
-                    .unwrap();
-                self.files.push((false, p));
+        fn record(&mut self, w: &Written) {
+            for f in &w.files {
+                let base = f.starts_with("full-") && !f.ends_with("-wal.bak");
+                self.files.push((base, self.dir.join(f)));
             }
-            if full {
-                let mut prefix = None;
-                if let Some(h) = state.header {
-                    let p = self.dir.join(format!("full-{n}-wal.bak"));
-                    pass.write_log(&h, 1, state.frames, &p).unwrap();
-                    prefix = Some(p);
-                }
-                pass.unlock().unwrap();
-                let p = self.dir.join(format!("full-{n}.bak"));
-                pass.write_full(&p, &key()).unwrap();
-                self.files.push((true, p));
-                if let Some(p) = prefix {
-                    self.files.push((false, p));
-                }
+            self.cursor = Some(cursor_after(w.generation, w.last));
+            self.seq = w.seq + 1;
+        }
+
+        /// One pass (a full backup when `full`); a second stage when the log holds at least
+        /// `tail_frames` frames. Returns the log and full backups of the first stage.
+        fn pass(
+            &mut self,
+            db: &Path,
+            full: bool,
+            tail_frames: u32,
+        ) -> (Option<Written>, Option<Written>) {
+            let one = stage_one(
+                (db, &key()),
+                self.cursor,
+                (full, &|| 0),
+                &self.dir,
+                self.seq,
+            )
+            .unwrap();
+            // The new pass's snapshot holds the log now.
+            self.pin = None;
+            let StageOne {
+                mut pass,
+                state,
+                log,
+                full,
+                ..
+            } = one;
+            for w in log.iter().chain(full.iter()) {
+                self.record(w);
             }
-            pass.unlock().unwrap();
-            let mut cursor = cursor_after(state.generation(), state.frames);
-            let (log, done) = pass.checkpoint().unwrap();
-            pass.unpin().unwrap();
-            cursor.drained = log == done && done == cursor.frames;
-            if let (false, Some(threshold)) = (cursor.drained, drain_threshold)
-                && state.frames >= threshold
-            {
-                // The second stage: the tail under the write lock, then a checkpoint of all.
-                let s2 = pass.lock(false).unwrap();
-                if let Step::Copy { first, last } =
-                    next_step(Some(&cursor), s2.generation(), s2.frames)
-                    && last >= first
-                {
-                    let p = self.dir.join(format!("log-{n}-tail.bak"));
-                    pass.write_log(&s2.header.unwrap(), first, last, &p)
-                        .unwrap();
-                    self.files.push((false, p));
+            let cursor = self.cursor.unwrap();
+            let copied = (state.generation(), state.frames);
+            let at = (self.dir.as_path(), self.seq, tail_frames);
+            let drained = match finish(&mut pass, &cursor, copied, at).unwrap() {
+                Ending::Done { drained } => drained,
+                Ending::Tail { written, .. } => {
+                    self.record(&written);
+                    finish_tail(&mut pass).unwrap()
                 }
-                cursor = cursor_after(s2.generation(), s2.frames);
-                let (log, done) = pass.checkpoint().unwrap();
-                cursor.drained = log == done && done == cursor.frames;
-                pass.unlock().unwrap();
+            };
+            if let Some(c) = self.cursor.as_mut() {
+                c.drained = drained;
             }
-            self.cursor = Some(cursor);
-            step
+            self.pin = pass.keep();
+            (log, full)
         }
 
         /// The database as of the last backup taken so far.
@@ -620,6 +845,8 @@ mod tests {
             dir,
             cursor: None,
             files: Vec::new(),
+            seq: 1,
+            pin: None,
         };
         (tmp, db, conn, b)
     }
@@ -638,7 +865,8 @@ mod tests {
         let (tmp, db, conn, mut b) = setup();
         insert(&conn, 1, 10);
         // The first pass: a full backup (with the log's frames so far).
-        assert!(matches!(b.pass(&db, false, None), Step::Break(_)));
+        let (log, full) = b.pass(&db, false, u32::MAX);
+        assert!(log.is_none() && full.unwrap().files.len() == 2);
         let work = tmp.path().join("work");
         assert_eq!(b.restore(&work), (1..=10).collect::<Vec<_>>());
         // More rows; a reader keeps an old snapshot, so the checkpoint cannot finish.
@@ -647,22 +875,21 @@ mod tests {
         reader.execute_batch("BEGIN").unwrap();
         assert_eq!(rows(&reader).len(), 20);
         insert(&conn, 21, 30);
-        assert!(matches!(b.pass(&db, false, None), Step::Copy { .. }));
+        let (log, full) = b.pass(&db, false, u32::MAX);
+        assert!(log.is_some() && full.is_none());
         assert!(!b.cursor.unwrap().drained);
         assert_eq!(b.restore(&work), (1..=30).collect::<Vec<_>>());
         reader.execute_batch("ROLLBACK").unwrap();
         // Nothing new: no file, and now everything is checkpointed.
         let files = b.files.len();
-        b.pass(&db, false, None);
+        b.pass(&db, false, u32::MAX);
         assert_eq!(b.files.len(), files);
         assert!(b.cursor.unwrap().drained);
         // The next write restarts the log: a new generation, copied from its first frame.
         insert(&conn, 31, 40);
         let before = b.cursor.unwrap().generation.unwrap();
-        assert!(matches!(
-            b.pass(&db, false, None),
-            Step::Copy { first: 1, .. }
-        ));
+        let (log, full) = b.pass(&db, false, u32::MAX);
+        assert!(full.is_none() && log.unwrap().first == 1);
         assert_eq!(
             b.cursor.unwrap().generation.unwrap().salt1,
             before.salt1.wrapping_add(1)
@@ -670,16 +897,16 @@ mod tests {
         assert_eq!(b.restore(&work), (1..=40).collect::<Vec<_>>());
         // A full backup in the middle of a generation, then more of it.
         insert(&conn, 41, 50);
-        b.pass(&db, true, None);
+        b.pass(&db, true, u32::MAX);
         insert(&conn, 51, 60);
         conn.execute("DELETE FROM t WHERE v % 7 = 0", []).unwrap();
-        b.pass(&db, false, None);
+        b.pass(&db, false, u32::MAX);
         let expected: Vec<i64> = (1..=60).filter(|v| v % 7 != 0).collect();
         assert_eq!(b.restore(&work), expected);
         // Nothing in the backups is plaintext: the database's rows are not in them.
         conn.execute("INSERT INTO t VALUES (1000, 'KAGI-BACKUP-PLAINTEXT')", [])
             .unwrap();
-        b.pass(&db, true, None);
+        b.pass(&db, true, u32::MAX);
         for (_, p) in &b.files {
             let bytes = std::fs::read(p).unwrap();
             assert!(
@@ -694,42 +921,88 @@ mod tests {
     #[test]
     fn under_steady_writes_the_second_stage_lets_the_log_restart() {
         let (tmp, db, conn, mut b) = setup();
-        b.pass(&db, false, Some(0));
-        // A writer commits between the copy and the checkpoint of every pass.
+        b.pass(&db, false, 0);
+        // A writer commits all along, between the copy and the checkpoint of every pass.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = std::thread::spawn({
-            let db = db.clone();
+            let (db, stop) = (db.clone(), stop.clone());
             move || {
                 let w = crate::engine::open_blocking(&db, &key()).unwrap();
-                for i in 1..=400 {
-                    insert(&w, i, i);
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    n += 1;
+                    insert(&w, n, n);
+                    // A client's round trip between transactions.
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                 }
+                n
             }
         });
         let mut gens = std::collections::BTreeSet::new();
-        while !writer.is_finished() {
-            b.pass(&db, false, Some(0));
+        for _ in 0..10 {
+            b.pass(&db, false, 0);
             gens.insert(b.cursor.unwrap().generation.map(|g| g.salt1));
         }
-        writer.join().unwrap();
-        b.pass(&db, false, Some(0));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let n = writer.join().unwrap();
+        b.pass(&db, false, 0);
         let work = tmp.path().join("work");
-        assert_eq!(b.restore(&work), (1..=400).collect::<Vec<_>>());
+        assert_eq!(b.restore(&work), (1..=n).collect::<Vec<_>>());
         assert!(gens.len() > 1, "the log never restarted: {gens:?}");
         drop(conn);
     }
 
     #[test]
+    fn a_sessions_checkpoint_between_passes_cannot_lose_a_frame() {
+        let (tmp, db, conn, mut b) = setup();
+        insert(&conn, 1, 5);
+        // A session's read snapshot at the log's end when the pass drains it: it keeps the
+        // next write from restarting the log, so that write goes on in the same generation.
+        let reader = crate::engine::open_blocking(&db, &key()).unwrap();
+        reader.execute_batch("BEGIN").unwrap();
+        assert_eq!(rows(&reader).len(), 5);
+        b.pass(&db, false, u32::MAX);
+        assert!(b.cursor.unwrap().drained);
+        insert(&conn, 6, 10);
+        reader.execute_batch("ROLLBACK").unwrap();
+        // A session checkpoints (as `PRAGMA wal_checkpoint` from SQL would), then writes: the
+        // pin held between passes keeps the checkpoint from copying the frames no backup
+        // holds, so the log cannot restart over them.
+        let session = crate::engine::open_blocking(&db, &key()).unwrap();
+        let (_, log, done) = checkpoint(&session, "PASSIVE").unwrap();
+        assert!(done < log, "{done} of {log} frames checkpointed");
+        session.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let (busy, _, _) = checkpoint(&session, "TRUNCATE").unwrap();
+        assert!(busy);
+        insert(&conn, 11, 15);
+        b.pass(&db, false, u32::MAX);
+        let work = tmp.path().join("work");
+        assert_eq!(b.restore(&work), (1..=15).collect::<Vec<_>>());
+        // Without the pin, the same session would have let the log restart: the next pass
+        // sees that and starts a new chain with a full backup rather than lose frames.
+        b.pin = None;
+        b.cursor.as_mut().unwrap().drained = false;
+        insert(&conn, 16, 20);
+        let (_, log, done) = checkpoint(&session, "PASSIVE").unwrap();
+        assert_eq!(done, log);
+        insert(&conn, 21, 25);
+        let (_, full) = b.pass(&db, false, u32::MAX);
+        assert!(full.is_some());
+        assert_eq!(b.restore(&work), (1..=25).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn damaged_or_incomplete_logs_are_refused() {
         let (tmp, db, conn, mut b) = setup();
-        b.pass(&db, false, None);
+        b.pass(&db, false, u32::MAX);
         // A reader keeps checkpoints back: the log backups that follow share a generation.
         let reader = crate::engine::open_blocking(&db, &key()).unwrap();
         reader.execute_batch("BEGIN").unwrap();
         assert!(rows(&reader).is_empty());
         insert(&conn, 1, 5);
-        b.pass(&db, false, None);
+        b.pass(&db, false, u32::MAX);
         insert(&conn, 6, 9);
-        b.pass(&db, false, None);
+        b.pass(&db, false, u32::MAX);
         reader.execute_batch("ROLLBACK").unwrap();
         let full = b.files[0].1.clone();
         let logs: Vec<PathBuf> = b.files[1..].iter().map(|(_, p)| p.clone()).collect();

@@ -23,8 +23,8 @@ use kagi_core::{ErrorCode, KvError};
 use kagi_sqlite_crypt::DatabaseKey;
 use serde_json::{Value, json};
 
-use crate::backup_chain::{Cursor, Step, Taken, WalGen, chain_for, cursor_after, next_step};
-use crate::backup_files::{self, FileError, Pass, WalState};
+use crate::backup_chain::{Cursor, Taken, WalGen, chain_for, cursor_after};
+use crate::backup_files::{self, Ending, FileError, Pin, StageOne, Written, finish, finish_tail};
 use crate::databases::{Database, OpenDatabase};
 use crate::keys::{DBKEYS_DOC, DbKeys, internal};
 use crate::protector::{AZURE_KEY_VAULT, Protector, SERVICE_MANAGED};
@@ -122,162 +122,18 @@ pub(crate) struct BackupState {
     restores: Mutex<HashSet<PathBuf>>,
     /// When leftovers are next swept.
     sweep_at: Mutex<i64>,
+    /// The snapshot each Online database's backups hold between passes (see [`Pin`]).
+    pins: Mutex<HashMap<String, Pin>>,
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pin")
+    }
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A backup file written by a pass, not recorded yet.
-#[derive(Clone, Debug)]
-struct Written {
-    seq: u64,
-    files: Vec<String>,
-    size: u64,
-    generation: Option<WalGen>,
-    first: u32,
-    last: u32,
-}
-
-/// What the first stage of a pass over a database leaves: the connections (the snapshot still
-/// pinned), where the log stood, and the files written.
-struct StageOne {
-    pass: Pass,
-    state: WalState,
-    /// When the log was looked at (platform clock): the backups' point in time.
-    taken: i64,
-    log: Option<Written>,
-    full: Option<Written>,
-}
-
-/// Writes `name` in `dir` through `write` under a temporary name, then gives it its name: a pass
-/// killed half-way leaves only a `.partial` file, which the next start removes.
-fn publish(
-    dir: &Path,
-    name: &str,
-    write: impl FnOnce(&Path) -> Result<u64, FileError>,
-) -> Result<u64, FileError> {
-    let partial = dir.join(format!("{name}.partial"));
-    let _ = std::fs::remove_file(&partial);
-    let size = write(&partial).inspect_err(|_| {
-        let _ = std::fs::remove_file(&partial);
-    })?;
-    let target = dir.join(name);
-    std::fs::rename(&partial, &target).map_err(|source| FileError::Io {
-        path: target,
-        source,
-    })?;
-    Ok(size)
-}
-
-/// The first stage of a pass: under the database's write lock, where the log stands and a read
-/// snapshot pinned at its end; the new frames (and, for a full backup, the log generation so
-/// far) copied — under the lock only when the pinned snapshot does not hold the log — and the
-/// full backup made from the snapshot once writers go on.
-fn stage_one(
-    file: &Path,
-    key: &DatabaseKey,
-    cursor: Option<Cursor>,
-    (full_due, clock): (bool, &dyn Fn() -> i64),
-    dir: &Path,
-    mut seq: u64,
-) -> Result<StageOne, FileError> {
-    let mut pass = Pass::open(file, key)?;
-    let state = pass.lock(true)?;
-    let taken = clock();
-    let step = next_step(cursor.as_ref(), state.generation(), state.frames);
-    if let Step::Break(why) = step {
-        tracing::info!(file = %file.display(), why, "SQL backups: a full backup starts a new chain");
-    }
-    let full = full_due || matches!(step, Step::Break(_));
-    // A snapshot taken when every frame is checkpointed reads the main file only and does not
-    // keep the log from restarting: then the copy is made under the write lock.
-    if state.backfilled < state.frames {
-        pass.unlock()?;
-    }
-    let mut log = None;
-    if let (Step::Copy { first, last }, Some(h)) = (step, state.header)
-        && last >= first
-    {
-        log = Some(log_backup(&pass, dir, &h, (first, last), seq)?);
-        seq += 1;
-    }
-    let mut full_backup = None;
-    if full {
-        let (mut files, mut size) = (Vec::new(), 0);
-        if let Some(h) = state.header {
-            // The generation so far goes with the full backup: the log backups after it
-            // continue that generation, and SQLite replays a generation from its first frame.
-            let name = format!("full-{seq:08}-wal.bak");
-            size += publish(dir, &name, |p| pass.write_log(&h, 1, state.frames, p))?;
-            files.push(name);
-        }
-        pass.unlock()?;
-        let name = format!("full-{seq:08}.bak");
-        size += publish(dir, &name, |p| pass.write_full(p, key))?;
-        files.insert(0, name);
-        full_backup = Some(Written {
-            seq,
-            files,
-            size,
-            generation: state.generation(),
-            first: 1,
-            last: state.frames,
-        });
-    }
-    pass.unlock()?;
-    backup_files::sync_dir(dir)?;
-    Ok(StageOne {
-        pass,
-        state,
-        taken,
-        log,
-        full: full_backup,
-    })
-}
-
-/// The second stage, for a log writers kept busy: under the write lock (kept), the frames
-/// committed during the first stage. Returns where the log stood and the file written; `None`
-/// (the lock released) when the log does not continue the cursor: then nothing is
-/// checkpointed, and the next pass makes a full backup.
-fn stage_two(
-    pass: &mut Pass,
-    cursor: &Cursor,
-    dir: &Path,
-    seq: u64,
-) -> Result<Option<(WalState, Option<Written>)>, FileError> {
-    let state = pass.lock(false)?;
-    let Step::Copy { first, last } = next_step(Some(cursor), state.generation(), state.frames)
-    else {
-        pass.unlock()?;
-        return Ok(None);
-    };
-    let (Some(h), true) = (state.header, last >= first) else {
-        return Ok(Some((state, None)));
-    };
-    let written = log_backup(pass, dir, &h, (first, last), seq)?;
-    backup_files::sync_dir(dir)?;
-    Ok(Some((state, Some(written))))
-}
-
-/// Log backup `seq`: frames `first..=last` of generation `h`.
-fn log_backup(
-    pass: &Pass,
-    dir: &Path,
-    h: &backup_files::WalHeader,
-    (first, last): (u32, u32),
-    seq: u64,
-) -> Result<Written, FileError> {
-    let name = format!("log-{seq:08}.bak");
-    let size = publish(dir, &name, |p| pass.write_log(h, first, last, p))?;
-    Ok(Written {
-        seq,
-        files: vec![name],
-        size,
-        generation: Some(h.generation()),
-        first,
-        last,
-    })
 }
 
 impl SqlService {
@@ -313,7 +169,7 @@ impl SqlService {
     pub async fn backup_pass(self: &Arc<Self>) -> BackupReport {
         let mut report = BackupReport::default();
         let now = self.host.now();
-        let sweep = {
+        let mut sweep = {
             let mut at = locked(&self.backups.sweep_at);
             let due = now >= *at;
             if due {
@@ -323,18 +179,21 @@ impl SqlService {
         };
         let servers = self.host.resources_of_type(SERVER_TYPE);
         let mut known = HashSet::new();
+        let mut active = HashSet::new();
         for server in &servers {
             let dbs = match self.databases_of(server).await {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(error = %e.message, "SQL backups: databases not listed");
                     report.failed += 1;
+                    sweep = false;
                     continue;
                 }
             };
             for db in dbs.iter().filter(|d| !d.inaccessible()) {
                 let open = locked(&self.open).get(&db.database_id).cloned();
                 let Some(open) = open else { continue };
+                active.insert(db.database_id.clone());
                 if let Err(e) = self.backup_database(server, db, &open, &mut report).await {
                     tracing::warn!(database = %db.name, error = %e.message, "SQL backup failed");
                     report.failed += 1;
@@ -348,9 +207,20 @@ impl SqlService {
                     tracing::warn!(error = %e.message, "SQL backups: retention failed");
                     report.failed += 1;
                     // A failed listing must not make the sweep take live backups for leftovers.
-                    return report;
+                    sweep = false;
                 }
             }
+        }
+        // A database no longer Online loses its pin (it holds the database's files open); its
+        // state is rebuilt from the records when it comes back, as after a start.
+        let gone: Vec<String> = locked(&self.backups.pins)
+            .keys()
+            .filter(|id| !active.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            locked(&self.backups.pins).remove(&id);
+            locked(&self.backups.dbs).remove(&id);
         }
         if sweep {
             self.sweep_leftovers(&known).await;
@@ -449,7 +319,7 @@ impl SqlService {
         range: (i64, i64),
         keys: &Value,
     ) -> Result<(), KvError> {
-        let full = w.files[0].starts_with("full-");
+        let full = w.full();
         let doc = json!({
             "seq": w.seq,
             "type": if full { "Full" } else { "Log" },
@@ -476,7 +346,9 @@ impl SqlService {
             .await
     }
 
-    /// The backups of one database, when due: both stages, records, and the checkpoint.
+    /// The backups of one database, when due: the first stage and its records, then the end
+    /// of the pass (a second stage and its record when writers kept the log busy), the pin
+    /// kept until the next pass.
     async fn backup_database(
         &self,
         server: &Value,
@@ -500,92 +372,80 @@ impl SqlService {
         let key = open.page_key()?;
         let file = open.file.clone();
         let (cursor, seq, host) = (st.cursor, st.next_seq, self.host.clone());
-        let stage = blocking("a backup", move || {
-            std::fs::create_dir_all(&dir).map_err(|source| FileError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-            stage_one(&file, &key, cursor, (full_due, &|| host.now()), &dir, seq)
+        let one = blocking("a backup", move || {
+            let clock = || host.now();
+            backup_files::stage_one((&file, &key), cursor, (full_due, &clock), &dir, seq)
         })
         .await?;
+        // The new snapshot holds the log: the previous one goes.
+        locked(&self.backups.pins).remove(&db.database_id);
         let StageOne {
             mut pass,
             state,
             taken,
             log,
             full,
-        } = stage;
-        if let Some(w) = &log {
-            let from = st.last_taken.unwrap_or(taken);
-            self.record(server, db, w, st.chain, (from, taken), &keys)
+        } = one;
+        for w in log.iter().chain(full.iter()) {
+            let chain = if w.full() { w.seq } else { st.chain };
+            let from = if w.full() {
+                taken
+            } else {
+                st.last_taken.unwrap_or(taken)
+            };
+            self.record(server, db, w, chain, (from, taken), &keys)
                 .await?;
-            report.log += 1;
+            if w.full() {
+                report.full += 1;
+                st.chain = w.seq;
+                st.last_full = Some(taken);
+                // Retention looks at this database again now that a full backup is newer.
+                locked(&self.backups.retention_at).remove(&db.database_id);
+            } else {
+                report.log += 1;
+            }
             st.cursor = Some(cursor_after(w.generation, w.last));
-        }
-        if let Some(w) = &full {
-            self.record(server, db, w, w.seq, (taken, taken), &keys)
-                .await?;
-            report.full += 1;
-            st.chain = w.seq;
-            st.last_full = Some(taken);
-            st.cursor = Some(cursor_after(w.generation, w.last));
-            // Retention looks at this database again now that a full backup is newer.
-            locked(&self.backups.retention_at).remove(&db.database_id);
-        }
-        if let Some(w) = full.as_ref().or(log.as_ref()) {
             st.next_seq = w.seq + 1;
             st.last_taken = Some(taken);
         }
         locked(&self.backups.dbs).insert(db.database_id.clone(), st.clone());
-        // The checkpoint stops at the pinned snapshot: nothing past the frames copied.
-        let frames = state.frames;
-        let (mut pass, drained) = blocking("a checkpoint", move || {
-            let (log, done) = pass.checkpoint()?;
-            pass.unpin()?;
-            Ok((pass, log == done && log == frames))
-        })
-        .await?;
         let Some(mut cursor) = st.cursor else {
             return Ok(());
         };
-        cursor.drained = drained;
-        if !drained && frames >= RESTART_FRAMES {
-            let (dir, seq) = (self.backup_dir(&db.database_id), st.next_seq);
-            let (p, second) = blocking("a backup", move || {
-                let second = stage_two(&mut pass, &cursor, &dir, seq)?;
-                Ok((pass, second))
-            })
-            .await?;
-            pass = p;
-            let Some((s2, w)) = second else {
-                st.cursor = Some(cursor);
-                locked(&self.backups.dbs).insert(db.database_id.clone(), st);
-                return Ok(());
-            };
-            if let Some(w) = &w {
+        let copied = (state.generation(), state.frames);
+        let (dir, seq) = (self.backup_dir(&db.database_id), st.next_seq);
+        let (mut pass, ending) = blocking("the end of a backup", move || {
+            let ending = finish(&mut pass, &cursor, copied, (&dir, seq, RESTART_FRAMES))?;
+            Ok((pass, ending))
+        })
+        .await?;
+        cursor.drained = match ending {
+            Ending::Done { drained } => drained,
+            Ending::Tail { written, .. } => {
                 // The write lock is held: writers wait for this record (one small document),
                 // and the log is as it was at this time.
                 let taken = self.host.now();
                 let from = st.last_taken.unwrap_or(taken);
-                self.record(server, db, w, st.chain, (from, taken), &keys)
+                self.record(server, db, &written, st.chain, (from, taken), &keys)
                     .await?;
                 report.log += 1;
-                st.next_seq = w.seq + 1;
+                st.next_seq = written.seq + 1;
                 st.last_taken = Some(taken);
-                cursor = cursor_after(w.generation, w.last);
+                cursor = cursor_after(written.generation, written.last);
+                let (p, drained) = blocking("the end of a backup", move || {
+                    let drained = finish_tail(&mut pass)?;
+                    Ok((pass, drained))
+                })
+                .await?;
+                pass = p;
+                drained
             }
-            let frames = s2.frames;
-            let (log, done) = blocking("a checkpoint", move || {
-                // The write lock is held: the checkpoint cannot pass what is recorded.
-                let r = pass.checkpoint()?;
-                pass.unlock()?;
-                Ok(r)
-            })
-            .await?;
-            cursor.drained = log == done && log == frames;
-        }
+        };
         st.cursor = Some(cursor);
         locked(&self.backups.dbs).insert(db.database_id.clone(), st);
+        if let Some(pin) = pass.keep() {
+            locked(&self.backups.pins).insert(db.database_id.clone(), pin);
+        }
         Ok(())
     }
 
@@ -711,6 +571,7 @@ impl SqlService {
     pub(crate) async fn note_dropped(&self, server: &Value, db: &Database) {
         let server_id = id_of_body(server);
         let id = db.database_id.to_ascii_lowercase();
+        locked(&self.backups.pins).remove(&db.database_id);
         locked(&self.backups.dbs).remove(&db.database_id);
         let r = async {
             if let Some(mut entry) = self.host.document(&server_id, INDEX_DOC, &id).await? {
