@@ -7,13 +7,15 @@ and the key), and kill -9 of the server while a writer runs.
 """
 
 import calendar
+import json
+import subprocess
 import threading
 import time
 
 import psycopg
 import pytest
 
-from conftest import DEFAULT_RG, LOCATION, _start_server, advance_clock, wait_for
+from conftest import DEFAULT_RG, KAGI_BIN, LOCATION, _start_server, advance_clock, wait_for
 from test_sql import (arm, connect, create_db, create_server, grant, key_vault_with_key, ok, psql,
                       set_protector, sql_path)
 
@@ -90,6 +92,15 @@ def first_full_backup(srv, server, db):
     return 1
 
 
+def kagi_sql(srv, *args):
+    """`kagi sql …` against the server, its JSON output."""
+    cmd = [str(KAGI_BIN), "sql", *args, "-g", DEFAULT_RG, "--server", srv.base, "--data-dir", str(srv.data_dir),
+           "--output", "json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
 def backup_files(srv):
     return [p for p in (srv.data_dir / "sql-backups").rglob("*") if p.is_file()]
 
@@ -144,13 +155,20 @@ def test_log_backups_restore_to_a_point_between_batches_and_hold_no_plaintext(ba
     ok(restore(srv, server, db, "pitr3", listed["latestRestoreDate"]))
     assert batches_in(srv, server, "pitr3") == (["B1", "B2", "B3"], 75)
 
+    # The CLI lists the backups and restores.
+    listed_cli = kagi_sql(srv, "db", "list-backups", "-s", server, "-n", db)["value"]
+    assert [b["name"] for b in listed_cli] == [b["name"] for b in listed["value"]]
+    made = kagi_sql(srv, "db", "restore", "-s", server, "-n", "clipitr", "--source", db, "--time", points["B1"])
+    assert made["properties"]["status"] == "Online"
+    assert batches_in(srv, server, "clipitr") == (["B1"], 25)
+
     # Points outside the backups are 400s, and create nothing.
     r = restore(srv, server, db, "tooearly", "2001-01-01T00:00:00Z")
     assert r.status_code == 400 and r.json()["error"]["innererror"]["code"] == "InvalidRestorePointInTime", r.text
     r = restore(srv, server, db, "future", "2999-01-01T00:00:00Z")
     assert r.status_code == 400 and r.json()["error"]["innererror"]["code"] == "InvalidRestorePointInTime", r.text
     names = [d["name"] for d in ok(arm(srv, "GET", sql_path(srv, server, "/databases")))["value"]]
-    assert sorted(names) == sorted([db, "pitr1", "pitr2", "pitr3"]), names
+    assert sorted(names) == sorted([db, "pitr1", "pitr2", "pitr3", "clipitr"]), names
 
     # The backups' files hold none of the rows: only ciphertext under the database's key.
     files = backup_files(srv)

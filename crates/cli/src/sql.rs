@@ -135,13 +135,44 @@ enum DbCommand {
         #[command(flatten)]
         at: ServerAt,
     },
-    /// Delete a database (allowed even when it is inaccessible).
+    /// Delete a database (allowed even when it is inaccessible). Its backups stay for the
+    /// retention period.
     Delete {
         #[command(flatten)]
         at: ServerAt,
         /// Database name.
         #[arg(long, short = 'n')]
         name: String,
+    },
+    /// Restore a database, as it was at a point in time, into a new database (a point-in-time
+    /// restore; the source may have been dropped since).
+    Restore {
+        #[command(flatten)]
+        at: ServerAt,
+        /// The new database's name.
+        #[arg(long, short = 'n')]
+        name: String,
+        /// The database to restore (its name on the same server).
+        #[arg(long)]
+        source: String,
+        /// The point in time (RFC 3339, e.g. 2026-05-01T10:00:00Z): the database as of the last
+        /// backup at or before it (log backups are minutes apart).
+        #[arg(long)]
+        time: String,
+    },
+    /// List a database's backups: time, type, the range of time each covers and the key it is
+    /// under (kagi's).
+    ListBackups {
+        #[command(flatten)]
+        at: ServerAt,
+        /// Database name (a dropped one's backups while they are retained).
+        #[arg(long, short = 'n')]
+        name: String,
+    },
+    /// List dropped databases whose backups remain (restorable).
+    ListDropped {
+        #[command(flatten)]
+        at: ServerAt,
     },
 }
 
@@ -248,6 +279,30 @@ fn db_line(d: &Value) -> String {
         d["name"].as_str().unwrap_or(""),
         p["status"].as_str().unwrap_or(""),
         p["databaseId"].as_str().unwrap_or("")
+    )
+}
+
+fn backup_line(b: &Value) -> String {
+    let p = &b["properties"];
+    format!(
+        "{}\t{}\t{}\t{}..{}\t{}\t{}",
+        b["name"].as_str().unwrap_or(""),
+        p["backupType"].as_str().unwrap_or(""),
+        p["backupTime"].as_str().unwrap_or(""),
+        p["rangeStart"].as_str().unwrap_or(""),
+        p["rangeEnd"].as_str().unwrap_or(""),
+        p["keyUri"].as_str().unwrap_or("ServiceManaged"),
+        p["thumbprint"].as_str().unwrap_or("")
+    )
+}
+
+fn dropped_line(d: &Value) -> String {
+    let p = &d["properties"];
+    format!(
+        "{}\tdeleted {}\tearliest {}",
+        p["databaseName"].as_str().unwrap_or(""),
+        p["deletionDate"].as_str().unwrap_or(""),
+        p["earliestRestoreDate"].as_str().unwrap_or("")
     )
 }
 
@@ -404,6 +459,34 @@ async fn db(ctx: &Context, c: DbCommand) -> anyhow::Result<()> {
         }
         DbCommand::Delete { at, name } => {
             call(ctx, Method::DELETE, url(&at, &name), None).await?;
+        }
+        DbCommand::Restore {
+            at,
+            name,
+            source,
+            time,
+        } => {
+            let body = json!({"properties": {
+                "createMode": "PointInTimeRestore",
+                "sourceDatabaseId": url(&at, &source).trim_start_matches(&ctx.base),
+                "restorePointInTime": time,
+            }});
+            show(
+                ctx,
+                &call(ctx, Method::PUT, url(&at, &name), Some(&body)).await?,
+                db_line,
+            );
+        }
+        DbCommand::ListBackups { at, name } => {
+            let u = format!("{}/backups", url(&at, &name));
+            show(ctx, &call(ctx, Method::GET, u, None).await?, backup_line);
+        }
+        DbCommand::ListDropped { at } => {
+            let u = format!(
+                "{}/restorableDroppedDatabases",
+                server_url(ctx, &at.resource_group, &at.sql_server)
+            );
+            show(ctx, &call(ctx, Method::GET, u, None).await?, dropped_line);
         }
     }
     Ok(())
