@@ -267,11 +267,7 @@ impl SqlService {
     async fn key_snapshot(&self, server: &Value, db: &Database) -> Result<Value, KvError> {
         let dek = self
             .host
-            .document(
-                &id_of_body(server),
-                DBKEYS_DOC,
-                &db.name.to_ascii_lowercase(),
-            )
+            .document(&id_of_body(server), DBKEYS_DOC, &db.database_id)
             .await?
             .unwrap_or_else(|| json!({"records": []}));
         let records = records_in(&dek);

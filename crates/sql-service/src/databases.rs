@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kagi_cmk::{Dek, DekSlot, KeyOwner};
+use kagi_cmk::{Dek, KeyOwner};
 use kagi_core::{ErrorCode, KvError};
 use serde_json::{Value, json};
 
@@ -154,6 +154,16 @@ pub fn unavailable_message(db: &str, server: &str) -> String {
 }
 
 impl SqlService {
+    /// The lock that serialises the changes of database `name` of `server`, held.
+    pub(crate) async fn db_lock(
+        &self,
+        server: &Value,
+        name: &str,
+    ) -> tokio::sync::OwnedMutexGuard<()> {
+        self.lock_id(&format!("{}/databases/{name}", id_of_body(server)))
+            .await
+    }
+
     /// The file of database `database_id`.
     pub(crate) fn db_file(&self, database_id: &str) -> PathBuf {
         self.host
@@ -265,7 +275,7 @@ impl SqlService {
     ) -> Result<(u16, Value), KvError> {
         check_db_name(name)?;
         let server_id = id_of_body(server);
-        let _g = self.lock_id(&format!("{server_id}/databases/{name}")).await;
+        let _g = self.db_lock(server, name).await;
         let existing = self.database(server, name).await.ok();
         if existing.is_some() && crate::backups::restore_requested(&input) {
             return Err(KvError::conflict(format!(
@@ -320,6 +330,9 @@ impl SqlService {
             database_id: database_id.clone(),
             doc,
         };
+        // The protector does not change while the database is made (it would miss the
+        // re-wrap).
+        let _gate = self.server_gate(&server_id).await;
         // The DEK, wrapped under the protector in force before anything refers to it.
         let dek = kagi_cmk::random_dek()?;
         let protector = self.protector(server).await?;
@@ -332,11 +345,24 @@ impl SqlService {
             .map_err(|e| kagi_cmk::key_failure_error(e, "AzureKeyVaultKeyAccessFailed"))?;
         owner.add_wrapped_key(record).await?;
         let open = self.remember_open(server, &db, dek);
-        match restore {
-            Some(r) => self.finish_restore(server, &db, &open, r).await?,
-            None => crate::engine::create(open.file.clone(), open.page_key()?).await?,
+        let made = match restore {
+            Some(r) => self.finish_restore(server, &db, &open, r).await,
+            None => match open.page_key() {
+                Ok(key) => crate::engine::create(open.file.clone(), key).await,
+                Err(e) => Err(e),
+            },
+        };
+        let made = match made {
+            Ok(()) => self.put_db_doc(server, &db).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = made {
+            // A failed create leaves nothing: no key records, no key in memory, no file.
+            self.forget_open(&db.database_id);
+            let _ = owner.delete().await;
+            let _ = crate::engine::remove_files(&self.db_file(&db.database_id)).await;
+            return Err(e);
         }
-        self.put_db_doc(server, &db).await?;
         Ok((201, self.db_view(server, &db)))
     }
 
@@ -348,10 +374,11 @@ impl SqlService {
         name: &str,
     ) -> Result<(u16, Value), KvError> {
         let server_id = id_of_body(server);
-        let _g = self.lock_id(&format!("{server_id}/databases/{name}")).await;
+        let _g = self.db_lock(server, name).await;
         let Ok(db) = self.database(server, name).await else {
             return Ok((204, Value::Null));
         };
+        let _gate = self.server_gate(&server_id).await;
         self.drop_database(server, &db).await?;
         Ok((200, Value::Null))
     }
@@ -367,18 +394,20 @@ impl SqlService {
                 ),
             ));
         }
-        // The document goes first: a crash after it leaves only unreachable ciphertext.
+        // Its backups stay for the retention period.
+        self.note_dropped(server, db).await;
+        // The key first, then the files, then the document: a crash on the way leaves a
+        // database whose key is gone (it cannot open), which a repeated DELETE finishes.
+        self.db_keys(server, db).delete().await?;
+        crate::engine::remove_files(&self.db_file(&db.database_id)).await?;
         self.host
             .delete_document(
                 &id_of_body(server),
                 DATABASE_DOC,
                 &db.name.to_ascii_lowercase(),
             )
-            .await?;
-        // Its backups stay for the retention period.
-        self.note_dropped(server, db).await;
-        self.db_keys(server, db).delete().await?;
-        crate::engine::remove_files(&self.db_file(&db.database_id)).await
+            .await
+            .map(|_| ())
     }
 
     /// The database's resource health (Azure Resource Health's `availabilityStatuses/current`,
@@ -525,25 +554,21 @@ impl SqlService {
         {
             return Ok(open.clone());
         }
+        // Only a record under the protector in force opens it (an older key's record would
+        // hide a revocation of the key in force).
         let protector = self.protector(server).await?;
-        let kek = self.kek(server, &protector).await?;
-        let owner = self.db_keys(server, &db);
-        let slot = DekSlot::default();
-        let opened = self
-            .keys
-            .data_key(
-                &owner,
-                &kek,
-                &slot,
-                std::time::Duration::ZERO,
-                self.host.now(),
-            )
+        let dek = self
+            .open_dek_under(server, &db, &protector)
             .await
             .map_err(|e| {
                 tracing::warn!(database = %db.name, error = ?e, "database key not opened");
                 unavailable()
             })?;
-        Ok(self.remember_open(server, &db, opened.dek))
+        // Made Inaccessible meanwhile: its key stays out of memory.
+        if self.database(server, name).await?.inaccessible() {
+            return Err(unavailable());
+        }
+        Ok(self.remember_open(server, &db, dek))
     }
 
     /// Makes every online database of `server` Inaccessible (TD-4): DEK dropped from memory,
@@ -555,7 +580,12 @@ impl SqlService {
     ) -> Result<u64, KvError> {
         let now = self.host.now();
         let mut n = 0;
-        for mut db in self.databases_of(server).await? {
+        for listed in self.databases_of(server).await? {
+            // Under the database's lock, as it is now (dropped or changed meanwhile).
+            let _g = self.db_lock(server, &listed.name).await;
+            let Ok(mut db) = self.database(server, &listed.name).await else {
+                continue;
+            };
             if db.inaccessible() {
                 continue;
             }
@@ -595,7 +625,12 @@ impl SqlService {
         let now = self.host.now();
         let window = self.config.heal_window.as_secs() as i64;
         let mut n = 0;
-        for mut db in self.databases_of(server).await? {
+        for listed in self.databases_of(server).await? {
+            // Under the database's lock, as it is now (dropped or changed meanwhile).
+            let _g = self.db_lock(server, &listed.name).await;
+            let Ok(mut db) = self.database(server, &listed.name).await else {
+                continue;
+            };
             if !db.inaccessible() {
                 continue;
             }
@@ -611,14 +646,7 @@ impl SqlService {
             }
             // The key must open the DEK now.
             let protector = self.protector(server).await?;
-            let kek = self.kek(server, &protector).await?;
-            let owner = self.db_keys(server, &db);
-            let slot = DekSlot::default();
-            let opened = match self
-                .keys
-                .data_key(&owner, &kek, &slot, std::time::Duration::ZERO, now)
-                .await
-            {
+            let opened = match self.open_dek_under(server, &db, &protector).await {
                 Ok(o) => o,
                 Err(e) if revalidated => {
                     return Err(kagi_cmk::key_failure_error(
@@ -630,7 +658,7 @@ impl SqlService {
             };
             db.doc["state"] = json!({"status": ONLINE});
             self.put_db_doc(server, &db).await?;
-            self.remember_open(server, &db, opened.dek);
+            self.remember_open(server, &db, opened);
             self.host
                 .append_activity(
                     &id_of_body(server),

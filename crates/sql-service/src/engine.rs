@@ -18,7 +18,21 @@ pub(crate) fn open_blocking(
     path: &Path,
     key: &DatabaseKey,
 ) -> Result<rusqlite::Connection, kagi_sqlite_crypt::Error> {
-    let conn = kagi_sqlite_crypt::open(path, key)?;
+    with_settings(kagi_sqlite_crypt::open(path, key)?)
+}
+
+/// As [`open_blocking`], for a database that exists: a missing or empty file is an error, so a
+/// database whose file was lost never comes back empty.
+fn open_existing_blocking(
+    path: &Path,
+    key: &DatabaseKey,
+) -> Result<rusqlite::Connection, kagi_sqlite_crypt::Error> {
+    with_settings(kagi_sqlite_crypt::open_existing(path, key)?)
+}
+
+fn with_settings(
+    conn: rusqlite::Connection,
+) -> Result<rusqlite::Connection, kagi_sqlite_crypt::Error> {
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.set_db_config(
         rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
@@ -29,10 +43,22 @@ pub(crate) fn open_blocking(
 
 /// Creates the database file `path` under `key` (an empty encrypted database).
 pub(crate) async fn create(path: PathBuf, key: DatabaseKey) -> Result<(), KvError> {
-    tokio::task::spawn_blocking(move || open_blocking(&path, &key).map(drop))
-        .await
-        .map_err(|e| internal("creating a database", e))?
-        .map_err(|e| internal("creating a database", e))
+    tokio::task::spawn_blocking(move || {
+        open_blocking(&path, &key)?;
+        // The new file's name is durable before the database is acknowledged.
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| kagi_sqlite_crypt::Error::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+        }
+        Ok::<_, kagi_sqlite_crypt::Error>(())
+    })
+    .await
+    .map_err(|e| internal("creating a database", e))?
+    .map_err(|e| internal("creating a database", e))
 }
 
 /// A new connection to the database file `path` under `key` (for one session).
@@ -40,7 +66,7 @@ pub(crate) async fn connect(
     path: PathBuf,
     key: DatabaseKey,
 ) -> Result<rusqlite::Connection, KvError> {
-    tokio::task::spawn_blocking(move || open_blocking(&path, &key))
+    tokio::task::spawn_blocking(move || open_existing_blocking(&path, &key))
         .await
         .map_err(|e| internal("opening a database", e))?
         .map_err(|e| internal("opening a database", e))

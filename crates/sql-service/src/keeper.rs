@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use kagi_cmk::{DekSlot, FailureKind, KeyError, key_unusable};
+use kagi_cmk::{FailureKind, KeyError, key_unusable};
 use kagi_core::KvError;
 use serde_json::{Value, json};
 
@@ -201,23 +201,9 @@ impl SqlService {
             Ok(p) => p,
             Err(e) => return Probe::Failed(FailureKind::Transient, e.message),
         };
-        let kek = match self.kek(server, &protector).await {
-            Ok(k) => k,
-            Err(e) => return definite(e.message),
-        };
-        let owner = self.db_keys(server, db);
-        let slot = DekSlot::default();
-        match self
-            .keys
-            .data_key(
-                &owner,
-                &kek,
-                &slot,
-                std::time::Duration::ZERO,
-                self.host.now(),
-            )
-            .await
-        {
+        // Only a record under the protector in force counts: an older key's record would hide
+        // the revocation of this one.
+        match self.open_dek_under(server, db, &protector).await {
             Ok(_) => Probe::Usable,
             Err(KeyError::Access(f) | KeyError::Unopened(Some(f))) => {
                 Probe::Failed(f.kind, f.message)

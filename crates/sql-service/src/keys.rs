@@ -14,7 +14,8 @@ use kagi_core::{ErrorCode, KvError};
 use kagi_host::ServiceHost;
 use serde_json::{Value, json};
 
-/// The document kind of a database's key records (named by the database, lower case).
+/// The document kind of a database's key records (named by the database id, so that a new
+/// database of a dropped one's name never meets its records).
 pub(crate) const DBKEYS_DOC: &str = "dbkeys";
 /// The document kind of the server's own settings (`protector`, `pmk`, `logins`, `health`).
 pub(crate) const SERVER_DOC: &str = "sql";
@@ -77,7 +78,7 @@ pub(crate) struct DbKeys<'a> {
     pub(crate) host: &'a dyn ServiceHost,
     /// The server's resource id (where the documents are).
     pub(crate) server_id: String,
-    /// The database's name, lower case (the document's name).
+    /// The database's id (the document's name).
     pub(crate) db: String,
     /// The database id (a GUID), which the platform-key wrap is bound to.
     pub(crate) database_id: String,

@@ -697,7 +697,7 @@ impl SqlService {
         DbKeys {
             host: self.host.as_ref(),
             server_id: id_of_body(server),
-            db: db.name.to_ascii_lowercase(),
+            db: db.database_id.clone(),
             database_id: db.database_id.clone(),
         }
     }
