@@ -45,15 +45,20 @@ fn record_kind(database_id: &str) -> String {
     format!("sqlbackup/{}", database_id.to_ascii_lowercase())
 }
 
-/// A blocking step on the blocking pool.
+/// A blocking step on the blocking pool. A database that stayed busy is no failure of kagi's:
+/// 503, not logged as an error.
 async fn blocking<T: Send + 'static>(
     what: &str,
     f: impl FnOnce() -> Result<T, FileError> + Send + 'static,
 ) -> Result<T, KvError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| internal(what, e))?
-        .map_err(|e| internal(what, e))
+    match tokio::task::spawn_blocking(f).await {
+        Err(e) => Err(internal(what, e)),
+        Ok(Err(FileError::Busy)) => Err(KvError::new(
+            ErrorCode::ServiceUnavailable,
+            format!("The database stayed busy during {what}; try again later."),
+        )),
+        Ok(r) => r.map_err(|e| internal(what, e)),
+    }
 }
 
 /// What one backup pass did.
@@ -194,11 +199,21 @@ impl SqlService {
                 let open = locked(&self.open).get(&db.database_id).cloned();
                 let Some(open) = open else { continue };
                 active.insert(db.database_id.clone());
-                if let Err(e) = self.backup_database(server, db, &open, &mut report).await {
-                    tracing::warn!(database = %db.name, error = %e.message, "SQL backup failed");
-                    report.failed += 1;
-                    // Rebuilt from the records next time (leftover files removed).
-                    locked(&self.backups.dbs).remove(&db.database_id);
+                match self.backup_database(server, db, &open, &mut report).await {
+                    Ok(()) => {}
+                    // Sessions held the write lock: the next pass tries again.
+                    Err(e) if e.code == ErrorCode::ServiceUnavailable => {
+                        tracing::info!(database = %db.name, "SQL backup put off: {}", e.message);
+                        if let Some(st) = locked(&self.backups.dbs).get_mut(&db.database_id) {
+                            st.last_attempt = i64::MIN / 2;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(database = %db.name, error = %e.message, "SQL backup failed");
+                        report.failed += 1;
+                        // Rebuilt from the records next time (leftover files removed).
+                        locked(&self.backups.dbs).remove(&db.database_id);
+                    }
                 }
             }
             match self.keep_backups_of(server, &dbs, now, &mut report).await {
