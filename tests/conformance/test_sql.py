@@ -190,7 +190,7 @@ def test_bad_sql_requests_get_azure_errors(kagi):
     vault, keys, key = key_vault_with_key(srv)
     r = arm(srv, "PUT", sql_path(srv, server, f"/keys/{server_key_name(key.id)}"),
             {"properties": {"serverKeyType": "AzureKeyVault", "uri": key.id}})
-    assert r.status_code == 400 and "AzureKeyVaultNoServerIdentity" in r.text, r.text
+    assert r.status_code == 400 and r.json()["error"]["code"] == "AzureKeyVaultNoServerIdentity", r.text
     r = arm(srv, "PUT", sql_path(srv, server, "/encryptionProtector/current"),
             {"properties": {"serverKeyType": "AzureKeyVault", "serverKeyName": "kv_nokey_1"}})
     assert r.status_code == 404 and "ServerKeyNotFound" in r.text, r.text

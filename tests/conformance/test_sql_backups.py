@@ -164,9 +164,9 @@ def test_log_backups_restore_to_a_point_between_batches_and_hold_no_plaintext(ba
 
     # Points outside the backups are 400s, and create nothing.
     r = restore(srv, server, db, "tooearly", "2001-01-01T00:00:00Z")
-    assert r.status_code == 400 and r.json()["error"]["innererror"]["code"] == "InvalidRestorePointInTime", r.text
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidRestorePointInTime", r.text
     r = restore(srv, server, db, "future", "2999-01-01T00:00:00Z")
-    assert r.status_code == 400 and r.json()["error"]["innererror"]["code"] == "InvalidRestorePointInTime", r.text
+    assert r.status_code == 400 and r.json()["error"]["code"] == "InvalidRestorePointInTime", r.text
     names = [d["name"] for d in ok(arm(srv, "GET", sql_path(srv, server, "/databases")))["value"]]
     assert sorted(names) == sorted([db, "pitr1", "pitr2", "pitr3", "clipitr"]), names
 
@@ -224,7 +224,7 @@ def test_a_rotation_between_backups_and_a_restore_that_needs_a_disabled_key(back
     r = restore(srv, server, db, "needsold", point_b)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["innererror"]["code"] == "MissingKeyVaultUriForRestore", err
+    assert err["code"] == "MissingKeyVaultUriForRestore", err
     assert server in err["message"] and key.id in err["message"], err
     assert old[0]["properties"]["backupTime"] in err["message"], err
     assert arm(srv, "GET", sql_path(srv, server, "/databases/needsold")).status_code == 404

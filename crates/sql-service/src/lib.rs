@@ -367,7 +367,17 @@ impl ResourceProvider for SqlService {
         caller: &Principal,
         req: ArmRequest<'_>,
     ) -> Result<kagi_host::ArmReply, KvError> {
-        self.route(caller, req).await.map(Into::into)
+        match self.route(caller, req).await {
+            Ok(reply) => Ok(reply.into()),
+            // Microsoft.Sql names the error itself in `error.code` (what the SDKs and az show),
+            // not in an inner error as the key vault does.
+            Err(e) if e.inner.is_some() && e.code != ErrorCode::InternalError => Ok((
+                e.status(),
+                json!({"error": {"code": e.inner, "message": e.message}}),
+            )
+                .into()),
+            Err(e) => Err(e),
+        }
     }
 
     fn trusted_for_vault_firewall(&self) -> bool {
