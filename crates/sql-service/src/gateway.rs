@@ -142,10 +142,12 @@ impl Gateway for SqlGateway {
         // One change of a server's logins at a time (they share one document).
         let _logins = self.0.lock_id(&logins::lock_name(&id)).await;
         let err = |e: KvError| PgError::error(sqlstate::INTERNAL_ERROR, e.message);
-        let is_admin = logins::get(host, &id, actor)
-            .await
-            .map_err(err)?
-            .is_some_and(|(_, admin)| admin);
+        // The SQL administrator, or the Entra administrator.
+        let is_admin = entra_admin(&s).is_some_and(|(name, _)| name.eq_ignore_ascii_case(actor))
+            || logins::get(host, &id, actor)
+                .await
+                .map_err(err)?
+                .is_some_and(|(_, admin)| admin);
         if !is_admin {
             return Err(PgError::error(
                 sqlstate::INSUFFICIENT_PRIVILEGE,

@@ -25,6 +25,9 @@ use crate::keys::SERVER_DOC;
 use crate::protector::identity_choice;
 use crate::{SERVER_TYPE, SqlService, id_of_body};
 
+/// Servers probed at once by a pass.
+const PROBE_CONCURRENCY: usize = 8;
+
 /// What one pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SweepReport {
@@ -74,11 +77,29 @@ pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
 
 impl SqlService {
     /// One pass over every server.
-    pub async fn sweep(&self) -> Result<SweepReport, KvError> {
-        let mut report = SweepReport::default();
+    pub async fn sweep(self: &Arc<Self>) -> Result<SweepReport, KvError> {
+        // Servers are probed side by side (a few at a time), so that servers behind an
+        // unreachable key vault do not delay everyone else's bound.
+        let limit = Arc::new(tokio::sync::Semaphore::new(PROBE_CONCURRENCY));
+        let mut tasks = tokio::task::JoinSet::new();
         for server in self.host.resources_of_type(SERVER_TYPE) {
-            if let Err(e) = self.keep_server(&server, &mut report).await {
-                tracing::warn!(server = %id_of_body(&server), error = %e.message, "SQL keeper");
+            let (svc, limit) = (self.clone(), limit.clone());
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let mut report = SweepReport::default();
+                if let Err(e) = svc.keep_server(&server, &mut report).await {
+                    tracing::warn!(server = %id_of_body(&server), error = %e.message, "SQL keeper");
+                }
+                report
+            });
+        }
+        let mut report = SweepReport::default();
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(r) = done {
+                report.probed += r.probed;
+                report.made_inaccessible += r.made_inaccessible;
+                report.recovered += r.recovered;
+                report.rotated += r.rotated;
             }
         }
         Ok(report)

@@ -86,7 +86,7 @@ impl Fx {
             .call("PUT", &self.db(name), json!({ "properties": properties }))
             .await;
         assert!(st == 400 || st == 409 || st == 404, "{name}: {st} {v}");
-        assert_eq!(v["code"], inner, "{name}: {v}");
+        assert_eq!(v["error"]["code"], inner, "{name}: {v}");
     }
 
     async fn rows(&self, db: &str) -> Vec<String> {
