@@ -665,13 +665,6 @@ pub fn spawn_backups(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
 // Restore
 // ---------------------------------------------------------------------------------------------
 
-/// Whether a database `PUT` asks for a restore (`properties.createMode` other than `Default`).
-pub(crate) fn restore_requested(input: &Value) -> bool {
-    input["properties"]["createMode"]
-        .as_str()
-        .is_some_and(|m| !m.eq_ignore_ascii_case("Default"))
-}
-
 /// A restore made ready before the new database exists: the source replayed to the restore
 /// point in a private work directory (ciphertext under the source's DEK), open.
 pub(crate) struct PreparedRestore {
@@ -1011,33 +1004,25 @@ impl SqlService {
         dek.ok_or_else(|| internal("restore", "a chain without backups"))
     }
 
-    /// Writes the prepared restore into the new database `db` (its file under its own new DEK
-    /// and id, as `open` holds them). On failure the new database's key records, memory and
-    /// files go again.
+    /// Writes the prepared restore into a new database's file under its own new DEK and id (as
+    /// `open` holds them). The caller removes the new database's key records, key in memory and
+    /// files when this fails.
     pub(crate) async fn finish_restore(
         &self,
-        server: &Value,
-        db: &Database,
         open: &OpenDatabase,
         mut prepared: PreparedRestore,
     ) -> Result<(), KvError> {
         let key = open.page_key()?;
         let file = open.file.clone();
         let conn = prepared.conn.take();
-        let r = blocking("writing a restored database", move || {
+        let written = blocking("writing a restored database", move || {
             let conn = conn.ok_or_else(|| FileError::Damaged("no restore prepared".into()))?;
             kagi_sqlite_crypt::backup(&conn, &file, &key)?;
             Ok(())
         })
         .await;
         drop(prepared);
-        if let Err(e) = r {
-            self.forget_open(&db.database_id);
-            self.db_keys(server, db).delete().await?;
-            crate::engine::remove_files(&open.file).await?;
-            return Err(e);
-        }
-        Ok(())
+        written
     }
 }
 

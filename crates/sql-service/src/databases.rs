@@ -143,6 +143,13 @@ fn new_guid() -> Result<String, KvError> {
     ))
 }
 
+/// Whether a database `PUT` asks for a restore (`properties.createMode` other than `Default`).
+fn restore_requested(input: &Value) -> bool {
+    input["properties"]["createMode"]
+        .as_str()
+        .is_some_and(|m| !m.eq_ignore_ascii_case("Default"))
+}
+
 /// Azure's 40613 text, which connections to an inaccessible database get.
 pub fn unavailable_message(db: &str, server: &str) -> String {
     format!(
@@ -277,7 +284,7 @@ impl SqlService {
         let server_id = id_of_body(server);
         let _g = self.db_lock(server, name).await;
         let existing = self.database(server, name).await.ok();
-        if existing.is_some() && crate::backups::restore_requested(&input) {
+        if existing.is_some() && restore_requested(&input) {
             return Err(KvError::conflict(format!(
                 "The database '{name}' already exists: a restore creates a new database."
             ))
@@ -299,7 +306,7 @@ impl SqlService {
             return Ok((200, self.db_view(server, &db)));
         }
         // A restore replays the source's backups first: when it fails, nothing is created.
-        let restore = if crate::backups::restore_requested(&input) && !patch {
+        let restore = if restore_requested(&input) && !patch {
             Some(self.prepare_restore(server, &input).await?)
         } else {
             None
@@ -346,7 +353,7 @@ impl SqlService {
         owner.add_wrapped_key(record).await?;
         let open = self.remember_open(server, &db, dek);
         let made = match restore {
-            Some(r) => self.finish_restore(server, &db, &open, r).await,
+            Some(r) => self.finish_restore(&open, r).await,
             None => match open.page_key() {
                 Ok(key) => crate::engine::create(open.file.clone(), key).await,
                 Err(e) => Err(e),
