@@ -176,16 +176,13 @@ impl Pass {
     /// Opens the pass's connections to the database file `db` (which must exist: a dropped
     /// database's file is never created again).
     pub(crate) fn open(db: &Path, key: &DatabaseKey) -> Result<Self, FileError> {
-        if !db.exists() {
-            return Err(io(db)(std::io::ErrorKind::NotFound.into()));
-        }
-        let writer = crate::engine::open_blocking(db, key)?;
+        let writer = crate::engine::open_existing_blocking(db, key)?;
         writer.busy_timeout(LOCK_WAIT)?;
         Ok(Self {
             db: db.to_path_buf(),
             writer,
-            pin: crate::engine::open_blocking(db, key)?,
-            probe: crate::engine::open_blocking(db, key)?,
+            pin: crate::engine::open_existing_blocking(db, key)?,
+            probe: crate::engine::open_existing_blocking(db, key)?,
             locked: false,
             pinned: false,
         })

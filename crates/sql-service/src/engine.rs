@@ -23,7 +23,7 @@ pub(crate) fn open_blocking(
 
 /// As [`open_blocking`], for a database that exists: a missing or empty file is an error, so a
 /// database whose file was lost never comes back empty.
-fn open_existing_blocking(
+pub(crate) fn open_existing_blocking(
     path: &Path,
     key: &DatabaseKey,
 ) -> Result<rusqlite::Connection, kagi_sqlite_crypt::Error> {
