@@ -271,10 +271,21 @@ impl SqlService {
         }
         if let Some(kid) = key_id {
             // keyId sets the protector as a PUT of encryptionProtector/current would.
-            let name = self.add_server_key(&stored, &kid).await?;
-            self.switch_protector(&stored, Some(&name), false).await?;
-            let stored = self.note_key_id(caller, &stored).await?;
-            return Ok((status, view(stored)));
+            let adopted = async {
+                let name = self.add_server_key(&stored, &kid).await?;
+                self.switch_protector(&stored, Some(&name), false).await?;
+                self.note_key_id(caller, &stored).await
+            };
+            match adopted.await {
+                Ok(stored) => return Ok((status, view(stored))),
+                Err(e) => {
+                    // A new server that cannot take its key is not left behind (without it).
+                    if existing.is_none() {
+                        let _ = p.delete_resource(caller, at).await;
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok((status, view(stored)))
     }
