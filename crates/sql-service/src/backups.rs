@@ -4,7 +4,8 @@
 //! Every Online database gets a full backup every [`SqlConfig::full_backup_interval`] (SQLite's
 //! backup API, under the database's own DEK and id) and a log backup every
 //! [`SqlConfig::log_backup_interval`] (the WAL frames committed since the last one, copied as
-//! ciphertext), then a checkpoint that never goes past what was copied. Each backup is synced,
+//! ciphertext), then a checkpoint that never goes past what was copied; a read snapshot held
+//! between passes keeps any other checkpoint from passing it either. Each backup is synced,
 //! then recorded under the server with a copy of the database's wrapped DEK and the protector
 //! in force: rotation never touches a backup, and a restore unwraps each backup's DEK with the
 //! key it was taken under. A restore (`createMode: PointInTimeRestore`) replays the full backup
