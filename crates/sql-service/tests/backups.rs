@@ -15,7 +15,7 @@ use kagi_testkit::{Options, TestServer};
 use serde_json::{Value, json};
 
 /// The platform, the service on it (log backups every 10 s, full backups every 1000 s of the
-/// test clock) and server `sql1` with database `app`.
+/// test clock, backups kept `retention` seconds) and server `sql1` with database `app`.
 struct Fx {
     s: TestServer,
     svc: Arc<SqlService>,
@@ -25,7 +25,7 @@ struct Fx {
 }
 
 impl Fx {
-    async fn new() -> Self {
+    async fn new(retention: u64) -> Self {
         let s = TestServer::start(Options::default()).await;
         let group = format!(
             "/subscriptions/{}/resourceGroups/rg1",
@@ -36,6 +36,7 @@ impl Fx {
         let config = SqlConfig {
             log_backup_interval: Duration::from_secs(10),
             full_backup_interval: Duration::from_secs(1000),
+            backup_retention: Duration::from_secs(retention),
             ..SqlConfig::default()
         };
         let svc = SqlService::new(s.platform.clone(), config).unwrap();
@@ -126,7 +127,7 @@ fn pitr(source: &str, point: i64) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backups_restore_to_points_between_batches_and_after_a_drop() {
-    let fx = Fx::new().await;
+    let fx = Fx::new(7 * 86_400).await;
     let app = fx.db("app");
     // No backup yet: nothing to restore.
     fx.refused("early", pitr(&app, fx.now()), "InvalidRestorePointInTime")
@@ -249,4 +250,80 @@ async fn backups_restore_to_points_between_batches_and_after_a_drop() {
         .await;
     assert_eq!(st, 200, "{keys}");
     assert_eq!(keys["value"][0]["name"], "ServiceManaged", "{keys}");
+}
+
+/// The files in a database's backup directory.
+fn backup_files(fx: &Fx, database_id: &str) -> Vec<String> {
+    let dir = fx.s.dir().join("sql-backups").join(database_id);
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_a_full_backup_under_the_oldest_point_and_drops_follow() {
+    let fx = Fx::new(100).await;
+    let app = fx.db("app");
+    let id = fx.call("GET", &app, json!({})).await.1["properties"]["databaseId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let open = fx.gateway.open("sql1", "app", "kagiadmin").await.unwrap();
+    open.connection
+        .execute_batch("CREATE TABLE t (v TEXT PRIMARY KEY)")
+        .unwrap();
+    drop(open);
+    assert_eq!(fx.pass().await, (1, 0));
+    let t0 = fx.now();
+    fx.s.clock.advance(10);
+    fx.insert(1).await;
+    assert_eq!(fx.pass().await, (0, 1));
+    // A second full backup; the first one stays while it is the base of the oldest point kept.
+    fx.s.clock.advance(1000);
+    fx.insert(2).await;
+    assert_eq!(fx.pass().await, (1, 1));
+    let t1 = fx.now();
+    assert_eq!(
+        backup_files(&fx, &id).len(),
+        6,
+        "{:?}",
+        backup_files(&fx, &id)
+    );
+    fx.restore("old", pitr(&app, t0 + 10)).await;
+    assert_eq!(fx.rows("old").await.len(), 20);
+    // Once the second full backup is older than the retention, what came before it goes.
+    fx.s.clock.advance(150);
+    fx.insert(3).await;
+    let r = fx.svc.backup_pass().await;
+    assert_eq!((r.log, r.removed, r.failed), (1, 3, 0), "{r:?}");
+    let left = backup_files(&fx, &id);
+    assert!(
+        left.iter()
+            .all(|f| !f.starts_with("full-00000001") && !f.starts_with("log-00000002")),
+        "{left:?}"
+    );
+    fx.refused("gone", pitr(&app, t0 + 10), "InvalidRestorePointInTime")
+        .await;
+    fx.restore("kept", pitr(&app, t1)).await;
+    assert_eq!(fx.rows("kept").await.len(), 40);
+
+    // A dropped database keeps its backups for the retention, then loses them all.
+    assert_eq!(fx.call("DELETE", &app, json!({})).await.0, 200);
+    fx.restore("afterdrop", pitr(&app, fx.now())).await;
+    assert_eq!(fx.rows("afterdrop").await.len(), 60);
+    fx.s.clock.advance(101);
+    let r = fx.svc.backup_pass().await;
+    assert_eq!(r.failed, 0, "{r:?}");
+    assert!(backup_files(&fx, &id).is_empty());
+    let dropped = format!("{}/restorableDroppedDatabases", fx.server);
+    let (_, v) = fx.call("GET", &dropped, json!({})).await;
+    assert_eq!(v["value"], json!([]), "{v}");
+    fx.refused("late", pitr(&app, fx.now()), "SourceDatabaseNotFound")
+        .await;
 }
