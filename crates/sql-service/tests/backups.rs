@@ -102,6 +102,13 @@ impl Fx {
             .unwrap()
     }
 
+    async fn create_table(&self) {
+        let open = self.gateway.open("sql1", "app", "kagiadmin").await.unwrap();
+        open.connection
+            .execute_batch("CREATE TABLE t (v TEXT PRIMARY KEY)")
+            .unwrap();
+    }
+
     async fn insert(&self, batch: u32) {
         let open = self.gateway.open("sql1", "app", "kagiadmin").await.unwrap();
         for i in 0..20 {
@@ -133,11 +140,7 @@ async fn backups_restore_to_points_between_batches_and_after_a_drop() {
     fx.refused("early", pitr(&app, fx.now()), "InvalidRestorePointInTime")
         .await;
 
-    let open = fx.gateway.open("sql1", "app", "kagiadmin").await.unwrap();
-    open.connection
-        .execute_batch("CREATE TABLE t (v TEXT PRIMARY KEY)")
-        .unwrap();
-    drop(open);
+    fx.create_table().await;
     fx.insert(1).await;
     assert_eq!(fx.pass().await, (1, 0));
     let t1 = fx.now();
@@ -274,11 +277,7 @@ async fn retention_keeps_a_full_backup_under_the_oldest_point_and_drops_follow()
         .as_str()
         .unwrap()
         .to_string();
-    let open = fx.gateway.open("sql1", "app", "kagiadmin").await.unwrap();
-    open.connection
-        .execute_batch("CREATE TABLE t (v TEXT PRIMARY KEY)")
-        .unwrap();
-    drop(open);
+    fx.create_table().await;
     assert_eq!(fx.pass().await, (1, 0));
     let t0 = fx.now();
     fx.s.clock.advance(10);
