@@ -370,10 +370,14 @@ def test_committed_rows_survive_kill_9(tmp_path):
         open_tx.execute("INSERT INTO t (v) VALUES ('uncommitted')")
         srv.proc.kill()
         srv.proc.wait(10)
+        # What a create cut short by the crash would leave: a file no database names.
+        orphan = srv.data_dir / "sql" / "0f0f0f0f-0000-4000-8000-000000000000.db"
+        orphan.write_bytes(os.urandom(8192))
         srv.start()
         with connect(srv, server, db) as c:
             rows = [r[0] for r in c.execute("SELECT v FROM t ORDER BY id").fetchall()]
         assert rows == [f"committed-{i}" for i in range(50)]
+        wait_for("the orphan removed", lambda: not orphan.exists())
     finally:
         srv.stop()
 

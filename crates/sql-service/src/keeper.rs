@@ -50,7 +50,12 @@ enum Probe {
 /// Starts the keeper: every database opened ([`SqlService::open_all`]), then a pass every
 /// keeper tick; and the automatic backups ([`crate::spawn_backups`]).
 pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
+    let started = std::time::SystemTime::now();
     tokio::spawn(async move {
+        let orphans = service.remove_orphan_files(started).await;
+        if orphans > 0 {
+            tracing::warn!(orphans, "database files no database named were removed");
+        }
         // TD-9: every database open again before the first probe.
         let opened = service.open_all().await;
         tracing::info!(

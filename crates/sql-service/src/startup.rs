@@ -29,6 +29,41 @@ pub struct OpenReport {
 }
 
 impl SqlService {
+    /// Removes database files no database names (a create or restore that a crash cut
+    /// short: ciphertext whose key records are gone or were never kept), among those last
+    /// written before `started` (the process's start: a create under way now writes after it).
+    /// Returns how many databases' files went.
+    pub async fn remove_orphan_files(&self, started: std::time::SystemTime) -> u64 {
+        let mut known = std::collections::HashSet::new();
+        for server in self.host.resources_of_type(SERVER_TYPE) {
+            if let Ok(dbs) = self.databases_of(&server).await {
+                known.extend(dbs.into_iter().map(|d| d.database_id.to_ascii_lowercase()));
+            }
+        }
+        let dir = self.host.config().data_dir.join("sql");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return 0;
+        };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().to_ascii_lowercase();
+            let Some(id) = name.strip_suffix(".db") else {
+                continue;
+            };
+            let before_start = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t < started);
+            if id.len() == 36 && !known.contains(id) && before_start {
+                tracing::warn!(file = %entry.path().display(), "orphan database file removed");
+                if crate::engine::remove_files(&entry.path()).await.is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// Opens every Online database that is not open yet.
     pub async fn open_all(self: &Arc<Self>) -> OpenReport {
         let started = Instant::now();
