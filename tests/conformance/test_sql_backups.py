@@ -136,6 +136,9 @@ def test_log_backups_restore_to_a_point_between_batches_and_hold_no_plaintext(ba
         p = b["properties"]
         assert p["serverKeyType"] == "ServiceManaged" and p["rangeStart"] <= p["rangeEnd"], b
     assert listed["earliestRestoreDate"] <= points["B1"] <= listed["latestRestoreDate"], listed
+    # Azure's field on the database itself.
+    got = ok(arm(srv, "GET", sql_path(srv, server, f"/databases/{db}")))
+    assert got["properties"]["earliestRestoreDate"] == listed["earliestRestoreDate"], got
 
     # A restore to the point after batch 2: batches 1 and 2, not 3, in a new database.
     r = restore(srv, server, db, "pitr2", points["B2"])

@@ -1155,6 +1155,21 @@ impl SqlService {
         ))
     }
 
+    /// The earliest point database `db` can be restored to (Azure's `earliestRestoreDate`),
+    /// when it has a backup.
+    pub(crate) async fn earliest_restore_date(
+        &self,
+        server: &Value,
+        db: &Database,
+    ) -> Option<String> {
+        let records = self
+            .records(&id_of_body(server), &db.database_id)
+            .await
+            .ok()?;
+        let taken: Vec<Taken> = records.iter().filter_map(taken_of).collect();
+        crate::backup_chain::earliest_restore_point(&taken).map(kagi_core::time::rfc3339)
+    }
+
     /// `GET {server}/restorableDroppedDatabases`: dropped databases whose backups remain.
     pub(crate) async fn list_restorable_dropped(
         &self,

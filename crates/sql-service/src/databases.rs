@@ -254,7 +254,11 @@ impl SqlService {
     /// `GET {server}/databases/{name}`.
     pub(crate) async fn get_database(&self, server: &Value, name: &str) -> Result<Value, KvError> {
         let db = self.database(server, name).await?;
-        Ok(self.db_view(server, &db))
+        let mut view = self.db_view(server, &db);
+        if let Some(t) = self.earliest_restore_date(server, &db).await {
+            view["properties"]["earliestRestoreDate"] = json!(t);
+        }
+        Ok(view)
     }
 
     /// `GET {server}/databases` (or only the inaccessible ones).
