@@ -22,7 +22,8 @@
 # Environment: BENCH_SQL_ROUNDS (default 3), BENCH_SQL_ROWS (default 1500000), BENCH_SQL_READS
 # (read ratios, default "0 75 100"), BENCH_SQL_SYNC (default "FULL"; "FULL NORMAL" for both),
 # BENCH_SQL_ENGINES (default "sqlite kagi sqlcipher4 shell-plain shell-sqlcipher3"),
-# BENCH_SQL_DIR (parent of the work directory, default /var/tmp).
+# BENCH_SQL_DIR (parent of the work directory, default /var/tmp), BENCH_SQL_CACHE_SIZE (an
+# experiment: PRAGMA cache_size for every engine; unset, SQLite's default stays, as issue 13 asks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 txs="${1:-25000}"
@@ -61,6 +62,7 @@ shell_head() { # engine synchronous: the statements a shell session starts with
   [ "$1" = shell-sqlcipher3 ] && echo "PRAGMA key = \"x'$key_hex'\"; PRAGMA cipher_page_size = 4096;"
   [ "$1" = shell-plain ] && echo "PRAGMA page_size = 4096;"
   echo "PRAGMA journal_mode = WAL; PRAGMA synchronous = $2;"
+  [ -z "${BENCH_SQL_CACHE_SIZE:-}" ] || echo "PRAGMA cache_size = $BENCH_SQL_CACHE_SIZE;"
 }
 shell() { # engine db synchronous [time-file]: the shell on db, its script on standard input
   local timed=(); [ -n "${4:-}" ] && timed=(/usr/bin/time -f '%e %U %S' -o "$4")

@@ -13,11 +13,11 @@ fn open(engine: &str, path: &Path, synchronous: &str) -> Result<Connection> {
         // kagi's `open` sets WAL, synchronous=FULL and the reserved bytes itself.
         let key = kagi_sqlite_crypt::DatabaseKey::new(workload::KEY, *b"bench-sql-db-id!");
         let conn = kagi_sqlite_crypt::open(path, &key)?;
-        workload::set_sync(&conn, synchronous)?;
+        workload::settings_of_run(&conn, synchronous)?;
         Ok(conn)
     } else {
         let conn = Connection::open(path)?;
-        workload::wal_and_sync(&conn, synchronous)?;
+        workload::wal_and_settings(&conn, synchronous)?;
         Ok(conn)
     }
 }

@@ -383,21 +383,30 @@ pub fn main_with(engines: &[&str], open: Opener) -> std::process::ExitCode {
     }
 }
 
-/// Sets WAL mode and `synchronous` on a plain or SQLCipher connection (kagi's `open` sets WAL).
-pub fn wal_and_sync(conn: &Connection, synchronous: &str) -> Result<()> {
+/// Sets WAL mode and the run's settings on a plain or SQLCipher connection (kagi's `open` sets
+/// WAL itself).
+pub fn wal_and_settings(conn: &Connection, synchronous: &str) -> Result<()> {
     let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(format!("journal mode stays {mode}").into());
     }
-    set_sync(conn, synchronous)
+    settings_of_run(conn, synchronous)
 }
 
-/// Sets `synchronous` (FULL or NORMAL).
-pub fn set_sync(conn: &Connection, synchronous: &str) -> Result<()> {
+/// Sets `synchronous` (FULL or NORMAL), and `cache_size` when BENCH_SQL_CACHE_SIZE is set (an
+/// experiment: the benchmark itself leaves SQLite's default).
+pub fn settings_of_run(conn: &Connection, synchronous: &str) -> Result<()> {
     if !["FULL", "NORMAL"].contains(&synchronous) {
         return Err(format!("synchronous must be FULL or NORMAL, not {synchronous}").into());
     }
-    Ok(conn.execute_batch(&format!("PRAGMA synchronous = {synchronous}"))?)
+    conn.execute_batch(&format!("PRAGMA synchronous = {synchronous}"))?;
+    if let Ok(size) = std::env::var("BENCH_SQL_CACHE_SIZE") {
+        let size: i64 = size
+            .parse()
+            .map_err(|_| "BENCH_SQL_CACHE_SIZE: not a number")?;
+        conn.execute_batch(&format!("PRAGMA cache_size = {size}"))?;
+    }
+    Ok(())
 }
 
 /// The benchmark's raw 256-bit key (kagi's DEK, SQLCipher's raw key): fixed, it protects

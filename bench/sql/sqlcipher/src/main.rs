@@ -18,7 +18,7 @@ fn open(_engine: &str, path: &Path, synchronous: &str) -> Result<Connection> {
     if !version.starts_with('4') {
         return Err(format!("SQLCipher {version}, not 4").into());
     }
-    workload::wal_and_sync(&conn, synchronous)?;
+    workload::wal_and_settings(&conn, synchronous)?;
     Ok(conn)
 }
 
