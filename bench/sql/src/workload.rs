@@ -161,7 +161,7 @@ impl Workload {
     /// Statement `k` (0..100) of a transaction.
     fn op(&mut self, k: usize) -> Op {
         let read = (k + 1) * self.read_pct / STATEMENTS > k * self.read_pct / STATEMENTS;
-        let quarter = self.next() % 4 == 0;
+        let quarter = self.next().is_multiple_of(4);
         match (read, quarter) {
             (true, true) => Op::Latest(self.below(CUSTOMERS)),
             (true, false) => Op::Get(self.any_id()),
