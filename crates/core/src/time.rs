@@ -82,6 +82,31 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
 /// Seconds in a day.
 pub const DAY: i64 = 86_400;
 
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm), for
+/// formats that count days themselves (the audit log's timestamps, PostgreSQL's dates).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date (year, month, day) of a day count since 1970-01-01.
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -96,6 +121,19 @@ mod tests {
             Some(1_234_567)
         );
         assert_eq!(super::parse_rfc3339("yesterday"), None);
+    }
+
+    #[test]
+    fn civil_days_round_trip() {
+        use super::{civil_from_days, days_from_civil};
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 1, 1), 10_957);
+        assert_eq!(civil_from_days(days_from_civil(2024, 2, 29)), (2024, 2, 29));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        for d in [-800_000, -1, 0, 59, 60, 11_016, 2_932_896] {
+            let (y, m, day) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, day), d);
+        }
     }
 
     #[test]
