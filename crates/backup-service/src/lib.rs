@@ -331,26 +331,15 @@ impl BackupService {
         req: ArmRequest<'_>,
     ) -> Result<(u16, Value), KvError> {
         let p = host.as_ref();
-        let ArmRequest {
-            method,
-            segs,
-            l,
-            body,
-            wait,
-        } = req;
+        let (method, body, wait) = (req.method, req.body, req.wait);
         self.ready(p).await?;
-        let not_found = || KvError::new(ErrorCode::NotFound, "No such route.");
-        let i = l
-            .windows(2)
-            .position(|w| w == ["providers", "microsoft.recoveryservices"])
-            .ok_or_else(not_found)?;
-        let (sub, rg) = match &l[..i] {
-            ["subscriptions", _] => (segs[1], None),
-            ["subscriptions", _, "resourcegroups", _] => (segs[1], Some(segs[3])),
-            _ => return Err(not_found()),
-        };
-        let rest_l = &l[i + 2..];
-        let rest = &segs[i + 2..];
+        let scope = req.scope("microsoft.recoveryservices")?;
+        let (sub, rg, rest, rest_l) = (
+            scope.subscription,
+            scope.resource_group,
+            scope.rest,
+            scope.rest_l,
+        );
         match (rest_l, method, rg) {
             (["vaults"], "GET", _) => p
                 .list_resources(
