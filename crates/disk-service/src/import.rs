@@ -140,9 +140,8 @@ impl DiskService {
                         ),
                     ));
                 }
-                let mut next = Vec::with_capacity(STEP + rest.len());
-                next.extend_from_slice(&rest);
-                let (v, data) = (volume.clone(), std::mem::replace(&mut buf, next));
+                let (v, data) = (volume.clone(), std::mem::replace(&mut buf, rest));
+                buf.reserve(STEP);
                 blocking("importing the image", move || v.write_over_holes(at, &data)).await?;
                 at += n;
             }

@@ -201,16 +201,7 @@ impl SqlService {
             )
             .await?
             .and_then(Database::of)
-            .ok_or_else(|| {
-                KvError::new(
-                    ErrorCode::ResourceNotFound,
-                    format!(
-                        "The database '{}/{name}' was not found.",
-                        server["name"].as_str().unwrap_or_default()
-                    ),
-                )
-                .with_inner("DatabaseDoesNotExist")
-            })
+            .ok_or_else(|| no_such_database(server, name))
     }
 
     async fn put_db_doc(&self, server: &Value, db: &Database) -> Result<(), KvError> {
@@ -287,7 +278,12 @@ impl SqlService {
         check_db_name(name)?;
         let server_id = id_of_body(server);
         let _g = self.db_lock(server, name).await;
-        let existing = self.database(server, name).await.ok();
+        // A store failure is not "no such database": the PUT would then make another.
+        let existing = match self.database(server, name).await {
+            Ok(db) => Some(db),
+            Err(e) if e.code == ErrorCode::ResourceNotFound => None,
+            Err(e) => return Err(e),
+        };
         if existing.is_some() && restore_requested(&input) {
             return Err(KvError::conflict(format!(
                 "The database '{name}' already exists: a restore creates a new database."
@@ -309,17 +305,15 @@ impl SqlService {
             self.put_db_doc(server, &db).await?;
             return Ok((200, self.db_view(server, &db)));
         }
+        if patch {
+            return Err(no_such_database(server, name));
+        }
         // A restore replays the source's backups first: when it fails, nothing is created.
-        let restore = if restore_requested(&input) && !patch {
+        let restore = if restore_requested(&input) {
             Some(self.prepare_restore(server, &input).await?)
         } else {
             None
         };
-        if patch {
-            return Err(self.database(server, name).await.err().unwrap_or_else(|| {
-                KvError::new(ErrorCode::ResourceNotFound, "The database was not found.")
-            }));
-        }
         let database_id = new_guid()?;
         let now = self.host.now();
         let sku = input
@@ -685,6 +679,18 @@ impl SqlService {
         }
         Ok(n)
     }
+}
+
+/// Azure's 404 for database `name` of `server`.
+fn no_such_database(server: &Value, name: &str) -> KvError {
+    KvError::new(
+        ErrorCode::ResourceNotFound,
+        format!(
+            "The database '{}/{name}' was not found.",
+            server["name"].as_str().unwrap_or_default()
+        ),
+    )
+    .with_inner("DatabaseDoesNotExist")
 }
 
 /// The refusal of anything but drop on an inaccessible database.

@@ -9,6 +9,8 @@
 
 use std::sync::Arc;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use kagi_cmk::{Kek, KeyRequest, KeyUri};
 use kagi_core::{ErrorCode, KvError};
 use kagi_host::Principal;
@@ -57,6 +59,14 @@ impl Protector {
     pub(crate) fn record_id(&self) -> String {
         self.kid.clone().unwrap_or_else(|| "pmk".into())
     }
+}
+
+/// A key that passed every protector rule: its versioned id and its thumbprint (the hex
+/// SHA-256 of its public modulus as the key vault gives it, base64url; Azure shows a hex
+/// string too).
+pub(crate) struct CheckedKey {
+    pub(crate) kid: String,
+    pub(crate) thumbprint: String,
 }
 
 /// `{vault}_{key}_{version}`: Azure's name of a server key.
@@ -166,7 +176,7 @@ impl SqlService {
         &self,
         server: &Value,
         key_uri: &str,
-    ) -> Result<String, KvError> {
+    ) -> Result<CheckedKey, KvError> {
         let id = id_of_body(server);
         let ua = identity_choice(server)?;
         let who = who(server, ua.as_deref());
@@ -185,38 +195,15 @@ impl SqlService {
             .map_err(sql_error)?;
         let uri = self.keys.parse(&kid)?;
         let token = self.host.identity_token(&id, ua.as_deref())?;
+        // One read of the key's newest version: it must be this one (older ones may be
+        // compromised), and it tells the size and the thumbprint.
         let bundle = self
-            .keys
-            .client()
-            .get_key(&uri, &token)
-            .await
-            .map_err(|f| bad("AzureKeyVaultKeyNotFound", f.reason()))?;
-        // TD-1: RSA of 2048 or 3072 bits only.
-        let bits = bundle["key"]["n"]
-            .as_str()
-            .map(|n| n.trim_end_matches('=').len() * 6 / 8 * 8)
-            .unwrap_or_default();
-        let bits = [2048, 3072]
-            .into_iter()
-            .find(|b| bits.abs_diff(*b) < 16)
-            .unwrap_or(bits);
-        if bits != 2048 && bits != 3072 {
-            return Err(bad(
-                "AzureKeyVaultRsaKeyNotSupported",
-                format!(
-                    "The key '{kid}' is RSA of {bits} bits; a TDE protector is RSA or RSA-HSM of \
-                     2048 or 3072 bits."
-                ),
-            ));
-        }
-        // Only the newest version may become the protector (older ones may be compromised).
-        let newest = self
             .keys
             .client()
             .get_key(&self.keys.parse(&uri.versionless())?, &token)
             .await
             .map_err(|f| bad("AzureKeyVaultKeyNotFound", f.reason()))?;
-        let newest = newest["key"]["kid"].as_str().unwrap_or_default();
+        let newest = bundle["key"]["kid"].as_str().unwrap_or_default();
         if !newest.eq_ignore_ascii_case(&kid) {
             return Err(bad(
                 "AzureKeyVaultKeyNotLatestVersion",
@@ -226,7 +213,30 @@ impl SqlService {
                 ),
             ));
         }
-        Ok(kid)
+        // TD-1: RSA of 2048 or 3072 bits only.
+        let modulus = bundle["key"]["n"]
+            .as_str()
+            .and_then(|n| URL_SAFE_NO_PAD.decode(n.trim_end_matches('=')).ok())
+            .unwrap_or_default();
+        let significant = modulus.iter().skip_while(|b| **b == 0).count();
+        let bits = significant * 8;
+        if bits != 2048 && bits != 3072 {
+            return Err(bad(
+                "AzureKeyVaultRsaKeyNotSupported",
+                format!(
+                    "The key '{kid}' is RSA of {bits} bits; a TDE protector is RSA or RSA-HSM of \
+                     2048 or 3072 bits."
+                ),
+            ));
+        }
+        let n = bundle["key"]["n"].as_str().unwrap_or_default();
+        Ok(CheckedKey {
+            kid,
+            thumbprint: hex::encode_upper(kagi_crypto::digest(
+                kagi_crypto::DigestAlgorithm::Sha256,
+                n.as_bytes(),
+            )),
+        })
     }
 
     /// Adds (or finds) the server key for `key_uri` after checking it; returns its name.
@@ -235,7 +245,7 @@ impl SqlService {
         server: &Value,
         key_uri: &str,
     ) -> Result<String, KvError> {
-        let kid = self.check_protector_key(server, key_uri).await?;
+        let CheckedKey { kid, thumbprint } = self.check_protector_key(server, key_uri).await?;
         let uri = self.keys.parse(&kid)?;
         let name = key_name(&uri);
         let id = id_of_body(server);
@@ -246,7 +256,6 @@ impl SqlService {
             .await?
             .is_none()
         {
-            let thumbprint = self.thumbprint(server, &uri).await?;
             let doc = json!({"name": name, "uri": kid, "thumbprint": thumbprint,
                 "creationDate": kagi_core::time::rfc3339(self.host.now())});
             self.host
@@ -254,26 +263,6 @@ impl SqlService {
                 .await?;
         }
         Ok(name)
-    }
-
-    /// A key's thumbprint: the hex SHA-256 of its public modulus (base64url, as the key
-    /// vault gives it); Azure shows a hex string too.
-    async fn thumbprint(&self, server: &Value, uri: &KeyUri) -> Result<String, KvError> {
-        let ua = identity_choice(server)?;
-        let token = self
-            .host
-            .identity_token(&id_of_body(server), ua.as_deref())?;
-        let bundle = self
-            .keys
-            .client()
-            .get_key(uri, &token)
-            .await
-            .map_err(|f| bad("AzureKeyVaultKeyNotFound", f.reason()))?;
-        let n = bundle["key"]["n"].as_str().unwrap_or_default();
-        Ok(hex::encode_upper(kagi_crypto::digest(
-            kagi_crypto::DigestAlgorithm::Sha256,
-            n.as_bytes(),
-        )))
     }
 
     fn server_key_view(server: &Value, doc: &Value) -> Value {
@@ -514,7 +503,7 @@ impl SqlService {
                 let doc = self.server_key_doc(server, n).await?;
                 let kid = doc["uri"].as_str().unwrap_or_default().to_string();
                 // The key is checked again now: it may have changed since it was added.
-                let kid = self.check_protector_key(server, &kid).await?;
+                let kid = self.check_protector_key(server, &kid).await?.kid;
                 Protector {
                     server_key_name: doc["name"].as_str().unwrap_or(n).to_string(),
                     kid: Some(kid),
