@@ -174,6 +174,56 @@ enum DbCommand {
         #[command(flatten)]
         at: ServerAt,
     },
+    /// Geo-replication: a readable secondary on another server (as `az sql db replica`).
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplicaCommand {
+    /// Create a geo-secondary of a database on another server (the same name).
+    Create {
+        /// The primary's server and resource group.
+        #[command(flatten)]
+        at: ServerAt,
+        /// Database name.
+        #[arg(long, short = 'n')]
+        name: String,
+        /// The secondary's server.
+        #[arg(long)]
+        partner_server: String,
+        /// The secondary server's resource group (default: the primary's).
+        #[arg(long)]
+        partner_resource_group: Option<String>,
+    },
+    /// List a database's replication links (role, partner, state, lag).
+    ListLinks {
+        #[command(flatten)]
+        at: ServerAt,
+        /// Database name.
+        #[arg(long, short = 'n')]
+        name: String,
+    },
+    /// Make the secondary the primary (run against the secondary's server).
+    SetPrimary {
+        /// The secondary's server and resource group.
+        #[command(flatten)]
+        at: ServerAt,
+        /// Database name.
+        #[arg(long, short = 'n')]
+        name: String,
+        /// A forced failover: at once, losing what the secondary has not received.
+        #[arg(long)]
+        allow_data_loss: bool,
+    },
+    /// Remove the link: both databases stand alone.
+    DeleteLink {
+        #[command(flatten)]
+        at: ServerAt,
+        /// Database name.
+        #[arg(long, short = 'n')]
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -487,6 +537,101 @@ async fn db(ctx: &Context, c: DbCommand) -> anyhow::Result<()> {
                 server_url(ctx, &at.resource_group, &at.sql_server)
             );
             show(ctx, &call(ctx, Method::GET, u, None).await?, dropped_line);
+        }
+        DbCommand::Replica(r) => replica(ctx, r).await?,
+    }
+    Ok(())
+}
+
+fn link_line(l: &Value) -> String {
+    let p = &l["properties"];
+    format!(
+        "{}\t{}\tpartner {}/{}\t{}\tlag {}",
+        l["name"].as_str().unwrap_or(""),
+        p["role"].as_str().unwrap_or(""),
+        p["partnerServer"].as_str().unwrap_or(""),
+        p["partnerDatabase"].as_str().unwrap_or(""),
+        p["replicationState"].as_str().unwrap_or(""),
+        p["replicationLagSeconds"]
+            .as_i64()
+            .map(|s| format!("{s}s"))
+            .unwrap_or_else(|| "unknown".into())
+    )
+}
+
+async fn replica(ctx: &Context, c: ReplicaCommand) -> anyhow::Result<()> {
+    let links = |at: &ServerAt, name: &str| {
+        format!(
+            "{}/databases/{name}/replicationLinks",
+            server_url(ctx, &at.resource_group, &at.sql_server)
+        )
+    };
+    // The database's one link (kagi keeps one per database).
+    let only_link = |at: ServerAt, name: String| async move {
+        let list = call(ctx, Method::GET, links(&at, &name), None).await?;
+        let id = list["value"][0]["name"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow::anyhow!("database '{name}' has no replication link"))?;
+        Ok::<_, anyhow::Error>(format!("{}/{id}", links(&at, &name)))
+    };
+    match c {
+        ReplicaCommand::Create {
+            at,
+            name,
+            partner_server,
+            partner_resource_group,
+        } => {
+            let source = format!(
+                "{}/databases/{name}",
+                server_url(ctx, &at.resource_group, &at.sql_server)
+            );
+            let primary = call(
+                ctx,
+                Method::GET,
+                server_url(ctx, &at.resource_group, &at.sql_server),
+                None,
+            )
+            .await?;
+            let rg = partner_resource_group.unwrap_or(at.resource_group.clone());
+            let partner = call(
+                ctx,
+                Method::GET,
+                server_url(ctx, &rg, &partner_server),
+                None,
+            )
+            .await?;
+            let body = json!({"location": partner["location"].as_str().unwrap_or(
+                primary["location"].as_str().unwrap_or_default()),
+                "properties": {"createMode": "Secondary", "secondaryType": "Geo",
+                "sourceDatabaseId": source.trim_start_matches(&ctx.base)}});
+            let u = format!("{}/databases/{name}", server_url(ctx, &rg, &partner_server));
+            show(ctx, &call(ctx, Method::PUT, u, Some(&body)).await?, db_line);
+        }
+        ReplicaCommand::ListLinks { at, name } => {
+            show(
+                ctx,
+                &call(ctx, Method::GET, links(&at, &name), None).await?,
+                link_line,
+            );
+        }
+        ReplicaCommand::SetPrimary {
+            at,
+            name,
+            allow_data_loss,
+        } => {
+            let link = only_link(at, name).await?;
+            let action = if allow_data_loss {
+                "forceFailoverAllowDataLoss"
+            } else {
+                "failover"
+            };
+            let u = format!("{link}/{action}");
+            show(ctx, &call(ctx, Method::POST, u, None).await?, link_line);
+        }
+        ReplicaCommand::DeleteLink { at, name } => {
+            let link = only_link(at, name).await?;
+            call(ctx, Method::DELETE, link, None).await?;
         }
     }
     Ok(())

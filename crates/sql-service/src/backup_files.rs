@@ -19,16 +19,16 @@ use rusqlite::Connection;
 use crate::backup_chain::{Cursor, Step, WalGen, next_step};
 
 /// Length of the WAL header.
-const WAL_HEADER_LEN: u64 = 32;
+pub(crate) const WAL_HEADER_LEN: u64 = 32;
 /// Length of a frame's header in the WAL.
 const FRAME_HEADER_LEN: u64 = 24;
 /// The first bytes of a log backup file (its format version last).
 const LOG_MAGIC: [u8; 16] = *b"kagi-sql-log\0\0\0\x01";
 /// Length of a log backup file's header: the magic, the WAL header as found, the first frame
 /// and the number of frames (big-endian), eight zero bytes.
-const LOG_HEADER_LEN: u64 = 64;
+pub(crate) const LOG_HEADER_LEN: u64 = 64;
 /// How long a pass waits for the database's write lock (sessions' writes come first).
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+pub(crate) const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Frames copied per read.
 const CHUNK_FRAMES: u64 = 64;
 
@@ -75,7 +75,7 @@ pub(crate) struct WalHeader([u8; WAL_HEADER_LEN as usize]);
 
 impl WalHeader {
     /// The header if it is one SQLite writes.
-    fn parse(raw: [u8; WAL_HEADER_LEN as usize]) -> Option<Self> {
+    pub(crate) fn parse(raw: [u8; WAL_HEADER_LEN as usize]) -> Option<Self> {
         let magic = be32(&raw, 0);
         let page = be32(&raw, 8);
         let ok = magic & !1 == 0x377f_0682
@@ -83,6 +83,11 @@ impl WalHeader {
             && page.is_power_of_two()
             && (512..=65_536).contains(&page);
         ok.then_some(Self(raw))
+    }
+
+    /// The header's bytes.
+    pub(crate) fn bytes(&self) -> &[u8; WAL_HEADER_LEN as usize] {
+        &self.0
     }
 
     /// Its generation.
@@ -94,12 +99,12 @@ impl WalHeader {
         }
     }
 
-    fn frame_len(&self) -> u64 {
+    pub(crate) fn frame_len(&self) -> u64 {
         FRAME_HEADER_LEN + u64::from(be32(&self.0, 8))
     }
 
     /// Where frame `n` (from 1) starts in the WAL.
-    fn frame_offset(&self, n: u32) -> u64 {
+    pub(crate) fn frame_offset(&self, n: u32) -> u64 {
         WAL_HEADER_LEN + u64::from(n.saturating_sub(1)) * self.frame_len()
     }
 
@@ -135,7 +140,7 @@ pub(crate) fn wal_of(db: &Path) -> PathBuf {
 }
 
 /// `PRAGMA wal_checkpoint(mode)`: (busy, frames in the log, frames checkpointed).
-fn checkpoint(conn: &Connection, mode: &str) -> Result<(bool, u32, u32), FileError> {
+pub(crate) fn checkpoint(conn: &Connection, mode: &str) -> Result<(bool, u32, u32), FileError> {
     let (busy, log, done): (i64, i64, i64) =
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
@@ -146,7 +151,7 @@ fn checkpoint(conn: &Connection, mode: &str) -> Result<(bool, u32, u32), FileErr
     Ok((busy != 0, count(log)?, count(done)?))
 }
 
-fn is_busy(e: &rusqlite::Error) -> bool {
+pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
 }
@@ -196,6 +201,13 @@ impl Pass {
             r => r?,
         }
         self.locked = true;
+        self.observe(pin)
+    }
+
+    /// Reads where the log stands, and with `pin` moves the pinned snapshot to its end, while
+    /// the write lock is held (by this pass, or by another connection: the geo-replication
+    /// catches up under a backup pass's lock).
+    pub(crate) fn observe(&mut self, pin: bool) -> Result<WalState, FileError> {
         // NOOP reads SQLite's wal-index without checkpointing anything.
         let (_, frames, backfilled) = checkpoint(&self.probe, "NOOP")?;
         if pin {
@@ -378,7 +390,7 @@ fn publish(
 }
 
 /// Log backup `seq`: frames `first..=last` of generation `h`.
-fn log_backup(
+pub(crate) fn log_backup(
     pass: &Pass,
     dir: &Path,
     h: &WalHeader,
@@ -430,7 +442,7 @@ pub(crate) fn stage_one(
     let taken = clock();
     let step = next_step(cursor.as_ref(), state.generation(), state.frames);
     if let Step::Break(why) = step {
-        tracing::info!(file = %db.display(), why, "SQL backups: a full backup starts a new chain");
+        tracing::info!(file = %db.display(), why, "a full copy starts a new chain (backups) or seed (geo-replication)");
     }
     let full_now = full_due || matches!(step, Step::Break(_));
     // A snapshot taken when every frame is checkpointed reads the main file only and does not
@@ -535,12 +547,31 @@ pub(crate) fn finish(
 /// The end of a second stage, once its backup is recorded: every frame in the log is backed up
 /// and no commit can happen, so the checkpoint may go all the way; the pin then moves to the
 /// log's end. Returns whether everything was checkpointed.
-pub(crate) fn finish_tail(pass: &mut Pass) -> Result<bool, FileError> {
+///
+/// `others` is called for the other holders of snapshots on the database (its geo-replication
+/// link), with the write lock held: at [`Tail::BeforeCheckpoint`] to catch up with the log's end
+/// (the checkpoint could not pass their snapshot), at [`Tail::AfterCheckpoint`] to move their
+/// snapshot past it (a snapshot in the log would keep it from restarting).
+pub(crate) fn finish_tail(
+    pass: &mut Pass,
+    others: &mut dyn FnMut(Tail, &mut Pass),
+) -> Result<bool, FileError> {
     pass.unpin()?;
+    others(Tail::BeforeCheckpoint, pass);
     let (log, done) = pass.checkpoint()?;
+    others(Tail::AfterCheckpoint, pass);
     pass.pin_now()?;
     pass.unlock()?;
     Ok(log == done)
+}
+
+/// Where a second stage stands when [`finish_tail`] calls the other snapshot holders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tail {
+    /// Every frame is backed up; the checkpoint comes next.
+    BeforeCheckpoint,
+    /// The checkpoint is done; the lock is released next.
+    AfterCheckpoint,
 }
 
 /// Creates `path` (which must not exist), readable by kagi only.
@@ -559,15 +590,16 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), FileError> {
 }
 
 /// A log backup file's generation header and frames.
-struct LogFile {
-    path: PathBuf,
-    header: WalHeader,
-    first: u32,
-    count: u32,
+pub(crate) struct LogFile {
+    pub(crate) path: PathBuf,
+    pub(crate) header: WalHeader,
+    pub(crate) first: u32,
+    pub(crate) count: u32,
 }
 
 impl LogFile {
-    fn read(path: &Path) -> Result<Self, FileError> {
+    /// Reads and checks a log backup file's header.
+    pub(crate) fn read(path: &Path) -> Result<Self, FileError> {
         let mut f = File::open(path).map_err(io(path))?;
         let mut head = [0u8; LOG_HEADER_LEN as usize];
         f.read_exact(&mut head).map_err(io(path))?;
@@ -591,22 +623,23 @@ impl LogFile {
         })
     }
 
-    fn last(&self) -> u32 {
+    /// Its last frame.
+    pub(crate) fn last(&self) -> u32 {
         self.first + self.count - 1
     }
 }
 
 /// The log backups of one WAL generation, in order.
-struct Generation {
-    header: WalHeader,
+pub(crate) struct Generation {
+    pub(crate) header: WalHeader,
     logs: Vec<LogFile>,
-    frames: u32,
+    pub(crate) frames: u32,
 }
 
 /// Sorts log backups (in the order taken) into generations, checking that each generation
 /// starts at its first frame and has no hole (copies that overlap, as after a crash between
 /// a copy and its record, are fine: a frame is the same bytes in both).
-fn generations(logs: &[PathBuf]) -> Result<Vec<Generation>, FileError> {
+pub(crate) fn generations(logs: &[PathBuf]) -> Result<Vec<Generation>, FileError> {
     let mut out: Vec<Generation> = Vec::new();
     for path in logs {
         let log = LogFile::read(path)?;
@@ -654,7 +687,7 @@ fn generations(logs: &[PathBuf]) -> Result<Vec<Generation>, FileError> {
 
 /// Writes generation `g` as the WAL `wal`: its header, then frames 1 to the last, each at its
 /// place (frames are bound to their offset).
-fn write_wal(g: &Generation, wal: &Path) -> Result<(), FileError> {
+pub(crate) fn write_wal(g: &Generation, wal: &Path) -> Result<(), FileError> {
     let mut out = OpenOptions::new()
         .write(true)
         .create(true)
@@ -805,7 +838,7 @@ mod tests {
                 Ending::Done { drained } => drained,
                 Ending::Tail { written, .. } => {
                     self.record(&written);
-                    finish_tail(&mut pass).unwrap()
+                    finish_tail(&mut pass, &mut |_, _| {}).unwrap()
                 }
             };
             if let Some(c) = self.cursor.as_mut() {

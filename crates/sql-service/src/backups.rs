@@ -48,7 +48,7 @@ fn record_kind(database_id: &str) -> String {
 
 /// A blocking step on the blocking pool. A database that stayed busy is no failure of kagi's:
 /// 503, not logged as an error.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     what: &str,
     f: impl FnOnce() -> Result<T, FileError> + Send + 'static,
 ) -> Result<T, KvError> {
@@ -196,7 +196,11 @@ impl SqlService {
                     continue;
                 }
             };
-            for db in dbs.iter().filter(|d| !d.inaccessible()) {
+            // A geo-secondary is not backed up (its primary is), as in Azure.
+            for db in dbs
+                .iter()
+                .filter(|d| !d.inaccessible() && !d.is_secondary())
+            {
                 let open = locked(&self.open).get(&db.database_id).cloned();
                 let Some(open) = open else { continue };
                 active.insert(db.database_id.clone());
@@ -340,6 +344,7 @@ impl SqlService {
             "from": range.0,
             "to": range.1,
             "databaseId": db.database_id,
+            "pageId": db.page_id,
             "databaseName": db.name,
             "files": w.files,
             "size": w.size,
@@ -444,8 +449,16 @@ impl SqlService {
                 st.next_seq = written.seq + 1;
                 st.last_taken = Some(taken);
                 cursor = cursor_after(written.generation, written.last);
+                // Its geo-replication link catches up under the same lock, so that the log can
+                // restart.
+                let mut hook = self.tail_hook(server, db).await;
                 let (p, drained) = blocking("the end of a backup", move || {
-                    let drained = finish_tail(&mut pass)?;
+                    let drained = finish_tail(&mut pass, &mut |phase, _| {
+                        if let Some(h) = hook.as_mut() {
+                            h.at(phase);
+                        }
+                    })?;
+                    drop(hook);
                     Ok((pass, drained))
                 })
                 .await?;
@@ -576,6 +589,13 @@ impl SqlService {
         if let Err(e) = r {
             tracing::warn!(error = %e, "SQL backups: leftovers not swept");
         }
+    }
+
+    /// Ends the snapshot the backups of database `id` hold (it stopped being backed up: a
+    /// primary that failed over).
+    pub(crate) fn forget_backup_pin(&self, id: &str) {
+        locked(&self.backups.pins).remove(id);
+        locked(&self.backups.dbs).remove(id);
     }
 
     /// Notes that database `db` of `server` was dropped: its backups stay for the retention
@@ -886,9 +906,14 @@ impl SqlService {
             .filter_map(|s| records.iter().find(|r| r["seq"].as_u64() == Some(*s)))
             .collect();
         let dek = self.unwrap_chain(server, &source, point, &chain).await?;
-        let old_key =
-            DatabaseKey::from_slices(&dek[..], &crate::databases::guid_bytes(&source.database_id))
-                .map_err(|e| internal("the page key", e))?;
+        // The pages are bound to the page id the backups recorded (a database that was a
+        // geo-secondary holds its old primary's pages).
+        let page_id = chain
+            .first()
+            .and_then(|r| r["pageId"].as_str())
+            .unwrap_or(&source.database_id);
+        let old_key = DatabaseKey::from_slices(&dek[..], &crate::databases::guid_bytes(page_id))
+            .map_err(|e| internal("the page key", e))?;
         // The work directory, private to kagi, known to the sweep as running.
         let root = self.restore_root();
         let suffix = hex::encode(kagi_crypto::random_bytes(8).map_err(|e| internal("rng", e))?);

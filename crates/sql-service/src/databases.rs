@@ -17,6 +17,10 @@ pub(crate) const DATABASE_DOC: &str = "database";
 pub(crate) const ONLINE: &str = "Online";
 /// A database whose protector cannot be reached: connections are refused, only drop works.
 pub(crate) const INACCESSIBLE: &str = "Inaccessible";
+/// The geo-replication role of a database that replication writes (`geo.role`).
+pub(crate) const GEO_SECONDARY: &str = "Secondary";
+/// Azure's replication state of a geo-secondary being copied whole (`geo.replicationState`).
+pub(crate) const GEO_SEEDING: &str = "SEEDING";
 
 /// A database as its document keeps it.
 #[derive(Clone, Debug)]
@@ -25,17 +29,32 @@ pub(crate) struct Database {
     pub(crate) name: String,
     /// Its id (a GUID): names its file and binds its platform-key wrap.
     pub(crate) database_id: String,
+    /// The id bound into its pages: its own, or for a geo-secondary (and a database that was
+    /// one) its primary's, whose pages it holds.
+    pub(crate) page_id: String,
     /// The whole document.
     pub(crate) doc: Value,
 }
 
 impl Database {
     fn of(doc: Value) -> Option<Self> {
+        let database_id = doc["databaseId"].as_str()?.to_string();
         Some(Self {
             name: doc["name"].as_str()?.to_string(),
-            database_id: doc["databaseId"].as_str()?.to_string(),
+            page_id: doc["pageId"].as_str().unwrap_or(&database_id).to_string(),
+            database_id,
             doc,
         })
+    }
+
+    /// Whether it is a geo-secondary (read-only, written by replication only).
+    pub(crate) fn is_secondary(&self) -> bool {
+        self.doc["geo"]["role"].as_str() == Some(GEO_SECONDARY)
+    }
+
+    /// Whether it is a geo-secondary being seeded (no sessions until it is).
+    pub(crate) fn is_seeding(&self) -> bool {
+        self.is_secondary() && self.doc["geo"]["replicationState"].as_str() == Some(GEO_SEEDING)
     }
 
     /// Whether it is Inaccessible.
@@ -60,6 +79,10 @@ pub struct OpenDatabase {
     pub name: String,
     /// Its file.
     pub file: PathBuf,
+    /// The id bound into its pages.
+    pub(crate) page_id: String,
+    /// A geo-secondary: sessions read only.
+    pub(crate) read_only: bool,
     /// Its data key.
     pub(crate) dek: Dek,
     /// Cuts every session of the database (Inaccessible, dropped).
@@ -77,13 +100,13 @@ impl std::fmt::Debug for OpenDatabase {
 
 impl OpenDatabase {
     /// Ends every session of the database with `error` (sent as FATAL).
-    fn close(&self, error: kagi_pgsql::PgError) {
+    pub(crate) fn close(&self, error: kagi_pgsql::PgError) {
         self.terminator.terminate(error);
     }
 
     /// The page key of the database's files.
     pub(crate) fn page_key(&self) -> Result<kagi_sqlite_crypt::DatabaseKey, KvError> {
-        kagi_sqlite_crypt::DatabaseKey::from_slices(&self.dek[..], &guid_bytes(&self.database_id))
+        kagi_sqlite_crypt::DatabaseKey::from_slices(&self.dek[..], &guid_bytes(&self.page_id))
             .map_err(|e| internal("the page key", e))
     }
 }
@@ -102,7 +125,7 @@ pub(crate) fn guid_bytes(guid: &str) -> [u8; 16] {
 
 /// Azure's rules for database names: 1 to 128 characters, none of `<>*%&:\/?`, not ending
 /// with `.` or a space, and not a system database's name.
-fn check_db_name(name: &str) -> Result<(), KvError> {
+pub(crate) fn check_db_name(name: &str) -> Result<(), KvError> {
     let bad_char = name
         .chars()
         .any(|c| "<>*%&:\\/?".contains(c) || c.is_control());
@@ -128,7 +151,7 @@ fn check_db_name(name: &str) -> Result<(), KvError> {
 }
 
 /// A new GUID (version 4).
-fn new_guid() -> Result<String, KvError> {
+pub(crate) fn new_guid() -> Result<String, KvError> {
     let mut b = kagi_crypto::random_bytes(16).map_err(|e| internal("rng", e))?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
@@ -204,7 +227,7 @@ impl SqlService {
             .ok_or_else(|| no_such_database(server, name))
     }
 
-    async fn put_db_doc(&self, server: &Value, db: &Database) -> Result<(), KvError> {
+    pub(crate) async fn put_db_doc(&self, server: &Value, db: &Database) -> Result<(), KvError> {
         self.host
             .put_document(
                 &id_of_body(server),
@@ -215,7 +238,7 @@ impl SqlService {
             .await
     }
 
-    fn db_view(&self, server: &Value, db: &Database) -> Value {
+    pub(crate) fn db_view(&self, server: &Value, db: &Database) -> Value {
         let d = &db.doc;
         json!({
             "id": format!("{}/databases/{}", id_of_body(server), db.name),
@@ -238,6 +261,7 @@ impl SqlService {
                 "readScale": "Disabled",
                 "isLedgerOn": false,
                 "inaccessibilityReason": d["state"]["reason"],
+                "secondaryType": if db.is_secondary() { json!("Geo") } else { Value::Null },
             },
         })
     }
@@ -270,6 +294,7 @@ impl SqlService {
     /// `PUT`/`PATCH {server}/databases/{name}`.
     pub(crate) async fn put_database(
         self: &Arc<Self>,
+        caller: &kagi_host::Principal,
         server: &Value,
         name: &str,
         input: Value,
@@ -308,6 +333,12 @@ impl SqlService {
         if patch {
             return Err(no_such_database(server, name));
         }
+        if input["properties"]["createMode"]
+            .as_str()
+            .is_some_and(|m| m.eq_ignore_ascii_case("Secondary"))
+        {
+            return self.create_secondary(caller, server, name, &input).await;
+        }
         // A restore replays the source's backups first: when it fails, nothing is created.
         let restore = if restore_requested(&input) {
             Some(self.prepare_restore(server, &input).await?)
@@ -332,6 +363,7 @@ impl SqlService {
         });
         let db = Database {
             name: name.to_string(),
+            page_id: database_id.clone(),
             database_id: database_id.clone(),
             doc,
         };
@@ -380,9 +412,17 @@ impl SqlService {
     ) -> Result<(u16, Value), KvError> {
         let server_id = id_of_body(server);
         let _g = self.db_lock(server, name).await;
-        let Ok(db) = self.database(server, name).await else {
+        let Ok(mut db) = self.database(server, name).await else {
             return Ok((204, Value::Null));
         };
+        // A database in a geo-replication link leaves it first: its partner stands alone.
+        if self
+            .leave_link(server, &mut db, "the database was dropped")
+            .await?
+            .is_some()
+        {
+            self.put_db_doc(server, &db).await?;
+        }
         let _gate = self.server_gate(&server_id).await;
         self.drop_database(server, &db).await?;
         Ok((200, Value::Null))
@@ -513,6 +553,8 @@ impl SqlService {
             server_id: id_of_body(server),
             name: db.name.clone(),
             file: self.db_file(&db.database_id),
+            page_id: db.page_id.clone(),
+            read_only: db.is_secondary(),
             dek,
             terminator: kagi_pgsql::Terminator::new(),
         });
@@ -524,6 +566,15 @@ impl SqlService {
             .entry(db.database_id.clone())
             .or_insert(open)
             .clone()
+    }
+
+    /// The open database `database_id`, if its DEK is in memory.
+    pub(crate) fn open_entry(&self, database_id: &str) -> Option<Arc<OpenDatabase>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(database_id)
+            .cloned()
     }
 
     pub(crate) fn forget_open(&self, database_id: &str) -> Option<Arc<OpenDatabase>> {
@@ -541,6 +592,25 @@ impl SqlService {
         name: &str,
     ) -> Result<Arc<OpenDatabase>, KvError> {
         let db = self.database(server, name).await?;
+        // A geo-secondary has no data to read until it is seeded.
+        if db.is_seeding() {
+            return Err(KvError::new(
+                ErrorCode::ServiceUnavailable,
+                unavailable_message(&db.name, server["name"].as_str().unwrap_or_default()),
+            )
+            .with_inner("DatabaseNotAvailable"));
+        }
+        self.open_db(server, &db).await
+    }
+
+    /// Database `db` of `server` with its DEK in memory (unwrapped now if it is not); Azure's
+    /// 40613 text when it is Inaccessible or its key cannot be reached.
+    pub(crate) async fn open_db(
+        &self,
+        server: &Value,
+        db: &Database,
+    ) -> Result<Arc<OpenDatabase>, KvError> {
+        let name = db.name.as_str();
         let unavailable = || {
             KvError::new(
                 ErrorCode::ServiceUnavailable,
@@ -563,7 +633,7 @@ impl SqlService {
         // hide a revocation of the key in force).
         let protector = self.protector(server).await?;
         let dek = self
-            .open_dek_under(server, &db, &protector)
+            .open_dek_under(server, db, &protector)
             .await
             .map_err(|e| {
                 tracing::warn!(database = %db.name, error = ?e, "database key not opened");
@@ -573,7 +643,7 @@ impl SqlService {
         if self.database(server, name).await?.inaccessible() {
             return Err(unavailable());
         }
-        Ok(self.remember_open(server, &db, dek))
+        Ok(self.remember_open(server, db, dek))
     }
 
     /// Makes every online database of `server` Inaccessible (TD-4): DEK dropped from memory,
@@ -592,6 +662,16 @@ impl SqlService {
                 continue;
             };
             if db.inaccessible() {
+                continue;
+            }
+            // TD-7: it leaves its geo-replication link; its partner stands alone.
+            let left = self
+                .leave_link(server, &mut db, "the database became inaccessible")
+                .await?;
+            if left.is_some_and(|l| l.is_unseeded_secondary()) {
+                // A secondary never seeded holds no data: it goes.
+                let _gate = self.server_gate(&id_of_body(server)).await;
+                self.drop_database(server, &db).await?;
                 continue;
             }
             db.doc["state"] = json!({"status": INACCESSIBLE, "since": now, "reason": reason});

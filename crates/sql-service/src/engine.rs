@@ -72,6 +72,26 @@ pub(crate) async fn connect(
         .map_err(|e| internal("opening a database", e))
 }
 
+/// A read-only connection to the database file `path` under `key` (a session of a
+/// geo-secondary: only replication writes it).
+pub(crate) fn connect_read_only_blocking(
+    path: &Path,
+    key: &DatabaseKey,
+) -> Result<rusqlite::Connection, kagi_sqlite_crypt::Error> {
+    with_settings(kagi_sqlite_crypt::open_read_only(path, key)?)
+}
+
+/// [`connect_read_only_blocking`] on the blocking pool.
+pub(crate) async fn connect_read_only(
+    path: PathBuf,
+    key: DatabaseKey,
+) -> Result<rusqlite::Connection, KvError> {
+    tokio::task::spawn_blocking(move || connect_read_only_blocking(&path, &key))
+        .await
+        .map_err(|e| internal("opening a database", e))?
+        .map_err(|e| internal("opening a database", e))
+}
+
 /// Drops the page key of the database at `main` from memory (it became Inaccessible).
 pub(crate) async fn revoke(main: &Path) {
     let path = main.to_path_buf();

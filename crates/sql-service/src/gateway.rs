@@ -115,9 +115,12 @@ impl Gateway for SqlGateway {
         };
         let termination = open.terminator.subscribe();
         let key = open.page_key().map_err(pg_error)?;
-        let connection = crate::engine::connect(open.file.clone(), key)
-            .await
-            .map_err(pg_error)?;
+        let connection = if open.read_only {
+            crate::engine::connect_read_only(open.file.clone(), key).await
+        } else {
+            crate::engine::connect(open.file.clone(), key).await
+        }
+        .map_err(pg_error)?;
         Ok(Session {
             connection,
             termination,

@@ -48,7 +48,8 @@ enum Probe {
 }
 
 /// Starts the keeper: every database opened ([`SqlService::open_all`]), then a pass every
-/// keeper tick; and the automatic backups ([`crate::spawn_backups`]).
+/// keeper tick; and the automatic backups ([`crate::spawn_backups`]) and geo-replication
+/// ([`crate::spawn_geo`]).
 pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
     let started = std::time::SystemTime::now();
     tokio::spawn(async move {
@@ -67,6 +68,8 @@ pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
         );
         // Automatic backups (TD-6) run on their own schedule, once the databases are open.
         crate::backups::spawn_backups(service.clone());
+        // Geo-replication (TD-7): each link ships its primary's log on its own schedule.
+        crate::geo::spawn_geo(service.clone());
         let mut tick = tokio::time::interval(service.config.keeper_tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

@@ -26,6 +26,8 @@
 //! | `GET {server}/databases/{db}/backups`, `GET {server}/backupKeys` (kagi's) | backups with their time ranges and keys |
 //! | `GET {server}/restorableDroppedDatabases` | dropped databases whose backups remain |
 //! | `GET {server}/databases/{db}/providers/Microsoft.ResourceHealth/availabilityStatuses/current` | the database's health (TD-5) |
+//! | `PUT {server}/databases/{db}` with `createMode: Secondary` | a geo-secondary of a database of another server ([`geo`]) |
+//! | `GET {server}/databases/{db}/replicationLinks[/{id}]`, `DELETE …/{id}`, `POST …/{id}/failover`, `POST …/{id}/forceFailoverAllowDataLoss` | geo-replication links |
 //!
 //! The keeper ([`keeper`]) probes each server's protector: after a definite failure (the key
 //! disabled or deleted, the permission or the identity removed) the server's databases become
@@ -42,10 +44,12 @@ mod backups;
 mod databases;
 mod engine;
 mod gateway;
+mod geo;
 pub mod keeper;
 mod keys;
 mod logins;
 mod protector;
+mod replica_files;
 mod servers;
 mod startup;
 
@@ -63,6 +67,7 @@ use serde_json::{Value, json};
 pub use backups::{BackupReport, spawn_backups};
 pub use databases::{OpenDatabase, unavailable_message};
 pub use gateway::SqlGateway;
+pub use geo::spawn_geo;
 pub use keeper::{SweepReport, spawn_keeper};
 pub use startup::{OPEN_CONCURRENCY, OpenReport};
 
@@ -102,6 +107,10 @@ pub struct SqlConfig {
     /// How long backups are kept (the restore window). Default seven days, Azure's
     /// (`KAGI_SQL_BACKUP_RETENTION_SECONDS`).
     pub backup_retention: Duration,
+    /// How often each geo-replication link ships its primary's new log frames to the
+    /// secondary: the bound on the replication lag while the secondary keeps up. Default five
+    /// seconds (`KAGI_SQL_GEO_SECONDS`).
+    pub geo_interval: Duration,
 }
 
 use kagi_host::env_seconds as env_secs;
@@ -118,6 +127,7 @@ impl Default for SqlConfig {
             full_backup_interval: env_secs("KAGI_SQL_FULL_BACKUP_SECONDS", 86_400),
             log_backup_interval: env_secs("KAGI_SQL_LOG_BACKUP_SECONDS", 300),
             backup_retention: env_secs("KAGI_SQL_BACKUP_RETENTION_SECONDS", 7 * 86_400),
+            geo_interval: env_secs("KAGI_SQL_GEO_SECONDS", 5),
         }
     }
 }
@@ -133,6 +143,8 @@ pub struct SqlService {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Where the automatic backups stand.
     backups: backups::BackupState,
+    /// Where geo-replication links stand.
+    geo: Arc<geo::GeoState>,
 }
 
 impl std::fmt::Debug for SqlService {
@@ -162,6 +174,7 @@ impl SqlService {
             open: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             backups: backups::BackupState::default(),
+            geo: Arc::default(),
         }))
     }
 
@@ -275,9 +288,31 @@ impl SqlService {
                 "GET",
             ) => Ok((200, self.health_view(server, segs[1]).await?)),
             (["databases", _], "PUT" | "PATCH") => {
-                self.put_database(server, segs[1], json_body(body)?, method == "PATCH")
+                self.put_database(caller, server, segs[1], json_body(body)?, method == "PATCH")
                     .await
             }
+            (["databases", _, "replicationlinks"], "GET") => {
+                Ok((200, self.list_links(server, segs[1], None).await?))
+            }
+            (["databases", _, "replicationlinks", _], "GET") => {
+                Ok((200, self.list_links(server, segs[1], Some(segs[3])).await?))
+            }
+            (["databases", _, "replicationlinks", _], "DELETE") => {
+                self.delete_link(server, segs[1], segs[3]).await
+            }
+            (["databases", _, "replicationlinks", _, "failover"], "POST") => {
+                self.failover(server, segs[1], segs[3], false).await
+            }
+            (
+                [
+                    "databases",
+                    _,
+                    "replicationlinks",
+                    _,
+                    "forcefailoverallowdataloss",
+                ],
+                "POST",
+            ) => self.failover(server, segs[1], segs[3], true).await,
             (["databases", _], "GET") => Ok((200, self.get_database(server, segs[1]).await?)),
             (["databases", _], "DELETE") => self.delete_database(server, segs[1]).await,
             (["databases", _, "backups"], "GET") => self.list_backups(server, segs[1]).await,

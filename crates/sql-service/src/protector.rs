@@ -70,7 +70,7 @@ pub(crate) struct CheckedKey {
 }
 
 /// `{vault}_{key}_{version}`: Azure's name of a server key.
-fn key_name(uri: &KeyUri) -> String {
+pub(crate) fn key_name(uri: &KeyUri) -> String {
     format!(
         "{}_{}_{}",
         uri.vault,

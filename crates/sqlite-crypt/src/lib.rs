@@ -256,6 +256,33 @@ pub fn revoke_key(path: impl AsRef<Path>) -> Result<bool, Error> {
     Ok(registry::revoke(&canonical))
 }
 
+/// Makes the connections to the database at `path` read its write-ahead log from the file again
+/// at their next transaction (SQLite's own recovery rebuilds the wal-index, which this process
+/// keeps in memory). For a replica whose log is written from outside SQLite: frames copied as
+/// they are from another copy of the same database (same DEK and database id, same offsets).
+///
+/// The caller holds the database's write lock (`BEGIN IMMEDIATE` on one of its connections)
+/// while it writes the log and calls this, so that no writer and no recovery runs meanwhile, and
+/// only appends after the last committed frame, or writes a new log once no reader uses the old
+/// one (after `PRAGMA wal_checkpoint(TRUNCATE)`): readers keep their snapshots. Returns whether
+/// the database was open in this process (when it is not, the next open reads the log anyway).
+///
+/// # Errors
+/// [`Error::Io`] when the path cannot be resolved.
+pub fn reread_wal(path: impl AsRef<Path>) -> Result<bool, Error> {
+    let canonical = registry::canonical(path.as_ref())?;
+    Ok(registry::forget_wal_index(&canonical))
+}
+
+/// Whether a connection to the database at `path` is open in this process.
+///
+/// # Errors
+/// [`Error::Io`] when the path cannot be resolved.
+pub fn is_open(path: impl AsRef<Path>) -> Result<bool, Error> {
+    let canonical = registry::canonical(path.as_ref())?;
+    Ok(registry::find_by_path(&canonical).is_some())
+}
+
 /// Copies a consistent snapshot of the database `source` is connected to into a new encrypted
 /// database at `dest` under `dest_key` (SQLite's online backup API, in one step: the copy holds a
 /// read transaction on the source while writers go on). Every page is opened with the source's

@@ -237,6 +237,12 @@ pub(crate) fn revoke(path: &Path) -> bool {
     keys.take().is_some()
 }
 
+/// Clears the wal-index header of `path` (canonical) if the database is open here; see
+/// [`crate::reread_wal`].
+pub(crate) fn forget_wal_index(path: &Path) -> bool {
+    find_by_path(path).is_some_and(|entry| entry.shm().forget_header())
+}
+
 /// Reads the clear header of `path` (canonical). Runs under the registry's lock, and answers
 /// from the registry for a database open here: opening and closing another descriptor of a file
 /// SQLite holds would drop SQLite's POSIX locks on it.

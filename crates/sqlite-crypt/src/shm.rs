@@ -6,7 +6,7 @@
 //! connections that share the index all live here; the locks mirror those of SQLite's unix VFS.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusqlite::ffi;
 
@@ -14,6 +14,9 @@ use crate::Rc;
 
 /// Number of wal-index lock slots.
 const NLOCK: usize = ffi::SQLITE_SHM_NLOCK as usize;
+/// The two copies of SQLite's wal-index header (`WalIndexHdr`, 48 bytes each) at the start of
+/// region 0, in 8-byte words.
+const HEADER_WORDS: usize = 2 * 48 / 8;
 
 /// The wal-index of one database.
 #[derive(Default)]
@@ -64,6 +67,19 @@ impl Shm {
             return Err(ffi::SQLITE_IOERR_SHMSIZE);
         }
         Ok(r.as_ptr().cast::<u8>().cast_mut())
+    }
+
+    /// Clears both copies of the wal-index header: the next connection that begins a
+    /// transaction finds it invalid and rebuilds the index from the WAL file (SQLite's recovery,
+    /// under the write lock). Returns whether there was an index.
+    pub(crate) fn forget_header(&self) -> bool {
+        let Some(region) = self.regions.first() else {
+            return false;
+        };
+        for word in region.iter().take(HEADER_WORDS) {
+            word.store(0, Ordering::SeqCst);
+        }
+        true
     }
 
     /// Takes or releases locks `ofst..ofst + n` (SQLite's `xShmLock`): `SQLITE_BUSY` when another
