@@ -5,13 +5,15 @@ fails over (planned, with nothing lost, then forced) and leaves its link, standi
 partner becomes inaccessible.
 """
 
+import json
+import subprocess
 import threading
 import time
 
 import psycopg
 import pytest
 
-from conftest import DEFAULT_RG, LOCATION, _start_server, advance_clock, random_name, update_vault_properties, wait_for
+from conftest import DEFAULT_RG, KAGI_BIN, LOCATION, _start_server, advance_clock, random_name, update_vault_properties, wait_for
 from test_sql import ADMIN, arm, connect, create_db, create_server, db_status, files_under, key_vault_with_key, ok, psql, server_key_name, set_protector, sql_path
 
 OTHER_LOCATION = "northeurope"
@@ -220,3 +222,33 @@ def test_a_database_that_becomes_inaccessible_leaves_its_link(geo_kagi):
     with connect(srv, secondary, db) as c:
         c.execute("INSERT INTO t VALUES (2, 'standalone after the partner went')")
         assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 2
+
+
+def test_the_kagi_cli_makes_a_replica_and_fails_over(geo_kagi):
+    srv = geo_kagi
+
+    def cli(*args):
+        cmd = [str(KAGI_BIN), *args, "--server", srv.base, "--data-dir", str(srv.data_dir), "--output", "json"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout) if p.stdout.strip() else None
+
+    primary, _ = create_server(srv, identity=False)
+    secondary, _ = create_server(srv, identity=False)
+    db, _ = create_db(srv, primary)
+    with connect(srv, primary, db) as c:
+        c.execute("CREATE TABLE t (v INTEGER PRIMARY KEY, body TEXT)")
+        c.execute("INSERT INTO t VALUES (1, 'one')")
+    made = cli("sql", "db", "replica", "create", "-s", primary, "-g", DEFAULT_RG, "-n", db,
+               "--partner-server", secondary)
+    assert made["properties"]["secondaryType"] == "Geo"
+    wait_for("seeded", lambda: cli("sql", "db", "replica", "list-links", "-s", secondary, "-g", DEFAULT_RG,
+                                   "-n", db)["value"][0]["properties"]["replicationState"] == "CATCH_UP")
+    wait_for("row on the secondary", lambda: caught_up(srv, secondary, db, 1))
+    link = cli("sql", "db", "replica", "set-primary", "-s", secondary, "-g", DEFAULT_RG, "-n", db)
+    assert link["properties"]["role"] == "Primary"
+    with connect(srv, secondary, db) as c:
+        c.execute("INSERT INTO t VALUES (2, 'two')")
+    wait_for("old primary follows", lambda: caught_up(srv, primary, db, 2), timeout=60)
+    cli("sql", "db", "replica", "delete-link", "-s", primary, "-g", DEFAULT_RG, "-n", db)
+    assert cli("sql", "db", "replica", "list-links", "-s", primary, "-g", DEFAULT_RG, "-n", db)["value"] == []
