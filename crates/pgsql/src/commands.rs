@@ -50,6 +50,14 @@ pub enum LoginStmt {
         /// Password, or a SCRAM verifier text.
         password: String,
     },
+    /// CREATE USER name FROM EXTERNAL PROVIDER [WITH OBJECT_ID = 'id'] (Azure SQL's Entra
+    /// users).
+    CreateExternal {
+        /// The principal's name.
+        login: String,
+        /// Its object id, when given.
+        object_id: Option<String>,
+    },
     /// DROP USER|ROLE [IF EXISTS] name, ….
     Drop {
         /// Login names.
@@ -154,7 +162,9 @@ impl Stmt {
             Self::CloseCursor(_) => "CLOSE CURSOR",
             Self::Deallocate(_) => "DEALLOCATE",
             Self::Discard => "DISCARD ALL",
-            Self::Login(LoginStmt::Create { .. }) => "CREATE ROLE",
+            Self::Login(LoginStmt::Create { .. } | LoginStmt::CreateExternal { .. }) => {
+                "CREATE ROLE"
+            }
             Self::Login(LoginStmt::SetPassword { .. }) => "ALTER ROLE",
             Self::Login(LoginStmt::Drop { .. }) => "DROP ROLE",
             _ => "",
@@ -662,6 +672,9 @@ fn parse_login(src: &str, toks: &[Tok], verb: &str) -> Stmt {
         return syntax("syntax error: a role name is expected");
     };
     i += 1;
+    if verb == "CREATE" && toks.get(i).is_some_and(|t| t.is_word(src, "FROM")) {
+        return parse_external(src, toks, i, login);
+    }
     let mut password = None;
     while let Some(t) = toks.get(i) {
         let w = t.text(src).to_ascii_uppercase();
@@ -702,6 +715,29 @@ fn parse_login(src: &str, toks: &[Tok], verb: &str) -> Stmt {
     } else {
         LoginStmt::SetPassword { login, password }
     })
+}
+
+/// `… FROM EXTERNAL PROVIDER [WITH OBJECT_ID = 'id']` after `CREATE USER name` (`toks[i]` is
+/// FROM).
+fn parse_external(src: &str, toks: &[Tok], i: usize, login: String) -> Stmt {
+    let word = |j: usize, w: &str| toks.get(j).is_some_and(|t| t.is_word(src, w));
+    if !(word(i + 1, "EXTERNAL") && word(i + 2, "PROVIDER")) {
+        return syntax("syntax error: FROM EXTERNAL PROVIDER expected");
+    }
+    let rest = toks.get(i + 3..).unwrap_or_default();
+    let object_id = match rest {
+        [] => None,
+        [w, o, eq, v]
+            if w.is_word(src, "WITH")
+                && o.is_word(src, "OBJECT_ID")
+                && eq.is_punct(src, "=")
+                && v.kind == Kind::Str =>
+        {
+            sql::string_value(src, v)
+        }
+        _ => return syntax("syntax error: WITH OBJECT_ID = '…' expected"),
+    };
+    Stmt::Login(LoginStmt::CreateExternal { login, object_id })
 }
 
 fn parse_declare(src: &str, toks: &[Tok]) -> Stmt {
@@ -818,6 +854,28 @@ mod tests {
             Stmt::Show("transaction_isolation".into())
         );
         assert_eq!(classify("SHOW DateStyle"), Stmt::Show("datestyle".into()));
+        assert_eq!(
+            classify("CREATE USER \"alice@contoso.com\" FROM EXTERNAL PROVIDER"),
+            Stmt::Login(LoginStmt::CreateExternal {
+                login: "alice@contoso.com".into(),
+                object_id: None,
+            })
+        );
+        assert_eq!(
+            classify("create user app1 from external provider with object_id = 'abc'"),
+            Stmt::Login(LoginStmt::CreateExternal {
+                login: "app1".into(),
+                object_id: Some("abc".into()),
+            })
+        );
+        assert!(matches!(
+            classify("CREATE USER x FROM EXTERNAL"),
+            Stmt::Refused(_)
+        ));
+        assert!(matches!(
+            classify("CREATE USER x FROM EXTERNAL PROVIDER WITH PASSWORD 'p'"),
+            Stmt::Refused(_)
+        ));
         assert_eq!(
             classify("CREATE USER \"Bob\" WITH LOGIN PASSWORD 'it''s'"),
             Stmt::Login(LoginStmt::Create {

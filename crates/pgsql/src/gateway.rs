@@ -139,6 +139,14 @@ pub enum LoginChange {
         /// Verifier of the new password.
         verifier: ScramVerifier,
     },
+    /// Create `login` as an Entra principal (`CREATE USER name FROM EXTERNAL PROVIDER [WITH
+    /// OBJECT_ID = 'id']`): it signs in with an access token as the password.
+    CreateExternal {
+        /// The principal's name: a user's UPN, or an application's (client) id.
+        login: String,
+        /// The principal's object id, when given.
+        object_id: Option<String>,
+    },
     /// Drop `login`.
     Drop {
         /// Login name.
@@ -158,14 +166,26 @@ pub trait Gateway: Send + Sync + 'static {
     /// name `login@server`).
     fn server_for_host(&self, host: &str) -> Option<String>;
 
-    /// How `login` on `server` authenticates. `Ok(None)` for an unknown server or login:
-    /// the front end then runs a mock SCRAM exchange and fails with the same 28P01 as for a
-    /// wrong password.
-    async fn credential(&self, server: &str, login: &str) -> Result<Option<Credential>, PgError>;
+    /// How `login` connecting to `database` on `server` authenticates (a login may be a
+    /// user of that database only). `Ok(None)` for an unknown server or login: the front end
+    /// then runs a mock SCRAM exchange and fails with the same 28P01 as for a wrong password.
+    async fn credential(
+        &self,
+        server: &str,
+        database: &str,
+        login: &str,
+    ) -> Result<Option<Credential>, PgError>;
 
-    /// Checks an access token sent as the password of an [`Credential::AccessToken`] login.
-    /// Return [`PgError::password_failed`] for a token that is refused.
-    async fn check_token(&self, server: &str, login: &str, token: &str) -> Result<(), PgError>;
+    /// Checks an access token sent as the password of an [`Credential::AccessToken`] login
+    /// connecting to `database`. Return [`PgError::password_failed`] for a token that is
+    /// refused.
+    async fn check_token(
+        &self,
+        server: &str,
+        database: &str,
+        login: &str,
+        token: &str,
+    ) -> Result<(), PgError>;
 
     /// Opens `database` on `server` for an authenticated `login`. Refuse with a FATAL error
     /// (for an Inaccessible database: [`PgError::unavailable`] with Azure's 40613 text; for
@@ -183,15 +203,16 @@ pub trait Gateway: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
-    /// Applies a login change made in SQL by `actor` (the session's login). Default: refused
-    /// (42501).
+    /// Applies a login change made in SQL by `actor` (the session's login) in `database` (the
+    /// session's). Default: refused (42501).
     async fn change_login(
         &self,
         server: &str,
+        database: &str,
         actor: &str,
         change: LoginChange,
     ) -> Result<(), PgError> {
-        let _ = (server, actor, change);
+        let _ = (server, database, actor, change);
         Err(PgError::error(
             sqlstate::INSUFFICIENT_PRIVILEGE,
             "permission denied to create or change logins",

@@ -463,7 +463,8 @@ async fn startup(shared: &Arc<Shared>, transport: &mut Transport) -> Result<Read
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| login.clone());
 
-    authenticate(shared, transport, &server, &login, &user, tls || is_unix).await?;
+    let who = (server.as_str(), database.as_str(), login.as_str());
+    authenticate(shared, transport, who, &user, tls || is_unix).await?;
     backend::auth(&mut greeting, 0, &[]);
 
     let Ok(permit) = Arc::clone(&shared.sessions).try_acquire_owned() else {
@@ -587,12 +588,11 @@ async fn read_auth_message(transport: &mut Transport) -> Result<Vec<u8>, Abort> 
 async fn authenticate(
     shared: &Shared,
     transport: &mut Transport,
-    server: &str,
-    login: &str,
+    (server, database, login): (&str, &str, &str),
     user: &str,
     secure: bool,
 ) -> Result<(), Abort> {
-    let credential = shared.gateway.credential(server, login).await?;
+    let credential = shared.gateway.credential(server, database, login).await?;
     let failed = || Abort::Error(PgError::password_failed(user));
     match credential {
         Some(Credential::AccessToken) => {
@@ -608,7 +608,10 @@ async fn authenticate(
             send(transport, &buf).await?;
             let msg = read_auth_message(transport).await?;
             let token = wire::parse_password(&msg)?;
-            shared.gateway.check_token(server, login, &token).await?;
+            shared
+                .gateway
+                .check_token(server, database, login, &token)
+                .await?;
             Ok(())
         }
         scram => {

@@ -1496,6 +1496,10 @@ impl State {
                 login: login.clone(),
                 verifier: verifier(password)?,
             }],
+            LoginStmt::CreateExternal { login, object_id } => vec![LoginChange::CreateExternal {
+                login: login.clone(),
+                object_id: object_id.clone(),
+            }],
             LoginStmt::Drop { logins, if_exists } => logins
                 .iter()
                 .map(|l| LoginChange::Drop {
@@ -1505,10 +1509,12 @@ impl State {
                 .collect(),
         };
         for change in changes {
-            let fut = self
-                .p
-                .gateway
-                .change_login(&self.p.server, &self.p.login, change);
+            let fut = self.p.gateway.change_login(
+                &self.p.server,
+                &self.p.database,
+                &self.p.login,
+                change,
+            );
             self.p
                 .runtime
                 .block_on(fut)

@@ -444,6 +444,8 @@ impl SqlService {
         // The key first, then the files, then the document: a crash on the way leaves a
         // database whose key is gone (it cannot open), which a repeated DELETE finishes.
         self.db_keys(server, db).delete().await?;
+        crate::logins::remove_db_users(self.host.as_ref(), &id_of_body(server), &db.database_id)
+            .await?;
         crate::engine::remove_files(&self.db_file(&db.database_id)).await?;
         self.host
             .delete_document(

@@ -8,6 +8,7 @@ use kagi_core::{ErrorCode, KvError};
 use kagi_pgsql::{Credential, Gateway, LoginChange, OpenDatabase as Session, PgError, sqlstate};
 use serde_json::Value;
 
+use crate::logins::DbUser;
 use crate::{SERVER_TYPE, SqlService, id_of_body, logins};
 
 /// The gateway of a [`SqlService`].
@@ -47,6 +48,41 @@ fn entra_admin(server: &Value) -> Option<(String, String)> {
 }
 
 impl SqlGateway {
+    /// The contained user `login` of `database` (none when the database does not exist).
+    async fn db_user(
+        &self,
+        server: &Value,
+        database: &str,
+        login: &str,
+    ) -> Result<Option<DbUser>, PgError> {
+        let db = match self.0.database(server, database).await {
+            Ok(d) => d,
+            Err(e) if e.code == ErrorCode::ResourceNotFound => return Ok(None),
+            Err(e) => return Err(pg_error(e)),
+        };
+        logins::db_user(
+            self.0.host.as_ref(),
+            &id_of_body(server),
+            &db.database_id,
+            login,
+        )
+        .await
+        .map_err(pg_error)
+    }
+
+    /// Whether `login` may open `database`: the server's administrators and logins reach every
+    /// database, a contained user its own.
+    async fn may_open(&self, server: &Value, database: &str, login: &str) -> Result<bool, PgError> {
+        if entra_admin(server).is_some_and(|(name, _)| name.eq_ignore_ascii_case(login)) {
+            return Ok(true);
+        }
+        let server_login = logins::get(self.0.host.as_ref(), &id_of_body(server), login)
+            .await
+            .map_err(pg_error)?
+            .is_some();
+        Ok(server_login || self.db_user(server, database, login).await?.is_some())
+    }
+
     fn server(&self, name: &str) -> Result<Value, PgError> {
         self.0.server_named(name).ok_or_else(|| {
             PgError::fatal(
@@ -71,7 +107,12 @@ impl Gateway for SqlGateway {
             .and_then(|s| s["name"].as_str().map(str::to_string))
     }
 
-    async fn credential(&self, server: &str, login: &str) -> Result<Option<Credential>, PgError> {
+    async fn credential(
+        &self,
+        server: &str,
+        database: &str,
+        login: &str,
+    ) -> Result<Option<Credential>, PgError> {
         let Some(s) = self.0.server_named(server) else {
             return Ok(None);
         };
@@ -79,8 +120,15 @@ impl Gateway for SqlGateway {
         if entra_admin(&s).is_some_and(|(name, _)| name.eq_ignore_ascii_case(login)) {
             return Ok(Some(Credential::AccessToken));
         }
-        if s["properties"]["administrators"]["azureADOnlyAuthentication"] == serde_json::json!(true)
-        {
+        let aad_only = s["properties"]["administrators"]["azureADOnlyAuthentication"]
+            == serde_json::json!(true);
+        // A contained user of the database it connects to.
+        match self.db_user(&s, database, login).await? {
+            Some(DbUser::External { .. }) => return Ok(Some(Credential::AccessToken)),
+            Some(DbUser::Sql(v)) if !aad_only => return Ok(Some(Credential::Scram(v))),
+            _ => {}
+        }
+        if aad_only {
             return Ok(None);
         }
         let found = logins::get(self.0.host.as_ref(), &id_of_body(&s), login)
@@ -89,20 +137,54 @@ impl Gateway for SqlGateway {
         Ok(found.map(|(v, _)| Credential::Scram(v)))
     }
 
-    async fn check_token(&self, server: &str, login: &str, token: &str) -> Result<(), PgError> {
+    async fn check_token(
+        &self,
+        server: &str,
+        database: &str,
+        login: &str,
+        token: &str,
+    ) -> Result<(), PgError> {
         let refused = || PgError::password_failed(login);
         let s = self.0.server_named(server).ok_or_else(refused)?;
-        let (name, sid) = entra_admin(&s).ok_or_else(refused)?;
         let who = self.0.host.authenticate(token).map_err(|_| refused())?;
-        if name.eq_ignore_ascii_case(login) && who.object_id.eq_ignore_ascii_case(&sid) {
-            Ok(())
-        } else {
-            Err(refused())
+        if let Some((name, sid)) = entra_admin(&s)
+            && name.eq_ignore_ascii_case(login)
+        {
+            return if who.object_id.eq_ignore_ascii_case(&sid) {
+                Ok(())
+            } else {
+                Err(refused())
+            };
         }
+        // An Entra user of the database: its object id, or its name as the token's UPN,
+        // client id or object id.
+        let Ok(Some(DbUser::External { object_id })) = self.db_user(&s, database, login).await
+        else {
+            return Err(refused());
+        };
+        let matches = match &object_id {
+            Some(oid) => who.object_id.eq_ignore_ascii_case(oid),
+            None => {
+                who.upn
+                    .as_deref()
+                    .is_some_and(|u| u.eq_ignore_ascii_case(login))
+                    || who.client_id.eq_ignore_ascii_case(login)
+                    || who.object_id.eq_ignore_ascii_case(login)
+            }
+        };
+        if matches { Ok(()) } else { Err(refused()) }
     }
 
-    async fn open(&self, server: &str, database: &str, _login: &str) -> Result<Session, PgError> {
+    async fn open(&self, server: &str, database: &str, login: &str) -> Result<Session, PgError> {
         let s = self.server(server)?;
+        // Authenticated for this database: an administrator, a login of the server, or a user
+        // of this database (checked again here, whatever the front end did).
+        if !self.may_open(&s, database, login).await? {
+            return Err(PgError::fatal(
+                sqlstate::INSUFFICIENT_PRIVILEGE,
+                format!("permission denied for database \"{database}\""),
+            ));
+        }
         let open = match self.0.open_database(&s, database).await {
             Ok(o) => o,
             Err(e) if e.code == ErrorCode::ResourceNotFound => {
@@ -136,13 +218,14 @@ impl Gateway for SqlGateway {
     async fn change_login(
         &self,
         server: &str,
+        database: &str,
         actor: &str,
         change: LoginChange,
     ) -> Result<(), PgError> {
         let s = self.server(server)?;
         let id = id_of_body(&s);
         let host = self.0.host.as_ref();
-        // One change of a server's logins at a time (they share one document).
+        // One change of a server's logins and users at a time.
         let _logins = self.0.lock_id(&logins::lock_name(&id)).await;
         let err = |e: KvError| PgError::error(sqlstate::INTERNAL_ERROR, e.message);
         // The SQL administrator, or the Entra administrator.
@@ -154,56 +237,133 @@ impl Gateway for SqlGateway {
         if !is_admin {
             return Err(PgError::error(
                 sqlstate::INSUFFICIENT_PRIVILEGE,
-                "permission denied: only the server administrator creates, alters and drops logins",
+                "permission denied: only the server administrator creates, alters and drops users",
             ));
         }
-        // Whether `login` exists, and whether it is the administrator.
-        let exists = |login: &str| {
-            let (login, id) = (login.to_string(), id.clone());
+        let db = self.0.database(&s, database).await.map_err(pg_error)?;
+        let dbid = db.database_id.clone();
+        // Whether `login` is a login of the server (and whether the administrator), and whether
+        // a user of this database.
+        let server_login = |login: String| {
+            let id = id.clone();
             async move {
                 logins::get(host, &id, &login)
                     .await
                     .map(|f| f.map(|(_, a)| a))
             }
         };
+        let db_user = |login: String| {
+            let (id, dbid) = (id.clone(), dbid.clone());
+            async move { logins::db_user(host, &id, &dbid, &login).await }
+        };
+        let exists = |login: &str| {
+            PgError::error(
+                sqlstate::DUPLICATE_OBJECT,
+                format!("role \"{login}\" already exists"),
+            )
+        };
+        let missing = |login: &str| {
+            PgError::error(
+                sqlstate::UNDEFINED_OBJECT,
+                format!("role \"{login}\" does not exist"),
+            )
+        };
+        let entra_name =
+            |login: &str| entra_admin(&s).is_some_and(|(name, _)| name.eq_ignore_ascii_case(login));
         match change {
             LoginChange::Create { login, verifier } => {
-                if exists(&login).await.map_err(err)?.is_some() {
+                if entra_name(&login)
+                    || server_login(login.clone()).await.map_err(err)?.is_some()
+                    || db_user(login.clone()).await.map_err(err)?.is_some()
+                {
+                    return Err(exists(&login));
+                }
+                logins::put_db_user(host, &id, &dbid, &login, &DbUser::Sql(verifier))
+                    .await
+                    .map_err(err)
+            }
+            LoginChange::CreateExternal { login, object_id } => {
+                if let Some(oid) = &object_id
+                    && !is_guid(oid)
+                {
                     return Err(PgError::error(
-                        sqlstate::DUPLICATE_OBJECT,
-                        format!("role \"{login}\" already exists"),
+                        sqlstate::INVALID_PARAMETER_VALUE,
+                        format!("OBJECT_ID '{oid}' is not a GUID"),
                     ));
                 }
-                logins::put(host, &id, &login, &verifier, false)
+                if entra_name(&login)
+                    || server_login(login.clone()).await.map_err(err)?.is_some()
+                    || db_user(login.clone()).await.map_err(err)?.is_some()
+                {
+                    return Err(exists(&login));
+                }
+                let user = DbUser::External { object_id };
+                logins::put_db_user(host, &id, &dbid, &login, &user)
                     .await
                     .map_err(err)
             }
             LoginChange::SetPassword { login, verifier } => {
-                let Some(admin) = exists(&login).await.map_err(err)? else {
-                    return Err(PgError::error(
-                        sqlstate::UNDEFINED_OBJECT,
-                        format!("role \"{login}\" does not exist"),
-                    ));
+                match db_user(login.clone()).await.map_err(err)? {
+                    Some(DbUser::Sql(_)) => {
+                        return logins::put_db_user(
+                            host,
+                            &id,
+                            &dbid,
+                            &login,
+                            &DbUser::Sql(verifier),
+                        )
+                        .await
+                        .map_err(err);
+                    }
+                    Some(DbUser::External { .. }) => {
+                        return Err(PgError::error(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            format!(
+                                "role \"{login}\" is an Entra user: it signs in with an access token, not a password"
+                            ),
+                        ));
+                    }
+                    None => {}
+                }
+                let Some(admin) = server_login(login.clone()).await.map_err(err)? else {
+                    return Err(missing(&login));
                 };
                 logins::put(host, &id, &login, &verifier, admin)
                     .await
                     .map_err(err)
             }
-            LoginChange::Drop { login, if_exists } => match exists(&login).await.map_err(err)? {
-                Some(true) => Err(PgError::error(
-                    sqlstate::INSUFFICIENT_PRIVILEGE,
-                    format!("role \"{login}\" is the server administrator and cannot be dropped"),
-                )),
-                Some(false) => logins::remove(host, &id, &login)
+            LoginChange::Drop { login, if_exists } => {
+                if logins::remove_db_user(host, &id, &dbid, &login)
                     .await
-                    .map(|_| ())
-                    .map_err(err),
-                None if if_exists => Ok(()),
-                None => Err(PgError::error(
-                    sqlstate::UNDEFINED_OBJECT,
-                    format!("role \"{login}\" does not exist"),
-                )),
-            },
+                    .map_err(err)?
+                {
+                    return Ok(());
+                }
+                match server_login(login.clone()).await.map_err(err)? {
+                    Some(true) => Err(PgError::error(
+                        sqlstate::INSUFFICIENT_PRIVILEGE,
+                        format!(
+                            "role \"{login}\" is the server administrator and cannot be dropped"
+                        ),
+                    )),
+                    Some(false) => logins::remove(host, &id, &login)
+                        .await
+                        .map(|_| ())
+                        .map_err(err),
+                    None if if_exists => Ok(()),
+                    None => Err(missing(&login)),
+                }
+            }
         }
     }
+}
+
+/// Whether `s` is a GUID (8-4-4-4-12 hex digits).
+fn is_guid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
 }

@@ -128,7 +128,12 @@ impl Gateway for TestGateway {
             .then(|| server.to_owned())
     }
 
-    async fn credential(&self, server: &str, login: &str) -> Result<Option<Credential>, PgError> {
+    async fn credential(
+        &self,
+        server: &str,
+        _database: &str,
+        login: &str,
+    ) -> Result<Option<Credential>, PgError> {
         let servers = self.servers.lock().unwrap();
         Ok(servers
             .get(server)
@@ -139,7 +144,13 @@ impl Gateway for TestGateway {
             }))
     }
 
-    async fn check_token(&self, _server: &str, login: &str, token: &str) -> Result<(), PgError> {
+    async fn check_token(
+        &self,
+        _server: &str,
+        _database: &str,
+        login: &str,
+        token: &str,
+    ) -> Result<(), PgError> {
         if token == TOKEN {
             Ok(())
         } else {
@@ -197,6 +208,7 @@ impl Gateway for TestGateway {
     async fn change_login(
         &self,
         server: &str,
+        _database: &str,
         actor: &str,
         change: LoginChange,
     ) -> Result<(), PgError> {
@@ -227,6 +239,9 @@ impl Gateway for TestGateway {
                     ));
                 }
             },
+            LoginChange::CreateExternal { login, .. } => {
+                logins.insert(login, Login::Token);
+            }
             LoginChange::Drop { login, if_exists } => {
                 if logins.remove(&login).is_none() && !if_exists {
                     return Err(PgError::error(
