@@ -133,18 +133,25 @@ pub fn validate_event_types(types: &[String]) -> Result<Vec<String>, KvError> {
 /// control characters, at most 2048 characters. (Dialled by the server: only the bootstrap
 /// administrator may create subscriptions.)
 pub fn validate_webhook_url(url: &str) -> Result<(), KvError> {
-    let bad = |why: &str| {
-        KvError::bad_parameter(format!(
+    match webhook_url_problem(url) {
+        None => Ok(()),
+        Some(why) => Err(KvError::bad_parameter(format!(
             "Invalid webhook endpointUrl '{}': {why}.",
             crate::ids::printable(url)
         ))
-        .with_inner("InvalidEndpointUrl")
-    };
+        .with_inner("InvalidEndpointUrl")),
+    }
+}
+
+/// What is wrong with a webhook URL (the rules of [`validate_webhook_url`]), if anything: the
+/// one check behind every webhook kagi dials (event subscriptions, action groups), each caller
+/// wording its own error.
+pub fn webhook_url_problem(url: &str) -> Option<&'static str> {
     if url.len() > 2048 {
-        return Err(bad("longer than 2048 characters"));
+        return Some("longer than 2048 characters");
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(bad("it contains spaces or control characters"));
+        return Some("it contains spaces or control characters");
     }
     let lower = url.to_ascii_lowercase();
     let rest = if let Some(r) = lower.strip_prefix("https://") {
@@ -152,14 +159,14 @@ pub fn validate_webhook_url(url: &str) -> Result<(), KvError> {
     } else if let Some(r) = lower.strip_prefix("http://") {
         r
     } else {
-        return Err(bad("the scheme must be http or https"));
+        return Some("the scheme must be http or https");
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let hostport = authority.rsplit('@').next().unwrap_or("");
     let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| bad("unterminated IPv6 address"))?;
+        let Some((h, after)) = v6.split_once(']') else {
+            return Some("unterminated IPv6 address");
+        };
         (h, after.strip_prefix(':'))
     } else {
         match hostport.rsplit_once(':') {
@@ -168,20 +175,20 @@ pub fn validate_webhook_url(url: &str) -> Result<(), KvError> {
         }
     };
     if host.is_empty() {
-        return Err(bad("it has no host"));
+        return Some("it has no host");
     }
     if !host
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
     {
-        return Err(bad("the host is not a valid name or address"));
+        return Some("the host is not a valid name or address");
     }
     if let Some(p) = port
         && p.parse::<u16>().ok().filter(|p| *p > 0).is_none()
     {
-        return Err(bad("the port is not a number from 1 to 65535"));
+        return Some("the port is not a number from 1 to 65535");
     }
-    Ok(())
+    None
 }
 
 /// The URL without its query and fragment (what Event Grid shows as `endpointBaseUrl`: a

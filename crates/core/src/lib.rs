@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod agent;
+pub mod alert;
 pub mod api_version;
 pub mod b64;
 pub mod error;
