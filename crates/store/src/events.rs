@@ -95,14 +95,27 @@ pub struct EventSubscriptionRecord {
     pub updated: i64,
 }
 
+/// Which outbox a delivery comes from: the two share the delivery worker, and differ in how
+/// the body is sent and where the outcome is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeliveryOrigin {
+    /// A key vault event (`event_deliveries`): sent as an Event Grid array of one event.
+    KeyVaultEvent,
+    /// An activity log alert's notification (`alert_deliveries`, [`crate::alerts`]): sent as
+    /// it is.
+    ActivityLogAlert,
+}
+
 /// A delivery waiting for its next attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingDelivery {
-    /// Event id.
+    /// Which outbox it is in.
+    pub origin: DeliveryOrigin,
+    /// Event id (an alert notification: its delivery id).
     pub event_id: String,
-    /// Vault.
+    /// Vault (an alert notification: its action group's lower-case id).
     pub vault: String,
-    /// Subscription (lower-case name).
+    /// Subscription, lower-case (an alert notification: the receiver's name).
     pub subscription: String,
     /// Webhook URL.
     pub endpoint_url: String,

@@ -3,12 +3,15 @@
 //! The store keeps what must survive a crash: resource groups, principals, vaults, keys and
 //! their versions (private material only as sealed bytes — the store never sees a plaintext
 //! key), the directory, events, and the non-blob records of kagi's storage services (their
-//! documents and activity logs, [`services`]) and policy assignments. It has no opinion on rules; the service decides, the store records atomically.
+//! documents and activity logs, [`services`]), policy assignments, and action groups and
+//! activity log alerts with their notifications ([`alerts`]). It has no opinion on rules; the
+//! service decides, the store records atomically.
 //! [`SqliteStore`] is the embedded default (WAL, `synchronous=FULL`, so an acknowledged write
 //! survives kill -9 and power loss); the trait is what a PostgreSQL store will implement.
 
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod directory;
 pub mod events;
 pub mod moves;
@@ -21,6 +24,7 @@ use kagi_core::key::{KeyVersionInfo, Tags};
 use kagi_core::vault::VaultProperties;
 use kagi_core::{KeyVersion, ObjectName, VaultName};
 
+pub use alerts::{AlertDeadLetter, AlertNotification, AlertStore, MonitorRecord};
 pub use directory::{
     CertificateRecord, DirectoryStore, LockRecord, ResourceRecord, RoleAssignmentRecord,
     RoleDefinitionRecord,
@@ -144,7 +148,9 @@ pub type KeyRecord = ObjectRecord<KeyVersionRecord>;
 
 /// What kagi persists. Every method is one atomic transaction.
 #[async_trait]
-pub trait Store: DirectoryStore + MoveStore + Send + Sync + std::fmt::Debug + 'static {
+pub trait Store:
+    DirectoryStore + MoveStore + AlertStore + Send + Sync + std::fmt::Debug + 'static
+{
     /// Reads a metadata value.
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Writes a metadata value if absent; returns the value now stored (so two racing

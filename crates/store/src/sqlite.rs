@@ -19,6 +19,7 @@ use crate::{
 use kagi_core::secret::SecretVersionInfo;
 use versioned::{KEYS, SECRETS};
 
+mod alerts;
 mod directory;
 mod events;
 pub(crate) mod services;
@@ -68,6 +69,7 @@ CREATE TABLE secret_versions (
     crate::events::SCHEMA,
     crate::services::SCHEMA,
     crate::directory::BINDINGS_SCHEMA,
+    crate::alerts::SCHEMA,
 ];
 
 /// The SQLite store.

@@ -9,7 +9,8 @@ use sqlx::Row;
 use super::{SqliteStore, corrupt};
 use crate::Result;
 use crate::events::{
-    DeadLetter, EventEmission, EventMark, EventSubscriptionRecord, MarkTable, PendingDelivery,
+    DeadLetter, DeliveryOrigin, EventEmission, EventMark, EventSubscriptionRecord, MarkTable,
+    PendingDelivery,
 };
 
 fn marks_table(t: MarkTable) -> &'static str {
@@ -31,6 +32,15 @@ fn subscription_row(r: &sqlx::sqlite::SqliteRow) -> Result<EventSubscriptionReco
         created: r.try_get("created")?,
         updated: r.try_get("updated")?,
     })
+}
+
+/// The state and next attempt of a delivery that failed: retried at `next_attempt_ms`, or dead
+/// when there is none (in either outbox).
+pub(super) fn failed_state(next_attempt_ms: Option<i64>) -> (&'static str, i64) {
+    match next_attempt_ms {
+        Some(t) => ("pending", t),
+        None => ("dead", 0),
+    }
 }
 
 impl SqliteStore {
@@ -295,6 +305,7 @@ impl SqliteStore {
                 let attempts: i64 = r.try_get("attempts")?;
                 let max: Option<i64> = r.try_get("max_attempts")?;
                 Ok(PendingDelivery {
+                    origin: DeliveryOrigin::KeyVaultEvent,
                     event_id: r.try_get("event_id")?,
                     vault: r.try_get("vault")?,
                     subscription: r.try_get("subscription")?,
@@ -353,10 +364,7 @@ impl SqliteStore {
         error: &str,
         now: i64,
     ) -> Result<()> {
-        let (state, next) = match next_attempt_ms {
-            Some(t) => ("pending", t),
-            None => ("dead", 0),
-        };
+        let (state, next) = failed_state(next_attempt_ms);
         sqlx::query(
             "UPDATE event_deliveries SET state = ?, attempts = ?, next_attempt_ms = ?, \
              last_error = ?, updated = ? WHERE event_id = ? AND vault = ? AND subscription = ?",

@@ -58,6 +58,28 @@ pub(crate) async fn rekey_resource_rows(
     Ok(())
 }
 
+/// Appends an entry to the activity log of `resource_key` (inside the caller's transaction);
+/// returns its position. One statement: SQLite takes the write lock before it reads the highest
+/// position, so two concurrent appends cannot pick the same one.
+pub(crate) async fn insert_activity(
+    tx: &mut Transaction<'_, Sqlite>,
+    resource_key: &str,
+    at: i64,
+    body: &str,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO service_activity (resource_key, seq, at, body) \
+         SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ? FROM service_activity \
+         WHERE resource_key = ? RETURNING seq",
+    )
+    .bind(resource_key)
+    .bind(at)
+    .bind(body)
+    .bind(resource_key)
+    .fetch_one(&mut **tx)
+    .await?)
+}
+
 async fn insert_document_if_absent(
     tx: &mut Transaction<'_, Sqlite>,
     resource_key: &str,
@@ -155,19 +177,9 @@ impl SqliteStore {
         at: i64,
         body: &str,
     ) -> Result<i64> {
-        // One statement: SQLite takes the write lock before it reads the highest position, so
-        // two concurrent appends cannot pick the same one.
-        let seq: i64 = sqlx::query_scalar(
-            "INSERT INTO service_activity (resource_key, seq, at, body) \
-             SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ? FROM service_activity \
-             WHERE resource_key = ? RETURNING seq",
-        )
-        .bind(resource_key)
-        .bind(at)
-        .bind(body)
-        .bind(resource_key)
-        .fetch_one(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        let seq = insert_activity(&mut tx, resource_key, at, body).await?;
+        tx.commit().await?;
         Ok(seq)
     }
 
