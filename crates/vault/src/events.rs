@@ -1,5 +1,7 @@
 //! Events (KV-11): what is due (new versions, near expiry, expired, disabled, deleted), the
-//! outbox they go to, the subscriptions that receive them, and the delivery worker.
+//! outbox they go to, the subscriptions that receive them, and the delivery worker — which
+//! also delivers the notifications of activity log alerts (`alerts.rs`), from their own
+//! outbox.
 //!
 //! Emission is a reconciliation, not a side effect of a request. For every key and secret the
 //! service compares what it holds (versions, enabled flags, exp, deletion) with the event marks
@@ -28,7 +30,9 @@ use kagi_core::rotation::{RotationPolicy, key_near_expiry_at, secret_near_expiry
 use kagi_core::{ErrorCode, KvError, ObjectName, VaultName};
 use kagi_identity::Principal;
 use kagi_store::VaultRecord;
-use kagi_store::events::{EventEmission, EventMark, EventSubscriptionRecord, MarkTable};
+use kagi_store::events::{
+    DeliveryOrigin, EventEmission, EventMark, EventSubscriptionRecord, MarkTable, PendingDelivery,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -154,7 +158,8 @@ impl ObjectView {
     }
 }
 
-fn new_event_id() -> Result<String, KvError> {
+/// A new UUID for an event (or an alert's firing, entry or notification).
+pub(crate) fn new_event_id() -> Result<String, KvError> {
     kagi_crypto::random_array()
         .map(kagi_core::ids::uuid_v4)
         .map_err(|e| internal("rng", e))
@@ -750,18 +755,45 @@ fn webhook_client(platform: &Platform, config: &DeliveryConfig) -> reqwest::Clie
     })
 }
 
-/// Delivers pending events until the process ends: resumes what was pending at start, wakes
-/// when deliveries are written, retries with back-off, dead-letters after the attempt limit.
+/// Pending deliveries of both outboxes (key vault events, alert notifications) due at `now`.
+async fn due_deliveries(
+    platform: &Platform,
+    now: i64,
+) -> Result<Vec<PendingDelivery>, kagi_store::StoreError> {
+    let mut due = platform.store.due_deliveries(now, 256).await?;
+    due.extend(platform.store.due_alert_deliveries(now, 256).await?);
+    Ok(due)
+}
+
+/// The earliest next attempt in either outbox.
+async fn next_delivery_ms(platform: &Platform) -> Option<i64> {
+    let events = platform.store.next_delivery_ms().await;
+    let alerts = platform.store.next_alert_delivery_ms().await;
+    [events, alerts]
+        .into_iter()
+        .filter_map(|r| r.ok().flatten())
+        .min()
+}
+
+/// Delivers pending events and alert notifications until the process ends: resumes what was
+/// pending at start, wakes when deliveries are written, retries with back-off, dead-letters
+/// after the attempt limit.
 pub async fn run_event_delivery(platform: Arc<Platform>, config: DeliveryConfig) {
     let client = webhook_client(&platform, &config);
     let permits = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
-    let in_flight: Arc<std::sync::Mutex<HashSet<(String, String, String)>>> = Arc::default();
+    type Key = (DeliveryOrigin, String, String, String);
+    let in_flight: Arc<std::sync::Mutex<HashSet<Key>>> = Arc::default();
     loop {
         let now = now_ms();
-        match platform.store.due_deliveries(now, 256).await {
+        match due_deliveries(&platform, now).await {
             Ok(due) => {
                 for d in due {
-                    let key = (d.event_id.clone(), d.vault.clone(), d.subscription.clone());
+                    let key = (
+                        d.origin,
+                        d.event_id.clone(),
+                        d.vault.clone(),
+                        d.subscription.clone(),
+                    );
                     if !in_flight
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -789,8 +821,8 @@ pub async fn run_event_delivery(platform: Arc<Platform>, config: DeliveryConfig)
             Err(e) => tracing::error!(error = %e, "reading due event deliveries failed"),
         }
         let poll = config.poll.as_millis() as i64;
-        let wait = match platform.store.next_delivery_ms().await {
-            Ok(Some(t)) if t > now => (t - now).min(poll),
+        let wait = match next_delivery_ms(&platform).await {
+            Some(t) if t > now => (t - now).min(poll),
             _ => poll,
         };
         tokio::select! {
@@ -800,63 +832,80 @@ pub async fn run_event_delivery(platform: Arc<Platform>, config: DeliveryConfig)
     }
 }
 
+/// One attempt of one delivery, and its outcome recorded in its outbox. An event goes as
+/// Event Grid sends it (an array of one event, `aeg-*` headers); an alert notification as
+/// Azure Monitor sends it (the payload alone).
 async fn attempt(
     p: &Platform,
     client: &reqwest::Client,
     config: &DeliveryConfig,
-    d: kagi_store::events::PendingDelivery,
+    d: PendingDelivery,
 ) {
-    let result = client
+    let request = client
         .post(&d.endpoint_url)
-        .header("content-type", "application/json; charset=utf-8")
-        .header("aeg-event-type", "Notification")
-        .header("aeg-subscription-name", d.subscription.to_ascii_uppercase())
-        .header("aeg-delivery-count", d.attempts.to_string())
-        .body(format!("[{}]", d.body))
-        .send()
-        .await;
-    let error = match result {
+        .header("content-type", "application/json; charset=utf-8");
+    let request = match d.origin {
+        DeliveryOrigin::KeyVaultEvent => request
+            .header("aeg-event-type", "Notification")
+            .header("aeg-subscription-name", d.subscription.to_ascii_uppercase())
+            .header("aeg-delivery-count", d.attempts.to_string())
+            .body(format!("[{}]", d.body)),
+        DeliveryOrigin::ActivityLogAlert => request.body(d.body.clone()),
+    };
+    let error = match request.send().await {
         Ok(r) if r.status().is_success() => None,
         Ok(r) => Some(format!("HTTP {}", r.status().as_u16())),
         Err(e) => Some(e.without_url().to_string().chars().take(300).collect()),
     };
-    let outcome = match &error {
-        None => {
+    let outcome = match (&error, d.origin) {
+        (None, DeliveryOrigin::KeyVaultEvent) => {
             p.store
                 .delivery_succeeded(&d.event_id, &d.vault, &d.subscription)
                 .await
         }
-        Some(err) => {
+        (None, DeliveryOrigin::ActivityLogAlert) => {
+            p.store.alert_delivery_succeeded(&d.event_id).await
+        }
+        (Some(err), origin) => {
             let attempts = d.attempts.saturating_add(1);
             let max = d.max_attempts.unwrap_or(config.max_attempts);
             let next =
                 (attempts < max).then(|| now_ms() + config.backoff(attempts).as_millis() as i64);
             if next.is_none() {
-                tracing::warn!(vault = %d.vault, subscription = %d.subscription, event = %d.event_id,
-                    attempts, error = %err, "event delivery dead-lettered");
+                tracing::warn!(?origin, owner = %d.vault, receiver = %d.subscription, id = %d.event_id,
+                    attempts, error = %err, "delivery dead-lettered");
             } else {
-                tracing::info!(vault = %d.vault, subscription = %d.subscription, event = %d.event_id,
-                    attempts, error = %err, "event delivery failed; will retry");
+                tracing::info!(?origin, owner = %d.vault, receiver = %d.subscription, id = %d.event_id,
+                    attempts, error = %err, "delivery failed; will retry");
             }
-            p.store
-                .delivery_failed(
-                    &d.event_id,
-                    &d.vault,
-                    &d.subscription,
-                    attempts,
-                    next,
-                    err,
-                    p.clock.now(),
-                )
-                .await
+            match origin {
+                DeliveryOrigin::KeyVaultEvent => {
+                    p.store
+                        .delivery_failed(
+                            &d.event_id,
+                            &d.vault,
+                            &d.subscription,
+                            attempts,
+                            next,
+                            err,
+                            p.clock.now(),
+                        )
+                        .await
+                }
+                DeliveryOrigin::ActivityLogAlert => {
+                    p.store
+                        .alert_delivery_failed(&d.event_id, attempts, next, err, p.clock.now())
+                        .await
+                }
+            }
         }
     };
     match outcome {
         Ok(()) if error.is_none() => {
-            tracing::info!(vault = %d.vault, subscription = %d.subscription, event = %d.event_id, "event delivered")
+            tracing::info!(origin = ?d.origin, owner = %d.vault, receiver = %d.subscription, id = %d.event_id, "delivered")
         }
         Ok(()) => {}
-        Err(e) => tracing::error!(error = %e, "recording an event delivery failed"),
+        Err(e) => tracing::error!(error = %e, "recording a delivery failed"),
     }
 }
 

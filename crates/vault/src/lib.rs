@@ -11,6 +11,9 @@
 
 #![forbid(unsafe_code)]
 
+// Action groups and activity log alerts (TD-5).
+mod alerts;
+pub use alerts::MonitorRef;
 mod arm;
 mod bootstrap;
 mod directory;

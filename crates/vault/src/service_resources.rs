@@ -282,22 +282,24 @@ impl Platform {
             .collect()
     }
 
-    /// Appends an entry to a resource's activity log (at the platform time); durable when
-    /// this returns.
+    /// Appends an entry to a resource's activity log (at the platform time), with the
+    /// notifications of the activity log alerts it fires in the same transaction (see
+    /// `alerts.rs`); durable when this returns.
     pub async fn append_service_activity(
         &self,
         resource_id: &str,
         entry: &Value,
     ) -> Result<(), KvError> {
+        let now = self.clock.now();
+        let fired = self.alert_notifications(resource_id, entry, now).await?;
         self.store
-            .append_service_activity(
-                &store_key(resource_id),
-                self.clock.now(),
-                &entry.to_string(),
-            )
+            .append_activity_with_alerts(&store_key(resource_id), now, &entry.to_string(), &fired)
             .await
-            .map(|_| ())
-            .map_err(|e| internal("append service activity", e))
+            .map_err(|e| internal("append service activity", e))?;
+        if !fired.is_empty() {
+            self.events.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// A resource's activity log, oldest first.

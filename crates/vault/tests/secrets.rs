@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 use kagi_core::key::BackupBlob;
@@ -15,53 +13,16 @@ use kagi_core::vault::VaultInput;
 use kagi_core::{ErrorCode, KvError};
 use kagi_crypto::AesRootKey;
 use kagi_store::{SqliteStore, Store};
-use kagi_vault::{BootstrapAdmin, ListQuery, Platform, PlatformConfig, Principal};
+use kagi_vault::{BootstrapAdmin, ListQuery, Platform, Principal};
 use serde_json::{Value, json};
 
-const ROOT: [u8; 32] = [0x5a; 32];
 const API: &str = "2026-04-01";
 /// A value that must never appear in the database files.
 const MARKER: &str = "kagi-plaintext-marker-7f3e9c1d2b";
 
-fn config(dir: &Path) -> PlatformConfig {
-    PlatformConfig {
-        data_dir: dir.to_path_buf(),
-        dns_suffix: "localhost".into(),
-        port: 8443,
-    }
-}
+mod common;
 
-async fn open(dir: &Path, clock: &Arc<TestClock>) -> (Platform, Option<BootstrapAdmin>) {
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("kagi.db")).await.unwrap());
-    let (p, admin) = Platform::open_with(
-        config(dir),
-        clock.clone(),
-        Arc::new(AesRootKey::from_bytes(&ROOT)),
-        store,
-    )
-    .await
-    .unwrap();
-    (p.with_test_clock(clock.clone()), admin)
-}
-
-async fn sign_in(p: &Platform, creds: &BootstrapAdmin) -> Principal {
-    p.authenticate(&token(p, creds).await).unwrap()
-}
-
-async fn token(p: &Platform, creds: &BootstrapAdmin) -> String {
-    let scope = format!("{}/.default", p.config().authority());
-    let form = HashMap::from([
-        ("grant_type".to_string(), "client_credentials".to_string()),
-        ("client_id".to_string(), creds.client_id.clone()),
-        ("client_secret".to_string(), creds.client_secret.clone()),
-        ("scope".to_string(), scope),
-    ]);
-    let grant = p
-        .client_credentials(&creds.tenant_id, &form)
-        .await
-        .unwrap_or_else(|e| panic!("token refused: {}", e.error_description));
-    grant.access_token
-}
+use common::{ROOT, config, open, sign_in, token};
 
 struct Env {
     dir: tempfile::TempDir,

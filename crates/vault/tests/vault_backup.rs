@@ -20,11 +20,13 @@ use kagi_core::time::TestClock;
 use kagi_core::vault::VaultInput;
 use kagi_crypto::{AesRootKey, DigestAlgorithm};
 use kagi_store::{SqliteStore, Store};
-use kagi_vault::{
-    BackupRequest, BootstrapAdmin, ListQuery, Platform, PlatformConfig, Principal, RestoreRequest,
-};
+use kagi_vault::{BackupRequest, BootstrapAdmin, ListQuery, Platform, Principal, RestoreRequest};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
+
+mod common;
+
+use common::{config, sign_in};
 
 const PASS: &str = "correct horse battery staple";
 /// Crypto User, a built-in role.
@@ -47,11 +49,7 @@ impl Env {
                 .unwrap(),
         );
         let (p, created) = Platform::open_with(
-            PlatformConfig {
-                data_dir: dir.path().to_path_buf(),
-                dns_suffix: "localhost".into(),
-                port: 8443,
-            },
+            config(dir.path()),
             clock.clone(),
             Arc::new(AesRootKey::from_bytes(&[root; 32])),
             store,
@@ -60,18 +58,7 @@ impl Env {
         .unwrap();
         let p = Arc::new(p.with_test_clock(clock));
         let creds = created.unwrap();
-        let scope = format!("{}/.default", p.config().authority());
-        let form = HashMap::from([
-            ("grant_type".to_string(), "client_credentials".to_string()),
-            ("client_id".to_string(), creds.client_id.clone()),
-            ("client_secret".to_string(), creds.client_secret.clone()),
-            ("scope".to_string(), scope),
-        ]);
-        let grant = p
-            .client_credentials(&creds.tenant_id, &form)
-            .await
-            .unwrap_or_else(|e| panic!("token refused: {}", e.error_description));
-        let admin = p.authenticate(&grant.access_token).unwrap();
+        let admin = sign_in(&p, &creds).await;
         p.put_resource_group(
             &admin,
             &creds.subscription_id,
