@@ -16,6 +16,7 @@ mod data_plane;
 mod event_routes;
 mod identity_routes;
 mod management;
+mod monitor_routes;
 mod move_routes;
 mod provider_routes;
 mod respond;

@@ -171,6 +171,11 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     {
         return r.unwrap_or_else(|e| respond::error(&e));
     }
+    if let Some(r) =
+        crate::monitor_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body).await
+    {
+        return r.unwrap_or_else(|e| respond::error(&e));
+    }
     if let Some(r) = crate::provider_routes::arm(
         &parts.extensions,
         &caller,
