@@ -18,7 +18,8 @@ FAST_RETRY = {"KAGI_EVENT_RETRY_BASE_MS": "100", "KAGI_EVENT_RETRY_MAX_MS": "400
 
 
 class Receiver:
-    """A webhook on 127.0.0.1 that fails the first `fail_first` POSTs (500), or all of them."""
+    """A webhook on 127.0.0.1 that fails the first `fail_first` POSTs (500), or all of them.
+    (Also test_alerts.py's, for Azure Monitor's notifications.)"""
 
     def __init__(self, fail_first=0, always_fail=False, port=0):
         self.events = []
@@ -37,7 +38,8 @@ class Receiver:
                     fail = outer.always_fail or outer.attempts <= outer.fail_first
                     outer.headers.append(dict(self.headers))
                     if not fail:
-                        outer.events.extend(json.loads(body))
+                        got = json.loads(body)  # Event Grid: an array; Azure Monitor: one object
+                        outer.events.extend(got if isinstance(got, list) else [got])
                 self.send_response(500 if fail else 200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -62,7 +64,7 @@ class Receiver:
                     return list(self.events)
             time.sleep(0.05)
         with self.lock:
-            raise AssertionError(f"expected {n} events within {timeout}s, got {[e['eventType'] for e in self.events]}")
+            raise AssertionError(f"expected {n} events within {timeout}s, got {self.events}")
 
     def types(self):
         with self.lock:
