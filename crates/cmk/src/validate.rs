@@ -29,6 +29,18 @@ impl KeyAccess {
         host: &dyn ServiceHost,
         req: &KeyRequest<'_>,
     ) -> Result<String, KvError> {
+        self.validate_with(host, req, None).await
+    }
+
+    /// [`KeyAccess::validate`] with the key vault called with `token` (an identity the
+    /// platform does not know as the resource's own, such as a SQL database's) instead of the
+    /// resource's managed identity, when given.
+    pub async fn validate_with(
+        &self,
+        host: &dyn ServiceHost,
+        req: &KeyRequest<'_>,
+        token: Option<&str>,
+    ) -> Result<String, KvError> {
         let consumer = self.consumer;
         let key = self.parse(req.key_uri)?;
         let facts = host.key_vault_facts(&key.vault).ok_or_else(|| {
@@ -77,7 +89,10 @@ impl KeyAccess {
                 ),
             ));
         }
-        let token = host.identity_token(req.resource_id, req.user_assigned)?;
+        let token = match token {
+            Some(t) => t.to_string(),
+            None => host.identity_token(req.resource_id, req.user_assigned)?,
+        };
         let lacks = |perm: &str, f: &VaultFailure| -> KvError {
             if f.status == 403
                 && f.inner

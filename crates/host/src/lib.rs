@@ -266,6 +266,27 @@ pub trait ServiceHost: Send + Sync + std::fmt::Debug {
     /// resource must carry now.
     fn identity_token(&self, id: &str, user_assigned: Option<&str>) -> Result<String>;
 
+    /// A user-assigned identity that a service gives to a part of a resource the platform does
+    /// not keep as a resource (a SQL database's own identity): `principalId`, `clientId` and
+    /// `tenantId` of identity `id` (ARM's 400 when it does not exist). Default: none.
+    fn user_assigned_identity(&self, id: &str) -> Result<Value> {
+        Err(KvError::new(
+            kagi_core::ErrorCode::BadRequest,
+            format!("User-assigned identity '{id}' does not exist."),
+        ))
+    }
+
+    /// An access token (audience: this platform) for the user-assigned identity `id`, used by
+    /// `for_resource` (which the service vouches carries it: see
+    /// [`ServiceHost::user_assigned_identity`]). Default: none.
+    fn user_assigned_token(&self, id: &str, for_resource: &str) -> Result<String> {
+        let _ = for_resource;
+        Err(KvError::new(
+            kagi_core::ErrorCode::BadRequest,
+            format!("User-assigned identity '{id}' does not exist."),
+        ))
+    }
+
     /// Who an access token of this platform speaks for (signature, expiry, audience and the
     /// principal's existence checked), for a service whose own protocol carries tokens (the
     /// SQL service's logins of Entra principals).

@@ -28,7 +28,7 @@ use crate::backup_chain::{Cursor, Taken, WalGen, chain_for, cursor_after};
 use crate::backup_files::{self, Ending, FileError, Pin, StageOne, Written, finish, finish_tail};
 use crate::databases::{Database, OpenDatabase};
 use crate::keys::{DBKEYS_DOC, DbKeys, internal};
-use crate::protector::{AZURE_KEY_VAULT, Protector, SERVICE_MANAGED};
+use crate::protector::{AZURE_KEY_VAULT, Protector, SERVICE_MANAGED, key_name};
 use crate::{SERVER_TYPE, SqlService, bad, id_of_body};
 
 /// The document kind (under the server) of the databases that have backups, named by database
@@ -291,7 +291,7 @@ impl SqlService {
             .await?
             .unwrap_or_else(|| json!({"records": []}));
         let records = records_in(&dek);
-        let protector = self.protector(server).await?;
+        let protector = self.protector_for(server, db).await?;
         let in_force = protector.record_id();
         let key_id = if records
             .iter()
@@ -308,11 +308,22 @@ impl SqlService {
         let view = match key_id.as_str() {
             "pmk" => json!({"serverKeyType": SERVICE_MANAGED, "serverKeyName": SERVICE_MANAGED,
                 "uri": null, "thumbprint": null}),
+            kid if protector.database.is_some() => {
+                // The database's own key, reached with its own identity.
+                let name = self
+                    .keys
+                    .parse(kid)
+                    .map(|u| key_name(&u))
+                    .unwrap_or_default();
+                json!({"serverKeyType": AZURE_KEY_VAULT, "serverKeyName": name, "uri": kid,
+                    "thumbprint": db.doc["cmk"]["keys"][kid]["thumbprint"],
+                    "identity": protector.database.as_ref().map(|d| d.identity.clone())})
+            }
             kid => {
                 let name = self
                     .keys
                     .parse(kid)
-                    .map(|u| format!("{}_{}_{}", u.vault, u.name, u.version.unwrap_or_default()))
+                    .map(|u| key_name(&u))
                     .unwrap_or_default();
                 let thumbprint = match self.get_server_key(server, &name).await {
                     Ok((_, v)) => v["properties"]["thumbprint"].clone(),
@@ -1001,6 +1012,13 @@ impl SqlService {
                     .to_string(),
                 kid,
                 auto_rotation: false,
+                // A backup under a database's own key is opened with the database's identity.
+                database: first["protector"]["identity"].as_str().map(|ua| {
+                    crate::protector::DbIdentity {
+                        identity: ua.to_string(),
+                        database: source.name.clone(),
+                    }
+                }),
             };
             let kek = self
                 .kek(server, &protector)

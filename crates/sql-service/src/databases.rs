@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kagi_cmk::{Dek, KeyOwner};
 use kagi_core::{ErrorCode, KvError};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::keys::internal;
 use crate::{SqlService, bad, id_of_body};
@@ -21,6 +21,50 @@ pub(crate) const INACCESSIBLE: &str = "Inaccessible";
 pub(crate) const GEO_SECONDARY: &str = "Secondary";
 /// Azure's replication state of a geo-secondary being copied whole (`geo.replicationState`).
 pub(crate) const GEO_SEEDING: &str = "SEEDING";
+
+/// Azure's fields of a database's keys, for its view.
+fn keys_view(db: &Database) -> (Value, Value) {
+    let c = &db.doc["cmk"];
+    let keys: Map<String, Value> = c["keys"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        json!({"type": "AzureKeyVault", "thumbprint": v["thumbprint"],
+                            "creationDate": v["creationDate"], "subregion": ""}),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let props = json!({
+        "encryptionProtector": c["kid"],
+        "encryptionProtectorAutoRotation": c["autoRotation"].as_bool().unwrap_or(false),
+        "keys": if keys.is_empty() { Value::Null } else { Value::Object(keys) },
+    });
+    (db.doc["identity"].clone(), props)
+}
+
+/// Which databases of a server one protector covers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum KeyScope<'a> {
+    /// Those under the server's protector (without a key of their own).
+    Server,
+    /// Database `name`, under its own key.
+    Database(&'a str),
+}
+
+impl KeyScope<'_> {
+    /// Whether `db` is under this protector.
+    pub(crate) fn covers(&self, db: &Database) -> bool {
+        match self {
+            KeyScope::Server => !db.has_own_key(),
+            KeyScope::Database(name) => db.name.eq_ignore_ascii_case(name),
+        }
+    }
+}
 
 /// A database as its document keeps it.
 #[derive(Clone, Debug)]
@@ -45,6 +89,11 @@ impl Database {
             database_id,
             doc,
         })
+    }
+
+    /// Whether it has a key of its own (database-level CMK).
+    pub(crate) fn has_own_key(&self) -> bool {
+        self.doc["cmk"]["kid"].is_string()
     }
 
     /// Whether it is a geo-secondary (read-only, written by replication only).
@@ -240,7 +289,7 @@ impl SqlService {
 
     pub(crate) fn db_view(&self, server: &Value, db: &Database) -> Value {
         let d = &db.doc;
-        json!({
+        let mut view = json!({
             "id": format!("{}/databases/{}", id_of_body(server), db.name),
             "name": db.name,
             "type": "Microsoft.Sql/servers/databases",
@@ -263,7 +312,18 @@ impl SqlService {
                 "inaccessibilityReason": d["state"]["reason"],
                 "secondaryType": if db.is_secondary() { json!("Geo") } else { Value::Null },
             },
-        })
+        });
+        // Database-level CMK (2024-05-01-preview's fields).
+        let (identity, keys) = keys_view(db);
+        if !identity.is_null() {
+            view["identity"] = identity;
+        }
+        if db.has_own_key() {
+            for (k, v) in keys.as_object().into_iter().flatten() {
+                view["properties"][k.as_str()] = v.clone();
+            }
+        }
+        view
     }
 
     /// `GET {server}/databases/{name}`.
@@ -327,6 +387,8 @@ impl SqlService {
             if let Some(v) = input["properties"].get("maxSizeBytes") {
                 db.doc["maxSizeBytes"] = v.clone();
             }
+            // Its own identity and key (database-level CMK).
+            self.apply_database_keys(server, &mut db, &input).await?;
             self.put_db_doc(server, &db).await?;
             return Ok((200, self.db_view(server, &db)));
         }
@@ -369,7 +431,7 @@ impl SqlService {
         };
         // The protector does not change while the database is made (it would miss the
         // re-wrap).
-        let _gate = self.server_gate(&server_id).await;
+        let gate = self.server_gate(&server_id).await;
         // The DEK, wrapped under the protector in force before anything refers to it.
         let dek = kagi_cmk::random_dek()?;
         let protector = self.protector(server).await?;
@@ -400,6 +462,16 @@ impl SqlService {
             let _ = crate::engine::remove_files(&self.db_file(&db.database_id)).await;
             return Err(e);
         }
+        drop(gate);
+        // Made under the server's protector; its own key, when asked for, next (re-wrap
+        // only). A key it cannot use leaves no database.
+        let mut db = db;
+        if let Err(e) = self.apply_database_keys(server, &mut db, &input).await {
+            let _gate = self.server_gate(&server_id).await;
+            let _ = self.drop_database(server, &db).await;
+            return Err(e);
+        }
+        self.put_db_doc(server, &db).await?;
         Ok((201, self.db_view(server, &db)))
     }
 
@@ -633,7 +705,7 @@ impl SqlService {
         }
         // Only a record under the protector in force opens it (an older key's record would
         // hide a revocation of the key in force).
-        let protector = self.protector(server).await?;
+        let protector = self.protector_for(server, db).await?;
         let dek = self
             .open_dek_under(server, db, &protector)
             .await
@@ -648,16 +720,21 @@ impl SqlService {
         Ok(self.remember_open(server, db, dek))
     }
 
-    /// Makes every online database of `server` Inaccessible (TD-4): DEK dropped from memory,
-    /// sessions cut with 40613, activity `MakeDatabaseInaccessible`. Returns how many.
+    /// Makes the online databases of `server` under `scope`'s protector Inaccessible (TD-4):
+    /// DEK dropped from memory, sessions cut with 40613, activity `MakeDatabaseInaccessible`.
+    /// Returns how many.
     pub(crate) async fn make_inaccessible(
         &self,
         server: &Value,
+        scope: KeyScope<'_>,
         reason: &str,
     ) -> Result<u64, KvError> {
         let now = self.host.now();
         let mut n = 0;
         for listed in self.databases_of(server).await? {
+            if !scope.covers(&listed) {
+                continue;
+            }
             // Under the database's lock, as it is now (dropped or changed meanwhile).
             let _g = self.db_lock(server, &listed.name).await;
             let Ok(mut db) = self.database(server, &listed.name).await else {
@@ -702,17 +779,22 @@ impl SqlService {
         Ok(n)
     }
 
-    /// Brings back the inaccessible databases of `server` whose key opens again: those that
-    /// went within the heal window, or with `revalidated` all of them. Returns how many.
+    /// Brings back the inaccessible databases of `server` under `scope`'s protector whose key
+    /// opens again: those that went within the heal window, or with `revalidated` all of them.
+    /// Returns how many.
     pub(crate) async fn recover_databases(
         &self,
         server: &Value,
+        scope: KeyScope<'_>,
         revalidated: bool,
     ) -> Result<u64, KvError> {
         let now = self.host.now();
         let window = self.config.heal_window.as_secs() as i64;
         let mut n = 0;
         for listed in self.databases_of(server).await? {
+            if !scope.covers(&listed) {
+                continue;
+            }
             // Under the database's lock, as it is now (dropped or changed meanwhile).
             let _g = self.db_lock(server, &listed.name).await;
             let Ok(mut db) = self.database(server, &listed.name).await else {
@@ -732,7 +814,7 @@ impl SqlService {
                 continue;
             }
             // The key must open the DEK now.
-            let protector = self.protector(server).await?;
+            let protector = self.protector_for(server, &db).await?;
             let opened = match self.open_dek_under(server, &db, &protector).await {
                 Ok(o) => o,
                 Err(e) if revalidated => {

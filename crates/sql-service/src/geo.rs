@@ -317,6 +317,16 @@ impl SqlService {
             ))
             .with_inner("GeoReplicationLinkExists"));
         }
+        if pdb.has_own_key() {
+            return Err(bad(
+                "GeoReplicationOfDatabaseKeyNotSupported",
+                format!(
+                    "The database '{}' has a key of its own (database-level CMK): kagi replicates \
+                     databases under their server's protector only; revert it first.",
+                    pdb.name
+                ),
+            ));
+        }
         let popen = self.open_db(&pserver, &pdb).await?;
         let pprot = self.protector(&pserver).await?;
         if let Some(kid) = &pprot.kid {
@@ -450,6 +460,7 @@ impl SqlService {
             server_key_name: name,
             kid: Some(kid.to_string()),
             auto_rotation: false,
+            database: None,
         };
         let kek = self.kek(server, &here).await?;
         let owner = self.db_keys(pserver, pdb);
@@ -933,6 +944,16 @@ impl SqlService {
                      (forceFailoverAllowDataLoss) can make the secondary take over.",
                 )
                 .with_inner("DatabaseInaccessible"));
+            }
+            if pdb.has_own_key() {
+                return Err(bad(
+                    "GeoReplicationOfDatabaseKeyNotSupported",
+                    format!(
+                        "The database '{}' has a key of its own (database-level CMK): kagi replicates \
+                     databases under their server's protector only; revert it first.",
+                        pdb.name
+                    ),
+                ));
             }
             let popen = self.open_db(&pserver, &pdb).await?;
             let pkey = popen.page_key()?;

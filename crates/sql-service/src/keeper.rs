@@ -21,8 +21,9 @@ use kagi_cmk::{FailureKind, KeyError, key_unusable};
 use kagi_core::KvError;
 use serde_json::{Value, json};
 
+use crate::databases::{Database, KeyScope};
 use crate::keys::SERVER_DOC;
-use crate::protector::identity_choice;
+use crate::protector::Protector;
 use crate::{SERVER_TYPE, SqlService, id_of_body};
 
 /// Servers probed at once by a pass.
@@ -116,24 +117,77 @@ impl SqlService {
     async fn keep_server(&self, server: &Value, report: &mut SweepReport) -> Result<(), KvError> {
         let id = id_of_body(server);
         let now = self.host.now();
-        let mut health = self
+        let health = self
             .host
             .document(&id, SERVER_DOC, "health")
             .await?
             .unwrap_or_else(|| json!({}));
         let dbs = self.databases_of(server).await?;
-        let pending = health["failingSince"].is_i64() || dbs.iter().any(|d| d.inaccessible());
-        let last = health["lastProbe"].as_i64().unwrap_or(i64::MIN / 2);
-        if !pending && now - last < self.config.key_poll_interval.as_secs() as i64 {
-            return Ok(());
+        let mine = |d: &&Database| KeyScope::Server.covers(d);
+        let pending =
+            health["failingSince"].is_i64() || dbs.iter().filter(mine).any(|d| d.inaccessible());
+        if self.probe_due(&health, pending, now) {
+            report.probed += 1;
+            let protector = self.protector(server).await?;
+            let verdict = match &protector.kid {
+                None => Probe::Usable,
+                Some(_) => self.probe(server, &protector, dbs.iter().find(mine)).await,
+            };
+            let health = self
+                .judge(server, KeyScope::Server, health, verdict, report)
+                .await?;
+            self.host
+                .put_document(&id, SERVER_DOC, "health", &health.0)
+                .await?;
+            if health.1 && protector.auto_rotation && self.follow_newest(server, &protector).await?
+            {
+                report.rotated += 1;
+            }
         }
-        report.probed += 1;
+        // Databases with keys of their own: the same, each with its own identity and key.
+        for db in dbs.iter().filter(|d| d.has_own_key()) {
+            let health = db.doc["cmkHealth"].clone();
+            let health = if health.is_object() {
+                health
+            } else {
+                json!({})
+            };
+            let pending = health["failingSince"].is_i64() || db.inaccessible();
+            if !self.probe_due(&health, pending, now) {
+                continue;
+            }
+            report.probed += 1;
+            let protector = self.protector_for(server, db).await?;
+            let verdict = self.probe(server, &protector, Some(db)).await;
+            let scope = KeyScope::Database(&db.name);
+            let (health, usable) = self.judge(server, scope, health, verdict, report).await?;
+            self.put_db_health(server, &db.name, health).await?;
+            if usable && protector.auto_rotation && self.follow_newest_db(server, &db.name).await? {
+                report.rotated += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a protector whose record is `health` is probed now: at every tick while
+    /// something is pending, else every key poll interval.
+    fn probe_due(&self, health: &Value, pending: bool, now: i64) -> bool {
+        let last = health["lastProbe"].as_i64().unwrap_or(i64::MIN / 2);
+        pending || now - last >= self.config.key_poll_interval.as_secs() as i64
+    }
+
+    /// What a probe's verdict does to the databases of `scope` (TD-4): the new health record,
+    /// and whether the protector is usable.
+    async fn judge(
+        &self,
+        server: &Value,
+        scope: KeyScope<'_>,
+        mut health: Value,
+        verdict: Probe,
+        report: &mut SweepReport,
+    ) -> Result<(Value, bool), KvError> {
+        let now = self.host.now();
         health["lastProbe"] = json!(now);
-        let protector = self.protector(server).await?;
-        let verdict = match &protector.kid {
-            None => Probe::Usable,
-            Some(kid) => self.probe(server, kid).await,
-        };
         match verdict {
             Probe::Usable => {
                 if let Some(o) = health.as_object_mut() {
@@ -141,13 +195,8 @@ impl SqlService {
                     o.remove("failure");
                     o.remove("kind");
                 }
-                self.host
-                    .put_document(&id, SERVER_DOC, "health", &health)
-                    .await?;
-                report.recovered += self.recover_databases(server, false).await?;
-                if protector.auto_rotation && self.follow_newest(server, &protector).await? {
-                    report.rotated += 1;
-                }
+                report.recovered += self.recover_databases(server, scope, false).await?;
+                Ok((health, true))
             }
             Probe::Failed(kind, why) => {
                 let since = health["failingSince"].as_i64().unwrap_or(now);
@@ -159,19 +208,16 @@ impl SqlService {
                 health["failingSince"] = json!(since);
                 health["failure"] = json!(why);
                 health["kind"] = json!(format!("{kind:?}"));
-                self.host
-                    .put_document(&id, SERVER_DOC, "health", &health)
-                    .await?;
                 let bound = match kind {
                     FailureKind::Definite => self.config.inaccessible_after,
                     FailureKind::Transient => self.config.transient_grace,
                 };
                 if now - since >= bound.as_secs() as i64 {
-                    report.made_inaccessible += self.make_inaccessible(server, &why).await?;
+                    report.made_inaccessible += self.make_inaccessible(server, scope, &why).await?;
                 }
+                Ok((health, false))
             }
         }
-        Ok(())
     }
 
     /// Records that server `id`'s protector answered now (a probe's success seen elsewhere):
@@ -191,18 +237,18 @@ impl SqlService {
             .await
     }
 
-    /// Probes the protector `kid` with the server's identity: the key (enabled, valid) and
-    /// the unwrap of one database's DEK record under it, as the engine would need.
-    async fn probe(&self, server: &Value, kid: &str) -> Probe {
-        let id = id_of_body(server);
+    /// Probes `protector` with the identity it uses (the server's, or a database's own): the
+    /// key (enabled, valid) and the unwrap of `db`'s DEK record under it, as the engine would
+    /// need.
+    async fn probe(&self, server: &Value, protector: &Protector, db: Option<&Database>) -> Probe {
         let definite = |why: String| Probe::Failed(FailureKind::Definite, why);
-        let ua = match identity_choice(server) {
-            Ok(ua) => ua,
-            Err(e) => return definite(e.message),
+        let Some(kid) = protector.kid.as_deref() else {
+            return Probe::Usable;
         };
-        let token = match self.host.identity_token(&id, ua.as_deref()) {
-            Ok(t) => t,
-            Err(e) => return definite(format!("the server's identity is gone: {}", e.message)),
+        let token = match self.kek(server, protector).await {
+            Ok(kagi_cmk::Kek::Customer { token, .. }) => token,
+            Ok(_) => return Probe::Usable,
+            Err(e) => return definite(format!("the identity is gone: {}", e.message)),
         };
         let Ok(uri) = self.keys.parse(kid) else {
             return definite(format!("the key id '{kid}' is not valid"));
@@ -220,19 +266,12 @@ impl SqlService {
             return definite(format!("the key '{kid}' cannot be used: {why} ({inner})"));
         }
         // The unwrap permission is what the databases need: probe it on one DEK record.
-        let Ok(dbs) = self.databases_of(server).await else {
+        let Some(db) = db else {
             return Probe::Usable;
-        };
-        let Some(db) = dbs.first() else {
-            return Probe::Usable;
-        };
-        let protector = match self.protector(server).await {
-            Ok(p) => p,
-            Err(e) => return Probe::Failed(FailureKind::Transient, e.message),
         };
         // Only a record under the protector in force counts: an older key's record would hide
         // the revocation of this one.
-        match self.open_dek_under(server, db, &protector).await {
+        match self.open_dek_under(server, db, protector).await {
             Ok(_) => Probe::Usable,
             Err(KeyError::Access(f) | KeyError::Unopened(Some(f))) => {
                 Probe::Failed(f.kind, f.message)
@@ -252,22 +291,9 @@ impl SqlService {
         let Some(kid) = &protector.kid else {
             return Ok(false);
         };
-        let uri = self.keys.parse(kid)?;
-        let ua = identity_choice(server)?;
-        let token = self
-            .host
-            .identity_token(&id_of_body(server), ua.as_deref())?;
-        let versionless = self.keys.parse(&uri.versionless())?;
-        let Ok(newest) = self.keys.client().get_key(&versionless, &token).await else {
+        let Some(newest) = self.newer_key_version(server, kid, None).await? else {
             return Ok(false);
         };
-        let newest = newest["key"]["kid"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if newest.is_empty() || newest.eq_ignore_ascii_case(kid) {
-            return Ok(false);
-        }
         let name = self.add_server_key(server, &newest).await?;
         self.switch_protector(server, Some(&name), true).await?;
         tracing::info!(server = %id_of_body(server), key = %newest, "TDE protector rotated");

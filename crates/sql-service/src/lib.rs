@@ -42,6 +42,7 @@ mod backup_chain;
 mod backup_files;
 mod backups;
 mod databases;
+mod db_keys;
 mod engine;
 mod gateway;
 mod geo;
@@ -314,6 +315,19 @@ impl SqlService {
                 "POST",
             ) => self.failover(server, segs[1], segs[3], true).await,
             (["databases", _], "GET") => Ok((200, self.get_database(server, segs[1]).await?)),
+            (
+                [
+                    "databases",
+                    _,
+                    "encryptionprotector",
+                    "current",
+                    "revalidate",
+                ],
+                "POST",
+            ) => self.revalidate_database(server, segs[1]).await,
+            (["databases", _, "encryptionprotector", "current", "revert"], "POST") => {
+                self.revert_database_key(server, segs[1]).await
+            }
             (["databases", _], "DELETE") => self.delete_database(server, segs[1]).await,
             (["databases", _, "backups"], "GET") => self.list_backups(server, segs[1]).await,
             (["restorabledroppeddatabases"], "GET") => self.list_restorable_dropped(server).await,

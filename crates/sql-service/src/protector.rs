@@ -16,7 +16,7 @@ use kagi_core::{ErrorCode, KvError};
 use kagi_host::Principal;
 use serde_json::{Value, json};
 
-use crate::databases::Database;
+use crate::databases::{Database, KeyScope};
 use crate::keys::{DbKeys, SERVER_DOC, internal, server_pmk};
 use crate::{SqlService, bad, id_of_body};
 
@@ -36,6 +36,18 @@ pub(crate) struct Protector {
     pub(crate) kid: Option<String>,
     /// Follow the key's newest version.
     pub(crate) auto_rotation: bool,
+    /// A database's own protector (database-level CMK): its user-assigned identity and the
+    /// database's name, which reach the key instead of the server's identity.
+    pub(crate) database: Option<DbIdentity>,
+}
+
+/// The identity a database-level protector reaches its key with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DbIdentity {
+    /// The user-assigned identity's resource id.
+    pub(crate) identity: String,
+    /// The database's name.
+    pub(crate) database: String,
 }
 
 impl Protector {
@@ -46,11 +58,13 @@ impl Protector {
                 server_key_name: d["serverKeyName"].as_str().unwrap_or_default().to_string(),
                 kid: Some(kid.to_string()),
                 auto_rotation: d["autoRotationEnabled"].as_bool().unwrap_or(false),
+                database: None,
             },
             None => Protector {
                 server_key_name: SERVICE_MANAGED.into(),
                 kid: None,
                 auto_rotation: false,
+                database: None,
             },
         }
     }
@@ -124,8 +138,16 @@ fn who(server: &Value, user_assigned: Option<&str>) -> String {
     }
 }
 
+/// How errors name a database's identity.
+pub(crate) fn db_who(d: &DbIdentity) -> String {
+    format!(
+        "user-assigned identity {} of database '{}'",
+        d.identity, d.database
+    )
+}
+
 /// A validation error of kagi-cmk under the code Azure SQL uses for the same rule.
-fn sql_error(e: KvError) -> KvError {
+pub(crate) fn sql_error(e: KvError) -> KvError {
     let code = match e.inner {
         Some("IdentityLacksKeyPermission") => "AzureKeyVaultMissingPermissions",
         Some("KeyDisabled") => "AzureKeyVaultKeyDisabled",
@@ -159,6 +181,17 @@ impl SqlService {
         match &protector.kid {
             None => Ok(Kek::Platform(server_pmk(self.host.as_ref(), &id).await?)),
             Some(kid) => {
+                if let Some(d) = &protector.database {
+                    let token = self.host.user_assigned_token(
+                        &d.identity,
+                        &format!("{id}/databases/{}", d.database),
+                    )?;
+                    return Ok(Kek::Customer {
+                        kid: kid.clone(),
+                        token,
+                        who: db_who(d),
+                    });
+                }
                 let ua = identity_choice(server)?;
                 let token = self.host.identity_token(&id, ua.as_deref())?;
                 Ok(Kek::Customer {
@@ -177,9 +210,19 @@ impl SqlService {
         server: &Value,
         key_uri: &str,
     ) -> Result<CheckedKey, KvError> {
+        self.check_protector_key_as(server, key_uri, None).await
+    }
+
+    /// [`SqlService::check_protector_key`] with a database's identity (`database`) instead of
+    /// the server's.
+    pub(crate) async fn check_protector_key_as(
+        &self,
+        server: &Value,
+        key_uri: &str,
+        database: Option<&DbIdentity>,
+    ) -> Result<CheckedKey, KvError> {
         let id = id_of_body(server);
-        let ua = identity_choice(server)?;
-        let who = who(server, ua.as_deref());
+        let (ua, who, token) = self.key_actor(server, database)?;
         let location = server["location"].as_str().unwrap_or_default();
         let req = KeyRequest {
             key_uri,
@@ -190,11 +233,10 @@ impl SqlService {
         };
         let kid = self
             .keys
-            .validate(self.host.as_ref(), &req)
+            .validate_with(self.host.as_ref(), &req, Some(&token))
             .await
             .map_err(sql_error)?;
         let uri = self.keys.parse(&kid)?;
-        let token = self.host.identity_token(&id, ua.as_deref())?;
         // One read of the key's newest version: it must be this one (older ones may be
         // compromised), and it tells the size and the thumbprint.
         let bundle = self
@@ -498,6 +540,7 @@ impl SqlService {
                 server_key_name: SERVICE_MANAGED.into(),
                 kid: None,
                 auto_rotation: false,
+                database: None,
             },
             Some(n) => {
                 let doc = self.server_key_doc(server, n).await?;
@@ -508,10 +551,17 @@ impl SqlService {
                     server_key_name: doc["name"].as_str().unwrap_or(n).to_string(),
                     kid: Some(kid),
                     auto_rotation,
+                    database: None,
                 }
             }
         };
-        let dbs = self.databases_of(server).await?;
+        // Databases with keys of their own are not under the server's protector.
+        let dbs: Vec<Database> = self
+            .databases_of(server)
+            .await?
+            .into_iter()
+            .filter(|d| KeyScope::Server.covers(d))
+            .collect();
         if let Some(old_kid) = &old.kid {
             // Leaving a customer key needs that key now: its owner's revocation (disabled,
             // deleted, permission removed) must not be escaped by moving the databases'
@@ -701,8 +751,52 @@ impl SqlService {
         if let Some(kid) = &protector.kid {
             self.check_protector_key_usable(server, kid).await?;
         }
-        self.recover_databases(server, true).await?;
+        self.recover_databases(server, KeyScope::Server, true)
+            .await?;
         Ok((200, Value::Null))
+    }
+
+    /// Who reaches a protector's key: a database's own identity, or the server's: the
+    /// user-assigned identity used (if any), how errors name it, and a token of it.
+    fn key_actor(
+        &self,
+        server: &Value,
+        database: Option<&DbIdentity>,
+    ) -> Result<(Option<String>, String, String), KvError> {
+        let id = id_of_body(server);
+        Ok(match database {
+            Some(d) => {
+                let token = self
+                    .host
+                    .user_assigned_token(&d.identity, &format!("{id}/databases/{}", d.database))?;
+                (Some(d.identity.clone()), db_who(d), token)
+            }
+            None => {
+                let ua = identity_choice(server)?;
+                let token = self.host.identity_token(&id, ua.as_deref())?;
+                let who = who(server, ua.as_deref());
+                (ua, who, token)
+            }
+        })
+    }
+
+    /// The newest version of the key `kid` (reached with `database`'s identity, or the
+    /// server's) when it is not `kid` itself; `None` when `kid` is the newest or the key
+    /// cannot be read now (the keeper tries again).
+    pub(crate) async fn newer_key_version(
+        &self,
+        server: &Value,
+        kid: &str,
+        database: Option<&DbIdentity>,
+    ) -> Result<Option<String>, KvError> {
+        let uri = self.keys.parse(kid)?;
+        let (_, _, token) = self.key_actor(server, database)?;
+        let versionless = self.keys.parse(&uri.versionless())?;
+        let Ok(newest) = self.keys.client().get_key(&versionless, &token).await else {
+            return Ok(None);
+        };
+        let newest = newest["key"]["kid"].as_str().unwrap_or_default();
+        Ok((!newest.is_empty() && !newest.eq_ignore_ascii_case(kid)).then(|| newest.to_string()))
     }
 
     /// Whether the protector `kid` can be used now by the server's identity (get, then a
@@ -712,9 +806,19 @@ impl SqlService {
         server: &Value,
         kid: &str,
     ) -> Result<(), KvError> {
+        self.check_protector_key_usable_as(server, kid, None).await
+    }
+
+    /// [`SqlService::check_protector_key_usable`] with a database's identity (`database`)
+    /// instead of the server's.
+    pub(crate) async fn check_protector_key_usable_as(
+        &self,
+        server: &Value,
+        kid: &str,
+        database: Option<&DbIdentity>,
+    ) -> Result<(), KvError> {
         let id = id_of_body(server);
-        let ua = identity_choice(server)?;
-        let who = who(server, ua.as_deref());
+        let (ua, who, token) = self.key_actor(server, database)?;
         let req = KeyRequest {
             key_uri: kid,
             resource_id: &id,
@@ -723,7 +827,7 @@ impl SqlService {
             who: &who,
         };
         self.keys
-            .validate(self.host.as_ref(), &req)
+            .validate_with(self.host.as_ref(), &req, Some(&token))
             .await
             .map(|_| ())
             .map_err(sql_error)

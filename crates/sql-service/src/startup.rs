@@ -71,20 +71,27 @@ impl SqlService {
         let mut tasks = tokio::task::JoinSet::new();
         let mut report = OpenReport::default();
         for server in self.host.resources_of_type(SERVER_TYPE) {
-            let Some(kek) = self.usable_kek(&server).await else {
-                continue;
-            };
-            let kek = Arc::new(kek);
             let Ok(dbs) = self.databases_of(&server).await else {
                 continue;
             };
+            let server_kek = self.usable_kek(&server).await.map(Arc::new);
             let server = Arc::new(server);
             for db in dbs {
                 if db.inaccessible() || self.open_dek(&db.database_id).is_some() {
                     continue;
                 }
-                let (svc, server, kek, limit) =
-                    (self.clone(), server.clone(), kek.clone(), limit.clone());
+                // A database with a key of its own opens with its own identity.
+                let kek = match crate::db_keys::own_protector(&db) {
+                    Some(p) => match self.kek(&server, &p).await {
+                        Ok(k) => Arc::new(k),
+                        Err(_) => continue,
+                    },
+                    None => match &server_kek {
+                        Some(k) => k.clone(),
+                        None => continue,
+                    },
+                };
+                let (svc, server, kek, limit) = (self.clone(), server.clone(), kek, limit.clone());
                 tasks.spawn(async move {
                     let _permit = limit.acquire_owned().await;
                     (id_of_body(&server), svc.open_one(&server, &db, &kek).await)

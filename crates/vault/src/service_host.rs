@@ -22,6 +22,30 @@ fn secret_aad(label: &str) -> Vec<u8> {
     format!("kagi/v1/platform/{label}").into_bytes()
 }
 
+impl Platform {
+    /// The stored body of user-assigned identity `id`, or ARM's 400.
+    fn user_assigned_body(&self, id: &str) -> Result<Value> {
+        self.dir()
+            .resources
+            .get(&id.to_ascii_lowercase())
+            .filter(|(r, _)| {
+                r.resource_type
+                    .eq_ignore_ascii_case("Microsoft.ManagedIdentity/userAssignedIdentities")
+            })
+            .map(|(_, body)| body.clone())
+            .ok_or_else(|| {
+                KvError::new(
+                    kagi_core::ErrorCode::BadRequest,
+                    format!(
+                        "User-assigned identity '{}' does not exist.",
+                        kagi_core::ids::printable(id)
+                    ),
+                )
+                .with_inner("UserAssignedIdentityNotFound")
+            })
+    }
+}
+
 #[async_trait]
 impl ServiceHost for Platform {
     fn now(&self) -> i64 {
@@ -111,6 +135,50 @@ impl ServiceHost for Platform {
 
     fn identity_token(&self, id: &str, user_assigned: Option<&str>) -> Result<String> {
         Platform::identity_token(self, id, user_assigned)
+    }
+
+    fn user_assigned_identity(&self, id: &str) -> Result<Value> {
+        self.user_assigned_body(id).map(|body| {
+            serde_json::json!({
+                "principalId": body["properties"]["principalId"],
+                "clientId": body["properties"]["clientId"],
+                "tenantId": body["properties"]["tenantId"],
+            })
+        })
+    }
+
+    fn user_assigned_token(&self, id: &str, for_resource: &str) -> Result<String> {
+        let body = self.user_assigned_body(id)?;
+        let oid = body["properties"]["principalId"]
+            .as_str()
+            .ok_or_else(|| internal("user-assigned identity", "no principal id"))?
+            .to_string();
+        let p = self.dir().principals.get(&oid).cloned().ok_or_else(|| {
+            KvError::new(
+                kagi_core::ErrorCode::BadRequest,
+                format!("The identity {oid} no longer exists."),
+            )
+            .with_inner("IdentityNotFound")
+        })?;
+        // ID-3: an identity left in another tenant by a tenant move gets no token.
+        if let Some(e) = self.identity_tenant_problem(&p, &for_resource.to_ascii_lowercase()) {
+            return Err(e);
+        }
+        let grant = self
+            .directory
+            .issue(
+                &Principal {
+                    tenant_id: p.tenant_id.clone(),
+                    object_id: p.object_id.clone(),
+                    client_id: p.client_id.clone(),
+                    kind: p.kind.clone(),
+                    network_address: None,
+                    upn: None,
+                },
+                &self.config.authority(),
+            )
+            .map_err(|_| internal("issue", "identity token"))?;
+        Ok(grant.access_token)
     }
 
     fn authenticate(&self, token: &str) -> Result<Principal> {
