@@ -153,32 +153,7 @@ impl ServiceHost for Platform {
             .as_str()
             .ok_or_else(|| internal("user-assigned identity", "no principal id"))?
             .to_string();
-        let p = self.dir().principals.get(&oid).cloned().ok_or_else(|| {
-            KvError::new(
-                kagi_core::ErrorCode::BadRequest,
-                format!("The identity {oid} no longer exists."),
-            )
-            .with_inner("IdentityNotFound")
-        })?;
-        // ID-3: an identity left in another tenant by a tenant move gets no token.
-        if let Some(e) = self.identity_tenant_problem(&p, &for_resource.to_ascii_lowercase()) {
-            return Err(e);
-        }
-        let grant = self
-            .directory
-            .issue(
-                &Principal {
-                    tenant_id: p.tenant_id.clone(),
-                    object_id: p.object_id.clone(),
-                    client_id: p.client_id.clone(),
-                    kind: p.kind.clone(),
-                    network_address: None,
-                    upn: None,
-                },
-                &self.config.authority(),
-            )
-            .map_err(|_| internal("issue", "identity token"))?;
-        Ok(grant.access_token)
+        self.service_identity_token(&oid, &for_resource.to_ascii_lowercase())
     }
 
     fn authenticate(&self, token: &str) -> Result<Principal> {

@@ -396,12 +396,23 @@ impl Platform {
                     .with_inner("UserAssignedIdentityNotAssigned")
                 })?,
         };
-        let p = self.dir().principals.get(&oid).cloned().ok_or_else(|| {
+        self.service_identity_token(&oid, &key)
+    }
+
+    /// An access token of managed identity `oid` (system- or user-assigned) acting for the
+    /// resource `resource_key` (lower case): refused when the identity is gone or was left in
+    /// another tenant by a tenant move (ID-3).
+    pub(crate) fn service_identity_token(
+        &self,
+        oid: &str,
+        resource_key: &str,
+    ) -> Result<String, KvError> {
+        let p = self.dir().principals.get(oid).cloned().ok_or_else(|| {
             bad(format!("The identity {oid} no longer exists.")).with_inner("IdentityNotFound")
         })?;
         debug_assert!(p.kind == kind::SYSTEM_ASSIGNED || p.kind == kind::USER_ASSIGNED);
         // ID-3: an identity left in another tenant by a tenant move gets no token.
-        if let Some(e) = self.identity_tenant_problem(&p, &key) {
+        if let Some(e) = self.identity_tenant_problem(&p, resource_key) {
             return Err(e);
         }
         let grant = self
