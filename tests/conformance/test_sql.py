@@ -298,6 +298,7 @@ def test_revocation_makes_databases_inaccessible_and_healing_follows_azure(sql_k
     vault, keys, key = key_vault_with_key(srv)
     grant(srv, vault, body["identity"]["principalId"])
     ok(set_protector(srv, server, key.id))
+    ok(arm(srv, "PATCH", sql_path(srv, server, f"/databases/{db}"), {"tags": {"team": "payments"}}))
     with connect(srv, server, db) as c:
         c.execute("CREATE TABLE kept (v TEXT)")
         c.execute("INSERT INTO kept VALUES ('before revocation')")
@@ -347,8 +348,12 @@ def test_revocation_makes_databases_inaccessible_and_healing_follows_azure(sql_k
     keys.update_key_properties(key.name, key.properties.version, enabled=True)
     time.sleep(3)
     assert db_status(srv, server, db) == "Inaccessible"
+    # Its settings are kept until then (it healed by itself within the window above).
+    assert ok(arm(srv, "GET", sql_path(srv, server, f"/databases/{db}")))["tags"] == {"team": "payments"}
     ok(arm(srv, "POST", sql_path(srv, server, "/encryptionProtector/current/revalidate")), 200, 202, 204)
     assert db_status(srv, server, db) == "Online"
+    # Back after the window: as in Azure, its tags (and point-in-time restore history) are lost.
+    assert not ok(arm(srv, "GET", sql_path(srv, server, f"/databases/{db}")))["tags"]
     with connect(srv, server, db) as c:
         assert c.execute("SELECT v FROM kept").fetchone()[0] == "before revocation"
     ops = [e.get("operationName") for e in ok(arm(srv, "GET", sql_path(srv, server, "/activityLog")))["value"]]

@@ -229,6 +229,7 @@ def test_a_rotation_between_backups_and_a_restore_that_needs_a_disabled_key(back
     err = r.json()["error"]
     assert err["code"] == "MissingKeyVaultUriForRestore", err
     assert server in err["message"] and key.id in err["message"], err
+    assert err["message"].startswith(f"Target server '{server}' doesn't have access to all AKV URIs created between"), err
     assert old[0]["properties"]["backupTime"] in err["message"], err
     assert arm(srv, "GET", sql_path(srv, server, "/databases/needsold")).status_code == 404
     # The source database is unaffected (its DEK is wrapped under the new version only).

@@ -602,6 +602,37 @@ impl SqlService {
         }
     }
 
+    /// Removes every backup of database `db` (records first, then files): its point-in-time
+    /// restore history, which Azure loses when a database comes back by `revalidate` after the
+    /// heal window. Its backups start again with a full backup.
+    pub(crate) async fn drop_backup_history(
+        &self,
+        server: &Value,
+        db: &Database,
+    ) -> Result<u64, KvError> {
+        let server_id = id_of_body(server);
+        let _g = self.lock_id(&format!("{}/backups", db.database_id)).await;
+        let records = self.records(&server_id, &db.database_id).await?;
+        for r in &records {
+            let seq = r["seq"].as_u64().unwrap_or(0);
+            self.host
+                .delete_document(
+                    &server_id,
+                    &record_kind(&db.database_id),
+                    &format!("{seq:010}"),
+                )
+                .await?;
+        }
+        self.forget_backup_pin(&db.database_id);
+        let dir = self.backup_dir(&db.database_id);
+        blocking("removing backups", move || {
+            let _ = std::fs::remove_dir_all(&dir);
+            Ok(())
+        })
+        .await?;
+        Ok(records.len() as u64)
+    }
+
     /// Ends the snapshot the backups of database `id` hold (it stopped being backed up: a
     /// primary that failed over).
     pub(crate) fn forget_backup_pin(&self, id: &str) {
@@ -1100,16 +1131,21 @@ fn restore_key_error(
     } else {
         format!("the key '{key}'{thumbprint}")
     };
-    let message = format!(
-        "The restore of database '{}' on server '{}' to {} needs the backups taken from {} to {}, \
-         which are protected by {key}; the server cannot use it: {why}. Give the server's \
-         identity access to that key again (or restore to a point whose backups are under a key \
-         it can use).",
-        source.name,
+    // Azure's text first ("Target server … doesn't have access to all AKV URIs created
+    // between … and …"), then which key and why.
+    let (server_name, from, to) = (
         server["name"].as_str().unwrap_or_default(),
-        at(point),
         from.map(at).unwrap_or_default(),
         to.map(at).unwrap_or_default(),
+    );
+    let message = format!(
+        "Target server '{server_name}' doesn't have access to all AKV URIs created between \
+         {from} and {to}. Retry operation after restoring all AKV URIs. The restore of database \
+         '{}' to {} needs the backups taken in that range, which are protected by {key}; the \
+         server cannot use it: {why}. Give the server's identity access to that key again (or \
+         restore to a point whose backups are under a key it can use).",
+        source.name,
+        at(point),
     );
     let code = if transient {
         ErrorCode::ServiceUnavailable

@@ -826,7 +826,18 @@ impl SqlService {
                 Err(_) => continue,
             };
             db.doc["state"] = json!({"status": ONLINE});
+            // Back after the heal window (revalidated): as in Azure, its tags and its
+            // point-in-time restore history are lost (its geo-replication link already went
+            // when it became inaccessible).
+            let late = !within;
+            if late {
+                db.doc["tags"] = Value::Null;
+            }
             self.put_db_doc(server, &db).await?;
+            if late {
+                let dropped = self.drop_backup_history(server, &db).await?;
+                tracing::info!(database = %db.name, backups = dropped, "settings reset after a late revalidate");
+            }
             self.remember_open(server, &db, opened);
             self.host
                 .append_activity(
@@ -835,7 +846,10 @@ impl SqlService {
                         "eventTimestamp": kagi_core::time::rfc3339(now),
                         "resourceId": format!("{}/databases/{}", id_of_body(server), db.name),
                         "message": format!("Database '{}' is accessible again{}.", db.name,
-                            if revalidated { " (revalidated)" } else { "" })}),
+                            if late {
+                                " (revalidated after the heal window: its tags and point-in-time \
+                                 restore history are reset)"
+                            } else if revalidated { " (revalidated)" } else { "" })}),
                 )
                 .await?;
             tracing::info!(database = %db.name, "database accessible again");
