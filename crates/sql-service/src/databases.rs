@@ -695,13 +695,21 @@ impl SqlService {
         if db.inaccessible() {
             return Err(unavailable());
         }
-        if let Some(open) = self
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&db.database_id)
-        {
-            return Ok(open.clone());
+        let cached = self.open_entry(&db.database_id);
+        match cached {
+            // Opened for the role it has now (a geo-secondary's sessions read only).
+            Some(open) if open.read_only == db.is_secondary() => return Ok(open),
+            Some(stale) => {
+                // Its role changed (a failover): its sessions end, the next ones open anew.
+                if let Some(gone) = self.forget_open(&db.database_id) {
+                    gone.close(kagi_pgsql::PgError::fatal(
+                        "57P01",
+                        "terminating connection: the database's geo-replication role changed",
+                    ));
+                }
+                return Ok(self.remember_open(server, db, stale.dek.clone()));
+            }
+            None => {}
         }
         // Only a record under the protector in force opens it (an older key's record would
         // hide a revocation of the key in force).

@@ -21,7 +21,6 @@ use serde_json::{Value, json};
 
 use crate::backup_chain::Cursor;
 use crate::backup_files::{FileError, Pass, Tail, checkpoint, wal_of};
-use crate::backups::blocking;
 use crate::databases::{DATABASE_DOC, Database, check_db_name, new_guid};
 use crate::keys::internal;
 use crate::protector::Protector;
@@ -55,6 +54,9 @@ pub(crate) struct Link {
     pub(crate) start: i64,
     /// A secondary's state: `SEEDING` or `CATCH_UP`.
     pub(crate) state: Option<String>,
+    /// Whether the secondary has ever held the database's data (seeded once, or a primary
+    /// before a failover): a secondary being seeded again is not an empty one.
+    pub(crate) seeded: bool,
 }
 
 impl Link {
@@ -68,13 +70,14 @@ impl Link {
             partner_database: g["partnerDatabase"].as_str()?.to_string(),
             start: g["startTime"].as_i64().unwrap_or(0),
             state: g["replicationState"].as_str().map(str::to_string),
+            seeded: g["seeded"].as_bool().unwrap_or(false),
         })
     }
 
     fn to_json(&self) -> Value {
         json!({"linkId": self.id, "role": self.role, "partnerServerId": self.partner_server_id,
             "partnerDatabase": self.partner_database, "startTime": self.start,
-            "replicationState": self.state})
+            "replicationState": self.state, "seeded": self.seeded})
     }
 
     fn is_secondary(&self) -> bool {
@@ -83,7 +86,7 @@ impl Link {
 
     /// A secondary that was never seeded: it holds no data.
     pub(crate) fn is_unseeded_secondary(&self) -> bool {
-        self.is_secondary() && self.state.as_deref() == Some(SEEDING)
+        self.is_secondary() && !self.seeded
     }
 }
 
@@ -145,6 +148,17 @@ impl GeoState {
 
     fn forget(&self, id: &str) {
         self.runs().remove(id);
+    }
+
+    /// Takes link `id`'s run, waiting (at most ten seconds) for a task working on it.
+    async fn take_waiting(&self, id: &str) -> Option<LinkRun> {
+        for _ in 0..100 {
+            if let Some(run) = self.take(id) {
+                return Some(run);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
     }
 
     fn caught_up(&self, id: &str) -> Option<i64> {
@@ -342,6 +356,7 @@ impl SqlService {
             partner_database: pdb.name.clone(),
             start: now,
             state: Some(SEEDING.into()),
+            seeded: false,
         };
         let doc = json!({
             "name": pdb.name,
@@ -381,6 +396,7 @@ impl SqlService {
                 partner_database: sdb.name.clone(),
                 start: now,
                 state: None,
+                seeded: true,
             }
             .to_json();
             self.put_db_doc(&pserver, &pdb).await
@@ -490,7 +506,11 @@ impl SqlService {
             return Ok(None);
         };
         let _ = db.doc.as_object_mut().map(|o| o.remove("geo"));
+        // A pass shipping or seeding now finishes first (its run is taken, then dropped with
+        // the primary's snapshot).
+        let run = self.geo.take_waiting(&link.id).await;
         self.geo.forget(&link.id);
+        drop(run);
         let spool = self.geo_spool(&link.id);
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(spool)).await;
         if link.is_secondary() {
@@ -671,8 +691,9 @@ impl SqlService {
                     path: spool.clone(),
                     source,
                 })?;
-                // What is in the spool goes first: the secondary takes the log in order.
-                let before = replica_files::apply_spool(&replica, &skey, &spool)?;
+                // What is in the spool goes first: the secondary takes the log in order. A seed
+                // only while the secondary is marked as being seeded (no session opens it).
+                let before = replica_files::apply_spool(&replica, &skey, &spool, seeding)?;
                 if before.pending {
                     return Ok((before, None));
                 }
@@ -688,7 +709,7 @@ impl SqlService {
                 let clock = || host.now();
                 let shipped = replica_files::ship(
                     (&pfile, &pkey),
-                    run.pass.take(),
+                    &mut run.pass,
                     run.cursor,
                     &clock,
                     &spool,
@@ -700,7 +721,7 @@ impl SqlService {
                 run.pass = Some(shipped.pass);
                 run.cursor = shipped.cursor;
                 run.next_seq = shipped.next_seq;
-                let mut after = replica_files::apply_spool(&replica, &skey, &spool)?;
+                let mut after = replica_files::apply_spool(&replica, &skey, &spool, seeding)?;
                 after.seeded |= before.seeded;
                 Ok((after, (!after.pending).then_some(shipped.taken)))
             })();
@@ -715,6 +736,27 @@ impl SqlService {
                     run.caught_up = caught_up;
                 }
                 Ok(applied)
+            }
+            // A busy primary or secondary: tried again at the next tick, where it stands (the
+            // primary's snapshot still holds the log).
+            Err(FileError::Busy) => Ok(Applied::default()),
+            Err(FileError::Damaged(why)) => {
+                // The secondary cannot follow (its log is not the primary's, or a shipped file
+                // does not continue it): a new seed mends it. The spool goes, the snapshot goes
+                // with the run, and shipping starts again from a full copy.
+                tracing::warn!(database = %sdb.name, link = %link.id, why, "geo-secondary needs a new seed");
+                let s = self.geo_spool(&link.id);
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(s)).await;
+                run = LinkRun {
+                    known: true,
+                    next_seq: 1,
+                    ..LinkRun::default()
+                };
+                Ok(Applied {
+                    seed_pending: true,
+                    pending: true,
+                    ..Applied::default()
+                })
             }
             Err(e) => {
                 // Found again from the secondary's log next time (a new seed if need be).
@@ -762,6 +804,9 @@ impl SqlService {
             return Ok(());
         }
         db.doc["geo"]["replicationState"] = json!(state);
+        if state == CATCH_UP {
+            db.doc["geo"]["seeded"] = json!(true);
+        }
         self.put_db_doc(server, &db).await
     }
 
@@ -788,6 +833,7 @@ impl SqlService {
             spool: self.geo_spool(&link.id),
             replica: sopen.file.clone(),
             key: skey,
+            failed: false,
         })
     }
 
@@ -923,15 +969,7 @@ impl SqlService {
         let spool = self.geo_spool(&link.id);
         // The link's run (and the primary's snapshot it holds) goes: a new one seeds the old
         // primary from the new one. A pass working on it gives it back within moments.
-        let mut old_run = None;
-        for _ in 0..100 {
-            old_run = self.geo.take(&link.id);
-            if old_run.is_some() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let Some(old_run) = old_run else {
+        let Some(old_run) = self.geo.take_waiting(&link.id).await else {
             return Err(KvError::conflict(
                 "The link is busy shipping the primary's log; try again.",
             )
@@ -964,21 +1002,14 @@ impl SqlService {
             let mut run = old_run;
             let spool2 = spool.clone();
             let replica2 = replica.clone();
-            let pass = blocking("a failover", move || {
+            let shipped = tokio::task::spawn_blocking(move || {
                 let mut pass = Pass::open(&pfile, &pkey)?;
-                let mut locked = Err(FileError::Busy);
-                for _ in 0..5 {
-                    locked = pass.lock(false);
-                    if !matches!(locked, Err(FileError::Busy)) {
-                        break;
-                    }
-                }
-                locked?;
+                pass.lock(false)?;
                 std::fs::create_dir_all(&spool2).map_err(|source| FileError::Io {
                     path: spool2.clone(),
                     source,
                 })?;
-                let pending = replica_files::apply_spool(&replica2, &skey, &spool2)?;
+                let pending = replica_files::apply_spool(&replica2, &skey, &spool2, false)?;
                 if pending.pending {
                     return Err(FileError::Busy);
                 }
@@ -994,23 +1025,49 @@ impl SqlService {
                         "the primary's log does not continue what the secondary has".into(),
                     ));
                 }
-                // Readers of the secondary may hold an old generation a while.
-                for _ in 0..20 {
-                    let a = replica_files::apply_spool(&replica2, &skey, &spool2)?;
+                // Readers of the secondary in an old generation get a moment (the primary's
+                // writers wait meanwhile).
+                for _ in 0..2 {
+                    let a = replica_files::apply_spool(&replica2, &skey, &spool2, false)?;
                     if !a.pending {
                         return Ok(pass);
                     }
-                    std::thread::sleep(Duration::from_millis(250));
                 }
                 Err(FileError::Busy)
             })
             .await
-            .inspect_err(|_| self.geo.give_back(&link.id, LinkRun::default()))?;
+            .map_err(|e| internal("a failover", e));
+            let pass = match shipped {
+                Ok(Ok(pass)) => pass,
+                Ok(Err(e)) => {
+                    self.geo.give_back(&link.id, LinkRun::default());
+                    return Err(match e {
+                        FileError::Busy => KvError::new(
+                            ErrorCode::ServiceUnavailable,
+                            "The primary or the secondary stayed busy during the failover: \
+                             nothing changed; try again.",
+                        )
+                        .with_inner("DatabaseBusy"),
+                        FileError::Damaged(why) => KvError::conflict(format!(
+                            "The secondary is not ready to take over ({why}); it is seeded \
+                             again by the next replication pass: try again once it has caught up."
+                        ))
+                        .with_inner("ReplicationLinkNotReady"),
+                        e => internal("a failover", e),
+                    });
+                }
+                Err(e) => {
+                    self.geo.give_back(&link.id, LinkRun::default());
+                    return Err(e);
+                }
+            };
             self.swap_roles(server, &mut sdb, &pserver, &mut pdb, &link)
                 .await
                 .inspect_err(|_| self.geo.give_back(&link.id, LinkRun::default()))?;
-            // Sessions that raced the failover write nowhere: the key goes, and the old
-            // primary's files are replaced by the seed.
+            // Sessions that raced the failover write nowhere: they end again now that the
+            // roles are swapped, the key goes, and the old primary's files are replaced by the
+            // seed.
+            self.end_sessions(&pdb, "terminating connection: the database failed over");
             crate::engine::revoke(&primary_file).await;
             let _ = tokio::task::spawn_blocking(move || drop(pass)).await;
         } else {
@@ -1078,6 +1135,7 @@ impl SqlService {
             partner_database: sdb.name.clone(),
             start: now,
             state: Some(SEEDING.into()),
+            seeded: true,
         }
         .to_json();
         sdb.doc["geo"] = Link {
@@ -1087,6 +1145,7 @@ impl SqlService {
             partner_database: pdb.name.clone(),
             start: now,
             state: None,
+            seeded: true,
         }
         .to_json();
         // The old primary first: were the second write lost, both would be secondaries and
@@ -1105,6 +1164,8 @@ pub(crate) struct TailHook {
     spool: PathBuf,
     replica: PathBuf,
     key: DatabaseKey,
+    /// The catch-up failed: the link's snapshot stays where shipping stands.
+    failed: bool,
 }
 
 impl TailHook {
@@ -1116,15 +1177,29 @@ impl TailHook {
         };
         let r = match phase {
             Tail::BeforeCheckpoint => {
-                replica_files::catch_up(pass, cursor, &self.spool, run.next_seq).and_then(|c| {
-                    if let Some((c, seq)) = c {
+                match replica_files::catch_up(pass, cursor, &self.spool, run.next_seq) {
+                    Ok(Some((c, seq))) => {
                         run.cursor = Some(c);
                         run.next_seq = seq;
+                        // The secondary takes it now if it can (never a seed here, under the
+                        // primary's lock); else the next tick applies it.
+                        replica_files::apply_spool(&self.replica, &self.key, &self.spool, false)
+                            .map(|_| ())
                     }
-                    // The secondary takes it now if it can; else the next tick applies it.
-                    replica_files::apply_spool(&self.replica, &self.key, &self.spool).map(|_| ())
-                })
+                    Ok(None) => {
+                        self.failed = true;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Nothing moved: the snapshot still holds the log where shipping
+                        // stands, so the checkpoint cannot pass a frame not shipped.
+                        self.failed = true;
+                        Err(e)
+                    }
+                }
             }
+            // Only a link that shipped everything lets go of the log.
+            Tail::AfterCheckpoint if self.failed => Ok(()),
             Tail::AfterCheckpoint => pass.pin_now(),
         };
         if let Err(e) = r {

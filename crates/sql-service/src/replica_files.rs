@@ -45,17 +45,19 @@ pub(crate) struct Shipment {
 /// frames as a log file, or, when the log no longer continues `cursor` (or there is none), a full
 /// copy of a snapshot with its log generation, to seed the secondary again. Then a checkpoint
 /// that never passes the new snapshot, which stays pinned; the previous shipment's pass
-/// (`previous`) goes once the new snapshot holds the log.
+/// (`previous`) goes once the new snapshot holds the log and what it holds is shipped. On an
+/// error `previous` is left as it was: its snapshot keeps holding the log where shipping stands.
 pub(crate) fn ship(
     (db, key): (&Path, &DatabaseKey),
-    previous: Option<Pass>,
+    previous: &mut Option<Pass>,
     cursor: Option<Cursor>,
     clock: &dyn Fn() -> i64,
     spool: &Path,
     seq: u64,
 ) -> Result<Shipment, FileError> {
     let one = backup_files::stage_one((db, key), cursor, (false, clock), spool, seq)?;
-    drop(previous);
+    // The new snapshot holds the log and the frames it holds are in the spool (synced).
+    drop(previous.take());
     let StageOne {
         mut pass,
         state,
@@ -87,22 +89,26 @@ pub(crate) fn ship(
 }
 
 /// Ships the frames committed since `cursor` while another connection holds the primary's write
-/// lock (a backup pass's second stage), and pins the pass's snapshot at the log's end. Returns
-/// the new cursor and next sequence number; `None` when the log does not continue `cursor`.
+/// lock (a backup pass's second stage), then pins the pass's snapshot at the log's end — only
+/// once they are in the spool: a failure leaves the snapshot where shipping stands, so no
+/// checkpoint can pass a frame not shipped. Returns the new cursor and next sequence number;
+/// `None` when the log does not continue `cursor`.
 pub(crate) fn catch_up(
     pass: &mut Pass,
     cursor: Cursor,
     spool: &Path,
     seq: u64,
 ) -> Result<Option<(Cursor, u64)>, FileError> {
-    let state = pass.observe(true)?;
+    let state = pass.observe(false)?;
     match crate::backup_chain::next_step(Some(&cursor), state.generation(), state.frames) {
         crate::backup_chain::Step::Copy { first, last } => {
             let Some(h) = state.header.filter(|_| last >= first) else {
+                pass.pin_now()?;
                 return Ok(Some((cursor, seq)));
             };
             let w = backup_files::log_backup(pass, spool, &h, (first, last), seq)?;
             sync_dir(spool)?;
+            pass.pin_now()?;
             let c = cursor_after(w.generation, w.last);
             Ok(Some((Cursor { drained: true, ..c }, w.seq + 1)))
         }
@@ -190,13 +196,16 @@ pub(crate) struct Applied {
 }
 
 /// Applies the shipped files of `spool` to the secondary `replica` (under `key`: the primary's
-/// DEK and page id), in order, each removed once applied. A full copy makes everything shipped
-/// before it moot. Stops at the first file the secondary cannot take yet: a full copy while a
-/// connection to the secondary is open, a new log generation while a reader is in the old one.
+/// DEK and page id), in order, each removed (and the removal synced) once applied, so that no
+/// file is applied again after a crash. A full copy makes everything shipped before it moot.
+/// Stops at the first file the secondary cannot take yet: a full copy unless `may_seed` (the
+/// secondary is marked as being seeded, so no session can open it) and no connection to it is
+/// open, a new log generation while a reader is in the old one.
 pub(crate) fn apply_spool(
     replica: &Path,
     key: &DatabaseKey,
     spool: &Path,
+    may_seed: bool,
 ) -> Result<Applied, FileError> {
     let mut files = spooled(spool)?;
     if let Some(last_full) = files
@@ -212,6 +221,7 @@ pub(crate) fn apply_spool(
     let mut out = Applied::default();
     for f in &files {
         let r = match f {
+            Spooled::Full { .. } if !may_seed => Err(FileError::Busy),
             Spooled::Full { db, wal, .. } => seed(replica, db, wal.as_deref(), key).map(|_| true),
             Spooled::Log { path, .. } => apply_log(replica, path, key).map(|_| false),
         };
@@ -222,6 +232,7 @@ pub(crate) fn apply_spool(
                 for p in f.files() {
                     std::fs::remove_file(&p).map_err(io(&p))?;
                 }
+                sync_dir(spool)?;
             }
             Err(FileError::Busy) => {
                 out.pending = true;
@@ -230,9 +241,6 @@ pub(crate) fn apply_spool(
             }
             Err(e) => return Err(e),
         }
-    }
-    if out.files > 0 {
-        sync_dir(spool)?;
     }
     Ok(out)
 }
@@ -251,40 +259,47 @@ fn seed(
     let dir = replica
         .parent()
         .ok_or_else(|| FileError::Damaged("a database file without a directory".into()))?;
-    let replica_wal = wal_of(replica);
-    for suffix in ["-wal", "-journal"] {
+    let with = |suffix: &str| {
         let mut p = replica.as_os_str().to_owned();
         p.push(suffix);
-        match std::fs::remove_file(PathBuf::from(&p)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io(Path::new(&p))(e));
-            }
-            _ => {}
-        }
-    }
-    let mut seeding = replica.as_os_str().to_owned();
-    seeding.push(".seed");
-    let seeding = PathBuf::from(seeding);
-    std::fs::copy(full, &seeding).map_err(io(&seeding))?;
-    File::open(&seeding)
+        PathBuf::from(p)
+    };
+    let (replica_wal, seed_db, seed_wal) = (wal_of(replica), with(".seed"), with(".seed-wal"));
+    // The copy and its log are written whole beside the database first.
+    std::fs::copy(full, &seed_db).map_err(io(&seed_db))?;
+    File::open(&seed_db)
         .and_then(|f| f.sync_all())
-        .map_err(io(&seeding))?;
+        .map_err(io(&seed_db))?;
     let (generation, frames) = match wal {
         Some(w) => {
             let gens = generations(&[w.to_path_buf()])?;
             let g = gens
                 .first()
                 .ok_or_else(|| FileError::Damaged("an empty log generation".into()))?;
-            backup_files::write_wal(g, &replica_wal)?;
-            File::open(&replica_wal)
+            backup_files::write_wal(g, &seed_wal)?;
+            File::open(&seed_wal)
                 .and_then(|f| f.sync_all())
-                .map_err(io(&replica_wal))?;
+                .map_err(io(&seed_wal))?;
             (Some(g.header.generation()), g.frames)
         }
         None => (None, 0),
     };
-    std::fs::rename(&seeding, replica).map_err(io(replica))?;
+    // Then, in an order where a crash at any point leaves a consistent database: the old log
+    // goes (the old file alone is the old snapshot), the copy takes the database's name (a
+    // snapshot of its own), then its log.
+    for old in [replica_wal.clone(), with("-journal")] {
+        match std::fs::remove_file(&old) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&old)(e)),
+            _ => {}
+        }
+    }
     sync_dir(dir)?;
+    std::fs::rename(&seed_db, replica).map_err(io(replica))?;
+    sync_dir(dir)?;
+    if wal.is_some() {
+        std::fs::rename(&seed_wal, &replica_wal).map_err(io(&replica_wal))?;
+        sync_dir(dir)?;
+    }
     // Opening runs SQLite's recovery over the log: every frame must open and chain.
     let conn = crate::engine::open_existing_blocking(replica, key)?;
     let (_, found, _) = checkpoint(&conn, "NOOP")?;
@@ -454,7 +469,7 @@ mod tests {
         fn ship(&mut self) -> bool {
             let s = ship(
                 (&self.primary, &key()),
-                self.pass.take(),
+                &mut self.pass,
                 self.cursor,
                 &|| 0,
                 &self.spool,
@@ -468,7 +483,7 @@ mod tests {
         }
 
         fn apply(&self) -> Applied {
-            apply_spool(&self.replica, &key(), &self.spool).unwrap()
+            apply_spool(&self.replica, &key(), &self.spool, true).unwrap()
         }
     }
 
@@ -595,7 +610,7 @@ mod tests {
         insert(&conn, 7, 10);
         link.ship();
         assert!(matches!(
-            apply_spool(&link.replica, &key(), &link.spool),
+            apply_spool(&link.replica, &key(), &link.spool, true),
             Err(FileError::Damaged(_))
         ));
     }
@@ -626,7 +641,7 @@ mod tests {
             Tail::BeforeCheckpoint => {
                 let (c, s) = catch_up(&mut pass, cursor, &spool, seq).unwrap().unwrap();
                 (cursor, seq) = (c, s);
-                apply_spool(&replica, &key(), &spool).unwrap();
+                apply_spool(&replica, &key(), &spool, false).unwrap();
             }
             Tail::AfterCheckpoint => pass.pin_now().unwrap(),
         })
@@ -638,6 +653,54 @@ mod tests {
         insert(&conn, 31, 40);
         link.ship();
         assert_eq!(generation(&link), before.wrapping_add(1));
+        link.apply();
+        let reader = crate::engine::connect_read_only_blocking(&link.replica, &key()).unwrap();
+        assert_eq!(rows(&reader), (1..=40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_catch_up_that_fails_under_a_backup_passs_lock_keeps_the_log_where_shipping_stands() {
+        let (_tmp, conn, mut link) = setup();
+        insert(&conn, 1, 5);
+        link.ship();
+        link.apply();
+        let held = crate::engine::open_blocking(&link.primary, &key()).unwrap();
+        held.execute_batch("BEGIN").unwrap();
+        rows(&held);
+        insert(&conn, 6, 20);
+        link.ship();
+        link.apply();
+        held.execute_batch("COMMIT").unwrap();
+        // Committed on the primary, not shipped yet.
+        insert(&conn, 21, 30);
+        let mut backup = Pass::open(&link.primary, &key()).unwrap();
+        backup.lock(true).unwrap();
+        let before = generation(&link);
+        let (spool, seq) = (link.spool.clone(), link.seq);
+        let cursor = link.cursor.unwrap();
+        let mut pass = link.pass.take().unwrap();
+        // The spool cannot take a file now (disk full, I/O error): a directory in the way.
+        let blocker = spool.join(format!("log-{seq:08}.bak.partial"));
+        std::fs::create_dir_all(&blocker).unwrap();
+        let mut failed = false;
+        // What the link's hook does: no new snapshot after a failed catch-up.
+        finish_tail(&mut backup, &mut |phase, _| match phase {
+            Tail::BeforeCheckpoint => {
+                failed = catch_up(&mut pass, cursor, &spool, seq).is_err();
+            }
+            Tail::AfterCheckpoint if failed => {}
+            Tail::AfterCheckpoint => pass.pin_now().unwrap(),
+        })
+        .unwrap();
+        assert!(failed, "the injected failure happened");
+        std::fs::remove_dir(&blocker).unwrap();
+        link.pass = Some(pass);
+        drop(backup);
+        // The link's snapshot kept the log from restarting over the frames not shipped: the
+        // next shipment has them, in the same generation.
+        insert(&conn, 31, 40);
+        assert!(!link.ship());
+        assert_eq!(generation(&link), before);
         link.apply();
         let reader = crate::engine::connect_read_only_blocking(&link.replica, &key()).unwrap();
         assert_eq!(rows(&reader), (1..=40).collect::<Vec<_>>());
