@@ -99,6 +99,9 @@ def test_a_database_with_its_own_key(keys_kagi):
     # The database's key disabled: after the bound this database alone is Inaccessible.
     keys.update_key_properties(key.name, rotated.properties.version, enabled=False)
     time.sleep(2.5)
+    # The revocation cannot be escaped by moving the database's key away meanwhile.
+    r = srv.request("POST", srv.arm(sql_path(srv, server, "/databases/owndb/encryptionProtector/current/revert"), DB_API))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "AzureKeyVaultKeyInaccessible", r.text
     advance_clock(srv, 601)
     wait_for("Inaccessible", lambda: db_status(srv, server, "owndb") == "Inaccessible")
     assert db_status(srv, server, other) == "Online"

@@ -111,6 +111,10 @@ def test_a_geo_secondary_follows_its_primary_fails_over_and_loses_nothing(geo_ka
     assert r.status_code == 409, r.text  # the primary's own name exists there
     made = ok(create_secondary(srv, secondary, primary, db), 201)
     assert made["properties"]["secondaryType"] == "Geo"
+    # A database in a link keeps its server's protector.
+    r = srv.request("PATCH", srv.arm(sql_path(srv, primary, f"/databases/{db}"), "2024-05-01-preview"),
+                    json={"properties": {"encryptionProtector": key.id}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "GeoReplicationOfDatabaseKeyNotSupported", r.text
     r = create_secondary(srv, secondary, primary, db)
     assert r.status_code == 409, r.text
 

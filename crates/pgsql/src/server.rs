@@ -620,7 +620,11 @@ async fn authenticate(
                 _ => None,
             };
             let mut seed = shared.mock_key.to_vec();
+            // Per database too: a login may be a user of one database only, and the mock salt
+            // must not tell the others apart from it.
             seed.extend_from_slice(server.as_bytes());
+            seed.push(0);
+            seed.extend_from_slice(database.as_bytes());
             seed.push(0);
             seed.extend_from_slice(login.as_bytes());
             let mut exchange = ScramServer::new(verifier, &seed);

@@ -61,7 +61,7 @@ impl KeyScope<'_> {
     pub(crate) fn covers(&self, db: &Database) -> bool {
         match self {
             KeyScope::Server => !db.has_own_key(),
-            KeyScope::Database(name) => db.name.eq_ignore_ascii_case(name),
+            KeyScope::Database(name) => db.name.eq_ignore_ascii_case(name) && db.has_own_key(),
         }
     }
 }
@@ -748,7 +748,8 @@ impl SqlService {
             let Ok(mut db) = self.database(server, &listed.name).await else {
                 continue;
             };
-            if db.inaccessible() {
+            // As it is now: it may have moved to or from a key of its own meanwhile.
+            if db.inaccessible() || !scope.covers(&db) {
                 continue;
             }
             // TD-7: it leaves its geo-replication link; its partner stands alone.
@@ -808,7 +809,7 @@ impl SqlService {
             let Ok(mut db) = self.database(server, &listed.name).await else {
                 continue;
             };
-            if !db.inaccessible() {
+            if !db.inaccessible() || !scope.covers(&db) {
                 continue;
             }
             let within = db

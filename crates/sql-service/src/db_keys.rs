@@ -54,17 +54,22 @@ impl SqlService {
         }
     }
 
-    /// Stores the keeper's probe record of database `name`'s own key.
+    /// Stores the keeper's probe record of database `name`'s own key `kid` (unless its key
+    /// moved meanwhile: then the record is of another key and goes).
     pub(crate) async fn put_db_health(
         &self,
         server: &Value,
         name: &str,
+        kid: &str,
         health: Value,
     ) -> Result<(), KvError> {
         let _g = self.db_lock(server, name).await;
         let Ok(mut db) = self.database(server, name).await else {
             return Ok(());
         };
+        if db.doc["cmk"]["kid"].as_str() != Some(kid) {
+            return Ok(());
+        }
         db.doc["cmkHealth"] = health;
         self.put_db_doc(server, &db).await
     }
@@ -87,6 +92,16 @@ impl SqlService {
         let keys = props["keys"].as_object();
         if protector.is_none() && keys.is_none() && auto.is_none() {
             return Ok(());
+        }
+        if protector.is_some() && db.doc["geo"].is_object() {
+            return Err(bad(
+                "GeoReplicationOfDatabaseKeyNotSupported",
+                format!(
+                    "The database '{}' is in a geo-replication link: kagi replicates databases \
+                     under their server's protector only; remove the link first.",
+                    db.name
+                ),
+            ));
         }
         let ua = db_identity(db).ok_or_else(|| {
             bad(
@@ -143,7 +158,12 @@ impl SqlService {
     /// The database's `identity`: user-assigned identities only (Azure's rule for
     /// database-level keys); `None` removes it, which its own key would still need.
     fn set_db_identity(&self, db: &mut Database, identity: &Value) -> Result<(), KvError> {
-        let ty = identity["type"].as_str().unwrap_or("None");
+        let ty = identity["type"].as_str().ok_or_else(|| {
+            bad(
+                "InvalidIdentityType",
+                "identity.type is 'UserAssigned' or 'None'.",
+            )
+        })?;
         if ty.eq_ignore_ascii_case("None") {
             if db.has_own_key() {
                 return Err(bad(
@@ -186,8 +206,8 @@ impl SqlService {
             return Err(bad(
                 "DatabaseIdentityInUse",
                 format!(
-                    "The database '{}' reaches its own key with its identity: set the new \
-                     identity together with the protector, or revert first.",
+                    "The database '{}' reaches its own key with its identity: revert it to the \
+                     server's protector first, then change its identity.",
                     db.name
                 ),
             ));
@@ -233,12 +253,45 @@ impl SqlService {
             db.doc = next.doc;
             return Ok(());
         }
-        let dek = match self.open_dek(&db.database_id) {
-            Some(d) => d,
-            None => self
-                .open_dek_under(server, db, &old)
+        // Leaving a customer key needs that key now (as for a server's protector): a revocation
+        // must not be escaped by moving the DEK away while the keeper's bound runs. The DEK
+        // comes from the old key's record, not from memory.
+        let dek = if let Some(old_kid) = &old.kid {
+            let refuse = |why: String| {
+                bad(
+                    "AzureKeyVaultKeyInaccessible",
+                    format!(
+                        "The database's current protector '{old_kid}' cannot be used now \
+                         ({why}); its key moves only while the current key works. Restore \
+                         access to the key first."
+                    ),
+                )
+            };
+            let failing = match &old.database {
+                Some(_) => db.doc["cmkHealth"]["failingSince"].is_i64(),
+                None => self
+                    .host
+                    .document(&id_of_body(server), crate::keys::SERVER_DOC, "health")
+                    .await?
+                    .is_some_and(|h| h["failingSince"].is_i64()),
+            };
+            if failing {
+                return Err(refuse("the keeper has seen it fail".into()));
+            }
+            self.check_protector_key_usable_as(server, old_kid, old.database.as_ref())
                 .await
-                .map_err(|e| kagi_cmk::key_failure_error(e, "AzureKeyVaultKeyAccessFailed"))?,
+                .map_err(|e| refuse(e.message))?;
+            self.open_dek_under(server, db, &old)
+                .await
+                .map_err(|e| refuse(kagi_cmk::key_failure_error(e, "x").message))?
+        } else {
+            match self.open_dek(&db.database_id) {
+                Some(d) => d,
+                None => self
+                    .open_dek_under(server, db, &old)
+                    .await
+                    .map_err(|e| kagi_cmk::key_failure_error(e, "AzureKeyVaultKeyAccessFailed"))?,
+            }
         };
         let kek = self.kek(server, &new).await?;
         let owner = self.db_keys(server, db);

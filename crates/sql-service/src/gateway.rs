@@ -147,6 +147,12 @@ impl Gateway for SqlGateway {
         let refused = || PgError::password_failed(login);
         let s = self.0.server_named(server).ok_or_else(refused)?;
         let who = self.0.host.authenticate(token).map_err(|_| refused())?;
+        // A principal of the server's tenant only (the tenant its subscription is in).
+        let tenant = kagi_host::subscription_of(&id_of_body(&s))
+            .and_then(|sub| self.0.host.subscription_tenant(sub));
+        if tenant.is_some_and(|t| !t.eq_ignore_ascii_case(&who.tenant_id)) {
+            return Err(refused());
+        }
         if let Some((name, sid)) = entra_admin(&s)
             && name.eq_ignore_ascii_case(login)
         {

@@ -144,27 +144,46 @@ impl SqlService {
                 report.rotated += 1;
             }
         }
-        // Databases with keys of their own: the same, each with its own identity and key.
+        // Databases with keys of their own: the same, each with its own identity and key. One
+        // database's failure does not keep the others from being probed.
         for db in dbs.iter().filter(|d| d.has_own_key()) {
-            let health = db.doc["cmkHealth"].clone();
-            let health = if health.is_object() {
-                health
-            } else {
-                json!({})
-            };
-            let pending = health["failingSince"].is_i64() || db.inaccessible();
-            if !self.probe_due(&health, pending, now) {
-                continue;
+            if let Err(e) = self.keep_database_key(server, db, report).await {
+                tracing::warn!(database = %db.name, error = %e.message, "SQL keeper: database key");
             }
-            report.probed += 1;
-            let protector = self.protector_for(server, db).await?;
-            let verdict = self.probe(server, &protector, Some(db)).await;
-            let scope = KeyScope::Database(&db.name);
-            let (health, usable) = self.judge(server, scope, health, verdict, report).await?;
-            self.put_db_health(server, &db.name, health).await?;
-            if usable && protector.auto_rotation && self.follow_newest_db(server, &db.name).await? {
-                report.rotated += 1;
-            }
+        }
+        Ok(())
+    }
+
+    /// [`SqlService::keep_server`] for database `db`'s own key.
+    async fn keep_database_key(
+        &self,
+        server: &Value,
+        db: &Database,
+        report: &mut SweepReport,
+    ) -> Result<(), KvError> {
+        let now = self.host.now();
+        let protector = self.protector_for(server, db).await?;
+        let kid = protector.kid.clone().unwrap_or_default();
+        // A record of another key's probes (the key moved since) does not count.
+        let health = match &db.doc["cmkHealth"] {
+            h if h.is_object() && h["kid"].as_str() == Some(kid.as_str()) => h.clone(),
+            _ => json!({"kid": kid}),
+        };
+        let pending = health["failingSince"].is_i64() || db.inaccessible();
+        if !self.probe_due(&health, pending, now) {
+            return Ok(());
+        }
+        report.probed += 1;
+        let verdict = self.probe(server, &protector, Some(db)).await;
+        let scope = KeyScope::Database(&db.name);
+        let (health, usable) = self.judge(server, scope, health, verdict, report).await?;
+        self.put_db_health(server, &db.name, &kid, health).await?;
+        if usable
+            && !db.inaccessible()
+            && protector.auto_rotation
+            && self.follow_newest_db(server, &db.name).await?
+        {
+            report.rotated += 1;
         }
         Ok(())
     }
