@@ -127,3 +127,37 @@ def test_a_database_with_its_own_key(keys_kagi):
     wait_for("backups", lambda: ok(arm(srv, "GET", sql_path(srv, server, "/databases/owndb/backups")))["value"])
     backups = ok(arm(srv, "GET", sql_path(srv, server, "/databases/owndb/backups")))["value"]
     assert backups, backups
+
+
+def test_the_kagi_cli_gives_a_database_its_own_key(keys_kagi):
+    import json
+    import subprocess
+
+    from conftest import KAGI_BIN
+
+    srv = keys_kagi
+
+    def cli(*args):
+        cmd = [str(KAGI_BIN), *args, "--server", srv.base, "--data-dir", str(srv.data_dir), "--output", "json"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout) if p.stdout.strip() else None
+
+    server, _ = create_server(srv, identity=False)
+    ua = user_identity(srv)
+    vault, keys, key = key_vault_with_key(srv)
+    grant(srv, vault, [ua["properties"]["principalId"]])
+    made = cli("sql", "db", "create", "-s", server, "-g", DEFAULT_RG, "-n", "clidb",
+               "--user-assigned-identity-id", ua["id"], "--encryption-protector", key.id)
+    assert made["properties"]["encryptionProtector"] == key.id
+    plain = cli("sql", "db", "create", "-s", server, "-g", DEFAULT_RG, "-n", "plain")
+    assert not plain["properties"].get("encryptionProtector")
+    rotated = keys.create_rsa_key(key.name, size=3072)
+    moved = cli("sql", "db", "tde-key", "set", "-s", server, "-g", DEFAULT_RG, "-n", "clidb",
+                "--encryption-protector", rotated.id)
+    assert moved["properties"]["encryptionProtector"] == rotated.id
+    cli("sql", "db", "tde-key", "revalidate", "-s", server, "-g", DEFAULT_RG, "-n", "clidb")
+    reverted = cli("sql", "db", "tde-key", "revert", "-s", server, "-g", DEFAULT_RG, "-n", "clidb")
+    assert not reverted["properties"].get("encryptionProtector")
+    with connect(srv, server, "clidb") as c:
+        assert c.execute("SELECT 6 * 7").fetchone()[0] == 42

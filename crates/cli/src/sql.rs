@@ -114,14 +114,19 @@ enum ServerCommand {
 
 #[derive(Subcommand, Debug)]
 enum DbCommand {
-    /// Create a database.
+    /// Create a database (under the server's protector, or with a key of its own).
     Create {
         #[command(flatten)]
         at: ServerAt,
         /// Database name.
         #[arg(long, short = 'n')]
         name: String,
+        #[command(flatten)]
+        key: DbKeyArgs,
     },
+    /// A database's own key (database-level CMK), as `az sql db tde key`.
+    #[command(subcommand)]
+    TdeKey(DbTdeKeyCommand),
     /// Show a database (its status: Online or Inaccessible).
     Show {
         #[command(flatten)]
@@ -177,6 +182,66 @@ enum DbCommand {
     /// Geo-replication: a readable secondary on another server (as `az sql db replica`).
     #[command(subcommand)]
     Replica(ReplicaCommand),
+}
+
+/// A database's own key and the user-assigned identity that reaches it.
+#[derive(Args, Debug)]
+struct DbKeyArgs {
+    /// The user-assigned identity (resource id) the database reaches its key with.
+    #[arg(long)]
+    user_assigned_identity_id: Option<String>,
+    /// The versioned key id of the database's own TDE protector.
+    #[arg(long)]
+    encryption_protector: Option<String>,
+    /// Follow the key's newest version.
+    #[arg(long)]
+    encryption_protector_auto_rotation: bool,
+}
+
+impl DbKeyArgs {
+    /// The request fields (`identity`, `properties.encryptionProtector`, …) into `body`.
+    fn apply(&self, body: &mut Value) {
+        if let Some(id) = &self.user_assigned_identity_id {
+            body["identity"] =
+                json!({"type": "UserAssigned", "userAssignedIdentities": {id.as_str(): {}}});
+        }
+        if let Some(kid) = &self.encryption_protector {
+            body["properties"]["encryptionProtector"] = json!(kid);
+            body["properties"]["keys"] = json!({kid.as_str(): {}});
+            body["properties"]["encryptionProtectorAutoRotation"] =
+                json!(self.encryption_protector_auto_rotation);
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum DbTdeKeyCommand {
+    /// Give the database a key of its own (its DEK re-wrapped under it).
+    Set {
+        #[command(flatten)]
+        at: ServerAt,
+        /// Database name.
+        #[arg(long, short = 'n')]
+        name: String,
+        #[command(flatten)]
+        key: DbKeyArgs,
+    },
+    /// Probe the database's key now and bring the database back if it was inaccessible.
+    Revalidate {
+        #[command(flatten)]
+        at: ServerAt,
+        /// Database name.
+        #[arg(long, short = 'n')]
+        name: String,
+    },
+    /// Put the database back under the server's protector.
+    Revert {
+        #[command(flatten)]
+        at: ServerAt,
+        /// Database name.
+        #[arg(long, short = 'n')]
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -324,8 +389,12 @@ fn server_line(s: &Value) -> String {
 
 fn db_line(d: &Value) -> String {
     let p = &d["properties"];
+    let key = p["encryptionProtector"]
+        .as_str()
+        .map(|k| format!("\tkey {k}"))
+        .unwrap_or_default();
     format!(
-        "{}\t{}\t{}",
+        "{}\t{}\t{}{key}",
         d["name"].as_str().unwrap_or(""),
         p["status"].as_str().unwrap_or(""),
         p["databaseId"].as_str().unwrap_or("")
@@ -478,7 +547,7 @@ async fn db(ctx: &Context, c: DbCommand) -> anyhow::Result<()> {
         )
     };
     match c {
-        DbCommand::Create { at, name } => {
+        DbCommand::Create { at, name, key } => {
             let server = call(
                 ctx,
                 Method::GET,
@@ -486,7 +555,8 @@ async fn db(ctx: &Context, c: DbCommand) -> anyhow::Result<()> {
                 None,
             )
             .await?;
-            let body = json!({"location": server["location"], "properties": {}});
+            let mut body = json!({"location": server["location"], "properties": {}});
+            key.apply(&mut body);
             show(
                 ctx,
                 &call(ctx, Method::PUT, url(&at, &name), Some(&body)).await?,
@@ -539,6 +609,23 @@ async fn db(ctx: &Context, c: DbCommand) -> anyhow::Result<()> {
             show(ctx, &call(ctx, Method::GET, u, None).await?, dropped_line);
         }
         DbCommand::Replica(r) => replica(ctx, r).await?,
+        DbCommand::TdeKey(DbTdeKeyCommand::Set { at, name, key }) => {
+            let mut body = json!({"properties": {}});
+            key.apply(&mut body);
+            show(
+                ctx,
+                &call(ctx, Method::PATCH, url(&at, &name), Some(&body)).await?,
+                db_line,
+            );
+        }
+        DbCommand::TdeKey(DbTdeKeyCommand::Revalidate { at, name }) => {
+            let u = format!("{}/encryptionProtector/current/revalidate", url(&at, &name));
+            call(ctx, Method::POST, u, None).await?;
+        }
+        DbCommand::TdeKey(DbTdeKeyCommand::Revert { at, name }) => {
+            let u = format!("{}/encryptionProtector/current/revert", url(&at, &name));
+            show(ctx, &call(ctx, Method::POST, u, None).await?, db_line);
+        }
     }
     Ok(())
 }
