@@ -334,7 +334,13 @@ pub(crate) fn map_error(e: &rusqlite::Error) -> PgError {
                     ffi::SQLITE_CONSTRAINT_CHECK => sqlstate::CHECK_VIOLATION,
                     _ => sqlstate::INTEGRITY_CONSTRAINT_VIOLATION,
                 },
-                ErrorCode::DatabaseBusy if f.extended_code == ffi::SQLITE_BUSY_SNAPSHOT => {
+                // A transaction that read and now writes while another one writes (SQLite does
+                // not wait there: it would deadlock), or whose snapshot another one has passed:
+                // PostgreSQL's answer to the same conflict, which clients retry.
+                ErrorCode::DatabaseBusy
+                    if f.extended_code == ffi::SQLITE_BUSY_SNAPSHOT
+                        || f.extended_code == ffi::SQLITE_BUSY =>
+                {
                     sqlstate::SERIALIZATION_FAILURE
                 }
                 ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked => sqlstate::LOCK_NOT_AVAILABLE,
@@ -354,6 +360,11 @@ pub(crate) fn map_error(e: &rusqlite::Error) -> PgError {
             };
             let text = if f.code == ErrorCode::OperationInterrupted {
                 "canceling statement due to user request".to_owned()
+            } else if code == sqlstate::SERIALIZATION_FAILURE {
+                "could not serialize access due to concurrent update (another transaction \
+                 writes the database: retry the transaction; a transaction that will write can \
+                 start with BEGIN IMMEDIATE to wait for its turn instead)"
+                    .to_owned()
             } else {
                 text
             };
