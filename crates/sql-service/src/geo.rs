@@ -213,6 +213,17 @@ fn name_of(id: &str) -> &str {
     id.rsplit('/').next().unwrap_or(id)
 }
 
+/// The refusal to replicate a database with a key of its own (database-level CMK).
+fn own_key_refused(name: &str) -> KvError {
+    bad(
+        "GeoReplicationOfDatabaseKeyNotSupported",
+        format!(
+            "The database '{name}' has a key of its own (database-level CMK): kagi replicates \
+             databases under their server's protector only; revert it first."
+        ),
+    )
+}
+
 fn link_not_found(name: &str, link: &str) -> KvError {
     KvError::new(
         ErrorCode::ResourceNotFound,
@@ -332,14 +343,7 @@ impl SqlService {
             .with_inner("GeoReplicationLinkExists"));
         }
         if pdb.has_own_key() {
-            return Err(bad(
-                "GeoReplicationOfDatabaseKeyNotSupported",
-                format!(
-                    "The database '{}' has a key of its own (database-level CMK): kagi replicates \
-                     databases under their server's protector only; revert it first.",
-                    pdb.name
-                ),
-            ));
+            return Err(own_key_refused(&pdb.name));
         }
         let popen = self.open_db(&pserver, &pdb).await?;
         let pprot = self.protector(&pserver).await?;
@@ -984,14 +988,7 @@ impl SqlService {
                 .with_inner("DatabaseInaccessible"));
             }
             if pdb.has_own_key() {
-                return Err(bad(
-                    "GeoReplicationOfDatabaseKeyNotSupported",
-                    format!(
-                        "The database '{}' has a key of its own (database-level CMK): kagi replicates \
-                     databases under their server's protector only; revert it first.",
-                        pdb.name
-                    ),
-                ));
+                return Err(own_key_refused(&pdb.name));
             }
             let popen = self.open_db(&pserver, &pdb).await?;
             let pkey = popen.page_key()?;
