@@ -1,5 +1,6 @@
 """Throughput over the wire (issue 13: "reported separately"): one workload through psycopg 3 over
-TLS against a PostgreSQL-protocol server, with C client connections, each in its own thread.
+TLS against a PostgreSQL-protocol server, with C client connections, each in a process of its own
+(threads of one Python process would share its interpreter lock and measure the client).
 
   wire.py CONNINFO ROWS SECONDS CLIENTS MODE
 
@@ -17,69 +18,71 @@ statements per second over the whole run (every client's count, divided by the w
 import json
 import random
 import sys
-import threading
+import multiprocessing
 import time
 
 import psycopg
 
 
+def worker(conninfo, rows, seconds, mode, i, ready, go, out):
+    rnd = random.Random(1000 + i)
+    done = retries = 0
+    try:
+        with psycopg.connect(conninfo, autocommit=True) as c:
+            cur = c.cursor()
+            ready.release()
+            go.wait()
+            stop = time.monotonic() + seconds
+            while time.monotonic() < stop:
+                if mode == "read":
+                    cur.execute("SELECT v FROM t WHERE id = %s", (rnd.randint(1, rows),), prepare=True)
+                    cur.fetchone()
+                else:
+                    ids = [rnd.randint(1, rows) for _ in range(10)]
+                    while True:
+                        try:
+                            with c.transaction():
+                                if mode == "rwi":
+                                    cur.execute("UPDATE t SET v = v WHERE id = 0")
+                                for k, rid in enumerate(ids):
+                                    if k % 4 == 3:
+                                        cur.execute("UPDATE t SET v = %s WHERE id = %s", (f"updated {rid}", rid), prepare=True)
+                                    else:
+                                        cur.execute("SELECT v FROM t WHERE id = %s", (rid,), prepare=True)
+                                        cur.fetchone()
+                            break
+                        except (psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable):
+                            retries += 1
+                done += 1
+        out.put((done, retries, None))
+    except Exception as e:  # noqa: BLE001
+        ready.release()
+        out.put((0, 0, repr(e)))
+
+
 def main():
     conninfo, rows, seconds, clients, mode = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-    counts = [0] * clients
-    retries = [0] * clients
-    errors = []
-    start = threading.Barrier(clients + 1)
-
-    def worker(i):
-        rnd = random.Random(1000 + i)
-        try:
-            with psycopg.connect(conninfo, autocommit=True) as c:
-                cur = c.cursor()
-                start.wait()
-                stop = time.monotonic() + seconds
-                while time.monotonic() < stop:
-                    if mode == "read":
-                        cur.execute("SELECT v FROM t WHERE id = %s", (rnd.randint(1, rows),), prepare=True)
-                        cur.fetchone()
-                    else:
-                        ids = [rnd.randint(1, rows) for _ in range(10)]
-                        while True:
-                            try:
-                                with c.transaction():
-                                    if mode == "rwi":
-                                        cur.execute("UPDATE t SET v = v WHERE id = 0")
-                                    for k, rid in enumerate(ids):
-                                        if k % 4 == 3:
-                                            cur.execute("UPDATE t SET v = %s WHERE id = %s", (f"updated {rid}", rid), prepare=True)
-                                        else:
-                                            cur.execute("SELECT v FROM t WHERE id = %s", (rid,), prepare=True)
-                                            cur.fetchone()
-                                break
-                            except (psycopg.errors.SerializationFailure, psycopg.errors.LockNotAvailable):
-                                retries[i] += 1
-                    counts[i] += 1
-        except Exception as e:  # noqa: BLE001
-            errors.append(repr(e))
-            try:
-                start.abort()
-            except threading.BrokenBarrierError:
-                pass
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    start.wait()
+    ready, go, out = multiprocessing.Semaphore(0), multiprocessing.Event(), multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=worker, args=(conninfo, rows, seconds, mode, i, ready, go, out))
+             for i in range(clients)]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        ready.acquire()
     t0 = time.monotonic()
-    for t in threads:
-        t.join()
+    go.set()
+    results = [out.get() for _ in procs]
     elapsed = time.monotonic() - t0
+    for p in procs:
+        p.join()
+    errors = [e for _, _, e in results if e]
     if errors:
         print(json.dumps({"error": errors[0]}))
         sys.exit(1)
-    tx = sum(counts)
+    tx = sum(d for d, _, _ in results)
     per_tx = 1 if mode == "read" else 10
     print(json.dumps({"clients": clients, "mode": mode, "tps": tx / elapsed, "statements_per_s": tx * per_tx / elapsed,
-                      "retries": sum(retries)}))
+                      "retries": sum(r for _, r, _ in results)}))
 
 
 if __name__ == "__main__":
