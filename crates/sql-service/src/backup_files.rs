@@ -57,7 +57,8 @@ pub(crate) enum FileError {
     Damaged(String),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
+/// Wraps an I/O error with the path it happened on.
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
     move |source| FileError::Io {
         path: path.to_path_buf(),
         source,

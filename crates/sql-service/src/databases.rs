@@ -91,9 +91,13 @@ impl Database {
         })
     }
 
-    /// Whether it has a key of its own (database-level CMK).
+    /// Whether it has a key of its own (database-level CMK): the fields a protector is made
+    /// of (`db_keys::own_protector`), so that both always agree.
     pub(crate) fn has_own_key(&self) -> bool {
-        self.doc["cmk"]["kid"].is_string()
+        let c = &self.doc["cmk"];
+        ["kid", "keyName", "identity"]
+            .iter()
+            .all(|f| c[*f].is_string())
     }
 
     /// Whether it is a geo-secondary (read-only, written by replication only).

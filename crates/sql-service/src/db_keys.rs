@@ -122,7 +122,12 @@ impl SqlService {
         if !cmk.is_object() {
             cmk = json!({"keys": {}});
         }
-        for uri in keys.into_iter().flat_map(|m| m.keys()) {
+        // The protector's own key is checked once, below.
+        for uri in keys
+            .into_iter()
+            .flat_map(|m| m.keys())
+            .filter(|u| protector.is_none_or(|p| !p.eq_ignore_ascii_case(u)))
+        {
             let checked = self.check_protector_key_as(server, uri, Some(&who)).await?;
             cmk["keys"][checked.kid.as_str()] =
                 json!({"thumbprint": checked.thumbprint, "creationDate": now});

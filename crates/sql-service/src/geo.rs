@@ -10,7 +10,7 @@
 //! database that becomes inaccessible, or is dropped, leaves its link: its partner stands alone.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use kagi_sqlite_crypt::DatabaseKey;
 use serde_json::{Value, json};
 
 use crate::backup_chain::Cursor;
-use crate::backup_files::{FileError, Pass, Tail, checkpoint, wal_of};
+use crate::backup_files::{FileError, Pass, Tail, io};
 use crate::databases::{DATABASE_DOC, Database, check_db_name, new_guid};
 use crate::keys::internal;
 use crate::protector::Protector;
@@ -167,27 +167,6 @@ impl GeoState {
             .and_then(|r| r.as_ref())
             .and_then(|r| r.caught_up)
     }
-}
-
-/// Where the secondary's log stands: the shipping cursor a link starts from after a start (not
-/// drained: a log that restarted meanwhile needs a new seed).
-fn replica_cursor(replica: &Path, key: &DatabaseKey) -> Result<Option<Cursor>, FileError> {
-    if !replica.exists() {
-        return Ok(None);
-    }
-    let conn = crate::engine::open_existing_blocking(replica, key)?;
-    let (_, frames, _) = checkpoint(&conn, "NOOP")?;
-    let mut raw = [0u8; 32];
-    let generation = std::fs::File::open(wal_of(replica))
-        .and_then(|f| std::os::unix::fs::FileExt::read_exact_at(&f, &mut raw, 0))
-        .ok()
-        .and_then(|()| crate::backup_files::WalHeader::parse(raw))
-        .map(|h| h.generation());
-    Ok(Some(Cursor {
-        generation: generation.filter(|_| frames > 0),
-        frames,
-        drained: false,
-    }))
 }
 
 /// `/subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.Sql/servers/{srv}/databases/{db}`.
@@ -602,7 +581,9 @@ impl SqlService {
                 let Some(link) = Link::of(&db) else { continue };
                 known.insert(link.id.to_ascii_lowercase());
                 let r = if link.is_secondary() {
-                    self.check_partner(&server, &db, &link).await
+                    self.partner_links_back(&server, &db, &link)
+                        .await
+                        .map(|_| ())
                 } else {
                     self.tick_link(&server, &db, &link).await
                 };
@@ -654,15 +635,6 @@ impl SqlService {
         Ok(partner)
     }
 
-    async fn check_partner(
-        &self,
-        server: &Value,
-        db: &Database,
-        link: &Link,
-    ) -> Result<(), KvError> {
-        self.partner_links_back(server, db, link).await.map(|_| ())
-    }
-
     /// Ships what primary `pdb` committed since the last tick and applies it to the secondary.
     async fn tick_link(
         self: &Arc<Self>,
@@ -691,10 +663,7 @@ impl SqlService {
         let seeding = sdb.is_seeding();
         let worked = tokio::task::spawn_blocking(move || {
             let r = (|| -> Result<(Applied, Option<i64>), FileError> {
-                std::fs::create_dir_all(&spool).map_err(|source| FileError::Io {
-                    path: spool.clone(),
-                    source,
-                })?;
+                std::fs::create_dir_all(&spool).map_err(io(&spool))?;
                 // What is in the spool goes first: the secondary takes the log in order. A seed
                 // only while the secondary is marked as being seeded (no session opens it).
                 let before = replica_files::apply_spool(&replica, &skey, &spool, seeding)?;
@@ -705,7 +674,7 @@ impl SqlService {
                     run.cursor = if seeding {
                         None
                     } else {
-                        replica_cursor(&replica, &skey)?
+                        replica_files::replica_cursor(&replica, &skey)?
                     };
                     run.next_seq = 1;
                     run.known = true;
@@ -1002,16 +971,13 @@ impl SqlService {
             let shipped = tokio::task::spawn_blocking(move || {
                 let mut pass = Pass::open(&pfile, &pkey)?;
                 pass.lock(false)?;
-                std::fs::create_dir_all(&spool2).map_err(|source| FileError::Io {
-                    path: spool2.clone(),
-                    source,
-                })?;
+                std::fs::create_dir_all(&spool2).map_err(io(&spool2))?;
                 let pending = replica_files::apply_spool(&replica2, &skey, &spool2, false)?;
                 if pending.pending {
                     return Err(FileError::Busy);
                 }
                 if !run.known {
-                    run.cursor = replica_cursor(&replica2, &skey)?;
+                    run.cursor = replica_files::replica_cursor(&replica2, &skey)?;
                 }
                 let cursor = run.cursor.ok_or_else(|| {
                     FileError::Damaged("nothing was shipped to the secondary yet".into())

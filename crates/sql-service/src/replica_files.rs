@@ -16,15 +16,8 @@ use kagi_sqlite_crypt::DatabaseKey;
 use crate::backup_chain::{Cursor, WalGen, cursor_after};
 use crate::backup_files::{
     self, FileError, LOCK_WAIT, LOG_HEADER_LEN, LogFile, Pass, StageOne, WAL_HEADER_LEN, WalHeader,
-    checkpoint, finish, generations, is_busy, sync_dir, wal_of,
+    checkpoint, finish, generations, io, is_busy, sync_dir, wal_of,
 };
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
-    move |source| FileError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// What one shipment left: the pass holding the primary's snapshot at the end of what was
 /// shipped, and where shipping stands.
@@ -309,6 +302,25 @@ fn seed(
         )));
     }
     Ok((generation, frames))
+}
+
+/// Where the secondary's log stands: the shipping cursor a link starts from after a start (not
+/// drained: a log that restarted meanwhile needs a new seed). `None` without a secondary file.
+pub(crate) fn replica_cursor(
+    replica: &Path,
+    key: &DatabaseKey,
+) -> Result<Option<Cursor>, FileError> {
+    if !replica.exists() {
+        return Ok(None);
+    }
+    let conn = crate::engine::open_existing_blocking(replica, key)?;
+    let (_, frames, _) = checkpoint(&conn, "NOOP")?;
+    let generation = wal_header(&wal_of(replica))?.map(|h| h.generation());
+    Ok(Some(Cursor {
+        generation: generation.filter(|_| frames > 0),
+        frames,
+        drained: false,
+    }))
 }
 
 /// The header of the log of `wal`, if it has one.
