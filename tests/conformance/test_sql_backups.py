@@ -282,8 +282,10 @@ def test_kill_9_during_backups_with_a_writer_running_leaves_restorable_backups(t
         wait_for("log backups while writing", lambda: len(backups(srv, server, db)["value"]) >= seen + 3, timeout=60)
         time.sleep(LOG_SECONDS * 0.7)
         srv.kill9()
-        stop.set()
+        # The writer stops by itself, at its first statement after the kill (setting `stop`
+        # first could let it leave between two statements without meeting the dead server).
         t.join(30)
+        stop.set()
         assert errors, "the writer should have lost its server"
         srv.start()
 
