@@ -21,6 +21,10 @@ pub enum CryptoError {
     /// The underlying library failed in a way that is not the caller's fault.
     #[error("internal cryptographic failure")]
     Internal,
+    /// The key's holder (an HSM token) cannot be reached or does not hold the key; the
+    /// message says which token.
+    #[error("key unavailable: {0}")]
+    KeyUnavailable(String),
     /// Reading or writing a key file failed; the message names the path.
     #[error("i/o error: {0}")]
     Io(String),

@@ -3,6 +3,9 @@
 //! - [`KeyPair`] / [`PublicKey`]: RSA (2048/3072/4096) and EC (P-256/P-384/P-521/P-256K) keys with the
 //!   operations Azure Key Vault exposes: sign/verify over a caller-supplied digest and RSA
 //!   encrypt/decrypt.
+//! - [`PrivateKeyOps`] / [`KeyProvider`]: the seam between key operations and where private
+//!   material lives (software keys here, PKCS#11 tokens in `kagi-hsm`); [`padding`] for
+//!   providers that only do raw RSA.
 //! - [`seal`]: the root key and AES-256-GCM sealing of data at rest.
 //!
 //! Private material lives either inside aws-lc objects (which cleanse it when freed) or in
@@ -14,7 +17,9 @@ mod alg;
 pub mod data_key;
 pub mod error;
 mod keypair;
+pub mod padding;
 pub mod password;
+mod provider;
 mod public;
 pub mod seal;
 pub mod vault_backup;
@@ -23,6 +28,10 @@ pub mod x509;
 pub use alg::{Curve, DigestAlgorithm, EncryptionAlgorithm, RsaKeySize, SignatureAlgorithm};
 pub use error::{CryptoError, Result};
 pub use keypair::{KeyPair, RsaPrivateComponents};
+pub use provider::{
+    KeyProvider, KeySpec, PrivateKeyOps, ProvidedKey, StoredPrivateKey, TokenKeyRef,
+    open_stored_key,
+};
 pub use public::PublicKey;
 pub use seal::{AesRootKey, RootKey, SealPurpose, load_or_create_root_key_file};
 

@@ -179,7 +179,10 @@ impl PublicKey {
     }
 
     /// Checks that `alg` can be used with this key's type and curve.
-    pub(crate) fn check_signature_alg(&self, alg: SignatureAlgorithm) -> Result<()> {
+    ///
+    /// # Errors
+    /// [`CryptoError::Unsupported`] if it cannot.
+    pub fn check_signature_alg(&self, alg: SignatureAlgorithm) -> Result<()> {
         match self {
             Self::Rsa { .. } if alg.is_rsa() => Ok(()),
             Self::Rsa { .. } => Err(CryptoError::Unsupported(format!(

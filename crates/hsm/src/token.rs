@@ -1,0 +1,765 @@
+//! The token: loading the module, finding the token by label, logging in, a pool of
+//! sessions, and the objects kagi keeps there.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::MechanismType;
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use kagi_crypto::{
+    CryptoError, Curve, KeyProvider, KeySpec, PrivateKeyOps, ProvidedKey, PublicKey,
+    RsaPrivateComponents, TokenKeyRef,
+};
+use zeroize::Zeroizing;
+
+use crate::ops::{KeyKind, TokenKey};
+
+/// Where the token is and how to log in.
+pub struct Pkcs11Config {
+    /// The PKCS#11 module (`/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// The user PIN.
+    pub pin: Zeroizing<String>,
+}
+
+impl fmt::Debug for Pkcs11Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pkcs11Config")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the token could not be opened. Messages name the module and token and say what to
+/// check; they never carry the PIN.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    /// The module could not be loaded or initialised.
+    #[error("cannot load the PKCS#11 module {module}: {reason}")]
+    Module {
+        /// The module path.
+        module: String,
+        /// The cause.
+        reason: String,
+    },
+    /// No slot holds a token with the label.
+    #[error(
+        "no PKCS#11 token labelled '{label}' in {module} (tokens present: {present}); check \
+         --pkcs11-token and that the token is plugged in or initialised"
+    )]
+    TokenNotFound {
+        /// The label looked for.
+        label: String,
+        /// The module.
+        module: String,
+        /// Labels of the tokens that are there.
+        present: String,
+    },
+    /// The PIN was refused.
+    #[error("logging in to PKCS#11 token '{label}' failed: {reason}; check --pkcs11-pin-file")]
+    Login {
+        /// The token.
+        label: String,
+        /// The token's answer.
+        reason: String,
+    },
+    /// Another token call failed.
+    #[error("PKCS#11 token '{label}': {what}: {reason}")]
+    Token {
+        /// The token.
+        label: String,
+        /// What was being done.
+        what: &'static str,
+        /// The token's answer.
+        reason: String,
+    },
+}
+
+/// The opened token, shared by the provider and every key it hands out.
+pub(crate) struct Token {
+    ctx: Pkcs11,
+    slot: Slot,
+    pub(crate) label: String,
+    module: String,
+    pin: AuthPin,
+    /// Idle sessions. One stays open for the life of the process: closing a token's last
+    /// session logs the application out.
+    idle: Mutex<Vec<Session>>,
+}
+
+/// The `CKA_ID` of the AES key that seals kagi's root key.
+const ROOT_WRAP_ID: &[u8] = b"kagi-root-key-wrap";
+/// Marks a root key sealed by a token (docs/HSM.md, "Sealed root key").
+const ROOT_SEAL_MAGIC: &[u8] = b"kagi-hsm-root/1";
+/// GCM's AAD for the root key, so the token key opens nothing else kagi may seal later.
+const ROOT_SEAL_AAD: &[u8] = b"kagi/v1/root-key";
+const GCM_IV_LEN: usize = 12;
+
+fn rv(err: &CkError) -> Option<RvError> {
+    match err {
+        CkError::Pkcs11(rv, _) => Some(*rv),
+        _ => None,
+    }
+}
+
+/// A failed decryption or unwrapping: SoftHSM reports bad padding, a wrong GCM tag or a
+/// wrapped key that does not unwrap as CKR_GENERAL_ERROR, so during these operations that
+/// answer means the input, not the token.
+pub(crate) fn decrypt_err(label: &str, what: &str, err: &CkError) -> CryptoError {
+    match rv(err) {
+        Some(RvError::GeneralError | RvError::FunctionFailed) => CryptoError::DecryptionFailed,
+        _ => crypto_err(label, what, err),
+    }
+}
+
+/// A token failure, as kagi's crypto error: the caller's mistake where the token says so,
+/// "unavailable" otherwise (the key's holder failed, not the request).
+pub(crate) fn crypto_err(label: &str, what: &str, err: &CkError) -> CryptoError {
+    match rv(err) {
+        Some(
+            RvError::EncryptedDataInvalid
+            | RvError::EncryptedDataLenRange
+            | RvError::WrappedKeyInvalid
+            | RvError::WrappedKeyLenRange
+            | RvError::DataInvalid
+            | RvError::DataLenRange,
+        ) => CryptoError::DecryptionFailed,
+        Some(
+            RvError::CurveNotSupported | RvError::DomainParamsInvalid | RvError::MechanismInvalid,
+        ) => CryptoError::Unsupported(format!("{what} in PKCS#11 token '{label}': {err}")),
+        _ => CryptoError::KeyUnavailable(format!("PKCS#11 token '{label}': {what}: {err}")),
+    }
+}
+
+impl Token {
+    /// Runs `f` on an idle session (opening one when none is idle), logging in again if the
+    /// token forgot the login.
+    pub(crate) fn with_session<T>(
+        &self,
+        f: impl Fn(&Session) -> Result<T, CkError>,
+    ) -> Result<T, CkError> {
+        let popped = self.idle.lock().ok().and_then(|mut v| v.pop());
+        let session = match popped {
+            Some(s) => s,
+            None => self.ctx.open_rw_session(self.slot)?,
+        };
+        let mut result = f(&session);
+        if let Err(e) = &result
+            && rv(e) == Some(RvError::UserNotLoggedIn)
+        {
+            self.login(&session)?;
+            result = f(&session);
+        }
+        let broken = matches!(
+            result.as_ref().err().and_then(rv),
+            Some(RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::DeviceRemoved)
+        );
+        if !broken && let Ok(mut v) = self.idle.lock() {
+            v.push(session);
+        }
+        result
+    }
+
+    fn login(&self, session: &Session) -> Result<(), CkError> {
+        match session.login(UserType::User, Some(&self.pin)) {
+            Err(e) if rv(&e) == Some(RvError::UserAlreadyLoggedIn) => Ok(()),
+            other => other,
+        }
+    }
+
+    fn err(&self, what: &'static str) -> impl FnOnce(CkError) -> CryptoError + '_ {
+        move |e| crypto_err(&self.label, what, &e)
+    }
+
+    fn find_one(
+        &self,
+        s: &Session,
+        class: ObjectClass,
+        id: &[u8],
+    ) -> Result<Option<ObjectHandle>, CkError> {
+        Ok(
+            s.find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])?
+                .into_iter()
+                .next(),
+        )
+    }
+
+    /// The AES key that seals the root key, made on first use.
+    fn root_wrap_key(&self, s: &Session) -> Result<ObjectHandle, CkError> {
+        if let Some(h) = self.find_one(s, ObjectClass::SECRET_KEY, ROOT_WRAP_ID)? {
+            return Ok(h);
+        }
+        s.generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::ValueLen(32.into()),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Id(ROOT_WRAP_ID.to_vec()),
+                Attribute::Label(ROOT_WRAP_ID.to_vec()),
+            ],
+        )
+    }
+
+    /// A token key's operations, read from its objects.
+    fn key(self: &Arc<Self>, s: &Session, id: &[u8]) -> Result<TokenKey, CryptoError> {
+        let missing = || {
+            CryptoError::KeyUnavailable(format!(
+                "PKCS#11 token '{}' holds no key with id {}",
+                self.label,
+                hex(id)
+            ))
+        };
+        let private = self
+            .find_one(s, ObjectClass::PRIVATE_KEY, id)
+            .map_err(self.err("find key"))?
+            .ok_or_else(missing)?;
+        let attrs = s
+            .get_attributes(
+                private,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::Modulus,
+                    AttributeType::PublicExponent,
+                ],
+            )
+            .map_err(self.err("read key"))?;
+        let mut key_type = None;
+        let (mut n, mut e) = (None, None);
+        for a in attrs {
+            match a {
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::Modulus(v) => n = Some(v),
+                Attribute::PublicExponent(v) => e = Some(v),
+                _ => {}
+            }
+        }
+        if key_type == Some(KeyType::RSA) {
+            let (Some(n), Some(e)) = (n, e) else {
+                return Err(missing());
+            };
+            let public = PublicKey::rsa_from_components(&n, &e)?;
+            let bits = public.rsa_bits().unwrap_or(0) as usize;
+            return Ok(TokenKey::new(
+                self.clone(),
+                private,
+                public,
+                KeyKind::Rsa {
+                    len: bits.div_ceil(8),
+                },
+            ));
+        }
+        if key_type != Some(KeyType::EC) {
+            return Err(CryptoError::Unsupported(format!(
+                "key {} in token '{}' is neither RSA nor EC",
+                hex(id),
+                self.label
+            )));
+        }
+        // A private EC key object carries no point: the public object with the same id does.
+        let public_obj = self
+            .find_one(s, ObjectClass::PUBLIC_KEY, id)
+            .map_err(self.err("find public key"))?
+            .ok_or_else(missing)?;
+        let attrs = s
+            .get_attributes(
+                public_obj,
+                &[AttributeType::EcParams, AttributeType::EcPoint],
+            )
+            .map_err(self.err("read public key"))?;
+        let (mut params, mut point) = (None, None);
+        for a in attrs {
+            match a {
+                Attribute::EcParams(v) => params = Some(v),
+                Attribute::EcPoint(v) => point = Some(v),
+                _ => {}
+            }
+        }
+        let curve = params
+            .as_deref()
+            .and_then(curve_from_params)
+            .ok_or_else(|| {
+                CryptoError::Unsupported(format!(
+                    "the curve of key {} in token '{}'",
+                    hex(id),
+                    self.label
+                ))
+            })?;
+        let point = point.ok_or_else(missing)?;
+        let raw = unwrap_octet_string(&point);
+        let len = curve.coordinate_len();
+        if raw.len() != 1 + 2 * len || raw[0] != 0x04 {
+            return Err(CryptoError::InvalidKey(
+                "token EC point is not an uncompressed point".into(),
+            ));
+        }
+        let public = PublicKey::ec_from_components(curve, &raw[1..=len], &raw[1 + len..])?;
+        Ok(TokenKey::new(self.clone(), private, public, KeyKind::Ec))
+    }
+}
+
+/// The DER OID of each curve, as `CKA_EC_PARAMS` holds it.
+fn curve_params(curve: Curve) -> &'static [u8] {
+    match curve {
+        Curve::P256 => &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
+        Curve::P384 => &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22],
+        Curve::P521 => &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23],
+        Curve::P256K => &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a],
+    }
+}
+
+fn curve_from_params(params: &[u8]) -> Option<Curve> {
+    Curve::ALL.into_iter().find(|c| curve_params(*c) == params)
+}
+
+/// `CKA_EC_POINT` is a DER OCTET STRING around the point in PKCS#11 2.20+; some tokens give
+/// the bare point.
+fn unwrap_octet_string(v: &[u8]) -> &[u8] {
+    match v {
+        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() && *len < 0x80 => rest,
+        [0x04, 0x81, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
+        _ => v,
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn new_id() -> Result<Vec<u8>, CryptoError> {
+    kagi_crypto::random_bytes(16)
+}
+
+/// The template of a private key kagi keeps: sensitive, never extractable, in the token.
+fn private_template(id: &[u8], kind: ObjectClass, key_type: KeyType, rsa: bool) -> Vec<Attribute> {
+    let mut t = vec![
+        Attribute::Class(kind),
+        Attribute::KeyType(key_type),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Id(id.to_vec()),
+        Attribute::Label(format!("kagi-key-{}", hex(id)).into_bytes()),
+    ];
+    if rsa {
+        t.push(Attribute::Decrypt(true));
+        t.push(Attribute::Unwrap(true));
+    }
+    t
+}
+
+fn public_template(id: &[u8]) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::PUBLIC_KEY),
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::Id(id.to_vec()),
+        Attribute::Label(format!("kagi-key-{}", hex(id)).into_bytes()),
+    ]
+}
+
+/// The PKCS#11 key provider.
+#[derive(Clone)]
+pub struct Pkcs11Provider {
+    token: Arc<Token>,
+}
+
+impl fmt::Debug for Pkcs11Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl Pkcs11Provider {
+    /// Loads the module, finds the token by label and logs in.
+    ///
+    /// # Errors
+    /// [`HsmError`] saying which of those failed.
+    pub fn open(config: &Pkcs11Config) -> Result<Self, HsmError> {
+        let module = config.module.display().to_string();
+        let module_err = |e: CkError| HsmError::Module {
+            module: module.clone(),
+            reason: e.to_string(),
+        };
+        let ctx = Pkcs11::new(&config.module).map_err(module_err)?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Err(e) if rv(&e) != Some(RvError::CryptokiAlreadyInitialized) => {
+                return Err(module_err(e));
+            }
+            _ => {}
+        }
+        let mut present = Vec::new();
+        let mut found = None;
+        for slot in ctx.get_slots_with_initialized_token().map_err(module_err)? {
+            let info = ctx.get_token_info(slot).map_err(module_err)?;
+            let label = info.label().trim_end().to_string();
+            if label == config.token_label {
+                found = Some(slot);
+                break;
+            }
+            present.push(format!("'{label}'"));
+        }
+        let Some(slot) = found else {
+            return Err(HsmError::TokenNotFound {
+                label: config.token_label.clone(),
+                module,
+                present: if present.is_empty() {
+                    "none".into()
+                } else {
+                    present.join(", ")
+                },
+            });
+        };
+        let token = Token {
+            ctx,
+            slot,
+            label: config.token_label.clone(),
+            module,
+            pin: AuthPin::from(config.pin.as_str().to_owned()),
+            idle: Mutex::new(Vec::new()),
+        };
+        let session = token
+            .ctx
+            .open_rw_session(slot)
+            .map_err(|e| HsmError::Token {
+                label: token.label.clone(),
+                what: "open session",
+                reason: e.to_string(),
+            })?;
+        token.login(&session).map_err(|e| HsmError::Login {
+            label: token.label.clone(),
+            reason: e.to_string(),
+        })?;
+        if let Ok(mut v) = token.idle.lock() {
+            v.push(session);
+        }
+        Ok(Self {
+            token: Arc::new(token),
+        })
+    }
+
+    fn provided(&self, s: &Session, id: Vec<u8>) -> Result<ProvidedKey, CryptoError> {
+        let key = self.token.key(s, &id)?;
+        Ok(ProvidedKey {
+            reference: TokenKeyRef {
+                token: self.token.label.clone(),
+                id,
+            },
+            ops: Arc::new(key),
+        })
+    }
+
+    fn check_ref(&self, r: &TokenKeyRef) -> Result<(), CryptoError> {
+        if r.token == self.token.label {
+            return Ok(());
+        }
+        Err(CryptoError::KeyUnavailable(format!(
+            "the key is in PKCS#11 token '{}', but this kagi uses token '{}'",
+            r.token, self.token.label
+        )))
+    }
+
+    /// Runs `f` on a session, turning its token errors into crypto errors via `what`.
+    fn run<T>(
+        &self,
+        what: &'static str,
+        f: impl Fn(&Session) -> Result<T, CkError>,
+    ) -> Result<T, CryptoError> {
+        self.token
+            .with_session(f)
+            .map_err(|e| crypto_err(&self.token.label, what, &e))
+    }
+
+    /// As [`Self::run`] for an operation that decrypts its input.
+    fn run_decrypting<T>(
+        &self,
+        what: &'static str,
+        f: impl Fn(&Session) -> Result<T, CkError>,
+    ) -> Result<T, CryptoError> {
+        self.token
+            .with_session(f)
+            .map_err(|e| decrypt_err(&self.token.label, what, &e))
+    }
+
+    /// Runs `f`, which may fail with a crypto error of its own, on a session.
+    fn run_key(
+        &self,
+        what: &'static str,
+        f: impl Fn(&Session) -> Result<Vec<u8>, CkError>,
+    ) -> Result<ProvidedKey, CryptoError> {
+        let id = self.run(what, f)?;
+        self.run("read key", |s| Ok(self.provided(s, id.clone())))?
+    }
+}
+
+impl KeyProvider for Pkcs11Provider {
+    fn describe(&self) -> String {
+        format!(
+            "PKCS#11 token '{}' ({})",
+            self.token.label, self.token.module
+        )
+    }
+
+    fn token_label(&self) -> &str {
+        &self.token.label
+    }
+
+    fn generate(&self, spec: KeySpec) -> Result<ProvidedKey, CryptoError> {
+        let id = new_id()?;
+        self.run_key("generate key", |s| {
+            let (mech, mut public, private) = match spec {
+                KeySpec::Rsa(size) => {
+                    let mut p = public_template(&id);
+                    p.push(Attribute::KeyType(KeyType::RSA));
+                    p.push(Attribute::ModulusBits(u64::from(size.bits()).into()));
+                    p.push(Attribute::PublicExponent(vec![0x01, 0x00, 0x01]));
+                    p.push(Attribute::Encrypt(true));
+                    (
+                        Mechanism::RsaPkcsKeyPairGen,
+                        p,
+                        private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::RSA, true),
+                    )
+                }
+                KeySpec::Ec(curve) => {
+                    let mut p = public_template(&id);
+                    p.push(Attribute::KeyType(KeyType::EC));
+                    p.push(Attribute::EcParams(curve_params(curve).to_vec()));
+                    (
+                        Mechanism::EccKeyPairGen,
+                        p,
+                        private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::EC, false),
+                    )
+                }
+            };
+            // Key generation templates do not name the class; SoftHSM refuses a mismatch.
+            public.retain(|a| !matches!(a, Attribute::Class(_)));
+            let private: Vec<_> = private
+                .into_iter()
+                .filter(|a| !matches!(a, Attribute::Class(_)))
+                .collect();
+            s.generate_key_pair(&mech, &public, &private)?;
+            Ok(id.clone())
+        })
+    }
+
+    fn import_rsa(&self, c: &RsaPrivateComponents<'_>) -> Result<ProvidedKey, CryptoError> {
+        let id = new_id()?;
+        self.run_key("import key", |s| {
+            let mut t = private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::RSA, true);
+            t.extend([
+                Attribute::Modulus(c.n.to_vec()),
+                Attribute::PublicExponent(c.e.to_vec()),
+                Attribute::PrivateExponent(c.d.to_vec()),
+                Attribute::Prime1(c.p.to_vec()),
+                Attribute::Prime2(c.q.to_vec()),
+                Attribute::Exponent1(c.dp.to_vec()),
+                Attribute::Exponent2(c.dq.to_vec()),
+                Attribute::Coefficient(c.qi.to_vec()),
+            ]);
+            s.create_object(&t)?;
+            let mut p = public_template(&id);
+            p.extend([
+                Attribute::KeyType(KeyType::RSA),
+                Attribute::Encrypt(true),
+                Attribute::Modulus(c.n.to_vec()),
+                Attribute::PublicExponent(c.e.to_vec()),
+            ]);
+            s.create_object(&p)?;
+            Ok(id.clone())
+        })
+    }
+
+    fn import_ec(
+        &self,
+        curve: Curve,
+        x: &[u8],
+        y: &[u8],
+        d: &[u8],
+    ) -> Result<ProvidedKey, CryptoError> {
+        let id = new_id()?;
+        let mut point = vec![0x04, 0];
+        point.push(0x04);
+        point.extend_from_slice(x);
+        point.extend_from_slice(y);
+        // DER OCTET STRING length (< 128 for every supported curve except P-521).
+        let inner = point.len() - 2;
+        let point = if inner < 0x80 {
+            point[1] = inner as u8;
+            point
+        } else {
+            let mut p = vec![0x04, 0x81, inner as u8];
+            p.extend_from_slice(&point[2..]);
+            p
+        };
+        self.run_key("import key", |s| {
+            let mut t = private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::EC, false);
+            t.extend([
+                Attribute::EcParams(curve_params(curve).to_vec()),
+                Attribute::Value(d.to_vec()),
+            ]);
+            s.create_object(&t)?;
+            let mut p = public_template(&id);
+            p.extend([
+                Attribute::KeyType(KeyType::EC),
+                Attribute::EcParams(curve_params(curve).to_vec()),
+                Attribute::EcPoint(point.clone()),
+            ]);
+            s.create_object(&p)?;
+            Ok(id.clone())
+        })
+    }
+
+    fn import_wrapped(
+        &self,
+        kek: &TokenKeyRef,
+        wrapped: &[u8],
+    ) -> Result<ProvidedKey, CryptoError> {
+        self.check_ref(kek)?;
+        let kek_key = self.run("find key", |s| Ok(self.token.key(s, &kek.id)))??;
+        let KeyKind::Rsa { len } = kek_key.kind() else {
+            return Err(CryptoError::InvalidKey("a key-exchange key is RSA".into()));
+        };
+        if wrapped.len() <= len {
+            return Err(CryptoError::DecryptionFailed);
+        }
+        let (aes_part, key_part) = wrapped.split_at(len);
+        let id = new_id()?;
+        // SoftHSM2 2.6 lacks CKM_RSA_AES_KEY_WRAP: its two halves, both inside the token.
+        let is_rsa = self.run_decrypting("unwrap key", |s| {
+            let oaep = PkcsOaepParams::new(
+                MechanismType::SHA1,
+                PkcsMgfType::MGF1_SHA1,
+                PkcsOaepSource::empty(),
+            );
+            let aes = s.unwrap_key(
+                &Mechanism::RsaPkcsOaep(oaep),
+                kek_key.handle(),
+                aes_part,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::AES),
+                    Attribute::Token(false),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Unwrap(true),
+                ],
+            )?;
+            // The target's type is read after unwrapping: try RSA, then EC.
+            let mut out = Err(CkError::NotSupported);
+            for (key_type, rsa) in [(KeyType::RSA, true), (KeyType::EC, false)] {
+                out = s.unwrap_key(
+                    &Mechanism::AesKeyWrapPad,
+                    aes,
+                    key_part,
+                    &private_template(&id, ObjectClass::PRIVATE_KEY, key_type, rsa),
+                );
+                if out.is_ok() {
+                    break;
+                }
+            }
+            let _ = s.destroy_object(aes);
+            rsa_of(s, out?)
+        })?;
+        if !is_rsa {
+            // The token keeps no public point beside an unwrapped EC private key.
+            let _ = self.destroy(&TokenKeyRef {
+                token: self.token.label.clone(),
+                id: id.clone(),
+            });
+            return Err(CryptoError::Unsupported(
+                "BYOK of EC keys into this token (it does not expose the public point of an \
+                 unwrapped EC key); import EC keys as a JWK with hsm=true"
+                    .into(),
+            ));
+        }
+        self.run("read key", |s| Ok(self.provided(s, id.clone())))?
+    }
+
+    fn load(&self, r: &TokenKeyRef) -> Result<Arc<dyn PrivateKeyOps>, CryptoError> {
+        self.check_ref(r)?;
+        let key = self.run("find key", |s| Ok(self.token.key(s, &r.id)))??;
+        Ok(Arc::new(key))
+    }
+
+    fn destroy(&self, r: &TokenKeyRef) -> Result<(), CryptoError> {
+        self.check_ref(r)?;
+        self.run("destroy key", |s| {
+            for h in s.find_objects(&[Attribute::Id(r.id.clone())])? {
+                s.destroy_object(h)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn seal_root_key(&self, raw: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let iv: [u8; GCM_IV_LEN] = kagi_crypto::random_array()?;
+        let ct = self.run("seal root key", |s| {
+            let key = self.token.root_wrap_key(s)?;
+            let mut iv = iv;
+            let params = GcmParams::new(&mut iv, ROOT_SEAL_AAD, 128.into())?;
+            s.encrypt(&Mechanism::AesGcm(params), key, raw)
+        })?;
+        let mut out = ROOT_SEAL_MAGIC.to_vec();
+        out.extend_from_slice(&iv);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+
+    fn open_root_key(&self, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let rest = sealed
+            .strip_prefix(ROOT_SEAL_MAGIC)
+            .filter(|r| r.len() > GCM_IV_LEN)
+            .ok_or(CryptoError::DecryptionFailed)?;
+        let (iv, ct) = rest.split_at(GCM_IV_LEN);
+        let plain = self.run_decrypting("open root key", |s| {
+            let Some(key) = self
+                .token
+                .find_one(s, ObjectClass::SECRET_KEY, ROOT_WRAP_ID)?
+            else {
+                return Ok(None);
+            };
+            let mut iv: [u8; GCM_IV_LEN] = iv.try_into().unwrap_or([0; GCM_IV_LEN]);
+            let params = GcmParams::new(&mut iv, ROOT_SEAL_AAD, 128.into())?;
+            s.decrypt(&Mechanism::AesGcm(params), key, ct)
+                .map(|p| Some(Zeroizing::new(p)))
+        });
+        match plain {
+            Ok(Some(p)) => Ok(p),
+            Ok(None) => Err(CryptoError::KeyUnavailable(format!(
+                "PKCS#11 token '{}' has no kagi root-key wrapping key: the root key was sealed \
+                 by another token",
+                self.token.label
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Whether the private key object `h` is RSA.
+fn rsa_of(s: &Session, h: ObjectHandle) -> Result<bool, CkError> {
+    let attrs = s.get_attributes(h, &[AttributeType::KeyType])?;
+    Ok(attrs
+        .iter()
+        .any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::RSA)))
+}
