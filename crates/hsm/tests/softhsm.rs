@@ -5,6 +5,8 @@
 //!
 //! One token per test process: SoftHSM reads its configuration once, at `C_Initialize`.
 
+#![allow(clippy::unwrap_used, missing_docs)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
