@@ -21,6 +21,10 @@ command -v losetup >/dev/null 2>&1 || need_apt+=(util-linux)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 # The sqlite3 shell: the TDE tests check that it cannot read an encrypted database.
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
+# An HSM for RSA-HSM/EC-HSM keys and the sealed root key (kagi-hsm tests, conformance), and
+# pkcs11-tool to look inside its tokens.
+[ -e /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 
 if ((${#need_apt[@]})); then
   sudo=""

@@ -20,7 +20,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import requests
@@ -467,10 +467,49 @@ class Vault:
 # --------------------------------------------------------------------------------------------
 
 
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+SOFTHSM_PIN = "1234-kagi"
+
+
+def softhsm_token(dir: Path, label: str = "kagi") -> Tuple[List[str], Dict[str, str]]:
+    """A SoftHSM2 token in `dir` (made once; scripts/setup.sh installs softhsm2): the
+    `kagi server` flags and the environment that use it."""
+    tokens = dir / "tokens"
+    tokens.mkdir(parents=True, exist_ok=True)
+    conf = dir / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    pin = dir / "pin"
+    pin.write_text(SOFTHSM_PIN + "\n")
+    os.chmod(pin, 0o600)
+    env = {"SOFTHSM2_CONF": str(conf)}
+    if not any(tokens.iterdir()):
+        subprocess.run(
+            ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", SOFTHSM_PIN, "--so-pin", "5678-kagi"],
+            env={**os.environ, **env},
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    args = ["--pkcs11-module", SOFTHSM_MODULE, "--pkcs11-token", label, "--pkcs11-pin-file", str(pin)]
+    return args, env
+
+
 def _start_server(
-    tmp_dir: Path, name: str, extra_args: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None
+    tmp_dir: Path,
+    name: str,
+    extra_args: Optional[List[str]] = None,
+    env: Optional[Dict[str, str]] = None,
+    hsm: bool = False,
 ) -> KagiServer:
+    """A server with its own data dir; `hsm=True` gives it a SoftHSM2 token (`srv.hsm_env`)."""
+    extra_args = list(extra_args or [])
+    env = dict(env or {})
+    hsm_env: Dict[str, str] = {}
+    if hsm:
+        hsm_args, hsm_env = softhsm_token(tmp_dir / f"{name}-softhsm")
+        extra_args += hsm_args
+        env.update(hsm_env)
     srv = KagiServer(tmp_dir / f"{name}-data", tmp_dir / f"{name}.log", extra_args=extra_args, env=env)
+    srv.hsm_env = hsm_env
     srv.start()
     return srv
 
@@ -479,7 +518,8 @@ def _start_server(
 def kagi(tmp_path_factory) -> KagiServer:
     """The shared server for the whole session."""
     tmp = tmp_path_factory.mktemp("kagi")
-    srv = _start_server(tmp, "session")
+    # With an HSM, as premium vaults' RSA-HSM/EC-HSM keys need one (and its root key sealed by it).
+    srv = _start_server(tmp, "session", hsm=True)
     ca = str(srv.ca_path)
     saved = {k: os.environ.get(k) for k in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")}
     os.environ["REQUESTS_CA_BUNDLE"] = ca
@@ -523,6 +563,17 @@ def premium_vault(make_vault) -> Vault:
 def private_kagi(tmp_path) -> KagiServer:
     """A server with its own data dir and port, for kill/restart tests."""
     srv = _start_server(tmp_path, "private")
+    try:
+        srv.put_rg(DEFAULT_RG)
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def hsm_kagi(tmp_path) -> KagiServer:
+    """A private server with its own SoftHSM2 token (`srv.hsm_env` reaches it)."""
+    srv = _start_server(tmp_path, "hsm", hsm=True)
     try:
         srv.put_rg(DEFAULT_RG)
         yield srv

@@ -10,6 +10,7 @@ mod client;
 mod commands;
 mod disk;
 mod events;
+mod hsm;
 mod identity;
 mod policy;
 mod sql;
@@ -76,6 +77,8 @@ enum Command {
             value_parser = clap::builder::BoolishValueParser::new()
         )]
         test_clock: bool,
+        #[command(flatten)]
+        pkcs11: hsm::Pkcs11Args,
     },
     /// Manage key vaults and their keys.
     Keyvault(commands::KeyvaultArgs),
@@ -151,12 +154,14 @@ fn main() -> std::process::ExitCode {
                 nbd_listen,
                 sql_listen,
                 test_clock,
+                pkcs11,
             } => {
                 let listeners = Listeners {
                     nbd: nbd_listen,
                     sql: sql_listen,
                 };
-                run_server(cli.data_dir, listen, dns_suffix, listeners, test_clock).await
+                let hsm = pkcs11.open()?;
+                run_server(cli.data_dir, listen, dns_suffix, listeners, test_clock, hsm).await
             }
             Command::Keyvault(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
@@ -304,6 +309,7 @@ async fn run_server(
     dns_suffix: String,
     listeners: Listeners,
     test_clock: bool,
+    hsm: Option<std::sync::Arc<dyn kagi_crypto::KeyProvider>>,
 ) -> anyhow::Result<()> {
     let nbd_listen = listeners.nbd;
     tracing_subscriber::fmt()
@@ -322,12 +328,13 @@ async fn run_server(
     };
     let (platform, created_admin) = if test_clock {
         let clock = std::sync::Arc::new(kagi_core::time::TestClock::new());
-        let (p, admin) = kagi_vault::Platform::open(config, clock.clone()).await?;
+        let (p, admin) =
+            kagi_vault::Platform::open_with_hsm(config, clock.clone(), hsm.clone()).await?;
         tracing::warn!("test clock enabled: POST /kagi/test/clock moves time forward");
         (p.with_test_clock(clock), admin)
     } else {
-        kagi_vault::Platform::open(config, std::sync::Arc::new(kagi_core::time::SystemClock))
-            .await?
+        let clock = std::sync::Arc::new(kagi_core::time::SystemClock);
+        kagi_vault::Platform::open_with_hsm(config, clock, hsm.clone()).await?
     };
     let platform = std::sync::Arc::new(platform);
     let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
@@ -339,6 +346,12 @@ async fn run_server(
         env!("CARGO_PKG_VERSION"),
         data_dir.display()
     );
+    if let Some(hsm) = &hsm {
+        println!(
+            "  HSM: {} (root key sealed by it; RSA-HSM and EC-HSM keys inside it)",
+            hsm.describe()
+        );
+    }
     println!("  local CA certificate: {}", ca_path.display());
     println!("    export REQUESTS_CA_BUNDLE={}", ca_path.display());
     println!(

@@ -33,7 +33,9 @@ pub use provider::{
     open_stored_key,
 };
 pub use public::PublicKey;
-pub use seal::{AesRootKey, RootKey, SealPurpose, load_or_create_root_key_file};
+pub use seal::{
+    AesRootKey, RootKey, SealPurpose, load_or_create_root_key, load_or_create_root_key_file,
+};
 
 use aws_lc_rs::rand::SecureRandom;
 

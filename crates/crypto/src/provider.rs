@@ -198,6 +198,13 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     /// [`CryptoError::KeyUnavailable`] if the object is not in this provider's token.
     fn load(&self, reference: &TokenKeyRef) -> Result<Arc<dyn PrivateKeyOps>>;
 
+    /// Copies a key to a new object (a restored backup gets its own copy, so purging one
+    /// never destroys the other's key).
+    ///
+    /// # Errors
+    /// [`CryptoError::KeyUnavailable`] if the object is not in this provider's token.
+    fn copy(&self, reference: &TokenKeyRef) -> Result<ProvidedKey>;
+
     /// Destroys a key (its purge). Destroying a key that is already gone succeeds.
     ///
     /// # Errors

@@ -253,7 +253,104 @@ pub fn load_or_create_root_key_file(path: &Path) -> Result<AesRootKey> {
     }
 }
 
-fn load_root_key(path: &Path, mut file: File) -> Result<AesRootKey> {
+fn load_root_key(path: &Path, file: File) -> Result<AesRootKey> {
+    read_root_key(path, file).map(|raw| AesRootKey::from_bytes(&raw))
+}
+
+/// The plain root key's file name in a data directory.
+pub const ROOT_KEY_FILE: &str = "root.key";
+/// The file name of a root key sealed by an HSM (docs/HSM.md).
+pub const SEALED_ROOT_KEY_FILE: &str = "root.key.sealed";
+
+/// Loads the data directory's root key: from `root.key` without a provider; sealed by
+/// `provider` in `root.key.sealed` with one. A first start with a provider makes a root key
+/// that exists only sealed. A directory that has a plain `root.key` is sealed on its first
+/// start with a provider: the sealed file is written and synced, opened again to check it,
+/// and only then is the plain file removed (a crash in between leaves both, and the next
+/// start finishes the move).
+///
+/// # Errors
+/// [`CryptoError::InvalidKey`] when the directory's root key is sealed and no provider is
+/// given, or the sealed file does not open with this provider; what the provider or the
+/// file system report otherwise.
+pub fn load_or_create_root_key(
+    dir: &Path,
+    provider: Option<&dyn crate::KeyProvider>,
+) -> Result<AesRootKey> {
+    let plain = dir.join(ROOT_KEY_FILE);
+    let sealed_path = dir.join(SEALED_ROOT_KEY_FILE);
+    let Some(provider) = provider else {
+        if sealed_path.exists() {
+            return Err(CryptoError::InvalidKey(format!(
+                "the root key of {} is sealed by an HSM ({}); start kagi with --pkcs11-module, \
+                 --pkcs11-token and --pkcs11-pin-file",
+                dir.display(),
+                sealed_path.display()
+            )));
+        }
+        return load_or_create_root_key_file(&plain);
+    };
+    let open = |bytes: &[u8]| -> Result<Zeroizing<[u8; ROOT_KEY_LEN]>> {
+        let raw = provider.open_root_key(bytes).map_err(|e| match e {
+            CryptoError::DecryptionFailed => CryptoError::InvalidKey(format!(
+                "{} does not open with {}: it was sealed by another token or is damaged",
+                sealed_path.display(),
+                provider.describe()
+            )),
+            other => other,
+        })?;
+        let mut out = Zeroizing::new([0u8; ROOT_KEY_LEN]);
+        if raw.len() != ROOT_KEY_LEN {
+            return Err(CryptoError::InvalidKey(format!(
+                "{} holds {} bytes, not a {ROOT_KEY_LEN}-byte root key",
+                sealed_path.display(),
+                raw.len()
+            )));
+        }
+        out.copy_from_slice(&raw);
+        Ok(out)
+    };
+    let raw = match std::fs::read(&sealed_path) {
+        Ok(bytes) => open(&bytes)?,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            let raw = match File::open(&plain) {
+                Ok(file) => read_root_key(&plain, file)?,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => AesRootKey::generate()?.1,
+                Err(err) => return Err(io_error("open", &plain, &err)),
+            };
+            let sealed = provider.seal_root_key(raw.as_ref())?;
+            if *open(&sealed)? != *raw {
+                return Err(CryptoError::Internal);
+            }
+            kagi_fs::write_atomically(&sealed_path, &sealed, 0o600)
+                .map_err(|err| io_error("write", &sealed_path, &err))?;
+            raw
+        }
+        Err(err) => return Err(io_error("read", &sealed_path, &err)),
+    };
+    // The plain copy goes only once the sealed one is durable (and, on a later start, only
+    // if it is the same key).
+    match File::open(&plain) {
+        Ok(file) => {
+            if *read_root_key(&plain, file)? != *raw {
+                return Err(CryptoError::InvalidKey(format!(
+                    "{} and {} hold different root keys; move the one this data directory \
+                     was not sealed under away",
+                    plain.display(),
+                    sealed_path.display()
+                )));
+            }
+            std::fs::remove_file(&plain).map_err(|err| io_error("remove", &plain, &err))?;
+            kagi_fs::sync_parent(&plain)
+                .map_err(|err| io_error("sync directory of", &plain, &err))?;
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(io_error("open", &plain, &err)),
+    }
+    Ok(AesRootKey::from_bytes(&raw))
+}
+
+fn read_root_key(path: &Path, mut file: File) -> Result<Zeroizing<[u8; ROOT_KEY_LEN]>> {
     let meta = file
         .metadata()
         .map_err(|err| io_error("stat", path, &err))?;
@@ -282,7 +379,7 @@ fn load_root_key(path: &Path, mut file: File) -> Result<AesRootKey> {
     let mut raw = Zeroizing::new([0u8; ROOT_KEY_LEN]);
     file.read_exact(raw.as_mut())
         .map_err(|err| io_error("read", path, &err))?;
-    Ok(AesRootKey::from_bytes(&raw))
+    Ok(raw)
 }
 
 enum CreateError {

@@ -702,6 +702,32 @@ impl KeyProvider for Pkcs11Provider {
         Ok(Arc::new(key))
     }
 
+    fn copy(&self, r: &TokenKeyRef) -> Result<ProvidedKey, CryptoError> {
+        self.check_ref(r)?;
+        let id = new_id()?;
+        let copied = self.run("copy key", |s| {
+            let objects = s.find_objects(&[Attribute::Id(r.id.clone())])?;
+            for h in &objects {
+                s.copy_object(
+                    *h,
+                    &[
+                        Attribute::Id(id.clone()),
+                        Attribute::Label(format!("kagi-key-{}", hex(&id)).into_bytes()),
+                    ],
+                )?;
+            }
+            Ok(!objects.is_empty())
+        })?;
+        if !copied {
+            return Err(CryptoError::KeyUnavailable(format!(
+                "PKCS#11 token '{}' holds no key with id {}",
+                self.token.label,
+                hex(&r.id)
+            )));
+        }
+        self.run("read key", |s| Ok(self.provided(s, id.clone())))?
+    }
+
     fn destroy(&self, r: &TokenKeyRef) -> Result<(), CryptoError> {
         self.check_ref(r)?;
         self.run("destroy key", |s| {

@@ -179,7 +179,13 @@ fn generated_keys_work_inside_the_token() {
             let again = p.load(&k.reference).unwrap();
             assert_eq!(again.public_key(), k.ops.public_key());
             exercise(again.as_ref());
+            // A copy is its own object: destroying the original leaves it.
+            let copy = p.copy(&k.reference).unwrap();
+            assert_ne!(copy.reference.id, k.reference.id);
+            assert_eq!(copy.ops.public_key(), k.ops.public_key());
             p.destroy(&k.reference).unwrap();
+            exercise(p.load(&copy.reference).unwrap().as_ref());
+            p.destroy(&copy.reference).unwrap();
             p.destroy(&k.reference).unwrap();
             assert!(matches!(
                 p.load(&k.reference),

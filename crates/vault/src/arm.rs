@@ -582,7 +582,10 @@ impl Platform {
             .purge_vault(&r.name)
             .await
             .map_err(|e| internal("purge vault", e))?;
-        self.vaults_write().remove(&r.name);
+        let removed = self.vaults_write().remove(&r.name);
+        if let Some(state) = removed {
+            self.destroy_vault_key_objects(&state);
+        }
         tracing::info!(vault = %r.name, "vault purged");
         Ok(200)
     }

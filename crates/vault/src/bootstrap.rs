@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 
 use kagi_core::ids::uuid_v4;
 use kagi_core::time::Clock;
-use kagi_crypto::RootKey;
+use kagi_crypto::{KeyProvider, RootKey};
 use kagi_store::{PrincipalRecord, SqliteStore, Store};
 use serde::{Deserialize, Serialize};
 
@@ -86,6 +86,16 @@ impl Platform {
         config: PlatformConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<(Self, Option<BootstrapAdmin>), StartupError> {
+        Self::open_with_hsm(config, clock, None).await
+    }
+
+    /// [`Self::open`] with an HSM: it seals the root key (`root.key.sealed`; a plain
+    /// `root.key` is sealed and removed) and holds RSA-HSM and EC-HSM keys.
+    pub async fn open_with_hsm(
+        config: PlatformConfig,
+        clock: Arc<dyn Clock>,
+        hsm: Option<Arc<dyn KeyProvider>>,
+    ) -> Result<(Self, Option<BootstrapAdmin>), StartupError> {
         let dir = &config.data_dir;
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -93,11 +103,13 @@ impl Platform {
             .create(dir)
             .map_err(io(dir))?;
         let root: Arc<dyn RootKey> = Arc::new(
-            kagi_crypto::load_or_create_root_key_file(&dir.join("root.key"))
+            kagi_crypto::load_or_create_root_key(dir, hsm.as_deref())
                 .map_err(|e| StartupError::RootKey(e.to_string()))?,
         );
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("kagi.db")).await?);
-        Self::open_with(config, clock, root, store).await
+        let (mut platform, admin) = Self::open_with(config, clock, root, store).await?;
+        platform.hsm = hsm;
+        Ok((platform, admin))
     }
 
     /// Opens the platform over a given root key and store.
@@ -186,6 +198,7 @@ impl Platform {
             jobs: Default::default(),
             events: Default::default(),
             trusted_service_types: Default::default(),
+            hsm: None,
         };
         Ok((platform, created))
     }

@@ -13,31 +13,20 @@ use kagi_core::key::{
 };
 use kagi_core::{KeyVersion, KvError, ObjectName, b64};
 use kagi_crypto::{
-    CryptoError, Curve, EncryptionAlgorithm, KeyPair, PublicKey, RsaKeySize, RsaPrivateComponents,
-    SealPurpose, SignatureAlgorithm,
+    Curve, EncryptionAlgorithm, KeySpec, PublicKey, RsaKeySize, SealPurpose, SignatureAlgorithm,
+    StoredPrivateKey,
 };
 use kagi_identity::Principal;
 use kagi_store::{KeyVersionRecord, VaultRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use crate::key_material::{NewMaterial, crypto_error, kek_not_in_hsm, parse_transfer_blob};
 use crate::object_backup;
-use crate::state::{VaultState, VersionEntry, private_key_aad};
+use crate::state::{KeyEntry, VaultState, VersionEntry, private_key_aad};
 pub use crate::versioned::ListQuery;
 use crate::versioned::{self, Kind, Names, ObjectView, random_version};
 use crate::{Platform, internal};
-
-fn crypto_error(e: CryptoError) -> KvError {
-    match e {
-        CryptoError::InvalidInput(m) | CryptoError::Unsupported(m) | CryptoError::InvalidKey(m) => {
-            KvError::bad_parameter(m)
-        }
-        CryptoError::DecryptionFailed => {
-            KvError::bad_parameter("The ciphertext could not be decrypted with this key.")
-        }
-        other => internal("crypto", other),
-    }
-}
 
 fn public_jwk(p: &PublicKey) -> PublicJwk {
     match p {
@@ -51,13 +40,6 @@ fn public_jwk(p: &PublicKey) -> PublicJwk {
             y: y.clone(),
         },
     }
-}
-
-fn missing_private() -> KvError {
-    KvError::bad_parameter(
-        "The key to import must contain its private key material (RSA: n, e, d, p, q, dp, dq, \
-         qi; EC: crv, x, y, d).",
-    )
 }
 
 fn check_release_policy(p: &Option<Value>) -> Result<(), KvError> {
@@ -118,7 +100,7 @@ impl Drop for BackupVersion {
 
 /// A key version about to be added.
 struct NewVersion {
-    key: KeyPair,
+    key: NewMaterial,
     kty: KeyType,
     key_ops: Vec<KeyOperation>,
     attributes: KeyAttributes,
@@ -189,6 +171,10 @@ impl Kind for KeyKind {
     fn empty_bundle(_: &ObjectView<'_>, _: &str) -> Value {
         json!({})
     }
+
+    fn purged(platform: &Platform, vault: &kagi_core::VaultName, e: &KeyEntry) {
+        platform.destroy_key_objects(vault, e);
+    }
 }
 
 versioned::delegations!(
@@ -246,18 +232,21 @@ impl Platform {
             tags,
         } = new;
         let version = random_version()?;
-        let der = key.to_pkcs8().map_err(crypto_error)?;
+        let stored = key
+            .stored
+            .encode()
+            .map_err(|e| internal("encode private key", e))?;
         let sealed_private = self
             .root
             .seal(
                 SealPurpose::PrivateKey,
                 &private_key_aad(&record.name, name, &version),
-                &der,
+                &stored,
             )
             .map_err(|e| internal("seal private key", e))?;
         let info = KeyVersionInfo {
             kty,
-            public: public_jwk(key.public_key()),
+            public: public_jwk(key.ops.public_key()),
             key_ops,
             attributes,
             tags,
@@ -270,7 +259,7 @@ impl Platform {
                     info,
                     sealed_private,
                 };
-                (rec.clone(), VersionEntry::with_material(rec, Arc::new(key)))
+                (rec.clone(), VersionEntry::with_material(rec, key.ops))
             })
             .await?;
         Ok(KeyKind::bundle(
@@ -314,7 +303,7 @@ impl Platform {
         {
             return Err(KvError::deleted_but_recoverable("Key", name.as_str()));
         }
-        let key = if kty.is_rsa() {
+        let spec = if kty.is_rsa() {
             if params.crv.is_some() {
                 return Err(KvError::bad_parameter("crv is not valid for RSA keys."));
             }
@@ -332,11 +321,7 @@ impl Platform {
                     "Only the public exponent 65537 is supported.",
                 ));
             }
-            // RSA key generation takes up to seconds: keep it off the async workers.
-            tokio::task::spawn_blocking(move || KeyPair::generate_rsa(size, None))
-                .await
-                .map_err(|e| internal("keygen task", e))?
-                .map_err(crypto_error)?
+            KeySpec::Rsa(size)
         } else {
             if params.key_size.is_some_and(|s| s != 0) && params.crv.is_none() {
                 return Err(KvError::bad_parameter(
@@ -351,8 +336,9 @@ impl Platform {
                 ))
                 .with_inner("CurveNotSupported")
             })?;
-            KeyPair::generate_ec(curve).map_err(crypto_error)?
+            KeySpec::Ec(curve)
         };
+        let key = self.generate_material(kty, spec).await?;
         self.add_version(
             &state,
             &record,
@@ -388,37 +374,9 @@ impl Platform {
                     .with_inner("KeyTypeNotSupported"),
             );
         }
-        if jwk.key_hsm.is_some() {
-            return Err(KvError::bad_parameter(
-                "BYOK transfer blobs (key_hsm) are not supported; import the key as a JWK.",
-            ));
-        }
-        let key = if kty.is_rsa() {
-            fn f(v: &Option<Vec<u8>>) -> Result<&[u8], KvError> {
-                v.as_deref().ok_or_else(missing_private)
-            }
-            KeyPair::rsa_from_components(&RsaPrivateComponents {
-                n: f(&jwk.n)?,
-                e: f(&jwk.e)?,
-                d: f(&jwk.d)?,
-                p: f(&jwk.p)?,
-                q: f(&jwk.q)?,
-                dp: f(&jwk.dp)?,
-                dq: f(&jwk.dq)?,
-                qi: f(&jwk.qi)?,
-            })
-            .map_err(crypto_error)?
-        } else {
-            let crv = jwk.crv.as_deref().ok_or_else(missing_private)?;
-            let curve = Curve::from_jwk_name(crv).ok_or_else(|| {
-                KvError::bad_parameter("Unsupported curve: P-256, P-384, P-521 or P-256K.")
-                    .with_inner("CurveNotSupported")
-            })?;
-            fn f(v: &Option<Vec<u8>>) -> Result<&[u8], KvError> {
-                v.as_deref().ok_or_else(missing_private)
-            }
-            KeyPair::ec_from_components(curve, f(&jwk.x)?, f(&jwk.y)?, f(&jwk.d)?)
-                .map_err(crypto_error)?
+        let key = match &jwk.key_hsm {
+            Some(blob) => self.import_byok(&state, &record, kty, blob)?,
+            None => self.import_material(kty, jwk)?,
         };
         let key_ops = match &jwk.key_ops {
             Some(ops) => parse_key_ops(ops, kty)?,
@@ -440,6 +398,44 @@ impl Platform {
             },
         )
         .await
+    }
+
+    /// A BYOK import: the `.byok` blob in `key_hsm`, unwrapped inside the HSM under the
+    /// vault's key-exchange key that the blob names (RSA-HSM, `key_ops` with `import`,
+    /// enabled and within its dates).
+    fn import_byok(
+        &self,
+        state: &VaultState,
+        record: &VaultRecord,
+        kty: KeyType,
+        blob: &[u8],
+    ) -> Result<NewMaterial, KvError> {
+        if !kty.is_hsm() {
+            return Err(KvError::bad_parameter(
+                "A BYOK transfer blob (key_hsm) imports an RSA-HSM or EC-HSM key: set kty \
+                 accordingly.",
+            ));
+        }
+        let transfer = parse_transfer_blob(blob)?;
+        let (kek_name, kek_version) = kek_of(&transfer.kek_id, &record.name)?;
+        let entry = Self::live_object::<KeyKind>(state, &kek_name).map_err(|_| {
+            KvError::bad_parameter(format!(
+                "The key-exchange key {} named by the BYOK blob is not a key of this vault.",
+                kagi_core::ids::printable(&transfer.kek_id)
+            ))
+        })?;
+        let kek = match &kek_version {
+            Some(v) => entry.version(v),
+            None => entry.latest(),
+        }
+        .ok_or_else(kek_not_in_hsm)?;
+        if kek.info.kty != KeyType::RsaHsm {
+            return Err(kek_not_in_hsm());
+        }
+        kek.info
+            .check_operation(KeyOperation::Import, self.clock.now())?;
+        let stored = kek.stored_key(self.root.as_ref(), &record.name, &kek_name)?;
+        self.import_transfer(&stored, &transfer.wrapped)
     }
 
     /// `GET /keys/{name}/{version?}`.
@@ -502,19 +498,16 @@ impl Platform {
         name: &str,
     ) -> Result<BackupBlob, KvError> {
         self.backup_object::<KeyKind, _>(caller, vault, name, |record, name, v| {
-            let der = self
-                .root
-                .open(
-                    SealPurpose::PrivateKey,
-                    &private_key_aad(&record.name, name, &v.version),
-                    &v.sealed_private,
-                )
-                .map_err(|e| internal("unseal for backup", e))?;
+            // A software key's PKCS#8, or where the HSM keeps the key.
+            let stored = v
+                .stored_key(self.root.as_ref(), &record.name, name)?
+                .encode()
+                .map_err(|e| internal("encode for backup", e))?;
             Ok(BackupVersion {
                 version: v.version.to_string(),
                 seq: v.seq,
                 info: v.info.clone(),
-                pkcs8: der.to_vec(),
+                pkcs8: stored.to_vec(),
             })
         })
     }
@@ -529,13 +522,20 @@ impl Platform {
     ) -> Result<Value, KvError> {
         self.restore_object::<KeyKind, BackupVersion>(caller, vault, blob, |record, name, v| {
             let version = KeyVersion::parse(&v.version).map_err(|_| object_backup::invalid())?;
-            let key = KeyPair::from_pkcs8(&v.pkcs8).map_err(|_| object_backup::invalid())?;
+            let stored =
+                StoredPrivateKey::decode(&v.pkcs8).map_err(|_| object_backup::invalid())?;
+            let key = self.restored_material(&stored).map_err(|e| match e {
+                e @ kagi_crypto::CryptoError::KeyUnavailable(_) => crypto_error(e),
+                _ => object_backup::invalid(),
+            })?;
             let sealed_private = self
                 .root
                 .seal(
                     SealPurpose::PrivateKey,
                     &private_key_aad(&record.name, name, &version),
-                    &v.pkcs8,
+                    &key.stored
+                        .encode()
+                        .map_err(|e| internal("encode restored key", e))?,
                 )
                 .map_err(|e| internal("seal restored key", e))?;
             let rec = KeyVersionRecord {
@@ -544,7 +544,7 @@ impl Platform {
                 info: v.info.clone(),
                 sealed_private,
             };
-            Ok((rec.clone(), VersionEntry::with_material(rec, Arc::new(key))))
+            Ok((rec.clone(), VersionEntry::with_material(rec, key.ops)))
         })
         .await
     }
@@ -574,21 +574,16 @@ impl Platform {
             .latest()
             .ok_or_else(|| KvError::key_not_found(name.as_str(), None))?;
         let kty = current.info.kty;
-        let key = match &current.info.public {
-            PublicJwk::Rsa { n, .. } => {
-                let size = RsaKeySize::from_bits((n.len() * 8) as u32)
-                    .ok_or_else(|| internal("rotate", "stored RSA key of unsupported size"))?;
-                tokio::task::spawn_blocking(move || KeyPair::generate_rsa(size, None))
-                    .await
-                    .map_err(|e| internal("keygen task", e))?
-                    .map_err(crypto_error)?
-            }
-            PublicJwk::Ec { crv, .. } => {
-                let curve =
-                    Curve::from_jwk_name(crv).ok_or_else(|| internal("rotate", "stored curve"))?;
-                KeyPair::generate_ec(curve).map_err(crypto_error)?
-            }
+        let spec = match &current.info.public {
+            PublicJwk::Rsa { n, .. } => KeySpec::Rsa(
+                RsaKeySize::from_bits((n.len() * 8) as u32)
+                    .ok_or_else(|| internal("rotate", "stored RSA key of unsupported size"))?,
+            ),
+            PublicJwk::Ec { crv, .. } => KeySpec::Ec(
+                Curve::from_jwk_name(crv).ok_or_else(|| internal("rotate", "stored curve"))?,
+            ),
         };
+        let key = self.generate_material(kty, spec).await?;
         let now = self.clock.now();
         let attributes = KeyAttributes {
             enabled: true,
@@ -665,13 +660,15 @@ impl Platform {
         let (record, name, v) = self.crypto_target(caller, vault, name, version, op)?;
         let out = match op {
             KeyOperation::Encrypt | KeyOperation::WrapKey => {
-                let key = v.key_pair(self.root.as_ref(), &record.name, &name)?;
+                let key =
+                    v.private_key(self.root.as_ref(), self.hsm.as_deref(), &record.name, &name)?;
                 key.public_key()
                     .encrypt(alg, &params.value)
                     .map_err(crypto_error)?
             }
             _ => {
-                let key = v.key_pair(self.root.as_ref(), &record.name, &name)?;
+                let key =
+                    v.private_key(self.root.as_ref(), self.hsm.as_deref(), &record.name, &name)?;
                 key.decrypt(alg, &params.value)
                     .map_err(crypto_error)?
                     .to_vec()
@@ -717,7 +714,7 @@ impl Platform {
         let (record, name, v) =
             self.crypto_target(caller, vault, name, version, KeyOperation::Sign)?;
         let alg = Self::signature_alg(&params.alg, &v)?;
-        let key = v.key_pair(self.root.as_ref(), &record.name, &name)?;
+        let key = v.private_key(self.root.as_ref(), self.hsm.as_deref(), &record.name, &name)?;
         let sig = key.sign_digest(alg, &params.value).map_err(crypto_error)?;
         Ok(json!({
             "kid": self.object_view(&record).id::<KeyKind>(name.as_str(), Some(v.version.as_str())),
@@ -737,7 +734,7 @@ impl Platform {
         let (record, name, v) =
             self.crypto_target(caller, vault, name, version, KeyOperation::Verify)?;
         let alg = Self::signature_alg(&params.alg, &v)?;
-        let key = v.key_pair(self.root.as_ref(), &record.name, &name)?;
+        let key = v.private_key(self.root.as_ref(), self.hsm.as_deref(), &record.name, &name)?;
         let ok = key
             .public_key()
             .verify_digest(alg, &params.digest, &params.value)
@@ -760,4 +757,37 @@ impl Platform {
             kagi_crypto::random_bytes(params.count as usize).map_err(|e| internal("rng", e))?;
         Ok(json!({ "value": b64::encode(&bytes) }))
     }
+}
+
+/// The key name and version in a key-exchange key's id
+/// (`https://{vault}.{suffix}/keys/{name}/{version?}`), which must be of `vault`.
+fn kek_of(
+    kid: &str,
+    vault: &kagi_core::VaultName,
+) -> Result<(ObjectName, Option<KeyVersion>), KvError> {
+    let bad = || {
+        KvError::bad_parameter(format!(
+            "The BYOK blob's header.kid {} is not a key id of the vault '{vault}'.",
+            kagi_core::ids::printable(kid)
+        ))
+    };
+    let rest = kid.strip_prefix("https://").ok_or_else(bad)?;
+    let (host, path) = rest.split_once('/').ok_or_else(bad)?;
+    let host_vault = host.split('.').next().unwrap_or_default();
+    if !host_vault.eq_ignore_ascii_case(vault.as_str()) {
+        return Err(bad());
+    }
+    let mut parts = path.trim_end_matches('/').split('/');
+    if parts.next() != Some("keys") {
+        return Err(bad());
+    }
+    let name = ObjectName::parse(parts.next().ok_or_else(bad)?).map_err(|_| bad())?;
+    let version = match parts.next() {
+        Some(v) if !v.is_empty() => Some(KeyVersion::parse(v).map_err(|_| bad())?),
+        _ => None,
+    };
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok((name, version))
 }

@@ -20,6 +20,7 @@ mod directory;
 mod directory_delegates;
 mod events;
 pub use events::{DeliveryConfig, run_event_delivery};
+mod key_material;
 mod keys;
 // Subscriptions, tenant moves and resource moves (BK-9, ID-3).
 mod moves;
@@ -116,6 +117,8 @@ pub struct Platform {
     /// for a vault firewall's `bypass: AzureServices`
     /// ([`Platform::set_trusted_service_types`]).
     trusted_service_types: RwLock<Vec<String>>,
+    /// The PKCS#11 token holding RSA-HSM and EC-HSM keys, when kagi runs with one.
+    hsm: Option<Arc<dyn kagi_crypto::KeyProvider>>,
 }
 
 /// The answer for a vault that a restore is writing into.
@@ -125,6 +128,21 @@ pub(crate) fn restore_in_progress(name: &VaultName) -> KvError {
          once the restore job has ended."
     ))
     .with_inner("VaultRestoreInProgress")
+}
+
+/// A key that could not be opened: an HSM that is unreachable or lacks the key is 503 (the
+/// request may succeed once the token is back); anything else is kagi's own failure.
+pub(crate) fn hsm_error(e: kagi_crypto::CryptoError) -> KvError {
+    match e {
+        kagi_crypto::CryptoError::KeyUnavailable(m) => {
+            tracing::error!(error = %m, "HSM key unavailable");
+            KvError::new(
+                kagi_core::ErrorCode::ServiceUnavailable,
+                "The HSM holding this key cannot be reached or no longer holds it.",
+            )
+        }
+        other => internal("open private key", other),
+    }
 }
 
 /// Logs a failure of kagi itself and answers the client with a bare 500.
@@ -199,6 +217,7 @@ impl Platform {
                     .await
                     .map_err(|e| internal("purge vault", e))?;
                 self.vaults_write().remove(&record.name);
+                self.destroy_vault_key_objects(&v);
                 purged += 1;
                 continue;
             }

@@ -5,7 +5,7 @@ use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use kagi_core::key::KeyVersionInfo;
 use kagi_core::{KeyVersion, KvError, ObjectName, VaultName};
-use kagi_crypto::{KeyPair, RootKey, SealPurpose};
+use kagi_crypto::{KeyProvider, PrivateKeyOps, RootKey, SealPurpose, StoredPrivateKey};
 use kagi_store::{KeyRecord, KeyVersionRecord, ObjectRecord, SecretVersionRecord, VaultRecord};
 
 /// One vault: its record, its keys, and the lock that serialises its writes.
@@ -102,14 +102,15 @@ pub(crate) type SecretMap = ObjectMap<SecretVersionRecord>;
 /// A key and its versions.
 pub(crate) type KeyEntry = Entry<VersionEntry>;
 
-/// A key version: public info, sealed private key, and the unsealed key once first used.
+/// A key version: public info, its sealed private key (a PKCS#8 document, or where an HSM
+/// keeps it), and the opened key once first used.
 #[derive(Debug)]
 pub(crate) struct VersionEntry {
     pub(crate) version: KeyVersion,
     pub(crate) seq: i64,
     pub(crate) info: KeyVersionInfo,
     pub(crate) sealed_private: Vec<u8>,
-    material: OnceLock<Arc<KeyPair>>,
+    material: OnceLock<Arc<dyn PrivateKeyOps>>,
 }
 
 /// The AAD that binds a sealed private key to its place: a sealed blob copied to another
@@ -133,7 +134,7 @@ impl VersionEntry {
         }
     }
 
-    pub(crate) fn with_material(r: KeyVersionRecord, key: Arc<KeyPair>) -> Self {
+    pub(crate) fn with_material(r: KeyVersionRecord, key: Arc<dyn PrivateKeyOps>) -> Self {
         let e = Self::new(r);
         let _ = e.material.set(key);
         e
@@ -154,26 +155,37 @@ impl VersionEntry {
         e
     }
 
-    /// The private key, unsealed on first use and kept for the life of the process.
-    pub(crate) fn key_pair(
+    /// What the version keeps of its private key, unsealed.
+    pub(crate) fn stored_key(
         &self,
         root: &dyn RootKey,
         vault: &VaultName,
         name: &ObjectName,
-    ) -> Result<Arc<KeyPair>, KvError> {
-        if let Some(k) = self.material.get() {
-            return Ok(k.clone());
-        }
-        let der = root
+    ) -> Result<StoredPrivateKey, KvError> {
+        let bytes = root
             .open(
                 SealPurpose::PrivateKey,
                 &private_key_aad(vault, name, &self.version),
                 &self.sealed_private,
             )
             .map_err(|e| crate::internal("unseal private key", e))?;
-        let key = Arc::new(
-            KeyPair::from_pkcs8(&der).map_err(|e| crate::internal("parse private key", e))?,
-        );
+        StoredPrivateKey::decode(&bytes).map_err(|e| crate::internal("stored private key", e))
+    }
+
+    /// The private key, opened on first use (unsealed, or found in the HSM) and kept for the
+    /// life of the process.
+    pub(crate) fn private_key(
+        &self,
+        root: &dyn RootKey,
+        hsm: Option<&dyn KeyProvider>,
+        vault: &VaultName,
+        name: &ObjectName,
+    ) -> Result<Arc<dyn PrivateKeyOps>, KvError> {
+        if let Some(k) = self.material.get() {
+            return Ok(k.clone());
+        }
+        let stored = self.stored_key(root, vault, name)?;
+        let key = kagi_crypto::open_stored_key(&stored, hsm).map_err(crate::hsm_error)?;
         Ok(self.material.get_or_init(|| key).clone())
     }
 }

@@ -35,7 +35,7 @@ use kagi_crypto::vault_backup::{
     Argon2Params, BackupFileError, BackupReader, BackupWriter, FileKey, Header, Protection,
     read_header,
 };
-use kagi_crypto::{KeyPair, PublicKey, SealPurpose};
+use kagi_crypto::{PrivateKeyOps, PublicKey, SealPurpose, StoredPrivateKey};
 use kagi_identity::Principal;
 use kagi_store::{
     KeyRecord, KeyVersionRecord, RoleAssignmentRecord, SecretRecord, SecretVersionRecord,
@@ -391,7 +391,7 @@ enum WriteProtection {
 /// Everything checked and sealed for the target, ready to be written.
 struct Prepared {
     manifest: Manifest,
-    keys: Vec<(KeyRecord, Vec<Arc<KeyPair>>)>,
+    keys: Vec<(KeyRecord, Vec<Arc<dyn PrivateKeyOps>>)>,
     secrets: Vec<SecretRecord>,
     assignments: Vec<AssignmentItem>,
     rotation: Vec<(ObjectName, Value)>,
@@ -1360,7 +1360,7 @@ impl Platform {
         vault: &VaultName,
         name: ObjectName,
         k: KeyItem,
-    ) -> Result<(KeyRecord, Vec<Arc<KeyPair>>), KvError> {
+    ) -> Result<(KeyRecord, Vec<Arc<dyn PrivateKeyOps>>), KvError> {
         if k.versions.is_empty() {
             return Err(invalid_payload(format!("key {name} has no versions")));
         }
@@ -1372,9 +1372,16 @@ impl Platform {
             if !seen.insert(version.to_string()) {
                 return Err(invalid_payload(format!("key {name} repeats a version")));
             }
-            let pair = KeyPair::from_pkcs8(&v.pkcs8)
+            let stored = StoredPrivateKey::decode(&v.pkcs8)
                 .map_err(|_| invalid_payload(format!("the private key of {name}/{version}")))?;
-            if !same_public(pair.public_key(), &v.info.public) {
+            // A software key parsed again; an HSM key copied to its own object in the token.
+            let pair = self.restored_material(&stored).map_err(|e| match e {
+                e @ kagi_crypto::CryptoError::KeyUnavailable(_) => {
+                    crate::key_material::crypto_error(e)
+                }
+                _ => invalid_payload(format!("the private key of {name}/{version}")),
+            })?;
+            if !same_public(pair.ops.public_key(), &v.info.public) {
                 return Err(invalid_payload(format!(
                     "the private key of {name}/{version} does not match its public key"
                 )));
@@ -1384,7 +1391,10 @@ impl Platform {
                 .seal(
                     SealPurpose::PrivateKey,
                     &private_key_aad(vault, &name, &version),
-                    &v.pkcs8,
+                    &pair
+                        .stored
+                        .encode()
+                        .map_err(|e| internal("encode restored key", e))?,
                 )
                 .map_err(|e| internal("seal restored key", e))?;
             versions.push((
@@ -1394,7 +1404,7 @@ impl Platform {
                     info: v.info.clone(),
                     sealed_private: sealed,
                 },
-                Arc::new(pair),
+                pair.ops,
             ));
         }
         versions.sort_by_key(|(r, _)| r.seq);

@@ -162,6 +162,10 @@ pub(crate) trait Kind: 'static {
     fn bundle(view: &ObjectView<'_>, name: &str, v: &Self::Version) -> Value;
     /// The bundle of an object without versions.
     fn empty_bundle(view: &ObjectView<'_>, name: &str) -> Value;
+
+    /// After the store has purged an object: releases what it kept outside the store (the HSM
+    /// objects of a key's versions).
+    fn purged(_platform: &Platform, _vault: &VaultName, _e: &Entry<Self::Version>) {}
 }
 
 /// `Kind::objects` as the named field of the vault's state, and `Kind::store` as calls of the
@@ -779,6 +783,7 @@ impl Platform {
             .await
             .map_err(|err| store_error("purge", K::NAMES.noun(), err))?;
         write(K::objects(&state)).remove(&name.folded());
+        K::purged(self, &record.name, &e);
         K::log(&record.name, &e.name, "purged");
         Ok(())
     }
@@ -808,7 +813,10 @@ impl Platform {
             K::store(self.store.as_ref(), &record.name, StoreOp::Purge(name))
                 .await
                 .map_err(|err| store_error("purge expired", K::NAMES.noun(), err))?;
-            write(K::objects(state)).remove(&name.folded());
+            let removed = write(K::objects(state)).remove(&name.folded());
+            if let Some(e) = removed {
+                K::purged(self, &record.name, &e);
+            }
             K::log(&record.name, name, "purged after retention");
         }
         Ok(purged)
