@@ -248,15 +248,44 @@ impl Context {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Value> {
+        self.exchange(method, url, headers, |req| match body {
+            Some(b) => req.json(b),
+            None => req,
+        })
+        .await
+    }
+
+    /// [`Self::call`] with a JSON body that holds key material: the buffer is handed to the
+    /// HTTP client without a copy and wiped when the client drops it.
+    pub async fn call_secret(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        body: zeroize::Zeroizing<Vec<u8>>,
+    ) -> anyhow::Result<Value> {
+        let body = bytes::Bytes::from_owner(body);
+        self.exchange(method, url, &[], |req| {
+            req.header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone())
+        })
+        .await
+    }
+
+    /// Sends a request built by `with_body` (once more with another tenant's token when a 401
+    /// challenge names one) and reads the JSON answer.
+    async fn exchange(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        with_body: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> anyhow::Result<Value> {
         let send = |token: &str| {
             let mut req = self.http.request(method.clone(), url).bearer_auth(token);
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            req.send()
+            with_body(req).send()
         };
         let mut r = send(&self.token)
             .await

@@ -134,19 +134,11 @@ enum KeyCommand {
         /// EC curve: P-256, P-384, P-521 or P-256K.
         #[arg(long)]
         curve: Option<String>,
-        /// Permitted operations, comma-separated (wrapKey,unwrapKey,…).
-        #[arg(long, value_delimiter = ',')]
-        ops: Option<Vec<String>>,
-        /// Expiry, Unix seconds.
-        #[arg(long)]
-        expires: Option<i64>,
-        /// Activation, Unix seconds.
-        #[arg(long)]
-        not_before: Option<i64>,
-        /// Create disabled.
-        #[arg(long)]
-        disabled: bool,
+        #[command(flatten)]
+        flags: crate::key_import::KeyFlags,
     },
+    /// Import a private key from a PEM or PKCS#12 file, or an HSM key from a BYOK blob.
+    Import(crate::key_import::ImportArgs),
     /// List keys.
     List,
     /// Show a key (newest version unless --version).
@@ -557,10 +549,13 @@ async fn keys(ctx: &Context, vault: &str, command: KeyCommand) -> anyhow::Result
             kty,
             size,
             curve,
-            ops,
-            expires,
-            not_before,
-            disabled,
+            flags:
+                crate::key_import::KeyFlags {
+                    ops,
+                    expires,
+                    not_before,
+                    disabled,
+                },
         } => {
             let mut body = json!({"kty": kty, "attributes": {"enabled": !disabled}});
             if let Some(s) = size {
@@ -584,6 +579,13 @@ async fn keys(ctx: &Context, vault: &str, command: KeyCommand) -> anyhow::Result
                 Some(&body),
             )
             .await?
+        }
+        KeyCommand::Import(a) => {
+            // Parsed before anything is sent: a wrong password or a bad file creates nothing.
+            let body = crate::key_import::request_body(&a)
+                .with_context(|| format!("cannot import key {}", a.name))?;
+            ctx.call_secret(Method::PUT, &url(&format!("keys/{}", a.name)), body)
+                .await?
         }
         KeyCommand::List => collect_pages(ctx, &url("keys")).await?,
         KeyCommand::Show { name, version } => {

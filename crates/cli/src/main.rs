@@ -12,6 +12,7 @@ mod disk;
 mod events;
 mod hsm;
 mod identity;
+mod key_import;
 mod policy;
 mod sql;
 mod subscription;
