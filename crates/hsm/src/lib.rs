@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod ops;
+mod session;
 mod token;
 
 pub use token::{HsmError, Pkcs11Config, Pkcs11Provider};

@@ -5,14 +5,15 @@ use std::sync::Arc;
 
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::ObjectHandle;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
 use kagi_crypto::padding::{check_digest_len, oaep_decode, pkcs1_digest_info};
 use kagi_crypto::{
     CryptoError, DigestAlgorithm, EncryptionAlgorithm, PrivateKeyOps, PublicKey, SignatureAlgorithm,
 };
 use zeroize::Zeroizing;
 
-use crate::token::{Token, crypto_err, decrypt_err};
+use crate::session::{Token, crypto_err, curve_from_params, decrypt_err, hex, unwrap_octet_string};
 
 /// What kind of key a token object is.
 #[derive(Clone, Copy, Debug)]
@@ -66,8 +67,12 @@ impl TokenKey {
         }
     }
 
-    pub(crate) fn kind(&self) -> KeyKind {
-        self.kind
+    /// The modulus length of an RSA key, `None` for EC.
+    pub(crate) fn rsa_len(&self) -> Option<usize> {
+        match self.kind {
+            KeyKind::Rsa { len } => Some(len),
+            KeyKind::Ec => None,
+        }
     }
 
     pub(crate) fn handle(&self) -> ObjectHandle {
@@ -169,5 +174,103 @@ impl PrivateKeyOps for TokenKey {
             // ECDSA over the caller's digest; PKCS#11 returns r || s at the curve's size.
             _ => self.run("sign", &Mechanism::Ecdsa, digest, true),
         }
+    }
+}
+
+impl Token {
+    /// A token key's operations, read from its objects.
+    pub(crate) fn key(self: &Arc<Self>, s: &Session, id: &[u8]) -> Result<TokenKey, CryptoError> {
+        let missing = || {
+            CryptoError::KeyUnavailable(format!(
+                "PKCS#11 token '{}' holds no key with id {}",
+                self.label,
+                hex(id)
+            ))
+        };
+        let private = self
+            .find_one(s, ObjectClass::PRIVATE_KEY, id)
+            .map_err(self.err("find key"))?
+            .ok_or_else(missing)?;
+        let attrs = s
+            .get_attributes(
+                private,
+                &[
+                    AttributeType::KeyType,
+                    AttributeType::Modulus,
+                    AttributeType::PublicExponent,
+                ],
+            )
+            .map_err(self.err("read key"))?;
+        let mut key_type = None;
+        let (mut n, mut e) = (None, None);
+        for a in attrs {
+            match a {
+                Attribute::KeyType(t) => key_type = Some(t),
+                Attribute::Modulus(v) => n = Some(v),
+                Attribute::PublicExponent(v) => e = Some(v),
+                _ => {}
+            }
+        }
+        if key_type == Some(KeyType::RSA) {
+            let (Some(n), Some(e)) = (n, e) else {
+                return Err(missing());
+            };
+            let public = PublicKey::rsa_from_components(&n, &e)?;
+            let bits = public.rsa_bits().unwrap_or(0) as usize;
+            return Ok(TokenKey::new(
+                self.clone(),
+                private,
+                public,
+                KeyKind::Rsa {
+                    len: bits.div_ceil(8),
+                },
+            ));
+        }
+        if key_type != Some(KeyType::EC) {
+            return Err(CryptoError::Unsupported(format!(
+                "key {} in token '{}' is neither RSA nor EC",
+                hex(id),
+                self.label
+            )));
+        }
+        // A private EC key object carries no point: the public object with the same id does.
+        let public_obj = self
+            .find_one(s, ObjectClass::PUBLIC_KEY, id)
+            .map_err(self.err("find public key"))?
+            .ok_or_else(missing)?;
+        let attrs = s
+            .get_attributes(
+                public_obj,
+                &[AttributeType::EcParams, AttributeType::EcPoint],
+            )
+            .map_err(self.err("read public key"))?;
+        let (mut params, mut point) = (None, None);
+        for a in attrs {
+            match a {
+                Attribute::EcParams(v) => params = Some(v),
+                Attribute::EcPoint(v) => point = Some(v),
+                _ => {}
+            }
+        }
+        let curve = params
+            .as_deref()
+            .and_then(curve_from_params)
+            .ok_or_else(|| {
+                CryptoError::Unsupported(format!(
+                    "the curve of key {} in token '{}'",
+                    hex(id),
+                    self.label
+                ))
+            })?;
+        let point = point.ok_or_else(missing)?;
+        let raw = unwrap_octet_string(&point);
+        let len = curve.coordinate_len();
+        if raw.len() != 1 + 2 * len || raw[0] != 0x04 {
+            return Err(CryptoError::InvalidKey(
+                "token EC point is not an uncompressed point".into(),
+            ));
+        }
+        let public = PublicKey::ec_from_components(curve, &raw[1..=len], &raw[1 + len..])?;
+        Ok(TokenKey::new(self.clone(), private, public, KeyKind::Ec))
     }
 }

@@ -12,16 +12,15 @@ use cryptoki::mechanism::MechanismType;
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
-use cryptoki::session::{Session, UserType};
-use cryptoki::slot::Slot;
+use cryptoki::session::Session;
 use cryptoki::types::AuthPin;
 use kagi_crypto::{
-    CryptoError, Curve, KeyProvider, KeySpec, PrivateKeyOps, ProvidedKey, PublicKey,
-    RsaPrivateComponents, TokenKeyRef,
+    CryptoError, Curve, KeyProvider, KeySpec, PrivateKeyOps, ProvidedKey, RsaPrivateComponents,
+    TokenKeyRef,
 };
 use zeroize::Zeroizing;
 
-use crate::ops::{KeyKind, TokenKey};
+use crate::session::{ROOT_WRAP_ID, Token, crypto_err, curve_params, decrypt_err, hex, rv};
 
 /// Where the token is and how to log in.
 pub struct Pkcs11Config {
@@ -87,262 +86,11 @@ pub enum HsmError {
     },
 }
 
-/// The opened token, shared by the provider and every key it hands out.
-pub(crate) struct Token {
-    ctx: Pkcs11,
-    slot: Slot,
-    pub(crate) label: String,
-    module: String,
-    pin: AuthPin,
-    /// Idle sessions. One stays open for the life of the process: closing a token's last
-    /// session logs the application out.
-    idle: Mutex<Vec<Session>>,
-}
-
-/// The `CKA_ID` of the AES key that seals kagi's root key.
-const ROOT_WRAP_ID: &[u8] = b"kagi-root-key-wrap";
 /// Marks a root key sealed by a token (docs/HSM.md, "Sealed root key").
 const ROOT_SEAL_MAGIC: &[u8] = b"kagi-hsm-root/1";
 /// GCM's AAD for the root key, so the token key opens nothing else kagi may seal later.
 const ROOT_SEAL_AAD: &[u8] = b"kagi/v1/root-key";
 const GCM_IV_LEN: usize = 12;
-
-fn rv(err: &CkError) -> Option<RvError> {
-    match err {
-        CkError::Pkcs11(rv, _) => Some(*rv),
-        _ => None,
-    }
-}
-
-/// A failed decryption or unwrapping: SoftHSM reports bad padding, a wrong GCM tag or a
-/// wrapped key that does not unwrap as CKR_GENERAL_ERROR, so during these operations that
-/// answer means the input, not the token.
-pub(crate) fn decrypt_err(label: &str, what: &str, err: &CkError) -> CryptoError {
-    match rv(err) {
-        Some(RvError::GeneralError | RvError::FunctionFailed) => CryptoError::DecryptionFailed,
-        _ => crypto_err(label, what, err),
-    }
-}
-
-/// A token failure, as kagi's crypto error: the caller's mistake where the token says so,
-/// "unavailable" otherwise (the key's holder failed, not the request).
-pub(crate) fn crypto_err(label: &str, what: &str, err: &CkError) -> CryptoError {
-    match rv(err) {
-        Some(
-            RvError::EncryptedDataInvalid
-            | RvError::EncryptedDataLenRange
-            | RvError::WrappedKeyInvalid
-            | RvError::WrappedKeyLenRange
-            | RvError::DataInvalid
-            | RvError::DataLenRange,
-        ) => CryptoError::DecryptionFailed,
-        Some(
-            RvError::CurveNotSupported | RvError::DomainParamsInvalid | RvError::MechanismInvalid,
-        ) => CryptoError::Unsupported(format!("{what} in PKCS#11 token '{label}': {err}")),
-        _ => CryptoError::KeyUnavailable(format!("PKCS#11 token '{label}': {what}: {err}")),
-    }
-}
-
-impl Token {
-    /// Runs `f` on an idle session (opening one when none is idle), logging in again if the
-    /// token forgot the login.
-    pub(crate) fn with_session<T>(
-        &self,
-        f: impl Fn(&Session) -> Result<T, CkError>,
-    ) -> Result<T, CkError> {
-        let popped = self.idle.lock().ok().and_then(|mut v| v.pop());
-        let session = match popped {
-            Some(s) => s,
-            None => self.ctx.open_rw_session(self.slot)?,
-        };
-        let mut result = f(&session);
-        if let Err(e) = &result
-            && rv(e) == Some(RvError::UserNotLoggedIn)
-        {
-            self.login(&session)?;
-            result = f(&session);
-        }
-        let broken = matches!(
-            result.as_ref().err().and_then(rv),
-            Some(RvError::SessionHandleInvalid | RvError::SessionClosed | RvError::DeviceRemoved)
-        );
-        if !broken && let Ok(mut v) = self.idle.lock() {
-            v.push(session);
-        }
-        result
-    }
-
-    fn login(&self, session: &Session) -> Result<(), CkError> {
-        match session.login(UserType::User, Some(&self.pin)) {
-            Err(e) if rv(&e) == Some(RvError::UserAlreadyLoggedIn) => Ok(()),
-            other => other,
-        }
-    }
-
-    fn err(&self, what: &'static str) -> impl FnOnce(CkError) -> CryptoError + '_ {
-        move |e| crypto_err(&self.label, what, &e)
-    }
-
-    fn find_one(
-        &self,
-        s: &Session,
-        class: ObjectClass,
-        id: &[u8],
-    ) -> Result<Option<ObjectHandle>, CkError> {
-        Ok(
-            s.find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])?
-                .into_iter()
-                .next(),
-        )
-    }
-
-    /// The AES key that seals the root key, made on first use.
-    fn root_wrap_key(&self, s: &Session) -> Result<ObjectHandle, CkError> {
-        if let Some(h) = self.find_one(s, ObjectClass::SECRET_KEY, ROOT_WRAP_ID)? {
-            return Ok(h);
-        }
-        s.generate_key(
-            &Mechanism::AesKeyGen,
-            &[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::ValueLen(32.into()),
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Extractable(false),
-                Attribute::Encrypt(true),
-                Attribute::Decrypt(true),
-                Attribute::Id(ROOT_WRAP_ID.to_vec()),
-                Attribute::Label(ROOT_WRAP_ID.to_vec()),
-            ],
-        )
-    }
-
-    /// A token key's operations, read from its objects.
-    fn key(self: &Arc<Self>, s: &Session, id: &[u8]) -> Result<TokenKey, CryptoError> {
-        let missing = || {
-            CryptoError::KeyUnavailable(format!(
-                "PKCS#11 token '{}' holds no key with id {}",
-                self.label,
-                hex(id)
-            ))
-        };
-        let private = self
-            .find_one(s, ObjectClass::PRIVATE_KEY, id)
-            .map_err(self.err("find key"))?
-            .ok_or_else(missing)?;
-        let attrs = s
-            .get_attributes(
-                private,
-                &[
-                    AttributeType::KeyType,
-                    AttributeType::Modulus,
-                    AttributeType::PublicExponent,
-                ],
-            )
-            .map_err(self.err("read key"))?;
-        let mut key_type = None;
-        let (mut n, mut e) = (None, None);
-        for a in attrs {
-            match a {
-                Attribute::KeyType(t) => key_type = Some(t),
-                Attribute::Modulus(v) => n = Some(v),
-                Attribute::PublicExponent(v) => e = Some(v),
-                _ => {}
-            }
-        }
-        if key_type == Some(KeyType::RSA) {
-            let (Some(n), Some(e)) = (n, e) else {
-                return Err(missing());
-            };
-            let public = PublicKey::rsa_from_components(&n, &e)?;
-            let bits = public.rsa_bits().unwrap_or(0) as usize;
-            return Ok(TokenKey::new(
-                self.clone(),
-                private,
-                public,
-                KeyKind::Rsa {
-                    len: bits.div_ceil(8),
-                },
-            ));
-        }
-        if key_type != Some(KeyType::EC) {
-            return Err(CryptoError::Unsupported(format!(
-                "key {} in token '{}' is neither RSA nor EC",
-                hex(id),
-                self.label
-            )));
-        }
-        // A private EC key object carries no point: the public object with the same id does.
-        let public_obj = self
-            .find_one(s, ObjectClass::PUBLIC_KEY, id)
-            .map_err(self.err("find public key"))?
-            .ok_or_else(missing)?;
-        let attrs = s
-            .get_attributes(
-                public_obj,
-                &[AttributeType::EcParams, AttributeType::EcPoint],
-            )
-            .map_err(self.err("read public key"))?;
-        let (mut params, mut point) = (None, None);
-        for a in attrs {
-            match a {
-                Attribute::EcParams(v) => params = Some(v),
-                Attribute::EcPoint(v) => point = Some(v),
-                _ => {}
-            }
-        }
-        let curve = params
-            .as_deref()
-            .and_then(curve_from_params)
-            .ok_or_else(|| {
-                CryptoError::Unsupported(format!(
-                    "the curve of key {} in token '{}'",
-                    hex(id),
-                    self.label
-                ))
-            })?;
-        let point = point.ok_or_else(missing)?;
-        let raw = unwrap_octet_string(&point);
-        let len = curve.coordinate_len();
-        if raw.len() != 1 + 2 * len || raw[0] != 0x04 {
-            return Err(CryptoError::InvalidKey(
-                "token EC point is not an uncompressed point".into(),
-            ));
-        }
-        let public = PublicKey::ec_from_components(curve, &raw[1..=len], &raw[1 + len..])?;
-        Ok(TokenKey::new(self.clone(), private, public, KeyKind::Ec))
-    }
-}
-
-/// The DER OID of each curve, as `CKA_EC_PARAMS` holds it.
-fn curve_params(curve: Curve) -> &'static [u8] {
-    match curve {
-        Curve::P256 => &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07],
-        Curve::P384 => &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22],
-        Curve::P521 => &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x23],
-        Curve::P256K => &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x0a],
-    }
-}
-
-fn curve_from_params(params: &[u8]) -> Option<Curve> {
-    Curve::ALL.into_iter().find(|c| curve_params(*c) == params)
-}
-
-/// `CKA_EC_POINT` is a DER OCTET STRING around the point in PKCS#11 2.20+; some tokens give
-/// the bare point.
-fn unwrap_octet_string(v: &[u8]) -> &[u8] {
-    match v {
-        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() && *len < 0x80 => rest,
-        [0x04, 0x81, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
-        _ => v,
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 fn new_id() -> Result<Vec<u8>, CryptoError> {
     kagi_crypto::random_bytes(16)
@@ -637,7 +385,7 @@ impl KeyProvider for Pkcs11Provider {
     ) -> Result<ProvidedKey, CryptoError> {
         self.check_ref(kek)?;
         let kek_key = self.run("find key", |s| Ok(self.token.key(s, &kek.id)))??;
-        let KeyKind::Rsa { len } = kek_key.kind() else {
+        let Some(len) = kek_key.rsa_len() else {
             return Err(CryptoError::InvalidKey("a key-exchange key is RSA".into()));
         };
         if wrapped.len() <= len {

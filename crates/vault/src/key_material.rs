@@ -28,6 +28,18 @@ pub(crate) fn crypto_error(e: CryptoError) -> KvError {
     }
 }
 
+/// A restore that needs an HSM key this kagi cannot reach (another token, no token, or the
+/// key purged from it): the client's backup does not fit here, so 400, not a retryable 503.
+pub(crate) fn restore_error(e: CryptoError, otherwise: KvError) -> KvError {
+    match e {
+        CryptoError::KeyUnavailable(m) => KvError::bad_parameter(format!(
+            "The backup holds an HSM-protected key that cannot be restored here: {m}. An HSM \
+             key's backup restores only where the same HSM token still holds the key."
+        )),
+        _ => otherwise,
+    }
+}
+
 /// A new version's private key: its operations and what the version keeps of it.
 pub(crate) struct NewMaterial {
     /// The key's operations.

@@ -21,7 +21,9 @@ use kagi_store::{KeyVersionRecord, VaultRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use crate::key_material::{NewMaterial, crypto_error, kek_not_in_hsm, parse_transfer_blob};
+use crate::key_material::{
+    NewMaterial, crypto_error, kek_not_in_hsm, parse_transfer_blob, restore_error,
+};
 use crate::object_backup;
 use crate::state::{KeyEntry, VaultState, VersionEntry, private_key_aad};
 pub use crate::versioned::ListQuery;
@@ -524,10 +526,9 @@ impl Platform {
             let version = KeyVersion::parse(&v.version).map_err(|_| object_backup::invalid())?;
             let stored =
                 StoredPrivateKey::decode(&v.pkcs8).map_err(|_| object_backup::invalid())?;
-            let key = self.restored_material(&stored).map_err(|e| match e {
-                e @ kagi_crypto::CryptoError::KeyUnavailable(_) => crypto_error(e),
-                _ => object_backup::invalid(),
-            })?;
+            let key = self
+                .restored_material(&stored)
+                .map_err(|e| restore_error(e, object_backup::invalid()))?;
             let sealed_private = self
                 .root
                 .seal(
