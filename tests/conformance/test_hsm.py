@@ -297,3 +297,33 @@ def test_root_key_sealed_by_the_token(tmp_path):
         assert srv.secret_client(v.url).get_secret("s").value == "kept across the move"
     finally:
         srv.stop()
+
+
+def test_disks_and_tde_protectors_on_hsm_keys(kagi, tmp_path):
+    """Every CMK consumer takes an RSA-HSM key: a disk encryption set (a disk written and read
+    with qemu-img) and a SQL server's TDE protector (rows written and read with psql)."""
+    import test_disks as dk
+    import test_sql as sq
+
+    kv = kagi.create_vault(sku="premium", purge_protection=True)
+    keys = kagi.key_client(kv.url)
+    dkey = keys.create_rsa_key(random_name("dk", 10), size=2048, hardware_protected=True)
+    tkey = keys.create_rsa_key(random_name("tde", 10), size=3072, hardware_protected=True)
+    _, des = dk.create_set(kagi, dkey.id)
+    dk.grant(kagi, kv, des["identity"]["principalId"])
+    name, disk = dk.create_disk(kagi, encryption={"type": "EncryptionAtRestWithCustomerKey",
+                                                  "diskEncryptionSetId": des["id"]})
+    data = dk.random_image(tmp_path / "in.raw", 2, seed=15)
+    uri = dk.grant_access(kagi, name, "Write")
+    dk.run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", tmp_path / "in.raw", uri)
+    dk.end_access(kagi, name)
+    assert dk.read_back(dk.grant_access(kagi, name, "Read"), tmp_path / "out.raw", len(data)) == data
+    dk.end_access(kagi, name)
+
+    server, body = sq.create_server(kagi)
+    sq.grant(kagi, kv, body["identity"]["principalId"])
+    p = sq.ok(sq.set_protector(kagi, server, tkey.id))
+    assert p["properties"]["uri"] == tkey.id, p
+    db, _ = sq.create_db(kagi, server)
+    sq.psql(kagi, server, db, "CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('under an HSM key')")
+    assert "under an HSM key" in sq.psql(kagi, server, db, "SELECT v FROM t").stdout
