@@ -61,6 +61,28 @@ def sealed_sizes(srv, vault, key_name):
         db.close()
 
 
+def test_every_key_object_in_the_token_is_sensitive_and_not_extractable(kagi, premium_vault):
+    """Generated, imported (JWK), BYOK-unwrapped and restored (copied) keys alike."""
+    c = premium_vault.client
+    c.create_ec_key("gen", curve="P-384", hardware_protected=True)
+    local = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    n = local.private_numbers()
+    jwk = JsonWebKey(kty="RSA-HSM", n=n.public_numbers.n.to_bytes(256, "big"), e=(65537).to_bytes(3, "big"),
+                     d=n.d.to_bytes(256, "big"), p=n.p.to_bytes(128, "big"), q=n.q.to_bytes(128, "big"),
+                     dp=n.dmp1.to_bytes(128, "big"), dq=n.dmq1.to_bytes(128, "big"), qi=n.iqmp.to_bytes(128, "big"))
+    c.import_key("jwk", jwk)
+    kek = c.create_rsa_key("kek", size=2048, hardware_protected=True, key_operations=["import"])
+    pkcs8 = local.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    c.import_key("byok", JsonWebKey(kty="RSA-HSM", t=byok_blob(kek, pkcs8)))
+    kagi.create_vault(sku="premium").client.restore_key_backup(c.backup_key("gen"))
+    objects = [o for o in token_objects(kagi) if (o.get("label") or "").startswith("kagi-key-")]
+    assert len(objects) >= 4, objects
+    for o in objects:
+        flags = [f.strip() for f in o.get("access", "").split(",")]
+        assert "sensitive" in flags and "extractable" not in flags, o
+
+
 def test_hsm_keys_are_made_and_used_inside_the_token(kagi, premium_vault, vault):
     before = key_labels(kagi)
     c = premium_vault.client
@@ -130,7 +152,14 @@ def test_hsm_key_backups_restore_while_the_token_holds_the_key(kagi, make_vault)
     src = make_vault(sku="premium")
     key = src.client.create_rsa_key("hsm-b", size=2048, hardware_protected=True)
     blob = src.client.backup_key("hsm-b")
-    assert len(blob) < 4000  # a sealed reference, not key material
+    src.client.create_rsa_key("soft-b", size=2048)
+    soft_blob = src.client.backup_key("soft-b")
+    # A sealed reference, not key material: far smaller than a software key's backup.
+    assert len(blob) + 1000 < len(soft_blob), (len(blob), len(soft_blob))
+    # HSM keys restore only into premium vaults.
+    with pytest.raises(HttpResponseError) as e:
+        make_vault().client.restore_key_backup(blob)
+    assert e.value.status_code == 400 and "premium" in str(e.value), str(e.value)
     dst = make_vault(sku="premium")
     restored = dst.client.restore_key_backup(blob)
     assert restored.key_type == "RSA-HSM"
@@ -193,7 +222,17 @@ def test_byok_import_of_a_key_wrapped_outside_kagi(kagi, premium_vault):
     with pytest.raises(HttpResponseError) as e:
         kagi.crypto_client(kek).wrap_key(KeyWrapAlgorithm.rsa_oaep, dek)
     assert e.value.status_code == 403
-    # A blob for another key-exchange key, a damaged blob, a software KEK: 400, nothing made.
+    # A key-exchange key is that and nothing else: import with another operation is refused.
+    for ops in (["import", "unwrapKey"], ["decrypt", "import"]):
+        with pytest.raises(HttpResponseError) as e:
+            c.create_rsa_key("mixed-kek", size=2048, hardware_protected=True, key_operations=ops)
+        assert e.value.status_code == 400, ops
+    with pytest.raises(HttpResponseError) as e:
+        c.update_key_properties("kek", key_operations=["import", "unwrapKey"])
+    assert e.value.status_code == 400
+
+    # A blob for another key-exchange key, a damaged blob, a software KEK, the wrong kty, a
+    # key size kagi does not take, a disabled KEK: refused, and nothing is left in the token.
     other = c.create_rsa_key("kek2", size=2048, hardware_protected=True, key_operations=["import"])
     bad = json.loads(blob)
     bad["header"]["kid"] = other.id
@@ -204,12 +243,23 @@ def test_byok_import_of_a_key_wrapped_outside_kagi(kagi, premium_vault):
     soft_kek = c.create_rsa_key("soft-kek", size=2048, key_operations=["import"])
     swapped = json.loads(blob)
     swapped["header"]["kid"] = soft_kek.id
-    for name, b in (("wrong-kek", bad), ("damaged", damaged), ("soft-kek", swapped)):
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    small_blob = json.loads(byok_blob(kek, small.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())))
+    before = key_labels(kagi)
+    cases = [("wrong-kek", bad, "RSA-HSM"), ("damaged", damaged, "RSA-HSM"), ("via-soft-kek", swapped, "RSA-HSM"),
+             ("as-ec", json.loads(blob), "EC-HSM"), ("rsa-1024", small_blob, "RSA-HSM")]
+    for name, b, kty in cases:
         with pytest.raises(HttpResponseError) as e:
-            c.import_key(name, JsonWebKey(kty="RSA-HSM", t=json.dumps(b).encode()))
+            c.import_key(name, JsonWebKey(kty=kty, t=json.dumps(b).encode()))
         assert e.value.status_code == 400, (name, str(e.value))
+    c.update_key_properties("kek", enabled=False)
+    with pytest.raises(HttpResponseError) as e:
+        c.import_key("disabled-kek", JsonWebKey(kty="RSA-HSM", t=blob))
+    assert e.value.status_code in (400, 403), str(e.value)
+    assert key_labels(kagi) == before
     names = {k.name for k in c.list_properties_of_keys()}
-    assert not names & {"wrong-kek", "damaged", "soft-kek-import"}, names
+    assert not names & ({name for name, _, _ in cases} | {"disabled-kek", "mixed-kek"}), names
 
 
 def test_backup_vault_on_an_hsm_key(kagi, tmp_path):

@@ -102,7 +102,7 @@ pub enum KeyOperation {
     /// Unwrap a key.
     #[serde(rename = "unwrapKey")]
     UnwrapKey,
-    /// Import (accepted in `key_ops` for compatibility; grants nothing).
+    /// Import: marks a BYOK key-exchange key, whose `key_ops` are exactly `["import"]`.
     #[serde(rename = "import")]
     Import,
     /// Export (accepted in `key_ops` for compatibility; kagi never exports private keys).
@@ -638,6 +638,14 @@ pub fn parse_key_ops(ops: &[String], kty: KeyType) -> Result<Vec<KeyOperation>, 
             out.push(op);
         }
     }
+    // A key-exchange key unwraps BYOK transfer blobs: if it could also decrypt or unwrap, its
+    // holder could open any blob sent under it and read the key inside.
+    if out.contains(&KeyOperation::Import) && out.len() > 1 {
+        return Err(KvError::bad_parameter(
+            "A key with the import operation is a BYOK key-exchange key: its key_ops must be \
+             exactly [\"import\"].",
+        ));
+    }
     Ok(out)
 }
 
@@ -680,6 +688,28 @@ mod tests {
             created: 50,
             updated: 50,
             exportable: false,
+        }
+    }
+
+    #[test]
+    fn import_stands_alone_in_key_ops() {
+        let ops = |v: &[&str]| {
+            parse_key_ops(
+                &v.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                KeyType::RsaHsm,
+            )
+        };
+        assert_eq!(ops(&["import"]).unwrap(), vec![KeyOperation::Import]);
+        assert_eq!(
+            ops(&["import", "import"]).unwrap(),
+            vec![KeyOperation::Import]
+        );
+        for mixed in [
+            &["import", "unwrapKey"][..],
+            &["decrypt", "import"],
+            &["import", "sign"],
+        ] {
+            assert!(ops(mixed).is_err(), "{mixed:?}");
         }
     }
 

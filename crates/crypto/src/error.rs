@@ -21,10 +21,14 @@ pub enum CryptoError {
     /// The underlying library failed in a way that is not the caller's fault.
     #[error("internal cryptographic failure")]
     Internal,
-    /// The key's holder (an HSM token) cannot be reached or does not hold the key; the
-    /// message says which token.
+    /// The key's holder (an HSM token) failed or cannot be reached: the operation may
+    /// succeed later. The message says which token.
     #[error("key unavailable: {0}")]
     KeyUnavailable(String),
+    /// The key's holder does not hold the key: it was destroyed, it is in another token, or
+    /// no HSM is configured. The message says which.
+    #[error("key not held: {0}")]
+    KeyNotHeld(String),
     /// Reading or writing a key file failed; the message names the path.
     #[error("i/o error: {0}")]
     Io(String),

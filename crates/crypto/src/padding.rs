@@ -83,8 +83,10 @@ fn xor_mgf1(hash: &'static digest::Algorithm, seed: &[u8], out: &mut [u8]) {
     }
 }
 
-/// 0xff if `b` is zero, else 0x00, without a branch on `b`.
+/// 0xff if `b` is zero, else 0x00, without a branch on `b` (`black_box` keeps the optimiser
+/// from turning the masks back into branches).
 fn ct_is_zero(b: u8) -> u8 {
+    let b = std::hint::black_box(b);
     // (b - 1) has its top bit set only when b == 0 (as a 16-bit value).
     (u16::from(b).wrapping_sub(1) >> 8) as u8
 }

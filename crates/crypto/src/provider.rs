@@ -195,14 +195,16 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     /// Finds a key again.
     ///
     /// # Errors
-    /// [`CryptoError::KeyUnavailable`] if the object is not in this provider's token.
+    /// [`CryptoError::KeyNotHeld`] if the object is not in this provider's token,
+    /// [`CryptoError::KeyUnavailable`] if the provider fails.
     fn load(&self, reference: &TokenKeyRef) -> Result<Arc<dyn PrivateKeyOps>>;
 
     /// Copies a key to a new object (a restored backup gets its own copy, so purging one
     /// never destroys the other's key).
     ///
     /// # Errors
-    /// [`CryptoError::KeyUnavailable`] if the object is not in this provider's token.
+    /// [`CryptoError::KeyNotHeld`] if the object is not a key of this provider's token,
+    /// [`CryptoError::KeyUnavailable`] if the provider fails.
     fn copy(&self, reference: &TokenKeyRef) -> Result<ProvidedKey>;
 
     /// Destroys a key (its purge). Destroying a key that is already gone succeeds.
@@ -211,7 +213,9 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
     /// [`CryptoError::KeyUnavailable`] if the provider fails.
     fn destroy(&self, reference: &TokenKeyRef) -> Result<()>;
 
-    /// Encrypts kagi's root key under a key that never leaves the provider.
+    /// Encrypts kagi's root key under a key that never leaves the provider; each call makes
+    /// its own wrapping key, named in the output, so data directories sharing a token never
+    /// share (or race for) one.
     ///
     /// # Errors
     /// [`CryptoError::KeyUnavailable`] if the provider fails.
@@ -228,8 +232,8 @@ pub trait KeyProvider: Send + Sync + fmt::Debug {
 /// through `provider`.
 ///
 /// # Errors
-/// [`CryptoError::KeyUnavailable`] for a token key when no provider is configured or the
-/// provider cannot find it; what [`KeyPair::from_pkcs8`] returns for a software key.
+/// [`CryptoError::KeyNotHeld`] for a token key when no provider is configured or the
+/// provider does not hold it, [`CryptoError::KeyUnavailable`] when the provider fails; what [`KeyPair::from_pkcs8`] returns for a software key.
 pub fn open_stored_key(
     stored: &StoredPrivateKey,
     provider: Option<&dyn KeyProvider>,
@@ -238,7 +242,7 @@ pub fn open_stored_key(
         StoredPrivateKey::Pkcs8(der) => Ok(Arc::new(KeyPair::from_pkcs8(der)?)),
         StoredPrivateKey::Token(r) => match provider {
             Some(p) => p.load(r),
-            None => Err(CryptoError::KeyUnavailable(format!(
+            None => Err(CryptoError::KeyNotHeld(format!(
                 "the key is inside the HSM token '{}', and this kagi has no PKCS#11 module \
                  configured",
                 r.token
@@ -276,6 +280,6 @@ mod tests {
         let software = open_stored_key(&StoredPrivateKey::decode(&der).unwrap(), None).unwrap();
         assert!(software.public_key().curve().is_some());
         let err = open_stored_key(&StoredPrivateKey::Token(r), None).unwrap_err();
-        assert!(matches!(err, CryptoError::KeyUnavailable(m) if m.contains("'kagi'")));
+        assert!(matches!(err, CryptoError::KeyNotHeld(m) if m.contains("'kagi'")));
     }
 }

@@ -288,6 +288,9 @@ pub fn load_or_create_root_key(
                 sealed_path.display()
             )));
         }
+        if !plain.exists() {
+            refuse_new_key_for_existing_store(dir)?;
+        }
         return load_or_create_root_key_file(&plain);
     };
     let open = |bytes: &[u8]| -> Result<Zeroizing<[u8; ROOT_KEY_LEN]>> {
@@ -315,16 +318,30 @@ pub fn load_or_create_root_key(
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             let raw = match File::open(&plain) {
                 Ok(file) => read_root_key(&plain, file)?,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => AesRootKey::generate()?.1,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    refuse_new_key_for_existing_store(dir)?;
+                    AesRootKey::generate()?.1
+                }
                 Err(err) => return Err(io_error("open", &plain, &err)),
             };
             let sealed = provider.seal_root_key(raw.as_ref())?;
-            if *open(&sealed)? != *raw {
-                return Err(CryptoError::Internal);
+            match publish_new_file(&sealed_path, &sealed)? {
+                // Read back from the disk: what opens next start is what is checked now.
+                true => {
+                    let back = std::fs::read(&sealed_path)
+                        .map_err(|err| io_error("read", &sealed_path, &err))?;
+                    if *open(&back)? != *raw {
+                        return Err(CryptoError::Internal);
+                    }
+                    raw
+                }
+                // Another kagi on this directory sealed first: its key is the one.
+                false => {
+                    let theirs = std::fs::read(&sealed_path)
+                        .map_err(|err| io_error("read", &sealed_path, &err))?;
+                    open(&theirs)?
+                }
             }
-            kagi_fs::write_atomically(&sealed_path, &sealed, 0o600)
-                .map_err(|err| io_error("write", &sealed_path, &err))?;
-            raw
         }
         Err(err) => return Err(io_error("read", &sealed_path, &err)),
     };
@@ -348,6 +365,55 @@ pub fn load_or_create_root_key(
         Err(err) => return Err(io_error("open", &plain, &err)),
     }
     Ok(AesRootKey::from_bytes(&raw))
+}
+
+/// A store without its root key is not given a new one: everything in it would be
+/// unreadable, and the new key file would hide the real problem (a lost or moved key file).
+fn refuse_new_key_for_existing_store(dir: &Path) -> Result<()> {
+    if dir.join("kagi.db").exists() {
+        return Err(CryptoError::InvalidKey(format!(
+            "{} has a store (kagi.db) but no root key ({ROOT_KEY_FILE} or \
+             {SEALED_ROOT_KEY_FILE}); put the data directory's root key file back",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` only if no file is there, durably: a uniquely named temporary
+/// file, synced, then hard-linked to `path` (which fails if `path` exists, so two starts
+/// racing on one directory agree on one file), then the directory synced. `false` when
+/// another process's file was there first.
+fn publish_new_file(path: &Path, bytes: &[u8]) -> Result<bool> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let suffix: [u8; 8] = crate::random_array()?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("root"),
+        suffix
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ));
+    let written = (|| -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            kagi_fs::sync_parent(path).map_err(|err| io_error("sync directory of", path, &err))?;
+            Ok(true)
+        }
+        Err(err) if err.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(err) => Err(io_error("write", path, &err)),
+    }
 }
 
 fn read_root_key(path: &Path, mut file: File) -> Result<Zeroizing<[u8; ROOT_KEY_LEN]>> {
@@ -604,5 +670,156 @@ mod tests {
         let err = load_or_create_root_key_file(&missing_dir).unwrap_err();
         assert!(matches!(err, CryptoError::Io(_)), "{err}");
         assert!(err.to_string().contains("no-such-dir"), "{err}");
+    }
+
+    /// A stand-in HSM for the root-key file logic: "seals" by XOR with a fixed pad.
+    #[derive(Debug)]
+    struct FakeHsm(u8);
+
+    impl crate::KeyProvider for FakeHsm {
+        fn describe(&self) -> String {
+            "fake HSM".into()
+        }
+        fn token_label(&self) -> &str {
+            "fake"
+        }
+        fn generate(&self, _: crate::KeySpec) -> Result<crate::ProvidedKey> {
+            Err(CryptoError::Unsupported("fake".into()))
+        }
+        fn import_rsa(&self, _: &crate::RsaPrivateComponents<'_>) -> Result<crate::ProvidedKey> {
+            Err(CryptoError::Unsupported("fake".into()))
+        }
+        fn import_ec(
+            &self,
+            _: crate::Curve,
+            _: &[u8],
+            _: &[u8],
+            _: &[u8],
+        ) -> Result<crate::ProvidedKey> {
+            Err(CryptoError::Unsupported("fake".into()))
+        }
+        fn import_wrapped(&self, _: &crate::TokenKeyRef, _: &[u8]) -> Result<crate::ProvidedKey> {
+            Err(CryptoError::Unsupported("fake".into()))
+        }
+        fn load(&self, _: &crate::TokenKeyRef) -> Result<std::sync::Arc<dyn crate::PrivateKeyOps>> {
+            Err(CryptoError::Unsupported("fake".into()))
+        }
+        fn copy(&self, _: &crate::TokenKeyRef) -> Result<crate::ProvidedKey> {
+            Err(CryptoError::Unsupported("fake".into()))
+        }
+        fn destroy(&self, _: &crate::TokenKeyRef) -> Result<()> {
+            Ok(())
+        }
+        fn seal_root_key(&self, raw: &[u8]) -> Result<Vec<u8>> {
+            let mut out = vec![b'F', self.0];
+            out.extend(raw.iter().map(|b| b ^ self.0));
+            Ok(out)
+        }
+        fn open_root_key(&self, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+            match sealed {
+                [b'F', pad, rest @ ..] if *pad == self.0 => {
+                    Ok(Zeroizing::new(rest.iter().map(|b| b ^ self.0).collect()))
+                }
+                _ => Err(CryptoError::DecryptionFailed),
+            }
+        }
+    }
+
+    #[test]
+    fn a_root_key_made_with_an_hsm_exists_only_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let hsm = FakeHsm(0x5a);
+        let first = load_or_create_root_key(dir.path(), Some(&hsm)).unwrap();
+        assert!(dir.path().join(SEALED_ROOT_KEY_FILE).exists());
+        assert!(!dir.path().join(ROOT_KEY_FILE).exists());
+        let again = load_or_create_root_key(dir.path(), Some(&hsm)).unwrap();
+        assert_eq!(first.fingerprint(), again.fingerprint());
+        // Without the HSM: refused, saying so.
+        let err = load_or_create_root_key(dir.path(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sealed by an HSM"), "{err}");
+        // Another HSM: refused, naming the file.
+        let err = load_or_create_root_key(dir.path(), Some(&FakeHsm(1)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(SEALED_ROOT_KEY_FILE) && err.contains("another token"),
+            "{err}"
+        );
+        // No temporary files left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn a_plain_root_key_is_sealed_then_removed_and_a_crash_in_between_heals() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = load_or_create_root_key(dir.path(), None).unwrap();
+        let raw = std::fs::read(dir.path().join(ROOT_KEY_FILE)).unwrap();
+        let hsm = FakeHsm(7);
+        let sealed = load_or_create_root_key(dir.path(), Some(&hsm)).unwrap();
+        assert_eq!(plain.fingerprint(), sealed.fingerprint());
+        assert!(!dir.path().join(ROOT_KEY_FILE).exists());
+        // A crash after the sealed file was published, before the plain one went: both
+        // there, the same key; the next start removes the plain one.
+        std::fs::write(dir.path().join(ROOT_KEY_FILE), &raw).unwrap();
+        std::fs::set_permissions(
+            dir.path().join(ROOT_KEY_FILE),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let healed = load_or_create_root_key(dir.path(), Some(&hsm)).unwrap();
+        assert_eq!(healed.fingerprint(), plain.fingerprint());
+        assert!(!dir.path().join(ROOT_KEY_FILE).exists());
+        // Two different keys: refused, nothing removed.
+        std::fs::write(dir.path().join(ROOT_KEY_FILE), [9u8; 32]).unwrap();
+        std::fs::set_permissions(
+            dir.path().join(ROOT_KEY_FILE),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let err = load_or_create_root_key(dir.path(), Some(&hsm))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("different root keys"), "{err}");
+        assert!(dir.path().join(ROOT_KEY_FILE).exists());
+    }
+
+    #[test]
+    fn a_store_without_its_root_key_gets_no_new_one() {
+        for hsm in [None, Some(FakeHsm(3))] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("kagi.db"), b"").unwrap();
+            let err = load_or_create_root_key(
+                dir.path(),
+                hsm.as_ref().map(|h| h as &dyn crate::KeyProvider),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("no root key"), "{err}");
+            let names: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names.len(), 1, "nothing written: {names:?}");
+        }
+    }
+
+    #[test]
+    fn the_first_publisher_of_a_sealed_root_key_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SEALED_ROOT_KEY_FILE);
+        assert!(publish_new_file(&path, b"first").unwrap());
+        assert!(!publish_new_file(&path, b"second").unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
@@ -13,7 +14,10 @@ use kagi_crypto::{
 };
 use zeroize::Zeroizing;
 
-use crate::session::{Token, crypto_err, curve_from_params, decrypt_err, hex, unwrap_octet_string};
+use crate::session::{
+    OAEP256_NATIVE, OAEP256_RAW, Token, crypto_err, curve_from_params, decrypt_err, ec_point, hex,
+    lacks_mechanism,
+};
 
 /// What kind of key a token object is.
 #[derive(Clone, Copy, Debug)]
@@ -145,8 +149,30 @@ impl PrivateKeyOps for TokenKey {
                 )
                 .map(Zeroizing::new)
             }
-            // The token has OAEP with SHA-1 only: raw RSA inside, the padding outside.
+            // The token's own OAEP-SHA-256 where it has one; otherwise (SoftHSM2 2.6 has
+            // OAEP with SHA-1 only) raw RSA inside and the padding outside. Which one is
+            // learnt on first use.
             EncryptionAlgorithm::RsaOaep256 => {
+                if self.token.oaep256.load(Ordering::Relaxed) != OAEP256_RAW {
+                    let params = PkcsOaepParams::new(
+                        MechanismType::SHA256,
+                        PkcsMgfType::MGF1_SHA256,
+                        PkcsOaepSource::empty(),
+                    );
+                    let native = self.token.with_session(|s| {
+                        s.decrypt(&Mechanism::RsaPkcsOaep(params), self.handle, ciphertext)
+                    });
+                    match native {
+                        Ok(p) => {
+                            self.token.oaep256.store(OAEP256_NATIVE, Ordering::Relaxed);
+                            return Ok(Zeroizing::new(p));
+                        }
+                        Err(e) if !lacks_mechanism(&e) => {
+                            return Err(decrypt_err(&self.token.label, "decrypt", &e));
+                        }
+                        Err(_) => self.token.oaep256.store(OAEP256_RAW, Ordering::Relaxed),
+                    }
+                }
                 let em =
                     Zeroizing::new(self.run("decrypt", &Mechanism::RsaX509, ciphertext, false)?);
                 oaep_decode(alg, &em, len)
@@ -181,7 +207,7 @@ impl Token {
     /// A token key's operations, read from its objects.
     pub(crate) fn key(self: &Arc<Self>, s: &Session, id: &[u8]) -> Result<TokenKey, CryptoError> {
         let missing = || {
-            CryptoError::KeyUnavailable(format!(
+            CryptoError::KeyNotHeld(format!(
                 "PKCS#11 token '{}' holds no key with id {}",
                 self.label,
                 hex(id)
@@ -263,13 +289,10 @@ impl Token {
                 ))
             })?;
         let point = point.ok_or_else(missing)?;
-        let raw = unwrap_octet_string(&point);
         let len = curve.coordinate_len();
-        if raw.len() != 1 + 2 * len || raw[0] != 0x04 {
-            return Err(CryptoError::InvalidKey(
-                "token EC point is not an uncompressed point".into(),
-            ));
-        }
+        let raw = ec_point(&point, 1 + 2 * len).ok_or_else(|| {
+            CryptoError::InvalidKey("token EC point is not an uncompressed point".into())
+        })?;
         let public = PublicKey::ec_from_components(curve, &raw[1..=len], &raw[1 + len..])?;
         Ok(TokenKey::new(self.clone(), private, public, KeyKind::Ec))
     }

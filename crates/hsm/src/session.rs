@@ -2,6 +2,7 @@
 //! what every part of this crate shares (error mapping, object lookup, curve encodings).
 
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU8;
 
 use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
@@ -19,13 +20,29 @@ pub(crate) struct Token {
     pub(crate) label: String,
     pub(crate) module: String,
     pub(crate) pin: AuthPin,
+    /// Whether the token does RSA-OAEP with SHA-256 itself (`OAEP256_*`; unknown until the
+    /// first such decryption).
+    pub(crate) oaep256: AtomicU8,
     /// Idle sessions. One stays open for the life of the process: closing a token's last
     /// session logs the application out.
     pub(crate) idle: Mutex<Vec<Session>>,
 }
 
-/// The `CKA_ID` of the AES key that seals kagi's root key.
-pub(crate) const ROOT_WRAP_ID: &[u8] = b"kagi-root-key-wrap";
+/// `Token::oaep256`: not tried yet.
+pub(crate) const OAEP256_UNKNOWN: u8 = 0;
+/// `Token::oaep256`: the token's own `CKM_RSA_PKCS_OAEP` with SHA-256.
+pub(crate) const OAEP256_NATIVE: u8 = 1;
+/// `Token::oaep256`: raw RSA in the token, OAEP decoding in kagi.
+pub(crate) const OAEP256_RAW: u8 = 2;
+
+/// Whether the token refused a mechanism or its parameters (SoftHSM2 answers OAEP with
+/// SHA-256 with CKR_ARGUMENTS_BAD).
+pub(crate) fn lacks_mechanism(err: &CkError) -> bool {
+    matches!(
+        rv(err),
+        Some(RvError::MechanismInvalid | RvError::MechanismParamInvalid | RvError::ArgumentsBad)
+    )
+}
 
 pub(crate) fn rv(err: &CkError) -> Option<RvError> {
     match err {
@@ -36,10 +53,15 @@ pub(crate) fn rv(err: &CkError) -> Option<RvError> {
 
 /// A failed decryption or unwrapping: SoftHSM reports bad padding, a wrong GCM tag or a
 /// wrapped key that does not unwrap as CKR_GENERAL_ERROR, so during these operations that
-/// answer means the input, not the token.
+/// answer (and the input-shaped ones) means the input, not the token.
 pub(crate) fn decrypt_err(label: &str, what: &str, err: &CkError) -> CryptoError {
     match rv(err) {
-        Some(RvError::GeneralError | RvError::FunctionFailed) => CryptoError::DecryptionFailed,
+        Some(
+            RvError::GeneralError
+            | RvError::FunctionFailed
+            | RvError::DataInvalid
+            | RvError::DataLenRange,
+        ) => CryptoError::DecryptionFailed,
         _ => crypto_err(label, what, err),
     }
 }
@@ -52,9 +74,7 @@ pub(crate) fn crypto_err(label: &str, what: &str, err: &CkError) -> CryptoError 
             RvError::EncryptedDataInvalid
             | RvError::EncryptedDataLenRange
             | RvError::WrappedKeyInvalid
-            | RvError::WrappedKeyLenRange
-            | RvError::DataInvalid
-            | RvError::DataLenRange,
+            | RvError::WrappedKeyLenRange,
         ) => CryptoError::DecryptionFailed,
         Some(
             RvError::CurveNotSupported | RvError::DomainParamsInvalid | RvError::MechanismInvalid,
@@ -65,7 +85,9 @@ pub(crate) fn crypto_err(label: &str, what: &str, err: &CkError) -> CryptoError 
 
 impl Token {
     /// Runs `f` on an idle session (opening one when none is idle), logging in again if the
-    /// token forgot the login.
+    /// token forgot the login. A new session logs in first: if every earlier session was
+    /// closed the application is logged out, and finds would then quietly skip private
+    /// objects.
     pub(crate) fn with_session<T>(
         &self,
         f: impl Fn(&Session) -> Result<T, CkError>,
@@ -73,7 +95,11 @@ impl Token {
         let popped = self.idle.lock().ok().and_then(|mut v| v.pop());
         let session = match popped {
             Some(s) => s,
-            None => self.ctx.open_rw_session(self.slot)?,
+            None => {
+                let s = self.ctx.open_rw_session(self.slot)?;
+                self.login(&s)?;
+                s
+            }
         };
         let mut result = f(&session);
         if let Err(e) = &result
@@ -116,11 +142,12 @@ impl Token {
         )
     }
 
-    /// The AES key that seals the root key, made on first use.
-    pub(crate) fn root_wrap_key(&self, s: &Session) -> Result<ObjectHandle, CkError> {
-        if let Some(h) = self.find_one(s, ObjectClass::SECRET_KEY, ROOT_WRAP_ID)? {
-            return Ok(h);
-        }
+    /// A new AES-256 key (sensitive, never extractable) to seal a root key, with `id`.
+    pub(crate) fn new_root_wrap_key(
+        &self,
+        s: &Session,
+        id: &[u8],
+    ) -> Result<ObjectHandle, CkError> {
         s.generate_key(
             &Mechanism::AesKeyGen,
             &[
@@ -133,8 +160,8 @@ impl Token {
                 Attribute::Extractable(false),
                 Attribute::Encrypt(true),
                 Attribute::Decrypt(true),
-                Attribute::Id(ROOT_WRAP_ID.to_vec()),
-                Attribute::Label(ROOT_WRAP_ID.to_vec()),
+                Attribute::Id(id.to_vec()),
+                Attribute::Label(format!("kagi-root-{}", hex(id)).into_bytes()),
             ],
         )
     }
@@ -154,14 +181,17 @@ pub(crate) fn curve_from_params(params: &[u8]) -> Option<Curve> {
     Curve::ALL.into_iter().find(|c| curve_params(*c) == params)
 }
 
-/// `CKA_EC_POINT` is a DER OCTET STRING around the point in PKCS#11 2.20+; some tokens give
-/// the bare point.
-pub(crate) fn unwrap_octet_string(v: &[u8]) -> &[u8] {
+/// The uncompressed point (`04 || x || y`, `point_len` bytes) in a `CKA_EC_POINT`: a DER
+/// OCTET STRING around it in PKCS#11 2.20+, the bare point on some tokens (checked first, as a
+/// bare point can look like an OCTET STRING header).
+pub(crate) fn ec_point(v: &[u8], point_len: usize) -> Option<&[u8]> {
     match v {
-        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() && *len < 0x80 => rest,
-        [0x04, 0x81, len, rest @ ..] if usize::from(*len) == rest.len() => rest,
-        _ => v,
+        [0x04, ..] if v.len() == point_len => Some(v),
+        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() && *len < 0x80 => Some(rest),
+        [0x04, 0x81, len, rest @ ..] if usize::from(*len) == rest.len() => Some(rest),
+        _ => None,
     }
+    .filter(|p| p.len() == point_len && p[0] == 0x04)
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {

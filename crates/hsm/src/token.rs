@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, Mutex};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -20,7 +21,7 @@ use kagi_crypto::{
 };
 use zeroize::Zeroizing;
 
-use crate::session::{ROOT_WRAP_ID, Token, crypto_err, curve_params, decrypt_err, hex, rv};
+use crate::session::{OAEP256_UNKNOWN, Token, crypto_err, curve_params, decrypt_err, hex, rv};
 
 /// Where the token is and how to log in.
 pub struct Pkcs11Config {
@@ -96,6 +97,26 @@ fn new_id() -> Result<Vec<u8>, CryptoError> {
     kagi_crypto::random_bytes(16)
 }
 
+/// The label prefix of every key object kagi makes (its root-key wrapping keys differ).
+const KEY_LABEL_PREFIX: &str = "kagi-key-";
+
+/// Wipes the private values of a template once the token has them.
+fn wipe(template: &mut [Attribute]) {
+    use zeroize::Zeroize as _;
+    for a in template {
+        if let Attribute::PrivateExponent(v)
+        | Attribute::Prime1(v)
+        | Attribute::Prime2(v)
+        | Attribute::Exponent1(v)
+        | Attribute::Exponent2(v)
+        | Attribute::Coefficient(v)
+        | Attribute::Value(v) = a
+        {
+            v.zeroize();
+        }
+    }
+}
+
 /// The template of a private key kagi keeps: sensitive, never extractable, in the token.
 fn private_template(id: &[u8], kind: ObjectClass, key_type: KeyType, rsa: bool) -> Vec<Attribute> {
     let mut t = vec![
@@ -107,7 +128,7 @@ fn private_template(id: &[u8], kind: ObjectClass, key_type: KeyType, rsa: bool) 
         Attribute::Extractable(false),
         Attribute::Sign(true),
         Attribute::Id(id.to_vec()),
-        Attribute::Label(format!("kagi-key-{}", hex(id)).into_bytes()),
+        Attribute::Label(format!("{KEY_LABEL_PREFIX}{}", hex(id)).into_bytes()),
     ];
     if rsa {
         t.push(Attribute::Decrypt(true));
@@ -185,6 +206,7 @@ impl Pkcs11Provider {
             label: config.token_label.clone(),
             module,
             pin: AuthPin::from(config.pin.as_str().to_owned()),
+            oaep256: AtomicU8::new(OAEP256_UNKNOWN),
             idle: Mutex::new(Vec::new()),
         };
         let session = token
@@ -218,11 +240,29 @@ impl Pkcs11Provider {
         })
     }
 
+    /// Destroys what was made under `id` after a later step failed (best effort: the
+    /// failure being reported matters more than this one).
+    fn forget(&self, id: &[u8]) {
+        let r = TokenKeyRef {
+            token: self.token.label.clone(),
+            id: id.to_vec(),
+        };
+        let _ = self.destroy(&r);
+    }
+
+    /// `result`, destroying what was made under `id` if it is an error.
+    fn or_forget<T>(&self, id: &[u8], result: Result<T, CryptoError>) -> Result<T, CryptoError> {
+        if result.is_err() {
+            self.forget(id);
+        }
+        result
+    }
+
     fn check_ref(&self, r: &TokenKeyRef) -> Result<(), CryptoError> {
         if r.token == self.token.label {
             return Ok(());
         }
-        Err(CryptoError::KeyUnavailable(format!(
+        Err(CryptoError::KeyNotHeld(format!(
             "the key is in PKCS#11 token '{}', but this kagi uses token '{}'",
             r.token, self.token.label
         )))
@@ -251,13 +291,18 @@ impl Pkcs11Provider {
     }
 
     /// Runs `f`, which may fail with a crypto error of its own, on a session.
+    /// Runs `f`, which makes the objects of key `id`, and reads the key back; on any
+    /// failure whatever `f` made is destroyed.
     fn run_key(
         &self,
         what: &'static str,
-        f: impl Fn(&Session) -> Result<Vec<u8>, CkError>,
+        id: &[u8],
+        f: impl Fn(&Session) -> Result<(), CkError>,
     ) -> Result<ProvidedKey, CryptoError> {
-        let id = self.run(what, f)?;
-        self.run("read key", |s| Ok(self.provided(s, id.clone())))?
+        let made = self
+            .run(what, f)
+            .and_then(|()| self.run("read key", |s| Ok(self.provided(s, id.to_vec())))?);
+        self.or_forget(id, made)
     }
 }
 
@@ -275,7 +320,7 @@ impl KeyProvider for Pkcs11Provider {
 
     fn generate(&self, spec: KeySpec) -> Result<ProvidedKey, CryptoError> {
         let id = new_id()?;
-        self.run_key("generate key", |s| {
+        self.run_key("generate key", &id, |s| {
             let (mech, mut public, private) = match spec {
                 KeySpec::Rsa(size) => {
                     let mut p = public_template(&id);
@@ -307,13 +352,13 @@ impl KeyProvider for Pkcs11Provider {
                 .filter(|a| !matches!(a, Attribute::Class(_)))
                 .collect();
             s.generate_key_pair(&mech, &public, &private)?;
-            Ok(id.clone())
+            Ok(())
         })
     }
 
     fn import_rsa(&self, c: &RsaPrivateComponents<'_>) -> Result<ProvidedKey, CryptoError> {
         let id = new_id()?;
-        self.run_key("import key", |s| {
+        self.run_key("import key", &id, |s| {
             let mut t = private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::RSA, true);
             t.extend([
                 Attribute::Modulus(c.n.to_vec()),
@@ -325,7 +370,9 @@ impl KeyProvider for Pkcs11Provider {
                 Attribute::Exponent2(c.dq.to_vec()),
                 Attribute::Coefficient(c.qi.to_vec()),
             ]);
-            s.create_object(&t)?;
+            let made = s.create_object(&t);
+            wipe(&mut t);
+            made?;
             let mut p = public_template(&id);
             p.extend([
                 Attribute::KeyType(KeyType::RSA),
@@ -334,7 +381,7 @@ impl KeyProvider for Pkcs11Provider {
                 Attribute::PublicExponent(c.e.to_vec()),
             ]);
             s.create_object(&p)?;
-            Ok(id.clone())
+            Ok(())
         })
     }
 
@@ -360,13 +407,15 @@ impl KeyProvider for Pkcs11Provider {
             p.extend_from_slice(&point[2..]);
             p
         };
-        self.run_key("import key", |s| {
+        self.run_key("import key", &id, |s| {
             let mut t = private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::EC, false);
             t.extend([
                 Attribute::EcParams(curve_params(curve).to_vec()),
                 Attribute::Value(d.to_vec()),
             ]);
-            s.create_object(&t)?;
+            let made = s.create_object(&t);
+            wipe(&mut t);
+            made?;
             let mut p = public_template(&id);
             p.extend([
                 Attribute::KeyType(KeyType::EC),
@@ -374,7 +423,7 @@ impl KeyProvider for Pkcs11Provider {
                 Attribute::EcPoint(point.clone()),
             ]);
             s.create_object(&p)?;
-            Ok(id.clone())
+            Ok(())
         })
     }
 
@@ -431,17 +480,16 @@ impl KeyProvider for Pkcs11Provider {
         })?;
         if !is_rsa {
             // The token keeps no public point beside an unwrapped EC private key.
-            let _ = self.destroy(&TokenKeyRef {
-                token: self.token.label.clone(),
-                id: id.clone(),
-            });
+            self.forget(&id);
             return Err(CryptoError::Unsupported(
                 "BYOK of EC keys into this token (it does not expose the public point of an \
                  unwrapped EC key); import EC keys as a JWK with hsm=true"
                     .into(),
             ));
         }
-        self.run("read key", |s| Ok(self.provided(s, id.clone())))?
+        // An unusable target (an RSA size kagi does not take) leaves nothing behind.
+        let provided = self.run("read key", |s| Ok(self.provided(s, id.clone())))?;
+        self.or_forget(&id, provided)
     }
 
     fn load(&self, r: &TokenKeyRef) -> Result<Arc<dyn PrivateKeyOps>, CryptoError> {
@@ -453,27 +501,39 @@ impl KeyProvider for Pkcs11Provider {
     fn copy(&self, r: &TokenKeyRef) -> Result<ProvidedKey, CryptoError> {
         self.check_ref(r)?;
         let id = new_id()?;
+        let label = format!("{KEY_LABEL_PREFIX}{}", hex(&id)).into_bytes();
+        // Only kagi's key objects are copied: a reference from a backup file must not reach
+        // anything else in the token (its root-key wrapping keys above all).
         let copied = self.run("copy key", |s| {
-            let objects = s.find_objects(&[Attribute::Id(r.id.clone())])?;
-            for h in &objects {
-                s.copy_object(
-                    *h,
-                    &[
-                        Attribute::Id(id.clone()),
-                        Attribute::Label(format!("kagi-key-{}", hex(&id)).into_bytes()),
-                    ],
-                )?;
+            let Some(private) = self.token.find_one(s, ObjectClass::PRIVATE_KEY, &r.id)? else {
+                return Ok(false);
+            };
+            let ours = s
+                .get_attributes(private, &[AttributeType::Label])?
+                .iter()
+                .any(|a| matches!(a, Attribute::Label(l) if l.starts_with(KEY_LABEL_PREFIX.as_bytes())));
+            if !ours {
+                return Ok(false);
             }
-            Ok(!objects.is_empty())
-        })?;
-        if !copied {
-            return Err(CryptoError::KeyUnavailable(format!(
-                "PKCS#11 token '{}' holds no key with id {}",
-                self.token.label,
-                hex(&r.id)
-            )));
+            let public = self.token.find_one(s, ObjectClass::PUBLIC_KEY, &r.id)?;
+            for h in std::iter::once(private).chain(public) {
+                s.copy_object(h, &[Attribute::Id(id.clone()), Attribute::Label(label.clone())])?;
+            }
+            Ok(true)
+        });
+        match copied {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(CryptoError::KeyNotHeld(format!(
+                    "PKCS#11 token '{}' holds no key with id {}",
+                    self.token.label,
+                    hex(&r.id)
+                )));
+            }
+            Err(e) => return self.or_forget(&id, Err(e)),
         }
-        self.run("read key", |s| Ok(self.provided(s, id.clone())))?
+        let provided = self.run("read key", |s| Ok(self.provided(s, id.clone())))?;
+        self.or_forget(&id, provided)
     }
 
     fn destroy(&self, r: &TokenKeyRef) -> Result<(), CryptoError> {
@@ -487,14 +547,20 @@ impl KeyProvider for Pkcs11Provider {
     }
 
     fn seal_root_key(&self, raw: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let id = new_id()?;
         let iv: [u8; GCM_IV_LEN] = kagi_crypto::random_array()?;
-        let ct = self.run("seal root key", |s| {
-            let key = self.token.root_wrap_key(s)?;
+        // Some tokens choose the GCM IV themselves and write it back: the IV kept is the one
+        // the token used.
+        let (iv, ct) = self.run("seal root key", |s| {
+            let key = self.token.new_root_wrap_key(s, &id)?;
             let mut iv = iv;
             let params = GcmParams::new(&mut iv, ROOT_SEAL_AAD, 128.into())?;
-            s.encrypt(&Mechanism::AesGcm(params), key, raw)
+            let ct = s.encrypt(&Mechanism::AesGcm(params), key, raw)?;
+            Ok((iv, ct))
         })?;
         let mut out = ROOT_SEAL_MAGIC.to_vec();
+        out.push(id.len() as u8);
+        out.extend_from_slice(&id);
         out.extend_from_slice(&iv);
         out.extend_from_slice(&ct);
         Ok(out)
@@ -503,14 +569,16 @@ impl KeyProvider for Pkcs11Provider {
     fn open_root_key(&self, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let rest = sealed
             .strip_prefix(ROOT_SEAL_MAGIC)
-            .filter(|r| r.len() > GCM_IV_LEN)
             .ok_or(CryptoError::DecryptionFailed)?;
+        let (&id_len, rest) = rest.split_first().ok_or(CryptoError::DecryptionFailed)?;
+        let id_len = usize::from(id_len);
+        if rest.len() <= id_len + GCM_IV_LEN {
+            return Err(CryptoError::DecryptionFailed);
+        }
+        let (id, rest) = rest.split_at(id_len);
         let (iv, ct) = rest.split_at(GCM_IV_LEN);
         let plain = self.run_decrypting("open root key", |s| {
-            let Some(key) = self
-                .token
-                .find_one(s, ObjectClass::SECRET_KEY, ROOT_WRAP_ID)?
-            else {
+            let Some(key) = self.token.find_one(s, ObjectClass::SECRET_KEY, id)? else {
                 return Ok(None);
             };
             let mut iv: [u8; GCM_IV_LEN] = iv.try_into().unwrap_or([0; GCM_IV_LEN]);
@@ -520,10 +588,11 @@ impl KeyProvider for Pkcs11Provider {
         });
         match plain {
             Ok(Some(p)) => Ok(p),
-            Ok(None) => Err(CryptoError::KeyUnavailable(format!(
-                "PKCS#11 token '{}' has no kagi root-key wrapping key: the root key was sealed \
-                 by another token",
-                self.token.label
+            Ok(None) => Err(CryptoError::KeyNotHeld(format!(
+                "PKCS#11 token '{}' has no key {} that sealed this root key: it was sealed by \
+                 another token, or the key was deleted from this one",
+                self.token.label,
+                hex(id)
             ))),
             Err(e) => Err(e),
         }

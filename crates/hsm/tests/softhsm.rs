@@ -189,7 +189,11 @@ fn generated_keys_work_inside_the_token() {
             p.destroy(&k.reference).unwrap();
             assert!(matches!(
                 p.load(&k.reference),
-                Err(CryptoError::KeyUnavailable(_))
+                Err(CryptoError::KeyNotHeld(_))
+            ));
+            assert!(matches!(
+                p.copy(&k.reference),
+                Err(CryptoError::KeyNotHeld(_))
             ));
         }
         let elsewhere = TokenKeyRef {
@@ -333,10 +337,25 @@ fn the_root_key_is_sealed_by_the_token() {
         let sealed = p.seal_root_key(&raw).unwrap();
         assert!(!sealed.windows(32).any(|w| w == raw));
         assert_eq!(p.open_root_key(&sealed).unwrap().as_slice(), &raw);
-        // Sealing twice uses fresh IVs; both open.
+        // Each sealing makes its own wrapping key (named in the output) and IV; both open.
         let again = p.seal_root_key(&raw).unwrap();
-        assert_ne!(sealed, again);
+        assert_ne!(sealed[..40], again[..40]);
         assert_eq!(p.open_root_key(&again).unwrap().as_slice(), &raw);
+        // A wrapping key is not a key object: a reference to it is not copied or loaded.
+        let wrap_id = sealed[16..32].to_vec();
+        let wrap = TokenKeyRef {
+            token: LABEL.into(),
+            id: wrap_id,
+        };
+        assert!(matches!(p.copy(&wrap), Err(CryptoError::KeyNotHeld(_))));
+        assert!(matches!(p.load(&wrap), Err(CryptoError::KeyNotHeld(_))));
+        // Sealed by a wrapping key the token does not have: said so.
+        let mut other = sealed.clone();
+        other[16] ^= 1;
+        assert!(matches!(
+            p.open_root_key(&other),
+            Err(CryptoError::KeyNotHeld(_))
+        ));
         let mut bad = sealed.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;

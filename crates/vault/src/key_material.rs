@@ -7,7 +7,7 @@ use kagi_core::key::{JsonWebKey, KeyType};
 use kagi_core::{KvError, VaultName};
 use kagi_crypto::{
     CryptoError, Curve, KeyPair, KeyProvider, KeySpec, PrivateKeyOps, RsaPrivateComponents,
-    StoredPrivateKey,
+    StoredPrivateKey, TokenKeyRef,
 };
 use serde::Deserialize;
 
@@ -23,21 +23,33 @@ pub(crate) fn crypto_error(e: CryptoError) -> KvError {
         CryptoError::DecryptionFailed => {
             KvError::bad_parameter("The ciphertext could not be decrypted with this key.")
         }
-        e @ CryptoError::KeyUnavailable(_) => hsm_error(e),
+        e @ (CryptoError::KeyUnavailable(_) | CryptoError::KeyNotHeld(_)) => hsm_error(e),
         other => internal("crypto", other),
     }
 }
 
-/// A restore that needs an HSM key this kagi cannot reach (another token, no token, or the
-/// key purged from it): the client's backup does not fit here, so 400, not a retryable 503.
+/// A restore that needs an HSM key this kagi's HSM does not hold (another token, no token,
+/// or the key purged from it) does not fit here: 400, not a retryable 503, with the details
+/// (token label, object id) in the log only. A token that fails is 503.
 pub(crate) fn restore_error(e: CryptoError, otherwise: KvError) -> KvError {
     match e {
-        CryptoError::KeyUnavailable(m) => KvError::bad_parameter(format!(
-            "The backup holds an HSM-protected key that cannot be restored here: {m}. An HSM \
-             key's backup restores only where the same HSM token still holds the key."
-        )),
+        CryptoError::KeyNotHeld(m) => {
+            tracing::warn!(reason = %m, "restore of an HSM key refused");
+            KvError::bad_parameter(
+                "The backup holds an HSM-protected key that this kagi's HSM does not hold: it \
+                 was purged, or the backup comes from another HSM. An HSM key's backup restores \
+                 only where the same HSM still holds the key.",
+            )
+        }
+        e @ CryptoError::KeyUnavailable(_) => hsm_error(e),
         _ => otherwise,
     }
+}
+
+/// The answer for an HSM key type in a standard vault (Azure's).
+pub(crate) fn hsm_needs_premium() -> KvError {
+    KvError::bad_parameter("HSM-protected keys need a premium vault.")
+        .with_inner("KeyTypeNotSupported")
 }
 
 /// A new version's private key: its operations and what the version keeps of it.
@@ -110,11 +122,17 @@ pub(crate) fn parse_transfer_blob(bytes: &[u8]) -> Result<Transfer, KvError> {
     };
     let blob: TransferBlob =
         serde_json::from_slice(bytes).map_err(|_| bad("it is not the expected JSON"))?;
-    if let Some(enc) = &blob.header.enc
-        && enc != "CKM_RSA_AES_KEY_WRAP"
-        && enc != "RSA_AES_KEY_WRAP_256"
-    {
-        return Err(bad("header.enc is not CKM_RSA_AES_KEY_WRAP"));
+    match blob.header.enc.as_deref() {
+        None | Some("CKM_RSA_AES_KEY_WRAP") => {}
+        // RSA-OAEP with SHA-256 for the transfer key: the HSM kagi is tested with has OAEP
+        // with SHA-1 only, and the AES key must not leave it.
+        Some("RSA_AES_KEY_WRAP_256") => {
+            return Err(KvError::bad_parameter(
+                "BYOK blobs wrapped with RSA_AES_KEY_WRAP_256 are not supported: make the blob \
+                 with CKM_RSA_AES_KEY_WRAP (RSA-OAEP-SHA1 and AES key wrap with padding).",
+            ));
+        }
+        Some(_) => return Err(bad("header.enc is not CKM_RSA_AES_KEY_WRAP")),
     }
     // base64url as Azure's BYOK tools write it; standard base64 from other generators.
     let wrapped = kagi_core::b64::decode(&blob.ciphertext)
@@ -263,7 +281,7 @@ impl Platform {
             }),
             StoredPrivateKey::Token(r) => match &self.hsm {
                 Some(hsm) => hsm.copy(r).map(NewMaterial::provided),
-                None => Err(CryptoError::KeyUnavailable(format!(
+                None => Err(CryptoError::KeyNotHeld(format!(
                     "the backup holds keys of the HSM token '{}', and this kagi runs without an \
                      HSM",
                     r.token
@@ -276,23 +294,34 @@ impl Platform {
     /// so a failure here leaves an orphan object in the token (logged), never a broken
     /// version.
     pub(crate) fn destroy_key_objects(&self, vault: &VaultName, e: &KeyEntry) {
-        let Some(hsm) = &self.hsm else { return };
         for v in &e.versions {
-            let Ok(StoredPrivateKey::Token(r)) = v.stored_key(self.root.as_ref(), vault, &e.name)
-            else {
-                continue;
-            };
-            if let Err(err) = hsm.destroy(&r) {
-                tracing::warn!(vault = %vault, key = %e.name, error = %err, "could not destroy a purged HSM key; the object stays in the token");
+            if let Ok(StoredPrivateKey::Token(r)) = v.stored_key(self.root.as_ref(), vault, &e.name)
+            {
+                self.destroy_token_key(&r);
             }
+        }
+    }
+
+    /// Destroys one HSM key (best effort, logged: its version is gone or never existed).
+    pub(crate) fn destroy_token_key(&self, r: &TokenKeyRef) {
+        let Some(hsm) = &self.hsm else {
+            tracing::warn!(token = %r.token, "an HSM key was purged while kagi runs without its HSM; its object stays in the token");
+            return;
+        };
+        if let Err(err) = hsm.destroy(r) {
+            tracing::warn!(token = %r.token, error = %err, "could not destroy an HSM key; the object stays in the token");
+        }
+    }
+
+    /// Destroys new material that will not be kept (an HSM object; nothing for software).
+    pub(crate) fn discard_material(&self, m: &NewMaterial) {
+        if let StoredPrivateKey::Token(r) = &m.stored {
+            self.destroy_token_key(r);
         }
     }
 
     /// [`Self::destroy_key_objects`] for every key of a purged vault.
     pub(crate) fn destroy_vault_key_objects(&self, state: &VaultState) {
-        if self.hsm.is_none() {
-            return;
-        }
         let name = state.record().name;
         let keys: Vec<KeyEntry> = state.keys().values().cloned().collect();
         for e in &keys {

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::key_material::{
-    NewMaterial, crypto_error, kek_not_in_hsm, parse_transfer_blob, restore_error,
+    NewMaterial, crypto_error, hsm_needs_premium, kek_not_in_hsm, parse_transfer_blob,
+    restore_error,
 };
 use crate::object_backup;
 use crate::state::{KeyEntry, VaultState, VersionEntry, private_key_aad};
@@ -253,7 +254,11 @@ impl Platform {
             attributes,
             tags,
         };
-        let (shown, entry) = self
+        let made_in_hsm = match &key.stored {
+            StoredPrivateKey::Token(r) => Some(r.clone()),
+            StoredPrivateKey::Pkcs8(_) => None,
+        };
+        let added = self
             .add_object_version::<KeyKind>(state, record, name, |seq| {
                 let rec = KeyVersionRecord {
                     version,
@@ -263,7 +268,16 @@ impl Platform {
                 };
                 (rec.clone(), VersionEntry::with_material(rec, key.ops))
             })
-            .await?;
+            .await;
+        // A version that did not reach the store leaves nothing in the HSM.
+        let (shown, entry) = match (added, made_in_hsm) {
+            (Ok(added), _) => added,
+            (Err(e), Some(r)) => {
+                self.destroy_token_key(&r);
+                return Err(e);
+            }
+            (Err(e), None) => return Err(e),
+        };
         Ok(KeyKind::bundle(
             &self.object_view(record),
             shown.as_str(),
@@ -371,15 +385,9 @@ impl Platform {
         let kty = KeyType::parse(jwk.kty.as_deref().unwrap_or(""))?;
         let kty = kty.with_hsm(kty.is_hsm() || params.hsm == Some(true));
         if kty.is_hsm() && !record.properties.allows_hsm() {
-            return Err(
-                KvError::bad_parameter("HSM-protected keys need a premium vault.")
-                    .with_inner("KeyTypeNotSupported"),
-            );
+            return Err(hsm_needs_premium());
         }
-        let key = match &jwk.key_hsm {
-            Some(blob) => self.import_byok(&state, &record, kty, blob)?,
-            None => self.import_material(kty, jwk)?,
-        };
+        // Everything the request says is checked before a key reaches the HSM.
         let key_ops = match &jwk.key_ops {
             Some(ops) => parse_key_ops(ops, kty)?,
             None => kty.default_ops(),
@@ -387,6 +395,15 @@ impl Platform {
         let tags = params.tags.clone().unwrap_or_default();
         validate_tags(&tags)?;
         let attributes = new_attributes(params.attributes.clone(), self.clock.now())?;
+        if let Some(k) = state.key(&name)
+            && k.deleted_at.is_some()
+        {
+            return Err(KvError::deleted_but_recoverable("Key", name.as_str()));
+        }
+        let key = match &jwk.key_hsm {
+            Some(blob) => self.import_byok(&state, &record, kty, blob)?,
+            None => self.import_material(kty, jwk)?,
+        };
         self.add_version(
             &state,
             &record,
@@ -436,8 +453,21 @@ impl Platform {
         }
         kek.info
             .check_operation(KeyOperation::Import, self.clock.now())?;
+        // A key that can also decrypt could open the blobs sent under it (keys made before
+        // key_ops kept import alone may have both).
+        if kek.info.key_ops != [KeyOperation::Import] {
+            return Err(kek_not_in_hsm());
+        }
         let stored = kek.stored_key(self.root.as_ref(), &record.name, &kek_name)?;
-        self.import_transfer(&stored, &transfer.wrapped)
+        let key = self.import_transfer(&stored, &transfer.wrapped)?;
+        if key.ops.public_key().rsa_bits().is_some() != kty.is_rsa() {
+            self.discard_material(&key);
+            return Err(KvError::bad_parameter(format!(
+                "The key in the BYOK blob is not of type {}.",
+                kty.as_str()
+            )));
+        }
+        Ok(key)
     }
 
     /// `GET /keys/{name}/{version?}`.
@@ -524,6 +554,9 @@ impl Platform {
     ) -> Result<Value, KvError> {
         self.restore_object::<KeyKind, BackupVersion>(caller, vault, blob, |record, name, v| {
             let version = KeyVersion::parse(&v.version).map_err(|_| object_backup::invalid())?;
+            if v.info.kty.is_hsm() && !record.properties.allows_hsm() {
+                return Err(hsm_needs_premium());
+            }
             let stored =
                 StoredPrivateKey::decode(&v.pkcs8).map_err(|_| object_backup::invalid())?;
             let key = self

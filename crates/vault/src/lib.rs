@@ -134,7 +134,7 @@ pub(crate) fn restore_in_progress(name: &VaultName) -> KvError {
 /// request may succeed once the token is back); anything else is kagi's own failure.
 pub(crate) fn hsm_error(e: kagi_crypto::CryptoError) -> KvError {
     match e {
-        kagi_crypto::CryptoError::KeyUnavailable(m) => {
+        kagi_crypto::CryptoError::KeyUnavailable(m) | kagi_crypto::CryptoError::KeyNotHeld(m) => {
             tracing::error!(error = %m, "HSM key unavailable");
             KvError::new(
                 kagi_core::ErrorCode::ServiceUnavailable,

@@ -1171,6 +1171,40 @@ impl Platform {
         })
         .await
         .map_err(|e| internal("restore task", e))??;
+        let result = self.restore_prepared(job, caller, target, &prepared).await;
+        if result.is_err() {
+            // Nothing of the restore stays (or the next start rolls it back): neither do the
+            // HSM copies its keys made.
+            self.discard_prepared_keys(&target.name, &prepared.keys);
+        }
+        result
+    }
+
+    /// The restore of a prepared payload: claim the target, journal, apply, settle.
+    async fn restore_prepared(
+        &self,
+        job: &Arc<JobHandle>,
+        caller: &Principal,
+        target: &Target,
+        prepared: &Prepared,
+    ) -> Result<Value, KvError> {
+        let hsm_keys = prepared
+            .keys
+            .iter()
+            .any(|(k, _)| k.versions.iter().any(|v| v.info.kty.is_hsm()));
+        if hsm_keys {
+            let premium = match &target.location {
+                Some(_) => prepared.manifest.source.properties.allows_hsm(),
+                None => self
+                    .usable_vault(&target.name)?
+                    .record()
+                    .properties
+                    .allows_hsm(),
+            };
+            if !premium {
+                return Err(crate::key_material::hsm_needs_premium());
+            }
+        }
         // The target is claimed before the journal names it: a new vault's name is reserved
         // for the whole restore; an existing vault is checked empty and marked as being
         // restored into under its write lock, so that nobody writes into it (nor reads a half
@@ -1193,7 +1227,7 @@ impl Platform {
             }
         };
         let before = existing.as_ref().map(|s| s.record());
-        let journal = RestoreJournal::plan(target, &prepared, before.as_ref()).and_then(|j| {
+        let journal = RestoreJournal::plan(target, prepared, before.as_ref()).and_then(|j| {
             let path = j.write(&self.config.data_dir, &job.id())?;
             Ok((j, path))
         });
@@ -1212,7 +1246,7 @@ impl Platform {
                 job,
                 caller,
                 target,
-                &prepared,
+                prepared,
                 Claim {
                     assignment_ids: &journal.assignment_ids,
                     reservation: reservation.as_ref(),
@@ -1281,6 +1315,9 @@ impl Platform {
         };
         let mut names = HashSet::new();
         let mut secret_names = HashSet::new();
+        // Keys are prepared once the whole payload has checked out: preparing an HSM key
+        // copies its object in the token.
+        let mut key_items = Vec::new();
         let mut records = 1u64;
         let mut ended = false;
         while let Some(rec) = next()? {
@@ -1295,7 +1332,7 @@ impl Platform {
                     if !names.insert(name.folded()) {
                         return Err(invalid_payload(format!("key {name} appears twice")));
                     }
-                    p.keys.push(self.prepare_key(vault, name, k)?);
+                    key_items.push((name, k));
                 }
                 Record::Secret(s) => {
                     let name =
@@ -1340,10 +1377,10 @@ impl Platform {
         if !ended {
             return Err(invalid_payload("no end record"));
         }
-        let c = &p.manifest.counts;
-        let versions: u64 = p.keys.iter().map(|(k, _)| k.versions.len() as u64).sum();
+        let versions: u64 = key_items.iter().map(|(_, k)| k.versions.len() as u64).sum();
         let svs: u64 = p.secrets.iter().map(|s| s.versions.len() as u64).sum();
-        if c.keys != p.keys.len() as u64
+        let c = &p.manifest.counts;
+        if c.keys != key_items.len() as u64
             || c.key_versions != versions
             || c.secrets != p.secrets.len() as u64
             || c.secret_versions != svs
@@ -1352,7 +1389,41 @@ impl Platform {
                 "the manifest's counts do not match the records",
             ));
         }
+        for (name, k) in key_items {
+            match self.prepare_key(vault, name, k) {
+                Ok(key) => p.keys.push(key),
+                Err(e) => {
+                    self.discard_prepared_keys(vault, &p.keys);
+                    return Err(e);
+                }
+            }
+        }
         Ok(p)
+    }
+
+    /// Destroys the HSM copies that prepared keys made, for a restore that will not keep
+    /// them.
+    fn discard_prepared_keys(
+        &self,
+        vault: &VaultName,
+        keys: &[(KeyRecord, Vec<Arc<dyn PrivateKeyOps>>)],
+    ) {
+        for (k, _) in keys {
+            for v in &k.versions {
+                let stored = self
+                    .root
+                    .open(
+                        SealPurpose::PrivateKey,
+                        &private_key_aad(vault, &k.name, &v.version),
+                        &v.sealed_private,
+                    )
+                    .ok()
+                    .and_then(|b| StoredPrivateKey::decode(&b).ok());
+                if let Some(StoredPrivateKey::Token(r)) = stored {
+                    self.destroy_token_key(&r);
+                }
+            }
+        }
     }
 
     fn prepare_key(

@@ -788,6 +788,23 @@ impl Platform {
         Ok(())
     }
 
+    /// Releases what versions that never reached the store made outside it (their HSM
+    /// objects), as a purge would.
+    pub(crate) fn discard_versions<K: Kind>(
+        &self,
+        vault: &VaultName,
+        name: &ObjectName,
+        versions: Vec<K::Version>,
+    ) {
+        let e = Entry {
+            name: name.clone(),
+            deleted_at: None,
+            purge_at: None,
+            versions: versions.into_iter().map(Arc::new).collect(),
+        };
+        K::purged(self, vault, &e);
+    }
+
     /// Purges the vault's deleted objects whose retention has ended.
     pub(crate) async fn purge_expired_objects<K: Kind>(
         &self,
@@ -858,12 +875,9 @@ impl Platform {
             self.object_vault::<K>(caller, vault, K::action(Op::Restore), None)?;
         let (name, payload): (_, Vec<B>) =
             self.open_object_backup(K::NAMES.backup, caller, &record, &blob)?;
-        let mut imported = payload
-            .iter()
-            .map(|v| import(&record, &name, v))
-            .collect::<Result<Vec<_>, KvError>>()?;
-        imported.sort_by_key(|(_, v)| v.seq());
         let _w = state.write.lock().await;
+        // The name is checked before any version is imported: importing a key version may
+        // make an object in the HSM.
         match get::<K>(&state, &name) {
             Some(e) if e.deleted_at.is_some() => {
                 return Err(KvError::deleted_but_recoverable(
@@ -880,6 +894,18 @@ impl Platform {
             }
             None => {}
         }
+        let mut imported = Vec::with_capacity(payload.len());
+        for v in &payload {
+            match import(&record, &name, v) {
+                Ok(x) => imported.push(x),
+                Err(e) => {
+                    let made = imported.into_iter().map(|(_, v)| v).collect();
+                    self.discard_versions::<K>(&record.name, &name, made);
+                    return Err(e);
+                }
+            }
+        }
+        imported.sort_by_key(|(_, v)| v.seq());
         let (records, versions): (Vec<K::Record>, Vec<K::Version>) = imported.into_iter().unzip();
         let rec = ObjectRecord {
             name: name.clone(),
@@ -887,12 +913,13 @@ impl Platform {
             purge_at: None,
             versions: records,
         };
-        K::store(self.store.as_ref(), &record.name, StoreOp::Insert(&rec))
-            .await
-            .map_err(|e| match e {
+        if let Err(e) = K::store(self.store.as_ref(), &record.name, StoreOp::Insert(&rec)).await {
+            self.discard_versions::<K>(&record.name, &name, versions);
+            return Err(match e {
                 StoreError::Conflict(m) => KvError::conflict(m),
                 e => store_error("restore", K::NAMES.noun(), e),
-            })?;
+            });
+        }
         let entry = Entry {
             name: name.clone(),
             deleted_at: None,
