@@ -2,7 +2,7 @@
 //! what every part of this crate shares (error mapping, object lookup, curve encodings).
 
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU8;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use cryptoki::context::Pkcs11;
 use cryptoki::error::{Error as CkError, RvError};
@@ -23,6 +23,8 @@ pub(crate) struct Token {
     /// Whether the token does RSA-OAEP with SHA-256 itself (`OAEP256_*`; unknown until the
     /// first such decryption).
     pub(crate) oaep256: AtomicU8,
+    /// Set once the token refused the PIN (see [`Token::login`]).
+    pub(crate) pin_refused: AtomicBool,
     /// Idle sessions. One stays open for the life of the process: closing a token's last
     /// session logs the application out.
     pub(crate) idle: Mutex<Vec<Session>>,
@@ -118,10 +120,33 @@ impl Token {
         result
     }
 
+    /// Logs the application in. Once the token has refused the PIN (changed, expired or
+    /// locked since start), kagi stops offering it: each retry would count towards locking
+    /// the token. A restart with the right PIN file is needed.
     pub(crate) fn login(&self, session: &Session) -> Result<(), CkError> {
+        if self.pin_refused.load(Ordering::Relaxed) {
+            return Err(CkError::Pkcs11(
+                RvError::PinIncorrect,
+                cryptoki::context::Function::Login,
+            ));
+        }
         match session.login(UserType::User, Some(&self.pin)) {
             Err(e) if rv(&e) == Some(RvError::UserAlreadyLoggedIn) => Ok(()),
-            other => other,
+            Err(e) => {
+                if matches!(
+                    rv(&e),
+                    Some(RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired)
+                ) {
+                    self.pin_refused.store(true, Ordering::Relaxed);
+                    tracing::error!(
+                        token = %self.label,
+                        "the PKCS#11 token refused the PIN; HSM keys are unavailable until kagi \
+                         restarts with the right --pkcs11-pin-file"
+                    );
+                }
+                Err(e)
+            }
+            Ok(()) => Ok(()),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU8;
+use std::sync::atomic::{AtomicBool, AtomicU8};
 use std::sync::{Arc, Mutex};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -207,6 +207,7 @@ impl Pkcs11Provider {
             module,
             pin: AuthPin::from(config.pin.as_str().to_owned()),
             oaep256: AtomicU8::new(OAEP256_UNKNOWN),
+            pin_refused: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
         };
         let session = token
