@@ -145,6 +145,10 @@ pub struct ProvidedKey {
 pub enum KeySpec {
     /// RSA with exponent 65537.
     Rsa(RsaKeySize),
+    /// RSA with exponent 65537 that only unwraps BYOK transfer keys: a provider makes it
+    /// unable to decrypt or sign, so that even a bug above it cannot turn a key-exchange key
+    /// into a way to open transfer blobs.
+    RsaKeyExchange(RsaKeySize),
     /// ECDSA on a curve.
     Ec(Curve),
 }

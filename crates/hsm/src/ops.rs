@@ -1,9 +1,10 @@
 //! A key inside the token: its private operations as [`PrivateKeyOps`].
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
+use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsOaepParams, PkcsOaepSource, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
@@ -16,7 +17,7 @@ use zeroize::Zeroizing;
 
 use crate::session::{
     OAEP256_NATIVE, OAEP256_RAW, Token, crypto_err, curve_from_params, decrypt_err, ec_point, hex,
-    lacks_mechanism,
+    lacks_mechanism, rv,
 };
 
 /// What kind of key a token object is.
@@ -34,7 +35,10 @@ pub(crate) enum KeyKind {
 /// A private key object in the token and its public half.
 pub(crate) struct TokenKey {
     token: Arc<Token>,
-    handle: ObjectHandle,
+    /// Its `CKA_ID`, to find the object again when the token no longer knows the handle
+    /// (after an HSM restart or failover).
+    id: Vec<u8>,
+    handle: Mutex<ObjectHandle>,
     public: PublicKey,
     kind: KeyKind,
 }
@@ -59,13 +63,15 @@ fn hash_mechanism(alg: DigestAlgorithm) -> (MechanismType, PkcsMgfType) {
 impl TokenKey {
     pub(crate) fn new(
         token: Arc<Token>,
+        id: &[u8],
         handle: ObjectHandle,
         public: PublicKey,
         kind: KeyKind,
     ) -> Self {
         Self {
             token,
-            handle,
+            id: id.to_vec(),
+            handle: Mutex::new(handle),
             public,
             kind,
         }
@@ -80,7 +86,32 @@ impl TokenKey {
     }
 
     pub(crate) fn handle(&self) -> ObjectHandle {
-        self.handle
+        *self.handle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `op` with the key's object handle; a handle the token no longer knows is looked
+    /// up again by `CKA_ID` once.
+    pub(crate) fn call<T>(
+        &self,
+        op: impl Fn(&Session, ObjectHandle) -> Result<T, CkError>,
+    ) -> Result<T, CkError> {
+        let first = self.token.with_session(|s| op(s, self.handle()));
+        match first {
+            Err(e)
+                if matches!(
+                    rv(&e),
+                    Some(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid)
+                ) =>
+            {
+                let found = self
+                    .token
+                    .with_session(|s| self.token.find_one(s, ObjectClass::PRIVATE_KEY, &self.id))?;
+                let Some(h) = found else { return Err(e) };
+                *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = h;
+                self.token.with_session(|s| op(s, h))
+            }
+            other => other,
+        }
     }
 
     fn run(
@@ -90,21 +121,20 @@ impl TokenKey {
         input: &[u8],
         sign: bool,
     ) -> Result<Vec<u8>, CryptoError> {
-        self.token
-            .with_session(|s| {
-                if sign {
-                    s.sign(mech, self.handle, input)
-                } else {
-                    s.decrypt(mech, self.handle, input)
-                }
-            })
-            .map_err(|e| {
-                if sign {
-                    crypto_err(&self.token.label, what, &e)
-                } else {
-                    decrypt_err(&self.token.label, what, &e)
-                }
-            })
+        self.call(|s, h| {
+            if sign {
+                s.sign(mech, h, input)
+            } else {
+                s.decrypt(mech, h, input)
+            }
+        })
+        .map_err(|e| {
+            if sign {
+                crypto_err(&self.token.label, what, &e)
+            } else {
+                decrypt_err(&self.token.label, what, &e)
+            }
+        })
     }
 }
 
@@ -159,9 +189,8 @@ impl PrivateKeyOps for TokenKey {
                         PkcsMgfType::MGF1_SHA256,
                         PkcsOaepSource::empty(),
                     );
-                    let native = self.token.with_session(|s| {
-                        s.decrypt(&Mechanism::RsaPkcsOaep(params), self.handle, ciphertext)
-                    });
+                    let native =
+                        self.call(|s, h| s.decrypt(&Mechanism::RsaPkcsOaep(params), h, ciphertext));
                     match native {
                         Ok(p) => {
                             self.token.oaep256.store(OAEP256_NATIVE, Ordering::Relaxed);
@@ -245,6 +274,7 @@ impl Token {
             let bits = public.rsa_bits().unwrap_or(0) as usize;
             return Ok(TokenKey::new(
                 self.clone(),
+                id,
                 private,
                 public,
                 KeyKind::Rsa {
@@ -294,6 +324,12 @@ impl Token {
             CryptoError::InvalidKey("token EC point is not an uncompressed point".into())
         })?;
         let public = PublicKey::ec_from_components(curve, &raw[1..=len], &raw[1 + len..])?;
-        Ok(TokenKey::new(self.clone(), private, public, KeyKind::Ec))
+        Ok(TokenKey::new(
+            self.clone(),
+            id,
+            private,
+            public,
+            KeyKind::Ec,
+        ))
     }
 }

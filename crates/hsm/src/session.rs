@@ -81,6 +81,9 @@ pub(crate) fn crypto_err(label: &str, what: &str, err: &CkError) -> CryptoError 
         Some(
             RvError::CurveNotSupported | RvError::DomainParamsInvalid | RvError::MechanismInvalid,
         ) => CryptoError::Unsupported(format!("{what} in PKCS#11 token '{label}': {err}")),
+        Some(RvError::KeyFunctionNotPermitted) => {
+            CryptoError::Unsupported(format!("{what} is not permitted for this key by its token"))
+        }
         _ => CryptoError::KeyUnavailable(format!("PKCS#11 token '{label}': {what}: {err}")),
     }
 }

@@ -117,24 +117,33 @@ fn wipe(template: &mut [Attribute]) {
     }
 }
 
-/// The template of a private key kagi keeps: sensitive, never extractable, in the token.
-fn private_template(id: &[u8], kind: ObjectClass, key_type: KeyType, rsa: bool) -> Vec<Attribute> {
-    let mut t = vec![
+/// What a private key object may do.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// An RSA key: decrypt and sign.
+    Rsa,
+    /// An EC key: sign.
+    Ec,
+    /// A BYOK key-exchange key: unwrap only (the token refuses it anything else).
+    KeyExchange,
+}
+
+/// The template of a private key kagi keeps: sensitive, never extractable, in the token, and
+/// allowed only what its role needs.
+fn private_template(id: &[u8], kind: ObjectClass, key_type: KeyType, role: Role) -> Vec<Attribute> {
+    vec![
         Attribute::Class(kind),
         Attribute::KeyType(key_type),
         Attribute::Token(true),
         Attribute::Private(true),
         Attribute::Sensitive(true),
         Attribute::Extractable(false),
-        Attribute::Sign(true),
+        Attribute::Sign(role != Role::KeyExchange),
+        Attribute::Decrypt(role == Role::Rsa),
+        Attribute::Unwrap(role == Role::KeyExchange),
         Attribute::Id(id.to_vec()),
         Attribute::Label(format!("{KEY_LABEL_PREFIX}{}", hex(id)).into_bytes()),
-    ];
-    if rsa {
-        t.push(Attribute::Decrypt(true));
-        t.push(Attribute::Unwrap(true));
-    }
-    t
+    ]
 }
 
 fn public_template(id: &[u8]) -> Vec<Attribute> {
@@ -323,7 +332,11 @@ impl KeyProvider for Pkcs11Provider {
         let id = new_id()?;
         self.run_key("generate key", &id, |s| {
             let (mech, mut public, private) = match spec {
-                KeySpec::Rsa(size) => {
+                KeySpec::Rsa(size) | KeySpec::RsaKeyExchange(size) => {
+                    let role = match spec {
+                        KeySpec::RsaKeyExchange(_) => Role::KeyExchange,
+                        _ => Role::Rsa,
+                    };
                     let mut p = public_template(&id);
                     p.push(Attribute::KeyType(KeyType::RSA));
                     p.push(Attribute::ModulusBits(u64::from(size.bits()).into()));
@@ -332,7 +345,7 @@ impl KeyProvider for Pkcs11Provider {
                     (
                         Mechanism::RsaPkcsKeyPairGen,
                         p,
-                        private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::RSA, true),
+                        private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::RSA, role),
                     )
                 }
                 KeySpec::Ec(curve) => {
@@ -342,7 +355,7 @@ impl KeyProvider for Pkcs11Provider {
                     (
                         Mechanism::EccKeyPairGen,
                         p,
-                        private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::EC, false),
+                        private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::EC, Role::Ec),
                     )
                 }
             };
@@ -360,7 +373,7 @@ impl KeyProvider for Pkcs11Provider {
     fn import_rsa(&self, c: &RsaPrivateComponents<'_>) -> Result<ProvidedKey, CryptoError> {
         let id = new_id()?;
         self.run_key("import key", &id, |s| {
-            let mut t = private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::RSA, true);
+            let mut t = private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::RSA, Role::Rsa);
             t.extend([
                 Attribute::Modulus(c.n.to_vec()),
                 Attribute::PublicExponent(c.e.to_vec()),
@@ -409,7 +422,7 @@ impl KeyProvider for Pkcs11Provider {
             p
         };
         self.run_key("import key", &id, |s| {
-            let mut t = private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::EC, false);
+            let mut t = private_template(&id, ObjectClass::PRIVATE_KEY, KeyType::EC, Role::Ec);
             t.extend([
                 Attribute::EcParams(curve_params(curve).to_vec()),
                 Attribute::Value(d.to_vec()),
@@ -465,12 +478,12 @@ impl KeyProvider for Pkcs11Provider {
             )?;
             // The target's type is read after unwrapping: try RSA, then EC.
             let mut out = Err(CkError::NotSupported);
-            for (key_type, rsa) in [(KeyType::RSA, true), (KeyType::EC, false)] {
+            for (key_type, role) in [(KeyType::RSA, Role::Rsa), (KeyType::EC, Role::Ec)] {
                 out = s.unwrap_key(
                     &Mechanism::AesKeyWrapPad,
                     aes,
                     key_part,
-                    &private_template(&id, ObjectClass::PRIVATE_KEY, key_type, rsa),
+                    &private_template(&id, ObjectClass::PRIVATE_KEY, key_type, role),
                 );
                 if out.is_ok() {
                     break;
@@ -606,4 +619,82 @@ fn rsa_of(s: &Session, h: ObjectHandle) -> Result<bool, CkError> {
     Ok(attrs
         .iter()
         .any(|a| matches!(a, Attribute::KeyType(t) if *t == KeyType::RSA)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kagi_crypto::{EncryptionAlgorithm, RsaKeySize};
+    use std::process::Command;
+
+    const NAME: &str = "token::tests::a_stale_handle_is_found_again_by_its_id";
+
+    /// After the token forgets a handle (here: the object is replaced by a copy with the same
+    /// CKA_ID, as after an HSM restore), the key finds its object again. Runs in a child
+    /// process whose SOFTHSM2_CONF points at a fresh token (see tests/softhsm.rs).
+    #[test]
+    fn a_stale_handle_is_found_again_by_its_id() {
+        if std::env::var("KAGI_HSM_TEST_CHILD").as_deref() != Ok(NAME) {
+            let dir = tempfile::tempdir().unwrap();
+            let tokens = dir.path().join("tokens");
+            std::fs::create_dir_all(&tokens).unwrap();
+            let conf = dir.path().join("softhsm2.conf");
+            std::fs::write(
+                &conf,
+                format!("directories.tokendir = {}\n", tokens.display()),
+            )
+            .unwrap();
+            let init = Command::new("softhsm2-util")
+                .env("SOFTHSM2_CONF", &conf)
+                .args([
+                    "--init-token",
+                    "--free",
+                    "--label",
+                    "t",
+                    "--pin",
+                    "1234",
+                    "--so-pin",
+                    "5678",
+                ])
+                .output()
+                .unwrap();
+            assert!(init.status.success());
+            let out = Command::new(std::env::current_exe().unwrap())
+                .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+                .env("SOFTHSM2_CONF", &conf)
+                .env("KAGI_HSM_TEST_CHILD", NAME)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && text.contains("1 passed"), "{text}");
+            return;
+        }
+        let p = Pkcs11Provider::open(&Pkcs11Config {
+            module: "/usr/lib/softhsm/libsofthsm2.so".into(),
+            token_label: "t".into(),
+            pin: Zeroizing::new("1234".into()),
+        })
+        .unwrap();
+        let made = p.generate(KeySpec::Rsa(RsaKeySize::Rsa2048)).unwrap();
+        let key = p
+            .token
+            .with_session(|s| Ok(p.token.key(s, &made.reference.id)))
+            .unwrap()
+            .unwrap();
+        let old = key.handle();
+        p.token
+            .with_session(|s| {
+                s.copy_object(old, &[])?;
+                s.destroy_object(old)
+            })
+            .unwrap();
+        let ct = key
+            .public_key()
+            .encrypt(EncryptionAlgorithm::RsaOaep, b"still here")
+            .unwrap();
+        let plain = key.decrypt(EncryptionAlgorithm::RsaOaep, &ct).unwrap();
+        assert_eq!(plain.as_slice(), b"still here");
+        assert_ne!(key.handle(), old);
+    }
 }

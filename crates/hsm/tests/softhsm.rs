@@ -299,7 +299,22 @@ fn byok_wrap(kek: &PublicKey, pkcs8: &[u8]) -> Vec<u8> {
 #[test]
 fn byok_blobs_unwrap_inside_the_token() {
     in_token("byok_blobs_unwrap_inside_the_token", |p| {
-        let kek = p.generate(KeySpec::Rsa(RsaKeySize::Rsa2048)).unwrap();
+        let kek = p
+            .generate(KeySpec::RsaKeyExchange(RsaKeySize::Rsa2048))
+            .unwrap();
+        // The token itself refuses a key-exchange key anything but unwrapping.
+        let ct = kek
+            .ops
+            .public_key()
+            .encrypt(EncryptionAlgorithm::RsaOaep, b"x")
+            .unwrap();
+        let err = kek
+            .ops
+            .decrypt(EncryptionAlgorithm::RsaOaep, &ct)
+            .unwrap_err();
+        assert!(matches!(err, CryptoError::Unsupported(_)), "{err}");
+        let d = digest(SignatureAlgorithm::RS256);
+        assert!(kek.ops.sign_digest(SignatureAlgorithm::RS256, &d).is_err());
         let target = KeyPair::from_pkcs8(&fixture_file("rsa2048.pk8.der")).unwrap();
         let blob = byok_wrap(kek.ops.public_key(), &target.to_pkcs8().unwrap());
         let k = p.import_wrapped(&kek.reference, &blob).unwrap();
@@ -320,8 +335,14 @@ fn byok_blobs_unwrap_inside_the_token() {
         let err = p.import_wrapped(&kek.reference, &bad).unwrap_err();
         assert!(matches!(err, CryptoError::DecryptionFailed), "{err}");
         assert!(p.import_wrapped(&kek.reference, &blob[..200]).is_err());
-        let other = p.generate(KeySpec::Rsa(RsaKeySize::Rsa2048)).unwrap();
+        let other = p
+            .generate(KeySpec::RsaKeyExchange(RsaKeySize::Rsa2048))
+            .unwrap();
         assert!(p.import_wrapped(&other.reference, &blob).is_err());
+        // An ordinary RSA key cannot serve as a key-exchange key, even for its own blobs.
+        let plain = p.generate(KeySpec::Rsa(RsaKeySize::Rsa2048)).unwrap();
+        let own = byok_wrap(plain.ops.public_key(), &target.to_pkcs8().unwrap());
+        assert!(p.import_wrapped(&plain.reference, &own).is_err());
         // An EC target: refused clearly (the token keeps no public point for it).
         let ec = KeyPair::generate_ec(Curve::P256).unwrap();
         let ec_blob = byok_wrap(kek.ops.public_key(), &ec.to_pkcs8().unwrap());

@@ -52,6 +52,17 @@ pub(crate) fn hsm_needs_premium() -> KvError {
         .with_inner("KeyTypeNotSupported")
 }
 
+/// `spec`, as a key-exchange key when `key_ops` are exactly `["import"]` (the HSM then
+/// makes it unable to decrypt or sign).
+pub(crate) fn spec_for(spec: KeySpec, key_ops: &[kagi_core::key::KeyOperation]) -> KeySpec {
+    match spec {
+        KeySpec::Rsa(size) if key_ops == [kagi_core::key::KeyOperation::Import] => {
+            KeySpec::RsaKeyExchange(size)
+        }
+        other => other,
+    }
+}
+
 /// A new version's private key: its operations and what the version keeps of it.
 pub(crate) struct NewMaterial {
     /// The key's operations.
@@ -179,7 +190,9 @@ impl Platform {
                 .map(NewMaterial::provided)
                 .map_err(crypto_error),
             None => match spec {
-                KeySpec::Rsa(size) => KeyPair::generate_rsa(size, None),
+                KeySpec::Rsa(size) | KeySpec::RsaKeyExchange(size) => {
+                    KeyPair::generate_rsa(size, None)
+                }
                 KeySpec::Ec(curve) => KeyPair::generate_ec(curve),
             }
             .map_err(crypto_error)

@@ -23,7 +23,7 @@ use serde_json::{Map, Value, json};
 
 use crate::key_material::{
     NewMaterial, crypto_error, hsm_needs_premium, kek_not_in_hsm, parse_transfer_blob,
-    restore_error,
+    restore_error, spec_for,
 };
 use crate::object_backup;
 use crate::state::{KeyEntry, VaultState, VersionEntry, private_key_aad};
@@ -354,7 +354,9 @@ impl Platform {
             })?;
             KeySpec::Ec(curve)
         };
-        let key = self.generate_material(kty, spec).await?;
+        let key = self
+            .generate_material(kty, spec_for(spec, &key_ops))
+            .await?;
         self.add_version(
             &state,
             &record,
@@ -617,7 +619,9 @@ impl Platform {
                 Curve::from_jwk_name(crv).ok_or_else(|| internal("rotate", "stored curve"))?,
             ),
         };
-        let key = self.generate_material(kty, spec).await?;
+        let key = self
+            .generate_material(kty, spec_for(spec, &current.info.key_ops))
+            .await?;
         let now = self.clock.now();
         let attributes = KeyAttributes {
             enabled: true,
