@@ -174,7 +174,13 @@ pub fn run(data_dir: &Path, output: Output, args: AuditArgs) -> anyhow::Result<(
                 n += 1;
             }
             out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            eprintln!("exported {n} records to {}", file.display());
+            match output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"records": n, "file": file.display().to_string()})
+                ),
+                Output::Table => eprintln!("exported {n} records to {}", file.display()),
+            }
             Ok(())
         }
     }

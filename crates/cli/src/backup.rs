@@ -721,12 +721,20 @@ async fn vault(ctx: &Context, cmd: VaultCommand) -> anyhow::Result<()> {
                 .await?;
             let bytes = zeroize::Zeroizing::new(serde_json::to_vec_pretty(&r)?);
             write_private(&out, &bytes)?;
-            println!(
-                "vault credentials for {} written to {} (valid until {})",
-                r["vaultName"].as_str().unwrap_or(""),
-                out.display(),
-                r["expiresOn"].as_str().unwrap_or("")
-            );
+            // What was written, never the credentials themselves: they stay in the file.
+            let written = json!({
+                "vaultName": r["vaultName"],
+                "file": out.display().to_string(),
+                "expiresOn": r["expiresOn"],
+            });
+            show(ctx, &written, |w| {
+                format!(
+                    "vault credentials for {} written to {} (valid until {})",
+                    w["vaultName"].as_str().unwrap_or(""),
+                    w["file"].as_str().unwrap_or(""),
+                    w["expiresOn"].as_str().unwrap_or("")
+                )
+            });
         }
         VaultCommand::Move {
             v,

@@ -316,3 +316,25 @@ impl Context {
         Ok(v)
     }
 }
+
+/// Follows `nextLink` until the list ends.
+pub(crate) async fn collect_pages(ctx: &Context, first: &str) -> anyhow::Result<Value> {
+    let mut items = Vec::new();
+    let mut next = Some(first.to_string());
+    let mut pages = 0;
+    while let Some(url) = next {
+        pages += 1;
+        if pages > 10_000 {
+            bail!("the server kept returning nextLink; stopped after 10000 pages");
+        }
+        let v = ctx.call(reqwest::Method::GET, &url, None).await?;
+        if let Some(a) = v["value"].as_array() {
+            items.extend(a.iter().cloned());
+        }
+        next = v["nextLink"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+    }
+    Ok(serde_json::json!({"value": items}))
+}

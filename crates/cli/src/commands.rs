@@ -1,11 +1,14 @@
 //! `kagi keyvault …`: vault management and key commands for people and scripts.
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::client::{Context, Output};
+use crate::client::{Context, Output, collect_pages};
+
+mod access_policy;
+mod secrets;
 
 const ARM_API: &str = "2023-07-01";
 const RG_API: &str = "2021-04-01";
@@ -100,6 +103,12 @@ enum KeyvaultCommand {
     ListDeleted,
     /// Keys of a vault.
     Key(KeyArgs),
+    /// Secrets of a vault.
+    Secret(secrets::SecretArgs),
+    /// Grant a principal permissions through the vault's access policies.
+    SetPolicy(access_policy::SetPolicyArgs),
+    /// Remove a principal's access policy entry.
+    DeletePolicy(access_policy::DeletePolicyArgs),
     /// Event subscriptions (webhooks) of a vault and their dead letters.
     Event(crate::events::EventArgs),
     /// Back up a whole vault (keys, secrets, every version, settings) to one encrypted file.
@@ -532,6 +541,9 @@ pub async fn keyvault(ctx: &Context, args: KeyvaultArgs) -> anyhow::Result<()> {
             let vault = k.vault_name.clone().context("--vault-name is required")?;
             keys(ctx, &vault, k.command).await?;
         }
+        KeyvaultCommand::Secret(a) => secrets::run(ctx, a).await?,
+        KeyvaultCommand::SetPolicy(a) => access_policy::set_policy(ctx, a).await?,
+        KeyvaultCommand::DeletePolicy(a) => access_policy::delete_policy(ctx, a).await?,
         KeyvaultCommand::Event(a) => crate::events::run(ctx, a).await?,
         KeyvaultCommand::Backup(a) => crate::vault_backup::backup(ctx, a).await?,
         KeyvaultCommand::Restore(a) => crate::vault_backup::restore(ctx, a).await?,
@@ -675,26 +687,4 @@ async fn keys(ctx: &Context, vault: &str, command: KeyCommand) -> anyhow::Result
         }
     });
     Ok(())
-}
-
-/// Follows `nextLink` until the list ends.
-async fn collect_pages(ctx: &Context, first: &str) -> anyhow::Result<Value> {
-    let mut items = Vec::new();
-    let mut next = Some(first.to_string());
-    let mut pages = 0;
-    while let Some(url) = next {
-        pages += 1;
-        if pages > 10_000 {
-            bail!("the server kept returning nextLink; stopped after 10000 pages");
-        }
-        let v = ctx.call(Method::GET, &url, None).await?;
-        if let Some(a) = v["value"].as_array() {
-            items.extend(a.iter().cloned());
-        }
-        next = v["nextLink"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .map(str::to_string);
-    }
-    Ok(json!({"value": items}))
 }

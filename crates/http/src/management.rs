@@ -279,6 +279,32 @@ async fn arm(
                 _ => Err(method_not_allowed(m)),
             }
         }
+        (
+            [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                _,
+                "providers",
+                kv,
+                "vaults",
+                _,
+                "accesspolicies",
+                _,
+            ],
+            &Method::PUT,
+        ) if *kv == KV => ok(
+            200,
+            p.update_access_policy(
+                caller,
+                segs[1],
+                segs[3],
+                segs[7],
+                segs[9],
+                parse_json(body)?,
+            )
+            .await?,
+        ),
         (["subscriptions", _, "providers", kv, "vaults"], &Method::GET) if *kv == KV => {
             ok(200, p.list_vaults(caller, segs[1], None).await?)
         }

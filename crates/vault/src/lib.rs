@@ -27,6 +27,7 @@ mod moves;
 mod object_backup;
 // Policy assignments and compliance.
 mod policy_assignments;
+mod read_only;
 mod rotation;
 pub use rotation::SweepReport;
 mod jobs;
@@ -49,7 +50,7 @@ use kagi_core::{KvError, VaultName};
 use kagi_crypto::RootKey;
 use kagi_store::Store;
 
-pub use arm::ResourceGroupInput;
+pub use arm::{AccessPolicyInput, AccessPolicyProperties, ResourceGroupInput};
 pub use bootstrap::{BootstrapAdmin, StartupError};
 pub use directory::WORKLOAD_TYPE;
 pub use kagi_directory::{TokenGrant, TokenRequestError};
