@@ -14,6 +14,7 @@ mod hsm;
 mod identity;
 mod key_import;
 mod policy;
+mod read_only;
 mod sql;
 mod subscription;
 mod vault_backup;
@@ -78,6 +79,14 @@ enum Command {
             value_parser = clap::builder::BoolishValueParser::new()
         )]
         test_clock: bool,
+        /// Serve reads, lists and cryptographic operations only: writes answer 503, background
+        /// writers are paused, disks and SQL databases are not served (docs/READ_ONLY.md).
+        #[arg(
+            long,
+            env = "KAGI_READ_ONLY",
+            value_parser = clap::builder::BoolishValueParser::new()
+        )]
+        read_only: bool,
         #[command(flatten)]
         pkcs11: hsm::Pkcs11Args,
     },
@@ -155,11 +164,13 @@ fn main() -> std::process::ExitCode {
                 nbd_listen,
                 sql_listen,
                 test_clock,
+                read_only,
                 pkcs11,
             } => {
                 let listeners = Listeners {
                     nbd: nbd_listen,
                     sql: sql_listen,
+                    read_only,
                 };
                 let hsm = pkcs11.open()?;
                 run_server(cli.data_dir, listen, dns_suffix, listeners, test_clock, hsm).await
@@ -277,6 +288,8 @@ struct Listeners {
     nbd: Option<String>,
     /// `--sql-listen`.
     sql: Option<String>,
+    /// `--read-only`: writes are refused and nothing of the node's own writes.
+    read_only: bool,
 }
 
 /// The PostgreSQL listeners of `--sql-listen` (`None`: the default, skipped with a warning
@@ -313,6 +326,7 @@ async fn run_server(
     hsm: Option<std::sync::Arc<dyn kagi_crypto::KeyProvider>>,
 ) -> anyhow::Result<()> {
     let nbd_listen = listeners.nbd;
+    let read_only = listeners.read_only;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KAGI_LOG")
@@ -322,6 +336,9 @@ async fn run_server(
         .init();
     let (addrs, port) = listen_addrs(&listen)?;
     private_data_dir(&data_dir)?;
+    if read_only {
+        read_only::check_initialised(&data_dir)?;
+    }
     let config = kagi_vault::PlatformConfig {
         data_dir: data_dir.clone(),
         dns_suffix: dns_suffix.to_ascii_lowercase(),
@@ -330,12 +347,12 @@ async fn run_server(
     let (platform, created_admin) = if test_clock {
         let clock = std::sync::Arc::new(kagi_core::time::TestClock::new());
         let (p, admin) =
-            kagi_vault::Platform::open_with_hsm(config, clock.clone(), hsm.clone()).await?;
+            read_only::open_platform(config, clock.clone(), hsm.clone(), read_only).await?;
         tracing::warn!("test clock enabled: POST /kagi/test/clock moves time forward");
         (p.with_test_clock(clock), admin)
     } else {
         let clock = std::sync::Arc::new(kagi_core::time::SystemClock);
-        kagi_vault::Platform::open_with_hsm(config, clock, hsm.clone()).await?
+        read_only::open_platform(config, clock, hsm.clone(), read_only).await?
     };
     let platform = std::sync::Arc::new(platform);
     let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
@@ -392,31 +409,35 @@ async fn run_server(
     // Key rotation by policy, and near-expiry/expired events: at start (catching up on what
     // fell due while kagi was down) and every 30 s. Event deliveries resume at start too.
     let scheduler = platform.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
-        loop {
-            tick.tick().await;
-            if let Err(e) = scheduler.run_scheduler().await {
-                tracing::error!(error = %e, "rotation scheduler sweep failed");
+    if read_only {
+        read_only::announce();
+    } else {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                if let Err(e) = scheduler.run_scheduler().await {
+                    tracing::error!(error = %e, "rotation scheduler sweep failed");
+                }
             }
-        }
-    });
-    tokio::spawn(kagi_vault::run_event_delivery(
-        platform.clone(),
-        kagi_vault::DeliveryConfig::from_env(),
-    ));
+        });
+        tokio::spawn(kagi_vault::run_event_delivery(
+            platform.clone(),
+            kagi_vault::DeliveryConfig::from_env(),
+        ));
 
-    // Soft-deleted vaults and keys are purged when their retention ends.
-    let sweeper = platform.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-        loop {
-            tick.tick().await;
-            if let Err(e) = sweeper.purge_expired().await {
-                tracing::error!(error = %e, "purging expired objects failed");
+        // Soft-deleted vaults and keys are purged when their retention ends.
+        let sweeper = platform.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                if let Err(e) = sweeper.purge_expired().await {
+                    tracing::error!(error = %e, "purging expired objects failed");
+                }
             }
-        }
-    });
+        });
+    }
 
     // The backup service, on this platform (it finishes interrupted vault moves first).
     // Scheduled backups of its items, then their retention: at start and every minute, on
@@ -425,7 +446,9 @@ async fn run_server(
         platform.clone(),
         kagi_backup_service::ServiceConfig::default(),
     );
-    kagi_backup_service::spawn_scheduler(backup.clone(), std::time::Duration::from_secs(60));
+    if !read_only {
+        kagi_backup_service::spawn_scheduler(backup.clone(), std::time::Duration::from_secs(60));
+    }
 
     // Managed disks: disk encryption sets and disks, served over NBD on `<data>/nbd.sock`;
     // their keys (rotation, revocation) checked every minute on the platform clock.
@@ -434,15 +457,19 @@ async fn run_server(
         kagi_disk_service::DiskConfig::default(),
     )
     .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    let nbd = disks.start_nbd().await?;
-    if let Some(at) = &nbd_listen {
+    let nbd = if read_only {
+        None
+    } else {
+        Some(disks.start_nbd().await?)
+    };
+    if let (Some(at), Some(nbd)) = (&nbd_listen, &nbd) {
         let (addrs, _) = listen_addrs(at)?;
         let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
         let resolver = kagi_http::tls::SniResolver::new(ca, &dns_suffix);
         let tls = std::sync::Arc::new(kagi_http::tls::server_config(resolver, Vec::new())?);
         for addr in addrs {
             let bound = disks
-                .listen_tcp(&nbd, addr, &dns_suffix, tls.clone())
+                .listen_tcp(nbd, addr, &dns_suffix, tls.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
             println!(
@@ -451,7 +478,9 @@ async fn run_server(
             );
         }
     }
-    kagi_disk_service::spawn_keeper(disks.clone());
+    if !read_only {
+        kagi_disk_service::spawn_keeper(disks.clone());
+    }
 
     // SQL servers and databases with TDE, served over the PostgreSQL protocol with TLS; their
     // protectors probed by the keeper on the platform clock.
@@ -459,7 +488,11 @@ async fn run_server(
         kagi_sql_service::SqlService::new(platform.clone(), kagi_sql_service::SqlConfig::default())
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     let sql_shutdown = kagi_pgsql::CancellationToken::new();
-    let pg = sql_listeners(listeners.sql.as_deref()).await?;
+    let pg = if read_only {
+        Vec::new()
+    } else {
+        sql_listeners(listeners.sql.as_deref()).await?
+    };
     if !pg.is_empty() {
         let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
         let resolver = kagi_http::tls::SniResolver::new(ca, &dns_suffix);
@@ -472,13 +505,16 @@ async fn run_server(
         }
         sql.serve_postgres(pg, tls, sql_shutdown.clone());
     }
-    kagi_sql_service::spawn_keeper(sql.clone());
+    if !read_only {
+        kagi_sql_service::spawn_keeper(sql.clone());
+    }
 
     // The storage services, each registered by its provider (adding one touches no router).
     let services = kagi_http::Services::default();
     services.register(backup);
     services.register(disks);
     services.register(sql);
+    services.set_read_only(read_only);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {

@@ -244,6 +244,66 @@ impl<'a> DataPlaneRoute<'a> {
     }
 }
 
+/// What a route does to stored state, which decides whether a read-only node serves it
+/// (`kagi server --read-only`: reads and cryptographic operations are served, writes answer
+/// 503).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteClass {
+    /// Reads stored state only (gets, lists, backups of an object).
+    Read,
+    /// A cryptographic operation with a stored key (or the random generator): reads only.
+    Crypto,
+    /// Changes stored state (create, import, update, rotate, delete, recover, purge, restore, set).
+    Write,
+}
+
+impl RouteClass {
+    /// Whether a read-only node serves routes of this class.
+    pub fn served_read_only(self) -> bool {
+        !matches!(self, Self::Write)
+    }
+}
+
+impl DataPlaneRoute<'_> {
+    /// The class of this route. The match is exhaustive on purpose: a new route does not
+    /// compile until it is classified here.
+    pub fn class(&self) -> RouteClass {
+        use DataPlaneRoute as R;
+        use RouteClass::{Crypto, Read, Write};
+        match self {
+            R::KeyList
+            | R::KeyGet(..)
+            | R::KeyListVersions(_)
+            | R::KeyBackup(_)
+            | R::KeyGetRotationPolicy(_)
+            | R::KeyListDeleted
+            | R::KeyGetDeleted(_)
+            | R::SecretList
+            | R::SecretGet(..)
+            | R::SecretListVersions(_)
+            | R::SecretBackup(_)
+            | R::SecretListDeleted
+            | R::SecretGetDeleted(_) => Read,
+            R::KeyCrypto(..) | R::RandomGet => Crypto,
+            R::KeyRestore
+            | R::KeyCreate(_)
+            | R::KeyImport(_)
+            | R::KeyDelete(_)
+            | R::KeyUpdate(..)
+            | R::KeyRotate(_)
+            | R::KeySetRotationPolicy(_)
+            | R::KeyPurge(_)
+            | R::KeyRecover(_)
+            | R::SecretRestore
+            | R::SecretSet(_)
+            | R::SecretDelete(_)
+            | R::SecretUpdate(..)
+            | R::SecretPurge(_)
+            | R::SecretRecover(_) => Write,
+        }
+    }
+}
+
 /// The audit name of any data-plane request: its route's, or `UnknownOperation`.
 pub fn data_plane_operation(method: &str, path: &str) -> &'static str {
     DataPlaneRoute::parse(method, path).map_or("UnknownOperation", |r| r.operation_name())
@@ -347,6 +407,100 @@ mod tests {
                 "{method} {path}"
             );
             assert_eq!(data_plane_operation(method, path), *name, "{method} {path}");
+        }
+    }
+
+    /// One request for every route of the table, with the class it must have. The match
+    /// below is exhaustive, so a new route fails to compile here until it is listed (and its
+    /// class checked) too.
+    #[test]
+    fn every_route_is_classified() {
+        use DataPlaneRoute as R;
+        use RouteClass::{Crypto, Read, Write};
+        let cases: &[(&str, &str, RouteClass)] = &[
+            ("GET", "/keys", Read),
+            ("POST", "/keys/restore", Write),
+            ("POST", "/keys/k/create", Write),
+            ("PUT", "/keys/k", Write),
+            ("DELETE", "/keys/k", Write),
+            ("GET", "/keys/k/v", Read),
+            ("PATCH", "/keys/k/v", Write),
+            ("GET", "/keys/k/versions", Read),
+            ("POST", "/keys/k/backup", Read),
+            ("POST", "/keys/k/rotate", Write),
+            ("GET", "/keys/k/rotationpolicy", Read),
+            ("PUT", "/keys/k/rotationpolicy", Write),
+            ("POST", "/keys/k/v/wrapkey", Crypto),
+            ("GET", "/deletedkeys", Read),
+            ("GET", "/deletedkeys/k", Read),
+            ("DELETE", "/deletedkeys/k", Write),
+            ("POST", "/deletedkeys/k/recover", Write),
+            ("POST", "/rng", Crypto),
+            ("GET", "/secrets", Read),
+            ("POST", "/secrets/restore", Write),
+            ("PUT", "/secrets/s", Write),
+            ("DELETE", "/secrets/s", Write),
+            ("GET", "/secrets/s", Read),
+            ("PATCH", "/secrets/s", Write),
+            ("GET", "/secrets/s/versions", Read),
+            ("POST", "/secrets/s/backup", Read),
+            ("GET", "/deletedsecrets", Read),
+            ("GET", "/deletedsecrets/s", Read),
+            ("DELETE", "/deletedsecrets/s", Write),
+            ("POST", "/deletedsecrets/s/recover", Write),
+        ];
+        let mut seen = std::collections::BTreeSet::new();
+        for (method, path, class) in cases {
+            let route = DataPlaneRoute::parse(method, path).expect(path);
+            assert_eq!(route.class(), *class, "{method} {path}");
+            assert_eq!(class.served_read_only(), *class != Write);
+            // Exhaustive: adding a variant breaks this match until the table above has it.
+            let variant = match route {
+                R::KeyList => 0,
+                R::KeyRestore => 1,
+                R::KeyCreate(_) => 2,
+                R::KeyImport(_) => 3,
+                R::KeyDelete(_) => 4,
+                R::KeyGet(..) => 5,
+                R::KeyUpdate(..) => 6,
+                R::KeyListVersions(_) => 7,
+                R::KeyBackup(_) => 8,
+                R::KeyRotate(_) => 9,
+                R::KeyGetRotationPolicy(_) => 10,
+                R::KeySetRotationPolicy(_) => 11,
+                R::KeyCrypto(..) => 12,
+                R::KeyListDeleted => 13,
+                R::KeyGetDeleted(_) => 14,
+                R::KeyPurge(_) => 15,
+                R::KeyRecover(_) => 16,
+                R::RandomGet => 17,
+                R::SecretList => 18,
+                R::SecretRestore => 19,
+                R::SecretSet(_) => 20,
+                R::SecretDelete(_) => 21,
+                R::SecretGet(..) => 22,
+                R::SecretUpdate(..) => 23,
+                R::SecretListVersions(_) => 24,
+                R::SecretBackup(_) => 25,
+                R::SecretListDeleted => 26,
+                R::SecretGetDeleted(_) => 27,
+                R::SecretPurge(_) => 28,
+                R::SecretRecover(_) => 29,
+            };
+            seen.insert(variant);
+        }
+        assert_eq!(seen.len(), 30, "every route has a case above");
+        for op in [
+            "encrypt",
+            "decrypt",
+            "wrapkey",
+            "unwrapkey",
+            "sign",
+            "verify",
+        ] {
+            let path = format!("/keys/k/{op}");
+            let route = DataPlaneRoute::parse("POST", &path).expect("crypto route");
+            assert_eq!(route.class(), Crypto, "{path}");
         }
     }
 

@@ -248,7 +248,24 @@ pub(crate) async fn serve_audited(
     req.extensions_mut().insert(slot.clone());
     let services = req.extensions().get::<crate::Services>().cloned();
 
-    let response = crate::routing::dispatch(platform.clone(), req).await;
+    let operation = match &target {
+        Target::Vault(_) => kagi_audit::data_plane_operation(&method, &path).to_string(),
+        Target::Management => management_operation(services.as_ref(), &method, &path),
+        Target::Unknown => "UnknownOperation".to_string(),
+    };
+    let plane = match &target {
+        Target::Vault(_) => crate::read_only::Plane::Vault,
+        Target::Management => crate::read_only::Plane::Management,
+        Target::Unknown => crate::read_only::Plane::Unknown,
+    };
+    // A read-only node refuses writes before any handler runs (still audited below).
+    let response = if services.as_ref().is_some_and(crate::Services::read_only)
+        && crate::read_only::is_write(plane, &method, &path, &operation)
+    {
+        crate::read_only::refusal(&operation)
+    } else {
+        crate::routing::dispatch(platform.clone(), req).await
+    };
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
 
     let status = response.status().as_u16();
@@ -270,11 +287,6 @@ pub(crate) async fn serve_audited(
         )
     };
 
-    let operation = match &target {
-        Target::Vault(_) => kagi_audit::data_plane_operation(&method, &path).to_string(),
-        Target::Management => management_operation(services.as_ref(), &method, &path),
-        Target::Unknown => "UnknownOperation".to_string(),
-    };
     let wants_probe = status >= 400
         || (matches!(target, Target::Vault(_)) && !is_list(&operation))
         || operation == "Authentication";

@@ -19,6 +19,7 @@ mod management;
 mod monitor_routes;
 mod move_routes;
 mod provider_routes;
+mod read_only;
 mod respond;
 mod routing;
 mod server;

@@ -19,6 +19,7 @@ const PLANNED_TRUSTED_TYPES: &[&str] = &[
 #[derive(Clone, Debug, Default)]
 pub struct Services {
     providers: Arc<RwLock<Vec<Arc<dyn ResourceProvider>>>>,
+    read_only: crate::read_only::ReadOnlyFlag,
 }
 
 impl Services {
@@ -39,6 +40,18 @@ impl Services {
         let mut all = self.providers.write().unwrap_or_else(|p| p.into_inner());
         all.retain(|p| !p.namespace().eq_ignore_ascii_case(provider.namespace()));
         all.push(provider);
+    }
+
+    /// Makes the server read-only (`kagi server --read-only`): reads and cryptographic
+    /// operations are served, every write is answered 503 `ServiceUnavailable` with a
+    /// `Retry-After` (see docs/READ_ONLY.md).
+    pub fn set_read_only(&self, on: bool) {
+        self.read_only.set(on);
+    }
+
+    /// Whether the server refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.read_only.get()
     }
 
     /// Every registered provider.

@@ -125,21 +125,68 @@ impl SqliteStore {
     /// keys.
     pub async fn open(path: &Path) -> Result<Self> {
         restrict_to_owner(path).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-        let options = SqliteConnectOptions::from_str("sqlite:")?
-            .filename(path)
+        let options = Self::options(path)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: a commit is on disk before it is acknowledged, even across power loss.
-            .synchronous(SqliteSynchronous::Full)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
-        let store = Self { pool };
+            .synchronous(SqliteSynchronous::Full);
+        let store = Self {
+            pool: Self::pool(options).await?,
+        };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Opens an existing database so that nothing can write to it (`kagi server --read-only`):
+    /// SQLite's read-only mode, so no write, checkpoint or WAL clean-up on close changes the
+    /// file or its `-wal` (its `-shm` index is SQLite's shared memory, not data). The schema
+    /// must be current already: a read-only node does not migrate.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when the file is missing or unreadable, [`StoreError::Corrupt`]
+    /// when its schema is older or newer than this kagi's.
+    pub async fn open_read_only(path: &Path) -> Result<Self> {
+        let pool = Self::pool(
+            Self::options(path)?
+                .create_if_missing(false)
+                .read_only(true),
+        )
+        .await?;
+        let current: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&pool)
+            .await?;
+        if current as usize != MIGRATIONS.len() {
+            return Err(corrupt(
+                "schema",
+                format!(
+                    "database schema {current} is not this kagi's ({}); a read-only node does not \
+                     migrate: start this kagi once without --read-only on the primary",
+                    MIGRATIONS.len()
+                ),
+            ));
+        }
+        Ok(Self { pool })
+    }
+
+    /// The connection options both opens share.
+    fn options(path: &Path) -> Result<SqliteConnectOptions> {
+        Ok(SqliteConnectOptions::from_str("sqlite:")?
+            .filename(path)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10)))
+    }
+
+    async fn pool(options: SqliteConnectOptions) -> Result<SqlitePool> {
+        Ok(SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?)
+    }
+
+    /// Closes every connection and waits for them to end (the last one of a writable store
+    /// checkpoints the WAL into the file); dropping the store closes them in the background.
+    pub async fn close(self) {
+        self.pool.close().await;
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -178,6 +225,11 @@ impl Store for SqliteStore {
     }
 
     async fn put_meta_if_absent(&self, key: &str, value: &[u8]) -> Result<Vec<u8>> {
+        // Read first: set once, these rows are read at every start, and a read-only store
+        // (which refuses even an INSERT that would do nothing) must start too.
+        if let Some(stored) = self.get_meta(key).await? {
+            return Ok(stored);
+        }
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT (k) DO NOTHING")
             .bind(key)
@@ -198,6 +250,10 @@ impl Store for SqliteStore {
         subscription_id: &str,
         now: i64,
     ) -> Result<()> {
+        // Read first: every start ensures the default subscription, a read-only store too.
+        if self.subscription_tenant(subscription_id).await?.is_some() {
+            return Ok(());
+        }
         sqlx::query(
             "INSERT INTO subscriptions (id, tenant_id, created) VALUES (?, ?, ?) \
              ON CONFLICT (id) DO NOTHING",
