@@ -58,15 +58,19 @@ def test_read_only_node(private_kagi):
     srv.extra_args.append("--read-only")
     srv.start()
     try:
-        keys = srv.key_client(v.url)
-        secrets = srv.secret_client(v.url)
+        # Clients sign in (the token endpoint is served).
+        fresh = srv.new_credential()
+        assert fresh.get_token(srv.scope).token
+        keys = srv.key_client(v.url, credential=fresh)
+        secrets = srv.secret_client(v.url, credential=fresh)
         # Reads and lists.
         assert keys.get_key("rsa1").id == rsa.id
         assert {k.name for k in keys.list_properties_of_keys()} == {"rsa1", "ec1", "doomed"}
         assert len(list(keys.list_properties_of_key_versions("rsa1"))) == 1
         assert secrets.get_secret("s1").value == "v1"
         assert [s.name for s in secrets.list_properties_of_secrets()] == ["s1"]
-        assert keys.backup_key("rsa1")
+        key_backup = keys.backup_key("rsa1")
+        assert key_backup
         assert secrets.backup_secret("s1")
         r = srv.get_vault(v.name)
         assert r.status_code == 200, r.text
@@ -89,6 +93,7 @@ def test_read_only_node(private_kagi):
             ("SecretSet", lambda: secrets.set_secret("s1", "v2")),
             ("SecretUpdate", lambda: secrets.update_secret_properties("s1", tags={"a": "b"})),
             ("SecretDelete", lambda: secrets.begin_delete_secret("s1")),
+            ("KeyRestore", lambda: keys.restore_key_backup(key_backup)),
         ]
         for operation, call in writes:
             with pytest.raises(HttpResponseError) as e:

@@ -6,8 +6,8 @@
 //!
 //! The data plane's requests are classified by the route table
 //! ([`kagi_core::routes::DataPlaneRoute::class`]); the management host's by method: `GET`,
-//! `HEAD` and `OPTIONS` are reads, and so are the token endpoints (clients must sign in) and
-//! ARM's `list*` actions; every other request writes.
+//! `HEAD` and `OPTIONS` are reads, and so are the token endpoints (clients must sign in),
+//! ARM's `list*` actions and Azure Policy's `queryResults`; every other request writes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,13 +54,14 @@ pub(crate) fn is_write(plane: Plane, method: &str, path: &str, operation: &str) 
             if matches!(m.as_str(), "GET" | "HEAD" | "OPTIONS") || operation == "Authentication" {
                 return false;
             }
-            // ARM's `list*` actions (POST …/listKeys) read.
+            // ARM's `list*` actions (POST …/listKeys) and Azure Policy's compliance query
+            // (POST …/policyStates/latest/queryResults) read.
             let last = path
                 .rsplit('/')
                 .find(|s| !s.is_empty())
                 .unwrap_or("")
                 .to_ascii_lowercase();
-            !(m == "POST" && last.starts_with("list"))
+            !(m == "POST" && (last.starts_with("list") || last == "queryresults"))
         }
         Plane::Unknown => false,
     }
@@ -142,6 +143,9 @@ mod tests {
             &format!("{v}/listKeys"),
             "x"
         ));
+        let query =
+            "/subscriptions/s/providers/Microsoft.PolicyInsights/policyStates/latest/queryResults";
+        assert!(!is_write(Plane::Management, "POST", query, "x"));
         assert!(!is_write(
             Plane::Management,
             "POST",
