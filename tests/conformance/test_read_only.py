@@ -74,6 +74,15 @@ def test_read_only_node(private_kagi):
         assert secrets.backup_secret("s1")
         r = srv.get_vault(v.name)
         assert r.status_code == 200, r.text
+        # The storage services' resources can be read (their data planes are not served).
+        sub = f"/subscriptions/{srv.subscription_id}/resourceGroups/{v.rg}/providers"
+        for path, api in [
+            (f"{sub}/Microsoft.Compute/disks", "2025-01-02"),
+            (f"{sub}/Microsoft.Compute/diskEncryptionSets", "2025-01-02"),
+            (f"{sub}/Microsoft.Sql/servers", "2023-08-01"),
+        ]:
+            r = srv.request("GET", srv.arm(path, api))
+            assert r.status_code == 200, (path, r.status_code, r.text[:300])
         # Cryptographic operations.
         crypto = srv.crypto_client(rsa)
         cek = bytes(range(32))
