@@ -253,3 +253,8 @@ def test_audit_export_prints_json(kagi, tmp_path):
     out = tmp_path / "audit.jsonl"
     written = cli(kagi, "audit", "export", "--file", str(out))
     assert written["file"] == str(out) and written["records"] == len(out.read_text().splitlines()) > 0, written
+
+
+def test_bench_honours_output_json(kagi):
+    out = cli(kagi, "bench", "--sizes", "2048", "--seconds", "1", "--concurrency", "1")
+    assert out["seconds"] == 1 and out["results"][0]["bits"] == 2048, out

@@ -35,7 +35,7 @@ pub struct BenchArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
-    /// Print results as JSON.
+    /// Print results as JSON (as `--output json` does).
     #[arg(long)]
     json: bool,
 }
@@ -66,13 +66,25 @@ fn raw_rate(key: &KeyPair, seconds: u64) -> anyhow::Result<f64> {
 }
 
 /// Runs the benchmark named by `args` against `server` (`hsm-raw` needs no server).
-pub async fn run(server: &str, data_dir: &Path, mut args: BenchArgs) -> anyhow::Result<()> {
+/// `--output json` asks for what `--json` does.
+pub async fn run(
+    server: &str,
+    data_dir: &Path,
+    output: Output,
+    mut args: BenchArgs,
+) -> anyhow::Result<()> {
+    let json = args.json || matches!(output, Output::Json);
+    args.json = json;
     match args.mode.take() {
         // The token's calls block: off the async workers, as the server's key generation.
-        Some(BenchMode::HsmRaw(raw)) => {
+        Some(BenchMode::HsmRaw(mut raw)) => {
+            raw.json |= json;
             tokio::task::spawn_blocking(move || hsm::run_raw(&raw)).await?
         }
-        Some(BenchMode::Hsm(https)) => hsm::run_https(server, data_dir, &https).await,
+        Some(BenchMode::Hsm(mut https)) => {
+            https.json |= json;
+            hsm::run_https(server, data_dir, &https).await
+        }
         None => run_rsa(server, data_dir, &args).await,
     }
 }

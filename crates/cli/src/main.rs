@@ -191,7 +191,7 @@ fn main() -> std::process::ExitCode {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 identity::lock(&ctx, args).await
             }
-            Command::Bench(args) => bench::run(&cli.server, &cli.data_dir, args).await,
+            Command::Bench(args) => bench::run(&cli.server, &cli.data_dir, cli.output, args).await,
             Command::Audit(args) => audit::run(&cli.data_dir, cli.output, args),
             Command::Backup(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;

@@ -41,9 +41,9 @@ pub(crate) struct RawArgs {
     /// Also measure a software (aws-lc) key of the same size, as kagi's RSA keys use.
     #[arg(long)]
     software: bool,
-    /// Print results as JSON.
+    /// Print results as JSON (as `--output json` does).
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// `kagi bench hsm` arguments.
@@ -66,9 +66,9 @@ pub(crate) struct HttpsArgs {
     /// Leave out the software RSA key measured beside the RSA-HSM key.
     #[arg(long)]
     no_software: bool,
-    /// Print results as JSON.
+    /// Print results as JSON (as `--output json` does).
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// Operations per second of `op` called by `threads` threads at once for `seconds`.
