@@ -406,6 +406,10 @@ async fn run_server(
         println!("  listening on {a}");
     }
 
+    // Bound before anything starts that calls kagi's own HTTPS endpoint (the storage services'
+    // keepers unwrap their keys through the key vault at start): their connections wait in
+    // the listen queue until serving begins instead of being refused.
+    let https = kagi_http::bind(&addrs).await?;
     // Key rotation by policy, and near-expiry/expired events: at start (catching up on what
     // fell due while kagi was down) and every 30 s. Event deliveries resume at start too.
     let scheduler = platform.clone();
@@ -523,7 +527,7 @@ async fn run_server(
         }
     };
     // Returns once the requests in flight have finished (their changes and audit records).
-    kagi_http::serve_until(platform, services, audit_log, &addrs, resolver, shutdown).await?;
+    kagi_http::serve_bound_until(platform, services, audit_log, https, resolver, shutdown).await?;
     sql_shutdown.cancel();
     // Every acknowledged write is already committed (synchronous=FULL); nothing to flush.
     Ok(())

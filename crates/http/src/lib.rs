@@ -27,7 +27,7 @@ mod services;
 pub mod tls;
 
 pub use context::RemoteAddr;
-pub use server::{ServeError, serve, serve_until};
+pub use server::{ServeError, bind, serve, serve_bound_until, serve_until};
 pub use services::Services;
 
 /// Largest request body accepted (Key Vault's own limit for a request is far smaller).

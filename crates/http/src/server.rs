@@ -64,14 +64,17 @@ pub async fn serve_until(
     resolver: SniResolver,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    // Vault firewalls trust the identities of the registered services that say so.
-    platform.set_trusted_service_types(&services.trusted_service_types());
-    let in_flight = InFlight::default();
-    let connections = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
-    let config = crate::tls::server_config(resolver, vec![b"h2".to_vec(), b"http/1.1".to_vec()])
-        .map_err(|e| ServeError::Tls(e.to_string()))?;
-    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listeners = bind(addrs).await?;
+    serve_bound_until(platform, services, audit, listeners, resolver, shutdown).await
+}
 
+/// Binds the listeners of [`serve_bound_until`]. Once bound, connections wait in the
+/// kernel's queue until serving starts: work started in between (the storage services'
+/// keepers, which call the key vault over HTTPS at start) is not refused.
+///
+/// # Errors
+/// [`ServeError::Bind`] naming the address that could not be bound.
+pub async fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, ServeError> {
     let mut listeners = Vec::new();
     for addr in addrs {
         listeners.push(
@@ -80,6 +83,29 @@ pub async fn serve_until(
                 .map_err(|e| ServeError::Bind(*addr, e))?,
         );
     }
+    Ok(listeners)
+}
+
+/// [`serve_until`] on listeners already bound ([`bind`]).
+///
+/// # Errors
+/// [`ServeError::Tls`] if the TLS configuration cannot be built.
+pub async fn serve_bound_until(
+    platform: Arc<Platform>,
+    services: Services,
+    audit: Arc<kagi_audit::AuditLog>,
+    listeners: Vec<TcpListener>,
+    resolver: SniResolver,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    // Vault firewalls trust the identities of the registered services that say so.
+    platform.set_trusted_service_types(&services.trusted_service_types());
+    let in_flight = InFlight::default();
+    let connections = Arc::new(hyper_util::server::graceful::GracefulShutdown::new());
+    let config = crate::tls::server_config(resolver, vec![b"h2".to_vec(), b"http/1.1".to_vec()])
+        .map_err(|e| ServeError::Tls(e.to_string()))?;
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         let platform = platform.clone();

@@ -81,14 +81,22 @@ impl SqlService {
                     continue;
                 }
                 // A database with a key of its own opens with its own identity.
+                // A database whose key cannot be reached now is counted as not opened (the
+                // keeper's passes and its first client try again).
                 let kek = match crate::db_keys::own_protector(&db) {
                     Some(p) => match self.kek(&server, &p).await {
                         Ok(k) => Arc::new(k),
-                        Err(_) => continue,
+                        Err(_) => {
+                            report.failed += 1;
+                            continue;
+                        }
                     },
                     None => match &server_kek {
                         Some(k) => k.clone(),
-                        None => continue,
+                        None => {
+                            report.failed += 1;
+                            continue;
+                        }
                     },
                 };
                 let (svc, server, kek, limit) = (self.clone(), server.clone(), kek, limit.clone());
