@@ -20,16 +20,9 @@ read -ra clients <<<"${BENCH_WIRE_CLIENTS:-1 4 16}"
 
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
 as_pg() { if [ -z "$sudo" ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
-pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
-if [ -z "$pgbin" ] || [ ! -x "$pgbin/initdb" ]; then
-  # No cluster of Debian's own: the benchmark makes its own.
-  $sudo mkdir -p /etc/postgresql-common
-  echo "create_main_cluster = false" | $sudo tee /etc/postgresql-common/createcluster.conf >/dev/null
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq postgresql >/dev/null
-  pgbin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
-fi
+# PostgreSQL 15 from Debian, without a main cluster: scripts/setup.sh installs it.
 scripts/setup.sh
+pgbin=/usr/lib/postgresql/15/bin
 tests/conformance/venv.sh
 py="$PWD/.venv/bin/python"
 cargo build --release -q -p kagi

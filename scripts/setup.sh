@@ -19,6 +19,11 @@ command -v mkfs.ext4 >/dev/null 2>&1 || need_apt+=(e2fsprogs)
 command -v losetup >/dev/null 2>&1 || need_apt+=(util-linux)
 # psql, which the kagi-pgsql tests drive against the SQL service's PostgreSQL front end.
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+# PostgreSQL 15's server binaries (/usr/lib/postgresql/15/bin) for scripts/postgres.sh (tests that
+# need a real PostgreSQL, a primary and a streaming standby) and scripts/bench-sql-wire.sh; those
+# make their own clusters in directories of their own, so Debian's main cluster is not made.
+no_main_cluster=0
+[ -x /usr/lib/postgresql/15/bin/initdb ] || { need_apt+=(postgresql-15); no_main_cluster=1; }
 # The sqlite3 shell: the TDE tests check that it cannot read an encrypted database.
 command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 # An HSM for RSA-HSM/EC-HSM keys and the sealed root key (kagi-hsm tests, conformance), and
@@ -30,6 +35,12 @@ if ((${#need_apt[@]})); then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "setup: installing ${need_apt[*]}" >&2
+  if ((no_main_cluster)); then
+    # Read by the package's postinst through the include_dir line of postgresql-common's
+    # createcluster.conf (a createcluster.conf of our own would clash with that package's).
+    $sudo mkdir -p /etc/postgresql-common/createcluster.d
+    echo "create_main_cluster = false" | $sudo tee /etc/postgresql-common/createcluster.d/kagi.conf >/dev/null
+  fi
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi

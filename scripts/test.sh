@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs every test: Rust unit and integration tests, then the Azure SDK conformance suite
-# against a real `kagi server` (the Python venv with the Azure SDK and psycopg is made first: the
-# Rust tests of the PostgreSQL front end drive psycopg too), then bounded fuzzing runs of the
-# NBD, PostgreSQL and page-codec parsers (KAGI_FUZZ_SECONDS per target, default 15).
+# Runs every test: Rust unit and integration tests, then the harness scripts' tests (tests/infra:
+# scripts/postgres.sh's PostgreSQL 15 primary and streaming standby), then the Azure SDK
+# conformance suite against a real `kagi server` (the Python venv with the Azure SDK and psycopg
+# is made first: the Rust tests of the PostgreSQL front end drive psycopg too), then bounded
+# fuzzing runs of the NBD, PostgreSQL and page-codec parsers (KAGI_FUZZ_SECONDS per target,
+# default 15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -14,6 +16,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test -q --workspace --no-fail-fast
 fi
+# The project's own harness scripts: scripts/postgres.sh's primary and streaming standby.
+"${KAGI_VENV:-$PWD/.venv}/bin/python" -m pytest -q tests/infra
 KAGI_BIN="$PWD/target/debug/kagi" tests/conformance/run.sh "$@"
 # The parsers that face clients or disk bytes, under libFuzzer, for a bounded time per target.
 scripts/fuzz.sh "${KAGI_FUZZ_SECONDS:-15}"
