@@ -12,6 +12,8 @@
 #![forbid(unsafe_code)]
 
 pub mod alerts;
+#[cfg(feature = "contract")]
+pub mod contract;
 pub mod directory;
 pub mod events;
 pub mod moves;

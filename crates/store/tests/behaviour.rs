@@ -1,4 +1,5 @@
-//! The store's contract, exercised on a real SQLite file.
+//! What SQLite keeps across a reopen of its file; the behaviours every backend shares are in
+//! the contract suite (`tests/contract.rs`).
 
 mod common;
 
@@ -65,26 +66,4 @@ async fn keys_versions_delete_recover_purge_survive_reopen() {
     s.purge_vault(&v.name).await.unwrap();
     assert!(s.list_vaults().await.unwrap().is_empty());
     assert!(s.load_keys(&v.name).await.unwrap().is_empty());
-}
-
-#[tokio::test]
-async fn meta_is_first_writer_wins() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(&dir.path().join("m.db")).await.unwrap();
-    assert_eq!(s.get_meta("x").await.unwrap(), None);
-    assert_eq!(s.put_meta_if_absent("x", b"one").await.unwrap(), b"one");
-    assert_eq!(s.put_meta_if_absent("x", b"two").await.unwrap(), b"one");
-}
-
-#[tokio::test]
-async fn vault_records_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(&dir.path().join("v.db")).await.unwrap();
-    let mut v = vault("vault-two");
-    s.put_vault(&v).await.unwrap();
-    v.deleted_at = Some(5);
-    v.purge_at = Some(6);
-    v.properties.enable_purge_protection = true;
-    s.put_vault(&v).await.unwrap();
-    assert_eq!(s.list_vaults().await.unwrap(), vec![v]);
 }

@@ -3,28 +3,8 @@
 mod common;
 
 use common::*;
-use kagi_core::secret::{SecretAttributes, SecretVersionInfo};
-use kagi_core::{KeyVersion, ObjectName};
-use kagi_store::{SecretRecord, SecretVersionRecord, SqliteStore, Store, StoreError};
-
-fn secret_version(i: u8, seq: i64) -> SecretVersionRecord {
-    SecretVersionRecord {
-        version: KeyVersion::from_random([i; 16]),
-        seq,
-        info: SecretVersionInfo {
-            content_type: Some("text/plain".into()),
-            attributes: SecretAttributes {
-                enabled: true,
-                nbf: None,
-                exp: Some(500),
-                created: 10,
-                updated: 10,
-            },
-            tags: Default::default(),
-        },
-        sealed_value: vec![i; 40],
-    }
-}
+use kagi_core::ObjectName;
+use kagi_store::{SecretRecord, SqliteStore, Store, StoreError};
 
 #[tokio::test]
 async fn secrets_versions_delete_recover_purge_survive_reopen() {
