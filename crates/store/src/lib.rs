@@ -40,9 +40,11 @@ pub use sqlite::SqliteStore;
 /// none of them is the client's fault.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database failed.
+    /// The backend failed (I/O, a lost connection, a constraint the trait does not name). The
+    /// message is the backend's, without row data; the type is the same for every backend,
+    /// so callers never see the backend's own error types.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(String),
     /// A stored row could not be decoded (corruption or a newer format).
     #[error("corrupt record in {table}: {detail}")]
     Corrupt {
@@ -54,6 +56,13 @@ pub enum StoreError {
     /// A uniqueness rule was violated (the row exists).
     #[error("conflict: {0}")]
     Conflict(String),
+}
+
+// Backends turn their own errors into the neutral one at their boundary.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Database(e.to_string())
+    }
 }
 
 /// Result of store calls.
