@@ -124,7 +124,8 @@ impl SqliteStore {
     /// created them with the umask's mode: they hold webhook URLs, password hashes and sealed
     /// keys.
     pub async fn open(path: &Path) -> Result<Self> {
-        restrict_to_owner(path).map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
+        restrict_to_owner(path)
+            .map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
         let options = Self::options(path)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
