@@ -284,9 +284,7 @@ impl Pkcs11Provider {
         what: &'static str,
         f: impl Fn(&Session) -> Result<T, CkError>,
     ) -> Result<T, CryptoError> {
-        self.token
-            .with_session(f)
-            .map_err(|e| crypto_err(&self.token.label, what, &e))
+        self.run_mapped(what, crypto_err, f)
     }
 
     /// As [`Self::run`] for an operation that decrypts its input.
@@ -295,12 +293,20 @@ impl Pkcs11Provider {
         what: &'static str,
         f: impl Fn(&Session) -> Result<T, CkError>,
     ) -> Result<T, CryptoError> {
-        self.token
-            .with_session(f)
-            .map_err(|e| decrypt_err(&self.token.label, what, &e))
+        self.run_mapped(what, decrypt_err, f)
     }
 
-    /// Runs `f`, which may fail with a crypto error of its own, on a session.
+    fn run_mapped<T>(
+        &self,
+        what: &'static str,
+        map: fn(&str, &str, &CkError) -> CryptoError,
+        f: impl Fn(&Session) -> Result<T, CkError>,
+    ) -> Result<T, CryptoError> {
+        self.token
+            .with_session(f)
+            .map_err(|e| map(&self.token.label, what, &e))
+    }
+
     /// Runs `f`, which makes the objects of key `id`, and reads the key back; on any
     /// failure whatever `f` made is destroyed.
     fn run_key(

@@ -123,6 +123,24 @@ pub(crate) fn private_key_aad(
     format!("kagi/v1/key/{}/{}/{}", vault, name.folded(), version).into_bytes()
 }
 
+/// What a key version keeps of its private key, unsealed from its `sealed_private`.
+pub(crate) fn unseal_stored_key(
+    root: &dyn RootKey,
+    vault: &VaultName,
+    name: &ObjectName,
+    version: &KeyVersion,
+    sealed: &[u8],
+) -> Result<StoredPrivateKey, KvError> {
+    let bytes = root
+        .open(
+            SealPurpose::PrivateKey,
+            &private_key_aad(vault, name, version),
+            sealed,
+        )
+        .map_err(|e| crate::internal("unseal private key", e))?;
+    StoredPrivateKey::decode(&bytes).map_err(|e| crate::internal("stored private key", e))
+}
+
 impl VersionEntry {
     pub(crate) fn new(r: KeyVersionRecord) -> Self {
         Self {
@@ -162,14 +180,7 @@ impl VersionEntry {
         vault: &VaultName,
         name: &ObjectName,
     ) -> Result<StoredPrivateKey, KvError> {
-        let bytes = root
-            .open(
-                SealPurpose::PrivateKey,
-                &private_key_aad(vault, name, &self.version),
-                &self.sealed_private,
-            )
-            .map_err(|e| crate::internal("unseal private key", e))?;
-        StoredPrivateKey::decode(&bytes).map_err(|e| crate::internal("stored private key", e))
+        unseal_stored_key(root, vault, name, &self.version, &self.sealed_private)
     }
 
     /// The private key, opened on first use (unsealed, or found in the HSM) and kept for the

@@ -1410,16 +1410,14 @@ impl Platform {
     ) {
         for (k, _) in keys {
             for v in &k.versions {
-                let stored = self
-                    .root
-                    .open(
-                        SealPurpose::PrivateKey,
-                        &private_key_aad(vault, &k.name, &v.version),
-                        &v.sealed_private,
-                    )
-                    .ok()
-                    .and_then(|b| StoredPrivateKey::decode(&b).ok());
-                if let Some(StoredPrivateKey::Token(r)) = stored {
+                let stored = crate::state::unseal_stored_key(
+                    self.root.as_ref(),
+                    vault,
+                    &k.name,
+                    &v.version,
+                    &v.sealed_private,
+                );
+                if let Ok(StoredPrivateKey::Token(r)) = stored {
                     self.destroy_token_key(&r);
                 }
             }
