@@ -2,7 +2,9 @@
 # Runs every test: Rust unit and integration tests, then the harness scripts' tests (tests/infra:
 # scripts/postgres.sh's PostgreSQL 15 primary and streaming standby), then the Azure SDK
 # conformance suite against a real `kagi server` (the Python venv with the Azure SDK and psycopg
-# is made first: the Rust tests of the PostgreSQL front end drive psycopg too), then bounded
+# is made first: the Rust tests of the PostgreSQL front end drive psycopg too), then the suite's
+# store-facing part again with kagi's store on PostgreSQL (`--store postgres://…`; the store
+# contract's PostgreSQL half runs in the Rust tests on the same scratch server), then bounded
 # fuzzing runs of the NBD, PostgreSQL and page-codec parsers (KAGI_FUZZ_SECONDS per target,
 # default 15).
 set -euo pipefail
@@ -11,6 +13,11 @@ scripts/setup.sh
 python3 scripts/import-loops.py .
 tests/conformance/venv.sh
 cargo build -q --workspace --all-targets
+# A scratch PostgreSQL for the PostgreSQL store's tests, removed on exit.
+pgdir="$(mktemp -d /tmp/kagi-test-pg.XXXXXX)"
+trap 'scripts/postgres.sh destroy "$pgdir" >/dev/null 2>&1 || true' EXIT
+eval "$(scripts/postgres.sh start "$pgdir" | grep '^PG_PRIMARY_URL=')"
+export KAGI_TEST_POSTGRES_URL="$PG_PRIMARY_URL" KAGI_REQUIRE_POSTGRES=1
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast
 else
@@ -19,5 +26,8 @@ fi
 # The project's own harness scripts: scripts/postgres.sh's primary and streaming standby.
 "${KAGI_VENV:-$PWD/.venv}/bin/python" -m pytest -q tests/infra
 KAGI_BIN="$PWD/target/debug/kagi" tests/conformance/run.sh "$@"
+# The store-facing families again, every server's store in a database of its own on PostgreSQL.
+KAGI_CONFORMANCE_POSTGRES="$PG_PRIMARY_URL" KAGI_BIN="$PWD/target/debug/kagi" \
+  tests/conformance/run.sh -k "$(cat tests/conformance/postgres-families.txt | xargs | sed 's/ / or /g')" "$@"
 # The parsers that face clients or disk bytes, under libFuzzer, for a bounded time per target.
 scripts/fuzz.sh "${KAGI_FUZZ_SECONDS:-15}"

@@ -46,6 +46,20 @@ SDK_TIMEOUTS = dict(connection_timeout=10, read_timeout=120, retry_total=0)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cli: tests of the kagi command-line interface")
+    config.addinivalue_line(
+        "markers", "sqlite_store: tests that read or check the SQLite file itself (kagi.db)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    # On the PostgreSQL backend (KAGI_CONFORMANCE_POSTGRES) there is no kagi.db to read; these
+    # tests run in the suite's SQLite pass.
+    if not os.environ.get("KAGI_CONFORMANCE_POSTGRES"):
+        return
+    skip = pytest.mark.skip(reason="reads the SQLite file; the store is on PostgreSQL")
+    for item in items:
+        if "sqlite_store" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_sessionstart(session):
@@ -143,6 +157,19 @@ def parse_challenge(header: str) -> tuple:
 # --------------------------------------------------------------------------------------------
 
 
+def scratch_pg_database(server_url: str) -> str:
+    """Creates an empty database on a PostgreSQL server; returns its URL (same credentials)."""
+    import psycopg
+
+    name = f"kagi_conf_{os.getpid()}_{secrets.token_hex(6)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    base, _, rest = server_url.partition("://")
+    authority, _, tail = rest.partition("/")
+    query = tail.partition("?")[2]
+    return f"{base}://{authority}/{name}" + (f"?{query}" if query else "")
+
+
 class KagiServer:
     """A `kagi server` child process bound to one data dir and one port."""
 
@@ -162,6 +189,13 @@ class KagiServer:
         # The SQL service's PostgreSQL listener (each server its own port).
         self.sql_port = free_port()
         self.proc: Optional[subprocess.Popen] = None
+        # KAGI_CONFORMANCE_POSTGRES (a PostgreSQL server URL): each server keeps its store in a
+        # scratch database of its own there (`--store`), kept across its restarts.
+        self.store_url: Optional[str] = (
+            scratch_pg_database(os.environ["KAGI_CONFORMANCE_POSTGRES"])
+            if os.environ.get("KAGI_CONFORMANCE_POSTGRES") and "--store" not in self.extra_args
+            else None
+        )
         self._log_fh = None
         self._credential = None
         self._admin: Optional[dict] = None
@@ -200,6 +234,34 @@ class KagiServer:
     def vault_url(self, name: str) -> str:
         return f"https://{name}.localhost:{self.port}/"
 
+    def store_bytes(self) -> bytes:
+        """Everything the store holds, as bytes: the SQLite files, or every value of every
+        table of the server's PostgreSQL database (to check what is sealed at rest)."""
+        if not self.store_url:
+            return b"".join(
+                (self.data_dir / f).read_bytes()
+                for f in ("kagi.db", "kagi.db-wal")
+                if (self.data_dir / f).exists()
+            )
+        import psycopg
+
+        out = bytearray()
+        with psycopg.connect(self.store_url) as conn:
+            tables = [
+                r[0]
+                for r in conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE schemaname = current_schema()"
+                )
+            ]
+            for t in tables:
+                for row in conn.execute(f'SELECT * FROM "{t}"'):
+                    for v in row:
+                        if isinstance(v, (bytes, bytearray, memoryview)):
+                            out += bytes(v)
+                        elif v is not None:
+                            out += str(v).encode()
+        return bytes(out)
+
     # -- lifecycle -------------------------------------------------------------------------
     def command(self) -> List[str]:
         return [
@@ -211,6 +273,7 @@ class KagiServer:
             f"localhost:{self.port}",
             "--sql-listen",
             f"localhost:{self.sql_port}",
+            *(["--store", self.store_url] if self.store_url else []),
             *self.extra_args,
         ]
 

@@ -287,6 +287,7 @@ def test_backup_vault_cmk_refused_after_protection(kagi, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_store
 def test_backup_vault_crash_safety(private_kagi, tmp_path):
     srv = private_kagi
     src = tmp_path / "src"

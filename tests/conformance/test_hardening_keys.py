@@ -297,6 +297,7 @@ def mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+@pytest.mark.sqlite_store
 def test_data_directory_and_store_are_private(private_kagi):
     srv = private_kagi
     # conftest creates the directory with Python's default mode (0755 under the usual umask)

@@ -83,6 +83,7 @@ def test_every_key_object_in_the_token_is_sensitive_and_not_extractable(kagi, pr
         assert "sensitive" in flags and "extractable" not in flags, o
 
 
+@pytest.mark.sqlite_store
 def test_hsm_keys_are_made_and_used_inside_the_token(kagi, premium_vault, vault):
     before = key_labels(kagi)
     c = premium_vault.client

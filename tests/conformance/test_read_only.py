@@ -41,6 +41,7 @@ def data_files(data_dir):
     return out
 
 
+@pytest.mark.sqlite_store
 def test_read_only_node(private_kagi):
     srv = private_kagi
     # Data made normally.
@@ -149,6 +150,7 @@ def test_read_only_node(private_kagi):
     assert keys.rotate_key("rsa1").id != rsa.id
 
 
+@pytest.mark.sqlite_store
 def test_read_only_refuses_an_uninitialised_data_dir(tmp_path):
     data = tmp_path / "never-started"
     p = subprocess.run(

@@ -87,6 +87,11 @@ enum Command {
             value_parser = clap::builder::BoolishValueParser::new()
         )]
         read_only: bool,
+        /// Where the store lives: `sqlite` (default: `<data-dir>/kagi.db`) or a PostgreSQL URL
+        /// `postgres://user:password@host:port/database`, which several nodes may share
+        /// (docs/SEVERAL_NODES.md). The data directory still holds the root key.
+        #[arg(long, env = "KAGI_STORE")]
+        store: Option<String>,
         #[command(flatten)]
         pkcs11: hsm::Pkcs11Args,
     },
@@ -165,12 +170,15 @@ fn main() -> std::process::ExitCode {
                 sql_listen,
                 test_clock,
                 read_only,
+                store,
                 pkcs11,
             } => {
                 let listeners = Listeners {
                     nbd: nbd_listen,
                     sql: sql_listen,
                     read_only,
+                    store: kagi_store::StoreLocation::parse(store.as_deref(), &cli.data_dir)
+                        .map_err(anyhow::Error::msg)?,
                 };
                 let hsm = pkcs11.open()?;
                 run_server(cli.data_dir, listen, dns_suffix, listeners, test_clock, hsm).await
@@ -290,6 +298,8 @@ struct Listeners {
     sql: Option<String>,
     /// `--read-only`: writes are refused and nothing of the node's own writes.
     read_only: bool,
+    /// `--store`: where the store lives.
+    store: kagi_store::StoreLocation,
 }
 
 /// The PostgreSQL listeners of `--sql-listen` (`None`: the default, skipped with a warning
@@ -337,7 +347,7 @@ async fn run_server(
     let (addrs, port) = listen_addrs(&listen)?;
     private_data_dir(&data_dir)?;
     if read_only {
-        read_only::check_initialised(&data_dir)?;
+        read_only::check_initialised(&data_dir, &listeners.store)?;
     }
     let config = kagi_vault::PlatformConfig {
         data_dir: data_dir.clone(),
@@ -346,15 +356,29 @@ async fn run_server(
     };
     let (platform, created_admin) = if test_clock {
         let clock = std::sync::Arc::new(kagi_core::time::TestClock::new());
-        let (p, admin) =
-            read_only::open_platform(config, clock.clone(), hsm.clone(), read_only).await?;
+        let (p, admin) = read_only::open_platform(
+            config,
+            clock.clone(),
+            hsm.clone(),
+            read_only,
+            &listeners.store,
+        )
+        .await?;
         tracing::warn!("test clock enabled: POST /kagi/test/clock moves time forward");
         (p.with_test_clock(clock), admin)
     } else {
         let clock = std::sync::Arc::new(kagi_core::time::SystemClock);
-        read_only::open_platform(config, clock, hsm.clone(), read_only).await?
+        read_only::open_platform(config, clock, hsm.clone(), read_only, &listeners.store).await?
     };
     let platform = std::sync::Arc::new(platform);
+    if let kagi_store::StoreLocation::Postgres(_) = &listeners.store {
+        // Other nodes (or, on a standby, the primary) change the shared store: follow them.
+        let recheck = std::env::var("KAGI_CHANGE_RECHECK_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(kagi_vault::CHANGE_RECHECK, std::time::Duration::from_millis);
+        tokio::spawn(platform.clone().follow_changes(recheck));
+    }
     let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
     let ca_path = std::fs::canonicalize(&ca.cert_path).unwrap_or(ca.cert_path.clone());
     let resolver = kagi_http::tls::SniResolver::new(ca, &dns_suffix);

@@ -5,20 +5,30 @@
 use std::path::Path;
 use std::sync::Arc;
 
-/// The store file a normal first start creates.
-const STORE_FILE: &str = "kagi.db";
-
 /// Refuses a data directory that was never initialised: a first start writes (the store, its
-/// meta rows, the root key, the bootstrap administrator), which a read-only node must not.
-pub(crate) fn check_initialised(data_dir: &Path) -> anyhow::Result<()> {
-    let store = data_dir.join(STORE_FILE);
-    let admin = data_dir.join("bootstrap-admin.json");
-    if !store.is_file() || !admin.is_file() {
+/// meta rows, the root key, the bootstrap administrator), which a read-only node must not. On
+/// a shared PostgreSQL store the data directory needs its copy of the root key.
+pub(crate) fn check_initialised(
+    data_dir: &Path,
+    store: &kagi_store::StoreLocation,
+) -> anyhow::Result<()> {
+    let needed: Vec<std::path::PathBuf> = match store {
+        kagi_store::StoreLocation::Sqlite(db) => {
+            vec![db.clone(), data_dir.join("bootstrap-admin.json")]
+        }
+        kagi_store::StoreLocation::Postgres(_) => {
+            let plain = data_dir.join("root.key");
+            let sealed = data_dir.join("root.key.sealed");
+            vec![if sealed.is_file() { sealed } else { plain }]
+        }
+    };
+    if let Some(missing) = needed.iter().find(|p| !p.is_file()) {
         anyhow::bail!(
             "--read-only: {} was never initialised (no {}); start kagi once without \
-             --read-only on it (or point --data-dir at a replica of one) first",
+             --read-only on it (or point --data-dir at a replica of one, or copy the root key \
+             of a node of this store) first",
             data_dir.display(),
-            store.display()
+            missing.display()
         );
     }
     Ok(())
@@ -34,17 +44,27 @@ pub(crate) fn announce() {
     );
 }
 
-/// The platform on its data directory: [`kagi_vault::Platform::open_read_only`] (the store
-/// opened so that nothing can write to it) when `read_only`, else a normal open.
+/// The platform on its data directory and store: [`kagi_vault::Platform::open_read_only`]
+/// (the store opened so that nothing can write to it) when `read_only`, else a normal open; a
+/// PostgreSQL store is opened here (read-only: every transaction read-only, as on a standby).
 pub(crate) async fn open_platform(
     config: kagi_vault::PlatformConfig,
     clock: Arc<dyn kagi_core::time::Clock>,
     hsm: Option<Arc<dyn kagi_crypto::KeyProvider>>,
     read_only: bool,
+    store: &kagi_store::StoreLocation,
 ) -> Result<(kagi_vault::Platform, Option<kagi_vault::BootstrapAdmin>), kagi_vault::StartupError> {
-    if read_only {
-        kagi_vault::Platform::open_read_only(config, clock, hsm).await
-    } else {
-        kagi_vault::Platform::open_with_hsm(config, clock, hsm).await
+    match store {
+        kagi_store::StoreLocation::Sqlite(_) if read_only => {
+            kagi_vault::Platform::open_read_only(config, clock, hsm).await
+        }
+        kagi_store::StoreLocation::Sqlite(_) => {
+            kagi_vault::Platform::open_with_hsm(config, clock, hsm).await
+        }
+        kagi_store::StoreLocation::Postgres(_) => {
+            let opened = kagi_store::SqlStore::open(store, read_only).await?;
+            kagi_vault::Platform::open_on_store(config, clock, hsm, std::sync::Arc::new(opened))
+                .await
+        }
     }
 }

@@ -16,6 +16,7 @@
 
 mod locks;
 mod principals;
+mod reload;
 mod roles;
 mod state;
 mod token_guards;
@@ -58,6 +59,9 @@ pub struct Directory {
     authority: String,
     admin_object_id: String,
     state: RwLock<State>,
+    /// Counts changes this node applies to `state` ([`Self::state_mut`]), so that a reload
+    /// from the store ([`Self::reload`]) that raced one starts over instead of undoing it.
+    local_changes: std::sync::atomic::AtomicU64,
     /// The token endpoint's throttles and replay cache, and the signing-key rotation lock.
     guards: token_guards::TokenGuards,
 }
@@ -92,6 +96,7 @@ impl Directory {
             authority: parts.authority,
             admin_object_id: parts.admin_object_id,
             state: RwLock::new(parts.state),
+            local_changes: Default::default(),
             guards: Default::default(),
         }
     }
@@ -108,7 +113,10 @@ impl Directory {
 
     /// The in-memory directory, for a change already committed to the store.
     pub fn state_mut(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(|p| p.into_inner())
+        let guard = self.state.write().unwrap_or_else(|p| p.into_inner());
+        self.local_changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        guard
     }
 
     /// Refuses (403 `AuthorizationFailed`) anyone but the bootstrap administrator.

@@ -720,7 +720,7 @@ mod tests {
 
     async fn platform(dir: &std::path::Path) -> Directory {
         let store: Arc<dyn kagi_store::Store> = Arc::new(
-            kagi_store::SqliteStore::open(&dir.join("kagi.db"))
+            kagi_store::SqlStore::open_sqlite(&dir.join("kagi.db"))
                 .await
                 .unwrap(),
         );

@@ -1,5 +1,5 @@
 //! Records of Azure Monitor's resources (action groups, activity log alerts) and the outbox of
-//! their notifications. The schema is [`SCHEMA`]; the SQL is in `sqlite/alerts.rs`.
+//! their notifications. The schema is [`SCHEMA`]; the SQL is in `sql/alerts.rs`.
 //!
 //! - **Monitor resources** (`monitor_resources`): one ARM body per resource, by lower-case id.
 //!   They live in their own table, not in the directory's `resources`: they carry no

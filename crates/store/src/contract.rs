@@ -15,6 +15,8 @@
 // Test code: a broken promise is a panic with the failing value.
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+pub mod postgres;
+
 use kagi_core::key::{KeyAttributes, KeyOperation, KeyType, KeyVersionInfo, PublicJwk};
 use kagi_core::rotation::RotationPolicy;
 use kagi_core::secret::{SecretAttributes, SecretVersionInfo};

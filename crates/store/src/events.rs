@@ -1,5 +1,5 @@
 //! Records of rotation policies, event marks, event subscriptions and the event outbox
-//! (deliveries and dead letters). The schema is [`SCHEMA`]; the SQL is in `sqlite/events.rs`.
+//! (deliveries and dead letters). The schema is [`SCHEMA`]; the SQL is in `sql/events.rs`.
 
 /// Schema of rotation policies and events, applied as one migration.
 pub(crate) const SCHEMA: &str = r#"

@@ -6,12 +6,13 @@
 //! documents and activity logs, [`services`]), policy assignments, and action groups and
 //! activity log alerts with their notifications ([`alerts`]). It has no opinion on rules; the
 //! service decides, the store records atomically.
-//! [`SqliteStore`] is the embedded default (WAL, `synchronous=FULL`, so an acknowledged write
+//! [`SqlStore`] is the embedded default (WAL, `synchronous=FULL`, so an acknowledged write
 //! survives kill -9 and power loss); the trait is what a PostgreSQL store will implement.
 
 #![forbid(unsafe_code)]
 
 pub mod alerts;
+pub mod changes;
 #[cfg(feature = "contract")]
 pub mod contract;
 pub mod directory;
@@ -19,7 +20,7 @@ pub mod events;
 pub mod moves;
 mod secrets;
 pub mod services;
-mod sqlite;
+mod sql;
 
 use async_trait::async_trait;
 use kagi_core::key::{KeyVersionInfo, Tags};
@@ -34,7 +35,7 @@ pub use directory::{
 pub use moves::MoveStore;
 pub use secrets::{SecretRecord, SecretVersionRecord};
 pub use services::{ActivityRecord, ServiceDocument, ServiceImport};
-pub use sqlite::SqliteStore;
+pub use sql::{Dialect, SqlStore, StoreLocation};
 
 /// A store failure. The service maps every variant to a 5xx (or 409 for [`Self::Conflict`]):
 /// none of them is the client's fault.
@@ -380,4 +381,17 @@ pub trait Store:
         assignments: &[(String, String)],
         now: i64,
     ) -> Result<()>;
+    // --- the change feed of a shared store (`changes`) ---
+    /// Every scope's last change number. Empty for a store one process has to itself
+    /// (SQLite), where nothing changes behind the node's back.
+    async fn change_marks(&self) -> Result<Vec<(String, i64)>> {
+        Ok(Vec::new())
+    }
+
+    /// A subscription to change notifications, when the backend delivers them (PostgreSQL's
+    /// LISTEN on a primary; not on a standby, which the re-check of [`Self::change_marks`]
+    /// covers).
+    async fn watch_changes(&self) -> Result<Option<Box<dyn changes::ChangeWatch>>> {
+        Ok(None)
+    }
 }

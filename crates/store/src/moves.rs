@@ -12,7 +12,7 @@
 use async_trait::async_trait;
 
 use crate::directory::ResourceRecord;
-use crate::{Result, SqliteStore, StoreError, VaultRecord};
+use crate::{Result, SqlStore, StoreError, VaultRecord};
 
 /// What moves persist. Each method is one transaction.
 #[async_trait]
@@ -43,11 +43,11 @@ pub trait MoveStore: Send + Sync {
 }
 
 async fn delete_assignments(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     ids: &[String],
 ) -> Result<()> {
     for id in ids {
-        sqlx::query("DELETE FROM role_assignments WHERE id = ?")
+        sqlx::query("DELETE FROM role_assignments WHERE id = $1")
             .bind(id)
             .execute(&mut **tx)
             .await?;
@@ -56,7 +56,7 @@ async fn delete_assignments(
 }
 
 #[async_trait]
-impl MoveStore for SqliteStore {
+impl MoveStore for SqlStore {
     async fn move_resource(
         &self,
         old_id: &str,
@@ -64,7 +64,7 @@ impl MoveStore for SqliteStore {
         removed_assignments: &[String],
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let gone = sqlx::query("DELETE FROM resources WHERE id = ?")
+        let gone = sqlx::query("DELETE FROM resources WHERE id = $1")
             .bind(old_id)
             .execute(&mut *tx)
             .await?;
@@ -75,7 +75,7 @@ impl MoveStore for SqliteStore {
         }
         sqlx::query(
             "INSERT INTO resources (id, type, subscription_id, resource_group, name, location, \
-             body, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             body, created, updated) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&new.id)
         .bind(&new.resource_type)
@@ -95,17 +95,17 @@ impl MoveStore for SqliteStore {
                 e.into()
             }
         })?;
-        sqlx::query("UPDATE identity_bindings SET resource_id = ? WHERE resource_id = ?")
+        sqlx::query("UPDATE identity_bindings SET resource_id = $1 WHERE resource_id = $2")
             .bind(&new.id)
             .bind(old_id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("UPDATE principals SET resource_id = ? WHERE resource_id = ?")
+        sqlx::query("UPDATE principals SET resource_id = $1 WHERE resource_id = $2")
             .bind(&new.id)
             .bind(old_id)
             .execute(&mut *tx)
             .await?;
-        crate::sqlite::services::rekey_resource_rows(&mut tx, old_id, &new.id).await?;
+        crate::sql::services::rekey_resource_rows(&mut tx, old_id, &new.id).await?;
         delete_assignments(&mut tx, removed_assignments).await?;
         tx.commit().await?;
         Ok(())
@@ -114,7 +114,7 @@ impl MoveStore for SqliteStore {
     async fn move_vault(&self, v: &VaultRecord, removed_assignments: &[String]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
-            "UPDATE vaults SET subscription_id = ?, resource_group = ?, updated = ? WHERE name = ?",
+            "UPDATE vaults SET subscription_id = $1, resource_group = $2, updated = $3 WHERE name = $4",
         )
         .bind(&v.subscription_id)
         .bind(&v.resource_group)
@@ -140,7 +140,7 @@ impl MoveStore for SqliteStore {
         removed_assignments: &[String],
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        let done = sqlx::query("UPDATE subscriptions SET tenant_id = ? WHERE id = ?")
+        let done = sqlx::query("UPDATE subscriptions SET tenant_id = $1 WHERE id = $2")
             .bind(tenant_id)
             .bind(subscription_id)
             .execute(&mut *tx)
@@ -181,7 +181,7 @@ mod tests {
     #[tokio::test]
     async fn a_moved_resource_takes_its_identity_and_bindings_and_drops_its_assignments() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("kagi.db"))
+        let s = SqlStore::open_sqlite(&dir.path().join("kagi.db"))
             .await
             .unwrap();
         let old =
@@ -279,7 +279,7 @@ mod tests {
     #[tokio::test]
     async fn a_subscription_changes_tenant() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("kagi.db"))
+        let s = SqlStore::open_sqlite(&dir.path().join("kagi.db"))
             .await
             .unwrap();
         s.ensure_subscription("t1", "s1", 1).await.unwrap();

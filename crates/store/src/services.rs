@@ -1,6 +1,6 @@
 //! Records of kagi's own storage services (backup vaults today; disk encryption sets and SQL
 //! servers later) that are not blobs, and the policy assignments. The schema is [`SCHEMA`];
-//! the SQL is in `sqlite/services.rs`.
+//! the SQL is in `sql/services.rs`.
 //!
 //! - **Service documents** (`service_documents`): small JSON documents a service keeps about
 //!   one of its resources, addressed by (resource key, kind, name). The store does not read

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use kagi_store::events::DeliveryOrigin;
-use kagi_store::{AlertNotification, AlertStore, MonitorRecord, SqliteStore, Store};
+use kagi_store::{AlertNotification, AlertStore, MonitorRecord, SqlStore, Store};
 
 const AG: &str =
     "/subscriptions/s1/resourcegroups/rg1/providers/microsoft.insights/actiongroups/ag1";
@@ -39,7 +39,7 @@ fn note(id: &str, receiver: &str) -> AlertNotification {
 #[tokio::test]
 async fn resources_are_put_listed_and_deleted() {
     let dir = tempfile::tempdir().unwrap();
-    let s = SqliteStore::open(&dir.path().join("kagi.db"))
+    let s = SqlStore::open_sqlite(&dir.path().join("kagi.db"))
         .await
         .unwrap();
     let ty = "microsoft.insights/actiongroups";
@@ -85,7 +85,7 @@ async fn notifications_come_with_their_entry_retry_dead_letter_and_go_with_their
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kagi.db");
     {
-        let s = SqliteStore::open(&path).await.unwrap();
+        let s = SqlStore::open_sqlite(&path).await.unwrap();
         s.put_monitor_resource(&record(AG, "microsoft.insights/actiongroups", "{}", 1))
             .await
             .unwrap();
@@ -116,7 +116,7 @@ async fn notifications_come_with_their_entry_retry_dead_letter_and_go_with_their
             3
         );
     }
-    let s = SqliteStore::open(&path).await.unwrap();
+    let s = SqlStore::open_sqlite(&path).await.unwrap();
     assert_eq!(s.list_service_activity(SERVER).await.unwrap().len(), 3);
     let due = s.due_alert_deliveries(0, 10).await.unwrap();
     let ids: Vec<&str> = due.iter().map(|d| d.event_id.as_str()).collect();

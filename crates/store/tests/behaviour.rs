@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use kagi_core::ObjectName;
-use kagi_store::{KeyRecord, SqliteStore, Store, StoreError};
+use kagi_store::{KeyRecord, SqlStore, Store, StoreError};
 
 #[tokio::test]
 async fn keys_versions_delete_recover_purge_survive_reopen() {
@@ -14,7 +14,7 @@ async fn keys_versions_delete_recover_purge_survive_reopen() {
     let v = vault("vault-one");
     let name = ObjectName::parse("Key-A").unwrap();
     {
-        let s = SqliteStore::open(&path).await.unwrap();
+        let s = SqlStore::open_sqlite(&path).await.unwrap();
         s.put_vault(&v).await.unwrap();
         s.add_key_version(&v.name, &name, &version(1, 1))
             .await
@@ -36,7 +36,7 @@ async fn keys_versions_delete_recover_purge_survive_reopen() {
             .await
             .unwrap();
     }
-    let s = SqliteStore::open(&path).await.unwrap();
+    let s = SqlStore::open_sqlite(&path).await.unwrap();
     let keys = s.load_keys(&v.name).await.unwrap();
     assert_eq!(keys.len(), 1);
     let k = &keys[0];

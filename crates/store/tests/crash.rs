@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use common::*;
 use kagi_core::ObjectName;
-use kagi_store::{SqliteStore, Store};
+use kagi_store::{SqlStore, Store};
 
 const CHILD_ENV: &str = "KAGI_STORE_CRASH_CHILD";
 
@@ -23,7 +23,7 @@ async fn crash_child_writer() {
         .unwrap()
         .parse()
         .unwrap();
-    let s = SqliteStore::open(std::path::Path::new(&path))
+    let s = SqlStore::open_sqlite(std::path::Path::new(&path))
         .await
         .unwrap();
     let v = vault("crash-vault");
@@ -77,7 +77,7 @@ async fn acknowledged_writes_survive_sigkill() {
         );
         acked_total.extend(acked.into_iter().map(|i| format!("k-{round}-{i}")));
 
-        let s = SqliteStore::open(&path).await.unwrap();
+        let s = SqlStore::open_sqlite(&path).await.unwrap();
         let keys = s.load_keys(&vault("crash-vault").name).await.unwrap();
         let names: std::collections::HashSet<String> =
             keys.iter().map(|k| k.name.as_str().to_string()).collect();

@@ -3,13 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use kagi_store::{SqliteStore, Store};
+use kagi_store::{SqlStore, Store};
 
 #[tokio::test]
 async fn read_only_store_reads_and_refuses_writes() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("kagi.db");
-    let store = SqliteStore::open(&db).await.unwrap();
+    let store = SqlStore::open_sqlite(&db).await.unwrap();
     store.put_meta_if_absent("probe", b"x").await.unwrap();
     store.ensure_subscription("t", "s", 1).await.unwrap();
     store.close().await;
@@ -21,7 +21,7 @@ async fn read_only_store_reads_and_refuses_writes() {
     };
     let before = (file("kagi.db"), file("kagi.db-wal"));
 
-    let ro = SqliteStore::open_read_only(&db).await.unwrap();
+    let ro = SqlStore::open_sqlite_read_only(&db).await.unwrap();
     assert_eq!(
         ro.get_meta("probe").await.unwrap().as_deref(),
         Some(&b"x"[..])
@@ -51,6 +51,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 async fn read_only_open_needs_an_existing_store() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("kagi.db");
-    assert!(SqliteStore::open_read_only(&db).await.is_err());
+    assert!(SqlStore::open_sqlite_read_only(&db).await.is_err());
     assert!(!db.exists());
 }

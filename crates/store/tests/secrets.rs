@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use kagi_core::ObjectName;
-use kagi_store::{SecretRecord, SqliteStore, Store, StoreError};
+use kagi_store::{SecretRecord, SqlStore, Store, StoreError};
 
 #[tokio::test]
 async fn secrets_versions_delete_recover_purge_survive_reopen() {
@@ -13,7 +13,7 @@ async fn secrets_versions_delete_recover_purge_survive_reopen() {
     let v = vault("vault-one");
     let name = ObjectName::parse("Secret-A").unwrap();
     {
-        let s = SqliteStore::open(&path).await.unwrap();
+        let s = SqlStore::open_sqlite(&path).await.unwrap();
         s.put_vault(&v).await.unwrap();
         s.add_secret_version(&v.name, &name, &secret_version(1, 1))
             .await
@@ -35,7 +35,7 @@ async fn secrets_versions_delete_recover_purge_survive_reopen() {
             .await
             .unwrap();
     }
-    let s = SqliteStore::open(&path).await.unwrap();
+    let s = SqlStore::open_sqlite(&path).await.unwrap();
     let secrets = s.load_secrets(&v.name).await.unwrap();
     assert_eq!(secrets.len(), 1);
     let sec = &secrets[0];

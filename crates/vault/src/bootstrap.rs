@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 use kagi_core::ids::uuid_v4;
 use kagi_core::time::Clock;
 use kagi_crypto::{KeyProvider, RootKey};
-use kagi_store::{PrincipalRecord, SqliteStore, Store};
+use kagi_store::{PrincipalRecord, SqlStore, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::state::VaultState;
@@ -35,6 +35,15 @@ pub enum StartupError {
     /// Stored state is inconsistent.
     #[error("{0}")]
     Corrupt(String),
+}
+
+/// Creates the data directory (owner only) if it is missing.
+fn make_data_dir(dir: &Path) -> Result<(), StartupError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StartupError + '_ {
@@ -97,16 +106,26 @@ impl Platform {
         hsm: Option<Arc<dyn KeyProvider>>,
     ) -> Result<(Self, Option<BootstrapAdmin>), StartupError> {
         let dir = &config.data_dir;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io(dir))?;
+        make_data_dir(dir)?;
+        let store = Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await?);
+        Self::open_on_store(config, clock, hsm, store).await
+    }
+
+    /// [`Self::open_with_hsm`] on a store opened by the caller (PostgreSQL, shared by several
+    /// nodes; or one opened read-only). The data directory still holds the root key, which
+    /// must be the one the store was sealed under (every node of a store has a copy).
+    pub async fn open_on_store(
+        config: PlatformConfig,
+        clock: Arc<dyn Clock>,
+        hsm: Option<Arc<dyn KeyProvider>>,
+        store: Arc<dyn Store>,
+    ) -> Result<(Self, Option<BootstrapAdmin>), StartupError> {
+        let dir = &config.data_dir;
+        make_data_dir(dir)?;
         let root: Arc<dyn RootKey> = Arc::new(
             kagi_crypto::load_or_create_root_key(dir, hsm.as_deref())
                 .map_err(|e| StartupError::RootKey(e.to_string()))?,
         );
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("kagi.db")).await?);
         let (mut platform, admin) = Self::open_with(config, clock, root, store).await?;
         platform.hsm = hsm;
         Ok((platform, admin))
@@ -126,7 +145,8 @@ impl Platform {
             .await?;
         if stored != fp.as_bytes() {
             return Err(StartupError::RootKey(format!(
-                "this data directory was sealed under root key {} but the loaded root key is {fp}",
+                "the store was sealed under root key {} but this data directory's root key is \
+                 {fp} (every node of a shared store needs a copy of the first node's root key)",
                 String::from_utf8_lossy(&stored)
             )));
         }

@@ -19,7 +19,9 @@ mod bootstrap;
 mod directory;
 mod directory_delegates;
 mod events;
+mod follow;
 pub use events::{DeliveryConfig, run_event_delivery};
+pub use follow::DEFAULT_RECHECK as CHANGE_RECHECK;
 mod key_material;
 mod keys;
 // Subscriptions, tenant moves and resource moves (BK-9, ID-3).

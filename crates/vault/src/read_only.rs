@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use kagi_core::time::Clock;
-use kagi_crypto::{KeyProvider, RootKey};
-use kagi_store::{SqliteStore, Store};
+use kagi_crypto::KeyProvider;
+use kagi_store::SqlStore;
 
 use crate::bootstrap::{BootstrapAdmin, StartupError};
 use crate::{Platform, PlatformConfig};
@@ -25,15 +25,8 @@ impl Platform {
         clock: Arc<dyn Clock>,
         hsm: Option<Arc<dyn KeyProvider>>,
     ) -> Result<(Self, Option<BootstrapAdmin>), StartupError> {
-        let dir = &config.data_dir;
-        let root: Arc<dyn RootKey> = Arc::new(
-            kagi_crypto::load_or_create_root_key(dir, hsm.as_deref())
-                .map_err(|e| StartupError::RootKey(e.to_string()))?,
-        );
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open_read_only(&dir.join("kagi.db")).await?);
-        let (mut platform, admin) = Self::open_with(config, clock, root, store).await?;
-        platform.hsm = hsm;
-        Ok((platform, admin))
+        let store =
+            Arc::new(SqlStore::open_sqlite_read_only(&config.data_dir.join("kagi.db")).await?);
+        Self::open_on_store(config, clock, hsm, store).await
     }
 }

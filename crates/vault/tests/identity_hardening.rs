@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use kagi_core::time::Clock;
 use kagi_crypto::AesRootKey;
 use kagi_store::directory::BindingRecord;
-use kagi_store::{SqliteStore, Store};
+use kagi_store::{SqlStore, Store};
 use kagi_vault::{BootstrapAdmin, Platform, PlatformConfig, Principal, ResourceGroupInput};
 use serde_json::{Value, json};
 
@@ -45,7 +45,7 @@ async fn open(
     dir: &Path,
     clock: &Arc<TestClock>,
 ) -> (Arc<dyn Store>, Platform, Option<BootstrapAdmin>) {
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("kagi.db")).await.unwrap());
+    let store: Arc<dyn Store> = Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await.unwrap());
     let (p, created) = Platform::open_with(
         PlatformConfig {
             data_dir: dir.to_path_buf(),

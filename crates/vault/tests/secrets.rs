@@ -12,7 +12,7 @@ use kagi_core::time::{DAY, TestClock};
 use kagi_core::vault::VaultInput;
 use kagi_core::{ErrorCode, KvError};
 use kagi_crypto::AesRootKey;
-use kagi_store::{SqliteStore, Store};
+use kagi_store::{SqlStore, Store};
 use kagi_vault::{BootstrapAdmin, ListQuery, Platform, Principal};
 use serde_json::{Value, json};
 
@@ -840,7 +840,7 @@ async fn test_clock_moves_validity_and_retention() {
 async fn platform_without_test_clock_refuses_to_move_time() {
     let dir = tempfile::tempdir().unwrap();
     let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&dir.path().join("kagi.db"))
+        SqlStore::open_sqlite(&dir.path().join("kagi.db"))
             .await
             .unwrap(),
     );

@@ -17,7 +17,7 @@ use kagi_core::time::{Clock, DAY};
 use kagi_core::vault::VaultInput;
 use kagi_core::{ErrorCode, KvError, b64};
 use kagi_crypto::{AesRootKey, DigestAlgorithm, RootKey};
-use kagi_store::{PrincipalRecord, SqliteStore, Store};
+use kagi_store::{PrincipalRecord, SqlStore, Store};
 use kagi_vault::{
     BootstrapAdmin, ListQuery, Platform, PlatformConfig, Principal, ResourceGroupInput,
     StartupError, TokenRequestError,
@@ -69,7 +69,7 @@ async fn open(
     clock: &Arc<TestClock>,
     root: &[u8; 32],
 ) -> Result<(Platform, Option<BootstrapAdmin>), StartupError> {
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("kagi.db")).await.unwrap());
+    let store: Arc<dyn Store> = Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await.unwrap());
     Platform::open_with(
         config(dir),
         clock.clone(),
@@ -232,7 +232,7 @@ async fn sign_in(p: &Platform, tenant: &str, client_id: &str, secret: &str) -> P
 /// platform is restarted on it (principals are loaded at start, as the bootstrap administrator
 /// is). Returns the records, in the order of `wanted` (tenant, secret).
 async fn add_principals(env: &mut Env, wanted: &[(&str, &str)]) -> Vec<PrincipalRecord> {
-    let store = SqliteStore::open(&env.dir.path().join("kagi.db"))
+    let store = SqlStore::open_sqlite(&env.dir.path().join("kagi.db"))
         .await
         .unwrap();
     let mut out = Vec::new();

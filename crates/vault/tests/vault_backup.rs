@@ -19,7 +19,7 @@ use kagi_core::secret::{SecretSetParameters, SecretUpdateParameters};
 use kagi_core::time::TestClock;
 use kagi_core::vault::VaultInput;
 use kagi_crypto::{AesRootKey, DigestAlgorithm};
-use kagi_store::{SqliteStore, Store};
+use kagi_store::{SqlStore, Store};
 use kagi_vault::{BackupRequest, BootstrapAdmin, ListQuery, Platform, Principal, RestoreRequest};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
@@ -44,7 +44,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let clock = Arc::new(TestClock::new());
         let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&dir.path().join("kagi.db"))
+            SqlStore::open_sqlite(&dir.path().join("kagi.db"))
                 .await
                 .unwrap(),
         );

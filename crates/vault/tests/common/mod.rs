@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use kagi_core::time::TestClock;
 use kagi_crypto::AesRootKey;
-use kagi_store::{SqliteStore, Store};
+use kagi_store::{SqlStore, Store};
 use kagi_vault::{BootstrapAdmin, Platform, PlatformConfig, Principal};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -30,7 +30,7 @@ pub fn config(dir: &Path) -> PlatformConfig {
 /// Opens the platform of `dir` on `clock` (as `kagi server --test-clock` does); the bootstrap
 /// administrator when it was created now.
 pub async fn open(dir: &Path, clock: &Arc<TestClock>) -> (Platform, Option<BootstrapAdmin>) {
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.join("kagi.db")).await.unwrap());
+    let store: Arc<dyn Store> = Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await.unwrap());
     let (p, admin) = Platform::open_with(
         config(dir),
         clock.clone(),

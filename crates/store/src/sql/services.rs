@@ -1,15 +1,15 @@
 //! Service documents, service activity and policy assignments (schema in
 //! `crate::services::SCHEMA`). A resource's rows go with it when it is deleted and follow it
 //! when it moves: [`delete_resource_rows`] and [`rekey_resource_rows`] run inside those
-//! transactions (`sqlite/directory.rs`, `moves.rs`).
+//! transactions (`sql/directory.rs`, `moves.rs`).
 
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::{Any, Row, Transaction};
 
-use super::SqliteStore;
+use super::SqlStore;
 use crate::Result;
 use crate::services::{ActivityRecord, ServiceDocument, ServiceImport};
 
-fn document(r: &sqlx::sqlite::SqliteRow) -> Result<ServiceDocument> {
+fn document(r: &sqlx::any::AnyRow) -> Result<ServiceDocument> {
     Ok(ServiceDocument {
         kind: r.try_get("kind")?,
         name: r.try_get("name")?,
@@ -21,12 +21,12 @@ fn document(r: &sqlx::sqlite::SqliteRow) -> Result<ServiceDocument> {
 /// Deletes every document and activity entry of `resource_key` (inside the caller's
 /// transaction).
 pub(crate) async fn delete_resource_rows(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     resource_key: &str,
 ) -> Result<()> {
     for sql in [
-        "DELETE FROM service_documents WHERE resource_key = ?",
-        "DELETE FROM service_activity WHERE resource_key = ?",
+        "DELETE FROM service_documents WHERE resource_key = $1",
+        "DELETE FROM service_activity WHERE resource_key = $1",
     ] {
         sqlx::query(sql)
             .bind(resource_key)
@@ -40,14 +40,14 @@ pub(crate) async fn delete_resource_rows(
 /// transaction). Rows already at `new_key` belong to no resource — the caller has just checked
 /// that none has that id — and would collide, so they go first.
 pub(crate) async fn rekey_resource_rows(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     old_key: &str,
     new_key: &str,
 ) -> Result<()> {
     delete_resource_rows(tx, new_key).await?;
     for sql in [
-        "UPDATE service_documents SET resource_key = ? WHERE resource_key = ?",
-        "UPDATE service_activity SET resource_key = ? WHERE resource_key = ?",
+        "UPDATE service_documents SET resource_key = $1 WHERE resource_key = $2",
+        "UPDATE service_activity SET resource_key = $1 WHERE resource_key = $2",
     ] {
         sqlx::query(sql)
             .bind(new_key)
@@ -62,15 +62,15 @@ pub(crate) async fn rekey_resource_rows(
 /// returns its position. One statement: SQLite takes the write lock before it reads the highest
 /// position, so two concurrent appends cannot pick the same one.
 pub(crate) async fn insert_activity(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     resource_key: &str,
     at: i64,
     body: &str,
 ) -> Result<i64> {
     Ok(sqlx::query_scalar(
         "INSERT INTO service_activity (resource_key, seq, at, body) \
-         SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ? FROM service_activity \
-         WHERE resource_key = ? RETURNING seq",
+         SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3 FROM service_activity \
+         WHERE resource_key = $4 RETURNING seq",
     )
     .bind(resource_key)
     .bind(at)
@@ -81,13 +81,13 @@ pub(crate) async fn insert_activity(
 }
 
 async fn insert_document_if_absent(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     resource_key: &str,
     doc: &ServiceDocument,
 ) -> Result<()> {
     sqlx::query(
         "INSERT INTO service_documents (resource_key, kind, name, body, updated) \
-         VALUES (?, ?, ?, ?, ?) ON CONFLICT (resource_key, kind, name) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (resource_key, kind, name) DO NOTHING",
     )
     .bind(resource_key)
     .bind(&doc.kind)
@@ -99,7 +99,7 @@ async fn insert_document_if_absent(
     Ok(())
 }
 
-impl SqliteStore {
+impl SqlStore {
     pub(super) async fn documents_get(
         &self,
         resource_key: &str,
@@ -108,7 +108,7 @@ impl SqliteStore {
     ) -> Result<Option<ServiceDocument>> {
         let row = sqlx::query(
             "SELECT kind, name, body, updated FROM service_documents \
-             WHERE resource_key = ? AND kind = ? AND name = ?",
+             WHERE resource_key = $1 AND kind = $2 AND name = $3",
         )
         .bind(resource_key)
         .bind(kind)
@@ -125,7 +125,7 @@ impl SqliteStore {
     ) -> Result<()> {
         sqlx::query(
             "INSERT INTO service_documents (resource_key, kind, name, body, updated) \
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT (resource_key, kind, name) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (resource_key, kind, name) \
              DO UPDATE SET body = excluded.body, updated = excluded.updated",
         )
         .bind(resource_key)
@@ -145,7 +145,7 @@ impl SqliteStore {
         name: &str,
     ) -> Result<bool> {
         let done = sqlx::query(
-            "DELETE FROM service_documents WHERE resource_key = ? AND kind = ? AND name = ?",
+            "DELETE FROM service_documents WHERE resource_key = $1 AND kind = $2 AND name = $3",
         )
         .bind(resource_key)
         .bind(kind)
@@ -162,7 +162,7 @@ impl SqliteStore {
     ) -> Result<Vec<ServiceDocument>> {
         let rows = sqlx::query(
             "SELECT kind, name, body, updated FROM service_documents \
-             WHERE resource_key = ? AND kind = ? ORDER BY name",
+             WHERE resource_key = $1 AND kind = $2 ORDER BY name",
         )
         .bind(resource_key)
         .bind(kind)
@@ -185,7 +185,7 @@ impl SqliteStore {
 
     pub(super) async fn activity_list(&self, resource_key: &str) -> Result<Vec<ActivityRecord>> {
         let rows = sqlx::query(
-            "SELECT seq, at, body FROM service_activity WHERE resource_key = ? ORDER BY seq",
+            "SELECT seq, at, body FROM service_activity WHERE resource_key = $1 ORDER BY seq",
         )
         .bind(resource_key)
         .fetch_all(&self.pool)
@@ -213,22 +213,22 @@ impl SqliteStore {
         resource_key: &str,
         import: &ServiceImport,
     ) -> Result<()> {
-        // IMMEDIATE: it reads before it writes, and a deferred transaction whose snapshot went
-        // stale meanwhile could not take the write lock (SQLITE_BUSY without waiting).
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // It reads before it writes (`begin_write`).
+        let mut tx = self.begin_write().await?;
         for doc in &import.documents {
             insert_document_if_absent(&mut tx, resource_key, doc).await?;
         }
-        let has_activity: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM service_activity WHERE resource_key = ?)",
+        let has_activity = sqlx::query_scalar::<_, i64>(
+            "SELECT 1 FROM service_activity WHERE resource_key = $1 LIMIT 1",
         )
         .bind(resource_key)
-        .fetch_one(&mut *tx)
-        .await?;
+        .fetch_optional(&mut *tx)
+        .await?
+        .is_some();
         if !has_activity {
             for (i, (at, body)) in import.activity.iter().enumerate() {
                 sqlx::query(
-                    "INSERT INTO service_activity (resource_key, seq, at, body) VALUES (?, ?, ?, ?)",
+                    "INSERT INTO service_activity (resource_key, seq, at, body) VALUES ($1, $2, $3, $4)",
                 )
                 .bind(resource_key)
                 .bind(i as i64 + 1)
@@ -252,15 +252,16 @@ impl SqliteStore {
     }
 
     pub(super) async fn policies_put(&self, id: &str, body: &str, now: i64) -> Result<bool> {
-        // IMMEDIATE: it reads before it writes (see `service_data_import`).
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let existed: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM policy_assignments WHERE id = ?)")
+        // It reads before it writes (`begin_write`).
+        let mut tx = self.begin_write().await?;
+        let existed =
+            sqlx::query_scalar::<_, i64>("SELECT 1 FROM policy_assignments WHERE id = $1 LIMIT 1")
                 .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
         sqlx::query(
-            "INSERT INTO policy_assignments (id, body, updated) VALUES (?, ?, ?) \
+            "INSERT INTO policy_assignments (id, body, updated) VALUES ($1, $2, $3) \
              ON CONFLICT (id) DO UPDATE SET body = excluded.body, updated = excluded.updated",
         )
         .bind(id)
@@ -274,7 +275,7 @@ impl SqliteStore {
 
     pub(super) async fn policies_delete(&self, id: &str) -> Result<Option<String>> {
         Ok(
-            sqlx::query_scalar("DELETE FROM policy_assignments WHERE id = ? RETURNING body")
+            sqlx::query_scalar("DELETE FROM policy_assignments WHERE id = $1 RETURNING body")
                 .bind(id)
                 .fetch_optional(&self.pool)
                 .await?,
@@ -289,7 +290,7 @@ impl SqliteStore {
         let mut tx = self.pool.begin().await?;
         for (id, body) in assignments {
             sqlx::query(
-                "INSERT INTO policy_assignments (id, body, updated) VALUES (?, ?, ?) \
+                "INSERT INTO policy_assignments (id, body, updated) VALUES ($1, $2, $3) \
                  ON CONFLICT (id) DO NOTHING",
             )
             .bind(id)
@@ -313,15 +314,15 @@ mod tests {
     use crate::directory::{DirectoryStore, ResourceRecord};
     use crate::moves::MoveStore;
     use crate::services::{ServiceDocument, ServiceImport};
-    use crate::{SqliteStore, Store, StoreError};
+    use crate::{SqlStore, Store, StoreError};
 
     const BV1: &str =
         "/subscriptions/s1/resourcegroups/a/providers/microsoft.recoveryservices/vaults/bv";
     const BV2: &str =
         "/subscriptions/s1/resourcegroups/b/providers/microsoft.recoveryservices/vaults/bv";
 
-    async fn open(dir: &tempfile::TempDir) -> SqliteStore {
-        SqliteStore::open(&dir.path().join("kagi.db"))
+    async fn open(dir: &tempfile::TempDir) -> SqlStore {
+        SqlStore::open_sqlite(&dir.path().join("kagi.db"))
             .await
             .unwrap()
     }
@@ -598,7 +599,7 @@ mod tests {
             return;
         };
         let round = std::env::var("KAGI_STORE_SERVICES_CRASH_ROUND").unwrap();
-        let s = SqliteStore::open(std::path::Path::new(&path))
+        let s = SqlStore::open_sqlite(std::path::Path::new(&path))
             .await
             .unwrap();
         for i in 0u64.. {
@@ -625,7 +626,7 @@ mod tests {
         for (round, kill_after) in [(0u64, 30usize), (1, 5)] {
             let mut child = Command::new(std::env::current_exe().unwrap())
                 .args([
-                    "sqlite::services::tests::crash_child_service_writer",
+                    "sql::services::tests::crash_child_service_writer",
                     "--exact",
                     "--nocapture",
                     "--test-threads=1",
@@ -655,7 +656,7 @@ mod tests {
             child.wait().unwrap();
             assert_eq!(acked, kill_after, "child died before {kill_after} acks");
 
-            let s = SqliteStore::open(&path).await.unwrap();
+            let s = SqlStore::open_sqlite(&path).await.unwrap();
             let names: std::collections::HashSet<String> = s
                 .list_service_documents(BV1, "job")
                 .await

@@ -5,14 +5,14 @@
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::SqliteStore;
+use super::SqlStore;
 use super::events::failed_state;
 use super::services::insert_activity;
 use crate::Result;
 use crate::alerts::{AlertDeadLetter, AlertNotification, AlertStore, MonitorRecord};
 use crate::events::{DeliveryOrigin, PendingDelivery};
 
-fn monitor_row(r: &sqlx::sqlite::SqliteRow) -> Result<MonitorRecord> {
+fn monitor_row(r: &sqlx::any::AnyRow) -> Result<MonitorRecord> {
     Ok(MonitorRecord {
         id: r.try_get("id")?,
         resource_type: r.try_get("resource_type")?,
@@ -29,18 +29,19 @@ fn attempts(n: i64) -> u32 {
 }
 
 #[async_trait]
-impl AlertStore for SqliteStore {
+impl AlertStore for SqlStore {
     async fn put_monitor_resource(&self, r: &MonitorRecord) -> Result<bool> {
-        // IMMEDIATE: it reads before it writes.
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let existed: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM monitor_resources WHERE id = ?)")
+        // It reads before it writes (`begin_write`).
+        let mut tx = self.begin_write().await?;
+        let existed =
+            sqlx::query_scalar::<_, i64>("SELECT 1 FROM monitor_resources WHERE id = $1 LIMIT 1")
                 .bind(&r.id)
-                .fetch_one(&mut *tx)
-                .await?;
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
         sqlx::query(
             "INSERT INTO monitor_resources (id, resource_type, subscription_id, resource_group, \
-             body, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?) \
+             body, created, updated) VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (id) DO UPDATE SET body = excluded.body, updated = excluded.updated",
         )
         .bind(&r.id)
@@ -57,7 +58,7 @@ impl AlertStore for SqliteStore {
     }
 
     async fn get_monitor_resource(&self, id: &str) -> Result<Option<MonitorRecord>> {
-        let row = sqlx::query("SELECT * FROM monitor_resources WHERE id = ?")
+        let row = sqlx::query("SELECT * FROM monitor_resources WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
@@ -70,8 +71,8 @@ impl AlertStore for SqliteStore {
         subscription_id: Option<&str>,
     ) -> Result<Vec<MonitorRecord>> {
         let rows = sqlx::query(
-            "SELECT * FROM monitor_resources WHERE resource_type = ? \
-             AND (? IS NULL OR subscription_id = ?) ORDER BY id",
+            "SELECT * FROM monitor_resources WHERE resource_type = $1 \
+             AND ($2 IS NULL OR subscription_id = $3) ORDER BY id",
         )
         .bind(resource_type)
         .bind(subscription_id)
@@ -82,7 +83,7 @@ impl AlertStore for SqliteStore {
     }
 
     async fn delete_monitor_resource(&self, id: &str) -> Result<bool> {
-        Ok(sqlx::query("DELETE FROM monitor_resources WHERE id = ?")
+        Ok(sqlx::query("DELETE FROM monitor_resources WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?
@@ -97,7 +98,7 @@ impl AlertStore for SqliteStore {
         body: &str,
         notifications: &[AlertNotification],
     ) -> Result<i64> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         let seq = insert_activity(&mut tx, resource_key, at, body).await?;
         for n in notifications {
             // An action group deleted since it was matched simply gets nothing (and its
@@ -105,8 +106,8 @@ impl AlertStore for SqliteStore {
             sqlx::query(
                 "INSERT INTO alert_deliveries (id, action_group, receiver, alert, endpoint_url, \
                  body, state, attempts, next_attempt_ms, created, updated) \
-                 SELECT ?, ?, ?, ?, ?, ?, 'pending', 0, 0, ?, ? \
-                 WHERE EXISTS (SELECT 1 FROM monitor_resources WHERE id = ?)",
+                 SELECT $1, $2, $3, $4, $5, $6, 'pending', 0, 0, $7, $8 \
+                 WHERE EXISTS (SELECT 1 FROM monitor_resources WHERE id = $9)",
             )
             .bind(&n.id)
             .bind(&n.action_group)
@@ -127,8 +128,8 @@ impl AlertStore for SqliteStore {
     async fn due_alert_deliveries(&self, now_ms: i64, limit: u32) -> Result<Vec<PendingDelivery>> {
         let rows = sqlx::query(
             "SELECT id, action_group, receiver, endpoint_url, attempts, body \
-             FROM alert_deliveries WHERE state = 'pending' AND next_attempt_ms <= ? \
-             ORDER BY next_attempt_ms, created, rowid LIMIT ?",
+             FROM alert_deliveries WHERE state = 'pending' AND next_attempt_ms <= $1 \
+             ORDER BY next_attempt_ms, created, rowid LIMIT $2",
         )
         .bind(now_ms)
         .bind(i64::from(limit))
@@ -159,7 +160,7 @@ impl AlertStore for SqliteStore {
     }
 
     async fn alert_delivery_succeeded(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM alert_deliveries WHERE id = ?")
+        sqlx::query("DELETE FROM alert_deliveries WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -176,8 +177,8 @@ impl AlertStore for SqliteStore {
     ) -> Result<()> {
         let (state, next) = failed_state(next_attempt_ms);
         sqlx::query(
-            "UPDATE alert_deliveries SET state = ?, attempts = ?, next_attempt_ms = ?, \
-             last_error = ?, updated = ? WHERE id = ?",
+            "UPDATE alert_deliveries SET state = $1, attempts = $2, next_attempt_ms = $3, \
+             last_error = $4, updated = $5 WHERE id = $6",
         )
         .bind(state)
         .bind(i64::from(attempts))
@@ -193,7 +194,7 @@ impl AlertStore for SqliteStore {
     async fn alert_dead_letters(&self, action_group: &str) -> Result<Vec<AlertDeadLetter>> {
         let rows = sqlx::query(
             "SELECT id, alert, receiver, body, attempts, last_error, updated FROM alert_deliveries \
-             WHERE action_group = ? AND state = 'dead' ORDER BY updated, created, rowid",
+             WHERE action_group = $1 AND state = 'dead' ORDER BY updated, created, rowid",
         )
         .bind(action_group)
         .fetch_all(&self.pool)

@@ -5,7 +5,7 @@
 //! adds one of each, not a third copy of the SQL.
 
 use kagi_core::{KeyVersion, ObjectName, VaultName};
-use sqlx::{AssertSqlSafe, Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Any, AnyPool, AssertSqlSafe, Row, Transaction};
 
 use super::{corrupt, is_unique_violation};
 use crate::{KeyVersionRecord, ObjectRecord, Result, SecretVersionRecord, StoreError};
@@ -82,13 +82,13 @@ version_row!(SecretVersionRecord, sealed_value);
 // The table and column names below come from the constants above, never from input.
 
 async fn ensure_row(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     t: &Tables,
     vault: &VaultName,
     name: &ObjectName,
 ) -> Result<()> {
     sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {} (vault, name_folded, name) VALUES (?, ?, ?) \
+        "INSERT INTO {} (vault, name_folded, name) VALUES ($1, $2, $3) \
          ON CONFLICT (vault, name_folded) DO NOTHING",
         t.objects
     )))
@@ -101,7 +101,7 @@ async fn ensure_row(
 }
 
 async fn insert_version<V: VersionRow>(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut Transaction<'_, Any>,
     t: &Tables,
     vault: &VaultName,
     name: &ObjectName,
@@ -110,7 +110,7 @@ async fn insert_version<V: VersionRow>(
     let (version, seq, info, sealed) = v.parts();
     let info = info.map_err(|e| corrupt(t.versions, e))?;
     sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {} (vault, name_folded, version, seq, info, {}) VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO {} (vault, name_folded, version, seq, info, {}) VALUES ($1, $2, $3, $4, $5, $6)",
         t.versions, t.sealed
     )))
     .bind(vault.as_str())
@@ -133,12 +133,12 @@ async fn insert_version<V: VersionRow>(
 
 /// Every object of a vault with its versions, by lower-case name.
 pub(super) async fn load<V: VersionRow>(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     t: &Tables,
     vault: &VaultName,
 ) -> Result<Vec<ObjectRecord<V>>> {
     let objects = sqlx::query(AssertSqlSafe(format!(
-        "SELECT name_folded, name, deleted_at, purge_at FROM {} WHERE vault = ? \
+        "SELECT name_folded, name, deleted_at, purge_at FROM {} WHERE vault = $1 \
          ORDER BY name_folded",
         t.objects
     )))
@@ -147,7 +147,7 @@ pub(super) async fn load<V: VersionRow>(
     .await?;
     let versions = sqlx::query(AssertSqlSafe(format!(
         "SELECT name_folded, version, seq, info, {} AS sealed FROM {} \
-         WHERE vault = ? ORDER BY name_folded, seq",
+         WHERE vault = $1 ORDER BY name_folded, seq",
         t.sealed, t.versions
     )))
     .bind(vault.as_str())
@@ -187,7 +187,7 @@ pub(super) async fn load<V: VersionRow>(
 
 /// Adds a version, creating the object row if it is new.
 pub(super) async fn add_version<V: VersionRow>(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     t: &Tables,
     vault: &VaultName,
     name: &ObjectName,
@@ -202,7 +202,7 @@ pub(super) async fn add_version<V: VersionRow>(
 
 /// Replaces the public part of a version (`info`: its JSON).
 pub(super) async fn update_version(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     t: &Tables,
     vault: &VaultName,
     name: &ObjectName,
@@ -211,7 +211,7 @@ pub(super) async fn update_version(
 ) -> Result<()> {
     let info = info.map_err(|e| corrupt(t.versions, e))?;
     sqlx::query(AssertSqlSafe(format!(
-        "UPDATE {} SET info = ? WHERE vault = ? AND name_folded = ? AND version = ?",
+        "UPDATE {} SET info = $1 WHERE vault = $2 AND name_folded = $3 AND version = $4",
         t.versions
     )))
     .bind(info)
@@ -225,14 +225,14 @@ pub(super) async fn update_version(
 
 /// Marks an object deleted (deletion and purge times) or live again (`None`).
 pub(super) async fn set_deleted(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     t: &Tables,
     vault: &VaultName,
     name: &ObjectName,
     deleted: Option<(i64, i64)>,
 ) -> Result<()> {
     sqlx::query(AssertSqlSafe(format!(
-        "UPDATE {} SET deleted_at = ?, purge_at = ? WHERE vault = ? AND name_folded = ?",
+        "UPDATE {} SET deleted_at = $1, purge_at = $2 WHERE vault = $3 AND name_folded = $4",
         t.objects
     )))
     .bind(deleted.map(|d| d.0))
@@ -246,7 +246,7 @@ pub(super) async fn set_deleted(
 
 /// Removes an object and all its versions.
 pub(super) async fn purge(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     t: &Tables,
     vault: &VaultName,
     name: &ObjectName,
@@ -254,7 +254,7 @@ pub(super) async fn purge(
     let mut tx = pool.begin().await?;
     for table in [t.versions, t.objects] {
         sqlx::query(AssertSqlSafe(format!(
-            "DELETE FROM {table} WHERE vault = ? AND name_folded = ?"
+            "DELETE FROM {table} WHERE vault = $1 AND name_folded = $2"
         )))
         .bind(vault.as_str())
         .bind(name.folded())
@@ -267,14 +267,14 @@ pub(super) async fn purge(
 
 /// Inserts a whole object (restore); `Conflict` if the name exists.
 pub(super) async fn insert<V: VersionRow>(
-    pool: &SqlitePool,
+    pool: &AnyPool,
     t: &Tables,
     vault: &VaultName,
     object: &ObjectRecord<V>,
 ) -> Result<()> {
     let mut tx = pool.begin().await?;
     sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {} (vault, name_folded, name, deleted_at, purge_at) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO {} (vault, name_folded, name, deleted_at, purge_at) VALUES ($1, $2, $3, $4, $5)",
         t.objects
     )))
     .bind(vault.as_str())

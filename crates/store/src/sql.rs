@@ -1,16 +1,15 @@
-//! The embedded store: one SQLite file in WAL mode.
-
-use std::path::Path;
-use std::str::FromStr;
-use std::time::Duration;
+//! The SQL store: one implementation of [`Store`] over sqlx's `Any` driver, so SQLite (the
+//! embedded default, `sqlite.rs`) and PostgreSQL (several nodes, `postgres.rs`) run the same
+//! statements. The statements are written in the SQL both understand: `$1` placeholders,
+//! `ON CONFLICT`, `RETURNING`, integer columns read as `i64`, no boolean results (SQLite has
+//! none; `SELECT 1 … LIMIT 1` answers "exists?"). What differs — connecting, the schema and its
+//! migrations, how a transaction that reads before it writes is begun — is the dialect's.
 
 use async_trait::async_trait;
 use kagi_core::key::{KeyVersionInfo, Tags};
 use kagi_core::{KeyVersion, ObjectName, VaultName};
-use sqlx::Row;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::AnyPool;
+use sqlx::{Any, Row, Transaction};
 
 use crate::{
     KeyRecord, KeyVersionRecord, PrincipalRecord, ResourceGroupRecord, Result, SecretRecord,
@@ -22,60 +21,95 @@ use versioned::{KEYS, SECRETS};
 mod alerts;
 mod directory;
 mod events;
+mod postgres;
 pub(crate) mod services;
+mod sqlite;
 mod versioned;
 
-/// Schema, applied in order; `user_version` records how far a file has come.
-const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
-CREATE TABLE subscriptions (
-    id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, created INTEGER NOT NULL);
-CREATE TABLE resource_groups (
-    subscription_id TEXT NOT NULL, name_folded TEXT NOT NULL, name TEXT NOT NULL,
-    location TEXT NOT NULL, tags TEXT NOT NULL, created INTEGER NOT NULL,
-    PRIMARY KEY (subscription_id, name_folded));
-CREATE TABLE principals (
-    object_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, client_id TEXT NOT NULL UNIQUE,
-    display_name TEXT NOT NULL, secret_hash BLOB NOT NULL, kind TEXT NOT NULL,
-    created INTEGER NOT NULL);
-CREATE TABLE vaults (
-    name TEXT PRIMARY KEY, subscription_id TEXT NOT NULL, resource_group TEXT NOT NULL,
-    location TEXT NOT NULL, tags TEXT NOT NULL, properties TEXT NOT NULL,
-    created INTEGER NOT NULL, updated INTEGER NOT NULL,
-    deleted_at INTEGER, purge_at INTEGER);
-CREATE TABLE keys (
-    vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
-    name_folded TEXT NOT NULL, name TEXT NOT NULL, deleted_at INTEGER, purge_at INTEGER,
-    PRIMARY KEY (vault, name_folded));
-CREATE TABLE key_versions (
-    vault TEXT NOT NULL, name_folded TEXT NOT NULL, version TEXT NOT NULL, seq INTEGER NOT NULL,
-    info TEXT NOT NULL, sealed_private BLOB NOT NULL,
-    PRIMARY KEY (vault, name_folded, version),
-    FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
-"#,
-    r#"
-CREATE TABLE secrets (
-    vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
-    name_folded TEXT NOT NULL, name TEXT NOT NULL, deleted_at INTEGER, purge_at INTEGER,
-    PRIMARY KEY (vault, name_folded));
-CREATE TABLE secret_versions (
-    vault TEXT NOT NULL, name_folded TEXT NOT NULL, version TEXT NOT NULL, seq INTEGER NOT NULL,
-    info TEXT NOT NULL, sealed_value BLOB NOT NULL,
-    PRIMARY KEY (vault, name_folded, version),
-    FOREIGN KEY (vault, name_folded) REFERENCES secrets(vault, name_folded) ON DELETE CASCADE);
-"#,
-    crate::directory::SCHEMA,
-    crate::events::SCHEMA,
-    crate::services::SCHEMA,
-    crate::directory::BINDINGS_SCHEMA,
-    crate::alerts::SCHEMA,
-];
+/// Which SQL engine a [`SqlStore`] talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// One SQLite file in WAL mode (`kagi.db` in the data directory).
+    Sqlite,
+    /// A PostgreSQL database shared by several kagi nodes.
+    Postgres,
+}
 
-/// The SQLite store.
+/// Where a [`SqlStore`] lives, as `kagi server --store` names it.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// A SQLite file (the default: `kagi.db` in the data directory).
+    Sqlite(std::path::PathBuf),
+    /// A PostgreSQL database, as a `postgres://` URL (which may carry a password).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// Reads `--store`: `sqlite` (or nothing) for `<data_dir>/kagi.db`, or a
+    /// `postgres://`/`postgresql://` URL.
+    ///
+    /// # Errors
+    /// A message naming what is accepted, for anything else.
+    pub fn parse(
+        arg: Option<&str>,
+        data_dir: &std::path::Path,
+    ) -> std::result::Result<Self, String> {
+        match arg.map(str::trim) {
+            None | Some("") | Some("sqlite") => Ok(Self::Sqlite(data_dir.join("kagi.db"))),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Ok(Self::Postgres(url.to_string()))
+            }
+            Some(other) => Err(format!(
+                "--store {}: expected `sqlite` (the data directory's kagi.db) or a \
+                 postgres://user@host:port/database URL",
+                Self::Postgres(other.to_string()).redacted()
+            )),
+        }
+    }
+
+    /// The location for logs: a URL's password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match self {
+            Self::Sqlite(path) => path.display().to_string(),
+            Self::Postgres(url) => redact_password(url),
+        }
+    }
+}
+
+// A URL may carry a password: Debug shows the redacted form only.
+impl std::fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreLocation({})", self.redacted())
+    }
+}
+
+/// `scheme://user:password@host/…` → `scheme://user:***@host/…`.
+fn redact_password(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let authority_end = url[start..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| start + i);
+    let authority = &url[start..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:***{}",
+            &url[..start],
+            &authority[..colon],
+            &url[start + at..]
+        ),
+        _ => url.to_string(),
+    }
+}
+
+/// The SQL store (SQLite or PostgreSQL).
 #[derive(Debug, Clone)]
-pub struct SqliteStore {
-    pub(crate) pool: SqlitePool,
+pub struct SqlStore {
+    pub(crate) pool: AnyPool,
+    dialect: Dialect,
+    /// PostgreSQL's URL when this node may LISTEN for changes (a writable primary).
+    listen_url: Option<String>,
 }
 
 fn corrupt(table: &'static str, detail: impl ToString) -> StoreError {
@@ -89,137 +123,105 @@ fn tags_json(tags: &Tags) -> String {
     serde_json::to_string(tags).unwrap_or_else(|_| "{}".into())
 }
 
-/// Creates the database file 0600 when it is missing — SQLite gives the `-wal` and `-shm` files
-/// the database's mode — and takes group and other access away from existing ones.
-fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    for suffix in ["", "-wal", "-shm"] {
-        let mut name = path.as_os_str().to_owned();
-        name.push(suffix);
-        match std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            other => other?,
-        }
-    }
-    Ok(())
-}
-
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
-impl SqliteStore {
-    /// Opens (creating if needed) the database file and brings its schema up to date. The file
-    /// and its `-wal`/`-shm` companions are made owner-only (0600), also when an earlier kagi
-    /// created them with the umask's mode: they hold webhook URLs, password hashes and sealed
-    /// keys.
-    pub async fn open(path: &Path) -> Result<Self> {
-        restrict_to_owner(path)
-            .map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
-        let options = Self::options(path)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // FULL: a commit is on disk before it is acknowledged, even across power loss.
-            .synchronous(SqliteSynchronous::Full);
-        let store = Self {
-            pool: Self::pool(options).await?,
-        };
-        store.migrate().await?;
-        Ok(store)
+/// Registers the SQLite and PostgreSQL drivers with sqlx's `Any` (idempotent).
+fn install_drivers() {
+    sqlx::any::install_default_drivers();
+}
+
+impl SqlStore {
+    /// Opens (creating if needed) the SQLite database file and brings its schema up to date.
+    /// The file and its `-wal`/`-shm` companions are made owner-only (0600), also when an
+    /// earlier kagi created them with the umask's mode: they hold webhook URLs, password hashes
+    /// and sealed keys.
+    pub async fn open_sqlite(path: &std::path::Path) -> Result<Self> {
+        Ok(Self {
+            pool: sqlite::open(path).await?,
+            dialect: Dialect::Sqlite,
+            listen_url: None,
+        })
     }
 
-    /// Opens an existing database so that nothing can write to it (`kagi server --read-only`):
-    /// SQLite's read-only mode, so no write, checkpoint or WAL clean-up on close changes the
-    /// file or its `-wal` (its `-shm` index is SQLite's shared memory, not data). The schema
-    /// must be current already: a read-only node does not migrate.
+    /// Opens an existing SQLite database so that nothing can write to it (`kagi server
+    /// --read-only`): SQLite's read-only mode, so no write, checkpoint or WAL clean-up on close
+    /// changes the file or its `-wal` (its `-shm` index is SQLite's shared memory, not data).
+    /// The schema must be current already: a read-only node does not migrate.
     ///
     /// # Errors
     /// [`StoreError::Database`] when the file is missing or unreadable, [`StoreError::Corrupt`]
     /// when its schema is older or newer than this kagi's.
-    pub async fn open_read_only(path: &Path) -> Result<Self> {
-        let pool = Self::pool(
-            Self::options(path)?
-                .create_if_missing(false)
-                .read_only(true),
-        )
-        .await?;
-        let current: i64 = sqlx::query_scalar("PRAGMA user_version")
-            .fetch_one(&pool)
-            .await?;
-        if current as usize != MIGRATIONS.len() {
-            return Err(corrupt(
-                "schema",
-                format!(
-                    "database schema {current} is not this kagi's ({}); a read-only node does not \
-                     migrate: start this kagi once without --read-only on the primary",
-                    MIGRATIONS.len()
-                ),
-            ));
+    pub async fn open_sqlite_read_only(path: &std::path::Path) -> Result<Self> {
+        Ok(Self {
+            pool: sqlite::open_read_only(path).await?,
+            dialect: Dialect::Sqlite,
+            listen_url: None,
+        })
+    }
+
+    /// Connects to a PostgreSQL database (`postgres://user@host:port/db`) and brings its schema
+    /// up to date; several nodes starting at once migrate it once (under a transaction-scoped
+    /// advisory lock, which connection poolers keep intact).
+    pub async fn open_postgres(url: &str) -> Result<Self> {
+        Ok(Self {
+            pool: postgres::open(url).await?,
+            dialect: Dialect::Postgres,
+            listen_url: Some(url.to_string()),
+        })
+    }
+
+    /// Connects to a PostgreSQL database without writing to it (a hot standby, `kagi server
+    /// --read-only`): every transaction is read-only, and the schema must be current already.
+    pub async fn open_postgres_read_only(url: &str) -> Result<Self> {
+        Ok(Self {
+            pool: postgres::open_read_only(url).await?,
+            dialect: Dialect::Postgres,
+            // A hot standby refuses LISTEN: it re-checks instead.
+            listen_url: None,
+        })
+    }
+
+    /// Opens the store at `location`, read-only (no migration, every write refused) or not.
+    pub async fn open(location: &StoreLocation, read_only: bool) -> Result<Self> {
+        match (location, read_only) {
+            (StoreLocation::Sqlite(path), false) => Self::open_sqlite(path).await,
+            (StoreLocation::Sqlite(path), true) => Self::open_sqlite_read_only(path).await,
+            (StoreLocation::Postgres(url), false) => Self::open_postgres(url).await,
+            (StoreLocation::Postgres(url), true) => Self::open_postgres_read_only(url).await,
         }
-        Ok(Self { pool })
     }
 
-    /// The connection options both opens share.
-    fn options(path: &Path) -> Result<SqliteConnectOptions> {
-        Ok(SqliteConnectOptions::from_str("sqlite:")?
-            .filename(path)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10)))
+    /// The engine behind this store.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
-    async fn pool(options: SqliteConnectOptions) -> Result<SqlitePool> {
-        Ok(SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?)
+    /// Begins a transaction that reads before it writes. SQLite takes the write lock at once
+    /// (`BEGIN IMMEDIATE`: a deferred transaction whose snapshot went stale cannot upgrade and
+    /// fails with SQLITE_BUSY); PostgreSQL runs it SERIALIZABLE, so two nodes' racing
+    /// read-then-write transactions cannot both commit what each read as absent.
+    pub(crate) async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
+        let begin = match self.dialect {
+            Dialect::Sqlite => "BEGIN IMMEDIATE",
+            Dialect::Postgres => "BEGIN ISOLATION LEVEL SERIALIZABLE",
+        };
+        Ok(self.pool.begin_with(begin).await?)
     }
 
-    /// Closes every connection and waits for them to end (the last one of a writable store
-    /// checkpoints the WAL into the file); dropping the store closes them in the background.
+    /// Closes every connection and waits for them to end (the last one of a writable SQLite
+    /// store checkpoints the WAL into the file); dropping the store closes them in the
+    /// background.
     pub async fn close(self) {
         self.pool.close().await;
-    }
-
-    async fn migrate(&self) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let current: i64 = sqlx::query_scalar("PRAGMA user_version")
-            .fetch_one(&mut *tx)
-            .await?;
-        if current as usize > MIGRATIONS.len() {
-            return Err(corrupt(
-                "schema",
-                format!("database schema {current} is newer than this kagi understands"),
-            ));
-        }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-            sqlx::raw_sql(*sql).execute(&mut *tx).await?;
-            // The number comes from this list's length, never from input.
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "PRAGMA user_version = {}",
-                i + 1
-            )))
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Store for SqlStore {
     async fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(sqlx::query_scalar("SELECT v FROM meta WHERE k = ?")
+        Ok(sqlx::query_scalar("SELECT v FROM meta WHERE k = $1")
             .bind(key)
             .fetch_optional(&self.pool)
             .await?)
@@ -232,12 +234,12 @@ impl Store for SqliteStore {
             return Ok(stored);
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT (k) DO NOTHING")
+        sqlx::query("INSERT INTO meta (k, v) VALUES ($1, $2) ON CONFLICT (k) DO NOTHING")
             .bind(key)
             .bind(value)
             .execute(&mut *tx)
             .await?;
-        let stored: Vec<u8> = sqlx::query_scalar("SELECT v FROM meta WHERE k = ?")
+        let stored: Vec<u8> = sqlx::query_scalar("SELECT v FROM meta WHERE k = $1")
             .bind(key)
             .fetch_one(&mut *tx)
             .await?;
@@ -256,7 +258,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         sqlx::query(
-            "INSERT INTO subscriptions (id, tenant_id, created) VALUES (?, ?, ?) \
+            "INSERT INTO subscriptions (id, tenant_id, created) VALUES ($1, $2, $3) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(subscription_id)
@@ -269,7 +271,7 @@ impl Store for SqliteStore {
 
     async fn subscription_tenant(&self, subscription_id: &str) -> Result<Option<String>> {
         Ok(
-            sqlx::query_scalar("SELECT tenant_id FROM subscriptions WHERE id = ?")
+            sqlx::query_scalar("SELECT tenant_id FROM subscriptions WHERE id = $1")
                 .bind(subscription_id)
                 .fetch_optional(&self.pool)
                 .await?,
@@ -288,7 +290,7 @@ impl Store for SqliteStore {
     async fn put_resource_group(&self, rg: &ResourceGroupRecord, now: i64) -> Result<()> {
         sqlx::query(
             "INSERT INTO resource_groups (subscription_id, name_folded, name, location, tags, created) \
-             VALUES (?, ?, ?, ?, ?, ?) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (subscription_id, name_folded) DO UPDATE SET tags = excluded.tags",
         )
         .bind(&rg.subscription_id)
@@ -309,7 +311,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<ResourceGroupRecord>> {
         let row = sqlx::query(
             "SELECT name, location, tags FROM resource_groups \
-             WHERE subscription_id = ? AND name_folded = ?",
+             WHERE subscription_id = $1 AND name_folded = $2",
         )
         .bind(subscription_id)
         .bind(name.to_ascii_lowercase())
@@ -339,7 +341,7 @@ impl Store for SqliteStore {
         let props = serde_json::to_string(&v.properties).map_err(|e| corrupt("vaults", e))?;
         sqlx::query(
             "INSERT INTO vaults (name, subscription_id, resource_group, location, tags, properties, \
-             created, updated, deleted_at, purge_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             created, updated, deleted_at, purge_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
              ON CONFLICT (name) DO UPDATE SET subscription_id = excluded.subscription_id, \
              resource_group = excluded.resource_group, location = excluded.location, \
              tags = excluded.tags, properties = excluded.properties, updated = excluded.updated, \
@@ -387,15 +389,15 @@ impl Store for SqliteStore {
 
     async fn purge_vault(&self, name: &VaultName) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM key_versions WHERE vault = ?")
+        sqlx::query("DELETE FROM key_versions WHERE vault = $1")
             .bind(name.as_str())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM keys WHERE vault = ?")
+        sqlx::query("DELETE FROM keys WHERE vault = $1")
             .bind(name.as_str())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM vaults WHERE name = ?")
+        sqlx::query("DELETE FROM vaults WHERE name = $1")
             .bind(name.as_str())
             .execute(&mut *tx)
             .await?;
@@ -681,5 +683,45 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<()> {
         self.policies_import(assignments, now).await
+    }
+
+    async fn change_marks(&self) -> Result<Vec<(String, i64)>> {
+        match self.dialect {
+            Dialect::Sqlite => Ok(Vec::new()),
+            Dialect::Postgres => postgres::change_marks(&self.pool).await,
+        }
+    }
+
+    async fn watch_changes(&self) -> Result<Option<Box<dyn crate::changes::ChangeWatch>>> {
+        match &self.listen_url {
+            Some(url) => Ok(Some(Box::new(postgres::Listener::connect(url).await?))),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreLocation;
+
+    #[test]
+    fn store_locations_are_parsed_and_passwords_never_shown() {
+        let dir = std::path::Path::new("/d");
+        assert_eq!(
+            StoreLocation::parse(None, dir),
+            Ok(StoreLocation::Sqlite(dir.join("kagi.db")))
+        );
+        let pg =
+            StoreLocation::parse(Some("postgres://kagi:s3cret@db:5432/kagi?x=1"), dir).unwrap();
+        assert_eq!(pg.redacted(), "postgres://kagi:***@db:5432/kagi?x=1");
+        assert!(!format!("{pg:?}").contains("s3cret"));
+        let e = StoreLocation::parse(Some("mysql://u:pw@h/db"), dir).unwrap_err();
+        assert!(e.contains("postgres://") && !e.contains("pw@"), "{e}");
+        assert_eq!(
+            StoreLocation::parse(Some("postgresql://h/db"), dir)
+                .unwrap()
+                .redacted(),
+            "postgresql://h/db"
+        );
     }
 }

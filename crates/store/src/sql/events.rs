@@ -6,7 +6,7 @@ use kagi_core::rotation::RotationPolicy;
 use kagi_core::{ObjectName, VaultName};
 use sqlx::Row;
 
-use super::{SqliteStore, corrupt};
+use super::{SqlStore, corrupt};
 use crate::Result;
 use crate::events::{
     DeadLetter, DeliveryOrigin, EventEmission, EventMark, EventSubscriptionRecord, MarkTable,
@@ -20,7 +20,7 @@ fn marks_table(t: MarkTable) -> &'static str {
     }
 }
 
-fn subscription_row(r: &sqlx::sqlite::SqliteRow) -> Result<EventSubscriptionRecord> {
+fn subscription_row(r: &sqlx::any::AnyRow) -> Result<EventSubscriptionRecord> {
     let types: String = r.try_get("included_types")?;
     let max: Option<i64> = r.try_get("max_attempts")?;
     Ok(EventSubscriptionRecord {
@@ -43,14 +43,14 @@ pub(super) fn failed_state(next_attempt_ms: Option<i64>) -> (&'static str, i64) 
     }
 }
 
-impl SqliteStore {
+impl SqlStore {
     pub(super) async fn policy_get(
         &self,
         vault: &VaultName,
         name: &ObjectName,
     ) -> Result<Option<RotationPolicy>> {
         let text: Option<String> = sqlx::query_scalar(
-            "SELECT policy FROM key_rotation_policies WHERE vault = ? AND name_folded = ?",
+            "SELECT policy FROM key_rotation_policies WHERE vault = $1 AND name_folded = $2",
         )
         .bind(vault.as_str())
         .bind(name.folded())
@@ -69,7 +69,7 @@ impl SqliteStore {
         let text =
             serde_json::to_string(policy).map_err(|e| corrupt("key_rotation_policies", e))?;
         sqlx::query(
-            "INSERT INTO key_rotation_policies (vault, name_folded, policy) VALUES (?, ?, ?) \
+            "INSERT INTO key_rotation_policies (vault, name_folded, policy) VALUES ($1, $2, $3) \
              ON CONFLICT (vault, name_folded) DO UPDATE SET policy = excluded.policy",
         )
         .bind(vault.as_str())
@@ -85,7 +85,7 @@ impl SqliteStore {
         vault: &VaultName,
     ) -> Result<Vec<(String, RotationPolicy)>> {
         let rows = sqlx::query(
-            "SELECT name_folded, policy FROM key_rotation_policies WHERE vault = ? \
+            "SELECT name_folded, policy FROM key_rotation_policies WHERE vault = $1 \
              ORDER BY name_folded",
         )
         .bind(vault.as_str())
@@ -114,10 +114,10 @@ impl SqliteStore {
             }
             // The table name comes from a fixed list, never from input.
             let sql = format!(
-                "SELECT name_folded, mark, kind FROM {} WHERE vault = ?{}",
+                "SELECT name_folded, mark, kind FROM {} WHERE vault = $1{}",
                 marks_table(table),
                 if only.is_some() {
-                    " AND name_folded = ?"
+                    " AND name_folded = $2"
                 } else {
                     ""
                 }
@@ -148,7 +148,7 @@ impl SqliteStore {
         let mut tx = self.pool.begin().await?;
         for m in unmarks {
             let sql = format!(
-                "DELETE FROM {} WHERE vault = ? AND name_folded = ? AND mark = ? AND kind = ?",
+                "DELETE FROM {} WHERE vault = $1 AND name_folded = $2 AND mark = $3 AND kind = $4",
                 marks_table(m.table)
             );
             sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -162,7 +162,7 @@ impl SqliteStore {
         let mut written = Vec::with_capacity(emissions.len());
         for e in emissions {
             let sql = format!(
-                "INSERT INTO {} (vault, name_folded, mark, kind, created) VALUES (?, ?, ?, ?, ?) \
+                "INSERT INTO {} (vault, name_folded, mark, kind, created) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT DO NOTHING",
                 marks_table(e.mark.table)
             );
@@ -182,7 +182,7 @@ impl SqliteStore {
             }
             sqlx::query(
                 "INSERT INTO event_outbox (id, vault, event_type, body, created) \
-                 VALUES (?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5)",
             )
             .bind(&e.event_id)
             .bind(vault.as_str())
@@ -195,9 +195,9 @@ impl SqliteStore {
                 // A subscription deleted since it was matched simply gets nothing.
                 sqlx::query(
                     "INSERT INTO event_deliveries (event_id, vault, subscription, state, attempts, \
-                     next_attempt_ms, updated) SELECT ?, ?, ?, 'pending', 0, 0, ? \
+                     next_attempt_ms, updated) SELECT $1, $2, $3, 'pending', 0, 0, $4 \
                      WHERE EXISTS (SELECT 1 FROM event_subscriptions \
-                     WHERE vault = ? AND name_folded = ?)",
+                     WHERE vault = $5 AND name_folded = $6)",
                 )
                 .bind(&e.event_id)
                 .bind(vault.as_str())
@@ -220,7 +220,7 @@ impl SqliteStore {
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let existed: Option<i64> = sqlx::query_scalar(
-            "SELECT created FROM event_subscriptions WHERE vault = ? AND name_folded = ?",
+            "SELECT created FROM event_subscriptions WHERE vault = $1 AND name_folded = $2",
         )
         .bind(vault.as_str())
         .bind(s.name.to_ascii_lowercase())
@@ -230,7 +230,7 @@ impl SqliteStore {
             .map_err(|e| corrupt("event_subscriptions", e))?;
         sqlx::query(
             "INSERT INTO event_subscriptions (vault, name_folded, name, endpoint_url, \
-             included_types, max_attempts, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+             included_types, max_attempts, created, updated) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (vault, name_folded) DO UPDATE SET endpoint_url = excluded.endpoint_url, \
              included_types = excluded.included_types, max_attempts = excluded.max_attempts, \
              updated = excluded.updated",
@@ -254,7 +254,7 @@ impl SqliteStore {
         vault: &VaultName,
     ) -> Result<Vec<EventSubscriptionRecord>> {
         let rows =
-            sqlx::query("SELECT * FROM event_subscriptions WHERE vault = ? ORDER BY name_folded")
+            sqlx::query("SELECT * FROM event_subscriptions WHERE vault = $1 ORDER BY name_folded")
                 .bind(vault.as_str())
                 .fetch_all(&self.pool)
                 .await?;
@@ -264,7 +264,7 @@ impl SqliteStore {
     pub(super) async fn subscription_delete(&self, vault: &VaultName, name: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
         let done =
-            sqlx::query("DELETE FROM event_subscriptions WHERE vault = ? AND name_folded = ?")
+            sqlx::query("DELETE FROM event_subscriptions WHERE vault = $1 AND name_folded = $2")
                 .bind(vault.as_str())
                 .bind(name.to_ascii_lowercase())
                 .execute(&mut *tx)
@@ -273,7 +273,7 @@ impl SqliteStore {
                 > 0;
         // Events no subscription waits for any more.
         sqlx::query(
-            "DELETE FROM event_outbox WHERE vault = ? AND NOT EXISTS \
+            "DELETE FROM event_outbox WHERE vault = $1 AND NOT EXISTS \
              (SELECT 1 FROM event_deliveries d WHERE d.event_id = event_outbox.id)",
         )
         .bind(vault.as_str())
@@ -293,8 +293,8 @@ impl SqliteStore {
              s.max_attempts, o.body FROM event_deliveries d \
              JOIN event_subscriptions s ON s.vault = d.vault AND s.name_folded = d.subscription \
              JOIN event_outbox o ON o.id = d.event_id \
-             WHERE d.state = 'pending' AND d.next_attempt_ms <= ? \
-             ORDER BY d.next_attempt_ms, o.created LIMIT ?",
+             WHERE d.state = 'pending' AND d.next_attempt_ms <= $1 \
+             ORDER BY d.next_attempt_ms, o.created LIMIT $2",
         )
         .bind(now_ms)
         .bind(i64::from(limit))
@@ -334,7 +334,7 @@ impl SqliteStore {
     ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "DELETE FROM event_deliveries WHERE event_id = ? AND vault = ? AND subscription = ?",
+            "DELETE FROM event_deliveries WHERE event_id = $1 AND vault = $2 AND subscription = $3",
         )
         .bind(event_id)
         .bind(vault)
@@ -342,8 +342,8 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
-            "DELETE FROM event_outbox WHERE id = ? AND NOT EXISTS \
-             (SELECT 1 FROM event_deliveries WHERE event_id = ?)",
+            "DELETE FROM event_outbox WHERE id = $1 AND NOT EXISTS \
+             (SELECT 1 FROM event_deliveries WHERE event_id = $2)",
         )
         .bind(event_id)
         .bind(event_id)
@@ -366,8 +366,8 @@ impl SqliteStore {
     ) -> Result<()> {
         let (state, next) = failed_state(next_attempt_ms);
         sqlx::query(
-            "UPDATE event_deliveries SET state = ?, attempts = ?, next_attempt_ms = ?, \
-             last_error = ?, updated = ? WHERE event_id = ? AND vault = ? AND subscription = ?",
+            "UPDATE event_deliveries SET state = $1, attempts = $2, next_attempt_ms = $3, \
+             last_error = $4, updated = $5 WHERE event_id = $6 AND vault = $7 AND subscription = $8",
         )
         .bind(state)
         .bind(i64::from(attempts))
@@ -390,7 +390,7 @@ impl SqliteStore {
         let rows = sqlx::query(
             "SELECT d.event_id, o.event_type, o.body, d.attempts, d.last_error, d.updated \
              FROM event_deliveries d JOIN event_outbox o ON o.id = d.event_id \
-             WHERE d.vault = ? AND d.subscription = ? AND d.state = 'dead' \
+             WHERE d.vault = $1 AND d.subscription = $2 AND d.state = 'dead' \
              ORDER BY d.updated, o.created",
         )
         .bind(vault.as_str())

@@ -9,9 +9,13 @@ use crate::directory::{
 };
 use crate::{PrincipalRecord, Result, StoreError};
 
-use super::SqliteStore;
+use super::SqlStore;
 
-fn principal(r: &sqlx::sqlite::SqliteRow) -> Result<PrincipalRecord> {
+/// What a deleted principal's secret hash becomes (an empty blob, written as a parameter: SQLite
+/// and PostgreSQL spell blob literals differently).
+const EMPTY_BLOB: &[u8] = &[];
+
+fn principal(r: &sqlx::any::AnyRow) -> Result<PrincipalRecord> {
     Ok(PrincipalRecord {
         object_id: r.try_get("object_id")?,
         tenant_id: r.try_get("tenant_id")?,
@@ -24,7 +28,7 @@ fn principal(r: &sqlx::sqlite::SqliteRow) -> Result<PrincipalRecord> {
     })
 }
 
-impl SqliteStore {
+impl SqlStore {
     /// `Store::put_principal`: principals are the directory's, kept here with its other rows.
     pub(super) async fn insert_principal_row(&self, p: &PrincipalRecord) -> Result<()> {
         insert_principal(&self.pool, p).await
@@ -35,7 +39,7 @@ impl SqliteStore {
         &self,
         client_id: &str,
     ) -> Result<Option<PrincipalRecord>> {
-        let row = sqlx::query("SELECT * FROM principals WHERE client_id = ? AND deleted = 0")
+        let row = sqlx::query("SELECT * FROM principals WHERE client_id = $1 AND deleted = 0")
             .bind(client_id)
             .fetch_optional(&self.pool)
             .await?;
@@ -45,11 +49,11 @@ impl SqliteStore {
 
 async fn insert_principal<'e, E>(e: E, p: &PrincipalRecord) -> Result<()>
 where
-    E: sqlx::Executor<'e, Database = sqlx::Sqlite>,
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
 {
     sqlx::query(
         "INSERT INTO principals (object_id, tenant_id, client_id, display_name, secret_hash, \
-         kind, created, resource_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         kind, created, resource_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&p.object_id)
     .bind(&p.tenant_id)
@@ -71,7 +75,7 @@ where
     Ok(())
 }
 
-fn resource(r: &sqlx::sqlite::SqliteRow) -> Result<ResourceRecord> {
+fn resource(r: &sqlx::any::AnyRow) -> Result<ResourceRecord> {
     Ok(ResourceRecord {
         id: r.try_get("id")?,
         resource_type: r.try_get("type")?,
@@ -85,7 +89,7 @@ fn resource(r: &sqlx::sqlite::SqliteRow) -> Result<ResourceRecord> {
     })
 }
 
-fn binding(r: &sqlx::sqlite::SqliteRow) -> Result<BindingRecord> {
+fn binding(r: &sqlx::any::AnyRow) -> Result<BindingRecord> {
     Ok(BindingRecord {
         id: r.try_get("id")?,
         secret_hash: r.try_get("secret_hash")?,
@@ -97,7 +101,7 @@ fn binding(r: &sqlx::sqlite::SqliteRow) -> Result<BindingRecord> {
 }
 
 #[async_trait]
-impl DirectoryStore for SqliteStore {
+impl DirectoryStore for SqlStore {
     async fn list_principals(&self) -> Result<Vec<PrincipalRecord>> {
         let rows =
             sqlx::query("SELECT * FROM principals WHERE deleted = 0 ORDER BY created, object_id")
@@ -107,15 +111,16 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn delete_principal(&self, object_id: &str) -> Result<()> {
-        sqlx::query("UPDATE principals SET deleted = 1, secret_hash = x'' WHERE object_id = ?")
+        sqlx::query("UPDATE principals SET deleted = 1, secret_hash = $2 WHERE object_id = $1")
             .bind(object_id)
+            .bind(EMPTY_BLOB)
             .execute(&self.pool)
             .await?;
         Ok(())
     }
 
     async fn set_principal_secret(&self, object_id: &str, secret_hash: &[u8]) -> Result<()> {
-        sqlx::query("UPDATE principals SET secret_hash = ? WHERE object_id = ? AND deleted = 0")
+        sqlx::query("UPDATE principals SET secret_hash = $1 WHERE object_id = $2 AND deleted = 0")
             .bind(secret_hash)
             .bind(object_id)
             .execute(&self.pool)
@@ -126,7 +131,7 @@ impl DirectoryStore for SqliteStore {
     async fn add_principal_certificate(&self, c: &CertificateRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO principal_certificates (thumbprint, sha1, object_id, spki, created) \
-             VALUES (?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&c.sha256)
         .bind(&c.sha1)
@@ -174,7 +179,7 @@ impl DirectoryStore for SqliteStore {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO resources (id, type, subscription_id, resource_group, name, location, body, \
-             created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET \
+             created, updated) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO UPDATE SET \
              body = excluded.body, updated = excluded.updated, location = excluded.location",
         )
         .bind(&r.id)
@@ -192,8 +197,9 @@ impl DirectoryStore for SqliteStore {
             insert_principal(&mut *tx, p).await?;
         }
         for oid in deleted_principals {
-            sqlx::query("UPDATE principals SET deleted = 1, secret_hash = x'' WHERE object_id = ?")
+            sqlx::query("UPDATE principals SET deleted = 1, secret_hash = $2 WHERE object_id = $1")
                 .bind(oid)
+                .bind(EMPTY_BLOB)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -210,19 +216,20 @@ impl DirectoryStore for SqliteStore {
 
     async fn delete_resource(&self, id: &str, deleted_principals: &[String]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM resources WHERE id = ?")
+        sqlx::query("DELETE FROM resources WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM identity_bindings WHERE resource_id = ?")
+        sqlx::query("DELETE FROM identity_bindings WHERE resource_id = $1")
             .bind(id)
             .execute(&mut *tx)
             .await?;
         // The service documents and activity of the resource go with it.
         super::services::delete_resource_rows(&mut tx, id).await?;
         for oid in deleted_principals {
-            sqlx::query("UPDATE principals SET deleted = 1, secret_hash = x'' WHERE object_id = ?")
+            sqlx::query("UPDATE principals SET deleted = 1, secret_hash = $2 WHERE object_id = $1")
                 .bind(oid)
+                .bind(EMPTY_BLOB)
                 .execute(&mut *tx)
                 .await?;
         }
@@ -232,13 +239,13 @@ impl DirectoryStore for SqliteStore {
 
     async fn put_binding(&self, b: &BindingRecord, now: i64) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM identity_bindings WHERE expires <= ?")
+        sqlx::query("DELETE FROM identity_bindings WHERE expires <= $1")
             .bind(now)
             .execute(&mut *tx)
             .await?;
         sqlx::query(
             "INSERT INTO identity_bindings (id, secret_hash, resource_id, client_id, created, \
-             expires) VALUES (?, ?, ?, ?, ?, ?)",
+             expires) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&b.id)
         .bind(&b.secret_hash)
@@ -253,7 +260,7 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn binding_by_secret(&self, secret_hash: &[u8]) -> Result<Option<BindingRecord>> {
-        sqlx::query("SELECT * FROM identity_bindings WHERE secret_hash = ?")
+        sqlx::query("SELECT * FROM identity_bindings WHERE secret_hash = $1")
             .bind(secret_hash)
             .fetch_optional(&self.pool)
             .await?
@@ -264,7 +271,7 @@ impl DirectoryStore for SqliteStore {
 
     async fn list_bindings(&self, resource_id: &str) -> Result<Vec<BindingRecord>> {
         let rows = sqlx::query(
-            "SELECT * FROM identity_bindings WHERE resource_id = ? ORDER BY created, id",
+            "SELECT * FROM identity_bindings WHERE resource_id = $1 ORDER BY created, id",
         )
         .bind(resource_id)
         .fetch_all(&self.pool)
@@ -273,7 +280,7 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn delete_binding(&self, resource_id: &str, id: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM identity_bindings WHERE resource_id = ? AND id = ?")
+        let done = sqlx::query("DELETE FROM identity_bindings WHERE resource_id = $1 AND id = $2")
             .bind(resource_id)
             .bind(id)
             .execute(&self.pool)
@@ -288,7 +295,7 @@ impl DirectoryStore for SqliteStore {
         retired: &[u8],
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let swapped = sqlx::query("UPDATE meta SET v = ? WHERE k = ? AND v = ?")
+        let swapped = sqlx::query("UPDATE meta SET v = $1 WHERE k = $2 AND v = $3")
             .bind(current)
             .bind(SIGNING_KEY)
             .bind(expected)
@@ -298,7 +305,7 @@ impl DirectoryStore for SqliteStore {
             return Ok(false);
         }
         sqlx::query(
-            "INSERT INTO meta (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+            "INSERT INTO meta (k, v) VALUES ($1, $2) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
         )
         .bind(RETIRED_SIGNING_KEYS)
         .bind(retired)
@@ -310,7 +317,7 @@ impl DirectoryStore for SqliteStore {
 
     async fn put_role_definition(&self, d: &RoleDefinitionRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO role_definitions (id, scope, body) VALUES (?, ?, ?) \
+            "INSERT INTO role_definitions (id, scope, body) VALUES ($1, $2, $3) \
              ON CONFLICT (id) DO UPDATE SET body = excluded.body",
         )
         .bind(&d.id)
@@ -322,7 +329,7 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn delete_role_definition(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM role_definitions WHERE id = ?")
+        sqlx::query("DELETE FROM role_definitions WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -347,7 +354,7 @@ impl DirectoryStore for SqliteStore {
     async fn put_role_assignment(&self, a: &RoleAssignmentRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO role_assignments (id, scope, principal_id, role_definition_id, created) \
-             VALUES (?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&a.id)
         .bind(&a.scope)
@@ -367,7 +374,7 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn delete_role_assignment(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM role_assignments WHERE id = ?")
+        sqlx::query("DELETE FROM role_assignments WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -393,7 +400,7 @@ impl DirectoryStore for SqliteStore {
 
     async fn put_lock(&self, l: &LockRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO locks (id, scope, name, level, notes) VALUES (?, ?, ?, ?, ?) \
+            "INSERT INTO locks (id, scope, name, level, notes) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (id) DO UPDATE SET level = excluded.level, notes = excluded.notes",
         )
         .bind(&l.id)
@@ -407,7 +414,7 @@ impl DirectoryStore for SqliteStore {
     }
 
     async fn delete_lock(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM locks WHERE id = ?")
+        sqlx::query("DELETE FROM locks WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -453,7 +460,7 @@ mod tests {
     #[tokio::test]
     async fn bindings_are_listed_revoked_one_by_one_and_forgotten_once_expired() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("kagi.db"))
+        let s = SqlStore::open_sqlite(&dir.path().join("kagi.db"))
             .await
             .unwrap();
         s.put_binding(&record("a", b"ha", "/r1", 100), 10)
@@ -487,7 +494,13 @@ mod tests {
 
     #[tokio::test]
     async fn legacy_bindings_keep_working_for_thirty_days_then_expire() {
-        let pool = sqlx::SqlitePool::connect("sqlite::memory:").await.unwrap();
+        crate::sql::install_drivers();
+        // One connection: each in-memory connection is a database of its own.
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
         sqlx::raw_sql(
             "CREATE TABLE identity_bindings (secret_hash BLOB PRIMARY KEY, \
              resource_id TEXT NOT NULL, created INTEGER NOT NULL); \
@@ -524,7 +537,7 @@ mod tests {
     #[tokio::test]
     async fn the_signing_key_is_replaced_only_from_the_expected_one() {
         let dir = tempfile::tempdir().unwrap();
-        let s = SqliteStore::open(&dir.path().join("kagi.db"))
+        let s = SqlStore::open_sqlite(&dir.path().join("kagi.db"))
             .await
             .unwrap();
         s.put_meta_if_absent(SIGNING_KEY, b"k0").await.unwrap();

@@ -1,0 +1,309 @@
+//! PostgreSQL, for several kagi nodes sharing one database (and a hot standby serving a
+//! read-only node). The statements are the SQLite store's; the schema is the same tables with
+//! PostgreSQL's types (`BIGINT` for SQLite's 64-bit `INTEGER`, `BYTEA` for `BLOB`).
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, ConnectOptions, Row};
+
+use super::{corrupt, install_drivers};
+use crate::Result;
+
+/// Schema versions, applied in order; `kagi_schema.version` records how far a database has
+/// come. A change to the schema adds an entry here and one to the SQLite list.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE meta (k TEXT PRIMARY KEY, v BYTEA NOT NULL);
+CREATE TABLE subscriptions (
+    id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, created BIGINT NOT NULL);
+CREATE TABLE resource_groups (
+    subscription_id TEXT NOT NULL, name_folded TEXT NOT NULL, name TEXT NOT NULL,
+    location TEXT NOT NULL, tags TEXT NOT NULL, created BIGINT NOT NULL,
+    PRIMARY KEY (subscription_id, name_folded));
+CREATE TABLE principals (
+    object_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, client_id TEXT NOT NULL UNIQUE,
+    display_name TEXT NOT NULL, secret_hash BYTEA NOT NULL, kind TEXT NOT NULL,
+    created BIGINT NOT NULL, resource_id TEXT, deleted BIGINT NOT NULL DEFAULT 0);
+CREATE TABLE vaults (
+    name TEXT PRIMARY KEY, subscription_id TEXT NOT NULL, resource_group TEXT NOT NULL,
+    location TEXT NOT NULL, tags TEXT NOT NULL, properties TEXT NOT NULL,
+    created BIGINT NOT NULL, updated BIGINT NOT NULL,
+    deleted_at BIGINT, purge_at BIGINT);
+CREATE TABLE keys (
+    vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+    name_folded TEXT NOT NULL, name TEXT NOT NULL, deleted_at BIGINT, purge_at BIGINT,
+    PRIMARY KEY (vault, name_folded));
+CREATE TABLE key_versions (
+    vault TEXT NOT NULL, name_folded TEXT NOT NULL, version TEXT NOT NULL, seq BIGINT NOT NULL,
+    info TEXT NOT NULL, sealed_private BYTEA NOT NULL,
+    PRIMARY KEY (vault, name_folded, version),
+    FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
+CREATE TABLE secrets (
+    vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+    name_folded TEXT NOT NULL, name TEXT NOT NULL, deleted_at BIGINT, purge_at BIGINT,
+    PRIMARY KEY (vault, name_folded));
+CREATE TABLE secret_versions (
+    vault TEXT NOT NULL, name_folded TEXT NOT NULL, version TEXT NOT NULL, seq BIGINT NOT NULL,
+    info TEXT NOT NULL, sealed_value BYTEA NOT NULL,
+    PRIMARY KEY (vault, name_folded, version),
+    FOREIGN KEY (vault, name_folded) REFERENCES secrets(vault, name_folded) ON DELETE CASCADE);
+CREATE INDEX principals_resource ON principals(resource_id);
+CREATE TABLE resources (
+    id TEXT PRIMARY KEY, type TEXT NOT NULL, subscription_id TEXT NOT NULL,
+    resource_group TEXT NOT NULL, name TEXT NOT NULL, location TEXT NOT NULL,
+    body TEXT NOT NULL, created BIGINT NOT NULL, updated BIGINT NOT NULL);
+CREATE TABLE role_definitions (
+    id TEXT PRIMARY KEY, scope TEXT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE role_assignments (
+    id TEXT PRIMARY KEY, scope TEXT NOT NULL, principal_id TEXT NOT NULL,
+    role_definition_id TEXT NOT NULL, created BIGINT NOT NULL);
+CREATE TABLE principal_certificates (
+    thumbprint TEXT PRIMARY KEY, sha1 TEXT NOT NULL, object_id TEXT NOT NULL, spki BYTEA NOT NULL,
+    created BIGINT NOT NULL);
+CREATE TABLE locks (
+    id TEXT PRIMARY KEY, scope TEXT NOT NULL, name TEXT NOT NULL, level TEXT NOT NULL,
+    notes TEXT NOT NULL);
+CREATE TABLE key_rotation_policies (
+    vault TEXT NOT NULL, name_folded TEXT NOT NULL, policy TEXT NOT NULL,
+    PRIMARY KEY (vault, name_folded),
+    FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
+CREATE TABLE key_event_marks (
+    vault TEXT NOT NULL, name_folded TEXT NOT NULL, mark TEXT NOT NULL, kind TEXT NOT NULL,
+    created BIGINT NOT NULL,
+    PRIMARY KEY (vault, name_folded, mark, kind),
+    FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
+CREATE TABLE secret_event_marks (
+    vault TEXT NOT NULL, name_folded TEXT NOT NULL, mark TEXT NOT NULL, kind TEXT NOT NULL,
+    created BIGINT NOT NULL,
+    PRIMARY KEY (vault, name_folded, mark, kind),
+    FOREIGN KEY (vault, name_folded) REFERENCES secrets(vault, name_folded) ON DELETE CASCADE);
+CREATE TABLE event_subscriptions (
+    vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+    name_folded TEXT NOT NULL, name TEXT NOT NULL, endpoint_url TEXT NOT NULL,
+    included_types TEXT NOT NULL, max_attempts BIGINT,
+    created BIGINT NOT NULL, updated BIGINT NOT NULL,
+    PRIMARY KEY (vault, name_folded));
+CREATE TABLE event_outbox (
+    id TEXT PRIMARY KEY, vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
+    event_type TEXT NOT NULL, body TEXT NOT NULL, created BIGINT NOT NULL);
+CREATE TABLE event_deliveries (
+    event_id TEXT NOT NULL REFERENCES event_outbox(id) ON DELETE CASCADE,
+    vault TEXT NOT NULL, subscription TEXT NOT NULL,
+    state TEXT NOT NULL, attempts BIGINT NOT NULL, next_attempt_ms BIGINT NOT NULL,
+    last_error TEXT, updated BIGINT NOT NULL,
+    PRIMARY KEY (event_id, vault, subscription),
+    FOREIGN KEY (vault, subscription) REFERENCES event_subscriptions(vault, name_folded)
+        ON DELETE CASCADE);
+CREATE INDEX event_deliveries_due ON event_deliveries(state, next_attempt_ms);
+CREATE INDEX event_deliveries_sub ON event_deliveries(vault, subscription, state);
+CREATE TABLE service_documents (
+    resource_key TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
+    body TEXT NOT NULL, updated BIGINT NOT NULL,
+    PRIMARY KEY (resource_key, kind, name));
+CREATE TABLE service_activity (
+    resource_key TEXT NOT NULL, seq BIGINT NOT NULL, at BIGINT NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (resource_key, seq));
+CREATE TABLE policy_assignments (
+    id TEXT PRIMARY KEY, body TEXT NOT NULL, updated BIGINT NOT NULL);
+CREATE TABLE identity_bindings (
+    id TEXT PRIMARY KEY, secret_hash BYTEA NOT NULL UNIQUE, resource_id TEXT NOT NULL,
+    client_id TEXT, created BIGINT NOT NULL, expires BIGINT NOT NULL);
+CREATE INDEX identity_bindings_resource ON identity_bindings(resource_id);
+CREATE TABLE monitor_resources (
+    id TEXT PRIMARY KEY, resource_type TEXT NOT NULL, subscription_id TEXT NOT NULL,
+    resource_group TEXT NOT NULL, body TEXT NOT NULL,
+    created BIGINT NOT NULL, updated BIGINT NOT NULL);
+CREATE INDEX monitor_resources_type ON monitor_resources(resource_type, subscription_id);
+CREATE TABLE alert_deliveries (
+    id TEXT PRIMARY KEY,
+    action_group TEXT NOT NULL REFERENCES monitor_resources(id) ON DELETE CASCADE,
+    receiver TEXT NOT NULL, alert TEXT NOT NULL, endpoint_url TEXT NOT NULL, body TEXT NOT NULL,
+    state TEXT NOT NULL, attempts BIGINT NOT NULL, next_attempt_ms BIGINT NOT NULL,
+    last_error TEXT, created BIGINT NOT NULL, updated BIGINT NOT NULL,
+    -- SQLite's implicit rowid, which orders deliveries created in the same millisecond.
+    rowid BIGSERIAL);
+CREATE INDEX alert_deliveries_due ON alert_deliveries(state, next_attempt_ms);
+CREATE INDEX alert_deliveries_group ON alert_deliveries(action_group, state);
+"#,
+    CHANGE_FEED,
+];
+
+/// The change feed (docs/SEVERAL_NODES.md): every write to a table whose rows a node keeps in
+/// memory stamps the row's scope (`vault:<name>`, `directory`, …) in `kagi_changes` with a new
+/// number and notifies channel `kagi_changes` with the scope, in the writing transaction, so
+/// a node learns of it at once (LISTEN) or at its next re-check (a standby, a lost
+/// notification). Triggers, not the statements, stamp: no write can forget to.
+const CHANGE_FEED: &str = r#"
+CREATE SEQUENCE kagi_change_seq;
+CREATE TABLE kagi_changes (scope TEXT PRIMARY KEY, seq BIGINT NOT NULL);
+CREATE FUNCTION kagi_note_change() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    scope TEXT := TG_ARGV[0];
+BEGIN
+    IF TG_NARGS > 1 THEN
+        scope := scope || ':' || (to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END)
+            ->> TG_ARGV[1]);
+    END IF;
+    INSERT INTO kagi_changes (scope, seq) VALUES (scope, nextval('kagi_change_seq'))
+        ON CONFLICT ON CONSTRAINT kagi_changes_pkey DO UPDATE SET seq = excluded.seq;
+    PERFORM pg_notify('kagi_changes', scope);
+    RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER vaults_changed AFTER INSERT OR UPDATE OR DELETE ON vaults
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('vault', 'name');
+CREATE TRIGGER keys_changed AFTER INSERT OR UPDATE OR DELETE ON keys
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('vault', 'vault');
+CREATE TRIGGER key_versions_changed AFTER INSERT OR UPDATE OR DELETE ON key_versions
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('vault', 'vault');
+CREATE TRIGGER secrets_changed AFTER INSERT OR UPDATE OR DELETE ON secrets
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('vault', 'vault');
+CREATE TRIGGER secret_versions_changed AFTER INSERT OR UPDATE OR DELETE ON secret_versions
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('vault', 'vault');
+CREATE TRIGGER principals_changed AFTER INSERT OR UPDATE OR DELETE ON principals
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('directory');
+CREATE TRIGGER resources_changed AFTER INSERT OR UPDATE OR DELETE ON resources
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('directory');
+CREATE TRIGGER role_definitions_changed AFTER INSERT OR UPDATE OR DELETE ON role_definitions
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('directory');
+CREATE TRIGGER role_assignments_changed AFTER INSERT OR UPDATE OR DELETE ON role_assignments
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('directory');
+CREATE TRIGGER principal_certificates_changed
+    AFTER INSERT OR UPDATE OR DELETE ON principal_certificates
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('directory');
+CREATE TRIGGER locks_changed AFTER INSERT OR UPDATE OR DELETE ON locks
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('directory');
+CREATE TRIGGER identity_bindings_changed AFTER INSERT OR UPDATE OR DELETE ON identity_bindings
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('directory');
+"#;
+
+/// The advisory lock key that serialises migrations (the bytes of "kagi").
+const MIGRATION_LOCK: i64 = 0x6b61_6769;
+
+/// Connects and brings the schema up to date.
+pub(super) async fn open(url: &str) -> Result<AnyPool> {
+    let pool = pool(url, "SET TIME ZONE 'UTC'").await?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// Connects with every transaction read-only; the schema must be this kagi's.
+pub(super) async fn open_read_only(url: &str) -> Result<AnyPool> {
+    let pool = pool(
+        url,
+        "SET TIME ZONE 'UTC'; SET default_transaction_read_only = on",
+    )
+    .await?;
+    let current = version(&pool).await?;
+    if current != MIGRATIONS.len() as i64 {
+        return Err(corrupt(
+            "schema",
+            format!(
+                "database schema {current} is not this kagi's ({}); a read-only node does not \
+                 migrate: start this kagi once without --read-only on the primary",
+                MIGRATIONS.len()
+            ),
+        ));
+    }
+    Ok(pool)
+}
+
+async fn pool(url: &str, settings: &'static str) -> Result<AnyPool> {
+    install_drivers();
+    let options = AnyConnectOptions::from_url(&url.parse().map_err(|e| {
+        crate::StoreError::Database(format!("the PostgreSQL URL is not valid: {e}"))
+    })?)?;
+    Ok(AnyPoolOptions::new()
+        .max_connections(16)
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                sqlx::raw_sql(settings).execute(conn).await?;
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await?)
+}
+
+/// The schema version of the database (0 when kagi never ran on it).
+async fn version(pool: &AnyPool) -> Result<i64> {
+    let exists: Option<i64> = sqlx::query_scalar(
+        "SELECT 1::BIGINT FROM pg_catalog.pg_tables \
+         WHERE schemaname = current_schema() AND tablename = 'kagi_schema'",
+    )
+    .fetch_optional(pool)
+    .await?;
+    if exists.is_none() {
+        return Ok(0);
+    }
+    Ok(sqlx::query_scalar("SELECT version FROM kagi_schema")
+        .fetch_optional(pool)
+        .await?
+        .unwrap_or(0))
+}
+
+/// Applies the missing migrations in one transaction. Nodes starting at once queue on a
+/// transaction-scoped advisory lock (released by the commit, so a connection pooler in
+/// transaction mode keeps it intact); the first applies, the others find the schema current.
+async fn migrate(pool: &AnyPool) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    // The function returns `void`, which the Any driver cannot decode: select a constant.
+    sqlx::query("SELECT 1::BIGINT FROM (SELECT pg_advisory_xact_lock($1)) AS locked")
+        .bind(MIGRATION_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS kagi_schema (version BIGINT NOT NULL)")
+        .execute(&mut *tx)
+        .await?;
+    let current: i64 = sqlx::query_scalar("SELECT version FROM kagi_schema")
+        .fetch_optional(&mut *tx)
+        .await?
+        .unwrap_or(0);
+    if current > MIGRATIONS.len() as i64 {
+        return Err(corrupt(
+            "schema",
+            format!("database schema {current} is newer than this kagi understands"),
+        ));
+    }
+    for sql in MIGRATIONS.iter().skip(current as usize) {
+        sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+    }
+    sqlx::query("DELETE FROM kagi_schema")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO kagi_schema (version) VALUES ($1)")
+        .bind(MIGRATIONS.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Every scope's last change number.
+pub(super) async fn change_marks(pool: &AnyPool) -> Result<Vec<(String, i64)>> {
+    let rows = sqlx::query("SELECT scope, seq FROM kagi_changes ORDER BY scope")
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("scope")?, r.try_get("seq")?)))
+        .collect()
+}
+
+/// LISTEN on channel `kagi_changes` (its own connection, outside the pool).
+pub(super) struct Listener(sqlx::postgres::PgListener);
+
+impl Listener {
+    pub(super) async fn connect(url: &str) -> Result<Self> {
+        let mut listener = sqlx::postgres::PgListener::connect(url).await?;
+        listener.listen("kagi_changes").await?;
+        Ok(Self(listener))
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::changes::ChangeWatch for Listener {
+    async fn next(&mut self) -> Result<Option<String>> {
+        // `try_recv` answers None when the connection was lost; the next call re-connects and
+        // listens again, and what was sent meanwhile is gone.
+        Ok(self.0.try_recv().await?.map(|n| n.payload().to_string()))
+    }
+}
