@@ -134,16 +134,11 @@ impl Platform {
             Some(state) => state.replace_contents(record, keys, secrets),
             None => {
                 // A create in progress on this node puts the vault in the map itself.
-                let creating = self
-                    .vault_creates
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let creating = self.vault_creates.lock().unwrap_or_else(|p| p.into_inner());
                 if !creating.contains(name) {
-                    self.vaults_write()
-                        .entry(name.clone())
-                        .or_insert_with(|| {
-                            Arc::new(VaultState::new(record, keys).with_secrets(secrets))
-                        });
+                    self.vaults_write().entry(name.clone()).or_insert_with(|| {
+                        Arc::new(VaultState::new(record, keys).with_secrets(secrets))
+                    });
                 }
             }
         }

@@ -45,7 +45,8 @@ async fn open(
     dir: &Path,
     clock: &Arc<TestClock>,
 ) -> (Arc<dyn Store>, Platform, Option<BootstrapAdmin>) {
-    let store: Arc<dyn Store> = Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await.unwrap());
+    let store: Arc<dyn Store> =
+        Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await.unwrap());
     let (p, created) = Platform::open_with(
         PlatformConfig {
             data_dir: dir.to_path_buf(),

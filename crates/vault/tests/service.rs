@@ -69,7 +69,8 @@ async fn open(
     clock: &Arc<TestClock>,
     root: &[u8; 32],
 ) -> Result<(Platform, Option<BootstrapAdmin>), StartupError> {
-    let store: Arc<dyn Store> = Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await.unwrap());
+    let store: Arc<dyn Store> =
+        Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await.unwrap());
     Platform::open_with(
         config(dir),
         clock.clone(),

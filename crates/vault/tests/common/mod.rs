@@ -30,7 +30,8 @@ pub fn config(dir: &Path) -> PlatformConfig {
 /// Opens the platform of `dir` on `clock` (as `kagi server --test-clock` does); the bootstrap
 /// administrator when it was created now.
 pub async fn open(dir: &Path, clock: &Arc<TestClock>) -> (Platform, Option<BootstrapAdmin>) {
-    let store: Arc<dyn Store> = Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await.unwrap());
+    let store: Arc<dyn Store> =
+        Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await.unwrap());
     let (p, admin) = Platform::open_with(
         config(dir),
         clock.clone(),
