@@ -30,6 +30,6 @@ pub use record::{
 };
 pub use timefmt::{format_rfc3339_ms, now_unix_ms, parse_rfc3339_ms};
 pub use writer::{
-    AUDIT_DIR, AUDIT_FILE, Admission, AuditConfig, AuditError, AuditLog, FAIL_FILE_ENV,
-    MAX_RECORD_BYTES,
+    AUDIT_DIR, AUDIT_FILE, Admission, AuditConfig, AuditError, AuditLog, BatchObserver,
+    FAIL_FILE_ENV, MAX_RECORD_BYTES,
 };

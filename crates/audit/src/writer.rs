@@ -134,6 +134,15 @@ struct Shared {
     /// Milliseconds since `epoch` (plus one) when the batch being written started; 0 if idle.
     busy_since: AtomicU64,
     epoch: Instant,
+    /// Told of every batch written (metrics); set at most once.
+    observer: std::sync::OnceLock<Arc<dyn BatchObserver>>,
+}
+
+/// What is told of every audit batch written (`kagi server --metrics-listen` counts them).
+pub trait BatchObserver: Send + Sync + std::fmt::Debug {
+    /// A batch of `records` records was written and `fdatasync`ed in `sync` (write included).
+    /// Called on the writer thread: it must not block.
+    fn batch_written(&self, records: usize, sync: Duration);
 }
 
 impl Shared {
@@ -186,6 +195,7 @@ impl AuditLog {
             promised: AtomicU64::new(0),
             busy_since: AtomicU64::new(0),
             epoch: Instant::now(),
+            observer: std::sync::OnceLock::new(),
         });
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -212,6 +222,12 @@ impl AuditLog {
     /// The file this log appends to.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Tells `observer` of every batch written from now on. Only the first observer set is
+    /// kept; returns whether `observer` is it.
+    pub fn set_observer(&self, observer: Arc<dyn BatchObserver>) -> bool {
+        self.shared.observer.set(observer).is_ok()
     }
 
     /// Appends a record and waits until it is on disk (written and `fdatasync`ed with its
@@ -503,6 +519,7 @@ impl Writer {
         self.shared
             .busy_since
             .store(self.shared.now_ms(), Ordering::Release);
+        let started = Instant::now();
         let written = f
             .file
             .write_all(buf.as_bytes())
@@ -510,6 +527,9 @@ impl Writer {
         self.shared.busy_since.store(0, Ordering::Release);
         match written {
             Ok(()) => {
+                if let Some(observer) = self.shared.observer.get() {
+                    observer.batch_written(acks.len(), started.elapsed());
+                }
                 f.seq = seq;
                 f.prev = prev;
                 f.len += buf.len() as u64;

@@ -543,3 +543,47 @@ async fn admissions_are_bounded_by_the_reserve() {
     drop(one);
     assert!(log.admit().is_some());
 }
+
+/// Counts what the log reports of its batches.
+#[derive(Debug, Default)]
+struct Batches {
+    records: std::sync::atomic::AtomicUsize,
+    batches: std::sync::atomic::AtomicUsize,
+}
+
+impl kagi_audit::BatchObserver for Batches {
+    fn batch_written(&self, records: usize, sync: Duration) {
+        use std::sync::atomic::Ordering;
+        assert!(sync < Duration::from_secs(60));
+        self.records.fetch_add(records, Ordering::SeqCst);
+        self.batches.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn the_observer_hears_of_every_record_written() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(AuditLog::open_with(dir.path(), fast_config()).unwrap());
+    let seen = Arc::new(Batches::default());
+    assert!(log.set_observer(seen.clone()));
+    assert!(
+        !log.set_observer(Arc::new(Batches::default())),
+        "only the first is kept"
+    );
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            log.append(record(&format!("Op{i}"), 200, None))
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(seen.records.load(Ordering::SeqCst), 20);
+    let batches = seen.batches.load(Ordering::SeqCst);
+    assert!((1..=20).contains(&batches), "{batches}");
+}

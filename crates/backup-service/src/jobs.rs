@@ -246,6 +246,22 @@ impl Default for Jobs {
 }
 
 impl Jobs {
+    /// The jobs running now, by operation (`Backup`, `Restore`, …: names from kagi's code).
+    pub fn running_by_operation(&self) -> Vec<(String, i64)> {
+        let mut by: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+        for h in lock(&self.live).values() {
+            if h.end_stored.load(Ordering::SeqCst) {
+                continue;
+            }
+            let state = lock(&h.state);
+            if state.body["status"] == "InProgress" {
+                let op = state.body["operation"].as_str().unwrap_or("Other");
+                *by.entry(op.to_string()).or_default() += 1;
+            }
+        }
+        by.into_iter().collect()
+    }
+
     /// Starts a job of `operation` on `entity` (an item name, or the vault) in the vault
     /// `vault_id`. The job is stored before this returns; if it cannot be, nothing starts.
     pub async fn start(

@@ -268,6 +268,42 @@ impl ResourceProvider for BackupService {
         true
     }
 
+    /// `kagi_backup_vaults{protector}` (vaults whose data keys a customer-managed key or the
+    /// platform key protects) and `kagi_jobs{service="backup", kind, state="InProgress"}`
+    /// (the jobs running now, by operation), from memory.
+    fn gauges(&self) -> Vec<kagi_core::gauge::GaugeSample> {
+        use kagi_core::gauge::{GaugeSample, JOBS, JOBS_HELP};
+        let (mut cmk, mut pmk) = (0, 0);
+        for body in self.host.resources_of_type(VAULT_TYPE) {
+            if body["properties"]["encryption"]["keyVaultProperties"]["keyUri"].is_string() {
+                cmk += 1;
+            } else {
+                pmk += 1;
+            }
+        }
+        let vaults = |protector: &str, n| {
+            GaugeSample::new(
+                "kagi_backup_vaults",
+                "Backup vaults, by what protects their data keys: CustomerManaged (a key vault key) or PlatformManaged.",
+                n,
+            )
+            .label("protector", protector)
+        };
+        let mut all = vec![
+            vaults("CustomerManaged", cmk),
+            vaults("PlatformManaged", pmk),
+        ];
+        for (operation, n) in self.jobs.running_by_operation() {
+            all.push(
+                GaugeSample::new(JOBS, JOBS_HELP, n)
+                    .label("service", "backup")
+                    .label("kind", operation)
+                    .label("state", "InProgress"),
+            );
+        }
+        all
+    }
+
     async fn admit_agent(
         self: Arc<Self>,
         head: AgentHead<'_>,

@@ -13,6 +13,7 @@ mod events;
 mod hsm;
 mod identity;
 mod key_import;
+mod observability;
 mod policy;
 mod read_only;
 mod sql;
@@ -92,6 +93,15 @@ enum Command {
         /// (docs/SEVERAL_NODES.md). The data directory still holds the root key.
         #[arg(long, env = "KAGI_STORE")]
         store: Option<String>,
+        /// Serve Prometheus metrics at `http://HOST:PORT/metrics`: plain HTTP without
+        /// authentication, so bind it to loopback or a monitoring network (docs/METRICS.md).
+        /// Off when not given.
+        #[arg(long, env = "KAGI_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
+        /// Log format on stderr: `text`, or `json` (one object per line; a request's lines
+        /// carry its audit record's request id).
+        #[arg(long, env = "KAGI_LOG_FORMAT", value_enum, default_value = "text")]
+        log_format: observability::LogFormat,
         #[command(flatten)]
         pkcs11: hsm::Pkcs11Args,
     },
@@ -171,10 +181,14 @@ fn main() -> std::process::ExitCode {
                 test_clock,
                 read_only,
                 store,
+                metrics_listen,
+                log_format,
                 pkcs11,
             } => {
                 let listeners = Listeners {
                     nbd: nbd_listen,
+                    metrics: metrics_listen,
+                    log_format,
                     sql: sql_listen,
                     read_only,
                     store: kagi_store::StoreLocation::parse(store.as_deref(), &cli.data_dir)
@@ -298,6 +312,10 @@ struct Listeners {
     sql: Option<String>,
     /// `--read-only`: writes are refused and nothing of the node's own writes.
     read_only: bool,
+    /// `--metrics-listen`: where Prometheus metrics are served, if anywhere.
+    metrics: Option<String>,
+    /// `--log-format`.
+    log_format: observability::LogFormat,
     /// `--store`: where the store lives.
     store: kagi_store::StoreLocation,
 }
@@ -337,13 +355,7 @@ async fn run_server(
 ) -> anyhow::Result<()> {
     let nbd_listen = listeners.nbd;
     let read_only = listeners.read_only;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KAGI_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    observability::init_logging(listeners.log_format);
     let (addrs, port) = listen_addrs(&listen)?;
     private_data_dir(&data_dir)?;
     if read_only {
@@ -543,6 +555,13 @@ async fn run_server(
     services.register(disks);
     services.register(sql);
     services.set_read_only(read_only);
+    observability::serve_metrics(
+        listeners.metrics.as_deref(),
+        &platform,
+        &services,
+        &audit_log,
+    )
+    .await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let shutdown = async move {
         tokio::select! {

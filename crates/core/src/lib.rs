@@ -12,6 +12,7 @@ pub mod api_version;
 pub mod b64;
 pub mod error;
 pub mod event;
+pub mod gauge;
 pub mod ids;
 pub mod jobs;
 pub mod key;

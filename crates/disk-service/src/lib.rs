@@ -424,6 +424,35 @@ impl ResourceProvider for DiskService {
         true
     }
 
+    /// `kagi_disks_open{key_state}` (open disks by the state of their key: `Usable`,
+    /// `Failing` inside the revocation grace period, `Revoked` after it) and
+    /// `kagi_cmk_keys_in_grace{service="disk"}`, from the open disks in memory.
+    fn gauges(&self) -> Vec<kagi_core::gauge::GaugeSample> {
+        use kagi_core::gauge::{GaugeSample, KEYS_IN_GRACE, KEYS_IN_GRACE_HELP};
+        let (mut usable, mut failing, mut revoked) = (0, 0, 0);
+        for disk in self.open.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            match disk.key_state() {
+                runtime::KeyState::Usable => usable += 1,
+                runtime::KeyState::Failing { .. } => failing += 1,
+                runtime::KeyState::Revoked { .. } => revoked += 1,
+            }
+        }
+        let open = |state: &str, n| {
+            GaugeSample::new(
+                "kagi_disks_open",
+                "Disks open (their data key in memory), by the state of their key.",
+                n,
+            )
+            .label("key_state", state)
+        };
+        vec![
+            open("Usable", usable),
+            open("Failing", failing),
+            open("Revoked", revoked),
+            GaugeSample::new(KEYS_IN_GRACE, KEYS_IN_GRACE_HELP, failing).label("service", "disk"),
+        ]
+    }
+
     fn movable(&self, resource_type: &str) -> bool {
         [DES_TYPE, DISK_TYPE, SNAPSHOT_TYPE, IMAGE_TYPE]
             .iter()

@@ -246,6 +246,13 @@ pub trait ResourceProvider: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Its gauges for the metrics (`kagi server --metrics-listen`), computed from memory when
+    /// they are scraped: the state of its customer-managed-key consumers and of its jobs, with
+    /// labels from bounded sets only (never a resource's name). Default: none.
+    fn gauges(&self) -> Vec<kagi_core::gauge::GaugeSample> {
+        Vec::new()
+    }
+
     /// Authenticates and authorizes an agent request (`/kagi/agent/{resource id}/…` under its
     /// namespace) before its body is read. Default: 404, the provider has no agents.
     async fn admit_agent(self: Arc<Self>, head: AgentHead<'_>) -> Result<Box<dyn AdmittedAgent>> {

@@ -173,13 +173,36 @@ fn is_list(operation: &str) -> bool {
     operation.contains("List")
 }
 
-/// Serves one request through the dispatch, auditing it.
+/// Serves one request through the dispatch, auditing it. Everything logged while it is
+/// served is inside a `request` span carrying the request id the audit record and the
+/// `x-ms-request-id` header carry (`kagi server --log-format json` shows it on every line).
 pub(crate) async fn serve_audited(
     platform: Arc<Platform>,
     audit: Arc<AuditLog>,
-    mut req: Request<Body>,
+    req: Request<Body>,
 ) -> Response<Body> {
+    use tracing::Instrument;
     let started = Instant::now();
+    let correlation = req
+        .headers()
+        .get(CLIENT_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| kagi_audit::sane_correlation_id(v))
+        .map_or_else(kagi_audit::new_correlation_id, str::to_string);
+    let span = tracing::info_span!("request", request_id = %correlation);
+    serve_in_span(platform, audit, req, started, correlation)
+        .instrument(span)
+        .await
+}
+
+/// [`serve_audited`] inside the request's span.
+async fn serve_in_span(
+    platform: Arc<Platform>,
+    audit: Arc<AuditLog>,
+    mut req: Request<Body>,
+    started: Instant,
+    correlation: String,
+) -> Response<Body> {
     let time = kagi_audit::format_rfc3339_ms(kagi_audit::now_unix_ms());
     let host = crate::routing::request_host(&req);
     let suffix = platform.config().dns_suffix.to_ascii_lowercase();
@@ -198,18 +221,22 @@ pub(crate) async fn serve_audited(
     {
         return crate::routing::dispatch(platform, req).await;
     }
-    let correlation = req
-        .headers()
-        .get(CLIENT_REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| kagi_audit::sane_correlation_id(v))
-        .map_or_else(kagi_audit::new_correlation_id, str::to_string);
+    let services = req.extensions().get::<crate::Services>().cloned();
+    let method = req.method().to_string();
+    let op_label = match &target {
+        Target::Vault(_) => Operation::Fixed(kagi_audit::data_plane_operation(&method, &path)),
+        Target::Management => {
+            Operation::Derived(management_operation(services.as_ref(), &method, &path))
+        }
+        Target::Unknown => Operation::Fixed("UnknownOperation"),
+    };
     // Held until the record is written: the log keeps room for it even if the disk fills.
     let Some(_admission) = audit.admit() else {
-        return unavailable(&correlation);
+        let r = unavailable(&correlation);
+        answered(services.as_ref(), &op_label, r.status().as_u16(), started);
+        return r;
     };
 
-    let method = req.method().to_string();
     let origin = {
         let port = platform.config().port;
         let h = printable(&host, 255);
@@ -246,13 +273,7 @@ pub(crate) async fn serve_audited(
         .map(|a| a.0.ip().to_canonical().to_string());
     let slot = CallerSlot::default();
     req.extensions_mut().insert(slot.clone());
-    let services = req.extensions().get::<crate::Services>().cloned();
-
-    let operation = match &target {
-        Target::Vault(_) => kagi_audit::data_plane_operation(&method, &path).to_string(),
-        Target::Management => management_operation(services.as_ref(), &method, &path),
-        Target::Unknown => "UnknownOperation".to_string(),
-    };
+    let operation = op_label.name().to_string();
     let plane = match &target {
         Target::Vault(_) => crate::read_only::Plane::Vault,
         Target::Management => crate::read_only::Plane::Management,
@@ -399,12 +420,56 @@ pub(crate) async fn serve_audited(
     };
     if let Err(e) = audit.append(record).await {
         tracing::error!(error = %e, "audit record not written; answering 503");
-        return unavailable(&correlation);
+        let r = unavailable(&correlation);
+        answered(services.as_ref(), &op_label, r.status().as_u16(), started);
+        return r;
     }
+    answered(services.as_ref(), &op_label, status, started);
     let mut response =
         Response::from_parts(parts, passthrough.unwrap_or_else(|| Body::from(bytes)));
     set_request_id(&mut response, &correlation);
     response
+}
+
+/// A request's operation name, and whether it comes from a fixed table (the data plane's
+/// routes) or from the request's path (management: bounded in the metrics).
+enum Operation {
+    Fixed(&'static str),
+    Derived(String),
+}
+
+impl Operation {
+    fn name(&self) -> &str {
+        match self {
+            Self::Fixed(n) => n,
+            Self::Derived(n) => n,
+        }
+    }
+}
+
+/// Logs a request's answer (the `request` span carries its id) and counts it in the metrics
+/// when they are on.
+fn answered(
+    services: Option<&crate::Services>,
+    operation: &Operation,
+    status: u16,
+    started: Instant,
+) {
+    let elapsed = started.elapsed();
+    tracing::info!(
+        target: "kagi_http::access",
+        operation = operation.name(),
+        status,
+        duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        "request answered"
+    );
+    if let Some(metrics) = services.and_then(crate::Services::metrics) {
+        let name = match operation {
+            Operation::Fixed(n) => kagi_metrics::OperationName::Fixed(n),
+            Operation::Derived(n) => kagi_metrics::OperationName::Derived(n),
+        };
+        metrics.observe_request(name, status, elapsed);
+    }
 }
 
 /// The operation name of a management request: the one the provider of the path's namespace

@@ -74,7 +74,17 @@ pub(crate) async fn handle(
     )
     .await
     {
-        Ok(r) => r,
+        Ok(r) => {
+            crate::metrics::count_crypto(
+                parts.extensions.get::<crate::Services>(),
+                &platform,
+                &caller,
+                &vault,
+                parts.method.as_str(),
+                &path,
+            );
+            r
+        }
         Err(e) => {
             if e.status() >= 500 {
                 tracing::error!(vault, method = %parts.method, path, "request failed");

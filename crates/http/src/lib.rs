@@ -16,6 +16,7 @@ mod data_plane;
 mod event_routes;
 mod identity_routes;
 mod management;
+mod metrics;
 mod monitor_routes;
 mod move_routes;
 mod provider_routes;
@@ -27,6 +28,7 @@ mod services;
 pub mod tls;
 
 pub use context::RemoteAddr;
+pub use metrics::enable_metrics;
 pub use server::{ServeError, bind, serve, serve_bound_until, serve_until};
 pub use services::Services;
 

@@ -20,6 +20,8 @@ const PLANNED_TRUSTED_TYPES: &[&str] = &[
 pub struct Services {
     providers: Arc<RwLock<Vec<Arc<dyn ResourceProvider>>>>,
     read_only: crate::read_only::ReadOnlyFlag,
+    /// Where requests and cryptographic operations are counted (`--metrics-listen`).
+    metrics: Arc<std::sync::OnceLock<Arc<kagi_metrics::Metrics>>>,
 }
 
 impl Services {
@@ -52,6 +54,17 @@ impl Services {
     /// Whether the server refuses writes.
     pub fn read_only(&self) -> bool {
         self.read_only.get()
+    }
+
+    /// Counts every request and cryptographic operation into `metrics` from now on (see
+    /// [`crate::enable_metrics`]). Only the first registry set is kept.
+    pub(crate) fn set_metrics(&self, metrics: Arc<kagi_metrics::Metrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    /// The registry requests are counted into, when metrics are on.
+    pub(crate) fn metrics(&self) -> Option<&Arc<kagi_metrics::Metrics>> {
+        self.metrics.get()
     }
 
     /// Every registered provider.

@@ -42,6 +42,15 @@ pub struct SweepReport {
     pub rotated: u64,
 }
 
+/// What a keeper pass saw of one server: its databases that are Inaccessible, and its
+/// protectors (the server's and databases' own) that fail while a database under them still
+/// works (inside the grace before it becomes Inaccessible).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ServerView {
+    inaccessible: i64,
+    keys_in_grace: i64,
+}
+
 /// A probe's verdict.
 enum Probe {
     Usable,
@@ -102,6 +111,17 @@ impl SqlService {
                 report
             });
         }
+        // Servers deleted since the last pass leave the view.
+        let ids: std::collections::HashSet<String> = self
+            .host
+            .resources_of_type(SERVER_TYPE)
+            .iter()
+            .map(|s| id_of_body(s).to_ascii_lowercase())
+            .collect();
+        self.keeper_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| ids.contains(id));
         let mut report = SweepReport::default();
         while let Some(done) = tasks.join_next().await {
             if let Ok(r) = done {
@@ -126,6 +146,7 @@ impl SqlService {
         let mine = |d: &&Database| KeyScope::Server.covers(d);
         let pending =
             health["failingSince"].is_i64() || dbs.iter().filter(mine).any(|d| d.inaccessible());
+        let mut failing = health["failingSince"].is_i64();
         if self.probe_due(&health, pending, now) {
             report.probed += 1;
             let protector = self.protector(server).await?;
@@ -136,6 +157,7 @@ impl SqlService {
             let health = self
                 .judge(server, KeyScope::Server, health, verdict, report)
                 .await?;
+            failing = !health.1;
             self.host
                 .put_document(&id, SERVER_DOC, "health", &health.0)
                 .await?;
@@ -151,7 +173,53 @@ impl SqlService {
                 tracing::warn!(database = %db.name, error = %e.message, "SQL keeper: database key");
             }
         }
+        // The databases as this pass found them (a change it made shows at the next pass).
+        let works = |d: &Database| !d.inaccessible();
+        let own_failing = dbs
+            .iter()
+            .filter(|d| d.has_own_key() && d.doc["cmkHealth"]["failingSince"].is_i64())
+            .filter(|d| works(d))
+            .count();
+        let view = ServerView {
+            inaccessible: i64::try_from(dbs.iter().filter(|d| d.inaccessible()).count())
+                .unwrap_or(i64::MAX),
+            keys_in_grace: i64::from(failing && dbs.iter().filter(mine).any(works))
+                + i64::try_from(own_failing).unwrap_or(i64::MAX),
+        };
+        self.keeper_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.to_ascii_lowercase(), view);
         Ok(())
+    }
+
+    /// The SQL service's gauges for the metrics: databases open now, and what the keeper's
+    /// last pass saw (databases Inaccessible, protectors failing inside their grace).
+    pub(crate) fn keeper_gauges(&self) -> Vec<kagi_core::gauge::GaugeSample> {
+        use kagi_core::gauge::{GaugeSample, KEYS_IN_GRACE, KEYS_IN_GRACE_HELP};
+        let open = i64::try_from(self.open.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .unwrap_or(i64::MAX);
+        let (inaccessible, in_grace) = self
+            .keeper_view
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .fold((0, 0), |(a, b), v| {
+                (a + v.inaccessible, b + v.keys_in_grace)
+            });
+        vec![
+            GaugeSample::new(
+                "kagi_sql_databases_open",
+                "SQL databases open (their data key in memory).",
+                open,
+            ),
+            GaugeSample::new(
+                "kagi_sql_databases_inaccessible",
+                "SQL databases Inaccessible because their TDE protector cannot be used, as the keeper's last pass saw them.",
+                inaccessible,
+            ),
+            GaugeSample::new(KEYS_IN_GRACE, KEYS_IN_GRACE_HELP, in_grace).label("service", "sql"),
+        ]
     }
 
     /// [`SqlService::keep_server`] for database `db`'s own key.

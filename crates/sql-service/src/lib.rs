@@ -146,6 +146,8 @@ pub struct SqlService {
     backups: backups::BackupState,
     /// Where geo-replication links stand.
     geo: Arc<geo::GeoState>,
+    /// What the keeper's last pass saw of each server (by id, lower case), for the metrics.
+    keeper_view: Mutex<HashMap<String, keeper::ServerView>>,
 }
 
 impl std::fmt::Debug for SqlService {
@@ -176,6 +178,7 @@ impl SqlService {
             locks: Mutex::new(HashMap::new()),
             backups: backups::BackupState::default(),
             geo: Arc::default(),
+            keeper_view: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -431,5 +434,11 @@ impl ResourceProvider for SqlService {
 
     fn trusted_for_vault_firewall(&self) -> bool {
         true
+    }
+
+    /// `kagi_sql_databases_open`, and, as the keeper's last pass saw them,
+    /// `kagi_sql_databases_inaccessible` and `kagi_cmk_keys_in_grace{service="sql"}`.
+    fn gauges(&self) -> Vec<kagi_core::gauge::GaugeSample> {
+        self.keeper_gauges()
     }
 }

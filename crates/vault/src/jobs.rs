@@ -127,6 +127,40 @@ fn job_not_found(id: &str) -> KvError {
 }
 
 impl Platform {
+    /// `kagi_jobs{service="keyvault", kind, state}` for the metrics: every kind and state,
+    /// zero included. Jobs not loaded yet (none started or looked at since the server
+    /// started) count as none: a scrape reads no file.
+    pub fn job_gauges(&self) -> Vec<kagi_core::gauge::GaugeSample> {
+        use kagi_core::gauge::{GaugeSample, JOBS, JOBS_HELP};
+        let mut counts: Vec<((JobKind, JobStatus), i64)> = Vec::new();
+        for kind in [JobKind::VaultBackup, JobKind::VaultRestore] {
+            for status in [
+                JobStatus::InProgress,
+                JobStatus::Completed,
+                JobStatus::Failed,
+            ] {
+                counts.push(((kind, status), 0));
+            }
+        }
+        if let Some(table) = lock(&self.jobs.table).as_ref() {
+            for handle in table.values() {
+                let j = lock(&handle.job);
+                if let Some((_, n)) = counts.iter_mut().find(|(k, _)| *k == (j.kind, j.status)) {
+                    *n += 1;
+                }
+            }
+        }
+        counts
+            .into_iter()
+            .map(|((kind, status), n)| {
+                GaugeSample::new(JOBS, JOBS_HELP, n)
+                    .label("service", "keyvault")
+                    .label("kind", format!("{kind:?}"))
+                    .label("state", format!("{status:?}"))
+            })
+            .collect()
+    }
+
     /// `<data>/jobs`, created 0700.
     pub(crate) fn jobs_dir(&self) -> Result<PathBuf, KvError> {
         let dir = self.config.data_dir.join("jobs");

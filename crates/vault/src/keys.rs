@@ -671,6 +671,23 @@ impl Platform {
         Ok((record, k.name.clone(), v))
     }
 
+    /// The key type of the version that `route` (a cryptographic operation of the data
+    /// plane's route table) by `caller` uses, if the caller may use it: what the metrics
+    /// count a successful operation under. Reads memory only.
+    pub fn crypto_key_type(
+        &self,
+        caller: &Principal,
+        vault: &str,
+        route: &kagi_core::routes::DataPlaneRoute<'_>,
+    ) -> Option<kagi_core::key::KeyType> {
+        let kagi_core::routes::DataPlaneRoute::KeyCrypto(name, version, op) = *route else {
+            return None;
+        };
+        let op = crypto_op(op.segment())?;
+        let (_, _, v) = self.crypto_target(caller, vault, name, version, op).ok()?;
+        Some(v.info.kty)
+    }
+
     /// `POST /keys/{name}/{version?}/{encrypt|decrypt|wrapkey|unwrapkey}`.
     pub fn key_operation(
         &self,
