@@ -218,3 +218,41 @@ def test_json_logs_carry_the_audit_records_request_id(tmp_path):
     logged = {i for o in objects if o["fields"].get("message") == "request answered" for i in request_ids(o)}
     audited = {rec["correlationId"] for rec in audit_records(srv.data_dir)}
     assert logged and logged <= audited
+
+
+def _base_name(sample: str) -> str:
+    for suffix in ("_bucket", "_count", "_sum", "_total"):
+        if sample.endswith(suffix):
+            return sample[: -len(suffix)]
+    return sample
+
+
+def test_docs_and_dashboard_name_exactly_the_exported_metrics(metrics_kagi):
+    """docs/METRICS.md lists every metric the server exports, and the Grafana dashboard uses
+    only metrics that exist."""
+    repo = Path(__file__).resolve().parents[2]
+    exported = {_base_name(n) for n in scrape(metrics_kagi.metrics_port)}
+    assert {"kagi_http_requests", "kagi_cmk_keys_in_grace", "kagi_audit_batch_records"} <= exported
+
+    doc = (repo / "docs" / "METRICS.md").read_text()
+    documented = {_base_name(n) for n in re.findall(r"^\| `(kagi_[a-z_]+)`", doc, re.M)}
+    # Crypto counters appear only once something was counted; the table lists them all.
+    assert exported <= documented, exported - documented
+
+    dashboard = json.loads((repo / "docs" / "grafana-kagi.json").read_text())
+    exprs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("expr"), str):
+                exprs.append(node["expr"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(dashboard)
+    used = {_base_name(n) for e in exprs for n in re.findall(r"\bkagi_[a-z_]+", e)}
+    assert used and used <= documented, used - documented
+    assert documented <= used, f"metrics no panel shows: {documented - used}"
