@@ -16,6 +16,7 @@ pub mod gauge;
 pub mod ids;
 pub mod jobs;
 pub mod key;
+pub mod odata;
 pub mod paging;
 pub mod policy;
 pub mod rbac;

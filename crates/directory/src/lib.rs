@@ -14,9 +14,11 @@
 
 #![forbid(unsafe_code)]
 
+mod graph;
 mod locks;
 mod principals;
 mod reload;
+mod role_filters;
 mod roles;
 mod state;
 mod token_guards;

@@ -225,19 +225,6 @@ impl Directory {
             .map(|p| (p.clone(), c.spki.clone()))
     }
 
-    /// Lists principals (no secrets).
-    pub fn list_principals(&self, caller: &Principal) -> Result<Value, KvError> {
-        self.require_admin(caller)?;
-        let mut list: Vec<Value> = self
-            .state()
-            .principals
-            .values()
-            .map(principal_json)
-            .collect();
-        list.sort_by(|a, b| a["objectId"].as_str().cmp(&b["objectId"].as_str()));
-        Ok(json!({ "value": list }))
-    }
-
     /// Deletes a service principal; its tokens stop working on the next request.
     pub async fn delete_service_principal(
         &self,

@@ -305,13 +305,31 @@ impl Directory {
     }
 }
 
+/// `/subscriptions/{sub}` of a scope under a subscription, else `""`: ARM names role
+/// definitions at their subscription (`/subscriptions/{sub}/providers/Microsoft.Authorization/
+/// roleDefinitions/{id}`) wherever they are listed or assigned, and clients (the az CLI's
+/// `roleDefinitionName`) match assignments to definitions by that id.
+fn subscription_prefix(scope: &str) -> String {
+    let mut parts = scope.trim_start_matches('/').split('/');
+    match (parts.next(), parts.next()) {
+        (Some(s), Some(sub)) if s.eq_ignore_ascii_case("subscriptions") && !sub.is_empty() => {
+            format!("/subscriptions/{sub}")
+        }
+        _ => String::new(),
+    }
+}
+
 fn assignment_json(a: &RoleAssignmentRecord) -> Value {
     json!({
         "id": format!("{}/providers/Microsoft.Authorization/roleAssignments/{}", a.scope, a.id),
         "name": a.id,
         "type": "Microsoft.Authorization/roleAssignments",
         "properties": {
-            "roleDefinitionId": format!("/providers/Microsoft.Authorization/roleDefinitions/{}", a.role_definition_id),
+            "roleDefinitionId": format!(
+                "{}/providers/Microsoft.Authorization/roleDefinitions/{}",
+                subscription_prefix(&a.scope),
+                a.role_definition_id
+            ),
             "principalId": a.principal_id,
             "scope": a.scope,
             "createdOn": rfc3339(a.created),
@@ -320,11 +338,7 @@ fn assignment_json(a: &RoleAssignmentRecord) -> Value {
 }
 
 fn role_json(scope: &str, id: &str, r: &RoleDefinitionProperties) -> Value {
-    let prefix = if scope == "/" {
-        String::new()
-    } else {
-        scope.to_string()
-    };
+    let prefix = subscription_prefix(scope);
     json!({
         "id": format!("{prefix}/providers/Microsoft.Authorization/roleDefinitions/{id}"),
         "name": id,

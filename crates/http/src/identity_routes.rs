@@ -180,8 +180,22 @@ pub(crate) async fn graph(
     segs: &[&str],
     l: &[&str],
     body: &[u8],
+    filter: Option<&str>,
 ) -> Option<Result<Response<Body>, KvError>> {
     let r = match (l, method) {
+        (["v1.0", "me"], &Method::GET) => p.graph_me(caller).map(|v| respond::json(200, &v)),
+        (["v1.0", "directoryobjects", "getbyids"], &Method::POST) => match parse_json(body) {
+            Ok(input) => p
+                .graph_get_by_ids(caller, &input)
+                .map(|v| respond::json(200, &v)),
+            Err(e) => Err(e),
+        },
+        (["v1.0", "serviceprincipals", _], &Method::GET) => p
+            .graph_get(caller, false, segs[2])
+            .map(|v| respond::json(200, &v)),
+        (["v1.0", "users", _], &Method::GET) => p
+            .graph_get(caller, true, segs[2])
+            .map(|v| respond::json(200, &v)),
         (["v1.0", "serviceprincipals"], &Method::POST) => {
             let input: Value = match parse_json(body) {
                 Ok(v) => v,
@@ -195,9 +209,9 @@ pub(crate) async fn graph(
                 .await
                 .map(|v| respond::json(201, &v))
         }
-        (["v1.0", "serviceprincipals"], &Method::GET) => {
-            p.list_principals(caller).map(|v| respond::json(200, &v))
-        }
+        (["v1.0", "serviceprincipals"], &Method::GET) => p
+            .graph_service_principals(caller, filter)
+            .map(|v| respond::json(200, &v)),
         (["v1.0", "serviceprincipals", _], &Method::DELETE) => p
             .delete_service_principal(caller, segs[2])
             .await
@@ -230,9 +244,9 @@ pub(crate) async fn graph(
             .await
             .map(|v| respond::json(201, &v))
         }
-        (["v1.0", "users"], &Method::GET) => {
-            p.list_principals(caller).map(|v| respond::json(200, &v))
-        }
+        (["v1.0", "users"], &Method::GET) => p
+            .graph_users(caller, filter)
+            .map(|v| respond::json(200, &v)),
         (["v1.0", "users", _], &Method::DELETE) => p
             .delete_user(caller, segs[2])
             .await
@@ -283,10 +297,11 @@ pub(crate) async fn arm(
         let scope = format!("/{}", segs[..i].join("/"));
         let rest = &l[i + 2..];
         let id = segs.get(i + 3).copied();
+        let filter = respond::odata_filter(pairs);
         let json_body = || -> Result<Value, KvError> { parse_json(body) };
         let r = match (rest, method) {
             (["roleassignments"], &Method::GET) => p
-                .list_role_assignments(caller, &scope)
+                .list_role_assignments_filtered(caller, &scope, filter)
                 .map(|v| respond::json(200, &v)),
             (["roleassignments", _], &Method::PUT) => match json_body() {
                 Ok(b) => p
@@ -309,7 +324,7 @@ pub(crate) async fn arm(
                     }
                 }),
             (["roledefinitions"], &Method::GET) => p
-                .list_role_definitions(caller, &scope)
+                .list_role_definitions_filtered(caller, &scope, filter)
                 .map(|v| respond::json(200, &v)),
             (["roledefinitions", _], &Method::PUT) => match json_body() {
                 Ok(b) => p

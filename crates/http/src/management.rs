@@ -22,6 +22,12 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         (["healthz"], &Method::GET) => {
             return respond::json(200, &serde_json::json!({"status": "ok"}));
         }
+        // ARM's cloud metadata, unauthenticated as ARM serves it: `az cloud register
+        // --endpoint-resource-manager https://localhost:8443/` reads every other endpoint
+        // from it.
+        (["metadata", "endpoints"], &Method::GET) => {
+            return respond::json(200, &cloud_metadata(&platform));
+        }
         ([_, "v2.0", ".well-known", "openid-configuration"], &Method::GET) => {
             return respond::json(200, &platform.openid_configuration(segs[0]));
         }
@@ -137,6 +143,7 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
             &segs,
             &l,
             &body,
+            respond::odata_filter(&pairs),
         )
         .await
         {
@@ -195,7 +202,17 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     {
         return r.unwrap_or_else(|e| respond::error(&e));
     }
-    match arm(&platform, &caller, &parts.method, &segs, &l, &body).await {
+    match arm(
+        &platform,
+        &caller,
+        &parts.method,
+        &segs,
+        &l,
+        &body,
+        respond::odata_filter(&pairs),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => respond::error(&e),
     }
@@ -220,11 +237,41 @@ async fn arm(
     segs: &[&str],
     l: &[&str],
     body: &[u8],
+    filter: Option<&str>,
 ) -> Result<Response<Body>, KvError> {
     let ok = |status: u16, v: serde_json::Value| Ok(respond::json(status, &v));
     const KV: &str = "microsoft.keyvault";
     match (l, method) {
         (["subscriptions"], &Method::GET) => ok(200, p.list_subscriptions(caller).await?),
+        (["subscriptions", _, "resources"], &Method::GET) => {
+            ok(200, p.list_resources(caller, segs[1], None, filter).await?)
+        }
+        (["subscriptions", _, "resourcegroups", _, "resources"], &Method::GET) => ok(
+            200,
+            p.list_resources(caller, segs[1], Some(segs[3]), filter)
+                .await?,
+        ),
+        // kagi serves no managed HSM pools: the lists are empty (the az CLI lists them beside
+        // vaults in `az keyvault list` and `az keyvault list-deleted`).
+        (
+            [
+                "subscriptions",
+                _,
+                "providers",
+                kv,
+                "managedhsms" | "deletedmanagedhsms",
+            ]
+            | [
+                "subscriptions",
+                _,
+                "resourcegroups",
+                _,
+                "providers",
+                kv,
+                "managedhsms",
+            ],
+            &Method::GET,
+        ) if *kv == KV => ok(200, p.list_managed_hsms(caller, segs[1]).await?),
         (["subscriptions", _, "resourcegroups", _], &Method::PUT) => {
             let (status, v) = p
                 .put_resource_group(caller, segs[1], segs[3], parse_json(body)?)
@@ -233,6 +280,11 @@ async fn arm(
         }
         (["subscriptions", _, "resourcegroups", _], &Method::GET) => {
             ok(200, p.get_resource_group(caller, segs[1], segs[3]).await?)
+        }
+        // `az group exists`: 204 when the group exists, 404 when not (no body either way).
+        (["subscriptions", _, "resourcegroups", _], &Method::HEAD) => {
+            p.get_resource_group(caller, segs[1], segs[3]).await?;
+            Ok(respond::empty(204))
         }
         (
             [
@@ -353,6 +405,40 @@ async fn arm(
             ),
         )),
     }
+}
+
+/// ARM's `GET /metadata/endpoints` for this server: the az CLI's cloud (`az cloud register
+/// --endpoint-resource-manager`) and other SDKs read the login endpoint, the token audience,
+/// Microsoft Graph and the key vault DNS suffix from it. kagi is all of them: one authority,
+/// one audience (tokens for Graph and for ARM are the same token).
+fn cloud_metadata(platform: &Platform) -> serde_json::Value {
+    let config = platform.config();
+    let authority = config.authority();
+    let audience = format!("{authority}/");
+    // `https://{vault}.{suffix}[:port]/` without the vault and the slash: `.localhost:8443`.
+    let vault_dns = match authority.strip_prefix("https://") {
+        Some(host) => format!(".{host}"),
+        None => format!(".{}", config.dns_suffix),
+    };
+    serde_json::json!({
+        "name": "kagi",
+        "resourceManager": audience,
+        "portal": audience,
+        "gallery": audience,
+        "graph": audience,
+        "graphAudience": audience,
+        "microsoftGraphResourceId": audience,
+        "authentication": {
+            "loginEndpoint": authority,
+            "audiences": [audience],
+            "tenant": platform.default_tenant(),
+            "identityProvider": "AAD",
+        },
+        "suffixes": {
+            "keyVaultDns": vault_dns,
+            "sqlServerHostname": format!(".{}", config.dns_suffix),
+        },
+    })
 }
 
 /// Body of `POST /kagi/test/clock`.

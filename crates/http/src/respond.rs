@@ -44,6 +44,11 @@ pub(crate) fn query_get<'a>(pairs: &'a [(String, String)], name: &str) -> Option
         .map(|(_, v)| v.as_str())
 }
 
+/// The `$filter` query parameter, if given and not blank (az sends `$filter=` for none).
+pub(crate) fn odata_filter(pairs: &[(String, String)]) -> Option<&str> {
+    query_get(pairs, "$filter").filter(|f| !f.trim().is_empty())
+}
+
 /// The most a body's buffer is sized to before its bytes arrive: a Content-Length alone (sent
 /// by anyone, the token endpoint is unauthenticated) must not pin a whole [`crate::MAX_BODY`]
 /// per request or stream. Larger bodies grow the buffer as they arrive.

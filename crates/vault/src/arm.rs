@@ -654,6 +654,111 @@ impl Platform {
         Ok(200)
     }
 
+    /// `GET /subscriptions/{sub}[/resourceGroups/{rg}]/resources[?$filter=…]`: ARM's generic
+    /// resource list (id, name, type, location, tags) of the live vaults and the
+    /// identity-carrying resources (managed identities, workloads, and the storage services'
+    /// resources that carry one), filtered on `resourceType`, `name`, `location` and
+    /// `resourceGroup` (the az CLI's `az keyvault list` and `az keyvault show` without a
+    /// resource group ask `resourceType eq 'Microsoft.KeyVault/vaults' [and name eq '…']`).
+    ///
+    /// # Errors
+    /// 400 `InvalidFilterInQueryString` for a filter outside that subset; 404 for an
+    /// unknown subscription or resource group.
+    pub async fn list_resources(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        resource_group: Option<&str>,
+        filter: Option<&str>,
+    ) -> Result<Value, KvError> {
+        use kagi_core::odata::{FieldValue, Filter};
+        let sub = self.authorize_arm(caller, subscription).await?;
+        if let Some(rg) = resource_group {
+            self.resource_group(&sub, rg).await?;
+        }
+        let invalid = |m: String| {
+            KvError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "Invalid $filter '{}' specified in the query string: {m}",
+                    kagi_core::ids::printable(filter.unwrap_or_default())
+                ),
+            )
+            .with_inner("InvalidFilterInQueryString")
+        };
+        let filter = filter
+            .map(|f| Filter::parse(f).map_err(|e| invalid(e.0)))
+            .transpose()?;
+        const FIELDS: &[&str] = &["resourcetype", "name", "location", "resourcegroup"];
+        if let Some(bad) = filter
+            .as_ref()
+            .and_then(|f| f.fields().into_iter().find(|n| !FIELDS.contains(n)))
+        {
+            return Err(invalid(format!(
+                "kagi filters on resourceType, name, location and resourceGroup, not '{}'.",
+                kagi_core::ids::printable(bad)
+            )));
+        }
+        // (resource group, generic resource) of every live resource of the subscription.
+        let mut all: Vec<(String, Value)> = self
+            .all_vaults()
+            .iter()
+            .map(|v| v.record())
+            .filter(|r| r.deleted_at.is_none() && r.subscription_id == sub.as_str())
+            .map(|r| {
+                let v = self.vault_json(&r);
+                (r.resource_group.clone(), generic_resource(&v))
+            })
+            .collect();
+        all.extend(
+            self.dir()
+                .resources
+                .values()
+                .filter(|(r, _)| r.subscription_id.eq_ignore_ascii_case(sub.as_str()))
+                .map(|(r, body)| (r.resource_group.clone(), generic_resource(body))),
+        );
+        let mut value: Vec<Value> = all
+            .into_iter()
+            .filter(|(rg, _)| resource_group.is_none_or(|want| rg.eq_ignore_ascii_case(want)))
+            .filter(|(rg, v)| {
+                filter.as_ref().is_none_or(|f| {
+                    f.matches(&|name| {
+                        Some(FieldValue::One(match name {
+                            "resourcetype" => v["type"].as_str()?,
+                            "name" => v["name"].as_str()?,
+                            "location" => v["location"].as_str()?,
+                            "resourcegroup" => rg.as_str(),
+                            _ => return None,
+                        }))
+                    })
+                })
+            })
+            .map(|(_, v)| v)
+            .collect();
+        value.sort_by(|a, b| {
+            a["id"]
+                .as_str()
+                .map(str::to_ascii_lowercase)
+                .cmp(&b["id"].as_str().map(str::to_ascii_lowercase))
+        });
+        Ok(json!({ "value": value }))
+    }
+
+    /// `GET …/providers/Microsoft.KeyVault/managedHSMs` and `…/deletedManagedHSMs`: kagi
+    /// serves no managed HSM pools, so the list is empty once the caller may read the
+    /// subscription.
+    ///
+    /// # Errors
+    /// As any ARM read of the subscription (404 unknown, 403 not allowed).
+    pub async fn list_managed_hsms(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+    ) -> Result<Value, KvError> {
+        self.authorize_arm(caller, subscription).await?;
+        Ok(json!({ "value": [] }))
+    }
+
     /// The ARM resource id of a vault (live or soft-deleted), for audit records; `None` for
     /// a name that is not a vault.
     pub fn vault_resource_id(&self, vault: &str) -> Option<String> {
@@ -685,6 +790,23 @@ impl Platform {
             "properties": props,
         })
     }
+}
+
+/// ARM's generic resource (`GET …/resources`) of a resource's own body.
+fn generic_resource(body: &Value) -> Value {
+    let mut v = json!({
+        "id": body["id"],
+        "name": body["name"],
+        "type": body["type"],
+        "location": body["location"],
+        "tags": body.get("tags").cloned().unwrap_or_else(|| json!({})),
+    });
+    for k in ["kind", "sku", "identity"] {
+        if let Some(x) = body.get(k).filter(|x| !x.is_null()) {
+            v[k] = x.clone();
+        }
+    }
+    v
 }
 
 fn rg_json(r: &ResourceGroupRecord) -> Value {

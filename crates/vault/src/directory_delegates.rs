@@ -63,9 +63,34 @@ impl Platform {
             .await
     }
 
-    /// Lists principals (no secrets).
-    pub fn list_principals(&self, caller: &Principal) -> Result<Value, KvError> {
-        self.directory.list_principals(caller)
+    /// Graph's `GET /v1.0/servicePrincipals[?$filter=…]` (service principals and managed
+    /// identities).
+    pub fn graph_service_principals(
+        &self,
+        caller: &Principal,
+        filter: Option<&str>,
+    ) -> Result<Value, KvError> {
+        self.directory.graph_service_principals(caller, filter)
+    }
+
+    /// Graph's `GET /v1.0/users[?$filter=…]`.
+    pub fn graph_users(&self, caller: &Principal, filter: Option<&str>) -> Result<Value, KvError> {
+        self.directory.graph_users(caller, filter)
+    }
+
+    /// Graph's `GET /v1.0/servicePrincipals/{id}` (`users` false) or `/v1.0/users/{id}`.
+    pub fn graph_get(&self, caller: &Principal, users: bool, id: &str) -> Result<Value, KvError> {
+        self.directory.graph_get(caller, users, id)
+    }
+
+    /// Graph's `GET /v1.0/me` (400 for an application's token, as Graph answers).
+    pub fn graph_me(&self, caller: &Principal) -> Result<Value, KvError> {
+        self.directory.graph_me(caller)
+    }
+
+    /// Graph's `POST /v1.0/directoryObjects/getByIds`.
+    pub fn graph_get_by_ids(&self, caller: &Principal, body: &Value) -> Result<Value, KvError> {
+        self.directory.graph_get_by_ids(caller, body)
     }
 
     /// Deletes a service principal; its tokens stop working on the next request.
@@ -142,6 +167,27 @@ impl Platform {
     /// `GET` of one role assignment.
     pub fn get_role_assignment(&self, caller: &Principal, id: &str) -> Result<Value, KvError> {
         self.directory.get_role_assignment(caller, id)
+    }
+    /// `GET …/roleAssignments[?$filter=…]` (`atScope()`, `principalId eq`, `assignedTo()`).
+    pub fn list_role_assignments_filtered(
+        &self,
+        caller: &Principal,
+        scope: &str,
+        filter: Option<&str>,
+    ) -> Result<Value, KvError> {
+        self.directory
+            .list_role_assignments_filtered(caller, scope, filter)
+    }
+
+    /// `GET …/roleDefinitions[?$filter=…]` (`roleName eq`, `type eq`).
+    pub fn list_role_definitions_filtered(
+        &self,
+        caller: &Principal,
+        scope: &str,
+        filter: Option<&str>,
+    ) -> Result<Value, KvError> {
+        self.directory
+            .list_role_definitions_filtered(caller, scope, filter)
     }
 
     /// Lists role assignments at or below a scope (and above it: those that apply to it).
