@@ -49,11 +49,14 @@ pub struct Options {
     pub arm_api_version: &'static str,
     /// Whether the bootstrap administrator logs in at start (into [`TestServer::token`]).
     pub login: bool,
+    /// Whether requests, cryptographic operations, audit batches and gauges are counted into
+    /// [`TestServer::metrics`] (as `kagi server --metrics-listen` does).
+    pub metrics: bool,
 }
 
 impl Default for Options {
     /// The backup service with [`BackupKeys::default`], IPv4 only, the server's audit log,
-    /// api-version `2023-07-01`, logged in.
+    /// api-version `2023-07-01`, logged in, no metrics.
     fn default() -> Self {
         Self {
             backup_service: Some(BackupKeys::default()),
@@ -61,6 +64,7 @@ impl Default for Options {
             audit: None,
             arm_api_version: "2023-07-01",
             login: true,
+            metrics: false,
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct TestServer {
     pub clock: Arc<TestClock>,
     /// The audit log's file.
     pub audit_file: PathBuf,
+    /// The metrics registry, when [`Options::metrics`] is on.
+    pub metrics: Option<Arc<kagi_metrics::Metrics>>,
     /// The administrator's token from the last [`TestServer::login`] (empty before it).
     pub token: String,
     client: reqwest::Client,
@@ -176,6 +182,11 @@ impl TestServer {
         }
         .expect("the audit log opens");
         let audit_file = audit.path().to_path_buf();
+        let metrics = options.metrics.then(|| {
+            let m = Arc::new(kagi_metrics::Metrics::new());
+            kagi_http::enable_metrics(platform.clone(), &services, &audit, m.clone());
+            m
+        });
         let audit = Arc::new(audit);
         let (served, served_services) = (platform.clone(), services.clone());
         let task = tokio::spawn(async move {
@@ -206,6 +217,7 @@ impl TestServer {
             services,
             clock,
             audit_file,
+            metrics,
             token: String::new(),
             client,
             backup_keys: options.backup_service,
