@@ -36,11 +36,11 @@ def pg_server_url() -> str:
     return url
 
 
-def start_nodes(tmp_path, count=2, extra_args=None):
+def start_nodes(tmp_path, count=2, extra_args=None, env=None):
     """Node 1 initialises the store; the others get a copy of its root key, CA and admin file."""
     store = scratch_pg_database(pg_server_url())
     args = ["--store", store, *(extra_args or [])]
-    first = _start_server(tmp_path, "node1", args)
+    first = _start_server(tmp_path, "node1", args, env=env)
     nodes = [first]
     for i in range(2, count + 1):
         data = tmp_path / f"node{i}-data"
@@ -48,7 +48,7 @@ def start_nodes(tmp_path, count=2, extra_args=None):
         shutil.copy2(first.data_dir / "root.key", data / "root.key")
         shutil.copytree(first.data_dir / "tls", data / "tls")
         shutil.copy2(first.admin_path, data / "bootstrap-admin.json")
-        nodes.append(_start_server(tmp_path, f"node{i}", args))
+        nodes.append(_start_server(tmp_path, f"node{i}", args, env=env))
     return store, nodes
 
 
@@ -140,3 +140,161 @@ def test_a_grant_revoked_on_one_node_is_refused_on_the_other(tmp_path):
     finally:
         for n in (n1, n2):
             n.stop()
+
+
+ANSI = __import__("re").compile(r"\x1b\[[0-9;]*m")
+
+
+def holds(node, lease):
+    """Whether `node`'s log says it took `lease` (and has not lost it since)."""
+    text = ANSI.sub("", node.log_path.read_text(errors="replace"))
+    took = text.rfind(f'took the lease: running here lease="{lease}"')
+    if took < 0:
+        took = text.rfind(f"took the lease: running here lease={lease}")
+    lost = text.rfind(f'lost the lease: stopped here lease="{lease}"')
+    return took >= 0 and took > lost
+
+
+def test_singleton_work_runs_on_one_node_and_moves_when_it_dies(tmp_path):
+    lease_ms = 1500
+    _, nodes = start_nodes(tmp_path, count=3, env={"KAGI_LEASE_MS": str(lease_ms)})
+    try:
+        for lease in ("rotation", "purge", "event-delivery"):
+            _, _ = until(lambda: sum(holds(n, lease) for n in nodes) == 1, bound=lease_ms / 1000 * 3)
+        holder = next(n for n in nodes if holds(n, "rotation"))
+        others = [n for n in nodes if n is not holder]
+        holder.proc.kill()  # kill -9: no release, the lease must expire
+        holder.proc.wait(10)
+        killed_at = time.monotonic()
+        new_holder, _ = until(
+            lambda: next((n for n in others if holds(n, "rotation")), None), bound=lease_ms / 1000 * 4
+        )
+        took = time.monotonic() - killed_at
+        assert sum(holds(n, "rotation") for n in others) == 1
+        print(f"\nrotation lease ({lease_ms} ms) moved to another node {took * 1000:.0f} ms after kill -9")
+        # A clean stop gives its leases up at once.
+        new_holder.stop()
+        stopped_at = time.monotonic()
+        last = next(n for n in others if n is not new_holder)
+        until(lambda: holds(last, "rotation"), bound=lease_ms / 1000 * 4)
+        print(f"after a clean stop: {(time.monotonic() - stopped_at) * 1000:.0f} ms")
+        new_holder.start()
+        # The survivors still serve.
+        new_holder.put_rg(DEFAULT_RG)
+        v = new_holder.create_vault()
+        k = new_holder.key_client(new_holder.vault_url(v.name)).create_ec_key("after-kill")
+        other = next(n for n in others if n is not new_holder)
+        until(lambda: other.key_client(other.vault_url(v.name)).get_key(k.name))
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def pg_cluster(pg_dir):
+    """A primary and a streaming standby of our own (scripts/postgres.sh); their env lines."""
+    import subprocess
+
+    out = subprocess.run(
+        [str(REPO / "scripts/postgres.sh"), "start", str(pg_dir), "--standby"],
+        check=True, capture_output=True, text=True, timeout=180,
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def pg_script(pg_dir, *args):
+    import subprocess
+
+    subprocess.run([str(REPO / "scripts/postgres.sh"), *args, str(pg_dir)], check=True, timeout=180)
+
+
+def copy_node_files(src, dst_dir):
+    dst_dir.mkdir(mode=0o700)
+    shutil.copy2(src.data_dir / "root.key", dst_dir / "root.key")
+    shutil.copytree(src.data_dir / "tls", dst_dir / "tls")
+    shutil.copy2(src.admin_path, dst_dir / "bootstrap-admin.json")
+
+
+def test_a_replica_on_a_hot_standby_serves_crypto_through_a_failover(tmp_path):
+    import subprocess
+
+    from azure.keyvault.keys.crypto import SignatureAlgorithm
+
+    if os.environ.get("KAGI_TEST_POSTGRES_URL") is None and os.environ.get("KAGI_REQUIRE_POSTGRES") != "1":
+        pytest.skip("no PostgreSQL harness configured (scripts/test.sh sets KAGI_TEST_POSTGRES_URL)")
+    import tempfile
+
+    # Not under pytest's 0700 directories: the clusters run as an unprivileged user.
+    pg_dir = __import__("pathlib").Path(tempfile.mkdtemp(prefix="kagi-replica-pg."))
+    pg_dir.chmod(0o755)
+    pg = pg_cluster(pg_dir)
+    primary = replica = None
+    try:
+        primary = _start_server(tmp_path, "primary", ["--store", pg["PG_PRIMARY_URL"]])
+        primary.put_rg(DEFAULT_RG)
+        vault = primary.create_vault()
+        keys = primary.key_client(primary.vault_url(vault.name))
+        rsa = keys.create_rsa_key("rsa", size=2048)
+        primary.secret_client(primary.vault_url(vault.name)).set_secret("s", "before")
+
+        copy_node_files(primary, tmp_path / "replica-data")
+        replica = _start_server(
+            tmp_path, "replica", ["--read-only", "--store", pg["PG_STANDBY_URL"]]
+        )
+        rkeys = replica.key_client(replica.vault_url(vault.name))
+        rsecrets = replica.secret_client(replica.vault_url(vault.name), retry_total=0)
+        assert rkeys.get_key("rsa").id.rsplit("/", 1)[-1] == rsa.id.rsplit("/", 1)[-1]
+        assert rsecrets.get_secret("s").value == "before"
+        # What the primary writes later reaches the replica (streaming replication, then the
+        # replica's re-check of the change feed: a standby has no notifications).
+        ec = keys.create_ec_key("ec", curve="P-256")
+        _, took = until(lambda: rkeys.get_key("ec"))
+        print(f"\na key made on the primary is served by the replica after {took * 1000:.0f} ms")
+        # Writes on the replica: 503 in Azure's words with Retry-After.
+        with pytest.raises(HttpResponseError) as exc:
+            rsecrets.set_secret("s", "on the replica")
+        assert exc.value.status_code == 503
+        assert "read-only state" in str(exc.value)
+        assert exc.value.response.headers.get("Retry-After")
+
+        # The primary region goes: kagi's primary node and PostgreSQL's primary stop.
+        primary.stop()
+        subprocess.run(
+            ["runuser", "-u", os.environ.get("KAGI_PG_USER", "kagi-pg"), "--",
+             f"{pg['PG_BIN']}/pg_ctl", "-D", pg["PG_PRIMARY_DIR"], "stop", "-m", "immediate"]
+            if os.geteuid() == 0
+            else [f"{pg['PG_BIN']}/pg_ctl", "-D", pg["PG_PRIMARY_DIR"], "stop", "-m", "immediate"],
+            check=True, timeout=60,
+        )
+        # Cryptographic operations and reads keep working on the replica.
+        cek = os.urandom(32)
+        rc = replica.crypto_client(rkeys.get_key("rsa"))
+        wrapped = rc.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, cek)
+        assert rc.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped.encrypted_key).key == cek
+        digest = os.urandom(32)
+        ec_crypto = replica.crypto_client(rkeys.get_key("ec"))
+        sig = ec_crypto.sign(SignatureAlgorithm.es256, digest)
+        assert ec_crypto.verify(SignatureAlgorithm.es256, digest, sig.signature).is_valid
+        assert rsecrets.get_secret("s").value == "before"
+
+        # Failover: the standby is promoted, and the node restarts without --read-only.
+        pg_script(pg_dir, "promote")
+        replica.stop()
+        replica.extra_args = ["--store", pg["PG_STANDBY_URL"]]
+        replica.start()
+        wkeys = replica.key_client(replica.vault_url(vault.name))
+        made = wkeys.create_rsa_key("after-failover", size=2048)
+        assert made.properties.enabled
+        replica.secret_client(replica.vault_url(vault.name)).set_secret("s", "after")
+        wrapped_again = replica.crypto_client(wkeys.get_key("rsa")).unwrap_key(
+            KeyWrapAlgorithm.rsa_oaep_256, wrapped.encrypted_key
+        )
+        assert wrapped_again.key == cek
+    finally:
+        for n in (replica, primary):
+            if n is not None:
+                n.stop()
+        pg_script(pg_dir, "destroy")
+        shutil.rmtree(pg_dir, ignore_errors=True)

@@ -320,6 +320,22 @@ struct Listeners {
     store: kagi_store::StoreLocation,
 }
 
+/// Runs `sweep` at once and then every `secs` seconds, until dropped; failures are logged.
+async fn every<F, Fut, E>(secs: u64, what: &'static str, mut sweep: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(secs));
+    loop {
+        tick.tick().await;
+        if let Err(e) = sweep().await {
+            tracing::error!(error = %e, "{what} failed");
+        }
+    }
+}
+
 /// The PostgreSQL listeners of `--sql-listen` (`None`: the default, skipped with a warning
 /// when its port is taken; `none`: no listener).
 async fn sql_listeners(at: Option<&str>) -> anyhow::Result<Vec<tokio::net::TcpListener>> {
@@ -448,35 +464,42 @@ async fn run_server(
     let https = kagi_http::bind(&addrs).await?;
     // Key rotation by policy, and near-expiry/expired events: at start (catching up on what
     // fell due while kagi was down) and every 30 s. Event deliveries resume at start too.
-    let scheduler = platform.clone();
     if read_only {
         read_only::announce();
     } else {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
-            loop {
-                tick.tick().await;
-                if let Err(e) = scheduler.run_scheduler().await {
-                    tracing::error!(error = %e, "rotation scheduler sweep failed");
-                }
-            }
-        });
-        tokio::spawn(kagi_vault::run_event_delivery(
-            platform.clone(),
-            kagi_vault::DeliveryConfig::from_env(),
-        ));
-
+        // Each runs on one node at a time, under its lease (on SQLite: always this one).
+        let lease = std::env::var("KAGI_LEASE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(kagi_vault::DEFAULT_LEASE, std::time::Duration::from_millis);
+        let scheduler = platform.clone();
+        tokio::spawn(platform.clone().run_singleton("rotation", lease, move || {
+            let p = scheduler.clone();
+            every(30, "rotation scheduler sweep", move || {
+                let p = p.clone();
+                async move { p.run_scheduler().await.map(drop) }
+            })
+        }));
+        let delivering = platform.clone();
+        tokio::spawn(
+            platform
+                .clone()
+                .run_singleton("event-delivery", lease, move || {
+                    kagi_vault::run_event_delivery(
+                        delivering.clone(),
+                        kagi_vault::DeliveryConfig::from_env(),
+                    )
+                }),
+        );
         // Soft-deleted vaults and keys are purged when their retention ends.
         let sweeper = platform.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                if let Err(e) = sweeper.purge_expired().await {
-                    tracing::error!(error = %e, "purging expired objects failed");
-                }
-            }
-        });
+        tokio::spawn(platform.clone().run_singleton("purge", lease, move || {
+            let p = sweeper.clone();
+            every(60, "purge of expired objects", move || {
+                let p = p.clone();
+                async move { p.purge_expired().await.map(drop) }
+            })
+        }));
     }
 
     // The backup service, on this platform (it finishes interrupted vault moves first).
@@ -570,8 +593,11 @@ async fn run_server(
         }
     };
     // Returns once the requests in flight have finished (their changes and audit records).
+    let releasing = platform.clone();
     kagi_http::serve_bound_until(platform, services, audit_log, https, resolver, shutdown).await?;
     sql_shutdown.cancel();
+    // Another node takes the singleton work over now rather than when the leases expire.
+    releasing.release_leases().await;
     // Every acknowledged write is already committed (synchronous=FULL); nothing to flush.
     Ok(())
 }

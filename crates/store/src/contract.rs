@@ -190,7 +190,8 @@ fn policy(updated: i64) -> RotationPolicy {
     }
 }
 
-fn principal(n: u8, resource_id: Option<&str>) -> PrincipalRecord {
+/// A principal numbered `n` (client id `client-{n}`), optionally of a resource.
+pub fn principal(n: u8, resource_id: Option<&str>) -> PrincipalRecord {
     PrincipalRecord {
         object_id: format!("oid-{n}"),
         tenant_id: TENANT.into(),

@@ -17,6 +17,7 @@ pub mod changes;
 pub mod contract;
 pub mod directory;
 pub mod events;
+pub mod lease;
 pub mod moves;
 mod secrets;
 pub mod services;
@@ -394,4 +395,13 @@ pub trait Store:
     async fn watch_changes(&self) -> Result<Option<Box<dyn changes::ChangeWatch>>> {
         Ok(None)
     }
+
+    // --- leases for singleton work (`lease`) ---
+    /// Takes the lease `name` for `holder` for `ttl_ms` (on the database's clock) when it is
+    /// free, expired or `holder`'s already (a renewal); returns its fencing number, which
+    /// grows each time the lease changes hands, or `None` while another holder has it.
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<Option<i64>>;
+
+    /// Gives the lease up now (a node shutting down), if `holder` has it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
 }

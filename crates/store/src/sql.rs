@@ -692,6 +692,21 @@ impl Store for SqlStore {
         }
     }
 
+    async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<Option<i64>> {
+        match self.dialect {
+            // One process has the file: its leases are its own.
+            Dialect::Sqlite => Ok(Some(0)),
+            Dialect::Postgres => postgres::acquire_lease(&self.pool, name, holder, ttl_ms).await,
+        }
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        match self.dialect {
+            Dialect::Sqlite => Ok(()),
+            Dialect::Postgres => postgres::release_lease(&self.pool, name, holder).await,
+        }
+    }
+
     async fn watch_changes(&self) -> Result<Option<Box<dyn crate::changes::ChangeWatch>>> {
         match &self.listen_url {
             Some(url) => Ok(Some(Box::new(postgres::Listener::connect(url).await?))),

@@ -37,6 +37,17 @@ pub enum StartupError {
     Corrupt(String),
 }
 
+/// The data directory's root key, made on a first start (sealed by the HSM when there is one).
+fn load_root_key(
+    dir: &Path,
+    hsm: Option<&dyn KeyProvider>,
+) -> Result<Arc<dyn RootKey>, StartupError> {
+    Ok(Arc::new(
+        kagi_crypto::load_or_create_root_key(dir, hsm)
+            .map_err(|e| StartupError::RootKey(e.to_string()))?,
+    ))
+}
+
 /// Creates the data directory (owner only) if it is missing.
 fn make_data_dir(dir: &Path) -> Result<(), StartupError> {
     std::fs::DirBuilder::new()
@@ -107,8 +118,12 @@ impl Platform {
     ) -> Result<(Self, Option<BootstrapAdmin>), StartupError> {
         let dir = &config.data_dir;
         make_data_dir(dir)?;
+        // The root key first: a store file without one is refused, not given a new key.
+        let root = load_root_key(dir, hsm.as_deref())?;
         let store = Arc::new(SqlStore::open_sqlite(&dir.join("kagi.db")).await?);
-        Self::open_on_store(config, clock, hsm, store).await
+        let (mut platform, admin) = Self::open_with(config, clock, root, store).await?;
+        platform.hsm = hsm;
+        Ok((platform, admin))
     }
 
     /// [`Self::open_with_hsm`] on a store opened by the caller (PostgreSQL, shared by several
@@ -120,12 +135,8 @@ impl Platform {
         hsm: Option<Arc<dyn KeyProvider>>,
         store: Arc<dyn Store>,
     ) -> Result<(Self, Option<BootstrapAdmin>), StartupError> {
-        let dir = &config.data_dir;
-        make_data_dir(dir)?;
-        let root: Arc<dyn RootKey> = Arc::new(
-            kagi_crypto::load_or_create_root_key(dir, hsm.as_deref())
-                .map_err(|e| StartupError::RootKey(e.to_string()))?,
-        );
+        make_data_dir(&config.data_dir)?;
+        let root = load_root_key(&config.data_dir, hsm.as_deref())?;
         let (mut platform, admin) = Self::open_with(config, clock, root, store).await?;
         platform.hsm = hsm;
         Ok((platform, admin))

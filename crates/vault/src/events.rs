@@ -810,12 +810,13 @@ pub async fn run_event_delivery(platform: Arc<Platform>, config: DeliveryConfig)
                         config.clone(),
                         in_flight.clone(),
                     );
-                    tokio::spawn(async move {
+                    // Under the delivery job's lease fence, if it runs under one.
+                    tokio::spawn(kagi_store::lease::inherit(async move {
                         attempt(&p, &c, &cfg, d).await;
                         fl.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
                         drop(permit);
                         p.events.wake.notify_one();
-                    });
+                    }));
                 }
             }
             Err(e) => tracing::error!(error = %e, "reading due event deliveries failed"),

@@ -22,6 +22,7 @@ mod events;
 mod follow;
 pub use events::{DeliveryConfig, run_event_delivery};
 pub use follow::DEFAULT_RECHECK as CHANGE_RECHECK;
+pub use singleton::{DEFAULT_LEASE, node_id};
 mod key_material;
 mod keys;
 // Subscriptions, tenant moves and resource moves (BK-9, ID-3).
@@ -37,6 +38,7 @@ mod secrets;
 mod service_host;
 // Storage-service resources (backup vaults, …) and what they learn of key vaults.
 mod service_resources;
+mod singleton;
 mod state;
 mod test_clock;
 mod vault_backup;

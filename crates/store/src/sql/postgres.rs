@@ -125,6 +125,59 @@ CREATE INDEX alert_deliveries_due ON alert_deliveries(state, next_attempt_ms);
 CREATE INDEX alert_deliveries_group ON alert_deliveries(action_group, state);
 "#,
     CHANGE_FEED,
+    LEASES,
+];
+
+/// Leases for singleton work (`crate::lease`), on the database's clock. A write made under a
+/// fence (the session setting `kagi.fence` = `name holder fencing`, set when the connection is
+/// taken from the pool) is refused unless that lease is still the holder's with that fencing
+/// number and unexpired: checked by a statement trigger in the writing transaction, sharing
+/// the lease row's lock so that a takeover waits for it or it sees the takeover.
+///
+/// Versions also get a unique order here: a node whose memory lags another's must not add a
+/// version with the order number another node just gave one (which would make "the current
+/// version" ambiguous); it gets `Conflict` instead, and its memory catches up.
+const LEASES: &str = r#"
+CREATE UNIQUE INDEX key_versions_order ON key_versions (vault, name_folded, seq);
+CREATE UNIQUE INDEX secret_versions_order ON secret_versions (vault, name_folded, seq);
+CREATE TABLE kagi_leases (
+    name TEXT PRIMARY KEY, holder TEXT NOT NULL, fencing BIGINT NOT NULL,
+    expires TIMESTAMPTZ NOT NULL);
+CREATE FUNCTION kagi_check_fence() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    fence TEXT := current_setting('kagi.fence', true);
+    part TEXT[];
+BEGIN
+    IF fence IS NULL OR fence = '' THEN
+        RETURN NULL;
+    END IF;
+    part := string_to_array(fence, ' ');
+    PERFORM 1 FROM kagi_leases
+        WHERE name = part[1] AND holder = part[2] AND fencing = part[3]::BIGINT
+          AND expires > clock_timestamp()
+        FOR SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'lease % is no longer held with fencing number % by %',
+            part[1], part[3], part[2] USING ERRCODE = 'KG001';
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+"#;
+
+/// The tables singleton work writes, whose writes a fence guards.
+const FENCED_TABLES: &[&str] = &[
+    "vaults",
+    "keys",
+    "key_versions",
+    "secrets",
+    "secret_versions",
+    "key_rotation_policies",
+    "key_event_marks",
+    "secret_event_marks",
+    "event_outbox",
+    "event_deliveries",
+    "alert_deliveries",
 ];
 
 /// The change feed (docs/SEVERAL_NODES.md): every write to a table whose rows a node keeps in
@@ -220,6 +273,20 @@ async fn pool(url: &str, settings: &'static str) -> Result<AnyPool> {
                 Ok(())
             })
         })
+        // Runs in the task taking the connection: its fence (or none) becomes the session's,
+        // which the fence trigger checks.
+        .before_acquire(|conn, _| {
+            let fence = crate::lease::current()
+                .map(|f| f.setting())
+                .unwrap_or_default();
+            Box::pin(async move {
+                sqlx::query("SELECT set_config('kagi.fence', $1, false)")
+                    .bind(fence)
+                    .execute(conn)
+                    .await?;
+                Ok(true)
+            })
+        })
         .connect_with(options)
         .await?)
 }
@@ -266,6 +333,17 @@ async fn migrate(pool: &AnyPool) -> Result<()> {
     }
     for sql in MIGRATIONS.iter().skip(current as usize) {
         sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+        if *sql == LEASES {
+            for table in FENCED_TABLES {
+                // Table names from the list above, never from input.
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "CREATE TRIGGER {table}_fenced BEFORE INSERT OR UPDATE OR DELETE ON {table} \
+                     FOR EACH STATEMENT EXECUTE FUNCTION kagi_check_fence()"
+                )))
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
     }
     sqlx::query("DELETE FROM kagi_schema")
         .execute(&mut *tx)
@@ -306,4 +384,42 @@ impl crate::changes::ChangeWatch for Listener {
         // listens again, and what was sent meanwhile is gone.
         Ok(self.0.try_recv().await?.map(|n| n.payload().to_string()))
     }
+}
+
+/// Takes or renews a lease (see `crate::Store::acquire_lease`).
+pub(super) async fn acquire_lease(
+    pool: &AnyPool,
+    name: &str,
+    holder: &str,
+    ttl_ms: i64,
+) -> Result<Option<i64>> {
+    // One statement: a free or expired lease changes hands (fencing + 1); the holder's own is
+    // renewed; another holder's live lease is left alone (no row returned).
+    Ok(sqlx::query_scalar(
+        "INSERT INTO kagi_leases (name, holder, fencing, expires) \
+         VALUES ($1, $2, 1, clock_timestamp() + $3 * INTERVAL '1 millisecond') \
+         ON CONFLICT (name) DO UPDATE SET \
+           fencing = CASE WHEN kagi_leases.holder = excluded.holder THEN kagi_leases.fencing \
+                          ELSE kagi_leases.fencing + 1 END, \
+           holder = excluded.holder, expires = excluded.expires \
+         WHERE kagi_leases.holder = excluded.holder OR kagi_leases.expires <= clock_timestamp() \
+         RETURNING fencing",
+    )
+    .bind(name)
+    .bind(holder)
+    .bind(ttl_ms)
+    .fetch_optional(pool)
+    .await?)
+}
+
+/// Ends a lease now, if `holder` has it.
+pub(super) async fn release_lease(pool: &AnyPool, name: &str, holder: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE kagi_leases SET expires = clock_timestamp() WHERE name = $1 AND holder = $2",
+    )
+    .bind(name)
+    .bind(holder)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

@@ -1,0 +1,132 @@
+//! What only a store shared by several nodes has: leases with fencing and the change feed
+//! (PostgreSQL; a scratch database per test, see `kagi_store::contract::postgres`).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{vault, version};
+use kagi_core::ObjectName;
+use kagi_store::lease::{Fence, fenced};
+use kagi_store::{SqlStore, Store, StoreError};
+
+async fn store() -> Option<SqlStore> {
+    let server = kagi_store::contract::postgres::server_url()?;
+    let url = kagi_store::contract::postgres::scratch_database(&server).await;
+    Some(SqlStore::open_postgres(&url).await.expect("open"))
+}
+
+#[tokio::test]
+async fn a_lease_has_one_holder_until_it_expires_and_then_changes_hands() {
+    let Some(s) = store().await else { return };
+    assert_eq!(
+        s.acquire_lease("rotation", "a", 300).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(s.acquire_lease("rotation", "b", 300).await.unwrap(), None);
+    // A renewal keeps the fencing number; another lease is independent.
+    assert_eq!(
+        s.acquire_lease("rotation", "a", 300).await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(s.acquire_lease("purge", "b", 300).await.unwrap(), Some(1));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        s.acquire_lease("rotation", "b", 300).await.unwrap(),
+        Some(2)
+    );
+    assert_eq!(s.acquire_lease("rotation", "a", 300).await.unwrap(), None);
+    // Released, it is free at once.
+    s.release_lease("rotation", "b").await.unwrap();
+    assert_eq!(
+        s.acquire_lease("rotation", "a", 300).await.unwrap(),
+        Some(3)
+    );
+}
+
+#[tokio::test]
+async fn a_fenced_write_fails_once_the_lease_changed_hands_and_changes_nothing() {
+    let Some(s) = store().await else { return };
+    let v = vault("fenced");
+    s.put_vault(&v).await.unwrap();
+    let name = ObjectName::parse("k").unwrap();
+    let fencing = s
+        .acquire_lease("rotation", "a", 200)
+        .await
+        .unwrap()
+        .unwrap();
+    let a = Fence {
+        name: "rotation".into(),
+        holder: "a".into(),
+        fencing,
+    };
+    fenced(a.clone(), s.add_key_version(&v.name, &name, &version(1, 1)))
+        .await
+        .expect("the holder writes");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let b = s
+        .acquire_lease("rotation", "b", 10_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b, fencing + 1);
+    // The old holder (paused past its lease) cannot write over the new one's work.
+    let e = fenced(a, s.add_key_version(&v.name, &name, &version(2, 2)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Database(m) if m.contains("no longer held")),
+        "{e:?}"
+    );
+    let keys = s.load_keys(&v.name).await.unwrap();
+    assert_eq!(
+        keys[0].versions.len(),
+        1,
+        "the refused write changed nothing"
+    );
+    // The new holder, and unfenced writes, go through.
+    let fence_b = Fence {
+        name: "rotation".into(),
+        holder: "b".into(),
+        fencing: b,
+    };
+    fenced(fence_b, s.add_key_version(&v.name, &name, &version(3, 2)))
+        .await
+        .unwrap();
+    s.add_key_version(&v.name, &name, &version(4, 3))
+        .await
+        .unwrap();
+    assert_eq!(s.load_keys(&v.name).await.unwrap()[0].versions.len(), 3);
+}
+
+#[tokio::test]
+async fn writes_stamp_their_scope_and_notify_it() {
+    let Some(s) = store().await else { return };
+    let mut watch = s
+        .watch_changes()
+        .await
+        .unwrap()
+        .expect("a primary notifies");
+    let v = vault("feed");
+    s.put_vault(&v).await.unwrap();
+    let note = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("a notification")
+        .unwrap();
+    assert_eq!(note.as_deref(), Some("vault:feed"));
+    let before = s.change_marks().await.unwrap();
+    let mark = |marks: &[(String, i64)], scope: &str| {
+        marks.iter().find(|(s, _)| s == scope).map(|(_, n)| *n)
+    };
+    let first = mark(&before, "vault:feed").expect("stamped");
+    s.add_key_version(&v.name, &ObjectName::parse("k").unwrap(), &version(1, 1))
+        .await
+        .unwrap();
+    let after = s.change_marks().await.unwrap();
+    assert!(mark(&after, "vault:feed").unwrap() > first);
+    // A directory write stamps the directory.
+    s.put_principal(&kagi_store::contract::principal(1, None))
+        .await
+        .unwrap();
+    assert!(mark(&s.change_marks().await.unwrap(), "directory").is_some());
+}
