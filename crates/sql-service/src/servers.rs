@@ -23,7 +23,12 @@ const SETTABLE: [&str; 5] = [
 /// `ServerExternalAdministrator`): `administratorType` `ActiveDirectory`, a `login` (the user
 /// name clients give) and the principal's object id `sid`.
 fn check_entra_admin(a: &Value) -> Result<(), KvError> {
-    if a.is_null() {
+    // No administrator: absent, null, or an object without values (`{}`, which the az CLI
+    // sends from `az sql server create` without `--external-admin-*`).
+    if a.is_null()
+        || a.as_object()
+            .is_some_and(|o| o.values().all(Value::is_null))
+    {
         return Ok(());
     }
     let ty = a["administratorType"].as_str().unwrap_or("ActiveDirectory");
@@ -373,5 +378,16 @@ mod tests {
         assert!(check_password("kagiadmin", "Str0ng!pass").is_ok());
         assert!(check_password("kagiadmin", "weakpass").is_err());
         assert!(check_password("kagiadmin", "Kagiadmin1!").is_err());
+    }
+
+    #[test]
+    fn an_empty_entra_administrator_is_none() {
+        for none in [json!(null), json!({}), json!({"login": null, "sid": null})] {
+            assert!(check_entra_admin(&none).is_ok(), "{none}");
+        }
+        let sid = "8f2b7c9e-1d3a-4b5c-9e8f-0a1b2c3d4e5f";
+        assert!(check_entra_admin(&json!({"login": "dba", "sid": sid})).is_ok());
+        assert!(check_entra_admin(&json!({"login": "dba"})).is_err());
+        assert!(check_entra_admin(&json!({"sid": sid, "administratorType": "Other"})).is_err());
     }
 }
