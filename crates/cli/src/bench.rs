@@ -5,6 +5,7 @@
 
 mod hsm;
 mod http;
+mod nodes;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -49,6 +50,8 @@ enum BenchMode {
     /// unwrapKey (RSA-OAEP) and sign (RS256) per second of an RSA-HSM key in a premium vault
     /// over HTTPS (and of a software RSA key beside it), N requests in flight.
     Hsm(hsm::HttpsArgs),
+    /// unwrapKey and secret reads per second spread round-robin over the nodes of one store.
+    Nodes(nodes::NodesArgs),
 }
 
 /// Raw single-thread OAEP-SHA256 decryptions per second with the same library.
@@ -84,6 +87,10 @@ pub async fn run(
         Some(BenchMode::Hsm(mut https)) => {
             https.json |= json;
             hsm::run_https(server, data_dir, &https).await
+        }
+        Some(BenchMode::Nodes(mut n)) => {
+            n.json |= json;
+            nodes::run(data_dir, &n).await
         }
         None => run_rsa(server, data_dir, &args).await,
     }

@@ -52,16 +52,41 @@ pub(super) async fn load(
     seconds: u64,
     concurrency: usize,
 ) -> anyhow::Result<Stats> {
+    load_spread(
+        vec![(ctx, url)],
+        Method::POST,
+        Some(body),
+        seconds,
+        concurrency,
+    )
+    .await
+}
+
+/// `concurrency` tasks each send `method` (with `body`) again as soon as the answer arrives,
+/// for `seconds`, each request to the next of `targets` in turn (task `i` starting at target
+/// `i`): the same work spread round-robin over several nodes.
+pub(super) async fn load_spread(
+    targets: Vec<(Arc<Context>, String)>,
+    method: Method,
+    body: Option<Value>,
+    seconds: u64,
+    concurrency: usize,
+) -> anyhow::Result<Stats> {
+    anyhow::ensure!(!targets.is_empty(), "no server to measure");
+    let targets = Arc::new(targets);
     let start = Instant::now();
     let deadline = start + Duration::from_secs(seconds);
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let (ctx, url, body) = (ctx.clone(), url.clone(), body.clone());
+    for task in 0..concurrency {
+        let (targets, method, body) = (targets.clone(), method.clone(), body.clone());
         tasks.spawn(async move {
             let mut lat = Vec::new();
+            let mut next = task;
             while Instant::now() < deadline {
+                let (ctx, url) = &targets[next % targets.len()];
+                next += 1;
                 let t = Instant::now();
-                ctx.call(Method::POST, &url, Some(&body)).await?;
+                ctx.call(method.clone(), url, body.as_ref()).await?;
                 lat.push(t.elapsed());
             }
             anyhow::Ok(lat)
