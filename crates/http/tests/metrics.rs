@@ -21,27 +21,7 @@ async fn requests_crypto_audit_and_gauges_are_counted() {
     })
     .await;
     let metrics = s.metrics.clone().expect("metrics on");
-    let sub = s.admin.subscription_id.clone();
-    let (status, _) = s
-        .arm(
-            "PUT",
-            &format!("/subscriptions/{sub}/resourcegroups/rg1"),
-            Some(json!({"location": "westeurope"})),
-        )
-        .await;
-    assert!(status == 200 || status == 201, "{status}");
-    let (status, _) = s
-        .arm(
-            "PUT",
-            &format!("/subscriptions/{sub}/resourceGroups/rg1/providers/Microsoft.KeyVault/vaults/metricsvault"),
-            Some(json!({"location": "westeurope", "properties": {
-                "tenantId": s.admin.tenant_id,
-                "sku": {"family": "A", "name": "standard"},
-                "softDeleteRetentionInDays": 7,
-            }})),
-        )
-        .await;
-    assert!(status == 200 || status == 201, "{status}");
+    s.create_vault("rg1", "metricsvault").await;
     let (status, key) = s
         .data(
             "POST",

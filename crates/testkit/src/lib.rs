@@ -377,6 +377,45 @@ impl TestServer {
         }
     }
 
+    /// Creates (or updates) resource group `rg` and key vault `vault` (standard, soft delete
+    /// for 7 days) in the default subscription as the administrator; the vault's ARM body.
+    ///
+    /// # Panics
+    ///
+    /// When either is refused, and as [`TestServer::call`].
+    pub async fn create_vault(&self, rg: &str, vault: &str) -> Value {
+        let sub = &self.admin.subscription_id;
+        let (status, body) = self
+            .arm(
+                "PUT",
+                &format!("/subscriptions/{sub}/resourcegroups/{rg}"),
+                Some(json!({"location": "westeurope"})),
+            )
+            .await;
+        assert!(
+            matches!(status, 200 | 201),
+            "resource group {rg}: {status} {body}"
+        );
+        let (status, body) = self
+            .arm(
+                "PUT",
+                &format!(
+                    "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.KeyVault/vaults/{vault}"
+                ),
+                Some(json!({"location": "westeurope", "properties": {
+                    "tenantId": self.admin.tenant_id,
+                    "sku": {"family": "A", "name": "standard"},
+                    "softDeleteRetentionInDays": 7,
+                }})),
+            )
+            .await;
+        assert!(
+            matches!(status, 200 | 201),
+            "vault {vault}: {status} {body}"
+        );
+        body
+    }
+
     /// The management API as the administrator: `method path` (the api-version added);
     /// the status and the body.
     ///
