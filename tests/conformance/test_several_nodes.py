@@ -99,6 +99,23 @@ def test_two_nodes_serve_one_store(tmp_path):
             f"{took_key * 1000:.0f} ms, rotation {took_rotation * 1000:.0f} ms, secret "
             f"{took_secret * 1000:.0f} ms"
         )
+        # Each node keeps its own audit chain; `kagi audit verify --node-dir …` checks them all.
+        for n in (n1, n2):
+            n.stop()
+        import json
+        import subprocess
+
+        from conftest import KAGI_BIN
+
+        out = subprocess.run(
+            [str(KAGI_BIN), "--output", "json", "audit", "verify",
+             "--node-dir", str(n1.data_dir), "--node-dir", str(n2.data_dir)],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout
+        report = json.loads(out)
+        assert report["ok"] and len(report["logs"]) == 2, report
+        assert all(log["records"] > 0 for log in report["logs"]), report
+        assert report["records"] == sum(log["records"] for log in report["logs"])
     finally:
         for n in (n1, n2):
             n.stop()

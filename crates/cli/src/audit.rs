@@ -27,9 +27,14 @@ enum AuditCommand {
     /// Check the hash chain: exit 0 with "ok: N records, chain intact", or 1 naming the first
     /// bad record.
     Verify {
-        /// Verify this file instead of `<data-dir>/audit/audit.jsonl` (an export, say).
+        /// Verify this file instead of `<data-dir>/audit/audit.jsonl` (an export, say);
+        /// repeat it for several.
         #[arg(long)]
-        file: Option<PathBuf>,
+        file: Vec<PathBuf>,
+        /// Verify the log of every node of a shared store: each node's data directory (its
+        /// `audit/audit.jsonl`, a chain of its own); repeat it for each node.
+        #[arg(long)]
+        node_dir: Vec<PathBuf>,
     },
     /// Show records (a short table, or JSON lines with `--output json`).
     Query(FilterArgs),
@@ -104,33 +109,62 @@ fn audit_file(data_dir: &Path) -> PathBuf {
 /// Runs `kagi audit`.
 pub fn run(data_dir: &Path, output: Output, args: AuditArgs) -> anyhow::Result<()> {
     match args.command {
-        AuditCommand::Verify { file } => {
-            let path = file.unwrap_or_else(|| audit_file(data_dir));
-            match kagi_audit::verify(&path) {
-                Ok(report) => {
-                    if matches!(output, Output::Json) {
-                        println!(
-                            "{}",
-                            serde_json::json!({"ok": true, "records": report.records,
-                                               "lastHash": report.last_hash})
-                        );
-                    } else {
-                        println!("ok: {} records, chain intact", report.records);
-                        if !report.last_hash.is_empty() {
-                            println!("last hash: {}", report.last_hash);
+        AuditCommand::Verify { file, node_dir } => {
+            let mut paths: Vec<PathBuf> = file;
+            paths.extend(node_dir.iter().map(|d| audit_file(d)));
+            if paths.is_empty() {
+                paths.push(audit_file(data_dir));
+            }
+            let mut reports = Vec::new();
+            let mut total = 0;
+            for path in &paths {
+                match kagi_audit::verify(path) {
+                    Ok(report) => {
+                        total += report.records;
+                        reports.push(serde_json::json!({"file": path, "ok": true,
+                            "records": report.records, "lastHash": report.last_hash}));
+                        if !matches!(output, Output::Json) {
+                            if paths.len() > 1 {
+                                println!("{}:", path.display());
+                            }
+                            println!("ok: {} records, chain intact", report.records);
+                            if !report.last_hash.is_empty() {
+                                println!("last hash: {}", report.last_hash);
+                            }
                         }
                     }
-                    Ok(())
+                    Err(kagi_audit::VerifyError::Broken { line, reason }) => {
+                        bail!(
+                            "the audit log {} is damaged or was tampered with: record at line \
+                             {line}: {reason}",
+                            path.display()
+                        )
+                    }
+                    Err(e) => {
+                        return Err(anyhow::Error::from(e).context(path.display().to_string()));
+                    }
                 }
-                Err(kagi_audit::VerifyError::Broken { line, reason }) => {
-                    bail!(
-                        "the audit log {} is damaged or was tampered with: record at line \
-                         {line}: {reason}",
-                        path.display()
-                    )
-                }
-                Err(e) => Err(e.into()),
             }
+            if matches!(output, Output::Json) {
+                if let [one] = reports.as_slice() {
+                    println!(
+                        "{}",
+                        serde_json::json!({"ok": true, "records": one["records"],
+                                                      "lastHash": one["lastHash"]})
+                    );
+                } else {
+                    println!(
+                        "{}",
+                        serde_json::json!({"ok": true, "records": total, "logs": reports})
+                    );
+                }
+            } else if paths.len() > 1 {
+                println!(
+                    "ok: {total} records in {} logs, every chain intact",
+                    paths.len()
+                );
+            }
+            Ok(())
         }
         AuditCommand::Query(f) => {
             let path = audit_file(data_dir);
