@@ -7,7 +7,8 @@
 //! The data plane's requests are classified by the route table
 //! ([`kagi_core::routes::DataPlaneRoute::class`]); the management host's by method: `GET`,
 //! `HEAD` and `OPTIONS` are reads, and so are the token endpoints (clients must sign in),
-//! ARM's `list*` actions and Azure Policy's `queryResults`; every other request writes.
+//! ARM's `list*` actions, Azure Policy's `queryResults` and Graph's `getByIds`; every other
+//! request writes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,14 +55,16 @@ pub(crate) fn is_write(plane: Plane, method: &str, path: &str, operation: &str) 
             if matches!(m.as_str(), "GET" | "HEAD" | "OPTIONS") || operation == "Authentication" {
                 return false;
             }
-            // ARM's `list*` actions (POST …/listKeys) and Azure Policy's compliance query
-            // (POST …/policyStates/latest/queryResults) read.
+            // ARM's `list*` actions (POST …/listKeys), Azure Policy's compliance query
+            // (POST …/policyStates/latest/queryResults) and Microsoft Graph's
+            // POST /v1.0/directoryObjects/getByIds read.
             let last = path
                 .rsplit('/')
                 .find(|s| !s.is_empty())
                 .unwrap_or("")
                 .to_ascii_lowercase();
-            !(m == "POST" && (last.starts_with("list") || last == "queryresults"))
+            !(m == "POST"
+                && (last.starts_with("list") || last == "queryresults" || last == "getbyids"))
         }
         Plane::Unknown => false,
     }
@@ -146,6 +149,18 @@ mod tests {
         let query =
             "/subscriptions/s/providers/Microsoft.PolicyInsights/policyStates/latest/queryResults";
         assert!(!is_write(Plane::Management, "POST", query, "x"));
+        assert!(!is_write(
+            Plane::Management,
+            "POST",
+            "/v1.0/directoryObjects/getByIds",
+            "x"
+        ));
+        assert!(is_write(
+            Plane::Management,
+            "POST",
+            "/v1.0/servicePrincipals",
+            "x"
+        ));
         assert!(!is_write(
             Plane::Management,
             "POST",
