@@ -64,6 +64,7 @@ macro_rules! store_contract {
             resource_groups_are_upserted_and_read_case_insensitively,
             principals_round_trip_and_a_duplicate_client_id_conflicts,
             vaults_are_upserted_and_listed_by_name,
+            inserting_a_vault_conflicts_when_the_name_exists,
             purging_a_vault_removes_everything_in_it,
             key_versions_are_added_in_order_and_a_duplicate_conflicts,
             key_versions_are_updated_deleted_and_recovered_case_insensitively,
@@ -369,6 +370,25 @@ pub async fn vaults_are_upserted_and_listed_by_name(s: &dyn Store) {
     b.properties.enable_purge_protection = true;
     s.put_vault(&b).await.unwrap();
     assert_eq!(s.list_vaults().await.unwrap(), vec![a, b]);
+}
+
+/// `insert_vault` creates a record only under a new name: an existing one, live or deleted,
+/// is a `Conflict` and stays as it was.
+pub async fn inserting_a_vault_conflicts_when_the_name_exists(s: &dyn Store) {
+    let mut a = vault("vault-a");
+    s.insert_vault(&a).await.unwrap();
+    let mut again = a.clone();
+    again.location = "northeurope".into();
+    let e = s.insert_vault(&again).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+    a.deleted_at = Some(5);
+    a.purge_at = Some(6);
+    s.put_vault(&a).await.unwrap();
+    assert!(matches!(
+        s.insert_vault(&vault("vault-a")).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(s.list_vaults().await.unwrap(), vec![a]);
 }
 
 /// `purge_vault` removes the vault with its keys, secrets, rotation policies, event marks,

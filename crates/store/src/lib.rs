@@ -198,6 +198,9 @@ pub trait Store:
 
     /// Creates or replaces a vault record.
     async fn put_vault(&self, v: &VaultRecord) -> Result<()>;
+    /// Creates a vault record; `Conflict` (and nothing changed) when the name exists, live or
+    /// deleted — on a shared store, two nodes creating one name cannot both succeed.
+    async fn insert_vault(&self, v: &VaultRecord) -> Result<()>;
     /// Every vault, live and deleted.
     async fn list_vaults(&self) -> Result<Vec<VaultRecord>>;
     /// Removes a vault and everything in it.

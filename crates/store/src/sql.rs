@@ -210,6 +210,46 @@ impl SqlStore {
         Ok(self.pool.begin_with(begin).await?)
     }
 
+    /// Writes a vault record: replacing one of the same name when `replace`, else only a new
+    /// name (`Conflict` otherwise: two nodes creating one name cannot both succeed).
+    async fn write_vault(&self, v: &VaultRecord, replace: bool) -> Result<()> {
+        let props = serde_json::to_string(&v.properties).map_err(|e| corrupt("vaults", e))?;
+        let on_conflict = if replace {
+            " ON CONFLICT (name) DO UPDATE SET subscription_id = excluded.subscription_id, \
+             resource_group = excluded.resource_group, location = excluded.location, \
+             tags = excluded.tags, properties = excluded.properties, updated = excluded.updated, \
+             deleted_at = excluded.deleted_at, purge_at = excluded.purge_at"
+        } else {
+            ""
+        };
+        // The SQL is made of the two constant forms above, never of input.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO vaults (name, subscription_id, resource_group, location, tags, properties, \
+             created, updated, deleted_at, purge_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10){on_conflict}"
+        )))
+        .bind(v.name.as_str())
+        .bind(&v.subscription_id)
+        .bind(&v.resource_group)
+        .bind(&v.location)
+        .bind(tags_json(&v.tags))
+        .bind(props)
+        .bind(v.created)
+        .bind(v.updated)
+        .bind(v.deleted_at)
+        .bind(v.purge_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!("vault {} exists", v.name))
+            } else {
+                e.into()
+            }
+        })?;
+        Ok(())
+    }
+
     /// Closes every connection and waits for them to end (the last one of a writable SQLite
     /// store checkpoints the WAL into the file); dropping the store closes them in the
     /// background.
@@ -338,28 +378,11 @@ impl Store for SqlStore {
     }
 
     async fn put_vault(&self, v: &VaultRecord) -> Result<()> {
-        let props = serde_json::to_string(&v.properties).map_err(|e| corrupt("vaults", e))?;
-        sqlx::query(
-            "INSERT INTO vaults (name, subscription_id, resource_group, location, tags, properties, \
-             created, updated, deleted_at, purge_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-             ON CONFLICT (name) DO UPDATE SET subscription_id = excluded.subscription_id, \
-             resource_group = excluded.resource_group, location = excluded.location, \
-             tags = excluded.tags, properties = excluded.properties, updated = excluded.updated, \
-             deleted_at = excluded.deleted_at, purge_at = excluded.purge_at",
-        )
-        .bind(v.name.as_str())
-        .bind(&v.subscription_id)
-        .bind(&v.resource_group)
-        .bind(&v.location)
-        .bind(tags_json(&v.tags))
-        .bind(props)
-        .bind(v.created)
-        .bind(v.updated)
-        .bind(v.deleted_at)
-        .bind(v.purge_at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        self.write_vault(v, true).await
+    }
+
+    async fn insert_vault(&self, v: &VaultRecord) -> Result<()> {
+        self.write_vault(v, false).await
     }
 
     async fn list_vaults(&self) -> Result<Vec<VaultRecord>> {

@@ -354,9 +354,16 @@ impl Platform {
             _ => Some(self.reserve_vault_name(&name)?),
         };
         self.store
-            .put_vault(&record)
+            .insert_vault(&record)
             .await
-            .map_err(|e| internal("create vault", e))?;
+            .map_err(|e| match e {
+                // Another node of a shared store created this name first.
+                kagi_store::StoreError::Conflict(_) => KvError::new(
+                    ErrorCode::VaultAlreadyExists,
+                    format!("The vault name '{name}' is already in use."),
+                ),
+                e => internal("create vault", e),
+            })?;
         let state = VaultState::new(record.clone(), Vec::new());
         state.set_restoring(matches!(writer, VaultWriter::Restore(_)));
         self.vaults_write().insert(name.clone(), Arc::new(state));
