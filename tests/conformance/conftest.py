@@ -189,6 +189,10 @@ class KagiServer:
         # The SQL service's PostgreSQL listener (each server its own port).
         self.sql_port = free_port()
         self.proc: Optional[subprocess.Popen] = None
+        # Where it listens; a node of a cluster listens on a loopback address of its own.
+        self.listen_host = "localhost"
+        # The other nodes and the round-robin proxy of a cluster (`_start_cluster`).
+        self.cluster: List[Any] = []
         # KAGI_CONFORMANCE_POSTGRES (a PostgreSQL server URL): each server keeps its store in a
         # scratch database of its own there (`--store`), kept across its restarts.
         self.store_url: Optional[str] = (
@@ -270,9 +274,8 @@ class KagiServer:
             "--data-dir",
             str(self.data_dir),
             "--listen",
-            f"localhost:{self.port}",
-            "--sql-listen",
-            f"localhost:{self.sql_port}",
+            f"{self.listen_host}:{self.port}",
+            *([] if "--sql-listen" in self.extra_args else ["--sql-listen", f"localhost:{self.sql_port}"]),
             *(["--store", self.store_url] if self.store_url else []),
             *self.extra_args,
         ]
@@ -577,12 +580,127 @@ def _start_server(
     return srv
 
 
+class RoundRobinProxy:
+    """A TCP load balancer on localhost:PORT (both loopbacks): each connection goes to the next
+    backend in turn (skipping one that refuses), as any TCP balancer in front of kagi nodes."""
+
+    def __init__(self, port: int, backends: List[Tuple[str, int]]):
+        import asyncio
+        import threading
+
+        self.port, self.backends, self.next = port, backends, 0
+        self.loop = asyncio.new_event_loop()
+        self.servers: List[Any] = []
+        ready = threading.Event()
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            for host in ("127.0.0.1", "::1"):
+                self.servers.append(
+                    self.loop.run_until_complete(asyncio.start_server(self._serve, host, port))
+                )
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    async def _serve(self, reader, writer):
+        import asyncio
+
+        upstream = None
+        for _ in range(len(self.backends)):
+            host, port = self.backends[self.next % len(self.backends)]
+            self.next += 1
+            try:
+                upstream = await asyncio.open_connection(host, port)
+                break
+            except OSError:
+                continue
+        if upstream is None:
+            writer.close()
+            return
+        up_reader, up_writer = upstream
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                try:
+                    dst.close()
+                except (ConnectionError, OSError):
+                    pass
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def stop(self) -> None:
+        for srv in self.servers:
+            self.loop.call_soon_threadsafe(srv.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def _start_cluster(tmp: Path, count: int) -> KagiServer:
+    """KAGI_CONFORMANCE_NODES=N (with KAGI_CONFORMANCE_POSTGRES): the session server as N nodes on
+    one PostgreSQL database with strict consistency, each on a loopback address of its own
+    (127.0.0.2, .3, …) and one port, behind a round-robin TCP proxy on localhost:PORT, so every
+    URL kagi hands out reaches the proxy. Node 1 is the returned server (its data directory:
+    CA, admin, audit log); the other nodes have copies of its root key, CA and admin file."""
+    import shutil
+
+    port = free_port()
+    hsm_args, hsm_env = softhsm_token(tmp / "session-softhsm")
+    store = scratch_pg_database(os.environ["KAGI_CONFORMANCE_POSTGRES"])
+    hosts = [f"127.0.0.{i + 2}" for i in range(count)]
+    proxy = RoundRobinProxy(port, [(h, port) for h in hosts])
+    nodes: List[KagiServer] = []
+    for i, host in enumerate(hosts):
+        data = tmp / f"session-node{i + 1}-data"
+        # `--store` comes from `store_url` (set below, before the start).
+        args = [*hsm_args, "--consistency", "strict"]
+        if i:
+            data.mkdir(mode=0o700)
+            for f in ("root.key", "root.key.sealed", "bootstrap-admin.json"):
+                if (nodes[0].data_dir / f).exists():
+                    shutil.copy2(nodes[0].data_dir / f, data / f)
+            shutil.copytree(nodes[0].data_dir / "tls", data / "tls")
+            args += ["--sql-listen", "none"]
+        node = KagiServer(
+            data, tmp / f"session-node{i + 1}.log", port=port, extra_args=[*args, "--store", store], env=hsm_env
+        )
+        node.extra_args = args
+        node.listen_host = host
+        node.store_url = store
+        node.hsm_env = hsm_env
+        node.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    node._fail(f"node {host} never listened")
+                time.sleep(0.1)
+        nodes.append(node)
+    first = nodes[0]
+    first.cluster = [*nodes[1:], proxy]
+    return first
+
+
 @pytest.fixture(scope="session")
 def kagi(tmp_path_factory) -> KagiServer:
-    """The shared server for the whole session."""
+    """The shared server for the whole session (KAGI_CONFORMANCE_NODES=N: N nodes behind a
+    round-robin proxy, see `_start_cluster`)."""
     tmp = tmp_path_factory.mktemp("kagi")
+    count = int(os.environ.get("KAGI_CONFORMANCE_NODES", "1"))
     # With an HSM, as premium vaults' RSA-HSM/EC-HSM keys need one (and its root key sealed by it).
-    srv = _start_server(tmp, "session", hsm=True)
+    srv = _start_cluster(tmp, count) if count > 1 else _start_server(tmp, "session", hsm=True)
     ca = str(srv.ca_path)
     saved = {k: os.environ.get(k) for k in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")}
     os.environ["REQUESTS_CA_BUNDLE"] = ca
@@ -599,6 +717,8 @@ def kagi(tmp_path_factory) -> KagiServer:
         rc = srv.stop()
         if rc not in (0, None, -signal.SIGTERM):
             print(f"\nkagi server exited with {rc} after SIGTERM; log tail:\n{srv.log_tail()}")
+        for other in srv.cluster:
+            other.stop()
 
 
 @pytest.fixture

@@ -88,10 +88,11 @@ def test_group_create_and_show(kagi, az):
     assert "ResourceGroupNotFound" in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="GET /subscriptions/{s}/resourcegroups needs a store list of resource groups")
-def test_group_list(az, rg):
-    names = [g["name"] for g in az.json("group", "list")]
-    assert rg in names, names
+def test_group_list(kagi, az, rg):
+    groups = {g["name"]: g for g in az.json("group", "list")}
+    assert rg in groups and "kagi-conformance" in groups, sorted(groups)
+    assert groups[rg]["id"] == f"/subscriptions/{kagi.subscription_id}/resourceGroups/{rg}", groups[rg]
+    assert groups[rg]["location"] == LOCATION, groups[rg]
 
 
 # ---------------------------------------------------------------------------------------------

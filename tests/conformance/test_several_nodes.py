@@ -387,3 +387,40 @@ def test_kill_9_of_a_node_under_mixed_load_loses_no_acknowledged_write(tmp_path)
     finally:
         for n in nodes:
             n.stop()
+
+
+def test_strict_consistency_serves_every_change_at_the_next_request(tmp_path):
+    _, (n1, n2) = start_nodes(tmp_path, extra_args=["--consistency", "strict"])
+    try:
+        n1.put_rg(DEFAULT_RG)
+        sp = create_sp(n1)
+        policy = {
+            "tenantId": n1.tenant_id,
+            "objectId": sp["objectId"],
+            "permissions": {"keys": ["get"], "secrets": ["get"], "certificates": []},
+        }
+        vault = n1.create_vault(accessPolicies=[policy])
+        # No waiting anywhere below: each read on node 2 follows a write acknowledged by node 1.
+        assert n2.get_vault(vault.name).status_code == 200
+        s1 = n1.secret_client(n1.vault_url(vault.name))
+        s2 = n2.secret_client(n2.vault_url(vault.name))
+        k1 = n1.key_client(n1.vault_url(vault.name))
+        k2 = n2.key_client(n2.vault_url(vault.name))
+        for i in range(20):
+            s1.set_secret("s", f"v{i}")
+            assert s2.get_secret("s").value == f"v{i}"
+        key = k1.create_ec_key("k")
+        assert k2.get_key("k").properties.version == key.properties.version
+        rotated = k1.rotate_key("k")
+        assert k2.get_key("k").properties.version == rotated.properties.version
+        sp_secrets = n2.secret_client(n2.vault_url(vault.name), credential=sp_credential(n2, sp))
+        assert sp_secrets.get_secret("s").value == "v19"
+        path = n1.vault_path(DEFAULT_RG, vault.name) + "/accessPolicies/remove"
+        r = n1.request("PUT", n1.arm(path), json={"properties": {"accessPolicies": [policy]}})
+        assert r.status_code in (200, 201), r.text
+        with pytest.raises(HttpResponseError) as exc:
+            sp_secrets.get_secret("s")
+        assert exc.value.status_code == 403
+    finally:
+        for n in (n1, n2):
+            n.stop()

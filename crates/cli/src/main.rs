@@ -93,6 +93,12 @@ enum Command {
         /// (docs/SEVERAL_NODES.md). The data directory still holds the root key.
         #[arg(long, env = "KAGI_STORE")]
         store: Option<String>,
+        /// On a shared store: `bounded` (default) serves a change other nodes made once its
+        /// notification arrives (milliseconds; at worst the re-check interval); `strict`
+        /// checks the store's change numbers before every request, so every change is served
+        /// by every node's next request, at one store query per request.
+        #[arg(long, env = "KAGI_CONSISTENCY", value_enum, default_value = "bounded")]
+        consistency: Consistency,
         /// Serve Prometheus metrics at `http://HOST:PORT/metrics`: plain HTTP without
         /// authentication, so bind it to loopback or a monitoring network (docs/METRICS.md).
         /// Off when not given.
@@ -181,6 +187,7 @@ fn main() -> std::process::ExitCode {
                 test_clock,
                 read_only,
                 store,
+                consistency,
                 metrics_listen,
                 log_format,
                 pkcs11,
@@ -193,6 +200,7 @@ fn main() -> std::process::ExitCode {
                     read_only,
                     store: kagi_store::StoreLocation::parse(store.as_deref(), &cli.data_dir)
                         .map_err(anyhow::Error::msg)?,
+                    strict: matches!(consistency, Consistency::Strict),
                 };
                 let hsm = pkcs11.open()?;
                 run_server(cli.data_dir, listen, dns_suffix, listeners, test_clock, hsm).await
@@ -318,6 +326,17 @@ struct Listeners {
     log_format: observability::LogFormat,
     /// `--store`: where the store lives.
     store: kagi_store::StoreLocation,
+    /// `--consistency strict`.
+    strict: bool,
+}
+
+/// `kagi server --consistency`: how soon a node serves what other nodes of its store changed.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Consistency {
+    /// Within a notification (or the re-check interval).
+    Bounded,
+    /// At the next request (one store query per request).
+    Strict,
 }
 
 /// Runs `sweep` at once and then every `secs` seconds, until dropped; failures are logged.
@@ -406,6 +425,7 @@ async fn run_server(
             .and_then(|v| v.parse().ok())
             .map_or(kagi_vault::CHANGE_RECHECK, std::time::Duration::from_millis);
         tokio::spawn(platform.clone().follow_changes(recheck));
+        platform.set_strict_reads(listeners.strict);
     }
     let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
     let ca_path = std::fs::canonicalize(&ca.cert_path).unwrap_or(ca.cert_path.clone());

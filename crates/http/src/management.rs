@@ -272,6 +272,21 @@ async fn arm(
             ],
             &Method::GET,
         ) if *kv == KV => ok(200, p.list_managed_hsms(caller, segs[1]).await?),
+        (["subscriptions", _, "resourcegroups"], &Method::GET) => {
+            // `az group list --tag` filters on tagName/tagValue: refused, not ignored.
+            if let Some(f) = filter {
+                return Err(KvError::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "Invalid $filter '{}' specified in the query string: kagi lists \
+                         resource groups without a filter.",
+                        kagi_core::ids::printable(f)
+                    ),
+                )
+                .with_inner("InvalidFilterInQueryString"));
+            }
+            ok(200, p.list_resource_groups(caller, segs[1]).await?)
+        }
         (["subscriptions", _, "resourcegroups", _], &Method::PUT) => {
             let (status, v) = p
                 .put_resource_group(caller, segs[1], segs[3], parse_json(body)?)

@@ -40,11 +40,14 @@ pub(crate) async fn dispatch(
     let host = request_host(&req);
     let suffix = platform.config().dns_suffix.to_ascii_lowercase();
     if host == suffix || host.is_empty() || host.parse::<std::net::IpAddr>().is_ok() {
+        // On a shared store with strict consistency: every change other nodes made first.
+        platform.catch_up(None).await;
         return crate::management::handle(platform, req).await;
     }
     match host.strip_suffix(&format!(".{suffix}")) {
         Some(vault) if !vault.contains('.') => {
             let vault = vault.to_string();
+            platform.catch_up(Some(&vault)).await;
             crate::data_plane::handle(platform, vault, req).await
         }
         _ => crate::respond::error(&kagi_core::KvError::new(

@@ -315,7 +315,7 @@ pub async fn subscriptions_are_idempotent_and_listed_by_id(s: &dyn Store) {
 }
 
 /// `put_resource_group` creates or updates (tags); the name is compared case-insensitively
-/// and returned as first created.
+/// and returned as first created; `list_resource_groups` lists a subscription's groups by name.
 pub async fn resource_groups_are_upserted_and_read_case_insensitively(s: &dyn Store) {
     let mut rg = ResourceGroupRecord {
         subscription_id: SUB.into(),
@@ -333,8 +333,20 @@ pub async fn resource_groups_are_upserted_and_read_case_insensitively(s: &dyn St
     again.tags.insert("env".into(), "prod".into());
     s.put_resource_group(&again, 2).await.unwrap();
     rg.tags = again.tags.clone();
-    assert_eq!(s.get_resource_group(SUB, "My-rg").await.unwrap(), Some(rg));
+    assert_eq!(
+        s.get_resource_group(SUB, "My-rg").await.unwrap(),
+        Some(rg.clone())
+    );
     assert_eq!(s.get_resource_group("other", "my-rg").await.unwrap(), None);
+    let b = ResourceGroupRecord {
+        subscription_id: SUB.into(),
+        name: "b-rg".into(),
+        location: "northeurope".into(),
+        tags: Default::default(),
+    };
+    s.put_resource_group(&b, 3).await.unwrap();
+    assert_eq!(s.list_resource_groups(SUB).await.unwrap(), vec![b, rg]);
+    assert!(s.list_resource_groups("other").await.unwrap().is_empty());
 }
 
 /// `put_principal` creates; a second principal with the same client id is `Conflict` and

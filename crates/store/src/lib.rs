@@ -184,6 +184,9 @@ pub trait Store:
 
     /// Creates or updates a resource group.
     async fn put_resource_group(&self, rg: &ResourceGroupRecord, now: i64) -> Result<()>;
+    /// The resource groups of a subscription, by name (compared case-insensitively).
+    async fn list_resource_groups(&self, subscription_id: &str)
+    -> Result<Vec<ResourceGroupRecord>>;
     /// Reads a resource group (name compared case-insensitively).
     async fn get_resource_group(
         &self,
@@ -389,6 +392,13 @@ pub trait Store:
     /// Every scope's last change number. Empty for a store one process has to itself
     /// (SQLite), where nothing changes behind the node's back.
     async fn change_marks(&self) -> Result<Vec<(String, i64)>> {
+        Ok(Vec::new())
+    }
+
+    /// The change numbers of the directory and of one vault (`vault:<name>`), those that have
+    /// one: what a node compares before serving a request when it must see every change.
+    async fn change_marks_for(&self, vault: &str) -> Result<Vec<(String, i64)>> {
+        let _ = vault;
         Ok(Vec::new())
     }
 

@@ -344,6 +344,30 @@ impl Store for SqlStore {
         Ok(())
     }
 
+    async fn list_resource_groups(
+        &self,
+        subscription_id: &str,
+    ) -> Result<Vec<ResourceGroupRecord>> {
+        let rows = sqlx::query(
+            "SELECT name, location, tags FROM resource_groups \
+             WHERE subscription_id = $1 ORDER BY name_folded",
+        )
+        .bind(subscription_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                let tags: String = r.try_get("tags")?;
+                Ok(ResourceGroupRecord {
+                    subscription_id: subscription_id.to_string(),
+                    name: r.try_get("name")?,
+                    location: r.try_get("location")?,
+                    tags: serde_json::from_str(&tags).map_err(|e| corrupt("resource_groups", e))?,
+                })
+            })
+            .collect()
+    }
+
     async fn get_resource_group(
         &self,
         subscription_id: &str,
@@ -727,6 +751,13 @@ impl Store for SqlStore {
         match self.dialect {
             Dialect::Sqlite => Ok(()),
             Dialect::Postgres => postgres::release_lease(&self.pool, name, holder).await,
+        }
+    }
+
+    async fn change_marks_for(&self, vault: &str) -> Result<Vec<(String, i64)>> {
+        match self.dialect {
+            Dialect::Sqlite => Ok(Vec::new()),
+            Dialect::Postgres => postgres::change_marks_for(&self.pool, vault).await,
         }
     }
 

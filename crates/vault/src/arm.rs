@@ -159,6 +159,23 @@ impl Platform {
         Ok(rg_json(&self.resource_group(&sub, name).await?))
     }
 
+    /// `GET /subscriptions/{sub}/resourcegroups`: the subscription's resource groups, by name
+    /// (`az group list`).
+    pub async fn list_resource_groups(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+    ) -> Result<Value, KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        let groups = self
+            .store
+            .list_resource_groups(sub.as_str())
+            .await
+            .map_err(|e| internal("list resource groups", e))?;
+        let value: Vec<Value> = groups.iter().map(rg_json).collect();
+        Ok(json!({ "value": value }))
+    }
+
     async fn resource_group(
         &self,
         sub: &SubscriptionId,

@@ -230,6 +230,8 @@ impl Platform {
             events: Default::default(),
             trusted_service_types: Default::default(),
             hsm: None,
+            applied: Default::default(),
+            strict_reads: Default::default(),
         };
         Ok((platform, created))
     }

@@ -92,8 +92,78 @@ impl Platform {
         }
     }
 
+    /// Makes every request first catch up with the changes other nodes made to the store
+    /// (`kagi server --consistency strict`): a change is then served by every node's next
+    /// request, at the price of one store query per request. Off, a change reaches the other
+    /// nodes within a notification (or the re-check interval).
+    pub fn set_strict_reads(&self, on: bool) {
+        self.strict_reads
+            .store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Before serving a request (of vault `vault`, or of the management plane when `None`):
+    /// reloads what changed in the store since memory last took it in, when
+    /// [`Self::set_strict_reads`] is on. A store failure is logged and the request served
+    /// from memory.
+    pub async fn catch_up(&self, vault: Option<&str>) {
+        if !self.strict_reads.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let marks = match vault {
+            Some(v) => self.store.change_marks_for(v).await,
+            None => self.store.change_marks().await,
+        };
+        let marks = match marks {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the change feed; serving from memory");
+                return;
+            }
+        };
+        for (scope, seq) in marks {
+            let behind = self
+                .applied
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&scope)
+                .is_none_or(|applied| *applied < seq);
+            if behind && let Err(e) = self.reload_scope(&scope).await {
+                tracing::warn!(scope, error = %e, "catching up failed; serving from memory");
+            }
+        }
+    }
+
+    /// Records that memory reflects `scope` up to change `seq` (never moving backwards).
+    fn note_applied(&self, scope: &str, seq: i64) {
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = applied.entry(scope.to_string()).or_insert(seq);
+        *entry = (*entry).max(seq);
+    }
+
+    /// The change number of `scope` now (read before a reload: what is loaded after it is at
+    /// least that new).
+    async fn current_mark(&self, scope: &str) -> Result<Option<i64>, StoreError> {
+        let vault = scope.strip_prefix(VAULT_SCOPE_PREFIX).unwrap_or("");
+        Ok(self
+            .store
+            .change_marks_for(vault)
+            .await?
+            .into_iter()
+            .find(|(s, _)| s == scope)
+            .map(|(_, seq)| seq))
+    }
+
     /// Reloads one scope of the change feed; `false` when it must be tried again.
     async fn reload_scope(&self, scope: &str) -> Result<bool, StoreError> {
+        let mark = self.current_mark(scope).await?;
+        let done = self.reload_scope_now(scope).await?;
+        if let (true, Some(seq)) = (done, mark) {
+            self.note_applied(scope, seq);
+        }
+        Ok(done)
+    }
+
+    async fn reload_scope_now(&self, scope: &str) -> Result<bool, StoreError> {
         if scope == DIRECTORY_SCOPE {
             return self.directory.reload().await;
         }

@@ -124,6 +124,11 @@ pub struct Platform {
     trusted_service_types: RwLock<Vec<String>>,
     /// The PKCS#11 token holding RSA-HSM and EC-HSM keys, when kagi runs with one.
     hsm: Option<Arc<dyn kagi_crypto::KeyProvider>>,
+    /// The change numbers of a shared store's scopes that memory reflects (`crate::follow`).
+    applied: std::sync::Mutex<HashMap<String, i64>>,
+    /// Whether every request first catches up with the store's changes
+    /// ([`Platform::set_strict_reads`]).
+    strict_reads: std::sync::atomic::AtomicBool,
 }
 
 /// The answer for a vault that a restore is writing into.

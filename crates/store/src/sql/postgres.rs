@@ -366,6 +366,18 @@ pub(super) async fn change_marks(pool: &AnyPool) -> Result<Vec<(String, i64)>> {
         .collect()
 }
 
+/// The change numbers of the directory and of vault `vault`.
+pub(super) async fn change_marks_for(pool: &AnyPool, vault: &str) -> Result<Vec<(String, i64)>> {
+    let rows = sqlx::query("SELECT scope, seq FROM kagi_changes WHERE scope = $1 OR scope = $2")
+        .bind(crate::changes::DIRECTORY_SCOPE)
+        .bind(format!("{}{vault}", crate::changes::VAULT_SCOPE_PREFIX))
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("scope")?, r.try_get("seq")?)))
+        .collect()
+}
+
 /// LISTEN on channel `kagi_changes` (its own connection, outside the pool).
 pub(super) struct Listener(sqlx::postgres::PgListener);
 
