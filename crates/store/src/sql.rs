@@ -250,6 +250,15 @@ impl SqlStore {
         Ok(())
     }
 
+    /// The statement that begins reads that must see one snapshot (SQLite's transactions do;
+    /// PostgreSQL's default gives each statement its own).
+    fn begin_snapshot(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "BEGIN",
+            Dialect::Postgres => "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        }
+    }
+
     /// Closes every connection and waits for them to end (the last one of a writable SQLite
     /// store checkpoints the WAL into the file); dropping the store closes them in the
     /// background.
@@ -453,7 +462,7 @@ impl Store for SqlStore {
     }
 
     async fn load_keys(&self, vault: &VaultName) -> Result<Vec<KeyRecord>> {
-        versioned::load(&self.pool, &KEYS, vault).await
+        versioned::load(&self.pool, self.begin_snapshot(), &KEYS, vault).await
     }
 
     async fn add_key_version(
@@ -502,7 +511,7 @@ impl Store for SqlStore {
 
     // --- secrets ---
     async fn load_secrets(&self, vault: &VaultName) -> Result<Vec<SecretRecord>> {
-        versioned::load(&self.pool, &SECRETS, vault).await
+        versioned::load(&self.pool, self.begin_snapshot(), &SECRETS, vault).await
     }
 
     async fn add_secret_version(

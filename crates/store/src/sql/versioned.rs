@@ -132,18 +132,23 @@ async fn insert_version<V: VersionRow>(
 }
 
 /// Every object of a vault with its versions, by lower-case name.
+///
+/// Both reads run in one transaction begun with `begin_snapshot` (one snapshot: on a shared
+/// store another node may add an object and its first version between two plain reads).
 pub(super) async fn load<V: VersionRow>(
     pool: &AnyPool,
+    begin_snapshot: &'static str,
     t: &Tables,
     vault: &VaultName,
 ) -> Result<Vec<ObjectRecord<V>>> {
+    let mut tx = pool.begin_with(begin_snapshot).await?;
     let objects = sqlx::query(AssertSqlSafe(format!(
         "SELECT name_folded, name, deleted_at, purge_at FROM {} WHERE vault = $1 \
          ORDER BY name_folded",
         t.objects
     )))
     .bind(vault.as_str())
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     let versions = sqlx::query(AssertSqlSafe(format!(
         "SELECT name_folded, version, seq, info, {} AS sealed FROM {} \
@@ -151,8 +156,9 @@ pub(super) async fn load<V: VersionRow>(
         t.sealed, t.versions
     )))
     .bind(vault.as_str())
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     let mut out: Vec<(String, ObjectRecord<V>)> = Vec::with_capacity(objects.len());
     for r in &objects {
         let name: String = r.try_get("name")?;
