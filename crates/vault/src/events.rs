@@ -783,7 +783,17 @@ pub async fn run_event_delivery(platform: Arc<Platform>, config: DeliveryConfig)
     let permits = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
     type Key = (DeliveryOrigin, String, String, String);
     let in_flight: Arc<std::sync::Mutex<HashSet<Key>>> = Arc::default();
+    // Attempts that ended, taken out of `in_flight` only before the next read of due
+    // deliveries: a read that began before an attempt recorded its outcome can still list the
+    // delivery, and must find it in flight rather than send it a second time.
+    let ended: Arc<std::sync::Mutex<Vec<Key>>> = Arc::default();
     loop {
+        {
+            let mut fl = in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            for key in ended.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+                fl.remove(&key);
+            }
+        }
         let now = now_ms();
         match due_deliveries(&platform, now).await {
             Ok(due) => {
@@ -804,16 +814,16 @@ pub async fn run_event_delivery(platform: Arc<Platform>, config: DeliveryConfig)
                     let Ok(permit) = permits.clone().acquire_owned().await else {
                         return;
                     };
-                    let (p, c, cfg, fl) = (
+                    let (p, c, cfg, done) = (
                         platform.clone(),
                         client.clone(),
                         config.clone(),
-                        in_flight.clone(),
+                        ended.clone(),
                     );
                     // Under the delivery job's lease fence, if it runs under one.
                     tokio::spawn(kagi_store::lease::inherit(async move {
                         attempt(&p, &c, &cfg, d).await;
-                        fl.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                        done.lock().unwrap_or_else(|p| p.into_inner()).push(key);
                         drop(permit);
                         p.events.wake.notify_one();
                     }));
