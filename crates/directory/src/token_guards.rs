@@ -11,7 +11,9 @@
 //! None of it survives a restart, by choice: lockouts and the replay cache matter for minutes,
 //! and writing them to the store would add a synchronous write to every failed sign-in (a cost
 //! an attacker chooses). After a restart an assertion can be replayed once more within its
-//! remaining lifetime, and lockouts start over.
+//! remaining lifetime, and lockouts start over. On a store several nodes share, an assertion
+//! this cache accepts is also recorded in the store (`Store::remember_assertion`: a write per
+//! accepted, validly signed assertion, not per attempt), so no other node accepts it again.
 
 use std::collections::HashMap;
 use std::hash::Hash;

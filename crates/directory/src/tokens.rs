@@ -60,6 +60,14 @@ pub struct TokenRequestError {
     pub retry_after: Option<i64>,
 }
 
+/// A client assertion this node accepted: what the store records so that no other node of a
+/// shared store accepts it again.
+struct AssertionStamp {
+    client: String,
+    key: Vec<u8>,
+    forget_at: i64,
+}
+
 fn refuse(status: u16, error: &'static str, code: u32, text: &str) -> TokenRequestError {
     TokenRequestError {
         status,
@@ -192,7 +200,7 @@ impl Directory {
                 "Users sign in with the password grant, not client credentials.",
             ));
         }
-        self.authenticate_client(tenant, &record, form)?;
+        self.authenticate_client(tenant, &record, form).await?;
         self.issue(
             &Principal {
                 tenant_id: token_tenant,
@@ -221,15 +229,34 @@ impl Directory {
     }
 
     /// Checks the credential a client presents: a client assertion when there is one, else
-    /// its client secret.
-    fn authenticate_client(
+    /// its client secret. An assertion this node accepts is then recorded in the store, which
+    /// refuses one that another node of a shared store accepted already.
+    async fn authenticate_client(
         &self,
         tenant: &str,
         record: &PrincipalRecord,
         form: &HashMap<String, String>,
     ) -> Result<(), TokenRequestError> {
         if !form_field(form, "client_assertion").is_empty() {
-            return self.check_client_assertion(tenant, record, form);
+            let stamp = self.check_client_assertion(tenant, record, form)?;
+            let fresh = self
+                .store
+                .remember_assertion(&stamp.client, &stamp.key, stamp.forget_at, self.clock.now())
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "token request: store failure");
+                    unavailable()
+                })?;
+            if !fresh {
+                return Err(refuse(
+                    401,
+                    "invalid_client",
+                    700027,
+                    "Client assertion failed signature or claims validation: its jti was used \
+                     before; a client assertion is accepted once.",
+                ));
+            }
+            return Ok(());
         }
         if record.secret_hash.is_empty()
             || !kagi_identity::secret_matches(
@@ -413,7 +440,7 @@ impl Directory {
                  'client_secret'.",
             )),
             Some(r) => {
-                self.authenticate_client(tenant, &r, form)?;
+                self.authenticate_client(tenant, &r, form).await?;
                 Ok(Some(r))
             }
         }
@@ -434,7 +461,7 @@ impl Directory {
         tenant: &str,
         record: &PrincipalRecord,
         form: &HashMap<String, String>,
-    ) -> Result<(), TokenRequestError> {
+    ) -> Result<AssertionStamp, TokenRequestError> {
         use kagi_core::b64;
         let invalid = |why: &str| {
             refuse(
@@ -546,8 +573,17 @@ impl Directory {
             kagi_crypto::DigestAlgorithm::Sha256,
             format!("{}\n{jti}", owner.object_id).as_bytes(),
         );
-        match lock(&self.guards.assertions).remember(&owner.object_id, key, exp + LEEWAY, now) {
-            Ok(()) => Ok(()),
+        match lock(&self.guards.assertions).remember(
+            &owner.object_id,
+            key.clone(),
+            exp + LEEWAY,
+            now,
+        ) {
+            Ok(()) => Ok(AssertionStamp {
+                client: owner.object_id.clone(),
+                key,
+                forget_at: exp + LEEWAY,
+            }),
             Err(ReplayRefusal::Replayed) => Err(invalid(
                 "its jti was used before; a client assertion is accepted once",
             )),

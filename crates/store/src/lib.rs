@@ -409,6 +409,18 @@ pub trait Store:
         Ok(None)
     }
 
+    /// Records a client assertion a node accepted (its client, a digest of its `jti`) until
+    /// `forget_at`; `false` when another node of a shared store recorded it already and it has
+    /// not expired (a replay). A SQLite store has one node, whose own replay cache decides:
+    /// always `true`.
+    async fn remember_assertion(
+        &self,
+        client: &str,
+        key: &[u8],
+        forget_at: i64,
+        now: i64,
+    ) -> Result<bool>;
+
     // --- leases for singleton work (`lease`) ---
     /// Takes the lease `name` for `holder` for `ttl_ms` (on the database's clock) when it is
     /// free, expired or `holder`'s already (a renewal); returns its fencing number, which

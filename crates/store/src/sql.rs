@@ -748,6 +748,21 @@ impl Store for SqlStore {
         }
     }
 
+    async fn remember_assertion(
+        &self,
+        client: &str,
+        key: &[u8],
+        forget_at: i64,
+        now: i64,
+    ) -> Result<bool> {
+        match self.dialect {
+            Dialect::Sqlite => Ok(true),
+            Dialect::Postgres => {
+                postgres::remember_assertion(&self.pool, client, key, forget_at, now).await
+            }
+        }
+    }
+
     async fn acquire_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<Option<i64>> {
         match self.dialect {
             // One process has the file: its leases are its own.

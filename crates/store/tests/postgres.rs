@@ -130,3 +130,19 @@ async fn writes_stamp_their_scope_and_notify_it() {
         .unwrap();
     assert!(mark(&s.change_marks().await.unwrap(), "directory").is_some());
 }
+
+#[tokio::test]
+async fn a_client_assertion_is_accepted_once_across_nodes_until_it_expires() {
+    let Some(s) = store().await else { return };
+    assert!(s.remember_assertion("c1", b"jti-1", 100, 10).await.unwrap());
+    assert!(!s.remember_assertion("c1", b"jti-1", 100, 20).await.unwrap());
+    // Another client's, or another jti, is its own.
+    assert!(s.remember_assertion("c2", b"jti-1", 100, 20).await.unwrap());
+    assert!(s.remember_assertion("c1", b"jti-2", 100, 20).await.unwrap());
+    // Once expired it is forgotten (and a replay then fails its own exp check upstream).
+    assert!(
+        s.remember_assertion("c1", b"jti-1", 300, 150)
+            .await
+            .unwrap()
+    );
+}

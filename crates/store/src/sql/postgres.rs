@@ -126,7 +126,16 @@ CREATE INDEX alert_deliveries_group ON alert_deliveries(action_group, state);
 "#,
     CHANGE_FEED,
     LEASES,
+    ASSERTIONS,
 ];
+
+/// Client assertions accepted by any node, until they expire (RFC 7523: accepted once).
+const ASSERTIONS: &str = r#"
+CREATE TABLE kagi_assertions (
+    client TEXT NOT NULL, jti_digest BYTEA NOT NULL, forget_at BIGINT NOT NULL,
+    PRIMARY KEY (client, jti_digest));
+CREATE INDEX kagi_assertions_forget ON kagi_assertions (forget_at);
+"#;
 
 /// Leases for singleton work (`crate::lease`), on the database's clock. A write made under a
 /// fence (the session setting `kagi.fence` = `name holder fencing`, set when the connection is
@@ -434,4 +443,33 @@ pub(super) async fn release_lease(pool: &AnyPool, name: &str, holder: &str) -> R
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Records an accepted client assertion; `false` when it is recorded and unexpired already.
+pub(super) async fn remember_assertion(
+    pool: &AnyPool,
+    client: &str,
+    key: &[u8],
+    forget_at: i64,
+    now: i64,
+) -> Result<bool> {
+    let mut tx = pool.begin().await?;
+    // Expired ones go first (a handful per accepted assertion, on an index).
+    sqlx::query("DELETE FROM kagi_assertions WHERE forget_at <= $1")
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    let fresh = sqlx::query(
+        "INSERT INTO kagi_assertions (client, jti_digest, forget_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (client, jti_digest) DO NOTHING",
+    )
+    .bind(client)
+    .bind(key)
+    .bind(forget_at)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    tx.commit().await?;
+    Ok(fresh)
 }
