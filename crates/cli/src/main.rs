@@ -91,7 +91,7 @@ enum Command {
         /// Where the store lives: `sqlite` (default: `<data-dir>/kagi.db`) or a PostgreSQL URL
         /// `postgres://user:password@host:port/database`, which several nodes may share
         /// (docs/SEVERAL_NODES.md). The data directory still holds the root key.
-        #[arg(long, env = "KAGI_STORE")]
+        #[arg(long, env = "KAGI_STORE", hide_env_values = true)]
         store: Option<String>,
         /// On a shared store: `bounded` (default) serves a change other nodes made once its
         /// notification arrives (milliseconds; at worst the re-check interval); `strict`

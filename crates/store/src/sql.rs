@@ -83,8 +83,29 @@ impl std::fmt::Debug for StoreLocation {
     }
 }
 
-/// `scheme://user:password@host/…` → `scheme://user:***@host/…`.
+/// `scheme://user:password@host/…?password=…` → `scheme://user:***@host/…?password=***`.
 fn redact_password(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = redact_userinfo(base);
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+/// The user-info part of `redact_password`.
+fn redact_userinfo(url: &str) -> String {
     let Some(start) = url.find("://").map(|i| i + 3) else {
         return url.to_string();
     };
@@ -110,6 +131,8 @@ pub struct SqlStore {
     dialect: Dialect,
     /// PostgreSQL's URL when this node may LISTEN for changes (a writable primary).
     listen_url: Option<String>,
+    /// Opened read-only (`--read-only`, a hot standby): nothing is written.
+    read_only: bool,
 }
 
 fn corrupt(table: &'static str, detail: impl ToString) -> StoreError {
@@ -142,6 +165,7 @@ impl SqlStore {
             pool: sqlite::open(path).await?,
             dialect: Dialect::Sqlite,
             listen_url: None,
+            read_only: false,
         })
     }
 
@@ -158,6 +182,7 @@ impl SqlStore {
             pool: sqlite::open_read_only(path).await?,
             dialect: Dialect::Sqlite,
             listen_url: None,
+            read_only: true,
         })
     }
 
@@ -169,6 +194,7 @@ impl SqlStore {
             pool: postgres::open(url).await?,
             dialect: Dialect::Postgres,
             listen_url: Some(url.to_string()),
+            read_only: false,
         })
     }
 
@@ -180,6 +206,7 @@ impl SqlStore {
             dialect: Dialect::Postgres,
             // A hot standby refuses LISTEN: it re-checks instead.
             listen_url: None,
+            read_only: true,
         })
     }
 
@@ -756,10 +783,11 @@ impl Store for SqlStore {
         now: i64,
     ) -> Result<bool> {
         match self.dialect {
-            Dialect::Sqlite => Ok(true),
-            Dialect::Postgres => {
+            // A read-only node (a standby) writes nothing: its own replay cache decides.
+            Dialect::Postgres if !self.read_only => {
                 postgres::remember_assertion(&self.pool, client, key, forget_at, now).await
             }
+            _ => Ok(true),
         }
     }
 
@@ -808,6 +836,8 @@ mod tests {
             StoreLocation::parse(Some("postgres://kagi:s3cret@db:5432/kagi?x=1"), dir).unwrap();
         assert_eq!(pg.redacted(), "postgres://kagi:***@db:5432/kagi?x=1");
         assert!(!format!("{pg:?}").contains("s3cret"));
+        let q = StoreLocation::parse(Some("postgres://h/db?user=k&password=s3cret"), dir).unwrap();
+        assert_eq!(q.redacted(), "postgres://h/db?user=k&password=***");
         let e = StoreLocation::parse(Some("mysql://u:pw@h/db"), dir).unwrap_err();
         assert!(e.contains("postgres://") && !e.contains("pw@"), "{e}");
         assert_eq!(

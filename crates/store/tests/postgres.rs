@@ -11,9 +11,14 @@ use kagi_store::lease::{Fence, fenced};
 use kagi_store::{SqlStore, Store, StoreError};
 
 async fn store() -> Option<SqlStore> {
+    Some(store_at().await?.0)
+}
+
+/// A store on a scratch database, and the database's URL.
+async fn store_at() -> Option<(SqlStore, String)> {
     let server = kagi_store::contract::postgres::server_url()?;
     let url = kagi_store::contract::postgres::scratch_database(&server).await;
-    Some(SqlStore::open_postgres(&url).await.expect("open"))
+    Some((SqlStore::open_postgres(&url).await.expect("open"), url))
 }
 
 #[tokio::test]
@@ -46,7 +51,9 @@ async fn a_lease_has_one_holder_until_it_expires_and_then_changes_hands() {
 
 #[tokio::test]
 async fn a_fenced_write_fails_once_the_lease_changed_hands_and_changes_nothing() {
-    let Some(s) = store().await else { return };
+    let Some((s, url)) = store_at().await else {
+        return;
+    };
     let v = vault("fenced");
     s.put_vault(&v).await.unwrap();
     let name = ObjectName::parse("k").unwrap();
@@ -71,6 +78,7 @@ async fn a_fenced_write_fails_once_the_lease_changed_hands_and_changes_nothing()
         .unwrap();
     assert_eq!(b, fencing + 1);
     // The old holder (paused past its lease) cannot write over the new one's work.
+    let a_again = a.clone();
     let e = fenced(a, s.add_key_version(&v.name, &name, &version(2, 2)))
         .await
         .unwrap_err();
@@ -83,6 +91,18 @@ async fn a_fenced_write_fails_once_the_lease_changed_hands_and_changes_nothing()
         keys[0].versions.len(),
         1,
         "the refused write changed nothing"
+    );
+    // Also as the first statement on a connection of its own (a node coming back).
+    let fresh = SqlStore::open_postgres(&url).await.unwrap();
+    let e = fenced(
+        a_again,
+        fresh.add_key_version(&v.name, &name, &version(5, 2)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::Database(m) if m.contains("no longer held")),
+        "{e:?}"
     );
     // The new holder, and unfenced writes, go through.
     let fence_b = Fence {

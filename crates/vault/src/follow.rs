@@ -38,7 +38,7 @@ impl Platform {
         pending.insert(DIRECTORY_SCOPE.to_string());
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Option<String>>(1024);
         tokio::spawn(watch(self.clone(), tx));
-        let mut ticker = tokio::time::interval(recheck);
+        let mut ticker = tokio::time::interval(recheck.max(Duration::from_millis(10)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let mut recheck_now = false;
@@ -172,7 +172,7 @@ impl Platform {
             let Ok(name) = VaultName::parse(name) else {
                 return Ok(true);
             };
-            return self.reload_vault(&name).await.map(|()| true);
+            return self.reload_vault(&name).await;
         }
         // Scopes this node keeps nothing of in memory.
         Ok(true)
@@ -180,7 +180,8 @@ impl Platform {
 
     /// Makes the in-memory vault `name` the store's: reloaded in place (under its write lock),
     /// added when another node created it, removed when another node purged it.
-    pub(crate) async fn reload_vault(&self, name: &VaultName) -> Result<(), StoreError> {
+    /// `false` when it must be tried again.
+    pub(crate) async fn reload_vault(&self, name: &VaultName) -> Result<bool, StoreError> {
         let existing = self.vault_state(name);
         let _write = match &existing {
             Some(state) => Some(state.write.lock().await),
@@ -196,7 +197,7 @@ impl Platform {
             if existing.is_some() {
                 self.vaults_write().remove(name);
             }
-            return Ok(());
+            return Ok(true);
         };
         let keys = self.store.load_keys(name).await?;
         let secrets = self.store.load_secrets(name).await?;
@@ -205,14 +206,16 @@ impl Platform {
             None => {
                 // A create in progress on this node puts the vault in the map itself.
                 let creating = self.vault_creates.lock().unwrap_or_else(|p| p.into_inner());
-                if !creating.contains(name) {
-                    self.vaults_write().entry(name.clone()).or_insert_with(|| {
-                        Arc::new(VaultState::new(record, keys).with_secrets(secrets))
-                    });
+                if creating.contains(name) {
+                    // Its create here will fail (the name is taken): look again after it.
+                    return Ok(false);
                 }
+                self.vaults_write().entry(name.clone()).or_insert_with(|| {
+                    Arc::new(VaultState::new(record, keys).with_secrets(secrets))
+                });
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -245,6 +248,16 @@ async fn watch(platform: Arc<Platform>, tx: tokio::sync::mpsc::Sender<Option<Str
 }
 
 impl VaultState {
+    /// Whether the vault, or any of its keys or secrets, is due to be purged at `now`.
+    pub(crate) fn has_purge_due(&self, now: i64) -> bool {
+        let due = |t: Option<i64>| t.is_some_and(|t| t <= now);
+        due(self.record().purge_at)
+            || self.keys().values().any(|e| due(e.purge_at))
+            || crate::state::read(&self.secrets)
+                .values()
+                .any(|e| due(e.purge_at))
+    }
+
     /// Replaces the record, keys and secrets with the store's, keeping each key version whose
     /// stored form did not change (and with it the private key it already opened).
     pub(crate) fn replace_contents(

@@ -213,7 +213,28 @@ impl Platform {
     pub async fn purge_expired(&self) -> Result<usize, KvError> {
         let now = self.clock.now();
         let mut purged = 0;
-        let vaults: Vec<Arc<VaultState>> = self.all_vaults();
+        // On a store other nodes share, memory may not have seen a recover made elsewhere yet:
+        // a vault with anything due is read again from the store before it is swept.
+        let shared = !self
+            .store
+            .change_marks()
+            .await
+            .map_err(|e| internal("read the change feed", e))?
+            .is_empty();
+        let mut vaults: Vec<Arc<VaultState>> = self.all_vaults();
+        if shared {
+            let mut fresh = Vec::with_capacity(vaults.len());
+            for v in vaults {
+                let name = v.record().name;
+                if v.has_purge_due(now) {
+                    self.reload_vault(&name)
+                        .await
+                        .map_err(|e| internal("reload vault", e))?;
+                }
+                fresh.extend(self.vault_state(&name));
+            }
+            vaults = fresh;
+        }
         for v in vaults {
             let record = v.record();
             if record.purge_at.is_some_and(|t| t <= now) {

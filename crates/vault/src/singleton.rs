@@ -76,8 +76,10 @@ impl Platform {
         mut make: F,
     ) where
         F: FnMut() -> Fut,
-        Fut: Future<Output = ()>,
+        Fut: Future<Output = ()> + Send + 'static,
     {
+        // A lease shorter than this would have the loop hammer the store.
+        let lease = lease.max(Duration::from_millis(300));
         let holder = node_id();
         let ttl_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         let renew_every = lease / 3;
@@ -101,18 +103,21 @@ impl Platform {
                 fencing,
                 "took the lease: running here"
             );
+            set_held(name, true);
             let fence = Fence {
                 name: name.to_string(),
                 holder: holder.to_string(),
                 fencing,
             };
-            let job = fenced(fence, make());
-            tokio::pin!(job);
+            // A task of its own: the renewals below must not wait on it (a job in the middle of
+            // a fenced transaction holds the lease row's share lock, which a renewal's update
+            // waits for — polled from this task, neither would ever move).
+            let mut job = tokio::spawn(fenced(fence, make()));
             // Until this instant the lease is surely ours (measured from before asking).
             let mut held_until = taken_at + lease;
             let lost = loop {
                 tokio::select! {
-                    () = &mut job => break false,
+                    _ = &mut job => break false,
                     () = tokio::time::sleep(renew_every) => {}
                 }
                 let asked_at = tokio::time::Instant::now();
@@ -128,6 +133,8 @@ impl Platform {
                     }
                 }
             };
+            job.abort();
+            set_held(name, false);
             if lost {
                 tracing::warn!(
                     lease = name,

@@ -127,7 +127,31 @@ CREATE INDEX alert_deliveries_group ON alert_deliveries(action_group, state);
     CHANGE_FEED,
     LEASES,
     ASSERTIONS,
+    CHANGE_FEED_2,
 ];
+
+/// The change feed, second form: a scope's number is drawn once its row is locked (two writers
+/// of one scope then commit increasing numbers, which `--consistency strict` relies on), and
+/// subscriptions (kept in every node's directory) are stamped too.
+const CHANGE_FEED_2: &str = r#"
+CREATE OR REPLACE FUNCTION kagi_note_change() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    changed TEXT := TG_ARGV[0];
+BEGIN
+    IF TG_NARGS > 1 THEN
+        changed := changed || ':' || (to_jsonb(CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END)
+            ->> TG_ARGV[1]);
+    END IF;
+    INSERT INTO kagi_changes (scope, seq) VALUES (changed, 0)
+        ON CONFLICT ON CONSTRAINT kagi_changes_pkey DO NOTHING;
+    UPDATE kagi_changes SET seq = nextval('kagi_change_seq') WHERE kagi_changes.scope = changed;
+    PERFORM pg_notify('kagi_changes', changed);
+    RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER subscriptions_changed AFTER INSERT OR UPDATE OR DELETE ON subscriptions
+    FOR EACH ROW EXECUTE FUNCTION kagi_note_change('directory');
+"#;
 
 /// Client assertions accepted by any node, until they expire (RFC 7523: accepted once).
 const ASSERTIONS: &str = r#"
@@ -276,28 +300,41 @@ async fn pool(url: &str, settings: &'static str) -> Result<AnyPool> {
     })?)?;
     Ok(AnyPoolOptions::new()
         .max_connections(16)
+        // Both run in the task taking the connection — `after_connect` for a new one,
+        // `before_acquire` for one reused from the pool — so either way that task's fence (or
+        // none) becomes the session's, which the fence trigger checks.
         .after_connect(move |conn, _| {
+            let fence = current_fence();
             Box::pin(async move {
-                sqlx::raw_sql(settings).execute(conn).await?;
+                sqlx::raw_sql(settings).execute(&mut *conn).await?;
+                set_fence(conn, fence).await?;
                 Ok(())
             })
         })
-        // Runs in the task taking the connection: its fence (or none) becomes the session's,
-        // which the fence trigger checks.
         .before_acquire(|conn, _| {
-            let fence = crate::lease::current()
-                .map(|f| f.setting())
-                .unwrap_or_default();
+            let fence = current_fence();
             Box::pin(async move {
-                sqlx::query("SELECT set_config('kagi.fence', $1, false)")
-                    .bind(fence)
-                    .execute(conn)
-                    .await?;
+                set_fence(conn, fence).await?;
                 Ok(true)
             })
         })
         .connect_with(options)
         .await?)
+}
+
+/// The running task's fence as the session setting's value (empty: none).
+fn current_fence() -> String {
+    crate::lease::current()
+        .map(|f| f.setting())
+        .unwrap_or_default()
+}
+
+async fn set_fence(conn: &mut sqlx::AnyConnection, fence: String) -> sqlx::Result<()> {
+    sqlx::query("SELECT set_config('kagi.fence', $1, false)")
+        .bind(fence)
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// The schema version of the database (0 when kagi never ran on it).

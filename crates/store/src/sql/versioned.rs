@@ -159,11 +159,16 @@ pub(super) async fn load<V: VersionRow>(
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
+    // Matched by name, not by position: the database sorts in its own collation, which need
+    // not be Rust's byte order (PostgreSQL's en_US ignores hyphens).
     let mut out: Vec<(String, ObjectRecord<V>)> = Vec::with_capacity(objects.len());
+    let mut index = std::collections::HashMap::with_capacity(objects.len());
     for r in &objects {
         let name: String = r.try_get("name")?;
+        let folded: String = r.try_get("name_folded")?;
+        index.insert(folded.clone(), out.len());
         out.push((
-            r.try_get("name_folded")?,
+            folded,
             ObjectRecord {
                 name: ObjectName::parse(&name).map_err(|e| corrupt(t.objects, e))?,
                 deleted_at: r.try_get("deleted_at")?,
@@ -183,9 +188,9 @@ pub(super) async fn load<V: VersionRow>(
             r.try_get("sealed")?,
         )
         .map_err(|e| corrupt(t.versions, e))?;
-        let idx = out
-            .binary_search_by(|(f, _)| f.as_str().cmp(folded.as_str()))
-            .map_err(|_| corrupt(t.versions, format!("version without {}", t.noun)))?;
+        let idx = *index
+            .get(&folded)
+            .ok_or_else(|| corrupt(t.versions, format!("version without {}", t.noun)))?;
         out[idx].1.versions.push(record);
     }
     Ok(out.into_iter().map(|(_, o)| o).collect())
