@@ -65,6 +65,7 @@ macro_rules! store_contract {
             principals_round_trip_and_a_duplicate_client_id_conflicts,
             vaults_are_upserted_and_listed_by_name,
             inserting_a_vault_conflicts_when_the_name_exists,
+            replacing_a_vault_needs_the_record_it_replaces,
             purging_a_vault_removes_everything_in_it,
             key_versions_are_added_in_order_and_a_duplicate_conflicts,
             key_versions_are_updated_deleted_and_recovered_case_insensitively,
@@ -401,6 +402,29 @@ pub async fn inserting_a_vault_conflicts_when_the_name_exists(s: &dyn Store) {
         Err(StoreError::Conflict(_))
     ));
     assert_eq!(s.list_vaults().await.unwrap(), vec![a]);
+}
+
+/// `replace_vault` replaces a record only while the stored one is the expected one: after
+/// another writer changed it, the replacement is a `Conflict` and changes nothing.
+pub async fn replacing_a_vault_needs_the_record_it_replaces(s: &dyn Store) {
+    let a = vault("vault-a");
+    s.insert_vault(&a).await.unwrap();
+    let mut b = a.clone();
+    b.updated = 7;
+    b.location = "northeurope".into();
+    s.replace_vault(&b, &a).await.unwrap();
+    // A writer that still holds `a` (read before `b` was written) is refused.
+    let mut stale = a.clone();
+    stale.updated = 8;
+    let e = s.replace_vault(&stale, &a).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
+    assert_eq!(s.list_vaults().await.unwrap(), vec![b.clone()]);
+    // A vault that is gone cannot be replaced either.
+    let e = s
+        .replace_vault(&vault("vault-z"), &vault("vault-z"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e:?}");
 }
 
 /// `purge_vault` removes the vault with its keys, secrets, rotation policies, event marks,

@@ -204,6 +204,10 @@ pub trait Store:
     /// Creates a vault record; `Conflict` (and nothing changed) when the name exists, live or
     /// deleted — on a shared store, two nodes creating one name cannot both succeed.
     async fn insert_vault(&self, v: &VaultRecord) -> Result<()>;
+    /// Replaces a vault record that is still `expected`; `Conflict` (and nothing changed) when
+    /// the stored record is another — on a shared store, another node changed the vault since
+    /// this node read it, and the change must not be overwritten.
+    async fn replace_vault(&self, v: &VaultRecord, expected: &VaultRecord) -> Result<()>;
     /// Every vault, live and deleted.
     async fn list_vaults(&self) -> Result<Vec<VaultRecord>>;
     /// Removes a vault and everything in it.

@@ -146,6 +146,68 @@ fn tags_json(tags: &Tags) -> String {
     serde_json::to_string(tags).unwrap_or_else(|_| "{}".into())
 }
 
+/// Writes a vault record: replacing one of the same name when `replace`, else only a new
+/// name (`Conflict` otherwise: two nodes creating one name cannot both succeed).
+async fn write_vault_in<'e, E>(e: E, v: &VaultRecord, replace: bool) -> Result<()>
+where
+    E: sqlx::Executor<'e, Database = Any>,
+{
+    let props = serde_json::to_string(&v.properties).map_err(|e| corrupt("vaults", e))?;
+    let on_conflict = if replace {
+        " ON CONFLICT (name) DO UPDATE SET subscription_id = excluded.subscription_id, \
+         resource_group = excluded.resource_group, location = excluded.location, \
+         tags = excluded.tags, properties = excluded.properties, updated = excluded.updated, \
+         deleted_at = excluded.deleted_at, purge_at = excluded.purge_at"
+    } else {
+        ""
+    };
+    // The SQL is made of the two constant forms above, never of input.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO vaults (name, subscription_id, resource_group, location, tags, properties, \
+         created, updated, deleted_at, purge_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10){on_conflict}"
+    )))
+    .bind(v.name.as_str())
+    .bind(&v.subscription_id)
+    .bind(&v.resource_group)
+    .bind(&v.location)
+    .bind(tags_json(&v.tags))
+    .bind(props)
+    .bind(v.created)
+    .bind(v.updated)
+    .bind(v.deleted_at)
+    .bind(v.purge_at)
+    .execute(e)
+    .await
+    .map_err(|err| {
+        if is_unique_violation(&err) {
+            StoreError::Conflict(format!("vault {} exists", v.name))
+        } else {
+            err.into()
+        }
+    })?;
+    Ok(())
+}
+
+/// A vault row.
+fn vault_row(r: &sqlx::any::AnyRow) -> Result<VaultRecord> {
+    let name: String = r.try_get("name")?;
+    let tags: String = r.try_get("tags")?;
+    let props: String = r.try_get("properties")?;
+    Ok(VaultRecord {
+        name: VaultName::parse(&name).map_err(|e| corrupt("vaults", e))?,
+        subscription_id: r.try_get("subscription_id")?,
+        resource_group: r.try_get("resource_group")?,
+        location: r.try_get("location")?,
+        tags: serde_json::from_str(&tags).map_err(|e| corrupt("vaults", e))?,
+        properties: serde_json::from_str(&props).map_err(|e| corrupt("vaults", e))?,
+        created: r.try_get("created")?,
+        updated: r.try_get("updated")?,
+        deleted_at: r.try_get("deleted_at")?,
+        purge_at: r.try_get("purge_at")?,
+    })
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
@@ -237,44 +299,9 @@ impl SqlStore {
         Ok(self.pool.begin_with(begin).await?)
     }
 
-    /// Writes a vault record: replacing one of the same name when `replace`, else only a new
-    /// name (`Conflict` otherwise: two nodes creating one name cannot both succeed).
+    /// Writes a vault record (see [`write_vault_in`]).
     async fn write_vault(&self, v: &VaultRecord, replace: bool) -> Result<()> {
-        let props = serde_json::to_string(&v.properties).map_err(|e| corrupt("vaults", e))?;
-        let on_conflict = if replace {
-            " ON CONFLICT (name) DO UPDATE SET subscription_id = excluded.subscription_id, \
-             resource_group = excluded.resource_group, location = excluded.location, \
-             tags = excluded.tags, properties = excluded.properties, updated = excluded.updated, \
-             deleted_at = excluded.deleted_at, purge_at = excluded.purge_at"
-        } else {
-            ""
-        };
-        // The SQL is made of the two constant forms above, never of input.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO vaults (name, subscription_id, resource_group, location, tags, properties, \
-             created, updated, deleted_at, purge_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10){on_conflict}"
-        )))
-        .bind(v.name.as_str())
-        .bind(&v.subscription_id)
-        .bind(&v.resource_group)
-        .bind(&v.location)
-        .bind(tags_json(&v.tags))
-        .bind(props)
-        .bind(v.created)
-        .bind(v.updated)
-        .bind(v.deleted_at)
-        .bind(v.purge_at)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict(format!("vault {} exists", v.name))
-            } else {
-                e.into()
-            }
-        })?;
-        Ok(())
+        write_vault_in(&self.pool, v, replace).await
     }
 
     /// The statement that begins reads that must see one snapshot (SQLite's transactions do;
@@ -449,25 +476,39 @@ impl Store for SqlStore {
         let rows = sqlx::query("SELECT * FROM vaults ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                let name: String = r.try_get("name")?;
-                let tags: String = r.try_get("tags")?;
-                let props: String = r.try_get("properties")?;
-                Ok(VaultRecord {
-                    name: VaultName::parse(&name).map_err(|e| corrupt("vaults", e))?,
-                    subscription_id: r.try_get("subscription_id")?,
-                    resource_group: r.try_get("resource_group")?,
-                    location: r.try_get("location")?,
-                    tags: serde_json::from_str(&tags).map_err(|e| corrupt("vaults", e))?,
-                    properties: serde_json::from_str(&props).map_err(|e| corrupt("vaults", e))?,
-                    created: r.try_get("created")?,
-                    updated: r.try_get("updated")?,
-                    deleted_at: r.try_get("deleted_at")?,
-                    purge_at: r.try_get("purge_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(vault_row).collect()
+    }
+
+    async fn replace_vault(&self, v: &VaultRecord, expected: &VaultRecord) -> Result<()> {
+        // Serialisation failures of two racing replacements are the same conflict.
+        let conflict = |e: sqlx::Error| match &e {
+            sqlx::Error::Database(d) if d.code().as_deref() == Some("40001") => {
+                StoreError::Conflict(format!("vault {} changed meanwhile", v.name))
+            }
+            _ => e.into(),
+        };
+        let mut tx = self.begin_write().await?;
+        let row = sqlx::query("SELECT * FROM vaults WHERE name = $1")
+            .bind(v.name.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(conflict)?;
+        if row.as_ref().map(vault_row).transpose()?.as_ref() != Some(expected) {
+            return Err(StoreError::Conflict(format!(
+                "vault {} changed meanwhile",
+                v.name
+            )));
+        }
+        write_vault_in(&mut *tx, v, true)
+            .await
+            .map_err(|e| match e {
+                StoreError::Database(m) if m.contains("could not serialize") => {
+                    StoreError::Conflict(format!("vault {} changed meanwhile", v.name))
+                }
+                e => e,
+            })?;
+        tx.commit().await.map_err(conflict)?;
+        Ok(())
     }
 
     async fn purge_vault(&self, name: &VaultName) -> Result<()> {

@@ -281,10 +281,8 @@ impl Platform {
                 record.deleted_at = None;
                 record.purge_at = None;
                 record.updated = now;
-                self.store
-                    .put_vault(&record)
-                    .await
-                    .map_err(|e| internal("recover vault", e))?;
+                self.replace_vault(&record, &current, "recover vault")
+                    .await?;
                 state.set_record(record.clone());
                 tracing::info!(vault = %name, "vault recovered");
                 return Ok((201, self.vault_json(&record)));
@@ -321,10 +319,8 @@ impl Platform {
                 record.tags = tags;
             }
             record.updated = now;
-            self.store
-                .put_vault(&record)
-                .await
-                .map_err(|e| internal("update vault", e))?;
+            self.replace_vault(&record, &current, "update vault")
+                .await?;
             state.set_record(record.clone());
             tracing::info!(vault = %name, "vault updated");
             return Ok((200, self.vault_json(&record)));
@@ -437,10 +433,8 @@ impl Platform {
                 ..Default::default()
             })?;
         record.updated = self.clock.now();
-        self.store
-            .put_vault(&record)
-            .await
-            .map_err(|e| internal("update access policies", e))?;
+        self.replace_vault(&record, &current, "update access policies")
+            .await?;
         state.set_record(record.clone());
         tracing::info!(vault = %record.name, operation, "vault access policies changed");
         Ok(json!({
@@ -450,6 +444,39 @@ impl Platform {
             "location": record.location,
             "properties": {"accessPolicies": record.properties.access_policies},
         }))
+    }
+
+    /// Writes `record` over `current`, the record this change was computed from: when another
+    /// node of a shared store changed the vault meanwhile, nothing is written, memory is read
+    /// again from the store, and the client gets 409 to retry against what is there now.
+    async fn replace_vault(
+        &self,
+        record: &VaultRecord,
+        current: &VaultRecord,
+        what: &str,
+    ) -> Result<(), KvError> {
+        match self.store.replace_vault(record, current).await {
+            Ok(()) => Ok(()),
+            Err(kagi_store::StoreError::Conflict(_)) => {
+                // The caller holds the vault's write lock: refresh its record only.
+                if let Ok(stored) = self.store.list_vaults().await
+                    && let Some(state) = self.vault_state(&record.name)
+                {
+                    match stored.into_iter().find(|v| v.name == record.name) {
+                        Some(fresh) => state.set_record(fresh),
+                        None => {
+                            self.vaults_write().remove(&record.name);
+                        }
+                    }
+                }
+                Err(KvError::conflict(format!(
+                    "The vault '{}' was changed by another request meanwhile; read it again and \
+                     retry.",
+                    record.name
+                )))
+            }
+            Err(e) => Err(internal(what, e)),
+        }
     }
 
     /// Reserves `name` for a vault being created, or answers that it is taken. The
@@ -559,6 +586,7 @@ impl Platform {
             return Err(crate::restore_in_progress(&record.name));
         }
         let mut record = state.record();
+        let current = record.clone();
         if record.deleted_at.is_some() {
             return Ok(204);
         }
@@ -568,10 +596,8 @@ impl Platform {
         record.purge_at =
             Some(now + i64::from(record.properties.soft_delete_retention_in_days) * DAY);
         record.updated = now;
-        self.store
-            .put_vault(&record)
-            .await
-            .map_err(|e| internal("delete vault", e))?;
+        self.replace_vault(&record, &current, "delete vault")
+            .await?;
         state.set_record(record.clone());
         tracing::info!(vault = %record.name, "vault soft-deleted");
         Ok(200)
