@@ -183,10 +183,21 @@ where
         if is_unique_violation(&err) {
             StoreError::Conflict(format!("vault {} exists", v.name))
         } else {
-            err.into()
+            changed_meanwhile(err, &v.name)
         }
     })?;
     Ok(())
+}
+
+/// A serialisation failure (PostgreSQL's 40001: a concurrent transaction changed what this one
+/// read) is a conflict over vault `name`; anything else a database error.
+fn changed_meanwhile(e: sqlx::Error, name: &VaultName) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("40001") => {
+            StoreError::Conflict(format!("vault {name} changed meanwhile"))
+        }
+        _ => e.into(),
+    }
 }
 
 /// A vault row.
@@ -480,34 +491,22 @@ impl Store for SqlStore {
     }
 
     async fn replace_vault(&self, v: &VaultRecord, expected: &VaultRecord) -> Result<()> {
-        // Serialisation failures of two racing replacements are the same conflict.
-        let conflict = |e: sqlx::Error| match &e {
-            sqlx::Error::Database(d) if d.code().as_deref() == Some("40001") => {
-                StoreError::Conflict(format!("vault {} changed meanwhile", v.name))
-            }
-            _ => e.into(),
-        };
         let mut tx = self.begin_write().await?;
         let row = sqlx::query("SELECT * FROM vaults WHERE name = $1")
             .bind(v.name.as_str())
             .fetch_optional(&mut *tx)
             .await
-            .map_err(conflict)?;
+            .map_err(|e| changed_meanwhile(e, &v.name))?;
         if row.as_ref().map(vault_row).transpose()?.as_ref() != Some(expected) {
             return Err(StoreError::Conflict(format!(
                 "vault {} changed meanwhile",
                 v.name
             )));
         }
-        write_vault_in(&mut *tx, v, true)
+        write_vault_in(&mut *tx, v, true).await?;
+        tx.commit()
             .await
-            .map_err(|e| match e {
-                StoreError::Database(m) if m.contains("could not serialize") => {
-                    StoreError::Conflict(format!("vault {} changed meanwhile", v.name))
-                }
-                e => e,
-            })?;
-        tx.commit().await.map_err(conflict)?;
+            .map_err(|e| changed_meanwhile(e, &v.name))?;
         Ok(())
     }
 

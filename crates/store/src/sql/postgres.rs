@@ -5,130 +5,82 @@
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, ConnectOptions, Row};
 
-use super::{corrupt, install_drivers};
+use super::{corrupt, install_drivers, sqlite};
 use crate::Result;
 
+/// One version of the PostgreSQL schema.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// A step of SQLite's list, translated ([`from_sqlite`]): one schema, two engines.
+    Sqlite(&'static str),
+    /// PostgreSQL's own.
+    Postgres(&'static str),
+}
+
 /// Schema versions, applied in order; `kagi_schema.version` records how far a database has
-/// come. A change to the schema adds an entry here and one to the SQLite list.
-pub(super) const MIGRATIONS: &[&str] = &[
-    r#"
-CREATE TABLE meta (k TEXT PRIMARY KEY, v BYTEA NOT NULL);
-CREATE TABLE subscriptions (
-    id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, created BIGINT NOT NULL);
-CREATE TABLE resource_groups (
-    subscription_id TEXT NOT NULL, name_folded TEXT NOT NULL, name TEXT NOT NULL,
-    location TEXT NOT NULL, tags TEXT NOT NULL, created BIGINT NOT NULL,
-    PRIMARY KEY (subscription_id, name_folded));
-CREATE TABLE principals (
-    object_id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, client_id TEXT NOT NULL UNIQUE,
-    display_name TEXT NOT NULL, secret_hash BYTEA NOT NULL, kind TEXT NOT NULL,
-    created BIGINT NOT NULL, resource_id TEXT, deleted BIGINT NOT NULL DEFAULT 0);
-CREATE TABLE vaults (
-    name TEXT PRIMARY KEY, subscription_id TEXT NOT NULL, resource_group TEXT NOT NULL,
-    location TEXT NOT NULL, tags TEXT NOT NULL, properties TEXT NOT NULL,
-    created BIGINT NOT NULL, updated BIGINT NOT NULL,
-    deleted_at BIGINT, purge_at BIGINT);
-CREATE TABLE keys (
-    vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
-    name_folded TEXT NOT NULL, name TEXT NOT NULL, deleted_at BIGINT, purge_at BIGINT,
-    PRIMARY KEY (vault, name_folded));
-CREATE TABLE key_versions (
-    vault TEXT NOT NULL, name_folded TEXT NOT NULL, version TEXT NOT NULL, seq BIGINT NOT NULL,
-    info TEXT NOT NULL, sealed_private BYTEA NOT NULL,
-    PRIMARY KEY (vault, name_folded, version),
-    FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
-CREATE TABLE secrets (
-    vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
-    name_folded TEXT NOT NULL, name TEXT NOT NULL, deleted_at BIGINT, purge_at BIGINT,
-    PRIMARY KEY (vault, name_folded));
-CREATE TABLE secret_versions (
-    vault TEXT NOT NULL, name_folded TEXT NOT NULL, version TEXT NOT NULL, seq BIGINT NOT NULL,
-    info TEXT NOT NULL, sealed_value BYTEA NOT NULL,
-    PRIMARY KEY (vault, name_folded, version),
-    FOREIGN KEY (vault, name_folded) REFERENCES secrets(vault, name_folded) ON DELETE CASCADE);
-CREATE INDEX principals_resource ON principals(resource_id);
-CREATE TABLE resources (
-    id TEXT PRIMARY KEY, type TEXT NOT NULL, subscription_id TEXT NOT NULL,
-    resource_group TEXT NOT NULL, name TEXT NOT NULL, location TEXT NOT NULL,
-    body TEXT NOT NULL, created BIGINT NOT NULL, updated BIGINT NOT NULL);
-CREATE TABLE role_definitions (
-    id TEXT PRIMARY KEY, scope TEXT NOT NULL, body TEXT NOT NULL);
-CREATE TABLE role_assignments (
-    id TEXT PRIMARY KEY, scope TEXT NOT NULL, principal_id TEXT NOT NULL,
-    role_definition_id TEXT NOT NULL, created BIGINT NOT NULL);
-CREATE TABLE principal_certificates (
-    thumbprint TEXT PRIMARY KEY, sha1 TEXT NOT NULL, object_id TEXT NOT NULL, spki BYTEA NOT NULL,
-    created BIGINT NOT NULL);
-CREATE TABLE locks (
-    id TEXT PRIMARY KEY, scope TEXT NOT NULL, name TEXT NOT NULL, level TEXT NOT NULL,
-    notes TEXT NOT NULL);
-CREATE TABLE key_rotation_policies (
-    vault TEXT NOT NULL, name_folded TEXT NOT NULL, policy TEXT NOT NULL,
-    PRIMARY KEY (vault, name_folded),
-    FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
-CREATE TABLE key_event_marks (
-    vault TEXT NOT NULL, name_folded TEXT NOT NULL, mark TEXT NOT NULL, kind TEXT NOT NULL,
-    created BIGINT NOT NULL,
-    PRIMARY KEY (vault, name_folded, mark, kind),
-    FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
-CREATE TABLE secret_event_marks (
-    vault TEXT NOT NULL, name_folded TEXT NOT NULL, mark TEXT NOT NULL, kind TEXT NOT NULL,
-    created BIGINT NOT NULL,
-    PRIMARY KEY (vault, name_folded, mark, kind),
-    FOREIGN KEY (vault, name_folded) REFERENCES secrets(vault, name_folded) ON DELETE CASCADE);
-CREATE TABLE event_subscriptions (
-    vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
-    name_folded TEXT NOT NULL, name TEXT NOT NULL, endpoint_url TEXT NOT NULL,
-    included_types TEXT NOT NULL, max_attempts BIGINT,
-    created BIGINT NOT NULL, updated BIGINT NOT NULL,
-    PRIMARY KEY (vault, name_folded));
-CREATE TABLE event_outbox (
-    id TEXT PRIMARY KEY, vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
-    event_type TEXT NOT NULL, body TEXT NOT NULL, created BIGINT NOT NULL);
-CREATE TABLE event_deliveries (
-    event_id TEXT NOT NULL REFERENCES event_outbox(id) ON DELETE CASCADE,
-    vault TEXT NOT NULL, subscription TEXT NOT NULL,
-    state TEXT NOT NULL, attempts BIGINT NOT NULL, next_attempt_ms BIGINT NOT NULL,
-    last_error TEXT, updated BIGINT NOT NULL,
-    PRIMARY KEY (event_id, vault, subscription),
-    FOREIGN KEY (vault, subscription) REFERENCES event_subscriptions(vault, name_folded)
-        ON DELETE CASCADE);
-CREATE INDEX event_deliveries_due ON event_deliveries(state, next_attempt_ms);
-CREATE INDEX event_deliveries_sub ON event_deliveries(vault, subscription, state);
-CREATE TABLE service_documents (
-    resource_key TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL,
-    body TEXT NOT NULL, updated BIGINT NOT NULL,
-    PRIMARY KEY (resource_key, kind, name));
-CREATE TABLE service_activity (
-    resource_key TEXT NOT NULL, seq BIGINT NOT NULL, at BIGINT NOT NULL, body TEXT NOT NULL,
-    PRIMARY KEY (resource_key, seq));
-CREATE TABLE policy_assignments (
-    id TEXT PRIMARY KEY, body TEXT NOT NULL, updated BIGINT NOT NULL);
+/// come. SQLite's steps are taken as they are, translated, except the two that only SQLite
+/// needs in its form; a schema change appends a step to SQLite's list and here.
+const MIGRATIONS: &[Step] = &[
+    Step::Sqlite(sqlite::BASE_SCHEMA),
+    Step::Sqlite(sqlite::SECRETS_SCHEMA),
+    Step::Sqlite(crate::directory::SCHEMA),
+    Step::Sqlite(crate::events::SCHEMA),
+    Step::Sqlite(crate::services::SCHEMA),
+    // SQLite's step moves the bindings of an earlier kagi over; a new database has none.
+    Step::Postgres(BINDINGS),
+    Step::Sqlite(crate::alerts::SCHEMA),
+    Step::Postgres(ALERT_ORDER),
+    Step::Postgres(CHANGE_FEED),
+    Step::Postgres(LEASES),
+    Step::Postgres(ASSERTIONS),
+    Step::Postgres(CHANGE_FEED_2),
+];
+
+/// `crate::directory::BINDINGS_SCHEMA`'s resulting table.
+const BINDINGS: &str = r#"
+DROP TABLE identity_bindings;
 CREATE TABLE identity_bindings (
     id TEXT PRIMARY KEY, secret_hash BYTEA NOT NULL UNIQUE, resource_id TEXT NOT NULL,
     client_id TEXT, created BIGINT NOT NULL, expires BIGINT NOT NULL);
 CREATE INDEX identity_bindings_resource ON identity_bindings(resource_id);
-CREATE TABLE monitor_resources (
-    id TEXT PRIMARY KEY, resource_type TEXT NOT NULL, subscription_id TEXT NOT NULL,
-    resource_group TEXT NOT NULL, body TEXT NOT NULL,
-    created BIGINT NOT NULL, updated BIGINT NOT NULL);
-CREATE INDEX monitor_resources_type ON monitor_resources(resource_type, subscription_id);
-CREATE TABLE alert_deliveries (
-    id TEXT PRIMARY KEY,
-    action_group TEXT NOT NULL REFERENCES monitor_resources(id) ON DELETE CASCADE,
-    receiver TEXT NOT NULL, alert TEXT NOT NULL, endpoint_url TEXT NOT NULL, body TEXT NOT NULL,
-    state TEXT NOT NULL, attempts BIGINT NOT NULL, next_attempt_ms BIGINT NOT NULL,
-    last_error TEXT, created BIGINT NOT NULL, updated BIGINT NOT NULL,
-    -- SQLite's implicit rowid, which orders deliveries created in the same millisecond.
-    rowid BIGSERIAL);
-CREATE INDEX alert_deliveries_due ON alert_deliveries(state, next_attempt_ms);
-CREATE INDEX alert_deliveries_group ON alert_deliveries(action_group, state);
-"#,
-    CHANGE_FEED,
-    LEASES,
-    ASSERTIONS,
-    CHANGE_FEED_2,
-];
+"#;
+
+/// SQLite's implicit rowid, which orders alert deliveries made in the same millisecond.
+const ALERT_ORDER: &str = "ALTER TABLE alert_deliveries ADD COLUMN rowid BIGSERIAL;";
+
+/// SQLite's schema in PostgreSQL's types: `BIGINT` for SQLite's 64-bit `INTEGER`, `BYTEA` for
+/// `BLOB` (whole words only; the statements are otherwise the same).
+fn from_sqlite(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 64);
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        out.push_str(match word.as_str() {
+            "INTEGER" => "BIGINT",
+            "BLOB" => "BYTEA",
+            w => w,
+        });
+        word.clear();
+    };
+    for c in sql.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+impl Step {
+    fn sql(self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Self::Sqlite(sql) => from_sqlite(sql).into(),
+            Self::Postgres(sql) => sql.into(),
+        }
+    }
+}
 
 /// The change feed, second form: a scope's number is drawn once its row is locked (two writers
 /// of one scope then commit increasing numbers, which `--consistency strict` relies on), and
@@ -377,9 +329,12 @@ async fn migrate(pool: &AnyPool) -> Result<()> {
             format!("database schema {current} is newer than this kagi understands"),
         ));
     }
-    for sql in MIGRATIONS.iter().skip(current as usize) {
-        sqlx::raw_sql(*sql).execute(&mut *tx).await?;
-        if *sql == LEASES {
+    for step in MIGRATIONS.iter().skip(current as usize) {
+        // The steps are this file's constants and SQLite's, never input.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(step.sql().into_owned()))
+            .execute(&mut *tx)
+            .await?;
+        if *step == Step::Postgres(LEASES) {
             for table in FENCED_TABLES {
                 // Table names from the list above, never from input.
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!(

@@ -11,9 +11,8 @@ use sqlx::{AnyPool, ConnectOptions};
 use super::{corrupt, install_drivers};
 use crate::{Result, StoreError};
 
-/// Schema, applied in order; `user_version` records how far a file has come.
-pub(super) const MIGRATIONS: &[&str] = &[
-    r#"
+/// The first schema: meta, subscriptions, resource groups, principals, vaults, keys.
+pub(super) const BASE_SCHEMA: &str = r#"
 CREATE TABLE meta (k TEXT PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE subscriptions (
     id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL, created INTEGER NOT NULL);
@@ -39,8 +38,10 @@ CREATE TABLE key_versions (
     info TEXT NOT NULL, sealed_private BLOB NOT NULL,
     PRIMARY KEY (vault, name_folded, version),
     FOREIGN KEY (vault, name_folded) REFERENCES keys(vault, name_folded) ON DELETE CASCADE);
-"#,
-    r#"
+"#;
+
+/// Secrets and their versions.
+pub(super) const SECRETS_SCHEMA: &str = r#"
 CREATE TABLE secrets (
     vault TEXT NOT NULL REFERENCES vaults(name) ON DELETE CASCADE,
     name_folded TEXT NOT NULL, name TEXT NOT NULL, deleted_at INTEGER, purge_at INTEGER,
@@ -50,7 +51,13 @@ CREATE TABLE secret_versions (
     info TEXT NOT NULL, sealed_value BLOB NOT NULL,
     PRIMARY KEY (vault, name_folded, version),
     FOREIGN KEY (vault, name_folded) REFERENCES secrets(vault, name_folded) ON DELETE CASCADE);
-"#,
+"#;
+
+/// Schema, applied in order; `user_version` records how far a file has come. PostgreSQL's
+/// list (`postgres.rs`) takes these steps too, translated.
+pub(super) const MIGRATIONS: &[&str] = &[
+    BASE_SCHEMA,
+    SECRETS_SCHEMA,
     crate::directory::SCHEMA,
     crate::events::SCHEMA,
     crate::services::SCHEMA,
