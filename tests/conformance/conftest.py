@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -49,17 +50,24 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "sqlite_store: tests that read or check the SQLite file itself (kagi.db)"
     )
+    config.addinivalue_line(
+        "markers", "local_blobs: tests that change blob files in the data directory directly"
+    )
 
 
 def pytest_collection_modifyitems(config, items):
-    # On the PostgreSQL backend (KAGI_CONFORMANCE_POSTGRES) there is no kagi.db to read; these
-    # tests run in the suite's SQLite pass.
-    if not os.environ.get("KAGI_CONFORMANCE_POSTGRES"):
-        return
-    skip = pytest.mark.skip(reason="reads the SQLite file; the store is on PostgreSQL")
-    for item in items:
-        if "sqlite_store" in item.keywords:
-            item.add_marker(skip)
+    # On the PostgreSQL backend (KAGI_CONFORMANCE_POSTGRES) there is no kagi.db to read, and
+    # with blobs in a bucket (KAGI_CONFORMANCE_BLOBS) no blob files; these tests run in the
+    # suite's SQLite pass.
+    skips = []
+    if os.environ.get("KAGI_CONFORMANCE_POSTGRES"):
+        skips.append(("sqlite_store", "reads the SQLite file; the store is on PostgreSQL"))
+    if os.environ.get("KAGI_CONFORMANCE_BLOBS"):
+        skips.append(("local_blobs", "changes blob files; the blobs are in a bucket"))
+    for mark, reason in skips:
+        for item in items:
+            if mark in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 def pytest_sessionstart(session):
@@ -200,6 +208,14 @@ class KagiServer:
             if os.environ.get("KAGI_CONFORMANCE_POSTGRES") and "--store" not in self.extra_args
             else None
         )
+        # KAGI_CONFORMANCE_BLOBS (`s3://bucket[/prefix]`, the AWS_* variables set: scripts/s3.sh):
+        # each server keeps its blobs under a prefix of its own in that bucket (`--blobs`), kept
+        # across its restarts.
+        self.blobs_url: Optional[str] = (
+            f"{os.environ['KAGI_CONFORMANCE_BLOBS'].rstrip('/')}/{uuid.uuid4().hex}"
+            if os.environ.get("KAGI_CONFORMANCE_BLOBS") and "--blobs" not in self.extra_args
+            else None
+        )
         self._log_fh = None
         self._credential = None
         self._admin: Optional[dict] = None
@@ -237,6 +253,22 @@ class KagiServer:
 
     def vault_url(self, name: str) -> str:
         return f"https://{name}.localhost:{self.port}/"
+
+    def blob_objects(self, folder: str = "backup") -> Dict[str, bytes]:
+        """Every blob the server keeps below `folder` of its data directory, by path relative
+        to it: its files, or with `--blobs s3://…` (KAGI_CONFORMANCE_BLOBS) the objects under
+        its prefix in the bucket."""
+        if not self.blobs_url:
+            root = self.data_dir / folder
+            if not root.exists():
+                return {}
+            return {
+                str(f.relative_to(root)): f.read_bytes()
+                for f in root.rglob("*")
+                if f.is_file() and "#" not in f.name
+            }
+        s3 = S3Bucket.from_url(self.blobs_url)
+        return {k: s3.get(f"{folder}/{k}") for k in s3.list(folder)}
 
     def store_bytes(self) -> bytes:
         """Everything the store holds, as bytes: the SQLite files, or every value of every
@@ -277,6 +309,7 @@ class KagiServer:
             f"{self.listen_host}:{self.port}",
             *([] if "--sql-listen" in self.extra_args else ["--sql-listen", f"localhost:{self.sql_port}"]),
             *(["--store", self.store_url] if self.store_url else []),
+            *(["--blobs", self.blobs_url] if self.blobs_url else []),
             *self.extra_args,
         ]
 
@@ -645,6 +678,83 @@ class RoundRobinProxy:
         self.thread.join(10)
 
 
+class S3Bucket:
+    """A minimal S3 client (path-style requests signed with AWS Signature V4, from the AWS_*
+    variables) for tests that look at what kagi stored in a bucket."""
+
+    def __init__(self, bucket: str, prefix: str) -> None:
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT") or ""
+        self.region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        self.key_id = os.environ["AWS_ACCESS_KEY_ID"]
+        self.secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+
+    @classmethod
+    def from_url(cls, url: str) -> "S3Bucket":
+        rest = url[len("s3://"):]
+        bucket, _, prefix = rest.partition("/")
+        return cls(bucket, prefix)
+
+    def _request(self, method: str, key: str, query: Dict[str, str]) -> bytes:
+        import datetime
+        import hashlib
+        import hmac
+        import urllib.parse
+        import urllib.request
+
+        path = "/" + urllib.parse.quote(f"{self.bucket}/{key}".rstrip("/"), safe="/-_.~")
+        qs = "&".join(
+            f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
+            for k, v in sorted(query.items())
+        )
+        host = urllib.parse.urlparse(self.endpoint).netloc
+        now = datetime.datetime.now(datetime.timezone.utc)
+        amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+        empty = hashlib.sha256(b"").hexdigest()
+        headers = {"host": host, "x-amz-content-sha256": empty, "x-amz-date": amz_date}
+        signed = ";".join(sorted(headers))
+        canonical = "\n".join(
+            [method, path, qs, *(f"{k}:{headers[k]}" for k in sorted(headers)), "", signed, empty]
+        )
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = "\n".join(
+            ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+        )
+        k = ("AWS4" + self.secret).encode()
+        for part in (day, self.region, "s3", "aws4_request"):
+            k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+        sig = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
+        auth = f"AWS4-HMAC-SHA256 Credential={self.key_id}/{scope}, SignedHeaders={signed}, Signature={sig}"
+        req = urllib.request.Request(
+            f"{self.endpoint}{path}" + (f"?{qs}" if qs else ""),
+            method=method,
+            headers={**{k: v for k, v in headers.items() if k != "host"}, "Authorization": auth},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read()
+
+    def list(self, folder: str = "") -> List[str]:
+        """Keys under `folder`, relative to it."""
+        import xml.etree.ElementTree as ET
+
+        base = "/".join(p for p in (self.prefix, folder.strip("/")) if p) + "/"
+        out: List[str] = []
+        token: Optional[str] = None
+        while True:
+            q = {"list-type": "2", "prefix": base}
+            if token:
+                q["continuation-token"] = token
+            root = ET.fromstring(self._request("GET", "", q))
+            ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+            out += [c.findtext(f"{ns}Key")[len(base):] for c in root.findall(f"{ns}Contents")]
+            token = root.findtext(f"{ns}NextContinuationToken")
+            if not token:
+                return out
+
+    def get(self, key: str) -> bytes:
+        return self._request("GET", "/".join(p for p in (self.prefix, key) if p), {})
+
+
 def _start_cluster(tmp: Path, count: int) -> KagiServer:
     """KAGI_CONFORMANCE_NODES=N (with KAGI_CONFORMANCE_POSTGRES): the session server as N nodes on
     one PostgreSQL database with strict consistency, each on a loopback address of its own
@@ -676,6 +786,9 @@ def _start_cluster(tmp: Path, count: int) -> KagiServer:
         node.extra_args = args
         node.listen_host = host
         node.store_url = store
+        if nodes:
+            # One bucket prefix for the cluster: every node serves every vault's blobs.
+            node.blobs_url = nodes[0].blobs_url
         node.hsm_env = hsm_env
         node.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT

@@ -223,9 +223,14 @@ def test_pmk_vault_moves_across_groups_and_subscriptions(kagi, tmp_path):
     assert moved["id"] == bv_id(sub1, rg_b, name), moved
     assert moved["identity"]["principalId"] == principal, moved
     refused(kagi_cli(kagi, "backup", "vault", "show", *vref(name, rg_a)), "404")
-    # The vault's records are in the store; its folder keeps its blobs (items/).
-    state_dirs = [p for p in (kagi.data_dir / "backup").rglob(name) if (p / "items").exists()]
-    assert [p.parent.name for p in state_dirs] == [rg_b.lower()], state_dirs
+    # The vault's records are in the store; its folder keeps its blobs (items/), in the new
+    # resource group's folder (or keys, in a bucket).
+    owners = {
+        tuple(k.split("/")[1:3])
+        for k in kagi.blob_objects()
+        if k.split("/")[3:5] == ["items", "bk9-docs"] and k.split("/")[2] == name.lower()
+    }
+    assert owners == {(rg_b.lower(), name.lower())}, owners
     # Still backs up; the earlier recovery point restores.
     (src / "a.txt").write_text("after the first move\n")
     after = manifest(src)

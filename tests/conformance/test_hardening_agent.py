@@ -41,11 +41,10 @@ def b64(raw: bytes) -> str:
 
 
 def objects_of(srv, machine):
-    """The machine's object files on the server's disk (relative names)."""
-    out = set()
-    for d in (srv.data_dir / "backup").rglob(f"agents/machines/{machine}"):
-        out |= {str(f.relative_to(d)) for f in d.rglob("*") if f.is_file()}
-    return out
+    """The machine's objects on the server (relative names): its files, or its keys in the
+    bucket (--blobs s3://…)."""
+    mark = f"/agents/machines/{machine}/"
+    return {k.split(mark, 1)[1] for k in srv.blob_objects() if mark in k}
 
 
 def small_tree(root: Path) -> None:
@@ -258,6 +257,8 @@ def test_agent_vault_storage_quota(tmp_path):
         srv.stop()
 
 
+# The reserve keeps the server's own disk from filling; objects in a bucket do not use it.
+@pytest.mark.local_blobs
 def test_agent_writes_refused_before_the_disk_is_full(tmp_path):
     srv = _start_server(tmp_path, "reserve")
     try:

@@ -14,20 +14,26 @@
 //!   the audit log and the store share the disk, and without room for the audit log every
 //!   request fails.
 //! - Reads create nothing; file-system work runs on tokio's blocking threads.
+//! - With `kagi server --blobs s3://…` the objects are keys in the shared bucket under the same
+//!   path (every node serves every machine): a write is one PUT (S3 stores an object whole or
+//!   not at all), the quota is counted by listing the vault's keys once per process, and
+//!   there is no disk reserve to keep. Names keep the rule of a file system (`a` and `a/b`
+//!   cannot both exist), so a repository moves between the two unchanged.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kagi_backup::{BackupError, Fsync, LocalWrites, Syncer};
 use kagi_core::{ErrorCode, KvError};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
-use crate::state::io;
+use crate::state::{blob, io};
+use kagi_blobs::BlobRoot;
 
 /// The default quota of one vault's agent objects.
 const DEFAULT_QUOTA_BYTES: u64 = 1 << 40;
@@ -65,6 +71,11 @@ struct Inner {
     objects: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
     /// Durable writes under each data folder.
     writes: Mutex<HashMap<PathBuf, Arc<LocalWrites>>>,
+    /// Where the objects live.
+    blobs: BlobRoot,
+    /// With a bucket: a lock per object being written or deleted (as `objects`, held across
+    /// the requests to the bucket).
+    remote_objects: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Inner {
@@ -179,32 +190,40 @@ fn object_missing(name: &str) -> KvError {
 /// The object store of a machine's folder holding the object `name`: 404 when there is no
 /// such object (nothing there, a folder there, or a file in the place of one of its folders;
 /// a read never creates anything).
-fn store_with(dir: &Path, name: &str) -> Result<LocalFileSystem, KvError> {
+fn store_with(blobs: &BlobRoot, dir: &Path, name: &str) -> Result<Arc<dyn ObjectStore>, KvError> {
+    if let Some(bucket) = blobs.remote(dir).map_err(blob)? {
+        // A missing object is found missing by the request itself.
+        return Ok(bucket);
+    }
     match object_size(&dir.join(name)) {
         Ok(Some(_)) => {}
         Ok(None) => return Err(object_missing(name)),
         Err(e) => return Err(io("stat agent object", e)),
     }
-    store_of(dir)?.ok_or_else(|| object_missing(name))
+    store_of(blobs, dir)?.ok_or_else(|| object_missing(name))
 }
 
 /// The object store of a machine's folder; `None` when the folder does not exist (a read
 /// never creates it).
-fn store_of(dir: &Path) -> Result<Option<LocalFileSystem>, KvError> {
+fn store_of(blobs: &BlobRoot, dir: &Path) -> Result<Option<Arc<dyn ObjectStore>>, KvError> {
+    if let Some(bucket) = blobs.remote(dir).map_err(blob)? {
+        return Ok(Some(bucket));
+    }
     if !dir.is_dir() {
         return Ok(None);
     }
     LocalFileSystem::new_with_prefix(dir)
-        .map(Some)
+        .map(|fs| Some(Arc::new(fs) as Arc<dyn ObjectStore>))
         .map_err(|e| io("agent objects", e))
 }
 
 /// Objects under a prefix with their size and modification time (Unix seconds), by name.
 pub(crate) async fn list_meta(
+    blobs: &BlobRoot,
     dir: &Path,
     prefix: &str,
 ) -> Result<Vec<(String, u64, i64)>, KvError> {
-    let Some(store) = store_of(dir)? else {
+    let Some(store) = store_of(blobs, dir)? else {
         return Ok(Vec::new());
     };
     let p = (!prefix.is_empty()).then(|| ObjectPath::from(prefix));
@@ -223,11 +242,12 @@ pub(crate) async fn list_meta(
 
 /// An object's bytes, or those of a half-open range of it.
 pub(crate) async fn get_object(
+    blobs: &BlobRoot,
     dir: &Path,
     name: &str,
     range: Option<(u64, u64)>,
 ) -> Result<Vec<u8>, KvError> {
-    let store = store_with(dir, name)?;
+    let store = store_with(blobs, dir, name)?;
     let path = ObjectPath::from(name);
     let r = match range {
         Some((start, end)) => {
@@ -260,13 +280,42 @@ pub(crate) async fn get_object(
 }
 
 /// Whether an object exists (404 if not).
-pub(crate) async fn head_object(dir: &Path, name: &str) -> Result<(), KvError> {
-    let store = store_with(dir, name)?;
+pub(crate) async fn head_object(blobs: &BlobRoot, dir: &Path, name: &str) -> Result<(), KvError> {
+    let store = store_with(blobs, dir, name)?;
     match store.head(&ObjectPath::from(name)).await {
         Ok(_) => Ok(()),
         Err(object_store::Error::NotFound { .. }) => Err(object_missing(name)),
         Err(e) => Err(io("stat agent object", e)),
     }
+}
+
+/// The size of the object `name` in a bucket; `None` when there is none.
+async fn remote_size(bucket: &Arc<dyn ObjectStore>, name: &str) -> Result<Option<u64>, KvError> {
+    match bucket.head(&ObjectPath::from(name)).await {
+        Ok(m) => Ok(Some(m.size)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(io("stat agent object", e)),
+    }
+}
+
+/// Whether storing `name` in a bucket would break the file-system rule the local folders
+/// keep: one of its folders is an object (`a` for `a/b`), or it is the folder of objects
+/// (`a/b` for `a`).
+async fn remote_name_conflicts(bucket: &Arc<dyn ObjectStore>, name: &str) -> Result<bool, KvError> {
+    let parts: Vec<&str> = name.split('/').collect();
+    for i in 1..parts.len() {
+        if remote_size(bucket, &parts[..i].join("/")).await?.is_some() {
+            return Ok(true);
+        }
+    }
+    let under = ObjectPath::from(name);
+    Ok(bucket
+        .list(Some(&under))
+        .next()
+        .await
+        .transpose()
+        .map_err(|e| io("list agent objects", e))?
+        .is_some())
 }
 
 /// Runs blocking file-system work on tokio's blocking threads.
@@ -290,17 +339,24 @@ impl Drop for Pending<'_> {
 
 impl AgentStorage {
     /// Limits from the environment (`KAGI_AGENT_VAULT_QUOTA_BYTES`,
-    /// `KAGI_AGENT_DISK_RESERVE_BYTES`).
-    pub(crate) fn from_env() -> Self {
+    /// `KAGI_AGENT_DISK_RESERVE_BYTES`), objects in `blobs`.
+    pub(crate) fn from_env(blobs: BlobRoot) -> Self {
         Self::with(
             env_bytes("KAGI_AGENT_VAULT_QUOTA_BYTES", DEFAULT_QUOTA_BYTES),
             env_bytes("KAGI_AGENT_DISK_RESERVE_BYTES", DEFAULT_RESERVE_BYTES),
             free_bytes,
             Arc::new(Fsync),
+            blobs,
         )
     }
 
-    fn with(quota: u64, reserve: u64, free: FreeBytes, syncer: Arc<dyn Syncer>) -> Self {
+    fn with(
+        quota: u64,
+        reserve: u64,
+        free: FreeBytes,
+        syncer: Arc<dyn Syncer>,
+        blobs: BlobRoot,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 quota,
@@ -311,13 +367,28 @@ impl AgentStorage {
                 pending: Mutex::new(0),
                 objects: Mutex::new(HashMap::new()),
                 writes: Mutex::new(HashMap::new()),
+                blobs,
+                remote_objects: Mutex::new(HashMap::new()),
             }),
         }
     }
 
+    /// Where the objects live.
+    pub(crate) fn blobs(&self) -> &BlobRoot {
+        &self.inner.blobs
+    }
+
+    /// The bucket's view of the folder `dir`, when objects live in a bucket.
+    fn bucket(&self, dir: &Path) -> Result<Option<Arc<dyn ObjectStore>>, KvError> {
+        self.inner.blobs.remote(dir).map_err(blob)
+    }
+
     /// Creates `dir` and every missing folder between `root` (the data folder) and it, each
-    /// flushed into its parent before this returns.
+    /// flushed into its parent before this returns. (A bucket has no folders.)
     pub(crate) async fn ensure_dir(&self, root: &Path, dir: &Path) -> Result<(), KvError> {
+        if !self.inner.blobs.is_local() {
+            return Ok(());
+        }
         let (inner, root, dir) = (self.inner.clone(), root.to_owned(), dir.to_owned());
         blocking(move || {
             let (writes, dir) = inner.under(&root, &dir)?;
@@ -337,6 +408,11 @@ impl AgentStorage {
         name: &str,
         len: u64,
     ) -> Result<(), KvError> {
+        if let Some(bucket) = self.bucket(dir)? {
+            let used = self.remote_used(vault_dir).await?;
+            let old = remote_size(&bucket, name).await?.unwrap_or(0);
+            return self.inner.check(used, old, len, u64::MAX);
+        }
         let inner = self.inner.clone();
         let (vault_dir, file) = (vault_dir.to_owned(), dir.join(name));
         blocking(move || inner.admit(&vault_dir, &file, len)).await
@@ -351,6 +427,9 @@ impl AgentStorage {
         name: &str,
         body: Vec<u8>,
     ) -> Result<(), KvError> {
+        if let Some(bucket) = self.bucket(dir)? {
+            return self.remote_put(&bucket, vault_dir, dir, name, body).await;
+        }
         let inner = self.inner.clone();
         let (root, vault_dir, dir, name) = (
             root.to_owned(),
@@ -370,9 +449,112 @@ impl AgentStorage {
         dir: &Path,
         name: &str,
     ) -> Result<(), KvError> {
+        if let Some(bucket) = self.bucket(dir)? {
+            return self.remote_delete(&bucket, vault_dir, dir, name).await;
+        }
         let inner = self.inner.clone();
         let (root, vault_dir, file) = (root.to_owned(), vault_dir.to_owned(), dir.join(name));
         blocking(move || inner.delete(&root, &vault_dir, &file)).await
+    }
+
+    /// The vault's stored bytes in the bucket, counted by listing when not known.
+    async fn remote_used(&self, vault_dir: &Path) -> Result<u64, KvError> {
+        let slot = self.inner.usage_slot(vault_dir);
+        if let Some(b) = lock(&slot).bytes {
+            return Ok(b);
+        }
+        let Some(bucket) = self.bucket(&vault_dir.join("agents"))? else {
+            return Ok(0);
+        };
+        let counted = bucket
+            .list(None)
+            .try_fold(0u64, |n, m| {
+                futures::future::ready(Ok(n.saturating_add(m.size)))
+            })
+            .await
+            .map_err(|e| io("count agent objects", e))?;
+        // Another request may have counted (and then added to) it meanwhile: keep theirs.
+        Ok(*lock(&slot).bytes.get_or_insert(counted))
+    }
+
+    /// Holds the lock of one object in the bucket for `work`.
+    async fn with_remote_object<T>(
+        &self,
+        key: PathBuf,
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        let object = lock(&self.inner.remote_objects)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let r = {
+            let _held = object.lock().await;
+            work.await
+        };
+        let mut objects = lock(&self.inner.remote_objects);
+        if Arc::strong_count(&object) == 2 {
+            objects.remove(&key);
+        }
+        r
+    }
+
+    /// [`AgentStorage::put`] with a bucket: one PUT, within the quota.
+    async fn remote_put(
+        &self,
+        bucket: &Arc<dyn ObjectStore>,
+        vault_dir: &Path,
+        dir: &Path,
+        name: &str,
+        body: Vec<u8>,
+    ) -> Result<(), KvError> {
+        self.with_remote_object(dir.join(name), async {
+            if remote_name_conflicts(bucket, name).await? {
+                return Err(name_conflict(name));
+            }
+            let old = remote_size(bucket, name).await?.unwrap_or(0);
+            let len = body.len() as u64;
+            let used = self.remote_used(vault_dir).await?;
+            let slot = self.inner.usage_slot(vault_dir);
+            {
+                let mut usage = lock(&slot);
+                let used = usage.bytes.unwrap_or(used);
+                self.inner.check(used, old, len, u64::MAX)?;
+                usage.bytes = Some(used.saturating_add(len));
+            }
+            let written = bucket
+                .put(&ObjectPath::from(name), body.into())
+                .await
+                .map_err(|e| io("write agent object", e));
+            let release = if written.is_ok() { old } else { len };
+            let mut usage = lock(&slot);
+            usage.bytes = usage.bytes.map(|b| b.saturating_sub(release));
+            written.map(drop)
+        })
+        .await
+    }
+
+    /// [`AgentStorage::delete`] with a bucket.
+    async fn remote_delete(
+        &self,
+        bucket: &Arc<dyn ObjectStore>,
+        vault_dir: &Path,
+        dir: &Path,
+        name: &str,
+    ) -> Result<(), KvError> {
+        self.with_remote_object(dir.join(name), async {
+            let Some(old) = remote_size(bucket, name).await? else {
+                return Ok(());
+            };
+            match bucket.delete(&ObjectPath::from(name)).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(io("delete agent object", e)),
+            }
+            let slot = self.inner.usage_slot(vault_dir);
+            let mut usage = lock(&slot);
+            usage.bytes = usage.bytes.map(|b| b.saturating_sub(old));
+            Ok(())
+        })
+        .await
     }
 
     /// Forgets what a vault uses (a machine's folder was removed): counted again when needed.
@@ -585,8 +767,12 @@ mod tests {
 
     use super::*;
 
+    fn local() -> BlobRoot {
+        BlobRoot::local(Path::new("/"))
+    }
+
     fn storage(quota: u64, reserve: u64) -> AgentStorage {
-        AgentStorage::with(quota, reserve, free_bytes, Arc::new(Fsync))
+        AgentStorage::with(quota, reserve, free_bytes, Arc::new(Fsync), local())
     }
 
     /// Records the flushes made, in order.
@@ -624,7 +810,7 @@ mod tests {
         let vault = root.join("backup/s/g/v");
         let machine = vault.join("agents/machines/m1");
         let rec = Arc::new(Recorder::default());
-        let s = AgentStorage::with(1 << 30, 0, free_bytes, rec.clone());
+        let s = AgentStorage::with(1 << 30, 0, free_bytes, rec.clone(), local());
         s.put(&root, &vault, &machine, "data/ab/abcd", b"x".to_vec())
             .await
             .unwrap();
@@ -658,7 +844,7 @@ mod tests {
         let vault = root.join("v");
         let m = vault.join("agents/machines/m1");
         let rec = Arc::new(Recorder::default());
-        let s = AgentStorage::with(1 << 30, 0, free_bytes, rec.clone());
+        let s = AgentStorage::with(1 << 30, 0, free_bytes, rec.clone(), local());
         s.put(&root, &vault, &m, "a", b"one".to_vec())
             .await
             .unwrap();
@@ -683,7 +869,7 @@ mod tests {
         let vault = tmp.path().join("v");
         let m = vault.join("agents/machines/m1");
         // 1000 bytes free, whatever is written; 100 kept.
-        let s = AgentStorage::with(u64::MAX, 100, |_| Ok(1000), Arc::new(Fsync));
+        let s = AgentStorage::with(u64::MAX, 100, |_| Ok(1000), Arc::new(Fsync), local());
         let i = &s.inner;
         let slot = i.usage_slot(&vault);
         let first = i.reserve(&slot, &vault, &m, 0, 500).unwrap();
@@ -901,9 +1087,18 @@ mod tests {
     async fn reads_create_no_folder() {
         let root = tempfile::tempdir().unwrap();
         let m = root.path().join("v/agents/machines/m1");
-        assert!(list_meta(&m, "").await.unwrap().is_empty());
-        assert_eq!(get_object(&m, "a", None).await.unwrap_err().status(), 404);
-        assert_eq!(head_object(&m, "a").await.unwrap_err().status(), 404);
+        assert!(list_meta(&local(), &m, "").await.unwrap().is_empty());
+        assert_eq!(
+            get_object(&local(), &m, "a", None)
+                .await
+                .unwrap_err()
+                .status(),
+            404
+        );
+        assert_eq!(
+            head_object(&local(), &m, "a").await.unwrap_err().status(),
+            404
+        );
         assert!(!root.path().join("v").exists());
         // Through a file, or of a folder: no such object either.
         let s = storage(1 << 20, 0);
@@ -912,9 +1107,9 @@ mod tests {
             .await
             .unwrap();
         for name in ["a/b/c", "a"] {
-            let e = get_object(&m, name, None).await.unwrap_err();
+            let e = get_object(&local(), &m, name, None).await.unwrap_err();
             assert_eq!(e.status(), 404, "{name}");
-            let e = head_object(&m, name).await.unwrap_err();
+            let e = head_object(&local(), &m, name).await.unwrap_err();
             assert_eq!(e.status(), 404, "{name}");
         }
     }

@@ -564,12 +564,8 @@ impl BackupService {
         // Unregister first: from then on no agent can write; a crash before the folder is gone
         // leaves only unreachable ciphertext, removed by the next delete of that name.
         registry.save(p, &v.id).await?;
-        let machines = v.dir.join("agents/machines");
-        let folder = machines.join(&key);
-        if folder.exists() {
-            std::fs::remove_dir_all(&folder).map_err(|e| io("delete agent objects", e))?;
-            kagi_fs::sync_dir(&machines).map_err(|e| io("sync agent folder", e))?;
-        }
+        self.remove_blobs(&v.dir.join("agents/machines").join(&key))
+            .await?;
         self.agent_storage.forget(&v.dir);
         self.log(
             p,
@@ -836,17 +832,19 @@ impl BackupService {
                     return Err(bad("InvalidObjectName", "The prefix is not valid."));
                 }
                 // Sizes and times let the agent's prune spare packs a backup may still write.
-                list_meta(&target, prefix).await.map(|metas| {
-                    AgentReply::Json(
-                        200,
-                        json!({
-                            "value": metas.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
-                            "objects": metas.iter().map(|(n, size, modified)| {
-                                json!({"name": n, "size": size, "modified": modified})
-                            }).collect::<Vec<_>>(),
-                        }),
-                    )
-                })
+                list_meta(self.agent_storage.blobs(), &target, prefix)
+                    .await
+                    .map(|metas| {
+                        AgentReply::Json(
+                            200,
+                            json!({
+                                "value": metas.iter().map(|(n, _, _)| n).collect::<Vec<_>>(),
+                                "objects": metas.iter().map(|(n, size, modified)| {
+                                    json!({"name": n, "size": size, "modified": modified})
+                                }).collect::<Vec<_>>(),
+                            }),
+                        )
+                    })
             }
             (["machines", _, "objects", ..], _) => {
                 let name = rest[3..].join("/");
@@ -856,10 +854,10 @@ impl BackupService {
                 let target = self.machine_dir(p, v, rest[1]).await?;
                 let root = &self.data_dir;
                 match method {
-                    "GET" => get_object(&target, &name, range)
+                    "GET" => get_object(self.agent_storage.blobs(), &target, &name, range)
                         .await
                         .map(AgentReply::Bytes),
-                    "HEAD" => head_object(&target, &name)
+                    "HEAD" => head_object(self.agent_storage.blobs(), &target, &name)
                         .await
                         .map(|()| AgentReply::Empty(200)),
                     "PUT" => self
@@ -907,9 +905,10 @@ impl BackupService {
         if let Some(m) = machine {
             rules::validate_machine_name(m)?;
             let dir = v.dir.join("agents/machines").join(m.to_ascii_lowercase());
-            if dir.is_dir() {
-                for (name, _, _) in list_meta(&dir, "keys").await? {
-                    let raw = get_object(&dir, &name, None).await?;
+            let blobs = self.agent_storage.blobs();
+            if !blobs.is_local() || dir.is_dir() {
+                for (name, _, _) in list_meta(blobs, &dir, "keys").await? {
+                    let raw = get_object(blobs, &dir, &name, None).await?;
                     keys.push(
                         serde_json::from_slice::<Value>(&raw)
                             .map_err(|e| io("parse agent key entry", e))?,

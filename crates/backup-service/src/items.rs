@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use kagi_backup::{BackupOptions, BlobBackend, KeyEntry, ObjectStoreBackend, Repository};
+use kagi_blobs::BlobRoot;
 use kagi_cmk::{
     Dek, DekSlot, Kek, KekRef, KeyError, KeyOwner, Resolved, VersionInUse, WrappedKey, bad,
 };
@@ -28,7 +29,7 @@ use zeroize::Zeroizing;
 use crate::BackupService;
 use crate::jobs::JobHandle;
 use crate::resource::{CmkConfig, VaultCtx, activity_entry};
-use crate::state::{Item, KeyVersionInUse, VaultState, io, pmk_label};
+use crate::state::{Item, KeyVersionInUse, VaultState, blob, io, pmk_label};
 
 /// What the service keeps in memory for an item.
 #[derive(Default)]
@@ -112,9 +113,12 @@ struct ItemKeys<'a> {
 #[async_trait]
 impl KeyOwner for ItemKeys<'_> {
     async fn wrapped_keys(&self) -> Result<Vec<WrappedKey>, KvError> {
-        let dir = BackupService::item_dir(self.v, self.item);
+        let repo = RepoAt::new(
+            self.p.config().blobs,
+            BackupService::item_dir(self.v, self.item),
+        );
         let entries = tokio::task::spawn_blocking(move || {
-            Repository::key_entries(BackupService::backend(&dir)?.as_ref()).map_err(engine)
+            Repository::key_entries(repo.backend()?.as_ref()).map_err(engine)
         })
         .await
         .map_err(join)??;
@@ -123,10 +127,12 @@ impl KeyOwner for ItemKeys<'_> {
 
     async fn add_wrapped_key(&self, key: WrappedKey) -> Result<(), KvError> {
         let entry = entry_of(&key, &self.v.id);
-        let dir = BackupService::item_dir(self.v, self.item);
+        let repo = RepoAt::new(
+            self.p.config().blobs,
+            BackupService::item_dir(self.v, self.item),
+        );
         tokio::task::spawn_blocking(move || {
-            Repository::put_key_entry(BackupService::backend(&dir)?.as_ref(), &entry)
-                .map_err(engine)
+            Repository::put_key_entry(repo.backend()?.as_ref(), &entry).map_err(engine)
         })
         .await
         .map_err(join)?
@@ -219,6 +225,30 @@ fn item_json(v: &VaultCtx, name: &str, item: &Item) -> Value {
     })
 }
 
+/// An item's repository: its folder below the data directory, and where its objects live.
+struct RepoAt {
+    blobs: BlobRoot,
+    dir: PathBuf,
+}
+
+impl RepoAt {
+    fn new(blobs: BlobRoot, dir: PathBuf) -> Self {
+        Self { blobs, dir }
+    }
+
+    /// The repository's objects: durable local files, or the shared bucket. Called on a
+    /// blocking thread of the runtime (the engine blocks on it).
+    fn backend(&self) -> Result<Arc<dyn BlobBackend>, KvError> {
+        let rt = tokio::runtime::Handle::current();
+        Ok(Arc::new(
+            match self.blobs.remote(&self.dir).map_err(blob)? {
+                Some(store) => ObjectStoreBackend::new(store, rt),
+                None => ObjectStoreBackend::local(&self.dir, rt).map_err(engine)?,
+            },
+        ))
+    }
+}
+
 impl BackupService {
     fn item_dir(v: &VaultCtx, item: &str) -> PathBuf {
         v.dir.join("items").join(item.to_ascii_lowercase())
@@ -231,12 +261,6 @@ impl BackupService {
             .entry(Self::item_dir(v, item).display().to_string())
             .or_default()
             .clone()
-    }
-
-    fn backend(dir: &Path) -> Result<Arc<dyn BlobBackend>, KvError> {
-        Ok(Arc::new(
-            ObjectStoreBackend::local(dir, tokio::runtime::Handle::current()).map_err(engine)?,
-        ))
     }
 
     async fn load_item(p: &dyn ServiceHost, v: &VaultCtx, item: &str) -> Result<Item, KvError> {
@@ -527,10 +551,11 @@ impl BackupService {
                 return Err(fail(e).await);
             }
         };
-        let dir = Self::item_dir(v, &name);
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = RepoAt::new(self.blobs.clone(), Self::item_dir(v, &name));
+        // Objects an earlier item of this name left behind (a failed creation) go first.
+        let _ = self.remove_blobs(&dir.dir).await;
         let created = tokio::task::spawn_blocking(move || -> Result<(), KvError> {
-            let b = Self::backend(&dir)?;
+            let b = dir.backend()?;
             Repository::init(b.clone(), key).map_err(engine)?;
             Repository::put_key_entry(b.as_ref(), &entry).map_err(engine)
         })
@@ -604,13 +629,13 @@ impl BackupService {
         let rt = self.item_rt(v, item);
         let _g = rt.lock.lock().await;
         let (dek, kek_id, _) = self.dek(p, v, item, &rt).await?;
-        let dir = Self::item_dir(v, item);
+        let dir = RepoAt::new(self.blobs.clone(), Self::item_dir(v, item));
         let source = PathBuf::from(&it.source_path);
         let now = p.now();
         let j = job.clone();
         let stats =
             tokio::task::spawn_blocking(move || -> Result<kagi_backup::BackupStats, KvError> {
-                let b = Self::backend(&dir)?;
+                let b = dir.backend()?;
                 let key = DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?;
                 let mut repo = Repository::open(b.clone(), key).map_err(engine)?;
                 let stats = repo
@@ -684,10 +709,10 @@ impl BackupService {
                 let rt = svc.item_rt(&v2, &item);
                 let _g = rt.lock.lock().await;
                 let (dek, _, _) = svc.dek(p2.as_ref(), &v2, &item, &rt).await?;
-                let dir = Self::item_dir(&v2, &item);
+                let dir = RepoAt::new(svc.blobs.clone(), Self::item_dir(&v2, &item));
                 let j = j2.clone();
                 let st = tokio::task::spawn_blocking(move || -> Result<kagi_backup::RestoreStats, KvError> {
-                    let b = Self::backend(&dir)?;
+                    let b = dir.backend()?;
                     let repo = Repository::open(b, DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?).map_err(engine)?;
                     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
                     repo.restore(&rp, sub.as_deref().map(Path::new), Path::new(&target), overwrite, workers, &|pr| {
@@ -726,10 +751,10 @@ impl BackupService {
         let rt = self.item_rt(v, item);
         let _g = rt.lock.lock().await;
         let (dek, _, _) = self.dek(p, v, item, &rt).await?;
-        let dir = Self::item_dir(v, item);
+        let dir = RepoAt::new(self.blobs.clone(), Self::item_dir(v, item));
         tokio::task::spawn_blocking(move || -> Result<(Vec<String>, Value), KvError> {
             let mut repo = Repository::open(
-                Self::backend(&dir)?,
+                dir.backend()?,
                 DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?,
             )
             .map_err(engine)?;
@@ -777,12 +802,12 @@ impl BackupService {
                 let rt = svc.item_rt(&v2, &item);
                 let _g = rt.lock.lock().await;
                 let (dek, _, _) = svc.dek(p2.as_ref(), &v2, &item, &rt).await?;
-                let dir = Self::item_dir(&v2, &item);
+                let dir = RepoAt::new(svc.blobs.clone(), Self::item_dir(&v2, &item));
                 let started = Instant::now();
                 let report = tokio::task::spawn_blocking(
                     move || -> Result<kagi_backup::CheckReport, KvError> {
                         let repo = Repository::open(
-                            Self::backend(&dir)?,
+                            dir.backend()?,
                             DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?,
                         )
                         .map_err(engine)?;
@@ -870,10 +895,10 @@ impl BackupService {
         let rt = self.item_rt(v, &item);
         let _g = rt.lock.lock().await;
         let (dek, _, _) = self.dek(p, v, &item, &rt).await?;
-        let dir = Self::item_dir(v, &item);
+        let dir = RepoAt::new(self.blobs.clone(), Self::item_dir(v, &item));
         let snaps = tokio::task::spawn_blocking(move || -> Result<_, KvError> {
             let repo = Repository::open(
-                Self::backend(&dir)?,
+                dir.backend()?,
                 DataKey::from_bytes(&dek).map_err(|e| io("dek", e))?,
             )
             .map_err(engine)?;

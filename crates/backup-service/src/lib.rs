@@ -128,6 +128,8 @@ pub struct BackupService {
     imported: tokio::sync::OnceCell<()>,
     /// Backup agents' objects: quota and free-space reserve ([`agents`]).
     agent_storage: agent_objects::AgentStorage,
+    /// Where repositories and agents' objects live (the host's `--blobs`).
+    blobs: kagi_blobs::BlobRoot,
 }
 
 /// Whether a management path (lower-cased segments) belongs to this service.
@@ -154,7 +156,8 @@ impl BackupService {
             vault_locks: Mutex::new(HashMap::new()),
             items: Mutex::new(HashMap::new()),
             imported: tokio::sync::OnceCell::new(),
-            agent_storage: agent_objects::AgentStorage::from_env(),
+            agent_storage: agent_objects::AgentStorage::from_env(c.blobs.clone()),
+            blobs: c.blobs.clone(),
         });
         svc.recover_moves(svc.host.as_ref());
         svc
@@ -163,6 +166,24 @@ impl BackupService {
     /// The host it runs on.
     pub fn host(&self) -> &Arc<dyn ServiceHost> {
         &self.host
+    }
+
+    /// Removes every object of the folder `dir` (a vault's, an item's, a machine's): its keys
+    /// in the bucket, or its files (gone already is fine; the removal is flushed into the
+    /// parent folder).
+    pub(crate) async fn remove_blobs(&self, dir: &std::path::Path) -> Result<(), KvError> {
+        if self.blobs.remove_all(dir).await.map_err(state::blob)? {
+            return Ok(());
+        }
+        let dir = dir.to_owned();
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Ok(()) => kagi_fs::sync_parent(&dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        })
+        .await
+        .map_err(|e| state::io("remove task", e))?
+        .map_err(|e| state::io("remove folder", e))
     }
 
     /// Serves one management request for `Microsoft.RecoveryServices`: (status, body).

@@ -101,6 +101,11 @@ pub(crate) fn io(context: &str, e: impl std::fmt::Display) -> KvError {
     KvError::internal()
 }
 
+/// A failure of the object store (`kagi server --blobs`): logged, answered as an internal error.
+pub(crate) fn blob(e: kagi_blobs::BlobError) -> KvError {
+    io("object storage", e)
+}
+
 /// The label under which a vault's platform key is sealed.
 pub(crate) fn pmk_label(vault_id: &str) -> String {
     format!("backup-pmk/{}", vault_id.to_ascii_lowercase())

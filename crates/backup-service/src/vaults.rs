@@ -304,7 +304,7 @@ impl BackupService {
             };
             // A vault of the same name deleted earlier leaves nothing behind (nor does a
             // creation of it that failed half-way).
-            let _ = std::fs::remove_dir_all(&dir);
+            let _ = self.remove_blobs(&dir).await;
             p.clear_records(&vault_id_hint).await?;
             state.save(p, &vault_id_hint).await?;
         }
@@ -370,7 +370,7 @@ impl BackupService {
                 .await;
                 if existing.is_none() {
                     let _ = p.delete_resource(caller, vault_ref(sub, rg, name)).await;
-                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = self.remove_blobs(&dir).await;
                 }
                 return Err(e);
             }
@@ -515,7 +515,7 @@ impl BackupService {
         // Its documents and activity log go in the store transaction that deletes it; its
         // blobs after.
         let status = p.delete_resource(caller, vault_ref(sub, rg, name)).await?;
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = self.remove_blobs(&dir).await;
         Ok((status, Value::Null))
     }
 }

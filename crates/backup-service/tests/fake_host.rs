@@ -59,6 +59,7 @@ impl ServiceHost for FakeHost {
             data_dir: self.data_dir.clone(),
             dns_suffix: "localhost".into(),
             port: 8443,
+            blobs: kagi_blobs::BlobRoot::local(&self.data_dir),
         }
     }
 

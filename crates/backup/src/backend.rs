@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use futures::TryStreamExt;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::local::{Fsync, LocalWrites, Syncer};
 use crate::{BackupError, Result};
@@ -24,6 +24,16 @@ pub trait BlobBackend: Send + Sync {
     fn list(&self, prefix: &str) -> Result<Vec<String>>;
     /// Removes an object.
     fn delete(&self, name: &str) -> Result<()>;
+    /// Stores an object only if none of that name exists: `Ok(false)` when one does. Where
+    /// two writers could race (two nodes creating one repository in a shared bucket), the
+    /// store itself decides with a conditional write; the default looks first, which is
+    /// enough for a single writer.
+    fn put_new(&self, name: &str, data: Vec<u8>) -> Result<bool> {
+        if self.exists(name)? {
+            return Ok(false);
+        }
+        self.put(name, data).map(|()| true)
+    }
     /// Whether an object of exactly this name exists. (Listing a prefix does not answer that:
     /// object stores list the objects *under* a prefix, never one named like it.) The default
     /// lists the object's folder.
@@ -173,6 +183,30 @@ impl BlobBackend for ObjectStoreBackend {
                 })
                 .collect())
         })
+    }
+
+    fn put_new(&self, name: &str, data: Vec<u8>) -> Result<bool> {
+        if self.local.is_some() {
+            // One kagi process owns a data directory: looking first is enough.
+            if self.exists(name)? {
+                return Ok(false);
+            }
+            return self.put(name, data).map(|()| true);
+        }
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self.runtime.block_on(self.store.put_opts(
+            &ObjectPath::from(name),
+            PutPayload::from(data),
+            create,
+        )) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(storage(e)),
+        }
     }
 
     fn delete(&self, name: &str) -> Result<()> {

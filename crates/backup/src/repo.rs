@@ -130,10 +130,9 @@ fn json<T: Serialize>(v: &T) -> Result<Vec<u8>> {
 impl Repository {
     /// Creates a repository in an empty location, protected by `key`.
     pub fn init(backend: Arc<dyn BlobBackend>, key: DataKey) -> Result<Self> {
+        let exists = || BackupError::Invalid("a repository already exists here".into());
         if backend.exists("config")? {
-            return Err(BackupError::Invalid(
-                "a repository already exists here".into(),
-            ));
+            return Err(exists());
         }
         let config = Config {
             version: FORMAT_VERSION,
@@ -143,7 +142,10 @@ impl Repository {
             chunk_max: 1024 * 1024,
             key_check: hex::encode(key.seal(b"kagi/key-check/v1", KEY_CHECK)?),
         };
-        backend.put("config", json(&config)?)?;
+        // Conditional: of two writers creating one repository at once, one wins.
+        if !backend.put_new("config", json(&config)?)? {
+            return Err(exists());
+        }
         Ok(Self {
             backend,
             key: Arc::new(key),

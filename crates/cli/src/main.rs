@@ -99,6 +99,12 @@ enum Command {
         /// by every node's next request, at one store query per request.
         #[arg(long, env = "KAGI_CONSISTENCY", value_enum, default_value = "bounded")]
         consistency: Consistency,
+        /// Where backup repositories and backup agents' objects live: `local` (default: below
+        /// the data directory) or `s3://bucket/prefix` on any S3-compatible server, which
+        /// several nodes share (credentials, region and endpoint from the usual AWS_*
+        /// variables; docs/SEVERAL_NODES.md).
+        #[arg(long, env = "KAGI_BLOBS")]
+        blobs: Option<String>,
         /// Serve Prometheus metrics at `http://HOST:PORT/metrics`: plain HTTP without
         /// authentication, so bind it to loopback or a monitoring network (docs/METRICS.md).
         /// Off when not given.
@@ -188,6 +194,7 @@ fn main() -> std::process::ExitCode {
                 read_only,
                 store,
                 consistency,
+                blobs,
                 metrics_listen,
                 log_format,
                 pkcs11,
@@ -201,6 +208,7 @@ fn main() -> std::process::ExitCode {
                     store: kagi_store::StoreLocation::parse(store.as_deref(), &cli.data_dir)
                         .map_err(anyhow::Error::msg)?,
                     strict: matches!(consistency, Consistency::Strict),
+                    blobs: kagi_blobs::BlobLocation::parse(blobs.as_deref().unwrap_or(""))?,
                 };
                 let hsm = pkcs11.open()?;
                 run_server(cli.data_dir, listen, dns_suffix, listeners, test_clock, hsm).await
@@ -328,6 +336,8 @@ struct Listeners {
     store: kagi_store::StoreLocation,
     /// `--consistency strict`.
     strict: bool,
+    /// `--blobs`: where the storage services keep their objects.
+    blobs: kagi_blobs::BlobLocation,
 }
 
 /// `kagi server --consistency`: how soon a node serves what other nodes of its store changed.
@@ -427,6 +437,17 @@ async fn run_server(
         tokio::spawn(platform.clone().follow_changes(recheck));
         platform.set_strict_reads(listeners.strict);
     }
+    // Checked before anything is served: a bucket that does not answer, or that does not
+    // refuse a second create of one object, fails the start rather than the first backup.
+    // (The probe writes an object: a read-only node does not.)
+    let blobs = kagi_blobs::BlobRoot::open(&listeners.blobs, &data_dir)?;
+    if !listeners.read_only {
+        blobs
+            .probe()
+            .await
+            .map_err(|e| anyhow::anyhow!("--blobs {}: {e}", listeners.blobs))?;
+    }
+    platform.set_blobs(blobs);
     let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
     let ca_path = std::fs::canonicalize(&ca.cert_path).unwrap_or(ca.cert_path.clone());
     let resolver = kagi_http::tls::SniResolver::new(ca, &dns_suffix);
@@ -441,6 +462,9 @@ async fn run_server(
             "  HSM: {} (root key sealed by it; RSA-HSM and EC-HSM keys inside it)",
             hsm.describe()
         );
+    }
+    if !listeners.blobs.is_local() {
+        println!("  blobs: {}", listeners.blobs);
     }
     println!("  local CA certificate: {}", ca_path.display());
     println!("    export REQUESTS_CA_BUNDLE={}", ca_path.display());

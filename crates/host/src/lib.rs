@@ -45,6 +45,9 @@ pub struct HostConfig {
     pub dns_suffix: String,
     /// Public port (part of every URL the platform hands out).
     pub port: u16,
+    /// Where the service keeps its objects: files below `data_dir`, or a bucket several
+    /// nodes share (`kagi server --blobs`).
+    pub blobs: kagi_blobs::BlobRoot,
 }
 
 impl HostConfig {
@@ -328,6 +331,7 @@ mod tests {
             data_dir: PathBuf::from("/d"),
             dns_suffix: "localhost".into(),
             port,
+            blobs: kagi_blobs::BlobRoot::local(std::path::Path::new("/d")),
         };
         assert_eq!(c(8443).authority(), "https://localhost:8443");
         assert_eq!(c(443).authority(), "https://localhost");

@@ -232,6 +232,7 @@ impl Platform {
             hsm: None,
             applied: Default::default(),
             strict_reads: Default::default(),
+            blobs: Default::default(),
         };
         Ok((platform, created))
     }

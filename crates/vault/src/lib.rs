@@ -129,6 +129,9 @@ pub struct Platform {
     /// Whether every request first catches up with the store's changes
     /// ([`Platform::set_strict_reads`]).
     strict_reads: std::sync::atomic::AtomicBool,
+    /// Where the storage services keep their objects ([`Platform::set_blobs`]); local files
+    /// below the data directory when not set.
+    blobs: std::sync::OnceLock<kagi_blobs::BlobRoot>,
 }
 
 /// The answer for a vault that a restore is writing into.
@@ -188,6 +191,20 @@ impl Platform {
     /// The configuration.
     pub fn config(&self) -> &PlatformConfig {
         &self.config
+    }
+
+    /// Sets where the storage services keep their objects (`kagi server --blobs`), before
+    /// they start; a second call changes nothing.
+    pub fn set_blobs(&self, blobs: kagi_blobs::BlobRoot) {
+        let _ = self.blobs.set(blobs);
+    }
+
+    /// Where the storage services keep their objects.
+    pub fn blobs(&self) -> kagi_blobs::BlobRoot {
+        self.blobs
+            .get()
+            .cloned()
+            .unwrap_or_else(|| kagi_blobs::BlobRoot::local(&self.config.data_dir))
     }
 
     /// The tenant created on first start.

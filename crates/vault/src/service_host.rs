@@ -58,6 +58,7 @@ impl ServiceHost for Platform {
             data_dir: c.data_dir.clone(),
             dns_suffix: c.dns_suffix.clone(),
             port: c.port,
+            blobs: self.blobs(),
         }
     }
 
