@@ -695,7 +695,14 @@ class S3Bucket:
         bucket, _, prefix = rest.partition("/")
         return cls(bucket, prefix)
 
-    def _request(self, method: str, key: str, query: Dict[str, str]) -> bytes:
+    def _request(
+        self,
+        method: str,
+        key: str,
+        query: Dict[str, str],
+        body: bytes = b"",
+        extra: Optional[Dict[str, str]] = None,
+    ) -> bytes:
         import datetime
         import hashlib
         import hmac
@@ -710,7 +717,7 @@ class S3Bucket:
         host = urllib.parse.urlparse(self.endpoint).netloc
         now = datetime.datetime.now(datetime.timezone.utc)
         amz_date, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-        empty = hashlib.sha256(b"").hexdigest()
+        empty = hashlib.sha256(body).hexdigest()
         headers = {"host": host, "x-amz-content-sha256": empty, "x-amz-date": amz_date}
         signed = ";".join(sorted(headers))
         canonical = "\n".join(
@@ -728,7 +735,13 @@ class S3Bucket:
         req = urllib.request.Request(
             f"{self.endpoint}{path}" + (f"?{qs}" if qs else ""),
             method=method,
-            headers={**{k: v for k, v in headers.items() if k != "host"}, "Authorization": auth},
+            data=body if method == "PUT" else None,
+            headers={
+                **{k: v for k, v in headers.items() if k != "host"},
+                "Authorization": auth,
+                "Content-Type": "application/octet-stream",
+                **(extra or {}),
+            },
         )
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.read()

@@ -463,3 +463,65 @@ def test_concurrent_policy_changes_on_two_nodes_lose_nothing(tmp_path):
     finally:
         for n in (n1, n2):
             n.stop()
+
+
+def s3_blobs_url() -> str:
+    url = os.environ.get("KAGI_TEST_S3_BLOBS")
+    if not url:
+        if os.environ.get("KAGI_REQUIRE_S3") == "1":
+            pytest.fail("KAGI_REQUIRE_S3=1 but KAGI_TEST_S3_BLOBS is not set")
+        pytest.skip("no S3 server: set KAGI_TEST_S3_BLOBS and AWS_* (scripts/test.sh does)")
+    return url
+
+
+def test_backups_on_shared_blobs_are_served_by_every_node(tmp_path):
+    """Two nodes on one store and one bucket (`--blobs s3://…`): a backup vault made on node 1
+    is backed up through node 2 and restored through node 1, then, with node 1 killed, through
+    node 2 again. The repository is in the bucket only, and holds no plaintext."""
+    import uuid
+
+    from conftest import S3Bucket
+    from test_backup_vault import assert_same_tree, create_backup_vault, kagi_cli, make_tree, manifest, ok, vref
+
+    blobs = f"{s3_blobs_url().rstrip('/')}/nodes-{uuid.uuid4().hex}"
+    _, (n1, n2) = start_nodes(tmp_path, extra_args=["--blobs", blobs])
+    try:
+        n1.put_rg(DEFAULT_RG)
+        src = tmp_path / "src"
+        make_tree(src)
+        before = manifest(src)
+        bv, _ = create_backup_vault(n1)
+        ok(kagi_cli(n1, "backup", "item", "protect", *vref(bv), "--name", "docs", "--source", str(src)))
+        # Node 2 serves the vault once the change feed brought it (milliseconds).
+        until(lambda: kagi_cli(n2, "backup", "vault", "show", *vref(bv)).returncode == 0)
+        job = ok(kagi_cli(n2, "backup", "now", *vref(bv), "--item", "docs"))
+        assert job["status"] == "Completed", job
+        rp = job["stats"]["recoveryPointId"]
+        points = ok(kagi_cli(n1, "backup", "recovery-points", *vref(bv), "--item", "docs"))["value"]
+        assert rp in {p["name"] for p in points} | {p.get("recoveryPointId") for p in points}, points
+        restored = ok(kagi_cli(n1, "backup", "restore", *vref(bv), "--item", "docs", "--recovery-point", rp,
+                               "--target", str(tmp_path / "r1")))
+        assert restored["status"] == "Completed", restored
+        assert_same_tree(before, tmp_path / "r1")
+
+        # The objects are in the bucket, not in either node's data directory.
+        for n in (n1, n2):
+            assert not list((n.data_dir / "backup").rglob("config")), n.data_dir
+        keys = S3Bucket.from_url(blobs).list("backup")
+        assert any(k.endswith(f"/{bv.lower()}/items/docs/config") for k in keys), keys
+        assert any("/items/docs/data/" in k for k in keys), keys
+        bucket = S3Bucket.from_url(blobs)
+        for k in keys:
+            data = bucket.get(f"backup/{k}")
+            assert b"hello kagi" not in data and b"spaces are fine" not in data, k
+
+        # Node 1 dies; node 2 restores from the bucket on its own.
+        n1.proc.kill()
+        n1.proc.wait(10)
+        again = ok(kagi_cli(n2, "backup", "restore", *vref(bv), "--item", "docs", "--recovery-point", rp,
+                            "--target", str(tmp_path / "r2")))
+        assert again["status"] == "Completed", again
+        assert_same_tree(before, tmp_path / "r2")
+    finally:
+        for n in (n1, n2):
+            n.stop()

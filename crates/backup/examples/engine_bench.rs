@@ -3,8 +3,10 @@
 //!   engine_bench backup SRC REPO     back SRC up into REPO (created on first use)
 //!   engine_bench restore REPO OUT    restore REPO's newest recovery point into OUT
 //!
-//! The data key lives unwrapped in `REPO.key` — acceptable for a benchmark only; the backup
-//! vault service keeps it wrapped by the vault's key. Prints what was stored and how fast.
+//! REPO is a folder, or `s3://bucket/prefix` (the AWS_* variables as for `kagi server --blobs`;
+//! scripts/bench-blobs.sh). The data key lives unwrapped in `REPO.key` (for a bucket, in the file
+//! `$KAGI_BENCH_KEY_FILE`) — acceptable for a benchmark only; the backup vault service keeps it
+//! wrapped by the vault's key. Prints what was stored and how fast.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -13,7 +15,25 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kagi_backup::{BackupOptions, ObjectStoreBackend, Repository};
+use kagi_blobs::{BlobLocation, BlobRoot};
 use kagi_crypto::data_key::DataKey;
+
+/// The repository at `repo` (a folder or `s3://…`) and the file of its data key.
+fn open(repo: &str, rt: &tokio::runtime::Runtime) -> (Arc<ObjectStoreBackend>, String) {
+    if repo.starts_with("s3://") {
+        let root = BlobRoot::open(&BlobLocation::parse(repo).unwrap(), Path::new("/")).unwrap();
+        let store = root.remote(Path::new("/")).unwrap().unwrap();
+        let key_file = std::env::var("KAGI_BENCH_KEY_FILE").expect("KAGI_BENCH_KEY_FILE");
+        return (
+            Arc::new(ObjectStoreBackend::new(store, rt.handle().clone())),
+            key_file,
+        );
+    }
+    (
+        Arc::new(ObjectStoreBackend::local(Path::new(repo), rt.handle().clone()).unwrap()),
+        format!("{repo}.key"),
+    )
+}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -24,10 +44,8 @@ fn main() {
         .unwrap();
     match args.get(1).map(String::as_str) {
         Some("backup") => {
-            let (src, repo_dir) = (Path::new(&args[2]), Path::new(&args[3]));
-            let key_file = format!("{}.key", repo_dir.display());
-            let backend =
-                Arc::new(ObjectStoreBackend::local(repo_dir, rt.handle().clone()).unwrap());
+            let src = Path::new(&args[2]);
+            let (backend, key_file) = open(&args[3], &rt);
             let mut repo = match std::fs::read(&key_file) {
                 Ok(raw) => Repository::open(
                     backend,
@@ -59,10 +77,9 @@ fn main() {
             );
         }
         Some("restore") => {
-            let (repo_dir, out) = (Path::new(&args[2]), Path::new(&args[3]));
-            let raw = std::fs::read(format!("{}.key", repo_dir.display())).unwrap();
-            let backend =
-                Arc::new(ObjectStoreBackend::local(repo_dir, rt.handle().clone()).unwrap());
+            let out = Path::new(&args[3]);
+            let (backend, key_file) = open(&args[2], &rt);
+            let raw = std::fs::read(key_file).unwrap();
             let repo = Repository::open(
                 backend,
                 DataKey::from_bytes(&raw.try_into().unwrap()).unwrap(),

@@ -508,14 +508,14 @@ async fn run_server(
     let https = kagi_http::bind(&addrs).await?;
     // Key rotation by policy, and near-expiry/expired events: at start (catching up on what
     // fell due while kagi was down) and every 30 s. Event deliveries resume at start too.
+    // Singleton work runs on one node at a time, under its lease (on SQLite: always this one).
+    let lease = std::env::var("KAGI_LEASE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(kagi_vault::DEFAULT_LEASE, std::time::Duration::from_millis);
     if read_only {
         read_only::announce();
     } else {
-        // Each runs on one node at a time, under its lease (on SQLite: always this one).
-        let lease = std::env::var("KAGI_LEASE_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(kagi_vault::DEFAULT_LEASE, std::time::Duration::from_millis);
         let scheduler = platform.clone();
         tokio::spawn(platform.clone().run_singleton("rotation", lease, move || {
             let p = scheduler.clone();
@@ -554,7 +554,26 @@ async fn run_server(
         kagi_backup_service::ServiceConfig::default(),
     );
     if !read_only {
-        kagi_backup_service::spawn_scheduler(backup.clone(), std::time::Duration::from_secs(60));
+        // One node runs the schedules of every vault (their repositories are shared with
+        // --blobs s3://…); two would each start the same scheduled backup.
+        let scheduled = backup.clone();
+        tokio::spawn(
+            platform
+                .clone()
+                .run_singleton("backup-schedule", lease, move || {
+                    let b = scheduled.clone();
+                    every(60, "scheduled backups", move || {
+                        let b = b.clone();
+                        async move {
+                            let n = b.run_schedules().await;
+                            if n > 0 {
+                                tracing::info!(backups = n, "scheduled backups run");
+                            }
+                            Ok::<(), std::convert::Infallible>(())
+                        }
+                    })
+                }),
+        );
     }
 
     // Managed disks: disk encryption sets and disks, served over NBD on `<data>/nbd.sock`;
