@@ -525,3 +525,46 @@ def test_backups_on_shared_blobs_are_served_by_every_node(tmp_path):
     finally:
         for n in (n1, n2):
             n.stop()
+
+
+def test_vault_backup_jobs_are_served_by_every_node(tmp_path):
+    """A whole-vault backup started on node 1 is followed and downloaded through node 2 (the job
+    mirrored in the store, its result file in the bucket), then restored through node 2."""
+    import uuid
+
+    from conftest import LOCATION
+    from test_backup_vault import kagi_cli, ok
+
+    blobs = f"{s3_blobs_url().rstrip('/')}/nodes-{uuid.uuid4().hex}"
+    _, (n1, n2) = start_nodes(tmp_path, extra_args=["--blobs", blobs])
+    try:
+        n1.put_rg(DEFAULT_RG)
+        vault = n1.create_vault()
+        key = n1.key_client(n1.vault_url(vault.name)).create_rsa_key("cmk", size=2048)
+        r = n1.request("POST", n1.arm(n1.vault_path(DEFAULT_RG, vault.name) + "/backup"), json={"keyId": key.id})
+        assert r.status_code == 202, r.text
+        status = r.headers["Azure-AsyncOperation"].replace(n1.base, n2.base)
+
+        def ended():
+            job = n2.request("GET", status).json()
+            return job if job.get("status") in ("Completed", "Failed") else None
+
+        job, _ = until(ended, bound=60)
+        assert job["status"] == "Completed", job
+        data = n2.request("GET", job["resultUrl"].replace(n1.base, n2.base))
+        assert data.status_code == 200, data.text
+        assert len(data.content) == job["resultBytes"]
+        # The result file is in the bucket (the node that made it uploaded it before "Completed").
+        from conftest import S3Bucket
+
+        assert f"{job['id']}.kvbak" in S3Bucket.from_url(blobs).list("jobs")
+        (tmp_path / "v.kvbak").write_bytes(data.content)
+        target = random_name("rnode", 14)
+        out = ok(kagi_cli(n2, "keyvault", "restore", "--name", target, "--resource-group", DEFAULT_RG,
+                          "--location", LOCATION, "--file", str(tmp_path / "v.kvbak"), "--key-id", key.id))
+        assert out["keyVersions"] == 1, out
+        got, _ = until(lambda: n1.key_client(n1.vault_url(target)).get_key("cmk"))
+        assert got.properties.version == key.properties.version
+    finally:
+        for n in (n1, n2):
+            n.stop()

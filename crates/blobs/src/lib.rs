@@ -18,6 +18,9 @@
 
 #![forbid(unsafe_code)]
 
+/// The object_store crate this one is built on (its types appear in this API).
+pub use object_store;
+
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;

@@ -64,6 +64,7 @@ pub(crate) async fn handle(
     let r = match l {
         ["kagi", "jobs", _] => platform
             .job(caller, segs[2])
+            .await
             .map(|v| respond::json(200, &v)),
         ["kagi", "jobs", _, "result"] => download(&platform, caller, segs[2]).await,
         [.., "backup"] => backup(&platform, caller, segs, query, headers, body).await,
@@ -206,7 +207,7 @@ async fn download(
     caller: &Principal,
     id: &str,
 ) -> Result<Response<Body>, KvError> {
-    let (path, len) = platform.job_result_file(caller, id)?;
+    let (path, len) = platform.job_result_file(caller, id).await?;
     let file = tokio::fs::File::open(&path).await.map_err(|e| {
         tracing::error!(error = %e, "backup result not readable");
         KvError::internal()

@@ -5,21 +5,41 @@
 //! starts, changes phase and ends, next to its result file (`{id}.kvbak`). When the server
 //! starts again, a job that was running is answered as failed ("interrupted"); ended jobs and
 //! their results are kept for [`RETENTION`] after they end, then removed.
+//!
+//! Every job is mirrored into the store too (a service document of [`JOBS_KEY`], written by one
+//! task per job: at each phase and end, and every [`HEARTBEAT`] while it runs), so that every
+//! node sharing the store answers for it: a node asked for a job it does not run reads the
+//! store, and answers a running job whose heartbeat stopped ([`STALE`]) as interrupted. With
+//! blobs in a bucket (`kagi server --blobs`) a backup's result file is uploaded to the bucket
+//! (`jobs/{id}.kvbak`) before the job is written as completed, and another node fetches it from
+//! there when it is downloaded through that node.
 
 use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kagi_blobs::object_store::ObjectStoreExt;
+use kagi_blobs::object_store::path::Path as ObjectPath;
 use kagi_core::jobs::{Job, JobError, JobKind, JobProgress, JobStatus};
+use kagi_core::time::Clock;
 use kagi_core::{ErrorCode, KvError};
 use kagi_identity::Principal;
-use serde_json::Value;
+use kagi_store::{ServiceDocument, Store};
+use serde_json::{Value, json};
 
-use crate::{Platform, internal};
+use crate::{Platform, internal, node_id};
 
 /// How long an ended job and its result file are kept.
 pub const RETENTION: i64 = 24 * 3600;
+
+/// The store's resource key under which jobs are mirrored (documents of kind `vault-job`).
+pub const JOBS_KEY: &str = "/kagi/jobs";
+const JOB_KIND: &str = "vault-job";
+/// How often a running job's mirror is rewritten even when nothing changed.
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A running job whose mirror is older than this (seconds) ran on a node that died.
+const STALE: i64 = 30;
 
 /// Jobs by id; `None` until loaded from the data directory.
 type JobTable = Option<HashMap<String, Arc<JobHandle>>>;
@@ -35,6 +55,8 @@ pub(crate) struct Jobs {
 pub(crate) struct JobHandle {
     job: Mutex<Job>,
     dir: PathBuf,
+    /// Wakes the job's mirror task (a phase began, or the job ended).
+    changed: tokio::sync::Notify,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -57,6 +79,7 @@ impl JobHandle {
     }
 
     fn persist(&self, job: &Job) {
+        self.changed.notify_one();
         let path = self.dir.join(format!("{}.json", job.id));
         match serde_json::to_vec(job) {
             Ok(bytes) => {
@@ -208,15 +231,73 @@ impl Platform {
                 let handle = Arc::new(JobHandle {
                     job: Mutex::new(job.clone()),
                     dir: dir.clone(),
+                    changed: tokio::sync::Notify::new(),
                 });
                 if was_running {
                     handle.persist(&job);
+                    self.mirror_once(&job);
                 }
                 map.insert(job.id.clone(), handle);
             }
             *t = Some(map);
         }
         Ok(t)
+    }
+
+    /// Writes a job's state to the store once, in the background.
+    fn mirror_once(&self, job: &Job) {
+        let (store, doc) = (self.store.clone(), mirror_doc(self.clock.now(), job));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = store.put_service_document(JOBS_KEY, &doc).await {
+                    tracing::warn!(job = %doc.name, error = %e, "job not mirrored to the store");
+                }
+            });
+        }
+    }
+
+    /// Keeps a running job's mirror in the store current until its end is written: at each
+    /// change (at most once a second) and every [`HEARTBEAT`]. One task per job, so the
+    /// writes of one job never overtake each other.
+    fn mirror(&self, handle: Arc<JobHandle>) {
+        let (store, clock) = (self.store.clone(), self.clock.clone());
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(mirror_job(store, clock, handle));
+    }
+
+    /// Removes the store's mirrors (and the bucket's result files) of jobs ended longer ago
+    /// than [`RETENTION`], in the background.
+    fn expire_mirrors(&self) {
+        let (store, now) = (self.store.clone(), self.clock.now());
+        let bucket = self
+            .jobs_dir()
+            .ok()
+            .and_then(|d| self.blobs().remote(&d).ok().flatten());
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            let Ok(docs) = store.list_service_documents(JOBS_KEY, JOB_KIND).await else {
+                return;
+            };
+            for doc in docs {
+                let ended = serde_json::from_str::<Value>(&doc.body)
+                    .ok()
+                    .and_then(|v| v["job"]["endTime"].as_i64());
+                if ended.is_some_and(|t| now - t > RETENTION) {
+                    if let Some(b) = &bucket {
+                        let _ = b
+                            .delete(&ObjectPath::from(format!("{}.kvbak", doc.name)))
+                            .await;
+                    }
+                    let _ = store
+                        .delete_service_document(JOBS_KEY, JOB_KIND, &doc.name)
+                        .await;
+                }
+            }
+        });
     }
 
     /// Registers a new running job.
@@ -246,13 +327,17 @@ impl Platform {
         let handle = Arc::new(JobHandle {
             job: Mutex::new(job.clone()),
             dir: self.jobs_dir()?,
+            changed: tokio::sync::Notify::new(),
         });
         handle.persist(&job);
+        self.mirror(handle.clone());
         let mut t = self.job_table()?;
         let map = t.get_or_insert_with(HashMap::new);
         let now = self.clock.now();
         map.retain(|_, h| h.get().end_time.is_none_or(|e| now - e <= RETENTION));
         map.insert(id, handle.clone());
+        drop(t);
+        self.expire_mirrors();
         Ok(handle)
     }
 
@@ -280,19 +365,116 @@ impl Platform {
         format!("{}/kagi/jobs/{id}", self.config.authority())
     }
 
+    /// A job by id: one this node runs (or ran), else one another node sharing the store runs
+    /// or ran, as mirrored there (running with a stopped heartbeat: interrupted).
+    async fn find_job(&self, id: &str) -> Result<Job, KvError> {
+        if let Ok(h) = self.job_handle(id) {
+            return Ok(h.get());
+        }
+        let id = id.to_ascii_lowercase();
+        let doc = self
+            .store
+            .get_service_document(JOBS_KEY, JOB_KIND, &id)
+            .await
+            .map_err(|e| internal("read job", e))?
+            .ok_or_else(|| job_not_found(&id))?;
+        let mirrored: Value =
+            serde_json::from_str(&doc.body).map_err(|e| internal("job mirror", e))?;
+        let job: Job = serde_json::from_value(mirrored["job"].clone())
+            .map_err(|e| internal("job mirror", e))?;
+        let now = self.clock.now();
+        let heartbeat = mirrored["heartbeat"].as_i64().unwrap_or(doc.updated);
+        let job = if now - heartbeat > STALE {
+            job.interrupted(now)
+        } else {
+            job
+        };
+        if job.end_time.is_some_and(|t| now - t > RETENTION) {
+            return Err(job_not_found(&id));
+        }
+        Ok(job)
+    }
+
     /// `GET /kagi/jobs/{id}` (bootstrap administrator only).
-    pub fn job(&self, caller: &Principal, id: &str) -> Result<Value, KvError> {
+    pub async fn job(&self, caller: &Principal, id: &str) -> Result<Value, KvError> {
         self.require_job_admin(caller)?;
-        let job = self.job_handle(id)?.get();
+        let job = self.find_job(id).await?;
         Ok(job.to_json(&self.job_url(&job.id)))
+    }
+
+    /// With blobs in a bucket: uploads a backup job's result file there (`jobs/{id}.kvbak`),
+    /// so that every node can serve it. Called before the job is written as completed.
+    pub(crate) async fn share_result(&self, id: &str) -> Result<(), KvError> {
+        let dir = self.jobs_dir()?;
+        let Some(bucket) = self
+            .blobs()
+            .remote(&dir)
+            .map_err(|e| internal("job results", e))?
+        else {
+            return Ok(());
+        };
+        let mut file = tokio::fs::File::open(dir.join(format!("{id}.kvbak")))
+            .await
+            .map_err(|e| internal("open backup file", e))?;
+        let mut w = kagi_blobs::object_store::buffered::BufWriter::new(
+            bucket,
+            ObjectPath::from(format!("{id}.kvbak")),
+        );
+        tokio::io::copy(&mut file, &mut w)
+            .await
+            .map_err(|e| internal("upload backup file", e))?;
+        tokio::io::AsyncWriteExt::shutdown(&mut w)
+            .await
+            .map_err(|e| internal("upload backup file", e))
+    }
+
+    /// Fetches a result file another node uploaded to the bucket into this node's jobs folder
+    /// (ciphertext, as the file is); `false` when there is no bucket or no such object.
+    async fn fetch_result(&self, dir: &std::path::Path, id: &str) -> Result<bool, KvError> {
+        let Some(bucket) = self
+            .blobs()
+            .remote(dir)
+            .map_err(|e| internal("job results", e))?
+        else {
+            return Ok(false);
+        };
+        let got = match bucket.get(&ObjectPath::from(format!("{id}.kvbak"))).await {
+            Ok(g) => g,
+            Err(kagi_blobs::object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(internal("fetch backup file", e)),
+        };
+        let part = dir.join(format!("{id}.fetch.part"));
+        let mut out = tokio::fs::File::create(&part)
+            .await
+            .map_err(|e| internal("fetch backup file", e))?;
+        let mut stream = got.into_stream();
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| internal("fetch backup file", e))?;
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| internal("fetch backup file", e))?;
+        }
+        out.sync_all()
+            .await
+            .map_err(|e| internal("fetch backup file", e))?;
+        tokio::fs::rename(&part, dir.join(format!("{id}.kvbak")))
+            .await
+            .map_err(|e| internal("fetch backup file", e))?;
+        Ok(true)
     }
 
     /// The result file of a completed backup job and its size, for
     /// `GET /kagi/jobs/{id}/result` (bootstrap administrator only). 409 while the job runs or
     /// after it failed; 404 for a job without a result file.
-    pub fn job_result_file(&self, caller: &Principal, id: &str) -> Result<(PathBuf, u64), KvError> {
+    pub async fn job_result_file(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> Result<(PathBuf, u64), KvError> {
         self.require_job_admin(caller)?;
-        let job = self.job_handle(id)?.get();
+        let job = self.find_job(id).await?;
         match job.status {
             JobStatus::InProgress => {
                 return Err(KvError::conflict(
@@ -313,10 +495,55 @@ impl Platform {
                 "This job produces no file; its result is in its status.",
             ));
         }
-        let path = self.jobs_dir()?.join(format!("{}.kvbak", job.id));
+        let dir = self.jobs_dir()?;
+        let path = dir.join(format!("{}.kvbak", job.id));
+        if !path.exists() {
+            // Made by another node: its file is in the bucket.
+            self.fetch_result(&dir, &job.id).await?;
+        }
         let len = std::fs::metadata(&path)
             .map_err(|_| job_not_found(id))?
             .len();
         Ok((path, len))
+    }
+}
+
+/// A job's mirror document.
+fn mirror_doc(now: i64, job: &Job) -> ServiceDocument {
+    ServiceDocument {
+        kind: JOB_KIND.into(),
+        name: job.id.clone(),
+        body: json!({"job": job, "node": node_id(), "heartbeat": now}).to_string(),
+        updated: now,
+    }
+}
+
+/// The body of [`Platform::mirror`].
+async fn mirror_job(store: Arc<dyn Store>, clock: Arc<dyn Clock>, handle: Arc<JobHandle>) {
+    let mut written: Option<Job> = None;
+    let mut beat = tokio::time::Instant::now();
+    loop {
+        let job = handle.get();
+        if written.as_ref() != Some(&job) || beat.elapsed() >= HEARTBEAT {
+            match store
+                .put_service_document(JOBS_KEY, &mirror_doc(clock.now(), &job))
+                .await
+            {
+                Ok(()) => {
+                    beat = tokio::time::Instant::now();
+                    if job.status.is_terminal() {
+                        return;
+                    }
+                    written = Some(job);
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.id, error = %e, "job not mirrored to the store")
+                }
+            }
+        }
+        tokio::select! {
+            _ = handle.changed.notified() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
     }
 }

@@ -34,6 +34,7 @@ mod read_only;
 mod rotation;
 pub use rotation::SweepReport;
 mod jobs;
+pub use jobs::JOBS_KEY;
 mod secrets;
 mod service_host;
 // Storage-service resources (backup vaults, …) and what they learn of key vaults.

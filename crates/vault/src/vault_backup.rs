@@ -688,6 +688,11 @@ impl Platform {
         let platform = self.clone();
         tokio::spawn(async move {
             let result = platform.run_backup(&job, &record.name, protection).await;
+            // The result file reaches the bucket before the job is written as completed.
+            let result = match result {
+                Ok(r) => platform.share_result(&job.id()).await.map(|()| r),
+                Err(e) => Err(e),
+            };
             match result {
                 Ok((bytes, summary)) => {
                     job.complete(platform.clock.now(), Some(summary), Some(bytes))

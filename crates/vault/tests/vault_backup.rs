@@ -16,7 +16,7 @@ use kagi_core::key::{
     KeyVerifyParameters,
 };
 use kagi_core::secret::{SecretSetParameters, SecretUpdateParameters};
-use kagi_core::time::TestClock;
+use kagi_core::time::{Clock, TestClock};
 use kagi_core::vault::VaultInput;
 use kagi_crypto::{AesRootKey, DigestAlgorithm};
 use kagi_store::{SqlStore, Store};
@@ -35,6 +35,8 @@ const CRYPTO_USER: &str = "12338af0-0e69-4776-bea7-57ae8d297424";
 struct Env {
     _dir: tempfile::TempDir,
     p: Arc<Platform>,
+    store: Arc<dyn Store>,
+    clock: Arc<TestClock>,
     creds: BootstrapAdmin,
     admin: Principal,
 }
@@ -52,11 +54,11 @@ impl Env {
             config(dir.path()),
             clock.clone(),
             Arc::new(AesRootKey::from_bytes(&[root; 32])),
-            store,
+            store.clone(),
         )
         .await
         .unwrap();
-        let p = Arc::new(p.with_test_clock(clock));
+        let p = Arc::new(p.with_test_clock(clock.clone()));
         let creds = created.unwrap();
         let admin = sign_in(&p, &creds).await;
         p.put_resource_group(
@@ -70,6 +72,8 @@ impl Env {
         Self {
             _dir: dir,
             p,
+            store,
+            clock,
             creds,
             admin,
         }
@@ -142,7 +146,7 @@ impl Env {
     async fn wait(&self, job: &Value) -> Value {
         let id = job["id"].as_str().unwrap();
         for _ in 0..3000 {
-            let j = self.p.job(&self.admin, id).unwrap();
+            let j = self.p.job(&self.admin, id).await.unwrap();
             if j["status"] != "InProgress" {
                 return j;
             }
@@ -165,6 +169,7 @@ impl Env {
         let (path, len) = self
             .p
             .job_result_file(&self.admin, job["id"].as_str().unwrap())
+            .await
             .unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len() as u64, len);
@@ -824,12 +829,20 @@ async fn only_the_administrator_runs_backups_and_reads_jobs() {
         .await
         .unwrap();
     let id = job["id"].as_str().unwrap();
-    assert_eq!(env.p.job(&other, id).unwrap_err().status(), 403);
-    assert_eq!(env.p.job_result_file(&other, id).unwrap_err().status(), 403);
+    assert_eq!(env.p.job(&other, id).await.unwrap_err().status(), 403);
+    assert_eq!(
+        env.p
+            .job_result_file(&other, id)
+            .await
+            .unwrap_err()
+            .status(),
+        403
+    );
     env.wait(&job).await;
     assert_eq!(
         env.p
             .job(&env.admin, "0123456789abcdef0123456789abcdef")
+            .await
             .unwrap_err()
             .status(),
         404
@@ -896,7 +909,7 @@ async fn jobs_running_when_the_server_stopped_are_failed_as_interrupted() {
     .unwrap();
     std::fs::write(jobs.join(format!("{id}.part")), b"partial").unwrap();
     std::fs::write(jobs.join("feedface.upload"), b"upload").unwrap();
-    let j = env.p.job(&env.admin, id).unwrap();
+    let j = env.p.job(&env.admin, id).await.unwrap();
     assert_eq!(j["status"], "Failed");
     assert_eq!(j["error"]["code"], "JobInterrupted");
     assert!(
@@ -912,7 +925,56 @@ async fn jobs_running_when_the_server_stopped_are_failed_as_interrupted() {
         serde_json::from_slice(&std::fs::read(jobs.join(format!("{id}.json"))).unwrap()).unwrap();
     assert_eq!(stored.status, JobStatus::Failed);
     assert_eq!(
-        env.p.job_result_file(&env.admin, id).unwrap_err().inner,
+        env.p
+            .job_result_file(&env.admin, id)
+            .await
+            .unwrap_err()
+            .inner,
         Some("JobFailed")
+    );
+}
+
+/// A job another node runs is answered from its mirror in the store, with its progress; once its
+/// heartbeat is older than 30 s (its node died), as failed: interrupted.
+#[tokio::test]
+async fn a_job_of_another_node_is_read_from_the_store_until_its_heartbeat_stops() {
+    let env = Env::new(7).await;
+    let id = "00112233445566778899aabbccddeeff";
+    let now = env.clock.now();
+    let job = json!({
+        "id": id, "kind": "VaultBackup", "resource": "/subscriptions/s/resourceGroups/rg1/providers/Microsoft.KeyVault/vaults/v",
+        "status": "InProgress",
+        "progress": {"done": 2, "total": 6, "unit": "objects", "phase": "encrypt"},
+        "startTime": now, "endTime": null, "error": null, "result": null, "resultBytes": null,
+    });
+    env.store
+        .put_service_document(
+            kagi_vault::JOBS_KEY,
+            &kagi_store::ServiceDocument {
+                kind: "vault-job".into(),
+                name: id.into(),
+                body: json!({"job": job, "node": "other", "heartbeat": now}).to_string(),
+                updated: now,
+            },
+        )
+        .await
+        .unwrap();
+    let seen = env.p.job(&env.admin, id).await.unwrap();
+    assert_eq!(seen["status"], "InProgress", "{seen}");
+    assert_eq!(seen["progress"]["done"], 2);
+    // Its result is not there yet.
+    assert_eq!(
+        env.p.job_result_file(&env.admin, id).await.unwrap_err().status(),
+        409
+    );
+    env.clock.advance(31).unwrap();
+    let seen = env.p.job(&env.admin, id).await.unwrap();
+    assert_eq!(seen["status"], "Failed", "{seen}");
+    assert!(
+        seen["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("interrupted"),
+        "{seen}"
     );
 }
