@@ -29,6 +29,11 @@ use crate::{BackupError, Result, io_err};
 
 /// Granularity of hole detection (a file-system block).
 const HOLE_BLOCK: usize = 4096;
+/// Chunks of a file loaded at once while restoring it (at most this many, decompressed, in
+/// memory per restoring thread: 16 MiB at the largest chunk size).
+const RESTORE_BATCH: usize = 16;
+/// The most bytes read with one request when neighbouring chunks are read together.
+const RESTORE_RUN_BYTES: u64 = 8 << 20;
 
 /// Deeper trees are refused rather than recursed into: a backup cannot produce one (paths are
 /// limited to 4096 bytes), and a crafted one must not exhaust the stack.
@@ -406,18 +411,25 @@ impl Repository {
         );
         let node = &p.node;
         let mut written = 0u64;
-        for c in &node.content {
-            let chunk = self.load(&parse_id(c)?)?;
-            // Zero blocks become holes: sparse files stay sparse.
-            for block in chunk.chunks(HOLE_BLOCK) {
-                if block.iter().all(|b| *b == 0) {
-                    f.seek(SeekFrom::Current(block.len() as i64))
-                        .map_err(err())?;
-                } else {
-                    f.write_all(block).map_err(err())?;
+        let ids = node
+            .content
+            .iter()
+            .map(|c| parse_id(c))
+            .collect::<Result<Vec<_>>>()?;
+        // A few chunks at a time, neighbours in a pack read together (one request on S3).
+        for batch in ids.chunks(RESTORE_BATCH) {
+            for chunk in self.load_many(batch, RESTORE_RUN_BYTES)? {
+                // Zero blocks become holes: sparse files stay sparse.
+                for block in chunk.chunks(HOLE_BLOCK) {
+                    if block.iter().all(|b| *b == 0) {
+                        f.seek(SeekFrom::Current(block.len() as i64))
+                            .map_err(err())?;
+                    } else {
+                        f.write_all(block).map_err(err())?;
+                    }
                 }
+                written += chunk.len() as u64;
             }
-            written += chunk.len() as u64;
         }
         if written != node.size {
             return Err(BackupError::Corrupt(format!(
