@@ -71,6 +71,7 @@ macro_rules! store_contract {
             key_versions_are_updated_deleted_and_recovered_case_insensitively,
             inserting_a_key_conflicts_when_the_name_exists,
             purging_a_key_removes_its_versions_policy_and_marks,
+            a_later_version_needs_its_object_live,
             secrets_follow_the_same_contract_as_keys,
             rotation_policies_need_their_key_and_are_listed_by_folded_name,
             event_marks_are_recorded_once_and_can_be_unmarked,
@@ -590,6 +591,47 @@ pub async fn purging_a_key_removes_its_versions_policy_and_marks(s: &dyn Store) 
         .await
         .unwrap();
     assert_eq!(s.load_keys(&v.name).await.unwrap()[0].versions.len(), 1);
+}
+
+/// A version after the first (`seq` > 1) is added only to an object that exists and is not
+/// deleted: on a shared store a node whose memory still shows an object another node purged
+/// or deleted gets `Conflict`, and the object does not come back with one version. A first
+/// version creates the object (again, after a purge). The same for secrets.
+pub async fn a_later_version_needs_its_object_live(s: &dyn Store) {
+    let v = vault("vault-one");
+    s.put_vault(&v).await.unwrap();
+    let k = name("k");
+    s.add_key_version(&v.name, &k, &key_version(1, 1))
+        .await
+        .unwrap();
+    s.set_key_deleted(&v.name, &k, Some((10, 20)))
+        .await
+        .unwrap();
+    let before = s.load_keys(&v.name).await.unwrap();
+    assert!(is_conflict(
+        s.add_key_version(&v.name, &k, &key_version(1, 2)).await
+    ));
+    assert_eq!(s.load_keys(&v.name).await.unwrap(), before);
+    s.purge_key(&v.name, &k).await.unwrap();
+    assert!(is_conflict(
+        s.add_key_version(&v.name, &k, &key_version(1, 2)).await
+    ));
+    assert!(s.load_keys(&v.name).await.unwrap().is_empty());
+    s.add_key_version(&v.name, &k, &key_version(2, 1))
+        .await
+        .unwrap();
+    assert_eq!(s.load_keys(&v.name).await.unwrap()[0].versions.len(), 1);
+
+    let sn = name("s");
+    s.add_secret_version(&v.name, &sn, &secret_version(1, 1))
+        .await
+        .unwrap();
+    s.purge_secret(&v.name, &sn).await.unwrap();
+    assert!(is_conflict(
+        s.add_secret_version(&v.name, &sn, &secret_version(1, 2))
+            .await
+    ));
+    assert!(s.load_secrets(&v.name).await.unwrap().is_empty());
 }
 
 /// Secrets keep the keys' promises in their own namespace: versions in order, a duplicate

@@ -189,14 +189,18 @@ where
     Ok(())
 }
 
-/// A serialisation failure (PostgreSQL's 40001: a concurrent transaction changed what this one
-/// read) is a conflict over vault `name`; anything else a database error.
+/// Whether a statement failed for a serialisation failure (PostgreSQL's 40001: a concurrent
+/// transaction changed what this one read).
+pub(crate) fn is_serialization_failure(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("40001"))
+}
+
+/// A serialisation failure is a conflict over vault `name`; anything else a database error.
 fn changed_meanwhile(e: sqlx::Error, name: &VaultName) -> StoreError {
-    match &e {
-        sqlx::Error::Database(d) if d.code().as_deref() == Some("40001") => {
-            StoreError::Conflict(format!("vault {name} changed meanwhile"))
-        }
-        _ => e.into(),
+    if is_serialization_failure(&e) {
+        StoreError::Conflict(format!("vault {name} changed meanwhile"))
+    } else {
+        e.into()
     }
 }
 
@@ -538,7 +542,7 @@ impl Store for SqlStore {
         name: &ObjectName,
         version: &KeyVersionRecord,
     ) -> Result<()> {
-        versioned::add_version(&self.pool, &KEYS, vault, name, version).await
+        versioned::add_version(self.begin_write().await?, &KEYS, vault, name, version).await
     }
 
     async fn update_key_version(
@@ -587,7 +591,7 @@ impl Store for SqlStore {
         name: &ObjectName,
         version: &SecretVersionRecord,
     ) -> Result<()> {
-        versioned::add_version(&self.pool, &SECRETS, vault, name, version).await
+        versioned::add_version(self.begin_write().await?, &SECRETS, vault, name, version).await
     }
 
     async fn update_secret_version(

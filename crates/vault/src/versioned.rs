@@ -359,8 +359,20 @@ impl ObjectView<'_> {
     }
 }
 
+/// A store failure as the answer: a conflict is the client's to retry (on a shared store,
+/// another node changed the object since this node read it — deleted or purged it, or added
+/// the version this one was adding); anything else is the server's.
 fn store_error(context: &str, noun: &str, e: StoreError) -> KvError {
-    internal(&format!("{context} {}", noun.to_ascii_lowercase()), e)
+    match e {
+        StoreError::Conflict(detail) => {
+            tracing::info!(context, %detail, "store conflict");
+            KvError::conflict(format!(
+                "The {} was changed by another request meanwhile; read it again and retry.",
+                noun.to_ascii_lowercase()
+            ))
+        }
+        e => internal(&format!("{context} {}", noun.to_ascii_lowercase()), e),
+    }
 }
 
 /// A version of a live object: its vault, its entry and the version.

@@ -81,12 +81,45 @@ version_row!(SecretVersionRecord, sealed_value);
 
 // The table and column names below come from the constants above, never from input.
 
+/// Makes sure the object row is there and live before a version of order `seq` is added: the
+/// first version (`seq` 1) creates it (or joins the one another writer just created); a later
+/// one needs it to exist — on a shared store the node adding it may not have seen yet that
+/// another node purged the object, which must not come back with one version — and neither
+/// may be added to an object another node deleted meanwhile.
 async fn ensure_row(
     tx: &mut Transaction<'_, Any>,
     t: &Tables,
     vault: &VaultName,
     name: &ObjectName,
+    seq: i64,
 ) -> Result<()> {
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT deleted_at FROM {} WHERE vault = $1 AND name_folded = $2",
+        t.objects
+    )))
+    .bind(vault.as_str())
+    .bind(name.folded())
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(meanwhile(t, name))?;
+    if let Some(r) = row {
+        let deleted: Option<i64> = r.try_get("deleted_at")?;
+        if deleted.is_some() {
+            return Err(StoreError::Conflict(format!(
+                "{} {} is deleted",
+                t.noun,
+                name.as_str()
+            )));
+        }
+        return Ok(());
+    }
+    if seq > 1 {
+        return Err(StoreError::Conflict(format!(
+            "{} {} no longer exists (purged meanwhile)",
+            t.noun,
+            name.as_str()
+        )));
+    }
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {} (vault, name_folded, name) VALUES ($1, $2, $3) \
          ON CONFLICT (vault, name_folded) DO NOTHING",
@@ -96,7 +129,8 @@ async fn ensure_row(
     .bind(name.folded())
     .bind(name.as_str())
     .execute(&mut **tx)
-    .await?;
+    .await
+    .map_err(meanwhile(t, name))?;
     Ok(())
 }
 
@@ -125,7 +159,7 @@ async fn insert_version<V: VersionRow>(
         if is_unique_violation(&e) {
             StoreError::Conflict(format!("{} version {version} exists", t.noun))
         } else {
-            e.into()
+            meanwhile(t, name)(e)
         }
     })?;
     Ok(())
@@ -196,19 +230,33 @@ pub(super) async fn load<V: VersionRow>(
     Ok(out.into_iter().map(|(_, o)| o).collect())
 }
 
-/// Adds a version, creating the object row if it is new.
+/// Adds a version, creating the object row with its first version (see [`ensure_row`]), in
+/// `tx` (begun to read then write: `SqlStore::begin_write`). A serialisation failure (another
+/// node changed the object meanwhile) is a conflict.
 pub(super) async fn add_version<V: VersionRow>(
-    pool: &AnyPool,
+    mut tx: Transaction<'static, Any>,
     t: &Tables,
     vault: &VaultName,
     name: &ObjectName,
     version: &V,
 ) -> Result<()> {
-    let mut tx = pool.begin().await?;
-    ensure_row(&mut tx, t, vault, name).await?;
+    let seq = version.parts().1;
+    ensure_row(&mut tx, t, vault, name, seq).await?;
     insert_version(&mut tx, t, vault, name, version).await?;
-    tx.commit().await?;
+    tx.commit().await.map_err(meanwhile(t, name))?;
     Ok(())
+}
+
+/// Maps a serialisation failure (PostgreSQL's 40001: another node changed the object between
+/// this transaction's read and its write) to a conflict over the object.
+fn meanwhile<'a>(t: &'a Tables, name: &'a ObjectName) -> impl Fn(sqlx::Error) -> StoreError + 'a {
+    move |e| {
+        if super::is_serialization_failure(&e) {
+            StoreError::Conflict(format!("{} {} changed meanwhile", t.noun, name.as_str()))
+        } else {
+            e.into()
+        }
+    }
 }
 
 /// Replaces the public part of a version (`info`: its JSON).
