@@ -58,11 +58,19 @@ pub enum StoreError {
     /// A uniqueness rule was violated (the row exists).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// Concurrent transactions kept changing what this one read (PostgreSQL's serialisation
+    /// failure, 40001, on a store several nodes share); the store ran it again a few times
+    /// before giving up. Nothing was written.
+    #[error("contended: {0}")]
+    Contended(String),
 }
 
 // Backends turn their own errors into the neutral one at their boundary.
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
+        if sql::is_serialization_failure(&e) {
+            return Self::Contended(e.to_string());
+        }
         Self::Database(e.to_string())
     }
 }

@@ -195,6 +195,29 @@ pub(crate) fn is_serialization_failure(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("40001"))
 }
 
+/// How many times a read-then-write transaction runs when concurrent ones keep failing it.
+const ATTEMPTS: u32 = 5;
+
+/// Runs a self-contained read-then-write transaction (`attempt` begins, reads, writes and
+/// commits it) again while it fails with [`StoreError::Contended`]: the next run reads what
+/// the concurrent writer committed, as a client's retry would, with a short growing pause.
+pub(crate) async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut n = 1;
+    loop {
+        match attempt().await {
+            Err(StoreError::Contended(_)) if n < ATTEMPTS => {
+                tokio::time::sleep(std::time::Duration::from_millis(5 << n)).await;
+                n += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// A serialisation failure is a conflict over vault `name`; anything else a database error.
 fn changed_meanwhile(e: sqlx::Error, name: &VaultName) -> StoreError {
     if is_serialization_failure(&e) {

@@ -28,9 +28,10 @@ fn attempts(n: i64) -> u32 {
     n.clamp(0, i64::from(u32::MAX)) as u32
 }
 
-#[async_trait]
-impl AlertStore for SqlStore {
-    async fn put_monitor_resource(&self, r: &MonitorRecord) -> Result<bool> {
+// Each runs again when a concurrent node's transaction failed it (`super::retrying`).
+impl SqlStore {
+    /// [`AlertStore::put_monitor_resource`], once.
+    async fn put_monitor_resource_once(&self, r: &MonitorRecord) -> Result<bool> {
         // It reads before it writes (`begin_write`).
         let mut tx = self.begin_write().await?;
         let existed =
@@ -55,6 +56,48 @@ impl AlertStore for SqlStore {
         .await?;
         tx.commit().await?;
         Ok(!existed)
+    }
+
+    /// [`AlertStore::append_activity_with_alerts`], once.
+    async fn append_activity_with_alerts_once(
+        &self,
+        resource_key: &str,
+        at: i64,
+        body: &str,
+        notifications: &[AlertNotification],
+    ) -> Result<i64> {
+        let mut tx = self.begin_write().await?;
+        let seq = insert_activity(&mut tx, resource_key, at, body).await?;
+        for n in notifications {
+            // An action group deleted since it was matched simply gets nothing (and its
+            // foreign key would otherwise fail the entry itself).
+            sqlx::query(
+                "INSERT INTO alert_deliveries (id, action_group, receiver, alert, endpoint_url, \
+                 body, state, attempts, next_attempt_ms, created, updated) \
+                 SELECT $1, $2, $3, $4, $5, $6, 'pending', 0, 0, $7, $8 \
+                 WHERE EXISTS (SELECT 1 FROM monitor_resources WHERE id = $9)",
+            )
+            .bind(&n.id)
+            .bind(&n.action_group)
+            .bind(&n.receiver)
+            .bind(&n.alert)
+            .bind(&n.endpoint_url)
+            .bind(&n.body)
+            .bind(at)
+            .bind(at)
+            .bind(&n.action_group)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(seq)
+    }
+}
+
+#[async_trait]
+impl AlertStore for SqlStore {
+    async fn put_monitor_resource(&self, r: &MonitorRecord) -> Result<bool> {
+        super::retrying(|| self.put_monitor_resource_once(r)).await
     }
 
     async fn get_monitor_resource(&self, id: &str) -> Result<Option<MonitorRecord>> {
@@ -98,31 +141,10 @@ impl AlertStore for SqlStore {
         body: &str,
         notifications: &[AlertNotification],
     ) -> Result<i64> {
-        let mut tx = self.begin_write().await?;
-        let seq = insert_activity(&mut tx, resource_key, at, body).await?;
-        for n in notifications {
-            // An action group deleted since it was matched simply gets nothing (and its
-            // foreign key would otherwise fail the entry itself).
-            sqlx::query(
-                "INSERT INTO alert_deliveries (id, action_group, receiver, alert, endpoint_url, \
-                 body, state, attempts, next_attempt_ms, created, updated) \
-                 SELECT $1, $2, $3, $4, $5, $6, 'pending', 0, 0, $7, $8 \
-                 WHERE EXISTS (SELECT 1 FROM monitor_resources WHERE id = $9)",
-            )
-            .bind(&n.id)
-            .bind(&n.action_group)
-            .bind(&n.receiver)
-            .bind(&n.alert)
-            .bind(&n.endpoint_url)
-            .bind(&n.body)
-            .bind(at)
-            .bind(at)
-            .bind(&n.action_group)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(seq)
+        super::retrying(|| {
+            self.append_activity_with_alerts_once(resource_key, at, body, notifications)
+        })
+        .await
     }
 
     async fn due_alert_deliveries(&self, now_ms: i64, limit: u32) -> Result<Vec<PendingDelivery>> {

@@ -208,7 +208,7 @@ impl SqlStore {
         Ok(())
     }
 
-    pub(super) async fn service_data_import(
+    async fn service_data_import_once(
         &self,
         resource_key: &str,
         import: &ServiceImport,
@@ -242,6 +242,22 @@ impl SqlStore {
         Ok(())
     }
 
+    /// Imports an earlier kagi's files (see `Store::import_service_data`), run again when a
+    /// concurrent node's transaction failed it ([`super::retrying`]).
+    pub(super) async fn service_data_import(
+        &self,
+        resource_key: &str,
+        import: &ServiceImport,
+    ) -> Result<()> {
+        super::retrying(|| self.service_data_import_once(resource_key, import)).await
+    }
+
+    /// Creates or replaces a policy assignment; `true` when it is new. Run again when a
+    /// concurrent node's transaction failed it ([`super::retrying`]).
+    pub(super) async fn policies_put(&self, id: &str, body: &str, now: i64) -> Result<bool> {
+        super::retrying(|| self.policies_put_once(id, body, now)).await
+    }
+
     pub(super) async fn policies_list(&self) -> Result<Vec<(String, String)>> {
         let rows = sqlx::query("SELECT id, body FROM policy_assignments ORDER BY id")
             .fetch_all(&self.pool)
@@ -251,7 +267,7 @@ impl SqlStore {
             .collect()
     }
 
-    pub(super) async fn policies_put(&self, id: &str, body: &str, now: i64) -> Result<bool> {
+    async fn policies_put_once(&self, id: &str, body: &str, now: i64) -> Result<bool> {
         // It reads before it writes (`begin_write`).
         let mut tx = self.begin_write().await?;
         let existed =
