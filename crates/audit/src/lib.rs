@@ -22,7 +22,7 @@ mod timefmt;
 mod writer;
 
 pub use chain::{GENESIS_HASH, canonical_json, sha256_hex};
-pub use operation::{data_plane_operation, management_operation};
+pub use operation::data_plane_operation;
 pub use reader::{AuditEntry, Filter, Query, VerifyError, VerifyReport, query, verify};
 pub use record::{
     AuditRecord, Claim, Identity, RequestProperties, ResultType, new_correlation_id, reason_phrase,

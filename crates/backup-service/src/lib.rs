@@ -58,6 +58,7 @@ mod items;
 pub mod jobs;
 mod moves;
 mod resource;
+pub mod routes;
 mod schedule;
 pub mod state;
 mod vaults;
@@ -254,6 +255,10 @@ impl ResourceProvider for BackupService {
 
     fn resource_types(&self) -> &'static [&'static str] {
         &[VAULT_TYPE]
+    }
+
+    fn routes(&self) -> &'static [kagi_core::route_table::Route] {
+        routes::ROUTES
     }
 
     async fn handle(

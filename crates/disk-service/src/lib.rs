@@ -34,6 +34,7 @@ mod images;
 mod import;
 pub mod keeper;
 mod keys;
+pub mod routes;
 mod runtime;
 mod snapshots;
 
@@ -381,6 +382,10 @@ impl ResourceProvider for DiskService {
 
     fn resource_types(&self) -> &'static [&'static str] {
         &[DES_TYPE, DISK_TYPE, SNAPSHOT_TYPE, IMAGE_TYPE]
+    }
+
+    fn routes(&self) -> &'static [kagi_core::route_table::Route] {
+        routes::ROUTES
     }
 
     async fn handle(

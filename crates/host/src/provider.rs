@@ -1,8 +1,9 @@
 //! What a storage service offers the platform: the [`ResourceProvider`] trait, through which
 //! the HTTP layer hands it the ARM requests of its namespace, the moves of its resources, the
-//! requests of its agents (if it has any), and asks it how the audit log names a request and
-//! whether its resources' identities are trusted by vault firewalls. The server registers its
-//! providers at start; no router names a service.
+//! requests of its agents (if it has any), and asks it for its route table (which requests it
+//! serves and how the audit log names them) and whether its resources' identities are trusted
+//! by vault firewalls. The server registers its providers at start; no router names a
+//! service.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -193,9 +194,9 @@ pub fn move_not_supported(id: &str) -> KvError {
 
 /// A storage service as the platform's HTTP layer sees it: the ARM resource types of one
 /// namespace. The server registers each provider at start (`kagi_http::Services`); the
-/// management router hands a provider every ARM request whose path names its namespace
-/// (`…/providers/{namespace}/…`), the moves of its resources, and the agent requests
-/// (`/kagi/agent/{resource id}/…`) under its namespace.
+/// management router hands a provider the requests that match its route table
+/// ([`ResourceProvider::routes`]: ARM requests under its namespace, `…/providers/{namespace}/…`,
+/// and agent requests, `/kagi/agent/{resource id}/…`) and the moves of its resources.
 ///
 /// Methods that do work take `self: Arc<Self>`, so that a provider can start background jobs
 /// that outlive the request.
@@ -232,13 +233,12 @@ pub trait ResourceProvider: Send + Sync + std::fmt::Debug {
         Err(move_not_supported(to.id))
     }
 
-    /// The audit log's operation name of a request under its namespace (`method`, path
-    /// segments as sent), when the provider names it itself; `None` (the default): ARM's
-    /// generic name (`{namespace}/{types…}[/{action}]/{read|write|delete|action}`).
-    fn operation_name(&self, method: &str, segs: &[&str]) -> Option<String> {
-        let _ = (method, segs);
-        None
-    }
+    /// Every route it serves — its ARM routes under its namespace and its agents' routes
+    /// (`/kagi/agent/{resource id}/…`) — with the audit log's operation names. The HTTP layer
+    /// hands it only the requests that match one of them (any other is answered 404 or 405
+    /// before it is asked), names them in the audit log by them, and describes them in
+    /// `/openapi.json` ([`kagi_core::route_table`]).
+    fn routes(&self) -> &'static [kagi_core::route_table::Route];
 
     /// Whether the system-assigned identities of its resources count as trusted services for
     /// a vault firewall's `bypass: AzureServices`. Default: no.

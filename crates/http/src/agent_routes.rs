@@ -15,11 +15,6 @@ use zeroize::Zeroizing;
 
 use crate::respond::{self, query_get, query_pairs};
 
-/// Whether a management path is an agent route.
-pub(crate) fn matches(l: &[&str]) -> bool {
-    matches!(l, ["kagi", "agent", ..])
-}
-
 /// `Range: bytes=a-b` (inclusive) as a half-open range.
 fn range_of(headers: &HeaderMap) -> Result<Option<(u64, u64)>, KvError> {
     let Some(v) = headers.get(header::RANGE) else {
@@ -75,8 +70,9 @@ async fn read_limited(
     Ok(buf)
 }
 
-/// Serves an agent request (by the provider of its namespace in the request's `extensions`).
+/// Serves an agent request by `provider`, whose route table holds it (`None`: 404).
 pub(crate) async fn handle(
+    provider: Option<std::sync::Arc<dyn kagi_host::ResourceProvider>>,
     method: &Method,
     segs: &[&str],
     query: Option<&str>,
@@ -103,12 +99,7 @@ pub(crate) async fn handle(
         authorization,
         content_length,
     };
-    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
-    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
-    let Some(provider) = extensions
-        .get::<crate::Services>()
-        .and_then(|s| s.provider_of_path(&l[2..]))
-    else {
+    let Some(provider) = provider else {
         return respond::error(&KvError::new(ErrorCode::NotFound, "No such agent route."));
     };
     let session = match provider.admit_agent(head).await {

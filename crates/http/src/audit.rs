@@ -223,17 +223,16 @@ async fn serve_in_span(
     }
     let services = req.extensions().get::<crate::Services>().cloned();
     let method = req.method().to_string();
-    let op_label = match &target {
-        Target::Vault(_) => Operation::Fixed(kagi_audit::data_plane_operation(&method, &path)),
-        Target::Management => {
-            Operation::Derived(management_operation(services.as_ref(), &method, &path))
-        }
-        Target::Unknown => Operation::Fixed("UnknownOperation"),
+    // From a route table, so a bounded set (the metrics label requests with it).
+    let op_label: &'static str = match &target {
+        Target::Vault(_) => kagi_audit::data_plane_operation(&method, &path),
+        Target::Management => management_operation(services.as_ref(), &method, &path),
+        Target::Unknown => "UnknownOperation",
     };
     // Held until the record is written: the log keeps room for it even if the disk fills.
     let Some(_admission) = audit.admit() else {
         let r = unavailable(&correlation);
-        answered(services.as_ref(), &op_label, r.status().as_u16(), started);
+        answered(services.as_ref(), op_label, r.status().as_u16(), started);
         return r;
     };
 
@@ -273,7 +272,7 @@ async fn serve_in_span(
         .map(|a| a.0.ip().to_canonical().to_string());
     let slot = CallerSlot::default();
     req.extensions_mut().insert(slot.clone());
-    let operation = op_label.name().to_string();
+    let operation = op_label.to_string();
     let plane = match &target {
         Target::Vault(_) => crate::read_only::Plane::Vault,
         Target::Management => crate::read_only::Plane::Management,
@@ -421,67 +420,51 @@ async fn serve_in_span(
     if let Err(e) = audit.append(record).await {
         tracing::error!(error = %e, "audit record not written; answering 503");
         let r = unavailable(&correlation);
-        answered(services.as_ref(), &op_label, r.status().as_u16(), started);
+        answered(services.as_ref(), op_label, r.status().as_u16(), started);
         return r;
     }
-    answered(services.as_ref(), &op_label, status, started);
+    answered(services.as_ref(), op_label, status, started);
     let mut response =
         Response::from_parts(parts, passthrough.unwrap_or_else(|| Body::from(bytes)));
     set_request_id(&mut response, &correlation);
     response
 }
 
-/// A request's operation name, and whether it comes from a fixed table (the data plane's
-/// routes) or from the request's path (management: bounded in the metrics).
-enum Operation {
-    Fixed(&'static str),
-    Derived(String),
-}
-
-impl Operation {
-    fn name(&self) -> &str {
-        match self {
-            Self::Fixed(n) => n,
-            Self::Derived(n) => n,
-        }
-    }
-}
-
 /// Logs a request's answer (the `request` span carries its id) and counts it in the metrics
 /// when they are on.
 fn answered(
     services: Option<&crate::Services>,
-    operation: &Operation,
+    operation: &'static str,
     status: u16,
     started: Instant,
 ) {
     let elapsed = started.elapsed();
     tracing::info!(
         target: "kagi_http::access",
-        operation = operation.name(),
+        operation,
         status,
         duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
         "request answered"
     );
     if let Some(metrics) = services.and_then(crate::Services::metrics) {
-        let name = match operation {
-            Operation::Fixed(n) => kagi_metrics::OperationName::Fixed(n),
-            Operation::Derived(n) => kagi_metrics::OperationName::Derived(n),
-        };
-        metrics.observe_request(name, status, elapsed);
+        metrics.observe_request(
+            kagi_metrics::OperationName::Fixed(operation),
+            status,
+            elapsed,
+        );
     }
 }
 
-/// The operation name of a management request: the one the provider of the path's namespace
-/// gives it, if any, else the audit log's own (ARM's generic names, the key vault's `Vault*`).
-fn management_operation(services: Option<&crate::Services>, method: &str, path: &str) -> String {
-    let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
-    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
-    services
-        .and_then(|s| s.provider_of_path(&l))
-        .and_then(|p| p.operation_name(method, &segs))
-        .unwrap_or_else(|| kagi_audit::management_operation(method, path))
+/// The operation name of a management request: its route's (the platform's table or a storage
+/// service's), or `UnknownOperation` for a request no route serves (answered 404 or 405).
+fn management_operation(
+    services: Option<&crate::Services>,
+    method: &str,
+    path: &str,
+) -> &'static str {
+    let segs = crate::route_table::management_segments(path);
+    crate::route_table::find_management(services, method, &segs)
+        .map_or("UnknownOperation", |found| found.route.operation)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ mod move_routes;
 mod provider_routes;
 mod read_only;
 mod respond;
+mod route_table;
 mod routing;
 mod server;
 mod services;
@@ -29,6 +30,7 @@ pub mod tls;
 
 pub use context::RemoteAddr;
 pub use metrics::enable_metrics;
+pub use route_table::openapi_document;
 pub use server::{ServeError, bind, serve, serve_bound_until, serve_until};
 pub use services::Services;
 

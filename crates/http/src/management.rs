@@ -4,80 +4,68 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, Response, header};
+use kagi_core::route_table::{ApiVersion, Auth, RouteMiss};
 use kagi_core::{ErrorCode, KvError};
 use kagi_vault::{Platform, Principal};
 
 use crate::respond::{self, parse_json, query_get, query_pairs};
 
-/// Serves one request to the management host.
+/// Serves one request to the management host: only a request that matches a route of the
+/// server's route tables ([`crate::route_table`]) reaches a handler; any other is answered
+/// 404 (405 for a served path with another method) before anything else is looked at.
 pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let segs = crate::route_table::management_segments(&path);
     let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let services = parts.extensions.get::<crate::Services>().cloned();
+    let found = match crate::route_table::find_management(
+        services.as_ref(),
+        parts.method.as_str(),
+        &segs,
+    ) {
+        Ok(found) => found,
+        Err(RouteMiss::NotFound) => return respond::error(&no_route(&segs)),
+        Err(RouteMiss::MethodNotAllowed) => {
+            return respond::error(&method_not_allowed(&parts.method));
+        }
+    };
 
-    // Unauthenticated endpoints: health and the token service.
-    match (l.as_slice(), &parts.method) {
-        (["healthz"], &Method::GET) => {
-            return respond::json(200, &serde_json::json!({"status": "ok"}));
+    match found.route.auth {
+        // Health, discovery and the token service.
+        Auth::Anonymous => {
+            return anonymous(&platform, services.as_ref(), &parts, &segs, &l, body).await;
         }
-        // ARM's cloud metadata, unauthenticated as ARM serves it: `az cloud register
-        // --endpoint-resource-manager https://localhost:8443/` reads every other endpoint
-        // from it.
-        (["metadata", "endpoints"], &Method::GET) => {
-            return respond::json(200, &cloud_metadata(&platform));
+        // Agents (of a provider: backup agents) authenticate by their own credentials, before
+        // their bodies are read.
+        Auth::Agent => {
+            return crate::agent_routes::handle(
+                found.provider,
+                &parts.method,
+                &segs,
+                parts.uri.query(),
+                &parts.headers,
+                &parts.extensions,
+                body,
+            )
+            .await;
         }
-        ([_, "v2.0", ".well-known", "openid-configuration"], &Method::GET) => {
-            return respond::json(200, &platform.openid_configuration(segs[0]));
+        // Managed-identity token endpoints authenticate by the workload's binding secret.
+        Auth::BindingSecret => {
+            let pairs = query_pairs(parts.uri.query());
+            return crate::identity_routes::managed_identity(
+                &platform,
+                &parts.method,
+                &segs,
+                &l,
+                &parts.headers,
+                &pairs,
+            )
+            .await
+            .unwrap_or_else(|| respond::error(&no_route(&segs)));
         }
-        ([_, "discovery", "v2.0", "keys"] | [_, "discovery", "keys"], &Method::GET) => {
-            return respond::json(200, &platform.jwks());
-        }
-        ([_, "oauth2", "v2.0", "token"], &Method::POST) => {
-            // The raw form holds the password or the client secret: wiped when dropped.
-            let body = match respond::read_secret_body(&parts.headers, body).await {
-                Ok(b) => b,
-                Err(e) => return respond::error(&e),
-            };
-            let source = parts
-                .extensions
-                .get::<crate::context::RemoteAddr>()
-                .map(|r| r.0.ip().to_canonical());
-            return crate::identity_routes::token_endpoint(&platform, segs[0], source, &body).await;
-        }
-        _ => {}
-    }
-
-    // Agents (of a provider: backup agents) authenticate by their own credentials, before
-    // their bodies are read.
-    if crate::agent_routes::matches(&l) {
-        return crate::agent_routes::handle(
-            &parts.method,
-            &segs,
-            parts.uri.query(),
-            &parts.headers,
-            &parts.extensions,
-            body,
-        )
-        .await;
-    }
-
-    // Managed-identity token endpoints authenticate by the workload's binding secret.
-    {
-        let pairs = query_pairs(parts.uri.query());
-        if let Some(r) = crate::identity_routes::managed_identity(
-            &platform,
-            &parts.method,
-            &segs,
-            &l,
-            &parts.headers,
-            &pairs,
-        )
-        .await
-        {
-            return r;
-        }
+        Auth::Bearer => {}
     }
 
     let Some(token) = respond::bearer(&parts.headers) else {
@@ -95,6 +83,12 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Err(e) => return arm_challenge(&platform, e.with_inner("InvalidAuthenticationToken")),
     };
     crate::context::note_caller(&parts.extensions, &caller);
+    let pairs = query_pairs(parts.uri.query());
+    if found.route.api_version == ApiVersion::Arm
+        && let Err(e) = kagi_core::api_version::check_arm(query_get(&pairs, "api-version"))
+    {
+        return respond::error(&e);
+    }
     // Whole-vault backup and restore and their jobs: restore bodies exceed the 1 MiB limit.
     if crate::backup_routes::matches(&l, &parts.method) {
         return crate::backup_routes::handle(
@@ -108,16 +102,29 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         )
         .await;
     }
-    // The test clock (`kagi server --test-clock`), before the ARM dispatch: no api-version.
+    // The test clock (`kagi server --test-clock`): no api-version.
     if let ["kagi", "test", "clock"] = l.as_slice() {
         return test_clock(&platform, &caller, &parts.method, parts.headers, body).await;
     }
+    let body = match respond::read_body(&parts.headers, body).await {
+        Ok(b) => b,
+        Err(e) => return respond::error(&e),
+    };
+    // A storage service's route: its provider serves it.
+    if let Some(provider) = found.provider {
+        return crate::provider_routes::arm(
+            provider,
+            &caller,
+            &parts.method,
+            &segs,
+            &l,
+            &body,
+            crate::provider_routes::prefer_wait(&parts.headers),
+        )
+        .await;
+    }
     // Subscription administration (kagi's own, no api-version): see `move_routes`.
     if let ["kagi", "admin", ..] = l.as_slice() {
-        let body = match respond::read_body(&parts.headers, body).await {
-            Ok(b) => b,
-            Err(e) => return respond::error(&e),
-        };
         if let Some(r) =
             crate::move_routes::admin(&platform, &caller, &parts.method, &segs, &l, &body).await
         {
@@ -128,14 +135,9 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         {
             return r;
         }
-        return respond::error(&KvError::new(ErrorCode::NotFound, "Not found."));
+        return respond::error(&no_route(&segs));
     }
-    let pairs = query_pairs(parts.uri.query());
     if l.first() == Some(&"v1.0") {
-        let body = match respond::read_body(&parts.headers, body).await {
-            Ok(b) => b,
-            Err(e) => return respond::error(&e),
-        };
         return match crate::identity_routes::graph(
             &platform,
             &caller,
@@ -149,16 +151,9 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         {
             Some(Ok(r)) => r,
             Some(Err(e)) => respond::error(&e),
-            None => respond::error(&KvError::new(ErrorCode::NotFound, "Not found.")),
+            None => respond::error(&no_route(&segs)),
         };
     }
-    if let Err(e) = kagi_core::api_version::check_arm(query_get(&pairs, "api-version")) {
-        return respond::error(&e);
-    }
-    let body = match respond::read_body(&parts.headers, body).await {
-        Ok(b) => b,
-        Err(e) => return respond::error(&e),
-    };
     if let Some(r) = crate::move_routes::arm(
         &platform,
         &parts.extensions,
@@ -183,19 +178,6 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     {
         return r.unwrap_or_else(|e| respond::error(&e));
     }
-    if let Some(r) = crate::provider_routes::arm(
-        &parts.extensions,
-        &caller,
-        &parts.method,
-        &segs,
-        &l,
-        &body,
-        crate::provider_routes::prefer_wait(&parts.headers),
-    )
-    .await
-    {
-        return r;
-    }
     if let Some(r) =
         crate::identity_routes::arm(&platform, &caller, &parts.method, &segs, &l, &body, &pairs)
             .await
@@ -216,6 +198,60 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Ok(r) => r,
         Err(e) => respond::error(&e),
     }
+}
+
+/// The routes anyone may call: health, the OpenAPI description, the cloud metadata, the token
+/// service's discovery documents and its token endpoint.
+async fn anonymous(
+    platform: &Platform,
+    services: Option<&crate::Services>,
+    parts: &axum::http::request::Parts,
+    segs: &[&str],
+    l: &[&str],
+    body: Body,
+) -> Response<Body> {
+    match (l, &parts.method) {
+        (["healthz"], &Method::GET) => respond::json(200, &serde_json::json!({"status": "ok"})),
+        (["openapi.json"], &Method::GET) => respond::json(
+            200,
+            &crate::route_table::served_document(platform, services),
+        ),
+        // ARM's cloud metadata, unauthenticated as ARM serves it: `az cloud register
+        // --endpoint-resource-manager https://localhost:8443/` reads every other endpoint
+        // from it.
+        (["metadata", "endpoints"], &Method::GET) => respond::json(200, &cloud_metadata(platform)),
+        ([_, "v2.0", ".well-known", "openid-configuration"], &Method::GET) => {
+            respond::json(200, &platform.openid_configuration(segs[0]))
+        }
+        ([_, "discovery", "v2.0", "keys"] | [_, "discovery", "keys"], &Method::GET) => {
+            respond::json(200, &platform.jwks())
+        }
+        ([_, "oauth2", "v2.0", "token"], &Method::POST) => {
+            // The raw form holds the password or the client secret: wiped when dropped.
+            let body = match respond::read_secret_body(&parts.headers, body).await {
+                Ok(b) => b,
+                Err(e) => return respond::error(&e),
+            };
+            let source = parts
+                .extensions
+                .get::<crate::context::RemoteAddr>()
+                .map(|r| r.0.ip().to_canonical());
+            crate::identity_routes::token_endpoint(platform, segs[0], source, &body).await
+        }
+        _ => respond::error(&no_route(segs)),
+    }
+}
+
+/// The answer to a path no route table holds (and to a table's route no handler serves,
+/// which the route tests rule out).
+fn no_route(segs: &[&str]) -> KvError {
+    KvError::new(
+        ErrorCode::NotFound,
+        format!(
+            "No management API is served at /{}.",
+            kagi_core::ids::printable(&segs.join("/"))
+        ),
+    )
 }
 
 fn arm_challenge(platform: &Platform, e: KvError) -> Response<Body> {
@@ -412,13 +448,7 @@ async fn arm(
             p.purge_deleted_vault(caller, segs[1], segs[5], segs[7])
                 .await?,
         )),
-        _ => Err(KvError::new(
-            ErrorCode::NotFound,
-            format!(
-                "No management API is served at /{}.",
-                kagi_core::ids::printable(&segs.join("/"))
-            ),
-        )),
+        _ => Err(no_route(segs)),
     }
 }
 

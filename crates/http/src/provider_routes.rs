@@ -1,13 +1,13 @@
-//! ARM requests of the storage services: a path that names a registered provider's namespace
-//! (`…/providers/{namespace}/…`) is served by that provider (see [`crate::Services`]); this
-//! only translates.
+//! ARM requests of the storage services: a request that matches a registered provider's route
+//! table is served by that provider (see [`crate::route_table`]); this only translates.
 
 use axum::body::Body;
-use axum::http::{Extensions, Method, Response};
-use kagi_host::ArmRequest;
+use std::sync::Arc;
+
+use axum::http::{Method, Response};
+use kagi_host::{ArmRequest, ResourceProvider};
 use kagi_vault::Principal;
 
-use crate::Services;
 use crate::respond;
 
 /// `Prefer: wait=N` (RFC 7240): how long a job read may wait for the job to end (at most 60 s).
@@ -21,18 +21,16 @@ pub(crate) fn prefer_wait(headers: &axum::http::HeaderMap) -> Option<std::time::
         .map(|s| std::time::Duration::from_secs(s.min(60)))
 }
 
-/// Serves the request when its path names the namespace of a provider registered in the
-/// request's `extensions`; `None` otherwise.
+/// Serves a request of `provider`'s route table by it.
 pub(crate) async fn arm(
-    extensions: &Extensions,
+    provider: Arc<dyn ResourceProvider>,
     caller: &Principal,
     method: &Method,
     segs: &[&str],
     l: &[&str],
     body: &[u8],
     wait: Option<std::time::Duration>,
-) -> Option<Response<Body>> {
-    let provider = extensions.get::<Services>()?.provider_of_path(l)?;
+) -> Response<Body> {
     let req = ArmRequest {
         method: method.as_str(),
         segs,
@@ -40,7 +38,7 @@ pub(crate) async fn arm(
         body,
         wait,
     };
-    Some(match provider.handle(caller, req).await {
+    match provider.handle(caller, req).await {
         Ok(reply) => {
             let mut r = match reply.status {
                 204 => respond::empty(204),
@@ -60,5 +58,5 @@ pub(crate) async fn arm(
             r
         }
         Err(e) => respond::error(&e),
-    })
+    }
 }

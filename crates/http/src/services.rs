@@ -1,8 +1,8 @@
 //! The storage services the server hands their requests to, besides the key vault (which the
 //! platform serves): a registry of [`ResourceProvider`]s by ARM namespace, built by whoever
 //! starts the server (`kagi server`, the test harness) and reaching each request through its
-//! extensions. The routers ask it for the provider of a path's namespace; none names a
-//! service.
+//! extensions. The management router hands a provider the requests of its route table; none
+//! names a service.
 
 use std::sync::{Arc, RwLock};
 
@@ -80,19 +80,6 @@ impl Services {
         self.providers()
             .into_iter()
             .find(|p| p.namespace().eq_ignore_ascii_case(namespace))
-    }
-
-    /// The provider of a path (lower-cased segments) that names a registered namespace after a
-    /// `providers` segment.
-    pub(crate) fn provider_of_path(&self, l: &[&str]) -> Option<Arc<dyn ResourceProvider>> {
-        let all = self.providers();
-        l.windows(2).find_map(|w| match w {
-            ["providers", ns] => all
-                .iter()
-                .find(|p| p.namespace().eq_ignore_ascii_case(ns))
-                .cloned(),
-            _ => None,
-        })
     }
 
     /// The provider serving resource type `resource_type` (`Namespace/type`, any case).

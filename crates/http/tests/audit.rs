@@ -166,7 +166,7 @@ async fn every_request_is_recorded_once_with_its_caller_and_outcome() {
             ("KeyGet", 401),
             ("Authentication", 200),
             (
-                "Microsoft.Resources/subscriptions/resourcegroups/write",
+                "Microsoft.Resources/subscriptions/resourceGroups/write",
                 201
             ),
             ("VaultPut", 201),

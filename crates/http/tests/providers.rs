@@ -1,5 +1,5 @@
 //! A storage service is wired in by registering its provider, nothing else: a provider of a
-//! namespace kagi has never heard of (`Contoso.Disks`) gets the ARM requests under it, the
+//! namespace kagi has never heard of (`Contoso.Disks`) gets the requests of its route table, the
 //! moves of its resources, its agents' requests and its own audit names, with no router
 //! knowing it.
 
@@ -9,12 +9,36 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use kagi_core::KvError;
+use kagi_core::route_table::{Auth, Route};
 use kagi_host::{
     AdmittedAgent, AgentCall, AgentHead, AgentReply, ArmReply, ArmRequest, MoveRequest, Principal,
     ResourceProvider,
 };
 use kagi_testkit::{Options, TestServer};
 use serde_json::{Value, json};
+
+/// The fake provider's route table, with its own audit names.
+const DISK_ROUTES: &[Route] = &[
+    Route::arm(
+        "PUT",
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Contoso.Disks/disks/{diskName}",
+        "DiskOperationPUT",
+        "Creates a disk.",
+    ),
+    Route::arm(
+        "DELETE",
+        "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Contoso.Disks/disks/{diskName}",
+        "DiskOperationDELETE",
+        "Deletes a disk.",
+    ),
+    Route::kagi(
+        "POST",
+        "/kagi/agent/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/providers/Contoso.Disks/disks/{diskName}/status",
+        "DiskOperationPOST",
+        "A disk agent's status.",
+    )
+    .auth(Auth::Agent),
+];
 
 /// What the fake provider was asked: (what, detail).
 #[derive(Debug, Default)]
@@ -73,8 +97,8 @@ impl ResourceProvider for Disks {
         Ok(json!({"id": to.id.replace("/resourceGroups/rg1/", "/resourceGroups/rg2/")}))
     }
 
-    fn operation_name(&self, method: &str, _segs: &[&str]) -> Option<String> {
-        Some(format!("DiskOperation{method}"))
+    fn routes(&self) -> &'static [Route] {
+        DISK_ROUTES
     }
 
     async fn admit_agent(
@@ -143,6 +167,12 @@ async fn a_registered_provider_serves_its_namespace() {
         );
     }
 
+    // What its table does not hold never reaches it: 404 and 405 from the router.
+    let (st, v) = s.arm("GET", &format!("{disk}/snapshots"), None).await;
+    assert_eq!(st, 404, "{v}");
+    let (st, v) = s.arm("PATCH", &disk, Some(json!({}))).await;
+    assert_eq!(st, 405, "{v}");
+
     // Moves: every resource checked before any moves.
     let body = json!({"resources": [disk],
         "targetResourceGroup": format!("/subscriptions/{sub}/resourceGroups/rg2")});
@@ -173,7 +203,7 @@ async fn a_registered_provider_serves_its_namespace() {
         "{asked:?}"
     );
 
-    // The audit log names the provider's requests as the provider says.
+    // The audit log names the provider's requests as its table says.
     let ops: Vec<String> = kagi_audit::query(&s.audit_file, kagi_audit::Filter::default())
         .unwrap()
         .map(|e| {

@@ -51,6 +51,7 @@ mod keys;
 mod logins;
 mod protector;
 mod replica_files;
+pub mod routes;
 mod servers;
 mod startup;
 
@@ -412,6 +413,10 @@ impl ResourceProvider for SqlService {
 
     fn resource_types(&self) -> &'static [&'static str] {
         &[SERVER_TYPE]
+    }
+
+    fn routes(&self) -> &'static [kagi_core::route_table::Route] {
+        routes::ROUTES
     }
 
     async fn handle(
