@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Makes (or refreshes, when requirements.txt changed) the Python venv the tests use: the Azure SDK
 # for the conformance suite, psycopg for the SQL tests (Rust and Python). Prints nothing.
-# Env: KAGI_VENV (default <repo>/.venv), PYTHON (default python3).
+# Env: KAGI_VENV (default <repo>/.venv), KAGI_VENV_REQUIREMENTS (default requirements.txt here: another
+# venv from another file, as openapi-venv.sh makes), PYTHON (default python3).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 venv="${KAGI_VENV:-$repo/.venv}"
-req="$here/requirements.txt"
+req="${KAGI_VENV_REQUIREMENTS:-$here/requirements.txt}"
 stamp="$venv/.kagi-requirements.sha256"
 python="${PYTHON:-python3}"
 
