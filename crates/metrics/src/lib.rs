@@ -48,7 +48,7 @@ const REQUEST_BUCKETS: &[f64] = &[
 /// An operation name, as the audit record names the request.
 #[derive(Clone, Copy, Debug)]
 pub enum OperationName<'a> {
-    /// From a fixed table in kagi's code (the data plane's route table): always a label.
+    /// From a fixed table in kagi's code (the route tables): always a label.
     Fixed(&'static str),
     /// Derived from the request (a provider's name or ARM's generic one): a label while fewer
     /// than [`MAX_OPERATIONS`] such names have been seen, else [`OTHER_OPERATION`].
