@@ -72,6 +72,7 @@ macro_rules! store_contract {
             inserting_a_key_conflicts_when_the_name_exists,
             purging_a_key_removes_its_versions_policy_and_marks,
             a_later_version_needs_its_object_live,
+            a_vault_is_read_by_name,
             secrets_follow_the_same_contract_as_keys,
             rotation_policies_need_their_key_and_are_listed_by_folded_name,
             event_marks_are_recorded_once_and_can_be_unmarked,
@@ -591,6 +592,18 @@ pub async fn purging_a_key_removes_its_versions_policy_and_marks(s: &dyn Store) 
         .await
         .unwrap();
     assert_eq!(s.load_keys(&v.name).await.unwrap()[0].versions.len(), 1);
+}
+
+/// `get_vault` reads one vault by name, live or deleted; `None` for a name never stored.
+pub async fn a_vault_is_read_by_name(s: &dyn Store) {
+    let mut v = vault("vault-one");
+    s.put_vault(&v).await.unwrap();
+    s.put_vault(&vault("vault-two")).await.unwrap();
+    assert_eq!(s.get_vault(&v.name).await.unwrap(), Some(v.clone()));
+    v.deleted_at = Some(5);
+    s.put_vault(&v).await.unwrap();
+    assert_eq!(s.get_vault(&v.name).await.unwrap(), Some(v));
+    assert_eq!(s.get_vault(&vault("vault-nope").name).await.unwrap(), None);
 }
 
 /// A version after the first (`seq` > 1) is added only to an object that exists and is not

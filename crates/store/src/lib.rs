@@ -218,6 +218,14 @@ pub trait Store:
     async fn replace_vault(&self, v: &VaultRecord, expected: &VaultRecord) -> Result<()>;
     /// Every vault, live and deleted.
     async fn list_vaults(&self) -> Result<Vec<VaultRecord>>;
+    /// One vault, live or deleted (a node following another's change reads just that one).
+    async fn get_vault(&self, name: &VaultName) -> Result<Option<VaultRecord>> {
+        Ok(self
+            .list_vaults()
+            .await?
+            .into_iter()
+            .find(|v| &v.name == name))
+    }
     /// Removes a vault and everything in it.
     async fn purge_vault(&self, name: &VaultName) -> Result<()>;
 

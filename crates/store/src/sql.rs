@@ -196,11 +196,13 @@ pub(crate) fn is_serialization_failure(e: &sqlx::Error) -> bool {
 }
 
 /// How many times a read-then-write transaction runs when concurrent ones keep failing it.
-const ATTEMPTS: u32 = 5;
+const ATTEMPTS: u32 = 10;
 
 /// Runs a self-contained read-then-write transaction (`attempt` begins, reads, writes and
 /// commits it) again while it fails with [`StoreError::Contended`]: the next run reads what
-/// the concurrent writer committed, as a client's retry would, with a short growing pause.
+/// the concurrent writer committed, as a client's retry would, after a random pause below a
+/// bound that doubles each time (10 ms to 1 s), so that the writers that failed together do
+/// not all come back together.
 pub(crate) async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -210,7 +212,11 @@ where
     loop {
         match attempt().await {
             Err(StoreError::Contended(_)) if n < ATTEMPTS => {
-                tokio::time::sleep(std::time::Duration::from_millis(5 << n)).await;
+                let bound = (10u64 << n).min(1000);
+                let jitter = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| u64::from(d.subsec_nanos()));
+                tokio::time::sleep(std::time::Duration::from_millis(jitter % bound + 1)).await;
                 n += 1;
             }
             r => return r,
@@ -515,6 +521,16 @@ impl Store for SqlStore {
             .fetch_all(&self.pool)
             .await?;
         rows.iter().map(vault_row).collect()
+    }
+
+    async fn get_vault(&self, name: &VaultName) -> Result<Option<VaultRecord>> {
+        sqlx::query("SELECT * FROM vaults WHERE name = $1")
+            .bind(name.as_str())
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(vault_row)
+            .transpose()
     }
 
     async fn replace_vault(&self, v: &VaultRecord, expected: &VaultRecord) -> Result<()> {

@@ -187,12 +187,7 @@ impl Platform {
             Some(state) => Some(state.write.lock().await),
             None => None,
         };
-        let record = self
-            .store
-            .list_vaults()
-            .await?
-            .into_iter()
-            .find(|v| &v.name == name);
+        let record = self.store.get_vault(name).await?;
         let Some(record) = record else {
             if existing.is_some() {
                 self.vaults_write().remove(name);
