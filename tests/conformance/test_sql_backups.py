@@ -314,3 +314,48 @@ def test_kill_9_during_backups_with_a_writer_running_leaves_restorable_backups(t
         assert top == 1000000 and n == total + 1, (n, top, total)
     finally:
         srv.stop()
+
+
+def test_backups_in_a_bucket_restore_after_the_local_files_are_lost(tmp_path):
+    """With `--blobs s3://…` every backup file is in the bucket before its record: with the
+    server's own backup files gone (a replaced disk), a point-in-time restore fetches the chain
+    from the bucket. No object holds the rows in the clear."""
+    import os
+    import shutil
+    import uuid
+
+    from conftest import S3Bucket
+
+    url = os.environ.get("KAGI_TEST_S3_BLOBS")
+    if not url:
+        if os.environ.get("KAGI_REQUIRE_S3") == "1":
+            pytest.fail("KAGI_REQUIRE_S3=1 but KAGI_TEST_S3_BLOBS is not set")
+        pytest.skip("no S3 server: set KAGI_TEST_S3_BLOBS and AWS_* (scripts/test.sh does)")
+    blobs = f"{url.rstrip('/')}/sqlbak-{uuid.uuid4().hex}"
+    env = {
+        "KAGI_SQL_LOG_BACKUP_SECONDS": str(LOG_SECONDS),
+        "KAGI_SQL_FULL_BACKUP_SECONDS": "3600",
+    }
+    srv = _start_server(tmp_path, "sqlbucket", env=env, extra_args=["--blobs", blobs])
+    try:
+        srv.put_rg(DEFAULT_RG)
+        server, _ = create_server(srv, identity=False)
+        db, _ = create_db(srv, server)
+        seen = first_full_backup(srv, server, db)
+        psql(srv, server, db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        insert_batch(srv, server, db, "B1")
+        newest = wait_new_backup(srv, server, db, seen)
+        point = newest["properties"]["backupTime"]
+        keys = S3Bucket.from_url(blobs).list("sql-backups")
+        local = sorted(str(p.relative_to(srv.data_dir / "sql-backups")) for p in backup_files(srv))
+        assert local and set(local) <= set(keys), (local, keys)
+        bucket = S3Bucket.from_url(blobs)
+        for k in keys:
+            assert b"KAGI-PITR" not in bucket.get(f"sql-backups/{k}"), k
+        # The server's own copies are lost.
+        shutil.rmtree(srv.data_dir / "sql-backups")
+        r = restore(srv, server, db, "frombucket", point)
+        assert r.status_code in (200, 201), r.text
+        assert batches_in(srv, server, "frombucket") == (["B1"], 25)
+    finally:
+        srv.stop()

@@ -43,6 +43,14 @@ pub enum BlobError {
     /// A path handed in is not below the data directory.
     #[error("{0} is not below the data directory")]
     OutsideDataDir(PathBuf),
+    /// A local file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
     /// The object store does not honour conditional writes.
     #[error(
         "the object store does not refuse a write over an existing object (If-None-Match: *); \
@@ -302,6 +310,69 @@ impl BlobRoot {
             }
         }
         Ok(true)
+    }
+
+    /// Copies the local file `dir/name` to the object `name` of the folder `dir`, streaming
+    /// (a large file goes up in parts); `false` when objects are local files (nothing to do).
+    pub async fn upload_file(&self, dir: &Path, name: &str) -> Result<bool> {
+        let Some(store) = self.remote(dir)? else {
+            return Ok(false);
+        };
+        let path = dir.join(name);
+        let io = |source| BlobError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
+        let mut w = object_store::buffered::BufWriter::new(store, ObjectPath::from(name));
+        tokio::io::copy(&mut file, &mut w).await.map_err(io)?;
+        tokio::io::AsyncWriteExt::shutdown(&mut w)
+            .await
+            .map_err(io)?;
+        Ok(true)
+    }
+
+    /// Copies the object `name` of the folder `dir` into the local file `dir/name` (written
+    /// under a temporary name, synced, then renamed); `false` when objects are local files or
+    /// there is no such object.
+    pub async fn download_file(&self, dir: &Path, name: &str) -> Result<bool> {
+        use tokio::io::AsyncWriteExt;
+        let Some(store) = self.remote(dir)? else {
+            return Ok(false);
+        };
+        let got = match store.get(&ObjectPath::from(name)).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let (path, part) = (dir.join(name), dir.join(format!("{name}.download.part")));
+        let io = |source| BlobError::Io {
+            path: path.clone(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(io)?;
+        }
+        let mut out = tokio::fs::File::create(&part).await.map_err(io)?;
+        let mut stream = got.into_stream();
+        while let Some(chunk) = stream.next().await {
+            out.write_all(&chunk?).await.map_err(io)?;
+        }
+        out.sync_all().await.map_err(io)?;
+        tokio::fs::rename(&part, &path).await.map_err(io)?;
+        Ok(true)
+    }
+
+    /// Deletes the object `name` of the folder `dir` (gone already is fine); `false` when
+    /// objects are local files.
+    pub async fn remove(&self, dir: &Path, name: &str) -> Result<bool> {
+        let Some(store) = self.remote(dir)? else {
+            return Ok(false);
+        };
+        match store.delete(&ObjectPath::from(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Checks that a remote root answers and refuses a second create of one object (the

@@ -112,3 +112,34 @@ async fn the_probe_needs_conditional_writes() {
     }
     assert!(BlobRoot::local(Path::new("/data")).probe().await.is_ok());
 }
+
+#[tokio::test]
+async fn files_go_up_and_come_back_whole() {
+    let tmp = std::env::temp_dir().join(format!("kagi-blobs-files-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for root in roots() {
+        // A root over the temporary folder as its data directory.
+        let root = BlobRoot::with_store(
+            root.location().clone(),
+            &tmp,
+            root.remote(root.data_dir()).unwrap().unwrap(),
+        );
+        let dir = tmp.join("up");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Larger than one part of a multipart upload (10 MiB in object_store's BufWriter).
+        let body: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.join("big.bin"), &body).unwrap();
+        assert!(root.upload_file(&dir, "big.bin").await.unwrap());
+        std::fs::remove_file(dir.join("big.bin")).unwrap();
+        assert!(root.download_file(&dir, "big.bin").await.unwrap());
+        assert_eq!(std::fs::read(dir.join("big.bin")).unwrap(), body);
+        assert!(!root.download_file(&dir, "missing").await.unwrap());
+        assert!(root.remove(&dir, "big.bin").await.unwrap());
+        assert!(root.remove(&dir, "big.bin").await.unwrap());
+        std::fs::remove_file(dir.join("big.bin")).unwrap();
+        assert!(!root.download_file(&dir, "big.bin").await.unwrap());
+    }
+    let local = BlobRoot::local(&tmp);
+    assert!(!local.upload_file(&tmp, "x").await.unwrap());
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -12,6 +12,11 @@
 //! and its log backups up to the point in a private directory, under the old DEK, and copies
 //! the result into a new database under a new DEK.
 //!
+//! With `kagi server --blobs s3://…` every backup file is also uploaded to the bucket
+//! (`sql-backups/{database id}/{file}`, ciphertext as it is on disk) before its record is
+//! written, so the backups outlive the machine; a restore fetches the files of its chain that
+//! are not on this node's disk from there, and retention deletes them from both places.
+//!
 //! [`SqlConfig::full_backup_interval`]: crate::SqlConfig
 //! [`SqlConfig::log_backup_interval`]: crate::SqlConfig
 
@@ -155,6 +160,19 @@ impl SqlService {
     /// Where restores work.
     fn restore_root(&self) -> PathBuf {
         self.host.config().data_dir.join("sql-restore")
+    }
+
+    /// Uploads backup files of database `database_id` to the bucket (`--blobs s3://…`; nothing
+    /// to do on local files), before the record that names them is written.
+    async fn share_backup_files(&self, database_id: &str, files: &[String]) -> Result<(), KvError> {
+        let (blobs, dir) = (self.host.config().blobs, self.backup_dir(database_id));
+        for f in files {
+            blobs
+                .upload_file(&dir, f)
+                .await
+                .map_err(|e| internal("upload a backup file", e))?;
+        }
+        Ok(())
     }
 
     /// The backup records of database `database_id` of `server`, by sequence number.
@@ -346,6 +364,7 @@ impl SqlService {
         range: (i64, i64),
         keys: &Value,
     ) -> Result<(), KvError> {
+        self.share_backup_files(&db.database_id, &w.files).await?;
         let full = w.full();
         let doc = json!({
             "seq": w.seq,
@@ -550,6 +569,12 @@ impl SqlService {
         }
         let all_gone = !records.is_empty() && gone.len() == records.len();
         let dir = self.backup_dir(id);
+        let blobs = self.host.config().blobs;
+        for f in &files {
+            if let Err(e) = blobs.remove(&dir, f).await {
+                tracing::warn!(file = %f, error = %e, "SQL backups: expired file not removed from the bucket");
+            }
+        }
         blocking("removing expired backups", move || {
             for f in &files {
                 let _ = std::fs::remove_file(dir.join(f));
@@ -625,6 +650,9 @@ impl SqlService {
         }
         self.forget_backup_pin(&db.database_id);
         let dir = self.backup_dir(&db.database_id);
+        if let Err(e) = self.host.config().blobs.remove_all(&dir).await {
+            tracing::warn!(database = %db.name, error = %e, "SQL backups: files not removed from the bucket");
+        }
         blocking("removing backups", move || {
             let _ = std::fs::remove_dir_all(&dir);
             Ok(())
@@ -980,6 +1008,17 @@ impl SqlService {
             let _g = self
                 .lock_id(&format!("{}/backups", source.database_id))
                 .await;
+            // Files this node does not have (another node took them, or this node's disk was
+            // replaced) come from the bucket.
+            let blobs = self.host.config().blobs;
+            for n in &names {
+                if !dir.join(n).exists() {
+                    blobs
+                        .download_file(&dir, n)
+                        .await
+                        .map_err(|e| internal("fetch a backup file", e))?;
+                }
+            }
             let (work, names) = (work.clone(), names.clone());
             blocking("linking backups for a restore", move || {
                 link_into(&dir, &work, &names)

@@ -343,6 +343,18 @@ impl SqlStore {
         Ok(self.pool.begin_with(begin).await?)
     }
 
+    /// Begins a transaction that reads a row, locks it, and then writes what depends on it:
+    /// SQLite takes the write lock at once (`BEGIN IMMEDIATE`); PostgreSQL stays read committed
+    /// and the read takes the returned lock clause (`FOR SHARE`), which makes a concurrent
+    /// change of that row wait — without SERIALIZABLE's failures of transactions that only
+    /// touched neighbouring rows.
+    pub(crate) async fn begin_row_lock(&self) -> Result<(Transaction<'static, Any>, &'static str)> {
+        Ok(match self.dialect {
+            Dialect::Sqlite => (self.pool.begin_with("BEGIN IMMEDIATE").await?, ""),
+            Dialect::Postgres => (self.pool.begin().await?, " FOR SHARE"),
+        })
+    }
+
     /// Writes a vault record (see [`write_vault_in`]).
     async fn write_vault(&self, v: &VaultRecord, replace: bool) -> Result<()> {
         write_vault_in(&self.pool, v, replace).await
@@ -581,7 +593,8 @@ impl Store for SqlStore {
         name: &ObjectName,
         version: &KeyVersionRecord,
     ) -> Result<()> {
-        versioned::add_version(self.begin_write().await?, &KEYS, vault, name, version).await
+        let (tx, lock) = self.begin_row_lock().await?;
+        versioned::add_version(tx, lock, &KEYS, vault, name, version).await
     }
 
     async fn update_key_version(
@@ -630,7 +643,8 @@ impl Store for SqlStore {
         name: &ObjectName,
         version: &SecretVersionRecord,
     ) -> Result<()> {
-        versioned::add_version(self.begin_write().await?, &SECRETS, vault, name, version).await
+        let (tx, lock) = self.begin_row_lock().await?;
+        versioned::add_version(tx, lock, &SECRETS, vault, name, version).await
     }
 
     async fn update_secret_version(

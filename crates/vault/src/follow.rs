@@ -61,7 +61,10 @@ impl Platform {
                     None => recheck_now = true,
                 }
             }
-            if recheck_now {
+            // Read the stamps before reloading notified scopes too: a scope reloaded now is
+            // then not reloaded a second time by the next re-check (its stamp is already
+            // seen), and a change after this read still shows as a newer stamp.
+            if recheck_now || !pending.is_empty() {
                 match self.store.change_marks().await {
                     Ok(marks) => {
                         for (scope, seq) in marks {

@@ -19,8 +19,6 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use kagi_blobs::object_store::ObjectStoreExt;
-use kagi_blobs::object_store::path::Path as ObjectPath;
 use kagi_core::jobs::{Job, JobError, JobKind, JobProgress, JobStatus};
 use kagi_core::time::Clock;
 use kagi_core::{ErrorCode, KvError};
@@ -270,11 +268,8 @@ impl Platform {
     /// Removes the store's mirrors (and the bucket's result files) of jobs ended longer ago
     /// than [`RETENTION`], in the background.
     fn expire_mirrors(&self) {
-        let (store, now) = (self.store.clone(), self.clock.now());
-        let bucket = self
-            .jobs_dir()
-            .ok()
-            .and_then(|d| self.blobs().remote(&d).ok().flatten());
+        let (store, now, blobs) = (self.store.clone(), self.clock.now(), self.blobs());
+        let dir = self.jobs_dir().ok();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -287,10 +282,8 @@ impl Platform {
                     .ok()
                     .and_then(|v| v["job"]["endTime"].as_i64());
                 if ended.is_some_and(|t| now - t > RETENTION) {
-                    if let Some(b) = &bucket {
-                        let _ = b
-                            .delete(&ObjectPath::from(format!("{}.kvbak", doc.name)))
-                            .await;
+                    if let Some(d) = &dir {
+                        let _ = blobs.remove(d, &format!("{}.kvbak", doc.name)).await;
                     }
                     let _ = store
                         .delete_service_document(JOBS_KEY, JOB_KIND, &doc.name)
@@ -405,64 +398,11 @@ impl Platform {
     /// With blobs in a bucket: uploads a backup job's result file there (`jobs/{id}.kvbak`),
     /// so that every node can serve it. Called before the job is written as completed.
     pub(crate) async fn share_result(&self, id: &str) -> Result<(), KvError> {
-        let dir = self.jobs_dir()?;
-        let Some(bucket) = self
-            .blobs()
-            .remote(&dir)
-            .map_err(|e| internal("job results", e))?
-        else {
-            return Ok(());
-        };
-        let mut file = tokio::fs::File::open(dir.join(format!("{id}.kvbak")))
+        self.blobs()
+            .upload_file(&self.jobs_dir()?, &format!("{id}.kvbak"))
             .await
-            .map_err(|e| internal("open backup file", e))?;
-        let mut w = kagi_blobs::object_store::buffered::BufWriter::new(
-            bucket,
-            ObjectPath::from(format!("{id}.kvbak")),
-        );
-        tokio::io::copy(&mut file, &mut w)
-            .await
-            .map_err(|e| internal("upload backup file", e))?;
-        tokio::io::AsyncWriteExt::shutdown(&mut w)
-            .await
+            .map(drop)
             .map_err(|e| internal("upload backup file", e))
-    }
-
-    /// Fetches a result file another node uploaded to the bucket into this node's jobs folder
-    /// (ciphertext, as the file is); `false` when there is no bucket or no such object.
-    async fn fetch_result(&self, dir: &std::path::Path, id: &str) -> Result<bool, KvError> {
-        let Some(bucket) = self
-            .blobs()
-            .remote(dir)
-            .map_err(|e| internal("job results", e))?
-        else {
-            return Ok(false);
-        };
-        let got = match bucket.get(&ObjectPath::from(format!("{id}.kvbak"))).await {
-            Ok(g) => g,
-            Err(kagi_blobs::object_store::Error::NotFound { .. }) => return Ok(false),
-            Err(e) => return Err(internal("fetch backup file", e)),
-        };
-        let part = dir.join(format!("{id}.fetch.part"));
-        let mut out = tokio::fs::File::create(&part)
-            .await
-            .map_err(|e| internal("fetch backup file", e))?;
-        let mut stream = got.into_stream();
-        use futures::StreamExt;
-        use tokio::io::AsyncWriteExt;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| internal("fetch backup file", e))?;
-            out.write_all(&chunk)
-                .await
-                .map_err(|e| internal("fetch backup file", e))?;
-        }
-        out.sync_all()
-            .await
-            .map_err(|e| internal("fetch backup file", e))?;
-        tokio::fs::rename(&part, dir.join(format!("{id}.kvbak")))
-            .await
-            .map_err(|e| internal("fetch backup file", e))?;
-        Ok(true)
     }
 
     /// The result file of a completed backup job and its size, for
@@ -498,8 +438,11 @@ impl Platform {
         let dir = self.jobs_dir()?;
         let path = dir.join(format!("{}.kvbak", job.id));
         if !path.exists() {
-            // Made by another node: its file is in the bucket.
-            self.fetch_result(&dir, &job.id).await?;
+            // Made by another node: its file is in the bucket (ciphertext, as the file is).
+            self.blobs()
+                .download_file(&dir, &format!("{}.kvbak", job.id))
+                .await
+                .map_err(|e| internal("fetch backup file", e))?;
         }
         let len = std::fs::metadata(&path)
             .map_err(|_| job_not_found(id))?

@@ -371,6 +371,13 @@ fn store_error(context: &str, noun: &str, e: StoreError) -> KvError {
                 noun.to_ascii_lowercase()
             ))
         }
+        StoreError::Contended(detail) => {
+            tracing::warn!(context, %detail, "store contended");
+            KvError::new(
+                ErrorCode::ServiceUnavailable,
+                "The store is busy with concurrent changes; retry shortly.",
+            )
+        }
         e => internal(&format!("{context} {}", noun.to_ascii_lowercase()), e),
     }
 }

@@ -964,7 +964,11 @@ async fn a_job_of_another_node_is_read_from_the_store_until_its_heartbeat_stops(
     assert_eq!(seen["progress"]["done"], 2);
     // Its result is not there yet.
     assert_eq!(
-        env.p.job_result_file(&env.admin, id).await.unwrap_err().status(),
+        env.p
+            .job_result_file(&env.admin, id)
+            .await
+            .unwrap_err()
+            .status(),
         409
     );
     env.clock.advance(31).unwrap();

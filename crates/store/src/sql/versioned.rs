@@ -85,52 +85,52 @@ version_row!(SecretVersionRecord, sealed_value);
 /// first version (`seq` 1) creates it (or joins the one another writer just created); a later
 /// one needs it to exist — on a shared store the node adding it may not have seen yet that
 /// another node purged the object, which must not come back with one version — and neither
-/// may be added to an object another node deleted meanwhile.
+/// may be added to an object another node deleted meanwhile. The row is read with `lock`
+/// (PostgreSQL: `FOR SHARE`, so that a deletion or purge waits for this transaction; SQLite's
+/// transaction holds the write lock already).
 async fn ensure_row(
     tx: &mut Transaction<'_, Any>,
     t: &Tables,
     vault: &VaultName,
     name: &ObjectName,
     seq: i64,
+    lock: &str,
 ) -> Result<()> {
+    if seq <= 1 {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {} (vault, name_folded, name) VALUES ($1, $2, $3) \
+             ON CONFLICT (vault, name_folded) DO NOTHING",
+            t.objects
+        )))
+        .bind(vault.as_str())
+        .bind(name.folded())
+        .bind(name.as_str())
+        .execute(&mut **tx)
+        .await?;
+    }
     let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT deleted_at FROM {} WHERE vault = $1 AND name_folded = $2",
+        "SELECT deleted_at FROM {} WHERE vault = $1 AND name_folded = $2{lock}",
         t.objects
     )))
     .bind(vault.as_str())
     .bind(name.folded())
     .fetch_optional(&mut **tx)
-    .await
-    .map_err(meanwhile(t, name))?;
-    if let Some(r) = row {
-        let deleted: Option<i64> = r.try_get("deleted_at")?;
-        if deleted.is_some() {
-            return Err(StoreError::Conflict(format!(
-                "{} {} is deleted",
-                t.noun,
-                name.as_str()
-            )));
-        }
-        return Ok(());
-    }
-    if seq > 1 {
+    .await?;
+    let Some(r) = row else {
         return Err(StoreError::Conflict(format!(
             "{} {} no longer exists (purged meanwhile)",
             t.noun,
             name.as_str()
         )));
+    };
+    let deleted: Option<i64> = r.try_get("deleted_at")?;
+    if deleted.is_some() {
+        return Err(StoreError::Conflict(format!(
+            "{} {} is deleted",
+            t.noun,
+            name.as_str()
+        )));
     }
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {} (vault, name_folded, name) VALUES ($1, $2, $3) \
-         ON CONFLICT (vault, name_folded) DO NOTHING",
-        t.objects
-    )))
-    .bind(vault.as_str())
-    .bind(name.folded())
-    .bind(name.as_str())
-    .execute(&mut **tx)
-    .await
-    .map_err(meanwhile(t, name))?;
     Ok(())
 }
 
@@ -159,7 +159,7 @@ async fn insert_version<V: VersionRow>(
         if is_unique_violation(&e) {
             StoreError::Conflict(format!("{} version {version} exists", t.noun))
         } else {
-            meanwhile(t, name)(e)
+            e.into()
         }
     })?;
     Ok(())
@@ -231,32 +231,21 @@ pub(super) async fn load<V: VersionRow>(
 }
 
 /// Adds a version, creating the object row with its first version (see [`ensure_row`]), in
-/// `tx` (begun to read then write: `SqlStore::begin_write`). A serialisation failure (another
-/// node changed the object meanwhile) is a conflict.
+/// `tx` (SQLite: begun with the write lock; PostgreSQL: read committed, the object row locked
+/// by `lock`).
 pub(super) async fn add_version<V: VersionRow>(
     mut tx: Transaction<'static, Any>,
+    lock: &str,
     t: &Tables,
     vault: &VaultName,
     name: &ObjectName,
     version: &V,
 ) -> Result<()> {
     let seq = version.parts().1;
-    ensure_row(&mut tx, t, vault, name, seq).await?;
+    ensure_row(&mut tx, t, vault, name, seq, lock).await?;
     insert_version(&mut tx, t, vault, name, version).await?;
-    tx.commit().await.map_err(meanwhile(t, name))?;
+    tx.commit().await?;
     Ok(())
-}
-
-/// Maps a serialisation failure (PostgreSQL's 40001: another node changed the object between
-/// this transaction's read and its write) to a conflict over the object.
-fn meanwhile<'a>(t: &'a Tables, name: &'a ObjectName) -> impl Fn(sqlx::Error) -> StoreError + 'a {
-    move |e| {
-        if super::is_serialization_failure(&e) {
-            StoreError::Conflict(format!("{} {} changed meanwhile", t.noun, name.as_str()))
-        } else {
-            e.into()
-        }
-    }
 }
 
 /// Replaces the public part of a version (`info`: its JSON).
