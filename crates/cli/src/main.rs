@@ -14,6 +14,7 @@ mod hsm;
 mod identity;
 mod key_import;
 mod observability;
+mod openapi;
 mod policy;
 mod read_only;
 mod sql;
@@ -149,6 +150,8 @@ enum Command {
     Image(disk::ImageArgs),
     /// SQL servers and databases with transparent data encryption (TDE protectors).
     Sql(sql::SqlArgs),
+    /// Print the OpenAPI description of every route the server serves (GET /openapi.json).
+    Openapi(openapi::OpenapiArgs),
 }
 
 /// `kagi … | head` must end quietly when the reader goes away, as other tools do. Rust ignores
@@ -236,6 +239,7 @@ fn main() -> std::process::ExitCode {
                 backup::run(&ctx, args).await
             }
             Command::Agent(args) => agent::run(cli.output, args).await,
+            Command::Openapi(args) => openapi::run(args),
             Command::DiskEncryptionSet(args) => {
                 let ctx = client::Context::new(&cli.server, &cli.data_dir, cli.output).await?;
                 disk::run_set(&ctx, args).await
