@@ -6,7 +6,8 @@
 # store-facing part again with kagi's store on PostgreSQL (`--store postgres://…`; the store
 # contract's PostgreSQL half runs in the Rust tests on the same scratch server), then the backup
 # families with the store on PostgreSQL and the blobs in an S3 bucket (`--blobs s3://…`, on
-# scripts/s3.sh's server, which the Rust tests of the blob root and the engine use too), then bounded
+# scripts/s3.sh's server, which the Rust tests of the blob root and the engine use too), then the
+# key vault and backup families against three nodes behind a round-robin proxy, then bounded
 # fuzzing runs of the NBD, PostgreSQL and page-codec parsers (KAGI_FUZZ_SECONDS per target,
 # default 15).
 set -euo pipefail
@@ -42,5 +43,11 @@ KAGI_CONFORMANCE_POSTGRES="$PG_PRIMARY_URL" KAGI_BIN="$PWD/target/debug/kagi" \
 # own in the S3 bucket: the configuration of several nodes.
 KAGI_CONFORMANCE_POSTGRES="$PG_PRIMARY_URL" KAGI_CONFORMANCE_BLOBS="$S3_BLOBS_URL" KAGI_BIN="$PWD/target/debug/kagi" \
   tests/conformance/run.sh -k "$(cat tests/conformance/blob-families.txt | xargs | sed 's/ / or /g')" "$@"
+# The key vault and backup families against three nodes on that store and bucket, the session
+# server's requests spread round-robin over them (strict consistency; tests/conformance/conftest.py
+# `_start_cluster`).
+KAGI_CONFORMANCE_NODES=3 KAGI_CONFORMANCE_POSTGRES="$PG_PRIMARY_URL" KAGI_CONFORMANCE_BLOBS="$S3_BLOBS_URL" \
+  KAGI_BIN="$PWD/target/debug/kagi" \
+  tests/conformance/run.sh -k "$(cat tests/conformance/node-families.txt | xargs | sed 's/ / or /g')" "$@"
 # The parsers that face clients or disk bytes, under libFuzzer, for a bounded time per target.
 scripts/fuzz.sh "${KAGI_FUZZ_SECONDS:-15}"
