@@ -89,6 +89,7 @@ def test_what_the_description_does_not_hold_is_not_served(kagi):
     assert r.json()["error"]["code"] == "NotFound"
     r = kagi.request("DELETE", kagi.arm("/subscriptions"))
     assert r.status_code == 405, r.text[:500]
+    assert r.headers["allow"] == "GET"
 
 
 def _schemathesis(srv, tmp: Path, name: str, base_url: str, tag: str, seconds: int, token: str) -> Path:

@@ -323,6 +323,20 @@ where
     })
 }
 
+/// The methods `routes` serve at `segs`, each once, in the tables' order: a 405's `Allow`.
+pub fn allowed_methods<'r, I>(routes: I, segs: &[&str]) -> Vec<&'static str>
+where
+    I: IntoIterator<Item = &'r Route>,
+{
+    let mut methods: Vec<&'static str> = Vec::new();
+    for route in routes {
+        if !methods.contains(&route.method) && route.capture(segs).is_some() {
+            methods.push(route.method);
+        }
+    }
+    methods
+}
+
 /// A path made from `route`'s template with `value(name)` for each parameter (one segment
 /// each): what the tests send to check that a route is served, and what the OpenAPI examples
 /// show.
@@ -364,6 +378,8 @@ mod tests {
             find(ROUTES, "DELETE", &s).unwrap_err(),
             RouteMiss::MethodNotAllowed
         );
+        assert_eq!(allowed_methods(ROUTES, &s), ["GET", "POST"]);
+        assert!(allowed_methods(ROUTES, &segs("/b")).is_empty());
         assert_eq!(
             find(ROUTES, "GET", &segs("/a")).unwrap_err(),
             RouteMiss::NotFound

@@ -28,7 +28,12 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
         Ok(found) => found,
         Err(RouteMiss::NotFound) => return respond::error(&no_route(&segs)),
         Err(RouteMiss::MethodNotAllowed) => {
-            return respond::error(&method_not_allowed(&parts.method));
+            let mut r = respond::error(&method_not_allowed(&parts.method));
+            let allow = crate::route_table::allowed_management(services.as_ref(), &segs);
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(header::ALLOW, v);
+            }
+            return r;
         }
     };
 

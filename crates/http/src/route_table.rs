@@ -63,6 +63,15 @@ pub(crate) fn find_management(
     Err(miss)
 }
 
+/// The methods served at a management path (`GET, PUT`): a 405's `Allow`.
+pub(crate) fn allowed_management(services: Option<&Services>, segs: &[&str]) -> String {
+    let providers = services.map(Services::providers).unwrap_or_default();
+    let routes = MANAGEMENT
+        .iter()
+        .chain(providers.iter().flat_map(|p| p.routes().iter()));
+    route_table::allowed_methods(routes, segs).join(", ")
+}
+
 /// The OpenAPI description of a server at `https://{dns_suffix}:{port}` running the storage
 /// services whose route tables are `provider_routes`: the management host's routes, the
 /// services', then the data plane's.
@@ -196,5 +205,7 @@ mod tests {
         }
         let miss = find_management(None, "DELETE", &management_segments("/subscriptions"));
         assert_eq!(miss.unwrap_err(), RouteMiss::MethodNotAllowed);
+        let group = management_segments("/subscriptions/s/resourceGroups/g");
+        assert_eq!(allowed_management(None, &group), "PUT, GET, HEAD");
     }
 }
