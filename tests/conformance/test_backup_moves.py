@@ -22,7 +22,8 @@ import requests
 
 from conftest import DEFAULT_RG, KAGI_BIN, LOCATION, RG_API, _start_server, random_name
 
-pytestmark = pytest.mark.cli
+# Moves rename the vault's folder; with the blobs in a bucket they are refused (test_several_nodes).
+pytestmark = [pytest.mark.cli, pytest.mark.local_blobs]
 
 RESOURCES_API = "2021-04-01"
 KEY_PERMS = ["get", "list", "wrapKey", "unwrapKey"]

@@ -568,3 +568,23 @@ def test_vault_backup_jobs_are_served_by_every_node(tmp_path):
     finally:
         for n in (n1, n2):
             n.stop()
+
+
+def test_a_backup_vault_on_shared_blobs_is_not_moved(tmp_path):
+    """With the blobs in a bucket a backup vault move is refused, validation included, and
+    nothing moves (a bucket has no rename: docs/SEVERAL_NODES.md)."""
+    import uuid
+
+    from test_backup_vault import create_backup_vault, kagi_cli, ok, vref
+
+    blobs = f"{s3_blobs_url().rstrip('/')}/nodes-{uuid.uuid4().hex}"
+    _, (n1,) = start_nodes(tmp_path, count=1, extra_args=["--blobs", blobs])
+    try:
+        n1.put_rg(DEFAULT_RG)
+        n1.put_rg("kagi-moves-target")
+        bv, _ = create_backup_vault(n1)
+        p = kagi_cli(n1, "backup", "vault", "move", *vref(bv), "--target-resource-group", "kagi-moves-target")
+        assert p.returncode != 0 and "UserErrorBackupVaultMoveNotSupported" in p.stderr, p.stderr
+        ok(kagi_cli(n1, "backup", "vault", "show", *vref(bv)))
+    finally:
+        n1.stop()

@@ -224,6 +224,9 @@ def test_a_rotation_between_backups_and_a_restore_that_needs_a_disabled_key(back
     # The old version disabled: a restore that needs it fails with Azure's error, naming the
     # server, the time range and the key, and nothing is created.
     keys.update_key_properties(key.name, key.properties.version, enabled=False)
+    # The DEK the "across" restore just unwrapped under it stays cached until the next key poll
+    # (KAGI_SQL_KEY_POLL_SECONDS=1) sees the version disabled: the bound of a revocation.
+    time.sleep(3)
     r = restore(srv, server, db, "needsold", point_b)
     assert r.status_code == 400, r.text
     err = r.json()["error"]

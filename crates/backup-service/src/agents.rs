@@ -483,8 +483,7 @@ impl BackupService {
         let secret = kagi_crypto::random_array::<32>().map_err(|e| io("random", e))?;
         let now = p.now();
         let expires = now + (hours as i64) * 3600;
-        let lock = self.vault_lock(&v.dir.display().to_string());
-        let _g = lock.lock().await;
+        let _g = self.lock_vault(&v.dir).await?;
         let mut registry = Registry::load(p, &v.id).await?;
         registry.credentials.retain(|c| c.expires > now);
         registry.credentials.push(Credential {
@@ -554,8 +553,7 @@ impl BackupService {
         v: &VaultCtx,
         machine: &str,
     ) -> Result<(u16, Value), KvError> {
-        let lock = self.vault_lock(&v.dir.display().to_string());
-        let _g = lock.lock().await;
+        let _g = self.lock_vault(&v.dir).await?;
         let mut registry = Registry::load(p, &v.id).await?;
         let key = machine.to_ascii_lowercase();
         if registry.machines.remove(&key).is_none() {
@@ -596,8 +594,7 @@ impl BackupService {
         body: &Value,
     ) -> Result<(u16, Value), KvError> {
         let hours = valid_hours(body)?;
-        let lock = self.vault_lock(&v.dir.display().to_string());
-        let _g = lock.lock().await;
+        let _g = self.lock_vault(&v.dir).await?;
         let mut registry = Registry::load(p, &v.id).await?;
         let now = p.now();
         let until = now + (hours as i64) * 3600;
@@ -931,8 +928,7 @@ impl BackupService {
         p: &dyn ServiceHost,
         v: &VaultCtx,
     ) -> Result<(), KvError> {
-        let lock = self.vault_lock(&v.dir.display().to_string());
-        let _g = lock.lock().await;
+        let _g = self.lock_vault(&v.dir).await?;
         mark_attempt(p, v).await
     }
 
@@ -968,8 +964,7 @@ impl BackupService {
         }
         let key_check = key_check.map(|c| c.to_ascii_lowercase());
         // The same lock as every other change of the vault (configuration, items, moves).
-        let lock = self.vault_lock(&v.dir.display().to_string());
-        let _g = lock.lock().await;
+        let _g = self.lock_vault(&v.dir).await?;
         // Checked again under the lock: a customer-managed key set meanwhile wins (BK-11).
         let current = p.resource(&v.id).ok_or_else(|| {
             KvError::new(ErrorCode::ResourceNotFound, "The backup vault is gone.")

@@ -28,6 +28,7 @@ use zeroize::Zeroizing;
 
 use crate::BackupService;
 use crate::jobs::JobHandle;
+use crate::leases::LeaseHold;
 use crate::resource::{CmkConfig, VaultCtx, activity_entry};
 use crate::state::{Item, KeyVersionInUse, VaultState, blob, io, pmk_label};
 
@@ -254,6 +255,20 @@ impl BackupService {
         v.dir.join("items").join(item.to_ascii_lowercase())
     }
 
+    /// The item's repository for this node across nodes: the store lease
+    /// `backup-item:{folder}`, waited for as long as another node's work on it takes. Taken
+    /// with (after) the process's lock of the item, and held as long as it.
+    async fn hold_item(&self, v: &VaultCtx, item: &str) -> Result<LeaseHold, KvError> {
+        let rel = self.blobs.key_of(&Self::item_dir(v, item)).map_err(blob)?;
+        LeaseHold::take(
+            &self.host,
+            format!("backup-item:{}", rel.as_ref().to_ascii_lowercase()),
+            None,
+            KvError::internal,
+        )
+        .await
+    }
+
     fn item_rt(&self, v: &VaultCtx, item: &str) -> Arc<ItemRuntime> {
         self.items
             .lock()
@@ -427,6 +442,7 @@ impl BackupService {
     ) -> Result<u64, KvError> {
         let rt = self.item_rt(v, item);
         let _g = rt.lock.lock().await;
+        let _item = self.hold_item(v, item).await?;
         let (_, _, n) = self.dek(p, v, item, &rt).await?;
         Ok(n)
     }
@@ -439,8 +455,7 @@ impl BackupService {
         name: &str,
         input: Value,
     ) -> Result<(u16, Value), KvError> {
-        let lock = self.vault_lock(&v.dir.display().to_string());
-        let _g = lock.lock().await;
+        let _g = self.lock_vault(&v.dir).await?;
         let mut state = VaultState::load(p, &v.id).await?.unwrap_or_default();
         let name = name.to_ascii_lowercase();
         let source = input["properties"]["sourcePath"]
@@ -628,6 +643,7 @@ impl BackupService {
     ) -> Result<Value, KvError> {
         let rt = self.item_rt(v, item);
         let _g = rt.lock.lock().await;
+        let _item = self.hold_item(v, item).await?;
         let (dek, kek_id, _) = self.dek(p, v, item, &rt).await?;
         let dir = RepoAt::new(self.blobs.clone(), Self::item_dir(v, item));
         let source = PathBuf::from(&it.source_path);
@@ -708,6 +724,7 @@ impl BackupService {
             let r = async {
                 let rt = svc.item_rt(&v2, &item);
                 let _g = rt.lock.lock().await;
+                let _item = svc.hold_item(&v2, &item).await?;
                 let (dek, _, _) = svc.dek(p2.as_ref(), &v2, &item, &rt).await?;
                 let dir = RepoAt::new(svc.blobs.clone(), Self::item_dir(&v2, &item));
                 let j = j2.clone();
@@ -750,6 +767,7 @@ impl BackupService {
     ) -> Result<(Vec<String>, Value), KvError> {
         let rt = self.item_rt(v, item);
         let _g = rt.lock.lock().await;
+        let _item = self.hold_item(v, item).await?;
         let (dek, _, _) = self.dek(p, v, item, &rt).await?;
         let dir = RepoAt::new(self.blobs.clone(), Self::item_dir(v, item));
         tokio::task::spawn_blocking(move || -> Result<(Vec<String>, Value), KvError> {
@@ -801,6 +819,7 @@ impl BackupService {
             let r = async {
                 let rt = svc.item_rt(&v2, &item);
                 let _g = rt.lock.lock().await;
+                let _item = svc.hold_item(&v2, &item).await?;
                 let (dek, _, _) = svc.dek(p2.as_ref(), &v2, &item, &rt).await?;
                 let dir = RepoAt::new(svc.blobs.clone(), Self::item_dir(&v2, &item));
                 let started = Instant::now();
@@ -894,6 +913,7 @@ impl BackupService {
         let item = item.to_ascii_lowercase();
         let rt = self.item_rt(v, &item);
         let _g = rt.lock.lock().await;
+        let _item = self.hold_item(v, &item).await?;
         let (dek, _, _) = self.dek(p, v, &item, &rt).await?;
         let dir = RepoAt::new(self.blobs.clone(), Self::item_dir(v, &item));
         let snaps = tokio::task::spawn_blocking(move || -> Result<_, KvError> {

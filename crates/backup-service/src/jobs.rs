@@ -16,6 +16,12 @@
 //! rather than the time the server noticed, which would depend on how long the server was down
 //! and on who asked first. The job ended somewhere between that time and the next start of the
 //! server.
+//!
+//! With several nodes on one store, a job runs on one of them, which holds the store lease
+//! `backup-job:{id}` while it runs (renewed; given up at its end, or expiring with its node).
+//! Another node asked for the job finds it `InProgress` in the store with no runner of its own:
+//! while the lease is held elsewhere the job is answered as stored (running there), and only a
+//! job whose lease is free is taken for interrupted.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +33,7 @@ use kagi_core::time::{Clock, SystemClock, rfc3339};
 use kagi_host::ServiceHost;
 use serde_json::{Value, json};
 
+use crate::leases::LeaseHold;
 use crate::state::{JOB, io};
 
 /// The longest a running job's progress goes unwritten while it changes (within a 5% step).
@@ -91,6 +98,13 @@ pub struct JobHandle {
     ended: tokio::sync::watch::Sender<bool>,
     /// The job's end is in the store: its handle may be dropped.
     end_stored: AtomicBool,
+    /// The lease that tells other nodes the job runs here (given up at its end).
+    lease: Mutex<Option<LeaseHold>>,
+}
+
+/// The name of the lease a running job holds.
+fn job_lease(id: &str) -> String {
+    format!("backup-job:{}", id.to_ascii_lowercase())
 }
 
 impl JobHandle {
@@ -191,6 +205,7 @@ impl JobHandle {
             tracing::error!(error = %e.message, job = %self.id, "job end not persisted");
         }
         lock(&RUNNING).remove(&(self.vault_key.clone(), self.id.clone()));
+        lock(&self.lease).take();
         self.ended.send_replace(true);
     }
 
@@ -304,7 +319,17 @@ impl Jobs {
             every: self.every,
             ended: tokio::sync::watch::Sender::new(false),
             end_stored: AtomicBool::new(false),
+            lease: Mutex::new(None),
         });
+        match LeaseHold::take(host, job_lease(&id), Some(Duration::ZERO), || {
+            io("job lease", "held by another node")
+        })
+        .await
+        {
+            Ok(l) => *lock(&handle.lease) = Some(l),
+            // Other nodes may then take it for interrupted; this node still runs it.
+            Err(e) => tracing::warn!(job = %id, error = %e.message, "job lease not taken"),
+        }
         // Registered as running before it is stored, so no reader ever finds it stored without
         // its runner and takes it for an interrupted job.
         let key = (vault_key, id.clone());
@@ -406,6 +431,10 @@ impl Jobs {
             return Ok(h.get());
         }
         if stored["status"] != "InProgress" || running(vault_key, id) {
+            return Ok(stored);
+        }
+        // Running on another node (or the store cannot tell now): as stored.
+        if !LeaseHold::is_free(p, &job_lease(id)).await.unwrap_or(false) {
             return Ok(stored);
         }
         Ok(interrupted(p, vault_key, id)

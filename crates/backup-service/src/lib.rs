@@ -56,6 +56,7 @@ mod agent_objects;
 pub mod agents;
 mod items;
 pub mod jobs;
+mod leases;
 mod moves;
 mod resource;
 pub mod routes;
@@ -131,6 +132,13 @@ pub struct BackupService {
     agent_storage: agent_objects::AgentStorage,
     /// Where repositories and agents' objects live (the host's `--blobs`).
     blobs: kagi_blobs::BlobRoot,
+}
+
+/// A vault locked across nodes ([`BackupService::lock_vault`]); unlocked when dropped.
+#[derive(Debug)]
+pub(crate) struct VaultGuard {
+    _lease: leases::LeaseHold,
+    _local: tokio::sync::OwnedMutexGuard<()>,
 }
 
 /// Whether a management path (lower-cased segments) belongs to this service.
@@ -375,6 +383,32 @@ impl BackupService {
             })
             .await
             .map(|_| ())
+    }
+
+    /// A vault's lock across nodes: this process's lock of its folder, then the store lease
+    /// `backup-vault:{folder}` (waiting while another node holds it, at most a minute): a
+    /// vault's state and records are read, changed and written by one node at a time.
+    pub(crate) async fn lock_vault(&self, dir: &std::path::Path) -> Result<VaultGuard, KvError> {
+        let local = self
+            .vault_lock(&dir.display().to_string())
+            .lock_owned()
+            .await;
+        let rel = self.blobs.key_of(dir).map_err(state::blob)?;
+        let lease = leases::LeaseHold::take(
+            &self.host,
+            format!("backup-vault:{}", rel.as_ref().to_ascii_lowercase()),
+            Some(std::time::Duration::from_secs(60)),
+            || {
+                KvError::conflict(
+                    "The backup vault is busy with a change on another node; retry shortly.",
+                )
+            },
+        )
+        .await?;
+        Ok(VaultGuard {
+            _lease: lease,
+            _local: local,
+        })
     }
 
     fn vault_lock(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {

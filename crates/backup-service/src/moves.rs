@@ -32,11 +32,9 @@
 //! vault is at neither id, is reported and dropped. A crash therefore leaves the vault in one
 //! place, with its records and its folder.
 //!
-//! With the blobs in a bucket (`kagi server --blobs s3://…`) step 4 copies every object of the
-//! old folder to the new one and then deletes the old ones ([`kagi_blobs::BlobRoot::move_all`]):
-//! the pair of folders is expected half-copied after a crash, and finishing the journal simply
-//! runs the move again (in the background at start). The journal stays on the node that began
-//! the move, which finishes it when it starts again.
+//! With the blobs in a shared bucket (`kagi server --blobs s3://…`) a move is refused
+//! (`UserErrorBackupVaultMoveNotSupported`): a bucket has no rename, and copying a vault's
+//! objects to a new prefix while other nodes serve both ids is not made safe yet.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -200,19 +198,8 @@ pub(crate) fn journal_names(data: &Path, dir: &Path) -> bool {
 }
 
 /// Renames the folder a committed move's journal names, then removes the journal. Refuses
-/// when both folders exist (the journal is kept). In a bucket, moves the objects (again).
-async fn finish_rename(
-    blobs: &kagi_blobs::BlobRoot,
-    jfile: &Path,
-    j: &Journal,
-) -> std::io::Result<()> {
-    if blobs
-        .move_all(&j.from_dir, &j.to_dir)
-        .await
-        .map_err(std::io::Error::other)?
-    {
-        return std::fs::remove_file(jfile);
-    }
+/// when both folders exist (the journal is kept).
+fn finish_rename(jfile: &Path, j: &Journal) -> std::io::Result<()> {
     if j.from_dir.exists() && j.to_dir.exists() {
         return Err(std::io::Error::other(format!(
             "both {} and {} exist; resolve by hand",
@@ -241,6 +228,17 @@ impl BackupService {
         let (sub, rg, name) = parse_vault_id(vault_id)?;
         let dir = vault_dir(&self.data_dir, &sub, &rg, &name);
         let refusals = async |body: &Value| -> Result<(), KvError> {
+            if !self.blobs.is_local() {
+                return Err(bad(
+                    "UserErrorBackupVaultMoveNotSupported",
+                    format!(
+                        "The backups of the backup vault '{name}' are in a bucket several kagi \
+                         nodes share; moving such a vault to another resource group or \
+                         subscription is not supported yet. Create a vault in the target and \
+                         protect the folders there."
+                    ),
+                ));
+            }
             if let Some(c) = CmkConfig::of(body) {
                 return Err(bad(
                     "UserErrorCMKEncryptedVaultMoveNotSupported",
@@ -332,7 +330,7 @@ impl BackupService {
         }
         policy_check(p, &new_id, &planned).await?;
         self.wait_jobs_quiet(p, &old_id, &name).await?;
-        self.clear_target_folder(p, &new_id, &new_dir).await?;
+        self.clear_target_folder(p, &new_id, &new_dir)?;
         let mut state = VaultState::load(p, &old_id)
             .await?
             .ok_or_else(|| io("move", format!("{old_id} has no state")))?;
@@ -365,12 +363,7 @@ impl BackupService {
         // After the commit the move has happened, whatever befalls the folder: a rename that
         // fails is retried from the journal (in the background now, and at the next start), and
         // the vault refuses work meanwhile.
-        let renamed = match self.blobs.move_all(&dir, &new_dir).await {
-            Ok(true) => Ok(()),
-            Ok(false) => rename_durably(&dir, &new_dir),
-            Err(e) => Err(std::io::Error::other(e)),
-        };
-        match renamed {
+        match rename_durably(&dir, &new_dir) {
             Ok(()) => {
                 if let Err(err) = std::fs::remove_file(&jfile) {
                     // Finished (and removed) at the next start: the folder is in place.
@@ -410,7 +403,7 @@ impl BackupService {
 
     /// Under both vaults' locks, before the commit: a folder at the target is deleted only
     /// when nothing can own it — no resource has the new id and no unfinished move names it.
-    async fn clear_target_folder(
+    fn clear_target_folder(
         &self,
         p: &dyn ServiceHost,
         new_id: &str,
@@ -424,19 +417,12 @@ impl BackupService {
             ))
             .with_inner("UserErrorBackupVaultResourceMoveInProgress"));
         }
-        let empty = match self
-            .blobs
-            .has_objects(new_dir)
-            .await
-            .map_err(crate::state::blob)?
-        {
-            Some(false) => return Ok(()),
-            Some(true) => false,
-            None if !new_dir.exists() => return Ok(()),
-            None => std::fs::read_dir(new_dir)
-                .map(|mut d| d.next().is_none())
-                .unwrap_or(false),
-        };
+        if !new_dir.exists() {
+            return Ok(());
+        }
+        let empty = std::fs::read_dir(new_dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         if p.resource(new_id).is_some() {
             if empty {
                 return Ok(());
@@ -448,7 +434,7 @@ impl BackupService {
             .with_inner("TargetResourceAlreadyExists"));
         }
         // Left over from a vault of that id deleted earlier: nothing owns it.
-        self.remove_blobs(new_dir).await
+        std::fs::remove_dir_all(new_dir).map_err(|e| io("move: stale target", e))
     }
 
     /// Retries the rename a journal names until it succeeds (the journal is then removed);
@@ -474,7 +460,7 @@ impl BackupService {
                 let l2 = svc.vault_lock(&b.display().to_string());
                 let _g1 = l1.lock().await;
                 let _g2 = l2.lock().await;
-                match finish_rename(&svc.blobs, &jfile, &j).await {
+                match finish_rename(&jfile, &j) {
                     Ok(()) => {
                         tracing::warn!(from = %j.from_id, to = %j.to_id, "backup vault move finished");
                         break;
@@ -556,12 +542,6 @@ impl BackupService {
                 tracing::error!(journal = %path.display(), "unreadable backup vault move journal left in place");
                 continue;
             };
-            if !self.blobs.is_local() && p.resource(&j.to_id).is_some() {
-                // Committed: the objects are moved (again, from wherever the crash left them)
-                // in the background; the vault refuses work until then.
-                self.retry_rename_later(path, j);
-                continue;
-            }
             let (from, to) = (j.from_dir.exists(), j.to_dir.exists());
             if p.resource(&j.to_id).is_some() {
                 // The records moved with the resource; only the folder may be left to rename.

@@ -87,8 +87,9 @@ impl BackupService {
         for name in due {
             // Claim the run (durably, under the vault's lock) before starting it.
             let item = {
-                let lock = self.vault_lock(&v.dir.display().to_string());
-                let _g = lock.lock().await;
+                let Ok(_g) = self.lock_vault(&v.dir).await else {
+                    continue;
+                };
                 let Ok(Some(mut s)) = VaultState::load(p, &v.id).await else {
                     continue;
                 };

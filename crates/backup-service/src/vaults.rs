@@ -129,8 +129,7 @@ impl BackupService {
     ) -> Result<(u16, Value), KvError> {
         let p = host.as_ref();
         let dir = vault_dir(&self.data_dir, sub, rg, name);
-        let lock = self.vault_lock(&dir.display().to_string());
-        let _g = lock.lock().await;
+        let _g = self.lock_vault(&dir).await?;
         let existing = p.get_resource(caller, vault_ref(sub, rg, name)).ok();
         if patch && existing.is_none() {
             return Err(KvError::new(
@@ -487,8 +486,7 @@ impl BackupService {
         name: &str,
     ) -> Result<(u16, Value), KvError> {
         let dir = vault_dir(&self.data_dir, sub, rg, name);
-        let lock = self.vault_lock(&dir.display().to_string());
-        let _g = lock.lock().await;
+        let _g = self.lock_vault(&dir).await?;
         if p.get_resource(caller, vault_ref(sub, rg, name)).is_err() {
             return Ok((204, Value::Null));
         }

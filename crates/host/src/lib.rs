@@ -319,6 +319,21 @@ pub trait ServiceHost: Send + Sync + std::fmt::Debug {
     /// Opens what [`ServiceHost::seal_secret`] sealed under `label` (or what an earlier
     /// kagi sealed under another purpose: see [`OpenedSecret::resealed`]).
     fn open_secret(&self, label: &str, sealed: &[u8]) -> Result<OpenedSecret>;
+
+    /// Takes, or renews, the lease `name` for this node for `ttl_ms` (on the store's clock):
+    /// `true` when this node holds it now, `false` while another node of a shared store does.
+    /// A service keeps work on one shared object (a repository in a bucket, a running job) to
+    /// one node at a time with it. On one node (SQLite) it is always this node's.
+    async fn acquire_lease(&self, name: &str, ttl_ms: i64) -> Result<bool> {
+        let _ = (name, ttl_ms);
+        Ok(true)
+    }
+
+    /// Gives the lease `name` up, if this node holds it.
+    async fn release_lease(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

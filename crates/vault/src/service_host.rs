@@ -188,6 +188,21 @@ impl ServiceHost for Platform {
     fn open_secret(&self, label: &str, sealed: &[u8]) -> Result<OpenedSecret> {
         open_secret(self.root.as_ref(), label, sealed)
     }
+
+    async fn acquire_lease(&self, name: &str, ttl_ms: i64) -> Result<bool> {
+        self.store
+            .acquire_lease(name, crate::node_id(), ttl_ms)
+            .await
+            .map(|fence| fence.is_some())
+            .map_err(|e| internal("take a service lease", e))
+    }
+
+    async fn release_lease(&self, name: &str) -> Result<()> {
+        self.store
+            .release_lease(name, crate::node_id())
+            .await
+            .map_err(|e| internal("give a service lease up", e))
+    }
 }
 
 /// Seals a service's secret under the `service-key` purpose.
