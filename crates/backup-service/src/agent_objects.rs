@@ -409,8 +409,8 @@ impl AgentStorage {
         len: u64,
     ) -> Result<(), KvError> {
         if let Some(bucket) = self.bucket(dir)? {
-            let used = self.remote_used(vault_dir).await?;
             let old = remote_size(&bucket, name).await?.unwrap_or(0);
+            let used = self.remote_used_checked(vault_dir, old, len).await?;
             return self.inner.check(used, old, len, u64::MAX);
         }
         let inner = self.inner.clone();
@@ -477,6 +477,23 @@ impl AgentStorage {
         Ok(*lock(&slot).bytes.get_or_insert(counted))
     }
 
+    /// The vault's stored bytes in the bucket; counted again by listing when the count this
+    /// node keeps would refuse an object of `len` bytes replacing one of `old`: other nodes'
+    /// deletions (an agent's prune sent to another node) are not in it.
+    async fn remote_used_checked(
+        &self,
+        vault_dir: &Path,
+        old: u64,
+        len: u64,
+    ) -> Result<u64, KvError> {
+        let used = self.remote_used(vault_dir).await?;
+        if self.inner.check(used, old, len, u64::MAX).is_ok() {
+            return Ok(used);
+        }
+        lock(&self.inner.usage_slot(vault_dir)).bytes = None;
+        self.remote_used(vault_dir).await
+    }
+
     /// Holds the lock of one object in the bucket for `work`.
     async fn with_remote_object<T>(
         &self,
@@ -513,7 +530,7 @@ impl AgentStorage {
             }
             let old = remote_size(bucket, name).await?.unwrap_or(0);
             let len = body.len() as u64;
-            let used = self.remote_used(vault_dir).await?;
+            let used = self.remote_used_checked(vault_dir, old, len).await?;
             let slot = self.inner.usage_slot(vault_dir);
             {
                 let mut usage = lock(&slot);

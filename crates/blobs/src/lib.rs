@@ -10,9 +10,8 @@
 //!   environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
 //!   `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP`).
 //!
-//! S3 has no folders and no rename: [`BlobRoot::remove_all`] deletes every key under a folder,
-//! [`BlobRoot::move_all`] copies them and then deletes the originals (run again after a crash it
-//! finishes the job). [`BlobRoot::probe`] checks at start that the bucket answers and honours
+//! S3 has no folders and no rename: [`BlobRoot::remove_all`] deletes every key under a folder
+//! (the services do not rename folders of a bucket). [`BlobRoot::probe`] checks at start that the bucket answers and honours
 //! conditional writes (`If-None-Match: *`), which the services rely on where two nodes could
 //! race to create the same object.
 
@@ -282,36 +281,6 @@ impl BlobRoot {
         Ok(true)
     }
 
-    /// Moves every object of the folder `from` to the folder `to` (remote roots only: `false`
-    /// when local). Every object is copied before any is deleted, so running it again after
-    /// an interruption finishes the move without losing an object.
-    pub async fn move_all(&self, from: &Path, to: &Path) -> Result<bool> {
-        let Some(store) = &self.remote else {
-            return Ok(false);
-        };
-        let (src, dst) = (self.key_of(from)?, self.key_of(to)?);
-        let names: Vec<ObjectPath> = store
-            .list(Some(&src))
-            .map_ok(|m| m.location)
-            .try_collect()
-            .await?;
-        for name in &names {
-            let rel: Vec<_> = name
-                .prefix_match(&src)
-                .ok_or_else(|| BlobError::Store(format!("{name} listed outside {src}")))?
-                .collect();
-            let target = rel.into_iter().fold(dst.clone(), |p, part| p.join(part));
-            store.copy(name, &target).await?;
-        }
-        for name in names {
-            match store.delete(&name).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(true)
-    }
-
     /// Copies the local file `dir/name` to the object `name` of the folder `dir`, streaming
     /// (a large file goes up in parts); `false` when objects are local files (nothing to do).
     pub async fn upload_file(&self, dir: &Path, name: &str) -> Result<bool> {
@@ -325,10 +294,15 @@ impl BlobRoot {
         };
         let mut file = tokio::fs::File::open(&path).await.map_err(io)?;
         let mut w = object_store::buffered::BufWriter::new(store, ObjectPath::from(name));
-        tokio::io::copy(&mut file, &mut w).await.map_err(io)?;
-        tokio::io::AsyncWriteExt::shutdown(&mut w)
-            .await
-            .map_err(io)?;
+        let sent = match tokio::io::copy(&mut file, &mut w).await {
+            Ok(_) => tokio::io::AsyncWriteExt::shutdown(&mut w).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            // A multipart upload begun and not finished would stay in the bucket, unseen.
+            let _ = w.abort().await;
+            return Err(io(e));
+        }
         Ok(true)
     }
 
@@ -345,7 +319,13 @@ impl BlobRoot {
             Err(object_store::Error::NotFound { .. }) => return Ok(false),
             Err(e) => return Err(e.into()),
         };
-        let (path, part) = (dir.join(name), dir.join(format!("{name}.download.part")));
+        // A name of its own per download: two downloads of one object never share a file.
+        static DOWNLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = DOWNLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (path, part) = (
+            dir.join(name),
+            dir.join(format!("{name}.{:x}-{n}.part", std::process::id())),
+        );
         let io = |source| BlobError::Io {
             path: path.clone(),
             source,

@@ -9,7 +9,8 @@
 //! Every job is mirrored into the store too (a service document of [`JOBS_KEY`], written by one
 //! task per job: at each phase and end, and every [`HEARTBEAT`] while it runs), so that every
 //! node sharing the store answers for it: a node asked for a job it does not run reads the
-//! store, and answers a running job whose heartbeat stopped ([`STALE`]) as interrupted. With
+//! store: a running job is alive while its node holds the job's lease (renewed by the mirror
+//! task, on the database's clock; on SQLite there is one node), else interrupted. With
 //! blobs in a bucket (`kagi server --blobs`) a backup's result file is uploaded to the bucket
 //! (`jobs/{id}.kvbak`) before the job is written as completed, and another node fetches it from
 //! there when it is downloaded through that node.
@@ -36,8 +37,13 @@ pub const JOBS_KEY: &str = "/kagi/jobs";
 const JOB_KIND: &str = "vault-job";
 /// How often a running job's mirror is rewritten even when nothing changed.
 const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
-/// A running job whose mirror is older than this (seconds) ran on a node that died.
-const STALE: i64 = 30;
+/// The lease a running job holds (renewed by its mirror task): while another node holds it,
+/// the job runs there; once it expired (30 s, on the database's clock), its node died.
+const LEASE_MS: i64 = 30_000;
+
+fn job_lease(id: &str) -> String {
+    format!("vault-job:{id}")
+}
 
 /// Jobs by id; `None` until loaded from the data directory.
 type JobTable = Option<HashMap<String, Arc<JobHandle>>>;
@@ -210,6 +216,20 @@ impl Platform {
                     let _ = std::fs::remove_file(&path);
                     continue;
                 }
+                if let Some(id) = name.strip_suffix(".kvbak") {
+                    // A result fetched from the bucket for a job another node ran has no row
+                    // here: it goes when the job would have.
+                    let old = entry
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|age| age.as_secs() > RETENTION.unsigned_abs());
+                    if old && !dir.join(format!("{id}.json")).exists() {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    continue;
+                }
                 if !name.ends_with(".json") {
                     continue;
                 }
@@ -359,7 +379,7 @@ impl Platform {
     }
 
     /// A job by id: one this node runs (or ran), else one another node sharing the store runs
-    /// or ran, as mirrored there (running with a stopped heartbeat: interrupted).
+    /// or ran, as mirrored there (running with its lease free: interrupted).
     async fn find_job(&self, id: &str) -> Result<Job, KvError> {
         if let Ok(h) = self.job_handle(id) {
             return Ok(h.get());
@@ -376,8 +396,7 @@ impl Platform {
         let job: Job = serde_json::from_value(mirrored["job"].clone())
             .map_err(|e| internal("job mirror", e))?;
         let now = self.clock.now();
-        let heartbeat = mirrored["heartbeat"].as_i64().unwrap_or(doc.updated);
-        let job = if now - heartbeat > STALE {
+        let job = if job.status == JobStatus::InProgress && self.job_lease_free(&id).await {
             job.interrupted(now)
         } else {
             job
@@ -386,6 +405,20 @@ impl Platform {
             return Err(job_not_found(&id));
         }
         Ok(job)
+    }
+
+    /// Whether no node holds the lease of running job `id` (asking takes it for a moment and
+    /// gives it up again). A store that cannot tell counts as held: the job is not declared
+    /// dead on an error.
+    async fn job_lease_free(&self, id: &str) -> bool {
+        let name = job_lease(id);
+        match self.store.acquire_lease(&name, node_id(), 1_000).await {
+            Ok(Some(_)) => {
+                let _ = self.store.release_lease(&name, node_id()).await;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// `GET /kagi/jobs/{id}` (bootstrap administrator only).
@@ -465,7 +498,12 @@ fn mirror_doc(now: i64, job: &Job) -> ServiceDocument {
 async fn mirror_job(store: Arc<dyn Store>, clock: Arc<dyn Clock>, handle: Arc<JobHandle>) {
     let mut written: Option<Job> = None;
     let mut beat = tokio::time::Instant::now();
+    let lease = job_lease(&handle.id());
     loop {
+        // Renewed every round (at most a second apart): other nodes see the job alive.
+        if let Err(e) = store.acquire_lease(&lease, node_id(), LEASE_MS).await {
+            tracing::warn!(job = %lease, error = %e, "job lease not renewed");
+        }
         let job = handle.get();
         if written.as_ref() != Some(&job) || beat.elapsed() >= HEARTBEAT {
             match store
@@ -475,6 +513,7 @@ async fn mirror_job(store: Arc<dyn Store>, clock: Arc<dyn Clock>, handle: Arc<Jo
                 Ok(()) => {
                     beat = tokio::time::Instant::now();
                     if job.status.is_terminal() {
+                        let _ = store.release_lease(&lease, node_id()).await;
                         return;
                     }
                     written = Some(job);
