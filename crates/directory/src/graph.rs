@@ -106,7 +106,7 @@ const USER_FIELDS: &[&str] = &["id", "displayname", "userprincipalname", "mail"]
 
 /// Parses a Graph `$filter`, refusing fields the list cannot filter on (Graph's 400
 /// `Request_UnsupportedQuery`), never ignoring them.
-fn parse_filter(text: Option<&str>, known: &[&str]) -> Result<Option<Filter>, KvError> {
+pub(crate) fn parse_filter(text: Option<&str>, known: &[&str]) -> Result<Option<Filter>, KvError> {
     let Some(text) = text else { return Ok(None) };
     let unsupported =
         |m: String| KvError::new(ErrorCode::BadRequest, m).with_inner("Request_UnsupportedQuery");
@@ -120,7 +120,7 @@ fn parse_filter(text: Option<&str>, known: &[&str]) -> Result<Option<Filter>, Kv
     Ok(Some(f))
 }
 
-fn not_found(id: &str) -> KvError {
+pub(crate) fn not_found(id: &str) -> KvError {
     KvError::new(
         ErrorCode::NotFound,
         format!(

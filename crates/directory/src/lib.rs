@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+mod applications;
 mod graph;
 mod locks;
 mod principals;

@@ -56,12 +56,29 @@ impl Directory {
             return Err(bad("displayName is required (at most 120 characters)."));
         }
         let secret = new_secret()?;
+        let p = self
+            .insert_service_principal(caller, name, kagi_identity::hash_secret(&secret))
+            .await?;
+        tracing::info!(object_id = %p.object_id, "service principal created");
+        let mut v = principal_json(&p);
+        v["clientSecret"] = json!(secret);
+        Ok(v)
+    }
+
+    /// Stores a new service principal of the caller's tenant with new object and client ids
+    /// and `secret_hash` (empty: no secret works), and keeps it in memory.
+    pub(crate) async fn insert_service_principal(
+        &self,
+        caller: &Principal,
+        name: &str,
+        secret_hash: Vec<u8>,
+    ) -> Result<PrincipalRecord, KvError> {
         let p = PrincipalRecord {
             object_id: uuid_v4(random16()?),
             tenant_id: caller.tenant_id.clone(),
             client_id: uuid_v4(random16()?),
             display_name: name.to_string(),
-            secret_hash: kagi_identity::hash_secret(&secret),
+            secret_hash,
             kind: kind::SERVICE_PRINCIPAL.into(),
             created: self.clock.now(),
             resource_id: None,
@@ -73,10 +90,7 @@ impl Directory {
         self.state_mut()
             .principals
             .insert(p.object_id.clone(), p.clone());
-        tracing::info!(object_id = %p.object_id, "service principal created");
-        let mut v = principal_json(&p);
-        v["clientSecret"] = json!(secret);
-        Ok(v)
+        Ok(p)
     }
 
     /// Creates a user who signs in with `upn` and `password` (the resource-owner password

@@ -201,6 +201,14 @@ pub(crate) async fn graph(
                 Ok(v) => v,
                 Err(e) => return Some(Err(e)),
             };
+            // `{"appId"}` (`az ad sp create --id`, `az ad sp create-for-rbac`): the service
+            // principal kagi made with the application.
+            if let Some(app_id) = input.get("appId").and_then(Value::as_str) {
+                return Some(
+                    p.service_principal_of_application(caller, app_id)
+                        .map(|v| respond::json(201, &v)),
+                );
+            }
             let name = input
                 .get("displayName")
                 .and_then(Value::as_str)
@@ -208,6 +216,52 @@ pub(crate) async fn graph(
             p.create_service_principal(caller, name)
                 .await
                 .map(|v| respond::json(201, &v))
+        }
+        (["v1.0", "applications"], &Method::GET) => p
+            .graph_applications(caller, filter)
+            .map(|v| respond::json(200, &v)),
+        (["v1.0", "applications"], &Method::POST) => match parse_json::<Value>(body) {
+            Ok(input) => p
+                .create_application(caller, &input)
+                .await
+                .map(|v| respond::json(201, &v)),
+            Err(e) => Err(e),
+        },
+        (["v1.0", "applications", _], &Method::GET) => p
+            .graph_application(caller, segs[2])
+            .map(|v| respond::json(200, &v)),
+        (["v1.0", "applications", _], &Method::PATCH) => match parse_json::<Value>(body) {
+            Ok(input) => p
+                .update_application(caller, segs[2], &input)
+                .map(|()| respond::empty(204)),
+            Err(e) => Err(e),
+        },
+        (["v1.0", "applications", _], &Method::DELETE) => p
+            .delete_application(caller, segs[2])
+            .await
+            .map(|()| respond::empty(204)),
+        // Graph takes `addPassword` without a body too.
+        (["v1.0", "applications", _, "addpassword"], &Method::POST) => {
+            match if body.is_empty() {
+                Ok(serde_json::json!({}))
+            } else {
+                parse_json::<Value>(body)
+            } {
+                Ok(input) => p
+                    .add_application_password(caller, segs[2], &input)
+                    .await
+                    .map(|v| respond::json(200, &v)),
+                Err(e) => Err(e),
+            }
+        }
+        (["v1.0", "applications", _, "removepassword"], &Method::POST) => {
+            match parse_json::<Value>(body) {
+                Ok(input) => p
+                    .remove_application_password(caller, segs[2], &input)
+                    .await
+                    .map(|()| respond::empty(204)),
+                Err(e) => Err(e),
+            }
         }
         (["v1.0", "serviceprincipals"], &Method::GET) => p
             .graph_service_principals(caller, filter)

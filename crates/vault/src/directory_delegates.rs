@@ -104,6 +104,82 @@ impl Platform {
             .await
     }
 
+    /// Graph's `GET /v1.0/applications[?$filter=…]` (kagi's service principals, each its own
+    /// application).
+    pub fn graph_applications(
+        &self,
+        caller: &Principal,
+        filter: Option<&str>,
+    ) -> Result<Value, KvError> {
+        self.directory.graph_applications(caller, filter)
+    }
+
+    /// Graph's `GET /v1.0/applications/{id}`.
+    pub fn graph_application(&self, caller: &Principal, id: &str) -> Result<Value, KvError> {
+        self.directory.graph_application(caller, id)
+    }
+
+    /// Graph's `POST /v1.0/applications`: an application and its service principal, without
+    /// a password.
+    pub async fn create_application(
+        &self,
+        caller: &Principal,
+        body: &Value,
+    ) -> Result<Value, KvError> {
+        self.directory.create_application(caller, body).await
+    }
+
+    /// Graph's `PATCH /v1.0/applications/{id}` (nothing kagi keeps changes).
+    pub fn update_application(
+        &self,
+        caller: &Principal,
+        id: &str,
+        body: &Value,
+    ) -> Result<(), KvError> {
+        self.directory.update_application(caller, id, body)
+    }
+
+    /// Graph's `DELETE /v1.0/applications/{id}` (and its service principal).
+    pub async fn delete_application(&self, caller: &Principal, id: &str) -> Result<(), KvError> {
+        self.directory.delete_application(caller, id).await
+    }
+
+    /// Graph's `POST /v1.0/applications/{id}/addPassword`: a new password replacing the old
+    /// one, shown once.
+    pub async fn add_application_password(
+        &self,
+        caller: &Principal,
+        id: &str,
+        body: &Value,
+    ) -> Result<Value, KvError> {
+        self.directory
+            .add_application_password(caller, id, body)
+            .await
+    }
+
+    /// Graph's `POST /v1.0/applications/{id}/removePassword`.
+    pub async fn remove_application_password(
+        &self,
+        caller: &Principal,
+        id: &str,
+        body: &Value,
+    ) -> Result<(), KvError> {
+        self.directory
+            .remove_application_password(caller, id, body)
+            .await
+    }
+
+    /// Graph's `POST /v1.0/servicePrincipals {"appId"}`: the service principal kagi made with
+    /// the application.
+    pub fn service_principal_of_application(
+        &self,
+        caller: &Principal,
+        app_id: &str,
+    ) -> Result<Value, KvError> {
+        self.directory
+            .service_principal_of_application(caller, app_id)
+    }
+
     /// Issues a new client secret for a service principal (the old one stops working).
     pub async fn reset_service_principal_secret(
         &self,
