@@ -147,3 +147,20 @@ def test_applications_need_the_directory_administrator(kagi):
     assert graph(kagi, "GET", f"/applications/{sp['objectId'][:-1]}0").status_code in (400, 404)
     assert graph(kagi, "DELETE", f"/applications/{app_id}").status_code == 204
     assert graph(kagi, "GET", f"/applications/{app_id}").status_code == 404
+
+
+def test_sp_commands_on_an_application(kagi, az, tmp_path):
+    name = random_name("azapp", 14)
+    out = az.json("ad", "sp", "create-for-rbac", "--name", name)
+    app_id = out["appId"]
+    # `az ad sp credential reset` resets the application's password.
+    reset = az.json("ad", "sp", "credential", "reset", "--id", app_id)
+    assert reset["appId"] == app_id and reset["password"] != out["password"], reset
+    login_as(kagi, tmp_path, app_id, reset["password"])
+    login_as(kagi, tmp_path, app_id, out["password"], expect=1)
+    # An update that changes nothing kagi keeps succeeds; a certificate is refused, not dropped.
+    az.run("ad", "app", "update", "--id", app_id, "--display-name", name)
+    err = az.fails("ad", "sp", "create-for-rbac", "--name", random_name("azapp", 14), "--create-cert", expect=1)
+    assert "not supported" in err, err
+    az.run("ad", "sp", "delete", "--id", app_id)
+    assert az.json("ad", "app", "list", "--app-id", app_id) == []

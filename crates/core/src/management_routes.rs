@@ -114,6 +114,7 @@ pub static MANAGEMENT: &[Route] = &[
     Route::kagi("DELETE", "/v1.0/applications/{applicationId}", "Microsoft.Graph/applications/delete", "Deletes an application and its service principal."),
     Route::kagi("POST", "/v1.0/applications/{applicationId}/addPassword", "Microsoft.Graph/applications/addPassword/action", "Makes a new password, replacing the old one; the secret is shown once.").body(RequestBody::Json),
     Route::kagi("POST", "/v1.0/applications/{applicationId}/removePassword", "Microsoft.Graph/applications/removePassword/action", "Removes the password ({\"keyId\"}).").body(RequestBody::Json),
+    Route::kagi("POST", "/v1.0/servicePrincipals/{servicePrincipalId}/removePassword", "Microsoft.Graph/servicePrincipals/removePassword/action", "Removes the client secret ({\"keyId\"}).").body(RequestBody::Json),
     Route::kagi("GET", "/v1.0/users", "Microsoft.Graph/users/read", "Lists users.").params(FILTER),
     Route::kagi("POST", "/v1.0/users", "Microsoft.Graph/users/write", "Creates a user.").body(RequestBody::Json),
     Route::kagi("GET", "/v1.0/users/{userId}", "Microsoft.Graph/users/read", "A user."),

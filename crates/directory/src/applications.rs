@@ -11,15 +11,14 @@
 //! working) and shows the new one once; `removePassword` removes it (no secret works until the
 //! next `addPassword`). An application made here starts without a password.
 
-use kagi_core::ids::uuid_v4;
 use kagi_core::odata::{FieldValue, Filter};
 use kagi_core::time::rfc3339;
 use kagi_core::{ErrorCode, KvError};
 use kagi_identity::Principal;
-use kagi_store::PrincipalRecord;
+use kagi_store::{CertificateRecord, PrincipalRecord};
 use serde_json::{Value, json};
 
-use crate::graph::{graph_json, not_found, parse_filter};
+use crate::graph::{graph_json, not_found, parse_filter, password_credentials, password_key_id};
 use crate::{Directory, bad, internal, kind, new_secret};
 
 const APP_FIELDS: &[&str] = &["id", "displayname", "appid", "identifieruris"];
@@ -29,35 +28,24 @@ fn bad_request(message: impl Into<String>) -> KvError {
     bad(message).with_inner("Request_BadRequest")
 }
 
-/// The key id of a password: derived from its hash (so it names this password and no other)
-/// without saying anything about the secret.
-pub(crate) fn password_key_id(secret_hash: &[u8]) -> String {
-    let mut input = b"kagi application password key id\0".to_vec();
-    input.extend_from_slice(secret_hash);
-    let d = kagi_crypto::digest(kagi_crypto::DigestAlgorithm::Sha256, &input);
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&d[..16]);
-    uuid_v4(bytes)
-}
-
-/// An application's `passwordCredentials`: its one password, if it has one (never the secret).
-fn password_credentials(p: &PrincipalRecord) -> Value {
-    if p.secret_hash.is_empty() {
-        return json!([]);
-    }
-    json!([{
-        "customKeyIdentifier": null,
-        "displayName": null,
-        "endDateTime": null,
-        "hint": null,
-        "keyId": password_key_id(&p.secret_hash),
-        "secretText": null,
-        "startDateTime": null,
-    }])
-}
-
-/// A service principal as Graph shows its application.
-pub(crate) fn application_json(p: &PrincipalRecord) -> Value {
+/// A service principal as Graph shows its application, with its certificates (`certs`, those
+/// of every principal; registered through the service principal's `addKey`).
+pub(crate) fn application_json(p: &PrincipalRecord, certs: &[CertificateRecord]) -> Value {
+    let keys: Vec<Value> = certs
+        .iter()
+        .filter(|c| c.object_id == p.object_id)
+        .map(|c| {
+            json!({
+                "customKeyIdentifier": c.sha1.to_ascii_uppercase(),
+                "displayName": null,
+                "keyId": password_key_id(c.sha256.as_bytes()),
+                "startDateTime": rfc3339(c.created),
+                "endDateTime": null,
+                "type": "AsymmetricX509Cert",
+                "usage": "Verify",
+            })
+        })
+        .collect();
     json!({
         "@odata.type": "#microsoft.graph.application",
         "id": p.object_id,
@@ -67,7 +55,7 @@ pub(crate) fn application_json(p: &PrincipalRecord) -> Value {
         "publisherDomain": null,
         "signInAudience": "AzureADMyOrg",
         "identifierUris": [],
-        "keyCredentials": [],
+        "keyCredentials": keys,
         "passwordCredentials": password_credentials(p),
         "api": {},
         "web": {"redirectUris": [], "homePageUrl": null},
@@ -176,7 +164,10 @@ impl Directory {
         list.sort_by(|a, b| a.object_id.cmp(&b.object_id));
         Ok(json!({
             "@odata.context": format!("{}/v1.0/$metadata#applications", self.authority),
-            "value": list.into_iter().map(application_json).collect::<Vec<_>>(),
+            "value": list
+                .into_iter()
+                .map(|p| application_json(p, &state.certificates))
+                .collect::<Vec<_>>(),
         }))
     }
 
@@ -185,7 +176,8 @@ impl Directory {
     /// # Errors
     /// 403 for others than the administrator; 404 `Request_ResourceNotFound`.
     pub fn graph_application(&self, caller: &Principal, id: &str) -> Result<Value, KvError> {
-        Ok(application_json(&self.application(caller, id)?))
+        let p = self.application(caller, id)?;
+        Ok(application_json(&p, &self.state().certificates))
     }
 
     /// `POST /v1.0/applications {"displayName"}`: a new application and its service principal,
@@ -205,7 +197,7 @@ impl Directory {
             .insert_service_principal(caller, &name, Vec::new())
             .await?;
         tracing::info!(object_id = %p.object_id, "application created");
-        Ok(application_json(&p))
+        Ok(application_json(&p, &[]))
     }
 
     /// `PATCH /v1.0/applications/{id}`: kagi keeps nothing an update could change but the
@@ -395,9 +387,9 @@ mod tests {
             created: 0,
             resource_id: None,
         };
-        assert_eq!(application_json(&p)["passwordCredentials"], json!([]));
+        assert_eq!(application_json(&p, &[])["passwordCredentials"], json!([]));
         p.secret_hash = vec![7; 32];
-        let v = application_json(&p);
+        let v = application_json(&p, &[]);
         assert_eq!(
             v["passwordCredentials"][0]["keyId"],
             json!(password_key_id(&[7; 32]))

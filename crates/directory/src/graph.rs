@@ -58,6 +58,33 @@ fn common(p: &PrincipalRecord) -> Value {
     })
 }
 
+/// The key id of a password: derived from its hash (so it names this password and no other)
+/// without saying anything about the secret.
+pub(crate) fn password_key_id(secret_hash: &[u8]) -> String {
+    let mut input = b"kagi application password key id\0".to_vec();
+    input.extend_from_slice(secret_hash);
+    let d = kagi_crypto::digest(kagi_crypto::DigestAlgorithm::Sha256, &input);
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&d[..16]);
+    kagi_core::ids::uuid_v4(bytes)
+}
+
+/// A service principal's (and its application's) `passwordCredentials`: its one password, if it has one (never the secret).
+pub(crate) fn password_credentials(p: &PrincipalRecord) -> Value {
+    if p.secret_hash.is_empty() {
+        return json!([]);
+    }
+    json!([{
+        "customKeyIdentifier": null,
+        "displayName": null,
+        "endDateTime": null,
+        "hint": null,
+        "keyId": password_key_id(&p.secret_hash),
+        "secretText": null,
+        "startDateTime": null,
+    }])
+}
+
 /// A principal as Graph shows it (a user or a service principal).
 pub(crate) fn graph_json(p: &PrincipalRecord) -> Value {
     let mut v = common(p);
@@ -76,6 +103,7 @@ pub(crate) fn graph_json(p: &PrincipalRecord) -> Value {
         v["servicePrincipalType"] = json!(sp_type(p));
         v["servicePrincipalNames"] = json!(sp_names(p));
         v["accountEnabled"] = json!(true);
+        v["passwordCredentials"] = password_credentials(p);
         v["alternativeNames"] = json!(p.resource_id.as_deref().map_or_else(Vec::new, |r| vec![r]));
     }
     v

@@ -284,7 +284,14 @@ impl Directory {
             .map_err(|e| internal("reset secret", e))?;
         self.state_mut().principals.insert(oid, p.clone());
         let mut v = principal_json(&p);
+        // Graph's passwordCredential beside kagi's own field (`az ad sp credential reset`
+        // reads `secretText`).
         v["clientSecret"] = json!(secret);
+        v["secretText"] = json!(secret);
+        v["keyId"] = json!(crate::graph::password_key_id(&p.secret_hash));
+        v["hint"] = json!(secret.chars().take(3).collect::<String>());
+        v["startDateTime"] = json!(rfc3339(self.clock.now()));
+        v["endDateTime"] = Value::Null;
         Ok(v)
     }
 }

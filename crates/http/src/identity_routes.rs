@@ -254,15 +254,21 @@ pub(crate) async fn graph(
                 Err(e) => Err(e),
             }
         }
-        (["v1.0", "applications", _, "removepassword"], &Method::POST) => {
-            match parse_json::<Value>(body) {
-                Ok(input) => p
-                    .remove_application_password(caller, segs[2], &input)
-                    .await
-                    .map(|()| respond::empty(204)),
-                Err(e) => Err(e),
-            }
-        }
+        (
+            [
+                "v1.0",
+                "applications" | "serviceprincipals",
+                _,
+                "removepassword",
+            ],
+            &Method::POST,
+        ) => match parse_json::<Value>(body) {
+            Ok(input) => p
+                .remove_application_password(caller, segs[2], &input)
+                .await
+                .map(|()| respond::empty(204)),
+            Err(e) => Err(e),
+        },
         (["v1.0", "serviceprincipals"], &Method::GET) => p
             .graph_service_principals(caller, filter)
             .map(|v| respond::json(200, &v)),
