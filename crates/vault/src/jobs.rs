@@ -342,9 +342,11 @@ impl Platform {
             dir: self.jobs_dir()?,
             changed: tokio::sync::Notify::new(),
         });
+        // The table is loaded from the folder (on first use) before this job's file is in it:
+        // loading takes every running job it finds for one an earlier process left behind.
+        let mut t = self.job_table()?;
         handle.persist(&job);
         self.mirror(handle.clone());
-        let mut t = self.job_table()?;
         let map = t.get_or_insert_with(HashMap::new);
         let now = self.clock.now();
         map.retain(|_, h| h.get().end_time.is_none_or(|e| now - e <= RETENTION));
