@@ -90,6 +90,13 @@ def test_what_the_description_does_not_hold_is_not_served(kagi):
     r = kagi.request("DELETE", kagi.arm("/subscriptions"))
     assert r.status_code == 405, r.text[:500]
     assert r.headers["allow"] == "GET"
+    # The data plane too: a vault's keys are listed, not posted to.
+    vault = kagi.create_vault()
+    r = kagi.request("POST", f"{kagi.vault_url(vault.name)}keys?api-version=7.4", json={})
+    assert r.status_code == 405, r.text[:500]
+    assert r.headers["allow"] == "GET", r.headers
+    r = kagi.request("PUT", f"{kagi.vault_url(vault.name)}secrets?api-version=7.4", json={})
+    assert r.status_code == 405 and r.headers["allow"] == "GET", (r.status_code, r.headers)
 
 
 def _schemathesis(srv, tmp: Path, name: str, base_url: str, tag: str, seconds: int, token: str) -> Path:

@@ -94,7 +94,20 @@ pub(crate) async fn handle(
             if e.status() == 401 {
                 return challenge(&platform, &vault, &e);
             }
-            respond::error(&e)
+            let mut r = respond::error(&e);
+            if e.status() == 405 {
+                // The methods the data plane's table serves at this path (RFC 9110 §15.5.6).
+                let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+                let allow = kagi_core::route_table::allowed_methods(
+                    kagi_core::routes::DATA_PLANE.iter(),
+                    &segs,
+                )
+                .join(", ");
+                if let Ok(v) = HeaderValue::from_str(&allow) {
+                    r.headers_mut().insert(header::ALLOW, v);
+                }
+            }
+            r
         }
     }
 }
