@@ -7,7 +7,7 @@
 //! their results are kept for [`RETENTION`] after they end, then removed.
 //!
 //! Every job is mirrored into the store too (a service document of [`JOBS_KEY`], written by one
-//! task per job: at each phase and end, and every [`HEARTBEAT`] while it runs), so that every
+//! task per job: when it changed, at most once a second), so that every
 //! node sharing the store answers for it: a node asked for a job it does not run reads the
 //! store: a running job is alive while its node holds the job's lease (renewed by the mirror
 //! task, on the database's clock; on SQLite there is one node), else interrupted. With
@@ -35,8 +35,6 @@ pub const RETENTION: i64 = 24 * 3600;
 /// The store's resource key under which jobs are mirrored (documents of kind `vault-job`).
 pub const JOBS_KEY: &str = "/kagi/jobs";
 const JOB_KIND: &str = "vault-job";
-/// How often a running job's mirror is rewritten even when nothing changed.
-const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The lease a running job holds (renewed by its mirror task): while another node holds it,
 /// the job runs there; once it expired (30 s, on the database's clock), its node died.
 const LEASE_MS: i64 = 30_000;
@@ -275,7 +273,7 @@ impl Platform {
     }
 
     /// Keeps a running job's mirror in the store current until its end is written: at each
-    /// change (at most once a second) and every [`HEARTBEAT`]. One task per job, so the
+    /// change (at most once a second); its lease says it is alive. One task per job, so the
     /// writes of one job never overtake each other.
     fn mirror(&self, handle: Arc<JobHandle>) {
         let (store, clock) = (self.store.clone(), self.clock.clone());
@@ -491,7 +489,7 @@ fn mirror_doc(now: i64, job: &Job) -> ServiceDocument {
     ServiceDocument {
         kind: JOB_KIND.into(),
         name: job.id.clone(),
-        body: json!({"job": job, "node": node_id(), "heartbeat": now}).to_string(),
+        body: json!({ "job": job }).to_string(),
         updated: now,
     }
 }
@@ -499,7 +497,6 @@ fn mirror_doc(now: i64, job: &Job) -> ServiceDocument {
 /// The body of [`Platform::mirror`].
 async fn mirror_job(store: Arc<dyn Store>, clock: Arc<dyn Clock>, handle: Arc<JobHandle>) {
     let mut written: Option<Job> = None;
-    let mut beat = tokio::time::Instant::now();
     let lease = job_lease(&handle.id());
     loop {
         // Renewed every round (at most a second apart): other nodes see the job alive.
@@ -507,13 +504,13 @@ async fn mirror_job(store: Arc<dyn Store>, clock: Arc<dyn Clock>, handle: Arc<Jo
             tracing::warn!(job = %lease, error = %e, "job lease not renewed");
         }
         let job = handle.get();
-        if written.as_ref() != Some(&job) || beat.elapsed() >= HEARTBEAT {
+        // Liveness is the lease's: the document is written only when the job changed.
+        if written.as_ref() != Some(&job) {
             match store
                 .put_service_document(JOBS_KEY, &mirror_doc(clock.now(), &job))
                 .await
             {
                 Ok(()) => {
-                    beat = tokio::time::Instant::now();
                     if job.status.is_terminal() {
                         let _ = store.release_lease(&lease, node_id()).await;
                         return;
