@@ -186,10 +186,18 @@ pub fn random16() -> Result<[u8; 16], KvError> {
 }
 
 /// A new credential secret (32 random bytes, base64url), or 500.
+///
+/// Never one starting with `-` or `_`: users pass secrets as command-line arguments
+/// (`az login --password S`), and argparse and getopt take a leading `-` for an option —
+/// one secret in 32 would otherwise fail to sign in. Drawing again costs under a bit.
 pub fn new_secret() -> Result<String, KvError> {
-    Ok(kagi_core::b64::encode(
-        &kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?,
-    ))
+    loop {
+        let secret =
+            kagi_core::b64::encode(&kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?);
+        if secret.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+            return Ok(secret);
+        }
+    }
 }
 
 /// `text` as a lower-case GUID, or 400 naming it.
@@ -202,4 +210,16 @@ pub fn guid(text: &str) -> Result<String, KvError> {
                 kagi_core::ids::printable(text)
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secrets_never_start_like_a_command_line_option() {
+        for _ in 0..2000 {
+            let s = super::new_secret().unwrap();
+            assert!(s.starts_with(|c: char| c.is_ascii_alphanumeric()), "{s}");
+            assert_eq!(s.len(), 43);
+        }
+    }
 }

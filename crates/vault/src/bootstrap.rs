@@ -268,9 +268,9 @@ async fn ensure_bootstrap_admin(
             (creds, false)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let secret = kagi_core::b64::encode(
-                &kagi_crypto::random_bytes(32).map_err(|e| StartupError::RootKey(e.to_string()))?,
-            );
+            // The directory's rule: a secret users can pass on a command line.
+            let secret =
+                kagi_directory::new_secret().map_err(|e| StartupError::RootKey(e.to_string()))?;
             let creds = BootstrapAdmin {
                 tenant_id: tenant.to_string(),
                 subscription_id: subscription.to_string(),
