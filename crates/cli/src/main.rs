@@ -111,6 +111,12 @@ enum Command {
         /// Off when not given.
         #[arg(long, env = "KAGI_METRICS_LISTEN")]
         metrics_listen: Option<String>,
+        /// On a shared store: HOST:PORT where the other nodes reach this node's HTTPS
+        /// listener, to forward to it the requests for the disks and SQL servers whose files
+        /// are in its data directory (docs/SEVERAL_NODES.md, "Homes"). Default: the
+        /// `--listen` address (its host name when that is a wildcard address).
+        #[arg(long, env = "KAGI_ADVERTISE")]
+        advertise: Option<String>,
         /// Log format on stderr: `text`, or `json` (one object per line; a request's lines
         /// carry its audit record's request id).
         #[arg(long, env = "KAGI_LOG_FORMAT", value_enum, default_value = "text")]
@@ -199,12 +205,14 @@ fn main() -> std::process::ExitCode {
                 consistency,
                 blobs,
                 metrics_listen,
+                advertise,
                 log_format,
                 pkcs11,
             } => {
                 let listeners = Listeners {
                     nbd: nbd_listen,
                     metrics: metrics_listen,
+                    advertise,
                     log_format,
                     sql: sql_listen,
                     read_only,
@@ -283,6 +291,20 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `--advertise` by default: `--listen` as given, unless its host is a wildcard address,
+/// which other nodes cannot connect to (then this machine's host name).
+fn default_advertise(listen: &str, addrs: &[std::net::SocketAddr]) -> String {
+    match addrs.first() {
+        Some(a) if a.ip().is_unspecified() => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into());
+            format!("{host}:{}", a.port())
+        }
+        _ => listen.to_string(),
+    }
+}
+
 /// Resolves `--listen`: `localhost:PORT` means both loopbacks (with libnss-myhostname,
 /// `*.localhost` resolves to ::1 first, so IPv4 alone would cost every client a failed try).
 fn listen_addrs(listen: &str) -> anyhow::Result<(Vec<std::net::SocketAddr>, u16)> {
@@ -334,6 +356,8 @@ struct Listeners {
     read_only: bool,
     /// `--metrics-listen`: where Prometheus metrics are served, if anywhere.
     metrics: Option<String>,
+    /// `--advertise`.
+    advertise: Option<String>,
     /// `--log-format`.
     log_format: observability::LogFormat,
     /// `--store`: where the store lives.
@@ -623,7 +647,8 @@ async fn run_server(
     } else {
         sql_listeners(listeners.sql.as_deref()).await?
     };
-    if !pg.is_empty() {
+    let serves_sql = !pg.is_empty();
+    if serves_sql {
         let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
         let resolver = kagi_http::tls::SniResolver::new(ca, &dns_suffix);
         let tls = std::sync::Arc::new(kagi_http::tls::server_config(resolver, Vec::new())?);
@@ -637,6 +662,16 @@ async fn run_server(
     }
     if !read_only {
         kagi_sql_service::spawn_keeper(sql.clone());
+    }
+
+    // Where the other nodes of a shared store reach this one (docs/SEVERAL_NODES.md,
+    // "Homes"); a read-only node is home to nothing and announces nothing.
+    if !read_only {
+        let advertise = match &listeners.advertise {
+            Some(a) => a.clone(),
+            None => default_advertise(&listen, &addrs),
+        };
+        tokio::spawn(platform.clone().keep_presence(advertise, serves_sql));
     }
 
     // The storage services, each registered by its provider (adding one touches no router).

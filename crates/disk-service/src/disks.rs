@@ -691,9 +691,13 @@ impl DiskService {
         match left {
             Ok(Ok(0)) => {
                 let store = self.store.clone();
+                let family_id = fid.clone();
                 let gone = blocking("removing the family", move || store.delete_family(&fid));
-                if let Err(e) = gone.await {
-                    tracing::warn!(resource = %id, error = %e, "the family's files were not removed");
+                match gone.await {
+                    Ok(()) => self.forget_home(&family_id).await,
+                    Err(e) => {
+                        tracing::warn!(resource = %id, error = %e, "the family's files were not removed");
+                    }
                 }
             }
             Ok(Ok(_)) => {}
@@ -789,6 +793,8 @@ impl DiskService {
         set: Option<&(SetKey, Value)>,
         now: i64,
     ) -> Result<kagi_disk::Family, KvError> {
+        // Its home first: a node asked for it finds where it lives from the moment it exists.
+        self.record_home(&place.family).await?;
         let dek = keys.create(now, double, place).await?;
         if let Some((s, b)) = set {
             self.wrap_for_set(keys, s, b, &dek).await?;

@@ -161,6 +161,15 @@ impl DiskKeys<'_> {
         place_in(&self.doc().await?)
     }
 
+    /// The family of the resource, if it has keys recorded (it exists, or is being made).
+    pub(crate) async fn family_if_any(&self) -> Result<Option<String>, KvError> {
+        Ok(self
+            .host
+            .document(&self.disk_id, KEYS_DOC, "dek")
+            .await?
+            .and_then(|d| d["family"].as_str().map(str::to_string)))
+    }
+
     /// The family's platform key, as the document `doc` keeps it sealed.
     fn pmk_in(&self, doc: &Value) -> Result<Dek, KvError> {
         let sealed = doc["pmk"]

@@ -30,6 +30,7 @@
 mod access;
 mod des;
 mod disks;
+mod homes;
 mod images;
 mod import;
 pub mod keeper;
@@ -425,6 +426,10 @@ impl ResourceProvider for DiskService {
         Ok((if status == 201 { 200 } else { status }, body).into())
     }
 
+    async fn home(&self, req: &ArmRequest<'_>) -> Result<Option<String>, KvError> {
+        self.request_home(req).await
+    }
+
     fn trusted_for_vault_firewall(&self) -> bool {
         true
     }
@@ -554,9 +559,15 @@ impl DiskService {
         started: i64,
         output: &Value,
     ) -> String {
-        let id = kagi_crypto::random_bytes(16)
-            .map(hex::encode)
-            .unwrap_or_else(|_| format!("{started}"));
+        // Kept in this node's memory: the id names the node, so that another node forwards
+        // the status's reads here (`crate::homes`).
+        let id = format!(
+            "{}-{}",
+            kagi_crypto::random_bytes(16)
+                .map(hex::encode)
+                .unwrap_or_else(|_| format!("{started:032x}")),
+            self.host.node_name()
+        );
         let now = self.host.now();
         let status = serde_json::json!({
             "name": id,

@@ -334,6 +334,34 @@ pub trait ServiceHost: Send + Sync + std::fmt::Debug {
         let _ = name;
         Ok(())
     }
+
+    /// This node's name: the same across its restarts (kept in its data directory), so what
+    /// lives in its data directory (a disk family, a SQL server's databases) can name its
+    /// home. On one node it is the only name there is.
+    fn node_name(&self) -> String {
+        "local".into()
+    }
+
+    /// The nodes running now (each holding its presence lease), this one included, with
+    /// where they serve; on one node, this one.
+    async fn live_nodes(&self) -> Result<Vec<NodeCard>> {
+        Ok(vec![NodeCard {
+            name: self.node_name(),
+            https: String::new(),
+            sql: true,
+        }])
+    }
+}
+
+/// A node of several on one store, as the others see it (docs/SEVERAL_NODES.md).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeCard {
+    /// Its name ([`ServiceHost::node_name`]).
+    pub name: String,
+    /// `HOST:PORT` where the other nodes reach its HTTPS listener (`kagi server --advertise`).
+    pub https: String,
+    /// Whether it serves SQL over the PostgreSQL protocol (`--sql-listen` not `none`).
+    pub sql: bool,
 }
 
 #[cfg(test)]

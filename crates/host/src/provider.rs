@@ -212,6 +212,17 @@ pub trait ResourceProvider: Send + Sync + std::fmt::Debug {
     /// Serves one ARM request under its namespace.
     async fn handle(self: Arc<Self>, caller: &Principal, req: ArmRequest<'_>) -> Result<ArmReply>;
 
+    /// The node that must serve `req` (its [`crate::ServiceHost::node_name`]), when the
+    /// resource it names lives in one node's data directory (a disk family, a SQL server's
+    /// databases); the HTTP layer forwards the request there when that is another node.
+    /// `None`: any node serves it. Asked before [`ResourceProvider::handle`], for an
+    /// authenticated caller; it answers for resources the caller may not see too (the home
+    /// node then refuses). Default: `None`.
+    async fn home(&self, req: &ArmRequest<'_>) -> Result<Option<String>> {
+        let _ = req;
+        Ok(None)
+    }
+
     /// Whether resources of `resource_type` (any case) can move to another resource group
     /// (`moveResources`). Default: none can.
     fn movable(&self, resource_type: &str) -> bool {

@@ -14,6 +14,7 @@ mod backup_routes;
 mod context;
 mod data_plane;
 mod event_routes;
+mod forward;
 mod identity_routes;
 mod management;
 mod metrics;

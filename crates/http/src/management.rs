@@ -117,16 +117,8 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     };
     // A storage service's route: its provider serves it.
     if let Some(provider) = found.provider {
-        return crate::provider_routes::arm(
-            provider,
-            &caller,
-            &parts.method,
-            &segs,
-            &l,
-            &body,
-            crate::provider_routes::prefer_wait(&parts.headers),
-        )
-        .await;
+        return crate::provider_routes::arm(&platform, provider, &caller, &parts, &segs, &l, body)
+            .await;
     }
     // Subscription administration (kagi's own, no api-version): see `move_routes`.
     if let ["kagi", "admin", ..] = l.as_slice() {

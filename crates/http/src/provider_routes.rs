@@ -4,14 +4,15 @@
 use axum::body::Body;
 use std::sync::Arc;
 
-use axum::http::{Method, Response};
+use axum::http::Response;
+use axum::http::request::Parts;
 use kagi_host::{ArmRequest, ResourceProvider};
-use kagi_vault::Principal;
+use kagi_vault::{Platform, Principal};
 
 use crate::respond;
 
 /// `Prefer: wait=N` (RFC 7240): how long a job read may wait for the job to end (at most 60 s).
-pub(crate) fn prefer_wait(headers: &axum::http::HeaderMap) -> Option<std::time::Duration> {
+fn prefer_wait(headers: &axum::http::HeaderMap) -> Option<std::time::Duration> {
     headers
         .get_all("prefer")
         .iter()
@@ -21,23 +22,34 @@ pub(crate) fn prefer_wait(headers: &axum::http::HeaderMap) -> Option<std::time::
         .map(|s| std::time::Duration::from_secs(s.min(60)))
 }
 
-/// Serves a request of `provider`'s route table by it.
+/// Serves a request of `provider`'s route table by it — on this node, or, when what it names
+/// lives on another node, there ([`crate::forward`]).
 pub(crate) async fn arm(
+    platform: &Platform,
     provider: Arc<dyn ResourceProvider>,
     caller: &Principal,
-    method: &Method,
+    parts: &Parts,
     segs: &[&str],
     l: &[&str],
-    body: &[u8],
-    wait: Option<std::time::Duration>,
+    body: axum::body::Bytes,
 ) -> Response<Body> {
     let req = ArmRequest {
-        method: method.as_str(),
+        method: parts.method.as_str(),
         segs,
         l,
-        body,
-        wait,
+        body: &body,
+        wait: prefer_wait(&parts.headers),
     };
+    match provider.home(&req).await {
+        Ok(Some(home)) if home != platform.node_name() => {
+            if crate::forward::was_forwarded(parts) {
+                return crate::forward::misrouted(&home);
+            }
+            return crate::forward::forward(platform, &home, parts, body).await;
+        }
+        Ok(_) => {}
+        Err(e) => return respond::error(&e),
+    }
     match provider.handle(caller, req).await {
         Ok(reply) => {
             let mut r = match reply.status {

@@ -34,7 +34,7 @@ use crate::backup_files::{self, Ending, FileError, Pin, StageOne, Written, finis
 use crate::databases::{Database, OpenDatabase};
 use crate::keys::{DBKEYS_DOC, DbKeys, internal};
 use crate::protector::{AZURE_KEY_VAULT, Protector, SERVICE_MANAGED, key_name};
-use crate::{SERVER_TYPE, SqlService, bad, id_of_body};
+use crate::{SqlService, bad, id_of_body};
 
 /// The document kind (under the server) of the databases that have backups, named by database
 /// id: the database's name, and when it was dropped.
@@ -201,7 +201,7 @@ impl SqlService {
             }
             due
         };
-        let servers = self.host.resources_of_type(SERVER_TYPE);
+        let servers = self.local_servers().await;
         let mut known = HashSet::new();
         let mut active = HashSet::new();
         for server in &servers {

@@ -116,6 +116,10 @@ impl Gateway for SqlGateway {
         let Some(s) = self.0.server_named(server) else {
             return Ok(None);
         };
+        // Its databases are opened only where their files are.
+        if let Some(home) = self.0.home_elsewhere(&s).await.map_err(pg_error)? {
+            return Err(pg_error(crate::homes::served_elsewhere(server, &home)));
+        }
         // The server's Entra administrator signs in with an access token as the password.
         if entra_admin(&s).is_some_and(|(name, _)| name.eq_ignore_ascii_case(login)) {
             return Ok(Some(Credential::AccessToken));

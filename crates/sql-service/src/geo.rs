@@ -572,7 +572,7 @@ impl SqlService {
     pub async fn geo_pass(self: &Arc<Self>) {
         let mut known = std::collections::HashSet::new();
         let mut listed_all = true;
-        for server in self.host.resources_of_type(SERVER_TYPE) {
+        for server in self.local_servers().await {
             let Ok(dbs) = self.databases_of(&server).await else {
                 listed_all = false;
                 continue;

@@ -100,7 +100,7 @@ impl SqlService {
         // unreachable key vault do not delay everyone else's bound.
         let limit = Arc::new(tokio::sync::Semaphore::new(PROBE_CONCURRENCY));
         let mut tasks = tokio::task::JoinSet::new();
-        for server in self.host.resources_of_type(SERVER_TYPE) {
+        for server in self.local_servers().await {
             let (svc, limit) = (self.clone(), limit.clone());
             tasks.spawn(async move {
                 let _permit = limit.acquire_owned().await;

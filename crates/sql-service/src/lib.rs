@@ -46,6 +46,7 @@ mod db_keys;
 mod engine;
 mod gateway;
 mod geo;
+mod homes;
 pub mod keeper;
 mod keys;
 mod logins;
@@ -435,6 +436,10 @@ impl ResourceProvider for SqlService {
                 .into()),
             Err(e) => Err(e),
         }
+    }
+
+    async fn home(&self, req: &ArmRequest<'_>) -> Result<Option<String>, KvError> {
+        self.request_home(req).await
     }
 
     fn trusted_for_vault_firewall(&self) -> bool {

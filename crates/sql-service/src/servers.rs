@@ -258,6 +258,10 @@ impl SqlService {
             body,
             identity: identity_in,
         };
+        if existing.is_none() {
+            // Where its databases will be, before it exists (see `crate::homes`).
+            self.record_server_home(&id).await?;
+        }
         let (status, stored) = p.put_resource(caller, put).await?;
         let stored_id = id_of_body(&stored);
         ensure_server_pmk(p, &stored_id).await?;
@@ -312,6 +316,7 @@ impl SqlService {
         }
         // The server's documents (keys, protector, logins) go with it.
         let status = p.delete_resource(caller, at).await?;
+        self.forget_server_home(&id).await;
         Ok((status, Value::Null))
     }
 }

@@ -70,7 +70,7 @@ impl SqlService {
         let limit = Arc::new(tokio::sync::Semaphore::new(OPEN_CONCURRENCY));
         let mut tasks = tokio::task::JoinSet::new();
         let mut report = OpenReport::default();
-        for server in self.host.resources_of_type(SERVER_TYPE) {
+        for server in self.local_servers().await {
             let Ok(dbs) = self.databases_of(&server).await else {
                 continue;
             };

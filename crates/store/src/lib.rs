@@ -449,4 +449,8 @@ pub trait Store:
 
     /// Gives the lease up now (a node shutting down), if `holder` has it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
+
+    /// Who holds the lease `name` now (unexpired, on the database's clock), if anyone. A
+    /// SQLite store has one node, which holds every lease: `None` there.
+    async fn lease_holder(&self, name: &str) -> Result<Option<String>>;
 }

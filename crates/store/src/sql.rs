@@ -903,6 +903,13 @@ impl Store for SqlStore {
         }
     }
 
+    async fn lease_holder(&self, name: &str) -> Result<Option<String>> {
+        match self.dialect {
+            Dialect::Sqlite => Ok(None),
+            Dialect::Postgres => postgres::lease_holder(&self.pool, name).await,
+        }
+    }
+
     async fn change_marks_for(&self, vault: &str) -> Result<Vec<(String, i64)>> {
         match self.dialect {
             Dialect::Sqlite => Ok(Vec::new()),

@@ -35,7 +35,14 @@ async fn a_lease_has_one_holder_until_it_expires_and_then_changes_hands() {
         Some(1)
     );
     assert_eq!(s.acquire_lease("purge", "b", 300).await.unwrap(), Some(1));
+    assert_eq!(
+        s.lease_holder("rotation").await.unwrap().as_deref(),
+        Some("a")
+    );
+    assert_eq!(s.lease_holder("nothing").await.unwrap(), None);
     tokio::time::sleep(Duration::from_millis(400)).await;
+    // Expired: nobody holds it, though its row is still there.
+    assert_eq!(s.lease_holder("rotation").await.unwrap(), None);
     assert_eq!(
         s.acquire_lease("rotation", "b", 300).await.unwrap(),
         Some(2)

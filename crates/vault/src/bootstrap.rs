@@ -205,6 +205,7 @@ impl Platform {
                 Arc::new(VaultState::new(record, keys).with_secrets(secrets)),
             );
         }
+        let node_name = crate::nodes::load_node_name(&config.data_dir)?;
         let directory = kagi_directory::Directory::new(kagi_directory::Parts {
             store: store.clone(),
             clock: clock.clone(),
@@ -233,6 +234,7 @@ impl Platform {
             applied: Default::default(),
             strict_reads: Default::default(),
             blobs: Default::default(),
+            node_name,
         };
         Ok((platform, created))
     }

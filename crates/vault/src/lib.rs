@@ -27,6 +27,7 @@ mod key_material;
 mod keys;
 // Subscriptions, tenant moves and resource moves (BK-9, ID-3).
 mod moves;
+mod nodes;
 mod object_backup;
 // Policy assignments and compliance.
 mod policy_assignments;
@@ -133,6 +134,8 @@ pub struct Platform {
     /// Where the storage services keep their objects ([`Platform::set_blobs`]); local files
     /// below the data directory when not set.
     blobs: std::sync::OnceLock<kagi_blobs::BlobRoot>,
+    /// This node's name (`crate::nodes`).
+    node_name: String,
 }
 
 /// The answer for a vault that a restore is writing into.

@@ -203,6 +203,14 @@ impl ServiceHost for Platform {
             .await
             .map_err(|e| internal("give a service lease up", e))
     }
+
+    fn node_name(&self) -> String {
+        self.node_name.clone()
+    }
+
+    async fn live_nodes(&self) -> Result<Vec<kagi_host::NodeCard>> {
+        Platform::live_nodes(self).await
+    }
 }
 
 /// Seals a service's secret under the `service-key` purpose.

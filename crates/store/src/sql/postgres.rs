@@ -437,6 +437,16 @@ pub(super) async fn release_lease(pool: &AnyPool, name: &str, holder: &str) -> R
     Ok(())
 }
 
+/// The live holder of a lease, if any.
+pub(super) async fn lease_holder(pool: &AnyPool, name: &str) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT holder FROM kagi_leases WHERE name = $1 AND expires > clock_timestamp()",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// Records an accepted client assertion; `false` when it is recorded and unexpired already.
 pub(super) async fn remember_assertion(
     pool: &AnyPool,

@@ -1,0 +1,151 @@
+//! Where a disk family lives when several nodes share one store (docs/SEVERAL_NODES.md,
+//! "Homes"): a family's log is in the data directory of the node that made it, which is
+//! recorded (`/kagi/disk-families`, document `home/{family}`) before the family is created.
+//! Every request naming a disk, snapshot or image of the family — or, for a new one, made
+//! from one of them — is served by that node; the HTTP layer forwards it there. A family made
+//! before homes were recorded has none and is served where it is asked for (one node).
+
+use kagi_core::KvError;
+use kagi_host::{ArmRequest, json_body};
+use serde_json::{Value, json};
+
+use crate::DiskService;
+use crate::keys::disk_keys;
+
+/// The store key of families' homes.
+const FAMILIES_KEY: &str = "/kagi/disk-families";
+/// Their kind.
+const HOME_KIND: &str = "home";
+
+impl DiskService {
+    /// Records that `family` lives on this node (before it is created).
+    pub(crate) async fn record_home(&self, family: &str) -> Result<(), KvError> {
+        let node = self.host.node_name();
+        self.host
+            .put_document(FAMILIES_KEY, HOME_KIND, family, &json!({ "node": node }))
+            .await
+    }
+
+    /// Forgets where `family` lived (it was deleted).
+    pub(crate) async fn forget_home(&self, family: &str) {
+        if let Err(e) = self
+            .host
+            .delete_document(FAMILIES_KEY, HOME_KIND, family)
+            .await
+        {
+            tracing::warn!(family, error = %e.message, "cannot forget a deleted family's home");
+        }
+    }
+
+    /// The node holding the family of resource `id` (a disk, snapshot or image), if it has
+    /// one recorded.
+    async fn home_of(&self, id: &str) -> Result<Option<String>, KvError> {
+        let body = json!({ "id": id });
+        let Some(keys) = disk_keys(self.host.as_ref(), &body) else {
+            return Ok(None);
+        };
+        let Some(family) = keys.family_if_any().await? else {
+            return Ok(None);
+        };
+        Ok(self
+            .host
+            .document(FAMILIES_KEY, HOME_KIND, &family)
+            .await?
+            .and_then(|d| d["node"].as_str().map(str::to_string)))
+    }
+
+    /// The node that must serve `req` ([`kagi_host::ResourceProvider::home`]).
+    pub(crate) async fn request_home(
+        &self,
+        req: &ArmRequest<'_>,
+    ) -> Result<Option<String>, KvError> {
+        let Ok(scope) = req.scope("microsoft.compute") else {
+            return Ok(None);
+        };
+        // The status of a long-running operation is in the memory of the node that ran it.
+        if let ["locations", _, "diskoperations", _] = scope.rest_l {
+            return Ok(operation_node(scope.rest[3]).map(str::to_string));
+        }
+        let (Some(rg), [kind @ ("disks" | "snapshots" | "images"), ..]) =
+            (scope.resource_group, scope.rest_l)
+        else {
+            return Ok(None);
+        };
+        let Some(name) = scope.rest.get(1) else {
+            return Ok(None);
+        };
+        let id = format!(
+            "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Compute/{kind}/{name}",
+            scope.subscription
+        );
+        if let Some(home) = self.home_of(&id).await? {
+            return Ok(Some(home));
+        }
+        // A new resource made from another: where its source lives. (A body that does not
+        // parse is refused by whichever node serves it.)
+        if req.method != "PUT" || scope.rest_l.len() != 2 {
+            return Ok(None);
+        }
+        let Ok(input) = json_body(req.body) else {
+            return Ok(None);
+        };
+        match source_of(&input) {
+            Some(source) => self.home_of(source).await,
+            None => Ok(None),
+        }
+    }
+}
+
+/// The node named in a long-running operation's id (`{32 hex digits}-{node}`).
+fn operation_node(id: &str) -> Option<&str> {
+    let (random, node) = id.split_at_checked(32)?;
+    let node = node.strip_prefix('-')?;
+    (random.bytes().all(|b| b.is_ascii_hexdigit()) && !node.is_empty()).then_some(node)
+}
+
+/// The disk, snapshot or image a new disk, snapshot or image is made from, if any.
+fn source_of(input: &Value) -> Option<&str> {
+    let p = &input["properties"];
+    let os = &p["storageProfile"]["osDisk"];
+    [
+        &p["creationData"]["sourceResourceId"],
+        &p["creationData"]["imageReference"]["id"],
+        &os["managedDisk"]["id"],
+        &os["snapshot"]["id"],
+    ]
+    .into_iter()
+    .find_map(Value::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn an_operation_names_its_node() {
+        let id = format!("{}-host-1a2b.x", "0f".repeat(16));
+        assert_eq!(super::operation_node(&id), Some("host-1a2b.x"));
+        assert_eq!(super::operation_node(&"0f".repeat(16)), None);
+        assert_eq!(super::operation_node("short-node"), None);
+        assert_eq!(
+            super::operation_node(&format!("{}-n", "zz".repeat(16))),
+            None
+        );
+    }
+
+    #[test]
+    fn the_source_of_a_copy_an_image_disk_and_an_image() {
+        let copy = json!({"properties": {"creationData": {"createOption": "Copy", "sourceResourceId": "/s/a"}}});
+        assert_eq!(super::source_of(&copy), Some("/s/a"));
+        let from_image =
+            json!({"properties": {"creationData": {"imageReference": {"id": "/s/i"}}}});
+        assert_eq!(super::source_of(&from_image), Some("/s/i"));
+        let image =
+            json!({"properties": {"storageProfile": {"osDisk": {"snapshot": {"id": "/s/n"}}}}});
+        assert_eq!(super::source_of(&image), Some("/s/n"));
+        assert_eq!(
+            super::source_of(&json!({"properties": {"creationData": {"createOption": "Empty"}}})),
+            None
+        );
+    }
+}

@@ -1,0 +1,149 @@
+//! Where a SQL server lives when several nodes share one store (docs/SEVERAL_NODES.md,
+//! "Homes"): its databases' files are in one node's data directory. A new server goes to a
+//! node that serves SQL over the PostgreSQL protocol — the node of the servers made before
+//! it when that one runs (copies and geo-replication join databases of two servers, which
+//! must then be on one node), else this one, else the first by name — and is recorded there
+//! (`/kagi/sql-servers`, document `home/{server id}`) before it is created. Every request
+//! naming the server is served by that node (the HTTP layer forwards it there), and only that
+//! node opens, probes, backs up and replicates its databases. A server made before homes
+//! were recorded has none and is served where it is asked for (one node).
+
+use kagi_core::{ErrorCode, KvError};
+use kagi_host::ArmRequest;
+use serde_json::{Value, json};
+
+use crate::{SERVER_TYPE, SqlService, id_of_body};
+
+/// The store key of servers' homes.
+const SERVERS_KEY: &str = "/kagi/sql-servers";
+/// Their kind.
+const HOME_KIND: &str = "home";
+
+impl SqlService {
+    /// The node a server lives on, if recorded.
+    pub(crate) async fn server_home(&self, server_id: &str) -> Result<Option<String>, KvError> {
+        Ok(self
+            .host
+            .document(SERVERS_KEY, HOME_KIND, &server_id.to_ascii_lowercase())
+            .await?
+            .and_then(|d| d["node"].as_str().map(str::to_string)))
+    }
+
+    /// Records that a server being created lives on this node.
+    pub(crate) async fn record_server_home(&self, server_id: &str) -> Result<(), KvError> {
+        let node = self.host.node_name();
+        self.host
+            .put_document(
+                SERVERS_KEY,
+                HOME_KIND,
+                &server_id.to_ascii_lowercase(),
+                &json!({ "node": node }),
+            )
+            .await
+    }
+
+    /// Forgets a deleted server's home.
+    pub(crate) async fn forget_server_home(&self, server_id: &str) {
+        if let Err(e) = self
+            .host
+            .delete_document(SERVERS_KEY, HOME_KIND, &server_id.to_ascii_lowercase())
+            .await
+        {
+            tracing::warn!(server = server_id, error = %e.message, "cannot forget a deleted server's home");
+        }
+    }
+
+    /// Whether `server`'s databases are this node's to open and look after.
+    pub(crate) async fn homed_here(&self, server: &Value) -> bool {
+        matches!(self.home_elsewhere(server).await, Ok(None))
+    }
+
+    /// The other node `server` lives on, if it lives on another.
+    pub(crate) async fn home_elsewhere(&self, server: &Value) -> Result<Option<String>, KvError> {
+        Ok(self
+            .server_home(&id_of_body(server))
+            .await?
+            .filter(|home| *home != self.host.node_name()))
+    }
+
+    /// The servers this node looks after (see [`SqlService::homed_here`]).
+    pub(crate) async fn local_servers(&self) -> Vec<Value> {
+        let mut mine = Vec::new();
+        for server in self.host.resources_of_type(SERVER_TYPE) {
+            if self.homed_here(&server).await {
+                mine.push(server);
+            }
+        }
+        mine
+    }
+
+    /// Where a new server goes (see the module).
+    async fn home_for_new_server(&self) -> Result<String, KvError> {
+        let me = self.host.node_name();
+        let mut serving: Vec<String> = self
+            .host
+            .live_nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.sql)
+            .map(|n| n.name)
+            .collect();
+        if serving.is_empty() {
+            // No node serves SQL: the server is managed here, as on one node without
+            // `--sql-listen`.
+            return Ok(me);
+        }
+        serving.sort();
+        for server in self.host.resources_of_type(SERVER_TYPE) {
+            if let Some(home) = self.server_home(&id_of_body(&server)).await?
+                && serving.contains(&home)
+            {
+                return Ok(home);
+            }
+        }
+        if serving.contains(&me) {
+            return Ok(me);
+        }
+        Ok(serving.swap_remove(0))
+    }
+
+    /// The node that must serve `req` ([`kagi_host::ResourceProvider::home`]).
+    pub(crate) async fn request_home(
+        &self,
+        req: &ArmRequest<'_>,
+    ) -> Result<Option<String>, KvError> {
+        let Ok(scope) = req.scope("microsoft.sql") else {
+            return Ok(None);
+        };
+        let (Some(rg), ["servers", _, ..]) = (scope.resource_group, scope.rest_l) else {
+            return Ok(None);
+        };
+        let id = format!(
+            "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Sql/servers/{}",
+            scope.subscription, scope.rest[1]
+        );
+        if let Some(home) = self.server_home(&id).await? {
+            return Ok(Some(home));
+        }
+        let exists = self.host.resource(&id).is_some_and(|b| {
+            b["type"]
+                .as_str()
+                .is_some_and(|t| t.eq_ignore_ascii_case(SERVER_TYPE))
+        });
+        if req.method == "PUT" && scope.rest_l.len() == 2 && !exists {
+            return self.home_for_new_server().await.map(Some);
+        }
+        Ok(None)
+    }
+}
+
+/// The answer of a node asked for a server that lives on another (pgwire is not forwarded).
+pub(crate) fn served_elsewhere(server: &str, home: &str) -> KvError {
+    KvError::new(
+        ErrorCode::ServiceUnavailable,
+        format!(
+            "The server '{server}' is served by the node '{home}': connect to that node's SQL \
+             endpoint."
+        ),
+    )
+}
