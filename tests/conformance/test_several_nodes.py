@@ -588,3 +588,102 @@ def test_a_backup_vault_on_shared_blobs_is_not_moved(tmp_path):
         ok(kagi_cli(n1, "backup", "vault", "show", *vref(bv)))
     finally:
         n1.stop()
+
+
+
+class Via:
+    """Requests to one node of a cluster, through a proxy to it alone, with the cluster's token
+    (the nodes of a cluster share one authority: one port, here on 127.0.0.2, .3, …)."""
+
+    def __init__(self, first, node):
+        from conftest import RoundRobinProxy, free_port
+
+        self.first, self.node = first, node
+        self.proxy = RoundRobinProxy(free_port(), [(node.listen_host, node.port)])
+        self.base = f"https://localhost:{self.proxy.port}"
+        self.subscription_id, self.ca_path, self.data_dir = first.subscription_id, first.ca_path, node.data_dir
+
+    def arm(self, path, api):
+        return f"{self.base}{path}{'&' if '?' in path else '?'}api-version={api}"
+
+    def request(self, method, url, **kw):
+        return self.first.request(method, url, **kw)
+
+
+def test_disks_and_sql_servers_are_served_through_every_node_by_their_home(tmp_path, monkeypatch):
+    """A disk family and a SQL server's databases live in the data directory of one node (their
+    home); the other nodes forward their requests there. A disk made through node 2 is opened,
+    written, snapshotted and read back through node 1; a SQL server made through node 2 lives on
+    node 1, the node serving SQL. With a home down the other node answers 503 with Retry-After,
+    and serves again once the home is back (its name survives the restart)."""
+    import psycopg
+    import test_disks as disks
+    import test_sql as sql
+    from conftest import LOCATION, _start_cluster
+
+    monkeypatch.setenv("KAGI_CONFORMANCE_POSTGRES", pg_server_url())
+    monkeypatch.delenv("KAGI_CONFORMANCE_BLOBS", raising=False)
+    first = _start_cluster(tmp_path, 2)
+    n2 = first.cluster[0]
+    try:
+        first.put_rg(DEFAULT_RG)
+        via1, via2 = Via(first, first), Via(first, n2)
+        name1 = (first.data_dir / "node-name").read_text().strip()
+        name2 = (n2.data_dir / "node-name").read_text().strip()
+        assert name1 != name2
+
+        name, disk = disks.create_disk(via2)
+        image = tmp_path / "in.raw"
+        data = disks.random_image(image, 4, seed=14)
+        # Through node 1: the access is opened on node 2, its socket in node 2's directory.
+        uri = disks.grant_access(via1, name, "Write")
+        assert str(n2.data_dir) in uri, uri
+        got = disks.ok(disks.arm(via1, "GET", disks.compute_path(via1, "disks", name)))
+        assert got["properties"]["diskState"] == "ActiveSAS", got
+        disks.run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
+        disks.end_access(via1, name)
+        # A snapshot made through node 1 joins the family on node 2, and reads back there.
+        snap = random_name("snap", 10)
+        body = {"location": LOCATION,
+                "properties": {"creationData": {"createOption": "Copy", "sourceResourceId": disk["id"]}}}
+        disks.ok(disks.arm(via1, "PUT", disks.compute_path(via1, "snapshots", snap), body))
+        r = disks.arm(via1, "POST", disks.compute_path(via1, "snapshots", snap) + "/beginGetAccess",
+                      {"access": "Read", "durationInSeconds": 600})
+        snap_uri = disks.ok(r)["accessSAS"]
+        assert str(n2.data_dir) in snap_uri, snap_uri
+        assert disks.read_back(snap_uri, tmp_path / "snap.raw", len(data)) == data
+        disks.ok(disks.arm(via1, "POST", disks.compute_path(via1, "snapshots", snap) + "/endGetAccess"),
+                 200, 204)
+        # The family's log is on node 2 only, as ciphertext.
+        disks.assert_no_plaintext(n2.data_dir, b"KAGI-PLAINTEXT-MARKER-14")
+        assert list(n2.data_dir.rglob("segments")) and not list(first.data_dir.rglob("segments"))
+
+        # A SQL server made through node 2 (which does not serve SQL) lives on node 1.
+        server, _ = sql.create_server(via2, identity=False)
+        db, _ = sql.create_db(via2, server)
+        with psycopg.connect(sql.conninfo(first, server, db), autocommit=True) as c:
+            c.execute("CREATE TABLE t (v text)")
+            c.execute("INSERT INTO t VALUES ('through the home')")
+        dbs = sql.ok(sql.arm(via2, "GET", sql.sql_path(via2, server, "/databases")))
+        assert [d["name"] for d in dbs["value"]] == [db], dbs
+
+        # The disk's home stopped: node 1 answers 503 (which the SDKs retry), naming it.
+        n2.kill9()
+        r = disks.arm(via1, "GET", disks.compute_path(via1, "disks", name))
+        assert r.status_code == 503 and r.headers.get("Retry-After"), (r.status_code, r.text)
+        assert name2 in r.json()["error"]["message"], r.text
+        # Back (same data directory, same name): served through node 1 again.
+        n2.start()
+        until(lambda: disks.arm(via1, "GET", disks.compute_path(via1, "disks", name)).status_code == 200,
+              bound=20)
+        disks.ok(disks.arm(via1, "DELETE", disks.compute_path(via1, "snapshots", snap)), 200, 202, 204)
+        disks.ok(disks.arm(via1, "DELETE", disks.compute_path(via1, "disks", name)), 200, 202, 204)
+        assert disks.arm(via2, "GET", disks.compute_path(via2, "disks", name)).status_code == 404
+        assert not list(n2.data_dir.rglob("segments")) or not any(
+            p.iterdir() for p in n2.data_dir.rglob("segments"))
+        # The SQL server's rows are still there through its home.
+        with psycopg.connect(sql.conninfo(first, server, db), autocommit=True) as c:
+            assert c.execute("SELECT v FROM t").fetchall() == [("through the home",)]
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
