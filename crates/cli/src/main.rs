@@ -616,6 +616,7 @@ async fn run_server(
     } else {
         Some(disks.start_nbd().await?)
     };
+    let mut nbd_port = None;
     if let (Some(at), Some(nbd)) = (&nbd_listen, &nbd) {
         let (addrs, _) = listen_addrs(at)?;
         let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
@@ -630,6 +631,7 @@ async fn run_server(
                 "  disks over NBD with TLS: nbds://{dns_suffix}:{}/",
                 bound.port()
             );
+            nbd_port = Some(bound.port());
         }
     }
     if !read_only {
@@ -647,8 +649,11 @@ async fn run_server(
     } else {
         sql_listeners(listeners.sql.as_deref()).await?
     };
-    let serves_sql = !pg.is_empty();
-    if serves_sql {
+    let sql_port = match pg.first() {
+        Some(l) => Some(l.local_addr()?.port()),
+        None => None,
+    };
+    if !pg.is_empty() {
         let ca = kagi_http::tls::LocalCa::load_or_create(&platform, &data_dir)?;
         let resolver = kagi_http::tls::SniResolver::new(ca, &dns_suffix);
         let tls = std::sync::Arc::new(kagi_http::tls::server_config(resolver, Vec::new())?);
@@ -667,11 +672,22 @@ async fn run_server(
     // Where the other nodes of a shared store reach this one (docs/SEVERAL_NODES.md,
     // "Homes"); a read-only node is home to nothing and announces nothing.
     if !read_only {
-        let advertise = match &listeners.advertise {
+        let https = match &listeners.advertise {
             Some(a) => a.clone(),
             None => default_advertise(&listen, &addrs),
         };
-        tokio::spawn(platform.clone().keep_presence(advertise, serves_sql));
+        // The SQL and NBD endpoints on the advertised host, at their own ports.
+        let host = https
+            .rsplit_once(':')
+            .map_or(https.as_str(), |(h, _)| h)
+            .to_string();
+        let card = kagi_vault::NodeCard {
+            name: String::new(),
+            sql: sql_port.map(|p| format!("{host}:{p}")),
+            nbd: nbd_port.map(|p| format!("{host}:{p}")),
+            https,
+        };
+        tokio::spawn(platform.clone().keep_presence(card));
     }
 
     // The storage services, each registered by its provider (adding one touches no router).

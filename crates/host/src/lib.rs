@@ -348,7 +348,8 @@ pub trait ServiceHost: Send + Sync + std::fmt::Debug {
         Ok(vec![NodeCard {
             name: self.node_name(),
             https: String::new(),
-            sql: true,
+            sql: Some(String::new()),
+            nbd: None,
         }])
     }
 }
@@ -360,8 +361,12 @@ pub struct NodeCard {
     pub name: String,
     /// `HOST:PORT` where the other nodes reach its HTTPS listener (`kagi server --advertise`).
     pub https: String,
-    /// Whether it serves SQL over the PostgreSQL protocol (`--sql-listen` not `none`).
-    pub sql: bool,
+    /// `HOST:PORT` of its SQL endpoint (the PostgreSQL protocol), if it serves one.
+    #[serde(default)]
+    pub sql: Option<String>,
+    /// `HOST:PORT` of its NBD endpoint over TCP (`--nbd-listen`), if it serves one.
+    #[serde(default)]
+    pub nbd: Option<String>,
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ impl SqlService {
             .live_nodes()
             .await?
             .into_iter()
-            .filter(|n| n.sql)
+            .filter(|n| n.sql.is_some())
             .map(|n| n.name)
             .collect();
         if serving.is_empty() {

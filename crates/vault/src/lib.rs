@@ -60,6 +60,7 @@ pub use arm::{AccessPolicyInput, AccessPolicyProperties, ResourceGroupInput};
 pub use bootstrap::{BootstrapAdmin, StartupError};
 pub use directory::WORKLOAD_TYPE;
 pub use kagi_directory::{TokenGrant, TokenRequestError};
+pub use kagi_host::NodeCard;
 pub use kagi_identity::Principal;
 pub use keys::ListQuery;
 pub use moves::MoveTarget;

@@ -91,14 +91,13 @@ impl Platform {
     }
 
     /// Announces this node to the others and keeps its presence lease, until the process
-    /// ends: where they reach it (`card.https`, `card.sql`). A node that cannot renew for
-    /// [`PRESENCE_MS`] counts as stopped: requests for what it holds are refused with 503
+    /// ends: where they reach it (`card`; its name is this node's). A node that cannot renew
+    /// for [`PRESENCE_MS`] counts as stopped: requests for what it holds are refused with 503
     /// until it is back. Never returns.
-    pub async fn keep_presence(self: Arc<Self>, https: String, sql: bool) {
+    pub async fn keep_presence(self: Arc<Self>, card: NodeCard) {
         let card = NodeCard {
             name: self.node_name.clone(),
-            https,
-            sql,
+            ..card
         };
         let lease = presence_lease(&card.name);
         let mut announced = false;
@@ -137,7 +136,8 @@ impl Platform {
         let mut nodes = vec![NodeCard {
             name: self.node_name.clone(),
             https: String::new(),
-            sql: true,
+            sql: Some(String::new()),
+            nbd: None,
         }];
         for (name, doc) in self.service_documents(NODES_KEY, NODE_KIND).await? {
             if name == self.node_name {
