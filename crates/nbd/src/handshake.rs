@@ -7,9 +7,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::device::BlockSizes;
 use crate::export::{ClientInfo, Export, Refusal};
+use crate::forward::{self, Replay};
 use crate::proto::{self, ReplyStyle};
 use crate::shared::Shared;
-use crate::transport::Transport;
+use crate::transport::{Stream, Transport};
 
 /// Why a handshake ended without transmission (logged at debug level only).
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,28 @@ pub(crate) struct Session {
     pub(crate) sizes: BlockSizes,
 }
 
+/// How a handshake ended, other than without a connection.
+pub(crate) enum Negotiated {
+    /// Served here.
+    Session(Session),
+    /// Passed on to the export's upstream (the option naming it already sent there): the two
+    /// streams are to be spliced.
+    Forward {
+        client: Transport,
+        upstream: Box<dyn Stream>,
+    },
+}
+
+/// Where an option naming an export is answered.
+enum Route {
+    /// Here.
+    Here,
+    /// By the upstream, which has been sent the option.
+    There(Box<dyn Stream>),
+    /// Nowhere: the export lives elsewhere and cannot be reached from here.
+    Refused(Refusal),
+}
+
 /// Context id of `base:allocation` (the only context).
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 
@@ -46,6 +69,13 @@ struct State {
     /// Export name for which `base:allocation` was selected by the last SET_META_CONTEXT.
     meta_for: Option<String>,
     no_zeroes: bool,
+    /// The client's flags as sent (replayed to an upstream).
+    client_flags: u32,
+    /// Another server passed this connection on here (`OPT_FORWARDED`): never again.
+    forwarded: bool,
+    /// The export that could not be passed on, and why: asked again, the same answer at once
+    /// (a client's meta context option and its `GO` name the same export).
+    failed_forward: Option<(String, Refusal)>,
 }
 
 /// Runs the handshake; `Ok(None)` when the client aborted or disconnected cleanly.
@@ -54,7 +84,7 @@ pub(crate) async fn negotiate(
     stream: Transport,
     peer: Option<SocketAddr>,
     tls_config: Option<Arc<rustls::ServerConfig>>,
-) -> Result<Option<Session>, HandshakeError> {
+) -> Result<Option<Negotiated>, HandshakeError> {
     let mut st = State {
         stream,
         tls_config,
@@ -67,11 +97,15 @@ pub(crate) async fn negotiate(
         extended: false,
         meta_for: None,
         no_zeroes: false,
+        client_flags: 0,
+        forwarded: false,
+        failed_forward: None,
     };
     st.stream.write_all(&proto::encode_greeting()).await?;
     st.stream.flush().await?;
     let mut flags = [0u8; 4];
     st.stream.read_exact(&mut flags).await?;
+    st.client_flags = u32::from_be_bytes(flags);
     let flags = proto::parse_client_flags(&flags)?;
     st.no_zeroes = flags.no_zeroes;
 
@@ -178,7 +212,26 @@ pub(crate) async fn negotiate(
                     st.ack(option).await?;
                 }
             }
+            proto::OPT_FORWARDED => {
+                if data.is_empty() {
+                    st.forwarded = true;
+                    st.ack(option).await?;
+                } else {
+                    st.error(option, proto::REP_ERR_INVALID, "option takes no data")
+                        .await?;
+                }
+            }
             proto::OPT_LIST_META_CONTEXT | proto::OPT_SET_META_CONTEXT => {
+                // The export named may live elsewhere: then the upstream answers from here
+                // on. Otherwise (or when it cannot be reached: GO will say so) answered here.
+                if (st.structured || st.extended)
+                    && let Ok(request) =
+                        proto::parse_meta_context_request(&data, config.max_meta_queries)
+                    && let Route::There(upstream) =
+                        st.route(shared, option, &request.name, &data).await
+                {
+                    return Ok(Some(st.forward(upstream)));
+                }
                 st.meta_context(option, &data, config.max_meta_queries)
                     .await?;
             }
@@ -191,6 +244,14 @@ pub(crate) async fn negotiate(
                         continue;
                     }
                 };
+                match st.route(shared, option, &request.name, &data).await {
+                    Route::Here => {}
+                    Route::There(upstream) => return Ok(Some(st.forward(upstream))),
+                    Route::Refused(refusal) => {
+                        st.refuse(option, &refusal).await?;
+                        continue;
+                    }
+                }
                 let Some(export) = st.resolve(shared, option, &request.name).await? else {
                     continue;
                 };
@@ -221,7 +282,12 @@ pub(crate) async fn negotiate(
                 out.extend(proto::encode_option_reply(option, proto::REP_ACK, &[]));
                 st.reply(&out).await?;
                 if option == proto::OPT_GO {
-                    return Ok(Some(st.into_session(export, &request.name, size, sizes)));
+                    return Ok(Some(Negotiated::Session(st.into_session(
+                        export,
+                        &request.name,
+                        size,
+                        sizes,
+                    ))));
                 }
             }
             proto::OPT_EXPORT_NAME => {
@@ -231,6 +297,16 @@ pub(crate) async fn negotiate(
                     ));
                 }
                 let name = proto::parse_export_name(&data)?;
+                match st.route(shared, option, &name, &data).await {
+                    Route::Here => {}
+                    Route::There(upstream) => return Ok(Some(st.forward(upstream))),
+                    // EXPORT_NAME has no error reply.
+                    Route::Refused(_) => {
+                        return Err(HandshakeError::Refused(
+                            "EXPORT_NAME of an export that cannot be reached",
+                        ));
+                    }
+                }
                 let export = match shared.resolver.resolve(&name, &st.client).await {
                     Ok(e) if !e.disconnect.is_cancelled() => e,
                     _ => return Err(HandshakeError::Refused("EXPORT_NAME of a refused export")),
@@ -238,7 +314,9 @@ pub(crate) async fn negotiate(
                 let (size, flags, sizes) = transmission_flags(shared, &export, &st);
                 st.reply(&proto::encode_export_name_reply(size, flags, st.no_zeroes))
                     .await?;
-                return Ok(Some(st.into_session(export, &name, size, sizes)));
+                return Ok(Some(Negotiated::Session(
+                    st.into_session(export, &name, size, sizes),
+                )));
             }
             _ => {
                 st.error(option, proto::REP_ERR_UNSUP, "unsupported option")
@@ -298,6 +376,65 @@ impl State {
         match refusal {
             Refusal::Unknown(m) => self.error(option, proto::REP_ERR_UNKNOWN, m).await,
             Refusal::Policy(m) => self.error(option, proto::REP_ERR_POLICY, m).await,
+        }
+    }
+
+    /// Where the option `option` (with `data`) naming export `name` is answered: asks the
+    /// resolver whether the export lives elsewhere and, if so, passes the connection on
+    /// (within [`Config::forward_timeout`](crate::Config::forward_timeout)).
+    async fn route(&mut self, shared: &Shared, option: u32, name: &str, data: &[u8]) -> Route {
+        if let Some((failed, refusal)) = &self.failed_forward
+            && failed == name
+        {
+            return Route::Refused(refusal.clone());
+        }
+        let refusal = match shared.resolver.upstream(name, &self.client).await {
+            Ok(None) => return Route::Here,
+            Err(refusal) => refusal,
+            Ok(Some(up)) if self.forwarded => Refusal::Unknown(format!(
+                "The export is served by {}; this connection was passed on here by another \
+                 server, and is not passed on again.",
+                up.label
+            )),
+            Ok(Some(up)) => {
+                let replay = Replay {
+                    client_flags: self.client_flags,
+                    structured: self.structured,
+                    extended: self.extended,
+                };
+                let limit = shared.config.forward_timeout;
+                match tokio::time::timeout(limit, forward::connect(&up, replay, option, data)).await
+                {
+                    Ok(Ok(upstream)) => return Route::There(upstream),
+                    Ok(Err(e)) => {
+                        tracing::warn!(upstream = %up.address, label = %up.label, error = %e,
+                            "cannot pass an NBD connection on");
+                        Refusal::Unknown(format!(
+                            "The export is served by {}, which cannot be reached now ({e}).",
+                            up.label
+                        ))
+                    }
+                    Err(_) => {
+                        tracing::warn!(upstream = %up.address, label = %up.label,
+                            "passing an NBD connection on timed out");
+                        Refusal::Unknown(format!(
+                            "The export is served by {}, which did not answer within {} s.",
+                            up.label,
+                            limit.as_secs_f32()
+                        ))
+                    }
+                }
+            }
+        };
+        self.failed_forward = Some((name.to_string(), refusal.clone()));
+        Route::Refused(refusal)
+    }
+
+    /// The end of the handshake here: the upstream has the connection from now on.
+    fn forward(self, upstream: Box<dyn Stream>) -> Negotiated {
+        Negotiated::Forward {
+            client: self.stream,
+            upstream,
         }
     }
 
@@ -365,6 +502,8 @@ impl State {
         self.structured = false;
         self.extended = false;
         self.meta_for = None;
+        self.forwarded = false;
+        self.failed_forward = None;
         Ok(())
     }
 

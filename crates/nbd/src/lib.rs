@@ -23,6 +23,7 @@
 
 mod device;
 mod export;
+mod forward;
 mod handshake;
 pub mod proto;
 mod server;
@@ -31,7 +32,9 @@ mod transmission;
 mod transport;
 
 pub use device::{BlockDevice, BlockSizes, DeviceError, Errno, Extent, ReadData, ZeroFlags};
-pub use export::{ClientInfo, Export, ExportListing, ExportResolver, Refusal};
+pub use export::{
+    ClientInfo, Export, ExportListing, ExportResolver, Refusal, Upstream, UpstreamTls,
+};
 /// The TLS library of [`NbdServer::listen_tcp`]'s configuration.
 pub use rustls;
 pub use server::{Config, NbdServer, ServerError};

@@ -90,6 +90,10 @@ pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 /// Option: use extended (64-bit) headers.
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
+/// Option (kagi's own, not in the NBD specification; `"kagi"` in ASCII): the connection was
+/// passed on by another server of kagi-nbd, which forwards it here (see docs/NBD.md,
+/// "Forwarding"); the server never forwards it again. Other servers answer `REP_ERR_UNSUP`.
+pub const OPT_FORWARDED: u32 = 0x6b61_6769;
 
 /// Option reply: success, no more data.
 pub const REP_ACK: u32 = 1;
@@ -317,6 +321,63 @@ pub fn encode_greeting() -> [u8; 18] {
     out[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
     out[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
     out
+}
+
+/// Parses a server's 18-byte greeting (`NBDMAGIC`, `IHAVEOPT`, handshake flags) and returns
+/// its handshake flags (the client side of the handshake, when forwarding).
+pub fn parse_greeting(buf: &[u8]) -> Result<u16, ProtoError> {
+    let mut r = Reader::new(buf);
+    for magic in [NBD_MAGIC, IHAVEOPT] {
+        let got = r.u64()?;
+        if got != magic {
+            return Err(ProtoError::BadMagic(got));
+        }
+    }
+    let flags = r.u16()?;
+    r.finish()?;
+    Ok(flags)
+}
+
+/// Encodes one option as a client sends it: `IHAVEOPT`, option, length, data.
+pub fn encode_option(option: u32, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(OPTION_HEADER_LEN + data.len());
+    out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&len32(data.len()).to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Length of an option reply's header (magic, option, reply type, length).
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+
+/// The header of one option reply, as a client reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    /// The option answered.
+    pub option: u32,
+    /// The reply type (`REP_*`).
+    pub reply_type: u32,
+    /// Length of the reply's data.
+    pub length: u32,
+}
+
+/// Parses the 20-byte header of an option reply.
+pub fn parse_option_reply_header(buf: &[u8]) -> Result<OptionReplyHeader, ProtoError> {
+    let mut r = Reader::new(buf);
+    let magic = r.u64()?;
+    if magic != OPTION_REPLY_MAGIC {
+        return Err(ProtoError::BadMagic(magic));
+    }
+    let option = r.u32()?;
+    let reply_type = r.u32()?;
+    let length = r.u32()?;
+    r.finish()?;
+    Ok(OptionReplyHeader {
+        option,
+        reply_type,
+        length,
+    })
 }
 
 /// The header of one option: which option and how many data bytes follow.

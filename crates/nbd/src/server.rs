@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::export::ExportResolver;
-use crate::handshake;
+use crate::forward;
+use crate::handshake::{self, Negotiated};
 pub use crate::shared::Config;
 use crate::shared::Shared;
 use crate::transmission;
@@ -185,7 +186,12 @@ impl NbdServer {
                 ) => r,
             };
             match negotiated {
-                Ok(Ok(Some(session))) => transmission::run(&shared, session).await,
+                Ok(Ok(Some(Negotiated::Session(session)))) => {
+                    transmission::run(&shared, session).await
+                }
+                Ok(Ok(Some(Negotiated::Forward { client, upstream }))) => {
+                    forward::splice(client, upstream, &shared.shutdown).await
+                }
                 Ok(Ok(None)) => {}
                 Ok(Err(e)) => tracing::debug!(error = %e, "NBD handshake ended"),
                 Err(_) => tracing::debug!("NBD handshake timed out"),

@@ -32,6 +32,10 @@ pub struct Config {
     /// Time in-flight requests get to finish when a connection ends (client disconnect, export
     /// disconnect, server shutdown) before they are abandoned.
     pub drain_timeout: Duration,
+    /// Time to pass a connection on to the server an export lives on
+    /// ([`ExportResolver::upstream`]): connecting, TLS and replaying the handshake. Past it the
+    /// client gets an error naming the upstream.
+    pub forward_timeout: Duration,
 }
 
 impl Default for Config {
@@ -45,6 +49,7 @@ impl Default for Config {
             max_in_flight_bytes: 128 << 20,
             handshake_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(10),
+            forward_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -6,90 +6,13 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::Arc;
 
+use common::pki::{make_pki, qemu_io, qemu_tls, server_config};
 use common::*;
 use kagi_nbd::{Config, NbdServer, proto};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 const MIB: u64 = 1 << 20;
-
-/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, written the
-/// way qemu and libnbd look for them (ca-cert.pem, client-cert.pem, client-key.pem).
-struct Pki {
-    ca_der: CertificateDer<'static>,
-    server_chain: Vec<CertificateDer<'static>>,
-    server_key: PrivateKeyDer<'static>,
-}
-
-fn leaf(issuer: &Issuer<'_, KeyPair>, cn: &str, server: bool) -> (rcgen::Certificate, KeyPair) {
-    let key = KeyPair::generate().unwrap();
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, cn);
-    if server {
-        p.subject_alt_names = vec![
-            SanType::DnsName("localhost".try_into().unwrap()),
-            SanType::IpAddress("127.0.0.1".parse().unwrap()),
-        ];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    } else {
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    }
-    p.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    let cert = p.signed_by(&key, issuer).unwrap();
-    (cert, key)
-}
-
-fn make_pki(dir: &Path) -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "kagi-nbd test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let (server_cert, server_key) = leaf(&issuer, "localhost", true);
-    let (client_cert, client_key) = leaf(&issuer, "test-client", false);
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("ca-cert.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("client-cert.pem"), client_cert.pem()).unwrap();
-    std::fs::write(dir.join("client-key.pem"), client_key.serialize_pem()).unwrap();
-    Pki {
-        ca_der: ca_cert.der().clone(),
-        server_chain: vec![server_cert.der().clone()],
-        server_key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
-    }
-}
-
-/// A server config that asks for (but does not require) a client certificate from the CA.
-fn server_config(pki: &Pki) -> Arc<rustls::ServerConfig> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).unwrap();
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .allow_unauthenticated()
-    .build()
-    .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(pki.server_chain.clone(), pki.server_key.clone_key())
-        .unwrap();
-    Arc::new(config)
-}
 
 async fn tls_server(
     device: Arc<MemDevice>,
@@ -155,26 +78,11 @@ async fn nbdinfo_and_nbdcopy_over_tls_with_client_certificate() {
 async fn qemu_over_tls_with_tls_creds_x509() {
     let device = MemDevice::new(4 * MIB);
     let (_server, addr, dir, _resolver) = tls_server(device.clone()).await;
-    let object = format!(
-        "tls-creds-x509,id=tls0,endpoint=client,dir={}",
-        dir.path().join("pki").display()
-    );
-    let image = format!(
-        "driver=nbd,server.type=inet,server.host=localhost,server.port={},export=disk,tls-creds=tls0",
-        addr.port()
-    );
-    let out = run_ok(
-        "qemu-io",
-        &[
-            "--object",
-            &object,
-            "--image-opts",
-            &image,
-            "-c",
-            "write -f -P 0xab 0 1M",
-            "-c",
-            "read -P 0xab 0 1M",
-        ],
+    let (object, image) = qemu_tls(&dir.path().join("pki"), addr.port(), "disk");
+    let out = qemu_io(
+        &object,
+        &image,
+        &["write -f -P 0xab 0 1M", "read -P 0xab 0 1M"],
     )
     .await;
     assert!(!out.contains("failed"), "{out}");

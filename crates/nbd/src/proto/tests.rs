@@ -73,6 +73,40 @@ fn greeting_is_magic_ihaveopt_and_flags() {
 }
 
 #[test]
+fn client_side_greeting_options_and_replies_round_trip() {
+    assert_eq!(parse_greeting(&encode_greeting()), Ok(3));
+    let mut bad = encode_greeting();
+    bad[9] ^= 1;
+    assert!(matches!(parse_greeting(&bad), Err(ProtoError::BadMagic(_))));
+    assert_eq!(
+        parse_greeting(&encode_greeting()[..17]),
+        Err(ProtoError::Truncated)
+    );
+    let opt = encode_option(OPT_GO, b"abc");
+    assert_eq!(
+        parse_option_header(&opt[..OPTION_HEADER_LEN]),
+        Ok(OptionHeader {
+            option: OPT_GO,
+            length: 3
+        })
+    );
+    assert_eq!(&opt[OPTION_HEADER_LEN..], b"abc");
+    let reply = encode_option_error(OPT_GO, REP_ERR_UNKNOWN, "gone");
+    assert_eq!(
+        parse_option_reply_header(&reply[..OPTION_REPLY_HEADER_LEN]),
+        Ok(OptionReplyHeader {
+            option: OPT_GO,
+            reply_type: REP_ERR_UNKNOWN,
+            length: 4
+        })
+    );
+    assert!(matches!(
+        parse_option_reply_header(&opt[..OPTION_HEADER_LEN]),
+        Err(ProtoError::BadMagic(_))
+    ));
+}
+
+#[test]
 fn client_flags_known_and_unknown() {
     assert_eq!(
         parse_client_flags(&be32(3)),
@@ -395,6 +429,12 @@ fn parse_all(input: &[u8]) {
         assert!(r.queries.len() <= 128);
     }
     let _ = parse_export_name(input);
+    if parse_greeting(input).is_ok() {
+        assert_eq!(input.len(), 18);
+    }
+    if parse_option_reply_header(input).is_ok() {
+        assert_eq!(input.len(), OPTION_REPLY_HEADER_LEN);
+    }
     if let Ok(r) = parse_request(input, false) {
         assert_eq!(input.len(), COMPACT_REQUEST_LEN);
         assert!(r.length <= u64::from(u32::MAX));

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+pub mod pki;
+
 use async_trait::async_trait;
 use kagi_nbd::{
     BlockDevice, BlockSizes, ClientInfo, Config, DeviceError, Errno, Export, ExportListing,
