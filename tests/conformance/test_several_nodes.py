@@ -687,3 +687,118 @@ def test_disks_and_sql_servers_are_served_through_every_node_by_their_home(tmp_p
     finally:
         for n in (first, *first.cluster):
             n.stop()
+
+
+def test_nbd_connections_reaching_another_node_are_forwarded_to_the_disks_home(tmp_path, monkeypatch):
+    """With --nbd-listen behind a TCP load balancer, an NBD connection may reach any node: an
+    access's export name names its home (`sas-{secret}-{node}`), and another node passes the
+    connection on to the home's NBD listener (TLS with the cluster's CA), transparently to
+    qemu-img and nbdinfo. The home enforces the access (read-only, ended, expired); with the home
+    killed, the other node refuses with an NBD error naming it, at once."""
+    import json
+    import re
+    import socket
+    import subprocess
+
+    import test_disks as disks
+    from conftest import STARTUP_TIMEOUT, RoundRobinProxy, _start_cluster, free_port
+
+    monkeypatch.setenv("KAGI_CONFORMANCE_POSTGRES", pg_server_url())
+    monkeypatch.delenv("KAGI_CONFORMANCE_BLOBS", raising=False)
+    first = _start_cluster(tmp_path, 2)
+    n2 = first.cluster[0]
+    proxies = []
+    try:
+        # Each node again, now with an NBD listener on its own address, which its card names.
+        nbd_port = {}
+        for i, n in enumerate((first, n2)):
+            nbd_port[i] = free_port()
+            n.stop()
+            n.extra_args = [*n.extra_args, "--nbd-listen", f"{n.listen_host}:{nbd_port[i]}"]
+            n.start()
+            deadline = time.monotonic() + STARTUP_TIMEOUT
+            while True:
+                try:
+                    socket.create_connection((n.listen_host, nbd_port[i]), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        n._fail(f"no NBD listener on {n.listen_host}:{nbd_port[i]}")
+                    time.sleep(0.1)
+        name1 = (first.data_dir / "node-name").read_text().strip()
+        name2 = (n2.data_dir / "node-name").read_text().strip()
+        first.put_rg(DEFAULT_RG)
+        via1 = Via(first, first)
+        # What a balancer that picked node 2 does: every NBD connection goes to node 2.
+        to_n2 = RoundRobinProxy(free_port(), [(n2.listen_host, nbd_port[1])])
+        proxies.append(to_n2)
+
+        def through_node2(uri):
+            """The access URI (node 1's listener, as node 1 made it) pointed at node 2."""
+            m = re.fullmatch(r"nbds://localhost:(\d+)/(sas-[0-9a-f]{64}-(.+))\?tls-certificates=(.+)", uri)
+            assert m and m.group(3) == name1 and int(m.group(1)) == nbd_port[0], uri
+            return (f"nbds://localhost:{to_n2.port}/{m.group(2)}?tls-certificates={m.group(4)}",
+                    m.group(2), m.group(4))
+
+        def qemu_opts(export, certs):
+            return (["--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={certs}"],
+                    f"driver=nbd,server.type=inet,server.host=localhost,server.port={to_n2.port},"
+                    f"export={export},tls-creds=tls0")
+
+        def nbdinfo(uri):
+            env = {**os.environ, "LIBNBD_DEBUG": "1"}  # libnbd 1.14 logs the server's message only
+            return subprocess.run(["nbdinfo", "--json", uri], capture_output=True, text=True, timeout=60, env=env)
+
+        # The disk lives on node 1 (made through it).
+        name, _ = disks.create_disk(via1)
+        image = tmp_path / "in.raw"
+        data = disks.random_image(image, 4, seed=41)
+        uri, export, certs = through_node2(disks.grant_access(via1, name, "Write"))
+        objects, target = qemu_opts(export, certs)
+        disks.run("qemu-img", "convert", "-n", *objects, "-f", "raw", "--target-image-opts", image, target)
+        info = json.loads(disks.run("nbdinfo", "--json", uri).stdout)
+        assert info["exports"][0]["export-size"] == 1 << 30, info
+        out = tmp_path / "out.raw"
+        disks.run("qemu-img", "convert", *objects, "--image-opts", target, "-O", "raw", out)
+        with open(out, "rb") as f:
+            assert f.read(len(data)) == data
+        disks.run("nbdcopy", uri, tmp_path / "copy.raw")
+        assert (tmp_path / "copy.raw").read_bytes()[: len(data)] == data
+        # Served by node 1: node 2's directory holds no log of the disk.
+        assert not list(n2.data_dir.rglob("segments")) or not any(
+            p.iterdir() for p in n2.data_dir.rglob("segments"))
+        # Ended on node 1: refused through node 2, by node 1.
+        disks.end_access(via1, name)
+        r = nbdinfo(uri)
+        assert r.returncode != 0 and "access has ended" in r.stderr, r.stderr[-2000:]
+
+        # Read-only and expiring accesses are enforced by the home through node 2.
+        uri, export, certs = through_node2(disks.grant_access(via1, name, "Read", seconds=4))
+        info = json.loads(disks.run("nbdinfo", "--json", uri).stdout)
+        assert info["exports"][0]["is_read_only"] is True, info
+        objects, target = qemu_opts(export, certs)
+        w = disks.run("qemu-io", *objects, "--image-opts", target, "-c", "write -P 0x55 0 64k", check=False)
+        assert w.returncode != 0 or "failed" in (w.stdout + w.stderr), w.stdout + w.stderr
+        time.sleep(5)
+        r = nbdinfo(uri)
+        assert r.returncode != 0 and "access has ended" in r.stderr, r.stderr[-2000:]
+
+        # Node 1 killed: node 2 refuses at once, naming it (an NBD error, not a hang).
+        uri, _, _ = through_node2(disks.grant_access(via1, name, "Read"))
+        assert disks.run("nbdinfo", "--json", uri).returncode == 0
+        first.kill9()
+        started = time.monotonic()
+        r = nbdinfo(uri)
+        took = time.monotonic() - started
+        assert r.returncode != 0 and f"the node '{name1}'" in r.stderr, r.stderr[-2000:]
+        assert took < 10, took
+        # Once its presence lease has run out, the answer says it is not running.
+        time.sleep(11)
+        r = nbdinfo(uri)
+        assert r.returncode != 0 and f"the node '{name1}', which is not running" in r.stderr, r.stderr[-2000:]
+        assert name2 != name1
+    finally:
+        for p in proxies:
+            p.stop()
+        for n in (first, *first.cluster):
+            n.stop()
