@@ -3,6 +3,11 @@
 //! ended. The name is the secret (like the signature of Azure's SAS URL): whoever holds the
 //! URI can connect, on this machine's Unix socket. Ending the access, its expiry, and the
 //! revocation of the disk's key disconnect its clients.
+//!
+//! The name also carries the node that made it (`sas-{secret}-{node}`), the disk family's home
+//! (docs/SEVERAL_NODES.md, "Homes"): a connection for it that reaches another node (any node
+//! behind a TCP load balancer) is passed on to the home's NBD listener (docs/NBD.md,
+//! "Forwarding"). Names made before (`sas-{secret}`) are served where they are asked for.
 
 use std::sync::Arc;
 
@@ -11,7 +16,7 @@ use kagi_core::{ErrorCode, KvError};
 use kagi_host::{Principal, ResourceRef};
 use kagi_nbd::{
     BlockDevice, BlockSizes, ClientInfo, DeviceError, Errno, Export, ExportResolver, Extent,
-    ReadData, Refusal, ZeroFlags,
+    ReadData, Refusal, Upstream, UpstreamTls, ZeroFlags,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +44,40 @@ pub(crate) struct Access {
 
 /// The document kind of a resource's accesses (by the hash of their export name).
 const ACCESS_DOC: &str = "access";
+
+/// The node named in export name `export` (`sas-{hex}-{node}`), if it names one.
+fn export_home(export: &str) -> Option<&str> {
+    let (_, node) = export.strip_prefix("sas-")?.split_once('-')?;
+    let valid = (1..=64).contains(&node.len())
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    valid.then_some(node)
+}
+
+/// TLS to another node's NBD listener: its certificate is checked against the CA every node of
+/// the cluster shares (`<data>/tls/ca.pem`) for the platform's DNS suffix (the name access URIs
+/// give, which every node's listener has a certificate for).
+fn cluster_tls(config: &kagi_host::HostConfig) -> Result<UpstreamTls, String> {
+    use kagi_nbd::rustls;
+    let path = config.data_dir.join("tls").join("ca.pem");
+    let pem = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let der = kagi_crypto::x509::certificate_der(&pem).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der.into()).map_err(|e| e.to_string())?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server_name = rustls::pki_types::ServerName::try_from(config.dns_suffix.clone())
+        .map_err(|e| e.to_string())?;
+    Ok(UpstreamTls {
+        config: Arc::new(tls),
+        server_name,
+    })
+}
 
 /// How an access is known: the SHA-256 of its export name (the name itself, a bearer secret,
 /// is never stored).
@@ -217,7 +256,8 @@ impl DiskService {
             .with_inner("KeyVaultAccessForbidden"));
         }
         let raw = kagi_crypto::random_bytes(32).map_err(|e| internal("rng", e))?;
-        let export = format!("sas-{}", hex::encode(raw));
+        // The home rides in the name: whichever node a client reaches passes it on there.
+        let export = format!("sas-{}-{}", hex::encode(raw), self.host.node_name());
         let access = Access {
             disk: disk_id,
             write,
@@ -332,6 +372,46 @@ impl ExportResolver for NbdExports {
             // endGetAccess waits for every request its connections accepted.
             requests: Some(rt.in_flight.clone()),
         })
+    }
+
+    /// An export named for another node is served by it: its NBD listener over TLS. A node
+    /// that is not running or serves no NBD over TCP is a refusal naming it.
+    async fn upstream(
+        &self,
+        name: &str,
+        _client: &ClientInfo,
+    ) -> Result<Option<Upstream>, Refusal> {
+        let host = &self.0.host;
+        let Some(node) = export_home(name) else {
+            return Ok(None);
+        };
+        if node == host.node_name() {
+            return Ok(None);
+        }
+        let served = |why: &str| {
+            Refusal::Unknown(format!("The export is served by the node '{node}', {why}"))
+        };
+        let nodes = host.live_nodes().await.map_err(|e| {
+            tracing::warn!(node, error = %e.message, "cannot read the running nodes");
+            served("which cannot be found now. Retry later.")
+        })?;
+        let Some(card) = nodes.into_iter().find(|n| n.name == node) else {
+            return Err(served("which is not running. Retry when it is back."));
+        };
+        let Some(address) = card.nbd else {
+            return Err(served(
+                "which serves no NBD over TCP (kagi server --nbd-listen).",
+            ));
+        };
+        let tls = cluster_tls(&host.config()).map_err(|e| {
+            tracing::error!(error = %e, "no TLS configuration to reach another node's NBD");
+            served("which this node cannot reach (its TLS trust is not set up).")
+        })?;
+        Ok(Some(Upstream {
+            address,
+            tls: Some(tls),
+            label: format!("the node '{node}'"),
+        }))
     }
 }
 
@@ -467,5 +547,25 @@ impl BlockDevice for DiskDevice {
                 .collect())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::export_home;
+
+    #[test]
+    fn an_export_name_names_its_home_node() {
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            export_home(&format!("sas-{hex}-kagi-1.example-0a1b2c3d")),
+            Some("kagi-1.example-0a1b2c3d")
+        );
+        // Made before homes rode in names: served where asked.
+        assert_eq!(export_home(&format!("sas-{hex}")), None);
+        for bad in ["", "x", "sas-", "sas-ab-", "sas-ab-a/b", "other-ab-node"] {
+            assert_eq!(export_home(bad), None, "{bad}");
+        }
+        assert_eq!(export_home(&format!("sas-ab-{}", "n".repeat(65))), None);
     }
 }
