@@ -689,6 +689,177 @@ def test_disks_and_sql_servers_are_served_through_every_node_by_their_home(tmp_p
             n.stop()
 
 
+def start_sql_cluster(tmp_path, count=2):
+    """`count` nodes of one cluster (one store, root key, CA and HTTPS port, each on a loopback
+    address of its own: 127.0.0.2, .3, …, behind a round-robin proxy on localhost), each with a
+    SQL endpoint of its own on its address, which its node card advertises."""
+    from conftest import KagiServer, RoundRobinProxy, STARTUP_TIMEOUT, free_port, wait_for
+    import socket
+
+    def listening(host, port):
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    store = scratch_pg_database(pg_server_url())
+    port = free_port()
+    hosts = [f"127.0.0.{i + 2}" for i in range(count)]
+    proxy = RoundRobinProxy(port, [(h, port) for h in hosts])
+    nodes = []
+    for i, host in enumerate(hosts):
+        data = tmp_path / f"sqlnode{i + 1}-data"
+        if nodes:
+            data.mkdir(mode=0o700)
+            shutil.copy2(nodes[0].data_dir / "root.key", data / "root.key")
+            shutil.copy2(nodes[0].admin_path, data / "bootstrap-admin.json")
+            shutil.copytree(nodes[0].data_dir / "tls", data / "tls")
+        node = KagiServer(data, tmp_path / f"sqlnode{i + 1}.log", port=port)
+        node.extra_args = ["--store", store, "--consistency", "strict",
+                           "--sql-listen", f"{host}:{node.sql_port}"]
+        node.listen_host = host
+        node.start()
+        # Its start may have been answered by another node through the proxy.
+        wait_for(f"node {host} to listen", lambda: all(
+            listening(host, p) for p in (port, node.sql_port)), STARTUP_TIMEOUT)
+        nodes.append(node)
+    nodes[0].cluster = [*nodes[1:], proxy]
+    return nodes[0]
+
+
+def pg_wire_refusal(node, server, db, user, ca_path, extra=()):
+    """Connects to `node`'s SQL endpoint over TLS (SNI `{server}.localhost`) as a raw client
+    (startup parameters `extra` too) and answers SCRAM's challenge with a wrong proof: the
+    (SQLSTATE, message) of the ErrorResponse that ends the attempt (the wrong proof's 28P01, or
+    an error before authentication)."""
+    import base64
+    import socket
+    import ssl
+    import struct
+
+    def read_msg(t):
+        head = b""
+        while len(head) < 5:
+            chunk = t.recv(5 - len(head))
+            assert chunk, "closed without an ErrorResponse"
+            head += chunk
+        tag, n = head[:1], struct.unpack("!I", head[1:])[0] - 4
+        body = b""
+        while len(body) < n:
+            chunk = t.recv(n - len(body))
+            assert chunk, "closed in a message"
+            body += chunk
+        return tag, body
+
+    def error(body):
+        fields = {f[:1]: f[1:].decode() for f in body.split(b"\0") if f}
+        return fields.get(b"C"), fields.get(b"M")
+
+    s = socket.create_connection((node.listen_host, node.sql_port), timeout=20)
+    s.sendall(struct.pack("!II", 8, 80877103))
+    assert s.recv(1) == b"S"
+    t = ssl.create_default_context(cafile=str(ca_path)).wrap_socket(s, server_hostname=f"{server}.localhost")
+    with t:
+        body = struct.pack("!I", 196608) + b"".join(
+            k + b"\0" + v.encode() + b"\0" for k, v in ((b"user", user), (b"database", db), *extra)) + b"\0"
+        t.sendall(struct.pack("!I", len(body) + 4) + body)
+        tag, body = read_msg(t)
+        if tag == b"E":
+            return error(body)
+        assert (tag, body[:4]) == (b"R", struct.pack("!I", 10)), (tag, body)
+        first = f"n,,n=,r={base64.b64encode(os.urandom(18)).decode()}".encode()
+        sasl = b"SCRAM-SHA-256\0" + struct.pack("!I", len(first)) + first
+        t.sendall(b"p" + struct.pack("!I", len(sasl) + 4) + sasl)
+        tag, body = read_msg(t)
+        assert (tag, body[:4]) == (b"R", struct.pack("!I", 11)), (tag, body)
+        nonce = dict(kv.split("=", 1) for kv in body[4:].decode().split(","))["r"]
+        final = f"c=biws,r={nonce},p={base64.b64encode(bytes(32)).decode()}".encode()
+        t.sendall(b"p" + struct.pack("!I", len(final) + 4) + final)
+        tag, body = read_msg(t)
+        assert tag == b"E", (tag, body)
+        return error(body)
+
+
+def test_pgwire_connections_reaching_another_node_are_forwarded_to_the_servers_home(tmp_path):
+    """Two nodes serving SQL, each on its own endpoint: a server made through node 1 lives there,
+    and psql and psycopg reach its databases through node 2's endpoint (as behind a TCP load
+    balancer), which splices their connections to node 1's after the StartupMessage: SCRAM end
+    to end (a wrong proof is refused with 28P01 by the home), rows written through node 2 read
+    through node 1. With node 1 killed, node 2 answers a PostgreSQL error naming it, at once;
+    once node 1 is back, node 2 forwards again."""
+    import subprocess
+
+    import psycopg
+    import test_sql as sql
+
+    first = start_sql_cluster(tmp_path, 2)
+    n2 = first.cluster[0]
+    try:
+        first.put_rg(DEFAULT_RG)
+        via1 = Via(first, first)
+        name1 = (first.data_dir / "node-name").read_text().strip()
+        server, _ = sql.create_server(via1, identity=False)
+        db, _ = sql.create_db(via1, server)
+
+        def dsn(node, password=sql.PASSWORD):
+            return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
+                    f"dbname={db} user={sql.ADMIN} sslmode=verify-full sslrootcert={first.ca_path} "
+                    f"connect_timeout=10" + (f" password={password}" if password else ""))
+
+        # psycopg through node 2.
+        with psycopg.connect(dsn(n2), autocommit=True) as c:
+            c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+            c.execute("INSERT INTO t VALUES (%s, %s)", (1, "through node 2"))
+            assert c.execute("SELECT v FROM t WHERE id = %s", (1,)).fetchall() == [("through node 2",)]
+        # psql through node 2.
+        env = dict(os.environ, PGPASSWORD=sql.PASSWORD)
+        p = subprocess.run(["psql", dsn(n2, None), "-X", "-qAt", "-v", "ON_ERROR_STOP=1",
+                            "-c", "INSERT INTO t VALUES (2, 'psql through node 2')",
+                            "-c", "SELECT count(*) FROM t"],
+                           capture_output=True, text=True, env=env, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == "2", p.stdout
+        # The rows are in the home's databases: read through node 1 directly.
+        with psycopg.connect(dsn(first), autocommit=True) as c:
+            assert c.execute("SELECT id, v FROM t ORDER BY id").fetchall() == [
+                (1, "through node 2"), (2, "psql through node 2")]
+        # Authentication is the home's: a wrong password fails through node 2 as on node 1.
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(dsn(n2, "Wr0ng!Passw0rd"))
+        assert pg_wire_refusal(n2, server, db, sql.ADMIN, first.ca_path)[0] == "28P01"
+        # A client's own forwarded marker grants nothing: node 2 refuses it (the server lives
+        # elsewhere, and the connection claims to be forwarded already) …
+        marker = ((b"kagi_forwarded_by", "a client"),)
+        code, message = pg_wire_refusal(n2, server, db, sql.ADMIN, first.ca_path, marker)
+        assert code == "57P03" and "already forwarded once" in message, (code, message)
+        # … and node 1, the home, still authenticates it.
+        assert pg_wire_refusal(first, server, db, sql.ADMIN, first.ca_path, marker)[0] == "28P01"
+
+        # The home killed: node 2 answers at once with a PostgreSQL error naming it.
+        first.kill9()
+        t0 = time.monotonic()
+        code, message = pg_wire_refusal(n2, server, db, sql.ADMIN, first.ca_path)
+        assert code == "57P03" and name1 in message, (code, message)
+        with pytest.raises(psycopg.OperationalError, match=name1):
+            psycopg.connect(dsn(n2))
+        assert time.monotonic() - t0 < 12
+        # Back (same data directory, same name): forwarded again, the rows there.
+        first.start()
+
+        def rows():
+            try:
+                with psycopg.connect(dsn(n2), autocommit=True) as c:
+                    return c.execute("SELECT count(*) FROM t").fetchone()[0] == 2
+            except psycopg.OperationalError:
+                return False
+
+        until(rows, bound=30)
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
 def test_nbd_connections_reaching_another_node_are_forwarded_to_the_disks_home(tmp_path, monkeypatch):
     """With --nbd-listen behind a TCP load balancer, an NBD connection may reach any node: an
     access's export name names its home (`sas-{secret}-{node}`), and another node passes the

@@ -11,6 +11,8 @@ pub mod sqlstate {
     pub const WARNING: &str = "01000";
     /// 08P01 protocol_violation.
     pub const PROTOCOL_VIOLATION: &str = "08P01";
+    /// 08006 connection_failure.
+    pub const CONNECTION_FAILURE: &str = "08006";
     /// 08004 sqlserver_rejected_establishment_of_sqlconnection.
     pub const CONNECTION_REJECTED: &str = "08004";
     /// 0A000 feature_not_supported.

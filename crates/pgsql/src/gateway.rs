@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::error::{PgError, sqlstate};
+use crate::forward::Upstream;
 use crate::scram::ScramVerifier;
 
 /// How a login proves itself.
@@ -165,6 +166,17 @@ pub trait Gateway: Send + Sync + 'static {
     /// for a host name that is not one of the service's (the connection then needs a user
     /// name `login@server`).
     fn server_for_host(&self, host: &str) -> Option<String>;
+
+    /// Another front end that serves `server`, when this one does not: its connections are
+    /// then forwarded there right after the StartupMessage, before any authentication (which
+    /// the upstream does, end to end), marked so that they are never forwarded again (a
+    /// forwarded connection for a server that has an upstream here is refused with 57P03).
+    /// Refuse with a FATAL error when the server is served elsewhere but cannot be reached
+    /// now. Default: None, every server is served here.
+    async fn upstream(&self, server: &str) -> Result<Option<Upstream>, PgError> {
+        let _ = server;
+        Ok(None)
+    }
 
     /// How `login` connecting to `database` on `server` authenticates (a login may be a
     /// user of that database only). `Ok(None)` for an unknown server or login: the front end

@@ -5,7 +5,9 @@
 //! name `{server}.{dns-suffix}` or a user name `login@server`; logins authenticate with
 //! SCRAM-SHA-256 against stored verifiers, or with an access token as the password (Entra
 //! principals); SQL (SQLite's dialect) runs on a `rusqlite::Connection` the service opens.
-//! The service implements [`Gateway`]; [`serve`] does the rest. See docs/PGWIRE.md.
+//! The service implements [`Gateway`]; [`serve`] does the rest. A server that another front
+//! end serves ([`Gateway::upstream`]) has its connections spliced there after the
+//! StartupMessage ([`Upstream`]). See docs/PGWIRE.md.
 //!
 //! ```no_run
 //! # use std::sync::Arc;
@@ -22,6 +24,7 @@
 mod catalog;
 mod commands;
 mod error;
+mod forward;
 mod gateway;
 mod results;
 pub mod scram;
@@ -34,6 +37,7 @@ pub mod types;
 pub mod wire;
 
 pub use error::{PgError, ServeError, Severity, sqlstate};
+pub use forward::{FORWARDED_BY, Upstream};
 pub use gateway::{Credential, Gateway, LoginChange, OpenDatabase, Termination, Terminator};
 /// The SQLite binding of [`OpenDatabase::connection`].
 pub use rusqlite;

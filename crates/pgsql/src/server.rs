@@ -1,7 +1,9 @@
 //! The listener: accepts TCP (and Unix) connections, negotiates TLS (SSLRequest), reads the
 //! startup packet, picks the logical server (SNI or `login@server`), authenticates
 //! (SCRAM-SHA-256 or an access token), opens the database through the Gateway and hands the
-//! session to its own thread. CancelRequests interrupt the running statement of a session.
+//! session to its own thread — or, for a server the Gateway says another front end serves,
+//! splices the connection to that one (crate::forward). CancelRequests interrupt the running
+//! statement of a session (or are sent on to the upstream of a spliced one).
 
 use std::collections::HashMap;
 use std::io;
@@ -17,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::{PgError, ServeError, Severity, sqlstate};
+use crate::forward::{self, FORWARDED_BY, ForwardedKeys, Upstream};
 use crate::gateway::{Credential, Gateway, Termination};
 use crate::scram::{MECHANISM, ScramError, ScramServer};
 use crate::session::{self, SessionParams};
@@ -45,6 +48,8 @@ pub struct PgConfig {
     pub auth_timeout: Duration,
     /// At shutdown, time given to sessions to end before they are dropped.
     pub shutdown_grace: Duration,
+    /// Time allowed to reach an upstream ([`crate::Gateway::upstream`]): connect, TLS.
+    pub upstream_timeout: Duration,
 }
 
 impl std::fmt::Debug for PgConfig {
@@ -54,6 +59,7 @@ impl std::fmt::Debug for PgConfig {
             .field("allow_plaintext", &self.allow_plaintext)
             .field("max_connections", &self.max_connections)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("upstream_timeout", &self.upstream_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -68,6 +74,7 @@ impl Default for PgConfig {
             max_buffered_bytes: 64 << 20,
             auth_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -104,7 +111,8 @@ impl Registry {
             .remove(&pid);
     }
 
-    fn cancel(&self, pid: u32, key: u32) {
+    /// Cancels this listener's session `pid` if `key` is its key; whether it was one.
+    fn cancel(&self, pid: u32, key: u32) -> bool {
         let map = self
             .sessions
             .lock()
@@ -117,7 +125,9 @@ impl Registry {
             .is_ok()
         {
             control.cancel();
+            return true;
         }
+        false
     }
 }
 
@@ -133,6 +143,8 @@ struct Shared {
     gateway: Arc<dyn Gateway>,
     config: PgConfig,
     registry: Registry,
+    /// Keys of the sessions spliced to an upstream.
+    forwarded: Arc<ForwardedKeys>,
     sessions: Arc<Semaphore>,
     shutdown: CancellationToken,
     mock_key: [u8; 32],
@@ -161,6 +173,7 @@ pub async fn serve(
         sessions: Arc::new(Semaphore::new(config.max_connections.max(1))),
         config,
         registry: Registry::default(),
+        forwarded: Arc::default(),
         shutdown: shutdown.clone(),
         mock_key,
     });
@@ -354,7 +367,23 @@ async fn connection(shared: Arc<Shared>, mut transport: Transport) {
     let auth_timeout = shared.config.auth_timeout;
     let setup = tokio::time::timeout(auth_timeout, startup(&shared, &mut transport)).await;
     let ready = match setup {
-        Ok(Ok(r)) => r,
+        Ok(Ok(Outcome::Session(r))) => *r,
+        Ok(Ok(Outcome::Forward(f))) => {
+            let Forward {
+                stream,
+                upstream,
+                _permit,
+            } = *f;
+            forward::splice(
+                transport,
+                stream,
+                upstream,
+                Arc::clone(&shared.forwarded),
+                shared.shutdown.clone(),
+            )
+            .await;
+            return;
+        }
         Ok(Err(Abort::Error(e))) => {
             let mut buf = Vec::new();
             backend::error(&mut buf, &e);
@@ -379,6 +408,21 @@ async fn connection(shared: Arc<Shared>, mut transport: Transport) {
     run_session(shared, transport, ready).await;
 }
 
+/// What a connection's startup leads to (boxed: both are large, the TLS state most).
+enum Outcome {
+    /// A session here.
+    Session(Box<Ready>),
+    /// A connection spliced to another front end.
+    Forward(Box<Forward>),
+}
+
+/// A connection to an upstream, the client's StartupMessage sent.
+struct Forward {
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    upstream: Arc<Upstream>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// A session ready to start.
 struct Ready {
     open: crate::gateway::OpenDatabase,
@@ -391,9 +435,9 @@ struct Ready {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-async fn startup(shared: &Arc<Shared>, transport: &mut Transport) -> Result<Ready, Abort> {
+async fn startup(shared: &Arc<Shared>, transport: &mut Transport) -> Result<Outcome, Abort> {
     let is_unix = matches!(transport, Transport::Unix(_));
-    let (minor, params) = loop {
+    let (minor, mut params, packet) = loop {
         let body = read_startup(transport).await?;
         match wire::parse_startup(&body)? {
             Startup::SslRequest => {
@@ -419,12 +463,24 @@ async fn startup(shared: &Arc<Shared>, transport: &mut Transport) -> Result<Read
             }
             Startup::GssEncRequest => send(transport, b"N").await?,
             Startup::Cancel { pid, key } => {
-                shared.registry.cancel(pid, key);
+                if !shared.registry.cancel(pid, key)
+                    && let Some(up) = shared.forwarded.find(pid, key)
+                {
+                    forward::cancel(&up, pid, key, shared.config.upstream_timeout).await;
+                }
                 return Err(Abort::Close);
             }
-            Startup::Startup { minor, params } => break (minor, params),
+            Startup::Startup { minor, params } => break (minor, params, body),
         }
     };
+    // Who forwarded this connection, if another front end did: taken out before anything
+    // reads the parameters. It grants nothing (the connection authenticates as any other);
+    // it only stops a second forward.
+    let forwarded_by = params
+        .iter()
+        .find(|(k, _)| k == FORWARDED_BY)
+        .map(|(_, v)| v.clone());
+    params.retain(|(k, _)| k != FORWARDED_BY);
     let tls = matches!(transport, Transport::Tls(_));
     let sni = match &*transport {
         Transport::Tls(s) => s.get_ref().1.server_name().map(str::to_owned),
@@ -459,6 +515,11 @@ async fn startup(shared: &Arc<Shared>, transport: &mut Transport) -> Result<Read
             .into());
     }
     let (server, login) = resolve(shared.gateway.as_ref(), sni.as_deref(), &user)?;
+    if let Some(up) = shared.gateway.upstream(&server).await? {
+        return forward_to(shared, up, &server, forwarded_by.as_deref(), &packet)
+            .await
+            .map(|f| Outcome::Forward(Box::new(f)));
+    }
     let database = get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| login.clone());
@@ -519,13 +580,56 @@ async fn startup(shared: &Arc<Shared>, transport: &mut Transport) -> Result<Read
         runtime: tokio::runtime::Handle::current(),
         max_buffered_bytes: shared.config.max_buffered_bytes,
     };
-    Ok(Ready {
+    Ok(Outcome::Session(Box::new(Ready {
         open,
         params,
         settings,
         greeting,
         control,
         pid,
+        _permit: permit,
+    })))
+}
+
+/// Connects to `up`, the front end serving `server`, and sends it the client's StartupMessage
+/// (`packet`, after its length word) marked as forwarded by this one.
+async fn forward_to(
+    shared: &Shared,
+    up: Upstream,
+    server: &str,
+    forwarded_by: Option<&str>,
+    packet: &[u8],
+) -> Result<Forward, Abort> {
+    if let Some(by) = forwarded_by {
+        // The other front end thought this one serves the server (the Gateway's view changed
+        // meanwhile): forwarding again could loop.
+        return Err(PgError::unavailable(format!(
+            "server \"{server}\" is served by {}, and this connection was already forwarded once (by '{by}')",
+            up.name
+        ))
+        .with_hint("retry the connection")
+        .into());
+    }
+    let Ok(permit) = Arc::clone(&shared.sessions).try_acquire_owned() else {
+        return Err(PgError::fatal(
+            sqlstate::TOO_MANY_CONNECTIONS,
+            "sorry, too many clients already",
+        )
+        .into());
+    };
+    let mut stream = forward::connect(&up, shared.config.upstream_timeout).await?;
+    let sent = async {
+        stream
+            .write_all(&forward::marked_startup(packet, &up.forwarded_by))
+            .await?;
+        stream.flush().await
+    };
+    if let Err(e) = sent.await {
+        return Err(PgError::unavailable(format!("{} closed the connection: {e}", up.name)).into());
+    }
+    Ok(Forward {
+        stream,
+        upstream: Arc::new(up),
         _permit: permit,
     })
 }

@@ -432,26 +432,9 @@ fn cancel_interrupts_running_statements() {
         // A statement that runs in SQLite's VM: interrupted through sqlite3_interrupt.
         "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
     ] {
-        let mut cmd = env.psql_cmd(&c, ADMIN_PW, &["-v", "VERBOSITY=verbose", "-c", sql]);
-        cmd.stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let child = cmd.spawn().unwrap();
-        // Wait until the statement runs, then do what Ctrl-C does: psql sends a CancelRequest.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while env.gateway.sessions("srv1", "db1") < 1 {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(500));
         let t0 = Instant::now();
-        let status = Command::new("kill")
-            .arg("-INT")
-            .arg(child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let o = child.wait_with_output().unwrap();
-        assert!(t0.elapsed() < Duration::from_secs(20));
+        let o = psql_ctrl_c(&env, &c, &env, sql);
+        assert!(t0.elapsed() < Duration::from_secs(40));
         assert!(
             stderr(&o).contains("ERROR:  57014: canceling statement due to user request"),
             "{sql}: {}",
@@ -511,5 +494,3 @@ fn shutdown_ends_sessions_with_57p01() {
     );
     assert_eq!(env.gateway.sessions("srv1", "db1"), 0);
 }
-
-use std::process::Command;

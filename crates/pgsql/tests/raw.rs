@@ -7,68 +7,8 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
 
 use common::*;
-
-fn connect(env: &Env) -> UnixStream {
-    let s = UnixStream::connect(env.socket_dir.join(format!(".s.PGSQL.{}", env.port))).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
-}
-
-fn startup(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut m = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    m.extend_from_slice(&body);
-    m
-}
-
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![tag];
-    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    m.extend_from_slice(body);
-    m
-}
-
-/// Reads backend messages until one of type `until` (or the end); returns (type, body) pairs.
-fn read_until(s: &mut UnixStream, until: u8) -> Vec<(u8, Vec<u8>)> {
-    let mut out = Vec::new();
-    loop {
-        let mut head = [0u8; 5];
-        if s.read_exact(&mut head).is_err() {
-            return out;
-        }
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        let mut body = vec![0u8; len - 4];
-        s.read_exact(&mut body).unwrap();
-        let t = head[0];
-        out.push((t, body));
-        if t == until {
-            return out;
-        }
-    }
-}
-
-fn error_code(body: &[u8]) -> String {
-    let mut i = 0;
-    while i < body.len() && body[i] != 0 {
-        let field = body[i];
-        let end = i + 1 + body[i + 1..].iter().position(|&b| b == 0).unwrap();
-        if field == b'C' {
-            return String::from_utf8_lossy(&body[i + 1..end]).into_owned();
-        }
-        i = end + 1;
-    }
-    String::new()
-}
 
 /// A session past authentication (token login over the Unix socket).
 fn session(env: &Env) -> UnixStream {

@@ -1,11 +1,15 @@
 //! The PostgreSQL front end's view of the service ([`kagi_pgsql::Gateway`]): which server a
-//! host name addresses, how a login authenticates, and the databases a session opens.
+//! host name addresses, which node serves it (a server living on another node of a shared
+//! store is reached through that node's SQL endpoint), how a login authenticates, and the
+//! databases a session opens.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use kagi_core::{ErrorCode, KvError};
-use kagi_pgsql::{Credential, Gateway, LoginChange, OpenDatabase as Session, PgError, sqlstate};
+use kagi_pgsql::{
+    Credential, Gateway, LoginChange, OpenDatabase as Session, PgError, Upstream, sqlstate,
+};
 use serde_json::Value;
 
 use crate::logins::DbUser;
@@ -107,6 +111,39 @@ impl Gateway for SqlGateway {
             .and_then(|s| s["name"].as_str().map(str::to_string))
     }
 
+    async fn upstream(&self, server: &str) -> Result<Option<Upstream>, PgError> {
+        let Some(s) = self.0.server_named(server) else {
+            return Ok(None);
+        };
+        let Some(home) = self.0.home_elsewhere(&s).await.map_err(pg_error)? else {
+            return Ok(None);
+        };
+        let address = self
+            .0
+            .home_sql_endpoint(server, &home)
+            .await
+            .map_err(pg_error)?;
+        let config = self.0.host.config();
+        // Every node of a cluster has the same CA (copied with the root key): the home's
+        // certificate for the server's host name chains to it.
+        let ca = config.data_dir.join("tls").join("ca.pem");
+        let pem = tokio::fs::read(&ca).await.map_err(|e| {
+            tracing::error!(path = %ca.display(), error = %e, "cannot read the cluster's CA");
+            PgError::fatal(
+                sqlstate::INTERNAL_ERROR,
+                "cannot reach the node serving this server",
+            )
+        })?;
+        let name = s["name"].as_str().unwrap_or(server);
+        Ok(Some(Upstream {
+            name: format!("the node '{home}'"),
+            address,
+            tls_name: format!("{name}.{}", config.dns_suffix),
+            tls: Upstream::trusting(&pem)?,
+            forwarded_by: self.0.host.node_name(),
+        }))
+    }
+
     async fn credential(
         &self,
         server: &str,
@@ -116,7 +153,8 @@ impl Gateway for SqlGateway {
         let Some(s) = self.0.server_named(server) else {
             return Ok(None);
         };
-        // Its databases are opened only where their files are.
+        // Its databases are opened only where their files are (`upstream` sent the connection
+        // there, unless the home changed meanwhile).
         if let Some(home) = self.0.home_elsewhere(&s).await.map_err(pg_error)? {
             return Err(pg_error(crate::homes::served_elsewhere(server, &home)));
         }

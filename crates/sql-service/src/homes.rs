@@ -4,8 +4,9 @@
 //! it when that one runs (copies and geo-replication join databases of two servers, which
 //! must then be on one node), else this one, else the first by name — and is recorded there
 //! (`/kagi/sql-servers`, document `home/{server id}`) before it is created. Every request
-//! naming the server is served by that node (the HTTP layer forwards it there), and only that
-//! node opens, probes, backs up and replicates its databases. A server made before homes
+//! naming the server is served by that node (the HTTP layer forwards it there, the PostgreSQL
+//! front end splices connections to its SQL endpoint: the gateway's `upstream`), and only
+//! that node opens, probes, backs up and replicates its databases. A server made before homes
 //! were recorded has none and is served where it is asked for (one node).
 
 use kagi_core::{ErrorCode, KvError};
@@ -137,13 +138,46 @@ impl SqlService {
     }
 }
 
-/// The answer of a node asked for a server that lives on another (pgwire is not forwarded).
+impl SqlService {
+    /// `HOST:PORT` of the SQL endpoint of `home`, the node `server` lives on: 503 while that
+    /// node is not running or serves no SQL.
+    pub(crate) async fn home_sql_endpoint(
+        &self,
+        server: &str,
+        home: &str,
+    ) -> Result<String, KvError> {
+        let card = self
+            .host
+            .live_nodes()
+            .await?
+            .into_iter()
+            .find(|n| n.name == home);
+        let Some(card) = card else {
+            return Err(KvError::new(
+                ErrorCode::ServiceUnavailable,
+                format!(
+                    "The server '{server}' is served by the node '{home}', which is not running. \
+                     Retry when it is back."
+                ),
+            ));
+        };
+        card.sql.filter(|a| !a.is_empty()).ok_or_else(|| {
+            KvError::new(
+                ErrorCode::ServiceUnavailable,
+                format!(
+                    "The server '{server}' is served by the node '{home}', which does not serve \
+                     SQL over the PostgreSQL protocol now (--sql-listen)."
+                ),
+            )
+        })
+    }
+}
+
+/// The answer of a node asked to open a server that lives on another (a connection that was
+/// not forwarded there: the homes changed while it started).
 pub(crate) fn served_elsewhere(server: &str, home: &str) -> KvError {
     KvError::new(
         ErrorCode::ServiceUnavailable,
-        format!(
-            "The server '{server}' is served by the node '{home}': connect to that node's SQL \
-             endpoint."
-        ),
+        format!("The server '{server}' is served by the node '{home}'. Retry the connection."),
     )
 }

@@ -4,14 +4,17 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use kagi_pgsql::{
     CancellationToken, Credential, Gateway, LoginChange, OpenDatabase, PgConfig, PgError,
-    ScramVerifier, Terminator, rusqlite, sqlstate,
+    ScramVerifier, Terminator, Upstream, rusqlite, sqlstate,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -50,6 +53,8 @@ pub struct TestGateway {
     servers: Mutex<HashMap<String, TestServer>>,
     terminators: Mutex<HashMap<(String, String), Terminator>>,
     unavailable: Mutex<HashSet<(String, String)>>,
+    /// Servers another front end serves ([`Gateway::upstream`]).
+    upstreams: Mutex<HashMap<String, Upstream>>,
 }
 
 impl TestGateway {
@@ -75,6 +80,7 @@ impl TestGateway {
             servers: Mutex::new(map),
             terminators: Mutex::new(HashMap::new()),
             unavailable: Mutex::new(HashSet::new()),
+            upstreams: Mutex::new(HashMap::new()),
         })
     }
 
@@ -92,6 +98,11 @@ impl TestGateway {
         {
             t.terminate(PgError::unavailable(azure_40613(db, server)));
         }
+    }
+
+    /// Connections for `server` go to `up` from now on.
+    pub fn forward(&self, server: &str, up: Upstream) {
+        self.upstreams.lock().unwrap().insert(server.to_owned(), up);
     }
 
     pub fn sessions(&self, server: &str, db: &str) -> usize {
@@ -126,6 +137,10 @@ impl Gateway for TestGateway {
             .unwrap()
             .contains_key(server)
             .then(|| server.to_owned())
+    }
+
+    async fn upstream(&self, server: &str) -> Result<Option<Upstream>, PgError> {
+        Ok(self.upstreams.lock().unwrap().get(server).cloned())
     }
 
     async fn credential(
@@ -374,6 +389,18 @@ impl Env {
         )
     }
 
+    /// This front end as the upstream of `server` for another one, named `name` in messages,
+    /// which marks what it forwards with `by`.
+    pub fn upstream(&self, server: &str, name: &str, by: &str) -> Upstream {
+        Upstream {
+            name: format!("the node '{name}'"),
+            address: format!("127.0.0.1:{}", self.port),
+            tls_name: format!("{server}.{SUFFIX}"),
+            tls: Upstream::trusting(&std::fs::read(&self.ca).unwrap()).unwrap(),
+            forwarded_by: by.to_owned(),
+        }
+    }
+
     /// Runs psql with `args` after the connection string; the password in PGPASSWORD.
     pub fn psql(&self, conninfo: &str, password: &str, args: &[&str]) -> Output {
         self.psql_cmd(conninfo, password, args)
@@ -421,6 +448,31 @@ impl Drop for Env {
     }
 }
 
+/// Runs `sql` with psql through `client` (`conninfo`, the administrator), waits until
+/// `server` (the front end holding srv1/db1) runs it, then does what Ctrl-C does: psql sends a
+/// CancelRequest. Its output.
+pub fn psql_ctrl_c(client: &Env, conninfo: &str, server: &Env, sql: &str) -> Output {
+    let child = client
+        .psql_cmd(conninfo, ADMIN_PW, &["-v", "VERBOSITY=verbose", "-c", sql])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while server.gateway.sessions("srv1", "db1") < 1 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let status = Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    child.wait_with_output().unwrap()
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -440,4 +492,72 @@ pub fn ok(o: &Output) -> String {
         stderr(o)
     );
     stdout(o)
+}
+
+/// A raw client on the front end's Unix socket.
+pub fn connect(env: &Env) -> UnixStream {
+    let s = UnixStream::connect(env.socket_dir.join(format!(".s.PGSQL.{}", env.port))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// A StartupMessage (protocol 3.0) with `params`, length word included.
+pub fn startup(params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut m = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    m.extend_from_slice(&body);
+    m
+}
+
+/// A regular message: type, length word, body.
+pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// Reads backend messages until one of type `until` (or the end); returns (type, body) pairs.
+pub fn read_until(s: &mut UnixStream, until: u8) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    loop {
+        let mut head = [0u8; 5];
+        if s.read_exact(&mut head).is_err() {
+            return out;
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        s.read_exact(&mut body).unwrap();
+        let t = head[0];
+        out.push((t, body));
+        if t == until {
+            return out;
+        }
+    }
+}
+
+/// The SQLSTATE of an ErrorResponse.
+pub fn error_code(body: &[u8]) -> String {
+    error_field(body, b'C')
+}
+
+/// A field of an ErrorResponse (`C` SQLSTATE, `M` message, ...), empty when absent.
+pub fn error_field(body: &[u8], wanted: u8) -> String {
+    let mut i = 0;
+    while i < body.len() && body[i] != 0 {
+        let field = body[i];
+        let end = i + 1 + body[i + 1..].iter().position(|&b| b == 0).unwrap();
+        if field == wanted {
+            return String::from_utf8_lossy(&body[i + 1..end]).into_owned();
+        }
+        i = end + 1;
+    }
+    String::new()
 }
