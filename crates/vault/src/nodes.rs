@@ -12,7 +12,7 @@ use std::time::Duration;
 use kagi_core::KvError;
 use kagi_host::NodeCard;
 
-use crate::bootstrap::StartupError;
+use crate::StartupError;
 use crate::{Platform, internal};
 
 /// The store key of the nodes' documents.
