@@ -16,6 +16,7 @@ use crate::format::{
 };
 use crate::index::{Chunk, Entry, VolIndex, chunks_for};
 use crate::segment::{Segment, parse_segment_name, segment_path};
+use crate::ship::{LogObject, LogShip, Shipped, shipped_segments};
 use crate::{lock, read, write};
 
 /// Segments written between automatic checkpoints (bounds the replay at open to about
@@ -77,6 +78,13 @@ pub(crate) struct Inner {
     stripes: Vec<Mutex<()>>,
     failed: AtomicBool,
     _lockfile: File,
+    /// Shared storage the log is copied to (`crate::ship`), if any.
+    ship: Option<Arc<dyn LogShip>>,
+    /// What of each segment is in shared storage; held while a piece is shipped, so pieces
+    /// follow each other without gaps or overlaps.
+    shipped: Mutex<BTreeMap<u64, Shipped>>,
+    /// Checkpoints in shared storage (older ones are deleted once a newer one is there).
+    shipped_checkpoints: Mutex<Vec<u64>>,
 }
 
 /// A record being built: header space, then one slot per block (plaintext in the first
@@ -179,6 +187,7 @@ impl Inner {
         id: &str,
         keys: FamilyKeys,
         inner: bool,
+        ship: Option<Arc<dyn LogShip>>,
     ) -> Result<Arc<Inner>> {
         check_name(id)?;
         let dir = root.join(id);
@@ -214,6 +223,31 @@ impl Inner {
         };
         let bytes = encode_checkpoint(&empty, 1, &uid, &cipher);
         kagi_fs::write_atomically(&tmp.join("checkpoint"), &bytes, 0o600)?;
+        // In shared storage before it exists here: the header first, so a family whose
+        // objects exist already (another writer, or one not deleted) is refused.
+        if let Some(ship) = &ship {
+            let first = std::fs::read(segment_path(&tmp.join("segments"), 1))?;
+            let shipped = ship
+                .put_new(LogObject::Header, &header.encode())
+                .and_then(|()| {
+                    ship.put_new(
+                        LogObject::Piece {
+                            segment: 1,
+                            start: 0,
+                        },
+                        &first,
+                    )
+                })
+                .and_then(|()| ship.put_new(LogObject::Checkpoint(1), &bytes));
+            if let Err(e) = shipped {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    DiskError::AlreadyExists(format!("disk family {id} in shared storage"))
+                } else {
+                    e.into()
+                });
+            }
+        }
         std::fs::rename(&tmp, &dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists || e.raw_os_error() == Some(39) {
                 DiskError::AlreadyExists(format!("disk family {id}"))
@@ -222,18 +256,28 @@ impl Inner {
             }
         })?;
         kagi_fs::sync_dir(root)?;
-        Self::open_with(root, id, cipher)
+        Self::open_with(root, id, cipher, ship)
     }
 
     /// Opens an existing family with its keys.
-    pub(crate) fn open(root: &Path, id: &str, keys: FamilyKeys) -> Result<Arc<Inner>> {
+    pub(crate) fn open(
+        root: &Path,
+        id: &str,
+        keys: FamilyKeys,
+        ship: Option<Arc<dyn LogShip>>,
+    ) -> Result<Arc<Inner>> {
         check_name(id)?;
         let header = read_header(&root.join(id))?;
         let cipher = Cipher::new(keys, header.uid, header.inner_layer)?;
-        Self::open_with(root, id, cipher)
+        Self::open_with(root, id, cipher, ship)
     }
 
-    fn open_with(root: &Path, id: &str, cipher: Cipher) -> Result<Arc<Inner>> {
+    fn open_with(
+        root: &Path,
+        id: &str,
+        cipher: Cipher,
+        ship: Option<Arc<dyn LogShip>>,
+    ) -> Result<Arc<Inner>> {
         let dir = root.join(id);
         let seg_dir = dir.join("segments");
         let lockfile = lock_family_dir(&dir)?;
@@ -292,7 +336,21 @@ impl Inner {
             unsynced.push(seg.clone());
             segments.insert(no, seg);
         }
-        let next_seg = loaded.captured.next_seg.max(max_file + 1);
+        // What shared storage has: the next segment is above every one claimed there too.
+        let (shipped, shipped_checkpoints) = match &ship {
+            Some(s) => {
+                let listing = s.list()?;
+                let checkpoints = crate::ship::checkpoints(&listing).collect();
+                (shipped_segments(&listing), checkpoints)
+            }
+            None => Default::default(),
+        };
+        let max_shipped = shipped.keys().next_back().copied().unwrap_or(0);
+        let next_seg = loaded
+            .captured
+            .next_seg
+            .max(max_file + 1)
+            .max(max_shipped + 1);
         let next_seq = loaded.captured.next_seq.max(max_seq + 1);
         let cur = Arc::new(Segment::create(&seg_dir, next_seg, &header.uid, ct)?);
         segments.insert(next_seg, cur.clone());
@@ -320,7 +378,7 @@ impl Inner {
             volumes: RwLock::new(volumes),
             gate: RwLock::new(()),
             log: Mutex::new(Log {
-                cur,
+                cur: cur.clone(),
                 off: SEG_HEADER_LEN,
                 reserved: SEG_HEADER_LEN,
                 next_seg: next_seg + 1,
@@ -336,7 +394,11 @@ impl Inner {
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             failed: AtomicBool::new(false),
             _lockfile: lockfile,
+            ship,
+            shipped: Mutex::new(shipped),
+            shipped_checkpoints: Mutex::new(shipped_checkpoints),
         });
+        inner.claim(&cur).map_err(|e| inner.fail(e))?;
         // Make the replayed state the checkpoint: the torn tails are cut (sealed to the
         // replayed end) and never replayed again.
         let cipher = inner.cipher()?;
@@ -410,6 +472,7 @@ impl Inner {
             self.ct_len,
         )?);
         write(&self.segments).insert(no, seg.clone());
+        self.claim(&seg).map_err(|e| self.fail(e))?;
         let old = std::mem::replace(&mut log.cur, seg);
         log.unsynced.push(old.clone());
         log.off = SEG_HEADER_LEN;
@@ -503,7 +566,8 @@ impl Inner {
     /// Makes one record durable (FUA): everything before it in its segment is synced too.
     pub(crate) fn sync_record(&self, seg: &Segment, end: u64) -> Result<()> {
         self.check_ok()?;
-        seg.sync_to(end).map_err(|e| self.fail(e))
+        seg.sync_to(end).map_err(|e| self.fail(e))?;
+        self.ship_to(seg, end)
     }
 
     /// Makes durable every write acknowledged before the call, from every thread.
@@ -519,9 +583,105 @@ impl Inner {
         };
         for (s, end) in &segs {
             s.sync_to(*end).map_err(|e| self.fail(e))?;
+            self.ship_to(s, *end)?;
         }
         lock(&self.log).unsynced.retain(|s| !s.is_durable());
         Ok(())
+    }
+
+    // ----- shipping (`crate::ship`) -----
+
+    /// Claims a new segment in shared storage (its header), before any nonce of it is used:
+    /// a segment another writer claimed first is refused (`Busy`).
+    fn claim(&self, seg: &Segment) -> Result<()> {
+        let Some(ship) = &self.ship else {
+            return Ok(());
+        };
+        let mut shipped = lock(&self.shipped);
+        let mut header = vec![0u8; SEG_HEADER_LEN as usize];
+        seg.file.read_exact_at(&mut header, 0)?;
+        put_piece(ship.as_ref(), seg.no, 0, &header)?;
+        shipped.insert(
+            seg.no,
+            Shipped {
+                starts: vec![0],
+                end: SEG_HEADER_LEN,
+                fenced: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Copies what is durable of `seg` below `upto` (a record boundary) to shared storage,
+    /// if not there yet. A failure stops the family, as a failed fsync does: what the caller
+    /// is about to acknowledge would not be in shared storage.
+    fn ship_to(&self, seg: &Segment, upto: u64) -> Result<()> {
+        let Some(ship) = &self.ship else {
+            return Ok(());
+        };
+        let mut shipped = lock(&self.shipped);
+        let entry = shipped.entry(seg.no).or_default();
+        if entry.end >= upto {
+            return Ok(());
+        }
+        let start = entry.end;
+        let mut bytes = vec![0u8; (upto - start) as usize];
+        seg.file
+            .read_exact_at(&mut bytes, start)
+            .map_err(|e| self.fail(e.into()))?;
+        put_piece(ship.as_ref(), seg.no, start, &bytes).map_err(|e| self.fail(e))?;
+        entry.starts.push(start);
+        entry.end = upto;
+        Ok(())
+    }
+
+    /// Ships a durable checkpoint, then deletes the older ones (best effort: a newer one is
+    /// there, and an older one is never read while a newer one exists).
+    fn ship_checkpoint(&self, x: u64, bytes: &[u8]) -> Result<()> {
+        let Some(ship) = &self.ship else {
+            return Ok(());
+        };
+        let mut done = lock(&self.shipped_checkpoints);
+        match ship.put_new(LogObject::Checkpoint(x), bytes) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(self.fail(DiskError::Busy));
+            }
+            Err(e) => return Err(self.fail(e.into())),
+        }
+        let older: Vec<LogObject> = done
+            .iter()
+            .filter(|c| **c < x)
+            .map(|c| LogObject::Checkpoint(*c))
+            .collect();
+        if let Err(e) = ship.delete(&older) {
+            tracing::warn!(family = %self.id, error = %e, "older checkpoints not deleted from shared storage");
+        } else {
+            done.retain(|c| *c >= x);
+        }
+        done.push(x);
+        Ok(())
+    }
+
+    /// Deletes deleted segments' pieces from shared storage (after the checkpoint that no
+    /// longer needs them was shipped); failures are logged, the pieces are only garbage.
+    fn unship(&self, segments: &[u64]) {
+        let Some(ship) = &self.ship else {
+            return;
+        };
+        let mut shipped = lock(&self.shipped);
+        let mut doomed = Vec::new();
+        for no in segments {
+            if let Some(s) = shipped.remove(no) {
+                doomed.extend(s.starts.iter().map(|start| LogObject::Piece {
+                    segment: *no,
+                    start: *start,
+                }));
+            }
+        }
+        if let Err(e) = ship.delete(&doomed) {
+            tracing::warn!(family = %self.id, error = %e, "compacted segments not deleted from shared storage");
+        }
     }
 
     /// After a write that rotated segments: checkpoint when enough log has accumulated (if no
@@ -554,10 +714,12 @@ impl Inner {
             s.seal()
                 .and_then(|_| s.sync_all_reserved())
                 .map_err(|e| self.fail(e))?;
+            self.ship_to(s, s.end())?;
         }
         lock(&self.log).unsynced.retain(|s| !s.is_durable());
         let bytes = encode_checkpoint(&captured, x, &self.header.uid, cipher);
         kagi_fs::write_atomically(&self.dir.join("checkpoint"), &bytes, 0o600)?;
+        self.ship_checkpoint(x, &bytes)?;
         meta.ckpt_seg = x;
         Ok(captured)
     }
@@ -737,6 +899,7 @@ impl Inner {
         }
         if !dead.is_empty() {
             kagi_fs::sync_dir(&self.seg_dir)?;
+            self.unship(&dead.iter().map(|s| s.no).collect::<Vec<_>>());
         }
         Ok(report)
     }
@@ -878,6 +1041,16 @@ impl Drop for Inner {
         if let Err(e) = self.close() {
             tracing::warn!(family = %self.id, error = %e, "closing the disk family failed; the next open replays its log");
         }
+    }
+}
+
+/// Creates one piece of a segment in shared storage; one that exists already means another
+/// writer has the family (`Busy`).
+fn put_piece(ship: &dyn LogShip, segment: u64, start: u64, bytes: &[u8]) -> Result<()> {
+    match ship.put_new(LogObject::Piece { segment, start }, bytes) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(DiskError::Busy),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -33,6 +33,7 @@ mod family;
 mod format;
 mod index;
 mod segment;
+mod ship;
 mod volume;
 
 use std::collections::HashMap;
@@ -44,6 +45,7 @@ pub use crypto::FamilyKeys;
 pub use error::{DiskError, Result};
 pub use family::{FamilyStats, GcReport, VolumeStats};
 pub use format::BLOCK_SIZE;
+pub use ship::{LogObject, LogShip, ShipFactory};
 pub use volume::{Extent, ExtentKind, Volume};
 
 use family::Inner;
@@ -66,6 +68,8 @@ pub struct DiskStore {
     /// Families open in this process: a second open returns the same one (two logs writing
     /// one family would corrupt it; another process is kept out by a lock file).
     open: Mutex<HashMap<String, Weak<Inner>>>,
+    /// Shared storage each family's log is copied to (`ship`), if any.
+    ship: Option<ShipFactory>,
 }
 
 /// A disk, its snapshot or a disk made from one of its snapshots, as listed by
@@ -98,7 +102,89 @@ impl DiskStore {
         Ok(DiskStore {
             root,
             open: Mutex::new(HashMap::new()),
+            ship: None,
         })
+    }
+
+    /// Like [`DiskStore::open`], with every family's log copied to shared storage as it
+    /// becomes durable ([`LogShip`], made by `factory` per family): a family created here can
+    /// be opened by another process after [`DiskStore::fetch_family`]
+    /// (docs/DISK_FORMAT.md, "Shipping").
+    pub fn open_shipped(root: impl AsRef<Path>, factory: ShipFactory) -> Result<DiskStore> {
+        Ok(DiskStore {
+            ship: Some(factory),
+            ..DiskStore::open(root)?
+        })
+    }
+
+    fn ship_of(&self, id: &str) -> Option<Arc<dyn LogShip>> {
+        self.ship.as_ref().map(|f| f(id))
+    }
+
+    /// Replaces this store's copy of family `id` (if any) with the one in shared storage: its
+    /// header, newest checkpoint and every shipped segment. For a process taking a family
+    /// over from another that is gone; refused while the family is open here (`Busy`),
+    /// `NotFound` without shared storage or when it holds no such family.
+    pub fn fetch_family(&self, id: &str) -> Result<()> {
+        format::check_name(id)?;
+        let open = lock(&self.open);
+        if open.get(id).and_then(Weak::upgrade).is_some() {
+            return Err(DiskError::Busy);
+        }
+        let ship = self
+            .ship_of(id)
+            .ok_or_else(|| DiskError::NotFound(format!("disk family {id} in shared storage")))?;
+        let listing = fence(ship.as_ref())?;
+        let checkpoint = ship::checkpoints(&listing).max();
+        let (Some(x), true) = (
+            checkpoint,
+            listing.iter().any(|(o, _)| *o == LogObject::Header),
+        ) else {
+            return Err(DiskError::NotFound(format!(
+                "disk family {id} in shared storage"
+            )));
+        };
+        let tmp = self.root.join(format!(".{id}.creating"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(tmp.join("segments"))?;
+        let put = |path: &Path, bytes: &[u8]| kagi_fs::write_atomically(path, bytes, 0o600);
+        put(&tmp.join("family"), &ship.get(LogObject::Header)?)?;
+        put(
+            &tmp.join("checkpoint"),
+            &ship.get(LogObject::Checkpoint(x))?,
+        )?;
+        for (no, shipped) in ship::shipped_segments(&listing) {
+            let mut bytes = Vec::with_capacity(usize::try_from(shipped.end).unwrap_or(0));
+            for start in &shipped.starts {
+                let piece = ship.get(LogObject::Piece {
+                    segment: no,
+                    start: *start,
+                })?;
+                if bytes.len() as u64 != *start {
+                    return Err(DiskError::CorruptMeta {
+                        file: "shared storage",
+                        reason: format!(
+                            "segment {no}: a piece does not start where the last ended"
+                        ),
+                    });
+                }
+                bytes.extend_from_slice(&piece);
+            }
+            put(&segment::segment_path(&tmp.join("segments"), no), &bytes)?;
+        }
+        kagi_fs::sync_dir(&tmp.join("segments"))?;
+        // The stale copy goes first (renamed, so a crash never leaves half of either).
+        let dir = self.root.join(id);
+        if dir.exists() {
+            let _lock = family::lock_family_dir(&dir)?;
+            let doomed = self.root.join(format!(".{id}.deleting"));
+            std::fs::rename(&dir, &doomed)?;
+            std::fs::remove_dir_all(&doomed)?;
+        }
+        std::fs::rename(&tmp, &dir)?;
+        kagi_fs::sync_dir(&self.root)?;
+        drop(open);
+        Ok(())
     }
 
     /// The root directory.
@@ -113,7 +199,7 @@ impl DiskStore {
         if open.get(id).and_then(Weak::upgrade).is_some() {
             return Err(DiskError::AlreadyExists(format!("disk family {id}")));
         }
-        let fam = Inner::create(&self.root, id, keys, inner)?;
+        let fam = Inner::create(&self.root, id, keys, inner, self.ship_of(id))?;
         open.insert(id.to_string(), Arc::downgrade(&fam));
         Ok(Family { inner: fam })
     }
@@ -127,7 +213,7 @@ impl DiskStore {
             fam.unlock_keys(keys)?;
             return Ok(Family { inner: fam });
         }
-        let fam = Inner::open(&self.root, id, keys)?;
+        let fam = Inner::open(&self.root, id, keys, self.ship_of(id))?;
         open.insert(id.to_string(), Arc::downgrade(&fam));
         Ok(Family { inner: fam })
     }
@@ -168,6 +254,46 @@ impl DiskStore {
         std::fs::remove_dir_all(&doomed)?;
         Ok(())
     }
+}
+
+/// Lists a family's objects after fencing its previous writer off: an empty piece at the end
+/// of every segment it could still be appending to (those from the newest checkpoint on), so
+/// that each piece it ships from now on fails (its flush then fails: nothing it acknowledges
+/// afterwards is lost). A piece it shipped in between makes the fence fail; list again.
+fn fence(ship: &dyn LogShip) -> Result<Vec<(LogObject, u64)>> {
+    for _ in 0..50 {
+        let listing = ship.list()?;
+        let from = listing
+            .iter()
+            .filter_map(|(o, _)| match o {
+                LogObject::Checkpoint(x) => Some(*x),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        let mut raced = false;
+        for (no, s) in ship::shipped_segments(&listing) {
+            if no < from || s.fenced {
+                continue;
+            }
+            let at = LogObject::Piece {
+                segment: no,
+                start: s.end,
+            };
+            match ship.put_new(at, &[]) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => raced = true,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !raced {
+            // What the fences were put after: list once more, so the pieces counted are
+            // exactly those before them.
+            return Ok(ship.list()?);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Err(DiskError::Busy)
 }
 
 /// An open disk family. Cheap to clone; the last clone (with its volumes) closes it with a

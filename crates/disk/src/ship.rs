@@ -1,0 +1,369 @@
+//! Shipping a family's log to shared storage (docs/DISK_FORMAT.md, "Shipping"), so that
+//! another process — another kagi node — can open the family when this one is gone.
+//!
+//! The store stays a local log; what it made durable locally it also copies, before it
+//! acknowledges it, as immutable objects created with "create only if absent": the family
+//! header once, each segment's header when the segment is created (before any nonce of it is
+//! used: a segment number is claimed in shared storage, so two writers can never both use
+//! one), the bytes of a segment each flush made durable, and each checkpoint. A second writer
+//! therefore fails on its first conflicting object instead of writing over the first one.
+//! [`crate::DiskStore::fetch_family`] rebuilds the family's directory from the objects.
+
+use std::sync::Arc;
+
+/// One object of a family in shared storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LogObject {
+    /// The family header (`family`).
+    Header,
+    /// The checkpoint whose replay starts at this segment.
+    Checkpoint(u64),
+    /// Bytes of a segment from `start` (whole records; the first piece starts at 0 with the
+    /// segment header).
+    Piece {
+        /// The segment.
+        segment: u64,
+        /// The offset of the piece's first byte in the segment.
+        start: u64,
+    },
+}
+
+/// Shared storage for one family's objects (an S3 prefix, say). Blocking calls: the store
+/// calls them from the threads that write the family.
+pub trait LogShip: Send + Sync + std::fmt::Debug {
+    /// Creates `object` with `bytes`, only if it does not exist: an error of kind
+    /// `AlreadyExists` if it does.
+    fn put_new(&self, object: LogObject, bytes: &[u8]) -> std::io::Result<()>;
+
+    /// Every object of the family, with its length.
+    fn list(&self) -> std::io::Result<Vec<(LogObject, u64)>>;
+
+    /// The bytes of `object`.
+    fn get(&self, object: LogObject) -> std::io::Result<Vec<u8>>;
+
+    /// Deletes objects (absent ones are no error).
+    fn delete(&self, objects: &[LogObject]) -> std::io::Result<()>;
+}
+
+/// The checkpoints in a listing of a family's objects.
+pub(crate) fn checkpoints(listing: &[(LogObject, u64)]) -> impl Iterator<Item = u64> + '_ {
+    listing.iter().filter_map(|(o, _)| match o {
+        LogObject::Checkpoint(x) => Some(*x),
+        _ => None,
+    })
+}
+
+/// Makes the [`LogShip`] of a family, by family id.
+pub type ShipFactory = Arc<dyn Fn(&str) -> Arc<dyn LogShip> + Send + Sync>;
+
+/// What the family shipped of a segment: the pieces' starts and where the next one starts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Shipped {
+    pub(crate) starts: Vec<u64>,
+    pub(crate) end: u64,
+    /// An empty piece at `end`: a process that took the family over closed the segment, so
+    /// its previous writer can ship nothing more to it (`crate::DiskStore::fetch_family`).
+    pub(crate) fenced: bool,
+}
+
+/// The contiguous pieces of each segment in a listing (from offset 0; a piece after a gap is
+/// ignored: its bytes could not be replayed in order).
+pub(crate) fn shipped_segments(
+    listing: &[(LogObject, u64)],
+) -> std::collections::BTreeMap<u64, Shipped> {
+    let mut pieces: std::collections::BTreeMap<u64, Vec<(u64, u64)>> = Default::default();
+    for (o, len) in listing {
+        if let LogObject::Piece { segment, start } = o {
+            pieces.entry(*segment).or_default().push((*start, *len));
+        }
+    }
+    pieces
+        .into_iter()
+        .map(|(no, mut ps)| {
+            ps.sort_unstable();
+            let mut s = Shipped::default();
+            for (start, len) in ps {
+                if start != s.end || s.fenced {
+                    break;
+                }
+                s.starts.push(start);
+                s.end = start + len;
+                s.fenced = len == 0;
+            }
+            (no, s)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! A [`LogShip`] in a directory, for tests; can be told to fail.
+
+    use super::*;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[derive(Debug)]
+    pub(crate) struct DirShip {
+        pub(crate) dir: PathBuf,
+        pub(crate) fail: AtomicBool,
+    }
+
+    impl DirShip {
+        pub(crate) fn new(dir: PathBuf) -> Arc<DirShip> {
+            std::fs::create_dir_all(&dir).unwrap();
+            Arc::new(DirShip {
+                dir,
+                fail: AtomicBool::new(false),
+            })
+        }
+
+        fn name(o: LogObject) -> String {
+            match o {
+                LogObject::Header => "family".into(),
+                LogObject::Checkpoint(x) => format!("checkpoint-{x:016x}"),
+                LogObject::Piece { segment, start } => format!("piece-{segment:016x}-{start:016x}"),
+            }
+        }
+
+        fn parse(name: &str) -> Option<LogObject> {
+            if name == "family" {
+                return Some(LogObject::Header);
+            }
+            if let Some(x) = name.strip_prefix("checkpoint-") {
+                return u64::from_str_radix(x, 16).ok().map(LogObject::Checkpoint);
+            }
+            let (seg, start) = name.strip_prefix("piece-")?.split_once('-')?;
+            Some(LogObject::Piece {
+                segment: u64::from_str_radix(seg, 16).ok()?,
+                start: u64::from_str_radix(start, 16).ok()?,
+            })
+        }
+
+        fn check(&self) -> std::io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("shared storage unreachable"));
+            }
+            Ok(())
+        }
+    }
+
+    impl LogShip for DirShip {
+        fn put_new(&self, object: LogObject, bytes: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            let path = self.dir.join(Self::name(object));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)?;
+            std::io::Write::write_all(&mut f, bytes)
+        }
+
+        fn list(&self) -> std::io::Result<Vec<(LogObject, u64)>> {
+            self.check()?;
+            let mut out = Vec::new();
+            for e in std::fs::read_dir(&self.dir)? {
+                let e = e?;
+                if let Some(o) = e.file_name().to_str().and_then(Self::parse) {
+                    out.push((o, e.metadata()?.len()));
+                }
+            }
+            Ok(out)
+        }
+
+        fn get(&self, object: LogObject) -> std::io::Result<Vec<u8>> {
+            self.check()?;
+            std::fs::read(self.dir.join(Self::name(object)))
+        }
+
+        fn delete(&self, objects: &[LogObject]) -> std::io::Result<()> {
+            self.check()?;
+            for o in objects {
+                match std::fs::remove_file(self.dir.join(Self::name(*o))) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_count_from_the_start_and_stop_at_a_gap() {
+        let p = |segment, start| LogObject::Piece { segment, start };
+        let listing = vec![
+            (p(3, 64), 100),
+            (p(3, 0), 64),
+            (p(3, 400), 10), // after a gap: not replayable
+            (p(4, 0), 64),
+            (LogObject::Header, 136),
+            (LogObject::Checkpoint(3), 500),
+        ];
+        let s = shipped_segments(&listing);
+        assert_eq!(
+            s[&3],
+            Shipped {
+                starts: vec![0, 64],
+                end: 164,
+                fenced: false
+            }
+        );
+        assert_eq!(
+            s[&4],
+            Shipped {
+                starts: vec![0],
+                end: 64,
+                fenced: false
+            }
+        );
+        assert_eq!(s.len(), 2);
+        let fenced = vec![(p(5, 0), 64), (p(5, 64), 0), (p(5, 65), 9)];
+        assert_eq!(
+            shipped_segments(&fenced)[&5],
+            Shipped {
+                starts: vec![0, 64],
+                end: 64,
+                fenced: true
+            }
+        );
+    }
+
+    /// Two stores (two processes' data directories) on one shared storage.
+    fn two_stores() -> (
+        tempfile::TempDir,
+        crate::DiskStore,
+        crate::DiskStore,
+        Arc<testing::DirShip>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = testing::DirShip::new(dir.path().join("shared"));
+        let factory = |ship: Arc<testing::DirShip>| -> ShipFactory {
+            Arc::new(move |_id: &str| ship.clone() as Arc<dyn LogShip>)
+        };
+        let a =
+            crate::DiskStore::open_shipped(dir.path().join("a"), factory(shared.clone())).unwrap();
+        let b =
+            crate::DiskStore::open_shipped(dir.path().join("b"), factory(shared.clone())).unwrap();
+        (dir, a, b, shared)
+    }
+
+    fn keys() -> crate::FamilyKeys {
+        crate::FamilyKeys::new(zeroize::Zeroizing::new([7u8; 32]))
+    }
+
+    fn data(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn what_a_flush_acknowledged_is_served_by_the_process_that_takes_the_family_over() {
+        let (_d, a, b, shared) = two_stores();
+        let fam = a.create_family("f1", keys(), false).unwrap();
+        let vol = fam.create_volume("disk", 16 << 20).unwrap();
+        vol.write(0, &data(1, 1 << 20), false).unwrap();
+        vol.flush().unwrap();
+        fam.snapshot("disk", "snap").unwrap();
+        vol.write(1 << 20, &data(2, 8192), true).unwrap(); // FUA
+        // Not flushed: never acknowledged as durable, so it may be lost; never half of it.
+        vol.write(2 << 20, &data(3, 4096), false).unwrap();
+        // Process A is gone without closing (its handles leak: no checkpoint at close).
+        std::mem::forget(vol);
+        std::mem::forget(fam);
+        // The objects are ciphertext: no plaintext block in shared storage.
+        let needle = data(1, 1 << 20)[4096..4160].to_vec();
+        for e in std::fs::read_dir(&shared.dir).unwrap() {
+            let bytes = std::fs::read(e.unwrap().path()).unwrap();
+            assert!(!bytes.windows(64).any(|w| w == needle.as_slice()));
+        }
+        b.fetch_family("f1").unwrap();
+        let fam_b = b.open_family("f1", keys()).unwrap();
+        let vol_b = fam_b.volume("disk").unwrap();
+        assert_eq!(vol_b.read_vec(0, 1 << 20).unwrap(), data(1, 1 << 20));
+        assert_eq!(vol_b.read_vec(1 << 20, 8192).unwrap(), data(2, 8192));
+        let unflushed = vol_b.read_vec(2 << 20, 4096).unwrap();
+        assert!(unflushed == data(3, 4096) || unflushed == vec![0; 4096]);
+        let snap = fam_b.volume("snap").unwrap();
+        assert_eq!(snap.read_vec(0, 1 << 20).unwrap(), data(1, 1 << 20));
+        // B writes on; a third process would see B's writes.
+        vol_b.write(4 << 20, &data(4, 4096), true).unwrap();
+        drop(vol_b);
+        drop(snap);
+        drop(fam_b);
+        a.fetch_family("f1").unwrap_err(); // A still has its copy open (leaked): refused
+    }
+
+    #[test]
+    fn the_previous_writer_cannot_acknowledge_anything_after_a_takeover() {
+        let (_d, a, b, _shared) = two_stores();
+        let fam = a.create_family("f2", keys(), false).unwrap();
+        let vol = fam.create_volume("disk", 16 << 20).unwrap();
+        vol.write(0, &data(5, 65536), true).unwrap();
+        // B takes over while A still runs (A was thought gone: a partition, a pause).
+        b.fetch_family("f2").unwrap();
+        let fam_b = b.open_family("f2", keys()).unwrap();
+        // A's next acknowledgement needs shared storage, which refuses it: the write may have
+        // reached A's own disk, but it fails, so nothing acknowledged is missing from B.
+        vol.write(65536, &data(6, 4096), false).unwrap();
+        assert!(matches!(vol.flush(), Err(crate::DiskError::Busy)));
+        assert!(vol.write(0, &data(7, 4096), true).is_err());
+        let vol_b = fam_b.volume("disk").unwrap();
+        assert_eq!(vol_b.read_vec(0, 65536).unwrap(), data(5, 65536));
+        vol_b.write(0, &data(8, 4096), true).unwrap();
+    }
+
+    #[test]
+    fn a_flush_that_cannot_reach_shared_storage_fails_and_stops_the_family() {
+        let (_d, a, _b, shared) = two_stores();
+        let fam = a.create_family("f3", keys(), false).unwrap();
+        let vol = fam.create_volume("disk", 4 << 20).unwrap();
+        vol.write(0, &data(9, 4096), false).unwrap();
+        shared.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(vol.flush().is_err());
+        shared
+            .fail
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        // As after a failed fsync: refused until reopened.
+        assert!(matches!(
+            vol.write(0, &data(9, 4096), true),
+            Err(crate::DiskError::Failed)
+        ));
+    }
+
+    #[test]
+    fn compaction_deletes_the_shipped_pieces_of_the_segments_it_deletes() {
+        let (_d, a, b, shared) = two_stores();
+        let fam = a.create_family("f4", keys(), false).unwrap();
+        let vol = fam.create_volume("disk", 64 << 20).unwrap();
+        for round in 0..3u8 {
+            vol.write(0, &data(round, 4 << 20), false).unwrap();
+            fam.checkpoint().unwrap();
+        }
+        let before = shared.list().unwrap().len();
+        let report = fam.gc(0.5).unwrap();
+        assert!(report.segments_deleted > 0, "{report:?}");
+        let after = shared.list().unwrap();
+        assert!(after.len() < before, "{before} -> {}", after.len());
+        assert_eq!(
+            after
+                .iter()
+                .filter(|(o, _)| matches!(o, LogObject::Checkpoint(_)))
+                .count(),
+            1
+        );
+        drop(vol);
+        drop(fam);
+        b.fetch_family("f4").unwrap();
+        let fam_b = b.open_family("f4", keys()).unwrap();
+        assert_eq!(
+            fam_b.volume("disk").unwrap().read_vec(0, 4 << 20).unwrap(),
+            data(2, 4 << 20)
+        );
+    }
+}
