@@ -298,6 +298,30 @@ impl ResourceProvider for BackupService {
         .await
     }
 
+    /// A vault that still protects items or has backup agents registered (what its `DELETE`
+    /// refuses).
+    async fn check_delete(
+        self: Arc<Self>,
+        caller: &Principal,
+        id: &str,
+        deleting: &[String],
+    ) -> Result<(), KvError> {
+        let _ = deleting;
+        self.ready(self.host.as_ref()).await?;
+        let segs: Vec<&str> = id.trim_matches('/').split('/').collect();
+        let [_, sub, _, rg, _, _, _, name] = segs.as_slice() else {
+            return Ok(());
+        };
+        if self
+            .host
+            .get_resource(caller, resource::vault_ref(sub, rg, name))
+            .is_err()
+        {
+            return Ok(());
+        }
+        self.delete_refusal(self.host.as_ref(), sub, rg, name).await
+    }
+
     fn trusted_for_vault_firewall(&self) -> bool {
         true
     }

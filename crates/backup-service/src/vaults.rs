@@ -477,19 +477,15 @@ impl BackupService {
         self.keys.validate(p, &req).await
     }
 
-    pub(crate) async fn delete_vault(
+    /// Why vault `name` may not be deleted now (409): it still protects items, or backup
+    /// agents are registered to it. Its `DELETE` and a resource group's deletion ask.
+    pub(crate) async fn delete_refusal(
         &self,
         p: &dyn ServiceHost,
-        caller: &Principal,
         sub: &str,
         rg: &str,
         name: &str,
-    ) -> Result<(u16, Value), KvError> {
-        let dir = vault_dir(&self.data_dir, sub, rg, name);
-        let _g = self.lock_vault(&dir).await?;
-        if p.get_resource(caller, vault_ref(sub, rg, name)).is_err() {
-            return Ok((204, Value::Null));
-        }
+    ) -> Result<(), KvError> {
         if let Some(s) = VaultState::load(p, &vault_id(sub, rg, name)).await?
             && !s.items.is_empty()
         {
@@ -510,6 +506,23 @@ impl BackupService {
             ))
             .with_inner("VaultHasRegisteredAgents"));
         }
+        Ok(())
+    }
+
+    pub(crate) async fn delete_vault(
+        &self,
+        p: &dyn ServiceHost,
+        caller: &Principal,
+        sub: &str,
+        rg: &str,
+        name: &str,
+    ) -> Result<(u16, Value), KvError> {
+        let dir = vault_dir(&self.data_dir, sub, rg, name);
+        let _g = self.lock_vault(&dir).await?;
+        if p.get_resource(caller, vault_ref(sub, rg, name)).is_err() {
+            return Ok((204, Value::Null));
+        }
+        self.delete_refusal(p, sub, rg, name).await?;
         // Its documents and activity log go in the store transaction that deletes it; its
         // blobs after.
         let status = p.delete_resource(caller, vault_ref(sub, rg, name)).await?;

@@ -123,11 +123,12 @@ pub static MANAGEMENT: &[Route] = &[
     // ARM: subscriptions, resources, resource groups, moves.
     Route::arm("GET", "/subscriptions", "Microsoft.Resources/subscriptions/read", "The subscriptions the caller can read."),
     Route::arm("GET", "/subscriptions/{subscriptionId}/resources", "Microsoft.Resources/subscriptions/resources/read", "The resources of a subscription.").params(FILTER),
-    Route::arm("GET", "/subscriptions/{subscriptionId}/operationResults/{operationId}", "Microsoft.Resources/subscriptions/operationResults/read", "The outcome of a move (204 when it succeeded)."),
+    Route::arm("GET", "/subscriptions/{subscriptionId}/operationResults/{operationId}", "Microsoft.Resources/subscriptions/operationResults/read", "The outcome of a move (204 when it succeeded) or of a resource group deletion (200 when it succeeded, the error when it failed half-way)."),
     Route::arm("GET", "/subscriptions/{subscriptionId}/resourceGroups", "Microsoft.Resources/subscriptions/resourceGroups/read", "The resource groups of a subscription.").params(FILTER),
     Route::arm("PUT", "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}", "Microsoft.Resources/subscriptions/resourceGroups/write", "Creates or updates a resource group."),
     Route::arm("GET", "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}", "Microsoft.Resources/subscriptions/resourceGroups/read", "A resource group."),
     Route::arm("HEAD", "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}", "Microsoft.Resources/subscriptions/resourceGroups/read", "Whether a resource group exists (204 or 404)."),
+    Route::arm("DELETE", "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}", "Microsoft.Resources/subscriptions/resourceGroups/delete", "Deletes a resource group and every resource in it, all or nothing as far as anything refuses (202, then its Location)."),
     Route::arm("GET", "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/resources", "Microsoft.Resources/subscriptions/resourceGroups/resources/read", "The resources of a resource group.").params(FILTER),
     Route::arm("POST", "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/moveResources", "Microsoft.Resources/subscriptions/resourceGroups/moveResources/action", "Moves resources to another resource group (202, then its Location).").body(RequestBody::Json),
     Route::arm("POST", "/subscriptions/{subscriptionId}/resourceGroups/{resourceGroupName}/validateMoveResources", "Microsoft.Resources/subscriptions/resourceGroups/validateMoveResources/action", "Checks a move without moving anything.").body(RequestBody::Json),

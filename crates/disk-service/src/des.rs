@@ -367,10 +367,19 @@ impl DiskService {
             return Ok((204, Value::Null));
         };
         let p = self.host.as_ref();
+        self.set_in_use(&id, name, &[])?;
+        let st = p.delete_resource(caller, at).await?;
+        Ok((st, Value::Null))
+    }
+
+    /// Why set `name` (id `id`) may not be deleted now: disks, snapshots or images use it,
+    /// other than those of `deleting` (lower-case ids deleted with it).
+    fn set_in_use(&self, id: &str, name: &str, deleting: &[String]) -> Result<(), KvError> {
         let used: Vec<String> = self
-            .disks_of(&id)
+            .disks_of(id)
             .iter()
             .filter_map(|d| d["id"].as_str().map(str::to_string))
+            .filter(|d| !deleting.contains(&d.to_ascii_lowercase()))
             .collect();
         if !used.is_empty() {
             return Err(KvError::conflict(format!(
@@ -381,8 +390,32 @@ impl DiskService {
             ))
             .with_inner("DiskEncryptionSetInUse"));
         }
-        let st = p.delete_resource(caller, at).await?;
-        Ok((st, Value::Null))
+        Ok(())
+    }
+
+    /// What the `DELETE` of resource `id` (a set, disk, snapshot or image) would refuse when a
+    /// resource group's deletion deletes it with `deleting` (lower-case ids): a set used by
+    /// anything else, a disk or snapshot with an access open.
+    pub(crate) async fn delete_refusal(
+        &self,
+        id: &str,
+        deleting: &[String],
+    ) -> Result<(), KvError> {
+        let Some(body) = self.host.resource(id) else {
+            return Ok(());
+        };
+        let id = body["id"].as_str().unwrap_or(id);
+        let name = body["name"].as_str().unwrap_or_default();
+        let ty = body["type"].as_str().unwrap_or_default();
+        if ty.eq_ignore_ascii_case(DES_TYPE) {
+            self.set_in_use(id, name, deleting)
+        } else if ty.eq_ignore_ascii_case(DISK_TYPE) {
+            self.access_refusal(id, "disk", name).await
+        } else if ty.eq_ignore_ascii_case(crate::SNAPSHOT_TYPE) {
+            self.access_refusal(id, "snapshot", name).await
+        } else {
+            Ok(())
+        }
     }
 
     /// `GET {des}/associatedResources`.

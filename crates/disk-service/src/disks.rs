@@ -637,6 +637,25 @@ impl DiskService {
         body
     }
 
+    /// Why the {noun} `name` (id `id`) may not be deleted now: an access is open (its
+    /// `DELETE` and a resource group's deletion ask).
+    pub(crate) async fn access_refusal(
+        &self,
+        id: &str,
+        noun: &str,
+        name: &str,
+    ) -> Result<(), KvError> {
+        self.expire_accesses().await;
+        if self.access_open(id) {
+            return Err(KvError::conflict(format!(
+                "The {noun} '{name}' has an active access: end it (endGetAccess) before deleting \
+                 it."
+            ))
+            .with_inner("OperationNotAllowed"));
+        }
+        Ok(())
+    }
+
     /// `DELETE {disk}` and `DELETE {snapshot}` (`noun`): refused while an access is open.
     pub(crate) async fn delete_data(
         &self,
@@ -648,14 +667,7 @@ impl DiskService {
         let Some((id, _g, body)) = self.begin_delete(caller, at).await else {
             return Ok((204, Value::Null));
         };
-        self.expire_accesses().await;
-        if self.access_open(&id) {
-            return Err(KvError::conflict(format!(
-                "The {noun} '{name}' has an active access: end it (endGetAccess) before deleting \
-                 it."
-            ))
-            .with_inner("OperationNotAllowed"));
-        }
+        self.access_refusal(&id, noun, name).await?;
         // Opened before its keys go, to remove its blocks; with a revoked key they stay,
         // unreadable (the only wrapped copies of their key went with the resource).
         let rt = self.runtime(&body).await.ok();

@@ -430,6 +430,16 @@ impl ResourceProvider for DiskService {
         self.request_home(req).await
     }
 
+    /// What its `DELETE` refuses (a set used outside the group's deletion, an open access).
+    async fn check_delete(
+        self: Arc<Self>,
+        _caller: &Principal,
+        id: &str,
+        deleting: &[String],
+    ) -> Result<(), KvError> {
+        self.delete_refusal(id, deleting).await
+    }
+
     fn trusted_for_vault_firewall(&self) -> bool {
         true
     }

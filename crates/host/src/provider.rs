@@ -1,5 +1,6 @@
 //! What a storage service offers the platform: the [`ResourceProvider`] trait, through which
-//! the HTTP layer hands it the ARM requests of its namespace, the moves of its resources, the
+//! the HTTP layer hands it the ARM requests of its namespace, the moves of its resources, asks it
+//! whether it would refuse a delete (a resource group's deletion is all or nothing), the
 //! requests of its agents (if it has any), and asks it for its route table (which requests it
 //! serves and how the audit log names them) and whether its resources' identities are trusted
 //! by vault firewalls. The server registers its providers at start; no router names a
@@ -242,6 +243,23 @@ pub trait ResourceProvider: Send + Sync + std::fmt::Debug {
     ) -> Result<Value> {
         let _ = caller;
         Err(move_not_supported(to.id))
+    }
+
+    /// Whether it would refuse to delete resource `id` (one of its types) when a resource
+    /// group's deletion deletes it together with `deleting` (the lower-case ids of every
+    /// resource the group's deletion deletes, `id` among them): the refusal its own `DELETE`
+    /// would answer (a 409 with an inner code), so that a group is deleted all or nothing.
+    /// A reason that only another resource of `deleting` causes is no reason (a disk
+    /// encryption set used only by disks deleted with it). Nothing changes. Default: no
+    /// objection.
+    async fn check_delete(
+        self: Arc<Self>,
+        caller: &Principal,
+        id: &str,
+        deleting: &[String],
+    ) -> Result<()> {
+        let _ = (caller, id, deleting);
+        Ok(())
     }
 
     /// Every route it serves — its ARM routes under its namespace and its agents' routes

@@ -153,7 +153,7 @@ pub(crate) async fn handle(platform: Arc<Platform>, req: Request<Body>) -> Respo
     }
     if let Some(r) = crate::move_routes::arm(
         &platform,
-        &parts.extensions,
+        &parts,
         &caller,
         &parts.method,
         &segs,

@@ -5,7 +5,8 @@
 //! |---|---|
 //! | `POST /subscriptions/{s}/resourceGroups/{g}/moveResources?api-version=…` `{"resources": [ids], "targetResourceGroup": "/subscriptions/{s2}/resourceGroups/{g2}"}` | moves; 202 with `Location` |
 //! | `POST /subscriptions/{s}/resourceGroups/{g}/validateMoveResources?api-version=…` (same body) | the same checks, nothing moves; 202 with `Location` |
-//! | `GET /subscriptions/{s}/operationresults/{id}?api-version=…` | the outcome: 204 |
+//! | `GET /subscriptions/{s}/operationresults/{id}?api-version=…` | the outcome: 204 (a group deletion's: 200, `crate::operations`) |
+//! | `DELETE /subscriptions/{s}/resourceGroups/{g}?api-version=…` | deletes the group and what it holds; 202 with `Location` (`crate::group_delete`) |
 //! | `PUT /kagi/admin/subscriptions/{id}` `{"tenantId"?}` | creates a subscription (201; 200 when it exists) |
 //! | `GET /kagi/admin/subscriptions[/{id}]` | every subscription with its tenant |
 //! | `POST /kagi/admin/subscriptions/{id}/changeDirectory` `{"tenantId"}` | moves a subscription to another tenant |
@@ -15,11 +16,9 @@
 //! **The long-running shape.** Azure answers both POSTs with 202 and a `Location` to poll
 //! until it answers 204 (success) or an error. kagi does the work before answering — a move is
 //! one store transaction and one `rename` — and answers 202 only once it has succeeded, with a
-//! `Location` that answers 204 at once (`Retry-After: 1`), so Azure's pollers
-//! (`az resource move`, `begin_move_resources(…).result()`) work unchanged, and a refusal is
-//! the immediate error of the POST itself, with nothing changed. Operation results are kept in
-//! memory (the last 1024): after a restart a `Location` answers 404, and the move it names had
-//! completed before it was handed out.
+//! `Location` that answers 204 at once (`Retry-After: 1`, `crate::operations`), so Azure's
+//! pollers (`az resource move`, `begin_move_resources(…).result()`) work unchanged, and a
+//! refusal is the immediate error of the POST itself, with nothing changed.
 //!
 //! **What moves.** Every resource must be in the source group of the URL; the target must be
 //! another group, in a subscription of the same tenant. Key vaults (`Microsoft.KeyVault/vaults`)
@@ -35,42 +34,22 @@
 //! resource is validated before any moves; if one of several then fails to move, those already
 //! moved are moved back.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderValue, Method, Response, header};
+use axum::http::{Method, Response};
 use kagi_core::{ErrorCode, KvError};
 use kagi_host::MoveRequest;
 use kagi_vault::{Platform, Principal};
 use serde_json::{Value, json};
 
 use crate::Services;
+use crate::operations::{Outcome, accepted};
 use crate::respond::{self, parse_json};
 
 /// ARM's limit on resources in one move request.
 const MAX_RESOURCES: usize = 800;
-/// Operation results kept in memory.
-const KEPT_RESULTS: usize = 1024;
-
-/// Finished moves by operation id (lower-case), with their subscription, oldest first.
-static RESULTS: Mutex<VecDeque<(String, String)>> = Mutex::new(VecDeque::new());
-
-fn remember(op: &str, sub: &str) {
-    let mut r = RESULTS.lock().unwrap_or_else(|p| p.into_inner());
-    if r.len() >= KEPT_RESULTS {
-        r.pop_front();
-    }
-    r.push_back((op.to_string(), sub.to_ascii_lowercase()));
-}
-
-fn known(op: &str, sub: &str) -> bool {
-    RESULTS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .any(|(o, s)| o.eq_ignore_ascii_case(op) && s.eq_ignore_ascii_case(sub))
-}
 
 fn bad(inner: &'static str, message: impl Into<String>) -> KvError {
     KvError::new(ErrorCode::BadRequest, message).with_inner(inner)
@@ -277,33 +256,14 @@ async fn move_one(
     }
 }
 
-/// The long-running answer: 202 with `Location` (and `Retry-After`) naming a result that
-/// answers 204.
-fn accepted(p: &Platform, sub: &str, api_version: &str) -> Result<Response<Body>, KvError> {
-    let op = kagi_core::ids::uuid_v4(kagi_crypto::random_array().map_err(|_| KvError::internal())?);
-    remember(&op, sub);
-    let location = format!(
-        "{}/subscriptions/{sub}/operationresults/{op}?api-version={}",
-        p.config().authority(),
-        form_urlencoded::byte_serialize(api_version.as_bytes()).collect::<String>()
-    );
-    let mut r = respond::empty(202);
-    let h = r.headers_mut();
-    h.insert(
-        header::LOCATION,
-        HeaderValue::from_str(&location).map_err(|_| KvError::internal())?,
-    );
-    h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    Ok(r)
-}
-
-/// `moveResources`, `validateMoveResources` and `operationresults` (after the api-version
-/// check; storage services' resources moved by their providers in the request's
-/// `extensions`). `None` when the path is none of them.
+/// `moveResources`, `validateMoveResources`, a resource group's `DELETE` and
+/// `operationresults` (after the api-version check; storage services' resources moved or
+/// deleted by their providers in the request's `extensions`). `None` when the path is none
+/// of them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn arm(
     p: &Arc<Platform>,
-    extensions: &axum::http::Extensions,
+    parts: &axum::http::request::Parts,
     caller: &Principal,
     method: &Method,
     segs: &[&str],
@@ -321,23 +281,12 @@ pub(crate) async fn arm(
             "validatemoveresources",
         ] => true,
         ["subscriptions", _, "operationresults", _] => {
-            return Some(if *method != Method::GET {
-                respond::error(&KvError::new(
-                    ErrorCode::MethodNotAllowed,
-                    format!("The method {method} is not allowed on this resource."),
-                ))
-            } else if known(segs[3], segs[1]) {
-                respond::empty(204)
-            } else {
-                respond::error(
-                    &KvError::new(
-                        ErrorCode::NotFound,
-                        "No such operation (kagi keeps the results of moves in memory; a move \
-                         whose Location was handed out had already completed).",
-                    )
-                    .with_inner("OperationNotFound"),
-                )
-            });
+            return Some(crate::operations::answer(p, parts, segs[1], segs[3]).await);
+        }
+        ["subscriptions", _, "resourcegroups", _] if *method == Method::DELETE => {
+            return Some(
+                crate::group_delete::delete(p, parts, caller, segs[1], segs[3], api_version).await,
+            );
         }
         _ => return None,
     };
@@ -349,7 +298,11 @@ pub(crate) async fn arm(
     }
     let movers = Movers {
         p,
-        services: extensions.get::<Services>().cloned().unwrap_or_default(),
+        services: parts
+            .extensions
+            .get::<Services>()
+            .cloned()
+            .unwrap_or_default(),
     };
     Some(
         match moves(
@@ -392,7 +345,7 @@ async fn moves(
         }
     }
     if validate {
-        return accepted(m.p, source_sub, api_version);
+        return accepted(m.p, source_sub, api_version, Outcome::Moved);
     }
     let mut done: Vec<(Item, String)> = Vec::new();
     for item in &req.items {
@@ -420,7 +373,7 @@ async fn moves(
             }
         }
     }
-    accepted(m.p, source_sub, api_version)
+    accepted(m.p, source_sub, api_version, Outcome::Moved)
 }
 
 /// `/kagi/admin/subscriptions…` (no api-version). `None` when the path is not one of them.
@@ -535,13 +488,5 @@ mod tests {
             inner(json!({"resources": [uami], "targetResourceGroup": target})),
             Some("ResourceMoveNotSupported")
         );
-    }
-
-    #[test]
-    fn operation_results_are_remembered_per_subscription() {
-        remember("op-1", SUB);
-        assert!(known("OP-1", SUB));
-        assert!(!known("op-1", "00000000-0000-4000-8000-000000000002"));
-        assert!(!known("op-2", SUB));
     }
 }

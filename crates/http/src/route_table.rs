@@ -163,6 +163,11 @@ mod tests {
                 "Microsoft.Resources/subscriptions/resourceGroups/write",
             ),
             (
+                "DELETE",
+                "/subscriptions/s/resourceGroups/rg",
+                "Microsoft.Resources/subscriptions/resourceGroups/delete",
+            ),
+            (
                 "PUT",
                 identity,
                 "Microsoft.ManagedIdentity/userAssignedIdentities/write",
@@ -206,6 +211,6 @@ mod tests {
         let miss = find_management(None, "DELETE", &management_segments("/subscriptions"));
         assert_eq!(miss.unwrap_err(), RouteMiss::MethodNotAllowed);
         let group = management_segments("/subscriptions/s/resourceGroups/g");
-        assert_eq!(allowed_management(None, &group), "PUT, GET, HEAD");
+        assert_eq!(allowed_management(None, &group), "PUT, GET, HEAD, DELETE");
     }
 }

@@ -62,6 +62,7 @@ macro_rules! store_contract {
             meta_is_first_writer_wins,
             subscriptions_are_idempotent_and_listed_by_id,
             resource_groups_are_upserted_and_read_case_insensitively,
+            a_resource_group_is_deleted_only_when_empty_with_its_assignments,
             principals_round_trip_and_a_duplicate_client_id_conflicts,
             vaults_are_upserted_and_listed_by_name,
             inserting_a_vault_conflicts_when_the_name_exists,
@@ -350,6 +351,131 @@ pub async fn resource_groups_are_upserted_and_read_case_insensitively(s: &dyn St
     s.put_resource_group(&b, 3).await.unwrap();
     assert_eq!(s.list_resource_groups(SUB).await.unwrap(), vec![b, rg]);
     assert!(s.list_resource_groups("other").await.unwrap().is_empty());
+}
+
+/// `delete_resource_group` (name compared case-insensitively) is `false` for an unknown
+/// group; it refuses (`Conflict`, nothing changed) while a live vault, a resource, a monitor
+/// resource or a lock at or below the group remains — a soft-deleted vault does not hold it;
+/// otherwise it deletes the group with the role and policy assignments at or below its scope
+/// (not those of a group whose name only starts the same, nor those above it).
+pub async fn a_resource_group_is_deleted_only_when_empty_with_its_assignments(s: &dyn Store) {
+    let group = |name: &str| ResourceGroupRecord {
+        subscription_id: SUB.into(),
+        name: name.into(),
+        location: "westeurope".into(),
+        tags: Default::default(),
+    };
+    s.put_resource_group(&group("rg"), 1).await.unwrap();
+    // `r_` would match `rg` under LIKE.
+    s.put_resource_group(&group("r_"), 1).await.unwrap();
+    s.put_resource_group(&group("rg2"), 1).await.unwrap();
+    assert!(!s.delete_resource_group(SUB, "nope").await.unwrap());
+    let scope = format!("/subscriptions/{SUB}/resourcegroups/rg");
+    let assignment = |id: &str, scope: &str| RoleAssignmentRecord {
+        id: id.into(),
+        scope: scope.into(),
+        principal_id: "oid-1".into(),
+        role_definition_id: "r".into(),
+        created: 1,
+    };
+    for (id, at) in [
+        ("at", scope.clone()),
+        (
+            "below",
+            format!("{scope}/providers/microsoft.keyvault/vaults/v1"),
+        ),
+        ("above", format!("/subscriptions/{SUB}")),
+        (
+            "sibling",
+            format!("/subscriptions/{SUB}/resourcegroups/rg2"),
+        ),
+        ("like", format!("/subscriptions/{SUB}/resourcegroups/r_")),
+    ] {
+        s.put_role_assignment(&assignment(id, &at)).await.unwrap();
+    }
+    let policy = |at: &str| format!("{at}/providers/microsoft.authorization/policyassignments/p");
+    s.put_policy_assignment(&policy(&scope), "{}", 1)
+        .await
+        .unwrap();
+    s.put_policy_assignment(
+        &policy(&format!("/subscriptions/{SUB}/resourcegroups/rg2")),
+        "{}",
+        1,
+    )
+    .await
+    .unwrap();
+
+    // Each of these holds the group until it goes.
+    let v = vault("held-vault");
+    s.put_vault(&v).await.unwrap();
+    assert!(is_conflict(s.delete_resource_group(SUB, "RG").await));
+    let mut deleted = v.clone();
+    deleted.deleted_at = Some(2);
+    deleted.purge_at = Some(3);
+    s.put_vault(&deleted).await.unwrap();
+    let uami = format!("{scope}/providers/microsoft.managedidentity/userassignedidentities/u");
+    s.put_resource(&resource(&uami), &[], &[]).await.unwrap();
+    assert!(is_conflict(s.delete_resource_group(SUB, "rg").await));
+    s.delete_resource(&uami, &[]).await.unwrap();
+    let ag = format!("{scope}/providers/microsoft.insights/actiongroups/ag");
+    s.put_monitor_resource(&monitor(&ag, "microsoft.insights/actiongroups", SUB))
+        .await
+        .unwrap();
+    assert!(is_conflict(s.delete_resource_group(SUB, "rg").await));
+    s.delete_monitor_resource(&ag).await.unwrap();
+    let lock = LockRecord {
+        id: format!("{scope}/providers/microsoft.authorization/locks/l"),
+        scope: scope.clone(),
+        name: "l".into(),
+        level: "CanNotDelete".into(),
+        notes: String::new(),
+    };
+    s.put_lock(&lock).await.unwrap();
+    assert!(is_conflict(s.delete_resource_group(SUB, "rg").await));
+    s.delete_lock(&lock.id).await.unwrap();
+    // Nothing changed by the refusals.
+    assert_eq!(s.list_role_assignments().await.unwrap().len(), 5);
+    assert_eq!(s.list_policy_assignments().await.unwrap().len(), 2);
+
+    assert!(s.delete_resource_group(SUB, "Rg").await.unwrap());
+    assert_eq!(s.get_resource_group(SUB, "rg").await.unwrap(), None);
+    let names: Vec<String> = s
+        .list_resource_groups(SUB)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.name)
+        .collect();
+    assert_eq!(names, vec!["r_".to_string(), "rg2".to_string()]);
+    let mut left: Vec<String> = s
+        .list_role_assignments()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["above", "like", "sibling"]);
+    let policies: Vec<String> = s
+        .list_policy_assignments()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(
+        policies,
+        vec![policy(&format!("/subscriptions/{SUB}/resourcegroups/rg2"))]
+    );
+    // The soft-deleted vault stays, recoverable.
+    assert_eq!(
+        s.get_vault(&v.name)
+            .await
+            .unwrap()
+            .and_then(|v| v.deleted_at),
+        Some(2)
+    );
+    assert!(!s.delete_resource_group(SUB, "rg").await.unwrap());
 }
 
 /// `put_principal` creates; a second principal with the same client id is `Conflict` and

@@ -201,6 +201,12 @@ pub trait Store:
         subscription_id: &str,
         name: &str,
     ) -> Result<Option<ResourceGroupRecord>>;
+    /// Deletes an empty resource group (name compared case-insensitively), with the role
+    /// assignments and policy assignments at or below its scope, in one transaction. `false`
+    /// when there is no such group. `Conflict`, and nothing changed, while the group still
+    /// holds a live vault, a resource, a monitor resource, or a lock at or below its scope:
+    /// its contents go first (a soft-deleted vault stays, as it does in Azure).
+    async fn delete_resource_group(&self, subscription_id: &str, name: &str) -> Result<bool>;
 
     /// Creates a principal.
     async fn put_principal(&self, p: &PrincipalRecord) -> Result<()>;

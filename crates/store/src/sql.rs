@@ -21,6 +21,7 @@ use versioned::{KEYS, SECRETS};
 mod alerts;
 mod directory;
 mod events;
+mod groups;
 mod postgres;
 pub(crate) mod services;
 mod sqlite;
@@ -510,6 +511,10 @@ impl Store for SqlStore {
             })
         })
         .transpose()
+    }
+
+    async fn delete_resource_group(&self, subscription_id: &str, name: &str) -> Result<bool> {
+        retrying(|| self.delete_resource_group_once(subscription_id, name)).await
     }
 
     async fn put_principal(&self, p: &PrincipalRecord) -> Result<()> {

@@ -582,9 +582,7 @@ impl Platform {
             return Ok(204);
         };
         let _w = state.write.lock().await;
-        if state.is_restoring() {
-            return Err(crate::restore_in_progress(&record.name));
-        }
+        delete_refusal(&state)?;
         let mut record = state.record();
         let current = record.clone();
         if record.deleted_at.is_some() {
@@ -839,6 +837,196 @@ impl Platform {
             },
             "properties": props,
         })
+    }
+}
+
+/// Why a vault may not be deleted now: a whole-vault restore is writing into it. Its `DELETE`
+/// and a resource group's deletion ask.
+fn delete_refusal(state: &VaultState) -> Result<(), KvError> {
+    if state.is_restoring() {
+        return Err(crate::restore_in_progress(&state.record().name));
+    }
+    Ok(())
+}
+
+/// What a resource group's deletion deletes, found by [`Platform::resource_group_deletion`]:
+/// the storage services' resources, which their providers delete (the HTTP layer asks them),
+/// and the platform's own (key vaults, user-assigned identities, workloads, action groups and
+/// activity log alerts), which [`Platform::finish_resource_group_deletion`] deletes with the
+/// group.
+#[derive(Clone, Debug)]
+pub struct GroupDeletion {
+    /// The subscription.
+    pub subscription: String,
+    /// The group's name as created.
+    pub name: String,
+    /// The storage services' resources in it: (id as stored, type), by id.
+    pub service_resources: Vec<(String, String)>,
+    /// The lower-case id of every resource it deletes.
+    pub ids: Vec<String>,
+    /// The platform's own refusals (a vault being restored into): (resource id, why).
+    pub refusals: Vec<(String, KvError)>,
+    /// Its live key vaults.
+    key_vaults: Vec<VaultName>,
+    /// Its user-assigned identities and workloads: (type, name).
+    identity_resources: Vec<(String, String)>,
+    /// Its action groups and activity log alerts (lower-case ids).
+    monitor_resources: Vec<String>,
+}
+
+impl GroupDeletion {
+    /// `/subscriptions/{s}/resourceGroups/{g}`.
+    pub fn id(&self) -> String {
+        format!(
+            "/subscriptions/{}/resourceGroups/{}",
+            self.subscription, self.name
+        )
+    }
+}
+
+impl Platform {
+    /// The first step of `DELETE /subscriptions/{s}/resourcegroups/{g}`: the caller may
+    /// delete it (403 `AuthorizationFailed`), it exists (404 `ResourceGroupNotFound`), no lock
+    /// at, above or below it (409 `ScopeLocked`); then what it holds, with the platform's own
+    /// refusals. Nothing changes.
+    ///
+    /// # Errors
+    /// Those above, and 5xx for a store failure.
+    pub async fn resource_group_deletion(
+        &self,
+        caller: &Principal,
+        subscription: &str,
+        name: &str,
+    ) -> Result<GroupDeletion, KvError> {
+        let sub = self.authorize_arm(caller, subscription).await?;
+        let rg = self.resource_group(&sub, name).await?;
+        let scope = format!("/subscriptions/{sub}/resourcegroups/{}", rg.name).to_ascii_lowercase();
+        self.check_not_locked_within(&scope)?;
+        let in_group = |s: &str, g: &str| {
+            s.eq_ignore_ascii_case(sub.as_str()) && g.eq_ignore_ascii_case(&rg.name)
+        };
+        let mut plan = GroupDeletion {
+            subscription: sub.to_string(),
+            name: rg.name.clone(),
+            service_resources: Vec::new(),
+            ids: Vec::new(),
+            refusals: Vec::new(),
+            key_vaults: Vec::new(),
+            identity_resources: Vec::new(),
+            monitor_resources: Vec::new(),
+        };
+        for state in self.all_vaults() {
+            let r = state.record();
+            if r.deleted_at.is_some() || !in_group(&r.subscription_id, &r.resource_group) {
+                continue;
+            }
+            let id = vault_id(&r);
+            if let Err(e) = delete_refusal(&state) {
+                plan.refusals.push((id.clone(), e));
+            }
+            plan.ids.push(id.to_ascii_lowercase());
+            plan.key_vaults.push(r.name.clone());
+        }
+        let mut resources: Vec<(String, String, String)> = self
+            .dir()
+            .resources
+            .values()
+            .filter(|(r, _)| in_group(&r.subscription_id, &r.resource_group))
+            .map(|(r, body)| {
+                let id = body["id"].as_str().unwrap_or(&r.id).to_string();
+                (id, r.resource_type.clone(), r.name.clone())
+            })
+            .collect();
+        resources.sort();
+        for (id, ty, name) in resources {
+            plan.ids.push(id.to_ascii_lowercase());
+            if crate::directory::is_identity_type(&ty) {
+                plan.identity_resources.push((ty, name));
+            } else {
+                plan.service_resources.push((id, ty));
+            }
+        }
+        for kind in [
+            kagi_core::alert::MonitorKind::ActionGroup,
+            kagi_core::alert::MonitorKind::ActivityLogAlert,
+        ] {
+            let ty = kind.id_type().to_ascii_lowercase();
+            let all = self
+                .store
+                .list_monitor_resources(&ty, Some(sub.as_str()))
+                .await
+                .map_err(|e| internal("list monitor resources", e))?;
+            for m in all
+                .into_iter()
+                .filter(|m| m.resource_group.eq_ignore_ascii_case(&rg.name))
+            {
+                plan.ids.push(m.id.clone());
+                plan.monitor_resources.push(m.id);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The last step of a resource group's deletion, once the storage services' resources in
+    /// it are gone: its key vaults (soft-deleted, recoverable for their retention period, as
+    /// Azure's group deletion leaves them), action groups and activity log alerts,
+    /// user-assigned identities and workloads, then the group with the role and policy
+    /// assignments at or below it (one store transaction, refused while anything is left in
+    /// the group: something created meanwhile).
+    ///
+    /// # Errors
+    /// The resource that could not be deleted (its id: the group's own for the last step) and
+    /// why; what was deleted before stays deleted, and the group stays.
+    pub async fn finish_resource_group_deletion(
+        &self,
+        caller: &Principal,
+        plan: &GroupDeletion,
+    ) -> Result<(), (String, KvError)> {
+        let (sub, rg) = (plan.subscription.as_str(), plan.name.as_str());
+        for name in &plan.key_vaults {
+            let id = format!(
+                "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.KeyVault/vaults/{name}"
+            );
+            self.delete_vault(caller, sub, rg, name.as_str())
+                .await
+                .map_err(|e| (id, e))?;
+        }
+        for id in &plan.monitor_resources {
+            self.check_not_locked(id, "delete")
+                .map_err(|e| (id.clone(), e))?;
+            self.store
+                .delete_monitor_resource(id)
+                .await
+                .map_err(|e| (id.clone(), internal("delete monitor resource", e)))?;
+        }
+        for (ty, name) in &plan.identity_resources {
+            let id = format!("/subscriptions/{sub}/resourceGroups/{rg}/providers/{ty}/{name}");
+            self.delete_identity_resource(caller, sub, rg, ty, name)
+                .await
+                .map_err(|e| (id, e))?;
+        }
+        let group = plan.id();
+        let scope = group.to_ascii_lowercase();
+        match self.store.delete_resource_group(sub, rg).await {
+            Ok(_) => {}
+            Err(kagi_store::StoreError::Conflict(m)) => {
+                return Err((
+                    group,
+                    KvError::conflict(format!(
+                        "The resource group '{rg}' was not deleted: something was created or \
+                         locked in it while it was being deleted ({m})."
+                    ))
+                    .with_inner("ResourceGroupNotEmpty"),
+                ));
+            }
+            Err(e) => return Err((group, internal("delete resource group", e))),
+        }
+        let below = format!("{scope}/");
+        self.dir_mut()
+            .assignments
+            .retain(|a| a.scope != scope && !a.scope.starts_with(&below));
+        tracing::info!(group = %plan.id(), "resource group deleted");
+        Ok(())
     }
 }
 

@@ -29,6 +29,13 @@ const UAMI_TYPE: &str = "Microsoft.ManagedIdentity/userAssignedIdentities";
 /// A process that acts as a resource (an app, a VM): it exists to carry managed identities.
 pub const WORKLOAD_TYPE: &str = "Kagi.Compute/workloads";
 
+/// Whether resources of `resource_type` (any case) are the platform's own identity-carrying
+/// resources (user-assigned identities and workloads) rather than a storage service's.
+pub(crate) fn is_identity_type(resource_type: &str) -> bool {
+    resource_type.eq_ignore_ascii_case(UAMI_TYPE)
+        || resource_type.eq_ignore_ascii_case(WORKLOAD_TYPE)
+}
+
 /// The scope of a vault object (`{vault id}/keys/{name}`), or the vault itself.
 pub(crate) fn object_scope(vault: &VaultRecord, object: Option<(&str, &str)>) -> String {
     let base = format!(
