@@ -26,6 +26,15 @@ pub(crate) const FORWARDED_BY: &str = "x-kagi-forwarded-by";
 /// `Prefer: wait` job read waits at most 60 s).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long the home may take to accept a connection (TCP and TLS): a home that is gone
+/// without its presence lease having lapsed yet is answered 503 at once, not after
+/// [`FORWARD_TIMEOUT`].
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Clients kept, one per node; more nodes than this (names of nodes long gone) start the
+/// cache afresh.
+const KEPT_CLIENTS: usize = 64;
+
 /// Whether `parts` arrived forwarded by another node.
 pub(crate) fn was_forwarded(parts: &Parts) -> bool {
     parts.headers.contains_key(FORWARDED_BY)
@@ -37,6 +46,21 @@ fn unavailable(message: String) -> Response<Body> {
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
     r
+}
+
+/// The 504 for a request the home accepted and then did not answer in full (it failed, or
+/// stopped, while serving it): not retried blindly, since it may have been done.
+fn gateway_timeout(home: &str) -> Response<Body> {
+    respond::json(
+        504,
+        &serde_json::json!({"error": {
+            "code": "GatewayTimeout",
+            "message": format!(
+                "The node '{home}' serving the resource accepted the request but did not \
+                 answer it. Whether it was done is unknown: read the resource before retrying."
+            ),
+        }}),
+    )
 }
 
 /// The answer for a request that reached a node which is not its home although another node
@@ -96,7 +120,7 @@ pub(crate) async fn forward(
             "The request has no Host header.",
         ));
     }
-    let client = match client_for(platform, &host_name, addr) {
+    let client = match client_for(platform, home, addr) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot make the forwarding client");
@@ -105,25 +129,58 @@ pub(crate) async fn forward(
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("https://{host_name}:{}{path}", addr.port());
+    let from = Sender {
+        node: platform.node_name(),
+        home,
+        host_header: &host_header,
+    };
+    send(&client, &url, &from, parts, body).await
+}
+
+/// Who sends a forwarded request, to which node, with which `Host`.
+struct Sender<'a> {
+    /// This node's name (`x-kagi-forwarded-by`).
+    node: &'a str,
+    /// The home's name, for the answers naming it.
+    home: &'a str,
+    /// The `Host` header as the client sent it.
+    host_header: &'a str,
+}
+
+/// Sends the request (`parts`, `body`) to `url` with `client` and answers with the answer: 503
+/// (`Retry-After`) when the home did not accept the connection, 504 when it accepted the
+/// request but its answer did not come whole.
+async fn send(
+    client: &reqwest::Client,
+    url: &str,
+    from: &Sender<'_>,
+    parts: &Parts,
+    body: axum::body::Bytes,
+) -> Response<Body> {
+    let home = from.home;
     let Ok(method) = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()) else {
         return respond::error(&KvError::new(ErrorCode::BadRequest, "Unknown method."));
     };
-    let mut req = client.request(method, &url).body(body);
+    let mut req = client.request(method, url).body(body);
     for (name, value) in &parts.headers {
         if !hop_by_hop(name) {
             req = req.header(name.as_str(), value.as_bytes());
         }
     }
     req = req
-        .header(header::HOST.as_str(), host_header.as_str())
-        .header(FORWARDED_BY, platform.node_name());
+        .header(header::HOST.as_str(), from.host_header)
+        .header(FORWARDED_BY, from.node);
     let answer = match req.send().await {
         Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(node = %home, error = %e, "forwarding to the resource's node failed");
+        Err(e) if e.is_connect() => {
+            tracing::warn!(node = %home, error = %e, "cannot connect to the resource's node");
             return unavailable(format!(
                 "The node '{home}' serving the resource did not answer. Retry the request."
             ));
+        }
+        Err(e) => {
+            tracing::warn!(node = %home, error = %e, "forwarded request failed after it was sent");
+            return gateway_timeout(home);
         }
     };
     let status = answer.status().as_u16();
@@ -132,9 +189,7 @@ pub(crate) async fn forward(
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(node = %home, error = %e, "forwarded answer cut short");
-            return unavailable(format!(
-                "The node '{home}' serving the resource did not answer. Retry the request."
-            ));
+            return gateway_timeout(home);
         }
     };
     let mut r = Response::new(Body::from(bytes));
@@ -173,38 +228,174 @@ fn hop_by_hop(name: &impl AsRef<str>) -> bool {
     )
 }
 
-type Clients = Mutex<HashMap<(String, SocketAddr), reqwest::Client>>;
+/// A node's client and the address it was made for.
+struct NodeClient {
+    addr: SocketAddr,
+    client: reqwest::Client,
+}
 
-/// One client per (name, node address): it resolves the client's name to that node and
-/// trusts the CA every node of the cluster shares (`tls/ca.pem`, copied with the root key).
+type Clients = Mutex<HashMap<String, NodeClient>>;
+
+/// The client for node `node` at `addr`: one per node, made anew when its card names another
+/// address. It sends every name to that address (the name the client used is the one the
+/// home's certificate is for) and trusts the CA every node of the cluster shares
+/// (`tls/ca.pem`, copied with the root key).
 fn client_for(
     platform: &Platform,
-    host: &str,
+    node: &str,
     addr: SocketAddr,
 ) -> Result<reqwest::Client, String> {
     static CLIENTS: OnceLock<Arc<Clients>> = OnceLock::new();
     let clients = CLIENTS.get_or_init(Default::default);
     let mut map = clients.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(c) = map.get(&(host.to_string(), addr)) {
-        return Ok(c.clone());
+    if let Some(c) = map.get(node).filter(|c| c.addr == addr) {
+        return Ok(c.client.clone());
     }
     let ca_path = platform.config().data_dir.join("tls").join("ca.pem");
     let pem = std::fs::read(&ca_path).map_err(|e| format!("{}: {e}", ca_path.display()))?;
-    let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| e.to_string())?;
-    let c = reqwest::Client::builder()
+    let client = build_client(&pem, addr, CONNECT_TIMEOUT)?;
+    if map.len() >= KEPT_CLIENTS && !map.contains_key(node) {
+        map.clear();
+    }
+    map.insert(
+        node.to_string(),
+        NodeClient {
+            addr,
+            client: client.clone(),
+        },
+    );
+    Ok(client)
+}
+
+/// A client that reaches `addr` whatever the name in the URL, trusting only `ca_pem`.
+fn build_client(
+    ca_pem: &[u8],
+    addr: SocketAddr,
+    connect_timeout: Duration,
+) -> Result<reqwest::Client, String> {
+    let cert = reqwest::Certificate::from_pem(ca_pem).map_err(|e| e.to_string())?;
+    reqwest::Client::builder()
         .tls_certs_only([cert])
         .no_proxy()
+        .connect_timeout(connect_timeout)
         .timeout(FORWARD_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
-        .resolve(host, addr)
+        .dns_resolver(Arc::new(NodeAddress(addr)))
         .build()
-        .map_err(|e| e.to_string())?;
-    map.insert((host.to_string(), addr), c.clone());
-    Ok(c)
+        .map_err(|e| e.to_string())
+}
+
+/// Resolves every name to one node's address.
+struct NodeAddress(SocketAddr);
+
+impl reqwest::dns::Resolve for NodeAddress {
+    fn resolve(&self, _name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let addr = self.0;
+        Box::pin(async move {
+            let addrs: reqwest::dns::Addrs = Box::new(std::iter::once(addr));
+            Ok(addrs)
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Instant;
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+    use crate::tls::{LocalCa, SniResolver};
+
+    /// A disk's `GET` as a client sent it, forwarded with a client trusting `ca_pem` to a home
+    /// at `addr`: the answer, and how long it took.
+    async fn forward_to(addr: SocketAddr, ca_pem: &str) -> (Response<Body>, Duration) {
+        let path = "/subscriptions/s/resourceGroups/g/providers/Microsoft.Compute/disks/d?api-version=2023-04-02";
+        let (parts, ()) = axum::http::Request::builder()
+            .uri(path)
+            .header(header::HOST, format!("localhost:{}", addr.port()))
+            .body(())
+            .unwrap()
+            .into_parts();
+        let client = build_client(ca_pem.as_bytes(), addr, CONNECT_TIMEOUT).unwrap();
+        let host_header = format!("localhost:{}", addr.port());
+        let from = Sender {
+            node: "here-1",
+            home: "there-2",
+            host_header: &host_header,
+        };
+        let url = format!("https://localhost:{}{path}", addr.port());
+        let started = Instant::now();
+        let r = send(&client, &url, &from, &parts, axum::body::Bytes::new()).await;
+        (r, started.elapsed())
+    }
+
+    async fn error_code(r: Response<Body>) -> String {
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+
+    #[tokio::test]
+    async fn a_home_that_does_not_accept_the_connection_is_answered_503_at_once() {
+        // TCP is accepted, TLS never answered: a home that hangs.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                held.push(tcp);
+            }
+        });
+        let ca = LocalCa::scratch("localhost");
+        let (r, took) = forward_to(addr, &ca.cert_pem).await;
+        holder.abort();
+        assert_eq!(r.status(), 503);
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
+        assert!(
+            took >= CONNECT_TIMEOUT && took < CONNECT_TIMEOUT + Duration::from_secs(5),
+            "{took:?}"
+        );
+        assert_eq!(error_code(r).await, "ServiceUnavailable");
+    }
+
+    #[tokio::test]
+    async fn a_home_that_fails_after_taking_the_request_is_answered_504() {
+        // The home's TLS and the request are taken; then it goes without an answer.
+        let ca = LocalCa::scratch("localhost");
+        let ca_pem = ca.cert_pem.clone();
+        let config =
+            crate::tls::server_config(SniResolver::new(ca, "localhost"), Vec::new()).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let home = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut head = [0u8; 4096];
+            let n = tls.read(&mut head).await.unwrap();
+            String::from_utf8_lossy(&head[..n]).to_string()
+        });
+        let (r, _) = forward_to(addr, &ca_pem).await;
+        let request = home.await.unwrap();
+        assert!(request.starts_with("GET /subscriptions/s/"), "{request}");
+        // The Host the client sent, and the marker, reach the home.
+        let lower = request.to_ascii_lowercase();
+        assert!(
+            lower.contains(&format!("host: localhost:{}\r\n", addr.port())),
+            "{request}"
+        );
+        assert!(
+            lower.contains("x-kagi-forwarded-by: here-1\r\n"),
+            "{request}"
+        );
+        assert_eq!(r.status(), 504);
+        assert!(!r.headers().contains_key(header::RETRY_AFTER));
+        assert_eq!(error_code(r).await, "GatewayTimeout");
+    }
+
     #[test]
     fn connection_headers_are_not_passed_on() {
         for h in [

@@ -205,6 +205,25 @@ impl LocalCa {
     }
 }
 
+#[cfg(test)]
+impl LocalCa {
+    /// A CA for `suffix` without a data directory (tests).
+    #[allow(clippy::unwrap_used)]
+    pub(crate) fn scratch(suffix: &str) -> LocalCa {
+        let key = KeyPair::generate().unwrap();
+        let cert_pem = ca_params(&key, suffix)
+            .unwrap()
+            .self_signed(&key)
+            .unwrap()
+            .pem();
+        LocalCa {
+            issuer: Issuer::new(ca_params(&key, suffix).unwrap(), key),
+            cert_pem,
+            cert_path: PathBuf::new(),
+        }
+    }
+}
+
 fn pem_to_der(pem: &str) -> Result<Vec<u8>, TlsError> {
     kagi_crypto::x509::certificate_der(pem.as_bytes()).map_err(cert_err)
 }
@@ -308,19 +327,8 @@ mod tests {
 
     use super::*;
 
-    /// A CA for `suffix` without the data directory, and its certificate as clients trust it.
     fn ca(suffix: &str) -> LocalCa {
-        let key = KeyPair::generate().unwrap();
-        let cert_pem = ca_params(&key, suffix)
-            .unwrap()
-            .self_signed(&key)
-            .unwrap()
-            .pem();
-        LocalCa {
-            issuer: Issuer::new(ca_params(&key, suffix).unwrap(), key),
-            cert_pem,
-            cert_path: PathBuf::new(),
-        }
+        LocalCa::scratch(suffix)
     }
 
     /// Whether a client trusting `ca.pem` (rustls-webpki) accepts `ca`'s certificate for `name`.
