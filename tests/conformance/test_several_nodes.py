@@ -689,6 +689,90 @@ def test_disks_and_sql_servers_are_served_through_every_node_by_their_home(tmp_p
             n.stop()
 
 
+def up(via):
+    """Whether the node behind `via` answers (its proxy reaches it)."""
+    import requests
+
+    try:
+        return requests.get(f"{via.base}/healthz", verify=str(via.ca_path), timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_a_disk_whose_home_died_is_taken_over_from_the_bucket(tmp_path, monkeypatch):
+    """With the blobs in a bucket (`--blobs s3://…`) a disk family's log is shipped there as it
+    is made durable, as ciphertext. Its home killed (kill -9), the next request through another
+    node makes that node take the family over once the home's presence lease has run out: what
+    was written and flushed through the dead home, and its snapshot, read back through the new
+    home. The old home, restarted, forwards to the new one, and deleting the disk and snapshot
+    deletes their objects from the bucket."""
+    import test_disks as disks
+    from conftest import LOCATION, S3Bucket, _start_cluster
+
+    monkeypatch.setenv("KAGI_CONFORMANCE_POSTGRES", pg_server_url())
+    monkeypatch.setenv("KAGI_CONFORMANCE_BLOBS", s3_blobs_url())
+    first = _start_cluster(tmp_path, 2)
+    n2 = first.cluster[0]
+    bucket = S3Bucket.from_url(first.blobs_url)
+    try:
+        first.put_rg(DEFAULT_RG)
+        via1, via2 = Via(first, first), Via(first, n2)
+        # The disk lives on node 2 (made through it); written through node 1.
+        name, disk = disks.create_disk(via2)
+        image = tmp_path / "in.raw"
+        data = disks.random_image(image, 4, seed=15)
+        uri = disks.grant_access(via1, name, "Write")
+        assert str(n2.data_dir) in uri, uri
+        disks.run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
+        disks.end_access(via1, name)
+        snap = random_name("snap", 10)
+        body = {"location": LOCATION,
+                "properties": {"creationData": {"createOption": "Copy", "sourceResourceId": disk["id"]}}}
+        disks.ok(disks.arm(via1, "PUT", disks.compute_path(via1, "snapshots", snap), body))
+        # The log is in the bucket, as ciphertext only.
+        objects = bucket.list("disks")
+        assert any("/piece-" in o for o in objects) and any(o.endswith("/family") for o in objects), objects
+        marker = b"KAGI-PLAINTEXT-MARKER-15"
+        for o in objects:
+            assert marker not in bucket.get(f"disks/{o}"), o
+
+        # Home killed: once its presence lease has run out, node 1 takes the family over.
+        n2.kill9()
+        started = time.monotonic()
+        until(lambda: disks.arm(via1, "GET", disks.compute_path(via1, "disks", name)).status_code == 200,
+              bound=40)
+        print(f"\ndisk family taken over {time.monotonic() - started:.1f} s after kill -9 of its home")
+        uri = disks.grant_access(via1, name, "Write")
+        assert str(first.data_dir) in uri, uri
+        assert disks.read_back(uri, tmp_path / "back.raw", len(data)) == data
+        # Written on through the new home.
+        disks.run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 8M 64k", uri)
+        disks.end_access(via1, name)
+        r = disks.arm(via1, "POST", disks.compute_path(via1, "snapshots", snap) + "/beginGetAccess",
+                      {"access": "Read", "durationInSeconds": 600})
+        snap_uri = disks.ok(r)["accessSAS"]
+        assert disks.read_back(snap_uri, tmp_path / "snap.raw", len(data)) == data
+        disks.ok(disks.arm(via1, "POST", disks.compute_path(via1, "snapshots", snap) + "/endGetAccess"),
+                 200, 204)
+
+        # The old home back: it forwards to the new one, and never writes the family again.
+        n2.start()
+        until(lambda: up(via2) and disks.arm(via2, "GET", disks.compute_path(via2, "disks", name)).ok, bound=30)
+        uri = disks.grant_access(via2, name, "Read")
+        assert str(first.data_dir) in uri and str(n2.data_dir) not in uri, uri
+        got = disks.read_back(uri, tmp_path / "again.raw", 8 * 1024 * 1024 + 65536)
+        assert got[: len(data)] == data and got[8 * 1024 * 1024:] == b"\x5a" * 65536
+        disks.end_access(via2, name)
+
+        # Deleted: their objects leave the bucket.
+        disks.ok(disks.arm(via2, "DELETE", disks.compute_path(via2, "snapshots", snap)), 200, 202, 204)
+        disks.ok(disks.arm(via2, "DELETE", disks.compute_path(via2, "disks", name)), 200, 202, 204)
+        until(lambda: not bucket.list("disks"), bound=20)
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
 def start_sql_cluster(tmp_path, count=2):
     """`count` nodes of one cluster (one store, root key, CA and HTTPS port, each on a loopback
     address of its own: 127.0.0.2, .3, …, behind a round-robin proxy on localhost), each with a

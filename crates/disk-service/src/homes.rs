@@ -4,18 +4,27 @@
 //! Every request naming a disk, snapshot or image of the family — or, for a new one, made
 //! from one of them — is served by that node; the HTTP layer forwards it there. A family made
 //! before homes were recorded has none and is served where it is asked for (one node).
+//!
+//! When blobs are in a bucket, every family's log is shipped there as it is made durable
+//! (`crate::shipping`). A request for a family whose home is not running (its presence lease
+//! lapsed) then makes the node it reached take the family over: under the lease
+//! `disk-takeover:{family}`, it fences the old home off, fetches the log from the bucket and
+//! records itself as the home. Without a bucket the family waits for its home (503).
 
-use kagi_core::KvError;
+use kagi_core::{ErrorCode, KvError};
 use kagi_host::{ArmRequest, json_body};
 use serde_json::{Value, json};
 
 use crate::DiskService;
-use crate::keys::disk_keys;
+use crate::keys::{disk_keys, internal};
 
 /// The store key of families' homes.
 const FAMILIES_KEY: &str = "/kagi/disk-families";
 /// Their kind.
 const HOME_KIND: &str = "home";
+/// How long a node may take to take a family over (fence, fetch, record) before another may
+/// try: fetching a large log from the bucket takes a while.
+const TAKEOVER_LEASE_MS: i64 = 120_000;
 
 impl DiskService {
     /// Records that `family` lives on this node (before it is created).
@@ -37,9 +46,9 @@ impl DiskService {
         }
     }
 
-    /// The node holding the family of resource `id` (a disk, snapshot or image), if it has
-    /// one recorded.
-    async fn home_of(&self, id: &str) -> Result<Option<String>, KvError> {
+    /// The family of resource `id` (a disk, snapshot or image) and the node holding it, if it
+    /// has one recorded.
+    async fn home_of(&self, id: &str) -> Result<Option<(String, String)>, KvError> {
         let body = json!({ "id": id });
         let Some(keys) = disk_keys(self.host.as_ref(), &body) else {
             return Ok(None);
@@ -48,10 +57,84 @@ impl DiskService {
             return Ok(None);
         };
         Ok(self
+            .recorded_home(&family)
+            .await?
+            .map(|home| (family, home)))
+    }
+
+    /// The node recorded as `family`'s home.
+    async fn recorded_home(&self, family: &str) -> Result<Option<String>, KvError> {
+        Ok(self
             .host
-            .document(FAMILIES_KEY, HOME_KIND, &family)
+            .document(FAMILIES_KEY, HOME_KIND, family)
             .await?
             .and_then(|d| d["node"].as_str().map(str::to_string)))
+    }
+
+    /// The node that serves `family`, whose recorded home is `home`: that node while it runs;
+    /// when it does not and the family's log is in the bucket, this one, once it has taken
+    /// the family over.
+    async fn serving_home(&self, family: &str, home: String) -> Result<String, KvError> {
+        let me = self.host.node_name();
+        if home == me || !self.store.is_shipped() {
+            return Ok(home);
+        }
+        if self.host.live_nodes().await?.iter().any(|n| n.name == home) {
+            return Ok(home);
+        }
+        let lease = format!("disk-takeover:{family}");
+        if !self.host.acquire_lease(&lease, TAKEOVER_LEASE_MS).await? {
+            return Err(KvError::new(
+                ErrorCode::ServiceUnavailable,
+                format!(
+                    "The disk's node '{home}' is not running and another node is taking its \
+                     disks over. Retry the request."
+                ),
+            ));
+        }
+        let taken = self.take_over(family, &home).await;
+        if let Err(e) = self.host.release_lease(&lease).await {
+            tracing::warn!(family, error = %e.message, "cannot give the takeover lease up");
+        }
+        taken
+    }
+
+    /// Takes `family` over from node `gone` (under the takeover lease): fences `gone` off,
+    /// fetches the log from the bucket and records this node as the home. The node now
+    /// serving it (another node's, if one took it over meanwhile).
+    async fn take_over(&self, family: &str, gone: &str) -> Result<String, KvError> {
+        match self.recorded_home(family).await? {
+            Some(home) if home == gone => {}
+            Some(home) => return Ok(home),
+            // Deleted meanwhile: whoever serves the request finds nothing.
+            None => return Ok(self.host.node_name()),
+        }
+        // What this node still has open of the family (it was its home before and lost its
+        // presence for a while): fenced off by the fetch below, so closed first.
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, rt| rt.family.id() != family);
+        let store = self.store.clone();
+        let id = family.to_string();
+        tokio::task::spawn_blocking(move || store.fetch_family(&id))
+            .await
+            .map_err(|e| internal("taking a disk family over", e))?
+            .map_err(|e| match e {
+                kagi_disk::DiskError::Busy => KvError::new(
+                    ErrorCode::ServiceUnavailable,
+                    "The disk is still open on this node from before it lost its presence; \
+                     retry the request once its connections have closed.",
+                ),
+                e => internal("taking a disk family over", e),
+            })?;
+        self.record_home(family).await?;
+        tracing::warn!(
+            family,
+            from = gone,
+            "disk family taken over from a node that is not running"
+        );
+        Ok(self.host.node_name())
     }
 
     /// The node that must serve `req` ([`kagi_host::ResourceProvider::home`]).
@@ -78,8 +161,8 @@ impl DiskService {
             "/subscriptions/{}/resourceGroups/{rg}/providers/Microsoft.Compute/{kind}/{name}",
             scope.subscription
         );
-        if let Some(home) = self.home_of(&id).await? {
-            return Ok(Some(home));
+        if let Some((family, home)) = self.home_of(&id).await? {
+            return self.serving_home(&family, home).await.map(Some);
         }
         // A new resource made from another: where its source lives. (A body that does not
         // parse is refused by whichever node serves it.)
@@ -90,7 +173,10 @@ impl DiskService {
             return Ok(None);
         };
         match source_of(&input) {
-            Some(source) => self.home_of(source).await,
+            Some(source) => match self.home_of(source).await? {
+                Some((family, home)) => self.serving_home(&family, home).await.map(Some),
+                None => Ok(None),
+            },
             None => Ok(None),
         }
     }

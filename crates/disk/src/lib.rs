@@ -117,6 +117,11 @@ impl DiskStore {
         })
     }
 
+    /// Whether its families' logs are shipped to shared storage ([`DiskStore::open_shipped`]).
+    pub fn is_shipped(&self) -> bool {
+        self.ship.is_some()
+    }
+
     fn ship_of(&self, id: &str) -> Option<Arc<dyn LogShip>> {
         self.ship.as_ref().map(|f| f(id))
     }
@@ -154,6 +159,9 @@ impl DiskStore {
             &ship.get(LogObject::Checkpoint(x))?,
         )?;
         for (no, shipped) in ship::shipped_segments(&listing) {
+            if shipped.end == 0 {
+                continue; // only claimed (a fence): never written
+            }
             let mut bytes = Vec::with_capacity(usize::try_from(shipped.end).unwrap_or(0));
             for start in &shipped.starts {
                 let piece = ship.get(LogObject::Piece {
@@ -252,34 +260,38 @@ impl DiskStore {
         std::fs::rename(&dir, &doomed)?;
         kagi_fs::sync_dir(&self.root)?;
         std::fs::remove_dir_all(&doomed)?;
+        // Its objects in shared storage go after its local copy: a failure here leaves only
+        // ciphertext whose key went with the disk.
+        if let Some(ship) = self.ship_of(id) {
+            let objects: Vec<LogObject> = ship.list()?.into_iter().map(|(o, _)| o).collect();
+            ship.delete(&objects)?;
+        }
         Ok(())
     }
 }
 
 /// Lists a family's objects after fencing its previous writer off: an empty piece at the end
-/// of every segment it could still be appending to (those from the newest checkpoint on), so
-/// that each piece it ships from now on fails (its flush then fails: nothing it acknowledges
-/// afterwards is lost). A piece it shipped in between makes the fence fail; list again.
+/// of every segment it could still be appending to (those from the newest checkpoint on), and
+/// one at the start of the next segment, so that each piece it ships from now on fails (its
+/// flush, checkpoint or rotation then fails: nothing it acknowledges afterwards is lost). A
+/// piece it shipped in between makes the fence fail; list again.
 fn fence(ship: &dyn LogShip) -> Result<Vec<(LogObject, u64)>> {
     for _ in 0..50 {
         let listing = ship.list()?;
-        let from = listing
-            .iter()
-            .filter_map(|(o, _)| match o {
-                LogObject::Checkpoint(x) => Some(*x),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0);
+        let from = ship::checkpoints(&listing).max().unwrap_or(0);
         let mut raced = false;
-        for (no, s) in ship::shipped_segments(&listing) {
-            if no < from || s.fenced {
-                continue;
-            }
-            let at = LogObject::Piece {
-                segment: no,
-                start: s.end,
-            };
+        let segments = ship::shipped_segments(&listing);
+        // The segment after the last one is claimed too (an empty first piece), so the old
+        // writer cannot start a segment the new one would never read (a rotation, a
+        // checkpoint's new segment).
+        let next = segments.keys().next_back().map_or(1, |no| no + 1);
+        let fences = segments
+            .iter()
+            .filter(|(no, s)| **no >= from && !s.fenced)
+            .map(|(no, s)| (*no, s.end))
+            .chain([(next, 0)]);
+        for (segment, start) in fences {
+            let at = LogObject::Piece { segment, start };
             match ship.put_new(at, &[]) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => raced = true,

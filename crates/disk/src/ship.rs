@@ -28,6 +28,41 @@ pub enum LogObject {
     },
 }
 
+impl LogObject {
+    /// Its object name in shared storage (docs/DISK_FORMAT.md, "Shipping"): `family`,
+    /// `checkpoint-{x}`, `piece-{segment}-{start}` (numbers as 16 lower-case hex digits, so
+    /// that names sort as the objects do).
+    pub fn name(self) -> String {
+        match self {
+            LogObject::Header => "family".into(),
+            LogObject::Checkpoint(x) => format!("checkpoint-{x:016x}"),
+            LogObject::Piece { segment, start } => format!("piece-{segment:016x}-{start:016x}"),
+        }
+    }
+
+    /// The object a name names (`None` for any other name: not the family's).
+    pub fn parse(name: &str) -> Option<LogObject> {
+        if name == "family" {
+            return Some(LogObject::Header);
+        }
+        if let Some(x) = name.strip_prefix("checkpoint-") {
+            return hex16(x).map(LogObject::Checkpoint);
+        }
+        let (segment, start) = name.strip_prefix("piece-")?.split_once('-')?;
+        Some(LogObject::Piece {
+            segment: hex16(segment)?,
+            start: hex16(start)?,
+        })
+    }
+}
+
+/// 16 lower-case hex digits.
+fn hex16(s: &str) -> Option<u64> {
+    (s.len() == 16 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then(|| u64::from_str_radix(s, 16).ok())
+        .flatten()
+}
+
 /// Shared storage for one family's objects (an S3 prefix, say). Blocking calls: the store
 /// calls them from the threads that write the family.
 pub trait LogShip: Send + Sync + std::fmt::Debug {
@@ -118,28 +153,6 @@ pub(crate) mod testing {
             })
         }
 
-        fn name(o: LogObject) -> String {
-            match o {
-                LogObject::Header => "family".into(),
-                LogObject::Checkpoint(x) => format!("checkpoint-{x:016x}"),
-                LogObject::Piece { segment, start } => format!("piece-{segment:016x}-{start:016x}"),
-            }
-        }
-
-        fn parse(name: &str) -> Option<LogObject> {
-            if name == "family" {
-                return Some(LogObject::Header);
-            }
-            if let Some(x) = name.strip_prefix("checkpoint-") {
-                return u64::from_str_radix(x, 16).ok().map(LogObject::Checkpoint);
-            }
-            let (seg, start) = name.strip_prefix("piece-")?.split_once('-')?;
-            Some(LogObject::Piece {
-                segment: u64::from_str_radix(seg, 16).ok()?,
-                start: u64::from_str_radix(start, 16).ok()?,
-            })
-        }
-
         fn check(&self) -> std::io::Result<()> {
             if self.fail.load(Ordering::SeqCst) {
                 return Err(std::io::Error::other("shared storage unreachable"));
@@ -151,7 +164,7 @@ pub(crate) mod testing {
     impl LogShip for DirShip {
         fn put_new(&self, object: LogObject, bytes: &[u8]) -> std::io::Result<()> {
             self.check()?;
-            let path = self.dir.join(Self::name(object));
+            let path = self.dir.join(object.name());
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -164,7 +177,7 @@ pub(crate) mod testing {
             let mut out = Vec::new();
             for e in std::fs::read_dir(&self.dir)? {
                 let e = e?;
-                if let Some(o) = e.file_name().to_str().and_then(Self::parse) {
+                if let Some(o) = e.file_name().to_str().and_then(LogObject::parse) {
                     out.push((o, e.metadata()?.len()));
                 }
             }
@@ -173,13 +186,13 @@ pub(crate) mod testing {
 
         fn get(&self, object: LogObject) -> std::io::Result<Vec<u8>> {
             self.check()?;
-            std::fs::read(self.dir.join(Self::name(object)))
+            std::fs::read(self.dir.join(object.name()))
         }
 
         fn delete(&self, objects: &[LogObject]) -> std::io::Result<()> {
             self.check()?;
             for o in objects {
-                match std::fs::remove_file(self.dir.join(Self::name(*o))) {
+                match std::fs::remove_file(self.dir.join(o.name())) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                     _ => {}
                 }
@@ -192,6 +205,33 @@ pub(crate) mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn object_names_round_trip_and_nothing_else_parses() {
+        for o in [
+            LogObject::Header,
+            LogObject::Checkpoint(7),
+            LogObject::Piece {
+                segment: 3,
+                start: u64::MAX,
+            },
+        ] {
+            assert_eq!(LogObject::parse(&o.name()), Some(o));
+        }
+        assert_eq!(
+            LogObject::Checkpoint(255).name(),
+            "checkpoint-00000000000000ff"
+        );
+        for bad in [
+            "familyx",
+            "checkpoint-ff",
+            "checkpoint-00000000000000FF",
+            "piece-1-2",
+            "x",
+        ] {
+            assert_eq!(LogObject::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn pieces_count_from_the_start_and_stop_at_a_gap() {
@@ -319,6 +359,38 @@ mod tests {
     }
 
     #[test]
+    fn the_previous_writer_cannot_start_a_segment_after_a_takeover() {
+        let (_d, a, b, _shared) = two_stores();
+        let fam = a.create_family("f5", keys(), false).unwrap();
+        let vol = fam.create_volume("disk", 16 << 20).unwrap();
+        vol.write(0, &data(5, 65536), true).unwrap();
+        // Everything A wrote is shipped; B fetches the family (and has not opened it yet).
+        b.fetch_family("f5").unwrap();
+        // A snapshot needs a checkpoint, which starts a new segment: refused, so A never
+        // acknowledges a snapshot that B would not have.
+        assert!(fam.snapshot("disk", "snap").is_err());
+        let fam_b = b.open_family("f5", keys()).unwrap();
+        assert!(fam_b.volume("snap").is_err());
+        // B's own segments and checkpoints go on.
+        fam_b.snapshot("disk", "snap-b").unwrap();
+        drop(fam_b);
+        drop((vol, fam));
+        let c = tempfile::tempdir().unwrap();
+        let shared = _shared.clone();
+        let c = crate::DiskStore::open_shipped(
+            c.path().join("c"),
+            Arc::new(move |_id: &str| shared.clone() as Arc<dyn LogShip>),
+        )
+        .unwrap();
+        c.fetch_family("f5").unwrap();
+        let fam_c = c.open_family("f5", keys()).unwrap();
+        assert_eq!(
+            fam_c.volume("snap-b").unwrap().read_vec(0, 65536).unwrap(),
+            data(5, 65536)
+        );
+    }
+
+    #[test]
     fn a_flush_that_cannot_reach_shared_storage_fails_and_stops_the_family() {
         let (_d, a, _b, shared) = two_stores();
         let fam = a.create_family("f3", keys(), false).unwrap();
@@ -365,5 +437,9 @@ mod tests {
             fam_b.volume("disk").unwrap().read_vec(0, 4 << 20).unwrap(),
             data(2, 4 << 20)
         );
+        drop(fam_b);
+        // Deleting the family deletes its objects too.
+        b.delete_family("f4").unwrap();
+        assert!(shared.list().unwrap().is_empty());
     }
 }
