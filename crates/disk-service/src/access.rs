@@ -385,7 +385,8 @@ impl ExportResolver for NbdExports {
         let Some(node) = export_home(name) else {
             return Ok(None);
         };
-        if node == host.node_name() {
+        // On one node (SQLite) every export is this node's, whatever name it carries.
+        if node == host.node_name() || !host.shares_store() {
             return Ok(None);
         }
         let served = |why: &str| {

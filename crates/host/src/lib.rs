@@ -342,6 +342,13 @@ pub trait ServiceHost: Send + Sync + std::fmt::Debug {
         "local".into()
     }
 
+    /// Whether other nodes may share this node's store (PostgreSQL), so that what lives in one
+    /// node's data directory has a home. On one node (SQLite), no: everything is served here,
+    /// whatever homes were recorded.
+    fn shares_store(&self) -> bool {
+        false
+    }
+
     /// The nodes running now (each holding its presence lease), this one included, with
     /// where they serve; on one node, this one.
     async fn live_nodes(&self) -> Result<Vec<NodeCard>> {

@@ -15,6 +15,7 @@ use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Response, header};
 use kagi_core::{ErrorCode, KvError};
+use kagi_host::{ArmRequest, ResourceProvider};
 use kagi_vault::Platform;
 
 use crate::respond;
@@ -34,6 +35,44 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Clients kept, one per node; more nodes than this (names of nodes long gone) start the
 /// cache afresh.
 const KEPT_CLIENTS: usize = 64;
+
+/// The node other than this one that must serve `req` of `provider`
+/// ([`ResourceProvider::home`]), if any. None on one node (SQLite, a store no other node can
+/// share): everything is served here, whatever homes were recorded (a data directory copied
+/// elsewhere, or its `node-name` made anew).
+pub(crate) async fn home_elsewhere(
+    platform: &Platform,
+    provider: &dyn ResourceProvider,
+    req: &ArmRequest<'_>,
+) -> Result<Option<String>, KvError> {
+    if !platform.shares_store() {
+        return Ok(None);
+    }
+    Ok(provider
+        .home(req)
+        .await?
+        .filter(|home| home != platform.node_name()))
+}
+
+/// What `f` makes of a `method` request without a body on resource `id`, as a client would
+/// send it (to ask a provider where it is served, or to have it served).
+pub(crate) async fn on_resource<T>(
+    method: &str,
+    id: &str,
+    f: impl AsyncFnOnce(ArmRequest<'_>) -> T,
+) -> T {
+    let segs: Vec<&str> = id.trim_matches('/').split('/').collect();
+    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+    f(ArmRequest {
+        method,
+        segs: &segs,
+        l: &l,
+        body: &[],
+        wait: None,
+    })
+    .await
+}
 
 /// Whether `parts` arrived forwarded by another node.
 pub(crate) fn was_forwarded(parts: &Parts) -> bool {

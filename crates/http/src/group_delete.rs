@@ -27,11 +27,12 @@ use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{Method, Response, header};
 use kagi_core::KvError;
-use kagi_host::{ArmRequest, ResourceProvider};
+use kagi_host::ResourceProvider;
 use kagi_vault::{Platform, Principal};
 use serde_json::{Value, json};
 
 use crate::Services;
+use crate::forward::{home_elsewhere, on_resource};
 use crate::operations::{Outcome, accepted};
 use crate::respond;
 
@@ -206,24 +207,19 @@ async fn delete_one(
     provider: Arc<dyn ResourceProvider>,
     id: &str,
 ) -> Result<(), Refusal> {
-    let segs: Vec<&str> = id.trim_matches('/').split('/').collect();
-    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
-    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
-    let req = ArmRequest {
-        method: "DELETE",
-        segs: &segs,
-        l: &l,
-        body: &[],
-        wait: None,
-    };
-    let home = provider.home(&req).await.map_err(|e| Refusal::of(id, &e))?;
+    let home = on_resource("DELETE", id, async |req| {
+        home_elsewhere(p, provider.as_ref(), &req).await
+    })
+    .await
+    .map_err(|e| Refusal::of(id, &e))?;
     let (status, body) = match home {
-        Some(home) if home != p.node_name() => forwarded(p, request, &home, id).await?,
-        _ => {
-            let reply = provider
-                .handle(request.caller, req)
-                .await
-                .map_err(|e| Refusal::of(id, &e))?;
+        Some(home) => forwarded(p, request, &home, id).await?,
+        None => {
+            let reply = on_resource("DELETE", id, async |req| {
+                provider.handle(request.caller, req).await
+            })
+            .await
+            .map_err(|e| Refusal::of(id, &e))?;
             (reply.status, reply.body)
         }
     };

@@ -107,7 +107,9 @@ fn operation_node(op: &str) -> Option<&str> {
 /// `GET /subscriptions/{sub}/operationresults/{op}` (`parts`: the request): the outcome, from
 /// the node that ran the operation.
 pub(crate) async fn answer(p: &Platform, parts: &Parts, sub: &str, op: &str) -> Response<Body> {
+    // On one node (SQLite) an operation is this node's, whatever node its id names.
     if parts.method == Method::GET
+        && p.shares_store()
         && outcome(op, sub).is_none()
         && let Some(node) = operation_node(op)
         && node != p.node_name()

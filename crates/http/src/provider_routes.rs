@@ -40,14 +40,14 @@ pub(crate) async fn arm(
         body: &body,
         wait: prefer_wait(&parts.headers),
     };
-    match provider.home(&req).await {
-        Ok(Some(home)) if home != platform.node_name() => {
+    match crate::forward::home_elsewhere(platform, provider.as_ref(), &req).await {
+        Ok(Some(home)) => {
             if crate::forward::was_forwarded(parts) {
                 return crate::forward::misrouted(&home);
             }
             return crate::forward::forward(platform, &home, parts, body).await;
         }
-        Ok(_) => {}
+        Ok(None) => {}
         Err(e) => return respond::error(&e),
     }
     match provider.handle(caller, req).await {

@@ -21,8 +21,12 @@ const SERVERS_KEY: &str = "/kagi/sql-servers";
 const HOME_KIND: &str = "home";
 
 impl SqlService {
-    /// The node a server lives on, if recorded.
+    /// The node a server lives on, if recorded; none on one node (SQLite), whose every server
+    /// is its own whatever was recorded.
     pub(crate) async fn server_home(&self, server_id: &str) -> Result<Option<String>, KvError> {
+        if !self.host.shares_store() {
+            return Ok(None);
+        }
         Ok(self
             .host
             .document(SERVERS_KEY, HOME_KIND, &server_id.to_ascii_lowercase())

@@ -166,3 +166,45 @@ async fn a_database_follows_its_protector_through_revocation_and_back() {
         .unwrap();
     assert_eq!(v, "KAGI-SQL-MARKER-1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_one_node_a_server_whose_home_names_another_node_is_served_here() {
+    // One node (SQLite): a recorded home naming another node (this data directory copied
+    // elsewhere, or its node name made anew) is not followed.
+    let s = TestServer::start(Options::default()).await;
+    let sub = s.admin.subscription_id.clone();
+    let group = format!("/subscriptions/{sub}/resourceGroups/rg1");
+    let (st, v) = s
+        .arm("PUT", &group, Some(json!({"location": "westeurope"})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let svc = SqlService::new(s.platform.clone(), SqlConfig::default()).unwrap();
+    s.services.register(svc.clone());
+    let gateway = SqlGateway(svc.clone());
+    let server = format!("{group}/providers/Microsoft.Sql/servers/sqlhome");
+    let body = json!({"location": "westeurope",
+        "properties": {"administratorLogin": "kagiadmin", "administratorLoginPassword": "Str0ng!Passw0rd"}});
+    let (st, v) = s.arm("PUT", &server, Some(body)).await;
+    assert!(st == 200 || st == 201 || st == 202, "{st} {v}");
+    let database = format!("{server}/databases/app");
+    let (st, v) = s
+        .arm("PUT", &database, Some(json!({"location": "westeurope"})))
+        .await;
+    assert!(st == 200 || st == 201 || st == 202, "{st} {v}");
+
+    let host: &dyn kagi_host::ServiceHost = s.platform.as_ref();
+    host.put_document(
+        "/kagi/sql-servers",
+        "home",
+        &server.to_ascii_lowercase(),
+        &json!({"node": "another-data-directory-0a1b2c3d"}),
+    )
+    .await
+    .unwrap();
+    // Its requests are served here (not 503 naming the other node) …
+    let (st, v) = s.arm("GET", &database, None).await;
+    assert_eq!(st, 200, "{v}");
+    // … and so are its sessions.
+    let open = gateway.open("sqlhome", "app", "kagiadmin").await;
+    assert!(open.is_ok(), "{:?}", open.err());
+}

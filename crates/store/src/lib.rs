@@ -459,4 +459,7 @@ pub trait Store:
     /// Who holds the lease `name` now (unexpired, on the database's clock), if anyone. A
     /// SQLite store has one node, which holds every lease: `None` there.
     async fn lease_holder(&self, name: &str) -> Result<Option<String>>;
+
+    /// Whether other nodes may share this store (PostgreSQL). A SQLite file is one node's.
+    fn shared(&self) -> bool;
 }

@@ -915,6 +915,10 @@ impl Store for SqlStore {
         }
     }
 
+    fn shared(&self) -> bool {
+        self.dialect == Dialect::Postgres
+    }
+
     async fn change_marks_for(&self, vault: &str) -> Result<Vec<(String, i64)>> {
         match self.dialect {
             Dialect::Sqlite => Ok(Vec::new()),

@@ -131,6 +131,13 @@ impl Platform {
         }
     }
 
+    /// Whether other nodes may share this node's store (PostgreSQL). On one node (SQLite)
+    /// homes mean nothing: everything is served here, whatever node names were recorded (a
+    /// data directory copied elsewhere, or its `node-name` made anew).
+    pub fn shares_store(&self) -> bool {
+        self.store.shared()
+    }
+
     /// The nodes running now, this one first. On one node (SQLite) only this one.
     pub async fn live_nodes(&self) -> Result<Vec<NodeCard>, KvError> {
         let mut nodes = vec![NodeCard {

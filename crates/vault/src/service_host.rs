@@ -208,6 +208,10 @@ impl ServiceHost for Platform {
         self.node_name.clone()
     }
 
+    fn shares_store(&self) -> bool {
+        Platform::shares_store(self)
+    }
+
     async fn live_nodes(&self) -> Result<Vec<kagi_host::NodeCard>> {
         Platform::live_nodes(self).await
     }
