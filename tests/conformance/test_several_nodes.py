@@ -1057,3 +1057,65 @@ def test_nbd_connections_reaching_another_node_are_forwarded_to_the_disks_home(t
             p.stop()
         for n in (first, *first.cluster):
             n.stop()
+
+
+def test_a_move_of_disks_runs_on_their_home(tmp_path, monkeypatch):
+    """moveResources of a disk is forwarded to the disk's home, whose memory holds its accesses:
+    through the other node, a disk with an access open on its home is refused, and once the
+    access has ended it moves, its Location answered through the other node too. Disks of two
+    homes in one request are refused with 409 CrossNodeOperationNotSupported naming both."""
+    import test_disks as disks
+    from conftest import _start_cluster
+
+    api = "2021-04-01"
+    monkeypatch.setenv("KAGI_CONFORMANCE_POSTGRES", pg_server_url())
+    monkeypatch.delenv("KAGI_CONFORMANCE_BLOBS", raising=False)
+    first = _start_cluster(tmp_path, 2)
+    n2 = first.cluster[0]
+    try:
+        target = "kagi-moves-target"
+        first.put_rg(DEFAULT_RG)
+        first.put_rg(target)
+        via1, via2 = Via(first, first), Via(first, n2)
+        name1 = (first.data_dir / "node-name").read_text().strip()
+        name2 = (n2.data_dir / "node-name").read_text().strip()
+        sub = first.subscription_id
+
+        def move(via, ids, action="moveResources"):
+            return via.request(
+                "POST", via.arm(f"/subscriptions/{sub}/resourceGroups/{DEFAULT_RG}/{action}", api),
+                json={"resources": ids, "targetResourceGroup": f"/subscriptions/{sub}/resourceGroups/{target}"})
+
+        on1, disk1 = disks.create_disk(via1)
+        on2, disk2 = disks.create_disk(via2)
+        # Two homes in one request.
+        r = move(via1, [disk1["id"], disk2["id"]])
+        assert r.status_code == 409, (r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["innererror"]["code"] == "CrossNodeOperationNotSupported", r.text
+        assert name1 in error["message"] and name2 in error["message"], r.text
+
+        # The access is open in node 2's memory: through node 1, the move is refused there.
+        disks.grant_access(via1, on2, "Read")
+        for action in ("validateMoveResources", "moveResources"):
+            r = move(via1, [disk2["id"]], action)
+            assert r.status_code == 409, (action, r.status_code, r.text)
+            assert r.json()["error"]["code"] == "ResourceMoveProviderValidationFailed", r.text
+        disks.end_access(via1, on2)
+        r = move(via1, [disk2["id"]])
+        assert r.status_code == 202, (r.status_code, r.text)
+        location = r.headers["Location"]
+        # The operation ran on node 2; polled through node 1.
+        assert location.split("/operationresults/")[1].split("?")[0].endswith(f"-{name2}"), location
+        path = location.split(f":{first.port}", 1)[1]
+        assert via1.request("GET", f"{via1.base}{path}").status_code == 204
+        moved = disks.compute_path(via1, "disks", on2, rg=target)
+        got = disks.ok(disks.arm(via1, "GET", moved))
+        assert got["id"].lower() == moved.lower(), got
+        # Still served by its home: an access through node 1 opens on node 2.
+        r = disks.arm(via1, "POST", moved + "/beginGetAccess", {"access": "Read", "durationInSeconds": 600})
+        assert str(n2.data_dir) in disks.ok(r)["accessSAS"]
+        disks.ok(disks.arm(via1, "POST", moved + "/endGetAccess"), 200, 204)
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()

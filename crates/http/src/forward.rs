@@ -45,13 +45,22 @@ pub(crate) async fn home_elsewhere(
     provider: &dyn ResourceProvider,
     req: &ArmRequest<'_>,
 ) -> Result<Option<String>, KvError> {
+    Ok(home_node(platform, provider, req)
+        .await?
+        .filter(|home| home != platform.node_name()))
+}
+
+/// The node that must serve `req` of `provider`, this one included, if it names one; none on
+/// one node (see [`home_elsewhere`]).
+pub(crate) async fn home_node(
+    platform: &Platform,
+    provider: &dyn ResourceProvider,
+    req: &ArmRequest<'_>,
+) -> Result<Option<String>, KvError> {
     if !platform.shares_store() {
         return Ok(None);
     }
-    Ok(provider
-        .home(req)
-        .await?
-        .filter(|home| home != platform.node_name()))
+    provider.home(req).await
 }
 
 /// What `f` makes of a `method` request without a body on resource `id`, as a client would

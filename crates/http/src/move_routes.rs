@@ -33,6 +33,12 @@
 //! the resource's error in `details` (and its code in `innererror`), as ARM does. Every
 //! resource is validated before any moves; if one of several then fails to move, those already
 //! moved are moved back.
+//!
+//! **Where it runs.** A disk, snapshot or image lives on one node of several, its home
+//! (docs/SEVERAL_NODES.md, "Homes"), whose memory holds its open accesses: a request moving
+//! (or validating the move of) resources whose home is another node is forwarded there whole
+//! (`crate::forward`; its `Location` names that node, which answers the polls). Resources with
+//! homes on two nodes cannot move in one request: 409 `CrossNodeOperationNotSupported`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -45,6 +51,7 @@ use kagi_vault::{Platform, Principal};
 use serde_json::{Value, json};
 
 use crate::Services;
+use crate::forward::{home_node, on_resource};
 use crate::operations::{Outcome, accepted};
 use crate::respond::{self, parse_json};
 
@@ -222,10 +229,51 @@ fn is_provider_refusal(e: &KvError) -> bool {
     matches!(e.status(), 400 | 409) && e.inner != Some("ResourceNotInSourceResourceGroup")
 }
 
-/// Who moves what: the platform (key vaults) and the registered storage services (theirs).
+/// Who moves what: the platform (key vaults) and the registered storage services (theirs),
+/// for the request `parts` (forwarded as it came when what it moves lives on another node).
 struct Movers<'a> {
     p: &'a Arc<Platform>,
     services: Services,
+    parts: &'a axum::http::request::Parts,
+}
+
+/// Where the move of `items` must run: the one node other than this one that is the home of
+/// every resource of `items` that has a home, if there is one; none when they all live here
+/// or have no home. 409 `CrossNodeOperationNotSupported` when they live on different nodes.
+async fn home_of_items(m: &Movers<'_>, items: &[Item]) -> Result<Option<String>, KvError> {
+    // (node, resource) of every resource that lives on one node.
+    let mut homed: Vec<(String, &str)> = Vec::new();
+    for item in items {
+        let Kind::Provider(ty) = item.kind else {
+            continue;
+        };
+        let Some(provider) = m.services.provider_of_type(ty) else {
+            continue;
+        };
+        let home = on_resource("GET", &item.id, async |req| {
+            home_node(m.p, provider.as_ref(), &req).await
+        })
+        .await?;
+        if let Some(home) = home {
+            homed.push((home, &item.id));
+        }
+    }
+    let Some((first, _)) = homed.first() else {
+        return Ok(None);
+    };
+    if homed.iter().all(|(h, _)| h == first) {
+        return Ok(Some(first.clone()).filter(|h| h != m.p.node_name()));
+    }
+    let placed: Vec<String> = homed
+        .iter()
+        .map(|(h, id)| format!("'{}' on '{h}'", kagi_core::ids::printable(id)))
+        .collect();
+    Err(KvError::conflict(format!(
+        "The resources to move live on different nodes ({}): a move runs on the node that \
+         holds them. Move the resources of each node in a request of their own.",
+        placed.join(", ")
+    ))
+    .with_inner("CrossNodeOperationNotSupported"))
 }
 
 async fn move_one(
@@ -303,6 +351,7 @@ pub(crate) async fn arm(
             .get::<Services>()
             .cloned()
             .unwrap_or_default(),
+        parts,
     };
     Some(
         match moves(
@@ -335,6 +384,14 @@ async fn moves(
     m.p.get_resource_group(caller, source_sub, source_rg)
         .await?;
     let req = parse_request(source_sub, source_rg, body, &m.services.movable_types())?;
+    // On the node the resources live on.
+    if let Some(home) = home_of_items(m, &req.items).await? {
+        if crate::forward::was_forwarded(m.parts) {
+            return Ok(crate::forward::misrouted(&home));
+        }
+        let body = axum::body::Bytes::copy_from_slice(body);
+        return Ok(crate::forward::forward(m.p, &home, m.parts, body).await);
+    }
     // Every resource passes before any moves.
     for item in &req.items {
         if let Err(e) = move_one(m, caller, item, &req.target_sub, &req.target_rg, true).await {

@@ -140,6 +140,38 @@ async fn on_one_node_what_names_another_home_is_served_here() {
     let (st, v) = s.arm("GET", &thing, None).await;
     assert_eq!(st, 200, "{v}");
 
+    // Moved here.
+    let (st, v) = s
+        .arm(
+            "PUT",
+            &format!("/subscriptions/{sub}/resourceGroups/rg2"),
+            Some(json!({"location": "westeurope"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let moving = format!("{group}/providers/Contoso.Homed/things/t2");
+    let (st, v) = s
+        .arm("PUT", &moving, Some(json!({"location": "westeurope"})))
+        .await;
+    assert!(st == 200 || st == 201, "{st} {v}");
+    let (st, v) = s
+        .arm(
+            "POST",
+            &format!("{group}/moveResources"),
+            Some(json!({"resources": [moving],
+                "targetResourceGroup": format!("/subscriptions/{sub}/resourceGroups/rg2")})),
+        )
+        .await;
+    assert_eq!(st, 202, "{v}");
+    let (st, v) = s
+        .arm(
+            "GET",
+            &format!("/subscriptions/{sub}/resourceGroups/rg2/providers/Contoso.Homed/things/t2"),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+
     // The group's deletion deletes it here too.
     let r = s
         .client()
@@ -161,6 +193,14 @@ async fn on_one_node_what_names_another_home_is_served_here() {
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(
         *homed.served.lock().unwrap(),
-        ["PUT t1", "GET t1", "DELETE t1"]
+        [
+            "PUT t1",
+            "GET t1",
+            "PUT t2",
+            "move true rg2",
+            "move false rg2",
+            "GET t2",
+            "DELETE t1"
+        ]
     );
 }
