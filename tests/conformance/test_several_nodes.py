@@ -1059,6 +1059,11 @@ def test_nbd_connections_reaching_another_node_are_forwarded_to_the_disks_home(t
             n.stop()
 
 
+def node_name(node):
+    """The name a node keeps in its data directory."""
+    return (node.data_dir / "node-name").read_text().strip()
+
+
 def test_a_move_of_disks_runs_on_their_home(tmp_path, monkeypatch):
     """moveResources of a disk is forwarded to the disk's home, whose memory holds its accesses:
     through the other node, a disk with an access open on its home is refused, and once the
@@ -1077,8 +1082,7 @@ def test_a_move_of_disks_runs_on_their_home(tmp_path, monkeypatch):
         first.put_rg(DEFAULT_RG)
         first.put_rg(target)
         via1, via2 = Via(first, first), Via(first, n2)
-        name1 = (first.data_dir / "node-name").read_text().strip()
-        name2 = (n2.data_dir / "node-name").read_text().strip()
+        name1, name2 = node_name(first), node_name(n2)
         sub = first.subscription_id
 
         def move(via, ids, action="moveResources"):
@@ -1116,6 +1120,77 @@ def test_a_move_of_disks_runs_on_their_home(tmp_path, monkeypatch):
         r = disks.arm(via1, "POST", moved + "/beginGetAccess", {"access": "Read", "durationInSeconds": 600})
         assert str(n2.data_dir) in disks.ok(r)["accessSAS"]
         disks.ok(disks.arm(via1, "POST", moved + "/endGetAccess"), 200, 204)
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
+def test_sql_operations_joining_servers_of_two_nodes_are_refused(tmp_path):
+    """A geo-secondary joins the databases of two servers, which must live on one node: with
+    the first server's node down, a server made through the other node lives there, and once
+    the first node is back a geo-secondary of the first server's database on it is refused with
+    409 CrossNodeOperationNotSupported naming both servers and nodes (while one on a server of
+    the same node is made). A link whose servers came to live on different nodes cannot fail
+    over either."""
+    import psycopg
+    import requests
+    import test_sql as sql
+
+    first = start_sql_cluster(tmp_path, 2)
+    n2 = first.cluster[0]
+    try:
+        first.put_rg(DEFAULT_RG)
+        via1, via2 = Via(first, first), Via(first, n2)
+        name1, name2 = node_name(first), node_name(n2)
+        primary, _ = sql.create_server(via1, identity=False)
+        db, _ = sql.create_db(via1, primary)
+        source = sql.sql_path(via1, primary, f"/databases/{db}")
+        # Made while node 1 runs: on node 1, with the primary.
+        partner, _ = sql.create_server(via2, identity=False)
+
+        def secondary(via, server):
+            return sql.arm(via, "PUT", sql.sql_path(via, server, f"/databases/{db}"),
+                           {"location": "westus2", "properties": {"createMode": "Secondary",
+                                                                 "sourceDatabaseId": source}})
+
+        # Node 1 down (its presence lapsed): a server made through node 2 lives on node 2.
+        first.stop()
+        body = {"location": "westus2",
+                "properties": {"administratorLogin": sql.ADMIN, "administratorLoginPassword": sql.PASSWORD}}
+        elsewhere = random_name("sqlb", 10).lower()
+
+        def answers(via, method, path, body=None):
+            try:
+                return sql.arm(via, method, path, body).status_code in (200, 201)
+            except requests.RequestException:
+                return False  # a node starting
+
+        until(lambda: answers(via2, "PUT", sql.sql_path(via2, elsewhere), body), bound=30)
+        first.start()
+        # Back, and seen running by node 2.
+        until(lambda: answers(via2, "GET", sql.sql_path(via2, primary)), bound=30)
+
+        for via in (via1, via2):
+            r = secondary(via, elsewhere)
+            assert r.status_code == 409, (r.status_code, r.text)
+            error = r.json()["error"]
+            assert error["code"] == "CrossNodeOperationNotSupported", r.text
+            for name in (primary, elsewhere, name1, name2):
+                assert name in error["message"], (name, r.text)
+        assert sql.arm(via1, "GET", sql.sql_path(via1, elsewhere, f"/databases/{db}")).status_code == 404
+
+        # On a server of the primary's node, the geo-secondary is made.
+        sql.ok(secondary(via2, partner), 200, 201)
+        lid = sql.ok(sql.arm(via1, "GET", sql.sql_path(via1, partner, f"/databases/{db}/replicationLinks")))["value"][0]["name"]
+        # The partner's home recorded as node 2 (as if it had come to live there): its failover
+        # is refused, not run on either node.
+        store = first.extra_args[first.extra_args.index("--store") + 1]
+        with psycopg.connect(store, autocommit=True) as c:
+            n = c.execute("UPDATE service_documents SET body = %s WHERE kind = 'home' AND name LIKE %s",
+                          (f'{{"node": "{name2}"}}', f"%/servers/{partner}")).rowcount
+            assert n == 1, n
+        r = sql.arm(via1, "POST", sql.sql_path(via1, partner, f"/databases/{db}/replicationLinks/{lid}/failover"))
+        assert r.status_code == 409 and r.json()["error"]["code"] == "CrossNodeOperationNotSupported", r.text
     finally:
         for n in (first, *first.cluster):
             n.stop()

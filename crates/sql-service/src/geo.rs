@@ -294,6 +294,8 @@ impl SqlService {
                 "A geo-secondary is on another server than its primary.",
             ));
         }
+        self.check_same_home("A geo-secondary", server, &pserver)
+            .await?;
         let _pg = self.db_lock(&pserver, db_name).await;
         let mut pdb = self.database(&pserver, db_name).await.map_err(|e| {
             if e.code == ErrorCode::ResourceNotFound {
@@ -912,6 +914,9 @@ impl SqlService {
         if !link.is_secondary() {
             // Already the primary: nothing to do, as in Azure.
             return Ok((200, self.link_view(server, &sdb, &link).await));
+        }
+        if let Some(pserver) = self.server_by_id(&link.partner_server_id) {
+            self.check_same_home("A failover", server, &pserver).await?;
         }
         if sdb.is_seeding() {
             return Err(KvError::conflict(format!(

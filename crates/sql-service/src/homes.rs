@@ -71,6 +71,36 @@ impl SqlService {
             .filter(|home| *home != self.host.node_name()))
     }
 
+    /// Refuses `what` (an operation joining the databases of `server`, served here, and of
+    /// `partner`) when the two servers live on different nodes: each node opens only the
+    /// databases in its own data directory, so the operation cannot run on either. A server
+    /// with no home recorded is served here (one node, or made before homes were recorded).
+    pub(crate) async fn check_same_home(
+        &self,
+        what: &str,
+        server: &Value,
+        partner: &Value,
+    ) -> Result<(), KvError> {
+        let me = self.host.node_name();
+        let here = self.server_home(&id_of_body(server)).await?;
+        let there = self.server_home(&id_of_body(partner)).await?;
+        let (here, there) = (here.unwrap_or_else(|| me.clone()), there.unwrap_or(me));
+        if here == there {
+            return Ok(());
+        }
+        let name = |s: &Value| s["name"].as_str().unwrap_or_default().to_string();
+        Err(KvError::conflict(format!(
+            "{what} joins the databases of servers '{}' and '{}', which live on different \
+             kagi nodes ('{here}' and '{there}'): a server's databases are in its node's data \
+             directory, and kagi does not join databases across nodes. Use servers that live on \
+             one node (a new server lives on the node of the servers made before it while that \
+             node runs).",
+            name(server),
+            name(partner)
+        ))
+        .with_inner("CrossNodeOperationNotSupported"))
+    }
+
     /// The servers this node looks after (see [`SqlService::homed_here`]).
     pub(crate) async fn local_servers(&self) -> Vec<Value> {
         let mut mine = Vec::new();
