@@ -28,11 +28,16 @@ use crate::wire;
 /// from being forwarded a second time.
 pub const FORWARDED_BY: &str = "kagi_forwarded_by";
 
+/// How errors name an upstream to a client, which has not authenticated yet.
+pub const UPSTREAM_PHRASE: &str = "the node serving this server";
+
 /// Another front end serving a server's databases: where to reach it and how to trust it.
 /// Returned by [`crate::Gateway::upstream`].
 #[derive(Clone)]
 pub struct Upstream {
-    /// How error messages name it, a phrase such as `the node 'n2'`.
+    /// How the logs name it, a phrase such as `the node 'n2'`. The client is told only of
+    /// [`UPSTREAM_PHRASE`]: it has not authenticated yet, and learns no node's name or
+    /// address.
     pub name: String,
     /// Its PostgreSQL listener, `HOST:PORT`.
     pub address: String,
@@ -87,15 +92,25 @@ impl Upstream {
 }
 
 /// A TLS connection to `up`: TCP, SSLRequest, handshake, all within `timeout`. Errors are
-/// FATAL 57P03 (retry later) naming the upstream, or 08006 when it speaks no TLS or fails the
-/// handshake (a configuration fault, retrying does not help).
+/// FATAL 57P03 (retry later), or 08006 when it speaks no TLS or fails the handshake (a
+/// configuration fault, retrying does not help); they name the upstream and say why in the
+/// log only (see [`Upstream::name`]).
 pub(crate) async fn connect(
     up: &Upstream,
     timeout: Duration,
 ) -> Result<TlsStream<TcpStream>, PgError> {
     let unreachable = |why: String| {
-        PgError::unavailable(format!("{} cannot be reached now ({why})", up.name))
+        tracing::warn!(upstream = %up.name, address = %up.address, reason = %why, "cannot reach the upstream");
+        PgError::unavailable(format!("{UPSTREAM_PHRASE} cannot be reached now"))
             .with_hint("retry the connection")
+    };
+    // `what` for the client, `why` for the log.
+    let misconfigured = |what: &str, why: String| {
+        tracing::error!(upstream = %up.name, address = %up.address, reason = %why, "cannot connect to the upstream");
+        PgError::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            format!("{UPSTREAM_PHRASE} {what}"),
+        )
     };
     let attempt = async {
         let mut tcp = TcpStream::connect(&up.address)
@@ -112,26 +127,21 @@ pub(crate) async fn connect(
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         if answer[0] != b'S' {
-            return Err(PgError::fatal(
-                sqlstate::CONNECTION_FAILURE,
-                format!("{} does not accept TLS connections", up.name),
+            return Err(misconfigured(
+                "does not accept TLS connections",
+                "no TLS".into(),
             ));
         }
         let name = ServerName::try_from(up.tls_name.clone()).map_err(|_| {
-            PgError::fatal(
-                sqlstate::CONNECTION_FAILURE,
+            misconfigured(
+                "has no valid TLS name",
                 format!("invalid TLS name \"{}\"", up.tls_name),
             )
         })?;
         tokio_rustls::TlsConnector::from(Arc::clone(&up.tls))
             .connect(name, tcp)
             .await
-            .map_err(|e| {
-                PgError::fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    format!("TLS with {} failed: {e}", up.name),
-                )
-            })
+            .map_err(|e| misconfigured("failed the TLS handshake", e.to_string()))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,

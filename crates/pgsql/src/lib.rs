@@ -37,7 +37,7 @@ pub mod types;
 pub mod wire;
 
 pub use error::{PgError, ServeError, Severity, sqlstate};
-pub use forward::{FORWARDED_BY, Upstream};
+pub use forward::{FORWARDED_BY, UPSTREAM_PHRASE, Upstream};
 pub use gateway::{Credential, Gateway, LoginChange, OpenDatabase, Termination, Terminator};
 /// The SQLite binding of [`OpenDatabase::connection`].
 pub use rusqlite;

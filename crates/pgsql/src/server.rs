@@ -602,10 +602,11 @@ async fn forward_to(
 ) -> Result<Forward, Abort> {
     if let Some(by) = forwarded_by {
         // The other front end thought this one serves the server (the Gateway's view changed
-        // meanwhile): forwarding again could loop.
+        // meanwhile): forwarding again could loop. Nodes are named in the log only: the
+        // client has not authenticated.
+        tracing::warn!(server, upstream = %up.name, forwarded_by = by, "a forwarded connection would be forwarded again");
         return Err(PgError::unavailable(format!(
-            "server \"{server}\" is served by {}, and this connection was already forwarded once (by '{by}')",
-            up.name
+            "server \"{server}\" is served by another node, and this connection was already forwarded once"
         ))
         .with_hint("retry the connection")
         .into());

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use kagi_core::{ErrorCode, KvError};
 use kagi_pgsql::{
-    Credential, Gateway, LoginChange, OpenDatabase as Session, PgError, Upstream, sqlstate,
+    Credential, Gateway, LoginChange, OpenDatabase as Session, PgError, UPSTREAM_PHRASE, Upstream,
+    sqlstate,
 };
 use serde_json::Value;
 
@@ -118,11 +119,16 @@ impl Gateway for SqlGateway {
         let Some(home) = self.0.home_elsewhere(&s).await.map_err(pg_error)? else {
             return Ok(None);
         };
+        // The reason names the node: the log's, not the client's, which has not authenticated.
         let address = self
             .0
             .home_sql_endpoint(server, &home)
             .await
-            .map_err(pg_error)?;
+            .map_err(|e| {
+                tracing::warn!(server, node = %home, reason = %e.message, "cannot forward a connection to the server's home");
+                PgError::unavailable(format!("{UPSTREAM_PHRASE} cannot be reached now"))
+                    .with_hint("retry the connection")
+            })?;
         let config = self.0.host.config();
         // Every node of a cluster has the same CA (copied with the root key): the home's
         // certificate for the server's host name chains to it.
@@ -156,7 +162,8 @@ impl Gateway for SqlGateway {
         // Its databases are opened only where their files are (`upstream` sent the connection
         // there, unless the home changed meanwhile).
         if let Some(home) = self.0.home_elsewhere(&s).await.map_err(pg_error)? {
-            return Err(pg_error(crate::homes::served_elsewhere(server, &home)));
+            tracing::warn!(server, node = %home, "a connection for a server of another node reached this one");
+            return Err(pg_error(crate::homes::served_elsewhere(server)));
         }
         // The server's Entra administrator signs in with an access token as the password.
         if entra_admin(&s).is_some_and(|(name, _)| name.eq_ignore_ascii_case(login)) {

@@ -208,10 +208,11 @@ impl SqlService {
 }
 
 /// The answer of a node asked to open a server that lives on another (a connection that was
-/// not forwarded there: the homes changed while it started).
-pub(crate) fn served_elsewhere(server: &str, home: &str) -> KvError {
+/// not forwarded there: the homes changed while it started). It names no node: the client has
+/// not authenticated.
+pub(crate) fn served_elsewhere(server: &str) -> KvError {
     KvError::new(
         ErrorCode::ServiceUnavailable,
-        format!("The server '{server}' is served by the node '{home}'. Retry the connection."),
+        format!("The server '{server}' is served by another node. Retry the connection."),
     )
 }
