@@ -736,6 +736,9 @@ def test_a_disk_whose_home_died_is_taken_over_from_the_bucket(tmp_path, monkeypa
         for o in objects:
             assert marker not in bucket.get(f"disks/{o}"), o
 
+        # An access granted by the home and left open when it dies.
+        stale_uri = disks.grant_access(via2, name, "Read")
+        assert str(n2.data_dir) in stale_uri, stale_uri
         # Home killed: once its presence lease has run out, node 1 takes the family over.
         n2.kill9()
         started = time.monotonic()
@@ -758,6 +761,9 @@ def test_a_disk_whose_home_died_is_taken_over_from_the_bucket(tmp_path, monkeypa
         # The old home back: it forwards to the new one, and never writes the family again.
         n2.start()
         until(lambda: up(via2) and disks.arm(via2, "GET", disks.compute_path(via2, "disks", name)).ok, bound=30)
+        # Its old access does not open its stale copy of the family.
+        r = disks.run("qemu-img", "convert", "-f", "raw", "-O", "raw", stale_uri, tmp_path / "stale.raw", check=False)
+        assert r.returncode != 0 and "is served by the node" in r.stderr, r.stdout + r.stderr
         uri = disks.grant_access(via2, name, "Read")
         assert str(first.data_dir) in uri and str(n2.data_dir) not in uri, uri
         got = disks.read_back(uri, tmp_path / "again.raw", 8 * 1024 * 1024 + 65536)

@@ -584,10 +584,38 @@ impl DiskService {
         let keys = disk_keys(self.host.as_ref(), body).ok_or_else(|| internal("disk", "no id"))?;
         let inner = keys.inner_key().await?;
         let place = keys.place().await?;
-        // Opening replays and checks the family's log: a blocking thread's work.
+        // With the log in the bucket another node may have taken the family over: a copy
+        // here is then stale and never opened (an access this node granted before, say).
+        let me = self.host.node_name();
+        let refetch = match self.store.is_shipped() {
+            true => match self.recorded_home(&place.family).await? {
+                Some(home) if home != me => {
+                    return Err(KvError::new(
+                        ErrorCode::ServiceUnavailable,
+                        format!(
+                            "The disk is served by the node '{home}' now; ask again for an \
+                             access (beginGetAccess) to reach it there."
+                        ),
+                    ));
+                }
+                _ => true,
+            },
+            false => false,
+        };
+        // Opening replays and checks the family's log: a blocking thread's work. A home
+        // whose copy a takeover that did not finish made stale fetches its family back
+        // (what it acknowledged is in the bucket).
         let store = self.store.clone();
         let (family, volume) = tokio::task::spawn_blocking(move || {
-            let family = store.open_family(&place.family, family_keys(dek, inner))?;
+            let first = family_keys(dek.clone(), inner.clone());
+            let family = match store.open_family(&place.family, first) {
+                Err(kagi_disk::DiskError::TakenOver) if refetch => {
+                    tracing::warn!(family = %place.family, "disk family fetched back from the bucket after a takeover that did not finish");
+                    store.fetch_family(&place.family)?;
+                    store.open_family(&place.family, family_keys(dek, inner))?
+                }
+                r => r?,
+            };
             let volume = family.volume(&place.volume)?;
             Ok::<_, kagi_disk::DiskError>((family, volume))
         })

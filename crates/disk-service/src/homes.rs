@@ -63,7 +63,7 @@ impl DiskService {
     }
 
     /// The node recorded as `family`'s home.
-    async fn recorded_home(&self, family: &str) -> Result<Option<String>, KvError> {
+    pub(crate) async fn recorded_home(&self, family: &str) -> Result<Option<String>, KvError> {
         Ok(self
             .host
             .document(FAMILIES_KEY, HOME_KIND, family)
@@ -123,8 +123,16 @@ impl DiskService {
             .map_err(|e| match e {
                 kagi_disk::DiskError::Busy => KvError::new(
                     ErrorCode::ServiceUnavailable,
-                    "The disk is still open on this node from before it lost its presence; \
-                     retry the request once its connections have closed.",
+                    "The disk is still open on this node from before it lost its presence, or \
+                     another node is taking it over; retry the request.",
+                ),
+                kagi_disk::DiskError::NotFound(_) => KvError::new(
+                    ErrorCode::ServiceUnavailable,
+                    format!(
+                        "The disk's node '{gone}' is not running, and the disk's log is not in \
+                         the bucket yet (the disk was last opened before its log was shipped): \
+                         it is served again when that node is back."
+                    ),
                 ),
                 e => internal("taking a disk family over", e),
             })?;

@@ -37,6 +37,7 @@ pub mod keeper;
 mod keys;
 pub mod routes;
 mod runtime;
+mod shipping;
 mod snapshots;
 
 use std::collections::HashMap;
@@ -137,9 +138,13 @@ impl DiskService {
             .connect
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], c.port)));
         let user_agent = concat!("kagi-disk-service/", env!("CARGO_PKG_VERSION"));
-        let store = kagi_disk::DiskStore::open(c.data_dir.join("disks"))
-            .map(Arc::new)
-            .map_err(|e| keys::internal("opening the disk store", e))?;
+        let root = c.data_dir.join("disks");
+        let store = match shipping::factory(&c.blobs, &root) {
+            Some(factory) => kagi_disk::DiskStore::open_shipped(root, factory),
+            None => kagi_disk::DiskStore::open(root),
+        }
+        .map(Arc::new)
+        .map_err(|e| keys::internal("opening the disk store", e))?;
         let nbd_socket = config
             .nbd_socket
             .clone()

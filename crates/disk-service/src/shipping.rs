@@ -77,16 +77,30 @@ impl LogShip for BucketLog {
     fn put_new(&self, object: LogObject, bytes: &[u8]) -> io::Result<()> {
         let folder = self.folder()?;
         let payload = PutPayload::from(bytes.to_vec());
+        let mine = bytes.to_vec();
         wait(async move {
             let create = PutOptions {
                 mode: PutMode::Create,
                 ..PutOptions::default()
             };
-            folder
-                .put_opts(&ObjectPath::from(object.name()), payload, create)
+            let path = ObjectPath::from(object.name());
+            match folder
+                .put_opts(&path, payload, create)
                 .await
-                .map(|_| ())
                 .map_err(io_error)
+            {
+                // The client retries a request whose answer was lost: a create that had been
+                // done then finds its own object. Only the same bytes are this writer's (a
+                // fence is empty; a piece, header or checkpoint never is).
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !mine.is_empty() => {
+                    let there = folder.get(&path).await.map_err(io_error)?;
+                    match there.bytes().await.map_err(io_error)? == mine.as_slice() {
+                        true => Ok(()),
+                        false => Err(e),
+                    }
+                }
+                r => r.map(|_| ()),
+            }
         })
     }
 
@@ -178,9 +192,22 @@ mod tests {
         log.put_new(piece, b"records").unwrap();
         let again = log.put_new(piece, b"other").unwrap_err();
         assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+        // The same bytes again (a retried create whose answer was lost) are no conflict; a
+        // fence (empty) where one is is.
+        log.put_new(piece, b"records").unwrap();
+        log.put_new(LogObject::Takeover(1), b"").unwrap();
+        let fenced = log.put_new(LogObject::Takeover(1), b"").unwrap_err();
+        assert_eq!(fenced.kind(), io::ErrorKind::AlreadyExists);
         let mut listed = log.list().unwrap();
         listed.sort();
-        assert_eq!(listed, vec![(LogObject::Header, 6), (piece, 7)]);
+        assert_eq!(
+            listed,
+            vec![
+                (LogObject::Header, 6),
+                (LogObject::Takeover(1), 0),
+                (piece, 7)
+            ]
+        );
         assert_eq!(log.get(piece).unwrap(), b"records");
         // Under the family's folder in the bucket.
         let names: Vec<String> = wait(async move {
@@ -196,7 +223,10 @@ mod tests {
         rt.block_on(async {
             log.delete(&[piece, LogObject::Checkpoint(9)]).unwrap();
         });
-        assert_eq!(log.list().unwrap(), vec![(LogObject::Header, 6)]);
+        assert_eq!(
+            log.list().unwrap(),
+            vec![(LogObject::Header, 6), (LogObject::Takeover(1), 0)]
+        );
         assert_eq!(log.get(piece).unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 

@@ -67,6 +67,11 @@ pub enum DiskError {
     /// Another process (or another open in this one that is being dropped) holds the family.
     #[error("the disk family is open elsewhere")]
     Busy,
+
+    /// Another process took the family over from shared storage after this copy was made
+    /// (`DiskStore::fetch_family`): this copy is stale and is never opened again.
+    #[error("the disk family was taken over by another process; this copy is stale")]
+    TakenOver,
     /// A write or sync failed earlier; nothing more is written until the family is reopened
     /// (after a failed fsync the kernel may have dropped dirty pages, so carrying on could
     /// acknowledge writes that are lost).

@@ -340,6 +340,20 @@ impl Inner {
         let (shipped, shipped_checkpoints) = match &ship {
             Some(s) => {
                 let listing = s.list()?;
+                // Taken over by another process since this copy was made: stale for good.
+                if crate::ship::epoch(&listing) > read_epoch(&dir)? {
+                    return Err(DiskError::TakenOver);
+                }
+                // A family made before its log was shipped: its header goes up now, its
+                // segments with the checkpoint below.
+                if !listing.iter().any(|(o, _)| *o == LogObject::Header) {
+                    match s.put_new(LogObject::Header, &std::fs::read(dir.join("family"))?) {
+                        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                            return Err(e.into());
+                        }
+                        _ => {}
+                    }
+                }
                 let checkpoints = crate::ship::checkpoints(&listing).collect();
                 (shipped_segments(&listing), checkpoints)
             }
@@ -465,12 +479,13 @@ impl Inner {
         if no > u32::MAX as u64 {
             return Err(DiskError::NoSpace);
         }
-        let seg = Arc::new(Segment::create(
-            &self.seg_dir,
-            no,
-            &self.header.uid,
-            self.ct_len,
-        )?);
+        let seg = Segment::create(&self.seg_dir, no, &self.header.uid, self.ct_len);
+        // Shipping: a burnt number must never be followed by a later claim, or a takeover's
+        // fence (the number after the last claimed one) would not stop this writer.
+        let seg = Arc::new(match seg {
+            Err(e) if self.ship.is_some() => return Err(self.fail(e)),
+            seg => seg?,
+        });
         write(&self.segments).insert(no, seg.clone());
         self.claim(&seg).map_err(|e| self.fail(e))?;
         let old = std::mem::replace(&mut log.cur, seg);
@@ -673,7 +688,10 @@ impl Inner {
         let mut doomed = Vec::new();
         for no in segments {
             if let Some(s) = shipped.remove(no) {
-                doomed.extend(s.starts.iter().map(|start| LogObject::Piece {
+                // A fence stays: a previous writer still running must keep failing on it.
+                let kept = usize::from(s.fenced);
+                let starts = &s.starts[..s.starts.len() - kept];
+                doomed.extend(starts.iter().map(|start| LogObject::Piece {
                     segment: *no,
                     start: *start,
                 }));
@@ -717,6 +735,21 @@ impl Inner {
             self.ship_to(s, s.end())?;
         }
         lock(&self.log).unsynced.retain(|s| !s.is_durable());
+        // Every segment the checkpoint can point into is in shared storage whole before it:
+        // a flush may have dropped a durable segment from the unsynced list before another
+        // thread shipped its tail, and a family made before shipping has its older segments
+        // shipped here, once.
+        if self.ship.is_some() {
+            let mut below: Vec<Arc<Segment>> = read(&self.segments)
+                .iter()
+                .filter(|(no, _)| **no < x)
+                .map(|(_, s)| s.clone())
+                .collect();
+            below.sort_by_key(|s| s.no);
+            for s in &below {
+                self.ship_to(s, s.end())?;
+            }
+        }
         let bytes = encode_checkpoint(&captured, x, &self.header.uid, cipher);
         kagi_fs::write_atomically(&self.dir.join("checkpoint"), &bytes, 0o600)?;
         self.ship_checkpoint(x, &bytes)?;
@@ -1046,6 +1079,22 @@ impl Drop for Inner {
 
 /// Creates one piece of a segment in shared storage; one that exists already means another
 /// writer has the family (`Busy`).
+/// The takeover a family's local copy was fetched at (`epoch`: decimal; none: 0, a copy
+/// made here).
+pub(crate) fn read_epoch(dir: &Path) -> Result<u64> {
+    match std::fs::read_to_string(dir.join(EPOCH_FILE)) {
+        Ok(text) => text.trim().parse().map_err(|_| DiskError::CorruptMeta {
+            file: "epoch",
+            reason: "not a number".into(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The file holding a fetched copy's takeover number.
+pub(crate) const EPOCH_FILE: &str = "epoch";
+
 fn put_piece(ship: &dyn LogShip, segment: u64, start: u64, bytes: &[u8]) -> Result<()> {
     match ship.put_new(LogObject::Piece { segment, start }, bytes) {
         Ok(()) => Ok(()),

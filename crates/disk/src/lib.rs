@@ -139,16 +139,26 @@ impl DiskStore {
         let ship = self
             .ship_of(id)
             .ok_or_else(|| DiskError::NotFound(format!("disk family {id} in shared storage")))?;
-        let listing = fence(ship.as_ref())?;
-        let checkpoint = ship::checkpoints(&listing).max();
-        let (Some(x), true) = (
-            checkpoint,
-            listing.iter().any(|(o, _)| *o == LogObject::Header),
-        ) else {
-            return Err(DiskError::NotFound(format!(
-                "disk family {id} in shared storage"
-            )));
+        // Nothing is fenced unless the family can be fetched: a family made before its log
+        // was shipped (no header or checkpoint there yet) stays its home's.
+        let whole = |listing: &[(LogObject, u64)]| {
+            let x = ship::checkpoints(listing).max();
+            x.filter(|_| listing.iter().any(|(o, _)| *o == LogObject::Header))
+                .ok_or_else(|| DiskError::NotFound(format!("disk family {id} in shared storage")))
         };
+        let before = ship.list()?;
+        whole(&before)?;
+        // The takeover's number first: from now on the copy of any earlier process is stale
+        // (it refuses to open), and a second process taking over at once fails here.
+        let epoch = ship::epoch(&before) + 1;
+        match ship.put_new(LogObject::Takeover(epoch), &[]) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(DiskError::Busy);
+            }
+            r => r?,
+        }
+        let listing = fence(ship.as_ref())?;
+        let x = whole(&listing)?;
         let tmp = self.root.join(format!(".{id}.creating"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(tmp.join("segments"))?;
@@ -181,6 +191,7 @@ impl DiskStore {
             put(&segment::segment_path(&tmp.join("segments"), no), &bytes)?;
         }
         kagi_fs::sync_dir(&tmp.join("segments"))?;
+        put(&tmp.join(family::EPOCH_FILE), epoch.to_string().as_bytes())?;
         // The stale copy goes first (renamed, so a crash never leaves half of either).
         let dir = self.root.join(id);
         if dir.exists() {
@@ -271,10 +282,11 @@ impl DiskStore {
 }
 
 /// Lists a family's objects after fencing its previous writer off: an empty piece at the end
-/// of every segment it could still be appending to (those from the newest checkpoint on), and
-/// one at the start of the next segment, so that each piece it ships from now on fails (its
-/// flush, checkpoint or rotation then fails: nothing it acknowledges afterwards is lost). A
-/// piece it shipped in between makes the fence fail; list again.
+/// of every segment it could still be appending to (those from the newest checkpoint on), one
+/// at the start of the next segment, and an empty checkpoint at every segment it could still
+/// start a checkpoint at, so that each object it ships from now on fails (its flush,
+/// checkpoint or rotation then fails: nothing it acknowledges afterwards is lost). An object
+/// it shipped in between makes the fence fail; list again.
 fn fence(ship: &dyn LogShip) -> Result<Vec<(LogObject, u64)>> {
     for _ in 0..50 {
         let listing = ship.list()?;
@@ -288,10 +300,22 @@ fn fence(ship: &dyn LogShip) -> Result<Vec<(LogObject, u64)>> {
         let fences = segments
             .iter()
             .filter(|(no, s)| **no >= from && !s.fenced)
-            .map(|(no, s)| (*no, s.end))
-            .chain([(next, 0)]);
-        for (segment, start) in fences {
-            let at = LogObject::Piece { segment, start };
+            .map(|(no, s)| LogObject::Piece {
+                segment: *no,
+                start: s.end,
+            })
+            .chain([LogObject::Piece {
+                segment: next,
+                start: 0,
+            }])
+            // The checkpoints the old writer could still make (it starts a checkpoint at a
+            // segment it claimed, and it claimed none above `next`): empty ones, taken first.
+            .chain(
+                (from + 1..=next)
+                    .map(LogObject::Checkpoint)
+                    .filter(|c| !listing.iter().any(|(o, _)| o == c)),
+            );
+        for at in fences {
             match ship.put_new(at, &[]) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => raced = true,

@@ -7,7 +7,9 @@
 //! used: a segment number is claimed in shared storage, so two writers can never both use
 //! one), the bytes of a segment each flush made durable, and each checkpoint. A second writer
 //! therefore fails on its first conflicting object instead of writing over the first one.
-//! [`crate::DiskStore::fetch_family`] rebuilds the family's directory from the objects.
+//! [`crate::DiskStore::fetch_family`] numbers a takeover (so every older copy is stale and
+//! refuses to open), fences the previous writer off (empty objects at every name it could
+//! create next) and rebuilds the family's directory from the objects.
 
 use std::sync::Arc;
 
@@ -18,6 +20,8 @@ pub enum LogObject {
     Header,
     /// The checkpoint whose replay starts at this segment.
     Checkpoint(u64),
+    /// The `n`th takeover of the family (empty): a copy made before it is stale.
+    Takeover(u64),
     /// Bytes of a segment from `start` (whole records; the first piece starts at 0 with the
     /// segment header).
     Piece {
@@ -36,6 +40,7 @@ impl LogObject {
         match self {
             LogObject::Header => "family".into(),
             LogObject::Checkpoint(x) => format!("checkpoint-{x:016x}"),
+            LogObject::Takeover(n) => format!("takeover-{n:016x}"),
             LogObject::Piece { segment, start } => format!("piece-{segment:016x}-{start:016x}"),
         }
     }
@@ -47,6 +52,9 @@ impl LogObject {
         }
         if let Some(x) = name.strip_prefix("checkpoint-") {
             return hex16(x).map(LogObject::Checkpoint);
+        }
+        if let Some(n) = name.strip_prefix("takeover-") {
+            return hex16(n).map(LogObject::Takeover);
         }
         let (segment, start) = name.strip_prefix("piece-")?.split_once('-')?;
         Some(LogObject::Piece {
@@ -80,12 +88,25 @@ pub trait LogShip: Send + Sync + std::fmt::Debug {
     fn delete(&self, objects: &[LogObject]) -> std::io::Result<()>;
 }
 
-/// The checkpoints in a listing of a family's objects.
+/// The checkpoints in a listing of a family's objects (an empty one is a fence, not a
+/// checkpoint: see `crate::DiskStore::fetch_family`).
 pub(crate) fn checkpoints(listing: &[(LogObject, u64)]) -> impl Iterator<Item = u64> + '_ {
-    listing.iter().filter_map(|(o, _)| match o {
-        LogObject::Checkpoint(x) => Some(*x),
+    listing.iter().filter_map(|(o, len)| match o {
+        LogObject::Checkpoint(x) if *len > 0 => Some(*x),
         _ => None,
     })
+}
+
+/// The newest takeover in a listing (0: none).
+pub(crate) fn epoch(listing: &[(LogObject, u64)]) -> u64 {
+    listing
+        .iter()
+        .filter_map(|(o, _)| match o {
+            LogObject::Takeover(n) => Some(*n),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Makes the [`LogShip`] of a family, by family id.
@@ -441,5 +462,194 @@ mod tests {
         // Deleting the family deletes its objects too.
         b.delete_family("f4").unwrap();
         assert!(shared.list().unwrap().is_empty());
+    }
+}
+
+/// The interleavings of an old writer and a takeover that an independent review found
+/// (each lost an acknowledged change or locked a family out before the fixes).
+#[cfg(test)]
+mod takeover_races {
+    use super::*;
+    use std::sync::Mutex;
+
+    type Hook = Box<dyn FnOnce() + Send>;
+
+    /// Shared storage whose next put of a checkpoint first runs a hook (another process's
+    /// takeover, at the worst moment).
+    struct Hooked {
+        inner: Arc<testing::DirShip>,
+        hook: Arc<Mutex<Option<Hook>>>,
+    }
+
+    impl std::fmt::Debug for Hooked {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Hooked")
+        }
+    }
+
+    impl LogShip for Hooked {
+        fn put_new(&self, object: LogObject, bytes: &[u8]) -> std::io::Result<()> {
+            if matches!(object, LogObject::Checkpoint(_)) && !bytes.is_empty() {
+                let hook = self.hook.lock().unwrap().take();
+                if let Some(hook) = hook {
+                    hook();
+                }
+            }
+            self.inner.put_new(object, bytes)
+        }
+        fn list(&self) -> std::io::Result<Vec<(LogObject, u64)>> {
+            self.inner.list()
+        }
+        fn get(&self, object: LogObject) -> std::io::Result<Vec<u8>> {
+            self.inner.get(object)
+        }
+        fn delete(&self, objects: &[LogObject]) -> std::io::Result<()> {
+            self.inner.delete(objects)
+        }
+    }
+
+    fn keys() -> crate::FamilyKeys {
+        crate::FamilyKeys::new(zeroize::Zeroizing::new([7u8; 32]))
+    }
+
+    fn store(dir: &std::path::Path, ship: Arc<dyn LogShip>) -> crate::DiskStore {
+        crate::DiskStore::open_shipped(dir, Arc::new(move |_id: &str| ship.clone())).unwrap()
+    }
+
+    #[test]
+    fn a_checkpoint_racing_the_fence_is_refused_not_lost() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = testing::DirShip::new(d.path().join("shared"));
+        let hook: Arc<Mutex<Option<Hook>>> = Arc::new(Mutex::new(None));
+        let hooked = Hooked {
+            inner: shared.clone(),
+            hook: hook.clone(),
+        };
+        let a = store(&d.path().join("a"), Arc::new(hooked));
+        let b = Arc::new(store(&d.path().join("b"), shared.clone()));
+        let fam = a.create_family("f", keys(), false).unwrap();
+        let vol = fam.create_volume("disk", 16 << 20).unwrap();
+        vol.write(0, &[5u8; 65536], true).unwrap();
+        // A's snapshot claims its checkpoint's segment, then B takes over, then A ships the
+        // checkpoint: refused, so the snapshot is not acknowledged.
+        let b2 = b.clone();
+        *hook.lock().unwrap() = Some(Box::new(move || b2.fetch_family("f").unwrap()));
+        let acked = fam.snapshot("disk", "snap");
+        let fam_b = b.open_family("f", keys()).unwrap();
+        assert!(acked.is_err(), "acknowledged after the fence");
+        assert!(fam_b.volume("snap").is_err());
+        drop(vol);
+    }
+
+    #[test]
+    fn a_stale_copy_never_opens_again() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = testing::DirShip::new(d.path().join("shared"));
+        let a = store(&d.path().join("a"), shared.clone());
+        let b = store(&d.path().join("b"), shared.clone());
+        let fam = a.create_family("f", keys(), false).unwrap();
+        let vol = fam.create_volume("disk", 16 << 20).unwrap();
+        vol.write(0, &[1u8; 4096], true).unwrap();
+        drop((vol, fam));
+        b.fetch_family("f").unwrap();
+        {
+            let fam_b = b.open_family("f", keys()).unwrap();
+            let vol_b = fam_b.volume("disk").unwrap();
+            vol_b.write(0, &[2u8; 4096], true).unwrap();
+            fam_b.snapshot("disk", "snap-b").unwrap();
+        }
+        // A comes back: its copy is stale and refused; fetched anew, it has B's changes.
+        assert!(matches!(
+            a.open_family("f", keys()),
+            Err(crate::DiskError::TakenOver)
+        ));
+        // B's own copy (fetched at the newest takeover) still opens.
+        drop(b.open_family("f", keys()).unwrap());
+        a.fetch_family("f").unwrap();
+        let fam_a = a.open_family("f", keys()).unwrap();
+        assert_eq!(
+            fam_a.volume("disk").unwrap().read_vec(0, 4096).unwrap(),
+            vec![2u8; 4096]
+        );
+        assert!(fam_a.volume("snap-b").is_ok());
+        // And now B's copy is the stale one.
+        assert!(matches!(
+            b.open_family("f", keys()),
+            Err(crate::DiskError::TakenOver)
+        ));
+    }
+
+    #[test]
+    fn a_burnt_segment_number_stops_the_family() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = testing::DirShip::new(d.path().join("shared"));
+        let a = store(&d.path().join("a"), shared.clone());
+        let b = store(&d.path().join("b"), shared.clone());
+        let fam = a.create_family("f", keys(), false).unwrap();
+        let vol = fam.create_volume("disk", 16 << 20).unwrap();
+        vol.write(0, &[1u8; 4096], true).unwrap();
+        let max = shipped_segments(&shared.list().unwrap())
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap();
+        // A local failure (ENOSPC, EIO; here a stray file) at the next segment number.
+        let blocker = d
+            .path()
+            .join("a/f/segments")
+            .join(format!("{:016x}", max + 1));
+        std::fs::write(&blocker, b"x").unwrap();
+        assert!(fam.snapshot("disk", "s1").is_err());
+        std::fs::remove_file(&blocker).unwrap();
+        b.fetch_family("f").unwrap();
+        // Nothing more is acknowledged by A.
+        assert!(fam.snapshot("disk", "s2").is_err());
+        assert!(vol.write(4096, &[3u8; 4096], true).is_err());
+        let fam_b = b.open_family("f", keys()).unwrap();
+        assert!(fam_b.volume("s2").is_err());
+    }
+
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let t = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &t)
+            } else {
+                std::fs::copy(e.path(), &t).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn a_home_fenced_by_an_abandoned_takeover_fetches_its_family_back() {
+        let d = tempfile::tempdir().unwrap();
+        let shared = testing::DirShip::new(d.path().join("shared"));
+        let a = store(&d.path().join("a"), shared.clone());
+        let b = store(&d.path().join("b"), shared.clone());
+        let fam = a.create_family("f", keys(), false).unwrap();
+        let vol = fam.create_volume("disk", 16 << 20).unwrap();
+        vol.write(0, &[1u8; 4096], true).unwrap();
+        vol.write(4096, &[2u8; 4096], false).unwrap(); // not flushed: in A's file only
+        // kill -9 of A: its directory as the kernel keeps it.
+        copy_dir(&d.path().join("a/f"), &d.path().join("a2/f"));
+        std::mem::forget(vol);
+        std::mem::forget(fam);
+        // B fences and fetches, then dies before it records itself as the home.
+        b.fetch_family("f").unwrap();
+        let a2 = store(&d.path().join("a2"), shared.clone());
+        assert!(matches!(
+            a2.open_family("f", keys()),
+            Err(crate::DiskError::TakenOver)
+        ));
+        // The home (still recorded as such) fetches its family back: what it acknowledged is
+        // there, and it writes on.
+        a2.fetch_family("f").unwrap();
+        let fam = a2.open_family("f", keys()).unwrap();
+        let vol = fam.volume("disk").unwrap();
+        assert_eq!(vol.read_vec(0, 4096).unwrap(), vec![1u8; 4096]);
+        vol.write(8192, &[4u8; 4096], true).unwrap();
+        fam.snapshot("disk", "after").unwrap();
     }
 }
