@@ -516,6 +516,20 @@ mod takeover_races {
         crate::DiskStore::open_shipped(dir, Arc::new(move |_id: &str| ship.clone())).unwrap()
     }
 
+    /// Two processes' stores (`a`, `b`) on one shared storage, in a temporary directory.
+    fn two_stores() -> (
+        tempfile::TempDir,
+        Arc<testing::DirShip>,
+        crate::DiskStore,
+        crate::DiskStore,
+    ) {
+        let d = tempfile::tempdir().unwrap();
+        let shared = testing::DirShip::new(d.path().join("shared"));
+        let a = store(&d.path().join("a"), shared.clone());
+        let b = store(&d.path().join("b"), shared.clone());
+        (d, shared, a, b)
+    }
+
     #[test]
     fn a_checkpoint_racing_the_fence_is_refused_not_lost() {
         let d = tempfile::tempdir().unwrap();
@@ -543,10 +557,7 @@ mod takeover_races {
 
     #[test]
     fn a_stale_copy_never_opens_again() {
-        let d = tempfile::tempdir().unwrap();
-        let shared = testing::DirShip::new(d.path().join("shared"));
-        let a = store(&d.path().join("a"), shared.clone());
-        let b = store(&d.path().join("b"), shared.clone());
+        let (_d, _shared, a, b) = two_stores();
         let fam = a.create_family("f", keys(), false).unwrap();
         let vol = fam.create_volume("disk", 16 << 20).unwrap();
         vol.write(0, &[1u8; 4096], true).unwrap();
@@ -581,10 +592,7 @@ mod takeover_races {
 
     #[test]
     fn a_burnt_segment_number_stops_the_family() {
-        let d = tempfile::tempdir().unwrap();
-        let shared = testing::DirShip::new(d.path().join("shared"));
-        let a = store(&d.path().join("a"), shared.clone());
-        let b = store(&d.path().join("b"), shared.clone());
+        let (d, shared, a, b) = two_stores();
         let fam = a.create_family("f", keys(), false).unwrap();
         let vol = fam.create_volume("disk", 16 << 20).unwrap();
         vol.write(0, &[1u8; 4096], true).unwrap();
@@ -624,10 +632,7 @@ mod takeover_races {
 
     #[test]
     fn a_home_fenced_by_an_abandoned_takeover_fetches_its_family_back() {
-        let d = tempfile::tempdir().unwrap();
-        let shared = testing::DirShip::new(d.path().join("shared"));
-        let a = store(&d.path().join("a"), shared.clone());
-        let b = store(&d.path().join("b"), shared.clone());
+        let (d, shared, a, b) = two_stores();
         let fam = a.create_family("f", keys(), false).unwrap();
         let vol = fam.create_volume("disk", 16 << 20).unwrap();
         vol.write(0, &[1u8; 4096], true).unwrap();
