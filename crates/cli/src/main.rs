@@ -291,6 +291,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Whether an advertised host (a name or an address, IPv6 in brackets) is this machine's
+/// alone.
+fn is_loopback_host(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// `--advertise` by default: `--listen` as given, unless its host is a wildcard address,
 /// which other nodes cannot connect to (then this machine's host name).
 fn default_advertise(listen: &str, addrs: &[std::net::SocketAddr]) -> String {
@@ -681,6 +691,13 @@ async fn run_server(
             .rsplit_once(':')
             .map_or(https.as_str(), |(h, _)| h)
             .to_string();
+        if platform.shares_store() && is_loopback_host(&host) {
+            tracing::warn!(
+                advertise = %https,
+                "this node advertises a loopback address: nodes on other machines cannot \
+                 forward requests to it; pass --advertise HOST:PORT"
+            );
+        }
         let card = kagi_vault::NodeCard {
             name: String::new(),
             sql: sql_port.map(|p| format!("{host}:{p}")),
@@ -718,4 +735,19 @@ async fn run_server(
     releasing.release_leases().await;
     // Every acknowledged write is already committed (synchronous=FULL); nothing to flush.
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        for host in ["localhost", "LOCALHOST", "127.0.0.2", "[::1]", "::1"] {
+            assert!(is_loopback_host(host), "{host}");
+        }
+        for host in ["kagi-1.example", "10.0.0.5", "[fd00::5]", "0.0.0.0"] {
+            assert!(!is_loopback_host(host), "{host}");
+        }
+    }
 }
