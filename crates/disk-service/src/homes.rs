@@ -82,6 +82,9 @@ impl DiskService {
         if self.host.live_nodes().await?.iter().any(|n| n.name == home) {
             return Ok(home);
         }
+        // One takeover of a family at a time in this process (the lease is per node), and
+        // under the lease across nodes.
+        let _one = self.lock_id(&format!("takeover:{family}")).await;
         let lease = format!("disk-takeover:{family}");
         if !self.host.acquire_lease(&lease, TAKEOVER_LEASE_MS).await? {
             return Err(KvError::new(
@@ -92,7 +95,31 @@ impl DiskService {
                 ),
             ));
         }
-        let taken = self.take_over(family, &home).await;
+        // Renewed while the log is fetched (a large one takes a while). A node that loses the
+        // lease gives up; whatever it fetched is stale the moment another node numbers its
+        // own takeover (docs/DISK_FORMAT.md, "Shipping").
+        let renewing = async {
+            loop {
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    (TAKEOVER_LEASE_MS / 3) as u64,
+                ))
+                .await;
+                if !matches!(
+                    self.host.acquire_lease(&lease, TAKEOVER_LEASE_MS).await,
+                    Ok(true)
+                ) {
+                    return;
+                }
+            }
+        };
+        let taken = tokio::select! {
+            taken = self.take_over(family, &home) => taken,
+            () = renewing => Err(KvError::new(
+                ErrorCode::ServiceUnavailable,
+                "This node lost the lease of the disk's takeover to another node. Retry the \
+                 request.",
+            )),
+        };
         if let Err(e) = self.host.release_lease(&lease).await {
             tracing::warn!(family, error = %e.message, "cannot give the takeover lease up");
         }
