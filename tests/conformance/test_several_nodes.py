@@ -779,10 +779,11 @@ def test_a_disk_whose_home_died_is_taken_over_from_the_bucket(tmp_path, monkeypa
             n.stop()
 
 
-def start_sql_cluster(tmp_path, count=2):
+def start_sql_cluster(tmp_path, count=2, env=None, blobs=None):
     """`count` nodes of one cluster (one store, root key, CA and HTTPS port, each on a loopback
     address of its own: 127.0.0.2, .3, …, behind a round-robin proxy on localhost), each with a
-    SQL endpoint of its own on its address, which its node card advertises."""
+    SQL endpoint of its own on its address, which its node card advertises; with `env` in their
+    environment and, given `blobs` (`s3://…`), that one bucket prefix for all."""
     from conftest import KagiServer, RoundRobinProxy, STARTUP_TIMEOUT, free_port, wait_for
     import socket
 
@@ -805,9 +806,11 @@ def start_sql_cluster(tmp_path, count=2):
             shutil.copy2(nodes[0].data_dir / "root.key", data / "root.key")
             shutil.copy2(nodes[0].admin_path, data / "bootstrap-admin.json")
             shutil.copytree(nodes[0].data_dir / "tls", data / "tls")
-        node = KagiServer(data, tmp_path / f"sqlnode{i + 1}.log", port=port)
+        node = KagiServer(data, tmp_path / f"sqlnode{i + 1}.log", port=port, env=env)
         node.extra_args = ["--store", store, "--consistency", "strict",
                            "--sql-listen", f"{host}:{node.sql_port}"]
+        if blobs:
+            node.blobs_url = blobs
         node.listen_host = host
         node.start()
         # Its start may have been answered by another node through the proxy.
@@ -1141,12 +1144,13 @@ def test_sql_operations_joining_servers_of_two_nodes_are_refused(tmp_path):
     the first node is back a geo-secondary of the first server's database on it is refused with
     409 CrossNodeOperationNotSupported naming both servers and nodes (while one on a server of
     the same node is made). A link whose servers came to live on different nodes cannot fail
-    over either."""
+    over either. Without a bucket, a point-in-time restore onto a server of the other node is
+    refused the same way: the source's backups are in its home's data directory."""
     import psycopg
     import requests
     import test_sql as sql
 
-    first = start_sql_cluster(tmp_path, 2)
+    first = start_sql_cluster(tmp_path, 2, env={"KAGI_SQL_LOG_BACKUP_SECONDS": "2"})
     n2 = first.cluster[0]
     try:
         first.put_rg(DEFAULT_RG)
@@ -1188,6 +1192,15 @@ def test_sql_operations_joining_servers_of_two_nodes_are_refused(tmp_path):
             for name in (primary, elsewhere, name1, name2):
                 assert name in error["message"], (name, r.text)
         assert sql.arm(via1, "GET", sql.sql_path(via1, elsewhere, f"/databases/{db}")).status_code == 404
+        until(lambda: sql.ok(sql.arm(via1, "GET", sql.sql_path(via1, primary, f"/databases/{db}/backups")))["value"],
+              bound=60)
+        restore = {"location": "westus2", "properties": {
+            "createMode": "PointInTimeRestore", "sourceDatabaseId": source,
+            "restorePointInTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+        r = sql.arm(via1, "PUT", sql.sql_path(via1, elsewhere, "/databases/restored"), restore)
+        assert r.status_code == 409, (r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "CrossNodeOperationNotSupported" and name1 in error["message"], r.text
 
         # On a server of the primary's node, the geo-secondary is made.
         sql.ok(secondary(via2, partner), 200, 201)
@@ -1201,6 +1214,120 @@ def test_sql_operations_joining_servers_of_two_nodes_are_refused(tmp_path):
             assert n == 1, n
         r = sql.arm(via1, "POST", sql.sql_path(via1, partner, f"/databases/{db}/replicationLinks/{lid}/failover"))
         assert r.status_code == 409 and r.json()["error"]["code"] == "CrossNodeOperationNotSupported", r.text
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
+def test_a_sql_server_whose_home_is_lost_is_restored_onto_another_from_the_bucket(tmp_path):
+    """Issue 14: a SQL server's home lost for good (kill -9, its data directory deleted). Two
+    nodes serving SQL on one store and one bucket (`--blobs s3://…`), log backups every two
+    seconds: server A lives on node 1, rows committed through psycopg, backed up (full, then log
+    backups, each file uploaded to the bucket before its record). Node 1 lost: through node 2, A
+    answers 503 naming node 1; a new server B lands on node 2 (the live node serving SQL), and a
+    point-in-time restore of A's database onto B, from A's records in the store and its backup
+    files in the bucket, unwrapped with A's service-managed key, holds every row of the last log
+    backup, read with psycopg and psql through node 2."""
+    import subprocess
+    import uuid
+
+    import psycopg
+    import test_sql as sql
+    from conftest import KAGI_BIN, LOCATION, S3Bucket
+
+    blobs = f"{s3_blobs_url().rstrip('/')}/nodes-{uuid.uuid4().hex}"
+    env = {"KAGI_SQL_LOG_BACKUP_SECONDS": "2", "KAGI_SQL_FULL_BACKUP_SECONDS": "3600"}
+    first = start_sql_cluster(tmp_path, 2, env=env, blobs=blobs)
+    n2 = first.cluster[0]
+    bucket = S3Bucket.from_url(blobs)
+    try:
+        first.put_rg(DEFAULT_RG)
+        via1 = Via(first, first)
+        name1, name2 = node_name(first), node_name(n2)
+        lost, _ = sql.create_server(via1, identity=False)
+        db, made = sql.create_db(via1, lost)
+        database_id = made["properties"]["databaseId"].lower()
+
+        def dsn(node, server, database):
+            return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
+                    f"dbname={database} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
+                    f"sslrootcert={n2.ca_path} connect_timeout=10")
+
+        def backups():
+            return sql.ok(sql.arm(via1, "GET", sql.sql_path(via1, lost, f"/databases/{db}/backups")))["value"]
+
+        def next_backup(seen):
+            got, _ = until(lambda: (lambda v: v if len(v) > seen else None)(backups()), bound=60)
+            return len(got), got[-1]["properties"]
+
+        seen, newest = next_backup(0)
+        assert newest["backupType"] == "Full", newest
+        with psycopg.connect(dsn(first, lost, db), autocommit=True) as c:
+            c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+            c.execute("INSERT INTO t VALUES " + ",".join(f"({i}, 'batch 1')" for i in range(1, 21)))
+        seen, newest = next_backup(seen)
+        with psycopg.connect(dsn(first, lost, db), autocommit=True) as c:
+            c.execute("INSERT INTO t VALUES " + ",".join(f"({i}, 'batch 2')" for i in range(21, 41)))
+        seen, newest = next_backup(seen)
+        assert newest["backupType"] == "Log", newest
+        last = newest["backupTime"]
+        # Every file of A's backups is in the bucket (ciphertext: no row in the clear).
+        objects = bucket.list(f"sql-backups/{database_id}")
+        assert any(o.startswith("full-") for o in objects) and sum(o.startswith("log-") for o in objects) >= 2, objects
+        for o in objects:
+            assert b"batch 2" not in bucket.get(f"sql-backups/{database_id}/{o}"), o
+
+        # The machine lost: node 1 killed, its data directory gone.
+        first.kill9()
+        shutil.rmtree(first.data_dir)
+        via2 = Via(n2, n2)
+        r = sql.arm(via2, "GET", sql.sql_path(via2, lost))
+        assert r.status_code == 503 and name1 in r.json()["error"]["message"], (r.status_code, r.text)
+
+        # A new server through node 2: once node 1's presence has lapsed (about 10 s), it lives
+        # on node 2, the one live node serving SQL.
+        target = random_name("sqlb", 10).lower()
+        body = {"location": LOCATION,
+                "properties": {"administratorLogin": sql.ADMIN, "administratorLoginPassword": sql.PASSWORD}}
+        started = time.monotonic()
+        until(lambda: sql.arm(via2, "PUT", sql.sql_path(via2, target), body).status_code in (200, 201), bound=40)
+        print(f"\nserver B made on node 2 {time.monotonic() - started:.1f} s after the loss of node 1")
+        # A's database, restored onto B from the bucket, to a point after its last log backup.
+        after_last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        assert after_last >= last, (after_last, last)
+        restore = {"location": LOCATION, "properties": {
+            "createMode": "PointInTimeRestore",
+            "sourceDatabaseId": sql.sql_path(via2, lost, f"/databases/{db}"),
+            "restorePointInTime": after_last}}
+        got = sql.ok(sql.arm(via2, "PUT", sql.sql_path(via2, target, f"/databases/{db}"), restore), 201)
+        assert got["properties"]["status"] == "Online", got
+        assert got["properties"]["databaseId"].lower() != database_id, got
+        # Its file is on node 2 (whose node card serves B), and the rows of the last log backup
+        # read through node 2's SQL endpoint.
+        assert (n2.data_dir / "sql" / f"{got['properties']['databaseId']}.db").exists(), got
+        with psycopg.connect(dsn(n2, target, db), autocommit=True) as c:
+            rows = c.execute("SELECT v, count(*) FROM t GROUP BY v ORDER BY v").fetchall()
+            assert rows == [("batch 1", 20), ("batch 2", 20)], rows
+            c.execute("INSERT INTO t VALUES (41, 'after the restore')")
+        p = subprocess.run(["psql", dsn(n2, target, db), "-X", "-qAt", "-v", "ON_ERROR_STOP=1",
+                            "-c", "SELECT count(*) FROM t"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == "41", p.stdout
+        # The same with kagi's CLI (docs/SEVERAL_NODES.md), through node 2's data directory.
+        cli = subprocess.run(
+            [str(KAGI_BIN), "sql", "db", "restore", "-s", target, "-g", DEFAULT_RG, "-n", "viacli",
+             "--source", db, "--source-server", lost, "--time", after_last, "--server", n2.base,
+             "--data-dir", str(n2.data_dir), "--output", "json"],
+            capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        with psycopg.connect(dsn(n2, target, "viacli"), autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 40
+        # B's databases are node 2's: listed and served through it; A stays 503 (its home gone).
+        dbs = sql.ok(sql.arm(via2, "GET", sql.sql_path(via2, target, "/databases")))
+        assert sorted(d["name"] for d in dbs["value"]) == sorted([db, "viacli"]), dbs
+        r = sql.arm(via2, "GET", sql.sql_path(via2, lost, f"/databases/{db}"))
+        assert r.status_code == 503 and name1 in r.json()["error"]["message"], (r.status_code, r.text)
     finally:
         for n in (first, *first.cluster):
             n.stop()

@@ -183,8 +183,9 @@ def test_log_backups_restore_to_a_point_between_batches_and_hold_no_plaintext(ba
     assert not list((srv.data_dir / "sql-restore").glob("*"))
 
 
-def test_a_rotation_between_backups_and_a_restore_that_needs_a_disabled_key(backup_kagi):
-    srv = backup_kagi
+def cmk_database_with_a_table(srv):
+    """A server whose protector is a customer key, a database of it with table `t`, backed up:
+    (server, its body, vault, key client, key, database, backups seen)."""
     server, body = create_server(srv)
     vault, keys, key = key_vault_with_key(srv)
     grant(srv, vault, body["identity"]["principalId"])
@@ -193,7 +194,12 @@ def test_a_rotation_between_backups_and_a_restore_that_needs_a_disabled_key(back
     seen = first_full_backup(srv, server, db)
     psql(srv, server, db, "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
     wait_new_backup(srv, server, db, seen)
-    seen += 1
+    return server, body, vault, keys, key, db, seen + 1
+
+
+def test_a_rotation_between_backups_and_a_restore_that_needs_a_disabled_key(backup_kagi):
+    srv = backup_kagi
+    server, body, vault, keys, key, db, seen = cmk_database_with_a_table(srv)
 
     insert_batch(srv, server, db, "A")
     newest = wait_new_backup(srv, server, db, seen)
@@ -254,6 +260,49 @@ def test_a_rotation_between_backups_and_a_restore_that_needs_a_disabled_key(back
     keys.update_key_properties(key.name, key.properties.version, enabled=True)
     ok(restore(srv, server, db, "oldagain", point_b))
     assert batches_in(srv, server, "oldagain") == (["A", "B"], 50)
+
+
+def test_a_restore_onto_another_server_opens_the_backups_with_its_identity(backup_kagi):
+    """A point-in-time restore onto another server than the source's (the way back when a
+    server's home node is lost for good, docs/SEVERAL_NODES.md): backups under a customer key
+    are unwrapped with the identity of the server restored onto, which must have access to that
+    key, as in Azure; refused with MissingKeyVaultUriForRestore naming that server and the key
+    until it has. The new database is under the target server's own protector."""
+    from conftest import update_vault_properties
+
+    srv = backup_kagi
+    server, body, vault, keys, key, db, seen = cmk_database_with_a_table(srv)
+    insert_batch(srv, server, db, "A")
+    point = wait_new_backup(srv, server, db, seen)["properties"]["backupTime"]
+    assert backups(srv, server, db)["value"][-1]["properties"]["keyUri"] == key.id
+
+    other, other_body = create_server(srv)
+    request = {"location": LOCATION, "properties": {
+        "createMode": "PointInTimeRestore",
+        "sourceDatabaseId": sql_path(srv, server, f"/databases/{db}"),
+        "restorePointInTime": point}}
+    # The other server's identity has no access to the key yet.
+    r = arm(srv, "PUT", sql_path(srv, other, "/databases/noaccess"), request)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "MissingKeyVaultUriForRestore", err
+    assert err["message"].startswith(f"Target server '{other}' doesn't have access"), err
+    assert key.id in err["message"], err
+    assert arm(srv, "GET", sql_path(srv, other, "/databases/noaccess")).status_code == 404
+    # Given access (the source server keeps its own), the restore is made on the other server.
+    policies = [{"tenantId": srv.tenant_id, "objectId": oid,
+                 "permissions": {"keys": ["get", "list", "wrapKey", "unwrapKey"]}}
+                for oid in (body["identity"]["principalId"], other_body["identity"]["principalId"])]
+    r = update_vault_properties(srv, vault, accessPolicies=policies, enablePurgeProtection=True,
+                                enableSoftDelete=True)
+    assert r.status_code in (200, 201), r.text
+    ok(arm(srv, "PUT", sql_path(srv, other, "/databases/moved"), request), 201)
+    assert batches_in(srv, other, "moved") == (["A"], 25)
+    # Under the other server's protector (service-managed): its backups say so.
+    wait_new_backup(srv, other, "moved", 0)
+    assert backups(srv, other, "moved")["value"][0]["properties"]["serverKeyType"] == "ServiceManaged"
+    # The source is untouched.
+    assert batches_in(srv, server, db) == (["A"], 25)
 
 
 def test_kill_9_during_backups_with_a_writer_running_leaves_restorable_backups(tmp_path):

@@ -157,9 +157,13 @@ enum DbCommand {
         /// The new database's name.
         #[arg(long, short = 'n')]
         name: String,
-        /// The database to restore (its name on the same server).
+        /// The database to restore (its name on its server).
         #[arg(long)]
         source: String,
+        /// The source database's server, when it is another (same resource group): e.g. a
+        /// server whose home node was lost (docs/SEVERAL_NODES.md, "Homes").
+        #[arg(long)]
+        source_server: Option<String>,
         /// The point in time (RFC 3339, e.g. 2026-05-01T10:00:00Z): the database as of the last
         /// backup at or before it (log backups are minutes apart).
         #[arg(long)]
@@ -584,11 +588,16 @@ async fn db(ctx: &Context, c: DbCommand) -> anyhow::Result<()> {
             at,
             name,
             source,
+            source_server,
             time,
         } => {
+            let from = ServerAt {
+                sql_server: source_server.unwrap_or_else(|| at.sql_server.clone()),
+                resource_group: at.resource_group.clone(),
+            };
             let body = json!({"properties": {
                 "createMode": "PointInTimeRestore",
-                "sourceDatabaseId": url(&at, &source).trim_start_matches(&ctx.base),
+                "sourceDatabaseId": url(&from, &source).trim_start_matches(&ctx.base),
                 "restorePointInTime": time,
             }});
             show(

@@ -26,15 +26,17 @@ use std::sync::{Arc, Mutex};
 
 use kagi_cmk::{KeyError, records_in};
 use kagi_core::{ErrorCode, KvError};
+use kagi_host::Principal;
 use kagi_sqlite_crypt::DatabaseKey;
 use serde_json::{Value, json};
 
 use crate::backup_chain::{Cursor, Taken, WalGen, chain_for, cursor_after};
 use crate::backup_files::{self, Ending, FileError, Pin, StageOne, Written, finish, finish_tail};
 use crate::databases::{Database, OpenDatabase};
+use crate::geo::parse_database_id;
 use crate::keys::{DBKEYS_DOC, DbKeys, internal};
 use crate::protector::{AZURE_KEY_VAULT, Protector, SERVICE_MANAGED, key_name};
-use crate::{SqlService, bad, id_of_body};
+use crate::{SqlService, bad, id_of_body, server_ref};
 
 /// The document kind (under the server) of the databases that have backups, named by database
 /// id: the database's name, and when it was dropped.
@@ -599,8 +601,19 @@ impl SqlService {
             self.host.config().data_dir.join("sql-backups"),
             self.restore_root(),
         );
-        let known: HashSet<String> = known.iter().map(|k| k.to_ascii_lowercase()).collect();
         let running = locked(&self.backups.restores).clone();
+        // A restore running here may be fetching another node's backups (its work directory
+        // is named `{database id}-{random}`): they stay until it is done.
+        let fetching = running.iter().filter_map(|w| {
+            let name = w.file_name()?.to_string_lossy().to_string();
+            Some(name.rsplit_once('-')?.0.to_string())
+        });
+        let known: HashSet<String> = known
+            .iter()
+            .cloned()
+            .chain(fetching)
+            .map(|k| k.to_ascii_lowercase())
+            .collect();
         let r = tokio::task::spawn_blocking(move || {
             let dirs = |root: &Path| -> Vec<PathBuf> {
                 std::fs::read_dir(root)
@@ -776,6 +789,10 @@ impl Drop for PreparedRestore {
 struct Source {
     name: String,
     database_id: String,
+    /// Its server: the restore's own, or another (a restore onto another server, e.g. after
+    /// the source server's home was lost: its records and backups are in the store and the
+    /// bucket).
+    server: Value,
 }
 
 /// .NET ticks (Azure's restorable dropped database ids) of Unix seconds.
@@ -803,6 +820,7 @@ impl SqlService {
                 Source {
                     name: db.name,
                     database_id: db.database_id,
+                    server: server.clone(),
                 },
                 None,
             ));
@@ -836,14 +854,44 @@ impl SqlService {
             Source {
                 name: e["name"].as_str().unwrap_or(name).to_string(),
                 database_id: e["databaseId"].as_str().unwrap_or_default().to_string(),
+                server: server.clone(),
             },
             Some(when),
         ))
     }
 
+    /// The server of `id`, a database of another server than the restore's (a point-in-time
+    /// restore onto another server): one the caller can see.
+    fn other_source_server(
+        &self,
+        caller: &Principal,
+        id: &str,
+    ) -> Result<(Value, String), KvError> {
+        let (sub, rg, srv, name) = parse_database_id(id).ok_or_else(|| {
+            bad(
+                "InvalidSourceDatabaseId",
+                format!(
+                    "sourceDatabaseId '{id}' is not the resource id of a database of Microsoft.Sql."
+                ),
+            )
+        })?;
+        let server = self
+            .host
+            .get_resource(caller, server_ref(sub, rg, srv))
+            .map_err(|_| {
+                KvError::new(
+                    ErrorCode::ResourceNotFound,
+                    format!("The source database '{id}' was not found."),
+                )
+                .with_inner("SourceDatabaseNotFound")
+            })?;
+        Ok((server, name.to_string()))
+    }
+
     /// The source and restore point a restore request names.
     async fn restore_target(
         &self,
+        caller: &Principal,
         server: &Value,
         input: &Value,
     ) -> Result<(Source, i64), KvError> {
@@ -867,17 +915,12 @@ impl SqlService {
         };
         if mode.eq_ignore_ascii_case("PointInTimeRestore") {
             let id = props["sourceDatabaseId"].as_str().unwrap_or_default();
-            let name = under(id, "databases").ok_or_else(|| {
-                bad(
-                    "InvalidSourceDatabaseId",
-                    format!(
-                        "sourceDatabaseId '{id}' must name a database of server '{}' \
-                         ({server_id}/databases/{{name}}): a point-in-time restore creates the \
-                         new database on the source's server.",
-                        server["name"].as_str().unwrap_or_default()
-                    ),
-                )
-            })?;
+            // A database of this server, or of another one (its backups are under that
+            // server's records, and in the bucket when its home is gone).
+            let (source_server, name) = match under(id, "databases") {
+                Some(name) => (server.clone(), name),
+                None => self.other_source_server(caller, id)?,
+            };
             let deleted = match props["sourceDatabaseDeletionDate"].as_str() {
                 Some(d) => Some(parse_point(d)?),
                 None => None,
@@ -885,7 +928,7 @@ impl SqlService {
             let point = point.ok_or_else(|| {
                 invalid_point("A point-in-time restore needs properties.restorePointInTime.".into())
             })?;
-            let (source, _) = self.backup_source(server, &name, deleted).await?;
+            let (source, _) = self.backup_source(&source_server, &name, deleted).await?;
             return Ok((source, parse_point(point)?));
         }
         if mode.eq_ignore_ascii_case("Restore") {
@@ -937,10 +980,11 @@ impl SqlService {
     /// private directory. Nothing of the new database exists yet; an error leaves nothing.
     pub(crate) async fn prepare_restore(
         self: &Arc<Self>,
+        caller: &Principal,
         server: &Value,
         input: &Value,
     ) -> Result<PreparedRestore, KvError> {
-        let (source, point) = self.restore_target(server, input).await?;
+        let (source, point) = self.restore_target(caller, server, input).await?;
         let now = self.host.now();
         let at = kagi_core::time::rfc3339;
         if point > now {
@@ -950,8 +994,9 @@ impl SqlService {
                 at(now)
             )));
         }
-        let server_id = id_of_body(server);
-        let records = self.records(&server_id, &source.database_id).await?;
+        let records = self
+            .records(&id_of_body(&source.server), &source.database_id)
+            .await?;
         let taken: Vec<Taken> = records.iter().filter_map(taken_of).collect();
         let Some(chain) = chain_for(&taken, point) else {
             return Err(invalid_point(
@@ -1012,11 +1057,13 @@ impl SqlService {
             // replaced) come from the bucket.
             let blobs = self.host.config().blobs;
             for n in &names {
-                if !dir.join(n).exists() {
-                    blobs
+                if !dir.join(n).exists()
+                    && !blobs
                         .download_file(&dir, n)
                         .await
-                        .map_err(|e| internal("fetch a backup file", e))?;
+                        .map_err(|e| internal("fetch a backup file", e))?
+                {
+                    return Err(self.backup_file_missing(&source, n).await);
                 }
             }
             let (work, names) = (work.clone(), names.clone());
@@ -1041,6 +1088,29 @@ impl SqlService {
         Ok(prepared)
     }
 
+    /// The error of a restore whose backup file `file` is neither on this node's disk nor in
+    /// the bucket: with its server's home on another node (no bucket), a restore onto a server
+    /// of that node can use it.
+    async fn backup_file_missing(&self, source: &Source, file: &str) -> KvError {
+        let server = source.server["name"].as_str().unwrap_or_default();
+        match self.home_elsewhere(&source.server).await {
+            Ok(Some(home)) => KvError::conflict(format!(
+                "The backups of database '{server}/{}' are in the data directory of the kagi \
+                 node '{home}', which serves its server, and not in a bucket (`kagi server \
+                 --blobs s3://…`): restore it onto a server that lives on that node.",
+                source.name
+            ))
+            .with_inner("CrossNodeOperationNotSupported"),
+            _ => internal(
+                "fetch a backup file",
+                format!(
+                    "'{file}' of database '{server}/{}' is neither on this node nor in the bucket",
+                    source.name
+                ),
+            ),
+        }
+    }
+
     /// The DEK of a chain of backups: each backup's copy unwrapped with the key it was taken
     /// under (once per key). A key that cannot be used fails the restore, naming the server,
     /// the time range of the backups under that key, and the key.
@@ -1062,9 +1132,10 @@ impl SqlService {
                 None => by_key.push((key, vec![r])),
             }
         }
+        // The platform key that wraps a backup's DEK is its source server's.
         let owner = DbKeys {
             host: self.host.as_ref(),
-            server_id: id_of_body(server),
+            server_id: id_of_body(&source.server),
             db: source.name.to_ascii_lowercase(),
             database_id: source.database_id.clone(),
         };
@@ -1090,8 +1161,15 @@ impl SqlService {
                     }
                 }),
             };
+            // A customer key is used with the identity of the server restored onto (which
+            // must have access to it, as in Azure); the platform key is the source server's.
+            let kek_server = if protector.kid.is_some() {
+                server
+            } else {
+                &source.server
+            };
             let kek = self
-                .kek(server, &protector)
+                .kek(kek_server, &protector)
                 .await
                 .map_err(|e| failed(KeyError::Other(e)))?;
             let records = records_in(&first["dek"]);
@@ -1166,7 +1244,10 @@ fn restore_key_error(
         .map(|t| format!(" (thumbprint {t})"))
         .unwrap_or_default();
     let key = if key == "pmk" {
-        "the server's service-managed key".to_string()
+        format!(
+            "the service-managed key of server '{}'",
+            source.server["name"].as_str().unwrap_or_default()
+        )
     } else {
         format!("the key '{key}'{thumbprint}")
     };

@@ -407,7 +407,7 @@ impl SqlService {
         }
         // A restore replays the source's backups first: when it fails, nothing is created.
         let restore = if restore_requested(&input) {
-            Some(self.prepare_restore(server, &input).await?)
+            Some(self.prepare_restore(caller, server, &input).await?)
         } else {
             None
         };

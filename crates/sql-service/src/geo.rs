@@ -170,7 +170,7 @@ impl GeoState {
 }
 
 /// `/subscriptions/{s}/resourceGroups/{rg}/providers/Microsoft.Sql/servers/{srv}/databases/{db}`.
-fn parse_database_id(id: &str) -> Option<(&str, &str, &str, &str)> {
+pub(crate) fn parse_database_id(id: &str) -> Option<(&str, &str, &str, &str)> {
     let parts: Vec<&str> = id.trim_matches('/').split('/').collect();
     match parts.as_slice() {
         [s, sub, g, rg, p, ns, t, srv, d, db]

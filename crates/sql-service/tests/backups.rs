@@ -188,19 +188,44 @@ async fn backups_restore_to_points_between_batches_and_after_a_drop() {
     fx.restore("at1", pitr(&app, t1)).await;
     assert_eq!(fx.rows("at1").await.len(), 20);
 
-    // Points outside the backups, another server's database, an existing name, another
-    // create mode: refused, and nothing is created.
+    // Onto another server (as after its source server's home was lost): the source's records,
+    // files and platform key; the new database under the other server's key.
+    let other = format!("{}/providers/Microsoft.Sql/servers/sql2", fx.group);
+    let admin = json!({"location": "westeurope", "properties": {
+        "administratorLogin": "kagiadmin", "administratorLoginPassword": "Str0ng!Passw0rd"}});
+    let (st, v) = fx.call("PUT", &other, admin).await;
+    assert!(st == 200 || st == 201, "{v}");
+    let (st, v) = fx
+        .call(
+            "PUT",
+            &format!("{other}/databases/moved"),
+            json!({ "properties": pitr(&app, t2 + 5) }),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let open = fx.gateway.open("sql2", "moved", "kagiadmin").await.unwrap();
+    let n: i64 = open
+        .connection
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 40);
+    drop(open);
+
+    // Points outside the backups, a server that does not exist, an id that is no database's,
+    // an existing name, another create mode: refused, and nothing is created.
     let elsewhere = format!(
         "{}/providers/Microsoft.Sql/servers/other/databases/app",
         fx.group
     );
+    let not_a_database = format!("{}/providers/Microsoft.Sql/servers/sql1", fx.group);
     let mut bad_time = pitr(&app, t2);
     bad_time["restorePointInTime"] = json!("yesterday");
     let cases = [
         ("x1", pitr(&app, t1 - 1), "InvalidRestorePointInTime"),
         ("x2", pitr(&app, fx.now() + 60), "InvalidRestorePointInTime"),
         ("x3", bad_time, "InvalidRestorePointInTime"),
-        ("x4", pitr(&elsewhere, t2), "InvalidSourceDatabaseId"),
+        ("x4", pitr(&elsewhere, t2), "SourceDatabaseNotFound"),
+        ("x7", pitr(&not_a_database, t2), "InvalidSourceDatabaseId"),
         ("x5", pitr(&fx.db("nothing"), t2), "SourceDatabaseNotFound"),
         ("at1", pitr(&app, t2), "DatabaseAlreadyExists"),
         (
