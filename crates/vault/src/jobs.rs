@@ -272,6 +272,15 @@ impl Platform {
         }
     }
 
+    /// Writes a new job's mirror to the store before its id is handed out, so that the next
+    /// request for it finds it on any node (the mirror task writes the changes after).
+    pub(crate) async fn announce_job(&self, handle: &JobHandle) {
+        let doc = mirror_doc(self.clock.now(), &handle.get());
+        if let Err(e) = self.store.put_service_document(JOBS_KEY, &doc).await {
+            tracing::warn!(job = %doc.name, error = %e, "job not mirrored to the store");
+        }
+    }
+
     /// Keeps a running job's mirror in the store current until its end is written: at each
     /// change (at most once a second); its lease says it is alive. One task per job, so the
     /// writes of one job never overtake each other.

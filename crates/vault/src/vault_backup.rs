@@ -684,6 +684,7 @@ impl Platform {
             }
         };
         let job = self.new_job(JobKind::VaultBackup, &vault_arm_id(&record))?;
+        self.announce_job(&job).await;
         let view = job.get().to_json(&self.job_url(&job.id()));
         let platform = self.clone();
         tokio::spawn(async move {
@@ -1048,6 +1049,7 @@ impl Platform {
             target.sub, target.resource_group, target.name
         );
         let job = self.new_job(JobKind::VaultRestore, &resource)?;
+        self.announce_job(&job).await;
         let view = job.get().to_json(&self.job_url(&job.id()));
         let platform = self.clone();
         let caller = caller.clone();
