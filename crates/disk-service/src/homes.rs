@@ -138,31 +138,41 @@ impl DiskService {
         }
         // What this node still has open of the family (it was its home before and lost its
         // presence for a while): fenced off by the fetch below, so closed first.
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, rt| rt.family.id() != family);
+        let closed: Vec<_> = {
+            let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<String> = open
+                .iter()
+                .filter(|(_, rt)| rt.family.id() == family)
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.iter().filter_map(|id| open.remove(id)).collect()
+        };
         let store = self.store.clone();
         let id = family.to_string();
-        tokio::task::spawn_blocking(move || store.fetch_family(&id))
-            .await
-            .map_err(|e| internal("taking a disk family over", e))?
-            .map_err(|e| match e {
-                kagi_disk::DiskError::Busy => KvError::new(
-                    ErrorCode::ServiceUnavailable,
-                    "The disk is still open on this node from before it lost its presence, or \
+        // Closing them (a checkpoint that reaches for the bucket, and fails: fenced) is a
+        // blocking thread's work, not under the map's lock.
+        tokio::task::spawn_blocking(move || {
+            drop(closed);
+            store.fetch_family(&id)
+        })
+        .await
+        .map_err(|e| internal("taking a disk family over", e))?
+        .map_err(|e| match e {
+            kagi_disk::DiskError::Busy => KvError::new(
+                ErrorCode::ServiceUnavailable,
+                "The disk is still open on this node from before it lost its presence, or \
                      another node is taking it over; retry the request.",
-                ),
-                kagi_disk::DiskError::NotFound(_) => KvError::new(
-                    ErrorCode::ServiceUnavailable,
-                    format!(
-                        "The disk's node '{gone}' is not running, and the disk's log is not in \
+            ),
+            kagi_disk::DiskError::NotFound(_) => KvError::new(
+                ErrorCode::ServiceUnavailable,
+                format!(
+                    "The disk's node '{gone}' is not running, and the disk's log is not in \
                          the bucket yet (the disk was last opened before its log was shipped): \
                          it is served again when that node is back."
-                    ),
                 ),
-                e => internal("taking a disk family over", e),
-            })?;
+            ),
+            e => internal("taking a disk family over", e),
+        })?;
         self.record_home(family).await?;
         tracing::warn!(
             family,

@@ -132,8 +132,10 @@ impl DiskStore {
     /// `NotFound` without shared storage or when it holds no such family.
     pub fn fetch_family(&self, id: &str) -> Result<()> {
         format::check_name(id)?;
-        let open = lock(&self.open);
-        if open.get(id).and_then(Weak::upgrade).is_some() {
+        // Not held during the download (other families open meanwhile); checked again before
+        // the copy is replaced. An open of this family meanwhile finds its copy stale (the
+        // takeover's number is created first) and fails.
+        if lock(&self.open).get(id).and_then(Weak::upgrade).is_some() {
             return Err(DiskError::Busy);
         }
         let ship = self
@@ -192,6 +194,10 @@ impl DiskStore {
         }
         kagi_fs::sync_dir(&tmp.join("segments"))?;
         put(&tmp.join(family::EPOCH_FILE), epoch.to_string().as_bytes())?;
+        let open = lock(&self.open);
+        if open.get(id).and_then(Weak::upgrade).is_some() {
+            return Err(DiskError::Busy);
+        }
         // The stale copy goes first (renamed, so a crash never leaves half of either).
         let dir = self.root.join(id);
         if dir.exists() {
