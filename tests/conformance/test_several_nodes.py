@@ -1235,7 +1235,7 @@ def test_a_sql_server_whose_home_is_lost_is_restored_onto_another_from_the_bucke
     answers 503 naming node 1; a new server B lands on node 2 (the live node serving SQL), and a
     point-in-time restore of A's database onto B, from A's records in the store and its backup
     files in the bucket, unwrapped with A's service-managed key, holds every row of the last log
-    backup, read with psycopg and psql through node 2."""
+    backup, read with psycopg and psql through node 2. A's DELETE is then served by node 2."""
     import subprocess
     import uuid
 
@@ -1331,11 +1331,116 @@ def test_a_sql_server_whose_home_is_lost_is_restored_onto_another_from_the_bucke
         assert cli.returncode == 0, cli.stderr
         with psycopg.connect(dsn(n2, target, "viacli"), autocommit=True) as c:
             assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 40
-        # B's databases are node 2's: listed and served through it; A stays 503 (its home gone).
+        # B's databases are node 2's: listed and served through it; A's answer 503 (its home
+        # gone) …
         dbs = sql.ok(sql.arm(via2, "GET", sql.sql_path(via2, target, "/databases")))
         assert sorted(d["name"] for d in dbs["value"]) == sorted([db, "viacli"]), dbs
         r = sql.arm(via2, "GET", sql.sql_path(via2, lost, f"/databases/{db}"))
         assert r.status_code == 503 and name1 in r.json()["error"]["message"], (r.status_code, r.text)
+        # … but for its DELETE, which node 2 serves: A and its database go.
+        sql.ok(sql.arm(via2, "DELETE", sql.sql_path(via2, lost)), 200, 202, 204)
+        assert sql.arm(via2, "GET", sql.sql_path(via2, lost)).status_code == 404
+        assert sql.arm(via2, "GET", sql.sql_path(via2, lost, f"/databases/{db}")).status_code == 404
+        with psycopg.connect(dsn(n2, target, db), autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 41
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
+def test_a_disk_and_a_sql_server_whose_home_is_down_are_deleted_through_another_node(tmp_path):
+    """Issue 14: a DELETE of a disk, snapshot, SQL server or database whose home is not running
+    is served by the node it reached (without a bucket: nothing is taken over). Node 1 holds a
+    disk with an incremental snapshot (one family) and a server with two databases; killed (kill -9), every other request
+    for them through node 2 answers 503 naming it, but their DELETEs, once its presence has
+    lapsed, are served by node 2: gone (404). Node 1 restarted on the same data directory
+    serves none of them: no database file, no disk family left (removed at its start, logged),
+    no NBD export of its old access, no PostgreSQL session for the deleted server."""
+    import psycopg
+    import test_disks as disks
+    import test_sql as sql
+    from conftest import LOCATION
+
+    first = start_sql_cluster(tmp_path, 2)
+    n2 = first.cluster[0]
+    try:
+        first.put_rg(DEFAULT_RG)
+        via1, via2 = Via(first, first), Via(first, n2)
+        name1 = node_name(first)
+        # On node 1: a disk, written, and an incremental snapshot of it (one family) …
+        name, disk = disks.create_disk(via1)
+        uri = disks.grant_access(via1, name, "Write")
+        assert str(first.data_dir) in uri, uri
+        disks.run("qemu-io", "-f", "raw", "-c", "write -P 0x46 0 1M", uri)
+        disks.end_access(via1, name)
+        snap = random_name("snap", 10)
+        source = {"createOption": "Copy", "sourceResourceId": disk["id"]}
+        disks.ok(disks.arm(via1, "PUT", disks.compute_path(via1, "snapshots", snap),
+                           {"location": LOCATION, "properties": {"creationData": source, "incremental": True}}))
+        # … an access left open …
+        stale_uri = disks.grant_access(via1, name, "Read")
+        families = [p for p in (first.data_dir / "disks").iterdir() if (p / "family").is_file()]
+        assert len(families) == 1, families
+        # … and a server with two databases.
+        server, _ = sql.create_server(via1, identity=False)
+        db, made = sql.create_db(via1, server)
+        other, _ = sql.create_db(via1, server)
+        files = [first.data_dir / "sql" / f"{made['properties']['databaseId']}.db"]
+        assert files[0].exists()
+
+        def dsn(node, database):
+            return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
+                    f"dbname={database} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
+                    f"sslrootcert={first.ca_path} connect_timeout=10")
+
+        with psycopg.connect(dsn(first, db), autocommit=True) as c:
+            c.execute("CREATE TABLE t (v text)")
+            c.execute("INSERT INTO t VALUES ('on node 1')")
+
+        first.kill9()
+        disk_path = disks.compute_path(via2, "disks", name)
+        snap_path = disks.compute_path(via2, "snapshots", snap)
+        # Once node 1's presence has lapsed, node 2 serves the DELETE of a database …
+        started = time.monotonic()
+        until(lambda: sql.arm(via2, "DELETE", sql.sql_path(via2, server, f"/databases/{other}")).status_code
+              in (200, 202, 204), bound=40)
+        print(f"\na database deleted through node 2 {time.monotonic() - started:.1f} s after kill -9 of its home")
+        # … while every other request waits for the home: 503 naming it.
+        for r in (sql.arm(via2, "GET", sql.sql_path(via2, server)),
+                  sql.arm(via2, "GET", sql.sql_path(via2, server, f"/databases/{db}")),
+                  disks.arm(via2, "GET", disk_path),
+                  disks.arm(via2, "POST", disk_path + "/beginGetAccess",
+                            {"access": "Read", "durationInSeconds": 600})):
+            assert r.status_code == 503 and name1 in r.json()["error"]["message"], (r.status_code, r.text)
+        # The server (with its last database), the snapshot and the disk go.
+        sql.ok(sql.arm(via2, "DELETE", sql.sql_path(via2, server)), 200, 202, 204)
+        disks.ok(disks.arm(via2, "DELETE", snap_path), 200, 202, 204)
+        disks.ok(disks.arm(via2, "DELETE", disk_path), 200, 202, 204)
+        for r in (sql.arm(via2, "GET", sql.sql_path(via2, server)),
+                  sql.arm(via2, "GET", sql.sql_path(via2, server, f"/databases/{db}")),
+                  disks.arm(via2, "GET", disk_path), disks.arm(via2, "GET", snap_path)):
+            assert r.status_code == 404, (r.status_code, r.text)
+        # A repeated DELETE is a 204, as for anything gone.
+        assert disks.arm(via2, "DELETE", disk_path).status_code in (200, 204)
+        assert sql.arm(via2, "DELETE", sql.sql_path(via2, server)).status_code in (200, 204)
+
+        # Node 1 back on its data directory: what was deleted is never served nor opened, and
+        # its files go.
+        first.start()
+        until(lambda: up(via1), bound=30)
+        until(lambda: not files[0].exists(), bound=30)
+        assert not any((p / "family").is_file() for p in (first.data_dir / "disks").iterdir())
+        log = first.log_path.read_text(errors="replace")
+        assert "orphan database file removed" in log and "disk family no disk" in log, first.log_tail(40)
+        for via in (via1, via2):
+            assert disks.arm(via, "GET", disks.compute_path(via, "disks", name)).status_code == 404
+            assert sql.arm(via, "GET", sql.sql_path(via, server)).status_code == 404
+        r = disks.run("qemu-img", "info", stale_uri, check=False)
+        assert r.returncode != 0, r.stdout
+        for node in (first, n2):
+            with pytest.raises(psycopg.OperationalError):
+                psycopg.connect(dsn(node, db))
+        assert up(via1) and up(via2)
     finally:
         for n in (first, *first.cluster):
             n.stop()

@@ -624,6 +624,9 @@ async fn run_server(
     let nbd = if read_only {
         None
     } else {
+        // Before anything is served: families deleted through another node while this one
+        // was not running (docs/SEVERAL_NODES.md, "Homes") are never opened again.
+        disks.remove_orphan_families().await;
         Some(disks.start_nbd().await?)
     };
     let mut nbd_port = None;

@@ -696,9 +696,25 @@ impl DiskService {
             return Ok((204, Value::Null));
         };
         self.access_refusal(&id, noun, name).await?;
+        let family = match disk_keys(self.host.as_ref(), &body) {
+            Some(keys) => keys.family_if_any().await?,
+            None => None,
+        };
+        // A family whose home is another node (not running: the DELETE is served here, see
+        // `crate::homes`) has no files here to open.
+        let elsewhere = match &family {
+            Some(f) => self
+                .recorded_home(f)
+                .await?
+                .is_some_and(|home| home != self.host.node_name()),
+            None => false,
+        };
         // Opened before its keys go, to remove its blocks; with a revoked key they stay,
         // unreadable (the only wrapped copies of their key went with the resource).
-        let rt = self.runtime(&body).await.ok();
+        let rt = match elsewhere {
+            true => None,
+            false => self.runtime(&body).await.ok(),
+        };
         let st = self.host.delete_resource(caller, at).await?;
         self.open
             .lock()
@@ -709,8 +725,67 @@ impl DiskService {
             let volume = rt.volume.id().to_string();
             drop(rt);
             self.drop_volume(family, &volume, &id).await;
+        } else if let Some(f) = family.filter(|_| elsewhere) {
+            // Its files stay on its home, which removes them when it starts once no resource
+            // names the family; its home is forgotten with its last resource.
+            match self.families_in_use().await {
+                Ok(used) if !used.contains(&f) => self.forget_home(&f).await,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(family = %f, error = %e.message, "a deleted family's home not forgotten");
+                }
+            }
         }
         Ok((st, Value::Null))
+    }
+
+    /// The families some disk, snapshot or image names (their keys' place).
+    async fn families_in_use(&self) -> Result<std::collections::HashSet<String>, KvError> {
+        let p = self.host.as_ref();
+        let mut used = std::collections::HashSet::new();
+        for ty in [crate::DISK_TYPE, crate::SNAPSHOT_TYPE, crate::IMAGE_TYPE] {
+            for body in p.resources_of_type(ty) {
+                if let Some(keys) = disk_keys(p, &body)
+                    && let Some(family) = keys.family_if_any().await?
+                {
+                    used.insert(family);
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    /// Removes the families of this node's store that no disk, snapshot or image names (at
+    /// start, before anything is served): those deleted through another node while this one
+    /// was not running (their `DELETE` was served there), and those a crash or a revoked key
+    /// left behind. Returns how many went; none when the resources cannot be read.
+    pub async fn remove_orphan_families(&self) -> usize {
+        let used = match self.families_in_use().await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e.message, "orphan disk families not looked for");
+                return 0;
+            }
+        };
+        let store = self.store.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut removed = 0;
+            for family in store.families().unwrap_or_default() {
+                if used.contains(&family) {
+                    continue;
+                }
+                match store.delete_family(&family) {
+                    Ok(()) => {
+                        tracing::warn!(family, "disk family no disk, snapshot or image names removed (deleted while this node was not running, or left by a crash)");
+                        removed += 1;
+                    }
+                    Err(e) => tracing::warn!(family, error = %e, "orphan disk family not removed"),
+                }
+            }
+            removed
+        })
+        .await;
+        removed.unwrap_or(0)
     }
 
     /// Removes `volume` from `family`; the last volume takes the family with it; otherwise

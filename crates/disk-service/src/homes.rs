@@ -9,7 +9,8 @@
 //! (`crate::shipping`). A request for a family whose home is not running (its presence lease
 //! lapsed) then makes the node it reached take the family over: under the lease
 //! `disk-takeover:{family}`, it fences the old home off, fetches the log from the bucket and
-//! records itself as the home. Without a bucket the family waits for its home (503).
+//! records itself as the home. Without a bucket the family waits for its home (503), but for
+//! a `DELETE` of one of its resources, served by the node it reached.
 
 use kagi_core::{ErrorCode, KvError};
 use kagi_host::{ArmRequest, json_body};
@@ -73,14 +74,26 @@ impl DiskService {
 
     /// The node that serves `family`, whose recorded home is `home`: that node while it runs;
     /// when it does not and the family's log is in the bucket, this one, once it has taken
-    /// the family over.
-    async fn serving_home(&self, family: &str, home: String) -> Result<String, KvError> {
+    /// the family over; without a bucket, this one for a `DELETE` of one of its resources
+    /// (`deleting`: it goes from the store, its blocks stay on the lost node, which removes
+    /// the families no resource names when it starts).
+    async fn serving_home(
+        &self,
+        family: &str,
+        home: String,
+        deleting: bool,
+    ) -> Result<String, KvError> {
         let me = self.host.node_name();
-        if home == me || !self.store.is_shipped() {
+        let shipped = self.store.is_shipped();
+        if home == me || !(shipped || deleting) {
             return Ok(home);
         }
         if self.host.live_nodes().await?.iter().any(|n| n.name == home) {
             return Ok(home);
+        }
+        if !shipped {
+            tracing::warn!(family, home = %home, "a disk deleted while its home node is not running: served here");
+            return Ok(me);
         }
         // One takeover of a family at a time in this process (the lease is per node), and
         // under the lease across nodes.
@@ -207,7 +220,8 @@ impl DiskService {
             scope.subscription
         );
         if let Some((family, home)) = self.home_of(&id).await? {
-            return self.serving_home(&family, home).await.map(Some);
+            let deleting = req.method == "DELETE" && scope.rest_l.len() == 2;
+            return self.serving_home(&family, home, deleting).await.map(Some);
         }
         // A new resource made from another: where its source lives. (A body that does not
         // parse is refused by whichever node serves it.)
@@ -219,7 +233,7 @@ impl DiskService {
         };
         match source_of(&input) {
             Some(source) => match self.home_of(source).await? {
-                Some((family, home)) => self.serving_home(&family, home).await.map(Some),
+                Some((family, home)) => self.serving_home(&family, home, false).await.map(Some),
                 None => Ok(None),
             },
             None => Ok(None),

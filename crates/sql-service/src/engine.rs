@@ -119,13 +119,17 @@ pub(crate) async fn remove_files(main: &Path) -> Result<(), KvError> {
     let files = files_of(main);
     let dir = main.parent().map(Path::to_path_buf);
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut removed = false;
         for f in files {
             match std::fs::remove_file(&f) {
+                Ok(()) => removed = true,
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+                Err(_) => {}
             }
         }
-        if let Some(d) = dir {
+        // Nothing to sync when the files were not here (a database whose home is another
+        // node, deleted while that node is not running: this node may have no `sql` at all).
+        if let Some(d) = dir.filter(|_| removed) {
             std::fs::File::open(d)?.sync_all()?;
         }
         Ok(())

@@ -158,6 +158,20 @@ impl SqlService {
             scope.subscription, scope.rest[1]
         );
         if let Some(home) = self.server_home(&id).await? {
+            // A server (or database) deleted while its home is not running goes from the
+            // store here, as Azure deletes what it is asked to: a home lost for good would
+            // otherwise keep it forever. Its files stay on that node, which never opens a
+            // database no server names and removes them when it starts.
+            let deleting = req.method == "DELETE"
+                && matches!(
+                    scope.rest_l,
+                    ["servers", _] | ["servers", _, "databases", _]
+                );
+            let me = self.host.node_name();
+            if deleting && home != me && !self.node_running(&home).await? {
+                tracing::warn!(server = %id, home = %home, "deleted while its home node is not running: served here");
+                return Ok(Some(me));
+            }
             return Ok(Some(home));
         }
         let exists = self.host.resource(&id).is_some_and(|b| {
@@ -173,6 +187,11 @@ impl SqlService {
 }
 
 impl SqlService {
+    /// Whether node `name` is running (its presence lease is held).
+    async fn node_running(&self, name: &str) -> Result<bool, KvError> {
+        Ok(self.host.live_nodes().await?.iter().any(|n| n.name == name))
+    }
+
     /// `HOST:PORT` of the SQL endpoint of `home`, the node `server` lives on: 503 while that
     /// node is not running or serves no SQL.
     pub(crate) async fn home_sql_endpoint(
