@@ -745,9 +745,10 @@ impl DiskService {
         let mut used = std::collections::HashSet::new();
         for ty in [crate::DISK_TYPE, crate::SNAPSHOT_TYPE, crate::IMAGE_TYPE] {
             for body in p.resources_of_type(ty) {
-                if let Some(keys) = disk_keys(p, &body)
-                    && let Some(family) = keys.family_if_any().await?
-                {
+                // A resource whose family cannot be told makes every family possibly used.
+                let keys = disk_keys(p, &body)
+                    .ok_or_else(|| internal("a disk resource without an id", ""))?;
+                if let Some(family) = keys.family_if_any().await? {
                     used.insert(family);
                 }
             }
@@ -755,10 +756,12 @@ impl DiskService {
         Ok(used)
     }
 
-    /// Removes the families of this node's store that no disk, snapshot or image names (at
-    /// start, before anything is served): those deleted through another node while this one
-    /// was not running (their `DELETE` was served there), and those a crash or a revoked key
-    /// left behind. Returns how many went; none when the resources cannot be read.
+    /// Sets the families of this node's store that no disk, snapshot or image names aside
+    /// (at start, before anything is served; `DiskStore::set_aside`: kept under
+    /// `disks/.orphaned/` for an operator to remove, never deleted): those deleted through
+    /// another node while this one was not running (their `DELETE` was served there), and
+    /// those a crash or a revoked key left behind. Returns how many; none when the resources
+    /// cannot be read.
     pub async fn remove_orphan_families(&self) -> usize {
         let used = match self.families_in_use().await {
             Ok(u) => u,
@@ -774,12 +777,12 @@ impl DiskService {
                 if used.contains(&family) {
                     continue;
                 }
-                match store.delete_family(&family) {
-                    Ok(()) => {
-                        tracing::warn!(family, "disk family no disk, snapshot or image names removed (deleted while this node was not running, or left by a crash)");
+                match store.set_aside(&family) {
+                    Ok(to) => {
+                        tracing::warn!(family, to = %to.display(), "disk family no disk, snapshot or image names set aside (deleted while this node was not running, or left by a crash): remove it once no disk needs it");
                         removed += 1;
                     }
-                    Err(e) => tracing::warn!(family, error = %e, "orphan disk family not removed"),
+                    Err(e) => tracing::warn!(family, error = %e, "orphan disk family not set aside"),
                 }
             }
             removed

@@ -259,6 +259,38 @@ impl DiskStore {
         Ok(out)
     }
 
+    /// Moves family `id` out of the way, whole, into `.orphaned/` under the root (a name
+    /// [`DiskStore::families`] never lists and nothing opens), for a family no resource names
+    /// any more: kept for an operator to remove rather than deleted, because a store that
+    /// does not know a family (the wrong one, say) must never cost its data. Refused while it
+    /// is open. Its objects in shared storage stay. Returns where it went.
+    pub fn set_aside(&self, id: &str) -> Result<PathBuf> {
+        format::check_name(id)?;
+        let open = lock(&self.open);
+        if open.get(id).and_then(Weak::upgrade).is_some() {
+            return Err(DiskError::Busy);
+        }
+        let dir = self.root.join(id);
+        if !dir.join("family").is_file() {
+            return Err(DiskError::NotFound(format!("disk family {id}")));
+        }
+        let _lock = family::lock_family_dir(&dir)?;
+        let aside = self.root.join(ORPHANED_DIR);
+        std::fs::create_dir_all(&aside)?;
+        let mut to = aside.join(id);
+        for n in 1.. {
+            if !to.exists() {
+                break;
+            }
+            to = aside.join(format!("{id}.{n}"));
+        }
+        std::fs::rename(&dir, &to)?;
+        kagi_fs::sync_dir(&aside)?;
+        kagi_fs::sync_dir(&self.root)?;
+        drop(open);
+        Ok(to)
+    }
+
     /// Deletes a family and all its volumes. Refused while it is open.
     pub fn delete_family(&self, id: &str) -> Result<()> {
         format::check_name(id)?;
@@ -286,6 +318,9 @@ impl DiskStore {
         Ok(())
     }
 }
+
+/// Where [`DiskStore::set_aside`] moves families, under the root.
+pub const ORPHANED_DIR: &str = ".orphaned";
 
 /// Lists a family's objects after fencing its previous writer off: an empty piece at the end
 /// of every segment it could still be appending to (those from the newest checkpoint on), one

@@ -452,6 +452,33 @@ fn families_listed_deleted_and_exclusive() {
     ));
 }
 
+#[test]
+fn a_family_set_aside_is_kept_whole_and_never_listed_or_opened() {
+    let (d, s) = store();
+    let f = s.create_family("two", keys(2), false).unwrap();
+    let v = f.create_volume("disk", 1 << 20).unwrap();
+    v.write(0, &[9u8; 4096], true).unwrap();
+    assert!(matches!(s.set_aside("two"), Err(DiskError::Busy)));
+    drop((v, f));
+    let to = s.set_aside("two").unwrap();
+    assert_eq!(to, d.path().join(kagi_disk::ORPHANED_DIR).join("two"));
+    assert!(to.join("family").is_file() && to.join("segments").is_dir());
+    assert!(s.families().unwrap().is_empty());
+    assert!(matches!(
+        s.open_family("two", keys(2)),
+        Err(DiskError::NotFound(_))
+    ));
+    // A store opened on the root keeps it (nothing at open removes it).
+    drop(s);
+    let s = DiskStore::open(d.path()).unwrap();
+    assert!(to.join("family").is_file());
+    // A second family of the same id set aside goes beside the first.
+    drop(s.create_family("two", keys(2), false).unwrap());
+    let again = s.set_aside("two").unwrap();
+    assert_eq!(again, d.path().join(kagi_disk::ORPHANED_DIR).join("two.1"));
+    assert!(to.join("family").is_file());
+}
+
 /// Checkpoints and snapshots taken while threads write: after a reopen (with and without a
 /// checkpoint at close) every volume reads exactly as before.
 #[test]
