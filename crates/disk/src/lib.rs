@@ -259,12 +259,9 @@ impl DiskStore {
         Ok(out)
     }
 
-    /// Moves family `id` out of the way, whole, into `.orphaned/` under the root (a name
-    /// [`DiskStore::families`] never lists and nothing opens), for a family no resource names
-    /// any more: kept for an operator to remove rather than deleted, because a store that
-    /// does not know a family (the wrong one, say) must never cost its data. Refused while it
-    /// is open. Its objects in shared storage stay. Returns where it went.
-    pub fn set_aside(&self, id: &str) -> Result<PathBuf> {
+    /// Family `id`, closed here and in every other process (its lock file held), with this
+    /// store's table of open families held: its directory, for removing it.
+    fn closed_family(&self, id: &str) -> Result<(OpenTable<'_>, PathBuf, std::fs::File)> {
         format::check_name(id)?;
         let open = lock(&self.open);
         if open.get(id).and_then(Weak::upgrade).is_some() {
@@ -274,7 +271,18 @@ impl DiskStore {
         if !dir.join("family").is_file() {
             return Err(DiskError::NotFound(format!("disk family {id}")));
         }
-        let _lock = family::lock_family_dir(&dir)?;
+        // Another process holding it keeps its lock file locked.
+        let lockfile = family::lock_family_dir(&dir)?;
+        Ok((open, dir, lockfile))
+    }
+
+    /// Moves family `id` out of the way, whole, into `.orphaned/` under the root (a name
+    /// [`DiskStore::families`] never lists and nothing opens), for a family no resource names
+    /// any more: kept for an operator to remove rather than deleted, because a store that
+    /// does not know a family (the wrong one, say) must never cost its data. Refused while it
+    /// is open. Its objects in shared storage stay. Returns where it went.
+    pub fn set_aside(&self, id: &str) -> Result<PathBuf> {
+        let (open, dir, _lock) = self.closed_family(id)?;
         let aside = self.root.join(ORPHANED_DIR);
         std::fs::create_dir_all(&aside)?;
         let mut to = aside.join(id);
@@ -293,17 +301,7 @@ impl DiskStore {
 
     /// Deletes a family and all its volumes. Refused while it is open.
     pub fn delete_family(&self, id: &str) -> Result<()> {
-        format::check_name(id)?;
-        let open = lock(&self.open);
-        if open.get(id).and_then(Weak::upgrade).is_some() {
-            return Err(DiskError::Busy);
-        }
-        let dir = self.root.join(id);
-        if !dir.join("family").is_file() {
-            return Err(DiskError::NotFound(format!("disk family {id}")));
-        }
-        // Another process holding it keeps its lock file locked.
-        let _lock = family::lock_family_dir(&dir)?;
+        let (_open, dir, _lock) = self.closed_family(id)?;
         // Renamed first, so a crash midway never leaves a half family under its name.
         let doomed = self.root.join(format!(".{id}.deleting"));
         std::fs::rename(&dir, &doomed)?;
@@ -318,6 +316,9 @@ impl DiskStore {
         Ok(())
     }
 }
+
+/// The table of a store's open families, held.
+type OpenTable<'a> = MutexGuard<'a, HashMap<String, Weak<Inner>>>;
 
 /// Where [`DiskStore::set_aside`] moves families, under the root.
 pub const ORPHANED_DIR: &str = ".orphaned";
