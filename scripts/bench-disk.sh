@@ -3,13 +3,22 @@
 # key; a customer-managed key through a disk encryption set; double encryption) against qemu-nbd
 # on a raw file, qemu-nbd on a LUKS image and nbdkit's file plugin with its luks filter. Every
 # target is an NBD export on a Unix socket, its data in the same directory under /var/tmp.
+# With them (issue 14), kagi-pmk-s3: the same platform-key disk on a second kagi server started
+# with `--blobs s3://…` on the project's own S3 server (scripts/s3.sh: moto, on this machine),
+# so that every flush and FUA write also uploads the log's newly durable bytes (one
+# create-if-absent object per segment touched, docs/DISK_FORMAT.md "Shipping") before it is
+# acknowledged. Moto on the same machine, over loopback and keeping objects in memory, is a
+# best case for the upload's latency: a real bucket adds a network round trip or more per
+# flush. (Moto's own CPU, and the PUTs it served, are printed for that target after its row.)
 #
 # Per target, the page cache dropped before each step:
 #   - nbdcopy of SIZE MiB of random data into the export (with --flush: the copy ends when the
 #     data is durable), then nbdcopy of the export to null: (MB/s);
 #   - fio's nbd engine (one connection, 16 requests in flight): 1 MiB sequential write (with a
 #     final flush, end_fsync) and read over the SIZE MiB (MB/s); 4 KiB random write (with a
-#     final flush) and read over the same range, each for BENCH_DISK_RUNTIME seconds (IOPS).
+#     final flush) and read over the same range, each for BENCH_DISK_RUNTIME seconds (IOPS);
+#     and 4 KiB random writes each followed by a flush (fio's fsync=1, as a database that
+#     commits every write would do), also for BENCH_DISK_RUNTIME seconds (IOPS of writes).
 # Also the server's CPU seconds for the two nbdcopy steps and the bytes the target's data takes
 # on the host afterwards. Then the ratios issue 12 sets as targets (printed, never asserted).
 #
@@ -27,7 +36,8 @@
 # default 5; 0 skips the I/O part), BENCH_DISK_RUNTIME (seconds per random fio run, default 20),
 # BENCH_DISK_ROTATION (space-separated COUNTxGIB scenarios, default "1000x1 100x1 100x64";
 # empty to skip), BENCH_DISK_ROTATIONS (rotations per scenario, default 3), BENCH_DISK_DIR
-# (parent directory of the work directory, default /var/tmp).
+# (parent directory of the work directory, default /var/tmp), BENCH_DISK_S3 (1, the default,
+# adds the kagi-pmk-s3 target; 0 leaves it and its S3 server out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_mib="${1:-1024}"
@@ -38,6 +48,7 @@ runtime="${BENCH_DISK_RUNTIME:-20}"
 rounds="${BENCH_DISK_ROUNDS:-5}"
 rotation="${BENCH_DISK_ROTATION-1000x1 100x1 100x64}"
 rotations="${BENCH_DISK_ROTATIONS:-3}"
+with_s3="${BENCH_DISK_S3:-1}"
 
 need=()
 command -v fio >/dev/null || need+=(fio)
@@ -59,6 +70,7 @@ work="$(mktemp -d "${BENCH_DISK_DIR:-/var/tmp}/kagi-bench-disk.XXXXXX")"
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  [ ! -e "$work/s3" ] || scripts/s3.sh destroy "$work/s3" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -76,9 +88,11 @@ echo "# $(findmnt -no SOURCE,FSTYPE,OPTIONS -T "$work"), load average $(cut -d' 
 
 
 # ----- kagi servers -----------------------------------------------------------------------------
-start_kagi() { # dir port [env...]: starts a server, sets $kpid
-  local dir=$1 port=$2; shift 2
-  env "$@" "$kagi" server --data-dir "$dir" --listen "localhost:$port" >"$dir.log" 2>&1 &
+start_kagi() { # dir port [env...] [-- server-args...]: starts a server, sets $kpid
+  local dir=$1 port=$2 envs=(); shift 2
+  while (($#)) && [ "$1" != -- ]; do envs+=("$1"); shift; done
+  (($#)) && shift
+  env "${envs[@]}" "$kagi" server --data-dir "$dir" --listen "localhost:$port" "$@" >"$dir.log" 2>&1 &
   kpid=$!
   pids+=("$kpid")
   for _ in $(seq 200); do
@@ -120,17 +134,28 @@ copy_step() { # target step server-pid nbdcopy-args...
   local t=$1 step=$2 spid=$3; shift 3
   drop
   local c0 t0 t1 c1
-  c0=$(ticks "$spid"); t0=$(now)
+  c0=$(ticks "$spid"); t0=$(now); s3_before
   nbdcopy "$@"
   t1=$(now); c1=$(ticks "$spid")
   put "$t" "$step" "$(mbps "$t0" "$t1")"
   put "$t" "${step}_cpu" "$(awk -v d=$((c1 - c0)) -v h="$tck" 'BEGIN { printf "%.1f", d / h }')"
+  s3_after "$t" "$step"
 }
+# For the kagi-pmk-s3 target ($s3_target set): the S3 server's CPU seconds and the PUTs it
+# answered (its request log) during a step.
+s3_before() { [ -z "${s3_target:-}" ] || { s3c0=$(ticks "$s3_pid"); s3p0=$(s3_puts); }; }
+s3_after() { # target step
+  [ -n "${s3_target:-}" ] || return 0
+  put "$1" "$2_s3cpu" "$(awk -v d=$(($(ticks "$s3_pid") - s3c0)) -v h="$tck" 'BEGIN { printf "%.1f", d / h }')"
+  put "$1" "$2_puts" $(($(s3_puts) - s3p0))
+}
+s3_puts() { grep -c '"PUT /' "$work/s3/log" || true; }
 # fio's runtime, and so its MB/s and IOPS, includes the final flush (end_fsync) of a write job.
 fio_step() { # target step uri rw bs [fio-args...]: MB/s (1 MiB) or IOPS (4 KiB), from fio's JSON
   local t=$1 step=$2 uri=$3 rw=$4 bs=$5; shift 5
   local sync=0; [[ $rw == *write ]] && sync=1
   drop
+  s3_before
   fio --name="$t-$step" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth=16 \
     --size="${size_mib}M" --end_fsync="$sync" "$@" --output-format=json --output="$work/fio.json" \
     >"$work/fio.out" 2>&1 || { cat "$work/fio.out" >&2; exit 1; }
@@ -139,6 +164,7 @@ j = json.load(open(sys.argv[1]))["jobs"][0]
 assert j["error"] == 0, j["error"]
 d = j["write" if sys.argv[2].endswith("write") else "read"]
 print(round(d["bw_bytes"] / 1e6) if sys.argv[3] == "1M" else round(d["iops"]))' "$work/fio.json" "$rw" "$bs")"
+  s3_after "$t" "$step"
 }
 measure() { # target uri server-pid data-path: every step, then the row
   local t=$1 uri=$2 spid=$3 data=$4
@@ -148,20 +174,35 @@ measure() { # target uri server-pid data-path: every step, then the row
   fio_step "$t" seq_r "$uri" read 1M
   fio_step "$t" rnd_w "$uri" randwrite 4k --time_based --runtime="$runtime" --norandommap --randrepeat=0
   fio_step "$t" rnd_r "$uri" randread 4k --time_based --runtime="$runtime" --norandommap --randrepeat=0
+  fio_step "$t" rnd_wf "$uri" randwrite 4k --time_based --runtime="$runtime" --norandommap --randrepeat=0 --fsync=1
   put "$t" host $(($(du -sb "$data" | cut -f1) / 1000000))
+  if [ -n "${s3_target:-}" ]; then
+    local objects mb
+    read -r objects mb < <(bucket)
+    put "$t" objects "$objects"
+    put "$t" bucket "$mb"
+  fi
   row last "$t"
 }
-steps=(copy_w copy_r seq_w seq_r rnd_w rnd_r)
+steps=(copy_w copy_r seq_w seq_r rnd_w rnd_r rnd_wf)
 header() {
-  printf '%-12s %9s %9s %9s %9s %10s %10s %9s %9s\n' target copy_w copy_r fio_seq_w fio_seq_r \
-    rand_w rand_r cpu_w/r host_MB
-  printf '%-12s %9s %9s %9s %9s %10s %10s %9s %9s\n' '' MB/s MB/s MB/s MB/s IOPS IOPS s ''
+  printf '%-12s %9s %9s %9s %9s %10s %10s %10s %9s %9s\n' target copy_w copy_r fio_seq_w fio_seq_r \
+    rand_w rand_r rand_w+fl cpu_w/r host_MB
+  printf '%-12s %9s %9s %9s %9s %10s %10s %10s %9s %9s\n' '' MB/s MB/s MB/s MB/s IOPS IOPS IOPS s ''
 }
 row() { # last|median target
   local f=$1 t=$2 s v=()
   for s in "${steps[@]}"; do v+=("$($f "$t" "$s")"); done
-  printf '%-12s %9s %9s %9s %9s %10s %10s %9s %9s\n' "$t" "${v[@]}" \
+  printf '%-12s %9s %9s %9s %9s %10s %10s %10s %9s %9s\n' "$t" "${v[@]}" \
     "$($f "$t" copy_w_cpu)/$($f "$t" copy_r_cpu)" "$($f "$t" host)"
+  [ -n "${res[$t,copy_w_puts]:-}" ] || return 0
+  v=()
+  for s in "${steps[@]}"; do v+=("$($f "$t" "${s}_puts")"); done
+  printf '%-12s %9s %9s %9s %9s %10s %10s %10s %9s %9s\n' "  S3 PUTs" "${v[@]}" \
+    "$($f "$t" objects)" "$($f "$t" bucket)"
+  v=()
+  for s in "${steps[@]}"; do v+=("$($f "$t" "${s}_s3cpu")"); done
+  printf '%-12s %9s %9s %9s %9s %10s %10s %10s\n' "  S3 CPU s" "${v[@]}"
 }
 wait_nbd() { # uri
   for _ in $(seq 100); do nbdinfo --size "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -215,10 +256,46 @@ luks_image() { # path
   qemu-img create -q -f luks --object "secret,id=sec0,file=$work/pass" \
     -o key-secret=sec0,iter-time=10 "$1" "${gib}G"
 }
-targets=(kagi-pmk kagi-cmk kagi-double qemu-raw qemu-luks nbdkit-luks)
+# kagi-pmk-s3: a second server whose blobs, and so the disks' shipped logs, are in a bucket of
+# the S3 server (under a prefix of its own); its disks as kagi-pmk's.
+if ((with_s3)); then
+  scripts/s3.sh start "$work/s3" >"$work/s3.env"
+  mapfile -t s3_env <"$work/s3.env"
+  s3_pid=$(cat "$work/s3/pid")
+  s3_url=$(sed -n 's/^S3_BLOBS_URL=//p' "$work/s3.env")
+  s3_python="${KAGI_S3_VENV:-.venv-s3}/bin/python"
+  s3_sdir="$work/kagi-s3"
+  s3_port=$((20000 + RANDOM % 20000))
+  [ "$s3_port" != "$port" ] || s3_port=$((port + 1))
+  start_kagi "$s3_sdir" "$s3_port" "${s3_env[@]}" -- --blobs "$s3_url/bench-disk"
+  s3_kagi_pid=$kpid
+fi
+s3_kagi() { # command...: runs it with the second server's variables (kc, kagi_target) and figures
+  local sdir=$s3_sdir port=$s3_port kagi_pid=$s3_kagi_pid s3_target=1
+  "$@"
+}
+# Its resource group (made by the first vault in it, as on the first server).
+((with_s3)) && s3_kagi kc keyvault create --name "benchs3$RANDOM" --resource-group bench >/dev/null
+bucket() { # "objects MB": the disks' objects under the S3 server's prefix
+  env "${s3_env[@]}" "$s3_python" - "$s3_url/bench-disk/disks/" <<'PY'
+import os, sys, boto3
+bucket, _, prefix = sys.argv[1].removeprefix("s3://").partition("/")
+s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+n = size = 0
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    for o in page.get("Contents", []):
+        n += 1
+        size += o["Size"]
+print(n, size // 1000000)
+PY
+}
+targets=(kagi-pmk)
+((with_s3)) && targets+=(kagi-pmk-s3)
+targets+=(kagi-cmk kagi-double qemu-raw qemu-luks nbdkit-luks)
 run_target() {
   case $1 in
     kagi-pmk) kagi_target kagi-pmk ;;
+    kagi-pmk-s3) s3_kagi kagi_target kagi-pmk-s3 ;;
     kagi-cmk) kagi_target kagi-cmk --disk-encryption-set "$cmk_set" ;;
     kagi-double) kagi_target kagi-double --disk-encryption-set "$dbl_set" \
       --encryption-type EncryptionAtRestWithPlatformAndCustomerKeys ;;
@@ -252,9 +329,14 @@ for round in $(seq "$rounds"); do
   for i in $(seq 0 $((n - 1))); do run_target "${targets[$(((i + round - 1) % n))]}"; done
 done
 stop "$kagi_pid"
+if ((with_s3)); then
+  stop "$s3_kagi_pid"
+  scripts/s3.sh destroy "$work/s3" >/dev/null
+fi
 
 echo
 echo "## Medians of $rounds round(s): $size_mib MiB; copy_* nbdcopy, fio_seq_* 1 MiB and rand_* 4 KiB at queue depth 16; cpu_w/r: the server's CPU seconds for the two nbdcopy steps; host_MB: the target's files after the round"
+((with_s3)) && echo "## rand_w+fl: 4 KiB random writes, each followed by a flush. Under kagi-pmk-s3: the PUTs the S3 server answered and its CPU seconds per step; after the steps, the objects in the bucket (under cpu_w/r) and their MB (under host_MB)"
 header
 for t in "${targets[@]}"; do row median "$t"; done
 
@@ -271,6 +353,14 @@ for k in kagi-pmk kagi-cmk kagi-double; do
   done
   for s in rnd_w rnd_r; do ratio "$k $s / qemu-luks" "$k" "$s" qemu-luks 1; done
 done
+if ((with_s3)); then
+  echo
+  echo "## The cost of shipping the log: kagi-pmk-s3 against kagi-pmk (medians; 1.00 = free)"
+  for s in "${steps[@]}"; do
+    awk -v s="$s" -v a="$(median kagi-pmk-s3 "$s")" -v b="$(median kagi-pmk "$s")" 'BEGIN {
+      printf "%-8s %9s / %-9s = %5.2f\n", s, a, b, a / b }'
+  done
+fi
 
 fi # rounds > 0
 
