@@ -205,7 +205,7 @@ impl DiskService {
         };
         // The status of a long-running operation is in the memory of the node that ran it.
         if let ["locations", _, "diskoperations", _] = scope.rest_l {
-            return Ok(operation_node(scope.rest[3]).map(str::to_string));
+            return Ok(kagi_host::operation_node(scope.rest[3]).map(str::to_string));
         }
         let (Some(rg), [kind @ ("disks" | "snapshots" | "images"), ..]) =
             (scope.resource_group, scope.rest_l)
@@ -241,13 +241,6 @@ impl DiskService {
     }
 }
 
-/// The node named in a long-running operation's id (`{32 hex digits}-{node}`).
-fn operation_node(id: &str) -> Option<&str> {
-    let (random, node) = id.split_at_checked(32)?;
-    let node = node.strip_prefix('-')?;
-    (random.bytes().all(|b| b.is_ascii_hexdigit()) && !node.is_empty()).then_some(node)
-}
-
 /// The disk, snapshot or image a new disk, snapshot or image is made from, if any.
 fn source_of(input: &Value) -> Option<&str> {
     let p = &input["properties"];
@@ -265,18 +258,6 @@ fn source_of(input: &Value) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
-
-    #[test]
-    fn an_operation_names_its_node() {
-        let id = format!("{}-host-1a2b.x", "0f".repeat(16));
-        assert_eq!(super::operation_node(&id), Some("host-1a2b.x"));
-        assert_eq!(super::operation_node(&"0f".repeat(16)), None);
-        assert_eq!(super::operation_node("short-node"), None);
-        assert_eq!(
-            super::operation_node(&format!("{}-n", "zz".repeat(16))),
-            None
-        );
-    }
 
     #[test]
     fn the_source_of_a_copy_an_image_disk_and_an_image() {

@@ -576,13 +576,12 @@ impl DiskService {
     ) -> String {
         // Kept in this node's memory: the id names the node, so that another node forwards
         // the status's reads here (`crate::homes`).
-        let id = format!(
-            "{}-{}",
-            kagi_crypto::random_bytes(16)
-                .map(hex::encode)
-                .unwrap_or_else(|_| format!("{started:032x}")),
-            self.host.node_name()
-        );
+        let random = kagi_crypto::random_array().unwrap_or_else(|_| {
+            let mut r = [0u8; 16];
+            r[..8].copy_from_slice(&started.to_be_bytes());
+            r
+        });
+        let id = kagi_host::operation_id(random, &self.host.node_name());
         let now = self.host.now();
         let status = serde_json::json!({
             "name": id,

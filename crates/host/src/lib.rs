@@ -361,6 +361,21 @@ pub trait ServiceHost: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The id of a long-running operation whose outcome is kept in node `node`'s memory:
+/// `{32 hex digits}-{node}` (`random`: 16 random bytes), so that another node forwards the
+/// reads of its status there ([`operation_node`]).
+pub fn operation_id(random: [u8; 16], node: &str) -> String {
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{hex}-{node}")
+}
+
+/// The node named in an operation id made by [`operation_id`] (`None` for any other id).
+pub fn operation_node(id: &str) -> Option<&str> {
+    let (random, node) = id.split_at_checked(32)?;
+    let node = node.strip_prefix('-')?;
+    (random.bytes().all(|b| b.is_ascii_hexdigit()) && !node.is_empty()).then_some(node)
+}
+
 /// A node of several on one store, as the others see it (docs/SEVERAL_NODES.md).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeCard {
@@ -378,6 +393,17 @@ pub struct NodeCard {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_operation_id_names_its_node() {
+        let id = operation_id([0x0f; 16], "host-1a2b.x");
+        assert_eq!(id, format!("{}-host-1a2b.x", "0f".repeat(16)));
+        assert_eq!(operation_node(&id), Some("host-1a2b.x"));
+        assert_eq!(operation_node(&"0f".repeat(16)), None);
+        assert_eq!(operation_node(&format!("{}-", "0f".repeat(16))), None);
+        assert_eq!(operation_node("short-node"), None);
+        assert_eq!(operation_node(&format!("{}-n", "zz".repeat(16))), None);
+    }
+
     use super::*;
 
     #[test]

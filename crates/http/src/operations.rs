@@ -78,9 +78,8 @@ pub(crate) fn accepted(
     api_version: &str,
     outcome: Outcome,
 ) -> Result<Response<Body>, KvError> {
-    let random: [u8; 16] = kagi_crypto::random_array().map_err(|_| KvError::internal())?;
-    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
-    let op = format!("{hex}-{}", p.node_name());
+    let random = kagi_crypto::random_array().map_err(|_| KvError::internal())?;
+    let op = kagi_host::operation_id(random, p.node_name());
     remember(&op, sub, outcome);
     let location = format!(
         "{}/subscriptions/{sub}/operationresults/{op}?api-version={}",
@@ -97,13 +96,6 @@ pub(crate) fn accepted(
     Ok(r)
 }
 
-/// The node named in an operation's id (`{32 hex digits}-{node}`).
-fn operation_node(op: &str) -> Option<&str> {
-    let (random, node) = op.split_at_checked(32)?;
-    let node = node.strip_prefix('-')?;
-    (random.bytes().all(|b| b.is_ascii_hexdigit()) && !node.is_empty()).then_some(node)
-}
-
 /// `GET /subscriptions/{sub}/operationresults/{op}` (`parts`: the request): the outcome, from
 /// the node that ran the operation.
 pub(crate) async fn answer(p: &Platform, parts: &Parts, sub: &str, op: &str) -> Response<Body> {
@@ -111,7 +103,7 @@ pub(crate) async fn answer(p: &Platform, parts: &Parts, sub: &str, op: &str) -> 
     if parts.method == Method::GET
         && p.shares_store()
         && outcome(op, sub).is_none()
-        && let Some(node) = operation_node(op)
+        && let Some(node) = kagi_host::operation_node(op)
         && node != p.node_name()
     {
         if crate::forward::was_forwarded(parts) {
@@ -170,14 +162,5 @@ mod tests {
         assert_eq!(result(&Method::GET, SUB, "op-3").status(), 409);
         assert_eq!(result(&Method::GET, SUB, "op-2").status(), 404);
         assert_eq!(result(&Method::POST, SUB, "op-1").status(), 405);
-    }
-
-    #[test]
-    fn an_operation_names_its_node() {
-        let hex = "0123456789abcdef0123456789abcdef";
-        assert_eq!(operation_node(&format!("{hex}-node-1.a")), Some("node-1.a"));
-        assert_eq!(operation_node(&format!("{hex}-")), None);
-        assert_eq!(operation_node("op-1"), None);
-        assert_eq!(operation_node("0123456789abcdef0123456789abcdeg-n"), None);
     }
 }
