@@ -48,11 +48,18 @@ def backups(srv, server, db):
     return ok(arm(srv, "GET", sql_path(srv, server, f"/databases/{db}/backups")))
 
 
-def wait_new_backup(srv, server, db, seen):
+def wait_new_backup(srv, server, db, seen, committed_at=None):
     """Waits for a backup beyond the `seen` first ones (the only writer being the test, it holds
-    what was committed before); returns the newest."""
+    what was committed before); returns the newest. With `committed_at` (this machine's
+    time.time() after a commit, the clock not moved) the newest must also have been taken in a
+    later second: a pass that was already copying when the test committed is listed after `seen`
+    was counted and yet holds nothing of the commit."""
     def newer():
         v = backups(srv, server, db)["value"]
+        if committed_at is not None and v:
+            t = calendar.timegm(time.strptime(v[-1]["properties"]["backupTime"], "%Y-%m-%dT%H:%M:%SZ"))
+            if t <= int(committed_at):
+                return None
         return v if len(v) > seen else None
     return wait_for(f"backup #{seen + 1} of {db}", newer, timeout=60)[-1]
 
@@ -359,7 +366,7 @@ def test_kill_9_during_backups_with_a_writer_running_leaves_restorable_backups(t
         # Backups go on after the restart: a new row reaches a restore.
         seen = len(backups(srv, server, db)["value"])
         psql(srv, server, db, "INSERT INTO t (id, v) VALUES (1000000, 'KAGI-PITR-AFTER')")
-        newest = wait_new_backup(srv, server, db, seen)
+        newest = wait_new_backup(srv, server, db, seen, committed_at=time.time())
         ok(restore(srv, server, db, "later", newest["properties"]["backupTime"]))
         with connect(srv, server, "later") as c:
             n, top = c.execute("SELECT count(*), max(id) FROM t").fetchone()
