@@ -20,6 +20,9 @@
 /// The object_store crate this one is built on (its types appear in this API).
 pub use object_store;
 
+pub mod folder;
+pub use folder::BlockingFolder;
+
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -253,6 +256,12 @@ impl BlobRoot {
         } else {
             Arc::new(PrefixStore::new(store.clone(), key))
         }))
+    }
+
+    /// The folder `dir` with blocking calls (see [`BlockingFolder`]), or `None` when objects
+    /// are local files.
+    pub fn blocking_folder(&self, dir: &Path) -> Result<Option<BlockingFolder>> {
+        Ok(self.remote(dir)?.map(BlockingFolder::new))
     }
 
     /// Whether the folder `dir` holds any object (remote roots only; `None` when local).

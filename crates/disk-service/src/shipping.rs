@@ -4,143 +4,54 @@
 //! family over when its home is gone (`crate::homes`).
 //!
 //! The store calls a [`LogShip`] from the threads that write a family, and a family closed in
-//! a `Drop` can call it from any thread, an async worker's included. Its requests therefore
-//! run on a small runtime of their own, and the calling thread waits on a channel: no
-//! `block_on` inside a runtime (a panic), no wait for a worker the caller occupies.
+//! a `Drop` can call it from any thread, an async worker's included: its requests go through
+//! [`BlockingFolder`], which runs them on a runtime of its own.
 
-use std::future::Future;
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use futures::TryStreamExt;
+use kagi_blobs::BlockingFolder;
 use kagi_disk::{LogObject, LogShip, ShipFactory};
-use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-
-/// The runtime the bucket requests run on (never dropped: a runtime cannot be dropped inside
-/// another).
-fn runtime() -> io::Result<&'static tokio::runtime::Runtime> {
-    static RUNTIME: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
-    RUNTIME
-        .get_or_init(|| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("kagi-disk-ship")
-                .enable_all()
-                .build()
-                .ok()
-        })
-        .as_ref()
-        .ok_or_else(|| io::Error::other("cannot start the threads that reach the bucket"))
-}
-
-/// Runs `request` on [`runtime`] and waits for it, from any thread.
-fn wait<T: Send + 'static>(
-    request: impl Future<Output = io::Result<T>> + Send + 'static,
-) -> io::Result<T> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    runtime()?.spawn(async move {
-        let _ = tx.send(request.await);
-    });
-    rx.recv()
-        .map_err(|_| io::Error::other("a request to the bucket was dropped"))?
-}
-
-/// An object store error as I/O's (a create that found the object: `AlreadyExists`).
-fn io_error(e: object_store::Error) -> io::Error {
-    match e {
-        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-            io::Error::new(io::ErrorKind::AlreadyExists, e.to_string())
-        }
-        object_store::Error::NotFound { .. } => {
-            io::Error::new(io::ErrorKind::NotFound, e.to_string())
-        }
-        e => io::Error::other(e.to_string()),
-    }
-}
 
 /// One family's objects in the bucket.
 #[derive(Debug)]
 struct BucketLog {
     /// The family's folder (`disks/{family}`), or why it cannot be reached.
-    folder: Result<Arc<dyn ObjectStore>, String>,
+    folder: Result<BlockingFolder, String>,
 }
 
 impl BucketLog {
-    fn folder(&self) -> io::Result<Arc<dyn ObjectStore>> {
-        self.folder.clone().map_err(io::Error::other)
+    fn folder(&self) -> io::Result<&BlockingFolder> {
+        self.folder
+            .as_ref()
+            .map_err(|e| io::Error::other(e.clone()))
     }
 }
 
 impl LogShip for BucketLog {
     fn put_new(&self, object: LogObject, bytes: &[u8]) -> io::Result<()> {
-        let folder = self.folder()?;
-        let payload = PutPayload::from(bytes.to_vec());
-        let mine = bytes.to_vec();
-        wait(async move {
-            let create = PutOptions {
-                mode: PutMode::Create,
-                ..PutOptions::default()
-            };
-            let path = ObjectPath::from(object.name());
-            match folder
-                .put_opts(&path, payload, create)
-                .await
-                .map_err(io_error)
-            {
-                // The client retries a request whose answer was lost: a create that had been
-                // done then finds its own object. Only the same bytes are this writer's (a
-                // fence is empty; a piece, header or checkpoint never is).
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !mine.is_empty() => {
-                    let there = folder.get(&path).await.map_err(io_error)?;
-                    match there.bytes().await.map_err(io_error)? == mine.as_slice() {
-                        true => Ok(()),
-                        false => Err(e),
-                    }
-                }
-                r => r.map(|_| ()),
-            }
-        })
+        // A fence is empty; a piece, header or checkpoint never is: only the same bytes found
+        // at its name are this writer's own (a retried create).
+        self.folder()?.put_new(&object.name(), bytes)
     }
 
     fn list(&self) -> io::Result<Vec<(LogObject, u64)>> {
-        let folder = self.folder()?;
-        wait(async move {
-            let metas: Vec<_> = folder.list(None).try_collect().await.map_err(io_error)?;
-            Ok(metas
-                .into_iter()
-                .filter_map(|m| {
-                    let name = m.location.filename()?;
-                    Some((LogObject::parse(name)?, m.size))
-                })
-                .collect())
-        })
+        Ok(self
+            .folder()?
+            .list()?
+            .into_iter()
+            .filter_map(|(name, size)| Some((LogObject::parse(&name)?, size)))
+            .collect())
     }
 
     fn get(&self, object: LogObject) -> io::Result<Vec<u8>> {
-        let folder = self.folder()?;
-        wait(async move {
-            let got = folder
-                .get(&ObjectPath::from(object.name()))
-                .await
-                .map_err(io_error)?;
-            Ok(got.bytes().await.map_err(io_error)?.to_vec())
-        })
+        self.folder()?.get(&object.name())
     }
 
     fn delete(&self, objects: &[LogObject]) -> io::Result<()> {
-        let folder = self.folder()?;
-        let names: Vec<ObjectPath> = objects.iter().map(|o| o.name().into()).collect();
-        wait(async move {
-            for name in names {
-                match folder.delete(&name).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(io_error(e)),
-                }
-            }
-            Ok(())
-        })
+        let names: Vec<String> = objects.iter().map(|o| o.name()).collect();
+        self.folder()?.delete(&names)
     }
 }
 
@@ -152,7 +63,7 @@ pub(crate) fn factory(blobs: &kagi_blobs::BlobRoot, root: &Path) -> Option<ShipF
     }
     let (blobs, root) = (blobs.clone(), root.to_owned());
     Some(Arc::new(move |family: &str| -> Arc<dyn LogShip> {
-        let folder = match blobs.remote(&root.join(family)) {
+        let folder = match blobs.blocking_folder(&root.join(family)) {
             Ok(Some(folder)) => Ok(folder),
             Ok(None) => Err("blobs are local files".to_string()),
             Err(e) => Err(e.to_string()),
@@ -164,6 +75,7 @@ pub(crate) fn factory(blobs: &kagi_blobs::BlobRoot, root: &Path) -> Option<ShipF
 #[cfg(test)]
 mod tests {
     use super::*;
+    use object_store::ObjectStore;
     use object_store::memory::InMemory;
 
     fn log() -> (Arc<dyn ObjectStore>, Arc<dyn LogShip>) {
@@ -210,12 +122,13 @@ mod tests {
         );
         assert_eq!(log.get(piece).unwrap(), b"records");
         // Under the family's folder in the bucket.
-        let names: Vec<String> = wait(async move {
-            let metas: Vec<_> = bucket.list(None).try_collect().await.map_err(io_error)?;
-            Ok(metas.into_iter().map(|m| m.location.to_string()).collect())
-        })
-        .unwrap();
-        assert!(names.contains(&"disks/fam1/piece-0000000000000001-0000000000000000".into()));
+        let whole = BlockingFolder::new(bucket);
+        assert_eq!(
+            whole
+                .get("disks/fam1/piece-0000000000000001-0000000000000000")
+                .unwrap(),
+            b"records"
+        );
         // From inside an async runtime too (a family dropped by an async task).
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
