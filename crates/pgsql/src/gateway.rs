@@ -1,6 +1,7 @@
 //! The seam to the SQL service: [`Gateway`] resolves servers, logins and databases; the
-//! service hands each session an [`OpenDatabase`] and can cut every session of a database
-//! through its [`Terminator`].
+//! service hands each session an [`OpenDatabase`], can cut every session of a database
+//! through its [`Terminator`] and hold back what follows a commit until its
+//! [`CommitBarrier`] has made the commit durable elsewhere.
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -26,6 +27,30 @@ pub struct OpenDatabase {
     pub connection: rusqlite::Connection,
     /// Fires when the service wants the session gone (see [`Terminator`]).
     pub termination: Termination,
+    /// What the session's commits must pass before the client hears of them (None: nothing
+    /// to wait for, a commit is reported as soon as SQLite made it).
+    pub barrier: Option<std::sync::Arc<dyn CommitBarrier>>,
+}
+
+/// Makes a session's commits durable beyond this node before the client hears of them.
+///
+/// The contract of PostgreSQL's synchronous replication (`synchronous_commit =
+/// remote_write`): after a transaction of the session commits (autocommit statements,
+/// COMMIT, the implicit transaction of a multi-statement Query or of the messages up to a
+/// Sync), nothing the session sends afterwards (CommandComplete, ReadyForQuery, rows) leaves
+/// for the client until [`CommitBarrier::commit`] has returned. Output is buffered until a
+/// flush, so several commits may pass one call. A session that has already lost its client
+/// (or is being terminated) by then ends without calling it: nobody would hear of the commit.
+/// A commit that the barrier refuses stays committed locally, as in PostgreSQL: the client
+/// just never hears that it did.
+pub trait CommitBarrier: Send + Sync + 'static {
+    /// Called on the session's own (blocking) thread after one or more transactions of the
+    /// session committed, before any byte sent after those commits leaves for the client.
+    /// Blocking is expected (it may upload); the thread is not one of the async runtime's,
+    /// so `Handle::block_on` works here. Cancel requests do not interrupt it, so it should
+    /// bound its own waiting. An error ends the session with that error (sent as a FATAL
+    /// ErrorResponse in place of everything buffered since, then the connection closes).
+    fn commit(&self) -> Result<(), PgError>;
 }
 
 impl std::fmt::Debug for OpenDatabase {

@@ -38,7 +38,9 @@ pub mod wire;
 
 pub use error::{PgError, ServeError, Severity, sqlstate};
 pub use forward::{FORWARDED_BY, UPSTREAM_PHRASE, Upstream};
-pub use gateway::{Credential, Gateway, LoginChange, OpenDatabase, Termination, Terminator};
+pub use gateway::{
+    CommitBarrier, Credential, Gateway, LoginChange, OpenDatabase, Termination, Terminator,
+};
 /// The SQLite binding of [`OpenDatabase::connection`].
 pub use rusqlite;
 /// The TLS library of [`PgConfig::tls`].

@@ -786,6 +786,7 @@ async fn run_session(shared: Arc<Shared>, mut transport: Transport, ready: Ready
     let crate::gateway::OpenDatabase {
         connection,
         termination,
+        barrier,
     } = open;
     let settings = Arc::new(Mutex::new(settings));
     let who = Identity {
@@ -793,19 +794,28 @@ async fn run_session(shared: Arc<Shared>, mut transport: Transport, ready: Ready
         database: params.database.clone(),
         pid,
     };
-    if let Err(e) = sqlite::prepare_connection(&connection, &control, &settings, &who) {
-        let mut buf = Vec::new();
-        backend::error(
-            &mut buf,
-            &PgError::fatal(
-                sqlstate::INTERNAL_ERROR,
-                format!("cannot prepare the session: {e}"),
-            ),
-        );
-        let _ = send(&mut transport, &buf).await;
-        shared.registry.unregister(pid);
-        return;
-    }
+    let prepared =
+        sqlite::prepare_connection(&connection, &control, &settings, &who).and_then(|()| {
+            barrier
+                .map(|b| session::Commits::watch(&connection, b))
+                .transpose()
+        });
+    let commits = match prepared {
+        Ok(c) => c,
+        Err(e) => {
+            let mut buf = Vec::new();
+            backend::error(
+                &mut buf,
+                &PgError::fatal(
+                    sqlstate::INTERNAL_ERROR,
+                    format!("cannot prepare the session: {e}"),
+                ),
+            );
+            let _ = send(&mut transport, &buf).await;
+            shared.registry.unregister(pid);
+            return;
+        }
+    };
     if send(&mut transport, &greeting).await.is_err() {
         shared.registry.unregister(pid);
         return;
@@ -817,7 +827,15 @@ async fn run_session(shared: Arc<Shared>, mut transport: Transport, ready: Ready
     let spawned = std::thread::Builder::new()
         .name(format!("pgsql-{pid}"))
         .spawn(move || {
-            session::run(connection, params, settings, worker_control, in_rx, out_tx);
+            session::run(
+                connection,
+                params,
+                settings,
+                worker_control,
+                commits,
+                in_rx,
+                out_tx,
+            );
             let _ = done_tx.send(());
         });
     if spawned.is_err() {

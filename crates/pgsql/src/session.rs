@@ -4,6 +4,7 @@
 //! queries. The async side only moves messages between the socket and this thread.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
@@ -13,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::catalog;
 use crate::commands::{self, Count, LoginStmt, Stmt, Verb};
 use crate::error::{PgError, Severity, sqlstate};
-use crate::gateway::{Gateway, LoginChange};
+use crate::gateway::{CommitBarrier, Gateway, LoginChange};
 use crate::results::{Col, ResultSet};
 use crate::scram::ScramVerifier;
 use crate::settings::Settings;
@@ -127,15 +128,64 @@ enum Outcome {
     Rows(ResultSet, String),
 }
 
+/// A session's commits on their way to the service's [`CommitBarrier`]: a commit hook on the
+/// connection notes that a transaction committed, the next flush waits for the barrier.
+pub(crate) struct Commits {
+    barrier: Arc<dyn CommitBarrier>,
+    /// A transaction committed since the barrier last passed.
+    pending: Arc<AtomicBool>,
+}
+
+impl Commits {
+    /// Installs the commit hook on `conn` (it lives as long as the connection, which the
+    /// session drops at its end).
+    pub(crate) fn watch(
+        conn: &Connection,
+        barrier: Arc<dyn CommitBarrier>,
+    ) -> rusqlite::Result<Self> {
+        let pending = Arc::new(AtomicBool::new(false));
+        let hook = Arc::clone(&pending);
+        // SQLite calls it only for transactions that wrote, just before they commit; a commit
+        // that then fails costs one needless barrier, never a missed one. False: never veto.
+        conn.commit_hook(Some(move || {
+            hook.store(true, Ordering::SeqCst);
+            false
+        }))?;
+        Ok(Self { barrier, pending })
+    }
+}
+
+/// The session's output: messages are buffered and handed to the socket writer by
+/// [`Out::flush`], the only way bytes leave the session's thread.
 struct Out {
     buf: Vec<u8>,
     tx: mpsc::Sender<Vec<u8>>,
+    commits: Option<Commits>,
 }
 
 impl Out {
+    /// Sends what is buffered, after the commit barrier when a transaction committed since it
+    /// last passed. A barrier that fails ends the session: its error, FATAL, goes out in place
+    /// of the buffered bytes.
     fn flush(&mut self) -> Result<(), Gone> {
         if self.buf.is_empty() {
             return Ok(());
+        }
+        if let Some(commits) = &self.commits
+            && commits.pending.load(Ordering::SeqCst)
+        {
+            // Nobody is left to hear of the commit: no reason to wait for it.
+            if self.tx.is_closed() {
+                return Err(Gone);
+            }
+            commits.pending.store(false, Ordering::SeqCst);
+            if let Err(e) = commits.barrier.commit() {
+                self.buf.clear();
+                backend::error(&mut self.buf, &e.with_severity(Severity::Fatal));
+                let chunk = std::mem::take(&mut self.buf);
+                let _ = self.tx.blocking_send(chunk);
+                return Err(Gone);
+            }
         }
         let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
         self.tx.blocking_send(chunk).map_err(|_| Gone)
@@ -151,12 +201,13 @@ impl Out {
 }
 
 /// Runs a session until the client leaves or the session is cut. `conn` is dropped when it
-/// returns.
+/// returns (and with it the commit hook of `commits`).
 pub(crate) fn run(
     conn: Connection,
     params: SessionParams,
     settings: Arc<Mutex<Settings>>,
     control: Arc<Control>,
+    commits: Option<Commits>,
     rx: mpsc::Receiver<Frontend>,
     tx: mpsc::Sender<Vec<u8>>,
 ) {
@@ -168,6 +219,7 @@ pub(crate) fn run(
         out: Out {
             buf: Vec::with_capacity(CHUNK),
             tx,
+            commits,
         },
         tx: Tx::Idle,
         stmts: HashMap::new(),

@@ -6,35 +6,11 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 
 use common::*;
 
-/// A session past authentication (token login over the Unix socket).
-fn session(env: &Env) -> UnixStream {
-    let mut s = connect(env);
-    s.write_all(&startup(&[
-        ("user", &format!("{ENTRA}@srv1")),
-        ("database", "db1"),
-    ]))
-    .unwrap();
-    let r = read_until(&mut s, b'R');
-    assert_eq!(
-        r.last().unwrap().1,
-        3u32.to_be_bytes(),
-        "cleartext password requested"
-    );
-    let mut pw = TOKEN.as_bytes().to_vec();
-    pw.push(0);
-    s.write_all(&msg(b'p', &pw)).unwrap();
-    let msgs = read_until(&mut s, b'Z');
-    assert_eq!(msgs.last().unwrap().0, b'Z', "{msgs:?}");
-    assert!(msgs.iter().any(|(t, _)| *t == b'K'), "BackendKeyData");
-    s
-}
-
 fn assert_alive(env: &Env) {
-    let mut s = session(env);
+    let mut s = raw_session(env);
     let mut q = b"SELECT 1".to_vec();
     q.push(0);
     s.write_all(&msg(b'Q', &q)).unwrap();
@@ -130,27 +106,27 @@ fn hostile_startup_packets() {
 fn hostile_messages_after_login() {
     let env = Env::start();
     // An unknown message type: FATAL 08P01, then the connection ends.
-    let mut s = session(&env);
+    let mut s = raw_session(&env);
     s.write_all(&msg(b'z', b"")).unwrap();
     let r = read_until(&mut s, b'E');
     assert_eq!(error_code(&r.last().unwrap().1), "08P01");
     assert!(read_until(&mut s, b'Z').is_empty(), "connection closed");
     // A length below 4.
-    let mut s = session(&env);
+    let mut s = raw_session(&env);
     s.write_all(&[b'Q', 0, 0, 0, 1]).unwrap();
     assert_eq!(
         error_code(&read_until(&mut s, b'E').last().unwrap().1),
         "08P01"
     );
     // Sync with a body longer than small messages may have.
-    let mut s = session(&env);
+    let mut s = raw_session(&env);
     s.write_all(&[b'S', 0, 1, 0, 0]).unwrap();
     assert_eq!(
         error_code(&read_until(&mut s, b'E').last().unwrap().1),
         "08P01"
     );
     // A Bind announcing more bytes than it carries.
-    let mut s = session(&env);
+    let mut s = raw_session(&env);
     let mut parse = b"\0SELECT $1\0".to_vec();
     parse.extend_from_slice(&0i16.to_be_bytes());
     let mut bind = b"\0\0".to_vec();
@@ -162,7 +138,7 @@ fn hostile_messages_after_login() {
     let r = read_until(&mut s, b'E');
     assert_eq!(error_code(&r.last().unwrap().1), "08P01");
     // Extended protocol errors are statement errors: skip to Sync, then go on.
-    let mut s = session(&env);
+    let mut s = raw_session(&env);
     let mut bad_parse = b"\0SELEC 1\0".to_vec();
     bad_parse.extend_from_slice(&0i16.to_be_bytes());
     let mut exec = b"\0".to_vec();
@@ -250,7 +226,7 @@ fn hostile_messages_after_login() {
 #[test]
 fn execute_with_row_limit_suspends_the_portal() {
     let env = Env::start();
-    let mut s = session(&env);
+    let mut s = raw_session(&env);
     let mut q = b"CREATE TABLE n(v INTEGER); INSERT INTO n VALUES (1),(2),(3),(4),(5)".to_vec();
     q.push(0);
     s.write_all(&msg(b'Q', &q)).unwrap();

@@ -261,6 +261,7 @@ impl Gateway for SqlGateway {
         Ok(Session {
             connection,
             termination,
+            barrier: None,
         })
     }
 

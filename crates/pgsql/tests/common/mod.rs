@@ -4,7 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kagi_pgsql::{
-    CancellationToken, Credential, Gateway, LoginChange, OpenDatabase, PgConfig, PgError,
-    ScramVerifier, Terminator, Upstream, rusqlite, sqlstate,
+    CancellationToken, CommitBarrier, Credential, Gateway, LoginChange, OpenDatabase, PgConfig,
+    PgError, ScramVerifier, Terminator, Upstream, rusqlite, sqlstate,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -55,6 +55,8 @@ pub struct TestGateway {
     unavailable: Mutex<HashSet<(String, String)>>,
     /// Servers another front end serves ([`Gateway::upstream`]).
     upstreams: Mutex<HashMap<String, Upstream>>,
+    /// The commit barrier of the sessions opened from now on.
+    barrier: Mutex<Option<Arc<dyn CommitBarrier>>>,
 }
 
 impl TestGateway {
@@ -81,7 +83,13 @@ impl TestGateway {
             terminators: Mutex::new(HashMap::new()),
             unavailable: Mutex::new(HashSet::new()),
             upstreams: Mutex::new(HashMap::new()),
+            barrier: Mutex::new(None),
         })
+    }
+
+    /// Sessions opened from now on pass their commits through `barrier`.
+    pub fn set_barrier(&self, barrier: Arc<dyn CommitBarrier>) {
+        *self.barrier.lock().unwrap() = Some(barrier);
     }
 
     /// Makes a database Inaccessible: open sessions are cut with 40613, new ones refused.
@@ -205,6 +213,7 @@ impl Gateway for TestGateway {
         Ok(OpenDatabase {
             connection,
             termination,
+            barrier: self.barrier.lock().unwrap().clone(),
         })
     }
 
@@ -499,6 +508,36 @@ pub fn connect(env: &Env) -> UnixStream {
     let s = UnixStream::connect(env.socket_dir.join(format!(".s.PGSQL.{}", env.port))).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s
+}
+
+/// A raw client past authentication (token login over the Unix socket) on srv1/db1.
+pub fn raw_session(env: &Env) -> UnixStream {
+    let mut s = connect(env);
+    s.write_all(&startup(&[
+        ("user", &format!("{ENTRA}@srv1")),
+        ("database", "db1"),
+    ]))
+    .unwrap();
+    let r = read_until(&mut s, b'R');
+    assert_eq!(
+        r.last().unwrap().1,
+        3u32.to_be_bytes(),
+        "cleartext password requested"
+    );
+    let mut pw = TOKEN.as_bytes().to_vec();
+    pw.push(0);
+    s.write_all(&msg(b'p', &pw)).unwrap();
+    let msgs = read_until(&mut s, b'Z');
+    assert_eq!(msgs.last().unwrap().0, b'Z', "{msgs:?}");
+    assert!(msgs.iter().any(|(t, _)| *t == b'K'), "BackendKeyData");
+    s
+}
+
+/// A simple Query message.
+pub fn query(sql: &str) -> Vec<u8> {
+    let mut q = sql.as_bytes().to_vec();
+    q.push(0);
+    msg(b'Q', &q)
 }
 
 /// A StartupMessage (protocol 3.0) with `params`, length word included.
