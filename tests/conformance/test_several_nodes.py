@@ -1227,15 +1227,18 @@ def test_sql_operations_joining_servers_of_two_nodes_are_refused(tmp_path):
             n.stop()
 
 
-def test_a_sql_server_whose_home_is_lost_is_restored_onto_another_from_the_bucket(tmp_path):
+def test_a_sql_server_whose_home_is_lost_is_taken_over_from_the_bucket_losing_no_commit(tmp_path):
     """Issue 14: a SQL server's home lost for good (kill -9, its data directory deleted). Two
     nodes serving SQL on one store and one bucket (`--blobs s3://…`), log backups every two
-    seconds: server A lives on node 1, rows committed through psycopg, backed up (full, then log
-    backups, each file uploaded to the bucket before its record). Node 1 lost: through node 2, A
-    answers 503 naming node 1; a new server B lands on node 2 (the live node serving SQL), and a
-    point-in-time restore of A's database onto B, from A's records in the store and its backup
-    files in the bucket, unwrapped with A's service-managed key, holds every row of the last log
-    backup, read with psycopg and psql through node 2. A's DELETE is then served by node 2."""
+    seconds: server A lives on node 1, rows committed through psycopg and backed up (full, then
+    log backups, each file uploaded to the bucket before its record), then more rows committed
+    and acknowledged right before the kill (in no backup: in the live log, shipped before each
+    commit was acknowledged). Node 1 lost: through node 2, A first answers 503 naming node 1,
+    then, once node 1's presence has lapsed, node 2 takes A over (its live log fenced, its
+    backups and live log replayed) and serves every acknowledged row through psycopg and psql.
+    A new server B lands on node 2, and a point-in-time restore of A's database onto B (through
+    ARM and through `kagi sql db restore --source-server`) holds them too. Nothing in the
+    bucket holds a row in the clear."""
     import subprocess
     import uuid
 
@@ -1251,7 +1254,7 @@ def test_a_sql_server_whose_home_is_lost_is_restored_onto_another_from_the_bucke
     try:
         first.put_rg(DEFAULT_RG)
         via1 = Via(first, first)
-        name1, name2 = node_name(first), node_name(n2)
+        name1 = node_name(first)
         lost, _ = sql.create_server(via1, identity=False)
         db, made = sql.create_db(via1, lost)
         database_id = made["properties"]["databaseId"].lower()
@@ -1268,8 +1271,9 @@ def test_a_sql_server_whose_home_is_lost_is_restored_onto_another_from_the_bucke
             got, _ = until(lambda: (lambda v: v if len(v) > seen else None)(backups()), bound=60)
             return len(got), got[-1]["properties"]
 
-        seen, newest = next_backup(0)
-        assert newest["backupType"] == "Full", newest
+        # The first full backup is taken before the database is acknowledged.
+        seen, newest = len(backups()), backups()[0]["properties"]
+        assert seen >= 1 and newest["backupType"] == "Full", newest
         with psycopg.connect(dsn(first, lost, db), autocommit=True) as c:
             c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
             c.execute("INSERT INTO t VALUES " + ",".join(f"({i}, 'batch 1')" for i in range(1, 21)))
@@ -1278,71 +1282,145 @@ def test_a_sql_server_whose_home_is_lost_is_restored_onto_another_from_the_bucke
             c.execute("INSERT INTO t VALUES " + ",".join(f"({i}, 'batch 2')" for i in range(21, 41)))
         seen, newest = next_backup(seen)
         assert newest["backupType"] == "Log", newest
-        last = newest["backupTime"]
-        # Every file of A's backups is in the bucket (ciphertext: no row in the clear).
+        # Acknowledged one by one, the last right before the kill: in no backup.
+        with psycopg.connect(dsn(first, lost, db), autocommit=True) as c:
+            for i in range(41, 51):
+                c.execute("INSERT INTO t VALUES (%s, 'batch 3')", (i,))
+            first.kill9()
+        shutil.rmtree(first.data_dir)
+        # Every file of A's backups and live log is in the bucket, ciphertext: no row in the
+        # clear.
         objects = bucket.list(f"sql-backups/{database_id}")
         assert any(o.startswith("full-") for o in objects) and sum(o.startswith("log-") for o in objects) >= 2, objects
+        pieces = bucket.list(f"sql-live/{database_id}")
+        assert pieces, "the live log is in the bucket"
         for o in objects:
             assert b"batch 2" not in bucket.get(f"sql-backups/{database_id}/{o}"), o
+        for o in pieces:
+            assert b"batch 3" not in bucket.get(f"sql-live/{database_id}/{o}"), o
 
-        # The machine lost: node 1 killed, its data directory gone.
-        first.kill9()
-        shutil.rmtree(first.data_dir)
         via2 = Via(n2, n2)
         r = sql.arm(via2, "GET", sql.sql_path(via2, lost))
         assert r.status_code == 503 and name1 in r.json()["error"]["message"], (r.status_code, r.text)
+        # Once node 1's presence has lapsed (about 10 s), node 2 takes A over.
+        started = time.monotonic()
+        until(lambda: sql.arm(via2, "GET", sql.sql_path(via2, lost)).status_code == 200, bound=60)
+        print(f"\nserver A taken over by node 2 {time.monotonic() - started:.1f} s after the loss of node 1")
+        with psycopg.connect(dsn(n2, lost, db), autocommit=True) as c:
+            rows = c.execute("SELECT v, count(*) FROM t GROUP BY v ORDER BY v").fetchall()
+            assert rows == [("batch 1", 20), ("batch 2", 20), ("batch 3", 10)], rows
+        p = subprocess.run(["psql", dsn(n2, lost, db), "-X", "-qAt", "-v", "ON_ERROR_STOP=1",
+                            "-c", "SELECT count(*), max(id) FROM t"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.strip() == "50|50", p.stdout
+        # Its live log goes on from node 2 (a fence where node 1 would have shipped next).
+        with psycopg.connect(dsn(n2, lost, db), autocommit=True) as c:
+            c.execute("INSERT INTO t VALUES (51, 'on node 2')")
+        assert (n2.data_dir / "sql" / f"{database_id}.db").exists()
 
-        # A new server through node 2: once node 1's presence has lapsed (about 10 s), it lives
-        # on node 2, the one live node serving SQL.
+        # A new server through node 2 (the live node serving SQL), and A's database restored
+        # onto it from the bucket, to now.
         target = random_name("sqlb", 10).lower()
         body = {"location": LOCATION,
                 "properties": {"administratorLogin": sql.ADMIN, "administratorLoginPassword": sql.PASSWORD}}
-        started = time.monotonic()
         until(lambda: sql.arm(via2, "PUT", sql.sql_path(via2, target), body).status_code in (200, 201), bound=40)
-        print(f"\nserver B made on node 2 {time.monotonic() - started:.1f} s after the loss of node 1")
-        # A's database, restored onto B from the bucket, to a point after its last log backup.
-        after_last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        assert after_last >= last, (after_last, last)
+        time.sleep(1.1)
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         restore = {"location": LOCATION, "properties": {
             "createMode": "PointInTimeRestore",
             "sourceDatabaseId": sql.sql_path(via2, lost, f"/databases/{db}"),
-            "restorePointInTime": after_last}}
+            "restorePointInTime": now}}
         got = sql.ok(sql.arm(via2, "PUT", sql.sql_path(via2, target, f"/databases/{db}"), restore), 201)
         assert got["properties"]["status"] == "Online", got
         assert got["properties"]["databaseId"].lower() != database_id, got
-        # Its file is on node 2 (whose node card serves B), and the rows of the last log backup
-        # read through node 2's SQL endpoint.
-        assert (n2.data_dir / "sql" / f"{got['properties']['databaseId']}.db").exists(), got
         with psycopg.connect(dsn(n2, target, db), autocommit=True) as c:
-            rows = c.execute("SELECT v, count(*) FROM t GROUP BY v ORDER BY v").fetchall()
-            assert rows == [("batch 1", 20), ("batch 2", 20)], rows
-            c.execute("INSERT INTO t VALUES (41, 'after the restore')")
-        p = subprocess.run(["psql", dsn(n2, target, db), "-X", "-qAt", "-v", "ON_ERROR_STOP=1",
-                            "-c", "SELECT count(*) FROM t"],
-                           capture_output=True, text=True, timeout=60)
-        assert p.returncode == 0, p.stderr
-        assert p.stdout.strip() == "41", p.stdout
+            n = c.execute("SELECT count(*) FROM t WHERE id <= 50").fetchone()[0]
+            assert n == 50, n
         # The same with kagi's CLI (docs/SEVERAL_NODES.md), through node 2's data directory.
         cli = subprocess.run(
             [str(KAGI_BIN), "sql", "db", "restore", "-s", target, "-g", DEFAULT_RG, "-n", "viacli",
-             "--source", db, "--source-server", lost, "--time", after_last, "--server", n2.base,
+             "--source", db, "--source-server", lost, "--time", now, "--server", n2.base,
              "--data-dir", str(n2.data_dir), "--output", "json"],
             capture_output=True, text=True, timeout=120)
         assert cli.returncode == 0, cli.stderr
         with psycopg.connect(dsn(n2, target, "viacli"), autocommit=True) as c:
-            assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 40
-        # B's databases are node 2's: listed and served through it; A's answer 503 (its home
-        # gone) …
+            assert c.execute("SELECT count(*) FROM t WHERE id <= 50").fetchone()[0] == 50
         dbs = sql.ok(sql.arm(via2, "GET", sql.sql_path(via2, target, "/databases")))
         assert sorted(d["name"] for d in dbs["value"]) == sorted([db, "viacli"]), dbs
-        r = sql.arm(via2, "GET", sql.sql_path(via2, lost, f"/databases/{db}"))
-        assert r.status_code == 503 and name1 in r.json()["error"]["message"], (r.status_code, r.text)
-        # … but for its DELETE, which node 2 serves: A and its database go.
+        # A's DELETE, served by node 2 (its home now): A, its database and its live log go.
         sql.ok(sql.arm(via2, "DELETE", sql.sql_path(via2, lost)), 200, 202, 204)
         assert sql.arm(via2, "GET", sql.sql_path(via2, lost)).status_code == 404
         assert sql.arm(via2, "GET", sql.sql_path(via2, lost, f"/databases/{db}")).status_code == 404
+        assert not bucket.list(f"sql-live/{database_id}")
         with psycopg.connect(dsn(n2, target, db), autocommit=True) as c:
-            assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 41
+            assert c.execute("SELECT count(*) FROM t").fetchone()[0] >= 50
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
+def test_a_paused_sql_home_is_fenced_off_by_the_node_that_took_its_server_over(tmp_path):
+    """Issue 14: a home that is cut off but still running must acknowledge nothing once another
+    node took its server over. Two nodes on one store and bucket; server A on node 1, a psycopg
+    session open on node 1 commits rows. Node 1 is paused (SIGSTOP) until its presence lapses;
+    node 2 takes A over and commits a row of its own. Node 1 resumes: its session's next commit
+    is refused (FATAL 57P01, its live log fenced off) and is not in A; a new connection to node 1
+    is forwarded to node 2, which serves every row acknowledged anywhere. Node 1 restarted serves
+    A through node 2 too (its old copy is never opened)."""
+    import signal
+
+    import psycopg
+    import test_sql as sql
+
+    import uuid
+    blobs = f"{s3_blobs_url().rstrip('/')}/nodes-{uuid.uuid4().hex}"
+    first = start_sql_cluster(tmp_path, 2, env={"KAGI_SQL_LOG_BACKUP_SECONDS": "2"}, blobs=blobs)
+    n2 = first.cluster[0]
+    try:
+        first.put_rg(DEFAULT_RG)
+        via1, via2 = Via(first, first), Via(n2, n2)
+        server, _ = sql.create_server(via1, identity=False)
+        db, _ = sql.create_db(via1, server)
+
+        def dsn(node):
+            return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
+                    f"dbname={db} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
+                    f"sslrootcert={n2.ca_path} connect_timeout=10")
+
+        old = psycopg.connect(dsn(first), autocommit=True)
+        old.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        for i in range(1, 6):
+            old.execute("INSERT INTO t VALUES (%s)", (i,))
+        first.proc.send_signal(signal.SIGSTOP)
+        try:
+            until(lambda: sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200, bound=60)
+            with psycopg.connect(dsn(n2), autocommit=True) as c:
+                c.execute("INSERT INTO t VALUES (100)")
+        finally:
+            first.proc.send_signal(signal.SIGCONT)
+        with pytest.raises(psycopg.OperationalError) as refused:
+            old.execute("INSERT INTO t VALUES (6)")
+        assert "another node took" in str(refused.value), refused.value
+        old.close()
+        for node in (first, n2):
+            with psycopg.connect(dsn(node), autocommit=True) as c:
+                ids = [r[0] for r in c.execute("SELECT id FROM t ORDER BY id").fetchall()]
+                assert ids == [1, 2, 3, 4, 5, 100], (node.listen_host, ids)
+        # Restarted, node 1 serves A through its new home.
+        first.stop()
+        first.start()
+
+        def insert_through_node_1():
+            try:
+                with psycopg.connect(dsn(first), autocommit=True) as c:
+                    c.execute("INSERT INTO t VALUES (101)")
+                return True
+            except psycopg.OperationalError:
+                return None  # its SQL endpoint is not listening yet
+        until(insert_through_node_1, bound=30)
+        with psycopg.connect(dsn(n2), autocommit=True) as c:
+            assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 7
     finally:
         for n in (first, *first.cluster):
             n.stop()

@@ -98,45 +98,32 @@ impl DiskService {
         // One takeover of a family at a time in this process (the lease is per node), and
         // under the lease across nodes.
         let _one = self.lock_id(&format!("takeover:{family}")).await;
-        let lease = format!("disk-takeover:{family}");
-        if !self.host.acquire_lease(&lease, TAKEOVER_LEASE_MS).await? {
-            return Err(KvError::new(
+        // Renewed while the log is fetched (a large one takes a while). A node that loses the
+        // lease gives up; whatever it fetched is stale the moment another node numbers its
+        // own takeover (docs/DISK_FORMAT.md, "Shipping").
+        let taken = kagi_host::under_renewed_lease(
+            self.host.as_ref(),
+            &format!("disk-takeover:{family}"),
+            TAKEOVER_LEASE_MS,
+            self.take_over(family, &home),
+            || {
+                KvError::new(
+                    ErrorCode::ServiceUnavailable,
+                    "This node lost the lease of the disk's takeover to another node. Retry the \
+                     request.",
+                )
+            },
+        )
+        .await?;
+        taken.ok_or_else(|| {
+            KvError::new(
                 ErrorCode::ServiceUnavailable,
                 format!(
                     "The disk's node '{home}' is not running and another node is taking its \
                      disks over. Retry the request."
                 ),
-            ));
-        }
-        // Renewed while the log is fetched (a large one takes a while). A node that loses the
-        // lease gives up; whatever it fetched is stale the moment another node numbers its
-        // own takeover (docs/DISK_FORMAT.md, "Shipping").
-        let renewing = async {
-            loop {
-                tokio::time::sleep(std::time::Duration::from_millis(
-                    (TAKEOVER_LEASE_MS / 3) as u64,
-                ))
-                .await;
-                if !matches!(
-                    self.host.acquire_lease(&lease, TAKEOVER_LEASE_MS).await,
-                    Ok(true)
-                ) {
-                    return;
-                }
-            }
-        };
-        let taken = tokio::select! {
-            taken = self.take_over(family, &home) => taken,
-            () = renewing => Err(KvError::new(
-                ErrorCode::ServiceUnavailable,
-                "This node lost the lease of the disk's takeover to another node. Retry the \
-                 request.",
-            )),
-        };
-        if let Err(e) = self.host.release_lease(&lease).await {
-            tracing::warn!(family, error = %e.message, "cannot give the takeover lease up");
-        }
-        taken
+            )
+        })
     }
 
     /// Takes `family` over from node `gone` (under the takeover lease): fences `gone` off,

@@ -361,6 +361,39 @@ pub trait ServiceHost: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Runs `work` under the lease `name` of `host` ([`ServiceHost::acquire_lease`]), held for
+/// `ttl_ms` and renewed every third of it, then given up: `Ok(None)` when another node holds
+/// the lease; `lost()` when a renewal fails (the work is dropped there: another node may hold
+/// the lease by then). For work that must run on one node at a time and may take longer than
+/// one lease (a takeover fetching a disk or a database from the bucket).
+pub async fn under_renewed_lease<T>(
+    host: &dyn ServiceHost,
+    name: &str,
+    ttl_ms: i64,
+    work: impl std::future::Future<Output = Result<T>>,
+    lost: impl FnOnce() -> KvError,
+) -> Result<Option<T>> {
+    if !host.acquire_lease(name, ttl_ms).await? {
+        return Ok(None);
+    }
+    let renewing = async {
+        loop {
+            let third = u64::try_from(ttl_ms / 3).unwrap_or(1).max(1);
+            tokio::time::sleep(std::time::Duration::from_millis(third)).await;
+            if !matches!(host.acquire_lease(name, ttl_ms).await, Ok(true)) {
+                return;
+            }
+        }
+    };
+    let done = tokio::select! {
+        done = work => done.map(Some),
+        () = renewing => Err(lost()),
+    };
+    // A lease not given up lapses by itself.
+    let _ = host.release_lease(name).await;
+    done
+}
+
 /// The id of a long-running operation whose outcome is kept in node `node`'s memory:
 /// `{32 hex digits}-{node}` (`random`: 16 random bytes), so that another node forwards the
 /// reads of its status there ([`operation_node`]).

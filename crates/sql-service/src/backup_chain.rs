@@ -17,7 +17,7 @@ pub(crate) struct WalGen {
 impl WalGen {
     /// Whether both are the same generation (the salts say so; the checkpoint sequence
     /// number is per connection in SQLite, so it is not compared).
-    fn same(&self, other: &WalGen) -> bool {
+    pub(crate) fn same(&self, other: &WalGen) -> bool {
         (self.salt1, self.salt2) == (other.salt1, other.salt2)
     }
 }
@@ -174,6 +174,66 @@ pub(crate) fn expired(
         .collect()
 }
 
+/// A piece of a database's live log in the bucket (`crate::live`): frames `first..=last` of
+/// one generation, shipped before the commit that wrote them was acknowledged. A fence (an
+/// empty piece a takeover put where the old home would ship next) has no generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LivePiece {
+    /// Its number (one counter per database).
+    pub(crate) seq: u64,
+    /// The generation of its frames (`None`: a fence).
+    pub(crate) generation: Option<WalGen>,
+    /// Its first frame.
+    pub(crate) first: u32,
+    /// Its last frame (a commit).
+    pub(crate) last: u32,
+}
+
+/// The pieces (by number) that carry a database on from where its backups stand (`cursor`,
+/// the last backup's; `None`: no backup), in order: pieces of older generations and pieces
+/// the backups hold whole are left out. Every frame after the cursor must be in a piece: a
+/// generation continues without a hole, and a new one (salt-1 one more, as after a
+/// legitimate restart) starts at its first frame. `pieces` sorted by number.
+pub(crate) fn live_tail(cursor: Option<&Cursor>, pieces: &[LivePiece]) -> Result<Vec<u64>, String> {
+    let mut at = cursor.and_then(|c| c.generation.map(|g| (g, c.frames)));
+    let mut out = Vec::new();
+    for p in pieces {
+        let Some(g) = p.generation else { continue };
+        match at {
+            Some((cur, last)) if cur.same(&g) => {
+                if p.last <= last {
+                    continue;
+                }
+                if p.first > last + 1 {
+                    return Err(format!(
+                        "the live log misses frames {} to {} of its generation",
+                        last + 1,
+                        p.first - 1
+                    ));
+                }
+                at = Some((cur, p.last));
+            }
+            // An older generation: its frames are in the backups.
+            Some((cur, _)) if (g.salt1.wrapping_sub(cur.salt1) as i32) < 0 => continue,
+            Some((cur, _)) if g.salt1 != cur.salt1.wrapping_add(1) || p.first != 1 => {
+                return Err(format!(
+                    "piece {} of the live log does not follow the log before it",
+                    p.seq
+                ));
+            }
+            None if p.first != 1 => {
+                return Err(format!(
+                    "piece {} of the live log does not start its generation",
+                    p.seq
+                ));
+            }
+            _ => at = Some((g, p.last)),
+        }
+        out.push(p.seq);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +252,51 @@ mod tests {
             frames,
             drained,
         }
+    }
+
+    fn piece(seq: u64, g: Option<WalGen>, first: u32, last: u32) -> LivePiece {
+        LivePiece {
+            seq,
+            generation: g,
+            first,
+            last,
+        }
+    }
+
+    #[test]
+    fn the_live_log_carries_on_from_the_backups_without_a_hole() {
+        let c = at(wgen(5, 1), 10, false);
+        // Held whole by the backups, overlapping them, after them; a fence says nothing.
+        let pieces = [
+            piece(0, wgen(4, 0), 1, 30),
+            piece(1, wgen(5, 1), 1, 8),
+            piece(2, wgen(5, 1), 9, 12),
+            piece(3, wgen(5, 1), 13, 13),
+            piece(4, None, 0, 0),
+        ];
+        assert_eq!(live_tail(Some(&c), &pieces), Ok(vec![2, 3]));
+        // The next generation starts at its first frame.
+        let next = [piece(5, wgen(6, 2), 1, 4), piece(6, wgen(6, 2), 5, 9)];
+        assert_eq!(live_tail(Some(&c), &next), Ok(vec![5, 6]));
+        assert_eq!(
+            live_tail(
+                Some(&c),
+                &[piece(2, wgen(5, 1), 9, 12), piece(5, wgen(6, 2), 1, 4)]
+            ),
+            Ok(vec![2, 5])
+        );
+        // Holes: within the generation, a new one not at its start, one skipped.
+        assert!(live_tail(Some(&c), &[piece(2, wgen(5, 1), 12, 14)]).is_err());
+        assert!(live_tail(Some(&c), &[piece(5, wgen(6, 2), 2, 4)]).is_err());
+        assert!(live_tail(Some(&c), &[piece(5, wgen(7, 2), 1, 4)]).is_err());
+        // Nothing after the backups.
+        assert_eq!(live_tail(Some(&c), &pieces[..2]), Ok(vec![]));
+        // Salt-1 wraps.
+        let w = at(wgen(u32::MAX, 1), 3, false);
+        assert_eq!(
+            live_tail(Some(&w), &[piece(9, wgen(0, 2), 1, 1)]),
+            Ok(vec![9])
+        );
     }
 
     #[test]

@@ -288,48 +288,9 @@ impl Pass {
         last: u32,
         dest: &Path,
     ) -> Result<u64, FileError> {
-        if first == 0 || last < first {
-            return Err(FileError::Damaged(format!("no frames {first} to {last}")));
-        }
-        let wal = wal_of(&self.db);
-        let src = File::open(&wal).map_err(io(&wal))?;
-        let count = u64::from(last + 1 - first);
-        let frame = header.frame_len();
         let mut out = new_file(dest)?;
-        let mut head = Vec::with_capacity(LOG_HEADER_LEN as usize);
-        head.extend_from_slice(&LOG_MAGIC);
-        head.extend_from_slice(&header.0);
-        head.extend_from_slice(&first.to_be_bytes());
-        head.extend_from_slice(&(last + 1 - first).to_be_bytes());
-        head.resize(LOG_HEADER_LEN as usize, 0);
-        out.write_all(&head).map_err(io(dest))?;
-        let mut buf = vec![0u8; (CHUNK_FRAMES * frame) as usize];
-        let mut done = 0u64;
-        let mut last_header = [0u8; FRAME_HEADER_LEN as usize];
-        while done < count {
-            let n = (count - done).min(CHUNK_FRAMES);
-            let bytes = &mut buf[..(n * frame) as usize];
-            let at = header.frame_offset(first) + done * frame;
-            src.read_exact_at(bytes, at).map_err(|e| {
-                FileError::Damaged(format!("the log ends before frame {last}: {e}"))
-            })?;
-            for f in bytes.chunks_exact(frame as usize) {
-                if !header.owns(f) {
-                    return Err(FileError::Damaged(
-                        "a frame of the log belongs to another generation".into(),
-                    ));
-                }
-                last_header.copy_from_slice(&f[..FRAME_HEADER_LEN as usize]);
-            }
-            out.write_all(bytes).map_err(io(dest))?;
-            done += n;
-        }
-        // The copy ends at a commit (a frame with the database size in it).
-        if be32(&last_header, 4) == 0 {
-            return Err(FileError::Damaged(format!(
-                "frame {last} of the log is not a commit"
-            )));
-        }
+        copy_log(&self.db, header, (first, last), (&mut out, dest))?;
+        let (count, frame) = (u64::from(last + 1 - first), header.frame_len());
         out.sync_all().map_err(io(dest))?;
         Ok(LOG_HEADER_LEN + count * frame)
     }
@@ -346,6 +307,110 @@ impl Pass {
         let f = File::open(dest).map_err(io(dest))?;
         f.sync_all().map_err(io(dest))?;
         Ok(f.metadata().map_err(io(dest))?.len())
+    }
+}
+
+/// Writes frames `first..=last` of the log of database file `db` (generation `header`) in the
+/// format of a log backup file to `out` (named `dest` in errors). The frames must be stable (under the write lock,
+/// below a pinned snapshot, or committed and not yet checkpointed); a frame of another
+/// generation (the log restarted meanwhile) or a last frame that is not a commit is an error.
+pub(crate) fn copy_log(
+    db: &Path,
+    header: &WalHeader,
+    (first, last): (u32, u32),
+    (out, dest): (&mut impl Write, &Path),
+) -> Result<(), FileError> {
+    if first == 0 || last < first {
+        return Err(FileError::Damaged(format!("no frames {first} to {last}")));
+    }
+    let wal = wal_of(db);
+    let src = File::open(&wal).map_err(io(&wal))?;
+    let count = u64::from(last + 1 - first);
+    let frame = header.frame_len();
+    let mut head = Vec::with_capacity(LOG_HEADER_LEN as usize);
+    head.extend_from_slice(&LOG_MAGIC);
+    head.extend_from_slice(&header.0);
+    head.extend_from_slice(&first.to_be_bytes());
+    head.extend_from_slice(&(last + 1 - first).to_be_bytes());
+    head.resize(LOG_HEADER_LEN as usize, 0);
+    out.write_all(&head).map_err(io(dest))?;
+    let mut buf = vec![0u8; (CHUNK_FRAMES.min(count) * frame) as usize];
+    let mut done = 0u64;
+    let mut last_header = [0u8; FRAME_HEADER_LEN as usize];
+    while done < count {
+        let n = (count - done).min(CHUNK_FRAMES);
+        let bytes = &mut buf[..(n * frame) as usize];
+        let at = header.frame_offset(first) + done * frame;
+        src.read_exact_at(bytes, at)
+            .map_err(|e| FileError::Damaged(format!("the log ends before frame {last}: {e}")))?;
+        for f in bytes.chunks_exact(frame as usize) {
+            if !header.owns(f) {
+                return Err(FileError::Damaged(
+                    "a frame of the log belongs to another generation".into(),
+                ));
+            }
+            last_header.copy_from_slice(&f[..FRAME_HEADER_LEN as usize]);
+        }
+        out.write_all(bytes).map_err(io(dest))?;
+        done += n;
+    }
+    // The copy ends at a commit (a frame with the database size in it).
+    if be32(&last_header, 4) == 0 {
+        return Err(FileError::Damaged(format!(
+            "frame {last} of the log is not a commit"
+        )));
+    }
+    Ok(())
+}
+
+/// Where the log of database file `db` ends now, read through `probe` (a connection to it):
+/// its generation's header and its last committed frame, or `None` when it has no frames.
+/// The header is read on both sides of the frame count, so that both are of one generation.
+pub(crate) fn log_end(
+    db: &Path,
+    probe: &Connection,
+) -> Result<Option<(WalHeader, u32)>, FileError> {
+    let wal = wal_of(db);
+    let header = || -> Result<Option<WalHeader>, FileError> {
+        let mut raw = [0u8; WAL_HEADER_LEN as usize];
+        match File::open(&wal).and_then(|f| f.read_exact_at(&mut raw, 0)) {
+            Ok(()) => Ok(WalHeader::parse(raw)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::UnexpectedEof
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(io(&wal)(e)),
+        }
+    };
+    for _ in 0..100 {
+        let before = header()?;
+        let (_, frames, _) = checkpoint(probe, "NOOP")?;
+        let after = header()?;
+        if before != after {
+            continue;
+        }
+        return Ok(after.filter(|_| frames > 0).map(|h| (h, frames)));
+    }
+    Err(FileError::Busy)
+}
+
+impl LogFile {
+    /// The generation header, first frame and number of frames of a log backup file's
+    /// bytes (`head`, its first [`LOG_HEADER_LEN`] bytes; `len`, its length).
+    pub(crate) fn parse_head(head: &[u8], len: u64) -> Option<(WalHeader, u32, u32)> {
+        if head.len() < LOG_HEADER_LEN as usize || head[..16] != LOG_MAGIC {
+            return None;
+        }
+        let mut raw = [0u8; WAL_HEADER_LEN as usize];
+        raw.copy_from_slice(&head[16..48]);
+        let header = WalHeader::parse(raw)?;
+        let (first, count) = (be32(head, 48), be32(head, 52));
+        (first > 0 && count > 0 && len == LOG_HEADER_LEN + u64::from(count) * header.frame_len())
+            .then_some((header, first, count))
     }
 }
 
@@ -604,18 +669,9 @@ impl LogFile {
         let mut f = File::open(path).map_err(io(path))?;
         let mut head = [0u8; LOG_HEADER_LEN as usize];
         f.read_exact(&mut head).map_err(io(path))?;
-        let damaged = || FileError::Damaged(format!("{} is not a log backup", path.display()));
-        if head[..16] != LOG_MAGIC {
-            return Err(damaged());
-        }
-        let mut raw = [0u8; WAL_HEADER_LEN as usize];
-        raw.copy_from_slice(&head[16..48]);
-        let header = WalHeader::parse(raw).ok_or_else(damaged)?;
-        let (first, count) = (be32(&head, 48), be32(&head, 52));
         let len = f.seek(SeekFrom::End(0)).map_err(io(path))?;
-        if first == 0 || len != LOG_HEADER_LEN + u64::from(count) * header.frame_len() {
-            return Err(damaged());
-        }
+        let (header, first, count) = Self::parse_head(&head, len)
+            .ok_or_else(|| FileError::Damaged(format!("{} is not a log backup", path.display())))?;
         Ok(Self {
             path: path.to_path_buf(),
             header,

@@ -96,13 +96,8 @@ struct DbState {
 impl DbState {
     fn of(records: &[Value]) -> Self {
         let last = records.last();
-        let generation = last.and_then(|r| wal_generation(&r["wal"]));
         DbState {
-            cursor: last.map(|r| Cursor {
-                generation,
-                frames: u32::try_from(r["wal"]["last"].as_u64().unwrap_or(0)).unwrap_or(0),
-                drained: false,
-            }),
+            cursor: last.map(cursor_of),
             next_seq: last.and_then(|r| r["seq"].as_u64()).unwrap_or(0) + 1,
             chain: last.and_then(|r| r["chain"].as_u64()).unwrap_or(0),
             last_full: records
@@ -113,6 +108,15 @@ impl DbState {
             last_taken: last.and_then(|r| r["taken"].as_i64()),
             last_attempt: i64::MIN / 2,
         }
+    }
+}
+
+/// Where the backups stand once backup record `r` is (its log generation and last frame).
+pub(crate) fn cursor_of(r: &Value) -> Cursor {
+    Cursor {
+        generation: wal_generation(&r["wal"]),
+        frames: u32::try_from(r["wal"]["last"].as_u64().unwrap_or(0)).unwrap_or(0),
+        drained: false,
     }
 }
 
@@ -178,7 +182,11 @@ impl SqlService {
     }
 
     /// The backup records of database `database_id` of `server`, by sequence number.
-    async fn records(&self, server_id: &str, database_id: &str) -> Result<Vec<Value>, KvError> {
+    pub(crate) async fn records(
+        &self,
+        server_id: &str,
+        database_id: &str,
+    ) -> Result<Vec<Value>, KvError> {
         let mut all: Vec<Value> = self
             .host
             .documents(server_id, &record_kind(database_id))
@@ -405,6 +413,8 @@ impl SqlService {
         open: &Arc<OpenDatabase>,
         report: &mut BackupReport,
     ) -> Result<(), KvError> {
+        // One pass over a database at a time (the backup pass, and a backup taken at once).
+        let _pass = self.lock_id(&format!("{}/pass", db.database_id)).await;
         let now = self.host.now();
         let mut st = self.db_state(server, db).await?;
         let secs = |d: std::time::Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
@@ -503,7 +513,35 @@ impl SqlService {
         if let Some(pin) = pass.keep() {
             locked(&self.backups.pins).insert(db.database_id.clone(), pin);
         }
+        // The live log's pieces these backups hold whole go.
+        if let Some(live) = open.live.clone() {
+            match tokio::task::spawn_blocking(move || live.prune(&cursor)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(database = %db.name, error = %e, "SQL live log: pieces the backups hold not removed");
+                }
+                Err(e) => {
+                    tracing::warn!(database = %db.name, error = %e, "SQL live log: pruning failed")
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Backs database `db` up now, whatever the intervals (a full backup when it has none or
+    /// its log no longer continues its backups): a new database's first backup, and a database
+    /// taken over, whose live log must carry on from a backup (`crate::live`).
+    pub(crate) async fn backup_now(
+        &self,
+        server: &Value,
+        db: &Database,
+        open: &Arc<OpenDatabase>,
+    ) -> Result<(), KvError> {
+        if let Some(st) = locked(&self.backups.dbs).get_mut(&db.database_id) {
+            st.last_attempt = i64::MIN / 2;
+        }
+        let mut report = BackupReport::default();
+        self.backup_database(server, db, open, &mut report).await
     }
 
     /// Retention for every database of `server` that has backups (live or dropped), when due;
@@ -736,7 +774,7 @@ fn remove_unnamed(dir: &Path, named: &HashSet<String>) -> Result<(), FileError> 
 }
 
 /// A record as the chain rules see it.
-fn taken_of(r: &Value) -> Option<Taken> {
+pub(crate) fn taken_of(r: &Value) -> Option<Taken> {
     Some(Taken {
         seq: r["seq"].as_u64()?,
         full: r["type"] == "Full",
@@ -786,13 +824,13 @@ impl Drop for PreparedRestore {
 }
 
 /// The database a restore starts from.
-struct Source {
-    name: String,
-    database_id: String,
+pub(crate) struct Source {
+    pub(crate) name: String,
+    pub(crate) database_id: String,
     /// Its server: the restore's own, or another (a restore onto another server, e.g. after
     /// the source server's home was lost: its records and backups are in the store and the
     /// bucket).
-    server: Value,
+    pub(crate) server: Value,
 }
 
 /// .NET ticks (Azure's restorable dropped database ids) of Unix seconds.
@@ -1016,11 +1054,30 @@ impl SqlService {
                 },
             ));
         };
+        self.replay_chain(server, &source, point, (&records, &chain), None)
+            .await
+    }
+
+    /// Puts database `source` back together in a work directory from the backups `chain`
+    /// (numbers of `records`) restored to `point`, then — for a takeover — the pieces `live`
+    /// of its live log (downloaded there): the restore's [`PreparedRestore`].
+    pub(crate) async fn replay_chain(
+        self: &Arc<Self>,
+        server: &Value,
+        source: &Source,
+        point: i64,
+        (records, chain): (&[Value], &[u64]),
+        live: Option<(kagi_blobs::BlockingFolder, Vec<u64>)>,
+    ) -> Result<PreparedRestore, KvError> {
+        let at = kagi_core::time::rfc3339;
         let chain: Vec<&Value> = chain
             .iter()
             .filter_map(|s| records.iter().find(|r| r["seq"].as_u64() == Some(*s)))
             .collect();
-        let dek = self.unwrap_chain(server, &source, point, &chain).await?;
+        if chain.is_empty() {
+            return Err(internal("replaying backups", "no backup in the chain"));
+        }
+        let dek = self.unwrap_chain(server, source, point, &chain).await?;
         // The pages are bound to the page id the backups recorded (a database that was a
         // geo-secondary holds its old primary's pages).
         let page_id = chain
@@ -1063,7 +1120,7 @@ impl SqlService {
                         .await
                         .map_err(|e| internal("fetch a backup file", e))?
                 {
-                    return Err(self.backup_file_missing(&source, n).await);
+                    return Err(self.backup_file_missing(source, n).await);
                 }
             }
             let (work, names) = (work.clone(), names.clone());
@@ -1074,7 +1131,20 @@ impl SqlService {
         }
         let conn = blocking("replaying backups", move || {
             let full = work.join(&full_files[0]);
-            let logs: Vec<PathBuf> = names[1..].iter().map(|n| work.join(n)).collect();
+            let mut logs: Vec<PathBuf> = names[1..].iter().map(|n| work.join(n)).collect();
+            let mut names = names;
+            if let Some((folder, pieces)) = live {
+                for seq in pieces {
+                    let name = format!("live-{}.log", crate::live::piece_name(seq));
+                    let bytes = folder.get(&crate::live::piece_name(seq)).map_err(|e| {
+                        FileError::Damaged(format!("piece {seq} of the live log: {e}"))
+                    })?;
+                    let path = work.join(&name);
+                    std::fs::write(&path, bytes).map_err(backup_files::io(&path))?;
+                    logs.push(path);
+                    names.push(name);
+                }
+            }
             let conn = backup_files::materialize(&work, &full, &logs, &old_key)?;
             for n in &names {
                 let _ = std::fs::remove_file(work.join(n));

@@ -140,6 +140,9 @@ pub struct OpenDatabase {
     pub(crate) dek: Dek,
     /// Cuts every session of the database (Inaccessible, dropped).
     pub(crate) terminator: kagi_pgsql::Terminator,
+    /// Its live log in the bucket (several nodes with `--blobs s3://…`; not for a
+    /// geo-secondary, which its link writes).
+    pub(crate) live: Option<Arc<crate::live::LiveLog>>,
 }
 
 impl std::fmt::Debug for OpenDatabase {
@@ -476,6 +479,16 @@ impl SqlService {
             return Err(e);
         }
         self.put_db_doc(server, &db).await?;
+        // With a live log, its first full backup is in the bucket before the database is
+        // acknowledged: the live log's pieces carry on from a backup (`crate::takeover`).
+        if open.live.is_some() {
+            let open = self.open_entry(&db.database_id).unwrap_or(open);
+            if let Err(e) = self.backup_now(server, &db, &open).await {
+                let _gate = self.server_gate(&server_id).await;
+                let _ = self.drop_database(server, &db).await;
+                return Err(e);
+            }
+        }
         Ok((201, self.db_view(server, &db)))
     }
 
@@ -515,8 +528,10 @@ impl SqlService {
                 ),
             ));
         }
-        // Its backups stay for the retention period.
+        // Its backups stay for the retention period; its live log goes (what it holds after
+        // the backups is the dropped database's last minutes, as in Azure's backups).
         self.note_dropped(server, db).await;
+        self.remove_live_log(&db.database_id).await;
         // The key first, then the files, then the document: a crash on the way leaves a
         // database whose key is gone (it cannot open), which a repeated DELETE finishes.
         self.db_keys(server, db).delete().await?;
@@ -635,6 +650,11 @@ impl SqlService {
             read_only: db.is_secondary(),
             dek,
             terminator: kagi_pgsql::Terminator::new(),
+            live: if db.is_secondary() {
+                None
+            } else {
+                self.live_log(&db.database_id)
+            },
         });
         // One entry per database: when another task opened it meanwhile, its entry (whose
         // terminator its sessions hold) stays.

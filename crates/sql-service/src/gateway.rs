@@ -119,6 +119,15 @@ impl Gateway for SqlGateway {
         let Some(home) = self.0.home_elsewhere(&s).await.map_err(pg_error)? else {
             return Ok(None);
         };
+        // A server whose home is gone is taken over here (live logs in the bucket).
+        let home = self.0.serving_home(&s, home).await.map_err(|e| {
+            tracing::warn!(server, reason = %e.message, "the server's home is not running and the server cannot be taken over now");
+            PgError::unavailable(format!("{UPSTREAM_PHRASE} cannot be reached now"))
+                .with_hint("retry the connection")
+        })?;
+        if home == self.0.host.node_name() {
+            return Ok(None);
+        }
         // The reason names the node: the log's, not the client's, which has not authenticated.
         let address = self
             .0
@@ -258,10 +267,14 @@ impl Gateway for SqlGateway {
             crate::engine::connect(open.file.clone(), key).await
         }
         .map_err(pg_error)?;
+        // A primary's commits are in the bucket before its client hears of them.
+        let barrier = (open.live.is_some() && !open.read_only).then(|| {
+            Arc::new(ShipBarrier { open: open.clone() }) as Arc<dyn kagi_pgsql::CommitBarrier>
+        });
         Ok(Session {
             connection,
             termination,
-            barrier: None,
+            barrier,
         })
     }
 
@@ -422,4 +435,58 @@ fn is_guid(s: &str) -> bool {
             .iter()
             .zip([8, 4, 4, 4, 12])
             .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// How long a commit waits for the bucket before its session gives up (the commit stays in
+/// this node's log and goes with the next piece).
+const SHIP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The commit barrier of a session of `open` (see `kagi_pgsql::CommitBarrier`): its commits
+/// are in the bucket before the client hears of them.
+pub(crate) struct ShipBarrier {
+    pub(crate) open: Arc<crate::databases::OpenDatabase>,
+}
+
+impl kagi_pgsql::CommitBarrier for ShipBarrier {
+    fn commit(&self) -> Result<(), kagi_pgsql::PgError> {
+        let Some(live) = &self.open.live else {
+            return Ok(());
+        };
+        let key = self.open.page_key().map_err(|e| {
+            kagi_pgsql::PgError::fatal(kagi_pgsql::sqlstate::INTERNAL_ERROR, e.message)
+        })?;
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            match live.ship(&key) {
+                Ok(()) => return Ok(()),
+                Err(crate::live::LiveError::TakenOver) => {
+                    let e = kagi_pgsql::PgError::fatal(
+                        "57P01",
+                        "terminating connection because another node took this database's \
+                         server over: the last transaction was not acknowledged and is not part \
+                         of the database there",
+                    );
+                    // Every session of the database ends: nothing more commits here.
+                    self.open.close(e.clone());
+                    tracing::warn!(database = %self.open.name, "live log fenced off by another node: sessions ended");
+                    return Err(e);
+                }
+                Err(e) if started.elapsed() < SHIP_PATIENCE => {
+                    tracing::warn!(database = %self.open.name, error = %e, "a commit waits for the bucket");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                }
+                Err(e) => {
+                    tracing::error!(database = %self.open.name, error = %e, "a commit could not reach the bucket");
+                    return Err(kagi_pgsql::PgError::fatal(
+                        "58030",
+                        "could not ship the commit to the bucket: the transaction has \
+                         already committed on this node, but might not survive the loss of \
+                         the node; it is shipped with the next commit",
+                    ));
+                }
+            }
+        }
+    }
 }

@@ -168,7 +168,16 @@ impl SqlService {
                     ["servers", _] | ["servers", _, "databases", _]
                 );
             let me = self.host.node_name();
-            if deleting && home != me && !self.node_running(&home).await? {
+            if home == me {
+                return Ok(Some(home));
+            }
+            // With live logs in the bucket, a server whose home is gone is taken over here.
+            if self.ships_live_logs()
+                && let Some(server) = self.host.resource(&id)
+            {
+                return self.arc()?.serving_home(&server, home).await.map(Some);
+            }
+            if deleting && !self.node_running(&home).await? {
                 tracing::warn!(server = %id, home = %home, "deleted while its home node is not running: served here");
                 return Ok(Some(me));
             }

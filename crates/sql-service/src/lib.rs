@@ -49,12 +49,14 @@ mod geo;
 mod homes;
 pub mod keeper;
 mod keys;
+mod live;
 mod logins;
 mod protector;
 mod replica_files;
 pub mod routes;
 mod servers;
 mod startup;
+mod takeover;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -150,6 +152,9 @@ pub struct SqlService {
     geo: Arc<geo::GeoState>,
     /// What the keeper's last pass saw of each server (by id, lower case), for the metrics.
     keeper_view: Mutex<HashMap<String, keeper::ServerView>>,
+    /// Itself, for work that outlives a borrowed `&self` (a takeover reached from
+    /// [`ResourceProvider::home`]).
+    me: std::sync::Weak<SqlService>,
 }
 
 impl std::fmt::Debug for SqlService {
@@ -170,7 +175,7 @@ impl SqlService {
         let user_agent = concat!("kagi-sql-service/", env!("CARGO_PKG_VERSION"));
         std::fs::create_dir_all(c.data_dir.join("sql"))
             .map_err(|e| keys::internal("creating the SQL data directory", e))?;
-        Ok(Arc::new(Self {
+        Ok(Arc::new_cyclic(|me| Self {
             // TD-1: unlike disks and backup vaults, a server may use a key vault of another
             // region (Azure lifted that rule for TDE).
             keys: KeyAccess::new(&c, addr, "SQL server", user_agent).in_any_region(),
@@ -181,7 +186,15 @@ impl SqlService {
             backups: backups::BackupState::default(),
             geo: Arc::default(),
             keeper_view: Mutex::new(HashMap::new()),
+            me: me.clone(),
         }))
+    }
+
+    /// The service as an `Arc` (it always is one: [`SqlService::new`]).
+    pub(crate) fn arc(&self) -> Result<Arc<Self>, KvError> {
+        self.me
+            .upgrade()
+            .ok_or_else(|| keys::internal("the SQL service", "it is shutting down"))
     }
 
     /// The host it runs on.

@@ -1,0 +1,412 @@
+//! A database's live log in the bucket (docs/SQL.md, "The live log"): with several nodes on
+//! one store and `--blobs s3://…`, the frames every commit adds to a database's write-ahead
+//! log are in the bucket before the client hears of the commit (the PostgreSQL front end waits
+//! for [`LiveLog::ship`] through its commit barrier), so that another node can take the
+//! database's server over when its home is gone (`crate::takeover`): the backups (a full
+//! backup and its log backups, also in the bucket) and then the live log's pieces after them.
+//!
+//! A piece is object `{seq:012}` of the folder `sql-live/{database id}/`, created only if
+//! absent, in the format of a log backup file (a WAL generation's header, the first frame,
+//! the count, then the frames as the encrypting VFS wrote them: ciphertext). Pieces are
+//! numbered one after another whatever their generation, so the next name is known: a
+//! takeover fences the old home off with an empty object there, and the old home's next
+//! piece then fails ([`LiveError::TakenOver`]). Pieces the backups hold whole are deleted
+//! after each backup pass, the newest excepted (it tells where numbering stands).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use kagi_blobs::BlockingFolder;
+use kagi_sqlite_crypt::DatabaseKey;
+use rusqlite::Connection;
+
+use crate::backup_chain::{Cursor, LivePiece, WalGen};
+use crate::backup_files::{FileError, LOG_HEADER_LEN, LogFile, copy_log, log_end, wal_of};
+
+/// The folder (below the data directory) of the live logs.
+pub(crate) const LIVE_DIR: &str = "sql-live";
+
+/// What can go wrong shipping a live log.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LiveError {
+    /// Another node fenced this one off: it took the database's server over.
+    #[error("another node took the database over")]
+    TakenOver,
+    /// The bucket failed or could not be reached.
+    #[error("the bucket: {0}")]
+    Bucket(#[from] std::io::Error),
+    /// The database's files.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The engine could not open a connection.
+    #[error(transparent)]
+    Engine(#[from] kagi_sqlite_crypt::Error),
+    /// The log on this node is behind what the bucket holds.
+    #[error("{0}")]
+    Behind(String),
+}
+
+/// The name of piece `seq`.
+pub(crate) fn piece_name(seq: u64) -> String {
+    format!("{seq:012}")
+}
+
+/// The number of a piece's name.
+pub(crate) fn piece_seq(name: &str) -> Option<u64> {
+    (name.len() == 12 && name.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| name.parse().ok())
+        .flatten()
+}
+
+/// What a piece's bytes (or its first [`LOG_HEADER_LEN`] of `len`) say it holds; a fence
+/// (empty) has no generation.
+pub(crate) fn describe(seq: u64, head: &[u8], len: u64) -> Option<LivePiece> {
+    if len == 0 {
+        return Some(LivePiece {
+            seq,
+            generation: None,
+            first: 0,
+            last: 0,
+        });
+    }
+    let (h, first, count) = LogFile::parse_head(head, len)?;
+    Some(LivePiece {
+        seq,
+        generation: Some(h.generation()),
+        first,
+        last: first + count - 1,
+    })
+}
+
+/// The pieces of a live log folder, by number (a piece whose head cannot be read is an error:
+/// a hole would follow).
+pub(crate) fn pieces_of(folder: &BlockingFolder) -> Result<Vec<LivePiece>, LiveError> {
+    let mut named: Vec<(u64, u64)> = folder
+        .list()?
+        .into_iter()
+        .filter_map(|(name, size)| Some((piece_seq(&name)?, size)))
+        .collect();
+    named.sort_unstable();
+    let mut out = Vec::with_capacity(named.len());
+    for (seq, size) in named {
+        let head = if size == 0 {
+            Vec::new()
+        } else {
+            folder.get_head(&piece_name(seq), LOG_HEADER_LEN)?
+        };
+        out.push(describe(seq, &head, size).ok_or_else(|| {
+            LiveError::Behind(format!("piece {seq} of the live log is not a log piece"))
+        })?);
+    }
+    Ok(out)
+}
+
+/// Where shipping stands.
+#[derive(Default)]
+struct State {
+    /// A connection that reads where the log ends (opened at the first ship).
+    probe: Option<Connection>,
+    /// The next piece's number (`None`: the bucket not looked at yet).
+    next_seq: Option<u64>,
+    /// The generation and last frame shipped.
+    shipped: Option<(WalGen, u32)>,
+    /// Pieces in the bucket, by number (fences included).
+    pieces: Vec<LivePiece>,
+    /// Fenced off: every later ship fails.
+    fenced: bool,
+}
+
+/// One database's live log (see the module).
+pub(crate) struct LiveLog {
+    /// The database file.
+    db: PathBuf,
+    folder: BlockingFolder,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for LiveLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveLog")
+            .field("db", &self.db)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveLog {
+    /// The live log of database file `db` in `folder`.
+    pub(crate) fn new(db: &Path, folder: BlockingFolder) -> Self {
+        Self {
+            db: db.to_path_buf(),
+            folder,
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Ships every committed frame of the log not shipped yet, under `key` (the database's:
+    /// the probe connection). Blocks; one ship at a time per database, so commits that
+    /// happened meanwhile go in one piece.
+    pub(crate) fn ship(&self, key: &DatabaseKey) -> Result<(), LiveError> {
+        let mut st = self.state();
+        if st.fenced {
+            return Err(LiveError::TakenOver);
+        }
+        if st.next_seq.is_none() {
+            let pieces = pieces_of(&self.folder)?;
+            st.next_seq = Some(pieces.last().map_or(0, |p| p.seq + 1));
+            st.shipped = pieces
+                .iter()
+                .rev()
+                .find_map(|p| p.generation.map(|g| (g, p.last)));
+            st.pieces = pieces;
+        }
+        if st.probe.is_none() {
+            st.probe = Some(crate::engine::open_existing_blocking(&self.db, key)?);
+        }
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let probe = st.probe.as_ref().ok_or(FileError::Busy)?;
+            let Some((header, end)) = log_end(&self.db, probe)? else {
+                return Ok(());
+            };
+            let generation = header.generation();
+            let first = match st.shipped {
+                Some((g, last)) if g.same(&generation) => {
+                    if end < last {
+                        return Err(LiveError::Behind(format!(
+                            "the log of {} ends at frame {end}, and the bucket holds it to \
+                             frame {last}",
+                            self.db.display()
+                        )));
+                    }
+                    last + 1
+                }
+                _ => 1,
+            };
+            if first > end {
+                return Ok(());
+            }
+            let mut bytes = Vec::new();
+            match copy_log(
+                &self.db,
+                &header,
+                (first, end),
+                (&mut bytes, &wal_of(&self.db)),
+            ) {
+                // The log restarted while it was read: look again.
+                Err(FileError::Damaged(_)) if tries < 5 => continue,
+                r => r?,
+            }
+            let seq = st.next_seq.unwrap_or(0);
+            match self.folder.put_new(&piece_name(seq), &bytes) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    st.fenced = true;
+                    return Err(LiveError::TakenOver);
+                }
+                Err(e) => return Err(e.into()),
+            }
+            st.next_seq = Some(seq + 1);
+            st.shipped = Some((generation, end));
+            st.pieces.push(LivePiece {
+                seq,
+                generation: Some(generation),
+                first,
+                last: end,
+            });
+            return Ok(());
+        }
+    }
+
+    /// Deletes the pieces the backups hold whole now that they reach `cursor`, the newest
+    /// piece excepted. Blocks.
+    pub(crate) fn prune(&self, cursor: &Cursor) -> Result<(), LiveError> {
+        let Some(at) = cursor.generation else {
+            return Ok(());
+        };
+        let mut st = self.state();
+        let Some(newest) = st.pieces.last().map(|p| p.seq) else {
+            return Ok(());
+        };
+        let held = |p: &LivePiece| match p.generation {
+            None => true,
+            Some(g) if g.same(&at) => p.last <= cursor.frames,
+            Some(g) => (g.salt1.wrapping_sub(at.salt1) as i32) < 0,
+        };
+        let gone: Vec<u64> = st
+            .pieces
+            .iter()
+            .filter(|p| p.seq != newest && held(p))
+            .map(|p| p.seq)
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = gone.iter().map(|s| piece_name(*s)).collect();
+        self.folder.delete(&names)?;
+        st.pieces.retain(|p| !gone.contains(&p.seq));
+        Ok(())
+    }
+}
+
+impl crate::SqlService {
+    /// Whether this node ships its databases' live logs: several nodes on one store, blobs in
+    /// a bucket.
+    pub(crate) fn ships_live_logs(&self) -> bool {
+        self.host.shares_store() && !self.host.config().blobs.is_local()
+    }
+
+    /// The folder of database `database_id`'s live log, when this node ships live logs.
+    pub(crate) fn live_folder(&self, database_id: &str) -> Option<BlockingFolder> {
+        if !self.ships_live_logs() {
+            return None;
+        }
+        let config = self.host.config();
+        let dir = config
+            .data_dir
+            .join(LIVE_DIR)
+            .join(database_id.to_ascii_lowercase());
+        match config.blobs.blocking_folder(&dir) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!(database = database_id, error = %e, "the live log's folder cannot be named");
+                None
+            }
+        }
+    }
+
+    /// A live log for database `database_id` opened on this node (see [`Self::live_folder`]).
+    pub(crate) fn live_log(&self, database_id: &str) -> Option<std::sync::Arc<LiveLog>> {
+        let folder = self.live_folder(database_id)?;
+        Some(std::sync::Arc::new(LiveLog::new(
+            &self.db_file(database_id),
+            folder,
+        )))
+    }
+
+    /// Deletes database `database_id`'s live log from the bucket (it was dropped).
+    pub(crate) async fn remove_live_log(&self, database_id: &str) {
+        if !self.ships_live_logs() {
+            return;
+        }
+        let config = self.host.config();
+        let dir = config
+            .data_dir
+            .join(LIVE_DIR)
+            .join(database_id.to_ascii_lowercase());
+        if let Err(e) = config.blobs.remove_all(&dir).await {
+            tracing::warn!(database = database_id, error = %e, "the live log of a dropped database was not removed from the bucket");
+        }
+    }
+}
+
+/// Fences the live log in `folder` off: an empty object at the next piece's number, so that
+/// the node that wrote it can ship nothing more. Returns the pieces before the fence.
+pub(crate) fn fence(folder: &BlockingFolder) -> Result<Vec<LivePiece>, LiveError> {
+    for _ in 0..20 {
+        let pieces = pieces_of(folder)?;
+        let next = pieces.last().map_or(0, |p| p.seq + 1);
+        match folder.put_new(&piece_name(next), &[]) {
+            Ok(()) => return Ok(pieces),
+            // The old home shipped one more meanwhile: fence after it.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(LiveError::Behind(
+        "the live log kept growing while it was fenced off".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::Arc;
+
+    fn key() -> DatabaseKey {
+        DatabaseKey::new([3; 32], *b"live-log-test-01")
+    }
+
+    fn folder() -> BlockingFolder {
+        BlockingFolder::new(Arc::new(kagi_blobs::object_store::memory::InMemory::new()))
+    }
+
+    #[test]
+    fn names_are_numbers() {
+        assert_eq!(piece_name(42), "000000000042");
+        assert_eq!(piece_seq("000000000042"), Some(42));
+        assert_eq!(piece_seq("00000000042"), None);
+        assert_eq!(piece_seq("00000000004x"), None);
+    }
+
+    #[test]
+    fn commits_ship_once_in_order_and_a_fence_stops_the_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("d.db");
+        let conn = crate::engine::open_blocking(&db, &key()).unwrap();
+        let bucket = folder();
+        let live = LiveLog::new(&db, bucket.clone());
+        // Nothing committed: nothing shipped.
+        live.ship(&key()).unwrap();
+        assert!(pieces_of(&bucket).unwrap().is_empty());
+        conn.execute_batch("CREATE TABLE t (v); INSERT INTO t VALUES (1);")
+            .unwrap();
+        live.ship(&key()).unwrap();
+        live.ship(&key()).unwrap();
+        conn.execute_batch("INSERT INTO t VALUES (2);").unwrap();
+        live.ship(&key()).unwrap();
+        let pieces = pieces_of(&bucket).unwrap();
+        assert_eq!(pieces.len(), 2, "{pieces:?}");
+        assert_eq!((pieces[0].first, pieces[1].first), (1, pieces[0].last + 1));
+        // Another node fences; the next commit's ship fails and the one after too.
+        let before = fence(&bucket).unwrap();
+        assert_eq!(before, pieces);
+        conn.execute_batch("INSERT INTO t VALUES (3);").unwrap();
+        assert!(matches!(live.ship(&key()), Err(LiveError::TakenOver)));
+        assert!(matches!(live.ship(&key()), Err(LiveError::TakenOver)));
+        assert_eq!(pieces_of(&bucket).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_new_writer_carries_on_after_the_last_piece_and_prunes_what_backups_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("d.db");
+        let conn = crate::engine::open_blocking(&db, &key()).unwrap();
+        let bucket = folder();
+        conn.execute_batch("CREATE TABLE t (v); INSERT INTO t VALUES (1);")
+            .unwrap();
+        LiveLog::new(&db, bucket.clone()).ship(&key()).unwrap();
+        // Committed after the last ship (a crash before it): a new writer ships just that.
+        conn.execute_batch("INSERT INTO t VALUES (2);").unwrap();
+        let live = LiveLog::new(&db, bucket.clone());
+        live.ship(&key()).unwrap();
+        let pieces = pieces_of(&bucket).unwrap();
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces[1].first, pieces[0].last + 1);
+        conn.execute_batch("INSERT INTO t VALUES (3);").unwrap();
+        live.ship(&key()).unwrap();
+        // Backups up to the second piece: the first two go (the newest stays in any case).
+        let cursor = Cursor {
+            generation: pieces[1].generation,
+            frames: pieces[1].last,
+            drained: false,
+        };
+        live.prune(&cursor).unwrap();
+        let left = pieces_of(&bucket).unwrap();
+        assert_eq!(left.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![2]);
+        let all = Cursor {
+            frames: left[0].last,
+            ..cursor
+        };
+        live.prune(&all).unwrap();
+        assert_eq!(pieces_of(&bucket).unwrap().len(), 1);
+    }
+}

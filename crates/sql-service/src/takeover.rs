@@ -1,0 +1,193 @@
+//! A SQL server whose home is gone, taken over from the bucket (docs/SEVERAL_NODES.md,
+//! "SQL servers whose home is gone"). With several nodes on one store and `--blobs s3://…`,
+//! every database's backups and live log (`crate::live`) are in the bucket, and every commit
+//! was there before it was acknowledged. A request for a server whose home is not running
+//! (its presence lease lapsed) makes the node it reached take the server over, under a lease:
+//! for each database it fences the old home's live log off (that node, if it still runs, can
+//! acknowledge nothing more), replays the newest backup chain and the live log's pieces after
+//! it, writes the database file here, then records this node as the server's home and takes a
+//! full backup of each database (the live log carries on from it).
+
+use std::sync::Arc;
+
+use kagi_core::{ErrorCode, KvError};
+use serde_json::Value;
+
+use crate::backup_chain::{Taken, chain_for, live_tail};
+use crate::backups::{Source, taken_of};
+use crate::databases::Database;
+use crate::keys::internal;
+use crate::{SqlService, id_of_body};
+
+/// How long a takeover's lease lasts unless renewed (renewed every third of it).
+const TAKEOVER_LEASE_MS: i64 = 120_000;
+
+fn unavailable(message: String) -> KvError {
+    KvError::new(ErrorCode::ServiceUnavailable, message)
+}
+
+impl SqlService {
+    /// The node that serves `server`, whose recorded home is `home`: that node while it runs;
+    /// when it does not and this node ships live logs, this one, once it has taken the server
+    /// over.
+    pub(crate) async fn serving_home(
+        self: &Arc<Self>,
+        server: &Value,
+        home: String,
+    ) -> Result<String, KvError> {
+        if home == self.host.node_name() || !self.ships_live_logs() {
+            return Ok(home);
+        }
+        if self.host.live_nodes().await?.iter().any(|n| n.name == home) {
+            return Ok(home);
+        }
+        let id = id_of_body(server);
+        // One takeover of a server at a time in this process (the lease is per node), and
+        // under the lease across nodes.
+        let _one = self.lock_id(&format!("takeover:{id}")).await;
+        let taken = kagi_host::under_renewed_lease(
+            self.host.as_ref(),
+            &format!("sql-takeover:{}", id.to_ascii_lowercase()),
+            TAKEOVER_LEASE_MS,
+            self.take_over_server(server, &home),
+            || {
+                unavailable(
+                    "This node lost the lease of the server's takeover to another node. Retry \
+                     the request."
+                        .into(),
+                )
+            },
+        )
+        .await?;
+        taken.ok_or_else(|| {
+            unavailable(format!(
+                "The server's node '{home}' is not running and another node is taking the \
+                 server over. Retry the request."
+            ))
+        })
+    }
+
+    /// Takes `server` over from node `gone` (under the takeover lease). The node now serving
+    /// it (another node's, if one took it over meanwhile).
+    async fn take_over_server(
+        self: &Arc<Self>,
+        server: &Value,
+        gone: &str,
+    ) -> Result<String, KvError> {
+        let me = self.host.node_name();
+        let id = id_of_body(server);
+        match self.server_home(&id).await? {
+            Some(home) if home == gone => {}
+            Some(home) => return Ok(home),
+            None => return Ok(me),
+        }
+        let name = server["name"].as_str().unwrap_or_default();
+        let dbs = self.databases_of(server).await?;
+        // A geo-replication link joins two servers of one node, and an Inaccessible
+        // database's key cannot open its backups: those wait for their node.
+        if let Some(db) = dbs.iter().find(|d| !d.doc["geo"]["role"].is_null()) {
+            return Err(unavailable(format!(
+                "The server '{name}' is served by the node '{gone}', which is not running, and \
+                 its database '{}' is in a geo-replication link, which is not taken over to \
+                 another node: the server is served again when that node is back (or fail \
+                 over to the partner).",
+                db.name
+            )));
+        }
+        if let Some(db) = dbs.iter().find(|d| d.inaccessible()) {
+            return Err(unavailable(format!(
+                "The server '{name}' is served by the node '{gone}', which is not running, and \
+                 its database '{}' is Inaccessible (its key cannot be used to read its backups): \
+                 the server is served again when that node is back.",
+                db.name
+            )));
+        }
+        for db in &dbs {
+            if let Err(e) = self.fetch_database(server, db).await {
+                for d in &dbs {
+                    self.forget_open(&d.database_id);
+                }
+                return Err(e);
+            }
+        }
+        self.record_server_home(&id).await?;
+        tracing::warn!(server = %id, from = gone, databases = dbs.len(), "SQL server taken over from a node that is not running");
+        // Each database's live log carries on from a backup of what was fetched.
+        for db in &dbs {
+            let backed = match self.open_db(server, db).await {
+                Ok(open) => self.backup_now(server, db, &open).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = backed {
+                tracing::error!(database = %db.name, error = %e.message, "a database taken over is not backed up yet");
+            }
+        }
+        Ok(me)
+    }
+
+    /// Puts database `db` of `server` on this node from the bucket: its live log fenced off,
+    /// its newest backup chain and the pieces after it replayed, its file written.
+    async fn fetch_database(
+        self: &Arc<Self>,
+        server: &Value,
+        db: &Database,
+    ) -> Result<(), KvError> {
+        let folder = self
+            .live_folder(&db.database_id)
+            .ok_or_else(|| internal("taking a database over", "no live log"))?;
+        // What this node still has of it (it was its home before) goes first.
+        if let Some(old) = self.forget_open(&db.database_id) {
+            old.close(kagi_pgsql::PgError::fatal(
+                "57P01",
+                "terminating connection: the database moved to another node",
+            ));
+        }
+        self.forget_backup_pin(&db.database_id);
+        let fencing = folder.clone();
+        let pieces = tokio::task::spawn_blocking(move || crate::live::fence(&fencing))
+            .await
+            .map_err(|e| internal("fencing a live log", e))?
+            .map_err(|e| internal("fencing a live log", e))?;
+        let records = self.records(&id_of_body(server), &db.database_id).await?;
+        let taken: Vec<Taken> = records.iter().filter_map(taken_of).collect();
+        let name = server["name"].as_str().unwrap_or_default();
+        let Some(chain) = chain_for(&taken, i64::MAX) else {
+            return Err(unavailable(format!(
+                "The database '{name}/{}' has no backup in the bucket (it was made before its \
+                 node shipped its live log): it is served again when its node is back.",
+                db.name
+            )));
+        };
+        let last = chain
+            .last()
+            .and_then(|s| records.iter().find(|r| r["seq"].as_u64() == Some(*s)));
+        let cursor = last.map(crate::backups::cursor_of);
+        let tail = live_tail(cursor.as_ref(), &pieces).map_err(|why| {
+            internal(
+                "taking a database over",
+                format!("database '{name}/{}': {why}", db.name),
+            )
+        })?;
+        let point = last.and_then(|r| r["taken"].as_i64()).unwrap_or(i64::MAX);
+        let source = Source {
+            name: db.name.clone(),
+            database_id: db.database_id.clone(),
+            server: server.clone(),
+        };
+        let pieces_used = tail.len();
+        let prepared = self
+            .replay_chain(
+                server,
+                &source,
+                point,
+                (&records, &chain),
+                Some((folder, tail)),
+            )
+            .await?;
+        let open = self.open_db(server, db).await?;
+        crate::engine::remove_files(&open.file).await?;
+        self.finish_restore(&open, prepared).await?;
+        tracing::info!(database = %db.name, backups = chain.len(), live_pieces = pieces_used, "SQL database fetched from the bucket");
+        Ok(())
+    }
+}
