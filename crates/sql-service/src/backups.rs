@@ -91,6 +91,9 @@ struct DbState {
     last_full: Option<i64>,
     last_taken: Option<i64>,
     last_attempt: i64,
+    /// The first piece of the live log that carries these backups on (the pieces before it
+    /// are an earlier home's, replayed into the database a takeover backed up: `crate::live`).
+    live_from: Option<u64>,
 }
 
 impl DbState {
@@ -107,6 +110,7 @@ impl DbState {
                 .max(),
             last_taken: last.and_then(|r| r["taken"].as_i64()),
             last_attempt: i64::MIN / 2,
+            live_from: last.and_then(|r| r["liveFrom"].as_u64()),
         }
     }
 }
@@ -370,7 +374,7 @@ impl SqlService {
         server: &Value,
         db: &Database,
         w: &Written,
-        chain: u64,
+        (chain, live_from): (u64, Option<u64>),
         range: (i64, i64),
         keys: &Value,
     ) -> Result<(), KvError> {
@@ -390,6 +394,7 @@ impl SqlService {
             "size": w.size,
             "wal": w.generation.map(|g| json!({"salt1": g.salt1, "salt2": g.salt2,
                 "checkpointSeq": g.checkpoint_seq, "first": w.first, "last": w.last})),
+            "liveFrom": live_from,
             "dek": keys["dek"],
             "protector": keys["protector"],
         });
@@ -452,7 +457,7 @@ impl SqlService {
             } else {
                 st.last_taken.unwrap_or(taken)
             };
-            self.record(server, db, w, chain, (from, taken), &keys)
+            self.record(server, db, w, (chain, st.live_from), (from, taken), &keys)
                 .await?;
             if w.full() {
                 report.full += 1;
@@ -485,8 +490,15 @@ impl SqlService {
                 // and the log is as it was at this time.
                 let taken = self.host.now();
                 let from = st.last_taken.unwrap_or(taken);
-                self.record(server, db, &written, st.chain, (from, taken), &keys)
-                    .await?;
+                self.record(
+                    server,
+                    db,
+                    &written,
+                    (st.chain, st.live_from),
+                    (from, taken),
+                    &keys,
+                )
+                .await?;
                 report.log += 1;
                 st.next_seq = written.seq + 1;
                 st.last_taken = Some(taken);
@@ -525,6 +537,26 @@ impl SqlService {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Forgets where database `id`'s backups stand (rebuilt from its records when needed).
+    pub(crate) fn forget_backup_state(&self, id: &str) {
+        locked(&self.backups.dbs).remove(id);
+    }
+
+    /// Notes that database `db`'s backups from now on are carried on by its live log from
+    /// piece `from` (a takeover: the pieces before it were replayed into what the next backup
+    /// holds).
+    pub(crate) async fn start_live_lineage(
+        &self,
+        server: &Value,
+        db: &Database,
+        from: u64,
+    ) -> Result<(), KvError> {
+        let mut st = self.db_state(server, db).await?;
+        st.live_from = Some(from);
+        locked(&self.backups.dbs).insert(db.database_id.clone(), st);
         Ok(())
     }
 

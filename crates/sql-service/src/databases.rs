@@ -531,7 +531,7 @@ impl SqlService {
         // Its backups stay for the retention period; its live log goes (what it holds after
         // the backups is the dropped database's last minutes, as in Azure's backups).
         self.note_dropped(server, db).await;
-        self.remove_live_log(&db.database_id).await;
+        self.remove_live_log(&db.database_id, None).await;
         // The key first, then the files, then the document: a crash on the way leaves a
         // database whose key is gone (it cannot open), which a repeated DELETE finishes.
         self.db_keys(server, db).delete().await?;

@@ -225,7 +225,8 @@ impl LiveLog {
     }
 
     /// Deletes the pieces the backups hold whole now that they reach `cursor`, the newest
-    /// piece excepted. Blocks.
+    /// piece excepted. Fences stay: a home that was fenced off and still runs would otherwise
+    /// create the piece its fence holds and acknowledge a commit no other node has. Blocks.
     pub(crate) fn prune(&self, cursor: &Cursor) -> Result<(), LiveError> {
         let Some(at) = cursor.generation else {
             return Ok(());
@@ -235,7 +236,7 @@ impl LiveLog {
             return Ok(());
         };
         let held = |p: &LivePiece| match p.generation {
-            None => true,
+            None => false,
             Some(g) if g.same(&at) => p.last <= cursor.frames,
             Some(g) => (g.salt1.wrapping_sub(at.salt1) as i32) < 0,
         };
@@ -290,30 +291,46 @@ impl crate::SqlService {
         )))
     }
 
-    /// Deletes database `database_id`'s live log from the bucket (it was dropped).
-    pub(crate) async fn remove_live_log(&self, database_id: &str) {
-        if !self.ships_live_logs() {
+    /// Deletes the pieces of database `database_id`'s live log numbered below `below` (all
+    /// of them: `None`, as when it was dropped), its fences excepted (empty objects: a
+    /// fenced-off home that still runs must keep failing).
+    pub(crate) async fn remove_live_log(&self, database_id: &str, below: Option<u64>) {
+        let Some(folder) = self.live_folder(database_id) else {
             return;
-        }
-        let config = self.host.config();
-        let dir = config
-            .data_dir
-            .join(LIVE_DIR)
-            .join(database_id.to_ascii_lowercase());
-        if let Err(e) = config.blobs.remove_all(&dir).await {
-            tracing::warn!(database = database_id, error = %e, "the live log of a dropped database was not removed from the bucket");
+        };
+        let removed = tokio::task::spawn_blocking(move || {
+            let pieces: Vec<String> = folder
+                .list()?
+                .into_iter()
+                .filter(|(name, size)| {
+                    *size > 0 && piece_seq(name).is_some_and(|s| below.is_none_or(|b| s < b))
+                })
+                .map(|(name, _)| name)
+                .collect();
+            folder.delete(&pieces)
+        })
+        .await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(database = database_id, error = %e, "the live log of a dropped database was not removed from the bucket");
+            }
+            Err(e) => {
+                tracing::warn!(database = database_id, error = %e, "the live log of a dropped database was not removed from the bucket");
+            }
         }
     }
 }
 
 /// Fences the live log in `folder` off: an empty object at the next piece's number, so that
-/// the node that wrote it can ship nothing more. Returns the pieces before the fence.
-pub(crate) fn fence(folder: &BlockingFolder) -> Result<Vec<LivePiece>, LiveError> {
+/// the node that wrote it can ship nothing more. Returns the pieces before the fence and the
+/// fence's number.
+pub(crate) fn fence(folder: &BlockingFolder) -> Result<(Vec<LivePiece>, u64), LiveError> {
     for _ in 0..20 {
         let pieces = pieces_of(folder)?;
         let next = pieces.last().map_or(0, |p| p.seq + 1);
         match folder.put_new(&piece_name(next), &[]) {
-            Ok(()) => return Ok(pieces),
+            Ok(()) => return Ok((pieces, next)),
             // The old home shipped one more meanwhile: fence after it.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e.into()),
@@ -367,8 +384,8 @@ mod tests {
         assert_eq!(pieces.len(), 2, "{pieces:?}");
         assert_eq!((pieces[0].first, pieces[1].first), (1, pieces[0].last + 1));
         // Another node fences; the next commit's ship fails and the one after too.
-        let before = fence(&bucket).unwrap();
-        assert_eq!(before, pieces);
+        let (before, at) = fence(&bucket).unwrap();
+        assert_eq!((before, at), (pieces, 2));
         conn.execute_batch("INSERT INTO t VALUES (3);").unwrap();
         assert!(matches!(live.ship(&key()), Err(LiveError::TakenOver)));
         assert!(matches!(live.ship(&key()), Err(LiveError::TakenOver)));
@@ -408,5 +425,24 @@ mod tests {
         };
         live.prune(&all).unwrap();
         assert_eq!(pieces_of(&bucket).unwrap().len(), 1);
+        // A fence (another node's takeover) is never pruned: the writer it fenced off would
+        // then create that piece.
+        fence(&bucket).unwrap();
+        let taken = LiveLog::new(&db, bucket.clone());
+        conn.execute_batch("INSERT INTO t VALUES (4);").unwrap();
+        taken.ship(&key()).unwrap();
+        let now = pieces_of(&bucket).unwrap();
+        let newest = now.last().unwrap();
+        taken
+            .prune(&Cursor {
+                generation: newest.generation,
+                frames: newest.last,
+                drained: false,
+            })
+            .unwrap();
+        let left = pieces_of(&bucket).unwrap();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(left[0].generation, None);
+        assert!(matches!(live.ship(&key()), Err(LiveError::TakenOver)));
     }
 }

@@ -102,36 +102,47 @@ impl SqlService {
                 db.name
             )));
         }
+        // Each database fetched and backed up (a full backup: its live log carries on from
+        // it) before the home is recorded, so no session commits before there is a base. A
+        // failure leaves the old home fenced off and its server unserved: a retried request
+        // takes it over again, from the same backups and pieces.
+        let mut fences = Vec::with_capacity(dbs.len());
         for db in &dbs {
-            if let Err(e) = self.fetch_database(server, db).await {
-                for d in &dbs {
-                    self.forget_open(&d.database_id);
+            let fetched = match self.fetch_database(server, db).await {
+                Ok(fence) => match self.open_db(server, db).await {
+                    Ok(open) => self.backup_now(server, db, &open).await.map(|()| fence),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match fetched {
+                Ok(fence) => fences.push(fence),
+                Err(e) => {
+                    for d in &dbs {
+                        self.forget_open(&d.database_id);
+                        self.forget_backup_state(&d.database_id);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
             }
         }
         self.record_server_home(&id).await?;
         tracing::warn!(server = %id, from = gone, databases = dbs.len(), "SQL server taken over from a node that is not running");
-        // Each database's live log carries on from a backup of what was fetched.
-        for db in &dbs {
-            let backed = match self.open_db(server, db).await {
-                Ok(open) => self.backup_now(server, db, &open).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = backed {
-                tracing::error!(database = %db.name, error = %e.message, "a database taken over is not backed up yet");
-            }
+        // The old home's pieces are in the backups just taken (its fences stay).
+        for (db, fence) in dbs.iter().zip(fences) {
+            self.remove_live_log(&db.database_id, Some(fence)).await;
         }
         Ok(me)
     }
 
     /// Puts database `db` of `server` on this node from the bucket: its live log fenced off,
-    /// its newest backup chain and the pieces after it replayed, its file written.
+    /// its newest backup chain and the pieces after it replayed, its file written. Returns the
+    /// fence's number (the pieces after it carry on the next backup).
     async fn fetch_database(
         self: &Arc<Self>,
         server: &Value,
         db: &Database,
-    ) -> Result<(), KvError> {
+    ) -> Result<u64, KvError> {
         let folder = self
             .live_folder(&db.database_id)
             .ok_or_else(|| internal("taking a database over", "no live log"))?;
@@ -144,10 +155,11 @@ impl SqlService {
         }
         self.forget_backup_pin(&db.database_id);
         let fencing = folder.clone();
-        let pieces = tokio::task::spawn_blocking(move || crate::live::fence(&fencing))
-            .await
-            .map_err(|e| internal("fencing a live log", e))?
-            .map_err(|e| internal("fencing a live log", e))?;
+        let (mut pieces, fenced_at) =
+            tokio::task::spawn_blocking(move || crate::live::fence(&fencing))
+                .await
+                .map_err(|e| internal("fencing a live log", e))?
+                .map_err(|e| internal("fencing a live log", e))?;
         let records = self.records(&id_of_body(server), &db.database_id).await?;
         let taken: Vec<Taken> = records.iter().filter_map(taken_of).collect();
         let name = server["name"].as_str().unwrap_or_default();
@@ -162,6 +174,10 @@ impl SqlService {
             .last()
             .and_then(|s| records.iter().find(|r| r["seq"].as_u64() == Some(*s)));
         let cursor = last.map(crate::backups::cursor_of);
+        // Pieces before the chain's lineage are an earlier home's, replayed into the backup
+        // its takeover took.
+        let from = last.and_then(|r| r["liveFrom"].as_u64()).unwrap_or(0);
+        pieces.retain(|p| p.seq >= from);
         let tail = live_tail(cursor.as_ref(), &pieces).map_err(|why| {
             internal(
                 "taking a database over",
@@ -188,6 +204,7 @@ impl SqlService {
         crate::engine::remove_files(&open.file).await?;
         self.finish_restore(&open, prepared).await?;
         tracing::info!(database = %db.name, backups = chain.len(), live_pieces = pieces_used, "SQL database fetched from the bucket");
-        Ok(())
+        self.start_live_lineage(server, db, fenced_at + 1).await?;
+        Ok(fenced_at)
     }
 }
