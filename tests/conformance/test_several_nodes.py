@@ -1370,7 +1370,8 @@ def test_a_paused_sql_home_is_fenced_off_by_the_node_that_took_its_server_over(t
     node 2 takes A over and commits a row of its own. Node 1 resumes: its session's next commit
     is refused (FATAL 57P01, its live log fenced off) and is not in A; a new connection to node 1
     is forwarded to node 2, which serves every row acknowledged anywhere. Node 1 restarted serves
-    A through node 2 too (its old copy is never opened)."""
+    A through node 2 too (its old copy is never opened). Node 2 killed: node 1 takes A back from
+    the bucket, with every acknowledged row and without the refused one."""
     import signal
 
     import psycopg
@@ -1424,6 +1425,15 @@ def test_a_paused_sql_home_is_fenced_off_by_the_node_that_took_its_server_over(t
         until(insert_through_node_1, bound=30)
         with psycopg.connect(dsn(n2), autocommit=True) as c:
             assert c.execute("SELECT count(*) FROM t").fetchone()[0] == 7
+            c.execute("INSERT INTO t VALUES (102)")
+        # Node 2 dies: node 1 takes A back, from the bucket (a second takeover: the backup node
+        # 2 took and its pieces after it), not from its own stale copy (which holds row 6).
+        n2.kill9()
+        until(lambda: sql.arm(via1, "GET", sql.sql_path(via1, server)).status_code == 200, bound=60)
+        with psycopg.connect(dsn(first), autocommit=True) as c:
+            ids = [r[0] for r in c.execute("SELECT id FROM t ORDER BY id").fetchall()]
+            assert ids == [1, 2, 3, 4, 5, 100, 101, 102], ids
+            c.execute("INSERT INTO t VALUES (103)")
     finally:
         for n in (first, *first.cluster):
             n.stop()

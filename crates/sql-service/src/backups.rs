@@ -546,8 +546,8 @@ impl SqlService {
     }
 
     /// Notes that database `db`'s backups from now on are carried on by its live log from
-    /// piece `from` (a takeover: the pieces before it were replayed into what the next backup
-    /// holds).
+    /// piece `from`, and that its next backup is a full one (a takeover: the pieces before it
+    /// were replayed into what that backup holds).
     pub(crate) async fn start_live_lineage(
         &self,
         server: &Value,
@@ -556,6 +556,10 @@ impl SqlService {
     ) -> Result<(), KvError> {
         let mut st = self.db_state(server, db).await?;
         st.live_from = Some(from);
+        // The next pass takes a full backup, whatever the log looks like: a log that looks
+        // like it continues the backups (an empty one, after backups that held no frame) would
+        // otherwise be taken for their continuation.
+        st.last_full = None;
         locked(&self.backups.dbs).insert(db.database_id.clone(), st);
         Ok(())
     }

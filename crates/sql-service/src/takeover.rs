@@ -110,7 +110,10 @@ impl SqlService {
         for db in &dbs {
             let fetched = match self.fetch_database(server, db).await {
                 Ok(fence) => match self.open_db(server, db).await {
-                    Ok(open) => self.backup_now(server, db, &open).await.map(|()| fence),
+                    Ok(open) => match self.backup_now(server, db, &open).await {
+                        Ok(()) => self.check_base(server, db, fence).await.map(|()| fence),
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
@@ -133,6 +136,23 @@ impl SqlService {
             self.remove_live_log(&db.database_id, Some(fence)).await;
         }
         Ok(me)
+    }
+
+    /// Checks that database `db`'s newest backup is the full one a takeover that fenced its
+    /// live log at `fence` took: the base its live log carries on from.
+    async fn check_base(&self, server: &Value, db: &Database, fence: u64) -> Result<(), KvError> {
+        let records = self.records(&id_of_body(server), &db.database_id).await?;
+        let based = records
+            .last()
+            .is_some_and(|r| r["type"] == "Full" && r["liveFrom"].as_u64() == Some(fence + 1));
+        if based {
+            Ok(())
+        } else {
+            Err(internal(
+                "taking a database over",
+                format!("database '{}': no full backup was taken of it", db.name),
+            ))
+        }
     }
 
     /// Puts database `db` of `server` on this node from the bucket: its live log fenced off,
