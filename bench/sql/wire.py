@@ -5,14 +5,16 @@ TLS against a PostgreSQL-protocol server, with C client connections, each in a p
   wire.py CONNINFO ROWS SECONDS CLIENTS MODE
 
 MODE `read`: autocommit point reads (`SELECT v FROM t WHERE id = $1`, prepared). MODE `rw`:
-transactions of 10 statements, 3 in 4 point reads and 1 in 4 updates of a row by id (prepared),
+transactions of 10 statements, 3 in 4 point reads and 1 in 4 updates of a row by id (prepared;
+each sets a value no other update of the run sets, so every update changes its row),
 retried from the start on a serialization failure (40001) or a lock not available (55P03), as
 PostgreSQL applications do; the retries are counted. MODE `rwi`: the same transactions started
 with a write that changes nothing (`UPDATE t SET v = v WHERE id = 0`), so that on kagi the
 transaction waits for SQLite's write lock at its start (as `BEGIN IMMEDIATE` does) instead of
 failing at its first real write; on PostgreSQL the statement is a no-op.
 Ids are uniform over 1..ROWS from a fixed seed per client. Prints one JSON line: transactions and
-statements per second over the whole run (every client's count, divided by the wall time).
+statements per second over the whole run (every client's count, divided by the wall time), and
+the count and the wall time themselves.
 """
 
 import json
@@ -24,7 +26,7 @@ import time
 import psycopg
 
 
-def worker(conninfo, rows, seconds, mode, i, ready, go, out):
+def worker(conninfo, rows, seconds, mode, clients, i, ready, go, out):
     rnd = random.Random(1000 + i)
     done = retries = 0
     try:
@@ -46,7 +48,10 @@ def worker(conninfo, rows, seconds, mode, i, ready, go, out):
                                     cur.execute("UPDATE t SET v = v WHERE id = 0")
                                 for k, rid in enumerate(ids):
                                     if k % 4 == 3:
-                                        cur.execute("UPDATE t SET v = %s WHERE id = %s", (f"updated {rid}", rid), prepare=True)
+                                        # A value no earlier update wrote: SQLite writes no page
+                                        # (and so commits no frame) for an identical row.
+                                        v = f"{mode}/{clients} {i}.{done}"
+                                        cur.execute("UPDATE t SET v = %s WHERE id = %s", (v, rid), prepare=True)
                                     else:
                                         cur.execute("SELECT v FROM t WHERE id = %s", (rid,), prepare=True)
                                         cur.fetchone()
@@ -63,7 +68,7 @@ def worker(conninfo, rows, seconds, mode, i, ready, go, out):
 def main():
     conninfo, rows, seconds, clients, mode = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     ready, go, out = multiprocessing.Semaphore(0), multiprocessing.Event(), multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=worker, args=(conninfo, rows, seconds, mode, i, ready, go, out))
+    procs = [multiprocessing.Process(target=worker, args=(conninfo, rows, seconds, mode, clients, i, ready, go, out))
              for i in range(clients)]
     for p in procs:
         p.start()
@@ -82,7 +87,7 @@ def main():
     tx = sum(d for d, _, _ in results)
     per_tx = 1 if mode == "read" else 10
     print(json.dumps({"clients": clients, "mode": mode, "tps": tx / elapsed, "statements_per_s": tx * per_tx / elapsed,
-                      "retries": sum(r for _, r, _ in results)}))
+                      "retries": sum(r for _, r, _ in results), "transactions": tx, "seconds": elapsed}))
 
 
 if __name__ == "__main__":

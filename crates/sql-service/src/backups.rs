@@ -82,6 +82,9 @@ pub struct BackupReport {
     pub failed: u64,
 }
 
+/// How far a takeover's first backup is numbered past the last record it read.
+const TAKEOVER_SEQ_GAP: u64 = 16;
+
 /// Where the backups of one database stand, in memory (rebuilt from the records after a start).
 #[derive(Clone, Debug)]
 struct DbState {
@@ -560,6 +563,10 @@ impl SqlService {
         // like it continues the backups (an empty one, after backups that held no frame) would
         // otherwise be taken for their continuation.
         st.last_full = None;
+        // Numbered clear of what the old home may still record: a pass it had under way when
+        // it was cut off records at most a log backup, a full one and a tail after the last
+        // record the takeover read, and their files and records must not be this node's.
+        st.next_seq += TAKEOVER_SEQ_GAP;
         locked(&self.backups.dbs).insert(db.database_id.clone(), st);
         Ok(())
     }
