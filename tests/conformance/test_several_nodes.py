@@ -1352,10 +1352,11 @@ def test_a_sql_server_whose_home_is_lost_is_taken_over_from_the_bucket_losing_no
         sql.ok(sql.arm(via2, "DELETE", sql.sql_path(via2, lost)), 200, 202, 204)
         assert sql.arm(via2, "GET", sql.sql_path(via2, lost)).status_code == 404
         assert sql.arm(via2, "GET", sql.sql_path(via2, lost, f"/databases/{db}")).status_code == 404
-        # Only the takeover's fence is left of its live log (empty: what node 1 would have
-        # shipped next stays refused).
-        assert all(not bucket.get(f"sql-live/{database_id}/{o}") for o in bucket.list(f"sql-live/{database_id}")), \
-            bucket.list(f"sql-live/{database_id}")
+        # Only fences are left of its live log (the takeover's, where node 1 would have shipped
+        # next, and the deletion's, which no home passes).
+        left = bucket.list(f"sql-live/{database_id}")
+        assert len(left) == 2 and all(bucket.get(f"sql-live/{database_id}/{o}").startswith(b"kagi-sql-fence")
+                                      for o in left), left
         with psycopg.connect(dsn(n2, target, db), autocommit=True) as c:
             assert c.execute("SELECT count(*) FROM t").fetchone()[0] >= 50
     finally:
@@ -1434,6 +1435,73 @@ def test_a_paused_sql_home_is_fenced_off_by_the_node_that_took_its_server_over(t
             ids = [r[0] for r in c.execute("SELECT id FROM t ORDER BY id").fetchall()]
             assert ids == [1, 2, 3, 4, 5, 100, 101, 102], ids
             c.execute("INSERT INTO t VALUES (103)")
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
+def test_an_idle_restarted_sql_home_acknowledges_nothing_after_a_takeover(tmp_path):
+    """Issue 14 (found by review): as the paused-home test, but node 1's session has committed
+    nothing since node 1 restarted (its live log never looked at the bucket). After the
+    takeover, node 1's next commit is refused (the fence of a later takeover than its home's),
+    and node 2 keeps committing."""
+    import signal
+
+    import psycopg
+    import test_sql as sql
+
+    import uuid
+    blobs = f"{s3_blobs_url().rstrip('/')}/nodes-{uuid.uuid4().hex}"
+    first = start_sql_cluster(tmp_path, 2, env={"KAGI_SQL_LOG_BACKUP_SECONDS": "2"}, blobs=blobs)
+    n2 = first.cluster[0]
+    try:
+        first.put_rg(DEFAULT_RG)
+        via1, via2 = Via(first, first), Via(n2, n2)
+        server, _ = sql.create_server(via1, identity=False)
+        db, _ = sql.create_db(via1, server)
+
+        def dsn(node):
+            return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
+                    f"dbname={db} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
+                    f"sslrootcert={n2.ca_path} connect_timeout=10")
+
+        with psycopg.connect(dsn(first), autocommit=True) as c:
+            c.execute("CREATE TABLE t (id int PRIMARY KEY)")
+            for i in range(1, 6):
+                c.execute("INSERT INTO t VALUES (%s)", (i,))
+        # Node 1 restarted: still the home; its database's live log is new.
+        first.stop()
+        first.start()
+
+        def connect_1():
+            try:
+                return psycopg.connect(dsn(first), autocommit=True)
+            except psycopg.OperationalError:
+                return None
+        old, _ = until(connect_1, bound=30)
+        assert old.execute("SELECT count(*) FROM t").fetchone()[0] == 5
+        first.proc.send_signal(signal.SIGSTOP)
+        try:
+            until(lambda: sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200, bound=60)
+            with psycopg.connect(dsn(n2), autocommit=True) as c:
+                c.execute("INSERT INTO t VALUES (100)")
+        finally:
+            first.proc.send_signal(signal.SIGCONT)
+        outcome = {}
+        try:
+            old.execute("INSERT INTO t VALUES (6)")
+            outcome["node 1 commit"] = "ACKNOWLEDGED"
+        except psycopg.OperationalError as e:
+            outcome["node 1 commit"] = f"refused: {e}"
+        try:
+            with psycopg.connect(dsn(n2), autocommit=True) as c:
+                c.execute("INSERT INTO t VALUES (101)")
+                outcome["node 2 commit"] = "ok"
+                outcome["node 2 rows"] = [r[0] for r in c.execute("SELECT id FROM t ORDER BY id").fetchall()]
+        except psycopg.OperationalError as e:
+            outcome["node 2 commit"] = f"refused: {e}"
+        assert outcome["node 1 commit"].startswith("refused"), outcome
+        assert outcome["node 2 commit"] == "ok", outcome
     finally:
         for n in (first, *first.cluster):
             n.stop()

@@ -30,16 +30,29 @@ fn runtime() -> io::Result<&'static tokio::runtime::Runtime> {
         .ok_or_else(|| io::Error::other("cannot start the threads that reach the bucket"))
 }
 
-/// Runs `request` on [`runtime`] and waits for it, from any thread.
+/// Runs `request` on [`runtime`] and waits for it, from any thread, for `deadline` at most
+/// (`TimedOut` then: the request may still complete).
 fn wait<T: Send + 'static>(
     request: impl Future<Output = io::Result<T>> + Send + 'static,
+    deadline: Option<std::time::Duration>,
 ) -> io::Result<T> {
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     runtime()?.spawn(async move {
         let _ = tx.send(request.await);
     });
-    rx.recv()
-        .map_err(|_| io::Error::other("a request to the bucket was dropped"))?
+    match deadline {
+        None => rx
+            .recv()
+            .map_err(|_| io::Error::other("a request to the bucket was dropped"))?,
+        Some(d) => match rx.recv_timeout(d) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the bucket did not answer within {} s", d.as_secs()),
+            )),
+            Err(_) => Err(io::Error::other("a request to the bucket was dropped")),
+        },
+    }
 }
 
 /// An object store error as I/O's (a create that found the object: `AlreadyExists`; a missing
@@ -60,12 +73,30 @@ fn io_error(e: object_store::Error) -> io::Error {
 #[derive(Clone, Debug)]
 pub struct BlockingFolder {
     folder: Arc<dyn ObjectStore>,
+    deadline: Option<std::time::Duration>,
 }
 
 impl BlockingFolder {
     /// The folder over `folder` (see [`crate::BlobRoot::remote`]).
     pub fn new(folder: Arc<dyn ObjectStore>) -> Self {
-        Self { folder }
+        Self {
+            folder,
+            deadline: None,
+        }
+    }
+
+    /// The same folder, whose calls give up after `deadline` (`TimedOut`; the request may
+    /// still complete in the bucket) instead of waiting out the store's own retries.
+    pub fn with_deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    fn wait<T: Send + 'static>(
+        &self,
+        request: impl Future<Output = io::Result<T>> + Send + 'static,
+    ) -> io::Result<T> {
+        wait(request, self.deadline)
     }
 
     /// Creates object `name` holding `bytes`, unless it exists (`AlreadyExists`). A client
@@ -76,7 +107,7 @@ impl BlockingFolder {
         let folder = self.folder.clone();
         let mine = bytes.to_vec();
         let path = ObjectPath::from(name);
-        wait(async move {
+        self.wait(async move {
             let create = PutOptions {
                 mode: PutMode::Create,
                 ..PutOptions::default()
@@ -101,7 +132,7 @@ impl BlockingFolder {
     /// The folder's objects: (name, size).
     pub fn list(&self) -> io::Result<Vec<(String, u64)>> {
         let folder = self.folder.clone();
-        wait(async move {
+        self.wait(async move {
             let metas: Vec<_> = folder.list(None).try_collect().await.map_err(io_error)?;
             Ok(metas
                 .into_iter()
@@ -114,7 +145,7 @@ impl BlockingFolder {
     pub fn get(&self, name: &str) -> io::Result<Vec<u8>> {
         let folder = self.folder.clone();
         let path = ObjectPath::from(name);
-        wait(async move {
+        self.wait(async move {
             let got = folder.get(&path).await.map_err(io_error)?;
             Ok(got.bytes().await.map_err(io_error)?.to_vec())
         })
@@ -124,7 +155,7 @@ impl BlockingFolder {
     pub fn get_head(&self, name: &str, len: u64) -> io::Result<Vec<u8>> {
         let folder = self.folder.clone();
         let path = ObjectPath::from(name);
-        wait(async move {
+        self.wait(async move {
             let options = GetOptions {
                 range: Some(GetRange::Bounded(0..len)),
                 ..GetOptions::default()
@@ -138,7 +169,7 @@ impl BlockingFolder {
     pub fn delete(&self, names: &[String]) -> io::Result<()> {
         let folder = self.folder.clone();
         let names: Vec<ObjectPath> = names.iter().map(|n| ObjectPath::from(n.as_str())).collect();
-        wait(async move {
+        self.wait(async move {
             for name in names {
                 match folder.delete(&name).await {
                     Ok(()) | Err(object_store::Error::NotFound { .. }) => {}

@@ -187,6 +187,8 @@ pub(crate) struct LivePiece {
     pub(crate) first: u32,
     /// Its last frame (a commit).
     pub(crate) last: u32,
+    /// A fence's takeover number (0 for a piece of frames).
+    pub(crate) fenced_by: u64,
 }
 
 /// The pieces (by number) that carry a database on from where its backups stand (`cursor`,
@@ -260,6 +262,7 @@ mod tests {
             generation: g,
             first,
             last,
+            fenced_by: 0,
         }
     }
 

@@ -450,7 +450,7 @@ impl SqlService {
             .await
             .map_err(|e| kagi_cmk::key_failure_error(e, "AzureKeyVaultKeyAccessFailed"))?;
         owner.add_wrapped_key(record).await?;
-        let open = self.remember_open(server, &db, dek);
+        let open = self.remember_open(server, &db, dek).await;
         let made = match restore {
             Some(r) => self.finish_restore(&open, r).await,
             None => match open.page_key() {
@@ -635,12 +635,26 @@ impl SqlService {
 
     /// Keeps `dek` in memory as database `db`'s (unless it is open already); returns the open
     /// database.
-    pub(crate) fn remember_open(
+    pub(crate) async fn remember_open(
         &self,
         server: &Value,
         db: &Database,
         dek: Dek,
     ) -> Arc<OpenDatabase> {
+        // The live log knows which takeover made this node the home: a later one fences it.
+        let live = if db.is_secondary() || !self.ships_live_logs() {
+            None
+        } else {
+            match self.server_takeover(&id_of_body(server)).await {
+                Ok(n) => self.live_log(&db.database_id, n),
+                // Unknown: a live log that refuses every commit rather than one that might
+                // ship past another node's fence.
+                Err(e) => {
+                    tracing::warn!(database = %db.name, error = %e.message, "the server's takeover number cannot be read");
+                    self.live_log(&db.database_id, 0)
+                }
+            }
+        };
         let open = Arc::new(OpenDatabase {
             database_id: db.database_id.clone(),
             server_id: id_of_body(server),
@@ -650,11 +664,7 @@ impl SqlService {
             read_only: db.is_secondary(),
             dek,
             terminator: kagi_pgsql::Terminator::new(),
-            live: if db.is_secondary() {
-                None
-            } else {
-                self.live_log(&db.database_id)
-            },
+            live,
         });
         // One entry per database: when another task opened it meanwhile, its entry (whose
         // terminator its sessions hold) stays.
@@ -731,7 +741,7 @@ impl SqlService {
                         "terminating connection: the database's geo-replication role changed",
                     ));
                 }
-                return Ok(self.remember_open(server, db, stale.dek.clone()));
+                return Ok(self.remember_open(server, db, stale.dek.clone()).await);
             }
             None => {}
         }
@@ -749,7 +759,7 @@ impl SqlService {
         if self.database(server, name).await?.inaccessible() {
             return Err(unavailable());
         }
-        Ok(self.remember_open(server, db, dek))
+        Ok(self.remember_open(server, db, dek).await)
     }
 
     /// Makes the online databases of `server` under `scope`'s protector Inaccessible (TD-4):
@@ -871,7 +881,7 @@ impl SqlService {
                 let dropped = self.drop_backup_history(server, &db).await?;
                 tracing::info!(database = %db.name, backups = dropped, "settings reset after a late revalidate");
             }
-            self.remember_open(server, &db, opened);
+            self.remember_open(server, &db, opened).await;
             self.host
                 .append_activity(
                     &id_of_body(server),

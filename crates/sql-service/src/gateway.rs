@@ -269,7 +269,11 @@ impl Gateway for SqlGateway {
         .map_err(pg_error)?;
         // A primary's commits are in the bucket before its client hears of them.
         let barrier = (open.live.is_some() && !open.read_only).then(|| {
-            Arc::new(ShipBarrier { open: open.clone() }) as Arc<dyn kagi_pgsql::CommitBarrier>
+            Arc::new(ShipBarrier {
+                open: open.clone(),
+                service: Arc::downgrade(&self.0),
+                runtime: tokio::runtime::Handle::current(),
+            }) as Arc<dyn kagi_pgsql::CommitBarrier>
         });
         Ok(Session {
             connection,
@@ -445,6 +449,10 @@ const SHIP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 /// are in the bucket before the client hears of them.
 pub(crate) struct ShipBarrier {
     pub(crate) open: Arc<crate::databases::OpenDatabase>,
+    /// The service, told when the live log is fenced off (`SqlService::after_fence`).
+    pub(crate) service: std::sync::Weak<SqlService>,
+    /// Where that runs.
+    pub(crate) runtime: tokio::runtime::Handle,
 }
 
 impl kagi_pgsql::CommitBarrier for ShipBarrier {
@@ -470,6 +478,11 @@ impl kagi_pgsql::CommitBarrier for ShipBarrier {
                     // Every session of the database ends: nothing more commits here.
                     self.open.close(e.clone());
                     tracing::warn!(database = %self.open.name, "live log fenced off by another node: sessions ended");
+                    if let Some(service) = self.service.upgrade() {
+                        let (server, db) =
+                            (self.open.server_id.clone(), self.open.database_id.clone());
+                        self.runtime.spawn(service.after_fence(server, db));
+                    }
                     return Err(e);
                 }
                 Err(e) if started.elapsed() < SHIP_PATIENCE => {

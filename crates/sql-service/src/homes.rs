@@ -34,17 +34,36 @@ impl SqlService {
             .and_then(|d| d["node"].as_str().map(str::to_string)))
     }
 
-    /// Records that a server being created lives on this node.
-    pub(crate) async fn record_server_home(&self, server_id: &str) -> Result<(), KvError> {
+    /// Records that a server lives on this node: made here (`takeover` 0), or taken over by
+    /// takeover number `takeover` (`crate::takeover`).
+    pub(crate) async fn record_server_home(
+        &self,
+        server_id: &str,
+        takeover: u64,
+    ) -> Result<(), KvError> {
         let node = self.host.node_name();
         self.host
             .put_document(
                 SERVERS_KEY,
                 HOME_KIND,
                 &server_id.to_ascii_lowercase(),
-                &json!({ "node": node }),
+                &json!({ "node": node, "takeover": takeover }),
             )
             .await
+    }
+
+    /// The number of the takeover that made a server's home its home (0: made there, or on
+    /// one node).
+    pub(crate) async fn server_takeover(&self, server_id: &str) -> Result<u64, KvError> {
+        if !self.host.shares_store() {
+            return Ok(0);
+        }
+        Ok(self
+            .host
+            .document(SERVERS_KEY, HOME_KIND, &server_id.to_ascii_lowercase())
+            .await?
+            .and_then(|d| d["takeover"].as_u64())
+            .unwrap_or(0))
     }
 
     /// Forgets a deleted server's home.
@@ -175,7 +194,15 @@ impl SqlService {
             if self.ships_live_logs()
                 && let Some(server) = self.host.resource(&id)
             {
-                return self.arc()?.serving_home(&server, home).await.map(Some);
+                match self.arc()?.serving_home(&server, home.clone()).await {
+                    Ok(node) => return Ok(Some(node)),
+                    // A server that cannot be taken over is still deleted here.
+                    Err(e) if deleting && !self.node_running(&home).await? => {
+                        tracing::warn!(server = %id, home = %home, reason = %e.message, "deleted while its home node is not running and cannot be taken over: served here");
+                        return Ok(Some(me));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             if deleting && !self.node_running(&home).await? {
                 tracing::warn!(server = %id, home = %home, "deleted while its home node is not running: served here");

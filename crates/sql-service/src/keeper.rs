@@ -94,8 +94,40 @@ pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
 }
 
 impl SqlService {
+    /// Closes the databases open here whose server another node serves now (taken over while
+    /// this node was cut off): their sessions end (they would read a stale copy) and their
+    /// keys leave this node's memory.
+    async fn close_moved_databases(&self) {
+        if !self.host.shares_store() {
+            return;
+        }
+        let open: Vec<(String, String)> = self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|o| (o.server_id.clone(), o.database_id.clone()))
+            .collect();
+        let me = self.host.node_name();
+        for (server, database) in open {
+            match self.server_home(&server).await {
+                Ok(Some(home)) if home != me => {}
+                _ => continue,
+            }
+            if let Some(moved) = self.forget_open(&database) {
+                moved.close(kagi_pgsql::PgError::fatal(
+                    "57P01",
+                    "terminating connection because another node serves this database's server now",
+                ));
+                self.forget_backup_pin(&database);
+                tracing::warn!(server = %server, database = %moved.name, "a database served by another node now was closed here");
+            }
+        }
+    }
+
     /// One pass over every server.
     pub async fn sweep(self: &Arc<Self>) -> Result<SweepReport, KvError> {
+        self.close_moved_databases().await;
         // Servers are probed side by side (a few at a time), so that servers behind an
         // unreachable key vault do not delay everyone else's bound.
         let limit = Arc::new(tokio::sync::Semaphore::new(PROBE_CONCURRENCY));

@@ -26,6 +26,18 @@ use crate::backup_files::{FileError, LOG_HEADER_LEN, LogFile, copy_log, log_end,
 /// The folder (below the data directory) of the live logs.
 pub(crate) const LIVE_DIR: &str = "sql-live";
 
+/// The first bytes of a fence (its format version last), then the takeover's number
+/// (big-endian) and the node that took over.
+const FENCE_MAGIC: [u8; 16] = *b"kagi-sql-fence\0\x01";
+
+/// The bytes of the fence takeover `takeover` by node `node` puts.
+pub(crate) fn fence_bytes(takeover: u64, node: &str) -> Vec<u8> {
+    let mut b = FENCE_MAGIC.to_vec();
+    b.extend_from_slice(&takeover.to_be_bytes());
+    b.extend_from_slice(node.as_bytes());
+    b
+}
+
 /// What can go wrong shipping a live log.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum LiveError {
@@ -59,14 +71,18 @@ pub(crate) fn piece_seq(name: &str) -> Option<u64> {
 }
 
 /// What a piece's bytes (or its first [`LOG_HEADER_LEN`] of `len`) say it holds; a fence
-/// (empty) has no generation.
+/// has no generation, and the number of the takeover that put it.
 pub(crate) fn describe(seq: u64, head: &[u8], len: u64) -> Option<LivePiece> {
-    if len == 0 {
+    if head.starts_with(&FENCE_MAGIC) {
+        let n = head.get(16..24)?;
+        let mut be = [0u8; 8];
+        be.copy_from_slice(n);
         return Some(LivePiece {
             seq,
             generation: None,
             first: 0,
             last: 0,
+            fenced_by: u64::from_be_bytes(be),
         });
     }
     let (h, first, count) = LogFile::parse_head(head, len)?;
@@ -75,6 +91,7 @@ pub(crate) fn describe(seq: u64, head: &[u8], len: u64) -> Option<LivePiece> {
         generation: Some(h.generation()),
         first,
         last: first + count - 1,
+        fenced_by: 0,
     })
 }
 
@@ -89,11 +106,7 @@ pub(crate) fn pieces_of(folder: &BlockingFolder) -> Result<Vec<LivePiece>, LiveE
     named.sort_unstable();
     let mut out = Vec::with_capacity(named.len());
     for (seq, size) in named {
-        let head = if size == 0 {
-            Vec::new()
-        } else {
-            folder.get_head(&piece_name(seq), LOG_HEADER_LEN)?
-        };
+        let head = folder.get_head(&piece_name(seq), LOG_HEADER_LEN)?;
         out.push(describe(seq, &head, size).ok_or_else(|| {
             LiveError::Behind(format!("piece {seq} of the live log is not a log piece"))
         })?);
@@ -114,6 +127,10 @@ struct State {
     pieces: Vec<LivePiece>,
     /// Fenced off: every later ship fails.
     fenced: bool,
+    /// A piece whose create failed or timed out: it may exist in the bucket all the same, so
+    /// it is created again with the same bytes (which then count as this writer's) before
+    /// anything else is shipped.
+    pending: Option<(LivePiece, Vec<u8>)>,
 }
 
 /// One database's live log (see the module).
@@ -121,6 +138,9 @@ pub(crate) struct LiveLog {
     /// The database file.
     db: PathBuf,
     folder: BlockingFolder,
+    /// The number of the takeover that made this node the home (0: the server was made
+    /// here): a fence of a later takeover means another node took the database over.
+    takeover: u64,
     state: Mutex<State>,
 }
 
@@ -133,13 +153,21 @@ impl std::fmt::Debug for LiveLog {
 }
 
 impl LiveLog {
-    /// The live log of database file `db` in `folder`.
-    pub(crate) fn new(db: &Path, folder: BlockingFolder) -> Self {
+    /// The live log of database file `db` in `folder`, on a home made by takeover number
+    /// `takeover`.
+    pub(crate) fn new(db: &Path, folder: BlockingFolder, takeover: u64) -> Self {
         Self {
             db: db.to_path_buf(),
             folder,
+            takeover,
             state: Mutex::default(),
         }
+    }
+
+    /// Whether it was fenced off (by a later takeover than its home's).
+    #[cfg(test)]
+    pub(crate) fn fenced(&self) -> bool {
+        self.state().fenced
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -158,12 +186,24 @@ impl LiveLog {
         }
         if st.next_seq.is_none() {
             let pieces = pieces_of(&self.folder)?;
+            // A later takeover fenced this home off (whenever it was: before this log was
+            // opened, as after a restart, too).
+            if pieces
+                .iter()
+                .any(|p| p.generation.is_none() && p.fenced_by > self.takeover)
+            {
+                st.fenced = true;
+                return Err(LiveError::TakenOver);
+            }
             st.next_seq = Some(pieces.last().map_or(0, |p| p.seq + 1));
             st.shipped = pieces
                 .iter()
                 .rev()
                 .find_map(|p| p.generation.map(|g| (g, p.last)));
             st.pieces = pieces;
+        }
+        if let Some((piece, bytes)) = st.pending.take() {
+            self.put(&mut st, piece, bytes)?;
         }
         if st.probe.is_none() {
             st.probe = Some(crate::engine::open_existing_blocking(&self.db, key)?);
@@ -203,25 +243,35 @@ impl LiveLog {
                 Err(FileError::Damaged(_)) if tries < 5 => continue,
                 r => r?,
             }
-            let seq = st.next_seq.unwrap_or(0);
-            match self.folder.put_new(&piece_name(seq), &bytes) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    st.fenced = true;
-                    return Err(LiveError::TakenOver);
-                }
-                Err(e) => return Err(e.into()),
-            }
-            st.next_seq = Some(seq + 1);
-            st.shipped = Some((generation, end));
-            st.pieces.push(LivePiece {
-                seq,
+            let piece = LivePiece {
+                seq: st.next_seq.unwrap_or(0),
                 generation: Some(generation),
                 first,
                 last: end,
-            });
-            return Ok(());
+                fenced_by: 0,
+            };
+            return self.put(&mut st, piece, bytes);
         }
+    }
+
+    /// Creates `piece` (`bytes`) in the bucket and notes it shipped; a failure keeps it
+    /// pending, a piece of other bytes there means a fence.
+    fn put(&self, st: &mut State, piece: LivePiece, bytes: Vec<u8>) -> Result<(), LiveError> {
+        match self.folder.put_new(&piece_name(piece.seq), &bytes) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                st.fenced = true;
+                return Err(LiveError::TakenOver);
+            }
+            Err(e) => {
+                st.pending = Some((piece, bytes));
+                return Err(e.into());
+            }
+        }
+        st.next_seq = Some(piece.seq + 1);
+        st.shipped = piece.generation.map(|g| (g, piece.last));
+        st.pieces.push(piece);
+        Ok(())
     }
 
     /// Deletes the pieces the backups hold whole now that they reach `cursor`, the newest
@@ -249,9 +299,12 @@ impl LiveLog {
         if gone.is_empty() {
             return Ok(());
         }
+        // Forgotten first and deleted without the lock: commits do not wait for the deletes
+        // (a piece that stays after a failed delete is only a leftover).
+        st.pieces.retain(|p| !gone.contains(&p.seq));
+        drop(st);
         let names: Vec<String> = gone.iter().map(|s| piece_name(*s)).collect();
         self.folder.delete(&names)?;
-        st.pieces.retain(|p| !gone.contains(&p.seq));
         Ok(())
     }
 }
@@ -274,7 +327,8 @@ impl crate::SqlService {
             .join(LIVE_DIR)
             .join(database_id.to_ascii_lowercase());
         match config.blobs.blocking_folder(&dir) {
-            Ok(f) => f,
+            // A commit waits for the bucket for a bounded time (then retries, or gives up).
+            Ok(f) => f.map(|f| f.with_deadline(std::time::Duration::from_secs(20))),
             Err(e) => {
                 tracing::error!(database = database_id, error = %e, "the live log's folder cannot be named");
                 None
@@ -282,32 +336,40 @@ impl crate::SqlService {
         }
     }
 
-    /// A live log for database `database_id` opened on this node (see [`Self::live_folder`]).
-    pub(crate) fn live_log(&self, database_id: &str) -> Option<std::sync::Arc<LiveLog>> {
+    /// A live log for database `database_id` opened on this node, the home its server's
+    /// takeover number `takeover` made (see [`Self::live_folder`]).
+    pub(crate) fn live_log(
+        &self,
+        database_id: &str,
+        takeover: u64,
+    ) -> Option<std::sync::Arc<LiveLog>> {
         let folder = self.live_folder(database_id)?;
         Some(std::sync::Arc::new(LiveLog::new(
             &self.db_file(database_id),
             folder,
+            takeover,
         )))
     }
 
     /// Deletes the pieces of database `database_id`'s live log numbered below `below` (all
-    /// of them: `None`, as when it was dropped), its fences excepted (empty objects: a
-    /// fenced-off home that still runs must keep failing).
+    /// of them: `None`, as when it was dropped, after a fence no home passes: a home cut off
+    /// from the others that still runs must not acknowledge a commit to a dropped database),
+    /// its fences excepted (a fenced-off home that still runs must keep failing).
     pub(crate) async fn remove_live_log(&self, database_id: &str, below: Option<u64>) {
         let Some(folder) = self.live_folder(database_id) else {
             return;
         };
+        let node = self.host.node_name();
         let removed = tokio::task::spawn_blocking(move || {
-            let pieces: Vec<String> = folder
-                .list()?
+            if below.is_none() {
+                fence(&folder, u64::MAX, &node)?;
+            }
+            let pieces: Vec<String> = pieces_of(&folder)?
                 .into_iter()
-                .filter(|(name, size)| {
-                    *size > 0 && piece_seq(name).is_some_and(|s| below.is_none_or(|b| s < b))
-                })
-                .map(|(name, _)| name)
+                .filter(|p| p.generation.is_some() && below.is_none_or(|b| p.seq < b))
+                .map(|p| piece_name(p.seq))
                 .collect();
-            folder.delete(&pieces)
+            folder.delete(&pieces).map_err(LiveError::from)
         })
         .await;
         match removed {
@@ -322,14 +384,19 @@ impl crate::SqlService {
     }
 }
 
-/// Fences the live log in `folder` off: an empty object at the next piece's number, so that
-/// the node that wrote it can ship nothing more. Returns the pieces before the fence and the
-/// fence's number.
-pub(crate) fn fence(folder: &BlockingFolder) -> Result<(Vec<LivePiece>, u64), LiveError> {
+/// Fences the live log in `folder` off for takeover `takeover` by node `node`: a fence at the
+/// next piece's number, so that the node that wrote it can ship nothing more (and no home of
+/// an earlier takeover ever again). Returns the pieces before the fence and the fence's number.
+pub(crate) fn fence(
+    folder: &BlockingFolder,
+    takeover: u64,
+    node: &str,
+) -> Result<(Vec<LivePiece>, u64), LiveError> {
+    let bytes = fence_bytes(takeover, node);
     for _ in 0..20 {
         let pieces = pieces_of(folder)?;
         let next = pieces.last().map_or(0, |p| p.seq + 1);
-        match folder.put_new(&piece_name(next), &[]) {
+        match folder.put_new(&piece_name(next), &bytes) {
             Ok(()) => return Ok((pieces, next)),
             // The old home shipped one more meanwhile: fence after it.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -370,7 +437,7 @@ mod tests {
         let db = dir.path().join("d.db");
         let conn = crate::engine::open_blocking(&db, &key()).unwrap();
         let bucket = folder();
-        let live = LiveLog::new(&db, bucket.clone());
+        let live = LiveLog::new(&db, bucket.clone(), 0);
         // Nothing committed: nothing shipped.
         live.ship(&key()).unwrap();
         assert!(pieces_of(&bucket).unwrap().is_empty());
@@ -384,7 +451,7 @@ mod tests {
         assert_eq!(pieces.len(), 2, "{pieces:?}");
         assert_eq!((pieces[0].first, pieces[1].first), (1, pieces[0].last + 1));
         // Another node fences; the next commit's ship fails and the one after too.
-        let (before, at) = fence(&bucket).unwrap();
+        let (before, at) = fence(&bucket, 1, "node-b").unwrap();
         assert_eq!((before, at), (pieces, 2));
         conn.execute_batch("INSERT INTO t VALUES (3);").unwrap();
         assert!(matches!(live.ship(&key()), Err(LiveError::TakenOver)));
@@ -400,10 +467,10 @@ mod tests {
         let bucket = folder();
         conn.execute_batch("CREATE TABLE t (v); INSERT INTO t VALUES (1);")
             .unwrap();
-        LiveLog::new(&db, bucket.clone()).ship(&key()).unwrap();
+        LiveLog::new(&db, bucket.clone(), 0).ship(&key()).unwrap();
         // Committed after the last ship (a crash before it): a new writer ships just that.
         conn.execute_batch("INSERT INTO t VALUES (2);").unwrap();
-        let live = LiveLog::new(&db, bucket.clone());
+        let live = LiveLog::new(&db, bucket.clone(), 0);
         live.ship(&key()).unwrap();
         let pieces = pieces_of(&bucket).unwrap();
         assert_eq!(pieces.len(), 2);
@@ -427,8 +494,13 @@ mod tests {
         assert_eq!(pieces_of(&bucket).unwrap().len(), 1);
         // A fence (another node's takeover) is never pruned: the writer it fenced off would
         // then create that piece.
-        fence(&bucket).unwrap();
-        let taken = LiveLog::new(&db, bucket.clone());
+        fence(&bucket, 1, "node-b").unwrap();
+        // A home of an earlier takeover opened after the fence refuses at once (a restart of
+        // the old home); the new home carries on.
+        let restarted = LiveLog::new(&db, bucket.clone(), 0);
+        assert!(matches!(restarted.ship(&key()), Err(LiveError::TakenOver)));
+        assert!(restarted.fenced());
+        let taken = LiveLog::new(&db, bucket.clone(), 1);
         conn.execute_batch("INSERT INTO t VALUES (4);").unwrap();
         taken.ship(&key()).unwrap();
         let now = pieces_of(&bucket).unwrap();

@@ -183,7 +183,7 @@ impl SqlService {
                 false,
             ),
         };
-        self.remember_open(server, db, dek);
+        self.remember_open(server, db, dek).await;
         Some(remote)
     }
 }

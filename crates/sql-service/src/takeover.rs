@@ -5,8 +5,12 @@
 //! (its presence lease lapsed) makes the node it reached take the server over, under a lease:
 //! for each database it fences the old home's live log off (that node, if it still runs, can
 //! acknowledge nothing more), replays the newest backup chain and the live log's pieces after
-//! it, writes the database file here, then records this node as the server's home and takes a
-//! full backup of each database (the live log carries on from it).
+//! it, writes the database file here and takes a full backup of it (the live log carries on
+//! from it), then records this node as the server's home. Takeovers are numbered (in the home
+//! record and in every fence): a live log refuses to ship past a fence of a later takeover
+//! than its home's, even one opened after the fence (a restarted old home). A home fenced off
+//! by a takeover that did not finish (it is still the recorded home) takes its server back the
+//! same way, from the bucket.
 
 use std::sync::Arc;
 
@@ -28,19 +32,35 @@ fn unavailable(message: String) -> KvError {
 
 impl SqlService {
     /// The node that serves `server`, whose recorded home is `home`: that node while it runs;
-    /// when it does not and this node ships live logs, this one, once it has taken the server
-    /// over.
+    /// when it does not and this node ships live logs and serves SQL, this one, once it has
+    /// taken the server over.
     pub(crate) async fn serving_home(
         self: &Arc<Self>,
         server: &Value,
         home: String,
     ) -> Result<String, KvError> {
-        if home == self.host.node_name() || !self.ships_live_logs() {
+        let me = self.host.node_name();
+        if home == me || !self.ships_live_logs() {
             return Ok(home);
         }
-        if self.host.live_nodes().await?.iter().any(|n| n.name == home) {
+        let nodes = self.host.live_nodes().await?;
+        if nodes.iter().any(|n| n.name == home) {
             return Ok(home);
         }
+        // Only a node serving SQL may become a server's home (its clients connect there).
+        if !nodes.iter().any(|n| n.name == me && n.sql.is_some()) {
+            return Err(unavailable(format!(
+                "The server's node '{home}' is not running, and this node does not serve SQL \
+                 (--sql-listen) to take it over: send the request through a node that does."
+            )));
+        }
+        self.take_over(server, &home).await?;
+        Ok(self.server_home(&id_of_body(server)).await?.unwrap_or(me))
+    }
+
+    /// Takes `server` over from node `gone` (this one: taking it back) under the lease
+    /// `sql-takeover:{server id}`, renewed while it runs.
+    async fn take_over(self: &Arc<Self>, server: &Value, gone: &str) -> Result<(), KvError> {
         let id = id_of_body(server);
         // One takeover of a server at a time in this process (the lease is per node), and
         // under the lease across nodes.
@@ -49,7 +69,7 @@ impl SqlService {
             self.host.as_ref(),
             &format!("sql-takeover:{}", id.to_ascii_lowercase()),
             TAKEOVER_LEASE_MS,
-            self.take_over_server(server, &home),
+            self.take_over_server(server, gone),
             || {
                 unavailable(
                     "This node lost the lease of the server's takeover to another node. Retry \
@@ -61,25 +81,45 @@ impl SqlService {
         .await?;
         taken.ok_or_else(|| {
             unavailable(format!(
-                "The server's node '{home}' is not running and another node is taking the \
+                "The server's node '{gone}' is not running and another node is taking the \
                  server over. Retry the request."
             ))
         })
     }
 
-    /// Takes `server` over from node `gone` (under the takeover lease). The node now serving
-    /// it (another node's, if one took it over meanwhile).
-    async fn take_over_server(
-        self: &Arc<Self>,
-        server: &Value,
-        gone: &str,
-    ) -> Result<String, KvError> {
+    /// After a commit found the live log of database `database_id` of `server_id` fenced off:
+    /// when this node is still the server's recorded home (the takeover that fenced it did not
+    /// finish), it takes the server back from the bucket; otherwise another node serves it now.
+    pub(crate) async fn after_fence(self: Arc<Self>, server_id: String, database_id: String) {
+        self.forget_open(&database_id);
+        self.forget_backup_pin(&database_id);
+        let me = self.host.node_name();
+        let Some(server) = self.host.resource(&server_id) else {
+            return;
+        };
+        match self.server_home(&server_id).await {
+            Ok(Some(home)) if home == me => {}
+            _ => return,
+        }
+        match self.take_over(&server, &me).await {
+            Ok(()) => {
+                tracing::warn!(server = %server_id, "SQL server taken back from the bucket after an unfinished takeover fenced this node off")
+            }
+            Err(e) => {
+                tracing::warn!(server = %server_id, error = %e.message, "SQL server not taken back yet")
+            }
+        }
+    }
+
+    /// Takes `server` over from node `gone` (under the takeover lease). Everything that can
+    /// fail without touching the bucket is checked before the old home is fenced off.
+    async fn take_over_server(self: &Arc<Self>, server: &Value, gone: &str) -> Result<(), KvError> {
         let me = self.host.node_name();
         let id = id_of_body(server);
         match self.server_home(&id).await? {
             Some(home) if home == gone => {}
-            Some(home) => return Ok(home),
-            None => return Ok(me),
+            // Taken over by another node meanwhile, or deleted.
+            _ => return Ok(()),
         }
         let name = server["name"].as_str().unwrap_or_default();
         let dbs = self.databases_of(server).await?;
@@ -102,13 +142,42 @@ impl SqlService {
                 db.name
             )));
         }
+        // Every database has a backup to start from and its key opens; the takeover's number
+        // is past its home's and every fence in the bucket.
+        let mut number = self.server_takeover(&id).await?;
+        for db in &dbs {
+            let records = self.records(&id, &db.database_id).await?;
+            let taken: Vec<Taken> = records.iter().filter_map(taken_of).collect();
+            if chain_for(&taken, i64::MAX).is_none() {
+                return Err(unavailable(format!(
+                    "The database '{name}/{}' has no backup in the bucket (it was made before \
+                     its node shipped its live log): its server is served again when its node \
+                     '{gone}' is back.",
+                    db.name
+                )));
+            }
+            self.open_db(server, db).await?;
+            let folder = self
+                .live_folder(&db.database_id)
+                .ok_or_else(|| internal("taking a database over", "no live log"))?;
+            let pieces = tokio::task::spawn_blocking(move || crate::live::pieces_of(&folder))
+                .await
+                .map_err(|e| internal("reading a live log", e))?
+                .map_err(|e| bucket_unavailable("reading a live log", e))?;
+            number = pieces
+                .iter()
+                .filter(|p| p.generation.is_none())
+                .map(|p| p.fenced_by)
+                .fold(number, u64::max);
+        }
+        let number = number + 1;
         // Each database fetched and backed up (a full backup: its live log carries on from
         // it) before the home is recorded, so no session commits before there is a base. A
-        // failure leaves the old home fenced off and its server unserved: a retried request
-        // takes it over again, from the same backups and pieces.
+        // failure leaves the old home fenced off, as the recorded home: a retried request takes
+        // the server over again, and the old home, if it runs, takes it back.
         let mut fences = Vec::with_capacity(dbs.len());
         for db in &dbs {
-            let fetched = match self.fetch_database(server, db).await {
+            let fetched = match self.fetch_database(server, db, number).await {
                 Ok(fence) => match self.open_db(server, db).await {
                     Ok(open) => match self.backup_now(server, db, &open).await {
                         Ok(()) => self.check_base(server, db, fence).await.map(|()| fence),
@@ -124,18 +193,41 @@ impl SqlService {
                     for d in &dbs {
                         self.forget_open(&d.database_id);
                         self.forget_backup_state(&d.database_id);
+                        self.forget_backup_pin(&d.database_id);
                     }
                     return Err(e);
                 }
             }
         }
-        self.record_server_home(&id).await?;
-        tracing::warn!(server = %id, from = gone, databases = dbs.len(), "SQL server taken over from a node that is not running");
-        // The old home's pieces are in the backups just taken (its fences stay).
+        // Still the old home's to take (nothing recorded another meanwhile), and still gone.
+        let still = self.server_home(&id).await?.is_some_and(|h| h == gone);
+        let back = gone != me && self.host.live_nodes().await?.iter().any(|n| n.name == gone);
+        if !still || back {
+            for d in &dbs {
+                self.forget_open(&d.database_id);
+                self.forget_backup_state(&d.database_id);
+                self.forget_backup_pin(&d.database_id);
+            }
+            return Err(unavailable(format!(
+                "The server '{name}' changed hands while this node was taking it over. Retry \
+                 the request."
+            )));
+        }
+        self.record_server_home(&id, number).await?;
+        tracing::warn!(server = %id, from = gone, takeover = number, databases = dbs.len(), "SQL server taken over from the bucket");
+        // The old home's pieces are in the backups just taken (its fences stay), and its
+        // databases' entries (opened under the earlier takeover number) are replaced.
         for (db, fence) in dbs.iter().zip(fences) {
             self.remove_live_log(&db.database_id, Some(fence)).await;
+            if let Some(old) = self.forget_open(&db.database_id) {
+                old.close(kagi_pgsql::PgError::fatal(
+                    "57P01",
+                    "terminating connection: the database was taken over",
+                ));
+            }
+            self.forget_backup_pin(&db.database_id);
         }
-        Ok(me)
+        Ok(())
     }
 
     /// Checks that database `db`'s newest backup is the full one a takeover that fenced its
@@ -155,13 +247,14 @@ impl SqlService {
         }
     }
 
-    /// Puts database `db` of `server` on this node from the bucket: its live log fenced off,
-    /// its newest backup chain and the pieces after it replayed, its file written. Returns the
-    /// fence's number (the pieces after it carry on the next backup).
+    /// Puts database `db` of `server` on this node from the bucket for takeover `number`: its
+    /// live log fenced off, its newest backup chain and the pieces after it replayed, its file
+    /// written. Returns the fence's number (the pieces after it carry on the next backup).
     async fn fetch_database(
         self: &Arc<Self>,
         server: &Value,
         db: &Database,
+        number: u64,
     ) -> Result<u64, KvError> {
         let folder = self
             .live_folder(&db.database_id)
@@ -174,19 +267,18 @@ impl SqlService {
             ));
         }
         self.forget_backup_pin(&db.database_id);
-        let fencing = folder.clone();
+        let (fencing, node) = (folder.clone(), self.host.node_name());
         let (mut pieces, fenced_at) =
-            tokio::task::spawn_blocking(move || crate::live::fence(&fencing))
+            tokio::task::spawn_blocking(move || crate::live::fence(&fencing, number, &node))
                 .await
                 .map_err(|e| internal("fencing a live log", e))?
-                .map_err(|e| internal("fencing a live log", e))?;
+                .map_err(|e| bucket_unavailable("fencing a live log", e))?;
         let records = self.records(&id_of_body(server), &db.database_id).await?;
         let taken: Vec<Taken> = records.iter().filter_map(taken_of).collect();
         let name = server["name"].as_str().unwrap_or_default();
         let Some(chain) = chain_for(&taken, i64::MAX) else {
             return Err(unavailable(format!(
-                "The database '{name}/{}' has no backup in the bucket (it was made before its \
-                 node shipped its live log): it is served again when its node is back.",
+                "The database '{name}/{}' has no backup in the bucket.",
                 db.name
             )));
         };
@@ -199,10 +291,13 @@ impl SqlService {
         let from = last.and_then(|r| r["liveFrom"].as_u64()).unwrap_or(0);
         pieces.retain(|p| p.seq >= from);
         let tail = live_tail(cursor.as_ref(), &pieces).map_err(|why| {
-            internal(
-                "taking a database over",
-                format!("database '{name}/{}': {why}", db.name),
-            )
+            // The old home may have recorded a backup and pruned what it holds between the
+            // reads: a retry reads both again.
+            unavailable(format!(
+                "The database '{name}/{}' could not be put together from the bucket now \
+                 ({why}). Retry the request.",
+                db.name
+            ))
         })?;
         let point = last.and_then(|r| r["taken"].as_i64()).unwrap_or(i64::MAX);
         let source = Source {
@@ -227,4 +322,12 @@ impl SqlService {
         self.start_live_lineage(server, db, fenced_at + 1).await?;
         Ok(fenced_at)
     }
+}
+
+/// A bucket that failed during a takeover: 503, the request can be retried.
+fn bucket_unavailable(what: &str, e: impl std::fmt::Display) -> KvError {
+    tracing::warn!(error = %e, "{what}");
+    unavailable(format!(
+        "The bucket could not be reached while {what}. Retry the request."
+    ))
 }
