@@ -22,13 +22,17 @@
 #   scripts/bench-sql-wire.sh [SECONDS]   (per measurement, default 10)
 # Environment: BENCH_WIRE_ROWS (default 200000), BENCH_WIRE_CLIENTS (default "1 4 16"),
 # BENCH_WIRE_S3 (1, the default, adds the kagi-s3 target; 0 leaves it, its PostgreSQL store and
-# its S3 server out), BENCH_WIRE_DIR (parent of the work directory, default /var/tmp).
+# its S3 server out), BENCH_WIRE_S3_DELAY_MS (default 0; when set, kagi-s3 reaches the S3 server
+# through bench/sql/delay_proxy.py, which delays each request on its way there by that many ms,
+# as a bucket across a network would), BENCH_WIRE_DIR (parent of the work directory, default
+# /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-10}"
 rows="${BENCH_WIRE_ROWS:-200000}"
 read -ra clients <<<"${BENCH_WIRE_CLIENTS:-1 4 16}"
 with_s3="${BENCH_WIRE_S3:-1}"
+delay_ms="${BENCH_WIRE_S3_DELAY_MS:-0}"
 
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
 as_pg() { if [ -z "$sudo" ]; then runuser -u postgres -- "$@"; else sudo -u postgres "$@"; fi; }
@@ -101,6 +105,16 @@ if ((with_s3)); then
   s3_url=$(sed -n 's/^S3_BLOBS_URL=//p' "$work/s3.env")
   s3_prefix="bench-wire-$RANDOM"
   s3_port=$((port + 3))
+  if ((delay_ms > 0)); then
+    proxy_port=$((s3_port + 2))
+    moto_port=$(sed -n 's,^AWS_ENDPOINT_URL=http://127.0.0.1:,,p' "$work/s3.env")
+    python3 bench/sql/delay_proxy.py "$proxy_port" "$moto_port" "$delay_ms" &
+    pids+=($!)
+    for _ in $(seq 100); do (: <>"/dev/tcp/127.0.0.1/$proxy_port") 2>/dev/null && break; sleep 0.1; done
+    for i in "${!s3_env[@]}"; do
+      [[ ${s3_env[$i]} != AWS_ENDPOINT_URL=* ]] || s3_env[$i]="AWS_ENDPOINT_URL=http://127.0.0.1:$proxy_port"
+    done
+  fi
   start_kagi "$work/kagi-s3" "$s3_port" $((s3_port + 1)) "${s3_env[@]}" -- --store "$store_url" \
     --consistency strict --advertise "localhost:$s3_port" --blobs "$s3_url/$s3_prefix"
   kagi_s3_pid=$kpid
@@ -146,7 +160,7 @@ done
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# scripts/bench-sql-wire.sh $seconds: $rows rows; kagi $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- crates || echo ' with uncommitted changes in crates/') release build; PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}'); psycopg $("$py" -c 'import psycopg; print(psycopg.__version__)')"
-((with_s3)) && echo "# kagi-s3: store on PostgreSQL (scripts/postgres.sh), --blobs $s3_url/$s3_prefix on moto $("${KAGI_S3_VENV:-.venv-s3}/bin/python" -c 'import moto; print(moto.__version__)') (scripts/s3.sh, loopback); cpu_s: the kagi server's CPU seconds; live_puts: the live log's PUTs moto answered; tx/put: transactions per PUT; s3_cpu_s: moto's CPU seconds"
+((with_s3)) && echo "# kagi-s3: store on PostgreSQL (scripts/postgres.sh), --blobs $s3_url/$s3_prefix on moto $("${KAGI_S3_VENV:-.venv-s3}/bin/python" -c 'import moto; print(moto.__version__)') (scripts/s3.sh, loopback$( ((delay_ms > 0)) && echo ", each request delayed $delay_ms ms on its way by bench/sql/delay_proxy.py")); cpu_s: the kagi server's CPU seconds; live_puts: the live log's PUTs moto answered; tx/put: transactions per PUT; s3_cpu_s: moto's CPU seconds"
 ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 tck=$(getconf CLK_TCK)
 secs() { awk -v d="$1" -v h="$tck" 'BEGIN { printf "%.1f", d / h }'; }
