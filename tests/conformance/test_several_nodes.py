@@ -1364,6 +1364,29 @@ def test_a_sql_server_whose_home_is_lost_is_taken_over_from_the_bucket_losing_no
             n.stop()
 
 
+def shared_bucket():
+    """A prefix of its own in the test bucket."""
+    import uuid
+    return f"{s3_blobs_url().rstrip('/')}/nodes-{uuid.uuid4().hex}"
+
+
+def sql_server_on_node_1(first):
+    """A SQL server and database made through node 1 of a SQL cluster: (via node 1, via node 2,
+    server, database, dsn(node) for psycopg to that database through a node's SQL endpoint)."""
+    import test_sql as sql
+    n2 = first.cluster[0]
+    first.put_rg(DEFAULT_RG)
+    via1, via2 = Via(first, first), Via(n2, n2)
+    server, _ = sql.create_server(via1, identity=False)
+    db, _ = sql.create_db(via1, server)
+
+    def dsn(node):
+        return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
+                f"dbname={db} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
+                f"sslrootcert={n2.ca_path} connect_timeout=10")
+    return via1, via2, server, db, dsn
+
+
 def test_a_paused_sql_home_is_fenced_off_by_the_node_that_took_its_server_over(tmp_path):
     """Issue 14: a home that is cut off but still running must acknowledge nothing once another
     node took its server over. Two nodes on one store and bucket; server A on node 1, a psycopg
@@ -1378,25 +1401,17 @@ def test_a_paused_sql_home_is_fenced_off_by_the_node_that_took_its_server_over(t
     import psycopg
     import test_sql as sql
 
-    import uuid
-    blobs = f"{s3_blobs_url().rstrip('/')}/nodes-{uuid.uuid4().hex}"
-    first = start_sql_cluster(tmp_path, 2, env={"KAGI_SQL_LOG_BACKUP_SECONDS": "2"}, blobs=blobs)
+    first = start_sql_cluster(tmp_path, 2, env={"KAGI_SQL_LOG_BACKUP_SECONDS": "2"}, blobs=shared_bucket())
     n2 = first.cluster[0]
     try:
-        first.put_rg(DEFAULT_RG)
-        via1, via2 = Via(first, first), Via(n2, n2)
-        server, _ = sql.create_server(via1, identity=False)
-        db, _ = sql.create_db(via1, server)
-
-        def dsn(node):
-            return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
-                    f"dbname={db} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
-                    f"sslrootcert={n2.ca_path} connect_timeout=10")
+        via1, via2, server, db, dsn = sql_server_on_node_1(first)
 
         old = psycopg.connect(dsn(first), autocommit=True)
         old.execute("CREATE TABLE t (id int PRIMARY KEY)")
         for i in range(1, 6):
             old.execute("INSERT INTO t VALUES (%s)", (i,))
+        # The test's token is fetched before node 1 stops (the token endpoint may be node 1's).
+        assert sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200
         first.proc.send_signal(signal.SIGSTOP)
         try:
             until(lambda: sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200, bound=60)
@@ -1450,20 +1465,10 @@ def test_an_idle_restarted_sql_home_acknowledges_nothing_after_a_takeover(tmp_pa
     import psycopg
     import test_sql as sql
 
-    import uuid
-    blobs = f"{s3_blobs_url().rstrip('/')}/nodes-{uuid.uuid4().hex}"
-    first = start_sql_cluster(tmp_path, 2, env={"KAGI_SQL_LOG_BACKUP_SECONDS": "2"}, blobs=blobs)
+    first = start_sql_cluster(tmp_path, 2, env={"KAGI_SQL_LOG_BACKUP_SECONDS": "2"}, blobs=shared_bucket())
     n2 = first.cluster[0]
     try:
-        first.put_rg(DEFAULT_RG)
-        via1, via2 = Via(first, first), Via(n2, n2)
-        server, _ = sql.create_server(via1, identity=False)
-        db, _ = sql.create_db(via1, server)
-
-        def dsn(node):
-            return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
-                    f"dbname={db} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
-                    f"sslrootcert={n2.ca_path} connect_timeout=10")
+        via1, via2, server, db, dsn = sql_server_on_node_1(first)
 
         with psycopg.connect(dsn(first), autocommit=True) as c:
             c.execute("CREATE TABLE t (id int PRIMARY KEY)")
@@ -1480,6 +1485,8 @@ def test_an_idle_restarted_sql_home_acknowledges_nothing_after_a_takeover(tmp_pa
                 return None
         old, _ = until(connect_1, bound=30)
         assert old.execute("SELECT count(*) FROM t").fetchone()[0] == 5
+        # The test's token is fetched before node 1 stops (the token endpoint may be node 1's).
+        assert sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200
         first.proc.send_signal(signal.SIGSTOP)
         try:
             until(lambda: sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200, bound=60)

@@ -27,6 +27,10 @@ pub(crate) const FORWARDED_BY: &str = "x-kagi-forwarded-by";
 /// `Prefer: wait` job read waits at most 60 s).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How often a forwarded request that waits for its answer checks that the home is still
+/// present.
+const PRESENCE_CHECK: Duration = Duration::from_secs(2);
+
 /// How long the home may take to accept a connection (TCP and TLS): a home that is gone
 /// without its presence lease having lapsed yet is answered 503 at once, not after
 /// [`FORWARD_TIMEOUT`].
@@ -182,7 +186,25 @@ pub(crate) async fn forward(
         home,
         host_header: &host_header,
     };
-    send(&client, &url, &from, parts, body).await
+    // A home that accepted the request and then stopped (paused, cut off) never answers: once
+    // its presence lapses, the wait ends (504), and the client's next request is served
+    // without it (a disk or SQL server is taken over).
+    let lapsed = async {
+        loop {
+            tokio::time::sleep(PRESENCE_CHECK).await;
+            match platform.live_nodes().await {
+                Ok(nodes) if !nodes.iter().any(|n| n.name == home) => return,
+                _ => {}
+            }
+        }
+    };
+    tokio::select! {
+        answer = send(&client, &url, &from, parts, body) => answer,
+        () = lapsed => {
+            tracing::warn!(node = %home, "the resource's node stopped being present while it served a forwarded request");
+            gateway_timeout(home)
+        }
+    }
 }
 
 /// Who sends a forwarded request, to which node, with which `Host`.

@@ -131,6 +131,8 @@ struct State {
     /// it is created again with the same bytes (which then count as this writer's) before
     /// anything else is shipped.
     pending: Option<(LivePiece, Vec<u8>)>,
+    /// Every ship whose ticket is at most this one is in the bucket.
+    done: u64,
 }
 
 /// One database's live log (see the module).
@@ -141,6 +143,10 @@ pub(crate) struct LiveLog {
     /// The number of the takeover that made this node the home (0: the server was made
     /// here): a fence of a later takeover means another node took the database over.
     takeover: u64,
+    /// Tickets of the ships asked for (each after its session's commit): a ship that reads
+    /// where the log ends covers every ticket handed out before, so their sessions need no
+    /// piece of their own (group commit).
+    tickets: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
 }
 
@@ -160,6 +166,7 @@ impl LiveLog {
             db: db.to_path_buf(),
             folder,
             takeover,
+            tickets: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::default(),
         }
     }
@@ -180,9 +187,15 @@ impl LiveLog {
     /// the probe connection). Blocks; one ship at a time per database, so commits that
     /// happened meanwhile go in one piece.
     pub(crate) fn ship(&self, key: &DatabaseKey) -> Result<(), LiveError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let ticket = self.tickets.fetch_add(1, SeqCst) + 1;
         let mut st = self.state();
         if st.fenced {
             return Err(LiveError::TakenOver);
+        }
+        // Shipped by a ship that read the log's end after this session's commit.
+        if st.done >= ticket && st.pending.is_none() {
+            return Ok(());
         }
         if st.next_seq.is_none() {
             let pieces = pieces_of(&self.folder)?;
@@ -211,8 +224,12 @@ impl LiveLog {
         let mut tries = 0;
         loop {
             tries += 1;
+            // Every ticket handed out so far was handed out after its commit: the end read
+            // next holds them all.
+            let covers = self.tickets.load(SeqCst);
             let probe = st.probe.as_ref().ok_or(FileError::Busy)?;
             let Some((header, end)) = log_end(&self.db, probe)? else {
+                st.done = covers;
                 return Ok(());
             };
             let generation = header.generation();
@@ -230,6 +247,7 @@ impl LiveLog {
                 _ => 1,
             };
             if first > end {
+                st.done = covers;
                 return Ok(());
             }
             let mut bytes = Vec::new();
@@ -250,7 +268,9 @@ impl LiveLog {
                 last: end,
                 fenced_by: 0,
             };
-            return self.put(&mut st, piece, bytes);
+            self.put(&mut st, piece, bytes)?;
+            st.done = covers;
+            return Ok(());
         }
     }
 
