@@ -85,8 +85,9 @@ impl BlockingFolder {
         }
     }
 
-    /// The same folder, whose calls give up after `deadline` (`TimedOut`; the request may
-    /// still complete in the bucket) instead of waiting out the store's own retries.
+    /// The same folder, whose creates ([`BlockingFolder::put_new`]) give up after `deadline`
+    /// (`TimedOut`; the request may still complete in the bucket) instead of waiting out the
+    /// store's own retries. Other calls wait for their answer.
     pub fn with_deadline(mut self, deadline: std::time::Duration) -> Self {
         self.deadline = Some(deadline);
         self
@@ -132,37 +133,46 @@ impl BlockingFolder {
     /// The folder's objects: (name, size).
     pub fn list(&self) -> io::Result<Vec<(String, u64)>> {
         let folder = self.folder.clone();
-        self.wait(async move {
-            let metas: Vec<_> = folder.list(None).try_collect().await.map_err(io_error)?;
-            Ok(metas
-                .into_iter()
-                .filter_map(|m| Some((m.location.filename()?.to_string(), m.size)))
-                .collect())
-        })
+        wait(
+            async move {
+                let metas: Vec<_> = folder.list(None).try_collect().await.map_err(io_error)?;
+                Ok(metas
+                    .into_iter()
+                    .filter_map(|m| Some((m.location.filename()?.to_string(), m.size)))
+                    .collect())
+            },
+            None,
+        )
     }
 
     /// Object `name`'s bytes (`NotFound` when it is not there).
     pub fn get(&self, name: &str) -> io::Result<Vec<u8>> {
         let folder = self.folder.clone();
         let path = ObjectPath::from(name);
-        self.wait(async move {
-            let got = folder.get(&path).await.map_err(io_error)?;
-            Ok(got.bytes().await.map_err(io_error)?.to_vec())
-        })
+        wait(
+            async move {
+                let got = folder.get(&path).await.map_err(io_error)?;
+                Ok(got.bytes().await.map_err(io_error)?.to_vec())
+            },
+            None,
+        )
     }
 
     /// The first `len` bytes of object `name` (fewer when it is shorter).
     pub fn get_head(&self, name: &str, len: u64) -> io::Result<Vec<u8>> {
         let folder = self.folder.clone();
         let path = ObjectPath::from(name);
-        self.wait(async move {
-            let options = GetOptions {
-                range: Some(GetRange::Bounded(0..len)),
-                ..GetOptions::default()
-            };
-            let got = folder.get_opts(&path, options).await.map_err(io_error)?;
-            Ok(got.bytes().await.map_err(io_error)?.to_vec())
-        })
+        wait(
+            async move {
+                let options = GetOptions {
+                    range: Some(GetRange::Bounded(0..len)),
+                    ..GetOptions::default()
+                };
+                let got = folder.get_opts(&path, options).await.map_err(io_error)?;
+                Ok(got.bytes().await.map_err(io_error)?.to_vec())
+            },
+            None,
+        )
     }
 
     /// The first `len` bytes of each of objects `names`, in order, read a few dozen at a time.
@@ -170,40 +180,46 @@ impl BlockingFolder {
         use futures::StreamExt;
         let folder = self.folder.clone();
         let paths: Vec<ObjectPath> = names.iter().map(|n| ObjectPath::from(n.as_str())).collect();
-        self.wait(async move {
-            futures::stream::iter(paths)
-                .map(|path| {
-                    let folder = folder.clone();
-                    async move {
-                        let options = GetOptions {
-                            range: Some(GetRange::Bounded(0..len)),
-                            ..GetOptions::default()
-                        };
-                        let got = folder.get_opts(&path, options).await.map_err(io_error)?;
-                        Ok(got.bytes().await.map_err(io_error)?.to_vec())
-                    }
-                })
-                .buffered(32)
-                .collect::<Vec<io::Result<Vec<u8>>>>()
-                .await
-                .into_iter()
-                .collect()
-        })
+        wait(
+            async move {
+                futures::stream::iter(paths)
+                    .map(|path| {
+                        let folder = folder.clone();
+                        async move {
+                            let options = GetOptions {
+                                range: Some(GetRange::Bounded(0..len)),
+                                ..GetOptions::default()
+                            };
+                            let got = folder.get_opts(&path, options).await.map_err(io_error)?;
+                            Ok(got.bytes().await.map_err(io_error)?.to_vec())
+                        }
+                    })
+                    .buffered(32)
+                    .collect::<Vec<io::Result<Vec<u8>>>>()
+                    .await
+                    .into_iter()
+                    .collect()
+            },
+            None,
+        )
     }
 
     /// Deletes objects `names` (one that is not there is fine).
     pub fn delete(&self, names: &[String]) -> io::Result<()> {
         let folder = self.folder.clone();
         let names: Vec<ObjectPath> = names.iter().map(|n| ObjectPath::from(n.as_str())).collect();
-        self.wait(async move {
-            for name in names {
-                match folder.delete(&name).await {
-                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                    Err(e) => return Err(io_error(e)),
+        wait(
+            async move {
+                for name in names {
+                    match folder.delete(&name).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(io_error(e)),
+                    }
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+            None,
+        )
     }
 }
 

@@ -321,7 +321,13 @@ impl LiveLog {
         let Some(at) = cursor.generation else {
             return Ok(());
         };
-        let mut st = self.state();
+        // A ship under way (a first one reads the whole live log) is not waited for: the
+        // pieces go at a later pass.
+        let mut st = match self.state.try_lock() {
+            Ok(st) => st,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
+        };
         let Some(newest) = st.pieces.last().map(|p| p.seq) else {
             return Ok(());
         };
@@ -367,7 +373,7 @@ impl crate::SqlService {
             .join(LIVE_DIR)
             .join(database_id.to_ascii_lowercase());
         match config.blobs.blocking_folder(&dir) {
-            // A commit waits for the bucket for a bounded time (then retries, or gives up).
+            // A commit's piece waits for the bucket for a bounded time (then retries, or gives up).
             Ok(f) => f.map(|f| f.with_deadline(std::time::Duration::from_secs(20))),
             Err(e) => {
                 tracing::error!(database = database_id, error = %e, "the live log's folder cannot be named");
