@@ -1387,6 +1387,25 @@ def sql_server_on_node_1(first):
     return via1, via2, server, db, dsn
 
 
+def take_over_while_node_1_is_paused(first, via2, server, dsn):
+    """Node 1 paused (SIGSTOP) until node 2 has taken `server` over and committed row 100
+    through it, then resumed."""
+    import signal
+
+    import psycopg
+    import test_sql as sql
+    n2 = first.cluster[0]
+    # The test's token is fetched before node 1 stops (the token endpoint may be node 1's).
+    assert sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200
+    first.proc.send_signal(signal.SIGSTOP)
+    try:
+        until(lambda: sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200, bound=60)
+        with psycopg.connect(dsn(n2), autocommit=True) as c:
+            c.execute("INSERT INTO t VALUES (100)")
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+
+
 def test_a_paused_sql_home_is_fenced_off_by_the_node_that_took_its_server_over(tmp_path):
     """Issue 14: a home that is cut off but still running must acknowledge nothing once another
     node took its server over. Two nodes on one store and bucket; server A on node 1, a psycopg
@@ -1396,7 +1415,6 @@ def test_a_paused_sql_home_is_fenced_off_by_the_node_that_took_its_server_over(t
     is forwarded to node 2, which serves every row acknowledged anywhere. Node 1 restarted serves
     A through node 2 too (its old copy is never opened). Node 2 killed: node 1 takes A back from
     the bucket, with every acknowledged row and without the refused one."""
-    import signal
 
     import psycopg
     import test_sql as sql
@@ -1410,15 +1428,7 @@ def test_a_paused_sql_home_is_fenced_off_by_the_node_that_took_its_server_over(t
         old.execute("CREATE TABLE t (id int PRIMARY KEY)")
         for i in range(1, 6):
             old.execute("INSERT INTO t VALUES (%s)", (i,))
-        # The test's token is fetched before node 1 stops (the token endpoint may be node 1's).
-        assert sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200
-        first.proc.send_signal(signal.SIGSTOP)
-        try:
-            until(lambda: sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200, bound=60)
-            with psycopg.connect(dsn(n2), autocommit=True) as c:
-                c.execute("INSERT INTO t VALUES (100)")
-        finally:
-            first.proc.send_signal(signal.SIGCONT)
+        take_over_while_node_1_is_paused(first, via2, server, dsn)
         with pytest.raises(psycopg.OperationalError) as refused:
             old.execute("INSERT INTO t VALUES (6)")
         assert "another node took" in str(refused.value), refused.value
@@ -1460,7 +1470,6 @@ def test_an_idle_restarted_sql_home_acknowledges_nothing_after_a_takeover(tmp_pa
     nothing since node 1 restarted (its live log never looked at the bucket). After the
     takeover, node 1's next commit is refused (the fence of a later takeover than its home's),
     and node 2 keeps committing."""
-    import signal
 
     import psycopg
     import test_sql as sql
@@ -1485,15 +1494,7 @@ def test_an_idle_restarted_sql_home_acknowledges_nothing_after_a_takeover(tmp_pa
                 return None
         old, _ = until(connect_1, bound=30)
         assert old.execute("SELECT count(*) FROM t").fetchone()[0] == 5
-        # The test's token is fetched before node 1 stops (the token endpoint may be node 1's).
-        assert sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200
-        first.proc.send_signal(signal.SIGSTOP)
-        try:
-            until(lambda: sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200, bound=60)
-            with psycopg.connect(dsn(n2), autocommit=True) as c:
-                c.execute("INSERT INTO t VALUES (100)")
-        finally:
-            first.proc.send_signal(signal.SIGCONT)
+        take_over_while_node_1_is_paused(first, via2, server, dsn)
         outcome = {}
         try:
             old.execute("INSERT INTO t VALUES (6)")

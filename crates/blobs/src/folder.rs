@@ -158,24 +158,8 @@ impl BlockingFolder {
         )
     }
 
-    /// The first `len` bytes of object `name` (fewer when it is shorter).
-    pub fn get_head(&self, name: &str, len: u64) -> io::Result<Vec<u8>> {
-        let folder = self.folder.clone();
-        let path = ObjectPath::from(name);
-        wait(
-            async move {
-                let options = GetOptions {
-                    range: Some(GetRange::Bounded(0..len)),
-                    ..GetOptions::default()
-                };
-                let got = folder.get_opts(&path, options).await.map_err(io_error)?;
-                Ok(got.bytes().await.map_err(io_error)?.to_vec())
-            },
-            None,
-        )
-    }
-
-    /// The first `len` bytes of each of objects `names`, in order, read a few dozen at a time.
+    /// The first `len` bytes (fewer when one is shorter) of each of objects `names`, in order,
+    /// read a few dozen at a time.
     pub fn get_heads(&self, names: &[String], len: u64) -> io::Result<Vec<Vec<u8>>> {
         use futures::StreamExt;
         let folder = self.folder.clone();
@@ -249,7 +233,6 @@ mod tests {
         listed.sort();
         assert_eq!(listed, vec![("a".into(), 3), ("fence".into(), 0)]);
         assert_eq!(f.get("a").unwrap(), b"one");
-        assert_eq!(f.get_head("a", 2).unwrap(), b"on");
         f.put_new("b", b"x").unwrap();
         assert_eq!(
             f.get_heads(&["b".into(), "a".into()], 2).unwrap(),
