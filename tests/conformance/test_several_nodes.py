@@ -1364,6 +1364,71 @@ def test_a_sql_server_whose_home_is_lost_is_taken_over_from_the_bucket_losing_no
             n.stop()
 
 
+def test_a_home_records_no_backup_while_another_node_takes_its_server_over(tmp_path):
+    """Issue 14: a takeover marks the server's home record before it fences the old home off,
+    and from then on a backup pass of the old home records nothing (a pass it had under way
+    when it was cut off must not add a branch to the server's backups after the takeover read
+    them); a mark whose takeover's lease lapsed (its node died before it fenced anything) is
+    taken away, and the home's backups go on. Fault injection through the store: the mark and
+    the lease are written as a takeover by a node 'ghost' would write them."""
+    import json
+
+    import psycopg
+    import test_sql as sql
+
+    first = start_sql_cluster(tmp_path, 1, env={"KAGI_SQL_LOG_BACKUP_SECONDS": "1"})
+    store = first.extra_args[first.extra_args.index("--store") + 1]
+    try:
+        first.put_rg(DEFAULT_RG)
+        via = Via(first, first)
+        server, _ = sql.create_server(via, identity=False)
+        db, _ = sql.create_db(via, server)
+        dsn = (f"host={server}.localhost hostaddr={first.listen_host} port={first.sql_port} "
+               f"dbname={db} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
+               f"sslrootcert={first.ca_path} connect_timeout=10")
+        session = psycopg.connect(dsn, autocommit=True)
+        session.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        with psycopg.connect(store, autocommit=True) as c:
+            home_id, home = c.execute(
+                "SELECT name, body FROM service_documents WHERE kind = 'home' AND name LIKE %s",
+                (f"%/servers/{server}",)).fetchone()
+
+            def records():
+                return c.execute("SELECT count(*) FROM service_documents WHERE kind LIKE 'sqlbackup/%%'"
+                                 ).fetchone()[0]
+
+            rows = iter(range(1000, 2000))
+
+            def backed_up_since(n):
+                session.execute("INSERT INTO t VALUES (%s)", (next(rows),))
+                return records() > n
+            until(lambda: backed_up_since(records()), bound=30)
+            marked = {**json.loads(home), "takingOver": {"node": "ghost", "number": 9}}
+            lease = f"sql-takeover:{home_id}"
+            c.execute("INSERT INTO kagi_leases (name, holder, fencing, expires) "
+                      "VALUES (%s, 'ghost', 1, now() + interval '1 hour')", (lease,))
+            c.execute("UPDATE service_documents SET body = %s WHERE kind = 'home' AND name = %s",
+                      (json.dumps(marked), home_id))
+            # A pass that read the home record before the mark may still be recording.
+            time.sleep(2)
+            before = records()
+            for i in range(4):
+                session.execute("INSERT INTO t VALUES (%s)", (i,))
+                time.sleep(1)
+            assert records() == before, "the home recorded backups while its server was being taken over"
+            # The takeover's node died: its lease lapses, the mark goes, backups go on.
+            c.execute("UPDATE kagi_leases SET expires = now() - interval '1 second' WHERE name = %s",
+                      (lease,))
+            until(lambda: backed_up_since(before), bound=30)
+            body = json.loads(c.execute("SELECT body FROM service_documents WHERE kind = 'home' AND name = %s",
+                                        (home_id,)).fetchone()[0])
+            assert body == json.loads(home), body
+        session.close()
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
 def shared_bucket():
     """A prefix of its own in the test bucket."""
     import uuid

@@ -150,6 +150,28 @@ impl ServiceHost for FakeHost {
         Ok(())
     }
 
+    async fn put_document_if(
+        &self,
+        id: &str,
+        (kind, name): (&str, &str),
+        doc: &Value,
+        (guard_id, guard_kind, guard_name): (&str, &str, &str),
+        expected: Option<&Value>,
+    ) -> Result<bool, KvError> {
+        let mut docs = self.documents.lock().unwrap();
+        let g = (
+            key(guard_id),
+            guard_kind.to_string(),
+            guard_name.to_string(),
+        );
+        if docs.get(&g) != expected {
+            return Ok(false);
+        }
+        let k = (key(id), kind.to_string(), name.to_string());
+        docs.insert(k, doc.clone());
+        Ok(true)
+    }
+
     async fn delete_document(&self, id: &str, kind: &str, name: &str) -> Result<bool, KvError> {
         let k = (key(id), kind.to_string(), name.to_string());
         Ok(self.documents.lock().unwrap().remove(&k).is_some())

@@ -238,6 +238,20 @@ pub trait ServiceHost: Send + Sync + std::fmt::Debug {
     /// returns. The resource need not exist yet.
     async fn put_document(&self, id: &str, kind: &str, name: &str, doc: &Value) -> Result<()>;
 
+    /// Stores a document of resource `id` only while document `guard` (a resource id, kind
+    /// and name; possibly the one written: a compare-and-set) is `expected` (`None`: absent),
+    /// checked in the writing transaction, so that no change of the guard slips in between;
+    /// `false`, and nothing written, when it is not. A node that is no longer a resource's
+    /// home records nothing after another node marked the guard.
+    async fn put_document_if(
+        &self,
+        id: &str,
+        (kind, name): (&str, &str),
+        doc: &Value,
+        guard: (&str, &str, &str),
+        expected: Option<&Value>,
+    ) -> Result<bool>;
+
     /// Deletes a document; `true` if it existed.
     async fn delete_document(&self, id: &str, kind: &str, name: &str) -> Result<bool>;
 

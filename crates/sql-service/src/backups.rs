@@ -34,6 +34,7 @@ use crate::backup_chain::{Cursor, Taken, WalGen, chain_for, cursor_after};
 use crate::backup_files::{self, Ending, FileError, Pin, StageOne, Written, finish, finish_tail};
 use crate::databases::{Database, OpenDatabase};
 use crate::geo::parse_database_id;
+use crate::homes::HomeGuard;
 use crate::keys::{DBKEYS_DOC, DbKeys, internal};
 use crate::protector::{AZURE_KEY_VAULT, Protector, SERVICE_MANAGED, key_name};
 use crate::{SqlService, bad, id_of_body, server_ref};
@@ -371,10 +372,11 @@ impl SqlService {
         Ok(json!({"dek": {"records": dek["records"]}, "protector": view}))
     }
 
-    /// Records a backup written by a pass (after its files are synced).
+    /// Records a backup written by a pass (after its files are synced), under the pass's
+    /// `guard`.
     async fn record(
         &self,
-        server: &Value,
+        (server, guard): (&Value, &HomeGuard),
         db: &Database,
         w: &Written,
         (chain, live_from): (u64, Option<u64>),
@@ -401,14 +403,13 @@ impl SqlService {
             "dek": keys["dek"],
             "protector": keys["protector"],
         });
-        self.host
-            .put_document(
-                &id_of_body(server),
-                &record_kind(&db.database_id),
-                &format!("{:010}", w.seq),
-                &doc,
-            )
-            .await
+        self.put_guarded(
+            guard,
+            &id_of_body(server),
+            (&record_kind(&db.database_id), &format!("{:010}", w.seq)),
+            &doc,
+        )
+        .await
     }
 
     /// The backups of one database, when due: the first stage and its records, then the end
@@ -434,10 +435,26 @@ impl SqlService {
         }
         st.last_attempt = now;
         locked(&self.backups.dbs).insert(db.database_id.clone(), st.clone());
+        // Another node taking the server over: this one records nothing more.
+        let guard = self.home_guard(server).await?;
+        if matches!(guard, HomeGuard::Elsewhere) {
+            return Ok(());
+        }
         let keys = self.key_snapshot(server, db).await?;
         let dir = self.backup_dir(&db.database_id);
         let key = open.page_key()?;
         let file = open.file.clone();
+        // Where the live log stands before the snapshot: a full backup holds every piece
+        // before it, and records it (`liveFrom`).
+        let live_next = match open.live.clone() {
+            Some(live) => Some(
+                tokio::task::spawn_blocking(move || live.next_piece())
+                    .await
+                    .map_err(|e| internal("reading the live log", e))?
+                    .map_err(|e| internal("reading the live log", e))?,
+            ),
+            None => None,
+        };
         let (cursor, seq, host) = (st.cursor, st.next_seq, self.host.clone());
         let one = blocking("a backup", move || {
             let clock = || host.now();
@@ -455,13 +472,24 @@ impl SqlService {
         } = one;
         for w in log.iter().chain(full.iter()) {
             let chain = if w.full() { w.seq } else { st.chain };
+            if w.full() {
+                // A takeover's first backup carries on from its fence (`start_live_lineage`).
+                st.live_from = st.live_from.max(live_next);
+            }
             let from = if w.full() {
                 taken
             } else {
                 st.last_taken.unwrap_or(taken)
             };
-            self.record(server, db, w, (chain, st.live_from), (from, taken), &keys)
-                .await?;
+            self.record(
+                (server, &guard),
+                db,
+                w,
+                (chain, st.live_from),
+                (from, taken),
+                &keys,
+            )
+            .await?;
             if w.full() {
                 report.full += 1;
                 st.chain = w.seq;
@@ -494,7 +522,7 @@ impl SqlService {
                 let taken = self.host.now();
                 let from = st.last_taken.unwrap_or(taken);
                 self.record(
-                    server,
+                    (server, &guard),
                     db,
                     &written,
                     (st.chain, st.live_from),
@@ -524,13 +552,14 @@ impl SqlService {
             }
         };
         st.cursor = Some(cursor);
+        let live_from = st.live_from;
         locked(&self.backups.dbs).insert(db.database_id.clone(), st);
         if let Some(pin) = pass.keep() {
             locked(&self.backups.pins).insert(db.database_id.clone(), pin);
         }
         // The live log's pieces these backups hold whole go.
         if let Some(live) = open.live.clone() {
-            match tokio::task::spawn_blocking(move || live.prune(&cursor)).await {
+            match tokio::task::spawn_blocking(move || live.prune(&cursor, live_from)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(database = %db.name, error = %e, "SQL live log: pieces the backups hold not removed");

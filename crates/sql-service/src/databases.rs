@@ -741,6 +741,8 @@ impl SqlService {
                         "terminating connection: the database's geo-replication role changed",
                     ));
                 }
+                // A secondary's file is re-seeded: a primary's log that read it goes.
+                self.forget_live_log(&db.database_id);
                 return Ok(self.remember_open(server, db, stale.dek.clone()).await);
             }
             None => {}

@@ -15,6 +15,69 @@ use serde_json::{Value, json};
 
 use crate::{SERVER_TYPE, SqlService, id_of_body};
 
+/// The lease a takeover of server `server_id` holds (`crate::takeover`).
+pub(crate) fn takeover_lease(server_id: &str) -> String {
+    format!("sql-takeover:{}", server_id.to_ascii_lowercase())
+}
+
+/// What a node's backup records of a server are guarded by: with several nodes, another node
+/// that takes the server over first marks its home record (`takingOver`), and a record of the
+/// old home is written only while the home record is what its pass found, so that a pass the
+/// old home had under way when it was cut off records nothing after the takeover began.
+#[derive(Clone, Debug)]
+pub(crate) enum HomeGuard {
+    /// One node: nothing to guard against.
+    Unshared,
+    /// The server's home record as the pass found it (this node's, or this node's takeover).
+    Home(Value),
+    /// Another node serves the server, or is taking it over: no pass here.
+    Elsewhere,
+}
+
+impl SqlService {
+    /// Stores document (`kind`, `name`) of `server_id` under `guard`: refused (503, nothing
+    /// written) when the server's home record changed since the pass read it.
+    pub(crate) async fn put_guarded(
+        &self,
+        guard: &HomeGuard,
+        server_id: &str,
+        (kind, name): (&str, &str),
+        doc: &Value,
+    ) -> Result<(), KvError> {
+        let home = match guard {
+            HomeGuard::Unshared => {
+                return self.host.put_document(server_id, kind, name, doc).await;
+            }
+            HomeGuard::Home(home) => home,
+            HomeGuard::Elsewhere => return Err(taken_elsewhere(server_id)),
+        };
+        let lower = server_id.to_ascii_lowercase();
+        let written = self
+            .host
+            .put_document_if(
+                server_id,
+                (kind, name),
+                doc,
+                (SERVERS_KEY, HOME_KIND, &lower),
+                Some(home),
+            )
+            .await?;
+        if written {
+            Ok(())
+        } else {
+            Err(taken_elsewhere(server_id))
+        }
+    }
+}
+
+/// A record refused because another node is taking the server over, or took it.
+fn taken_elsewhere(server_id: &str) -> KvError {
+    KvError::new(
+        ErrorCode::ServiceUnavailable,
+        format!("The server '{server_id}' is being taken over by another node, or was."),
+    )
+}
+
 /// The store key of servers' homes.
 const SERVERS_KEY: &str = "/kagi/sql-servers";
 /// Their kind.
@@ -34,14 +97,10 @@ impl SqlService {
             .and_then(|d| d["node"].as_str().map(str::to_string)))
     }
 
-    /// Records that a server lives on this node: made here (`takeover` 0), or taken over by
-    /// takeover number `takeover` (`crate::takeover`).
-    pub(crate) async fn record_server_home(
-        &self,
-        server_id: &str,
-        takeover: u64,
-    ) -> Result<(), KvError> {
-        let node = self.host.node_name();
+    /// Records that a server made here lives on this node (a takeover replaces the record
+    /// with its number: `crate::takeover`).
+    pub(crate) async fn record_server_home(&self, server_id: &str) -> Result<(), KvError> {
+        let (node, takeover) = (self.host.node_name(), 0);
         self.host
             .put_document(
                 SERVERS_KEY,
@@ -64,6 +123,73 @@ impl SqlService {
             .await?
             .and_then(|d| d["takeover"].as_u64())
             .unwrap_or(0))
+    }
+
+    /// A server's home record as it is in the store (`None`: none, or one node).
+    pub(crate) async fn home_record(&self, server_id: &str) -> Result<Option<Value>, KvError> {
+        if !self.host.shares_store() {
+            return Ok(None);
+        }
+        self.host
+            .document(SERVERS_KEY, HOME_KIND, &server_id.to_ascii_lowercase())
+            .await
+    }
+
+    /// Replaces a server's home record `from` with `to`, only if it is still `from` (checked
+    /// in the writing transaction); `false` when it changed.
+    pub(crate) async fn replace_home_record(
+        &self,
+        server_id: &str,
+        from: &Value,
+        to: &Value,
+    ) -> Result<bool, KvError> {
+        let name = server_id.to_ascii_lowercase();
+        self.host
+            .put_document_if(
+                SERVERS_KEY,
+                (HOME_KIND, &name),
+                to,
+                (SERVERS_KEY, HOME_KIND, &name),
+                Some(from),
+            )
+            .await
+    }
+
+    /// What a backup pass over `server`'s databases records under (see [`HomeGuard`]).
+    pub(crate) async fn home_guard(&self, server: &Value) -> Result<HomeGuard, KvError> {
+        let id = id_of_body(server);
+        let Some(record) = self.home_record(&id).await? else {
+            return Ok(HomeGuard::Unshared);
+        };
+        let me = self.host.node_name();
+        let taker = record["takingOver"]["node"].as_str();
+        if taker == Some(me.as_str()) {
+            // This node's own takeover (its first backup), or one of its own that did not
+            // finish while this node is still the home.
+            return Ok(HomeGuard::Home(record));
+        }
+        if record["node"].as_str() != Some(me.as_str()) {
+            return Ok(HomeGuard::Elsewhere);
+        }
+        if taker.is_none() {
+            return Ok(HomeGuard::Home(record));
+        }
+        // Another node marked it for a takeover. While that takeover holds its lease, this
+        // node records nothing more; a mark whose takeover is gone (its node died before it
+        // fenced this one off) is taken away, and the next pass records again.
+        let lease = takeover_lease(&id);
+        if self.host.acquire_lease(&lease, 10_000).await? {
+            let mut unmarked = record.clone();
+            if let Some(o) = unmarked.as_object_mut() {
+                o.remove("takingOver");
+            }
+            let cleared = self.replace_home_record(&id, &record, &unmarked).await;
+            let _ = self.host.release_lease(&lease).await;
+            if cleared? {
+                tracing::warn!(server = %id, "the mark of a takeover that did not finish was taken away");
+            }
+        }
+        Ok(HomeGuard::Elsewhere)
     }
 
     /// Forgets a deleted server's home.

@@ -144,6 +144,10 @@ pub struct SqlService {
     keys: KeyAccess,
     /// Databases whose DEK is in memory, by database id (a GUID).
     open: Mutex<HashMap<String, Arc<OpenDatabase>>>,
+    /// The live logs in use, by database id: a database reopened while sessions of its
+    /// earlier entry still commit ships through the same log (two would each take the
+    /// other's piece for a fence).
+    live_logs: Mutex<HashMap<String, std::sync::Weak<live::LiveLog>>>,
     /// Serialises changes of one resource (servers, and each server's protector).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Where the automatic backups stand.
@@ -182,6 +186,7 @@ impl SqlService {
             host,
             config,
             open: Mutex::new(HashMap::new()),
+            live_logs: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             backups: backups::BackupState::default(),
             geo: Arc::default(),

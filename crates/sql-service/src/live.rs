@@ -314,10 +314,24 @@ impl LiveLog {
         Ok(())
     }
 
-    /// Deletes the pieces the backups hold whole now that they reach `cursor`, the newest
-    /// piece excepted. Fences stay: a home that was fenced off and still runs would otherwise
+    /// The number the next piece will have: every piece below it holds only commits made
+    /// before now. A full backup started after this records it (`liveFrom`), so that what
+    /// comes before its lineage is told apart by number, not by WAL salts (which a database
+    /// re-seeded from its geo-partner starts anew). Reads the bucket when nothing was shipped
+    /// since this log was opened, without taking what it reads for shipping's state (the
+    /// first ship looks for fences itself). Blocks.
+    pub(crate) fn next_piece(&self) -> Result<u64, LiveError> {
+        if let Some(next) = self.state().next_seq {
+            return Ok(next);
+        }
+        Ok(pieces_of(&self.folder)?.last().map_or(0, |p| p.seq + 1))
+    }
+
+    /// Deletes the pieces the backups hold whole now that they reach `cursor` (and, from a
+    /// full backup that recorded it, every piece before `live_from`), the newest piece
+    /// excepted. Fences stay: a home that was fenced off and still runs would otherwise
     /// create the piece its fence holds and acknowledge a commit no other node has. Blocks.
-    pub(crate) fn prune(&self, cursor: &Cursor) -> Result<(), LiveError> {
+    pub(crate) fn prune(&self, cursor: &Cursor, live_from: Option<u64>) -> Result<(), LiveError> {
         let Some(at) = cursor.generation else {
             return Ok(());
         };
@@ -333,6 +347,7 @@ impl LiveLog {
         };
         let held = |p: &LivePiece| match p.generation {
             None => false,
+            Some(_) if live_from.is_some_and(|from| p.seq < from) => true,
             Some(g) if g.same(&at) => p.last <= cursor.frames,
             Some(g) => (g.salt1.wrapping_sub(at.salt1) as i32) < 0,
         };
@@ -384,17 +399,36 @@ impl crate::SqlService {
 
     /// A live log for database `database_id` opened on this node, the home its server's
     /// takeover number `takeover` made (see [`Self::live_folder`]).
+    /// The one in use while sessions of an earlier entry hold it, if the same takeover made
+    /// it.
     pub(crate) fn live_log(
         &self,
         database_id: &str,
         takeover: u64,
     ) -> Option<std::sync::Arc<LiveLog>> {
+        let mut logs = self
+            .live_logs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(live) = logs.get(database_id).and_then(std::sync::Weak::upgrade)
+            && live.takeover == takeover
+        {
+            return Some(live);
+        }
         let folder = self.live_folder(database_id)?;
-        Some(std::sync::Arc::new(LiveLog::new(
-            &self.db_file(database_id),
-            folder,
-            takeover,
-        )))
+        let live = std::sync::Arc::new(LiveLog::new(&self.db_file(database_id), folder, takeover));
+        logs.retain(|_, l| l.strong_count() > 0);
+        logs.insert(database_id.to_string(), std::sync::Arc::downgrade(&live));
+        Some(live)
+    }
+
+    /// Forgets database `database_id`'s live log in use (its file is replaced, or it was
+    /// fenced off): the next entry opens a log of its own.
+    pub(crate) fn forget_live_log(&self, database_id: &str) {
+        self.live_logs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(database_id);
     }
 
     /// Deletes the pieces of database `database_id`'s live log numbered below `below` (all
@@ -402,6 +436,9 @@ impl crate::SqlService {
     /// from the others that still runs must not acknowledge a commit to a dropped database),
     /// its fences excepted (a fenced-off home that still runs must keep failing).
     pub(crate) async fn remove_live_log(&self, database_id: &str, below: Option<u64>) {
+        if below.is_none() {
+            self.forget_live_log(database_id);
+        }
         let Some(folder) = self.live_folder(database_id) else {
             return;
         };
@@ -529,14 +566,14 @@ mod tests {
             frames: pieces[1].last,
             drained: false,
         };
-        live.prune(&cursor).unwrap();
+        live.prune(&cursor, None).unwrap();
         let left = pieces_of(&bucket).unwrap();
         assert_eq!(left.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![2]);
         let all = Cursor {
             frames: left[0].last,
             ..cursor
         };
-        live.prune(&all).unwrap();
+        live.prune(&all, None).unwrap();
         assert_eq!(pieces_of(&bucket).unwrap().len(), 1);
         // A fence (another node's takeover) is never pruned: the writer it fenced off would
         // then create that piece.
@@ -552,15 +589,54 @@ mod tests {
         let now = pieces_of(&bucket).unwrap();
         let newest = now.last().unwrap();
         taken
-            .prune(&Cursor {
-                generation: newest.generation,
-                frames: newest.last,
-                drained: false,
-            })
+            .prune(
+                &Cursor {
+                    generation: newest.generation,
+                    frames: newest.last,
+                    drained: false,
+                },
+                None,
+            )
             .unwrap();
         let left = pieces_of(&bucket).unwrap();
         assert_eq!(left.len(), 2, "{left:?}");
         assert_eq!(left[0].generation, None);
         assert!(matches!(live.ship(&key()), Err(LiveError::TakenOver)));
+    }
+
+    #[test]
+    fn pieces_before_a_full_backups_live_from_go_whatever_their_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, other) = (dir.path().join("d.db"), dir.path().join("e.db"));
+        let bucket = folder();
+        // Pieces of another log first (as a database re-seeded from its geo-partner leaves:
+        // salts that need not order before the new log's).
+        let conn = crate::engine::open_blocking(&other, &key()).unwrap();
+        conn.execute_batch("CREATE TABLE t (v); INSERT INTO t VALUES (1);")
+            .unwrap();
+        let first = LiveLog::new(&other, bucket.clone(), 0);
+        first.ship(&key()).unwrap();
+        conn.execute_batch("INSERT INTO t VALUES (2);").unwrap();
+        first.ship(&key()).unwrap();
+        // A log opened now learns the next number from the bucket, and changes nothing.
+        let live = LiveLog::new(&db, bucket.clone(), 0);
+        assert_eq!(live.next_piece().unwrap(), 2);
+        let conn = crate::engine::open_blocking(&db, &key()).unwrap();
+        conn.execute_batch("CREATE TABLE u (v); INSERT INTO u VALUES (1);")
+            .unwrap();
+        live.ship(&key()).unwrap();
+        conn.execute_batch("INSERT INTO u VALUES (2);").unwrap();
+        live.ship(&key()).unwrap();
+        assert_eq!(live.next_piece().unwrap(), 4);
+        let pieces = pieces_of(&bucket).unwrap();
+        // Backups of the new log to its first piece, their full one taken from piece 2 on.
+        let cursor = Cursor {
+            generation: pieces[2].generation,
+            frames: pieces[2].last,
+            drained: false,
+        };
+        live.prune(&cursor, Some(2)).unwrap();
+        let left: Vec<u64> = pieces_of(&bucket).unwrap().iter().map(|p| p.seq).collect();
+        assert_eq!(left, vec![3]);
     }
 }

@@ -260,7 +260,7 @@ impl SqlService {
         };
         if existing.is_none() {
             // Where its databases will be, before it exists (see `crate::homes`).
-            self.record_server_home(&id, 0).await?;
+            self.record_server_home(&id).await?;
         }
         let (status, stored) = p.put_resource(caller, put).await?;
         let stored_id = id_of_body(&stored);

@@ -67,7 +67,7 @@ impl SqlService {
         let _one = self.lock_id(&format!("takeover:{id}")).await;
         let taken = kagi_host::under_renewed_lease(
             self.host.as_ref(),
-            &format!("sql-takeover:{}", id.to_ascii_lowercase()),
+            &crate::homes::takeover_lease(&id),
             TAKEOVER_LEASE_MS,
             self.take_over_server(server, gone),
             || {
@@ -92,6 +92,7 @@ impl SqlService {
     /// finish), it takes the server back from the bucket; otherwise another node serves it now.
     pub(crate) async fn after_fence(self: Arc<Self>, server_id: String, database_id: String) {
         self.forget_open(&database_id);
+        self.forget_live_log(&database_id);
         self.forget_backup_pin(&database_id);
         let me = self.host.node_name();
         let Some(server) = self.host.resource(&server_id) else {
@@ -116,10 +117,12 @@ impl SqlService {
     async fn take_over_server(self: &Arc<Self>, server: &Value, gone: &str) -> Result<(), KvError> {
         let me = self.host.node_name();
         let id = id_of_body(server);
-        match self.server_home(&id).await? {
-            Some(home) if home == gone => {}
+        let Some(home) = self.home_record(&id).await? else {
+            return Ok(());
+        };
+        if home["node"].as_str() != Some(gone) {
             // Taken over by another node meanwhile, or deleted.
-            _ => return Ok(()),
+            return Ok(());
         }
         let name = server["name"].as_str().unwrap_or_default();
         let dbs = self.databases_of(server).await?;
@@ -171,12 +174,58 @@ impl SqlService {
                 .fold(number, u64::max);
         }
         let number = number + 1;
+        // The home record is marked before anything is fenced: from then on the old home's
+        // backup passes record nothing (`HomeGuard`), so the records read below are all it
+        // recorded. (A mark left by a takeover that did not finish is replaced: this one holds
+        // the lease now.)
+        let mut unmarked = home.clone();
+        if let Some(o) = unmarked.as_object_mut() {
+            o.remove("takingOver");
+        }
+        let mut marked = unmarked.clone();
+        marked["takingOver"] = serde_json::json!({"node": me, "number": number});
+        if !self.replace_home_record(&id, &home, &marked).await? {
+            return Err(changed_hands(name));
+        }
+        match self
+            .take_over_marked(server, gone, (&dbs, number), &marked)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                for d in &dbs {
+                    self.forget_open(&d.database_id);
+                    self.forget_backup_state(&d.database_id);
+                    self.forget_backup_pin(&d.database_id);
+                }
+                // The old home records again (if it runs and was not fenced off; if it was,
+                // it takes its server back).
+                if let Err(u) = self.replace_home_record(&id, &marked, &unmarked).await {
+                    tracing::warn!(server = %id, error = %u.message, "a takeover's mark was not taken away");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The takeover of `server` from `gone` once its home record is `marked`: takeover
+    /// `number` of its databases `dbs`.
+    async fn take_over_marked(
+        self: &Arc<Self>,
+        server: &Value,
+        gone: &str,
+        (dbs, number): (&[Database], u64),
+        marked: &Value,
+    ) -> Result<(), KvError> {
+        let me = self.host.node_name();
+        let id = id_of_body(server);
+        let name = server["name"].as_str().unwrap_or_default();
         // Each database fetched and backed up (a full backup: its live log carries on from
         // it) before the home is recorded, so no session commits before there is a base. A
         // failure leaves the old home fenced off, as the recorded home: a retried request takes
         // the server over again, and the old home, if it runs, takes it back.
         let mut fences = Vec::with_capacity(dbs.len());
-        for db in &dbs {
+        for db in dbs {
             let fetched = match self.fetch_database(server, db, number).await {
                 Ok(fence) => match self.open_db(server, db).await {
                     Ok(open) => match self.backup_now(server, db, &open).await {
@@ -187,33 +236,15 @@ impl SqlService {
                 },
                 Err(e) => Err(e),
             };
-            match fetched {
-                Ok(fence) => fences.push(fence),
-                Err(e) => {
-                    for d in &dbs {
-                        self.forget_open(&d.database_id);
-                        self.forget_backup_state(&d.database_id);
-                        self.forget_backup_pin(&d.database_id);
-                    }
-                    return Err(e);
-                }
-            }
+            fences.push(fetched?);
         }
-        // Still the old home's to take (nothing recorded another meanwhile), and still gone.
-        let still = self.server_home(&id).await?.is_some_and(|h| h == gone);
+        // Still gone, and still the old home's with this takeover's mark (nothing recorded
+        // another meanwhile): checked in the write.
         let back = gone != me && self.host.live_nodes().await?.iter().any(|n| n.name == gone);
-        if !still || back {
-            for d in &dbs {
-                self.forget_open(&d.database_id);
-                self.forget_backup_state(&d.database_id);
-                self.forget_backup_pin(&d.database_id);
-            }
-            return Err(unavailable(format!(
-                "The server '{name}' changed hands while this node was taking it over. Retry \
-                 the request."
-            )));
+        let home = serde_json::json!({ "node": me, "takeover": number });
+        if back || !self.replace_home_record(&id, marked, &home).await? {
+            return Err(changed_hands(name));
         }
-        self.record_server_home(&id, number).await?;
         tracing::warn!(server = %id, from = gone, takeover = number, databases = dbs.len(), "SQL server taken over from the bucket");
         // The old home's pieces are in the backups just taken (its fences stay), and its
         // databases' entries (opened under the earlier takeover number) are replaced.
@@ -266,6 +297,8 @@ impl SqlService {
                 "terminating connection: the database moved to another node",
             ));
         }
+        // Its file is replaced: a log that read the old one goes too.
+        self.forget_live_log(&db.database_id);
         self.forget_backup_pin(&db.database_id);
         let (fencing, node) = (folder.clone(), self.host.node_name());
         let (mut pieces, fenced_at) =
@@ -322,6 +355,14 @@ impl SqlService {
         self.start_live_lineage(server, db, fenced_at + 1).await?;
         Ok(fenced_at)
     }
+}
+
+/// A takeover that found its server's home record changed by another node.
+fn changed_hands(server: &str) -> KvError {
+    unavailable(format!(
+        "The server '{server}' changed hands while this node was taking it over. Retry the \
+         request."
+    ))
 }
 
 /// A bucket that failed during a takeover: 503, the request can be retried.

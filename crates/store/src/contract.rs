@@ -26,8 +26,8 @@ use kagi_core::{KeyVersion, ObjectName, VaultName};
 use crate::directory::BindingRecord;
 use crate::events::{EventEmission, EventMark, EventSubscriptionRecord, MarkTable};
 use crate::{
-    AlertNotification, CertificateRecord, KeyRecord, KeyVersionRecord, LockRecord, MonitorRecord,
-    PrincipalRecord, ResourceGroupRecord, ResourceRecord, RoleAssignmentRecord,
+    AlertNotification, CertificateRecord, DocumentRef, KeyRecord, KeyVersionRecord, LockRecord,
+    MonitorRecord, PrincipalRecord, ResourceGroupRecord, ResourceRecord, RoleAssignmentRecord,
     RoleDefinitionRecord, SecretRecord, SecretVersionRecord, ServiceDocument, ServiceImport, Store,
     StoreError, VaultRecord,
 };
@@ -81,6 +81,7 @@ macro_rules! store_contract {
             deliveries_are_due_retried_dead_lettered_and_succeed,
             deleting_a_subscription_drops_its_deliveries_and_dead_letters,
             service_documents_are_put_listed_by_name_and_deleted,
+            a_document_is_put_only_while_its_guard_holds,
             service_activity_is_numbered_per_resource,
             service_data_is_deleted_and_imported_once,
             policy_assignments_are_upserted_deleted_and_imported_once,
@@ -1064,6 +1065,65 @@ pub async fn service_documents_are_put_listed_by_name_and_deleted(s: &dyn Store)
             .unwrap()
             .len(),
         1
+    );
+}
+
+/// `put_service_document_if` writes only while its guard (another resource's document, or
+/// the written one) holds, and changes nothing otherwise: a fenced write and a
+/// compare-and-set.
+pub async fn a_document_is_put_only_while_its_guard_holds(s: &dyn Store) {
+    let (r, homes) = (
+        "/subscriptions/x/resourcegroups/rg/providers/p/servers/a",
+        "/homes",
+    );
+    let home = DocumentRef {
+        resource_key: homes,
+        kind: "home",
+        name: "a",
+    };
+    let is = |want: &'static str| move |b: Option<&str>| b == Some(want);
+    // No guard document: an absent guard is seen as absent.
+    assert!(
+        !s.put_service_document_if(r, &doc("record", "1", "{}"), home, &is("node-a"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.put_service_document_if(homes, &doc("home", "a", "node-a"), home, &|b| b.is_none())
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.put_service_document_if(r, &doc("record", "1", "{}"), home, &is("node-a"))
+            .await
+            .unwrap()
+    );
+    // Another node took the resource over (a compare-and-set of the guard itself).
+    assert!(
+        !s.put_service_document_if(homes, &doc("home", "a", "node-c"), home, &is("node-x"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        s.put_service_document_if(homes, &doc("home", "a", "node-b"), home, &is("node-a"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !s.put_service_document_if(r, &doc("record", "2", "{}"), home, &is("node-a"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.get_service_document(r, "record", "2").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        s.get_service_document(homes, "home", "a")
+            .await
+            .unwrap()
+            .map(|d| d.body),
+        Some("node-b".to_string())
     );
 }
 

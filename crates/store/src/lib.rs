@@ -35,7 +35,9 @@ pub use directory::{
 };
 pub use moves::MoveStore;
 pub use secrets::{SecretRecord, SecretVersionRecord};
-pub use services::{ActivityRecord, ServiceDocument, ServiceImport};
+pub use services::{
+    ActivityRecord, DocumentCondition, DocumentRef, ServiceDocument, ServiceImport,
+};
 pub use sql::{Dialect, SqlStore, StoreLocation};
 
 /// A store failure. The service maps every variant to a 5xx (or 409 for [`Self::Conflict`]):
@@ -375,6 +377,19 @@ pub trait Store:
     ) -> Result<Option<ServiceDocument>>;
     /// Creates or replaces a document of a resource.
     async fn put_service_document(&self, resource_key: &str, doc: &ServiceDocument) -> Result<()>;
+    /// Creates or replaces a document of a resource only if document `guard` (of any resource,
+    /// possibly the one written) satisfies `holds`, checked in the writing transaction: a
+    /// concurrent change of `guard` waits for this write to commit, or this write sees the
+    /// change. `false`, and nothing written, when it does not hold. A compare-and-set, and a
+    /// write fenced by another document (a node that is no longer a resource's home must not
+    /// record what it did after another node took it over).
+    async fn put_service_document_if(
+        &self,
+        resource_key: &str,
+        doc: &ServiceDocument,
+        guard: DocumentRef<'_>,
+        holds: DocumentCondition<'_>,
+    ) -> Result<bool>;
     /// Deletes a document; `true` if it existed.
     async fn delete_service_document(
         &self,

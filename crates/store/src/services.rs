@@ -44,6 +44,21 @@ pub struct ServiceDocument {
     pub updated: i64,
 }
 
+/// The document a conditional write depends on ([`crate::Store::put_service_document_if`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DocumentRef<'a> {
+    /// Its resource's key.
+    pub resource_key: &'a str,
+    /// Its kind.
+    pub kind: &'a str,
+    /// Its name.
+    pub name: &'a str,
+}
+
+/// What a conditional write asks of the document it depends on: given its body (`None`:
+/// absent), whether the write goes ahead.
+pub type DocumentCondition<'a> = &'a (dyn Fn(Option<&str>) -> bool + Send + Sync);
+
 /// One entry of a resource's activity log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActivityRecord {

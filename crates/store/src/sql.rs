@@ -805,6 +805,16 @@ impl Store for SqlStore {
         self.documents_put(resource_key, doc).await
     }
 
+    async fn put_service_document_if(
+        &self,
+        resource_key: &str,
+        doc: &crate::ServiceDocument,
+        guard: crate::DocumentRef<'_>,
+        holds: crate::DocumentCondition<'_>,
+    ) -> Result<bool> {
+        self.documents_put_if(resource_key, doc, guard, holds).await
+    }
+
     async fn delete_service_document(
         &self,
         resource_key: &str,

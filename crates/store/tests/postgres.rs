@@ -202,3 +202,55 @@ async fn serialisation_failures_are_retried_not_returned() {
     assert_eq!(created, 1);
     assert_eq!(a.list_policy_assignments().await.unwrap().len(), 1);
 }
+
+/// A write guarded by a document that another node is changing waits for that change, and
+/// then sees it: the old home of a resource records nothing once another node marked it.
+#[tokio::test]
+async fn a_guarded_write_waits_for_a_change_of_its_guard_and_then_sees_it() {
+    use sqlx::Connection;
+    let Some((s, url)) = store_at().await else {
+        return;
+    };
+    let doc = |kind: &str, name: &str, body: &str| kagi_store::ServiceDocument {
+        kind: kind.into(),
+        name: name.into(),
+        body: body.into(),
+        updated: 1,
+    };
+    s.put_service_document("/homes", &doc("home", "a", "node-a"))
+        .await
+        .unwrap();
+    sqlx::any::install_default_drivers();
+    let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query(
+        "UPDATE service_documents SET body = 'node-b' \
+         WHERE resource_key = '/homes' AND kind = 'home' AND name = 'a'",
+    )
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let writer = s.clone();
+    let write = tokio::spawn(async move {
+        let guard = kagi_store::DocumentRef {
+            resource_key: "/homes",
+            kind: "home",
+            name: "a",
+        };
+        writer
+            .put_service_document_if("/servers/a", &doc("record", "1", "{}"), guard, &|b| {
+                b == Some("node-a")
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!write.is_finished(), "the guarded write did not wait");
+    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    assert!(!write.await.unwrap().unwrap());
+    assert_eq!(
+        s.get_service_document("/servers/a", "record", "1")
+            .await
+            .unwrap(),
+        None
+    );
+}

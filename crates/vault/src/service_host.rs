@@ -105,6 +105,18 @@ impl ServiceHost for Platform {
         self.put_service_document(id, kind, name, doc).await
     }
 
+    async fn put_document_if(
+        &self,
+        id: &str,
+        (kind, name): (&str, &str),
+        doc: &Value,
+        guard: (&str, &str, &str),
+        expected: Option<&Value>,
+    ) -> Result<bool> {
+        self.put_service_document_if(id, (kind, name), doc, guard, expected)
+            .await
+    }
+
     async fn delete_document(&self, id: &str, kind: &str, name: &str) -> Result<bool> {
         self.delete_service_document(id, kind, name).await
     }

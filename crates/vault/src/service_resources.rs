@@ -254,6 +254,44 @@ impl Platform {
             .map_err(|e| internal("write service document", e))
     }
 
+    /// Stores a document of a resource only while document `guard` (resource id, kind, name)
+    /// is `expected` (`None`: absent), checked in the writing transaction
+    /// ([`kagi_store::Store::put_service_document_if`]); `false` when it is not.
+    pub async fn put_service_document_if(
+        &self,
+        resource_id: &str,
+        (kind, name): (&str, &str),
+        body: &Value,
+        (guard_id, guard_kind, guard_name): (&str, &str, &str),
+        expected: Option<&Value>,
+    ) -> Result<bool, KvError> {
+        let doc = ServiceDocument {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            body: body.to_string(),
+            updated: self.clock.now(),
+        };
+        let guard_key = store_key(guard_id);
+        let guard = kagi_store::DocumentRef {
+            resource_key: &guard_key,
+            kind: guard_kind,
+            name: guard_name,
+        };
+        // Compared as JSON, not as text: the same document may have been written with its
+        // members in another order.
+        let holds = |found: Option<&str>| match (found, expected) {
+            (None, None) => true,
+            (Some(text), Some(want)) => {
+                serde_json::from_str::<Value>(text).is_ok_and(|have| have == *want)
+            }
+            _ => false,
+        };
+        self.store
+            .put_service_document_if(&store_key(resource_id), &doc, guard, &holds)
+            .await
+            .map_err(|e| internal("write service document", e))
+    }
+
     /// Deletes a document of a resource; `true` if it existed.
     pub async fn delete_service_document(
         &self,

@@ -3,7 +3,7 @@
 //! when it moves: [`delete_resource_rows`] and [`rekey_resource_rows`] run inside those
 //! transactions (`sql/directory.rs`, `moves.rs`).
 
-use sqlx::{Any, Row, Transaction};
+use sqlx::{Any, AssertSqlSafe, Row, Transaction};
 
 use super::SqlStore;
 use crate::Result;
@@ -123,19 +123,35 @@ impl SqlStore {
         resource_key: &str,
         doc: &ServiceDocument,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO service_documents (resource_key, kind, name, body, updated) \
-             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (resource_key, kind, name) \
-             DO UPDATE SET body = excluded.body, updated = excluded.updated",
-        )
-        .bind(resource_key)
-        .bind(&doc.kind)
-        .bind(&doc.name)
-        .bind(&doc.body)
-        .bind(doc.updated)
-        .execute(&self.pool)
+        upsert_document(&self.pool, resource_key, doc).await
+    }
+
+    /// See [`crate::Store::put_service_document_if`]: the guard is read with the row lock
+    /// (PostgreSQL `FOR SHARE`; SQLite's transaction holds the write lock), so that a change
+    /// of it waits for this transaction.
+    pub(super) async fn documents_put_if(
+        &self,
+        resource_key: &str,
+        doc: &ServiceDocument,
+        guard: crate::DocumentRef<'_>,
+        holds: crate::DocumentCondition<'_>,
+    ) -> Result<bool> {
+        let (mut tx, lock) = self.begin_row_lock().await?;
+        let body: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT body FROM service_documents \
+             WHERE resource_key = $1 AND kind = $2 AND name = $3{lock}"
+        )))
+        .bind(guard.resource_key)
+        .bind(guard.kind)
+        .bind(guard.name)
+        .fetch_optional(&mut *tx)
         .await?;
-        Ok(())
+        if !holds(body.as_deref()) {
+            return Ok(false);
+        }
+        upsert_document(&mut *tx, resource_key, doc).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     pub(super) async fn documents_delete(
@@ -318,6 +334,27 @@ impl SqlStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Creates or replaces document `doc` of `resource_key`.
+async fn upsert_document<'e>(
+    on: impl sqlx::Executor<'e, Database = Any>,
+    resource_key: &str,
+    doc: &ServiceDocument,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO service_documents (resource_key, kind, name, body, updated) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (resource_key, kind, name) \
+         DO UPDATE SET body = excluded.body, updated = excluded.updated",
+    )
+    .bind(resource_key)
+    .bind(&doc.kind)
+    .bind(&doc.name)
+    .bind(&doc.body)
+    .bind(doc.updated)
+    .execute(on)
+    .await?;
+    Ok(())
 }
 
 #[cfg(test)]
