@@ -304,14 +304,24 @@ def test_a_replica_on_a_hot_standby_serves_crypto_through_a_failover(tmp_path):
         assert ec_crypto.verify(SignatureAlgorithm.es256, digest, sig.signature).is_valid
         assert rsecrets.get_secret("s").value == "before"
 
-        # Failover: the standby is promoted, and the node restarts without --read-only.
+        # Failover: the standby is promoted, and the node follows it: it restarts itself
+        # without --read-only (same process id) and takes writes, with no command of ours.
+        from azure.core.exceptions import AzureError
+
+        pid = replica.proc.pid
         pg_script(pg_dir, "promote")
-        replica.stop()
-        replica.extra_args = ["--store", pg["PG_STANDBY_URL"]]
-        replica.start()
-        wkeys = replica.key_client(replica.vault_url(vault.name))
-        made = wkeys.create_rsa_key("after-failover", size=2048)
+        wkeys = replica.key_client(replica.vault_url(vault.name), retry_total=0)
+
+        def create_after_failover():
+            try:
+                return wkeys.create_rsa_key("after-failover", size=2048)
+            except AzureError:
+                return None  # still read-only (503), or restarting
+        made, took = until(create_after_failover, bound=60)
+        print(f"\nthe replica took writes {took:.1f} s after its standby was promoted")
         assert made.properties.enabled
+        assert replica.proc.pid == pid and replica.proc.poll() is None
+        assert "restarting without --read-only" in replica.log_path.read_text()
         replica.secret_client(replica.vault_url(vault.name)).set_secret("s", "after")
         wrapped_again = replica.crypto_client(wkeys.get_key("rsa")).unwrap_key(
             KeyWrapAlgorithm.rsa_oaep_256, wrapped.encrypted_key

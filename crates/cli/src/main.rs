@@ -449,9 +449,9 @@ async fn run_server(
         dns_suffix: dns_suffix.to_ascii_lowercase(),
         port,
     };
-    let (platform, created_admin) = if test_clock {
+    let (platform, created_admin, sql_store) = if test_clock {
         let clock = std::sync::Arc::new(kagi_core::time::TestClock::new());
-        let (p, admin) = read_only::open_platform(
+        let (p, admin, sql_store) = read_only::open_platform(
             config,
             clock.clone(),
             hsm.clone(),
@@ -460,7 +460,7 @@ async fn run_server(
         )
         .await?;
         tracing::warn!("test clock enabled: POST /kagi/test/clock moves time forward");
-        (p.with_test_clock(clock), admin)
+        (p.with_test_clock(clock), admin, sql_store)
     } else {
         let clock = std::sync::Arc::new(kagi_core::time::SystemClock);
         read_only::open_platform(config, clock, hsm.clone(), read_only, &listeners.store).await?
@@ -724,8 +724,38 @@ async fn run_server(
     )
     .await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // A read-only node on a hot standby follows its promotion: it stops serving (the requests
+    // in flight finish) and starts again writable.
+    let promotion = match (read_only, sql_store) {
+        (true, Some(store)) => {
+            let poll = std::env::var("KAGI_PROMOTION_POLL_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .map_or(
+                    std::time::Duration::from_secs(2),
+                    std::time::Duration::from_millis,
+                );
+            Some(tokio::spawn(read_only::promoted(store, poll)))
+        }
+        _ => None,
+    };
+    let promoted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let noted = promoted.clone();
     let shutdown = async move {
+        let promotion = async {
+            let done = match promotion {
+                Some(p) => p.await.is_ok(),
+                None => false,
+            };
+            if !done {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
+            () = promotion => {
+                noted.store(true, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!("the standby this node reads was promoted: restarting without --read-only");
+            }
             _ = term.recv() => tracing::info!("SIGTERM: stopping"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
         }
@@ -737,6 +767,9 @@ async fn run_server(
     // Another node takes the singleton work over now rather than when the leases expire.
     releasing.release_leases().await;
     // Every acknowledged write is already committed (synchronous=FULL); nothing to flush.
+    if promoted.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(read_only::restart_writable());
+    }
     Ok(())
 }
 

@@ -327,6 +327,18 @@ impl SqlStore {
         }
     }
 
+    /// Whether the database is a hot standby (PostgreSQL in recovery, serving reads while it
+    /// follows its primary); `false` on SQLite. A read-only node on a standby follows its
+    /// promotion with it.
+    pub async fn in_recovery(&self) -> Result<bool> {
+        match self.dialect {
+            Dialect::Sqlite => Ok(false),
+            Dialect::Postgres => Ok(sqlx::query_scalar("SELECT pg_is_in_recovery()")
+                .fetch_one(&self.pool)
+                .await?),
+        }
+    }
+
     /// The engine behind this store.
     pub fn dialect(&self) -> Dialect {
         self.dialect
