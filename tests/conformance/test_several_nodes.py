@@ -797,6 +797,58 @@ def test_a_disk_whose_home_died_is_taken_over_from_the_bucket(tmp_path, monkeypa
             n.stop()
 
 
+def in_log(node, *lines):
+    """Whether `node`'s log holds a line containing every one of `lines`."""
+    return any(all(part in line for part in lines)
+               for line in node.log_path.read_text(errors="replace").splitlines())
+
+
+def test_a_disk_whose_home_died_is_taken_over_with_no_request(tmp_path, monkeypatch):
+    """Issue 14: the takeover sweep. With the blobs in a bucket, a disk family whose home has
+    died (kill -9, its data directory deleted) is taken over by another node by itself once the
+    home's presence has lapsed and the node has seen it absent for KAGI_TAKEOVER_AFTER seconds
+    (here 2), with no request naming the disk: node 1's log says so, and then what was written
+    through the dead home reads back through node 1."""
+    import test_disks as disks
+    from conftest import _start_cluster
+
+    monkeypatch.setenv("KAGI_CONFORMANCE_POSTGRES", pg_server_url())
+    monkeypatch.setenv("KAGI_CONFORMANCE_BLOBS", s3_blobs_url())
+    monkeypatch.setenv("KAGI_TAKEOVER_AFTER", "2")
+    first = _start_cluster(tmp_path, 2)
+    n2 = first.cluster[0]
+    try:
+        first.put_rg(DEFAULT_RG)
+        via1, via2 = Via(first, first), Via(first, n2)
+        # The disk lives on node 2 (made through it), written there.
+        name, disk = disks.create_disk(via2)
+        image = tmp_path / "in.raw"
+        data = disks.random_image(image, 2, seed=16)
+        uri = disks.grant_access(via2, name, "Write")
+        assert str(n2.data_dir) in uri, uri
+        disks.run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
+        disks.end_access(via2, name)
+        family = next(p.name for p in (n2.data_dir / "disks").iterdir() if (p / "family").is_file())
+
+        n2.kill9()
+        shutil.rmtree(n2.data_dir)
+        started = time.monotonic()
+        # No request names the disk: node 1 takes its family over by itself.
+        until(lambda: in_log(first, "taken over by the takeover sweep", family), bound=60)
+        print(f"\ndisk family taken over with no request {time.monotonic() - started:.1f} s after kill -9 of its home")
+        assert (first.data_dir / "disks" / family / "family").is_file()
+        got = disks.ok(disks.arm(via1, "GET", disks.compute_path(via1, "disks", name)))
+        assert got["id"] == disk["id"], got
+        uri = disks.grant_access(via1, name, "Read")
+        assert str(first.data_dir) in uri, uri
+        assert disks.read_back(uri, tmp_path / "back.raw", len(data)) == data
+        disks.end_access(via1, name)
+        disks.ok(disks.arm(via1, "DELETE", disks.compute_path(via1, "disks", name)), 200, 202, 204)
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
 def start_sql_cluster(tmp_path, count=2, env=None, blobs=None):
     """`count` nodes of one cluster (one store, root key, CA and HTTPS port, each on a loopback
     address of its own: 127.0.0.2, .3, …, behind a round-robin proxy on localhost), each with a
@@ -1585,6 +1637,46 @@ def test_an_idle_restarted_sql_home_acknowledges_nothing_after_a_takeover(tmp_pa
             outcome["node 2 commit"] = f"refused: {e}"
         assert outcome["node 1 commit"].startswith("refused"), outcome
         assert outcome["node 2 commit"] == "ok", outcome
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
+def test_a_sql_server_whose_home_died_is_taken_over_with_no_request(tmp_path):
+    """Issue 14: the takeover sweep. Server A on node 1 with a committed row; node 1 killed
+    (kill -9, its data directory deleted) and no request sent. Node 2, which serves SQL and has
+    seen node 1 absent for KAGI_TAKEOVER_AFTER seconds (here 2) after its presence lapsed, takes
+    A over by itself: its log says so and A's database file is in its data directory before any
+    client asks; then psycopg and psql through node 2 read the row."""
+    import subprocess
+
+    import psycopg
+    import test_sql as sql
+
+    first = start_sql_cluster(tmp_path, 2, env={"KAGI_TAKEOVER_AFTER": "2"}, blobs=shared_bucket())
+    n2 = first.cluster[0]
+    try:
+        via1, via2, server, db, dsn = sql_server_on_node_1(first)
+        with psycopg.connect(dsn(first), autocommit=True) as c:
+            c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+            c.execute("INSERT INTO t VALUES (1, 'before the kill')")
+        database_id = sql.ok(sql.arm(via1, "GET", sql.sql_path(via1, server, f"/databases/{db}")))[
+            "properties"]["databaseId"].lower()
+
+        first.kill9()
+        shutil.rmtree(first.data_dir)
+        started = time.monotonic()
+        # No request names A: node 2 takes it over by itself.
+        until(lambda: in_log(n2, "taken over by the takeover sweep", f"/servers/{server}"), bound=60)
+        print(f"\nSQL server taken over with no request {time.monotonic() - started:.1f} s after kill -9 of its home")
+        assert in_log(n2, "SQL server taken over from the bucket"), n2.log_tail(40)
+        assert (n2.data_dir / "sql" / f"{database_id}.db").exists()
+        with psycopg.connect(dsn(n2), autocommit=True) as c:
+            assert c.execute("SELECT id, v FROM t").fetchall() == [(1, "before the kill")]
+            c.execute("INSERT INTO t VALUES (2, 'on node 2')")
+        p = subprocess.run(["psql", dsn(n2), "-X", "-qAt", "-v", "ON_ERROR_STOP=1",
+                            "-c", "SELECT count(*) FROM t"], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and p.stdout.strip() == "2", (p.stdout, p.stderr)
     finally:
         for n in (first, *first.cluster):
             n.stop()

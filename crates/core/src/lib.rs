@@ -26,6 +26,7 @@ pub mod rotation;
 pub mod route_table;
 pub mod routes;
 pub mod secret;
+pub mod takeover;
 pub mod time;
 pub mod vault;
 

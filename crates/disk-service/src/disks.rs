@@ -740,7 +740,9 @@ impl DiskService {
     }
 
     /// The families some disk, snapshot or image names (their keys' place).
-    async fn families_in_use(&self) -> Result<std::collections::HashSet<String>, KvError> {
+    pub(crate) async fn families_in_use(
+        &self,
+    ) -> Result<std::collections::HashSet<String>, KvError> {
         let p = self.host.as_ref();
         let mut used = std::collections::HashSet::new();
         for ty in [crate::DISK_TYPE, crate::SNAPSHOT_TYPE, crate::IMAGE_TYPE] {

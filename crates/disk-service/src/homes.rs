@@ -11,7 +11,19 @@
 //! `disk-takeover:{family}`, it fences the old home off, fetches the log from the bucket and
 //! records itself as the home. Without a bucket the family waits for its home (503), but for
 //! a `DELETE` of one of its resources, served by the node it reached.
+//!
+//! A family whose home is gone is also taken over without a request, by the takeover sweep
+//! ([`spawn_takeover_sweep`]): every node present itself looks every few seconds for families
+//! whose recorded home is not among the running nodes and, once it has seen that home absent
+//! for `KAGI_TAKEOVER_AFTER` seconds (default 30: a node restarting quickly keeps its
+//! families), takes each over the way a request does. Nodes sweeping at once are safe: the
+//! takeover's lease decides, and the others find the new home at their next pass.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kagi_core::takeover::{DEFAULT_GRACE_SECONDS, GRACE_VARIABLE, GoneHomes, Say};
 use kagi_core::{ErrorCode, KvError};
 use kagi_host::{ArmRequest, json_body};
 use serde_json::{Value, json};
@@ -224,6 +236,102 @@ impl DiskService {
                 None => Ok(None),
             },
             None => Ok(None),
+        }
+    }
+}
+
+/// Starts the takeover sweep (see the module) on a node whose families' logs are shipped to a
+/// bucket shared with other nodes; on any other node nothing is taken over, and nothing is
+/// started.
+pub(crate) fn spawn_takeover_sweep(service: Arc<DiskService>) {
+    if !(service.host.shares_store() && service.store.is_shipped()) {
+        return;
+    }
+    let mut gone = GoneHomes::new(kagi_host::env_seconds(
+        GRACE_VARIABLE,
+        DEFAULT_GRACE_SECONDS,
+    ));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(gone.every()).await;
+            service.take_over_gone_homes(&mut gone).await;
+        }
+    });
+}
+
+impl DiskService {
+    /// One pass of the takeover sweep: every family some resource names whose home has been
+    /// gone for the grace, and whose last failed try is far enough behind, taken over here
+    /// (one after the other).
+    async fn take_over_gone_homes(&self, gone: &mut GoneHomes) {
+        let me = self.host.node_name();
+        let nodes = match self.host.live_nodes().await {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                tracing::debug!(error = %e.message, "takeover sweep: the running nodes could not be read");
+                return;
+            }
+        };
+        // Not while this node's own presence has lapsed (cut off from the store, it is the
+        // one that looks gone).
+        if !nodes.iter().any(|n| n.name == me) {
+            gone.forget_all();
+            return;
+        }
+        let live: HashSet<String> = nodes.into_iter().map(|n| n.name).collect();
+        let homes = match self.host.documents(FAMILIES_KEY, HOME_KIND).await {
+            Ok(docs) => docs,
+            Err(e) => {
+                tracing::debug!(error = %e.message, "takeover sweep: the families' homes could not be read");
+                return;
+            }
+        };
+        let mut elsewhere: Vec<(String, String)> = homes
+            .into_iter()
+            .filter_map(|(family, doc)| Some((family, doc["node"].as_str()?.to_string())))
+            .filter(|(_, home)| *home != me)
+            .collect();
+        let now = Instant::now();
+        let long_gone = gone.observe(elsewhere.iter().map(|(_, home)| home.as_str()), &live, now);
+        elsewhere.retain(|(_, home)| long_gone.contains(home));
+        gone.keep_tries_of(elsewhere.iter().map(|(family, _)| family.clone()));
+        elsewhere.retain(|(family, _)| gone.due(family, now));
+        if elsewhere.is_empty() {
+            return;
+        }
+        // A home recorded for a family whose creation failed names nothing to take over.
+        let used = match self.families_in_use().await {
+            Ok(used) => used,
+            Err(e) => {
+                tracing::debug!(error = %e.message, "takeover sweep: the families in use could not be read");
+                return;
+            }
+        };
+        for (family, home) in elsewhere {
+            if !used.contains(&family) {
+                // Looked at again later, not at every pass.
+                let unused = KvError::new(ErrorCode::NotFound, "no resource names the family");
+                gone.failed(&family, &unused, Instant::now());
+                tracing::debug!(family = %family, home = %home, "takeover sweep: a home recorded for a family no resource names");
+                continue;
+            }
+            match self.serving_home(&family, home.clone(), false).await {
+                Ok(node) => {
+                    gone.succeeded(&family);
+                    if node == me {
+                        tracing::info!(family = %family, from = %home, "disk family whose home is gone taken over by the takeover sweep, with no request");
+                    }
+                }
+                Err(e) => match gone.failed(&family, &e, Instant::now()) {
+                    Say::Warn => {
+                        tracing::warn!(family = %family, home = %home, error = %e.message, "disk family whose home is gone not taken over")
+                    }
+                    Say::Debug => {
+                        tracing::debug!(family = %family, home = %home, error = %e.message, "disk family whose home is gone not taken over this time")
+                    }
+                    Say::Nothing => {}
+                },
+            }
         }
     }
 }

@@ -42,8 +42,11 @@ pub struct KeeperReport {
 }
 
 /// Runs [`DiskService::keep_keys`] every `keeper_tick` of its configuration (wall time; what
-/// is due is decided on the platform clock).
+/// is due is decided on the platform clock), and the takeover sweep of families whose home
+/// is gone (`crate::homes`).
 pub fn spawn_keeper(svc: Arc<DiskService>) {
+    // Families whose home is gone are taken over without waiting for a request.
+    crate::homes::spawn_takeover_sweep(svc.clone());
     // Expiry on a task of its own: a key vault that hangs the keeper never keeps an expired
     // access's connections alive.
     let sweeper = svc.clone();

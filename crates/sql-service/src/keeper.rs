@@ -58,8 +58,8 @@ enum Probe {
 }
 
 /// Starts the keeper: every database opened ([`SqlService::open_all`]), then a pass every
-/// keeper tick; and the automatic backups ([`crate::spawn_backups`]) and geo-replication
-/// ([`crate::spawn_geo`]).
+/// keeper tick; and the automatic backups ([`crate::spawn_backups`]), geo-replication
+/// ([`crate::spawn_geo`]) and the takeover sweep (`crate::takeover_sweep`).
 pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
     let started = std::time::SystemTime::now();
     tokio::spawn(async move {
@@ -80,6 +80,8 @@ pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
         crate::backups::spawn_backups(service.clone());
         // Geo-replication (TD-7): each link ships its primary's log on its own schedule.
         crate::geo::spawn_geo(service.clone());
+        // Servers whose home is gone are taken over without waiting for a request.
+        crate::takeover_sweep::spawn_takeover_sweep(service.clone());
         let mut tick = tokio::time::interval(service.config.keeper_tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

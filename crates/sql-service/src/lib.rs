@@ -57,6 +57,7 @@ pub mod routes;
 mod servers;
 mod startup;
 mod takeover;
+mod takeover_sweep;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,0 +1,264 @@
+//! The takeover sweep's memory (docs/SEVERAL_NODES.md, "Homes"): with several nodes on one
+//! store, a disk family or a SQL server whose home node is gone is taken over by another node
+//! without waiting for a request. Each node that could take resources over looks for them
+//! every few seconds; what it remembers between its passes is here: when it first saw each
+//! absent home absent (a home is gone only once absent for a grace, so that a node restarting
+//! quickly keeps what it holds), and each resource's failed tries (retried later and later,
+//! and logged rarely: two nodes sweeping at once race for a takeover's lease, and a resource
+//! that cannot be taken over waits for its home at every pass). Time is passed in.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::{ErrorCode, KvError};
+
+/// The environment variable that sets the grace, in seconds: how long a node must have seen
+/// a home absent before it takes that home's resources over.
+pub const GRACE_VARIABLE: &str = "KAGI_TAKEOVER_AFTER";
+/// The grace when [`GRACE_VARIABLE`] is not set: long enough for a node restarting quickly to
+/// keep what it holds.
+pub const DEFAULT_GRACE_SECONDS: u64 = 30;
+/// The shortest and longest time between two passes of the sweep (within them, the grace).
+pub const PASS_BOUNDS: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(5));
+/// After a failed try, the next waits this long, doubled at each failure up to
+/// [`RETRY_MAX`]: a resource that cannot be taken over (a SQL server with a geo-replication
+/// link, a disk family whose log is not in the bucket…) is not checked again at every pass.
+pub const RETRY_FIRST: Duration = Duration::from_secs(30);
+/// The longest wait between two tries of one resource.
+pub const RETRY_MAX: Duration = Duration::from_secs(600);
+/// How often a resource that keeps waiting for its home (503: it cannot be taken over, or the
+/// bucket cannot be reached) is logged.
+pub const WAITING_SAID_EVERY: Duration = Duration::from_secs(3600);
+/// How often any other failure of one resource's takeover is logged.
+pub const FAILURE_SAID_EVERY: Duration = Duration::from_secs(600);
+
+/// What the sweep remembers between its passes: when this node first saw each absent home
+/// absent, and the failed tries of each resource it tried to take over.
+#[derive(Debug)]
+pub struct GoneHomes {
+    /// How long a home must have been seen absent before its resources are taken over.
+    grace: Duration,
+    /// When this node first saw each home absent, by node name; forgotten once it is back.
+    absent_since: HashMap<String, Instant>,
+    /// Failed tries, by resource id.
+    tries: HashMap<String, Tries>,
+}
+
+/// The failed tries of one resource's takeover.
+#[derive(Debug)]
+struct Tries {
+    /// Failures in a row.
+    failures: u32,
+    /// No try before.
+    next: Instant,
+    /// When a failure was last logged at warn.
+    said: Option<Instant>,
+}
+
+/// How a failed try is logged.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Say {
+    /// At debug: a loser of a race for the takeover's lease looks like this the first time.
+    Debug,
+    /// At warn.
+    Warn,
+    /// Not at all: logged recently enough.
+    Nothing,
+}
+
+impl GoneHomes {
+    /// Nothing seen yet; a home is gone once seen absent for `grace`.
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            absent_since: HashMap::new(),
+            tries: HashMap::new(),
+        }
+    }
+
+    /// The time between two passes: the grace, within [`PASS_BOUNDS`].
+    pub fn every(&self) -> Duration {
+        self.grace.clamp(PASS_BOUNDS.0, PASS_BOUNDS.1)
+    }
+
+    /// Notes which of `homes` are absent from `live` at `now`; returns those seen absent for
+    /// the grace. Homes back, or no longer anyone's, are forgotten.
+    pub fn observe<'a>(
+        &mut self,
+        homes: impl Iterator<Item = &'a str>,
+        live: &HashSet<String>,
+        now: Instant,
+    ) -> HashSet<String> {
+        let absent: HashSet<&str> = homes.filter(|h| !live.contains(*h)).collect();
+        self.absent_since
+            .retain(|home, _| absent.contains(home.as_str()));
+        for home in &absent {
+            self.absent_since.entry((*home).to_string()).or_insert(now);
+        }
+        self.absent_since
+            .iter()
+            .filter(|(_, since)| now.duration_since(**since) >= self.grace)
+            .map(|(home, _)| home.clone())
+            .collect()
+    }
+
+    /// Forgets the tries of every resource but `ids` (taken over, deleted, home back).
+    pub fn keep_tries_of(&mut self, ids: impl Iterator<Item = String>) {
+        let keep: HashSet<String> = ids.collect();
+        self.tries.retain(|id, _| keep.contains(id));
+    }
+
+    /// Forgets everything (this node cannot take anything over now).
+    pub fn forget_all(&mut self) {
+        self.absent_since.clear();
+        self.tries.clear();
+    }
+
+    /// Whether resource `id` may be tried at `now`.
+    pub fn due(&self, id: &str, now: Instant) -> bool {
+        self.tries.get(id).is_none_or(|t| now >= t.next)
+    }
+
+    /// Forgets the failed tries of `id` (taken over, or found served by a running node).
+    pub fn succeeded(&mut self, id: &str) {
+        self.tries.remove(id);
+    }
+
+    /// Notes a failed try of `id` at `now`, and says how to log it: a 503 (the lease lost to
+    /// another node, or a resource waiting for its home) at debug the first time and then at
+    /// warn once per [`WAITING_SAID_EVERY`]; any other failure at warn once per
+    /// [`FAILURE_SAID_EVERY`].
+    pub fn failed(&mut self, id: &str, e: &KvError, now: Instant) -> Say {
+        let tries = self.tries.entry(id.to_string()).or_insert(Tries {
+            failures: 0,
+            next: now,
+            said: None,
+        });
+        tries.failures = tries.failures.saturating_add(1);
+        let wait = RETRY_FIRST.saturating_mul(1 << (tries.failures - 1).min(10));
+        tries.next = now + wait.min(RETRY_MAX);
+        let (first, every) = match e.code {
+            ErrorCode::ServiceUnavailable => (Say::Debug, WAITING_SAID_EVERY),
+            _ => (Say::Warn, FAILURE_SAID_EVERY),
+        };
+        if tries.failures == 1 && first == Say::Debug {
+            return Say::Debug;
+        }
+        if tries.said.is_some_and(|at| now.duration_since(at) < every) {
+            return Say::Nothing;
+        }
+        tries.said = Some(now);
+        Say::Warn
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn a_home_is_gone_once_seen_absent_for_the_grace_and_forgotten_when_back() {
+        let mut gone = GoneHomes::new(Duration::from_secs(30));
+        let t0 = Instant::now();
+        let homes = ["a", "b", "a"];
+        assert!(
+            gone.observe(homes.into_iter(), &live(&["b"]), t0)
+                .is_empty()
+        );
+        let t1 = t0 + Duration::from_secs(29);
+        assert!(
+            gone.observe(homes.into_iter(), &live(&["b"]), t1)
+                .is_empty()
+        );
+        let t2 = t0 + Duration::from_secs(30);
+        assert_eq!(
+            gone.observe(homes.into_iter(), &live(&["b"]), t2),
+            live(&["a"])
+        );
+        // Back (a quick restart): its clock starts again when it is next absent.
+        assert!(
+            gone.observe(homes.into_iter(), &live(&["a", "b"]), t2)
+                .is_empty()
+        );
+        let t3 = t2 + Duration::from_secs(5);
+        assert!(
+            gone.observe(homes.into_iter(), &live(&["b"]), t3)
+                .is_empty()
+        );
+        assert_eq!(
+            gone.observe(
+                homes.into_iter(),
+                &live(&["b"]),
+                t3 + Duration::from_secs(30)
+            ),
+            live(&["a"])
+        );
+        // No longer anyone's home: forgotten.
+        gone.observe(["b"].into_iter(), &live(&[]), t3);
+        assert_eq!(gone.absent_since.len(), 1);
+    }
+
+    #[test]
+    fn passes_come_every_grace_within_bounds() {
+        assert_eq!(GoneHomes::new(Duration::ZERO).every(), PASS_BOUNDS.0);
+        assert_eq!(
+            GoneHomes::new(Duration::from_secs(2)).every(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            GoneHomes::new(Duration::from_secs(30)).every(),
+            PASS_BOUNDS.1
+        );
+    }
+
+    #[test]
+    fn failures_back_off_and_are_said_rarely() {
+        let mut gone = GoneHomes::new(Duration::from_secs(30));
+        let waiting = KvError::new(ErrorCode::ServiceUnavailable, "waits for its home");
+        let t0 = Instant::now();
+        assert!(gone.due("s", t0));
+        // A lost race for the lease: debug, and tried again later.
+        assert_eq!(gone.failed("s", &waiting, t0), Say::Debug);
+        assert!(!gone.due("s", t0 + RETRY_FIRST - Duration::from_secs(1)));
+        assert!(gone.due("s", t0 + RETRY_FIRST));
+        // Still failing: warn once, then quiet for a long while, with longer waits.
+        let t1 = t0 + RETRY_FIRST;
+        assert_eq!(gone.failed("s", &waiting, t1), Say::Warn);
+        assert!(!gone.due("s", t1 + RETRY_FIRST));
+        assert!(gone.due("s", t1 + RETRY_FIRST * 2));
+        assert_eq!(
+            gone.failed("s", &waiting, t1 + RETRY_FIRST * 2),
+            Say::Nothing
+        );
+        assert_eq!(
+            gone.failed("s", &waiting, t1 + WAITING_SAID_EVERY),
+            Say::Warn
+        );
+        // The waits grow up to a bound.
+        for i in 0..20 {
+            gone.failed("s", &waiting, t1 + RETRY_MAX * i);
+            assert!(gone.tries["s"].next <= t1 + RETRY_MAX * (i + 1));
+        }
+        assert_eq!(gone.tries["s"].next, t1 + RETRY_MAX * 20);
+        // Any other failure: warn at once, then every few minutes.
+        let broken = KvError::new(ErrorCode::InternalError, "broken");
+        assert_eq!(gone.failed("x", &broken, t0), Say::Warn);
+        assert_eq!(
+            gone.failed("x", &broken, t0 + Duration::from_secs(60)),
+            Say::Nothing
+        );
+        assert_eq!(
+            gone.failed("x", &broken, t0 + FAILURE_SAID_EVERY),
+            Say::Warn
+        );
+        // Taken over, or no longer a candidate: forgotten.
+        gone.succeeded("x");
+        assert!(gone.due("x", t0));
+        gone.keep_tries_of(std::iter::empty());
+        assert!(gone.tries.is_empty());
+    }
+}

@@ -1,0 +1,95 @@
+//! The takeover sweep (docs/SEVERAL_NODES.md, "SQL servers whose home is gone"): a server
+//! whose home is gone is taken over without waiting for a request naming it, so that its
+//! backups, TDE probes and retention go on and its first client does not wait for the
+//! takeover. Every node that could take a server over (it ships live logs, serves SQL and is
+//! present itself) looks every few seconds for servers whose recorded home is not among the
+//! running nodes and, once this node has seen that home absent for `KAGI_TAKEOVER_AFTER`
+//! seconds (default 30: a node restarting quickly keeps its servers), takes each over through
+//! [`SqlService::serving_home`], the path a request takes. Nodes sweeping at once are safe:
+//! the takeover's lease decides, and the others find the new home at their next pass.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kagi_core::takeover::{DEFAULT_GRACE_SECONDS, GRACE_VARIABLE, GoneHomes, Say};
+
+use crate::{SERVER_TYPE, SqlService, id_of_body};
+
+/// Starts the sweep on a node that ships live logs (several nodes, blobs in a bucket); on any
+/// other node nothing is ever taken over, and nothing is started.
+pub(crate) fn spawn_takeover_sweep(service: Arc<SqlService>) {
+    if !service.ships_live_logs() {
+        return;
+    }
+    let mut gone = GoneHomes::new(kagi_host::env_seconds(
+        GRACE_VARIABLE,
+        DEFAULT_GRACE_SECONDS,
+    ));
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(gone.every()).await;
+            service.take_over_gone_homes(&mut gone).await;
+        }
+    });
+}
+
+impl SqlService {
+    /// One pass of the sweep: every server whose home has been gone for the grace, and whose
+    /// last failed try is far enough behind, taken over here (one after the other).
+    async fn take_over_gone_homes(self: &Arc<Self>, gone: &mut GoneHomes) {
+        let me = self.host.node_name();
+        let nodes = match self.host.live_nodes().await {
+            Ok(nodes) => nodes,
+            Err(e) => {
+                tracing::debug!(error = %e.message, "takeover sweep: the running nodes could not be read");
+                return;
+            }
+        };
+        // Only a node serving SQL takes a server over, and not while its own presence has
+        // lapsed (cut off from the store, it is the one that looks gone).
+        if !nodes.iter().any(|n| n.name == me && n.sql.is_some()) {
+            gone.forget_all();
+            return;
+        }
+        let live: HashSet<String> = nodes.into_iter().map(|n| n.name).collect();
+        let mut elsewhere = Vec::new();
+        for server in self.host.resources_of_type(SERVER_TYPE) {
+            match self.server_home(&id_of_body(&server)).await {
+                Ok(Some(home)) if home != me => elsewhere.push((server, home)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e.message, "takeover sweep: a server's home could not be read");
+                    return;
+                }
+            }
+        }
+        let now = Instant::now();
+        let long_gone = gone.observe(elsewhere.iter().map(|(_, home)| home.as_str()), &live, now);
+        elsewhere.retain(|(_, home)| long_gone.contains(home));
+        gone.keep_tries_of(elsewhere.iter().map(|(server, _)| id_of_body(server)));
+        for (server, home) in elsewhere {
+            let id = id_of_body(&server);
+            if !gone.due(&id, Instant::now()) {
+                continue;
+            }
+            match self.serving_home(&server, home.clone()).await {
+                Ok(node) => {
+                    gone.succeeded(&id);
+                    if node == me && self.host.resource(&id).is_some() {
+                        tracing::info!(server = %id, from = %home, "SQL server whose home is gone taken over by the takeover sweep, with no request");
+                    }
+                }
+                Err(e) => match gone.failed(&id, &e, Instant::now()) {
+                    Say::Warn => {
+                        tracing::warn!(server = %id, home = %home, error = %e.message, "SQL server whose home is gone not taken over")
+                    }
+                    Say::Debug => {
+                        tracing::debug!(server = %id, home = %home, error = %e.message, "SQL server whose home is gone not taken over this time")
+                    }
+                    Say::Nothing => {}
+                },
+            }
+        }
+    }
+}
