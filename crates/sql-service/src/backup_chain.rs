@@ -93,6 +93,20 @@ pub(crate) fn next_step(cursor: Option<&Cursor>, generation: Option<WalGen>, fra
     }
 }
 
+/// Whether a log of `generation` ending at frame `frames` is behind the backups at `cursor`:
+/// the same generation, fewer frames. Nothing but an older copy of the database's files (a
+/// data directory put back from an earlier snapshot) makes that: a generation's salts are
+/// random, and its frames only grow.
+pub(crate) fn is_behind(cursor: Option<&Cursor>, generation: Option<WalGen>, frames: u32) -> bool {
+    match (
+        cursor.and_then(|c| c.generation.map(|g| (g, c.frames))),
+        generation,
+    ) {
+        (Some((at, backed_up)), Some(g)) => at.same(&g) && frames < backed_up,
+        _ => false,
+    }
+}
+
 /// Where the backups stand once frames up to `frames` of `generation` are backed up.
 pub(crate) fn cursor_after(generation: Option<WalGen>, frames: u32) -> Cursor {
     Cursor {

@@ -440,6 +440,31 @@ impl SqlService {
         if matches!(guard, HomeGuard::Elsewhere) {
             return Ok(());
         }
+        // The live log up to date first: committed frames not shipped yet (a crash between a
+        // commit and its piece) go now, and a copy of the database behind what the live log
+        // holds (its data directory put back from an earlier snapshot) is found at the first
+        // pass after a start, before a client reads it for long.
+        // (Not in a takeover's own pass: its log is this node's from when the home is
+        // recorded.)
+        if let Some(live) = open.live.clone()
+            && db.doc["geo"]["role"].is_null()
+            && matches!(&guard, HomeGuard::Home(home) if home.get("takingOver").is_none())
+        {
+            let key = open.page_key()?;
+            match tokio::task::spawn_blocking(move || live.ship(&key)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(crate::live::LiveError::Behind(_))) => {
+                    return Err(self.rebuild_from_bucket(server, db, "its live log")?);
+                }
+                Ok(Err(crate::live::LiveError::TakenOver)) => {
+                    let service = self.arc()?;
+                    tokio::spawn(service.rebuild_later(id_of_body(server), db.database_id.clone()));
+                    return Ok(());
+                }
+                Ok(Err(e)) => return Err(internal("shipping the live log", e)),
+                Err(e) => return Err(internal("shipping the live log", e)),
+            }
+        }
         let keys = self.key_snapshot(server, db).await?;
         let dir = self.backup_dir(&db.database_id);
         let key = open.page_key()?;
@@ -470,6 +495,24 @@ impl SqlService {
             log,
             full,
         } = one;
+        // With a live log, a copy behind its own backups is an older copy of the database
+        // (its data directory put back from an earlier snapshot): what it lacks was
+        // acknowledged, and is in the bucket. Nothing of it is recorded; the database is
+        // rebuilt from the bucket. (A geo-replication link is not taken over: its database
+        // keeps the backups' old way, a new chain.)
+        if open.live.is_some()
+            && db.doc["geo"]["role"].is_null()
+            && crate::backup_chain::is_behind(st.cursor.as_ref(), state.generation(), state.frames)
+        {
+            drop(pass);
+            let dir = self.backup_dir(&db.database_id);
+            for w in log.iter().chain(full.iter()) {
+                for f in &w.files {
+                    let _ = tokio::fs::remove_file(dir.join(f)).await;
+                }
+            }
+            return Err(self.rebuild_from_bucket(server, db, "its backups")?);
+        }
         for w in log.iter().chain(full.iter()) {
             let chain = if w.full() { w.seq } else { st.chain };
             if w.full() {
@@ -570,6 +613,35 @@ impl SqlService {
             }
         }
         Ok(())
+    }
+
+    /// Ends the sessions of database `db`, whose copy on this node is behind `what` (its
+    /// backups, or its live log), and rebuilds it from the bucket in the background (a
+    /// takeover of its server by this node, its home: `crate::takeover`). Returns the 503 the
+    /// pass ends with.
+    fn rebuild_from_bucket(
+        &self,
+        server: &Value,
+        db: &Database,
+        what: &str,
+    ) -> Result<KvError, KvError> {
+        tracing::error!(database = %db.name, behind = what, "this node's copy of the database is behind what was acknowledged: rebuilt from the bucket");
+        if let Some(old) = self.forget_open(&db.database_id) {
+            old.close(kagi_pgsql::PgError::fatal(
+                "57P01",
+                "terminating connection because this node's copy of the database is behind what \
+                 was acknowledged: the database is rebuilt from the bucket; reconnect",
+            ));
+        }
+        let service = self.arc()?;
+        tokio::spawn(service.rebuild_later(id_of_body(server), db.database_id.clone()));
+        Ok(KvError::new(
+            ErrorCode::ServiceUnavailable,
+            format!(
+                "The database '{}' is being rebuilt from the bucket.",
+                db.name
+            ),
+        ))
     }
 
     /// Forgets where database `id`'s backups stand (rebuilt from its records when needed).

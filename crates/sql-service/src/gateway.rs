@@ -249,6 +249,10 @@ impl Gateway for SqlGateway {
                 format!("permission denied for database \"{database}\""),
             ));
         }
+        self.0
+            .takeover_settled(&crate::id_of_body(&s))
+            .await
+            .map_err(pg_error)?;
         let open = match self.0.open_database(&s, database).await {
             Ok(o) => o,
             Err(e) if e.code == ErrorCode::ResourceNotFound => {
@@ -468,16 +472,27 @@ impl kagi_pgsql::CommitBarrier for ShipBarrier {
         loop {
             match live.ship(&key) {
                 Ok(()) => return Ok(()),
-                Err(crate::live::LiveError::TakenOver) => {
-                    let e = kagi_pgsql::PgError::fatal(
-                        "57P01",
-                        "terminating connection because another node took this database's \
-                         server over: the last transaction was not acknowledged and is not part \
-                         of the database there",
-                    );
+                Err(
+                    cut @ (crate::live::LiveError::TakenOver | crate::live::LiveError::Behind(_)),
+                ) => {
+                    let e = match &cut {
+                        crate::live::LiveError::Behind(_) => kagi_pgsql::PgError::fatal(
+                            "57P01",
+                            "terminating connection because this node's copy of the database is \
+                             behind what its live log in the bucket holds (its data directory is \
+                             older than what was acknowledged): the last transaction was not \
+                             acknowledged, and the database is rebuilt from the bucket; reconnect",
+                        ),
+                        _ => kagi_pgsql::PgError::fatal(
+                            "57P01",
+                            "terminating connection because another node took this database's \
+                             server over: the last transaction was not acknowledged and is not \
+                             part of the database there",
+                        ),
+                    };
                     // Every session of the database ends: nothing more commits here.
                     self.open.close(e.clone());
-                    tracing::warn!(database = %self.open.name, "live log fenced off by another node: sessions ended");
+                    tracing::warn!(database = %self.open.name, reason = %cut, "live log cut off: sessions ended");
                     if let Some(service) = self.service.upgrade() {
                         let (server, db) =
                             (self.open.server_id.clone(), self.open.database_id.clone());

@@ -87,9 +87,36 @@ impl SqlService {
         })
     }
 
-    /// After a commit found the live log of database `database_id` of `server_id` fenced off:
-    /// when this node is still the server's recorded home (the takeover that fenced it did not
-    /// finish), it takes the server back from the bucket; otherwise another node serves it now.
+    /// Waits (at most a minute) for a takeover of server `server_id` under way on this node to
+    /// end: a session must not open a database whose file is being put in place, under the
+    /// live log of the home before it.
+    pub(crate) async fn takeover_settled(&self, server_id: &str) -> Result<(), KvError> {
+        let name = format!("takeover:{server_id}");
+        match tokio::time::timeout(std::time::Duration::from_secs(60), self.lock_id(&name)).await {
+            Ok(_done) => Ok(()),
+            Err(_) => Err(unavailable(
+                "The server is being taken over from the bucket by this node. Retry the \
+                 connection."
+                    .into(),
+            )),
+        }
+    }
+
+    /// [`Self::after_fence`], boxed: for a backup pass that finds its copy behind (the pass
+    /// runs inside a takeover too, and the future's type would otherwise contain itself).
+    pub(crate) fn rebuild_later(
+        self: Arc<Self>,
+        server_id: String,
+        database_id: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(self.after_fence(server_id, database_id))
+    }
+
+    /// After a commit found the live log of database `database_id` of `server_id` fenced off,
+    /// or this node's copy of the database behind what the live log holds (a data directory
+    /// older than what was acknowledged): when this node is still the server's recorded home
+    /// (the takeover that fenced it did not finish), it takes the server back from the bucket;
+    /// otherwise another node serves it now.
     pub(crate) async fn after_fence(self: Arc<Self>, server_id: String, database_id: String) {
         self.forget_open(&database_id);
         self.forget_live_log(&database_id);
