@@ -1566,6 +1566,68 @@ def test_a_sql_home_whose_copy_is_older_than_its_live_log_rebuilds_from_the_buck
             n.stop()
 
 
+def test_a_paused_sql_home_closes_what_was_deleted_through_another_node(tmp_path):
+    """Issue 14: a home deemed not running while it still runs (here paused past its presence
+    lease) is not told of a DELETE served meanwhile by another node; once it runs again its
+    keeper finds out: sessions to a database dropped, and then to a server deleted, through
+    node 2 end (FATAL 57P01 saying why) and their files go, while another database's session
+    carries on until its own server goes."""
+    import signal
+
+    import psycopg
+    import test_sql as sql
+
+    first = start_sql_cluster(tmp_path, 2, env={"KAGI_SQL_KEEPER_TICK_SECONDS": "1"})
+    n2 = first.cluster[0]
+    try:
+        via1, via2, server, db, dsn = sql_server_on_node_1(first)
+        other, made = sql.create_db(via1, server)
+        other_file = first.data_dir / "sql" / f"{made['properties']['databaseId']}.db"
+        assert other_file.exists()
+
+        def session(database):
+            c = psycopg.connect(dsn(first).replace(f"dbname={db}", f"dbname={database}"), autocommit=True)
+            c.execute("CREATE TABLE IF NOT EXISTS t (v int)")
+            return c
+
+        kept, doomed = session(db), session(other)
+        # The test's token is fetched before node 1 stops (the token endpoint may be node 1's).
+        assert sql.arm(via2, "GET", sql.sql_path(via2, server)).status_code == 200
+
+        def while_node_1_is_paused(path):
+            first.proc.send_signal(signal.SIGSTOP)
+            try:
+                until(lambda: sql.arm(via2, "DELETE", path).status_code in (200, 202, 204), bound=60)
+            finally:
+                first.proc.send_signal(signal.SIGCONT)
+
+        def ended(c, why):
+            def check():
+                try:
+                    c.execute("SELECT count(*) FROM t")
+                    time.sleep(0.2)
+                    return None
+                except psycopg.OperationalError as e:
+                    return str(e)
+            said, took = until(check, bound=30)
+            assert why in said, said
+            return took
+
+        while_node_1_is_paused(sql.sql_path(via2, server, f"/databases/{other}"))
+        took = ended(doomed, "dropped through another node")
+        print(f"\na session to a database dropped through node 2 ended {took:.1f} s after node 1 resumed")
+        until(lambda: not other_file.exists(), bound=10)
+        kept.execute("INSERT INTO t VALUES (1)")
+        kept_file = next(f for f in (first.data_dir / "sql").glob("*.db"))
+        while_node_1_is_paused(sql.sql_path(via2, server))
+        # (Its databases go with it: whichever the keeper sees first is said.)
+        ended(kept, "through another node")
+        until(lambda: not kept_file.exists(), bound=10)
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
 def shared_bucket():
     """A prefix of its own in the test bucket."""
     import uuid

@@ -22,7 +22,7 @@ use kagi_core::KvError;
 use serde_json::{Value, json};
 
 use crate::databases::{Database, KeyScope};
-use crate::keys::SERVER_DOC;
+use crate::keys::{DBKEYS_DOC, SERVER_DOC};
 use crate::protector::Protector;
 use crate::{SERVER_TYPE, SqlService, id_of_body};
 
@@ -97,32 +97,55 @@ pub fn spawn_keeper(service: Arc<SqlService>) -> tokio::task::JoinHandle<()> {
 
 impl SqlService {
     /// Closes the databases open here whose server another node serves now (taken over while
-    /// this node was cut off): their sessions end (they would read a stale copy) and their
-    /// keys leave this node's memory.
+    /// this node was cut off), or that another node deleted (their server, or the database,
+    /// while this node was deemed not running): their sessions end (they would read a stale
+    /// copy, or a deleted database) and their keys leave this node's memory. A deleted
+    /// database's files go too (no create can be under way in a deleted server, and a dropped
+    /// database's id is never used again).
     async fn close_moved_databases(&self) {
         if !self.host.shares_store() {
             return;
         }
-        let open: Vec<(String, String)> = self
+        let open: Vec<(String, String, bool)> = self
             .open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .map(|o| (o.server_id.clone(), o.database_id.clone()))
+            .map(|o| (o.server_id.clone(), o.database_id.clone(), o.read_only))
             .collect();
         let me = self.host.node_name();
-        for (server, database) in open {
-            match self.server_home(&server).await {
-                Ok(Some(home)) if home != me => {}
-                _ => continue,
-            }
-            if let Some(moved) = self.forget_open(&database) {
-                moved.close(kagi_pgsql::PgError::fatal(
+        for (server, database, read_only) in open {
+            // Why, and whether it was deleted.
+            let (why, deleted) = if self.host.resource(&server).is_none() {
+                ("its server was deleted through another node", true)
+            } else {
+                match self.server_home(&server).await {
+                    Ok(Some(home)) if home != me => {
+                        ("another node serves this database's server now", false)
+                    }
+                    // A drop deletes the database's key records first; a create (or restore)
+                    // writes them before it opens the database. (A geo-secondary's are the
+                    // link's business.)
+                    Ok(_) if !read_only => {
+                        match self.host.document(&server, DBKEYS_DOC, &database).await {
+                            Ok(None) => ("the database was dropped through another node", true),
+                            _ => continue,
+                        }
+                    }
+                    _ => continue,
+                }
+            };
+            if let Some(gone) = self.forget_open(&database) {
+                gone.close(kagi_pgsql::PgError::fatal(
                     "57P01",
-                    "terminating connection because another node serves this database's server now",
+                    format!("terminating connection because {why}"),
                 ));
                 self.forget_backup_pin(&database);
-                tracing::warn!(server = %server, database = %moved.name, "a database served by another node now was closed here");
+                self.forget_live_log(&database);
+                tracing::warn!(server = %server, database = %gone.name, why, "a database open here was closed");
+                if deleted && let Err(e) = crate::engine::remove_files(&gone.file).await {
+                    tracing::warn!(database = %gone.name, error = %e.message, "a deleted database's files were not removed");
+                }
             }
         }
     }
