@@ -1628,6 +1628,40 @@ def test_a_paused_sql_home_closes_what_was_deleted_through_another_node(tmp_path
             n.stop()
 
 
+def test_a_paused_disk_home_ends_the_access_of_a_disk_deleted_through_another_node(tmp_path):
+    """Issue 14: a disk's home deemed not running while it still runs (paused past its presence
+    lease) keeps an access to the disk in memory; once it runs again and learns that the disk
+    was deleted through node 2 meanwhile, its keeper ends that access: the old access URI
+    serves nothing any more (it did until a restart)."""
+    import signal
+
+    import test_disks as disks
+
+    first = start_sql_cluster(tmp_path, 2, env={"KAGI_DISK_KEEPER_TICK_SECONDS": "1"})
+    n2 = first.cluster[0]
+    try:
+        first.put_rg(DEFAULT_RG)
+        via1, via2 = Via(first, first), Via(first, n2)
+        name, _ = disks.create_disk(via1)
+        stale_uri = disks.grant_access(via1, name, "Read")
+        assert str(first.data_dir) in stale_uri, stale_uri
+        disks.run("qemu-img", "info", stale_uri)
+        path = disks.compute_path(via2, "disks", name)
+        # The test's token is fetched before node 1 stops (the token endpoint may be node 1's).
+        assert disks.arm(via2, "GET", path).status_code == 200
+        first.proc.send_signal(signal.SIGSTOP)
+        try:
+            until(lambda: disks.arm(via2, "DELETE", path).status_code in (200, 202, 204), bound=60)
+        finally:
+            first.proc.send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        until(lambda: disks.run("qemu-img", "info", stale_uri, check=False).returncode != 0, bound=30)
+        print(f"\nthe deleted disk's access ended {time.monotonic() - resumed:.1f} s after its home resumed")
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
 def shared_bucket():
     """A prefix of its own in the test bucket."""
     import uuid

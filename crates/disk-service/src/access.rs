@@ -125,15 +125,18 @@ impl DiskService {
         Ok(loaded)
     }
 
-    /// Ends the accesses whose time is over: their connections are cut (an access is checked
-    /// when a client connects; this ends the connections it let in), and they are forgotten.
+    /// Ends the accesses whose time is over, and those of disks and snapshots that are gone
+    /// (deleted through another node while this one, their home, was deemed not running: a
+    /// resource with an open access is neither deleted nor moved here): their connections are
+    /// cut (an access is checked when a client connects; this ends the connections it let
+    /// in), and they are forgotten.
     pub(crate) async fn expire_accesses(&self) {
         let now = self.host.now();
         let expired: Vec<(String, String)> = {
             let mut all = self.accesses.lock().unwrap_or_else(|p| p.into_inner());
             let keys: Vec<String> = all
                 .iter()
-                .filter(|(_, a)| a.expires <= now)
+                .filter(|(_, a)| a.expires <= now || self.host.resource(&a.disk).is_none())
                 .map(|(k, _)| k.clone())
                 .collect();
             keys.into_iter()
