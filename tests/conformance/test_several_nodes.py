@@ -1462,9 +1462,13 @@ def test_a_home_records_no_backup_while_another_node_takes_its_server_over(tmp_p
             rows = iter(range(1000, 2000))
 
             def backed_up_since(n):
-                session.execute("INSERT INTO t VALUES (%s)", (next(rows),))
-                return records() > n
-            until(lambda: backed_up_since(records()), bound=30)
+                """Waits until a backup is recorded past `n` records, a row committed now and then."""
+                def check():
+                    session.execute("INSERT INTO t VALUES (%s)", (next(rows),))
+                    time.sleep(0.25)
+                    return records() > n
+                until(check, bound=30)
+            backed_up_since(records())
             marked = {**json.loads(home), "takingOver": {"node": "ghost", "number": 9}}
             lease = f"sql-takeover:{home_id}"
             c.execute("INSERT INTO kagi_leases (name, holder, fencing, expires) "
@@ -1481,7 +1485,7 @@ def test_a_home_records_no_backup_while_another_node_takes_its_server_over(tmp_p
             # The takeover's node died: its lease lapses, the mark goes, backups go on.
             c.execute("UPDATE kagi_leases SET expires = now() - interval '1 second' WHERE name = %s",
                       (lease,))
-            until(lambda: backed_up_since(before), bound=30)
+            backed_up_since(before)
             body = json.loads(c.execute("SELECT body FROM service_documents WHERE kind = 'home' AND name = %s",
                                         (home_id,)).fetchone()[0])
             assert body == json.loads(home), body
