@@ -254,3 +254,56 @@ async fn a_guarded_write_waits_for_a_change_of_its_guard_and_then_sees_it() {
         None
     );
 }
+
+/// A compare-and-set of a document another transaction holds a shared lock on and then
+/// updates waits for that transaction and sees its change (`false`), rather than deadlocking
+/// with it (a shared lock of its own upgraded to write would: PostgreSQL aborts one of the
+/// two).
+#[tokio::test]
+async fn a_compare_and_set_waits_for_a_racing_writer_of_its_row_without_deadlock() {
+    use sqlx::Connection;
+    let Some((s, url)) = store_at().await else {
+        return;
+    };
+    let doc = |body: &str| kagi_store::ServiceDocument {
+        kind: "home".into(),
+        name: "a".into(),
+        body: body.into(),
+        updated: 1,
+    };
+    s.put_service_document("/homes", &doc("node-a"))
+        .await
+        .unwrap();
+    sqlx::any::install_default_drivers();
+    let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
+    let row = "resource_key = '/homes' AND kind = 'home' AND name = 'a'";
+    sqlx::raw_sql("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "SELECT body FROM service_documents WHERE {row} FOR SHARE"
+    )))
+    .execute(&mut other)
+    .await
+    .unwrap();
+    let writer = s.clone();
+    let cas = tokio::spawn(async move {
+        let guard = kagi_store::DocumentRef {
+            resource_key: "/homes",
+            kind: "home",
+            name: "a",
+        };
+        writer
+            .put_service_document_if("/homes", &doc("node-c"), guard, &|b| b == Some("node-a"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "UPDATE service_documents SET body = 'node-b' WHERE {row}"
+    )))
+    .execute(&mut other)
+    .await
+    .expect("the racing writer deadlocked");
+    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    assert!(!cas.await.unwrap().expect("the compare-and-set failed"));
+    let now = s.get_service_document("/homes", "home", "a").await.unwrap();
+    assert_eq!(now.map(|d| d.body).as_deref(), Some("node-b"));
+}

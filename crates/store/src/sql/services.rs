@@ -136,7 +136,14 @@ impl SqlStore {
         guard: crate::DocumentRef<'_>,
         holds: crate::DocumentCondition<'_>,
     ) -> Result<bool> {
-        let (mut tx, lock) = self.begin_row_lock().await?;
+        let (mut tx, mut lock) = self.begin_row_lock().await?;
+        // A compare-and-set (the guard is the row written) locks it for update: two writers
+        // that both shared it and then both updated it would deadlock.
+        let itself =
+            guard.resource_key == resource_key && guard.kind == doc.kind && guard.name == doc.name;
+        if itself && lock == " FOR SHARE" {
+            lock = " FOR UPDATE";
+        }
         let body: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT body FROM service_documents \
              WHERE resource_key = $1 AND kind = $2 AND name = $3{lock}"
