@@ -1027,6 +1027,62 @@ def test_pgwire_connections_reaching_another_node_are_forwarded_to_the_servers_h
             n.stop()
 
 
+def test_a_pgwire_cancel_reaching_a_third_node_reaches_the_session(tmp_path):
+    """Three nodes serving SQL behind a TCP load balancer: a psycopg session to a server homed
+    on node 1 reaches node 2 (spliced to node 1), and its cancel, a new connection, reaches
+    node 3, which knows neither the session nor the splice: node 3 passes it on once to the
+    other nodes (kagi's own request code) and the running statement ends with 57014
+    (QueryCanceled, "due to user request"), at once, not at its statement_timeout."""
+    import threading
+    from types import SimpleNamespace
+
+    import psycopg
+    from conftest import RoundRobinProxy, free_port
+
+    first = start_sql_cluster(tmp_path, 3)
+    n2, n3 = first.cluster[0], first.cluster[1]
+    # The balancer: the session's connection goes to node 2, the next one (the cancel) to node 3.
+    balancer = RoundRobinProxy(free_port(), [(n2.listen_host, n2.sql_port), (n3.listen_host, n3.sql_port)])
+    try:
+        _, _, _, _, dsn = sql_server_on_node_1(first)
+        c = psycopg.connect(dsn(SimpleNamespace(listen_host="127.0.0.1", sql_port=balancer.port)),
+                            autocommit=True)
+        c.execute("SET statement_timeout = '60s'")
+        outcome = []
+
+        def runaway():
+            try:
+                c.execute("WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) "
+                          "SELECT count(*) FROM n")
+                outcome.append("finished")
+            except psycopg.Error as e:
+                outcome.append(e)
+
+        t = threading.Thread(target=runaway, daemon=True)
+        t.start()
+        time.sleep(1)
+        assert not outcome, outcome
+        t0 = time.monotonic()
+        # cancel_safe (libpq >= 17, what psycopg's Ctrl-C sends): a new connection, over TLS
+        # as the session's; cancel() would hold the GIL, and the balancer runs in this process.
+        c.cancel_safe(timeout=20)
+        t.join(30)
+        took = time.monotonic() - t0
+        assert outcome, "the statement still runs"
+        e = outcome[0]
+        assert isinstance(e, psycopg.errors.QueryCanceled), repr(e)
+        assert "canceling statement due to user request" in str(e), e
+        assert took < 10, took
+        print(f"\nthe cancel sent to node 3 ended the statement on node 1 in {took:.2f} s")
+        # The session goes on.
+        assert c.execute("SELECT 1").fetchone() == (1,)
+        c.close()
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+        balancer.stop()
+
+
 def test_nbd_connections_reaching_another_node_are_forwarded_to_the_disks_home(tmp_path, monkeypatch):
     """With --nbd-listen behind a TCP load balancer, an NBD connection may reach any node: an
     access's export name names its home (`sas-{secret}-{node}`), and another node passes the

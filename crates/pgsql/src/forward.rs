@@ -91,6 +91,15 @@ impl Upstream {
     }
 }
 
+/// Why a TLS connection to an upstream failed: for the client, and (`why`) for the log.
+struct ConnectFailure {
+    /// What the client is told after [`UPSTREAM_PHRASE`]; None when it cannot be reached
+    /// (retry later), else a configuration fault (retrying does not help).
+    misconfigured: Option<&'static str>,
+    /// The reason, for the log only.
+    why: String,
+}
+
 /// A TLS connection to `up`: TCP, SSLRequest, handshake, all within `timeout`. Errors are
 /// FATAL 57P03 (retry later), or 08006 when it speaks no TLS or fails the handshake (a
 /// configuration fault, retrying does not help); they name the upstream and say why in the
@@ -99,18 +108,34 @@ pub(crate) async fn connect(
     up: &Upstream,
     timeout: Duration,
 ) -> Result<TlsStream<TcpStream>, PgError> {
-    let unreachable = |why: String| {
-        tracing::warn!(upstream = %up.name, address = %up.address, reason = %why, "cannot reach the upstream");
-        PgError::unavailable(format!("{UPSTREAM_PHRASE} cannot be reached now"))
-            .with_hint("retry the connection")
+    open_tls(up, timeout).await.map_err(|f| match f.misconfigured {
+        None => {
+            tracing::warn!(upstream = %up.name, address = %up.address, reason = %f.why, "cannot reach the upstream");
+            PgError::unavailable(format!("{UPSTREAM_PHRASE} cannot be reached now"))
+                .with_hint("retry the connection")
+        }
+        Some(what) => {
+            tracing::error!(upstream = %up.name, address = %up.address, reason = %f.why, "cannot connect to the upstream");
+            PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                format!("{UPSTREAM_PHRASE} {what}"),
+            )
+        }
+    })
+}
+
+/// [`connect`] without its logging.
+async fn open_tls(
+    up: &Upstream,
+    timeout: Duration,
+) -> Result<TlsStream<TcpStream>, ConnectFailure> {
+    let unreachable = |why: String| ConnectFailure {
+        misconfigured: None,
+        why,
     };
-    // `what` for the client, `why` for the log.
-    let misconfigured = |what: &str, why: String| {
-        tracing::error!(upstream = %up.name, address = %up.address, reason = %why, "cannot connect to the upstream");
-        PgError::fatal(
-            sqlstate::CONNECTION_FAILURE,
-            format!("{UPSTREAM_PHRASE} {what}"),
-        )
+    let misconfigured = |what: &'static str, why: String| ConnectFailure {
+        misconfigured: Some(what),
+        why,
     };
     let attempt = async {
         let mut tcp = TcpStream::connect(&up.address)
@@ -169,24 +194,38 @@ pub(crate) fn marked_startup(body: &[u8], by: &str) -> Vec<u8> {
     out
 }
 
-/// Sends CancelRequest (`pid`, `key`) to `up`, over TLS as the session's own connection.
-pub(crate) async fn cancel(up: &Upstream, pid: u32, key: u32, timeout: Duration) {
-    let sent = async {
-        let mut tls = connect(up, timeout).await.map_err(|e| e.to_string())?;
-        let mut req = 16u32.to_be_bytes().to_vec();
-        req.extend_from_slice(&wire::CANCEL_REQUEST.to_be_bytes());
-        req.extend_from_slice(&pid.to_be_bytes());
-        req.extend_from_slice(&key.to_be_bytes());
-        tls.write_all(&req).await.map_err(|e| e.to_string())?;
-        tls.flush().await.map_err(|e| e.to_string())?;
-        // The upstream closes when it has served it.
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(timeout, tls.read_to_end(&mut rest)).await;
-        Ok::<_, String>(())
+/// Sends a CancelRequest (`pid`, `key`) to `up`, over TLS as a session's own connection:
+/// with [`wire::PASSED_CANCEL_REQUEST`]'s code when `passed_on` (`up` must not pass it on
+/// again), else CancelRequest's. Why it could not, for the caller to log (never the key).
+pub(crate) async fn cancel(
+    up: &Upstream,
+    pid: u32,
+    key: u32,
+    passed_on: bool,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut tls = open_tls(up, timeout).await.map_err(|f| f.why)?;
+    let code = if passed_on {
+        wire::PASSED_CANCEL_REQUEST
+    } else {
+        wire::CANCEL_REQUEST
     };
-    if let Err(e) = sent.await {
-        tracing::warn!(upstream = %up.name, error = %e, "cannot forward a cancel request");
-    }
+    let mut req = 16u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&code.to_be_bytes());
+    req.extend_from_slice(&pid.to_be_bytes());
+    req.extend_from_slice(&key.to_be_bytes());
+    let sent = async {
+        tls.write_all(&req).await?;
+        tls.flush().await
+    };
+    tokio::time::timeout(timeout, sent)
+        .await
+        .map_err(|_| format!("no answer within {} s", timeout.as_secs_f32()))?
+        .map_err(|e| e.to_string())?;
+    // The upstream closes when it has served it (and sends nothing: read a little at most).
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(timeout, (&mut tls).take(1024).read_to_end(&mut rest)).await;
+    Ok(())
 }
 
 /// Spliced sessions by backend process id: (secret key, upstream) — several, should two

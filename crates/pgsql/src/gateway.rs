@@ -203,6 +203,16 @@ pub trait Gateway: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The other front ends a CancelRequest unknown here is passed on to, once (with
+    /// [`crate::wire::PASSED_CANCEL_REQUEST`], which they serve but never pass on again):
+    /// behind a load balancer a client's cancel connection may reach a front end that neither
+    /// holds its session nor spliced it. Only the address and TLS settings of each
+    /// [`Upstream`] are used (any name its certificate covers will do). Called for unknown
+    /// cancels only, at most a few dozen times a second. Default: none.
+    async fn cancel_peers(&self) -> Vec<Upstream> {
+        Vec::new()
+    }
+
     /// How `login` connecting to `database` on `server` authenticates (a login may be a
     /// user of that database only). `Ok(None)` for an unknown server or login: the front end
     /// then runs a mock SCRAM exchange and fails with the same 28P01 as for a wrong password.

@@ -26,6 +26,7 @@ mod commands;
 mod error;
 mod forward;
 mod gateway;
+mod peers;
 mod results;
 pub mod scram;
 mod server;

@@ -3,7 +3,8 @@
 //! (SCRAM-SHA-256 or an access token), opens the database through the Gateway and hands the
 //! session to its own thread — or, for a server the Gateway says another front end serves,
 //! splices the connection to that one (crate::forward). CancelRequests interrupt the running
-//! statement of a session (or are sent on to the upstream of a spliced one).
+//! statement of a session (or are sent on to the upstream of a spliced one, or passed on to
+//! the Gateway's peers when unknown here: crate::peers).
 
 use std::collections::HashMap;
 use std::io;
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::{PgError, ServeError, Severity, sqlstate};
 use crate::forward::{self, FORWARDED_BY, ForwardedKeys, Upstream};
 use crate::gateway::{Credential, Gateway, Termination};
+use crate::peers::{self, PassOnBudget};
 use crate::scram::{MECHANISM, ScramError, ScramServer};
 use crate::session::{self, SessionParams};
 use crate::settings::Settings;
@@ -145,6 +147,8 @@ struct Shared {
     registry: Registry,
     /// Keys of the sessions spliced to an upstream.
     forwarded: Arc<ForwardedKeys>,
+    /// Unknown CancelRequests this listener may still pass on to its peers.
+    passed_cancels: PassOnBudget,
     sessions: Arc<Semaphore>,
     shutdown: CancellationToken,
     mock_key: [u8; 32],
@@ -174,6 +178,7 @@ pub async fn serve(
         config,
         registry: Registry::default(),
         forwarded: Arc::default(),
+        passed_cancels: PassOnBudget::default(),
         shutdown: shutdown.clone(),
         mock_key,
     });
@@ -462,12 +467,15 @@ async fn startup(shared: &Arc<Shared>, transport: &mut Transport) -> Result<Outc
                 *transport = Transport::Tls(Box::new(stream));
             }
             Startup::GssEncRequest => send(transport, b"N").await?,
-            Startup::Cancel { pid, key } => {
-                if !shared.registry.cancel(pid, key)
-                    && let Some(up) = shared.forwarded.find(pid, key)
-                {
-                    forward::cancel(&up, pid, key, shared.config.upstream_timeout).await;
-                }
+            Startup::Cancel {
+                pid,
+                key,
+                passed_on,
+            } => {
+                serve_cancel(shared, pid, key, passed_on).await;
+                // Closed cleanly: libpq >= 17 sends cancels over TLS too and takes an end
+                // without close_notify for a failure ("unexpected eof").
+                let _ = tokio::time::timeout(Duration::from_secs(1), transport.shutdown()).await;
                 return Err(Abort::Close);
             }
             Startup::Startup { minor, params } => break (minor, params, body),
@@ -589,6 +597,30 @@ async fn startup(shared: &Arc<Shared>, transport: &mut Transport) -> Result<Outc
         pid,
         _permit: permit,
     })))
+}
+
+/// Serves a CancelRequest: this listener's own session, else a session it spliced (sent on to
+/// its upstream, with the code it came with: one passed on stays passed on), else, when no
+/// other front end passed it here, passed on to the Gateway's peers (crate::peers).
+async fn serve_cancel(shared: &Shared, pid: u32, key: u32, passed_on: bool) {
+    if shared.registry.cancel(pid, key) {
+        return;
+    }
+    let timeout = shared.config.upstream_timeout;
+    if let Some(up) = shared.forwarded.find(pid, key) {
+        if let Err(e) = forward::cancel(&up, pid, key, passed_on, timeout).await {
+            tracing::warn!(upstream = %up.name, address = %up.address, reason = %e, "cannot forward a cancel request");
+        }
+    } else if !passed_on {
+        peers::pass_on(
+            shared.gateway.as_ref(),
+            &shared.passed_cancels,
+            pid,
+            key,
+            timeout,
+        )
+        .await;
+    }
 }
 
 /// Connects to `up`, the front end serving `server`, and sends it the client's StartupMessage

@@ -11,8 +11,12 @@ use crate::error::{PgError, Severity};
 pub const SSL_REQUEST: u32 = 80_877_103;
 /// Protocol code of a GSSENCRequest.
 pub const GSSENC_REQUEST: u32 = 80_877_104;
-/// Protocol code of a CancelRequest.
+/// Protocol code of a CancelRequest (1234/5678).
 pub const CANCEL_REQUEST: u32 = 80_877_102;
+/// Protocol code of a CancelRequest that a front end passed on to its peers because it knew
+/// neither the session nor the spliced connection it belongs to (1234/5699, kagi's own; same
+/// body as a CancelRequest). It is served like one but never passed on again.
+pub const PASSED_CANCEL_REQUEST: u32 = 80_877_123;
 /// Major protocol version 3 (the only one spoken), in the high 16 bits of the code.
 pub const PROTOCOL_MAJOR: u16 = 3;
 /// The largest startup packet accepted (PostgreSQL's `MAX_STARTUP_PACKET_LENGTH`).
@@ -79,6 +83,9 @@ pub enum Startup {
         pid: u32,
         /// Secret key from BackendKeyData.
         key: u32,
+        /// Sent with [`PASSED_CANCEL_REQUEST`]: another front end passed it on, so it must
+        /// not be passed on again.
+        passed_on: bool,
     },
     /// StartupMessage.
     Startup {
@@ -103,11 +110,15 @@ pub fn parse_startup(body: &[u8]) -> Result<Startup, WireError> {
                 Startup::GssEncRequest
             })
         }
-        CANCEL_REQUEST => {
+        CANCEL_REQUEST | PASSED_CANCEL_REQUEST => {
             let pid = r.u32()?;
             let key = r.u32()?;
             r.finish()?;
-            Ok(Startup::Cancel { pid, key })
+            Ok(Startup::Cancel {
+                pid,
+                key,
+                passed_on: code == PASSED_CANCEL_REQUEST,
+            })
         }
         _ => {
             let major = (code >> 16) as u16;
@@ -622,6 +633,39 @@ mod tests {
         b.push(1);
         assert!(parse_startup(&b).is_err());
         assert!(parse_startup(&CANCEL_REQUEST.to_be_bytes()).is_err());
+    }
+
+    #[test]
+    fn cancel_requests_plain_and_passed_on() {
+        assert_eq!(PASSED_CANCEL_REQUEST, (1234 << 16) | 5699);
+        let body = |code: u32| {
+            let mut b = code.to_be_bytes().to_vec();
+            b.extend_from_slice(&77u32.to_be_bytes());
+            b.extend_from_slice(&0xdead_beefu32.to_be_bytes());
+            b
+        };
+        assert_eq!(
+            parse_startup(&body(CANCEL_REQUEST)),
+            Ok(Startup::Cancel {
+                pid: 77,
+                key: 0xdead_beef,
+                passed_on: false
+            })
+        );
+        assert_eq!(
+            parse_startup(&body(PASSED_CANCEL_REQUEST)),
+            Ok(Startup::Cancel {
+                pid: 77,
+                key: 0xdead_beef,
+                passed_on: true
+            })
+        );
+        // Truncated or with trailing bytes, as a CancelRequest.
+        let b = body(PASSED_CANCEL_REQUEST);
+        assert_eq!(parse_startup(&b[..11]), Err(WireError::Truncated));
+        let mut long = b.clone();
+        long.push(0);
+        assert_eq!(parse_startup(&long), Err(WireError::Trailing(1)));
     }
 
     #[test]

@@ -2,12 +2,16 @@
 //! client and cancel requests reach srv1's databases through the second, which splices the
 //! connection to the first after the StartupMessage. Authentication is the upstream's, end to
 //! end; the forwarded marker grants nothing and is never forwarded twice; an upstream that is
-//! down or silent is a FATAL 57P03 naming it, in bounded time.
+//! down or silent is a FATAL 57P03 naming it, in bounded time. A CancelRequest reaching a
+//! third front end, which knows neither the session nor its splice, is passed on once to its
+//! peers (`Gateway::cancel_peers`), and reaches the session through the edge.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -88,6 +92,84 @@ fn a_cancel_request_reaching_the_forwarding_front_end_reaches_the_session() {
         "{}",
         stderr(&o)
     );
+}
+
+/// A peer that counts the connections it gets and closes them at once (no TLS): in every
+/// front end's peer list, it counts how often a cancel is passed on.
+fn counting_peer(ca_of: &Env) -> (kagi_pgsql::Upstream, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut peer = ca_of.cancel_peer("counter");
+    peer.address = listener.local_addr().unwrap().to_string();
+    let count = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&count);
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            counted.fetch_add(1, Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    (peer, count)
+}
+
+#[test]
+fn a_cancel_request_reaching_a_third_front_end_is_passed_on_once_and_reaches_the_session() {
+    let (home, edge) = pair();
+    let third = Env::start();
+    let (counter, passed) = counting_peer(&home);
+    // Each peer list names the others and the counter, pointing back: a cancel passed on again
+    // would show at the counter (and could loop). The third's names the edge, not the home: the
+    // cancel must reach the session through the edge's splice.
+    home.gateway.set_cancel_peers(vec![
+        edge.cancel_peer("edge"),
+        third.cancel_peer("third"),
+        counter.clone(),
+    ]);
+    edge.gateway.set_cancel_peers(vec![
+        home.cancel_peer("home"),
+        third.cancel_peer("third"),
+        counter.clone(),
+    ]);
+    third
+        .gateway
+        .set_cancel_peers(vec![edge.cancel_peer("edge"), counter]);
+    // A session through the edge: its BackendKeyData is the home's.
+    let (mut s, pid, key) = raw_session_with_key(&edge);
+    s.write_all(&query(
+        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+    ))
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A wrong key, at the third: passed on once (the counter's one connection), known to no
+    // one; the statement runs on.
+    send_cancel(&third, pid, key ^ 1);
+    assert_eq!(passed.load(Ordering::SeqCst), 1);
+    // The same at the edge: it passes it on to the home, the third and the counter, none of
+    // which passes it on again.
+    send_cancel(&edge, pid, key.wrapping_add(1));
+    assert_eq!(passed.load(Ordering::SeqCst), 2);
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut byte = [0u8; 1];
+    let still = s.read(&mut byte).unwrap_err();
+    assert!(
+        matches!(
+            still.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{still:?}"
+    );
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The right key, at the third: passed on to the edge, which sends it on to the home.
+    let t0 = Instant::now();
+    send_cancel(&third, pid, key);
+    let r = read_until(&mut s, b'Z');
+    let e = r.iter().find(|(t, _)| *t == b'E').expect("an error");
+    assert_eq!(error_code(&e.1), "57014", "{r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert_eq!(passed.load(Ordering::SeqCst), 3);
+    // The session goes on.
+    s.write_all(&query("SELECT 1")).unwrap();
+    let r = read_until(&mut s, b'Z');
+    assert!(r.iter().all(|(t, _)| *t != b'E'), "{r:?}");
 }
 
 #[test]

@@ -88,6 +88,20 @@ impl SqlGateway {
         Ok(server_login || self.db_user(server, database, login).await?.is_some())
     }
 
+    /// A client TLS configuration trusting the cluster's CA. Every node of a cluster has the
+    /// same CA (copied with the root key): the other nodes' SQL certificates chain to it.
+    async fn cluster_tls(&self) -> Result<Arc<kagi_pgsql::rustls::ClientConfig>, PgError> {
+        let ca = self.0.host.config().data_dir.join("tls").join("ca.pem");
+        let pem = tokio::fs::read(&ca).await.map_err(|e| {
+            tracing::error!(path = %ca.display(), error = %e, "cannot read the cluster's CA");
+            PgError::fatal(
+                sqlstate::INTERNAL_ERROR,
+                "cannot reach the node serving this server",
+            )
+        })?;
+        Upstream::trusting(&pem)
+    }
+
     fn server(&self, name: &str) -> Result<Value, PgError> {
         self.0.server_named(name).ok_or_else(|| {
             PgError::fatal(
@@ -139,24 +153,52 @@ impl Gateway for SqlGateway {
                     .with_hint("retry the connection")
             })?;
         let config = self.0.host.config();
-        // Every node of a cluster has the same CA (copied with the root key): the home's
-        // certificate for the server's host name chains to it.
-        let ca = config.data_dir.join("tls").join("ca.pem");
-        let pem = tokio::fs::read(&ca).await.map_err(|e| {
-            tracing::error!(path = %ca.display(), error = %e, "cannot read the cluster's CA");
-            PgError::fatal(
-                sqlstate::INTERNAL_ERROR,
-                "cannot reach the node serving this server",
-            )
-        })?;
         let name = s["name"].as_str().unwrap_or(server);
         Ok(Some(Upstream {
             name: format!("the node '{home}'"),
             address,
             tls_name: format!("{name}.{}", config.dns_suffix),
-            tls: Upstream::trusting(&pem)?,
+            tls: self.cluster_tls().await?,
             forwarded_by: self.0.host.node_name(),
         }))
+    }
+
+    /// The other running nodes that serve SQL: a CancelRequest that reaches this node for a
+    /// session it neither holds nor forwarded (the client's cancel connection went to another
+    /// node than its session's) is passed on to them, once.
+    async fn cancel_peers(&self) -> Vec<Upstream> {
+        let nodes = match self.0.host.live_nodes().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(reason = %e.message, "cannot list the nodes to pass a cancel request on to");
+                return Vec::new();
+            }
+        };
+        let me = self.0.host.node_name();
+        let peers: Vec<(String, String)> = nodes
+            .into_iter()
+            .filter(|n| n.name != me)
+            .filter_map(|n| Some((n.name, n.sql.filter(|a| !a.is_empty())?)))
+            .collect();
+        if peers.is_empty() {
+            return Vec::new();
+        }
+        let Ok(tls) = self.cluster_tls().await else {
+            return Vec::new();
+        };
+        // A cancel picks no server: any name every node's certificate covers will do, and
+        // each mints one for the DNS suffix itself.
+        let tls_name = self.0.host.config().dns_suffix.clone();
+        peers
+            .into_iter()
+            .map(|(name, address)| Upstream {
+                name: format!("the node '{name}'"),
+                address,
+                tls_name: tls_name.clone(),
+                tls: Arc::clone(&tls),
+                forwarded_by: me.clone(),
+            })
+            .collect()
     }
 
     async fn credential(

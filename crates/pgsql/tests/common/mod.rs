@@ -55,6 +55,8 @@ pub struct TestGateway {
     unavailable: Mutex<HashSet<(String, String)>>,
     /// Servers another front end serves ([`Gateway::upstream`]).
     upstreams: Mutex<HashMap<String, Upstream>>,
+    /// Where CancelRequests unknown here are passed on ([`Gateway::cancel_peers`]).
+    cancel_peers: Mutex<Vec<Upstream>>,
     /// The commit barrier of the sessions opened from now on.
     barrier: Mutex<Option<Arc<dyn CommitBarrier>>>,
 }
@@ -83,6 +85,7 @@ impl TestGateway {
             terminators: Mutex::new(HashMap::new()),
             unavailable: Mutex::new(HashSet::new()),
             upstreams: Mutex::new(HashMap::new()),
+            cancel_peers: Mutex::new(Vec::new()),
             barrier: Mutex::new(None),
         })
     }
@@ -111,6 +114,11 @@ impl TestGateway {
     /// Connections for `server` go to `up` from now on.
     pub fn forward(&self, server: &str, up: Upstream) {
         self.upstreams.lock().unwrap().insert(server.to_owned(), up);
+    }
+
+    /// CancelRequests unknown here are passed on to `peers` from now on.
+    pub fn set_cancel_peers(&self, peers: Vec<Upstream>) {
+        *self.cancel_peers.lock().unwrap() = peers;
     }
 
     pub fn sessions(&self, server: &str, db: &str) -> usize {
@@ -149,6 +157,10 @@ impl Gateway for TestGateway {
 
     async fn upstream(&self, server: &str) -> Result<Option<Upstream>, PgError> {
         Ok(self.upstreams.lock().unwrap().get(server).cloned())
+    }
+
+    async fn cancel_peers(&self) -> Vec<Upstream> {
+        self.cancel_peers.lock().unwrap().clone()
     }
 
     async fn credential(
@@ -410,6 +422,14 @@ impl Env {
         }
     }
 
+    /// This front end as a peer that CancelRequests are passed on to, named `name` in the
+    /// log (its certificate covers `localhost`).
+    pub fn cancel_peer(&self, name: &str) -> Upstream {
+        let mut up = self.upstream("srv1", name, name);
+        up.tls_name = "localhost".into();
+        up
+    }
+
     /// Runs psql with `args` after the connection string; the password in PGPASSWORD.
     pub fn psql(&self, conninfo: &str, password: &str, args: &[&str]) -> Output {
         self.psql_cmd(conninfo, password, args)
@@ -512,6 +532,11 @@ pub fn connect(env: &Env) -> UnixStream {
 
 /// A raw client past authentication (token login over the Unix socket) on srv1/db1.
 pub fn raw_session(env: &Env) -> UnixStream {
+    raw_session_with_key(env).0
+}
+
+/// [`raw_session`] and the session's BackendKeyData: (stream, process id, secret key).
+pub fn raw_session_with_key(env: &Env) -> (UnixStream, u32, u32) {
     let mut s = connect(env);
     s.write_all(&startup(&[
         ("user", &format!("{ENTRA}@srv1")),
@@ -529,8 +554,27 @@ pub fn raw_session(env: &Env) -> UnixStream {
     s.write_all(&msg(b'p', &pw)).unwrap();
     let msgs = read_until(&mut s, b'Z');
     assert_eq!(msgs.last().unwrap().0, b'Z', "{msgs:?}");
-    assert!(msgs.iter().any(|(t, _)| *t == b'K'), "BackendKeyData");
-    s
+    let (_, k) = msgs
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .expect("BackendKeyData");
+    let pid = u32::from_be_bytes(k[..4].try_into().unwrap());
+    let key = u32::from_be_bytes(k[4..8].try_into().unwrap());
+    (s, pid, key)
+}
+
+/// Sends CancelRequest (`pid`, `key`) to `env` on a new connection (its Unix socket) and
+/// waits until the front end closes it (it has served, sent on or passed on the request).
+pub fn send_cancel(env: &Env, pid: u32, key: u32) {
+    let mut s = connect(env);
+    let mut req = 16u32.to_be_bytes().to_vec();
+    req.extend_from_slice(&kagi_pgsql::wire::CANCEL_REQUEST.to_be_bytes());
+    req.extend_from_slice(&pid.to_be_bytes());
+    req.extend_from_slice(&key.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
 }
 
 /// A simple Query message.
