@@ -37,7 +37,7 @@ use crate::geo::parse_database_id;
 use crate::homes::HomeGuard;
 use crate::keys::{DBKEYS_DOC, DbKeys, internal};
 use crate::protector::{AZURE_KEY_VAULT, Protector, SERVICE_MANAGED, key_name};
-use crate::{SqlService, bad, id_of_body, server_ref};
+use crate::{SERVER_TYPE, SqlService, bad, id_of_body, server_ref};
 
 /// The document kind (under the server) of the databases that have backups, named by database
 /// id: the database's name, and when it was dropped.
@@ -223,6 +223,11 @@ impl SqlService {
         let mut known = HashSet::new();
         let mut active = HashSet::new();
         for server in &servers {
+            // A server this node is taking (back) over is backed up by the takeover itself;
+            // a pass now would back up the copies it replaces.
+            if self.taking_over(&id_of_body(server)) {
+                continue;
+            }
             let dbs = match self.databases_of(server).await {
                 Ok(d) => d,
                 Err(e) => {
@@ -264,6 +269,16 @@ impl SqlService {
                     report.failed += 1;
                     // A failed listing must not make the sweep take live backups for leftovers.
                     sweep = false;
+                }
+            }
+        }
+        // The databases of a server this node is taking over (not its home yet, or taking it
+        // back) keep the state the takeover set; no leftover sweep meanwhile.
+        for server in self.host.resources_of_type(SERVER_TYPE) {
+            if self.taking_over(&id_of_body(&server)) {
+                sweep = false;
+                if let Ok(dbs) = self.databases_of(&server).await {
+                    active.extend(dbs.into_iter().map(|d| d.database_id));
                 }
             }
         }
@@ -454,11 +469,16 @@ impl SqlService {
             match tokio::task::spawn_blocking(move || live.ship(&key)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(crate::live::LiveError::Behind(_))) => {
-                    return Err(self.rebuild_from_bucket(server, db, "its live log")?);
+                    return Err(self.rebuild_from_bucket(server, (db, open), "its live log")?);
                 }
                 Ok(Err(crate::live::LiveError::TakenOver)) => {
                     let service = self.arc()?;
-                    tokio::spawn(service.rebuild_later(id_of_body(server), db.database_id.clone()));
+                    let seen = open.live.as_ref().map_or(0, |l| l.home_takeover());
+                    tokio::spawn(service.rebuild_later(
+                        id_of_body(server),
+                        db.database_id.clone(),
+                        seen,
+                    ));
                     return Ok(());
                 }
                 Ok(Err(e)) => return Err(internal("shipping the live log", e)),
@@ -511,7 +531,7 @@ impl SqlService {
                     let _ = tokio::fs::remove_file(dir.join(f)).await;
                 }
             }
-            return Err(self.rebuild_from_bucket(server, db, "its backups")?);
+            return Err(self.rebuild_from_bucket(server, (db, open), "its backups")?);
         }
         for w in log.iter().chain(full.iter()) {
             let chain = if w.full() { w.seq } else { st.chain };
@@ -622,10 +642,14 @@ impl SqlService {
     fn rebuild_from_bucket(
         &self,
         server: &Value,
-        db: &Database,
+        (db, open): (&Database, &OpenDatabase),
         what: &str,
     ) -> Result<KvError, KvError> {
         tracing::error!(database = %db.name, behind = what, "this node's copy of the database is behind what was acknowledged: rebuilt from the bucket");
+        // No session opens it meanwhile (nor for good, if its server cannot be taken back:
+        // a geo-replication link, an Inaccessible database).
+        self.mark_behind(&db.database_id);
+        let seen = open.live.as_ref().map_or(0, |l| l.home_takeover());
         if let Some(old) = self.forget_open(&db.database_id) {
             old.close(kagi_pgsql::PgError::fatal(
                 "57P01",
@@ -634,7 +658,7 @@ impl SqlService {
             ));
         }
         let service = self.arc()?;
-        tokio::spawn(service.rebuild_later(id_of_body(server), db.database_id.clone()));
+        tokio::spawn(service.rebuild_later(id_of_body(server), db.database_id.clone(), seen));
         Ok(KvError::new(
             ErrorCode::ServiceUnavailable,
             format!(
@@ -658,6 +682,9 @@ impl SqlService {
         db: &Database,
         from: u64,
     ) -> Result<(), KvError> {
+        // After a pass under way (it records nothing now: the home record is marked), so that
+        // its state does not replace this.
+        let _pass = self.lock_id(&format!("{}/pass", db.database_id)).await;
         let mut st = self.db_state(server, db).await?;
         st.live_from = Some(from);
         // The next pass takes a full backup, whatever the log looks like: a log that looks

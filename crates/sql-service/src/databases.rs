@@ -700,8 +700,9 @@ impl SqlService {
         name: &str,
     ) -> Result<Arc<OpenDatabase>, KvError> {
         let db = self.database(server, name).await?;
-        // A geo-secondary has no data to read until it is seeded.
-        if db.is_seeding() {
+        // A geo-secondary has no data to read until it is seeded; a copy found behind what
+        // was acknowledged is not read until it is rebuilt from the bucket.
+        if db.is_seeding() || self.found_behind(&db.database_id) {
             return Err(KvError::new(
                 ErrorCode::ServiceUnavailable,
                 unavailable_message(&db.name, server["name"].as_str().unwrap_or_default()),

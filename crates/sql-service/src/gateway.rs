@@ -538,7 +538,11 @@ impl kagi_pgsql::CommitBarrier for ShipBarrier {
                     if let Some(service) = self.service.upgrade() {
                         let (server, db) =
                             (self.open.server_id.clone(), self.open.database_id.clone());
-                        self.runtime.spawn(service.after_fence(server, db));
+                        if matches!(cut, crate::live::LiveError::Behind(_)) {
+                            service.mark_behind(&db);
+                        }
+                        self.runtime
+                            .spawn(service.after_fence(server, db, live.home_takeover()));
                     }
                     return Err(e);
                 }

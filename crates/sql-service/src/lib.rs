@@ -149,6 +149,10 @@ pub struct SqlService {
     /// earlier entry still commit ships through the same log (two would each take the
     /// other's piece for a fence).
     live_logs: Mutex<HashMap<String, std::sync::Weak<live::LiveLog>>>,
+    /// Databases whose copy on this node was found behind what was acknowledged (a data
+    /// directory put back from an earlier snapshot), by id: no session opens them until a
+    /// takeover puts the bucket's copy in place.
+    behind: Mutex<std::collections::HashSet<String>>,
     /// Serialises changes of one resource (servers, and each server's protector).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Where the automatic backups stand.
@@ -188,6 +192,7 @@ impl SqlService {
             config,
             open: Mutex::new(HashMap::new()),
             live_logs: Mutex::new(HashMap::new()),
+            behind: Mutex::default(),
             locks: Mutex::new(HashMap::new()),
             backups: backups::BackupState::default(),
             geo: Arc::default(),

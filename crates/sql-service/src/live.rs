@@ -191,6 +191,11 @@ impl LiveLog {
         }
     }
 
+    /// The number of the takeover that made this node the home when it was opened.
+    pub(crate) fn home_takeover(&self) -> u64 {
+        self.takeover
+    }
+
     /// Whether it was fenced off (by a later takeover than its home's).
     #[cfg(test)]
     pub(crate) fn fenced(&self) -> bool {
@@ -420,6 +425,32 @@ impl crate::SqlService {
         logs.retain(|_, l| l.strong_count() > 0);
         logs.insert(database_id.to_string(), std::sync::Arc::downgrade(&live));
         Some(live)
+    }
+
+    /// Notes that this node's copy of database `database_id` is behind what was acknowledged:
+    /// sessions may not open it until a takeover replaces it.
+    pub(crate) fn mark_behind(&self, database_id: &str) {
+        self.behind
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(database_id.to_ascii_lowercase());
+    }
+
+    /// Database `database_id`'s copy on this node was replaced from the bucket.
+    pub(crate) fn forget_behind(&self, database_id: &str) {
+        self.behind
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&database_id.to_ascii_lowercase());
+    }
+
+    /// Whether this node's copy of database `database_id` was found behind (and not replaced
+    /// since).
+    pub(crate) fn found_behind(&self, database_id: &str) -> bool {
+        self.behind
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&database_id.to_ascii_lowercase())
     }
 
     /// Forgets database `database_id`'s live log in use (its file is replaced, or it was

@@ -61,6 +61,17 @@ impl SqlService {
     /// Takes `server` over from node `gone` (this one: taking it back) under the lease
     /// `sql-takeover:{server id}`, renewed while it runs.
     async fn take_over(self: &Arc<Self>, server: &Value, gone: &str) -> Result<(), KvError> {
+        self.take_over_from(server, gone, None).await
+    }
+
+    /// [`Self::take_over`], only while the home's takeover number is `seen` (when given: a
+    /// home taking its server back does so once, however many of its sessions asked).
+    async fn take_over_from(
+        self: &Arc<Self>,
+        server: &Value,
+        gone: &str,
+        seen: Option<u64>,
+    ) -> Result<(), KvError> {
         let id = id_of_body(server);
         // One takeover of a server at a time in this process (the lease is per node), and
         // under the lease across nodes.
@@ -69,7 +80,7 @@ impl SqlService {
             self.host.as_ref(),
             &crate::homes::takeover_lease(&id),
             TAKEOVER_LEASE_MS,
-            self.take_over_server(server, gone),
+            self.take_over_server(server, gone, seen),
             || {
                 unavailable(
                     "This node lost the lease of the server's takeover to another node. Retry \
@@ -85,6 +96,13 @@ impl SqlService {
                  server over. Retry the request."
             ))
         })
+    }
+
+    /// Whether this node is taking server `server_id` over now.
+    pub(crate) fn taking_over(&self, server_id: &str) -> bool {
+        self.lock_of(&format!("takeover:{server_id}"))
+            .try_lock()
+            .is_err()
     }
 
     /// Waits (at most a minute) for a takeover of server `server_id` under way on this node to
@@ -108,28 +126,45 @@ impl SqlService {
         self: Arc<Self>,
         server_id: String,
         database_id: String,
+        seen: u64,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-        Box::pin(self.after_fence(server_id, database_id))
+        Box::pin(self.after_fence(server_id, database_id, seen))
     }
 
     /// After a commit found the live log of database `database_id` of `server_id` fenced off,
     /// or this node's copy of the database behind what the live log holds (a data directory
-    /// older than what was acknowledged): when this node is still the server's recorded home
-    /// (the takeover that fenced it did not finish), it takes the server back from the bucket;
-    /// otherwise another node serves it now.
-    pub(crate) async fn after_fence(self: Arc<Self>, server_id: String, database_id: String) {
-        self.forget_open(&database_id);
-        self.forget_live_log(&database_id);
-        self.forget_backup_pin(&database_id);
+    /// older than what was acknowledged), its entry having been opened when the home's
+    /// takeover number was `seen`: when this node is still the server's recorded home with
+    /// that number (the takeover that fenced it did not finish; or no earlier call took it
+    /// back already), it takes the server back from the bucket; when another node serves it
+    /// now, what this node has of the database goes.
+    pub(crate) async fn after_fence(
+        self: Arc<Self>,
+        server_id: String,
+        database_id: String,
+        seen: u64,
+    ) {
         let me = self.host.node_name();
         let Some(server) = self.host.resource(&server_id) else {
             return;
         };
-        match self.server_home(&server_id).await {
-            Ok(Some(home)) if home == me => {}
-            _ => return,
+        match self.home_record(&server_id).await {
+            Ok(Some(home)) if home["node"].as_str() == Some(me.as_str()) => {}
+            Ok(_) => {
+                if let Some(old) = self.forget_open(&database_id) {
+                    old.close(kagi_pgsql::PgError::fatal(
+                        "57P01",
+                        "terminating connection because another node serves this database's \
+                         server now",
+                    ));
+                }
+                self.forget_live_log(&database_id);
+                self.forget_backup_pin(&database_id);
+                return;
+            }
+            Err(_) => return,
         }
-        match self.take_over(&server, &me).await {
+        match self.take_over_from(&server, &me, Some(seen)).await {
             Ok(()) => {
                 tracing::warn!(server = %server_id, "SQL server taken back from the bucket after an unfinished takeover fenced this node off")
             }
@@ -141,7 +176,12 @@ impl SqlService {
 
     /// Takes `server` over from node `gone` (under the takeover lease). Everything that can
     /// fail without touching the bucket is checked before the old home is fenced off.
-    async fn take_over_server(self: &Arc<Self>, server: &Value, gone: &str) -> Result<(), KvError> {
+    async fn take_over_server(
+        self: &Arc<Self>,
+        server: &Value,
+        gone: &str,
+        seen: Option<u64>,
+    ) -> Result<(), KvError> {
         let me = self.host.node_name();
         let id = id_of_body(server);
         let Some(home) = self.home_record(&id).await? else {
@@ -149,6 +189,10 @@ impl SqlService {
         };
         if home["node"].as_str() != Some(gone) {
             // Taken over by another node meanwhile, or deleted.
+            return Ok(());
+        }
+        if seen.is_some_and(|n| home["takeover"].as_u64().unwrap_or(0) != n) {
+            // Taken back already (by an earlier session's call, under a later number).
             return Ok(());
         }
         let name = server["name"].as_str().unwrap_or_default();
@@ -378,6 +422,8 @@ impl SqlService {
         let open = self.open_db(server, db).await?;
         crate::engine::remove_files(&open.file).await?;
         self.finish_restore(&open, prepared).await?;
+        // Its file is the bucket's now: sessions may open it again.
+        self.forget_behind(&db.database_id);
         tracing::info!(database = %db.name, backups = chain.len(), live_pieces = pieces_used, "SQL database fetched from the bucket");
         self.start_live_lineage(server, db, fenced_at + 1).await?;
         Ok(fenced_at)
