@@ -146,6 +146,11 @@ pub(crate) fn checkpoint(conn: &Connection, mode: &str) -> Result<(bool, u32, u3
         conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })?;
+    // A checkpoint that could not run (the log's index being rebuilt or restarted by another
+    // connection) answers busy with no counts: not a log that is missing.
+    if busy != 0 && log < 0 {
+        return Err(FileError::Busy);
+    }
     let count = |n: i64| {
         u32::try_from(n).map_err(|_| FileError::Damaged("the database is not in WAL mode".into()))
     };
@@ -388,7 +393,15 @@ pub(crate) fn log_end(
     };
     for _ in 0..100 {
         let before = header()?;
-        let (_, frames, _) = checkpoint(probe, "NOOP")?;
+        let frames = match checkpoint(probe, "NOOP") {
+            Ok((_, frames, _)) => frames,
+            // Another connection is rebuilding or restarting the log's index: a moment.
+            Err(FileError::Busy) => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let after = header()?;
         if before != after {
             continue;
