@@ -658,6 +658,10 @@ def test_disks_and_sql_servers_are_served_through_every_node_by_their_home(tmp_p
         assert str(n2.data_dir) in uri, uri
         got = disks.ok(disks.arm(via1, "GET", disks.compute_path(via1, "disks", name)))
         assert got["properties"]["diskState"] == "ActiveSAS", got
+        # A list answered by node 1 (not the disk's home) shows the access too.
+        listed = disks.ok(disks.arm(via1, "GET", disks.compute_path(via1, "disks", "").rstrip("/")))
+        mine = [d for d in listed["value"] if d["name"] == name]
+        assert mine and mine[0]["properties"]["diskState"] == "ActiveSAS", mine
         disks.run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
         disks.end_access(via1, name)
         # A snapshot made through node 1 joins the family on node 2, and reads back there.

@@ -150,6 +150,15 @@ impl ServiceHost for FakeHost {
         Ok(())
     }
 
+    async fn documents_of_kind(&self, kind: &str) -> Result<Vec<(String, String, Value)>, KvError> {
+        let docs = self.documents.lock().unwrap();
+        Ok(docs
+            .iter()
+            .filter(|((_, k, _), _)| k == kind)
+            .map(|((i, _, n), v)| (i.clone(), n.clone(), v.clone()))
+            .collect())
+    }
+
     async fn put_document_if(
         &self,
         id: &str,

@@ -159,6 +159,28 @@ impl DiskService {
         }
     }
 
+    /// The disks and snapshots (lower-case ids) with an access open on any node, from the
+    /// store (one query): on a store several nodes share, a list answered here shows the
+    /// accesses their homes hold. Empty on one node (this node's accesses are in memory) or
+    /// when the store cannot say.
+    pub(crate) async fn accesses_anywhere(&self) -> std::collections::HashSet<String> {
+        if !self.host.shares_store() {
+            return std::collections::HashSet::new();
+        }
+        let now = self.host.now();
+        match self.host.documents_of_kind(ACCESS_DOC).await {
+            Ok(docs) => docs
+                .into_iter()
+                .filter(|(_, _, d)| d["expires"].as_i64().is_some_and(|e| e > now))
+                .map(|(id, _, _)| id)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "open accesses not read for a list");
+                std::collections::HashSet::new()
+            }
+        }
+    }
+
     fn accesses_of(&self, disk_id: &str) -> Vec<(String, Access)> {
         let now = self.host.now();
         let all = self.accesses.lock().unwrap_or_else(|p| p.into_inner());

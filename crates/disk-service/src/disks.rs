@@ -640,9 +640,20 @@ impl DiskService {
 
     /// The disk as stored, with what only the running service knows: `diskState`
     /// (`ActiveSAS` while an access is open) and why its key cannot be used.
-    pub(crate) fn with_state(&self, mut body: Value) -> Value {
+    pub(crate) fn with_state(&self, body: Value) -> Value {
+        self.with_state_among(body, &std::collections::HashSet::new())
+    }
+
+    /// [`Self::with_state`], an access also counting as open when `open_anywhere` (lower-case
+    /// ids: [`Self::accesses_anywhere`]) names the disk: a list answered by another node than
+    /// the disk's home.
+    pub(crate) fn with_state_among(
+        &self,
+        mut body: Value,
+        open_anywhere: &std::collections::HashSet<String>,
+    ) -> Value {
         let id = body["id"].as_str().unwrap_or_default().to_string();
-        if self.access_open(&id) {
+        if self.access_open(&id) || open_anywhere.contains(&id.to_ascii_lowercase()) {
             let state = if body["properties"]["diskState"] == json!("ReadyToUpload") {
                 "ActiveUpload"
             } else {

@@ -268,9 +268,10 @@ impl DiskService {
                     SNAPSHOT_TYPE
                 };
                 let (st, mut v) = list(ty)?;
+                let open_anywhere = self.accesses_anywhere().await;
                 if let Some(items) = v["value"].as_array_mut() {
                     for item in items.iter_mut() {
-                        *item = self.with_state(item.take());
+                        *item = self.with_state_among(item.take(), &open_anywhere);
                     }
                 }
                 Ok((st, v))

@@ -238,6 +238,11 @@ pub trait ServiceHost: Send + Sync + std::fmt::Debug {
     /// returns. The resource need not exist yet.
     async fn put_document(&self, id: &str, kind: &str, name: &str, doc: &Value) -> Result<()>;
 
+    /// Every document of kind `kind` of every resource: (resource id in lower case, name,
+    /// document). For what a node must see of resources other nodes look after (their disks'
+    /// open accesses).
+    async fn documents_of_kind(&self, kind: &str) -> Result<Vec<(String, String, Value)>>;
+
     /// Stores a document of resource `id` only while document `guard` (a resource id, kind
     /// and name; possibly the one written: a compare-and-set) is `expected` (`None`: absent),
     /// checked in the writing transaction, so that no change of the guard slips in between;

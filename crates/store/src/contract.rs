@@ -1056,6 +1056,12 @@ pub async fn service_documents_are_put_listed_by_name_and_deleted(s: &dyn Store)
         s.list_service_documents(r, "job").await.unwrap(),
         vec![replaced, doc("job", "2", "{\"n\":2}")]
     );
+    let every_job = s.list_service_documents_of_kind("job").await.unwrap();
+    let keys: Vec<(&str, &str)> = every_job
+        .iter()
+        .map(|(k, d)| (k.as_str(), d.name.as_str()))
+        .collect();
+    assert_eq!(keys, vec![(r, "1"), (r, "2"), ("other", "3")]);
     assert!(s.delete_service_document(r, "job", "2").await.unwrap());
     assert!(!s.delete_service_document(r, "job", "2").await.unwrap());
     assert_eq!(s.list_service_documents(r, "job").await.unwrap().len(), 1);

@@ -403,6 +403,12 @@ pub trait Store:
         resource_key: &str,
         kind: &str,
     ) -> Result<Vec<ServiceDocument>>;
+    /// Every document of one kind, of every resource: (resource key, document), by resource
+    /// key and name.
+    async fn list_service_documents_of_kind(
+        &self,
+        kind: &str,
+    ) -> Result<Vec<(String, ServiceDocument)>>;
     /// Appends an entry to a resource's activity log; returns its position (1, 2, …).
     async fn append_service_activity(&self, resource_key: &str, at: i64, body: &str)
     -> Result<i64>;

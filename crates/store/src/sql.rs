@@ -817,6 +817,13 @@ impl Store for SqlStore {
         self.documents_put(resource_key, doc).await
     }
 
+    async fn list_service_documents_of_kind(
+        &self,
+        kind: &str,
+    ) -> Result<Vec<(String, crate::ServiceDocument)>> {
+        self.documents_of_kind(kind).await
+    }
+
     async fn put_service_document_if(
         &self,
         resource_key: &str,

@@ -105,6 +105,10 @@ impl ServiceHost for Platform {
         self.put_service_document(id, kind, name, doc).await
     }
 
+    async fn documents_of_kind(&self, kind: &str) -> Result<Vec<(String, String, Value)>> {
+        self.service_documents_of_kind(kind).await
+    }
+
     async fn put_document_if(
         &self,
         id: &str,

@@ -254,6 +254,21 @@ impl Platform {
             .map_err(|e| internal("write service document", e))
     }
 
+    /// Every document of one kind of every resource: (resource key, i.e. its lower-case id;
+    /// name; document).
+    pub async fn service_documents_of_kind(
+        &self,
+        kind: &str,
+    ) -> Result<Vec<(String, String, Value)>, KvError> {
+        self.store
+            .list_service_documents_of_kind(kind)
+            .await
+            .map_err(|e| internal("list service documents", e))?
+            .into_iter()
+            .map(|(key, d)| Ok((key, d.name, parse_document(kind, &d.body)?)))
+            .collect()
+    }
+
     /// Stores a document of a resource only while document `guard` (resource id, kind, name)
     /// is `expected` (`None`: absent), checked in the writing transaction
     /// ([`kagi_store::Store::put_service_document_if`]); `false` when it is not.

@@ -194,6 +194,22 @@ impl SqlStore {
         rows.iter().map(document).collect()
     }
 
+    pub(super) async fn documents_of_kind(
+        &self,
+        kind: &str,
+    ) -> Result<Vec<(String, ServiceDocument)>> {
+        let rows = sqlx::query(
+            "SELECT resource_key, kind, name, body, updated FROM service_documents \
+             WHERE kind = $1 ORDER BY resource_key, name",
+        )
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("resource_key")?, document(r)?)))
+            .collect()
+    }
+
     pub(super) async fn activity_append(
         &self,
         resource_key: &str,
