@@ -944,6 +944,10 @@ impl SqlService {
         let sopen = self.open_db(server, &sdb).await?;
         let skey = sopen.page_key()?;
         let replica = sopen.file.clone();
+        // The new primary's live log starts a lineage of its own before it takes a commit.
+        let takeover = self.server_takeover(&id_of_body(server)).await?;
+        self.start_live_lineage_fence(&sdb.database_id, takeover)
+            .await;
         let spool = self.geo_spool(&link.id);
         // The link's run (and the primary's snapshot it holds) goes: a new one seeds the old
         // primary from the new one. A pass working on it gives it back within moments.

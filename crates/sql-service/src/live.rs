@@ -234,10 +234,13 @@ impl LiveLog {
                 return Err(LiveError::TakenOver);
             }
             st.next_seq = Some(pieces.last().map_or(0, |p| p.seq + 1));
+            // What this lineage shipped: the pieces after the newest fence (a takeover's, or
+            // the start of a lineage of this home's own, as a geo failover writes).
             st.shipped = pieces
                 .iter()
                 .rev()
-                .find_map(|p| p.generation.map(|g| (g, p.last)));
+                .map_while(|p| p.generation.map(|g| (g, p.last)))
+                .next();
             st.pieces = pieces;
         }
         if let Some((piece, bytes)) = st.pending.take() {
@@ -460,6 +463,29 @@ impl crate::SqlService {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(database_id);
+    }
+
+    /// Starts a new lineage in database `database_id`'s live log: a fence of this home's own
+    /// takeover number `takeover` (it fences nobody off), after which what the log shipped
+    /// before does not count. A geo-secondary that becomes the primary carries on its
+    /// partner's log, not its own earlier one (a failover and back would otherwise find its
+    /// log behind its old pieces). Logged, not failed: a takeover would refuse the database
+    /// anyway while it is in a link.
+    pub(crate) async fn start_live_lineage_fence(&self, database_id: &str, takeover: u64) {
+        let Some(folder) = self.live_folder(database_id) else {
+            return;
+        };
+        self.forget_live_log(database_id);
+        let node = self.host.node_name();
+        match tokio::task::spawn_blocking(move || fence(&folder, takeover, &node)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(database = database_id, error = %e, "a live log's new lineage was not started")
+            }
+            Err(e) => {
+                tracing::warn!(database = database_id, error = %e, "a live log's new lineage was not started")
+            }
+        }
     }
 
     /// Deletes the pieces of database `database_id`'s live log numbered below `below` (all
