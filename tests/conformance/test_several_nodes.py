@@ -1382,9 +1382,7 @@ def test_a_sql_server_whose_home_is_lost_is_taken_over_from_the_bucket_losing_no
         database_id = made["properties"]["databaseId"].lower()
 
         def dsn(node, server, database):
-            return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
-                    f"dbname={database} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
-                    f"sslrootcert={n2.ca_path} connect_timeout=10")
+            return sql_dsn(node, server, database, n2.ca_path)
 
         def backups():
             return sql.ok(sql.arm(via1, "GET", sql.sql_path(via1, lost, f"/databases/{db}/backups")))["value"]
@@ -1505,9 +1503,7 @@ def test_a_home_records_no_backup_while_another_node_takes_its_server_over(tmp_p
         via = Via(first, first)
         server, _ = sql.create_server(via, identity=False)
         db, _ = sql.create_db(via, server)
-        dsn = (f"host={server}.localhost hostaddr={first.listen_host} port={first.sql_port} "
-               f"dbname={db} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
-               f"sslrootcert={first.ca_path} connect_timeout=10")
+        dsn = sql_dsn(first, server, db, first.ca_path)
         session = psycopg.connect(dsn, autocommit=True)
         session.execute("CREATE TABLE t (id int PRIMARY KEY)")
         with psycopg.connect(store, autocommit=True) as c:
@@ -1574,9 +1570,7 @@ def test_a_sql_home_whose_copy_is_older_than_its_live_log_rebuilds_from_the_buck
         via = Via(first, first)
         server, _ = sql.create_server(via, identity=False)
         db, created = sql.create_db(via, server)
-        dsn = (f"host={server}.localhost hostaddr={first.listen_host} port={first.sql_port} "
-               f"dbname={db} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
-               f"sslrootcert={first.ca_path} connect_timeout=10")
+        dsn = sql_dsn(first, server, db, first.ca_path)
         files = first.data_dir / "sql"
         database_id = created["properties"]["databaseId"]
 
@@ -1650,7 +1644,7 @@ def test_a_paused_sql_home_closes_what_was_deleted_through_another_node(tmp_path
         assert other_file.exists()
 
         def session(database):
-            c = psycopg.connect(dsn(first).replace(f"dbname={db}", f"dbname={database}"), autocommit=True)
+            c = psycopg.connect(dsn(first, database), autocommit=True)
             c.execute("CREATE TABLE IF NOT EXISTS t (v int)")
             return c
 
@@ -1732,6 +1726,15 @@ def shared_bucket():
     return f"{s3_blobs_url().rstrip('/')}/nodes-{uuid.uuid4().hex}"
 
 
+def sql_dsn(node, server, database, ca_path):
+    """A libpq connection string to `database` of SQL server `server` through `node`'s SQL
+    endpoint, as the administrator, verifying the cluster's CA at `ca_path`."""
+    import test_sql as sql
+    return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
+            f"dbname={database} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
+            f"sslrootcert={ca_path} connect_timeout=10")
+
+
 def sql_server_on_node_1(first):
     """A SQL server and database made through node 1 of a SQL cluster: (via node 1, via node 2,
     server, database, dsn(node) for psycopg to that database through a node's SQL endpoint)."""
@@ -1742,10 +1745,8 @@ def sql_server_on_node_1(first):
     server, _ = sql.create_server(via1, identity=False)
     db, _ = sql.create_db(via1, server)
 
-    def dsn(node):
-        return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
-                f"dbname={db} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
-                f"sslrootcert={n2.ca_path} connect_timeout=10")
+    def dsn(node, database=db):
+        return sql_dsn(node, server, database, n2.ca_path)
     return via1, via2, server, db, dsn
 
 
@@ -1958,9 +1959,7 @@ def test_a_disk_and_a_sql_server_whose_home_is_down_are_deleted_through_another_
         assert files[0].exists()
 
         def dsn(node, database):
-            return (f"host={server}.localhost hostaddr={node.listen_host} port={node.sql_port} "
-                    f"dbname={database} user={sql.ADMIN} password={sql.PASSWORD} sslmode=verify-full "
-                    f"sslrootcert={first.ca_path} connect_timeout=10")
+            return sql_dsn(node, server, database, first.ca_path)
 
         with psycopg.connect(dsn(first, db), autocommit=True) as c:
             c.execute("CREATE TABLE t (v text)")

@@ -469,17 +469,10 @@ impl SqlService {
             match tokio::task::spawn_blocking(move || live.ship(&key)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(crate::live::LiveError::Behind(_))) => {
-                    return Err(self.rebuild_from_bucket(server, (db, open), "its live log")?);
+                    return Err(self.rebuild_from_bucket(server, (db, open), "its live log"));
                 }
                 Ok(Err(crate::live::LiveError::TakenOver)) => {
-                    let service = self.arc()?;
-                    let seen = open.live.as_ref().map_or(0, |l| l.home_takeover());
-                    tokio::spawn(service.rebuild_later(
-                        id_of_body(server),
-                        db.database_id.clone(),
-                        seen,
-                    ));
-                    return Ok(());
+                    return self.take_back_later(server, (db, open));
                 }
                 Ok(Err(e)) => return Err(internal("shipping the live log", e)),
                 Err(e) => return Err(internal("shipping the live log", e)),
@@ -531,7 +524,7 @@ impl SqlService {
                     let _ = tokio::fs::remove_file(dir.join(f)).await;
                 }
             }
-            return Err(self.rebuild_from_bucket(server, (db, open), "its backups")?);
+            return Err(self.rebuild_from_bucket(server, (db, open), "its backups"));
         }
         for w in log.iter().chain(full.iter()) {
             let chain = if w.full() { w.seq } else { st.chain };
@@ -636,36 +629,47 @@ impl SqlService {
     }
 
     /// Ends the sessions of database `db`, whose copy on this node is behind `what` (its
-    /// backups, or its live log), and rebuilds it from the bucket in the background (a
-    /// takeover of its server by this node, its home: `crate::takeover`). Returns the 503 the
-    /// pass ends with.
+    /// backups, or its live log), keeps it closed to sessions, and rebuilds it from the
+    /// bucket in the background ([`Self::take_back_later`]). The 503 the pass ends with.
     fn rebuild_from_bucket(
         &self,
         server: &Value,
         (db, open): (&Database, &OpenDatabase),
         what: &str,
-    ) -> Result<KvError, KvError> {
+    ) -> KvError {
         tracing::error!(database = %db.name, behind = what, "this node's copy of the database is behind what was acknowledged: rebuilt from the bucket");
         // No session opens it meanwhile (nor for good, if its server cannot be taken back:
         // a geo-replication link, an Inaccessible database).
         self.mark_behind(&db.database_id);
-        let seen = open.live.as_ref().map_or(0, |l| l.home_takeover());
-        if let Some(old) = self.forget_open(&db.database_id) {
-            old.close(kagi_pgsql::PgError::fatal(
-                "57P01",
-                "terminating connection because this node's copy of the database is behind what \
-                 was acknowledged: the database is rebuilt from the bucket; reconnect",
-            ));
+        self.end_sessions(
+            &db.database_id,
+            "terminating connection because this node's copy of the database is behind what \
+             was acknowledged: the database is rebuilt from the bucket; reconnect",
+        );
+        match self.take_back_later(server, (db, open)) {
+            Ok(()) => KvError::new(
+                ErrorCode::ServiceUnavailable,
+                format!(
+                    "The database '{}' is being rebuilt from the bucket.",
+                    db.name
+                ),
+            ),
+            Err(e) => e,
         }
+    }
+
+    /// Takes the server of database `db` back from the bucket in the background, once, if
+    /// this node is still its home under the takeover number `open`'s live log was opened
+    /// with (`crate::takeover`, `after_fence`).
+    fn take_back_later(
+        &self,
+        server: &Value,
+        (db, open): (&Database, &OpenDatabase),
+    ) -> Result<(), KvError> {
+        let seen = open.live.as_ref().map_or(0, |l| l.home_takeover());
         let service = self.arc()?;
         tokio::spawn(service.rebuild_later(id_of_body(server), db.database_id.clone(), seen));
-        Ok(KvError::new(
-            ErrorCode::ServiceUnavailable,
-            format!(
-                "The database '{}' is being rebuilt from the bucket.",
-                db.name
-            ),
-        ))
+        Ok(())
     }
 
     /// Forgets where database `id`'s backups stand (rebuilt from its records when needed).

@@ -519,15 +519,13 @@ impl SqlService {
 
     /// Closes a database, removes its files, its key records and its document.
     pub(crate) async fn drop_database(&self, server: &Value, db: &Database) -> Result<(), KvError> {
-        if let Some(open) = self.forget_open(&db.database_id) {
-            open.close(kagi_pgsql::PgError::fatal(
-                "57P01",
-                format!(
-                    "terminating connection because database \"{}\" was dropped",
-                    db.name
-                ),
-            ));
-        }
+        self.end_sessions(
+            &db.database_id,
+            format!(
+                "terminating connection because database \"{}\" was dropped",
+                db.name
+            ),
+        );
         // Its backups stay for the retention period; its live log goes (what it holds after
         // the backups is the dropped database's last minutes, as in Azure's backups).
         self.note_dropped(server, db).await;
@@ -685,6 +683,33 @@ impl SqlService {
             .cloned()
     }
 
+    /// Ends the sessions of database `database_id` with FATAL 57P01 `why` and forgets its
+    /// entry (its key leaves memory; the next session opens it anew, as it is then). The
+    /// entry, if it was open.
+    pub(crate) fn end_sessions(
+        &self,
+        database_id: &str,
+        why: impl Into<String>,
+    ) -> Option<Arc<OpenDatabase>> {
+        let open = self.forget_open(database_id)?;
+        open.close(kagi_pgsql::PgError::fatal("57P01", why.into()));
+        Some(open)
+    }
+
+    /// [`Self::end_sessions`], and the rest of what this node holds of the database goes
+    /// too: its live log in use and its backups' snapshot (its file is replaced, or another
+    /// node serves it, or it is gone).
+    pub(crate) fn let_go_of(
+        &self,
+        database_id: &str,
+        why: impl Into<String>,
+    ) -> Option<Arc<OpenDatabase>> {
+        let open = self.end_sessions(database_id, why);
+        self.forget_live_log(database_id);
+        self.forget_backup_pin(database_id);
+        open
+    }
+
     pub(crate) fn forget_open(&self, database_id: &str) -> Option<Arc<OpenDatabase>> {
         self.open
             .lock()
@@ -736,12 +761,10 @@ impl SqlService {
             Some(open) if open.read_only == db.is_secondary() => return Ok(open),
             Some(stale) => {
                 // Its role changed (a failover): its sessions end, the next ones open anew.
-                if let Some(gone) = self.forget_open(&db.database_id) {
-                    gone.close(kagi_pgsql::PgError::fatal(
-                        "57P01",
-                        "terminating connection: the database's geo-replication role changed",
-                    ));
-                }
+                self.end_sessions(
+                    &db.database_id,
+                    "terminating connection: the database's geo-replication role changed",
+                );
                 // A secondary's file is re-seeded: a primary's log that read it goes.
                 self.forget_live_log(&db.database_id);
                 return Ok(self.remember_open(server, db, stale.dek.clone()).await);

@@ -230,14 +230,6 @@ impl SqlService {
         })
     }
 
-    /// Ends the sessions of database `db` and forgets its key in memory (the next session opens
-    /// it anew, with the role it has then).
-    fn end_sessions(&self, db: &Database, why: &str) {
-        if let Some(open) = self.forget_open(&db.database_id) {
-            open.close(kagi_pgsql::PgError::fatal("57P01", why.to_string()));
-        }
-    }
-
     /// `PUT {server}/databases/{name}` with `createMode: Secondary`: a geo-secondary of
     /// `sourceDatabaseId` (the caller holds the new database's lock).
     pub(crate) async fn create_secondary(
@@ -501,7 +493,7 @@ impl SqlService {
         if link.is_secondary() {
             // Read-write from its next session.
             self.end_sessions(
-                db,
+                &db.database_id,
                 "terminating connection: the geo-replication link was removed",
             );
         }
@@ -530,7 +522,7 @@ impl SqlService {
                     self.put_db_doc(&pserver, &partner).await?;
                     if theirs.is_secondary() {
                         self.end_sessions(
-                            &partner,
+                            &partner.database_id,
                             "terminating connection: the geo-replication link was removed",
                         );
                     }
@@ -746,12 +738,12 @@ impl SqlService {
             self.set_replication_state(&sserver, &sdb.name, &link.id, SEEDING)
                 .await?;
             self.end_sessions(
-                &sdb,
+                &sdb.database_id,
                 "terminating connection: the geo-secondary is being seeded again",
             );
         } else if applied.seed_pending {
             self.end_sessions(
-                &sdb,
+                &sdb.database_id,
                 "terminating connection: the geo-secondary is being seeded",
             );
         }
@@ -973,7 +965,10 @@ impl SqlService {
             let pfile = popen.file.clone();
             let primary_file = pfile.clone();
             // The primary's sessions end; from the write lock on, nothing more commits there.
-            self.end_sessions(&pdb, "terminating connection: the database is failing over");
+            self.end_sessions(
+                &pdb.database_id,
+                "terminating connection: the database is failing over",
+            );
             let mut run = old_run;
             let spool2 = spool.clone();
             let replica2 = replica.clone();
@@ -1039,7 +1034,10 @@ impl SqlService {
             // Sessions that raced the failover write nowhere: they end again now that the
             // roles are swapped, the key goes, and the old primary's files are replaced by the
             // seed.
-            self.end_sessions(&pdb, "terminating connection: the database failed over");
+            self.end_sessions(
+                &pdb.database_id,
+                "terminating connection: the database failed over",
+            );
             crate::engine::revoke(&primary_file).await;
             let _ = tokio::task::spawn_blocking(move || drop(pass)).await;
         } else {
@@ -1049,12 +1047,15 @@ impl SqlService {
             self.swap_roles(server, &mut sdb, &pserver, &mut pdb, &link)
                 .await
                 .inspect_err(|_| self.geo.give_back(&link.id, LinkRun::default()))?;
-            self.end_sessions(&pdb, "terminating connection: the database failed over");
+            self.end_sessions(
+                &pdb.database_id,
+                "terminating connection: the database failed over",
+            );
             crate::engine::revoke(&self.db_file(&pdb.database_id)).await;
         }
         // The new primary's next sessions write; the old primary's backups stop.
         self.end_sessions(
-            &sdb,
+            &sdb.database_id,
             "terminating connection: the database is the primary now",
         );
         self.forget_backup_pin(&pdb.database_id);

@@ -20,6 +20,15 @@ pub(crate) fn takeover_lease(server_id: &str) -> String {
     format!("sql-takeover:{}", server_id.to_ascii_lowercase())
 }
 
+/// Home record `record` without a takeover's mark (`takingOver`).
+pub(crate) fn without_mark(record: &Value) -> Value {
+    let mut unmarked = record.clone();
+    if let Some(o) = unmarked.as_object_mut() {
+        o.remove("takingOver");
+    }
+    unmarked
+}
+
 /// What a node's backup records of a server are guarded by: with several nodes, another node
 /// that takes the server over first marks its home record (`takingOver`), and a record of the
 /// old home is written only while the home record is what its pass found, so that a pass the
@@ -87,12 +96,8 @@ impl SqlService {
     /// The node a server lives on, if recorded; none on one node (SQLite), whose every server
     /// is its own whatever was recorded.
     pub(crate) async fn server_home(&self, server_id: &str) -> Result<Option<String>, KvError> {
-        if !self.host.shares_store() {
-            return Ok(None);
-        }
         Ok(self
-            .host
-            .document(SERVERS_KEY, HOME_KIND, &server_id.to_ascii_lowercase())
+            .home_record(server_id)
             .await?
             .and_then(|d| d["node"].as_str().map(str::to_string)))
     }
@@ -114,12 +119,8 @@ impl SqlService {
     /// The number of the takeover that made a server's home its home (0: made there, or on
     /// one node).
     pub(crate) async fn server_takeover(&self, server_id: &str) -> Result<u64, KvError> {
-        if !self.host.shares_store() {
-            return Ok(0);
-        }
         Ok(self
-            .host
-            .document(SERVERS_KEY, HOME_KIND, &server_id.to_ascii_lowercase())
+            .home_record(server_id)
             .await?
             .and_then(|d| d["takeover"].as_u64())
             .unwrap_or(0))
@@ -179,11 +180,9 @@ impl SqlService {
         // fenced this one off) is taken away, and the next pass records again.
         let lease = takeover_lease(&id);
         if self.host.acquire_lease(&lease, 10_000).await? {
-            let mut unmarked = record.clone();
-            if let Some(o) = unmarked.as_object_mut() {
-                o.remove("takingOver");
-            }
-            let cleared = self.replace_home_record(&id, &record, &unmarked).await;
+            let cleared = self
+                .replace_home_record(&id, &record, &without_mark(&record))
+                .await;
             let _ = self.host.release_lease(&lease).await;
             if cleared? {
                 tracing::warn!(server = %id, "the mark of a takeover that did not finish was taken away");

@@ -135,13 +135,9 @@ impl SqlService {
                     _ => continue,
                 }
             };
-            if let Some(gone) = self.forget_open(&database) {
-                gone.close(kagi_pgsql::PgError::fatal(
-                    "57P01",
-                    format!("terminating connection because {why}"),
-                ));
-                self.forget_backup_pin(&database);
-                self.forget_live_log(&database);
+            if let Some(gone) =
+                self.let_go_of(&database, format!("terminating connection because {why}"))
+            {
                 tracing::warn!(server = %server, database = %gone.name, why, "a database open here was closed");
                 if deleted && let Err(e) = crate::engine::remove_files(&gone.file).await {
                     tracing::warn!(database = %gone.name, error = %e.message, "a deleted database's files were not removed");

@@ -477,14 +477,12 @@ impl crate::SqlService {
         };
         self.forget_live_log(database_id);
         let node = self.host.node_name();
-        match tokio::task::spawn_blocking(move || fence(&folder, takeover, &node)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(database = database_id, error = %e, "a live log's new lineage was not started")
-            }
-            Err(e) => {
-                tracing::warn!(database = database_id, error = %e, "a live log's new lineage was not started")
-            }
+        let put = tokio::task::spawn_blocking(move || fence(&folder, takeover, &node).map(drop))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if let Err(e) = put {
+            tracing::warn!(database = database_id, error = %e, "a live log's new lineage was not started");
         }
     }
 

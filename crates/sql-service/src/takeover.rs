@@ -54,19 +54,15 @@ impl SqlService {
                  (--sql-listen) to take it over: send the request through a node that does."
             )));
         }
-        self.take_over(server, &home).await?;
+        self.take_over(server, &home, None).await?;
         Ok(self.server_home(&id_of_body(server)).await?.unwrap_or(me))
     }
 
     /// Takes `server` over from node `gone` (this one: taking it back) under the lease
     /// `sql-takeover:{server id}`, renewed while it runs.
-    async fn take_over(self: &Arc<Self>, server: &Value, gone: &str) -> Result<(), KvError> {
-        self.take_over_from(server, gone, None).await
-    }
-
-    /// [`Self::take_over`], only while the home's takeover number is `seen` (when given: a
-    /// home taking its server back does so once, however many of its sessions asked).
-    async fn take_over_from(
+    /// With `seen`, only while the home's takeover number is that (a home taking its server
+    /// back does so once, however many of its sessions asked).
+    async fn take_over(
         self: &Arc<Self>,
         server: &Value,
         gone: &str,
@@ -151,20 +147,16 @@ impl SqlService {
         match self.home_record(&server_id).await {
             Ok(Some(home)) if home["node"].as_str() == Some(me.as_str()) => {}
             Ok(_) => {
-                if let Some(old) = self.forget_open(&database_id) {
-                    old.close(kagi_pgsql::PgError::fatal(
-                        "57P01",
-                        "terminating connection because another node serves this database's \
-                         server now",
-                    ));
-                }
-                self.forget_live_log(&database_id);
-                self.forget_backup_pin(&database_id);
+                self.let_go_of(
+                    &database_id,
+                    "terminating connection because another node serves this database's \
+                     server now",
+                );
                 return;
             }
             Err(_) => return,
         }
-        match self.take_over_from(&server, &me, Some(seen)).await {
+        match self.take_over(&server, &me, Some(seen)).await {
             Ok(()) => {
                 tracing::warn!(server = %server_id, "SQL server taken back from the bucket after an unfinished takeover fenced this node off")
             }
@@ -249,10 +241,7 @@ impl SqlService {
         // backup passes record nothing (`HomeGuard`), so the records read below are all it
         // recorded. (A mark left by a takeover that did not finish is replaced: this one holds
         // the lease now.)
-        let mut unmarked = home.clone();
-        if let Some(o) = unmarked.as_object_mut() {
-            o.remove("takingOver");
-        }
+        let unmarked = crate::homes::without_mark(&home);
         let mut marked = unmarked.clone();
         marked["takingOver"] = serde_json::json!({"node": me, "number": number});
         if !self.replace_home_record(&id, &home, &marked).await? {
@@ -321,12 +310,10 @@ impl SqlService {
         // databases' entries (opened under the earlier takeover number) are replaced.
         for (db, fence) in dbs.iter().zip(fences) {
             self.remove_live_log(&db.database_id, Some(fence)).await;
-            if let Some(old) = self.forget_open(&db.database_id) {
-                old.close(kagi_pgsql::PgError::fatal(
-                    "57P01",
-                    "terminating connection: the database was taken over",
-                ));
-            }
+            self.end_sessions(
+                &db.database_id,
+                "terminating connection: the database was taken over",
+            );
             self.forget_backup_pin(&db.database_id);
         }
         Ok(())
@@ -361,16 +348,12 @@ impl SqlService {
         let folder = self
             .live_folder(&db.database_id)
             .ok_or_else(|| internal("taking a database over", "no live log"))?;
-        // What this node still has of it (it was its home before) goes first.
-        if let Some(old) = self.forget_open(&db.database_id) {
-            old.close(kagi_pgsql::PgError::fatal(
-                "57P01",
-                "terminating connection: the database moved to another node",
-            ));
-        }
-        // Its file is replaced: a log that read the old one goes too.
-        self.forget_live_log(&db.database_id);
-        self.forget_backup_pin(&db.database_id);
+        // What this node still has of it (it was its home before) goes first: its file is
+        // replaced.
+        self.let_go_of(
+            &db.database_id,
+            "terminating connection: the database moved to another node",
+        );
         let (fencing, node) = (folder.clone(), self.host.node_name());
         let (mut pieces, fenced_at) =
             tokio::task::spawn_blocking(move || crate::live::fence(&fencing, number, &node))

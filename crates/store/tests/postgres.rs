@@ -203,49 +203,72 @@ async fn serialisation_failures_are_retried_not_returned() {
     assert_eq!(a.list_policy_assignments().await.unwrap().len(), 1);
 }
 
-/// A write guarded by a document that another node is changing waits for that change, and
-/// then sees it: the old home of a resource records nothing once another node marked it.
-#[tokio::test]
-async fn a_guarded_write_waits_for_a_change_of_its_guard_and_then_sees_it() {
-    use sqlx::Connection;
-    let Some((s, url)) = store_at().await else {
-        return;
-    };
-    let doc = |kind: &str, name: &str, body: &str| kagi_store::ServiceDocument {
+/// A document of `kind` and `name` whose body is `body`.
+fn doc(kind: &str, name: &str, body: &str) -> kagi_store::ServiceDocument {
+    kagi_store::ServiceDocument {
         kind: kind.into(),
         name: name.into(),
         body: body.into(),
         updated: 1,
-    };
+    }
+}
+
+/// The home record the guarded-write tests race on.
+const HOME_A: kagi_store::DocumentRef<'static> = kagi_store::DocumentRef {
+    resource_key: "/homes",
+    kind: "home",
+    name: "a",
+};
+/// Its row, for SQL of another connection.
+const HOME_A_ROW: &str = "resource_key = '/homes' AND kind = 'home' AND name = 'a'";
+
+/// Home record `a` says `node-a`, and another connection (as another node would) has begun a
+/// transaction.
+async fn home_a_and_another_transaction(s: &SqlStore, url: &str) -> sqlx::AnyConnection {
+    use sqlx::Connection;
     s.put_service_document("/homes", &doc("home", "a", "node-a"))
         .await
-        .unwrap();
+        .expect("home record a");
     sqlx::any::install_default_drivers();
-    let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
-    sqlx::raw_sql("BEGIN").execute(&mut other).await.unwrap();
-    sqlx::query(
-        "UPDATE service_documents SET body = 'node-b' \
-         WHERE resource_key = '/homes' AND kind = 'home' AND name = 'a'",
+    let mut other = sqlx::AnyConnection::connect(url)
+        .await
+        .expect("another connection");
+    run(&mut other, "BEGIN".into()).await;
+    other
+}
+
+/// Runs `sql` on connection `c`.
+async fn run(c: &mut sqlx::AnyConnection, sql: String) {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(c)
+        .await
+        .expect("the other transaction's statement");
+}
+
+/// A write guarded by a document that another node is changing waits for that change, and
+/// then sees it: the old home of a resource records nothing once another node marked it.
+#[tokio::test]
+async fn a_guarded_write_waits_for_a_change_of_its_guard_and_then_sees_it() {
+    let Some((s, url)) = store_at().await else {
+        return;
+    };
+    let mut other = home_a_and_another_transaction(&s, &url).await;
+    run(
+        &mut other,
+        format!("UPDATE service_documents SET body = 'node-b' WHERE {HOME_A_ROW}"),
     )
-    .execute(&mut other)
-    .await
-    .unwrap();
+    .await;
     let writer = s.clone();
     let write = tokio::spawn(async move {
-        let guard = kagi_store::DocumentRef {
-            resource_key: "/homes",
-            kind: "home",
-            name: "a",
-        };
         writer
-            .put_service_document_if("/servers/a", &doc("record", "1", "{}"), guard, &|b| {
+            .put_service_document_if("/servers/a", &doc("record", "1", "{}"), HOME_A, &|b| {
                 b == Some("node-a")
             })
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!write.is_finished(), "the guarded write did not wait");
-    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    run(&mut other, "COMMIT".into()).await;
     assert!(!write.await.unwrap().unwrap());
     assert_eq!(
         s.get_service_document("/servers/a", "record", "1")
@@ -261,48 +284,31 @@ async fn a_guarded_write_waits_for_a_change_of_its_guard_and_then_sees_it() {
 /// two).
 #[tokio::test]
 async fn a_compare_and_set_waits_for_a_racing_writer_of_its_row_without_deadlock() {
-    use sqlx::Connection;
     let Some((s, url)) = store_at().await else {
         return;
     };
-    let doc = |body: &str| kagi_store::ServiceDocument {
-        kind: "home".into(),
-        name: "a".into(),
-        body: body.into(),
-        updated: 1,
-    };
-    s.put_service_document("/homes", &doc("node-a"))
-        .await
-        .unwrap();
-    sqlx::any::install_default_drivers();
-    let mut other = sqlx::AnyConnection::connect(&url).await.unwrap();
-    let row = "resource_key = '/homes' AND kind = 'home' AND name = 'a'";
-    sqlx::raw_sql("BEGIN").execute(&mut other).await.unwrap();
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "SELECT body FROM service_documents WHERE {row} FOR SHARE"
-    )))
-    .execute(&mut other)
-    .await
-    .unwrap();
+    let mut other = home_a_and_another_transaction(&s, &url).await;
+    run(
+        &mut other,
+        format!("SELECT body FROM service_documents WHERE {HOME_A_ROW} FOR SHARE"),
+    )
+    .await;
     let writer = s.clone();
     let cas = tokio::spawn(async move {
-        let guard = kagi_store::DocumentRef {
-            resource_key: "/homes",
-            kind: "home",
-            name: "a",
-        };
         writer
-            .put_service_document_if("/homes", &doc("node-c"), guard, &|b| b == Some("node-a"))
+            .put_service_document_if("/homes", &doc("home", "a", "node-c"), HOME_A, &|b| {
+                b == Some("node-a")
+            })
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "UPDATE service_documents SET body = 'node-b' WHERE {row}"
-    )))
-    .execute(&mut other)
-    .await
-    .expect("the racing writer deadlocked");
-    sqlx::raw_sql("COMMIT").execute(&mut other).await.unwrap();
+    // It deadlocks here (40P01) if the compare-and-set shared the row before writing it.
+    run(
+        &mut other,
+        format!("UPDATE service_documents SET body = 'node-b' WHERE {HOME_A_ROW}"),
+    )
+    .await;
+    run(&mut other, "COMMIT".into()).await;
     assert!(!cas.await.unwrap().expect("the compare-and-set failed"));
     let now = s.get_service_document("/homes", "home", "a").await.unwrap();
     assert_eq!(now.map(|d| d.body).as_deref(), Some("node-b"));
