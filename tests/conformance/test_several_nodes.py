@@ -1918,6 +1918,106 @@ def test_a_sql_server_whose_home_died_is_taken_over_with_no_request(tmp_path):
             n.stop()
 
 
+def first_taker(key, nodes):
+    """The node of `nodes` (names) that takes over first what is keyed `key`: the rule of
+    kagi_core::takeover::first_taker (rendezvous hashing, 64-bit FNV-1a and SplitMix64's mixer)
+    written again, so that the test knows where each resource must go."""
+    mask = (1 << 64) - 1
+
+    def weight(node):
+        h = 0xCBF29CE484222325
+        for b in node.encode() + b"\xff" + key.encode():
+            h = ((h ^ b) * 0x100000001B3) & mask
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & mask
+        return h ^ (h >> 31)
+    return max(nodes, key=lambda n: (weight(n), n))
+
+
+@pytest.mark.parametrize("by", ["sweep", "requests"])
+def test_a_lost_nodes_servers_go_to_one_survivor_and_its_disks_spread_over_the_survivors(tmp_path, by):
+    """Issue 14: who takes over. Three nodes on one store and bucket; node 1 holds two SQL servers
+    (a row committed in each) and disks, made until the rule spreads their families over both
+    other nodes. Node 1 killed (kill -9, its data directory deleted). Each family is taken over
+    by its own first taker (rendezvous hashing over the running nodes), so the survivors share
+    them; both servers by the first taker of node 1's name, so they stay on one node (operations
+    joining two servers need that), the other survivor taking none. `sweep`: no request is sent
+    (KAGI_TAKEOVER_AFTER=2). `requests`: no sweep in time (KAGI_TAKEOVER_AFTER=3600), and every
+    request is sent through the survivor that must not take its resource over, which sends it on
+    to the one that must. Then a connection through the other survivor reads each server's row."""
+    import psycopg
+    import test_disks as disks
+    import test_sql as sql
+
+    grace = "2" if by == "sweep" else "3600"
+    first = start_sql_cluster(tmp_path, 3, env={"KAGI_TAKEOVER_AFTER": grace}, blobs=shared_bucket())
+    n2, n3 = first.cluster[0], first.cluster[1]
+    try:
+        via1, _, server, db, _ = sql_server_on_node_1(first)
+        server_b, _ = sql.create_server(via1, identity=False)
+        db_b, _ = sql.create_db(via1, server_b)
+        for s, d in ((server, db), (server_b, db_b)):
+            with psycopg.connect(sql_dsn(first, s, d, n2.ca_path), autocommit=True) as c:
+                c.execute("CREATE TABLE t (v text)")
+                c.execute("INSERT INTO t VALUES (%s)", (s,))
+        survivors = {node_name(n): n for n in (n2, n3)}
+
+        def families():
+            return {p.name for p in (first.data_dir / "disks").iterdir() if (p / "family").is_file()}
+        takers, family_of = {}, {}
+        for _ in range(24):
+            before = families()
+            name, _ = disks.create_disk(via1)
+            (family,) = families() - before
+            family_of[name] = family
+            takers[family] = first_taker(family, survivors)
+            if len(set(takers.values())) == 2:
+                break
+        assert len(set(takers.values())) == 2, takers
+        sql_home = survivors[first_taker(node_name(first), survivors)]
+        other = n3 if sql_home is n2 else n2
+
+        first.kill9()
+        # Its data lost; its copy of the cluster's CA stays, for the test's own requests.
+        for p in first.data_dir.iterdir():
+            if p.name != "tls":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        started = time.monotonic()
+        if by == "requests":
+            for name, family in family_of.items():
+                loser = n3 if survivors[takers[family]] is n2 else n2
+                via = Via(first, loser)
+                until(lambda: disks.arm(via, "GET", disks.compute_path(via, "disks", name)).status_code == 200,
+                      bound=90)
+            for s, d in ((server, db), (server_b, db_b)):
+                def reads():
+                    try:
+                        with psycopg.connect(sql_dsn(other, s, d, n2.ca_path), autocommit=True,
+                                             connect_timeout=30) as c:
+                            return c.execute("SELECT v FROM t").fetchall() == [(s,)]
+                    except psycopg.OperationalError:
+                        return False
+                until(reads, bound=90)
+
+        def all_taken():
+            return (all((survivors[t].data_dir / "disks" / f / "family").is_file() for f, t in takers.items())
+                    and all(in_log(sql_home, "SQL server taken over from the bucket", f"/servers/{s}")
+                            for s in (server, server_b)))
+        until(all_taken, bound=90)
+        print(f"\n{len(takers)} families and 2 servers taken over ({by}) {time.monotonic() - started:.1f} s after "
+              f"kill -9 of their home: families on {sorted(survivors[t].data_dir.name for t in takers.values())}")
+        for f, t in takers.items():
+            loser = n3 if survivors[t] is n2 else n2
+            assert not (loser.data_dir / "disks" / f / "family").exists(), f
+        assert not in_log(other, "SQL server taken over from the bucket"), other.log_tail(40)
+        for s, d in ((server, db), (server_b, db_b)):
+            with psycopg.connect(sql_dsn(other, s, d, n2.ca_path), autocommit=True) as c:
+                assert c.execute("SELECT v FROM t").fetchall() == [(s,)]
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
 def test_a_disk_and_a_sql_server_whose_home_is_down_are_deleted_through_another_node(tmp_path):
     """Issue 14: a DELETE of a disk, snapshot, SQL server or database whose home is not running
     is served by the node it reached (without a bucket: nothing is taken over). Node 1 holds a

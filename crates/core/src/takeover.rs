@@ -6,6 +6,13 @@
 //! quickly keeps what it holds), and each resource's failed tries (retried later and later,
 //! and logged rarely: two nodes sweeping at once race for a takeover's lease, and a resource
 //! that cannot be taken over waits for its home at every pass). Time is passed in.
+//!
+//! Which node takes a resource over is decided here too, so that the survivors of a lost
+//! node share its resources rather than race for them: [`first_taker`] names, for a key and
+//! the nodes able to take over, the one that does it, the same on every node that sees the
+//! same running nodes (rendezvous hashing: a node joining or leaving moves only the keys it
+//! wins or won). The others leave it [`GoneHomes::others_may_take`] long before they try
+//! themselves, in case it cannot.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -31,6 +38,49 @@ pub const RETRY_MAX: Duration = Duration::from_secs(600);
 pub const WAITING_SAID_EVERY: Duration = Duration::from_secs(3600);
 /// How often any other failure of one resource's takeover is logged.
 pub const FAILURE_SAID_EVERY: Duration = Duration::from_secs(600);
+/// The least time a resource's first taker ([`first_taker`]) is left to take it over, after the
+/// grace, before the other nodes try (it may be failing, or slow with many resources).
+pub const OTHERS_WAIT_AT_LEAST: Duration = Duration::from_secs(30);
+
+/// Who may take over a resource whose home is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Taker {
+    /// Only its first taker ([`first_taker`]); another node sends the request there.
+    First,
+    /// Any node able to (its first taker had its time: [`GoneHomes::others_may_take`]).
+    Any,
+}
+
+/// The node that takes over first what is keyed `key` (a SQL server's gone home, so that a
+/// node's servers stay together; a disk family, so that families spread), among
+/// `candidates`, the running nodes able to take it over: the one with the highest weight for
+/// the key. Every node seeing the same candidates names the same one, whatever their order;
+/// `None` when there is none.
+pub fn first_taker<'a>(
+    key: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .max_by_key(|node| (weight(node, key), *node))
+}
+
+/// A node's weight for a key: 64-bit FNV-1a of the node's name, a 0xff byte (in neither:
+/// names and keys are text) and the key, finished with SplitMix64's mixer so that close
+/// names and keys spread. Fixed here rather than `std`'s hasher, which may change between
+/// releases: nodes of two builds during an upgrade must agree.
+fn weight(node: &str, key: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes().chain([0xff]).chain(key.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
 
 /// What the sweep remembers between its passes: when this node first saw each absent home
 /// absent, and the failed tries of each resource it tried to take over.
@@ -100,6 +150,17 @@ impl GoneHomes {
             .filter(|(_, since)| now.duration_since(**since) >= self.grace)
             .map(|(home, _)| home.clone())
             .collect()
+    }
+
+    /// Who may take over, at `now`, the resources of `home` (seen gone by
+    /// [`GoneHomes::observe`]): its first taker only until it has been absent for twice the
+    /// grace, and at least [`OTHERS_WAIT_AT_LEAST`] past the grace; then any node.
+    pub fn others_may_take(&self, home: &str, now: Instant) -> Taker {
+        let others_after = self.grace + self.grace.max(OTHERS_WAIT_AT_LEAST);
+        match self.absent_since.get(home) {
+            Some(since) if now.duration_since(*since) >= others_after => Taker::Any,
+            _ => Taker::First,
+        }
     }
 
     /// Forgets the tries of every resource but `ids` (taken over, deleted, home back).
@@ -200,6 +261,78 @@ mod tests {
         // No longer anyone's home: forgotten.
         gone.observe(["b"].into_iter(), &live(&[]), t3);
         assert_eq!(gone.absent_since.len(), 1);
+    }
+
+    #[test]
+    fn the_first_taker_is_the_same_whatever_the_order_and_moves_only_what_it_must() {
+        let nodes = ["n1", "n2", "n3", "n4"];
+        let keys: Vec<String> = (0..400).map(|i| format!("family-{i}")).collect();
+        let mut won = HashMap::new();
+        for k in &keys {
+            let t = first_taker(k, nodes).unwrap();
+            let mut reversed = nodes;
+            reversed.reverse();
+            assert_eq!(first_taker(k, reversed), Some(t));
+            *won.entry(t).or_insert(0) += 1;
+        }
+        // Spread: each of four nodes wins about a quarter (100 of 400; 60 is far out).
+        for n in nodes {
+            assert!(won[n] > 60, "{n} won {} of 400: {won:?}", won[n]);
+        }
+        // n4 leaves: only the keys it won move, and they spread over the others.
+        let mut moved = HashMap::new();
+        for k in &keys {
+            let before = first_taker(k, nodes).unwrap();
+            let after = first_taker(k, nodes[..3].iter().copied()).unwrap();
+            if before != "n4" {
+                assert_eq!(after, before);
+            } else {
+                *moved.entry(after).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(moved.len(), 3, "{moved:?}");
+        assert_eq!(first_taker("k", std::iter::empty()), None);
+        assert_eq!(first_taker("k", ["only"]), Some("only"));
+        // Fixed across builds (an upgrade's nodes must agree): a known value.
+        assert_eq!(weight("node-a", "key"), 0xd7d1_8edc_f8a1_594e);
+        assert_ne!(weight("node-a", "key"), weight("node-a", "kez"));
+        assert_ne!(weight("node-ak", "ey"), weight("node-a", "key"));
+    }
+
+    #[test]
+    fn others_take_over_once_the_first_taker_had_its_time() {
+        let t0 = Instant::now();
+        let mut gone = GoneHomes::new(Duration::from_secs(2));
+        gone.observe(["a"].into_iter(), &live(&["b"]), t0);
+        // Grace 2 s: the first taker alone until 2 + 30 s.
+        assert_eq!(
+            gone.others_may_take("a", t0 + Duration::from_secs(2)),
+            Taker::First
+        );
+        assert_eq!(
+            gone.others_may_take("a", t0 + Duration::from_secs(31)),
+            Taker::First
+        );
+        assert_eq!(
+            gone.others_may_take("a", t0 + Duration::from_secs(32)),
+            Taker::Any
+        );
+        // Grace 60 s: twice the grace.
+        let mut gone = GoneHomes::new(Duration::from_secs(60));
+        gone.observe(["a"].into_iter(), &live(&["b"]), t0);
+        assert_eq!(
+            gone.others_may_take("a", t0 + Duration::from_secs(119)),
+            Taker::First
+        );
+        assert_eq!(
+            gone.others_may_take("a", t0 + Duration::from_secs(120)),
+            Taker::Any
+        );
+        // A home never seen absent: its first taker only.
+        assert_eq!(
+            gone.others_may_take("x", t0 + Duration::from_secs(999)),
+            Taker::First
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!
 //! When blobs are in a bucket, every family's log is shipped there as it is made durable
 //! (`crate::shipping`). A request for a family whose home is not running (its presence lease
-//! lapsed) then makes the node it reached take the family over: under the lease
+//! lapsed) then makes the family's first taker (see [`DiskService::serving_home`]; the node
+//! it reached sends it there) take the family over: under the lease
 //! `disk-takeover:{family}`, it fences the old home off, fetches the log from the bucket and
 //! records itself as the home. Without a bucket the family waits for its home (503), but for
 //! a `DELETE` of one of its resources, served by the node it reached.
@@ -16,14 +17,18 @@
 //! ([`spawn_takeover_sweep`]): every node present itself looks every few seconds for families
 //! whose recorded home is not among the running nodes and, once it has seen that home absent
 //! for `KAGI_TAKEOVER_AFTER` seconds (default 30: a node restarting quickly keeps its
-//! families), takes each over the way a request does. Nodes sweeping at once are safe: the
-//! takeover's lease decides, and the others find the new home at their next pass.
+//! families), takes over those whose first taker it is, the way a request does; after
+//! longer, any family of that home (its first taker may be failing). Nodes sweeping at once
+//! are safe: the takeover's lease decides, and the others find the new home at their next
+//! pass.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kagi_core::takeover::{DEFAULT_GRACE_SECONDS, GRACE_VARIABLE, GoneHomes, Say};
+use kagi_core::takeover::{
+    DEFAULT_GRACE_SECONDS, GRACE_VARIABLE, GoneHomes, Say, Taker, first_taker,
+};
 use kagi_core::{ErrorCode, KvError};
 use kagi_host::{ArmRequest, json_body};
 use serde_json::{Value, json};
@@ -85,27 +90,38 @@ impl DiskService {
     }
 
     /// The node that serves `family`, whose recorded home is `home`: that node while it runs;
-    /// when it does not and the family's log is in the bucket, this one, once it has taken
-    /// the family over; without a bucket, this one for a `DELETE` of one of its resources
-    /// (`deleting`: it goes from the store, its blocks stay on the lost node, which removes
-    /// the families no resource names when it starts).
+    /// when it does not and the family's log is in the bucket, the family's first taker among
+    /// the running nodes (`kagi_core::takeover::first_taker` of the family: a lost node's
+    /// families spread over the others), which takes the request there; this one once it has
+    /// taken the family over, when it is that node or `taker` lets any node. Without a
+    /// bucket, this one for a `DELETE` of one of its resources (`deleting`: it goes from the
+    /// store, its blocks stay on the lost node, which removes the families no resource names
+    /// when it starts).
     async fn serving_home(
         &self,
         family: &str,
         home: String,
         deleting: bool,
+        taker: Taker,
     ) -> Result<String, KvError> {
         let me = self.host.node_name();
         let shipped = self.store.is_shipped();
         if home == me || !(shipped || deleting) {
             return Ok(home);
         }
-        if self.host.live_nodes().await?.iter().any(|n| n.name == home) {
+        let nodes = self.host.live_nodes().await?;
+        if nodes.iter().any(|n| n.name == home) {
             return Ok(home);
         }
         if !shipped {
             tracing::warn!(family, home = %home, "a disk deleted while its home node is not running: served here");
             return Ok(me);
+        }
+        if taker == Taker::First
+            && let Some(first) = first_taker(family, nodes.iter().map(|n| n.name.as_str()))
+            && first != me
+        {
+            return Ok(first.to_string());
         }
         // One takeover of a family at a time in this process (the lease is per node), and
         // under the lease across nodes.
@@ -220,7 +236,10 @@ impl DiskService {
         );
         if let Some((family, home)) = self.home_of(&id).await? {
             let deleting = req.method == "DELETE" && scope.rest_l.len() == 2;
-            return self.serving_home(&family, home, deleting).await.map(Some);
+            return self
+                .serving_home(&family, home, deleting, Taker::First)
+                .await
+                .map(Some);
         }
         // A new resource made from another: where its source lives. (A body that does not
         // parse is refused by whichever node serves it.)
@@ -232,7 +251,10 @@ impl DiskService {
         };
         match source_of(&input) {
             Some(source) => match self.home_of(source).await? {
-                Some((family, home)) => self.serving_home(&family, home, false).await.map(Some),
+                Some((family, home)) => self
+                    .serving_home(&family, home, false, Taker::First)
+                    .await
+                    .map(Some),
                 None => Ok(None),
             },
             None => Ok(None),
@@ -315,7 +337,8 @@ impl DiskService {
                 tracing::debug!(family = %family, home = %home, "takeover sweep: a home recorded for a family no resource names");
                 continue;
             }
-            match self.serving_home(&family, home.clone(), false).await {
+            let taker = gone.others_may_take(&home, Instant::now());
+            match self.serving_home(&family, home.clone(), false, taker).await {
                 Ok(node) => {
                     gone.succeeded(&family);
                     if node == me {

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use kagi_core::takeover::Taker;
 use kagi_core::{ErrorCode, KvError};
 use kagi_pgsql::{
     Credential, Gateway, LoginChange, OpenDatabase as Session, PgError, UPSTREAM_PHRASE, Upstream,
@@ -134,7 +135,7 @@ impl Gateway for SqlGateway {
             return Ok(None);
         };
         // A server whose home is gone is taken over here (live logs in the bucket).
-        let home = self.0.serving_home(&s, home).await.map_err(|e| {
+        let home = self.0.serving_home(&s, home, Taker::First).await.map_err(|e| {
             tracing::warn!(server, reason = %e.message, "the server's home is not running and the server cannot be taken over now");
             PgError::unavailable(format!("{UPSTREAM_PHRASE} cannot be reached now"))
                 .with_hint("retry the connection")

@@ -9,6 +9,7 @@
 //! that node opens, probes, backs up and replicates its databases. A server made before homes
 //! were recorded has none and is served where it is asked for (one node).
 
+use kagi_core::takeover::Taker;
 use kagi_core::{ErrorCode, KvError};
 use kagi_host::ArmRequest;
 use serde_json::{Value, json};
@@ -319,7 +320,11 @@ impl SqlService {
             if self.ships_live_logs()
                 && let Some(server) = self.host.resource(&id)
             {
-                match self.arc()?.serving_home(&server, home.clone()).await {
+                match self
+                    .arc()?
+                    .serving_home(&server, home.clone(), Taker::First)
+                    .await
+                {
                     Ok(node) => return Ok(Some(node)),
                     // A server that cannot be taken over is still deleted here.
                     Err(e) if deleting && !self.node_running(&home).await? => {

@@ -2,7 +2,8 @@
 //! "SQL servers whose home is gone"). With several nodes on one store and `--blobs s3://…`,
 //! every database's backups and live log (`crate::live`) are in the bucket, and every commit
 //! was there before it was acknowledged. A request for a server whose home is not running
-//! (its presence lease lapsed) makes the node it reached take the server over, under a lease:
+//! (its presence lease lapsed) makes the first taker of that home's servers (the node it
+//! reached sends it there: [`SqlService::serving_home`]) take the server over, under a lease:
 //! for each database it fences the old home's live log off (that node, if it still runs, can
 //! acknowledge nothing more), replays the newest backup chain and the live log's pieces after
 //! it, writes the database file here and takes a full backup of it (the live log carries on
@@ -14,6 +15,7 @@
 
 use std::sync::Arc;
 
+use kagi_core::takeover::{Taker, first_taker};
 use kagi_core::{ErrorCode, KvError};
 use serde_json::Value;
 
@@ -32,12 +34,16 @@ fn unavailable(message: String) -> KvError {
 
 impl SqlService {
     /// The node that serves `server`, whose recorded home is `home`: that node while it runs;
-    /// when it does not and this node ships live logs and serves SQL, this one, once it has
-    /// taken the server over.
+    /// when it does not and this node ships live logs and serves SQL, the node that takes the
+    /// home's servers over — the first taker of the home's name among the nodes serving SQL
+    /// (`kagi_core::takeover::first_taker`: every server of a lost node goes to one node, as
+    /// operations joining two servers need), which takes the request there; this one once it
+    /// has taken the server over, when it is that node or `taker` lets any node.
     pub(crate) async fn serving_home(
         self: &Arc<Self>,
         server: &Value,
         home: String,
+        taker: Taker,
     ) -> Result<String, KvError> {
         let me = self.host.node_name();
         if home == me || !self.ships_live_logs() {
@@ -53,6 +59,17 @@ impl SqlService {
                 "The server's node '{home}' is not running, and this node does not serve SQL \
                  (--sql-listen) to take it over: send the request through a node that does."
             )));
+        }
+        if taker == Taker::First {
+            let serving = nodes
+                .iter()
+                .filter(|n| n.sql.is_some())
+                .map(|n| n.name.as_str());
+            if let Some(first) = first_taker(&home, serving)
+                && first != me
+            {
+                return Ok(first.to_string());
+            }
         }
         self.take_over(server, &home, None).await?;
         Ok(self.server_home(&id_of_body(server)).await?.unwrap_or(me))

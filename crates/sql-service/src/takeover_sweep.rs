@@ -5,8 +5,10 @@
 //! present itself) looks every few seconds for servers whose recorded home is not among the
 //! running nodes and, once this node has seen that home absent for `KAGI_TAKEOVER_AFTER`
 //! seconds (default 30: a node restarting quickly keeps its servers), takes each over through
-//! [`SqlService::serving_home`], the path a request takes. Nodes sweeping at once are safe:
-//! the takeover's lease decides, and the others find the new home at their next pass.
+//! [`SqlService::serving_home`], the path a request takes, if it is that home's first taker
+//! (a lost node's servers go to one node); after longer, whichever it is (its first taker may
+//! be failing). Nodes sweeping at once are safe: the takeover's lease decides, and the others
+//! find the new home at their next pass.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -73,7 +75,8 @@ impl SqlService {
             if !gone.due(&id, Instant::now()) {
                 continue;
             }
-            match self.serving_home(&server, home.clone()).await {
+            let taker = gone.others_may_take(&home, Instant::now());
+            match self.serving_home(&server, home.clone(), taker).await {
                 Ok(node) => {
                     gone.succeeded(&id);
                     if node == me && self.host.resource(&id).is_some() {
