@@ -302,37 +302,27 @@ mod tests {
     #[test]
     fn others_take_over_once_the_first_taker_had_its_time() {
         let t0 = Instant::now();
-        let mut gone = GoneHomes::new(Duration::from_secs(2));
-        gone.observe(["a"].into_iter(), &live(&["b"]), t0);
-        // Grace 2 s: the first taker alone until 2 + 30 s.
-        assert_eq!(
-            gone.others_may_take("a", t0 + Duration::from_secs(2)),
-            Taker::First
-        );
-        assert_eq!(
-            gone.others_may_take("a", t0 + Duration::from_secs(31)),
-            Taker::First
-        );
-        assert_eq!(
-            gone.others_may_take("a", t0 + Duration::from_secs(32)),
-            Taker::Any
-        );
-        // Grace 60 s: twice the grace.
-        let mut gone = GoneHomes::new(Duration::from_secs(60));
-        gone.observe(["a"].into_iter(), &live(&["b"]), t0);
-        assert_eq!(
-            gone.others_may_take("a", t0 + Duration::from_secs(119)),
-            Taker::First
-        );
-        assert_eq!(
-            gone.others_may_take("a", t0 + Duration::from_secs(120)),
-            Taker::Any
-        );
-        // A home never seen absent: its first taker only.
-        assert_eq!(
-            gone.others_may_take("x", t0 + Duration::from_secs(999)),
-            Taker::First
-        );
+        // (grace, seconds after the home was first seen absent, who may take over): with a
+        // grace of 2 s the first taker alone until 2 + 30 s; with 60 s, twice the grace.
+        let cases = [
+            (2, 2, Taker::First),
+            (2, 31, Taker::First),
+            (2, 32, Taker::Any),
+            (60, 119, Taker::First),
+            (60, 120, Taker::Any),
+        ];
+        for (grace, after, who) in cases {
+            let mut gone = GoneHomes::new(Duration::from_secs(grace));
+            gone.observe(["a"].into_iter(), &live(&["b"]), t0);
+            let at = t0 + Duration::from_secs(after);
+            assert_eq!(
+                gone.others_may_take("a", at),
+                who,
+                "grace {grace}, {after} s"
+            );
+            // A home never seen absent: its first taker only.
+            assert_eq!(gone.others_may_take("x", at), Taker::First);
+        }
     }
 
     #[test]
