@@ -737,7 +737,7 @@ impl DiskService {
             drop(rt);
             self.drop_volume(family, &volume, &id).await;
         } else if let Some(f) = family.filter(|_| elsewhere) {
-            // Its files stay on its home, which removes them when it starts once no resource
+            // Its files stay on its home, which sets them aside when it starts once no resource
             // names the family; its home is forgotten with its last resource.
             match self.families_in_use().await {
                 Ok(used) if !used.contains(&f) => self.forget_home(&f).await,

@@ -95,8 +95,8 @@ impl DiskService {
     /// families spread over the others), which takes the request there; this one once it has
     /// taken the family over, when it is that node or `taker` lets any node. Without a
     /// bucket, this one for a `DELETE` of one of its resources (`deleting`: it goes from the
-    /// store, its blocks stay on the lost node, which removes the families no resource names
-    /// when it starts).
+    /// store, its blocks stay on the lost node, which sets aside the families no resource
+    /// names when it starts).
     async fn serving_home(
         &self,
         family: &str,
