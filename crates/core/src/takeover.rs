@@ -11,8 +11,8 @@
 //! node share its resources rather than race for them: [`first_taker`] names, for a key and
 //! the nodes able to take over, the one that does it, the same on every node that sees the
 //! same running nodes (rendezvous hashing: a node joining or leaving moves only the keys it
-//! wins or won). The others leave it [`GoneHomes::others_may_take`] long before they try
-//! themselves, in case it cannot.
+//! wins or won). The others try themselves only once it has stopped making progress
+//! ([`GoneHomes::others_may_take`]), in case it cannot.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -88,10 +88,21 @@ fn weight(node: &str, key: &str) -> u64 {
 pub struct GoneHomes {
     /// How long a home must have been seen absent before its resources are taken over.
     grace: Duration,
-    /// When this node first saw each home absent, by node name; forgotten once it is back.
-    absent_since: HashMap<String, Instant>,
+    /// Each home this node sees absent, by node name; forgotten once it is back.
+    absent: HashMap<String, Absence>,
     /// Failed tries, by resource id.
     tries: HashMap<String, Tries>,
+}
+
+/// A home this node sees absent.
+#[derive(Debug)]
+struct Absence {
+    /// When this node first saw it absent.
+    since: Instant,
+    /// How many resources it was home to at the last pass.
+    left: usize,
+    /// When that number last went down (its first taker is at work).
+    moved: Instant,
 }
 
 /// The failed tries of one resource's takeover.
@@ -121,7 +132,7 @@ impl GoneHomes {
     pub fn new(grace: Duration) -> Self {
         Self {
             grace,
-            absent_since: HashMap::new(),
+            absent: HashMap::new(),
             tries: HashMap::new(),
         }
     }
@@ -131,34 +142,50 @@ impl GoneHomes {
         self.grace.clamp(PASS_BOUNDS.0, PASS_BOUNDS.1)
     }
 
-    /// Notes which of `homes` are absent from `live` at `now`; returns those seen absent for
-    /// the grace. Homes back, or no longer anyone's, are forgotten.
+    /// Notes which of `homes` (each resource's home: a home appears once per resource it
+    /// holds) are absent from `live` at `now`; returns those seen absent for the grace. Homes
+    /// back, or no longer anyone's, are forgotten.
     pub fn observe<'a>(
         &mut self,
         homes: impl Iterator<Item = &'a str>,
         live: &HashSet<String>,
         now: Instant,
     ) -> HashSet<String> {
-        let absent: HashSet<&str> = homes.filter(|h| !live.contains(*h)).collect();
-        self.absent_since
-            .retain(|home, _| absent.contains(home.as_str()));
-        for home in &absent {
-            self.absent_since.entry((*home).to_string()).or_insert(now);
+        let mut left: HashMap<&str, usize> = HashMap::new();
+        for home in homes.filter(|h| !live.contains(*h)) {
+            *left.entry(home).or_default() += 1;
         }
-        self.absent_since
+        self.absent
+            .retain(|home, _| left.contains_key(home.as_str()));
+        for (home, left) in left {
+            let a = self.absent.entry(home.to_string()).or_insert(Absence {
+                since: now,
+                left,
+                moved: now,
+            });
+            if left < a.left {
+                a.moved = now;
+            }
+            a.left = left;
+        }
+        self.absent
             .iter()
-            .filter(|(_, since)| now.duration_since(**since) >= self.grace)
+            .filter(|(_, a)| now.duration_since(a.since) >= self.grace)
             .map(|(home, _)| home.clone())
             .collect()
     }
 
     /// Who may take over, at `now`, the resources of `home` (seen gone by
-    /// [`GoneHomes::observe`]): its first taker only until it has been absent for twice the
-    /// grace, and at least [`OTHERS_WAIT_AT_LEAST`] past the grace; then any node.
+    /// [`GoneHomes::observe`]): its first taker alone from the grace on, until it has let
+    /// the grace (at least [`OTHERS_WAIT_AT_LEAST`]) pass without taking any of them (their
+    /// number did not go down); then any node. A first taker at work on many resources keeps
+    /// them: a lost node's SQL servers stay together however long they take.
     pub fn others_may_take(&self, home: &str, now: Instant) -> Taker {
-        let others_after = self.grace + self.grace.max(OTHERS_WAIT_AT_LEAST);
-        match self.absent_since.get(home) {
-            Some(since) if now.duration_since(*since) >= others_after => Taker::Any,
+        let wait = self.grace.max(OTHERS_WAIT_AT_LEAST);
+        match self.absent.get(home) {
+            Some(a) if now.duration_since((a.since + self.grace).max(a.moved)) >= wait => {
+                Taker::Any
+            }
             _ => Taker::First,
         }
     }
@@ -171,7 +198,7 @@ impl GoneHomes {
 
     /// Forgets everything (this node cannot take anything over now).
     pub fn forget_all(&mut self) {
-        self.absent_since.clear();
+        self.absent.clear();
         self.tries.clear();
     }
 
@@ -260,7 +287,7 @@ mod tests {
         );
         // No longer anyone's home: forgotten.
         gone.observe(["b"].into_iter(), &live(&[]), t3);
-        assert_eq!(gone.absent_since.len(), 1);
+        assert_eq!(gone.absent.len(), 1);
     }
 
     #[test]
@@ -323,6 +350,20 @@ mod tests {
             // A home never seen absent: its first taker only.
             assert_eq!(gone.others_may_take("x", at), Taker::First);
         }
+        // A first taker at work (the home's resources going down) keeps the others waiting.
+        let mut gone = GoneHomes::new(Duration::from_secs(2));
+        let secs = |n| t0 + Duration::from_secs(n);
+        gone.observe(["a", "a", "a"].into_iter(), &live(&[]), t0);
+        gone.observe(["a", "a"].into_iter(), &live(&[]), secs(20));
+        assert_eq!(gone.others_may_take("a", secs(49)), Taker::First);
+        gone.observe(["a", "a"].into_iter(), &live(&[]), secs(49));
+        assert_eq!(gone.others_may_take("a", secs(50)), Taker::Any);
+        // A count going up (a resource made there meanwhile) is no progress.
+        gone.observe(["a", "a", "a"].into_iter(), &live(&[]), secs(51));
+        assert_eq!(gone.others_may_take("a", secs(51)), Taker::Any);
+        gone.observe(["a"].into_iter(), &live(&[]), secs(52));
+        assert_eq!(gone.others_may_take("a", secs(81)), Taker::First);
+        assert_eq!(gone.others_may_take("a", secs(82)), Taker::Any);
     }
 
     #[test]
