@@ -190,6 +190,14 @@ impl GoneHomes {
         }
     }
 
+    /// Notes that one of `home`'s resources is being taken over at `now` (its first taker is
+    /// at work on it, however long it takes): the others keep waiting.
+    pub fn progressing(&mut self, home: &str, now: Instant) {
+        if let Some(a) = self.absent.get_mut(home) {
+            a.moved = now;
+        }
+    }
+
     /// Forgets the tries of every resource but `ids` (taken over, deleted, home back).
     pub fn keep_tries_of(&mut self, ids: impl Iterator<Item = String>) {
         let keep: HashSet<String> = ids.collect();
@@ -364,6 +372,10 @@ mod tests {
         gone.observe(["a"].into_iter(), &live(&[]), secs(52));
         assert_eq!(gone.others_may_take("a", secs(81)), Taker::First);
         assert_eq!(gone.others_may_take("a", secs(82)), Taker::Any);
+        // A takeover under way counts as progress.
+        gone.progressing("a", secs(90));
+        assert_eq!(gone.others_may_take("a", secs(119)), Taker::First);
+        assert_eq!(gone.others_may_take("a", secs(120)), Taker::Any);
     }
 
     #[test]

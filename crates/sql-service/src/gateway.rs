@@ -134,7 +134,8 @@ impl Gateway for SqlGateway {
         let Some(home) = self.0.home_elsewhere(&s).await.map_err(pg_error)? else {
             return Ok(None);
         };
-        // A server whose home is gone is taken over here (live logs in the bucket).
+        // A server whose home is gone is taken over by its taker (live logs in the bucket):
+        // the connection goes there, or is served here when this node is it.
         let home = self.0.serving_home(&s, home, Taker::First).await.map_err(|e| {
             tracing::warn!(server, reason = %e.message, "the server's home is not running and the server cannot be taken over now");
             PgError::unavailable(format!("{UPSTREAM_PHRASE} cannot be reached now"))

@@ -127,6 +127,14 @@ impl SqlService {
             .unwrap_or(0))
     }
 
+    /// Every server's home record, by lower-case server id (none on one node), in one read.
+    pub(crate) async fn home_records(&self) -> Result<Vec<(String, Value)>, KvError> {
+        if !self.host.shares_store() {
+            return Ok(Vec::new());
+        }
+        self.host.documents(SERVERS_KEY, HOME_KIND).await
+    }
+
     /// A server's home record as it is in the store (`None`: none, or one node).
     pub(crate) async fn home_record(&self, server_id: &str) -> Result<Option<Value>, KvError> {
         if !self.host.shares_store() {
@@ -303,10 +311,11 @@ impl SqlService {
             scope.subscription, scope.rest[1]
         );
         if let Some(home) = self.server_home(&id).await? {
-            // A server (or database) deleted while its home is not running goes from the
-            // store here, as Azure deletes what it is asked to: a home lost for good would
-            // otherwise keep it forever. Its files stay on that node, which never opens a
-            // database no server names and removes them when it starts.
+            // A server (or database) deleted while its home is not running and cannot be taken
+            // over goes from the store on the node serving the request, as Azure deletes what
+            // it is asked to: a home lost for good would otherwise keep it forever. Its files
+            // stay on that node, which never opens a database no server names and removes them
+            // when it starts.
             let deleting = req.method == "DELETE"
                 && matches!(
                     scope.rest_l,
@@ -316,7 +325,8 @@ impl SqlService {
             if home == me {
                 return Ok(Some(home));
             }
-            // With live logs in the bucket, a server whose home is gone is taken over here.
+            // With live logs in the bucket, a server whose home is gone is taken over by its
+            // taker (the request goes there), or here when this node is it.
             if self.ships_live_logs()
                 && let Some(server) = self.host.resource(&id)
             {
@@ -326,7 +336,8 @@ impl SqlService {
                     .await
                 {
                     Ok(node) => return Ok(Some(node)),
-                    // A server that cannot be taken over is still deleted here.
+                    // A server that cannot be taken over is still deleted (here: the taker, or
+                    // the node the request reached when no node can take it).
                     Err(e) if deleting && !self.node_running(&home).await? => {
                         tracing::warn!(server = %id, home = %home, reason = %e.message, "deleted while its home node is not running and cannot be taken over: served here");
                         return Ok(Some(me));

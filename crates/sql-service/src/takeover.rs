@@ -34,11 +34,9 @@ fn unavailable(message: String) -> KvError {
 
 impl SqlService {
     /// The node that serves `server`, whose recorded home is `home`: that node while it runs;
-    /// when it does not and this node ships live logs and serves SQL, the node that takes the
-    /// home's servers over — the first taker of the home's name among the nodes serving SQL
-    /// (`kagi_core::takeover::first_taker`: every server of a lost node goes to one node, as
-    /// operations joining two servers need), which takes the request there; this one once it
-    /// has taken the server over, when it is that node or `taker` lets any node.
+    /// when it does not and this node ships live logs, the node that takes the home's servers
+    /// over ([`SqlService::sql_taker`]), which takes the request there; this one once it has
+    /// taken the server over, when it is that node or `taker` lets any node serving SQL.
     pub(crate) async fn serving_home(
         self: &Arc<Self>,
         server: &Value,
@@ -53,26 +51,52 @@ impl SqlService {
         if nodes.iter().any(|n| n.name == home) {
             return Ok(home);
         }
+        if taker == Taker::First
+            && let Some(first) = self.sql_taker(&home, &nodes).await?
+            && first != me
+        {
+            return Ok(first);
+        }
         // Only a node serving SQL may become a server's home (its clients connect there).
         if !nodes.iter().any(|n| n.name == me && n.sql.is_some()) {
             return Err(unavailable(format!(
-                "The server's node '{home}' is not running, and this node does not serve SQL \
-                 (--sql-listen) to take it over: send the request through a node that does."
+                "The server's node '{home}' is not running, and no running node serving SQL \
+                 (--sql-listen) can take it over now."
             )));
-        }
-        if taker == Taker::First {
-            let serving = nodes
-                .iter()
-                .filter(|n| n.sql.is_some())
-                .map(|n| n.name.as_str());
-            if let Some(first) = first_taker(&home, serving)
-                && first != me
-            {
-                return Ok(first.to_string());
-            }
         }
         self.take_over(server, &home, None).await?;
         Ok(self.server_home(&id_of_body(server)).await?.unwrap_or(me))
+    }
+
+    /// The node that takes the servers of `gone`, a home that is not running, over, among the
+    /// running nodes `nodes` that serve SQL: every server of a cluster lives on one node (a new
+    /// server goes to the node of the others), as operations joining two servers need, so a
+    /// node that already serves some, or is taking one over, takes the rest; else the first
+    /// taker of the gone home's name (`kagi_core::takeover::first_taker`: every node names the
+    /// same one). Among several that serve some (servers made while their node was down), the
+    /// first taker of those. `None`: no node serves SQL.
+    pub(crate) async fn sql_taker(
+        &self,
+        gone: &str,
+        nodes: &[kagi_host::NodeCard],
+    ) -> Result<Option<String>, KvError> {
+        let serving: Vec<&str> = nodes
+            .iter()
+            .filter(|n| n.sql.is_some())
+            .map(|n| n.name.as_str())
+            .collect();
+        let records = self.home_records().await?;
+        let holding: Vec<&str> = serving
+            .iter()
+            .copied()
+            .filter(|n| {
+                records.iter().any(|(_, r)| {
+                    r["node"].as_str() == Some(n) || r["takingOver"]["node"].as_str() == Some(n)
+                })
+            })
+            .collect();
+        let pool = if holding.is_empty() { serving } else { holding };
+        Ok(first_taker(gone, pool).map(str::to_string))
     }
 
     /// Takes `server` over from node `gone` (this one: taking it back) under the lease

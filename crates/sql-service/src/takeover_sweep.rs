@@ -10,11 +10,13 @@
 //! be failing). Nodes sweeping at once are safe: the takeover's lease decides, and the others
 //! find the new home at their next pass.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use kagi_core::takeover::{DEFAULT_GRACE_SECONDS, GRACE_VARIABLE, GoneHomes, Say};
+
+use serde_json::Value;
 
 use crate::{SERVER_TYPE, SqlService, id_of_body};
 
@@ -55,19 +57,37 @@ impl SqlService {
             return;
         }
         let live: HashSet<String> = nodes.into_iter().map(|n| n.name).collect();
-        let mut elsewhere = Vec::new();
-        for server in self.host.resources_of_type(SERVER_TYPE) {
-            match self.server_home(&id_of_body(&server)).await {
-                Ok(Some(home)) if home != me => elsewhere.push((server, home)),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::debug!(error = %e.message, "takeover sweep: a server's home could not be read");
-                    return;
-                }
+        let records: HashMap<String, Value> = match self.home_records().await {
+            Ok(records) => records.into_iter().collect(),
+            Err(e) => {
+                tracing::debug!(error = %e.message, "takeover sweep: the servers' homes could not be read");
+                return;
             }
+        };
+        let mut elsewhere = Vec::new();
+        // Gone homes a running node is taking a server of over now: their first taker is at
+        // work, however long one server takes.
+        let mut in_hand = HashSet::new();
+        for server in self.host.resources_of_type(SERVER_TYPE) {
+            let Some(record) = records.get(&id_of_body(&server).to_ascii_lowercase()) else {
+                continue;
+            };
+            let Some(home) = record["node"].as_str().filter(|h| *h != me) else {
+                continue;
+            };
+            if record["takingOver"]["node"]
+                .as_str()
+                .is_some_and(|t| live.contains(t))
+            {
+                in_hand.insert(home.to_string());
+            }
+            elsewhere.push((server, home.to_string()));
         }
         let now = Instant::now();
         let long_gone = gone.observe(elsewhere.iter().map(|(_, home)| home.as_str()), &live, now);
+        for home in &in_hand {
+            gone.progressing(home, now);
+        }
         elsewhere.retain(|(_, home)| long_gone.contains(home));
         gone.keep_tries_of(elsewhere.iter().map(|(server, _)| id_of_body(server)));
         for (server, home) in elsewhere {

@@ -138,7 +138,9 @@ impl Platform {
         self.store.shared()
     }
 
-    /// The nodes running now, this one first. On one node (SQLite) only this one.
+    /// The nodes running now, this one first — while it holds its presence lease, as the
+    /// others see it: a node cut off from the store for longer (or not yet present) is not
+    /// running to itself either, so it takes nothing over. On one node (SQLite) only this one.
     pub async fn live_nodes(&self) -> Result<Vec<NodeCard>, KvError> {
         let mut nodes = vec![NodeCard {
             name: self.node_name.clone(),
@@ -164,6 +166,16 @@ impl Platform {
             match serde_json::from_value::<NodeCard>(doc) {
                 Ok(card) => nodes.push(card),
                 Err(e) => tracing::warn!(node = %name, error = %e, "unreadable node card"),
+            }
+        }
+        if self.shares_store() {
+            let holder = self
+                .store
+                .lease_holder(&presence_lease(&self.node_name))
+                .await
+                .map_err(|e| internal("read this node's presence", e))?;
+            if holder.as_deref() != Some(self.node_name.as_str()) {
+                nodes.remove(0);
             }
         }
         Ok(nodes)
