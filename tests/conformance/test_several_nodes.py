@@ -2018,6 +2018,63 @@ def test_a_lost_nodes_servers_go_to_one_survivor_and_its_disks_spread_over_the_s
             n.stop()
 
 
+def test_a_lost_nodes_servers_go_to_the_node_that_serves_the_others(tmp_path):
+    """Issue 14: SQL servers stay on one node. Three nodes; server A (a row committed) on node 1,
+    killed; server B made meanwhile lives on the survivor it was made through, chosen as the
+    one the hash would not pick for node 1's servers. A request for A through the other
+    survivor (the hash's pick) is sent to B's node, which takes A over: A and B on one node."""
+    import psycopg
+    import test_sql as sql
+
+    first = start_sql_cluster(tmp_path, 3, env={"KAGI_TAKEOVER_AFTER": "3600"}, blobs=shared_bucket())
+    n2, n3 = first.cluster[0], first.cluster[1]
+    try:
+        via1, _, server, db, dsn = sql_server_on_node_1(first)
+        with psycopg.connect(dsn(first), autocommit=True) as c:
+            c.execute("CREATE TABLE t (v text)")
+            c.execute("INSERT INTO t VALUES ('on node 1')")
+        survivors = {node_name(n): n for n in (n2, n3)}
+        picked = survivors[first_taker(node_name(first), survivors)]
+        holder = n3 if picked is n2 else n2
+        via_holder, via_picked = Via(first, holder), Via(first, picked)
+        # The test's token, fetched before node 1 (maybe the token endpoint) stops.
+        assert sql.arm(via_holder, "GET", sql.sql_path(via_holder, server)).status_code == 200
+
+        first.kill9()
+        for p in first.data_dir.iterdir():
+            if p.name != "tls":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        # Once node 1's presence has lapsed, a new server goes to the node it is made through.
+        # (No request names A before B exists: it would have A taken over.) Made once node 1's
+        # presence has lapsed (503 before: B would go to node 1, the node of the others).
+        server_b = random_name("sqlb", 10).lower()
+
+        def made():
+            r = sql.arm(via_holder, "PUT", sql.sql_path(via_holder, server_b),
+                        {"location": sql.LOCATION, "properties": {
+                            "administratorLogin": sql.ADMIN, "administratorLoginPassword": sql.PASSWORD}})
+            return r.status_code in (200, 201)
+        until(made, bound=30)
+        db_b, _ = sql.create_db(via_holder, server_b)
+        assert list((holder.data_dir / "sql").glob("*.db")), "B does not live on the node it was made through"
+
+        until(lambda: sql.arm(via_picked, "GET", sql.sql_path(via_picked, server)).status_code == 200, bound=90)
+        assert in_log(holder, "SQL server taken over from the bucket", f"/servers/{server}"), holder.log_tail(40)
+        assert not in_log(picked, "SQL server taken over from the bucket"), picked.log_tail(40)
+        with psycopg.connect(sql_dsn(picked, server, db, n2.ca_path), autocommit=True) as c:
+            assert c.execute("SELECT v FROM t").fetchall() == [("on node 1",)]
+        # An operation joining the two servers runs (one node): a geo-secondary of A's database
+        # on B (refused with 409 CrossNodeOperationNotSupported across nodes).
+        r = sql.arm(via_picked, "PUT", sql.sql_path(via_picked, server_b, f"/databases/{db}"),
+                    {"location": "westus2", "properties": {
+                        "createMode": "Secondary",
+                        "sourceDatabaseId": sql.sql_path(via_picked, server, f"/databases/{db}")}})
+        assert r.status_code in (200, 201, 202), (r.status_code, r.text)
+    finally:
+        for n in (first, *first.cluster):
+            n.stop()
+
+
 def test_a_disk_and_a_sql_server_whose_home_is_down_are_deleted_through_another_node(tmp_path):
     """Issue 14: a DELETE of a disk, snapshot, SQL server or database whose home is not running
     is served by the node it reached (without a bucket: nothing is taken over). Node 1 holds a
