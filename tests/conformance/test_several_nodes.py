@@ -721,6 +721,20 @@ def up(via):
         return False
 
 
+def disk_written_on(home, through, tmp_path, size_mb, seed):
+    """A disk made through `home` (a Via: it lives on that node), `size_mb` random MiB written
+    into it with qemu-img through `through`: (name, disk, data)."""
+    import test_disks as disks
+    name, disk = disks.create_disk(home)
+    image = tmp_path / "in.raw"
+    data = disks.random_image(image, size_mb, seed=seed)
+    uri = disks.grant_access(through, name, "Write")
+    assert str(home.data_dir) in uri, uri
+    disks.run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
+    disks.end_access(through, name)
+    return name, disk, data
+
+
 def test_a_disk_whose_home_died_is_taken_over_from_the_bucket(tmp_path, monkeypatch):
     """With the blobs in a bucket (`--blobs s3://…`) a disk family's log is shipped there as it
     is made durable, as ciphertext. Its home killed (kill -9), the next request through another
@@ -740,13 +754,7 @@ def test_a_disk_whose_home_died_is_taken_over_from_the_bucket(tmp_path, monkeypa
         first.put_rg(DEFAULT_RG)
         via1, via2 = Via(first, first), Via(first, n2)
         # The disk lives on node 2 (made through it); written through node 1.
-        name, disk = disks.create_disk(via2)
-        image = tmp_path / "in.raw"
-        data = disks.random_image(image, 4, seed=15)
-        uri = disks.grant_access(via1, name, "Write")
-        assert str(n2.data_dir) in uri, uri
-        disks.run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
-        disks.end_access(via1, name)
+        name, disk, data = disk_written_on(via2, via1, tmp_path, 4, seed=15)
         snap = random_name("snap", 10)
         body = {"location": LOCATION,
                 "properties": {"creationData": {"createOption": "Copy", "sourceResourceId": disk["id"]}}}
@@ -825,13 +833,7 @@ def test_a_disk_whose_home_died_is_taken_over_with_no_request(tmp_path, monkeypa
         first.put_rg(DEFAULT_RG)
         via1, via2 = Via(first, first), Via(first, n2)
         # The disk lives on node 2 (made through it), written there.
-        name, disk = disks.create_disk(via2)
-        image = tmp_path / "in.raw"
-        data = disks.random_image(image, 2, seed=16)
-        uri = disks.grant_access(via2, name, "Write")
-        assert str(n2.data_dir) in uri, uri
-        disks.run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", image, uri)
-        disks.end_access(via2, name)
+        name, disk, data = disk_written_on(via2, via2, tmp_path, 2, seed=16)
         family = next(p.name for p in (n2.data_dir / "disks").iterdir() if (p / "family").is_file())
 
         n2.kill9()
@@ -1918,6 +1920,15 @@ def test_a_sql_server_whose_home_died_is_taken_over_with_no_request(tmp_path):
             n.stop()
 
 
+def kill_and_lose_data(node):
+    """kill -9 of `node`, and its data lost: all but its copy of the cluster's CA, which the
+    test's own requests verify."""
+    node.kill9()
+    for p in node.data_dir.iterdir():
+        if p.name != "tls":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def first_taker(key, nodes):
     """The node of `nodes` (names) that takes over first what is keyed `key`: the rule of
     kagi_core::takeover::first_taker (rendezvous hashing, 64-bit FNV-1a and SplitMix64's mixer)
@@ -1977,11 +1988,7 @@ def test_a_lost_nodes_servers_go_to_one_survivor_and_its_disks_spread_over_the_s
         sql_home = survivors[first_taker(node_name(first), survivors)]
         other = n3 if sql_home is n2 else n2
 
-        first.kill9()
-        # Its data lost; its copy of the cluster's CA stays, for the test's own requests.
-        for p in first.data_dir.iterdir():
-            if p.name != "tls":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        kill_and_lose_data(first)
         started = time.monotonic()
         if by == "requests":
             for name, family in family_of.items():
@@ -2040,10 +2047,7 @@ def test_a_lost_nodes_servers_go_to_the_node_that_serves_the_others(tmp_path):
         # The test's token, fetched before node 1 (maybe the token endpoint) stops.
         assert sql.arm(via_holder, "GET", sql.sql_path(via_holder, server)).status_code == 200
 
-        first.kill9()
-        for p in first.data_dir.iterdir():
-            if p.name != "tls":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        kill_and_lose_data(first)
         # Once node 1's presence has lapsed, a new server goes to the node it is made through.
         # (No request names A before B exists: it would have A taken over.) Made once node 1's
         # presence has lapsed (503 before: B would go to node 1, the node of the others).

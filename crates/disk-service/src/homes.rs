@@ -26,9 +26,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kagi_core::takeover::{
-    DEFAULT_GRACE_SECONDS, GRACE_VARIABLE, GoneHomes, Say, Taker, first_taker,
-};
+use kagi_core::takeover::{GoneHomes, Taker, first_taker};
 use kagi_core::{ErrorCode, KvError};
 use kagi_host::{ArmRequest, json_body};
 use serde_json::{Value, json};
@@ -269,14 +267,11 @@ pub(crate) fn spawn_takeover_sweep(service: Arc<DiskService>) {
     if !(service.host.shares_store() && service.store.is_shipped()) {
         return;
     }
-    let mut gone = GoneHomes::new(kagi_host::env_seconds(
-        GRACE_VARIABLE,
-        DEFAULT_GRACE_SECONDS,
-    ));
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(gone.every()).await;
+    kagi_host::spawn_takeover_sweep(move |mut gone| {
+        let service = service.clone();
+        async move {
             service.take_over_gone_homes(&mut gone).await;
+            gone
         }
     });
 }
@@ -338,23 +333,9 @@ impl DiskService {
                 continue;
             }
             let taker = gone.others_may_take(&home, Instant::now());
-            match self.serving_home(&family, home.clone(), false, taker).await {
-                Ok(node) => {
-                    gone.succeeded(&family);
-                    if node == me {
-                        tracing::info!(family = %family, from = %home, "disk family whose home is gone taken over by the takeover sweep, with no request");
-                    }
-                }
-                Err(e) => match gone.failed(&family, &e, Instant::now()) {
-                    Say::Warn => {
-                        tracing::warn!(family = %family, home = %home, error = %e.message, "disk family whose home is gone not taken over")
-                    }
-                    Say::Debug => {
-                        tracing::debug!(family = %family, home = %home, error = %e.message, "disk family whose home is gone not taken over this time")
-                    }
-                    Say::Nothing => {}
-                },
-            }
+            let outcome = self.serving_home(&family, home.clone(), false, taker).await;
+            let here = outcome.map(|node| node == me);
+            kagi_host::note_takeover(gone, "disk family", (&family, &home), here);
         }
     }
 }

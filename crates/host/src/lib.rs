@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod provider;
+mod takeover;
 
 use std::path::PathBuf;
 
@@ -30,6 +31,7 @@ pub use provider::{
     AdmittedAgent, AgentCall, AgentHead, AgentReply, ArmReply, ArmRequest, MAX_AGENT_JSON_BYTES,
     ResourceProvider, json_body, move_not_supported,
 };
+pub use takeover::{note_takeover, spawn_takeover_sweep};
 
 /// Results of the host: errors in the API's own format.
 type Result<T, E = KvError> = std::result::Result<T, E>;

@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kagi_core::takeover::{DEFAULT_GRACE_SECONDS, GRACE_VARIABLE, GoneHomes, Say};
+use kagi_core::takeover::GoneHomes;
 
 use serde_json::Value;
 
@@ -26,14 +26,11 @@ pub(crate) fn spawn_takeover_sweep(service: Arc<SqlService>) {
     if !service.ships_live_logs() {
         return;
     }
-    let mut gone = GoneHomes::new(kagi_host::env_seconds(
-        GRACE_VARIABLE,
-        DEFAULT_GRACE_SECONDS,
-    ));
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(gone.every()).await;
+    kagi_host::spawn_takeover_sweep(move |mut gone| {
+        let service = service.clone();
+        async move {
             service.take_over_gone_homes(&mut gone).await;
+            gone
         }
     });
 }
@@ -96,23 +93,9 @@ impl SqlService {
                 continue;
             }
             let taker = gone.others_may_take(&home, Instant::now());
-            match self.serving_home(&server, home.clone(), taker).await {
-                Ok(node) => {
-                    gone.succeeded(&id);
-                    if node == me && self.host.resource(&id).is_some() {
-                        tracing::info!(server = %id, from = %home, "SQL server whose home is gone taken over by the takeover sweep, with no request");
-                    }
-                }
-                Err(e) => match gone.failed(&id, &e, Instant::now()) {
-                    Say::Warn => {
-                        tracing::warn!(server = %id, home = %home, error = %e.message, "SQL server whose home is gone not taken over")
-                    }
-                    Say::Debug => {
-                        tracing::debug!(server = %id, home = %home, error = %e.message, "SQL server whose home is gone not taken over this time")
-                    }
-                    Say::Nothing => {}
-                },
-            }
+            let outcome = self.serving_home(&server, home.clone(), taker).await;
+            let here = outcome.map(|node| node == me && self.host.resource(&id).is_some());
+            kagi_host::note_takeover(gone, "SQL server", (&id, &home), here);
         }
     }
 }
