@@ -28,6 +28,32 @@ use crate::{SqlService, id_of_body};
 /// How long a takeover's lease lasts unless renewed (renewed every third of it).
 const TAKEOVER_LEASE_MS: i64 = 120_000;
 
+/// [`SqlService::sql_taker`] of `gone` among the running `nodes`, given every server's home
+/// record (`records`).
+pub(crate) fn taker_among<'a>(
+    gone: &str,
+    nodes: &'a [kagi_host::NodeCard],
+    records: impl Iterator<Item = &'a Value> + Clone,
+) -> Option<&'a str> {
+    let serving = nodes
+        .iter()
+        .filter(|n| n.sql.is_some())
+        .map(|n| n.name.as_str());
+    let holding: Vec<&str> = serving
+        .clone()
+        .filter(|n| {
+            records.clone().any(|r| {
+                r["node"].as_str() == Some(n) || r["takingOver"]["node"].as_str() == Some(n)
+            })
+        })
+        .collect();
+    if holding.is_empty() {
+        first_taker(gone, serving)
+    } else {
+        first_taker(gone, holding)
+    }
+}
+
 fn unavailable(message: String) -> KvError {
     KvError::new(ErrorCode::ServiceUnavailable, message)
 }
@@ -80,23 +106,8 @@ impl SqlService {
         gone: &str,
         nodes: &[kagi_host::NodeCard],
     ) -> Result<Option<String>, KvError> {
-        let serving: Vec<&str> = nodes
-            .iter()
-            .filter(|n| n.sql.is_some())
-            .map(|n| n.name.as_str())
-            .collect();
         let records = self.home_records().await?;
-        let holding: Vec<&str> = serving
-            .iter()
-            .copied()
-            .filter(|n| {
-                records.iter().any(|(_, r)| {
-                    r["node"].as_str() == Some(n) || r["takingOver"]["node"].as_str() == Some(n)
-                })
-            })
-            .collect();
-        let pool = if holding.is_empty() { serving } else { holding };
-        Ok(first_taker(gone, pool).map(str::to_string))
+        Ok(taker_among(gone, nodes, records.iter().map(|(_, r)| r)).map(str::to_string))
     }
 
     /// Takes `server` over from node `gone` (this one: taking it back) under the lease

@@ -5,17 +5,16 @@
 //! present itself) looks every few seconds for servers whose recorded home is not among the
 //! running nodes and, once this node has seen that home absent for `KAGI_TAKEOVER_AFTER`
 //! seconds (default 30: a node restarting quickly keeps its servers), takes each over through
-//! [`SqlService::serving_home`], the path a request takes, if it is that home's first taker
-//! (a lost node's servers go to one node); after longer, whichever it is (its first taker may
-//! be failing). Nodes sweeping at once are safe: the takeover's lease decides, and the others
+//! [`SqlService::serving_home`], the path a request takes, if it is that home's taker
+//! ([`SqlService::sql_taker`]: a lost node's servers go to one node); once the taker has made
+//! no progress for a while, whichever it is (the taker may be failing). Nodes sweeping at once are safe: the takeover's lease decides, and the others
 //! find the new home at their next pass.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use kagi_core::takeover::GoneHomes;
-
+use kagi_core::takeover::{GoneHomes, Taker};
 use serde_json::Value;
 
 use crate::{SERVER_TYPE, SqlService, id_of_body};
@@ -53,7 +52,7 @@ impl SqlService {
             gone.forget_all();
             return;
         }
-        let live: HashSet<String> = nodes.into_iter().map(|n| n.name).collect();
+        let live: HashSet<String> = nodes.iter().map(|n| n.name.clone()).collect();
         let records: HashMap<String, Value> = match self.home_records().await {
             Ok(records) => records.into_iter().collect(),
             Err(e) => {
@@ -93,6 +92,15 @@ impl SqlService {
                 continue;
             }
             let taker = gone.others_may_take(&home, Instant::now());
+            // Another node's to take (read from what this pass has read already): it takes
+            // it, or a request sent there does.
+            if taker == Taker::First
+                && crate::takeover::taker_among(&home, &nodes, records.values())
+                    .is_some_and(|t| t != me)
+            {
+                gone.succeeded(&id);
+                continue;
+            }
             let outcome = self.serving_home(&server, home.clone(), taker).await;
             let here = outcome.map(|node| node == me && self.host.resource(&id).is_some());
             kagi_host::note_takeover(gone, "SQL server", (&id, &home), here);
